@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Run the emulator conformance suite: Microsoft's Python SDKs against `tokenbroker emulator`.
+#
+#   tests/conformance/run.sh [extra pytest args...]
+#
+# Env: TOKENBROKER_BIN  emulator binary (default target/debug/tokenbroker, relative to the
+#                       repo root). When it is the default, it is (re)built with
+#                       `cargo build --locked` first (a no-op when target/ is up to date).
+# Exits non-zero when pytest fails, and also when it collected or ran no test.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$repo_root"
+
+bash scripts/setup-python.sh
+
+default_bin="target/debug/tokenbroker"
+bin="${TOKENBROKER_BIN:-$default_bin}"
+if [[ "$bin" == "$default_bin" || "$bin" == "$repo_root/$default_bin" ]]; then
+    cargo build --locked --quiet
+fi
+case "$bin" in
+    /*) ;;
+    *) bin="$repo_root/$bin" ;;
+esac
+if [[ ! -x "$bin" ]]; then
+    echo "conformance: emulator binary $bin not found or not executable" >&2
+    exit 1
+fi
+export TOKENBROKER_BIN="$bin"
+
+# pytest exit codes: 0 all passed, 1 failures, 2 interrupted, 3 internal error,
+# 4 usage error, 5 no tests collected. Only 0 is success.
+status=0
+.venv/bin/python -m pytest tests/conformance -q -p no:cacheprovider "$@" || status=$?
+if [[ $status -eq 5 ]]; then
+    echo "conformance: pytest collected no tests; treating that as a failure" >&2
+fi
+exit "$status"
