@@ -161,20 +161,11 @@ def test_token_for_another_audience_is_401(mi_credential, http, emulator, ids):
     assert r.status_code == 401, r.text
     error = r.json()["error"]
     assert error["code"] == "Unauthorized"
-    assert error["message"]
+    assert error["message"].startswith("AKV10022"), error  # Key Vault's "Invalid audience"
     assert r.headers.get("WWW-Authenticate", "").startswith("Bearer ")
 
 
 # --------------------------------------------------------------------------- admin: faults and counters
-
-
-def _sign_count(counters: dict) -> int:
-    """Number of sign requests in GET /counters."""
-    if "keyvault.sign" in counters:
-        value = counters["keyvault.sign"]
-    else:
-        value = counters["keyvault"]["sign"]
-    return value if isinstance(value, int) else value["requests"]
 
 
 def test_throttled_sign_is_retried_by_the_sdk(clean_faults, crypto_client, signing_cert):
@@ -184,10 +175,41 @@ def test_throttled_sign_is_retried_by_the_sdk(clean_faults, crypto_client, signi
     digest = hashlib.sha256(b"retry me").digest()
     crypto_client.sign(SignatureAlgorithm.rs256, digest)  # warm up: challenge and token are cached now
     admin.reset_counters()
-    admin.add_fault({"operation": "keyvault.sign", "status": 429, "headers": {"Retry-After": "1"}, "count": 1})
+    admin.add_fault({"route": "keyvault.sign", "fail": {"status": 429, "retry_after": 1}, "count": 1})
 
-    result = crypto_client.sign(SignatureAlgorithm.rs256, digest)
+    result = crypto_client.sign(SignatureAlgorithm.rs256, digest)  # 429, Retry-After: 1, then 200
 
     public_key = x509.load_der_x509_certificate(signing_cert.cer).public_key()
     _verify(public_key, "RS256", result.signature, digest)
-    assert _sign_count(admin.counters()) == 2, admin.counters()
+    counters = admin.counters()
+    assert counters["routes"]["keyvault.sign"] == {"total": 2, "success": 1, "failure": 1}, counters
+    # Exactly one signature was actually made, with the certificate's current key version.
+    key_version = signing_cert.key_id.rsplit("/", 2)
+    assert sum(counters["sign"].values()) == 1, counters
+    assert [k for k in counters["sign"] if k.endswith(f"{key_version[-2]}/{key_version[-1]}")], counters
+
+
+SDK_IMPORT_BASE64 = (
+    "emulator gap: POST /certificates/{name}/import only accepts `value` as raw PEM text; "
+    "azure-keyvault-certificates import_certificate() always sends base64(certificate_bytes), "
+    "also for PEM (policy content type application/x-pem-file), as the .NET SDK does, and the real "
+    "service accepts it. The emulator answers 400 BadParameter ('PKCS#12 is not supported'). "
+    "Needed: when `value` has no '-----BEGIN', base64-decode it and import it if it is PEM."
+)
+
+
+@pytest.mark.xfail(strict=True, reason=SDK_IMPORT_BASE64)
+def test_sdk_import_certificate_pem(mi_credential, emulator, ca_bundle):
+    from azure.keyvault.certificates import CertificateClient, CertificateContentType, CertificatePolicy
+
+    key, cert = generate_cert("imported with the SDK")
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()) + cert.public_bytes(serialization.Encoding.PEM)
+    admin_cred = mi_credential()  # system-assigned: Key Vault Administrator
+    with CertificateClient(emulator.key_vault_url, admin_cred, connection_verify=ca_bundle,
+                           **KV_CLIENT_OPTS) as client:
+        imported = client.import_certificate("sdk-imported", pem,
+                                             policy=CertificatePolicy(content_type=CertificateContentType.pem))
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert imported.cer == der
+    assert imported.properties.x509_thumbprint == hashlib.sha1(der).digest()

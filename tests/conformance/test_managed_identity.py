@@ -33,6 +33,8 @@ def test_app_service_managed_identity_vault_token(which, mi_credential, emulator
     assert claims["oid"] == identity["object_id"]
     assert claims["tid"] == identity["tenant_id"]
     assert claims["appid"] == identity["client_id"]
+    # Managed-identity tokens for Key Vault are v1 tokens, issued by sts.windows.net.
+    assert claims["iss"] == f"https://sts.windows.net/{identity['tenant_id']}/"
     assert claims["exp"] == pytest.approx(token.expires_on, abs=5)
 
 
