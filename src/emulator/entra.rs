@@ -1,0 +1,691 @@
+//! Entra ID v2.0 on the HTTPS listener: the client-credentials token endpoint with certificate
+//! (`private_key_jwt`) and federated (managed identity) client assertions, validated the way
+//! Entra does and failing with its AADSTS codes; plus the discovery documents (OpenID
+//! configuration, JWKS, MSAL's instance discovery) so any client can verify emulator tokens.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::keys::{self, SignAlg, now_secs};
+use super::state::{App, Shared};
+
+const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+const CLOCK_SKEW: i64 = 300;
+/// Longest certificate-assertion lifetime accepted (Entra recommends 5-10 minutes).
+const MAX_ASSERTION_LIFETIME: i64 = 3600;
+const MAX_BODY: usize = 1 << 20;
+
+pub(crate) async fn handle(shared: Arc<Shared>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| "127.0.0.1".to_owned());
+    let base = format!("https://{host}");
+    let path = parts.uri.path().trim_start_matches('/').to_owned();
+    let segs: Vec<&str> = path.split('/').collect();
+    let get = parts.method == Method::GET;
+    match segs.as_slice() {
+        [tenant, "oauth2", "v2.0", "token"] if parts.method == Method::POST => {
+            let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
+                return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
+            };
+            token(&shared, tenant, &base, &parts.headers, &body)
+        }
+        ["common", "discovery", "instance"] if get => instance_discovery(parts.uri.query(), &base),
+        [tenant, "v2.0", ".well-known", "openid-configuration"] if get => {
+            openid_configuration(&shared, tenant, &base, &parts.headers)
+        }
+        [_, "discovery", "v2.0", "keys"] | [_, "discovery", "keys"] if get => {
+            axum::Json(shared.issuer.jwks()).into_response()
+        }
+        _ => (StatusCode::NOT_FOUND, axum::Json(json!({"error": "not_found", "error_description": format!("{} /{path} is not emulated", parts.method)}))).into_response(),
+    }
+}
+
+/// An Entra error: OAuth `error`, AADSTS code and message (without the `AADSTSn: ` prefix).
+pub(crate) struct EntraError {
+    status: StatusCode,
+    error: &'static str,
+    code: u32,
+    message: String,
+}
+
+fn invalid_request(code: u32, message: impl Into<String>) -> EntraError {
+    EntraError {
+        status: StatusCode::BAD_REQUEST,
+        error: "invalid_request",
+        code,
+        message: message.into(),
+    }
+}
+fn invalid_client(code: u32, message: impl Into<String>) -> EntraError {
+    EntraError {
+        status: StatusCode::UNAUTHORIZED,
+        error: "invalid_client",
+        code,
+        message: message.into(),
+    }
+}
+fn unauthorized_client(code: u32, message: impl Into<String>) -> EntraError {
+    EntraError {
+        status: StatusCode::BAD_REQUEST,
+        error: "unauthorized_client",
+        code,
+        message: message.into(),
+    }
+}
+fn invalid_scope(code: u32, message: impl Into<String>) -> EntraError {
+    EntraError {
+        status: StatusCode::BAD_REQUEST,
+        error: "invalid_scope",
+        code,
+        message: message.into(),
+    }
+}
+
+/// Entra's error JSON; returns it with the correlation id used.
+pub(crate) fn error_body(
+    error: &str,
+    code: u32,
+    message: &str,
+    correlation: Option<&str>,
+) -> (Value, String) {
+    let trace = uuid::Uuid::new_v4().to_string();
+    let correlation = correlation.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    let ts = timestamp();
+    let body = json!({
+        "error": error,
+        "error_description": format!("AADSTS{code}: {message} Trace ID: {trace} Correlation ID: {correlation} Timestamp: {ts}"),
+        "error_codes": [code],
+        "timestamp": ts,
+        "trace_id": trace,
+        "correlation_id": correlation,
+        "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
+    });
+    (body, correlation)
+}
+
+fn timestamp() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+fn client_request_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("client-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn respond(status: StatusCode, body: Value, request_id: Option<&str>) -> Response {
+    let mut r = (status, axum::Json(body)).into_response();
+    if let Some(id) = request_id
+        && let Ok(v) = HeaderValue::from_str(id)
+    {
+        r.headers_mut().insert("client-request-id", v);
+    }
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store, no-cache"),
+    );
+    r
+}
+
+fn token(
+    shared: &Shared,
+    tenant_seg: &str,
+    base: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    let request_id = client_request_id(headers);
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body).into_owned().collect();
+    let mut counter_key = format!(
+        "{tenant_seg}/{}",
+        form.get("client_id").map_or("", String::as_str)
+    );
+    let result = exchange(shared, tenant_seg, base, &form, &mut counter_key);
+    shared
+        .counters()
+        .exchanges
+        .entry(counter_key)
+        .or_default()
+        .record(result.is_ok());
+    match result {
+        Ok(body) => respond(StatusCode::OK, body, request_id.as_deref()),
+        Err(e) => {
+            let (body, _) = error_body(e.error, e.code, &e.message, request_id.as_deref());
+            respond(e.status, body, request_id.as_deref())
+        }
+    }
+}
+
+fn required<'a>(form: &'a HashMap<String, String>, name: &str) -> Result<&'a str, EntraError> {
+    form.get(name)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            invalid_request(
+                900144,
+                format!("The request body must contain the following parameter: '{name}'."),
+            )
+        })
+}
+
+fn exchange(
+    shared: &Shared,
+    tenant_seg: &str,
+    base: &str,
+    form: &HashMap<String, String>,
+    counter_key: &mut String,
+) -> Result<Value, EntraError> {
+    let (tenant_id, resources, app_ids) = {
+        let state = shared.state();
+        let Some(ti) = state.tenant(tenant_seg) else {
+            return Err(invalid_request(
+                90002,
+                format!(
+                    "Tenant '{tenant_seg}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud. Check with your subscription administrator, this may happen if there are no active subscriptions for the tenant."
+                ),
+            ));
+        };
+        let t = &state.tenants[ti];
+        let app_ids: Vec<String> = t.apps.iter().map(|a| a.client_id.clone()).collect();
+        (t.tenant_id.clone(), t.resources.clone(), app_ids)
+    };
+
+    let grant_type = required(form, "grant_type")?;
+    if grant_type != "client_credentials" {
+        return Err(EntraError {
+            status: StatusCode::BAD_REQUEST,
+            error: "unsupported_grant_type",
+            code: 70003,
+            message: format!("The app requested an unsupported grant type '{grant_type}'."),
+        });
+    }
+    let client_id = required(form, "client_id")?;
+    *counter_key = format!("{tenant_id}/{client_id}");
+    let app = {
+        let state = shared.state();
+        state.tenant(&tenant_id).and_then(|ti| {
+            state.tenants[ti]
+                .apps
+                .iter()
+                .find(|a| a.client_id.eq_ignore_ascii_case(client_id))
+                .cloned()
+        })
+    };
+    let Some(app) = app else {
+        return Err(unauthorized_client(
+            700016,
+            format!(
+                "Application with identifier '{client_id}' was not found in the directory '{tenant_id}'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You may have sent your authentication request to the wrong tenant."
+            ),
+        ));
+    };
+    let resource = check_scope(form, &tenant_id, &resources, &app_ids)?;
+
+    if form.get("client_secret").is_some_and(|s| !s.is_empty()) {
+        return Err(invalid_client(
+            7000215,
+            "Invalid client secret provided. (The emulator only supports certificate and federated credentials.)",
+        ));
+    }
+    let assertion = form.get("client_assertion").filter(|a| !a.is_empty());
+    let Some(assertion) = assertion else {
+        return Err(invalid_client(
+            7000218,
+            "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+        ));
+    };
+    match form.get("client_assertion_type").map(String::as_str) {
+        Some(ASSERTION_TYPE) => {}
+        None | Some("") => {
+            return Err(invalid_request(
+                900144,
+                "The request body must contain the following parameter: 'client_assertion_type'.",
+            ));
+        }
+        Some(other) => {
+            return Err(invalid_request(
+                900144,
+                format!(
+                    "The value of 'client_assertion_type' must be '{ASSERTION_TYPE}', got '{other}'."
+                ),
+            ));
+        }
+    }
+    if !app.enabled {
+        return Err(unauthorized_client(
+            7000112,
+            format!(
+                "Application '{}'({}) is disabled.",
+                app.client_id, app.display_name
+            ),
+        ));
+    }
+
+    let jwt = keys::parse_jwt(assertion)
+        .ok_or_else(|| invalid_request(50027, "JWT token is invalid or malformed."))?;
+    if jwt.header_str("kid") == Some(shared.issuer.kid.as_str()) {
+        validate_federated(shared, &app, &jwt)?;
+    } else {
+        validate_certificate(shared, &app, &jwt, tenant_seg, &tenant_id, base)?;
+    }
+    issue(shared, &app, &tenant_id, &resource)
+}
+
+/// Checks the single `{resource}/.default` scope and returns the resource as configured.
+fn check_scope(
+    form: &HashMap<String, String>,
+    tenant_id: &str,
+    resources: &[String],
+    app_ids: &[String],
+) -> Result<String, EntraError> {
+    let scope = required(form, "scope")?;
+    let scopes: Vec<&str> = scope.split_whitespace().collect();
+    let resource_of = |s: &str| {
+        s.rsplit_once('/')
+            .map_or(s, |(r, _)| r)
+            .trim_end_matches('/')
+            .to_ascii_lowercase()
+    };
+    if scopes.len() > 1 {
+        let mut distinct: Vec<String> = scopes.iter().map(|s| resource_of(s)).collect();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() > 1 {
+            return Err(invalid_scope(
+                700022,
+                format!(
+                    "The provided value for the input parameter scope is not valid because it contains more than one resource. Scope {scope} is not valid."
+                ),
+            ));
+        }
+        return Err(invalid_scope(
+            70011,
+            format!(
+                "The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid. The scope {scope} is not valid."
+            ),
+        ));
+    }
+    let Some(resource) = scope.strip_suffix("/.default") else {
+        return Err(invalid_scope(
+            1002012,
+            format!(
+                "The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."
+            ),
+        ));
+    };
+    let wanted = resource.trim_end_matches('/');
+    if wanted.is_empty() || wanted.contains(char::is_whitespace) {
+        return Err(invalid_scope(
+            70011,
+            format!(
+                "The provided value for the input parameter 'scope' is not valid. The scope {scope} is not valid."
+            ),
+        ));
+    }
+    let known = resources
+        .iter()
+        .find(|r| r.trim_end_matches('/').eq_ignore_ascii_case(wanted))
+        .cloned()
+        .or_else(|| {
+            app_ids
+                .iter()
+                .find(|id| {
+                    wanted.eq_ignore_ascii_case(id)
+                        || wanted.eq_ignore_ascii_case(&format!("api://{id}"))
+                })
+                .map(|_| wanted.to_owned())
+        });
+    known.ok_or_else(|| EntraError {
+        status: StatusCode::BAD_REQUEST,
+        error: "invalid_resource",
+        code: 500011,
+        message: format!("The resource principal named {wanted} was not found in the tenant named {tenant_id}. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You might have sent your authentication request to the wrong tenant."),
+    })
+}
+
+fn std_to_url_b64(s: &str) -> String {
+    s.trim_end_matches('=').replace('+', "-").replace('/', "_")
+}
+
+fn validate_certificate(
+    shared: &Shared,
+    app: &App,
+    jwt: &keys::ParsedJwt,
+    tenant_seg: &str,
+    tenant_id: &str,
+    base: &str,
+) -> Result<(), EntraError> {
+    let alg_name = jwt.header_str("alg").unwrap_or_default();
+    let Some(alg) = SignAlg::parse(alg_name) else {
+        return Err(invalid_client(
+            700027,
+            format!(
+                "Client assertion failed signature validation. [Reason - Unsupported signing algorithm '{alg_name}'; use RS256 or PS256.]"
+            ),
+        ));
+    };
+    let by_s256 = jwt.header_str("x5t#S256").map(std_to_url_b64);
+    let by_sha1 = jwt.header_str("x5t").map(std_to_url_b64);
+    let key = app.keys.iter().find(|k| {
+        by_s256.as_deref().is_some_and(|t| t == k.x5t_s256)
+            || by_sha1.as_deref().is_some_and(|t| t == k.x5t)
+    });
+    let Some(key) = key else {
+        let thumb = by_sha1
+            .as_deref()
+            .or(by_s256.as_deref())
+            .and_then(keys::b64url_decode)
+            .map(|b| b.iter().map(|x| format!("{x:02X}")).collect::<String>())
+            .unwrap_or_default();
+        return Err(invalid_client(
+            700027,
+            format!(
+                "Client assertion failed signature validation. [Reason - The key was not found., Thumbprint of key used by client: '{thumb}', Please visit the Azure Portal, Graph Explorer or directly use MS Graph to see configured keys for app Id '{}'.]",
+                app.client_id
+            ),
+        ));
+    };
+    if !keys::verify_jws(
+        &key.public,
+        alg,
+        jwt.signing_input.as_bytes(),
+        &jwt.signature,
+    ) {
+        return Err(invalid_client(
+            700027,
+            "Client assertion failed signature validation. [Reason - Key was found, but use of the key to verify the signature failed.]",
+        ));
+    }
+    let iss = jwt.claim_str("iss").unwrap_or_default();
+    let sub = jwt.claim_str("sub").unwrap_or_default();
+    if !iss.eq_ignore_ascii_case(&app.client_id) || !sub.eq_ignore_ascii_case(&app.client_id) {
+        return Err(invalid_client(
+            700021,
+            format!(
+                "Client assertion application identifier doesn't match 'client_id' parameter. (iss '{iss}', sub '{sub}', client_id '{}')",
+                app.client_id
+            ),
+        ));
+    }
+    let host = base.trim_start_matches("https://");
+    let aud_ok = jwt.audiences().iter().any(|aud| {
+        let aud = aud.trim_end_matches('/').to_ascii_lowercase();
+        [host, "login.microsoftonline.com"].iter().any(|h| {
+            [tenant_seg, tenant_id].iter().any(|t| {
+                let t = t.to_ascii_lowercase();
+                let h = h.to_ascii_lowercase();
+                aud == format!("https://{h}/{t}/oauth2/v2.0/token")
+                    || aud == format!("https://{h}/{t}/oauth2/token")
+            })
+        })
+    });
+    if !aud_ok {
+        return Err(invalid_client(
+            50013,
+            format!(
+                "Assertion is invalid. [Reason - The audience claim '{}' does not match the token endpoint '{base}/{tenant_seg}/oauth2/v2.0/token'.]",
+                jwt.audiences().join(", ")
+            ),
+        ));
+    }
+    let now = now_secs();
+    let Some(exp) = jwt.claim_i64("exp") else {
+        return Err(invalid_request(
+            50027,
+            "JWT token is invalid or malformed. [Reason - The assertion has no 'exp' claim.]",
+        ));
+    };
+    let start = jwt.claim_i64("nbf").or(jwt.claim_i64("iat")).unwrap_or(now);
+    let window = |extra: &str| {
+        invalid_client(
+            700024,
+            format!(
+                "Client assertion is not within its valid time range. Current time: {now}, assertion valid from {start}, expiry time of assertion {exp}.{extra}"
+            ),
+        )
+    };
+    if exp + CLOCK_SKEW < now || start - CLOCK_SKEW > now {
+        return Err(window(""));
+    }
+    if exp - start > MAX_ASSERTION_LIFETIME {
+        return Err(window(
+            " [Reason - The emulator accepts certificate assertions living at most 1 hour.]",
+        ));
+    }
+    let Some(jti) = jwt.claim_str("jti").filter(|j| !j.is_empty()) else {
+        return Err(invalid_request(
+            50027,
+            "JWT token is invalid or malformed. [Reason - The assertion has no 'jti' claim.]",
+        ));
+    };
+    if !shared
+        .state()
+        .remember_jti(&app.client_id, jti, exp + CLOCK_SKEW, now)
+    {
+        return Err(invalid_client(
+            50013,
+            format!(
+                "Assertion is invalid. [Reason - The assertion with jti '{jti}' was already used.]"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A managed-identity token presented as a federated credential.
+fn validate_federated(shared: &Shared, app: &App, jwt: &keys::ParsedJwt) -> Result<(), EntraError> {
+    let alg = jwt.header_str("alg").and_then(SignAlg::parse);
+    let ok = alg.is_some_and(|alg| {
+        keys::verify_jws(
+            &shared.issuer.public,
+            alg,
+            jwt.signing_input.as_bytes(),
+            &jwt.signature,
+        )
+    });
+    if !ok {
+        return Err(invalid_client(
+            700027,
+            "Client assertion failed signature validation. [Reason - Key was found, but use of the key to verify the signature failed.]",
+        ));
+    }
+    let now = now_secs();
+    let exp = jwt.claim_i64("exp").unwrap_or(0);
+    if exp + CLOCK_SKEW < now || jwt.claim_i64("nbf").is_some_and(|n| n - CLOCK_SKEW > now) {
+        return Err(invalid_client(
+            700024,
+            format!(
+                "Client assertion is not within its valid time range. Current time: {now}, expiry time of assertion {exp}."
+            ),
+        ));
+    }
+    let iss = jwt.claim_str("iss").unwrap_or_default();
+    let sub = jwt.claim_str("sub").unwrap_or_default();
+    let auds = jwt.audiences();
+    let fics = shared.federated_credentials(&app.fics);
+    let hint = "Please check your federated identity credential Subject, Audience and Issuer against the presented assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation";
+    let by_issuer: Vec<_> = fics.iter().filter(|f| f.issuer == iss).collect();
+    if by_issuer.is_empty() {
+        return Err(invalid_client(
+            700211,
+            format!(
+                "No matching federated identity record found for presented assertion issuer '{iss}'. {hint}"
+            ),
+        ));
+    }
+    let by_audience: Vec<_> = by_issuer
+        .into_iter()
+        .filter(|f| auds.contains(&f.audience.as_str()))
+        .collect();
+    if by_audience.is_empty() {
+        return Err(invalid_client(
+            700212,
+            format!(
+                "No matching federated identity record found for presented assertion audience '{}'. {hint}",
+                auds.join(", ")
+            ),
+        ));
+    }
+    // Subjects are case-sensitive in Entra.
+    if !by_audience.iter().any(|f| f.subject == sub) {
+        return Err(invalid_client(
+            700213,
+            format!(
+                "No matching federated identity record found for presented assertion subject '{sub}'. {hint}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn issue(shared: &Shared, app: &App, tenant_id: &str, resource: &str) -> Result<Value, EntraError> {
+    let [lo, hi] = app.lifetime;
+    let lifetime = i64::try_from(rand::random_range(lo..=hi)).unwrap_or(3600);
+    let now = now_secs();
+    let mut claims = json!({
+        "aud": resource,
+        "iss": shared.v2_issuer(tenant_id),
+        "iat": now,
+        "nbf": now,
+        "exp": now + lifetime,
+        "aio": "emulator",
+        "azp": app.client_id,
+        "azpacr": "2",
+        "appid": app.client_id,
+        "appidacr": "2",
+        "idp": format!("https://sts.windows.net/{tenant_id}/"),
+        "idtyp": "app",
+        "oid": app.sp_id,
+        "sub": app.sp_id,
+        "rh": "emulator",
+        "tid": tenant_id,
+        "uti": uuid::Uuid::new_v4().simple().to_string(),
+        "ver": "2.0",
+    });
+    if !app.roles.is_empty()
+        && let Value::Object(m) = &mut claims
+    {
+        m.insert("roles".into(), json!(app.roles));
+    }
+    let access_token = shared.issuer.sign(&claims).map_err(|e| EntraError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        error: "server_error",
+        code: 90033,
+        message: format!("A transient error has occurred ({e})."),
+    })?;
+    Ok(json!({
+        "token_type": "Bearer",
+        "expires_in": lifetime,
+        "ext_expires_in": lifetime,
+        "access_token": access_token,
+    }))
+}
+
+fn openid_configuration(
+    shared: &Shared,
+    tenant_seg: &str,
+    base: &str,
+    headers: &HeaderMap,
+) -> Response {
+    let tenant_id = {
+        let state = shared.state();
+        match state.tenant(tenant_seg) {
+            Some(i) => state.tenants[i].tenant_id.clone(),
+            None if ["common", "organizations", "consumers"].contains(&tenant_seg) => {
+                "{tenantid}".to_owned()
+            }
+            None => {
+                let request_id = client_request_id(headers);
+                let (body, _) = error_body(
+                    "invalid_tenant",
+                    90002,
+                    &format!(
+                        "Tenant '{tenant_seg}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."
+                    ),
+                    request_id.as_deref(),
+                );
+                return respond(StatusCode::BAD_REQUEST, body, request_id.as_deref());
+            }
+        }
+    };
+    let t = tenant_seg;
+    axum::Json(json!({
+        "token_endpoint": format!("{base}/{t}/oauth2/v2.0/token"),
+        "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+        "jwks_uri": format!("{base}/{t}/discovery/v2.0/keys"),
+        "response_modes_supported": ["query", "fragment", "form_post"],
+        "subject_types_supported": ["pairwise"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+        "scopes_supported": ["openid", "profile", "email", "offline_access"],
+        "issuer": shared.v2_issuer(&tenant_id),
+        "request_uri_parameter_supported": false,
+        "userinfo_endpoint": "https://graph.microsoft.com/oidc/userinfo",
+        "authorization_endpoint": format!("{base}/{t}/oauth2/v2.0/authorize"),
+        "device_authorization_endpoint": format!("{base}/{t}/oauth2/v2.0/devicecode"),
+        "http_logout_supported": true,
+        "frontchannel_logout_supported": true,
+        "end_session_endpoint": format!("{base}/{t}/oauth2/v2.0/logout"),
+        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "acr", "nonce", "tid", "ver", "oid", "appid", "azp", "roles"],
+        "kerberos_endpoint": format!("{base}/{t}/kerberos"),
+        "tenant_region_scope": null,
+        "cloud_instance_name": "microsoftonline.com",
+        "cloud_graph_host_name": "graph.windows.net",
+        "msgraph_host": "graph.microsoft.com",
+        "rbac_url": "https://pas.windows.net",
+    }))
+    .into_response()
+}
+
+/// MSAL's instance discovery: vouches for the authority the client asked about.
+fn instance_discovery(query: Option<&str>, base: &str) -> Response {
+    let authz = query
+        .and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "authorization_endpoint")
+                .map(|(_, v)| v.into_owned())
+        })
+        .and_then(|a| url::Url::parse(&a).ok());
+    let (host, tenant) = match &authz {
+        Some(u) => (
+            u.port().map_or_else(
+                || u.host_str().unwrap_or_default().to_owned(),
+                |p| format!("{}:{p}", u.host_str().unwrap_or_default()),
+            ),
+            u.path_segments()
+                .and_then(|mut s| s.next().map(str::to_owned))
+                .unwrap_or_else(|| "common".to_owned()),
+        ),
+        None => (
+            base.trim_start_matches("https://").to_owned(),
+            "common".to_owned(),
+        ),
+    };
+    axum::Json(json!({
+        "tenant_discovery_endpoint": format!("https://{host}/{tenant}/v2.0/.well-known/openid-configuration"),
+        "api-version": "1.1",
+        "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
+    }))
+    .into_response()
+}

@@ -1,0 +1,386 @@
+//! Fault injection and request accounting: a registry of bounded faults (latency, error
+//! status with Retry-After, hang, connection reset) set through the admin API, and the
+//! middleware that classifies each request into a route, applies matching faults and counts
+//! the outcome. Every fault is bounded by a count or a duration so a test can never leave the
+//! emulator broken.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::state::Shared;
+
+/// Route names, most specific first. A fault on `identity` matches every `identity.*` route.
+pub(crate) const ROUTES: &[&str] = &[
+    "identity.appservice",
+    "identity.imds",
+    "keyvault.sign",
+    "keyvault.key",
+    "keyvault.certificate",
+    "keyvault.import",
+    "keyvault.secret",
+    "entra.token",
+    "entra.discovery",
+];
+
+/// A fault as posted to `POST /faults`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FaultSpec {
+    pub route: String,
+    /// Only requests for this tenant (id or domain in the Entra URL).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub latency_ms: Option<u64>,
+    #[serde(default)]
+    pub fail: Option<FailSpec>,
+    /// Applies to the next N matching requests.
+    #[serde(default)]
+    pub count: Option<u64>,
+    /// Applies for this long after creation.
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+    /// Never answer; close the connection when `duration_ms` is over.
+    #[serde(default)]
+    pub hang: bool,
+    /// Close the connection without an answer.
+    #[serde(default)]
+    pub reset: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FailSpec {
+    pub status: u16,
+    /// Seconds, sent as `Retry-After`.
+    #[serde(default)]
+    pub retry_after: Option<u64>,
+    /// Milliseconds, sent as `x-ms-retry-after-ms`.
+    #[serde(default)]
+    pub retry_after_ms: Option<u64>,
+    /// Response body; a service-shaped error body is used when omitted.
+    #[serde(default)]
+    pub body: Option<Value>,
+}
+
+struct Fault {
+    id: u64,
+    spec: FaultSpec,
+    remaining: Option<u64>,
+    deadline: Option<Instant>,
+    hits: u64,
+}
+
+/// What the middleware must do with one request.
+pub(crate) enum Action {
+    Fail(FailSpec),
+    Hang(Instant),
+    Reset,
+}
+
+pub(crate) struct Applied {
+    pub ids: Vec<u64>,
+    pub latency: Duration,
+    pub action: Option<Action>,
+}
+
+/// The fault registry.
+#[derive(Default)]
+pub(crate) struct Faults {
+    faults: Mutex<Vec<Fault>>,
+    next_id: AtomicU64,
+}
+
+/// Marker put in a response's extensions to make the server drop the connection instead.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ResetConnection;
+
+impl Faults {
+    fn lock(&self) -> MutexGuard<'_, Vec<Fault>> {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn add(&self, spec: FaultSpec) -> Result<u64, String> {
+        if !ROUTES
+            .iter()
+            .any(|r| *r == spec.route || r.starts_with(&format!("{}.", spec.route)))
+        {
+            return Err(format!(
+                "unknown route {:?}; known: {}",
+                spec.route,
+                ROUTES.join(", ")
+            ));
+        }
+        if spec.count.is_none() && spec.duration_ms.is_none() {
+            return Err("a fault must be bounded by \"count\" or \"duration_ms\"".into());
+        }
+        if spec.count == Some(0) || spec.duration_ms == Some(0) {
+            return Err("\"count\" and \"duration_ms\" must be positive".into());
+        }
+        if spec.hang && spec.duration_ms.is_none() {
+            return Err("\"hang\" needs \"duration_ms\" (how long requests hang)".into());
+        }
+        let terminal =
+            usize::from(spec.fail.is_some()) + usize::from(spec.hang) + usize::from(spec.reset);
+        if terminal > 1 {
+            return Err("use at most one of \"fail\", \"hang\", \"reset\"".into());
+        }
+        if terminal == 0 && spec.latency_ms.unwrap_or(0) == 0 {
+            return Err("a fault needs \"latency_ms\", \"fail\", \"hang\" or \"reset\"".into());
+        }
+        if let Some(f) = &spec.fail
+            && !(400..=599).contains(&f.status)
+        {
+            return Err("\"fail.status\" must be 400..=599".into());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let deadline = spec
+            .duration_ms
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        self.lock().push(Fault {
+            id,
+            remaining: spec.count,
+            deadline,
+            spec,
+            hits: 0,
+        });
+        Ok(id)
+    }
+
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// Active faults with their hit counts.
+    pub fn list(&self) -> Value {
+        let now = Instant::now();
+        let mut faults = self.lock();
+        faults.retain(|f| f.live(now));
+        Value::Array(
+            faults
+                .iter()
+                .map(|f| {
+                    json!({
+                        "id": f.id,
+                        "route": f.spec.route,
+                        "tenant": f.spec.tenant,
+                        "hits": f.hits,
+                        "remaining": f.remaining,
+                        "remaining_ms": f.deadline.map(|d| d.saturating_duration_since(now).as_millis() as u64),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// Consumes matching faults for one request.
+    pub fn take(&self, route: &str, tenants: &[String]) -> Option<Applied> {
+        let now = Instant::now();
+        let mut faults = self.lock();
+        let mut applied = Applied {
+            ids: Vec::new(),
+            latency: Duration::ZERO,
+            action: None,
+        };
+        for f in faults.iter_mut() {
+            if !f.live(now) || !f.matches(route, tenants) {
+                continue;
+            }
+            if let Some(r) = &mut f.remaining {
+                *r -= 1;
+            }
+            f.hits += 1;
+            applied.ids.push(f.id);
+            applied.latency += Duration::from_millis(f.spec.latency_ms.unwrap_or(0));
+            if applied.action.is_none() {
+                applied.action = if let Some(fail) = &f.spec.fail {
+                    Some(Action::Fail(fail.clone()))
+                } else if f.spec.hang {
+                    // `hang` always has a deadline (checked in `add`).
+                    Some(Action::Hang(f.deadline.unwrap_or(now)))
+                } else if f.spec.reset {
+                    Some(Action::Reset)
+                } else {
+                    None
+                };
+            }
+        }
+        // Spent faults stay listed (for their hit counts) but never match again.
+        (!applied.ids.is_empty()).then_some(applied)
+    }
+}
+
+impl Fault {
+    fn live(&self, now: Instant) -> bool {
+        self.remaining != Some(0) && self.deadline.is_none_or(|d| now < d)
+    }
+
+    fn matches(&self, route: &str, tenants: &[String]) -> bool {
+        let route_ok = route == self.spec.route
+            || route
+                .strip_prefix(self.spec.route.as_str())
+                .is_some_and(|rest| rest.starts_with('.'));
+        let tenant_ok = match &self.spec.tenant {
+            None => true,
+            Some(t) => tenants.iter().any(|x| x.eq_ignore_ascii_case(t)),
+        };
+        route_ok && tenant_ok
+    }
+}
+
+/// Which emulated route a request is, from its method and path (`None`: not counted).
+pub(crate) fn classify(method: &Method, path: &str) -> Option<&'static str> {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segs.as_slice() {
+        ["msi", "token"] => Some("identity.appservice"),
+        ["metadata", "identity", "oauth2", "token"] => Some("identity.imds"),
+        ["keys", .., "sign"] if method == Method::POST => Some("keyvault.sign"),
+        ["keys", ..] => Some("keyvault.key"),
+        ["certificates", .., "import"] if method == Method::POST => Some("keyvault.import"),
+        ["certificates", ..] => Some("keyvault.certificate"),
+        ["secrets", ..] => Some("keyvault.secret"),
+        [_, "oauth2", "v2.0", "token"] => Some("entra.token"),
+        [_, "v2.0", ".well-known", "openid-configuration"]
+        | [_, "discovery", "v2.0", "keys"]
+        | ["common", "discovery", "instance"] => Some("entra.discovery"),
+        _ => None,
+    }
+}
+
+/// Applies faults and counts requests for the emulated services.
+pub(crate) async fn middleware(
+    State(shared): State<Arc<Shared>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(route) = classify(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let tenants = if route.starts_with("entra.") {
+        request_tenants(&shared, req.uri().path())
+    } else {
+        Vec::new()
+    };
+    let response = match shared.faults.take(route, &tenants) {
+        None => next.run(req).await,
+        Some(applied) => apply(&shared, route, applied, req, next).await,
+    };
+    shared
+        .counters()
+        .routes
+        .entry(route.to_owned())
+        .or_default()
+        .record(response.status().as_u16() < 400);
+    response
+}
+
+async fn apply(
+    shared: &Shared,
+    route: &str,
+    applied: Applied,
+    req: Request,
+    next: Next,
+) -> Response {
+    let ids = applied
+        .ids
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut shutdown = shared.shutdown.clone();
+    if !applied.latency.is_zero() {
+        tokio::select! {
+            _ = tokio::time::sleep(applied.latency) => {}
+            _ = shutdown.wait_for(|down| *down) => return reset_response(),
+        }
+    }
+    let mut response = match applied.action {
+        None => next.run(req).await,
+        Some(Action::Fail(fail)) => fail_response(route, &fail),
+        Some(Action::Reset) => reset_response(),
+        Some(Action::Hang(deadline)) => {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = shutdown.wait_for(|down| *down) => {}
+            }
+            reset_response()
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&ids) {
+        response.headers_mut().insert("x-emulator-faults", v);
+    }
+    response
+}
+
+fn reset_response() -> Response {
+    let mut r = StatusCode::BAD_GATEWAY.into_response();
+    r.extensions_mut().insert(ResetConnection);
+    r
+}
+
+/// The tenant segment of an Entra URL plus the tenant's id and domain, for tenant filters.
+fn request_tenants(shared: &Shared, path: &str) -> Vec<String> {
+    let Some(seg) = path.trim_start_matches('/').split('/').next() else {
+        return Vec::new();
+    };
+    let mut out = vec![seg.to_owned()];
+    let state = shared.state();
+    if let Some(i) = state.tenant(seg) {
+        let t = &state.tenants[i];
+        out.push(t.tenant_id.clone());
+        out.extend(t.domain.clone());
+    }
+    out
+}
+
+/// An error shaped like the service behind `route` would send it.
+fn fail_response(route: &str, fail: &FailSpec) -> Response {
+    let status = StatusCode::from_u16(fail.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let body = fail
+        .body
+        .clone()
+        .unwrap_or_else(|| default_body(route, status));
+    let mut response = (status, axum::Json(body)).into_response();
+    let headers = response.headers_mut();
+    if let Some(s) = fail.retry_after {
+        headers.insert("retry-after", HeaderValue::from(s));
+    }
+    if let Some(ms) = fail.retry_after_ms {
+        headers.insert("x-ms-retry-after-ms", HeaderValue::from(ms));
+    }
+    response
+}
+
+fn default_body(route: &str, status: StatusCode) -> Value {
+    let throttled = status == StatusCode::TOO_MANY_REQUESTS;
+    if route.starts_with("keyvault.") {
+        if throttled {
+            json!({"error": {"code": "Throttled", "message": "Request was not processed because too many requests were received. Reason: VaultRequestTypeLimitReached"}})
+        } else {
+            json!({"error": {"code": "ServiceUnavailable", "message": format!("The service returned {status} (injected by the emulator).")}})
+        }
+    } else if route.starts_with("entra.") {
+        let (code, text) = if throttled {
+            (
+                90055,
+                "TenantThrottlingError - There are too many incoming requests. This exception is thrown for blocked tenants.",
+            )
+        } else {
+            (90033, "A transient error has occurred. Try again.")
+        };
+        super::entra::error_body("temporarily_unavailable", code, text, None).0
+    } else if throttled {
+        json!({"error": "too_many_requests", "error_description": "Too many requests to the managed identity endpoint (injected by the emulator)."})
+    } else {
+        json!({"error": "service_unavailable", "error_description": format!("The managed identity endpoint returned {status} (injected by the emulator).")})
+    }
+}

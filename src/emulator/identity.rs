@@ -1,0 +1,234 @@
+//! Managed identity endpoints on the plain-HTTP listener: the App Service shape
+//! (`GET /msi/token`, `X-IDENTITY-HEADER`, `api-version=2019-08-01`) and the IMDS shape
+//! (`GET /metadata/identity/oauth2/token`, `Metadata: true`). Both issue RS256 JWTs signed by
+//! the emulator's issuer key, with the claims Azure's managed-identity tokens carry.
+#![allow(
+    clippy::result_large_err,
+    reason = "early-return error responses are cold paths; boxing them buys nothing"
+)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use super::config::IdentityConfig;
+use super::keys::now_secs;
+use super::state::Shared;
+
+/// Managed-identity tokens live about a day, as Azure's do.
+const MI_TOKEN_LIFETIME: i64 = 86_400;
+
+pub(crate) fn router() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/msi/token", get(app_service))
+        .route("/metadata/identity/oauth2/token", get(imds))
+}
+
+fn error(status: StatusCode, code: &str, description: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": code, "error_description": description})),
+    )
+        .into_response()
+}
+
+fn bad_request(description: &str) -> Response {
+    error(StatusCode::BAD_REQUEST, "invalid_request", description)
+}
+
+async fn app_service(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let header_ok = headers
+        .get("x-identity-header")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == shared.endpoints.identity_header);
+    if !header_ok {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "The X-IDENTITY-HEADER request header is missing or does not match IDENTITY_HEADER.",
+        );
+    }
+    match q.get("api-version").map(String::as_str) {
+        Some("2019-08-01") => {}
+        Some(other) => {
+            return bad_request(&format!(
+                "api-version '{other}' is not supported by this endpoint; use 2019-08-01"
+            ));
+        }
+        None => return bad_request("Required api-version parameter not specified"),
+    }
+    let selector = [
+        ("client_id", q.get("client_id")),
+        ("object_id", q.get("principal_id").or(q.get("object_id"))),
+        ("resource_id", q.get("mi_res_id")),
+    ];
+    let token = match issue(&shared, &q, &selector) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    axum::Json(json!({
+        "access_token": token.access_token,
+        "expires_on": token.expires_on.to_string(),
+        "resource": token.resource,
+        "token_type": "Bearer",
+        "client_id": token.client_id,
+    }))
+    .into_response()
+}
+
+async fn imds(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let metadata_ok = headers
+        .get("metadata")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "true");
+    if !metadata_ok {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request_102",
+            "Required metadata header not specified",
+        );
+    }
+    if !q.contains_key("api-version") {
+        return bad_request("Required api-version parameter not specified");
+    }
+    let selector = [
+        ("client_id", q.get("client_id")),
+        ("object_id", q.get("object_id")),
+        ("resource_id", q.get("msi_res_id").or(q.get("mi_res_id"))),
+    ];
+    let token = match issue(&shared, &q, &selector) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let s = |n: i64| n.to_string();
+    axum::Json(json!({
+        "access_token": token.access_token,
+        "refresh_token": "",
+        "expires_in": s(token.expires_on - token.not_before),
+        "expires_on": s(token.expires_on),
+        "ext_expires_in": s(token.expires_on - token.not_before),
+        "not_before": s(token.not_before),
+        "resource": token.resource,
+        "token_type": "Bearer",
+    }))
+    .into_response()
+}
+
+struct MiToken {
+    access_token: String,
+    expires_on: i64,
+    not_before: i64,
+    resource: String,
+    client_id: String,
+}
+
+fn issue(
+    shared: &Shared,
+    q: &HashMap<String, String>,
+    selector: &[(&str, Option<&String>)],
+) -> Result<MiToken, Response> {
+    let resource = q
+        .get("resource")
+        .map(|r| r.trim())
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| bad_request("Required audience parameter not specified"))?;
+    let identity = select(&shared.identities, selector)?;
+    let now = now_secs();
+    let exp = now + MI_TOKEN_LIFETIME;
+    let tid = &identity.tenant_id;
+    let iss = shared.mi_issuer(tid, resource);
+    let v2 = super::state::is_token_exchange(resource);
+    let claims = json!({
+        "aud": resource,
+        "iss": iss,
+        "iat": now,
+        "nbf": now,
+        "exp": exp,
+        "aio": "emulator",
+        "appid": identity.client_id,
+        "appidacr": "2",
+        "azp": identity.client_id,
+        "azpacr": "2",
+        "idp": format!("https://sts.windows.net/{tid}/"),
+        "idtyp": "app",
+        "oid": identity.object_id,
+        "sub": identity.object_id,
+        "tid": tid,
+        "uti": uuid::Uuid::new_v4().simple().to_string(),
+        "ver": if v2 { "2.0" } else { "1.0" },
+        "xms_mirid": identity.resource_id(),
+    });
+    let access_token = shared.issuer.sign(&claims).map_err(|e| {
+        tracing::error!(error = %e, "signing a managed-identity token failed");
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unknown",
+            "token signing failed",
+        )
+    })?;
+    *shared
+        .counters()
+        .mi_tokens
+        .entry(identity.name.clone())
+        .or_default() += 1;
+    Ok(MiToken {
+        access_token,
+        expires_on: exp,
+        not_before: now,
+        resource: resource.to_owned(),
+        client_id: identity.client_id.clone(),
+    })
+}
+
+/// Picks the identity like IMDS: by the one selector given, else the system-assigned one, else
+/// the only user-assigned one.
+fn select<'a>(
+    identities: &'a [IdentityConfig],
+    selector: &[(&str, Option<&String>)],
+) -> Result<&'a IdentityConfig, Response> {
+    let given: Vec<(&str, &String)> = selector
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| (*k, v)))
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    let not_found = || bad_request("Identity not found");
+    match given.as_slice() {
+        [] => {
+            if let Some(sa) = identities.iter().find(|i| i.system_assigned) {
+                return Ok(sa);
+            }
+            match identities {
+                [only] => Ok(only),
+                [] => Err(not_found()),
+                _ => Err(bad_request(
+                    "Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request",
+                )),
+            }
+        }
+        [(kind, value)] => identities
+            .iter()
+            .find(|i| match *kind {
+                "client_id" => i.client_id.eq_ignore_ascii_case(value),
+                "object_id" => i.object_id.eq_ignore_ascii_case(value),
+                _ => i.resource_id().eq_ignore_ascii_case(value),
+            })
+            .ok_or_else(not_found),
+        _ => Err(bad_request(
+            "Only one of client_id, object_id and msi_res_id may be specified",
+        )),
+    }
+}

@@ -1,0 +1,344 @@
+//! Admin API: faults, counters, rotation, app enable/disable, reset.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokenbroker::emulator::config::demo;
+
+use crate::common::*;
+
+const SCOPE: &str = "https://graph.microsoft.com/.default";
+
+#[tokio::test]
+async fn health_and_unbounded_faults_rejected() {
+    let env = start_demo().await;
+    let (s, body) = env.admin(Method::GET, "/healthz", None).await;
+    assert_eq!((s, body["status"].as_str()), (200, Some("ok")));
+    for bad in [
+        json!({"route": "keyvault.sign", "fail": {"status": 429}}),
+        json!({"route": "keyvault.sign", "hang": true, "count": 1}),
+        json!({"route": "nope", "fail": {"status": 429}, "count": 1}),
+        json!({"route": "identity", "count": 1}),
+    ] {
+        let (s, _) = env.admin(Method::POST, "/faults", Some(bad.clone())).await;
+        assert_eq!(s, 400, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn throttling_fault_with_count() {
+    let env = start_demo().await;
+    let token = env.kv_token().await;
+    let (s, body) = env
+        .admin(Method::POST, "/faults", Some(json!({"route": "keyvault.sign", "fail": {"status": 429, "retry_after": 2, "retry_after_ms": 1500}, "count": 2})))
+        .await;
+    assert_eq!(s, 201);
+    let id = body["id"].as_u64().unwrap();
+    let digest = Sha256::digest(b"x");
+    for _ in 0..2 {
+        let resp = env
+            .sign(&token, "contoso-app", None, "RS256", &digest)
+            .await;
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["retry-after"], "2");
+        assert_eq!(resp.headers()["x-ms-retry-after-ms"], "1500");
+        assert_eq!(resp.headers()["x-emulator-faults"], id.to_string().as_str());
+        assert_eq!(
+            resp.json::<Value>().await.unwrap()["error"]["code"],
+            "Throttled"
+        );
+    }
+    // Other routes are untouched, and the third sign goes through.
+    assert_eq!(
+        env.get_json(&token, "/certificates/contoso-app?api-version=7.5")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        env.sign(&token, "contoso-app", None, "RS256", &digest)
+            .await
+            .status(),
+        200
+    );
+    let (_, counters) = env.admin(Method::GET, "/counters", None).await;
+    assert_eq!(counters["routes"]["keyvault.sign"]["failure"], 2);
+    assert_eq!(counters["routes"]["keyvault.sign"]["success"], 1);
+}
+
+#[tokio::test]
+async fn latency_fault_is_applied() {
+    let env = start_demo().await;
+    let (_, body) = env
+        .admin(
+            Method::POST,
+            "/faults",
+            Some(json!({"route": "identity", "latency_ms": 20, "count": 1})),
+        )
+        .await;
+    let id = body["id"].as_u64().unwrap();
+    let url = format!(
+        "{}?api-version=2019-08-01&resource=https://vault.azure.net",
+        env.ep().identity_endpoint
+    );
+    let resp = env
+        .http
+        .get(&url)
+        .header("X-IDENTITY-HEADER", &env.ep().identity_header)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "latency alone does not fail the request"
+    );
+    assert_eq!(resp.headers()["x-emulator-faults"], id.to_string().as_str());
+    let resp = env
+        .http
+        .get(&url)
+        .header("X-IDENTITY-HEADER", &env.ep().identity_header)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.headers().get("x-emulator-faults").is_none(),
+        "count bound honoured"
+    );
+    let (_, faults) = env.admin(Method::GET, "/faults", None).await;
+    assert!(
+        faults["faults"].as_array().unwrap().is_empty(),
+        "spent faults are not listed: {faults}"
+    );
+}
+
+#[tokio::test]
+async fn hang_and_reset_faults() {
+    let env = start_demo().await;
+    let url = format!(
+        "{}?api-version=2019-08-01&resource=https://vault.azure.net",
+        env.ep().identity_endpoint
+    );
+    env.admin(Method::POST, "/faults", Some(json!({"route": "identity.appservice", "hang": true, "count": 1, "duration_ms": 600_000}))).await;
+    let err = env
+        .http
+        .get(&url)
+        .header("X-IDENTITY-HEADER", &env.ep().identity_header)
+        .timeout(CLIENT_TIMEOUT)
+        .send()
+        .await
+        .expect_err("the request hangs until the client gives up");
+    assert!(err.is_timeout(), "{err}");
+    let resp = env
+        .http
+        .get(&url)
+        .header("X-IDENTITY-HEADER", &env.ep().identity_header)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "only one request hangs");
+
+    env.admin(
+        Method::POST,
+        "/faults",
+        Some(json!({"route": "entra", "reset": true, "count": 1})),
+    )
+    .await;
+    let err = env
+        .https
+        .post(format!(
+            "{}/{}/oauth2/v2.0/token",
+            env.authority(),
+            demo::CONTOSO_TENANT
+        ))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .expect_err("connection dropped");
+    assert!(!err.is_timeout(), "{err}");
+    let (s, _, _) = env
+        .exchange(
+            demo::CONTOSO_TENANT,
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+    assert_eq!(s, 400, "the next request is answered normally");
+}
+
+#[tokio::test]
+async fn tenant_filtered_entra_fault() {
+    let env = start_demo().await;
+    env.admin(Method::POST, "/faults", Some(json!({"route": "entra.token", "tenant": "fabrikam.onmicrosoft.com", "fail": {"status": 503}, "duration_ms": 600_000}))).await;
+    let (s, body, _) = env
+        .exchange(
+            demo::FABRIKAM_TENANT,
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+    assert_eq!(s, 503);
+    assert_eq!(body["error"], "temporarily_unavailable");
+    let (s, _, _) = env
+        .exchange(
+            demo::CONTOSO_TENANT,
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+    assert_eq!(s, 400, "other tenants are not affected");
+    let (s, _) = env.admin(Method::DELETE, "/faults", None).await;
+    assert_eq!(s, 204);
+    let (s, _, _) = env
+        .exchange(
+            demo::FABRIKAM_TENANT,
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+    assert_eq!(s, 400);
+}
+
+#[tokio::test]
+async fn counters_rotation_disable_and_reset() {
+    let env = start_demo().await;
+    let token = env.kv_token().await;
+    let (_, cert) = env
+        .get_json(&token, "/certificates/contoso-app?api-version=7.5")
+        .await;
+    let version = cert["id"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (header, claims) = env.contoso_assertion_parts().await;
+    let a = env.assertion("contoso-app", header, claims).await;
+    assert_eq!(
+        env.exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &a)
+            .await
+            .0,
+        200
+    );
+
+    let (_, c) = env.admin(Method::GET, "/counters", None).await;
+    assert_eq!(c["sign"][format!("tb-demo/contoso-app/{version}")], 1);
+    assert_eq!(
+        c["exchanges"][format!("{}/{}", demo::CONTOSO_TENANT, demo::CONTOSO_APP)]["success"],
+        1
+    );
+    assert!(c["mi_tokens"]["broker"].as_u64().unwrap() >= 2);
+    assert_eq!(c["routes"]["entra.token"]["total"], 1);
+    env.admin(Method::POST, "/counters/reset", None).await;
+    let (_, c) = env.admin(Method::GET, "/counters", None).await;
+    assert!(c["sign"].as_object().unwrap().is_empty());
+
+    // Rotation registers the new key on the app by default.
+    let (s, rotated) = env
+        .admin(
+            Method::POST,
+            "/vaults/tb-demo/certificates/contoso-app/rotate",
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{rotated}");
+    assert_eq!(rotated["registered_on_apps"], 1);
+    let (_, current) = env
+        .get_json(&token, "/certificates/contoso-app?api-version=7.5")
+        .await;
+    assert_eq!(current["x5t"], rotated["x5t"]);
+    let (header, claims) = env.contoso_assertion_parts().await;
+    assert_eq!(header["x5t"], rotated["x5t"]);
+    let a = env.assertion("contoso-app", header, claims).await;
+    assert_eq!(
+        env.exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &a)
+            .await
+            .0,
+        200
+    );
+
+    // ... or not, so Entra rejects the new key.
+    let (_, rotated) = env
+        .admin(
+            Method::POST,
+            "/vaults/tb-demo/certificates/contoso-app/rotate",
+            Some(json!({"register_on_apps": false})),
+        )
+        .await;
+    assert_eq!(rotated["registered_on_apps"], 0);
+    let (header, claims) = env.contoso_assertion_parts().await;
+    let a = env.assertion("contoso-app", header, claims).await;
+    let (s, body) = env
+        .exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &a)
+        .await;
+    assert_eq!((s, aadsts(&body)), (401, 700027));
+
+    // Disable -> 7000112, enable again.
+    let (s, _) = env
+        .admin(
+            Method::POST,
+            &format!(
+                "/tenants/contoso.onmicrosoft.com/apps/{}/disable",
+                demo::CONTOSO_APP
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, body) = env
+        .exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &a)
+        .await;
+    assert_eq!((s, aadsts(&body)), (400, 7000112));
+    env.admin(
+        Method::POST,
+        &format!(
+            "/tenants/{}/apps/{}/enable",
+            demo::CONTOSO_TENANT,
+            demo::CONTOSO_APP
+        ),
+        None,
+    )
+    .await;
+    let (_, body) = env
+        .exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &a)
+        .await;
+    assert_eq!(
+        aadsts(&body),
+        700027,
+        "enabled again; the unregistered key is still refused"
+    );
+
+    // Reset: back to the configured versions, app enabled, faults and counters cleared.
+    env.admin(
+        Method::POST,
+        &format!(
+            "/tenants/{}/apps/{}/disable",
+            demo::CONTOSO_TENANT,
+            demo::CONTOSO_APP
+        ),
+        None,
+    )
+    .await;
+    env.admin(
+        Method::POST,
+        "/faults",
+        Some(json!({"route": "keyvault", "fail": {"status": 500}, "count": 100})),
+    )
+    .await;
+    let (s, _) = env.admin(Method::POST, "/reset", None).await;
+    assert_eq!(s, 204);
+    let (s, list) = env
+        .get_json(&token, "/certificates/contoso-app/versions?api-version=7.5")
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(list["value"].as_array().unwrap().len(), 2);
+    let (_, current) = env
+        .get_json(&token, "/certificates/contoso-app?api-version=7.5")
+        .await;
+    assert_eq!(current["x5t"], cert["x5t"], "same key material as at start");
+    let (header, claims) = env.contoso_assertion_parts().await;
+    let a = env.assertion("contoso-app", header, claims).await;
+    assert_eq!(
+        env.exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &a)
+            .await
+            .0,
+        200
+    );
+}

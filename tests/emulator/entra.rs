@@ -1,0 +1,546 @@
+//! Entra ID: client credentials with certificate and federated assertions, AADSTS errors,
+//! discovery documents.
+
+use serde_json::{Value, json};
+use tokenbroker::emulator::EmulatorConfig;
+use tokenbroker::emulator::config::{FederatedCredentialConfig, demo};
+
+use crate::common::*;
+
+const SCOPE: &str = "https://graph.microsoft.com/.default";
+
+#[tokio::test]
+async fn certificate_assertion_success_and_token_claims() {
+    let env = start_demo().await;
+    let (header, claims) = env.contoso_assertion_parts().await;
+    let assertion = env.assertion("contoso-app", header, claims).await;
+    let (status, body, headers) = env
+        .exchange(
+            demo::CONTOSO_TENANT,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", demo::CONTOSO_APP),
+                ("scope", SCOPE),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", &assertion),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(headers.get("client-request-id").is_none());
+    assert_eq!(body["token_type"], "Bearer");
+    let expires_in = body["expires_in"]
+        .as_i64()
+        .expect("expires_in is a JSON number");
+    assert!((3600..=5400).contains(&expires_in));
+    assert!(body["ext_expires_in"].is_i64());
+    let token = body["access_token"].as_str().unwrap();
+    let c = env.verify_with_jwks(token, GRAPH).await;
+    assert_eq!(c["aud"], GRAPH);
+    assert_eq!(c["tid"], demo::CONTOSO_TENANT);
+    assert_eq!(c["appid"], demo::CONTOSO_APP);
+    assert_eq!(c["azp"], demo::CONTOSO_APP);
+    assert_eq!(c["roles"], json!(["Files.Read.All"]));
+    assert_eq!(
+        c["iss"],
+        format!("{}/{}/v2.0", env.authority(), demo::CONTOSO_TENANT)
+    );
+    assert_eq!(c["oid"], c["sub"]);
+    assert_eq!(
+        c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(),
+        expires_in
+    );
+
+    // The OpenID configuration names the same issuer and the JWKS.
+    let oidc: Value = env
+        .https
+        .get(format!(
+            "{}/{}/v2.0/.well-known/openid-configuration",
+            env.authority(),
+            demo::CONTOSO_TENANT
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(oidc["issuer"], c["iss"]);
+    assert_eq!(
+        oidc["token_endpoint"],
+        format!(
+            "{}/{}/oauth2/v2.0/token",
+            env.authority(),
+            demo::CONTOSO_TENANT
+        )
+    );
+    assert!(
+        oidc["jwks_uri"]
+            .as_str()
+            .unwrap()
+            .ends_with("/discovery/v2.0/keys")
+    );
+
+    // A second token for the same app has the same service principal id.
+    let (header, claims) = env.contoso_assertion_parts().await;
+    let assertion = env.assertion("contoso-app", header, claims).await;
+    let (status, body) = env
+        .exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &assertion)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(claims_of(&body)["oid"], c["oid"]);
+}
+
+fn claims_of(body: &Value) -> Value {
+    claims(body["access_token"].as_str().unwrap())
+}
+
+#[tokio::test]
+async fn ps256_with_sha256_thumbprint_and_domain_tenant() {
+    let env = start_demo().await;
+    let token = env.kv_token().await;
+    let (_, cert) = env
+        .get_json(&token, "/certificates/contoso-app?api-version=2025-07-01")
+        .await;
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(cert["cer"].as_str().unwrap())
+        .unwrap();
+    let s256 = b64url(&sha2::Sha256::digest(&der));
+    let domain = "contoso.onmicrosoft.com";
+    let now = now();
+    let claims = json!({
+        "aud": format!("{}/{domain}/oauth2/v2.0/token", env.authority()),
+        "iss": demo::CONTOSO_APP, "sub": demo::CONTOSO_APP,
+        "jti": uuid::Uuid::new_v4().to_string(), "nbf": now, "exp": now + 300,
+    });
+    let assertion = env
+        .assertion(
+            "contoso-app",
+            json!({"alg": "PS256", "typ": "JWT", "x5t#S256": s256}),
+            claims,
+        )
+        .await;
+    let (status, body) = env
+        .exchange_assertion(domain, demo::CONTOSO_APP, SCOPE, &assertion)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(claims_of(&body)["tid"], demo::CONTOSO_TENANT);
+}
+
+/// Form fields, expected status, OAuth error and AADSTS code.
+type Case<'a> = (Vec<(&'a str, &'a str)>, u16, &'a str, u64);
+
+#[tokio::test]
+async fn request_errors() {
+    let env = start_demo().await;
+    let (header, claims) = env.contoso_assertion_parts().await;
+    let assertion = env.assertion("contoso-app", header, claims).await;
+    let jwt_bearer = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+    // Unknown tenant, with client-request-id echoed.
+    let resp = env
+        .https
+        .post(format!(
+            "{}/00000000-dead-4000-8000-000000000000/oauth2/v2.0/token",
+            env.authority()
+        ))
+        .header("client-request-id", "11111111-2222-3333-4444-555555555555")
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        resp.headers()["client-request-id"],
+        "11111111-2222-3333-4444-555555555555"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(aadsts(&body), 90002);
+    assert_eq!(body["error"], "invalid_request");
+    assert_eq!(
+        body["correlation_id"],
+        "11111111-2222-3333-4444-555555555555"
+    );
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS90002: ")
+    );
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("Correlation ID: 11111111-2222-3333-4444-555555555555")
+    );
+    assert_eq!(
+        body["error_uri"],
+        "https://login.microsoftonline.com/error?code=90002"
+    );
+    for f in ["timestamp", "trace_id"] {
+        assert!(body[f].is_string());
+    }
+
+    let cases: Vec<Case> = vec![
+        // The Contoso app is not in Fabrikam (sent to Fabrikam below).
+        (
+            vec![("grant_type", "password")],
+            400,
+            "unsupported_grant_type",
+            70003,
+        ),
+        (
+            vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", demo::CONTOSO_APP),
+                ("scope", "https://graph.microsoft.com/User.Read"),
+                ("client_assertion_type", jwt_bearer),
+                ("client_assertion", &assertion),
+            ],
+            400,
+            "invalid_scope",
+            1002012,
+        ),
+        (
+            vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", demo::CONTOSO_APP),
+                ("scope", "https://unknown.example/.default"),
+                ("client_assertion_type", jwt_bearer),
+                ("client_assertion", &assertion),
+            ],
+            400,
+            "invalid_resource",
+            500011,
+        ),
+        (
+            vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", demo::CONTOSO_APP),
+                (
+                    "scope",
+                    "https://graph.microsoft.com/.default api://contoso-api/.default",
+                ),
+                ("client_assertion_type", jwt_bearer),
+                ("client_assertion", &assertion),
+            ],
+            400,
+            "invalid_scope",
+            700022,
+        ),
+        (
+            vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", demo::CONTOSO_APP),
+                ("scope", "/.default"),
+                ("client_assertion_type", jwt_bearer),
+                ("client_assertion", &assertion),
+            ],
+            400,
+            "invalid_scope",
+            70011,
+        ),
+        (
+            vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", demo::CONTOSO_APP),
+                ("scope", SCOPE),
+                ("client_assertion_type", "urn:wrong"),
+                ("client_assertion", &assertion),
+            ],
+            400,
+            "invalid_request",
+            900144,
+        ),
+        (
+            vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", demo::CONTOSO_APP),
+                ("scope", SCOPE),
+            ],
+            401,
+            "invalid_client",
+            7000218,
+        ),
+        (
+            vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", demo::CONTOSO_APP),
+                ("scope", SCOPE),
+                ("client_assertion_type", jwt_bearer),
+                ("client_assertion", "not-a-jwt"),
+            ],
+            400,
+            "invalid_request",
+            50027,
+        ),
+    ];
+    for (form, status, error, code) in cases {
+        let (s, body, _) = env.exchange(demo::CONTOSO_TENANT, &form).await;
+        assert_eq!(
+            (s, body["error"].as_str().unwrap(), aadsts(&body)),
+            (status, error, code),
+            "{form:?}: {body}"
+        );
+    }
+    let (s, body) = env
+        .exchange_assertion(demo::FABRIKAM_TENANT, demo::CONTOSO_APP, SCOPE, &assertion)
+        .await;
+    assert_eq!((s, aadsts(&body)), (400, 700016));
+    assert_eq!(body["error"], "unauthorized_client");
+}
+
+#[tokio::test]
+async fn assertion_errors() {
+    let env = start_demo().await;
+    let exchange = |a: String| {
+        let env = &env;
+        async move {
+            env.exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &a)
+                .await
+        }
+    };
+
+    // Unregistered key (the Fabrikam certificate) -> 700027.
+    let (header, claims) = env.contoso_assertion_parts().await;
+    let token = env.kv_token().await;
+    let (_, fab) = env
+        .get_json(&token, "/certificates/fabrikam-app?api-version=2025-07-01")
+        .await;
+    let a = env
+        .assertion(
+            "fabrikam-app",
+            json!({"alg": "RS256", "typ": "JWT", "x5t": fab["x5t"]}),
+            claims.clone(),
+        )
+        .await;
+    let (s, body) = exchange(a).await;
+    assert_eq!((s, aadsts(&body)), (401, 700027), "{body}");
+    assert_eq!(body["error"], "invalid_client");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("The key was not found")
+    );
+
+    // Unsupported algorithm -> 700027.
+    let mut h = header.clone();
+    h["alg"] = "ES256".into();
+    let a = env.assertion("contoso-app", h, claims.clone()).await;
+    assert_eq!(aadsts(&exchange(a).await.1), 700027);
+
+    // Signature does not match the claims -> 700027.
+    let a = env
+        .assertion("contoso-app", header.clone(), claims.clone())
+        .await;
+    let mut parts: Vec<String> = a.split('.').map(str::to_owned).collect();
+    let mut tampered = claims.clone();
+    tampered["exp"] = (now() + 500).into();
+    parts[1] = b64url(&serde_json::to_vec(&tampered).unwrap());
+    assert_eq!(aadsts(&exchange(parts.join(".")).await.1), 700027);
+
+    // Audience of another tenant.
+    let mut c = claims.clone();
+    c["aud"] = format!(
+        "{}/{}/oauth2/v2.0/token",
+        env.authority(),
+        demo::FABRIKAM_TENANT
+    )
+    .into();
+    c["jti"] = uuid::Uuid::new_v4().to_string().into();
+    let a = env.assertion("contoso-app", header.clone(), c).await;
+    assert_eq!(aadsts(&exchange(a).await.1), 50013);
+
+    // iss/sub not the client id.
+    let mut c = claims.clone();
+    c["iss"] = demo::FABRIKAM_APP.into();
+    c["jti"] = uuid::Uuid::new_v4().to_string().into();
+    let a = env.assertion("contoso-app", header.clone(), c).await;
+    assert_eq!(aadsts(&exchange(a).await.1), 700021);
+
+    // Expired, not yet valid, too long-lived -> 700024.
+    let now = now();
+    for (nbf, exp) in [
+        (now - 3600, now - 1200),
+        (now + 1200, now + 1800),
+        (now, now + 7200),
+    ] {
+        let mut c = claims.clone();
+        c["nbf"] = nbf.into();
+        c["exp"] = exp.into();
+        c["jti"] = uuid::Uuid::new_v4().to_string().into();
+        let a = env.assertion("contoso-app", header.clone(), c).await;
+        let (s, body) = exchange(a).await;
+        assert_eq!((s, aadsts(&body)), (401, 700024), "nbf {nbf} exp {exp}");
+    }
+
+    // Replay: the first use succeeds, the second is refused.
+    let a = env
+        .assertion("contoso-app", header.clone(), claims.clone())
+        .await;
+    assert_eq!(exchange(a.clone()).await.0, 200);
+    let (s, body) = exchange(a).await;
+    assert_eq!((s, aadsts(&body)), (401, 50013));
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("already used")
+    );
+
+    // An older, still registered version's key works too.
+    let (_, versions) = env
+        .get_json(
+            &token,
+            "/certificates/contoso-app/versions?api-version=2025-07-01",
+        )
+        .await;
+    let old = versions["value"][0]["id"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (_, old_cert) = env
+        .get_json(
+            &token,
+            &format!("/certificates/contoso-app/{old}?api-version=2025-07-01"),
+        )
+        .await;
+    let mut c = claims.clone();
+    c["jti"] = uuid::Uuid::new_v4().to_string().into();
+    let h = b64url(
+        &serde_json::to_vec(&json!({"alg": "RS256", "typ": "JWT", "x5t": old_cert["x5t"]}))
+            .unwrap(),
+    );
+    let input = format!("{h}.{}", b64url(&serde_json::to_vec(&c).unwrap()));
+    use sha2::Digest as _;
+    let resp = env
+        .sign(
+            &token,
+            "contoso-app",
+            Some(&old),
+            "RS256",
+            &sha2::Sha256::digest(input.as_bytes()),
+        )
+        .await;
+    let sig = resp.json::<Value>().await.unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(exchange(format!("{input}.{sig}")).await.0, 200);
+}
+
+#[tokio::test]
+async fn federated_credential_exchange() {
+    let mut config = EmulatorConfig::demo();
+    // Fabrikam's app trusts the FIC identity but with a wrong issuer / audience / subject each.
+    let fic = |issuer: &str, subject: &str, audience: &str| FederatedCredentialConfig {
+        issuer: issuer.into(),
+        subject: subject.into(),
+        audience: audience.into(),
+    };
+    config.tenants[1].apps[0].federated_credentials = vec![fic(
+        "https://elsewhere.example/v2.0",
+        demo::FIC_MI_OBJECT_ID,
+        "api://AzureADTokenExchange",
+    )];
+    let env = start(config).await;
+
+    let mi = env
+        .mi_token("api://AzureADTokenExchange", Some(demo::FIC_MI_CLIENT_ID))
+        .await;
+    let (s, body) = env
+        .exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &mi)
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(claims_of(&body)["appid"], demo::CONTOSO_APP);
+
+    let (s, body) = env
+        .exchange_assertion(demo::FABRIKAM_TENANT, demo::FABRIKAM_APP, SCOPE, &mi)
+        .await;
+    assert_eq!((s, aadsts(&body)), (401, 700211), "{body}");
+
+    // Wrong audience: a token for a different exchange audience.
+    let other_aud = env
+        .mi_token(
+            "api://AzureADTokenExchangeUSGov",
+            Some(demo::FIC_MI_CLIENT_ID),
+        )
+        .await;
+    let (_, body) = env
+        .exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &other_aud)
+        .await;
+    assert_eq!(aadsts(&body), 700212, "{body}");
+
+    // Wrong subject: the system-assigned identity is not trusted.
+    let system = env.mi_token("api://AzureADTokenExchange", None).await;
+    let (_, body) = env
+        .exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &system)
+        .await;
+    assert_eq!(aadsts(&body), 700213, "{body}");
+}
+
+#[tokio::test]
+async fn multi_tenant_app() {
+    let mut config = EmulatorConfig::demo();
+    let mut app = config.tenants[0].apps[0].clone();
+    app.federated_credentials.clear();
+    config.tenants[1].apps.push(app);
+    let env = start(config).await;
+    for tenant in [demo::CONTOSO_TENANT, demo::FABRIKAM_TENANT] {
+        let (header, mut claims) = env.contoso_assertion_parts().await;
+        claims["aud"] = format!("{}/{tenant}/oauth2/v2.0/token", env.authority()).into();
+        let a = env.assertion("contoso-app", header, claims).await;
+        let (s, body) = env
+            .exchange_assertion(tenant, demo::CONTOSO_APP, SCOPE, &a)
+            .await;
+        assert_eq!(s, 200, "{body}");
+        let c = claims_of(&body);
+        assert_eq!(c["tid"], tenant);
+        assert_eq!(c["appid"], demo::CONTOSO_APP);
+    }
+}
+
+#[tokio::test]
+async fn instance_discovery_for_msal() {
+    let env = start_demo().await;
+    let authz = format!(
+        "{}/{}/oauth2/v2.0/authorize",
+        env.authority(),
+        demo::CONTOSO_TENANT
+    );
+    let mut url =
+        reqwest::Url::parse(&format!("{}/common/discovery/instance", env.authority())).unwrap();
+    url.query_pairs_mut()
+        .append_pair("api-version", "1.1")
+        .append_pair("authorization_endpoint", &authz);
+    let resp = env.https.get(url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["tenant_discovery_endpoint"],
+        format!(
+            "{}/{}/v2.0/.well-known/openid-configuration",
+            env.authority(),
+            demo::CONTOSO_TENANT
+        )
+    );
+    let resp = env
+        .https
+        .get(format!(
+            "{}/nope.example/v2.0/.well-known/openid-configuration",
+            env.authority()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+}

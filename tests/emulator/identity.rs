@@ -1,0 +1,220 @@
+//! Managed identity: App Service and IMDS shapes, identity selection, errors.
+
+use serde_json::Value;
+use tokenbroker::emulator::EmulatorConfig;
+use tokenbroker::emulator::config::demo;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn app_service_shape_and_claims() {
+    let env = start_demo().await;
+    let url = format!(
+        "{}?api-version=2019-08-01&resource={}",
+        env.ep().identity_endpoint,
+        VAULT_RESOURCE
+    );
+    let resp = env
+        .http
+        .get(&url)
+        .header("X-IDENTITY-HEADER", &env.ep().identity_header)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    for field in [
+        "access_token",
+        "expires_on",
+        "resource",
+        "token_type",
+        "client_id",
+    ] {
+        assert!(
+            body[field].is_string(),
+            "{field} must be a string in {body}"
+        );
+    }
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["client_id"], demo::BROKER_MI_CLIENT_ID);
+    let expires_on: i64 = body["expires_on"].as_str().unwrap().parse().unwrap();
+    assert!(expires_on > now() + 23 * 3600, "about a day of lifetime");
+
+    let token = body["access_token"].as_str().unwrap();
+    let claims = env.verify_with_jwks(token, VAULT_RESOURCE).await;
+    assert_eq!(claims["aud"], VAULT_RESOURCE);
+    assert_eq!(claims["oid"], demo::BROKER_MI_OBJECT_ID);
+    assert_eq!(claims["sub"], demo::BROKER_MI_OBJECT_ID);
+    assert_eq!(claims["appid"], demo::BROKER_MI_CLIENT_ID);
+    assert_eq!(claims["azp"], demo::BROKER_MI_CLIENT_ID);
+    assert_eq!(claims["tid"], demo::CONTOSO_TENANT);
+    assert_eq!(claims["idtyp"], "app");
+    assert_eq!(
+        claims["iss"],
+        format!("https://sts.windows.net/{}/", demo::CONTOSO_TENANT)
+    );
+    assert!(
+        claims["xms_mirid"]
+            .as_str()
+            .unwrap()
+            .contains("/userAssignedIdentities/broker")
+    );
+
+    // Wrong or missing identity header.
+    let resp = env
+        .http
+        .get(&url)
+        .header("X-IDENTITY-HEADER", "nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = env.http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+}
+
+#[tokio::test]
+async fn imds_shape_all_strings() {
+    let env = start_demo().await;
+    let url = format!(
+        "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/&client_id={}",
+        env.ep().imds_endpoint,
+        demo::FIC_MI_CLIENT_ID
+    );
+    let resp = env
+        .http
+        .get(&url)
+        .header("Metadata", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    let fields = [
+        "access_token",
+        "refresh_token",
+        "expires_in",
+        "expires_on",
+        "ext_expires_in",
+        "not_before",
+        "resource",
+        "token_type",
+    ];
+    for field in fields {
+        assert!(
+            body[field].is_string(),
+            "{field} must be a string in {body}"
+        );
+    }
+    assert_eq!(body.as_object().unwrap().len(), fields.len());
+    assert_eq!(body["resource"], "https://management.azure.com/");
+    let c = claims(body["access_token"].as_str().unwrap());
+    assert_eq!(c["oid"], demo::FIC_MI_OBJECT_ID);
+    assert_eq!(c["aud"], "https://management.azure.com/");
+
+    // Missing Metadata header.
+    let resp = env.http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "bad_request_102");
+    assert_eq!(
+        body["error_description"],
+        "Required metadata header not specified"
+    );
+
+    // By object id and by resource id.
+    for q in [
+        format!("object_id={}", demo::FIC_MI_OBJECT_ID),
+        "msi_res_id=/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/emulator/providers/Microsoft.ManagedIdentity/userAssignedIdentities/broker-fic".to_owned(),
+    ] {
+        let url = format!("{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net&{q}", env.ep().imds_endpoint);
+        let resp = env.http.get(&url).header("Metadata", "true").send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{q}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(claims(body["access_token"].as_str().unwrap())["oid"], demo::FIC_MI_OBJECT_ID);
+    }
+
+    // Unknown identity and missing resource.
+    let url = format!(
+        "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net&client_id=00000000-0000-0000-0000-000000000099",
+        env.ep().imds_endpoint
+    );
+    let resp = env
+        .http
+        .get(&url)
+        .header("Metadata", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"],
+        "invalid_request"
+    );
+    let url = format!(
+        "{}/metadata/identity/oauth2/token?api-version=2018-02-01",
+        env.ep().imds_endpoint
+    );
+    let resp = env
+        .http
+        .get(&url)
+        .header("Metadata", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test]
+async fn multiple_user_assigned_need_a_selector() {
+    let mut config = EmulatorConfig::demo();
+    config.identities.retain(|i| !i.system_assigned);
+    let mut second = config.identities[0].clone();
+    second.name = "second".into();
+    second.client_id = "5ec0d000-0000-4000-8000-000000000001".into();
+    second.object_id = "5ec0d000-0000-4000-8000-000000000002".into();
+    config.identities.push(second);
+    let env = start(config).await;
+
+    let url = format!(
+        "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net",
+        env.ep().imds_endpoint
+    );
+    let resp = env
+        .http
+        .get(&url)
+        .header("Metadata", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_request");
+    assert_eq!(
+        body["error_description"],
+        "Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request"
+    );
+    // Naming one works.
+    let token = env
+        .mi_token(VAULT_RESOURCE, Some("5ec0d000-0000-4000-8000-000000000001"))
+        .await;
+    assert_eq!(
+        claims(&token)["oid"],
+        "5ec0d000-0000-4000-8000-000000000002"
+    );
+}
+
+#[tokio::test]
+async fn token_exchange_audience_uses_v2_issuer() {
+    let env = start_demo().await;
+    let token = env
+        .mi_token("api://AzureADTokenExchange", Some(demo::FIC_MI_CLIENT_ID))
+        .await;
+    let c = claims(&token);
+    assert_eq!(
+        c["iss"],
+        format!("{}/{}/v2.0", env.authority(), demo::CONTOSO_TENANT)
+    );
+    assert_eq!(c["aud"], "api://AzureADTokenExchange");
+    assert_eq!(c["sub"], demo::FIC_MI_OBJECT_ID);
+}

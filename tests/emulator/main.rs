@@ -1,0 +1,9 @@
+//! Integration tests of the local Azure emulator, through its HTTP interfaces only.
+#![cfg(feature = "emulator")]
+
+mod admin;
+mod common;
+mod entra;
+mod identity;
+mod keyvault;
+mod lifecycle;
