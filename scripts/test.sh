@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every check the project has, in the order a failure is cheapest to find:
+# formatting, lints, Rust tests (unit, end to end against the emulator), then the
+# conformance suite that drives the emulator with Microsoft's own Python SDKs.
+# Installs what it needs (the Python venv) itself. `.ci/run` calls exactly this.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$repo_root"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, -D warnings)"
+cargo clippy --locked --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --locked
+
+step "emulator conformance (Microsoft Python SDKs)"
+bash tests/conformance/run.sh

@@ -1,0 +1,131 @@
+//! The one place errors become gRPC status. Messages say what failed and what to do, carry
+//! the Entra error code and correlation id where there is one, and never a token.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+
+use crate::broker::{BrokerError, FlowError};
+use crate::entra::EntraErrorClass;
+use crate::signer::SignerError;
+
+/// Metadata key carrying a retry hint in seconds on UNAVAILABLE and RESOURCE_EXHAUSTED.
+pub const RETRY_AFTER_KEY: &str = "retry-after";
+
+pub fn to_status(e: &BrokerError) -> Status {
+    match e {
+        BrokerError::InvalidArgument { field, message } => {
+            Status::invalid_argument(format!("{field}: {message}"))
+        }
+        BrokerError::UnknownTenant(name) => Status::not_found(format!(
+            "tenant `{name}` is not configured in this broker; check the name against [tenants] in its configuration"
+        )),
+        BrokerError::MinValidityUnmet { remaining, wanted } => Status::out_of_range(format!(
+            "min_validity: Entra issued a token valid for {}s, less than the {}s asked for; ask for less",
+            remaining.as_secs(),
+            wanted.as_secs()
+        )),
+        BrokerError::ShuttingDown => with_retry(
+            Status::unavailable("the broker is shutting down; retry on another replica"),
+            Some(Duration::from_secs(1)),
+        ),
+        BrokerError::Upstream { tenant, source } => upstream(tenant, source),
+    }
+}
+
+fn upstream(tenant: &str, e: &FlowError) -> Status {
+    match e {
+        FlowError::Entra(err) => {
+            let msg = format!("tenant `{tenant}`: {err}");
+            match err.class {
+                EntraErrorClass::Retryable => with_retry(
+                    Status::unavailable(format!(
+                        "{msg}; Entra ID is throttling or unavailable, retry later"
+                    )),
+                    Some(err.retry_after.unwrap_or(Duration::from_secs(5))),
+                ),
+                EntraErrorClass::Caller => Status::invalid_argument(format!(
+                    "scopes: {msg}; ask for exactly one resource's `/.default` scope known to the tenant"
+                )),
+                EntraErrorClass::KeyRejected => Status::failed_precondition(format!(
+                    "{msg}; the app registration does not accept the Key Vault certificate: upload the certificate's public part to the app (or check the configured algorithm/thumbprint)"
+                )),
+                EntraErrorClass::Clock => Status::failed_precondition(format!(
+                    "{msg}; the assertion was outside its validity window: check this host's clock"
+                )),
+                EntraErrorClass::Configuration => Status::failed_precondition(format!(
+                    "{msg}; {}",
+                    config_hint(err.codes.first().copied())
+                )),
+            }
+        }
+        FlowError::Signer(err) => {
+            let msg = format!("tenant `{tenant}`: {err}");
+            match err {
+                SignerError::Unavailable { retry_after, .. } => with_retry(
+                    Status::unavailable(format!("{msg}; retry later")),
+                    Some(retry_after.unwrap_or(Duration::from_secs(5))),
+                ),
+                SignerError::Identity(_) => with_retry(
+                    Status::unavailable(format!(
+                        "{msg}; the broker could not get its managed identity token for Key Vault"
+                    )),
+                    Some(Duration::from_secs(5)),
+                ),
+                SignerError::Forbidden { .. } => Status::failed_precondition(format!(
+                    "{msg}; grant the broker's managed identity `Key Vault Crypto User` on the key and `Key Vault Certificate User` on the certificate"
+                )),
+                SignerError::NotFound { .. } => Status::failed_precondition(format!(
+                    "{msg}; check the tenant's credential (vault_url and certificate) in the broker configuration"
+                )),
+                SignerError::Other { .. } => Status::internal(msg),
+            }
+        }
+        FlowError::Internal(m) => Status::internal(format!("tenant `{tenant}`: {m}")),
+    }
+}
+
+fn config_hint(code: Option<u32>) -> &'static str {
+    match code {
+        Some(90002) => "the tenant id is wrong or in another cloud: check tenant_id and [cloud]",
+        Some(700016) | Some(7000229) => {
+            "the app is not in this tenant: an administrator of the tenant must consent to the app (or check client_id)"
+        }
+        Some(7000112) => "the app is disabled in this tenant: an administrator must enable it",
+        Some(700211..=700213) => "the federated credential on the app does not match",
+        Some(53003) => "a Conditional Access policy blocks this app",
+        _ => "fix the tenant's configuration or app registration",
+    }
+}
+
+fn with_retry(mut s: Status, after: Option<Duration>) -> Status {
+    if let Some(d) = after
+        && let Ok(v) = d.as_secs().max(1).to_string().parse()
+    {
+        s.metadata_mut().insert(RETRY_AFTER_KEY, v);
+    }
+    s
+}
+
+/// Codes as strings, for logs and audit.
+pub fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

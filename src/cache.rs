@@ -1,0 +1,211 @@
+//! The token cache: one slot per (tenant, normalised scopes) in a bounded moka cache.
+//! A slot holds the current token, the failure state of its refresh, and the single
+//! in-flight fetch that every concurrent miss joins (one upstream exchange per key).
+//! Watchers (`WatchToken`) subscribe to a slot's state.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use tokio::sync::watch;
+
+use crate::sensitive::Sensitive;
+
+/// Cache key: configured tenant name and normalised scopes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub tenant: Arc<str>,
+    pub scopes: Arc<[String]>,
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.tenant, self.scopes.join(" "))
+    }
+}
+
+/// A token as cached. `Debug` shows only its fingerprint.
+#[derive(Debug, Clone)]
+pub struct CachedToken {
+    pub access_token: Sensitive,
+    pub token_type: String,
+    pub obtained_at: SystemTime,
+    pub expires_at: SystemTime,
+    pub refresh_at: SystemTime,
+    pub tenant_id: Arc<str>,
+    pub client_id: Arc<str>,
+    pub scopes: Arc<[String]>,
+}
+
+impl CachedToken {
+    /// Remaining validity at `now` (zero once expired).
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.expires_at
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+/// What watchers see of a slot.
+#[derive(Debug, Clone, Default)]
+pub struct SlotState {
+    pub token: Option<Arc<CachedToken>>,
+    /// Set while the latest fetch or refresh failed; cleared by the next success.
+    pub failure: Option<String>,
+}
+
+/// The shared result of one in-flight fetch.
+pub type FlightResult<E> = Result<Arc<CachedToken>, Arc<E>>;
+type Flight<E> = Shared<BoxFuture<'static, FlightResult<E>>>;
+
+/// One cache entry.
+pub struct Slot<E> {
+    state: watch::Sender<SlotState>,
+    inflight: Mutex<Option<Flight<E>>>,
+    last_forced: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl<E> fmt::Debug for Slot<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot").finish_non_exhaustive()
+    }
+}
+
+/// Whether a caller started a fetch or joined one already under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    Leader,
+    Follower,
+}
+
+impl<E: Send + Sync + 'static> Slot<E> {
+    fn new() -> Self {
+        Slot {
+            state: watch::channel(SlotState::default()).0,
+            inflight: Mutex::new(None),
+            last_forced: Mutex::new(None),
+        }
+    }
+
+    pub fn current(&self) -> SlotState {
+        self.state.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<SlotState> {
+        self.state.subscribe()
+    }
+
+    /// Records a new token (and clears the failure) or a failure (keeping the old token).
+    pub fn publish(&self, result: &FlightResult<E>)
+    where
+        E: fmt::Display,
+    {
+        self.state.send_modify(|s| match result {
+            Ok(t) => {
+                s.token = Some(t.clone());
+                s.failure = None;
+            }
+            Err(e) => s.failure = Some(e.to_string()),
+        });
+    }
+
+    /// Honours a forced refresh at most once per `interval`.
+    pub fn allow_forced(&self, interval: Duration) -> bool {
+        let mut last = self.last_forced.lock().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        match *last {
+            Some(t) if now.duration_since(t) < interval => false,
+            _ => {
+                *last = Some(now);
+                true
+            }
+        }
+    }
+
+    /// Joins the fetch under way, or starts `start()` as the one fetch for this slot.
+    /// The fetch runs in its own task, so a caller that gives up does not cancel it for
+    /// the others, and its result is published before any waiter sees it.
+    pub fn fetch<F, Fut>(self: &Arc<Self>, start: F) -> (Joined, Flight<E>)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = FlightResult<E>> + Send + 'static,
+        E: fmt::Display + FromJoin,
+    {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = inflight.as_ref() {
+            return (Joined::Follower, f.clone());
+        }
+        let work = start();
+        let slot = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            let result = work.await;
+            if let Some(slot) = slot.upgrade() {
+                slot.publish(&result);
+                *slot.inflight.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            result
+        });
+        let flight: Flight<E> = async move {
+            match task.await {
+                Ok(r) => r,
+                // The task only ends early if the runtime is shutting down.
+                Err(e) => Err(Arc::new(E::from_join(e))),
+            }
+        }
+        .boxed()
+        .shared();
+        *inflight = Some(flight.clone());
+        (Joined::Leader, flight)
+    }
+}
+
+/// Errors that can stand for a fetch task that died.
+pub trait FromJoin {
+    fn from_join(e: tokio::task::JoinError) -> Self;
+}
+
+/// Bounded map of slots. Idle slots are evicted; a slot's token validity is checked on read.
+pub struct TokenCache<E> {
+    slots: moka::future::Cache<Key, Arc<Slot<E>>>,
+}
+
+impl<E> fmt::Debug for TokenCache<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("entries", &self.slots.entry_count())
+            .finish()
+    }
+}
+
+impl<E: Send + Sync + 'static> TokenCache<E> {
+    pub fn new(max_entries: u64, idle: Duration) -> Self {
+        TokenCache {
+            slots: moka::future::Cache::builder()
+                .max_capacity(max_entries)
+                .time_to_idle(idle)
+                .build(),
+        }
+    }
+
+    pub async fn slot(&self, key: &Key) -> Arc<Slot<E>> {
+        self.slots
+            .get_with_by_ref(key, async { Arc::new(Slot::new()) })
+            .await
+    }
+
+    pub async fn existing(&self, key: &Key) -> Option<Arc<Slot<E>>> {
+        self.slots.get(key).await
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.slots.entry_count()
+    }
+
+    /// Every slot, for periodic jobs (metrics, pre-warm checks).
+    pub fn iter(&self) -> impl Iterator<Item = (Arc<Key>, Arc<Slot<E>>)> + '_ {
+        self.slots.iter()
+    }
+}

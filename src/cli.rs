@@ -1,0 +1,288 @@
+//! Command line: `serve`, `dev`, `emulator`, `token`, `check-config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, process_env};
+use crate::proto;
+use crate::telemetry;
+
+/// Exit code for an invalid configuration (sysexits EX_CONFIG).
+pub const EXIT_CONFIG: u8 = 78;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tokenbroker",
+    version,
+    about = "Entra ID tokens for many tenants, signed by Key Vault, served over gRPC. Holds no secrets."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker with a configuration file.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the broker on the embedded Azure emulator with a demo configuration (loopback only).
+    #[cfg(feature = "emulator")]
+    Dev {
+        /// gRPC listen address (loopback).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// Where to write the emulator endpoints, its CA and the generated broker config.
+        #[arg(long, default_value = ".tokenbroker-dev")]
+        state_dir: PathBuf,
+    },
+    /// Run the local Azure emulator alone (managed identity, Key Vault, Entra ID).
+    #[cfg(feature = "emulator")]
+    Emulator {
+        #[arg(long)]
+        config: PathBuf,
+        /// Written (JSON) once all listeners are up.
+        #[arg(long)]
+        endpoints_file: PathBuf,
+    },
+    /// Ask a running broker for a token and print it (for scripts and collectors).
+    Token {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, required = true)]
+        scope: Vec<String>,
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// Minimum remaining validity, in seconds.
+        #[arg(long)]
+        min_validity: Option<u64>,
+        #[arg(long)]
+        force_refresh: bool,
+        /// Print the whole response as JSON instead of the bare token.
+        #[arg(long)]
+        json: bool,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Validate a configuration file and explain every problem with its location.
+    CheckConfig { file: PathBuf },
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve { config } => serve(config).await,
+        #[cfg(feature = "emulator")]
+        Command::Dev { listen, state_dir } => dev(listen, state_dir).await,
+        #[cfg(feature = "emulator")]
+        Command::Emulator {
+            config,
+            endpoints_file,
+        } => {
+            telemetry::init(crate::config::LogFormat::Human, "info");
+            match crate::emulator::run_standalone(&config, &endpoints_file).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tokenbroker emulator: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Token {
+            tenant,
+            scope,
+            addr,
+            min_validity,
+            force_refresh,
+            json,
+            timeout,
+        } => {
+            let req = proto::GetTokenRequest {
+                tenant,
+                scopes: scope,
+                min_validity: min_validity.map(|s| prost_types::Duration {
+                    seconds: s as i64,
+                    nanos: 0,
+                }),
+                force_refresh,
+            };
+            match token(&addr, req, Duration::from_secs(timeout)).await {
+                Ok(resp) => {
+                    if json {
+                        println!("{}", response_json(&resp));
+                    } else {
+                        println!("{}", resp.access_token);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tokenbroker token: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig { file } => match Config::load(&file, &process_env) {
+            Ok(c) => {
+                println!("{}: OK\n{}", file.display(), c.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+    }
+}
+
+fn load_or_exit(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path, &process_env).map_err(|e: ConfigError| {
+        eprintln!("{}: {e}", path.display());
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+async fn serve(path: PathBuf) -> ExitCode {
+    let config = match load_or_exit(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    telemetry::init(config.log.format, &config.log.level);
+    let result = async {
+        let up = crate::server::upstreams(&config)?;
+        let bound = crate::server::bind(config, up).await?;
+        bound.serve(shutdown_signal()).await
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "tokenbroker stopped");
+            eprintln!("tokenbroker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(feature = "emulator")]
+async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
+    use crate::emulator::{Emulator, EmulatorConfig, StartOptions};
+    telemetry::init(crate::config::LogFormat::Human, "info");
+    if !listen.ip().is_loopback() {
+        eprintln!("tokenbroker dev listens on loopback only, not {listen}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let result = async {
+        std::fs::create_dir_all(&state_dir)?;
+        let state_dir = std::fs::canonicalize(&state_dir)?;
+        let emu_config = EmulatorConfig::demo();
+        let emulator = Emulator::start(
+            emu_config.clone(),
+            StartOptions::new(state_dir.join("ca.pem")),
+        )
+        .await?;
+        emulator
+            .endpoints()
+            .write_atomically(&state_dir.join("endpoints.json"))?;
+        let (config_path, config) = crate::dev::write_broker_config(
+            &state_dir,
+            &emu_config,
+            emulator.endpoints(),
+            listen,
+        )?;
+        let up = crate::server::upstreams(&config)?;
+        let tenants: Vec<String> = config.tenants.keys().cloned().collect();
+        let bound = crate::server::bind(config, up).await?;
+        let addr = bound.local_addr()?;
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "tokenbroker".into());
+        println!(
+            "\ntokenbroker dev is up: broker on {addr} (plaintext, loopback), Azure emulator endpoints in {}\n\
+             broker config: {}\n\ntenants: {}\n\nAsk for a token:\n  {exe} token --addr http://{addr} --tenant {} --scope https://graph.microsoft.com/.default\n\n\
+             Stop with Ctrl-C.",
+            state_dir.join("endpoints.json").display(),
+            config_path.display(),
+            tenants.join(", "),
+            tenants.first().map(String::as_str).unwrap_or("contoso"),
+        );
+        bound.serve(shutdown_signal()).await?;
+        emulator.shutdown().await;
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenbroker dev: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn token(
+    addr: &str,
+    req: proto::GetTokenRequest,
+    timeout: Duration,
+) -> Result<proto::GetTokenResponse, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+        .map_err(|e| format!("bad --addr {addr}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(timeout);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let mut client = proto::token_broker_client::TokenBrokerClient::new(channel);
+    client
+        .get_token(req)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+fn response_json(r: &proto::GetTokenResponse) -> String {
+    let ts = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| t.seconds).unwrap_or(0);
+    serde_json::json!({
+        "access_token": r.access_token,
+        "token_type": r.token_type,
+        "expires_on": ts(&r.expires_at),
+        "refresh_at": ts(&r.refresh_at),
+        "tenant_id": r.tenant_id,
+        "client_id": r.client_id,
+        "scopes": r.scopes,
+        "source": proto::TokenSource::try_from(r.source)
+            .map(|s| s.as_str_name())
+            .unwrap_or("TOKEN_SOURCE_UNSPECIFIED"),
+    })
+    .to_string()
+}

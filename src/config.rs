@@ -1,0 +1,956 @@
+//! Broker configuration: the TOML file, environment overrides for deployment settings, and
+//! validation. Owns the rule that configuration holds identifiers only, never secrets.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+/// Everything wrong with a configuration, each problem with its location.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", format_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+/// One configuration problem: where it is and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path of the offending key (`tenants.contoso.client_id`), or `<file>` for syntax errors.
+    pub path: String,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}: {}", self.path, self.message),
+            None => write!(f, "{}: {}", self.path, self.message),
+        }
+    }
+}
+
+fn format_problems(problems: &[Problem]) -> String {
+    let mut out = format!("{} configuration problem(s):", problems.len());
+    for p in problems {
+        out.push_str("\n  - ");
+        out.push_str(&p.to_string());
+    }
+    out
+}
+
+/// The validated configuration the broker runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub identity: IdentityConfig,
+    pub outbound: OutboundConfig,
+    pub cloud: Cloud,
+    pub cache: CacheConfig,
+    /// Tenants by their configured name.
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Serve gRPC without TLS. Only accepted on a loopback address.
+    pub plaintext: bool,
+    pub tls: Option<ServerTls>,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` env-filter directive, e.g. `info,tokenbroker=debug`.
+    pub level: String,
+}
+
+/// Where the broker's own managed identity token comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// Let `azure_identity` pick: App Service variables, else IMDS.
+    Auto,
+    /// Azure Instance Metadata Service (VMs, VM scale sets, AKS node identity).
+    Imds,
+    /// App Service / Functions / Container Apps (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`).
+    AppService,
+    /// AKS workload identity (`AZURE_FEDERATED_TOKEN_FILE`, `AZURE_CLIENT_ID`, `AZURE_TENANT_ID`).
+    WorkloadIdentity,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub source: IdentitySource,
+    /// User-assigned identity by client id; `None` means system-assigned.
+    pub client_id: Option<String>,
+    /// Redirects IMDS (`169.254.169.254`) to a local emulator. Loopback only.
+    pub imds_endpoint: Option<Url>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboundConfig {
+    /// Extra CA certificates trusted for outbound TLS, added to the platform roots.
+    pub extra_ca_file: Option<PathBuf>,
+    /// Host names resolved to fixed addresses (for example `*.vault.azure.net` names pinned
+    /// to an emulator on loopback, so Key Vault challenge verification stays on).
+    pub pin_hosts: BTreeMap<String, IpAddr>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+/// The Entra ID cloud whose authority host the broker exchanges assertions at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cloud {
+    Public,
+    UsGov,
+    China,
+    Custom { authority_host: Url },
+}
+
+impl Cloud {
+    pub fn authority_host(&self) -> Url {
+        let s = match self {
+            Cloud::Public => "https://login.microsoftonline.com",
+            Cloud::UsGov => "https://login.microsoftonline.us",
+            Cloud::China => "https://login.chinacloudapi.cn",
+            Cloud::Custom { authority_host } => return authority_host.clone(),
+        };
+        Url::parse(s).unwrap_or_else(|_| unreachable!("static URL"))
+    }
+
+    /// The Key Vault resource (audience) in this cloud.
+    pub fn key_vault_resource(&self) -> &'static str {
+        match self {
+            Cloud::UsGov => "https://vault.usgovcloudapi.net",
+            Cloud::China => "https://vault.azure.cn",
+            Cloud::Public | Cloud::Custom { .. } => "https://vault.azure.net",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub max_entries: u64,
+    /// A token is not served once it has less than this left.
+    pub safety_margin: Duration,
+    /// Minimum remaining validity when the caller does not ask for one.
+    pub default_min_validity: Duration,
+    /// A forced refresh of one key is honoured at most once per this interval.
+    pub force_refresh_interval: Duration,
+    /// How often certificate metadata (thumbprints, key version) is re-read from Key Vault.
+    pub certificate_refresh: Duration,
+    /// Refresh ahead at this fraction of the token lifetime when Entra gives no `refresh_in`.
+    pub refresh_fraction: f64,
+}
+
+/// How the assertion header names the certificate and which algorithm signs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SigningAlgorithm {
+    RS256,
+    PS256,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThumbprintHeader {
+    /// `x5t`: base64url SHA-1 (broadly accepted).
+    X5t,
+    /// `x5t#S256`: base64url SHA-256 (Microsoft's current recommendation).
+    X5tS256,
+    Both,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A certificate in Key Vault whose private key signs the client assertion.
+    KeyVaultCertificate {
+        vault_url: Url,
+        certificate: String,
+        algorithm: SigningAlgorithm,
+        thumbprint: ThumbprintHeader,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub name: String,
+    /// Entra tenant id (GUID) or verified domain.
+    pub tenant_id: String,
+    /// The app (client) id that gets tokens in this tenant.
+    pub client_id: String,
+    pub credential: Credential,
+}
+
+// === raw file shape ===
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    identity: RawIdentity,
+    #[serde(default)]
+    outbound: RawOutbound,
+    #[serde(default)]
+    cloud: RawCloud,
+    #[serde(default)]
+    cache: RawCache,
+    /// Shared app registrations, for one multi-tenant app used in many tenants.
+    #[serde(default)]
+    apps: BTreeMap<String, RawApp>,
+    #[serde(default)]
+    tenants: BTreeMap<String, RawTenant>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    #[serde(default)]
+    plaintext: bool,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    shutdown_grace_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
+    level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    source: Option<IdentitySource>,
+    client_id: Option<String>,
+    imds_endpoint: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbound {
+    extra_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pin_hosts: BTreeMap<String, String>,
+    connect_timeout_secs: Option<u64>,
+    request_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCloud {
+    name: Option<String>,
+    authority_host: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    max_entries: Option<u64>,
+    safety_margin_secs: Option<u64>,
+    default_min_validity_secs: Option<u64>,
+    force_refresh_interval_secs: Option<u64>,
+    certificate_refresh_secs: Option<u64>,
+    refresh_fraction: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    client_id: Option<String>,
+    credential: Option<RawCredential>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    tenant_id: Option<String>,
+    /// Either `client_id` + `credential` inline, or `app` naming an entry of `[apps]`.
+    app: Option<String>,
+    client_id: Option<String>,
+    credential: Option<RawCredential>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    #[serde(rename = "type")]
+    kind: String,
+    vault_url: Option<String>,
+    certificate: Option<String>,
+    algorithm: Option<SigningAlgorithm>,
+    thumbprint: Option<ThumbprintHeader>,
+}
+
+/// Reads deployment overrides; a function so tests never touch the process environment.
+pub type EnvSource<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Reads the real process environment.
+pub fn process_env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+/// Environment variables that override deployment settings of the file.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("TOKENBROKER_LISTEN", "server.listen"),
+    ("TOKENBROKER_LOG_FORMAT", "log.format"),
+    ("TOKENBROKER_LOG_LEVEL", "log.level"),
+    ("TOKENBROKER_IDENTITY_SOURCE", "identity.source"),
+    ("TOKENBROKER_IDENTITY_CLIENT_ID", "identity.client_id"),
+    ("TOKENBROKER_EXTRA_CA_FILE", "outbound.extra_ca_file"),
+];
+
+impl Config {
+    /// Loads, applies environment overrides, and validates.
+    pub fn load(path: &Path, env: EnvSource<'_>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml_str(&text, base, env)
+    }
+
+    /// Parses and validates TOML text; relative paths resolve against `base_dir`.
+    pub fn from_toml_str(
+        text: &str,
+        base_dir: &Path,
+        env: EnvSource<'_>,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let value: toml::Table = match text.parse() {
+            Ok(v) => v,
+            Err(e) => return Err(ConfigError::Invalid(vec![toml_problem(text, &e)])),
+        };
+        find_secrets(&toml::Value::Table(value.clone()), "", text, &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(r) => r,
+            Err(e) => return Err(ConfigError::Invalid(vec![toml_problem(text, &e)])),
+        };
+        let mut v = Validator {
+            text,
+            base_dir,
+            problems,
+        };
+        let config = v.validate(raw, env);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(v.problems))
+        }
+    }
+
+    /// A human summary for `check-config`: what the broker will do with this file.
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "listen {} ({}), cloud authority {}, identity {:?}{}\n{} tenant(s):",
+            self.server.listen,
+            if self.server.plaintext {
+                "plaintext, loopback only"
+            } else {
+                "TLS"
+            },
+            self.cloud.authority_host(),
+            self.identity.source,
+            self.identity
+                .client_id
+                .as_deref()
+                .map(|c| format!(" (user-assigned {c})"))
+                .unwrap_or_else(|| " (system-assigned)".into()),
+            self.tenants.len()
+        );
+        for t in self.tenants.values() {
+            let Credential::KeyVaultCertificate {
+                vault_url,
+                certificate,
+                algorithm,
+                thumbprint,
+            } = &t.credential;
+            out.push_str(&format!(
+                "\n  {}: tenant {} app {} signs with Key Vault certificate {} at {} ({:?}, {:?})",
+                t.name, t.tenant_id, t.client_id, certificate, vault_url, algorithm, thumbprint
+            ));
+        }
+        out
+    }
+}
+
+fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    Problem {
+        path: "<file>".into(),
+        line,
+        message: e.message().to_string(),
+    }
+}
+
+/// 1-based line of the first `key =` or `[...key...]` for the last path segment, best effort.
+fn line_of(text: &str, path: &str) -> Option<usize> {
+    let segments: Vec<&str> = path.split('.').collect();
+    let last = segments.last()?;
+    let mut in_section = segments.len() < 2;
+    let section_hint = segments.get(segments.len().saturating_sub(2)).copied();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim_start();
+        if t.starts_with('[') {
+            in_section = section_hint.is_some_and(|s| t.contains(s)) || segments.len() < 2;
+            if t.contains(&format!(".{last}]")) || t == format!("[{last}]") {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        let key = t.split('=').next().unwrap_or("").trim().trim_matches('"');
+        if in_section && t.contains('=') && key == *last {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// Names that mean someone is trying to give the broker a secret.
+const SECRET_KEY_WORDS: &[&str] = &[
+    "secret",
+    "password",
+    "passwd",
+    "private_key",
+    "privatekey",
+    "pfx",
+    "pkcs12",
+    "p12",
+    "api_key",
+    "apikey",
+    "client_assertion",
+    "access_token",
+    "refresh_token",
+    "connection_string",
+];
+
+fn find_secrets(value: &toml::Value, path: &str, text: &str, problems: &mut Vec<Problem>) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                let lk = k.to_ascii_lowercase().replace('-', "_");
+                if SECRET_KEY_WORDS.iter().any(|w| lk.contains(w)) {
+                    problems.push(Problem {
+                        line: line_of(text, &p),
+                        path: p.clone(),
+                        message: "looks like a secret; tokenbroker holds no secrets: its own identity is a managed identity and client assertions are signed by Key Vault. Remove this field and configure a Key Vault certificate credential instead".into(),
+                    });
+                    continue;
+                }
+                find_secrets(v, &p, text, problems);
+            }
+        }
+        toml::Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                find_secrets(v, &format!("{path}[{i}]"), text, problems);
+            }
+        }
+        toml::Value::String(s) if s.contains("PRIVATE KEY-----") || looks_like_jwt(s) => {
+            problems.push(Problem {
+                line: line_of(text, path),
+                path: path.to_string(),
+                message: "holds key material or a token; tokenbroker holds no secrets, so configuration carries identifiers only".into(),
+            });
+        }
+        _ => {}
+    }
+}
+
+fn looks_like_jwt(s: &str) -> bool {
+    s.starts_with("eyJ") && s.split('.').count() == 3 && s.len() > 40
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    base_dir: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, path: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.to_string(),
+            line: line_of(self.text, path),
+            message: message.into(),
+        });
+    }
+
+    fn path(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() {
+            p
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    fn validate(&mut self, raw: RawConfig, env: EnvSource<'_>) -> Config {
+        let server = self.server(raw.server, env);
+        let log = LogConfig {
+            format: match env("TOKENBROKER_LOG_FORMAT") {
+                Some(f) => match f.as_str() {
+                    "json" => LogFormat::Json,
+                    "human" => LogFormat::Human,
+                    other => {
+                        self.problem(
+                            "TOKENBROKER_LOG_FORMAT",
+                            format!("`{other}` is not a log format; use `human` or `json`"),
+                        );
+                        LogFormat::Human
+                    }
+                },
+                None => raw.log.format.unwrap_or(LogFormat::Human),
+            },
+            level: env("TOKENBROKER_LOG_LEVEL")
+                .or(raw.log.level)
+                .unwrap_or_else(|| "info".into()),
+        };
+        let identity = self.identity(raw.identity, env);
+        let outbound = self.outbound(raw.outbound, env);
+        let cloud = self.cloud(raw.cloud);
+        let cache = self.cache(raw.cache);
+        let mut apps = BTreeMap::new();
+        for (name, app) in raw.apps {
+            let path = format!("apps.{name}");
+            let client_id = self.client_id(&path, app.client_id);
+            let credential = self.credential(&path, app.credential);
+            if let (Some(c), Some(cred)) = (client_id, credential) {
+                apps.insert(name, (c, cred));
+            }
+        }
+        let mut tenants = BTreeMap::new();
+        if raw.tenants.is_empty() {
+            self.problem(
+                "tenants",
+                "no tenants configured; add a [tenants.NAME] table with tenant_id, client_id and a credential",
+            );
+        }
+        for (name, t) in raw.tenants {
+            let path = format!("tenants.{name}");
+            if !valid_name(&name) {
+                self.problem(
+                    &path,
+                    "tenant names use letters, digits, '-', '_' and '.' (at most 64 characters)",
+                );
+            }
+            let tenant_id = match t.tenant_id {
+                Some(id) if valid_tenant_id(&id) => Some(id),
+                Some(id) => {
+                    self.problem(
+                        &format!("{path}.tenant_id"),
+                        format!("`{id}` is not an Entra tenant id (a GUID or a domain such as contoso.onmicrosoft.com)"),
+                    );
+                    None
+                }
+                None => {
+                    self.problem(
+                        &format!("{path}.tenant_id"),
+                        "missing: the Entra tenant id (GUID) or its verified domain",
+                    );
+                    None
+                }
+            };
+            let app = match (t.app, t.client_id, t.credential) {
+                (Some(app), None, None) => match apps.get(&app) {
+                    Some(a) => Some(a.clone()),
+                    None => {
+                        self.problem(
+                            &format!("{path}.app"),
+                            format!("no [apps.{app}] is configured"),
+                        );
+                        None
+                    }
+                },
+                (Some(_), _, _) => {
+                    self.problem(
+                        &format!("{path}.app"),
+                        "give either `app` (a shared [apps] entry) or `client_id` and `credential`, not both",
+                    );
+                    None
+                }
+                (None, client_id, credential) => {
+                    let c = self.client_id(&path, client_id);
+                    let cred = self.credential(&path, credential);
+                    c.zip(cred)
+                }
+            };
+            if let (Some(tenant_id), Some((client_id, credential))) = (tenant_id, app) {
+                tenants.insert(
+                    name.clone(),
+                    TenantConfig {
+                        name,
+                        tenant_id,
+                        client_id,
+                        credential,
+                    },
+                );
+            }
+        }
+        Config {
+            server,
+            log,
+            identity,
+            outbound,
+            cloud,
+            cache,
+            tenants,
+        }
+    }
+
+    fn server(&mut self, raw: RawServer, env: EnvSource<'_>) -> ServerConfig {
+        let (listen_path, listen) = match env("TOKENBROKER_LISTEN") {
+            Some(l) => ("TOKENBROKER_LISTEN".to_string(), l),
+            None => (
+                "server.listen".to_string(),
+                raw.listen.unwrap_or_else(|| "127.0.0.1:50051".into()),
+            ),
+        };
+        let listen = match listen.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.problem(
+                    &listen_path,
+                    format!("`{listen}` is not an address:port such as 0.0.0.0:50051"),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 50051))
+            }
+        };
+        let tls = match (raw.tls_cert_file, raw.tls_key_file) {
+            (Some(c), Some(k)) => Some(ServerTls {
+                cert_file: self.path(c),
+                key_file: self.path(k),
+            }),
+            (None, None) => None,
+            _ => {
+                self.problem(
+                    "server.tls_cert_file",
+                    "tls_cert_file and tls_key_file go together",
+                );
+                None
+            }
+        };
+        if raw.plaintext && !listen.ip().is_loopback() {
+            self.problem(
+                "server.plaintext",
+                format!("plaintext gRPC is allowed only on a loopback address, not {listen}; configure tls_cert_file and tls_key_file"),
+            );
+        }
+        if !raw.plaintext && tls.is_none() {
+            self.problem(
+                "server",
+                "no TLS configured: set tls_cert_file and tls_key_file, or `plaintext = true` on a loopback address",
+            );
+        }
+        ServerConfig {
+            listen,
+            plaintext: raw.plaintext,
+            tls,
+            shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs.unwrap_or(20)),
+        }
+    }
+
+    fn identity(&mut self, raw: RawIdentity, env: EnvSource<'_>) -> IdentityConfig {
+        let source = match env("TOKENBROKER_IDENTITY_SOURCE") {
+            Some(s) => match toml::Value::String(s.clone()).try_into::<IdentitySource>() {
+                Ok(s) => s,
+                Err(_) => {
+                    self.problem(
+                        "TOKENBROKER_IDENTITY_SOURCE",
+                        format!("`{s}` is not one of auto, imds, app_service, workload_identity"),
+                    );
+                    IdentitySource::Auto
+                }
+            },
+            None => raw.source.unwrap_or(IdentitySource::Auto),
+        };
+        let client_id = env("TOKENBROKER_IDENTITY_CLIENT_ID").or(raw.client_id);
+        if let Some(c) = &client_id
+            && uuid::Uuid::parse_str(c).is_err()
+        {
+            self.problem(
+                "identity.client_id",
+                format!("`{c}` is not a GUID: give the user-assigned identity's client id"),
+            );
+        }
+        let imds_endpoint = raw.imds_endpoint.and_then(|s| match Url::parse(&s) {
+            Ok(u) if is_loopback_url(&u) => Some(u),
+            Ok(_) => {
+                self.problem(
+                    "identity.imds_endpoint",
+                    "only a loopback URL (an emulator) may replace IMDS",
+                );
+                None
+            }
+            Err(e) => {
+                self.problem("identity.imds_endpoint", format!("not a URL: {e}"));
+                None
+            }
+        });
+        IdentityConfig {
+            source,
+            client_id,
+            imds_endpoint,
+        }
+    }
+
+    fn outbound(&mut self, raw: RawOutbound, env: EnvSource<'_>) -> OutboundConfig {
+        let extra_ca_file = env("TOKENBROKER_EXTRA_CA_FILE")
+            .map(PathBuf::from)
+            .or(raw.extra_ca_file)
+            .map(|p| self.path(p));
+        if let Some(p) = &extra_ca_file
+            && !p.is_file()
+        {
+            self.problem(
+                "outbound.extra_ca_file",
+                format!("{} does not exist or is not a file", p.display()),
+            );
+        }
+        let mut pin_hosts = BTreeMap::new();
+        for (host, ip) in raw.pin_hosts {
+            match ip.parse::<IpAddr>() {
+                Ok(a) => {
+                    pin_hosts.insert(host.to_ascii_lowercase(), a);
+                }
+                Err(_) => self.problem(
+                    &format!("outbound.pin_hosts.{host}"),
+                    format!("`{ip}` is not an IP address"),
+                ),
+            }
+        }
+        OutboundConfig {
+            extra_ca_file,
+            pin_hosts,
+            connect_timeout: Duration::from_secs(raw.connect_timeout_secs.unwrap_or(10)),
+            request_timeout: Duration::from_secs(raw.request_timeout_secs.unwrap_or(30)),
+        }
+    }
+
+    fn cloud(&mut self, raw: RawCloud) -> Cloud {
+        match (raw.name.as_deref().unwrap_or("public"), raw.authority_host) {
+            ("public", None) => Cloud::Public,
+            ("us_gov", None) => Cloud::UsGov,
+            ("china", None) => Cloud::China,
+            ("custom", Some(h)) => match Url::parse(&h) {
+                Ok(u) if u.scheme() == "https" => Cloud::Custom { authority_host: u },
+                Ok(_) => {
+                    self.problem("cloud.authority_host", "the authority host must use https");
+                    Cloud::Public
+                }
+                Err(e) => {
+                    self.problem("cloud.authority_host", format!("not a URL: {e}"));
+                    Cloud::Public
+                }
+            },
+            ("custom", None) => {
+                self.problem(
+                    "cloud.authority_host",
+                    "missing: a custom cloud needs its https authority host",
+                );
+                Cloud::Public
+            }
+            (name @ ("public" | "us_gov" | "china"), Some(_)) => {
+                self.problem(
+                    "cloud.authority_host",
+                    format!("cloud `{name}` has a fixed authority host; use name = \"custom\" to set one"),
+                );
+                Cloud::Public
+            }
+            (other, _) => {
+                self.problem(
+                    "cloud.name",
+                    format!("`{other}` is not one of public, us_gov, china, custom"),
+                );
+                Cloud::Public
+            }
+        }
+    }
+
+    fn cache(&mut self, raw: RawCache) -> CacheConfig {
+        let refresh_fraction = raw.refresh_fraction.unwrap_or(0.5);
+        if !(0.1..=0.9).contains(&refresh_fraction) {
+            self.problem(
+                "cache.refresh_fraction",
+                "must be between 0.1 and 0.9 of the token lifetime",
+            );
+        }
+        let max_entries = raw.max_entries.unwrap_or(100_000);
+        if max_entries == 0 {
+            self.problem("cache.max_entries", "must be at least 1");
+        }
+        CacheConfig {
+            max_entries,
+            safety_margin: Duration::from_secs(raw.safety_margin_secs.unwrap_or(60)),
+            default_min_validity: Duration::from_secs(raw.default_min_validity_secs.unwrap_or(300)),
+            force_refresh_interval: Duration::from_secs(
+                raw.force_refresh_interval_secs.unwrap_or(30),
+            ),
+            certificate_refresh: Duration::from_secs(raw.certificate_refresh_secs.unwrap_or(3600)),
+            refresh_fraction,
+        }
+    }
+
+    fn client_id(&mut self, path: &str, raw: Option<String>) -> Option<String> {
+        match raw {
+            Some(c) if uuid::Uuid::parse_str(&c).is_ok() => Some(c),
+            Some(c) => {
+                self.problem(
+                    &format!("{path}.client_id"),
+                    format!(
+                        "`{c}` is not a GUID: give the app registration's application (client) id"
+                    ),
+                );
+                None
+            }
+            None => {
+                self.problem(
+                    &format!("{path}.client_id"),
+                    "missing: the app registration's application (client) id",
+                );
+                None
+            }
+        }
+    }
+
+    fn credential(&mut self, path: &str, raw: Option<RawCredential>) -> Option<Credential> {
+        let path = format!("{path}.credential");
+        let Some(raw) = raw else {
+            self.problem(
+                &path,
+                "missing: add credential = { type = \"key_vault_certificate\", vault_url = \"https://NAME.vault.azure.net\", certificate = \"NAME\" }",
+            );
+            return None;
+        };
+        if raw.kind != "key_vault_certificate" {
+            self.problem(
+                &format!("{path}.type"),
+                format!(
+                    "`{}` is not a supported credential; use `key_vault_certificate`",
+                    raw.kind
+                ),
+            );
+            return None;
+        }
+        let vault_url = match raw.vault_url.as_deref().map(Url::parse) {
+            Some(Ok(u)) if u.scheme() == "https" && u.host_str().is_some() => Some(u),
+            Some(Ok(_)) => {
+                self.problem(
+                    &format!("{path}.vault_url"),
+                    "Key Vault is reached over https only",
+                );
+                None
+            }
+            Some(Err(e)) => {
+                self.problem(&format!("{path}.vault_url"), format!("not a URL: {e}"));
+                None
+            }
+            None => {
+                self.problem(
+                    &format!("{path}.vault_url"),
+                    "missing: the vault URL, e.g. https://NAME.vault.azure.net",
+                );
+                None
+            }
+        };
+        let certificate = match raw.certificate {
+            Some(c) if valid_kv_name(&c) => Some(c),
+            Some(c) => {
+                self.problem(
+                    &format!("{path}.certificate"),
+                    format!("`{c}` is not a Key Vault object name (1-127 letters, digits and '-')"),
+                );
+                None
+            }
+            None => {
+                self.problem(
+                    &format!("{path}.certificate"),
+                    "missing: the Key Vault certificate name",
+                );
+                None
+            }
+        };
+        Some(Credential::KeyVaultCertificate {
+            vault_url: vault_url?,
+            certificate: certificate?,
+            algorithm: raw.algorithm.unwrap_or(SigningAlgorithm::RS256),
+            thumbprint: raw.thumbprint.unwrap_or(ThumbprintHeader::X5t),
+        })
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn valid_kv_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 127 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// A GUID or a DNS domain: what Entra accepts in the token endpoint path.
+pub fn valid_tenant_id(s: &str) -> bool {
+    uuid::Uuid::parse_str(s).is_ok()
+        || (s.contains('.')
+            && s.len() <= 253
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+}
+
+fn is_loopback_url(u: &Url) -> bool {
+    match u.host() {
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

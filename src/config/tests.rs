@@ -1,0 +1,175 @@
+use super::*;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:50051"
+plaintext = true
+
+[cloud]
+name = "custom"
+authority_host = "https://127.0.0.1:8443"
+
+[apps.shared]
+client_id = "11111111-1111-1111-1111-111111111111"
+credential = { type = "key_vault_certificate", vault_url = "https://v.vault.azure.net", certificate = "shared-app" }
+
+[tenants.contoso]
+tenant_id = "22222222-2222-2222-2222-222222222222"
+client_id = "33333333-3333-3333-3333-333333333333"
+credential = { type = "key_vault_certificate", vault_url = "https://v.vault.azure.net", certificate = "contoso-app", algorithm = "PS256", thumbprint = "x5t_s256" }
+
+[tenants.fabrikam]
+tenant_id = "fabrikam.onmicrosoft.com"
+app = "shared"
+
+[tenants.northwind]
+tenant_id = "44444444-4444-4444-4444-444444444444"
+app = "shared"
+"#;
+
+fn problems(text: &str) -> Vec<Problem> {
+    match Config::from_toml_str(text, Path::new("/"), &no_env) {
+        Err(ConfigError::Invalid(p)) => p,
+        other => panic!("expected problems, got {other:?}"),
+    }
+}
+
+#[test]
+fn accepts_per_tenant_apps_and_a_shared_multi_tenant_app() {
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &no_env).unwrap();
+    assert_eq!(c.tenants.len(), 3);
+    let contoso = &c.tenants["contoso"];
+    assert_eq!(contoso.client_id, "33333333-3333-3333-3333-333333333333");
+    assert!(matches!(
+        contoso.credential,
+        Credential::KeyVaultCertificate {
+            algorithm: SigningAlgorithm::PS256,
+            thumbprint: ThumbprintHeader::X5tS256,
+            ..
+        }
+    ));
+    // One multi-tenant app consented in two tenants.
+    assert_eq!(
+        c.tenants["fabrikam"].client_id,
+        c.tenants["northwind"].client_id
+    );
+    assert_eq!(c.tenants["fabrikam"].tenant_id, "fabrikam.onmicrosoft.com");
+    assert_eq!(c.cloud.authority_host().as_str(), "https://127.0.0.1:8443/");
+    assert_eq!(c.cache.refresh_fraction, 0.5);
+}
+
+#[test]
+fn rejects_secret_looking_fields_with_their_location() {
+    let text = format!(
+        "{GOOD}\n[tenants.evil]\ntenant_id = \"55555555-5555-5555-5555-555555555555\"\nclient_secret = \"abc\"\n"
+    );
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "tenants.evil.client_secret");
+    assert!(
+        p[0].message.contains("holds no secrets"),
+        "{}",
+        p[0].message
+    );
+    assert_eq!(
+        p[0].line,
+        Some(
+            text.lines()
+                .position(|l| l.starts_with("client_secret"))
+                .unwrap()
+                + 1
+        )
+    );
+}
+
+#[test]
+fn rejects_private_key_material_in_any_value() {
+    let text = GOOD.replace(
+        "certificate = \"shared-app\"",
+        "certificate = \"-----BEGIN PRIVATE KEY-----\\nMII\"",
+    );
+    let p = problems(&text);
+    assert!(p.iter().any(|p| p.message.contains("no secrets")), "{p:?}");
+}
+
+#[test]
+fn reports_every_problem_not_just_the_first() {
+    let text = r#"
+[server]
+listen = "0.0.0.0:50051"
+plaintext = true
+[tenants.a]
+tenant_id = "not a tenant"
+client_id = "nope"
+credential = { type = "key_vault_certificate", vault_url = "http://v.vault.azure.net", certificate = "c" }
+"#;
+    let p = problems(text);
+    let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+    assert!(paths.contains(&"server.plaintext"), "{paths:?}");
+    assert!(paths.contains(&"tenants.a.tenant_id"), "{paths:?}");
+    assert!(paths.contains(&"tenants.a.client_id"), "{paths:?}");
+    assert!(
+        paths.contains(&"tenants.a.credential.vault_url"),
+        "{paths:?}"
+    );
+    let rendered = ConfigError::Invalid(p).to_string();
+    assert!(
+        rendered.contains("line 6: tenants.a.tenant_id"),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn syntax_errors_carry_a_line() {
+    let p = problems("[server\nlisten = 1");
+    assert_eq!(p[0].path, "<file>");
+    assert_eq!(p[0].line, Some(1));
+}
+
+#[test]
+fn unknown_fields_are_refused() {
+    let p = problems(&GOOD.replace("plaintext = true", "plaintext = true\nlisten_port = 3"));
+    assert!(p[0].message.contains("listen_port"), "{p:?}");
+}
+
+#[test]
+fn environment_overrides_deployment_settings() {
+    let env = |k: &str| match k {
+        "TOKENBROKER_LISTEN" => Some("127.0.0.2:6000".to_string()),
+        "TOKENBROKER_LOG_FORMAT" => Some("json".to_string()),
+        "TOKENBROKER_IDENTITY_CLIENT_ID" => {
+            Some("66666666-6666-6666-6666-666666666666".to_string())
+        }
+        _ => None,
+    };
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &env).unwrap();
+    assert_eq!(c.server.listen.to_string(), "127.0.0.2:6000");
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(
+        c.identity.client_id.as_deref(),
+        Some("66666666-6666-6666-6666-666666666666")
+    );
+}
+
+#[test]
+fn a_tenant_referencing_a_missing_app_is_explained() {
+    let p = problems(&GOOD.replace(
+        "app = \"shared\"\n\n[tenants.northwind]",
+        "app = \"nope\"\n\n[tenants.northwind]",
+    ));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "tenants.fabrikam.app");
+    assert!(p[0].message.contains("[apps.nope]"));
+}
+
+#[test]
+fn imds_override_must_be_loopback() {
+    let p = problems(&format!(
+        "{GOOD}\n[identity]\nimds_endpoint = \"http://10.0.0.1\"\n"
+    ));
+    assert_eq!(p[0].path, "identity.imds_endpoint");
+}

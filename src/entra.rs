@@ -1,0 +1,316 @@
+//! The Entra ID token exchange: `client_credentials` with a `jwt-bearer` client assertion at
+//! `{authority}/{tenant}/oauth2/v2.0/token`, and the classification of Entra's errors
+//! (AADSTS codes) into retryable, caller's fault and configuration's fault.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use url::Url;
+
+use crate::sensitive::Sensitive;
+
+/// One exchange: everything Entra needs, the assertion kept sensitive.
+#[derive(Debug)]
+pub struct ExchangeRequest<'a> {
+    pub token_endpoint: &'a Url,
+    pub client_id: &'a str,
+    pub scope: &'a str,
+    pub assertion: &'a Sensitive,
+    /// Sent as `client-request-id`, so Entra's logs and ours share an id.
+    pub correlation_id: uuid::Uuid,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone)]
+pub struct EntraToken {
+    pub access_token: Sensitive,
+    pub token_type: String,
+    pub expires_in: Duration,
+    /// Entra's hint for when to refresh (not always sent).
+    pub refresh_in: Option<Duration>,
+}
+
+/// Who has to act on an Entra failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntraErrorClass {
+    /// Transient: throttling, outage, timeouts. Retry with backoff.
+    Retryable,
+    /// The request was wrong (scope): the caller must change it.
+    Caller,
+    /// The tenant/app/certificate configuration is wrong: an operator must fix it.
+    Configuration,
+    /// The assertion was outside its time window: retry once with a fresh one, then check clocks.
+    Clock,
+    /// The assertion's key or signature was refused: refresh certificate metadata and retry once.
+    KeyRejected,
+}
+
+/// Entra's error, as much of it as a person needs to act on.
+#[derive(Debug, Clone)]
+pub struct EntraError {
+    pub class: EntraErrorClass,
+    /// HTTP status, 0 for transport errors.
+    pub status: u16,
+    /// OAuth `error` (`invalid_client`), or a transport error kind.
+    pub error: String,
+    pub codes: Vec<u32>,
+    /// First sentence(s) of `error_description`, without trace and correlation boilerplate.
+    pub description: String,
+    pub correlation_id: Option<String>,
+    pub trace_id: Option<String>,
+    pub retry_after: Option<Duration>,
+}
+
+impl EntraError {
+    pub fn aadsts(&self) -> Option<String> {
+        self.codes.first().map(|c| format!("AADSTS{c}"))
+    }
+
+    fn transport(message: String) -> Self {
+        EntraError {
+            class: EntraErrorClass::Retryable,
+            status: 0,
+            error: "transport".into(),
+            codes: vec![],
+            description: message,
+            correlation_id: None,
+            trace_id: None,
+            retry_after: None,
+        }
+    }
+}
+
+impl fmt::Display for EntraError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.status == 0 {
+            return write!(f, "Entra ID unreachable: {}", self.description);
+        }
+        write!(f, "Entra ID answered {} {}", self.status, self.error)?;
+        if let Some(code) = self.aadsts() {
+            write!(f, " ({code})")?;
+        }
+        write!(f, ": {}", self.description)?;
+        if let Some(c) = &self.correlation_id {
+            write!(f, " [correlation id {c}")?;
+            if let Some(t) = &self.trace_id {
+                write!(f, ", trace id {t}")?;
+            }
+            write!(f, "]")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for EntraError {}
+
+/// The exchange seam, so tests can inject Entra behaviour.
+#[async_trait]
+pub trait TokenExchange: Send + Sync + fmt::Debug + 'static {
+    async fn exchange(&self, req: ExchangeRequest<'_>) -> Result<EntraToken, EntraError>;
+}
+
+/// The token endpoint of a tenant under an authority host.
+pub fn token_endpoint(authority: &Url, tenant_id: &str) -> Url {
+    let mut u = authority.clone();
+    let base = u.path().trim_end_matches('/').to_owned();
+    u.set_path(&format!("{base}/{tenant_id}/oauth2/v2.0/token"));
+    u.set_query(None);
+    u
+}
+
+/// Classifies by AADSTS code first (Entra's stable contract), then by status.
+pub fn classify(status: u16, error: &str, codes: &[u32]) -> EntraErrorClass {
+    use EntraErrorClass::*;
+    for code in codes {
+        match code {
+            700027 => return KeyRejected,
+            700024 => return Clock,
+            70011 | 1002012 | 700022 | 700023 | 500011 => return Caller,
+            90002 | 700016 | 7000229 | 7000112 | 700211 | 700212 | 700213 | 53003 | 50049
+            | 7000215 | 7000222 | 700025 | 50034 | 900023 => return Configuration,
+            50033 | 90006 | 90024 | 90033 | 90055 | 50196 => return Retryable,
+            _ => {}
+        }
+    }
+    match (status, error) {
+        (429, _) | (500..=599, _) | (_, "temporarily_unavailable") => Retryable,
+        (_, "invalid_scope") => Caller,
+        _ => Configuration,
+    }
+}
+
+#[derive(Deserialize)]
+struct SuccessBody {
+    access_token: String,
+    token_type: Option<String>,
+    expires_in: u64,
+    refresh_in: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorBody {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    error_description: String,
+    #[serde(default)]
+    error_codes: Vec<u32>,
+    trace_id: Option<String>,
+    correlation_id: Option<String>,
+}
+
+/// The broker's own small Entra client over the shared HTTP stack. Unlike the SDK's
+/// `ClientAssertionCredential` it keeps one tenant per call, Entra's error body and
+/// `refresh_in`, and holds no lock across the network.
+#[derive(Debug, Clone)]
+pub struct HttpTokenExchange {
+    http: reqwest::Client,
+}
+
+impl HttpTokenExchange {
+    pub fn new(http: reqwest::Client) -> Self {
+        HttpTokenExchange { http }
+    }
+}
+
+#[async_trait]
+impl TokenExchange for HttpTokenExchange {
+    async fn exchange(&self, req: ExchangeRequest<'_>) -> Result<EntraToken, EntraError> {
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", req.client_id),
+            ("scope", req.scope),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", req.assertion.expose()),
+        ];
+        let correlation = req.correlation_id.to_string();
+        let resp = self
+            .http
+            .post(req.token_endpoint.clone())
+            .header("client-request-id", &correlation)
+            .header("return-client-request-id", "true")
+            .header("accept", "application/json")
+            .form(&form)
+            .send()
+            .await
+            // reqwest errors name the URL, never the form body.
+            .map_err(|e| EntraError::transport(transport_message(&e)))?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| EntraError::transport(transport_message(&e)))?;
+        if status == 200 {
+            let ok: SuccessBody = serde_json::from_slice(&body).map_err(|e| EntraError {
+                class: EntraErrorClass::Retryable,
+                status,
+                error: "invalid_response".into(),
+                codes: vec![],
+                description: format!("unreadable token response: {e}"),
+                correlation_id: Some(correlation.clone()),
+                trace_id: None,
+                retry_after: None,
+            })?;
+            return Ok(EntraToken {
+                access_token: Sensitive::new(ok.access_token),
+                token_type: ok.token_type.unwrap_or_else(|| "Bearer".into()),
+                expires_in: Duration::from_secs(ok.expires_in),
+                refresh_in: ok.refresh_in.map(Duration::from_secs),
+            });
+        }
+        let err: ErrorBody = serde_json::from_slice(&body).unwrap_or_default();
+        Err(EntraError {
+            class: classify(status, &err.error, &err.error_codes),
+            status,
+            error: if err.error.is_empty() {
+                format!("http_{status}")
+            } else {
+                err.error
+            },
+            codes: err.error_codes,
+            description: clean_description(&err.error_description),
+            correlation_id: err.correlation_id.or(Some(correlation)),
+            trace_id: err.trace_id,
+            retry_after,
+        })
+    }
+}
+
+fn transport_message(e: &reqwest::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// Drops Entra's "Trace ID: … Correlation ID: … Timestamp: …" tail (kept separately).
+fn clean_description(d: &str) -> String {
+    let cut = d.find(" Trace ID:").or_else(|| d.find("\r\nTrace ID:"));
+    let s = match cut {
+        Some(i) => &d[..i],
+        None => d,
+    };
+    s.trim().chars().take(600).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_endpoint_is_per_tenant_v2() {
+        let a = Url::parse("https://login.microsoftonline.com").unwrap();
+        assert_eq!(
+            token_endpoint(&a, "contoso.onmicrosoft.com").as_str(),
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        let a = Url::parse("https://127.0.0.1:8443/").unwrap();
+        assert_eq!(
+            token_endpoint(&a, "t").as_str(),
+            "https://127.0.0.1:8443/t/oauth2/v2.0/token"
+        );
+    }
+
+    #[test]
+    fn classification_follows_aadsts_codes() {
+        use EntraErrorClass::*;
+        assert_eq!(classify(401, "invalid_client", &[700027]), KeyRejected);
+        assert_eq!(classify(400, "invalid_client", &[700024]), Clock);
+        assert_eq!(classify(400, "invalid_request", &[90002]), Configuration);
+        assert_eq!(
+            classify(400, "unauthorized_client", &[700016]),
+            Configuration
+        );
+        assert_eq!(classify(400, "invalid_scope", &[1002012]), Caller);
+        assert_eq!(classify(400, "invalid_scope", &[70011]), Caller);
+        assert_eq!(classify(400, "invalid_request", &[7000112]), Configuration);
+        assert_eq!(classify(400, "invalid_request", &[90055]), Retryable);
+        assert_eq!(classify(503, "temporarily_unavailable", &[]), Retryable);
+        assert_eq!(classify(429, "", &[]), Retryable);
+        assert_eq!(classify(400, "invalid_request", &[]), Configuration);
+    }
+
+    #[test]
+    fn description_loses_its_trace_tail() {
+        let d = "AADSTS700016: Application with identifier 'x' was not found. Trace ID: a Correlation ID: b Timestamp: c";
+        assert_eq!(
+            clean_description(d),
+            "AADSTS700016: Application with identifier 'x' was not found."
+        );
+    }
+}

@@ -1,0 +1,158 @@
+//! Outbound HTTP: one `reqwest` client (platform roots plus an optional extra CA bundle,
+//! pinned host names, timeouts) shared by the Azure SDK clients and the Entra exchange,
+//! and the broker's own managed identity credential built on it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use azure_core::credentials::TokenCredential;
+use azure_core::http::{
+    AsyncRawResponse, ClientOptions, ExponentialRetryOptions, HttpClient, Request, RetryOptions,
+    Transport,
+};
+use azure_identity::{
+    ClientAssertionCredentialOptions, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
+    UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
+};
+use url::Url;
+
+use crate::config::{IdentityConfig, IdentitySource, OutboundConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error("cannot read the extra CA bundle {path}: {message}")]
+    CaBundle { path: String, message: String },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+    #[error("cannot set up the managed identity credential ({source_kind:?}): {message}")]
+    Identity {
+        source_kind: IdentitySource,
+        message: String,
+    },
+}
+
+/// Builds the shared outbound client. TLS verification is always on; extra trust is added,
+/// never substituted.
+pub fn http_client(cfg: &OutboundConfig) -> Result<reqwest::Client, OutboundError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(cfg.connect_timeout)
+        .timeout(cfg.request_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("tokenbroker/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &cfg.extra_ca_file {
+        let pem = std::fs::read(path).map_err(|e| OutboundError::CaBundle {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| OutboundError::CaBundle {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        if certs.is_empty() {
+            return Err(OutboundError::CaBundle {
+                path: path.display().to_string(),
+                message: "no PEM certificates found".into(),
+            });
+        }
+        builder = builder.tls_certs_merge(certs);
+    }
+    for (host, ip) in &cfg.pin_hosts {
+        // DNS has no ports: the port in the URL is used, this one is ignored.
+        builder = builder.resolve(host, SocketAddr::new(*ip, 443));
+    }
+    builder
+        .build()
+        .map_err(|e| OutboundError::Client(e.to_string()))
+}
+
+/// Azure SDK client options that send through the shared client.
+pub fn client_options(http: &reqwest::Client, imds: Option<&Url>) -> ClientOptions {
+    let transport: Arc<dyn HttpClient> = match imds {
+        Some(url) => Arc::new(ImdsRedirect {
+            inner: http.clone(),
+            target: url.clone(),
+        }),
+        None => Arc::new(http.clone()),
+    };
+    ClientOptions {
+        transport: Some(Transport::new(transport)),
+        // A short, bounded SDK retry for blips; the broker's own refresh schedule and
+        // serve-stale policy handle longer outages, so callers never wait a minute here.
+        retry: RetryOptions::exponential(ExponentialRetryOptions {
+            initial_delay: azure_core::time::Duration::milliseconds(200),
+            max_retries: 2,
+            max_total_elapsed: azure_core::time::Duration::seconds(10),
+            max_delay: azure_core::time::Duration::seconds(2),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The broker's own identity: a managed identity (IMDS or App Service) or AKS workload identity.
+pub fn credential(
+    identity: &IdentityConfig,
+    http: &reqwest::Client,
+) -> Result<Arc<dyn TokenCredential>, OutboundError> {
+    let err = |message: String| OutboundError::Identity {
+        source_kind: identity.source,
+        message,
+    };
+    if identity.source == IdentitySource::AppService
+        && (std::env::var_os("IDENTITY_ENDPOINT").is_none()
+            || std::env::var_os("IDENTITY_HEADER").is_none())
+    {
+        return Err(err(
+            "identity.source is app_service but IDENTITY_ENDPOINT and IDENTITY_HEADER are not set: is managed identity enabled on the app?".into(),
+        ));
+    }
+    match identity.source {
+        IdentitySource::WorkloadIdentity => {
+            let options = WorkloadIdentityCredentialOptions {
+                credential_options: ClientAssertionCredentialOptions {
+                    client_options: client_options(http, None),
+                },
+                client_id: identity.client_id.clone(),
+                ..Default::default()
+            };
+            let c =
+                WorkloadIdentityCredential::new(Some(options)).map_err(|e| err(e.to_string()))?;
+            Ok(c)
+        }
+        IdentitySource::Auto | IdentitySource::Imds | IdentitySource::AppService => {
+            let options = ManagedIdentityCredentialOptions {
+                user_assigned_id: identity.client_id.clone().map(UserAssignedId::ClientId),
+                client_options: client_options(http, identity.imds_endpoint.as_ref()),
+            };
+            let c =
+                ManagedIdentityCredential::new(Some(options)).map_err(|e| err(e.to_string()))?;
+            Ok(c)
+        }
+    }
+}
+
+/// Sends requests for IMDS's fixed link-local address to a local emulator instead.
+/// `azure_identity` offers no way to change the IMDS URL; the config only lets a loopback
+/// URL take its place.
+#[derive(Debug)]
+struct ImdsRedirect {
+    inner: reqwest::Client,
+    target: Url,
+}
+
+#[async_trait]
+impl HttpClient for ImdsRedirect {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+        if request.url().host_str() != Some("169.254.169.254") {
+            return self.inner.execute_request(request).await;
+        }
+        let mut redirected = request.clone();
+        let url = redirected.url_mut();
+        // Scheme, host and port come from the loopback target; path and query stay.
+        let _ = url.set_scheme(self.target.scheme());
+        let _ = url.set_host(self.target.host_str());
+        let _ = url.set_port(self.target.port_or_known_default());
+        self.inner.execute_request(&redirected).await
+    }
+}

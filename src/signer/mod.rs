@@ -1,0 +1,108 @@
+//! The `Signer` seam: certificate metadata and digest signing by a key that never leaves
+//! its vault. `keyvault` is the Azure Key Vault implementation.
+
+pub mod keyvault;
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use url::Url;
+
+use crate::config::SigningAlgorithm;
+
+/// What the broker needs to know about a certificate to build an assertion header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// base64url SHA-1 of the DER certificate (`x5t`).
+    pub x5t: String,
+    /// base64url SHA-256 of the DER certificate (`x5t#S256`).
+    pub x5t_s256: String,
+    /// The signing key: name and version, in the vault that holds the certificate.
+    pub key: KeyRef,
+    /// The certificate version (equal to the key version in Key Vault).
+    pub version: String,
+    /// When the certificate stops being valid, if known.
+    pub not_after: Option<SystemTime>,
+}
+
+/// A key in a vault, pinned to a version.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyRef {
+    pub vault_url: Url,
+    pub name: String,
+    pub version: String,
+}
+
+impl fmt::Display for KeyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}keys/{}/{}",
+            self.vault_url.as_str().trim_end_matches('/').to_owned() + "/",
+            self.name,
+            self.version
+        )
+    }
+}
+
+/// Key Vault (or another signer) failures, classified for the API edge and retries.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SignerError {
+    /// The broker's identity may not use this key or certificate (RBAC), or its token was refused.
+    #[error("{service} refused the broker's identity ({status} {code}): {message}")]
+    Forbidden {
+        service: &'static str,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The certificate or key does not exist (or the configured name is wrong).
+    #[error("{what} was not found in Key Vault ({code}): {message}")]
+    NotFound {
+        what: String,
+        code: String,
+        message: String,
+    },
+    /// Throttled (429) or temporarily unavailable (5xx, connection failure, timeout).
+    #[error("{service} is unavailable or throttling: {message}")]
+    Unavailable {
+        service: &'static str,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The broker could not get its own managed identity token.
+    #[error("managed identity token unavailable: {0}")]
+    Identity(String),
+    /// Anything else: a malformed response, an unexpected status.
+    #[error("{service} failed: {message}")]
+    Other {
+        service: &'static str,
+        message: String,
+    },
+}
+
+impl SignerError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SignerError::Unavailable { .. })
+    }
+}
+
+/// Reads certificate metadata and signs digests; the private key never leaves the vault.
+#[async_trait]
+pub trait Signer: Send + Sync + fmt::Debug + 'static {
+    /// The current version of a certificate and its thumbprints.
+    async fn certificate(
+        &self,
+        vault_url: &Url,
+        name: &str,
+    ) -> Result<CertificateInfo, SignerError>;
+
+    /// Signs a SHA-256 digest with a pinned key version.
+    async fn sign(
+        &self,
+        key: &KeyRef,
+        algorithm: SigningAlgorithm,
+        digest: [u8; 32],
+    ) -> Result<Vec<u8>, SignerError>;
+}

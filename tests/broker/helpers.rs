@@ -1,0 +1,268 @@
+//! Stands up the whole flow in-process: the emulator with a given estate, and a broker
+//! configured against it (real managed identity, Key Vault and Entra clients), on loopback.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tokenbroker::broker::{Broker, Upstreams};
+use tokenbroker::emulator::{Emulator, EmulatorConfig, StartOptions};
+use tokenbroker::entra::{EntraError, EntraToken, ExchangeRequest, TokenExchange};
+use tokenbroker::proto::token_broker_client::TokenBrokerClient;
+use tokenbroker::proto::{GetTokenRequest, GetTokenResponse};
+use tonic::transport::Channel;
+
+pub const GRAPH: &str = "https://graph.microsoft.com/.default";
+pub use tokenbroker::emulator::config::demo;
+
+pub struct Stack {
+    pub emulator: Option<Emulator>,
+    pub addr: SocketAddr,
+    pub broker: Broker,
+    pub assertions: Arc<Mutex<Vec<String>>>,
+    pub http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Wraps the real exchange and keeps each assertion sent, so tests can verify them.
+#[derive(Debug)]
+pub struct Recording {
+    inner: Arc<dyn TokenExchange>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+#[async_trait::async_trait]
+impl TokenExchange for Recording {
+    async fn exchange(&self, req: ExchangeRequest<'_>) -> Result<EntraToken, EntraError> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push(req.assertion.expose().to_owned());
+        self.inner.exchange(req).await
+    }
+}
+
+pub fn install_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Stack::start_with(EmulatorConfig::demo(), |t| t).await
+    }
+
+    /// `edit` may change the generated broker TOML (to misconfigure a tenant, say).
+    pub async fn start_with(
+        emu_config: EmulatorConfig,
+        edit: impl FnOnce(String) -> String,
+    ) -> Stack {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let emulator = Emulator::start(
+            emu_config.clone(),
+            StartOptions::new(dir.path().join("ca.pem")),
+        )
+        .await
+        .unwrap();
+        let toml = tokenbroker::dev::broker_config_toml(
+            &emu_config,
+            emulator.endpoints(),
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, edit(toml)).unwrap();
+        let config = tokenbroker::config::Config::load(&path, &|_| None).unwrap();
+        let real = tokenbroker::server::upstreams(&config).unwrap();
+        let assertions = Arc::new(Mutex::new(Vec::new()));
+        let up = Upstreams {
+            exchange: Arc::new(Recording {
+                inner: real.exchange.clone(),
+                seen: assertions.clone(),
+            }),
+            ..real
+        };
+        let bound = tokenbroker::server::bind(config, up).await.unwrap();
+        let addr = bound.local_addr().unwrap();
+        let broker = bound.broker.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            bound
+                .serve(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        let http = http_client(Path::new(&emulator.endpoints().ca_cert));
+        Stack {
+            emulator: Some(emulator),
+            addr,
+            broker,
+            assertions,
+            http,
+            stop: Some(stop),
+            served: Some(served),
+            _dir: dir,
+        }
+    }
+
+    pub fn emulator(&self) -> &Emulator {
+        self.emulator.as_ref().unwrap()
+    }
+
+    pub async fn client(&self) -> TokenBrokerClient<Channel> {
+        TokenBrokerClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, tenant: &str, scope: &str) -> Result<GetTokenResponse, tonic::Status> {
+        self.client()
+            .await
+            .get_token(GetTokenRequest {
+                tenant: tenant.into(),
+                scopes: vec![scope.into()],
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    fn admin(&self, path: &str) -> String {
+        format!("{}{}", self.emulator().endpoints().admin_url, path)
+    }
+
+    pub async fn counters(&self) -> Value {
+        self.http
+            .get(self.admin("/counters"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn admin_post(&self, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .post(self.admin(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "admin {path}: {}", r.status());
+        r.json().await.unwrap_or(Value::Null)
+    }
+
+    /// Total signs recorded by the emulator, over all keys.
+    pub async fn total_signs(&self) -> u64 {
+        let c = self.counters().await;
+        c["sign"]
+            .as_object()
+            .map(|m| m.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0)
+    }
+
+    /// Token requests Entra answered for `tenant_id/client_id`.
+    pub async fn exchanges(&self, tenant_id: &str, client_id: &str) -> u64 {
+        let c = self.counters().await;
+        c["exchanges"][format!("{tenant_id}/{client_id}")]["total"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// A managed identity token for `resource` (as a test client would get one).
+    pub async fn mi_token(&self, resource: &str) -> String {
+        let e = self.emulator().endpoints();
+        let v: Value = self
+            .http
+            .get(
+                url::Url::parse_with_params(
+                    &e.identity_endpoint,
+                    &[("resource", resource), ("api-version", "2019-08-01")],
+                )
+                .unwrap(),
+            )
+            .header("X-IDENTITY-HEADER", &e.identity_header)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// DER of the current version of a certificate in the emulated vault.
+    pub async fn certificate_der(&self, name: &str) -> Vec<u8> {
+        use base64::Engine;
+        let token = self.mi_token("https://vault.azure.net").await;
+        let v: Value = self
+            .http
+            .get(format!(
+                "{}/certificates/{name}?api-version=7.4",
+                self.emulator().endpoints().key_vault_url
+            ))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        base64::engine::general_purpose::STANDARD
+            .decode(v["cer"].as_str().unwrap())
+            .unwrap()
+    }
+
+    /// The emulated Entra's JWKS for a tenant.
+    pub async fn jwks(&self, tenant_id: &str) -> jsonwebtoken::jwk::JwkSet {
+        self.http
+            .get(format!(
+                "{}/{tenant_id}/discovery/v2.0/keys",
+                self.emulator().endpoints().authority_host
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(h) = self.served.take() {
+            let _ = h.await;
+        }
+        if let Some(e) = self.emulator.take() {
+            e.shutdown().await;
+        }
+    }
+}
+
+pub fn http_client(ca: &Path) -> reqwest::Client {
+    let pem = std::fs::read(ca).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem).unwrap())
+        .build()
+        .unwrap()
+}
+
+/// Decodes the unverified claims of a JWT.
+pub fn claims(jwt: &str) -> Value {
+    use base64::Engine;
+    let part = jwt.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .unwrap(),
+    )
+    .unwrap()
+}

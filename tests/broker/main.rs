@@ -1,0 +1,369 @@
+//! End-to-end tests of the broker through its gRPC API, against the local Azure emulator.
+
+mod helpers;
+
+use std::collections::HashSet;
+
+use helpers::*;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::json;
+use tokenbroker::proto::{GetTokenRequest, TokenSource};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_token_verifies_then_is_served_from_cache() {
+    let stack = Stack::start().await;
+    let first = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(first.source, TokenSource::Exchange as i32);
+    assert_eq!(first.tenant_id, demo::CONTOSO_TENANT);
+    assert_eq!(first.client_id, demo::CONTOSO_APP);
+    assert_eq!(first.token_type, "Bearer");
+    assert_eq!(first.scopes, vec![GRAPH.to_string()]);
+    let (exp, refresh) = (
+        first.expires_at.unwrap().seconds,
+        first.refresh_at.unwrap().seconds,
+    );
+    assert!(refresh < exp);
+
+    // The token verifies against the emulated Entra's JWKS, with the right claims.
+    let jwks = stack.jwks(demo::CONTOSO_TENANT).await;
+    let header = jsonwebtoken::decode_header(&first.access_token).unwrap();
+    let jwk = jwks.find(header.kid.as_deref().unwrap()).unwrap();
+    let mut v = Validation::new(Algorithm::RS256);
+    v.set_audience(&["https://graph.microsoft.com"]);
+    let data = jsonwebtoken::decode::<serde_json::Value>(
+        &first.access_token,
+        &DecodingKey::from_jwk(jwk).unwrap(),
+        &v,
+    )
+    .unwrap();
+    assert_eq!(data.claims["tid"], demo::CONTOSO_TENANT);
+    assert_eq!(data.claims["appid"], demo::CONTOSO_APP);
+    assert_eq!(data.claims["exp"].as_i64().unwrap(), exp);
+
+    let signs = stack.total_signs().await;
+    let exchanges = stack
+        .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+        .await;
+    assert_eq!((signs, exchanges), (1, 1));
+
+    let second = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(second.source, TokenSource::Cache as i32);
+    assert_eq!(second.access_token, first.access_token);
+    assert_eq!(stack.total_signs().await, 1, "a cache hit must not sign");
+    assert_eq!(
+        stack
+            .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+            .await,
+        1
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_cold_requests_cause_one_sign_and_one_exchange() {
+    let stack = Stack::start().await;
+    let client = stack.client().await;
+    let calls = (0..1000).map(|_| {
+        let mut c = client.clone();
+        async move {
+            c.get_token(GetTokenRequest {
+                tenant: "fabrikam".into(),
+                scopes: vec![GRAPH.into()],
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().access_token)
+        }
+    });
+    let tokens = futures::future::join_all(calls).await;
+    let distinct: HashSet<String> = tokens.into_iter().map(|t| t.unwrap()).collect();
+    assert_eq!(distinct.len(), 1, "all callers share one token");
+    let stats = stack.broker.stats();
+    assert_eq!(
+        stats.exchanges.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        stats.hits.load(std::sync::atomic::Ordering::Relaxed)
+            + stats.misses.load(std::sync::atomic::Ordering::Relaxed),
+        1000
+    );
+    assert_eq!(stack.total_signs().await, 1);
+    assert_eq!(
+        stack
+            .exchanges(demo::FABRIKAM_TENANT, demo::FABRIKAM_APP)
+            .await,
+        1
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_is_signed_with_its_own_key_only() {
+    let stack = Stack::start().await;
+    stack.get("contoso", GRAPH).await.unwrap();
+    stack.get("fabrikam", GRAPH).await.unwrap();
+    let counters = stack.counters().await;
+    let signs = counters["sign"].as_object().unwrap();
+    let contoso: u64 = signs
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{}/contoso-app/", demo::VAULT)))
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum();
+    let fabrikam: u64 = signs
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{}/fabrikam-app/", demo::VAULT)))
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum();
+    assert_eq!((contoso, fabrikam), (1, 1), "{signs:?}");
+    assert_eq!(signs.len(), 2, "no other key was used: {signs:?}");
+    // And each assertion names its own tenant's token endpoint and app.
+    let seen = stack.assertions.lock().unwrap().clone();
+    let auds: HashSet<(String, String)> = seen
+        .iter()
+        .map(|a| {
+            let c = claims(a);
+            (
+                c["aud"].as_str().unwrap().to_owned(),
+                c["iss"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let authority = &stack.emulator().endpoints().authority_host;
+    assert!(auds.contains(&(
+        format!("{authority}/{}/oauth2/v2.0/token", demo::CONTOSO_TENANT),
+        demo::CONTOSO_APP.to_string()
+    )));
+    assert!(auds.contains(&(
+        format!("{authority}/{}/oauth2/v2.0/token", demo::FABRIKAM_TENANT),
+        demo::FABRIKAM_APP.to_string()
+    )));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_assertion_verifies_with_the_certificate_public_key() {
+    let stack = Stack::start().await;
+    stack.get("contoso", GRAPH).await.unwrap();
+    let assertion = stack.assertions.lock().unwrap()[0].clone();
+    let der = stack.certificate_der("contoso-app").await;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let spki = cert.public_key().subject_public_key.data.to_vec();
+
+    let header = jsonwebtoken::decode_header(&assertion).unwrap();
+    assert_eq!(header.alg, Algorithm::RS256);
+    assert_eq!(header.typ.as_deref(), Some("JWT"));
+    use base64::Engine;
+    use sha1::Digest;
+    let x5t = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha1::Sha1::digest(&der));
+    assert_eq!(header.x5t.as_deref(), Some(x5t.as_str()));
+
+    let endpoint = format!(
+        "{}/{}/oauth2/v2.0/token",
+        stack.emulator().endpoints().authority_host,
+        demo::CONTOSO_TENANT
+    );
+    let mut v = Validation::new(Algorithm::RS256);
+    v.set_audience(&[endpoint.as_str()]);
+    v.set_issuer(&[demo::CONTOSO_APP]);
+    v.sub = Some(demo::CONTOSO_APP.to_string());
+    v.set_required_spec_claims(&["exp", "nbf", "aud", "iss", "sub"]);
+    v.validate_nbf = true;
+    let data = jsonwebtoken::decode::<serde_json::Value>(
+        &assertion,
+        &DecodingKey::from_rsa_der(&spki),
+        &v,
+    )
+    .expect("assertion signature and claims verify with the certificate's public key");
+    let c = data.claims;
+    let (iat, nbf, exp) = (
+        c["iat"].as_u64().unwrap(),
+        c["nbf"].as_u64().unwrap(),
+        c["exp"].as_u64().unwrap(),
+    );
+    assert!(nbf <= iat + 1 && exp > nbf && exp - nbf <= 600, "{c}");
+    assert!(uuid::Uuid::parse_str(c["jti"].as_str().unwrap()).is_ok());
+    stack.stop().await;
+}
+
+fn assert_status(
+    r: Result<tokenbroker::proto::GetTokenResponse, tonic::Status>,
+    code: Code,
+    needles: &[&str],
+) -> tonic::Status {
+    let s = match r {
+        Ok(_) => panic!("expected {code:?}, got a token"),
+        Err(s) => s,
+    };
+    assert_eq!(s.code(), code, "{}", s.message());
+    for n in needles {
+        assert!(
+            s.message().contains(n),
+            "message {:?} should mention {n:?}",
+            s.message()
+        );
+    }
+    assert!(
+        !s.message().contains("eyJ"),
+        "no token or assertion in messages: {}",
+        s.message()
+    );
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_errors_name_the_field_or_the_tenant() {
+    let stack = Stack::start().await;
+    let mut c = stack.client().await;
+    let r = c
+        .get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![],
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner());
+    assert_status(r, Code::InvalidArgument, &["scopes"]);
+    let r = c
+        .get_token(GetTokenRequest {
+            tenant: "".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner());
+    assert_status(r, Code::InvalidArgument, &["tenant"]);
+    let r = c
+        .get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            min_validity: Some(prost_types::Duration {
+                seconds: 7200,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner());
+    assert_status(r, Code::InvalidArgument, &["min_validity"]);
+    assert_status(
+        stack.get("nope", GRAPH).await,
+        Code::NotFound,
+        &["nope", "not configured"],
+    );
+    // A scope Entra refuses (no /.default) is the caller's to fix.
+    assert_status(
+        stack
+            .get("contoso", "https://graph.microsoft.com/User.Read")
+            .await,
+        Code::InvalidArgument,
+        &["AADSTS1002012", "correlation id"],
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_configuration_failures_are_failed_precondition_with_code_and_correlation() {
+    // contoso is configured with fabrikam's certificate (not registered on contoso's app),
+    // and fabrikam with an app id that does not exist in its tenant.
+    let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |t| {
+        t.replacen(
+            "certificate = \"contoso-app\"",
+            "certificate = \"fabrikam-app\"",
+            1,
+        )
+        .replace(demo::FABRIKAM_APP, "0000aaaa-0000-4000-8000-000000000000")
+    })
+    .await;
+    let s = assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::FailedPrecondition,
+        &["AADSTS700027", "correlation id", "upload the certificate"],
+    );
+    assert!(s.message().contains("tenant `contoso`"));
+    assert_status(
+        stack.get("fabrikam", GRAPH).await,
+        Code::FailedPrecondition,
+        &["AADSTS700016", "consent"],
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_app_is_failed_precondition() {
+    let stack = Stack::start().await;
+    stack
+        .admin_post(
+            &format!(
+                "/tenants/{}/apps/{}/disable",
+                demo::CONTOSO_TENANT,
+                demo::CONTOSO_APP
+            ),
+            json!({}),
+        )
+        .await;
+    assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::FailedPrecondition,
+        &["AADSTS7000112", "disabled"],
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_vault_refusals_are_failed_precondition_with_the_fix() {
+    // The broker's identity has no role on the vault's keys (certificate reads only).
+    let mut emu = tokenbroker::emulator::EmulatorConfig::demo();
+    emu.vaults[0]
+        .role_assignments
+        .retain(|r| !format!("{:?}", r.role).contains("Crypto"));
+    let stack = Stack::start_with(emu, |t| {
+        t.replace(
+            "certificate = \"fabrikam-app\"",
+            "certificate = \"no-such-cert\"",
+        )
+    })
+    .await;
+    assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::FailedPrecondition,
+        &["Key Vault", "Key Vault Crypto User"],
+    );
+    assert_status(
+        stack.get("fabrikam", GRAPH).await,
+        Code::FailedPrecondition,
+        &["no-such-cert", "vault_url and certificate"],
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_outages_are_unavailable_with_a_retry_hint() {
+    let stack = Stack::start().await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 5, "fail": {"status": 503}}),
+        )
+        .await;
+    let s = assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::Unavailable,
+        &["Entra ID", "retry"],
+    );
+    assert!(s.metadata().get("retry-after").is_some());
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "keyvault.sign", "count": 50, "fail": {"status": 429, "retry_after": 1}}),
+        )
+        .await;
+    let s = assert_status(
+        stack.get("fabrikam", GRAPH).await,
+        Code::Unavailable,
+        &["Key Vault"],
+    );
+    assert!(s.metadata().get("retry-after").is_some());
+    stack.stop().await;
+}
