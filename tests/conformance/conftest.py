@@ -204,6 +204,8 @@ def emulator(tmp_path_factory: pytest.TempPathFactory, config_app_cert: "AppCert
         log.close()
         if not stopped_cleanly:
             pytest.fail(f"emulator did not stop within {SHUTDOWN_TIMEOUT_S:.0f} s of SIGTERM:\n{log_tail()}")
+        if "panicked at" in log_path.read_text(errors="replace"):
+            pytest.fail(f"the emulator panicked during the suite:\n{log_tail()}")
 
 
 @pytest.fixture(scope="session")

@@ -233,3 +233,20 @@ def test_sdk_import_certificate_pem(mi_credential, emulator, ca_bundle):
     der = cert.public_bytes(serialization.Encoding.DER)
     assert imported.cer == der
     assert imported.properties.x509_thumbprint == hashlib.sha1(der).digest()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def test_tls_is_verified_and_the_certificate_names_loopback(emulator, ca_bundle):
+    """The suite trusts the emulator only through its CA: certifi's roots alone refuse it,
+    and the server certificate is valid for 127.0.0.1 and localhost."""
+    import certifi
+
+    url = emulator.key_vault_url.rstrip("/") + "/certificates"
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(url, params={"api-version": "7.5"}, verify=certifi.where(), timeout=HTTP_TIMEOUT_S)
+    for base in (emulator.key_vault_url, emulator.key_vault_url.replace("127.0.0.1", "localhost")):
+        r = requests.get(base.rstrip("/") + "/certificates", params={"api-version": "7.5"}, verify=ca_bundle,
+                         timeout=HTTP_TIMEOUT_S)
+        assert r.status_code == 401  # reached the vault (no token): TLS and host name verified
