@@ -658,32 +658,26 @@ fn openid_configuration(
     .into_response()
 }
 
-/// MSAL's instance discovery: vouches for the authority the client asked about.
+/// MSAL's instance discovery: vouches for the authority the client asked about. MSAL drops the
+/// port when it builds `authorization_endpoint`, so the answer points at the host and port the
+/// client used to reach this endpoint, with the tenant taken from `authorization_endpoint`.
 fn instance_discovery(query: Option<&str>, base: &str) -> Response {
-    let authz = query
+    let tenant = query
         .and_then(|q| {
             url::form_urlencoded::parse(q.as_bytes())
                 .find(|(k, _)| k == "authorization_endpoint")
                 .map(|(_, v)| v.into_owned())
         })
-        .and_then(|a| url::Url::parse(&a).ok());
-    let (host, tenant) = match &authz {
-        Some(u) => (
-            u.port().map_or_else(
-                || u.host_str().unwrap_or_default().to_owned(),
-                |p| format!("{}:{p}", u.host_str().unwrap_or_default()),
-            ),
+        .and_then(|a| url::Url::parse(&a).ok())
+        .and_then(|u| {
             u.path_segments()
                 .and_then(|mut s| s.next().map(str::to_owned))
-                .unwrap_or_else(|| "common".to_owned()),
-        ),
-        None => (
-            base.trim_start_matches("https://").to_owned(),
-            "common".to_owned(),
-        ),
-    };
+        })
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "common".to_owned());
+    let host = base.trim_start_matches("https://");
     axum::Json(json!({
-        "tenant_discovery_endpoint": format!("https://{host}/{tenant}/v2.0/.well-known/openid-configuration"),
+        "tenant_discovery_endpoint": format!("{base}/{tenant}/v2.0/.well-known/openid-configuration"),
         "api-version": "1.1",
         "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
     }))

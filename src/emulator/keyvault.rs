@@ -499,14 +499,22 @@ impl Ctx<'_> {
                 "Property 'value' is required.",
             );
         };
-        if !value.contains("-----BEGIN") {
-            return kv_error(
-                StatusCode::BAD_REQUEST,
-                "BadParameter",
-                "The emulator imports PEM (certificate and unencrypted private key) only; PKCS#12 is not supported.",
-            );
-        }
-        let pem = value.to_owned();
+        // The SDKs send `value` base64-encoded even for PEM (as the service accepts); raw PEM
+        // text is accepted too.
+        let pem = if value.contains("-----BEGIN") {
+            value.to_owned()
+        } else {
+            match base64_pem(value) {
+                Some(pem) => pem,
+                None => {
+                    return kv_error(
+                        StatusCode::BAD_REQUEST,
+                        "BadParameter",
+                        "The emulator imports PEM (certificate and unencrypted private key), raw or base64-encoded; PKCS#12 is not supported.",
+                    );
+                }
+            }
+        };
         // RSA key parsing and checks are CPU work; keep them off the async workers.
         let parsed = tokio::task::spawn_blocking(move || keys::import_pem(&pem)).await;
         let ver = match parsed {
@@ -540,10 +548,28 @@ impl Ctx<'_> {
                     "The vault no longer exists.",
                 );
             };
-            add_version(&mut state, vi, name, ver.clone(), Some(content_type))
+            let cert = add_version(&mut state, vi, name, ver.clone(), Some(content_type));
+            // Apps that reference the whole certificate ("vault/cert") trust every version of it,
+            // imported ones included (use admin rotate with register_on_apps=false to test a
+            // key Entra does not know).
+            let vault = state.vaults[vi].name.clone();
+            state.register_version_on_apps(&vault, &cert.name, &ver);
+            cert
         };
         axum::Json(cert_bundle(self.base, &cert, &ver)).into_response()
     }
+}
+
+/// Decodes a base64 `value` that holds PEM text.
+fn base64_pem(value: &str) -> Option<String> {
+    use base64::Engine as _;
+    let compact: String = value.chars().filter(|c| !c.is_whitespace()).collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(compact)
+        .ok()?;
+    String::from_utf8(bytes)
+        .ok()
+        .filter(|t| t.contains("-----BEGIN"))
 }
 
 /// Adds a version to a certificate (creating the certificate if needed); returns its new state.

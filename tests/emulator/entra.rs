@@ -512,9 +512,9 @@ async fn multi_tenant_app() {
 #[tokio::test]
 async fn instance_discovery_for_msal() {
     let env = start_demo().await;
+    // MSAL drops the port when it builds this URL.
     let authz = format!(
-        "{}/{}/oauth2/v2.0/authorize",
-        env.authority(),
+        "https://127.0.0.1/{}/oauth2/v2.0/authorize",
         demo::CONTOSO_TENANT
     );
     let mut url =

@@ -357,6 +357,20 @@ async fn import_pem_creates_a_version() {
             "the import is the current version"
         );
     }
+    // Apps referencing the whole certificate trust the imported version too.
+    let (header, claims) = env.contoso_assertion_parts().await;
+    assert_eq!(header["x5t"], b64url(&Sha1::digest(cert.der())));
+    let assertion = env.assertion("contoso-app", header, claims).await;
+    let (status, body) = env
+        .exchange_assertion(
+            demo::CONTOSO_TENANT,
+            demo::CONTOSO_APP,
+            "https://graph.microsoft.com/.default",
+            &assertion,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
     let (_, list) = env
         .get_json(&token, &format!("/certificates/contoso-app/versions?{API}"))
         .await;
@@ -379,6 +393,19 @@ async fn import_pem_creates_a_version() {
             .verify(Pkcs1v15Sign::new::<Sha256>(), &digest, &sig)
             .is_ok()
     );
+
+    // Base64-encoded PEM, as the SDKs send it.
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&pem);
+    let resp = env
+        .https
+        .post(format!("{}/certificates/b64/import?{API}", env.vault()))
+        .bearer_auth(&token)
+        .json(&json!({"value": encoded, "policy": {"secret_props": {"contentType": "application/x-pem-file"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
 
     // PFX is refused; a mismatched key is refused.
     let resp = env
