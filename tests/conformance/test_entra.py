@@ -8,18 +8,9 @@ import hashlib
 
 import msal
 import pytest
-import requests
 from cryptography.hazmat.primitives import serialization
 
 from conftest import GRAPH_RESOURCE, GRAPH_SCOPE, HTTP_TIMEOUT_S, JWT_BEARER, generate_cert, make_assertion
-
-IMPORT_NOT_REGISTERED = (
-    "emulator gap: POST /certificates/{name}/import adds the version to the vault but does not "
-    "register it on the apps whose `certificates` reference the whole certificate "
-    "(\"vault/cert\" = every version's key, per the config docs; admin rotate does register). "
-    "Entra then answers AADSTS700027 'key was not found' for the imported certificate."
-)
-
 
 def _client_credential(variant: str, tc) -> dict:
     if variant == "sha1-thumbprint":
@@ -49,8 +40,7 @@ def _app(client_id: str, credential: dict, emulator, tenant_id: str, ca_bundle: 
     )
 
 
-@pytest.fixture(params=["config", pytest.param(
-    "imported", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=IMPORT_NOT_REGISTERED))])
+@pytest.fixture(params=["config", "imported"])
 def app_cert(request):
     """The certificate the msal app authenticates with (both made by the suite)."""
     return request.getfixturevalue("config_app_cert" if request.param == "config" else "imported_app_cert")
@@ -74,13 +64,6 @@ def test_msal_client_credentials_with_suite_certificate(
     assert set(ids.app["roles"]) <= set(claims.get("roles", []))
 
 
-@pytest.mark.xfail(strict=True, raises=requests.exceptions.ConnectionError, reason=(
-    "emulator gap: msal builds the authorization_endpoint it sends to instance discovery from "
-    "urlparse(authority).hostname, which drops the port (https://127.0.0.1/{tenant}/oauth2/v2.0/authorize); "
-    "the emulator echoes that host back, so tenant_discovery_endpoint is https://127.0.0.1/... (port 443, "
-    "connection refused). Needed: when the host sent has no port (or is the emulator's own host name), answer "
-    "with the emulator's own base URL: {authority_host}/{tenant}/v2.0/.well-known/openid-configuration."
-))
 def test_msal_instance_discovery_against_the_emulator(config_app_cert, emulator, ids, ca_bundle):
     discovery = f"{emulator.authority_host}/common/discovery/instance"
     app = _app(ids.app["client_id"], _client_credential("sha1-thumbprint", config_app_cert), emulator,

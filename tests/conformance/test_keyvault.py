@@ -209,17 +209,8 @@ def test_throttled_sign_is_retried_by_the_sdk(clean_faults, crypto_client, signi
     assert [k for k in counters["sign"] if k.endswith(f"{key_version[-2]}/{key_version[-1]}")], counters
 
 
-SDK_IMPORT_BASE64 = (
-    "emulator gap: POST /certificates/{name}/import only accepts `value` as raw PEM text; "
-    "azure-keyvault-certificates import_certificate() always sends base64(certificate_bytes), "
-    "also for PEM (policy content type application/x-pem-file), as the .NET SDK does, and the real "
-    "service accepts it. The emulator answers 400 BadParameter ('PKCS#12 is not supported'). "
-    "Needed: when `value` has no '-----BEGIN', base64-decode it and import it if it is PEM."
-)
-
-
-@pytest.mark.xfail(strict=True, raises=HttpResponseError, reason=SDK_IMPORT_BASE64)
 def test_sdk_import_certificate_pem(mi_credential, emulator, ca_bundle):
+    """azure-keyvault-certificates sends PEM base64-encoded (as .NET does; the service accepts it)."""
     from azure.keyvault.certificates import CertificateClient, CertificateContentType, CertificatePolicy
 
     key, cert = generate_cert("imported with the SDK")
