@@ -53,6 +53,16 @@ def crypto_client(signing_cert, signer_credential, ca_bundle):
         yield client
 
 
+def test_challenge_resource_verification_refuses_the_loopback_host(signer_credential, emulator, ca_bundle, ids):
+    """Why the suite passes verify_challenge_resource=False: left on (the SDK default), the SDK
+    refuses the challenge for https://vault.azure.net on a 127.0.0.1 host, before sending a token."""
+    from azure.keyvault.certificates import CertificateClient
+
+    with CertificateClient(emulator.key_vault_url, signer_credential, connection_verify=ca_bundle) as client:
+        with pytest.raises(ValueError, match="does not match the requested domain"):
+            client.get_certificate(ids.signing_cert)
+
+
 def test_get_certificate(signing_cert, emulator, ids):
     cert = signing_cert
     vault = emulator.key_vault_url.rstrip("/")
