@@ -145,11 +145,14 @@ impl Emulator {
         let identities = config.identities.clone();
         // RSA key generation is CPU-bound: keep it off the async workers.
         let (tls, issuer, state) = tokio::task::spawn_blocking(move || {
-            Ok::<_, EmulatorError>((
-                tls::generate()?,
-                keys::IssuerKey::generate()?,
-                state::build_state(&config)?,
-            ))
+            std::thread::scope(|s| {
+                let issuer = s.spawn(keys::IssuerKey::generate);
+                let state = state::build_state(&config)?;
+                let issuer = issuer
+                    .join()
+                    .unwrap_or_else(|_| Err(EmulatorError::crypto("key generation panicked")))?;
+                Ok::<_, EmulatorError>((tls::generate()?, issuer, state))
+            })
         })
         .await
         .map_err(|e| EmulatorError::crypto(format!("key generation task failed: {e}")))??;

@@ -366,9 +366,22 @@ fn make_cert(c: &super::config::CertificateConfig) -> Result<Cert, EmulatorError
                 EmulatorError::Config(format!("certificate {}: {}: {e}", c.name, path.display()))
             })?]
         }
-        None => (0..c.versions)
-            .map(|_| keys::self_signed_version(&subject, c.key_size, c.validity_days))
-            .collect::<Result<Vec<_>, _>>()?,
+        // One thread per version: RSA key generation time varies a lot from key to key.
+        None => std::thread::scope(|s| {
+            let handles: Vec<_> = (0..c.versions)
+                .map(|_| {
+                    let subject = &subject;
+                    s.spawn(move || keys::self_signed_version(subject, c.key_size, c.validity_days))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(EmulatorError::crypto("key generation panicked")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })?,
     };
     let key_size = versions.last().map_or(c.key_size, |v| v.key_size);
     Ok(Cert {
