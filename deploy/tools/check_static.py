@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Checks of deploy/ that no off-the-shelf linter makes here (no Bicep compiler, no
+kustomize, no cluster). Run by scripts/validate-deploy.sh inside its venv.
+
+  bicep DIR             parse every .bicep file (pycep, the parser checkov uses: checkov
+                        itself only logs a parse error) and check that modules exist
+  policy FILE           the Key Vault certificate policy: RSA 2048, non-exportable, auto-renew
+  manifests FILE OUTDIR the rendered overlay keeps the properties the issue asks for, and
+                        each ConfigMap's broker.toml is written to OUTDIR for check-config
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tomllib
+import uuid
+from pathlib import Path
+
+import yaml
+
+problems: list[str] = []
+
+
+def problem(msg: str) -> None:
+    problems.append(msg)
+
+
+def check_bicep(directory: Path) -> None:
+    from pycep import BicepParser
+
+    parser = BicepParser()
+    files = sorted(directory.glob("*.bicep"))
+    if not files:
+        problem(f"{directory}: no .bicep files")
+    for f in files:
+        try:
+            parsed = parser.parse(file_path=f)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the finding
+            problem(f"{f}: does not parse: {str(e).splitlines()[0][:300]}")
+            continue
+        for name, module in (parsed.get("modules") or {}).items():
+            if module.get("type") != "local":
+                problem(f"{f}: module {name} is not a local file")
+                continue
+            path = module.get("detail", {}).get("path")
+            if not isinstance(path, str) or not (f.parent / path).is_file():
+                problem(f"{f}: module {name} refers to missing {path}")
+        print(f"bicep: {f.name}: parsed, {len(parsed.get('resources') or {})} resources, "
+              f"{len(parsed.get('modules') or {})} modules")
+
+
+def check_policy(path: Path) -> None:
+    p = json.loads(path.read_text())
+    kp = p.get("keyProperties", {})
+    if kp.get("exportable") is not False:
+        problem(f"{path}: keyProperties.exportable must be false")
+    if kp.get("keyType") not in ("RSA", "RSA-HSM") or kp.get("keySize") != 2048:
+        problem(f"{path}: key must be RSA 2048")
+    actions = [a.get("action", {}).get("actionType") for a in p.get("lifetimeActions", [])]
+    if "AutoRenew" not in actions:
+        problem(f"{path}: no AutoRenew lifetime action")
+    if p.get("issuerParameters", {}).get("name") != "Self":
+        problem(f"{path}: issuer must be Self (the public part is uploaded to the app registration)")
+    print(f"policy: {path.name}: checked")
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj.get("spec", {}).get("template", {}).get("spec", {})
+
+
+def check_manifests(path: Path, outdir: Path) -> None:
+    objs = [o for o in yaml.safe_load_all(path.read_text()) if o]
+    by_kind: dict[str, list[dict]] = {}
+    for o in objs:
+        by_kind.setdefault(o["kind"], []).append(o)
+        if o["kind"] != "Namespace" and not o["metadata"].get("namespace"):
+            problem(f"{path}: {o['kind']}/{o['metadata']['name']} has no namespace")
+
+    for d in by_kind.get("Deployment", []):
+        name = f"Deployment/{d['metadata']['name']}"
+        if d["spec"].get("replicas", 1) < 2:
+            problem(f"{name}: fewer than 2 replicas")
+        ps = pod_spec(d)
+        labels = d["spec"]["template"]["metadata"].get("labels", {})
+        if labels.get("azure.workload.identity/use") != "true":
+            problem(f"{name}: pod label azure.workload.identity/use must be \"true\"")
+        if not ps.get("topologySpreadConstraints"):
+            problem(f"{name}: no topologySpreadConstraints")
+        for c in ps.get("containers", []):
+            sc = c.get("securityContext", {})
+            want = {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "runAsNonRoot": True,
+            }
+            for k, v in want.items():
+                if sc.get(k) is not v:
+                    problem(f"{name}/{c['name']}: securityContext.{k} must be {v}")
+            if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+                problem(f"{name}/{c['name']}: capabilities must drop ALL")
+            if sc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+                problem(f"{name}/{c['name']}: seccompProfile must be RuntimeDefault")
+            res = c.get("resources", {})
+            for part in ("requests", "limits"):
+                if "memory" not in res.get(part, {}):
+                    problem(f"{name}/{c['name']}: no memory {part}")
+            for probe in ("livenessProbe", "readinessProbe"):
+                port = c.get(probe, {}).get("httpGet", {}).get("port")
+                if port not in ("admin", 9090):
+                    problem(f"{name}/{c['name']}: {probe} must use the admin port")
+            if ":latest" in c["image"] or ":" not in c["image"].rsplit("/", 1)[-1]:
+                problem(f"{name}/{c['name']}: image {c['image']} needs an explicit tag")
+
+    for sa in by_kind.get("ServiceAccount", []):
+        cid = sa["metadata"].get("annotations", {}).get("azure.workload.identity/client-id", "")
+        try:
+            uuid.UUID(cid)
+        except ValueError:
+            problem(f"ServiceAccount/{sa['metadata']['name']}: client-id annotation {cid!r} is not a GUID")
+
+    for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy", "Service", "ServiceAccount", "ConfigMap"):
+        if not by_kind.get(kind):
+            problem(f"{path}: no {kind}")
+    for h in by_kind.get("HorizontalPodAutoscaler", []):
+        if h["spec"].get("minReplicas", 1) < 2:
+            problem(f"HorizontalPodAutoscaler/{h['metadata']['name']}: minReplicas below 2")
+    for np in by_kind.get("NetworkPolicy", []):
+        if set(np["spec"].get("policyTypes", [])) != {"Ingress", "Egress"}:
+            problem(f"NetworkPolicy/{np['metadata']['name']}: must restrict both Ingress and Egress")
+        for rule in np["spec"].get("egress", []):
+            ports = {p.get("port") for p in rule.get("ports", [])}
+            if not ports or not ports <= {53, 443}:
+                problem(f"NetworkPolicy/{np['metadata']['name']}: egress rule beyond DNS and 443: {rule}")
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    for cm in by_kind.get("ConfigMap", []):
+        for key, text in (cm.get("data") or {}).items():
+            if not key.endswith(".toml"):
+                continue
+            try:
+                tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                problem(f"ConfigMap/{cm['metadata']['name']}: {key} is not TOML: {e}")
+                continue
+            if re.search(r"(?i)(secret|password|private[_ ]?key)\s*=", text):
+                problem(f"ConfigMap/{cm['metadata']['name']}: {key} looks like it holds a secret")
+            (outdir / f"{cm['metadata']['name']}.{key}").write_text(text)
+    print(f"manifests: {path.name}: {len(objs)} objects checked")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    what = argv[1]
+    if what == "bicep":
+        check_bicep(Path(argv[2]))
+    elif what == "policy":
+        check_policy(Path(argv[2]))
+    elif what == "manifests" and len(argv) == 4:
+        check_manifests(Path(argv[2]), Path(argv[3]))
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    for p in problems:
+        print(f"FAIL {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
