@@ -10,7 +10,8 @@
 // Certificates are not Bicep resources: create them with deploy/azure/certificate-policy.json
 // as shown in docs/DEPLOY.md.
 //
-//   az deployment group create -g <rg> -f deploy/azure/main.bicep -p @main.parameters.json
+//   az deployment group create -g <rg> -f deploy/azure/main.bicep -p @my.parameters.json
+//   (start from main.parameters.example.json)
 //
 // No Bicep compiler exists on the project's CI machines: CI scans these files with
 // checkov (which parses them) and they stay simple enough to review by eye.
