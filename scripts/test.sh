@@ -21,3 +21,6 @@ cargo test --locked
 
 step "emulator conformance (Microsoft Python SDKs)"
 bash tests/conformance/run.sh
+
+step "deployment files (kubernetes-validate, hadolint, checkov; see docs/DEPLOY.md)"
+bash scripts/validate-deploy.sh
