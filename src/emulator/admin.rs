@@ -1,5 +1,5 @@
 //! The admin API (plain HTTP, loopback): fault injection, counters, certificate rotation,
-//! enabling/disabling apps, reset, health. For tests and demos; nothing here exists in Azure.
+//! enabling/disabling apps, the clock offset, reset, health. For tests and demos; nothing here exists in Azure.
 
 use std::sync::Arc;
 
@@ -35,6 +35,8 @@ pub(crate) fn router() -> Router<Arc<Shared>> {
             "/tenants/{tenant}/apps/{client_id}/{action}",
             post(set_app_enabled),
         )
+        .route("/clock", get(clock))
+        .route("/clock/advance", post(advance_clock))
         .route("/reset", post(reset))
 }
 
@@ -88,6 +90,58 @@ async fn reset_counters(State(shared): State<Arc<Shared>>) -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
+/// `{"offset_secs": total, "now": unix secs on the emulator's clock}`.
+async fn clock(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(json!({
+        "offset_secs": offset_json(shared.clock.offset_ms()),
+        "now": shared.now_secs(),
+    }))
+    .into_response()
+}
+
+/// Offsets are whole seconds in JSON unless advanced by a fraction.
+fn offset_json(ms: i64) -> serde_json::Value {
+    if ms % 1000 == 0 {
+        json!(ms / 1000)
+    } else {
+        json!(ms as f64 / 1000.0)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdvanceRequest {
+    seconds: serde_json::Number,
+}
+
+/// `{"seconds": N}` (N >= 0, integer or fractional) moves the clock forward, cumulatively.
+async fn advance_clock(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let req: AdvanceRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return bad_request(format!(
+                "invalid clock advance (expected {{\"seconds\": N}}): {e}"
+            ));
+        }
+    };
+    let ms = if let Some(s) = req.seconds.as_u64() {
+        s.checked_mul(1000).and_then(|ms| i64::try_from(ms).ok())
+    } else {
+        req.seconds
+            .as_f64()
+            .filter(|s| s.is_finite() && *s >= 0.0 && *s < 9.0e15)
+            .map(|s| (s * 1000.0).round() as i64)
+    };
+    let Some(ms) = ms else {
+        return bad_request(format!(
+            "seconds must be a non-negative number of seconds, got {}",
+            req.seconds
+        ));
+    };
+    let total = shared.clock.advance_ms(ms);
+    axum::Json(json!({"offset_secs": offset_json(total)})).into_response()
+}
+
 async fn reset(State(shared): State<Arc<Shared>>) -> Response {
     shared.reset();
     StatusCode::NO_CONTENT.into_response()
@@ -130,8 +184,9 @@ async fn rotate(
     let Some((subject, key_size, validity)) = template else {
         return not_found(format!("no certificate {vault}/{name}"));
     };
+    let now = shared.clock.now();
     let generated = tokio::task::spawn_blocking(move || {
-        keys::self_signed_version(&subject, key_size, validity)
+        keys::self_signed_version(&subject, key_size, validity, now)
     })
     .await;
     let ver = match generated {

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::keys::{self, SignAlg, now_secs};
+use super::keys::{self, SignAlg};
 use super::state::{App, Shared};
 
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -98,10 +98,11 @@ pub(crate) fn error_body(
     code: u32,
     message: &str,
     correlation: Option<&str>,
+    now: time::OffsetDateTime,
 ) -> (Value, String) {
     let trace = uuid::Uuid::new_v4().to_string();
     let correlation = correlation.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    let ts = timestamp();
+    let ts = timestamp(now);
     let body = json!({
         "error": error,
         "error_description": format!("AADSTS{code}: {message} Trace ID: {trace} Correlation ID: {correlation} Timestamp: {ts}"),
@@ -114,8 +115,7 @@ pub(crate) fn error_body(
     (body, correlation)
 }
 
-fn timestamp() -> String {
-    let t = time::OffsetDateTime::now_utc();
+fn timestamp(t: time::OffsetDateTime) -> String {
     format!(
         "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
         t.year(),
@@ -171,7 +171,13 @@ fn token(
     match result {
         Ok(body) => respond(StatusCode::OK, body, request_id.as_deref()),
         Err(e) => {
-            let (body, _) = error_body(e.error, e.code, &e.message, request_id.as_deref());
+            let (body, _) = error_body(
+                e.error,
+                e.code,
+                &e.message,
+                request_id.as_deref(),
+                shared.clock.now(),
+            );
             respond(e.status, body, request_id.as_deref())
         }
     }
@@ -449,7 +455,7 @@ fn validate_certificate(
             ),
         ));
     }
-    let now = now_secs();
+    let now = shared.now_secs();
     let Some(exp) = jwt.claim_i64("exp") else {
         return Err(invalid_request(
             50027,
@@ -510,7 +516,7 @@ fn validate_federated(shared: &Shared, app: &App, jwt: &keys::ParsedJwt) -> Resu
             "Client assertion failed signature validation. [Reason - Key was found, but use of the key to verify the signature failed.]",
         ));
     }
-    let now = now_secs();
+    let now = shared.now_secs();
     let exp = jwt.claim_i64("exp").unwrap_or(0);
     if exp + CLOCK_SKEW < now || jwt.claim_i64("nbf").is_some_and(|n| n - CLOCK_SKEW > now) {
         return Err(invalid_client(
@@ -562,7 +568,7 @@ fn validate_federated(shared: &Shared, app: &App, jwt: &keys::ParsedJwt) -> Resu
 fn issue(shared: &Shared, app: &App, tenant_id: &str, resource: &str) -> Result<Value, EntraError> {
     let [lo, hi] = app.lifetime;
     let lifetime = i64::try_from(rand::random_range(lo..=hi)).unwrap_or(3600);
-    let now = now_secs();
+    let now = shared.now_secs();
     let mut claims = json!({
         "aud": resource,
         "iss": shared.v2_issuer(tenant_id),
@@ -624,6 +630,7 @@ fn openid_configuration(
                         "Tenant '{tenant_seg}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."
                     ),
                     request_id.as_deref(),
+                    shared.clock.now(),
                 );
                 return respond(StatusCode::BAD_REQUEST, body, request_id.as_deref());
             }

@@ -305,7 +305,7 @@ async fn apply(
     }
     let mut response = match applied.action {
         None => next.run(req).await,
-        Some(Action::Fail(fail)) => fail_response(route, &fail),
+        Some(Action::Fail(fail)) => fail_response(route, &fail, shared.clock.now()),
         Some(Action::Reset) => reset_response(),
         Some(Action::Hang(deadline)) => {
             tokio::select! {
@@ -343,12 +343,12 @@ fn request_tenants(shared: &Shared, path: &str) -> Vec<String> {
 }
 
 /// An error shaped like the service behind `route` would send it.
-fn fail_response(route: &str, fail: &FailSpec) -> Response {
+fn fail_response(route: &str, fail: &FailSpec, now: time::OffsetDateTime) -> Response {
     let status = StatusCode::from_u16(fail.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let body = fail
         .body
         .clone()
-        .unwrap_or_else(|| default_body(route, status));
+        .unwrap_or_else(|| default_body(route, status, now));
     let mut response = (status, axum::Json(body)).into_response();
     let headers = response.headers_mut();
     if let Some(s) = fail.retry_after {
@@ -360,7 +360,7 @@ fn fail_response(route: &str, fail: &FailSpec) -> Response {
     response
 }
 
-fn default_body(route: &str, status: StatusCode) -> Value {
+fn default_body(route: &str, status: StatusCode, now: time::OffsetDateTime) -> Value {
     let throttled = status == StatusCode::TOO_MANY_REQUESTS;
     if route.starts_with("keyvault.") {
         if throttled {
@@ -377,7 +377,7 @@ fn default_body(route: &str, status: StatusCode) -> Value {
         } else {
             (90033, "A transient error has occurred. Try again.")
         };
-        super::entra::error_body("temporarily_unavailable", code, text, None).0
+        super::entra::error_body("temporarily_unavailable", code, text, None, now).0
     } else if throttled {
         json!({"error": "too_many_requests", "error_description": "Too many requests to the managed identity endpoint (injected by the emulator)."})
     } else {

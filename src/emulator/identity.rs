@@ -18,7 +18,6 @@ use axum::routing::get;
 use serde_json::json;
 
 use super::config::IdentityConfig;
-use super::keys::now_secs;
 use super::state::Shared;
 
 /// Managed-identity tokens live about a day, as Azure's do.
@@ -147,7 +146,7 @@ fn issue(
         .filter(|r| !r.is_empty())
         .ok_or_else(|| bad_request("Required audience parameter not specified"))?;
     let identity = select(&shared.identities, selector)?;
-    let now = now_secs();
+    let now = shared.now_secs();
     let exp = now + MI_TOKEN_LIFETIME;
     let tid = &identity.tenant_id;
     let iss = shared.mi_issuer(tid, resource);

@@ -65,10 +65,6 @@ impl SignAlg {
     }
 }
 
-pub(crate) fn now_secs() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
 pub(crate) fn b64url(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
@@ -106,14 +102,15 @@ fn generate_rsa(bits: usize) -> Result<(rcgen::KeyPair, RsaPrivateKey), Emulator
     Ok((kp, private))
 }
 
-/// A new self-signed certificate version, as Key Vault creates with `issuer: Self`.
+/// A new self-signed certificate version, as Key Vault creates with `issuer: Self`, valid from
+/// `now` (the emulator's clock).
 pub(crate) fn self_signed_version(
     subject: &str,
     bits: usize,
     validity_days: u32,
+    now: time::OffsetDateTime,
 ) -> Result<CertVersion, EmulatorError> {
     let (kp, private) = generate_rsa(bits)?;
-    let now = time::OffsetDateTime::now_utc();
     let mut params =
         rcgen::CertificateParams::new(Vec::<String>::new()).map_err(EmulatorError::crypto)?;
     params.distinguished_name = rcgen::DistinguishedName::new();
@@ -184,8 +181,9 @@ fn pem_blocks(text: &str) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// Imports a PEM bundle holding one certificate (the first) and its unencrypted RSA key.
-pub(crate) fn import_pem(text: &str) -> Result<CertVersion, String> {
+/// Imports a PEM bundle holding one certificate (the first) and its unencrypted RSA key;
+/// `now` (the emulator's clock) becomes its `created` time.
+pub(crate) fn import_pem(text: &str, now: i64) -> Result<CertVersion, String> {
     let blocks = pem_blocks(text);
     let der = blocks
         .iter()
@@ -218,7 +216,7 @@ pub(crate) fn import_pem(text: &str) -> Result<CertVersion, String> {
         subject: x509.subject().to_string(),
         not_before: validity.not_before.timestamp(),
         expires: validity.not_after.timestamp(),
-        created: now_secs(),
+        created: now,
         enabled: true,
         key: Arc::new(private),
         public,
@@ -275,7 +273,12 @@ pub(crate) struct IssuerKey {
 
 impl IssuerKey {
     pub fn generate() -> Result<Self, EmulatorError> {
-        let cert = self_signed_version("tokenbroker emulator token signing", 2048, 3650)?;
+        let cert = self_signed_version(
+            "tokenbroker emulator token signing",
+            2048,
+            3650,
+            time::OffsetDateTime::now_utc(),
+        )?;
         let pkcs1 = cert.key.to_pkcs1_der().map_err(EmulatorError::crypto)?;
         let encoding = jsonwebtoken::EncodingKey::from_rsa_der(pkcs1.as_bytes());
         // Entra's signing keys use the certificate thumbprint as kid; do the same.

@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::keys::{self, CertVersion, SignAlg, b64std, b64url, now_secs};
+use super::keys::{self, CertVersion, SignAlg, b64std, b64url};
 use super::state::{Cert, Shared, State, Vault, VaultOp};
 
 const VAULT_AUDIENCE: &str = "https://vault.azure.net";
@@ -180,7 +180,7 @@ fn authenticate(
     if !signature_ok {
         return Err(deny("AKV10019: Signature validation failed."));
     }
-    let now = now_secs();
+    let now = shared.now_secs();
     if jwt
         .claim_i64("exp")
         .is_none_or(|exp| exp + CLOCK_SKEW < now)
@@ -340,7 +340,7 @@ impl Ctx<'_> {
                 ),
             );
         }
-        if let Err(r) = usable(&ver, "sign") {
+        if let Err(r) = usable(&ver, "sign", self.shared.now_secs()) {
             return r;
         }
         let signature = match keys::sign_digest(&ver.key, alg, &digest) {
@@ -516,7 +516,8 @@ impl Ctx<'_> {
             }
         };
         // RSA key parsing and checks are CPU work; keep them off the async workers.
-        let parsed = tokio::task::spawn_blocking(move || keys::import_pem(&pem)).await;
+        let now = self.shared.now_secs();
+        let parsed = tokio::task::spawn_blocking(move || keys::import_pem(&pem, now)).await;
         let ver = match parsed {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -612,8 +613,7 @@ pub(crate) fn add_version(
 }
 
 /// Refuses operations on disabled, not-yet-valid or expired versions.
-fn usable(ver: &CertVersion, op: &str) -> Result<(), Response> {
-    let now = now_secs();
+fn usable(ver: &CertVersion, op: &str, now: i64) -> Result<(), Response> {
     if !ver.enabled {
         return Err(kv_error(
             StatusCode::FORBIDDEN,

@@ -12,6 +12,7 @@
 //! See `docs/EMULATOR.md` for what is emulated and how faithfully.
 
 mod admin;
+mod clock;
 pub mod config;
 mod entra;
 mod error;
@@ -118,6 +119,7 @@ impl Endpoints {
 pub struct Emulator {
     endpoints: Endpoints,
     ca_pem: String,
+    shared: Arc<Shared>,
     handles: Vec<axum_server::Handle>,
     tasks: Vec<JoinHandle<std::io::Result<()>>>,
     shutdown_tx: watch::Sender<bool>,
@@ -235,6 +237,7 @@ impl Emulator {
         Ok(Emulator {
             endpoints,
             ca_pem: tls.ca_pem,
+            shared,
             handles,
             tasks,
             shutdown_tx,
@@ -249,6 +252,20 @@ impl Emulator {
     /// The CA certificate (PEM) that clients must trust for the HTTPS listener.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// Moves the emulator's clock forward by `by` (cumulative), like `POST /clock/advance`;
+    /// returns the total offset. Every issued timestamp and every time check of the emulated
+    /// services follows this clock; fault durations and TLS certificates keep real time.
+    pub fn advance_clock(&self, by: Duration) -> Duration {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        let total = self.shared.clock.advance_ms(ms);
+        Duration::from_millis(u64::try_from(total).unwrap_or(0))
+    }
+
+    /// The current offset of the emulator's clock from real time.
+    pub fn clock_offset(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.shared.clock.offset_ms()).unwrap_or(0))
     }
 
     /// Stops accepting, ends hanging requests, lets in-flight requests finish (up to a grace

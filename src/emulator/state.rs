@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::Endpoints;
+use super::clock::EmuClock;
 use super::config::{
     EmulatorConfig, FederatedCredentialConfig, IdentityConfig, RoleAssignmentConfig, VaultRole,
 };
@@ -26,6 +27,8 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     initial: State,
     pub faults: Faults,
+    /// The emulator's clock (real time plus the offset set by `POST /clock/advance`).
+    pub clock: EmuClock,
     counters: Mutex<Counters>,
     /// Flips to `true` on shutdown so that hanging requests end.
     pub shutdown: watch::Receiver<bool>,
@@ -362,16 +365,31 @@ fn make_cert(c: &super::config::CertificateConfig) -> Result<Cert, EmulatorError
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).map_err(|e| EmulatorError::io("reading", path, e))?;
-            vec![keys::import_pem(&text).map_err(|e| {
-                EmulatorError::Config(format!("certificate {}: {}: {e}", c.name, path.display()))
-            })?]
+            vec![
+                keys::import_pem(&text, time::OffsetDateTime::now_utc().unix_timestamp()).map_err(
+                    |e| {
+                        EmulatorError::Config(format!(
+                            "certificate {}: {}: {e}",
+                            c.name,
+                            path.display()
+                        ))
+                    },
+                )?,
+            ]
         }
         // One thread per version: RSA key generation time varies a lot from key to key.
         None => std::thread::scope(|s| {
             let handles: Vec<_> = (0..c.versions)
                 .map(|_| {
                     let subject = &subject;
-                    s.spawn(move || keys::self_signed_version(subject, c.key_size, c.validity_days))
+                    s.spawn(move || {
+                        keys::self_signed_version(
+                            subject,
+                            c.key_size,
+                            c.validity_days,
+                            time::OffsetDateTime::now_utc(),
+                        )
+                    })
                 })
                 .collect();
             handles
@@ -426,6 +444,7 @@ impl Shared {
             initial: state.clone(),
             state: Mutex::new(state),
             faults: Faults::default(),
+            clock: EmuClock::default(),
             counters: Mutex::new(Counters::default()),
             shutdown,
         }
@@ -441,11 +460,17 @@ impl Shared {
         self.counters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Restores the configured state and clears faults and counters.
+    /// Restores the configured state, clears faults and counters and sets the clock offset back to 0.
     pub fn reset(&self) {
         *self.state() = self.initial.clone();
         *self.counters() = Counters::default();
         self.faults.clear();
+        self.clock.reset();
+    }
+
+    /// Unix seconds on the emulator's clock.
+    pub fn now_secs(&self) -> i64 {
+        self.clock.now_secs()
     }
 
     /// Issuer of managed-identity tokens for `tenant` (v1, like IMDS), or the v2 issuer for

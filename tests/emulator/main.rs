@@ -2,6 +2,7 @@
 #![cfg(feature = "emulator")]
 
 mod admin;
+mod clock;
 mod common;
 mod entra;
 mod identity;
