@@ -167,6 +167,16 @@ pub struct TenantConfig {
     /// `client_id` listed under several tenants.
     #[serde(default)]
     pub apps: Vec<AppConfig>,
+    /// Records in this tenant's Graph-style sign-in log (`GET /graph/v1.0/auditLogs/signIns`).
+    #[serde(default = "default_graph_records")]
+    pub graph_records: u32,
+}
+
+/// Default size of each tenant's demo sign-in log: enough for several pages of 10.
+pub const DEFAULT_GRAPH_RECORDS: u32 = 35;
+
+fn default_graph_records() -> u32 {
+    DEFAULT_GRAPH_RECORDS
 }
 
 /// An app (its service principal) in a tenant.
@@ -337,6 +347,7 @@ impl EmulatorConfig {
                             audience: default_fic_audience(),
                         }],
                     )],
+                    graph_records: DEFAULT_GRAPH_RECORDS,
                 },
                 TenantConfig {
                     tenant_id: fabrikam.to_owned(),
@@ -348,6 +359,7 @@ impl EmulatorConfig {
                         "fabrikam-app",
                         vec![],
                     )],
+                    graph_records: 12,
                 },
             ],
         }

@@ -29,6 +29,7 @@ pub(crate) const ROUTES: &[&str] = &[
     "keyvault.secret",
     "entra.token",
     "entra.discovery",
+    "graph.list",
 ];
 
 /// A fault as posted to `POST /faults`.
@@ -252,6 +253,7 @@ pub(crate) fn classify(method: &Method, path: &str) -> Option<&'static str> {
         [_, "v2.0", ".well-known", "openid-configuration"]
         | [_, "discovery", "v2.0", "keys"]
         | ["common", "discovery", "instance"] => Some("entra.discovery"),
+        ["graph", ..] => Some("graph.list"),
         _ => None,
     }
 }
@@ -267,6 +269,8 @@ pub(crate) async fn middleware(
     };
     let tenants = if route.starts_with("entra.") {
         request_tenants(&shared, req.uri().path())
+    } else if route.starts_with("graph.") {
+        token_tenants(&shared, req.headers())
     } else {
         Vec::new()
     };
@@ -342,6 +346,30 @@ fn request_tenants(shared: &Shared, path: &str) -> Vec<String> {
     out
 }
 
+/// The tenant named by the bearer token's `tid` (unverified: only for fault filters) with its
+/// domain.
+fn token_tenants(shared: &Shared, headers: &axum::http::HeaderMap) -> Vec<String> {
+    let tid = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' ').map(|(_, t)| t.trim()))
+        .and_then(super::keys::parse_jwt)
+        .and_then(|jwt| jwt.claim_str("tid").map(str::to_owned));
+    let Some(tid) = tid else {
+        return Vec::new();
+    };
+    let state = shared.state();
+    match state.tenant(&tid) {
+        Some(i) => {
+            let t = &state.tenants[i];
+            let mut out = vec![t.tenant_id.clone()];
+            out.extend(t.domain.clone());
+            out
+        }
+        None => vec![tid],
+    }
+}
+
 /// An error shaped like the service behind `route` would send it.
 fn fail_response(route: &str, fail: &FailSpec, now: time::OffsetDateTime) -> Response {
     let status = StatusCode::from_u16(fail.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
@@ -367,6 +395,12 @@ fn default_body(route: &str, status: StatusCode, now: time::OffsetDateTime) -> V
             json!({"error": {"code": "Throttled", "message": "Request was not processed because too many requests were received. Reason: VaultRequestTypeLimitReached"}})
         } else {
             json!({"error": {"code": "ServiceUnavailable", "message": format!("The service returned {status} (injected by the emulator).")}})
+        }
+    } else if route.starts_with("graph.") {
+        if throttled {
+            json!({"error": {"code": "TooManyRequests", "message": "Too many requests (injected by the emulator)."}})
+        } else {
+            json!({"error": {"code": "ServiceNotAvailable", "message": format!("The service returned {status} (injected by the emulator).")}})
         }
     } else if route.starts_with("entra.") {
         let (code, text) = if throttled {

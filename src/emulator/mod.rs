@@ -7,7 +7,9 @@
 //! - [`config`]: TOML configuration and the demo estate.
 //! - `keys`, `tls`: key material and the throwaway CA.
 //! - `state`: runtime state and counters; `faults`: fault injection middleware.
-//! - `identity`, `keyvault`, `entra`, `admin`: the HTTP routes of each emulated service.
+//! - `identity`, `keyvault`, `entra`, `admin`: the HTTP routes of each emulated service;
+//!   `graph`: a Graph-style paged collection for collector demos.
+//! - `clock`: the emulator's clock (real time plus an offset tests can advance).
 //!
 //! See `docs/EMULATOR.md` for what is emulated and how faithfully.
 
@@ -17,6 +19,7 @@ pub mod config;
 mod entra;
 mod error;
 mod faults;
+mod graph;
 mod identity;
 mod keys;
 mod keyvault;
@@ -333,7 +336,8 @@ pub async fn run_standalone(config: &Path, endpoints_file: &Path) -> Result<(), 
     Ok(())
 }
 
-/// Routes the HTTPS listener: Key Vault paths by their first segment, everything else Entra.
+/// Routes the HTTPS listener: Key Vault and the Graph-style demo API by their first segment,
+/// everything else Entra.
 async fn azure_dispatch(
     axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
     req: axum::extract::Request,
@@ -342,6 +346,7 @@ async fn azure_dispatch(
     let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
     match first {
         "keys" | "certificates" | "secrets" => keyvault::handle(shared, req).await,
+        "graph" => graph::handle(shared, req).await,
         _ => entra::handle(shared, req).await,
     }
 }

@@ -82,6 +82,8 @@ pub(crate) struct Tenant {
     pub domain: Option<String>,
     pub resources: Vec<String>,
     pub apps: Vec<App>,
+    /// Size of the tenant's Graph-style sign-in log.
+    pub graph_records: u32,
 }
 
 #[derive(Clone)]
@@ -353,6 +355,7 @@ pub(crate) fn build_state(config: &EmulatorConfig) -> Result<State, EmulatorErro
             domain: t.domain.clone(),
             resources: t.resources.clone(),
             apps,
+            graph_records: t.graph_records,
         });
     }
     state.tenants = tenants;
@@ -525,6 +528,8 @@ pub(crate) struct Counters {
     pub exchanges: BTreeMap<String, RouteCount>,
     /// Managed-identity tokens issued per identity name.
     pub mi_tokens: BTreeMap<String, u64>,
+    /// Graph-style requests per tenant id (from the token; `-` when it names none).
+    pub graph: BTreeMap<String, RouteCount>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]

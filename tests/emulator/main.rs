@@ -5,6 +5,7 @@ mod admin;
 mod clock;
 mod common;
 mod entra;
+mod graph;
 mod identity;
 mod keyvault;
 mod lifecycle;
