@@ -1,24 +1,26 @@
 //! The broker core: a token request goes to the cache; a miss (or a refresh) runs the
-//! credential flow once per key: certificate metadata (cached), a client assertion signed by
-//! the `Signer`, and the exchange at the tenant's Entra token endpoint. No tonic or reqwest
-//! types here: errors are `BrokerError`, mapped to gRPC status only at the API edge.
+//! credential flow (`flow.rs`) once per key, in its own task, and every concurrent caller
+//! shares the result. Tokens are refreshed ahead of expiry in the background, served while
+//! still valid when a refresh fails, and persistent failures are remembered briefly.
+//! No tonic or reqwest types here: errors are `BrokerError`, mapped to gRPC status in `api`.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
-use rand::Rng;
-use tracing::{Instrument, debug, info, info_span, warn};
-use url::Url;
+use futures::FutureExt;
+use tracing::{Instrument, debug, info_span, warn};
 
-use crate::assertion::{self, AssertionParams};
-use crate::cache::{CachedToken, FlightResult, FromJoin, Joined, Key, Slot, SlotState, TokenCache};
+use crate::cache::{CachedToken, FlightResult, Joined, Key, Slot, SlotState, TokenCache};
 use crate::clock::Clock;
-use crate::config::{CacheConfig, Config, Credential, TenantConfig};
-use crate::entra::{self, EntraError, EntraErrorClass, ExchangeRequest, TokenExchange};
-use crate::signer::{CertificateInfo, Signer, SignerError};
+use crate::config::{CacheConfig, Config, Prewarm};
+use crate::entra::TokenExchange;
+pub use crate::flow::FlowError;
+use crate::flow::{self, Flow, Tenant};
+use crate::resilience::backoff;
+use crate::signer::Signer;
 
 /// Longest minimum validity a caller may ask for: Entra tokens live 60-90 minutes.
 pub const MAX_MIN_VALIDITY: Duration = Duration::from_secs(3600);
@@ -51,23 +53,6 @@ pub struct IssuedToken {
     pub source: TokenSource,
 }
 
-/// What went wrong in the credential flow for one key.
-#[derive(Debug, thiserror::Error)]
-pub enum FlowError {
-    #[error("Key Vault: {0}")]
-    Signer(#[from] SignerError),
-    #[error("{0}")]
-    Entra(#[from] EntraError),
-    #[error("internal: {0}")]
-    Internal(String),
-}
-
-impl FromJoin for FlowError {
-    fn from_join(e: tokio::task::JoinError) -> Self {
-        FlowError::Internal(format!("token fetch task ended: {e}"))
-    }
-}
-
 /// Broker errors, mapped once to gRPC status in `api`.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -93,17 +78,16 @@ pub enum BrokerError {
     ShuttingDown,
 }
 
-/// Counters for tests, metrics and benchmarks.
+/// Cache counters for tests, metrics and benchmarks.
 #[derive(Debug, Default)]
 pub struct Stats {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
     pub coalesced: AtomicU64,
     pub stale_served: AtomicU64,
+    pub negative_hits: AtomicU64,
     pub refreshes: AtomicU64,
     pub refresh_failures: AtomicU64,
-    pub exchanges: AtomicU64,
-    pub signs: AtomicU64,
 }
 
 /// The upstream seams the broker uses; tests replace any of them.
@@ -114,22 +98,14 @@ pub struct Upstreams {
     pub clock: Arc<dyn Clock>,
 }
 
-struct Tenant {
-    config: TenantConfig,
-    name: Arc<str>,
-    tenant_id: Arc<str>,
-    client_id: Arc<str>,
-    token_endpoint: Url,
-}
-
-type CertKey = (Url, String);
-
 struct Inner {
     tenants: HashMap<String, Arc<Tenant>>,
-    up: Upstreams,
+    flow: Flow,
+    clock: Arc<dyn Clock>,
     cfg: CacheConfig,
+    negative_ttl: Duration,
+    prewarm: Vec<Prewarm>,
     cache: TokenCache<FlowError>,
-    certs: moka::future::Cache<CertKey, CertificateInfo>,
     stats: Stats,
 }
 
@@ -154,28 +130,18 @@ impl Broker {
         let tenants = config
             .tenants
             .values()
-            .map(|t| {
-                let tenant = Tenant {
-                    name: Arc::from(t.name.as_str()),
-                    tenant_id: Arc::from(t.tenant_id.as_str()),
-                    client_id: Arc::from(t.client_id.as_str()),
-                    token_endpoint: entra::token_endpoint(&authority, &t.tenant_id),
-                    config: t.clone(),
-                };
-                (t.name.clone(), Arc::new(tenant))
-            })
+            .map(|t| (t.name.clone(), Arc::new(flow::tenant(t, &authority))))
             .collect();
         let cfg = config.cache.clone();
         Broker {
             inner: Arc::new(Inner {
                 tenants,
+                flow: Flow::new(config, up.signer, up.exchange, up.clock.clone()),
+                clock: up.clock,
                 cache: TokenCache::new(cfg.max_entries, Duration::from_secs(24 * 3600)),
-                certs: moka::future::Cache::builder()
-                    .max_capacity(10_000)
-                    .time_to_live(cfg.certificate_refresh)
-                    .build(),
                 cfg,
-                up,
+                negative_ttl: config.resilience.negative_ttl,
+                prewarm: config.resilience.prewarm.clone(),
                 stats: Stats::default(),
             }),
         }
@@ -183,6 +149,18 @@ impl Broker {
 
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
+    }
+
+    pub fn upstream_stats(&self) -> &flow::UpstreamStats {
+        &self.inner.flow.stats
+    }
+
+    pub fn flow(&self) -> &Flow {
+        &self.inner.flow
+    }
+
+    pub fn cache(&self) -> &TokenCache<FlowError> {
+        &self.inner.cache
     }
 
     pub fn tenant_names(&self) -> impl Iterator<Item = &str> {
@@ -224,14 +202,18 @@ impl Broker {
                 });
             }
             Some(d) => d.max(self.inner.cfg.safety_margin),
-            None => self.inner.cfg.default_min_validity,
+            None => self
+                .inner
+                .cfg
+                .default_min_validity
+                .max(self.inner.cfg.safety_margin),
         };
         let slot = self.inner.cache.slot(&key).await;
-        let now = self.inner.up.clock.now();
+        let now = self.inner.clock.now();
         let state = slot.current();
         if let Some(token) = &state.token
             && token.remaining(now) >= wanted
-            && !(req.force_refresh && slot.allow_forced(self.inner.cfg.force_refresh_interval))
+            && !(req.force_refresh && slot.allow_forced(now, self.inner.cfg.force_refresh_interval))
         {
             self.inner.stats.hits.fetch_add(1, Ordering::Relaxed);
             if now >= token.refresh_at && state.failure.is_none() {
@@ -253,6 +235,16 @@ impl Broker {
                 source,
             });
         }
+        if let Some(e) = slot.negative(now) {
+            self.inner
+                .stats
+                .negative_hits
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(BrokerError::Upstream {
+                tenant: key.tenant.to_string(),
+                source: e,
+            });
+        }
         self.inner.stats.misses.fetch_add(1, Ordering::Relaxed);
         let (joined, flight) = self.start_fetch(&key, &slot)?;
         if joined == Joined::Follower {
@@ -262,7 +254,7 @@ impl Broker {
             tenant: key.tenant.to_string(),
             source,
         })?;
-        let remaining = token.remaining(self.inner.up.clock.now());
+        let remaining = token.remaining(self.inner.clock.now());
         if remaining < wanted {
             return Err(BrokerError::MinValidityUnmet { remaining, wanted });
         }
@@ -272,7 +264,7 @@ impl Broker {
         })
     }
 
-    /// The slot of a key, for watchers. The first state may have no token yet.
+    /// Watches a key's state; starts a fetch if there is no token yet.
     pub async fn subscribe(
         &self,
         tenant: &str,
@@ -281,10 +273,28 @@ impl Broker {
         let key = self.key(tenant, scopes)?;
         let slot = self.inner.cache.slot(&key).await;
         let rx = slot.subscribe();
-        if slot.current().token.is_none() {
+        if slot.current().token.is_none() && slot.negative(self.inner.clock.now()).is_none() {
             let _ = self.start_fetch(&key, &slot);
         }
         Ok(rx)
+    }
+
+    /// Fetches the configured pre-warm keys; `Ok` once all are cached.
+    pub async fn prewarm(&self) -> Result<(), BrokerError> {
+        for p in &self.inner.prewarm {
+            self.get_token(&TokenRequest {
+                tenant: p.tenant.clone(),
+                scopes: p.scopes.clone(),
+                min_validity: None,
+                force_refresh: false,
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub fn has_prewarm(&self) -> bool {
+        !self.inner.prewarm.is_empty()
     }
 
     fn start_fetch(
@@ -299,40 +309,54 @@ impl Broker {
             .cloned()
             .ok_or_else(|| BrokerError::UnknownTenant(key.tenant.to_string()))?;
         let broker = self.clone();
-        let scopes = key.scopes.clone();
         let weak_slot = Arc::downgrade(slot);
-        let key_for_refresh = key.clone();
+        let key = key.clone();
         Ok(slot.fetch(move || {
-            let span = info_span!("fetch", tenant = %tenant.name, scopes = %scopes.join(" "));
+            let span = info_span!("fetch", tenant = %tenant.name, scopes = %key.scopes.join(" "));
             async move {
-                let result = broker.fetch(&tenant, &scopes).await;
-                match &result {
-                    Ok(t) => {
-                        broker.schedule_refresh(key_for_refresh, weak_slot, t.refresh_at);
-                    }
-                    Err(e) => {
-                        broker
-                            .inner
-                            .stats
-                            .refresh_failures
-                            .fetch_add(1, Ordering::Relaxed);
-                        warn!(error = %e, "token fetch failed");
+                let result = broker
+                    .inner
+                    .flow
+                    .fetch(&tenant, &key.scopes)
+                    .await
+                    .map(Arc::new);
+                let now = broker.inner.clock.now();
+                if let Some(slot) = weak_slot.upgrade() {
+                    match &result {
+                        Ok(t) => {
+                            slot.set_negative(None);
+                            broker.schedule_refresh(key, weak_slot, t.refresh_at);
+                        }
+                        Err(e) => {
+                            broker
+                                .inner
+                                .stats
+                                .refresh_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            warn!(error = %e, "token fetch failed");
+                            if e.is_persistent() {
+                                // Remember it briefly so one broken tenant cannot hammer Entra.
+                                slot.set_negative(Some((
+                                    now + broker.inner.negative_ttl,
+                                    Arc::new(e.clone()),
+                                )));
+                            }
+                        }
                     }
                 }
                 result.map_err(Arc::new)
             }
             .instrument(span)
+            .boxed()
         }))
     }
 
-    /// Refreshes a key in the background at its refresh time, for as long as its slot lives.
-    fn schedule_refresh(&self, key: Key, slot: std::sync::Weak<Slot<FlowError>>, at: SystemTime) {
+    /// Refreshes a key in the background at its refresh time, for as long as its slot lives,
+    /// retrying failures with backoff while the old token is served.
+    fn schedule_refresh(&self, key: Key, slot: Weak<Slot<FlowError>>, at: SystemTime) {
         let broker = self.clone();
-        let delay = at
-            .duration_since(self.inner.up.clock.now())
-            .unwrap_or(Duration::ZERO);
         tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
+            broker.inner.clock.sleep_until(at).await;
             let mut failures = 0u32;
             loop {
                 let Some(live) = slot.upgrade() else { return };
@@ -349,126 +373,21 @@ impl Broker {
                     return;
                 };
                 drop(live);
-                if flight.await.is_ok() {
+                match flight.await {
                     // The successful fetch scheduled the next refresh.
-                    return;
+                    Ok(_) => return,
+                    Err(e) => {
+                        failures += 1;
+                        let wait =
+                            backoff(failures, Duration::from_secs(2), Duration::from_secs(60))
+                                .max(e.retry_after().unwrap_or_default())
+                                .max(Duration::from_secs(1));
+                        broker.inner.clock.sleep(wait).await;
+                    }
                 }
-                failures += 1;
-                tokio::time::sleep(refresh_backoff(failures)).await;
             }
         });
     }
-
-    /// The credential flow for one key.
-    async fn fetch(
-        &self,
-        tenant: &Tenant,
-        scopes: &[String],
-    ) -> Result<Arc<CachedToken>, FlowError> {
-        let Credential::KeyVaultCertificate {
-            vault_url,
-            certificate,
-            algorithm,
-            thumbprint,
-        } = &tenant.config.credential;
-        let cert_key: CertKey = (vault_url.clone(), certificate.clone());
-        let mut cert = self.certificate(&cert_key).await?;
-        let mut retried_key = false;
-        let mut retried_clock = false;
-        loop {
-            let now = self.inner.up.clock.now();
-            let params = AssertionParams {
-                token_endpoint: &tenant.token_endpoint,
-                client_id: &tenant.client_id,
-                algorithm: *algorithm,
-                thumbprint: *thumbprint,
-                now: self.inner.up.clock.unix(),
-            };
-            self.inner.stats.signs.fetch_add(1, Ordering::Relaxed);
-            let assertion = assertion::build(self.inner.up.signer.as_ref(), &params, &cert).await?;
-            let correlation_id = uuid::Uuid::new_v4();
-            self.inner.stats.exchanges.fetch_add(1, Ordering::Relaxed);
-            let result = self
-                .inner
-                .up
-                .exchange
-                .exchange(ExchangeRequest {
-                    token_endpoint: &tenant.token_endpoint,
-                    client_id: &tenant.client_id,
-                    scope: &scopes.join(" "),
-                    assertion: &assertion,
-                    correlation_id,
-                })
-                .await;
-            match result {
-                Ok(t) => {
-                    let lifetime = t.expires_in;
-                    let refresh_in = t.refresh_in.filter(|r| *r < lifetime).unwrap_or_else(|| {
-                        refresh_after(lifetime, self.inner.cfg.refresh_fraction)
-                    });
-                    info!(
-                        tenant = %tenant.name,
-                        expires_in = lifetime.as_secs(),
-                        fingerprint = %t.access_token.fingerprint(),
-                        %correlation_id,
-                        "token obtained"
-                    );
-                    return Ok(Arc::new(CachedToken {
-                        access_token: t.access_token,
-                        token_type: t.token_type,
-                        obtained_at: now,
-                        expires_at: now + lifetime,
-                        refresh_at: now + refresh_in,
-                        tenant_id: tenant.tenant_id.clone(),
-                        client_id: tenant.client_id.clone(),
-                        scopes: scopes.to_vec().into(),
-                    }));
-                }
-                // Entra does not know the key we signed with: the certificate may have been
-                // rotated. Re-read its metadata at once and retry once if it changed.
-                Err(e) if e.class == EntraErrorClass::KeyRejected && !retried_key => {
-                    retried_key = true;
-                    self.inner.certs.invalidate(&cert_key).await;
-                    let fresh = self.certificate(&cert_key).await?;
-                    if fresh == cert {
-                        return Err(e.into());
-                    }
-                    info!(tenant = %tenant.name, version = %fresh.version, "certificate changed; retrying with the new version");
-                    cert = fresh;
-                }
-                // Outside the assertion's time window: one fresh assertion, then give up.
-                Err(e) if e.class == EntraErrorClass::Clock && !retried_clock => {
-                    retried_clock = true;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    async fn certificate(&self, key: &CertKey) -> Result<CertificateInfo, FlowError> {
-        let signer = self.inner.up.signer.clone();
-        let (vault, name) = key.clone();
-        self.inner
-            .certs
-            .try_get_with_by_ref(key, async move { signer.certificate(&vault, &name).await })
-            .await
-            .map_err(|e: Arc<SignerError>| FlowError::Signer((*e).clone()))
-    }
-}
-
-/// When to refresh a token of `lifetime` with no `refresh_in`: at `fraction` of its life,
-/// less up to 10% jitter so tenants loaded together do not refresh together.
-pub fn refresh_after(lifetime: Duration, fraction: f64) -> Duration {
-    let base = lifetime.mul_f64(fraction);
-    let jitter = lifetime.mul_f64(0.1 * rand::rng().random::<f64>());
-    base.saturating_sub(jitter)
-}
-
-/// Full-jitter exponential backoff between failed background refreshes: 1 s doubling,
-/// capped at 60 s, so an outage costs Entra one call per key per minute at most.
-pub fn refresh_backoff(failures: u32) -> Duration {
-    let cap = Duration::from_secs(1u64 << failures.min(6)).min(Duration::from_secs(60));
-    cap.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
 /// Trims, de-duplicates and sorts scopes, and checks their shape.
@@ -543,7 +462,7 @@ mod tests {
     fn refresh_is_at_the_fraction_less_jitter() {
         let life = Duration::from_secs(3600);
         for _ in 0..100 {
-            let r = refresh_after(life, 0.5);
+            let r = flow::refresh_after(life, 0.5);
             assert!(
                 r <= Duration::from_secs(1800) && r >= Duration::from_secs(1440),
                 "{r:?}"

@@ -4,7 +4,6 @@
 //! Watchers (`WatchToken`) subscribe to a slot's state.
 
 use std::fmt;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -65,7 +64,9 @@ type Flight<E> = Shared<BoxFuture<'static, FlightResult<E>>>;
 pub struct Slot<E> {
     state: watch::Sender<SlotState>,
     inflight: Mutex<Option<Flight<E>>>,
-    last_forced: Mutex<Option<tokio::time::Instant>>,
+    last_forced: Mutex<Option<SystemTime>>,
+    /// A persistent failure (configuration) answered from memory until the given time.
+    negative: Mutex<Option<(SystemTime, Arc<E>)>>,
 }
 
 impl<E> fmt::Debug for Slot<E> {
@@ -87,6 +88,7 @@ impl<E: Send + Sync + 'static> Slot<E> {
             state: watch::channel(SlotState::default()).0,
             inflight: Mutex::new(None),
             last_forced: Mutex::new(None),
+            negative: Mutex::new(None),
         }
     }
 
@@ -112,12 +114,23 @@ impl<E: Send + Sync + 'static> Slot<E> {
         });
     }
 
+    /// The remembered persistent failure, if still in force at `now`.
+    pub fn negative(&self, now: SystemTime) -> Option<Arc<E>> {
+        let n = self.negative.lock().unwrap_or_else(|p| p.into_inner());
+        n.as_ref()
+            .filter(|(until, _)| now < *until)
+            .map(|(_, e)| e.clone())
+    }
+
+    pub fn set_negative(&self, until: Option<(SystemTime, Arc<E>)>) {
+        *self.negative.lock().unwrap_or_else(|p| p.into_inner()) = until;
+    }
+
     /// Honours a forced refresh at most once per `interval`.
-    pub fn allow_forced(&self, interval: Duration) -> bool {
+    pub fn allow_forced(&self, now: SystemTime, interval: Duration) -> bool {
         let mut last = self.last_forced.lock().unwrap_or_else(|p| p.into_inner());
-        let now = tokio::time::Instant::now();
         match *last {
-            Some(t) if now.duration_since(t) < interval => false,
+            Some(t) if now.duration_since(t).unwrap_or_default() < interval => false,
             _ => {
                 *last = Some(now);
                 true
@@ -128,10 +141,9 @@ impl<E: Send + Sync + 'static> Slot<E> {
     /// Joins the fetch under way, or starts `start()` as the one fetch for this slot.
     /// The fetch runs in its own task, so a caller that gives up does not cancel it for
     /// the others, and its result is published before any waiter sees it.
-    pub fn fetch<F, Fut>(self: &Arc<Self>, start: F) -> (Joined, Flight<E>)
+    pub fn fetch<F>(self: &Arc<Self>, start: F) -> (Joined, Flight<E>)
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = FlightResult<E>> + Send + 'static,
+        F: FnOnce() -> BoxFuture<'static, FlightResult<E>>,
         E: fmt::Display + FromJoin,
     {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());

@@ -70,6 +70,20 @@ pub enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// PEM bundle of the CA that signs the broker's certificate (with an https:// address;
+        /// default: the platform roots).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Client certificate (PEM) for mutual TLS; goes with --key.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// Private key (PEM) of the client certificate.
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// File holding a bearer token (JWT), sent as `authorization: Bearer`. Read at each run,
+        /// so a rotated token file (Kubernetes projected token) just works.
+        #[arg(long)]
+        bearer_file: Option<PathBuf>,
     },
     /// Validate a configuration file and explain every problem with its location.
     CheckConfig { file: PathBuf },
@@ -102,6 +116,10 @@ pub async fn run(cli: Cli) -> ExitCode {
             force_refresh,
             json,
             timeout,
+            ca,
+            cert,
+            key,
+            bearer_file,
         } => {
             let req = proto::GetTokenRequest {
                 tenant,
@@ -112,7 +130,12 @@ pub async fn run(cli: Cli) -> ExitCode {
                 }),
                 force_refresh,
             };
-            match token(&addr, req, Duration::from_secs(timeout)).await {
+            let auth = CallerAuth {
+                ca,
+                cert: cert.zip(key),
+                bearer_file,
+            };
+            match token(&addr, req, Duration::from_secs(timeout), &auth).await {
                 Ok(resp) => {
                     if json {
                         println!("{}", response_json(&resp));
@@ -204,10 +227,11 @@ async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
             .unwrap_or_else(|_| "tokenbroker".into());
         println!(
             "\ntokenbroker dev is up: broker on {addr} (plaintext, loopback), Azure emulator endpoints in {}\n\
-             broker config: {}\n\ntenants: {}\n\nAsk for a token:\n  {exe} token --addr http://{addr} --tenant {} --scope https://graph.microsoft.com/.default\n\n\
+             broker config: {}\naudit log: {}\n\ntenants: {}\n\nAsk for a token:\n  {exe} token --addr http://{addr} --tenant {} --scope https://graph.microsoft.com/.default\n\n\
              Stop with Ctrl-C.",
             state_dir.join("endpoints.json").display(),
             config_path.display(),
+            crate::dev::audit_file(emulator.endpoints()).display(),
             tenants.join(", "),
             tenants.first().map(String::as_str).unwrap_or("contoso"),
         );
@@ -249,22 +273,75 @@ pub async fn shutdown_signal() {
     }
 }
 
-async fn token(
+/// How `token` proves who it is to the broker.
+#[derive(Debug, Default)]
+pub struct CallerAuth {
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key files.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    pub bearer_file: Option<PathBuf>,
+}
+
+pub async fn token(
     addr: &str,
     req: proto::GetTokenRequest,
     timeout: Duration,
+    auth: &CallerAuth,
 ) -> Result<proto::GetTokenResponse, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
         .map_err(|e| format!("bad --addr {addr}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(timeout);
+    let uri = endpoint.uri().clone();
+    let tls = uri.scheme_str() == Some("https");
+    let read =
+        |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    if tls {
+        let mut cfg = tonic::transport::ClientTlsConfig::new();
+        cfg = match &auth.ca {
+            Some(ca) => cfg.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?)),
+            None => cfg.with_native_roots(),
+        };
+        if let Some((cert, key)) = &auth.cert {
+            cfg = cfg.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(cfg)
+            .map_err(|e| format!("TLS setup for {addr}: {e}"))?;
+    } else if auth.ca.is_some() || auth.cert.is_some() {
+        return Err("--ca, --cert and --key need an https:// --addr".into());
+    }
+    let mut request = tonic::Request::new(req);
+    if let Some(path) = &auth.bearer_file {
+        let loopback = uri
+            .host()
+            .map(|h| h.trim_matches(['[', ']']))
+            .is_some_and(|h| {
+                h == "localhost"
+                    || h.parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            });
+        if !tls && !loopback {
+            return Err("refusing to send a bearer token over plaintext to a non-loopback address; use https://".into());
+        }
+        let raw = crate::sensitive::Sensitive::new(
+            String::from_utf8(read(path)?).map_err(|_| format!("{}: not UTF-8", path.display()))?,
+        );
+        let value = format!("Bearer {}", raw.expose().trim())
+            .parse()
+            .map_err(|_| format!("{}: the token is not a valid header value", path.display()))?;
+        request.metadata_mut().insert("authorization", value);
+    }
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let mut client = proto::token_broker_client::TokenBrokerClient::new(channel);
     client
-        .get_token(req)
+        .get_token(request)
         .await
         .map(|r| r.into_inner())
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))

@@ -10,6 +10,12 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+mod callers;
+pub use callers::{
+    AuditConfig, AuditOutput, CallersConfig, ClientCertMode, DEFAULT_ALGORITHMS, IssuerConfig,
+    LimitsConfig, PolicyConfig, secure_or_loopback,
+};
+
 /// Everything wrong with a configuration, each problem with its location.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -60,8 +66,13 @@ pub struct Config {
     pub outbound: OutboundConfig,
     pub cloud: Cloud,
     pub cache: CacheConfig,
+    pub resilience: ResilienceConfig,
     /// Tenants by their configured name.
     pub tenants: BTreeMap<String, TenantConfig>,
+    pub callers: CallersConfig,
+    pub policy: PolicyConfig,
+    pub audit: AuditConfig,
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -72,12 +83,17 @@ pub struct ServerConfig {
     pub tls: Option<ServerTls>,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// How often the TLS certificate, key and policy files are checked for changes.
+    pub reload_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct ServerTls {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// CA bundle that signs callers' client certificates (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+    pub client_cert: ClientCertMode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -173,6 +189,36 @@ pub struct CacheConfig {
     pub refresh_fraction: f64,
 }
 
+/// Retries, budgets, breakers and pre-warming: how the broker treats its upstreams.
+#[derive(Debug, Clone)]
+pub struct ResilienceConfig {
+    /// Attempts per upstream call on transient failures (first try included).
+    pub max_attempts: u32,
+    /// Total time one fetch may spend retrying and waiting for budget.
+    pub retry_budget: Duration,
+    /// Key Vault sign calls per second per vault (below the service's 2,000 per 10 s for RSA-2048 HSM keys).
+    pub sign_rate_per_vault: f64,
+    pub sign_burst: u32,
+    /// Entra exchanges per second per tenant.
+    pub exchange_rate_per_tenant: f64,
+    pub exchange_burst: u32,
+    /// Consecutive transient failures that open an upstream's breaker.
+    pub breaker_failures: u32,
+    pub breaker_cool_down: Duration,
+    /// How long a configuration failure (app not found, consent missing, certificate not
+    /// registered) is answered from memory before Entra is asked again.
+    pub negative_ttl: Duration,
+    /// Keys fetched at start; readiness waits for them.
+    pub prewarm: Vec<Prewarm>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prewarm {
+    pub tenant: String,
+    pub scopes: Vec<String>,
+}
+
 /// How the assertion header names the certificate and which algorithm signs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum SigningAlgorithm {
@@ -228,11 +274,21 @@ struct RawConfig {
     cloud: RawCloud,
     #[serde(default)]
     cache: RawCache,
+    #[serde(default)]
+    resilience: RawResilience,
     /// Shared app registrations, for one multi-tenant app used in many tenants.
     #[serde(default)]
     apps: BTreeMap<String, RawApp>,
     #[serde(default)]
     tenants: BTreeMap<String, RawTenant>,
+    #[serde(default)]
+    callers: callers::RawCallers,
+    #[serde(default)]
+    policy: callers::RawPolicy,
+    #[serde(default)]
+    audit: callers::RawAudit,
+    #[serde(default)]
+    limits: callers::RawLimits,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -243,6 +299,9 @@ struct RawServer {
     plaintext: bool,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
+    client_ca_file: Option<PathBuf>,
+    client_cert: Option<ClientCertMode>,
+    reload_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
 }
 
@@ -287,6 +346,22 @@ struct RawCache {
     force_refresh_interval_secs: Option<u64>,
     certificate_refresh_secs: Option<u64>,
     refresh_fraction: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResilience {
+    max_attempts: Option<u32>,
+    retry_budget_secs: Option<u64>,
+    sign_rate_per_vault: Option<f64>,
+    sign_burst: Option<u32>,
+    exchange_rate_per_tenant: Option<f64>,
+    exchange_burst: Option<u32>,
+    breaker_failures: Option<u32>,
+    breaker_cool_down_secs: Option<u64>,
+    negative_ttl_secs: Option<u64>,
+    #[serde(default)]
+    prewarm: Vec<Prewarm>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -554,6 +629,7 @@ impl Validator<'_> {
         let outbound = self.outbound(raw.outbound, env);
         let cloud = self.cloud(raw.cloud);
         let cache = self.cache(raw.cache);
+        let resilience = self.resilience(raw.resilience);
         let mut apps = BTreeMap::new();
         for (name, app) in raw.apps {
             let path = format!("apps.{name}");
@@ -631,6 +707,19 @@ impl Validator<'_> {
                 );
             }
         }
+        for (i, p) in resilience.prewarm.iter().enumerate() {
+            if !tenants.contains_key(&p.tenant) {
+                self.problem(
+                    &format!("resilience.prewarm[{i}].tenant"),
+                    format!("`{}` is not a configured tenant", p.tenant),
+                );
+            }
+        }
+        let tenant_names = tenants.keys().cloned().collect();
+        let callers = self.callers(raw.callers, &server);
+        let policy = self.policy(raw.policy, &tenant_names);
+        let audit = self.audit(raw.audit);
+        let limits = self.limits(raw.limits);
         Config {
             server,
             log,
@@ -638,7 +727,48 @@ impl Validator<'_> {
             outbound,
             cloud,
             cache,
+            resilience,
             tenants,
+            callers,
+            policy,
+            audit,
+            limits,
+        }
+    }
+
+    fn resilience(&mut self, raw: RawResilience) -> ResilienceConfig {
+        let positive = |v: &mut Self, path: &str, x: f64| {
+            if !(x > 0.0 && x.is_finite()) {
+                v.problem(path, "must be a positive number");
+            }
+        };
+        let sign_rate = raw.sign_rate_per_vault.unwrap_or(100.0);
+        positive(self, "resilience.sign_rate_per_vault", sign_rate);
+        let exchange_rate = raw.exchange_rate_per_tenant.unwrap_or(20.0);
+        positive(self, "resilience.exchange_rate_per_tenant", exchange_rate);
+        let max_attempts = raw.max_attempts.unwrap_or(3);
+        if !(1..=10).contains(&max_attempts) {
+            self.problem("resilience.max_attempts", "must be between 1 and 10");
+        }
+        for (i, p) in raw.prewarm.iter().enumerate() {
+            if p.scopes.is_empty() {
+                self.problem(
+                    &format!("resilience.prewarm[{i}].scopes"),
+                    "at least one scope is required",
+                );
+            }
+        }
+        ResilienceConfig {
+            max_attempts,
+            retry_budget: Duration::from_secs(raw.retry_budget_secs.unwrap_or(10)),
+            sign_rate_per_vault: sign_rate,
+            sign_burst: raw.sign_burst.unwrap_or(50),
+            exchange_rate_per_tenant: exchange_rate,
+            exchange_burst: raw.exchange_burst.unwrap_or(10),
+            breaker_failures: raw.breaker_failures.unwrap_or(5),
+            breaker_cool_down: Duration::from_secs(raw.breaker_cool_down_secs.unwrap_or(30)),
+            negative_ttl: Duration::from_secs(raw.negative_ttl_secs.unwrap_or(30)),
+            prewarm: raw.prewarm,
         }
     }
 
@@ -660,10 +790,33 @@ impl Validator<'_> {
                 SocketAddr::from(([127, 0, 0, 1], 50051))
             }
         };
+        let client_ca_file = raw.client_ca_file.map(|p| self.path(p));
+        if let Some(p) = &client_ca_file
+            && !p.is_file()
+        {
+            self.problem(
+                "server.client_ca_file",
+                format!("{} does not exist or is not a file", p.display()),
+            );
+        }
+        let client_cert = match (raw.client_cert, &client_ca_file) {
+            (Some(ClientCertMode::Required), None) => {
+                self.problem(
+                    "server.client_cert",
+                    "client certificates cannot be required without client_ca_file",
+                );
+                ClientCertMode::Required
+            }
+            (Some(m), _) => m,
+            (None, _) => ClientCertMode::Optional,
+        };
+        let reload_interval = Duration::from_secs(raw.reload_secs.unwrap_or(5).max(1));
         let tls = match (raw.tls_cert_file, raw.tls_key_file) {
             (Some(c), Some(k)) => Some(ServerTls {
                 cert_file: self.path(c),
                 key_file: self.path(k),
+                client_ca_file: client_ca_file.clone(),
+                client_cert,
             }),
             (None, None) => None,
             _ => {
@@ -680,6 +833,18 @@ impl Validator<'_> {
                 format!("plaintext gRPC is allowed only on a loopback address, not {listen}; configure tls_cert_file and tls_key_file"),
             );
         }
+        if raw.plaintext && tls.is_some() {
+            self.problem(
+                "server.plaintext",
+                "choose TLS (tls_cert_file, tls_key_file) or `plaintext = true`, not both",
+            );
+        }
+        if client_ca_file.is_some() && tls.is_none() {
+            self.problem(
+                "server.client_ca_file",
+                "mutual TLS needs TLS: set tls_cert_file and tls_key_file",
+            );
+        }
         if !raw.plaintext && tls.is_none() {
             self.problem(
                 "server",
@@ -691,6 +856,7 @@ impl Validator<'_> {
             plaintext: raw.plaintext,
             tls,
             shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs.unwrap_or(20)),
+            reload_interval,
         }
     }
 

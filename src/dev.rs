@@ -33,6 +33,23 @@ pub fn broker_config_toml(
         endpoints.authority_host,
         endpoints.ca_cert.replace('\\', "\\\\"),
     );
+    // Development only, and only valid here: config validation accepts `dev_loopback` solely
+    // with `plaintext = true` on a loopback address, and only the `dev:loopback` identity
+    // may hold `*` grants. Real callers (mTLS, bearer JWT) can be added next to it.
+    let _ = writeln!(
+        out,
+        "\n# Dev only: requests without credentials on this plaintext loopback listener are the\n\
+         # caller `dev:loopback`, granted every tenant and scope. Refused anywhere but loopback.\n\
+         [callers]\ndev_loopback = true\n\n\
+         [[policy.grant]]\ncallers = [\"dev:loopback\"]\ntenants = [\"*\"]\nscopes = [\"*\"]\n\n\
+         # Every local process is the one caller `dev:loopback`: a bucket big enough for load tests.\n\
+         [limits]\ncaller_rate_per_sec = 1000000.0\ncaller_burst = 1000000\n\n\
+         [audit]\noutput = \"file\"\nfile = \"{}\"",
+        audit_file(endpoints)
+            .display()
+            .to_string()
+            .replace('\\', "\\\\"),
+    );
     let _ = writeln!(out, "\n[outbound.pin_hosts]");
     for v in &emu.vaults {
         let _ = writeln!(out, "\"{}.vault.azure.net\" = \"127.0.0.1\"", v.name);
@@ -58,6 +75,14 @@ pub fn broker_config_toml(
         }
     }
     out
+}
+
+/// The dev audit log: `audit.jsonl` beside the emulator's CA certificate (the state directory).
+pub fn audit_file(endpoints: &Endpoints) -> PathBuf {
+    Path::new(&endpoints.ca_cert)
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("audit.jsonl")
 }
 
 fn tenant_name(domain: Option<&str>, id: &str) -> String {

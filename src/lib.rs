@@ -4,8 +4,11 @@
 //! See `docs/ARCHITECTURE.md` for the map of modules and the invariants.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod api;
 pub mod assertion;
+pub mod audit;
+pub mod authn;
 pub mod broker;
 pub mod cache;
 pub mod cli;
@@ -16,11 +19,17 @@ pub mod dev;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod entra;
+pub mod flow;
+pub mod identity;
+pub mod limits;
 pub mod outbound;
+pub mod policy;
+pub mod resilience;
 pub mod sensitive;
 pub mod server;
 pub mod signer;
 pub mod telemetry;
+pub mod tls;
 
 pub mod proto {
     //! Generated gRPC types for `tokenbroker.v1`.

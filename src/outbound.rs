@@ -67,8 +67,15 @@ pub fn http_client(cfg: &OutboundConfig) -> Result<reqwest::Client, OutboundErro
         .map_err(|e| OutboundError::Client(e.to_string()))
 }
 
-/// Azure SDK client options that send through the shared client.
-pub fn client_options(http: &reqwest::Client, imds: Option<&Url>) -> ClientOptions {
+/// Azure SDK client options that send through the shared client. `retry` is the SDK's own
+/// retry policy: the Key Vault clients get none, because the broker retries them itself on
+/// its own clock (honouring `Retry-After`, within budgets and breakers); the managed identity
+/// credential keeps a short bounded one, as its token is cached and rarely fetched.
+pub fn client_options(
+    http: &reqwest::Client,
+    imds: Option<&Url>,
+    retry: RetryOptions,
+) -> ClientOptions {
     let transport: Arc<dyn HttpClient> = match imds {
         Some(url) => Arc::new(ImdsRedirect {
             inner: http.clone(),
@@ -78,16 +85,20 @@ pub fn client_options(http: &reqwest::Client, imds: Option<&Url>) -> ClientOptio
     };
     ClientOptions {
         transport: Some(Transport::new(transport)),
-        // A short, bounded SDK retry for blips; the broker's own refresh schedule and
-        // serve-stale policy handle longer outages, so callers never wait a minute here.
-        retry: RetryOptions::exponential(ExponentialRetryOptions {
-            initial_delay: azure_core::time::Duration::milliseconds(200),
-            max_retries: 2,
-            max_total_elapsed: azure_core::time::Duration::seconds(10),
-            max_delay: azure_core::time::Duration::seconds(2),
-        }),
+        retry,
         ..Default::default()
     }
+}
+
+/// A short, bounded retry for the managed identity endpoint (App Service mode; the IMDS
+/// source in `azure_identity` applies Microsoft's IMDS retry rules itself).
+pub fn identity_retry() -> RetryOptions {
+    RetryOptions::exponential(ExponentialRetryOptions {
+        initial_delay: azure_core::time::Duration::milliseconds(500),
+        max_retries: 3,
+        max_total_elapsed: azure_core::time::Duration::seconds(20),
+        max_delay: azure_core::time::Duration::seconds(5),
+    })
 }
 
 /// The broker's own identity: a managed identity (IMDS or App Service) or AKS workload identity.
@@ -111,7 +122,7 @@ pub fn credential(
         IdentitySource::WorkloadIdentity => {
             let options = WorkloadIdentityCredentialOptions {
                 credential_options: ClientAssertionCredentialOptions {
-                    client_options: client_options(http, None),
+                    client_options: client_options(http, None, identity_retry()),
                 },
                 client_id: identity.client_id.clone(),
                 ..Default::default()
@@ -123,7 +134,11 @@ pub fn credential(
         IdentitySource::Auto | IdentitySource::Imds | IdentitySource::AppService => {
             let options = ManagedIdentityCredentialOptions {
                 user_assigned_id: identity.client_id.clone().map(UserAssignedId::ClientId),
-                client_options: client_options(http, identity.imds_endpoint.as_ref()),
+                client_options: client_options(
+                    http,
+                    identity.imds_endpoint.as_ref(),
+                    identity_retry(),
+                ),
             };
             let c =
                 ManagedIdentityCredential::new(Some(options)).map_err(|e| err(e.to_string()))?;

@@ -1,5 +1,7 @@
 //! Assembles and runs the broker: outbound HTTP, managed identity, Key Vault signer, Entra
-//! exchange, cache, and the gRPC server with health and reflection, until shutdown.
+//! exchange, cache, caller access control, and the gRPC server (TLS with a reloading
+//! certificate and optional client certificates, or plaintext on loopback) with health and
+//! reflection, until shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,6 +12,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::info;
 
+use crate::access::{Access, AccessSetupError};
 use crate::api;
 use crate::broker::{Broker, Upstreams};
 use crate::clock::SystemClock;
@@ -32,6 +35,19 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error("{0}")]
     Tls(String),
+    #[error(transparent)]
+    TlsSetup(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Access(#[from] AccessSetupError),
+}
+
+/// Aborts a background task (file watchers) when the server stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The real upstreams for a configuration: Key Vault through the Azure SDK with the broker's
@@ -39,7 +55,10 @@ pub enum ServerError {
 pub fn upstreams(config: &Config) -> Result<Upstreams, ServerError> {
     let http = outbound::http_client(&config.outbound)?;
     let credential = outbound::credential(&config.identity, &http)?;
-    let signer = KeyVaultSigner::new(credential, outbound::client_options(&http, None));
+    let signer = KeyVaultSigner::new(
+        credential,
+        outbound::client_options(&http, None, azure_core::http::RetryOptions::none()),
+    );
     Ok(Upstreams {
         signer: Arc::new(signer),
         exchange: Arc::new(HttpTokenExchange::new(http)),
@@ -53,11 +72,22 @@ pub struct Bound {
     pub broker: Broker,
     listener: TcpListener,
     config: Config,
+    access: Arc<Access>,
+    tls: Option<(Arc<rustls::ServerConfig>, Arc<crate::tls::ReloadingCert>)>,
 }
 
 impl Bound {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    pub fn access(&self) -> &Arc<Access> {
+        &self.access
+    }
+
+    /// The server certificate, when serving TLS (to reload it on demand).
+    pub fn server_cert(&self) -> Option<&Arc<crate::tls::ReloadingCert>> {
+        self.tls.as_ref().map(|(_, c)| c)
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight requests.
@@ -75,20 +105,17 @@ impl Bound {
             .build_v1()
             .map_err(|e| ServerError::Tls(format!("reflection: {e}")))?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let service = api::Service::new(self.broker.clone(), stop_rx);
-        let mut builder = Server::builder();
-        if let Some(tls) = &self.config.server.tls {
-            let cert = std::fs::read(&tls.cert_file)
-                .map_err(|e| ServerError::Tls(format!("{}: {e}", tls.cert_file.display())))?;
-            let key = std::fs::read(&tls.key_file)
-                .map_err(|e| ServerError::Tls(format!("{}: {e}", tls.key_file.display())))?;
-            builder = builder
-                .tls_config(
-                    tonic::transport::ServerTlsConfig::new()
-                        .identity(tonic::transport::Identity::from_pem(cert, key)),
-                )
-                .map_err(|e| ServerError::Tls(e.to_string()))?;
-        }
+        let service = api::Service::new(self.broker.clone(), stop_rx, self.access.clone())
+            .into_server()
+            .max_decoding_message_size(self.config.limits.max_request_bytes);
+        // Bounds the metadata a caller can send (bearer tokens are at most 16 KiB).
+        let mut builder = Server::builder().http2_max_header_list_size(Some(32 * 1024));
+        let reload = self.config.server.reload_interval;
+        let _policy_watch = AbortOnDrop(self.access.policy().clone().watch(reload));
+        let _cert_watch = self
+            .tls
+            .as_ref()
+            .map(|(_, cert)| AbortOnDrop(cert.clone().watch(reload)));
         let addr = self.listener.local_addr().ok();
         info!(
             ?addr,
@@ -104,18 +131,50 @@ impl Bound {
                 .await;
             let _ = stop_tx.send(true);
         };
-        builder
+        let router = builder
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(service.into_server())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
-            .await?;
+            .add_service(service);
+        match self.tls {
+            Some((tls, _)) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        crate::tls::incoming(self.listener, tls),
+                        shutdown,
+                    )
+                    .await?
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+                    .await?
+            }
+        }
         Ok(())
     }
 }
 
-/// Builds the broker with the given upstreams and binds its listener.
+/// Builds the broker with the given upstreams and binds its listener; callers are admitted as
+/// the configuration says, audited to its audit output.
 pub async fn bind(config: Config, up: Upstreams) -> Result<Bound, ServerError> {
+    let http = outbound::http_client(&config.outbound)?;
+    let access = Access::from_config(&config, http)?;
+    bind_with(config, up, access).await
+}
+
+/// Like `bind`, with the caller access control given (tests supply an in-memory audit sink).
+pub async fn bind_with(
+    config: Config,
+    up: Upstreams,
+    access: Access,
+) -> Result<Bound, ServerError> {
+    // Certificate problems surface here, before anything listens.
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(crate::tls::server_config)
+        .transpose()?;
     let broker = Broker::new(&config, up);
     let addr = config.server.listen;
     let listener = TcpListener::bind(addr)
@@ -125,5 +184,7 @@ pub async fn bind(config: Config, up: Upstreams) -> Result<Bound, ServerError> {
         broker,
         listener,
         config,
+        access: Arc::new(access),
+        tls,
     })
 }

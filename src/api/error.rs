@@ -5,12 +5,61 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
+use crate::access::AccessError;
+use crate::api::Failure;
+use crate::authn::{AuthnError, JwtError};
 use crate::broker::{BrokerError, FlowError};
 use crate::entra::EntraErrorClass;
 use crate::signer::SignerError;
 
 /// Metadata key carrying a retry hint in seconds on UNAVAILABLE and RESOURCE_EXHAUSTED.
 pub const RETRY_AFTER_KEY: &str = "retry-after";
+
+/// The one message for every policy denial: the same for an unknown tenant and a forbidden
+/// one, so a caller cannot map the broker's tenants.
+pub const DENIED_MESSAGE: &str =
+    "not granted: this caller may not have tokens for this tenant and these scopes";
+
+pub fn failure_status(f: &Failure) -> Status {
+    match f {
+        Failure::Access(e) => access_status(e),
+        Failure::Broker(e) => to_status(e),
+    }
+}
+
+pub fn access_status(e: &AccessError) -> Status {
+    match e {
+        AccessError::Unauthenticated(AuthnError::Jwt(JwtError::KeysUnavailable { .. })) => {
+            with_retry(
+                Status::unavailable(format!("cannot authenticate the caller now: {e}")),
+                Some(Duration::from_secs(5)),
+            )
+        }
+        AccessError::Unauthenticated(a) => Status::unauthenticated(a.to_string()),
+        AccessError::Denied { .. } => Status::permission_denied(DENIED_MESSAGE),
+        AccessError::RateLimited { retry_after, .. } => with_retry(
+            Status::resource_exhausted(
+                "over this caller's request rate; retry after the hinted delay",
+            ),
+            Some(*retry_after),
+        ),
+        AccessError::Overloaded => with_retry(
+            Status::unavailable("the broker is at its limit of requests in flight; retry shortly"),
+            Some(Duration::from_secs(1)),
+        ),
+    }
+}
+
+/// Entra's correlation id of a failed upstream exchange, for the audit record.
+pub fn entra_correlation_id(e: &BrokerError) -> Option<String> {
+    match e {
+        BrokerError::Upstream { source, .. } => match source.as_ref() {
+            FlowError::Entra(err) => err.correlation_id.clone(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
 
 pub fn to_status(e: &BrokerError) -> Status {
     match e {

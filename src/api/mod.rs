@@ -1,9 +1,11 @@
-//! The gRPC API: `tokenbroker.v1.TokenBroker`. Thin handlers that decode requests, call the
-//! broker, and encode responses; errors become status only through `error::to_status`.
+//! The gRPC API: `tokenbroker.v1.TokenBroker`. Thin handlers that decode requests, admit
+//! them through `access` (authenticate, rate limit, authorize, audit), call the broker, and
+//! encode responses; errors become status only through `error`.
 
 pub mod error;
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
@@ -12,21 +14,137 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span};
 
-use crate::broker::{Broker, IssuedToken, TokenRequest, TokenSource};
+use crate::access::{Access, AccessError};
+use crate::audit::{AuditRecord, Outcome, rfc3339};
+use crate::authn::{Caller, Credentials};
+use crate::broker::{Broker, BrokerError, IssuedToken, TokenRequest, TokenSource};
 use crate::cache::{CachedToken, SlotState};
 use crate::proto;
 use crate::proto::token_broker_server::TokenBroker;
+use crate::sensitive::Sensitive;
 
 /// The gRPC service.
 #[derive(Debug, Clone)]
 pub struct Service {
     broker: Broker,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    access: Arc<Access>,
+}
+
+/// Why a request got no token: refused by access control, or failed in the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// Metadata key carrying the request id that the audit record shows.
+pub const REQUEST_ID_KEY: &str = "x-request-id";
+
+/// What a request carries that authentication and audit look at.
+struct Envelope {
+    request_id: String,
+    peer_certs: Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
+    authorization: Option<Sensitive>,
+    remote_addr: Option<std::net::SocketAddr>,
+}
+
+impl Envelope {
+    fn of<T>(request: &Request<T>) -> Envelope {
+        Envelope {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            peer_certs: request.peer_certs(),
+            // Wrapped at once: the header is a credential.
+            authorization: request
+                .metadata()
+                .get("authorization")
+                .map(|v| Sensitive::new(String::from_utf8_lossy(v.as_bytes()).into_owned())),
+            remote_addr: request.remote_addr(),
+        }
+    }
+
+    fn credentials(&self) -> Credentials<'_> {
+        Credentials {
+            peer_certs: self.peer_certs.as_deref().map(Vec::as_slice),
+            authorization: self.authorization.clone(),
+            remote_addr: self.remote_addr,
+        }
+    }
+
+    fn audit(&self, rpc: &'static str, tenant: &str, scopes: &[String]) -> AuditRecord {
+        AuditRecord::new(rpc, &self.request_id, self.remote_addr, tenant, scopes)
+    }
+
+    fn tag<T>(&self, mut r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+        if let Ok(v) = self.request_id.parse() {
+            match &mut r {
+                Ok(resp) => {
+                    resp.metadata_mut().insert(REQUEST_ID_KEY, v);
+                }
+                Err(status) => {
+                    status.metadata_mut().insert(REQUEST_ID_KEY, v);
+                }
+            }
+        }
+        r
+    }
 }
 
 impl Service {
-    pub fn new(broker: Broker, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
-        Service { broker, shutdown }
+    pub fn new(
+        broker: Broker,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+        access: Arc<Access>,
+    ) -> Self {
+        Service {
+            broker,
+            shutdown,
+            access,
+        }
+    }
+
+    /// Authenticates, rate-limits and authorizes; returns the caller, the normalised scopes,
+    /// and the in-flight slot to hold while the request runs.
+    async fn admit(
+        &self,
+        env: &Envelope,
+        tenant: &str,
+        scopes: &[String],
+        audit: &mut AuditRecord,
+    ) -> Result<(Caller, Vec<String>, tokio::sync::OwnedSemaphorePermit), Failure> {
+        let permit = self.access.enter()?;
+        let caller = self.access.authenticate(&env.credentials()).await?;
+        audit.set_caller(&caller);
+        self.access.check_rate(&caller)?;
+        // Shape checks reveal nothing about the configuration, so they come first.
+        if tenant.is_empty() {
+            return Err(BrokerError::InvalidArgument {
+                field: "tenant",
+                message: "required: the configured tenant name".into(),
+            }
+            .into());
+        }
+        let scopes = crate::broker::normalise_scopes(scopes)?;
+        self.access.authorize(&caller, tenant, &scopes)?;
+        Ok((caller, scopes, permit))
+    }
+
+    fn finish(&self, mut audit: AuditRecord, failure: &Failure) -> Status {
+        let status = error::failure_status(failure);
+        audit.outcome = match failure {
+            Failure::Access(_) => Outcome::Denied,
+            Failure::Broker(_) => Outcome::Failed,
+        };
+        audit.code = error::code_name(status.code());
+        audit.reason = Some(failure.to_string());
+        if let Failure::Broker(e) = failure {
+            audit.entra_correlation_id = error::entra_correlation_id(e);
+        }
+        info!(code = audit.code, error = %failure, "request refused or failed");
+        self.access.audit().record(audit);
+        status
     }
 
     pub fn into_server(self) -> proto::token_broker_server::TokenBrokerServer<Self> {
@@ -39,6 +157,14 @@ fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn source_name(source: TokenSource) -> &'static str {
+    match source {
+        TokenSource::Cache => "CACHE",
+        TokenSource::Exchange => "EXCHANGE",
+        TokenSource::StaleWhileRefreshFailing => "STALE_WHILE_REFRESH_FAILING",
     }
 }
 
@@ -59,12 +185,13 @@ fn response(t: &CachedToken, source: TokenSource) -> proto::GetTokenResponse {
     }
 }
 
-fn decode_duration(d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
+fn decode_duration(d: Option<prost_types::Duration>) -> Result<Option<Duration>, BrokerError> {
     match d {
         None => Ok(None),
-        Some(d) if d.seconds < 0 || d.nanos < 0 => Err(Status::invalid_argument(
-            "min_validity: must not be negative",
-        )),
+        Some(d) if d.seconds < 0 || d.nanos < 0 => Err(BrokerError::InvalidArgument {
+            field: "min_validity",
+            message: "must not be negative".into(),
+        }),
         Some(d) => Ok(Some(
             Duration::from_secs(d.seconds as u64) + Duration::from_nanos(d.nanos as u64),
         )),
@@ -80,35 +207,46 @@ impl TokenBroker for Service {
         &self,
         request: Request<proto::GetTokenRequest>,
     ) -> Result<Response<proto::GetTokenResponse>, Status> {
+        let env = Envelope::of(&request);
         let req = request.into_inner();
         let span = info_span!(
             "GetToken",
+            request_id = %env.request_id,
             tenant = %req.tenant.chars().take(64).collect::<String>(),
             scopes = req.scopes.len(),
             source = tracing::field::Empty,
         );
-        let token_req = TokenRequest {
-            tenant: req.tenant,
-            scopes: req.scopes,
-            min_validity: decode_duration(req.min_validity)?,
-            force_refresh: req.force_refresh,
-        };
-        async {
-            match self.broker.get_token(&token_req).await {
-                Ok(IssuedToken { token, source }) => {
-                    tracing::Span::current().record("source", format!("{source:?}"));
-                    info!(fingerprint = %token.access_token.fingerprint(), "token served");
-                    Ok(Response::new(response(&token, source)))
-                }
-                Err(e) => {
-                    let status = error::to_status(&e);
-                    info!(code = error::code_name(status.code()), error = %e, "request failed");
-                    Err(status)
-                }
-            }
+        let mut audit = env.audit("GetToken", &req.tenant, &req.scopes);
+        let result = async {
+            let (_caller, scopes, _permit) = self
+                .admit(&env, &req.tenant, &req.scopes, &mut audit)
+                .await?;
+            let token_req = TokenRequest {
+                tenant: req.tenant.clone(),
+                scopes,
+                min_validity: decode_duration(req.min_validity)?,
+                force_refresh: req.force_refresh,
+            };
+            Ok::<_, Failure>(self.broker.get_token(&token_req).await?)
         }
-        .instrument(span)
-        .await
+        .instrument(span.clone())
+        .await;
+        let _entered = span.enter();
+        let result = match result {
+            Ok(IssuedToken { token, source }) => {
+                tracing::Span::current().record("source", format!("{source:?}"));
+                info!(fingerprint = %token.access_token.fingerprint(), "token served");
+                audit.outcome = Outcome::Allowed;
+                audit.code = error::code_name(tonic::Code::Ok);
+                audit.token_source = Some(source_name(source));
+                audit.expires_at = Some(rfc3339(token.expires_at));
+                audit.token_fingerprint = Some(token.access_token.fingerprint());
+                self.access.audit().record(audit);
+                Ok(Response::new(response(&token, source)))
+            }
+            Err(f) => Err(self.finish(audit, &f)),
+        };
+        env.tag(result)
     }
 
     type WatchTokenStream = WatchStreamBox;
@@ -117,12 +255,32 @@ impl TokenBroker for Service {
         &self,
         request: Request<proto::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        let env = Envelope::of(&request);
         let req = request.into_inner();
-        let rx = self
-            .broker
-            .subscribe(&req.tenant, &req.scopes)
-            .await
-            .map_err(|e| error::to_status(&e))?;
+        let mut audit = env.audit("WatchToken", &req.tenant, &req.scopes);
+        let admitted = async {
+            // The in-flight slot covers admission only: a watch is long-lived and idle.
+            let (caller, scopes, _permit) = self
+                .admit(&env, &req.tenant, &req.scopes, &mut audit)
+                .await?;
+            let rx = self.broker.subscribe(&req.tenant, &scopes).await?;
+            Ok::<_, Failure>((caller, scopes, rx))
+        }
+        .await;
+        let (caller, scopes, rx) = match admitted {
+            Ok(a) => a,
+            Err(f) => return env.tag(Err(self.finish(audit, &f))),
+        };
+        audit.outcome = Outcome::Allowed;
+        audit.code = error::code_name(tonic::Code::Ok);
+        self.access.audit().record(audit);
+        // Each update is re-checked against the policy in force, so a revoked grant ends the
+        // watch at the next token instead of feeding the caller forever.
+        let policy = self.access.policy().clone();
+        let tenant = req.tenant.clone();
+        let revoked = error::failure_status(&Failure::Access(AccessError::Denied {
+            caller: caller.id.clone(),
+        }));
         let mut shutdown = self.shutdown.clone();
         let ended = async move {
             let _ = shutdown.wait_for(|s| *s).await;
@@ -148,7 +306,18 @@ impl TokenBroker for Service {
                 last_error: state.failure.clone().unwrap_or_default(),
             }))
         });
+        let stream = futures::StreamExt::scan(stream, false, move |done, item| {
+            let out = if *done {
+                None
+            } else if policy.current().allows(&caller.id, &tenant, &scopes) {
+                Some(item)
+            } else {
+                *done = true;
+                Some(Err(revoked.clone()))
+            };
+            futures::future::ready(out)
+        });
         let stream = futures::StreamExt::take_until(stream, ended);
-        Ok(Response::new(Box::pin(stream)))
+        env.tag(Ok(Response::new(Box::pin(stream) as WatchStreamBox)))
     }
 }

@@ -1,5 +1,7 @@
 //! Stands up the whole flow in-process: the emulator with a given estate, and a broker
 //! configured against it (real managed identity, Key Vault and Entra clients), on loopback.
+//! Shared by several test binaries, each using a part of it.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -7,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use tokenbroker::broker::{Broker, Upstreams};
+use tokenbroker::clock::ManualClock;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, StartOptions};
 use tokenbroker::entra::{EntraError, EntraToken, ExchangeRequest, TokenExchange};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
@@ -22,6 +25,7 @@ pub struct Stack {
     pub broker: Broker,
     pub assertions: Arc<Mutex<Vec<String>>>,
     pub http: reqwest::Client,
+    pub clock: Option<ManualClock>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -59,6 +63,17 @@ impl Stack {
         emu_config: EmulatorConfig,
         edit: impl FnOnce(String) -> String,
     ) -> Stack {
+        Stack::start_full(emu_config, edit, None, |e| e).await
+    }
+
+    /// With a manual clock (moved by `advance`, together with the emulator's clock) and a
+    /// wrapper around the real Entra exchange.
+    pub async fn start_full(
+        emu_config: EmulatorConfig,
+        edit: impl FnOnce(String) -> String,
+        clock: Option<ManualClock>,
+        wrap: impl FnOnce(Arc<dyn TokenExchange>) -> Arc<dyn TokenExchange>,
+    ) -> Stack {
         install_crypto();
         let dir = tempfile::tempdir().unwrap();
         let emulator = Emulator::start(
@@ -79,9 +94,13 @@ impl Stack {
         let assertions = Arc::new(Mutex::new(Vec::new()));
         let up = Upstreams {
             exchange: Arc::new(Recording {
-                inner: real.exchange.clone(),
+                inner: wrap(real.exchange.clone()),
                 seen: assertions.clone(),
             }),
+            clock: match &clock {
+                Some(c) => Arc::new(c.clone()),
+                None => real.clock.clone(),
+            },
             ..real
         };
         let bound = tokenbroker::server::bind(config, up).await.unwrap();
@@ -103,10 +122,24 @@ impl Stack {
             broker,
             assertions,
             http,
+            clock,
             stop: Some(stop),
             served: Some(served),
             _dir: dir,
         }
+    }
+
+    /// Moves the broker's manual clock and the emulator's clock forward together.
+    pub async fn advance(&self, d: std::time::Duration) {
+        self.admin_post(
+            "/clock/advance",
+            serde_json::json!({"seconds": d.as_secs()}),
+        )
+        .await;
+        self.clock
+            .as_ref()
+            .expect("started with a manual clock")
+            .advance(d);
     }
 
     pub fn emulator(&self) -> &Emulator {

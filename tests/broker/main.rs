@@ -81,7 +81,11 @@ async fn a_thousand_concurrent_cold_requests_cause_one_sign_and_one_exchange() {
     assert_eq!(distinct.len(), 1, "all callers share one token");
     let stats = stack.broker.stats();
     assert_eq!(
-        stats.exchanges.load(std::sync::atomic::Ordering::Relaxed),
+        stack
+            .broker
+            .upstream_stats()
+            .exchanges
+            .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
     assert_eq!(

@@ -1,0 +1,141 @@
+//! Access control for every request, in one place: the in-flight cap, authentication,
+//! the caller's rate limit, then the policy; and the audit record of the decision.
+//! The policy is asked before the tenant is looked up, so a denial reads the same whether
+//! the tenant exists or not.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::audit::{Audit, AuditSink, JsonLines};
+use crate::authn::{Authenticator, AuthnError, Caller, Credentials};
+use crate::config::{AuditOutput, Config, PolicyConfig};
+use crate::limits::Limits;
+use crate::policy::{Policy, PolicyError, PolicyHandle};
+
+/// Why a request was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("{0}")]
+    Unauthenticated(#[from] AuthnError),
+    /// Deliberately says nothing about the tenant: not whether it exists, not what is granted.
+    #[error("caller `{caller}` is not granted this tenant and scopes")]
+    Denied { caller: String },
+    #[error("caller `{caller}` is over its request rate")]
+    RateLimited {
+        caller: String,
+        retry_after: Duration,
+    },
+    #[error("the broker is at its limit of requests in flight")]
+    Overloaded,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessSetupError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("cannot open the audit log {path}: {source}")]
+    Audit {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Authentication, policy, limits and audit for the API. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Access {
+    authn: Authenticator,
+    policy: Arc<PolicyHandle>,
+    limits: Limits,
+    audit: Audit,
+}
+
+impl Access {
+    /// From the configuration, with the audit sink it names.
+    pub fn from_config(config: &Config, http: reqwest::Client) -> Result<Access, AccessSetupError> {
+        let sink: Arc<dyn AuditSink> = match &config.audit.output {
+            AuditOutput::Stdout => Arc::new(JsonLines::stdout()),
+            AuditOutput::File(path) => {
+                Arc::new(
+                    JsonLines::file(path).map_err(|source| AccessSetupError::Audit {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
+        };
+        Access::with_sink(config, http, sink)
+    }
+
+    /// From the configuration, with a given audit sink (tests keep records in memory).
+    pub fn with_sink(
+        config: &Config,
+        http: reqwest::Client,
+        sink: Arc<dyn AuditSink>,
+    ) -> Result<Access, AccessSetupError> {
+        let policy = match &config.policy {
+            PolicyConfig::None => PolicyHandle::fixed(Policy::deny_all()),
+            PolicyConfig::Inline(p) => PolicyHandle::fixed(p.clone()),
+            PolicyConfig::File(path) => {
+                PolicyHandle::from_file(path, config.tenants.keys().cloned().collect())?
+            }
+        };
+        Ok(Access {
+            authn: Authenticator::new(&config.callers, http),
+            policy,
+            limits: Limits::new(&config.limits),
+            audit: Audit::new(sink),
+        })
+    }
+
+    pub fn policy(&self) -> &Arc<PolicyHandle> {
+        &self.policy
+    }
+
+    pub fn authenticator(&self) -> &Authenticator {
+        &self.authn
+    }
+
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// A slot among the requests in flight; held for the whole request.
+    pub fn enter(&self) -> Result<OwnedSemaphorePermit, AccessError> {
+        self.limits.enter().ok_or(AccessError::Overloaded)
+    }
+
+    /// Who is calling.
+    pub async fn authenticate(&self, creds: &Credentials<'_>) -> Result<Caller, AccessError> {
+        Ok(self.authn.authenticate(creds).await?)
+    }
+
+    /// Whether the caller is within its request rate. Asked before the policy, so a caller
+    /// probing for tenants spends its own budget and the audit volume it causes is bounded.
+    pub fn check_rate(&self, caller: &Caller) -> Result<(), AccessError> {
+        self.limits
+            .check_caller(&caller.id)
+            .map_err(|retry_after| AccessError::RateLimited {
+                caller: caller.id.clone(),
+                retry_after,
+            })
+    }
+
+    /// Whether the policy grants `caller` the tenant and every one of the (normalised) scopes.
+    pub fn authorize(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        scopes: &[String],
+    ) -> Result<(), AccessError> {
+        if self.policy.current().allows(&caller.id, tenant, scopes) {
+            Ok(())
+        } else {
+            Err(AccessError::Denied {
+                caller: caller.id.clone(),
+            })
+        }
+    }
+}

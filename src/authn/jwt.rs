@@ -1,0 +1,353 @@
+//! Bearer-JWT callers: verification against the signing keys each configured issuer publishes
+//! (OpenID discovery document → `jwks_uri`), fetched through the broker's outbound client.
+//!
+//! Checks, in order: size and shape; the issuer (`iss`) is configured; the header algorithm is
+//! on that issuer's allow-list (asymmetric only: never `none`, never HMAC, so a public key can
+//! never be used as an HMAC secret); the `kid` names a published key of a matching type; the
+//! signature; `exp` and `nbf` with the issuer's leeway; `aud` is the broker's own audience.
+//! An unknown `kid` triggers a key refresh at most once per `jwks_min_refresh` per issuer, so
+//! forged tokens cannot make the broker hammer an issuer.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwapOption;
+use base64::Engine;
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use serde::Deserialize;
+use tokio::time::Instant;
+use tracing::{info, warn};
+use url::Url;
+
+use super::{Caller, Proof};
+use crate::config::IssuerConfig;
+use crate::sensitive::Sensitive;
+
+/// Longest bearer token accepted.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// Why a bearer token was refused. Messages name the reason and never include the token.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JwtError {
+    #[error("no token issuers are configured in this broker ([callers.issuers])")]
+    NoIssuers,
+    #[error("malformed: {0}")]
+    Malformed(String),
+    #[error("issuer `{0}` is not trusted by this broker")]
+    UntrustedIssuer(String),
+    #[error("algorithm `{0}` is not allowed for this issuer")]
+    AlgorithmNotAllowed(String),
+    #[error("signed with an unknown key (kid `{0}`)")]
+    UnknownKey(String),
+    #[error("the signature does not verify")]
+    BadSignature,
+    #[error("expired")]
+    Expired,
+    #[error("not valid yet (nbf in the future)")]
+    NotYetValid,
+    #[error("wrong audience: the token is not for this broker")]
+    WrongAudience,
+    #[error("wrong issuer")]
+    WrongIssuer,
+    #[error("missing claim `{0}`")]
+    MissingClaim(String),
+    /// The issuer's keys cannot be fetched: the caller is not at fault.
+    #[error("the signing keys of issuer `{issuer}` are unavailable: {message}")]
+    KeysUnavailable { issuer: String, message: String },
+}
+
+/// Verifies bearer tokens for a set of configured issuers. Cheap to share.
+pub struct JwtVerifier {
+    issuers: HashMap<String, Arc<Issuer>>,
+    http: reqwest::Client,
+}
+
+impl fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("issuers", &self.issuers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Issuer {
+    cfg: IssuerConfig,
+    keys: ArcSwapOption<Keys>,
+    /// Held while fetching, so one request fetches and the others wait for its keys.
+    refresh: tokio::sync::Mutex<RefreshGate>,
+    fetches: AtomicU64,
+}
+
+#[derive(Default)]
+struct RefreshGate {
+    /// Last refresh caused by an unknown `kid`.
+    unknown_kid: Option<Instant>,
+    /// Last failed fetch.
+    failed: Option<Instant>,
+}
+
+struct Keys {
+    keys: Vec<Jwk>,
+    fetched: Instant,
+}
+
+#[derive(Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+}
+
+#[derive(Deserialize)]
+struct RawJwks {
+    keys: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: Option<String>,
+    kid: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    azp: Option<String>,
+    #[serde(default)]
+    appid: Option<String>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+fn b64_json<T: serde::de::DeserializeOwned>(part: &str, what: &str) -> Result<T, JwtError> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| JwtError::Malformed(format!("the {what} is not base64url")))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|_| JwtError::Malformed(format!("the {what} is not a JSON object")))
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(128).collect()
+}
+
+impl JwtVerifier {
+    pub fn new(issuers: Vec<IssuerConfig>, http: reqwest::Client) -> Self {
+        let issuers = issuers
+            .into_iter()
+            .map(|cfg| {
+                (
+                    cfg.issuer.clone(),
+                    Arc::new(Issuer {
+                        cfg,
+                        keys: ArcSwapOption::empty(),
+                        refresh: tokio::sync::Mutex::new(RefreshGate::default()),
+                        fetches: AtomicU64::new(0),
+                    }),
+                )
+            })
+            .collect();
+        JwtVerifier { issuers, http }
+    }
+
+    /// How many times the keys of the issuer named `name` have been fetched.
+    pub fn key_fetches(&self, name: &str) -> u64 {
+        self.issuers
+            .values()
+            .find(|i| i.cfg.name == name)
+            .map_or(0, |i| i.fetches.load(Ordering::Relaxed))
+    }
+
+    pub async fn verify(&self, token: &Sensitive) -> Result<Caller, JwtError> {
+        let t = token.expose();
+        if t.len() > MAX_TOKEN_LEN {
+            return Err(JwtError::Malformed(format!(
+                "longer than {MAX_TOKEN_LEN} bytes"
+            )));
+        }
+        let parts: Vec<&str> = t.split('.').collect();
+        let [header, payload, _sig] = parts.as_slice() else {
+            return Err(JwtError::Malformed(
+                "not a signed JWT (three dot-separated parts)".into(),
+            ));
+        };
+        let header: RawHeader = b64_json(header, "header")?;
+        let unverified: serde_json::Map<String, serde_json::Value> = b64_json(payload, "payload")?;
+        let iss = unverified
+            .get("iss")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| JwtError::MissingClaim("iss".into()))?;
+        let issuer = self
+            .issuers
+            .get(iss)
+            .ok_or_else(|| JwtError::UntrustedIssuer(short(iss)))?;
+        let alg_name = header.alg.unwrap_or_default();
+        let alg = alg_name
+            .parse::<Algorithm>()
+            .ok()
+            .filter(|a| issuer.cfg.algorithms.contains(a))
+            .ok_or_else(|| JwtError::AlgorithmNotAllowed(short(&alg_name)))?;
+        let jwk = self.key(issuer, header.kid.as_deref()).await?;
+        if let Some(ka) = jwk.common.key_algorithm
+            && ka.to_string() != alg_name
+        {
+            return Err(JwtError::AlgorithmNotAllowed(short(&alg_name)));
+        }
+        let key = DecodingKey::from_jwk(&jwk).map_err(|_| JwtError::BadSignature)?;
+        let mut v = Validation::new(alg);
+        v.set_issuer(&[&issuer.cfg.issuer]);
+        v.set_audience(&issuer.cfg.audiences);
+        v.leeway = issuer.cfg.leeway.as_secs();
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let data = jsonwebtoken::decode::<Claims>(t, &key, &v).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => JwtError::Expired,
+            ErrorKind::ImmatureSignature => JwtError::NotYetValid,
+            ErrorKind::InvalidAudience => JwtError::WrongAudience,
+            ErrorKind::InvalidIssuer => JwtError::WrongIssuer,
+            ErrorKind::InvalidSignature => JwtError::BadSignature,
+            ErrorKind::InvalidAlgorithm => JwtError::AlgorithmNotAllowed(short(&alg_name)),
+            ErrorKind::MissingRequiredClaim(c) => JwtError::MissingClaim(c.clone()),
+            _ => JwtError::Malformed("the token does not decode".into()),
+        })?;
+        let claim = &issuer.cfg.identity_claim;
+        // `azp` and `appid` are lifted out of the other claims by serde.
+        let value = match claim.as_str() {
+            "azp" => data.claims.azp.clone(),
+            "appid" => data.claims.appid.clone(),
+            other => data
+                .claims
+                .rest
+                .get(other)
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
+        }
+        .filter(|s| !s.is_empty() && s.len() <= 512)
+        .ok_or_else(|| JwtError::MissingClaim(claim.clone()))?;
+        Ok(Caller {
+            id: format!("jwt:{}:{value}", issuer.cfg.name),
+            proof: Proof::Jwt,
+            app_id: data.claims.azp.or(data.claims.appid),
+        })
+    }
+
+    /// The published key for `kid`. Keys are fetched when missing or older than
+    /// `jwks_max_age` (after a failure, not again within `jwks_min_refresh`), and re-fetched
+    /// for an unknown `kid` at most once per `jwks_min_refresh`: a rotation is picked up at
+    /// once, while forged kids cannot make the broker hammer the issuer.
+    async fn key(&self, issuer: &Issuer, kid: Option<&str>) -> Result<Jwk, JwtError> {
+        let find = |keys: &Keys| -> Option<Jwk> {
+            match kid {
+                Some(k) => keys
+                    .keys
+                    .iter()
+                    .find(|j| j.common.key_id.as_deref() == Some(k))
+                    .cloned(),
+                // Without a kid, only an issuer with a single key is unambiguous.
+                None if keys.keys.len() == 1 => keys.keys.first().cloned(),
+                None => None,
+            }
+        };
+        let cfg = &issuer.cfg;
+        let fresh = |keys: &Keys| keys.fetched.elapsed() < cfg.jwks_max_age;
+        let recent = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() < cfg.jwks_min_refresh);
+        if let Some(keys) = issuer.keys.load_full()
+            && fresh(&keys)
+            && let Some(k) = find(&keys)
+        {
+            return Ok(k);
+        }
+        let mut gate = issuer.refresh.lock().await;
+        // Another request may have refreshed while this one waited.
+        let current = issuer.keys.load_full();
+        let unknown = || JwtError::UnknownKey(short(kid.unwrap_or("none")));
+        let may_fetch = match &current {
+            Some(keys) if fresh(keys) => {
+                if let Some(k) = find(keys) {
+                    return Ok(k);
+                }
+                !recent(gate.unknown_kid)
+            }
+            // Missing or old keys: fetch, unless the last attempt failed a moment ago.
+            _ => !recent(gate.failed),
+        };
+        if !may_fetch {
+            return match current.as_deref() {
+                Some(keys) => find(keys).ok_or_else(unknown),
+                None => Err(JwtError::KeysUnavailable {
+                    issuer: cfg.name.clone(),
+                    message: "the last attempt failed; retrying shortly".into(),
+                }),
+            };
+        }
+        if current.as_deref().is_some_and(fresh) {
+            gate.unknown_kid = Some(Instant::now());
+        }
+        issuer.fetches.fetch_add(1, Ordering::Relaxed);
+        match self.fetch(cfg).await {
+            Ok(keys) => {
+                info!(issuer = %cfg.name, keys = keys.len(), "token issuer keys fetched");
+                gate.failed = None;
+                let keys = Arc::new(Keys {
+                    keys,
+                    fetched: Instant::now(),
+                });
+                issuer.keys.store(Some(keys.clone()));
+                find(&keys).ok_or_else(unknown)
+            }
+            Err(message) => {
+                warn!(issuer = %cfg.name, error = %message, "cannot fetch token issuer keys");
+                gate.failed = Some(Instant::now());
+                // Keys already known stay usable through an issuer outage.
+                match current.as_deref() {
+                    Some(keys) => find(keys).ok_or_else(unknown),
+                    None => Err(JwtError::KeysUnavailable {
+                        issuer: cfg.name.clone(),
+                        message,
+                    }),
+                }
+            }
+        }
+    }
+
+    async fn fetch(&self, cfg: &IssuerConfig) -> Result<Vec<Jwk>, String> {
+        let discovery: Discovery = self.get_json(&cfg.discovery_url).await?;
+        if discovery.issuer != cfg.issuer {
+            return Err(format!(
+                "the discovery document names issuer `{}`, not `{}`",
+                short(&discovery.issuer),
+                cfg.issuer
+            ));
+        }
+        let jwks_uri = Url::parse(&discovery.jwks_uri).map_err(|e| format!("jwks_uri: {e}"))?;
+        if !crate::config::secure_or_loopback(&jwks_uri) {
+            return Err("jwks_uri must use https (http only on loopback)".into());
+        }
+        let raw: RawJwks = self.get_json(&jwks_uri).await?;
+        // Keys of types this broker does not verify with are skipped, not fatal.
+        Ok(raw
+            .keys
+            .into_iter()
+            .filter_map(|k| serde_json::from_value::<Jwk>(k).ok())
+            .filter(|k| !matches!(k.algorithm, AlgorithmParameters::OctetKey(_)))
+            .filter(|k| !matches!(k.common.public_key_use, Some(PublicKeyUse::Encryption)))
+            .collect())
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &Url) -> Result<T, String> {
+        let resp = self
+            .http
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("GET {url}: HTTP {}", resp.status()));
+        }
+        resp.json::<T>()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))
+    }
+}

@@ -1,0 +1,179 @@
+//! Who is calling: turns what a request carries (a verified client certificate, an
+//! `authorization: Bearer` JWT, or, in development only, nothing on a plaintext loopback
+//! listener) into a caller identity, or refuses it with the reason. Identities are plain
+//! strings, the same ones the policy names and the audit records:
+//!
+//! - `spiffe://TRUST-DOMAIN/PATH`: a client certificate's SPIFFE ID (URI SAN);
+//! - `dns:HOST`: otherwise the certificate's first DNS SAN, lower case;
+//! - `jwt:ISSUER-NAME:VALUE`: a bearer token from a configured issuer, VALUE being its
+//!   identity claim (`sub` by default; `oid` or `appid` for Entra);
+//! - `dev:loopback`: no credentials, plaintext, loopback (`tokenbroker dev` only).
+//!
+//! When a request carries both a client certificate and a bearer token, the bearer token
+//! names the caller: the certificate then only authenticates the connection (a mesh sidecar).
+
+pub mod jwt;
+pub mod mtls;
+
+use std::net::SocketAddr;
+
+use rustls::pki_types::CertificateDer;
+use serde::Serialize;
+
+use crate::config::CallersConfig;
+use crate::sensitive::Sensitive;
+
+pub use jwt::{JwtError, JwtVerifier};
+
+/// The development identity: a request with no credentials, on a plaintext listener bound to
+/// loopback, from a loopback peer, with `callers.dev_loopback = true`.
+pub const DEV_LOOPBACK: &str = "dev:loopback";
+
+/// How a caller proved its identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proof {
+    Mtls,
+    Jwt,
+    DevLoopback,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The identity the policy matches and the audit records.
+    pub id: String,
+    pub proof: Proof,
+    /// For bearer tokens: the client application (`azp` or `appid`), when the token names one.
+    pub app_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthnError {
+    #[error(
+        "no caller credentials: present a client certificate (mutual TLS) or an `authorization: Bearer <jwt>` header"
+    )]
+    Missing,
+    #[error("the authorization header is not `Bearer <jwt>`")]
+    NotBearer,
+    #[error("client certificate: {0}")]
+    Certificate(String),
+    #[error("bearer token: {0}")]
+    Jwt(#[from] JwtError),
+}
+
+/// What a request carries that can prove who sent it.
+#[derive(Debug, Default)]
+pub struct Credentials<'a> {
+    /// The client's certificate chain, already verified during the TLS handshake.
+    pub peer_certs: Option<&'a [CertificateDer<'static>]>,
+    /// The raw `authorization` header.
+    pub authorization: Option<Sensitive>,
+    pub remote_addr: Option<SocketAddr>,
+}
+
+/// Authenticates requests according to the `[callers]` configuration.
+#[derive(Debug)]
+pub struct Authenticator {
+    jwt: Option<JwtVerifier>,
+    dev_loopback: bool,
+}
+
+impl Authenticator {
+    /// `dev_loopback` is honoured only because configuration validation accepts it solely
+    /// with a plaintext listener on a loopback address.
+    pub fn new(config: &CallersConfig, http: reqwest::Client) -> Authenticator {
+        let jwt = (!config.issuers.is_empty())
+            .then(|| JwtVerifier::new(config.issuers.values().cloned().collect(), http));
+        Authenticator {
+            jwt,
+            dev_loopback: config.dev_loopback,
+        }
+    }
+
+    pub fn jwt(&self) -> Option<&JwtVerifier> {
+        self.jwt.as_ref()
+    }
+
+    pub async fn authenticate(&self, creds: &Credentials<'_>) -> Result<Caller, AuthnError> {
+        if let Some(header) = &creds.authorization {
+            let token = bearer(header)?;
+            let Some(jwt) = &self.jwt else {
+                return Err(JwtError::NoIssuers.into());
+            };
+            return Ok(jwt.verify(&token).await?);
+        }
+        if let Some(leaf) = creds.peer_certs.and_then(|c| c.first()) {
+            let id = mtls::identity(leaf).map_err(AuthnError::Certificate)?;
+            return Ok(Caller {
+                id,
+                proof: Proof::Mtls,
+                app_id: None,
+            });
+        }
+        if self.dev_loopback
+            && creds.peer_certs.is_none()
+            && creds.remote_addr.is_some_and(|a| a.ip().is_loopback())
+        {
+            return Ok(Caller {
+                id: DEV_LOOPBACK.to_owned(),
+                proof: Proof::DevLoopback,
+                app_id: None,
+            });
+        }
+        Err(AuthnError::Missing)
+    }
+}
+
+/// The token of `Bearer <token>` (scheme case-insensitive, RFC 7235).
+fn bearer(header: &Sensitive) -> Result<Sensitive, AuthnError> {
+    let v = header.expose().trim();
+    match v.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Sensitive::new(token.trim()))
+        }
+        _ => Err(AuthnError::NotBearer),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_errors_hide_the_value() {
+        let t = bearer(&Sensitive::new("bearer abc.def.ghi")).unwrap();
+        assert_eq!(t.expose(), "abc.def.ghi");
+        let e = bearer(&Sensitive::new("Basic c2VjcmV0")).unwrap_err();
+        assert!(!e.to_string().contains("c2VjcmV0"));
+        assert!(bearer(&Sensitive::new("Bearer ")).is_err());
+    }
+
+    #[tokio::test]
+    async fn dev_identity_needs_the_setting_and_a_loopback_peer() {
+        let mut a = Authenticator {
+            jwt: None,
+            dev_loopback: false,
+        };
+        let local = Credentials {
+            remote_addr: Some("127.0.0.1:4000".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            a.authenticate(&local).await,
+            Err(AuthnError::Missing)
+        ));
+        a.dev_loopback = true;
+        assert_eq!(a.authenticate(&local).await.unwrap().id, DEV_LOOPBACK);
+        let remote = Credentials {
+            remote_addr: Some("10.0.0.1:4000".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            a.authenticate(&remote).await,
+            Err(AuthnError::Missing)
+        ));
+    }
+}

@@ -1,0 +1,43 @@
+//! The identity in a client certificate that the TLS handshake already verified (chain to
+//! the caller CA bundle, validity period, clientAuth usage): its SPIFFE ID, else its DNS name.
+
+use rustls::pki_types::CertificateDer;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// `spiffe://…` from the URI SANs (a certificate with several is refused, as the SPIFFE
+/// X.509-SVID specification requires), else `dns:NAME` from the first DNS SAN.
+pub fn identity(cert: &CertificateDer<'_>) -> Result<String, String> {
+    let (_, cert) =
+        X509Certificate::from_der(cert.as_ref()).map_err(|e| format!("cannot be parsed: {e}"))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("invalid subjectAltName: {e}"))?;
+    let names = san.map(|s| s.value.general_names.as_slice()).unwrap_or(&[]);
+    let spiffe: Vec<&str> = names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u)
+                if u.get(..9)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("spiffe://")) =>
+            {
+                Some(*u)
+            }
+            _ => None,
+        })
+        .collect();
+    match spiffe.as_slice() {
+        [one] => return Ok(format!("spiffe://{}", &one[9..])),
+        [] => {}
+        _ => return Err("carries more than one SPIFFE ID".into()),
+    }
+    names
+        .iter()
+        .find_map(|n| match n {
+            GeneralName::DNSName(d) if !d.is_empty() => {
+                Some(format!("dns:{}", d.to_ascii_lowercase()))
+            }
+            _ => None,
+        })
+        .ok_or_else(|| "carries neither a SPIFFE ID (URI SAN) nor a DNS name".into())
+}

@@ -1,0 +1,385 @@
+//! The caller-facing sections of the configuration: `[callers]` (bearer-token issuers and the
+//! development identity), `[policy]`, `[audit]` and `[limits]`, with their validation. The
+//! client CA for mutual TLS sits with the rest of the listener's TLS in `[server]`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+use url::Url;
+
+use super::{ServerConfig, Validator};
+use crate::policy::Policy;
+
+/// Whether TLS clients must present a certificate signed by the caller CA bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertMode {
+    /// Verified when presented; callers without one must bring a bearer token.
+    Optional,
+    /// The handshake fails without a valid client certificate.
+    Required,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CallersConfig {
+    /// Development only: a request with no credentials on a plaintext loopback listener is
+    /// the caller `dev:loopback`. Refused by validation anywhere else.
+    pub dev_loopback: bool,
+    /// Bearer-token issuers by their configured name (the `ISSUER` of `jwt:ISSUER:SUBJECT`).
+    pub issuers: BTreeMap<String, IssuerConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    pub name: String,
+    /// Exact `iss` value.
+    pub issuer: String,
+    /// The OpenID discovery document (default: `{issuer}/.well-known/openid-configuration`).
+    pub discovery_url: Url,
+    /// Accepted `aud` values: the broker's own audience.
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    /// The claim that names the caller (`sub`, or `oid`/`appid`/`azp` for Entra).
+    pub identity_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// An unknown `kid` refreshes the keys at most this often.
+    pub jwks_min_refresh: Duration,
+    /// Keys older than this are re-fetched before use.
+    pub jwks_max_age: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum PolicyConfig {
+    /// No grants: every request is denied.
+    None,
+    /// Grants in the main file; they change with a restart.
+    Inline(Policy),
+    /// A grant file that reloads on SIGHUP and when it changes.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditOutput {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub output: AuditOutput,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Sustained requests per second per caller identity.
+    pub caller_rate_per_sec: f64,
+    pub caller_burst: u32,
+    /// Callers tracked at once (least recently seen dropped first).
+    pub max_callers: u64,
+    /// A caller's bucket is forgotten after this long without requests.
+    pub caller_idle: Duration,
+    /// Requests in flight over the whole broker; more are refused with UNAVAILABLE.
+    pub max_in_flight: usize,
+    pub max_request_bytes: usize,
+}
+
+/// Algorithms accepted for bearer tokens when an issuer lists none.
+pub const DEFAULT_ALGORITHMS: &[Algorithm] =
+    &[Algorithm::RS256, Algorithm::PS256, Algorithm::ES256];
+
+/// Identity claims an issuer may name callers by.
+const IDENTITY_CLAIMS: &[&str] = &["sub", "oid", "appid", "azp"];
+
+// === raw file shape ===
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCallers {
+    #[serde(default)]
+    dev_loopback: bool,
+    /// Default audience for every issuer.
+    audience: Option<String>,
+    #[serde(default)]
+    issuers: BTreeMap<String, RawIssuer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    issuer: Option<String>,
+    discovery_url: Option<String>,
+    audience: Option<String>,
+    algorithms: Option<Vec<String>>,
+    identity_claim: Option<String>,
+    leeway_secs: Option<u64>,
+    jwks_min_refresh_secs: Option<u64>,
+    jwks_max_age_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    file: Option<PathBuf>,
+    grant: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAudit {
+    output: Option<String>,
+    file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    caller_rate_per_sec: Option<f64>,
+    caller_burst: Option<u32>,
+    max_callers: Option<u64>,
+    caller_idle_secs: Option<u64>,
+    max_in_flight: Option<usize>,
+    max_request_bytes: Option<usize>,
+}
+
+/// https, or http on a loopback host (a local issuer in tests or development).
+pub fn secure_or_loopback(u: &Url) -> bool {
+    u.scheme() == "https" || (u.scheme() == "http" && super::is_loopback_url(u))
+}
+
+impl Validator<'_> {
+    pub(super) fn callers(&mut self, raw: RawCallers, server: &ServerConfig) -> CallersConfig {
+        if raw.dev_loopback
+            && !(server.plaintext && server.listen.ip().is_loopback() && server.tls.is_none())
+        {
+            self.problem(
+                "callers.dev_loopback",
+                "the unauthenticated development caller is allowed only with `plaintext = true` on a loopback listen address",
+            );
+        }
+        let mut issuers = BTreeMap::new();
+        for (name, ri) in raw.issuers {
+            let path = format!("callers.issuers.{name}");
+            if !super::valid_name(&name) {
+                self.problem(&path, "issuer names use letters, digits, '-', '_' and '.'");
+            }
+            let Some(issuer) = ri.issuer else {
+                self.problem(
+                    &format!("{path}.issuer"),
+                    "missing: the exact `iss` of the tokens",
+                );
+                continue;
+            };
+            let issuer_url = match Url::parse(&issuer) {
+                Ok(u) if secure_or_loopback(&u) => Some(u),
+                Ok(_) => {
+                    self.problem(
+                        &format!("{path}.issuer"),
+                        "must be an https URL (http only on loopback)",
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.problem(&format!("{path}.issuer"), format!("not a URL: {e}"));
+                    None
+                }
+            };
+            let discovery = match ri.discovery_url {
+                Some(d) => match Url::parse(&d) {
+                    Ok(u) if secure_or_loopback(&u) => Some(u),
+                    Ok(_) => {
+                        self.problem(
+                            &format!("{path}.discovery_url"),
+                            "must be an https URL (http only on loopback)",
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        self.problem(&format!("{path}.discovery_url"), format!("not a URL: {e}"));
+                        None
+                    }
+                },
+                None => issuer_url.and_then(|_| {
+                    Url::parse(&format!(
+                        "{}/.well-known/openid-configuration",
+                        issuer.trim_end_matches('/')
+                    ))
+                    .ok()
+                }),
+            };
+            let audience = ri.audience.or_else(|| raw.audience.clone());
+            if audience.as_deref().is_none_or(str::is_empty) {
+                self.problem(
+                    &format!("{path}.audience"),
+                    "missing: the broker's own audience (set [callers] audience or the issuer's audience)",
+                );
+            }
+            let mut algorithms = Vec::new();
+            match ri.algorithms {
+                None => algorithms.extend_from_slice(DEFAULT_ALGORITHMS),
+                Some(names) => {
+                    for n in names {
+                        match n.parse::<Algorithm>() {
+                            Ok(a) if !matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => algorithms.push(a),
+                            _ => self.problem(
+                                &format!("{path}.algorithms"),
+                                format!("`{n}` is not allowed: use asymmetric algorithms (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"),
+                            ),
+                        }
+                    }
+                    if algorithms.is_empty() {
+                        self.problem(
+                            &format!("{path}.algorithms"),
+                            "at least one algorithm is required",
+                        );
+                    }
+                }
+            }
+            let identity_claim = ri.identity_claim.unwrap_or_else(|| "sub".into());
+            if !IDENTITY_CLAIMS.contains(&identity_claim.as_str()) {
+                self.problem(
+                    &format!("{path}.identity_claim"),
+                    format!(
+                        "`{identity_claim}` is not one of {}",
+                        IDENTITY_CLAIMS.join(", ")
+                    ),
+                );
+            }
+            if let (Some(discovery_url), Some(audience)) = (discovery, audience) {
+                issuers.insert(
+                    name.clone(),
+                    IssuerConfig {
+                        name,
+                        issuer,
+                        discovery_url,
+                        audiences: vec![audience],
+                        algorithms,
+                        identity_claim,
+                        leeway: Duration::from_secs(ri.leeway_secs.unwrap_or(60).min(300)),
+                        jwks_min_refresh: Duration::from_secs(
+                            ri.jwks_min_refresh_secs.unwrap_or(30),
+                        ),
+                        jwks_max_age: Duration::from_secs(ri.jwks_max_age_secs.unwrap_or(3600)),
+                    },
+                );
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for i in issuers.values() {
+            if !seen.insert(i.issuer.clone()) {
+                self.problem(
+                    &format!("callers.issuers.{}.issuer", i.name),
+                    "another issuer entry has the same `issuer`",
+                );
+            }
+        }
+        CallersConfig {
+            dev_loopback: raw.dev_loopback,
+            issuers,
+        }
+    }
+
+    pub(super) fn policy(&mut self, raw: RawPolicy, tenants: &BTreeSet<String>) -> PolicyConfig {
+        match (raw.file, raw.grant) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    "policy",
+                    "give either `file` or inline [[policy.grant]] tables, not both",
+                );
+                PolicyConfig::None
+            }
+            (Some(file), None) => {
+                let file = self.path(file);
+                match std::fs::read_to_string(&file) {
+                    Ok(text) => {
+                        if let Err(problems) = Policy::parse(&text, tenants) {
+                            for p in problems {
+                                self.problem("policy.file", format!("{}: {p}", file.display()));
+                            }
+                        }
+                    }
+                    Err(e) => self.problem(
+                        "policy.file",
+                        format!("cannot read {}: {e}", file.display()),
+                    ),
+                }
+                PolicyConfig::File(file)
+            }
+            (None, Some(grants)) => {
+                match Policy::from_toml_value(grants, tenants, "policy.grant") {
+                    Ok(p) => PolicyConfig::Inline(p),
+                    Err(problems) => {
+                        for p in problems {
+                            self.problem("policy.grant", p);
+                        }
+                        PolicyConfig::None
+                    }
+                }
+            }
+            (None, None) => PolicyConfig::None,
+        }
+    }
+
+    pub(super) fn audit(&mut self, raw: RawAudit) -> AuditConfig {
+        let output = match (raw.output.as_deref().unwrap_or("stdout"), raw.file) {
+            ("stdout", None) => AuditOutput::Stdout,
+            ("file", Some(f)) => AuditOutput::File(self.path(f)),
+            ("file", None) => {
+                self.problem(
+                    "audit.file",
+                    "missing: the audit log file (output = \"file\")",
+                );
+                AuditOutput::Stdout
+            }
+            ("stdout", Some(_)) => {
+                self.problem(
+                    "audit.file",
+                    "set output = \"file\" to write the audit log to a file",
+                );
+                AuditOutput::Stdout
+            }
+            (other, _) => {
+                self.problem(
+                    "audit.output",
+                    format!("`{other}` is not one of stdout, file"),
+                );
+                AuditOutput::Stdout
+            }
+        };
+        AuditConfig { output }
+    }
+
+    pub(super) fn limits(&mut self, raw: RawLimits) -> LimitsConfig {
+        let rate = raw.caller_rate_per_sec.unwrap_or(50.0);
+        if !(rate > 0.0 && rate.is_finite()) {
+            self.problem("limits.caller_rate_per_sec", "must be a positive number");
+        }
+        let burst = raw.caller_burst.unwrap_or(100);
+        if burst == 0 {
+            self.problem("limits.caller_burst", "must be at least 1");
+        }
+        let max_in_flight = raw.max_in_flight.unwrap_or(4096);
+        if max_in_flight == 0 {
+            self.problem("limits.max_in_flight", "must be at least 1");
+        }
+        let max_request_bytes = raw.max_request_bytes.unwrap_or(16 * 1024);
+        if max_request_bytes < 1024 {
+            self.problem("limits.max_request_bytes", "must be at least 1024");
+        }
+        LimitsConfig {
+            caller_rate_per_sec: if rate > 0.0 && rate.is_finite() {
+                rate
+            } else {
+                1.0
+            },
+            caller_burst: burst.max(1),
+            max_callers: raw.max_callers.unwrap_or(100_000).max(1),
+            caller_idle: Duration::from_secs(raw.caller_idle_secs.unwrap_or(600).max(1)),
+            max_in_flight: max_in_flight.max(1),
+            max_request_bytes,
+        }
+    }
+}

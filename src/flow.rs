@@ -1,0 +1,486 @@
+//! The credential flow for one cache key, with its upstream protection: certificate
+//! metadata (cached, refreshed periodically, served stale if Key Vault is down), the client
+//! assertion signed by the `Signer`, and the Entra exchange; each upstream call behind a
+//! budget (token bucket), a circuit breaker and bounded retries with full-jitter backoff
+//! that honour `Retry-After`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tracing::{info, warn};
+use url::Url;
+
+use crate::assertion::{self, AssertionParams};
+use crate::cache::CachedToken;
+use crate::clock::Clock;
+use crate::config::{CacheConfig, Config, Credential, ResilienceConfig, TenantConfig};
+use crate::entra::{self, EntraError, EntraErrorClass, ExchangeRequest, TokenExchange};
+use crate::resilience::{Breaker, BreakerState, Bucket, backoff};
+use crate::signer::{CertificateInfo, Signer, SignerError};
+
+/// What went wrong in the credential flow for one key.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FlowError {
+    #[error("Key Vault: {0}")]
+    Signer(#[from] SignerError),
+    #[error("{0}")]
+    Entra(#[from] EntraError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl FlowError {
+    /// Transient: worth retrying later (throttling, outage, open breaker, spent budget).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            FlowError::Signer(e) => e.is_retryable() || matches!(e, SignerError::Identity(_)),
+            FlowError::Entra(e) => e.class == EntraErrorClass::Retryable,
+            FlowError::Internal(_) => false,
+        }
+    }
+
+    /// The upstream's own hint, if it gave one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            FlowError::Signer(SignerError::Unavailable { retry_after, .. }) => *retry_after,
+            FlowError::Entra(e) => e.retry_after,
+            _ => None,
+        }
+    }
+
+    /// A configuration or caller problem that asking again will not fix: negative-cached.
+    pub fn is_persistent(&self) -> bool {
+        !self.is_retryable() && !matches!(self, FlowError::Internal(_))
+    }
+
+    fn unavailable(service: &'static str, message: String, retry_after: Duration) -> Self {
+        match service {
+            "Entra ID" => FlowError::Entra(EntraError {
+                class: EntraErrorClass::Retryable,
+                status: 0,
+                error: "broker_backoff".into(),
+                codes: vec![],
+                description: message,
+                correlation_id: None,
+                trace_id: None,
+                retry_after: Some(retry_after),
+            }),
+            _ => FlowError::Signer(SignerError::Unavailable {
+                service,
+                message,
+                retry_after: Some(retry_after),
+            }),
+        }
+    }
+}
+
+impl crate::cache::FromJoin for FlowError {
+    fn from_join(e: tokio::task::JoinError) -> Self {
+        FlowError::Internal(format!("token fetch task ended: {e}"))
+    }
+}
+
+/// Upstream call counters (tests, metrics, benchmarks).
+#[derive(Debug, Default)]
+pub struct UpstreamStats {
+    pub signs: AtomicU64,
+    pub exchanges: AtomicU64,
+    pub certificate_reads: AtomicU64,
+    pub retries: AtomicU64,
+    pub breaker_rejections: AtomicU64,
+}
+
+/// A tenant as the flow needs it.
+#[derive(Debug)]
+pub struct Tenant {
+    pub config: TenantConfig,
+    pub name: Arc<str>,
+    pub tenant_id: Arc<str>,
+    pub client_id: Arc<str>,
+    pub token_endpoint: Url,
+}
+
+type CertKey = (Url, String);
+
+struct CertEntry {
+    current: Mutex<(CertificateInfo, SystemTime)>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+/// One upstream's guards: a budget and a breaker.
+#[derive(Debug)]
+struct Guard {
+    service: &'static str,
+    bucket: Option<Bucket>,
+    breaker: Breaker,
+}
+
+/// The flow, shared by every fetch.
+pub struct Flow {
+    signer: Arc<dyn Signer>,
+    exchange: Arc<dyn TokenExchange>,
+    clock: Arc<dyn Clock>,
+    cache: CacheConfig,
+    res: ResilienceConfig,
+    certs: moka::future::Cache<CertKey, Arc<CertEntry>>,
+    /// Per vault: signs (budgeted) and certificate reads (breaker only, shared).
+    vaults: HashMap<String, (Guard, Guard)>,
+    /// Per tenant name: Entra exchanges.
+    entra: HashMap<String, Guard>,
+    pub stats: UpstreamStats,
+}
+
+impl std::fmt::Debug for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flow").finish_non_exhaustive()
+    }
+}
+
+impl Flow {
+    pub fn new(
+        config: &Config,
+        signer: Arc<dyn Signer>,
+        exchange: Arc<dyn TokenExchange>,
+        clock: Arc<dyn Clock>,
+    ) -> Flow {
+        let res = config.resilience.clone();
+        let now = clock.now();
+        let breaker = || Breaker::new(res.breaker_failures, res.breaker_cool_down);
+        let mut vaults = HashMap::new();
+        let mut entra = HashMap::new();
+        for t in config.tenants.values() {
+            let Credential::KeyVaultCertificate { vault_url, .. } = &t.credential;
+            vaults.entry(vault_url.to_string()).or_insert_with(|| {
+                (
+                    Guard {
+                        service: "Key Vault",
+                        bucket: Some(Bucket::new(res.sign_rate_per_vault, res.sign_burst, now)),
+                        breaker: breaker(),
+                    },
+                    Guard {
+                        service: "Key Vault",
+                        bucket: None,
+                        breaker: breaker(),
+                    },
+                )
+            });
+            entra.insert(
+                t.name.clone(),
+                Guard {
+                    service: "Entra ID",
+                    bucket: Some(Bucket::new(
+                        res.exchange_rate_per_tenant,
+                        res.exchange_burst,
+                        now,
+                    )),
+                    breaker: breaker(),
+                },
+            );
+        }
+        Flow {
+            signer,
+            exchange,
+            clock,
+            cache: config.cache.clone(),
+            res,
+            certs: moka::future::Cache::builder().max_capacity(10_000).build(),
+            vaults,
+            entra,
+            stats: UpstreamStats::default(),
+        }
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Breaker states by upstream label, for metrics.
+    pub fn breaker_states(&self) -> Vec<(String, BreakerState)> {
+        let now = self.clock.now();
+        let mut out: Vec<(String, BreakerState)> = self
+            .vaults
+            .iter()
+            .map(|(v, (sign, _))| (format!("keyvault:{v}"), sign.breaker.state(now)))
+            .collect();
+        out.extend(
+            self.entra
+                .iter()
+                .map(|(t, g)| (format!("entra:{t}"), g.breaker.state(now))),
+        );
+        out
+    }
+
+    /// Obtains a token for `tenant` and `scopes`.
+    pub async fn fetch(
+        &self,
+        tenant: &Tenant,
+        scopes: &[String],
+    ) -> Result<CachedToken, FlowError> {
+        let Credential::KeyVaultCertificate {
+            vault_url,
+            certificate,
+            algorithm,
+            thumbprint,
+        } = &tenant.config.credential;
+        let deadline = self.clock.now() + self.res.retry_budget;
+        let vault = self.vaults.get(vault_url.as_str());
+        let entra = self.entra.get(tenant.name.as_ref());
+        let cert_key: CertKey = (vault_url.clone(), certificate.clone());
+        let mut cert = self
+            .certificate(&cert_key, vault.map(|v| &v.1), deadline)
+            .await?;
+        let mut retried_key = false;
+        let mut retried_clock = false;
+        loop {
+            let params = AssertionParams {
+                token_endpoint: &tenant.token_endpoint,
+                client_id: &tenant.client_id,
+                algorithm: *algorithm,
+                thumbprint: *thumbprint,
+                now: self.clock.unix(),
+            };
+            let assertion = self
+                .guarded(vault.map(|v| &v.0), deadline, || async {
+                    self.stats.signs.fetch_add(1, Ordering::Relaxed);
+                    Ok(assertion::build(self.signer.as_ref(), &params, &cert).await?)
+                })
+                .await?;
+            let scope = scopes.join(" ");
+            let started = self.clock.now();
+            let result = self
+                .guarded(entra, deadline, || async {
+                    self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
+                    Ok(self
+                        .exchange
+                        .exchange(ExchangeRequest {
+                            token_endpoint: &tenant.token_endpoint,
+                            client_id: &tenant.client_id,
+                            scope: &scope,
+                            assertion: &assertion,
+                            correlation_id: uuid::Uuid::new_v4(),
+                        })
+                        .await?)
+                })
+                .await;
+            match result {
+                Ok(t) => {
+                    let lifetime = t.expires_in;
+                    let refresh_in = t
+                        .refresh_in
+                        .filter(|r| *r < lifetime)
+                        .unwrap_or_else(|| refresh_after(lifetime, self.cache.refresh_fraction));
+                    info!(
+                        tenant = %tenant.name,
+                        expires_in = lifetime.as_secs(),
+                        refresh_in = refresh_in.as_secs(),
+                        fingerprint = %t.access_token.fingerprint(),
+                        "token obtained"
+                    );
+                    // Lifetimes count from when the request was sent: never overestimate.
+                    return Ok(CachedToken {
+                        access_token: t.access_token,
+                        token_type: t.token_type,
+                        obtained_at: started,
+                        expires_at: started + lifetime,
+                        refresh_at: started + refresh_in,
+                        tenant_id: tenant.tenant_id.clone(),
+                        client_id: tenant.client_id.clone(),
+                        scopes: scopes.to_vec().into(),
+                    });
+                }
+                // Entra does not know the key we signed with: the certificate may have been
+                // rotated. Re-read its metadata at once and retry once if it changed.
+                Err(FlowError::Entra(e))
+                    if e.class == EntraErrorClass::KeyRejected && !retried_key =>
+                {
+                    retried_key = true;
+                    let fresh = self
+                        .refresh_certificate(&cert_key, vault.map(|v| &v.1), deadline)
+                        .await?;
+                    if fresh == cert {
+                        return Err(e.into());
+                    }
+                    info!(tenant = %tenant.name, version = %fresh.version, "certificate changed; retrying with the new version");
+                    cert = fresh;
+                }
+                // Outside the assertion's time window: one fresh assertion, then give up.
+                Err(FlowError::Entra(e)) if e.class == EntraErrorClass::Clock && !retried_clock => {
+                    retried_clock = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs `op` behind an upstream's breaker and budget, retrying transient failures with
+    /// full-jitter backoff (at least the upstream's `Retry-After`) until `deadline`.
+    async fn guarded<T, F, Fut>(
+        &self,
+        guard: Option<&Guard>,
+        deadline: SystemTime,
+        mut op: F,
+    ) -> Result<T, FlowError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, FlowError>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            if let Some(g) = guard {
+                if let Err(remaining) = g.breaker.admit(self.clock.now()) {
+                    self.stats
+                        .breaker_rejections
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(FlowError::unavailable(
+                        g.service,
+                        format!(
+                            "circuit open after repeated failures; next probe in {}s",
+                            remaining.as_secs().max(1)
+                        ),
+                        remaining,
+                    ));
+                }
+                if let Some(b) = &g.bucket
+                    && !b.take(self.clock.as_ref(), deadline).await
+                {
+                    g.breaker.neutral();
+                    return Err(FlowError::unavailable(
+                        g.service,
+                        "the broker's own call budget for this upstream is spent; retry shortly"
+                            .into(),
+                        Duration::from_secs(1),
+                    ));
+                }
+            }
+            let result = op().await;
+            attempt += 1;
+            match result {
+                Ok(v) => {
+                    if let Some(g) = guard {
+                        g.breaker.success();
+                    }
+                    return Ok(v);
+                }
+                Err(e) if e.is_retryable() => {
+                    if let Some(g) = guard {
+                        g.breaker.failure(self.clock.now());
+                    }
+                    let wait = backoff(attempt, Duration::from_millis(250), Duration::from_secs(8))
+                        .max(e.retry_after().unwrap_or(Duration::ZERO));
+                    if attempt >= self.res.max_attempts || self.clock.now() + wait > deadline {
+                        return Err(e);
+                    }
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, attempt, wait_ms = wait.as_millis() as u64, "transient upstream failure; retrying");
+                    self.clock.sleep(wait).await;
+                }
+                Err(e) => {
+                    if let Some(g) = guard {
+                        g.breaker.neutral();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Certificate metadata: read once (concurrent readers share the read), re-read after
+    /// `certificate_refresh`, and kept when a re-read fails so a Key Vault outage does not
+    /// stop refreshes that need no new metadata.
+    async fn certificate(
+        &self,
+        key: &CertKey,
+        guard: Option<&Guard>,
+        deadline: SystemTime,
+    ) -> Result<CertificateInfo, FlowError> {
+        let entry = self
+            .certs
+            .try_get_with_by_ref(key, async {
+                let info = self.read_certificate(key, guard, deadline).await?;
+                Ok::<_, FlowError>(Arc::new(CertEntry {
+                    current: Mutex::new((info, self.clock.now())),
+                    refreshing: tokio::sync::Mutex::new(()),
+                }))
+            })
+            .await
+            .map_err(|e: Arc<FlowError>| (*e).clone())?;
+        let (info, read_at) = entry
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let stale = self.clock.now() >= read_at + self.cache.certificate_refresh;
+        if !stale {
+            return Ok(info);
+        }
+        // One re-read at a time; the others go on with what we have.
+        let Ok(_guard) = entry.refreshing.try_lock() else {
+            return Ok(info);
+        };
+        match self.read_certificate(key, guard, deadline).await {
+            Ok(fresh) => {
+                if fresh != info {
+                    info!(certificate = %key.1, version = %fresh.version, "certificate has a new version");
+                }
+                *entry.current.lock().unwrap_or_else(|p| p.into_inner()) =
+                    (fresh.clone(), self.clock.now());
+                Ok(fresh)
+            }
+            Err(e) => {
+                warn!(certificate = %key.1, error = %e, "certificate metadata refresh failed; using the version we have");
+                Ok(info)
+            }
+        }
+    }
+
+    /// Re-reads certificate metadata now (after Entra refused the key).
+    async fn refresh_certificate(
+        &self,
+        key: &CertKey,
+        guard: Option<&Guard>,
+        deadline: SystemTime,
+    ) -> Result<CertificateInfo, FlowError> {
+        let fresh = self.read_certificate(key, guard, deadline).await?;
+        if let Some(entry) = self.certs.get(key).await {
+            let _g = entry.refreshing.lock().await;
+            *entry.current.lock().unwrap_or_else(|p| p.into_inner()) =
+                (fresh.clone(), self.clock.now());
+        }
+        Ok(fresh)
+    }
+
+    async fn read_certificate(
+        &self,
+        key: &CertKey,
+        guard: Option<&Guard>,
+        deadline: SystemTime,
+    ) -> Result<CertificateInfo, FlowError> {
+        self.guarded(guard, deadline, || async {
+            self.stats.certificate_reads.fetch_add(1, Ordering::Relaxed);
+            Ok(self.signer.certificate(&key.0, &key.1).await?)
+        })
+        .await
+    }
+}
+
+/// When to refresh a token of `lifetime` with no `refresh_in`: at `fraction` of its life,
+/// less up to 10% jitter so tenants loaded together do not refresh together.
+pub fn refresh_after(lifetime: Duration, fraction: f64) -> Duration {
+    use rand::Rng;
+    let base = lifetime.mul_f64(fraction);
+    let jitter = lifetime.mul_f64(0.1 * rand::rng().random::<f64>());
+    base.saturating_sub(jitter)
+}
+
+pub fn tenant(t: &TenantConfig, authority: &Url) -> Tenant {
+    Tenant {
+        name: Arc::from(t.name.as_str()),
+        tenant_id: Arc::from(t.tenant_id.as_str()),
+        client_id: Arc::from(t.client_id.as_str()),
+        token_endpoint: entra::token_endpoint(authority, &t.tenant_id),
+        config: t.clone(),
+    }
+}

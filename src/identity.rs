@@ -1,0 +1,229 @@
+//! The broker's own managed identity token, cached and refreshed ahead of expiry, with the
+//! managed identity endpoint's limits respected (IMDS allows 20 requests/s and 5 concurrent
+//! requests per VM for identity). Wraps the `azure_identity` credential.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use azure_core::time::OffsetDateTime;
+use tokio::sync::Semaphore;
+
+/// Managed identity limits per VM (Azure IMDS documentation).
+pub const MAX_CONCURRENT: usize = 5;
+pub const MAX_PER_SECOND: u32 = 20;
+
+/// Caches tokens per scope set; refreshes once half their remaining life has passed (MI
+/// tokens live about 24 h), keeps serving the cached token while a refresh fails and it is
+/// still valid, and lets one refresh per scope set run at a time.
+pub struct CachingCredential {
+    inner: Arc<dyn TokenCredential>,
+    cache: Mutex<HashMap<Vec<String>, Cached>>,
+    flights: Mutex<HashMap<Vec<String>, Arc<tokio::sync::Mutex<()>>>>,
+    concurrency: Semaphore,
+    rate: Mutex<(OffsetDateTime, u32)>,
+}
+
+#[derive(Clone)]
+struct Cached {
+    token: AccessToken,
+    refresh_at: OffsetDateTime,
+}
+
+impl std::fmt::Debug for CachingCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachingCredential").finish_non_exhaustive()
+    }
+}
+
+impl CachingCredential {
+    pub fn new(inner: Arc<dyn TokenCredential>) -> Self {
+        CachingCredential {
+            inner,
+            cache: Mutex::new(HashMap::new()),
+            flights: Mutex::new(HashMap::new()),
+            concurrency: Semaphore::new(MAX_CONCURRENT),
+            rate: Mutex::new((OffsetDateTime::now_utc(), 0)),
+        }
+    }
+
+    fn cached(&self, key: &[String]) -> Option<Cached> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Waits for a slot in the current one-second window of the endpoint's rate limit.
+    async fn pace(&self) {
+        loop {
+            let wait = {
+                let mut r = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+                let now = OffsetDateTime::now_utc();
+                if now - r.0 >= azure_core::time::Duration::seconds(1) {
+                    *r = (now, 0);
+                }
+                if r.1 < MAX_PER_SECOND {
+                    r.1 += 1;
+                    None
+                } else {
+                    let left = azure_core::time::Duration::seconds(1) - (now - r.0);
+                    Some(Duration::from_millis(
+                        left.whole_milliseconds().max(1) as u64
+                    ))
+                }
+            };
+            match wait {
+                None => return,
+                Some(d) => tokio::time::sleep(d).await,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl TokenCredential for CachingCredential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        let key: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        let now = OffsetDateTime::now_utc();
+        let margin = azure_core::time::Duration::minutes(5);
+        let usable = |c: &Cached| c.token.expires_on - margin > now;
+        if let Some(c) = self.cached(&key)
+            && now < c.refresh_at
+        {
+            return Ok(c.token);
+        }
+        let flight = self
+            .flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        // A refresh is under way and the cached token is still good: don't wait for it.
+        let _flight = match flight.try_lock() {
+            Ok(g) => g,
+            Err(_) => match self.cached(&key) {
+                Some(c) if usable(&c) => return Ok(c.token),
+                _ => flight.lock().await,
+            },
+        };
+        // Someone else may have refreshed while we waited.
+        if let Some(c) = self.cached(&key)
+            && OffsetDateTime::now_utc() < c.refresh_at
+        {
+            return Ok(c.token);
+        }
+        let _permit = self.concurrency.acquire().await;
+        self.pace().await;
+        match self.inner.get_token(scopes, options).await {
+            Ok(token) => {
+                let now = OffsetDateTime::now_utc();
+                let refresh_at = now + (token.expires_on - now) / 2;
+                self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    key,
+                    Cached {
+                        token: token.clone(),
+                        refresh_at,
+                    },
+                );
+                Ok(token)
+            }
+            Err(e) => match self.cached(&key) {
+                Some(c) if usable(&c) => {
+                    tracing::warn!(error = %e, "managed identity token refresh failed; using the cached token");
+                    Ok(c.token)
+                }
+                _ => Err(e),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Debug)]
+    struct Counting {
+        calls: AtomicU32,
+        fail: std::sync::atomic::AtomicBool,
+        lifetime: azure_core::time::Duration,
+    }
+
+    #[async_trait]
+    impl TokenCredential for Counting {
+        async fn get_token(
+            &self,
+            _: &[&str],
+            _: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<AccessToken> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(azure_core::Error::with_message(
+                    azure_core::error::ErrorKind::Credential,
+                    "down",
+                ));
+            }
+            Ok(AccessToken::new(
+                format!("t{n}"),
+                OffsetDateTime::now_utc() + self.lifetime,
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn caches_and_serves_the_old_token_while_refresh_fails() {
+        let inner = Arc::new(Counting {
+            calls: AtomicU32::new(0),
+            fail: false.into(),
+            lifetime: azure_core::time::Duration::hours(24),
+        });
+        let c = CachingCredential::new(inner.clone());
+        let a = c
+            .get_token(&["https://vault.azure.net/.default"], None)
+            .await
+            .unwrap();
+        let b = c
+            .get_token(&["https://vault.azure.net/.default"], None)
+            .await
+            .unwrap();
+        assert_eq!(a.token.secret(), b.token.secret());
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
+        // Force the refresh point into the past, then fail the refresh.
+        c.cache.lock().unwrap().values_mut().for_each(|v| {
+            v.refresh_at = OffsetDateTime::now_utc() - azure_core::time::Duration::seconds(1)
+        });
+        inner.fail.store(true, Ordering::SeqCst);
+        let d = c
+            .get_token(&["https://vault.azure.net/.default"], None)
+            .await
+            .unwrap();
+        assert_eq!(d.token.secret(), a.token.secret());
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_fetch() {
+        let inner = Arc::new(Counting {
+            calls: AtomicU32::new(0),
+            fail: false.into(),
+            lifetime: azure_core::time::Duration::hours(24),
+        });
+        let c = Arc::new(CachingCredential::new(inner.clone()));
+        let calls = (0..50).map(|_| {
+            let c = c.clone();
+            async move { c.get_token(&["s"], None).await.unwrap() }
+        });
+        futures::future::join_all(calls).await;
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
+    }
+}

@@ -1,0 +1,505 @@
+//! Who may have which tokens: grants of tenants and scopes to caller identities, deny by
+//! default. Owns the grant file format, its validation, and the live policy that reloads on
+//! SIGHUP or when its file changes (an invalid new policy is refused and the old one stays).
+//!
+//! ```toml
+//! [[grant]]
+//! callers = ["spiffe://prod.example/ns/logs/sa/collector",  # exact SPIFFE ID
+//!            "spiffe://prod.example/ns/ingest/*",           # any SPIFFE ID under this path
+//!            "dns:collector.corp.example",                  # exact DNS name of a client cert
+//!            "jwt:k8s:system:serviceaccount:logs:shipper"]  # issuer name + identity claim
+//! tenants = ["contoso", "fabrikam"]
+//! scopes = ["https://graph.microsoft.com/.default"]
+//! ```
+//!
+//! Tenants and scopes match exactly. A request is allowed when every scope it asks for is
+//! granted to the caller for its tenant (the grants' union). `*` for tenants or scopes is
+//! accepted only in a grant to `dev:loopback` alone, the development identity.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::authn::DEV_LOOPBACK;
+
+/// Longest caller pattern, tenant or scope accepted in a grant.
+const MAX_ITEM_LEN: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid policy{}: {}", .path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default(), .problems.join("; "))]
+    Invalid {
+        path: Option<PathBuf>,
+        problems: Vec<String>,
+    },
+}
+
+/// A caller pattern: an exact identity, or a SPIFFE path prefix (`spiffe://td/path/*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CallerPattern {
+    Exact(String),
+    /// Holds the prefix including its trailing `/`.
+    Under(String),
+}
+
+impl CallerPattern {
+    fn matches(&self, id: &str) -> bool {
+        match self {
+            CallerPattern::Exact(e) => e == id,
+            CallerPattern::Under(p) => id.len() > p.len() && id.starts_with(p.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Set {
+    Any,
+    Exactly(BTreeSet<String>),
+}
+
+impl Set {
+    fn contains(&self, s: &str) -> bool {
+        match self {
+            Set::Any => true,
+            Set::Exactly(v) => v.contains(s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Grant {
+    callers: Vec<CallerPattern>,
+    tenants: Set,
+    scopes: Set,
+}
+
+/// A validated set of grants. The empty policy denies everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    grants: Vec<Grant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    grant: Vec<RawGrant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    #[serde(default)]
+    callers: Vec<String>,
+    #[serde(default)]
+    tenants: Vec<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+impl Policy {
+    /// Denies every request.
+    pub fn deny_all() -> Policy {
+        Policy::default()
+    }
+
+    /// Parses a policy file's text. `tenants` are the configured tenant names: a grant of an
+    /// unknown tenant is a mistake worth refusing.
+    pub fn parse(text: &str, tenants: &BTreeSet<String>) -> Result<Policy, Vec<String>> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| vec![e.message().to_string()])?;
+        Policy::from_grants(raw.grant, tenants, "grant")
+    }
+
+    /// Validates the `grant` array of an inline `[policy]` table (the main configuration).
+    pub fn from_toml_value(
+        grants: toml::Value,
+        tenants: &BTreeSet<String>,
+        path: &str,
+    ) -> Result<Policy, Vec<String>> {
+        let raw: Vec<RawGrant> = grants
+            .try_into()
+            .map_err(|e: toml::de::Error| vec![format!("{path}: {}", e.message())])?;
+        Policy::from_grants(raw, tenants, path)
+    }
+
+    fn from_grants(
+        raw: Vec<RawGrant>,
+        tenants: &BTreeSet<String>,
+        path: &str,
+    ) -> Result<Policy, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut grants = Vec::new();
+        for (i, g) in raw.into_iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            let mut p = |field: &str, m: String| problems.push(format!("{at}.{field}: {m}"));
+            if g.callers.is_empty() {
+                p("callers", "at least one caller is required".into());
+            }
+            if g.tenants.is_empty() {
+                p("tenants", "at least one tenant is required".into());
+            }
+            if g.scopes.is_empty() {
+                p("scopes", "at least one scope is required".into());
+            }
+            let mut callers = Vec::new();
+            for c in &g.callers {
+                match parse_caller(c) {
+                    Ok(pat) => callers.push(pat),
+                    Err(m) => p("callers", format!("`{}`: {m}", shorten(c))),
+                }
+            }
+            let dev_only = g.callers.iter().all(|c| c == DEV_LOOPBACK) && !g.callers.is_empty();
+            let mut set = |field: &str, items: &[String], known: Option<&BTreeSet<String>>| {
+                if items.iter().any(|s| s == "*") {
+                    if !dev_only || items.len() != 1 {
+                        p(
+                            field,
+                            format!(
+                                "`*` is accepted only alone and only in a grant to `{DEV_LOOPBACK}` (development); name each {field} entry"
+                            ),
+                        );
+                    }
+                    return Set::Any;
+                }
+                let mut out = BTreeSet::new();
+                for s in items {
+                    let t = s.trim();
+                    if t.is_empty() || t.len() > MAX_ITEM_LEN {
+                        p(
+                            field,
+                            format!("entries must be 1 to {MAX_ITEM_LEN} characters"),
+                        );
+                    } else if let Some(known) = known
+                        && !known.contains(t)
+                    {
+                        p(
+                            field,
+                            format!("`{}` is not a configured tenant", shorten(t)),
+                        );
+                    } else {
+                        out.insert(t.to_owned());
+                    }
+                }
+                Set::Exactly(out)
+            };
+            let tenants = set("tenants", &g.tenants, Some(tenants));
+            let scopes = set("scopes", &g.scopes, None);
+            grants.push(Grant {
+                callers,
+                tenants,
+                scopes,
+            });
+        }
+        if problems.is_empty() {
+            Ok(Policy { grants })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Whether `caller` may have a token for `tenant` with all of `scopes` (normalised).
+    pub fn allows(&self, caller: &str, tenant: &str, scopes: &[String]) -> bool {
+        if scopes.is_empty() {
+            return false;
+        }
+        let grants: Vec<&Grant> = self
+            .grants
+            .iter()
+            .filter(|g| g.tenants.contains(tenant) && g.callers.iter().any(|c| c.matches(caller)))
+            .collect();
+        scopes
+            .iter()
+            .all(|s| grants.iter().any(|g| g.scopes.contains(s)))
+    }
+
+    pub fn grant_count(&self) -> usize {
+        self.grants.len()
+    }
+}
+
+fn shorten(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+fn parse_caller(c: &str) -> Result<CallerPattern, String> {
+    if c.len() > MAX_ITEM_LEN || c.trim() != c || c.is_empty() {
+        return Err(format!(
+            "must be 1 to {MAX_ITEM_LEN} characters without surrounding spaces"
+        ));
+    }
+    if c == DEV_LOOPBACK {
+        return Ok(CallerPattern::Exact(c.to_owned()));
+    }
+    if let Some(rest) = c.strip_prefix("spiffe://") {
+        if let Some(prefix) = c.strip_suffix("/*") {
+            if rest.split('/').count() < 2 || prefix.contains('*') {
+                return Err("a SPIFFE pattern is `spiffe://TRUST-DOMAIN/PATH/*`".into());
+            }
+            return Ok(CallerPattern::Under(format!("{prefix}/")));
+        }
+        if c.contains('*') {
+            return Err("`*` is accepted only as a final `/*` path segment".into());
+        }
+        if rest.is_empty() || rest.starts_with('/') {
+            return Err("a SPIFFE ID needs a trust domain".into());
+        }
+        return Ok(CallerPattern::Exact(c.to_owned()));
+    }
+    if c.contains('*') {
+        return Err("patterns (`/*`) are accepted for SPIFFE IDs only".into());
+    }
+    if let Some(dns) = c.strip_prefix("dns:") {
+        if dns.is_empty() {
+            return Err("`dns:` needs a host name".into());
+        }
+        // Certificate DNS names are compared in lower case.
+        return Ok(CallerPattern::Exact(format!(
+            "dns:{}",
+            dns.to_ascii_lowercase()
+        )));
+    }
+    if let Some(rest) = c.strip_prefix("jwt:") {
+        match rest.split_once(':') {
+            Some((issuer, subject)) if !issuer.is_empty() && !subject.is_empty() => {
+                return Ok(CallerPattern::Exact(c.to_owned()));
+            }
+            _ => return Err("a JWT caller is `jwt:ISSUER-NAME:SUBJECT`".into()),
+        }
+    }
+    Err("a caller is `spiffe://…`, `dns:NAME` or `jwt:ISSUER-NAME:SUBJECT`".into())
+}
+
+/// Where a live policy comes from.
+#[derive(Debug, Clone)]
+enum Source {
+    Fixed,
+    File {
+        path: PathBuf,
+        tenants: BTreeSet<String>,
+    },
+}
+
+/// The policy in force. Reads are lock-free; a reload swaps it whole.
+#[derive(Debug)]
+pub struct PolicyHandle {
+    current: ArcSwap<Policy>,
+    source: Source,
+    /// SHA-256 of the file content last loaded.
+    loaded: Mutex<Option<[u8; 32]>>,
+}
+
+impl PolicyHandle {
+    /// A policy that never reloads (inline in the main configuration, or none).
+    pub fn fixed(policy: Policy) -> Arc<PolicyHandle> {
+        Arc::new(PolicyHandle {
+            current: ArcSwap::from_pointee(policy),
+            source: Source::Fixed,
+            loaded: Mutex::new(None),
+        })
+    }
+
+    /// Loads a policy file; it reloads with `reload` (and `watch`).
+    pub fn from_file(path: &Path, tenants: BTreeSet<String>) -> Result<Arc<Self>, PolicyError> {
+        let handle = PolicyHandle {
+            current: ArcSwap::from_pointee(Policy::deny_all()),
+            source: Source::File {
+                path: path.to_owned(),
+                tenants,
+            },
+            loaded: Mutex::new(None),
+        };
+        handle.reload()?;
+        Ok(Arc::new(handle))
+    }
+
+    pub fn current(&self) -> Arc<Policy> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the policy file. A valid, changed policy replaces the current one
+    /// (`Ok(true)`); an unreadable or invalid one is refused and the current one stays.
+    pub fn reload(&self) -> Result<bool, PolicyError> {
+        let Source::File { path, tenants } = &self.source else {
+            return Ok(false);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if *loaded == Some(digest) {
+            return Ok(false);
+        }
+        let policy = Policy::parse(&text, tenants).map_err(|problems| PolicyError::Invalid {
+            path: Some(path.clone()),
+            problems,
+        })?;
+        self.current.store(Arc::new(policy));
+        *loaded = Some(digest);
+        Ok(true)
+    }
+
+    /// Reloads on SIGHUP and when the file changes (polled every `interval`), until the
+    /// returned task is aborted.
+    pub fn watch(self: Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            if matches!(self.source, Source::Fixed) {
+                return;
+            }
+            #[cfg(unix)]
+            let mut hup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                #[cfg(unix)]
+                let hangup = async {
+                    match hup.as_mut() {
+                        Some(h) => {
+                            h.recv().await;
+                        }
+                        None => futures::future::pending::<()>().await,
+                    }
+                };
+                #[cfg(not(unix))]
+                let hangup = futures::future::pending::<()>();
+                tokio::select! {
+                    _ = tick.tick() => {},
+                    _ = hangup => info!("SIGHUP: reloading the caller policy"),
+                }
+                match self.reload() {
+                    Ok(true) => info!(
+                        grants = self.current().grant_count(),
+                        "caller policy reloaded"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(error = %e, "caller policy refused; the previous policy stays in force")
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenants() -> BTreeSet<String> {
+        ["contoso", "fabrikam"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    const GRAPH: &str = "https://graph.microsoft.com/.default";
+
+    fn policy(text: &str) -> Policy {
+        Policy::parse(text, &tenants()).unwrap()
+    }
+
+    #[test]
+    fn grants_tenants_and_scopes_exactly() {
+        let p = policy(&format!(
+            "[[grant]]\ncallers = [\"spiffe://td/ns/a/sa/x\"]\ntenants = [\"contoso\"]\nscopes = [\"{GRAPH}\"]\n"
+        ));
+        let id = "spiffe://td/ns/a/sa/x";
+        assert!(p.allows(id, "contoso", &[GRAPH.into()]));
+        assert!(!p.allows(id, "fabrikam", &[GRAPH.into()]));
+        assert!(!p.allows(id, "contoso", &["api://other/.default".into()]));
+        assert!(!p.allows(
+            id,
+            "contoso",
+            &[GRAPH.into(), "api://other/.default".into()]
+        ));
+        assert!(!p.allows("spiffe://td/ns/a/sa/y", "contoso", &[GRAPH.into()]));
+        assert!(!p.allows("spiffe://td/ns/a/sa/x/more", "contoso", &[GRAPH.into()]));
+    }
+
+    #[test]
+    fn spiffe_prefix_patterns_match_below_the_path_only() {
+        let p = policy(&format!(
+            "[[grant]]\ncallers = [\"spiffe://td/ns/ingest/*\"]\ntenants = [\"contoso\"]\nscopes = [\"{GRAPH}\"]\n"
+        ));
+        assert!(p.allows("spiffe://td/ns/ingest/sa/a", "contoso", &[GRAPH.into()]));
+        assert!(!p.allows("spiffe://td/ns/ingest", "contoso", &[GRAPH.into()]));
+        assert!(!p.allows("spiffe://td/ns/ingest-evil/sa", "contoso", &[GRAPH.into()]));
+    }
+
+    #[test]
+    fn scopes_may_come_from_several_grants() {
+        let p = policy(
+            "[[grant]]\ncallers = [\"dns:a.example\"]\ntenants = [\"contoso\"]\nscopes = [\"s1\"]\n\
+             [[grant]]\ncallers = [\"dns:A.example\"]\ntenants = [\"contoso\"]\nscopes = [\"s2\"]\n",
+        );
+        assert!(p.allows("dns:a.example", "contoso", &["s1".into(), "s2".into()]));
+    }
+
+    #[test]
+    fn refuses_unknown_tenants_wildcards_and_bad_callers() {
+        let bad = [
+            "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"nope\"]\nscopes = [\"s\"]\n",
+            "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"*\"]\nscopes = [\"s\"]\n",
+            "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"contoso\"]\nscopes = [\"*\"]\n",
+            "[[grant]]\ncallers = [\"dns:*.example\"]\ntenants = [\"contoso\"]\nscopes = [\"s\"]\n",
+            "[[grant]]\ncallers = [\"alice\"]\ntenants = [\"contoso\"]\nscopes = [\"s\"]\n",
+            "[[grant]]\ncallers = [\"spiffe://td/a*\"]\ntenants = [\"contoso\"]\nscopes = [\"s\"]\n",
+            "[[grant]]\ncallers = []\ntenants = [\"contoso\"]\nscopes = [\"s\"]\n",
+            "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"contoso\"]\nscope = [\"s\"]\n",
+        ];
+        for text in bad {
+            assert!(Policy::parse(text, &tenants()).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn wildcards_only_for_the_dev_identity() {
+        let p = policy(
+            "[[grant]]\ncallers = [\"dev:loopback\"]\ntenants = [\"*\"]\nscopes = [\"*\"]\n",
+        );
+        assert!(p.allows("dev:loopback", "anything", &["any".into()]));
+        assert!(!p.allows("dns:a", "contoso", &["any".into()]));
+    }
+
+    #[test]
+    fn reload_keeps_the_old_policy_when_the_new_one_is_invalid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        let good = format!(
+            "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"contoso\"]\nscopes = [\"{GRAPH}\"]\n"
+        );
+        std::fs::write(&path, &good).unwrap();
+        let h = PolicyHandle::from_file(&path, tenants()).unwrap();
+        assert!(h.current().allows("dns:a", "contoso", &[GRAPH.into()]));
+        assert!(!h.reload().unwrap(), "unchanged file");
+
+        std::fs::write(
+            &path,
+            "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"nope\"]\n",
+        )
+        .unwrap();
+        let e = h.reload().unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        assert!(h.current().allows("dns:a", "contoso", &[GRAPH.into()]));
+
+        std::fs::write(&path, good.replace("contoso", "fabrikam")).unwrap();
+        assert!(h.reload().unwrap());
+        assert!(!h.current().allows("dns:a", "contoso", &[GRAPH.into()]));
+        assert!(h.current().allows("dns:a", "fabrikam", &[GRAPH.into()]));
+    }
+}

@@ -1,0 +1,223 @@
+//! Upstream protection on the broker's clock: token-bucket budgets (Key Vault signs per
+//! vault, Entra exchanges per tenant), circuit breakers with half-open probes, and
+//! full-jitter exponential backoff. Written against `Clock` rather than a rate-limit crate
+//! so that tests drive them with `ManualClock` exactly like token lifetimes.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+
+use crate::clock::Clock;
+
+/// Full-jitter exponential backoff: uniform in [0, min(cap, base × 2^attempt)].
+pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let ceiling = base
+        .checked_mul(1u32 << attempt.min(16))
+        .unwrap_or(cap)
+        .min(cap);
+    ceiling.mul_f64(rand::rng().random::<f64>())
+}
+
+/// A token bucket: `rate` per second, at most `burst` at once.
+#[derive(Debug)]
+pub struct Bucket {
+    rate: f64,
+    burst: f64,
+    state: Mutex<(f64, SystemTime)>,
+}
+
+impl Bucket {
+    pub fn new(rate: f64, burst: u32, now: SystemTime) -> Self {
+        let burst = f64::from(burst.max(1));
+        Bucket {
+            rate: rate.max(0.001),
+            burst,
+            state: Mutex::new((burst, now)),
+        }
+    }
+
+    /// Takes a token now, or says how long until one is available (taking nothing).
+    pub fn try_take(&self, now: SystemTime) -> Result<(), Duration> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = now.duration_since(s.1).unwrap_or(Duration::ZERO);
+        s.0 = (s.0 + elapsed.as_secs_f64() * self.rate).min(self.burst);
+        s.1 = now.max(s.1);
+        if s.0 >= 1.0 {
+            s.0 -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - s.0) / self.rate))
+        }
+    }
+
+    /// Waits for a token, but not past `deadline`: `false` if the budget cannot cover it.
+    pub async fn take(&self, clock: &dyn Clock, deadline: SystemTime) -> bool {
+        loop {
+            let now = clock.now();
+            match self.try_take(now) {
+                Ok(()) => return true,
+                Err(wait) if now + wait <= deadline => clock.sleep(wait).await,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Breaker states, also exported as a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+/// Opens after `threshold` consecutive transient failures; after `cool_down` lets one
+/// probe through (half-open); a success closes it, a failure re-opens it.
+#[derive(Debug)]
+pub struct Breaker {
+    threshold: u32,
+    cool_down: Duration,
+    state: Mutex<BreakerInner>,
+}
+
+#[derive(Debug)]
+struct BreakerInner {
+    failures: u32,
+    open_until: Option<SystemTime>,
+    probing: bool,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, cool_down: Duration) -> Self {
+        Breaker {
+            threshold: threshold.max(1),
+            cool_down,
+            state: Mutex::new(BreakerInner {
+                failures: 0,
+                open_until: None,
+                probing: false,
+            }),
+        }
+    }
+
+    /// May a call go through now? `Err(remaining)` while open (or while a probe is out).
+    pub fn admit(&self, now: SystemTime) -> Result<(), Duration> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.open_until {
+            None => Ok(()),
+            Some(until) if now < until => Err(until.duration_since(now).unwrap_or_default()),
+            Some(_) if s.probing => Err(Duration::from_secs(1)),
+            Some(_) => {
+                s.probing = true;
+                Ok(())
+            }
+        }
+    }
+
+    pub fn success(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.failures = 0;
+        s.open_until = None;
+        s.probing = false;
+    }
+
+    /// Records a transient failure (configuration errors are not the upstream's health).
+    pub fn failure(&self, now: SystemTime) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.failures += 1;
+        if s.probing || s.failures >= self.threshold {
+            s.open_until = Some(now + self.cool_down);
+            s.probing = false;
+        }
+    }
+
+    /// A call that was admitted but ended without a verdict (e.g. a configuration error).
+    pub fn neutral(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.probing {
+            s.probing = false;
+            s.failures = 0;
+            s.open_until = None;
+        }
+    }
+
+    pub fn state(&self, now: SystemTime) -> BreakerState {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.open_until {
+            None => BreakerState::Closed,
+            Some(until) if now < until => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    #[test]
+    fn bucket_refills_at_its_rate_and_caps_at_burst() {
+        let t0 = SystemTime::now();
+        let b = Bucket::new(2.0, 2, t0);
+        assert!(b.try_take(t0).is_ok());
+        assert!(b.try_take(t0).is_ok());
+        let wait = b.try_take(t0).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(500));
+        assert!(b.try_take(t0 + Duration::from_millis(500)).is_ok());
+        // A long idle time refills only up to the burst.
+        let later = t0 + Duration::from_secs(100);
+        assert!(b.try_take(later).is_ok());
+        assert!(b.try_take(later).is_ok());
+        assert!(b.try_take(later).is_err());
+    }
+
+    #[tokio::test]
+    async fn bucket_wait_is_bounded_by_the_deadline() {
+        let clock = ManualClock::new();
+        let b = Bucket::new(1.0, 1, clock.now());
+        assert!(b.take(&clock, clock.now()).await);
+        // The next token is 1 s away: a deadline 0.5 s out cannot cover it.
+        assert!(
+            !b.take(&clock, clock.now() + Duration::from_millis(500))
+                .await
+        );
+    }
+
+    #[test]
+    fn breaker_opens_then_probes_then_closes() {
+        let t0 = SystemTime::now();
+        let b = Breaker::new(3, Duration::from_secs(30));
+        for _ in 0..2 {
+            assert!(b.admit(t0).is_ok());
+            b.failure(t0);
+        }
+        assert_eq!(b.state(t0), BreakerState::Closed);
+        b.failure(t0);
+        assert_eq!(b.state(t0), BreakerState::Open);
+        assert_eq!(
+            b.admit(t0 + Duration::from_secs(10)),
+            Err(Duration::from_secs(20))
+        );
+        let t1 = t0 + Duration::from_secs(30);
+        assert!(b.admit(t1).is_ok(), "one probe after the cool-down");
+        assert!(b.admit(t1).is_err(), "only one probe at a time");
+        b.failure(t1);
+        assert_eq!(b.state(t1), BreakerState::Open, "a failed probe re-opens");
+        let t2 = t1 + Duration::from_secs(30);
+        assert!(b.admit(t2).is_ok());
+        b.success();
+        assert_eq!(b.state(t2), BreakerState::Closed);
+        assert!(b.admit(t2).is_ok());
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_the_cap() {
+        for attempt in 0..20 {
+            let d = backoff(attempt, Duration::from_millis(500), Duration::from_secs(30));
+            assert!(d <= Duration::from_secs(30));
+            assert!(d <= Duration::from_millis(500) * (1 << attempt.min(16)));
+        }
+    }
+}

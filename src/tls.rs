@@ -1,0 +1,276 @@
+//! Server-side TLS for the gRPC listener: the rustls configuration (aws-lc-rs only), the
+//! server certificate that reloads itself when its files change, client-certificate
+//! verification against the configured caller CA bundle, and the stream of TLS connections
+//! handed to tonic. Handshakes run off the accept loop, bounded in number and time, so a
+//! slow or hostile client cannot stall other connections.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures::Stream;
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info, warn};
+
+use crate::config::{ClientCertMode, ServerTls};
+
+/// At most this many TLS handshakes run at once; further connections are closed.
+const MAX_HANDSHAKES: usize = 256;
+/// A client that has not finished its handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("server certificate {cert} and key {key} do not form a usable pair: {message}")]
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        message: String,
+    },
+    #[error("client CA bundle {path}: {message}")]
+    ClientCa { path: PathBuf, message: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The server certificate and key, re-read from their files when their content changes.
+/// A broken new pair is refused (logged) and the current one keeps serving.
+pub struct ReloadingCert {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: ArcSwap<CertifiedKey>,
+    /// SHA-256 of the cert and key file contents last loaded.
+    loaded: Mutex<[u8; 32]>,
+}
+
+impl fmt::Debug for ReloadingCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReloadingCert")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReloadingCert {
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Arc<Self>, TlsError> {
+        let (cert_pem, key_pem) = read_pair(cert_file, key_file)?;
+        let key = certified_key(cert_file, key_file, &cert_pem, &key_pem)?;
+        Ok(Arc::new(ReloadingCert {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            current: ArcSwap::from_pointee(key),
+            loaded: Mutex::new(digest(&cert_pem, &key_pem)),
+        }))
+    }
+
+    /// Re-reads the files; installs the new pair when they changed and are valid.
+    /// `Ok(true)` when a new certificate was installed.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let (cert_pem, key_pem) = read_pair(&self.cert_file, &self.key_file)?;
+        let d = digest(&cert_pem, &key_pem);
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if *loaded == d {
+            return Ok(false);
+        }
+        let key = certified_key(&self.cert_file, &self.key_file, &cert_pem, &key_pem)?;
+        self.current.store(Arc::new(key));
+        *loaded = d;
+        Ok(true)
+    }
+
+    /// Polls the files every `interval` until the returned task is aborted.
+    pub fn watch(self: Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match self.reload_if_changed() {
+                    Ok(true) => {
+                        info!(cert = %self.cert_file.display(), "server TLS certificate reloaded")
+                    }
+                    Ok(false) => {}
+                    // Mid-rotation (cert written, key not yet) looks like this too: keep
+                    // serving the old pair and try again on the next tick.
+                    Err(e) => {
+                        warn!(error = %e, "server TLS certificate not reloaded; the previous one stays in use")
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn read_pair(cert_file: &Path, key_file: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| TlsError::Read {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    Ok((read(cert_file)?, read(key_file)?))
+}
+
+fn digest(cert: &[u8], key: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update((cert.len() as u64).to_be_bytes());
+    h.update(cert);
+    h.update(key);
+    h.finalize().into()
+}
+
+fn certified_key(
+    cert_file: &Path,
+    key_file: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CertifiedKey, TlsError> {
+    let chain = certificates(cert_file, cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
+        path: key_file.to_owned(),
+        message: format!("no usable private key: {e}"),
+    })?;
+    CertifiedKey::from_der(chain, key, &provider()).map_err(|e| TlsError::Pair {
+        cert: cert_file.to_owned(),
+        key: key_file.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_owned(),
+            message: "no PEM certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The rustls server configuration for a TLS listener, and its reloading certificate.
+pub fn server_config(
+    tls: &ServerTls,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<ReloadingCert>), TlsError> {
+    let cert = ReloadingCert::load(&tls.cert_file, &tls.key_file)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match &tls.client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let pem = std::fs::read(ca).map_err(|source| TlsError::Read {
+                path: ca.clone(),
+                source,
+            })?;
+            let mut roots = RootCertStore::empty();
+            for c in certificates(ca, &pem)? {
+                roots.add(c).map_err(|e| TlsError::ClientCa {
+                    path: ca.clone(),
+                    message: e.to_string(),
+                })?;
+            }
+            // webpki checks the chain, validity period and the clientAuth extended key usage.
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            let verifier = match tls.client_cert {
+                ClientCertMode::Required => verifier,
+                ClientCertMode::Optional => verifier.allow_unauthenticated(),
+            };
+            let verifier = verifier.build().map_err(|e| TlsError::ClientCa {
+                path: ca.clone(),
+                message: e.to_string(),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(cert.clone());
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((Arc::new(config), cert))
+}
+
+/// Accepts TCP connections and yields those that complete a TLS handshake. The accept loop
+/// stops when the returned stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<TlsStream<TcpStream>, std::io::Error>>(64);
+    let acceptor = TlsAcceptor::from(config);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = tx.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                debug!(%peer, "too many TLS handshakes in progress; connection closed");
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => handshake_refused(peer, &e),
+                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn handshake_refused(peer: SocketAddr, e: &std::io::Error) {
+    // A refused client certificate is the caller's configuration problem: worth a line at
+    // info so operators can see it, without a stack of detail.
+    info!(%peer, error = %e, "TLS handshake refused");
+}

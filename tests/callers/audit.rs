@@ -1,0 +1,132 @@
+use serde_json::Value;
+use tokenbroker::audit::Outcome;
+use tokenbroker::sensitive::fingerprint;
+use tonic::Code;
+
+use crate::harness::*;
+
+const A: &str = "spiffe://example.org/ns/a/sa/reader";
+const USER_READ: &str = "https://graph.microsoft.com/User.Read";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_decision_is_one_record_with_the_token_fingerprint_and_never_the_token() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH), (A, "contoso", USER_READ)]),
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    let bearer = h.issuer.token("svc-z");
+
+    let first = h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
+    let second = h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
+    assert_status(
+        h.get(Some(&a), None, "fabrikam", &[GRAPH]).await,
+        Code::PermissionDenied,
+        &[],
+    );
+    assert_status(
+        h.get(None, Some(&bearer), "contoso", &[GRAPH]).await,
+        Code::PermissionDenied,
+        &[],
+    );
+    // Entra refuses a scope without /.default: a failure with Entra's correlation id.
+    assert_status(
+        h.get(Some(&a), None, "contoso", &[USER_READ]).await,
+        Code::InvalidArgument,
+        &[],
+    );
+
+    let r = h.records();
+    assert_eq!(r.len(), 5, "{r:#?}");
+    let ids: std::collections::HashSet<&str> = r.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(ids.len(), 5, "request ids are unique");
+
+    let (exchange, cache) = (&r[0], &r[1]);
+    assert_eq!(exchange.rpc, "GetToken");
+    assert_eq!(exchange.caller.as_deref(), Some(A));
+    assert_eq!(exchange.tenant, "contoso");
+    assert_eq!(exchange.scopes, vec![GRAPH.to_string()]);
+    assert_eq!(exchange.outcome, Outcome::Allowed);
+    assert_eq!(exchange.code, "OK");
+    assert_eq!(exchange.reason, None);
+    assert_eq!(exchange.token_source, Some("EXCHANGE"));
+    assert_eq!(cache.token_source, Some("CACHE"));
+    assert_eq!(
+        exchange.token_fingerprint.as_deref(),
+        Some(fingerprint(first.access_token.as_bytes()).as_str())
+    );
+    assert_eq!(cache.token_fingerprint, exchange.token_fingerprint);
+    assert_eq!(second.access_token, first.access_token);
+    let expires = time::OffsetDateTime::parse(
+        exchange.expires_at.as_deref().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(
+        expires.unix_timestamp(),
+        first.expires_at.as_ref().unwrap().seconds
+    );
+    assert!(exchange.peer.as_deref().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        time::OffsetDateTime::parse(
+            &exchange.time,
+            &time::format_description::well_known::Rfc3339
+        )
+        .is_ok()
+    );
+
+    let denied = &r[2];
+    assert_eq!(denied.outcome, Outcome::Denied);
+    assert_eq!(denied.code, "PERMISSION_DENIED");
+    assert_eq!(denied.caller.as_deref(), Some(A));
+    assert_eq!(denied.tenant, "fabrikam");
+    assert_eq!(
+        (
+            denied.token_source,
+            &denied.token_fingerprint,
+            &denied.expires_at
+        ),
+        (None, &None, &None)
+    );
+
+    let jwt_denied = &r[3];
+    assert_eq!(jwt_denied.caller.as_deref(), Some("jwt:test:svc-z"));
+    assert_eq!(
+        serde_json::to_value(jwt_denied.proof).unwrap(),
+        Value::from("jwt")
+    );
+
+    let failed = &r[4];
+    assert_eq!(failed.outcome, Outcome::Failed);
+    assert_eq!(failed.code, "INVALID_ARGUMENT");
+    assert!(
+        failed.reason.as_deref().unwrap().contains("AADSTS"),
+        "{failed:?}"
+    );
+    assert!(failed.entra_correlation_id.is_some(), "{failed:?}");
+
+    // Nothing secret in the serialised trail.
+    let trail = serde_json::to_string(&r).unwrap();
+    assert!(!trail.contains(&first.access_token));
+    assert!(!trail.contains(&bearer));
+    assert!(!trail.contains("eyJ"), "no JWT of any kind: {trail}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_id_is_returned_to_the_caller() {
+    let h = Harness::start(Options::default()).await;
+    let mut client = h.client(None).await.unwrap();
+    let s = client
+        .get_token(tokenbroker::proto::GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let id = s.metadata().get("x-request-id").unwrap().to_str().unwrap();
+    assert_eq!(h.records()[0].request_id, id);
+    h.stop().await;
+}

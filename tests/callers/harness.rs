@@ -1,0 +1,233 @@
+//! The emulator plus a broker serving TLS with optional or required client certificates,
+//! bearer-token issuers (the test issuer and the emulated Entra), a policy file, limits, and
+//! an in-memory audit sink.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokenbroker::access::Access;
+use tokenbroker::audit::{AuditRecord, MemorySink};
+use tokenbroker::emulator::{Emulator, EmulatorConfig, StartOptions};
+use tokenbroker::proto::token_broker_client::TokenBrokerClient;
+use tokenbroker::proto::{GetTokenRequest, GetTokenResponse};
+use tokenbroker::tls::ReloadingCert;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::issuer::{AUDIENCE, TestIssuer};
+use crate::pki::{Ca, Leaf};
+
+pub const GRAPH: &str = "https://graph.microsoft.com/.default";
+pub const CONTOSO_API: &str = "api://contoso-api/.default";
+pub use tokenbroker::emulator::config::demo;
+
+pub struct Options {
+    pub client_cert: &'static str,
+    pub policy: String,
+    pub limits: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            client_cert: "optional",
+            policy: String::new(),
+            limits: "",
+        }
+    }
+}
+
+pub struct Harness {
+    pub emulator: Option<Emulator>,
+    pub addr: SocketAddr,
+    pub ca: Ca,
+    pub audit: Arc<MemorySink>,
+    pub access: Arc<Access>,
+    pub server_cert: Arc<ReloadingCert>,
+    pub issuer: TestIssuer,
+    pub dir: tempfile::TempDir,
+    pub server_ca_pem: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub fn install_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+impl Harness {
+    pub async fn start(opts: Options) -> Harness {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let emu_config = EmulatorConfig::demo();
+        let emulator = Emulator::start(
+            emu_config.clone(),
+            StartOptions::new(dir.path().join("ca.pem")),
+        )
+        .await
+        .unwrap();
+        let issuer = TestIssuer::start().await;
+        let ca = Ca::new("callers and server CA");
+        std::fs::write(dir.path().join("callers-ca.pem"), ca.pem()).unwrap();
+        ca.server().write(dir.path(), "server");
+        let dev = tokenbroker::dev::broker_config_toml(
+            &emu_config,
+            emulator.endpoints(),
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        // Everything the dev config says about upstreams and tenants, none of its dev access.
+        let upstreams = &dev[dev.find("[identity]").unwrap()..];
+        let (before, after) = upstreams.split_once("# Dev only: requests").unwrap();
+        let end = "caller_burst = 1000000";
+        let after = &after[after.find(end).unwrap() + end.len()..];
+        std::fs::write(dir.path().join("policy.toml"), &opts.policy).unwrap();
+        let contoso_issuer = format!(
+            "{}/{}/v2.0",
+            emulator.endpoints().authority_host,
+            demo::CONTOSO_TENANT
+        );
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = \"server.crt\"\ntls_key_file = \"server.key\"\n\
+             client_ca_file = \"callers-ca.pem\"\nclient_cert = \"{}\"\n\n{before}{after}\n\
+             [callers]\naudience = \"{AUDIENCE}\"\n\n\
+             [callers.issuers.test]\nissuer = \"{}\"\n\n\
+             [callers.issuers.contoso-entra]\nissuer = \"{contoso_issuer}\"\naudience = \"api://contoso-api\"\n\
+             identity_claim = \"appid\"\nalgorithms = [\"RS256\"]\n\n\
+             [policy]\nfile = \"policy.toml\"\n\n[limits]\n{}\n",
+            opts.client_cert,
+            issuer.url(),
+            opts.limits,
+        );
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, &toml).unwrap();
+        let config = tokenbroker::config::Config::load(&path, &|_| None)
+            .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        let up = tokenbroker::server::upstreams(&config).unwrap();
+        let audit = Arc::new(MemorySink::default());
+        let http = tokenbroker::outbound::http_client(&config.outbound).unwrap();
+        let access = Access::with_sink(&config, http, audit.clone()).unwrap();
+        let bound = tokenbroker::server::bind_with(config, up, access)
+            .await
+            .unwrap();
+        let addr = bound.local_addr().unwrap();
+        let access = bound.access().clone();
+        let server_cert = bound.server_cert().unwrap().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            bound
+                .serve(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        let server_ca_pem = ca.pem();
+        Harness {
+            emulator: Some(emulator),
+            addr,
+            ca,
+            audit,
+            access,
+            server_cert,
+            issuer,
+            dir,
+            server_ca_pem,
+            stop: Some(stop),
+            served: Some(served),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Replaces the policy file and reloads it.
+    pub fn set_policy(&self, text: &str) -> Result<bool, tokenbroker::policy::PolicyError> {
+        std::fs::write(self.path("policy.toml"), text).unwrap();
+        self.access.policy().reload()
+    }
+
+    pub fn endpoint(&self, client: Option<&Leaf>) -> Endpoint {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.server_ca_pem))
+            .domain_name("localhost");
+        if let Some(c) = client {
+            tls = tls.identity(Identity::from_pem(&c.cert_pem, &c.key_pem));
+        }
+        Endpoint::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+    }
+
+    pub async fn client(
+        &self,
+        cert: Option<&Leaf>,
+    ) -> Result<TokenBrokerClient<Channel>, tonic::transport::Error> {
+        Ok(TokenBrokerClient::new(self.endpoint(cert).connect().await?))
+    }
+
+    /// GetToken with an optional client certificate and bearer token.
+    pub async fn get(
+        &self,
+        cert: Option<&Leaf>,
+        bearer: Option<&str>,
+        tenant: &str,
+        scopes: &[&str],
+    ) -> Result<GetTokenResponse, tonic::Status> {
+        let mut client = self
+            .client(cert)
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
+        let mut req = tonic::Request::new(GetTokenRequest {
+            tenant: tenant.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        });
+        if let Some(b) = bearer {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {b}").parse().unwrap());
+        }
+        client.get_token(req).await.map(|r| r.into_inner())
+    }
+
+    pub fn records(&self) -> Vec<AuditRecord> {
+        self.audit.records()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(h) = self.served.take() {
+            let _ = h.await;
+        }
+        if let Some(e) = self.emulator.take() {
+            e.shutdown().await;
+        }
+    }
+}
+
+/// A policy granting each `(caller, tenant, scope)`.
+pub fn grants(items: &[(&str, &str, &str)]) -> String {
+    items
+        .iter()
+        .map(|(c, t, s)| {
+            format!("[[grant]]\ncallers = [\"{c}\"]\ntenants = [\"{t}\"]\nscopes = [\"{s}\"]\n\n")
+        })
+        .collect()
+}
+
+#[track_caller]
+pub fn assert_status<T: std::fmt::Debug>(
+    r: Result<T, tonic::Status>,
+    code: tonic::Code,
+    words: &[&str],
+) -> tonic::Status {
+    let s = r.expect_err("expected an error status");
+    assert_eq!(s.code(), code, "{s:?}");
+    for w in words {
+        assert!(s.message().contains(w), "`{w}` not in `{}`", s.message());
+    }
+    s
+}

@@ -1,0 +1,223 @@
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+use tonic::Code;
+
+use crate::harness::*;
+use crate::issuer::{now, sign_es256, unsigned};
+
+const SVC: &str = "jwt:test:svc-a";
+
+async fn start() -> Harness {
+    Harness::start(Options {
+        policy: grants(&[(SVC, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_bearer_token_is_accepted_as_issuer_and_subject() {
+    let h = start().await;
+    let t = h
+        .get(None, Some(&h.issuer.token("svc-a")), "contoso", &[GRAPH])
+        .await
+        .unwrap();
+    assert_eq!(t.tenant_id, demo::CONTOSO_TENANT);
+    let r = h.records();
+    assert_eq!(r[0].caller.as_deref(), Some(SVC));
+    assert_eq!(serde_json::to_value(r[0].proof).unwrap(), json!("jwt"));
+    // A bearer token names the caller even on a connection with a client certificate.
+    let leaf = h.ca.client(&["spiffe://example.org/sidecar"]);
+    h.get(
+        Some(&leaf),
+        Some(&h.issuer.token("svc-a")),
+        "contoso",
+        &[GRAPH],
+    )
+    .await
+    .unwrap();
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bearer_tokens_are_unauthenticated_with_the_reason() {
+    let h = start().await;
+    let i = &h.issuer;
+    let claims = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = i.claims("svc-a");
+        edit(&mut c);
+        c
+    };
+    let good = i.token("svc-a");
+    let (head, rest) = good.split_once('.').unwrap();
+    let (_payload, sig) = rest.split_once('.').unwrap();
+    let forged_payload = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        claims(&|c| c["sub"] = json!("admin")).to_string(),
+    );
+    let hmac = {
+        let mut hd = Header::new(Algorithm::HS256);
+        hd.kid = Some("key-1".into());
+        jsonwebtoken::encode(
+            &hd,
+            &i.claims("svc-a"),
+            &EncodingKey::from_secret(i.public_pem().as_bytes()),
+        )
+        .unwrap()
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "expired",
+            i.sign_with(
+                "key-1",
+                &claims(&|c| {
+                    c["exp"] = json!(now() - 600);
+                    c["nbf"] = json!(now() - 1200);
+                }),
+            ),
+            "expired",
+        ),
+        (
+            "not yet valid",
+            i.sign_with("key-1", &claims(&|c| c["nbf"] = json!(now() + 600))),
+            "not valid yet",
+        ),
+        (
+            "wrong audience",
+            i.sign_with(
+                "key-1",
+                &claims(&|c| c["aud"] = json!("api://someone-else")),
+            ),
+            "audience",
+        ),
+        (
+            "wrong issuer",
+            i.sign_with(
+                "key-1",
+                &claims(&|c| c["iss"] = json!("https://evil.example")),
+            ),
+            "issuer `https://evil.example` is not trusted",
+        ),
+        (
+            "alg none",
+            unsigned(
+                &json!({"alg": "none", "typ": "JWT"}),
+                &i.claims("svc-a"),
+                b"",
+            ),
+            "algorithm `none` is not allowed",
+        ),
+        (
+            "HMAC with the public key",
+            hmac,
+            "algorithm `HS256` is not allowed",
+        ),
+        (
+            "tampered payload",
+            format!("{head}.{forged_payload}.{sig}"),
+            "signature does not verify",
+        ),
+        (
+            "unknown kid",
+            sign_es256(
+                &rcgen::KeyPair::generate().unwrap(),
+                "rogue",
+                &i.claims("svc-a"),
+            ),
+            "unknown key (kid `rogue`)",
+        ),
+        ("not a JWT", "opaque-token".to_string(), "malformed"),
+    ];
+    for (what, token, words) in &cases {
+        let s = assert_status(
+            h.get(None, Some(token), "contoso", &[GRAPH]).await,
+            Code::Unauthenticated,
+            &["bearer token", words],
+        );
+        assert!(
+            !s.message().contains(token.as_str()),
+            "{what}: token echoed"
+        );
+    }
+    let r = h.records();
+    assert_eq!(r.len(), cases.len());
+    assert!(
+        r.iter()
+            .all(|r| r.caller.is_none() && r.code == "UNAUTHENTICATED")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_issuer_key_is_fetched_once_and_unknown_kids_do_not_hammer_the_issuer() {
+    let h = start().await;
+    let i = &h.issuer;
+    h.get(None, Some(&i.token("svc-a")), "contoso", &[GRAPH])
+        .await
+        .unwrap();
+    assert_eq!(i.jwks_fetches(), 1);
+    h.get(None, Some(&i.token("svc-a")), "contoso", &[GRAPH])
+        .await
+        .unwrap();
+    assert_eq!(i.jwks_fetches(), 1, "known keys are not re-fetched");
+
+    i.rotate("key-2");
+    let rotated = i.sign_with("key-2", &i.claims("svc-a"));
+    h.get(None, Some(&rotated), "contoso", &[GRAPH])
+        .await
+        .unwrap();
+    assert_eq!(i.jwks_fetches(), 2, "an unknown kid refreshes the keys");
+
+    for n in 0..5 {
+        let forged = sign_es256(
+            &rcgen::KeyPair::generate().unwrap(),
+            &format!("rogue-{n}"),
+            &i.claims("svc-a"),
+        );
+        assert_status(
+            h.get(None, Some(&forged), "contoso", &[GRAPH]).await,
+            Code::Unauthenticated,
+            &["unknown key"],
+        );
+    }
+    assert_eq!(
+        i.jwks_fetches(),
+        2,
+        "refreshes for unknown kids are rate-limited"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entra_app_token_names_the_app_as_caller() {
+    // A certificate caller may have contoso's own API token; that token, issued by the
+    // (emulated) Entra tenant, then identifies the contoso app to the broker.
+    let fetcher = "spiffe://example.org/fetcher";
+    let app = format!("jwt:contoso-entra:{}", demo::CONTOSO_APP);
+    let h = Harness::start(Options {
+        policy: grants(&[(fetcher, "contoso", CONTOSO_API), (&app, "fabrikam", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let leaf = h.ca.client(&[fetcher]);
+    let entra_token = h
+        .get(Some(&leaf), None, "contoso", &[CONTOSO_API])
+        .await
+        .unwrap()
+        .access_token;
+    let t = h
+        .get(None, Some(&entra_token), "fabrikam", &[GRAPH])
+        .await
+        .unwrap();
+    assert_eq!(t.tenant_id, demo::FABRIKAM_TENANT);
+    let r = h.records();
+    assert_eq!(r[1].caller.as_deref(), Some(app.as_str()));
+    assert_eq!(r[1].app_id.as_deref(), Some(demo::CONTOSO_APP));
+    // Not granted contoso: the Entra identity gets only what the policy names.
+    assert_status(
+        h.get(None, Some(&entra_token), "contoso", &[GRAPH]).await,
+        Code::PermissionDenied,
+        &[],
+    );
+    h.stop().await;
+}

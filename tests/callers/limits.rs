@@ -1,0 +1,72 @@
+use tonic::Code;
+
+use crate::harness::*;
+
+const A: &str = "spiffe://example.org/ns/a/sa/greedy";
+const B: &str = "spiffe://example.org/ns/b/sa/modest";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_over_a_callers_limit_is_exhausted_while_another_caller_is_unaffected() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH), (B, "contoso", GRAPH)]),
+        // So slow a refill that none happens during the test.
+        limits: "caller_rate_per_sec = 0.001\ncaller_burst = 3",
+        ..Default::default()
+    })
+    .await;
+    let (a, b) = (h.ca.client(&[A]), h.ca.client(&[B]));
+    for _ in 0..3 {
+        h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
+    }
+    let s = assert_status(
+        h.get(Some(&a), None, "contoso", &[GRAPH]).await,
+        Code::ResourceExhausted,
+        &["rate"],
+    );
+    let retry: u64 = s
+        .metadata()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "{retry}");
+    for _ in 0..3 {
+        h.get(Some(&b), None, "contoso", &[GRAPH]).await.unwrap();
+    }
+    let last = h.records().pop().unwrap();
+    assert_eq!(last.caller.as_deref(), Some(B));
+    let exhausted: Vec<_> = h
+        .records()
+        .into_iter()
+        .filter(|r| r.code == "RESOURCE_EXHAUSTED")
+        .collect();
+    assert_eq!(exhausted.len(), 1);
+    assert_eq!(exhausted[0].caller.as_deref(), Some(A));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused_before_anything_else() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH)]),
+        limits: "max_request_bytes = 4096",
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    let big = "x".repeat(8 * 1024);
+    let s = h.get(Some(&a), None, &big, &[GRAPH]).await.unwrap_err();
+    assert_ne!(s.code(), Code::Ok);
+    assert!(h.records().is_empty(), "never decoded, never audited");
+    // Nine scopes (more than the broker takes) are the caller's to fix.
+    let nine: Vec<String> = (0..9).map(|i| format!("api://s{i}/.default")).collect();
+    let nine: Vec<&str> = nine.iter().map(String::as_str).collect();
+    assert_status(
+        h.get(Some(&a), None, "contoso", &nine).await,
+        Code::InvalidArgument,
+        &["scopes"],
+    );
+    h.stop().await;
+}

@@ -1,0 +1,213 @@
+use std::sync::Arc;
+
+use rcgen::ExtendedKeyUsagePurpose;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use time::{Duration, OffsetDateTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+use crate::harness::*;
+use crate::pki::{Ca, Leaf};
+
+const COLLECTOR: &str = "spiffe://example.org/ns/logs/sa/collector";
+
+/// A raw TLS 1.3 handshake and the start of HTTP/2. In TLS 1.3 the server judges the client
+/// certificate after the client has finished, so its verdict arrives with the first read:
+/// the server's SETTINGS frame, or a fatal alert.
+async fn handshake(h: &Harness, server_ca: &str, client: Option<&Leaf>) -> Result<(), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut cfg = match client {
+        Some(l) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(l.cert_pem.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(l.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut frame = [0u8; 9];
+    tls.read_exact(&mut frame)
+        .await
+        .map_err(|e| e.to_string())?;
+    assert_eq!(frame[3], 4, "the server's first frame is SETTINGS");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_client_certificate_is_accepted_and_its_spiffe_id_is_the_caller() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    // The SPIFFE ID wins over the DNS name in the same certificate.
+    let leaf = h.ca.client(&[COLLECTOR, "collector.example.org"]);
+    handshake(&h, &h.server_ca_pem, Some(&leaf)).await.unwrap();
+    let t = h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
+    assert_eq!(t.tenant_id, demo::CONTOSO_TENANT);
+    let r = h.records();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].caller.as_deref(), Some(COLLECTOR));
+    assert_eq!(
+        serde_json::to_value(r[0].proof).unwrap(),
+        serde_json::json!("mtls")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_spiffe_id_the_dns_name_is_the_caller() {
+    let h = Harness::start(Options {
+        policy: grants(&[("dns:agent.example.org", "fabrikam", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let leaf = h.ca.client(&["Agent.Example.org"]);
+    h.get(Some(&leaf), None, "fabrikam", &[GRAPH])
+        .await
+        .unwrap();
+    assert_eq!(
+        h.records()[0].caller.as_deref(),
+        Some("dns:agent.example.org")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_not_yet_valid_wrong_ca_and_wrong_usage_certificates_are_refused_at_the_handshake()
+{
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let now = OffsetDateTime::now_utc();
+    let client_auth = ExtendedKeyUsagePurpose::ClientAuth;
+    let other_ca = Ca::new("someone else's CA");
+    let cases = [
+        (
+            "expired",
+            h.ca.client_with(
+                &[COLLECTOR],
+                client_auth.clone(),
+                now - Duration::days(10),
+                now - Duration::days(1),
+            ),
+            "CertificateExpired",
+        ),
+        (
+            "not yet valid",
+            h.ca.client_with(
+                &[COLLECTOR],
+                client_auth.clone(),
+                now + Duration::days(1),
+                now + Duration::days(10),
+            ),
+            "CertificateExpired",
+        ),
+        ("wrong CA", other_ca.client(&[COLLECTOR]), "UnknownCA"),
+        (
+            "server-only usage",
+            h.ca.client_with(
+                &[COLLECTOR],
+                ExtendedKeyUsagePurpose::ServerAuth,
+                now - Duration::hours(1),
+                now + Duration::days(1),
+            ),
+            "alert",
+        ),
+    ];
+    for (what, leaf, alert) in &cases {
+        let e = handshake(&h, &h.server_ca_pem, Some(leaf))
+            .await
+            .expect_err(what);
+        assert!(e.contains("alert") && e.contains(alert), "{what}: {e}");
+        // Through tonic too: no RPC gets through.
+        assert!(
+            h.get(Some(leaf), None, "contoso", &[GRAPH]).await.is_err(),
+            "{what}"
+        );
+    }
+    assert!(
+        h.records().is_empty(),
+        "refused handshakes never reach the API: {:?}",
+        h.records()
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_client_certificate_is_refused_when_required_and_unauthenticated_when_optional() {
+    let required = Harness::start(Options {
+        client_cert: "required",
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let e = handshake(&required, &required.server_ca_pem, None)
+        .await
+        .unwrap_err();
+    assert!(e.contains("CertificateRequired"), "{e}");
+    let good = required.ca.client(&[COLLECTOR]);
+    required
+        .get(Some(&good), None, "contoso", &[GRAPH])
+        .await
+        .unwrap();
+    required.stop().await;
+
+    let optional = Harness::start(Options::default()).await;
+    handshake(&optional, &optional.server_ca_pem, None)
+        .await
+        .unwrap();
+    assert_status(
+        optional.get(None, None, "contoso", &[GRAPH]).await,
+        Code::Unauthenticated,
+        &["client certificate", "Bearer"],
+    );
+    let r = optional.records();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].caller, None);
+    assert_eq!(r[0].code, "UNAUTHENTICATED");
+    optional.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_server_certificate_is_served_without_a_restart() {
+    let h = Harness::start(Options::default()).await;
+    let new_ca = Ca::new("next server CA");
+    handshake(&h, &h.server_ca_pem, None).await.unwrap();
+    assert!(handshake(&h, &new_ca.pem(), None).await.is_err());
+
+    // A half-written rotation (new certificate, old key) is refused; the old pair keeps serving.
+    let next = new_ca.server();
+    std::fs::write(h.path("server.crt"), &next.cert_pem).unwrap();
+    assert!(h.server_cert.reload_if_changed().is_err());
+    handshake(&h, &h.server_ca_pem, None).await.unwrap();
+
+    std::fs::write(h.path("server.key"), &next.key_pem).unwrap();
+    assert!(h.server_cert.reload_if_changed().unwrap());
+    handshake(&h, &new_ca.pem(), None).await.unwrap();
+    assert!(handshake(&h, &h.server_ca_pem, None).await.is_err());
+    h.stop().await;
+}

@@ -1,0 +1,97 @@
+//! Certificates made in the test with rcgen: a caller CA, server and client certificates
+//! (good, expired, not yet valid, from another CA, without the clientAuth usage).
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+pub struct Ca {
+    pub issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Leaf {
+    /// Writes `NAME.crt` and `NAME.key` into `dir`.
+    pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let c = dir.join(format!("{name}.crt"));
+        let k = dir.join(format!("{name}.key"));
+        std::fs::write(&c, &self.cert_pem).unwrap();
+        std::fs::write(&k, &self.key_pem).unwrap();
+        (c, k)
+    }
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        Ca {
+            issuer: CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    fn sign(&self, p: CertificateParams) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1.
+    pub fn server(&self) -> Leaf {
+        let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(p)
+    }
+
+    /// A client certificate with the given SANs (`spiffe://…` URIs, else DNS names).
+    pub fn client_with(
+        &self,
+        sans: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Leaf {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "test caller");
+        for s in sans {
+            p.subject_alt_names.push(if s.starts_with("spiffe://") {
+                SanType::URI(s.to_string().try_into().unwrap())
+            } else {
+                SanType::DnsName(s.to_string().try_into().unwrap())
+            });
+        }
+        p.extended_key_usages = vec![usage];
+        p.not_before = not_before;
+        p.not_after = not_after;
+        self.sign(p)
+    }
+
+    pub fn client(&self, sans: &[&str]) -> Leaf {
+        let now = OffsetDateTime::now_utc();
+        self.client_with(
+            sans,
+            ExtendedKeyUsagePurpose::ClientAuth,
+            now - Duration::hours(1),
+            now + Duration::days(1),
+        )
+    }
+}

@@ -1,0 +1,157 @@
+use tonic::Code;
+
+use crate::harness::*;
+
+const A: &str = "spiffe://example.org/ns/a/sa/reader";
+const B: &str = "spiffe://example.org/ns/b/sa/other";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_gets_exactly_what_it_is_granted_and_denials_do_not_reveal_tenants() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH), (B, "fabrikam", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
+
+    let other_tenant = assert_status(
+        h.get(Some(&a), None, "fabrikam", &[GRAPH]).await,
+        Code::PermissionDenied,
+        &["not granted"],
+    );
+    let other_scope = assert_status(
+        h.get(Some(&a), None, "contoso", &[CONTOSO_API]).await,
+        Code::PermissionDenied,
+        &[],
+    );
+    let extra_scope = assert_status(
+        h.get(Some(&a), None, "contoso", &[GRAPH, CONTOSO_API])
+            .await,
+        Code::PermissionDenied,
+        &[],
+    );
+    let unknown_tenant = assert_status(
+        h.get(Some(&a), None, "no-such-tenant", &[GRAPH]).await,
+        Code::PermissionDenied,
+        &[],
+    );
+    // Forbidden known tenant and unknown tenant look the same to the caller.
+    for s in [&other_scope, &extra_scope, &unknown_tenant] {
+        assert_eq!(s.message(), other_tenant.message());
+    }
+    assert!(!unknown_tenant.message().contains("no-such-tenant"));
+    assert!(!other_tenant.message().contains("fabrikam"));
+    let metadata = |s: &tonic::Status| {
+        let mut keys: Vec<String> = s
+            .metadata()
+            .keys()
+            .map(|k| format!("{k:?}"))
+            .filter(|k| !k.contains("x-request-id"))
+            .collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(metadata(&unknown_tenant), metadata(&other_tenant));
+
+    // A malformed request is still the caller's to fix, whatever it is granted.
+    assert_status(
+        h.get(Some(&a), None, "contoso", &["has space"]).await,
+        Code::InvalidArgument,
+        &["scopes"],
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_policy_file_is_refused_and_the_old_policy_stays_in_force() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
+
+    for broken in [
+        "[[grant]\ncallers = ",
+        "[[grant]]\ncallers = [\"spiffe://example.org/ns/a/sa/reader\"]\ntenants = [\"nope\"]\nscopes = [\"x\"]\n",
+        "[[grant]]\ncallers = [\"everyone\"]\ntenants = [\"contoso\"]\nscopes = [\"x\"]\n",
+    ] {
+        let e = h.set_policy(broken).unwrap_err();
+        assert!(e.to_string().contains("policy"), "{e}");
+        h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
+    }
+
+    // A valid new policy takes effect at once.
+    assert!(h.set_policy(&grants(&[(A, "fabrikam", GRAPH)])).unwrap());
+    assert_status(
+        h.get(Some(&a), None, "contoso", &[GRAPH]).await,
+        Code::PermissionDenied,
+        &[],
+    );
+    h.get(Some(&a), None, "fabrikam", &[GRAPH]).await.unwrap();
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spiffe_path_patterns_grant_a_whole_namespace() {
+    let h = Harness::start(Options {
+        policy: grants(&[("spiffe://example.org/ns/a/*", "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let inside = h.ca.client(&["spiffe://example.org/ns/a/sa/any"]);
+    let outside = h.ca.client(&["spiffe://example.org/ns/ab/sa/any"]);
+    h.get(Some(&inside), None, "contoso", &[GRAPH])
+        .await
+        .unwrap();
+    assert_status(
+        h.get(Some(&outside), None, "contoso", &[GRAPH]).await,
+        Code::PermissionDenied,
+        &[],
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_grant_ends_a_watch_at_the_next_token() {
+    use tokenbroker::proto::{GetTokenRequest, WatchTokenRequest};
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH), (B, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    let mut watch = h
+        .client(Some(&a))
+        .await
+        .unwrap()
+        .watch_token(WatchTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert!(first.token.is_some());
+
+    h.set_policy(&grants(&[(B, "contoso", GRAPH)])).unwrap();
+    // B forces a new token; A's watch sees the revocation instead of the token.
+    let b = h.ca.client(&[B]);
+    h.client(Some(&b))
+        .await
+        .unwrap()
+        .get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            force_refresh: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let end = watch.message().await.unwrap_err();
+    assert_eq!(end.code(), Code::PermissionDenied);
+    h.stop().await;
+}

@@ -1,0 +1,556 @@
+//! Resilience, end to end against the emulator with a manual clock: refresh ahead, serving
+//! still-valid tokens through outages, throttling, breakers and negative caching,
+//! certificate rotation, WatchToken across refreshes. Time moves only when a test says so
+//! (`Stack::advance` moves the broker's clock and the emulator's together).
+
+#[path = "../broker/helpers.rs"]
+mod helpers;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use helpers::*;
+use serde_json::json;
+use tokenbroker::clock::ManualClock;
+use tokenbroker::emulator::EmulatorConfig;
+use tokenbroker::entra::{EntraError, EntraErrorClass, EntraToken, ExchangeRequest, TokenExchange};
+use tokenbroker::proto::{GetTokenRequest, TokenSource, WatchTokenRequest};
+use tonic::Code;
+
+const MIN: Duration = Duration::from_secs(60);
+
+/// The demo estate with a fixed 60-minute token lifetime, so refresh times are predictable.
+fn estate() -> EmulatorConfig {
+    let mut emu = EmulatorConfig::demo();
+    for t in &mut emu.tenants {
+        for a in &mut t.apps {
+            a.token_lifetime_secs = [3600, 3600];
+        }
+    }
+    emu
+}
+
+/// Refresh at a quarter of the lifetime (9 to 15 minutes), and the given extra settings.
+fn tuned(extra: &'static str) -> impl FnOnce(String) -> String {
+    move |t| {
+        format!(
+            "{t}\n[cache]\nrefresh_fraction = 0.25\ncertificate_refresh_secs = 600\n\n[resilience]\n{extra}\n"
+        )
+    }
+}
+
+async fn manual(extra: &'static str) -> Stack {
+    Stack::start_full(estate(), tuned(extra), Some(ManualClock::new()), |e| e).await
+}
+
+fn secs(t: &Option<prost_types::Timestamp>) -> i64 {
+    t.as_ref().unwrap().seconds
+}
+
+async fn watch_next(
+    stream: &mut tonic::Streaming<tokenbroker::proto::WatchTokenResponse>,
+) -> tokenbroker::proto::WatchTokenResponse {
+    // A bound so a broken refresh fails the test instead of hanging it.
+    tokio::time::timeout(Duration::from_secs(60), stream.message())
+        .await
+        .expect("a watch message within the bound")
+        .unwrap()
+        .expect("the stream stays open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_30_minute_entra_outage_fails_no_request_for_still_valid_tokens() {
+    let stack = manual("").await;
+    let first = stack.get("contoso", GRAPH).await.unwrap();
+    let mut watch = stack
+        .client()
+        .await
+        .watch_token(WatchTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch_next(&mut watch).await.token.unwrap().access_token,
+        first.access_token
+    );
+
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
+        )
+        .await;
+    let mut stale = 0;
+    for _ in 0..30 {
+        stack.advance(MIN).await;
+        let r = stack
+            .get("contoso", GRAPH)
+            .await
+            .expect("no failed request during the outage");
+        assert_eq!(r.access_token, first.access_token);
+        if r.source == TokenSource::StaleWhileRefreshFailing as i32 {
+            stale += 1;
+        }
+    }
+    assert!(
+        stale > 0,
+        "past the refresh time the token is served as stale"
+    );
+    assert!(
+        stack
+            .broker
+            .stats()
+            .stale_served
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+
+    // Recovery: the next background attempt replaces the token.
+    stack
+        .http
+        .delete(format!("{}/faults", stack.emulator().endpoints().admin_url))
+        .send()
+        .await
+        .unwrap();
+    advance_until(&stack, &mut watch, |m| {
+        !m.refresh_failing && m.token.as_ref().unwrap().access_token != first.access_token
+    })
+    .await;
+    let after = stack.get("contoso", GRAPH).await.unwrap();
+    assert_ne!(after.access_token, first.access_token);
+    assert_eq!(after.source, TokenSource::Cache as i32);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_vault_throttling_honours_retry_after_and_valid_tokens_keep_flowing() {
+    let stack = manual("retry_budget_secs = 60").await;
+    let warm = stack.get("fabrikam", GRAPH).await.unwrap();
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "keyvault.sign", "count": 1, "fail": {"status": 429, "retry_after": 30}}),
+        )
+        .await;
+    let signs_before = stack.total_signs().await;
+    let routed_before = route_total(&stack, "keyvault.sign").await;
+    let mut c = stack.client().await;
+    let cold = tokio::spawn(async move {
+        c.get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        })
+        .await
+    });
+    // The throttled sign is not retried before Retry-After has passed on the clock.
+    wait_for(|| async {
+        faults_left(&stack).await == 0 && route_total(&stack, "keyvault.sign").await > routed_before
+    })
+    .await;
+    let attempts = route_total(&stack, "keyvault.sign").await;
+    assert_eq!(
+        stack.total_signs().await,
+        signs_before,
+        "no successful sign yet"
+    );
+    // Meanwhile a caller with a valid cached token sees no error.
+    let again = stack.get("fabrikam", GRAPH).await.unwrap();
+    assert_eq!(again.access_token, warm.access_token);
+    assert_eq!(
+        route_total(&stack, "keyvault.sign").await,
+        attempts,
+        "no retry before Retry-After"
+    );
+    stack.advance(Duration::from_secs(31)).await;
+    let r = cold.await.unwrap().expect("succeeds after Retry-After");
+    assert_eq!(r.into_inner().tenant_id, demo::CONTOSO_TENANT);
+    assert_eq!(stack.total_signs().await, signs_before + 1);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sign_rate_stays_under_the_configured_budget() {
+    // 1 sign per second per vault, burst 1; two cold tenants sign on the same vault.
+    let stack = manual("sign_rate_per_vault = 1.0\nsign_burst = 1\nretry_budget_secs = 30").await;
+    let (a, b) = tokio::join!(stack.get("contoso", GRAPH), stack_get_after(&stack));
+    assert!(a.is_ok() && b.is_ok());
+    assert_eq!(stack.total_signs().await, 2);
+    stack.stop().await;
+}
+
+/// Asks for fabrikam while advancing the clock a second at a time, checking after each
+/// step that the vault has never seen more signs than the budget allows.
+async fn stack_get_after(
+    stack: &Stack,
+) -> Result<tokenbroker::proto::GetTokenResponse, tonic::Status> {
+    let mut c = stack.client().await;
+    let call = tokio::spawn(async move {
+        c.get_token(GetTokenRequest {
+            tenant: "fabrikam".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+    });
+    // Without the clock moving, at most the burst (1) can have signed.
+    wait_for(|| async { route_total(stack, "keyvault.sign").await >= 1 }).await;
+    assert!(route_total(stack, "keyvault.sign").await <= 1);
+    stack.advance(Duration::from_secs(1)).await;
+    call.await.unwrap()
+}
+
+async fn faults_left(stack: &Stack) -> usize {
+    let v: serde_json::Value = stack
+        .http
+        .get(format!("{}/faults", stack.emulator().endpoints().admin_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v.as_array().map(Vec::len).unwrap_or(0)
+}
+
+async fn route_total(stack: &Stack, route: &str) -> u64 {
+    stack.counters().await["routes"][route]["total"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Polls a condition on real state (counters), bounded; never a timing assertion.
+async fn wait_for<F, Fut>(mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..2000 {
+        if cond().await {
+            return;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("condition not reached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_cold_requests_over_a_hundred_tenants_cost_a_hundred_of_each() {
+    // One multi-tenant app, consented in 100 tenants, one certificate.
+    let mut emu = EmulatorConfig::demo();
+    let template = emu.tenants[1].clone();
+    emu.tenants = (0..100)
+        .map(|i| {
+            let mut t = template.clone();
+            t.tenant_id = format!("7e7e7e7e-0000-4000-8000-{i:012}");
+            t.domain = Some(format!("t{i}.onmicrosoft.com"));
+            t
+        })
+        .collect();
+    let stack = Stack::start_with(emu, |t| {
+        // Room for all 10,000 at once (the dev configuration's per-caller limits are high).
+        let t = t.replace("[limits]\n", "[limits]\nmax_in_flight = 20000\n");
+        format!("{t}\n[resilience]\nsign_rate_per_vault = 1000.0\nsign_burst = 200\nexchange_burst = 200\n")
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(stack.client().await);
+    }
+    let calls = (0..10_000).map(|i| {
+        let mut c = clients[i % clients.len()].clone();
+        async move {
+            c.get_token(GetTokenRequest {
+                tenant: format!("t{}", i % 100),
+                scopes: vec![GRAPH.into()],
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    assert!(
+        results.iter().all(|r| r.is_ok()),
+        "{:?}",
+        results.iter().find(|r| r.is_err())
+    );
+    let counters = stack.counters().await;
+    let signs: u64 = counters["sign"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(signs, 100);
+    let exchanges = counters["exchanges"].as_object().unwrap();
+    assert_eq!(exchanges.len(), 100);
+    assert!(exchanges.values().all(|v| v["total"] == 1), "{exchanges:?}");
+    stack.stop().await;
+}
+
+/// Refuses assertions whose `x5t` is not the allowed one, as Entra does once an old
+/// certificate has been removed from the app.
+#[derive(Debug)]
+struct RejectOtherKeys {
+    inner: Arc<dyn TokenExchange>,
+    allowed: Arc<Mutex<Option<String>>>,
+}
+
+#[async_trait::async_trait]
+impl TokenExchange for RejectOtherKeys {
+    async fn exchange(&self, req: ExchangeRequest<'_>) -> Result<EntraToken, EntraError> {
+        let allowed = self.allowed.lock().unwrap().clone();
+        let header = jsonwebtoken::decode_header(req.assertion.expose()).unwrap();
+        if let Some(a) = allowed
+            && header.x5t.as_deref() != Some(a.as_str())
+        {
+            return Err(EntraError {
+                class: EntraErrorClass::KeyRejected,
+                status: 401,
+                error: "invalid_client".into(),
+                codes: vec![700027],
+                description: "AADSTS700027: Client assertion failed signature validation.".into(),
+                correlation_id: Some(req.correlation_id.to_string()),
+                trace_id: None,
+                retry_after: None,
+            });
+        }
+        self.inner.exchange(req).await
+    }
+}
+
+fn x5t_of(assertion: &str) -> String {
+    jsonwebtoken::decode_header(assertion).unwrap().x5t.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_used_on_the_next_refresh_without_failures() {
+    let stack = manual("").await;
+    let first = stack.get("contoso", GRAPH).await.unwrap();
+    let old = x5t_of(&stack.assertions.lock().unwrap()[0]);
+    let rotated = stack
+        .admin_post(
+            &format!("/vaults/{}/certificates/contoso-app/rotate", demo::VAULT),
+            json!({}),
+        )
+        .await;
+    let new = rotated["x5t"].as_str().unwrap().to_owned();
+    assert_ne!(old, new);
+    let mut watch = stack
+        .client()
+        .await
+        .watch_token(WatchTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch_next(&mut watch).await;
+    // Past the certificate metadata refresh (10 min) and the token refresh (9-15 min).
+    for _ in 0..16 {
+        stack.advance(MIN).await;
+        stack
+            .get("contoso", GRAPH)
+            .await
+            .expect("zero failed requests");
+    }
+    loop {
+        let m = watch_next(&mut watch).await;
+        if m.token.unwrap().access_token != first.access_token {
+            break;
+        }
+    }
+    let last = stack.assertions.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        x5t_of(&last),
+        new,
+        "the refresh signed with the new version"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_rejecting_the_old_key_refreshes_metadata_at_once_and_retries_once() {
+    let allowed = Arc::new(Mutex::new(None));
+    let gate = allowed.clone();
+    let stack = Stack::start_full(
+        estate(),
+        tuned(""),
+        Some(ManualClock::new()),
+        move |inner| {
+            Arc::new(RejectOtherKeys {
+                inner,
+                allowed: gate,
+            })
+        },
+    )
+    .await;
+    stack.get("contoso", GRAPH).await.unwrap();
+    let reads_before = stack
+        .broker
+        .upstream_stats()
+        .certificate_reads
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let rotated = stack
+        .admin_post(
+            &format!("/vaults/{}/certificates/contoso-app/rotate", demo::VAULT),
+            json!({}),
+        )
+        .await;
+    let new = rotated["x5t"].as_str().unwrap().to_owned();
+    *allowed.lock().unwrap() = Some(new.clone());
+    // Metadata is still fresh (no periodic refresh yet): a forced refresh signs with the old
+    // key, Entra refuses it, the broker re-reads the certificate and retries once.
+    let r = stack
+        .client()
+        .await
+        .get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            force_refresh: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the single retry with the new key succeeds")
+        .into_inner();
+    assert_eq!(r.source, TokenSource::Exchange as i32);
+    let seen = stack.assertions.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "first token, the refused attempt, the retry");
+    assert_ne!(x5t_of(&seen[1]), new);
+    assert_eq!(x5t_of(&seen[2]), new);
+    let reads_after = stack
+        .broker
+        .upstream_stats()
+        .certificate_reads
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        reads_after,
+        reads_before + 1,
+        "one immediate metadata refresh"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_app_fails_fast_from_the_negative_cache_while_others_are_unaffected() {
+    let stack = manual("negative_ttl_secs = 30").await;
+    stack
+        .admin_post(
+            &format!(
+                "/tenants/{}/apps/{}/disable",
+                demo::CONTOSO_TENANT,
+                demo::CONTOSO_APP
+            ),
+            json!({}),
+        )
+        .await;
+    for _ in 0..20 {
+        let e = stack.get("contoso", GRAPH).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(e.message().contains("AADSTS7000112"), "{}", e.message());
+        stack
+            .get("fabrikam", GRAPH)
+            .await
+            .expect("other tenants unaffected");
+    }
+    assert_eq!(
+        stack
+            .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+            .await,
+        1,
+        "Entra is asked once per negative-cache period"
+    );
+    stack.advance(Duration::from_secs(31)).await;
+    stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(
+        stack
+            .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+            .await,
+        2
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_token_delivers_each_refresh_before_expiry_and_survives_an_outage() {
+    let stack = manual("").await;
+    let mut watch = stack
+        .client()
+        .await
+        .watch_token(WatchTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut current = watch_next(&mut watch).await.token.unwrap();
+    for cycle in 0..3 {
+        let until_refresh = secs(&current.refresh_at) - now_unix(&stack);
+        stack
+            .advance(Duration::from_secs(until_refresh.max(0) as u64 + 1))
+            .await;
+        let next = watch_next(&mut watch).await.token.unwrap();
+        assert_ne!(next.access_token, current.access_token, "cycle {cycle}");
+        assert!(
+            secs(&current.expires_at) > now_unix(&stack),
+            "the new token arrives while the old one is still valid"
+        );
+        current = next;
+    }
+    // An outage: the stream stays open, reports the failure, keeps the last valid token.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
+        )
+        .await;
+    let until_refresh = secs(&current.refresh_at) - now_unix(&stack);
+    stack
+        .advance(Duration::from_secs(until_refresh.max(0) as u64 + 1))
+        .await;
+    // The refresh retries on the clock; keep time moving until it gives up and says so.
+    let failing = advance_until(&stack, &mut watch, |m| m.refresh_failing).await;
+    assert!(!failing.last_error.is_empty());
+    assert_eq!(failing.token.unwrap().access_token, current.access_token);
+    stack
+        .http
+        .delete(format!("{}/faults", stack.emulator().endpoints().admin_url))
+        .send()
+        .await
+        .unwrap();
+    let recovered = advance_until(&stack, &mut watch, |m| !m.refresh_failing).await;
+    assert_ne!(recovered.token.unwrap().access_token, current.access_token);
+    stack.stop().await;
+}
+
+/// Moves the clock a minute at a time until the stream says what `done` looks for
+/// (bounded: at most an hour of simulated time, a few seconds of real time per step).
+async fn advance_until(
+    stack: &Stack,
+    stream: &mut tonic::Streaming<tokenbroker::proto::WatchTokenResponse>,
+    done: impl Fn(&tokenbroker::proto::WatchTokenResponse) -> bool,
+) -> tokenbroker::proto::WatchTokenResponse {
+    for _ in 0..60 {
+        stack.advance(MIN).await;
+        while let Ok(m) = tokio::time::timeout(Duration::from_secs(3), stream.message()).await {
+            let m = m.unwrap().expect("the stream stays open");
+            if done(&m) {
+                return m;
+            }
+        }
+    }
+    panic!("the stream never reached the expected state");
+}
+
+fn now_unix(stack: &Stack) -> i64 {
+    use tokenbroker::clock::Clock;
+    stack.clock.as_ref().unwrap().unix() as i64
+}
