@@ -24,3 +24,6 @@ bash tests/conformance/run.sh
 
 step "deployment files (kubernetes-validate, hadolint, checkov; see docs/DEPLOY.md)"
 bash scripts/validate-deploy.sh
+
+step "example collector (Python gRPC client against tokenbroker dev; see examples/collector)"
+bash examples/collector/run-test.sh
