@@ -371,3 +371,110 @@ async fn upstream_outages_are_unavailable_with_a_retry_hint() {
     assert!(s.metadata().get("retry-after").is_some());
     stack.stop().await;
 }
+
+/// Everything logged in this test binary, at every level.
+fn captured_logs() -> &'static std::sync::Mutex<Vec<u8>> {
+    use std::sync::{Mutex, OnceLock};
+    static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        let writer = move || Capture(buf);
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
+            .with_writer(writer)
+            .try_init();
+        buf
+    })
+}
+
+struct Capture(&'static std::sync::Mutex<Vec<u8>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_log_line_contains_a_token_or_an_assertion() {
+    let logs = captured_logs();
+    let stack = Stack::start().await;
+    let a = stack.get("contoso", GRAPH).await.unwrap();
+    let b = stack.get("fabrikam", GRAPH).await.unwrap();
+    stack.get("contoso", GRAPH).await.unwrap();
+    // A failure path too (Entra error body, correlation ids).
+    stack
+        .get("contoso", "https://graph.microsoft.com/User.Read")
+        .await
+        .unwrap_err();
+    let assertions = stack.assertions.lock().unwrap().clone();
+    assert!(assertions.len() >= 3);
+    stack.stop().await;
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(text.contains("token obtained"), "logging was captured");
+    for secret in [&a.access_token, &b.access_token]
+        .into_iter()
+        .chain(assertions.iter())
+    {
+        // Any 40-character run of a token's signature would be a leak.
+        let sig = secret.rsplit('.').next().unwrap();
+        assert!(
+            !text.contains(&sig[..40]),
+            "a token or assertion reached the logs"
+        );
+        assert!(!text.contains(secret.as_str()));
+    }
+    // The fingerprint is what identifies a token in logs.
+    let fp = tokenbroker::sensitive::fingerprint(a.access_token.as_bytes());
+    assert!(
+        text.contains(&fp),
+        "the served token's fingerprint is logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_validity_and_forced_refresh() {
+    let stack = Stack::start().await;
+    let mut c = stack.client().await;
+    let req = |min: Option<i64>, force: bool| GetTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+        min_validity: min.map(|s| prost_types::Duration {
+            seconds: s,
+            nanos: 0,
+        }),
+        force_refresh: force,
+    };
+    let first = c.get_token(req(None, false)).await.unwrap().into_inner();
+    // A minimum validity the cached token meets is served from cache.
+    let cached = c
+        .get_token(req(Some(600), false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cached.source, TokenSource::Cache as i32);
+    assert_eq!(cached.access_token, first.access_token);
+    // A forced refresh gets a fresh exchange...
+    let forced = c.get_token(req(None, true)).await.unwrap().into_inner();
+    assert_eq!(forced.source, TokenSource::Exchange as i32);
+    assert_ne!(forced.access_token, first.access_token);
+    // ...but only once per interval: the next one is served from cache.
+    let again = c.get_token(req(None, true)).await.unwrap().into_inner();
+    assert_eq!(again.source, TokenSource::Cache as i32);
+    assert_eq!(again.access_token, forced.access_token);
+    assert_eq!(
+        stack
+            .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+            .await,
+        2
+    );
+    // Negative durations are refused, naming the field.
+    let e = c.get_token(req(Some(-5), false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("min_validity"));
+    stack.stop().await;
+}
