@@ -484,6 +484,7 @@ impl Config {
                 t.name, t.tenant_id, t.client_id, certificate, vault_url, algorithm, thumbprint
             ));
         }
+        out.push_str(&callers::summary(self));
         out
     }
 }

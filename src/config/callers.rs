@@ -10,7 +10,7 @@ use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use url::Url;
 
-use super::{ServerConfig, Validator};
+use super::{Config, ServerConfig, Validator};
 use crate::policy::Policy;
 
 /// Whether TLS clients must present a certificate signed by the caller CA bundle.
@@ -382,4 +382,43 @@ impl Validator<'_> {
             max_request_bytes,
         }
     }
+}
+
+/// The caller-facing part of `check-config`'s summary.
+pub(super) fn summary(c: &Config) -> String {
+    let mut ways = Vec::new();
+    if let Some(tls) = &c.server.tls
+        && let Some(ca) = &tls.client_ca_file
+    {
+        ways.push(format!(
+            "client certificates ({:?}) from {}",
+            tls.client_cert,
+            ca.display()
+        ));
+    }
+    for i in c.callers.issuers.values() {
+        ways.push(format!("bearer JWTs from `{}` ({})", i.name, i.issuer));
+    }
+    if c.callers.dev_loopback {
+        ways.push("`dev:loopback` (development, no credentials)".into());
+    }
+    if ways.is_empty() {
+        ways.push("none: no caller can authenticate, every request is refused".into());
+    }
+    let policy = match &c.policy {
+        PolicyConfig::None => "no grants: every request is denied".to_string(),
+        PolicyConfig::Inline(p) => format!("{} inline grant(s)", p.grant_count()),
+        PolicyConfig::File(f) => format!("{} (reloads on SIGHUP or change)", f.display()),
+    };
+    let audit = match &c.audit.output {
+        AuditOutput::Stdout => "stdout".to_string(),
+        AuditOutput::File(f) => f.display().to_string(),
+    };
+    format!(
+        "\ncallers: {}\npolicy: {policy}\naudit: {audit}\nlimits: {}/s per caller (burst {}), {} in flight",
+        ways.join("; "),
+        c.limits.caller_rate_per_sec,
+        c.limits.caller_burst,
+        c.limits.max_in_flight,
+    )
 }

@@ -173,3 +173,99 @@ fn imds_override_must_be_loopback() {
     ));
     assert_eq!(p[0].path, "identity.imds_endpoint");
 }
+
+/// GOOD served over TLS instead of plaintext (the files need not exist to be validated).
+fn tls(extra: &str) -> String {
+    format!(
+        "{}\n{extra}",
+        GOOD.replace(
+            "listen = \"127.0.0.1:50051\"\nplaintext = true",
+            "listen = \"0.0.0.0:50051\"\ntls_cert_file = \"/tls/tls.crt\"\ntls_key_file = \"/tls/tls.key\""
+        )
+    )
+}
+
+#[test]
+fn callers_policy_audit_and_limits_are_read() {
+    let text = format!(
+        "{GOOD}\n[callers]\ndev_loopback = true\naudience = \"api://tokenbroker\"\n\
+         [callers.issuers.k8s]\nissuer = \"https://oidc.example/c1\"\nalgorithms = [\"RS256\", \"ES256\"]\n\
+         [[policy.grant]]\ncallers = [\"spiffe://td/ns/a/*\", \"jwt:k8s:system:serviceaccount:a:b\"]\n\
+         tenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n\
+         [audit]\noutput = \"file\"\nfile = \"audit.jsonl\"\n\
+         [limits]\ncaller_rate_per_sec = 5.0\ncaller_burst = 10\n"
+    );
+    let c = Config::from_toml_str(&text, Path::new("/var/tb"), &no_env).unwrap();
+    let k8s = &c.callers.issuers["k8s"];
+    assert_eq!(
+        k8s.discovery_url.as_str(),
+        "https://oidc.example/c1/.well-known/openid-configuration"
+    );
+    assert_eq!(k8s.audiences, vec!["api://tokenbroker".to_string()]);
+    assert_eq!(k8s.identity_claim, "sub");
+    assert!(c.callers.dev_loopback);
+    let PolicyConfig::Inline(p) = &c.policy else {
+        panic!("{:?}", c.policy)
+    };
+    assert!(p.allows(
+        "spiffe://td/ns/a/sa/x",
+        "contoso",
+        &["https://graph.microsoft.com/.default".into()]
+    ));
+    assert_eq!(
+        c.audit.output,
+        AuditOutput::File(PathBuf::from("/var/tb/audit.jsonl"))
+    );
+    assert_eq!(c.limits.caller_burst, 10);
+}
+
+#[test]
+fn the_dev_caller_is_refused_with_tls_or_off_loopback() {
+    let p = problems(&tls("[callers]\ndev_loopback = true\n"));
+    assert!(p.iter().any(|p| p.path == "callers.dev_loopback"), "{p:?}");
+}
+
+#[test]
+fn issuers_refuse_hmac_and_none_and_need_an_audience() {
+    let p = problems(&format!(
+        "{GOOD}\n[callers.issuers.x]\nissuer = \"https://i.example\"\nalgorithms = [\"HS256\", \"none\"]\n"
+    ));
+    let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+    assert!(paths.contains(&"callers.issuers.x.algorithms"), "{p:?}");
+    assert!(paths.contains(&"callers.issuers.x.audience"), "{p:?}");
+    assert!(p.iter().any(|p| p.message.contains("HS256")), "{p:?}");
+    let p = problems(&format!(
+        "{GOOD}\n[callers]\naudience = \"a\"\n[callers.issuers.x]\nissuer = \"http://issuer.example\"\n"
+    ));
+    assert_eq!(p[0].path, "callers.issuers.x.issuer", "{p:?}");
+}
+
+#[test]
+fn mutual_tls_needs_tls_and_a_ca_to_require_certificates() {
+    let p = problems(&GOOD.replace(
+        "plaintext = true",
+        "plaintext = true\nclient_ca_file = \"/etc/ca.pem\"",
+    ));
+    assert!(
+        p.iter()
+            .any(|p| p.path == "server.client_ca_file" && p.message.contains("needs TLS")),
+        "{p:?}"
+    );
+    let p = problems(&tls("").replace(
+        "tls_key_file = \"/tls/tls.key\"",
+        "tls_key_file = \"/tls/tls.key\"\nclient_cert = \"required\"",
+    ));
+    assert!(p.iter().any(|p| p.path == "server.client_cert"), "{p:?}");
+}
+
+#[test]
+fn wildcard_grants_and_unknown_tenants_are_refused() {
+    for grant in [
+        "callers = [\"dns:a\"]\ntenants = [\"*\"]\nscopes = [\"s\"]",
+        "callers = [\"dns:a\"]\ntenants = [\"nowhere\"]\nscopes = [\"s\"]",
+    ] {
+        let p = problems(&format!("{GOOD}\n[[policy.grant]]\n{grant}\n"));
+        assert!(p.iter().all(|p| p.path == "policy.grant"), "{p:?}");
+        assert!(!p.is_empty());
+    }
+}
