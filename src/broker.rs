@@ -155,6 +155,10 @@ impl Broker {
         &self.inner.flow.stats
     }
 
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
     pub fn flow(&self) -> &Flow {
         &self.inner.flow
     }

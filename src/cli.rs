@@ -87,6 +87,10 @@ pub enum Command {
     },
     /// Validate a configuration file and explain every problem with its location.
     CheckConfig { file: PathBuf },
+    /// Benchmarks on loopback (docs/PERFORMANCE.md): cache-hit load against a bare gRPC
+    /// baseline, cold path, upstream economy, memory per cached token, start-up time.
+    #[cfg(feature = "emulator")]
+    Bench(crate::bench::BenchArgs),
 }
 
 pub async fn run(cli: Cli) -> ExitCode {
@@ -150,6 +154,8 @@ pub async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
+        #[cfg(feature = "emulator")]
+        Command::Bench(args) => crate::bench::run(args).await,
         Command::CheckConfig { file } => match Config::load(&file, &process_env) {
             Ok(c) => {
                 println!("{}: OK\n{}", file.display(), c.summary());
@@ -175,10 +181,14 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    telemetry::init(config.log.format, &config.log.level);
+    // Flushes exported spans when serving ends.
+    let _telemetry = telemetry::init_with(config.log.format, &config.log.level, &config.telemetry);
     let result = async {
         let up = crate::server::upstreams(&config)?;
         let bound = crate::server::bind(config, up).await?;
+        if let Ok(a) = bound.admin_addr() {
+            tracing::info!(admin = %a, "admin listener: /metrics, /healthz, /readyz");
+        }
         bound.serve(shutdown_signal()).await
     }
     .await;
@@ -222,12 +232,13 @@ async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
         let tenants: Vec<String> = config.tenants.keys().cloned().collect();
         let bound = crate::server::bind(config, up).await?;
         let addr = bound.local_addr()?;
+        let admin = bound.admin_addr()?;
         let exe = std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "tokenbroker".into());
         println!(
             "\ntokenbroker dev is up: broker on {addr} (plaintext, loopback), Azure emulator endpoints in {}\n\
-             broker config: {}\naudit log: {}\n\ntenants: {}\n\nAsk for a token:\n  {exe} token --addr http://{addr} --tenant {} --scope https://graph.microsoft.com/.default\n\n\
+             broker config: {}\naudit log: {}\nmetrics and probes: http://{admin}/metrics, /healthz, /readyz\n\ntenants: {}\n\nAsk for a token:\n  {exe} token --addr http://{addr} --tenant {} --scope https://graph.microsoft.com/.default\n\n\
              Stop with Ctrl-C.",
             state_dir.join("endpoints.json").display(),
             config_path.display(),

@@ -73,6 +73,26 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub audit: AuditConfig,
     pub limits: LimitsConfig,
+    pub admin: AdminConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// The admin HTTP listener: `/metrics`, `/healthz`, `/readyz` (plain HTTP, no secrets).
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// OpenTelemetry export: traces and metrics over OTLP (http/protobuf) when an endpoint is set.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// OTLP base URL, e.g. `http://otel-collector:4318`; none = no export.
+    pub otlp_endpoint: Option<Url>,
+    /// Fraction of new traces sampled (a parent's decision is followed).
+    pub sampling_ratio: f64,
+    pub service_name: String,
+    /// How often metrics are pushed over OTLP.
+    pub metrics_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -289,6 +309,25 @@ struct RawConfig {
     audit: callers::RawAudit,
     #[serde(default)]
     limits: callers::RawLimits,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    otlp_endpoint: Option<String>,
+    sampling_ratio: Option<f64>,
+    service_name: Option<String>,
+    metrics_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -408,6 +447,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("TOKENBROKER_IDENTITY_SOURCE", "identity.source"),
     ("TOKENBROKER_IDENTITY_CLIENT_ID", "identity.client_id"),
     ("TOKENBROKER_EXTRA_CA_FILE", "outbound.extra_ca_file"),
+    ("TOKENBROKER_ADMIN_LISTEN", "admin.listen"),
+    ("TOKENBROKER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
 ];
 
 impl Config {
@@ -721,6 +762,8 @@ impl Validator<'_> {
         let policy = self.policy(raw.policy, &tenant_names);
         let audit = self.audit(raw.audit);
         let limits = self.limits(raw.limits);
+        let admin = self.admin(raw.admin, env);
+        let telemetry = self.telemetry(raw.telemetry, env);
         Config {
             server,
             log,
@@ -734,6 +777,62 @@ impl Validator<'_> {
             policy,
             audit,
             limits,
+            admin,
+            telemetry,
+        }
+    }
+
+    fn admin(&mut self, raw: RawAdmin, env: EnvSource<'_>) -> AdminConfig {
+        let (path, listen) = match env("TOKENBROKER_ADMIN_LISTEN") {
+            Some(l) => ("TOKENBROKER_ADMIN_LISTEN", l),
+            None => (
+                "admin.listen",
+                raw.listen.unwrap_or_else(|| "127.0.0.1:9090".into()),
+            ),
+        };
+        let listen = listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+            self.problem(
+                path,
+                format!("`{listen}` is not an address:port such as 0.0.0.0:9090"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9090))
+        });
+        AdminConfig { listen }
+    }
+
+    fn telemetry(&mut self, raw: RawTelemetry, env: EnvSource<'_>) -> TelemetryConfig {
+        let (path, endpoint) = match env("TOKENBROKER_OTLP_ENDPOINT") {
+            Some(e) => ("TOKENBROKER_OTLP_ENDPOINT", Some(e)),
+            None => ("telemetry.otlp_endpoint", raw.otlp_endpoint),
+        };
+        let otlp_endpoint = endpoint
+            .filter(|e| !e.is_empty())
+            .and_then(|e| match Url::parse(&e) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+                _ => {
+                    self.problem(
+                        path,
+                        format!("`{e}` is not an http(s) URL such as http://otel-collector:4318"),
+                    );
+                    None
+                }
+            });
+        let sampling_ratio = raw.sampling_ratio.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&sampling_ratio) {
+            self.problem(
+                "telemetry.sampling_ratio",
+                "must be between 0.0 (no new traces) and 1.0 (every trace)",
+            );
+        }
+        let service_name = raw.service_name.unwrap_or_else(|| "tokenbroker".into());
+        if service_name.is_empty() || service_name.len() > 128 {
+            self.problem("telemetry.service_name", "must be 1 to 128 characters");
+        }
+        TelemetryConfig {
+            otlp_endpoint,
+            sampling_ratio: sampling_ratio.clamp(0.0, 1.0),
+            service_name,
+            metrics_interval: Duration::from_secs(raw.metrics_interval_secs.unwrap_or(60).max(1)),
         }
     }
 

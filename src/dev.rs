@@ -44,7 +44,7 @@ pub fn broker_config_toml(
          [[policy.grant]]\ncallers = [\"dev:loopback\"]\ntenants = [\"*\"]\nscopes = [\"*\"]\n\n\
          # Every local process is the one caller `dev:loopback`: a bucket big enough for load tests.\n\
          [limits]\ncaller_rate_per_sec = 1000000.0\ncaller_burst = 1000000\n\n\
-         [audit]\noutput = \"file\"\nfile = \"{}\"",
+         [audit]\noutput = \"file\"\nfile = \"{}\"\n\n         # Metrics and probes on any free loopback port (`tokenbroker dev` prints it).\n         [admin]\nlisten = \"127.0.0.1:0\"",
         audit_file(endpoints)
             .display()
             .to_string()

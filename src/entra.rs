@@ -194,7 +194,10 @@ impl TokenExchange for HttpTokenExchange {
             .post(req.token_endpoint.clone())
             .header("client-request-id", &correlation)
             .header("return-client-request-id", "true")
-            .header("accept", "application/json")
+            .header("accept", "application/json");
+        let resp = crate::telemetry::trace_headers()
+            .into_iter()
+            .fold(resp, |r, (k, v)| r.header(k, v))
             .form(&form)
             .send()
             .await

@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 use url::Url;
 
 use crate::assertion::{self, AssertionParams};
@@ -18,6 +18,7 @@ use crate::cache::CachedToken;
 use crate::clock::Clock;
 use crate::config::{CacheConfig, Config, Credential, ResilienceConfig, TenantConfig};
 use crate::entra::{self, EntraError, EntraErrorClass, ExchangeRequest, TokenExchange};
+use crate::metrics::{self, Metrics, Upstream};
 use crate::resilience::{Breaker, BreakerState, Bucket, backoff};
 use crate::signer::{CertificateInfo, Signer, SignerError};
 
@@ -131,6 +132,8 @@ pub struct Flow {
     /// Per tenant name: Entra exchanges.
     entra: HashMap<String, Guard>,
     pub stats: UpstreamStats,
+    /// OpenTelemetry instruments (upstream calls here, requests in `api`, state observed).
+    pub metrics: Metrics,
 }
 
 impl std::fmt::Debug for Flow {
@@ -190,6 +193,7 @@ impl Flow {
             vaults,
             entra,
             stats: UpstreamStats::default(),
+            metrics: Metrics::new(config),
         }
     }
 
@@ -245,7 +249,19 @@ impl Flow {
             let assertion = self
                 .guarded(vault.map(|v| &v.0), deadline, || async {
                     self.stats.signs.fetch_add(1, Ordering::Relaxed);
-                    Ok(assertion::build(self.signer.as_ref(), &params, &cert).await?)
+                    let started = Instant::now();
+                    let span = info_span!("keyvault.sign", otel.kind = "client", tenant = %tenant.name, key_version = %cert.version);
+                    let r = self
+                        .metrics
+                        .scope(assertion::build(self.signer.as_ref(), &params, &cert))
+                        .instrument(span)
+                        .await;
+                    self.metrics.upstream(
+                        Upstream::KeyVaultSign,
+                        started,
+                        r.as_ref().err().map(metrics::signer_code),
+                    );
+                    Ok(r?)
                 })
                 .await?;
             let scope = scopes.join(" ");
@@ -253,16 +269,26 @@ impl Flow {
             let result = self
                 .guarded(entra, deadline, || async {
                     self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
-                    Ok(self
+                    let started = Instant::now();
+                    let correlation_id = uuid::Uuid::new_v4();
+                    let span = info_span!("entra.exchange", otel.kind = "client", tenant = %tenant.name, correlation_id = %correlation_id, aadsts = tracing::field::Empty);
+                    let r = self
                         .exchange
                         .exchange(ExchangeRequest {
                             token_endpoint: &tenant.token_endpoint,
                             client_id: &tenant.client_id,
                             scope: &scope,
                             assertion: &assertion,
-                            correlation_id: uuid::Uuid::new_v4(),
+                            correlation_id,
                         })
-                        .await?)
+                        .instrument(span.clone())
+                        .await;
+                    let code = r.as_ref().err().map(metrics::entra_code);
+                    if let Some(c) = &code {
+                        span.record("aadsts", c.as_str());
+                    }
+                    self.metrics.upstream(Upstream::Entra, started, code);
+                    Ok(r?)
                 })
                 .await;
             match result {
@@ -460,7 +486,20 @@ impl Flow {
     ) -> Result<CertificateInfo, FlowError> {
         self.guarded(guard, deadline, || async {
             self.stats.certificate_reads.fetch_add(1, Ordering::Relaxed);
-            Ok(self.signer.certificate(&key.0, &key.1).await?)
+            let started = Instant::now();
+            let span =
+                info_span!("keyvault.certificate", otel.kind = "client", certificate = %key.1);
+            let r = self
+                .metrics
+                .scope(self.signer.certificate(&key.0, &key.1))
+                .instrument(span)
+                .await;
+            self.metrics.upstream(
+                Upstream::KeyVaultCertificate,
+                started,
+                r.as_ref().err().map(metrics::signer_code),
+            );
+            Ok(r?)
         })
         .await
     }

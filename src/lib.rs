@@ -5,10 +5,13 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod admin;
 pub mod api;
 pub mod assertion;
 pub mod audit;
 pub mod authn;
+#[cfg(feature = "emulator")]
+pub mod bench;
 pub mod broker;
 pub mod cache;
 pub mod cli;
@@ -22,6 +25,7 @@ pub mod entra;
 pub mod flow;
 pub mod identity;
 pub mod limits;
+pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod resilience;

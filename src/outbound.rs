@@ -17,7 +17,10 @@ use azure_identity::{
 };
 use url::Url;
 
+use tracing::Instrument;
+
 use crate::config::{IdentityConfig, IdentitySource, OutboundConfig};
+use crate::metrics::Upstream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -76,13 +79,25 @@ pub fn client_options(
     imds: Option<&Url>,
     retry: RetryOptions,
 ) -> ClientOptions {
-    let transport: Arc<dyn HttpClient> = match imds {
+    traced_options(http, imds, retry, None)
+}
+
+/// Client options whose transport injects W3C trace context; requests of the managed
+/// identity credential (`upstream`) also get a span and a metric of their own.
+fn traced_options(
+    http: &reqwest::Client,
+    imds: Option<&Url>,
+    retry: RetryOptions,
+    upstream: Option<Upstream>,
+) -> ClientOptions {
+    let inner: Arc<dyn HttpClient> = match imds {
         Some(url) => Arc::new(ImdsRedirect {
             inner: http.clone(),
             target: url.clone(),
         }),
         None => Arc::new(http.clone()),
     };
+    let transport: Arc<dyn HttpClient> = Arc::new(Traced { inner, upstream });
     ClientOptions {
         transport: Some(Transport::new(transport)),
         retry,
@@ -122,7 +137,12 @@ pub fn credential(
         IdentitySource::WorkloadIdentity => {
             let options = WorkloadIdentityCredentialOptions {
                 credential_options: ClientAssertionCredentialOptions {
-                    client_options: client_options(http, None, identity_retry()),
+                    client_options: traced_options(
+                        http,
+                        None,
+                        identity_retry(),
+                        Some(Upstream::ManagedIdentity),
+                    ),
                 },
                 client_id: identity.client_id.clone(),
                 ..Default::default()
@@ -134,16 +154,68 @@ pub fn credential(
         IdentitySource::Auto | IdentitySource::Imds | IdentitySource::AppService => {
             let options = ManagedIdentityCredentialOptions {
                 user_assigned_id: identity.client_id.clone().map(UserAssignedId::ClientId),
-                client_options: client_options(
+                client_options: traced_options(
                     http,
                     identity.imds_endpoint.as_ref(),
                     identity_retry(),
+                    Some(Upstream::ManagedIdentity),
                 ),
             };
             let c =
                 ManagedIdentityCredential::new(Some(options)).map_err(|e| err(e.to_string()))?;
             Ok(c)
         }
+    }
+}
+
+/// Adds `traceparent`/`tracestate` of the current span to every SDK request; for the
+/// managed identity credential, wraps each request in a `managed_identity` span and records
+/// it in the metrics of the flow that caused it.
+#[derive(Debug)]
+struct Traced {
+    inner: Arc<dyn HttpClient>,
+    upstream: Option<Upstream>,
+}
+
+impl Traced {
+    async fn send(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+        let headers = crate::telemetry::trace_headers();
+        if headers.is_empty() {
+            return self.inner.execute_request(request).await;
+        }
+        let mut traced = request.clone();
+        for (k, v) in headers {
+            traced.insert_header(k, v);
+        }
+        self.inner.execute_request(&traced).await
+    }
+}
+
+#[async_trait]
+impl HttpClient for Traced {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+        let Some(upstream) = self.upstream else {
+            return self.send(request).await;
+        };
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "managed_identity",
+            otel.kind = "client",
+            status = tracing::field::Empty
+        );
+        let r = self.send(request).instrument(span.clone()).await;
+        let error = match &r {
+            Ok(resp) if resp.status().is_success() => None,
+            Ok(resp) => Some(format!("http_{}", u16::from(resp.status()))),
+            Err(_) => Some("transport".to_owned()),
+        };
+        if let Ok(resp) = &r {
+            span.record("status", u16::from(resp.status()));
+        }
+        if let Some(m) = crate::metrics::Metrics::current() {
+            m.upstream(upstream, started, error);
+        }
+        r
     }
 }
 

@@ -39,6 +39,8 @@ pub enum ServerError {
     TlsSetup(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Access(#[from] AccessSetupError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminBindError),
 }
 
 /// Aborts a background task (file watchers) when the server stops.
@@ -73,12 +75,24 @@ pub struct Bound {
     listener: TcpListener,
     config: Config,
     access: Arc<Access>,
+    health: tonic_health::server::HealthReporter,
+    admin: crate::admin::Admin,
     tls: Option<(Arc<rustls::ServerConfig>, Arc<crate::tls::ReloadingCert>)>,
 }
 
 impl Bound {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The admin HTTP listener's address (`/metrics`, `/healthz`, `/readyz`).
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// The gRPC health state (`/readyz` mirrors it).
+    pub fn health_reporter(&self) -> tonic_health::server::HealthReporter {
+        self.health.clone()
     }
 
     pub fn access(&self) -> &Arc<Access> {
@@ -95,10 +109,23 @@ impl Bound {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<crate::proto::token_broker_server::TokenBrokerServer<api::Service>>()
-            .await;
+        let health_reporter = self.health.clone();
+        // The admin listener (metrics, probes) lives as long as gRPC serving does.
+        let metrics = self.broker.flow().metrics.clone();
+        let _observing = metrics.observe(&self.broker);
+        let _admin = AbortOnDrop(
+            self.admin
+                .spawn(crate::admin::router(metrics, self.health.clone())),
+        );
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
+        );
+        // Ready only once the pre-warm keys are cached, so a rolling deployment never sends
+        // traffic to a cold replica.
+        let warm = AbortOnDrop(tokio::spawn(become_ready(
+            self.broker.clone(),
+            health_reporter.clone(),
+        )));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -123,34 +150,98 @@ impl Bound {
             "tokenbroker serving"
         );
         let reporter = health_reporter.clone();
+        let mut stopping = stop_tx.subscribe();
         let shutdown = async move {
             shutdown.await;
             info!("shutting down: no new requests, draining");
-            reporter
-                .set_not_serving::<crate::proto::token_broker_server::TokenBrokerServer<api::Service>>()
-                .await;
+            drop(warm);
+            set_health(&reporter, false).await;
             let _ = stop_tx.send(true);
+        };
+        // In-flight requests get `shutdown_grace` to finish; then remaining connections close.
+        let grace = self.config.server.shutdown_grace;
+        let drain_bound = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
         };
         let router = builder
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service);
-        match self.tls {
-            Some((tls, _)) => {
-                router
-                    .serve_with_incoming_shutdown(
-                        crate::tls::incoming(self.listener, tls),
-                        shutdown,
-                    )
-                    .await?
+        let serve = async move {
+            match self.tls {
+                Some((tls, _)) => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            crate::tls::incoming(self.listener, tls),
+                            shutdown,
+                        )
+                        .await
+                }
+                None => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(self.listener),
+                            shutdown,
+                        )
+                        .await
+                }
             }
-            None => {
-                router
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
-                    .await?
+        };
+        tokio::select! {
+            r = serve => r?,
+            () = drain_bound => {
+                tracing::warn!(grace_secs = grace.as_secs(), "drain bound reached; closing the remaining connections");
             }
         }
         Ok(())
+    }
+}
+
+/// Marks the broker and the overall server SERVING or NOT_SERVING.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    reporter
+        .set_service_status(
+            <crate::proto::token_broker_server::TokenBrokerServer<api::Service> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter.set_service_status("", status).await;
+}
+
+/// Pre-warms the configured keys (retrying with backoff on the broker's clock), then
+/// reports SERVING.
+async fn become_ready(broker: Broker, reporter: tonic_health::server::HealthReporter) {
+    if !broker.has_prewarm() {
+        set_health(&reporter, true).await;
+        return;
+    }
+    set_health(&reporter, false).await;
+    let mut attempt = 0u32;
+    loop {
+        match broker.prewarm().await {
+            Ok(()) => {
+                info!("pre-warm complete; serving");
+                set_health(&reporter, true).await;
+                return;
+            }
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "pre-warm failed; not ready yet");
+                let wait = crate::resilience::backoff(
+                    attempt,
+                    std::time::Duration::from_secs(1),
+                    std::time::Duration::from_secs(30),
+                )
+                .max(std::time::Duration::from_millis(200));
+                broker.clock().sleep(wait).await;
+            }
+        }
     }
 }
 
@@ -180,9 +271,15 @@ pub async fn bind_with(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { addr, source })?;
+    // NOT_SERVING until `serve` has warmed up.
+    let admin = crate::admin::bind(&config.admin).await?;
+    let health = tonic_health::server::HealthReporter::new();
+    set_health(&health, false).await;
     Ok(Bound {
         broker,
         listener,
+        health,
+        admin,
         config,
         access: Arc::new(access),
         tls,

@@ -1,19 +1,192 @@
-//! Logging setup: `tracing` with a human or JSON format and an env-filter level.
+//! Logging and tracing: `tracing` with a human or JSON format and an env-filter level, plus
+//! an OpenTelemetry layer so spans carry W3C trace context (extracted from incoming gRPC
+//! metadata, injected into outgoing Key Vault and Entra requests) and are exported over
+//! OTLP (http/protobuf) when `[telemetry] otlp_endpoint` is set.
 
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, TelemetryConfig};
 
-/// Installs the global subscriber once; later calls are no-ops (tests call it freely).
+/// Keeps the trace exporter alive; flushes it when dropped (at the end of `serve`).
+#[derive(Debug, Default)]
+pub struct Guard(Option<SdkTracerProvider>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber without trace export; later calls are no-ops (tests call
+/// it freely).
 pub fn init(format: LogFormat, level: &str) {
+    let _ = install(format, level, None);
+}
+
+/// Installs the global subscriber with the configured trace sampling and export.
+pub fn init_with(format: LogFormat, level: &str, telemetry: &TelemetryConfig) -> Guard {
+    install(format, level, Some(telemetry))
+}
+
+fn install(format: LogFormat, level: &str, telemetry: Option<&TelemetryConfig>) -> Guard {
     let filter = EnvFilter::try_from_env("TOKENBROKER_LOG")
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Human => builder.try_init(),
+    let provider = tracer_provider(telemetry);
+    // Without export the layer still gives spans trace ids, so incoming trace context
+    // reaches Key Vault and Entra.
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("tokenbroker"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let installed = match format {
+        LogFormat::Json => registry
+            .with(fmt.json().flatten_event(true))
+            .try_init()
+            .is_ok(),
+        LogFormat::Human => registry.with(fmt).try_init().is_ok(),
     };
+    Guard(installed.then_some(provider))
+}
+
+/// The tracer provider: parent-based sampling at the configured ratio, OTLP batch export
+/// when an endpoint is set.
+pub fn tracer_provider(telemetry: Option<&TelemetryConfig>) -> SdkTracerProvider {
+    let mut b = SdkTracerProvider::builder();
+    if let Some(t) = telemetry {
+        b = b
+            .with_resource(resource(t))
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                t.sampling_ratio,
+            ))));
+        if let Some(url) = &t.otlp_endpoint {
+            match opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(signal_url(url, "traces"))
+                .build()
+            {
+                Ok(e) => b = b.with_batch_exporter(e),
+                Err(e) => eprintln!("tokenbroker: OTLP trace export disabled: {e}"),
+            }
+        }
+    }
+    b.build()
+}
+
+/// `service.name` and `service.version`.
+pub fn resource(t: &TelemetryConfig) -> Resource {
+    Resource::builder()
+        .with_service_name(t.service_name.clone())
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .build()
+}
+
+/// The OTLP metric exporter, when an endpoint is configured.
+pub fn otlp_metric_exporter(t: &TelemetryConfig) -> Option<opentelemetry_otlp::MetricExporter> {
+    let url = t.otlp_endpoint.as_ref()?;
+    match opentelemetry_otlp::MetricExporter::builder()
+        .with_http()
+        .with_endpoint(signal_url(url, "metrics"))
+        .build()
+    {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "OTLP metric export disabled");
+            None
+        }
+    }
+}
+
+/// `{base}/v1/{signal}`, the OTLP/HTTP path for a signal under a collector base URL.
+fn signal_url(base: &url::Url, signal: &str) -> String {
+    format!("{}/v1/{signal}", base.as_str().trim_end_matches('/'))
+}
+
+struct Metadata<'a>(&'a tonic::metadata::MetadataMap);
+
+impl Extractor for Metadata<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// The W3C trace context (`traceparent`, `tracestate`) of a gRPC request's metadata, when
+/// it carries a valid one.
+pub fn remote_context(metadata: &tonic::metadata::MetadataMap) -> Option<opentelemetry::Context> {
+    let cx = TraceContextPropagator::new().extract(&Metadata(metadata));
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// Makes `span` a child of a remote context (before it is first entered).
+pub fn set_parent(span: &tracing::Span, cx: Option<opentelemetry::Context>) {
+    if let Some(cx) = cx {
+        let _ = span.set_parent(cx);
+    }
+}
+
+struct Headers(Vec<(&'static str, String)>);
+
+impl Injector for Headers {
+    fn set(&mut self, key: &str, value: String) {
+        let key = match key {
+            "traceparent" => "traceparent",
+            "tracestate" => "tracestate",
+            _ => return,
+        };
+        self.0.push((key, value));
+    }
+}
+
+/// The W3C trace-context headers of the current span, for an outgoing request (none when
+/// the span is not recorded).
+pub fn trace_headers() -> Vec<(&'static str, String)> {
+    let cx = tracing::Span::current().context();
+    let mut h = Headers(Vec::new());
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut h);
+    }
+    h.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_urls_append_the_otlp_path() {
+        let u = url::Url::parse("http://collector:4318").unwrap();
+        assert_eq!(signal_url(&u, "traces"), "http://collector:4318/v1/traces");
+        let u = url::Url::parse("http://collector:4318/otlp/").unwrap();
+        assert_eq!(
+            signal_url(&u, "metrics"),
+            "http://collector:4318/otlp/v1/metrics"
+        );
+    }
+
+    #[test]
+    fn no_headers_outside_a_trace() {
+        assert!(trace_headers().is_empty());
+    }
 }

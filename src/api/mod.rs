@@ -6,7 +6,7 @@ pub mod error;
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
 use tokio_stream::StreamExt;
@@ -143,8 +143,27 @@ impl Service {
             audit.entra_correlation_id = error::entra_correlation_id(e);
         }
         info!(code = audit.code, error = %failure, "request refused or failed");
+        if let Failure::Access(AccessError::RateLimited { caller, .. }) = failure {
+            self.broker.flow().metrics.throttled(caller);
+        }
         self.access.audit().record(audit);
         status
+    }
+
+    /// Counts a finished request by method, outcome and gRPC code.
+    fn record<T>(&self, method: &'static str, started: Instant, r: &Result<T, Status>) {
+        let code = r.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+        let outcome = if code == tonic::Code::Ok {
+            "ok"
+        } else {
+            "error"
+        };
+        self.broker.flow().metrics.request(
+            method,
+            outcome,
+            error::code_name(code),
+            started.elapsed(),
+        );
     }
 
     pub fn into_server(self) -> proto::token_broker_server::TokenBrokerServer<Self> {
@@ -207,7 +226,9 @@ impl TokenBroker for Service {
         &self,
         request: Request<proto::GetTokenRequest>,
     ) -> Result<Response<proto::GetTokenResponse>, Status> {
+        let started = Instant::now();
         let env = Envelope::of(&request);
+        let parent = crate::telemetry::remote_context(request.metadata());
         let req = request.into_inner();
         let span = info_span!(
             "GetToken",
@@ -216,6 +237,7 @@ impl TokenBroker for Service {
             scopes = req.scopes.len(),
             source = tracing::field::Empty,
         );
+        crate::telemetry::set_parent(&span, parent);
         let mut audit = env.audit("GetToken", &req.tenant, &req.scopes);
         let result = async {
             let (_caller, scopes, _permit) = self
@@ -246,6 +268,7 @@ impl TokenBroker for Service {
             }
             Err(f) => Err(self.finish(audit, &f)),
         };
+        self.record("GetToken", started, &result);
         env.tag(result)
     }
 
@@ -255,6 +278,7 @@ impl TokenBroker for Service {
         &self,
         request: Request<proto::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        let started = Instant::now();
         let env = Envelope::of(&request);
         let req = request.into_inner();
         let mut audit = env.audit("WatchToken", &req.tenant, &req.scopes);
@@ -269,8 +293,14 @@ impl TokenBroker for Service {
         .await;
         let (caller, scopes, rx) = match admitted {
             Ok(a) => a,
-            Err(f) => return env.tag(Err(self.finish(audit, &f))),
+            Err(f) => {
+                let r = Err(self.finish(audit, &f));
+                self.record("WatchToken", started, &r);
+                return env.tag(r);
+            }
         };
+        // A watch counts once, when admitted; its stream is not a request.
+        self.record::<()>("WatchToken", started, &Ok(()));
         audit.outcome = Outcome::Allowed;
         audit.code = error::code_name(tonic::Code::Ok);
         self.access.audit().record(audit);

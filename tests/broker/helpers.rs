@@ -22,6 +22,8 @@ pub use tokenbroker::emulator::config::demo;
 pub struct Stack {
     pub emulator: Option<Emulator>,
     pub addr: SocketAddr,
+    /// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin: SocketAddr,
     pub broker: Broker,
     pub assertions: Arc<Mutex<Vec<String>>>,
     pub http: reqwest::Client,
@@ -105,6 +107,7 @@ impl Stack {
         };
         let bound = tokenbroker::server::bind(config, up).await.unwrap();
         let addr = bound.local_addr().unwrap();
+        let admin = bound.admin_addr().unwrap();
         let broker = bound.broker.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(async move {
@@ -119,6 +122,7 @@ impl Stack {
         Stack {
             emulator: Some(emulator),
             addr,
+            admin,
             broker,
             assertions,
             http,

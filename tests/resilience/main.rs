@@ -554,3 +554,181 @@ fn now_unix(stack: &Stack) -> i64 {
     use tokenbroker::clock::Clock;
     stack.clock.as_ref().unwrap().unix() as i64
 }
+
+async fn health_status(stack: &Stack) -> i32 {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", stack.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = HealthClient::new(channel);
+    h.check(HealthCheckRequest {
+        service: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_prewarmed_keys() {
+    use tonic_health::ServingStatus;
+    // contoso's app starts disabled, so pre-warming it fails until it is enabled.
+    let mut emu = estate();
+    emu.tenants[0].apps[0].enabled = false;
+    let stack = Stack::start_full(
+        emu,
+        tuned("prewarm = [{ tenant = \"contoso\", scopes = [\"https://graph.microsoft.com/.default\"] }]"),
+        Some(ManualClock::new()),
+        |e| e,
+    )
+    .await;
+    wait_for(|| async { route_total(&stack, "entra.token").await >= 1 }).await;
+    assert_eq!(
+        health_status(&stack).await,
+        ServingStatus::NotServing as i32
+    );
+    stack
+        .admin_post(
+            &format!(
+                "/tenants/{}/apps/{}/enable",
+                demo::CONTOSO_TENANT,
+                demo::CONTOSO_APP
+            ),
+            json!({}),
+        )
+        .await;
+    // The pre-warm retries on the broker's clock (and its negative cache expires).
+    for _ in 0..60 {
+        if health_status(&stack).await == ServingStatus::Serving as i32 {
+            break;
+        }
+        stack.advance(Duration::from_secs(15)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(health_status(&stack).await, ServingStatus::Serving as i32);
+    // The key was cached before the broker said it was ready.
+    let r = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(r.source, TokenSource::Cache as i32);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_in_flight_calls_finish_and_refuses_new_ones() {
+    let stack = Stack::start_with(estate(), |t| t).await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "latency_ms": 300, "count": 10}),
+        )
+        .await;
+    let mut c = stack.client().await;
+    let in_flight = tokio::spawn(async move {
+        c.get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        })
+        .await
+    });
+    wait_for(|| async { route_total(&stack, "entra.token").await >= 1 }).await;
+    let addr = stack.addr;
+    stack.stop().await;
+    let r = in_flight.await.unwrap();
+    assert!(r.is_ok(), "the in-flight call completed: {r:?}");
+    assert!(
+        tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await
+        .is_err(),
+        "new connections are refused after shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_even_when_a_call_hangs() {
+    let stack = Stack::start_with(estate(), |t| {
+        t.replace("[server]\n", "[server]\nshutdown_grace_secs = 1\n")
+    })
+    .await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "hang": true, "count": 1, "duration_ms": 120000}),
+        )
+        .await;
+    let mut c = stack.client().await;
+    let hung = tokio::spawn(async move {
+        c.get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        })
+        .await
+    });
+    // The fault is spent once the request is being held.
+    wait_for(|| async { faults_left(&stack).await == 0 }).await;
+    // Returns once the grace period is over, although the upstream call never answers.
+    stack.stop().await;
+    assert!(
+        hung.await.unwrap().is_err(),
+        "the hung call is cut off, not left hanging"
+    );
+}
+
+#[test]
+fn sigterm_stops_tokenbroker_dev_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("dev prints its address").unwrap();
+        if let Some(rest) = line.split("broker on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let token = rt.block_on(async {
+        let mut c = tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await
+        .unwrap();
+        c.get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(token.tenant_id, demo::CONTOSO_TENANT);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Bounded wait for the exit (the default drain bound is 20 s).
+    for _ in 0..600 {
+        if let Some(code) = child.try_wait().unwrap() {
+            assert!(code.success(), "exit status {code:?}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("tokenbroker dev did not exit after SIGTERM");
+}

@@ -1,0 +1,131 @@
+//! Micro benchmarks of the cache-hit path's pieces: the cache lookup through the broker, the
+//! assertion's header+claims encoding, policy evaluation, token fingerprinting, scope
+//! normalisation and the audit record. `cargo bench --bench hot_path`.
+
+use std::collections::BTreeSet;
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tokenbroker::assertion::{AssertionParams, signing_input};
+use tokenbroker::audit::AuditRecord;
+use tokenbroker::bench::fake::random_token;
+use tokenbroker::bench::memory::{fake_broker, fill, key_request};
+use tokenbroker::broker::normalise_scopes;
+use tokenbroker::config::{SigningAlgorithm, ThumbprintHeader};
+use tokenbroker::policy::Policy;
+use tokenbroker::sensitive::fingerprint;
+use tokenbroker::signer::{CertificateInfo, KeyRef};
+use url::Url;
+
+const GRAPH: &str = "https://graph.microsoft.com/.default";
+
+fn cache_hit(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (broker, _dir) = fake_broker(100, 1536).unwrap();
+    // 10k keys cached, so the lookup is not in a trivially small map.
+    rt.block_on(fill(&broker, 0, 10_000)).unwrap();
+    let req = key_request(4242);
+    c.bench_function("broker_get_token_cache_hit", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(broker.get_token(black_box(&req)).await.unwrap()) })
+    });
+}
+
+fn assertion(c: &mut Criterion) {
+    let endpoint = Url::parse(
+        "https://login.microsoftonline.com/c0c0c0c0-0000-4000-8000-00000000c001/oauth2/v2.0/token",
+    )
+    .unwrap();
+    let cert = CertificateInfo {
+        x5t: "3J2mUXr_2ZbtxDF3QqQIjQUmGDY".into(),
+        x5t_s256: "m5Hq2Kq5x3lQ4Q2Hkq0S0nqzV6F2X3e6Y9u8vDqk4x0".into(),
+        key: KeyRef {
+            vault_url: Url::parse("https://tb-demo.vault.azure.net").unwrap(),
+            name: "contoso-app".into(),
+            version: "0123456789abcdef0123456789abcdef".into(),
+        },
+        version: "0123456789abcdef0123456789abcdef".into(),
+        not_after: None,
+    };
+    let p = AssertionParams {
+        token_endpoint: &endpoint,
+        client_id: "c0c0c0c0-a990-4000-8000-000000000a01",
+        algorithm: SigningAlgorithm::RS256,
+        thumbprint: ThumbprintHeader::Both,
+        now: 1_780_000_000,
+    };
+    c.bench_function("assertion_signing_input", |b| {
+        b.iter(|| black_box(signing_input(black_box(&p), black_box(&cert))))
+    });
+}
+
+fn policy(c: &mut Criterion) {
+    let tenants: BTreeSet<String> = (0..50).map(|i| format!("t{i}")).collect();
+    let mut text = String::new();
+    for i in 0..20 {
+        text.push_str(&format!(
+            "[[grant]]\ncallers = [\"spiffe://prod.example/ns/team{i}/*\", \"dns:svc{i}.example\"]\n\
+             tenants = [\"t{i}\", \"t{}\"]\nscopes = [\"{GRAPH}\", \"api://app{i}/.default\"]\n",
+            i + 20
+        ));
+    }
+    let p = Policy::parse(&text, &tenants).unwrap();
+    let scopes = vec![GRAPH.to_string(), "api://app19/.default".to_string()];
+    c.bench_function("policy_allows_20_grants", |b| {
+        b.iter(|| {
+            black_box(p.allows(
+                black_box("spiffe://prod.example/ns/team19/sa/collector"),
+                black_box("t39"),
+                black_box(&scopes),
+            ))
+        })
+    });
+}
+
+fn fingerprinting(c: &mut Criterion) {
+    let token = random_token(1536);
+    c.bench_function("token_fingerprint_1536B", |b| {
+        b.iter(|| black_box(fingerprint(black_box(token.as_bytes()))))
+    });
+}
+
+fn scopes(c: &mut Criterion) {
+    let s = vec![GRAPH.to_string()];
+    c.bench_function("normalise_scopes_1", |b| {
+        b.iter(|| black_box(normalise_scopes(black_box(&s)).unwrap()))
+    });
+}
+
+fn audit(c: &mut Criterion) {
+    let scopes = vec![GRAPH.to_string()];
+    let peer = Some("127.0.0.1:50000".parse().unwrap());
+    c.bench_function("audit_record_build_and_serialise", |b| {
+        b.iter(|| {
+            let mut r = AuditRecord::new(
+                "GetToken",
+                "6f1c9a3e-3f1e-4d7a-9b1e-0c2d3e4f5a6b",
+                peer,
+                "contoso",
+                &scopes,
+            );
+            r.time = tokenbroker::audit::rfc3339(std::time::SystemTime::now());
+            r.token_fingerprint = Some("sha256:0123456789abcdef01234567".into());
+            black_box(serde_json::to_vec(&r).unwrap())
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    cache_hit,
+    assertion,
+    policy,
+    fingerprinting,
+    scopes,
+    audit
+);
+criterion_main!(benches);

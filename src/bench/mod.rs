@@ -1,0 +1,496 @@
+//! `tokenbroker bench`: performance measurements on loopback, reported in
+//! `docs/PERFORMANCE.md`. Every loop here is bounded in requests and time and talks to
+//! 127.0.0.1 only.
+//!
+//! - `load`: cache-hit `GetToken` against the broker (warm cache, on the embedded emulator)
+//!   and against a bare tonic server answering the same RPC with a constant, same-size
+//!   response, driven by the same client (connections, concurrent streams, duration or request
+//!   count; plaintext and mutual TLS), alternating rounds; requests/s, p50/p90/p99/p99.9 and
+//!   the broker/baseline ratios.
+//! - `cold`: miss latency with fixed latencies injected by the emulator on Key Vault sign and
+//!   the Entra token endpoint; the broker's own overhead.
+//! - `economy`: N tenants × M scopes under load with refresh-ahead on a manual clock: Key
+//!   Vault signs and Entra exchanges per key per refresh window (emulator counters).
+//! - `memory`: resident memory with 1k/10k/100k cached tokens (fake fast upstreams), bytes
+//!   per cached token.
+//! - `startup`: time from spawning `tokenbroker serve` to gRPC health SERVING.
+
+pub mod cold;
+pub mod economy;
+pub mod fake;
+pub mod load;
+pub mod memory;
+pub mod startup;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::broker::{Broker, Upstreams};
+use crate::emulator::{Emulator, EmulatorConfig, StartOptions};
+
+/// The scope every load request asks for.
+pub const GRAPH: &str = "https://graph.microsoft.com/.default";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum What {
+    All,
+    Load,
+    Cold,
+    Economy,
+    Memory,
+    Startup,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Plaintext,
+    Mtls,
+    Both,
+}
+
+/// `tokenbroker bench` options. Defaults are the figures reported in docs/PERFORMANCE.md.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Which measurement to run (`all` runs memory first, in a still-clean process).
+    #[arg(value_enum, default_value = "all")]
+    pub what: What,
+    /// load: HTTP/2 connections from the client to each server.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// load: concurrent requests in flight in total (spread over the connections).
+    #[arg(long, default_value_t = 32)]
+    pub streams: usize,
+    /// load: seconds per target per round (a round stops at this or at --requests).
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// load: requests per target per round (default: bounded by --duration only).
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// load: measured rounds; baseline and broker alternate, the order flipping each round.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// load: seconds of unrecorded warm-up per target.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// load: plaintext, mutual TLS or both.
+    #[arg(long, value_enum, default_value = "both")]
+    pub transport: Transport,
+    /// cold: misses measured (sequentially).
+    #[arg(long, default_value_t = 100)]
+    pub cold_samples: usize,
+    /// cold: latency injected on every Key Vault sign, in ms.
+    #[arg(long, default_value_t = 20)]
+    pub sign_latency_ms: u64,
+    /// cold: latency injected on every Entra token request, in ms.
+    #[arg(long, default_value_t = 80)]
+    pub exchange_latency_ms: u64,
+    /// economy: tenants (each its own app).
+    #[arg(long, default_value_t = 10)]
+    pub tenants: usize,
+    /// economy: scopes (resources) per tenant.
+    #[arg(long, default_value_t = 3)]
+    pub scopes: usize,
+    /// economy: refresh windows after the initial fill.
+    #[arg(long, default_value_t = 4)]
+    pub windows: usize,
+    /// economy: concurrent callers hammering the keys throughout.
+    #[arg(long, default_value_t = 64)]
+    pub economy_concurrency: usize,
+    /// memory: cached token counts to measure at (ascending).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+    pub memory_tokens: Vec<usize>,
+    /// memory: size of each access token in bytes.
+    #[arg(long, default_value_t = 1536)]
+    pub token_bytes: usize,
+    /// startup: processes started and timed.
+    #[arg(long, default_value_t = 10)]
+    pub startup_runs: usize,
+    /// Also write every result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl Default for BenchArgs {
+    fn default() -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            a: BenchArgs,
+        }
+        P::parse_from(["bench"]).a
+    }
+}
+
+/// Runs the chosen measurements and prints their reports.
+pub async fn run(args: BenchArgs) -> ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    match run_inner(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenbroker bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_inner(args: &BenchArgs) -> anyhow::Result<()> {
+    let mut results = serde_json::Map::new();
+    println!("{}", machine().text());
+    results.insert("machine".into(), serde_json::to_value(machine())?);
+    let all = args.what == What::All;
+    if all || args.what == What::Memory {
+        let r = memory::run(&memory::MemoryOptions::from(args)).await?;
+        println!("{}", r.text());
+        results.insert("memory".into(), serde_json::to_value(&r)?);
+    }
+    if all || args.what == What::Startup {
+        let r = startup::run(args.startup_runs).await?;
+        println!("{}", r.text());
+        results.insert("startup".into(), serde_json::to_value(&r)?);
+    }
+    if all || args.what == What::Load {
+        let r = load::run(&load::LoadOptions::from(args)).await?;
+        for l in &r {
+            println!("{}", l.text());
+        }
+        results.insert("load".into(), serde_json::to_value(&r)?);
+    }
+    if all || args.what == What::Cold {
+        let r = cold::run(&cold::ColdOptions::from(args)).await?;
+        println!("{}", r.text());
+        results.insert("cold".into(), serde_json::to_value(&r)?);
+    }
+    if all || args.what == What::Economy {
+        let r = economy::run(&economy::EconomyOptions::from(args)).await?;
+        println!("{}", r.text());
+        results.insert("economy".into(), serde_json::to_value(&r)?);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&Value::Object(results))?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The machine the figures come from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub build: &'static str,
+}
+
+pub fn machine() -> Machine {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model,
+        build: if cfg!(debug_assertions) {
+            "debug (figures are not representative: use --release)"
+        } else {
+            "release"
+        },
+    }
+}
+
+impl Machine {
+    pub fn text(&self) -> String {
+        format!(
+            "machine: {} CPUs, {}; {} build",
+            self.cpus, self.cpu_model, self.build
+        )
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub mean_us: f64,
+}
+
+impl Percentiles {
+    /// From samples in nanoseconds (sorted here).
+    pub fn of(samples: &mut [u64]) -> Percentiles {
+        if samples.is_empty() {
+            return Percentiles::default();
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+            samples[rank - 1] as f64 / 1000.0
+        };
+        let sum: u128 = samples.iter().map(|&v| u128::from(v)).sum();
+        Percentiles {
+            count: samples.len(),
+            p50_us: at(0.50),
+            p90_us: at(0.90),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+            max_us: at(1.0),
+            mean_us: sum as f64 / samples.len() as f64 / 1000.0,
+        }
+    }
+
+    /// From signed samples in nanoseconds (differences may be negative).
+    pub fn of_signed(samples: &mut [i64]) -> Percentiles {
+        if samples.is_empty() {
+            return Percentiles::default();
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+            samples[rank - 1] as f64 / 1000.0
+        };
+        let sum: i128 = samples.iter().map(|&v| i128::from(v)).sum();
+        Percentiles {
+            count: samples.len(),
+            p50_us: at(0.50),
+            p90_us: at(0.90),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+            max_us: at(1.0),
+            mean_us: sum as f64 / samples.len() as f64 / 1000.0,
+        }
+    }
+
+    pub fn row(&self) -> String {
+        format!(
+            "p50 {:>9} p90 {:>9} p99 {:>9} p99.9 {:>9} max {:>9}",
+            us(self.p50_us),
+            us(self.p90_us),
+            us(self.p99_us),
+            us(self.p999_us),
+            us(self.max_us)
+        )
+    }
+}
+
+/// A duration in µs, printed in ms past 10 ms.
+pub fn us(v: f64) -> String {
+    if v.abs() >= 10_000.0 {
+        format!("{:.1}ms", v / 1000.0)
+    } else {
+        format!("{v:.0}µs")
+    }
+}
+
+/// A directory removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> std::io::Result<TempDir> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        let path = std::env::temp_dir().join(format!(
+            "tokenbroker-bench-{label}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path)?;
+        Ok(TempDir(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The emulator's admin API (plain HTTP on loopback).
+#[derive(Debug, Clone)]
+pub struct Admin {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Admin {
+    pub fn new(url: &str) -> Admin {
+        Admin {
+            http: reqwest::Client::new(),
+            url: url.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "admin {path}: {}", r.status());
+        Ok(r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn counters(&self) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}/counters", self.url))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+}
+
+/// Signatures made by the emulated Key Vault, over all keys.
+pub fn total_signs(counters: &Value) -> u64 {
+    counters["sign"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0)
+}
+
+/// Token requests answered by the emulated Entra, over all tenants and apps.
+pub fn total_exchanges(counters: &Value) -> u64 {
+    counters["exchanges"]
+        .as_object()
+        .map(|m| m.values().filter_map(|v| v["total"].as_u64()).sum())
+        .unwrap_or(0)
+}
+
+/// The emulator plus a broker configured against it (real managed identity, Key Vault and
+/// Entra clients), serving on loopback in this process.
+pub struct Stack {
+    pub emulator: Option<Emulator>,
+    pub addr: SocketAddr,
+    pub broker: Broker,
+    pub admin: Admin,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+    pub dir: TempDir,
+}
+
+impl Stack {
+    /// `edit` may change the generated dev configuration (given the state directory);
+    /// `wrap` may replace the upstreams (timing, counting, a manual clock).
+    pub async fn start(
+        emu_config: EmulatorConfig,
+        edit: impl FnOnce(String, &Path) -> anyhow::Result<String>,
+        wrap: impl FnOnce(Upstreams) -> Upstreams,
+    ) -> anyhow::Result<Stack> {
+        let dir = TempDir::new("stack")?;
+        let emulator = Emulator::start(
+            emu_config.clone(),
+            StartOptions::new(dir.path().join("ca.pem")),
+        )
+        .await
+        .context("starting the emulator")?;
+        let toml = crate::dev::broker_config_toml(
+            &emu_config,
+            emulator.endpoints(),
+            "127.0.0.1:0".parse()?,
+        );
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, edit(toml, dir.path())?)?;
+        let config = crate::config::Config::load(&path, &|_| None)
+            .map_err(|e| anyhow::anyhow!("bench broker configuration: {e}"))?;
+        let up = wrap(crate::server::upstreams(&config)?);
+        let bound = crate::server::bind(config, up).await?;
+        let addr = bound.local_addr()?;
+        let broker = bound.broker.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            if let Err(e) = bound
+                .serve(async {
+                    let _ = stopped.await;
+                })
+                .await
+            {
+                eprintln!("bench broker stopped: {e}");
+            }
+        });
+        let admin = Admin::new(&emulator.endpoints().admin_url);
+        Ok(Stack {
+            emulator: Some(emulator),
+            addr,
+            broker,
+            admin,
+            stop: Some(stop),
+            served: Some(served),
+            dir,
+        })
+    }
+
+    pub fn emulator(&self) -> &Emulator {
+        self.emulator.as_ref().expect("emulator running")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(h) = self.served.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+        }
+        if let Some(e) = self.emulator.take() {
+            e.shutdown().await;
+        }
+    }
+}
+
+/// Replaces `from` in a generated configuration, or says the generator changed.
+pub fn replace_once(text: &str, from: &str, to: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        text.contains(from),
+        "the generated dev configuration no longer contains {from:?}: update src/bench"
+    );
+    Ok(text.replacen(from, to, 1))
+}
+
+/// Resilience settings that never throttle the benchmark itself (budgets far above the
+/// request rates measured), appended to a generated configuration.
+pub const UNTHROTTLED: &str = "\n[resilience]\nsign_rate_per_vault = 1000000.0\nsign_burst = 1000000\n\
+exchange_rate_per_tenant = 1000000.0\nexchange_burst = 1000000\n";
+
+/// A line of a report table.
+pub fn line(out: &mut String, s: impl AsRef<str>) {
+    let _ = writeln!(out, "{}", s.as_ref());
+}
+
+/// Resident set size of this process, in bytes (`VmRSS` of /proc/self/status).
+pub fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}

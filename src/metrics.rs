@@ -1,0 +1,744 @@
+//! Metrics as OpenTelemetry instruments: pushed over OTLP when `[telemetry] otlp_endpoint`
+//! is set, and always readable in the Prometheus text format at the admin listener's
+//! `/metrics` (rendered here from a manual reader).
+//!
+//! Label values are bounded: tenant labels are configured tenant names (anything else is
+//! `_unknown`), caller labels are capped, upstream error codes are AADSTS codes or a small
+//! fixed vocabulary. No token and no raw caller-supplied string becomes a label.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
+use opentelemetry_sdk::metrics::reader::MetricReader;
+use opentelemetry_sdk::metrics::{
+    InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality,
+};
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::entra::EntraError;
+use crate::flow::FlowError;
+use crate::resilience::BreakerState;
+use crate::signer::SignerError;
+
+/// Label for a tenant that is not configured.
+pub const UNKNOWN: &str = "_unknown";
+/// Label for callers beyond the cap.
+pub const OTHER: &str = "_other";
+/// Distinct caller labels kept before the rest are counted as `_other`.
+pub const MAX_CALLER_LABELS: usize = 200;
+
+/// Latency buckets in seconds, from a cache hit to a slow upstream with retries.
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+tokio::task_local! {
+    static CURRENT: Metrics;
+}
+
+/// The upstream a call went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    ManagedIdentity,
+    KeyVaultCertificate,
+    KeyVaultSign,
+    Entra,
+}
+
+impl Upstream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Upstream::ManagedIdentity => "managed_identity",
+            Upstream::KeyVaultCertificate => "keyvault_certificate",
+            Upstream::KeyVaultSign => "keyvault_sign",
+            Upstream::Entra => "entra",
+        }
+    }
+}
+
+/// The bounded error label of a Key Vault failure.
+pub fn signer_code(e: &SignerError) -> String {
+    match e {
+        SignerError::Forbidden { .. } => "forbidden",
+        SignerError::NotFound { .. } => "not_found",
+        SignerError::Unavailable { .. } => "unavailable",
+        SignerError::Identity(_) => "identity",
+        SignerError::Other { .. } => "other",
+    }
+    .into()
+}
+
+/// The error label of an Entra failure: its first AADSTS code, else `http_<status>` or
+/// `transport`.
+pub fn entra_code(e: &EntraError) -> String {
+    match e.aadsts() {
+        Some(code) if code.len() <= 16 => code,
+        _ if e.status == 0 => "transport".into(),
+        _ => format!("http_{}", e.status),
+    }
+}
+
+/// The error label of any flow failure.
+pub fn flow_code(e: &FlowError) -> String {
+    match e {
+        FlowError::Signer(s) => signer_code(s),
+        FlowError::Entra(e) => entra_code(e),
+        FlowError::Internal(_) => "internal".into(),
+    }
+}
+
+/// A manual reader shared between the meter provider and the scrape handler.
+#[derive(Debug, Clone)]
+struct SharedReader(Arc<ManualReader>);
+
+impl MetricReader for SharedReader {
+    fn register_pipeline(&self, pipeline: Weak<Pipeline>) {
+        self.0.register_pipeline(pipeline)
+    }
+    fn collect(&self, rm: &mut ResourceMetrics) -> OTelSdkResult {
+        self.0.collect(rm)
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+    fn temporality(&self, kind: InstrumentKind) -> Temporality {
+        self.0.temporality(kind)
+    }
+}
+
+/// The broker whose state the observable instruments read; set while it serves.
+type Source = Arc<Mutex<Option<Broker>>>;
+
+struct Inner {
+    provider: SdkMeterProvider,
+    reader: SharedReader,
+    tenants: HashSet<String>,
+    callers: Mutex<HashSet<String>>,
+    source: Source,
+    requests: Counter<u64>,
+    request_duration: Histogram<f64>,
+    upstream_calls: Counter<u64>,
+    upstream_duration: Histogram<f64>,
+    throttled: Counter<u64>,
+}
+
+/// The broker's metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Stops reading a broker's state when dropped (the server holds it while serving), so the
+/// broker and its metrics do not keep each other alive.
+#[derive(Debug)]
+pub struct Observing(Source);
+
+impl Drop for Observing {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+impl Metrics {
+    /// Instruments for a configuration: the manual reader for `/metrics`, plus an OTLP
+    /// exporter when `telemetry.otlp_endpoint` is set.
+    pub fn new(config: &Config) -> Metrics {
+        let reader = SharedReader(Arc::new(ManualReader::builder().build()));
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(crate::telemetry::resource(&config.telemetry))
+            .with_reader(reader.clone());
+        if let Some(exporter) = crate::telemetry::otlp_metric_exporter(&config.telemetry) {
+            builder = builder.with_reader(
+                opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
+                    .with_interval(config.telemetry.metrics_interval)
+                    .build(),
+            );
+        }
+        Metrics::with_provider(
+            builder.build(),
+            reader,
+            config.tenants.keys().cloned().collect(),
+        )
+    }
+
+    fn with_provider(
+        provider: SdkMeterProvider,
+        reader: SharedReader,
+        tenants: HashSet<String>,
+    ) -> Metrics {
+        let meter = provider.meter("tokenbroker");
+        let source: Source = Arc::new(Mutex::new(None));
+        observe(&meter, &source);
+        let inner = Inner {
+            requests: meter
+                .u64_counter("tokenbroker_requests")
+                .with_description("gRPC requests by method, outcome and status code")
+                .build(),
+            request_duration: meter
+                .f64_histogram("tokenbroker_request_duration_seconds")
+                .with_description("gRPC request latency by method and outcome")
+                .with_unit("s")
+                .with_boundaries(BUCKETS.to_vec())
+                .build(),
+            upstream_calls: meter
+                .u64_counter("tokenbroker_upstream_calls")
+                .with_description("Calls to managed identity, Key Vault and Entra ID by result; failures carry an error code (AADSTS code for Entra)")
+                .build(),
+            upstream_duration: meter
+                .f64_histogram("tokenbroker_upstream_duration_seconds")
+                .with_description("Upstream call latency by upstream and result")
+                .with_unit("s")
+                .with_boundaries(BUCKETS.to_vec())
+                .build(),
+            throttled: meter
+                .u64_counter("tokenbroker_throttled_requests")
+                .with_description("Requests refused by the per-caller rate limit, by caller")
+                .build(),
+            provider,
+            reader,
+            tenants,
+            callers: Mutex::new(HashSet::new()),
+            source,
+        };
+        Metrics {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Reads cache, refresh, breaker and expiry state from `broker` until the returned guard
+    /// is dropped.
+    pub fn observe(&self, broker: &Broker) -> Observing {
+        *self.inner.source.lock().unwrap_or_else(|p| p.into_inner()) = Some(broker.clone());
+        Observing(self.inner.source.clone())
+    }
+
+    /// A configured tenant name, or `_unknown`.
+    pub fn tenant_label(&self, tenant: &str) -> String {
+        if self.inner.tenants.contains(tenant) {
+            tenant.to_owned()
+        } else {
+            UNKNOWN.to_owned()
+        }
+    }
+
+    /// One finished gRPC request.
+    pub fn request(
+        &self,
+        method: &'static str,
+        outcome: &'static str,
+        code: &'static str,
+        took: Duration,
+    ) {
+        self.inner.requests.add(
+            1,
+            &[
+                KeyValue::new("method", method),
+                KeyValue::new("outcome", outcome),
+                KeyValue::new("code", code),
+            ],
+        );
+        self.inner.request_duration.record(
+            took.as_secs_f64(),
+            &[
+                KeyValue::new("method", method),
+                KeyValue::new("outcome", outcome),
+            ],
+        );
+    }
+
+    /// One upstream call, with its error code when it failed.
+    pub fn upstream(&self, upstream: Upstream, started: Instant, error: Option<String>) {
+        let took = started.elapsed().as_secs_f64();
+        let result = if error.is_some() { "error" } else { "ok" };
+        self.inner.upstream_calls.add(
+            1,
+            &[
+                KeyValue::new("upstream", upstream.as_str()),
+                KeyValue::new("result", result),
+                KeyValue::new("code", error.unwrap_or_default()),
+            ],
+        );
+        self.inner.upstream_duration.record(
+            took,
+            &[
+                KeyValue::new("upstream", upstream.as_str()),
+                KeyValue::new("result", result),
+            ],
+        );
+    }
+
+    /// A request refused by the caller's rate limit. Caller ids are authenticated
+    /// identities; past `MAX_CALLER_LABELS` distinct ones they count as `_other`.
+    pub fn throttled(&self, caller: &str) {
+        let label = {
+            let mut seen = self.inner.callers.lock().unwrap_or_else(|p| p.into_inner());
+            let ok =
+                caller.len() <= 256 && (seen.contains(caller) || seen.len() < MAX_CALLER_LABELS);
+            if ok {
+                seen.insert(caller.to_owned());
+                caller.to_owned()
+            } else {
+                OTHER.to_owned()
+            }
+        };
+        self.inner
+            .throttled
+            .add(1, &[KeyValue::new("caller", label)]);
+    }
+
+    /// Every metric in the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut rm = ResourceMetrics::default();
+        if let Err(e) = self.inner.reader.collect(&mut rm) {
+            tracing::warn!(error = %e, "metrics collection failed");
+        }
+        render(&rm)
+    }
+
+    /// Runs `f` with these metrics as the task's current ones, so upstream calls made deep
+    /// inside the Azure SDK (the managed identity token) are recorded here.
+    pub fn scope<F: std::future::Future>(
+        &self,
+        f: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        CURRENT.scope(self.clone(), f)
+    }
+
+    /// The metrics of the enclosing `scope`, if any.
+    pub fn current() -> Option<Metrics> {
+        CURRENT.try_with(Metrics::clone).ok()
+    }
+
+    /// Flushes and stops the exporters.
+    pub fn shutdown(&self) {
+        let _ = self.inner.provider.shutdown();
+    }
+}
+
+fn with_broker<T>(source: &Source, f: impl FnOnce(&Broker) -> T) -> Option<T> {
+    let b = source.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    b.as_ref().map(f)
+}
+
+/// Observable instruments over the broker's own counters and state.
+fn observe(meter: &Meter, source: &Source) {
+    use std::sync::atomic::Ordering::Relaxed;
+    type Read = fn(&Broker) -> u64;
+    let counters: [(&'static str, &'static str, Read); 9] = [
+        (
+            "tokenbroker_cache_hits",
+            "Requests served from the cache (including stale serves)",
+            |b| b.stats().hits.load(Relaxed),
+        ),
+        (
+            "tokenbroker_cache_misses",
+            "Requests that waited for an upstream fetch (including coalesced waits)",
+            |b| b.stats().misses.load(Relaxed),
+        ),
+        (
+            "tokenbroker_cache_coalesced",
+            "Misses that joined a fetch already under way instead of starting one",
+            |b| b.stats().coalesced.load(Relaxed),
+        ),
+        (
+            "tokenbroker_cache_stale_served",
+            "Still-valid tokens served while their refresh is failing",
+            |b| b.stats().stale_served.load(Relaxed),
+        ),
+        (
+            "tokenbroker_cache_negative_hits",
+            "Requests answered from the negative cache (a recent persistent failure)",
+            |b| b.stats().negative_hits.load(Relaxed),
+        ),
+        (
+            "tokenbroker_refreshes",
+            "Refreshes ahead of expiry started",
+            |b| b.stats().refreshes.load(Relaxed),
+        ),
+        (
+            "tokenbroker_refresh_failures",
+            "Token fetches (first fetch or refresh) that failed",
+            |b| b.stats().refresh_failures.load(Relaxed),
+        ),
+        (
+            "tokenbroker_upstream_retries",
+            "Upstream calls retried after a transient failure",
+            |b| b.upstream_stats().retries.load(Relaxed),
+        ),
+        (
+            "tokenbroker_breaker_rejections",
+            "Upstream calls refused by an open circuit breaker",
+            |b| b.upstream_stats().breaker_rejections.load(Relaxed),
+        ),
+    ];
+    for (name, description, read) in counters {
+        let source = source.clone();
+        meter
+            .u64_observable_counter(name)
+            .with_description(description)
+            .with_callback(move |o| {
+                if let Some(v) = with_broker(&source, read) {
+                    o.observe(v, &[]);
+                }
+            })
+            .build();
+    }
+    let s = source.clone();
+    meter
+        .f64_observable_gauge("tokenbroker_token_expiry_seconds")
+        .with_description("Seconds until the soonest-expiring cached token of each tenant expires")
+        .with_unit("s")
+        .with_callback(move |o| {
+            let Some(soonest) = with_broker(&s, soonest_expiry) else {
+                return;
+            };
+            for (tenant, secs) in soonest {
+                o.observe(secs, &[KeyValue::new("tenant", tenant)]);
+            }
+        })
+        .build();
+    let s = source.clone();
+    meter
+        .u64_observable_gauge("tokenbroker_breaker_state")
+        .with_description(
+            "Circuit breaker state per upstream and target: 0 closed, 1 half-open, 2 open",
+        )
+        .with_callback(move |o| {
+            let Some(states) = with_broker(&s, |b| b.flow().breaker_states()) else {
+                return;
+            };
+            for (label, state) in states {
+                let (upstream, target) = label.split_once(':').unwrap_or(("", &label));
+                let upstream = match upstream {
+                    "keyvault" => "keyvault_sign",
+                    "entra" => "entra",
+                    _ => "other",
+                };
+                let v = match state {
+                    BreakerState::Closed => 0,
+                    BreakerState::HalfOpen => 1,
+                    BreakerState::Open => 2,
+                };
+                o.observe(
+                    v,
+                    &[
+                        KeyValue::new("upstream", upstream),
+                        KeyValue::new("target", target.to_owned()),
+                    ],
+                );
+            }
+        })
+        .build();
+}
+
+/// Seconds until the soonest expiry of a cached token, per tenant (configured names only,
+/// as cache keys are).
+fn soonest_expiry(b: &Broker) -> Vec<(String, f64)> {
+    let now = b.clock().now();
+    let mut out: std::collections::BTreeMap<String, f64> = Default::default();
+    for (key, slot) in b.cache().iter() {
+        let Some(token) = slot.current().token else {
+            continue;
+        };
+        let secs = match token.expires_at.duration_since(now) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        let e = out.entry(key.tenant.to_string()).or_insert(secs);
+        *e = e.min(secs);
+    }
+    out.into_iter().collect()
+}
+
+// === Prometheus text rendering ===
+
+fn sanitize_name(name: &str) -> String {
+    name.chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn escape_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn labels<'a>(attrs: impl Iterator<Item = &'a KeyValue>, extra: Option<(&str, String)>) -> String {
+    let mut pairs: Vec<(String, String)> = attrs
+        .map(|kv| {
+            (
+                sanitize_name(kv.key.as_str()),
+                kv.value.as_str().into_owned(),
+            )
+        })
+        .collect();
+    pairs.sort();
+    if let Some((k, v)) = extra {
+        pairs.push((k.to_owned(), v));
+    }
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape_value(v)))
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+fn number(v: f64) -> String {
+    if v.is_infinite() {
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
+    } else if v.is_nan() {
+        "NaN".into()
+    } else {
+        format!("{v}")
+    }
+}
+
+trait AsF64: Copy {
+    fn f(self) -> f64;
+}
+impl AsF64 for f64 {
+    fn f(self) -> f64 {
+        self
+    }
+}
+impl AsF64 for u64 {
+    fn f(self) -> f64 {
+        self as f64
+    }
+}
+impl AsF64 for i64 {
+    fn f(self) -> f64 {
+        self as f64
+    }
+}
+
+fn render_data<T: AsF64>(out: &mut String, name: &str, help: &str, data: &MetricData<T>) {
+    let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+    match data {
+        MetricData::Sum(sum) => {
+            let (name, kind) = if sum.is_monotonic() {
+                (format!("{name}_total"), "counter")
+            } else {
+                (name.to_owned(), "gauge")
+            };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            let mut lines: Vec<String> = sum
+                .data_points()
+                .map(|p| {
+                    format!(
+                        "{name}{} {}",
+                        labels(p.attributes(), None),
+                        number(p.value().f())
+                    )
+                })
+                .collect();
+            lines.sort();
+            for l in lines {
+                let _ = writeln!(out, "{l}");
+            }
+        }
+        MetricData::Gauge(g) => {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            let mut lines: Vec<String> = g
+                .data_points()
+                .map(|p| {
+                    format!(
+                        "{name}{} {}",
+                        labels(p.attributes(), None),
+                        number(p.value().f())
+                    )
+                })
+                .collect();
+            lines.sort();
+            for l in lines {
+                let _ = writeln!(out, "{l}");
+            }
+        }
+        MetricData::Histogram(h) => {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            let mut points: Vec<_> = h.data_points().collect();
+            points.sort_by_key(|p| labels(p.attributes(), None));
+            for p in points {
+                let mut cumulative = 0u64;
+                let bounds: Vec<f64> = p.bounds().collect();
+                for (i, count) in p.bucket_counts().enumerate() {
+                    cumulative += count;
+                    let le = bounds.get(i).copied().unwrap_or(f64::INFINITY);
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{} {cumulative}",
+                        labels(p.attributes(), Some(("le", number(le))))
+                    );
+                }
+                let l = labels(p.attributes(), None);
+                let _ = writeln!(out, "{name}_sum{l} {}", number(p.sum().f()));
+                let _ = writeln!(out, "{name}_count{l} {}", p.count());
+            }
+        }
+        // Not used by the broker's instruments.
+        MetricData::ExponentialHistogram(_) => {}
+    }
+}
+
+/// Renders collected metrics, sorted by name so scrapes are stable.
+pub fn render(rm: &ResourceMetrics) -> String {
+    let mut metrics: Vec<_> = rm.scope_metrics().flat_map(|s| s.metrics()).collect();
+    metrics.sort_by(|a, b| a.name().cmp(b.name()));
+    let mut seen = BTreeSet::new();
+    let mut out = String::new();
+    for m in metrics {
+        let name = sanitize_name(m.name());
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        match m.data() {
+            AggregatedMetrics::F64(d) => render_data(&mut out, &name, m.description(), d),
+            AggregatedMetrics::U64(d) => render_data(&mut out, &name, m.description(), d),
+            AggregatedMetrics::I64(d) => render_data(&mut out, &name, m.description(), d),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_sdk::Resource;
+
+    fn metrics(tenants: &[&str]) -> Metrics {
+        let reader = SharedReader(Arc::new(ManualReader::builder().build()));
+        let provider = SdkMeterProvider::builder()
+            .with_resource(Resource::builder_empty().build())
+            .with_reader(reader.clone())
+            .build();
+        Metrics::with_provider(
+            provider,
+            reader,
+            tenants.iter().map(|s| s.to_string()).collect(),
+        )
+    }
+
+    #[test]
+    fn counters_and_histograms_render_in_prometheus_text() {
+        let m = metrics(&["contoso"]);
+        m.request("GetToken", "ok", "OK", Duration::from_millis(3));
+        m.request("GetToken", "ok", "OK", Duration::from_millis(30));
+        m.request("GetToken", "error", "UNAVAILABLE", Duration::from_secs(60));
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE tokenbroker_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "tokenbroker_requests_total{code=\"OK\",method=\"GetToken\",outcome=\"ok\"} 2\n"
+        ));
+        assert!(text.contains("# TYPE tokenbroker_request_duration_seconds histogram\n"));
+        assert!(text.contains(
+            "tokenbroker_request_duration_seconds_bucket{method=\"GetToken\",outcome=\"ok\",le=\"0.0025\"} 0\n"
+        ), "{text}");
+        assert!(text.contains(
+            "tokenbroker_request_duration_seconds_bucket{method=\"GetToken\",outcome=\"ok\",le=\"0.005\"} 1\n"
+        ));
+        assert!(text.contains(
+            "tokenbroker_request_duration_seconds_bucket{method=\"GetToken\",outcome=\"ok\",le=\"+Inf\"} 2\n"
+        ));
+        assert!(text.contains(
+            "tokenbroker_request_duration_seconds_count{method=\"GetToken\",outcome=\"error\"} 1\n"
+        ));
+        assert!(text.contains(
+            "tokenbroker_request_duration_seconds_bucket{method=\"GetToken\",outcome=\"error\",le=\"30\"} 0\n"
+        ));
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        let m = metrics(&["contoso"]);
+        assert_eq!(m.tenant_label("contoso"), "contoso");
+        assert_eq!(m.tenant_label("evil\"tenant"), UNKNOWN);
+        for i in 0..(MAX_CALLER_LABELS + 50) {
+            m.throttled(&format!("caller-{i}"));
+        }
+        m.throttled("caller-0");
+        let text = m.render();
+        assert!(text.contains("tokenbroker_throttled_requests_total{caller=\"caller-0\"} 2\n"));
+        assert!(text.contains("tokenbroker_throttled_requests_total{caller=\"_other\"} 50\n"));
+        let lines = text
+            .lines()
+            .filter(|l| l.starts_with("tokenbroker_throttled_requests_total{"))
+            .count();
+        assert_eq!(lines, MAX_CALLER_LABELS + 1);
+    }
+
+    #[test]
+    fn upstream_failures_carry_a_code_and_values_are_escaped() {
+        let m = metrics(&[]);
+        m.upstream(Upstream::Entra, Instant::now(), Some("AADSTS700016".into()));
+        m.upstream(Upstream::Entra, Instant::now(), None);
+        m.upstream(
+            Upstream::KeyVaultSign,
+            Instant::now(),
+            Some("a\"b\\c\nd".into()),
+        );
+        let text = m.render();
+        assert!(text.contains(
+            "tokenbroker_upstream_calls_total{code=\"AADSTS700016\",result=\"error\",upstream=\"entra\"} 1\n"
+        ), "{text}");
+        assert!(text.contains(
+            "tokenbroker_upstream_calls_total{code=\"\",result=\"ok\",upstream=\"entra\"} 1\n"
+        ));
+        assert!(text.contains("code=\"a\\\"b\\\\c\\nd\""));
+        assert!(text.contains(
+            "tokenbroker_upstream_duration_seconds_count{result=\"error\",upstream=\"entra\"} 1\n"
+        ));
+    }
+
+    #[test]
+    fn entra_codes_prefer_aadsts() {
+        let mut e = EntraError {
+            class: crate::entra::EntraErrorClass::Configuration,
+            status: 400,
+            error: "invalid_client".into(),
+            codes: vec![700027, 1],
+            description: String::new(),
+            correlation_id: None,
+            trace_id: None,
+            retry_after: None,
+        };
+        assert_eq!(entra_code(&e), "AADSTS700027");
+        e.codes.clear();
+        assert_eq!(entra_code(&e), "http_400");
+        e.status = 0;
+        assert_eq!(entra_code(&e), "transport");
+    }
+}
