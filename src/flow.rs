@@ -108,7 +108,20 @@ type CertKey = (Url, String);
 
 struct CertEntry {
     current: Mutex<(CertificateInfo, SystemTime)>,
+    /// The version in use before the current one: signing falls back to it while Entra does
+    /// not yet accept a renewed certificate (its public part not yet on the app).
+    previous: Mutex<Option<CertificateInfo>>,
     refreshing: tokio::sync::Mutex<()>,
+}
+
+impl CertEntry {
+    fn store(&self, fresh: &CertificateInfo, now: SystemTime) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.0 != *fresh {
+            *self.previous.lock().unwrap_or_else(|p| p.into_inner()) = Some(current.0.clone());
+        }
+        *current = (fresh.clone(), now);
+    }
 }
 
 /// One upstream's guards: a budget and a breaker.
@@ -326,11 +339,26 @@ impl Flow {
                     let fresh = self
                         .refresh_certificate(&cert_key, vault.map(|v| &v.1), deadline)
                         .await?;
-                    if fresh == cert {
-                        return Err(e.into());
+                    if fresh != cert {
+                        info!(tenant = %tenant.name, version = %fresh.version, "certificate changed; retrying with the new version");
+                        cert = fresh;
+                        continue;
                     }
-                    info!(tenant = %tenant.name, version = %fresh.version, "certificate changed; retrying with the new version");
-                    cert = fresh;
+                    // The current version itself is refused: typically Key Vault renewed the
+                    // certificate and its public part is not on the app yet. Sign with the
+                    // previous version, once, rather than fail the tenant.
+                    match self.previous_certificate(&cert_key).await {
+                        Some(prev) if prev != cert => {
+                            warn!(
+                                tenant = %tenant.name,
+                                refused = %cert.version,
+                                using = %prev.version,
+                                "Entra refuses the current certificate version (AADSTS700027); signing with the previous version: upload the new certificate to the app registration"
+                            );
+                            cert = prev;
+                        }
+                        _ => return Err(e.into()),
+                    }
                 }
                 // Outside the assertion's time window: one fresh assertion, then give up.
                 Err(FlowError::Entra(e)) if e.class == EntraErrorClass::Clock && !retried_clock => {
@@ -428,6 +456,7 @@ impl Flow {
                 let info = self.read_certificate(key, guard, deadline).await?;
                 Ok::<_, FlowError>(Arc::new(CertEntry {
                     current: Mutex::new((info, self.clock.now())),
+                    previous: Mutex::new(None),
                     refreshing: tokio::sync::Mutex::new(()),
                 }))
             })
@@ -451,8 +480,7 @@ impl Flow {
                 if fresh != info {
                     info!(certificate = %key.1, version = %fresh.version, "certificate has a new version");
                 }
-                *entry.current.lock().unwrap_or_else(|p| p.into_inner()) =
-                    (fresh.clone(), self.clock.now());
+                entry.store(&fresh, self.clock.now());
                 Ok(fresh)
             }
             Err(e) => {
@@ -460,6 +488,16 @@ impl Flow {
                 Ok(info)
             }
         }
+    }
+
+    async fn previous_certificate(&self, key: &CertKey) -> Option<CertificateInfo> {
+        let entry = self.certs.get(key).await?;
+        let previous = entry
+            .previous
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        previous
     }
 
     /// Re-reads certificate metadata now (after Entra refused the key).
@@ -472,8 +510,7 @@ impl Flow {
         let fresh = self.read_certificate(key, guard, deadline).await?;
         if let Some(entry) = self.certs.get(key).await {
             let _g = entry.refreshing.lock().await;
-            *entry.current.lock().unwrap_or_else(|p| p.into_inner()) =
-                (fresh.clone(), self.clock.now());
+            entry.store(&fresh, self.clock.now());
         }
         Ok(fresh)
     }

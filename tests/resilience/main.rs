@@ -732,3 +732,54 @@ fn sigterm_stops_tokenbroker_dev_cleanly() {
     let _ = child.kill();
     panic!("tokenbroker dev did not exit after SIGTERM");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_not_yet_on_the_app_falls_back_to_the_previous_version() {
+    let stack = manual("").await;
+    let first = stack.get("contoso", GRAPH).await.unwrap();
+    let old = x5t_of(&stack.assertions.lock().unwrap()[0]);
+    // Key Vault renews the certificate, but nobody has uploaded the new one to the app yet.
+    let rotated = stack
+        .admin_post(
+            &format!("/vaults/{}/certificates/contoso-app/rotate", demo::VAULT),
+            json!({"register_on_apps": false}),
+        )
+        .await;
+    let new = rotated["x5t"].as_str().unwrap().to_owned();
+    let mut watch = stack
+        .client()
+        .await
+        .watch_token(WatchTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch_next(&mut watch).await;
+    for _ in 0..16 {
+        stack.advance(MIN).await;
+        stack
+            .get("contoso", GRAPH)
+            .await
+            .expect("zero failed requests");
+    }
+    let refreshed = advance_until(&stack, &mut watch, |m| {
+        !m.refresh_failing && m.token.as_ref().unwrap().access_token != first.access_token
+    })
+    .await;
+    assert!(refreshed.token.is_some());
+    let seen = stack.assertions.lock().unwrap().clone();
+    let n = seen.len();
+    assert_eq!(
+        x5t_of(&seen[n - 2]),
+        new,
+        "the renewed version was tried first"
+    );
+    assert_eq!(
+        x5t_of(&seen[n - 1]),
+        old,
+        "then the previous version, which Entra accepts"
+    );
+    stack.stop().await;
+}
