@@ -1,0 +1,87 @@
+//! Runs the benchmarks once, small (a few hundred requests), to prove they work and report
+//! sane figures. Never a timed assertion: the figures themselves are docs/PERFORMANCE.md's.
+#![cfg(feature = "emulator")]
+
+use std::time::Duration;
+
+use tokenbroker::bench::{Transport, cold, economy, load, memory};
+
+fn install_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_benchmark_runs_against_broker_and_baseline_in_plaintext_and_mtls() {
+    install_crypto();
+    let opts = load::LoadOptions {
+        connections: 2,
+        streams: 8,
+        duration: Duration::from_secs(60),
+        requests: Some(150),
+        rounds: 2,
+        warmup: Duration::ZERO,
+        transports: vec![Transport::Plaintext, Transport::Mtls],
+    };
+    let reports = load::run(&opts).await.unwrap();
+    assert_eq!(reports.len(), 2);
+    for r in &reports {
+        for s in [&r.baseline, &r.broker] {
+            assert_eq!(s.requests, 300, "{}", r.text());
+            assert_eq!(s.errors, 0, "{}", r.text());
+            assert_eq!(s.not_from_cache, 0, "{}", r.text());
+            assert!(s.requests_per_sec > 0.0);
+            assert!(s.latency.p50_us > 0.0 && s.latency.p50_us <= s.latency.p999_us);
+        }
+        assert!(
+            r.response_bytes > 1000,
+            "a real token: {}",
+            r.response_bytes
+        );
+        assert!(r.throughput_ratio.is_finite() && r.p99_ratio.is_finite());
+        assert!(r.text().contains("ratio broker/baseline"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_path_economy_and_memory_benchmarks_run() {
+    install_crypto();
+    let c = cold::run(&cold::ColdOptions {
+        samples: 3,
+        sign_latency_ms: 2,
+        exchange_latency_ms: 3,
+    })
+    .await
+    .unwrap();
+    assert_eq!((c.errors, c.not_exchanged), (0, 0), "{}", c.text());
+    assert_eq!(c.miss.count, 3);
+    assert!(
+        c.miss.p50_us >= 5_000.0,
+        "the injected 5 ms are in the miss: {}",
+        c.text()
+    );
+
+    let e = economy::run(&economy::EconomyOptions {
+        tenants: 2,
+        scopes: 2,
+        windows: 1,
+        concurrency: 8,
+    })
+    .await
+    .unwrap();
+    assert_eq!(e.windows.len(), 2, "{}", e.text());
+    assert_eq!(e.errors, 0, "{}", e.text());
+    assert!(
+        e.windows
+            .iter()
+            .all(|w| w.exchanges >= 4 && w.requests_served > 0)
+    );
+
+    let m = memory::run(&memory::MemoryOptions {
+        sizes: vec![500, 1000],
+        token_bytes: 1536,
+    })
+    .await
+    .unwrap();
+    assert_eq!(m.points.len(), 2);
+    assert!(m.points.iter().all(|p| p.rss_bytes > 0), "{}", m.text());
+}
