@@ -1,5 +1,6 @@
 //! Command line: `serve`, `dev`, `emulator`, `token`, `check-config`.
 
+#[cfg(feature = "emulator")]
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -492,12 +492,11 @@ impl Flow {
 
     async fn previous_certificate(&self, key: &CertKey) -> Option<CertificateInfo> {
         let entry = self.certs.get(key).await?;
-        let previous = entry
+        entry
             .previous
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        previous
+            .clone()
     }
 
     /// Re-reads certificate metadata now (after Entra refused the key).

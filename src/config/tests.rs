@@ -269,3 +269,45 @@ fn wildcard_grants_and_unknown_tenants_are_refused() {
         assert!(!p.is_empty());
     }
 }
+
+#[test]
+fn admin_and_telemetry_default_and_validate() {
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &no_env).unwrap();
+    assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
+    assert!(c.telemetry.otlp_endpoint.is_none());
+    assert_eq!(c.telemetry.sampling_ratio, 1.0);
+    assert_eq!(c.telemetry.service_name, "tokenbroker");
+
+    let text = format!(
+        "{GOOD}\n[admin]\nlisten = \"0.0.0.0:9090\"\n\n[telemetry]\notlp_endpoint = \"http://collector:4318\"\nsampling_ratio = 0.25\nservice_name = \"tb\"\n"
+    );
+    let c = Config::from_toml_str(&text, Path::new("/"), &no_env).unwrap();
+    assert_eq!(c.admin.listen, "0.0.0.0:9090".parse().unwrap());
+    assert_eq!(
+        c.telemetry.otlp_endpoint.as_ref().map(Url::as_str),
+        Some("http://collector:4318/")
+    );
+    assert_eq!(c.telemetry.sampling_ratio, 0.25);
+    assert_eq!(c.telemetry.service_name, "tb");
+
+    let env = |k: &str| match k {
+        "TOKENBROKER_ADMIN_LISTEN" => Some("127.0.0.1:19090".to_string()),
+        "TOKENBROKER_OTLP_ENDPOINT" => Some("https://otel.example:4318".to_string()),
+        _ => None,
+    };
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &env).unwrap();
+    assert_eq!(c.admin.listen.port(), 19090);
+    assert!(c.telemetry.otlp_endpoint.is_some());
+
+    let bad = format!(
+        "{GOOD}\n[admin]\nlisten = \"nine\"\n\n[telemetry]\notlp_endpoint = \"collector:4318\"\nsampling_ratio = 2.0\n"
+    );
+    let paths: Vec<String> = problems(&bad).into_iter().map(|p| p.path).collect();
+    for want in [
+        "admin.listen",
+        "telemetry.otlp_endpoint",
+        "telemetry.sampling_ratio",
+    ] {
+        assert!(paths.iter().any(|p| p == want), "{want} in {paths:?}");
+    }
+}
