@@ -204,12 +204,15 @@ impl TokenExchange for HttpTokenExchange {
             // reqwest errors name the URL, never the form body.
             .map_err(|e| EntraError::transport(transport_message(&e)))?;
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = crate::resilience::retry_after(
+            |name| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            },
+            std::time::SystemTime::now(),
+        );
         let body = resp
             .bytes()
             .await

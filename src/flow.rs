@@ -284,7 +284,7 @@ impl Flow {
                     self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
                     let started = Instant::now();
                     let correlation_id = uuid::Uuid::new_v4();
-                    let span = info_span!("entra.exchange", otel.kind = "client", tenant = %tenant.name, correlation_id = %correlation_id, aadsts = tracing::field::Empty);
+                    let span = info_span!("entra.exchange", otel.kind = "client", tenant = %tenant.name, correlation_id = %correlation_id, error_code = tracing::field::Empty);
                     let r = self
                         .exchange
                         .exchange(ExchangeRequest {
@@ -298,7 +298,7 @@ impl Flow {
                         .await;
                     let code = r.as_ref().err().map(metrics::entra_code);
                     if let Some(c) = &code {
-                        span.record("aadsts", c.as_str());
+                        span.record("error_code", c.as_str());
                     }
                     self.metrics.upstream(Upstream::Entra, started, code);
                     Ok(r?)

@@ -19,6 +19,31 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     ceiling.mul_f64(rand::rng().random::<f64>())
 }
 
+/// An upstream's retry hint, from Azure's `x-ms-retry-after-ms` / `retry-after-ms` (ms) or
+/// the standard `Retry-After` (seconds or an HTTP date). `header` looks a header up by its
+/// lower-case name.
+pub fn retry_after(header: impl Fn(&str) -> Option<String>, now: SystemTime) -> Option<Duration> {
+    for name in ["x-ms-retry-after-ms", "retry-after-ms"] {
+        if let Some(ms) = header(name).and_then(|v| v.trim().parse::<u64>().ok()) {
+            return Some(Duration::from_millis(ms));
+        }
+    }
+    let v = header("retry-after")?;
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate_to_system_time(v)?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+fn httpdate_to_system_time(v: &str) -> Option<SystemTime> {
+    let format = time::format_description::well_known::Rfc2822;
+    let t = time::OffsetDateTime::parse(&v.replace("GMT", "+0000"), &format).ok()?;
+    let secs = u64::try_from(t.unix_timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 /// A token bucket: `rate` per second, at most `burst` at once.
 #[derive(Debug)]
 pub struct Bucket {
@@ -210,6 +235,38 @@ mod tests {
         b.success();
         assert_eq!(b.state(t2), BreakerState::Closed);
         assert!(b.admit(t2).is_ok());
+    }
+
+    #[test]
+    fn retry_after_reads_azure_and_standard_headers() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let h = |pairs: &'static [(&'static str, &'static str)]| {
+            move |n: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(
+            retry_after(h(&[("retry-after", "7")]), now),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            retry_after(
+                h(&[("retry-after", "7"), ("x-ms-retry-after-ms", "1500")]),
+                now
+            ),
+            Some(Duration::from_millis(1500)),
+            "Azure's millisecond hint is the more precise one"
+        );
+        // 2001-09-09T01:46:40Z is the epoch + 1e9 s; ten seconds later:
+        assert_eq!(
+            retry_after(h(&[("retry-after", "Sun, 09 Sep 2001 01:46:50 GMT")]), now),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(retry_after(h(&[("retry-after", "soon")]), now), None);
+        assert_eq!(retry_after(h(&[]), now), None);
     }
 
     #[test]

@@ -251,20 +251,15 @@ fn service_message(body: &[u8]) -> Option<String> {
 }
 
 fn retry_after(headers: &azure_core::http::headers::Headers) -> Option<Duration> {
-    for (name, value) in headers.iter() {
-        let n = name.as_str();
-        if n.eq_ignore_ascii_case("x-ms-retry-after-ms") || n.eq_ignore_ascii_case("retry-after-ms")
-        {
-            if let Ok(ms) = value.as_str().parse::<u64>() {
-                return Some(Duration::from_millis(ms));
-            }
-        } else if n.eq_ignore_ascii_case("retry-after")
-            && let Ok(s) = value.as_str().parse::<u64>()
-        {
-            return Some(Duration::from_secs(s));
-        }
-    }
-    None
+    crate::resilience::retry_after(
+        |name| {
+            headers
+                .iter()
+                .find(|(n, _)| n.as_str().eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str().to_owned())
+        },
+        std::time::SystemTime::now(),
+    )
 }
 
 /// The innermost error message: `azure_core` nests the useful text under its own context.
