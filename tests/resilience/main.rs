@@ -43,6 +43,42 @@ async fn manual(extra: &'static str) -> Stack {
     Stack::start_full(estate(), tuned(extra), Some(ManualClock::new()), |e| e).await
 }
 
+/// A `WatchToken` stream for `tenant` and Graph.
+async fn watch(
+    stack: &Stack,
+    tenant: &str,
+) -> tonic::Streaming<tokenbroker::proto::WatchTokenResponse> {
+    stack
+        .client()
+        .await
+        .watch_token(WatchTokenRequest {
+            tenant: tenant.into(),
+            scopes: vec![GRAPH.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A GetToken for `tenant` and Graph, running in the background.
+async fn spawn_get(
+    stack: &Stack,
+    tenant: &str,
+) -> tokio::task::JoinHandle<
+    Result<tonic::Response<tokenbroker::proto::GetTokenResponse>, tonic::Status>,
+> {
+    let mut c = stack.client().await;
+    let tenant = tenant.to_owned();
+    tokio::spawn(async move {
+        c.get_token(GetTokenRequest {
+            tenant,
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        })
+        .await
+    })
+}
+
 fn secs(t: &Option<prost_types::Timestamp>) -> i64 {
     t.as_ref().unwrap().seconds
 }
@@ -62,16 +98,7 @@ async fn watch_next(
 async fn a_30_minute_entra_outage_fails_no_request_for_still_valid_tokens() {
     let stack = manual("").await;
     let first = stack.get("contoso", GRAPH).await.unwrap();
-    let mut watch = stack
-        .client()
-        .await
-        .watch_token(WatchTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch(&stack, "contoso").await;
     assert_eq!(
         watch_next(&mut watch).await.token.unwrap().access_token,
         first.access_token
@@ -137,15 +164,7 @@ async fn key_vault_throttling_honours_retry_after_and_valid_tokens_keep_flowing(
         .await;
     let signs_before = stack.total_signs().await;
     let routed_before = route_total(&stack, "keyvault.sign").await;
-    let mut c = stack.client().await;
-    let cold = tokio::spawn(async move {
-        c.get_token(GetTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-            ..Default::default()
-        })
-        .await
-    });
+    let cold = spawn_get(&stack, "contoso").await;
     // The throttled sign is not retried before Retry-After has passed on the clock.
     wait_for(|| async {
         faults_left(&stack).await == 0 && route_total(&stack, "keyvault.sign").await > routed_before
@@ -342,16 +361,7 @@ async fn a_rotated_certificate_is_used_on_the_next_refresh_without_failures() {
         .await;
     let new = rotated["x5t"].as_str().unwrap().to_owned();
     assert_ne!(old, new);
-    let mut watch = stack
-        .client()
-        .await
-        .watch_token(WatchTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch(&stack, "contoso").await;
     watch_next(&mut watch).await;
     // Past the certificate metadata refresh (10 min) and the token refresh (9-15 min).
     for _ in 0..16 {
@@ -481,16 +491,7 @@ async fn a_disabled_app_fails_fast_from_the_negative_cache_while_others_are_unaf
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_token_delivers_each_refresh_before_expiry_and_survives_an_outage() {
     let stack = manual("").await;
-    let mut watch = stack
-        .client()
-        .await
-        .watch_token(WatchTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch(&stack, "contoso").await;
     let mut current = watch_next(&mut watch).await.token.unwrap();
     for cycle in 0..3 {
         let until_refresh = secs(&current.refresh_at) - now_unix(&stack);
@@ -624,15 +625,7 @@ async fn shutdown_lets_in_flight_calls_finish_and_refuses_new_ones() {
             json!({"route": "entra.token", "latency_ms": 300, "count": 10}),
         )
         .await;
-    let mut c = stack.client().await;
-    let in_flight = tokio::spawn(async move {
-        c.get_token(GetTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-            ..Default::default()
-        })
-        .await
-    });
+    let in_flight = spawn_get(&stack, "contoso").await;
     wait_for(|| async { route_total(&stack, "entra.token").await >= 1 }).await;
     let addr = stack.addr;
     stack.stop().await;
@@ -660,15 +653,7 @@ async fn shutdown_is_bounded_even_when_a_call_hangs() {
             json!({"route": "entra.token", "hang": true, "count": 1, "duration_ms": 120000}),
         )
         .await;
-    let mut c = stack.client().await;
-    let hung = tokio::spawn(async move {
-        c.get_token(GetTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-            ..Default::default()
-        })
-        .await
-    });
+    let hung = spawn_get(&stack, "contoso").await;
     // The fault is spent once the request is being held.
     wait_for(|| async { faults_left(&stack).await == 0 }).await;
     // Returns once the grace period is over, although the upstream call never answers.
@@ -746,16 +731,7 @@ async fn a_renewed_certificate_not_yet_on_the_app_falls_back_to_the_previous_ver
         )
         .await;
     let new = rotated["x5t"].as_str().unwrap().to_owned();
-    let mut watch = stack
-        .client()
-        .await
-        .watch_token(WatchTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch(&stack, "contoso").await;
     watch_next(&mut watch).await;
     for _ in 0..16 {
         stack.advance(MIN).await;
