@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::info;
 
@@ -181,7 +180,10 @@ impl Bound {
                 None => {
                     router
                         .serve_with_incoming_shutdown(
-                            TcpListenerStream::new(self.listener),
+                            // tonic sets TCP_NODELAY only on listeners it binds itself: small
+                            // answers would otherwise wait for the peer's delayed ACK (~40 ms).
+                            tonic::transport::server::TcpIncoming::from(self.listener)
+                                .with_nodelay(Some(true)),
                             shutdown,
                         )
                         .await

@@ -248,6 +248,11 @@ pub fn incoming(
                     }
                 },
             };
+            // gRPC answers are small writes: without TCP_NODELAY, Nagle's algorithm holds them
+            // for the peer's delayed ACK (about 40 ms on Linux).
+            if let Err(e) = tcp.set_nodelay(true) {
+                debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+            }
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                 debug!(%peer, "too many TLS handshakes in progress; connection closed");
                 continue;

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use prost::Message as _;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{
     Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig,
 };
@@ -430,9 +430,13 @@ async fn run_one(opts: &LoadOptions, transport: Transport) -> anyhow::Result<Loa
             .add_service(TokenBrokerServer::new(Baseline {
                 response: Arc::new(warm),
             }))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stopped.await;
-            });
+            // As `Server::serve(addr)` would: tonic's own listener sets TCP_NODELAY.
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = stopped.await;
+                },
+            );
         let baseline = tokio::spawn(baseline);
         let baseline_channels = channels(baseline_addr, pki.as_ref(), opts.connections).await?;
 
