@@ -35,6 +35,104 @@ fn cache_hit(c: &mut Criterion) {
     });
 }
 
+/// A null audit sink, to separate the audit write from the rest of the handler.
+#[derive(Debug)]
+struct NullSink;
+
+impl tokenbroker::audit::AuditSink for NullSink {
+    fn write(&self, record: &AuditRecord) {
+        black_box(record);
+    }
+}
+
+/// The whole gRPC handler (`api::Service::get_token`: request id, authentication as the dev
+/// loopback caller, rate limit, policy, cache hit, audit, response) without the network, on a
+/// current-thread runtime; with the audit record written to a file (as `tokenbroker dev` and
+/// `audit.output = "file"` do) or dropped, and with an info-level log subscriber writing to
+/// nowhere (as `serve` runs with `log.level = "info"`).
+fn api_handler(c: &mut Criterion) {
+    use std::sync::Arc;
+    use tokenbroker::proto::token_broker_server::TokenBroker;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tokenbroker::bench::TempDir::new("api-bench").unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nplaintext = true\n\n[callers]\ndev_loopback = true\n\n\
+         [[policy.grant]]\ncallers = [\"dev:loopback\"]\ntenants = [\"*\"]\nscopes = [\"*\"]\n\n\
+         [limits]\ncaller_rate_per_sec = 1000000000.0\ncaller_burst = 1000000000\n\n\
+         [audit]\noutput = \"file\"\nfile = \"{}\"\n",
+        audit.display()
+    );
+    toml.push_str(
+        "\n[tenants.contoso]\ntenant_id = \"c0c0c0c0-0000-4000-8000-00000000c001\"\n\
+         client_id = \"c0c0c0c0-a990-4000-8000-000000000a01\"\n\
+         credential = { type = \"key_vault_certificate\", vault_url = \"https://bench.vault.azure.net\", certificate = \"c\" }\n",
+    );
+    let path = dir.path().join("broker.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config = tokenbroker::config::Config::load(&path, &|_| None).unwrap();
+    let broker = tokenbroker::broker::Broker::new(
+        &config,
+        tokenbroker::broker::Upstreams {
+            signer: Arc::new(tokenbroker::bench::fake::FakeSigner),
+            exchange: Arc::new(tokenbroker::bench::fake::FakeExchange::default()),
+            clock: Arc::new(tokenbroker::clock::SystemClock),
+        },
+    );
+    let http = reqwest::Client::new();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let file_access =
+        Arc::new(tokenbroker::access::Access::from_config(&config, http.clone()).unwrap());
+    let null_access = Arc::new(
+        tokenbroker::access::Access::with_sink(&config, http, Arc::new(NullSink)).unwrap(),
+    );
+    let with_file = tokenbroker::api::Service::new(broker.clone(), stopped.clone(), file_access);
+    let with_null = tokenbroker::api::Service::new(broker, stopped, null_access);
+    let request = || {
+        let mut r = tonic::Request::new(tokenbroker::proto::GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        });
+        r.extensions_mut()
+            .insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: Some("127.0.0.1:50051".parse().unwrap()),
+                remote_addr: Some("127.0.0.1:40000".parse().unwrap()),
+            });
+        r
+    };
+    rt.block_on(with_file.get_token(request())).unwrap();
+    let mut g = c.benchmark_group("api_get_token_cache_hit");
+    g.bench_function("audit_file", |b| {
+        b.iter(|| black_box(rt.block_on(with_file.get_token(request())).unwrap()))
+    });
+    g.bench_function("audit_null", |b| {
+        b.iter(|| black_box(rt.block_on(with_null.get_token(request())).unwrap()))
+    });
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(std::io::sink)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        g.bench_function("audit_file_info_log", |b| {
+            b.iter(|| black_box(rt.block_on(with_file.get_token(request())).unwrap()))
+        });
+    });
+    g.finish();
+    // Measure the bare baseline's handler too: a clone of a constant response.
+    let resp = rt
+        .block_on(with_null.get_token(request()))
+        .unwrap()
+        .into_inner();
+    c.bench_function("baseline_handler_clone_response", |b| {
+        b.iter(|| black_box(tonic::Response::new(black_box(&resp).clone())))
+    });
+}
+
 fn assertion(c: &mut Criterion) {
     let endpoint = Url::parse(
         "https://login.microsoftonline.com/c0c0c0c0-0000-4000-8000-00000000c001/oauth2/v2.0/token",
@@ -122,6 +220,7 @@ fn audit(c: &mut Criterion) {
 criterion_group!(
     benches,
     cache_hit,
+    api_handler,
     assertion,
     policy,
     fingerprinting,
