@@ -30,6 +30,8 @@ impl fmt::Display for Key {
 #[derive(Debug, Clone)]
 pub struct CachedToken {
     pub access_token: Sensitive,
+    /// `access_token.fingerprint()`, computed once: logs and audit records use it per request.
+    pub fingerprint: Box<str>,
     pub token_type: String,
     pub obtained_at: SystemTime,
     pub expires_at: SystemTime,

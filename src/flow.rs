@@ -320,6 +320,7 @@ impl Flow {
                     );
                     // Lifetimes count from when the request was sent: never overestimate.
                     return Ok(CachedToken {
+                        fingerprint: t.access_token.fingerprint().into(),
                         access_token: t.access_token,
                         token_type: t.token_type,
                         obtained_at: started,

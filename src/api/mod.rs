@@ -12,7 +12,7 @@ use futures::Stream;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, debug, info, info_span};
 
 use crate::access::{Access, AccessError};
 use crate::audit::{AuditRecord, Outcome, rfc3339};
@@ -257,12 +257,13 @@ impl TokenBroker for Service {
         let result = match result {
             Ok(IssuedToken { token, source }) => {
                 tracing::Span::current().record("source", format!("{source:?}"));
-                info!(fingerprint = %token.access_token.fingerprint(), "token served");
+                // Every grant is in the audit log; this line is for debugging only.
+                debug!(fingerprint = %token.fingerprint, "token served");
                 audit.outcome = Outcome::Allowed;
                 audit.code = error::code_name(tonic::Code::Ok);
                 audit.token_source = Some(source_name(source));
                 audit.expires_at = Some(rfc3339(token.expires_at));
-                audit.token_fingerprint = Some(token.access_token.fingerprint());
+                audit.token_fingerprint = Some(token.fingerprint.to_string());
                 self.access.audit().record(audit);
                 Ok(Response::new(response(&token, source)))
             }
