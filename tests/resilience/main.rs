@@ -344,6 +344,30 @@ impl TokenExchange for RejectOtherKeys {
     }
 }
 
+/// Rotates contoso's certificate in the emulated vault; returns the new version's `x5t`.
+/// `register_on_apps = false` leaves the app without the new public part.
+async fn rotate_contoso(stack: &Stack, register_on_apps: bool) -> String {
+    let rotated = stack
+        .admin_post(
+            &format!("/vaults/{}/certificates/contoso-app/rotate", demo::VAULT),
+            json!({ "register_on_apps": register_on_apps }),
+        )
+        .await;
+    rotated["x5t"].as_str().unwrap().to_owned()
+}
+
+/// Moves the clock a minute at a time, asking for contoso's token each minute; every
+/// request must succeed.
+async fn ask_every_minute(stack: &Stack, minutes: u32) {
+    for _ in 0..minutes {
+        stack.advance(MIN).await;
+        stack
+            .get("contoso", GRAPH)
+            .await
+            .expect("zero failed requests");
+    }
+}
+
 fn x5t_of(assertion: &str) -> String {
     jsonwebtoken::decode_header(assertion).unwrap().x5t.unwrap()
 }
@@ -353,24 +377,12 @@ async fn a_rotated_certificate_is_used_on_the_next_refresh_without_failures() {
     let stack = manual("").await;
     let first = stack.get("contoso", GRAPH).await.unwrap();
     let old = x5t_of(&stack.assertions.lock().unwrap()[0]);
-    let rotated = stack
-        .admin_post(
-            &format!("/vaults/{}/certificates/contoso-app/rotate", demo::VAULT),
-            json!({}),
-        )
-        .await;
-    let new = rotated["x5t"].as_str().unwrap().to_owned();
+    let new = rotate_contoso(&stack, true).await;
     assert_ne!(old, new);
     let mut watch = watch(&stack, "contoso").await;
     watch_next(&mut watch).await;
     // Past the certificate metadata refresh (10 min) and the token refresh (9-15 min).
-    for _ in 0..16 {
-        stack.advance(MIN).await;
-        stack
-            .get("contoso", GRAPH)
-            .await
-            .expect("zero failed requests");
-    }
+    ask_every_minute(&stack, 16).await;
     loop {
         let m = watch_next(&mut watch).await;
         if m.token.unwrap().access_token != first.access_token {
@@ -408,13 +420,7 @@ async fn entra_rejecting_the_old_key_refreshes_metadata_at_once_and_retries_once
         .upstream_stats()
         .certificate_reads
         .load(std::sync::atomic::Ordering::Relaxed);
-    let rotated = stack
-        .admin_post(
-            &format!("/vaults/{}/certificates/contoso-app/rotate", demo::VAULT),
-            json!({}),
-        )
-        .await;
-    let new = rotated["x5t"].as_str().unwrap().to_owned();
+    let new = rotate_contoso(&stack, true).await;
     *allowed.lock().unwrap() = Some(new.clone());
     // Metadata is still fresh (no periodic refresh yet): a forced refresh signs with the old
     // key, Entra refuses it, the broker re-reads the certificate and retries once.
@@ -724,22 +730,10 @@ async fn a_renewed_certificate_not_yet_on_the_app_falls_back_to_the_previous_ver
     let first = stack.get("contoso", GRAPH).await.unwrap();
     let old = x5t_of(&stack.assertions.lock().unwrap()[0]);
     // Key Vault renews the certificate, but nobody has uploaded the new one to the app yet.
-    let rotated = stack
-        .admin_post(
-            &format!("/vaults/{}/certificates/contoso-app/rotate", demo::VAULT),
-            json!({"register_on_apps": false}),
-        )
-        .await;
-    let new = rotated["x5t"].as_str().unwrap().to_owned();
+    let new = rotate_contoso(&stack, false).await;
     let mut watch = watch(&stack, "contoso").await;
     watch_next(&mut watch).await;
-    for _ in 0..16 {
-        stack.advance(MIN).await;
-        stack
-            .get("contoso", GRAPH)
-            .await
-            .expect("zero failed requests");
-    }
+    ask_every_minute(&stack, 16).await;
     let refreshed = advance_until(&stack, &mut watch, |m| {
         !m.refresh_failing && m.token.as_ref().unwrap().access_token != first.access_token
     })
