@@ -22,13 +22,7 @@ const MAX_BODY: usize = 1 << 20;
 
 pub(crate) async fn handle(shared: Arc<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-        .unwrap_or_else(|| "127.0.0.1".to_owned());
+    let host = super::state::request_host(&parts);
     let base = format!("https://{host}");
     let path = parts.uri.path().trim_start_matches('/').to_owned();
     let segs: Vec<&str> = path.split('/').collect();

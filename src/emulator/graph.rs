@@ -50,13 +50,7 @@ const PLACES: &[(&str, &str)] = &[
 
 pub(crate) async fn handle(shared: Arc<Shared>, req: Request) -> Response {
     let (parts, _body) = req.into_parts();
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-        .unwrap_or_else(|| "127.0.0.1".to_owned());
+    let host = super::state::request_host(&parts);
     let base = format!("https://{host}/graph/v1.0");
     let ctx = Ctx {
         shared: &shared,

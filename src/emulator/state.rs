@@ -508,6 +508,18 @@ impl Shared {
     }
 }
 
+/// The host (and port) the client addressed, so URLs the emulator hands out (key ids,
+/// next links, token endpoints) are ones the client can use.
+pub(crate) fn request_host(parts: &http::request::Parts) -> String {
+    parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| "127.0.0.1".to_owned())
+}
+
 pub(crate) fn is_token_exchange(resource: &str) -> bool {
     resource
         .trim_end_matches('/')
