@@ -41,6 +41,11 @@ pub enum AccessSetupError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the audit writer: {source}")]
+    AuditWriter {
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Authentication, policy, limits and audit for the API. Cheap to share behind an `Arc`.
@@ -56,7 +61,9 @@ impl Access {
     /// From the configuration, with the audit sink it names.
     pub fn from_config(config: &Config, http: reqwest::Client) -> Result<Access, AccessSetupError> {
         let sink: Arc<dyn AuditSink> = match &config.audit.output {
-            AuditOutput::Stdout => Arc::new(JsonLines::stdout()),
+            AuditOutput::Stdout => Arc::new(
+                JsonLines::stdout().map_err(|source| AccessSetupError::AuditWriter { source })?,
+            ),
             AuditOutput::File(path) => {
                 Arc::new(
                     JsonLines::file(path).map_err(|source| AccessSetupError::Audit {

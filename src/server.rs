@@ -109,6 +109,7 @@ impl Bound {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let health_reporter = self.health.clone();
+        let access = self.access.clone();
         // The admin listener (metrics, probes) lives as long as gRPC serving does.
         let metrics = self.broker.flow().metrics.clone();
         let _observing = metrics.observe(&self.broker);
@@ -190,13 +191,16 @@ impl Bound {
                 }
             }
         };
-        tokio::select! {
-            r = serve => r?,
+        let served = tokio::select! {
+            r = serve => r.map_err(ServerError::from),
             () = drain_bound => {
                 tracing::warn!(grace_secs = grace.as_secs(), "drain bound reached; closing the remaining connections");
+                Ok(())
             }
-        }
-        Ok(())
+        };
+        // Every decision made is in the audit trail before the process exits.
+        let _ = tokio::task::spawn_blocking(move || access.audit().flush()).await;
+        served
     }
 }
 

@@ -15,13 +15,14 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::access::{Access, AccessError};
-use crate::audit::{AuditRecord, Outcome, rfc3339};
-use crate::authn::{Caller, Credentials};
+use crate::audit::{AuditRecord, Outcome};
+use crate::authn::{Caller, ClientCert, Credentials};
 use crate::broker::{Broker, BrokerError, IssuedToken, TokenRequest, TokenSource};
 use crate::cache::{CachedToken, SlotState};
 use crate::proto;
 use crate::proto::token_broker_server::TokenBroker;
 use crate::sensitive::Sensitive;
+use crate::tls::TlsPeer;
 
 /// The gRPC service.
 #[derive(Debug, Clone)]
@@ -43,31 +44,53 @@ pub enum Failure {
 /// Metadata key carrying the request id that the audit record shows.
 pub const REQUEST_ID_KEY: &str = "x-request-id";
 
+/// The verified client certificate of a request's connection.
+enum PeerCert {
+    /// From the broker's TLS listener: the identity read once per connection.
+    Identity(Arc<Result<String, String>>),
+    /// From any other transport that carries the chain (tonic's own TLS).
+    Chain(Arc<Vec<rustls::pki_types::CertificateDer<'static>>>),
+}
+
 /// What a request carries that authentication and audit look at.
 struct Envelope {
     request_id: String,
-    peer_certs: Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
+    peer_cert: Option<PeerCert>,
     authorization: Option<Sensitive>,
     remote_addr: Option<std::net::SocketAddr>,
 }
 
 impl Envelope {
     fn of<T>(request: &Request<T>) -> Envelope {
+        let (peer_cert, remote_addr) = match request.extensions().get::<TlsPeer>() {
+            Some(p) => (
+                p.client_identity.clone().map(PeerCert::Identity),
+                p.remote_addr,
+            ),
+            None => (
+                request.peer_certs().map(PeerCert::Chain),
+                request.remote_addr(),
+            ),
+        };
         Envelope {
             request_id: uuid::Uuid::new_v4().to_string(),
-            peer_certs: request.peer_certs(),
+            peer_cert,
             // Wrapped at once: the header is a credential.
             authorization: request
                 .metadata()
                 .get("authorization")
                 .map(|v| Sensitive::new(String::from_utf8_lossy(v.as_bytes()).into_owned())),
-            remote_addr: request.remote_addr(),
+            remote_addr,
         }
     }
 
     fn credentials(&self) -> Credentials<'_> {
         Credentials {
-            peer_certs: self.peer_certs.as_deref().map(Vec::as_slice),
+            client_cert: match &self.peer_cert {
+                Some(PeerCert::Identity(id)) => Some(ClientCert::Identity(id)),
+                Some(PeerCert::Chain(chain)) => chain.first().map(ClientCert::Leaf),
+                None => None,
+            },
             authorization: self.authorization.clone(),
             remote_addr: self.remote_addr,
         }
@@ -262,7 +285,7 @@ impl TokenBroker for Service {
                 audit.outcome = Outcome::Allowed;
                 audit.code = error::code_name(tonic::Code::Ok);
                 audit.token_source = Some(source_name(source));
-                audit.expires_at = Some(rfc3339(token.expires_at));
+                audit.expires_at = Some(token.expires_at);
                 audit.token_fingerprint = Some(token.fingerprint.to_string());
                 self.access.audit().record(audit);
                 Ok(Response::new(response(&token, source)))

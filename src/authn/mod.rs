@@ -62,11 +62,19 @@ pub enum AuthnError {
     Jwt(#[from] JwtError),
 }
 
+/// A client certificate the TLS handshake verified.
+#[derive(Debug, Clone, Copy)]
+pub enum ClientCert<'a> {
+    /// Its identity, already read from it once for the connection (`tls::TlsPeer`).
+    Identity(&'a Result<String, String>),
+    /// The leaf certificate itself, to read the identity from.
+    Leaf(&'a CertificateDer<'static>),
+}
+
 /// What a request carries that can prove who sent it.
 #[derive(Debug, Default)]
 pub struct Credentials<'a> {
-    /// The client's certificate chain, already verified during the TLS handshake.
-    pub peer_certs: Option<&'a [CertificateDer<'static>]>,
+    pub client_cert: Option<ClientCert<'a>>,
     /// The raw `authorization` header.
     pub authorization: Option<Sensitive>,
     pub remote_addr: Option<SocketAddr>,
@@ -103,16 +111,19 @@ impl Authenticator {
             };
             return Ok(jwt.verify(&token).await?);
         }
-        if let Some(leaf) = creds.peer_certs.and_then(|c| c.first()) {
-            let id = mtls::identity(leaf).map_err(AuthnError::Certificate)?;
+        if let Some(cert) = creds.client_cert {
+            let id = match cert {
+                ClientCert::Identity(id) => id.clone(),
+                ClientCert::Leaf(leaf) => mtls::identity(leaf),
+            };
             return Ok(Caller {
-                id,
+                id: id.map_err(AuthnError::Certificate)?,
                 proof: Proof::Mtls,
                 app_id: None,
             });
         }
         if self.dev_loopback
-            && creds.peer_certs.is_none()
+            && creds.client_cert.is_none()
             && creds.remote_addr.is_some_and(|a| a.ip().is_loopback())
         {
             return Ok(Caller {

@@ -17,6 +17,7 @@ async fn every_decision_is_one_record_with_the_token_fingerprint_and_never_the_t
     .await;
     let a = h.ca.client(&[A]);
     let bearer = h.issuer.token("svc-z");
+    let before = std::time::SystemTime::now();
 
     let first = h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
     let second = h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
@@ -58,23 +59,17 @@ async fn every_decision_is_one_record_with_the_token_fingerprint_and_never_the_t
     );
     assert_eq!(cache.token_fingerprint, exchange.token_fingerprint);
     assert_eq!(second.access_token, first.access_token);
-    let expires = time::OffsetDateTime::parse(
-        exchange.expires_at.as_deref().unwrap(),
-        &time::format_description::well_known::Rfc3339,
-    )
-    .unwrap();
+    let expires = exchange
+        .expires_at
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
     assert_eq!(
-        expires.unix_timestamp(),
+        expires.as_secs() as i64,
         first.expires_at.as_ref().unwrap().seconds
     );
-    assert!(exchange.peer.as_deref().unwrap().starts_with("127.0.0.1:"));
-    assert!(
-        time::OffsetDateTime::parse(
-            &exchange.time,
-            &time::format_description::well_known::Rfc3339
-        )
-        .is_ok()
-    );
+    assert!(exchange.peer.unwrap().ip().is_loopback());
+    assert!(exchange.time >= before, "stamped when recorded");
 
     let denied = &r[2];
     assert_eq!(denied.outcome, Outcome::Denied);

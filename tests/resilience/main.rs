@@ -718,6 +718,15 @@ fn sigterm_stops_tokenbroker_dev_cleanly() {
     for _ in 0..600 {
         if let Some(code) = child.try_wait().unwrap() {
             assert!(code.success(), "exit status {code:?}");
+            // The audit writer drained before the exit: the grant is on disk, the token not.
+            let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+            let records: Vec<serde_json::Value> = audit
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(records.len(), 1, "{audit}");
+            assert_eq!(records[0]["outcome"], "allowed");
+            assert!(!audit.contains(&token.access_token));
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
