@@ -113,10 +113,17 @@ fn api_handler(c: &mut Criterion) {
     g.bench_function("audit_null", |b| {
         b.iter(|| black_box(rt.block_on(with_null.get_token(request())).unwrap()))
     });
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(std::io::sink)
-        .finish();
+    // The subscriber `serve` installs, with its defaults (info, no trace export).
+    let (subscriber, _provider) = tokenbroker::telemetry::subscriber(
+        tokenbroker::config::LogFormat::Human,
+        "info",
+        Some(&tokenbroker::config::TelemetryConfig {
+            otlp_endpoint: None,
+            sampling_ratio: 1.0,
+            service_name: "bench".into(),
+            metrics_interval: std::time::Duration::from_secs(60),
+        }),
+    );
     tracing::subscriber::with_default(subscriber, || {
         g.bench_function("audit_file_info_log", |b| {
             b.iter(|| black_box(rt.block_on(with_file.get_token(request())).unwrap()))

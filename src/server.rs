@@ -133,6 +133,7 @@ impl Bound {
             .map_err(|e| ServerError::Tls(format!("reflection: {e}")))?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let service = api::Service::new(self.broker.clone(), stop_rx, self.access.clone())
+            .traced(self.config.telemetry.otlp_endpoint.is_some())
             .into_server()
             .max_decoding_message_size(self.config.limits.max_request_bytes);
         // Bounds the metadata a caller can send (bearer tokens are at most 16 KiB).

@@ -11,7 +11,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, TelemetryConfig};
@@ -40,6 +40,21 @@ pub fn init_with(format: LogFormat, level: &str, telemetry: &TelemetryConfig) ->
 }
 
 fn install(format: LogFormat, level: &str, telemetry: Option<&TelemetryConfig>) -> Guard {
+    let (subscriber, provider) = subscriber(format, level, telemetry);
+    let installed = subscriber.try_init().is_ok();
+    Guard(installed.then_some(provider))
+}
+
+/// The subscriber `serve` installs (filter, OpenTelemetry layer, log format), and its
+/// tracer provider; benchmarks install it to measure the broker as it runs.
+pub fn subscriber(
+    format: LogFormat,
+    level: &str,
+    telemetry: Option<&TelemetryConfig>,
+) -> (
+    Box<dyn tracing::Subscriber + Send + Sync>,
+    SdkTracerProvider,
+) {
     let filter = EnvFilter::try_from_env("TOKENBROKER_LOG")
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -48,27 +63,36 @@ fn install(format: LogFormat, level: &str, telemetry: Option<&TelemetryConfig>) 
     // reaches Key Vault and Entra.
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("tokenbroker"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Request spans are for traces: the log would format their fields on every request,
+    // whereas the events worth logging carry the request id themselves.
+    let no_request_spans = tracing_subscriber::filter::filter_fn(|m| {
+        !(m.is_span() && m.target() == crate::api::REQUEST_SPAN_TARGET)
+    });
     let registry = tracing_subscriber::registry().with(filter).with(otel);
-    let installed = match format {
-        LogFormat::Json => registry
-            .with(fmt.json().flatten_event(true))
-            .try_init()
-            .is_ok(),
-        LogFormat::Human => registry.with(fmt).try_init().is_ok(),
+    let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = match format {
+        LogFormat::Json => {
+            Box::new(registry.with(fmt.json().flatten_event(true).with_filter(no_request_spans)))
+        }
+        LogFormat::Human => Box::new(registry.with(fmt.with_filter(no_request_spans))),
     };
-    Guard(installed.then_some(provider))
+    (subscriber, provider)
 }
 
 /// The tracer provider: parent-based sampling at the configured ratio, OTLP batch export
-/// when an endpoint is set.
+/// when an endpoint is set. Without an endpoint nothing would receive new traces, so they
+/// are not recorded (recording costs on every request); a caller's sampled trace is still
+/// followed, and every span still has the trace id that reaches Key Vault and Entra.
 pub fn tracer_provider(telemetry: Option<&TelemetryConfig>) -> SdkTracerProvider {
     let mut b = SdkTracerProvider::builder();
     if let Some(t) = telemetry {
+        let root = if t.otlp_endpoint.is_some() {
+            Sampler::TraceIdRatioBased(t.sampling_ratio)
+        } else {
+            Sampler::AlwaysOff
+        };
         b = b
             .with_resource(resource(t))
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                t.sampling_ratio,
-            ))));
+            .with_sampler(Sampler::ParentBased(Box::new(root)));
         if let Some(url) = &t.otlp_endpoint {
             match opentelemetry_otlp::SpanExporter::builder()
                 .with_http()

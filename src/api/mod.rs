@@ -30,7 +30,14 @@ pub struct Service {
     broker: Broker,
     shutdown: tokio::sync::watch::Receiver<bool>,
     access: Arc<Access>,
+    /// Whether spans are exported: then every request gets a span, otherwise only requests
+    /// that carry a caller's trace context (a span per request costs more than a cache hit).
+    traced: bool,
 }
+
+/// The target of per-request spans; the log output leaves them out (the events that matter
+/// carry the request id themselves), trace export keeps them.
+pub const REQUEST_SPAN_TARGET: &str = "tokenbroker::request";
 
 /// Why a request got no token: refused by access control, or failed in the broker.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +132,14 @@ impl Service {
             broker,
             shutdown,
             access,
+            traced: false,
         }
+    }
+
+    /// Gives every request a span (when spans are exported), not only traced ones.
+    pub fn traced(mut self, traced: bool) -> Self {
+        self.traced = traced;
+        self
     }
 
     /// Authenticates, rate-limits and authorizes; returns the caller, the normalised scopes,
@@ -165,7 +179,14 @@ impl Service {
         if let Failure::Broker(e) = failure {
             audit.entra_correlation_id = error::entra_correlation_id(e);
         }
-        info!(code = audit.code, error = %failure, "request refused or failed");
+        info!(
+            request_id = audit.request_id.as_str(),
+            rpc = audit.rpc,
+            tenant = prefix(&audit.tenant, 64),
+            code = audit.code,
+            error = %failure,
+            "request refused or failed"
+        );
         if let Failure::Access(AccessError::RateLimited { caller, .. }) = failure {
             self.broker.flow().metrics.throttled(caller);
         }
@@ -202,6 +223,18 @@ fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     }
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary (for log fields).
+fn prefix(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn source_name(source: TokenSource) -> &'static str {
     match source {
         TokenSource::Cache => "CACHE",
@@ -216,8 +249,8 @@ fn response(t: &CachedToken, source: TokenSource) -> proto::GetTokenResponse {
         token_type: t.token_type.clone(),
         expires_at: Some(timestamp(t.expires_at)),
         refresh_at: Some(timestamp(t.refresh_at)),
-        tenant_id: t.tenant_id.to_string(),
-        client_id: t.client_id.to_string(),
+        tenant_id: String::from(&*t.tenant_id),
+        client_id: String::from(&*t.client_id),
         scopes: t.scopes.to_vec(),
         source: match source {
             TokenSource::Cache => proto::TokenSource::Cache,
@@ -253,13 +286,17 @@ impl TokenBroker for Service {
         let env = Envelope::of(&request);
         let parent = crate::telemetry::remote_context(request.metadata());
         let req = request.into_inner();
-        let span = info_span!(
-            "GetToken",
-            request_id = %env.request_id,
-            tenant = %req.tenant.chars().take(64).collect::<String>(),
-            scopes = req.scopes.len(),
-            source = tracing::field::Empty,
-        );
+        let span = if parent.is_some() || self.traced {
+            info_span!(
+                target: REQUEST_SPAN_TARGET,
+                "GetToken",
+                request_id = env.request_id.as_str(),
+                tenant = prefix(&req.tenant, 64),
+                scopes = req.scopes.len(),
+            )
+        } else {
+            tracing::Span::none()
+        };
         crate::telemetry::set_parent(&span, parent);
         let mut audit = env.audit("GetToken", &req.tenant, &req.scopes);
         let result = async {
@@ -279,9 +316,13 @@ impl TokenBroker for Service {
         let _entered = span.enter();
         let result = match result {
             Ok(IssuedToken { token, source }) => {
-                tracing::Span::current().record("source", format!("{source:?}"));
                 // Every grant is in the audit log; this line is for debugging only.
-                debug!(fingerprint = %token.fingerprint, "token served");
+                debug!(
+                    request_id = env.request_id.as_str(),
+                    source = source_name(source),
+                    fingerprint = %token.fingerprint,
+                    "token served"
+                );
                 audit.outcome = Outcome::Allowed;
                 audit.code = error::code_name(tonic::Code::Ok);
                 audit.token_source = Some(source_name(source));
@@ -373,5 +414,17 @@ impl TokenBroker for Service {
         });
         let stream = futures::StreamExt::take_until(stream, ended);
         env.tag(Ok(Response::new(Box::pin(stream) as WatchStreamBox)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix;
+
+    #[test]
+    fn log_prefixes_cut_at_character_boundaries() {
+        assert_eq!(prefix("contoso", 64), "contoso");
+        assert_eq!(prefix("ééé", 3), "é");
+        assert_eq!(prefix("abc", 0), "");
     }
 }

@@ -133,6 +133,18 @@ impl Default for BenchArgs {
 /// Runs the chosen measurements and prints their reports.
 pub async fn run(args: BenchArgs) -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // The broker is measured as `serve` runs it by default: info-level logging and a span per
+    // request with trace context, no trace export.
+    let _telemetry = crate::telemetry::init_with(
+        crate::config::LogFormat::Human,
+        "info",
+        &crate::config::TelemetryConfig {
+            otlp_endpoint: None,
+            sampling_ratio: 1.0,
+            service_name: "tokenbroker-bench".into(),
+            metrics_interval: Duration::from_secs(60),
+        },
+    );
     match run_inner(&args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
