@@ -54,6 +54,11 @@ pub struct ColdReport {
     /// Miss latency less the time inside upstream calls: the broker's own overhead
     /// (gRPC, admission, cache, flight, assertion building, response). Target: p99 < 1 ms.
     pub broker_overhead: Percentiles,
+    /// A `GetToken` round trip to the bare baseline server, timed the same way (sequential,
+    /// after the same pause): what any gRPC call costs on this machine.
+    pub bare_round_trip: Percentiles,
+    /// Per sample, the broker's own overhead less the bare round trip just before it.
+    pub overhead_beyond_round_trip: Percentiles,
 }
 
 impl ColdReport {
@@ -71,14 +76,17 @@ impl ColdReport {
             ("miss − injected", &self.miss_minus_injected),
             ("upstream − injected", &self.upstream_minus_injected),
             ("broker's own", &self.broker_overhead),
+            ("bare gRPC round trip", &self.bare_round_trip),
+            ("own − round trip", &self.overhead_beyond_round_trip),
         ] {
             line(&mut out, format!("{name:<20} {}", p.row()));
         }
         line(
             &mut out,
             format!(
-                "broker's own overhead p99 {} (target < 1ms)",
-                us(self.broker_overhead.p99_us)
+                "broker's own overhead p99 {} (target < 1ms); beyond a bare gRPC round trip p99 {}",
+                us(self.broker_overhead.p99_us),
+                us(self.overhead_beyond_round_trip.p99_us)
             ),
         );
         out
@@ -118,12 +126,19 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
             ..Default::default()
         };
         // Warm: managed identity token, certificate metadata, connections to the emulator.
+        let mut warm = None;
         for _ in 0..3 {
-            client
-                .get_token(req(true))
-                .await
-                .context("warm-up request")?;
+            warm = Some(
+                client
+                    .get_token(req(true))
+                    .await
+                    .context("warm-up request")?
+                    .into_inner(),
+            );
         }
+        let bare = super::load::BareServer::start(warm.unwrap_or_default(), None).await?;
+        let mut bare_client = TokenBrokerClient::connect(format!("http://{}", bare.addr)).await?;
+        bare_client.get_token(req(false)).await?;
         let injected = opts.sign_latency_ms + opts.exchange_latency_ms;
         let count = opts.samples + 10;
         if opts.sign_latency_ms > 0 {
@@ -147,8 +162,14 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
         let injected_ns = injected as i64 * 1_000_000;
         let (mut miss, mut naive, mut upstream, mut own) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut rtt, mut beyond) = (Vec::new(), Vec::new());
         let (mut not_exchanged, mut errors) = (0, 0);
         for _ in 0..opts.samples {
+            let t = Instant::now();
+            let bare_ok = bare_client.get_token(req(false)).await.is_ok();
+            let round_trip = t.elapsed().as_nanos() as i64;
+            // The same pause before each call, so both start from the same idle state.
+            tokio::time::sleep(Duration::from_millis(2)).await;
             let before = upstream_ns.load(Ordering::SeqCst);
             let t = Instant::now();
             let r = client.get_token(req(true)).await;
@@ -160,6 +181,10 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
                     naive.push(e2e - injected_ns);
                     upstream.push(up - injected_ns);
                     own.push(e2e - up);
+                    if bare_ok {
+                        rtt.push(round_trip as u64);
+                        beyond.push(e2e - up - round_trip);
+                    }
                 }
                 Ok(_) => not_exchanged += 1,
                 Err(_) => errors += 1,
@@ -176,9 +201,19 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
             miss_minus_injected: Percentiles::of_signed(&mut naive),
             upstream_minus_injected: Percentiles::of_signed(&mut upstream),
             broker_overhead: Percentiles::of_signed(&mut own),
+            bare_round_trip: Percentiles::of(&mut rtt),
+            overhead_beyond_round_trip: Percentiles::of_signed(&mut beyond),
         })
+        .map(|r| (r, bare))
     }
     .await;
+    let result = match result {
+        Ok((r, bare)) => {
+            bare.stop().await;
+            Ok(r)
+        }
+        Err(e) => Err(e),
+    };
     stack.stop().await;
     result
 }

@@ -154,6 +154,55 @@ impl TokenBroker for Baseline {
     }
 }
 
+/// The bare baseline server on a loopback port.
+pub struct BareServer {
+    pub addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl BareServer {
+    /// Serves `response` to every `GetToken`, with mutual TLS when `pki` is given.
+    pub async fn start(
+        response: proto::GetTokenResponse,
+        pki: Option<&Pki>,
+    ) -> anyhow::Result<BareServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut server = Server::builder();
+        if let Some(p) = pki {
+            server = server.tls_config(
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(&p.server.0, &p.server.1))
+                    .client_ca_root(Certificate::from_pem(&p.ca_pem)),
+            )?;
+        }
+        let serve = server
+            .add_service(TokenBrokerServer::new(Baseline {
+                response: Arc::new(response),
+            }))
+            // As `Server::serve(addr)` would: tonic's own listener sets TCP_NODELAY.
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = stopped.await;
+                },
+            );
+        Ok(BareServer {
+            addr,
+            stop,
+            task: tokio::spawn(serve),
+        })
+    }
+
+    /// Stops serving (bounded).
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
 /// Test PKI for the mutual TLS runs: a CA, a server certificate for localhost/127.0.0.1 and
 /// a client certificate with a SPIFFE ID.
 pub struct Pki {
@@ -415,30 +464,8 @@ async fn run_one(opts: &LoadOptions, transport: Transport) -> anyhow::Result<Loa
         warm.source = proto::TokenSource::Cache as i32;
         let response_bytes = warm.encoded_len();
 
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let baseline_addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let mut server = Server::builder();
-        if let Some(p) = &pki {
-            server = server.tls_config(
-                ServerTlsConfig::new()
-                    .identity(Identity::from_pem(&p.server.0, &p.server.1))
-                    .client_ca_root(Certificate::from_pem(&p.ca_pem)),
-            )?;
-        }
-        let baseline = server
-            .add_service(TokenBrokerServer::new(Baseline {
-                response: Arc::new(warm),
-            }))
-            // As `Server::serve(addr)` would: tonic's own listener sets TCP_NODELAY.
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async {
-                    let _ = stopped.await;
-                },
-            );
-        let baseline = tokio::spawn(baseline);
-        let baseline_channels = channels(baseline_addr, pki.as_ref(), opts.connections).await?;
+        let baseline = BareServer::start(warm, pki.as_ref()).await?;
+        let baseline_channels = channels(baseline.addr, pki.as_ref(), opts.connections).await?;
 
         if !opts.warmup.is_zero() {
             drive(&baseline_channels, opts.streams, opts.warmup, None).await;
@@ -469,9 +496,8 @@ async fn run_one(opts: &LoadOptions, transport: Transport) -> anyhow::Result<Loa
                 }
             }
         }
-        let _ = stop.send(());
         drop(baseline_channels);
-        let _ = tokio::time::timeout(Duration::from_secs(5), baseline).await;
+        baseline.stop().await;
         let (baseline, broker) = (b.stats(), k.stats());
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
         Ok::<_, anyhow::Error>(LoadReport {
