@@ -108,7 +108,13 @@ impl Envelope {
     }
 
     fn tag<T>(&self, mut r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
-        if let Ok(v) = self.request_id.parse() {
+        if let Ok(mut v) = self
+            .request_id
+            .parse::<tonic::metadata::AsciiMetadataValue>()
+        {
+            // Never indexed: a value unique per response would only churn both ends' HPACK
+            // tables, evicting the headers every response repeats.
+            v.set_sensitive(true);
             match &mut r {
                 Ok(resp) => {
                     resp.metadata_mut().insert(REQUEST_ID_KEY, v);
