@@ -163,6 +163,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_certificate_names_the_caller_read_per_connection_or_from_the_leaf() {
+        let a = Authenticator {
+            jwt: None,
+            dev_loopback: true,
+        };
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://example.org/ns/a/sa/reader".try_into().unwrap(),
+        ));
+        let leaf = p.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap();
+        let leaf = leaf.der().clone();
+        let from_leaf = Credentials {
+            client_cert: Some(ClientCert::Leaf(&leaf)),
+            remote_addr: Some("127.0.0.1:4000".parse().unwrap()),
+            ..Default::default()
+        };
+        let caller = a.authenticate(&from_leaf).await.unwrap();
+        assert_eq!(caller.id, "spiffe://example.org/ns/a/sa/reader");
+        assert_eq!(caller.proof, Proof::Mtls);
+        // The identity the listener read at the handshake is used as is, also its refusal;
+        // a certificate never falls back to the loopback development identity.
+        let read = Ok("dns:svc.example.org".to_owned());
+        let per_connection = Credentials {
+            client_cert: Some(ClientCert::Identity(&read)),
+            ..Default::default()
+        };
+        assert_eq!(
+            a.authenticate(&per_connection).await.unwrap().id,
+            "dns:svc.example.org"
+        );
+        let refused = Err("carries neither a SPIFFE ID (URI SAN) nor a DNS name".to_owned());
+        let bad = Credentials {
+            client_cert: Some(ClientCert::Identity(&refused)),
+            remote_addr: Some("127.0.0.1:4000".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            a.authenticate(&bad).await,
+            Err(AuthnError::Certificate(m)) if m.contains("neither")
+        ));
+    }
+
+    #[tokio::test]
     async fn dev_identity_needs_the_setting_and_a_loopback_peer() {
         let mut a = Authenticator {
             jwt: None,
