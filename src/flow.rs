@@ -217,11 +217,11 @@ impl Flow {
     /// Breaker states by upstream label, for metrics.
     pub fn breaker_states(&self) -> Vec<(String, BreakerState)> {
         let now = self.clock.now();
-        let mut out: Vec<(String, BreakerState)> = self
-            .vaults
-            .iter()
-            .map(|(v, (sign, _))| (format!("keyvault:{v}"), sign.breaker.state(now)))
-            .collect();
+        let mut out: Vec<(String, BreakerState)> = Vec::new();
+        for (v, (sign, read)) in &self.vaults {
+            out.push((format!("keyvault:{v}"), sign.breaker.state(now)));
+            out.push((format!("keyvault_certificate:{v}"), read.breaker.state(now)));
+        }
         out.extend(
             self.entra
                 .iter()

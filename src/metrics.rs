@@ -491,6 +491,7 @@ fn observe(meter: &Meter, source: &Source) {
                 let (upstream, target) = label.split_once(':').unwrap_or(("", &label));
                 let upstream = match upstream {
                     "keyvault" => "keyvault_sign",
+                    "keyvault_certificate" => "keyvault_certificate",
                     "entra" => "entra",
                     _ => "other",
                 };

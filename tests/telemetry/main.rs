@@ -302,6 +302,18 @@ async fn metrics_count_a_scripted_sequence_exactly() {
         v(r#"tokenbroker_breaker_state{target="contoso",upstream="entra"}"#),
         0.0
     );
+    // Both Key Vault breakers of the vault: signs and certificate reads.
+    for upstream in ["keyvault_sign", "keyvault_certificate"] {
+        let states: Vec<f64> = s
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("tokenbroker_breaker_state{")
+                    && k.contains(&format!("upstream=\"{upstream}\""))
+            })
+            .map(|(_, v)| *v)
+            .collect();
+        assert_eq!(states, vec![0.0], "{upstream}");
+    }
     assert!(text.contains("# TYPE tokenbroker_upstream_duration_seconds histogram\n"));
     // No token material in any label or value.
     let token = stack.get("contoso", GRAPH).await.unwrap().access_token;
