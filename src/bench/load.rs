@@ -74,8 +74,13 @@ pub struct LoadReport {
     pub response_bytes: usize,
     pub baseline: TargetStats,
     pub broker: TargetStats,
-    /// broker / baseline requests per second (target ≥ 0.85).
+    /// broker / baseline requests per second over all rounds (target ≥ 0.85).
     pub throughput_ratio: f64,
+    /// broker / baseline requests per second of each round, paired with the baseline round
+    /// run just before or after it.
+    pub round_ratios: Vec<f64>,
+    /// The median of `round_ratios`: less sensitive to a machine whose speed drifts.
+    pub median_round_ratio: f64,
     /// broker / baseline p99 latency (target ≤ 1.3).
     pub p99_ratio: f64,
     pub p50_ratio: f64,
@@ -110,6 +115,18 @@ impl LoadReport {
                 ),
             );
         }
+        line(
+            &mut out,
+            format!(
+                "throughput ratio per round {}, median {:.3}",
+                self.round_ratios
+                    .iter()
+                    .map(|r| format!("{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                self.median_round_ratio
+            ),
+        );
         line(
             &mut out,
             format!(
@@ -430,6 +447,21 @@ impl Acc {
     }
 }
 
+/// The median (the mean of the middle two for an even count); NaN when empty.
+fn median(xs: &[f64]) -> f64 {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 /// Runs the load comparison for each transport asked for.
 pub async fn run(opts: &LoadOptions) -> anyhow::Result<Vec<LoadReport>> {
     let mut out = Vec::new();
@@ -500,7 +532,16 @@ async fn run_one(opts: &LoadOptions, transport: Transport) -> anyhow::Result<Loa
         baseline.stop().await;
         let (baseline, broker) = (b.stats(), k.stats());
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        let round_ratios: Vec<f64> = broker
+            .rounds_rps
+            .iter()
+            .zip(&baseline.rounds_rps)
+            .map(|(k, b)| ratio(*k, *b))
+            .collect();
+        let median_round_ratio = median(&round_ratios);
         Ok::<_, anyhow::Error>(LoadReport {
+            round_ratios,
+            median_round_ratio,
             transport,
             connections: opts.connections,
             streams: opts.streams,
@@ -516,4 +557,14 @@ async fn run_one(opts: &LoadOptions, transport: Transport) -> anyhow::Result<Loa
     .await;
     stack.stop().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_round_ratios() {
+        assert_eq!(super::median(&[0.9, 0.7, 0.8]), 0.8);
+        assert!((super::median(&[0.9, 0.7, 0.8, 1.0]) - 0.85).abs() < 1e-9);
+        assert!(super::median(&[]).is_nan());
+    }
 }

@@ -69,13 +69,14 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 32)]
     pub streams: usize,
     /// load: seconds per target per round (a round stops at this or at --requests).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 2.0)]
     pub duration: f64,
     /// load: requests per target per round (default: bounded by --duration only).
     #[arg(long)]
     pub requests: Option<u64>,
     /// load: measured rounds; baseline and broker alternate, the order flipping each round.
-    #[arg(long, default_value_t = 3)]
+    /// Many short rounds follow a machine whose speed drifts (shared virtual machines).
+    #[arg(long, default_value_t = 8)]
     pub rounds: usize,
     /// load: seconds of unrecorded warm-up per target.
     #[arg(long, default_value_t = 1.0)]
