@@ -141,23 +141,19 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
         bare_client.get_token(req(false)).await?;
         let injected = opts.sign_latency_ms + opts.exchange_latency_ms;
         let count = opts.samples + 10;
-        if opts.sign_latency_ms > 0 {
-            stack
-                .admin
-                .post(
-                    "/faults",
-                    json!({"route": "keyvault.sign", "latency_ms": opts.sign_latency_ms, "count": count}),
-                )
-                .await?;
-        }
-        if opts.exchange_latency_ms > 0 {
-            stack
-                .admin
-                .post(
-                    "/faults",
-                    json!({"route": "entra.token", "latency_ms": opts.exchange_latency_ms, "count": count}),
-                )
-                .await?;
+        for (route, latency_ms) in [
+            ("keyvault.sign", opts.sign_latency_ms),
+            ("entra.token", opts.exchange_latency_ms),
+        ] {
+            if latency_ms > 0 {
+                stack
+                    .admin
+                    .post(
+                        "/faults",
+                        json!({"route": route, "latency_ms": latency_ms, "count": count}),
+                    )
+                    .await?;
+            }
         }
         let injected_ns = injected as i64 * 1_000_000;
         let (mut miss, mut naive, mut upstream, mut own) =
@@ -198,11 +194,11 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
             not_exchanged,
             errors,
             miss: Percentiles::of(&mut miss),
-            miss_minus_injected: Percentiles::of_signed(&mut naive),
-            upstream_minus_injected: Percentiles::of_signed(&mut upstream),
-            broker_overhead: Percentiles::of_signed(&mut own),
+            miss_minus_injected: Percentiles::of(&mut naive),
+            upstream_minus_injected: Percentiles::of(&mut upstream),
+            broker_overhead: Percentiles::of(&mut own),
             bare_round_trip: Percentiles::of(&mut rtt),
-            overhead_beyond_round_trip: Percentiles::of_signed(&mut beyond),
+            overhead_beyond_round_trip: Percentiles::of(&mut beyond),
         })
         .map(|r| (r, bare))
     }

@@ -245,39 +245,18 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    /// From samples in nanoseconds (sorted here).
-    pub fn of(samples: &mut [u64]) -> Percentiles {
+    /// From samples in nanoseconds (sorted here); signed samples are differences, which
+    /// may be negative.
+    pub fn of<T: Copy + Ord + Into<i128>>(samples: &mut [T]) -> Percentiles {
         if samples.is_empty() {
             return Percentiles::default();
         }
         samples.sort_unstable();
         let at = |q: f64| {
             let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
-            samples[rank - 1] as f64 / 1000.0
+            samples[rank - 1].into() as f64 / 1000.0
         };
-        let sum: u128 = samples.iter().map(|&v| u128::from(v)).sum();
-        Percentiles {
-            count: samples.len(),
-            p50_us: at(0.50),
-            p90_us: at(0.90),
-            p99_us: at(0.99),
-            p999_us: at(0.999),
-            max_us: at(1.0),
-            mean_us: sum as f64 / samples.len() as f64 / 1000.0,
-        }
-    }
-
-    /// From signed samples in nanoseconds (differences may be negative).
-    pub fn of_signed(samples: &mut [i64]) -> Percentiles {
-        if samples.is_empty() {
-            return Percentiles::default();
-        }
-        samples.sort_unstable();
-        let at = |q: f64| {
-            let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
-            samples[rank - 1] as f64 / 1000.0
-        };
-        let sum: i128 = samples.iter().map(|&v| i128::from(v)).sum();
+        let sum: i128 = samples.iter().map(|&v| v.into()).sum();
         Percentiles {
             count: samples.len(),
             p50_us: at(0.50),
