@@ -203,17 +203,10 @@ impl Service {
     /// Counts a finished request by method, outcome and gRPC code.
     fn record<T>(&self, method: &'static str, started: Instant, r: &Result<T, Status>) {
         let code = r.as_ref().err().map_or(tonic::Code::Ok, Status::code);
-        let outcome = if code == tonic::Code::Ok {
-            "ok"
-        } else {
-            "error"
-        };
-        self.broker.flow().metrics.request(
-            method,
-            outcome,
-            error::code_name(code),
-            started.elapsed(),
-        );
+        self.broker
+            .flow()
+            .metrics
+            .request(method, code, started.elapsed());
     }
 
     pub fn into_server(self) -> proto::token_broker_server::TokenBrokerServer<Self> {
