@@ -303,3 +303,20 @@ pub fn claims(jwt: &str) -> Value {
     )
     .unwrap()
 }
+
+/// Polls a condition on real state (counters, exported spans), bounded; never a timing
+/// assertion.
+pub async fn wait_for<F, Fut>(mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..2000 {
+        if cond().await {
+            return;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("condition not reached");
+}

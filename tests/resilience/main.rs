@@ -244,22 +244,6 @@ async fn route_total(stack: &Stack, route: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Polls a condition on real state (counters), bounded; never a timing assertion.
-async fn wait_for<F, Fut>(mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..2000 {
-        if cond().await {
-            return;
-        }
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("condition not reached");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_cold_requests_over_a_hundred_tenants_cost_a_hundred_of_each() {
     // One multi-tenant app, consented in 100 tenants, one certificate.

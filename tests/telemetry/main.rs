@@ -9,7 +9,6 @@ mod helpers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use helpers::*;
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
@@ -37,21 +36,6 @@ fn spans() -> &'static InMemorySpanExporter {
         tracing::subscriber::set_global_default(subscriber).expect("one subscriber per binary");
         exporter
     })
-}
-
-/// Polls a condition on real state, bounded; never a timing assertion.
-async fn wait_for<F, Fut>(mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..2000 {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("condition not reached");
 }
 
 /// Holds every exchange until the test opens the gate, so concurrent cold calls coalesce.
@@ -382,16 +366,20 @@ async fn a_cache_miss_is_one_trace_from_the_callers_traceparent_to_entra() {
     .await;
     let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
     let remote_parent = SpanId::from_hex("00f067aa0ba902b7").unwrap();
-    let mut req = tonic::Request::new(GetTokenRequest {
-        tenant: "contoso".into(),
-        scopes: vec![GRAPH.into()],
-        ..Default::default()
-    });
-    req.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace_id}-{remote_parent}-01").parse().unwrap(),
-    );
-    stack.client().await.get_token(req).await.unwrap();
+    // A contoso Graph request in the caller's trace.
+    let traced = || {
+        let mut req = tonic::Request::new(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        });
+        req.metadata_mut().insert(
+            "traceparent",
+            format!("00-{trace_id}-{remote_parent}-01").parse().unwrap(),
+        );
+        req
+    };
+    stack.client().await.get_token(traced()).await.unwrap();
 
     let wanted = [
         "GetToken",
@@ -456,16 +444,7 @@ async fn a_cache_miss_is_one_trace_from_the_callers_traceparent_to_entra() {
         &format!("00-{trace_id}-{}-01", exchange.span_context.span_id())
     );
     // A hit is a request span alone, in the same trace when the caller sends one.
-    let mut req = tonic::Request::new(GetTokenRequest {
-        tenant: "contoso".into(),
-        scopes: vec![GRAPH.into()],
-        ..Default::default()
-    });
-    req.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace_id}-{remote_parent}-01").parse().unwrap(),
-    );
-    stack.client().await.get_token(req).await.unwrap();
+    stack.client().await.get_token(traced()).await.unwrap();
     wait_for(|| async { by_name(&trace(), "GetToken").len() == 2 }).await;
     assert_eq!(by_name(&trace(), "keyvault.sign").len(), 1);
     stack.stop().await;
