@@ -183,6 +183,13 @@ impl Stack {
             .unwrap()
     }
 
+    /// Requests the emulator answered on `route` (e.g. `keyvault.sign`), successful or not.
+    pub async fn route_total(&self, route: &str) -> u64 {
+        self.counters().await["routes"][route]["total"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
     pub async fn admin_post(&self, path: &str, body: Value) -> Value {
         let r = self
             .http

@@ -163,14 +163,14 @@ async fn key_vault_throttling_honours_retry_after_and_valid_tokens_keep_flowing(
         )
         .await;
     let signs_before = stack.total_signs().await;
-    let routed_before = route_total(&stack, "keyvault.sign").await;
+    let routed_before = stack.route_total("keyvault.sign").await;
     let cold = spawn_get(&stack, "contoso").await;
     // The throttled sign is not retried before Retry-After has passed on the clock.
     wait_for(|| async {
-        faults_left(&stack).await == 0 && route_total(&stack, "keyvault.sign").await > routed_before
+        faults_left(&stack).await == 0 && stack.route_total("keyvault.sign").await > routed_before
     })
     .await;
-    let attempts = route_total(&stack, "keyvault.sign").await;
+    let attempts = stack.route_total("keyvault.sign").await;
     assert_eq!(
         stack.total_signs().await,
         signs_before,
@@ -180,7 +180,7 @@ async fn key_vault_throttling_honours_retry_after_and_valid_tokens_keep_flowing(
     let again = stack.get("fabrikam", GRAPH).await.unwrap();
     assert_eq!(again.access_token, warm.access_token);
     assert_eq!(
-        route_total(&stack, "keyvault.sign").await,
+        stack.route_total("keyvault.sign").await,
         attempts,
         "no retry before Retry-After"
     );
@@ -236,12 +236,6 @@ async fn faults_left(stack: &Stack) -> usize {
         .await
         .unwrap();
     v.as_array().map(Vec::len).unwrap_or(0)
-}
-
-async fn route_total(stack: &Stack, route: &str) -> u64 {
-    stack.counters().await["routes"][route]["total"]
-        .as_u64()
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -578,7 +572,7 @@ async fn readiness_waits_for_the_prewarmed_keys() {
         |e| e,
     )
     .await;
-    wait_for(|| async { route_total(&stack, "entra.token").await >= 1 }).await;
+    wait_for(|| async { stack.route_total("entra.token").await >= 1 }).await;
     assert_eq!(
         health_status(&stack).await,
         ServingStatus::NotServing as i32
@@ -618,7 +612,7 @@ async fn shutdown_lets_in_flight_calls_finish_and_refuses_new_ones() {
         )
         .await;
     let in_flight = spawn_get(&stack, "contoso").await;
-    wait_for(|| async { route_total(&stack, "entra.token").await >= 1 }).await;
+    wait_for(|| async { stack.route_total("entra.token").await >= 1 }).await;
     let addr = stack.addr;
     stack.stop().await;
     let r = in_flight.await.unwrap();

@@ -104,12 +104,6 @@ fn value(s: &HashMap<String, f64>, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {key} in\n{s:#?}"))
 }
 
-async fn route_total(stack: &Stack, route: &str) -> u64 {
-    stack.counters().await["routes"][route]["total"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_scripted_sequence_exactly() {
     spans();
@@ -259,7 +253,7 @@ async fn metrics_count_a_scripted_sequence_exactly() {
     }
     // The managed identity token is fetched inside the Key Vault SDK call: as often as the
     // emulator saw it asked for.
-    let mi = route_total(&stack, "identity.imds").await as f64;
+    let mi = stack.route_total("identity.imds").await as f64;
     assert!(mi >= 1.0);
     assert_eq!(
         v(r#"tokenbroker_upstream_calls_total{code="",result="ok",upstream="managed_identity"}"#),
