@@ -62,6 +62,10 @@ pub struct TargetStats {
     pub seconds: f64,
     pub requests_per_sec: f64,
     pub latency: Percentiles,
+    /// CPU time of the whole process (client, servers, kernel work on their behalf) per
+    /// request: what throughput costs when the cores are saturated, and far less sensitive
+    /// than requests/s to a virtual machine whose speed drifts.
+    pub cpu_us_per_request: f64,
     /// Requests/s of each round, to show the spread.
     pub rounds_rps: Vec<f64>,
 }
@@ -85,6 +89,9 @@ pub struct LoadReport {
     pub p99_ratio: f64,
     pub p50_ratio: f64,
     pub p999_ratio: f64,
+    /// baseline / broker CPU per request: the throughput ratio the CPU cost alone gives on
+    /// saturated cores.
+    pub cpu_ratio: f64,
 }
 
 impl LoadReport {
@@ -125,6 +132,13 @@ impl LoadReport {
                     .collect::<Vec<_>>()
                     .join("/"),
                 self.median_round_ratio
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "CPU per request (whole process): baseline {:.1}µs, broker {:.1}µs; baseline/broker {:.3}",
+                self.baseline.cpu_us_per_request, self.broker.cpu_us_per_request, self.cpu_ratio
             ),
         );
         line(
@@ -347,6 +361,8 @@ pub struct Drive {
     pub errors: u64,
     pub not_from_cache: u64,
     pub elapsed: Duration,
+    /// Process CPU time used while driving (zero where it cannot be read).
+    pub cpu: Duration,
 }
 
 /// `streams` concurrent callers over `channels`, until `duration` has passed or `requests`
@@ -358,6 +374,7 @@ pub async fn drive(
     requests: Option<u64>,
 ) -> Drive {
     let issued = Arc::new(AtomicU64::new(0));
+    let cpu = super::process_cpu();
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::with_capacity(streams);
@@ -402,6 +419,10 @@ pub async fn drive(
         }
     }
     all.elapsed = start.elapsed();
+    all.cpu = match (cpu, super::process_cpu()) {
+        (Some(before), Some(after)) => after.saturating_sub(before),
+        _ => Duration::ZERO,
+    };
     all
 }
 
@@ -410,6 +431,7 @@ struct Acc {
     errors: u64,
     not_from_cache: u64,
     seconds: f64,
+    cpu: Duration,
     rounds: Vec<f64>,
 }
 
@@ -420,6 +442,7 @@ impl Acc {
             errors: 0,
             not_from_cache: 0,
             seconds: 0.0,
+            cpu: Duration::ZERO,
             rounds: Vec::new(),
         }
     }
@@ -428,6 +451,7 @@ impl Acc {
         let s = d.elapsed.as_secs_f64();
         self.rounds.push(d.latencies_ns.len() as f64 / s);
         self.seconds += s;
+        self.cpu += d.cpu;
         self.errors += d.errors;
         self.not_from_cache += d.not_from_cache;
         self.latencies.extend(d.latencies_ns);
@@ -442,6 +466,7 @@ impl Acc {
             seconds: self.seconds,
             requests_per_sec: requests as f64 / self.seconds.max(1e-9),
             latency: Percentiles::of(&mut self.latencies),
+            cpu_us_per_request: self.cpu.as_secs_f64() * 1e6 / requests.max(1) as f64,
             rounds_rps: self.rounds,
         }
     }
@@ -550,6 +575,7 @@ async fn run_one(opts: &LoadOptions, transport: Transport) -> anyhow::Result<Loa
             p99_ratio: ratio(broker.latency.p99_us, baseline.latency.p99_us),
             p50_ratio: ratio(broker.latency.p50_us, baseline.latency.p50_us),
             p999_ratio: ratio(broker.latency.p999_us, baseline.latency.p999_us),
+            cpu_ratio: ratio(baseline.cpu_us_per_request, broker.cpu_us_per_request),
             baseline,
             broker,
         })
