@@ -2,21 +2,22 @@
 //! its own sink (a file or stdout) so it can be shipped apart from the diagnostic log. A
 //! record identifies an issued token by its fingerprint (truncated SHA-256), never the token.
 //!
-//! Requests never write on their own thread: `JsonLines` serialises a record into one buffer
-//! and hands it to one writer thread over a bounded queue. The writer takes what has queued,
-//! writes it with one flush, then pauses for `BATCH_PAUSE`, so under load it costs one
-//! wake-up and a few `write(2)` calls per pause instead of per record. When the writer falls
-//! behind by a whole queue, requests wait for it: records are never dropped.
+//! Requests never write on their own thread: `JsonLines` serialises a record into a buffer
+//! of its thread's shard, and one writer thread writes what the shards hold every
+//! `BATCH_PAUSE`, so under load it costs one wake-up and a few `write(2)` calls per pause
+//! instead of per record. When the writer falls behind by a whole shard, requests wait for
+//! it: records are never dropped.
 
 use std::fmt;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime};
 
 use serde::{Serialize, Serializer};
+use time::format_description::well_known::Rfc3339;
 
 use crate::authn::{Caller, Proof};
 
@@ -112,14 +113,37 @@ fn bounded(s: &str) -> String {
     }
 }
 
+/// `t` in RFC 3339 (UTC); empty when it is beyond what RFC 3339 can show (year 10000).
 pub fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
+    datetime(t)
+        .and_then(|d| d.format(&Rfc3339).ok())
         .unwrap_or_default()
 }
 
+/// `OffsetDateTime::from(SystemTime)` panics out of its range; this says `None`.
+fn datetime(t: SystemTime) -> Option<time::OffsetDateTime> {
+    let nanos = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i128::try_from(d.as_nanos()).ok()?,
+        Err(e) => -i128::try_from(e.duration().as_nanos()).ok()?,
+    };
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
+}
+
 fn as_rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&rfc3339(*t))
+    // Formatted on the stack: two per record, on every request. RFC 3339 with nanoseconds
+    // and a UTC offset fits in 40 bytes up to the year 9999, the most it can show.
+    const MAX: usize = 40;
+    let mut buf = [0u8; MAX];
+    let mut out = &mut buf[..];
+    // Measured by what is left of the buffer: `format_into`'s count leaves out the
+    // fractional seconds (time 0.3.55).
+    let written = datetime(*t)
+        .and_then(|d| d.format_into(&mut out, &Rfc3339).ok())
+        .map(|_| MAX - out.len());
+    match written.and_then(|n| std::str::from_utf8(&buf[..n]).ok()) {
+        Some(text) => s.serialize_str(text),
+        None => s.serialize_str(&rfc3339(*t)),
+    }
 }
 
 fn as_rfc3339_opt<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -159,30 +183,48 @@ impl Audit {
     }
 }
 
-/// Records queued for the writer thread before requests wait for it.
-const QUEUE: usize = 8192;
 /// The writer's pause after each batch: the most a record waits before it is written (plus
-/// the write itself). 8192 records per 5 ms is far beyond what the broker serves.
-const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
-/// The writer's buffer: a batch is written with as few `write(2)` calls as this allows, and a
-/// record (far smaller) never straddles two of them, so lines stay whole in an O_APPEND file.
-const WRITE_BUFFER: usize = 64 * 1024;
-
-enum Msg {
-    /// One serialised record with its newline. Serialised by the sender: a record is a dozen
-    /// allocations, and freeing them on the writer thread contends with the allocator's
-    /// per-thread arenas on the request threads; one buffer is one free.
-    Line(Vec<u8>),
-    /// Answered once everything queued before it is flushed.
-    Flush(SyncSender<()>),
-}
+/// the write itself).
+const BATCH_PAUSE: Duration = Duration::from_millis(5);
+/// Bytes of serialised records a shard holds before its writers wait for the writer thread
+/// (about 1,700 records; far more than the broker serves per pause).
+const SHARD_LIMIT: usize = 1 << 20;
+/// How long a waiting request sleeps before it looks again, should a wake-up be missed.
+const RECHECK: Duration = Duration::from_millis(50);
 
 /// JSON lines to stdout or an append-only file, written by a dedicated thread.
+///
+/// A request serialises its record straight into a shard buffer picked by its thread (a
+/// `Mutex<Vec<u8>>` no other thread but the writer touches, so locking it is uncontended).
+/// Every `BATCH_PAUSE` the writer swaps each shard's buffer for an empty one and writes it
+/// with one `write(2)`. Nothing is allocated per record and no buffer changes threads per
+/// record: a queue of per-record buffers made the writer free memory the request threads
+/// had allocated, contending with them in the allocator. Lines of one thread keep their
+/// order; lines of different threads written in one batch may be out of time order by up to
+/// one pause (each record carries its time).
 pub struct JsonLines {
-    tx: Option<SyncSender<Msg>>,
+    shared: Arc<Shared>,
     writer: Option<std::thread::JoinHandle<()>>,
-    /// Whether "writer behind" has been logged (once: it would otherwise log per request).
-    warned: std::sync::atomic::AtomicBool,
+}
+
+struct Shared {
+    shards: Box<[Mutex<Vec<u8>>]>,
+    limit: usize,
+    state: Mutex<WriterState>,
+    /// Signalled after every batch the writer has written.
+    written: Condvar,
+    /// Times a request waited for the writer because its shard was full.
+    waits: AtomicU64,
+}
+
+#[derive(Default)]
+struct WriterState {
+    /// Flushes asked for so far; the writer answers them in order.
+    requested: u64,
+    /// Flushes answered: every record written before the request is out.
+    completed: u64,
+    /// Set when the sink is dropped: the writer drains once more and stops.
+    closed: bool,
 }
 
 impl fmt::Debug for JsonLines {
@@ -193,7 +235,7 @@ impl fmt::Debug for JsonLines {
 
 impl JsonLines {
     pub fn stdout() -> std::io::Result<Self> {
-        Self::spawn(Box::new(std::io::stdout()))
+        Self::spawn(Box::new(std::io::stdout()), SHARD_LIMIT)
     }
 
     pub fn file(path: &Path) -> std::io::Result<Self> {
@@ -201,82 +243,146 @@ impl JsonLines {
             .create(true)
             .append(true)
             .open(path)?;
-        Self::spawn(Box::new(f))
+        Self::spawn(Box::new(f), SHARD_LIMIT)
     }
 
-    fn spawn(out: Box<dyn Write + Send>) -> std::io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+    fn spawn(out: Box<dyn Write + Send>, limit: usize) -> std::io::Result<Self> {
+        let shards = std::thread::available_parallelism()
+            .map_or(4, |n| n.get() * 2)
+            .clamp(4, 64);
+        let shared = Arc::new(Shared {
+            shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            limit,
+            state: Mutex::new(WriterState::default()),
+            written: Condvar::new(),
+            waits: AtomicU64::new(0),
+        });
+        let s = shared.clone();
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_batches(&rx, out))?;
+            .spawn(move || write_batches(&s, out))?;
         Ok(JsonLines {
-            tx: Some(tx),
+            shared,
             writer: Some(writer),
-            warned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    fn send(&self, msg: Msg) {
-        let Some(tx) = &self.tx else { return };
-        match tx.try_send(msg) {
-            Ok(()) => {}
-            Err(TrySendError::Full(msg)) => {
-                // Slower answers beat a gap in the audit trail.
-                if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    tracing::warn!(
-                        queued = QUEUE,
-                        "audit writer behind its output; requests wait for it (logged once)"
-                    );
-                }
-                let _ = tx.send(msg);
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                tracing::error!("audit writer stopped; record lost");
-            }
+    /// Times a request has waited for the writer so far.
+    pub fn waits(&self) -> u64 {
+        self.shared.waits.load(Ordering::Relaxed)
+    }
+
+    fn writer_gone(&self) -> bool {
+        self.writer.as_ref().is_none_or(|w| w.is_finished())
+    }
+
+    fn wake_writer(&self) {
+        if let Some(w) = &self.writer {
+            w.thread().unpark();
         }
     }
+
+    /// Blocks until `shard` has room again (the writer has taken its buffer).
+    fn wait_for_room(&self, shard: &Mutex<Vec<u8>>) {
+        // Slower answers beat a gap in the audit trail.
+        if self.shared.waits.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                limit_bytes = self.shared.limit,
+                "audit writer behind its output; requests wait for it (logged once)"
+            );
+        }
+        self.wake_writer();
+        let mut state = lock(&self.shared.state);
+        while lock(shard).len() >= self.shared.limit && !self.writer_gone() {
+            state = self
+                .shared
+                .written
+                .wait_timeout(state, RECHECK)
+                .map_or_else(|p| p.into_inner().0, |(s, _)| s);
+        }
+    }
+}
+
+/// Locks, also after a panic elsewhere: the data is bytes and counters, valid at any point.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This thread's shard: threads are numbered once, in the order they first write.
+fn shard_of(shards: usize) -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    INDEX.with(|i| *i) % shards
 }
 
 impl AuditSink for JsonLines {
     fn write(&self, record: AuditRecord) {
-        let mut line = Vec::with_capacity(512);
-        if serde_json::to_writer(&mut line, &record).is_ok() {
-            line.push(b'\n');
-            self.send(Msg::Line(line));
+        let shards = &self.shared.shards;
+        let shard = &shards[shard_of(shards.len())];
+        let full = {
+            let mut buf = lock(shard);
+            let start = buf.len();
+            match serde_json::to_writer(&mut *buf, &record) {
+                Ok(()) => buf.push(b'\n'),
+                Err(_) => buf.truncate(start),
+            }
+            buf.len() >= self.shared.limit
+        };
+        if full {
+            self.wait_for_room(shard);
         }
     }
 
     fn flush(&self) {
-        let (ack, done) = std::sync::mpsc::sync_channel(1);
-        self.send(Msg::Flush(ack));
-        let _ = done.recv();
+        let generation = {
+            let mut state = lock(&self.shared.state);
+            state.requested += 1;
+            state.requested
+        };
+        self.wake_writer();
+        let mut state = lock(&self.shared.state);
+        while state.completed < generation && !self.writer_gone() {
+            state = self
+                .shared
+                .written
+                .wait_timeout(state, RECHECK)
+                .map_or_else(|p| p.into_inner().0, |(s, _)| s);
+        }
     }
 }
 
 impl Drop for JsonLines {
-    /// Closes the queue and waits for the writer to drain it.
+    /// Stops the writer after it has written everything buffered.
     fn drop(&mut self) {
-        drop(self.tx.take());
+        lock(&self.shared.state).closed = true;
         if let Some(w) = self.writer.take() {
+            w.thread().unpark();
             let _ = w.join();
         }
     }
 }
 
-/// The writer thread: takes what is queued, writes it, flushes once per batch.
-fn write_batches(rx: &Receiver<Msg>, out: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, out);
+/// The writer thread: every pause (or at once when asked), takes each shard's buffer and
+/// writes it, then flushes.
+fn write_batches(shared: &Shared, mut out: Box<dyn Write + Send>) {
+    let mut spare: Vec<u8> = Vec::new();
     let mut failing = false;
-    let mut acks = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
+    loop {
+        // Read before draining: every record written before these requests is in a shard.
+        let (requested, closed) = {
+            let state = lock(&shared.state);
+            (state.requested, state.closed)
+        };
         let mut result = Ok(());
-        while let Some(msg) = next {
-            match msg {
-                Msg::Line(line) => result = result.and_then(|()| out.write_all(&line)),
-                Msg::Flush(ack) => acks.push(ack),
+        for shard in &shared.shards {
+            std::mem::swap(&mut *lock(shard), &mut spare);
+            if !spare.is_empty() {
+                // One call per shard: its lines stay whole in an O_APPEND file.
+                result = result.and_then(|()| out.write_all(&spare));
+                spare.clear();
             }
-            next = rx.try_recv().ok();
         }
         match result.and_then(|()| out.flush()) {
             Ok(()) if failing => {
@@ -291,15 +397,14 @@ fn write_batches(rx: &Receiver<Msg>, out: Box<dyn Write + Send>) {
             }
             Err(_) => {}
         }
-        let flushed = !acks.is_empty();
-        for ack in acks.drain(..) {
-            let _ = ack.send(());
+        lock(&shared.state).completed = requested;
+        shared.written.notify_all();
+        if closed {
+            return;
         }
-        // Let records gather (senders enqueue without waking anyone meanwhile); skipped after
-        // a flush request so shutdown is not delayed.
-        if !flushed {
-            std::thread::sleep(BATCH_PAUSE);
-        }
+        // Records gather meanwhile; senders wake the writer only to flush, to make room, or
+        // to stop (an unpark before the park makes it return at once).
+        std::thread::park_timeout(BATCH_PAUSE);
     }
 }
 
@@ -405,6 +510,86 @@ mod tests {
         }
         drop(sink);
         assert_eq!(lines(&path).len(), 1_000);
+    }
+
+    #[test]
+    fn times_are_rfc3339_with_nanoseconds_and_out_of_range_times_do_not_panic() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::new(1_800_000_000, 123_456_789);
+        let mut r = record(1);
+        r.time = t;
+        // Past the year 9999, which RFC 3339 cannot show.
+        r.expires_at = Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 40));
+        let v: serde_json::Value =
+            serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(v["time"], "2027-01-15T08:00:00.123456789Z");
+        assert_eq!(v["time"], rfc3339(t).as_str());
+        assert_eq!(v["expires_at"], "");
+        let before_epoch = SystemTime::UNIX_EPOCH - std::time::Duration::from_secs(86_400);
+        assert_eq!(rfc3339(before_epoch), "1969-12-31T00:00:00Z");
+    }
+
+    /// Output that blocks until the test opens it.
+    struct Gated {
+        open: Arc<(Mutex<bool>, Condvar)>,
+        out: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, cv) = &*self.open;
+            let mut o = open.lock().unwrap();
+            while !*o {
+                o = cv.wait(o).unwrap();
+            }
+            self.out.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_shard_makes_the_request_wait_for_the_writer_and_nothing_is_lost() {
+        let open = Arc::new((Mutex::new(false), Condvar::new()));
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let gated = Gated {
+            open: open.clone(),
+            out: out.clone(),
+        };
+        let line = serde_json::to_vec(&record(0)).unwrap().len() + 1;
+        // Room for ten records per shard.
+        let sink = Arc::new(JsonLines::spawn(Box::new(gated), line * 10).unwrap());
+        let sender = {
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    sink.write(record(i));
+                }
+            })
+        };
+        // The writer is stuck in its output, so the sender's shard fills and it waits.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while sink.waits() == 0 {
+            assert!(std::time::Instant::now() < deadline, "sender never waited");
+            std::thread::yield_now();
+        }
+        assert!(!sender.is_finished());
+        let buffered: usize = sink.shared.shards.iter().map(|s| lock(s).len()).sum();
+        assert!(buffered <= line * 10 * sink.shared.shards.len());
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
+        sender.join().unwrap();
+        sink.flush();
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let ids: std::collections::HashSet<String> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"].to_string()
+            })
+            .collect();
+        assert_eq!(ids.len(), 100);
     }
 
     #[test]
