@@ -141,6 +141,11 @@ pub fn classify(status: u16, error: &str, codes: &[u32]) -> EntraErrorClass {
     }
 }
 
+/// The longest access-token lifetime Entra issues (a token lifetime policy allows at most a
+/// day). A longer `expires_in` is capped: caching a token for less than its life is safe,
+/// and an absurd value would otherwise overflow the expiry time.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Deserialize)]
 struct SuccessBody {
     access_token: String,
@@ -228,10 +233,16 @@ impl TokenExchange for HttpTokenExchange {
                 trace_id: None,
                 retry_after: None,
             })?;
+            if ok.expires_in > MAX_LIFETIME.as_secs() {
+                tracing::warn!(
+                    expires_in = ok.expires_in,
+                    "Entra token lifetime above a day; it is treated as a day"
+                );
+            }
             return Ok(EntraToken {
                 access_token: Sensitive::new(ok.access_token),
                 token_type: ok.token_type.unwrap_or_else(|| "Bearer".into()),
-                expires_in: Duration::from_secs(ok.expires_in),
+                expires_in: Duration::from_secs(ok.expires_in).min(MAX_LIFETIME),
                 refresh_in: ok.refresh_in.map(Duration::from_secs),
             });
         }

@@ -10,6 +10,9 @@ use serde::Deserialize;
 
 use super::error::EmulatorError;
 
+/// Longest token lifetime the emulator issues (ten years): far beyond Entra's day, for
+/// testing how clients treat odd lifetimes, and small enough for any time arithmetic.
+pub const MAX_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
 /// Default access-token lifetime range, like Entra's "random value between 60 and 90 minutes".
 const DEFAULT_LIFETIME: [u64; 2] = [3600, 5400];
 
@@ -447,9 +450,9 @@ impl EmulatorConfig {
                     ));
                 }
                 let [lo, hi] = a.token_lifetime_secs;
-                if lo == 0 || lo > hi {
+                if lo == 0 || lo > hi || hi > MAX_LIFETIME_SECS {
                     return err(format!(
-                        "app {}: token_lifetime_secs must be [min, max] with 0 < min <= max",
+                        "app {}: token_lifetime_secs must be [min, max] with 0 < min <= max <= {MAX_LIFETIME_SECS}",
                         a.client_id
                     ));
                 }

@@ -316,6 +316,32 @@ async fn a_disabled_app_is_failed_precondition() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_lifetime_beyond_a_day_is_cached_for_a_day_at_most() {
+    // A year: a misbehaving upstream, or a proxy rewriting responses.
+    let mut emu = tokenbroker::emulator::EmulatorConfig::demo();
+    for t in &mut emu.tenants {
+        for a in &mut t.apps {
+            a.token_lifetime_secs = [365 * 86_400; 2];
+        }
+    }
+    let stack = Stack::start_with(emu, |t| t).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let t = stack.get("contoso", GRAPH).await.unwrap();
+    let expires = t.expires_at.unwrap().seconds;
+    assert!(
+        expires > now + 86_000 && expires <= now + 86_400,
+        "{expires} vs {now}"
+    );
+    assert!(t.refresh_at.unwrap().seconds < expires);
+    let again = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(again.source, TokenSource::Cache as i32);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_vault_refusals_are_failed_precondition_with_the_fix() {
     // The broker's identity has no role on the vault's keys (certificate reads only).
     let mut emu = tokenbroker::emulator::EmulatorConfig::demo();

@@ -116,6 +116,11 @@ async fn parses_the_documented_config() {
 
     let bad = EXAMPLE.replace("tb-example/app-cert", "tb-example/missing");
     assert!(EmulatorConfig::from_toml_str(&bad).is_err());
+    // Token lifetimes are bounded, so the emulator's own time arithmetic cannot overflow.
+    let mut huge = EmulatorConfig::demo();
+    huge.tenants[0].apps[0].token_lifetime_secs = [3600, u64::MAX];
+    let err = huge.validate().unwrap_err().to_string();
+    assert!(err.contains("token_lifetime_secs"), "{err}");
 }
 
 const EXAMPLE: &str = r#"
