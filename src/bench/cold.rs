@@ -6,14 +6,13 @@
 //! contains the emulator's own work (RSA signing, issuing the JWT) and loopback HTTPS.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde::Serialize;
 use serde_json::json;
 
-use super::fake::{TimedExchange, TimedSigner};
+use super::fake::{Calls, TimedExchange, TimedSigner, Upstream};
 use super::{BenchArgs, GRAPH, Percentiles, Stack, UNTHROTTLED, line, us};
 use crate::broker::Upstreams;
 use crate::emulator::EmulatorConfig;
@@ -59,6 +58,14 @@ pub struct ColdReport {
     pub bare_round_trip: Percentiles,
     /// Per sample, the broker's own overhead less the bare round trip just before it.
     pub overhead_beyond_round_trip: Percentiles,
+    /// The broker's own overhead in three parts. From the client sending the request to the
+    /// Key Vault sign starting: delivery, admission, starting the flight, the assertion.
+    pub before_sign: Percentiles,
+    /// From the sign returning to the Entra exchange starting: the signed assertion.
+    pub between_calls: Percentiles,
+    /// From the exchange returning to the client holding the answer: caching the token,
+    /// waking the request, audit, the response and its delivery.
+    pub after_exchange: Percentiles,
 }
 
 impl ColdReport {
@@ -78,6 +85,9 @@ impl ColdReport {
             ("broker's own", &self.broker_overhead),
             ("bare gRPC round trip", &self.bare_round_trip),
             ("own − round trip", &self.overhead_beyond_round_trip),
+            ("own: before sign", &self.before_sign),
+            ("own: between calls", &self.between_calls),
+            ("own: after exchange", &self.after_exchange),
         ] {
             line(&mut out, format!("{name:<20} {}", p.row()));
         }
@@ -94,8 +104,8 @@ impl ColdReport {
 }
 
 pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
-    let upstream_ns = Arc::new(AtomicU64::new(0));
-    let ns = upstream_ns.clone();
+    let calls = Arc::new(Calls::default());
+    let c = calls.clone();
     let stack = Stack::start(
         EmulatorConfig::demo(),
         |dev, _| {
@@ -106,11 +116,11 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
         move |u| Upstreams {
             signer: Arc::new(TimedSigner {
                 inner: u.signer,
-                nanos: ns.clone(),
+                calls: c.clone(),
             }),
             exchange: Arc::new(TimedExchange {
                 inner: u.exchange,
-                nanos: ns,
+                calls: c,
                 per_key: Default::default(),
             }),
             clock: u.clock,
@@ -159,6 +169,8 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
         let (mut miss, mut naive, mut upstream, mut own) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut rtt, mut beyond) = (Vec::new(), Vec::new());
+        let (mut before_sign, mut between, mut after) = (Vec::new(), Vec::new(), Vec::new());
+        let ns = |d: Duration| d.as_nanos() as i64;
         let (mut not_exchanged, mut errors) = (0, 0);
         for _ in 0..opts.samples {
             let t = Instant::now();
@@ -166,11 +178,21 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
             let round_trip = t.elapsed().as_nanos() as i64;
             // The same pause before each call, so both start from the same idle state.
             tokio::time::sleep(Duration::from_millis(2)).await;
-            let before = upstream_ns.load(Ordering::SeqCst);
+            calls.take();
             let t = Instant::now();
             let r = client.get_token(req(true)).await;
-            let e2e = t.elapsed().as_nanos() as i64;
-            let up = (upstream_ns.load(Ordering::SeqCst) - before) as i64;
+            let done = Instant::now();
+            let e2e = ns(done - t);
+            let made = calls.take();
+            let up: i64 = made.iter().map(|c| ns(c.took())).sum();
+            if let [sign, exchange] = made.as_slice()
+                && sign.upstream == Upstream::Sign
+                && exchange.upstream == Upstream::Exchange
+            {
+                before_sign.push(ns(sign.start.saturating_duration_since(t)));
+                between.push(ns(exchange.start.saturating_duration_since(sign.end)));
+                after.push(ns(done.saturating_duration_since(exchange.end)));
+            }
             match r {
                 Ok(r) if r.get_ref().source == proto::TokenSource::Exchange as i32 => {
                     miss.push(e2e as u64);
@@ -199,6 +221,9 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
             broker_overhead: Percentiles::of(&mut own),
             bare_round_trip: Percentiles::of(&mut rtt),
             overhead_beyond_round_trip: Percentiles::of(&mut beyond),
+            before_sign: Percentiles::of(&mut before_sign),
+            between_calls: Percentiles::of(&mut between),
+            after_exchange: Percentiles::of(&mut after),
         })
         .map(|r| (r, bare))
     }

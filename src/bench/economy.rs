@@ -169,7 +169,7 @@ pub async fn run(opts: &EconomyOptions) -> anyhow::Result<EconomyReport> {
         move |u| Upstreams {
             exchange: Arc::new(TimedExchange {
                 inner: u.exchange,
-                nanos: Default::default(),
+                calls: Default::default(),
                 per_key: pk,
             }),
             clock: Arc::new(c),

@@ -4,7 +4,6 @@
 //! real upstreams.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,11 +93,52 @@ impl TokenExchange for FakeExchange {
     }
 }
 
-/// Adds the time spent in every call of the wrapped signer to a counter (nanoseconds).
+/// Which upstream call a `Call` timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    Certificate,
+    Sign,
+    Exchange,
+}
+
+/// One upstream call, timed at the seam.
+#[derive(Debug, Clone, Copy)]
+pub struct Call {
+    pub upstream: Upstream,
+    pub start: Instant,
+    pub end: Instant,
+}
+
+impl Call {
+    pub fn took(&self) -> Duration {
+        self.end.saturating_duration_since(self.start)
+    }
+}
+
+/// The upstream calls made through the timing wrappers since it was last taken.
+#[derive(Debug, Default)]
+pub struct Calls(Mutex<Vec<Call>>);
+
+impl Calls {
+    fn record(&self, upstream: Upstream, start: Instant) {
+        let call = Call {
+            upstream,
+            start,
+            end: Instant::now(),
+        };
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(call);
+    }
+
+    pub fn take(&self) -> Vec<Call> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Records every call of the wrapped signer in `calls`.
 #[derive(Debug)]
 pub struct TimedSigner {
     pub inner: Arc<dyn Signer>,
-    pub nanos: Arc<AtomicU64>,
+    pub calls: Arc<Calls>,
 }
 
 #[async_trait]
@@ -110,8 +150,7 @@ impl Signer for TimedSigner {
     ) -> Result<CertificateInfo, SignerError> {
         let t = Instant::now();
         let r = self.inner.certificate(vault_url, name).await;
-        self.nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.calls.record(Upstream::Certificate, t);
         r
     }
 
@@ -123,18 +162,17 @@ impl Signer for TimedSigner {
     ) -> Result<Vec<u8>, SignerError> {
         let t = Instant::now();
         let r = self.inner.sign(key, algorithm, digest).await;
-        self.nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.calls.record(Upstream::Sign, t);
         r
     }
 }
 
-/// Adds the time spent in every exchange to a counter (nanoseconds) and counts exchanges per
-/// (token endpoint, scope), i.e. per cache key.
+/// Records every call of the wrapped exchange in `calls`, and counts calls per key
+/// (token endpoint and scope).
 #[derive(Debug)]
 pub struct TimedExchange {
     pub inner: Arc<dyn TokenExchange>,
-    pub nanos: Arc<AtomicU64>,
+    pub calls: Arc<Calls>,
     pub per_key: Arc<Mutex<HashMap<String, u64>>>,
 }
 
@@ -150,8 +188,7 @@ impl TokenExchange for TimedExchange {
             .or_default() += 1;
         let t = Instant::now();
         let r = self.inner.exchange(req).await;
-        self.nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.calls.record(Upstream::Exchange, t);
         r
     }
 }
