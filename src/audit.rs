@@ -4,8 +4,8 @@
 //!
 //! Requests never write on their own thread: `JsonLines` serialises a record into a buffer
 //! of its thread's shard, and one writer thread writes what the shards hold every
-//! `BATCH_PAUSE`, so under load it costs one wake-up and a few `write(2)` calls per pause
-//! instead of per record. When the writer falls behind by a whole shard, requests wait for
+//! `BATCH_PAUSE` (backing off to `IDLE_PAUSE` when there is nothing), so under load it costs
+//! one wake-up and a few `write(2)` calls per pause instead of per record. When the writer falls behind by a whole shard, requests wait for
 //! it: records are never dropped.
 
 use std::fmt;
@@ -183,9 +183,13 @@ impl Audit {
     }
 }
 
-/// The writer's pause after each batch: the most a record waits before it is written (plus
-/// the write itself).
+/// The writer's pause after a batch: under load, the most a record waits before it is
+/// written (plus the write itself).
 const BATCH_PAUSE: Duration = Duration::from_millis(5);
+/// The longest pause: with nothing to write the pause doubles up to this, so an idle broker's
+/// writer wakes ten times a second rather than two hundred, and the first record after a
+/// quiet spell waits at most this long.
+const IDLE_PAUSE: Duration = Duration::from_millis(100);
 /// Bytes of serialised records a shard holds before its writers wait for the writer thread
 /// (about 1,700 records; far more than the broker serves per pause).
 const SHARD_LIMIT: usize = 1 << 20;
@@ -369,6 +373,8 @@ impl Drop for JsonLines {
 fn write_batches(shared: &Shared, mut out: Box<dyn Write + Send>) {
     let mut spare: Vec<u8> = Vec::new();
     let mut failing = false;
+    let mut pause = BATCH_PAUSE;
+    let mut answered = 0;
     loop {
         // Read before draining: every record written before these requests is in a shard.
         let (requested, closed) = {
@@ -376,15 +382,20 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Write + Send>) {
             (state.requested, state.closed)
         };
         let mut result = Ok(());
+        let mut wrote = false;
         for shard in &shared.shards {
             std::mem::swap(&mut *lock(shard), &mut spare);
             if !spare.is_empty() {
                 // One call per shard: its lines stay whole in an O_APPEND file.
                 result = result.and_then(|()| out.write_all(&spare));
                 spare.clear();
+                wrote = true;
             }
         }
-        match result.and_then(|()| out.flush()) {
+        if wrote {
+            result = result.and_then(|()| out.flush());
+        }
+        match result {
             Ok(()) if failing => {
                 failing = false;
                 tracing::info!("audit records are being written again");
@@ -397,14 +408,23 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Write + Send>) {
             }
             Err(_) => {}
         }
-        lock(&shared.state).completed = requested;
-        shared.written.notify_all();
+        // Someone can be waiting only for a flush asked for, or for room in a shard drained.
+        if wrote || requested > answered {
+            answered = requested;
+            lock(&shared.state).completed = requested;
+            shared.written.notify_all();
+        }
         if closed {
             return;
         }
+        pause = if wrote {
+            BATCH_PAUSE
+        } else {
+            (pause * 2).min(IDLE_PAUSE)
+        };
         // Records gather meanwhile; senders wake the writer only to flush, to make room, or
         // to stop (an unpark before the park makes it return at once).
-        std::thread::park_timeout(BATCH_PAUSE);
+        std::thread::park_timeout(pause);
     }
 }
 
