@@ -46,8 +46,10 @@ pub enum Command {
     /// Run the local Azure emulator alone (managed identity, Key Vault, Entra ID).
     #[cfg(feature = "emulator")]
     Emulator {
+        /// Emulator configuration (TOML, docs/EMULATOR.md); the demo tenants of
+        /// `tokenbroker dev` when omitted.
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Written (JSON) once all listeners are up.
         #[arg(long)]
         endpoints_file: PathBuf,
@@ -105,7 +107,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             endpoints_file,
         } => {
             telemetry::init(crate::config::LogFormat::Human, "info");
-            match crate::emulator::run_standalone(&config, &endpoints_file).await {
+            match crate::emulator::run_standalone(config.as_deref(), &endpoints_file).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tokenbroker emulator: {e}");

@@ -49,6 +49,8 @@ async fn cold_path_economy_and_memory_benchmarks_run() {
         samples: 3,
         sign_latency_ms: 2,
         exchange_latency_ms: 3,
+        // `tokenbroker emulator` (demo configuration) in a process of its own.
+        emulator_exe: Some(env!("CARGO_BIN_EXE_tokenbroker").into()),
     })
     .await
     .unwrap();
@@ -59,6 +61,11 @@ async fn cold_path_economy_and_memory_benchmarks_run() {
         "the injected 5 ms are in the miss: {}",
         c.text()
     );
+    assert_eq!(c.emulator, "separate process");
+    // Every miss made one sign then one exchange, so each is split into its three parts.
+    for part in [&c.before_sign, &c.between_calls, &c.after_exchange] {
+        assert_eq!(part.count, 3, "{}", c.text());
+    }
 
     let e = economy::run(&economy::EconomyOptions {
         tenants: 2,

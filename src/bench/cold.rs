@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::fake::{Calls, TimedExchange, TimedSigner, Upstream};
-use super::{BenchArgs, GRAPH, Percentiles, Stack, UNTHROTTLED, line, us};
+use super::{BenchArgs, EmulatorAt, GRAPH, Percentiles, Stack, UNTHROTTLED, line, us};
 use crate::broker::Upstreams;
 use crate::emulator::EmulatorConfig;
 use crate::proto;
@@ -24,6 +24,10 @@ pub struct ColdOptions {
     pub samples: usize,
     pub sign_latency_ms: u64,
     pub exchange_latency_ms: u64,
+    /// The `tokenbroker` executable to run the emulator in a process of its own (as Azure
+    /// is: its RSA signing and TLS then do not run on the broker's threads); `None` runs it
+    /// in this process.
+    pub emulator_exe: Option<std::path::PathBuf>,
 }
 
 impl From<&BenchArgs> for ColdOptions {
@@ -32,6 +36,7 @@ impl From<&BenchArgs> for ColdOptions {
             samples: a.cold_samples.clamp(1, 10_000),
             sign_latency_ms: a.sign_latency_ms.min(10_000),
             exchange_latency_ms: a.exchange_latency_ms.min(10_000),
+            emulator_exe: std::env::current_exe().ok(),
         }
     }
 }
@@ -39,6 +44,8 @@ impl From<&BenchArgs> for ColdOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct ColdReport {
     pub samples: usize,
+    /// Where the emulator ran: `separate process` or `process` (this one).
+    pub emulator: &'static str,
     pub injected_ms: u64,
     /// Misses that were not answered by a fresh exchange (should be 0).
     pub not_exchanged: usize,
@@ -74,8 +81,8 @@ impl ColdReport {
         line(
             &mut out,
             format!(
-                "\n== cold path: {} sequential misses, {} ms injected per miss ({} not exchanged, {} errors) ==",
-                self.samples, self.injected_ms, self.not_exchanged, self.errors
+                "\n== cold path: {} sequential misses, {} ms injected per miss, emulator in {} ({} not exchanged, {} errors) ==",
+                self.samples, self.injected_ms, self.emulator, self.not_exchanged, self.errors
             ),
         );
         for (name, p) in [
@@ -106,8 +113,12 @@ impl ColdReport {
 pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
     let calls = Arc::new(Calls::default());
     let c = calls.clone();
+    let (at, emulator) = match &opts.emulator_exe {
+        Some(exe) => (EmulatorAt::Process(exe.clone()), "separate process"),
+        None => (EmulatorAt::InProcess(EmulatorConfig::demo()), "process"),
+    };
     let stack = Stack::start(
-        EmulatorConfig::demo(),
+        at,
         |dev, _| {
             Ok(format!(
                 "{dev}\n[cache]\nforce_refresh_interval_secs = 0\n{UNTHROTTLED}"
@@ -212,6 +223,7 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
         }
         Ok::<_, anyhow::Error>(ColdReport {
             samples: opts.samples,
+            emulator,
             injected_ms: injected,
             not_exchanged,
             errors,

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::fake::TimedExchange;
-use super::{Admin, BenchArgs, Stack, UNTHROTTLED, line, total_exchanges, total_signs};
+use super::{Admin, BenchArgs, EmulatorAt, Stack, UNTHROTTLED, line, total_exchanges, total_signs};
 use crate::broker::Upstreams;
 use crate::clock::ManualClock;
 use crate::emulator::EmulatorConfig;
@@ -160,7 +160,7 @@ pub async fn run(opts: &EconomyOptions) -> anyhow::Result<EconomyReport> {
     let per_key: Arc<Mutex<HashMap<String, u64>>> = Default::default();
     let (c, pk) = (clock.clone(), per_key.clone());
     let stack = Stack::start(
-        estate(opts.tenants, opts.scopes),
+        EmulatorAt::InProcess(estate(opts.tenants, opts.scopes)),
         |dev, _| {
             Ok(format!(
                 "{dev}\n[cache]\nrefresh_fraction = {FRACTION}\n{UNTHROTTLED}"

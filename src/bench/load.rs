@@ -18,7 +18,7 @@ use tonic::transport::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{BenchArgs, GRAPH, Percentiles, Stack, Transport, line, replace_once, us};
+use super::{BenchArgs, EmulatorAt, GRAPH, Percentiles, Stack, Transport, line, replace_once, us};
 use crate::emulator::EmulatorConfig;
 use crate::proto;
 use crate::proto::token_broker_client::TokenBrokerClient;
@@ -502,7 +502,7 @@ async fn run_one(opts: &LoadOptions, transport: Transport) -> anyhow::Result<Loa
         _ => None,
     };
     let stack = Stack::start(
-        EmulatorConfig::demo(),
+        EmulatorAt::InProcess(EmulatorConfig::demo()),
         |dev, dir| match &pki {
             Some(p) => mtls_config(dev, dir, p),
             None => Ok(dev),

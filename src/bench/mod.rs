@@ -33,7 +33,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::broker::{Broker, Upstreams};
-use crate::emulator::{Emulator, EmulatorConfig, StartOptions};
+use crate::emulator::{Emulator, EmulatorConfig, Endpoints, StartOptions};
 
 /// The scope every load request asks for.
 pub const GRAPH: &str = "https://graph.microsoft.com/.default";
@@ -375,10 +375,23 @@ pub fn total_exchanges(counters: &Value) -> u64 {
         .unwrap_or(0)
 }
 
+/// Where a bench runs the emulator.
+#[derive(Debug, Clone)]
+pub enum EmulatorAt {
+    /// In this process: its work (RSA signing, TLS) shares the broker's runtime threads.
+    InProcess(EmulatorConfig),
+    /// `EXE emulator` with the demo configuration, in a process of its own, apart from the
+    /// broker as Azure is.
+    Process(PathBuf),
+}
+
 /// The emulator plus a broker configured against it (real managed identity, Key Vault and
 /// Entra clients), serving on loopback in this process.
 pub struct Stack {
     pub emulator: Option<Emulator>,
+    /// The emulator's process, when it runs in one (killed when dropped).
+    child: Option<tokio::process::Child>,
+    pub endpoints: Endpoints,
     pub addr: SocketAddr,
     pub broker: Broker,
     pub admin: Admin,
@@ -391,22 +404,26 @@ impl Stack {
     /// `edit` may change the generated dev configuration (given the state directory);
     /// `wrap` may replace the upstreams (timing, counting, a manual clock).
     pub async fn start(
-        emu_config: EmulatorConfig,
+        at: EmulatorAt,
         edit: impl FnOnce(String, &Path) -> anyhow::Result<String>,
         wrap: impl FnOnce(Upstreams) -> Upstreams,
     ) -> anyhow::Result<Stack> {
         let dir = TempDir::new("stack")?;
-        let emulator = Emulator::start(
-            emu_config.clone(),
-            StartOptions::new(dir.path().join("ca.pem")),
-        )
-        .await
-        .context("starting the emulator")?;
-        let toml = crate::dev::broker_config_toml(
-            &emu_config,
-            emulator.endpoints(),
-            "127.0.0.1:0".parse()?,
-        );
+        let (emu_config, emulator, child, endpoints) = match at {
+            EmulatorAt::InProcess(config) => {
+                let emulator =
+                    Emulator::start(config.clone(), StartOptions::new(dir.path().join("ca.pem")))
+                        .await
+                        .context("starting the emulator")?;
+                let endpoints = emulator.endpoints().clone();
+                (config, Some(emulator), None, endpoints)
+            }
+            EmulatorAt::Process(exe) => {
+                let (child, endpoints) = spawn_emulator(&exe, dir.path()).await?;
+                (EmulatorConfig::demo(), None, Some(child), endpoints)
+            }
+        };
+        let toml = crate::dev::broker_config_toml(&emu_config, &endpoints, "127.0.0.1:0".parse()?);
         let path = dir.path().join("broker.toml");
         std::fs::write(&path, edit(toml, dir.path())?)?;
         let config = crate::config::Config::load(&path, &|_| None)
@@ -426,9 +443,11 @@ impl Stack {
                 eprintln!("bench broker stopped: {e}");
             }
         });
-        let admin = Admin::new(&emulator.endpoints().admin_url);
+        let admin = Admin::new(&endpoints.admin_url);
         Ok(Stack {
-            emulator: Some(emulator),
+            emulator,
+            child,
+            endpoints,
             addr,
             broker,
             admin,
@@ -436,10 +455,6 @@ impl Stack {
             served: Some(served),
             dir,
         })
-    }
-
-    pub fn emulator(&self) -> &Emulator {
-        self.emulator.as_ref().expect("emulator running")
     }
 
     pub async fn stop(mut self) {
@@ -452,6 +467,50 @@ impl Stack {
         if let Some(e) = self.emulator.take() {
             e.shutdown().await;
         }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+        }
+    }
+}
+
+/// Starts `exe emulator` (demo configuration) writing its endpoints into `dir`, and waits
+/// (bounded) until it has.
+async fn spawn_emulator(
+    exe: &Path,
+    dir: &Path,
+) -> anyhow::Result<(tokio::process::Child, Endpoints)> {
+    let file = dir.join("emulator-endpoints.json");
+    let mut child = tokio::process::Command::new(exe)
+        .arg("emulator")
+        .arg("--endpoints-file")
+        .arg(&file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawning {} emulator", exe.display()))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // Written with a rename once every listener is up: a file that exists is whole.
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            let endpoints: Endpoints = serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", file.display()))?;
+            return Ok((child, endpoints));
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "{} emulator exited before it was ready: {status}",
+                exe.display()
+            );
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{} emulator not ready within 20 s",
+            exe.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

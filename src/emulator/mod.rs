@@ -299,13 +299,19 @@ impl Drop for Emulator {
     }
 }
 
-/// `tokenbroker emulator --config FILE --endpoints-file PATH`: loads the config, starts, writes
-/// the endpoints file (CA beside it as `ca.pem`) once all listeners are up, runs until SIGINT
-/// or SIGTERM, then shuts down gracefully.
-pub async fn run_standalone(config: &Path, endpoints_file: &Path) -> Result<(), EmulatorError> {
+/// `tokenbroker emulator [--config FILE] --endpoints-file PATH`: loads the config (the demo
+/// configuration without one), starts, writes the endpoints file (CA beside it as `ca.pem`)
+/// once all listeners are up, runs until SIGINT or SIGTERM, then shuts down gracefully.
+pub async fn run_standalone(
+    config: Option<&Path>,
+    endpoints_file: &Path,
+) -> Result<(), EmulatorError> {
     use tokio::signal::unix::{SignalKind, signal};
 
-    let config = EmulatorConfig::from_toml_file(config)?;
+    let config = match config {
+        Some(path) => EmulatorConfig::from_toml_file(path)?,
+        None => EmulatorConfig::demo(),
+    };
     let endpoints_file = absolute(endpoints_file)?;
     let ca_path = endpoints_file
         .parent()
