@@ -311,16 +311,17 @@ impl Flow {
                         .refresh_in
                         .filter(|r| *r < lifetime)
                         .unwrap_or_else(|| refresh_after(lifetime, self.cache.refresh_fraction));
+                    let fingerprint = t.access_token.fingerprint();
                     info!(
                         tenant = %tenant.name,
                         expires_in = lifetime.as_secs(),
                         refresh_in = refresh_in.as_secs(),
-                        fingerprint = %t.access_token.fingerprint(),
+                        fingerprint = %fingerprint,
                         "token obtained"
                     );
                     // Lifetimes count from when the request was sent: never overestimate.
                     return Ok(CachedToken {
-                        fingerprint: t.access_token.fingerprint().into(),
+                        fingerprint: fingerprint.into(),
                         access_token: t.access_token,
                         token_type: t.token_type,
                         obtained_at: started,
