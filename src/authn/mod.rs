@@ -38,6 +38,17 @@ pub enum Proof {
     DevLoopback,
 }
 
+impl Proof {
+    /// The name in the audit log (as serialised).
+    pub fn name(self) -> &'static str {
+        match self {
+            Proof::Mtls => "mtls",
+            Proof::Jwt => "jwt",
+            Proof::DevLoopback => "dev_loopback",
+        }
+    }
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {

@@ -219,8 +219,8 @@ async fn memory_in_child(args: &BenchArgs) -> anyhow::Result<Value> {
     // Its report without the machine line printed already.
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{}", text.split_once('\n').map_or(&*text, |(_, rest)| rest));
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)
-        .context("bench memory's JSON")?;
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json)?).context("bench memory's JSON")?;
     Ok(v["memory"].clone())
 }
 
