@@ -355,6 +355,8 @@ const IDLE_PAUSE: Duration = Duration::from_millis(100);
 /// Bytes of serialised records a shard holds before its writers wait for the writer thread
 /// (about 1,700 records; far more than the broker serves per pause).
 const SHARD_LIMIT: usize = 1 << 20;
+/// Capacity a buffer keeps after it is written: a few pauses' worth of records at full load.
+const KEEP_CAPACITY: usize = 64 * 1024;
 /// How long a waiting request sleeps before it looks again, should a wake-up be missed.
 const RECHECK: Duration = Duration::from_millis(50);
 
@@ -548,6 +550,8 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Write + Send>) {
                 // One call per shard: its lines stay whole in an O_APPEND file.
                 result = result.and_then(|()| out.write_all(&spare));
                 spare.clear();
+                // A burst must not leave every shard holding a megabyte for good.
+                spare.shrink_to(KEEP_CAPACITY);
                 wrote = true;
             }
         }
