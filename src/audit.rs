@@ -5,8 +5,8 @@
 //! Requests never write on their own thread: `JsonLines` serialises a record into a buffer
 //! of its thread's shard, and one writer thread writes what the shards hold every
 //! `BATCH_PAUSE` (backing off to `IDLE_PAUSE` when there is nothing), so under load it costs
-//! one wake-up and a few `write(2)` calls per pause instead of per record. When the writer falls behind by a whole shard, requests wait for
-//! it: records are never dropped.
+//! one wake-up and a few `write(2)` calls per pause instead of per record. When the writer
+//! falls behind by a whole shard, requests wait for it: records are never dropped.
 
 use std::fmt;
 use std::io::Write;
@@ -214,14 +214,9 @@ fn json_opt(out: &mut Vec<u8>, s: Option<&str>) {
 
 /// RFC 3339, formatted on the stack; `""` beyond the year 9999 (as `as_rfc3339`).
 fn json_time(out: &mut Vec<u8>, t: Option<SystemTime>) {
-    let Some(t) = t else {
-        out.extend_from_slice(b"null");
-        return;
-    };
-    let mut buf = [0u8; RFC3339_MAX];
-    match format_rfc3339(t, &mut buf) {
-        Some(text) => json_str(out, text),
-        None => json_str(out, &rfc3339(t)),
+    match t {
+        Some(t) => with_rfc3339(t, |text| json_str(out, text)),
+        None => out.extend_from_slice(b"null"),
     }
 }
 
@@ -290,22 +285,23 @@ fn datetime(t: SystemTime) -> Option<time::OffsetDateTime> {
 /// most it can show.
 const RFC3339_MAX: usize = 40;
 
-/// `t` in RFC 3339 in `buf`, without allocating (two per record, on every request).
-fn format_rfc3339(t: SystemTime, buf: &mut [u8; RFC3339_MAX]) -> Option<&str> {
+/// Calls `f` with `t` in RFC 3339 (as `rfc3339`), formatted on the stack when it fits: two
+/// per record, on every request.
+fn with_rfc3339<R>(t: SystemTime, f: impl FnOnce(&str) -> R) -> R {
+    let mut buf = [0u8; RFC3339_MAX];
     let mut out = &mut buf[..];
+    let formatted = datetime(t).and_then(|d| d.format_into(&mut out, &Rfc3339).ok());
     // Measured by what is left of the buffer: `format_into`'s count leaves out the
     // fractional seconds (time 0.3.55).
-    datetime(t)?.format_into(&mut out, &Rfc3339).ok()?;
     let n = RFC3339_MAX - out.len();
-    std::str::from_utf8(&buf[..n]).ok()
+    match formatted.and_then(|_| std::str::from_utf8(&buf[..n]).ok()) {
+        Some(text) => f(text),
+        None => f(&rfc3339(t)),
+    }
 }
 
 fn as_rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    let mut buf = [0u8; RFC3339_MAX];
-    match format_rfc3339(*t, &mut buf) {
-        Some(text) => s.serialize_str(text),
-        None => s.serialize_str(&rfc3339(*t)),
-    }
+    with_rfc3339(*t, |text| s.serialize_str(text))
 }
 
 fn as_rfc3339_opt<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -460,8 +456,13 @@ impl JsonLines {
             );
         }
         self.wake_writer();
+        self.wait_until(|_| lock(shard).len() < self.shared.limit);
+    }
+
+    /// Blocks until `done` holds after a batch the writer wrote (or the writer is gone).
+    fn wait_until(&self, done: impl Fn(&WriterState) -> bool) {
         let mut state = lock(&self.shared.state);
-        while lock(shard).len() >= self.shared.limit && !self.writer_gone() {
+        while !done(&state) && !self.writer_gone() {
             state = self
                 .shared
                 .written
@@ -507,14 +508,7 @@ impl AuditSink for JsonLines {
             state.requested
         };
         self.wake_writer();
-        let mut state = lock(&self.shared.state);
-        while state.completed < generation && !self.writer_gone() {
-            state = self
-                .shared
-                .written
-                .wait_timeout(state, RECHECK)
-                .map_or_else(|p| p.into_inner().0, |(s, _)| s);
-        }
+        self.wait_until(|state| state.completed >= generation);
     }
 }
 
