@@ -186,7 +186,7 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
         for _ in 0..opts.samples {
             let t = Instant::now();
             let bare_ok = bare_client.get_token(req(false)).await.is_ok();
-            let round_trip = t.elapsed().as_nanos() as i64;
+            let round_trip = ns(t.elapsed());
             // The same pause before each call, so both start from the same idle state.
             tokio::time::sleep(Duration::from_millis(2)).await;
             calls.take();

@@ -421,7 +421,6 @@ pub struct Stack {
     pub emulator: Option<Emulator>,
     /// The emulator's process, when it runs in one (killed when dropped).
     child: Option<tokio::process::Child>,
-    pub endpoints: Endpoints,
     pub addr: SocketAddr,
     pub broker: Broker,
     pub admin: Admin,
@@ -477,7 +476,6 @@ impl Stack {
         Ok(Stack {
             emulator,
             child,
-            endpoints,
             addr,
             broker,
             admin,
