@@ -62,7 +62,9 @@ pub fn subscriber(
     // Without export the layer still gives spans trace ids, so incoming trace context
     // reaches Key Vault and Entra.
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("tokenbroker"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colours());
     // Request spans are for traces: the log would format their fields on every request,
     // whereas the events worth logging carry the request id themselves.
     let no_request_spans = tracing_subscriber::filter::filter_fn(|m| {
@@ -76,6 +78,13 @@ pub fn subscriber(
         LogFormat::Human => Box::new(registry.with(fmt.with_filter(no_request_spans))),
     };
     (subscriber, provider)
+}
+
+/// Colours only for a person at a terminal: a file or a log collector would keep the escape
+/// codes. `NO_COLOR` (<https://no-color.org>) turns them off at a terminal too.
+fn colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// The tracer provider: parent-based sampling at the configured ratio, OTLP batch export

@@ -655,11 +655,13 @@ fn sigterm_stops_tokenbroker_dev_cleanly() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
         .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(dir.path())
+        .env_remove("NO_COLOR")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -705,6 +707,11 @@ fn sigterm_stops_tokenbroker_dev_cleanly() {
             assert_eq!(records.len(), 1, "{audit}");
             assert_eq!(records[0]["outcome"], "allowed");
             assert!(!audit.contains(&token.access_token));
+            // The log, written to a file: plain text without colour codes, and no token.
+            let log = std::fs::read_to_string(&log_path).unwrap();
+            assert!(log.contains("token obtained"), "{log}");
+            assert!(!log.contains('\x1b'), "escape codes in a log file: {log}");
+            assert!(!log.contains(&token.access_token));
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
