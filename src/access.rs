@@ -6,8 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::OwnedSemaphorePermit;
-
 use crate::audit::{Audit, AuditSink, JsonLines};
 use crate::authn::{Authenticator, AuthnError, Caller, Credentials};
 use crate::config::{AuditOutput, Config, PolicyConfig};
@@ -110,7 +108,7 @@ impl Access {
     }
 
     /// A slot among the requests in flight; held for the whole request.
-    pub fn enter(&self) -> Result<OwnedSemaphorePermit, AccessError> {
+    pub fn enter(&self) -> Result<crate::limits::InFlight<'_>, AccessError> {
         self.limits.enter().ok_or(AccessError::Overloaded)
     }
 

@@ -172,7 +172,7 @@ impl Broker {
     }
 
     /// Validates a request and returns its cache key.
-    pub fn key(&self, tenant: &str, scopes: &[String]) -> Result<Key, BrokerError> {
+    pub fn key(&self, tenant: &str, scopes: Vec<String>) -> Result<Key, BrokerError> {
         if tenant.is_empty() {
             return Err(BrokerError::InvalidArgument {
                 field: "tenant",
@@ -193,8 +193,8 @@ impl Broker {
 
     /// Serves a token: from cache when it meets the caller's minimum validity, otherwise
     /// from the one fetch under way for its key.
-    pub async fn get_token(&self, req: &TokenRequest) -> Result<IssuedToken, BrokerError> {
-        let key = self.key(&req.tenant, &req.scopes)?;
+    pub async fn get_token(&self, req: TokenRequest) -> Result<IssuedToken, BrokerError> {
+        let key = self.key(&req.tenant, req.scopes)?;
         let wanted = match req.min_validity {
             Some(d) if d > MAX_MIN_VALIDITY => {
                 return Err(BrokerError::InvalidArgument {
@@ -274,7 +274,7 @@ impl Broker {
         tenant: &str,
         scopes: &[String],
     ) -> Result<tokio::sync::watch::Receiver<SlotState>, BrokerError> {
-        let key = self.key(tenant, scopes)?;
+        let key = self.key(tenant, scopes.to_vec())?;
         let slot = self.inner.cache.slot(&key).await;
         let rx = slot.subscribe();
         if slot.current().token.is_none() && slot.negative(self.inner.clock.now()).is_none() {
@@ -286,7 +286,7 @@ impl Broker {
     /// Fetches the configured pre-warm keys; `Ok` once all are cached.
     pub async fn prewarm(&self) -> Result<(), BrokerError> {
         for p in &self.inner.prewarm {
-            self.get_token(&TokenRequest {
+            self.get_token(TokenRequest {
                 tenant: p.tenant.clone(),
                 scopes: p.scopes.clone(),
                 min_validity: None,
@@ -395,13 +395,13 @@ impl Broker {
 }
 
 /// Trims, de-duplicates and sorts scopes, and checks their shape.
-pub fn normalise_scopes(scopes: &[String]) -> Result<Vec<String>, BrokerError> {
-    // A request's scopes are normalised twice (admission, then the cache key), and nearly
-    // always arrive in normal form already: then they only need copying.
-    if already_normal(scopes) {
-        return Ok(scopes.to_vec());
+pub fn normalise_scopes(scopes: Vec<String>) -> Result<Vec<String>, BrokerError> {
+    // A request's scopes are checked twice (admission, then the cache key), and nearly
+    // always arrive in normal form already: then they are kept as they are.
+    if already_normal(&scopes) {
+        return Ok(scopes);
     }
-    normalise_full(scopes)
+    normalise_full(&scopes)
 }
 
 /// Trims, checks, sorts and de-duplicates; says what is wrong.
@@ -478,7 +478,7 @@ mod tests {
         let mut fast = 0;
         for c in &cases {
             let full = normalise_full(c).ok();
-            assert_eq!(normalise_scopes(c).ok(), full, "{c:?}");
+            assert_eq!(normalise_scopes(c.clone()).ok(), full, "{c:?}");
             if already_normal(c) {
                 fast += 1;
                 assert_eq!(full.as_ref(), Some(c), "{c:?} is in normal form");
@@ -489,7 +489,7 @@ mod tests {
 
     #[test]
     fn scopes_are_normalised() {
-        let s = normalise_scopes(&[
+        let s = normalise_scopes(vec![
             " https://graph.microsoft.com/.default".into(),
             "api://b/.default".into(),
             "https://graph.microsoft.com/.default".into(),
@@ -509,7 +509,7 @@ mod tests {
             vec!["a b".to_string()],
             vec!["x".repeat(600)],
         ] {
-            match normalise_scopes(&bad) {
+            match normalise_scopes(bad.clone()) {
                 Err(BrokerError::InvalidArgument { field, .. }) => assert_eq!(field, "scopes"),
                 other => panic!("{bad:?}: {other:?}"),
             }

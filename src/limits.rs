@@ -2,10 +2,10 @@
 //! map whose idle entries expire, so memory stays bounded however many identities appear)
 //! and a cap on requests in flight, beyond which requests are shed rather than queued.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::LimitsConfig;
@@ -22,7 +22,20 @@ pub struct Limits {
     rate: f64,
     burst: f64,
     buckets: moka::sync::Cache<String, Arc<Mutex<Bucket>>>,
-    in_flight: Arc<Semaphore>,
+    // A count, not a semaphore: nothing ever waits for a slot, and releasing a semaphore's
+    // permit takes its waiters' lock on every request.
+    in_flight: AtomicUsize,
+    max_in_flight: usize,
+}
+
+/// One request's slot among those in flight; freed when dropped.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl Limits {
@@ -35,7 +48,8 @@ impl Limits {
                 .max_capacity(cfg.max_callers)
                 .time_to_idle(cfg.caller_idle)
                 .build(),
-            in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: cfg.max_in_flight,
         }
     }
 
@@ -61,8 +75,11 @@ impl Limits {
     }
 
     /// A slot for one request in flight, or `None` when the broker is at its limit.
-    pub fn enter(&self) -> Option<OwnedSemaphorePermit> {
-        self.in_flight.clone().try_acquire_owned().ok()
+    pub fn enter(&self) -> Option<InFlight<'_>> {
+        let before = self.in_flight.fetch_add(1, Ordering::Acquire);
+        // Holds the count just taken: handed back at once when over the limit.
+        let slot = InFlight(&self.in_flight);
+        (before < self.max_in_flight).then_some(slot)
     }
 }
 
@@ -105,9 +122,16 @@ mod tests {
     fn in_flight_requests_are_capped_and_released() {
         let l = Limits::new(&cfg(1.0, 1, 2));
         let a = l.enter().unwrap();
-        let _b = l.enter().unwrap();
-        assert!(l.enter().is_none());
+        let b = l.enter().unwrap();
+        // Refused requests hand their count back.
+        for _ in 0..5 {
+            assert!(l.enter().is_none());
+        }
         drop(a);
-        assert!(l.enter().is_some());
+        let c = l.enter().unwrap();
+        assert!(l.enter().is_none());
+        drop((b, c));
+        let _both = (l.enter().unwrap(), l.enter().unwrap());
+        assert!(l.enter().is_none());
     }
 }

@@ -19,6 +19,7 @@ use crate::audit::{AuditRecord, Outcome};
 use crate::authn::{Caller, ClientCert, Credentials};
 use crate::broker::{Broker, BrokerError, IssuedToken, TokenRequest, TokenSource};
 use crate::cache::{CachedToken, SlotState};
+use crate::limits::InFlight;
 use crate::proto;
 use crate::proto::token_broker_server::TokenBroker;
 use crate::sensitive::Sensitive;
@@ -154,9 +155,9 @@ impl Service {
         &self,
         env: &Envelope,
         tenant: &str,
-        scopes: &[String],
+        scopes: Vec<String>,
         audit: &mut AuditRecord,
-    ) -> Result<(Caller, Vec<String>, tokio::sync::OwnedSemaphorePermit), Failure> {
+    ) -> Result<(Caller, Vec<String>, InFlight<'_>), Failure> {
         let permit = self.access.enter()?;
         let caller = self.access.authenticate(&env.credentials()).await?;
         audit.set_caller(&caller);
@@ -299,16 +300,16 @@ impl TokenBroker for Service {
         crate::telemetry::set_parent(&span, parent);
         let mut audit = env.audit("GetToken", &req.tenant, &req.scopes);
         let result = async {
-            let (_caller, scopes, _permit) = self
-                .admit(&env, &req.tenant, &req.scopes, &mut audit)
+            let (_caller, scopes, _in_flight) = self
+                .admit(&env, &req.tenant, req.scopes, &mut audit)
                 .await?;
             let token_req = TokenRequest {
-                tenant: req.tenant.clone(),
+                tenant: req.tenant,
                 scopes,
                 min_validity: decode_duration(req.min_validity)?,
                 force_refresh: req.force_refresh,
             };
-            Ok::<_, Failure>(self.broker.get_token(&token_req).await?)
+            Ok::<_, Failure>(self.broker.get_token(token_req).await?)
         }
         .instrument(span.clone())
         .await;
@@ -348,8 +349,8 @@ impl TokenBroker for Service {
         let mut audit = env.audit("WatchToken", &req.tenant, &req.scopes);
         let admitted = async {
             // The in-flight slot covers admission only: a watch is long-lived and idle.
-            let (caller, scopes, _permit) = self
-                .admit(&env, &req.tenant, &req.scopes, &mut audit)
+            let (caller, scopes, _in_flight) = self
+                .admit(&env, &req.tenant, req.scopes, &mut audit)
                 .await?;
             let rx = self.broker.subscribe(&req.tenant, &scopes).await?;
             Ok::<_, Failure>((caller, scopes, rx))

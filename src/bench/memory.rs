@@ -142,7 +142,7 @@ pub async fn fill(broker: &Broker, from: usize, to: usize) -> anyhow::Result<()>
     let mut results = futures::stream::iter(from..to)
         .map(|k| {
             let b = broker.clone();
-            async move { b.get_token(&key_request(k)).await }
+            async move { b.get_token(key_request(k)).await }
         })
         .buffer_unordered(256);
     while let Some(r) = results.next().await {
@@ -154,7 +154,7 @@ pub async fn fill(broker: &Broker, from: usize, to: usize) -> anyhow::Result<()>
 pub async fn run(opts: &MemoryOptions) -> anyhow::Result<MemoryReport> {
     let (broker, _dir) = fake_broker(TENANTS, opts.token_bytes)?;
     // One fetch first, so one-off allocations (runtime, certificate cache) are in the baseline.
-    broker.get_token(&key_request(usize::MAX / 2)).await?;
+    broker.get_token(key_request(usize::MAX / 2)).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let before = rss_bytes().unwrap_or(0);
     let mut points = Vec::new();
