@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crossbeam_utils::CachePadded;
 use serde::{Serialize, Serializer};
 
 use crate::authn::{Caller, Proof};
@@ -421,7 +422,9 @@ pub struct JsonLines {
 }
 
 struct Shared {
-    shards: Box<[Mutex<Vec<u8>>]>,
+    /// A cache line each: threads writing records to neighbouring shards would otherwise
+    /// contend for the line both locks share.
+    shards: Box<[CachePadded<Mutex<Vec<u8>>>]>,
     limit: usize,
     state: Mutex<WriterState>,
     /// Signalled after every batch the writer has written.
@@ -464,7 +467,9 @@ impl JsonLines {
             .map_or(4, |n| n.get() * 2)
             .clamp(4, 64);
         let shared = Arc::new(Shared {
-            shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            shards: (0..shards)
+                .map(|_| CachePadded::new(Mutex::new(Vec::new())))
+                .collect(),
             limit,
             state: Mutex::new(WriterState::default()),
             written: Condvar::new(),

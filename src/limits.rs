@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crossbeam_utils::CachePadded;
 use tokio::time::Instant;
 
 use crate::config::LimitsConfig;
@@ -23,8 +24,9 @@ pub struct Limits {
     burst: f64,
     buckets: moka::sync::Cache<String, Arc<Mutex<Bucket>>>,
     // A count, not a semaphore: nothing ever waits for a slot, and releasing a semaphore's
-    // permit takes its waiters' lock on every request.
-    in_flight: AtomicUsize,
+    // permit takes its waiters' lock on every request. On a cache line of its own: every
+    // request writes it from whichever thread, and the fields beside it are read as often.
+    in_flight: CachePadded<AtomicUsize>,
     max_in_flight: usize,
 }
 
@@ -48,7 +50,7 @@ impl Limits {
                 .max_capacity(cfg.max_callers)
                 .time_to_idle(cfg.caller_idle)
                 .build(),
-            in_flight: AtomicUsize::new(0),
+            in_flight: CachePadded::new(AtomicUsize::new(0)),
             max_in_flight: cfg.max_in_flight,
         }
     }
