@@ -158,7 +158,7 @@ impl Service {
         scopes: Vec<String>,
         audit: &mut AuditRecord,
     ) -> Result<(Caller, Vec<String>, InFlight<'_>), Failure> {
-        let permit = self.access.enter()?;
+        let in_flight = self.access.enter()?;
         let caller = self.access.authenticate(&env.credentials()).await?;
         audit.set_caller(&caller);
         self.access.check_rate(&caller)?;
@@ -172,7 +172,7 @@ impl Service {
         }
         let scopes = crate::broker::normalise_scopes(scopes)?;
         self.access.authorize(&caller, tenant, &scopes)?;
-        Ok((caller, scopes, permit))
+        Ok((caller, scopes, in_flight))
     }
 
     fn finish(&self, mut audit: AuditRecord, failure: &Failure) -> Status {
