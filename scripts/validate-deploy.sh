@@ -105,6 +105,18 @@ done
 step "rendered manifests keep their properties"
 timeout 60 "$py" deploy/tools/check_static.py manifests "$work/aks.yaml" "$work/configs" \
     || fail "manifest properties"
+step "with the Cilium component, public 443 is allowed by name only"
+# Allow rules of all policies selecting a pod add up, so the FQDN policy narrows nothing
+# unless the base policy's rule for any public address is gone.
+timeout 60 "$py" - "$work/aks-cilium.yaml" <<'PY' || fail "the Cilium render still allows public 443 by address"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "tokenbroker")
+cidrs = [p["ipBlock"]["cidr"] for r in policy["spec"]["egress"] for p in r.get("to", []) if "ipBlock" in p]
+assert "0.0.0.0/0" not in cidrs, f"NetworkPolicy egress still has 0.0.0.0/0: {cidrs}"
+assert any(d["kind"] == "CiliumNetworkPolicy" for d in docs), "no CiliumNetworkPolicy rendered"
+print(f"ok: NetworkPolicy egress address blocks {cidrs}; FQDN policy present")
+PY
 step "Bicep files parse (pycep) and their modules exist"
 timeout 120 "$py" deploy/tools/check_static.py bicep deploy/azure || fail "bicep parse"
 step "Key Vault certificate policy"
