@@ -2,7 +2,7 @@
 # Validate the deployment files without a Docker engine, a Bicep compiler, kustomize
 # or a cluster (none exists on the project's machines):
 #
-#   1. render deploy/kubernetes/overlays/aks (and with the optional Cilium component)
+#   1. render deploy/kubernetes/overlays/aks (and with the optional Cilium and OTLP components)
 #      with deploy/tools/render.py, a kustomize-compatible subset;
 #   2. kubernetes-validate --strict on the renders, for each Kubernetes version in
 #      KUBE_VERSIONS; only the Cilium CRD may lack a schema;
@@ -35,6 +35,7 @@ stamp="$venv/.requirements.sha256"
 kube_versions="${KUBE_VERSIONS:-1.33.0 1.37.0}"
 overlay="deploy/kubernetes/overlays/aks"
 component="deploy/kubernetes/components/cilium-fqdn-egress"
+otlp_component="deploy/kubernetes/components/otlp-egress"
 
 step() { printf '\n--> validate-deploy: %s\n' "$*"; }
 failures=0
@@ -67,22 +68,24 @@ trap 'rm -rf "$work"' EXIT
 # --- 1. render --------------------------------------------------------------------------
 step "render $overlay (kustomize-compatible subset)"
 "$py" deploy/tools/render.py "$overlay" -o "$work/aks.yaml" || fail "render $overlay"
-# The overlay with the optional FQDN egress component, as an operator would enable it.
-mkdir -p "$work/aks-cilium"
-cat > "$work/aks-cilium/kustomization.yaml" <<EOF
+# The overlay with the optional components (FQDN egress, OTLP egress), as an operator
+# would enable them.
+mkdir -p "$work/aks-optional"
+cat > "$work/aks-optional/kustomization.yaml" <<EOF
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 resources:
   - $repo_root/$overlay
 components:
   - $repo_root/$component
+  - $repo_root/$otlp_component
 EOF
-"$py" deploy/tools/render.py "$work/aks-cilium" -o "$work/aks-cilium.yaml" \
-    || fail "render $overlay with $component"
+"$py" deploy/tools/render.py "$work/aks-optional" -o "$work/aks-optional.yaml" \
+    || fail "render $overlay with $component and $otlp_component"
 
 # --- 2. kubernetes-validate -------------------------------------------------------------
 for v in $kube_versions; do
-    for f in aks aks-cilium; do
+    for f in aks aks-optional; do
         [[ -s "$work/$f.yaml" ]] || continue
         step "kubernetes-validate --strict -k $v ($f)"
         if ! out="$(timeout 120 "$bin/kubernetes-validate" --strict --quiet -k "$v" "$work/$f.yaml" 2>&1)"; then
@@ -105,10 +108,10 @@ done
 step "rendered manifests keep their properties"
 timeout 60 "$py" deploy/tools/check_static.py manifests "$work/aks.yaml" "$work/configs" \
     || fail "manifest properties"
-step "with the Cilium component, public 443 is allowed by name only"
+step "with the optional components: public 443 by name only, OTLP egress on 4318"
 # Allow rules of all policies selecting a pod add up, so the FQDN policy narrows nothing
 # unless the base policy's rule for any public address is gone.
-timeout 60 "$py" - "$work/aks-cilium.yaml" <<'PY' || fail "the Cilium render still allows public 443 by address"
+timeout 60 "$py" - "$work/aks-optional.yaml" <<'PY' || fail "the render with the optional components"
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "tokenbroker")
@@ -116,6 +119,9 @@ cidrs = [p["ipBlock"]["cidr"] for r in policy["spec"]["egress"] for p in r.get("
 assert "0.0.0.0/0" not in cidrs, f"NetworkPolicy egress still has 0.0.0.0/0: {cidrs}"
 assert any(d["kind"] == "CiliumNetworkPolicy" for d in docs), "no CiliumNetworkPolicy rendered"
 print(f"ok: NetworkPolicy egress address blocks {cidrs}; FQDN policy present")
+otlp = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "tokenbroker-otlp-egress")
+assert [p["port"] for r in otlp["spec"]["egress"] for p in r["ports"]] == [4318], otlp
+print("ok: OTLP egress policy present (4318 only)")
 PY
 step "Bicep files parse (pycep) and their modules exist"
 timeout 120 "$py" deploy/tools/check_static.py bicep deploy/azure || fail "bicep parse"
@@ -189,7 +195,7 @@ PY
     if [[ $rc -ne 0 ]]; then fail "checkov $name exited $rc"; fi
 }
 checkov_run dockerfile --framework dockerfile -f Dockerfile
-checkov_run kubernetes --framework kubernetes -f "$work/aks.yaml" -f "$work/aks-cilium.yaml"
+checkov_run kubernetes --framework kubernetes -f "$work/aks.yaml" -f "$work/aks-optional.yaml"
 checkov_run bicep --framework bicep -d deploy/azure
 
 if [[ $failures -ne 0 ]]; then
