@@ -38,14 +38,20 @@ impl Sensitive {
 /// Truncated SHA-256 fingerprint of arbitrary bytes.
 pub fn fingerprint(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(31);
     out.push_str("sha256:");
-    for b in &digest[..12] {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    for &b in &digest[..12] {
+        let [high, low] = hex_digits(b);
+        out.push(char::from(high));
+        out.push(char::from(low));
     }
     out
+}
+
+/// The two lower-case hex digits of a byte.
+pub fn hex_digits(b: u8) -> [u8; 2] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    [HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]
 }
 
 impl fmt::Debug for Sensitive {
@@ -63,6 +69,14 @@ impl fmt::Display for Sensitive {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fingerprints_are_the_first_twelve_bytes_of_sha256_in_hex() {
+        // SHA-256("abc") = ba7816bf8f01cfea414140de5dae2223…
+        assert_eq!(fingerprint(b"abc"), "sha256:ba7816bf8f01cfea414140de");
+        assert_eq!(hex_digits(0x0f), *b"0f");
+        assert_eq!(hex_digits(0xa0), *b"a0");
+    }
 
     #[test]
     fn debug_and_display_never_show_the_value() {
