@@ -297,7 +297,8 @@ const RFC3339_MAX: usize = 30;
 /// `t` in RFC 3339 as `time`'s `Rfc3339` writes it (UTC as `Z`, the fraction of a second
 /// without trailing zeros), written into `buf` from the calendar fields; `None` outside the
 /// years 0 to 9999, which RFC 3339 cannot show. Two per record, on every request: `time`'s
-/// formatter, generic over format descriptions, takes five times the instructions.
+/// formatter is generic over format descriptions (with the escape and UTF-8 checks of its
+/// output, 765 instructions per time against 429 this way; docs/PERFORMANCE.md).
 fn format_rfc3339(t: SystemTime, buf: &mut [u8; RFC3339_MAX]) -> Option<usize> {
     let (d, nanos) = match t.duration_since(SystemTime::UNIX_EPOCH) {
         // Whole seconds and nanoseconds apart: `datetime`'s 128-bit division costs more than
