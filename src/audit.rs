@@ -12,14 +12,14 @@ use std::fmt;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crossbeam_utils::CachePadded;
 use serde::{Serialize, Serializer};
 
 use crate::authn::{Caller, Proof};
+use crate::striped::Striped;
 
 /// What became of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -421,9 +421,8 @@ pub struct JsonLines {
 }
 
 struct Shared {
-    /// A cache line each: threads writing records to neighbouring shards would otherwise
-    /// contend for the line both locks share.
-    shards: Box<[CachePadded<Mutex<Vec<u8>>>]>,
+    /// A shard per thread, each on a cache line of its own.
+    shards: Striped<Mutex<Vec<u8>>>,
     limit: usize,
     state: Mutex<WriterState>,
     /// Signalled after every batch the writer has written.
@@ -462,13 +461,8 @@ impl JsonLines {
     }
 
     fn spawn(out: Box<dyn Write + Send>, limit: usize) -> std::io::Result<Self> {
-        let shards = std::thread::available_parallelism()
-            .map_or(4, |n| n.get() * 2)
-            .clamp(4, 64);
         let shared = Arc::new(Shared {
-            shards: (0..shards)
-                .map(|_| CachePadded::new(Mutex::new(Vec::new())))
-                .collect(),
+            shards: Striped::default(),
             limit,
             state: Mutex::new(WriterState::default()),
             written: Condvar::new(),
@@ -530,19 +524,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// This thread's shard: threads are numbered once, in the order they first write.
-fn shard_of(shards: usize) -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    INDEX.with(|i| *i) % shards
-}
-
 impl AuditSink for JsonLines {
     fn write(&self, record: AuditRecord) {
-        let shards = &self.shared.shards;
-        let shard = &shards[shard_of(shards.len())];
+        let shard = self.shared.shards.local();
         let full = {
             let mut buf = lock(shard);
             record.write_json(&mut buf);
@@ -591,7 +575,7 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Write + Send>) {
         };
         let mut result = Ok(());
         let mut wrote = false;
-        for shard in &shared.shards {
+        for shard in shared.shards.iter() {
             std::mem::swap(&mut *lock(shard), &mut spare);
             if !spare.is_empty() {
                 // One call per shard: its lines stay whole in an O_APPEND file.
@@ -843,7 +827,7 @@ mod tests {
         }
         assert!(!sender.is_finished());
         let buffered: usize = sink.shared.shards.iter().map(|s| lock(s).len()).sum();
-        assert!(buffered <= line * 10 * sink.shared.shards.len());
+        assert!(buffered <= line * 10 * sink.shared.shards.iter().count());
         *open.0.lock().unwrap() = true;
         open.1.notify_all();
         sender.join().unwrap();

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -21,6 +21,7 @@ pub use crate::flow::FlowError;
 use crate::flow::{self, Flow, Tenant};
 use crate::resilience::backoff;
 use crate::signer::Signer;
+use crate::striped::Counter;
 
 /// Longest minimum validity a caller may ask for: Entra tokens live 60-90 minutes.
 pub const MAX_MIN_VALIDITY: Duration = Duration::from_secs(3600);
@@ -78,16 +79,16 @@ pub enum BrokerError {
     ShuttingDown,
 }
 
-/// Cache counters for tests, metrics and benchmarks.
+/// Cache counters for tests, metrics and benchmarks; striped, as every request bumps one.
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub coalesced: AtomicU64,
-    pub stale_served: AtomicU64,
-    pub negative_hits: AtomicU64,
-    pub refreshes: AtomicU64,
-    pub refresh_failures: AtomicU64,
+    pub hits: Counter,
+    pub misses: Counter,
+    pub coalesced: Counter,
+    pub stale_served: Counter,
+    pub negative_hits: Counter,
+    pub refreshes: Counter,
+    pub refresh_failures: Counter,
 }
 
 /// The upstream seams the broker uses; tests replace any of them.
@@ -194,6 +195,21 @@ impl Broker {
     /// Serves a token: from cache when it meets the caller's minimum validity, otherwise
     /// from the one fetch under way for its key.
     pub async fn get_token(&self, req: TokenRequest) -> Result<IssuedToken, BrokerError> {
+        self.serve_token(req, |token, source| IssuedToken {
+            token: token.clone(),
+            source,
+        })
+        .await
+    }
+
+    /// Like `get_token`, but lends the token to `serve` and returns what it makes of it (the
+    /// API's response): a cache hit then takes no reference to the token, which would be a
+    /// write to the one reference count that every request for the key shares.
+    pub async fn serve_token<R>(
+        &self,
+        req: TokenRequest,
+        serve: impl FnOnce(&Arc<CachedToken>, TokenSource) -> R,
+    ) -> Result<R, BrokerError> {
         let key = self.key(&req.tenant, req.scopes)?;
         let wanted = match req.min_validity {
             Some(d) if d > MAX_MIN_VALIDITY => {
@@ -214,45 +230,40 @@ impl Broker {
         };
         let slot = self.inner.cache.slot(&key).await;
         let now = self.inner.clock.now();
-        let state = slot.current();
-        if let Some(token) = &state.token
-            && token.remaining(now) >= wanted
-            && !(req.force_refresh && slot.allow_forced(now, self.inner.cfg.force_refresh_interval))
         {
-            self.inner.stats.hits.fetch_add(1, Ordering::Relaxed);
-            if now >= token.refresh_at && state.failure.is_none() {
-                // Overdue (the scheduled refresh has not run yet): start it, or join the one
-                // running, without waiting. After a failure the scheduler's backoff decides.
-                let _ = self.start_fetch(&key, &slot);
+            let state = slot.current();
+            if let Some(token) = &state.token
+                && token.remaining(now) >= wanted
+                && !(req.force_refresh
+                    && slot.allow_forced(now, self.inner.cfg.force_refresh_interval))
+            {
+                self.inner.stats.hits.incr();
+                if now >= token.refresh_at && state.failure.is_none() {
+                    // Overdue (the scheduled refresh has not run yet): start it, or join the
+                    // one running, without waiting. After a failure the scheduler's backoff
+                    // decides.
+                    let _ = self.start_fetch(&key, &slot);
+                }
+                let source = if state.failure.is_some() {
+                    self.inner.stats.stale_served.incr();
+                    TokenSource::StaleWhileRefreshFailing
+                } else {
+                    TokenSource::Cache
+                };
+                return Ok(serve(token, source));
             }
-            let source = if state.failure.is_some() {
-                self.inner
-                    .stats
-                    .stale_served
-                    .fetch_add(1, Ordering::Relaxed);
-                TokenSource::StaleWhileRefreshFailing
-            } else {
-                TokenSource::Cache
-            };
-            return Ok(IssuedToken {
-                token: token.clone(),
-                source,
-            });
         }
         if let Some(e) = slot.negative(now) {
-            self.inner
-                .stats
-                .negative_hits
-                .fetch_add(1, Ordering::Relaxed);
+            self.inner.stats.negative_hits.incr();
             return Err(BrokerError::Upstream {
                 tenant: key.tenant.to_string(),
                 source: e,
             });
         }
-        self.inner.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.misses.incr();
         let (joined, flight) = self.start_fetch(&key, &slot)?;
         if joined == Joined::Follower {
-            self.inner.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+            self.inner.stats.coalesced.incr();
         }
         let token = flight.await.map_err(|source| BrokerError::Upstream {
             tenant: key.tenant.to_string(),
@@ -262,10 +273,7 @@ impl Broker {
         if remaining < wanted {
             return Err(BrokerError::MinValidityUnmet { remaining, wanted });
         }
-        Ok(IssuedToken {
-            token,
-            source: TokenSource::Exchange,
-        })
+        Ok(serve(&token, TokenSource::Exchange))
     }
 
     /// Watches a key's state; starts a fetch if there is no token yet.
@@ -332,11 +340,7 @@ impl Broker {
                             broker.schedule_refresh(key, weak_slot, t.refresh_at);
                         }
                         Err(e) => {
-                            broker
-                                .inner
-                                .stats
-                                .refresh_failures
-                                .fetch_add(1, Ordering::Relaxed);
+                            broker.inner.stats.refresh_failures.incr();
                             warn!(error = %e, "token fetch failed");
                             if e.is_persistent() {
                                 // Remember it briefly so one broken tenant cannot hammer Entra.
@@ -366,12 +370,12 @@ impl Broker {
                 let Some(live) = slot.upgrade() else { return };
                 // A newer token may have been published meanwhile (forced refresh): its own
                 // schedule takes over.
-                if let Some(t) = live.current().token
+                if let Some(t) = &live.current().token
                     && t.refresh_at > at
                 {
                     return;
                 }
-                broker.inner.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+                broker.inner.stats.refreshes.incr();
                 debug!(key = %key, "refreshing ahead of expiry");
                 let Ok((_, flight)) = broker.start_fetch(&key, &live) else {
                     return;

@@ -7,6 +7,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::watch;
@@ -64,7 +65,12 @@ type Flight<E> = Shared<BoxFuture<'static, FlightResult<E>>>;
 
 /// One cache entry.
 pub struct Slot<E> {
+    /// For watchers, who wait for changes.
     state: watch::Sender<SlotState>,
+    /// The same state for requests, who only read it: loading it writes nothing shared,
+    /// where borrowing the watch takes its lock and cloning the token counts a reference,
+    /// each a write to a cache line every request on every core touches.
+    current: ArcSwap<SlotState>,
     inflight: Mutex<Option<Flight<E>>>,
     last_forced: Mutex<Option<SystemTime>>,
     /// A persistent failure (configuration) answered from memory until the given time.
@@ -88,14 +94,16 @@ impl<E: Send + Sync + 'static> Slot<E> {
     fn new() -> Self {
         Slot {
             state: watch::channel(SlotState::default()).0,
+            current: ArcSwap::default(),
             inflight: Mutex::new(None),
             last_forced: Mutex::new(None),
             negative: Mutex::new(None),
         }
     }
 
-    pub fn current(&self) -> SlotState {
-        self.state.borrow().clone()
+    /// The current state, to read and let go (not to hold across an `await`).
+    pub fn current(&self) -> arc_swap::Guard<Arc<SlotState>> {
+        self.current.load()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<SlotState> {
@@ -107,12 +115,16 @@ impl<E: Send + Sync + 'static> Slot<E> {
     where
         E: fmt::Display,
     {
-        self.state.send_modify(|s| match result {
-            Ok(t) => {
-                s.token = Some(t.clone());
-                s.failure = None;
+        self.state.send_modify(|s| {
+            match result {
+                Ok(t) => {
+                    s.token = Some(t.clone());
+                    s.failure = None;
+                }
+                Err(e) => s.failure = Some(e.to_string()),
             }
-            Err(e) => s.failure = Some(e.to_string()),
+            // Under the watch's lock, so both copies change in the same order.
+            self.current.store(Arc::new(s.clone()));
         });
     }
 

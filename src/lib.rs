@@ -32,6 +32,7 @@ pub mod resilience;
 pub mod sensitive;
 pub mod server;
 pub mod signer;
+pub mod striped;
 pub mod telemetry;
 pub mod tls;
 

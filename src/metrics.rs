@@ -28,6 +28,7 @@ use crate::entra::EntraError;
 use crate::flow::FlowError;
 use crate::resilience::BreakerState;
 use crate::signer::SignerError;
+use crate::striped::Striped;
 
 /// Label for a tenant that is not configured.
 pub const UNKNOWN: &str = "_unknown";
@@ -150,9 +151,9 @@ fn outcome(code: tonic::Code) -> &'static str {
 
 /// `tokenbroker_requests` as a table of atomics by method and gRPC code, reported through an
 /// observable counter: on a cache hit the SDK's per-call attribute lookup would cost more
-/// than the broker's own work.
+/// than the broker's own work. A table per thread stripe, summed when read.
 #[derive(Default)]
-struct RequestCounts([[AtomicU64; CODES]; METHODS.len()]);
+struct RequestCounts(Striped<[[AtomicU64; CODES]; METHODS.len()]>);
 
 impl RequestCounts {
     fn register(meter: &Meter) -> Arc<RequestCounts> {
@@ -162,11 +163,11 @@ impl RequestCounts {
             .u64_observable_counter("tokenbroker_requests")
             .with_description("gRPC requests by method, outcome and status code")
             .with_callback(move |o| {
-                for (method, by_code) in METHODS.iter().zip(&read.0) {
-                    for (code, n) in (0i32..).zip(by_code) {
-                        let n = n.load(Relaxed);
+                for (m, method) in METHODS.iter().enumerate() {
+                    for code in 0..CODES {
+                        let n: u64 = read.0.iter().map(|t| t[m][code].load(Relaxed)).sum();
                         if n > 0 {
-                            let code = tonic::Code::from_i32(code);
+                            let code = tonic::Code::from_i32(code as i32);
                             o.observe(
                                 n,
                                 &[
@@ -187,7 +188,7 @@ impl RequestCounts {
         let slot = METHODS
             .iter()
             .position(|m| *m == method)
-            .and_then(|m| self.0[m].get(code as usize));
+            .and_then(|m| self.0.local()[m].get(code as usize));
         match slot {
             Some(n) => {
                 n.fetch_add(1, Relaxed);
@@ -394,37 +395,37 @@ fn observe(meter: &Meter, source: &Source) {
         (
             "tokenbroker_cache_hits",
             "Requests served from the cache (including stale serves)",
-            |b| b.stats().hits.load(Relaxed),
+            |b| b.stats().hits.get(),
         ),
         (
             "tokenbroker_cache_misses",
             "Requests that waited for an upstream fetch (including coalesced waits)",
-            |b| b.stats().misses.load(Relaxed),
+            |b| b.stats().misses.get(),
         ),
         (
             "tokenbroker_cache_coalesced",
             "Misses that joined a fetch already under way instead of starting one",
-            |b| b.stats().coalesced.load(Relaxed),
+            |b| b.stats().coalesced.get(),
         ),
         (
             "tokenbroker_cache_stale_served",
             "Still-valid tokens served while their refresh is failing",
-            |b| b.stats().stale_served.load(Relaxed),
+            |b| b.stats().stale_served.get(),
         ),
         (
             "tokenbroker_cache_negative_hits",
             "Requests answered from the negative cache (a recent persistent failure)",
-            |b| b.stats().negative_hits.load(Relaxed),
+            |b| b.stats().negative_hits.get(),
         ),
         (
             "tokenbroker_refreshes",
             "Refreshes ahead of expiry started",
-            |b| b.stats().refreshes.load(Relaxed),
+            |b| b.stats().refreshes.get(),
         ),
         (
             "tokenbroker_refresh_failures",
             "Token fetches (first fetch or refresh) that failed",
-            |b| b.stats().refresh_failures.load(Relaxed),
+            |b| b.stats().refresh_failures.get(),
         ),
         (
             "tokenbroker_upstream_retries",
@@ -504,7 +505,7 @@ fn soonest_expiry(b: &Broker) -> Vec<(String, f64)> {
     let now = b.clock().now();
     let mut out: std::collections::BTreeMap<String, f64> = Default::default();
     for (key, slot) in b.cache().iter() {
-        let Some(token) = slot.current().token else {
+        let Some(token) = slot.current().token.clone() else {
             continue;
         };
         let secs = match token.expires_at.duration_since(now) {

@@ -324,8 +324,10 @@ impl PolicyHandle {
         Ok(Arc::new(handle))
     }
 
-    pub fn current(&self) -> Arc<Policy> {
-        self.current.load_full()
+    /// The policy in force. A guard, not a clone of the `Arc`: every request asks, and
+    /// counting references would have every request write the one shared reference count.
+    pub fn current(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.current.load()
     }
 
     /// Re-reads the policy file. A valid, changed policy replaces the current one

@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, info, info_span};
 use crate::access::{Access, AccessError};
 use crate::audit::{AuditRecord, Outcome};
 use crate::authn::{Caller, ClientCert, Credentials};
-use crate::broker::{Broker, BrokerError, IssuedToken, TokenRequest, TokenSource};
+use crate::broker::{Broker, BrokerError, TokenRequest, TokenSource};
 use crate::cache::{CachedToken, SlotState};
 use crate::limits::InFlight;
 use crate::proto;
@@ -309,13 +309,8 @@ impl TokenBroker for Service {
                 min_validity: decode_duration(req.min_validity)?,
                 force_refresh: req.force_refresh,
             };
-            Ok::<_, Failure>(self.broker.get_token(token_req).await?)
-        }
-        .instrument(span.clone())
-        .await;
-        let _entered = span.enter();
-        let result = match result {
-            Ok(IssuedToken { token, source }) => {
+            // The response and the audit fields are made from the token as lent by the cache.
+            let served = self.broker.serve_token(token_req, |token, source| {
                 // Every grant is in the audit log; this line is for debugging only.
                 debug!(
                     request_id = env.request_id.as_str(),
@@ -323,13 +318,22 @@ impl TokenBroker for Service {
                     fingerprint = %token.fingerprint,
                     "token served"
                 );
-                audit.outcome = Outcome::Allowed;
-                audit.code = error::code_name(tonic::Code::Ok);
                 audit.token_source = Some(source_name(source));
                 audit.expires_at = Some(token.expires_at);
-                audit.token_fingerprint = Some(token.fingerprint.to_string());
+                audit.token_fingerprint = Some(String::from(&*token.fingerprint));
+                response(token, source)
+            });
+            Ok::<_, Failure>(served.await?)
+        }
+        .instrument(span.clone())
+        .await;
+        let _entered = span.enter();
+        let result = match result {
+            Ok(response) => {
+                audit.outcome = Outcome::Allowed;
+                audit.code = error::code_name(tonic::Code::Ok);
                 self.access.audit().record(audit);
-                Ok(Response::new(response(&token, source)))
+                Ok(Response::new(response))
             }
             Err(f) => Err(self.finish(audit, &f)),
         };

@@ -88,11 +88,7 @@ async fn a_thousand_concurrent_cold_requests_cause_one_sign_and_one_exchange() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
-    assert_eq!(
-        stats.hits.load(std::sync::atomic::Ordering::Relaxed)
-            + stats.misses.load(std::sync::atomic::Ordering::Relaxed),
-        1000
-    );
+    assert_eq!(stats.hits.get() + stats.misses.get(), 1000);
     assert_eq!(stack.total_signs().await, 1);
     assert_eq!(
         stack

@@ -147,8 +147,7 @@ async fn metrics_count_a_scripted_sequence_exactly() {
     }
     let stats = stack.broker.stats();
     wait_for(|| async {
-        stats.misses.load(std::sync::atomic::Ordering::Relaxed) == COLD as u64
-            && stats.coalesced.load(std::sync::atomic::Ordering::Relaxed) == COLD as u64 - 1
+        stats.misses.get() == COLD as u64 && stats.coalesced.get() == COLD as u64 - 1
     })
     .await;
     gate.add_permits(1000);
