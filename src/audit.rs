@@ -123,11 +123,11 @@ impl AuditRecord {
         out.extend_from_slice(b",\"request_id\":");
         json_str(out, &self.request_id);
         out.extend_from_slice(b",\"rpc\":");
-        json_str(out, self.rpc);
+        json_static(out, self.rpc);
         out.extend_from_slice(b",\"caller\":");
         json_opt(out, self.caller.as_deref());
         out.extend_from_slice(b",\"proof\":");
-        json_opt(out, self.proof.map(Proof::name));
+        json_static_opt(out, self.proof.map(Proof::name));
         out.extend_from_slice(b",\"app_id\":");
         json_opt(out, self.app_id.as_deref());
         out.extend_from_slice(b",\"peer\":");
@@ -145,13 +145,13 @@ impl AuditRecord {
             json_str(out, s);
         }
         out.extend_from_slice(b"],\"outcome\":");
-        json_str(out, self.outcome.name());
+        json_static(out, self.outcome.name());
         out.extend_from_slice(b",\"code\":");
-        json_str(out, self.code);
+        json_static(out, self.code);
         out.extend_from_slice(b",\"reason\":");
         json_opt(out, self.reason.as_deref());
         out.extend_from_slice(b",\"token_source\":");
-        json_opt(out, self.token_source);
+        json_static_opt(out, self.token_source);
         out.extend_from_slice(b",\"expires_at\":");
         json_time(out, self.expires_at);
         out.extend_from_slice(b",\"token_fingerprint\":");
@@ -213,6 +213,22 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// A string of the broker's own (a name from a table in the code), which has nothing to
+/// escape: five per record, where the escape check would cost more than the copy.
+fn json_static(out: &mut Vec<u8>, s: &'static str) {
+    debug_assert!(!needs_escape(s.as_bytes()), "{s:?} needs escaping");
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
+fn json_static_opt(out: &mut Vec<u8>, s: Option<&'static str>) {
+    match s {
+        Some(s) => json_static(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
 }
 
 fn json_opt(out: &mut Vec<u8>, s: Option<&str>) {
@@ -298,39 +314,19 @@ const RFC3339_MAX: usize = 30;
 /// without trailing zeros), written into `buf` from the calendar fields; `None` outside the
 /// years 0 to 9999, which RFC 3339 cannot show. Two per record, on every request: `time`'s
 /// formatter is generic over format descriptions (with the escape and UTF-8 checks of its
-/// output, 765 instructions per time against 429 this way; docs/PERFORMANCE.md).
+/// output, 765 instructions per time against 429 from the calendar fields, and 263 in a
+/// record with the whole seconds remembered; docs/PERFORMANCE.md).
 fn format_rfc3339(t: SystemTime, buf: &mut [u8; RFC3339_MAX]) -> Option<usize> {
     let (d, nanos) = match t.duration_since(SystemTime::UNIX_EPOCH) {
         // Whole seconds and nanoseconds apart: `datetime`'s 128-bit division costs more than
         // the rest of the formatting.
-        Ok(since) => (
-            time::OffsetDateTime::from_unix_timestamp(i64::try_from(since.as_secs()).ok()?).ok()?,
-            since.subsec_nanos(),
-        ),
-        Err(_) => datetime(t).map(|d| (d, d.nanosecond()))?,
+        Ok(since) => (Seconds::Since(since.as_secs()), since.subsec_nanos()),
+        Err(_) => datetime(t).map(|d| (Seconds::Before(d), d.nanosecond()))?,
     };
-    let (year, month, day) = d.to_calendar_date();
-    let year = u32::try_from(year).ok().filter(|y| *y < 10_000)?;
-    let (hour, minute, second) = d.to_hms();
-    let mut n = 0;
-    let mut put = |value: u32, width: usize, then: &[u8]| {
-        let mut v = value;
-        for b in buf[n..n + width].iter_mut().rev() {
-            *b = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-        n += width;
-        buf[n..n + then.len()].copy_from_slice(then);
-        n += then.len();
-    };
-    put(year, 4, b"-");
-    put(u32::from(u8::from(month)), 2, b"-");
-    put(u32::from(day), 2, b"T");
-    put(u32::from(hour), 2, b":");
-    put(u32::from(minute), 2, b":");
-    put(u32::from(second), 2, b"");
+    let mut n = whole_seconds(d, buf)?;
     if nanos != 0 {
-        put(nanos, 10, b"");
+        put_digits(buf, n, nanos, 10);
+        n += 10;
         // Ten digits for the nanoseconds: the leading `0` becomes the point.
         buf[n - 10] = b'.';
         while buf[n - 1] == b'0' {
@@ -339,6 +335,77 @@ fn format_rfc3339(t: SystemTime, buf: &mut [u8; RFC3339_MAX]) -> Option<usize> {
     }
     buf[n] = b'Z';
     Some(n + 1)
+}
+
+/// The whole seconds of a time: counted from the epoch, or (before it) as a date-time.
+enum Seconds {
+    Since(u64),
+    Before(time::OffsetDateTime),
+}
+
+/// `YYYY-MM-DDTHH:MM:SS`, the part of an RFC 3339 time that changes once a second.
+const WHOLE_SECONDS: usize = 19;
+
+thread_local! {
+    /// The last two whole seconds this thread formatted after the epoch, with their text. A
+    /// record has two times (now and the token's expiry), and both repeat from one record to
+    /// the next: the calendar arithmetic runs about once a second instead of twice a record.
+    /// `u64::MAX` marks an empty entry: no `SystemTime` is that far from the epoch.
+    static RECENT_SECONDS: std::cell::Cell<[(u64, [u8; WHOLE_SECONDS]); 2]> =
+        const { std::cell::Cell::new([(u64::MAX, [0; WHOLE_SECONDS]); 2]) };
+}
+
+/// Writes the whole seconds at the start of `buf`; `None` outside the years 0 to 9999.
+fn whole_seconds(secs: Seconds, buf: &mut [u8; RFC3339_MAX]) -> Option<usize> {
+    let secs = match secs {
+        Seconds::Since(s) => s,
+        Seconds::Before(d) => return calendar(d, buf),
+    };
+    let mut recent = RECENT_SECONDS.get();
+    if let Some((_, text)) = recent.iter().find(|(s, _)| *s == secs) {
+        buf[..WHOLE_SECONDS].copy_from_slice(text);
+        return Some(WHOLE_SECONDS);
+    }
+    let d = time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs).ok()?).ok()?;
+    let n = calendar(d, buf)?;
+    // The older entry goes.
+    recent[1] = recent[0];
+    recent[0].0 = secs;
+    recent[0].1.copy_from_slice(&buf[..WHOLE_SECONDS]);
+    RECENT_SECONDS.set(recent);
+    Some(n)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` from the calendar fields; `None` outside the years 0 to 9999.
+fn calendar(d: time::OffsetDateTime, buf: &mut [u8; RFC3339_MAX]) -> Option<usize> {
+    let (year, month, day) = d.to_calendar_date();
+    let year = u32::try_from(year).ok().filter(|y| *y < 10_000)?;
+    let (hour, minute, second) = d.to_hms();
+    let fields: [(u32, usize, u8); 6] = [
+        (year, 0, b'-'),
+        (u32::from(u8::from(month)), 5, b'-'),
+        (u32::from(day), 8, b'T'),
+        (u32::from(hour), 11, b':'),
+        (u32::from(minute), 14, b':'),
+        (u32::from(second), 17, 0),
+    ];
+    for (value, at, then) in fields {
+        let width = if at == 0 { 4 } else { 2 };
+        put_digits(buf, at, value, width);
+        if then != 0 {
+            buf[at + width] = then;
+        }
+    }
+    Some(WHOLE_SECONDS)
+}
+
+/// `value` in `width` decimal digits at `buf[at..]`, zero-padded.
+fn put_digits(buf: &mut [u8], at: usize, value: u32, width: usize) {
+    let mut v = value;
+    for b in buf[at..at + width].iter_mut().rev() {
+        *b = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
 }
 
 /// Calls `f` with `t` in RFC 3339, formatted on the stack; `""` when it cannot be shown.
@@ -775,6 +842,36 @@ mod tests {
             SystemTime::UNIX_EPOCH - std::time::Duration::from_secs(62_167_219_201),
         ] {
             assert_eq!(with_rfc3339(t, str::to_owned), "");
+        }
+    }
+
+    #[test]
+    fn remembered_seconds_never_stand_in_for_other_seconds() {
+        use time::format_description::well_known::Rfc3339;
+        // Three times taking turns (more than the two remembered), repeats, and neighbours
+        // one second apart, across the whole range.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut times = Vec::new();
+        for _ in 0..2_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let base = x % 253_402_300_799;
+            times.extend([
+                base,
+                base + 1,
+                base,
+                1_800_000_000,
+                base,
+                base.saturating_sub(1),
+            ]);
+        }
+        for (i, s) in times.into_iter().enumerate() {
+            let t = SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_secs(s)
+                + std::time::Duration::from_nanos(i as u64 % 3 * 250_000_000);
+            let want = time::OffsetDateTime::from(t).format(&Rfc3339).unwrap();
+            assert_eq!(with_rfc3339(t, str::to_owned), want, "{s}s");
         }
     }
 
