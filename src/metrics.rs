@@ -10,11 +10,11 @@ use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
+use opentelemetry::metrics::{BoundHistogram, Counter, Histogram, Meter, MeterProvider as _};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
 use opentelemetry_sdk::metrics::reader::MetricReader;
@@ -130,6 +130,9 @@ struct Inner {
     source: Source,
     requests: Arc<RequestCounts>,
     request_duration: Histogram<f64>,
+    /// `request_duration` bound to each method and outcome when first recorded: a bound
+    /// instrument skips the SDK's per-call attribute lookup (a lock and a hash of the labels).
+    request_duration_by: [[OnceLock<BoundHistogram<f64>>; 2]; METHODS.len()],
     upstream_calls: Counter<u64>,
     upstream_duration: Histogram<f64>,
     throttled: Counter<u64>,
@@ -260,6 +263,7 @@ impl Metrics {
                 .with_unit("s")
                 .with_boundaries(BUCKETS.to_vec())
                 .build(),
+            request_duration_by: Default::default(),
             upstream_calls: meter
                 .u64_counter("tokenbroker_upstream_calls")
                 .with_description("Calls to managed identity, Key Vault and Entra ID by result; failures carry an error code (AADSTS code for Entra)")
@@ -305,13 +309,21 @@ impl Metrics {
     pub fn request(&self, method: &'static str, code: tonic::Code, took: Duration) {
         let outcome = outcome(code);
         self.inner.requests.add(method, code);
-        self.inner.request_duration.record(
-            took.as_secs_f64(),
-            &[
+        let labels = || {
+            [
                 KeyValue::new("method", method),
                 KeyValue::new("outcome", outcome),
-            ],
-        );
+            ]
+        };
+        match METHODS.iter().position(|m| *m == method) {
+            Some(m) => self.inner.request_duration_by[m][usize::from(code != tonic::Code::Ok)]
+                .get_or_init(|| self.inner.request_duration.bind(&labels()))
+                .record(took.as_secs_f64()),
+            None => self
+                .inner
+                .request_duration
+                .record(took.as_secs_f64(), &labels()),
+        }
     }
 
     /// One upstream call, with its error code when it failed.
