@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use futures::FutureExt;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::cache::{CachedToken, FlightResult, Joined, Key, Slot, SlotState, TokenCache};
+use crate::cache::{CachedToken, FlightResult, Joined, Key, KeyRef, Slot, SlotState, TokenCache};
 use crate::clock::Clock;
 use crate::config::{CacheConfig, Config, Prewarm};
 use crate::entra::TokenExchange;
@@ -174,6 +174,19 @@ impl Broker {
 
     /// Validates a request and returns its cache key.
     pub fn key(&self, tenant: &str, scopes: Vec<String>) -> Result<Key, BrokerError> {
+        let (tenant, scopes) = self.validate(tenant, scopes)?;
+        Ok(Key {
+            tenant: tenant.clone(),
+            scopes: scopes.into(),
+        })
+    }
+
+    /// Validates a request: the configured tenant's name, and the normalised scopes.
+    fn validate(
+        &self,
+        tenant: &str,
+        scopes: Vec<String>,
+    ) -> Result<(&Arc<str>, Vec<String>), BrokerError> {
         if tenant.is_empty() {
             return Err(BrokerError::InvalidArgument {
                 field: "tenant",
@@ -185,11 +198,7 @@ impl Broker {
             .tenants
             .get(tenant)
             .ok_or_else(|| BrokerError::UnknownTenant(tenant.chars().take(64).collect()))?;
-        let scopes = normalise_scopes(scopes)?;
-        Ok(Key {
-            tenant: t.name.clone(),
-            scopes: scopes.into(),
-        })
+        Ok((&t.name, normalise_scopes(scopes)?))
     }
 
     /// Serves a token: from cache when it meets the caller's minimum validity, otherwise
@@ -210,7 +219,7 @@ impl Broker {
         req: TokenRequest,
         serve: impl FnOnce(&Arc<CachedToken>, TokenSource) -> R,
     ) -> Result<R, BrokerError> {
-        let key = self.key(&req.tenant, req.scopes)?;
+        let (tenant, scopes) = self.validate(&req.tenant, req.scopes)?;
         let wanted = match req.min_validity {
             Some(d) if d > MAX_MIN_VALIDITY => {
                 return Err(BrokerError::InvalidArgument {
@@ -228,7 +237,15 @@ impl Broker {
                 .default_min_validity
                 .max(self.inner.cfg.safety_margin),
         };
-        let slot = self.inner.cache.slot(&key).await;
+        // Looked up by the request's own strings: a hit builds no key.
+        let slot = self
+            .inner
+            .cache
+            .slot(&KeyRef {
+                tenant,
+                scopes: &scopes,
+            })
+            .await;
         let now = self.inner.clock.now();
         {
             let state = slot.current();
@@ -242,6 +259,10 @@ impl Broker {
                     // Overdue (the scheduled refresh has not run yet): start it, or join the
                     // one running, without waiting. After a failure the scheduler's backoff
                     // decides.
+                    let key = Key {
+                        tenant: tenant.clone(),
+                        scopes: scopes.as_slice().into(),
+                    };
                     let _ = self.start_fetch(&key, &slot);
                 }
                 let source = if state.failure.is_some() {
@@ -256,11 +277,15 @@ impl Broker {
         if let Some(e) = slot.negative(now) {
             self.inner.stats.negative_hits.incr();
             return Err(BrokerError::Upstream {
-                tenant: key.tenant.to_string(),
+                tenant: tenant.to_string(),
                 source: e,
             });
         }
         self.inner.stats.misses.incr();
+        let key = Key {
+            tenant: tenant.clone(),
+            scopes: scopes.into(),
+        };
         let (joined, flight) = self.start_fetch(&key, &slot)?;
         if joined == Joined::Follower {
             self.inner.stats.coalesced.incr();

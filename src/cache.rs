@@ -3,7 +3,9 @@
 //! in-flight fetch that every concurrent miss joins (one upstream exchange per key).
 //! Watchers (`WatchToken`) subscribe to a slot's state.
 
+use std::borrow::Borrow;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -15,10 +17,90 @@ use tokio::sync::watch;
 use crate::sensitive::Sensitive;
 
 /// Cache key: configured tenant name and normalised scopes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 pub struct Key {
     pub tenant: Arc<str>,
     pub scopes: Arc<[String]>,
+}
+
+/// A key's contents as a lookup sees them, whether owned (`Key`) or borrowed from a request
+/// (`KeyRef`). moka finds entries through `Borrow`, so a cache hit builds no `Key`: no
+/// allocation, and no write to the tenant name's reference count, which every request for
+/// the tenant would share.
+pub trait KeyView: Send + Sync {
+    fn tenant(&self) -> &str;
+    fn scopes(&self) -> &[String];
+}
+
+/// A key borrowed from a request.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRef<'a> {
+    pub tenant: &'a str,
+    pub scopes: &'a [String],
+}
+
+impl KeyView for Key {
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+    fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+}
+
+impl KeyView for KeyRef<'_> {
+    fn tenant(&self) -> &str {
+        self.tenant
+    }
+    fn scopes(&self) -> &[String] {
+        self.scopes
+    }
+}
+
+// One hash and one equality for owned and borrowed keys alike, as `Borrow` requires.
+impl Hash for dyn KeyView + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.tenant().hash(state);
+        self.scopes().hash(state);
+    }
+}
+
+impl PartialEq for dyn KeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.tenant() == other.tenant() && self.scopes() == other.scopes()
+    }
+}
+
+impl Eq for dyn KeyView + '_ {}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self as &dyn KeyView).hash(state);
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        (self as &dyn KeyView) == (other as &dyn KeyView)
+    }
+}
+
+impl Eq for Key {}
+
+impl<'a> Borrow<dyn KeyView + 'a> for Key {
+    fn borrow(&self) -> &(dyn KeyView + 'a) {
+        self
+    }
+}
+
+impl ToOwned for dyn KeyView + '_ {
+    type Owned = Key;
+    fn to_owned(&self) -> Key {
+        Key {
+            tenant: self.tenant().into(),
+            scopes: self.scopes().into(),
+        }
+    }
 }
 
 impl fmt::Display for Key {
@@ -216,7 +298,8 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
         }
     }
 
-    pub async fn slot(&self, key: &Key) -> Arc<Slot<E>> {
+    /// The key's slot, made empty if there is none.
+    pub async fn slot(&self, key: &dyn KeyView) -> Arc<Slot<E>> {
         self.slots
             .get_with_by_ref(key, async { Arc::new(Slot::new()) })
             .await
@@ -233,5 +316,76 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
     /// Every slot, for periodic jobs (metrics, pre-warm checks).
     pub fn iter(&self) -> impl Iterator<Item = (Arc<Key>, Arc<Slot<E>>)> + '_ {
         self.slots.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher;
+
+    use super::*;
+
+    fn key(tenant: &str, scopes: &[&str]) -> Key {
+        Key {
+            tenant: tenant.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn owned_and_borrowed_keys_hash_and_compare_alike() {
+        let hasher = std::collections::hash_map::RandomState::new();
+        let owned = key("contoso", &["https://graph.microsoft.com/.default"]);
+        let scopes = vec!["https://graph.microsoft.com/.default".to_owned()];
+        let borrowed = KeyRef {
+            tenant: "contoso",
+            scopes: &scopes,
+        };
+        assert_eq!(
+            hasher.hash_one(&owned),
+            hasher.hash_one(&borrowed as &dyn KeyView)
+        );
+        let owned_view: &dyn KeyView = owned.borrow();
+        assert!(owned_view == &borrowed as &dyn KeyView);
+        assert_eq!((&borrowed as &dyn KeyView).to_owned(), owned);
+    }
+
+    #[tokio::test]
+    async fn a_borrowed_key_finds_its_own_slot_and_no_other() {
+        let cache: TokenCache<String> = TokenCache::new(100, Duration::from_secs(60));
+        let slot = cache.slot(&key("ab", &["c"])).await;
+        let same = ["c".to_owned()];
+        let found = cache
+            .slot(&KeyRef {
+                tenant: "ab",
+                scopes: &same,
+            })
+            .await;
+        assert!(Arc::ptr_eq(&slot, &found));
+        // The same characters split differently, and another scope order, are other keys.
+        let split = ["bc".to_owned()];
+        let other = cache
+            .slot(&KeyRef {
+                tenant: "a",
+                scopes: &split,
+            })
+            .await;
+        assert!(!Arc::ptr_eq(&slot, &other));
+        let two = ["c".to_owned(), "d".to_owned()];
+        let reversed = ["d".to_owned(), "c".to_owned()];
+        let a = cache
+            .slot(&KeyRef {
+                tenant: "ab",
+                scopes: &two,
+            })
+            .await;
+        let b = cache
+            .slot(&KeyRef {
+                tenant: "ab",
+                scopes: &reversed,
+            })
+            .await;
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&a, &cache.slot(&key("ab", &["c", "d"])).await));
     }
 }
