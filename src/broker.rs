@@ -241,10 +241,16 @@ impl Broker {
         let slot = self
             .inner
             .cache
-            .slot(&KeyRef {
-                tenant,
-                scopes: &scopes,
-            })
+            .slot(
+                &KeyRef {
+                    tenant,
+                    scopes: &scopes,
+                },
+                || Key {
+                    tenant: tenant.clone(),
+                    scopes: scopes.as_slice().into(),
+                },
+            )
             .await;
         let now = self.inner.clock.now();
         {
@@ -308,7 +314,7 @@ impl Broker {
         scopes: &[String],
     ) -> Result<tokio::sync::watch::Receiver<SlotState>, BrokerError> {
         let key = self.key(tenant, scopes.to_vec())?;
-        let slot = self.inner.cache.slot(&key).await;
+        let slot = self.inner.cache.slot(&key, || key.clone()).await;
         let rx = slot.subscribe();
         if slot.current().token.is_none() && slot.negative(self.inner.clock.now()).is_none() {
             let _ = self.start_fetch(&key, &slot);

@@ -93,16 +93,6 @@ impl<'a> Borrow<dyn KeyView + 'a> for Key {
     }
 }
 
-impl ToOwned for dyn KeyView + '_ {
-    type Owned = Key;
-    fn to_owned(&self) -> Key {
-        Key {
-            tenant: self.tenant().into(),
-            scopes: self.scopes().into(),
-        }
-    }
-}
-
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.tenant, self.scopes.join(" "))
@@ -298,10 +288,19 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
         }
     }
 
-    /// The key's slot, made empty if there is none.
-    pub async fn slot(&self, key: &dyn KeyView) -> Arc<Slot<E>> {
+    /// The key's slot; when there is none, an empty one under `owned()` (the key's owned
+    /// form, which shares the tenant's name with the configuration).
+    pub async fn slot(&self, key: &dyn KeyView, owned: impl FnOnce() -> Key) -> Arc<Slot<E>> {
+        if let Some(slot) = self.slots.get(key).await {
+            return slot;
+        }
+        let owned = owned();
+        debug_assert!(
+            &owned as &dyn KeyView == key,
+            "the owned key is another key"
+        );
         self.slots
-            .get_with_by_ref(key, async { Arc::new(Slot::new()) })
+            .get_with(owned, async { Arc::new(Slot::new()) })
             .await
     }
 
@@ -347,45 +346,34 @@ mod tests {
         );
         let owned_view: &dyn KeyView = owned.borrow();
         assert!(owned_view == &borrowed as &dyn KeyView);
-        assert_eq!((&borrowed as &dyn KeyView).to_owned(), owned);
+    }
+
+    /// The slot a request for `tenant` and `scopes` finds (made if there is none).
+    async fn find(cache: &TokenCache<String>, tenant: &str, scopes: &[&str]) -> Arc<Slot<String>> {
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        let view = KeyRef {
+            tenant,
+            scopes: &scopes,
+        };
+        cache
+            .slot(&view, || Key {
+                tenant: tenant.into(),
+                scopes: scopes.as_slice().into(),
+            })
+            .await
     }
 
     #[tokio::test]
     async fn a_borrowed_key_finds_its_own_slot_and_no_other() {
         let cache: TokenCache<String> = TokenCache::new(100, Duration::from_secs(60));
-        let slot = cache.slot(&key("ab", &["c"])).await;
-        let same = ["c".to_owned()];
-        let found = cache
-            .slot(&KeyRef {
-                tenant: "ab",
-                scopes: &same,
-            })
-            .await;
-        assert!(Arc::ptr_eq(&slot, &found));
+        let owned = key("ab", &["c"]);
+        let slot = cache.slot(&owned, || owned.clone()).await;
+        assert!(Arc::ptr_eq(&slot, &find(&cache, "ab", &["c"]).await));
         // The same characters split differently, and another scope order, are other keys.
-        let split = ["bc".to_owned()];
-        let other = cache
-            .slot(&KeyRef {
-                tenant: "a",
-                scopes: &split,
-            })
-            .await;
-        assert!(!Arc::ptr_eq(&slot, &other));
-        let two = ["c".to_owned(), "d".to_owned()];
-        let reversed = ["d".to_owned(), "c".to_owned()];
-        let a = cache
-            .slot(&KeyRef {
-                tenant: "ab",
-                scopes: &two,
-            })
-            .await;
-        let b = cache
-            .slot(&KeyRef {
-                tenant: "ab",
-                scopes: &reversed,
-            })
-            .await;
-        assert!(!Arc::ptr_eq(&a, &b));
-        assert!(Arc::ptr_eq(&a, &cache.slot(&key("ab", &["c", "d"])).await));
+        assert!(!Arc::ptr_eq(&slot, &find(&cache, "a", &["bc"]).await));
+        let owned = key("ab", &["c", "d"]);
+        let two = cache.slot(&owned, || owned.clone()).await;
+        assert!(!Arc::ptr_eq(&two, &find(&cache, "ab", &["d", "c"]).await));
+        assert!(Arc::ptr_eq(&two, &find(&cache, "ab", &["c", "d"]).await));
     }
 }
