@@ -113,6 +113,9 @@ pub struct ServerTls {
     pub key_file: PathBuf,
     /// CA bundle that signs callers' client certificates (mutual TLS).
     pub client_ca_file: Option<PathBuf>,
+    /// Certificate revocation lists (PEM) of the callers' CAs; with any, every certificate
+    /// of a client's chain must be covered by one of them.
+    pub client_crl_files: Vec<PathBuf>,
     pub client_cert: ClientCertMode,
 }
 
@@ -339,6 +342,8 @@ struct RawServer {
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
     client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    client_crl_files: Vec<PathBuf>,
     client_cert: Option<ClientCertMode>,
     reload_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
@@ -899,6 +904,25 @@ impl Validator<'_> {
                 format!("{} does not exist or is not a file", p.display()),
             );
         }
+        let client_crl_files: Vec<PathBuf> = raw
+            .client_crl_files
+            .into_iter()
+            .map(|p| self.path(p))
+            .collect();
+        for p in &client_crl_files {
+            if !p.is_file() {
+                self.problem(
+                    "server.client_crl_files",
+                    format!("{} does not exist or is not a file", p.display()),
+                );
+            }
+        }
+        if !client_crl_files.is_empty() && client_ca_file.is_none() {
+            self.problem(
+                "server.client_crl_files",
+                "revocation lists apply to client certificates: set client_ca_file",
+            );
+        }
         let client_cert = match (raw.client_cert, &client_ca_file) {
             (Some(ClientCertMode::Required), None) => {
                 self.problem(
@@ -916,6 +940,7 @@ impl Validator<'_> {
                 cert_file: self.path(c),
                 key_file: self.path(k),
                 client_ca_file: client_ca_file.clone(),
+                client_crl_files,
                 client_cert,
             }),
             (None, None) => None,

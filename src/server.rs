@@ -76,7 +76,7 @@ pub struct Bound {
     access: Arc<Access>,
     health: tonic_health::server::HealthReporter,
     admin: crate::admin::Admin,
-    tls: Option<(Arc<rustls::ServerConfig>, Arc<crate::tls::ReloadingCert>)>,
+    tls: Option<Arc<crate::tls::ListenerConfig>>,
 }
 
 impl Bound {
@@ -100,7 +100,12 @@ impl Bound {
 
     /// The server certificate, when serving TLS (to reload it on demand).
     pub fn server_cert(&self) -> Option<&Arc<crate::tls::ReloadingCert>> {
-        self.tls.as_ref().map(|(_, c)| c)
+        self.tls.as_ref().map(|t| t.server_cert())
+    }
+
+    /// The listener's TLS configuration (to reload the client trust on demand).
+    pub fn listener_tls(&self) -> Option<&Arc<crate::tls::ListenerConfig>> {
+        self.tls.as_ref()
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight requests.
@@ -140,10 +145,10 @@ impl Bound {
         let mut builder = Server::builder().http2_max_header_list_size(Some(32 * 1024));
         let reload = self.config.server.reload_interval;
         let _policy_watch = AbortOnDrop(self.access.policy().clone().watch(reload));
-        let _cert_watch = self
+        let _tls_watch = self
             .tls
             .as_ref()
-            .map(|(_, cert)| AbortOnDrop(cert.clone().watch(reload)));
+            .map(|tls| AbortOnDrop(tls.clone().watch(reload)));
         let addr = self.listener.local_addr().ok();
         info!(
             ?addr,
@@ -171,7 +176,7 @@ impl Bound {
             .add_service(service);
         let serve = async move {
             match self.tls {
-                Some((tls, _)) => {
+                Some(tls) => {
                     router
                         .serve_with_incoming_shutdown(
                             crate::tls::incoming(self.listener, tls),

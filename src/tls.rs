@@ -1,6 +1,7 @@
 //! Server-side TLS for the gRPC listener: the rustls configuration (aws-lc-rs only), the
 //! server certificate that reloads itself when its files change, client-certificate
-//! verification against the configured caller CA bundle, and the stream of TLS connections
+//! verification against the configured caller CA bundle and revocation lists (both reloaded
+//! when their files change), and the stream of TLS connections
 //! handed to tonic. Handshakes run off the accept loop, bounded in number and time, so a
 //! slow or hostile client cannot stall other connections.
 
@@ -18,7 +19,7 @@ use futures::Stream;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
@@ -53,6 +54,8 @@ pub enum TlsError {
     },
     #[error("client CA bundle {path}: {message}")]
     ClientCa { path: PathBuf, message: String },
+    #[error("certificate revocation list {path}: {message}")]
+    Crl { path: PathBuf, message: String },
     #[error("TLS configuration: {0}")]
     Config(String),
 }
@@ -106,29 +109,6 @@ impl ReloadingCert {
         *loaded = d;
         Ok(true)
     }
-
-    /// Polls the files every `interval` until the returned task is aborted.
-    pub fn watch(self: Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                match self.reload_if_changed() {
-                    Ok(true) => {
-                        info!(cert = %self.cert_file.display(), "server TLS certificate reloaded")
-                    }
-                    Ok(false) => {}
-                    // Mid-rotation (cert written, key not yet) looks like this too: keep
-                    // serving the old pair and try again on the next tick.
-                    Err(e) => {
-                        warn!(error = %e, "server TLS certificate not reloaded; the previous one stays in use")
-                    }
-                }
-            }
-        })
-    }
 }
 
 impl ResolvesServerCert for ReloadingCert {
@@ -138,13 +118,7 @@ impl ResolvesServerCert for ReloadingCert {
 }
 
 fn read_pair(cert_file: &Path, key_file: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|source| TlsError::Read {
-            path: p.to_owned(),
-            source,
-        })
-    };
-    Ok((read(cert_file)?, read(key_file)?))
+    Ok((read_file(cert_file)?, read_file(key_file)?))
 }
 
 fn digest(cert: &[u8], key: &[u8]) -> [u8; 32] {
@@ -189,30 +163,167 @@ fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
-/// The rustls server configuration for a TLS listener, and its reloading certificate.
-pub fn server_config(
+/// The listener's rustls configuration. The server certificate reloads through its
+/// resolver (`ReloadingCert`); the client-certificate verifier is rebuilt, and the whole
+/// configuration swapped for new connections, when the client CA bundle or a revocation list
+/// changes. A broken new set is refused (logged) and the current one stays.
+pub struct ListenerConfig {
+    tls: ServerTls,
+    cert: Arc<ReloadingCert>,
+    current: ArcSwap<rustls::ServerConfig>,
+    /// SHA-256 of the CA bundle and revocation lists last loaded.
+    loaded: Mutex<[u8; 32]>,
+}
+
+impl fmt::Debug for ListenerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ListenerConfig")
+            .field("client_ca_file", &self.tls.client_ca_file)
+            .field("client_crl_files", &self.tls.client_crl_files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ListenerConfig {
+    /// The configuration for new connections.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.current.load_full()
+    }
+
+    /// The server certificate (to reload it on demand).
+    pub fn server_cert(&self) -> &Arc<ReloadingCert> {
+        &self.cert
+    }
+
+    /// Re-reads the client CA bundle and revocation lists; installs a new verifier when they
+    /// changed and are valid. `Ok(true)` when one was installed.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let trust = ClientTrust::read(&self.tls)?;
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if *loaded == trust.digest {
+            return Ok(false);
+        }
+        let config = build_config(&self.tls, &trust, &self.cert)?;
+        self.current.store(Arc::new(config));
+        *loaded = trust.digest;
+        Ok(true)
+    }
+
+    /// Polls the server certificate and the client trust files every `interval` until the
+    /// returned task is aborted.
+    pub fn watch(self: Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match self.cert.reload_if_changed() {
+                    Ok(true) => {
+                        info!(cert = %self.cert.cert_file.display(), "server TLS certificate reloaded")
+                    }
+                    Ok(false) => {}
+                    // Mid-rotation (cert written, key not yet) looks like this too: keep
+                    // serving the old pair and try again on the next tick.
+                    Err(e) => {
+                        warn!(error = %e, "server TLS certificate not reloaded; the previous one stays in use")
+                    }
+                }
+                if self.tls.client_ca_file.is_none() {
+                    continue;
+                }
+                match self.reload_if_changed() {
+                    Ok(true) => info!(
+                        crls = self.tls.client_crl_files.len(),
+                        "client CA bundle and revocation lists reloaded"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(error = %e, "client CA bundle or revocation lists not reloaded; the previous ones stay in use")
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// The client CA bundle and revocation lists as read from their files.
+struct ClientTrust {
+    roots: Option<RootCertStore>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    digest: [u8; 32],
+}
+
+impl ClientTrust {
+    fn read(tls: &ServerTls) -> Result<ClientTrust, TlsError> {
+        let mut h = Sha256::new();
+        let Some(ca) = &tls.client_ca_file else {
+            return Ok(ClientTrust {
+                roots: None,
+                crls: Vec::new(),
+                digest: h.finalize().into(),
+            });
+        };
+        let pem = read_file(ca)?;
+        h.update((pem.len() as u64).to_be_bytes());
+        h.update(&pem);
+        let mut roots = RootCertStore::empty();
+        for c in certificates(ca, &pem)? {
+            roots.add(c).map_err(|e| TlsError::ClientCa {
+                path: ca.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        let mut crls = Vec::new();
+        for path in &tls.client_crl_files {
+            let pem = read_file(path)?;
+            h.update((pem.len() as u64).to_be_bytes());
+            h.update(&pem);
+            let found = CertificateRevocationListDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TlsError::Crl {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            if found.is_empty() {
+                return Err(TlsError::Crl {
+                    path: path.clone(),
+                    message: "no PEM revocation list (`-----BEGIN X509 CRL-----`) found".into(),
+                });
+            }
+            crls.extend(found);
+        }
+        Ok(ClientTrust {
+            roots: Some(roots),
+            crls,
+            digest: h.finalize().into(),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn build_config(
     tls: &ServerTls,
-) -> Result<(Arc<rustls::ServerConfig>, Arc<ReloadingCert>), TlsError> {
-    let cert = ReloadingCert::load(&tls.cert_file, &tls.key_file)?;
+    trust: &ClientTrust,
+    cert: &Arc<ReloadingCert>,
+) -> Result<rustls::ServerConfig, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let builder = match &tls.client_ca_file {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let pem = std::fs::read(ca).map_err(|source| TlsError::Read {
-                path: ca.clone(),
-                source,
-            })?;
-            let mut roots = RootCertStore::empty();
-            for c in certificates(ca, &pem)? {
-                roots.add(c).map_err(|e| TlsError::ClientCa {
-                    path: ca.clone(),
-                    message: e.to_string(),
-                })?;
-            }
-            // webpki checks the chain, validity period and the clientAuth extended key usage.
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    let builder = match (&trust.roots, &tls.client_ca_file) {
+        (Some(roots), Some(ca)) => {
+            // webpki checks the chain, validity period and the clientAuth extended key usage;
+            // with revocation lists, every certificate of the chain must be covered by one
+            // (a certificate whose status is unknown is refused).
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots.clone()), provider())
+                    .with_crls(trust.crls.iter().cloned());
             let verifier = match tls.client_cert {
                 ClientCertMode::Required => verifier,
                 ClientCertMode::Optional => verifier.allow_unauthenticated(),
@@ -223,10 +334,25 @@ pub fn server_config(
             })?;
             builder.with_client_cert_verifier(verifier)
         }
+        _ => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(cert.clone());
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok((Arc::new(config), cert))
+    Ok(config)
+}
+
+/// The rustls configuration for a TLS listener, with its reloading certificate and client
+/// trust.
+pub fn server_config(tls: &ServerTls) -> Result<Arc<ListenerConfig>, TlsError> {
+    let cert = ReloadingCert::load(&tls.cert_file, &tls.key_file)?;
+    let trust = ClientTrust::read(tls)?;
+    let config = build_config(tls, &trust, &cert)?;
+    Ok(Arc::new(ListenerConfig {
+        tls: tls.clone(),
+        cert,
+        current: ArcSwap::from_pointee(config),
+        loaded: Mutex::new(trust.digest),
+    }))
 }
 
 /// What the handshake established about a connection, computed once for all its requests
@@ -315,10 +441,9 @@ impl AsyncWrite for PeerStream {
 /// stops when the returned stream is dropped.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    config: Arc<ListenerConfig>,
 ) -> impl Stream<Item = Result<PeerStream, std::io::Error>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<PeerStream, std::io::Error>>(64);
-    let acceptor = TlsAcceptor::from(config);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
@@ -343,7 +468,8 @@ pub fn incoming(
                 debug!(%peer, "too many TLS handshakes in progress; connection closed");
                 continue;
             };
-            let acceptor = acceptor.clone();
+            // The configuration in force when the connection arrived (client trust reloads).
+            let acceptor = TlsAcceptor::from(config.current());
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _permit = permit;

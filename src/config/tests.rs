@@ -261,6 +261,27 @@ fn mutual_tls_needs_tls_and_a_ca_to_require_certificates() {
 }
 
 #[test]
+fn revocation_lists_need_a_client_ca_and_must_exist() {
+    let p = problems(&tls("").replace(
+        "tls_key_file = \"/tls/tls.key\"",
+        "tls_key_file = \"/tls/tls.key\"\nclient_crl_files = [\"/nowhere/callers.crl\"]",
+    ));
+    let crl: Vec<_> = p
+        .iter()
+        .filter(|p| p.path == "server.client_crl_files")
+        .collect();
+    assert!(
+        crl.iter().any(|p| p.message.contains("set client_ca_file")),
+        "{p:?}"
+    );
+    assert!(
+        crl.iter()
+            .any(|p| p.message.contains("/nowhere/callers.crl does not exist")),
+        "{p:?}"
+    );
+}
+
+#[test]
 fn wildcard_grants_and_unknown_tenants_are_refused() {
     for grant in [
         "callers = [\"dns:a\"]\ntenants = [\"*\"]\nscopes = [\"s\"]",

@@ -11,7 +11,7 @@ use tokenbroker::audit::{AuditRecord, MemorySink};
 use tokenbroker::emulator::{Emulator, EmulatorConfig, StartOptions};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::{GetTokenRequest, GetTokenResponse};
-use tokenbroker::tls::ReloadingCert;
+use tokenbroker::tls::{ListenerConfig, ReloadingCert};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::issuer::{AUDIENCE, TestIssuer};
@@ -25,6 +25,9 @@ pub struct Options {
     pub client_cert: &'static str,
     pub policy: String,
     pub limits: &'static str,
+    /// Configure `client_crl_files = ["callers.crl"]`, starting with a list that revokes
+    /// nothing.
+    pub crl: bool,
 }
 
 impl Default for Options {
@@ -33,6 +36,7 @@ impl Default for Options {
             client_cert: "optional",
             policy: String::new(),
             limits: "",
+            crl: false,
         }
     }
 }
@@ -44,6 +48,7 @@ pub struct Harness {
     pub audit: Arc<MemorySink>,
     pub access: Arc<Access>,
     pub server_cert: Arc<ReloadingCert>,
+    pub listener_tls: Arc<ListenerConfig>,
     pub issuer: TestIssuer,
     pub dir: tempfile::TempDir,
     pub server_ca_pem: String,
@@ -70,6 +75,12 @@ impl Harness {
         let ca = Ca::new("callers and server CA");
         std::fs::write(dir.path().join("callers-ca.pem"), ca.pem()).unwrap();
         ca.server().write(dir.path(), "server");
+        let crl = if opts.crl {
+            std::fs::write(dir.path().join("callers.crl"), ca.crl(1, &[])).unwrap();
+            "client_crl_files = [\"callers.crl\"]\n"
+        } else {
+            ""
+        };
         let dev = tokenbroker::dev::broker_config_toml(
             &emu_config,
             emulator.endpoints(),
@@ -88,7 +99,7 @@ impl Harness {
         );
         let toml = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = \"server.crt\"\ntls_key_file = \"server.key\"\n\
-             client_ca_file = \"callers-ca.pem\"\nclient_cert = \"{}\"\n\n{before}{after}\n\
+             client_ca_file = \"callers-ca.pem\"\n{crl}client_cert = \"{}\"\n\n{before}{after}\n\
              [callers]\naudience = \"{AUDIENCE}\"\n\n\
              [callers.issuers.test]\nissuer = \"{}\"\n\n\
              [callers.issuers.contoso-entra]\nissuer = \"{contoso_issuer}\"\naudience = \"api://contoso-api\"\n\
@@ -112,6 +123,7 @@ impl Harness {
         let addr = bound.local_addr().unwrap();
         let access = bound.access().clone();
         let server_cert = bound.server_cert().unwrap().clone();
+        let listener_tls = bound.listener_tls().unwrap().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(async move {
             bound
@@ -129,6 +141,7 @@ impl Harness {
             audit,
             access,
             server_cert,
+            listener_tls,
             issuer,
             dir,
             server_ca_pem,

@@ -211,3 +211,82 @@ async fn a_rotated_server_certificate_is_served_without_a_restart() {
     assert!(handshake(&h, &h.server_ca_pem, None).await.is_err());
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_client_certificates_are_refused_and_a_new_revocation_list_applies_without_a_restart()
+ {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        client_cert: "required",
+        crl: true,
+        ..Default::default()
+    })
+    .await;
+    let kept = h.ca.client(&[COLLECTOR]);
+    let lost = h.ca.client(&[COLLECTOR]);
+    handshake(&h, &h.server_ca_pem, Some(&kept)).await.unwrap();
+    handshake(&h, &h.server_ca_pem, Some(&lost)).await.unwrap();
+
+    // The CA revokes one certificate; the broker picks the new list up without a restart.
+    std::fs::write(h.path("callers.crl"), h.ca.crl(2, &[&lost])).unwrap();
+    assert!(h.listener_tls.reload_if_changed().unwrap());
+    assert!(!h.listener_tls.reload_if_changed().unwrap(), "unchanged");
+    let refused = handshake(&h, &h.server_ca_pem, Some(&lost))
+        .await
+        .unwrap_err();
+    assert!(refused.contains("CertificateRevoked"), "{refused}");
+    handshake(&h, &h.server_ca_pem, Some(&kept)).await.unwrap();
+    h.get(Some(&kept), None, "contoso", &[GRAPH]).await.unwrap();
+
+    // A broken list (a truncated download) is refused; the revocation stays in force.
+    std::fs::write(h.path("callers.crl"), "-----BEGIN X509 CRL-----\nAAAA\n").unwrap();
+    let e = h.listener_tls.reload_if_changed().unwrap_err().to_string();
+    assert!(e.contains("callers.crl"), "{e}");
+    assert!(handshake(&h, &h.server_ca_pem, Some(&lost)).await.is_err());
+
+    // A list from another CA covers nothing this CA issued: its certificates' status is
+    // unknown, and they are refused rather than let through.
+    let other = Ca::new("another CA");
+    std::fs::write(h.path("callers.crl"), other.crl(1, &[])).unwrap();
+    assert!(h.listener_tls.reload_if_changed().unwrap());
+    let unknown = handshake(&h, &h.server_ca_pem, Some(&kept))
+        .await
+        .unwrap_err();
+    // rustls answers an unknown revocation status with the unknown-CA alert.
+    assert!(unknown.contains("UnknownCA"), "{unknown}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_ca_added_to_the_bundle_is_trusted_without_a_restart() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        client_cert: "required",
+        ..Default::default()
+    })
+    .await;
+    let next = Ca::new("next callers CA");
+    let from_next = next.client(&[COLLECTOR]);
+    assert!(
+        handshake(&h, &h.server_ca_pem, Some(&from_next))
+            .await
+            .is_err()
+    );
+    // CA rotation: the bundle holds the old and the new CA for a while.
+    std::fs::write(
+        h.path("callers-ca.pem"),
+        format!("{}{}", h.ca.pem(), next.pem()),
+    )
+    .unwrap();
+    assert!(h.listener_tls.reload_if_changed().unwrap());
+    handshake(&h, &h.server_ca_pem, Some(&from_next))
+        .await
+        .unwrap();
+    h.get(Some(&from_next), None, "contoso", &[GRAPH])
+        .await
+        .unwrap();
+    handshake(&h, &h.server_ca_pem, Some(&h.ca.client(&[COLLECTOR])))
+        .await
+        .unwrap();
+    h.stop().await;
+}

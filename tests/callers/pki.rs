@@ -4,10 +4,19 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
+
+/// A positive 16-byte serial number, distinct per certificate.
+fn rand_serial() -> [u8; 16] {
+    let mut b = *uuid::Uuid::new_v4().as_bytes();
+    b[0] &= 0x7f;
+    b[0] |= 0x01;
+    b
+}
 
 pub struct Ca {
     pub issuer: CertifiedIssuer<'static, KeyPair>,
@@ -16,6 +25,7 @@ pub struct Ca {
 pub struct Leaf {
     pub cert_pem: String,
     pub key_pem: String,
+    pub serial: SerialNumber,
 }
 
 impl Leaf {
@@ -44,13 +54,41 @@ impl Ca {
         self.issuer.pem()
     }
 
-    fn sign(&self, p: CertificateParams) -> Leaf {
+    fn sign(&self, mut p: CertificateParams) -> Leaf {
         let key = KeyPair::generate().unwrap();
+        let serial = SerialNumber::from_slice(&rand_serial());
+        p.serial_number = Some(serial.clone());
         let cert = p.signed_by(&key, &self.issuer).unwrap();
         Leaf {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            serial,
         }
+    }
+
+    /// A revocation list (PEM) of this CA revoking `revoked`, numbered `number`.
+    pub fn crl(&self, number: u64, revoked: &[&Leaf]) -> String {
+        let now = OffsetDateTime::now_utc();
+        CertificateRevocationListParams {
+            this_update: now - Duration::minutes(1),
+            next_update: now + Duration::days(1),
+            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|l| RevokedCertParams {
+                    serial_number: l.serial.clone(),
+                    revocation_time: now - Duration::minutes(1),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.issuer)
+        .unwrap()
+        .pem()
+        .unwrap()
     }
 
     /// A server certificate for `localhost` and 127.0.0.1.
