@@ -11,6 +11,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -60,8 +61,11 @@ pub fn subscriber(
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let provider = tracer_provider(telemetry);
     // Without export the layer still gives spans trace ids, so incoming trace context
-    // reaches Key Vault and Entra.
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("tokenbroker"));
+    // reaches Key Vault and Entra. Its own level, not the log's: a quieter log (`warn`) must
+    // not switch off the spans, their export, or the trace context sent upstream.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("tokenbroker"))
+        .with_filter(LevelFilter::INFO);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(colours());
@@ -70,12 +74,19 @@ pub fn subscriber(
     let no_request_spans = tracing_subscriber::filter::filter_fn(|m| {
         !(m.is_span() && m.target() == crate::api::REQUEST_SPAN_TARGET)
     });
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry().with(otel);
     let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = match format {
-        LogFormat::Json => {
-            Box::new(registry.with(fmt.json().flatten_event(true).with_filter(no_request_spans)))
+        LogFormat::Json => Box::new(
+            registry.with(
+                fmt.json()
+                    .flatten_event(true)
+                    .with_filter(no_request_spans)
+                    .with_filter(filter),
+            ),
+        ),
+        LogFormat::Human => {
+            Box::new(registry.with(fmt.with_filter(no_request_spans).with_filter(filter)))
         }
-        LogFormat::Human => Box::new(registry.with(fmt.with_filter(no_request_spans))),
     };
     (subscriber, provider)
 }

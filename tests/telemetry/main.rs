@@ -1,11 +1,13 @@
 //! Observability, end to end against the emulator: the admin listener's `/metrics` after a
 //! scripted sequence (coalesced cold calls, a hit, an Entra failure with an AADSTS code),
 //! `/healthz` and `/readyz` following the gRPC health state, and the span tree of a cache
-//! miss carrying the caller's W3C trace id down to Key Vault, managed identity and Entra.
+//! miss carrying the caller's W3C trace id down to Key Vault, managed identity and Entra;
+//! OTLP export to a collector (`otlp.rs`).
 
 #[path = "../broker/helpers.rs"]
 #[allow(unused_imports)]
 mod helpers;
+mod otlp;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
