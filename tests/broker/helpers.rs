@@ -327,3 +327,33 @@ where
     }
     panic!("condition not reached");
 }
+
+/// A contoso Graph request in the caller's trace (`traceparent` as W3C writes it).
+pub fn traced_request(traceparent: &str) -> tonic::Request<GetTokenRequest> {
+    let mut req = tonic::Request::new(GetTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("traceparent", traceparent.parse().unwrap());
+    req
+}
+
+/// Sends SIGTERM to a child process and waits for its exit, bounded (the default drain bound
+/// is 20 s); panics, after killing it, if it does not exit.
+pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for _ in 0..600 {
+        if let Some(code) = child.try_wait().unwrap() {
+            return code;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("the process did not exit after SIGTERM");
+}

@@ -682,35 +682,22 @@ fn sigterm_stops_tokenbroker_dev_cleanly() {
         .into_inner()
     });
     assert_eq!(token.tenant_id, demo::CONTOSO_TENANT);
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    // Bounded wait for the exit (the default drain bound is 20 s).
-    for _ in 0..600 {
-        if let Some(code) = child.try_wait().unwrap() {
-            assert!(code.success(), "exit status {code:?}");
-            // The audit writer drained before the exit: the grant is on disk, the token not.
-            let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
-            let records: Vec<serde_json::Value> = audit
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
-            assert_eq!(records.len(), 1, "{audit}");
-            assert_eq!(records[0]["outcome"], "allowed");
-            assert!(!audit.contains(&token.access_token));
-            // The log, written to a file: plain text without colour codes, and no token.
-            let log = std::fs::read_to_string(&log_path).unwrap();
-            assert!(log.contains("token obtained"), "{log}");
-            assert!(!log.contains('\x1b'), "escape codes in a log file: {log}");
-            assert!(!log.contains(&token.access_token));
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    panic!("tokenbroker dev did not exit after SIGTERM");
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
+    // The audit writer drained before the exit: the grant is on disk, the token not.
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 1, "{audit}");
+    assert_eq!(records[0]["outcome"], "allowed");
+    assert!(!audit.contains(&token.access_token));
+    // The log, written to a file: plain text without colour codes, and no token.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("token obtained"), "{log}");
+    assert!(!log.contains('\x1b'), "escape codes in a log file: {log}");
+    assert!(!log.contains(&token.access_token));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

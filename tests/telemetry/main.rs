@@ -362,18 +362,7 @@ async fn a_cache_miss_is_one_trace_from_the_callers_traceparent_to_entra() {
     let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
     let remote_parent = SpanId::from_hex("00f067aa0ba902b7").unwrap();
     // A contoso Graph request in the caller's trace.
-    let traced = || {
-        let mut req = tonic::Request::new(GetTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-            ..Default::default()
-        });
-        req.metadata_mut().insert(
-            "traceparent",
-            format!("00-{trace_id}-{remote_parent}-01").parse().unwrap(),
-        );
-        req
-    };
+    let traced = || traced_request(&format!("00-{trace_id}-{remote_parent}-01"));
     stack.client().await.get_token(traced()).await.unwrap();
 
     let wanted = [

@@ -16,9 +16,8 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use prost::Message;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, StartOptions};
-use tokenbroker::proto::GetTokenRequest;
 
-use crate::helpers::{GRAPH, demo};
+use crate::helpers::{demo, terminate, traced_request};
 
 /// What the collector received: (path, content type, body) per request.
 type Received = Arc<Mutex<Vec<(String, String, Bytes)>>>;
@@ -106,39 +105,13 @@ fn traces_and_metrics_reach_an_otlp_collector_and_the_last_metrics_are_sent_at_e
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut c = c.expect("the broker listens");
-        let mut req = tonic::Request::new(GetTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-            ..Default::default()
-        });
-        req.metadata_mut().insert(
-            "traceparent",
-            format!("00-{trace_id}-00f067aa0ba902b7-01")
-                .parse()
-                .unwrap(),
-        );
+        let req = traced_request(&format!("00-{trace_id}-00f067aa0ba902b7-01"));
         c.get_token(req).await.unwrap().into_inner()
     });
     assert_eq!(token.tenant_id, demo::CONTOSO_TENANT);
 
     // The metrics interval is a minute: what the collector gets is the export at shutdown.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let mut exited = None;
-    for _ in 0..600 {
-        exited = child.try_wait().unwrap();
-        if exited.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let Some(code) = exited else {
-        let _ = child.kill();
-        panic!("tokenbroker dev did not exit after SIGTERM");
-    };
+    let code = terminate(&mut child);
     assert!(code.success(), "exit status {code:?}");
     rt.block_on(emulator.shutdown());
 
