@@ -20,6 +20,7 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
@@ -123,10 +124,16 @@ fn read_pair(cert_file: &Path, key_file: &Path) -> Result<(Vec<u8>, Vec<u8>), Tl
 
 fn digest(cert: &[u8], key: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update((cert.len() as u64).to_be_bytes());
-    h.update(cert);
-    h.update(key);
+    hash_file(&mut h, cert);
+    hash_file(&mut h, key);
     h.finalize().into()
+}
+
+/// Adds one file's content to a digest of several, length first so no two sets of files
+/// run together into the same bytes.
+fn hash_file(h: &mut Sha256, content: &[u8]) {
+    h.update((content.len() as u64).to_be_bytes());
+    h.update(content);
 }
 
 fn certified_key(
@@ -203,7 +210,7 @@ impl ListenerConfig {
         if *loaded == trust.digest {
             return Ok(false);
         }
-        let config = build_config(&self.tls, &trust, &self.cert)?;
+        let config = build_config(&trust, &self.cert)?;
         self.current.store(Arc::new(config));
         *loaded = trust.digest;
         Ok(true)
@@ -247,10 +254,10 @@ impl ListenerConfig {
     }
 }
 
-/// The client CA bundle and revocation lists as read from their files.
+/// The client-certificate verifier made from the CA bundle and revocation lists, and the
+/// digest of those files; no verifier without a CA bundle.
 struct ClientTrust {
-    roots: Option<RootCertStore>,
-    crls: Vec<CertificateRevocationListDer<'static>>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
     digest: [u8; 32],
 }
 
@@ -259,14 +266,12 @@ impl ClientTrust {
         let mut h = Sha256::new();
         let Some(ca) = &tls.client_ca_file else {
             return Ok(ClientTrust {
-                roots: None,
-                crls: Vec::new(),
+                verifier: None,
                 digest: h.finalize().into(),
             });
         };
         let pem = read_file(ca)?;
-        h.update((pem.len() as u64).to_be_bytes());
-        h.update(&pem);
+        hash_file(&mut h, &pem);
         let mut roots = RootCertStore::empty();
         for c in certificates(ca, &pem)? {
             roots.add(c).map_err(|e| TlsError::ClientCa {
@@ -277,8 +282,7 @@ impl ClientTrust {
         let mut crls = Vec::new();
         for path in &tls.client_crl_files {
             let pem = read_file(path)?;
-            h.update((pem.len() as u64).to_be_bytes());
-            h.update(&pem);
+            hash_file(&mut h, &pem);
             let found = CertificateRevocationListDer::pem_slice_iter(&pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| TlsError::Crl {
@@ -293,9 +297,21 @@ impl ClientTrust {
             }
             crls.extend(found);
         }
+        // webpki checks the chain, validity period and the clientAuth extended key usage;
+        // with revocation lists, every certificate of the chain must be covered by one (a
+        // certificate whose status is unknown is refused).
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .with_crls(crls);
+        let verifier = match tls.client_cert {
+            ClientCertMode::Required => verifier,
+            ClientCertMode::Optional => verifier.allow_unauthenticated(),
+        };
+        let verifier = verifier.build().map_err(|e| TlsError::ClientCa {
+            path: ca.clone(),
+            message: e.to_string(),
+        })?;
         Ok(ClientTrust {
-            roots: Some(roots),
-            crls,
+            verifier: Some(verifier),
             digest: h.finalize().into(),
         })
     }
@@ -309,32 +325,15 @@ fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 fn build_config(
-    tls: &ServerTls,
     trust: &ClientTrust,
     cert: &Arc<ReloadingCert>,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let builder = match (&trust.roots, &tls.client_ca_file) {
-        (Some(roots), Some(ca)) => {
-            // webpki checks the chain, validity period and the clientAuth extended key usage;
-            // with revocation lists, every certificate of the chain must be covered by one
-            // (a certificate whose status is unknown is refused).
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots.clone()), provider())
-                    .with_crls(trust.crls.iter().cloned());
-            let verifier = match tls.client_cert {
-                ClientCertMode::Required => verifier,
-                ClientCertMode::Optional => verifier.allow_unauthenticated(),
-            };
-            let verifier = verifier.build().map_err(|e| TlsError::ClientCa {
-                path: ca.clone(),
-                message: e.to_string(),
-            })?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        _ => builder.with_no_client_auth(),
+    let builder = match &trust.verifier {
+        Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
+        None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(cert.clone());
     config.alpn_protocols = vec![b"h2".to_vec()];
@@ -346,7 +345,7 @@ fn build_config(
 pub fn server_config(tls: &ServerTls) -> Result<Arc<ListenerConfig>, TlsError> {
     let cert = ReloadingCert::load(&tls.cert_file, &tls.key_file)?;
     let trust = ClientTrust::read(tls)?;
-    let config = build_config(tls, &trust, &cert)?;
+    let config = build_config(&trust, &cert)?;
     Ok(Arc::new(ListenerConfig {
         tls: tls.clone(),
         cert,
