@@ -187,17 +187,10 @@ impl RequestCounts {
         counts
     }
 
-    fn add(&self, method: &str, code: tonic::Code) {
-        let slot = METHODS
-            .iter()
-            .position(|m| *m == method)
-            .and_then(|m| self.0.local()[m].get(code as usize));
-        match slot {
-            Some(n) => {
-                n.fetch_add(1, Relaxed);
-            }
-            // The API passes only the methods above.
-            None => debug_assert!(false, "uncounted request {method} {code:?}"),
+    /// Counts one request of `METHODS[method]`.
+    fn add(&self, method: usize, code: tonic::Code) {
+        if let Some(n) = self.0.local()[method].get(code as usize) {
+            n.fetch_add(1, Relaxed);
         }
     }
 }
@@ -308,22 +301,24 @@ impl Metrics {
     /// One finished gRPC request.
     pub fn request(&self, method: &'static str, code: tonic::Code, took: Duration) {
         let outcome = outcome(code);
-        self.inner.requests.add(method, code);
         let labels = || {
             [
                 KeyValue::new("method", method),
                 KeyValue::new("outcome", outcome),
             ]
         };
-        match METHODS.iter().position(|m| *m == method) {
-            Some(m) => self.inner.request_duration_by[m][usize::from(code != tonic::Code::Ok)]
-                .get_or_init(|| self.inner.request_duration.bind(&labels()))
-                .record(took.as_secs_f64()),
-            None => self
-                .inner
+        let Some(m) = METHODS.iter().position(|m| *m == method) else {
+            // The API passes only the methods above.
+            debug_assert!(false, "uncounted request {method} {code:?}");
+            self.inner
                 .request_duration
-                .record(took.as_secs_f64(), &labels()),
-        }
+                .record(took.as_secs_f64(), &labels());
+            return;
+        };
+        self.inner.requests.add(m, code);
+        self.inner.request_duration_by[m][usize::from(code != tonic::Code::Ok)]
+            .get_or_init(|| self.inner.request_duration.bind(&labels()))
+            .record(took.as_secs_f64());
     }
 
     /// One upstream call, with its error code when it failed.
