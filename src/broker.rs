@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -238,6 +237,10 @@ impl Broker {
                 .max(self.inner.cfg.safety_margin),
         };
         // Looked up by the request's own strings: a hit builds no key.
+        let owned_key = || Key {
+            tenant: tenant.clone(),
+            scopes: scopes.as_slice().into(),
+        };
         let slot = self
             .inner
             .cache
@@ -246,10 +249,7 @@ impl Broker {
                     tenant,
                     scopes: &scopes,
                 },
-                || Key {
-                    tenant: tenant.clone(),
-                    scopes: scopes.as_slice().into(),
-                },
+                owned_key,
             )
             .await;
         let now = self.inner.clock.now();
@@ -265,11 +265,7 @@ impl Broker {
                     // Overdue (the scheduled refresh has not run yet): start it, or join the
                     // one running, without waiting. After a failure the scheduler's backoff
                     // decides.
-                    let key = Key {
-                        tenant: tenant.clone(),
-                        scopes: scopes.as_slice().into(),
-                    };
-                    let _ = self.start_fetch(&key, &slot);
+                    let _ = self.start_fetch(&owned_key(), &slot);
                 }
                 let source = if state.failure.is_some() {
                     self.inner.stats.stale_served.incr();
@@ -288,10 +284,7 @@ impl Broker {
             });
         }
         self.inner.stats.misses.incr();
-        let key = Key {
-            tenant: tenant.clone(),
-            scopes: scopes.into(),
-        };
+        let key = owned_key();
         let (joined, flight) = self.start_fetch(&key, &slot)?;
         if joined == Joined::Follower {
             self.inner.stats.coalesced.incr();
