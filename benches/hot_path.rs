@@ -205,11 +205,7 @@ fn fingerprinting(c: &mut Criterion) {
 fn scopes(c: &mut Criterion) {
     let s = vec![GRAPH.to_string()];
     c.bench_function("normalise_scopes_1", |b| {
-        b.iter_batched(
-            || s.clone(),
-            |s| black_box(normalise_scopes(s).unwrap()),
-            BatchSize::SmallInput,
-        )
+        b.iter(|| black_box(normalise_scopes(black_box(&s)).is_ok()))
     });
 }
 
@@ -226,7 +222,7 @@ fn audit(c: &mut Criterion) {
                 &scopes,
             );
             r.time = std::time::SystemTime::now();
-            r.token_fingerprint = Some("sha256:0123456789abcdef01234567".into());
+            r.token_fingerprint = Some(fingerprint(b"token"));
             let mut line = Vec::with_capacity(512);
             r.write_json(&mut line);
             black_box(line)

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Serialize, Serializer};
 
 use crate::authn::{Caller, Proof};
+use crate::sensitive::Fingerprint;
 use crate::striped::Striped;
 
 /// What became of a request.
@@ -58,7 +59,7 @@ pub struct AuditRecord {
     /// RFC 3339 expiry of the token served.
     #[serde(serialize_with = "as_rfc3339_opt")]
     pub expires_at: Option<SystemTime>,
-    pub token_fingerprint: Option<String>,
+    pub token_fingerprint: Option<Fingerprint>,
     /// Entra's correlation id when an upstream exchange failed.
     pub entra_correlation_id: Option<String>,
 }
@@ -87,16 +88,25 @@ impl AuditRecord {
         tenant: &str,
         scopes: &[String],
     ) -> AuditRecord {
+        let mut r = AuditRecord::pending(rpc, peer);
+        r.request_id = request_id.to_owned();
+        r.set_request(tenant.to_owned(), scopes.to_vec());
+        r
+    }
+
+    /// A record with only the RPC and the peer: the request's own strings (its id, tenant and
+    /// scopes) are moved in once the request is done with them, so a record copies none.
+    pub fn pending(rpc: &'static str, peer: Option<SocketAddr>) -> AuditRecord {
         AuditRecord {
             time: SystemTime::UNIX_EPOCH,
-            request_id: request_id.to_owned(),
+            request_id: String::new(),
             rpc,
             caller: None,
             proof: None,
             app_id: None,
             peer,
-            tenant: bounded(tenant),
-            scopes: scopes.iter().take(MAX_SCOPES).map(|s| bounded(s)).collect(),
+            tenant: String::new(),
+            scopes: Vec::new(),
             outcome: Outcome::Failed,
             code: "UNKNOWN",
             reason: None,
@@ -107,10 +117,24 @@ impl AuditRecord {
         }
     }
 
+    /// Moves in what the caller asked for, cut to the record's bounds.
+    pub fn set_request(&mut self, mut tenant: String, mut scopes: Vec<String>) {
+        bound(&mut tenant);
+        scopes.truncate(MAX_SCOPES);
+        scopes.iter_mut().for_each(bound);
+        self.tenant = tenant;
+        self.scopes = scopes;
+    }
+
     pub fn set_caller(&mut self, caller: &Caller) {
-        self.caller = Some(caller.id.clone());
+        self.take_caller(caller.clone());
+    }
+
+    /// Like `set_caller`, moving the identity in.
+    pub fn take_caller(&mut self, caller: Caller) {
+        self.caller = Some(caller.id);
         self.proof = Some(caller.proof);
-        self.app_id = caller.app_id.clone();
+        self.app_id = caller.app_id;
     }
 
     /// Appends the record as one line of JSON: the same text `serde_json` makes of it
@@ -289,11 +313,12 @@ fn push_decimal(out: &mut Vec<u8>, mut n: u32) {
 
 /// At most `MAX_FIELD` characters of a caller-supplied string (a plain copy when shorter:
 /// no string of at most `MAX_FIELD` bytes has more characters than that).
-fn bounded(s: &str) -> String {
-    if s.len() <= MAX_FIELD {
-        s.to_owned()
-    } else {
-        s.chars().take(MAX_FIELD).collect()
+/// Cuts a string to `MAX_FIELD` characters, in place.
+fn bound(s: &mut String) {
+    if s.len() > MAX_FIELD
+        && let Some((end, _)) = s.char_indices().nth(MAX_FIELD)
+    {
+        s.truncate(end);
     }
 }
 
@@ -954,7 +979,7 @@ mod tests {
         full.code = "PERMISSION_DENIED";
         full.reason = Some("no grant for \"x\"".into());
         full.token_source = Some("CACHE");
-        full.token_fingerprint = Some("sha256:00".into());
+        full.token_fingerprint = Some(crate::sensitive::fingerprint(b"x"));
         full.entra_correlation_id = Some("c".into());
         let mut far = plain.clone();
         far.peer = None;
@@ -1001,6 +1026,12 @@ mod tests {
         let long = "é".repeat(MAX_FIELD + 10);
         let r = AuditRecord::new("GetToken", "r", None, &long, &[]);
         assert_eq!(r.tenant.chars().count(), MAX_FIELD);
-        assert_eq!(bounded("short"), "short");
+        assert!(long.starts_with(&r.tenant));
+        let mut short = "short".to_owned();
+        bound(&mut short);
+        assert_eq!(short, "short");
+        let scopes: Vec<String> = (0..MAX_SCOPES + 3).map(|i| format!("s{i}")).collect();
+        let r = AuditRecord::new("GetToken", "r", None, "t", &scopes);
+        assert_eq!(r.scopes, scopes[..MAX_SCOPES]);
     }
 }

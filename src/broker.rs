@@ -4,6 +4,7 @@
 //! still valid when a refresh fails, and persistent failures are remembered briefly.
 //! No tonic or reqwest types here: errors are `BrokerError`, mapped to gRPC status in `api`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Weak};
@@ -37,6 +38,27 @@ pub struct TokenRequest {
     pub scopes: Vec<String>,
     pub min_validity: Option<Duration>,
     pub force_refresh: bool,
+}
+
+/// A request by reference: what `serve_token` reads, so the API keeps the request's strings
+/// (for the audit record) and a cache hit copies none of them.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenQuery<'a> {
+    pub tenant: &'a str,
+    pub scopes: &'a [String],
+    pub min_validity: Option<Duration>,
+    pub force_refresh: bool,
+}
+
+impl TokenRequest {
+    pub fn query(&self) -> TokenQuery<'_> {
+        TokenQuery {
+            tenant: &self.tenant,
+            scopes: &self.scopes,
+            min_validity: self.min_validity,
+            force_refresh: self.force_refresh,
+        }
+    }
 }
 
 /// Where a served token came from.
@@ -172,20 +194,20 @@ impl Broker {
     }
 
     /// Validates a request and returns its cache key.
-    pub fn key(&self, tenant: &str, scopes: Vec<String>) -> Result<Key, BrokerError> {
+    pub fn key(&self, tenant: &str, scopes: &[String]) -> Result<Key, BrokerError> {
         let (tenant, scopes) = self.validate(tenant, scopes)?;
         Ok(Key {
             tenant: tenant.clone(),
-            scopes: scopes.into(),
+            scopes: scopes.as_ref().into(),
         })
     }
 
     /// Validates a request: the configured tenant's name, and the normalised scopes.
-    fn validate(
+    fn validate<'s>(
         &self,
         tenant: &str,
-        scopes: Vec<String>,
-    ) -> Result<(&Arc<str>, Vec<String>), BrokerError> {
+        scopes: &'s [String],
+    ) -> Result<(&Arc<str>, Cow<'s, [String]>), BrokerError> {
         if tenant.is_empty() {
             return Err(BrokerError::InvalidArgument {
                 field: "tenant",
@@ -203,7 +225,7 @@ impl Broker {
     /// Serves a token: from cache when it meets the caller's minimum validity, otherwise
     /// from the one fetch under way for its key.
     pub async fn get_token(&self, req: TokenRequest) -> Result<IssuedToken, BrokerError> {
-        self.serve_token(req, |token, source| IssuedToken {
+        self.serve_token(req.query(), |token, source| IssuedToken {
             token: token.clone(),
             source,
         })
@@ -215,10 +237,10 @@ impl Broker {
     /// write to the one reference count that every request for the key shares.
     pub async fn serve_token<R>(
         &self,
-        req: TokenRequest,
+        req: TokenQuery<'_>,
         serve: impl FnOnce(&Arc<CachedToken>, TokenSource) -> R,
     ) -> Result<R, BrokerError> {
-        let (tenant, scopes) = self.validate(&req.tenant, req.scopes)?;
+        let (tenant, scopes) = self.validate(req.tenant, req.scopes)?;
         let wanted = match req.min_validity {
             Some(d) if d > MAX_MIN_VALIDITY => {
                 return Err(BrokerError::InvalidArgument {
@@ -239,7 +261,7 @@ impl Broker {
         // Looked up by the request's own strings: a hit builds no key.
         let owned_key = || Key {
             tenant: tenant.clone(),
-            scopes: scopes.as_slice().into(),
+            scopes: scopes.as_ref().into(),
         };
         let slot = self
             .inner
@@ -306,7 +328,7 @@ impl Broker {
         tenant: &str,
         scopes: &[String],
     ) -> Result<tokio::sync::watch::Receiver<SlotState>, BrokerError> {
-        let key = self.key(tenant, scopes.to_vec())?;
+        let key = self.key(tenant, scopes)?;
         let slot = self.inner.cache.slot(&key, || key.clone()).await;
         let rx = slot.subscribe();
         if slot.current().token.is_none() && slot.negative(self.inner.clock.now()).is_none() {
@@ -423,13 +445,13 @@ impl Broker {
 }
 
 /// Trims, de-duplicates and sorts scopes, and checks their shape.
-pub fn normalise_scopes(scopes: Vec<String>) -> Result<Vec<String>, BrokerError> {
+pub fn normalise_scopes(scopes: &[String]) -> Result<Cow<'_, [String]>, BrokerError> {
     // A request's scopes are checked twice (admission, then the cache key), and nearly
-    // always arrive in normal form already: then they are kept as they are.
-    if already_normal(&scopes) {
-        return Ok(scopes);
+    // always arrive in normal form already: then they are borrowed as they are.
+    if already_normal(scopes) {
+        return Ok(Cow::Borrowed(scopes));
     }
-    normalise_full(&scopes)
+    normalise_full(scopes).map(Cow::Owned)
 }
 
 /// Trims, checks, sorts and de-duplicates; says what is wrong.
@@ -506,7 +528,14 @@ mod tests {
         let mut fast = 0;
         for c in &cases {
             let full = normalise_full(c).ok();
-            assert_eq!(normalise_scopes(c.clone()).ok(), full, "{c:?}");
+            let fast_path = normalise_scopes(c);
+            assert_eq!(fast_path.as_deref().ok(), full.as_deref(), "{c:?}");
+            // The normal form is borrowed, never copied.
+            assert_eq!(
+                matches!(fast_path, Ok(Cow::Borrowed(_))),
+                already_normal(c),
+                "{c:?}"
+            );
             if already_normal(c) {
                 fast += 1;
                 assert_eq!(full.as_ref(), Some(c), "{c:?} is in normal form");
@@ -517,12 +546,12 @@ mod tests {
 
     #[test]
     fn scopes_are_normalised() {
-        let s = normalise_scopes(vec![
+        let asked = [
             " https://graph.microsoft.com/.default".into(),
             "api://b/.default".into(),
             "https://graph.microsoft.com/.default".into(),
-        ])
-        .unwrap();
+        ];
+        let s = normalise_scopes(&asked).unwrap();
         assert_eq!(
             s,
             vec!["api://b/.default", "https://graph.microsoft.com/.default"]
@@ -537,7 +566,7 @@ mod tests {
             vec!["a b".to_string()],
             vec!["x".repeat(600)],
         ] {
-            match normalise_scopes(bad.clone()) {
+            match normalise_scopes(&bad) {
                 Err(BrokerError::InvalidArgument { field, .. }) => assert_eq!(field, "scopes"),
                 other => panic!("{bad:?}: {other:?}"),
             }

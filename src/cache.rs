@@ -14,7 +14,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::watch;
 
-use crate::sensitive::Sensitive;
+use crate::sensitive::{Fingerprint, Sensitive};
 
 /// Cache key: configured tenant name and normalised scopes.
 #[derive(Debug, Clone)]
@@ -104,7 +104,7 @@ impl fmt::Display for Key {
 pub struct CachedToken {
     pub access_token: Sensitive,
     /// `access_token.fingerprint()`, computed once: logs and audit records use it per request.
-    pub fingerprint: Box<str>,
+    pub fingerprint: Fingerprint,
     pub token_type: String,
     pub obtained_at: SystemTime,
     pub expires_at: SystemTime,

@@ -321,7 +321,7 @@ impl Flow {
                     );
                     // Lifetimes count from when the request was sent: never overestimate.
                     return Ok(CachedToken {
-                        fingerprint: fingerprint.into(),
+                        fingerprint,
                         access_token: t.access_token,
                         token_type: t.token_type,
                         obtained_at: started,

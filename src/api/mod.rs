@@ -4,6 +4,7 @@
 
 pub mod error;
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,7 +18,7 @@ use tracing::{Instrument, debug, info, info_span};
 use crate::access::{Access, AccessError};
 use crate::audit::{AuditRecord, Outcome};
 use crate::authn::{Caller, ClientCert, Credentials};
-use crate::broker::{Broker, BrokerError, TokenRequest, TokenSource};
+use crate::broker::{Broker, BrokerError, TokenQuery, TokenSource};
 use crate::cache::{CachedToken, SlotState};
 use crate::limits::InFlight;
 use crate::proto;
@@ -104,8 +105,9 @@ impl Envelope {
         }
     }
 
-    fn audit(&self, rpc: &'static str, tenant: &str, scopes: &[String]) -> AuditRecord {
-        AuditRecord::new(rpc, &self.request_id, self.remote_addr, tenant, scopes)
+    /// The request's audit record; its id, tenant and scopes are moved in at the end.
+    fn audit(&self, rpc: &'static str) -> AuditRecord {
+        AuditRecord::pending(rpc, self.remote_addr)
     }
 
     fn tag<T>(&self, mut r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
@@ -149,19 +151,31 @@ impl Service {
         self
     }
 
-    /// Authenticates, rate-limits and authorizes; returns the caller, the normalised scopes,
-    /// and the in-flight slot to hold while the request runs.
-    async fn admit(
+    /// Authenticates, rate-limits and authorizes; moves the caller's identity into the audit
+    /// record; returns the normalised scopes (borrowed from the request when already in
+    /// normal form) and the in-flight slot to hold while the request runs.
+    async fn admit<'s>(
         &self,
         env: &Envelope,
         tenant: &str,
-        scopes: Vec<String>,
+        scopes: &'s [String],
         audit: &mut AuditRecord,
-    ) -> Result<(Caller, Vec<String>, InFlight<'_>), Failure> {
+    ) -> Result<(Cow<'s, [String]>, InFlight<'_>), Failure> {
         let in_flight = self.access.enter()?;
         let caller = self.access.authenticate(&env.credentials()).await?;
-        audit.set_caller(&caller);
-        self.access.check_rate(&caller)?;
+        let allowed = self.allow(&caller, tenant, scopes);
+        audit.take_caller(caller);
+        Ok((allowed?, in_flight))
+    }
+
+    /// An authenticated caller's rate limit and grants; the normalised scopes.
+    fn allow<'s>(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        scopes: &'s [String],
+    ) -> Result<Cow<'s, [String]>, Failure> {
+        self.access.check_rate(caller)?;
         // Shape checks reveal nothing about the configuration, so they come first.
         if tenant.is_empty() {
             return Err(BrokerError::InvalidArgument {
@@ -171,11 +185,12 @@ impl Service {
             .into());
         }
         let scopes = crate::broker::normalise_scopes(scopes)?;
-        self.access.authorize(&caller, tenant, &scopes)?;
-        Ok((caller, scopes, in_flight))
+        self.access.authorize(caller, tenant, &scopes)?;
+        Ok(scopes)
     }
 
-    fn finish(&self, mut audit: AuditRecord, failure: &Failure) -> Status {
+    /// The status for a failure, with the record's outcome, code and reason filled in.
+    fn fail(&self, env: &Envelope, audit: &mut AuditRecord, failure: &Failure) -> Status {
         let status = error::failure_status(failure);
         audit.outcome = match failure {
             Failure::Access(_) => Outcome::Denied,
@@ -187,7 +202,7 @@ impl Service {
             audit.entra_correlation_id = error::entra_correlation_id(e);
         }
         info!(
-            request_id = audit.request_id.as_str(),
+            request_id = env.request_id.as_str(),
             rpc = audit.rpc,
             tenant = prefix(&audit.tenant, 64),
             code = audit.code,
@@ -197,8 +212,21 @@ impl Service {
         if let Failure::Access(AccessError::RateLimited { caller, .. }) = failure {
             self.broker.flow().metrics.throttled(caller);
         }
-        self.access.audit().record(audit);
         status
+    }
+
+    /// Tags the response with the request id, then moves the id into the audit record and
+    /// writes it: every decision is in the audit trail.
+    fn finish<T>(
+        &self,
+        env: Envelope,
+        mut audit: AuditRecord,
+        result: Result<Response<T>, Status>,
+    ) -> Result<Response<T>, Status> {
+        let result = env.tag(result);
+        audit.request_id = env.request_id;
+        self.access.audit().record(audit);
+        result
     }
 
     /// Counts a finished request by method, outcome and gRPC code.
@@ -298,19 +326,19 @@ impl TokenBroker for Service {
             tracing::Span::none()
         };
         crate::telemetry::set_parent(&span, parent);
-        let mut audit = env.audit("GetToken", &req.tenant, &req.scopes);
+        let mut audit = env.audit("GetToken");
         let result = async {
-            let (_caller, scopes, _in_flight) = self
-                .admit(&env, &req.tenant, req.scopes, &mut audit)
+            let (scopes, _in_flight) = self
+                .admit(&env, &req.tenant, &req.scopes, &mut audit)
                 .await?;
-            let token_req = TokenRequest {
-                tenant: req.tenant,
-                scopes,
+            let query = TokenQuery {
+                tenant: &req.tenant,
+                scopes: &scopes,
                 min_validity: decode_duration(req.min_validity)?,
                 force_refresh: req.force_refresh,
             };
             // The response and the audit fields are made from the token as lent by the cache.
-            let served = self.broker.serve_token(token_req, |token, source| {
+            let served = self.broker.serve_token(query, |token, source| {
                 // Every grant is in the audit log; this line is for debugging only.
                 debug!(
                     request_id = env.request_id.as_str(),
@@ -320,7 +348,7 @@ impl TokenBroker for Service {
                 );
                 audit.token_source = Some(source_name(source));
                 audit.expires_at = Some(token.expires_at);
-                audit.token_fingerprint = Some(String::from(&*token.fingerprint));
+                audit.token_fingerprint = Some(token.fingerprint);
                 response(token, source)
             });
             Ok::<_, Failure>(served.await?)
@@ -328,17 +356,17 @@ impl TokenBroker for Service {
         .instrument(span.clone())
         .await;
         let _entered = span.enter();
+        audit.set_request(req.tenant, req.scopes);
         let result = match result {
             Ok(response) => {
                 audit.outcome = Outcome::Allowed;
                 audit.code = error::code_name(tonic::Code::Ok);
-                self.access.audit().record(audit);
                 Ok(Response::new(response))
             }
-            Err(f) => Err(self.finish(audit, &f)),
+            Err(f) => Err(self.fail(&env, &mut audit, &f)),
         };
         self.record("GetToken", started, &result);
-        env.tag(result)
+        self.finish(env, audit, result)
     }
 
     type WatchTokenStream = WatchStreamBox;
@@ -350,35 +378,38 @@ impl TokenBroker for Service {
         let started = Instant::now();
         let env = Envelope::of(&request);
         let req = request.into_inner();
-        let mut audit = env.audit("WatchToken", &req.tenant, &req.scopes);
+        let mut audit = env.audit("WatchToken");
         let admitted = async {
             // The in-flight slot covers admission only: a watch is long-lived and idle.
-            let (caller, scopes, _in_flight) = self
-                .admit(&env, &req.tenant, req.scopes, &mut audit)
+            let (scopes, _in_flight) = self
+                .admit(&env, &req.tenant, &req.scopes, &mut audit)
                 .await?;
             let rx = self.broker.subscribe(&req.tenant, &scopes).await?;
-            Ok::<_, Failure>((caller, scopes, rx))
+            Ok::<_, Failure>((scopes.into_owned(), rx))
         }
         .await;
-        let (caller, scopes, rx) = match admitted {
+        let tenant = req.tenant.clone();
+        audit.set_request(req.tenant, req.scopes);
+        let (scopes, rx) = match admitted {
             Ok(a) => a,
             Err(f) => {
-                let r = Err(self.finish(audit, &f));
+                let r = Err(self.fail(&env, &mut audit, &f));
                 self.record("WatchToken", started, &r);
-                return env.tag(r);
+                return self.finish(env, audit, r);
             }
         };
         // A watch counts once, when admitted; its stream is not a request.
         self.record::<()>("WatchToken", started, &Ok(()));
         audit.outcome = Outcome::Allowed;
         audit.code = error::code_name(tonic::Code::Ok);
-        self.access.audit().record(audit);
         // Each update is re-checked against the policy in force, so a revoked grant ends the
         // watch at the next token instead of feeding the caller forever.
         let policy = self.access.policy().clone();
-        let tenant = req.tenant.clone();
+        // Admitted, so authenticated: the record holds the caller's identity (none would
+        // match no grant, and end the watch).
+        let caller = audit.caller.clone().unwrap_or_default();
         let revoked = error::failure_status(&Failure::Access(AccessError::Denied {
-            caller: caller.id.clone(),
+            caller: caller.clone(),
         }));
         let mut shutdown = self.shutdown.clone();
         let ended = async move {
@@ -408,7 +439,7 @@ impl TokenBroker for Service {
         let stream = futures::StreamExt::scan(stream, false, move |done, item| {
             let out = if *done {
                 None
-            } else if policy.current().allows(&caller.id, &tenant, &scopes) {
+            } else if policy.current().allows(&caller, &tenant, &scopes) {
                 Some(item)
             } else {
                 *done = true;
@@ -417,7 +448,11 @@ impl TokenBroker for Service {
             futures::future::ready(out)
         });
         let stream = futures::StreamExt::take_until(stream, ended);
-        env.tag(Ok(Response::new(Box::pin(stream) as WatchStreamBox)))
+        self.finish(
+            env,
+            audit,
+            Ok(Response::new(Box::pin(stream) as WatchStreamBox)),
+        )
     }
 }
 

@@ -459,7 +459,7 @@ async fn no_log_line_contains_a_token_or_an_assertion() {
     // The fingerprint is what identifies a token in logs.
     let fp = tokenbroker::sensitive::fingerprint(a.access_token.as_bytes());
     assert!(
-        text.contains(&fp),
+        text.contains(fp.as_str()),
         "the served token's fingerprint is logged"
     );
 }
