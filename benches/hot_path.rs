@@ -1,6 +1,7 @@
 //! Micro benchmarks of the cache-hit path's pieces: the cache lookup through the broker, the
 //! assertion's header+claims encoding, policy evaluation, token fingerprinting, scope
-//! normalisation and the audit record. `cargo bench --bench hot_path`.
+//! normalisation, the audit record, and a caller's bearer token (checked in full, and
+//! remembered). `cargo bench --bench hot_path`.
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
@@ -230,6 +231,28 @@ fn audit(c: &mut Criterion) {
     });
 }
 
+/// A bearer token (RS256, ~1 KB) checked in full (keys already fetched: signature, claims),
+/// and the same token again, answered from the verifier's memory of verified tokens.
+fn bearer(c: &mut Criterion) {
+    use tokenbroker::bench::jwt::{LoopbackIssuer, check_signature};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (issuer, verifier) = rt.block_on(LoopbackIssuer::start()).unwrap();
+    let token = issuer.token("collector").unwrap();
+    // Fetches the issuer's keys, and remembers the token.
+    rt.block_on(verifier.verify(&token)).unwrap();
+    c.bench_function("bearer_token_rs256_full_check", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(check_signature(&verifier, &token).await.unwrap()) })
+    });
+    c.bench_function("bearer_token_rs256_remembered", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(verifier.verify(&token).await.unwrap()) })
+    });
+}
+
 criterion_group!(
     benches,
     cache_hit,
@@ -238,6 +261,7 @@ criterion_group!(
     policy,
     fingerprinting,
     scopes,
-    audit
+    audit,
+    bearer
 );
 criterion_main!(benches);

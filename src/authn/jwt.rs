@@ -7,17 +7,25 @@
 //! signature; `exp` and `nbf` with the issuer's leeway; `aud` is the broker's own audience.
 //! An unknown `kid` triggers a key refresh at most once per `jwks_min_refresh` per issuer, so
 //! forged tokens cannot make the broker hammer an issuer.
+//!
+//! A caller sends the same token with every request until it renews it, and checking the
+//! signature costs more than the rest of a cache hit. A verified token is therefore
+//! remembered (by its SHA-256, the token itself is not kept; bounded) until its `exp`, as
+//! long as the issuer's keys it was verified against are the ones in use: when they are
+//! fetched again (rotation, a key withdrawn, age), every token is verified again.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use base64::Engine;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tracing::{info, warn};
 use url::Url;
@@ -59,10 +67,45 @@ pub enum JwtError {
     KeysUnavailable { issuer: String, message: String },
 }
 
+/// Most verified tokens remembered, and the longest any is remembered (less when it expires
+/// sooner). About 300 bytes each.
+const VERIFIED_CAPACITY: u64 = 10_000;
+const VERIFIED_MAX_AGE: Duration = Duration::from_secs(600);
+
 /// Verifies bearer tokens for a set of configured issuers. Cheap to share.
 pub struct JwtVerifier {
     issuers: HashMap<String, Arc<Issuer>>,
     http: reqwest::Client,
+    /// Tokens verified before, by the SHA-256 of the token.
+    verified: moka::sync::Cache<[u8; 32], Arc<Verified>>,
+    /// Tokens whose signature was checked (not answered from `verified`).
+    signature_checks: AtomicU64,
+}
+
+/// A token that verified: whom it names, until when, and against which keys.
+pub(crate) struct Verified {
+    pub(crate) caller: Caller,
+    /// The token's `exp`: after it, the token goes through the full check (and its leeway).
+    exp: SystemTime,
+    issuer: Arc<Issuer>,
+    /// The key set the signature verified against. Held, so that a newer set can never be
+    /// mistaken for it by address.
+    keys: Arc<Keys>,
+}
+
+impl Verified {
+    /// Whether the verification still stands at `now`: before the token's `exp`, and the
+    /// issuer's keys in use (and fresh) are the set it was verified against.
+    fn stands(&self, now: SystemTime) -> bool {
+        now < self.exp
+            && self.keys.fetched.elapsed() < self.issuer.cfg.jwks_max_age
+            && self
+                .issuer
+                .keys
+                .load()
+                .as_ref()
+                .is_some_and(|current| Arc::ptr_eq(current, &self.keys))
+    }
 }
 
 impl fmt::Debug for JwtVerifier {
@@ -149,7 +192,21 @@ impl JwtVerifier {
                 )
             })
             .collect();
-        JwtVerifier { issuers, http }
+        JwtVerifier {
+            issuers,
+            http,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_CAPACITY)
+                .time_to_live(VERIFIED_MAX_AGE)
+                .build(),
+            signature_checks: AtomicU64::new(0),
+        }
+    }
+
+    /// How many tokens have had their signature checked (a remembered verification is not
+    /// counted).
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(Ordering::Relaxed)
     }
 
     /// How many times the keys of the issuer named `name` have been fetched.
@@ -167,6 +224,20 @@ impl JwtVerifier {
                 "longer than {MAX_TOKEN_LEN} bytes"
             )));
         }
+        let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+        if let Some(v) = self.verified.get(&digest)
+            && v.stands(SystemTime::now())
+        {
+            return Ok(v.caller.clone());
+        }
+        let verified = self.verify_signed(t).await?;
+        let caller = verified.caller.clone();
+        self.verified.insert(digest, Arc::new(verified));
+        Ok(caller)
+    }
+
+    /// The full check of a token.
+    pub(crate) async fn verify_signed(&self, t: &str) -> Result<Verified, JwtError> {
         let parts: Vec<&str> = t.split('.').collect();
         let [header, payload, _sig] = parts.as_slice() else {
             return Err(JwtError::Malformed(
@@ -189,7 +260,7 @@ impl JwtVerifier {
             .ok()
             .filter(|a| issuer.cfg.algorithms.contains(a))
             .ok_or_else(|| JwtError::AlgorithmNotAllowed(short(&alg_name)))?;
-        let jwk = self.key(issuer, header.kid.as_deref()).await?;
+        let (jwk, keys) = self.key(issuer, header.kid.as_deref()).await?;
         if let Some(ka) = jwk.common.key_algorithm
             && ka.to_string() != alg_name
         {
@@ -202,6 +273,7 @@ impl JwtVerifier {
         v.leeway = issuer.cfg.leeway.as_secs();
         v.validate_nbf = true;
         v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        self.signature_checks.fetch_add(1, Ordering::Relaxed);
         let data = jsonwebtoken::decode::<Claims>(t, &key, &v).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => JwtError::Expired,
             ErrorKind::ImmatureSignature => JwtError::NotYetValid,
@@ -226,10 +298,25 @@ impl JwtVerifier {
         }
         .filter(|s| !s.is_empty() && s.len() <= 512)
         .ok_or_else(|| JwtError::MissingClaim(claim.clone()))?;
-        Ok(Caller {
-            id: format!("jwt:{}:{value}", issuer.cfg.name),
-            proof: Proof::Jwt,
-            app_id: data.claims.azp.or(data.claims.appid),
+        // Validation required `exp`; a value that is not a number of seconds is not
+        // remembered (it expires at once).
+        let exp = data
+            .claims
+            .rest
+            .get("exp")
+            .and_then(serde_json::Value::as_u64)
+            .map_or(SystemTime::UNIX_EPOCH, |s| {
+                SystemTime::UNIX_EPOCH + Duration::from_secs(s.min(u64::from(u32::MAX)))
+            });
+        Ok(Verified {
+            caller: Caller {
+                id: format!("jwt:{}:{value}", issuer.cfg.name),
+                proof: Proof::Jwt,
+                app_id: data.claims.azp.or(data.claims.appid),
+            },
+            exp,
+            issuer: issuer.clone(),
+            keys,
         })
     }
 
@@ -237,18 +324,19 @@ impl JwtVerifier {
     /// `jwks_max_age` (after a failure, not again within `jwks_min_refresh`), and re-fetched
     /// for an unknown `kid` at most once per `jwks_min_refresh`: a rotation is picked up at
     /// once, while forged kids cannot make the broker hammer the issuer.
-    async fn key(&self, issuer: &Issuer, kid: Option<&str>) -> Result<Jwk, JwtError> {
-        let find = |keys: &Keys| -> Option<Jwk> {
-            match kid {
+    /// Also returns the key set it is from.
+    async fn key(&self, issuer: &Issuer, kid: Option<&str>) -> Result<(Jwk, Arc<Keys>), JwtError> {
+        let find = |keys: &Arc<Keys>| -> Option<(Jwk, Arc<Keys>)> {
+            let jwk = match kid {
                 Some(k) => keys
                     .keys
                     .iter()
-                    .find(|j| j.common.key_id.as_deref() == Some(k))
-                    .cloned(),
+                    .find(|j| j.common.key_id.as_deref() == Some(k)),
                 // Without a kid, only an issuer with a single key is unambiguous.
-                None if keys.keys.len() == 1 => keys.keys.first().cloned(),
+                None if keys.keys.len() == 1 => keys.keys.first(),
                 None => None,
-            }
+            };
+            jwk.map(|j| (j.clone(), keys.clone()))
         };
         let cfg = &issuer.cfg;
         let fresh = |keys: &Keys| keys.fetched.elapsed() < cfg.jwks_max_age;
@@ -274,7 +362,7 @@ impl JwtVerifier {
             _ => !recent(gate.failed),
         };
         if !may_fetch {
-            return match current.as_deref() {
+            return match &current {
                 Some(keys) => find(keys).ok_or_else(unknown),
                 None => Err(JwtError::KeysUnavailable {
                     issuer: cfg.name.clone(),
@@ -301,7 +389,7 @@ impl JwtVerifier {
                 warn!(issuer = %cfg.name, error = %message, "cannot fetch token issuer keys");
                 gate.failed = Some(Instant::now());
                 // Keys already known stay usable through an issuer outage.
-                match current.as_deref() {
+                match &current {
                     Some(keys) => find(keys).ok_or_else(unknown),
                     None => Err(JwtError::KeysUnavailable {
                         issuer: cfg.name.clone(),
@@ -349,5 +437,68 @@ impl JwtVerifier {
         resp.json::<T>()
             .await
             .map_err(|e| format!("GET {url}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuer() -> Arc<Issuer> {
+        Arc::new(Issuer {
+            cfg: IssuerConfig {
+                name: "test".into(),
+                issuer: "https://issuer.example".into(),
+                discovery_url: Url::parse(
+                    "https://issuer.example/.well-known/openid-configuration",
+                )
+                .unwrap(),
+                audiences: vec!["api://tokenbroker".into()],
+                algorithms: vec![Algorithm::ES256],
+                identity_claim: "sub".into(),
+                leeway: Duration::from_secs(60),
+                jwks_min_refresh: Duration::from_secs(30),
+                jwks_max_age: Duration::from_secs(3600),
+            },
+            keys: ArcSwapOption::empty(),
+            refresh: tokio::sync::Mutex::new(RefreshGate::default()),
+            fetches: AtomicU64::new(0),
+        })
+    }
+
+    fn keys() -> Arc<Keys> {
+        Arc::new(Keys {
+            keys: Vec::new(),
+            fetched: Instant::now(),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_remembered_verification_ends_at_exp_at_new_keys_and_when_the_keys_age() {
+        let issuer = issuer();
+        let verified_with = keys();
+        issuer.keys.store(Some(verified_with.clone()));
+        let now = SystemTime::now();
+        let v = Verified {
+            caller: Caller {
+                id: "jwt:test:a".into(),
+                proof: Proof::Jwt,
+                app_id: None,
+            },
+            exp: now + Duration::from_secs(300),
+            issuer: issuer.clone(),
+            keys: verified_with.clone(),
+        };
+        assert!(v.stands(now));
+        assert!(v.stands(now + Duration::from_secs(299)));
+        assert!(!v.stands(now + Duration::from_secs(300)), "expired");
+        // Keys fetched again, even with the same content: verify again.
+        issuer.keys.store(Some(keys()));
+        assert!(!v.stands(now));
+        issuer.keys.store(Some(verified_with));
+        assert!(v.stands(now));
+        // Keys past their age are fetched again before use: so is the verification redone.
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(!v.stands(now));
     }
 }

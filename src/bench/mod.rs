@@ -18,6 +18,7 @@
 pub mod cold;
 pub mod economy;
 pub mod fake;
+pub mod jwt;
 pub mod load;
 pub mod memory;
 pub mod startup;

@@ -21,7 +21,7 @@ mod error;
 mod faults;
 mod graph;
 mod identity;
-mod keys;
+pub(crate) mod keys;
 mod keyvault;
 mod state;
 mod tls;

@@ -108,6 +108,15 @@ impl TestIssuer {
         });
     }
 
+    /// Stops publishing `kid`.
+    pub fn withdraw(&self, kid: &str) {
+        self.state
+            .published
+            .lock()
+            .unwrap()
+            .retain(|k| k.kid != kid);
+    }
+
     /// Standard claims for `sub`, valid for ten minutes.
     pub fn claims(&self, sub: &str) -> Value {
         let now = now();

@@ -189,6 +189,57 @@ async fn a_rotated_issuer_key_is_fetched_once_and_unknown_kids_do_not_hammer_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_token_is_not_checked_again_until_the_issuer_keys_change() {
+    let h = start().await;
+    let i = &h.issuer;
+    let jwt = h.access.authenticator().jwt().unwrap();
+    let token = i.token("svc-a");
+    for _ in 0..3 {
+        h.get(None, Some(&token), "contoso", &[GRAPH])
+            .await
+            .unwrap();
+    }
+    assert_eq!(jwt.signature_checks(), 1, "the same token is verified once");
+    let records = h.records();
+    assert_eq!(records.len(), 3);
+    assert!(records.iter().all(|r| r.caller.as_deref() == Some(SVC)));
+    // Another token of the same caller is a token of its own.
+    let mut claims = i.claims("svc-a");
+    claims["jti"] = "another".into();
+    h.get(
+        None,
+        Some(&i.sign_with("key-1", &claims)),
+        "contoso",
+        &[GRAPH],
+    )
+    .await
+    .unwrap();
+    assert_eq!(jwt.signature_checks(), 2);
+    // A remembered token is still only good for what the policy grants.
+    assert_status(
+        h.get(None, Some(&token), "fabrikam", &[GRAPH]).await,
+        Code::PermissionDenied,
+        &[],
+    );
+
+    // The issuer withdraws key-1; the broker fetches its keys again for a key-2 token.
+    i.rotate("key-2");
+    i.withdraw("key-1");
+    let rotated = i.sign_with("key-2", &i.claims("svc-a"));
+    h.get(None, Some(&rotated), "contoso", &[GRAPH])
+        .await
+        .unwrap();
+    assert_eq!(i.jwks_fetches(), 2);
+    // The token verified with the withdrawn key is checked again, and refused.
+    assert_status(
+        h.get(None, Some(&token), "contoso", &[GRAPH]).await,
+        Code::Unauthenticated,
+        &["unknown key"],
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entra_app_token_names_the_app_as_caller() {
     // A certificate caller may have contoso's own API token; that token, issued by the
     // (emulated) Entra tenant, then identifies the contoso app to the broker.
