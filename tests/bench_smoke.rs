@@ -11,7 +11,8 @@ fn install_crypto() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn load_benchmark_runs_against_broker_and_baseline_in_plaintext_and_mtls() {
+async fn load_benchmark_runs_against_broker_and_baseline_in_plaintext_mtls_and_with_bearer_tokens()
+{
     install_crypto();
     let opts = load::LoadOptions {
         connections: 2,
@@ -20,10 +21,13 @@ async fn load_benchmark_runs_against_broker_and_baseline_in_plaintext_and_mtls()
         requests: Some(150),
         rounds: 2,
         warmup: Duration::ZERO,
-        transports: vec![Transport::Plaintext, Transport::Mtls],
+        transports: vec![Transport::Plaintext, Transport::Mtls, Transport::Bearer],
     };
     let reports = load::run(&opts).await.unwrap();
-    assert_eq!(reports.len(), 2);
+    assert_eq!(reports.len(), 3);
+    // Every broker answer in the bearer run was authenticated (no dev identity there): an
+    // error would have been counted.
+    assert_eq!(reports[2].transport, Transport::Bearer);
     for r in &reports {
         for s in [&r.baseline, &r.broker] {
             assert_eq!(s.requests, 300, "{}", r.text());

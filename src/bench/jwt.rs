@@ -62,6 +62,11 @@ impl LoopbackIssuer {
         Ok((LoopbackIssuer { key, issuer, task }, verifier))
     }
 
+    /// Its `iss` (and base URL).
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
     /// A token for `sub`, valid for an hour, of the size of a Kubernetes service account
     /// token or an Entra app token (~1 KB).
     pub fn token(&self, sub: &str) -> anyhow::Result<Sensitive> {

@@ -354,6 +354,41 @@ fn request() -> proto::GetTokenRequest {
     }
 }
 
+/// The request, with `bearer` as its authorization metadata when given.
+fn with_bearer(
+    r: proto::GetTokenRequest,
+    bearer: Option<&tonic::metadata::AsciiMetadataValue>,
+) -> Request<proto::GetTokenRequest> {
+    let mut r = Request::new(r);
+    if let Some(b) = bearer {
+        r.metadata_mut().insert("authorization", b.clone());
+    }
+    r
+}
+
+/// The bench client's identity in the bearer runs: `jwt:bench:collector`.
+const BEARER_SUBJECT: &str = "collector";
+
+/// The dev configuration with bearer-JWT callers of the bench issuer instead of the dev
+/// identity, and one grant for the bench client.
+pub fn bearer_config(dev: String, issuer: &str) -> anyhow::Result<String> {
+    let t = replace_once(
+        &dev,
+        "dev_loopback = true",
+        &format!(
+            "dev_loopback = false\naudience = \"{}\"\n\n[callers.issuers.bench]\nissuer = \"{issuer}\"\nalgorithms = [\"RS256\"]",
+            super::jwt::AUDIENCE
+        ),
+    )?;
+    replace_once(
+        &t,
+        "callers = [\"dev:loopback\"]\ntenants = [\"*\"]\nscopes = [\"*\"]",
+        &format!(
+            "callers = [\"jwt:bench:{BEARER_SUBJECT}\"]\ntenants = [\"contoso\", \"fabrikam\"]\nscopes = [\"{GRAPH}\"]"
+        ),
+    )
+}
+
 /// What one drive of a target produced.
 #[derive(Debug, Default)]
 pub struct Drive {
@@ -366,12 +401,13 @@ pub struct Drive {
 }
 
 /// `streams` concurrent callers over `channels`, until `duration` has passed or `requests`
-/// were sent, whichever comes first.
+/// were sent, whichever comes first; each request with `bearer` as its authorization.
 pub async fn drive(
     channels: &[Channel],
     streams: usize,
     duration: Duration,
     requests: Option<u64>,
+    bearer: Option<&tonic::metadata::AsciiMetadataValue>,
 ) -> Drive {
     let issued = Arc::new(AtomicU64::new(0));
     let cpu = super::process_cpu();
@@ -381,6 +417,7 @@ pub async fn drive(
     for i in 0..streams {
         let mut client = TokenBrokerClient::new(channels[i % channels.len()].clone());
         let issued = issued.clone();
+        let bearer = bearer.cloned();
         tasks.push(tokio::spawn(async move {
             let mut d = Drive {
                 latencies_ns: Vec::with_capacity(4096),
@@ -393,7 +430,9 @@ pub async fn drive(
                     break;
                 }
                 let t = Instant::now();
-                let r = client.get_token(request()).await;
+                let r = client
+                    .get_token(with_bearer(request(), bearer.as_ref()))
+                    .await;
                 let ns = t.elapsed().as_nanos() as u64;
                 match r {
                     Ok(resp) => {
@@ -501,11 +540,23 @@ async fn run_one(opts: &LoadOptions, transport: Transport) -> anyhow::Result<Loa
         Transport::Mtls => Some(Pki::generate()?),
         _ => None,
     };
+    let issuer = match transport {
+        Transport::Bearer => Some(super::jwt::LoopbackIssuer::start().await?.0),
+        _ => None,
+    };
+    let bearer = match &issuer {
+        Some(i) => Some(
+            format!("Bearer {}", i.token(BEARER_SUBJECT)?.expose())
+                .parse::<tonic::metadata::AsciiMetadataValue>()?,
+        ),
+        None => None,
+    };
     let stack = Stack::start(
         EmulatorAt::InProcess(EmulatorConfig::demo()),
-        |dev, dir| match &pki {
-            Some(p) => mtls_config(dev, dir, p),
-            None => Ok(dev),
+        |dev, dir| match (&pki, &issuer) {
+            (Some(p), _) => mtls_config(dev, dir, p),
+            (None, Some(i)) => bearer_config(dev, i.issuer()),
+            (None, None) => Ok(dev),
         },
         |u| u,
     )
@@ -514,7 +565,7 @@ async fn run_one(opts: &LoadOptions, transport: Transport) -> anyhow::Result<Loa
         // Warm the cache; the baseline answers with this very response (same size).
         let broker_channels = channels(stack.addr, pki.as_ref(), opts.connections).await?;
         let mut warm = TokenBrokerClient::new(broker_channels[0].clone())
-            .get_token(request())
+            .get_token(with_bearer(request(), bearer.as_ref()))
             .await
             .context("warming the broker's cache")?
             .into_inner();
@@ -525,8 +576,9 @@ async fn run_one(opts: &LoadOptions, transport: Transport) -> anyhow::Result<Loa
         let baseline_channels = channels(baseline.addr, pki.as_ref(), opts.connections).await?;
 
         if !opts.warmup.is_zero() {
-            drive(&baseline_channels, opts.streams, opts.warmup, None).await;
-            drive(&broker_channels, opts.streams, opts.warmup, None).await;
+            let b = bearer.as_ref();
+            drive(&baseline_channels, opts.streams, opts.warmup, None, b).await;
+            drive(&broker_channels, opts.streams, opts.warmup, None, b).await;
         }
         let (mut b, mut k) = (Acc::new(), Acc::new());
         for round in 0..opts.rounds {
@@ -543,12 +595,20 @@ async fn run_one(opts: &LoadOptions, transport: Transport) -> anyhow::Result<Loa
                             opts.streams,
                             opts.duration,
                             opts.requests,
+                            bearer.as_ref(),
                         )
                         .await,
                     );
                 } else {
                     k.add(
-                        drive(&broker_channels, opts.streams, opts.duration, opts.requests).await,
+                        drive(
+                            &broker_channels,
+                            opts.streams,
+                            opts.duration,
+                            opts.requests,
+                            bearer.as_ref(),
+                        )
+                        .await,
                     );
                 }
             }

@@ -5,8 +5,8 @@
 //! - `load`: cache-hit `GetToken` against the broker (warm cache, on the embedded emulator)
 //!   and against a bare tonic server answering the same RPC with a constant, same-size
 //!   response, driven by the same client (connections, concurrent streams, duration or request
-//!   count; plaintext and mutual TLS), alternating rounds; requests/s, p50/p90/p99/p99.9 and
-//!   the broker/baseline ratios.
+//!   count; plaintext, mutual TLS, or bearer JWTs from a loopback issuer (`jwt`)),
+//!   alternating rounds; requests/s, p50/p90/p99/p99.9 and the broker/baseline ratios.
 //! - `cold`: miss latency with fixed latencies injected by the emulator on Key Vault sign and
 //!   the Entra token endpoint; the broker's own overhead.
 //! - `economy`: N tenants × M scopes under load with refresh-ahead on a manual clock: Key
@@ -54,7 +54,11 @@ pub enum What {
 pub enum Transport {
     Plaintext,
     Mtls,
+    /// Plaintext and mTLS.
     Both,
+    /// Plaintext with a bearer JWT on every request (a Kubernetes service account's, RS256):
+    /// the broker authenticates it, the baseline ignores it. Not part of `both`.
+    Bearer,
 }
 
 /// `tokenbroker bench` options. Defaults are the figures reported in docs/PERFORMANCE.md.
@@ -82,7 +86,7 @@ pub struct BenchArgs {
     /// load: seconds of unrecorded warm-up per target.
     #[arg(long, default_value_t = 1.0)]
     pub warmup: f64,
-    /// load: plaintext, mutual TLS or both.
+    /// load: plaintext, mutual TLS, both, or plaintext with bearer tokens.
     #[arg(long, value_enum, default_value = "both")]
     pub transport: Transport,
     /// cold: misses measured (sequentially); p99 is the second slowest of the default 200.
