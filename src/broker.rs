@@ -121,7 +121,8 @@ pub struct Upstreams {
 }
 
 struct Inner {
-    tenants: HashMap<String, Arc<Tenant>>,
+    /// Fixed at start (nothing is ever inserted): a fast hash cannot be made to collide.
+    tenants: HashMap<String, Arc<Tenant>, foldhash::fast::RandomState>,
     flow: Flow,
     clock: Arc<dyn Clock>,
     cfg: CacheConfig,

@@ -266,8 +266,13 @@ pub trait FromJoin {
 }
 
 /// Bounded map of slots. Idle slots are evicted; a slot's token validity is checked on read.
+///
+/// Hashed with foldhash (seeded per process), not SipHash: a key reaches the cache only once
+/// the policy has granted its tenant and every one of its scopes, exactly, so the keys that
+/// can exist are combinations of what the operator configured, and no caller can choose keys
+/// that collide. (The development identity's `*` grants are the exception, on loopback.)
 pub struct TokenCache<E> {
-    slots: moka::future::Cache<Key, Arc<Slot<E>>>,
+    slots: moka::future::Cache<Key, Arc<Slot<E>>, foldhash::fast::RandomState>,
 }
 
 impl<E> fmt::Debug for TokenCache<E> {
@@ -284,7 +289,7 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
             slots: moka::future::Cache::builder()
                 .max_capacity(max_entries)
                 .time_to_idle(idle)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         }
     }
 
