@@ -88,7 +88,7 @@ impl Access {
             }
         };
         Ok(Access {
-            authn: Authenticator::new(&config.callers, http),
+            authn: Authenticator::new(&config.callers, &config.limits, http),
             policy,
             limits: Limits::new(&config.limits),
             audit: Audit::new(sink),

@@ -1,7 +1,11 @@
 //! Per-caller and global request limits: a token bucket per caller identity (in a bounded
-//! map whose idle entries expire, so memory stays bounded however many identities appear)
-//! and a cap on requests in flight, beyond which requests are shed rather than queued.
+//! map whose idle entries expire, so memory stays bounded however many identities appear),
+//! a cap on requests in flight, beyond which requests are shed rather than queued, and the
+//! bucket type the bearer-token verifier uses to limit failed authentications per address.
 
+use std::borrow::Borrow;
+use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,12 +21,115 @@ struct Bucket {
     at: Instant,
 }
 
+impl Bucket {
+    /// Refills for the time since the last look; whether a token is there, or how long
+    /// until one is.
+    fn refill(&mut self, now: Instant, rate: f64, burst: f64) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
+    }
+}
+
+/// Token buckets by key, in a bounded map whose idle entries are dropped (an idle bucket
+/// refills to full anyway: dropping it loses nothing).
+pub struct Buckets<K> {
+    rate: f64,
+    burst: f64,
+    map: moka::sync::Cache<K, Arc<Mutex<Bucket>>>,
+}
+
+impl<K> std::fmt::Debug for Buckets<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buckets")
+            .field("rate", &self.rate)
+            .field("burst", &self.burst)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Hash + Eq + Send + Sync + 'static> Buckets<K> {
+    /// `rate` tokens a second up to `burst`, for at most `max_keys` keys, each forgotten
+    /// after `idle` without use.
+    pub fn new(rate: f64, burst: u32, max_keys: u64, idle: Duration) -> Self {
+        Buckets {
+            rate,
+            burst: f64::from(burst),
+            map: moka::sync::Cache::builder()
+                .max_capacity(max_keys)
+                .time_to_idle(idle)
+                .build(),
+        }
+    }
+
+    /// Takes one token from `key`'s bucket, or says how long until one is available.
+    pub fn take<Q>(&self, key: &Q) -> Result<(), Duration>
+    where
+        K: Borrow<Q>,
+        Q: ToOwned<Owned = K> + Hash + Eq + ?Sized,
+    {
+        let now = Instant::now();
+        let bucket = self.map.get_with_by_ref(key, || {
+            Arc::new(Mutex::new(Bucket {
+                tokens: self.burst,
+                at: now,
+            }))
+        });
+        let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
+        b.refill(now, self.rate, self.burst)?;
+        b.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// Whether `key`'s bucket has a token (none is taken), or how long until it has one.
+    pub fn peek<Q>(&self, key: &Q) -> Result<(), Duration>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.map.get(key) {
+            // Never seen, or idle long enough to be dropped: full.
+            None => Ok(()),
+            Some(bucket) => bucket.lock().unwrap_or_else(|p| p.into_inner()).refill(
+                Instant::now(),
+                self.rate,
+                self.burst,
+            ),
+        }
+    }
+}
+
+/// The key failed authentications from `ip` are counted under: the address itself, or for
+/// IPv6 its /64 (one host commonly holds a whole /64).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    }
+}
+
+/// Failed bearer-token authentications per client address, from the configuration; `None`
+/// when `failed_auth_per_sec` is 0.
+pub fn failed_auth(cfg: &LimitsConfig) -> Option<Buckets<IpAddr>> {
+    (cfg.failed_auth_per_sec > 0.0).then(|| {
+        Buckets::new(
+            cfg.failed_auth_per_sec,
+            cfg.failed_auth_burst,
+            cfg.max_callers,
+            cfg.caller_idle,
+        )
+    })
+}
+
 /// Request limits. Cheap to share.
 #[derive(Debug)]
 pub struct Limits {
-    rate: f64,
-    burst: f64,
-    buckets: moka::sync::Cache<String, Arc<Mutex<Bucket>>>,
+    callers: Buckets<String>,
     // A count, not a semaphore: nothing ever waits for a slot, and releasing a semaphore's
     // permit takes its waiters' lock on every request. On a cache line of its own: every
     // request writes it from whichever thread, and the fields beside it are read as often.
@@ -43,13 +150,12 @@ impl Drop for InFlight<'_> {
 impl Limits {
     pub fn new(cfg: &LimitsConfig) -> Self {
         Limits {
-            rate: cfg.caller_rate_per_sec,
-            burst: f64::from(cfg.caller_burst),
-            // An idle caller's bucket refills to full anyway: dropping it loses nothing.
-            buckets: moka::sync::Cache::builder()
-                .max_capacity(cfg.max_callers)
-                .time_to_idle(cfg.caller_idle)
-                .build(),
+            callers: Buckets::new(
+                cfg.caller_rate_per_sec,
+                cfg.caller_burst,
+                cfg.max_callers,
+                cfg.caller_idle,
+            ),
             in_flight: CachePadded::new(AtomicUsize::new(0)),
             max_in_flight: cfg.max_in_flight,
         }
@@ -57,23 +163,7 @@ impl Limits {
 
     /// Takes one token from the caller's bucket, or says how long until one is available.
     pub fn check_caller(&self, caller: &str) -> Result<(), Duration> {
-        let now = Instant::now();
-        let bucket = self.buckets.get_with_by_ref(caller, || {
-            Arc::new(Mutex::new(Bucket {
-                tokens: self.burst,
-                at: now,
-            }))
-        });
-        let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * self.rate).min(self.burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.rate))
-        }
+        self.callers.take(caller)
     }
 
     /// A slot for one request in flight, or `None` when the broker is at its limit.
@@ -97,6 +187,8 @@ mod tests {
             caller_idle: Duration::from_secs(600),
             max_in_flight: in_flight,
             max_request_bytes: 16 * 1024,
+            failed_auth_per_sec: 1.0,
+            failed_auth_burst: 20,
         }
     }
 
@@ -135,5 +227,31 @@ mod tests {
         drop((b, c));
         let _both = (l.enter().unwrap(), l.enter().unwrap());
         assert!(l.enter().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peeking_takes_nothing_and_failures_empty_an_address_bucket() {
+        let b: Buckets<IpAddr> = Buckets::new(0.5, 2, 100, Duration::from_secs(600));
+        let a = address_key("192.0.2.7".parse().unwrap());
+        assert!(b.peek(&a).is_ok(), "an address never seen has its burst");
+        b.take(&a).unwrap();
+        for _ in 0..5 {
+            assert!(b.peek(&a).is_ok(), "peeking takes nothing");
+        }
+        b.take(&a).unwrap();
+        assert_eq!(b.peek(&a), Err(Duration::from_secs(2)));
+        assert!(b.take(&a).is_err());
+        assert!(b.peek(&address_key("192.0.2.8".parse().unwrap())).is_ok());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(b.peek(&a).is_ok(), "refilled at the rate");
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let k = |s: &str| address_key(s.parse().unwrap());
+        assert_eq!(k("2001:db8:1:2:aaaa::1"), k("2001:db8:1:2:bbbb::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_eq!(k("::ffff:192.0.2.7"), k("192.0.2.7"));
+        assert_ne!(k("192.0.2.7"), k("192.0.2.8"));
     }
 }

@@ -35,6 +35,14 @@ pub fn access_status(e: &AccessError) -> Status {
                 Some(Duration::from_secs(5)),
             )
         }
+        AccessError::Unauthenticated(AuthnError::Jwt(JwtError::TooManyFailures {
+            retry_after,
+        })) => with_retry(
+            Status::resource_exhausted(format!(
+                "{e}: tokens from this address are checked again after the hinted delay (tokens that verified before are not affected)"
+            )),
+            Some(*retry_after),
+        ),
         AccessError::Unauthenticated(a) => Status::unauthenticated(a.to_string()),
         AccessError::Denied { .. } => Status::permission_denied(DENIED_MESSAGE),
         AccessError::RateLimited { retry_after, .. } => with_retry(

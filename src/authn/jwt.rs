@@ -13,9 +13,14 @@
 //! remembered (by its SHA-256, the token itself is not kept; bounded) until its `exp`, as
 //! long as the issuer's keys it was verified against are the ones in use: when they are
 //! fetched again (rotation, a key withdrawn, age), every token is verified again.
+//!
+//! Failed tokens are counted per client address (`limits::Buckets`): past the limit, new
+//! tokens from that address are refused before any check, while its tokens that verified
+//! before are still answered from memory.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -32,6 +37,7 @@ use url::Url;
 
 use super::{Caller, Proof};
 use crate::config::IssuerConfig;
+use crate::limits::Buckets;
 use crate::sensitive::Sensitive;
 
 /// Longest bearer token accepted.
@@ -62,6 +68,12 @@ pub enum JwtError {
     WrongIssuer,
     #[error("missing claim `{0}`")]
     MissingClaim(String),
+    /// Too many tokens from this client address failed: new tokens from it wait.
+    #[error(
+        "too many failed authentications from this address; retry after {}s",
+        .retry_after.as_secs().max(1)
+    )]
+    TooManyFailures { retry_after: Duration },
     /// The issuer's keys cannot be fetched: the caller is not at fault.
     #[error("the signing keys of issuer `{issuer}` are unavailable: {message}")]
     KeysUnavailable { issuer: String, message: String },
@@ -80,6 +92,10 @@ pub struct JwtVerifier {
     verified: moka::sync::Cache<[u8; 32], Arc<Verified>>,
     /// Tokens whose signature was checked (not answered from `verified`).
     signature_checks: AtomicU64,
+    /// Failed authentications per client address: a flood of bad tokens from one address
+    /// cannot keep the signature checks busy, nor crowd out its other callers' tokens that
+    /// verified before (they are answered from `verified` first).
+    failures: Option<Buckets<IpAddr>>,
 }
 
 /// A token that verified: whom it names, until when, and against which keys.
@@ -177,7 +193,12 @@ fn short(s: &str) -> String {
 }
 
 impl JwtVerifier {
-    pub fn new(issuers: Vec<IssuerConfig>, http: reqwest::Client) -> Self {
+    /// `failures`: the limit of failed authentications per client address, if any.
+    pub fn new(
+        issuers: Vec<IssuerConfig>,
+        http: reqwest::Client,
+        failures: Option<Buckets<IpAddr>>,
+    ) -> Self {
         let issuers = issuers
             .into_iter()
             .map(|cfg| {
@@ -200,6 +221,7 @@ impl JwtVerifier {
                 .time_to_live(VERIFIED_MAX_AGE)
                 .build(),
             signature_checks: AtomicU64::new(0),
+            failures,
         }
     }
 
@@ -217,7 +239,12 @@ impl JwtVerifier {
             .map_or(0, |i| i.fetches.load(Ordering::Relaxed))
     }
 
-    pub async fn verify(&self, token: &Sensitive) -> Result<Caller, JwtError> {
+    /// Verifies `token`, sent from `peer` (when known).
+    pub async fn verify(
+        &self,
+        token: &Sensitive,
+        peer: Option<IpAddr>,
+    ) -> Result<Caller, JwtError> {
         let t = token.expose();
         if t.len() > MAX_TOKEN_LEN {
             return Err(JwtError::Malformed(format!(
@@ -230,7 +257,26 @@ impl JwtVerifier {
         {
             return Ok(v.caller.clone());
         }
-        let verified = self.verify_signed(t).await?;
+        let failures = self
+            .failures
+            .as_ref()
+            .zip(peer.map(crate::limits::address_key));
+        if let Some((f, address)) = &failures {
+            f.peek(address)
+                .map_err(|retry_after| JwtError::TooManyFailures { retry_after })?;
+        }
+        let verified = match self.verify_signed(t).await {
+            Ok(v) => v,
+            Err(e) => {
+                // An issuer that cannot be reached is not the caller's failure.
+                if let Some((f, address)) = &failures
+                    && !matches!(e, JwtError::KeysUnavailable { .. })
+                {
+                    let _ = f.take(address);
+                }
+                return Err(e);
+            }
+        };
         let caller = verified.caller.clone();
         self.verified.insert(digest, Arc::new(verified));
         Ok(caller)

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use rustls::pki_types::CertificateDer;
 use serde::Serialize;
 
-use crate::config::CallersConfig;
+use crate::config::{CallersConfig, LimitsConfig};
 use crate::sensitive::Sensitive;
 
 pub use jwt::{JwtError, JwtVerifier};
@@ -101,9 +101,19 @@ pub struct Authenticator {
 impl Authenticator {
     /// `dev_loopback` is honoured only because configuration validation accepts it solely
     /// with a plaintext listener on a loopback address.
-    pub fn new(config: &CallersConfig, http: reqwest::Client) -> Authenticator {
-        let jwt = (!config.issuers.is_empty())
-            .then(|| JwtVerifier::new(config.issuers.values().cloned().collect(), http));
+    /// `limits` gives the limit of failed bearer-token authentications per address.
+    pub fn new(
+        config: &CallersConfig,
+        limits: &LimitsConfig,
+        http: reqwest::Client,
+    ) -> Authenticator {
+        let jwt = (!config.issuers.is_empty()).then(|| {
+            JwtVerifier::new(
+                config.issuers.values().cloned().collect(),
+                http,
+                crate::limits::failed_auth(limits),
+            )
+        });
         Authenticator {
             jwt,
             dev_loopback: config.dev_loopback,
@@ -120,7 +130,9 @@ impl Authenticator {
             let Some(jwt) = &self.jwt else {
                 return Err(JwtError::NoIssuers.into());
             };
-            return Ok(jwt.verify(&token).await?);
+            return Ok(jwt
+                .verify(&token, creds.remote_addr.map(|a| a.ip()))
+                .await?);
         }
         if let Some(cert) = creds.client_cert {
             let id = match cert {

@@ -58,7 +58,7 @@ impl LoopbackIssuer {
             jwks_min_refresh: Duration::from_secs(30),
             jwks_max_age: Duration::from_secs(3600),
         };
-        let verifier = JwtVerifier::new(vec![cfg], reqwest::Client::new());
+        let verifier = JwtVerifier::new(vec![cfg], reqwest::Client::new(), None);
         Ok((LoopbackIssuer { key, issuer, task }, verifier))
     }
 

@@ -85,6 +85,11 @@ pub struct LimitsConfig {
     /// Requests in flight over the whole broker; more are refused with UNAVAILABLE.
     pub max_in_flight: usize,
     pub max_request_bytes: usize,
+    /// Failed bearer-token authentications a second per client address (IPv6: per /64)
+    /// before that address's new tokens wait; 0: no limit (behind a proxy that makes every
+    /// caller one address).
+    pub failed_auth_per_sec: f64,
+    pub failed_auth_burst: u32,
 }
 
 /// Algorithms accepted for bearer tokens when an issuer lists none.
@@ -143,6 +148,8 @@ pub(super) struct RawLimits {
     caller_idle_secs: Option<u64>,
     max_in_flight: Option<usize>,
     max_request_bytes: Option<usize>,
+    failed_auth_per_sec: Option<f64>,
+    failed_auth_burst: Option<u32>,
 }
 
 /// https, or http on a loopback host (a local issuer in tests or development).
@@ -369,7 +376,24 @@ impl Validator<'_> {
         if max_request_bytes < 1024 {
             self.problem("limits.max_request_bytes", "must be at least 1024");
         }
+        let failed_rate = raw.failed_auth_per_sec.unwrap_or(1.0);
+        if !(failed_rate >= 0.0 && failed_rate.is_finite()) {
+            self.problem(
+                "limits.failed_auth_per_sec",
+                "must be a number of at least 0 (0: no limit)",
+            );
+        }
+        let failed_burst = raw.failed_auth_burst.unwrap_or(20);
+        if failed_burst == 0 {
+            self.problem("limits.failed_auth_burst", "must be at least 1");
+        }
         LimitsConfig {
+            failed_auth_per_sec: if failed_rate >= 0.0 && failed_rate.is_finite() {
+                failed_rate
+            } else {
+                1.0
+            },
+            failed_auth_burst: failed_burst.max(1),
             caller_rate_per_sec: if rate > 0.0 && rate.is_finite() {
                 rate
             } else {

@@ -219,6 +219,35 @@ fn callers_policy_audit_and_limits_are_read() {
         AuditOutput::File(PathBuf::from("/var/tb/audit.jsonl"))
     );
     assert_eq!(c.limits.caller_burst, 10);
+    // Failed bearer tokens are limited per address by default.
+    assert_eq!(c.limits.failed_auth_per_sec, 1.0);
+    assert_eq!(c.limits.failed_auth_burst, 20);
+}
+
+#[test]
+fn the_failed_authentication_limit_can_be_turned_off_but_not_made_nonsense() {
+    let c = Config::from_toml_str(
+        &format!(
+            "{GOOD}
+[limits]
+failed_auth_per_sec = 0.0
+"
+        ),
+        Path::new("/var/tb"),
+        &no_env,
+    )
+    .unwrap();
+    assert!(crate::limits::failed_auth(&c.limits).is_none());
+    let p = problems(&format!(
+        "{GOOD}
+[limits]
+failed_auth_per_sec = -1.0
+failed_auth_burst = 0
+"
+    ));
+    let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+    assert!(paths.contains(&"limits.failed_auth_per_sec"), "{p:?}");
+    assert!(paths.contains(&"limits.failed_auth_burst"), "{p:?}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
+use tokenbroker::audit::Outcome;
 use tonic::Code;
 
 use crate::harness::*;
@@ -269,6 +270,87 @@ async fn an_entra_app_token_names_the_app_as_caller() {
         h.get(None, Some(&entra_token), "contoso", &[GRAPH]).await,
         Code::PermissionDenied,
         &[],
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_tokens_from_one_address_are_limited_and_tokens_verified_before_still_work() {
+    const CERT: &str = "spiffe://example.org/ns/a/sa/cert-caller";
+    let h = Harness::start(Options {
+        policy: grants(&[(SVC, "contoso", GRAPH), (CERT, "contoso", GRAPH)]),
+        limits: "failed_auth_per_sec = 0.001\nfailed_auth_burst = 3",
+        ..Default::default()
+    })
+    .await;
+    let i = &h.issuer;
+    let jwt = h.access.authenticator().jwt().unwrap();
+    let good = i.token("svc-a");
+    h.get(None, Some(&good), "contoso", &[GRAPH]).await.unwrap();
+    // Signed with a key of the issuer's kid that is not the issuer's: a bad signature.
+    let forged = || {
+        sign_es256(
+            &rcgen::KeyPair::generate().unwrap(),
+            "key-1",
+            &i.claims("svc-a"),
+        )
+    };
+    for _ in 0..3 {
+        assert_status(
+            h.get(None, Some(&forged()), "contoso", &[GRAPH]).await,
+            Code::Unauthenticated,
+            &["signature"],
+        );
+    }
+    let checks = jwt.signature_checks();
+    let s = assert_status(
+        h.get(None, Some(&forged()), "contoso", &[GRAPH]).await,
+        Code::ResourceExhausted,
+        &["too many failed authentications from this address"],
+    );
+    let retry: u64 = s
+        .metadata()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "{retry}");
+    // A new token from this address waits as well, without being checked.
+    let mut claims = i.claims("svc-a");
+    claims["jti"] = "new".into();
+    assert_status(
+        h.get(
+            None,
+            Some(&i.sign_with("key-1", &claims)),
+            "contoso",
+            &[GRAPH],
+        )
+        .await,
+        Code::ResourceExhausted,
+        &[],
+    );
+    assert_eq!(
+        jwt.signature_checks(),
+        checks,
+        "a held-back token is not checked"
+    );
+    // The token that verified before, and callers with client certificates, still get theirs.
+    h.get(None, Some(&good), "contoso", &[GRAPH]).await.unwrap();
+    h.get(Some(&h.ca.client(&[CERT])), None, "contoso", &[GRAPH])
+        .await
+        .unwrap();
+    // Every refusal is in the audit trail.
+    let held: Vec<_> = h
+        .records()
+        .into_iter()
+        .filter(|r| r.code == "RESOURCE_EXHAUSTED")
+        .collect();
+    assert_eq!(held.len(), 2);
+    assert!(
+        held.iter()
+            .all(|r| r.outcome == Outcome::Denied && r.caller.is_none())
     );
     h.stop().await;
 }
