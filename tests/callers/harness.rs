@@ -232,6 +232,17 @@ pub fn grants(items: &[(&str, &str, &str)]) -> String {
 }
 
 #[track_caller]
+/// The `retry-after` seconds a refusal carries.
+pub fn retry_after_secs(s: &tonic::Status) -> u64 {
+    s.metadata()
+        .get("retry-after")
+        .expect("a retry-after hint")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 pub fn assert_status<T: std::fmt::Debug>(
     r: Result<T, tonic::Status>,
     code: tonic::Code,
