@@ -126,12 +126,8 @@ impl AuditRecord {
         self.scopes = scopes;
     }
 
-    pub fn set_caller(&mut self, caller: &Caller) {
-        self.take_caller(caller.clone());
-    }
-
-    /// Like `set_caller`, moving the identity in.
-    pub fn take_caller(&mut self, caller: Caller) {
+    /// Moves the authenticated caller's identity in.
+    pub fn set_caller(&mut self, caller: Caller) {
         self.caller = Some(caller.id);
         self.proof = Some(caller.proof);
         self.app_id = caller.app_id;

@@ -164,7 +164,7 @@ impl Service {
         let in_flight = self.access.enter()?;
         let caller = self.access.authenticate(&env.credentials()).await?;
         let allowed = self.allow(&caller, tenant, scopes);
-        audit.take_caller(caller);
+        audit.set_caller(caller);
         Ok((allowed?, in_flight))
     }
 
