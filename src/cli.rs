@@ -208,7 +208,6 @@ async fn serve(path: PathBuf) -> ExitCode {
 #[cfg(feature = "emulator")]
 async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
     use crate::emulator::{Emulator, EmulatorConfig, StartOptions};
-    telemetry::init(crate::config::LogFormat::Human, "info");
     if !listen.ip().is_loopback() {
         eprintln!("tokenbroker dev listens on loopback only, not {listen}");
         return ExitCode::from(EXIT_CONFIG);
@@ -225,12 +224,18 @@ async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
         emulator
             .endpoints()
             .write_atomically(&state_dir.join("endpoints.json"))?;
+        // The log and trace export follow the environment (`TOKENBROKER_LOG_LEVEL`,
+        // `TOKENBROKER_LOG_FORMAT`, `TOKENBROKER_OTLP_ENDPOINT`); nothing else does.
         let (config_path, config) = crate::dev::write_broker_config(
             &state_dir,
             &emu_config,
             emulator.endpoints(),
             listen,
+            &crate::config::observability_env,
         )?;
+        // Flushes exported spans and metrics when serving ends.
+        let _telemetry =
+            telemetry::init_with(config.log.format, &config.log.level, &config.telemetry);
         let up = crate::server::upstreams(&config)?;
         let tenants: Vec<String> = config.tenants.keys().cloned().collect();
         let bound = crate::server::bind(config, up).await?;

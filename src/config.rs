@@ -444,6 +444,18 @@ pub fn process_env(key: &str) -> Option<String> {
     std::env::var(key).ok()
 }
 
+/// Only the overrides that change what the broker reports (log level and format, trace and
+/// metrics export), not how it is wired: for `tokenbroker dev`, whose configuration is
+/// generated and must not be changed by a stray `TOKENBROKER_LISTEN` or identity setting.
+pub fn observability_env(key: &str) -> Option<String> {
+    matches!(
+        key,
+        "TOKENBROKER_LOG_LEVEL" | "TOKENBROKER_LOG_FORMAT" | "TOKENBROKER_OTLP_ENDPOINT"
+    )
+    .then(|| process_env(key))
+    .flatten()
+}
+
 /// Environment variables that override deployment settings of the file.
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("TOKENBROKER_LISTEN", "server.listen"),

@@ -93,12 +93,13 @@ fn tenant_name(domain: Option<&str>, id: &str) -> String {
         .to_owned()
 }
 
-/// Writes the generated config and loads it like any other.
+/// Writes the generated config and loads it like any other, with `env`'s overrides.
 pub fn write_broker_config(
     dir: &Path,
     emu: &EmulatorConfig,
     endpoints: &Endpoints,
     listen: SocketAddr,
+    env: crate::config::EnvSource<'_>,
 ) -> Result<(PathBuf, Config), ConfigError> {
     let path = dir.join("broker.toml");
     std::fs::write(&path, broker_config_toml(emu, endpoints, listen)).map_err(|source| {
@@ -107,6 +108,6 @@ pub fn write_broker_config(
             source,
         }
     })?;
-    let config = Config::load(&path, &|_| None)?;
+    let config = Config::load(&path, env)?;
     Ok((path, config))
 }

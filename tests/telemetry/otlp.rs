@@ -1,6 +1,7 @@
 //! OTLP export over the wire: `tokenbroker serve` (a process of its own, as deployed, against
-//! the emulator) with `TOKENBROKER_OTLP_ENDPOINT` pointing at a collector made here, which
-//! decodes what arrives with the OpenTelemetry protocol's own message types.
+//! the emulator) and `tokenbroker dev`, with `TOKENBROKER_OTLP_ENDPOINT` pointing at a
+//! collector made here, which decodes what arrives with the OpenTelemetry protocol's own
+//! message types.
 
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -39,9 +40,8 @@ async fn collect(
     StatusCode::OK
 }
 
-#[test]
-fn traces_and_metrics_reach_an_otlp_collector_and_the_last_metrics_are_sent_at_exit() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
+/// An OTLP/HTTP collector on loopback, on `rt`: its address and what it receives.
+fn start_collector(rt: &tokio::runtime::Runtime) -> (std::net::SocketAddr, Received) {
     let received: Received = Arc::default();
     let collector = rt.block_on(async {
         let app = axum::Router::new()
@@ -58,6 +58,81 @@ fn traces_and_metrics_reach_an_otlp_collector_and_the_last_metrics_are_sent_at_e
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         addr
     });
+    (collector, received)
+}
+
+/// The trace requests the collector received, decoded.
+fn traces(received: &[(String, String, Bytes)]) -> Vec<ExportTraceServiceRequest> {
+    received
+        .iter()
+        .filter(|(path, _, _)| path == "/v1/traces")
+        .map(|(_, _, b)| ExportTraceServiceRequest::decode(b.as_ref()).unwrap())
+        .collect()
+}
+
+#[test]
+fn tokenbroker_dev_exports_traces_and_logs_as_the_environment_says_and_nothing_else() {
+    use std::io::{BufRead, BufReader};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (collector, received) = start_collector(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path())
+        .env("TOKENBROKER_OTLP_ENDPOINT", format!("http://{collector}"))
+        .env("TOKENBROKER_LOG_FORMAT", "json")
+        // Wiring, not reporting: the generated configuration keeps its own listener.
+        .env("TOKENBROKER_LISTEN", "127.0.0.1:1")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("dev prints its address").unwrap();
+        if let Some(rest) = line.split("broker on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    assert_ne!(addr, "127.0.0.1:1");
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let token = rt.block_on(async {
+        let mut c = tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await
+        .unwrap();
+        let req = traced_request(&format!("00-{trace_id}-b7ad6b7169203331-01"));
+        c.get_token(req).await.unwrap().into_inner()
+    });
+    assert_eq!(token.tenant_id, demo::CONTOSO_TENANT);
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
+
+    let received = received.lock().unwrap().clone();
+    let get_token = traces(&received)
+        .into_iter()
+        .flat_map(|t| t.resource_spans)
+        .flat_map(|r| r.scope_spans)
+        .flat_map(|s| s.spans)
+        .find(|s| s.name == "GetToken")
+        .expect("dev exports the request's span");
+    assert_eq!(hex(&get_token.trace_id), trace_id);
+    // The log is JSON lines, as asked, and holds no token.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("token obtained"), "{log}");
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+    }
+    assert!(!log.contains(&token.access_token));
+}
+
+#[test]
+fn traces_and_metrics_reach_an_otlp_collector_and_the_last_metrics_are_sent_at_exit() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (collector, received) = start_collector(&rt);
 
     let dir = tempfile::tempdir().unwrap();
     let emu = EmulatorConfig::demo();
@@ -128,10 +203,7 @@ fn traces_and_metrics_reach_an_otlp_collector_and_the_last_metrics_are_sent_at_e
     };
 
     // The request's span, in the caller's trace, from the service named as configured.
-    let traces: Vec<ExportTraceServiceRequest> = bodies("/v1/traces")
-        .iter()
-        .map(|b| ExportTraceServiceRequest::decode(b.as_ref()).unwrap())
-        .collect();
+    let traces = traces(&received);
     let service_names: Vec<String> = traces
         .iter()
         .flat_map(|t| &t.resource_spans)
