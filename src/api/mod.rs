@@ -35,6 +35,46 @@ pub struct Service {
     /// Whether spans are exported: then every request gets a span, otherwise only requests
     /// that carry a caller's trace context (a span per request costs more than a cache hit).
     traced: bool,
+    /// Bounds the log lines of refused and failed requests (the audit trail has them all).
+    refusal_log: Arc<LogBudget>,
+}
+
+/// Most log lines a second about refused or failed requests: a client stuck retrying a bad
+/// request, or a flood of bad credentials, must not flood the log (each one is still in the
+/// audit trail).
+const REFUSAL_LINES_PER_SEC: u32 = 20;
+
+/// A per-second allowance of log lines, shared by all requests.
+#[derive(Debug, Default)]
+struct LogBudget {
+    /// The Unix second the allowance is for.
+    second: std::sync::atomic::AtomicU64,
+    used: std::sync::atomic::AtomicU32,
+    /// Lines not written since the last one that was.
+    held_back: std::sync::atomic::AtomicU64,
+}
+
+impl LogBudget {
+    /// Whether a line may be written in `second`; if so, how many were held back before it.
+    /// Approximate under races (a line or two more or less), never blocking.
+    fn admit(&self, second: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let current = self.second.load(Relaxed);
+        if second > current
+            && self
+                .second
+                .compare_exchange(current, second, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.used.store(0, Relaxed);
+        }
+        if self.used.fetch_add(1, Relaxed) < REFUSAL_LINES_PER_SEC {
+            Some(self.held_back.swap(0, Relaxed))
+        } else {
+            self.held_back.fetch_add(1, Relaxed);
+            None
+        }
+    }
 }
 
 /// The target of per-request spans; the log output leaves them out (the events that matter
@@ -142,6 +182,7 @@ impl Service {
             shutdown,
             access,
             traced: false,
+            refusal_log: Arc::default(),
         }
     }
 
@@ -201,14 +242,25 @@ impl Service {
         if let Failure::Broker(e) = failure {
             audit.entra_correlation_id = error::entra_correlation_id(e);
         }
-        info!(
-            request_id = env.request_id.as_str(),
-            rpc = audit.rpc,
-            tenant = prefix(&audit.tenant, 64),
-            code = audit.code,
-            error = %failure,
-            "request refused or failed"
-        );
+        let second = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(held_back) = self.refusal_log.admit(second) {
+            if held_back > 0 {
+                info!(
+                    not_logged = held_back,
+                    "refused or failed requests not logged (at most {REFUSAL_LINES_PER_SEC} a second); every one is in the audit trail"
+                );
+            }
+            info!(
+                request_id = env.request_id.as_str(),
+                rpc = audit.rpc,
+                tenant = prefix(&audit.tenant, 64),
+                code = audit.code,
+                error = %failure,
+                "request refused or failed"
+            );
+        }
         if let Failure::Access(AccessError::RateLimited { caller, .. }) = failure {
             self.broker.flow().metrics.throttled(caller);
         }
@@ -458,7 +510,26 @@ impl TokenBroker for Service {
 
 #[cfg(test)]
 mod tests {
-    use super::prefix;
+    use super::{LogBudget, REFUSAL_LINES_PER_SEC, prefix};
+
+    #[test]
+    fn refusal_lines_are_bounded_per_second_and_the_next_line_counts_those_held_back() {
+        let b = LogBudget::default();
+        for _ in 0..REFUSAL_LINES_PER_SEC {
+            assert_eq!(b.admit(100), Some(0));
+        }
+        for _ in 0..7 {
+            assert_eq!(b.admit(100), None);
+        }
+        assert_eq!(
+            b.admit(101),
+            Some(7),
+            "a new second: the count of lines held back"
+        );
+        assert_eq!(b.admit(101), Some(0));
+        // A late caller with an earlier second does not reset the allowance.
+        assert_eq!(b.admit(100), Some(0));
+    }
 
     #[test]
     fn log_prefixes_cut_at_character_boundaries() {

@@ -643,18 +643,17 @@ async fn shutdown_is_bounded_even_when_a_call_hangs() {
     );
 }
 
-#[test]
-fn sigterm_stops_tokenbroker_dev_cleanly() {
+/// `tokenbroker dev` as a process of its own, state in `dir`, its log in `dir/stderr.log`;
+/// and the address it serves on.
+fn spawn_dev(dir: &std::path::Path) -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
-    let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("stderr.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
         .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(dir.path())
+        .arg(dir)
         .env_remove("NO_COLOR")
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log_path).unwrap())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -665,6 +664,53 @@ fn sigterm_stops_tokenbroker_dev_cleanly() {
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };
+    (child, addr)
+}
+
+#[test]
+fn a_client_retrying_a_bad_request_does_not_flood_the_log_but_every_refusal_is_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_dev(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    const TRIES: usize = 200;
+    rt.block_on(async {
+        let mut c = tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await
+        .unwrap();
+        for _ in 0..TRIES {
+            let s = c
+                .get_token(GetTokenRequest {
+                    tenant: "no-such-tenant".into(),
+                    scopes: vec![GRAPH.into()],
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(s.code(), Code::NotFound, "{s:?}");
+        }
+    });
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(audit.lines().count(), TRIES, "every refusal is audited");
+    let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    let logged = log.matches("request refused or failed").count();
+    assert!(logged >= 1, "{log}");
+    // At most 20 lines a second; the tries take a second or two on any machine, and a few
+    // more only on a very slow one.
+    assert!(
+        logged < TRIES / 2,
+        "{logged} refusal lines for {TRIES} refusals"
+    );
+}
+
+#[test]
+fn sigterm_stops_tokenbroker_dev_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let (mut child, addr) = spawn_dev(dir.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let token = rt.block_on(async {
         let mut c = tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(format!(
