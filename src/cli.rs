@@ -244,7 +244,9 @@ async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
         let exe = std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "tokenbroker".into());
-        println!(
+        // Written whole, and a closed stdout (`tokenbroker dev | head`) must not stop the
+        // broker: `println!` would panic on the broken pipe.
+        let banner = format!(
             "\ntokenbroker dev is up: broker on {addr} (plaintext, loopback), Azure emulator endpoints in {}\n\
              broker config: {}\naudit log: {}\nmetrics and probes: http://{admin}/metrics, /healthz, /readyz\n\ntenants: {}\n\nAsk for a token:\n  {exe} token --addr http://{addr} --tenant {} --scope https://graph.microsoft.com/.default\n\n\
              Stop with Ctrl-C.",
@@ -254,6 +256,11 @@ async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
             tenants.join(", "),
             tenants.first().map(String::as_str).unwrap_or("contoso"),
         );
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{banner}").and_then(|()| out.flush());
+        }
         bound.serve(shutdown_signal()).await?;
         emulator.shutdown().await;
         Ok::<(), anyhow::Error>(())

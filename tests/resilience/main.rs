@@ -644,7 +644,8 @@ async fn shutdown_is_bounded_even_when_a_call_hangs() {
 }
 
 /// `tokenbroker dev` as a process of its own, state in `dir`, its log in `dir/stderr.log`;
-/// and the address it serves on.
+/// and the address it serves on. Its stdout is read to the end on a thread of its own, as a
+/// terminal would.
 fn spawn_dev(dir: &std::path::Path) -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
@@ -664,7 +665,60 @@ fn spawn_dev(dir: &std::path::Path) -> (std::process::Child, String) {
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };
+    std::thread::spawn(move || lines.for_each(drop));
     (child, addr)
+}
+
+#[test]
+fn tokenbroker_dev_keeps_serving_when_its_stdout_is_closed() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Like `tokenbroker dev | head -2`: the first lines, then the pipe is closed.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    while !first.contains("broker on ") {
+        first.clear();
+        assert!(
+            stdout.read_line(&mut first).unwrap() > 0,
+            "dev prints its address"
+        );
+    }
+    drop(stdout);
+    let addr = first
+        .split("broker on ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let token = rt.block_on(async {
+        let mut c = tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await
+        .unwrap();
+        c.get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(token.tenant_id, demo::CONTOSO_TENANT);
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
 }
 
 #[test]
