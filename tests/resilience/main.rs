@@ -643,6 +643,28 @@ async fn shutdown_is_bounded_even_when_a_call_hangs() {
     );
 }
 
+/// A contoso Graph token from the broker at `addr` (plaintext, no credentials).
+fn contoso_token_from(addr: &str) -> tokenbroker::proto::GetTokenResponse {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let token = rt.block_on(async {
+        let mut c = tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await
+        .unwrap();
+        c.get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(token.tenant_id, demo::CONTOSO_TENANT);
+    token
+}
+
 /// `tokenbroker dev` as a process of its own, state in `dir`, its log in `dir/stderr.log`;
 /// and the address it serves on. Its stdout is read to the end on a thread of its own, as a
 /// terminal would.
@@ -700,23 +722,7 @@ fn tokenbroker_dev_keeps_serving_when_its_stdout_is_closed() {
         .next()
         .unwrap()
         .to_owned();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let token = rt.block_on(async {
-        let mut c = tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(format!(
-            "http://{addr}"
-        ))
-        .await
-        .unwrap();
-        c.get_token(GetTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-    });
-    assert_eq!(token.tenant_id, demo::CONTOSO_TENANT);
+    contoso_token_from(&addr);
     let code = terminate(&mut child);
     assert!(code.success(), "exit status {code:?}");
 }
@@ -765,23 +771,7 @@ fn sigterm_stops_tokenbroker_dev_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("stderr.log");
     let (mut child, addr) = spawn_dev(dir.path());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let token = rt.block_on(async {
-        let mut c = tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(format!(
-            "http://{addr}"
-        ))
-        .await
-        .unwrap();
-        c.get_token(GetTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-    });
-    assert_eq!(token.tenant_id, demo::CONTOSO_TENANT);
+    let token = contoso_token_from(&addr);
     let code = terminate(&mut child);
     assert!(code.success(), "exit status {code:?}");
     // The audit writer drained before the exit: the grant is on disk, the token not.
