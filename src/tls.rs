@@ -205,14 +205,14 @@ impl ListenerConfig {
     /// Re-reads the client CA bundle and revocation lists; installs a new verifier when they
     /// changed and are valid. `Ok(true)` when one was installed.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let trust = ClientTrust::read(&self.tls)?;
+        let files = TrustFiles::read(&self.tls)?;
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if *loaded == trust.digest {
+        if *loaded == files.digest {
             return Ok(false);
         }
-        let config = build_config(&trust, &self.cert)?;
+        let config = build_config(files.verifier(&self.tls)?, &self.cert)?;
         self.current.store(Arc::new(config));
-        *loaded = trust.digest;
+        *loaded = files.digest;
         Ok(true)
     }
 
@@ -254,36 +254,54 @@ impl ListenerConfig {
     }
 }
 
-/// The client-certificate verifier made from the CA bundle and revocation lists, and the
-/// digest of those files; no verifier without a CA bundle.
-struct ClientTrust {
-    verifier: Option<Arc<dyn ClientCertVerifier>>,
+/// The client CA bundle and revocation lists as read from their files, and the digest of
+/// them all: compared first, as `ReloadingCert` does, so unchanged files are not parsed again.
+struct TrustFiles {
+    ca: Option<Vec<u8>>,
+    crls: Vec<Vec<u8>>,
     digest: [u8; 32],
 }
 
-impl ClientTrust {
-    fn read(tls: &ServerTls) -> Result<ClientTrust, TlsError> {
+impl TrustFiles {
+    fn read(tls: &ServerTls) -> Result<TrustFiles, TlsError> {
         let mut h = Sha256::new();
         let Some(ca) = &tls.client_ca_file else {
-            return Ok(ClientTrust {
-                verifier: None,
+            return Ok(TrustFiles {
+                ca: None,
+                crls: Vec::new(),
                 digest: h.finalize().into(),
             });
         };
-        let pem = read_file(ca)?;
-        hash_file(&mut h, &pem);
+        let ca = read_file(ca)?;
+        hash_file(&mut h, &ca);
+        let mut crls = Vec::with_capacity(tls.client_crl_files.len());
+        for path in &tls.client_crl_files {
+            let pem = read_file(path)?;
+            hash_file(&mut h, &pem);
+            crls.push(pem);
+        }
+        Ok(TrustFiles {
+            ca: Some(ca),
+            crls,
+            digest: h.finalize().into(),
+        })
+    }
+
+    /// The client-certificate verifier the files make; none without a CA bundle.
+    fn verifier(&self, tls: &ServerTls) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
+        let (Some(ca), Some(pem)) = (&tls.client_ca_file, &self.ca) else {
+            return Ok(None);
+        };
         let mut roots = RootCertStore::empty();
-        for c in certificates(ca, &pem)? {
+        for c in certificates(ca, pem)? {
             roots.add(c).map_err(|e| TlsError::ClientCa {
                 path: ca.clone(),
                 message: e.to_string(),
             })?;
         }
         let mut crls = Vec::new();
-        for path in &tls.client_crl_files {
-            let pem = read_file(path)?;
-            hash_file(&mut h, &pem);
-            let found = CertificateRevocationListDer::pem_slice_iter(&pem)
+        for (path, pem) in tls.client_crl_files.iter().zip(&self.crls) {
+            let found = CertificateRevocationListDer::pem_slice_iter(pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| TlsError::Crl {
                     path: path.clone(),
@@ -310,10 +328,7 @@ impl ClientTrust {
             path: ca.clone(),
             message: e.to_string(),
         })?;
-        Ok(ClientTrust {
-            verifier: Some(verifier),
-            digest: h.finalize().into(),
-        })
+        Ok(Some(verifier))
     }
 }
 
@@ -325,14 +340,14 @@ fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 fn build_config(
-    trust: &ClientTrust,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
     cert: &Arc<ReloadingCert>,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let builder = match &trust.verifier {
-        Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
+    let builder = match verifier {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(cert.clone());
@@ -344,13 +359,13 @@ fn build_config(
 /// trust.
 pub fn server_config(tls: &ServerTls) -> Result<Arc<ListenerConfig>, TlsError> {
     let cert = ReloadingCert::load(&tls.cert_file, &tls.key_file)?;
-    let trust = ClientTrust::read(tls)?;
-    let config = build_config(&trust, &cert)?;
+    let files = TrustFiles::read(tls)?;
+    let config = build_config(files.verifier(tls)?, &cert)?;
     Ok(Arc::new(ListenerConfig {
         tls: tls.clone(),
         cert,
         current: ArcSwap::from_pointee(config),
-        loaded: Mutex::new(trust.digest),
+        loaded: Mutex::new(files.digest),
     }))
 }
 
