@@ -231,8 +231,8 @@ pub fn grants(items: &[(&str, &str, &str)]) -> String {
         .collect()
 }
 
-#[track_caller]
 /// The `retry-after` seconds a refusal carries.
+#[track_caller]
 pub fn retry_after_secs(s: &tonic::Status) -> u64 {
     s.metadata()
         .get("retry-after")
@@ -243,6 +243,7 @@ pub fn retry_after_secs(s: &tonic::Status) -> u64 {
         .unwrap()
 }
 
+#[track_caller]
 pub fn assert_status<T: std::fmt::Debug>(
     r: Result<T, tonic::Status>,
     code: tonic::Code,
