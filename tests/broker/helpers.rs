@@ -357,3 +357,30 @@ pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     let _ = child.kill();
     panic!("the process did not exit after SIGTERM");
 }
+
+/// `tokenbroker dev` as a process of its own with `envs` set, state in `dir`, its log in
+/// `dir/stderr.log`; and the address it serves on. Its stdout is read to the end on a thread
+/// of its own, as a terminal would.
+pub fn spawn_dev(dir: &Path, envs: &[(&str, &str)]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir)
+        .env_remove("NO_COLOR")
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("dev prints its address").unwrap();
+        if let Some(rest) = line.split("broker on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, addr)
+}

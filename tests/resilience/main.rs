@@ -665,32 +665,6 @@ fn contoso_token_from(addr: &str) -> tokenbroker::proto::GetTokenResponse {
     token
 }
 
-/// `tokenbroker dev` as a process of its own, state in `dir`, its log in `dir/stderr.log`;
-/// and the address it serves on. Its stdout is read to the end on a thread of its own, as a
-/// terminal would.
-fn spawn_dev(dir: &std::path::Path) -> (std::process::Child, String) {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(dir)
-        .env_remove("NO_COLOR")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("dev prints its address").unwrap();
-        if let Some(rest) = line.split("broker on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, addr)
-}
-
 #[test]
 fn tokenbroker_dev_keeps_serving_when_its_stdout_is_closed() {
     use std::io::{BufRead, BufReader};
@@ -730,7 +704,7 @@ fn tokenbroker_dev_keeps_serving_when_its_stdout_is_closed() {
 #[test]
 fn a_client_retrying_a_bad_request_does_not_flood_the_log_but_every_refusal_is_audited() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr) = spawn_dev(dir.path());
+    let (mut child, addr) = spawn_dev(dir.path(), &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     const TRIES: usize = 200;
     rt.block_on(async {
@@ -770,7 +744,7 @@ fn a_client_retrying_a_bad_request_does_not_flood_the_log_but_every_refusal_is_a
 fn sigterm_stops_tokenbroker_dev_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("stderr.log");
-    let (mut child, addr) = spawn_dev(dir.path());
+    let (mut child, addr) = spawn_dev(dir.path(), &[]);
     let token = contoso_token_from(&addr);
     let code = terminate(&mut child);
     assert!(code.success(), "exit status {code:?}");

@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use prost::Message;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, StartOptions};
 
-use crate::helpers::{demo, terminate, traced_request};
+use crate::helpers::{demo, spawn_dev, terminate, traced_request};
 
 /// What the collector received: (path, content type, body) per request.
 type Received = Arc<Mutex<Vec<(String, String, Bytes)>>>;
@@ -72,29 +72,20 @@ fn traces(received: &[(String, String, Bytes)]) -> Vec<ExportTraceServiceRequest
 
 #[test]
 fn tokenbroker_dev_exports_traces_and_logs_as_the_environment_says_and_nothing_else() {
-    use std::io::{BufRead, BufReader};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (collector, received) = start_collector(&rt);
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(dir.path())
-        .env("TOKENBROKER_OTLP_ENDPOINT", format!("http://{collector}"))
-        .env("TOKENBROKER_LOG_FORMAT", "json")
-        // Wiring, not reporting: the generated configuration keeps its own listener.
-        .env("TOKENBROKER_LISTEN", "127.0.0.1:1")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("dev prints its address").unwrap();
-        if let Some(rest) = line.split("broker on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
+    let endpoint = format!("http://{collector}");
+    let (mut child, addr) = spawn_dev(
+        dir.path(),
+        &[
+            ("TOKENBROKER_OTLP_ENDPOINT", &endpoint),
+            ("TOKENBROKER_LOG_FORMAT", "json"),
+            // Wiring, not reporting: the generated configuration keeps its own listener.
+            ("TOKENBROKER_LISTEN", "127.0.0.1:1"),
+        ],
+    );
     assert_ne!(addr, "127.0.0.1:1");
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let token = rt.block_on(async {
