@@ -119,7 +119,7 @@ fn api_handler(c: &mut Criterion) {
         b.iter(|| black_box(rt.block_on(with_null.get_token(request())).unwrap()))
     });
     // The subscriber `serve` installs, with its defaults (info, no trace export).
-    let (subscriber, _provider) = tokenbroker::telemetry::subscriber(
+    let (subscriber, _guard) = tokenbroker::telemetry::subscriber(
         tokenbroker::config::LogFormat::Human,
         "info",
         Some(&tokenbroker::config::TelemetryConfig {

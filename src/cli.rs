@@ -106,7 +106,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             config,
             endpoints_file,
         } => {
-            telemetry::init(crate::config::LogFormat::Human, "info");
+            let _telemetry = telemetry::init(crate::config::LogFormat::Human, "info");
             match crate::emulator::run_standalone(config.as_deref(), &endpoints_file).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -457,6 +457,13 @@ fn observe(meter: &Meter, source: &Source) {
             })
             .build();
     }
+    meter
+        .u64_observable_counter("tokenbroker_log_lines_dropped")
+        .with_description(
+            "Log lines dropped because stderr did not keep up (the audit trail never drops)",
+        )
+        .with_callback(|o| o.observe(crate::telemetry::dropped_log_lines(), &[]))
+        .build();
     let s = source.clone();
     meter
         .f64_observable_gauge("tokenbroker_token_expiry_seconds")

@@ -2,6 +2,13 @@
 //! an OpenTelemetry layer so spans carry W3C trace context (extracted from incoming gRPC
 //! metadata, injected into outgoing Key Vault and Entra requests) and are exported over
 //! OTLP (http/protobuf) when `[telemetry] otlp_endpoint` is set.
+//!
+//! Log lines are written to stderr by a thread of their own: a request only queues its line.
+//! A stalled reader of stderr (a full pipe, a slow log shipper) must not stop the runtime's
+//! threads, so when the queue is full, lines are dropped and counted
+//! (`tokenbroker_log_lines_dropped`). The audit trail is not a log: it never drops.
+
+use std::sync::OnceLock;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -9,6 +16,7 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
@@ -17,22 +25,43 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, TelemetryConfig};
 
-/// Keeps the trace exporter alive; flushes it when dropped (at the end of `serve`).
+/// Log lines queued for stderr at most; beyond them lines are dropped (and counted) rather
+/// than making a request wait for the reader. About 4 MiB of typical lines.
+const LOG_QUEUE_LINES: usize = 16_384;
+
+/// Keeps the trace exporter and the log writer alive; when dropped (at the end of `serve`)
+/// it flushes the exporter, then writes out the log lines still queued.
 #[derive(Debug, Default)]
-pub struct Guard(Option<SdkTracerProvider>);
+pub struct Guard {
+    provider: Option<SdkTracerProvider>,
+    log: Option<WorkerGuard>,
+    dropped: Option<ErrorCounter>,
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
+        if let Some(p) = self.provider.take() {
             let _ = p.shutdown();
         }
+        // Waits (at most about a second) for the log writer to empty its queue.
+        drop(self.log.take());
     }
 }
 
-/// Installs the global subscriber without trace export; later calls are no-ops (tests call
-/// it freely).
-pub fn init(format: LogFormat, level: &str) {
-    let _ = install(format, level, None);
+/// Log lines dropped so far because stderr did not keep up (0 before a subscriber is
+/// installed).
+pub fn dropped_log_lines() -> u64 {
+    DROPPED
+        .get()
+        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+}
+
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Installs the global subscriber without trace export (the emulator's). Keep the guard
+/// until the process ends; a second installation is a no-op.
+pub fn init(format: LogFormat, level: &str) -> Guard {
+    install(format, level, None)
 }
 
 /// Installs the global subscriber with the configured trace sampling and export.
@@ -41,21 +70,25 @@ pub fn init_with(format: LogFormat, level: &str, telemetry: &TelemetryConfig) ->
 }
 
 fn install(format: LogFormat, level: &str, telemetry: Option<&TelemetryConfig>) -> Guard {
-    let (subscriber, provider) = subscriber(format, level, telemetry);
-    let installed = subscriber.try_init().is_ok();
-    Guard(installed.then_some(provider))
+    let (subscriber, guard) = subscriber(format, level, telemetry);
+    if subscriber.try_init().is_ok() {
+        if let Some(c) = &guard.dropped {
+            let _ = DROPPED.set(c.clone());
+        }
+        guard
+    } else {
+        Guard::default()
+    }
 }
 
-/// The subscriber `serve` installs (filter, OpenTelemetry layer, log format), and its
-/// tracer provider; benchmarks install it to measure the broker as it runs.
+/// The subscriber `serve` installs (filter, OpenTelemetry layer, log format, the log writer
+/// thread), and the guard of its tracer provider and writer; benchmarks install it to
+/// measure the broker as it runs.
 pub fn subscriber(
     format: LogFormat,
     level: &str,
     telemetry: Option<&TelemetryConfig>,
-) -> (
-    Box<dyn tracing::Subscriber + Send + Sync>,
-    SdkTracerProvider,
-) {
+) -> (Box<dyn tracing::Subscriber + Send + Sync>, Guard) {
     let filter = EnvFilter::try_from_env("TOKENBROKER_LOG")
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -66,8 +99,14 @@ pub fn subscriber(
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("tokenbroker"))
         .with_filter(LevelFilter::INFO);
+    let (writer, log) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("tokenbroker-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(colours());
     // Request spans are for traces: the log would format their fields on every request,
     // whereas the events worth logging carry the request id themselves.
@@ -88,7 +127,12 @@ pub fn subscriber(
             Box::new(registry.with(fmt.with_filter(no_request_spans).with_filter(filter)))
         }
     };
-    (subscriber, provider)
+    let guard = Guard {
+        provider: Some(provider),
+        log: Some(log),
+        dropped: Some(dropped),
+    };
+    (subscriber, guard)
 }
 
 /// Colours only for a person at a terminal: a file or a log collector would keep the escape

@@ -362,6 +362,21 @@ pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
 /// `dir/stderr.log`; and the address it serves on. Its stdout is read to the end on a thread
 /// of its own, as a terminal would.
 pub fn spawn_dev(dir: &Path, envs: &[(&str, &str)]) -> (std::process::Child, String) {
+    let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
+    let dev = spawn_dev_with(dir, envs, stderr.into());
+    (dev.child, dev.addr)
+}
+
+/// A `tokenbroker dev` child, its gRPC address and its admin `/metrics` URL.
+pub struct Dev {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub metrics: String,
+}
+
+/// `tokenbroker dev` with its log (stderr) wherever the caller says; its banner read up to
+/// the addresses, the rest of stdout drained.
+pub fn spawn_dev_with(dir: &Path, envs: &[(&str, &str)], stderr: std::process::Stdio) -> Dev {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
@@ -370,17 +385,25 @@ pub fn spawn_dev(dir: &Path, envs: &[(&str, &str)]) -> (std::process::Child, Str
         .env_remove("NO_COLOR")
         .envs(envs.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("dev prints its address").unwrap();
+    let (mut addr, mut metrics) = (None, None);
+    while addr.is_none() || metrics.is_none() {
+        let line = lines.next().expect("dev prints its addresses").unwrap();
         if let Some(rest) = line.split("broker on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
+            addr = rest.split_whitespace().next().map(str::to_owned);
         }
-    };
+        if let Some(rest) = line.split("metrics and probes: ").nth(1) {
+            metrics = rest.split(',').next().map(str::to_owned);
+        }
+    }
     std::thread::spawn(move || lines.for_each(drop));
-    (child, addr)
+    Dev {
+        child,
+        addr: addr.unwrap_or_default(),
+        metrics: metrics.unwrap_or_default(),
+    }
 }

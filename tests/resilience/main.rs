@@ -702,6 +702,62 @@ fn tokenbroker_dev_keeps_serving_when_its_stdout_is_closed() {
 }
 
 #[test]
+fn tokenbroker_dev_keeps_serving_when_nobody_reads_its_log() {
+    // The log goes to a pipe nobody reads, as with a stalled log shipper: once the pipe's
+    // buffer is full, every write to it blocks. At trace level a request writes ~200 lines.
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = spawn_dev_with(
+        dir.path(),
+        &[("TOKENBROKER_LOG", "trace")],
+        std::process::Stdio::piped(),
+    );
+    let stalled = dev.child.stderr.take();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    const REQUESTS: usize = 150;
+    let dropped = rt.block_on(async {
+        for i in 0..REQUESTS {
+            let answer = tokio::time::timeout(Duration::from_secs(60), async {
+                // A connection each: more log lines per request.
+                let mut c = tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(
+                    format!("http://{}", dev.addr),
+                )
+                .await?;
+                let r = c
+                    .get_token(GetTokenRequest {
+                        tenant: "contoso".into(),
+                        scopes: vec![GRAPH.into()],
+                        ..Default::default()
+                    })
+                    .await?;
+                Ok::<_, Box<dyn std::error::Error>>(r.into_inner())
+            })
+            .await
+            .unwrap_or_else(|_| panic!("request {i} got no answer while the log is stalled"))
+            .unwrap();
+            assert_eq!(answer.tenant_id, demo::CONTOSO_TENANT);
+        }
+        let text = reqwest::get(&dev.metrics)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("tokenbroker_log_lines_dropped_total "))
+            .unwrap_or_else(|| panic!("no dropped-lines counter in\n{text}"))
+            .parse::<f64>()
+            .unwrap()
+    });
+    assert!(
+        dropped > 0.0,
+        "the queue of log lines overflowed and was counted"
+    );
+    let code = terminate(&mut dev.child);
+    assert!(code.success(), "exit status {code:?}");
+    drop(stalled);
+}
+
+#[test]
 fn a_client_retrying_a_bad_request_does_not_flood_the_log_but_every_refusal_is_audited() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, addr) = spawn_dev(dir.path(), &[]);
