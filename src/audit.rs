@@ -6,7 +6,8 @@
 //! of its thread's shard, and one writer thread writes what the shards hold every
 //! `BATCH_PAUSE` (backing off to `IDLE_PAUSE` when there is nothing), so under load it costs
 //! one wake-up and a few `write(2)` calls per pause instead of per record. When the writer
-//! falls behind by a whole shard, requests wait for it: records are never dropped.
+//! falls behind by a whole shard, requests wait for it: records are never dropped. A file
+//! sink follows its path through log rotation (`FollowedFile`).
 
 use std::fmt;
 use std::io::Write;
@@ -540,15 +541,12 @@ impl JsonLines {
         Self::spawn(Box::new(std::io::stdout()), SHARD_LIMIT)
     }
 
+    /// Appends to `path`, following it through log rotation (`FollowedFile`).
     pub fn file(path: &Path) -> std::io::Result<Self> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        Self::spawn(Box::new(f), SHARD_LIMIT)
+        Self::spawn(Box::new(FollowedFile::open(path)?), SHARD_LIMIT)
     }
 
-    fn spawn(out: Box<dyn Write + Send>, limit: usize) -> std::io::Result<Self> {
+    fn spawn(out: Box<dyn Output>, limit: usize) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             shards: Striped::default(),
             limit,
@@ -648,9 +646,97 @@ impl Drop for JsonLines {
     }
 }
 
+/// Where the writer thread puts the records.
+trait Output: Write + Send {
+    /// Called before each batch is written.
+    fn before_batch(&mut self) {}
+}
+
+impl Output for std::io::Stdout {}
+
+/// The audit file, followed by its path. A log rotator renames (or removes) the file and
+/// expects the writer to start a new one: when the path no longer names the open file (by
+/// device and inode), the next batch opens the path anew. No signal is needed and no record
+/// is lost: those written before the rotation are in the renamed file. Checked before every
+/// batch that has records, so at most one batch (5 ms under load) lands in the old file
+/// after the rename. A rotator that copies and truncates works too (the file is O_APPEND).
+struct FollowedFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    /// (device, inode) of `file`.
+    id: (u64, u64),
+    /// Reopening failed and was logged; logged again only after it worked once.
+    reopen_failing: bool,
+}
+
+impl FollowedFile {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let (file, id) = Self::append(path)?;
+        Ok(FollowedFile {
+            path: path.to_owned(),
+            file,
+            id,
+            reopen_failing: false,
+        })
+    }
+
+    fn append(path: &Path) -> std::io::Result<(std::fs::File, (u64, u64))> {
+        use std::os::unix::fs::MetadataExt as _;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let m = file.metadata()?;
+        Ok((file, (m.dev(), m.ino())))
+    }
+}
+
+impl Output for FollowedFile {
+    fn before_batch(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        if let Ok(m) = std::fs::metadata(&self.path)
+            && (m.dev(), m.ino()) == self.id
+        {
+            return;
+        }
+        match Self::append(&self.path) {
+            Ok((file, id)) => {
+                // The old file is closed here; everything written to it was flushed.
+                self.file = file;
+                self.id = id;
+                self.reopen_failing = false;
+                tracing::info!(
+                    path = %self.path.display(),
+                    "audit file renamed or removed (log rotation): writing to a new file at its path"
+                );
+            }
+            // Records keep going to the open (renamed or removed) file meanwhile.
+            Err(e) if !self.reopen_failing => {
+                self.reopen_failing = true;
+                tracing::error!(
+                    path = %self.path.display(),
+                    error = %e,
+                    "audit file renamed or removed, and a new one cannot be created at its path; still writing to the old one"
+                );
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+impl Write for FollowedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// The writer thread: every pause (or at once when asked), takes each shard's buffer and
 /// writes it, then flushes.
-fn write_batches(shared: &Shared, mut out: Box<dyn Write + Send>) {
+fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
     let mut spare: Vec<u8> = Vec::new();
     let mut failing = false;
     let mut pause = BATCH_PAUSE;
@@ -666,6 +752,9 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Write + Send>) {
         for shard in shared.shards.iter() {
             std::mem::swap(&mut *lock(shard), &mut spare);
             if !spare.is_empty() {
+                if !wrote {
+                    out.before_batch();
+                }
                 // One call per shard: its lines stay whole in an O_APPEND file.
                 result = result.and_then(|()| out.write_all(&spare));
                 spare.clear();
@@ -902,6 +991,8 @@ mod tests {
         out: Arc<Mutex<Vec<u8>>>,
     }
 
+    impl Output for Gated {}
+
     impl Write for Gated {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             let (open, cv) = &*self.open;
@@ -916,6 +1007,60 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    fn request_ids(path: &Path) -> Vec<String> {
+        lines(path)
+            .iter()
+            .map(|v| v["request_id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_audit_file_follows_its_path_through_rotation_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let sink = JsonLines::file(&path).unwrap();
+        sink.write(record(1));
+        sink.flush();
+        // Rotation by renaming (logrotate's default): the next records start a new file.
+        std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
+        sink.write(record(2));
+        sink.write(record(3));
+        sink.flush();
+        assert_eq!(request_ids(&dir.path().join("audit.jsonl.1")), ["req-1"]);
+        assert_eq!(request_ids(&path), ["req-2", "req-3"]);
+        // Removed outright: a new file again.
+        std::fs::remove_file(&path).unwrap();
+        sink.write(record(4));
+        sink.flush();
+        assert_eq!(request_ids(&path), ["req-4"]);
+        // Copied and truncated in place: the same file, written from its new end.
+        std::fs::File::create(&path).unwrap();
+        sink.write(record(5));
+        drop(sink);
+        assert_eq!(request_ids(&path), ["req-5"]);
+    }
+
+    #[test]
+    fn records_keep_going_to_the_old_file_while_a_new_one_cannot_be_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        let path = logs.join("audit.jsonl");
+        let sink = JsonLines::file(&path).unwrap();
+        sink.write(record(1));
+        sink.flush();
+        // The whole directory moves: no file can be made at the path (not even by root).
+        let moved = dir.path().join("logs.old");
+        std::fs::rename(&logs, &moved).unwrap();
+        sink.write(record(2));
+        sink.flush();
+        std::fs::create_dir(&logs).unwrap();
+        sink.write(record(3));
+        drop(sink);
+        assert_eq!(request_ids(&moved.join("audit.jsonl")), ["req-1", "req-2"]);
+        assert_eq!(request_ids(&path), ["req-3"]);
     }
 
     #[test]

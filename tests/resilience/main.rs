@@ -757,6 +757,44 @@ fn tokenbroker_dev_keeps_serving_when_nobody_reads_its_log() {
     drop(stalled);
 }
 
+/// Lines of a file once it has `n` of them (the audit writer writes within ~100 ms).
+fn wait_for_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    for _ in 0..300 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= n {
+            return text.lines().map(str::to_owned).collect();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{} never had {n} lines", path.display());
+}
+
+#[test]
+fn the_audit_file_of_a_running_broker_can_be_rotated_by_renaming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_dev(dir.path(), &[]);
+    let audit = dir.path().join("audit.jsonl");
+    let rotated = dir.path().join("audit.jsonl.1");
+    let first = contoso_token_from(&addr);
+    wait_for_lines(&audit, 1);
+    // What logrotate does by default: rename, and expect the writer to start a new file.
+    std::fs::rename(&audit, &rotated).unwrap();
+    let second = contoso_token_from(&addr);
+    let new = wait_for_lines(&audit, 1);
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert_eq!(old.lines().count(), 1, "{old}");
+    assert_eq!(std::fs::read_to_string(&audit).unwrap().lines().count(), 1);
+    let record: serde_json::Value = serde_json::from_str(&new[0]).unwrap();
+    assert_eq!(record["outcome"], "allowed");
+    for token in [&first.access_token, &second.access_token] {
+        assert!(!old.contains(token.as_str()) && !new[0].contains(token.as_str()));
+    }
+    let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    assert!(log.contains("audit file renamed or removed"), "{log}");
+}
+
 #[test]
 fn a_client_retrying_a_bad_request_does_not_flood_the_log_but_every_refusal_is_audited() {
     let dir = tempfile::tempdir().unwrap();
