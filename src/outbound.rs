@@ -116,8 +116,20 @@ pub fn identity_retry() -> RetryOptions {
     })
 }
 
-/// The broker's own identity: a managed identity (IMDS or App Service) or AKS workload identity.
+/// The broker's own identity: a managed identity (IMDS or App Service) or AKS workload
+/// identity, behind `identity::CachingCredential` (tokens refreshed at half-life and served
+/// while a refresh fails, within the endpoint's limits).
 pub fn credential(
+    identity: &IdentityConfig,
+    http: &reqwest::Client,
+) -> Result<Arc<dyn TokenCredential>, OutboundError> {
+    Ok(Arc::new(crate::identity::CachingCredential::new(
+        sdk_credential(identity, http)?,
+    )))
+}
+
+/// The `azure_identity` credential for the configured source.
+fn sdk_credential(
     identity: &IdentityConfig,
     http: &reqwest::Client,
 ) -> Result<Arc<dyn TokenCredential>, OutboundError> {

@@ -506,3 +506,26 @@ async fn min_validity_and_forced_refresh() {
     assert!(e.message().contains("min_validity"));
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_managed_identity_token_is_fetched_once_for_all_key_vault_calls() {
+    let stack = Stack::start().await;
+    // Certificate reads and signs for two tenants: four Key Vault calls through two SDK
+    // clients, all with the broker's one managed identity token for Key Vault.
+    let calls = (0..20).map(|i| {
+        let stack = &stack;
+        async move {
+            let tenant = if i % 2 == 0 { "contoso" } else { "fabrikam" };
+            stack.get(tenant, GRAPH).await.unwrap()
+        }
+    });
+    futures::future::join_all(calls).await;
+    let counters = stack.counters().await;
+    assert_eq!(
+        counters["mi_tokens"]["broker"].as_u64(),
+        Some(1),
+        "{}",
+        counters["mi_tokens"]
+    );
+    stack.stop().await;
+}
