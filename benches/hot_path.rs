@@ -84,6 +84,9 @@ fn api_handler(c: &mut Criterion) {
         &config,
         tokenbroker::broker::Upstreams {
             signer: Arc::new(tokenbroker::bench::fake::FakeSigner),
+            identity: Arc::new(tokenbroker::identity::ManagedIdentityAssertions::new(
+                Default::default(),
+            )),
             exchange: Arc::new(tokenbroker::bench::fake::FakeExchange::default()),
             clock: Arc::new(tokenbroker::clock::SystemClock),
         },

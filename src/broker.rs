@@ -19,6 +19,7 @@ use crate::config::{CacheConfig, Config, Prewarm};
 use crate::entra::TokenExchange;
 pub use crate::flow::FlowError;
 use crate::flow::{self, Flow, Tenant};
+use crate::identity::IdentityAssertions;
 use crate::resilience::backoff;
 use crate::signer::Signer;
 use crate::striped::Counter;
@@ -116,6 +117,8 @@ pub struct Stats {
 #[derive(Clone, Debug)]
 pub struct Upstreams {
     pub signer: Arc<dyn Signer>,
+    /// Managed identity tokens, for tenants whose app trusts one as a federated credential.
+    pub identity: Arc<dyn IdentityAssertions>,
     pub exchange: Arc<dyn TokenExchange>,
     pub clock: Arc<dyn Clock>,
 }
@@ -159,7 +162,7 @@ impl Broker {
         Broker {
             inner: Arc::new(Inner {
                 tenants,
-                flow: Flow::new(config, up.signer, up.exchange, up.clock.clone()),
+                flow: Flow::new(config, &up),
                 clock: up.clock,
                 cache: TokenCache::new(cfg.max_entries, Duration::from_secs(24 * 3600)),
                 cfg,

@@ -187,6 +187,15 @@ impl Cloud {
         Url::parse(s).unwrap_or_else(|_| unreachable!("static URL"))
     }
 
+    /// The audience of a managed identity token used as a federated credential in this cloud.
+    pub fn token_exchange_audience(&self) -> &'static str {
+        match self {
+            Cloud::UsGov => "api://AzureADTokenExchangeUSGov",
+            Cloud::China => "api://AzureADTokenExchangeChina",
+            Cloud::Public | Cloud::Custom { .. } => "api://AzureADTokenExchange",
+        }
+    }
+
     /// The Key Vault resource (audience) in this cloud.
     pub fn key_vault_resource(&self) -> &'static str {
         match self {
@@ -267,6 +276,15 @@ pub enum Credential {
         certificate: String,
         algorithm: SigningAlgorithm,
         thumbprint: ThumbprintHeader,
+    },
+    /// A user-assigned managed identity of the broker's host, trusted by the app through a
+    /// federated identity credential: its token for `audience` is the client assertion. No
+    /// Key Vault is involved.
+    ManagedIdentity {
+        /// The identity's client id.
+        client_id: String,
+        /// The token-exchange audience of the app's federated credential.
+        audience: String,
     },
 }
 
@@ -434,6 +452,10 @@ struct RawCredential {
     certificate: Option<String>,
     algorithm: Option<SigningAlgorithm>,
     thumbprint: Option<ThumbprintHeader>,
+    /// `managed_identity`: the user-assigned identity's client id.
+    client_id: Option<String>,
+    /// `managed_identity`: the federated credential's audience (default: the cloud's).
+    audience: Option<String>,
 }
 
 /// Reads deployment overrides; a function so tests never touch the process environment.
@@ -531,15 +553,25 @@ impl Config {
             self.tenants.len()
         );
         for t in self.tenants.values() {
-            let Credential::KeyVaultCertificate {
-                vault_url,
-                certificate,
-                algorithm,
-                thumbprint,
-            } = &t.credential;
+            let how = match &t.credential {
+                Credential::KeyVaultCertificate {
+                    vault_url,
+                    certificate,
+                    algorithm,
+                    thumbprint,
+                } => format!(
+                    "signs with Key Vault certificate {certificate} at {vault_url} ({algorithm:?}, {thumbprint:?})"
+                ),
+                Credential::ManagedIdentity {
+                    client_id,
+                    audience,
+                } => format!(
+                    "presents managed identity {client_id}'s token for {audience} (federated credential)"
+                ),
+            };
             out.push_str(&format!(
-                "\n  {}: tenant {} app {} signs with Key Vault certificate {} at {} ({:?}, {:?})",
-                t.name, t.tenant_id, t.client_id, certificate, vault_url, algorithm, thumbprint
+                "\n  {}: tenant {} app {} {how}",
+                t.name, t.tenant_id, t.client_id
             ));
         }
         out.push_str(&callers::summary(self));
@@ -693,7 +725,7 @@ impl Validator<'_> {
         for (name, app) in raw.apps {
             let path = format!("apps.{name}");
             let client_id = self.client_id(&path, app.client_id);
-            let credential = self.credential(&path, app.credential);
+            let credential = self.credential(&path, app.credential, &cloud);
             if let (Some(c), Some(cred)) = (client_id, credential) {
                 apps.insert(name, (c, cred));
             }
@@ -750,7 +782,7 @@ impl Validator<'_> {
                 }
                 (None, client_id, credential) => {
                     let c = self.client_id(&path, client_id);
-                    let cred = self.credential(&path, credential);
+                    let cred = self.credential(&path, credential, &cloud);
                     c.zip(cred)
                 }
             };
@@ -1160,25 +1192,112 @@ impl Validator<'_> {
         }
     }
 
-    fn credential(&mut self, path: &str, raw: Option<RawCredential>) -> Option<Credential> {
+    fn credential(
+        &mut self,
+        path: &str,
+        raw: Option<RawCredential>,
+        cloud: &Cloud,
+    ) -> Option<Credential> {
         let path = format!("{path}.credential");
         let Some(raw) = raw else {
             self.problem(
                 &path,
-                "missing: add credential = { type = \"key_vault_certificate\", vault_url = \"https://NAME.vault.azure.net\", certificate = \"NAME\" }",
+                "missing: add credential = { type = \"key_vault_certificate\", vault_url = \"https://NAME.vault.azure.net\", certificate = \"NAME\" } (or { type = \"managed_identity\", client_id = \"GUID\" })",
             );
             return None;
         };
-        if raw.kind != "key_vault_certificate" {
-            self.problem(
-                &format!("{path}.type"),
-                format!(
-                    "`{}` is not a supported credential; use `key_vault_certificate`",
-                    raw.kind
-                ),
-            );
-            return None;
+        match raw.kind.as_str() {
+            "key_vault_certificate" => self.key_vault_credential(&path, raw),
+            "managed_identity" => self.managed_identity_credential(&path, raw, cloud),
+            other => {
+                self.problem(
+                    &format!("{path}.type"),
+                    format!(
+                        "`{other}` is not a supported credential; use `key_vault_certificate` or `managed_identity`"
+                    ),
+                );
+                None
+            }
         }
+    }
+
+    /// Settings of another credential type are refused rather than ignored: a half-edited
+    /// credential must not look configured.
+    fn not_for(&mut self, path: &str, kind: &str, fields: &[(&str, bool)]) {
+        for (field, present) in fields {
+            if *present {
+                self.problem(
+                    &format!("{path}.{field}"),
+                    format!("not used by a `{kind}` credential; remove it"),
+                );
+            }
+        }
+    }
+
+    fn managed_identity_credential(
+        &mut self,
+        path: &str,
+        raw: RawCredential,
+        cloud: &Cloud,
+    ) -> Option<Credential> {
+        self.not_for(
+            path,
+            "managed_identity",
+            &[
+                ("vault_url", raw.vault_url.is_some()),
+                ("certificate", raw.certificate.is_some()),
+                ("algorithm", raw.algorithm.is_some()),
+                ("thumbprint", raw.thumbprint.is_some()),
+            ],
+        );
+        let client_id = match raw.client_id {
+            Some(c) if uuid::Uuid::parse_str(&c).is_ok() => Some(c),
+            Some(c) => {
+                self.problem(
+                    &format!("{path}.client_id"),
+                    format!(
+                        "`{c}` is not a GUID: give the user-assigned managed identity's client id"
+                    ),
+                );
+                None
+            }
+            None => {
+                self.problem(
+                    &format!("{path}.client_id"),
+                    "missing: the client id of the user-assigned managed identity the app trusts (Entra accepts only user-assigned identities as federated credentials)",
+                );
+                None
+            }
+        };
+        let audience = match raw.audience {
+            Some(a) if !a.is_empty() && !a.chars().any(char::is_whitespace) => a,
+            Some(_) => {
+                self.problem(
+                    &format!("{path}.audience"),
+                    format!(
+                        "must be the federated credential's audience, e.g. `{}`",
+                        cloud.token_exchange_audience()
+                    ),
+                );
+                return None;
+            }
+            None => cloud.token_exchange_audience().to_owned(),
+        };
+        Some(Credential::ManagedIdentity {
+            client_id: client_id?,
+            audience,
+        })
+    }
+
+    fn key_vault_credential(&mut self, path: &str, raw: RawCredential) -> Option<Credential> {
+        self.not_for(
+            path,
+            "key_vault_certificate",
+            &[
+                ("client_id", raw.client_id.is_some()),
+                ("audience", raw.audience.is_some()),
+            ],
+        );
         let vault_url = match raw.vault_url.as_deref().map(Url::parse) {
             Some(Ok(u)) if u.scheme() == "https" && u.host_str().is_some() => Some(u),
             Some(Ok(_)) => {

@@ -72,9 +72,37 @@ pub fn broker_config_toml(
                  credential = {{ type = \"key_vault_certificate\", vault_url = \"https://{vault}.vault.azure.net:{kv_port}\", certificate = \"{cert}\" }}",
                 t.tenant_id, app.client_id
             );
+            // The same app through a user-assigned identity it trusts as a federated
+            // credential: no Key Vault at all.
+            if let Some((identity, audience)) = trusted_identity(emu, app) {
+                let _ = writeln!(
+                    out,
+                    "\n[tenants.{tname}-federated]\ntenant_id = \"{}\"\nclient_id = \"{}\"\n\
+                     credential = {{ type = \"managed_identity\", client_id = \"{identity}\", audience = \"{audience}\" }}",
+                    t.tenant_id, app.client_id
+                );
+            }
         }
     }
     out
+}
+
+/// A user-assigned identity of the emulated host that `app` trusts through a federated
+/// credential (issuer: the identity's tenant, subject: its object id), with the audience.
+fn trusted_identity<'a>(
+    emu: &'a EmulatorConfig,
+    app: &'a crate::emulator::config::AppConfig,
+) -> Option<(&'a str, &'a str)> {
+    app.federated_credentials.iter().find_map(|f| {
+        emu.identities
+            .iter()
+            .find(|i| {
+                !i.system_assigned
+                    && i.object_id == f.subject
+                    && f.issuer == format!("{{authority_host}}/{}/v2.0", i.tenant_id)
+            })
+            .map(|i| (i.client_id.as_str(), f.audience.as_str()))
+    })
 }
 
 /// The dev audit log: `audit.jsonl` beside the emulator's CA certificate (the state directory).

@@ -14,12 +14,18 @@ use tracing::{Instrument, info, info_span, warn};
 use url::Url;
 
 use crate::assertion::{self, AssertionParams};
+use crate::broker::Upstreams;
 use crate::cache::CachedToken;
 use crate::clock::Clock;
-use crate::config::{CacheConfig, Config, Credential, ResilienceConfig, TenantConfig};
-use crate::entra::{self, EntraError, EntraErrorClass, ExchangeRequest, TokenExchange};
+use crate::config::{
+    CacheConfig, Config, Credential, ResilienceConfig, SigningAlgorithm, TenantConfig,
+    ThumbprintHeader,
+};
+use crate::entra::{self, EntraError, EntraErrorClass, EntraToken, ExchangeRequest, TokenExchange};
+use crate::identity::{IdentityAssertions, IdentityError};
 use crate::metrics::{self, Metrics, Upstream};
 use crate::resilience::{Breaker, BreakerState, Bucket, backoff};
+use crate::sensitive::Sensitive;
 use crate::signer::{CertificateInfo, Signer, SignerError};
 
 /// What went wrong in the credential flow for one key.
@@ -27,6 +33,8 @@ use crate::signer::{CertificateInfo, Signer, SignerError};
 pub enum FlowError {
     #[error("Key Vault: {0}")]
     Signer(#[from] SignerError),
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
     #[error("{0}")]
     Entra(#[from] EntraError),
     #[error("internal: {0}")]
@@ -38,6 +46,8 @@ impl FlowError {
     pub fn is_retryable(&self) -> bool {
         match self {
             FlowError::Signer(e) => e.is_retryable() || matches!(e, SignerError::Identity(_)),
+            // The endpoint failing is worth retrying; an identity the broker lacks is not.
+            FlowError::Identity(e) => matches!(e, IdentityError::Unavailable { .. }),
             FlowError::Entra(e) => e.class == EntraErrorClass::Retryable,
             FlowError::Internal(_) => false,
         }
@@ -46,7 +56,8 @@ impl FlowError {
     /// The upstream's own hint, if it gave one.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            FlowError::Signer(SignerError::Unavailable { retry_after, .. }) => *retry_after,
+            FlowError::Signer(SignerError::Unavailable { retry_after, .. })
+            | FlowError::Identity(IdentityError::Unavailable { retry_after, .. }) => *retry_after,
             FlowError::Entra(e) => e.retry_after,
             _ => None,
         }
@@ -67,6 +78,10 @@ impl FlowError {
                 description: message,
                 correlation_id: None,
                 trace_id: None,
+                retry_after: Some(retry_after),
+            }),
+            "managed identity" => FlowError::Identity(IdentityError::Unavailable {
+                message,
                 retry_after: Some(retry_after),
             }),
             _ => FlowError::Signer(SignerError::Unavailable {
@@ -135,6 +150,7 @@ struct Guard {
 /// The flow, shared by every fetch.
 pub struct Flow {
     signer: Arc<dyn Signer>,
+    identity: Arc<dyn IdentityAssertions>,
     exchange: Arc<dyn TokenExchange>,
     clock: Arc<dyn Clock>,
     cache: CacheConfig,
@@ -142,6 +158,9 @@ pub struct Flow {
     certs: moka::future::Cache<CertKey, Arc<CertEntry>>,
     /// Per vault: signs (budgeted) and certificate reads (breaker only, shared).
     vaults: HashMap<String, (Guard, Guard)>,
+    /// Per managed identity used as a federated credential: its token requests (breaker
+    /// only; the credential keeps to the endpoint's limits).
+    identities: HashMap<String, Guard>,
     /// Per tenant name: Entra exchanges.
     entra: HashMap<String, Guard>,
     pub stats: UpstreamStats,
@@ -156,33 +175,46 @@ impl std::fmt::Debug for Flow {
 }
 
 impl Flow {
-    pub fn new(
-        config: &Config,
-        signer: Arc<dyn Signer>,
-        exchange: Arc<dyn TokenExchange>,
-        clock: Arc<dyn Clock>,
-    ) -> Flow {
+    pub fn new(config: &Config, up: &Upstreams) -> Flow {
         let res = config.resilience.clone();
+        let clock = up.clock.clone();
         let now = clock.now();
         let breaker = || Breaker::new(res.breaker_failures, res.breaker_cool_down);
         let mut vaults = HashMap::new();
+        let mut identities = HashMap::new();
         let mut entra = HashMap::new();
         for t in config.tenants.values() {
-            let Credential::KeyVaultCertificate { vault_url, .. } = &t.credential;
-            vaults.entry(vault_url.to_string()).or_insert_with(|| {
-                (
-                    Guard {
-                        service: "Key Vault",
-                        bucket: Some(Bucket::new(res.sign_rate_per_vault, res.sign_burst, now)),
-                        breaker: breaker(),
-                    },
-                    Guard {
-                        service: "Key Vault",
-                        bucket: None,
-                        breaker: breaker(),
-                    },
-                )
-            });
+            match &t.credential {
+                Credential::KeyVaultCertificate { vault_url, .. } => {
+                    vaults.entry(vault_url.to_string()).or_insert_with(|| {
+                        (
+                            Guard {
+                                service: "Key Vault",
+                                bucket: Some(Bucket::new(
+                                    res.sign_rate_per_vault,
+                                    res.sign_burst,
+                                    now,
+                                )),
+                                breaker: breaker(),
+                            },
+                            Guard {
+                                service: "Key Vault",
+                                bucket: None,
+                                breaker: breaker(),
+                            },
+                        )
+                    });
+                }
+                Credential::ManagedIdentity { client_id, .. } => {
+                    identities
+                        .entry(client_id.clone())
+                        .or_insert_with(|| Guard {
+                            service: "managed identity",
+                            bucket: None,
+                            breaker: breaker(),
+                        });
+                }
+            }
             entra.insert(
                 t.name.clone(),
                 Guard {
@@ -197,13 +229,15 @@ impl Flow {
             );
         }
         Flow {
-            signer,
-            exchange,
+            signer: up.signer.clone(),
+            identity: up.identity.clone(),
+            exchange: up.exchange.clone(),
             clock,
             cache: config.cache.clone(),
             res,
             certs: moka::future::Cache::builder().max_capacity(10_000).build(),
             vaults,
+            identities,
             entra,
             stats: UpstreamStats::default(),
             metrics: Metrics::new(config),
@@ -236,16 +270,39 @@ impl Flow {
         tenant: &Tenant,
         scopes: &[String],
     ) -> Result<CachedToken, FlowError> {
-        let Credential::KeyVaultCertificate {
-            vault_url,
-            certificate,
-            algorithm,
-            thumbprint,
-        } = &tenant.config.credential;
         let deadline = self.clock.now() + self.res.retry_budget;
-        let vault = self.vaults.get(vault_url.as_str());
-        let entra = self.entra.get(tenant.name.as_ref());
-        let cert_key: CertKey = (vault_url.clone(), certificate.clone());
+        match &tenant.config.credential {
+            Credential::KeyVaultCertificate {
+                vault_url,
+                certificate,
+                algorithm,
+                thumbprint,
+            } => {
+                let key = (vault_url.clone(), certificate.clone());
+                self.fetch_signed(tenant, scopes, deadline, key, *algorithm, *thumbprint)
+                    .await
+            }
+            Credential::ManagedIdentity {
+                client_id,
+                audience,
+            } => {
+                self.fetch_federated(tenant, scopes, deadline, client_id, audience)
+                    .await
+            }
+        }
+    }
+
+    /// With a certificate: the assertion signed by Key Vault.
+    async fn fetch_signed(
+        &self,
+        tenant: &Tenant,
+        scopes: &[String],
+        deadline: SystemTime,
+        cert_key: CertKey,
+        algorithm: SigningAlgorithm,
+        thumbprint: ThumbprintHeader,
+    ) -> Result<CachedToken, FlowError> {
+        let vault = self.vaults.get(cert_key.0.as_str());
         let mut cert = self
             .certificate(&cert_key, vault.map(|v| &v.1), deadline)
             .await?;
@@ -255,8 +312,8 @@ impl Flow {
             let params = AssertionParams {
                 token_endpoint: &tenant.token_endpoint,
                 client_id: &tenant.client_id,
-                algorithm: *algorithm,
-                thumbprint: *thumbprint,
+                algorithm,
+                thumbprint,
                 now: self.clock.unix(),
             };
             let assertion = self
@@ -277,61 +334,8 @@ impl Flow {
                     Ok(r?)
                 })
                 .await?;
-            let scope = scopes.join(" ");
-            let started = self.clock.now();
-            let result = self
-                .guarded(entra, deadline, || async {
-                    self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
-                    let started = Instant::now();
-                    let correlation_id = uuid::Uuid::new_v4();
-                    let span = info_span!("entra.exchange", otel.kind = "client", tenant = %tenant.name, correlation_id = %correlation_id, error_code = tracing::field::Empty);
-                    let r = self
-                        .exchange
-                        .exchange(ExchangeRequest {
-                            token_endpoint: &tenant.token_endpoint,
-                            client_id: &tenant.client_id,
-                            scope: &scope,
-                            assertion: &assertion,
-                            correlation_id,
-                        })
-                        .instrument(span.clone())
-                        .await;
-                    let code = r.as_ref().err().map(metrics::entra_code);
-                    if let Some(c) = &code {
-                        span.record("error_code", c.as_str());
-                    }
-                    self.metrics.upstream(Upstream::Entra, started, code);
-                    Ok(r?)
-                })
-                .await;
-            match result {
-                Ok(t) => {
-                    let lifetime = t.expires_in;
-                    let refresh_in = t
-                        .refresh_in
-                        .filter(|r| *r < lifetime)
-                        .unwrap_or_else(|| refresh_after(lifetime, self.cache.refresh_fraction));
-                    let fingerprint = t.access_token.fingerprint();
-                    info!(
-                        tenant = %tenant.name,
-                        expires_in = lifetime.as_secs(),
-                        refresh_in = refresh_in.as_secs(),
-                        fingerprint = %fingerprint,
-                        "token obtained"
-                    );
-                    // Lifetimes count from when the request was sent: never overestimate.
-                    return Ok(CachedToken {
-                        fingerprint,
-                        access_token: t.access_token,
-                        token_type: t.token_type,
-                        obtained_at: started,
-                        expires_at: started + lifetime,
-                        refresh_at: started + refresh_in,
-                        tenant_id: tenant.tenant_id.clone(),
-                        client_id: tenant.client_id.clone(),
-                        scopes: scopes.to_vec().into(),
-                    });
-                }
+            match self.exchange(tenant, scopes, &assertion, deadline).await {
+                Ok((started, t)) => return Ok(self.obtained(tenant, scopes, started, t)),
                 // Entra does not know the key we signed with: the certificate may have been
                 // rotated. Re-read its metadata at once and retry once if it changed.
                 Err(FlowError::Entra(e))
@@ -368,6 +372,107 @@ impl Flow {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// With a managed identity the app trusts as a federated credential: its token is the
+    /// assertion (cached by the credential and valid for hours, so a refused one is not
+    /// retried here).
+    async fn fetch_federated(
+        &self,
+        tenant: &Tenant,
+        scopes: &[String],
+        deadline: SystemTime,
+        client_id: &str,
+        audience: &str,
+    ) -> Result<CachedToken, FlowError> {
+        let guard = self.identities.get(client_id);
+        let assertion = self
+            .guarded(guard, deadline, || async {
+                let span = info_span!("managed_identity.assertion", otel.kind = "client", tenant = %tenant.name, identity = %client_id);
+                let r = self
+                    .metrics
+                    .scope(self.identity.assertion(client_id, audience))
+                    .instrument(span)
+                    .await;
+                Ok(r?)
+            })
+            .await?;
+        let (started, t) = self.exchange(tenant, scopes, &assertion, deadline).await?;
+        Ok(self.obtained(tenant, scopes, started, t))
+    }
+
+    /// One Entra exchange of `assertion` behind the tenant's guard, and when it was sent.
+    async fn exchange(
+        &self,
+        tenant: &Tenant,
+        scopes: &[String],
+        assertion: &Sensitive,
+        deadline: SystemTime,
+    ) -> Result<(SystemTime, EntraToken), FlowError> {
+        let entra = self.entra.get(tenant.name.as_ref());
+        let scope = scopes.join(" ");
+        let started = self.clock.now();
+        let token = self
+            .guarded(entra, deadline, || async {
+                self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
+                let correlation_id = uuid::Uuid::new_v4();
+                let span = info_span!("entra.exchange", otel.kind = "client", tenant = %tenant.name, correlation_id = %correlation_id, error_code = tracing::field::Empty);
+                let r = self
+                    .exchange
+                    .exchange(ExchangeRequest {
+                        token_endpoint: &tenant.token_endpoint,
+                        client_id: &tenant.client_id,
+                        scope: &scope,
+                        assertion,
+                        correlation_id,
+                    })
+                    .instrument(span.clone())
+                    .await;
+                let code = r.as_ref().err().map(metrics::entra_code);
+                if let Some(c) = &code {
+                    span.record("error_code", c.as_str());
+                }
+                self.metrics.upstream(Upstream::Entra, started, code);
+                Ok(r?)
+            })
+            .await?;
+        Ok((started, token))
+    }
+
+    /// The cache entry for a token Entra issued at `started`.
+    fn obtained(
+        &self,
+        tenant: &Tenant,
+        scopes: &[String],
+        started: SystemTime,
+        t: EntraToken,
+    ) -> CachedToken {
+        let lifetime = t.expires_in;
+        let refresh_in = t
+            .refresh_in
+            .filter(|r| *r < lifetime)
+            .unwrap_or_else(|| refresh_after(lifetime, self.cache.refresh_fraction));
+        let fingerprint = t.access_token.fingerprint();
+        info!(
+            tenant = %tenant.name,
+            expires_in = lifetime.as_secs(),
+            refresh_in = refresh_in.as_secs(),
+            fingerprint = %fingerprint,
+            "token obtained"
+        );
+        // Lifetimes count from when the request was sent: never overestimate.
+        CachedToken {
+            fingerprint,
+            access_token: t.access_token,
+            token_type: t.token_type,
+            obtained_at: started,
+            expires_at: started + lifetime,
+            refresh_at: started + refresh_in,
+            tenant_id: tenant.tenant_id.clone(),
+            client_id: tenant.client_id.clone(),
+            scopes: scopes.to_vec().into(),
         }
     }
 

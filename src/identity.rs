@@ -1,6 +1,8 @@
-//! The broker's own managed identity token, cached and refreshed ahead of expiry, with the
+//! The broker's own managed identity tokens, cached and refreshed ahead of expiry, with the
 //! managed identity endpoint's limits respected (IMDS allows 20 requests/s and 5 concurrent
-//! requests per VM for identity). Wraps the `azure_identity` credential.
+//! requests per VM for identity). Wraps the `azure_identity` credential. Also the
+//! `IdentityAssertions` seam: a user-assigned identity's token presented to Entra as the
+//! client assertion of an app that trusts it through a federated identity credential.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,6 +12,8 @@ use async_trait::async_trait;
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use azure_core::time::OffsetDateTime;
 use tokio::sync::Semaphore;
+
+use crate::sensitive::Sensitive;
 
 /// Managed identity limits per VM (Azure IMDS documentation).
 pub const MAX_CONCURRENT: usize = 5;
@@ -144,6 +148,72 @@ impl TokenCredential for CachingCredential {
                 _ => Err(e),
             },
         }
+    }
+}
+
+/// Managed identity tokens to present as client assertions: the app registration trusts
+/// the identity through a federated identity credential, so no key is needed at all.
+#[async_trait]
+pub trait IdentityAssertions: Send + Sync + std::fmt::Debug + 'static {
+    /// The token of the user-assigned identity `client_id` for `audience`
+    /// (`api://AzureADTokenExchange` in the public cloud).
+    async fn assertion(&self, client_id: &str, audience: &str) -> Result<Sensitive, IdentityError>;
+}
+
+/// Why no managed identity assertion could be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IdentityError {
+    /// The broker was not configured with this identity (a tenant added at run time).
+    #[error("managed identity {0} is not configured on this broker")]
+    NotConfigured(String),
+    /// The managed identity endpoint failed, refused the identity or was unreachable (or
+    /// the broker's breaker for it is open).
+    #[error("managed identity token unavailable: {message}")]
+    Unavailable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// `IdentityAssertions` from the host's managed identities: one caching credential per
+/// configured client id, made at start.
+pub struct ManagedIdentityAssertions {
+    credentials: HashMap<String, Arc<dyn TokenCredential>>,
+}
+
+impl std::fmt::Debug for ManagedIdentityAssertions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagedIdentityAssertions")
+            .field("identities", &self.credentials.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl ManagedIdentityAssertions {
+    /// `credentials` by client id.
+    pub fn new(credentials: HashMap<String, Arc<dyn TokenCredential>>) -> Self {
+        ManagedIdentityAssertions { credentials }
+    }
+}
+
+#[async_trait]
+impl IdentityAssertions for ManagedIdentityAssertions {
+    async fn assertion(&self, client_id: &str, audience: &str) -> Result<Sensitive, IdentityError> {
+        let credential = self
+            .credentials
+            .get(client_id)
+            .ok_or_else(|| IdentityError::NotConfigured(client_id.to_owned()))?;
+        let scope = format!("{}/.default", audience.trim_end_matches('/'));
+        let token = credential.get_token(&[&scope], None).await.map_err(|e| {
+            IdentityError::Unavailable {
+                message: format!(
+                    "identity {client_id}, audience {audience}: {}",
+                    crate::signer::keyvault::root_message(&e)
+                ),
+                retry_after: None,
+            }
+        })?;
+        Ok(Sensitive::new(token.token.secret()))
     }
 }
 

@@ -26,6 +26,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::entra::EntraError;
 use crate::flow::FlowError;
+use crate::identity::IdentityError;
 use crate::resilience::BreakerState;
 use crate::signer::SignerError;
 use crate::striped::Striped;
@@ -93,6 +94,8 @@ pub fn flow_code(e: &FlowError) -> String {
     match e {
         FlowError::Signer(s) => signer_code(s),
         FlowError::Entra(e) => entra_code(e),
+        FlowError::Identity(IdentityError::Unavailable { .. }) => "identity".into(),
+        FlowError::Identity(IdentityError::NotConfigured(_)) => "not_configured".into(),
         FlowError::Internal(_) => "internal".into(),
     }
 }

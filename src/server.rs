@@ -15,8 +15,9 @@ use crate::access::{Access, AccessSetupError};
 use crate::api;
 use crate::broker::{Broker, Upstreams};
 use crate::clock::SystemClock;
-use crate::config::Config;
+use crate::config::{Config, Credential, IdentityConfig};
 use crate::entra::HttpTokenExchange;
+use crate::identity::ManagedIdentityAssertions;
 use crate::outbound::{self, OutboundError};
 use crate::signer::keyvault::KeyVaultSigner;
 
@@ -56,12 +57,32 @@ impl Drop for AbortOnDrop {
 pub fn upstreams(config: &Config) -> Result<Upstreams, ServerError> {
     let http = outbound::http_client(&config.outbound)?;
     let credential = outbound::credential(&config.identity, &http)?;
+    // A credential per user-assigned identity that tenants present as a federated
+    // credential; the broker's own identity shares its token cache with Key Vault's.
+    let mut identities = std::collections::HashMap::new();
+    for t in config.tenants.values() {
+        if let Credential::ManagedIdentity { client_id, .. } = &t.credential
+            && !identities.contains_key(client_id)
+        {
+            let c = if config.identity.client_id.as_ref() == Some(client_id) {
+                credential.clone()
+            } else {
+                let identity = IdentityConfig {
+                    client_id: Some(client_id.clone()),
+                    ..config.identity.clone()
+                };
+                outbound::credential(&identity, &http)?
+            };
+            identities.insert(client_id.clone(), c);
+        }
+    }
     let signer = KeyVaultSigner::new(
         credential,
         outbound::client_options(&http, None, azure_core::http::RetryOptions::none()),
     );
     Ok(Upstreams {
         signer: Arc::new(signer),
+        identity: Arc::new(ManagedIdentityAssertions::new(identities)),
         exchange: Arc::new(HttpTokenExchange::new(http)),
         clock: Arc::new(SystemClock),
     })

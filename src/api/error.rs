@@ -10,6 +10,7 @@ use crate::api::Failure;
 use crate::authn::{AuthnError, JwtError};
 use crate::broker::{BrokerError, FlowError};
 use crate::entra::EntraErrorClass;
+use crate::identity::IdentityError;
 use crate::signer::SignerError;
 
 /// Metadata key carrying a retry hint in seconds on UNAVAILABLE and RESOURCE_EXHAUSTED.
@@ -116,6 +117,20 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                 )),
             }
         }
+        FlowError::Identity(err) => {
+            let msg = format!("tenant `{tenant}`: {err}");
+            match err {
+                IdentityError::Unavailable { retry_after, .. } => with_retry(
+                    Status::unavailable(format!(
+                        "{msg}; the broker could not get the managed identity token it presents to Entra: check that the user-assigned identity is assigned to this host (or trusted by its workload identity)"
+                    )),
+                    Some(retry_after.unwrap_or(Duration::from_secs(5))),
+                ),
+                IdentityError::NotConfigured(_) => Status::failed_precondition(format!(
+                    "{msg}; restart the broker after adding a tenant with this identity"
+                )),
+            }
+        }
         FlowError::Signer(err) => {
             let msg = format!("tenant `{tenant}`: {err}");
             match err {
@@ -149,7 +164,9 @@ fn config_hint(code: Option<u32>) -> &'static str {
             "the app is not in this tenant: an administrator of the tenant must consent to the app (or check client_id)"
         }
         Some(7000112) => "the app is disabled in this tenant: an administrator must enable it",
-        Some(700211..=700213) => "the federated credential on the app does not match",
+        Some(700211..=700213) => {
+            "the app's federated credential does not match the broker's managed identity token: it needs issuer https://login.microsoftonline.com/{the identity's tenant}/v2.0, subject = the identity's object (principal) id, audience api://AzureADTokenExchange"
+        }
         Some(53003) => "a Conditional Access policy blocks this app",
         _ => "fix the tenant's configuration or app registration",
     }

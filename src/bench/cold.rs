@@ -125,6 +125,7 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
             ))
         },
         move |u| Upstreams {
+            identity: u.identity,
             signer: Arc::new(TimedSigner {
                 inner: u.signer,
                 calls: c.clone(),

@@ -117,6 +117,9 @@ pub fn fake_broker(tenants: usize, token_bytes: usize) -> anyhow::Result<(Broker
         &config,
         Upstreams {
             signer: Arc::new(FakeSigner),
+            identity: Arc::new(crate::identity::ManagedIdentityAssertions::new(
+                Default::default(),
+            )),
             exchange: Arc::new(FakeExchange {
                 token_bytes,
                 lifetime: Duration::from_secs(3600),

@@ -363,3 +363,79 @@ fn admin_and_telemetry_default_and_validate() {
         assert!(paths.iter().any(|p| p == want), "{want} in {paths:?}");
     }
 }
+
+#[test]
+fn a_managed_identity_credential_takes_the_clouds_exchange_audience_by_default() {
+    let fic = r#"
+[tenants.federated]
+tenant_id = "55555555-5555-5555-5555-555555555555"
+client_id = "66666666-6666-6666-6666-666666666666"
+credential = { type = "managed_identity", client_id = "77777777-7777-7777-7777-777777777777" }
+"#;
+    let c = Config::from_toml_str(&format!("{GOOD}{fic}"), Path::new("/"), &no_env).unwrap();
+    assert_eq!(
+        c.tenants["federated"].credential,
+        Credential::ManagedIdentity {
+            client_id: "77777777-7777-7777-7777-777777777777".into(),
+            audience: "api://AzureADTokenExchange".into(),
+        }
+    );
+    assert!(
+        c.summary().contains("federated credential"),
+        "{}",
+        c.summary()
+    );
+    let us_gov = GOOD.replace(
+        "name = \"custom\"\nauthority_host = \"https://127.0.0.1:8443\"",
+        "name = \"us_gov\"",
+    );
+    let c = Config::from_toml_str(&format!("{us_gov}{fic}"), Path::new("/"), &no_env).unwrap();
+    assert!(matches!(
+        &c.tenants["federated"].credential,
+        Credential::ManagedIdentity { audience, .. } if audience == "api://AzureADTokenExchangeUSGov"
+    ));
+}
+
+#[test]
+fn a_managed_identity_credential_is_explained_when_incomplete_or_mixed() {
+    let bad = r#"
+[tenants.federated]
+tenant_id = "55555555-5555-5555-5555-555555555555"
+client_id = "66666666-6666-6666-6666-666666666666"
+credential = { type = "managed_identity", certificate = "app", audience = "api://x y" }
+
+[tenants.mixed]
+tenant_id = "55555555-5555-5555-5555-555555555555"
+client_id = "66666666-6666-6666-6666-666666666666"
+credential = { type = "key_vault_certificate", vault_url = "https://v.vault.azure.net", certificate = "app", client_id = "77777777-7777-7777-7777-777777777777" }
+
+[tenants.typo]
+tenant_id = "55555555-5555-5555-5555-555555555555"
+client_id = "66666666-6666-6666-6666-666666666666"
+credential = { type = "managed-identity", client_id = "77777777-7777-7777-7777-777777777777" }
+"#;
+    let p = problems(&format!("{GOOD}{bad}"));
+    let at = |path: &str| {
+        p.iter()
+            .find(|p| p.path == path)
+            .map(|p| p.message.clone())
+            .unwrap_or_else(|| panic!("no problem at {path}: {p:?}"))
+    };
+    assert!(
+        at("tenants.federated.credential.certificate").contains("not used by a `managed_identity`")
+    );
+    assert!(at("tenants.federated.credential.audience").contains("api://AzureADTokenExchange"));
+    assert!(
+        at("tenants.mixed.credential.client_id").contains("not used by a `key_vault_certificate`")
+    );
+    assert!(at("tenants.typo.credential.type").contains("`managed_identity`"));
+    let p2 = problems(&format!(
+        "{GOOD}\n[tenants.nocid]\ntenant_id = \"55555555-5555-5555-5555-555555555555\"\nclient_id = \"66666666-6666-6666-6666-666666666666\"\ncredential = {{ type = \"managed_identity\" }}\n"
+    ));
+    assert!(
+        p2.iter()
+            .any(|p| p.path == "tenants.nocid.credential.client_id"
+                && p.message.contains("user-assigned")),
+        "{p2:?}"
+    );
+}

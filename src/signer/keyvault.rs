@@ -263,7 +263,7 @@ fn retry_after(headers: &azure_core::http::headers::Headers) -> Option<Duration>
 }
 
 /// The innermost error message: `azure_core` nests the useful text under its own context.
-fn root_message(e: &azure_core::Error) -> String {
+pub(crate) fn root_message(e: &azure_core::Error) -> String {
     let mut msg = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {

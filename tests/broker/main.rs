@@ -529,3 +529,99 @@ async fn the_brokers_managed_identity_token_is_fetched_once_for_all_key_vault_ca
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_whose_app_trusts_a_managed_identity_gets_tokens_without_key_vault() {
+    // `contoso-federated`: the Contoso app, trusting the host's user-assigned identity
+    // `broker-fic` through a federated credential (the dev configuration).
+    let stack = Stack::start().await;
+    let first = stack.get("contoso-federated", GRAPH).await.unwrap();
+    assert_eq!(first.source, TokenSource::Exchange as i32);
+    assert_eq!(first.tenant_id, demo::CONTOSO_TENANT);
+    assert_eq!(first.client_id, demo::CONTOSO_APP);
+    let token = claims(&first.access_token);
+    assert_eq!(token["tid"], demo::CONTOSO_TENANT);
+    assert_eq!(token["appid"], demo::CONTOSO_APP);
+    // The assertion Entra got is the identity's token for the token-exchange audience.
+    let seen = stack.assertions.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    let assertion = claims(&seen[0]);
+    assert_eq!(assertion["sub"], demo::FIC_MI_OBJECT_ID);
+    assert_eq!(assertion["aud"], "api://AzureADTokenExchange");
+    assert!(
+        assertion["iss"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/{}/v2.0", demo::CONTOSO_TENANT)),
+        "{assertion}"
+    );
+    // A refresh presents the same (cached) identity token again; Key Vault is never asked.
+    let again = stack
+        .client()
+        .await
+        .get_token(GetTokenRequest {
+            tenant: "contoso-federated".into(),
+            scopes: vec![GRAPH.into()],
+            force_refresh: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.source, TokenSource::Exchange as i32);
+    assert_ne!(again.access_token, first.access_token);
+    let counters = stack.counters().await;
+    assert_eq!(counters["mi_tokens"]["broker-fic"].as_u64(), Some(1));
+    assert_eq!(stack.total_signs().await, 0, "{}", counters["sign"]);
+    assert_eq!(
+        stack
+            .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+            .await,
+        2
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_without_a_matching_federated_credential_is_a_clear_failed_precondition() {
+    // The Fabrikam app trusts no identity; the broker presents `broker-fic` anyway.
+    let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |toml| {
+        format!(
+            "{toml}\n[tenants.fabrikam-federated]\ntenant_id = \"{}\"\nclient_id = \"{}\"\n\
+             credential = {{ type = \"managed_identity\", client_id = \"{}\" }}\n",
+            demo::FABRIKAM_TENANT,
+            demo::FABRIKAM_APP,
+            demo::FIC_MI_CLIENT_ID
+        )
+    })
+    .await;
+    let s = stack.get("fabrikam-federated", GRAPH).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    let m = s.message();
+    assert!(m.contains("AADSTS700211"), "{m}");
+    assert!(m.contains("federated credential"), "{m}");
+    assert!(m.contains("object (principal) id"), "{m}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_the_host_does_not_have_is_unavailable_with_a_hint() {
+    let stranger = "0badc0de-0000-4000-8000-000000000bad";
+    let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |toml| {
+        format!(
+            "{toml}\n[tenants.contoso-stranger]\ntenant_id = \"{}\"\nclient_id = \"{}\"\n\
+             credential = {{ type = \"managed_identity\", client_id = \"{stranger}\" }}\n\
+             \n[resilience]\nretry_budget_secs = 1\n",
+            demo::CONTOSO_TENANT,
+            demo::CONTOSO_APP,
+        )
+    })
+    .await;
+    let s = stack.get("contoso-stranger", GRAPH).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    let m = s.message();
+    assert!(m.contains(stranger), "{m}");
+    assert!(m.contains("managed identity"), "{m}");
+    assert_eq!(stack.total_signs().await, 0);
+    stack.stop().await;
+}
