@@ -96,6 +96,21 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
 }
 
+/// Writes `text` and a newline to stdout. A closed or failing stdout (`| head`, a full disk)
+/// is an error the caller's script must see, not a panic: exit 1 with a message that never
+/// repeats `text` (it may be a token).
+fn print_out(command: &str, text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{command}: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config).await,
@@ -144,12 +159,12 @@ pub async fn run(cli: Cli) -> ExitCode {
             };
             match token(&addr, req, Duration::from_secs(timeout), &auth).await {
                 Ok(resp) => {
-                    if json {
-                        println!("{}", response_json(&resp));
+                    let out = if json {
+                        response_json(&resp)
                     } else {
-                        println!("{}", resp.access_token);
-                    }
-                    ExitCode::SUCCESS
+                        resp.access_token
+                    };
+                    print_out("tokenbroker token", &out)
                 }
                 Err(e) => {
                     eprintln!("tokenbroker token: {e}");
@@ -160,10 +175,10 @@ pub async fn run(cli: Cli) -> ExitCode {
         #[cfg(feature = "emulator")]
         Command::Bench(args) => crate::bench::run(args).await,
         Command::CheckConfig { file } => match Config::load(&file, &process_env) {
-            Ok(c) => {
-                println!("{}: OK\n{}", file.display(), c.summary());
-                ExitCode::SUCCESS
-            }
+            Ok(c) => print_out(
+                "tokenbroker check-config",
+                &format!("{}: OK\n{}", file.display(), c.summary()),
+            ),
             Err(e) => {
                 eprintln!("{}: {e}", file.display());
                 ExitCode::from(EXIT_CONFIG)

@@ -796,6 +796,35 @@ fn the_audit_file_of_a_running_broker_can_be_rotated_by_renaming_it() {
 }
 
 #[test]
+fn tokenbroker_token_reports_a_closed_stdout_instead_of_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_dev(dir.path(), &[]);
+    let mut token = std::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args([
+            "token",
+            "--addr",
+            &format!("http://{addr}"),
+            "--tenant",
+            "contoso",
+        ])
+        .args(["--scope", GRAPH])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody reads the token (`tokenbroker token | true`).
+    drop(token.stdout.take());
+    let out = token.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot write to stdout"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("eyJ"), "no token in the message: {stderr}");
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
+}
+
+#[test]
 fn a_client_retrying_a_bad_request_does_not_flood_the_log_but_every_refusal_is_audited() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, addr) = spawn_dev(dir.path(), &[]);
