@@ -261,6 +261,11 @@ impl Flow {
                 .iter()
                 .map(|(t, g)| (format!("entra:{t}"), g.breaker.state(now))),
         );
+        out.extend(
+            self.identities
+                .iter()
+                .map(|(c, g)| (format!("managed_identity:{c}"), g.breaker.state(now))),
+        );
         out
     }
 

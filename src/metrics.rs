@@ -497,6 +497,7 @@ fn observe(meter: &Meter, source: &Source) {
                     "keyvault" => "keyvault_sign",
                     "keyvault_certificate" => "keyvault_certificate",
                     "entra" => "entra",
+                    "managed_identity" => "managed_identity",
                     _ => "other",
                 };
                 let v = match state {

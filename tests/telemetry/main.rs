@@ -281,6 +281,14 @@ async fn metrics_count_a_scripted_sequence_exactly() {
         v(r#"tokenbroker_breaker_state{target="contoso",upstream="entra"}"#),
         0.0
     );
+    // The federated identity of `contoso-federated` has its own breaker.
+    assert_eq!(
+        v(&format!(
+            r#"tokenbroker_breaker_state{{target="{}",upstream="managed_identity"}}"#,
+            demo::FIC_MI_CLIENT_ID
+        )),
+        0.0
+    );
     // Both Key Vault breakers of the vault: signs and certificate reads.
     for upstream in ["keyvault_sign", "keyvault_certificate"] {
         let states: Vec<f64> = s
