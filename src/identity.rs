@@ -26,8 +26,22 @@ pub struct CachingCredential {
     inner: Arc<dyn TokenCredential>,
     cache: Mutex<HashMap<Vec<String>, Cached>>,
     flights: Mutex<HashMap<Vec<String>, Arc<tokio::sync::Mutex<()>>>>,
+    limits: &'static EndpointLimits,
+}
+
+/// The managed identity endpoint's limits are per host, so every credential of the process
+/// (the broker's own, each federated identity's) shares one budget.
+struct EndpointLimits {
     concurrency: Semaphore,
     rate: Mutex<(OffsetDateTime, u32)>,
+}
+
+fn endpoint_limits() -> &'static EndpointLimits {
+    static LIMITS: std::sync::OnceLock<EndpointLimits> = std::sync::OnceLock::new();
+    LIMITS.get_or_init(|| EndpointLimits {
+        concurrency: Semaphore::new(MAX_CONCURRENT),
+        rate: Mutex::new((OffsetDateTime::now_utc(), 0)),
+    })
 }
 
 #[derive(Clone)]
@@ -48,8 +62,7 @@ impl CachingCredential {
             inner,
             cache: Mutex::new(HashMap::new()),
             flights: Mutex::new(HashMap::new()),
-            concurrency: Semaphore::new(MAX_CONCURRENT),
-            rate: Mutex::new((OffsetDateTime::now_utc(), 0)),
+            limits: endpoint_limits(),
         }
     }
 
@@ -65,7 +78,7 @@ impl CachingCredential {
     async fn pace(&self) {
         loop {
             let wait = {
-                let mut r = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+                let mut r = self.limits.rate.lock().unwrap_or_else(|p| p.into_inner());
                 let now = OffsetDateTime::now_utc();
                 if now - r.0 >= azure_core::time::Duration::seconds(1) {
                     *r = (now, 0);
@@ -125,7 +138,7 @@ impl TokenCredential for CachingCredential {
         {
             return Ok(c.token);
         }
-        let _permit = self.concurrency.acquire().await;
+        let _permit = self.limits.concurrency.acquire().await;
         self.pace().await;
         match self.inner.get_token(scopes, options).await {
             Ok(token) => {
@@ -279,6 +292,48 @@ mod tests {
             .unwrap();
         assert_eq!(d.token.secret(), a.token.secret());
         assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Counts calls in flight at once across every credential that uses it.
+    #[derive(Debug, Default)]
+    struct Slow {
+        now: std::sync::atomic::AtomicUsize,
+        max: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl TokenCredential for Slow {
+        async fn get_token(
+            &self,
+            _: &[&str],
+            _: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<AccessToken> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(AccessToken::new(
+                "t",
+                OffsetDateTime::now_utc() + azure_core::time::Duration::hours(24),
+            ))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_credential_of_the_process_shares_the_endpoints_concurrency_limit() {
+        let inner = Arc::new(Slow::default());
+        // Two identities (the broker's own and a federated one), eight scopes each.
+        let a = Arc::new(CachingCredential::new(inner.clone()));
+        let b = Arc::new(CachingCredential::new(inner.clone()));
+        let calls = (0..16).map(|i| {
+            let c = if i % 2 == 0 { a.clone() } else { b.clone() };
+            async move { c.get_token(&[&format!("scope-{i}")], None).await.unwrap() }
+        });
+        futures::future::join_all(calls).await;
+        // Per credential it would be 10 (5 each). Other tests share the process's budget, so
+        // not necessarily all 5 permits were free.
+        let max = inner.max.load(Ordering::SeqCst);
+        assert!((1..=MAX_CONCURRENT).contains(&max), "{max} calls at once");
     }
 
     #[tokio::test]
