@@ -138,7 +138,7 @@ if [[ -x "$tb" ]]; then
         # Only the file's own content: no deployment overrides from this shell.
         if ! env -u TOKENBROKER_LISTEN -u TOKENBROKER_LOG_FORMAT -u TOKENBROKER_LOG_LEVEL \
                 -u TOKENBROKER_IDENTITY_SOURCE -u TOKENBROKER_IDENTITY_CLIENT_ID \
-                -u TOKENBROKER_EXTRA_CA_FILE timeout 30 "$tb" check-config "$cfg" >/dev/null; then
+                -u TOKENBROKER_EXTRA_CA_FILE timeout 30 "$tb" check-config --files-elsewhere "$cfg" >/dev/null; then
             fail "check-config $(basename "$cfg")"
         else
             echo "ok: $(basename "$cfg")"

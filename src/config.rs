@@ -501,11 +501,38 @@ impl Config {
         Config::from_toml_str(&text, base, env)
     }
 
+    /// `check-config --files-elsewhere`: everything but the files the configuration names
+    /// (CA bundles, revocation lists, the policy file), which may exist only where the broker
+    /// runs (mounted secrets). Returns the configuration and the files left unchecked.
+    pub fn check_without_files(
+        path: &Path,
+        env: EnvSource<'_>,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut unchecked = Vec::new();
+        let config = Config::validated(&text, base, env, Some(&mut unchecked))?;
+        Ok((config, unchecked))
+    }
+
     /// Parses and validates TOML text; relative paths resolve against `base_dir`.
     pub fn from_toml_str(
         text: &str,
         base_dir: &Path,
         env: EnvSource<'_>,
+    ) -> Result<Config, ConfigError> {
+        Config::validated(text, base_dir, env, None)
+    }
+
+    /// With `unchecked`, files are not read but listed there (`key = path`).
+    fn validated(
+        text: &str,
+        base_dir: &Path,
+        env: EnvSource<'_>,
+        unchecked: Option<&mut Vec<String>>,
     ) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
         let value: toml::Table = match text.parse() {
@@ -524,6 +551,7 @@ impl Config {
             text,
             base_dir,
             problems,
+            unchecked,
         };
         let config = v.validate(raw, env);
         if v.problems.is_empty() {
@@ -676,9 +704,22 @@ struct Validator<'a> {
     text: &'a str,
     base_dir: &'a Path,
     problems: Vec<Problem>,
+    /// Set: files are not read here, only listed (`check-config --files-elsewhere`).
+    unchecked: Option<&'a mut Vec<String>>,
 }
 
 impl Validator<'_> {
+    /// Whether to read the file `key` names here; when not, it is listed as unchecked.
+    fn reads_files(&mut self, key: &str, path: &Path) -> bool {
+        match &mut self.unchecked {
+            Some(list) => {
+                list.push(format!("{key} = {}", path.display()));
+                false
+            }
+            None => true,
+        }
+    }
+
     fn problem(&mut self, path: &str, message: impl Into<String>) {
         self.problems.push(Problem {
             path: path.to_string(),
@@ -941,6 +982,7 @@ impl Validator<'_> {
         };
         let client_ca_file = raw.client_ca_file.map(|p| self.path(p));
         if let Some(p) = &client_ca_file
+            && self.reads_files("server.client_ca_file", p)
             && !p.is_file()
         {
             self.problem(
@@ -954,7 +996,7 @@ impl Validator<'_> {
             .map(|p| self.path(p))
             .collect();
         for p in &client_crl_files {
-            if !p.is_file() {
+            if self.reads_files("server.client_crl_files", p) && !p.is_file() {
                 self.problem(
                     "server.client_crl_files",
                     format!("{} does not exist or is not a file", p.display()),
@@ -1079,6 +1121,7 @@ impl Validator<'_> {
             .or(raw.extra_ca_file)
             .map(|p| self.path(p));
         if let Some(p) = &extra_ca_file
+            && self.reads_files("outbound.extra_ca_file", p)
             && !p.is_file()
         {
             self.problem(

@@ -300,6 +300,9 @@ impl Validator<'_> {
             }
             (Some(file), None) => {
                 let file = self.path(file);
+                if !self.reads_files("policy.file", &file) {
+                    return PolicyConfig::File(file);
+                }
                 match std::fs::read_to_string(&file) {
                     Ok(text) => {
                         if let Err(problems) = Policy::parse(&text, tenants) {

@@ -439,3 +439,34 @@ credential = { type = "managed-identity", client_id = "77777777-7777-7777-7777-7
         "{p2:?}"
     );
 }
+
+#[test]
+fn files_elsewhere_checks_everything_but_the_named_files_and_lists_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = GOOD.replace(
+        "[apps.shared]",
+        "[outbound]\nextra_ca_file = \"/mounted/corp-ca.pem\"\n\n[apps.shared]",
+    ) + "\n[policy]\nfile = \"/mounted/policy.toml\"\n";
+    let path = dir.path().join("broker.toml");
+    std::fs::write(&path, &text).unwrap();
+    // Here the files are missing: a full check refuses the configuration.
+    let full = match Config::load(&path, &no_env) {
+        Err(ConfigError::Invalid(p)) => p,
+        other => panic!("expected problems, got {other:?}"),
+    };
+    let keys: Vec<&str> = full.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(keys, ["outbound.extra_ca_file", "policy.file"], "{full:?}");
+    // Without the files, the rest is checked and they are listed.
+    let (c, unchecked) = Config::check_without_files(&path, &no_env).unwrap();
+    assert_eq!(c.tenants.len(), 3);
+    assert_eq!(
+        unchecked,
+        [
+            "outbound.extra_ca_file = /mounted/corp-ca.pem",
+            "policy.file = /mounted/policy.toml"
+        ]
+    );
+    // Anything else wrong is still a problem.
+    std::fs::write(&path, text.replace("plaintext = true", "plaintext = 7")).unwrap();
+    assert!(Config::check_without_files(&path, &no_env).is_err());
+}
