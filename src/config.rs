@@ -493,11 +493,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
 impl Config {
     /// Loads, applies environment overrides, and validates.
     pub fn load(path: &Path, env: EnvSource<'_>) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let (text, base) = read(path)?;
         Config::from_toml_str(&text, base, env)
     }
 
@@ -508,11 +504,7 @@ impl Config {
         path: &Path,
         env: EnvSource<'_>,
     ) -> Result<(Config, Vec<String>), ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let (text, base) = read(path)?;
         let mut unchecked = Vec::new();
         let config = Config::validated(&text, base, env, Some(&mut unchecked))?;
         Ok((config, unchecked))
@@ -605,6 +597,15 @@ impl Config {
         out.push_str(&callers::summary(self));
         out
     }
+}
+
+/// A configuration file's text, and the directory its relative paths resolve against.
+fn read(path: &Path) -> Result<(String, &Path), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok((text, path.parent().unwrap_or(Path::new("."))))
 }
 
 fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
