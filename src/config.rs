@@ -1215,22 +1215,24 @@ impl Validator<'_> {
     }
 
     fn client_id(&mut self, path: &str, raw: Option<String>) -> Option<String> {
+        self.guid(
+            &format!("{path}.client_id"),
+            raw,
+            "the app registration's application (client) id",
+            "",
+        )
+    }
+
+    /// A GUID at `key`: `what` names it in the problem; `why` adds to a missing one.
+    fn guid(&mut self, key: &str, raw: Option<String>, what: &str, why: &str) -> Option<String> {
         match raw {
             Some(c) if uuid::Uuid::parse_str(&c).is_ok() => Some(c),
             Some(c) => {
-                self.problem(
-                    &format!("{path}.client_id"),
-                    format!(
-                        "`{c}` is not a GUID: give the app registration's application (client) id"
-                    ),
-                );
+                self.problem(key, format!("`{c}` is not a GUID: give {what}"));
                 None
             }
             None => {
-                self.problem(
-                    &format!("{path}.client_id"),
-                    "missing: the app registration's application (client) id",
-                );
+                self.problem(key, format!("missing: {what}{why}"));
                 None
             }
         }
@@ -1294,25 +1296,12 @@ impl Validator<'_> {
                 ("thumbprint", raw.thumbprint.is_some()),
             ],
         );
-        let client_id = match raw.client_id {
-            Some(c) if uuid::Uuid::parse_str(&c).is_ok() => Some(c),
-            Some(c) => {
-                self.problem(
-                    &format!("{path}.client_id"),
-                    format!(
-                        "`{c}` is not a GUID: give the user-assigned managed identity's client id"
-                    ),
-                );
-                None
-            }
-            None => {
-                self.problem(
-                    &format!("{path}.client_id"),
-                    "missing: the client id of the user-assigned managed identity the app trusts (Entra accepts only user-assigned identities as federated credentials)",
-                );
-                None
-            }
-        };
+        let client_id = self.guid(
+            &format!("{path}.client_id"),
+            raw.client_id,
+            "the client id of the user-assigned managed identity the app trusts",
+            " (Entra accepts only user-assigned identities as federated credentials)",
+        );
         let audience = match raw.audience {
             Some(a) if !a.is_empty() && !a.chars().any(char::is_whitespace) => a,
             Some(_) => {
