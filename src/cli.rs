@@ -107,15 +107,20 @@ pub enum Command {
 /// is an error the caller's script must see, not a panic: exit 1 with a message that never
 /// repeats `text` (it may be a token).
 fn print_out(command: &str, text: &str) -> ExitCode {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+    match write_stdout(text) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{command}: cannot write to stdout: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `text` and a newline on stdout, whole and flushed; an error instead of `println!`'s panic.
+fn write_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|()| out.flush())
 }
 
 pub async fn run(cli: Cli) -> ExitCode {
@@ -288,11 +293,7 @@ async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
             tenants.join(", "),
             tenants.first().map(String::as_str).unwrap_or("contoso"),
         );
-        {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{banner}").and_then(|()| out.flush());
-        }
+        let _ = write_stdout(&banner);
         bound.serve(shutdown_signal()).await?;
         emulator.shutdown().await;
         Ok::<(), anyhow::Error>(())
