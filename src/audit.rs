@@ -681,21 +681,25 @@ impl FollowedFile {
     }
 
     fn append(path: &Path) -> std::io::Result<(std::fs::File, (u64, u64))> {
-        use std::os::unix::fs::MetadataExt as _;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)?;
-        let m = file.metadata()?;
-        Ok((file, (m.dev(), m.ino())))
+        let id = file_id(&file.metadata()?);
+        Ok((file, id))
     }
+}
+
+/// (device, inode): which file a path or handle is.
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    (m.dev(), m.ino())
 }
 
 impl Output for FollowedFile {
     fn before_batch(&mut self) {
-        use std::os::unix::fs::MetadataExt as _;
         if let Ok(m) = std::fs::metadata(&self.path)
-            && (m.dev(), m.ino()) == self.id
+            && file_id(&m) == self.id
         {
             return;
         }
