@@ -19,6 +19,10 @@ cargo clippy --locked --all-targets -- -D warnings
 step "cargo test"
 cargo test --locked
 
+# The binary `cargo test` built for the end-to-end tests serves the steps below too, so
+# that nothing is compiled twice (a plain `cargo build` would use other dependency features).
+export TOKENBROKER_BIN="$repo_root/target/debug/tokenbroker"
+
 step "emulator conformance (Microsoft Python SDKs)"
 bash tests/conformance/run.sh
 

@@ -6,7 +6,7 @@
 #
 # Works from any directory. Installs the project's Python env (.venv, scripts/setup-python.sh),
 # generates the gRPC stubs (git-ignored examples/collector/_generated) and, unless
-# TOKENBROKER_BIN names another binary, builds target/debug/tokenbroker.
+# TOKENBROKER_BIN names one, builds target/debug/tokenbroker.
 # Exits non-zero when a test fails and also when pytest collected or ran no test.
 set -euo pipefail
 
@@ -16,11 +16,13 @@ cd "$repo_root"
 
 bash scripts/setup-python.sh
 
-default_bin="target/debug/tokenbroker"
-bin="${TOKENBROKER_BIN:-$default_bin}"
-if [[ "$bin" == "$default_bin" || "$bin" == "$repo_root/$default_bin" ]]; then
+# Without TOKENBROKER_BIN, build the default binary. scripts/test.sh passes the one
+# `cargo test` just built: a `cargo build` there would rebuild most dependencies, because
+# dev-dependencies (tokio's test-util, ...) change their features.
+if [[ -z "${TOKENBROKER_BIN:-}" ]]; then
     cargo build --locked --quiet
 fi
+bin="${TOKENBROKER_BIN:-target/debug/tokenbroker}"
 case "$bin" in
     /*) ;;
     *) bin="$repo_root/$bin" ;;

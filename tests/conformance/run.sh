@@ -3,8 +3,8 @@
 #
 #   tests/conformance/run.sh [extra pytest args...]
 #
-# Env: TOKENBROKER_BIN  emulator binary (default target/debug/tokenbroker, relative to the
-#                       repo root). When it is the default, it is (re)built with
+# Env: TOKENBROKER_BIN  emulator binary, used as it is (relative paths are from the repo
+#                       root). Unset: target/debug/tokenbroker, (re)built with
 #                       `cargo build --locked` first (a no-op when target/ is up to date).
 # Exits non-zero when pytest fails, and also when it collected or ran no test.
 set -euo pipefail
@@ -14,11 +14,13 @@ cd "$repo_root"
 
 bash scripts/setup-python.sh
 
-default_bin="target/debug/tokenbroker"
-bin="${TOKENBROKER_BIN:-$default_bin}"
-if [[ "$bin" == "$default_bin" || "$bin" == "$repo_root/$default_bin" ]]; then
+# Without TOKENBROKER_BIN, build the default binary. scripts/test.sh passes the one
+# `cargo test` just built: a `cargo build` there would rebuild most dependencies, because
+# dev-dependencies (tokio's test-util, ...) change their features.
+if [[ -z "${TOKENBROKER_BIN:-}" ]]; then
     cargo build --locked --quiet
 fi
+bin="${TOKENBROKER_BIN:-target/debug/tokenbroker}"
 case "$bin" in
     /*) ;;
     *) bin="$repo_root/$bin" ;;
