@@ -29,6 +29,15 @@ pub enum AccessError {
     Overloaded,
 }
 
+impl AccessError {
+    /// Whether a client can make this refusal as fast as it sends requests (bad
+    /// credentials, over a limit). The audit trail summarises those when they repeat; a
+    /// policy denial is always recorded on its own, with the tenant it was for.
+    pub fn is_repeatable(&self) -> bool {
+        !matches!(self, AccessError::Denied { .. })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AccessSetupError {
     #[error(transparent)]

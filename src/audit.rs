@@ -15,13 +15,17 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Serialize, Serializer};
 
 use crate::authn::{Caller, Proof};
 use crate::sensitive::Fingerprint;
 use crate::striped::Striped;
+
+mod repeats;
+
+pub use repeats::Repeats;
 
 /// What became of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -63,6 +67,15 @@ pub struct AuditRecord {
     pub token_fingerprint: Option<Fingerprint>,
     /// Entra's correlation id when an upstream exchange failed.
     pub entra_correlation_id: Option<String>,
+    /// Only on a summary of repeated refusals: how many requests, this one included, were
+    /// refused the same way (same peer address, caller, RPC and code) since the last record
+    /// written for them. Absent means one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<u64>,
+    /// A refusal a client can repeat at will (bad credentials, over a limit): summarised
+    /// when it repeats (`repeats`).
+    #[serde(skip)]
+    pub repeatable: bool,
 }
 
 impl Outcome {
@@ -115,6 +128,8 @@ impl AuditRecord {
             expires_at: None,
             token_fingerprint: None,
             entra_correlation_id: None,
+            repeats: None,
+            repeatable: false,
         }
     }
 
@@ -179,6 +194,11 @@ impl AuditRecord {
         json_opt(out, self.token_fingerprint.as_deref());
         out.extend_from_slice(b",\"entra_correlation_id\":");
         json_opt(out, self.entra_correlation_id.as_deref());
+        if let Some(n) = self.repeats {
+            out.extend_from_slice(b",\"repeats\":");
+            // Writing to a Vec cannot fail.
+            let _ = write!(out, "{n}");
+        }
         out.push(b'}');
     }
 }
@@ -457,24 +477,57 @@ pub trait AuditSink: Send + Sync + fmt::Debug + 'static {
     fn flush(&self) {}
 }
 
-/// Stamps the time and hands a record to the sink.
+/// Stamps the time and hands a record to the sink; summarises repeated refusals
+/// (`repeats`).
 #[derive(Debug, Clone)]
 pub struct Audit {
     sink: Arc<dyn AuditSink>,
+    repeats: Arc<Repeats>,
 }
 
 impl Audit {
     pub fn new(sink: Arc<dyn AuditSink>) -> Self {
-        Audit { sink }
+        Audit {
+            sink,
+            repeats: Arc::default(),
+        }
     }
 
     pub fn record(&self, mut record: AuditRecord) {
         record.time = SystemTime::now();
-        self.sink.write(record);
+        if record.repeatable {
+            for r in self
+                .repeats
+                .admit(record, Instant::now())
+                .into_iter()
+                .flatten()
+            {
+                self.sink.write(r);
+            }
+        } else {
+            self.sink.write(record);
+        }
     }
 
-    /// Blocks until the records so far are written; call it off the async runtime.
+    /// Writes the summaries of repeated refusals whose window has closed, until dropped.
+    pub async fn summarise(self) {
+        // A summary is written at most a quarter window after its window closes.
+        let mut tick = tokio::time::interval(repeats::WINDOW / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for r in self.repeats.closed(Instant::now()) {
+                self.sink.write(r);
+            }
+        }
+    }
+
+    /// Writes every summary held, then blocks until the records so far are written; call
+    /// it off the async runtime.
     pub fn flush(&self) {
+        for r in self.repeats.drain() {
+            self.sink.write(r);
+        }
         self.sink.flush();
     }
 }
@@ -1126,6 +1179,8 @@ mod tests {
         full.token_source = Some("CACHE");
         full.token_fingerprint = Some(crate::sensitive::fingerprint(b"x"));
         full.entra_correlation_id = Some("c".into());
+        full.repeats = Some(u64::MAX);
+        full.repeatable = true;
         let mut far = plain.clone();
         far.peer = None;
         far.scopes = vec![];

@@ -166,6 +166,7 @@ impl Bound {
         let mut builder = Server::builder().http2_max_header_list_size(Some(32 * 1024));
         let reload = self.config.server.reload_interval;
         let _policy_watch = AbortOnDrop(self.access.policy().clone().watch(reload));
+        let _audit_summaries = AbortOnDrop(tokio::spawn(self.access.audit().clone().summarise()));
         let _tls_watch = self
             .tls
             .as_ref()

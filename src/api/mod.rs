@@ -237,6 +237,7 @@ impl Service {
             Failure::Access(_) => Outcome::Denied,
             Failure::Broker(_) => Outcome::Failed,
         };
+        audit.repeatable = matches!(failure, Failure::Access(e) if e.is_repeatable());
         audit.code = error::code_name(status.code());
         audit.reason = Some(failure.to_string());
         if let Failure::Broker(e) = failure {

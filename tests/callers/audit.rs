@@ -125,3 +125,99 @@ async fn the_request_id_is_returned_to_the_caller() {
     assert_eq!(h.records()[0].request_id, id);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refused_over_and_over_is_summarised_but_policy_denials_are_each_recorded() {
+    const TRIES: usize = 300;
+    const FORGED: &str = "forged-bearer-token-that-is-not-a-jwt";
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let mut client = h.client(None).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..TRIES {
+        let mut req = tonic::Request::new(tokenbroker::proto::GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {FORGED}").parse().unwrap());
+        let s = client.get_token(req).await.unwrap_err();
+        // After `failed_auth_burst` failures the address is held back without a check.
+        assert!(
+            matches!(s.code(), Code::Unauthenticated | Code::ResourceExhausted),
+            "{s:?}"
+        );
+        ids.push(
+            s.metadata()
+                .get("x-request-id")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let a = h.ca.client(&[A]);
+    for tenant in ["fabrikam", "northwind", "fabrikam"] {
+        assert_status(
+            h.get(Some(&a), None, tenant, &[GRAPH]).await,
+            Code::PermissionDenied,
+            &[],
+        );
+    }
+
+    // The server writes the summary once its window closes, without waiting for shutdown.
+    let refusals = |r: &[tokenbroker::audit::AuditRecord]| -> Vec<_> {
+        r.iter()
+            .filter(|r| ["UNAUTHENTICATED", "RESOURCE_EXHAUSTED"].contains(&r.code))
+            .cloned()
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while requests_in(&refusals(&h.records())) < TRIES as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no summary written: {:#?}",
+            h.records()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let r = h.records();
+    let refused = refusals(&r);
+    assert_eq!(requests_in(&refused), TRIES as u64, "{refused:#?}");
+    assert!(refused.len() < TRIES / 4, "{} records", refused.len());
+    assert_eq!(
+        refused[0].request_id, ids[0],
+        "the first refusal is written as it is"
+    );
+    assert_eq!(refused[0].repeats, None);
+    let summary = refused.iter().find(|r| r.repeats.is_some()).unwrap();
+    assert!(summary.repeats.unwrap() >= 2, "{summary:?}");
+    assert!(ids.contains(&summary.request_id));
+    assert!(summary.peer.unwrap().ip().is_loopback());
+    assert_eq!(summary.caller, None);
+    assert!(
+        summary.reason.as_deref().unwrap().contains("bearer token"),
+        "{summary:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|r| r.outcome == Outcome::Denied && r.caller.is_none()),
+        "{refused:#?}"
+    );
+
+    let denied: Vec<_> = r.iter().filter(|r| r.code == "PERMISSION_DENIED").collect();
+    assert_eq!(
+        denied.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>(),
+        ["fabrikam", "northwind", "fabrikam"],
+        "every policy denial is its own record"
+    );
+    assert!(denied.iter().all(|r| r.repeats.is_none()));
+
+    let trail = serde_json::to_string(&h.stop_and_records().await).unwrap();
+    assert!(!trail.contains(FORGED), "no credential in the trail");
+}

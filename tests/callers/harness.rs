@@ -208,6 +208,14 @@ impl Harness {
         self.audit.records()
     }
 
+    /// Stops the server, which writes the summaries of repeated refusals it still holds,
+    /// and returns every record.
+    pub async fn stop_and_records(self) -> Vec<AuditRecord> {
+        let audit = self.audit.clone();
+        self.stop().await;
+        audit.records()
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -219,6 +227,12 @@ impl Harness {
             e.shutdown().await;
         }
     }
+}
+
+/// How many requests audit records stand for: a summary of repeated refusals stands for
+/// `repeats`, any other record for one.
+pub fn requests_in(records: &[AuditRecord]) -> u64 {
+    records.iter().map(|r| r.repeats.unwrap_or(1)).sum()
 }
 
 /// A policy granting each `(caller, tenant, scope)`.
