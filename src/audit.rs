@@ -7,7 +7,9 @@
 //! `BATCH_PAUSE` (backing off to `IDLE_PAUSE` when there is nothing), so under load it costs
 //! one wake-up and a few `write(2)` calls per pause instead of per record. When the writer
 //! falls behind by a whole shard, requests wait for it: records are never dropped. A file
-//! sink follows its path through log rotation (`FollowedFile`).
+//! sink follows its path through log rotation (`FollowedFile`). Refusals a client can repeat
+//! at will are summarised (`repeats`), so the trail's size follows the broker's decisions
+//! that matter, not a client's sending rate.
 
 use std::fmt;
 use std::io::Write;

@@ -250,7 +250,7 @@ impl Service {
             if held_back > 0 {
                 info!(
                     not_logged = held_back,
-                    "refused or failed requests not logged (at most {REFUSAL_LINES_PER_SEC} a second); every one is in the audit trail"
+                    "refused or failed requests not logged (at most {REFUSAL_LINES_PER_SEC} a second); the audit trail accounts for every one"
                 );
             }
             info!(
