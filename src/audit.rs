@@ -27,7 +27,7 @@ use crate::striped::Striped;
 
 mod repeats;
 
-pub use repeats::Repeats;
+use repeats::Repeats;
 
 /// What became of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -73,8 +73,8 @@ impl Held {
         }
     }
 
-    fn closed(&self, now: Instant, window: Duration) -> bool {
-        now.saturating_duration_since(self.opened) >= window
+    fn closed(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.opened) >= WINDOW
     }
 
     /// The record that stands for the refusals held, if any.
@@ -82,13 +82,13 @@ impl Held {
         let mut r = self.latest.take()?;
         if self.count > 1 {
             r.repeats = Some(self.count);
-        }
-        if overflow && self.count > 1 {
-            // The refusals came from many peers and callers: naming the last would mislead.
-            r.peer = None;
-            r.caller = None;
-            r.proof = None;
-            r.app_id = None;
+            if overflow {
+                // The refusals came from many peers and callers: naming the last would mislead.
+                r.peer = None;
+                r.caller = None;
+                r.proof = None;
+                r.app_id = None;
+            }
         }
         self.count = 0;
         Some(r)
@@ -96,26 +96,12 @@ impl Held {
 }
 
 /// The groups of the current window.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Repeats {
-    window: Duration,
     groups: Mutex<HashMap<Group, Held>>,
 }
 
-impl Default for Repeats {
-    fn default() -> Self {
-        Repeats::new(WINDOW)
-    }
-}
-
 impl Repeats {
-    pub fn new(window: Duration) -> Repeats {
-        Repeats {
-            window,
-            groups: Mutex::default(),
-        }
-    }
-
     /// A repeatable refusal: what to write now (none, it, or a closed window's summary
     /// and it).
     pub fn admit(&self, record: AuditRecord, now: Instant) -> [Option<AuditRecord>; 2] {
@@ -132,7 +118,7 @@ impl Repeats {
             }
             Entry::Occupied(mut o) => {
                 let held = o.get_mut();
-                if held.closed(now, self.window) {
+                if held.closed(now) {
                     let summary = held.summary(overflow);
                     *held = Held::open(now);
                     [summary, Some(record)]
@@ -150,7 +136,7 @@ impl Repeats {
         let mut out = Vec::new();
         let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
         groups.retain(|group, held| {
-            if !held.closed(now, self.window) {
+            if !held.closed(now) {
                 return true;
             }
             out.extend(held.summary(group.is_overflow()));
