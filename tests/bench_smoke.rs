@@ -96,3 +96,71 @@ async fn cold_path_economy_and_memory_benchmarks_run() {
     assert_eq!(m.points.len(), 2);
     assert!(m.points.iter().all(|p| p.rss_bytes > 0), "{}", m.text());
 }
+
+/// `tokenbroker bench all` as a user runs it, small: memory and cold in child processes of
+/// their own, given the options passed to `all`; everything lands in one JSON file.
+#[test]
+fn bench_all_runs_every_measurement_and_passes_its_options_to_its_children() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let args = [
+        "bench",
+        "all",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--requests",
+        "50",
+        "--connections",
+        "1",
+        "--streams",
+        "4",
+        "--cold-samples",
+        "3",
+        "--sign-latency-ms",
+        "2",
+        "--exchange-latency-ms",
+        "3",
+        "--tenants",
+        "2",
+        "--scopes",
+        "1",
+        "--windows",
+        "1",
+        "--memory-tokens",
+        "200",
+        "--token-bytes",
+        "512",
+        "--startup-runs",
+        "1",
+        "--json",
+    ];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args(args)
+        .arg(&json)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // The children's options arrived: the figures count what was asked for.
+    assert_eq!(v["cold"]["samples"], 3, "{v:#}");
+    assert_eq!(v["cold"]["injected_ms"], 5, "{v:#}");
+    assert_eq!(v["cold"]["errors"], 0, "{v:#}");
+    assert_eq!(v["memory"]["token_bytes"], 512, "{v:#}");
+    assert_eq!(v["memory"]["points"][0]["tokens"], 200, "{v:#}");
+    assert_eq!(v["startup"]["runs"], 1, "{v:#}");
+    assert_eq!(v["load"].as_array().map(Vec::len), Some(2), "{v:#}");
+    assert!(v["economy"].is_object(), "{v:#}");
+    // And the children's reports were printed with the parent's.
+    for heading in ["cold path", "memory"] {
+        assert!(stdout.contains(heading), "{heading}: {stdout}");
+    }
+}

@@ -49,6 +49,20 @@ pub enum What {
     Startup,
 }
 
+impl What {
+    /// Its name on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            What::All => "all",
+            What::Load => "load",
+            What::Cold => "cold",
+            What::Economy => "economy",
+            What::Memory => "memory",
+            What::Startup => "startup",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
@@ -64,7 +78,7 @@ pub enum Transport {
 /// `tokenbroker bench` options. Defaults are the figures reported in docs/PERFORMANCE.md.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Which measurement to run (`all` runs memory in a process of its own).
+    /// Which measurement to run (`all` runs memory and cold in processes of their own).
     #[arg(value_enum, default_value = "all")]
     pub what: What,
     /// load: HTTP/2 connections from the client to each server.
@@ -166,7 +180,7 @@ async fn run_inner(args: &BenchArgs) -> anyhow::Result<()> {
     results.insert("machine".into(), serde_json::to_value(machine())?);
     let all = args.what == What::All;
     if all {
-        results.insert("memory".into(), memory_in_child(args).await?);
+        results.insert("memory".into(), in_child(What::Memory, args).await?);
     } else if args.what == What::Memory {
         let r = memory::run(&memory::MemoryOptions::from(args)).await?;
         println!("{}", r.text());
@@ -184,7 +198,9 @@ async fn run_inner(args: &BenchArgs) -> anyhow::Result<()> {
         }
         results.insert("load".into(), serde_json::to_value(&r)?);
     }
-    if all || args.what == What::Cold {
+    if all {
+        results.insert("cold".into(), in_child(What::Cold, args).await?);
+    } else if args.what == What::Cold {
         let r = cold::run(&cold::ColdOptions::from(args)).await?;
         println!("{}", r.text());
         results.insert("cold".into(), serde_json::to_value(&r)?);
@@ -201,32 +217,58 @@ async fn run_inner(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `bench memory` in a child process (this executable), its report printed here. Its own
-/// process starts clean, so RSS growth is the cache's; and the large heap that 100k tokens
-/// leave behind (glibc keeps it, fragmented) does not slow the allocator for the
-/// measurements that follow.
-async fn memory_in_child(args: &BenchArgs) -> anyhow::Result<Value> {
+/// One measurement run as `tokenbroker bench <what> <args>` in a child process (this
+/// executable), its report printed here and its JSON result returned. A process of its own
+/// starts clean: for `memory`, RSS growth is the cache's alone, and the large heap that 100k
+/// tokens leave behind (glibc keeps it, fragmented) does not slow the allocator for the
+/// measurements that follow; for `cold`, the sequential misses do not inherit the load runs'
+/// heap, connections and idle tasks.
+async fn in_child(what: What, a: &BenchArgs) -> anyhow::Result<Value> {
+    let what = what.name();
     let exe = std::env::current_exe()?;
-    let dir = TempDir::new("memory")?;
-    let json = dir.path().join("memory.json");
-    let tokens: Vec<String> = args.memory_tokens.iter().map(usize::to_string).collect();
+    let dir = TempDir::new(what)?;
+    let json = dir.path().join(format!("{what}.json"));
     let out = tokio::process::Command::new(&exe)
-        .args(["bench", "memory", "--memory-tokens", &tokens.join(",")])
-        .args(["--token-bytes", &args.token_bytes.to_string(), "--json"])
+        .args(["bench", what])
+        .args(child_args(what, a))
+        .arg("--json")
         .arg(&json)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .output()
         .await
-        .with_context(|| format!("running {} bench memory", exe.display()))?;
-    anyhow::ensure!(out.status.success(), "bench memory: {}", out.status);
+        .with_context(|| format!("running {} bench {what}", exe.display()))?;
+    anyhow::ensure!(out.status.success(), "bench {what}: {}", out.status);
     // Its report without the machine line printed already.
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{}", text.split_once('\n').map_or(&*text, |(_, rest)| rest));
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json)?).context("bench memory's JSON")?;
-    Ok(v["memory"].clone())
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)
+        .with_context(|| format!("bench {what}'s JSON"))?;
+    Ok(v[what].clone())
+}
+
+/// The options of `bench memory` and `bench cold` that `bench all` passes on to its children.
+fn child_args(what: &str, a: &BenchArgs) -> Vec<String> {
+    let pairs: Vec<(&str, String)> = match what {
+        "memory" => {
+            let tokens: Vec<String> = a.memory_tokens.iter().map(usize::to_string).collect();
+            vec![
+                ("--memory-tokens", tokens.join(",")),
+                ("--token-bytes", a.token_bytes.to_string()),
+            ]
+        }
+        "cold" => vec![
+            ("--cold-samples", a.cold_samples.to_string()),
+            ("--sign-latency-ms", a.sign_latency_ms.to_string()),
+            ("--exchange-latency-ms", a.exchange_latency_ms.to_string()),
+        ],
+        _ => Vec::new(),
+    };
+    pairs
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_owned(), v])
+        .collect()
 }
 
 /// The machine the figures come from.
