@@ -70,6 +70,10 @@ async fn cold_path_economy_and_memory_benchmarks_run() {
     for part in [&c.before_sign, &c.between_calls, &c.after_exchange] {
         assert_eq!(part.count, 3, "{}", c.text());
     }
+    // A miss works in this process (the client, the broker, HTTPS to the emulator): CPU time
+    // was counted, for each miss and each bare round trip.
+    assert_eq!((c.miss_cpu.count, c.bare_round_trip_cpu.count), (3, 3));
+    assert!(c.miss_cpu.p50_us > 0.0, "{}", c.text());
 
     let e = economy::run(&economy::EconomyOptions {
         tenants: 2,

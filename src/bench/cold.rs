@@ -73,6 +73,13 @@ pub struct ColdReport {
     /// From the exchange returning to the client holding the answer: caching the token,
     /// waking the request, audit, the response and its delivery.
     pub after_exchange: Percentiles,
+    /// CPU time this process used during a miss, all threads: the client, the broker, its
+    /// HTTPS calls to the emulator (and, with the emulator in this process, the emulator).
+    /// Set against the broker's own overhead, it tells working from waiting (for a thread to
+    /// wake, for a core).
+    pub miss_cpu: Percentiles,
+    /// The same during a bare gRPC round trip.
+    pub bare_round_trip_cpu: Percentiles,
 }
 
 impl ColdReport {
@@ -95,6 +102,8 @@ impl ColdReport {
             ("own: before sign", &self.before_sign),
             ("own: between calls", &self.between_calls),
             ("own: after exchange", &self.after_exchange),
+            ("CPU per miss", &self.miss_cpu),
+            ("CPU per round trip", &self.bare_round_trip_cpu),
         ] {
             line(&mut out, format!("{name:<20} {}", p.row()));
         }
@@ -183,17 +192,23 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
         let (mut rtt, mut beyond) = (Vec::new(), Vec::new());
         let (mut before_sign, mut between, mut after) = (Vec::new(), Vec::new(), Vec::new());
         let ns = |d: Duration| d.as_nanos() as i64;
+        let (mut miss_cpu, mut rtt_cpu) = (Vec::new(), Vec::new());
+        let cpu_ns = |since: Duration| ns(super::process_cpu().saturating_sub(since)) as u64;
         let (mut not_exchanged, mut errors) = (0, 0);
         for _ in 0..opts.samples {
+            let cpu = super::process_cpu();
             let t = Instant::now();
             let bare_ok = bare_client.get_token(req(false)).await.is_ok();
             let round_trip = ns(t.elapsed());
+            let round_trip_cpu = cpu_ns(cpu);
             // The same pause before each call, so both start from the same idle state.
             tokio::time::sleep(Duration::from_millis(2)).await;
             calls.take();
+            let cpu = super::process_cpu();
             let t = Instant::now();
             let r = client.get_token(req(true)).await;
             let done = Instant::now();
+            let cpu = cpu_ns(cpu);
             let e2e = ns(done - t);
             let made = calls.take();
             let up: i64 = made.iter().map(|c| ns(c.took())).sum();
@@ -211,8 +226,10 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
                     naive.push(e2e - injected_ns);
                     upstream.push(up - injected_ns);
                     own.push(e2e - up);
+                    miss_cpu.push(cpu);
                     if bare_ok {
                         rtt.push(round_trip as u64);
+                        rtt_cpu.push(round_trip_cpu);
                         beyond.push(e2e - up - round_trip);
                     }
                 }
@@ -237,6 +254,8 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
             before_sign: Percentiles::of(&mut before_sign),
             between_calls: Percentiles::of(&mut between),
             after_exchange: Percentiles::of(&mut after),
+            miss_cpu: Percentiles::of(&mut miss_cpu),
+            bare_round_trip_cpu: Percentiles::of(&mut rtt_cpu),
         })
         .map(|r| (r, bare))
     }

@@ -458,10 +458,7 @@ pub async fn drive(
         }
     }
     all.elapsed = start.elapsed();
-    all.cpu = match (cpu, super::process_cpu()) {
-        (Some(before), Some(after)) => after.saturating_sub(before),
-        _ => Duration::ZERO,
-    };
+    all.cpu = super::process_cpu().saturating_sub(cpu);
     all
 }
 

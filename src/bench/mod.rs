@@ -621,32 +621,25 @@ pub fn rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// CPU time this process has used so far, all threads (user + system, `/proc/self/stat`).
-/// The kernel reports it in USER_HZ ticks, fixed at 100 per second by the Linux ABI, so
-/// over the seconds a load round lasts it resolves to a fraction of a percent.
-pub fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    parse_cpu_ticks(&stat).map(|ticks| Duration::from_millis(ticks * 10))
-}
-
-/// utime + stime from a `/proc/<pid>/stat` line. The command name (field 2) may contain
-/// spaces and parentheses, so fields are counted from the last `)`.
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+/// CPU time this process has used so far, all threads, user and system
+/// (`CLOCK_PROCESS_CPUTIME_ID`: the scheduler's own accounting, to the nanosecond).
+pub fn process_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn cpu_ticks_are_read_past_a_command_name_with_spaces() {
-        let line = "4242 (tokio rt (x)) S 1 4242 4242 0 -1 4194560 2386 0 0 0 137 42 0 0 20 0 \
-                    12 0 1234 0 0";
-        assert_eq!(super::parse_cpu_ticks(line), Some(179));
-        assert_eq!(super::parse_cpu_ticks("garbage"), None);
-        assert!(super::process_cpu().is_some());
+    fn process_cpu_time_grows_with_work() {
+        let before = super::process_cpu();
+        let mut x = 0u64;
+        while super::process_cpu() == before {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(super::process_cpu() > before);
     }
 }
