@@ -13,6 +13,7 @@ use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions}
 use azure_core::time::OffsetDateTime;
 use tokio::sync::Semaphore;
 
+use crate::clock::{Clock, SystemClock};
 use crate::sensitive::Sensitive;
 
 /// Managed identity limits per VM (Azure IMDS documentation).
@@ -27,7 +28,14 @@ pub struct CachingCredential {
     cache: Mutex<HashMap<Vec<String>, Cached>>,
     flights: Mutex<HashMap<Vec<String>, Arc<tokio::sync::Mutex<()>>>>,
     limits: &'static EndpointLimits,
+    /// Judges a token's age against its `expires_on`, which the identity endpoint gives in
+    /// wall-clock time.
+    clock: Arc<dyn Clock>,
 }
+
+/// A token is no longer served from the cache within this of its expiry, even while its
+/// refresh fails: a caller must have time to use it.
+const EXPIRY_MARGIN: azure_core::time::Duration = azure_core::time::Duration::minutes(5);
 
 /// The managed identity endpoint's limits are per host, so every credential of the process
 /// (the broker's own, each federated identity's) shares one budget.
@@ -58,12 +66,21 @@ impl std::fmt::Debug for CachingCredential {
 
 impl CachingCredential {
     pub fn new(inner: Arc<dyn TokenCredential>) -> Self {
+        Self::with_clock(inner, Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(inner: Arc<dyn TokenCredential>, clock: Arc<dyn Clock>) -> Self {
         CachingCredential {
             inner,
             cache: Mutex::new(HashMap::new()),
             flights: Mutex::new(HashMap::new()),
             limits: endpoint_limits(),
+            clock,
         }
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::from(self.clock.now())
     }
 
     fn cached(&self, key: &[String]) -> Option<Cached> {
@@ -109,9 +126,8 @@ impl TokenCredential for CachingCredential {
         options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
         let key: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
-        let now = OffsetDateTime::now_utc();
-        let margin = azure_core::time::Duration::minutes(5);
-        let usable = |c: &Cached| c.token.expires_on - margin > now;
+        let now = self.now();
+        let usable = |c: &Cached| c.token.expires_on - EXPIRY_MARGIN > self.now();
         if let Some(c) = self.cached(&key)
             && now < c.refresh_at
         {
@@ -134,7 +150,7 @@ impl TokenCredential for CachingCredential {
         };
         // Someone else may have refreshed while we waited.
         if let Some(c) = self.cached(&key)
-            && OffsetDateTime::now_utc() < c.refresh_at
+            && self.now() < c.refresh_at
         {
             return Ok(c.token);
         }
@@ -142,7 +158,7 @@ impl TokenCredential for CachingCredential {
         self.pace().await;
         match self.inner.get_token(scopes, options).await {
             Ok(token) => {
-                let now = OffsetDateTime::now_utc();
+                let now = self.now();
                 let refresh_at = now + (token.expires_on - now) / 2;
                 self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
                     key,
@@ -235,11 +251,28 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
 
+    /// Issues `t0`, `t1`, … living `lifetime` from the clock's now; fails while `fail` is set.
     #[derive(Debug)]
     struct Counting {
         calls: AtomicU32,
         fail: std::sync::atomic::AtomicBool,
         lifetime: azure_core::time::Duration,
+        clock: crate::clock::ManualClock,
+    }
+
+    impl Counting {
+        fn new(clock: &crate::clock::ManualClock) -> Arc<Counting> {
+            Arc::new(Counting {
+                calls: AtomicU32::new(0),
+                fail: false.into(),
+                lifetime: azure_core::time::Duration::hours(24),
+                clock: clock.clone(),
+            })
+        }
+
+        fn calls(&self) -> u32 {
+            self.calls.load(Ordering::SeqCst)
+        }
     }
 
     #[async_trait]
@@ -258,40 +291,62 @@ mod tests {
             }
             Ok(AccessToken::new(
                 format!("t{n}"),
-                OffsetDateTime::now_utc() + self.lifetime,
+                OffsetDateTime::from(self.clock.now()) + self.lifetime,
             ))
         }
     }
 
+    const VAULT: &str = "https://vault.azure.net/.default";
+
+    async fn token(c: &CachingCredential) -> azure_core::Result<String> {
+        c.get_token(&[VAULT], None)
+            .await
+            .map(|t| t.token.secret().to_owned())
+    }
+
+    fn hours(h: f64) -> Duration {
+        Duration::from_secs_f64(h * 3600.0)
+    }
+
     #[tokio::test]
-    async fn caches_and_serves_the_old_token_while_refresh_fails() {
-        let inner = Arc::new(Counting {
-            calls: AtomicU32::new(0),
-            fail: false.into(),
-            lifetime: azure_core::time::Duration::hours(24),
-        });
-        let c = CachingCredential::new(inner.clone());
-        let a = c
-            .get_token(&["https://vault.azure.net/.default"], None)
-            .await
-            .unwrap();
-        let b = c
-            .get_token(&["https://vault.azure.net/.default"], None)
-            .await
-            .unwrap();
-        assert_eq!(a.token.secret(), b.token.secret());
-        assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
-        // Force the refresh point into the past, then fail the refresh.
-        c.cache.lock().unwrap().values_mut().for_each(|v| {
-            v.refresh_at = OffsetDateTime::now_utc() - azure_core::time::Duration::seconds(1)
-        });
+    async fn refreshes_once_half_the_remaining_life_has_passed_and_not_before() {
+        let clock = crate::clock::ManualClock::new();
+        let inner = Counting::new(&clock);
+        let c = CachingCredential::with_clock(inner.clone(), Arc::new(clock.clone()));
+        assert_eq!(token(&c).await.unwrap(), "t0");
+        // A 24 h token is served from the cache for 12 h.
+        clock.advance(hours(11.9));
+        assert_eq!(token(&c).await.unwrap(), "t0");
+        assert_eq!(inner.calls(), 1);
+        clock.advance(hours(0.2));
+        assert_eq!(token(&c).await.unwrap(), "t1");
+        assert_eq!(inner.calls(), 2);
+        // The new token counts its half-life from its own fetch.
+        clock.advance(hours(11.9));
+        assert_eq!(token(&c).await.unwrap(), "t1");
+        assert_eq!(inner.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn serves_the_old_token_while_refresh_fails_until_five_minutes_before_it_expires() {
+        let clock = crate::clock::ManualClock::new();
+        let inner = Counting::new(&clock);
+        let c = CachingCredential::with_clock(inner.clone(), Arc::new(clock.clone()));
+        assert_eq!(token(&c).await.unwrap(), "t0");
         inner.fail.store(true, Ordering::SeqCst);
-        let d = c
-            .get_token(&["https://vault.azure.net/.default"], None)
-            .await
-            .unwrap();
-        assert_eq!(d.token.secret(), a.token.secret());
-        assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
+        // Past its refresh point, every call tries the endpoint and falls back to the token.
+        clock.advance(hours(12.5));
+        assert_eq!(token(&c).await.unwrap(), "t0");
+        clock.advance(hours(11.4));
+        assert_eq!(token(&c).await.unwrap(), "t0");
+        assert_eq!(inner.calls(), 3);
+        // 24 h less 4 minutes: too close to its expiry to hand out.
+        clock.advance(Duration::from_secs(120));
+        let e = token(&c).await.unwrap_err();
+        assert!(e.to_string().contains("down"), "{e}");
+        // The endpoint recovers: a fresh token at once.
+        inner.fail.store(false, Ordering::SeqCst);
+        assert_eq!(token(&c).await.unwrap(), "t4");
     }
 
     /// Counts calls in flight at once across every credential that uses it.
@@ -338,17 +393,17 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_callers_share_one_fetch() {
-        let inner = Arc::new(Counting {
-            calls: AtomicU32::new(0),
-            fail: false.into(),
-            lifetime: azure_core::time::Duration::hours(24),
-        });
-        let c = Arc::new(CachingCredential::new(inner.clone()));
+        let clock = crate::clock::ManualClock::new();
+        let inner = Counting::new(&clock);
+        let c = Arc::new(CachingCredential::with_clock(
+            inner.clone(),
+            Arc::new(clock.clone()),
+        ));
         let calls = (0..50).map(|_| {
             let c = c.clone();
             async move { c.get_token(&["s"], None).await.unwrap() }
         });
         futures::future::join_all(calls).await;
-        assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(inner.calls(), 1);
     }
 }
