@@ -68,9 +68,9 @@ impl FlowError {
         !self.is_retryable() && !matches!(self, FlowError::Internal(_))
     }
 
-    fn unavailable(service: &'static str, message: String, retry_after: Duration) -> Self {
-        match service {
-            "Entra ID" => FlowError::Entra(EntraError {
+    fn unavailable(upstream: Upstream, message: String, retry_after: Duration) -> Self {
+        match upstream {
+            Upstream::Entra => FlowError::Entra(EntraError {
                 class: EntraErrorClass::Retryable,
                 status: 0,
                 error: "broker_backoff".into(),
@@ -80,15 +80,17 @@ impl FlowError {
                 trace_id: None,
                 retry_after: Some(retry_after),
             }),
-            "managed identity" => FlowError::Identity(IdentityError::Unavailable {
+            Upstream::ManagedIdentity => FlowError::Identity(IdentityError::Unavailable {
                 message,
                 retry_after: Some(retry_after),
             }),
-            _ => FlowError::Signer(SignerError::Unavailable {
-                service,
-                message,
-                retry_after: Some(retry_after),
-            }),
+            Upstream::KeyVaultSign | Upstream::KeyVaultCertificate => {
+                FlowError::Signer(SignerError::Unavailable {
+                    service: upstream.service(),
+                    message,
+                    retry_after: Some(retry_after),
+                })
+            }
         }
     }
 }
@@ -142,7 +144,7 @@ impl CertEntry {
 /// One upstream's guards: a budget and a breaker.
 #[derive(Debug)]
 struct Guard {
-    service: &'static str,
+    upstream: Upstream,
     bucket: Option<Bucket>,
     breaker: Breaker,
 }
@@ -189,7 +191,7 @@ impl Flow {
                     vaults.entry(vault_url.to_string()).or_insert_with(|| {
                         (
                             Guard {
-                                service: "Key Vault",
+                                upstream: Upstream::KeyVaultSign,
                                 bucket: Some(Bucket::new(
                                     res.sign_rate_per_vault,
                                     res.sign_burst,
@@ -198,7 +200,7 @@ impl Flow {
                                 breaker: breaker(),
                             },
                             Guard {
-                                service: "Key Vault",
+                                upstream: Upstream::KeyVaultCertificate,
                                 bucket: None,
                                 breaker: breaker(),
                             },
@@ -209,7 +211,7 @@ impl Flow {
                     identities
                         .entry(client_id.clone())
                         .or_insert_with(|| Guard {
-                            service: "managed identity",
+                            upstream: Upstream::ManagedIdentity,
                             bucket: None,
                             breaker: breaker(),
                         });
@@ -218,7 +220,7 @@ impl Flow {
             entra.insert(
                 t.name.clone(),
                 Guard {
-                    service: "Entra ID",
+                    upstream: Upstream::Entra,
                     bucket: Some(Bucket::new(
                         res.exchange_rate_per_tenant,
                         res.exchange_burst,
@@ -248,25 +250,19 @@ impl Flow {
         &self.clock
     }
 
-    /// Breaker states by upstream label, for metrics.
-    pub fn breaker_states(&self) -> Vec<(String, BreakerState)> {
+    /// Breaker states by upstream and target (vault URL, tenant name, identity client id),
+    /// for metrics.
+    pub fn breaker_states(&self) -> Vec<(Upstream, String, BreakerState)> {
         let now = self.clock.now();
-        let mut out: Vec<(String, BreakerState)> = Vec::new();
-        for (v, (sign, read)) in &self.vaults {
-            out.push((format!("keyvault:{v}"), sign.breaker.state(now)));
-            out.push((format!("keyvault_certificate:{v}"), read.breaker.state(now)));
-        }
-        out.extend(
-            self.entra
-                .iter()
-                .map(|(t, g)| (format!("entra:{t}"), g.breaker.state(now))),
-        );
-        out.extend(
-            self.identities
-                .iter()
-                .map(|(c, g)| (format!("managed_identity:{c}"), g.breaker.state(now))),
-        );
-        out
+        let vaults = self
+            .vaults
+            .iter()
+            .flat_map(|(v, (sign, read))| [(v, sign), (v, read)]);
+        vaults
+            .chain(&self.entra)
+            .chain(&self.identities)
+            .map(|(target, g)| (g.upstream, target.clone(), g.breaker.state(now)))
+            .collect()
     }
 
     /// Obtains a token for `tenant` and `scopes`.
@@ -501,7 +497,7 @@ impl Flow {
                         .breaker_rejections
                         .fetch_add(1, Ordering::Relaxed);
                     return Err(FlowError::unavailable(
-                        g.service,
+                        g.upstream,
                         format!(
                             "circuit open after repeated failures; next probe in {}s",
                             remaining.as_secs().max(1)
@@ -514,7 +510,7 @@ impl Flow {
                 {
                     g.breaker.neutral();
                     return Err(FlowError::unavailable(
-                        g.service,
+                        g.upstream,
                         "the broker's own call budget for this upstream is spent; retry shortly"
                             .into(),
                         Duration::from_secs(1),
@@ -669,5 +665,40 @@ pub fn tenant(t: &TenantConfig, authority: &Url) -> Tenant {
         client_id: Arc::from(t.client_id.as_str()),
         token_endpoint: entra::token_endpoint(authority, &t.tenant_id),
         config: t.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guard_refusing_a_call_fails_it_as_its_own_upstream_retryable_with_the_wait() {
+        let wait = Duration::from_secs(7);
+        for upstream in [
+            Upstream::KeyVaultSign,
+            Upstream::KeyVaultCertificate,
+            Upstream::ManagedIdentity,
+            Upstream::Entra,
+        ] {
+            let e = FlowError::unavailable(upstream, "circuit open".into(), wait);
+            let right_variant = match upstream {
+                Upstream::KeyVaultSign | Upstream::KeyVaultCertificate => matches!(
+                    e,
+                    FlowError::Signer(SignerError::Unavailable {
+                        service: "Key Vault",
+                        ..
+                    })
+                ),
+                Upstream::ManagedIdentity => {
+                    matches!(e, FlowError::Identity(IdentityError::Unavailable { .. }))
+                }
+                Upstream::Entra => matches!(&e, FlowError::Entra(x) if x.error == "broker_backoff"),
+            };
+            assert!(right_variant, "{upstream:?}: {e:?}");
+            assert!(e.is_retryable() && !e.is_persistent(), "{upstream:?}");
+            assert_eq!(e.retry_after(), Some(wait), "{upstream:?}");
+            assert!(e.to_string().contains("circuit open"), "{upstream:?}: {e}");
+        }
     }
 }

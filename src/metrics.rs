@@ -65,6 +65,15 @@ impl Upstream {
             Upstream::Entra => "entra",
         }
     }
+
+    /// The service's name in messages for people.
+    pub fn service(self) -> &'static str {
+        match self {
+            Upstream::ManagedIdentity => "managed identity",
+            Upstream::KeyVaultCertificate | Upstream::KeyVaultSign => "Key Vault",
+            Upstream::Entra => "Entra ID",
+        }
+    }
 }
 
 /// The bounded error label of a Key Vault failure.
@@ -491,15 +500,7 @@ fn observe(meter: &Meter, source: &Source) {
             let Some(states) = with_broker(&s, |b| b.flow().breaker_states()) else {
                 return;
             };
-            for (label, state) in states {
-                let (upstream, target) = label.split_once(':').unwrap_or(("", &label));
-                let upstream = match upstream {
-                    "keyvault" => "keyvault_sign",
-                    "keyvault_certificate" => "keyvault_certificate",
-                    "entra" => "entra",
-                    "managed_identity" => "managed_identity",
-                    _ => "other",
-                };
+            for (upstream, target, state) in states {
                 let v = match state {
                     BreakerState::Closed => 0,
                     BreakerState::HalfOpen => 1,
@@ -508,8 +509,8 @@ fn observe(meter: &Meter, source: &Source) {
                 o.observe(
                     v,
                     &[
-                        KeyValue::new("upstream", upstream),
-                        KeyValue::new("target", target.to_owned()),
+                        KeyValue::new("upstream", upstream.as_str()),
+                        KeyValue::new("target", target),
                     ],
                 );
             }
