@@ -16,22 +16,9 @@ cd "$repo_root"
 
 bash scripts/setup-python.sh
 
-# Without TOKENBROKER_BIN, build the default binary. scripts/test.sh passes the one
-# `cargo test` just built: a `cargo build` there would rebuild most dependencies, because
-# dev-dependencies (tokio's test-util, ...) change their features.
-if [[ -z "${TOKENBROKER_BIN:-}" ]]; then
-    cargo build --locked --quiet
-fi
-bin="${TOKENBROKER_BIN:-target/debug/tokenbroker}"
-case "$bin" in
-    /*) ;;
-    *) bin="$repo_root/$bin" ;;
-esac
-if [[ ! -x "$bin" ]]; then
-    echo "collector test: broker binary $bin not found or not executable" >&2
-    exit 1
-fi
-export TOKENBROKER_BIN="$bin"
+# The binary under test (scripts/tokenbroker-bin.sh: built unless TOKENBROKER_BIN names one).
+source scripts/tokenbroker-bin.sh
+tokenbroker_bin "collector test"
 
 # Stubs at setup time, so a generation problem shows up as itself and not inside a test.
 .venv/bin/python "$here/collector.py" --generate-stubs

@@ -14,22 +14,9 @@ cd "$repo_root"
 
 bash scripts/setup-python.sh
 
-# Without TOKENBROKER_BIN, build the default binary. scripts/test.sh passes the one
-# `cargo test` just built: a `cargo build` there would rebuild most dependencies, because
-# dev-dependencies (tokio's test-util, ...) change their features.
-if [[ -z "${TOKENBROKER_BIN:-}" ]]; then
-    cargo build --locked --quiet
-fi
-bin="${TOKENBROKER_BIN:-target/debug/tokenbroker}"
-case "$bin" in
-    /*) ;;
-    *) bin="$repo_root/$bin" ;;
-esac
-if [[ ! -x "$bin" ]]; then
-    echo "conformance: emulator binary $bin not found or not executable" >&2
-    exit 1
-fi
-export TOKENBROKER_BIN="$bin"
+# The binary under test (scripts/tokenbroker-bin.sh: built unless TOKENBROKER_BIN names one).
+source scripts/tokenbroker-bin.sh
+tokenbroker_bin "conformance"
 
 # pytest exit codes: 0 all passed, 1 failures, 2 interrupted, 3 internal error,
 # 4 usage error, 5 no tests collected. Only 0 is success.
