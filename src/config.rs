@@ -13,7 +13,7 @@ use url::Url;
 mod callers;
 pub use callers::{
     AuditConfig, AuditOutput, CallersConfig, ClientCertMode, DEFAULT_ALGORITHMS, IssuerConfig,
-    LimitsConfig, PolicyConfig, secure_or_loopback,
+    LimitsConfig, PolicyConfig, RememberConfig, secure_or_loopback,
 };
 
 /// Everything wrong with a configuration, each problem with its location.

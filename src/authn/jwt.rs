@@ -36,7 +36,7 @@ use tracing::{info, warn};
 use url::Url;
 
 use super::{Caller, Proof};
-use crate::config::IssuerConfig;
+use crate::config::{IssuerConfig, RememberConfig};
 use crate::limits::Buckets;
 use crate::sensitive::Sensitive;
 
@@ -79,17 +79,12 @@ pub enum JwtError {
     KeysUnavailable { issuer: String, message: String },
 }
 
-/// Most verified tokens remembered, and the longest any is remembered (less when it expires
-/// sooner). About 300 bytes each.
-const VERIFIED_CAPACITY: u64 = 10_000;
-const VERIFIED_MAX_AGE: Duration = Duration::from_secs(600);
-
 /// Verifies bearer tokens for a set of configured issuers. Cheap to share.
 pub struct JwtVerifier {
     issuers: HashMap<String, Arc<Issuer>>,
     http: reqwest::Client,
-    /// Tokens verified before, by the SHA-256 of the token.
-    verified: moka::sync::Cache<[u8; 32], Arc<Verified>>,
+    /// Tokens verified before, by the SHA-256 of the token (`None`: configured off).
+    verified: Option<moka::sync::Cache<[u8; 32], Arc<Verified>>>,
     /// Tokens whose signature was checked (not answered from `verified`).
     signature_checks: AtomicU64,
     /// Failed authentications per client address: a flood of bad tokens from one address
@@ -194,10 +189,12 @@ fn short(s: &str) -> String {
 
 impl JwtVerifier {
     /// `failures`: the limit of failed authentications per client address, if any.
+    /// `remember`: how many verified tokens are remembered, and for how long at most.
     pub fn new(
         issuers: Vec<IssuerConfig>,
         http: reqwest::Client,
         failures: Option<Buckets<IpAddr>>,
+        remember: RememberConfig,
     ) -> Self {
         let issuers = issuers
             .into_iter()
@@ -216,10 +213,12 @@ impl JwtVerifier {
         JwtVerifier {
             issuers,
             http,
-            verified: moka::sync::Cache::builder()
-                .max_capacity(VERIFIED_CAPACITY)
-                .time_to_live(VERIFIED_MAX_AGE)
-                .build(),
+            verified: (!remember.is_off()).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(remember.tokens)
+                    .time_to_live(remember.max_age)
+                    .build()
+            }),
             signature_checks: AtomicU64::new(0),
             failures,
         }
@@ -251,8 +250,12 @@ impl JwtVerifier {
                 "longer than {MAX_TOKEN_LEN} bytes"
             )));
         }
-        let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
-        if let Some(v) = self.verified.get(&digest)
+        let digest: Option<[u8; 32]> = self
+            .verified
+            .as_ref()
+            .map(|_| Sha256::digest(t.as_bytes()).into());
+        if let Some((memory, digest)) = self.verified.as_ref().zip(digest.as_ref())
+            && let Some(v) = memory.get(digest)
             && v.stands(SystemTime::now())
         {
             return Ok(v.caller.clone());
@@ -278,7 +281,9 @@ impl JwtVerifier {
             }
         };
         let caller = verified.caller.clone();
-        self.verified.insert(digest, Arc::new(verified));
+        if let Some((memory, digest)) = self.verified.as_ref().zip(digest) {
+            memory.insert(digest, Arc::new(verified));
+        }
         Ok(caller)
     }
 

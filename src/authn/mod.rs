@@ -112,6 +112,7 @@ impl Authenticator {
                 config.issuers.values().cloned().collect(),
                 http,
                 crate::limits::failed_auth(limits),
+                config.remember,
             )
         });
         Authenticator {

@@ -58,7 +58,12 @@ impl LoopbackIssuer {
             jwks_min_refresh: Duration::from_secs(30),
             jwks_max_age: Duration::from_secs(3600),
         };
-        let verifier = JwtVerifier::new(vec![cfg], reqwest::Client::new(), None);
+        let verifier = JwtVerifier::new(
+            vec![cfg],
+            reqwest::Client::new(),
+            None,
+            crate::config::RememberConfig::default(),
+        );
         Ok((LoopbackIssuer { key, issuer, task }, verifier))
     }
 

@@ -30,7 +30,38 @@ pub struct CallersConfig {
     pub dev_loopback: bool,
     /// Bearer-token issuers by their configured name (the `ISSUER` of `jwt:ISSUER:SUBJECT`).
     pub issuers: BTreeMap<String, IssuerConfig>,
+    /// How bearer tokens that verified are remembered.
+    pub remember: RememberConfig,
 }
+
+/// Bearer tokens that verified are remembered (by their SHA-256) so the caller's next
+/// requests skip the signature check: at most `tokens` of them, each for at most `max_age`
+/// (never past its `exp`, and only while the issuer's keys it verified against are in use).
+/// Either at 0 turns the memory off: every request is verified in full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RememberConfig {
+    pub tokens: u64,
+    pub max_age: Duration,
+}
+
+impl Default for RememberConfig {
+    fn default() -> Self {
+        RememberConfig {
+            tokens: 10_000,
+            max_age: Duration::from_secs(600),
+        }
+    }
+}
+
+impl RememberConfig {
+    pub fn is_off(&self) -> bool {
+        self.tokens == 0 || self.max_age.is_zero()
+    }
+}
+
+/// Upper bounds of `remember_tokens` (about 300 bytes each) and `remember_secs`.
+const MAX_REMEMBER_TOKENS: u64 = 1_000_000;
+const MAX_REMEMBER_SECS: u64 = 3600;
 
 #[derive(Debug, Clone)]
 pub struct IssuerConfig {
@@ -108,6 +139,8 @@ pub(super) struct RawCallers {
     dev_loopback: bool,
     /// Default audience for every issuer.
     audience: Option<String>,
+    remember_tokens: Option<u64>,
+    remember_secs: Option<u64>,
     #[serde(default)]
     issuers: BTreeMap<String, RawIssuer>,
 }
@@ -283,9 +316,30 @@ impl Validator<'_> {
                 );
             }
         }
+        let default = RememberConfig::default();
+        let tokens = raw.remember_tokens.unwrap_or(default.tokens);
+        if tokens > MAX_REMEMBER_TOKENS {
+            self.problem(
+                "callers.remember_tokens",
+                format!(
+                    "at most {MAX_REMEMBER_TOKENS} (about 300 bytes each); 0 turns the memory off"
+                ),
+            );
+        }
+        let secs = raw.remember_secs.unwrap_or(default.max_age.as_secs());
+        if secs > MAX_REMEMBER_SECS {
+            self.problem(
+                "callers.remember_secs",
+                format!("at most {MAX_REMEMBER_SECS}: a remembered token is checked again at least this often; 0 turns the memory off"),
+            );
+        }
         CallersConfig {
             dev_loopback: raw.dev_loopback,
             issuers,
+            remember: RememberConfig {
+                tokens: tokens.min(MAX_REMEMBER_TOKENS),
+                max_age: Duration::from_secs(secs.min(MAX_REMEMBER_SECS)),
+            },
         }
     }
 

@@ -222,6 +222,46 @@ fn callers_policy_audit_and_limits_are_read() {
     // Failed bearer tokens are limited per address by default.
     assert_eq!(c.limits.failed_auth_per_sec, 1.0);
     assert_eq!(c.limits.failed_auth_burst, 20);
+    // Verified bearer tokens are remembered by default.
+    assert_eq!(c.callers.remember, crate::config::RememberConfig::default());
+    assert!(!c.callers.remember.is_off());
+}
+
+#[test]
+fn remembering_verified_tokens_can_be_sized_or_turned_off_within_bounds() {
+    let read = |extra: &str| {
+        Config::from_toml_str(
+            &format!(
+                "{GOOD}
+[callers]
+{extra}
+"
+            ),
+            Path::new("/var/tb"),
+            &no_env,
+        )
+        .unwrap()
+        .callers
+        .remember
+    };
+    let r = read("remember_tokens = 50000\nremember_secs = 60");
+    assert_eq!((r.tokens, r.max_age), (50_000, Duration::from_secs(60)));
+    assert!(read("remember_tokens = 0").is_off());
+    assert!(read("remember_secs = 0").is_off());
+    let p = problems(&format!(
+        "{GOOD}
+[callers]
+remember_tokens = 5000000
+remember_secs = 86400
+"
+    ));
+    let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["callers.remember_tokens", "callers.remember_secs"],
+        "{p:?}"
+    );
+    assert!(p[1].message.contains("0 turns the memory off"), "{p:?}");
 }
 
 #[test]

@@ -190,6 +190,26 @@ async fn a_rotated_issuer_key_is_fetched_once_and_unknown_kids_do_not_hammer_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_remembering_turned_off_every_request_is_verified_in_full() {
+    let h = Harness::start(Options {
+        policy: grants(&[(SVC, "contoso", GRAPH)]),
+        callers: "remember_tokens = 0",
+        ..Default::default()
+    })
+    .await;
+    let jwt = h.access.authenticator().jwt().unwrap();
+    let token = h.issuer.token("svc-a");
+    for _ in 0..3 {
+        h.get(None, Some(&token), "contoso", &[GRAPH])
+            .await
+            .unwrap();
+    }
+    assert_eq!(jwt.signature_checks(), 3);
+    assert_eq!(h.records().len(), 3);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_verified_token_is_not_checked_again_until_the_issuer_keys_change() {
     let h = start().await;
     let i = &h.issuer;
