@@ -163,6 +163,17 @@ fn bench_all_runs_every_measurement_and_passes_its_options_to_its_children() {
     assert_eq!(v["startup"]["runs"], 1, "{v:#}");
     assert_eq!(v["load"].as_array().map(Vec::len), Some(2), "{v:#}");
     assert!(v["economy"].is_object(), "{v:#}");
+    // Every target judged, from the children's results too, and printed last.
+    // (Nine: with no 100k-token point, the memory ceiling is not judged.)
+    let targets = v["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 9, "{v:#}");
+    assert!(
+        targets
+            .iter()
+            .all(|t| t["figure"].is_string() && t["met"].is_boolean()),
+        "{v:#}"
+    );
+    assert!(stdout.contains("targets met in this run"), "{stdout}");
     // And the children's reports were printed with the parent's.
     for heading in ["cold path", "memory"] {
         assert!(stdout.contains(heading), "{heading}: {stdout}");

@@ -22,6 +22,7 @@ pub mod jwt;
 pub mod load;
 pub mod memory;
 pub mod startup;
+pub mod targets;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -209,6 +210,11 @@ async fn run_inner(args: &BenchArgs) -> anyhow::Result<()> {
         let r = economy::run(&economy::EconomyOptions::from(args)).await?;
         println!("{}", r.text());
         results.insert("economy".into(), serde_json::to_value(&r)?);
+    }
+    if all {
+        let verdicts = targets::judge(&results);
+        print!("{}", targets::text(&verdicts));
+        results.insert("targets".into(), serde_json::to_value(&verdicts)?);
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&Value::Object(results))?)
