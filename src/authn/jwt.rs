@@ -250,12 +250,13 @@ impl JwtVerifier {
                 "longer than {MAX_TOKEN_LEN} bytes"
             )));
         }
-        let digest: Option<[u8; 32]> = self
+        // The memory (when on) and this token's key in it.
+        let memory = self
             .verified
             .as_ref()
-            .map(|_| Sha256::digest(t.as_bytes()).into());
-        if let Some((memory, digest)) = self.verified.as_ref().zip(digest.as_ref())
-            && let Some(v) = memory.get(digest)
+            .map(|m| (m, <[u8; 32]>::from(Sha256::digest(t.as_bytes()))));
+        if let Some((m, digest)) = &memory
+            && let Some(v) = m.get(digest)
             && v.stands(SystemTime::now())
         {
             return Ok(v.caller.clone());
@@ -281,8 +282,8 @@ impl JwtVerifier {
             }
         };
         let caller = verified.caller.clone();
-        if let Some((memory, digest)) = self.verified.as_ref().zip(digest) {
-            memory.insert(digest, Arc::new(verified));
+        if let Some((m, digest)) = memory {
+            m.insert(digest, Arc::new(verified));
         }
         Ok(caller)
     }
