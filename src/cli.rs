@@ -56,15 +56,19 @@ pub enum Command {
     },
     /// Ask a running broker for a token and print it (for scripts and collectors).
     Token {
+        /// The tenant's name in the broker's configuration.
         #[arg(long)]
         tenant: String,
+        /// A scope to ask for (repeatable), e.g. https://graph.microsoft.com/.default.
         #[arg(long, required = true)]
         scope: Vec<String>,
+        /// The broker's gRPC address (https:// for TLS).
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         addr: String,
         /// Minimum remaining validity, in seconds.
         #[arg(long)]
         min_validity: Option<u64>,
+        /// A fresh token from Entra ID rather than the cached one (the broker limits how often).
         #[arg(long)]
         force_refresh: bool,
         /// Print the whole response as JSON instead of the bare token.
@@ -394,10 +398,12 @@ pub async fn token(
             .map_err(|_| format!("{}: the token is not a valid header value", path.display()))?;
         request.metadata_mut().insert("authorization", value);
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        format!(
+            "cannot connect to {addr}: {}",
+            crate::outbound::error_chain(&e)
+        )
+    })?;
     let mut client = proto::token_broker_client::TokenBrokerClient::new(channel);
     client
         .get_token(request)

@@ -207,7 +207,7 @@ impl TokenExchange for HttpTokenExchange {
             .send()
             .await
             // reqwest errors name the URL, never the form body.
-            .map_err(|e| EntraError::transport(transport_message(&e)))?;
+            .map_err(|e| EntraError::transport(crate::outbound::error_chain(&e)))?;
         let status = resp.status().as_u16();
         let retry_after = crate::resilience::retry_after(
             |name| {
@@ -221,7 +221,7 @@ impl TokenExchange for HttpTokenExchange {
         let body = resp
             .bytes()
             .await
-            .map_err(|e| EntraError::transport(transport_message(&e)))?;
+            .map_err(|e| EntraError::transport(crate::outbound::error_chain(&e)))?;
         if status == 200 {
             let ok: SuccessBody = serde_json::from_slice(&body).map_err(|e| EntraError {
                 class: EntraErrorClass::Retryable,
@@ -262,17 +262,6 @@ impl TokenExchange for HttpTokenExchange {
             retry_after,
         })
     }
-}
-
-fn transport_message(e: &reqwest::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }
 
 /// Drops Entra's "Trace ID: … Correlation ID: … Timestamp: …" tail (kept separately).

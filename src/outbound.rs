@@ -1,6 +1,7 @@
 //! Outbound HTTP: one `reqwest` client (platform roots plus an optional extra CA bundle,
 //! pinned host names, timeouts) shared by the Azure SDK clients and the Entra exchange,
-//! and the broker's own managed identity credential built on it.
+//! and the broker's own managed identity credential built on it. Also how a failed
+//! connection is told to a person (`error_chain`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -254,4 +255,22 @@ impl HttpClient for ImdsRedirect {
         let _ = url.set_port(self.target.port_or_known_default());
         self.inner.execute_request(&redirected).await
     }
+}
+
+/// An error with every cause under it, `outer: inner: root`: a transport error's own text
+/// ("error sending request", "transport error") says nothing a person can act on; its causes
+/// do ("Connection refused", "invalid peer certificate: UnknownIssuer").
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        // Some layers repeat their cause's text in their own.
+        if !msg.ends_with(&part) {
+            msg.push_str(": ");
+            msg.push_str(&part);
+        }
+        source = s.source();
+    }
+    msg
 }

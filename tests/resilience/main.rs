@@ -825,6 +825,28 @@ fn tokenbroker_token_reports_a_closed_stdout_instead_of_panicking() {
 }
 
 #[test]
+fn tokenbroker_token_says_why_it_cannot_connect() {
+    // A port nobody listens on.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args(["token", "--addr", &format!("http://{addr}")])
+        .args(["--tenant", "contoso", "--scope", GRAPH])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot connect to http://{addr}")),
+        "{stderr}"
+    );
+    // The cause, not only tonic's "transport error".
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+}
+
+#[test]
 fn a_client_retrying_a_bad_request_does_not_flood_the_log_but_every_refusal_is_audited() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, addr) = spawn_dev(dir.path(), &[]);
