@@ -399,10 +399,8 @@ pub async fn token(
         request.metadata_mut().insert("authorization", value);
     }
     let channel = endpoint.connect().await.map_err(|e| {
-        format!(
-            "cannot connect to {addr}: {}",
-            crate::outbound::error_chain(&e)
-        )
+        let why = crate::outbound::error_chain(&e);
+        format!("cannot connect to {addr}: {why}{}", connect_hint(tls, &why))
     })?;
     let mut client = proto::token_broker_client::TokenBrokerClient::new(channel);
     client
@@ -410,6 +408,19 @@ pub async fn token(
         .await
         .map(|r| r.into_inner())
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+/// What to try when a connection failed for a reason a person can fix from the command line.
+fn connect_hint(tls: bool, why: &str) -> &'static str {
+    if tls && (why.contains("InvalidContentType") || why.contains("corrupt message")) {
+        "; the broker may be serving plaintext: try an http:// --addr"
+    } else if tls && why.contains("UnknownIssuer") {
+        "; pass the CA that signs the broker's certificate with --ca"
+    } else if tls && why.contains("not valid for name") {
+        "; the broker's certificate does not name this host: use the name it was issued for"
+    } else {
+        ""
+    }
 }
 
 fn response_json(r: &proto::GetTokenResponse) -> String {
@@ -427,4 +438,24 @@ fn response_json(r: &proto::GetTokenResponse) -> String {
             .unwrap_or("TOKEN_SOURCE_UNSPECIFIED"),
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_hint;
+
+    #[test]
+    fn connection_failures_a_person_can_fix_come_with_a_hint() {
+        // rustls's own texts, as the error chain shows them.
+        let plaintext = "transport error: received corrupt message of type InvalidContentType";
+        assert!(connect_hint(true, plaintext).contains("http://"));
+        let ca = "transport error: invalid peer certificate: UnknownIssuer";
+        assert!(connect_hint(true, ca).contains("--ca"));
+        let name = "transport error: invalid peer certificate: certificate not valid for name \"10.0.0.1\"; certificate is only valid for DnsName(\"broker\")";
+        assert!(connect_hint(true, name).contains("the name it was issued for"));
+        // Nothing to add: refused connections say so, and plaintext has no certificates.
+        let refused = "transport error: tcp connect error: Connection refused (os error 111)";
+        assert_eq!(connect_hint(true, refused), "");
+        assert_eq!(connect_hint(false, ca), "");
+    }
 }

@@ -844,6 +844,20 @@ fn tokenbroker_token_says_why_it_cannot_connect() {
     );
     // The cause, not only tonic's "transport error".
     assert!(stderr.contains("Connection refused"), "{stderr}");
+
+    // https:// to a plaintext broker: the cause, and what to try.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_dev(dir.path(), &[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args(["token", "--addr", &format!("https://{addr}")])
+        .args(["--tenant", "contoso", "--scope", GRAPH])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("InvalidContentType"), "{stderr}");
+    assert!(stderr.contains("try an http:// --addr"), "{stderr}");
+    assert!(terminate(&mut child).success());
 }
 
 #[test]
