@@ -230,13 +230,14 @@ async fn run_inner(args: &BenchArgs) -> anyhow::Result<()> {
 /// measurements that follow; for `cold`, the sequential misses do not inherit the load runs'
 /// heap, connections and idle tasks.
 async fn in_child(what: What, a: &BenchArgs) -> anyhow::Result<Value> {
+    let args = child_args(what, a);
     let what = what.name();
     let exe = std::env::current_exe()?;
     let dir = TempDir::new(what)?;
     let json = dir.path().join(format!("{what}.json"));
     let out = tokio::process::Command::new(&exe)
         .args(["bench", what])
-        .args(child_args(what, a))
+        .args(args)
         .arg("--json")
         .arg(&json)
         .stdin(std::process::Stdio::null())
@@ -255,16 +256,16 @@ async fn in_child(what: What, a: &BenchArgs) -> anyhow::Result<Value> {
 }
 
 /// The options of `bench memory` and `bench cold` that `bench all` passes on to its children.
-fn child_args(what: &str, a: &BenchArgs) -> Vec<String> {
+fn child_args(what: What, a: &BenchArgs) -> Vec<String> {
     let pairs: Vec<(&str, String)> = match what {
-        "memory" => {
+        What::Memory => {
             let tokens: Vec<String> = a.memory_tokens.iter().map(usize::to_string).collect();
             vec![
                 ("--memory-tokens", tokens.join(",")),
                 ("--token-bytes", a.token_bytes.to_string()),
             ]
         }
-        "cold" => vec![
+        What::Cold => vec![
             ("--cold-samples", a.cold_samples.to_string()),
             ("--sign-latency-ms", a.sign_latency_ms.to_string()),
             ("--exchange-latency-ms", a.exchange_latency_ms.to_string()),
