@@ -16,6 +16,10 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, -D warnings)"
 cargo clippy --locked --all-targets -- -D warnings
 
+# The production image builds without the emulator (Dockerfile: --no-default-features).
+step "cargo clippy (production features: no emulator, -D warnings)"
+cargo clippy --locked --no-default-features -- -D warnings
+
 step "cargo test"
 cargo test --locked
 
