@@ -824,6 +824,18 @@ fn tokenbroker_token_reports_a_closed_stdout_instead_of_panicking() {
     assert!(code.success(), "exit status {code:?}");
 }
 
+/// `tokenbroker token` for contoso's Graph token from `url`: it must fail; its stderr.
+fn token_cli_error(url: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args(["token", "--addr", url])
+        .args(["--tenant", "contoso", "--scope", GRAPH])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 #[test]
 fn tokenbroker_token_says_why_it_cannot_connect() {
     // A port nobody listens on.
@@ -831,13 +843,7 @@ fn tokenbroker_token_says_why_it_cannot_connect() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
-        .args(["token", "--addr", &format!("http://{addr}")])
-        .args(["--tenant", "contoso", "--scope", GRAPH])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = token_cli_error(&format!("http://{addr}"));
     assert!(
         stderr.contains(&format!("cannot connect to http://{addr}")),
         "{stderr}"
@@ -848,13 +854,7 @@ fn tokenbroker_token_says_why_it_cannot_connect() {
     // https:// to a plaintext broker: the cause, and what to try.
     let dir = tempfile::tempdir().unwrap();
     let (mut child, addr) = spawn_dev(dir.path(), &[]);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
-        .args(["token", "--addr", &format!("https://{addr}")])
-        .args(["--tenant", "contoso", "--scope", GRAPH])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = token_cli_error(&format!("https://{addr}"));
     assert!(stderr.contains("InvalidContentType"), "{stderr}");
     assert!(stderr.contains("try an http:// --addr"), "{stderr}");
     assert!(terminate(&mut child).success());
