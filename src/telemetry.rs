@@ -43,6 +43,17 @@ impl Drop for Guard {
         if let Some(p) = self.provider.take() {
             let _ = p.shutdown();
         }
+        if self.log.is_some() {
+            // The log writer's guard println!s to stdout when its queue stays full (stderr
+            // stalled): on stdout, that line would land in the audit trail (`output =
+            // "stdout"`, the default), or panic on a closed pipe. Stdout is done with by
+            // now (the command's output and the audit's last records are written), so it
+            // goes to /dev/null first.
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+                let _ = rustix::stdio::dup2_stdout(&null);
+            }
+        }
         // Waits (at most about a second) for the log writer to empty its queue.
         drop(self.log.take());
     }

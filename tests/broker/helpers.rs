@@ -372,6 +372,8 @@ pub struct Dev {
     pub child: std::process::Child,
     pub addr: String,
     pub metrics: String,
+    /// The lines it writes to stdout after its banner, until it exits.
+    pub later_stdout: std::thread::JoinHandle<Vec<String>>,
 }
 
 /// `tokenbroker dev` with its log (stderr) wherever the caller says; its banner read up to
@@ -400,10 +402,12 @@ pub fn spawn_dev_with(dir: &Path, envs: &[(&str, &str)], stderr: std::process::S
             metrics = rest.split(',').next().map(str::to_owned);
         }
     }
-    std::thread::spawn(move || lines.for_each(drop));
+    // Drained, so a full pipe never blocks it; kept, for tests about what it writes there.
+    let later_stdout = std::thread::spawn(move || lines.map_while(Result::ok).collect());
     Dev {
         child,
         addr: addr.unwrap_or_default(),
         metrics: metrics.unwrap_or_default(),
+        later_stdout,
     }
 }

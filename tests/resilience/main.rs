@@ -755,6 +755,13 @@ fn tokenbroker_dev_keeps_serving_when_nobody_reads_its_log() {
     let code = terminate(&mut dev.child);
     assert!(code.success(), "exit status {code:?}");
     drop(stalled);
+    // Stdout carries what it says (the audit trail, with `output = "stdout"`): the log
+    // writer giving up on its queue at exit must not write there.
+    let later = dev.later_stdout.join().unwrap();
+    assert!(
+        later.iter().all(|l| !l.contains("logging worker")),
+        "{later:?}"
+    );
 }
 
 /// Lines of a file once it has `n` of them (the audit writer writes within ~100 ms).
