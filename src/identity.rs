@@ -27,7 +27,7 @@ pub struct CachingCredential {
     inner: Arc<dyn TokenCredential>,
     cache: Mutex<HashMap<Vec<String>, Cached>>,
     flights: Mutex<HashMap<Vec<String>, Arc<tokio::sync::Mutex<()>>>>,
-    limits: &'static EndpointLimits,
+    limits: Arc<EndpointLimits>,
     /// Judges a token's age against its `expires_on`, which the identity endpoint gives in
     /// wall-clock time.
     clock: Arc<dyn Clock>,
@@ -41,15 +41,28 @@ const EXPIRY_MARGIN: azure_core::time::Duration = azure_core::time::Duration::mi
 /// (the broker's own, each federated identity's) shares one budget.
 struct EndpointLimits {
     concurrency: Semaphore,
-    rate: Mutex<(OffsetDateTime, u32)>,
+    /// The current one-second window: when it began, and the requests sent in it. On the
+    /// monotonic clock: a wall clock stepped back must not stall requests for the step.
+    rate: Mutex<Option<(tokio::time::Instant, u32)>>,
 }
 
-fn endpoint_limits() -> &'static EndpointLimits {
-    static LIMITS: std::sync::OnceLock<EndpointLimits> = std::sync::OnceLock::new();
-    LIMITS.get_or_init(|| EndpointLimits {
-        concurrency: Semaphore::new(MAX_CONCURRENT),
-        rate: Mutex::new((OffsetDateTime::now_utc(), 0)),
-    })
+/// The window of `MAX_PER_SECOND`.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+
+impl EndpointLimits {
+    fn new() -> Self {
+        EndpointLimits {
+            concurrency: Semaphore::new(MAX_CONCURRENT),
+            rate: Mutex::new(None),
+        }
+    }
+}
+
+fn endpoint_limits() -> Arc<EndpointLimits> {
+    static LIMITS: std::sync::OnceLock<Arc<EndpointLimits>> = std::sync::OnceLock::new();
+    LIMITS
+        .get_or_init(|| Arc::new(EndpointLimits::new()))
+        .clone()
 }
 
 #[derive(Clone)]
@@ -70,11 +83,19 @@ impl CachingCredential {
     }
 
     pub fn with_clock(inner: Arc<dyn TokenCredential>, clock: Arc<dyn Clock>) -> Self {
+        Self::with_limits(inner, clock, endpoint_limits())
+    }
+
+    fn with_limits(
+        inner: Arc<dyn TokenCredential>,
+        clock: Arc<dyn Clock>,
+        limits: Arc<EndpointLimits>,
+    ) -> Self {
         CachingCredential {
             inner,
             cache: Mutex::new(HashMap::new()),
             flights: Mutex::new(HashMap::new()),
-            limits: endpoint_limits(),
+            limits,
             clock,
         }
     }
@@ -95,24 +116,22 @@ impl CachingCredential {
     async fn pace(&self) {
         loop {
             let wait = {
-                let mut r = self.limits.rate.lock().unwrap_or_else(|p| p.into_inner());
-                let now = OffsetDateTime::now_utc();
-                if now - r.0 >= azure_core::time::Duration::seconds(1) {
-                    *r = (now, 0);
+                let mut rate = self.limits.rate.lock().unwrap_or_else(|p| p.into_inner());
+                let now = tokio::time::Instant::now();
+                let (start, sent) = rate.get_or_insert((now, 0));
+                if now.saturating_duration_since(*start) >= RATE_WINDOW {
+                    (*start, *sent) = (now, 0);
                 }
-                if r.1 < MAX_PER_SECOND {
-                    r.1 += 1;
+                if *sent < MAX_PER_SECOND {
+                    *sent += 1;
                     None
                 } else {
-                    let left = azure_core::time::Duration::seconds(1) - (now - r.0);
-                    Some(Duration::from_millis(
-                        left.whole_milliseconds().max(1) as u64
-                    ))
+                    Some(RATE_WINDOW.saturating_sub(now.saturating_duration_since(*start)))
                 }
             };
             match wait {
                 None => return,
-                Some(d) => tokio::time::sleep(d).await,
+                Some(d) => tokio::time::sleep(d.max(Duration::from_millis(1))).await,
             }
         }
     }
@@ -389,6 +408,60 @@ mod tests {
         // not necessarily all 5 permits were free.
         let max = inner.max.load(Ordering::SeqCst);
         assert!((1..=MAX_CONCURRENT).contains(&max), "{max} calls at once");
+    }
+
+    /// Records when each call reached the endpoint.
+    #[derive(Debug, Default)]
+    struct Stamped {
+        at: Mutex<Vec<tokio::time::Instant>>,
+    }
+
+    #[async_trait]
+    impl TokenCredential for Stamped {
+        async fn get_token(
+            &self,
+            _: &[&str],
+            _: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<AccessToken> {
+            self.at.lock().unwrap().push(tokio::time::Instant::now());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok(AccessToken::new(
+                "t",
+                OffsetDateTime::now_utc() + azure_core::time::Duration::hours(24),
+            ))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_more_than_twenty_requests_a_second_reach_the_endpoint() {
+        let inner = Arc::new(Stamped::default());
+        // A budget of its own: other tests share the process's.
+        let c = Arc::new(CachingCredential::with_limits(
+            inner.clone(),
+            Arc::new(SystemClock),
+            Arc::new(EndpointLimits::new()),
+        ));
+        let calls = (0..45).map(|i| {
+            let c = c.clone();
+            async move { c.get_token(&[&format!("scope-{i}")], None).await }
+        });
+        let results = futures::future::join_all(calls).await;
+        assert!(results.iter().all(Result::is_ok));
+        let at = inner.at.lock().unwrap().clone();
+        assert_eq!(at.len(), 45);
+        for (i, t) in at.iter().enumerate() {
+            let in_window = at[i..]
+                .iter()
+                .filter(|u| u.duration_since(*t) < RATE_WINDOW)
+                .count();
+            assert!(
+                in_window <= MAX_PER_SECOND as usize,
+                "{in_window} within a second of call {i}"
+            );
+        }
+        // 45 requests need three windows: the last is sent two seconds after the first.
+        let span = at[44].duration_since(at[0]);
+        assert!(span >= Duration::from_secs(2), "{span:?}");
     }
 
     #[tokio::test]
