@@ -67,7 +67,15 @@ impl Bucket {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let elapsed = now.duration_since(s.1).unwrap_or(Duration::ZERO);
         s.0 = (s.0 + elapsed.as_secs_f64() * self.rate).min(self.burst);
-        s.1 = now.max(s.1);
+        // Callers read the time before taking the lock, so `now` can trail the last take by
+        // a little: keep the later time then. A wall clock stepped back (by more than that)
+        // re-anchors the bucket: kept at the later time, it would not refill for the length
+        // of the step. (Stepping forward again credits at most a burst.)
+        s.1 = if now + Duration::from_secs(1) < s.1 {
+            now
+        } else {
+            now.max(s.1)
+        };
         if s.0 >= 1.0 {
             s.0 -= 1.0;
             Ok(())
@@ -131,7 +139,15 @@ impl Breaker {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match s.open_until {
             None => Ok(()),
-            Some(until) if now < until => Err(until.duration_since(now).unwrap_or_default()),
+            Some(until) if now < until => {
+                let left = until.duration_since(now).unwrap_or_default();
+                if left > self.cool_down {
+                    // The wall clock stepped back: never longer than a cool-down from now.
+                    s.open_until = Some(now + self.cool_down);
+                    return Err(self.cool_down);
+                }
+                Err(left)
+            }
             Some(_) if s.probing => Err(Duration::from_secs(1)),
             Some(_) => {
                 s.probing = true;
@@ -181,6 +197,24 @@ impl Breaker {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+
+    #[test]
+    fn a_wall_clock_stepped_back_neither_starves_a_bucket_nor_holds_a_breaker_open() {
+        let t0 = SystemTime::now();
+        let back = t0 - Duration::from_secs(3600);
+        let b = Bucket::new(1.0, 1, t0);
+        assert!(b.try_take(t0).is_ok());
+        // An hour back: the bucket refills from there, not from an hour later.
+        assert!(b.try_take(back).is_err());
+        assert!(b.try_take(back + Duration::from_millis(1100)).is_ok());
+
+        let breaker = Breaker::new(1, Duration::from_secs(30));
+        breaker.failure(t0);
+        assert_eq!(breaker.admit(t0), Err(Duration::from_secs(30)));
+        // An hour back, it is still open for one cool-down, not for an hour and one.
+        assert_eq!(breaker.admit(back), Err(Duration::from_secs(30)));
+        assert!(breaker.admit(back + Duration::from_secs(30)).is_ok());
+    }
 
     #[test]
     fn bucket_refills_at_its_rate_and_caps_at_burst() {
