@@ -323,15 +323,21 @@ mod tests {
             .map(|t| t.token.secret().to_owned())
     }
 
+    /// A caching credential over `Counting`, both on one manual clock.
+    fn on_manual_clock() -> (crate::clock::ManualClock, Arc<Counting>, CachingCredential) {
+        let clock = crate::clock::ManualClock::new();
+        let inner = Counting::new(&clock);
+        let c = CachingCredential::with_clock(inner.clone(), Arc::new(clock.clone()));
+        (clock, inner, c)
+    }
+
     fn hours(h: f64) -> Duration {
         Duration::from_secs_f64(h * 3600.0)
     }
 
     #[tokio::test]
     async fn refreshes_once_half_the_remaining_life_has_passed_and_not_before() {
-        let clock = crate::clock::ManualClock::new();
-        let inner = Counting::new(&clock);
-        let c = CachingCredential::with_clock(inner.clone(), Arc::new(clock.clone()));
+        let (clock, inner, c) = on_manual_clock();
         assert_eq!(token(&c).await.unwrap(), "t0");
         // A 24 h token is served from the cache for 12 h.
         clock.advance(hours(11.9));
@@ -348,9 +354,7 @@ mod tests {
 
     #[tokio::test]
     async fn serves_the_old_token_while_refresh_fails_until_five_minutes_before_it_expires() {
-        let clock = crate::clock::ManualClock::new();
-        let inner = Counting::new(&clock);
-        let c = CachingCredential::with_clock(inner.clone(), Arc::new(clock.clone()));
+        let (clock, inner, c) = on_manual_clock();
         assert_eq!(token(&c).await.unwrap(), "t0");
         inner.fail.store(true, Ordering::SeqCst);
         // Past its refresh point, every call tries the endpoint and falls back to the token.
@@ -368,11 +372,13 @@ mod tests {
         assert_eq!(token(&c).await.unwrap(), "t4");
     }
 
-    /// Counts calls in flight at once across every credential that uses it.
+    /// Counts calls in flight at once across every credential that uses it, and records
+    /// when each reached the endpoint.
     #[derive(Debug, Default)]
     struct Slow {
         now: std::sync::atomic::AtomicUsize,
         max: std::sync::atomic::AtomicUsize,
+        at: Mutex<Vec<tokio::time::Instant>>,
     }
 
     #[async_trait]
@@ -382,6 +388,7 @@ mod tests {
             _: &[&str],
             _: Option<TokenRequestOptions<'_>>,
         ) -> azure_core::Result<AccessToken> {
+            self.at.lock().unwrap().push(tokio::time::Instant::now());
             let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
             self.max.fetch_max(n, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -410,31 +417,9 @@ mod tests {
         assert!((1..=MAX_CONCURRENT).contains(&max), "{max} calls at once");
     }
 
-    /// Records when each call reached the endpoint.
-    #[derive(Debug, Default)]
-    struct Stamped {
-        at: Mutex<Vec<tokio::time::Instant>>,
-    }
-
-    #[async_trait]
-    impl TokenCredential for Stamped {
-        async fn get_token(
-            &self,
-            _: &[&str],
-            _: Option<TokenRequestOptions<'_>>,
-        ) -> azure_core::Result<AccessToken> {
-            self.at.lock().unwrap().push(tokio::time::Instant::now());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            Ok(AccessToken::new(
-                "t",
-                OffsetDateTime::now_utc() + azure_core::time::Duration::hours(24),
-            ))
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn no_more_than_twenty_requests_a_second_reach_the_endpoint() {
-        let inner = Arc::new(Stamped::default());
+        let inner = Arc::new(Slow::default());
         // A budget of its own: other tests share the process's.
         let c = Arc::new(CachingCredential::with_limits(
             inner.clone(),
@@ -466,12 +451,8 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_callers_share_one_fetch() {
-        let clock = crate::clock::ManualClock::new();
-        let inner = Counting::new(&clock);
-        let c = Arc::new(CachingCredential::with_clock(
-            inner.clone(),
-            Arc::new(clock.clone()),
-        ));
+        let (_clock, inner, c) = on_manual_clock();
+        let c = Arc::new(c);
         let calls = (0..50).map(|_| {
             let c = c.clone();
             async move { c.get_token(&["s"], None).await.unwrap() }
