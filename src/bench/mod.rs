@@ -50,20 +50,6 @@ pub enum What {
     Startup,
 }
 
-impl What {
-    /// Its name on the command line.
-    fn name(self) -> &'static str {
-        match self {
-            What::All => "all",
-            What::Load => "load",
-            What::Cold => "cold",
-            What::Economy => "economy",
-            What::Memory => "memory",
-            What::Startup => "startup",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
@@ -231,7 +217,11 @@ async fn run_inner(args: &BenchArgs) -> anyhow::Result<()> {
 /// heap, connections and idle tasks.
 async fn in_child(what: What, a: &BenchArgs) -> anyhow::Result<Value> {
     let args = child_args(what, a);
-    let what = what.name();
+    // Its name on the command line, as clap parses it.
+    let what = clap::ValueEnum::to_possible_value(&what)
+        .map(|v| v.get_name().to_owned())
+        .context("a measurement without a name")?;
+    let what = what.as_str();
     let exe = std::env::current_exe()?;
     let dir = TempDir::new(what)?;
     let json = dir.path().join(format!("{what}.json"));
