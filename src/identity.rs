@@ -275,16 +275,17 @@ mod tests {
     struct Counting {
         calls: AtomicU32,
         fail: std::sync::atomic::AtomicBool,
-        lifetime: azure_core::time::Duration,
         clock: crate::clock::ManualClock,
     }
+
+    /// How long `Counting`'s tokens live, as managed identity tokens do.
+    const LIFETIME: azure_core::time::Duration = azure_core::time::Duration::hours(24);
 
     impl Counting {
         fn new(clock: &crate::clock::ManualClock) -> Arc<Counting> {
             Arc::new(Counting {
                 calls: AtomicU32::new(0),
                 fail: false.into(),
-                lifetime: azure_core::time::Duration::hours(24),
                 clock: clock.clone(),
             })
         }
@@ -310,7 +311,7 @@ mod tests {
             }
             Ok(AccessToken::new(
                 format!("t{n}"),
-                OffsetDateTime::from(self.clock.now()) + self.lifetime,
+                OffsetDateTime::from(self.clock.now()) + LIFETIME,
             ))
         }
     }
