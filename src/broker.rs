@@ -8,13 +8,13 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::FutureExt;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::cache::{CachedToken, FlightResult, Joined, Key, KeyRef, Slot, SlotState, TokenCache};
-use crate::clock::Clock;
+use crate::clock::{Clock, Moment};
 use crate::config::{CacheConfig, Config, Prewarm};
 use crate::entra::TokenExchange;
 pub use crate::flow::FlowError;
@@ -229,7 +229,7 @@ impl Broker {
     /// Serves a token: from cache when it meets the caller's minimum validity, otherwise
     /// from the one fetch under way for its key.
     pub async fn get_token(&self, req: TokenRequest) -> Result<IssuedToken, BrokerError> {
-        self.serve_token(req.query(), |token, source| IssuedToken {
+        self.serve_token(req.query(), |token, source, _| IssuedToken {
             token: token.clone(),
             source,
         })
@@ -242,7 +242,7 @@ impl Broker {
     pub async fn serve_token<R>(
         &self,
         req: TokenQuery<'_>,
-        serve: impl FnOnce(&Arc<CachedToken>, TokenSource) -> R,
+        serve: impl FnOnce(&Arc<CachedToken>, TokenSource, Moment) -> R,
     ) -> Result<R, BrokerError> {
         let (tenant, scopes) = self.validate(req.tenant, req.scopes)?;
         let wanted = match req.min_validity {
@@ -278,7 +278,7 @@ impl Broker {
                 owned_key,
             )
             .await;
-        let now = self.inner.clock.now();
+        let now = self.inner.clock.moment();
         {
             let state = slot.current();
             if let Some(token) = &state.token
@@ -287,7 +287,7 @@ impl Broker {
                     && slot.allow_forced(now, self.inner.cfg.force_refresh_interval))
             {
                 self.inner.stats.hits.incr();
-                if now >= token.refresh_at && state.failure.is_none() {
+                if token.refresh.reached(now) && state.failure.is_none() {
                     // Overdue (the scheduled refresh has not run yet): start it, or join the
                     // one running, without waiting. After a failure the scheduler's backoff
                     // decides.
@@ -299,7 +299,7 @@ impl Broker {
                 } else {
                     TokenSource::Cache
                 };
-                return Ok(serve(token, source));
+                return Ok(serve(token, source, now));
             }
         }
         if let Some(e) = slot.negative(now) {
@@ -319,11 +319,12 @@ impl Broker {
             tenant: key.tenant.to_string(),
             source,
         })?;
-        let remaining = token.remaining(self.inner.clock.now());
+        let now = self.inner.clock.moment();
+        let remaining = token.remaining(now);
         if remaining < wanted {
             return Err(BrokerError::MinValidityUnmet { remaining, wanted });
         }
-        Ok(serve(&token, TokenSource::Exchange))
+        Ok(serve(&token, TokenSource::Exchange, now))
     }
 
     /// Watches a key's state; starts a fetch if there is no token yet.
@@ -335,7 +336,7 @@ impl Broker {
         let key = self.key(tenant, scopes)?;
         let slot = self.inner.cache.slot(&key, || key.clone()).await;
         let rx = slot.subscribe();
-        if slot.current().token.is_none() && slot.negative(self.inner.clock.now()).is_none() {
+        if slot.current().token.is_none() && slot.negative(self.inner.clock.moment()).is_none() {
             let _ = self.start_fetch(&key, &slot);
         }
         Ok(rx)
@@ -382,12 +383,12 @@ impl Broker {
                     .fetch(&tenant, &key.scopes)
                     .await
                     .map(Arc::new);
-                let now = broker.inner.clock.now();
+                let now = broker.inner.clock.moment();
                 if let Some(slot) = weak_slot.upgrade() {
                     match &result {
                         Ok(t) => {
                             slot.set_negative(None);
-                            broker.schedule_refresh(key, weak_slot, t.refresh_at);
+                            broker.schedule_refresh(key, weak_slot, t.refresh);
                         }
                         Err(e) => {
                             broker.inner.stats.refresh_failures.incr();
@@ -411,7 +412,7 @@ impl Broker {
 
     /// Refreshes a key in the background at its refresh time, for as long as its slot lives,
     /// retrying failures with backoff while the old token is served.
-    fn schedule_refresh(&self, key: Key, slot: Weak<Slot<FlowError>>, at: SystemTime) {
+    fn schedule_refresh(&self, key: Key, slot: Weak<Slot<FlowError>>, at: Moment) {
         let broker = self.clone();
         tokio::spawn(async move {
             broker.inner.clock.sleep_until(at).await;
@@ -419,9 +420,9 @@ impl Broker {
             loop {
                 let Some(live) = slot.upgrade() else { return };
                 // A newer token may have been published meanwhile (forced refresh): its own
-                // schedule takes over.
+                // schedule takes over. (Compared on the monotonic clock, which only goes on.)
                 if let Some(t) = &live.current().token
-                    && t.refresh_at > at
+                    && t.refresh.mono > at.mono
                 {
                     return;
                 }

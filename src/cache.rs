@@ -14,6 +14,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::watch;
 
+use crate::clock::Moment;
 use crate::sensitive::{Fingerprint, Sensitive};
 
 /// Cache key: configured tenant name and normalised scopes.
@@ -106,9 +107,12 @@ pub struct CachedToken {
     /// `access_token.fingerprint()`, computed once: logs and audit records use it per request.
     pub fingerprint: Fingerprint,
     pub token_type: String,
+    /// When the request for it was sent (wall clock).
     pub obtained_at: SystemTime,
-    pub expires_at: SystemTime,
-    pub refresh_at: SystemTime,
+    /// Its end, and when to refresh it, on both clocks: the issuer's lifetime counted from
+    /// when the request was sent.
+    pub expires: Moment,
+    pub refresh: Moment,
     pub tenant_id: Arc<str>,
     pub client_id: Arc<str>,
     pub scopes: Arc<[String]>,
@@ -116,10 +120,8 @@ pub struct CachedToken {
 
 impl CachedToken {
     /// Remaining validity at `now` (zero once expired).
-    pub fn remaining(&self, now: SystemTime) -> Duration {
-        self.expires_at
-            .duration_since(now)
-            .unwrap_or(Duration::ZERO)
+    pub fn remaining(&self, now: Moment) -> Duration {
+        self.expires.until(now)
     }
 }
 
@@ -144,9 +146,9 @@ pub struct Slot<E> {
     /// each a write to a cache line every request on every core touches.
     current: ArcSwap<SlotState>,
     inflight: Mutex<Option<Flight<E>>>,
-    last_forced: Mutex<Option<SystemTime>>,
+    last_forced: Mutex<Option<Moment>>,
     /// A persistent failure (configuration) answered from memory until the given time.
-    negative: Mutex<Option<(SystemTime, Arc<E>)>>,
+    negative: Mutex<Option<(Moment, Arc<E>)>>,
 }
 
 impl<E> fmt::Debug for Slot<E> {
@@ -201,22 +203,22 @@ impl<E: Send + Sync + 'static> Slot<E> {
     }
 
     /// The remembered persistent failure, if still in force at `now`.
-    pub fn negative(&self, now: SystemTime) -> Option<Arc<E>> {
+    pub fn negative(&self, now: Moment) -> Option<Arc<E>> {
         let n = self.negative.lock().unwrap_or_else(|p| p.into_inner());
         n.as_ref()
-            .filter(|(until, _)| now < *until)
+            .filter(|(until, _)| !until.reached(now))
             .map(|(_, e)| e.clone())
     }
 
-    pub fn set_negative(&self, until: Option<(SystemTime, Arc<E>)>) {
+    pub fn set_negative(&self, until: Option<(Moment, Arc<E>)>) {
         *self.negative.lock().unwrap_or_else(|p| p.into_inner()) = until;
     }
 
     /// Honours a forced refresh at most once per `interval`.
-    pub fn allow_forced(&self, now: SystemTime, interval: Duration) -> bool {
+    pub fn allow_forced(&self, now: Moment, interval: Duration) -> bool {
         let mut last = self.last_forced.lock().unwrap_or_else(|p| p.into_inner());
         match *last {
-            Some(t) if now.duration_since(t).unwrap_or_default() < interval => false,
+            Some(t) if t.since(now) < interval => false,
             _ => {
                 *last = Some(now);
                 true

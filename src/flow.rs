@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tracing::{Instrument, info, info_span, warn};
 use url::Url;
@@ -16,7 +16,7 @@ use url::Url;
 use crate::assertion::{self, AssertionParams};
 use crate::broker::Upstreams;
 use crate::cache::CachedToken;
-use crate::clock::Clock;
+use crate::clock::{Clock, Moment};
 use crate::config::{
     CacheConfig, Config, Credential, ResilienceConfig, SigningAlgorithm, TenantConfig,
     ThumbprintHeader,
@@ -124,7 +124,7 @@ pub struct Tenant {
 type CertKey = (Url, String);
 
 struct CertEntry {
-    current: Mutex<(CertificateInfo, SystemTime)>,
+    current: Mutex<(CertificateInfo, Moment)>,
     /// The version in use before the current one: signing falls back to it while Entra does
     /// not yet accept a renewed certificate (its public part not yet on the app).
     previous: Mutex<Option<CertificateInfo>>,
@@ -132,7 +132,7 @@ struct CertEntry {
 }
 
 impl CertEntry {
-    fn store(&self, fresh: &CertificateInfo, now: SystemTime) {
+    fn store(&self, fresh: &CertificateInfo, now: Moment) {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if current.0 != *fresh {
             *self.previous.lock().unwrap_or_else(|p| p.into_inner()) = Some(current.0.clone());
@@ -180,7 +180,7 @@ impl Flow {
     pub fn new(config: &Config, up: &Upstreams) -> Flow {
         let res = config.resilience.clone();
         let clock = up.clock.clone();
-        let now = clock.now();
+        let now = clock.moment().mono;
         let breaker = || Breaker::new(res.breaker_failures, res.breaker_cool_down);
         let mut vaults = HashMap::new();
         let mut identities = HashMap::new();
@@ -253,7 +253,7 @@ impl Flow {
     /// Breaker states by upstream and target (vault URL, tenant name, identity client id),
     /// for metrics.
     pub fn breaker_states(&self) -> Vec<(Upstream, String, BreakerState)> {
-        let now = self.clock.now();
+        let now = self.clock.moment().mono;
         let vaults = self
             .vaults
             .iter()
@@ -271,7 +271,7 @@ impl Flow {
         tenant: &Tenant,
         scopes: &[String],
     ) -> Result<CachedToken, FlowError> {
-        let deadline = self.clock.now() + self.res.retry_budget;
+        let deadline = self.clock.moment() + self.res.retry_budget;
         match &tenant.config.credential {
             Credential::KeyVaultCertificate {
                 vault_url,
@@ -298,7 +298,7 @@ impl Flow {
         &self,
         tenant: &Tenant,
         scopes: &[String],
-        deadline: SystemTime,
+        deadline: Moment,
         cert_key: CertKey,
         algorithm: SigningAlgorithm,
         thumbprint: ThumbprintHeader,
@@ -383,7 +383,7 @@ impl Flow {
         &self,
         tenant: &Tenant,
         scopes: &[String],
-        deadline: SystemTime,
+        deadline: Moment,
         client_id: &str,
         audience: &str,
     ) -> Result<CachedToken, FlowError> {
@@ -409,11 +409,11 @@ impl Flow {
         tenant: &Tenant,
         scopes: &[String],
         assertion: &Sensitive,
-        deadline: SystemTime,
-    ) -> Result<(SystemTime, EntraToken), FlowError> {
+        deadline: Moment,
+    ) -> Result<(Moment, EntraToken), FlowError> {
         let entra = self.entra.get(tenant.name.as_ref());
         let scope = scopes.join(" ");
-        let started = self.clock.now();
+        let started = self.clock.moment();
         let token = self
             .guarded(entra, deadline, || async {
                 self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
@@ -447,7 +447,7 @@ impl Flow {
         &self,
         tenant: &Tenant,
         scopes: &[String],
-        started: SystemTime,
+        started: Moment,
         t: EntraToken,
     ) -> CachedToken {
         let lifetime = t.expires_in;
@@ -468,9 +468,9 @@ impl Flow {
             fingerprint,
             access_token: t.access_token,
             token_type: t.token_type,
-            obtained_at: started,
-            expires_at: started + lifetime,
-            refresh_at: started + refresh_in,
+            obtained_at: started.wall,
+            expires: started + lifetime,
+            refresh: started + refresh_in,
             tenant_id: tenant.tenant_id.clone(),
             client_id: tenant.client_id.clone(),
             scopes: scopes.to_vec().into(),
@@ -482,7 +482,7 @@ impl Flow {
     async fn guarded<T, F, Fut>(
         &self,
         guard: Option<&Guard>,
-        deadline: SystemTime,
+        deadline: Moment,
         mut op: F,
     ) -> Result<T, FlowError>
     where
@@ -492,7 +492,7 @@ impl Flow {
         let mut attempt = 0u32;
         loop {
             if let Some(g) = guard {
-                if let Err(remaining) = g.breaker.admit(self.clock.now()) {
+                if let Err(remaining) = g.breaker.admit(self.clock.moment().mono) {
                     self.stats
                         .breaker_rejections
                         .fetch_add(1, Ordering::Relaxed);
@@ -528,11 +528,13 @@ impl Flow {
                 }
                 Err(e) if e.is_retryable() => {
                     if let Some(g) = guard {
-                        g.breaker.failure(self.clock.now());
+                        g.breaker.failure(self.clock.moment().mono);
                     }
                     let wait = backoff(attempt, Duration::from_millis(250), Duration::from_secs(8))
                         .max(e.retry_after().unwrap_or(Duration::ZERO));
-                    if attempt >= self.res.max_attempts || self.clock.now() + wait > deadline {
+                    if attempt >= self.res.max_attempts
+                        || wait > deadline.until(self.clock.moment())
+                    {
                         return Err(e);
                     }
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -556,14 +558,14 @@ impl Flow {
         &self,
         key: &CertKey,
         guard: Option<&Guard>,
-        deadline: SystemTime,
+        deadline: Moment,
     ) -> Result<CertificateInfo, FlowError> {
         let entry = self
             .certs
             .try_get_with_by_ref(key, async {
                 let info = self.read_certificate(key, guard, deadline).await?;
                 Ok::<_, FlowError>(Arc::new(CertEntry {
-                    current: Mutex::new((info, self.clock.now())),
+                    current: Mutex::new((info, self.clock.moment())),
                     previous: Mutex::new(None),
                     refreshing: tokio::sync::Mutex::new(()),
                 }))
@@ -575,7 +577,7 @@ impl Flow {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let stale = self.clock.now() >= read_at + self.cache.certificate_refresh;
+        let stale = (read_at + self.cache.certificate_refresh).reached(self.clock.moment());
         if !stale {
             return Ok(info);
         }
@@ -588,7 +590,7 @@ impl Flow {
                 if fresh != info {
                     info!(certificate = %key.1, version = %fresh.version, "certificate has a new version");
                 }
-                entry.store(&fresh, self.clock.now());
+                entry.store(&fresh, self.clock.moment());
                 Ok(fresh)
             }
             Err(e) => {
@@ -612,12 +614,12 @@ impl Flow {
         &self,
         key: &CertKey,
         guard: Option<&Guard>,
-        deadline: SystemTime,
+        deadline: Moment,
     ) -> Result<CertificateInfo, FlowError> {
         let fresh = self.read_certificate(key, guard, deadline).await?;
         if let Some(entry) = self.certs.get(key).await {
             let _g = entry.refreshing.lock().await;
-            entry.store(&fresh, self.clock.now());
+            entry.store(&fresh, self.clock.moment());
         }
         Ok(fresh)
     }
@@ -626,7 +628,7 @@ impl Flow {
         &self,
         key: &CertKey,
         guard: Option<&Guard>,
-        deadline: SystemTime,
+        deadline: Moment,
     ) -> Result<CertificateInfo, FlowError> {
         self.guarded(guard, deadline, || async {
             self.stats.certificate_reads.fetch_add(1, Ordering::Relaxed);

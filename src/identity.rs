@@ -13,7 +13,7 @@ use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions}
 use azure_core::time::OffsetDateTime;
 use tokio::sync::Semaphore;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, Moment, SystemClock};
 use crate::sensitive::Sensitive;
 
 /// Managed identity limits per VM (Azure IMDS documentation).
@@ -28,14 +28,14 @@ pub struct CachingCredential {
     cache: Mutex<HashMap<Vec<String>, Cached>>,
     flights: Mutex<HashMap<Vec<String>, Arc<tokio::sync::Mutex<()>>>>,
     limits: Arc<EndpointLimits>,
-    /// Judges a token's age against its `expires_on`, which the identity endpoint gives in
-    /// wall-clock time.
+    /// Judges a token's age: its `expires_on` is wall-clock time, turned into a `Moment`
+    /// when it arrives, so a wall clock stepped back later cannot stretch it.
     clock: Arc<dyn Clock>,
 }
 
 /// A token is no longer served from the cache within this of its expiry, even while its
 /// refresh fails: a caller must have time to use it.
-const EXPIRY_MARGIN: azure_core::time::Duration = azure_core::time::Duration::minutes(5);
+const EXPIRY_MARGIN: Duration = Duration::from_secs(5 * 60);
 
 /// The managed identity endpoint's limits are per host, so every credential of the process
 /// (the broker's own, each federated identity's) shares one budget.
@@ -68,7 +68,9 @@ fn endpoint_limits() -> Arc<EndpointLimits> {
 #[derive(Clone)]
 struct Cached {
     token: AccessToken,
-    refresh_at: OffsetDateTime,
+    refresh_at: Moment,
+    /// Served while refreshes fail until here (`EXPIRY_MARGIN` before it expires).
+    usable_until: Moment,
 }
 
 impl std::fmt::Debug for CachingCredential {
@@ -98,10 +100,6 @@ impl CachingCredential {
             limits,
             clock,
         }
-    }
-
-    fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::from(self.clock.now())
     }
 
     fn cached(&self, key: &[String]) -> Option<Cached> {
@@ -145,10 +143,10 @@ impl TokenCredential for CachingCredential {
         options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
         let key: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
-        let now = self.now();
-        let usable = |c: &Cached| c.token.expires_on - EXPIRY_MARGIN > self.now();
+        let fresh = |c: &Cached| !c.refresh_at.reached(self.clock.moment());
+        let usable = |c: &Cached| !c.usable_until.reached(self.clock.moment());
         if let Some(c) = self.cached(&key)
-            && now < c.refresh_at
+            && fresh(&c)
         {
             return Ok(c.token);
         }
@@ -169,7 +167,7 @@ impl TokenCredential for CachingCredential {
         };
         // Someone else may have refreshed while we waited.
         if let Some(c) = self.cached(&key)
-            && self.now() < c.refresh_at
+            && fresh(&c)
         {
             return Ok(c.token);
         }
@@ -177,13 +175,17 @@ impl TokenCredential for CachingCredential {
         self.pace().await;
         match self.inner.get_token(scopes, options).await {
             Ok(token) => {
-                let now = self.now();
-                let refresh_at = now + (token.expires_on - now) / 2;
+                let now = self.clock.moment();
+                // Its life left as the endpoint's clock and ours agree now (none if already
+                // past), counted from here on both clocks.
+                let life = Duration::try_from(token.expires_on - OffsetDateTime::from(now.wall))
+                    .unwrap_or_default();
                 self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
                     key,
                     Cached {
                         token: token.clone(),
-                        refresh_at,
+                        refresh_at: now + life / 2,
+                        usable_until: now + life.saturating_sub(EXPIRY_MARGIN),
                     },
                 );
                 Ok(token)
@@ -371,6 +373,21 @@ mod tests {
         // The endpoint recovers: a fresh token at once.
         inner.fail.store(false, Ordering::SeqCst);
         assert_eq!(token(&c).await.unwrap(), "t4");
+    }
+
+    #[tokio::test]
+    async fn a_wall_clock_stepped_back_stretches_neither_the_refresh_nor_the_fallback() {
+        let (clock, inner, c) = on_manual_clock();
+        assert_eq!(token(&c).await.unwrap(), "t0");
+        inner.fail.store(true, Ordering::SeqCst);
+        clock.set_wall(clock.now() - hours(2.0));
+        // 12.1 h on (10.1 h on the stepped wall clock): the refresh is due, and fails.
+        clock.advance(hours(12.1));
+        assert_eq!(token(&c).await.unwrap(), "t0");
+        assert_eq!(inner.calls(), 2);
+        // 23 h 56 min on, though the wall clock says 21 h 56 min: no longer handed out.
+        clock.advance(hours(23.0) + Duration::from_secs(56 * 60) - hours(12.1));
+        assert!(token(&c).await.is_err());
     }
 
     /// Counts calls in flight at once across every credential that uses it, and records

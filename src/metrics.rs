@@ -521,15 +521,16 @@ fn observe(meter: &Meter, source: &Source) {
 /// Seconds until the soonest expiry of a cached token, per tenant (configured names only,
 /// as cache keys are).
 fn soonest_expiry(b: &Broker) -> Vec<(String, f64)> {
-    let now = b.clock().now();
+    let now = b.clock().moment();
     let mut out: std::collections::BTreeMap<String, f64> = Default::default();
     for (key, slot) in b.cache().iter() {
         let Some(token) = slot.current().token.clone() else {
             continue;
         };
-        let secs = match token.expires_at.duration_since(now) {
-            Ok(d) => d.as_secs_f64(),
-            Err(e) => -e.duration().as_secs_f64(),
+        let secs = if token.expires.reached(now) {
+            -token.expires.since(now).as_secs_f64()
+        } else {
+            token.expires.until(now).as_secs_f64()
         };
         let e = out.entry(key.tenant.to_string()).or_insert(secs);
         *e = e.min(secs);

@@ -1,14 +1,17 @@
 //! Upstream protection on the broker's clock: token-bucket budgets (Key Vault signs per
 //! vault, Entra exchanges per tenant), circuit breakers with half-open probes, and
 //! full-jitter exponential backoff. Written against `Clock` rather than a rate-limit crate
-//! so that tests drive them with `ManualClock` exactly like token lifetimes.
+//! so that tests drive them with `ManualClock` exactly like token lifetimes. Budgets and
+//! breakers measure only spans of time, so they read the monotonic clock: a wall clock
+//! stepped either way changes nothing.
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
+use tokio::time::Instant;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, Moment};
 
 /// Full-jitter exponential backoff: uniform in [0, min(cap, base × 2^attempt)].
 pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
@@ -49,11 +52,11 @@ fn httpdate_to_system_time(v: &str) -> Option<SystemTime> {
 pub struct Bucket {
     rate: f64,
     burst: f64,
-    state: Mutex<(f64, SystemTime)>,
+    state: Mutex<(f64, Instant)>,
 }
 
 impl Bucket {
-    pub fn new(rate: f64, burst: u32, now: SystemTime) -> Self {
+    pub fn new(rate: f64, burst: u32, now: Instant) -> Self {
         let burst = f64::from(burst.max(1));
         Bucket {
             rate: rate.max(0.001),
@@ -63,19 +66,13 @@ impl Bucket {
     }
 
     /// Takes a token now, or says how long until one is available (taking nothing).
-    pub fn try_take(&self, now: SystemTime) -> Result<(), Duration> {
+    pub fn try_take(&self, now: Instant) -> Result<(), Duration> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let elapsed = now.duration_since(s.1).unwrap_or(Duration::ZERO);
+        let elapsed = now.saturating_duration_since(s.1);
         s.0 = (s.0 + elapsed.as_secs_f64() * self.rate).min(self.burst);
         // Callers read the time before taking the lock, so `now` can trail the last take by
-        // a little: keep the later time then. A wall clock stepped back (by more than that)
-        // re-anchors the bucket: kept at the later time, it would not refill for the length
-        // of the step. (Stepping forward again credits at most a burst.)
-        s.1 = if now + Duration::from_secs(1) < s.1 {
-            now
-        } else {
-            now.max(s.1)
-        };
+        // a little: keep the later time then.
+        s.1 = now.max(s.1);
         if s.0 >= 1.0 {
             s.0 -= 1.0;
             Ok(())
@@ -85,12 +82,12 @@ impl Bucket {
     }
 
     /// Waits for a token, but not past `deadline`: `false` if the budget cannot cover it.
-    pub async fn take(&self, clock: &dyn Clock, deadline: SystemTime) -> bool {
+    pub async fn take(&self, clock: &dyn Clock, deadline: Moment) -> bool {
         loop {
-            let now = clock.now();
-            match self.try_take(now) {
+            let now = clock.moment();
+            match self.try_take(now.mono) {
                 Ok(()) => return true,
-                Err(wait) if now + wait <= deadline => clock.sleep(wait).await,
+                Err(wait) if wait <= deadline.until(now) => clock.sleep(wait).await,
                 Err(_) => return false,
             }
         }
@@ -117,7 +114,7 @@ pub struct Breaker {
 #[derive(Debug)]
 struct BreakerInner {
     failures: u32,
-    open_until: Option<SystemTime>,
+    open_until: Option<Instant>,
     probing: bool,
 }
 
@@ -135,19 +132,11 @@ impl Breaker {
     }
 
     /// May a call go through now? `Err(remaining)` while open (or while a probe is out).
-    pub fn admit(&self, now: SystemTime) -> Result<(), Duration> {
+    pub fn admit(&self, now: Instant) -> Result<(), Duration> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match s.open_until {
             None => Ok(()),
-            Some(until) if now < until => {
-                let left = until.duration_since(now).unwrap_or_default();
-                if left > self.cool_down {
-                    // The wall clock stepped back: never longer than a cool-down from now.
-                    s.open_until = Some(now + self.cool_down);
-                    return Err(self.cool_down);
-                }
-                Err(left)
-            }
+            Some(until) if now < until => Err(until - now),
             Some(_) if s.probing => Err(Duration::from_secs(1)),
             Some(_) => {
                 s.probing = true;
@@ -164,7 +153,7 @@ impl Breaker {
     }
 
     /// Records a transient failure (configuration errors are not the upstream's health).
-    pub fn failure(&self, now: SystemTime) {
+    pub fn failure(&self, now: Instant) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.failures += 1;
         if s.probing || s.failures >= self.threshold {
@@ -183,7 +172,7 @@ impl Breaker {
         }
     }
 
-    pub fn state(&self, now: SystemTime) -> BreakerState {
+    pub fn state(&self, now: Instant) -> BreakerState {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match s.open_until {
             None => BreakerState::Closed,
@@ -198,27 +187,33 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
 
-    #[test]
-    fn a_wall_clock_stepped_back_neither_starves_a_bucket_nor_holds_a_breaker_open() {
-        let t0 = SystemTime::now();
-        let back = t0 - Duration::from_secs(3600);
-        let b = Bucket::new(1.0, 1, t0);
-        assert!(b.try_take(t0).is_ok());
-        // An hour back: the bucket refills from there, not from an hour later.
-        assert!(b.try_take(back).is_err());
-        assert!(b.try_take(back + Duration::from_millis(1100)).is_ok());
-
+    #[tokio::test]
+    async fn a_wall_clock_stepped_back_neither_starves_a_bucket_nor_holds_a_breaker_open() {
+        let clock = ManualClock::new();
+        let t0 = clock.moment();
+        let b = Bucket::new(1.0, 1, t0.mono);
         let breaker = Breaker::new(1, Duration::from_secs(30));
-        breaker.failure(t0);
-        assert_eq!(breaker.admit(t0), Err(Duration::from_secs(30)));
-        // An hour back, it is still open for one cool-down, not for an hour and one.
-        assert_eq!(breaker.admit(back), Err(Duration::from_secs(30)));
-        assert!(breaker.admit(back + Duration::from_secs(30)).is_ok());
+        assert!(b.take(&clock, t0).await);
+        breaker.failure(clock.moment().mono);
+
+        clock.set_wall(t0.wall - Duration::from_secs(3600));
+        assert!(b.try_take(clock.moment().mono).is_err());
+        assert_eq!(
+            breaker.admit(clock.moment().mono),
+            Err(Duration::from_secs(30))
+        );
+        // A second on, the bucket has refilled, whatever the wall clock said.
+        clock.advance(Duration::from_millis(1100));
+        assert!(b.take(&clock, clock.moment()).await);
+        // And the breaker stays open one cool-down, not an hour and one.
+        clock.advance(Duration::from_secs(29));
+        assert_eq!(breaker.state(clock.moment().mono), BreakerState::HalfOpen);
+        assert!(breaker.admit(clock.moment().mono).is_ok());
     }
 
     #[test]
     fn bucket_refills_at_its_rate_and_caps_at_burst() {
-        let t0 = SystemTime::now();
+        let t0 = Instant::now();
         let b = Bucket::new(2.0, 2, t0);
         assert!(b.try_take(t0).is_ok());
         assert!(b.try_take(t0).is_ok());
@@ -235,18 +230,18 @@ mod tests {
     #[tokio::test]
     async fn bucket_wait_is_bounded_by_the_deadline() {
         let clock = ManualClock::new();
-        let b = Bucket::new(1.0, 1, clock.now());
-        assert!(b.take(&clock, clock.now()).await);
+        let b = Bucket::new(1.0, 1, clock.moment().mono);
+        assert!(b.take(&clock, clock.moment()).await);
         // The next token is 1 s away: a deadline 0.5 s out cannot cover it.
         assert!(
-            !b.take(&clock, clock.now() + Duration::from_millis(500))
+            !b.take(&clock, clock.moment() + Duration::from_millis(500))
                 .await
         );
     }
 
     #[test]
     fn breaker_opens_then_probes_then_closes() {
-        let t0 = SystemTime::now();
+        let t0 = Instant::now();
         let b = Breaker::new(3, Duration::from_secs(30));
         for _ in 0..2 {
             assert!(b.admit(t0).is_ok());

@@ -20,6 +20,7 @@ use crate::audit::{AuditRecord, Outcome};
 use crate::authn::{Caller, ClientCert, Credentials};
 use crate::broker::{Broker, BrokerError, TokenQuery, TokenSource};
 use crate::cache::{CachedToken, SlotState};
+use crate::clock::Moment;
 use crate::limits::InFlight;
 use crate::proto;
 use crate::proto::token_broker_server::TokenBroker;
@@ -324,12 +325,13 @@ fn source_name(source: TokenSource) -> &'static str {
     }
 }
 
-fn response(t: &CachedToken, source: TokenSource) -> proto::GetTokenResponse {
+/// The response for `t`, its times told in the wall-clock time of `now`.
+fn response(t: &CachedToken, source: TokenSource, now: Moment) -> proto::GetTokenResponse {
     proto::GetTokenResponse {
         access_token: t.access_token.expose().to_owned(),
         token_type: t.token_type.clone(),
-        expires_at: Some(timestamp(t.expires_at)),
-        refresh_at: Some(timestamp(t.refresh_at)),
+        expires_at: Some(timestamp(t.expires.wall_at(now))),
+        refresh_at: Some(timestamp(t.refresh.wall_at(now))),
         tenant_id: String::from(&*t.tenant_id),
         client_id: String::from(&*t.client_id),
         scopes: t.scopes.to_vec(),
@@ -391,7 +393,7 @@ impl TokenBroker for Service {
                 force_refresh: req.force_refresh,
             };
             // The response and the audit fields are made from the token as lent by the cache.
-            let served = self.broker.serve_token(query, |token, source| {
+            let served = self.broker.serve_token(query, |token, source, now| {
                 // Every grant is in the audit log; this line is for debugging only.
                 debug!(
                     request_id = env.request_id.as_str(),
@@ -400,9 +402,9 @@ impl TokenBroker for Service {
                     "token served"
                 );
                 audit.token_source = Some(source_name(source));
-                audit.expires_at = Some(token.expires_at);
+                audit.expires_at = Some(token.expires.wall_at(now));
                 audit.token_fingerprint = Some(token.fingerprint);
-                response(token, source)
+                response(token, source, now)
             });
             Ok::<_, Failure>(served.await?)
         }
@@ -468,7 +470,8 @@ impl TokenBroker for Service {
         let ended = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
-        let stream = WatchStream::new(rx).filter_map(|state: SlotState| {
+        let clock = self.broker.clock().clone();
+        let stream = WatchStream::new(rx).filter_map(move |state: SlotState| {
             let failing = state.failure.is_some();
             // Nothing to say until there is a token or a failure.
             if state.token.is_none() && !failing {
@@ -483,6 +486,7 @@ impl TokenBroker for Service {
                         } else {
                             TokenSource::Exchange
                         },
+                        clock.moment(),
                     )
                 }),
                 refresh_failing: failing,

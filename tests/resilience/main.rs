@@ -511,6 +511,41 @@ async fn watch_token_delivers_each_refresh_before_expiry_and_survives_an_outage(
     stack.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_stepped_back_neither_delays_the_refresh_nor_misreports_the_expiry() {
+    let stack = manual("").await;
+    let clock = stack.clock.clone().unwrap();
+    let mut watch = watch(&stack, "contoso").await;
+    let first = watch_next(&mut watch).await.token.unwrap();
+    let until_refresh = secs(&first.refresh_at) - now_unix(&stack);
+    let until_expiry = secs(&first.expires_at) - now_unix(&stack);
+    assert!(until_refresh > 0 && until_expiry > until_refresh);
+
+    // The host's clock is stepped back four minutes (within Entra's skew allowance, so the
+    // broker's assertions still pass).
+    use tokenbroker::clock::Clock;
+    clock.set_wall(clock.now() - Duration::from_secs(240));
+    let served = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(served.access_token, first.access_token);
+    assert_eq!(served.source, TokenSource::Cache as i32);
+    // Its times are told in the stepped clock's time: a caller reading its own clock must
+    // not be told the token lives four minutes longer than it does.
+    let left = secs(&served.expires_at) - now_unix(&stack);
+    assert!(
+        (until_expiry - 1..=until_expiry).contains(&left),
+        "expires in {left}s by the response, {until_expiry}s in fact"
+    );
+    assert!(secs(&served.refresh_at) - now_unix(&stack) <= until_refresh);
+
+    // The refresh comes when the token's refresh time has passed, not four minutes later.
+    stack
+        .advance(Duration::from_secs(until_refresh as u64 + 1))
+        .await;
+    let next = watch_next(&mut watch).await.token.unwrap();
+    assert_ne!(next.access_token, first.access_token);
+    stack.stop().await;
+}
+
 /// Moves the clock a minute at a time until the stream says what `done` looks for
 /// (bounded: at most an hour of simulated time, a few seconds of real time per step).
 async fn advance_until(
