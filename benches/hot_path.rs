@@ -84,6 +84,7 @@ fn api_handler(c: &mut Criterion) {
         &config,
         tokenbroker::broker::Upstreams {
             signer: Arc::new(tokenbroker::bench::fake::FakeSigner),
+            hsm: Arc::new(tokenbroker::bench::fake::FakeSigner),
             identity: Arc::new(tokenbroker::identity::ManagedIdentityAssertions::new(
                 Default::default(),
             )),

@@ -2,13 +2,22 @@
 # Every check the project has, in the order a failure is cheapest to find:
 # formatting, lints, Rust tests (unit, end to end against the emulator), then the
 # conformance suite that drives the emulator with Microsoft's own Python SDKs.
-# Installs what it needs (the Python venv) itself. `.ci/run` calls exactly this.
+# Installs what it needs (SoftHSM2 for the PKCS#11 tests, the Python venv) itself.
+# `.ci/run` calls exactly this.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo_root"
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# The PKCS#11 tests (tests/hsm) sign with keys on a SoftHSM2 token.
+if ! command -v softhsm2-util >/dev/null 2>&1; then
+    step "installing SoftHSM2 (Debian package softhsm2) for the PKCS#11 tests"
+    if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq softhsm2 >/dev/null
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

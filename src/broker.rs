@@ -116,7 +116,10 @@ pub struct Stats {
 /// The upstream seams the broker uses; tests replace any of them.
 #[derive(Clone, Debug)]
 pub struct Upstreams {
+    /// Key Vault.
     pub signer: Arc<dyn Signer>,
+    /// PKCS#11 tokens, for tenants whose key is on an HSM.
+    pub hsm: Arc<dyn Signer>,
     /// Managed identity tokens, for tenants whose app trusts one as a federated credential.
     pub identity: Arc<dyn IdentityAssertions>,
     pub exchange: Arc<dyn TokenExchange>,

@@ -286,6 +286,31 @@ pub enum Credential {
         /// The token-exchange audience of the app's federated credential.
         audience: String,
     },
+    /// A certificate and its RSA key on a PKCS#11 token (a hardware security module): the
+    /// key signs the client assertion and never leaves the token.
+    Pkcs11 {
+        /// The vendor's PKCS#11 library (absolute path).
+        module: PathBuf,
+        /// The token's label.
+        token: String,
+        /// The token's RFC 7512 URI (label and module), which names it in metrics and errors.
+        uri: Url,
+        /// The private key's label; its certificate is the object with the same CKA_ID.
+        key: String,
+        /// Where the token user's PIN is read from when the broker logs in.
+        pin: PinSource,
+        algorithm: SigningAlgorithm,
+        thumbprint: ThumbprintHeader,
+    },
+}
+
+/// Where a PKCS#11 token's user PIN comes from: never the configuration itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinSource {
+    /// A file (a mounted secret, say), read at each login; a trailing newline is ignored.
+    File(PathBuf),
+    /// An environment variable of the broker's process, by name.
+    Env(String),
 }
 
 #[derive(Debug, Clone)]
@@ -456,6 +481,13 @@ struct RawCredential {
     client_id: Option<String>,
     /// `managed_identity`: the federated credential's audience (default: the cloud's).
     audience: Option<String>,
+    /// `pkcs11`: the PKCS#11 library, the token's label and the key's label.
+    module: Option<PathBuf>,
+    token: Option<String>,
+    key: Option<String>,
+    /// `pkcs11`: a file holding the user PIN, or the environment variable that does.
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
 }
 
 /// Reads deployment overrides; a function so tests never touch the process environment.
@@ -588,6 +620,13 @@ impl Config {
                 } => format!(
                     "presents managed identity {client_id}'s token for {audience} (federated credential)"
                 ),
+                Credential::Pkcs11 {
+                    uri,
+                    key,
+                    algorithm,
+                    thumbprint,
+                    ..
+                } => format!("signs with key {key} on {uri} ({algorithm:?}, {thumbprint:?})"),
             };
             out.push_str(&format!(
                 "\n  {}: tenant {} app {} {how}",
@@ -670,6 +709,14 @@ fn find_secrets(value: &toml::Value, path: &str, text: &str, problems: &mut Vec<
                     format!("{path}.{k}")
                 };
                 let lk = k.to_ascii_lowercase().replace('-', "_");
+                if lk == "pin" || lk.ends_with("_pin") {
+                    problems.push(Problem {
+                        line: line_of(text, &p),
+                        path: p.clone(),
+                        message: "a PIN is a secret and never goes in the configuration: name where the broker reads it instead (pin_file, a mounted secret, or pin_env, an environment variable)".into(),
+                    });
+                    continue;
+                }
                 if SECRET_KEY_WORDS.iter().any(|w| lk.contains(w)) {
                     problems.push(Problem {
                         line: line_of(text, &p),
@@ -1248,18 +1295,19 @@ impl Validator<'_> {
         let Some(raw) = raw else {
             self.problem(
                 &path,
-                "missing: add credential = { type = \"key_vault_certificate\", vault_url = \"https://NAME.vault.azure.net\", certificate = \"NAME\" } (or { type = \"managed_identity\", client_id = \"GUID\" })",
+                "missing: add credential = { type = \"key_vault_certificate\", vault_url = \"https://NAME.vault.azure.net\", certificate = \"NAME\" } (or { type = \"managed_identity\", client_id = \"GUID\" }, or { type = \"pkcs11\", module = \"/PATH/lib.so\", token = \"LABEL\", key = \"LABEL\", pin_file = \"/PATH\" })",
             );
             return None;
         };
         match raw.kind.as_str() {
             "key_vault_certificate" => self.key_vault_credential(&path, raw),
             "managed_identity" => self.managed_identity_credential(&path, raw, cloud),
+            "pkcs11" => self.pkcs11_credential(&path, raw),
             other => {
                 self.problem(
                     &format!("{path}.type"),
                     format!(
-                        "`{other}` is not a supported credential; use `key_vault_certificate` or `managed_identity`"
+                        "`{other}` is not a supported credential; use `key_vault_certificate`, `managed_identity` or `pkcs11`"
                     ),
                 );
                 None
@@ -1296,6 +1344,7 @@ impl Validator<'_> {
                 ("thumbprint", raw.thumbprint.is_some()),
             ],
         );
+        self.not_for(path, "managed_identity", &pkcs11_fields(&raw));
         let client_id = self.guid(
             &format!("{path}.client_id"),
             raw.client_id,
@@ -1331,6 +1380,7 @@ impl Validator<'_> {
                 ("audience", raw.audience.is_some()),
             ],
         );
+        self.not_for(path, "key_vault_certificate", &pkcs11_fields(&raw));
         let vault_url = match raw.vault_url.as_deref().map(Url::parse) {
             Some(Ok(u)) if u.scheme() == "https" && u.host_str().is_some() => Some(u),
             Some(Ok(_)) => {
@@ -1376,6 +1426,118 @@ impl Validator<'_> {
             thumbprint: raw.thumbprint.unwrap_or(ThumbprintHeader::X5t),
         })
     }
+
+    fn pkcs11_credential(&mut self, path: &str, raw: RawCredential) -> Option<Credential> {
+        self.not_for(
+            path,
+            "pkcs11",
+            &[
+                ("vault_url", raw.vault_url.is_some()),
+                ("certificate", raw.certificate.is_some()),
+                ("client_id", raw.client_id.is_some()),
+                ("audience", raw.audience.is_some()),
+            ],
+        );
+        let module = match raw.module {
+            Some(m) if m.is_absolute() => Some(m),
+            Some(m) => {
+                self.problem(
+                    &format!("{path}.module"),
+                    format!(
+                        "`{}` is relative: give the PKCS#11 library's absolute path, so the library loaded does not depend on the working directory",
+                        m.display()
+                    ),
+                );
+                None
+            }
+            None => {
+                self.problem(
+                    &format!("{path}.module"),
+                    "missing: the vendor's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so",
+                );
+                None
+            }
+        };
+        let mut label = |field: &str, value: Option<String>, what: &str| match value {
+            // PKCS#11 labels are at most 32 bytes (token) and free text (objects).
+            Some(v) if !v.is_empty() && (field != "token" || v.len() <= 32) => Some(v),
+            Some(_) => {
+                self.problem(
+                    &format!("{path}.{field}"),
+                    format!("must be {what} (a token label is 1 to 32 bytes)"),
+                );
+                None
+            }
+            None => {
+                self.problem(&format!("{path}.{field}"), format!("missing: {what}"));
+                None
+            }
+        };
+        let token = label("token", raw.token, "the token's label");
+        let key = label("key", raw.key, "the private key's label (CKA_LABEL)");
+        let pin = match (raw.pin_file, raw.pin_env) {
+            (Some(f), None) if f.is_absolute() => Some(PinSource::File(f)),
+            (Some(f), None) => {
+                self.problem(
+                    &format!("{path}.pin_file"),
+                    format!("`{}` is relative: give an absolute path", f.display()),
+                );
+                None
+            }
+            (None, Some(e)) if valid_env_name(&e) => Some(PinSource::Env(e)),
+            (None, Some(e)) => {
+                self.problem(
+                    &format!("{path}.pin_env"),
+                    format!("`{e}` is not an environment variable name (letters, digits and '_'): name the variable that holds the PIN, not the PIN"),
+                );
+                None
+            }
+            (Some(_), Some(_)) => {
+                self.problem(
+                    &format!("{path}.pin_file"),
+                    "give pin_file or pin_env, not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.problem(
+                    &format!("{path}.pin_file"),
+                    "missing: the file (or, with pin_env, the environment variable) that holds the token user's PIN; the PIN itself never goes in the configuration",
+                );
+                None
+            }
+        };
+        let (module, token) = (module?, token?);
+        let uri = match crate::signer::pkcs11::token_url(&module, &token) {
+            Ok(u) => u,
+            Err(e) => {
+                self.problem(
+                    &format!("{path}.token"),
+                    format!("cannot name it in a pkcs11: URI: {e}"),
+                );
+                return None;
+            }
+        };
+        Some(Credential::Pkcs11 {
+            module,
+            token,
+            uri,
+            key: key?,
+            pin: pin?,
+            algorithm: raw.algorithm.unwrap_or(SigningAlgorithm::RS256),
+            thumbprint: raw.thumbprint.unwrap_or(ThumbprintHeader::X5t),
+        })
+    }
+}
+
+fn pkcs11_fields(raw: &RawCredential) -> [(&'static str, bool); 5] {
+    [
+        ("module", raw.module.is_some()),
+        ("token", raw.token.is_some()),
+        ("key", raw.key.is_some()),
+        ("pin_file", raw.pin_file.is_some()),
+        ("pin_env", raw.pin_env.is_some()),
+    ]
 }
 
 fn valid_name(s: &str) -> bool {
@@ -1383,6 +1545,12 @@ fn valid_name(s: &str) -> bool {
         && s.len() <= 64
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn valid_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn valid_kv_name(s: &str) -> bool {

@@ -84,13 +84,14 @@ impl FlowError {
                 message,
                 retry_after: Some(retry_after),
             }),
-            Upstream::KeyVaultSign | Upstream::KeyVaultCertificate => {
-                FlowError::Signer(SignerError::Unavailable {
-                    service: upstream.service(),
-                    message,
-                    retry_after: Some(retry_after),
-                })
-            }
+            Upstream::KeyVaultSign
+            | Upstream::KeyVaultCertificate
+            | Upstream::HsmSign
+            | Upstream::HsmCertificate => FlowError::Signer(SignerError::Unavailable {
+                service: upstream.service(),
+                message,
+                retry_after: Some(retry_after),
+            }),
         }
     }
 }
@@ -152,13 +153,15 @@ struct Guard {
 /// The flow, shared by every fetch.
 pub struct Flow {
     signer: Arc<dyn Signer>,
+    hsm: Arc<dyn Signer>,
     identity: Arc<dyn IdentityAssertions>,
     exchange: Arc<dyn TokenExchange>,
     clock: Arc<dyn Clock>,
     cache: CacheConfig,
     res: ResilienceConfig,
     certs: moka::future::Cache<CertKey, Arc<CertEntry>>,
-    /// Per vault: signs (budgeted) and certificate reads (breaker only, shared).
+    /// Per vault: signs (budgeted) and certificate reads (breaker only, shared). Per
+    /// PKCS#11 token too, by its URI (breakers only: the HSM is the broker's own).
     vaults: HashMap<String, (Guard, Guard)>,
     /// Per managed identity used as a federated credential: its token requests (breaker
     /// only; the credential keeps to the endpoint's limits).
@@ -207,6 +210,22 @@ impl Flow {
                         )
                     });
                 }
+                Credential::Pkcs11 { uri, .. } => {
+                    vaults.entry(uri.to_string()).or_insert_with(|| {
+                        (
+                            Guard {
+                                upstream: Upstream::HsmSign,
+                                bucket: None,
+                                breaker: breaker(),
+                            },
+                            Guard {
+                                upstream: Upstream::HsmCertificate,
+                                bucket: None,
+                                breaker: breaker(),
+                            },
+                        )
+                    });
+                }
                 Credential::ManagedIdentity { client_id, .. } => {
                     identities
                         .entry(client_id.clone())
@@ -232,6 +251,7 @@ impl Flow {
         }
         Flow {
             signer: up.signer.clone(),
+            hsm: up.hsm.clone(),
             identity: up.identity.clone(),
             exchange: up.exchange.clone(),
             clock,
@@ -283,6 +303,17 @@ impl Flow {
                 self.fetch_signed(tenant, scopes, deadline, key, *algorithm, *thumbprint)
                     .await
             }
+            Credential::Pkcs11 {
+                uri,
+                key,
+                algorithm,
+                thumbprint,
+                ..
+            } => {
+                let key = (uri.clone(), key.clone());
+                self.fetch_signed(tenant, scopes, deadline, key, *algorithm, *thumbprint)
+                    .await
+            }
             Credential::ManagedIdentity {
                 client_id,
                 audience,
@@ -293,7 +324,25 @@ impl Flow {
         }
     }
 
-    /// With a certificate: the assertion signed by Key Vault.
+    /// The signer that holds `location`'s keys: a PKCS#11 token (a `pkcs11:` URI) or a
+    /// Key Vault, and the upstreams its signs and certificate reads are counted as.
+    fn signer_for(&self, location: &Url) -> (&dyn Signer, Upstream, Upstream) {
+        if location.scheme() == "pkcs11" {
+            (
+                self.hsm.as_ref(),
+                Upstream::HsmSign,
+                Upstream::HsmCertificate,
+            )
+        } else {
+            (
+                self.signer.as_ref(),
+                Upstream::KeyVaultSign,
+                Upstream::KeyVaultCertificate,
+            )
+        }
+    }
+
+    /// With a certificate: the assertion signed by Key Vault or a PKCS#11 token.
     async fn fetch_signed(
         &self,
         tenant: &Tenant,
@@ -321,14 +370,18 @@ impl Flow {
                 .guarded(vault.map(|v| &v.0), deadline, || async {
                     self.stats.signs.fetch_add(1, Ordering::Relaxed);
                     let started = Instant::now();
-                    let span = info_span!("keyvault.sign", otel.kind = "client", tenant = %tenant.name, key_version = %cert.version);
+                    let (signer, upstream, _) = self.signer_for(&cert_key.0);
+                    let span = match upstream {
+                        Upstream::HsmSign => info_span!("hsm.sign", otel.kind = "client", tenant = %tenant.name, key_version = %cert.version),
+                        _ => info_span!("keyvault.sign", otel.kind = "client", tenant = %tenant.name, key_version = %cert.version),
+                    };
                     let r = self
                         .metrics
-                        .scope(assertion::build(self.signer.as_ref(), &params, &cert))
+                        .scope(assertion::build(signer, &params, &cert))
                         .instrument(span)
                         .await;
                     self.metrics.upstream(
-                        Upstream::KeyVaultSign,
+                        upstream,
                         started,
                         r.as_ref().err().map(metrics::signer_code),
                     );
@@ -633,15 +686,20 @@ impl Flow {
         self.guarded(guard, deadline, || async {
             self.stats.certificate_reads.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let span =
-                info_span!("keyvault.certificate", otel.kind = "client", certificate = %key.1);
+            let (signer, _, upstream) = self.signer_for(&key.0);
+            let span = match upstream {
+                Upstream::HsmCertificate => {
+                    info_span!("hsm.certificate", otel.kind = "client", certificate = %key.1)
+                }
+                _ => info_span!("keyvault.certificate", otel.kind = "client", certificate = %key.1),
+            };
             let r = self
                 .metrics
-                .scope(self.signer.certificate(&key.0, &key.1))
+                .scope(signer.certificate(&key.0, &key.1))
                 .instrument(span)
                 .await;
             self.metrics.upstream(
-                Upstream::KeyVaultCertificate,
+                upstream,
                 started,
                 r.as_ref().err().map(metrics::signer_code),
             );
@@ -680,6 +738,8 @@ mod tests {
         for upstream in [
             Upstream::KeyVaultSign,
             Upstream::KeyVaultCertificate,
+            Upstream::HsmSign,
+            Upstream::HsmCertificate,
             Upstream::ManagedIdentity,
             Upstream::Entra,
         ] {
@@ -689,6 +749,13 @@ mod tests {
                     e,
                     FlowError::Signer(SignerError::Unavailable {
                         service: "Key Vault",
+                        ..
+                    })
+                ),
+                Upstream::HsmSign | Upstream::HsmCertificate => matches!(
+                    e,
+                    FlowError::Signer(SignerError::Unavailable {
+                        service: "the HSM",
                         ..
                     })
                 ),

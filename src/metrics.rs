@@ -53,6 +53,9 @@ pub enum Upstream {
     ManagedIdentity,
     KeyVaultCertificate,
     KeyVaultSign,
+    /// A PKCS#11 token: certificate reads and signs.
+    HsmCertificate,
+    HsmSign,
     Entra,
 }
 
@@ -62,6 +65,8 @@ impl Upstream {
             Upstream::ManagedIdentity => "managed_identity",
             Upstream::KeyVaultCertificate => "keyvault_certificate",
             Upstream::KeyVaultSign => "keyvault_sign",
+            Upstream::HsmCertificate => "hsm_certificate",
+            Upstream::HsmSign => "hsm_sign",
             Upstream::Entra => "entra",
         }
     }
@@ -70,7 +75,10 @@ impl Upstream {
     pub fn service(self) -> &'static str {
         match self {
             Upstream::ManagedIdentity => "managed identity",
-            Upstream::KeyVaultCertificate | Upstream::KeyVaultSign => "Key Vault",
+            Upstream::KeyVaultCertificate | Upstream::KeyVaultSign => {
+                crate::signer::keyvault::SERVICE
+            }
+            Upstream::HsmCertificate | Upstream::HsmSign => crate::signer::pkcs11::SERVICE,
             Upstream::Entra => "Entra ID",
         }
     }

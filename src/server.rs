@@ -20,6 +20,7 @@ use crate::entra::HttpTokenExchange;
 use crate::identity::ManagedIdentityAssertions;
 use crate::outbound::{self, OutboundError};
 use crate::signer::keyvault::KeyVaultSigner;
+use crate::signer::pkcs11::{Pkcs11Signer, TokenConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -41,6 +42,8 @@ pub enum ServerError {
     Access(#[from] AccessSetupError),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminBindError),
+    #[error(transparent)]
+    Hsm(#[from] crate::signer::SignerError),
 }
 
 /// Aborts a background task (file watchers) when the server stops.
@@ -80,8 +83,23 @@ pub fn upstreams(config: &Config) -> Result<Upstreams, ServerError> {
         credential,
         outbound::client_options(&http, None, azure_core::http::RetryOptions::none()),
     );
+    let tokens: Vec<TokenConfig> = config
+        .tenants
+        .values()
+        .filter_map(|t| match &t.credential {
+            Credential::Pkcs11 {
+                module, token, pin, ..
+            } => Some(TokenConfig {
+                module: module.clone(),
+                label: token.clone(),
+                pin: pin.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
     Ok(Upstreams {
         signer: Arc::new(signer),
+        hsm: Arc::new(Pkcs11Signer::new(&tokens)?),
         identity: Arc::new(ManagedIdentityAssertions::new(identities)),
         exchange: Arc::new(HttpTokenExchange::new(http)),
         clock: Arc::new(SystemClock),

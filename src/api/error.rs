@@ -11,7 +11,7 @@ use crate::authn::{AuthnError, JwtError};
 use crate::broker::{BrokerError, FlowError};
 use crate::entra::EntraErrorClass;
 use crate::identity::IdentityError;
-use crate::signer::SignerError;
+use crate::signer::{SignerError, pkcs11};
 
 /// Metadata key carrying a retry hint in seconds on UNAVAILABLE and RESOURCE_EXHAUSTED.
 pub const RETRY_AFTER_KEY: &str = "retry-after";
@@ -144,9 +144,19 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                     )),
                     Some(Duration::from_secs(5)),
                 ),
+                SignerError::Forbidden { service, .. } if *service == pkcs11::SERVICE => {
+                    Status::failed_precondition(format!(
+                        "{msg}; check the token user's PIN in the file or environment variable the tenant's credential names (pin_file or pin_env), and that the PIN is not locked"
+                    ))
+                }
                 SignerError::Forbidden { .. } => Status::failed_precondition(format!(
                     "{msg}; grant the broker's managed identity `Key Vault Crypto User` on the key and `Key Vault Certificate User` on the certificate"
                 )),
+                SignerError::NotFound { service, .. } if *service == pkcs11::SERVICE => {
+                    Status::failed_precondition(format!(
+                        "{msg}; check the tenant's credential (module, token and key) in the broker configuration"
+                    ))
+                }
                 SignerError::NotFound { .. } => Status::failed_precondition(format!(
                     "{msg}; check the tenant's credential (vault_url and certificate) in the broker configuration"
                 )),

@@ -145,6 +145,7 @@ pub async fn run(opts: &ColdOptions) -> anyhow::Result<ColdReport> {
                 per_key: Default::default(),
             }),
             clock: u.clock,
+            hsm: u.hsm,
         },
     )
     .await?;

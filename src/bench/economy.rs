@@ -174,6 +174,7 @@ pub async fn run(opts: &EconomyOptions) -> anyhow::Result<EconomyReport> {
             }),
             clock: Arc::new(c),
             signer: u.signer,
+            hsm: u.hsm,
             identity: u.identity,
         },
     )

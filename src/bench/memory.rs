@@ -117,6 +117,7 @@ pub fn fake_broker(tenants: usize, token_bytes: usize) -> anyhow::Result<(Broker
         &config,
         Upstreams {
             signer: Arc::new(FakeSigner),
+            hsm: Arc::new(FakeSigner),
             identity: Arc::new(crate::identity::ManagedIdentityAssertions::new(
                 Default::default(),
             )),

@@ -510,3 +510,106 @@ fn files_elsewhere_checks_everything_but_the_named_files_and_lists_them() {
     std::fs::write(&path, text.replace("plaintext = true", "plaintext = 7")).unwrap();
     assert!(Config::check_without_files(&path, &no_env).is_err());
 }
+
+const HSM: &str = r#"
+[tenants.onprem]
+tenant_id = "55555555-5555-5555-5555-555555555555"
+client_id = "66666666-6666-6666-6666-666666666666"
+credential = { type = "pkcs11", module = "/usr/lib/softhsm/libsofthsm2.so", token = "broker hsm", key = "onprem-app", pin_file = "/run/secrets/hsm-pin", algorithm = "PS256" }
+
+[tenants.onprem2]
+tenant_id = "55555555-5555-5555-5555-555555555555"
+client_id = "66666666-6666-6666-6666-666666666666"
+credential = { type = "pkcs11", module = "/usr/lib/softhsm/libsofthsm2.so", token = "broker hsm", key = "onprem2-app", pin_env = "HSM_USER_PIN" }
+"#;
+
+#[test]
+fn a_pkcs11_credential_names_its_module_token_key_and_where_the_pin_is() {
+    let c = Config::from_toml_str(&format!("{GOOD}{HSM}"), Path::new("/"), &no_env).unwrap();
+    let Credential::Pkcs11 {
+        module,
+        token,
+        uri,
+        key,
+        pin,
+        algorithm,
+        thumbprint,
+    } = &c.tenants["onprem"].credential
+    else {
+        panic!("{:?}", c.tenants["onprem"].credential)
+    };
+    assert_eq!(module, Path::new("/usr/lib/softhsm/libsofthsm2.so"));
+    assert_eq!((token.as_str(), key.as_str()), ("broker hsm", "onprem-app"));
+    assert_eq!(
+        uri.as_str(),
+        "pkcs11:token=broker%20hsm?module-path=%2Fusr%2Flib%2Fsofthsm%2Flibsofthsm2.so"
+    );
+    assert_eq!(pin, &PinSource::File("/run/secrets/hsm-pin".into()));
+    assert_eq!(
+        (*algorithm, *thumbprint),
+        (SigningAlgorithm::PS256, ThumbprintHeader::X5t)
+    );
+    assert!(matches!(
+        &c.tenants["onprem2"].credential,
+        Credential::Pkcs11 { pin: PinSource::Env(e), uri: u, .. } if e == "HSM_USER_PIN" && u == uri
+    ));
+    assert!(
+        c.summary()
+            .contains("onprem-app on pkcs11:token=broker%20hsm"),
+        "{}",
+        c.summary()
+    );
+}
+
+#[test]
+fn a_pkcs11_credential_is_explained_when_incomplete_mixed_or_holding_the_pin() {
+    let tenant = |name: &str, credential: &str| {
+        format!(
+            "\n[tenants.{name}]\ntenant_id = \"55555555-5555-5555-5555-555555555555\"\nclient_id = \"66666666-6666-6666-6666-666666666666\"\ncredential = {{ type = \"pkcs11\", {credential} }}\n"
+        )
+    };
+    let bad = [
+        tenant("relative", r#"module = "libsofthsm2.so", token = "t", key = "k", pin_file = "/p""#),
+        tenant("bare", r#"module = "/m.so""#),
+        tenant("both", r#"module = "/m.so", token = "t", key = "k", pin_file = "/p", pin_env = "P""#),
+        tenant("pinenv", r#"module = "/m.so", token = "t", key = "k", pin_env = "1234""#),
+        tenant("pinrel", r#"module = "/m.so", token = "t", key = "k", pin_file = "pin.txt""#),
+        tenant("long", r#"module = "/m.so", token = "a-token-label-longer-than-32-bytes", key = "k", pin_file = "/p""#),
+        tenant("mixed", r#"module = "/m.so", token = "t", key = "k", pin_file = "/p", vault_url = "https://v.vault.azure.net""#),
+    ]
+    .concat();
+    let kv = "\n[tenants.kvpin]\ntenant_id = \"55555555-5555-5555-5555-555555555555\"\nclient_id = \"66666666-6666-6666-6666-666666666666\"\ncredential = { type = \"key_vault_certificate\", vault_url = \"https://v.vault.azure.net\", certificate = \"app\", pin_file = \"/p\" }\n";
+    let p = problems(&format!("{GOOD}{bad}{kv}"));
+    let at = |path: &str| {
+        p.iter()
+            .find(|p| p.path == path)
+            .map(|p| p.message.clone())
+            .unwrap_or_else(|| panic!("no problem at {path}: {p:?}"))
+    };
+    assert!(at("tenants.relative.credential.module").contains("absolute path"));
+    assert!(at("tenants.bare.credential.token").contains("missing"));
+    assert!(at("tenants.bare.credential.key").contains("missing"));
+    assert!(at("tenants.bare.credential.pin_file").contains("never goes in the configuration"));
+    assert!(at("tenants.both.credential.pin_file").contains("not both"));
+    assert!(at("tenants.pinenv.credential.pin_env").contains("not the PIN"));
+    assert!(at("tenants.pinrel.credential.pin_file").contains("absolute path"));
+    assert!(at("tenants.long.credential.token").contains("1 to 32 bytes"));
+    assert!(at("tenants.mixed.credential.vault_url").contains("not used by a `pkcs11`"));
+    assert!(
+        at("tenants.kvpin.credential.pin_file").contains("not used by a `key_vault_certificate`")
+    );
+
+    // A PIN written into the configuration is refused before anything else is read.
+    let inline = tenant(
+        "inline",
+        r#"module = "/m.so", token = "t", key = "k", user_pin = "1234""#,
+    );
+    let p = problems(&format!("{GOOD}{inline}"));
+    assert!(
+        p.iter()
+            .any(|p| p.path == "tenants.inline.credential.user_pin"
+                && p.message.contains("a PIN is a secret")
+                && !p.message.contains("1234")),
+        "{p:?}"
+    );
+}

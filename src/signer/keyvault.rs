@@ -26,7 +26,7 @@ use url::Url;
 use super::{CertificateInfo, KeyRef, Signer, SignerError};
 use crate::config::SigningAlgorithm;
 
-const SERVICE: &str = "Key Vault";
+pub const SERVICE: &str = "Key Vault";
 
 /// Signs with Key Vault keys using the broker's managed identity.
 pub struct KeyVaultSigner {
@@ -129,6 +129,7 @@ impl Signer for KeyVaultSigner {
             .ok_or_else(|| other(format!("certificate {name}'s kid has no version")))?;
         if cert.attributes.as_ref().and_then(|a| a.enabled) == Some(false) {
             return Err(SignerError::NotFound {
+                service: SERVICE,
                 what: format!("an enabled version of certificate {name}"),
                 code: "CertificateDisabled".into(),
                 message: "the current version is disabled".into(),
@@ -219,6 +220,7 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
                     message,
                 },
                 404 => SignerError::NotFound {
+                    service: SERVICE,
                     what: what.to_owned(),
                     code,
                     message,

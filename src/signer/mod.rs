@@ -1,7 +1,9 @@
 //! The `Signer` seam: certificate metadata and digest signing by a key that never leaves
-//! its vault. `keyvault` is the Azure Key Vault implementation.
+//! its vault. `keyvault` is the Azure Key Vault implementation, `pkcs11` the one for
+//! hardware security modules.
 
 pub mod keyvault;
+pub mod pkcs11;
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -58,8 +60,9 @@ pub enum SignerError {
         message: String,
     },
     /// The certificate or key does not exist (or the configured name is wrong).
-    #[error("{what} was not found in Key Vault ({code}): {message}")]
+    #[error("{what} was not found in {service} ({code}): {message}")]
     NotFound {
+        service: &'static str,
         what: String,
         code: String,
         message: String,

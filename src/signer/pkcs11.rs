@@ -1,0 +1,525 @@
+//! The PKCS#11 signer: a certificate and its RSA key on a hardware security module (or any
+//! PKCS#11 token), found by the token's label and the key's label. The private key never
+//! leaves the token. The broker logs in as the token's user with a PIN read from a file or
+//! an environment variable that the configuration names: the configuration never holds it.
+//!
+//! A token is addressed by an RFC 7512 URI, `pkcs11:token=LABEL?module-path=PATH`, which
+//! stands where a Key Vault URL stands for the `Signer` seam; the key's label is the
+//! certificate's name. PKCS#11 is a blocking C interface, so every call runs on tokio's
+//! blocking pool. A module is loaded and initialised once per process (`C_Initialize` is
+//! per process); a token keeps a few idle sessions, since a session serves one thread at a
+//! time, and a login holds for every session of the process on that token.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
+use url::Url;
+use zeroize::Zeroizing;
+
+use super::{CertificateInfo, KeyRef, Signer, SignerError};
+use crate::config::{PinSource, SigningAlgorithm};
+
+/// How the service is named in errors and metrics.
+pub const SERVICE: &str = "the HSM";
+
+/// Idle sessions kept per token; more are opened when signs overlap, and closed after.
+const IDLE_SESSIONS: usize = 4;
+
+/// DER `DigestInfo` prefix for SHA-256 (RFC 8017, 9.2): `CKM_RSA_PKCS` signs what it is
+/// given, so RS256 over a digest made here needs it.
+const SHA256_DIGEST_INFO: [u8; 19] = [
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
+];
+
+/// The RFC 7512 URI of `token` in `module`.
+pub fn token_url(module: &Path, token: &str) -> Result<Url, url::ParseError> {
+    let enc = |s: &str| -> String {
+        url::form_urlencoded::byte_serialize(s.as_bytes())
+            .collect::<String>()
+            .replace('+', "%20")
+    };
+    Url::parse(&format!(
+        "pkcs11:token={}?module-path={}",
+        enc(token),
+        enc(&module.to_string_lossy())
+    ))
+}
+
+/// One configured token: where it is and how to log in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenConfig {
+    pub module: PathBuf,
+    pub label: String,
+    pub pin: PinSource,
+}
+
+/// Signs with keys on PKCS#11 tokens, one entry per configured token.
+pub struct Pkcs11Signer {
+    tokens: HashMap<String, Arc<Token>>,
+}
+
+impl fmt::Debug for Pkcs11Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Signer")
+            .field("tokens", &self.tokens.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+struct Token {
+    ctx: Pkcs11,
+    label: String,
+    pin: PinSource,
+    /// The slot the token was last found in (tokens can move between slots).
+    slot: Mutex<Option<Slot>>,
+    idle: Mutex<Vec<Session>>,
+    /// The SHA-256 of a PIN the token refused, and the refusal's code. An HSM locks its user
+    /// after a few wrong PINs, so the same PIN is never offered twice: only a changed PIN
+    /// (a rewritten PIN file) is tried again.
+    refused: Mutex<Option<([u8; 32], String)>>,
+}
+
+impl Pkcs11Signer {
+    /// Loads and initialises each token's module (once per module). Nothing is logged in
+    /// yet: a token that is absent at start fails its tenant's fetches, not the broker.
+    pub fn new(tokens: &[TokenConfig]) -> Result<Self, SignerError> {
+        let mut modules: HashMap<PathBuf, Pkcs11> = HashMap::new();
+        let mut out = HashMap::new();
+        for t in tokens {
+            let ctx = match modules.get(&t.module) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = load(&t.module)?;
+                    modules.insert(t.module.clone(), c.clone());
+                    c
+                }
+            };
+            let url = token_url(&t.module, &t.label)
+                .map_err(|e| other(format!("token `{}`: {e}", t.label)))?;
+            out.insert(
+                url.to_string(),
+                Arc::new(Token {
+                    ctx,
+                    label: t.label.clone(),
+                    pin: t.pin.clone(),
+                    slot: Mutex::new(None),
+                    idle: Mutex::new(Vec::new()),
+                    refused: Mutex::new(None),
+                }),
+            );
+        }
+        Ok(Pkcs11Signer { tokens: out })
+    }
+
+    fn token(&self, url: &Url) -> Result<Arc<Token>, SignerError> {
+        self.tokens.get(url.as_str()).cloned().ok_or_else(|| {
+            other(format!(
+                "token {url} is not configured on this broker (it is read at start)"
+            ))
+        })
+    }
+
+    /// Runs `op` with a logged-in session of `token` on the blocking pool.
+    async fn with_session<T: Send + 'static>(
+        token: Arc<Token>,
+        op: impl Fn(&Session) -> Result<T, SignerError> + Send + 'static,
+    ) -> Result<T, SignerError> {
+        tokio::task::spawn_blocking(move || token.run(op))
+            .await
+            .map_err(|e| other(format!("PKCS#11 call ended: {e}")))?
+    }
+}
+
+fn load(module: &Path) -> Result<Pkcs11, SignerError> {
+    let ctx = Pkcs11::new(module).map_err(|e| {
+        other(format!(
+            "cannot load the PKCS#11 module {}: {e}",
+            module.display()
+        ))
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
+        Err(e) => Err(classify(e, &format!("PKCS#11 module {}", module.display()))),
+    }
+}
+
+impl Token {
+    /// `op` on a session (idle or new), logging in first when the token says it must;
+    /// once more on a fresh session if the token was removed or reset meanwhile.
+    fn run<T>(&self, op: impl Fn(&Session) -> Result<T, SignerError>) -> Result<T, SignerError> {
+        let mut retried = false;
+        loop {
+            let session = self.session()?;
+            match op(&session) {
+                Err(SignerError::Unavailable { .. }) | Err(SignerError::Forbidden { .. })
+                    if !retried && self.stale(&session) =>
+                {
+                    // The session died with its token (removed, reset) or lost its login:
+                    // drop it and every idle one, and try once more from the start.
+                    retried = true;
+                    self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                    *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+                r => {
+                    let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                    if idle.len() < IDLE_SESSIONS {
+                        idle.push(session);
+                    }
+                    return r;
+                }
+            }
+        }
+    }
+
+    /// Whether `session` can no longer be used as it is (closed, or not logged in).
+    fn stale(&self, session: &Session) -> bool {
+        match session.get_session_info() {
+            Ok(info) => !matches!(
+                info.session_state(),
+                cryptoki::session::SessionState::RoUser | cryptoki::session::SessionState::RwUser
+            ),
+            Err(_) => true,
+        }
+    }
+
+    fn session(&self) -> Result<Session, SignerError> {
+        if let Some(s) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(s);
+        }
+        let slot = self.slot()?;
+        let session = self
+            .ctx
+            .open_ro_session(slot)
+            .map_err(|e| classify(e, &self.what()))?;
+        // A login holds for every session of the process: only the first needs one.
+        let logged_in = matches!(
+            session.get_session_info().map(|i| i.session_state()),
+            Ok(cryptoki::session::SessionState::RoUser | cryptoki::session::SessionState::RwUser)
+        );
+        if !logged_in {
+            self.login(&session)?;
+        }
+        Ok(session)
+    }
+
+    fn login(&self, session: &Session) -> Result<(), SignerError> {
+        let (pin, digest) = self.pin()?;
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((bad, code)) = refused.as_ref()
+            && *bad == digest
+        {
+            return Err(SignerError::Forbidden {
+                service: SERVICE,
+                status: 0,
+                code: code.clone(),
+                message: format!(
+                    "{}: the token refused this PIN before ({code}); it is not offered again, so the token does not lock its user: put the right PIN in place",
+                    self.what()
+                ),
+            });
+        }
+        match session.login(UserType::User, Some(&pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
+                *refused = None;
+                Ok(())
+            }
+            Err(e) => {
+                if let CkError::Pkcs11(
+                    rv @ (RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired),
+                    _,
+                ) = &e
+                {
+                    *refused = Some((digest, format!("CKR_{rv:?}")));
+                }
+                Err(classify(e, &self.what()))
+            }
+        }
+    }
+
+    fn slot(&self) -> Result<Slot, SignerError> {
+        if let Some(s) = *self.slot.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(s);
+        }
+        let slots = self
+            .ctx
+            .get_slots_with_token()
+            .map_err(|e| classify(e, &self.what()))?;
+        for s in slots {
+            if let Ok(info) = self.ctx.get_token_info(s)
+                && info.label().trim_end() == self.label
+            {
+                *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                return Ok(s);
+            }
+        }
+        Err(SignerError::NotFound {
+            service: SERVICE,
+            what: self.what(),
+            code: "TokenNotPresent".into(),
+            message: "no slot holds a token with this label".into(),
+        })
+    }
+
+    /// The user PIN, read when a login needs it (so a rotated PIN file is read again), and
+    /// its SHA-256 (kept to recognise a refused PIN, never shown).
+    fn pin(&self) -> Result<(AuthPin, [u8; 32]), SignerError> {
+        let pin = Zeroizing::new(match &self.pin {
+            PinSource::File(path) => {
+                std::fs::read_to_string(path).map_err(|e| SignerError::Forbidden {
+                    service: SERVICE,
+                    status: 0,
+                    code: "PinUnreadable".into(),
+                    message: format!("cannot read the PIN file {}: {e}", path.display()),
+                })?
+            }
+            PinSource::Env(name) => std::env::var(name).map_err(|_| SignerError::Forbidden {
+                service: SERVICE,
+                status: 0,
+                code: "PinUnset".into(),
+                message: format!("the environment variable {name} holding the PIN is not set"),
+            })?,
+        });
+        // A file written by `echo` ends with a newline that is not part of the PIN.
+        let pin = pin.trim_end_matches(['\r', '\n']);
+        Ok((AuthPin::from(pin), Sha256::digest(pin.as_bytes()).into()))
+    }
+
+    fn what(&self) -> String {
+        format!("PKCS#11 token `{}`", self.label)
+    }
+}
+
+/// The one private key labelled `label`, and its CKA_ID.
+fn private_key(
+    session: &Session,
+    token: &str,
+    label: &str,
+) -> Result<(ObjectHandle, Vec<u8>), SignerError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(|e| classify(e, &format!("key `{label}` on token `{token}`")))?;
+    let key = match found.as_slice() {
+        [k] => *k,
+        [] => {
+            return Err(SignerError::NotFound {
+                service: SERVICE,
+                what: format!("private key `{label}` on token `{token}`"),
+                code: "KeyNotFound".into(),
+                message: "no private key has this label (or the PIN's user cannot see it)".into(),
+            });
+        }
+        many => {
+            return Err(other(format!(
+                "{} private keys on token `{token}` are labelled `{label}`: keep one (remove the old key after a rotation)",
+                many.len()
+            )));
+        }
+    };
+    let id = session
+        .get_attributes(key, &[AttributeType::Id])
+        .map_err(|e| classify(e, &format!("key `{label}` on token `{token}`")))?
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::Id(id) => Some(id),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Ok((key, id))
+}
+
+/// The DER certificate of the key `label`: by the key's CKA_ID (how a key and its
+/// certificate are paired on a token), else by the same label.
+fn certificate_der(
+    session: &Session,
+    token: &str,
+    label: &str,
+    id: &[u8],
+) -> Result<Vec<u8>, SignerError> {
+    let what = || format!("certificate of key `{label}` on token `{token}`");
+    let mut templates = Vec::new();
+    if !id.is_empty() {
+        templates.push(Attribute::Id(id.to_vec()));
+    }
+    templates.push(Attribute::Label(label.as_bytes().to_vec()));
+    for by in templates {
+        let found = session
+            .find_objects(&[Attribute::Class(ObjectClass::CERTIFICATE), by])
+            .map_err(|e| classify(e, &what()))?;
+        match found.as_slice() {
+            [] => continue,
+            [c] => {
+                let value = session
+                    .get_attributes(*c, &[AttributeType::Value])
+                    .map_err(|e| classify(e, &what()))?;
+                return value
+                    .into_iter()
+                    .find_map(|a| match a {
+                        Attribute::Value(v) => Some(v),
+                        _ => None,
+                    })
+                    .ok_or_else(|| other(format!("the {} has no value", what())));
+            }
+            many => {
+                return Err(other(format!(
+                    "{} certificates on token `{token}` match key `{label}`: keep one",
+                    many.len()
+                )));
+            }
+        }
+    }
+    Err(SignerError::NotFound {
+        service: SERVICE,
+        what: what(),
+        code: "CertificateNotFound".into(),
+        message: "no certificate object has the key's CKA_ID or label: store the certificate on the token beside its key".into(),
+    })
+}
+
+#[async_trait]
+impl Signer for Pkcs11Signer {
+    async fn certificate(
+        &self,
+        token_url: &Url,
+        name: &str,
+    ) -> Result<CertificateInfo, SignerError> {
+        let token = self.token(token_url)?;
+        let (label, name_owned, url) = (token.label.clone(), name.to_owned(), token_url.clone());
+        Self::with_session(token, move |s| {
+            let (_, id) = private_key(s, &label, &name_owned)?;
+            let der = certificate_der(s, &label, &name_owned, &id)?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
+                other(format!(
+                    "the certificate of key `{name_owned}` on token `{label}` is not X.509 DER: {e}"
+                ))
+            })?;
+            let not_after = u64::try_from(cert.validity().not_after.timestamp())
+                .ok()
+                .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s));
+            let s256 = Sha256::digest(&der);
+            // The certificate's thumbprint is its version: a rotation stores a new one.
+            let version = hex(&s256[..8]);
+            Ok(CertificateInfo {
+                x5t: URL_SAFE_NO_PAD.encode(Sha1::digest(&der)),
+                x5t_s256: URL_SAFE_NO_PAD.encode(s256),
+                key: KeyRef {
+                    vault_url: url.clone(),
+                    name: name_owned.clone(),
+                    version: version.clone(),
+                },
+                version,
+                not_after,
+            })
+        })
+        .await
+    }
+
+    async fn sign(
+        &self,
+        key: &KeyRef,
+        algorithm: SigningAlgorithm,
+        digest: [u8; 32],
+    ) -> Result<Vec<u8>, SignerError> {
+        let token = self.token(&key.vault_url)?;
+        let (label, name) = (token.label.clone(), key.name.clone());
+        Self::with_session(token, move |s| {
+            let (handle, _) = private_key(s, &label, &name)?;
+            let what = format!("signing with key `{name}` on token `{label}`");
+            match algorithm {
+                SigningAlgorithm::RS256 => {
+                    let mut input = SHA256_DIGEST_INFO.to_vec();
+                    input.extend_from_slice(&digest);
+                    s.sign(&Mechanism::RsaPkcs, handle, &input)
+                }
+                SigningAlgorithm::PS256 => {
+                    let params = PkcsPssParams {
+                        hash_alg: MechanismType::SHA256,
+                        mgf: PkcsMgfType::MGF1_SHA256,
+                        s_len: 32.into(),
+                    };
+                    s.sign(&Mechanism::RsaPkcsPss(params), handle, &digest)
+                }
+            }
+            .map_err(|e| classify(e, &what))
+        })
+        .await
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn other(message: String) -> SignerError {
+    SignerError::Other {
+        service: SERVICE,
+        message,
+    }
+}
+
+/// Sorts a PKCS#11 failure into the broker's signer errors.
+fn classify(e: CkError, what: &str) -> SignerError {
+    let CkError::Pkcs11(rv, function) = e else {
+        return other(format!("{what}: {e}"));
+    };
+    let code = format!("CKR_{rv:?}");
+    let message = format!("{what}: {function:?} returned {code}");
+    match rv {
+        RvError::PinIncorrect
+        | RvError::PinLocked
+        | RvError::PinExpired
+        | RvError::PinInvalid
+        | RvError::PinLenRange
+        | RvError::UserPinNotInitialized
+        | RvError::UserNotLoggedIn => SignerError::Forbidden {
+            service: SERVICE,
+            status: 0,
+            code,
+            message,
+        },
+        RvError::TokenNotPresent
+        | RvError::TokenNotRecognized
+        | RvError::DeviceRemoved
+        | RvError::DeviceError
+        | RvError::DeviceMemory
+        | RvError::SessionClosed
+        | RvError::SessionHandleInvalid
+        | RvError::SessionCount
+        | RvError::HostMemory
+        | RvError::FunctionFailed
+        | RvError::GeneralError => SignerError::Unavailable {
+            service: SERVICE,
+            message,
+            retry_after: None,
+        },
+        RvError::KeyHandleInvalid
+        | RvError::KeyTypeInconsistent
+        | RvError::KeyFunctionNotPermitted
+        | RvError::MechanismInvalid => SignerError::NotFound {
+            service: SERVICE,
+            what: what.to_owned(),
+            code,
+            message: "the key cannot sign with this algorithm (an RSA key that may sign is needed)"
+                .into(),
+        },
+        _ => other(message),
+    }
+}

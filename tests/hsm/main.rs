@@ -1,0 +1,495 @@
+//! PKCS#11 signing against SoftHSM2: the signer on its own (certificate, RS256 and PS256
+//! signatures checked with the certificate's public key, refusals), and a tenant whose key
+//! is on the token getting tokens from the emulator's Entra through gRPC.
+//!
+//! Runs without libtest's harness: SoftHSM reads where its tokens live from the environment
+//! (`SOFTHSM2_CONF`), and the environment may only be changed while the process has a single
+//! thread, which is before any test starts. The tests then run one after another.
+
+#[path = "../broker/helpers.rs"]
+mod helpers;
+
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::object::{Attribute, CertificateType, ObjectClass};
+use cryptoki::session::UserType;
+use cryptoki::types::AuthPin;
+use futures::FutureExt;
+use helpers::*;
+use rsa::RsaPublicKey;
+use rsa::pkcs8::DecodePublicKey;
+use sha2::{Digest, Sha256};
+use tokenbroker::config::{PinSource, SigningAlgorithm};
+use tokenbroker::emulator::EmulatorConfig;
+use tokenbroker::emulator::config::CertificateConfig;
+use tokenbroker::proto::TokenSource;
+use tokenbroker::signer::pkcs11::{Pkcs11Signer, TokenConfig, token_url};
+use tokenbroker::signer::{Signer, SignerError};
+use tonic::Code;
+
+const TOKEN: &str = "tokenbroker-test";
+const KEY: &str = "contoso-hsm";
+const PIN: &str = "4711-user";
+const PIN_ENV: &str = "TOKENBROKER_TEST_HSM_PIN";
+
+/// The SoftHSM token made for this run, and what was put on it.
+struct Hsm {
+    dir: tempfile::TempDir,
+    module: PathBuf,
+    /// The certificate and its private key, as the emulator imports them.
+    pem: PathBuf,
+    der: Vec<u8>,
+}
+
+impl Hsm {
+    fn pin_file(&self) -> PathBuf {
+        self.dir.path().join("pin")
+    }
+
+    fn config(&self, pin: PinSource) -> TokenConfig {
+        TokenConfig {
+            module: self.module.clone(),
+            label: TOKEN.into(),
+            pin,
+        }
+    }
+
+    fn url(&self) -> url::Url {
+        token_url(&self.module, TOKEN).unwrap()
+    }
+}
+
+fn softhsm_module() -> Option<PathBuf> {
+    [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// A fresh token in a directory of its own, with an RSA key and its certificate on it.
+/// Called while the process has one thread (it sets `SOFTHSM2_CONF`).
+fn set_up() -> Result<Hsm, String> {
+    let module = softhsm_module().ok_or(
+        "SoftHSM2 is not installed (libsofthsm2.so not found): scripts/test.sh installs it, or `apt-get install softhsm2`",
+    )?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens).map_err(|e| e.to_string())?;
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    // SAFETY: no other thread exists yet (main calls this first, before any runtime).
+    unsafe {
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        std::env::set_var(PIN_ENV, PIN);
+    }
+    std::fs::write(dir.path().join("pin"), format!("{PIN}\n")).map_err(|e| e.to_string())?;
+
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())?;
+    let cert = rcgen::CertificateParams::new(vec![KEY.to_owned()])
+        .and_then(|p| p.self_signed(&key))
+        .map_err(|e| e.to_string())?;
+    let key_pem = dir.path().join("key.pem");
+    std::fs::write(&key_pem, key.serialize_pem()).map_err(|e| e.to_string())?;
+    let pem = dir.path().join("cert-and-key.pem");
+    std::fs::write(&pem, format!("{}{}", cert.pem(), key.serialize_pem()))
+        .map_err(|e| e.to_string())?;
+
+    let util = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("softhsm2-util")
+            .args(args)
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .map_err(|e| format!("softhsm2-util: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "softhsm2-util {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    util(&[
+        "--init-token",
+        "--free",
+        "--label",
+        TOKEN,
+        "--so-pin",
+        "so-8642",
+        "--pin",
+        PIN,
+    ])?;
+    let key_path = key_pem.to_string_lossy().into_owned();
+    util(&[
+        "--import", &key_path, "--token", TOKEN, "--label", KEY, "--id", "a1", "--pin", PIN,
+    ])?;
+
+    // The certificate beside its key (same CKA_ID), as an operator stores it.
+    let der = cert.der().to_vec();
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+    let ctx = Pkcs11::new(&module).map_err(|e| e.to_string())?;
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .map_err(|e| e.to_string())?;
+    let slot = ctx
+        .get_slots_with_token()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|i| i.label().trim_end() == TOKEN)
+        })
+        .ok_or("the new token has no slot")?;
+    let session = ctx.open_rw_session(slot).map_err(|e| e.to_string())?;
+    session
+        .login(UserType::User, Some(&AuthPin::from(PIN)))
+        .map_err(|e| e.to_string())?;
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::CERTIFICATE),
+            Attribute::CertificateType(CertificateType::X_509),
+            Attribute::Token(true),
+            Attribute::Label(KEY.as_bytes().to_vec()),
+            Attribute::Id(vec![0xa1]),
+            Attribute::Subject(parsed.subject().as_raw().to_vec()),
+            Attribute::Value(der.clone()),
+        ])
+        .map_err(|e| e.to_string())?;
+    drop(session);
+    Ok(Hsm {
+        dir,
+        module,
+        pem,
+        der,
+    })
+}
+
+fn public_key(der: &[u8]) -> RsaPublicKey {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    RsaPublicKey::from_public_key_der(cert.public_key().raw).unwrap()
+}
+
+async fn signs_with_the_token_key_and_reads_its_certificate(hsm: &Hsm) {
+    let signer = Pkcs11Signer::new(&[hsm.config(PinSource::File(hsm.pin_file()))]).unwrap();
+    let info = signer.certificate(&hsm.url(), KEY).await.unwrap();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    assert_eq!(info.x5t_s256, b64.encode(Sha256::digest(&hsm.der)));
+    assert_eq!(
+        info.x5t,
+        b64.encode(<sha1::Sha1 as Digest>::digest(&hsm.der))
+    );
+    assert!(info.not_after.is_some());
+    assert_eq!(info.key.name, KEY);
+
+    let public = public_key(&hsm.der);
+    let digest: [u8; 32] = Sha256::digest(b"header.claims").into();
+    let rs = signer
+        .sign(&info.key, SigningAlgorithm::RS256, digest)
+        .await
+        .unwrap();
+    public
+        .verify(rsa::Pkcs1v15Sign::new::<Sha256>(), &digest, &rs)
+        .expect("an RS256 signature the certificate verifies");
+    let ps = signer
+        .sign(&info.key, SigningAlgorithm::PS256, digest)
+        .await
+        .unwrap();
+    public
+        .verify(rsa::Pss::new::<Sha256>(), &digest, &ps)
+        .expect("a PS256 signature the certificate verifies");
+
+    // Concurrent signs each get a session of their own.
+    let signs = (0..16).map(|_| signer.sign(&info.key, SigningAlgorithm::RS256, digest));
+    for sig in futures::future::join_all(signs).await {
+        assert_eq!(sig.unwrap(), rs, "PKCS#1 v1.5 signatures are deterministic");
+    }
+}
+
+async fn the_pin_can_come_from_the_environment(hsm: &Hsm) {
+    let signer = Pkcs11Signer::new(&[hsm.config(PinSource::Env(PIN_ENV.into()))]).unwrap();
+    signer.certificate(&hsm.url(), KEY).await.unwrap();
+}
+
+/// Runs first: a login holds for every session of the process while one is open, so a PIN
+/// is only ever checked by a process that is not logged in yet.
+async fn a_wrong_or_unreadable_pin_is_refused_with_the_fix(hsm: &Hsm) {
+    let wrong = hsm.dir.path().join("wrong-pin");
+    std::fs::write(&wrong, "0000\n").unwrap();
+    let stack = Stack::start_with(estate(hsm), |toml| {
+        on_the_token(hsm, KEY, "RS256")(toml).replace(
+            &hsm.pin_file().display().to_string(),
+            &wrong.display().to_string(),
+        )
+    })
+    .await;
+    let e = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("CKR_PinIncorrect"), "{}", e.message());
+    assert!(
+        e.message().contains("pin_file or pin_env"),
+        "{}",
+        e.message()
+    );
+    assert!(!e.message().contains("0000"), "{}", e.message());
+    stack.stop().await;
+
+    // The same wrong PIN is not offered again (an HSM locks its user after a few); a
+    // corrected PIN file is read and tried at the next login.
+    let signer = Pkcs11Signer::new(&[hsm.config(PinSource::File(wrong.clone()))]).unwrap();
+    let first = signer.certificate(&hsm.url(), KEY).await.unwrap_err();
+    assert!(first.to_string().contains("CKR_PinIncorrect"), "{first}");
+    assert!(!first.to_string().contains("not offered again"), "{first}");
+    let again = signer.certificate(&hsm.url(), KEY).await.unwrap_err();
+    assert!(
+        matches!(&again, SignerError::Forbidden { code, .. } if code == "CKR_PinIncorrect"),
+        "{again:?}"
+    );
+    assert!(again.to_string().contains("not offered again"), "{again}");
+    std::fs::write(&wrong, format!("{PIN}\n")).unwrap();
+    signer.certificate(&hsm.url(), KEY).await.unwrap();
+    drop(signer);
+
+    let missing = hsm.dir.path().join("no-such-pin");
+    let e = Pkcs11Signer::new(&[hsm.config(PinSource::File(missing.clone()))])
+        .unwrap()
+        .certificate(&hsm.url(), KEY)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SignerError::Forbidden { code, .. } if code == "PinUnreadable"),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains(&missing.display().to_string()),
+        "{e}"
+    );
+    let e = Pkcs11Signer::new(&[hsm.config(PinSource::Env("TOKENBROKER_TEST_UNSET".into()))])
+        .unwrap()
+        .certificate(&hsm.url(), KEY)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SignerError::Forbidden { code, .. } if code == "PinUnset"),
+        "{e:?}"
+    );
+}
+
+async fn a_missing_key_token_or_module_is_named(hsm: &Hsm) {
+    let signer = Pkcs11Signer::new(&[hsm.config(PinSource::File(hsm.pin_file()))]).unwrap();
+    let e = signer
+        .certificate(&hsm.url(), "no-such-key")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SignerError::NotFound { code, .. } if code == "KeyNotFound"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("no-such-key"), "{e}");
+
+    let absent = TokenConfig {
+        label: "absent-token".into(),
+        ..hsm.config(PinSource::File(hsm.pin_file()))
+    };
+    let signer = Pkcs11Signer::new(&[absent]).unwrap();
+    let url = token_url(&hsm.module, "absent-token").unwrap();
+    let e = signer.certificate(&url, KEY).await.unwrap_err();
+    assert!(
+        matches!(&e, SignerError::NotFound { code, .. } if code == "TokenNotPresent"),
+        "{e:?}"
+    );
+
+    let e = Pkcs11Signer::new(&[TokenConfig {
+        module: hsm.dir.path().join("no-such-module.so"),
+        ..hsm.config(PinSource::File(hsm.pin_file()))
+    }])
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("cannot load the PKCS#11 module"),
+        "{e}"
+    );
+}
+
+/// The demo estate, with contoso's app also trusting the certificate whose key is on the
+/// token (imported into the emulator's vault only so that its app registration knows it).
+fn estate(hsm: &Hsm) -> EmulatorConfig {
+    let mut emu = EmulatorConfig::demo();
+    emu.vaults[0].certificates.push(CertificateConfig {
+        name: KEY.into(),
+        key_type: "RSA".into(),
+        key_size: 2048,
+        versions: 1,
+        import_pem: Some(hsm.pem.clone()),
+        subject: None,
+        validity_days: 365,
+    });
+    for t in &mut emu.tenants {
+        for a in &mut t.apps {
+            if a.client_id == demo::CONTOSO_APP {
+                a.certificates.push(format!("{}/{KEY}", demo::VAULT));
+            }
+        }
+    }
+    emu
+}
+
+/// The broker configuration with contoso's credential on the token.
+fn on_the_token(hsm: &Hsm, key: &str, algorithm: &str) -> impl FnOnce(String) -> String {
+    let credential = format!(
+        "credential = {{ type = \"pkcs11\", module = \"{}\", token = \"{TOKEN}\", key = \"{key}\", pin_file = \"{}\", algorithm = \"{algorithm}\", thumbprint = \"x5t_s256\" }}",
+        hsm.module.display(),
+        hsm.pin_file().display()
+    );
+    move |toml: String| {
+        toml.lines()
+            .map(|l| {
+                if l.contains("certificate = \"contoso-app\"") {
+                    credential.clone()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+async fn a_tenant_with_its_key_on_the_token_gets_tokens_from_entra(hsm: &Hsm) {
+    for algorithm in ["RS256", "PS256"] {
+        let stack = Stack::start_with(estate(hsm), on_the_token(hsm, KEY, algorithm)).await;
+        let signs_before = stack.total_signs().await;
+        let t = stack.get("contoso", GRAPH).await.unwrap();
+        assert_eq!(t.source, TokenSource::Exchange as i32);
+        assert_eq!(t.tenant_id, demo::CONTOSO_TENANT);
+        // The assertion Entra accepted names the token's certificate and was signed there,
+        // not in Key Vault.
+        let assertion = stack.assertions.lock().unwrap()[0].clone();
+        let header: serde_json::Value = {
+            use base64::Engine;
+            let part = assertion.split('.').next().unwrap();
+            serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(part)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        assert_eq!(header["alg"], algorithm);
+        use base64::Engine;
+        assert_eq!(
+            header["x5t#S256"],
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(&hsm.der))
+        );
+        assert_eq!(
+            stack.total_signs().await,
+            signs_before,
+            "Key Vault signed nothing"
+        );
+        // Other tenants still sign in Key Vault.
+        stack.get("fabrikam", GRAPH).await.unwrap();
+        let metrics = reqwest::get(format!("http://{}/metrics", stack.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("upstream=\"hsm_sign\""),
+            "the HSM's signs are counted as its own upstream"
+        );
+        stack.stop().await;
+    }
+}
+
+async fn a_key_missing_from_the_token_is_a_failed_precondition_naming_the_fix(hsm: &Hsm) {
+    let stack = Stack::start_with(estate(hsm), on_the_token(hsm, "no-such-key", "RS256")).await;
+    let e = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("no-such-key"), "{}", e.message());
+    assert!(
+        e.message().contains("module, token and key"),
+        "{}",
+        e.message()
+    );
+    stack.stop().await;
+}
+
+fn main() -> ExitCode {
+    let hsm = match set_up() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("hsm tests: cannot set up a SoftHSM token: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    install_crypto();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    type Test = for<'a> fn(&'a Hsm) -> futures::future::BoxFuture<'a, ()>;
+    let tests: [(&str, Test); 6] = [
+        ("a_wrong_or_unreadable_pin_is_refused_with_the_fix", |h| {
+            a_wrong_or_unreadable_pin_is_refused_with_the_fix(h).boxed()
+        }),
+        ("signs_with_the_token_key_and_reads_its_certificate", |h| {
+            signs_with_the_token_key_and_reads_its_certificate(h).boxed()
+        }),
+        ("the_pin_can_come_from_the_environment", |h| {
+            the_pin_can_come_from_the_environment(h).boxed()
+        }),
+        ("a_missing_key_token_or_module_is_named", |h| {
+            a_missing_key_token_or_module_is_named(h).boxed()
+        }),
+        (
+            "a_tenant_with_its_key_on_the_token_gets_tokens_from_entra",
+            |h| a_tenant_with_its_key_on_the_token_gets_tokens_from_entra(h).boxed(),
+        ),
+        (
+            "a_key_missing_from_the_token_is_a_failed_precondition_naming_the_fix",
+            |h| a_key_missing_from_the_token_is_a_failed_precondition_naming_the_fix(h).boxed(),
+        ),
+    ];
+    let mut failed = 0;
+    let mut ran = 0;
+    for (name, test) in tests {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        ran += 1;
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| rt.block_on(test(&hsm))));
+        match result {
+            Ok(()) => println!("test {name} ... ok"),
+            Err(_) => {
+                failed += 1;
+                println!("test {name} ... FAILED");
+            }
+        }
+    }
+    println!(
+        "\ntest result: {}. {} passed; {failed} failed",
+        if failed == 0 { "ok" } else { "FAILED" },
+        ran - failed
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
