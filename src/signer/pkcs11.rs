@@ -23,7 +23,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use sha1::Sha1;
@@ -167,11 +167,11 @@ impl Token {
         loop {
             let session = self.session()?;
             match op(&session) {
-                Err(SignerError::Unavailable { .. }) | Err(SignerError::Forbidden { .. })
-                    if !retried && self.stale(&session) =>
-                {
-                    // The session died with its token (removed, reset) or lost its login:
-                    // drop it and every idle one, and try once more from the start.
+                // A private key is invisible without a login, so any failure can be this.
+                Err(_) if !retried && !logged_in(&session) => {
+                    // The session died with its token (removed, reset) or lost its login
+                    // (another client of the token logged out): drop it and every idle
+                    // one, and try once more from the start.
                     retried = true;
                     self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
                     *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -187,17 +187,6 @@ impl Token {
         }
     }
 
-    /// Whether `session` can no longer be used as it is (closed, or not logged in).
-    fn stale(&self, session: &Session) -> bool {
-        match session.get_session_info() {
-            Ok(info) => !matches!(
-                info.session_state(),
-                cryptoki::session::SessionState::RoUser | cryptoki::session::SessionState::RwUser
-            ),
-            Err(_) => true,
-        }
-    }
-
     fn session(&self) -> Result<Session, SignerError> {
         if let Some(s) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             return Ok(s);
@@ -208,11 +197,7 @@ impl Token {
             .open_ro_session(slot)
             .map_err(|e| classify(e, &self.what()))?;
         // A login holds for every session of the process: only the first needs one.
-        let logged_in = matches!(
-            session.get_session_info().map(|i| i.session_state()),
-            Ok(cryptoki::session::SessionState::RoUser | cryptoki::session::SessionState::RwUser)
-        );
-        if !logged_in {
+        if !logged_in(&session) {
             self.login(&session)?;
         }
         Ok(session)
@@ -303,6 +288,15 @@ impl Token {
     fn what(&self) -> String {
         format!("PKCS#11 token `{}`", self.label)
     }
+}
+
+/// Whether `session` is open and logged in as the user (a session of a removed or reset
+/// token, or one whose login ended, is not).
+fn logged_in(session: &Session) -> bool {
+    matches!(
+        session.get_session_info().map(|i| i.session_state()),
+        Ok(SessionState::RoUser | SessionState::RwUser)
+    )
 }
 
 /// The one private key labelled `label`, and its CKA_ID.

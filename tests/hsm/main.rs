@@ -213,6 +213,25 @@ async fn signs_with_the_token_key_and_reads_its_certificate(hsm: &Hsm) {
         .verify(rsa::Pss::new::<Sha256>(), &digest, &ps)
         .expect("a PS256 signature the certificate verifies");
 
+    // The login ends under the signer's idle sessions (as when the token is reset, or any
+    // client of it in this process logs out): the next sign logs in again.
+    let ctx = Pkcs11::new(&hsm.module).unwrap();
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|i| i.label().trim_end() == TOKEN)
+        })
+        .unwrap();
+    ctx.open_ro_session(slot).unwrap().logout().unwrap();
+    let again = signer
+        .sign(&info.key, SigningAlgorithm::RS256, digest)
+        .await
+        .expect("a new login after the old one ended");
+    assert_eq!(again, rs);
+
     // Concurrent signs each get a session of their own.
     let signs = (0..16).map(|_| signer.sign(&info.key, SigningAlgorithm::RS256, digest));
     for sig in futures::future::join_all(signs).await {
