@@ -17,10 +17,6 @@ use azure_security_keyvault_keys::models::{
     KeyClientSignOptions, SignParameters, SignatureAlgorithm,
 };
 use azure_security_keyvault_keys::{KeyClient, KeyClientOptions, ResourceId};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use sha1::Sha1;
-use sha2::{Digest, Sha256};
 use url::Url;
 
 use super::{CertificateInfo, KeyRef, Signer, SignerError};
@@ -139,17 +135,12 @@ impl Signer for KeyVaultSigner {
             cert.attributes.as_ref().and_then(|a| a.expires).map(|t| {
                 std::time::UNIX_EPOCH + Duration::from_secs(t.unix_timestamp().max(0) as u64)
             });
-        Ok(CertificateInfo {
-            x5t: URL_SAFE_NO_PAD.encode(Sha1::digest(&cer)),
-            x5t_s256: URL_SAFE_NO_PAD.encode(Sha256::digest(&cer)),
-            key: KeyRef {
-                vault_url: vault_url.clone(),
-                name: rid.name,
-                version: version.clone(),
-            },
+        let key = KeyRef {
+            vault_url: vault_url.clone(),
+            name: rid.name,
             version,
-            not_after,
-        })
+        };
+        Ok(CertificateInfo::of_der(&cer, key, not_after))
     }
 
     async fn sign(

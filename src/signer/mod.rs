@@ -28,6 +28,24 @@ pub struct CertificateInfo {
     pub not_after: Option<SystemTime>,
 }
 
+impl CertificateInfo {
+    /// The metadata of the DER certificate `der` whose key is `key`: its thumbprints, and
+    /// the key's version as the certificate's.
+    pub fn of_der(der: &[u8], key: KeyRef, not_after: Option<SystemTime>) -> Self {
+        use base64::Engine;
+        use sha1::Sha1;
+        use sha2::{Digest, Sha256};
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        CertificateInfo {
+            x5t: b64.encode(Sha1::digest(der)),
+            x5t_s256: b64.encode(Sha256::digest(der)),
+            version: key.version.clone(),
+            key,
+            not_after,
+        }
+    }
+}
+
 /// A key in a vault, pinned to a version.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KeyRef {

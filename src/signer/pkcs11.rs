@@ -16,8 +16,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
@@ -26,7 +24,6 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use sha1::Sha1;
 use sha2::{Digest, Sha256};
 use url::Url;
 use zeroize::Zeroizing;
@@ -408,20 +405,13 @@ impl Signer for Pkcs11Signer {
             let not_after = u64::try_from(cert.validity().not_after.timestamp())
                 .ok()
                 .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s));
-            let s256 = Sha256::digest(&der);
             // The certificate's thumbprint is its version: a rotation stores a new one.
-            let version = hex(&s256[..8]);
-            Ok(CertificateInfo {
-                x5t: URL_SAFE_NO_PAD.encode(Sha1::digest(&der)),
-                x5t_s256: URL_SAFE_NO_PAD.encode(s256),
-                key: KeyRef {
-                    vault_url: url.clone(),
-                    name: name_owned.clone(),
-                    version: version.clone(),
-                },
-                version,
-                not_after,
-            })
+            let key = KeyRef {
+                vault_url: url.clone(),
+                name: name_owned.clone(),
+                version: hex(&Sha256::digest(&der)[..8]),
+            };
+            Ok(CertificateInfo::of_der(&der, key, not_after))
         })
         .await
     }
