@@ -99,7 +99,7 @@ pub fn upstreams(config: &Config) -> Result<Upstreams, ServerError> {
         .collect();
     Ok(Upstreams {
         signer: Arc::new(signer),
-        hsm: Arc::new(Pkcs11Signer::new(&tokens)?),
+        hsm: Arc::new(Pkcs11Signer::new(&tokens, config.outbound.request_timeout)?),
         identity: Arc::new(ManagedIdentityAssertions::new(identities)),
         exchange: Arc::new(HttpTokenExchange::new(http)),
         clock: Arc::new(SystemClock),

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -69,6 +70,8 @@ pub struct TokenConfig {
 /// Signs with keys on PKCS#11 tokens, one entry per configured token.
 pub struct Pkcs11Signer {
     tokens: HashMap<String, Arc<Token>>,
+    /// How long one call (a session, a login, a sign) may take.
+    timeout: Duration,
 }
 
 impl fmt::Debug for Pkcs11Signer {
@@ -95,7 +98,7 @@ struct Token {
 impl Pkcs11Signer {
     /// Loads and initialises each token's module (once per module). Nothing is logged in
     /// yet: a token that is absent at start fails its tenant's fetches, not the broker.
-    pub fn new(tokens: &[TokenConfig]) -> Result<Self, SignerError> {
+    pub fn new(tokens: &[TokenConfig], timeout: Duration) -> Result<Self, SignerError> {
         let mut modules: HashMap<PathBuf, Pkcs11> = HashMap::new();
         let mut out = HashMap::new();
         for t in tokens {
@@ -121,7 +124,10 @@ impl Pkcs11Signer {
                 }),
             );
         }
-        Ok(Pkcs11Signer { tokens: out })
+        Ok(Pkcs11Signer {
+            tokens: out,
+            timeout,
+        })
     }
 
     fn token(&self, url: &Url) -> Result<Arc<Token>, SignerError> {
@@ -134,12 +140,30 @@ impl Pkcs11Signer {
 
     /// Runs `op` with a logged-in session of `token` on the blocking pool.
     async fn with_session<T: Send + 'static>(
+        &self,
         token: Arc<Token>,
         op: impl Fn(&Session) -> Result<T, SignerError> + Send + 'static,
     ) -> Result<T, SignerError> {
-        tokio::task::spawn_blocking(move || token.run(op))
-            .await
-            .map_err(|e| other(format!("PKCS#11 call ended: {e}")))?
+        bounded(self.timeout, move || token.run(op)).await
+    }
+}
+
+/// `call` on the blocking pool, waited for at most `timeout`. A network HSM that stops
+/// answering blocks its C call for as long as its client library says; the fetch must not
+/// wait that long (its caller and every caller joined to it would). The blocked thread is
+/// left to finish on its own; the breaker stops new calls after a few such failures.
+async fn bounded<T: Send + 'static>(
+    timeout: Duration,
+    call: impl FnOnce() -> Result<T, SignerError> + Send + 'static,
+) -> Result<T, SignerError> {
+    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(call)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(other(format!("PKCS#11 call ended: {e}"))),
+        Err(_) => Err(SignerError::Unavailable {
+            service: SERVICE,
+            message: format!("no answer from the PKCS#11 module within {timeout:?}"),
+            retry_after: None,
+        }),
     }
 }
 
@@ -394,7 +418,7 @@ impl Signer for Pkcs11Signer {
     ) -> Result<CertificateInfo, SignerError> {
         let token = self.token(token_url)?;
         let (label, name_owned, url) = (token.label.clone(), name.to_owned(), token_url.clone());
-        Self::with_session(token, move |s| {
+        self.with_session(token, move |s| {
             let (_, id) = private_key(s, &label, &name_owned)?;
             let der = certificate_der(s, &label, &name_owned, &id)?;
             let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
@@ -424,7 +448,7 @@ impl Signer for Pkcs11Signer {
     ) -> Result<Vec<u8>, SignerError> {
         let token = self.token(&key.vault_url)?;
         let (label, name) = (token.label.clone(), key.name.clone());
-        Self::with_session(token, move |s| {
+        self.with_session(token, move |s| {
             let (handle, _) = private_key(s, &label, &name)?;
             let what = format!("signing with key `{name}` on token `{label}`");
             match algorithm {
@@ -505,5 +529,29 @@ fn classify(e: CkError, what: &str) -> SignerError {
                 .into(),
         },
         _ => other(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // On real time: tokio's paused clock does not advance while a blocking task runs.
+    #[tokio::test]
+    async fn a_call_that_does_not_return_is_unavailable_after_the_timeout() {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let r = bounded(Duration::from_millis(50), move || {
+            let _ = held.recv();
+            Ok(())
+        })
+        .await;
+        let _ = release.send(());
+        match r {
+            Err(SignerError::Unavailable { message, .. }) => {
+                assert!(message.contains("within 50ms"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(bounded(Duration::from_secs(10), || Ok(7)).await.unwrap(), 7);
     }
 }

@@ -34,6 +34,7 @@ const TOKEN: &str = "tokenbroker-test";
 const KEY: &str = "contoso-hsm";
 const PIN: &str = "4711-user";
 const PIN_ENV: &str = "TOKENBROKER_TEST_HSM_PIN";
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The SoftHSM token made for this run, and what was put on it.
 struct Hsm {
@@ -184,7 +185,8 @@ fn public_key(der: &[u8]) -> RsaPublicKey {
 }
 
 async fn signs_with_the_token_key_and_reads_its_certificate(hsm: &Hsm) {
-    let signer = Pkcs11Signer::new(&[hsm.config(PinSource::File(hsm.pin_file()))]).unwrap();
+    let signer =
+        Pkcs11Signer::new(&[hsm.config(PinSource::File(hsm.pin_file()))], TIMEOUT).unwrap();
     let info = signer.certificate(&hsm.url(), KEY).await.unwrap();
     use base64::Engine;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -240,7 +242,7 @@ async fn signs_with_the_token_key_and_reads_its_certificate(hsm: &Hsm) {
 }
 
 async fn the_pin_can_come_from_the_environment(hsm: &Hsm) {
-    let signer = Pkcs11Signer::new(&[hsm.config(PinSource::Env(PIN_ENV.into()))]).unwrap();
+    let signer = Pkcs11Signer::new(&[hsm.config(PinSource::Env(PIN_ENV.into()))], TIMEOUT).unwrap();
     signer.certificate(&hsm.url(), KEY).await.unwrap();
 }
 
@@ -269,7 +271,7 @@ async fn a_wrong_or_unreadable_pin_is_refused_with_the_fix(hsm: &Hsm) {
 
     // The same wrong PIN is not offered again (an HSM locks its user after a few); a
     // corrected PIN file is read and tried at the next login.
-    let signer = Pkcs11Signer::new(&[hsm.config(PinSource::File(wrong.clone()))]).unwrap();
+    let signer = Pkcs11Signer::new(&[hsm.config(PinSource::File(wrong.clone()))], TIMEOUT).unwrap();
     let first = signer.certificate(&hsm.url(), KEY).await.unwrap_err();
     assert!(first.to_string().contains("CKR_PinIncorrect"), "{first}");
     assert!(!first.to_string().contains("not offered again"), "{first}");
@@ -284,7 +286,7 @@ async fn a_wrong_or_unreadable_pin_is_refused_with_the_fix(hsm: &Hsm) {
     drop(signer);
 
     let missing = hsm.dir.path().join("no-such-pin");
-    let e = Pkcs11Signer::new(&[hsm.config(PinSource::File(missing.clone()))])
+    let e = Pkcs11Signer::new(&[hsm.config(PinSource::File(missing.clone()))], TIMEOUT)
         .unwrap()
         .certificate(&hsm.url(), KEY)
         .await
@@ -297,11 +299,14 @@ async fn a_wrong_or_unreadable_pin_is_refused_with_the_fix(hsm: &Hsm) {
         e.to_string().contains(&missing.display().to_string()),
         "{e}"
     );
-    let e = Pkcs11Signer::new(&[hsm.config(PinSource::Env("TOKENBROKER_TEST_UNSET".into()))])
-        .unwrap()
-        .certificate(&hsm.url(), KEY)
-        .await
-        .unwrap_err();
+    let e = Pkcs11Signer::new(
+        &[hsm.config(PinSource::Env("TOKENBROKER_TEST_UNSET".into()))],
+        TIMEOUT,
+    )
+    .unwrap()
+    .certificate(&hsm.url(), KEY)
+    .await
+    .unwrap_err();
     assert!(
         matches!(&e, SignerError::Forbidden { code, .. } if code == "PinUnset"),
         "{e:?}"
@@ -309,7 +314,8 @@ async fn a_wrong_or_unreadable_pin_is_refused_with_the_fix(hsm: &Hsm) {
 }
 
 async fn a_missing_key_token_or_module_is_named(hsm: &Hsm) {
-    let signer = Pkcs11Signer::new(&[hsm.config(PinSource::File(hsm.pin_file()))]).unwrap();
+    let signer =
+        Pkcs11Signer::new(&[hsm.config(PinSource::File(hsm.pin_file()))], TIMEOUT).unwrap();
     let e = signer
         .certificate(&hsm.url(), "no-such-key")
         .await
@@ -324,7 +330,7 @@ async fn a_missing_key_token_or_module_is_named(hsm: &Hsm) {
         label: "absent-token".into(),
         ..hsm.config(PinSource::File(hsm.pin_file()))
     };
-    let signer = Pkcs11Signer::new(&[absent]).unwrap();
+    let signer = Pkcs11Signer::new(&[absent], TIMEOUT).unwrap();
     let url = token_url(&hsm.module, "absent-token").unwrap();
     let e = signer.certificate(&url, KEY).await.unwrap_err();
     assert!(
@@ -332,10 +338,13 @@ async fn a_missing_key_token_or_module_is_named(hsm: &Hsm) {
         "{e:?}"
     );
 
-    let e = Pkcs11Signer::new(&[TokenConfig {
-        module: hsm.dir.path().join("no-such-module.so"),
-        ..hsm.config(PinSource::File(hsm.pin_file()))
-    }])
+    let e = Pkcs11Signer::new(
+        &[TokenConfig {
+            module: hsm.dir.path().join("no-such-module.so"),
+            ..hsm.config(PinSource::File(hsm.pin_file()))
+        }],
+        TIMEOUT,
+    )
     .unwrap_err();
     assert!(
         e.to_string().contains("cannot load the PKCS#11 module"),
