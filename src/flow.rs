@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{Instrument, info, info_span, warn};
 use url::Url;
@@ -168,6 +168,8 @@ pub struct Flow {
     identities: HashMap<String, Guard>,
     /// Per tenant name: Entra exchanges.
     entra: HashMap<String, Guard>,
+    /// Each signing tenant's certificate, for the expiry metric.
+    cert_tenants: Vec<(String, CertKey)>,
     pub stats: UpstreamStats,
     /// OpenTelemetry instruments (upstream calls here, requests in `api`, state observed).
     pub metrics: Metrics,
@@ -249,7 +251,13 @@ impl Flow {
                 },
             );
         }
+        let cert_tenants = config
+            .tenants
+            .values()
+            .filter_map(|t| Some((t.name.clone(), cert_key(&t.credential)?)))
+            .collect();
         Flow {
+            cert_tenants,
             signer: up.signer.clone(),
             hsm: up.hsm.clone(),
             identity: up.identity.clone(),
@@ -706,6 +714,72 @@ impl Flow {
             Ok(r?)
         })
         .await
+        .inspect(|info| self.warn_if_expiring(key, info))
+    }
+
+    /// Says so in the log, at each read of its metadata, when a signing certificate is
+    /// within `EXPIRY_WARNING` of its end or past it: Entra refuses an expired certificate,
+    /// and renewing one (or putting the renewed one on the app) takes people time.
+    fn warn_if_expiring(&self, key: &CertKey, info: &CertificateInfo) {
+        let Some(left) = info.not_after.map(|t| seconds_until(self.clock.now(), t)) else {
+            return;
+        };
+        if left < EXPIRY_WARNING.as_secs_f64() {
+            let days = left / 86_400.0;
+            warn!(
+                certificate = %key.1,
+                at = %key.0,
+                version = %info.version,
+                days_left = format_args!("{days:.1}"),
+                "the signing certificate expires soon or has expired: renew it and add the new certificate to the app registration"
+            );
+        }
+    }
+
+    /// Seconds until each tenant's signing certificate, as last read, expires (negative
+    /// once past), for tenants whose certificate has been read and names its end.
+    pub fn certificate_expiries(&self) -> Vec<(String, f64)> {
+        let now = self.clock.now();
+        let ends: HashMap<CertKey, SystemTime> = self
+            .certs
+            .iter()
+            .filter_map(|(k, e)| {
+                let current = e.current.lock().unwrap_or_else(|p| p.into_inner());
+                current.0.not_after.map(|t| ((*k).clone(), t))
+            })
+            .collect();
+        self.cert_tenants
+            .iter()
+            .filter_map(|(tenant, key)| {
+                ends.get(key)
+                    .map(|end| (tenant.clone(), seconds_until(now, *end)))
+            })
+            .collect()
+    }
+}
+
+/// How long before a signing certificate's end the broker starts warning.
+const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
+
+/// Seconds from `now` to `t`, negative when `t` is past.
+fn seconds_until(now: SystemTime, t: SystemTime) -> f64 {
+    match t.duration_since(now) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+/// The signing certificate a credential names (`None` for a managed identity), as `fetch`
+/// names it.
+fn cert_key(credential: &Credential) -> Option<CertKey> {
+    match credential {
+        Credential::KeyVaultCertificate {
+            vault_url,
+            certificate,
+            ..
+        } => Some((vault_url.clone(), certificate.clone())),
+        Credential::Pkcs11 { uri, key, .. } => Some((uri.clone(), key.clone())),
+        Credential::ManagedIdentity { .. } => None,
     }
 }
 

@@ -500,6 +500,22 @@ fn observe(meter: &Meter, source: &Source) {
         .build();
     let s = source.clone();
     meter
+        .f64_observable_gauge("tokenbroker_certificate_expiry_seconds")
+        .with_description(
+            "Seconds until each tenant's signing certificate (Key Vault or HSM) expires, as last read; negative once expired",
+        )
+        .with_unit("s")
+        .with_callback(move |o| {
+            let Some(ends) = with_broker(&s, |b| b.flow().certificate_expiries()) else {
+                return;
+            };
+            for (tenant, secs) in ends {
+                o.observe(secs, &[KeyValue::new("tenant", tenant)]);
+            }
+        })
+        .build();
+    let s = source.clone();
+    meter
         .u64_observable_gauge("tokenbroker_breaker_state")
         .with_description(
             "Circuit breaker state per upstream and target: 0 closed, 1 half-open, 2 open",

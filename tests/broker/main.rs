@@ -401,6 +401,55 @@ async fn upstream_outages_are_unavailable_with_a_retry_hint() {
 }
 
 /// Everything logged in this test binary, at every level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_certificate_near_its_end_is_a_warning_and_each_ones_end_a_metric() {
+    let logs = captured_logs();
+    let mut emu = tokenbroker::emulator::EmulatorConfig::demo();
+    for c in &mut emu.vaults[0].certificates {
+        if c.name == "fabrikam-app" {
+            c.validity_days = 10;
+        }
+    }
+    let stack = Stack::start_with(emu, |t| t).await;
+    stack.get("contoso", GRAPH).await.unwrap();
+    stack.get("fabrikam", GRAPH).await.unwrap();
+    let text = reqwest::get(format!("http://{}/metrics", stack.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let days = |tenant: &str| {
+        let series = format!("tokenbroker_certificate_expiry_seconds{{tenant=\"{tenant}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .map(|v| v.parse::<f64>().unwrap() / 86_400.0)
+    };
+    let contoso = days("contoso").expect("contoso's certificate end");
+    assert!((364.0..=365.0).contains(&contoso), "{contoso}");
+    let fabrikam = days("fabrikam").expect("fabrikam's certificate end");
+    assert!((9.0..=10.0).contains(&fabrikam), "{fabrikam}");
+    // A tenant without a certificate (federated managed identity) has no such series.
+    assert_eq!(days("contoso-federated"), None);
+    stack.stop().await;
+
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let warnings: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("the signing certificate expires soon"))
+        .collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|l| l.contains("fabrikam-app") && l.contains("days_left")),
+        "{warnings:?}"
+    );
+    assert!(
+        !warnings.iter().any(|l| l.contains("contoso-app")),
+        "{warnings:?}"
+    );
+}
+
 fn captured_logs() -> &'static std::sync::Mutex<Vec<u8>> {
     use std::sync::{Mutex, OnceLock};
     static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
