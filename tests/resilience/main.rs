@@ -477,7 +477,7 @@ async fn watch_token_delivers_each_refresh_before_expiry_and_survives_an_outage(
         stack
             .advance(Duration::from_secs(until_refresh.max(0) as u64 + 1))
             .await;
-        let next = watch_next(&mut watch).await.token.unwrap();
+        let next = watch_refreshed(&stack, &mut watch).await.token.unwrap();
         assert_ne!(next.access_token, current.access_token, "cycle {cycle}");
         assert!(
             secs(&current.expires_at) > now_unix(&stack),
@@ -541,9 +541,37 @@ async fn a_wall_clock_stepped_back_neither_delays_the_refresh_nor_misreports_the
     stack
         .advance(Duration::from_secs(until_refresh as u64 + 1))
         .await;
-    let next = watch_next(&mut watch).await.token.unwrap();
+    let next = watch_refreshed(&stack, &mut watch).await.token.unwrap();
     assert_ne!(next.access_token, first.access_token);
     stack.stop().await;
+}
+
+/// The next watch message after the clock was moved to a refresh. The refresh runs on the
+/// broker's clock: should an upstream call fail on the way (a pooled connection closed under
+/// load, say), its retry waits on that clock too, so time keeps moving a second at a time
+/// while we wait, as it would. On failure, says what the broker did meanwhile.
+async fn watch_refreshed(
+    stack: &Stack,
+    stream: &mut tonic::Streaming<tokenbroker::proto::WatchTokenResponse>,
+) -> tokenbroker::proto::WatchTokenResponse {
+    for _ in 0..12 {
+        if let Ok(m) = tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+            return m.unwrap().expect("the stream stays open");
+        }
+        stack.advance(Duration::from_secs(1)).await;
+    }
+    use std::sync::atomic::Ordering::Relaxed;
+    let (b, u) = (stack.broker.stats(), stack.broker.upstream_stats());
+    panic!(
+        "no refreshed token: refreshes {}, refresh failures {}, signs {}, exchanges {}, certificate reads {}, retries {}, breaker rejections {}",
+        b.refreshes.get(),
+        b.refresh_failures.get(),
+        u.signs.load(Relaxed),
+        u.exchanges.load(Relaxed),
+        u.certificate_reads.load(Relaxed),
+        u.retries.load(Relaxed),
+        u.breaker_rejections.load(Relaxed),
+    );
 }
 
 /// Moves the clock a minute at a time until the stream says what `done` looks for
