@@ -887,6 +887,7 @@ impl Validator<'_> {
                 );
             }
         }
+        self.one_pin_per_token(&tenants);
         for (i, p) in resilience.prewarm.iter().enumerate() {
             if !tenants.contains_key(&p.tenant) {
                 self.problem(
@@ -1425,6 +1426,28 @@ impl Validator<'_> {
             algorithm: raw.algorithm.unwrap_or(SigningAlgorithm::RS256),
             thumbprint: raw.thumbprint.unwrap_or(ThumbprintHeader::X5t),
         })
+    }
+
+    /// A login holds for the whole token, so every tenant on a token must log in the same
+    /// way: two PIN sources for one token would make one tenant's PIN win at random.
+    fn one_pin_per_token(&mut self, tenants: &BTreeMap<String, TenantConfig>) {
+        let mut first: BTreeMap<&Url, (&str, &PinSource)> = BTreeMap::new();
+        for t in tenants.values() {
+            if let Credential::Pkcs11 { uri, pin, .. } = &t.credential {
+                match first.get(uri) {
+                    Some((other, p)) if *p != pin => self.problem(
+                        &format!("tenants.{}.credential", t.name),
+                        format!(
+                            "names token `{uri}` with another pin_file or pin_env than tenant `{other}`: a token has one user PIN, give both the same"
+                        ),
+                    ),
+                    Some(_) => {}
+                    None => {
+                        first.insert(uri, (&t.name, pin));
+                    }
+                }
+            }
+        }
     }
 
     fn pkcs11_credential(&mut self, path: &str, raw: RawCredential) -> Option<Credential> {

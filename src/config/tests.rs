@@ -520,7 +520,7 @@ credential = { type = "pkcs11", module = "/usr/lib/softhsm/libsofthsm2.so", toke
 [tenants.onprem2]
 tenant_id = "55555555-5555-5555-5555-555555555555"
 client_id = "66666666-6666-6666-6666-666666666666"
-credential = { type = "pkcs11", module = "/usr/lib/softhsm/libsofthsm2.so", token = "broker hsm", key = "onprem2-app", pin_env = "HSM_USER_PIN" }
+credential = { type = "pkcs11", module = "/usr/lib/softhsm/libsofthsm2.so", token = "other", key = "onprem2-app", pin_env = "HSM_USER_PIN" }
 "#;
 
 #[test]
@@ -551,7 +551,7 @@ fn a_pkcs11_credential_names_its_module_token_key_and_where_the_pin_is() {
     );
     assert!(matches!(
         &c.tenants["onprem2"].credential,
-        Credential::Pkcs11 { pin: PinSource::Env(e), uri: u, .. } if e == "HSM_USER_PIN" && u == uri
+        Credential::Pkcs11 { pin: PinSource::Env(e), uri: u, .. } if e == "HSM_USER_PIN" && u != uri
     ));
     assert!(
         c.summary()
@@ -597,6 +597,16 @@ fn a_pkcs11_credential_is_explained_when_incomplete_mixed_or_holding_the_pin() {
     assert!(at("tenants.mixed.credential.vault_url").contains("not used by a `pkcs11`"));
     assert!(
         at("tenants.kvpin.credential.pin_file").contains("not used by a `key_vault_certificate`")
+    );
+
+    // One token, two PIN sources: refused (a token has one login).
+    let twice = HSM.replace("token = \"other\"", "token = \"broker hsm\"");
+    let p = problems(&format!("{GOOD}{twice}"));
+    assert!(
+        p.iter().any(|p| p.path == "tenants.onprem2.credential"
+            && p.message.contains("tenant `onprem`")
+            && p.message.contains("one user PIN")),
+        "{p:?}"
     );
 
     // A PIN written into the configuration is refused before anything else is read.
