@@ -105,8 +105,15 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                 EntraErrorClass::Caller => Status::invalid_argument(format!(
                     "scopes: {msg}; ask for exactly one resource's `/.default` scope known to the tenant"
                 )),
+                // Entra says "expired on application" when the registered key credential's
+                // validity has ended (or not begun): a renewal, not an upload, is missing.
+                EntraErrorClass::KeyRejected if err.description.contains("expired") => {
+                    Status::failed_precondition(format!(
+                        "{msg}; the certificate has expired (or is not valid yet): renew it (a new version in Key Vault, or a new key and certificate on the HSM) and upload the new certificate's public part to the app"
+                    ))
+                }
                 EntraErrorClass::KeyRejected => Status::failed_precondition(format!(
-                    "{msg}; the app registration does not accept the Key Vault certificate: upload the certificate's public part to the app (or check the configured algorithm/thumbprint)"
+                    "{msg}; the app registration does not accept the signing certificate: upload the certificate's public part to the app (or check the configured algorithm/thumbprint)"
                 )),
                 EntraErrorClass::Clock => Status::failed_precondition(format!(
                     "{msg}; the assertion was outside its validity window: check this host's clock"

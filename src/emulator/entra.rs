@@ -406,6 +406,33 @@ fn validate_certificate(
             ),
         ));
     };
+    let now = shared.now_secs();
+    if now < key.start || now > key.end {
+        // As Entra writes them: 'Start=09/09/2026 17:51:32' (UTC).
+        let when = |t: i64| {
+            time::OffsetDateTime::from_unix_timestamp(t)
+                .map(|t| {
+                    format!(
+                        "{:02}/{:02}/{} {:02}:{:02}:{:02}",
+                        u8::from(t.month()),
+                        t.day(),
+                        t.year(),
+                        t.hour(),
+                        t.minute(),
+                        t.second()
+                    )
+                })
+                .unwrap_or_default()
+        };
+        return Err(invalid_client(
+            700027,
+            format!(
+                "The certificate with identifier used to sign the client assertion is expired on application. [Reason - The key used is expired., Found key 'Start={}, End={}']",
+                when(key.start),
+                when(key.end)
+            ),
+        ));
+    }
     if !keys::verify_jws(
         &key.public,
         alg,

@@ -106,6 +106,10 @@ pub(crate) struct RegisteredKey {
     pub x5t: String,
     pub x5t_s256: String,
     pub public: RsaPublicKey,
+    /// The key credential's validity (Unix seconds): the certificate's, as the portal and
+    /// `az ad app credential reset --cert` register it.
+    pub start: i64,
+    pub end: i64,
 }
 
 impl RegisteredKey {
@@ -114,6 +118,8 @@ impl RegisteredKey {
             x5t: v.x5t.clone(),
             x5t_s256: v.x5t_s256.clone(),
             public: v.public.clone(),
+            start: v.not_before,
+            end: v.expires,
         }
     }
 }

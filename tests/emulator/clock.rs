@@ -242,7 +242,31 @@ async fn certificates_expire_on_the_emulator_clock() {
             .status(),
         200
     );
+    // Signed while the certificate was valid, presented after its end: Entra judges the
+    // app's key credential, whose validity is the certificate's.
+    let (header, claims) = env.contoso_assertion_parts().await;
+    let signed_before = env.assertion("contoso-app", header, claims).await;
     assert_eq!(advance(&env, json!(2 * 24 * HOUR)).await.0, 200);
+    let (s, body) = env
+        .exchange_assertion(
+            demo::CONTOSO_TENANT,
+            demo::CONTOSO_APP,
+            SCOPE,
+            &signed_before,
+        )
+        .await;
+    assert_eq!(
+        (s, body["error_codes"][0].as_i64()),
+        (401, Some(700027)),
+        "{body}"
+    );
+    let description = body["error_description"].as_str().unwrap();
+    assert!(
+        description.contains("is expired on application")
+            && description.contains("The key used is expired")
+            && description.contains("Found key 'Start="),
+        "{description}"
+    );
     let token = env.kv_token().await;
     let resp = env
         .sign(&token, "contoso-app", None, "RS256", &digest)

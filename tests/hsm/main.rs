@@ -32,6 +32,7 @@ use tonic::Code;
 
 const TOKEN: &str = "tokenbroker-test";
 const KEY: &str = "contoso-hsm";
+const EXPIRED_KEY: &str = "contoso-hsm-old";
 const PIN: &str = "4711-user";
 const PIN_ENV: &str = "TOKENBROKER_TEST_HSM_PIN";
 const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -43,6 +44,49 @@ struct Hsm {
     /// The certificate and its private key, as the emulator imports them.
     pem: PathBuf,
     der: Vec<u8>,
+    /// Another key, whose certificate's validity ended a year ago.
+    expired_pem: PathBuf,
+}
+
+/// An RSA key and its self-signed certificate, written out for the token and the emulator.
+struct Pair {
+    label: &'static str,
+    id: u8,
+    key_pem: PathBuf,
+    /// Certificate and key, as the emulator imports them.
+    pem: PathBuf,
+    der: Vec<u8>,
+}
+
+impl Pair {
+    fn new(
+        dir: &std::path::Path,
+        label: &'static str,
+        id: u8,
+        expired: bool,
+    ) -> Result<Pair, String> {
+        let key =
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())?;
+        let mut params =
+            rcgen::CertificateParams::new(vec![label.to_owned()]).map_err(|e| e.to_string())?;
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2025, 1, 1);
+        }
+        let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+        let key_pem = dir.join(format!("{label}.key.pem"));
+        std::fs::write(&key_pem, key.serialize_pem()).map_err(|e| e.to_string())?;
+        let pem = dir.join(format!("{label}.pem"));
+        std::fs::write(&pem, format!("{}{}", cert.pem(), key.serialize_pem()))
+            .map_err(|e| e.to_string())?;
+        Ok(Pair {
+            label,
+            id,
+            key_pem,
+            pem,
+            der: cert.der().to_vec(),
+        })
+    }
 }
 
 impl Hsm {
@@ -100,15 +144,10 @@ fn set_up() -> Result<Hsm, String> {
     }
     std::fs::write(dir.path().join("pin"), format!("{PIN}\n")).map_err(|e| e.to_string())?;
 
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())?;
-    let cert = rcgen::CertificateParams::new(vec![KEY.to_owned()])
-        .and_then(|p| p.self_signed(&key))
-        .map_err(|e| e.to_string())?;
-    let key_pem = dir.path().join("key.pem");
-    std::fs::write(&key_pem, key.serialize_pem()).map_err(|e| e.to_string())?;
-    let pem = dir.path().join("cert-and-key.pem");
-    std::fs::write(&pem, format!("{}{}", cert.pem(), key.serialize_pem()))
-        .map_err(|e| e.to_string())?;
+    let pairs = [
+        Pair::new(dir.path(), KEY, 0xa1, false)?,
+        Pair::new(dir.path(), EXPIRED_KEY, 0xa2, true)?,
+    ];
 
     let util = |args: &[&str]| -> Result<(), String> {
         let out = Command::new("softhsm2-util")
@@ -135,14 +174,15 @@ fn set_up() -> Result<Hsm, String> {
         "--pin",
         PIN,
     ])?;
-    let key_path = key_pem.to_string_lossy().into_owned();
-    util(&[
-        "--import", &key_path, "--token", TOKEN, "--label", KEY, "--id", "a1", "--pin", PIN,
-    ])?;
+    for p in &pairs {
+        let key_path = p.key_pem.to_string_lossy().into_owned();
+        let id = format!("{:02x}", p.id);
+        util(&[
+            "--import", &key_path, "--token", TOKEN, "--label", p.label, "--id", &id, "--pin", PIN,
+        ])?;
+    }
 
-    // The certificate beside its key (same CKA_ID), as an operator stores it.
-    let der = cert.der().to_vec();
-    let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+    // Each certificate beside its key (same CKA_ID), as an operator stores it.
     let ctx = Pkcs11::new(&module).map_err(|e| e.to_string())?;
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .map_err(|e| e.to_string())?;
@@ -159,23 +199,29 @@ fn set_up() -> Result<Hsm, String> {
     session
         .login(UserType::User, Some(&AuthPin::from(PIN)))
         .map_err(|e| e.to_string())?;
-    session
-        .create_object(&[
-            Attribute::Class(ObjectClass::CERTIFICATE),
-            Attribute::CertificateType(CertificateType::X_509),
-            Attribute::Token(true),
-            Attribute::Label(KEY.as_bytes().to_vec()),
-            Attribute::Id(vec![0xa1]),
-            Attribute::Subject(parsed.subject().as_raw().to_vec()),
-            Attribute::Value(der.clone()),
-        ])
-        .map_err(|e| e.to_string())?;
+    for p in &pairs {
+        let (_, parsed) = x509_parser::parse_x509_certificate(&p.der).map_err(|e| e.to_string())?;
+        session
+            .create_object(&[
+                Attribute::Class(ObjectClass::CERTIFICATE),
+                Attribute::CertificateType(CertificateType::X_509),
+                Attribute::Token(true),
+                Attribute::Label(p.label.as_bytes().to_vec()),
+                Attribute::Id(vec![p.id]),
+                Attribute::Subject(parsed.subject().as_raw().to_vec()),
+                Attribute::Value(p.der.clone()),
+            ])
+            .map_err(|e| e.to_string())?;
+    }
     drop(session);
+    let [pair, expired] = pairs;
+    let (pem, der, expired_pem) = (pair.pem, pair.der, expired.pem);
     Ok(Hsm {
         dir,
         module,
         pem,
         der,
+        expired_pem,
     })
 }
 
@@ -356,19 +402,21 @@ async fn a_missing_key_token_or_module_is_named(hsm: &Hsm) {
 /// token (imported into the emulator's vault only so that its app registration knows it).
 fn estate(hsm: &Hsm) -> EmulatorConfig {
     let mut emu = EmulatorConfig::demo();
-    emu.vaults[0].certificates.push(CertificateConfig {
-        name: KEY.into(),
-        key_type: "RSA".into(),
-        key_size: 2048,
-        versions: 1,
-        import_pem: Some(hsm.pem.clone()),
-        subject: None,
-        validity_days: 365,
-    });
-    for t in &mut emu.tenants {
-        for a in &mut t.apps {
-            if a.client_id == demo::CONTOSO_APP {
-                a.certificates.push(format!("{}/{KEY}", demo::VAULT));
+    for (name, pem) in [(KEY, &hsm.pem), (EXPIRED_KEY, &hsm.expired_pem)] {
+        emu.vaults[0].certificates.push(CertificateConfig {
+            name: name.into(),
+            key_type: "RSA".into(),
+            key_size: 2048,
+            versions: 1,
+            import_pem: Some(pem.clone()),
+            subject: None,
+            validity_days: 365,
+        });
+        for t in &mut emu.tenants {
+            for a in &mut t.apps {
+                if a.client_id == demo::CONTOSO_APP {
+                    a.certificates.push(format!("{}/{name}", demo::VAULT));
+                }
             }
         }
     }
@@ -456,6 +504,22 @@ async fn a_key_missing_from_the_token_is_a_failed_precondition_naming_the_fix(hs
     stack.stop().await;
 }
 
+async fn an_expired_certificate_is_refused_by_entra_with_the_fix(hsm: &Hsm) {
+    let stack = Stack::start_with(estate(hsm), on_the_token(hsm, EXPIRED_KEY, "RS256")).await;
+    let e = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("AADSTS700027"), "{}", e.message());
+    assert!(
+        e.message().contains("expired on application"),
+        "{}",
+        e.message()
+    );
+    assert!(e.message().contains("renew it"), "{}", e.message());
+    // The HSM signed it (it does not judge certificates): Entra refused the certificate.
+    assert!(!stack.assertions.lock().unwrap().is_empty());
+    stack.stop().await;
+}
+
 fn main() -> ExitCode {
     let hsm = match set_up() {
         Ok(h) => h,
@@ -472,7 +536,7 @@ fn main() -> ExitCode {
         .expect("a runtime");
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     type Test = for<'a> fn(&'a Hsm) -> futures::future::BoxFuture<'a, ()>;
-    let tests: [(&str, Test); 6] = [
+    let tests: [(&str, Test); 7] = [
         ("a_wrong_or_unreadable_pin_is_refused_with_the_fix", |h| {
             a_wrong_or_unreadable_pin_is_refused_with_the_fix(h).boxed()
         }),
@@ -488,6 +552,10 @@ fn main() -> ExitCode {
         (
             "a_tenant_with_its_key_on_the_token_gets_tokens_from_entra",
             |h| a_tenant_with_its_key_on_the_token_gets_tokens_from_entra(h).boxed(),
+        ),
+        (
+            "an_expired_certificate_is_refused_by_entra_with_the_fix",
+            |h| an_expired_certificate_is_refused_by_entra_with_the_fix(h).boxed(),
         ),
         (
             "a_key_missing_from_the_token_is_a_failed_precondition_naming_the_fix",
