@@ -146,6 +146,16 @@ impl Stack {
             .advance(d);
     }
 
+    /// The admin listener's `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn emulator(&self) -> &Emulator {
         self.emulator.as_ref().unwrap()
     }

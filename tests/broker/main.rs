@@ -413,12 +413,7 @@ async fn a_signing_certificate_near_its_end_is_a_warning_and_each_ones_end_a_met
     let stack = Stack::start_with(emu, |t| t).await;
     stack.get("contoso", GRAPH).await.unwrap();
     stack.get("fabrikam", GRAPH).await.unwrap();
-    let text = reqwest::get(format!("http://{}/metrics", stack.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = stack.metrics().await;
     let days = |tenant: &str| {
         let series = format!("tokenbroker_certificate_expiry_seconds{{tenant=\"{tenant}\"}} ");
         text.lines()

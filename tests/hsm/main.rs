@@ -186,15 +186,7 @@ fn set_up() -> Result<Hsm, String> {
     let ctx = Pkcs11::new(&module).map_err(|e| e.to_string())?;
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .map_err(|e| e.to_string())?;
-    let slot = ctx
-        .get_slots_with_token()
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .find(|s| {
-            ctx.get_token_info(*s)
-                .is_ok_and(|i| i.label().trim_end() == TOKEN)
-        })
-        .ok_or("the new token has no slot")?;
+    let slot = token_slot(&ctx).ok_or("the new token has no slot")?;
     let session = ctx.open_rw_session(slot).map_err(|e| e.to_string())?;
     session
         .login(UserType::User, Some(&AuthPin::from(PIN)))
@@ -222,6 +214,14 @@ fn set_up() -> Result<Hsm, String> {
         pem,
         der,
         expired_pem,
+    })
+}
+
+/// The slot holding the test token.
+fn token_slot(ctx: &Pkcs11) -> Option<cryptoki::slot::Slot> {
+    ctx.get_slots_with_token().ok()?.into_iter().find(|s| {
+        ctx.get_token_info(*s)
+            .is_ok_and(|i| i.label().trim_end() == TOKEN)
     })
 }
 
@@ -264,15 +264,7 @@ async fn signs_with_the_token_key_and_reads_its_certificate(hsm: &Hsm) {
     // The login ends under the signer's idle sessions (as when the token is reset, or any
     // client of it in this process logs out): the next sign logs in again.
     let ctx = Pkcs11::new(&hsm.module).unwrap();
-    let slot = ctx
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| {
-            ctx.get_token_info(*s)
-                .is_ok_and(|i| i.label().trim_end() == TOKEN)
-        })
-        .unwrap();
+    let slot = token_slot(&ctx).unwrap();
     ctx.open_ro_session(slot).unwrap().logout().unwrap();
     let again = signer
         .sign(&info.key, SigningAlgorithm::RS256, digest)
@@ -477,12 +469,7 @@ async fn a_tenant_with_its_key_on_the_token_gets_tokens_from_entra(hsm: &Hsm) {
         );
         // Other tenants still sign in Key Vault.
         stack.get("fabrikam", GRAPH).await.unwrap();
-        let metrics = reqwest::get(format!("http://{}/metrics", stack.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = stack.metrics().await;
         assert!(
             metrics.contains("upstream=\"hsm_sign\""),
             "the HSM's signs are counted as its own upstream"
