@@ -395,7 +395,26 @@ impl Flow {
                     );
                     Ok(r?)
                 })
-                .await?;
+                .await;
+            let assertion = match assertion {
+                Ok(a) => a,
+                // The key of the version we hold is gone (removed from an HSM after a
+                // rotation): re-read the metadata at once and sign again if it changed,
+                // rather than fail every refresh until the next scheduled re-read.
+                Err(e @ FlowError::Signer(SignerError::NotFound { .. })) if !retried_key => {
+                    retried_key = true;
+                    let fresh = self
+                        .refresh_certificate(&cert_key, vault.map(|v| &v.1), deadline)
+                        .await?;
+                    if fresh == cert {
+                        return Err(e);
+                    }
+                    info!(tenant = %tenant.name, version = %fresh.version, "signing key version gone; signing with the current one");
+                    cert = fresh;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             match self.exchange(tenant, scopes, &assertion, deadline).await {
                 Ok((started, t)) => return Ok(self.obtained(tenant, scopes, started, t)),
                 // Entra does not know the key we signed with: the certificate may have been

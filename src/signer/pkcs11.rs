@@ -320,49 +320,85 @@ fn logged_in(session: &Session) -> bool {
     )
 }
 
-/// The one private key labelled `label`, and its CKA_ID.
-fn private_key(
-    session: &Session,
-    token: &str,
-    label: &str,
-) -> Result<(ObjectHandle, Vec<u8>), SignerError> {
-    let found = session
+/// A private key labelled as configured, with its certificate.
+struct Candidate {
+    key: ObjectHandle,
+    der: Vec<u8>,
+    /// The certificate's thumbprint, which is its version.
+    version: String,
+    not_before: i64,
+    not_after: i64,
+}
+
+/// Every private key labelled `label`, each with its certificate. During a rotation a token
+/// holds the new key and certificate beside the old ones under the same label.
+fn candidates(session: &Session, token: &str, label: &str) -> Result<Vec<Candidate>, SignerError> {
+    let what = || format!("key `{label}` on token `{token}`");
+    let keys = session
         .find_objects(&[
             Attribute::Class(ObjectClass::PRIVATE_KEY),
             Attribute::Label(label.as_bytes().to_vec()),
         ])
-        .map_err(|e| classify(e, &format!("key `{label}` on token `{token}`")))?;
-    let key = match found.as_slice() {
-        [k] => *k,
-        [] => {
-            return Err(SignerError::NotFound {
-                service: SERVICE,
-                what: format!("private key `{label}` on token `{token}`"),
-                code: "KeyNotFound".into(),
-                message: "no private key has this label (or the PIN's user cannot see it)".into(),
-            });
-        }
-        many => {
-            return Err(other(format!(
-                "{} private keys on token `{token}` are labelled `{label}`: keep one (remove the old key after a rotation)",
-                many.len()
-            )));
-        }
-    };
-    let id = session
-        .get_attributes(key, &[AttributeType::Id])
-        .map_err(|e| classify(e, &format!("key `{label}` on token `{token}`")))?
-        .into_iter()
-        .find_map(|a| match a {
-            Attribute::Id(id) => Some(id),
-            _ => None,
+        .map_err(|e| classify(e, &what()))?;
+    if keys.is_empty() {
+        return Err(SignerError::NotFound {
+            service: SERVICE,
+            what: format!("private key `{label}` on token `{token}`"),
+            code: "KeyNotFound".into(),
+            message: "no private key has this label (or the PIN's user cannot see it)".into(),
+        });
+    }
+    let paired_by_id = keys.len() > 1;
+    keys.into_iter()
+        .map(|key| {
+            let id = session
+                .get_attributes(key, &[AttributeType::Id])
+                .map_err(|e| classify(e, &what()))?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Id(id) => Some(id),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            if paired_by_id && id.is_empty() {
+                return Err(other(format!(
+                    "several private keys on token `{token}` are labelled `{label}` and one has no CKA_ID: give each key the CKA_ID of its certificate"
+                )));
+            }
+            let der = certificate_der(session, token, label, &id)?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
+                other(format!(
+                    "the certificate of key `{label}` on token `{token}` is not X.509 DER: {e}"
+                ))
+            })?;
+            let validity = cert.validity();
+            let (not_before, not_after) = (
+                validity.not_before.timestamp(),
+                validity.not_after.timestamp(),
+            );
+            Ok(Candidate {
+                key,
+                version: hex(&Sha256::digest(&der)[..8]),
+                der,
+                not_before,
+                not_after,
+            })
         })
-        .unwrap_or_default();
-    Ok((key, id))
+        .collect()
 }
 
-/// The DER certificate of the key `label`: by the key's CKA_ID (how a key and its
-/// certificate are paired on a token), else by the same label.
+/// The candidate to sign with from now on: the newest certificate (latest start) that is
+/// valid now, else the newest at all (an expired one is Entra's to refuse, with its reason).
+fn current(mut all: Vec<Candidate>) -> Option<Candidate> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    all.sort_by_key(|c| (c.not_before <= now && now <= c.not_after, c.not_before));
+    all.pop()
+}
+
+/// The DER certificate of a key labelled `label`: by the key's CKA_ID (how a key and its
+/// certificate are paired on a token), else, for a key without one, by the same label.
 fn certificate_der(
     session: &Session,
     token: &str,
@@ -370,43 +406,38 @@ fn certificate_der(
     id: &[u8],
 ) -> Result<Vec<u8>, SignerError> {
     let what = || format!("certificate of key `{label}` on token `{token}`");
-    let mut templates = Vec::new();
-    if !id.is_empty() {
-        templates.push(Attribute::Id(id.to_vec()));
-    }
-    templates.push(Attribute::Label(label.as_bytes().to_vec()));
-    for by in templates {
-        let found = session
-            .find_objects(&[Attribute::Class(ObjectClass::CERTIFICATE), by])
-            .map_err(|e| classify(e, &what()))?;
-        match found.as_slice() {
-            [] => continue,
-            [c] => {
-                let value = session
-                    .get_attributes(*c, &[AttributeType::Value])
-                    .map_err(|e| classify(e, &what()))?;
-                return value
-                    .into_iter()
-                    .find_map(|a| match a {
-                        Attribute::Value(v) => Some(v),
-                        _ => None,
-                    })
-                    .ok_or_else(|| other(format!("the {} has no value", what())));
-            }
-            many => {
-                return Err(other(format!(
-                    "{} certificates on token `{token}` match key `{label}`: keep one",
-                    many.len()
-                )));
-            }
+    let by = if id.is_empty() {
+        Attribute::Label(label.as_bytes().to_vec())
+    } else {
+        Attribute::Id(id.to_vec())
+    };
+    let found = session
+        .find_objects(&[Attribute::Class(ObjectClass::CERTIFICATE), by])
+        .map_err(|e| classify(e, &what()))?;
+    match found.as_slice() {
+        [c] => {
+            let value = session
+                .get_attributes(*c, &[AttributeType::Value])
+                .map_err(|e| classify(e, &what()))?;
+            value
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Value(v) => Some(v),
+                    _ => None,
+                })
+                .ok_or_else(|| other(format!("the {} has no value", what())))
         }
+        [] => Err(SignerError::NotFound {
+            service: SERVICE,
+            what: what(),
+            code: "CertificateNotFound".into(),
+            message: "no certificate object has the key's CKA_ID (or, without one, its label): store the certificate on the token beside its key".into(),
+        }),
+        many => Err(other(format!(
+            "{} certificates on token `{token}` match key `{label}`: keep one per key",
+            many.len()
+        ))),
     }
-    Err(SignerError::NotFound {
-        service: SERVICE,
-        what: what(),
-        code: "CertificateNotFound".into(),
-        message: "no certificate object has the key's CKA_ID or label: store the certificate on the token beside its key".into(),
-    })
 }
 
 #[async_trait]
@@ -419,23 +450,18 @@ impl Signer for Pkcs11Signer {
         let token = self.token(token_url)?;
         let (label, name_owned, url) = (token.label.clone(), name.to_owned(), token_url.clone());
         self.with_session(token, move |s| {
-            let (_, id) = private_key(s, &label, &name_owned)?;
-            let der = certificate_der(s, &label, &name_owned, &id)?;
-            let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
-                other(format!(
-                    "the certificate of key `{name_owned}` on token `{label}` is not X.509 DER: {e}"
-                ))
-            })?;
-            let not_after = u64::try_from(cert.validity().not_after.timestamp())
+            let Some(c) = current(candidates(s, &label, &name_owned)?) else {
+                return Err(other(format!("no key `{name_owned}` on token `{label}`")));
+            };
+            let not_after = u64::try_from(c.not_after)
                 .ok()
-                .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s));
-            // The certificate's thumbprint is its version: a rotation stores a new one.
+                .map(|s| std::time::UNIX_EPOCH + Duration::from_secs(s));
             let key = KeyRef {
                 vault_url: url.clone(),
                 name: name_owned.clone(),
-                version: hex(&Sha256::digest(&der)[..8]),
+                version: c.version,
             };
-            Ok(CertificateInfo::of_der(&der, key, not_after))
+            Ok(CertificateInfo::of_der(&c.der, key, not_after))
         })
         .await
     }
@@ -447,15 +473,28 @@ impl Signer for Pkcs11Signer {
         digest: [u8; 32],
     ) -> Result<Vec<u8>, SignerError> {
         let token = self.token(&key.vault_url)?;
-        let (label, name) = (token.label.clone(), key.name.clone());
+        let (label, name, version) = (token.label.clone(), key.name.clone(), key.version.clone());
         self.with_session(token, move |s| {
-            let (handle, _) = private_key(s, &label, &name)?;
+            // The key of the certificate the assertion names, whichever is current now.
+            let Some(c) = candidates(s, &label, &name)?
+                .into_iter()
+                .find(|c| c.version == version)
+            else {
+                return Err(SignerError::NotFound {
+                    service: SERVICE,
+                    what: format!(
+                        "the key of certificate version {version} (`{name}` on token `{label}`)"
+                    ),
+                    code: "KeyVersionNotFound".into(),
+                    message: "it was removed from the token since its certificate was read".into(),
+                });
+            };
             let what = format!("signing with key `{name}` on token `{label}`");
             match algorithm {
                 SigningAlgorithm::RS256 => {
                     let mut input = SHA256_DIGEST_INFO.to_vec();
                     input.extend_from_slice(&digest);
-                    s.sign(&Mechanism::RsaPkcs, handle, &input)
+                    s.sign(&Mechanism::RsaPkcs, c.key, &input)
                 }
                 SigningAlgorithm::PS256 => {
                     let params = PkcsPssParams {
@@ -463,7 +502,7 @@ impl Signer for Pkcs11Signer {
                         mgf: PkcsMgfType::MGF1_SHA256,
                         s_len: 32.into(),
                     };
-                    s.sign(&Mechanism::RsaPkcsPss(params), handle, &digest)
+                    s.sign(&Mechanism::RsaPkcsPss(params), c.key, &digest)
                 }
             }
             .map_err(|e| classify(e, &what))

@@ -33,6 +33,7 @@ use tonic::Code;
 const TOKEN: &str = "tokenbroker-test";
 const KEY: &str = "contoso-hsm";
 const EXPIRED_KEY: &str = "contoso-hsm-old";
+const ROTATING: &str = "contoso-rotating";
 const PIN: &str = "4711-user";
 const PIN_ENV: &str = "TOKENBROKER_TEST_HSM_PIN";
 const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -46,6 +47,8 @@ struct Hsm {
     der: Vec<u8>,
     /// Another key, whose certificate's validity ended a year ago.
     expired_pem: PathBuf,
+    /// Two keys under one label, as during a rotation: the older certificate and the newer.
+    rotating: [(PathBuf, Vec<u8>); 2],
 }
 
 /// An RSA key and its self-signed certificate, written out for the token and the emulator.
@@ -63,20 +66,20 @@ impl Pair {
         dir: &std::path::Path,
         label: &'static str,
         id: u8,
-        expired: bool,
+        years: Option<(i32, i32)>,
     ) -> Result<Pair, String> {
         let key =
             rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())?;
         let mut params =
             rcgen::CertificateParams::new(vec![label.to_owned()]).map_err(|e| e.to_string())?;
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2025, 1, 1);
+        if let Some((from, to)) = years {
+            params.not_before = rcgen::date_time_ymd(from, 1, 1);
+            params.not_after = rcgen::date_time_ymd(to, 1, 1);
         }
         let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-        let key_pem = dir.join(format!("{label}.key.pem"));
+        let key_pem = dir.join(format!("{label}-{id:02x}.key.pem"));
         std::fs::write(&key_pem, key.serialize_pem()).map_err(|e| e.to_string())?;
-        let pem = dir.join(format!("{label}.pem"));
+        let pem = dir.join(format!("{label}-{id:02x}.pem"));
         std::fs::write(&pem, format!("{}{}", cert.pem(), key.serialize_pem()))
             .map_err(|e| e.to_string())?;
         Ok(Pair {
@@ -145,8 +148,10 @@ fn set_up() -> Result<Hsm, String> {
     std::fs::write(dir.path().join("pin"), format!("{PIN}\n")).map_err(|e| e.to_string())?;
 
     let pairs = [
-        Pair::new(dir.path(), KEY, 0xa1, false)?,
-        Pair::new(dir.path(), EXPIRED_KEY, 0xa2, true)?,
+        Pair::new(dir.path(), KEY, 0xa1, None)?,
+        Pair::new(dir.path(), EXPIRED_KEY, 0xa2, Some((2024, 2025)))?,
+        Pair::new(dir.path(), ROTATING, 0xa3, Some((2024, 2030)))?,
+        Pair::new(dir.path(), ROTATING, 0xa4, Some((2026, 2031)))?,
     ];
 
     let util = |args: &[&str]| -> Result<(), String> {
@@ -206,14 +211,16 @@ fn set_up() -> Result<Hsm, String> {
             .map_err(|e| e.to_string())?;
     }
     drop(session);
-    let [pair, expired] = pairs;
+    let [pair, expired, old, new] = pairs;
     let (pem, der, expired_pem) = (pair.pem, pair.der, expired.pem);
+    let rotating = [(old.pem, old.der), (new.pem, new.der)];
     Ok(Hsm {
         dir,
         module,
         pem,
         der,
         expired_pem,
+        rotating,
     })
 }
 
@@ -394,7 +401,12 @@ async fn a_missing_key_token_or_module_is_named(hsm: &Hsm) {
 /// token (imported into the emulator's vault only so that its app registration knows it).
 fn estate(hsm: &Hsm) -> EmulatorConfig {
     let mut emu = EmulatorConfig::demo();
-    for (name, pem) in [(KEY, &hsm.pem), (EXPIRED_KEY, &hsm.expired_pem)] {
+    for (name, pem) in [
+        (KEY, &hsm.pem),
+        (EXPIRED_KEY, &hsm.expired_pem),
+        ("contoso-rotating-old", &hsm.rotating[0].0),
+        ("contoso-rotating-new", &hsm.rotating[1].0),
+    ] {
         emu.vaults[0].certificates.push(CertificateConfig {
             name: name.into(),
             key_type: "RSA".into(),
@@ -507,6 +519,98 @@ async fn an_expired_certificate_is_refused_by_entra_with_the_fix(hsm: &Hsm) {
     stack.stop().await;
 }
 
+fn version(der: &[u8]) -> String {
+    Sha256::digest(der)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Runs last: it removes the newer rotating key from the token.
+async fn a_rotation_under_one_label_signs_with_the_newest_and_outlives_its_removal(hsm: &Hsm) {
+    let [(_, old), (_, new)] = &hsm.rotating;
+    let signer =
+        Pkcs11Signer::new(&[hsm.config(PinSource::File(hsm.pin_file()))], TIMEOUT).unwrap();
+    // Of two keys labelled alike, the newest valid certificate is the current one...
+    let info = signer.certificate(&hsm.url(), ROTATING).await.unwrap();
+    assert_eq!(info.version, version(new));
+    // ...and each version signs with its own key: the flow falls back to the previous
+    // version while Entra does not know the new certificate yet.
+    let digest: [u8; 32] = Sha256::digest(b"header.claims").into();
+    for der in [new, old] {
+        let key = tokenbroker::signer::KeyRef {
+            version: version(der),
+            ..info.key.clone()
+        };
+        let sig = signer
+            .sign(&key, SigningAlgorithm::RS256, digest)
+            .await
+            .unwrap();
+        public_key(der)
+            .verify(rsa::Pkcs1v15Sign::new::<Sha256>(), &digest, &sig)
+            .expect("signed by the key of that certificate");
+    }
+    let gone = tokenbroker::signer::KeyRef {
+        version: "0000000000000000".into(),
+        ..info.key.clone()
+    };
+    let e = signer
+        .sign(&gone, SigningAlgorithm::RS256, digest)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SignerError::NotFound { code, .. } if code == "KeyVersionNotFound"),
+        "{e:?}"
+    );
+    drop(signer);
+
+    // End to end: a token signed with the newer key; then the newer key is removed from the
+    // token (a rotation rolled back), and a forced refresh signs with the older one at once.
+    let stack = Stack::start_with(estate(hsm), on_the_token(hsm, ROTATING, "RS256")).await;
+    let first = stack.get("contoso", GRAPH).await.unwrap();
+    let ctx = Pkcs11::new(&hsm.module).unwrap();
+    let session = ctx.open_rw_session(token_slot(&ctx).unwrap()).unwrap();
+    for handle in session.find_objects(&[Attribute::Id(vec![0xa4])]).unwrap() {
+        session.destroy_object(handle).unwrap();
+    }
+    drop(session);
+    let again = stack
+        .client()
+        .await
+        .get_token(tokenbroker::proto::GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            force_refresh: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the refresh signs with the remaining key")
+        .into_inner();
+    assert_ne!(again.access_token, first.access_token);
+    let thumbprints: Vec<String> = stack
+        .assertions
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            use base64::Engine;
+            let part = a.split('.').next().unwrap();
+            let header: serde_json::Value = serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(part)
+                    .unwrap(),
+            )
+            .unwrap();
+            header["x5t#S256"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    use base64::Engine;
+    let b64 =
+        |der: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(der));
+    assert_eq!(thumbprints, [b64(new), b64(old)]);
+    stack.stop().await;
+}
+
 fn main() -> ExitCode {
     let hsm = match set_up() {
         Ok(h) => h,
@@ -523,7 +627,7 @@ fn main() -> ExitCode {
         .expect("a runtime");
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     type Test = for<'a> fn(&'a Hsm) -> futures::future::BoxFuture<'a, ()>;
-    let tests: [(&str, Test); 7] = [
+    let tests: [(&str, Test); 8] = [
         ("a_wrong_or_unreadable_pin_is_refused_with_the_fix", |h| {
             a_wrong_or_unreadable_pin_is_refused_with_the_fix(h).boxed()
         }),
@@ -547,6 +651,12 @@ fn main() -> ExitCode {
         (
             "a_key_missing_from_the_token_is_a_failed_precondition_naming_the_fix",
             |h| a_key_missing_from_the_token_is_a_failed_precondition_naming_the_fix(h).boxed(),
+        ),
+        (
+            "a_rotation_under_one_label_signs_with_the_newest_and_outlives_its_removal",
+            |h| {
+                a_rotation_under_one_label_signs_with_the_newest_and_outlives_its_removal(h).boxed()
+            },
         ),
     ];
     let mut failed = 0;
