@@ -458,16 +458,7 @@ async fn a_tenant_with_its_key_on_the_token_gets_tokens_from_entra(hsm: &Hsm) {
         // The assertion Entra accepted names the token's certificate and was signed there,
         // not in Key Vault.
         let assertion = stack.assertions.lock().unwrap()[0].clone();
-        let header: serde_json::Value = {
-            use base64::Engine;
-            let part = assertion.split('.').next().unwrap();
-            serde_json::from_slice(
-                &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .decode(part)
-                    .unwrap(),
-            )
-            .unwrap()
-        };
+        let header = header_of(&assertion);
         assert_eq!(header["alg"], algorithm);
         use base64::Engine;
         assert_eq!(
@@ -517,6 +508,18 @@ async fn an_expired_certificate_is_refused_by_entra_with_the_fix(hsm: &Hsm) {
     // The HSM signed it (it does not judge certificates): Entra refused the certificate.
     assert!(!stack.assertions.lock().unwrap().is_empty());
     stack.stop().await;
+}
+
+/// The decoded header of a JWT.
+fn header_of(jwt: &str) -> serde_json::Value {
+    use base64::Engine;
+    let part = jwt.split('.').next().unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .unwrap(),
+    )
+    .unwrap()
 }
 
 fn version(der: &[u8]) -> String {
@@ -592,17 +595,7 @@ async fn a_rotation_under_one_label_signs_with_the_newest_and_outlives_its_remov
         .lock()
         .unwrap()
         .iter()
-        .map(|a| {
-            use base64::Engine;
-            let part = a.split('.').next().unwrap();
-            let header: serde_json::Value = serde_json::from_slice(
-                &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .decode(part)
-                    .unwrap(),
-            )
-            .unwrap();
-            header["x5t#S256"].as_str().unwrap().to_owned()
-        })
+        .map(|a| header_of(a)["x5t#S256"].as_str().unwrap().to_owned())
         .collect();
     use base64::Engine;
     let b64 =
