@@ -512,7 +512,11 @@ impl Signer for Pkcs11Signer {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    bytes
+        .iter()
+        .flat_map(|&b| crate::sensitive::hex_digits(b))
+        .map(char::from)
+        .collect()
 }
 
 fn other(message: String) -> SignerError {
