@@ -403,12 +403,12 @@ impl Flow {
                 // rather than fail every refresh until the next scheduled re-read.
                 Err(e @ FlowError::Signer(SignerError::NotFound { .. })) if !retried_key => {
                     retried_key = true;
-                    let fresh = self
-                        .refresh_certificate(&cert_key, vault.map(|v| &v.1), deadline)
-                        .await?;
-                    if fresh == cert {
+                    let Some(fresh) = self
+                        .changed_certificate(&cert_key, vault.map(|v| &v.1), deadline, &cert)
+                        .await?
+                    else {
                         return Err(e);
-                    }
+                    };
                     info!(tenant = %tenant.name, version = %fresh.version, "signing key version gone; signing with the current one");
                     cert = fresh;
                     continue;
@@ -423,10 +423,10 @@ impl Flow {
                     if e.class == EntraErrorClass::KeyRejected && !retried_key =>
                 {
                     retried_key = true;
-                    let fresh = self
-                        .refresh_certificate(&cert_key, vault.map(|v| &v.1), deadline)
-                        .await?;
-                    if fresh != cert {
+                    if let Some(fresh) = self
+                        .changed_certificate(&cert_key, vault.map(|v| &v.1), deadline, &cert)
+                        .await?
+                    {
                         info!(tenant = %tenant.name, version = %fresh.version, "certificate changed; retrying with the new version");
                         cert = fresh;
                         continue;
@@ -689,19 +689,22 @@ impl Flow {
             .clone()
     }
 
-    /// Re-reads certificate metadata now (after Entra refused the key).
-    async fn refresh_certificate(
+    /// Re-reads certificate metadata now (after Entra refused the key, or the key of the
+    /// held version was gone) and stores it; returns it only if it is not `held`, that is a
+    /// new version to sign with.
+    async fn changed_certificate(
         &self,
         key: &CertKey,
         guard: Option<&Guard>,
         deadline: Moment,
-    ) -> Result<CertificateInfo, FlowError> {
+        held: &CertificateInfo,
+    ) -> Result<Option<CertificateInfo>, FlowError> {
         let fresh = self.read_certificate(key, guard, deadline).await?;
         if let Some(entry) = self.certs.get(key).await {
             let _g = entry.refreshing.lock().await;
             entry.store(&fresh, self.clock.moment());
         }
-        Ok(fresh)
+        Ok((fresh != *held).then_some(fresh))
     }
 
     async fn read_certificate(
