@@ -7,7 +7,7 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::FutureExt;
@@ -107,8 +107,6 @@ pub struct CachedToken {
     /// `access_token.fingerprint()`, computed once: logs and audit records use it per request.
     pub fingerprint: Fingerprint,
     pub token_type: String,
-    /// When the request for it was sent (wall clock).
-    pub obtained_at: SystemTime,
     /// Its end, and when to refresh it, on both clocks: the issuer's lifetime counted from
     /// when the request was sent.
     pub expires: Moment,

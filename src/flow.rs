@@ -548,7 +548,6 @@ impl Flow {
             fingerprint,
             access_token: t.access_token,
             token_type: t.token_type,
-            obtained_at: started.wall,
             expires: started + lifetime,
             refresh: started + refresh_in,
             tenant_id: tenant.tenant_id.clone(),
