@@ -15,15 +15,14 @@ use std::fmt;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
 
 use serde::{Serialize, Serializer};
 
 use crate::authn::{Caller, Proof};
+use crate::lines::{self, Lines, Output, WhenFull};
 use crate::sensitive::Fingerprint;
-use crate::striped::Striped;
 
 mod repeats;
 
@@ -534,55 +533,15 @@ impl Audit {
     }
 }
 
-/// The writer's pause after a batch: under load, the most a record waits before it is
-/// written (plus the write itself).
-const BATCH_PAUSE: Duration = Duration::from_millis(5);
-/// The longest pause: with nothing to write the pause doubles up to this, so an idle broker's
-/// writer wakes ten times a second rather than two hundred, and the first record after a
-/// quiet spell waits at most this long.
-const IDLE_PAUSE: Duration = Duration::from_millis(100);
 /// Bytes of serialised records a shard holds before its writers wait for the writer thread
 /// (about 1,700 records; far more than the broker serves per pause).
 const SHARD_LIMIT: usize = 1 << 20;
-/// Capacity a buffer keeps after it is written: a few pauses' worth of records at full load.
-const KEEP_CAPACITY: usize = 64 * 1024;
-/// How long a waiting request sleeps before it looks again, should a wake-up be missed.
-const RECHECK: Duration = Duration::from_millis(50);
 
-/// JSON lines to stdout or an append-only file, written by a dedicated thread.
-///
-/// A request serialises its record straight into a shard buffer picked by its thread (a
-/// `Mutex<Vec<u8>>` no other thread but the writer touches, so locking it is uncontended).
-/// Every `BATCH_PAUSE` the writer swaps each shard's buffer for an empty one and writes it
-/// with one `write(2)`. Nothing is allocated per record and no buffer changes threads per
-/// record: a queue of per-record buffers made the writer free memory the request threads
-/// had allocated, contending with them in the allocator. Lines of one thread keep their
-/// order; lines of different threads written in one batch may be out of time order by up to
-/// one pause (each record carries its time).
+/// JSON lines to stdout or an append-only file, written in batches by a thread of its own
+/// (`lines::Lines`): a request serialises its record straight into its thread's shard
+/// buffer. When the writer falls behind by a whole shard, requests wait for it.
 pub struct JsonLines {
-    shared: Arc<Shared>,
-    writer: Option<std::thread::JoinHandle<()>>,
-}
-
-struct Shared {
-    /// A shard per thread, each on a cache line of its own.
-    shards: Striped<Mutex<Vec<u8>>>,
-    limit: usize,
-    state: Mutex<WriterState>,
-    /// Signalled after every batch the writer has written.
-    written: Condvar,
-    /// Times a request waited for the writer because its shard was full.
-    waits: AtomicU64,
-}
-
-#[derive(Default)]
-struct WriterState {
-    /// Flushes asked for so far; the writer answers them in order.
-    requested: u64,
-    /// Flushes answered: every record written before the request is out.
-    completed: u64,
-    /// Set when the sink is dropped: the writer drains once more and stops.
-    closed: bool,
+    lines: Lines,
 }
 
 impl fmt::Debug for JsonLines {
@@ -602,112 +561,37 @@ impl JsonLines {
     }
 
     fn spawn(out: Box<dyn Output>, limit: usize) -> std::io::Result<Self> {
-        let shared = Arc::new(Shared {
-            shards: Striped::default(),
-            limit,
-            state: Mutex::new(WriterState::default()),
-            written: Condvar::new(),
-            waits: AtomicU64::new(0),
-        });
-        let s = shared.clone();
-        let writer = std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || write_batches(&s, out))?;
-        Ok(JsonLines {
-            shared,
-            writer: Some(writer),
-        })
+        let lines = Lines::spawn(
+            out,
+            lines::Options {
+                thread: "audit-writer",
+                limit,
+                // Slower answers beat a gap in the audit trail.
+                when_full: WhenFull::Wait,
+                report_errors_as: Some("audit records"),
+            },
+        )?;
+        Ok(JsonLines { lines })
     }
 
     /// Times a request has waited for the writer so far.
     pub fn waits(&self) -> u64 {
-        self.shared.waits.load(Ordering::Relaxed)
+        self.lines.full_count()
     }
-
-    fn writer_gone(&self) -> bool {
-        self.writer.as_ref().is_none_or(|w| w.is_finished())
-    }
-
-    fn wake_writer(&self) {
-        if let Some(w) = &self.writer {
-            w.thread().unpark();
-        }
-    }
-
-    /// Blocks until `shard` has room again (the writer has taken its buffer).
-    fn wait_for_room(&self, shard: &Mutex<Vec<u8>>) {
-        // Slower answers beat a gap in the audit trail.
-        if self.shared.waits.fetch_add(1, Ordering::Relaxed) == 0 {
-            tracing::warn!(
-                limit_bytes = self.shared.limit,
-                "audit writer behind its output; requests wait for it (logged once)"
-            );
-        }
-        self.wake_writer();
-        self.wait_until(|_| lock(shard).len() < self.shared.limit);
-    }
-
-    /// Blocks until `done` holds after a batch the writer wrote (or the writer is gone).
-    fn wait_until(&self, done: impl Fn(&WriterState) -> bool) {
-        let mut state = lock(&self.shared.state);
-        while !done(&state) && !self.writer_gone() {
-            state = self
-                .shared
-                .written
-                .wait_timeout(state, RECHECK)
-                .map_or_else(|p| p.into_inner().0, |(s, _)| s);
-        }
-    }
-}
-
-/// Locks, also after a panic elsewhere: the data is bytes and counters, valid at any point.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl AuditSink for JsonLines {
     fn write(&self, record: AuditRecord) {
-        let shard = self.shared.shards.local();
-        let full = {
-            let mut buf = lock(shard);
-            record.write_json(&mut buf);
+        self.lines.append(|buf| {
+            record.write_json(buf);
             buf.push(b'\n');
-            buf.len() >= self.shared.limit
-        };
-        if full {
-            self.wait_for_room(shard);
-        }
+        });
     }
 
     fn flush(&self) {
-        let generation = {
-            let mut state = lock(&self.shared.state);
-            state.requested += 1;
-            state.requested
-        };
-        self.wake_writer();
-        self.wait_until(|state| state.completed >= generation);
+        self.lines.flush();
     }
 }
-
-impl Drop for JsonLines {
-    /// Stops the writer after it has written everything buffered.
-    fn drop(&mut self) {
-        lock(&self.shared.state).closed = true;
-        if let Some(w) = self.writer.take() {
-            w.thread().unpark();
-            let _ = w.join();
-        }
-    }
-}
-
-/// Where the writer thread puts the records.
-trait Output: Write + Send {
-    /// Called before each batch is written.
-    fn before_batch(&mut self) {}
-}
-
-impl Output for std::io::Stdout {}
 
 /// The audit file, followed by its path. A log rotator renames (or removes) the file and
 /// expects the writer to start a new one: when the path no longer names the open file (by
@@ -790,71 +674,6 @@ impl Write for FollowedFile {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.file.flush()
-    }
-}
-
-/// The writer thread: every pause (or at once when asked), takes each shard's buffer and
-/// writes it, then flushes.
-fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
-    let mut spare: Vec<u8> = Vec::new();
-    let mut failing = false;
-    let mut pause = BATCH_PAUSE;
-    let mut answered = 0;
-    loop {
-        // Read before draining: every record written before these requests is in a shard.
-        let (requested, closed) = {
-            let state = lock(&shared.state);
-            (state.requested, state.closed)
-        };
-        let mut result = Ok(());
-        let mut wrote = false;
-        for shard in shared.shards.iter() {
-            std::mem::swap(&mut *lock(shard), &mut spare);
-            if !spare.is_empty() {
-                if !wrote {
-                    out.before_batch();
-                }
-                // One call per shard: its lines stay whole in an O_APPEND file.
-                result = result.and_then(|()| out.write_all(&spare));
-                spare.clear();
-                // A burst must not leave every shard holding a megabyte for good.
-                spare.shrink_to(KEEP_CAPACITY);
-                wrote = true;
-            }
-        }
-        if wrote {
-            result = result.and_then(|()| out.flush());
-        }
-        match result {
-            Ok(()) if failing => {
-                failing = false;
-                tracing::info!("audit records are being written again");
-            }
-            Ok(()) => {}
-            // Once per streak: a full disk would otherwise log once per batch.
-            Err(e) if !failing => {
-                failing = true;
-                tracing::error!(error = %e, "cannot write audit records");
-            }
-            Err(_) => {}
-        }
-        // Someone can be waiting only for a flush asked for, or for room in a shard drained.
-        if wrote || requested > answered {
-            answered = requested;
-            lock(&shared.state).completed = requested;
-            shared.written.notify_all();
-        }
-        if closed {
-            return;
-        }
-        pause = if wrote {
-            BATCH_PAUSE
-        } else {
-            (pause * 2).min(IDLE_PAUSE)
-        };
-        // Records gather meanwhile; senders wake the writer only to flush, to make room, or
-        // to stop (an unpark before the park makes it return at once).
-        std::thread::park_timeout(pause);
     }
 }
 
@@ -1044,30 +863,6 @@ mod tests {
         }
     }
 
-    /// Output that blocks until the test opens it.
-    struct Gated {
-        open: Arc<(Mutex<bool>, Condvar)>,
-        out: Arc<Mutex<Vec<u8>>>,
-    }
-
-    impl Output for Gated {}
-
-    impl Write for Gated {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let (open, cv) = &*self.open;
-            let mut o = open.lock().unwrap();
-            while !*o {
-                o = cv.wait(o).unwrap();
-            }
-            self.out.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     fn request_ids(path: &Path) -> Vec<String> {
         lines(path)
             .iter()
@@ -1124,12 +919,8 @@ mod tests {
 
     #[test]
     fn a_full_shard_makes_the_request_wait_for_the_writer_and_nothing_is_lost() {
-        let open = Arc::new((Mutex::new(false), Condvar::new()));
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let gated = Gated {
-            open: open.clone(),
-            out: out.clone(),
-        };
+        let gate = Arc::new(crate::lines::gated::Gate::default());
+        let gated = crate::lines::gated::Gated(gate.clone());
         let line = serde_json::to_vec(&record(0)).unwrap().len() + 1;
         // Room for ten records per shard.
         let sink = Arc::new(JsonLines::spawn(Box::new(gated), line * 10).unwrap());
@@ -1148,13 +939,12 @@ mod tests {
             std::thread::yield_now();
         }
         assert!(!sender.is_finished());
-        let buffered: usize = sink.shared.shards.iter().map(|s| lock(s).len()).sum();
-        assert!(buffered <= line * 10 * sink.shared.shards.iter().count());
-        *open.0.lock().unwrap() = true;
-        open.1.notify_all();
+        let (buffered, shards) = sink.lines.buffered();
+        assert!(buffered <= line * 10 * shards);
+        gate.open();
         sender.join().unwrap();
         sink.flush();
-        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let text = gate.text();
         let ids: std::collections::HashSet<String> = text
             .lines()
             .map(|l| {

@@ -25,6 +25,7 @@ pub mod entra;
 pub mod flow;
 pub mod identity;
 pub mod limits;
+pub mod lines;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;

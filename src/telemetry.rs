@@ -3,12 +3,14 @@
 //! metadata, injected into outgoing Key Vault and Entra requests) and are exported over
 //! OTLP (http/protobuf) when `[telemetry] otlp_endpoint` is set.
 //!
-//! Log lines are written to stderr by a thread of their own: a request only queues its line.
-//! A stalled reader of stderr (a full pipe, a slow log shipper) must not stop the runtime's
-//! threads, so when the queue is full, lines are dropped and counted
-//! (`tokenbroker_log_lines_dropped`). The audit trail is not a log: it never drops.
+//! Log lines are written to stderr by a thread of their own, in batches (`lines::Lines`): a
+//! request only appends its line to its thread's buffer, and wakes no thread. A stalled
+//! reader of stderr (a full pipe, a slow log shipper) must not stop the runtime's threads,
+//! so when a buffer is full, lines are dropped and counted (`tokenbroker_log_lines_dropped`).
+//! The audit trail is not a log: it never drops.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -16,7 +18,6 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
@@ -24,18 +25,23 @@ use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, TelemetryConfig};
+use crate::lines::{self, Lines, WhenFull};
 
-/// Log lines queued for stderr at most; beyond them lines are dropped (and counted) rather
-/// than making a request wait for the reader. About 4 MiB of typical lines.
-const LOG_QUEUE_LINES: usize = 16_384;
+/// Bytes of log lines a thread's buffer holds while stderr does not keep up; beyond them
+/// lines are dropped (and counted) rather than making a request wait for the reader. With a
+/// buffer per thread stripe, some MiB in all.
+const LOG_BUFFER_BYTES: usize = 512 * 1024;
+
+/// How long the end of the process waits for stderr to take the last log lines: a reader
+/// that has stopped must not keep the process from exiting.
+const LOG_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Keeps the trace exporter and the log writer alive; when dropped (at the end of `serve`)
-/// it flushes the exporter, then writes out the log lines still queued.
+/// it flushes the exporter, then writes out the log lines still buffered.
 #[derive(Debug, Default)]
 pub struct Guard {
     provider: Option<SdkTracerProvider>,
-    log: Option<WorkerGuard>,
-    dropped: Option<ErrorCounter>,
+    log: Option<Arc<Lines>>,
 }
 
 impl Drop for Guard {
@@ -43,31 +49,59 @@ impl Drop for Guard {
         if let Some(p) = self.provider.take() {
             let _ = p.shutdown();
         }
-        if self.log.is_some() {
-            // The log writer's guard println!s to stdout when its queue stays full (stderr
-            // stalled): on stdout, that line would land in the audit trail (`output =
-            // "stdout"`, the default), or panic on a closed pipe. Stdout is done with by
-            // now (the command's output and the audit's last records are written), so it
-            // goes to /dev/null first.
-            let _ = std::io::Write::flush(&mut std::io::stdout());
-            if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-                let _ = rustix::stdio::dup2_stdout(&null);
-            }
+        if let Some(log) = self.log.take() {
+            log.close(Some(LOG_CLOSE_WAIT));
         }
-        // Waits (at most about a second) for the log writer to empty its queue.
-        drop(self.log.take());
     }
 }
 
 /// Log lines dropped so far because stderr did not keep up (0 before a subscriber is
 /// installed).
 pub fn dropped_log_lines() -> u64 {
-    DROPPED
-        .get()
-        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+    LOG.get().map_or(0, |l| l.full_count())
 }
 
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+static LOG: OnceLock<Arc<Lines>> = OnceLock::new();
+
+/// The fmt layer's writer: each event's line, formatted whole, is appended to the log's
+/// buffer of the calling thread. Without a log thread (none could be started), lines go to
+/// stderr directly.
+struct LogWriter(Option<Arc<Lines>>);
+
+enum LogLine<'a> {
+    Buffered(&'a Lines),
+    Direct(std::io::Stderr),
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogLine<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        match &self.0 {
+            Some(lines) => LogLine::Buffered(lines),
+            None => LogLine::Direct(std::io::stderr()),
+        }
+    }
+}
+
+impl std::io::Write for LogLine<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            LogLine::Buffered(lines) => {
+                lines.append(|b| b.extend_from_slice(buf));
+                Ok(buf.len())
+            }
+            LogLine::Direct(e) => e.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            LogLine::Buffered(_) => Ok(()),
+            LogLine::Direct(e) => e.flush(),
+        }
+    }
+}
 
 /// Installs the global subscriber without trace export (the emulator's). Keep the guard
 /// until the process ends; a second installation is a no-op.
@@ -83,8 +117,8 @@ pub fn init_with(format: LogFormat, level: &str, telemetry: &TelemetryConfig) ->
 fn install(format: LogFormat, level: &str, telemetry: Option<&TelemetryConfig>) -> Guard {
     let (subscriber, guard) = subscriber(format, level, telemetry);
     if subscriber.try_init().is_ok() {
-        if let Some(c) = &guard.dropped {
-            let _ = DROPPED.set(c.clone());
+        if let Some(l) = &guard.log {
+            let _ = LOG.set(l.clone());
         }
         guard
     } else {
@@ -110,12 +144,18 @@ pub fn subscriber(
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("tokenbroker"))
         .with_filter(LevelFilter::INFO);
-    let (writer, log) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("tokenbroker-log")
-        .finish(std::io::stderr());
-    let dropped = writer.error_counter();
+    let log = Lines::spawn(
+        Box::new(std::io::stderr()),
+        lines::Options {
+            thread: "tokenbroker-log",
+            limit: LOG_BUFFER_BYTES,
+            when_full: WhenFull::Drop,
+            report_errors_as: None,
+        },
+    )
+    .map(Arc::new)
+    .ok();
+    let writer = LogWriter(log.clone());
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(colours());
@@ -140,8 +180,7 @@ pub fn subscriber(
     };
     let guard = Guard {
         provider: Some(provider),
-        log: Some(log),
-        dropped: Some(dropped),
+        log,
     };
     (subscriber, guard)
 }

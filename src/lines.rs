@@ -1,0 +1,463 @@
+//! Lines written by a thread of their own, in batches: the audit trail's and the log's
+//! writer. A request (or any thread) appends its line to a buffer of its thread's shard and
+//! goes on; the writer thread swaps each shard's buffer for an empty one every `BATCH_PAUSE`
+//! (backing off to `IDLE_PAUSE` when there is nothing) and writes it with one `write(2)`.
+//!
+//! Nothing wakes the writer per line: waking a sleeping thread costs a futex call and, on a
+//! machine with idle cores, an interrupt to one of them, which showed on every cache miss
+//! when the log went through a channel to its thread. Nothing is allocated per line and no
+//! buffer changes threads per line: a queue of per-line buffers made the writer free memory
+//! the request threads had allocated, contending with them in the allocator.
+//!
+//! When a shard is full (the output stalls: a full disk, a pipe nobody reads), `WhenFull`
+//! decides: the audit trail makes the request wait (records are never lost), the log drops
+//! the line and counts it (a request never waits for the log).
+//!
+//! Lines of one thread keep their order; lines of different threads written in one batch may
+//! be out of time order by up to one pause (each line carries its time).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::striped::Striped;
+
+/// The writer's pause after a batch: under load, the most a line waits before it is
+/// written (plus the write itself).
+const BATCH_PAUSE: Duration = Duration::from_millis(5);
+/// The longest pause: with nothing to write the pause doubles up to this, so an idle
+/// writer wakes ten times a second rather than two hundred, and the first line after a
+/// quiet spell waits at most this long.
+const IDLE_PAUSE: Duration = Duration::from_millis(100);
+/// Capacity a buffer keeps after it is written: a few pauses' worth of lines at full load.
+const KEEP_CAPACITY: usize = 64 * 1024;
+/// How long a waiting thread sleeps before it looks again, should a wake-up be missed.
+const RECHECK: Duration = Duration::from_millis(50);
+
+/// What an append does when its shard already holds `limit` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Append, then wait until the writer has taken the shard's buffer.
+    Wait,
+    /// Drop the line and count it.
+    Drop,
+}
+
+/// How a writer behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// The writer thread's name.
+    pub thread: &'static str,
+    /// Bytes a shard holds before `when_full` applies.
+    pub limit: usize,
+    pub when_full: WhenFull,
+    /// What the lines are, for the writer's own error messages ("audit records"); `None`
+    /// for the log itself, whose errors would only go back into the failing output.
+    pub report_errors_as: Option<&'static str>,
+}
+
+/// Where the writer thread puts the lines.
+pub trait Output: Write + Send {
+    /// Called before each batch is written.
+    fn before_batch(&mut self) {}
+}
+
+impl Output for std::io::Stdout {}
+impl Output for std::io::Stderr {}
+
+/// A batched line writer; see the module documentation.
+pub struct Lines {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Shared {
+    /// A shard per thread, each on a cache line of its own.
+    shards: Striped<Mutex<Vec<u8>>>,
+    options: Options,
+    state: Mutex<WriterState>,
+    /// Signalled after every batch the writer has written, and when it stops.
+    written: Condvar,
+    /// Times an append found its shard full (and waited, or dropped its line).
+    full: AtomicU64,
+}
+
+#[derive(Default)]
+struct WriterState {
+    /// Flushes asked for so far; the writer answers them in order.
+    requested: u64,
+    /// Flushes answered: every line appended before the request is out.
+    completed: u64,
+    /// Set to stop the writer: it drains once more and stops.
+    closed: bool,
+    /// Set by the writer when it has stopped.
+    stopped: bool,
+}
+
+impl std::fmt::Debug for Lines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lines")
+            .field("thread", &self.shared.options.thread)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks, also after a panic elsewhere: the data is bytes and counters, valid at any point.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Lines {
+    pub fn spawn(out: Box<dyn Output>, options: Options) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            shards: Striped::default(),
+            options,
+            state: Mutex::new(WriterState::default()),
+            written: Condvar::new(),
+            full: AtomicU64::new(0),
+        });
+        let s = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name(options.thread.into())
+            .spawn(move || write_batches(&s, out))?;
+        Ok(Lines {
+            shared,
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Appends one line (or several whole lines) through `write`, which writes into the
+    /// calling thread's shard buffer.
+    pub fn append(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        let shard = self.shared.shards.local();
+        let limit = self.shared.options.limit;
+        let full = {
+            let mut buf = lock(shard);
+            if self.shared.options.when_full == WhenFull::Drop && buf.len() >= limit {
+                drop(buf);
+                self.shared.full.fetch_add(1, Ordering::Relaxed);
+                self.wake_writer();
+                return;
+            }
+            write(&mut buf);
+            buf.len() >= limit
+        };
+        if full && self.shared.options.when_full == WhenFull::Wait {
+            if self.shared.full.fetch_add(1, Ordering::Relaxed) == 0
+                && let Some(what) = self.shared.options.report_errors_as
+            {
+                tracing::warn!(
+                    limit_bytes = limit,
+                    "the writer of {what} is behind its output; waiting for it (logged once)"
+                );
+            }
+            self.wake_writer();
+            self.wait_until(None, |_| lock(shard).len() < limit);
+        }
+    }
+
+    /// Times an append found its shard full: waits (`WhenFull::Wait`) or dropped lines
+    /// (`WhenFull::Drop`).
+    pub fn full_count(&self) -> u64 {
+        self.shared.full.load(Ordering::Relaxed)
+    }
+
+    /// Blocks until every line appended before the call is written (or the writer is gone).
+    pub fn flush(&self) {
+        let generation = {
+            let mut state = lock(&self.shared.state);
+            state.requested += 1;
+            state.requested
+        };
+        self.wake_writer();
+        self.wait_until(None, |state| state.completed >= generation);
+    }
+
+    /// Stops the writer after it has written everything appended so far, waiting at most
+    /// `bound` for it (`None`: until it is done). Lines appended afterwards are not written.
+    /// Returns whether the writer finished in time; if not, it is left to finish on its own
+    /// (its output is stalled) and the caller goes on.
+    pub fn close(&self, bound: Option<Duration>) -> bool {
+        lock(&self.shared.state).closed = true;
+        self.wake_writer();
+        let deadline = bound.map(|b| Instant::now() + b);
+        self.wait_until(deadline, |state| state.stopped);
+        let stopped = lock(&self.shared.state).stopped;
+        if stopped && let Some(w) = lock(&self.writer).take() {
+            let _ = w.join();
+        }
+        stopped
+    }
+
+    /// Bytes in the shards now, and the number of shards.
+    #[cfg(test)]
+    pub(crate) fn buffered(&self) -> (usize, usize) {
+        let n = self.shared.shards.iter().count();
+        (self.shared.shards.iter().map(|s| lock(s).len()).sum(), n)
+    }
+
+    fn wake_writer(&self) {
+        if let Some(w) = &*lock(&self.writer) {
+            w.thread().unpark();
+        }
+    }
+
+    /// Blocks until `done` holds after a batch the writer wrote, the writer is gone, or the
+    /// deadline has passed.
+    fn wait_until(&self, deadline: Option<Instant>, done: impl Fn(&WriterState) -> bool) {
+        let mut state = lock(&self.shared.state);
+        while !done(&state) && !state.stopped {
+            let wait = match deadline {
+                None => RECHECK,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(RECHECK),
+                    _ => return,
+                },
+            };
+            state = self
+                .shared
+                .written
+                .wait_timeout(state, wait)
+                .map_or_else(|p| p.into_inner().0, |(s, _)| s);
+        }
+    }
+}
+
+impl Drop for Lines {
+    /// Stops the writer after it has written everything appended, unless a bounded `close`
+    /// already gave up on it.
+    fn drop(&mut self) {
+        if !lock(&self.shared.state).closed {
+            self.close(None);
+        }
+    }
+}
+
+/// Marks the writer stopped when its thread ends, also by a panic in the output, so no
+/// one waits for it in vain.
+struct StopOnExit<'a>(&'a Shared);
+
+impl Drop for StopOnExit<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).stopped = true;
+        self.0.written.notify_all();
+    }
+}
+
+/// The writer thread: every pause (or at once when asked), takes each shard's buffer and
+/// writes it, then flushes.
+fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
+    let _stop = StopOnExit(shared);
+    let mut spare: Vec<u8> = Vec::new();
+    let mut failing = false;
+    let mut pause = BATCH_PAUSE;
+    let mut answered = 0;
+    loop {
+        // Read before draining: every line appended before these requests is in a shard.
+        let (requested, closed) = {
+            let state = lock(&shared.state);
+            (state.requested, state.closed)
+        };
+        let mut result = Ok(());
+        let mut wrote = false;
+        for shard in shared.shards.iter() {
+            std::mem::swap(&mut *lock(shard), &mut spare);
+            if !spare.is_empty() {
+                if !wrote {
+                    out.before_batch();
+                }
+                // One call per shard: its lines stay whole in an O_APPEND file.
+                result = result.and_then(|()| out.write_all(&spare));
+                spare.clear();
+                // A burst must not leave every shard holding a megabyte for good.
+                spare.shrink_to(KEEP_CAPACITY);
+                wrote = true;
+            }
+        }
+        if wrote {
+            result = result.and_then(|()| out.flush());
+        }
+        if let Some(what) = shared.options.report_errors_as {
+            match result {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("{what} are being written again");
+                }
+                Ok(()) => {}
+                // Once per streak: a full disk would otherwise log once per batch.
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::error!(error = %e, "cannot write {what}");
+                }
+                Err(_) => {}
+            }
+        }
+        // Someone can be waiting only for a flush asked for, or for room in a shard drained.
+        if wrote || requested > answered {
+            answered = requested;
+            lock(&shared.state).completed = requested;
+            shared.written.notify_all();
+        }
+        if closed {
+            return;
+        }
+        pause = if wrote {
+            BATCH_PAUSE
+        } else {
+            (pause * 2).min(IDLE_PAUSE)
+        };
+        // Lines gather meanwhile; appenders wake the writer only to flush, to make room, or
+        // to stop (an unpark before the park makes it return at once).
+        std::thread::park_timeout(pause);
+    }
+}
+
+/// An output that blocks until opened and collects what it is given, for tests.
+#[cfg(test)]
+pub(crate) mod gated {
+    use std::sync::{Arc, Condvar, Mutex};
+
+    #[derive(Default)]
+    pub struct Gate {
+        open: Mutex<bool>,
+        /// Set when the writer first called `write`.
+        entered: Mutex<bool>,
+        opened: Condvar,
+        pub out: Mutex<Vec<u8>>,
+    }
+
+    impl Gate {
+        /// Blocks until the writer is inside `write` (stuck there while the gate is shut).
+        pub fn wait_entered(&self) {
+            let mut entered = self.entered.lock().unwrap();
+            while !*entered {
+                entered = self.opened.wait(entered).unwrap();
+            }
+        }
+
+        pub fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+
+        pub fn text(&self) -> String {
+            String::from_utf8(self.out.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    pub struct Gated(pub Arc<Gate>);
+
+    impl super::Output for Gated {}
+
+    impl std::io::Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            *self.0.entered.lock().unwrap() = true;
+            self.0.opened.notify_all();
+            let mut open = self.0.open.lock().unwrap();
+            while !*open {
+                open = self.0.opened.wait(open).unwrap();
+            }
+            self.0.out.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gated::{Gate, Gated};
+    use super::*;
+
+    fn lines(gate: &Arc<Gate>, limit: usize, when_full: WhenFull) -> Arc<Lines> {
+        Arc::new(
+            Lines::spawn(
+                Box::new(Gated(gate.clone())),
+                Options {
+                    thread: "test-lines",
+                    limit,
+                    when_full,
+                    report_errors_as: None,
+                },
+            )
+            .unwrap(),
+        )
+    }
+
+    fn line(buf: &mut Vec<u8>, i: usize) {
+        writeln!(buf, "line {i:04}").unwrap();
+    }
+
+    #[test]
+    fn a_full_shard_drops_lines_and_counts_them_without_waiting() {
+        let gate = Arc::new(Gate::default());
+        // Room for ten 10-byte lines per shard.
+        let w = lines(&gate, 100, WhenFull::Drop);
+        // The writer takes the first line and is stuck writing it.
+        w.append(|b| line(b, 0));
+        w.wake_writer();
+        gate.wait_entered();
+        // So the shard fills at ten lines and the append returns at once for the rest.
+        for i in 1..101 {
+            w.append(|b| line(b, i));
+        }
+        assert_eq!(w.full_count(), 90);
+        gate.open();
+        w.flush();
+        let text = gate.text();
+        let expected: String = (0..11).map(|i| format!("line {i:04}\n")).collect();
+        assert_eq!(text, expected);
+        // With room again, lines are kept.
+        w.append(|b| line(b, 200));
+        w.flush();
+        assert!(gate.text().ends_with("line 0200\n"));
+        assert_eq!(w.full_count(), 90);
+    }
+
+    #[test]
+    fn close_with_a_bound_returns_while_the_output_is_stalled() {
+        let gate = Arc::new(Gate::default());
+        let w = lines(&gate, 1 << 20, WhenFull::Drop);
+        w.append(|b| line(b, 1));
+        // The writer is stuck in its output: the bounded close gives up.
+        assert!(!w.close(Some(Duration::from_millis(200))));
+        // Once the output moves, the writer writes what it had and stops.
+        gate.open();
+        assert!(w.close(Some(Duration::from_secs(30))));
+        assert_eq!(gate.text(), "line 0001\n");
+    }
+
+    #[test]
+    fn closing_writes_everything_appended_before() {
+        let gate = Arc::new(Gate::default());
+        gate.open();
+        let w = lines(&gate, 1 << 20, WhenFull::Wait);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let w = &w;
+                s.spawn(move || {
+                    for i in 0..250 {
+                        w.append(|b| line(b, t * 1000 + i));
+                    }
+                });
+            }
+        });
+        assert!(w.close(None));
+        let text = gate.text();
+        assert_eq!(text.lines().count(), 1000);
+        // Each thread's lines in its order.
+        for t in 0..4 {
+            let mine: Vec<&str> = text
+                .lines()
+                .filter(|l| l[5..].parse::<usize>().unwrap() / 1000 == t)
+                .collect();
+            let mut sorted = mine.clone();
+            sorted.sort_unstable();
+            assert_eq!(mine, sorted);
+        }
+    }
+}
