@@ -98,8 +98,23 @@ pub enum Command {
         /// The files the configuration names (CA bundles, revocation lists, the policy file)
         /// exist only where the broker runs, such as mounted secrets: check everything else
         /// and list them as not checked.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "online")]
         files_elsewhere: bool,
+        /// Also try each tenant's whole path from here (managed identity, Key Vault or the
+        /// HSM, Entra ID) by asking for a token as a caller would; run it where the broker
+        /// runs. A line per tenant; exit status 1 unless every tenant got a token.
+        #[arg(long)]
+        online: bool,
+        /// With --online: only this tenant (repeatable).
+        #[arg(long, requires = "online")]
+        tenant: Vec<String>,
+        /// With --online: the scope to ask for (repeatable, one request); default: each
+        /// tenant's pre-warm scopes ([resilience] prewarm).
+        #[arg(long, requires = "online")]
+        scope: Vec<String>,
+        /// With --online: seconds to wait for each tenant's token.
+        #[arg(long, requires = "online", default_value_t = 60)]
+        timeout: u64,
     },
     /// Benchmarks on loopback (docs/PERFORMANCE.md): cache-hit load against a bare gRPC
     /// baseline, cold path, upstream economy, memory per cached token, start-up time.
@@ -192,7 +207,16 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Bench(args) => crate::bench::run(args).await,
         Command::CheckConfig {
             file,
+            online: true,
+            tenant,
+            scope,
+            timeout,
+            ..
+        } => check_online(&file, &tenant, &scope, Duration::from_secs(timeout)).await,
+        Command::CheckConfig {
+            file,
             files_elsewhere,
+            ..
         } => match if files_elsewhere {
             Config::check_without_files(&file, &process_env)
         } else {
@@ -218,6 +242,46 @@ fn load_or_exit(path: &std::path::Path) -> Result<Config, ExitCode> {
         eprintln!("{}: {e}", path.display());
         ExitCode::from(EXIT_CONFIG)
     })
+}
+
+/// `check-config --online`: the configuration checked, then each tenant tried (`probe`).
+async fn check_online(
+    path: &std::path::Path,
+    tenants: &[String],
+    scopes: &[String],
+    bound: Duration,
+) -> ExitCode {
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    // The report is the output; the log (stderr) only says what went wrong.
+    let _telemetry = telemetry::init(config.log.format, "warn");
+    let up = match crate::server::upstreams(&config) {
+        Ok(up) => up,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match crate::probe::check(&config, up, tenants, scopes, bound).await {
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Ok(checks) => {
+            let text = format!(
+                "{}: configuration OK; each tenant tried:\n{}",
+                path.display(),
+                crate::probe::report(&checks)
+            );
+            match print_out("tokenbroker check-config", &text) {
+                code if code != ExitCode::SUCCESS => code,
+                _ if checks.iter().all(|c| c.outcome.is_ok()) => ExitCode::SUCCESS,
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
 }
 
 async fn serve(path: PathBuf) -> ExitCode {

@@ -29,6 +29,7 @@ pub mod lines;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
+pub mod probe;
 pub mod resilience;
 pub mod sensitive;
 pub mod server;

@@ -1,6 +1,7 @@
 //! End-to-end tests of the broker through its gRPC API, against the local Azure emulator.
 
 mod helpers;
+mod probe;
 
 use std::collections::HashSet;
 

@@ -1,0 +1,270 @@
+//! `tokenbroker check-config --online`: each tenant's whole path tried once from where the
+//! broker runs (its managed identity, its network and trust, Key Vault or the HSM, the
+//! tenant's Entra ID), before callers depend on it: onboarding a tenant, rotating a
+//! certificate, moving the broker. A tenant is tried by asking for a token as a caller would
+//! (the scopes given, else the tenant's pre-warm scopes); a failure reads as a caller would
+//! read it (the gRPC code and the message naming the fix). Nothing is served and the tokens
+//! are dropped; the report shows their fingerprints only.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+
+use crate::broker::{Broker, TokenRequest, Upstreams};
+use crate::config::Config;
+use crate::sensitive::Fingerprint;
+
+/// Tenants tried at once: enough to check a large estate in seconds, few enough not to
+/// look like a burst to Key Vault.
+const CONCURRENCY: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("tenant `{name}` is not in the configuration (its tenants: {known})")]
+    UnknownTenant { name: String, known: String },
+}
+
+/// One request tried for one tenant.
+#[derive(Debug)]
+pub struct TenantCheck {
+    pub tenant: String,
+    /// Empty when there was nothing to ask for.
+    pub scopes: Vec<String>,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Ok {
+        valid_for: Duration,
+        fingerprint: Fingerprint,
+        /// Seconds until the signing certificate's end, for certificate credentials.
+        certificate_ends_in: Option<f64>,
+    },
+    Failed {
+        code: tonic::Code,
+        message: String,
+    },
+    /// No scope was given and the tenant has none to pre-warm.
+    NotTried,
+    /// No answer within the bound.
+    TimedOut(Duration),
+}
+
+impl Outcome {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Ok { .. })
+    }
+}
+
+/// Tries `tenants` (all when empty), each with `scopes`, or when none are given, with each
+/// of its pre-warm scope sets; each try bounded by `bound`. In the order of their names.
+pub async fn check(
+    config: &Config,
+    up: Upstreams,
+    tenants: &[String],
+    scopes: &[String],
+    bound: Duration,
+) -> Result<Vec<TenantCheck>, ProbeError> {
+    for name in tenants {
+        if !config.tenants.contains_key(name) {
+            return Err(ProbeError::UnknownTenant {
+                name: name.clone(),
+                known: config
+                    .tenants
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+    }
+    let broker = Broker::new(config, up);
+    let mut tries: Vec<(String, Vec<String>)> = Vec::new();
+    for name in config.tenants.keys() {
+        if !tenants.is_empty() && !tenants.contains(name) {
+            continue;
+        }
+        if !scopes.is_empty() {
+            tries.push((name.clone(), scopes.to_vec()));
+            continue;
+        }
+        let before = tries.len();
+        tries.extend(
+            config
+                .resilience
+                .prewarm
+                .iter()
+                .filter(|p| &p.tenant == name)
+                .map(|p| (name.clone(), p.scopes.clone())),
+        );
+        if tries.len() == before {
+            tries.push((name.clone(), Vec::new()));
+        }
+    }
+    let broker = &broker;
+    Ok(futures::stream::iter(tries)
+        .map(|(tenant, scopes)| async move {
+            let outcome = if scopes.is_empty() {
+                Outcome::NotTried
+            } else {
+                try_one(broker, &tenant, &scopes, bound).await
+            };
+            TenantCheck {
+                tenant,
+                scopes,
+                outcome,
+            }
+        })
+        .buffered(CONCURRENCY)
+        .collect()
+        .await)
+}
+
+async fn try_one(broker: &Broker, tenant: &str, scopes: &[String], bound: Duration) -> Outcome {
+    let asked = broker.get_token(TokenRequest {
+        tenant: tenant.to_owned(),
+        scopes: scopes.to_vec(),
+        min_validity: None,
+        force_refresh: false,
+    });
+    match tokio::time::timeout(bound, asked).await {
+        Err(_) => Outcome::TimedOut(bound),
+        Ok(Err(e)) => {
+            let status = crate::api::error::to_status(&e);
+            Outcome::Failed {
+                code: status.code(),
+                message: status.message().to_owned(),
+            }
+        }
+        Ok(Ok(issued)) => Outcome::Ok {
+            valid_for: issued.token.remaining(broker.clock().moment()),
+            fingerprint: issued.token.fingerprint,
+            certificate_ends_in: broker
+                .flow()
+                .certificate_expiries()
+                .into_iter()
+                .find_map(|(t, secs)| (t == tenant).then_some(secs)),
+        },
+    }
+}
+
+/// Days below which a certificate's end is called out (as the broker warns at each read).
+const CERTIFICATE_WARN_DAYS: f64 = 30.0;
+
+/// The report: a line per try, then the counts.
+pub fn report(checks: &[TenantCheck]) -> String {
+    let width = checks.iter().map(|c| c.tenant.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    let (mut ok, mut failed, mut not_tried) = (0, 0, 0);
+    for c in checks {
+        let scopes = c.scopes.join(" ");
+        let _ = match &c.outcome {
+            Outcome::Ok {
+                valid_for,
+                fingerprint,
+                certificate_ends_in,
+            } => {
+                ok += 1;
+                let cert = match certificate_ends_in {
+                    None => String::new(),
+                    Some(s) => {
+                        let days = s / 86_400.0;
+                        let note = if days < CERTIFICATE_WARN_DAYS {
+                            " (renew it soon)"
+                        } else {
+                            ""
+                        };
+                        format!("; signing certificate ends in {days:.0} days{note}")
+                    }
+                };
+                writeln!(
+                    out,
+                    "{:<width$}  ok          {scopes}: token valid for {} s ({fingerprint}){cert}",
+                    c.tenant,
+                    valid_for.as_secs()
+                )
+            }
+            Outcome::Failed { code, message } => {
+                failed += 1;
+                writeln!(
+                    out,
+                    "{:<width$}  FAILED      {scopes}: {code:?}: {message}",
+                    c.tenant
+                )
+            }
+            Outcome::TimedOut(bound) => {
+                failed += 1;
+                writeln!(
+                    out,
+                    "{:<width$}  FAILED      {scopes}: no answer within {} s (an upstream that does not answer, or retries under way: see the log)",
+                    c.tenant,
+                    bound.as_secs_f64()
+                )
+            }
+            Outcome::NotTried => {
+                not_tried += 1;
+                writeln!(
+                    out,
+                    "{:<width$}  not tried   no scope to ask for: give --scope, or pre-warm the tenant ([resilience] prewarm)",
+                    c.tenant
+                )
+            }
+        };
+    }
+    let _ = write!(out, "{ok} ok, {failed} failed, {not_tried} not tried");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_has_a_line_per_try_and_the_counts() {
+        let checks = vec![
+            TenantCheck {
+                tenant: "contoso".into(),
+                scopes: vec!["https://graph.microsoft.com/.default".into()],
+                outcome: Outcome::Ok {
+                    valid_for: Duration::from_secs(3599),
+                    fingerprint: crate::sensitive::fingerprint(b"token"),
+                    certificate_ends_in: Some(10.0 * 86_400.0),
+                },
+            },
+            TenantCheck {
+                tenant: "fabrikam-long".into(),
+                scopes: vec!["api://x/.default".into()],
+                outcome: Outcome::Failed {
+                    code: tonic::Code::FailedPrecondition,
+                    message: "tenant `fabrikam-long`: the fix".into(),
+                },
+            },
+            TenantCheck {
+                tenant: "n".into(),
+                scopes: vec![],
+                outcome: Outcome::NotTried,
+            },
+        ];
+        let text = report(&checks);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("contoso        ok "), "{text}");
+        assert!(
+            lines[0].contains("token valid for 3599 s (sha256:"),
+            "{text}"
+        );
+        assert!(
+            lines[0].ends_with("signing certificate ends in 10 days (renew it soon)"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("FAILED      api://x/.default: FailedPrecondition: tenant"),
+            "{text}"
+        );
+        assert!(lines[2].starts_with("n              not tried"), "{text}");
+        assert_eq!(lines[3], "1 ok, 1 failed, 1 not tried");
+        assert!(!text.contains("token\""));
+    }
+}
