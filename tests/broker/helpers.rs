@@ -51,6 +51,30 @@ impl TokenExchange for Recording {
     }
 }
 
+/// The emulator alone, and a broker configuration for it (`edit`ed) in a temporary
+/// directory, for tests that build their own broker (or none).
+pub async fn emulator_with_config(
+    emu_config: EmulatorConfig,
+    edit: impl FnOnce(String) -> String,
+) -> (Emulator, std::path::PathBuf, tempfile::TempDir) {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let emulator = Emulator::start(
+        emu_config.clone(),
+        StartOptions::new(dir.path().join("ca.pem")),
+    )
+    .await
+    .unwrap();
+    let toml = tokenbroker::dev::broker_config_toml(
+        &emu_config,
+        emulator.endpoints(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let path = dir.path().join("broker.toml");
+    std::fs::write(&path, edit(toml)).unwrap();
+    (emulator, path, dir)
+}
+
 pub fn install_crypto() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
@@ -76,21 +100,7 @@ impl Stack {
         clock: Option<ManualClock>,
         wrap: impl FnOnce(Arc<dyn TokenExchange>) -> Arc<dyn TokenExchange>,
     ) -> Stack {
-        install_crypto();
-        let dir = tempfile::tempdir().unwrap();
-        let emulator = Emulator::start(
-            emu_config.clone(),
-            StartOptions::new(dir.path().join("ca.pem")),
-        )
-        .await
-        .unwrap();
-        let toml = tokenbroker::dev::broker_config_toml(
-            &emu_config,
-            emulator.endpoints(),
-            "127.0.0.1:0".parse().unwrap(),
-        );
-        let path = dir.path().join("broker.toml");
-        std::fs::write(&path, edit(toml)).unwrap();
+        let (emulator, path, dir) = emulator_with_config(emu_config, edit).await;
         let config = tokenbroker::config::Config::load(&path, &|_| None).unwrap();
         let real = tokenbroker::server::upstreams(&config).unwrap();
         let assertions = Arc::new(Mutex::new(Vec::new()));

@@ -3,28 +3,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokenbroker::emulator::{Emulator, EmulatorConfig, StartOptions};
+use tokenbroker::emulator::{Emulator, EmulatorConfig};
 use tokenbroker::probe::{self, Outcome};
 use tonic::Code;
 
-use crate::helpers::{GRAPH, install_crypto};
+use crate::helpers::{GRAPH, emulator_with_config};
 
 /// The emulator with the demo estate, and a broker configuration for it (`edit`ed).
 async fn estate(edit: impl FnOnce(String) -> String) -> (Emulator, PathBuf, tempfile::TempDir) {
-    install_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    let emu = EmulatorConfig::demo();
-    let emulator = Emulator::start(emu.clone(), StartOptions::new(dir.path().join("ca.pem")))
-        .await
-        .unwrap();
-    let toml = tokenbroker::dev::broker_config_toml(
-        &emu,
-        emulator.endpoints(),
-        "127.0.0.1:0".parse().unwrap(),
-    );
-    let path = dir.path().join("broker.toml");
-    std::fs::write(&path, edit(toml)).unwrap();
-    (emulator, path, dir)
+    emulator_with_config(EmulatorConfig::demo(), edit).await
 }
 
 fn config(path: &std::path::Path) -> tokenbroker::config::Config {

@@ -494,6 +494,42 @@ async fn a_key_missing_from_the_token_is_a_failed_precondition_naming_the_fix(hs
     stack.stop().await;
 }
 
+async fn the_online_check_tries_a_tenant_whose_key_is_on_the_token(hsm: &Hsm) {
+    for (key, ok) in [(KEY, true), ("no-such-key", false)] {
+        let (_emulator, path, _dir) =
+            emulator_with_config(estate(hsm), on_the_token(hsm, key, "RS256")).await;
+        let config = tokenbroker::config::Config::load(&path, &|_| None).unwrap();
+        let up = tokenbroker::server::upstreams(&config).unwrap();
+        let checks = tokenbroker::probe::check(
+            &config,
+            up,
+            &["contoso".to_owned()],
+            &[GRAPH.to_owned()],
+            std::time::Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+        match (&checks[0].outcome, ok) {
+            (
+                tokenbroker::probe::Outcome::Ok {
+                    certificate_ends_in: Some(s),
+                    ..
+                },
+                true,
+            ) => {
+                // The token's certificate, read from the token, is valid for a year.
+                assert!(*s > 300.0 * 86_400.0, "{s}");
+            }
+            (tokenbroker::probe::Outcome::Failed { code, message }, false) => {
+                assert_eq!(*code, Code::FailedPrecondition);
+                assert!(message.contains("no-such-key"), "{message}");
+                assert!(message.contains("module, token and key"), "{message}");
+            }
+            (other, _) => panic!("{key}: {other:?}"),
+        }
+    }
+}
+
 async fn an_expired_certificate_is_refused_by_entra_with_the_fix(hsm: &Hsm) {
     let stack = Stack::start_with(estate(hsm), on_the_token(hsm, EXPIRED_KEY, "RS256")).await;
     let e = stack.get("contoso", GRAPH).await.unwrap_err();
@@ -620,7 +656,7 @@ fn main() -> ExitCode {
         .expect("a runtime");
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     type Test = for<'a> fn(&'a Hsm) -> futures::future::BoxFuture<'a, ()>;
-    let tests: [(&str, Test); 8] = [
+    let tests: [(&str, Test); 9] = [
         ("a_wrong_or_unreadable_pin_is_refused_with_the_fix", |h| {
             a_wrong_or_unreadable_pin_is_refused_with_the_fix(h).boxed()
         }),
@@ -636,6 +672,10 @@ fn main() -> ExitCode {
         (
             "a_tenant_with_its_key_on_the_token_gets_tokens_from_entra",
             |h| a_tenant_with_its_key_on_the_token_gets_tokens_from_entra(h).boxed(),
+        ),
+        (
+            "the_online_check_tries_a_tenant_whose_key_is_on_the_token",
+            |h| the_online_check_tries_a_tenant_whose_key_is_on_the_token(h).boxed(),
         ),
         (
             "an_expired_certificate_is_refused_by_entra_with_the_fix",
