@@ -115,6 +115,9 @@ pub enum Command {
         /// With --online: seconds to wait for each tenant's token.
         #[arg(long, requires = "online", default_value_t = 60)]
         timeout: u64,
+        /// With --online: the report as one JSON document.
+        #[arg(long, requires = "online")]
+        json: bool,
     },
     /// Benchmarks on loopback (docs/PERFORMANCE.md): cache-hit load against a bare gRPC
     /// baseline, cold path, upstream economy, memory per cached token, start-up time.
@@ -211,8 +214,9 @@ pub async fn run(cli: Cli) -> ExitCode {
             tenant,
             scope,
             timeout,
+            json,
             ..
-        } => check_online(&file, &tenant, &scope, Duration::from_secs(timeout)).await,
+        } => check_online(&file, &tenant, &scope, Duration::from_secs(timeout), json).await,
         Command::CheckConfig {
             file,
             files_elsewhere,
@@ -250,6 +254,7 @@ async fn check_online(
     tenants: &[String],
     scopes: &[String],
     bound: Duration,
+    json: bool,
 ) -> ExitCode {
     let config = match load_or_exit(path) {
         Ok(c) => c,
@@ -270,11 +275,15 @@ async fn check_online(
             ExitCode::from(EXIT_CONFIG)
         }
         Ok(checks) => {
-            let text = format!(
-                "{}: configuration OK; each tenant tried:\n{}",
-                path.display(),
-                crate::probe::report(&checks)
-            );
+            let text = if json {
+                crate::probe::report_json(&checks).to_string()
+            } else {
+                format!(
+                    "{}: configuration OK; each tenant tried:\n{}",
+                    path.display(),
+                    crate::probe::report(&checks)
+                )
+            };
             match print_out("tokenbroker check-config", &text) {
                 code if code != ExitCode::SUCCESS => code,
                 _ if checks.iter().all(|c| c.outcome.is_ok()) => ExitCode::SUCCESS,

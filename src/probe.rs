@@ -217,6 +217,51 @@ pub fn report(checks: &[TenantCheck]) -> String {
     out
 }
 
+/// The report as one JSON document, for scripts: per try its `tenant`, `scopes` and
+/// `outcome` (`ok`, `failed`, `timed_out`, `not_tried`) with what goes with it, then the counts.
+pub fn report_json(checks: &[TenantCheck]) -> serde_json::Value {
+    use serde_json::json;
+    let tries: Vec<serde_json::Value> = checks
+        .iter()
+        .map(|c| {
+            let mut v = json!({"tenant": c.tenant, "scopes": c.scopes});
+            let extra = match &c.outcome {
+                Outcome::Ok {
+                    valid_for,
+                    fingerprint,
+                    certificate_ends_in,
+                } => json!({
+                    "outcome": "ok",
+                    "valid_for_secs": valid_for.as_secs(),
+                    "fingerprint": fingerprint,
+                    "certificate_ends_in_secs": certificate_ends_in.map(|s| s.round() as i64),
+                }),
+                Outcome::Failed { code, message } => json!({
+                    "outcome": "failed",
+                    "code": format!("{code:?}"),
+                    "message": message,
+                }),
+                Outcome::TimedOut(bound) => json!({
+                    "outcome": "timed_out",
+                    "bound_secs": bound.as_secs_f64(),
+                }),
+                Outcome::NotTried => json!({"outcome": "not_tried"}),
+            };
+            if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+                v.extend(extra);
+            }
+            v
+        })
+        .collect();
+    let count = |f: fn(&Outcome) -> bool| checks.iter().filter(|c| f(&c.outcome)).count();
+    json!({
+        "tenants": tries,
+        "ok": count(|o| matches!(o, Outcome::Ok { .. })),
+        "failed": count(|o| matches!(o, Outcome::Failed { .. } | Outcome::TimedOut(_))),
+        "not_tried": count(|o| matches!(o, Outcome::NotTried)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +311,21 @@ mod tests {
         assert!(lines[2].starts_with("n              not tried"), "{text}");
         assert_eq!(lines[3], "1 ok, 1 failed, 1 not tried");
         assert!(!text.contains("token\""));
+
+        let json = report_json(&checks);
+        assert_eq!(json["ok"], 1);
+        assert_eq!(json["failed"], 1);
+        assert_eq!(json["not_tried"], 1);
+        let t = &json["tenants"];
+        assert_eq!(t[0]["tenant"], "contoso");
+        assert_eq!(t[0]["outcome"], "ok");
+        assert_eq!(t[0]["valid_for_secs"], 3599);
+        assert_eq!(t[0]["certificate_ends_in_secs"], 864_000);
+        assert!(t[0]["fingerprint"].as_str().unwrap().starts_with("sha256:"));
+        assert_eq!(t[1]["outcome"], "failed");
+        assert_eq!(t[1]["code"], "FailedPrecondition");
+        assert_eq!(t[1]["message"], "tenant `fabrikam-long`: the fix");
+        assert_eq!(t[2]["outcome"], "not_tried");
+        assert_eq!(t[2]["scopes"], serde_json::json!([]));
     }
 }

@@ -28,9 +28,10 @@ use crate::config::{LogFormat, TelemetryConfig};
 use crate::lines::{self, Lines, WhenFull};
 
 /// Bytes of log lines a thread's buffer holds while stderr does not keep up; beyond them
-/// lines are dropped (and counted) rather than making a request wait for the reader. With a
-/// buffer per thread stripe, some MiB in all.
-const LOG_BUFFER_BYTES: usize = 512 * 1024;
+/// lines are dropped (and counted) rather than making a request wait for the reader. About
+/// 600 typical lines per thread per batch; with a buffer per thread stripe (two per core, at
+/// most 64) and the batch being written, at most 16 MiB in all.
+const LOG_BUFFER_BYTES: usize = 128 * 1024;
 
 /// How long the end of the process waits for stderr to take the last log lines: a reader
 /// that has stopped must not keep the process from exiting.

@@ -174,6 +174,15 @@ async fn the_command_prints_a_line_per_tenant_and_fails_unless_all_got_a_token()
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.ends_with("\n1 ok, 0 failed, 0 not tried\n"), "{out}");
 
+    let (code, out, err) = run(&["--scope", GRAPH, "--json"]).await;
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["ok"], 2, "{out}");
+    assert_eq!(report["failed"], 1, "{out}");
+    assert_eq!(report["tenants"][2]["tenant"], "fabrikam");
+    assert_eq!(report["tenants"][2]["code"], "FailedPrecondition");
+    assert!(!out.contains("eyJ"), "{out}");
+
     let (code, _, err) = run(&["--tenant", "nope"]).await;
     assert_eq!(code, Some(78), "{err}");
     assert!(err.contains("`nope` is not in the configuration"), "{err}");
