@@ -27,6 +27,8 @@ pub enum AccessError {
     },
     #[error("the broker is at its limit of requests in flight")]
     Overloaded,
+    #[error("the audit trail cannot be written ({reason}); no token is served unaudited")]
+    AuditUnavailable { reason: String },
 }
 
 impl AccessError {
@@ -62,6 +64,7 @@ pub struct Access {
     policy: Arc<PolicyHandle>,
     limits: Limits,
     audit: Audit,
+    refuse_unaudited: bool,
 }
 
 impl Access {
@@ -101,6 +104,7 @@ impl Access {
             policy,
             limits: Limits::new(&config.limits),
             audit: Audit::new(sink),
+            refuse_unaudited: config.audit.refuse_unaudited,
         })
     }
 
@@ -114,6 +118,15 @@ impl Access {
 
     pub fn audit(&self) -> &Audit {
         &self.audit
+    }
+
+    /// Refuses while the audit trail cannot be written, unless configured to serve anyway
+    /// (`[audit] on_write_failure = "serve"`): a token must not go out without its record.
+    pub fn check_audit(&self) -> Result<(), AccessError> {
+        match self.audit.failure() {
+            Some(reason) if self.refuse_unaudited => Err(AccessError::AuditUnavailable { reason }),
+            _ => Ok(()),
+        }
     }
 
     /// A slot among the requests in flight; held for the whole request.

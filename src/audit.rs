@@ -6,7 +6,9 @@
 //! of its thread's shard, and one writer thread writes what the shards hold every
 //! `BATCH_PAUSE` (backing off to `IDLE_PAUSE` when there is nothing), so under load it costs
 //! one wake-up and a few `write(2)` calls per pause instead of per record. When the writer
-//! falls behind by a whole shard, requests wait for it: records are never dropped. A file
+//! falls behind by a whole shard, requests wait for it: records are never dropped. When the
+//! output fails, records are kept for it and `Audit::failure` says why, so that the API
+//! serves no token unaudited (`[audit] on_write_failure`). A file
 //! sink follows its path through log rotation (`FollowedFile`). Refusals a client can repeat
 //! at will are summarised (`repeats`), so the trail's size follows the broker's decisions
 //! that matter, not a client's sending rate.
@@ -476,6 +478,16 @@ pub trait AuditSink: Send + Sync + fmt::Debug + 'static {
 
     /// Returns once every record written so far is out of the process (shutdown calls it).
     fn flush(&self) {}
+
+    /// Why records cannot be written now (they are kept for later, or lost), or `None`.
+    fn failure(&self) -> Option<String> {
+        None
+    }
+
+    /// Records lost so far because the output failed for longer than they could be kept.
+    fn lost(&self) -> u64 {
+        0
+    }
 }
 
 /// Stamps the time and hands a record to the sink; summarises repeated refusals
@@ -492,6 +504,16 @@ impl Audit {
             sink,
             repeats: Arc::default(),
         }
+    }
+
+    /// Why the trail cannot be written now, or `None` (one atomic load when it can).
+    pub fn failure(&self) -> Option<String> {
+        self.sink.failure()
+    }
+
+    /// Records lost so far because the output failed for longer than they could be kept.
+    pub fn lost(&self) -> u64 {
+        self.sink.lost()
     }
 
     pub fn record(&self, mut record: AuditRecord) {
@@ -536,6 +558,10 @@ impl Audit {
 /// Bytes of serialised records a shard holds before its writers wait for the writer thread
 /// (about 1,700 records; far more than the broker serves per pause).
 const SHARD_LIMIT: usize = 1 << 20;
+/// Bytes of records kept while the output fails (a full disk, a closed stdout), written once
+/// it works again: about 130,000 records. While it fails the broker serves no token (unless
+/// configured to), so these are mostly refusals; beyond them records are lost and counted.
+const KEEP_ON_ERROR: usize = 64 << 20;
 
 /// JSON lines to stdout or an append-only file, written in batches by a thread of its own
 /// (`lines::Lines`): a request serialises its record straight into its thread's shard
@@ -569,6 +595,7 @@ impl JsonLines {
                 // Slower answers beat a gap in the audit trail.
                 when_full: WhenFull::Wait,
                 report_errors_as: Some("audit records"),
+                keep_on_error: Some(KEEP_ON_ERROR),
             },
         )?;
         Ok(JsonLines { lines })
@@ -590,6 +617,14 @@ impl AuditSink for JsonLines {
 
     fn flush(&self) {
         self.lines.flush();
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.lines.failure()
+    }
+
+    fn lost(&self) -> u64 {
+        self.lines.lost()
     }
 }
 

@@ -9,15 +9,18 @@
 //! buffer changes threads per line: a queue of per-line buffers made the writer free memory
 //! the request threads had allocated, contending with them in the allocator.
 //!
-//! When a shard is full (the output stalls: a full disk, a pipe nobody reads), `WhenFull`
+//! When a shard is full (the output stalls: a slow disk, a pipe nobody reads), `WhenFull`
 //! decides: the audit trail makes the request wait (records are never lost), the log drops
-//! the line and counts it (a request never waits for the log).
+//! the line and counts it (a request never waits for the log). When the output fails (a full
+//! disk), `keep_on_error` decides: the audit trail keeps what was not written and writes it
+//! first once the output works (`failure` says why meanwhile, so the API can refuse to serve
+//! unaudited), the log counts the lines as lost.
 //!
 //! Lines of one thread keep their order; lines of different threads written in one batch may
 //! be out of time order by up to one pause (each line carries its time).
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,6 +58,10 @@ pub struct Options {
     /// What the lines are, for the writer's own error messages ("audit records"); `None`
     /// for the log itself, whose errors would only go back into the failing output.
     pub report_errors_as: Option<&'static str>,
+    /// When a write fails: keep what was not written, up to this many bytes, and write it
+    /// (before anything newer) once the output works again; beyond it lines are lost and
+    /// counted. `None`: lines a failed write did not take are lost and counted at once.
+    pub keep_on_error: Option<usize>,
 }
 
 /// Where the writer thread puts the lines.
@@ -81,6 +88,12 @@ struct Shared {
     written: Condvar,
     /// Times an append found its shard full (and waited, or dropped its line).
     full: AtomicU64,
+    /// Set while the output fails (lines are waiting for it, or were lost).
+    failing: AtomicBool,
+    /// The output's last error, while `failing`.
+    last_error: Mutex<Option<String>>,
+    /// Lines lost because the output failed.
+    lost: AtomicU64,
 }
 
 #[derive(Default)]
@@ -116,6 +129,9 @@ impl Lines {
             state: Mutex::new(WriterState::default()),
             written: Condvar::new(),
             full: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            lost: AtomicU64::new(0),
         });
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -163,7 +179,26 @@ impl Lines {
         self.shared.full.load(Ordering::Relaxed)
     }
 
-    /// Blocks until every line appended before the call is written (or the writer is gone).
+    /// The output's error while it fails (lines wait for it or are lost); `None` while it
+    /// works. One atomic load when it works: requests may ask before each answer.
+    pub fn failure(&self) -> Option<String> {
+        if !self.shared.failing.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(
+            lock(&self.shared.last_error)
+                .clone()
+                .unwrap_or_else(|| "the output fails".into()),
+        )
+    }
+
+    /// Lines lost so far because the output failed.
+    pub fn lost(&self) -> u64 {
+        self.shared.lost.load(Ordering::Relaxed)
+    }
+
+    /// Blocks until every line appended before the call is written, is held for an output
+    /// that fails, or is lost (or the writer is gone).
     pub fn flush(&self) {
         let generation = {
             let mut state = lock(&self.shared.state);
@@ -245,11 +280,37 @@ impl Drop for StopOnExit<'_> {
     }
 }
 
+/// Writes `buf` whole, or up to an error; what was written is removed from `buf` either way,
+/// so a retry goes on where the output stopped (nothing written twice, nothing skipped).
+fn write_from(out: &mut dyn Output, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut done = 0;
+    let result = loop {
+        if done == buf.len() {
+            break Ok(());
+        }
+        match out.write(&buf[done..]) {
+            Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    buf.drain(..done);
+    result
+}
+
+fn count_lines(buf: &[u8]) -> u64 {
+    buf.iter().filter(|&&b| b == b'\n').count() as u64
+}
+
 /// The writer thread: every pause (or at once when asked), takes each shard's buffer and
-/// writes it, then flushes.
+/// writes it, then flushes. When the output fails, what it did not take is kept (up to
+/// `keep_on_error`) and written first once it works again.
 fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
     let _stop = StopOnExit(shared);
+    let keep = shared.options.keep_on_error;
     let mut spare: Vec<u8> = Vec::new();
+    let mut pending: Vec<u8> = Vec::new();
     let mut failing = false;
     let mut pause = BATCH_PAUSE;
     let mut answered = 0;
@@ -259,40 +320,74 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
             let state = lock(&shared.state);
             (state.requested, state.closed)
         };
-        let mut result = Ok(());
-        let mut wrote = false;
+        let mut error: Option<std::io::Error> = None;
+        let mut started = false;
+        let mut wrote = !pending.is_empty();
+        if !pending.is_empty() {
+            out.before_batch();
+            started = true;
+            error = write_from(&mut *out, &mut pending).err();
+        }
+        let mut lost = 0;
         for shard in shared.shards.iter() {
             std::mem::swap(&mut *lock(shard), &mut spare);
-            if !spare.is_empty() {
-                if !wrote {
+            if spare.is_empty() {
+                continue;
+            }
+            wrote = true;
+            if error.is_none() {
+                if !started {
                     out.before_batch();
+                    started = true;
                 }
                 // One call per shard: its lines stay whole in an O_APPEND file.
-                result = result.and_then(|()| out.write_all(&spare));
-                spare.clear();
-                // A burst must not leave every shard holding a megabyte for good.
-                spare.shrink_to(KEEP_CAPACITY);
-                wrote = true;
+                error = write_from(&mut *out, &mut spare).err();
             }
+            if !spare.is_empty() {
+                match keep {
+                    Some(cap) if pending.len() + spare.len() <= cap => {
+                        pending.extend_from_slice(&spare);
+                    }
+                    _ => lost += count_lines(&spare),
+                }
+            }
+            spare.clear();
+            // A burst must not leave every shard holding a megabyte for good.
+            spare.shrink_to(KEEP_CAPACITY);
         }
-        if wrote {
-            result = result.and_then(|()| out.flush());
+        if started && error.is_none() {
+            error = out.flush().err();
         }
+        if closed && !pending.is_empty() {
+            lost += count_lines(&pending);
+        }
+        if lost > 0 {
+            shared.lost.fetch_add(lost, Ordering::Relaxed);
+        }
+        let now_failing = error.is_some() || !pending.is_empty();
+        if let Some(e) = &error {
+            *lock(&shared.last_error) = Some(e.to_string());
+        }
+        shared.failing.store(now_failing, Ordering::Relaxed);
         if let Some(what) = shared.options.report_errors_as {
-            match result {
-                Ok(()) if failing => {
-                    failing = false;
-                    tracing::info!("{what} are being written again");
+            match &error {
+                None if failing && !now_failing => {
+                    tracing::info!(
+                        lost_so_far = shared.lost.load(Ordering::Relaxed),
+                        "{what} are being written again"
+                    );
                 }
-                Ok(()) => {}
                 // Once per streak: a full disk would otherwise log once per batch.
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::error!(error = %e, "cannot write {what}");
+                Some(e) if !failing => {
+                    tracing::error!(error = %e, kept_bytes = pending.len(), "cannot write {what}");
                 }
-                Err(_) => {}
+                _ => {}
+            }
+            if lost > 0 {
+                tracing::error!(lost, "{what} lost: the output failed");
             }
         }
+        failing = now_failing;
         // Someone can be waiting only for a flush asked for, or for room in a shard drained.
         if wrote || requested > answered {
             answered = requested;
@@ -372,6 +467,7 @@ pub(crate) mod gated {
 mod tests {
     use super::gated::{Gate, Gated};
     use super::*;
+    use std::sync::atomic::AtomicBool;
 
     fn lines(gate: &Arc<Gate>, limit: usize, when_full: WhenFull) -> Arc<Lines> {
         Arc::new(
@@ -382,6 +478,7 @@ mod tests {
                     limit,
                     when_full,
                     report_errors_as: None,
+                    keep_on_error: None,
                 },
             )
             .unwrap(),
@@ -429,6 +526,104 @@ mod tests {
         gate.open();
         assert!(w.close(Some(Duration::from_secs(30))));
         assert_eq!(gate.text(), "line 0001\n");
+    }
+
+    /// While `failing` is set, fails each write (after taking 3 bytes of it when `partial`,
+    /// as a filling disk writes short); collects what it took.
+    struct Flaky {
+        failing: Arc<AtomicBool>,
+        partial: bool,
+        out: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Output for Flaky {}
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut out = self.out.lock().unwrap();
+            if self.failing.load(Ordering::SeqCst) {
+                if self.partial && buf.len() > 3 {
+                    // A short write that stops mid-line, as a filling disk does, then the error.
+                    out.extend_from_slice(&buf[..3]);
+                    return Ok(3);
+                }
+                return Err(std::io::Error::from_raw_os_error(28));
+            }
+            out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn flaky(keep: Option<usize>, partial: bool) -> (Lines, Arc<AtomicBool>, Arc<Mutex<Vec<u8>>>) {
+        let failing = Arc::new(AtomicBool::new(true));
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let w = Lines::spawn(
+            Box::new(Flaky {
+                failing: failing.clone(),
+                partial,
+                out: out.clone(),
+            }),
+            Options {
+                thread: "test-flaky",
+                limit: 1 << 20,
+                when_full: WhenFull::Wait,
+                report_errors_as: Some("test lines"),
+                keep_on_error: keep,
+            },
+        )
+        .unwrap();
+        (w, failing, out)
+    }
+
+    #[test]
+    fn lines_a_failing_output_did_not_take_are_kept_and_written_once_it_works() {
+        let (w, failing, out) = flaky(Some(1 << 20), true);
+        assert_eq!(w.failure(), None);
+        for i in 0..50 {
+            w.append(|b| line(b, i));
+        }
+        w.flush();
+        let reason = w.failure().expect("failing while the output fails");
+        assert!(reason.contains("No space left on device"), "{reason}");
+        // Still failing: more lines queue behind the kept ones.
+        for i in 50..100 {
+            w.append(|b| line(b, i));
+        }
+        w.flush();
+        assert!(w.failure().is_some());
+        failing.store(false, Ordering::SeqCst);
+        w.flush();
+        w.flush();
+        assert_eq!(w.failure(), None);
+        assert_eq!(w.lost(), 0);
+        // Every line once, in order, whole: the short write's bytes were not written twice.
+        let expected: String = (0..100).map(|i| format!("line {i:04}\n")).collect();
+        assert_eq!(
+            String::from_utf8(out.lock().unwrap().clone()).unwrap(),
+            expected
+        );
+    }
+
+    #[test]
+    fn past_the_kept_bytes_lines_are_lost_and_counted() {
+        // Room to keep two 10-byte lines.
+        let (w, failing, out) = flaky(Some(20), false);
+        for i in 0..6 {
+            w.append(|b| line(b, i));
+            w.flush();
+        }
+        assert!(w.failure().is_some());
+        assert_eq!(w.lost(), 4);
+        failing.store(false, Ordering::SeqCst);
+        w.flush();
+        assert_eq!(w.failure(), None);
+        // The first two were kept and written; the four that did not fit are counted lost.
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert_eq!(text, "line 0000\nline 0001\n");
     }
 
     #[test]

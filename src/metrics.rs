@@ -141,6 +141,7 @@ impl MetricReader for SharedReader {
 
 /// The broker whose state the observable instruments read; set while it serves.
 type Source = Arc<Mutex<Option<Broker>>>;
+type AuditSource = Arc<Mutex<Option<crate::audit::Audit>>>;
 
 struct Inner {
     provider: SdkMeterProvider,
@@ -148,6 +149,7 @@ struct Inner {
     tenants: HashSet<String>,
     callers: Mutex<HashSet<String>>,
     source: Source,
+    audit_source: AuditSource,
     requests: Arc<RequestCounts>,
     request_duration: Histogram<f64>,
     /// `request_duration` bound to each method and outcome when first recorded: a bound
@@ -232,6 +234,47 @@ impl std::fmt::Debug for Metrics {
 #[derive(Debug)]
 pub struct Observing(Source);
 
+/// Stops reading the audit trail's state when dropped.
+#[derive(Debug)]
+pub struct ObservingAudit(AuditSource);
+
+impl Drop for ObservingAudit {
+    fn drop(&mut self) {
+        *lock_source(&self.0) = None;
+    }
+}
+
+fn lock_source<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// 1 while the audit trail cannot be written (tokens are refused unless configured
+/// otherwise), else 0.
+fn observe_audit(meter: &Meter, source: &AuditSource) {
+    let s = source.clone();
+    meter
+        .u64_observable_gauge("tokenbroker_audit_failing")
+        .with_description("Whether the audit trail cannot be written now (1): no token is served then (unless [audit] on_write_failure = \"serve\"), and records are kept for when it can")
+        .with_callback(move |o| {
+            if let Some(a) = &*lock_source(&s) {
+                o.observe(u64::from(a.failure().is_some()), &[]);
+            }
+        })
+        .build();
+    let s = source.clone();
+    meter
+        .u64_observable_counter("tokenbroker_audit_records_lost")
+        .with_description(
+            "Audit records lost because the audit output failed for longer than they could be kept",
+        )
+        .with_callback(move |o| {
+            if let Some(a) = &*lock_source(&s) {
+                o.observe(a.lost(), &[]);
+            }
+        })
+        .build();
+}
+
 impl Drop for Observing {
     fn drop(&mut self) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -268,6 +311,8 @@ impl Metrics {
         let meter = provider.meter("tokenbroker");
         let source: Source = Arc::new(Mutex::new(None));
         observe(&meter, &source);
+        let audit_source = AuditSource::default();
+        observe_audit(&meter, &audit_source);
         let inner = Inner {
             requests: RequestCounts::register(&meter),
             request_duration: meter
@@ -296,6 +341,7 @@ impl Metrics {
             tenants,
             callers: Mutex::new(HashSet::new()),
             source,
+            audit_source,
         };
         Metrics {
             inner: Arc::new(inner),
@@ -307,6 +353,12 @@ impl Metrics {
     pub fn observe(&self, broker: &Broker) -> Observing {
         *self.inner.source.lock().unwrap_or_else(|p| p.into_inner()) = Some(broker.clone());
         Observing(self.inner.source.clone())
+    }
+
+    /// Reads the audit trail's state (`tokenbroker_audit_failing`) until the guard is dropped.
+    pub fn observe_audit(&self, audit: &crate::audit::Audit) -> ObservingAudit {
+        *lock_source(&self.inner.audit_source) = Some(audit.clone());
+        ObservingAudit(self.inner.audit_source.clone())
     }
 
     /// A configured tenant name, or `_unknown`.

@@ -157,6 +157,7 @@ impl Bound {
         // The admin listener (metrics, probes) lives as long as gRPC serving does.
         let metrics = self.broker.flow().metrics.clone();
         let _observing = metrics.observe(&self.broker);
+        let _observing_audit = metrics.observe_audit(self.access.audit());
         let _admin = AbortOnDrop(
             self.admin
                 .spawn(crate::admin::router(metrics, self.health.clone())),

@@ -56,10 +56,10 @@ impl Drop for Guard {
     }
 }
 
-/// Log lines dropped so far because stderr did not keep up (0 before a subscriber is
-/// installed).
+/// Log lines dropped so far because stderr did not keep up or failed (0 before a subscriber
+/// is installed).
 pub fn dropped_log_lines() -> u64 {
-    LOG.get().map_or(0, |l| l.full_count())
+    LOG.get().map_or(0, |l| l.full_count() + l.lost())
 }
 
 static LOG: OnceLock<Arc<Lines>> = OnceLock::new();
@@ -152,6 +152,7 @@ pub fn subscriber(
             limit: LOG_BUFFER_BYTES,
             when_full: WhenFull::Drop,
             report_errors_as: None,
+            keep_on_error: None,
         },
     )
     .map(Arc::new)

@@ -207,7 +207,10 @@ impl Service {
         let caller = self.access.authenticate(&env.credentials()).await?;
         let allowed = self.allow(&caller, tenant, scopes);
         audit.set_caller(caller);
-        Ok((allowed?, in_flight))
+        let allowed = allowed?;
+        // After the caller's own checks, so a caller learns of its own mistakes first.
+        self.access.check_audit()?;
+        Ok((allowed, in_flight))
     }
 
     /// An authenticated caller's rate limit and grants; the normalised scopes.
@@ -235,8 +238,10 @@ impl Service {
     fn fail(&self, env: &Envelope, audit: &mut AuditRecord, failure: &Failure) -> Status {
         let status = error::failure_status(failure);
         audit.outcome = match failure {
+            Failure::Access(AccessError::AuditUnavailable { .. }) | Failure::Broker(_) => {
+                Outcome::Failed
+            }
             Failure::Access(_) => Outcome::Denied,
-            Failure::Broker(_) => Outcome::Failed,
         };
         audit.repeatable = matches!(failure, Failure::Access(e) if e.is_repeatable());
         audit.code = error::code_name(status.code());

@@ -102,6 +102,9 @@ pub enum AuditOutput {
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
     pub output: AuditOutput,
+    /// While the audit trail cannot be written, refuse to serve tokens (the default), or
+    /// serve them and keep their records for when it can.
+    pub refuse_unaudited: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -170,6 +173,7 @@ pub(super) struct RawPolicy {
 pub(super) struct RawAudit {
     output: Option<String>,
     file: Option<PathBuf>,
+    on_write_failure: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -413,7 +417,21 @@ impl Validator<'_> {
                 AuditOutput::Stdout
             }
         };
-        AuditConfig { output }
+        let refuse_unaudited = match raw.on_write_failure.as_deref().unwrap_or("refuse") {
+            "refuse" => true,
+            "serve" => false,
+            other => {
+                self.problem(
+                    "audit.on_write_failure",
+                    format!("`{other}` is not one of refuse, serve"),
+                );
+                true
+            }
+        };
+        AuditConfig {
+            output,
+            refuse_unaudited,
+        }
     }
 
     pub(super) fn limits(&mut self, raw: RawLimits) -> LimitsConfig {

@@ -623,3 +623,24 @@ fn a_pkcs11_credential_is_explained_when_incomplete_mixed_or_holding_the_pin() {
         "{p:?}"
     );
 }
+
+#[test]
+fn tokens_are_refused_while_the_audit_trail_fails_unless_configured_to_serve() {
+    let read = |extra: &str| {
+        Config::from_toml_str(
+            &format!("{GOOD}\n[audit]\n{extra}\n"),
+            Path::new("/var/tb"),
+            &no_env,
+        )
+        .unwrap()
+        .audit
+        .refuse_unaudited
+    };
+    assert!(read(""));
+    assert!(read("on_write_failure = \"refuse\""));
+    assert!(!read("on_write_failure = \"serve\""));
+    let p = problems(&format!("{GOOD}\n[audit]\non_write_failure = \"ignore\"\n"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "audit.on_write_failure");
+    assert!(p[0].message.contains("refuse, serve"), "{p:?}");
+}

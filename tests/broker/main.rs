@@ -670,3 +670,80 @@ async fn an_identity_the_host_does_not_have_is_unavailable_with_a_hint() {
     assert_eq!(stack.total_signs().await, 0);
     stack.stop().await;
 }
+
+/// The broker configuration with the audit trail written to `/dev/full`: every write fails
+/// with "No space left on device", as on a full disk.
+fn audit_to_a_full_disk(extra: &'static str) -> impl FnOnce(String) -> String {
+    move |toml: String| {
+        let toml: String = toml
+            .lines()
+            .map(|l| {
+                if l.starts_with("file = ") {
+                    format!("file = \"/dev/full\"\n{extra}")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        toml
+    }
+}
+
+/// Asks until the broker has found out that its audit trail cannot be written (its writer
+/// tries every few milliseconds); the first answers may have gone out before that.
+async fn until_audit_fails(
+    stack: &Stack,
+) -> Result<tokenbroker::proto::GetTokenResponse, tonic::Status> {
+    for _ in 0..600 {
+        let r = stack.get("contoso", GRAPH).await;
+        if stack
+            .metrics()
+            .await
+            .lines()
+            .any(|l| l == "tokenbroker_audit_failing 1")
+        {
+            return stack.get("contoso", GRAPH).await;
+        }
+        drop(r);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the audit trail's failure was never noticed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_is_served_while_the_audit_trail_cannot_be_written() {
+    let stack = Stack::start_with(
+        tokenbroker::emulator::EmulatorConfig::demo(),
+        audit_to_a_full_disk(""),
+    )
+    .await;
+    let e = until_audit_fails(&stack).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("audit trail cannot be written")
+            && e.message().contains("No space left on device")
+            && e.message().contains("no token is served unaudited"),
+        "{}",
+        e.message()
+    );
+    assert!(e.metadata().get("retry-after").is_some(), "{e:?}");
+    // A caller's own mistakes still come first.
+    assert_eq!(
+        stack.get("", GRAPH).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_to_serve_the_broker_serves_while_the_audit_trail_cannot_be_written() {
+    let stack = Stack::start_with(
+        tokenbroker::emulator::EmulatorConfig::demo(),
+        audit_to_a_full_disk("on_write_failure = \"serve\""),
+    )
+    .await;
+    let t = until_audit_fails(&stack).await.unwrap();
+    assert_eq!(t.tenant_id, demo::CONTOSO_TENANT);
+    stack.stop().await;
+}
