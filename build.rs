@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()
+        // Its Debug (src/lib.rs) shows the token's fingerprint, never the token.
+        .skip_debug([".tokenbroker.v1.GetTokenResponse"])
         .compile_fds(fds)?;
     Ok(())
 }
