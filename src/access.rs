@@ -120,6 +120,11 @@ impl Access {
         &self.audit
     }
 
+    /// Whether tokens are refused while the audit trail cannot be written (the default).
+    pub fn refuses_unaudited(&self) -> bool {
+        self.refuse_unaudited
+    }
+
     /// Refuses while the audit trail cannot be written, unless configured to serve anyway
     /// (`[audit] on_write_failure = "serve"`): a token must not go out without its record.
     pub fn check_audit(&self) -> Result<(), AccessError> {

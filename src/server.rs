@@ -169,6 +169,7 @@ impl Bound {
         // traffic to a cold replica.
         let warm = AbortOnDrop(tokio::spawn(become_ready(
             self.broker.clone(),
+            self.access.clone(),
             health_reporter.clone(),
         )));
         let reflection = tonic_reflection::server::Builder::configure()
@@ -268,19 +269,63 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bo
 }
 
 /// Pre-warms the configured keys (retrying with backoff on the broker's clock), then
+/// reports SERVING, and from then on follows the audit trail (`follow_audit`). Aborted at
+/// shutdown, which reports NOT_SERVING for good.
+async fn become_ready(
+    broker: Broker,
+    access: Arc<Access>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    warm_up(broker, &reporter).await;
+    if access.refuses_unaudited() {
+        follow_audit(|| access.audit().failure(), &reporter).await;
+    }
+}
+
+/// How often readiness looks at the audit trail.
+const AUDIT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// NOT_SERVING while the audit trail cannot be written and tokens are refused for it (the
+/// default), SERVING again once it can: load balancers and Kubernetes send callers to
+/// replicas that can serve them.
+async fn follow_audit(
+    failure: impl Fn() -> Option<String>,
+    reporter: &tonic_health::server::HealthReporter,
+) {
+    let mut serving = true;
+    let mut tick = tokio::time::interval(AUDIT_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let failure = failure();
+        if failure.is_none() != serving {
+            serving = failure.is_none();
+            match &failure {
+                Some(reason) => tracing::error!(
+                    %reason,
+                    "not ready: the audit trail cannot be written, so no token is served"
+                ),
+                None => info!("ready again: the audit trail is written"),
+            }
+            set_health(reporter, serving).await;
+        }
+    }
+}
+
+/// Pre-warms the configured keys (retrying with backoff on the broker's clock), then
 /// reports SERVING.
-async fn become_ready(broker: Broker, reporter: tonic_health::server::HealthReporter) {
+async fn warm_up(broker: Broker, reporter: &tonic_health::server::HealthReporter) {
     if !broker.has_prewarm() {
-        set_health(&reporter, true).await;
+        set_health(reporter, true).await;
         return;
     }
-    set_health(&reporter, false).await;
+    set_health(reporter, false).await;
     let mut attempt = 0u32;
     loop {
         match broker.prewarm().await {
             Ok(()) => {
                 info!("pre-warm complete; serving");
-                set_health(&reporter, true).await;
+                set_health(reporter, true).await;
                 return;
             }
             Err(e) => {
@@ -337,4 +382,52 @@ pub async fn bind_with(
         access: Arc::new(access),
         tls,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::server::HealthService;
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_follows_the_audit_trail_both_ways() {
+        let (reporter, _) = tonic_health::server::health_reporter();
+        let service = HealthService::from_health_reporter(reporter.clone());
+        super::set_health(&reporter, true).await;
+        let failing = Arc::new(AtomicBool::new(false));
+        let f = failing.clone();
+        let follow = tokio::spawn(async move {
+            super::follow_audit(
+                move || f.load(Ordering::SeqCst).then(|| "disk full".to_owned()),
+                &reporter,
+            )
+            .await;
+        });
+        let check = || async {
+            service
+                .check(tonic::Request::new(HealthCheckRequest {
+                    service: String::new(),
+                }))
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+        };
+        let serving = ServingStatus::Serving as i32;
+        let not_serving = ServingStatus::NotServing as i32;
+        tokio::time::sleep(super::AUDIT_CHECK * 3).await;
+        assert_eq!(check().await, serving);
+        failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(super::AUDIT_CHECK * 2).await;
+        assert_eq!(check().await, not_serving);
+        failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep(super::AUDIT_CHECK * 2).await;
+        assert_eq!(check().await, serving);
+        follow.abort();
+    }
 }

@@ -711,6 +711,23 @@ async fn until_audit_fails(
     panic!("the audit trail's failure was never noticed");
 }
 
+/// `/readyz`'s status once it is `want`, or its last status after ten seconds.
+async fn readyz_within(stack: &Stack, want: u16) -> u16 {
+    let mut status = 0;
+    for _ in 0..100 {
+        status = reqwest::get(format!("http://{}/readyz", stack.admin))
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    status
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_token_is_served_while_the_audit_trail_cannot_be_written() {
     let stack = Stack::start_with(
@@ -728,6 +745,8 @@ async fn no_token_is_served_while_the_audit_trail_cannot_be_written() {
         e.message()
     );
     assert!(e.metadata().get("retry-after").is_some(), "{e:?}");
+    // Not ready meanwhile: load balancers send callers to replicas that can serve them.
+    assert_eq!(readyz_within(&stack, 503).await, 503);
     // A caller's own mistakes still come first.
     assert_eq!(
         stack.get("", GRAPH).await.unwrap_err().code(),
@@ -745,5 +764,8 @@ async fn configured_to_serve_the_broker_serves_while_the_audit_trail_cannot_be_w
     .await;
     let t = until_audit_fails(&stack).await.unwrap();
     assert_eq!(t.tenant_id, demo::CONTOSO_TENANT);
+    // Readiness is looked at every second: it stays ready.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(readyz_within(&stack, 200).await, 200);
     stack.stop().await;
 }
