@@ -312,6 +312,8 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
     let mut spare: Vec<u8> = Vec::new();
     let mut pending: Vec<u8> = Vec::new();
     let mut failing = false;
+    // Lines were lost in this failure (logged once per failure, counted always).
+    let mut losing = false;
     let mut pause = BATCH_PAUSE;
     let mut answered = 0;
     loop {
@@ -364,6 +366,10 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
         if lost > 0 {
             shared.lost.fetch_add(lost, Ordering::Relaxed);
         }
+        if pending.is_empty() {
+            // What a long failure kept is not held for good.
+            pending.shrink_to(KEEP_CAPACITY);
+        }
         let now_failing = error.is_some() || !pending.is_empty();
         if let Some(e) = &error {
             *lock(&shared.last_error) = Some(e.to_string());
@@ -383,10 +389,14 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
                 }
                 _ => {}
             }
-            if lost > 0 {
-                tracing::error!(lost, "{what} lost: the output failed");
+            if lost > 0 && (!losing || closed) {
+                tracing::error!(
+                    lost,
+                    "{what} lost: the output failed for longer than they could be kept (all are counted)"
+                );
             }
         }
+        losing = (losing || lost > 0) && now_failing;
         failing = now_failing;
         // Someone can be waiting only for a flush asked for, or for room in a shard drained.
         if wrote || requested > answered {
