@@ -532,7 +532,7 @@ fn observe(meter: &Meter, source: &Source) {
     meter
         .u64_observable_counter("tokenbroker_log_lines_dropped")
         .with_description(
-            "Log lines dropped because stderr did not keep up (the audit trail never drops)",
+            "Log lines dropped because stderr did not keep up or failed (the audit trail is a separate sink that keeps its records)",
         )
         .with_callback(|o| o.observe(crate::telemetry::dropped_log_lines(), &[]))
         .build();
