@@ -109,7 +109,8 @@ pub enum Command {
         #[arg(long, requires = "online")]
         tenant: Vec<String>,
         /// With --online: the scope to ask for (repeatable, one request); default: each
-        /// tenant's pre-warm scopes ([resilience] prewarm).
+        /// tenant's pre-warm scopes ([resilience] prewarm), else Microsoft Graph's
+        /// `/.default` in the configured cloud (any consented app gets that token).
         #[arg(long, requires = "online")]
         scope: Vec<String>,
         /// With --online: seconds to wait for each tenant's token.

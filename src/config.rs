@@ -187,6 +187,18 @@ impl Cloud {
         Url::parse(s).unwrap_or_else(|_| unreachable!("static URL"))
     }
 
+    /// Microsoft Graph's `/.default` scope in this cloud (unknown for a custom one): a token
+    /// any app consented in a tenant gets, whatever permissions it holds, so it proves the
+    /// tenant's whole path without naming one of its resources.
+    pub fn graph_scope(&self) -> Option<&'static str> {
+        match self {
+            Cloud::Public => Some("https://graph.microsoft.com/.default"),
+            Cloud::UsGov => Some("https://graph.microsoft.us/.default"),
+            Cloud::China => Some("https://microsoftgraph.chinacloudapi.cn/.default"),
+            Cloud::Custom { .. } => None,
+        }
+    }
+
     /// The audience of a managed identity token used as a federated credential in this cloud.
     pub fn token_exchange_audience(&self) -> &'static str {
         match self {

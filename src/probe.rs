@@ -2,8 +2,9 @@
 //! broker runs (its managed identity, its network and trust, Key Vault or the HSM, the
 //! tenant's Entra ID), before callers depend on it: onboarding a tenant, rotating a
 //! certificate, moving the broker. A tenant is tried by asking for a token as a caller would
-//! (the scopes given, else the tenant's pre-warm scopes); a failure reads as a caller would
-//! read it (the gRPC code and the message naming the fix). Nothing is served and the tokens
+//! (the scopes given, else the tenant's pre-warm scopes, else Microsoft Graph's `/.default`
+//! in the configured cloud); a failure reads as a caller would read it (the gRPC code and
+//! the message naming the fix). Nothing is served and the tokens
 //! are dropped; the report shows their fingerprints only.
 
 use std::fmt::Write as _;
@@ -46,7 +47,7 @@ pub enum Outcome {
         code: tonic::Code,
         message: String,
     },
-    /// No scope was given and the tenant has none to pre-warm.
+    /// No scope was given, the tenant has none to pre-warm, and the cloud is a custom one.
     NotTried,
     /// No answer within the bound.
     TimedOut(Duration),
@@ -81,6 +82,34 @@ pub async fn check(
         }
     }
     let broker = Broker::new(config, up);
+    let tries = tries(config, tenants, scopes);
+    let broker = &broker;
+    Ok(futures::stream::iter(tries)
+        .map(|(tenant, scopes)| async move {
+            let outcome = if scopes.is_empty() {
+                Outcome::NotTried
+            } else {
+                try_one(broker, &tenant, &scopes, bound).await
+            };
+            TenantCheck {
+                tenant,
+                scopes,
+                outcome,
+            }
+        })
+        .buffered(CONCURRENCY)
+        .collect()
+        .await)
+}
+
+/// What to ask for, per tenant: `scopes` when given, else each of the tenant's pre-warm
+/// scope sets, else the cloud's Graph scope; nothing (not tried) in a custom cloud.
+fn tries(config: &Config, tenants: &[String], scopes: &[String]) -> Vec<(String, Vec<String>)> {
+    let fallback: Vec<String> = config
+        .cloud
+        .graph_scope()
+        .map(|s| vec![s.to_owned()])
+        .unwrap_or_default();
     let mut tries: Vec<(String, Vec<String>)> = Vec::new();
     for name in config.tenants.keys() {
         if !tenants.is_empty() && !tenants.contains(name) {
@@ -100,26 +129,10 @@ pub async fn check(
                 .map(|p| (name.clone(), p.scopes.clone())),
         );
         if tries.len() == before {
-            tries.push((name.clone(), Vec::new()));
+            tries.push((name.clone(), fallback.clone()));
         }
     }
-    let broker = &broker;
-    Ok(futures::stream::iter(tries)
-        .map(|(tenant, scopes)| async move {
-            let outcome = if scopes.is_empty() {
-                Outcome::NotTried
-            } else {
-                try_one(broker, &tenant, &scopes, bound).await
-            };
-            TenantCheck {
-                tenant,
-                scopes,
-                outcome,
-            }
-        })
-        .buffered(CONCURRENCY)
-        .collect()
-        .await)
+    tries
 }
 
 async fn try_one(broker: &Broker, tenant: &str, scopes: &[String], bound: Duration) -> Outcome {
@@ -207,7 +220,7 @@ pub fn report(checks: &[TenantCheck]) -> String {
                 not_tried += 1;
                 writeln!(
                     out,
-                    "{:<width$}  not tried   no scope to ask for: give --scope, or pre-warm the tenant ([resilience] prewarm)",
+                    "{:<width$}  not tried   no scope to ask for in a custom cloud: give --scope, or pre-warm the tenant ([resilience] prewarm)",
                     c.tenant
                 )
             }
@@ -265,6 +278,55 @@ pub fn report_json(checks: &[TenantCheck]) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scopes_given_else_pre_warm_scopes_else_the_clouds_graph_scope() {
+        let toml = |cloud: &str| {
+            format!(
+                r#"
+[server]
+listen = "127.0.0.1:50051"
+plaintext = true
+[cloud]
+{cloud}
+[tenants.a]
+tenant_id = "22222222-2222-2222-2222-222222222222"
+client_id = "33333333-3333-3333-3333-333333333333"
+credential = {{ type = "key_vault_certificate", vault_url = "https://v.vault.azure.net", certificate = "a" }}
+[tenants.b]
+tenant_id = "44444444-4444-4444-4444-444444444444"
+client_id = "33333333-3333-3333-3333-333333333333"
+credential = {{ type = "key_vault_certificate", vault_url = "https://v.vault.azure.net", certificate = "b" }}
+[resilience]
+prewarm = [{{ tenant = "a", scopes = ["api://x/.default"] }}, {{ tenant = "a", scopes = ["api://y/.default"] }}]
+"#
+            )
+        };
+        let config = |cloud: &str| {
+            Config::from_toml_str(&toml(cloud), std::path::Path::new("/"), &|_| None).unwrap()
+        };
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let public = config("name = \"public\"");
+        assert_eq!(
+            tries(&public, &[], &[]),
+            [
+                ("a".into(), s(&["api://x/.default"])),
+                ("a".into(), s(&["api://y/.default"])),
+                ("b".into(), s(&["https://graph.microsoft.com/.default"])),
+            ]
+        );
+        assert_eq!(
+            tries(&public, &s(&["b"]), &s(&["api://z/.default"])),
+            [("b".into(), s(&["api://z/.default"]))]
+        );
+        let gov = config("name = \"us_gov\"");
+        assert_eq!(
+            tries(&gov, &s(&["b"]), &[])[0].1,
+            s(&["https://graph.microsoft.us/.default"])
+        );
+        let custom = config("name = \"custom\"\nauthority_host = \"https://127.0.0.1:8443\"");
+        assert_eq!(tries(&custom, &s(&["b"]), &[]), [("b".into(), vec![])]);
+    }
 
     #[test]
     fn the_report_has_a_line_per_try_and_the_counts() {
