@@ -139,9 +139,10 @@ impl MetricReader for SharedReader {
     }
 }
 
-/// The broker whose state the observable instruments read; set while it serves.
-type Source = Arc<Mutex<Option<Broker>>>;
-type AuditSource = Arc<Mutex<Option<crate::audit::Audit>>>;
+/// What observable instruments read (the broker, its audit trail); set while it serves.
+type Slot<T> = Arc<Mutex<Option<T>>>;
+type Source = Slot<Broker>;
+type AuditSource = Slot<crate::audit::Audit>;
 
 struct Inner {
     provider: SdkMeterProvider,
@@ -229,23 +230,27 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// Stops reading a broker's state when dropped (the server holds it while serving), so the
-/// broker and its metrics do not keep each other alive.
+/// Stops reading a broker's (or its audit trail's) state when dropped (the server holds it
+/// while serving), so the broker and its metrics do not keep each other alive.
 #[derive(Debug)]
-pub struct Observing(Source);
+pub struct Observing<T>(Slot<T>);
 
-/// Stops reading the audit trail's state when dropped.
-#[derive(Debug)]
-pub struct ObservingAudit(AuditSource);
-
-impl Drop for ObservingAudit {
+impl<T> Drop for Observing<T> {
     fn drop(&mut self) {
-        *lock_source(&self.0) = None;
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
-fn lock_source<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// Fills `slot` with `value` until the returned guard is dropped.
+fn observing<T>(slot: &Slot<T>, value: T) -> Observing<T> {
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
+    Observing(slot.clone())
+}
+
+/// `f` of what `slot` holds, if anything; the lock is not held while `f` runs.
+fn read_slot<S: Clone, T>(slot: &Slot<S>, f: impl FnOnce(&S) -> T) -> Option<T> {
+    let held = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    held.as_ref().map(f)
 }
 
 /// 1 while the audit trail cannot be written (tokens are refused unless configured
@@ -256,8 +261,8 @@ fn observe_audit(meter: &Meter, source: &AuditSource) {
         .u64_observable_gauge("tokenbroker_audit_failing")
         .with_description("Whether the audit trail cannot be written now (1): no token is served then (unless [audit] on_write_failure = \"serve\"), and records are kept for when it can")
         .with_callback(move |o| {
-            if let Some(a) = &*lock_source(&s) {
-                o.observe(u64::from(a.failure().is_some()), &[]);
+            if let Some(failing) = read_slot(&s, |a| a.failure().is_some()) {
+                o.observe(u64::from(failing), &[]);
             }
         })
         .build();
@@ -268,17 +273,11 @@ fn observe_audit(meter: &Meter, source: &AuditSource) {
             "Audit records lost because the audit output failed for longer than they could be kept",
         )
         .with_callback(move |o| {
-            if let Some(a) = &*lock_source(&s) {
-                o.observe(a.lost(), &[]);
+            if let Some(lost) = read_slot(&s, crate::audit::Audit::lost) {
+                o.observe(lost, &[]);
             }
         })
         .build();
-}
-
-impl Drop for Observing {
-    fn drop(&mut self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
 }
 
 impl Metrics {
@@ -309,7 +308,7 @@ impl Metrics {
         tenants: HashSet<String>,
     ) -> Metrics {
         let meter = provider.meter("tokenbroker");
-        let source: Source = Arc::new(Mutex::new(None));
+        let source = Source::default();
         observe(&meter, &source);
         let audit_source = AuditSource::default();
         observe_audit(&meter, &audit_source);
@@ -350,15 +349,13 @@ impl Metrics {
 
     /// Reads cache, refresh, breaker and expiry state from `broker` until the returned guard
     /// is dropped.
-    pub fn observe(&self, broker: &Broker) -> Observing {
-        *self.inner.source.lock().unwrap_or_else(|p| p.into_inner()) = Some(broker.clone());
-        Observing(self.inner.source.clone())
+    pub fn observe(&self, broker: &Broker) -> Observing<Broker> {
+        observing(&self.inner.source, broker.clone())
     }
 
     /// Reads the audit trail's state (`tokenbroker_audit_failing`) until the guard is dropped.
-    pub fn observe_audit(&self, audit: &crate::audit::Audit) -> ObservingAudit {
-        *lock_source(&self.inner.audit_source) = Some(audit.clone());
-        ObservingAudit(self.inner.audit_source.clone())
+    pub fn observe_audit(&self, audit: &crate::audit::Audit) -> Observing<crate::audit::Audit> {
+        observing(&self.inner.audit_source, audit.clone())
     }
 
     /// A configured tenant name, or `_unknown`.
@@ -462,11 +459,6 @@ impl Metrics {
     }
 }
 
-fn with_broker<T>(source: &Source, f: impl FnOnce(&Broker) -> T) -> Option<T> {
-    let b = source.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    b.as_ref().map(f)
-}
-
 /// Observable instruments over the broker's own counters and state.
 fn observe(meter: &Meter, source: &Source) {
     type Read = fn(&Broker) -> u64;
@@ -523,7 +515,7 @@ fn observe(meter: &Meter, source: &Source) {
             .u64_observable_counter(name)
             .with_description(description)
             .with_callback(move |o| {
-                if let Some(v) = with_broker(&source, read) {
+                if let Some(v) = read_slot(&source, read) {
                     o.observe(v, &[]);
                 }
             })
@@ -542,7 +534,7 @@ fn observe(meter: &Meter, source: &Source) {
         .with_description("Seconds until the soonest-expiring cached token of each tenant expires")
         .with_unit("s")
         .with_callback(move |o| {
-            let Some(soonest) = with_broker(&s, soonest_expiry) else {
+            let Some(soonest) = read_slot(&s, soonest_expiry) else {
                 return;
             };
             for (tenant, secs) in soonest {
@@ -558,7 +550,7 @@ fn observe(meter: &Meter, source: &Source) {
         )
         .with_unit("s")
         .with_callback(move |o| {
-            let Some(ends) = with_broker(&s, |b| b.flow().certificate_expiries()) else {
+            let Some(ends) = read_slot(&s, |b| b.flow().certificate_expiries()) else {
                 return;
             };
             for (tenant, secs) in ends {
@@ -573,7 +565,7 @@ fn observe(meter: &Meter, source: &Source) {
             "Circuit breaker state per upstream and target: 0 closed, 1 half-open, 2 open",
         )
         .with_callback(move |o| {
-            let Some(states) = with_broker(&s, |b| b.flow().breaker_states()) else {
+            let Some(states) = read_slot(&s, |b| b.flow().breaker_states()) else {
                 return;
             };
             for (upstream, target, state) in states {
