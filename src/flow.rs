@@ -780,7 +780,7 @@ impl Flow {
 }
 
 /// How long before a signing certificate's end the broker starts warning.
-const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
 
 /// Seconds from `now` to `t`, negative when `t` is past.
 fn seconds_until(now: SystemTime, t: SystemTime) -> f64 {

@@ -59,6 +59,16 @@ impl Outcome {
     }
 }
 
+/// How many tries got a token, failed (a refusal or no answer in time), were not tried.
+fn counts(checks: &[TenantCheck]) -> (usize, usize, usize) {
+    let count = |f: fn(&Outcome) -> bool| checks.iter().filter(|c| f(&c.outcome)).count();
+    (
+        count(Outcome::is_ok),
+        count(|o| matches!(o, Outcome::Failed { .. } | Outcome::TimedOut(_))),
+        count(|o| matches!(o, Outcome::NotTried)),
+    )
+}
+
 /// Tries `tenants` (all when empty), each with `scopes`, or when none are given, with each
 /// of its pre-warm scope sets; each try bounded by `bound`. In the order of their names.
 pub async fn check(
@@ -163,14 +173,10 @@ async fn try_one(broker: &Broker, tenant: &str, scopes: &[String], bound: Durati
     }
 }
 
-/// Days below which a certificate's end is called out (as the broker warns at each read).
-const CERTIFICATE_WARN_DAYS: f64 = 30.0;
-
 /// The report: a line per try, then the counts.
 pub fn report(checks: &[TenantCheck]) -> String {
     let width = checks.iter().map(|c| c.tenant.len()).max().unwrap_or(0);
     let mut out = String::new();
-    let (mut ok, mut failed, mut not_tried) = (0, 0, 0);
     for c in checks {
         let scopes = c.scopes.join(" ");
         let _ = match &c.outcome {
@@ -179,12 +185,12 @@ pub fn report(checks: &[TenantCheck]) -> String {
                 fingerprint,
                 certificate_ends_in,
             } => {
-                ok += 1;
                 let cert = match certificate_ends_in {
                     None => String::new(),
                     Some(s) => {
                         let days = s / 86_400.0;
-                        let note = if days < CERTIFICATE_WARN_DAYS {
+                        // Called out as the broker warns at each read of the certificate.
+                        let note = if *s < crate::flow::EXPIRY_WARNING.as_secs_f64() {
                             " (renew it soon)"
                         } else {
                             ""
@@ -200,7 +206,6 @@ pub fn report(checks: &[TenantCheck]) -> String {
                 )
             }
             Outcome::Failed { code, message } => {
-                failed += 1;
                 writeln!(
                     out,
                     "{:<width$}  FAILED      {scopes}: {code:?}: {message}",
@@ -208,7 +213,6 @@ pub fn report(checks: &[TenantCheck]) -> String {
                 )
             }
             Outcome::TimedOut(bound) => {
-                failed += 1;
                 writeln!(
                     out,
                     "{:<width$}  FAILED      {scopes}: no answer within {} s (an upstream that does not answer, or retries under way: see the log)",
@@ -217,7 +221,6 @@ pub fn report(checks: &[TenantCheck]) -> String {
                 )
             }
             Outcome::NotTried => {
-                not_tried += 1;
                 writeln!(
                     out,
                     "{:<width$}  not tried   no scope to ask for in a custom cloud: give --scope, or pre-warm the tenant ([resilience] prewarm)",
@@ -226,6 +229,7 @@ pub fn report(checks: &[TenantCheck]) -> String {
             }
         };
     }
+    let (ok, failed, not_tried) = counts(checks);
     let _ = write!(out, "{ok} ok, {failed} failed, {not_tried} not tried");
     out
 }
@@ -266,13 +270,8 @@ pub fn report_json(checks: &[TenantCheck]) -> serde_json::Value {
             v
         })
         .collect();
-    let count = |f: fn(&Outcome) -> bool| checks.iter().filter(|c| f(&c.outcome)).count();
-    json!({
-        "tenants": tries,
-        "ok": count(|o| matches!(o, Outcome::Ok { .. })),
-        "failed": count(|o| matches!(o, Outcome::Failed { .. } | Outcome::TimedOut(_))),
-        "not_tried": count(|o| matches!(o, Outcome::NotTried)),
-    })
+    let (ok, failed, not_tried) = counts(checks);
+    json!({"tenants": tries, "ok": ok, "failed": failed, "not_tried": not_tried})
 }
 
 #[cfg(test)]
