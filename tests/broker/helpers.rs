@@ -177,11 +177,30 @@ impl Stack {
     }
 
     pub async fn get(&self, tenant: &str, scope: &str) -> Result<GetTokenResponse, tonic::Status> {
+        self.ask(tenant, scope, false).await
+    }
+
+    /// A fresh token from Entra ID (`force_refresh`), not the cached one.
+    pub async fn force_refresh(
+        &self,
+        tenant: &str,
+        scope: &str,
+    ) -> Result<GetTokenResponse, tonic::Status> {
+        self.ask(tenant, scope, true).await
+    }
+
+    async fn ask(
+        &self,
+        tenant: &str,
+        scope: &str,
+        force_refresh: bool,
+    ) -> Result<GetTokenResponse, tonic::Status> {
         self.client()
             .await
             .get_token(GetTokenRequest {
                 tenant: tenant.into(),
                 scopes: vec![scope.into()],
+                force_refresh,
                 ..Default::default()
             })
             .await

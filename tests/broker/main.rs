@@ -602,17 +602,9 @@ async fn a_tenant_whose_app_trusts_a_managed_identity_gets_tokens_without_key_va
     );
     // A refresh presents the same (cached) identity token again; Key Vault is never asked.
     let again = stack
-        .client()
+        .force_refresh("contoso-federated", GRAPH)
         .await
-        .get_token(GetTokenRequest {
-            tenant: "contoso-federated".into(),
-            scopes: vec![GRAPH.into()],
-            force_refresh: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(again.source, TokenSource::Exchange as i32);
     assert_ne!(again.access_token, first.access_token);
     let counters = stack.counters().await;

@@ -614,17 +614,9 @@ async fn a_rotation_under_one_label_signs_with_the_newest_and_outlives_its_remov
     }
     drop(session);
     let again = stack
-        .client()
+        .force_refresh("contoso", GRAPH)
         .await
-        .get_token(tokenbroker::proto::GetTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-            force_refresh: true,
-            ..Default::default()
-        })
-        .await
-        .expect("the refresh signs with the remaining key")
-        .into_inner();
+        .expect("the refresh signs with the remaining key");
     assert_ne!(again.access_token, first.access_token);
     let thumbprints: Vec<String> = stack
         .assertions

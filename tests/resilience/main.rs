@@ -398,17 +398,9 @@ async fn entra_rejecting_the_old_key_refreshes_metadata_at_once_and_retries_once
     // Metadata is still fresh (no periodic refresh yet): a forced refresh signs with the old
     // key, Entra refuses it, the broker re-reads the certificate and retries once.
     let r = stack
-        .client()
+        .force_refresh("contoso", GRAPH)
         .await
-        .get_token(GetTokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-            force_refresh: true,
-            ..Default::default()
-        })
-        .await
-        .expect("the single retry with the new key succeeds")
-        .into_inner();
+        .expect("the single retry with the new key succeeds");
     assert_eq!(r.source, TokenSource::Exchange as i32);
     let seen = stack.assertions.lock().unwrap().clone();
     assert_eq!(seen.len(), 3, "first token, the refused attempt, the retry");
