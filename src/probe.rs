@@ -94,7 +94,7 @@ pub async fn check(
     let broker = Broker::new(config, up);
     let tries = tries(config, tenants, scopes);
     let broker = &broker;
-    Ok(futures::stream::iter(tries)
+    let mut checks = futures::stream::iter(tries)
         .map(|(tenant, scopes)| async move {
             let outcome = if scopes.is_empty() {
                 Outcome::NotTried
@@ -108,8 +108,21 @@ pub async fn check(
             }
         })
         .buffered(CONCURRENCY)
-        .collect()
-        .await)
+        .collect::<Vec<_>>()
+        .await;
+    // The certificates as read by the tries, once for all of them.
+    let ends: std::collections::HashMap<String, f64> =
+        broker.flow().certificate_expiries().into_iter().collect();
+    for c in &mut checks {
+        if let Outcome::Ok {
+            certificate_ends_in,
+            ..
+        } = &mut c.outcome
+        {
+            *certificate_ends_in = ends.get(&c.tenant).copied();
+        }
+    }
+    Ok(checks)
 }
 
 /// What to ask for, per tenant: `scopes` when given, else each of the tenant's pre-warm
@@ -164,11 +177,8 @@ async fn try_one(broker: &Broker, tenant: &str, scopes: &[String], bound: Durati
         Ok(Ok(issued)) => Outcome::Ok {
             valid_for: issued.token.remaining(broker.clock().moment()),
             fingerprint: issued.token.fingerprint,
-            certificate_ends_in: broker
-                .flow()
-                .certificate_expiries()
-                .into_iter()
-                .find_map(|(t, secs)| (t == tenant).then_some(secs)),
+            // Filled in by `check` once every try is done.
+            certificate_ends_in: None,
         },
     }
 }
