@@ -29,6 +29,18 @@ pub enum AccessError {
     Overloaded,
     #[error("the audit trail cannot be written ({reason}); no token is served unaudited")]
     AuditUnavailable { reason: String },
+    #[error(
+        "caller `{caller}` has {open} watches open, its limit (limits.max_watches_per_caller); close one, or share one watch per tenant and scopes"
+    )]
+    TooManyWatches { caller: String, open: u32 },
+    #[error("the broker is at its limit of {0} open watches (limits.max_watches)")]
+    WatchesFull(usize),
+    /// A watch outlived the credential that opened it.
+    #[error(
+        "the caller's credential expired at {}; open a new watch with a fresh credential",
+        crate::audit::rfc3339(*at)
+    )]
+    CredentialExpired { at: std::time::SystemTime },
 }
 
 impl AccessError {
@@ -132,6 +144,20 @@ impl Access {
             Some(reason) if self.refuse_unaudited => Err(AccessError::AuditUnavailable { reason }),
             _ => Ok(()),
         }
+    }
+
+    /// A place among the open watches, within the caller's limit and the broker's; held for
+    /// the life of the stream.
+    pub fn open_watch(&self, caller: &str) -> Result<crate::limits::WatchSlot, AccessError> {
+        self.limits
+            .open_watch(caller)
+            .map_err(|refused| match refused {
+                crate::limits::WatchRefused::Caller(open) => AccessError::TooManyWatches {
+                    caller: caller.to_owned(),
+                    open,
+                },
+                crate::limits::WatchRefused::Broker(open) => AccessError::WatchesFull(open),
+            })
     }
 
     /// A slot among the requests in flight; held for the whole request.

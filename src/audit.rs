@@ -40,6 +40,9 @@ pub enum Outcome {
     Denied,
     /// Admitted, but no token: invalid request, unknown tenant, upstream failure.
     Failed,
+    /// The caller went away (cancelled, or its deadline passed) before the answer: no token
+    /// was sent.
+    Cancelled,
 }
 
 /// One decision. Field names are the wire format of the audit log.
@@ -88,6 +91,7 @@ impl Outcome {
             Outcome::Allowed => "allowed",
             Outcome::Denied => "denied",
             Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }
@@ -461,6 +465,11 @@ fn with_rfc3339<R>(t: SystemTime, f: impl FnOnce(&str) -> R) -> R {
     f(std::str::from_utf8(&buf[..n]).unwrap_or_default())
 }
 
+/// `t` as the audit trail writes times (RFC 3339, UTC), for messages.
+pub fn rfc3339(t: SystemTime) -> String {
+    with_rfc3339(t, str::to_owned)
+}
+
 fn as_rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     with_rfc3339(*t, |text| s.serialize_str(text))
 }
@@ -716,9 +725,16 @@ impl Write for FollowedFile {
 #[derive(Debug, Default)]
 pub struct MemorySink {
     records: Mutex<Vec<AuditRecord>>,
+    /// What `failure` reports: an output that fails, for tests of fail-closed serving.
+    failure: Mutex<Option<String>>,
 }
 
 impl MemorySink {
+    /// Makes the sink report `reason` as its output's failure (records are still kept).
+    pub fn set_failure(&self, reason: Option<&str>) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = reason.map(str::to_owned);
+    }
+
     pub fn records(&self) -> Vec<AuditRecord> {
         self.records
             .lock()
@@ -737,6 +753,13 @@ impl AuditSink for MemorySink {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(record);
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -1012,10 +1035,12 @@ mod tests {
         far.peer = None;
         far.scopes = vec![];
         far.expires_at = Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 40));
+        let gone = far.clone();
         for (r, outcome) in [
             (plain, Outcome::Allowed),
             (full, Outcome::Denied),
             (far, Outcome::Failed),
+            (gone, Outcome::Cancelled),
         ] {
             let mut r = r;
             r.outcome = outcome;

@@ -135,6 +135,52 @@ pub struct Limits {
     // request writes it from whichever thread, and the fields beside it are read as often.
     in_flight: CachePadded<AtomicUsize>,
     max_in_flight: usize,
+    watches: Arc<Watches>,
+}
+
+/// The `WatchToken` streams open, per caller and in all. A watch is long-lived and, once
+/// admitted, holds no request slot: without this, one caller could hold any number.
+#[derive(Debug)]
+struct Watches {
+    open: Mutex<WatchCounts>,
+    per_caller: u32,
+    max: usize,
+}
+
+#[derive(Debug, Default)]
+struct WatchCounts {
+    /// Only callers with a watch open: an entry goes with its last watch.
+    by_caller: std::collections::HashMap<String, u32>,
+    total: usize,
+}
+
+/// Why a watch was not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchRefused {
+    /// The caller has this many open, its limit.
+    Caller(u32),
+    /// The broker has this many open, its limit.
+    Broker(usize),
+}
+
+/// One open watch; closed when dropped (the stream ends or the caller goes away).
+#[derive(Debug)]
+pub struct WatchSlot {
+    watches: Arc<Watches>,
+    caller: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.watches.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.by_caller.get_mut(&self.caller) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.by_caller.remove(&self.caller);
+            }
+        }
+    }
 }
 
 /// One request's slot among those in flight; freed when dropped.
@@ -158,7 +204,31 @@ impl Limits {
             ),
             in_flight: CachePadded::new(AtomicUsize::new(0)),
             max_in_flight: cfg.max_in_flight,
+            watches: Arc::new(Watches {
+                open: Mutex::default(),
+                per_caller: cfg.max_watches_per_caller,
+                max: cfg.max_watches,
+            }),
         }
+    }
+
+    /// Opens a watch for `caller`, within its limit and the broker's.
+    pub fn open_watch(&self, caller: &str) -> Result<WatchSlot, WatchRefused> {
+        let w = &self.watches;
+        let mut open = w.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = open.by_caller.get(caller).copied().unwrap_or(0);
+        if mine >= w.per_caller {
+            return Err(WatchRefused::Caller(mine));
+        }
+        if open.total >= w.max {
+            return Err(WatchRefused::Broker(open.total));
+        }
+        open.total += 1;
+        *open.by_caller.entry(caller.to_owned()).or_default() += 1;
+        Ok(WatchSlot {
+            watches: w.clone(),
+            caller: caller.to_owned(),
+        })
     }
 
     /// Takes one token from the caller's bucket, or says how long until one is available.
@@ -189,7 +259,32 @@ mod tests {
             max_request_bytes: 16 * 1024,
             failed_auth_per_sec: 1.0,
             failed_auth_burst: 20,
+            max_watches_per_caller: 2,
+            max_watches: 3,
         }
+    }
+
+    #[test]
+    fn watches_are_bounded_per_caller_and_in_all_and_closing_one_frees_its_place() {
+        let l = Limits::new(&cfg(1.0, 1, 1));
+        let a1 = l.open_watch("a").unwrap();
+        let a2 = l.open_watch("a").unwrap();
+        assert_eq!(l.open_watch("a").unwrap_err(), WatchRefused::Caller(2));
+        let b1 = l.open_watch("b").unwrap();
+        assert_eq!(
+            l.open_watch("c").unwrap_err(),
+            WatchRefused::Broker(3),
+            "the broker's limit holds for a caller with none open"
+        );
+        drop(a1);
+        let a3 = l.open_watch("a").unwrap();
+        drop((a2, a3, b1));
+        let open = l.watches.open.lock().unwrap();
+        assert_eq!(open.total, 0);
+        assert!(
+            open.by_caller.is_empty(),
+            "a caller's entry goes with its last watch"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -376,7 +376,7 @@ pub struct TlsPeer {
     pub remote_addr: Option<SocketAddr>,
     /// The verified client certificate's caller identity (`authn::mtls::identity`), or why
     /// it has none; `None` without a client certificate.
-    pub client_identity: Option<Arc<Result<String, String>>>,
+    pub client_identity: Option<Arc<Result<crate::authn::mtls::CertIdentity, String>>>,
 }
 
 /// A server-side TLS connection with its `TlsPeer`.

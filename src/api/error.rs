@@ -56,6 +56,12 @@ pub fn access_status(e: &AccessError) -> Status {
             Status::unavailable("the broker is at its limit of requests in flight; retry shortly"),
             Some(Duration::from_secs(1)),
         ),
+        AccessError::TooManyWatches { .. } => Status::resource_exhausted(e.to_string()),
+        AccessError::WatchesFull(_) => with_retry(
+            Status::unavailable(format!("{e}; retry later or on another replica")),
+            Some(Duration::from_secs(5)),
+        ),
+        AccessError::CredentialExpired { .. } => Status::unauthenticated(e.to_string()),
         AccessError::AuditUnavailable { .. } => with_retry(
             Status::unavailable(format!(
                 "{e}: retry later or on another replica (operators: free the audit file's disk or fix its output)"

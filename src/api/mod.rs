@@ -21,7 +21,7 @@ use crate::authn::{Caller, ClientCert, Credentials};
 use crate::broker::{Broker, BrokerError, TokenQuery, TokenSource};
 use crate::cache::{CachedToken, SlotState};
 use crate::clock::Moment;
-use crate::limits::InFlight;
+use crate::limits::{InFlight, WatchSlot};
 use crate::proto;
 use crate::proto::token_broker_server::TokenBroker;
 use crate::sensitive::Sensitive;
@@ -97,7 +97,7 @@ pub const REQUEST_ID_KEY: &str = "x-request-id";
 /// The verified client certificate of a request's connection.
 enum PeerCert {
     /// From the broker's TLS listener: the identity read once per connection.
-    Identity(Arc<Result<String, String>>),
+    Identity(Arc<Result<crate::authn::mtls::CertIdentity, String>>),
     /// From any other transport that carries the chain (tonic's own TLS).
     Chain(Arc<Vec<rustls::pki_types::CertificateDer<'static>>>),
 }
@@ -172,6 +172,70 @@ impl Envelope {
     }
 }
 
+/// What admission establishes about a request.
+struct Admitted<'s, 'a> {
+    /// Normalised; borrowed from the request when already in normal form.
+    scopes: Cow<'s, [String]>,
+    /// Held while the request runs (a watch: while it is admitted).
+    _in_flight: InFlight<'a>,
+    /// When the caller's credential stops being accepted.
+    valid_until: Option<SystemTime>,
+}
+
+/// A request's audit record and what it asked for, until the request is answered. Dropped
+/// unanswered (the caller cancelled, or its deadline passed, while the request waited for
+/// its credentials to be checked or its token to be fetched), it writes the record as
+/// cancelled: every request is in the audit trail, also one that got no answer.
+struct Unfinished<'a> {
+    service: &'a Service,
+    env: &'a Envelope,
+    method: &'static str,
+    started: Instant,
+    record: AuditRecord,
+    tenant: String,
+    scopes: Vec<String>,
+    answered: bool,
+}
+
+impl Unfinished<'_> {
+    /// The record, with the request's tenant and scopes moved in; nothing more is written
+    /// on drop.
+    fn answered(mut self) -> AuditRecord {
+        self.answered = true;
+        let mut record = std::mem::replace(&mut self.record, AuditRecord::pending("", None));
+        record.set_request(
+            std::mem::take(&mut self.tenant),
+            std::mem::take(&mut self.scopes),
+        );
+        record
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let mut record = std::mem::replace(&mut self.record, AuditRecord::pending("", None));
+        record.set_request(
+            std::mem::take(&mut self.tenant),
+            std::mem::take(&mut self.scopes),
+        );
+        record.request_id = self.env.request_id.clone();
+        record.outcome = Outcome::Cancelled;
+        record.code = error::code_name(tonic::Code::Cancelled);
+        record.reason = Some(
+            "the caller cancelled the request, or its deadline passed, before the answer".into(),
+        );
+        self.service.access.audit().record(record);
+        self.service.broker.flow().metrics.request(
+            self.method,
+            tonic::Code::Cancelled,
+            self.started.elapsed(),
+        );
+    }
+}
+
 impl Service {
     pub fn new(
         broker: Broker,
@@ -195,22 +259,28 @@ impl Service {
 
     /// Authenticates, rate-limits and authorizes; moves the caller's identity into the audit
     /// record; returns the normalised scopes (borrowed from the request when already in
-    /// normal form) and the in-flight slot to hold while the request runs.
+    /// normal form), the in-flight slot to hold while the request runs, and when the
+    /// caller's credential ends.
     async fn admit<'s>(
         &self,
         env: &Envelope,
         tenant: &str,
         scopes: &'s [String],
         audit: &mut AuditRecord,
-    ) -> Result<(Cow<'s, [String]>, InFlight<'_>), Failure> {
+    ) -> Result<Admitted<'s, '_>, Failure> {
         let in_flight = self.access.enter()?;
         let caller = self.access.authenticate(&env.credentials()).await?;
         let allowed = self.allow(&caller, tenant, scopes);
+        let valid_until = caller.valid_until;
         audit.set_caller(caller);
-        let allowed = allowed?;
+        let scopes = allowed?;
         // After the caller's own checks, so a caller learns of its own mistakes first.
         self.access.check_audit()?;
-        Ok((allowed, in_flight))
+        Ok(Admitted {
+            scopes,
+            _in_flight: in_flight,
+            valid_until,
+        })
     }
 
     /// An authenticated caller's rate limit and grants; the normalised scopes.
@@ -234,8 +304,30 @@ impl Service {
         Ok(scopes)
     }
 
+    /// The request's audit record, written as cancelled should the request be dropped
+    /// before it is answered.
+    fn unfinished<'a>(
+        &'a self,
+        method: &'static str,
+        env: &'a Envelope,
+        started: Instant,
+        tenant: String,
+        scopes: Vec<String>,
+    ) -> Unfinished<'a> {
+        Unfinished {
+            service: self,
+            env,
+            method,
+            started,
+            record: env.audit(method),
+            tenant,
+            scopes,
+            answered: false,
+        }
+    }
+
     /// The status for a failure, with the record's outcome, code and reason filled in.
-    fn fail(&self, env: &Envelope, audit: &mut AuditRecord, failure: &Failure) -> Status {
+    fn fail(&self, request_id: &str, audit: &mut AuditRecord, failure: &Failure) -> Status {
         let status = error::failure_status(failure);
         audit.outcome = match failure {
             Failure::Access(AccessError::AuditUnavailable { .. }) | Failure::Broker(_) => {
@@ -260,7 +352,7 @@ impl Service {
                 );
             }
             info!(
-                request_id = env.request_id.as_str(),
+                request_id,
                 rpc = audit.rpc,
                 tenant = prefix(&audit.tenant, 64),
                 code = audit.code,
@@ -373,30 +465,37 @@ impl TokenBroker for Service {
         let started = Instant::now();
         let env = Envelope::of(&request);
         let parent = crate::telemetry::remote_context(request.metadata());
-        let req = request.into_inner();
+        let proto::GetTokenRequest {
+            tenant,
+            scopes,
+            min_validity,
+            force_refresh,
+        } = request.into_inner();
         let span = if parent.is_some() || self.traced {
             info_span!(
                 target: REQUEST_SPAN_TARGET,
                 "GetToken",
                 request_id = env.request_id.as_str(),
-                tenant = prefix(&req.tenant, 64),
-                scopes = req.scopes.len(),
+                tenant = prefix(&tenant, 64),
+                scopes = scopes.len(),
             )
         } else {
             tracing::Span::none()
         };
         crate::telemetry::set_parent(&span, parent);
-        let mut audit = env.audit("GetToken");
+        let mut pending = self.unfinished("GetToken", &env, started, tenant, scopes);
         let result = async {
-            let (scopes, _in_flight) = self
-                .admit(&env, &req.tenant, &req.scopes, &mut audit)
+            let p = &mut pending;
+            let admitted = self
+                .admit(&env, &p.tenant, &p.scopes, &mut p.record)
                 .await?;
             let query = TokenQuery {
-                tenant: &req.tenant,
-                scopes: &scopes,
-                min_validity: decode_duration(req.min_validity)?,
-                force_refresh: req.force_refresh,
+                tenant: &p.tenant,
+                scopes: &admitted.scopes,
+                min_validity: decode_duration(min_validity)?,
+                force_refresh,
             };
+            let audit = &mut p.record;
             // The response and the audit fields are made from the token as lent by the cache.
             let served = self.broker.serve_token(query, |token, source, now| {
                 // Every grant is in the audit log; this line is for debugging only.
@@ -416,14 +515,14 @@ impl TokenBroker for Service {
         .instrument(span.clone())
         .await;
         let _entered = span.enter();
-        audit.set_request(req.tenant, req.scopes);
+        let mut audit = pending.answered();
         let result = match result {
             Ok(response) => {
                 audit.outcome = Outcome::Allowed;
                 audit.code = error::code_name(tonic::Code::Ok);
                 Ok(Response::new(response))
             }
-            Err(f) => Err(self.fail(&env, &mut audit, &f)),
+            Err(f) => Err(self.fail(&env.request_id, &mut audit, &f)),
         };
         self.record("GetToken", started, &result);
         self.finish(env, audit, result)
@@ -437,23 +536,32 @@ impl TokenBroker for Service {
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
         let started = Instant::now();
         let env = Envelope::of(&request);
-        let req = request.into_inner();
-        let mut audit = env.audit("WatchToken");
+        let proto::WatchTokenRequest { tenant, scopes } = request.into_inner();
+        let mut pending = self.unfinished("WatchToken", &env, started, tenant, scopes);
         let admitted = async {
+            let p = &mut pending;
             // The in-flight slot covers admission only: a watch is long-lived and idle.
-            let (scopes, _in_flight) = self
-                .admit(&env, &req.tenant, &req.scopes, &mut audit)
+            let admitted = self
+                .admit(&env, &p.tenant, &p.scopes, &mut p.record)
                 .await?;
-            let rx = self.broker.subscribe(&req.tenant, &scopes).await?;
-            Ok::<_, Failure>((scopes.into_owned(), rx))
+            // Admitted, so authenticated: the record holds the caller's identity.
+            let caller = p.record.caller.clone().unwrap_or_default();
+            let slot = self.access.open_watch(&caller)?;
+            let rx = self.broker.subscribe(&p.tenant, &admitted.scopes).await?;
+            Ok::<_, Failure>((
+                admitted.scopes.into_owned(),
+                admitted.valid_until,
+                caller,
+                slot,
+                rx,
+            ))
         }
         .await;
-        let tenant = req.tenant.clone();
-        audit.set_request(req.tenant, req.scopes);
-        let (scopes, rx) = match admitted {
+        let mut audit = pending.answered();
+        let (scopes, valid_until, caller, slot, rx) = match admitted {
             Ok(a) => a,
             Err(f) => {
-                let r = Err(self.fail(&env, &mut audit, &f));
+                let r = Err(self.fail(&env.request_id, &mut audit, &f));
                 self.record("WatchToken", started, &r);
                 return self.finish(env, audit, r);
             }
@@ -462,59 +570,132 @@ impl TokenBroker for Service {
         self.record::<()>("WatchToken", started, &Ok(()));
         audit.outcome = Outcome::Allowed;
         audit.code = error::code_name(tonic::Code::Ok);
-        // Each update is re-checked against the policy in force, so a revoked grant ends the
-        // watch at the next token instead of feeding the caller forever.
-        let policy = self.access.policy().clone();
-        // Admitted, so authenticated: the record holds the caller's identity (none would
-        // match no grant, and end the watch).
-        let caller = audit.caller.clone().unwrap_or_default();
-        let revoked = error::failure_status(&Failure::Access(AccessError::Denied {
-            caller: caller.clone(),
-        }));
-        let mut shutdown = self.shutdown.clone();
-        let ended = async move {
-            let _ = shutdown.wait_for(|s| *s).await;
+        let mut sent = audit.clone();
+        sent.request_id.clone_from(&env.request_id);
+        let watcher = Watcher {
+            service: self.clone(),
+            rx: WatchStream::new(rx),
+            caller,
+            tenant: audit.tenant.clone(),
+            scopes,
+            valid_until,
+            record: sent,
+            _slot: slot,
+            ended: false,
         };
-        let clock = self.broker.clock().clone();
-        let stream = WatchStream::new(rx).filter_map(move |state: SlotState| {
-            let failing = state.failure.is_some();
-            // Nothing to say until there is a token or a failure.
-            if state.token.is_none() && !failing {
-                return None;
-            }
-            Some(Ok(proto::WatchTokenResponse {
-                token: state.token.as_deref().map(|t| {
-                    response(
-                        t,
-                        if failing {
-                            TokenSource::StaleWhileRefreshFailing
-                        } else {
-                            TokenSource::Exchange
-                        },
-                        clock.moment(),
-                    )
-                }),
-                refresh_failing: failing,
-                last_error: state.failure.clone().unwrap_or_default(),
-            }))
+        let stream = futures::stream::unfold(watcher, |mut w| async move {
+            let item = w.next().await?;
+            Some((item, w))
         });
-        let stream = futures::StreamExt::scan(stream, false, move |done, item| {
-            let out = if *done {
-                None
-            } else if policy.current().allows(&caller, &tenant, &scopes) {
-                Some(item)
-            } else {
-                *done = true;
-                Some(Err(revoked.clone()))
-            };
-            futures::future::ready(out)
-        });
-        let stream = futures::StreamExt::take_until(stream, ended);
         self.finish(
             env,
             audit,
             Ok(Response::new(Box::pin(stream) as WatchStreamBox)),
         )
+    }
+}
+
+/// An admitted watch: sends each new state of its key until the stream ends.
+struct Watcher {
+    service: Service,
+    rx: WatchStream<SlotState>,
+    caller: String,
+    tenant: String,
+    /// Normalised.
+    scopes: Vec<String>,
+    /// When the caller's credential stops being accepted: the watch ends then.
+    valid_until: Option<SystemTime>,
+    /// The watch's record (its request id, caller, tenant and scopes), copied for each
+    /// token sent and for the watch's end.
+    record: AuditRecord,
+    _slot: WatchSlot,
+    ended: bool,
+}
+
+impl Watcher {
+    /// The next message, or `None` once the stream ends: at shutdown, after the key's slot
+    /// is gone, or after a final error. Each message is checked as a request would be: the
+    /// caller's credential still accepted, the grant still in the policy in force (a revoked
+    /// grant ends the watch at the next token instead of feeding the caller forever), and
+    /// the audit trail writable; and each token sent is in the audit trail.
+    async fn next(&mut self) -> Option<Result<proto::WatchTokenResponse, Status>> {
+        if self.ended {
+            return None;
+        }
+        let mut shutdown = self.service.shutdown.clone();
+        let valid_until = self.valid_until;
+        let expired = async move {
+            match valid_until {
+                Some(t) => {
+                    let left = t.duration_since(SystemTime::now()).unwrap_or_default();
+                    tokio::time::sleep(left).await;
+                    t
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
+        loop {
+            let state = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return None,
+                at = &mut expired => {
+                    return Some(Err(self.end(AccessError::CredentialExpired { at })));
+                }
+                state = self.rx.next() => state?,
+            };
+            let failing = state.failure.is_some();
+            // Nothing to say until there is a token or a failure.
+            if state.token.is_none() && !failing {
+                continue;
+            }
+            let access = &self.service.access;
+            if !access
+                .policy()
+                .current()
+                .allows(&self.caller, &self.tenant, &self.scopes)
+            {
+                let caller = self.caller.clone();
+                return Some(Err(self.end(AccessError::Denied { caller })));
+            }
+            let Some(token) = state.token.as_deref() else {
+                return Some(Ok(proto::WatchTokenResponse {
+                    token: None,
+                    refresh_failing: true,
+                    last_error: state.failure.clone().unwrap_or_default(),
+                }));
+            };
+            if let Err(e) = access.check_audit() {
+                return Some(Err(self.end(e)));
+            }
+            let source = if failing {
+                TokenSource::StaleWhileRefreshFailing
+            } else {
+                TokenSource::Exchange
+            };
+            let now = self.service.broker.clock().moment();
+            let mut sent = self.record.clone();
+            sent.token_source = Some(source_name(source));
+            sent.expires_at = Some(token.expires.wall_at(now));
+            sent.token_fingerprint = Some(token.fingerprint);
+            access.audit().record(sent);
+            return Some(Ok(proto::WatchTokenResponse {
+                token: Some(response(token, source, now)),
+                refresh_failing: failing,
+                last_error: state.failure.clone().unwrap_or_default(),
+            }));
+        }
+    }
+
+    /// Ends the watch with `e`, recorded in the audit trail.
+    fn end(&mut self, e: AccessError) -> Status {
+        self.ended = true;
+        let mut record = self.record.clone();
+        let status = self
+            .service
+            .fail(&self.record.request_id, &mut record, &Failure::Access(e));
+        self.service.access.audit().record(record);
+        status
     }
 }
 

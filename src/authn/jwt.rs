@@ -365,6 +365,9 @@ impl JwtVerifier {
                 id: format!("jwt:{}:{value}", issuer.cfg.name),
                 proof: Proof::Jwt,
                 app_id: data.claims.azp.or(data.claims.appid),
+                // Validation compares whole seconds: the token is accepted through the
+                // second that ends one second after `exp` plus the leeway.
+                valid_until: Some(exp + issuer.cfg.leeway + Duration::from_secs(1)),
             },
             exp,
             issuer: issuer.clone(),
@@ -536,6 +539,7 @@ mod tests {
                 id: "jwt:test:a".into(),
                 proof: Proof::Jwt,
                 app_id: None,
+                valid_until: None,
             },
             exp: now + Duration::from_secs(300),
             issuer: issuer.clone(),

@@ -16,6 +16,7 @@ pub mod jwt;
 pub mod mtls;
 
 use std::net::SocketAddr;
+use std::time::SystemTime;
 
 use rustls::pki_types::CertificateDer;
 use serde::Serialize;
@@ -57,6 +58,10 @@ pub struct Caller {
     pub proof: Proof,
     /// For bearer tokens: the client application (`azp` or `appid`), when the token names one.
     pub app_id: Option<String>,
+    /// When the credential stops being accepted (a bearer token's `exp` plus the issuer's
+    /// leeway, a client certificate's `notAfter`): a watch it opened ends then. `None` for
+    /// the development identity.
+    pub valid_until: Option<SystemTime>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +82,7 @@ pub enum AuthnError {
 #[derive(Debug, Clone, Copy)]
 pub enum ClientCert<'a> {
     /// Its identity, already read from it once for the connection (`tls::TlsPeer`).
-    Identity(&'a Result<String, String>),
+    Identity(&'a Result<mtls::CertIdentity, String>),
     /// The leaf certificate itself, to read the identity from.
     Leaf(&'a CertificateDer<'static>),
 }
@@ -136,14 +141,16 @@ impl Authenticator {
                 .await?);
         }
         if let Some(cert) = creds.client_cert {
-            let id = match cert {
-                ClientCert::Identity(id) => id.clone(),
+            let cert = match cert {
+                ClientCert::Identity(id) => (*id).clone(),
                 ClientCert::Leaf(leaf) => mtls::identity(leaf),
-            };
+            }
+            .map_err(AuthnError::Certificate)?;
             return Ok(Caller {
-                id: id.map_err(AuthnError::Certificate)?,
+                id: cert.id,
                 proof: Proof::Mtls,
                 app_id: None,
+                valid_until: Some(cert.not_after),
             });
         }
         if self.dev_loopback
@@ -154,6 +161,7 @@ impl Authenticator {
                 id: DEV_LOOPBACK.to_owned(),
                 proof: Proof::DevLoopback,
                 app_id: None,
+                valid_until: None,
             });
         }
         Err(AuthnError::Missing)
@@ -196,6 +204,8 @@ mod tests {
         p.subject_alt_names.push(rcgen::SanType::URI(
             "spiffe://example.org/ns/a/sa/reader".try_into().unwrap(),
         ));
+        p.not_after = rcgen::date_time_ymd(2031, 5, 6);
+        let not_after = SystemTime::from(p.not_after);
         let leaf = p.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap();
         let leaf = leaf.der().clone();
         let from_leaf = Credentials {
@@ -206,9 +216,17 @@ mod tests {
         let caller = a.authenticate(&from_leaf).await.unwrap();
         assert_eq!(caller.id, "spiffe://example.org/ns/a/sa/reader");
         assert_eq!(caller.proof, Proof::Mtls);
+        assert_eq!(
+            caller.valid_until,
+            Some(not_after),
+            "a watch ends with the certificate"
+        );
         // The identity the listener read at the handshake is used as is, also its refusal;
         // a certificate never falls back to the loopback development identity.
-        let read = Ok("dns:svc.example.org".to_owned());
+        let read = Ok(mtls::CertIdentity {
+            id: "dns:svc.example.org".to_owned(),
+            not_after: SystemTime::UNIX_EPOCH,
+        });
         let per_connection = Credentials {
             client_cert: Some(ClientCert::Identity(&read)),
             ..Default::default()

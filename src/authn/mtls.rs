@@ -1,15 +1,32 @@
 //! The identity in a client certificate that the TLS handshake already verified (chain to
 //! the caller CA bundle, validity period, clientAuth usage): its SPIFFE ID, else its DNS name.
 
+use std::time::{Duration, SystemTime};
+
 use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+/// A client certificate's caller identity, and the end of the certificate's validity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertIdentity {
+    pub id: String,
+    /// `notAfter`: a long-lived stream the certificate opened ends then.
+    pub not_after: SystemTime,
+}
+
 /// `spiffe://…` from the URI SANs (a certificate with several is refused, as the SPIFFE
 /// X.509-SVID specification requires), else `dns:NAME` from the first DNS SAN.
-pub fn identity(cert: &CertificateDer<'_>) -> Result<String, String> {
+pub fn identity(cert: &CertificateDer<'_>) -> Result<CertIdentity, String> {
     let (_, cert) =
         X509Certificate::from_der(cert.as_ref()).map_err(|e| format!("cannot be parsed: {e}"))?;
+    let not_after = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
+    let id = id_of(&cert)?;
+    Ok(CertIdentity { id, not_after })
+}
+
+fn id_of(cert: &X509Certificate<'_>) -> Result<String, String> {
     let san = cert
         .subject_alternative_name()
         .map_err(|e| format!("invalid subjectAltName: {e}"))?;

@@ -124,6 +124,9 @@ pub struct LimitsConfig {
     /// caller one address).
     pub failed_auth_per_sec: f64,
     pub failed_auth_burst: u32,
+    /// `WatchToken` streams open at once per caller identity, and over the whole broker.
+    pub max_watches_per_caller: u32,
+    pub max_watches: usize,
 }
 
 /// Algorithms accepted for bearer tokens when an issuer lists none.
@@ -187,6 +190,8 @@ pub(super) struct RawLimits {
     max_request_bytes: Option<usize>,
     failed_auth_per_sec: Option<f64>,
     failed_auth_burst: Option<u32>,
+    max_watches_per_caller: Option<u32>,
+    max_watches: Option<usize>,
 }
 
 /// https, or http on a loopback host (a local issuer in tests or development).
@@ -462,7 +467,17 @@ impl Validator<'_> {
         if failed_burst == 0 {
             self.problem("limits.failed_auth_burst", "must be at least 1");
         }
+        let per_caller = raw.max_watches_per_caller.unwrap_or(100);
+        if per_caller == 0 {
+            self.problem("limits.max_watches_per_caller", "must be at least 1");
+        }
+        let max_watches = raw.max_watches.unwrap_or(10_000);
+        if max_watches == 0 {
+            self.problem("limits.max_watches", "must be at least 1");
+        }
         LimitsConfig {
+            max_watches_per_caller: per_caller.max(1),
+            max_watches: max_watches.max(1),
             failed_auth_per_sec: if failed_rate >= 0.0 && failed_rate.is_finite() {
                 failed_rate
             } else {

@@ -221,3 +221,73 @@ async fn a_client_refused_over_and_over_is_summarised_but_policy_denials_are_eac
     let trail = serde_json::to_string(&h.stop_and_records().await).unwrap();
     assert!(!trail.contains(FORGED), "no credential in the trail");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_caller_gives_up_on_is_recorded_as_cancelled() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    // Entra answers in 20 s; the caller waits 300 ms for its token.
+    let emulator = h.emulator.as_ref().unwrap();
+    let ca = std::fs::read(h.path("ca.pem")).unwrap();
+    let admin = reqwest::Client::builder()
+        .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&ca).unwrap())
+        .build()
+        .unwrap();
+    let r = admin
+        .post(format!("{}/faults", emulator.endpoints().admin_url))
+        .json(&serde_json::json!({"route": "entra.token", "latency_ms": 20000, "count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let a = h.ca.client(&[A]);
+    let mut req = tonic::Request::new(tokenbroker::proto::GetTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+        ..Default::default()
+    });
+    req.set_timeout(std::time::Duration::from_millis(300));
+    let s = h
+        .client(Some(&a))
+        .await
+        .unwrap()
+        .get_token(req)
+        .await
+        .unwrap_err();
+    // The broker's answer to a passed deadline, or the client's own.
+    assert!(
+        matches!(s.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{s:?}"
+    );
+    let mut cancelled = None;
+    for _ in 0..100 {
+        cancelled = h
+            .records()
+            .into_iter()
+            .find(|r| r.outcome == Outcome::Cancelled);
+        if cancelled.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let r = cancelled.expect("the request the caller gave up on is in the audit trail");
+    assert_eq!(r.code, "CANCELLED");
+    assert_eq!(r.caller.as_deref(), Some(A));
+    assert_eq!(
+        (r.tenant.as_str(), r.scopes.as_slice()),
+        ("contoso", &[GRAPH.to_string()][..])
+    );
+    assert!(!r.request_id.is_empty());
+    assert!(r.reason.unwrap().contains("before the answer"));
+    assert_eq!(r.token_fingerprint, None, "no token went out");
+    assert_eq!(
+        h.records().len(),
+        1,
+        "one record for the request: {:?}",
+        h.records()
+    );
+    h.stop().await;
+}

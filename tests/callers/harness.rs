@@ -50,6 +50,8 @@ pub struct Harness {
     pub ca: Ca,
     pub audit: Arc<MemorySink>,
     pub access: Arc<Access>,
+    /// The broker itself, for what a test does behind the API's back.
+    pub broker: tokenbroker::broker::Broker,
     pub server_cert: Arc<ReloadingCert>,
     pub listener_tls: Arc<ListenerConfig>,
     pub issuer: TestIssuer,
@@ -126,6 +128,7 @@ impl Harness {
             .unwrap();
         let addr = bound.local_addr().unwrap();
         let access = bound.access().clone();
+        let broker = bound.broker.clone();
         let server_cert = bound.server_cert().unwrap().clone();
         let listener_tls = bound.listener_tls().unwrap().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -144,6 +147,7 @@ impl Harness {
             ca,
             audit,
             access,
+            broker,
             server_cert,
             listener_tls,
             issuer,

@@ -12,3 +12,4 @@ mod jwt;
 mod limits;
 mod mtls;
 mod policy;
+mod watch;

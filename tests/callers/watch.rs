@@ -1,0 +1,243 @@
+//! WatchToken streams: every token a watch sends is in the audit trail and goes out only
+//! while the trail can be written; a watch ends when the credential that opened it does;
+//! watches are bounded per caller.
+
+use std::time::Duration;
+
+use tokenbroker::audit::Outcome;
+use tokenbroker::broker::TokenRequest;
+use tokenbroker::proto::token_broker_client::TokenBrokerClient;
+use tokenbroker::proto::{GetTokenRequest, WatchTokenRequest, WatchTokenResponse};
+use tokenbroker::sensitive::fingerprint;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+use crate::harness::{GRAPH, Harness, Options, assert_status, grants};
+use crate::issuer::now;
+use crate::pki::Leaf;
+
+const A: &str = "spiffe://example.org/ns/a/sa/watcher";
+
+fn watch_request(bearer: Option<&str>) -> tonic::Request<WatchTokenRequest> {
+    let mut req = tonic::Request::new(WatchTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+    });
+    if let Some(b) = bearer {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {b}").parse().unwrap());
+    }
+    req
+}
+
+async fn watch(
+    client: &mut TokenBrokerClient<Channel>,
+    bearer: Option<&str>,
+) -> Result<Streaming<WatchTokenResponse>, tonic::Status> {
+    Ok(client
+        .watch_token(watch_request(bearer))
+        .await?
+        .into_inner())
+}
+
+/// The next message of a watch, bounded so a broken watch fails the test instead of hanging.
+async fn next(w: &mut Streaming<WatchTokenResponse>) -> Result<WatchTokenResponse, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(30), w.message())
+        .await
+        .expect("a message within 30 s")
+        .map(|m| m.expect("a message, not the end of the stream"))
+}
+
+/// A forced refresh of contoso's Graph token, by `cert`'s caller.
+async fn force_refresh(h: &Harness, cert: &Leaf) -> String {
+    h.client(Some(cert))
+        .await
+        .unwrap()
+        .get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            force_refresh: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_token_a_watch_sends_is_in_the_audit_trail_with_its_fingerprint() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    let mut w = watch(&mut h.client(Some(&a)).await.unwrap(), None)
+        .await
+        .unwrap();
+    let first = next(&mut w).await.unwrap().token.unwrap().access_token;
+    let refreshed = force_refresh(&h, &a).await;
+    let second = next(&mut w).await.unwrap().token.unwrap().access_token;
+    assert_eq!(second, refreshed, "the watch sends the new token");
+    assert_ne!(first, second);
+
+    let records = h.records();
+    let watches: Vec<_> = records.iter().filter(|r| r.rpc == "WatchToken").collect();
+    let [admitted, sent @ ..] = watches.as_slice() else {
+        panic!("no watch records: {records:?}");
+    };
+    assert_eq!(admitted.outcome, Outcome::Allowed);
+    assert_eq!(
+        admitted.token_fingerprint, None,
+        "admission sends no token yet"
+    );
+    assert_eq!(
+        sent.iter()
+            .map(|r| r.token_fingerprint.unwrap())
+            .collect::<Vec<_>>(),
+        vec![
+            fingerprint(first.as_bytes()),
+            fingerprint(second.as_bytes())
+        ],
+        "one record per token sent, in order"
+    );
+    for r in sent {
+        assert_eq!(r.request_id, admitted.request_id, "{r:?}");
+        assert_eq!(r.caller.as_deref(), Some(A));
+        assert_eq!((r.outcome, r.code), (Outcome::Allowed, "OK"));
+        assert_eq!(r.tenant, "contoso");
+        assert!(r.expires_at.is_some());
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_sends_no_token_while_the_audit_trail_cannot_be_written() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    let mut w = watch(&mut h.client(Some(&a)).await.unwrap(), None)
+        .await
+        .unwrap();
+    next(&mut w).await.unwrap().token.unwrap();
+    h.audit.set_failure(Some("No space left on device"));
+    // A new token in the cache (fetched behind the API's back: requests are refused now);
+    // the watch must not send it unaudited.
+    h.broker
+        .get_token(TokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            min_validity: None,
+            force_refresh: true,
+        })
+        .await
+        .unwrap();
+    let end = next(&mut w).await.unwrap_err();
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert!(
+        end.message().contains("no token is served unaudited"),
+        "{end:?}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(30), w.message())
+            .await
+            .unwrap()
+            .is_ok_and(|m| m.is_none()),
+        "the stream ends after the refusal"
+    );
+    let sent = h
+        .records()
+        .into_iter()
+        .filter(|r| r.rpc == "WatchToken" && r.token_fingerprint.is_some())
+        .count();
+    assert_eq!(sent, 1, "only the first token went out");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_when_the_bearer_token_that_opened_it_expires() {
+    const SUB: &str = "watcher";
+    let h = Harness::start(Options {
+        policy: grants(&[(&format!("jwt:test:{SUB}"), "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    // Expired 58 s ago, within the issuer's 60 s leeway: accepted for two more seconds.
+    let mut claims = h.issuer.claims(SUB);
+    claims["exp"] = (now() - 58).into();
+    let bearer = h.issuer.sign_with("key-1", &claims);
+    let mut client = h.client(None).await.unwrap();
+    let mut w = watch(&mut client, Some(&bearer)).await.unwrap();
+    next(&mut w).await.unwrap().token.unwrap();
+    let end = next(&mut w).await.unwrap_err();
+    assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    assert!(
+        end.message().contains("credential expired at 20")
+            && end.message().contains("fresh credential"),
+        "{end:?}"
+    );
+    // The same token can no longer open one either.
+    assert_status(
+        watch(&mut client, Some(&bearer)).await,
+        Code::Unauthenticated,
+        &["expired"],
+    );
+    let ended = h
+        .records()
+        .into_iter()
+        .find(|r| r.rpc == "WatchToken" && r.code == "UNAUTHENTICATED")
+        .expect("the watch's end is in the audit trail");
+    assert_eq!(ended.caller.as_deref(), Some("jwt:test:watcher"));
+    assert_eq!(ended.outcome, Outcome::Denied);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_are_bounded_per_caller_and_a_closed_one_frees_its_place() {
+    const B: &str = "spiffe://example.org/ns/b/sa/other";
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH), (B, "contoso", GRAPH)]),
+        limits: "max_watches_per_caller = 2",
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    let mut client = h.client(Some(&a)).await.unwrap();
+    let mut first = watch(&mut client, None).await.unwrap();
+    next(&mut first).await.unwrap();
+    let _second = watch(&mut client, None).await.unwrap();
+    assert_status(
+        watch(&mut client, None).await,
+        Code::ResourceExhausted,
+        &["2 watches open", "max_watches_per_caller"],
+    );
+    // Another caller has its own allowance.
+    let b = h.ca.client(&[B]);
+    watch(&mut h.client(Some(&b)).await.unwrap(), None)
+        .await
+        .unwrap();
+    // Closing a watch (the client drops the stream) gives its place back once the broker
+    // sees the stream reset.
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..300 {
+        match watch(&mut client, None).await {
+            Ok(w) => {
+                reopened = Some(w);
+                break;
+            }
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    next(&mut reopened.expect("a closed watch frees its place"))
+        .await
+        .unwrap();
+    h.stop().await;
+}
