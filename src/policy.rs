@@ -460,18 +460,46 @@ mod tests {
 
     #[test]
     fn refuses_unknown_tenants_wildcards_and_bad_callers() {
+        let g = |callers: &str, tenants: &str, scopes: &str| {
+            format!("[[grant]]\ncallers = [{callers}]\ntenants = [{tenants}]\n{scopes}\n")
+        };
         let bad = [
-            "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"nope\"]\nscopes = [\"s\"]\n",
-            "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"*\"]\nscopes = [\"s\"]\n",
-            "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"contoso\"]\nscopes = [\"*\"]\n",
-            "[[grant]]\ncallers = [\"dns:*.example\"]\ntenants = [\"contoso\"]\nscopes = [\"s\"]\n",
-            "[[grant]]\ncallers = [\"alice\"]\ntenants = [\"contoso\"]\nscopes = [\"s\"]\n",
-            "[[grant]]\ncallers = [\"spiffe://td/a*\"]\ntenants = [\"contoso\"]\nscopes = [\"s\"]\n",
-            "[[grant]]\ncallers = []\ntenants = [\"contoso\"]\nscopes = [\"s\"]\n",
-            "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"contoso\"]\nscope = [\"s\"]\n",
+            (
+                g("\"dns:a\"", "\"nope\"", "scopes = [\"s\"]"),
+                "grant[0].tenants: `nope` is not a configured tenant",
+            ),
+            (
+                g("\"dns:a\"", "\"*\"", "scopes = [\"s\"]"),
+                "grant[0].tenants: `*` is accepted only alone and only in a grant to `dev:loopback`",
+            ),
+            (
+                g("\"dns:a\"", "\"contoso\"", "scopes = [\"*\"]"),
+                "grant[0].scopes: `*` is accepted only alone and only in a grant to `dev:loopback`",
+            ),
+            (
+                g("\"dns:*.example\"", "\"contoso\"", "scopes = [\"s\"]"),
+                "patterns (`/*`) are accepted for SPIFFE IDs only",
+            ),
+            (
+                g("\"alice\"", "\"contoso\"", "scopes = [\"s\"]"),
+                "`alice`: a caller is `spiffe://…`, `dns:NAME` or `jwt:ISSUER-NAME:SUBJECT`",
+            ),
+            (
+                g("\"spiffe://td/a*\"", "\"contoso\"", "scopes = [\"s\"]"),
+                "`*` is accepted only as a final `/*` path segment",
+            ),
+            (
+                g("", "\"contoso\"", "scopes = [\"s\"]"),
+                "grant[0].callers: at least one caller is required",
+            ),
+            (
+                g("\"dns:a\"", "\"contoso\"", "scope = [\"s\"]"),
+                "unknown field `scope`",
+            ),
         ];
-        for text in bad {
-            assert!(Policy::parse(text, &tenants()).is_err(), "{text}");
+        for (text, why) in bad {
+            let e = Policy::parse(&text, &tenants()).unwrap_err();
+            assert!(e.iter().any(|m| m.contains(why)), "{text}: {e:?}");
         }
     }
 

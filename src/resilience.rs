@@ -305,5 +305,14 @@ mod tests {
             assert!(d <= Duration::from_secs(30));
             assert!(d <= Duration::from_millis(500) * (1 << attempt.min(16)));
         }
+        // Full jitter: spread over the whole range (here up to 4 s), not pinned to its top.
+        let waits: Vec<Duration> = (0..200)
+            .map(|_| backoff(3, Duration::from_millis(500), Duration::from_secs(30)))
+            .collect();
+        let (min, max) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        assert!(
+            *min < Duration::from_secs(1) && *max > Duration::from_secs(3),
+            "{min:?}..{max:?}"
+        );
     }
 }

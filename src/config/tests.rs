@@ -292,8 +292,15 @@ failed_auth_burst = 0
 
 #[test]
 fn the_dev_caller_is_refused_with_tls_or_off_loopback() {
-    let p = problems(&tls("[callers]\ndev_loopback = true\n"));
+    let dev = "[callers]\ndev_loopback = true\n";
+    let p = problems(&tls(dev));
     assert!(p.iter().any(|p| p.path == "callers.dev_loopback"), "{p:?}");
+    let everywhere = format!("{GOOD}{dev}").replace("127.0.0.1:50051", "0.0.0.0:50051");
+    let p = problems(&everywhere);
+    assert!(p.iter().any(|p| p.path == "callers.dev_loopback"), "{p:?}");
+    // Plaintext on loopback is where it belongs.
+    let c = Config::from_toml_str(&format!("{GOOD}{dev}"), Path::new("/"), &no_env).unwrap();
+    assert!(c.callers.dev_loopback);
 }
 
 #[test]
@@ -352,13 +359,19 @@ fn revocation_lists_need_a_client_ca_and_must_exist() {
 
 #[test]
 fn wildcard_grants_and_unknown_tenants_are_refused() {
-    for grant in [
-        "callers = [\"dns:a\"]\ntenants = [\"*\"]\nscopes = [\"s\"]",
-        "callers = [\"dns:a\"]\ntenants = [\"nowhere\"]\nscopes = [\"s\"]",
+    for (grant, why) in [
+        (
+            "callers = [\"dns:a\"]\ntenants = [\"*\"]\nscopes = [\"s\"]",
+            "`*` is accepted only alone and only in a grant to `dev:loopback`",
+        ),
+        (
+            "callers = [\"dns:a\"]\ntenants = [\"nowhere\"]\nscopes = [\"s\"]",
+            "`nowhere` is not a configured tenant",
+        ),
     ] {
         let p = problems(&format!("{GOOD}\n[[policy.grant]]\n{grant}\n"));
         assert!(p.iter().all(|p| p.path == "policy.grant"), "{p:?}");
-        assert!(!p.is_empty());
+        assert!(p.iter().any(|p| p.message.contains(why)), "{p:?}");
     }
 }
 

@@ -135,7 +135,7 @@ async fn expired_not_yet_valid_wrong_ca_and_wrong_usage_certificates_are_refused
                 now - Duration::hours(1),
                 now + Duration::days(1),
             ),
-            "alert",
+            "UnsupportedCertificate",
         ),
     ];
     for (what, leaf, alert) in &cases {

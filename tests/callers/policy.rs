@@ -73,13 +73,22 @@ async fn a_broken_policy_file_is_refused_and_the_old_policy_stays_in_force() {
     let a = h.ca.client(&[A]);
     h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
 
-    for broken in [
-        "[[grant]\ncallers = ",
-        "[[grant]]\ncallers = [\"spiffe://example.org/ns/a/sa/reader\"]\ntenants = [\"nope\"]\nscopes = [\"x\"]\n",
-        "[[grant]]\ncallers = [\"everyone\"]\ntenants = [\"contoso\"]\nscopes = [\"x\"]\n",
+    for (broken, why) in [
+        ("[[grant]\ncallers = ", "unclosed array table"),
+        (
+            "[[grant]]\ncallers = [\"spiffe://example.org/ns/a/sa/reader\"]\ntenants = [\"nope\"]\nscopes = [\"x\"]\n",
+            "grant[0].tenants: `nope` is not a configured tenant",
+        ),
+        (
+            "[[grant]]\ncallers = [\"everyone\"]\ntenants = [\"contoso\"]\nscopes = [\"x\"]\n",
+            "grant[0].callers: `everyone`: a caller is",
+        ),
     ] {
-        let e = h.set_policy(broken).unwrap_err();
-        assert!(e.to_string().contains("policy"), "{e}");
+        let e = h.set_policy(broken).unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid policy ") && e.contains("policy.toml: ") && e.contains(why),
+            "{e}"
+        );
         h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
     }
 

@@ -172,12 +172,17 @@ async fn key_vault_throttling_honours_retry_after_and_valid_tokens_keep_flowing(
     // Meanwhile a caller with a valid cached token sees no error.
     let again = stack.get("fabrikam", GRAPH).await.unwrap();
     assert_eq!(again.access_token, warm.access_token);
+    // Past the longest backoff (8 s), short of Retry-After (30 s): a broker that ignored
+    // Retry-After would retry now.
+    stack.advance(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         stack.route_total("keyvault.sign").await,
         attempts,
         "no retry before Retry-After"
     );
-    stack.advance(Duration::from_secs(31)).await;
+    assert!(!cold.is_finished(), "the cold caller still waits");
+    stack.advance(Duration::from_secs(21)).await;
     let r = cold.await.unwrap().expect("succeeds after Retry-After");
     assert_eq!(r.into_inner().tenant_id, demo::CONTOSO_TENANT);
     assert_eq!(stack.total_signs().await, signs_before + 1);
@@ -188,34 +193,24 @@ async fn key_vault_throttling_honours_retry_after_and_valid_tokens_keep_flowing(
 async fn the_sign_rate_stays_under_the_configured_budget() {
     // 1 sign per second per vault, burst 1; two cold tenants sign on the same vault.
     let stack = manual("sign_rate_per_vault = 1.0\nsign_burst = 1\nretry_budget_secs = 30").await;
-    let (a, b) = tokio::join!(stack.get("contoso", GRAPH), stack_get_after(&stack));
-    assert!(a.is_ok() && b.is_ok());
+    stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(stack.total_signs().await, 1);
+    let second = spawn_get(&stack, "fabrikam").await;
+    // The burst is spent and the clock stands still: fabrikam's sign waits for the budget.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        stack.total_signs().await,
+        1,
+        "no second sign within the second"
+    );
+    assert!(
+        !second.is_finished(),
+        "the second tenant waits for the budget"
+    );
+    stack.advance(Duration::from_secs(1)).await;
+    second.await.unwrap().unwrap();
     assert_eq!(stack.total_signs().await, 2);
     stack.stop().await;
-}
-
-/// Asks for fabrikam while advancing the clock a second at a time, checking after each
-/// step that the vault has never seen more signs than the budget allows.
-async fn stack_get_after(
-    stack: &Stack,
-) -> Result<tokenbroker::proto::GetTokenResponse, tonic::Status> {
-    let mut c = stack.client().await;
-    let call = tokio::spawn(async move {
-        c.get_token(GetTokenRequest {
-            tenant: "fabrikam".into(),
-            scopes: vec![GRAPH.into()],
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner())
-    });
-    // Without the clock moving, at most the burst (1) can have signed. Signs, not requests
-    // on the sign route: the Key Vault SDK's first request to a vault may be its
-    // unauthenticated challenge (a 401), which signs nothing.
-    wait_for(|| async { stack.total_signs().await >= 1 }).await;
-    assert!(stack.total_signs().await <= 1);
-    stack.advance(Duration::from_secs(1)).await;
-    call.await.unwrap()
 }
 
 async fn faults_left(stack: &Stack) -> usize {
@@ -228,7 +223,10 @@ async fn faults_left(stack: &Stack) -> usize {
         .json()
         .await
         .unwrap();
-    v.as_array().map(Vec::len).unwrap_or(0)
+    v["faults"]
+        .as_array()
+        .map(Vec::len)
+        .expect("GET /faults lists {\"faults\": [...]}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,29 +654,42 @@ async fn shutdown_lets_in_flight_calls_finish_and_refuses_new_ones() {
     stack
         .admin_post(
             "/faults",
-            json!({"route": "entra.token", "latency_ms": 300, "count": 10}),
+            json!({"route": "entra.token", "latency_ms": 3000, "count": 1}),
         )
         .await;
     let in_flight = spawn_get(&stack, "contoso").await;
-    wait_for(|| async { stack.route_total("entra.token").await >= 1 }).await;
+    // The fault is spent as the exchange reaches Entra, before its latency.
+    wait_for(|| async { faults_left(&stack).await == 0 }).await;
     let addr = stack.addr;
-    stack.stop().await;
-    let r = in_flight.await.unwrap();
-    assert!(r.is_ok(), "the in-flight call completed: {r:?}");
-    assert!(
+    let stopped = tokio::spawn(stack.stop());
+    // While the call is still held upstream, new connections are refused.
+    wait_for(|| async {
         tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(format!(
             "http://{addr}"
         ))
         .await
-        .is_err(),
-        "new connections are refused after shutdown"
+        .is_err()
+    })
+    .await;
+    assert!(
+        !in_flight.is_finished(),
+        "new connections were refused while the call was in flight"
     );
+    let r = in_flight.await.unwrap();
+    assert!(r.is_ok(), "the in-flight call completed: {r:?}");
+    stopped.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_is_bounded_even_when_a_call_hangs() {
+    // Neither the outbound timeout nor the retry budget ends the call before the test does:
+    // only the shutdown's grace period can.
     let stack = Stack::start_with(estate(), |t| {
-        t.replace("[server]\n", "[server]\nshutdown_grace_secs = 1\n")
+        format!(
+            "{}\n[resilience]\nretry_budget_secs = 600\n",
+            t.replace("[server]\n", "[server]\nshutdown_grace_secs = 1\n")
+                .replace("[outbound]\n", "[outbound]\nrequest_timeout_secs = 600\n")
+        )
     })
     .await;
     stack
@@ -691,10 +702,13 @@ async fn shutdown_is_bounded_even_when_a_call_hangs() {
     // The fault is spent once the request is being held.
     wait_for(|| async { faults_left(&stack).await == 0 }).await;
     // Returns once the grace period is over, although the upstream call never answers.
-    stack.stop().await;
+    tokio::time::timeout(Duration::from_secs(60), stack.stop())
+        .await
+        .expect("shutdown ends after its grace period, not with the upstream call");
+    let r = hung.await.unwrap();
     assert!(
-        hung.await.unwrap().is_err(),
-        "the hung call is cut off, not left hanging"
+        r.is_err(),
+        "the hung call is cut off, not left hanging: {r:?}"
     );
 }
 
@@ -722,36 +736,45 @@ fn contoso_token_from(addr: &str) -> tokenbroker::proto::GetTokenResponse {
 
 #[test]
 fn tokenbroker_dev_keeps_serving_when_its_stdout_is_closed() {
-    use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
+    // A port that was free a moment ago: the banner with the bound address is what the
+    // test cannot read.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
+        .args(["dev", "--listen", &addr, "--state-dir"])
         .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Like `tokenbroker dev | head -2`: the first lines, then the pipe is closed.
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    while !first.contains("broker on ") {
-        first.clear();
-        assert!(
-            stdout.read_line(&mut first).unwrap() > 0,
-            "dev prints its address"
-        );
-    }
-    drop(stdout);
-    let addr = first
-        .split("broker on ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    // Like `tokenbroker dev | true`: the pipe is closed before the banner is written.
+    drop(child.stdout.take());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(async {
+        for _ in 0..600 {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("dev exited with its stdout closed: {status:?}");
+            }
+            if tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(format!(
+                "http://{addr}"
+            ))
+            .await
+            .is_ok()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    });
+    assert!(up, "dev serves on {addr}");
     contoso_token_from(&addr);
+    assert!(child.try_wait().unwrap().is_none(), "still serving");
     let code = terminate(&mut child);
     assert!(code.success(), "exit status {code:?}");
 }
