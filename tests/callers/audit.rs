@@ -230,19 +230,8 @@ async fn a_request_the_caller_gives_up_on_is_recorded_as_cancelled() {
     })
     .await;
     // Entra answers in 20 s; the caller waits 300 ms for its token.
-    let emulator = h.emulator.as_ref().unwrap();
-    let ca = std::fs::read(h.path("ca.pem")).unwrap();
-    let admin = reqwest::Client::builder()
-        .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&ca).unwrap())
-        .build()
-        .unwrap();
-    let r = admin
-        .post(format!("{}/faults", emulator.endpoints().admin_url))
-        .json(&serde_json::json!({"route": "entra.token", "latency_ms": 20000, "count": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
+    h.fault(serde_json::json!({"route": "entra.token", "latency_ms": 20000, "count": 1}))
+        .await;
     let a = h.ca.client(&[A]);
     let mut req = tonic::Request::new(tokenbroker::proto::GetTokenRequest {
         tenant: "contoso".into(),

@@ -212,6 +212,34 @@ impl Harness {
         client.get_token(req).await.map(|r| r.into_inner())
     }
 
+    fn emulator_admin(&self) -> (reqwest::Client, String) {
+        let ca = std::fs::read(self.path("ca.pem")).unwrap();
+        let http = reqwest::Client::builder()
+            .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&ca).unwrap())
+            .build()
+            .unwrap();
+        let url = format!(
+            "{}/faults",
+            self.emulator.as_ref().unwrap().endpoints().admin_url
+        );
+        (http, url)
+    }
+
+    /// Adds an emulator fault (docs/EMULATOR.md).
+    pub async fn fault(&self, spec: serde_json::Value) {
+        let (http, url) = self.emulator_admin();
+        let r = http.post(url).json(&spec).send().await.unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+
+    /// Emulator faults not yet spent (a fault is spent as the request reaches it, before
+    /// any latency it adds).
+    pub async fn faults_left(&self) -> usize {
+        let (http, url) = self.emulator_admin();
+        let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+        v["faults"].as_array().expect("a list of faults").len()
+    }
+
     pub fn records(&self) -> Vec<AuditRecord> {
         self.audit.records()
     }

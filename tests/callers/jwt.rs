@@ -41,6 +41,48 @@ async fn a_valid_bearer_token_is_accepted_as_issuer_and_subject() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exp_and_nbf_are_judged_with_the_issuers_leeway() {
+    let h = start().await;
+    let i = &h.issuer;
+    let with = |exp: i64, nbf: i64| {
+        let mut c = i.claims("svc-a");
+        c["exp"] = json!(exp);
+        c["nbf"] = json!(nbf);
+        i.sign_with("key-1", &c)
+    };
+    // The issuer's default leeway is 60 s, for clocks a little apart.
+    let late = with(now() - 30, now() - 600);
+    h.get(None, Some(&late), "contoso", &[GRAPH]).await.unwrap();
+    let early = with(now() + 600, now() + 30);
+    h.get(None, Some(&early), "contoso", &[GRAPH])
+        .await
+        .unwrap();
+    assert_status(
+        h.get(
+            None,
+            Some(&with(now() - 90, now() - 600)),
+            "contoso",
+            &[GRAPH],
+        )
+        .await,
+        Code::Unauthenticated,
+        &["expired"],
+    );
+    assert_status(
+        h.get(
+            None,
+            Some(&with(now() + 600, now() + 90)),
+            "contoso",
+            &[GRAPH],
+        )
+        .await,
+        Code::Unauthenticated,
+        &["not valid yet"],
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bearer_tokens_are_unauthenticated_with_the_reason() {
     let h = start().await;
     let i = &h.issuer;
@@ -128,6 +170,11 @@ async fn bad_bearer_tokens_are_unauthenticated_with_the_reason() {
             "unknown key (kid `rogue`)",
         ),
         ("not a JWT", "opaque-token".to_string(), "malformed"),
+        (
+            "over 16 KiB",
+            format!("{head}.{}.{sig}", "A".repeat(16 * 1024)),
+            "longer than 16384 bytes",
+        ),
     ];
     for (what, token, words) in &cases {
         let s = assert_status(

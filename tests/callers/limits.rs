@@ -65,3 +65,45 @@ async fn oversized_requests_are_refused_before_anything_else() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_in_flight_limit_requests_are_shed_with_a_retry_hint() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH), (A, "fabrikam", GRAPH)]),
+        limits: "max_in_flight = 1",
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    h.fault(serde_json::json!({"route": "entra.token", "latency_ms": 3000, "count": 1}))
+        .await;
+    let mut client = h.client(Some(&a)).await.unwrap();
+    let held = tokio::spawn(async move {
+        client
+            .get_token(tokenbroker::proto::GetTokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                ..Default::default()
+            })
+            .await
+    });
+    // The one slot is held while the exchange waits at Entra.
+    for _ in 0..200 {
+        if h.faults_left().await == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(h.faults_left().await, 0, "the held request reached Entra");
+    let s = assert_status(
+        h.get(Some(&a), None, "fabrikam", &[GRAPH]).await,
+        Code::Unavailable,
+        &["limit of requests in flight"],
+    );
+    assert_eq!(retry_after_secs(&s), 1);
+    assert!(!held.is_finished(), "shed while the slot was held");
+    held.await.unwrap().unwrap();
+    // The slot is free again.
+    h.get(Some(&a), None, "fabrikam", &[GRAPH]).await.unwrap();
+    h.stop().await;
+}

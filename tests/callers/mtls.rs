@@ -95,6 +95,34 @@ async fn without_a_spiffe_id_the_dns_name_is_the_caller() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_with_two_spiffe_ids_or_no_name_names_no_caller() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let two =
+        h.ca.client(&[COLLECTOR, "spiffe://example.org/ns/logs/sa/other"]);
+    assert_status(
+        h.get(Some(&two), None, "contoso", &[GRAPH]).await,
+        Code::Unauthenticated,
+        &["carries more than one SPIFFE ID"],
+    );
+    let nameless = h.ca.client(&[]);
+    assert_status(
+        h.get(Some(&nameless), None, "contoso", &[GRAPH]).await,
+        Code::Unauthenticated,
+        &["carries neither a SPIFFE ID (URI SAN) nor a DNS name"],
+    );
+    let r = h.stop_and_records().await;
+    assert!(
+        r.iter()
+            .all(|r| r.caller.is_none() && r.token_fingerprint.is_none()),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_not_yet_valid_wrong_ca_and_wrong_usage_certificates_are_refused_at_the_handshake()
 {
     let h = Harness::start(Options {
