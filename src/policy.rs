@@ -512,6 +512,34 @@ mod tests {
         assert!(!p.allows("dns:a", "contoso", &["any".into()]));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_policy_file_takes_effect_at_the_next_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        let grant = |tenant: &str| {
+            format!(
+                "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"{tenant}\"]\nscopes = [\"{GRAPH}\"]\n"
+            )
+        };
+        std::fs::write(&path, grant("contoso")).unwrap();
+        let h = PolicyHandle::from_file(&path, tenants()).unwrap();
+        let watching = h.clone().watch(Duration::from_secs(5));
+        tokio::task::yield_now().await;
+        std::fs::write(&path, grant("fabrikam")).unwrap();
+        assert!(
+            h.current().allows("dns:a", "contoso", &[GRAPH.into()]),
+            "not before the next look"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // The watcher runs on this runtime: let it reload.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(h.current().allows("dns:a", "fabrikam", &[GRAPH.into()]));
+        assert!(!h.current().allows("dns:a", "contoso", &[GRAPH.into()]));
+        watching.abort();
+    }
+
     #[test]
     fn reload_keeps_the_old_policy_when_the_new_one_is_invalid() {
         let dir = tempfile::tempdir().unwrap();

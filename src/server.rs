@@ -162,9 +162,11 @@ impl Bound {
             self.admin
                 .spawn(crate::admin::router(metrics, self.health.clone())),
         );
-        let health_service = tonic_health::pb::health_server::HealthServer::new(
-            tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
-        );
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let health_service = tonic_health::pb::health_server::HealthServer::new(DrainingHealth {
+            inner: tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
+            stop: stop_rx.clone(),
+        });
         // Ready only once the pre-warm keys are cached, so a rolling deployment never sends
         // traffic to a cold replica.
         let warm = AbortOnDrop(tokio::spawn(become_ready(
@@ -177,7 +179,6 @@ impl Bound {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServerError::Tls(format!("reflection: {e}")))?;
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let service = api::Service::new(self.broker.clone(), stop_rx, self.access.clone())
             .traced(self.config.telemetry.otlp_endpoint.is_some())
             .into_server()
@@ -249,6 +250,54 @@ impl Bound {
         // Every decision made is in the audit trail before the process exits.
         let _ = tokio::task::spawn_blocking(move || access.audit().flush()).await;
         served
+    }
+}
+
+/// The gRPC health service, whose `Watch` streams end at shutdown (after NOT_SERVING):
+/// a client watching health (gRPC client-side health checking does) would otherwise hold
+/// the drain open for the whole grace period.
+struct DrainingHealth {
+    inner: tonic_health::server::HealthService,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+type HealthWatch = std::pin::Pin<
+    Box<
+        dyn futures::Stream<Item = Result<tonic_health::pb::HealthCheckResponse, tonic::Status>>
+            + Send,
+    >,
+>;
+
+#[tonic::async_trait]
+impl tonic_health::pb::health_server::Health for DrainingHealth {
+    async fn check(
+        &self,
+        request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = HealthWatch;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthWatch>, tonic::Status> {
+        use futures::StreamExt;
+        let statuses = self.inner.watch(request).await?.into_inner();
+        let mut stop = self.stop.clone();
+        let stopping = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        // NOT_SERVING is set before the stop is signalled: say it last, then end.
+        let last = futures::stream::once(futures::future::ready(Ok(
+            tonic_health::pb::HealthCheckResponse {
+                status: tonic_health::pb::health_check_response::ServingStatus::NotServing as i32,
+            },
+        )));
+        Ok(tonic::Response::new(Box::pin(
+            statuses.take_until(stopping).chain(last),
+        )))
     }
 }
 

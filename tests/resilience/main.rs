@@ -681,6 +681,53 @@ async fn shutdown_lets_in_flight_calls_finish_and_refuses_new_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_reports_not_serving_and_ends_watches() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let stack = Stack::start_with(estate(), |t| t).await;
+    let mut w = watch(&stack, "contoso").await;
+    assert!(w.message().await.unwrap().unwrap().token.is_some());
+    // A health watch opened before the shutdown sees it.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", stack.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "tokenbroker.v1.TokenBroker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    let stopped = tokio::spawn(stack.stop());
+    let next = tokio::time::timeout(Duration::from_secs(30), health.message())
+        .await
+        .expect("the health watch hears of the shutdown");
+    assert_eq!(
+        next.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32,
+        "NOT_SERVING before the server goes"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(30), w.message())
+        .await
+        .expect("the watch ends at shutdown, it does not hold the drain");
+    assert!(matches!(end, Ok(None)), "a clean end of stream: {end:?}");
+    // Neither stream holds the drain for its grace period (20 s).
+    assert!(
+        matches!(health.message().await, Ok(None)),
+        "the health watch ends"
+    );
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("shutdown completes without waiting out its grace period")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_is_bounded_even_when_a_call_hangs() {
     // Neither the outbound timeout nor the retry budget ends the call before the test does:
     // only the shutdown's grace period can.
