@@ -274,16 +274,22 @@ pub(crate) async fn middleware(
     } else {
         Vec::new()
     };
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let response = match shared.faults.take(route, &tenants) {
         None => next.run(req).await,
         Some(applied) => apply(&shared, route, applied, req, next).await,
     };
-    shared
-        .counters()
-        .routes
-        .entry(route.to_owned())
-        .or_default()
-        .record(response.status().as_u16() < 400);
+    let mut counters = shared.counters();
+    let count = counters.routes.entry(route.to_owned()).or_default();
+    count.record(response.status().as_u16() < 400);
+    if traceparent.is_some() {
+        count.traceparent = traceparent;
+    }
+    drop(counters);
     response
 }
 

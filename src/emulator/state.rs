@@ -555,6 +555,10 @@ pub(crate) struct RouteCount {
     pub total: u64,
     pub success: u64,
     pub failure: u64,
+    /// In `routes`: the W3C `traceparent` of the route's latest request that carried one,
+    /// so that trace propagation can be checked from outside.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl RouteCount {
