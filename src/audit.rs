@@ -563,6 +563,11 @@ const SHARD_LIMIT: usize = 1 << 20;
 /// configured to), so these are mostly refusals; beyond them records are lost and counted.
 const KEEP_ON_ERROR: usize = 64 << 20;
 
+/// How long a write of the audit trail may go without returning before the trail counts as
+/// failing (a pipe nobody reads, a hung network disk): no token is served meanwhile (unless
+/// configured to).
+const STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// JSON lines to stdout or an append-only file, written in batches by a thread of its own
 /// (`lines::Lines`): a request serialises its record straight into its thread's shard
 /// buffer. When the writer falls behind by a whole shard, requests wait for it.
@@ -596,6 +601,7 @@ impl JsonLines {
                 when_full: WhenFull::Wait,
                 report_errors_as: Some("audit records"),
                 keep_on_error: Some(KEEP_ON_ERROR),
+                stall: Some(STALL),
             },
         )?;
         Ok(JsonLines { lines })

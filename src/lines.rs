@@ -14,7 +14,9 @@
 //! the line and counts it (a request never waits for the log). When the output fails (a full
 //! disk), `keep_on_error` decides: the audit trail keeps what was not written and writes it
 //! first once the output works (`failure` says why meanwhile, so the API can refuse to serve
-//! unaudited), the log counts the lines as lost.
+//! unaudited), the log counts the lines as lost. An output that neither takes lines nor fails
+//! (a pipe whose reader stopped reading, a hung network disk) fails too, once a call into it
+//! has not returned for `Options::stall`, until it returns.
 //!
 //! Lines of one thread keep their order; lines of different threads written in one batch may
 //! be out of time order by up to one pause (each line carries its time).
@@ -62,6 +64,10 @@ pub struct Options {
     /// (before anything newer) once the output works again; beyond it lines are lost and
     /// counted. `None`: lines a failed write did not take are lost and counted at once.
     pub keep_on_error: Option<usize>,
+    /// How long one call into the output (a write, a flush) may go without returning before
+    /// the output counts as stalled: `failure` says so until the call returns (a pipe nobody
+    /// reads, a hung network disk never fail on their own). `None`: never stalled.
+    pub stall: Option<Duration>,
 }
 
 /// Where the writer thread puts the lines.
@@ -94,6 +100,10 @@ struct Shared {
     last_error: Mutex<Option<String>>,
     /// Lines lost because the output failed.
     lost: AtomicU64,
+    /// When the writer entered the call into the output it is in now, in nanoseconds since
+    /// `epoch` plus one; 0 while it is not in one.
+    in_output: AtomicU64,
+    epoch: Instant,
 }
 
 #[derive(Default)]
@@ -132,6 +142,8 @@ impl Lines {
             failing: AtomicBool::new(false),
             last_error: Mutex::new(None),
             lost: AtomicU64::new(0),
+            in_output: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -179,17 +191,20 @@ impl Lines {
         self.shared.full.load(Ordering::Relaxed)
     }
 
-    /// The output's error while it fails (lines wait for it or are lost); `None` while it
-    /// works. One atomic load when it works: requests may ask before each answer.
+    /// The output's error while it fails (lines wait for it or are lost), or its stall while
+    /// a call into it has not returned for longer than `Options::stall`; `None` while it
+    /// works. Two atomic loads when it works: requests may ask before each answer.
     pub fn failure(&self) -> Option<String> {
-        if !self.shared.failing.load(Ordering::Relaxed) {
-            return None;
+        if self.shared.failing.load(Ordering::Relaxed) {
+            return Some(
+                lock(&self.shared.last_error)
+                    .clone()
+                    .unwrap_or_else(|| "the output fails".into()),
+            );
         }
-        Some(
-            lock(&self.shared.last_error)
-                .clone()
-                .unwrap_or_else(|| "the output fails".into()),
-        )
+        self.shared
+            .stalled()
+            .map(|for_| format!("the output has accepted nothing for {}", span(for_)))
     }
 
     /// Lines lost so far because the output failed.
@@ -269,6 +284,43 @@ impl Drop for Lines {
     }
 }
 
+impl Shared {
+    /// How long the writer has been in its current call into the output, when that is
+    /// longer than `Options::stall`.
+    fn stalled(&self) -> Option<Duration> {
+        let entered = self.in_output.load(Ordering::Relaxed);
+        if entered == 0 {
+            return None;
+        }
+        let bound = self.options.stall?;
+        let inside = self
+            .epoch
+            .elapsed()
+            .saturating_sub(Duration::from_nanos(entered - 1));
+        (inside >= bound).then_some(inside)
+    }
+
+    /// Calls into the output, marked as inside it meanwhile (`stalled` reads the mark);
+    /// returns what the call returned and how long it took.
+    fn watched<R>(&self, call: impl FnOnce() -> R) -> (R, Duration) {
+        let start = self.epoch.elapsed();
+        let nanos = u64::try_from(start.as_nanos()).unwrap_or(u64::MAX - 1);
+        self.in_output.store(nanos + 1, Ordering::Relaxed);
+        let r = call();
+        self.in_output.store(0, Ordering::Relaxed);
+        (r, self.epoch.elapsed().saturating_sub(start))
+    }
+}
+
+/// A span for people: whole seconds, or milliseconds below one.
+fn span(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
 /// Marks the writer stopped when its thread ends, also by a panic in the output, so no
 /// one waits for it in vain.
 struct StopOnExit<'a>(&'a Shared);
@@ -282,13 +334,21 @@ impl Drop for StopOnExit<'_> {
 
 /// Writes `buf` whole, or up to an error; what was written is removed from `buf` either way,
 /// so a retry goes on where the output stopped (nothing written twice, nothing skipped).
-fn write_from(out: &mut dyn Output, buf: &mut Vec<u8>) -> std::io::Result<()> {
+/// Returns the longest any one write took alongside.
+fn write_from(
+    shared: &Shared,
+    out: &mut dyn Output,
+    buf: &mut Vec<u8>,
+) -> (std::io::Result<()>, Duration) {
     let mut done = 0;
+    let mut longest = Duration::ZERO;
     let result = loop {
         if done == buf.len() {
             break Ok(());
         }
-        match out.write(&buf[done..]) {
+        let (written, took) = shared.watched(|| out.write(&buf[done..]));
+        longest = longest.max(took);
+        match written {
             Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -296,7 +356,7 @@ fn write_from(out: &mut dyn Output, buf: &mut Vec<u8>) -> std::io::Result<()> {
         }
     };
     buf.drain(..done);
-    result
+    (result, longest)
 }
 
 fn count_lines(buf: &[u8]) -> u64 {
@@ -325,10 +385,14 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
         let mut error: Option<std::io::Error> = None;
         let mut started = false;
         let mut wrote = !pending.is_empty();
+        // The longest the output took to return from one call in this batch.
+        let mut longest = Duration::ZERO;
         if !pending.is_empty() {
-            out.before_batch();
+            longest = shared.watched(|| out.before_batch()).1;
             started = true;
-            error = write_from(&mut *out, &mut pending).err();
+            let (result, took) = write_from(shared, &mut *out, &mut pending);
+            error = result.err();
+            longest = longest.max(took);
         }
         let mut lost = 0;
         for shard in shared.shards.iter() {
@@ -339,11 +403,13 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
             wrote = true;
             if error.is_none() {
                 if !started {
-                    out.before_batch();
+                    longest = longest.max(shared.watched(|| out.before_batch()).1);
                     started = true;
                 }
                 // One call per shard: its lines stay whole in an O_APPEND file.
-                error = write_from(&mut *out, &mut spare).err();
+                let (result, took) = write_from(shared, &mut *out, &mut spare);
+                error = result.err();
+                longest = longest.max(took);
             }
             if !spare.is_empty() {
                 match keep {
@@ -358,7 +424,9 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
             spare.shrink_to(KEEP_CAPACITY);
         }
         if started && error.is_none() {
-            error = out.flush().err();
+            let (result, took) = shared.watched(|| out.flush());
+            error = result.err();
+            longest = longest.max(took);
         }
         if closed && !pending.is_empty() {
             lost += count_lines(&pending);
@@ -388,6 +456,15 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
                     tracing::error!(error = %e, kept_bytes = pending.len(), "cannot write {what}");
                 }
                 _ => {}
+            }
+            if let Some(bound) = shared.options.stall
+                && longest >= bound
+            {
+                tracing::warn!(
+                    lost_so_far = shared.lost.load(Ordering::Relaxed),
+                    "the output of {what} accepted nothing for {}; it takes them again",
+                    span(longest)
+                );
             }
             if lost > 0 && (!losing || closed) {
                 tracing::error!(
@@ -480,6 +557,16 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     fn lines(gate: &Arc<Gate>, limit: usize, when_full: WhenFull) -> Arc<Lines> {
+        stalling(gate, limit, when_full, None, None)
+    }
+
+    fn stalling(
+        gate: &Arc<Gate>,
+        limit: usize,
+        when_full: WhenFull,
+        stall: Option<Duration>,
+        keep_on_error: Option<usize>,
+    ) -> Arc<Lines> {
         Arc::new(
             Lines::spawn(
                 Box::new(Gated(gate.clone())),
@@ -487,12 +574,48 @@ mod tests {
                     thread: "test-lines",
                     limit,
                     when_full,
-                    report_errors_as: None,
-                    keep_on_error: None,
+                    report_errors_as: Some("test lines"),
+                    keep_on_error,
+                    stall,
                 },
             )
             .unwrap(),
         )
+    }
+
+    /// Waits (generously) until `w` says its output fails, and says why.
+    fn until_failing(w: &Lines) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(reason) = w.failure() {
+                return reason;
+            }
+            assert!(Instant::now() < deadline, "the stall was never reported");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_write_that_does_not_return_is_a_failure_until_it_does() {
+        let gate = Arc::new(Gate::default());
+        let w = stalling(
+            &gate,
+            1 << 20,
+            WhenFull::Wait,
+            Some(Duration::from_millis(20)),
+            Some(1 << 20),
+        );
+        assert_eq!(w.failure(), None);
+        w.append(|b| line(b, 1));
+        w.wake_writer();
+        gate.wait_entered();
+        // Nothing errs: the writer is stuck in its output, which is a failure of its own.
+        let reason = until_failing(&w);
+        assert!(reason.contains("accepted nothing for"), "{reason}");
+        gate.open();
+        w.flush();
+        assert_eq!(w.failure(), None);
+        assert_eq!(gate.text(), "line 0001\n");
     }
 
     fn line(buf: &mut Vec<u8>, i: usize) {
@@ -583,6 +706,7 @@ mod tests {
                 when_full: WhenFull::Wait,
                 report_errors_as: Some("test lines"),
                 keep_on_error: keep,
+                stall: None,
             },
         )
         .unwrap();
