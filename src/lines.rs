@@ -43,7 +43,9 @@ const RECHECK: Duration = Duration::from_millis(50);
 /// What an append does when its shard already holds `limit` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenFull {
-    /// Append, then wait until the writer has taken the shard's buffer.
+    /// Append, then wait until the writer has taken the shard's buffer, at most
+    /// `Options::stall` (not at all while the output is stalled), outside the async
+    /// runtime's workers.
     Wait,
     /// Drop the line and count it.
     Drop,
@@ -181,7 +183,12 @@ impl Lines {
                 );
             }
             self.wake_writer();
-            self.wait_until(None, |_| lock(shard).len() < limit);
+            // The line is in the buffer already: the wait is back-pressure only, so it ends at
+            // the stall bound, and is skipped when the output is known to be stalled.
+            if self.shared.stalled().is_none() {
+                let deadline = self.shared.options.stall.map(|s| Instant::now() + s);
+                off_the_runtime(|| self.wait_until(deadline, |_| lock(shard).len() < limit));
+            }
         }
     }
 
@@ -309,6 +316,19 @@ impl Shared {
         let r = call();
         self.in_output.store(0, Ordering::Relaxed);
         (r, self.epoch.elapsed().saturating_sub(start))
+    }
+}
+
+/// Runs `wait` (a blocking wait) so that it does not hold up the async runtime: on a worker
+/// of a multi-thread runtime, its other tasks move to another thread meanwhile
+/// (`block_in_place`). A current-thread runtime cannot do that (`block_in_place` would
+/// panic): there, and off any runtime, `wait` runs as it is.
+fn off_the_runtime(wait: impl FnOnce()) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait);
+        }
+        _ => wait(),
     }
 }
 
@@ -620,6 +640,97 @@ mod tests {
 
     fn line(buf: &mut Vec<u8>, i: usize) {
         writeln!(buf, "line {i:04}").unwrap();
+    }
+
+    /// Runs `f` on a thread of its own and returns whether it returned within a generous
+    /// bound (it may block for good).
+    fn returns(f: impl FnOnce() + Send + 'static) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(30)).is_ok()
+    }
+
+    #[test]
+    fn on_a_multi_thread_runtime_appends_waiting_for_a_stalled_output_leave_it_running() {
+        let gate = Arc::new(Gate::default());
+        // A shard is full at its first line; the stall bound is beyond the test.
+        let w = stalling(
+            &gate,
+            1,
+            WhenFull::Wait,
+            Some(Duration::from_secs(600)),
+            Some(1 << 20),
+        );
+        w.append(|b| line(b, 0));
+        w.wake_writer();
+        gate.wait_entered();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        // As many appending tasks as workers and more: each fills its shard and waits.
+        let appenders: Vec<_> = (1..5)
+            .map(|i| {
+                let w = w.clone();
+                rt.spawn(async move { w.append(|b| line(b, i)) })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while w.full_count() < 2 {
+            assert!(Instant::now() < deadline, "no append waited");
+            std::thread::yield_now();
+        }
+        // Another task still runs: the waits do not hold the runtime's workers.
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            tokio::task::yield_now().await;
+            let _ = tx.send(());
+        });
+        let ran = rx.recv_timeout(Duration::from_secs(30)).is_ok();
+        gate.open();
+        for a in appenders {
+            rt.block_on(a).unwrap();
+        }
+        assert!(
+            ran,
+            "the runtime stopped while appends waited for the output"
+        );
+        w.flush();
+        assert_eq!(gate.text().lines().count(), 5);
+    }
+
+    #[test]
+    fn an_append_to_a_full_shard_waits_at_most_the_stall_bound_on_any_thread() {
+        let gate = Arc::new(Gate::default());
+        let w = stalling(
+            &gate,
+            1,
+            WhenFull::Wait,
+            Some(Duration::from_millis(20)),
+            Some(1 << 20),
+        );
+        w.append(|b| line(b, 0));
+        w.wake_writer();
+        gate.wait_entered();
+        // Off any runtime, and on a current-thread runtime (which cannot hand its thread
+        // over): the wait ends, with the line in the buffer.
+        let off = w.clone();
+        assert!(returns(move || off.append(|b| line(b, 1))));
+        let on = w.clone();
+        assert!(returns(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(async move { on.append(|b| line(b, 2)) })
+        }));
+        assert!(w.failure().is_some());
+        gate.open();
+        w.flush();
+        assert_eq!(gate.text().lines().count(), 3);
+        assert_eq!(w.failure(), None);
     }
 
     #[test]
