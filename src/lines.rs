@@ -102,6 +102,11 @@ struct Shared {
     last_error: Mutex<Option<String>>,
     /// Lines lost because the output failed.
     lost: AtomicU64,
+    /// `WhenFull::Wait`: bytes a shard holds (its waits having ended at the stall bound)
+    /// beyond which further lines are lost and counted: its share of `keep_on_error`, at
+    /// least `limit`. So a stalled output holds at most about `keep_on_error` in the shards
+    /// (and as much again kept by the writer).
+    shard_cap: usize,
     /// When the writer entered the call into the output it is in now, in nanoseconds since
     /// `epoch` plus one; 0 while it is not in one.
     in_output: AtomicU64,
@@ -135,8 +140,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Lines {
     pub fn spawn(out: Box<dyn Output>, options: Options) -> std::io::Result<Self> {
+        let shards: Striped<Mutex<Vec<u8>>> = Striped::default();
+        let shard_cap = options
+            .limit
+            .max(options.keep_on_error.unwrap_or(0) / shards.iter().count().max(1));
         let shared = Arc::new(Shared {
-            shards: Striped::default(),
+            shards,
+            shard_cap,
             options,
             state: Mutex::new(WriterState::default()),
             written: Condvar::new(),
@@ -164,11 +174,25 @@ impl Lines {
         let limit = self.shared.options.limit;
         let full = {
             let mut buf = lock(shard);
-            if self.shared.options.when_full == WhenFull::Drop && buf.len() >= limit {
-                drop(buf);
-                self.shared.full.fetch_add(1, Ordering::Relaxed);
-                self.wake_writer();
-                return;
+            match self.shared.options.when_full {
+                WhenFull::Drop if buf.len() >= limit => {
+                    drop(buf);
+                    self.shared.full.fetch_add(1, Ordering::Relaxed);
+                    self.wake_writer();
+                    return;
+                }
+                // The output stalls and the shard holds its share of what may be kept.
+                WhenFull::Wait if buf.len() >= self.shared.shard_cap => {
+                    let start = buf.len();
+                    write(&mut buf);
+                    let lost = count_lines(&buf[start..]);
+                    buf.truncate(start);
+                    drop(buf);
+                    self.shared.lost.fetch_add(lost, Ordering::Relaxed);
+                    self.wake_writer();
+                    return;
+                }
+                _ => {}
             }
             write(&mut buf);
             buf.len() >= limit
@@ -214,7 +238,8 @@ impl Lines {
             .map(|for_| format!("the output has accepted nothing for {}", span(for_)))
     }
 
-    /// Lines lost so far because the output failed.
+    /// Lines lost so far because the output failed, or stalled for longer than they could
+    /// be kept.
     pub fn lost(&self) -> u64 {
         self.shared.lost.load(Ordering::Relaxed)
     }
@@ -731,6 +756,42 @@ mod tests {
         w.flush();
         assert_eq!(gate.text().lines().count(), 3);
         assert_eq!(w.failure(), None);
+    }
+
+    #[test]
+    fn while_the_output_stalls_a_shard_holds_its_share_of_the_kept_bytes_and_loses_the_rest() {
+        let gate = Arc::new(Gate::default());
+        // Ten-byte lines; a shard is full at one, and 200 bytes may be kept in all.
+        let w = stalling(
+            &gate,
+            10,
+            WhenFull::Wait,
+            Some(Duration::from_millis(20)),
+            Some(200),
+        );
+        w.append(|b| line(b, 0));
+        w.wake_writer();
+        gate.wait_entered();
+        until_failing(&w);
+        for i in 1..101 {
+            w.append(|b| line(b, i));
+        }
+        let (held, shards) = w.buffered();
+        let cap = 10.max(200 / shards);
+        // Whole lines, up to the first that reached the cap.
+        assert!(held < cap + 10, "{held} bytes held, cap {cap}");
+        let kept = held as u64 / 10;
+        assert_eq!(w.lost(), 100 - kept);
+        gate.open();
+        w.flush();
+        let expected: String = (0..=kept).map(|i| format!("line {i:04}\n")).collect();
+        assert_eq!(gate.text(), expected);
+        assert_eq!(w.failure(), None);
+        // With room again, nothing is lost.
+        w.append(|b| line(b, 500));
+        w.flush();
+        assert!(gate.text().ends_with("line 0500\n"));
+        assert_eq!(w.lost(), 100 - kept);
     }
 
     #[test]
