@@ -15,6 +15,12 @@ use tokio::time::Instant;
 
 use crate::config::LimitsConfig;
 
+/// The lowest rate a limit may be configured with (a request in about 17 minutes): below it,
+/// the time until the next token is beyond any useful `retry-after`.
+pub const MIN_RATE: f64 = 0.001;
+/// The longest wait a bucket tells of, whatever its rate.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Debug)]
 struct Bucket {
     tokens: f64,
@@ -31,7 +37,9 @@ impl Bucket {
         if self.tokens >= 1.0 {
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+            // A tiny rate makes this huge (or infinite): bounded, never a panic.
+            Err(Duration::try_from_secs_f64((1.0 - self.tokens) / rate)
+                .map_or(MAX_WAIT, |d| d.min(MAX_WAIT)))
         }
     }
 }
@@ -210,6 +218,26 @@ mod tests {
             l.check_caller("a").unwrap();
         }
         assert!(l.check_caller("a").is_err());
+    }
+
+    #[test]
+    fn the_wait_for_a_token_is_bounded_however_small_the_rate() {
+        let now = Instant::now();
+        for rate in [1e-300, f64::MIN_POSITIVE, 5e-324, 1e-9] {
+            let mut empty = Bucket {
+                tokens: 0.0,
+                at: now,
+            };
+            assert_eq!(empty.refill(now, rate, 1.0), Err(MAX_WAIT), "{rate}");
+        }
+        let mut slow = Bucket {
+            tokens: 0.0,
+            at: now,
+        };
+        assert_eq!(
+            slow.refill(now, MIN_RATE, 1.0),
+            Err(Duration::from_secs(1000))
+        );
     }
 
     #[test]
