@@ -94,6 +94,19 @@ impl<K: Hash + Eq + Send + Sync + 'static> Buckets<K> {
         Ok(())
     }
 
+    /// Hands back a token taken from `key`'s bucket (what it was taken for did not count).
+    pub fn give_back<Q>(&self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        // A bucket dropped meanwhile is full again anyway.
+        if let Some(bucket) = self.map.get(key) {
+            let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
+            b.tokens = (b.tokens + 1.0).min(self.burst);
+        }
+    }
+
     /// Whether `key`'s bucket has a token (none is taken), or how long until it has one.
     pub fn peek<Q>(&self, key: &Q) -> Result<(), Duration>
     where
