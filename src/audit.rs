@@ -6,7 +6,8 @@
 //! of its thread's shard, and one writer thread writes what the shards hold every
 //! `BATCH_PAUSE` (backing off to `IDLE_PAUSE` when there is nothing), so under load it costs
 //! one wake-up and a few `write(2)` calls per pause instead of per record. When the writer
-//! falls behind by a whole shard, requests wait for it: records are never dropped. When the
+//! falls behind by a whole shard, requests wait for it (at most `STALL`, without holding up
+//! the async runtime): records are never dropped for it. When the
 //! output fails, records are kept for it and `Audit::failure` says why, so that the API
 //! serves no token unaudited (`[audit] on_write_failure`). A file
 //! sink follows its path through log rotation (`FollowedFile`). Refusals a client can repeat
@@ -572,9 +573,15 @@ const SHARD_LIMIT: usize = 1 << 20;
 /// configured to), so these are mostly refusals; beyond them records are lost and counted.
 const KEEP_ON_ERROR: usize = 64 << 20;
 
+/// How long a write of the audit trail may go without returning before the trail counts as
+/// failing (a pipe nobody reads, a hung network disk): no token is served meanwhile (unless
+/// configured to).
+const STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// JSON lines to stdout or an append-only file, written in batches by a thread of its own
 /// (`lines::Lines`): a request serialises its record straight into its thread's shard
-/// buffer. When the writer falls behind by a whole shard, requests wait for it.
+/// buffer. When the writer falls behind by a whole shard, requests wait for it (at most
+/// `STALL`; in `block_in_place` on a runtime worker).
 pub struct JsonLines {
     lines: Lines,
 }
@@ -605,6 +612,7 @@ impl JsonLines {
                 when_full: WhenFull::Wait,
                 report_errors_as: Some("audit records"),
                 keep_on_error: Some(KEEP_ON_ERROR),
+                stall: Some(STALL),
             },
         )?;
         Ok(JsonLines { lines })

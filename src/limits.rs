@@ -15,6 +15,12 @@ use tokio::time::Instant;
 
 use crate::config::LimitsConfig;
 
+/// The lowest rate a limit may be configured with (a request in about 17 minutes): below it,
+/// the time until the next token is beyond any useful `retry-after`.
+pub const MIN_RATE: f64 = 0.001;
+/// The longest wait a bucket tells of, whatever its rate.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Debug)]
 struct Bucket {
     tokens: f64,
@@ -31,7 +37,9 @@ impl Bucket {
         if self.tokens >= 1.0 {
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+            // A tiny rate makes this huge (or infinite): bounded, never a panic.
+            Err(Duration::try_from_secs_f64((1.0 - self.tokens) / rate)
+                .map_or(MAX_WAIT, |d| d.min(MAX_WAIT)))
         }
     }
 }
@@ -84,6 +92,19 @@ impl<K: Hash + Eq + Send + Sync + 'static> Buckets<K> {
         b.refill(now, self.rate, self.burst)?;
         b.tokens -= 1.0;
         Ok(())
+    }
+
+    /// Hands back a token taken from `key`'s bucket (what it was taken for did not count).
+    pub fn give_back<Q>(&self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        // A bucket dropped meanwhile is full again anyway.
+        if let Some(bucket) = self.map.get(key) {
+            let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
+            b.tokens = (b.tokens + 1.0).min(self.burst);
+        }
     }
 
     /// Whether `key`'s bucket has a token (none is taken), or how long until it has one.
@@ -305,6 +326,26 @@ mod tests {
             l.check_caller("a").unwrap();
         }
         assert!(l.check_caller("a").is_err());
+    }
+
+    #[test]
+    fn the_wait_for_a_token_is_bounded_however_small_the_rate() {
+        let now = Instant::now();
+        for rate in [1e-300, f64::MIN_POSITIVE, 5e-324, 1e-9] {
+            let mut empty = Bucket {
+                tokens: 0.0,
+                at: now,
+            };
+            assert_eq!(empty.refill(now, rate, 1.0), Err(MAX_WAIT), "{rate}");
+        }
+        let mut slow = Bucket {
+            tokens: 0.0,
+            at: now,
+        };
+        assert_eq!(
+            slow.refill(now, MIN_RATE, 1.0),
+            Err(Duration::from_secs(1000))
+        );
     }
 
     #[test]

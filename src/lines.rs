@@ -14,7 +14,9 @@
 //! the line and counts it (a request never waits for the log). When the output fails (a full
 //! disk), `keep_on_error` decides: the audit trail keeps what was not written and writes it
 //! first once the output works (`failure` says why meanwhile, so the API can refuse to serve
-//! unaudited), the log counts the lines as lost.
+//! unaudited), the log counts the lines as lost. An output that neither takes lines nor fails
+//! (a pipe whose reader stopped reading, a hung network disk) fails too, once a call into it
+//! has not returned for `Options::stall`, until it returns.
 //!
 //! Lines of one thread keep their order; lines of different threads written in one batch may
 //! be out of time order by up to one pause (each line carries its time).
@@ -41,7 +43,9 @@ const RECHECK: Duration = Duration::from_millis(50);
 /// What an append does when its shard already holds `limit` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenFull {
-    /// Append, then wait until the writer has taken the shard's buffer.
+    /// Append, then wait until the writer has taken the shard's buffer, at most
+    /// `Options::stall` (not at all while the output is stalled), outside the async
+    /// runtime's workers.
     Wait,
     /// Drop the line and count it.
     Drop,
@@ -62,6 +66,10 @@ pub struct Options {
     /// (before anything newer) once the output works again; beyond it lines are lost and
     /// counted. `None`: lines a failed write did not take are lost and counted at once.
     pub keep_on_error: Option<usize>,
+    /// How long one call into the output (a write, a flush) may go without returning before
+    /// the output counts as stalled: `failure` says so until the call returns (a pipe nobody
+    /// reads, a hung network disk never fail on their own). `None`: never stalled.
+    pub stall: Option<Duration>,
 }
 
 /// Where the writer thread puts the lines.
@@ -94,6 +102,15 @@ struct Shared {
     last_error: Mutex<Option<String>>,
     /// Lines lost because the output failed.
     lost: AtomicU64,
+    /// `WhenFull::Wait`: bytes a shard holds (its waits having ended at the stall bound)
+    /// beyond which further lines are lost and counted: its share of `keep_on_error`, at
+    /// least `limit`. So a stalled output holds at most about `keep_on_error` in the shards
+    /// (and as much again kept by the writer).
+    shard_cap: usize,
+    /// When the writer entered the call into the output it is in now, in nanoseconds since
+    /// `epoch` plus one; 0 while it is not in one.
+    in_output: AtomicU64,
+    epoch: Instant,
 }
 
 #[derive(Default)]
@@ -123,8 +140,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Lines {
     pub fn spawn(out: Box<dyn Output>, options: Options) -> std::io::Result<Self> {
+        let shards: Striped<Mutex<Vec<u8>>> = Striped::default();
+        let shard_cap = options
+            .limit
+            .max(options.keep_on_error.unwrap_or(0) / shards.iter().count().max(1));
         let shared = Arc::new(Shared {
-            shards: Striped::default(),
+            shards,
+            shard_cap,
             options,
             state: Mutex::new(WriterState::default()),
             written: Condvar::new(),
@@ -132,6 +154,8 @@ impl Lines {
             failing: AtomicBool::new(false),
             last_error: Mutex::new(None),
             lost: AtomicU64::new(0),
+            in_output: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -150,11 +174,25 @@ impl Lines {
         let limit = self.shared.options.limit;
         let full = {
             let mut buf = lock(shard);
-            if self.shared.options.when_full == WhenFull::Drop && buf.len() >= limit {
-                drop(buf);
-                self.shared.full.fetch_add(1, Ordering::Relaxed);
-                self.wake_writer();
-                return;
+            match self.shared.options.when_full {
+                WhenFull::Drop if buf.len() >= limit => {
+                    drop(buf);
+                    self.shared.full.fetch_add(1, Ordering::Relaxed);
+                    self.wake_writer();
+                    return;
+                }
+                // The output stalls and the shard holds its share of what may be kept.
+                WhenFull::Wait if buf.len() >= self.shared.shard_cap => {
+                    let start = buf.len();
+                    write(&mut buf);
+                    let lost = count_lines(&buf[start..]);
+                    buf.truncate(start);
+                    drop(buf);
+                    self.shared.lost.fetch_add(lost, Ordering::Relaxed);
+                    self.wake_writer();
+                    return;
+                }
+                _ => {}
             }
             write(&mut buf);
             buf.len() >= limit
@@ -169,7 +207,12 @@ impl Lines {
                 );
             }
             self.wake_writer();
-            self.wait_until(None, |_| lock(shard).len() < limit);
+            // The line is in the buffer already: the wait is back-pressure only, so it ends at
+            // the stall bound, and is skipped when the output is known to be stalled.
+            if self.shared.stalled().is_none() {
+                let deadline = self.shared.options.stall.map(|s| Instant::now() + s);
+                off_the_runtime(|| self.wait_until(deadline, |_| lock(shard).len() < limit));
+            }
         }
     }
 
@@ -179,20 +222,24 @@ impl Lines {
         self.shared.full.load(Ordering::Relaxed)
     }
 
-    /// The output's error while it fails (lines wait for it or are lost); `None` while it
-    /// works. One atomic load when it works: requests may ask before each answer.
+    /// The output's error while it fails (lines wait for it or are lost), or its stall while
+    /// a call into it has not returned for longer than `Options::stall`; `None` while it
+    /// works. Two atomic loads when it works: requests may ask before each answer.
     pub fn failure(&self) -> Option<String> {
-        if !self.shared.failing.load(Ordering::Relaxed) {
-            return None;
+        if self.shared.failing.load(Ordering::Relaxed) {
+            return Some(
+                lock(&self.shared.last_error)
+                    .clone()
+                    .unwrap_or_else(|| "the output fails".into()),
+            );
         }
-        Some(
-            lock(&self.shared.last_error)
-                .clone()
-                .unwrap_or_else(|| "the output fails".into()),
-        )
+        self.shared
+            .stalled()
+            .map(|for_| format!("the output has accepted nothing for {}", span(for_)))
     }
 
-    /// Lines lost so far because the output failed.
+    /// Lines lost so far because the output failed, or stalled for longer than they could
+    /// be kept.
     pub fn lost(&self) -> u64 {
         self.shared.lost.load(Ordering::Relaxed)
     }
@@ -269,6 +316,56 @@ impl Drop for Lines {
     }
 }
 
+impl Shared {
+    /// How long the writer has been in its current call into the output, when that is
+    /// longer than `Options::stall`.
+    fn stalled(&self) -> Option<Duration> {
+        let entered = self.in_output.load(Ordering::Relaxed);
+        if entered == 0 {
+            return None;
+        }
+        let bound = self.options.stall?;
+        let inside = self
+            .epoch
+            .elapsed()
+            .saturating_sub(Duration::from_nanos(entered - 1));
+        (inside >= bound).then_some(inside)
+    }
+
+    /// Calls into the output, marked as inside it meanwhile (`stalled` reads the mark);
+    /// returns what the call returned and how long it took.
+    fn watched<R>(&self, call: impl FnOnce() -> R) -> (R, Duration) {
+        let start = self.epoch.elapsed();
+        let nanos = u64::try_from(start.as_nanos()).unwrap_or(u64::MAX - 1);
+        self.in_output.store(nanos + 1, Ordering::Relaxed);
+        let r = call();
+        self.in_output.store(0, Ordering::Relaxed);
+        (r, self.epoch.elapsed().saturating_sub(start))
+    }
+}
+
+/// Runs `wait` (a blocking wait) so that it does not hold up the async runtime: on a worker
+/// of a multi-thread runtime, its other tasks move to another thread meanwhile
+/// (`block_in_place`). A current-thread runtime cannot do that (`block_in_place` would
+/// panic): there, and off any runtime, `wait` runs as it is.
+fn off_the_runtime(wait: impl FnOnce()) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait);
+        }
+        _ => wait(),
+    }
+}
+
+/// A span for people: whole seconds, or milliseconds below one.
+fn span(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
 /// Marks the writer stopped when its thread ends, also by a panic in the output, so no
 /// one waits for it in vain.
 struct StopOnExit<'a>(&'a Shared);
@@ -282,13 +379,21 @@ impl Drop for StopOnExit<'_> {
 
 /// Writes `buf` whole, or up to an error; what was written is removed from `buf` either way,
 /// so a retry goes on where the output stopped (nothing written twice, nothing skipped).
-fn write_from(out: &mut dyn Output, buf: &mut Vec<u8>) -> std::io::Result<()> {
+/// Returns the longest any one write took alongside.
+fn write_from(
+    shared: &Shared,
+    out: &mut dyn Output,
+    buf: &mut Vec<u8>,
+) -> (std::io::Result<()>, Duration) {
     let mut done = 0;
+    let mut longest = Duration::ZERO;
     let result = loop {
         if done == buf.len() {
             break Ok(());
         }
-        match out.write(&buf[done..]) {
+        let (written, took) = shared.watched(|| out.write(&buf[done..]));
+        longest = longest.max(took);
+        match written {
             Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -296,7 +401,7 @@ fn write_from(out: &mut dyn Output, buf: &mut Vec<u8>) -> std::io::Result<()> {
         }
     };
     buf.drain(..done);
-    result
+    (result, longest)
 }
 
 fn count_lines(buf: &[u8]) -> u64 {
@@ -325,10 +430,14 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
         let mut error: Option<std::io::Error> = None;
         let mut started = false;
         let mut wrote = !pending.is_empty();
+        // The longest the output took to return from one call in this batch.
+        let mut longest = Duration::ZERO;
         if !pending.is_empty() {
-            out.before_batch();
+            longest = shared.watched(|| out.before_batch()).1;
             started = true;
-            error = write_from(&mut *out, &mut pending).err();
+            let (result, took) = write_from(shared, &mut *out, &mut pending);
+            error = result.err();
+            longest = longest.max(took);
         }
         let mut lost = 0;
         for shard in shared.shards.iter() {
@@ -339,11 +448,13 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
             wrote = true;
             if error.is_none() {
                 if !started {
-                    out.before_batch();
+                    longest = longest.max(shared.watched(|| out.before_batch()).1);
                     started = true;
                 }
                 // One call per shard: its lines stay whole in an O_APPEND file.
-                error = write_from(&mut *out, &mut spare).err();
+                let (result, took) = write_from(shared, &mut *out, &mut spare);
+                error = result.err();
+                longest = longest.max(took);
             }
             if !spare.is_empty() {
                 match keep {
@@ -358,7 +469,9 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
             spare.shrink_to(KEEP_CAPACITY);
         }
         if started && error.is_none() {
-            error = out.flush().err();
+            let (result, took) = shared.watched(|| out.flush());
+            error = result.err();
+            longest = longest.max(took);
         }
         if closed && !pending.is_empty() {
             lost += count_lines(&pending);
@@ -388,6 +501,15 @@ fn write_batches(shared: &Shared, mut out: Box<dyn Output>) {
                     tracing::error!(error = %e, kept_bytes = pending.len(), "cannot write {what}");
                 }
                 _ => {}
+            }
+            if let Some(bound) = shared.options.stall
+                && longest >= bound
+            {
+                tracing::warn!(
+                    lost_so_far = shared.lost.load(Ordering::Relaxed),
+                    "the output of {what} accepted nothing for {}; it takes them again",
+                    span(longest)
+                );
             }
             if lost > 0 && (!losing || closed) {
                 tracing::error!(
@@ -480,6 +602,16 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     fn lines(gate: &Arc<Gate>, limit: usize, when_full: WhenFull) -> Arc<Lines> {
+        stalling(gate, limit, when_full, None, None)
+    }
+
+    fn stalling(
+        gate: &Arc<Gate>,
+        limit: usize,
+        when_full: WhenFull,
+        stall: Option<Duration>,
+        keep_on_error: Option<usize>,
+    ) -> Arc<Lines> {
         Arc::new(
             Lines::spawn(
                 Box::new(Gated(gate.clone())),
@@ -487,16 +619,179 @@ mod tests {
                     thread: "test-lines",
                     limit,
                     when_full,
-                    report_errors_as: None,
-                    keep_on_error: None,
+                    report_errors_as: Some("test lines"),
+                    keep_on_error,
+                    stall,
                 },
             )
             .unwrap(),
         )
     }
 
+    /// Waits (generously) until `w` says its output fails, and says why.
+    fn until_failing(w: &Lines) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(reason) = w.failure() {
+                return reason;
+            }
+            assert!(Instant::now() < deadline, "the stall was never reported");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_write_that_does_not_return_is_a_failure_until_it_does() {
+        let gate = Arc::new(Gate::default());
+        let w = stalling(
+            &gate,
+            1 << 20,
+            WhenFull::Wait,
+            Some(Duration::from_millis(20)),
+            Some(1 << 20),
+        );
+        assert_eq!(w.failure(), None);
+        w.append(|b| line(b, 1));
+        w.wake_writer();
+        gate.wait_entered();
+        // Nothing errs: the writer is stuck in its output, which is a failure of its own.
+        let reason = until_failing(&w);
+        assert!(reason.contains("accepted nothing for"), "{reason}");
+        gate.open();
+        w.flush();
+        assert_eq!(w.failure(), None);
+        assert_eq!(gate.text(), "line 0001\n");
+    }
+
     fn line(buf: &mut Vec<u8>, i: usize) {
         writeln!(buf, "line {i:04}").unwrap();
+    }
+
+    /// Runs `f` on a thread of its own and returns whether it returned within a generous
+    /// bound (it may block for good).
+    fn returns(f: impl FnOnce() + Send + 'static) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(30)).is_ok()
+    }
+
+    #[test]
+    fn on_a_multi_thread_runtime_appends_waiting_for_a_stalled_output_leave_it_running() {
+        let gate = Arc::new(Gate::default());
+        // A shard is full at its first line; the stall bound is beyond the test.
+        let w = stalling(
+            &gate,
+            1,
+            WhenFull::Wait,
+            Some(Duration::from_secs(600)),
+            Some(1 << 20),
+        );
+        w.append(|b| line(b, 0));
+        w.wake_writer();
+        gate.wait_entered();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        // As many appending tasks as workers and more: each fills its shard and waits.
+        let appenders: Vec<_> = (1..5)
+            .map(|i| {
+                let w = w.clone();
+                rt.spawn(async move { w.append(|b| line(b, i)) })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while w.full_count() < 2 {
+            assert!(Instant::now() < deadline, "no append waited");
+            std::thread::yield_now();
+        }
+        // Another task still runs: the waits do not hold the runtime's workers.
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            tokio::task::yield_now().await;
+            let _ = tx.send(());
+        });
+        let ran = rx.recv_timeout(Duration::from_secs(30)).is_ok();
+        gate.open();
+        for a in appenders {
+            rt.block_on(a).unwrap();
+        }
+        assert!(
+            ran,
+            "the runtime stopped while appends waited for the output"
+        );
+        w.flush();
+        assert_eq!(gate.text().lines().count(), 5);
+    }
+
+    #[test]
+    fn an_append_to_a_full_shard_waits_at_most_the_stall_bound_on_any_thread() {
+        let gate = Arc::new(Gate::default());
+        let w = stalling(
+            &gate,
+            1,
+            WhenFull::Wait,
+            Some(Duration::from_millis(20)),
+            Some(1 << 20),
+        );
+        w.append(|b| line(b, 0));
+        w.wake_writer();
+        gate.wait_entered();
+        // Off any runtime, and on a current-thread runtime (which cannot hand its thread
+        // over): the wait ends, with the line in the buffer.
+        let off = w.clone();
+        assert!(returns(move || off.append(|b| line(b, 1))));
+        let on = w.clone();
+        assert!(returns(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(async move { on.append(|b| line(b, 2)) })
+        }));
+        assert!(w.failure().is_some());
+        gate.open();
+        w.flush();
+        assert_eq!(gate.text().lines().count(), 3);
+        assert_eq!(w.failure(), None);
+    }
+
+    #[test]
+    fn while_the_output_stalls_a_shard_holds_its_share_of_the_kept_bytes_and_loses_the_rest() {
+        let gate = Arc::new(Gate::default());
+        // Ten-byte lines; a shard is full at one, and 200 bytes may be kept in all.
+        let w = stalling(
+            &gate,
+            10,
+            WhenFull::Wait,
+            Some(Duration::from_millis(20)),
+            Some(200),
+        );
+        w.append(|b| line(b, 0));
+        w.wake_writer();
+        gate.wait_entered();
+        until_failing(&w);
+        for i in 1..101 {
+            w.append(|b| line(b, i));
+        }
+        let (held, shards) = w.buffered();
+        let cap = 10.max(200 / shards);
+        // Whole lines, up to the first that reached the cap.
+        assert!(held < cap + 10, "{held} bytes held, cap {cap}");
+        let kept = held as u64 / 10;
+        assert_eq!(w.lost(), 100 - kept);
+        gate.open();
+        w.flush();
+        let expected: String = (0..=kept).map(|i| format!("line {i:04}\n")).collect();
+        assert_eq!(gate.text(), expected);
+        assert_eq!(w.failure(), None);
+        // With room again, nothing is lost.
+        w.append(|b| line(b, 500));
+        w.flush();
+        assert!(gate.text().ends_with("line 0500\n"));
+        assert_eq!(w.lost(), 100 - kept);
     }
 
     #[test]
@@ -583,6 +878,7 @@ mod tests {
                 when_full: WhenFull::Wait,
                 report_errors_as: Some("test lines"),
                 keep_on_error: keep,
+                stall: None,
             },
         )
         .unwrap();

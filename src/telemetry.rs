@@ -153,6 +153,8 @@ pub fn subscriber(
             when_full: WhenFull::Drop,
             report_errors_as: None,
             keep_on_error: None,
+            // A stalled log is dropped from, not waited for: nothing asks.
+            stall: None,
         },
     )
     .map(Arc::new)

@@ -16,7 +16,9 @@
 //!
 //! Failed tokens are counted per client address (`limits::Buckets`): past the limit, new
 //! tokens from that address are refused before any check, while its tokens that verified
-//! before are still answered from memory.
+//! before are still answered from memory. A signature check is charged to the address
+//! before it is made and handed back when the token verifies, so bad tokens sent together
+//! get no more signature checks than the burst.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -143,6 +145,15 @@ struct RefreshGate {
     failed: Option<Instant>,
 }
 
+/// A token through the checks before its signature.
+struct Prepared<'a> {
+    issuer: &'a Arc<Issuer>,
+    alg: Algorithm,
+    alg_name: String,
+    key: DecodingKey,
+    keys: Arc<Keys>,
+}
+
 struct Keys {
     keys: Vec<Jwk>,
     fetched: Instant,
@@ -265,14 +276,15 @@ impl JwtVerifier {
             .failures
             .as_ref()
             .zip(peer.map(crate::limits::address_key));
+        let too_many = |retry_after| JwtError::TooManyFailures { retry_after };
         if let Some((f, address)) = &failures {
-            f.peek(address)
-                .map_err(|retry_after| JwtError::TooManyFailures { retry_after })?;
+            f.peek(address).map_err(too_many)?;
         }
-        let verified = match self.verify_signed(t).await {
-            Ok(v) => v,
+        let prepared = match self.prepare(t).await {
+            Ok(p) => p,
             Err(e) => {
-                // An issuer that cannot be reached is not the caller's failure.
+                // A token refused before its signature is checked costs little, and is counted
+                // afterwards. An issuer that cannot be reached is not the caller's failure.
                 if let Some((f, address)) = &failures
                     && !matches!(e, JwtError::KeysUnavailable { .. })
                 {
@@ -281,6 +293,18 @@ impl JwtVerifier {
                 return Err(e);
             }
         };
+        // The signature check is what a flood of bad tokens must not keep busy: its failure
+        // is counted before it, in one step with the check that the address has one left, so
+        // bad tokens arriving together cannot all pass the peek above and exceed the burst.
+        // A token that verifies hands it back: valid callers are not charged. Nothing waits
+        // between the two, so concurrent valid tokens hardly ever see each other's charge.
+        if let Some((f, address)) = &failures {
+            f.take(address).map_err(too_many)?;
+        }
+        let verified = self.check(t, prepared)?;
+        if let Some((f, address)) = &failures {
+            f.give_back(address);
+        }
         let caller = verified.caller.clone();
         if let Some((m, digest)) = memory {
             m.insert(digest, Arc::new(verified));
@@ -290,6 +314,13 @@ impl JwtVerifier {
 
     /// The full check of a token.
     pub(crate) async fn verify_signed(&self, t: &str) -> Result<Verified, JwtError> {
+        let prepared = self.prepare(t).await?;
+        self.check(t, prepared)
+    }
+
+    /// The checks before the signature: shape, issuer, algorithm, and the key (which may be
+    /// fetched).
+    async fn prepare<'a>(&'a self, t: &str) -> Result<Prepared<'a>, JwtError> {
         let parts: Vec<&str> = t.split('.').collect();
         let [header, payload, _sig] = parts.as_slice() else {
             return Err(JwtError::Malformed(
@@ -319,6 +350,24 @@ impl JwtVerifier {
             return Err(JwtError::AlgorithmNotAllowed(short(&alg_name)));
         }
         let key = DecodingKey::from_jwk(&jwk).map_err(|_| JwtError::BadSignature)?;
+        Ok(Prepared {
+            issuer,
+            alg,
+            alg_name,
+            key,
+            keys,
+        })
+    }
+
+    /// The signature and the claims of a prepared token.
+    fn check(&self, t: &str, prepared: Prepared<'_>) -> Result<Verified, JwtError> {
+        let Prepared {
+            issuer,
+            alg,
+            alg_name,
+            key,
+            keys,
+        } = prepared;
         let mut v = Validation::new(alg);
         v.set_issuer(&[&issuer.cfg.issuer]);
         v.set_audience(&issuer.cfg.audiences);
@@ -556,5 +605,150 @@ mod tests {
         // Keys past their age are fetched again before use: so is the verification redone.
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert!(!v.stands(now));
+    }
+
+    /// An issuer on loopback whose discovery document is answered only once `release` has
+    /// a permit, and says on `asked` that it was asked; a verifier trusting it, with a limit
+    /// of `burst` failed tokens per address.
+    #[cfg(feature = "emulator")]
+    async fn held_issuer(
+        burst: u32,
+    ) -> (
+        crate::emulator::keys::IssuerKey,
+        String,
+        Arc<tokio::sync::Semaphore>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+        Arc<JwtVerifier>,
+    ) {
+        use axum::Json;
+        use axum::routing::get;
+        let key = crate::emulator::keys::IssuerKey::generate().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let iss = format!("http://{}", listener.local_addr().unwrap());
+        let discovery = serde_json::json!({"issuer": iss, "jwks_uri": format!("{iss}/keys")});
+        let jwks = key.jwks();
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let (tell, asked) = tokio::sync::mpsc::unbounded_channel();
+        let held = release.clone();
+        let app = axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                get(move || {
+                    let (held, tell, discovery) = (held.clone(), tell.clone(), discovery.clone());
+                    async move {
+                        let _ = tell.send(());
+                        held.acquire().await.unwrap().forget();
+                        Json(discovery)
+                    }
+                }),
+            )
+            .route("/keys", get(move || std::future::ready(Json(jwks.clone()))));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let cfg = IssuerConfig {
+            name: "held".into(),
+            issuer: iss.clone(),
+            discovery_url: Url::parse(&format!("{iss}/.well-known/openid-configuration")).unwrap(),
+            audiences: vec!["api://tokenbroker".into()],
+            algorithms: vec![Algorithm::RS256],
+            identity_claim: "sub".into(),
+            leeway: Duration::from_secs(60),
+            jwks_min_refresh: Duration::from_secs(30),
+            jwks_max_age: Duration::from_secs(3600),
+        };
+        let verifier = JwtVerifier::new(
+            vec![cfg],
+            reqwest::Client::new(),
+            Some(Buckets::new(0.001, burst, 100, Duration::from_secs(600))),
+            RememberConfig::default(),
+        );
+        (key, iss, release, asked, Arc::new(verifier))
+    }
+
+    #[cfg(feature = "emulator")]
+    fn signed(key: &crate::emulator::keys::IssuerKey, iss: &str, sub: &str) -> String {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        key.sign(&serde_json::json!({
+            "iss": iss, "sub": sub, "aud": "api://tokenbroker", "iat": now, "exp": now + 3600,
+        }))
+        .unwrap()
+    }
+
+    /// `token` with the signature of `other`: well formed, from a trusted issuer and key,
+    /// and its signature does not verify.
+    #[cfg(feature = "emulator")]
+    fn forged(token: &str, other: &str) -> Sensitive {
+        let (signed_part, _) = token.rsplit_once('.').unwrap();
+        let (_, signature) = other.rsplit_once('.').unwrap();
+        Sensitive::new(format!("{signed_part}.{signature}"))
+    }
+
+    #[cfg(feature = "emulator")]
+    #[tokio::test]
+    async fn bad_tokens_sent_together_from_one_address_get_at_most_the_burst_of_full_checks() {
+        let burst = 3;
+        let (key, iss, release, mut asked, verifier) = held_issuer(burst).await;
+        let peer: IpAddr = "192.0.2.7".parse().unwrap();
+        let other = signed(&key, &iss, "other");
+        // Ten bad tokens at once: each passes the quick look at the address's budget, then
+        // waits for the issuer's keys (fetched by the first, held back by the issuer).
+        let checks: Vec<_> = (0..10)
+            .map(|i| {
+                let v = verifier.clone();
+                let bad = forged(&signed(&key, &iss, &format!("bad-{i}")), &other);
+                tokio::spawn(async move { v.verify(&bad, Some(peer)).await })
+            })
+            .collect();
+        asked.recv().await.unwrap();
+        release.add_permits(1);
+        let mut refused = 0;
+        let mut failed = 0;
+        for c in checks {
+            match c.await.unwrap() {
+                Err(JwtError::TooManyFailures { .. }) => refused += 1,
+                Err(JwtError::BadSignature) => failed += 1,
+                other => panic!("{:?}", other.map(|c| c.id)),
+            }
+        }
+        assert_eq!(verifier.signature_checks(), u64::from(burst));
+        assert_eq!((failed, refused), (3, 7));
+    }
+
+    #[cfg(feature = "emulator")]
+    #[tokio::test]
+    async fn valid_tokens_do_not_spend_their_address_s_failure_budget() {
+        let burst = 3;
+        let (key, iss, release, _asked, verifier) = held_issuer(burst).await;
+        release.add_permits(100);
+        let peer: IpAddr = "192.0.2.8".parse().unwrap();
+        // More new valid tokens from one address than its burst of failures: all verify.
+        for i in 0..10 {
+            let token = Sensitive::new(signed(&key, &iss, &format!("caller-{i}")));
+            let caller = verifier.verify(&token, Some(peer)).await.unwrap();
+            assert!(
+                caller.id.ends_with(&format!(":caller-{i}")),
+                "{}",
+                caller.id
+            );
+        }
+        assert_eq!(verifier.signature_checks(), 10);
+        // And the budget is whole: each of `burst` bad tokens still gets its full check.
+        let other = signed(&key, &iss, "other");
+        for i in 0..burst {
+            let bad = forged(&signed(&key, &iss, &format!("bad-{i}")), &other);
+            assert!(matches!(
+                verifier.verify(&bad, Some(peer)).await,
+                Err(JwtError::BadSignature)
+            ));
+        }
+        let bad = forged(&signed(&key, &iss, "one-more"), &other);
+        assert!(matches!(
+            verifier.verify(&bad, Some(peer)).await,
+            Err(JwtError::TooManyFailures { .. })
+        ));
     }
 }

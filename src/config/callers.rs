@@ -440,9 +440,14 @@ impl Validator<'_> {
     }
 
     pub(super) fn limits(&mut self, raw: RawLimits) -> LimitsConfig {
+        let min = crate::limits::MIN_RATE;
         let rate = raw.caller_rate_per_sec.unwrap_or(50.0);
-        if !(rate > 0.0 && rate.is_finite()) {
-            self.problem("limits.caller_rate_per_sec", "must be a positive number");
+        let rate_ok = rate >= min && rate.is_finite();
+        if !rate_ok {
+            self.problem(
+                "limits.caller_rate_per_sec",
+                format!("must be a number of at least {min} (requests per second)"),
+            );
         }
         let burst = raw.caller_burst.unwrap_or(100);
         if burst == 0 {
@@ -457,10 +462,11 @@ impl Validator<'_> {
             self.problem("limits.max_request_bytes", "must be at least 1024");
         }
         let failed_rate = raw.failed_auth_per_sec.unwrap_or(1.0);
-        if !(failed_rate >= 0.0 && failed_rate.is_finite()) {
+        let failed_rate_ok = (failed_rate == 0.0 || failed_rate >= min) && failed_rate.is_finite();
+        if !failed_rate_ok {
             self.problem(
                 "limits.failed_auth_per_sec",
-                "must be a number of at least 0 (0: no limit)",
+                format!("must be 0 (no limit) or a number of at least {min} (failures per second)"),
             );
         }
         let failed_burst = raw.failed_auth_burst.unwrap_or(20);
@@ -478,17 +484,9 @@ impl Validator<'_> {
         LimitsConfig {
             max_watches_per_caller: per_caller.max(1),
             max_watches: max_watches.max(1),
-            failed_auth_per_sec: if failed_rate >= 0.0 && failed_rate.is_finite() {
-                failed_rate
-            } else {
-                1.0
-            },
+            failed_auth_per_sec: if failed_rate_ok { failed_rate } else { 1.0 },
             failed_auth_burst: failed_burst.max(1),
-            caller_rate_per_sec: if rate > 0.0 && rate.is_finite() {
-                rate
-            } else {
-                1.0
-            },
+            caller_rate_per_sec: if rate_ok { rate } else { 1.0 },
             caller_burst: burst.max(1),
             max_callers: raw.max_callers.unwrap_or(100_000).max(1),
             caller_idle: Duration::from_secs(raw.caller_idle_secs.unwrap_or(600).max(1)),

@@ -291,6 +291,38 @@ failed_auth_burst = 0
 }
 
 #[test]
+fn rates_too_small_to_wait_for_are_refused_naming_the_field() {
+    let p = problems(&format!(
+        "{GOOD}
+[limits]
+caller_rate_per_sec = 1e-300
+failed_auth_per_sec = 1e-300
+"
+    ));
+    for field in ["limits.caller_rate_per_sec", "limits.failed_auth_per_sec"] {
+        let found = p.iter().find(|p| p.path == field);
+        assert!(
+            found.is_some_and(|p| p.message.contains("at least 0.001")),
+            "{field}: {p:?}"
+        );
+    }
+    // The smallest rate allowed is fine.
+    let c = Config::from_toml_str(
+        &format!(
+            "{GOOD}
+[limits]
+caller_rate_per_sec = 0.001
+failed_auth_per_sec = 0.001
+"
+        ),
+        Path::new("/var/tb"),
+        &no_env,
+    )
+    .unwrap();
+    assert_eq!(c.limits.caller_rate_per_sec, 0.001);
+}
+
+#[test]
 fn the_dev_caller_is_refused_with_tls_or_off_loopback() {
     let dev = "[callers]\ndev_loopback = true\n";
     let p = problems(&tls(dev));

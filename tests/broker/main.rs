@@ -666,12 +666,17 @@ async fn an_identity_the_host_does_not_have_is_unavailable_with_a_hint() {
 /// The broker configuration with the audit trail written to `/dev/full`: every write fails
 /// with "No space left on device", as on a full disk.
 fn audit_to_a_full_disk(extra: &'static str) -> impl FnOnce(String) -> String {
+    audit_to("/dev/full".into(), extra)
+}
+
+/// The broker configuration with the audit trail written to `file`.
+fn audit_to(file: String, extra: &'static str) -> impl FnOnce(String) -> String {
     move |toml: String| {
         let toml: String = toml
             .lines()
             .map(|l| {
                 if l.starts_with("file = ") {
-                    format!("file = \"/dev/full\"\n{extra}")
+                    format!("file = {file:?}\n{extra}")
                 } else {
                     l.to_owned()
                 }
@@ -759,5 +764,82 @@ async fn configured_to_serve_the_broker_serves_while_the_audit_trail_cannot_be_w
     // Readiness is looked at every second: it stays ready.
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     assert_eq!(readyz_within(&stack, 200).await, 200);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_is_served_while_nobody_reads_the_audit_pipe_and_all_resumes_once_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("audit.pipe");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Held open (for reading and writing, so opening it blocks no one) and not read: once
+    // the pipe's buffer is full, the broker's write of its records neither returns nor fails.
+    let pipe = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    // Read from when told, or after a while anyway, so a broker that blocks for good fails
+    // the test below instead of hanging it.
+    let (read_now, told) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let _ = told.recv_timeout(std::time::Duration::from_secs(150));
+        let _ = std::io::copy(&mut &pipe, &mut std::io::sink());
+    });
+    let stack = Stack::start_with(
+        tokenbroker::emulator::EmulatorConfig::demo(),
+        audit_to(fifo.to_str().unwrap().to_owned(), ""),
+    )
+    .await;
+    // Each answer adds a record until the pipe is full and the write has hung for 5 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let refused = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled audit output was never noticed"
+        );
+        match stack.get("contoso", GRAPH).await {
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("audit trail cannot be written")
+            && refused.message().contains("accepted nothing for"),
+        "{}",
+        refused.message()
+    );
+    // The runtime still answers: health, metrics, refusals.
+    assert_eq!(readyz_within(&stack, 503).await, 503);
+    assert!(
+        stack
+            .metrics()
+            .await
+            .lines()
+            .any(|l| l == "tokenbroker_audit_failing 1")
+    );
+    assert_eq!(
+        stack.get("contoso", GRAPH).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    // Someone reads the pipe again: the write returns and tokens are served again.
+    read_now.send(()).unwrap();
+    assert_eq!(readyz_within(&stack, 200).await, 200);
+    let t = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(t.tenant_id, demo::CONTOSO_TENANT);
+    assert!(
+        stack
+            .metrics()
+            .await
+            .lines()
+            .any(|l| l == "tokenbroker_audit_failing 0")
+    );
     stack.stop().await;
 }
