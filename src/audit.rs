@@ -516,7 +516,8 @@ impl Audit {
         }
     }
 
-    /// Why the trail cannot be written now, or `None` (one atomic load when it can).
+    /// Why the trail cannot be written now (its output fails or stalls), or `None` (two
+    /// atomic loads when it can).
     pub fn failure(&self) -> Option<String> {
         self.sink.failure()
     }

@@ -575,6 +575,16 @@ pub(crate) mod gated {
 
     pub struct Gated(pub Arc<Gate>);
 
+    /// Opens the gate when dropped: a test that fails while the writer is stuck behind it
+    /// ends, instead of waiting for that writer when its `Lines` is dropped.
+    pub struct OpenOnDrop(pub Arc<Gate>);
+
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.open();
+        }
+    }
+
     impl super::Output for Gated {}
 
     impl std::io::Write for Gated {
@@ -597,7 +607,7 @@ pub(crate) mod gated {
 
 #[cfg(test)]
 mod tests {
-    use super::gated::{Gate, Gated};
+    use super::gated::{Gate, Gated, OpenOnDrop};
     use super::*;
     use std::sync::atomic::AtomicBool;
 
@@ -650,6 +660,7 @@ mod tests {
             Some(Duration::from_millis(20)),
             Some(1 << 20),
         );
+        let _open = OpenOnDrop(gate.clone());
         assert_eq!(w.failure(), None);
         w.append(|b| line(b, 1));
         w.wake_writer();
@@ -667,14 +678,18 @@ mod tests {
         writeln!(buf, "line {i:04}").unwrap();
     }
 
-    /// Runs `f` on a thread of its own and returns whether it returned within a generous
-    /// bound (it may block for good).
-    fn returns(f: impl FnOnce() + Send + 'static) -> bool {
+    /// Starts `f` on a thread of its own; the receiver hears when it has returned (it may
+    /// block for good, or panic).
+    fn started(f: impl FnOnce() + Send + 'static) -> std::sync::mpsc::Receiver<()> {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             f();
             let _ = tx.send(());
         });
+        rx
+    }
+
+    fn returned(rx: &std::sync::mpsc::Receiver<()>) -> bool {
         rx.recv_timeout(Duration::from_secs(30)).is_ok()
     }
 
@@ -696,6 +711,8 @@ mod tests {
             .worker_threads(2)
             .build()
             .unwrap();
+        // Declared after the runtime, so dropped before it: a failure ends the waits.
+        let _open = OpenOnDrop(gate.clone());
         // As many appending tasks as workers and more: each fills its shard and waits.
         let appenders: Vec<_> = (1..5)
             .map(|i| {
@@ -734,23 +751,29 @@ mod tests {
             &gate,
             1,
             WhenFull::Wait,
-            Some(Duration::from_millis(20)),
+            Some(Duration::from_millis(300)),
             Some(1 << 20),
         );
+        let _open = OpenOnDrop(gate.clone());
         w.append(|b| line(b, 0));
         w.wake_writer();
         gate.wait_entered();
         // Off any runtime, and on a current-thread runtime (which cannot hand its thread
-        // over): the wait ends, with the line in the buffer.
+        // over), both before the stall is noticed: each wait ends, its line in the buffer.
         let off = w.clone();
-        assert!(returns(move || off.append(|b| line(b, 1))));
+        let off = started(move || off.append(|b| line(b, 1)));
         let on = w.clone();
-        assert!(returns(move || {
+        let on = started(move || {
             tokio::runtime::Builder::new_current_thread()
                 .build()
                 .unwrap()
                 .block_on(async move { on.append(|b| line(b, 2)) })
-        }));
+        });
+        assert!(returned(&off), "the wait off the runtime did not end");
+        assert!(
+            returned(&on),
+            "the wait on a current-thread runtime did not end"
+        );
         assert!(w.failure().is_some());
         gate.open();
         w.flush();
@@ -769,6 +792,7 @@ mod tests {
             Some(Duration::from_millis(20)),
             Some(200),
         );
+        let _open = OpenOnDrop(gate.clone());
         w.append(|b| line(b, 0));
         w.wake_writer();
         gate.wait_entered();
