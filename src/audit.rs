@@ -634,7 +634,11 @@ impl AuditSink for JsonLines {
     }
 
     fn flush(&self) {
-        self.lines.flush();
+        if !self.lines.flush() {
+            tracing::error!(
+                "the audit output is stalled: records not yet written may be lost at exit"
+            );
+        }
     }
 
     fn failure(&self) -> Option<String> {

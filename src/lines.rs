@@ -246,25 +246,34 @@ impl Lines {
 
     /// Blocks until every line appended before the call is written, is held for an output
     /// that fails, or is lost (or the writer is gone).
-    pub fn flush(&self) {
+    ///
+    /// Returns `false` without waiting further once the output is stalled (a write has not
+    /// returned for the stall bound): shutdown must not hang on a pipe nobody reads.
+    pub fn flush(&self) -> bool {
         let generation = {
             let mut state = lock(&self.shared.state);
             state.requested += 1;
             state.requested
         };
         self.wake_writer();
-        self.wait_until(None, |state| state.completed >= generation);
+        self.wait_until(None, |state| {
+            state.completed >= generation || self.shared.stalled().is_some()
+        });
+        lock(&self.shared.state).completed >= generation
     }
 
     /// Stops the writer after it has written everything appended so far, waiting at most
     /// `bound` for it (`None`: until it is done). Lines appended afterwards are not written.
     /// Returns whether the writer finished in time; if not, it is left to finish on its own
     /// (its output is stalled) and the caller goes on.
+    /// With no bound it still stops waiting once the output is stalled.
     pub fn close(&self, bound: Option<Duration>) -> bool {
         lock(&self.shared.state).closed = true;
         self.wake_writer();
         let deadline = bound.map(|b| Instant::now() + b);
-        self.wait_until(deadline, |state| state.stopped);
+        self.wait_until(deadline, |state| {
+            state.stopped || self.shared.stalled().is_some()
+        });
         let stopped = lock(&self.shared.state).stopped;
         if stopped && let Some(w) = lock(&self.writer).take() {
             let _ = w.join();
@@ -668,10 +677,36 @@ mod tests {
         // Nothing errs: the writer is stuck in its output, which is a failure of its own.
         let reason = until_failing(&w);
         assert!(reason.contains("accepted nothing for"), "{reason}");
+        // Neither a flush nor closing waits for a stalled output (shutdown must end).
+        assert!(!w.flush(), "the flush gives up on the stalled output");
+        w.append(|b| line(b, 2));
+        assert!(!w.close(None), "closing gives up on the stalled output");
         gate.open();
-        w.flush();
+        wait_for_text(&gate, "line 0001\nline 0002\n");
         assert_eq!(w.failure(), None);
-        assert_eq!(gate.text(), "line 0001\n");
+    }
+
+    /// Flushes once the writer has come back from the output the test just let go (until
+    /// then a flush gives up at once on the stalled output).
+    fn flushed(w: &Lines) {
+        for _ in 0..3000 {
+            if w.flush() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the writer never came back from its output");
+    }
+
+    /// Waits (bounded) until the output holds `want`: the writer finishes on its own.
+    fn wait_for_text(gate: &Gate, want: &str) {
+        for _ in 0..3000 {
+            if gate.text() == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(gate.text(), want);
     }
 
     fn line(buf: &mut Vec<u8>, i: usize) {
@@ -776,7 +811,7 @@ mod tests {
         );
         assert!(w.failure().is_some());
         gate.open();
-        w.flush();
+        flushed(&w);
         assert_eq!(gate.text().lines().count(), 3);
         assert_eq!(w.failure(), None);
     }
@@ -807,7 +842,7 @@ mod tests {
         let kept = held as u64 / 10;
         assert_eq!(w.lost(), 100 - kept);
         gate.open();
-        w.flush();
+        flushed(&w);
         let expected: String = (0..=kept).map(|i| format!("line {i:04}\n")).collect();
         assert_eq!(gate.text(), expected);
         assert_eq!(w.failure(), None);
@@ -833,7 +868,7 @@ mod tests {
         }
         assert_eq!(w.full_count(), 90);
         gate.open();
-        w.flush();
+        flushed(&w);
         let text = gate.text();
         let expected: String = (0..11).map(|i| format!("line {i:04}\n")).collect();
         assert_eq!(text, expected);
