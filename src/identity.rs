@@ -36,6 +36,9 @@ pub struct CachingCredential {
 /// A token is no longer served from the cache within this of its expiry, even while its
 /// refresh fails: a caller must have time to use it.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// After a failed refresh, the cached token is served without asking the endpoint again
+/// for this long.
+const REFRESH_RETRY: Duration = Duration::from_secs(30);
 
 /// The managed identity endpoint's limits are per host, so every credential of the process
 /// (the broker's own, each federated identity's) shares one budget.
@@ -193,6 +196,23 @@ impl TokenCredential for CachingCredential {
             Err(e) => match self.cached(&key) {
                 Some(c) if usable(&c) => {
                     tracing::warn!(error = %e, "managed identity token refresh failed; using the cached token");
+                    // The next try waits a while: otherwise, during an endpoint outage, the
+                    // caller that wins each refresh would sit through the SDK's retries
+                    // before getting the token the others are served at once.
+                    let now = self.clock.moment();
+                    let retry = if c.usable_until.until(now) < REFRESH_RETRY {
+                        c.usable_until
+                    } else {
+                        now + REFRESH_RETRY
+                    };
+                    if let Some(entry) = self
+                        .cache
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_mut(&key)
+                    {
+                        entry.refresh_at = retry;
+                    }
                     Ok(c.token)
                 }
                 _ => Err(e),
@@ -373,6 +393,24 @@ mod tests {
         // The endpoint recovers: a fresh token at once.
         inner.fail.store(false, Ordering::SeqCst);
         assert_eq!(token(&c).await.unwrap(), "t4");
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_refresh_the_endpoint_is_asked_again_only_after_a_pause() {
+        let (clock, inner, c) = on_manual_clock();
+        assert_eq!(token(&c).await.unwrap(), "t0");
+        inner.fail.store(true, Ordering::SeqCst);
+        clock.advance(hours(12.5));
+        assert_eq!(token(&c).await.unwrap(), "t0");
+        assert_eq!(inner.calls(), 2, "the refresh was tried");
+        // Callers right after it are served the cached token without a try of their own.
+        clock.advance(Duration::from_secs(29));
+        assert_eq!(token(&c).await.unwrap(), "t0");
+        assert_eq!(inner.calls(), 2);
+        clock.advance(Duration::from_secs(1));
+        inner.fail.store(false, Ordering::SeqCst);
+        assert_eq!(token(&c).await.unwrap(), "t2");
+        assert_eq!(inner.calls(), 3);
     }
 
     #[tokio::test]
