@@ -86,6 +86,9 @@ pub enum BrokerError {
     },
     #[error("tenant `{0}` is not configured")]
     UnknownTenant(String),
+    /// No token with the validity asked for: `remaining` is the most a token for the key has
+    /// when issued if no new token would do better, else what the cached or fetched token
+    /// has left.
     #[error("Entra issued a token valid for {remaining:?}, less than the {wanted:?} asked for")]
     MinValidityUnmet {
         remaining: Duration,
@@ -304,6 +307,9 @@ impl Broker {
                 };
                 return Ok(serve(token, source, now));
             }
+            if let Some(token) = &state.token {
+                self.unmet_without_fetch(token, wanted, &slot, now)?;
+            }
         }
         if let Some(e) = slot.negative(now) {
             self.inner.stats.negative_hits.incr();
@@ -328,6 +334,43 @@ impl Broker {
             return Err(BrokerError::MinValidityUnmet { remaining, wanted });
         }
         Ok(serve(&token, TokenSource::Exchange, now))
+    }
+
+    /// Refuses a minimum validity that a fetch would not meet, or that would make fetches
+    /// the caller could repeat at will, when the cached `token` does not meet it.
+    ///
+    /// A token for a key has at most what the last one had when it was obtained (Entra gives
+    /// a key's tokens the same lifetime, less the exchange's own time): above that, no new
+    /// token would do better, and the caller is told at once how much a token gets. Below
+    /// it, while the cached token still serves callers that ask for no minimum, a new token
+    /// is fetched early for this caller's sake only as often as a forced refresh is allowed
+    /// (`force_refresh_interval`, shared with `force_refresh`); otherwise every request
+    /// arriving once the token's remaining validity fell below the wanted one would fetch.
+    fn unmet_without_fetch(
+        &self,
+        token: &CachedToken,
+        wanted: Duration,
+        slot: &Slot<FlowError>,
+        now: Moment,
+    ) -> Result<(), BrokerError> {
+        let remaining = token.remaining(now);
+        if remaining >= wanted {
+            return Ok(());
+        }
+        let most = token.issued_validity();
+        if most < wanted {
+            return Err(BrokerError::MinValidityUnmet {
+                remaining: most,
+                wanted,
+            });
+        }
+        let cfg = &self.inner.cfg;
+        if remaining >= cfg.default_min_validity.max(cfg.safety_margin)
+            && !slot.allow_forced(now, cfg.force_refresh_interval)
+        {
+            return Err(BrokerError::MinValidityUnmet { remaining, wanted });
+        }
+        Ok(())
     }
 
     /// Watches a key's state; starts a fetch if there is no token yet.
@@ -509,87 +552,4 @@ fn already_normal(scopes: &[String]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scopes_in_normal_form_are_kept_and_the_fast_check_agrees_with_the_full_path() {
-        let cases: Vec<Vec<String>> = [
-            &["https://graph.microsoft.com/.default"][..],
-            &["a", "b", "c"],
-            &["b", "a"],
-            &["a", "a"],
-            &[" a"],
-            &["a\u{7f}"],
-            &["é"],
-            &[""],
-            &["a b"],
-            &["x"; 9],
-        ]
-        .iter()
-        .map(|c| c.iter().map(|s| s.to_string()).collect())
-        .chain([
-            vec!["x".repeat(MAX_SCOPE_LEN)],
-            vec!["x".repeat(MAX_SCOPE_LEN + 1)],
-        ])
-        .collect();
-        let mut fast = 0;
-        for c in &cases {
-            let full = normalise_full(c).ok();
-            let fast_path = normalise_scopes(c);
-            assert_eq!(fast_path.as_deref().ok(), full.as_deref(), "{c:?}");
-            // The normal form is borrowed, never copied.
-            assert_eq!(
-                matches!(fast_path, Ok(Cow::Borrowed(_))),
-                already_normal(c),
-                "{c:?}"
-            );
-            if already_normal(c) {
-                fast += 1;
-                assert_eq!(full.as_ref(), Some(c), "{c:?} is in normal form");
-            }
-        }
-        assert_eq!(fast, 3, "the graph scope, a b c, and the longest scope");
-    }
-
-    #[test]
-    fn scopes_are_normalised() {
-        let asked = [
-            " https://graph.microsoft.com/.default".into(),
-            "api://b/.default".into(),
-            "https://graph.microsoft.com/.default".into(),
-        ];
-        let s = normalise_scopes(&asked).unwrap();
-        assert_eq!(
-            s,
-            vec!["api://b/.default", "https://graph.microsoft.com/.default"]
-        );
-    }
-
-    #[test]
-    fn bad_scopes_name_the_field() {
-        for bad in [
-            vec![],
-            vec!["".to_string()],
-            vec!["a b".to_string()],
-            vec!["x".repeat(600)],
-        ] {
-            match normalise_scopes(&bad) {
-                Err(BrokerError::InvalidArgument { field, .. }) => assert_eq!(field, "scopes"),
-                other => panic!("{bad:?}: {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn refresh_is_at_the_fraction_less_jitter() {
-        let life = Duration::from_secs(3600);
-        for _ in 0..100 {
-            let r = flow::refresh_after(life, 0.5);
-            assert!(
-                r <= Duration::from_secs(1800) && r >= Duration::from_secs(1440),
-                "{r:?}"
-            );
-        }
-    }
-}
+mod tests;

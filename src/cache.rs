@@ -111,6 +111,11 @@ pub struct CachedToken {
     /// when the request was sent.
     pub expires: Moment,
     pub refresh: Moment,
+    /// Whole seconds of validity it had when it was obtained (its lifetime less the time
+    /// the exchange took): the most a token for its key can be expected to have, so a
+    /// minimum validity above it is refused without a fetch. Four bytes, where a
+    /// `Duration` would take sixteen in every cached token.
+    pub issued_validity: u32,
     pub tenant_id: Arc<str>,
     pub client_id: Arc<str>,
     pub scopes: Arc<[String]>,
@@ -120,6 +125,11 @@ impl CachedToken {
     /// Remaining validity at `now` (zero once expired).
     pub fn remaining(&self, now: Moment) -> Duration {
         self.expires.until(now)
+    }
+
+    /// The validity it had when obtained (whole seconds).
+    pub fn issued_validity(&self) -> Duration {
+        Duration::from_secs(u64::from(self.issued_validity))
     }
 }
 

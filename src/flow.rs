@@ -544,12 +544,15 @@ impl Flow {
             "token obtained"
         );
         // Lifetimes count from when the request was sent: never overestimate.
+        let expires = started + lifetime;
+        let issued_validity = expires.until(self.clock.moment()).as_secs();
         CachedToken {
             fingerprint,
             access_token: t.access_token,
             token_type: t.token_type,
-            expires: started + lifetime,
+            expires,
             refresh: started + refresh_in,
+            issued_validity: u32::try_from(issued_validity).unwrap_or(u32::MAX),
             tenant_id: tenant.tenant_id.clone(),
             client_id: tenant.client_id.clone(),
             scopes: scopes.to_vec().into(),

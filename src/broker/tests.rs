@@ -1,0 +1,309 @@
+//! Unit tests of the broker: request validation, and the cache, single flight and refresh
+//! scheduling over fake upstreams on a `ManualClock` (tokio's time paused, so `settle` lets
+//! every task run until all wait on the manual clock).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use url::Url;
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::entra::{EntraError, EntraToken, ExchangeRequest};
+use crate::sensitive::Sensitive;
+use crate::signer::{CertificateInfo, KeyRef as SignerKey, SignerError};
+
+/// What the fake Entra answers.
+#[derive(Debug, Clone)]
+enum Answer {
+    Token {
+        lifetime: Duration,
+        refresh_in: Option<Duration>,
+    },
+}
+
+#[derive(Debug)]
+struct FakeEntra {
+    answer: Mutex<Answer>,
+    calls: AtomicUsize,
+}
+
+impl FakeEntra {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl TokenExchange for FakeEntra {
+    async fn exchange(&self, _req: ExchangeRequest<'_>) -> Result<EntraToken, EntraError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let answer = self.answer.lock().unwrap().clone();
+        match answer {
+            Answer::Token {
+                lifetime,
+                refresh_in,
+            } => Ok(EntraToken {
+                access_token: Sensitive::new(format!("token-{n}")),
+                token_type: "Bearer".into(),
+                expires_in: lifetime,
+                refresh_in,
+            }),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct FakeSigner;
+
+#[async_trait]
+impl Signer for FakeSigner {
+    async fn certificate(&self, vault: &Url, name: &str) -> Result<CertificateInfo, SignerError> {
+        Ok(CertificateInfo {
+            x5t: "x5t".into(),
+            x5t_s256: "x5t-s256".into(),
+            key: SignerKey {
+                vault_url: vault.clone(),
+                name: name.into(),
+                version: "v1".into(),
+            },
+            version: "v1".into(),
+            not_after: None,
+        })
+    }
+
+    async fn sign(
+        &self,
+        _key: &SignerKey,
+        _algorithm: crate::config::SigningAlgorithm,
+        digest: [u8; 32],
+    ) -> Result<Vec<u8>, SignerError> {
+        Ok(digest.to_vec())
+    }
+}
+
+struct Fixture {
+    broker: Broker,
+    clock: ManualClock,
+    entra: Arc<FakeEntra>,
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A broker with one tenant, `contoso`, whose Entra answers tokens of `lifetime`; `extra`
+/// is added to the configuration (after a `[resilience]` table header).
+fn fixture(lifetime: Duration, extra: &str) -> Fixture {
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nplaintext = true\n\n\
+         [tenants.contoso]\ntenant_id = \"c0c0c0c0-0000-4000-8000-00000000c001\"\n\
+         client_id = \"c0c0c0c0-a990-4000-8000-000000000a01\"\n\
+         credential = {{ type = \"key_vault_certificate\", vault_url = \"https://t.vault.azure.net\", certificate = \"c\" }}\n\n\
+         [resilience]\nsign_burst = 1000\nexchange_burst = 1000\n{extra}\n"
+    );
+    let config =
+        Config::from_toml_str(&toml, std::path::Path::new("."), &|_| None).expect("config");
+    let clock = ManualClock::new();
+    let entra = Arc::new(FakeEntra {
+        answer: Mutex::new(Answer::Token {
+            lifetime,
+            refresh_in: None,
+        }),
+        calls: AtomicUsize::new(0),
+    });
+    let broker = Broker::new(
+        &config,
+        Upstreams {
+            signer: Arc::new(FakeSigner),
+            hsm: Arc::new(FakeSigner),
+            identity: Arc::new(crate::identity::ManagedIdentityAssertions::new(
+                Default::default(),
+            )),
+            exchange: entra.clone(),
+            clock: Arc::new(clock.clone()),
+        },
+    );
+    Fixture {
+        broker,
+        clock,
+        entra,
+    }
+}
+
+impl Fixture {
+    async fn get(&self, min_validity: Option<u64>) -> Result<IssuedToken, BrokerError> {
+        self.broker
+            .get_token(TokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                min_validity: min_validity.map(Duration::from_secs),
+                force_refresh: false,
+            })
+            .await
+    }
+
+    /// Moves the manual clock, then lets every task run until all wait again.
+    async fn advance(&self, d: Duration) {
+        self.clock.advance(d);
+        settle().await;
+    }
+}
+
+const GRAPH: &str = "https://graph.microsoft.com/.default";
+
+/// Lets every spawned task run until all of them wait (on the manual clock or forever):
+/// with tokio's time paused, its clock moves only once nothing else can run.
+async fn settle() {
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn token_of(t: &IssuedToken) -> &str {
+    t.token.access_token.expose()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_min_validity_no_token_can_meet_is_refused_from_the_cache_without_fetching() {
+    // Entra's tokens live 3599 s; the broker's longest minimum validity is 3600 s.
+    let f = fixture(HOUR - Duration::from_secs(1), "");
+    let first = f.get(None).await.unwrap();
+    assert_eq!(f.entra.calls(), 1);
+    for _ in 0..5 {
+        match f.get(Some(3600)).await {
+            Err(BrokerError::MinValidityUnmet { remaining, wanted }) => {
+                assert_eq!(remaining, Duration::from_secs(3599), "the most a token has");
+                assert_eq!(wanted, HOUR);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(f.entra.calls(), 1, "no fetch for a validity no token has");
+    let again = f.get(None).await.unwrap();
+    assert_eq!(
+        token_of(&again),
+        token_of(&first),
+        "the good token stays cached"
+    );
+    assert_eq!(again.source, TokenSource::Cache);
+
+    // A validity a new token has is fetched early, but no more often than a forced refresh.
+    f.advance(Duration::from_secs(100)).await;
+    let early = f.get(Some(3550)).await.unwrap();
+    assert_eq!(early.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 2);
+    f.advance(Duration::from_secs(10)).await;
+    match f.get(Some(3590)).await {
+        Err(BrokerError::MinValidityUnmet { remaining, .. }) => {
+            assert_eq!(
+                remaining,
+                Duration::from_secs(3589),
+                "what the token has left"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        f.entra.calls(),
+        2,
+        "one early fetch per forced-refresh interval"
+    );
+    f.advance(Duration::from_secs(30)).await;
+    f.get(Some(3590)).await.unwrap();
+    assert_eq!(f.entra.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_key_asked_for_too_much_validity_is_fetched_once() {
+    let f = fixture(HOUR - Duration::from_secs(1), "");
+    for _ in 0..3 {
+        assert!(matches!(
+            f.get(Some(3600)).await,
+            Err(BrokerError::MinValidityUnmet { .. })
+        ));
+    }
+    assert_eq!(f.entra.calls(), 1);
+    f.get(None).await.unwrap();
+    assert_eq!(f.entra.calls(), 1, "the token fetched is cached and served");
+}
+
+#[test]
+fn scopes_in_normal_form_are_kept_and_the_fast_check_agrees_with_the_full_path() {
+    let cases: Vec<Vec<String>> = [
+        &["https://graph.microsoft.com/.default"][..],
+        &["a", "b", "c"],
+        &["b", "a"],
+        &["a", "a"],
+        &[" a"],
+        &["a\u{7f}"],
+        &["é"],
+        &[""],
+        &["a b"],
+        &["x"; 9],
+    ]
+    .iter()
+    .map(|c| c.iter().map(|s| s.to_string()).collect())
+    .chain([
+        vec!["x".repeat(MAX_SCOPE_LEN)],
+        vec!["x".repeat(MAX_SCOPE_LEN + 1)],
+    ])
+    .collect();
+    let mut fast = 0;
+    for c in &cases {
+        let full = normalise_full(c).ok();
+        let fast_path = normalise_scopes(c);
+        assert_eq!(fast_path.as_deref().ok(), full.as_deref(), "{c:?}");
+        // The normal form is borrowed, never copied.
+        assert_eq!(
+            matches!(fast_path, Ok(Cow::Borrowed(_))),
+            already_normal(c),
+            "{c:?}"
+        );
+        if already_normal(c) {
+            fast += 1;
+            assert_eq!(full.as_ref(), Some(c), "{c:?} is in normal form");
+        }
+    }
+    assert_eq!(fast, 3, "the graph scope, a b c, and the longest scope");
+}
+
+#[test]
+fn scopes_are_normalised() {
+    let asked = [
+        " https://graph.microsoft.com/.default".into(),
+        "api://b/.default".into(),
+        "https://graph.microsoft.com/.default".into(),
+    ];
+    let s = normalise_scopes(&asked).unwrap();
+    assert_eq!(
+        s,
+        vec!["api://b/.default", "https://graph.microsoft.com/.default"]
+    );
+}
+
+#[test]
+fn bad_scopes_name_the_field() {
+    for bad in [
+        vec![],
+        vec!["".to_string()],
+        vec!["a b".to_string()],
+        vec!["x".repeat(600)],
+    ] {
+        match normalise_scopes(&bad) {
+            Err(BrokerError::InvalidArgument { field, .. }) => assert_eq!(field, "scopes"),
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn refresh_is_at_the_fraction_less_jitter() {
+    let life = Duration::from_secs(3600);
+    for _ in 0..100 {
+        let r = flow::refresh_after(life, 0.5);
+        assert!(
+            r <= Duration::from_secs(1800) && r >= Duration::from_secs(1440),
+            "{r:?}"
+        );
+    }
+}
