@@ -373,7 +373,8 @@ impl Broker {
         Ok(())
     }
 
-    /// Watches a key's state; starts a fetch if there is no token yet.
+    /// Watches a key's state; fetches its token if there is none yet, retrying until there
+    /// is one or nobody watches.
     pub async fn subscribe(
         &self,
         tenant: &str,
@@ -382,10 +383,50 @@ impl Broker {
         let key = self.key(tenant, scopes)?;
         let slot = self.inner.cache.slot(&key, || key.clone()).await;
         let rx = slot.subscribe();
-        if slot.current().token.is_none() && slot.negative(self.inner.clock.moment()).is_none() {
-            let _ = self.start_fetch(&key, &slot);
+        if slot.current().token.is_none() {
+            self.fetch_for_watchers(key, &slot);
         }
         Ok(rx)
+    }
+
+    /// Fetches a watched key's first token in the background: a failure is retried with the
+    /// refresh scheduler's backoff, a remembered persistent failure once it expires, for as
+    /// long as the key has watchers and no token (once it has one, the refresh scheduler
+    /// keeps it). One such task per slot, however many watchers.
+    fn fetch_for_watchers(&self, key: Key, slot: &Arc<Slot<FlowError>>) {
+        if !slot.claim_retry() {
+            return;
+        }
+        let broker = self.clone();
+        let weak = Arc::downgrade(slot);
+        let done = |s: &Slot<FlowError>| s.current().token.is_some() || !s.watched();
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                let Some(live) = weak.upgrade() else { return };
+                if done(&live) {
+                    live.release_retry();
+                    // A watcher that came just now found the claim taken: go on for it.
+                    if done(&live) || !live.claim_retry() {
+                        return;
+                    }
+                }
+                if let Some(until) = live.negative_until(broker.inner.clock.moment()) {
+                    drop(live);
+                    broker.inner.clock.sleep_until(until).await;
+                    continue;
+                }
+                let Ok((_, flight)) = broker.start_fetch(&key, &live) else {
+                    live.release_retry();
+                    return;
+                };
+                drop(live);
+                if let Err(e) = flight.await {
+                    failures += 1;
+                    broker.inner.clock.sleep(retry_wait(failures, &e)).await;
+                }
+            }
+        });
     }
 
     /// Fetches the configured pre-warm keys; `Ok` once all are cached.
@@ -483,16 +524,21 @@ impl Broker {
                     Ok(_) => return,
                     Err(e) => {
                         failures += 1;
-                        let wait =
-                            backoff(failures, Duration::from_secs(2), Duration::from_secs(60))
-                                .max(e.retry_after().unwrap_or_default())
-                                .max(Duration::from_secs(1));
-                        broker.inner.clock.sleep(wait).await;
+                        broker.inner.clock.sleep(retry_wait(failures, &e)).await;
                     }
                 }
             }
         });
     }
+}
+
+/// How long the background retries of a key (refreshes, a watched key's first fetch) wait
+/// after their `failures`-th failure in a row: full-jitter backoff from 2 s doubling to 60 s,
+/// at least the upstream's `Retry-After` and at least a second.
+fn retry_wait(failures: u32, e: &FlowError) -> Duration {
+    backoff(failures, Duration::from_secs(2), Duration::from_secs(60))
+        .max(e.retry_after().unwrap_or_default())
+        .max(Duration::from_secs(1))
 }
 
 /// Trims, de-duplicates and sorts scopes, and checks their shape.

@@ -6,6 +6,7 @@
 use std::borrow::Borrow;
 use std::fmt;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -157,6 +158,8 @@ pub struct Slot<E> {
     last_forced: Mutex<Option<Moment>>,
     /// A persistent failure (configuration) answered from memory until the given time.
     negative: Mutex<Option<(Moment, Arc<E>)>>,
+    /// Whether a task is retrying the fetch of this slot's first token for its watchers.
+    retrying: AtomicBool,
 }
 
 impl<E> fmt::Debug for Slot<E> {
@@ -180,6 +183,7 @@ impl<E: Send + Sync + 'static> Slot<E> {
             inflight: Mutex::new(None),
             last_forced: Mutex::new(None),
             negative: Mutex::new(None),
+            retrying: AtomicBool::new(false),
         }
     }
 
@@ -216,6 +220,32 @@ impl<E: Send + Sync + 'static> Slot<E> {
         n.as_ref()
             .filter(|(until, _)| !until.reached(now))
             .map(|(_, e)| e.clone())
+    }
+
+    /// Until when the remembered persistent failure is in force, if it still is at `now`.
+    pub fn negative_until(&self, now: Moment) -> Option<Moment> {
+        let n = self.negative.lock().unwrap_or_else(|p| p.into_inner());
+        n.as_ref()
+            .map(|(until, _)| *until)
+            .filter(|until| !until.reached(now))
+    }
+
+    /// Whether anyone watches this slot (`WatchToken`).
+    pub fn watched(&self) -> bool {
+        self.state.receiver_count() > 0
+    }
+
+    /// Makes the caller the one task retrying this slot's first fetch; `false` if there is
+    /// one already.
+    pub fn claim_retry(&self) -> bool {
+        self.retrying
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Ends the claim taken by `claim_retry`.
+    pub fn release_retry(&self) {
+        self.retrying.store(false, Ordering::Release);
     }
 
     pub fn set_negative(&self, until: Option<(Moment, Arc<E>)>) {

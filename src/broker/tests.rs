@@ -10,7 +10,7 @@ use url::Url;
 
 use super::*;
 use crate::clock::ManualClock;
-use crate::entra::{EntraError, EntraToken, ExchangeRequest};
+use crate::entra::{EntraError, EntraErrorClass, EntraToken, ExchangeRequest};
 use crate::sensitive::Sensitive;
 use crate::signer::{CertificateInfo, KeyRef as SignerKey, SignerError};
 
@@ -21,6 +21,10 @@ enum Answer {
         lifetime: Duration,
         refresh_in: Option<Duration>,
     },
+    /// A transient failure (503) with an optional `Retry-After`.
+    Fail(Option<Duration>),
+    /// A configuration error (a disabled app), remembered in the negative cache.
+    Refuse,
 }
 
 #[derive(Debug)]
@@ -30,6 +34,10 @@ struct FakeEntra {
 }
 
 impl FakeEntra {
+    fn set(&self, a: Answer) {
+        *self.answer.lock().unwrap() = a;
+    }
+
     fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
@@ -37,7 +45,7 @@ impl FakeEntra {
 
 #[async_trait]
 impl TokenExchange for FakeEntra {
-    async fn exchange(&self, _req: ExchangeRequest<'_>) -> Result<EntraToken, EntraError> {
+    async fn exchange(&self, req: ExchangeRequest<'_>) -> Result<EntraToken, EntraError> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         let answer = self.answer.lock().unwrap().clone();
         match answer {
@@ -49,6 +57,26 @@ impl TokenExchange for FakeEntra {
                 token_type: "Bearer".into(),
                 expires_in: lifetime,
                 refresh_in,
+            }),
+            Answer::Fail(retry_after) => Err(EntraError {
+                class: EntraErrorClass::Retryable,
+                status: 503,
+                error: "temporarily_unavailable".into(),
+                codes: vec![],
+                description: "down".into(),
+                correlation_id: Some(req.correlation_id.to_string()),
+                trace_id: None,
+                retry_after,
+            }),
+            Answer::Refuse => Err(EntraError {
+                class: EntraErrorClass::Configuration,
+                status: 400,
+                error: "unauthorized_client".into(),
+                codes: vec![7000112],
+                description: "AADSTS7000112: Application is disabled.".into(),
+                correlation_id: Some(req.correlation_id.to_string()),
+                trace_id: None,
+                retry_after: None,
             }),
         }
     }
@@ -140,6 +168,13 @@ impl Fixture {
                 force_refresh: false,
             })
             .await
+    }
+
+    async fn watch(&self) -> tokio::sync::watch::Receiver<SlotState> {
+        self.broker
+            .subscribe("contoso", &[GRAPH.to_string()])
+            .await
+            .unwrap()
     }
 
     /// Moves the manual clock, then lets every task run until all wait again.
@@ -306,4 +341,69 @@ fn refresh_is_at_the_fraction_less_jitter() {
             "{r:?}"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watched_key_whose_first_fetch_fails_is_retried_until_it_has_a_token() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.entra.set(Answer::Fail(None));
+    let rx = f.watch().await;
+    settle().await;
+    assert_eq!(f.entra.calls(), 1);
+    assert!(rx.borrow().failure.is_some() && rx.borrow().token.is_none());
+    // Entra stays down for a few minutes: retried with backoff (at most a minute apart).
+    for _ in 0..3 {
+        f.advance(Duration::from_secs(61)).await;
+    }
+    let tries = f.entra.calls();
+    assert!(tries >= 4, "{tries} attempts");
+    // A second watcher adds no retries of its own.
+    let rx2 = f.watch().await;
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: None,
+    });
+    f.advance(Duration::from_secs(61)).await;
+    let state = rx.borrow().clone();
+    assert!(
+        state.token.is_some() && state.failure.is_none(),
+        "{state:?}"
+    );
+    assert_eq!(f.entra.calls(), tries + 1);
+    assert!(rx2.borrow().token.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watched_key_refused_by_configuration_is_fetched_again_once_its_negative_entry_ends() {
+    let f = fixture(HOUR, "max_attempts = 1\nnegative_ttl_secs = 30");
+    f.entra.set(Answer::Refuse);
+    // A request first: the refusal is remembered, and a watcher arrives during that time.
+    assert!(f.get(None).await.is_err());
+    let rx = f.watch().await;
+    settle().await;
+    assert_eq!(
+        f.entra.calls(),
+        1,
+        "not asked again while the refusal is remembered"
+    );
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: None,
+    });
+    f.advance(Duration::from_secs(31)).await;
+    assert_eq!(f.entra.calls(), 2);
+    assert!(rx.borrow().token.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn nobody_watching_ends_the_retries() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.entra.set(Answer::Fail(None));
+    let rx = f.watch().await;
+    settle().await;
+    drop(rx);
+    for _ in 0..3 {
+        f.advance(Duration::from_secs(61)).await;
+    }
+    assert_eq!(f.entra.calls(), 1, "no retry once nobody watches");
 }
