@@ -7,7 +7,7 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -277,19 +277,22 @@ impl<E: Send + Sync + 'static> Slot<E> {
             return (Joined::Follower, f.clone());
         }
         let work = start();
-        let slot = Arc::downgrade(self);
+        let done = EndFlight(Arc::downgrade(self));
         let task = tokio::spawn(async move {
             let result = work.await;
-            if let Some(slot) = slot.upgrade() {
+            if let Some(slot) = done.0.upgrade() {
                 slot.publish(&result);
-                *slot.inflight.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
+            // The flight ends here, after its result is published; or, should the fetch
+            // panic, when the unwinding drops `done`.
+            drop(done);
             result
         });
         let flight: Flight<E> = async move {
             match task.await {
                 Ok(r) => r,
-                // The task only ends early if the runtime is shutting down.
+                // The task ends early only if the fetch panicked or the runtime is shutting
+                // down; its waiters get an error, and the next caller starts a new flight.
                 Err(e) => Err(Arc::new(E::from_join(e))),
             }
         }
@@ -297,6 +300,18 @@ impl<E: Send + Sync + 'static> Slot<E> {
         .shared();
         *inflight = Some(flight.clone());
         (Joined::Leader, flight)
+    }
+}
+
+/// Clears a slot's flight when dropped: when the fetch task ends, whether it returned or
+/// panicked, so that no caller joins a flight that is over.
+struct EndFlight<E>(Weak<Slot<E>>);
+
+impl<E> Drop for EndFlight<E> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.upgrade() {
+            *slot.inflight.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 }
 
@@ -368,6 +383,7 @@ mod tests {
     use std::hash::BuildHasher;
 
     use super::*;
+    use crate::clock::Clock;
 
     fn key(tenant: &str, scopes: &[&str]) -> Key {
         Key {
@@ -406,6 +422,41 @@ mod tests {
                 scopes: scopes.as_slice().into(),
             })
             .await
+    }
+
+    impl FromJoin for String {
+        fn from_join(e: tokio::task::JoinError) -> Self {
+            format!("fetch task ended: {e}")
+        }
+    }
+
+    fn token() -> Arc<CachedToken> {
+        let now = crate::clock::SystemClock.moment();
+        let access_token = Sensitive::new(String::from("t"));
+        Arc::new(CachedToken {
+            fingerprint: access_token.fingerprint(),
+            access_token,
+            token_type: "Bearer".into(),
+            expires: now + Duration::from_secs(3600),
+            refresh: now + Duration::from_secs(1800),
+            issued_validity: 3600,
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            scopes: Arc::new([]),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_fetch_that_panics_ends_its_flight_and_the_next_caller_starts_another() {
+        let slot: Arc<Slot<String>> = Arc::new(Slot::new());
+        let (joined, flight) = slot.fetch(|| async { panic!("the fetch fails hard") }.boxed());
+        assert_eq!(joined, Joined::Leader);
+        let e = flight.await.unwrap_err();
+        assert!(e.contains("panic"), "{e}");
+        let (joined, flight) = slot.fetch(|| async { Ok(token()) }.boxed());
+        assert_eq!(joined, Joined::Leader, "a new flight, not the finished one");
+        assert!(flight.await.is_ok());
+        assert!(slot.current().token.is_some());
     }
 
     #[tokio::test]

@@ -25,6 +25,7 @@ enum Answer {
     Fail(Option<Duration>),
     /// A configuration error (a disabled app), remembered in the negative cache.
     Refuse,
+    Panic,
 }
 
 #[derive(Debug)]
@@ -68,6 +69,7 @@ impl TokenExchange for FakeEntra {
                 trace_id: None,
                 retry_after,
             }),
+            Answer::Panic => panic!("the fake exchange fails hard"),
             Answer::Refuse => Err(EntraError {
                 class: EntraErrorClass::Configuration,
                 status: 400,
@@ -406,4 +408,26 @@ async fn nobody_watching_ends_the_retries() {
         f.advance(Duration::from_secs(61)).await;
     }
     assert_eq!(f.entra.calls(), 1, "no retry once nobody watches");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fetch_that_panics_fails_its_callers_and_the_next_request_fetches_again() {
+    let f = fixture(HOUR, "");
+    f.entra.set(Answer::Panic);
+    match f.get(None).await {
+        Err(BrokerError::Upstream { source, .. }) => {
+            assert!(matches!(*source, FlowError::Internal(_)), "{source}")
+        }
+        other => panic!("{other:?}"),
+    }
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: None,
+    });
+    let t = f
+        .get(None)
+        .await
+        .expect("a new fetch, not the finished flight");
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 2);
 }
