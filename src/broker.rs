@@ -423,7 +423,8 @@ impl Broker {
                 drop(live);
                 if let Err(e) = flight.await {
                     failures += 1;
-                    broker.inner.clock.sleep(retry_wait(failures, &e)).await;
+                    let wait = broker.retry_wait(failures, &e, &weak);
+                    broker.inner.clock.sleep(wait).await;
                 }
             }
         });
@@ -497,6 +498,24 @@ impl Broker {
         }))
     }
 
+    /// How long the background retries of a key (refreshes, a watched key's first fetch) wait
+    /// after their `failures`-th failure in a row: full-jitter backoff from 2 s doubling to
+    /// 60 s, and at least a second. The upstream's `Retry-After` is honoured up to
+    /// `MAX_RETRY_AFTER`, and never past the time the cached token's remaining validity falls
+    /// to the safety margin: retrying against the hint beats letting callers go without.
+    fn retry_wait(&self, failures: u32, e: &FlowError, slot: &Weak<Slot<FlowError>>) -> Duration {
+        let mut hint = e.retry_after().unwrap_or_default().min(MAX_RETRY_AFTER);
+        if let Some(slot) = slot.upgrade()
+            && let Some(token) = &slot.current().token
+        {
+            let left = token.remaining(self.inner.clock.moment());
+            hint = hint.min(left.saturating_sub(self.inner.cfg.safety_margin));
+        }
+        backoff(failures, Duration::from_secs(2), Duration::from_secs(60))
+            .max(hint)
+            .max(Duration::from_secs(1))
+    }
+
     /// Refreshes a key in the background at its refresh time, for as long as its slot lives,
     /// retrying failures with backoff while the old token is served.
     fn schedule_refresh(&self, key: Key, slot: Weak<Slot<FlowError>>, at: Moment) {
@@ -524,7 +543,8 @@ impl Broker {
                     Ok(_) => return,
                     Err(e) => {
                         failures += 1;
-                        broker.inner.clock.sleep(retry_wait(failures, &e)).await;
+                        let wait = broker.retry_wait(failures, &e, &slot);
+                        broker.inner.clock.sleep(wait).await;
                     }
                 }
             }
@@ -532,14 +552,10 @@ impl Broker {
     }
 }
 
-/// How long the background retries of a key (refreshes, a watched key's first fetch) wait
-/// after their `failures`-th failure in a row: full-jitter backoff from 2 s doubling to 60 s,
-/// at least the upstream's `Retry-After` and at least a second.
-fn retry_wait(failures: u32, e: &FlowError) -> Duration {
-    backoff(failures, Duration::from_secs(2), Duration::from_secs(60))
-        .max(e.retry_after().unwrap_or_default())
-        .max(Duration::from_secs(1))
-}
+/// The longest an upstream's `Retry-After` holds back a key's background retries. The hint
+/// comes from the network (a proxy may send a day, or a number that overflows a deadline);
+/// Entra and Key Vault ask for seconds to minutes when throttling.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// Trims, de-duplicates and sorts scopes, and checks their shape.
 pub fn normalise_scopes(scopes: &[String]) -> Result<Cow<'_, [String]>, BrokerError> {

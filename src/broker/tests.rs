@@ -431,3 +431,52 @@ async fn a_fetch_that_panics_fails_its_callers_and_the_next_request_fetches_agai
     assert_eq!(t.source, TokenSource::Exchange);
     assert_eq!(f.entra.calls(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_absurd_retry_after_holds_back_the_refresh_retries_five_minutes_at_most() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.get(None).await.unwrap();
+    // A day, and a number of seconds no deadline can hold.
+    for hint in [Duration::from_secs(86_400), Duration::from_secs(u64::MAX)] {
+        f.entra.set(Answer::Fail(Some(hint)));
+        let before = f.entra.calls();
+        // Past the refresh time (at most half the lifetime): the refresh fails.
+        f.advance(HOUR / 2).await;
+        assert_eq!(f.entra.calls(), before + 1);
+        f.advance(MAX_RETRY_AFTER).await;
+        assert_eq!(f.entra.calls(), before + 2, "retried after five minutes");
+        f.entra.set(Answer::Token {
+            lifetime: HOUR,
+            refresh_in: None,
+        });
+        f.advance(MAX_RETRY_AFTER).await;
+        assert_eq!(f.entra.calls(), before + 3, "and again, now successfully");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_is_honoured_by_the_refresh_retries() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.get(None).await.unwrap();
+    f.entra.set(Answer::Fail(Some(Duration::from_secs(120))));
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 2);
+    f.advance(Duration::from_secs(119)).await;
+    assert_eq!(f.entra.calls(), 2, "not before Retry-After");
+    f.advance(Duration::from_secs(1)).await;
+    assert_eq!(f.entra.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_never_holds_the_refresh_past_the_tokens_safety_margin() {
+    // Ten-minute tokens, refreshed at 4 to 5 minutes: a 5-minute Retry-After would let the
+    // token expire (less its 60 s margin) first.
+    let f = fixture(Duration::from_secs(600), "max_attempts = 1");
+    f.get(None).await.unwrap();
+    f.entra.set(Answer::Fail(Some(MAX_RETRY_AFTER)));
+    f.advance(Duration::from_secs(300)).await;
+    assert_eq!(f.entra.calls(), 2);
+    // 300 s left, less the margin: retried within four minutes.
+    f.advance(Duration::from_secs(240)).await;
+    assert_eq!(f.entra.calls(), 3);
+}
