@@ -382,7 +382,7 @@ impl Broker {
     ) -> Result<tokio::sync::watch::Receiver<SlotState>, BrokerError> {
         let key = self.key(tenant, scopes)?;
         let slot = self.inner.cache.slot(&key, || key.clone()).await;
-        let rx = slot.subscribe();
+        let rx = self.inner.cache.watch(&key, &slot);
         if slot.current().token.is_none() {
             self.fetch_for_watchers(key, &slot);
         }
@@ -405,6 +405,7 @@ impl Broker {
             loop {
                 let Some(live) = weak.upgrade() else { return };
                 if done(&live) {
+                    broker.inner.cache.keep(&key, &live).await;
                     live.release_retry();
                     // A watcher that came just now found the claim taken: go on for it.
                     if done(&live) || !live.claim_retry() {
@@ -525,6 +526,8 @@ impl Broker {
             let mut failures = 0u32;
             loop {
                 let Some(live) = slot.upgrade() else { return };
+                // Watched, the slot stays cached; no longer watched, it may now be evicted.
+                broker.inner.cache.keep(&key, &live).await;
                 // A newer token may have been published meanwhile (forced refresh): its own
                 // schedule takes over. (Compared on the monotonic clock, which only goes on.)
                 if let Some(t) = &live.current().token

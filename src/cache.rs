@@ -4,6 +4,7 @@
 //! Watchers (`WatchToken`) subscribe to a slot's state.
 
 use std::borrow::Borrow;
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -328,6 +329,11 @@ pub trait FromJoin {
 /// that collide. (The development identity's `*` grants are the exception, on loopback.)
 pub struct TokenCache<E> {
     slots: moka::future::Cache<Key, Arc<Slot<E>>, foldhash::fast::RandomState>,
+    /// The slots that have watchers, held here too: a key only watched is never read by a
+    /// request, so the cache would evict it once idle (or under size pressure), ending its
+    /// refreshes and its watchers' streams. A lookup that misses `slots` finds a watched slot
+    /// here and puts it back; `keep` lets go of it once nobody watches.
+    watched: Mutex<HashMap<Key, Arc<Slot<E>>, foldhash::fast::RandomState>>,
 }
 
 impl<E> fmt::Debug for TokenCache<E> {
@@ -345,6 +351,7 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
                 .max_capacity(max_entries)
                 .time_to_idle(idle)
                 .build_with_hasher(foldhash::fast::RandomState::default()),
+            watched: Mutex::default(),
         }
     }
 
@@ -359,9 +366,53 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
             &owned as &dyn KeyView == key,
             "the owned key is another key"
         );
+        let watched = self.watched_slot(&owned);
         self.slots
-            .get_with(owned, async { Arc::new(Slot::new()) })
+            .get_with(owned, async {
+                watched.unwrap_or_else(|| Arc::new(Slot::new()))
+            })
             .await
+    }
+
+    fn watched_slot(&self, key: &Key) -> Option<Arc<Slot<E>>> {
+        let watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        watched.get(key).cloned()
+    }
+
+    /// Subscribes to `slot`, found under `key`, and keeps the slot for as long as it has
+    /// watchers, even if the cache evicts it.
+    pub fn watch(&self, key: &Key, slot: &Arc<Slot<E>>) -> watch::Receiver<SlotState> {
+        let rx = slot.subscribe();
+        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        watched.entry(key.clone()).or_insert_with(|| slot.clone());
+        rx
+    }
+
+    /// For the task that keeps `slot` (its refresh scheduler), at each turn: a watched slot is
+    /// read (so the cache does not count it idle) or, if evicted, put back; one nobody
+    /// watches any more is let go, to be evicted like any other.
+    pub async fn keep(&self, key: &Key, slot: &Arc<Slot<E>>) {
+        if slot.watched() {
+            self.slots
+                .get_with_by_ref(key, async { slot.clone() })
+                .await;
+            return;
+        }
+        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        if watched.get(key).is_some_and(|w| Arc::ptr_eq(w, slot)) {
+            watched.remove(key);
+        }
+    }
+
+    /// The number of slots held for their watchers.
+    pub fn watched_count(&self) -> usize {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Drops `key` from the cache, as eviction does (tests).
+    pub async fn evict(&self, key: &Key) {
+        self.slots.invalidate(key).await;
+        self.slots.run_pending_tasks().await;
     }
 
     pub async fn existing(&self, key: &Key) -> Option<Arc<Slot<E>>> {

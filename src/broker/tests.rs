@@ -480,3 +480,27 @@ async fn a_retry_after_never_holds_the_refresh_past_the_tokens_safety_margin() {
     f.advance(Duration::from_secs(240)).await;
     assert_eq!(f.entra.calls(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_key_only_watched_stays_cached_and_refreshed_after_eviction() {
+    let f = fixture(HOUR, "");
+    let mut rx = f.watch().await;
+    settle().await;
+    let first = rx.borrow_and_update().token.clone().expect("a token");
+    let key = f.broker.key("contoso", &[GRAPH.to_string()]).unwrap();
+    // Evicted, as the cache does with a key no request has read for a day.
+    f.broker.cache().evict(&key).await;
+    f.advance(HOUR / 2).await;
+    assert!(rx.has_changed().expect("the watch goes on"), "refreshed");
+    let refreshed = rx.borrow_and_update().token.clone().expect("a token");
+    assert_ne!(refreshed.fingerprint, first.fingerprint);
+    // A request finds the watched slot again: its token, no fetch.
+    let served = f.get(None).await.unwrap();
+    assert_eq!(served.source, TokenSource::Cache);
+    assert_eq!(served.token.fingerprint, refreshed.fingerprint);
+    assert_eq!(f.entra.calls(), 2);
+    // Once nobody watches, the slot is let go at its next refresh.
+    drop(rx);
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.broker.cache().watched_count(), 0);
+}
