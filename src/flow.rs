@@ -68,6 +68,21 @@ impl FlowError {
         !self.is_retryable() && !matches!(self, FlowError::Internal(_))
     }
 
+    /// `upstream` did not answer within the fetch's retry budget: retryable, named.
+    fn timed_out(upstream: Upstream, budget: Duration) -> Self {
+        let message = format!(
+            "no answer within the fetch's retry budget of {}s (resilience.retry_budget_secs)",
+            budget.as_secs()
+        );
+        match FlowError::unavailable(upstream, message, Duration::from_secs(1)) {
+            FlowError::Entra(e) => FlowError::Entra(EntraError {
+                error: "timeout".into(),
+                ..e
+            }),
+            other => other,
+        }
+    }
+
     fn unavailable(upstream: Upstream, message: String, retry_after: Duration) -> Self {
         match upstream {
             Upstream::Entra => FlowError::Entra(EntraError {
@@ -375,7 +390,7 @@ impl Flow {
                 now: self.clock.unix(),
             };
             let assertion = self
-                .guarded(vault.map(|v| &v.0), deadline, || async {
+                .guarded(self.signer_for(&cert_key.0).1, vault.map(|v| &v.0), deadline, || async {
                     self.stats.signs.fetch_add(1, Ordering::Relaxed);
                     let started = Instant::now();
                     let (signer, upstream, _) = self.signer_for(&cert_key.0);
@@ -469,7 +484,7 @@ impl Flow {
     ) -> Result<CachedToken, FlowError> {
         let guard = self.identities.get(client_id);
         let assertion = self
-            .guarded(guard, deadline, || async {
+            .guarded(Upstream::ManagedIdentity, guard, deadline, || async {
                 let span = info_span!("managed_identity.assertion", otel.kind = "client", tenant = %tenant.name, identity = %client_id);
                 let r = self
                     .metrics
@@ -495,7 +510,7 @@ impl Flow {
         let scope = scopes.join(" ");
         let started = self.clock.moment();
         let token = self
-            .guarded(entra, deadline, || async {
+            .guarded(Upstream::Entra, entra, deadline, || async {
                 self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
                 let started = Instant::now();
                 let correlation_id = uuid::Uuid::new_v4();
@@ -559,10 +574,14 @@ impl Flow {
         }
     }
 
-    /// Runs `op` behind an upstream's breaker and budget, retrying transient failures with
-    /// full-jitter backoff (at least the upstream's `Retry-After`) until `deadline`.
+    /// Runs `op` (a call to `upstream`) behind the upstream's breaker and budget, retrying
+    /// transient failures with full-jitter backoff (at least the upstream's `Retry-After`)
+    /// until `deadline`. Each attempt is cut off at `deadline` too: the outbound timeouts
+    /// may be longer than the whole fetch's budget, and a stalled upstream must not hold the
+    /// callers past it.
     async fn guarded<T, F, Fut>(
         &self,
+        upstream: Upstream,
         guard: Option<&Guard>,
         deadline: Moment,
         mut op: F,
@@ -599,7 +618,12 @@ impl Flow {
                     ));
                 }
             }
-            let result = op().await;
+            let result = tokio::select! {
+                r = op() => r,
+                () = self.clock.sleep_until(deadline) => {
+                    Err(FlowError::timed_out(upstream, self.res.retry_budget))
+                }
+            };
             attempt += 1;
             match result {
                 Ok(v) => {
@@ -715,7 +739,7 @@ impl Flow {
         guard: Option<&Guard>,
         deadline: Moment,
     ) -> Result<CertificateInfo, FlowError> {
-        self.guarded(guard, deadline, || async {
+        self.guarded(self.signer_for(&key.0).2, guard, deadline, || async {
             self.stats.certificate_reads.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
             let (signer, _, upstream) = self.signer_for(&key.0);

@@ -26,6 +26,8 @@ enum Answer {
     /// A configuration error (a disabled app), remembered in the negative cache.
     Refuse,
     Panic,
+    /// Never answers.
+    Hang,
 }
 
 #[derive(Debug)]
@@ -70,6 +72,7 @@ impl TokenExchange for FakeEntra {
                 retry_after,
             }),
             Answer::Panic => panic!("the fake exchange fails hard"),
+            Answer::Hang => futures::future::pending().await,
             Answer::Refuse => Err(EntraError {
                 class: EntraErrorClass::Configuration,
                 status: 400,
@@ -503,4 +506,29 @@ async fn a_key_only_watched_stays_cached_and_refreshed_after_eviction() {
     drop(rx);
     f.advance(HOUR / 2).await;
     assert_eq!(f.broker.cache().watched_count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_upstream_holds_a_cold_caller_no_longer_than_the_retry_budget() {
+    let f = Arc::new(fixture(HOUR, "retry_budget_secs = 10"));
+    f.entra.set(Answer::Hang);
+    let asking = f.clone();
+    let call = tokio::spawn(async move { asking.get(None).await });
+    settle().await;
+    assert_eq!(f.entra.calls(), 1);
+    f.advance(Duration::from_secs(10)).await;
+    // Bounded on tokio's paused clock, so a hang fails the test instead of hanging it.
+    let r = tokio::time::timeout(Duration::from_secs(3600), call)
+        .await
+        .expect("the caller is answered once the budget is spent")
+        .unwrap();
+    match r {
+        Err(BrokerError::Upstream { source, .. }) => {
+            let said = source.to_string();
+            assert!(said.starts_with("Entra ID"), "{said}");
+            assert!(said.contains("retry budget of 10s"), "{said}");
+            assert!(source.is_retryable());
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -228,7 +228,10 @@ async fn faults_left(stack: &Stack) -> usize {
         .json()
         .await
         .unwrap();
-    v.as_array().map(Vec::len).unwrap_or(0)
+    v["faults"]
+        .as_array()
+        .map(Vec::len)
+        .expect("the emulator lists its faults")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -647,6 +650,31 @@ async fn readiness_waits_for_the_prewarmed_keys() {
     // The key was cached before the broker said it was ready.
     let r = stack.get("contoso", GRAPH).await.unwrap();
     assert_eq!(r.source, TokenSource::Cache as i32);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_entra_holds_a_cold_caller_no_longer_than_the_retry_budget() {
+    // The outbound request timeout (30 s) is longer than the fetch's budget (10 s), and the
+    // held request would outlast both; the broker's clock alone moves here.
+    let stack = manual("retry_budget_secs = 10").await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "tenant": demo::CONTOSO_TENANT, "hang": true, "count": 1, "duration_ms": 120000}),
+        )
+        .await;
+    let cold = spawn_get(&stack, "contoso").await;
+    wait_for(|| async { faults_left(&stack).await == 0 }).await;
+    stack.advance(Duration::from_secs(10)).await;
+    let e = tokio::time::timeout(Duration::from_secs(60), cold)
+        .await
+        .expect("answered once the budget is spent")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("Entra ID"), "{}", e.message());
+    assert!(e.message().contains("retry budget"), "{}", e.message());
     stack.stop().await;
 }
 
