@@ -150,8 +150,60 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 struct SuccessBody {
     access_token: String,
     token_type: Option<String>,
+    /// A number, or a numeric string as ADFS and the v1 endpoints send it.
+    #[serde(deserialize_with = "seconds")]
     expires_in: u64,
+    /// Only a hint: absent, or anything but a number of seconds, it is ignored.
+    #[serde(default, deserialize_with = "hint_seconds")]
     refresh_in: Option<u64>,
+}
+
+/// Whole seconds from a JSON number or a numeric string (fractions dropped).
+fn seconds_of(v: &serde_json::Value) -> Option<u64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+        }),
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            s.parse::<u64>().ok().or_else(|| {
+                s.parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite() && *f >= 0.0)
+                    .map(|f| f as u64)
+            })
+        }
+        _ => None,
+    }
+}
+
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    seconds_of(&v).ok_or_else(|| serde::de::Error::custom("expires_in is not a number of seconds"))
+}
+
+fn hint_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(seconds_of(&v))
+}
+
+/// A successful answer's body as a token (its lifetime capped at `MAX_LIFETIME`).
+fn token_from(body: &[u8]) -> Result<EntraToken, serde_json::Error> {
+    let ok: SuccessBody = serde_json::from_slice(body)?;
+    if ok.expires_in > MAX_LIFETIME.as_secs() {
+        tracing::warn!(
+            expires_in = ok.expires_in,
+            "Entra token lifetime above a day; it is treated as a day"
+        );
+    }
+    Ok(EntraToken {
+        access_token: Sensitive::new(ok.access_token),
+        token_type: ok.token_type.unwrap_or_else(|| "Bearer".into()),
+        expires_in: Duration::from_secs(ok.expires_in).min(MAX_LIFETIME),
+        refresh_in: ok.refresh_in.map(Duration::from_secs),
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -223,7 +275,7 @@ impl TokenExchange for HttpTokenExchange {
             .await
             .map_err(|e| EntraError::transport(crate::outbound::error_chain(&e)))?;
         if status == 200 {
-            let ok: SuccessBody = serde_json::from_slice(&body).map_err(|e| EntraError {
+            return token_from(&body).map_err(|e| EntraError {
                 class: EntraErrorClass::Retryable,
                 status,
                 error: "invalid_response".into(),
@@ -232,18 +284,6 @@ impl TokenExchange for HttpTokenExchange {
                 correlation_id: Some(correlation.clone()),
                 trace_id: None,
                 retry_after: None,
-            })?;
-            if ok.expires_in > MAX_LIFETIME.as_secs() {
-                tracing::warn!(
-                    expires_in = ok.expires_in,
-                    "Entra token lifetime above a day; it is treated as a day"
-                );
-            }
-            return Ok(EntraToken {
-                access_token: Sensitive::new(ok.access_token),
-                token_type: ok.token_type.unwrap_or_else(|| "Bearer".into()),
-                expires_in: Duration::from_secs(ok.expires_in).min(MAX_LIFETIME),
-                refresh_in: ok.refresh_in.map(Duration::from_secs),
             });
         }
         let err: ErrorBody = serde_json::from_slice(&body).unwrap_or_default();
@@ -309,6 +349,49 @@ mod tests {
         assert_eq!(classify(503, "temporarily_unavailable", &[]), Retryable);
         assert_eq!(classify(429, "", &[]), Retryable);
         assert_eq!(classify(400, "invalid_request", &[]), Configuration);
+    }
+
+    #[test]
+    fn lifetimes_are_read_from_numbers_and_numeric_strings_and_a_bad_hint_is_ignored() {
+        let read = |body: &str| token_from(body.as_bytes());
+        let t = read(
+            r#"{"access_token":"a","token_type":"Bearer","expires_in":3599,"refresh_in":1799}"#,
+        )
+        .unwrap();
+        assert_eq!(t.expires_in, Duration::from_secs(3599));
+        assert_eq!(t.refresh_in, Some(Duration::from_secs(1799)));
+        // ADFS and the v1 endpoints: strings.
+        let t = read(r#"{"access_token":"a","expires_in":"3599","refresh_in":"1799"}"#).unwrap();
+        assert_eq!(t.expires_in, Duration::from_secs(3599));
+        assert_eq!(t.refresh_in, Some(Duration::from_secs(1799)));
+        assert_eq!(t.token_type, "Bearer");
+        // A hint that is not a number of seconds is no hint.
+        for hint in [r#""soon""#, "-5", "null", "{}", "true"] {
+            let body = format!(r#"{{"access_token":"a","expires_in":3599,"refresh_in":{hint}}}"#);
+            let t = read(&body).unwrap();
+            assert_eq!(t.refresh_in, None, "{hint}");
+        }
+        assert_eq!(
+            read(r#"{"access_token":"a","expires_in":3599.5}"#)
+                .unwrap()
+                .expires_in,
+            Duration::from_secs(3599)
+        );
+        // Without a lifetime there is no token to cache.
+        for bad in [
+            r#"{"access_token":"a"}"#,
+            r#"{"access_token":"a","expires_in":"an hour"}"#,
+            r#"{"access_token":"a","expires_in":-1}"#,
+        ] {
+            let e = read(bad).unwrap_err();
+            assert!(!e.to_string().contains("\"a\""), "{e}");
+        }
+        assert_eq!(
+            read(r#"{"access_token":"a","expires_in":99999999999}"#)
+                .unwrap()
+                .expires_in,
+            MAX_LIFETIME
+        );
     }
 
     #[test]

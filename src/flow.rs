@@ -546,10 +546,13 @@ impl Flow {
         t: EntraToken,
     ) -> CachedToken {
         let lifetime = t.expires_in;
+        // Never at once: a refresh is scheduled before the token is published, and one due
+        // at once would find its own fetch still under way, join it, and end the chain.
         let refresh_in = t
             .refresh_in
             .filter(|r| *r < lifetime)
-            .unwrap_or_else(|| refresh_after(lifetime, self.cache.refresh_fraction));
+            .unwrap_or_else(|| refresh_after(lifetime, self.cache.refresh_fraction))
+            .max(MIN_REFRESH);
         let fingerprint = t.access_token.fingerprint();
         info!(
             tenant = %tenant.name,
@@ -805,6 +808,10 @@ impl Flow {
             .collect()
     }
 }
+
+/// The soonest a token is refreshed after it was asked for, whatever its lifetime or Entra's
+/// `refresh_in` (`expires_in` or `refresh_in` of 0 included).
+pub const MIN_REFRESH: Duration = Duration::from_secs(30);
 
 /// How long before a signing certificate's end the broker starts warning.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);

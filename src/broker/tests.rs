@@ -50,6 +50,8 @@ impl FakeEntra {
 impl TokenExchange for FakeEntra {
     async fn exchange(&self, req: ExchangeRequest<'_>) -> Result<EntraToken, EntraError> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        // A runaway refresh loop fails its test instead of spinning forever.
+        assert!(n < 100, "runaway: {n} exchanges");
         let answer = self.answer.lock().unwrap().clone();
         match answer {
             Answer::Token {
@@ -530,5 +532,38 @@ async fn a_stalled_upstream_holds_a_cold_caller_no_longer_than_the_retry_budget(
             assert!(source.is_retryable());
         }
         other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_due_at_once_is_held_to_the_floor_and_the_chain_goes_on() {
+    for (lifetime, refresh_in) in [(HOUR, Some(Duration::ZERO)), (Duration::ZERO, None)] {
+        let f = fixture(HOUR, "");
+        f.entra.set(Answer::Token {
+            lifetime,
+            refresh_in,
+        });
+        let _ = f.get(None).await;
+        settle().await;
+        assert_eq!(
+            f.entra.calls(),
+            1,
+            "{lifetime:?} {refresh_in:?}: no refresh at once"
+        );
+        for n in 2..=4 {
+            f.advance(crate::flow::MIN_REFRESH).await;
+            assert_eq!(
+                f.entra.calls(),
+                n,
+                "{lifetime:?} {refresh_in:?}: the chain goes on"
+            );
+        }
+        // Entra comes back to its senses: the next refresh brings a token callers can use.
+        f.entra.set(Answer::Token {
+            lifetime: HOUR,
+            refresh_in: None,
+        });
+        f.advance(crate::flow::MIN_REFRESH).await;
+        assert_eq!(f.get(None).await.unwrap().source, TokenSource::Cache);
     }
 }
