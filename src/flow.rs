@@ -438,10 +438,23 @@ impl Flow {
                     if e.class == EntraErrorClass::KeyRejected && !retried_key =>
                 {
                     retried_key = true;
-                    if let Some(fresh) = self
+                    // Entra's refusal is the news; a failed re-read is only its context.
+                    let changed = match self
                         .changed_certificate(&cert_key, vault.map(|v| &v.1), deadline, &cert)
-                        .await?
+                        .await
                     {
+                        Ok(changed) => changed,
+                        Err(reread) => {
+                            return Err(FlowError::Entra(EntraError {
+                                description: format!(
+                                    "{} (re-reading the certificate after the refusal failed: {reread})",
+                                    e.description
+                                ),
+                                ..e
+                            }));
+                        }
+                    };
+                    if let Some(fresh) = changed {
                         info!(tenant = %tenant.name, version = %fresh.version, "certificate changed; retrying with the new version");
                         cert = fresh;
                         continue;

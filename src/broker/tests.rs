@@ -26,6 +26,8 @@ enum Answer {
     /// A configuration error (a disabled app), remembered in the negative cache.
     Refuse,
     Panic,
+    /// Refuses the assertion's key (AADSTS700027), as after a rotation.
+    RejectKey,
     /// Never answers.
     Hang,
 }
@@ -74,6 +76,16 @@ impl TokenExchange for FakeEntra {
                 retry_after,
             }),
             Answer::Panic => panic!("the fake exchange fails hard"),
+            Answer::RejectKey => Err(EntraError {
+                class: EntraErrorClass::KeyRejected,
+                status: 401,
+                error: "invalid_client".into(),
+                codes: vec![700027],
+                description: "AADSTS700027: Client assertion failed signature validation.".into(),
+                correlation_id: Some(req.correlation_id.to_string()),
+                trace_id: None,
+                retry_after: None,
+            }),
             Answer::Hang => futures::future::pending().await,
             Answer::Refuse => Err(EntraError {
                 class: EntraErrorClass::Configuration,
@@ -89,12 +101,22 @@ impl TokenExchange for FakeEntra {
     }
 }
 
-#[derive(Debug)]
-struct FakeSigner;
+/// Key Vault: certificate reads fail while `down` is set.
+#[derive(Debug, Default)]
+struct FakeSigner {
+    down: std::sync::atomic::AtomicBool,
+}
 
 #[async_trait]
 impl Signer for FakeSigner {
     async fn certificate(&self, vault: &Url, name: &str) -> Result<CertificateInfo, SignerError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(SignerError::Unavailable {
+                service: "Key Vault",
+                message: "503 from the vault".into(),
+                retry_after: None,
+            });
+        }
         Ok(CertificateInfo {
             x5t: "x5t".into(),
             x5t_s256: "x5t-s256".into(),
@@ -122,6 +144,7 @@ struct Fixture {
     broker: Broker,
     clock: ManualClock,
     entra: Arc<FakeEntra>,
+    vault: Arc<FakeSigner>,
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -146,11 +169,12 @@ fn fixture(lifetime: Duration, extra: &str) -> Fixture {
         }),
         calls: AtomicUsize::new(0),
     });
+    let vault = Arc::new(FakeSigner::default());
     let broker = Broker::new(
         &config,
         Upstreams {
-            signer: Arc::new(FakeSigner),
-            hsm: Arc::new(FakeSigner),
+            signer: vault.clone(),
+            hsm: Arc::new(FakeSigner::default()),
             identity: Arc::new(crate::identity::ManagedIdentityAssertions::new(
                 Default::default(),
             )),
@@ -162,6 +186,7 @@ fn fixture(lifetime: Duration, extra: &str) -> Fixture {
         broker,
         clock,
         entra,
+        vault,
     }
 }
 
@@ -565,5 +590,30 @@ async fn a_refresh_due_at_once_is_held_to_the_floor_and_the_chain_goes_on() {
         });
         f.advance(crate::flow::MIN_REFRESH).await;
         assert_eq!(f.get(None).await.unwrap().source, TokenSource::Cache);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn entras_refusal_of_the_key_is_reported_even_when_the_certificate_reread_fails() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.entra.set(Answer::RejectKey);
+    // Refused once with Key Vault up: the certificate is read (and re-read, unchanged).
+    assert!(f.get(None).await.is_err());
+    // Past the negative cache, with Key Vault down: the held certificate signs, Entra
+    // refuses it again, and the re-read fails.
+    f.advance(Duration::from_secs(31)).await;
+    f.vault.down.store(true, Ordering::SeqCst);
+    match f.get(None).await {
+        Err(BrokerError::Upstream { source, .. }) => {
+            let said = source.to_string();
+            assert!(
+                matches!(&*source, FlowError::Entra(e) if e.codes == [700027]),
+                "{said}"
+            );
+            assert!(said.contains("AADSTS700027"), "{said}");
+            assert!(said.contains("re-reading the certificate"), "{said}");
+            assert!(said.contains("503 from the vault"), "{said}");
+        }
+        other => panic!("{other:?}"),
     }
 }
