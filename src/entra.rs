@@ -68,14 +68,16 @@ impl EntraError {
         self.codes.first().map(|c| format!("AADSTS{c}"))
     }
 
-    fn transport(message: String) -> Self {
+    /// No answer: `correlation` is the `client-request-id` sent, for an operator to quote
+    /// (Entra may have logged the request although its answer never came).
+    fn transport(message: String, correlation: &str) -> Self {
         EntraError {
             class: EntraErrorClass::Retryable,
             status: 0,
             error: "transport".into(),
             codes: vec![],
             description: message,
-            correlation_id: None,
+            correlation_id: Some(correlation.to_owned()),
             trace_id: None,
             retry_after: None,
         }
@@ -85,7 +87,11 @@ impl EntraError {
 impl fmt::Display for EntraError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.status == 0 {
-            return write!(f, "Entra ID unreachable: {}", self.description);
+            write!(f, "Entra ID unreachable: {}", self.description)?;
+            if let Some(c) = &self.correlation_id {
+                write!(f, " [client-request-id {c}]")?;
+            }
+            return Ok(());
         }
         write!(f, "Entra ID answered {} {}", self.status, self.error)?;
         if let Some(code) = self.aadsts() {
@@ -135,7 +141,7 @@ pub fn classify(status: u16, error: &str, codes: &[u32]) -> EntraErrorClass {
         }
     }
     match (status, error) {
-        (429, _) | (500..=599, _) | (_, "temporarily_unavailable") => Retryable,
+        (408 | 429, _) | (500..=599, _) | (_, "temporarily_unavailable") => Retryable,
         (_, "invalid_scope") => Caller,
         _ => Configuration,
     }
@@ -206,7 +212,7 @@ fn token_from(body: &[u8]) -> Result<EntraToken, serde_json::Error> {
     })
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 struct ErrorBody {
     #[serde(default)]
     error: String,
@@ -259,7 +265,7 @@ impl TokenExchange for HttpTokenExchange {
             .send()
             .await
             // reqwest errors name the URL, never the form body.
-            .map_err(|e| EntraError::transport(crate::outbound::error_chain(&e)))?;
+            .map_err(|e| EntraError::transport(crate::outbound::error_chain(&e), &correlation))?;
         let status = resp.status().as_u16();
         let retry_after = crate::resilience::retry_after(
             |name| {
@@ -273,7 +279,7 @@ impl TokenExchange for HttpTokenExchange {
         let body = resp
             .bytes()
             .await
-            .map_err(|e| EntraError::transport(crate::outbound::error_chain(&e)))?;
+            .map_err(|e| EntraError::transport(crate::outbound::error_chain(&e), &correlation))?;
         if status == 200 {
             return token_from(&body).map_err(|e| EntraError {
                 class: EntraErrorClass::Retryable,
@@ -286,7 +292,26 @@ impl TokenExchange for HttpTokenExchange {
                 retry_after: None,
             });
         }
-        let err: ErrorBody = serde_json::from_slice(&body).unwrap_or_default();
+        let err = serde_json::from_slice::<ErrorBody>(&body)
+            .ok()
+            .filter(|e| !e.error.is_empty() || !e.error_codes.is_empty());
+        let Some(err) = err else {
+            // Not Entra's verdict (a proxy's or gateway's page, or not a token endpoint):
+            // nothing to remember as a configuration error; retried, behind the breaker.
+            // The body is not quoted: it is not Entra's, and could echo the request.
+            return Err(EntraError {
+                class: EntraErrorClass::Retryable,
+                status,
+                error: format!("http_{status}"),
+                codes: vec![],
+                description: format!(
+                    "HTTP {status} without an Entra error in the body: a proxy or gateway answered, or the authority host is not Entra's"
+                ),
+                correlation_id: Some(correlation),
+                trace_id: None,
+                retry_after,
+            });
+        };
         Err(EntraError {
             class: classify(status, &err.error, &err.error_codes),
             status,
@@ -348,6 +373,7 @@ mod tests {
         assert_eq!(classify(400, "invalid_request", &[90055]), Retryable);
         assert_eq!(classify(503, "temporarily_unavailable", &[]), Retryable);
         assert_eq!(classify(429, "", &[]), Retryable);
+        assert_eq!(classify(408, "", &[]), Retryable);
         assert_eq!(classify(400, "invalid_request", &[]), Configuration);
     }
 
@@ -392,6 +418,76 @@ mod tests {
                 .expires_in,
             MAX_LIFETIME
         );
+    }
+
+    /// Exchanges once with the token endpoint at `url`: the error, and the id sent.
+    async fn exchange_at(url: &str) -> (EntraError, String) {
+        let endpoint = Url::parse(url).unwrap();
+        let assertion = Sensitive::new(String::from("eyJassertion"));
+        let correlation_id = uuid::Uuid::new_v4();
+        let e = HttpTokenExchange::new(reqwest::Client::new())
+            .exchange(ExchangeRequest {
+                token_endpoint: &endpoint,
+                client_id: "c",
+                scope: "s",
+                assertion: &assertion,
+                correlation_id,
+            })
+            .await
+            .unwrap_err();
+        (e, correlation_id.to_string())
+    }
+
+    /// A server answering every request with `status` and a body of `body`.
+    async fn answering(status: u16, body: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let status = axum::http::StatusCode::from_u16(status).unwrap();
+        let app = axum::Router::new().fallback(move || async move { (status, body) });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/t/oauth2/v2.0/token")
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_an_entra_error_is_retried_not_remembered_as_configuration() {
+        for status in [404, 408, 413, 502] {
+            let url = answering(status, "<html>Request Entity Too Large</html>").await;
+            let (e, sent) = exchange_at(&url).await;
+            assert_eq!(e.status, status);
+            assert_eq!(e.class, EntraErrorClass::Retryable, "{status}: {e}");
+            assert_eq!(e.correlation_id.as_deref(), Some(sent.as_str()));
+            assert!(e.to_string().contains("without an Entra error"), "{e}");
+            assert!(
+                !e.to_string().contains("html"),
+                "the page is not quoted: {e}"
+            );
+        }
+        // Entra's own verdict is still classified by its code.
+        let url = answering(
+            400,
+            r#"{"error":"unauthorized_client","error_description":"AADSTS7000112: Application is disabled.","error_codes":[7000112]}"#,
+        )
+        .await;
+        let (e, _) = exchange_at(&url).await;
+        assert_eq!(e.class, EntraErrorClass::Configuration, "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_got_no_answer_names_the_client_request_id_sent() {
+        // A port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (e, sent) = exchange_at(&format!("http://127.0.0.1:{port}/t/oauth2/v2.0/token")).await;
+        assert_eq!(e.status, 0);
+        assert_eq!(e.class, EntraErrorClass::Retryable);
+        assert!(
+            e.to_string().contains(&format!("client-request-id {sent}")),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("eyJassertion"), "{e}");
     }
 
     #[test]
