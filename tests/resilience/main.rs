@@ -654,6 +654,52 @@ async fn readiness_waits_for_the_prewarmed_keys() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_min_validity_beyond_the_tokens_lifetime_costs_no_upstream_call() {
+    // Entra's tokens live 3599 s here; the broker accepts a min_validity of up to 3600 s.
+    let mut emu = estate();
+    for t in &mut emu.tenants {
+        for a in &mut t.apps {
+            a.token_lifetime_secs = [3599, 3599];
+        }
+    }
+    let stack = Stack::start_full(emu, tuned(""), Some(ManualClock::new()), |e| e).await;
+    let first = stack.get("contoso", GRAPH).await.unwrap();
+    let mut c = stack.client().await;
+    for _ in 0..10 {
+        let e = c
+            .get_token(GetTokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                min_validity: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+                force_refresh: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+        assert!(
+            e.message().contains("3599s"),
+            "the most a token has: {}",
+            e.message()
+        );
+    }
+    assert_eq!(
+        stack
+            .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+            .await,
+        1,
+        "no exchange for a validity no token has"
+    );
+    assert_eq!(stack.total_signs().await, 1);
+    let again = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(again.source, TokenSource::Cache as i32);
+    assert_eq!(again.access_token, first.access_token);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_entra_holds_a_cold_caller_no_longer_than_the_retry_budget() {
     // The outbound request timeout (30 s) is longer than the fetch's budget (10 s), and the
     // held request would outlast both; the broker's clock alone moves here.
