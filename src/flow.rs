@@ -16,7 +16,7 @@ use url::Url;
 use crate::assertion::{self, AssertionParams};
 use crate::broker::Upstreams;
 use crate::cache::CachedToken;
-use crate::clock::{Clock, Moment};
+use crate::clock::{Clock, MAX_SPAN, Moment};
 use crate::config::{
     CacheConfig, Config, Credential, ResilienceConfig, SigningAlgorithm, TenantConfig,
     ThumbprintHeader,
@@ -115,6 +115,17 @@ impl crate::cache::FromJoin for FlowError {
     fn from_join(e: tokio::task::JoinError) -> Self {
         FlowError::Internal(format!("token fetch task ended: {e}"))
     }
+}
+
+/// A fetch's retry budget, spent on two timers. Waits and retries end at `at`, on the
+/// broker's `Clock` like every deadline. An attempt (a call in flight) is cut off at `io`,
+/// the same span on the runtime's monotonic timer, like the outbound timeouts: it bounds how
+/// long the network may take, and a jump of the `Clock` (a host resumed from suspend, a
+/// test's manual clock moved a minute on) must not cut off calls answered in an instant.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Moment,
+    io: tokio::time::Instant,
 }
 
 /// Upstream call counters (tests, metrics, benchmarks).
@@ -314,7 +325,10 @@ impl Flow {
         tenant: &Tenant,
         scopes: &[String],
     ) -> Result<CachedToken, FlowError> {
-        let deadline = self.clock.moment() + self.res.retry_budget;
+        let deadline = Deadline {
+            at: self.clock.moment() + self.res.retry_budget,
+            io: tokio::time::Instant::now() + self.res.retry_budget.min(MAX_SPAN),
+        };
         match &tenant.config.credential {
             Credential::KeyVaultCertificate {
                 vault_url,
@@ -370,7 +384,7 @@ impl Flow {
         &self,
         tenant: &Tenant,
         scopes: &[String],
-        deadline: Moment,
+        deadline: Deadline,
         cert_key: CertKey,
         algorithm: SigningAlgorithm,
         thumbprint: ThumbprintHeader,
@@ -491,7 +505,7 @@ impl Flow {
         &self,
         tenant: &Tenant,
         scopes: &[String],
-        deadline: Moment,
+        deadline: Deadline,
         client_id: &str,
         audience: &str,
     ) -> Result<CachedToken, FlowError> {
@@ -517,7 +531,7 @@ impl Flow {
         tenant: &Tenant,
         scopes: &[String],
         assertion: &Sensitive,
-        deadline: Moment,
+        deadline: Deadline,
     ) -> Result<(Moment, EntraToken), FlowError> {
         let entra = self.entra.get(tenant.name.as_ref());
         let scope = scopes.join(" ");
@@ -592,14 +606,14 @@ impl Flow {
 
     /// Runs `op` (a call to `upstream`) behind the upstream's breaker and budget, retrying
     /// transient failures with full-jitter backoff (at least the upstream's `Retry-After`)
-    /// until `deadline`. Each attempt is cut off at `deadline` too: the outbound timeouts
-    /// may be longer than the whole fetch's budget, and a stalled upstream must not hold the
-    /// callers past it.
+    /// until `deadline`. Each attempt is cut off when the budget is spent, too: the outbound
+    /// timeouts may be longer than the whole fetch's budget, and a stalled upstream must not
+    /// hold the callers past it.
     async fn guarded<T, F, Fut>(
         &self,
         upstream: Upstream,
         guard: Option<&Guard>,
-        deadline: Moment,
+        deadline: Deadline,
         mut op: F,
     ) -> Result<T, FlowError>
     where
@@ -623,7 +637,7 @@ impl Flow {
                     ));
                 }
                 if let Some(b) = &g.bucket
-                    && !b.take(self.clock.as_ref(), deadline).await
+                    && !b.take(self.clock.as_ref(), deadline.at).await
                 {
                     g.breaker.neutral();
                     return Err(FlowError::unavailable(
@@ -634,11 +648,12 @@ impl Flow {
                     ));
                 }
             }
-            let result = tokio::select! {
-                r = op() => r,
-                () = self.clock.sleep_until(deadline) => {
-                    Err(FlowError::timed_out(upstream, self.res.retry_budget))
+            let Ok(result) = tokio::time::timeout_at(deadline.io, op()).await else {
+                // What was left of the budget is spent: no retry.
+                if let Some(g) = guard {
+                    g.breaker.failure(self.clock.moment().mono);
                 }
+                return Err(FlowError::timed_out(upstream, self.res.retry_budget));
             };
             attempt += 1;
             match result {
@@ -655,7 +670,7 @@ impl Flow {
                     let wait = backoff(attempt, Duration::from_millis(250), Duration::from_secs(8))
                         .max(e.retry_after().unwrap_or(Duration::ZERO));
                     if attempt >= self.res.max_attempts
-                        || wait > deadline.until(self.clock.moment())
+                        || wait > deadline.at.until(self.clock.moment())
                     {
                         return Err(e);
                     }
@@ -680,7 +695,7 @@ impl Flow {
         &self,
         key: &CertKey,
         guard: Option<&Guard>,
-        deadline: Moment,
+        deadline: Deadline,
     ) -> Result<CertificateInfo, FlowError> {
         let entry = self
             .certs
@@ -738,7 +753,7 @@ impl Flow {
         &self,
         key: &CertKey,
         guard: Option<&Guard>,
-        deadline: Moment,
+        deadline: Deadline,
         held: &CertificateInfo,
     ) -> Result<Option<CertificateInfo>, FlowError> {
         let fresh = self.read_certificate(key, guard, deadline).await?;
@@ -753,7 +768,7 @@ impl Flow {
         &self,
         key: &CertKey,
         guard: Option<&Guard>,
-        deadline: Moment,
+        deadline: Deadline,
     ) -> Result<CertificateInfo, FlowError> {
         self.guarded(self.signer_for(&key.0).2, guard, deadline, || async {
             self.stats.certificate_reads.fetch_add(1, Ordering::Relaxed);

@@ -543,8 +543,8 @@ async fn a_stalled_upstream_holds_a_cold_caller_no_longer_than_the_retry_budget(
     let call = tokio::spawn(async move { asking.get(None).await });
     settle().await;
     assert_eq!(f.entra.calls(), 1);
-    f.advance(Duration::from_secs(10)).await;
-    // Bounded on tokio's paused clock, so a hang fails the test instead of hanging it.
+    // The attempt's timeout runs on tokio's paused clock, which moves on once every task
+    // waits; the outer bound fails the test, rather than hanging it, if none is set.
     let r = tokio::time::timeout(Duration::from_secs(3600), call)
         .await
         .expect("the caller is answered once the budget is spent")
