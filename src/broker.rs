@@ -86,11 +86,18 @@ pub enum BrokerError {
     },
     #[error("tenant `{0}` is not configured")]
     UnknownTenant(String),
+    /// No token with the validity asked for: `remaining` is what the fetched token (or the
+    /// cached one, when an early fetch was made too recently) has left.
     #[error("Entra issued a token valid for {remaining:?}, less than the {wanted:?} asked for")]
     MinValidityUnmet {
         remaining: Duration,
         wanted: Duration,
     },
+    /// Tokens for the key are issued with less validity than asked for: no fetch would do.
+    #[error(
+        "tokens for this key are issued valid for {issued:?}, less than the {wanted:?} asked for"
+    )]
+    MinValidityBeyondLifetime { issued: Duration, wanted: Duration },
     #[error("token for tenant `{tenant}` unavailable: {source}")]
     Upstream {
         tenant: String,
@@ -304,6 +311,9 @@ impl Broker {
                 };
                 return Ok(serve(token, source, now));
             }
+            if let Some(token) = &state.token {
+                self.unmet_without_fetch(token, wanted, &slot, now)?;
+            }
         }
         if let Some(e) = slot.negative(now) {
             self.inner.stats.negative_hits.incr();
@@ -330,7 +340,45 @@ impl Broker {
         Ok(serve(&token, TokenSource::Exchange, now))
     }
 
-    /// Watches a key's state; starts a fetch if there is no token yet.
+    /// Refuses a minimum validity that a fetch would not meet, or that would make fetches
+    /// the caller could repeat at will, when the cached `token` does not meet it.
+    ///
+    /// A token for a key has at most what the last one had when it was obtained (Entra gives
+    /// a key's tokens the same lifetime, less the exchange's own time): above that, no new
+    /// token would do better, and the caller is told at once how much a token gets. Below
+    /// it, while the cached token still serves callers that ask for no minimum, a new token
+    /// is fetched early for this caller's sake only as often as a forced refresh is allowed
+    /// (`force_refresh_interval`, shared with `force_refresh`); otherwise every request
+    /// arriving once the token's remaining validity fell below the wanted one would fetch.
+    fn unmet_without_fetch(
+        &self,
+        token: &CachedToken,
+        wanted: Duration,
+        slot: &Slot<FlowError>,
+        now: Moment,
+    ) -> Result<(), BrokerError> {
+        let remaining = token.remaining(now);
+        if remaining >= wanted {
+            return Ok(());
+        }
+        let most = token.issued_validity();
+        if most < wanted {
+            return Err(BrokerError::MinValidityBeyondLifetime {
+                issued: most,
+                wanted,
+            });
+        }
+        let cfg = &self.inner.cfg;
+        if remaining >= cfg.default_min_validity.max(cfg.safety_margin)
+            && !slot.allow_forced(now, cfg.force_refresh_interval)
+        {
+            return Err(BrokerError::MinValidityUnmet { remaining, wanted });
+        }
+        Ok(())
+    }
+
+    /// Watches a key's state; fetches its token if there is none yet, retrying until there
+    /// is one or nobody watches.
     pub async fn subscribe(
         &self,
         tenant: &str,
@@ -338,11 +386,53 @@ impl Broker {
     ) -> Result<tokio::sync::watch::Receiver<SlotState>, BrokerError> {
         let key = self.key(tenant, scopes)?;
         let slot = self.inner.cache.slot(&key, || key.clone()).await;
-        let rx = slot.subscribe();
-        if slot.current().token.is_none() && slot.negative(self.inner.clock.moment()).is_none() {
-            let _ = self.start_fetch(&key, &slot);
+        let rx = self.inner.cache.watch(&key, &slot);
+        if slot.current().token.is_none() {
+            self.fetch_for_watchers(key, &slot);
         }
         Ok(rx)
+    }
+
+    /// Fetches a watched key's first token in the background: a failure is retried with the
+    /// refresh scheduler's backoff, a remembered persistent failure once it expires, for as
+    /// long as the key has watchers and no token (once it has one, the refresh scheduler
+    /// keeps it). One such task per slot, however many watchers.
+    fn fetch_for_watchers(&self, key: Key, slot: &Arc<Slot<FlowError>>) {
+        if !slot.claim_retry() {
+            return;
+        }
+        let broker = self.clone();
+        let weak = Arc::downgrade(slot);
+        let done = |s: &Slot<FlowError>| s.current().token.is_some() || !s.watched();
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                let Some(live) = weak.upgrade() else { return };
+                if done(&live) {
+                    broker.inner.cache.keep(&key, &live).await;
+                    live.release_retry();
+                    // A watcher that came just now found the claim taken: go on for it.
+                    if done(&live) || !live.claim_retry() {
+                        return;
+                    }
+                }
+                if let Some(until) = live.negative_until(broker.inner.clock.moment()) {
+                    drop(live);
+                    broker.inner.clock.sleep_until(until).await;
+                    continue;
+                }
+                let Ok((_, flight)) = broker.start_fetch(&key, &live) else {
+                    live.release_retry();
+                    return;
+                };
+                drop(live);
+                if let Err(e) = flight.await {
+                    failures += 1;
+                    let wait = broker.retry_wait(failures, &e, &weak);
+                    broker.inner.clock.sleep(wait).await;
+                }
+            }
+        });
     }
 
     /// Fetches the configured pre-warm keys; `Ok` once all are cached.
@@ -413,6 +503,24 @@ impl Broker {
         }))
     }
 
+    /// How long the background retries of a key (refreshes, a watched key's first fetch) wait
+    /// after their `failures`-th failure in a row: full-jitter backoff from 2 s doubling to
+    /// 60 s, and at least a second. The upstream's `Retry-After` is honoured up to
+    /// `MAX_RETRY_AFTER`, and never past the time the cached token's remaining validity falls
+    /// to the safety margin: retrying against the hint beats letting callers go without.
+    fn retry_wait(&self, failures: u32, e: &FlowError, slot: &Weak<Slot<FlowError>>) -> Duration {
+        let mut hint = e.retry_after().unwrap_or_default().min(MAX_RETRY_AFTER);
+        if let Some(slot) = slot.upgrade()
+            && let Some(token) = &slot.current().token
+        {
+            let left = token.remaining(self.inner.clock.moment());
+            hint = hint.min(left.saturating_sub(self.inner.cfg.safety_margin));
+        }
+        backoff(failures, Duration::from_secs(2), Duration::from_secs(60))
+            .max(hint)
+            .max(Duration::from_secs(1))
+    }
+
     /// Refreshes a key in the background at its refresh time, for as long as its slot lives,
     /// retrying failures with backoff while the old token is served.
     fn schedule_refresh(&self, key: Key, slot: Weak<Slot<FlowError>>, at: Moment) {
@@ -422,6 +530,8 @@ impl Broker {
             let mut failures = 0u32;
             loop {
                 let Some(live) = slot.upgrade() else { return };
+                // Watched, the slot stays cached; no longer watched, it may now be evicted.
+                broker.inner.cache.keep(&key, &live).await;
                 // A newer token may have been published meanwhile (forced refresh): its own
                 // schedule takes over. (Compared on the monotonic clock, which only goes on.)
                 if let Some(t) = &live.current().token
@@ -440,10 +550,7 @@ impl Broker {
                     Ok(_) => return,
                     Err(e) => {
                         failures += 1;
-                        let wait =
-                            backoff(failures, Duration::from_secs(2), Duration::from_secs(60))
-                                .max(e.retry_after().unwrap_or_default())
-                                .max(Duration::from_secs(1));
+                        let wait = broker.retry_wait(failures, &e, &slot);
                         broker.inner.clock.sleep(wait).await;
                     }
                 }
@@ -451,6 +558,11 @@ impl Broker {
         });
     }
 }
+
+/// The longest an upstream's `Retry-After` holds back a key's background retries. The hint
+/// comes from the network (a proxy may send a day, or a number that overflows a deadline);
+/// Entra and Key Vault ask for seconds to minutes when throttling.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// Trims, de-duplicates and sorts scopes, and checks their shape.
 pub fn normalise_scopes(scopes: &[String]) -> Result<Cow<'_, [String]>, BrokerError> {
@@ -509,87 +621,4 @@ fn already_normal(scopes: &[String]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scopes_in_normal_form_are_kept_and_the_fast_check_agrees_with_the_full_path() {
-        let cases: Vec<Vec<String>> = [
-            &["https://graph.microsoft.com/.default"][..],
-            &["a", "b", "c"],
-            &["b", "a"],
-            &["a", "a"],
-            &[" a"],
-            &["a\u{7f}"],
-            &["é"],
-            &[""],
-            &["a b"],
-            &["x"; 9],
-        ]
-        .iter()
-        .map(|c| c.iter().map(|s| s.to_string()).collect())
-        .chain([
-            vec!["x".repeat(MAX_SCOPE_LEN)],
-            vec!["x".repeat(MAX_SCOPE_LEN + 1)],
-        ])
-        .collect();
-        let mut fast = 0;
-        for c in &cases {
-            let full = normalise_full(c).ok();
-            let fast_path = normalise_scopes(c);
-            assert_eq!(fast_path.as_deref().ok(), full.as_deref(), "{c:?}");
-            // The normal form is borrowed, never copied.
-            assert_eq!(
-                matches!(fast_path, Ok(Cow::Borrowed(_))),
-                already_normal(c),
-                "{c:?}"
-            );
-            if already_normal(c) {
-                fast += 1;
-                assert_eq!(full.as_ref(), Some(c), "{c:?} is in normal form");
-            }
-        }
-        assert_eq!(fast, 3, "the graph scope, a b c, and the longest scope");
-    }
-
-    #[test]
-    fn scopes_are_normalised() {
-        let asked = [
-            " https://graph.microsoft.com/.default".into(),
-            "api://b/.default".into(),
-            "https://graph.microsoft.com/.default".into(),
-        ];
-        let s = normalise_scopes(&asked).unwrap();
-        assert_eq!(
-            s,
-            vec!["api://b/.default", "https://graph.microsoft.com/.default"]
-        );
-    }
-
-    #[test]
-    fn bad_scopes_name_the_field() {
-        for bad in [
-            vec![],
-            vec!["".to_string()],
-            vec!["a b".to_string()],
-            vec!["x".repeat(600)],
-        ] {
-            match normalise_scopes(&bad) {
-                Err(BrokerError::InvalidArgument { field, .. }) => assert_eq!(field, "scopes"),
-                other => panic!("{bad:?}: {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn refresh_is_at_the_fraction_less_jitter() {
-        let life = Duration::from_secs(3600);
-        for _ in 0..100 {
-            let r = flow::refresh_after(life, 0.5);
-            assert!(
-                r <= Duration::from_secs(1800) && r >= Duration::from_secs(1440),
-                "{r:?}"
-            );
-        }
-    }
-}
+mod tests;

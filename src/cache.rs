@@ -4,9 +4,11 @@
 //! Watchers (`WatchToken`) subscribe to a slot's state.
 
 use std::borrow::Borrow;
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -111,6 +113,11 @@ pub struct CachedToken {
     /// when the request was sent.
     pub expires: Moment,
     pub refresh: Moment,
+    /// Whole seconds of validity it had when it was obtained (its lifetime less the time
+    /// the exchange took): the most a token for its key can be expected to have, so a
+    /// minimum validity above it is refused without a fetch. Four bytes, where a
+    /// `Duration` would take sixteen in every cached token.
+    pub issued_validity: u32,
     pub tenant_id: Arc<str>,
     pub client_id: Arc<str>,
     pub scopes: Arc<[String]>,
@@ -120,6 +127,11 @@ impl CachedToken {
     /// Remaining validity at `now` (zero once expired).
     pub fn remaining(&self, now: Moment) -> Duration {
         self.expires.until(now)
+    }
+
+    /// The validity it had when obtained (whole seconds).
+    pub fn issued_validity(&self) -> Duration {
+        Duration::from_secs(u64::from(self.issued_validity))
     }
 }
 
@@ -147,6 +159,8 @@ pub struct Slot<E> {
     last_forced: Mutex<Option<Moment>>,
     /// A persistent failure (configuration) answered from memory until the given time.
     negative: Mutex<Option<(Moment, Arc<E>)>>,
+    /// Whether a task is retrying the fetch of this slot's first token for its watchers.
+    retrying: AtomicBool,
 }
 
 impl<E> fmt::Debug for Slot<E> {
@@ -170,6 +184,7 @@ impl<E: Send + Sync + 'static> Slot<E> {
             inflight: Mutex::new(None),
             last_forced: Mutex::new(None),
             negative: Mutex::new(None),
+            retrying: AtomicBool::new(false),
         }
     }
 
@@ -208,6 +223,32 @@ impl<E: Send + Sync + 'static> Slot<E> {
             .map(|(_, e)| e.clone())
     }
 
+    /// Until when the remembered persistent failure is in force, if it still is at `now`.
+    pub fn negative_until(&self, now: Moment) -> Option<Moment> {
+        let n = self.negative.lock().unwrap_or_else(|p| p.into_inner());
+        n.as_ref()
+            .map(|(until, _)| *until)
+            .filter(|until| !until.reached(now))
+    }
+
+    /// Whether anyone watches this slot (`WatchToken`).
+    pub fn watched(&self) -> bool {
+        self.state.receiver_count() > 0
+    }
+
+    /// Makes the caller the one task retrying this slot's first fetch; `false` if there is
+    /// one already.
+    pub fn claim_retry(&self) -> bool {
+        self.retrying
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Ends the claim taken by `claim_retry`.
+    pub fn release_retry(&self) {
+        self.retrying.store(false, Ordering::Release);
+    }
+
     pub fn set_negative(&self, until: Option<(Moment, Arc<E>)>) {
         *self.negative.lock().unwrap_or_else(|p| p.into_inner()) = until;
     }
@@ -237,19 +278,22 @@ impl<E: Send + Sync + 'static> Slot<E> {
             return (Joined::Follower, f.clone());
         }
         let work = start();
-        let slot = Arc::downgrade(self);
+        let done = EndFlight(Arc::downgrade(self));
         let task = tokio::spawn(async move {
             let result = work.await;
-            if let Some(slot) = slot.upgrade() {
+            if let Some(slot) = done.0.upgrade() {
                 slot.publish(&result);
-                *slot.inflight.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
+            // The flight ends here, after its result is published; or, should the fetch
+            // panic, when the unwinding drops `done`.
+            drop(done);
             result
         });
         let flight: Flight<E> = async move {
             match task.await {
                 Ok(r) => r,
-                // The task only ends early if the runtime is shutting down.
+                // The task ends early only if the fetch panicked or the runtime is shutting
+                // down; its waiters get an error, and the next caller starts a new flight.
                 Err(e) => Err(Arc::new(E::from_join(e))),
             }
         }
@@ -257,6 +301,18 @@ impl<E: Send + Sync + 'static> Slot<E> {
         .shared();
         *inflight = Some(flight.clone());
         (Joined::Leader, flight)
+    }
+}
+
+/// Clears a slot's flight when dropped: when the fetch task ends, whether it returned or
+/// panicked, so that no caller joins a flight that is over.
+struct EndFlight<E>(Weak<Slot<E>>);
+
+impl<E> Drop for EndFlight<E> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.upgrade() {
+            *slot.inflight.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 }
 
@@ -273,6 +329,11 @@ pub trait FromJoin {
 /// that collide. (The development identity's `*` grants are the exception, on loopback.)
 pub struct TokenCache<E> {
     slots: moka::future::Cache<Key, Arc<Slot<E>>, foldhash::fast::RandomState>,
+    /// The slots that have watchers, held here too: a key only watched is never read by a
+    /// request, so the cache would evict it once idle (or under size pressure), ending its
+    /// refreshes and its watchers' streams. A lookup that misses `slots` finds a watched slot
+    /// here and puts it back; `keep` lets go of it once nobody watches.
+    watched: Mutex<HashMap<Key, Arc<Slot<E>>, foldhash::fast::RandomState>>,
 }
 
 impl<E> fmt::Debug for TokenCache<E> {
@@ -290,6 +351,7 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
                 .max_capacity(max_entries)
                 .time_to_idle(idle)
                 .build_with_hasher(foldhash::fast::RandomState::default()),
+            watched: Mutex::default(),
         }
     }
 
@@ -304,9 +366,53 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
             &owned as &dyn KeyView == key,
             "the owned key is another key"
         );
+        let watched = self.watched_slot(&owned);
         self.slots
-            .get_with(owned, async { Arc::new(Slot::new()) })
+            .get_with(owned, async {
+                watched.unwrap_or_else(|| Arc::new(Slot::new()))
+            })
             .await
+    }
+
+    fn watched_slot(&self, key: &Key) -> Option<Arc<Slot<E>>> {
+        let watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        watched.get(key).cloned()
+    }
+
+    /// Subscribes to `slot`, found under `key`, and keeps the slot for as long as it has
+    /// watchers, even if the cache evicts it.
+    pub fn watch(&self, key: &Key, slot: &Arc<Slot<E>>) -> watch::Receiver<SlotState> {
+        let rx = slot.subscribe();
+        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        watched.entry(key.clone()).or_insert_with(|| slot.clone());
+        rx
+    }
+
+    /// For the task that keeps `slot` (its refresh scheduler), at each turn: a watched slot is
+    /// read (so the cache does not count it idle) or, if evicted, put back; one nobody
+    /// watches any more is let go, to be evicted like any other.
+    pub async fn keep(&self, key: &Key, slot: &Arc<Slot<E>>) {
+        if slot.watched() {
+            self.slots
+                .get_with_by_ref(key, async { slot.clone() })
+                .await;
+            return;
+        }
+        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        if watched.get(key).is_some_and(|w| Arc::ptr_eq(w, slot)) {
+            watched.remove(key);
+        }
+    }
+
+    /// The number of slots held for their watchers.
+    pub fn watched_count(&self) -> usize {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Drops `key` from the cache, as eviction does (tests).
+    pub async fn evict(&self, key: &Key) {
+        self.slots.invalidate(key).await;
+        self.slots.run_pending_tasks().await;
     }
 
     pub async fn existing(&self, key: &Key) -> Option<Arc<Slot<E>>> {
@@ -328,6 +434,7 @@ mod tests {
     use std::hash::BuildHasher;
 
     use super::*;
+    use crate::clock::Clock;
 
     fn key(tenant: &str, scopes: &[&str]) -> Key {
         Key {
@@ -366,6 +473,41 @@ mod tests {
                 scopes: scopes.as_slice().into(),
             })
             .await
+    }
+
+    impl FromJoin for String {
+        fn from_join(e: tokio::task::JoinError) -> Self {
+            format!("fetch task ended: {e}")
+        }
+    }
+
+    fn token() -> Arc<CachedToken> {
+        let now = crate::clock::SystemClock.moment();
+        let access_token = Sensitive::new(String::from("t"));
+        Arc::new(CachedToken {
+            fingerprint: access_token.fingerprint(),
+            access_token,
+            token_type: "Bearer".into(),
+            expires: now + Duration::from_secs(3600),
+            refresh: now + Duration::from_secs(1800),
+            issued_validity: 3600,
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            scopes: Arc::new([]),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_fetch_that_panics_ends_its_flight_and_the_next_caller_starts_another() {
+        let slot: Arc<Slot<String>> = Arc::new(Slot::new());
+        let (joined, flight) = slot.fetch(|| async { panic!("the fetch fails hard") }.boxed());
+        assert_eq!(joined, Joined::Leader);
+        let e = flight.await.unwrap_err();
+        assert!(e.contains("panic"), "{e}");
+        let (joined, flight) = slot.fetch(|| async { Ok(token()) }.boxed());
+        assert_eq!(joined, Joined::Leader, "a new flight, not the finished one");
+        assert!(flight.await.is_ok());
+        assert!(slot.current().token.is_some());
     }
 
     #[tokio::test]

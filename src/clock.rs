@@ -58,13 +58,21 @@ impl Moment {
     }
 }
 
+/// The longest span a `Moment` is moved by: longer spans (from configuration, an upstream's
+/// hint) are taken as this one. No deadline the broker keeps is that far, and the clocks'
+/// types panic where an addition overflows.
+pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 impl Add<Duration> for Moment {
     type Output = Moment;
 
+    /// Saturating: a span beyond `MAX_SPAN` counts as `MAX_SPAN`, and a moment that cannot
+    /// be moved that far (only near the end of either clock's range) stays where it is.
     fn add(self, d: Duration) -> Moment {
+        let d = d.min(MAX_SPAN);
         Moment {
-            wall: self.wall + d,
-            mono: self.mono + d,
+            wall: self.wall.checked_add(d).unwrap_or(self.wall),
+            mono: self.mono.checked_add(d).unwrap_or(self.mono),
         }
     }
 }
@@ -225,6 +233,16 @@ mod tests {
         sleeper.await;
         assert_eq!(deadline.until(clock.moment()), Duration::ZERO);
         assert_eq!(deadline.wall_at(clock.moment()), deadline.wall);
+    }
+
+    #[test]
+    fn a_moment_moved_by_an_absurd_span_saturates_instead_of_panicking() {
+        let now = SystemClock.moment();
+        let far = now + Duration::MAX;
+        assert_eq!(far, now + MAX_SPAN);
+        assert!(!far.reached(now));
+        assert!(far.until(now) >= Duration::from_secs(99 * 365 * 86_400));
+        assert!(!(far + Duration::from_secs(u64::MAX)).reached(far));
     }
 
     #[test]

@@ -522,6 +522,10 @@ pub fn observability_env(key: &str) -> Option<String> {
     .flatten()
 }
 
+/// Seconds in an hour and in a day, for the bounds of the settings.
+const HOUR: u64 = 3600;
+const DAY: u64 = 86_400;
+
 /// Environment variables that override deployment settings of the file.
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("TOKENBROKER_LISTEN", "server.listen"),
@@ -780,6 +784,25 @@ impl Validator<'_> {
         }
     }
 
+    /// A span of `raw` seconds (`default` when absent) at `path`, at most `max` seconds
+    /// (`why` says what that is and why): deadlines are this far from now, and an absurd
+    /// value would overflow them.
+    fn span(
+        &mut self,
+        path: &str,
+        raw: Option<u64>,
+        default: u64,
+        max: u64,
+        why: &str,
+    ) -> Duration {
+        let secs = raw.unwrap_or(default);
+        if secs > max {
+            self.problem(path, format!("must be at most {max} seconds ({why})"));
+            return Duration::from_secs(default);
+        }
+        Duration::from_secs(secs)
+    }
+
     fn problem(&mut self, path: &str, message: impl Into<String>) {
         self.problems.push(Problem {
             path: path.to_string(),
@@ -1011,14 +1034,32 @@ impl Validator<'_> {
         }
         ResilienceConfig {
             max_attempts,
-            retry_budget: Duration::from_secs(raw.retry_budget_secs.unwrap_or(10)),
+            retry_budget: self.span(
+                "resilience.retry_budget_secs",
+                raw.retry_budget_secs,
+                10,
+                HOUR,
+                "an hour: callers wait for a fetch within it",
+            ),
             sign_rate_per_vault: sign_rate,
             sign_burst: raw.sign_burst.unwrap_or(50),
             exchange_rate_per_tenant: exchange_rate,
             exchange_burst: raw.exchange_burst.unwrap_or(10),
             breaker_failures: raw.breaker_failures.unwrap_or(5),
-            breaker_cool_down: Duration::from_secs(raw.breaker_cool_down_secs.unwrap_or(30)),
-            negative_ttl: Duration::from_secs(raw.negative_ttl_secs.unwrap_or(30)),
+            breaker_cool_down: self.span(
+                "resilience.breaker_cool_down_secs",
+                raw.breaker_cool_down_secs,
+                30,
+                DAY,
+                "a day",
+            ),
+            negative_ttl: self.span(
+                "resilience.negative_ttl_secs",
+                raw.negative_ttl_secs,
+                30,
+                DAY,
+                "a day: a fixed configuration must be noticed",
+            ),
             prewarm: raw.prewarm,
         }
     }
@@ -1262,14 +1303,37 @@ impl Validator<'_> {
         if max_entries == 0 {
             self.problem("cache.max_entries", "must be at least 1");
         }
+        const TOKEN_LIFE: &str = "an hour: Entra tokens live 60 to 90 minutes";
         CacheConfig {
             max_entries,
-            safety_margin: Duration::from_secs(raw.safety_margin_secs.unwrap_or(60)),
-            default_min_validity: Duration::from_secs(raw.default_min_validity_secs.unwrap_or(300)),
-            force_refresh_interval: Duration::from_secs(
-                raw.force_refresh_interval_secs.unwrap_or(30),
+            safety_margin: self.span(
+                "cache.safety_margin_secs",
+                raw.safety_margin_secs,
+                60,
+                HOUR,
+                TOKEN_LIFE,
             ),
-            certificate_refresh: Duration::from_secs(raw.certificate_refresh_secs.unwrap_or(3600)),
+            default_min_validity: self.span(
+                "cache.default_min_validity_secs",
+                raw.default_min_validity_secs,
+                300,
+                HOUR,
+                TOKEN_LIFE,
+            ),
+            force_refresh_interval: self.span(
+                "cache.force_refresh_interval_secs",
+                raw.force_refresh_interval_secs,
+                30,
+                DAY,
+                "a day",
+            ),
+            certificate_refresh: self.span(
+                "cache.certificate_refresh_secs",
+                raw.certificate_refresh_secs,
+                3600,
+                7 * DAY,
+                "a week: a rotated certificate must be noticed",
+            ),
             refresh_fraction,
         }
     }

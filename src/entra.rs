@@ -68,14 +68,16 @@ impl EntraError {
         self.codes.first().map(|c| format!("AADSTS{c}"))
     }
 
-    fn transport(message: String) -> Self {
+    /// No answer: `correlation` is the `client-request-id` sent, for an operator to quote
+    /// (Entra may have logged the request although its answer never came).
+    fn transport(message: String, correlation: &str) -> Self {
         EntraError {
             class: EntraErrorClass::Retryable,
             status: 0,
             error: "transport".into(),
             codes: vec![],
             description: message,
-            correlation_id: None,
+            correlation_id: Some(correlation.to_owned()),
             trace_id: None,
             retry_after: None,
         }
@@ -85,7 +87,11 @@ impl EntraError {
 impl fmt::Display for EntraError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.status == 0 {
-            return write!(f, "Entra ID unreachable: {}", self.description);
+            write!(f, "Entra ID unreachable: {}", self.description)?;
+            if let Some(c) = &self.correlation_id {
+                write!(f, " [client-request-id {c}]")?;
+            }
+            return Ok(());
         }
         write!(f, "Entra ID answered {} {}", self.status, self.error)?;
         if let Some(code) = self.aadsts() {
@@ -135,7 +141,7 @@ pub fn classify(status: u16, error: &str, codes: &[u32]) -> EntraErrorClass {
         }
     }
     match (status, error) {
-        (429, _) | (500..=599, _) | (_, "temporarily_unavailable") => Retryable,
+        (408 | 429, _) | (500..=599, _) | (_, "temporarily_unavailable") => Retryable,
         (_, "invalid_scope") => Caller,
         _ => Configuration,
     }
@@ -150,11 +156,63 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 struct SuccessBody {
     access_token: String,
     token_type: Option<String>,
+    /// A number, or a numeric string as ADFS and the v1 endpoints send it.
+    #[serde(deserialize_with = "seconds")]
     expires_in: u64,
+    /// Only a hint: absent, or anything but a number of seconds, it is ignored.
+    #[serde(default, deserialize_with = "hint_seconds")]
     refresh_in: Option<u64>,
 }
 
-#[derive(Deserialize, Default)]
+/// Whole seconds from a JSON number or a numeric string (fractions dropped).
+fn seconds_of(v: &serde_json::Value) -> Option<u64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+        }),
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            s.parse::<u64>().ok().or_else(|| {
+                s.parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite() && *f >= 0.0)
+                    .map(|f| f as u64)
+            })
+        }
+        _ => None,
+    }
+}
+
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    seconds_of(&v).ok_or_else(|| serde::de::Error::custom("expires_in is not a number of seconds"))
+}
+
+fn hint_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(seconds_of(&v))
+}
+
+/// A successful answer's body as a token (its lifetime capped at `MAX_LIFETIME`).
+fn token_from(body: &[u8]) -> Result<EntraToken, serde_json::Error> {
+    let ok: SuccessBody = serde_json::from_slice(body)?;
+    if ok.expires_in > MAX_LIFETIME.as_secs() {
+        tracing::warn!(
+            expires_in = ok.expires_in,
+            "Entra token lifetime above a day; it is treated as a day"
+        );
+    }
+    Ok(EntraToken {
+        access_token: Sensitive::new(ok.access_token),
+        token_type: ok.token_type.unwrap_or_else(|| "Bearer".into()),
+        expires_in: Duration::from_secs(ok.expires_in).min(MAX_LIFETIME),
+        refresh_in: ok.refresh_in.map(Duration::from_secs),
+    })
+}
+
+#[derive(Deserialize)]
 struct ErrorBody {
     #[serde(default)]
     error: String,
@@ -207,7 +265,7 @@ impl TokenExchange for HttpTokenExchange {
             .send()
             .await
             // reqwest errors name the URL, never the form body.
-            .map_err(|e| EntraError::transport(crate::outbound::error_chain(&e)))?;
+            .map_err(|e| EntraError::transport(crate::outbound::error_chain(&e), &correlation))?;
         let status = resp.status().as_u16();
         let retry_after = crate::resilience::retry_after(
             |name| {
@@ -221,9 +279,9 @@ impl TokenExchange for HttpTokenExchange {
         let body = resp
             .bytes()
             .await
-            .map_err(|e| EntraError::transport(crate::outbound::error_chain(&e)))?;
+            .map_err(|e| EntraError::transport(crate::outbound::error_chain(&e), &correlation))?;
         if status == 200 {
-            let ok: SuccessBody = serde_json::from_slice(&body).map_err(|e| EntraError {
+            return token_from(&body).map_err(|e| EntraError {
                 class: EntraErrorClass::Retryable,
                 status,
                 error: "invalid_response".into(),
@@ -232,21 +290,28 @@ impl TokenExchange for HttpTokenExchange {
                 correlation_id: Some(correlation.clone()),
                 trace_id: None,
                 retry_after: None,
-            })?;
-            if ok.expires_in > MAX_LIFETIME.as_secs() {
-                tracing::warn!(
-                    expires_in = ok.expires_in,
-                    "Entra token lifetime above a day; it is treated as a day"
-                );
-            }
-            return Ok(EntraToken {
-                access_token: Sensitive::new(ok.access_token),
-                token_type: ok.token_type.unwrap_or_else(|| "Bearer".into()),
-                expires_in: Duration::from_secs(ok.expires_in).min(MAX_LIFETIME),
-                refresh_in: ok.refresh_in.map(Duration::from_secs),
             });
         }
-        let err: ErrorBody = serde_json::from_slice(&body).unwrap_or_default();
+        let err = serde_json::from_slice::<ErrorBody>(&body)
+            .ok()
+            .filter(|e| !e.error.is_empty() || !e.error_codes.is_empty());
+        let Some(err) = err else {
+            // Not Entra's verdict (a proxy's or gateway's page, or not a token endpoint):
+            // nothing to remember as a configuration error; retried, behind the breaker.
+            // The body is not quoted: it is not Entra's, and could echo the request.
+            return Err(EntraError {
+                class: EntraErrorClass::Retryable,
+                status,
+                error: format!("http_{status}"),
+                codes: vec![],
+                description: format!(
+                    "HTTP {status} without an Entra error in the body: a proxy or gateway answered, or the authority host is not Entra's"
+                ),
+                correlation_id: Some(correlation),
+                trace_id: None,
+                retry_after,
+            });
+        };
         Err(EntraError {
             class: classify(status, &err.error, &err.error_codes),
             status,
@@ -308,7 +373,121 @@ mod tests {
         assert_eq!(classify(400, "invalid_request", &[90055]), Retryable);
         assert_eq!(classify(503, "temporarily_unavailable", &[]), Retryable);
         assert_eq!(classify(429, "", &[]), Retryable);
+        assert_eq!(classify(408, "", &[]), Retryable);
         assert_eq!(classify(400, "invalid_request", &[]), Configuration);
+    }
+
+    #[test]
+    fn lifetimes_are_read_from_numbers_and_numeric_strings_and_a_bad_hint_is_ignored() {
+        let read = |body: &str| token_from(body.as_bytes());
+        let t = read(
+            r#"{"access_token":"a","token_type":"Bearer","expires_in":3599,"refresh_in":1799}"#,
+        )
+        .unwrap();
+        assert_eq!(t.expires_in, Duration::from_secs(3599));
+        assert_eq!(t.refresh_in, Some(Duration::from_secs(1799)));
+        // ADFS and the v1 endpoints: strings.
+        let t = read(r#"{"access_token":"a","expires_in":"3599","refresh_in":"1799"}"#).unwrap();
+        assert_eq!(t.expires_in, Duration::from_secs(3599));
+        assert_eq!(t.refresh_in, Some(Duration::from_secs(1799)));
+        assert_eq!(t.token_type, "Bearer");
+        // A hint that is not a number of seconds is no hint.
+        for hint in [r#""soon""#, "-5", "null", "{}", "true"] {
+            let body = format!(r#"{{"access_token":"a","expires_in":3599,"refresh_in":{hint}}}"#);
+            let t = read(&body).unwrap();
+            assert_eq!(t.refresh_in, None, "{hint}");
+        }
+        assert_eq!(
+            read(r#"{"access_token":"a","expires_in":3599.5}"#)
+                .unwrap()
+                .expires_in,
+            Duration::from_secs(3599)
+        );
+        // Without a lifetime there is no token to cache.
+        for bad in [
+            r#"{"access_token":"a"}"#,
+            r#"{"access_token":"a","expires_in":"an hour"}"#,
+            r#"{"access_token":"a","expires_in":-1}"#,
+        ] {
+            let e = read(bad).unwrap_err();
+            assert!(!e.to_string().contains("\"a\""), "{e}");
+        }
+        assert_eq!(
+            read(r#"{"access_token":"a","expires_in":99999999999}"#)
+                .unwrap()
+                .expires_in,
+            MAX_LIFETIME
+        );
+    }
+
+    /// Exchanges once with the token endpoint at `url`: the error, and the id sent.
+    async fn exchange_at(url: &str) -> (EntraError, String) {
+        let endpoint = Url::parse(url).unwrap();
+        let assertion = Sensitive::new(String::from("eyJassertion"));
+        let correlation_id = uuid::Uuid::new_v4();
+        let e = HttpTokenExchange::new(reqwest::Client::new())
+            .exchange(ExchangeRequest {
+                token_endpoint: &endpoint,
+                client_id: "c",
+                scope: "s",
+                assertion: &assertion,
+                correlation_id,
+            })
+            .await
+            .unwrap_err();
+        (e, correlation_id.to_string())
+    }
+
+    /// A server answering every request with `status` and a body of `body`.
+    async fn answering(status: u16, body: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let status = axum::http::StatusCode::from_u16(status).unwrap();
+        let app = axum::Router::new().fallback(move || async move { (status, body) });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/t/oauth2/v2.0/token")
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_an_entra_error_is_retried_not_remembered_as_configuration() {
+        for status in [404, 408, 413, 502] {
+            let url = answering(status, "<html>Request Entity Too Large</html>").await;
+            let (e, sent) = exchange_at(&url).await;
+            assert_eq!(e.status, status);
+            assert_eq!(e.class, EntraErrorClass::Retryable, "{status}: {e}");
+            assert_eq!(e.correlation_id.as_deref(), Some(sent.as_str()));
+            assert!(e.to_string().contains("without an Entra error"), "{e}");
+            assert!(
+                !e.to_string().contains("html"),
+                "the page is not quoted: {e}"
+            );
+        }
+        // Entra's own verdict is still classified by its code.
+        let url = answering(
+            400,
+            r#"{"error":"unauthorized_client","error_description":"AADSTS7000112: Application is disabled.","error_codes":[7000112]}"#,
+        )
+        .await;
+        let (e, _) = exchange_at(&url).await;
+        assert_eq!(e.class, EntraErrorClass::Configuration, "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_got_no_answer_names_the_client_request_id_sent() {
+        // A port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (e, sent) = exchange_at(&format!("http://127.0.0.1:{port}/t/oauth2/v2.0/token")).await;
+        assert_eq!(e.status, 0);
+        assert_eq!(e.class, EntraErrorClass::Retryable);
+        assert!(
+            e.to_string().contains(&format!("client-request-id {sent}")),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("eyJassertion"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use url::Url;
 use crate::assertion::{self, AssertionParams};
 use crate::broker::Upstreams;
 use crate::cache::CachedToken;
-use crate::clock::{Clock, Moment};
+use crate::clock::{Clock, MAX_SPAN, Moment};
 use crate::config::{
     CacheConfig, Config, Credential, ResilienceConfig, SigningAlgorithm, TenantConfig,
     ThumbprintHeader,
@@ -68,6 +68,21 @@ impl FlowError {
         !self.is_retryable() && !matches!(self, FlowError::Internal(_))
     }
 
+    /// `upstream` did not answer within the fetch's retry budget: retryable, named.
+    fn timed_out(upstream: Upstream, budget: Duration) -> Self {
+        let message = format!(
+            "no answer within the fetch's retry budget of {}s (resilience.retry_budget_secs)",
+            budget.as_secs()
+        );
+        match FlowError::unavailable(upstream, message, Duration::from_secs(1)) {
+            FlowError::Entra(e) => FlowError::Entra(EntraError {
+                error: "timeout".into(),
+                ..e
+            }),
+            other => other,
+        }
+    }
+
     fn unavailable(upstream: Upstream, message: String, retry_after: Duration) -> Self {
         match upstream {
             Upstream::Entra => FlowError::Entra(EntraError {
@@ -100,6 +115,17 @@ impl crate::cache::FromJoin for FlowError {
     fn from_join(e: tokio::task::JoinError) -> Self {
         FlowError::Internal(format!("token fetch task ended: {e}"))
     }
+}
+
+/// A fetch's retry budget, spent on two timers. Waits and retries end at `at`, on the
+/// broker's `Clock` like every deadline. An attempt (a call in flight) is cut off at `io`,
+/// the same span on the runtime's monotonic timer, like the outbound timeouts: it bounds how
+/// long the network may take, and a jump of the `Clock` (a host resumed from suspend, a
+/// test's manual clock moved a minute on) must not cut off calls answered in an instant.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Moment,
+    io: tokio::time::Instant,
 }
 
 /// Upstream call counters (tests, metrics, benchmarks).
@@ -299,7 +325,10 @@ impl Flow {
         tenant: &Tenant,
         scopes: &[String],
     ) -> Result<CachedToken, FlowError> {
-        let deadline = self.clock.moment() + self.res.retry_budget;
+        let deadline = Deadline {
+            at: self.clock.moment() + self.res.retry_budget,
+            io: tokio::time::Instant::now() + self.res.retry_budget.min(MAX_SPAN),
+        };
         match &tenant.config.credential {
             Credential::KeyVaultCertificate {
                 vault_url,
@@ -355,7 +384,7 @@ impl Flow {
         &self,
         tenant: &Tenant,
         scopes: &[String],
-        deadline: Moment,
+        deadline: Deadline,
         cert_key: CertKey,
         algorithm: SigningAlgorithm,
         thumbprint: ThumbprintHeader,
@@ -375,7 +404,7 @@ impl Flow {
                 now: self.clock.unix(),
             };
             let assertion = self
-                .guarded(vault.map(|v| &v.0), deadline, || async {
+                .guarded(self.signer_for(&cert_key.0).1, vault.map(|v| &v.0), deadline, || async {
                     self.stats.signs.fetch_add(1, Ordering::Relaxed);
                     let started = Instant::now();
                     let (signer, upstream, _) = self.signer_for(&cert_key.0);
@@ -423,10 +452,23 @@ impl Flow {
                     if e.class == EntraErrorClass::KeyRejected && !retried_key =>
                 {
                     retried_key = true;
-                    if let Some(fresh) = self
+                    // Entra's refusal is the news; a failed re-read is only its context.
+                    let changed = match self
                         .changed_certificate(&cert_key, vault.map(|v| &v.1), deadline, &cert)
-                        .await?
+                        .await
                     {
+                        Ok(changed) => changed,
+                        Err(reread) => {
+                            return Err(FlowError::Entra(EntraError {
+                                description: format!(
+                                    "{} (re-reading the certificate after the refusal failed: {reread})",
+                                    e.description
+                                ),
+                                ..e
+                            }));
+                        }
+                    };
+                    if let Some(fresh) = changed {
                         info!(tenant = %tenant.name, version = %fresh.version, "certificate changed; retrying with the new version");
                         cert = fresh;
                         continue;
@@ -463,13 +505,13 @@ impl Flow {
         &self,
         tenant: &Tenant,
         scopes: &[String],
-        deadline: Moment,
+        deadline: Deadline,
         client_id: &str,
         audience: &str,
     ) -> Result<CachedToken, FlowError> {
         let guard = self.identities.get(client_id);
         let assertion = self
-            .guarded(guard, deadline, || async {
+            .guarded(Upstream::ManagedIdentity, guard, deadline, || async {
                 let span = info_span!("managed_identity.assertion", otel.kind = "client", tenant = %tenant.name, identity = %client_id);
                 let r = self
                     .metrics
@@ -489,13 +531,13 @@ impl Flow {
         tenant: &Tenant,
         scopes: &[String],
         assertion: &Sensitive,
-        deadline: Moment,
+        deadline: Deadline,
     ) -> Result<(Moment, EntraToken), FlowError> {
         let entra = self.entra.get(tenant.name.as_ref());
         let scope = scopes.join(" ");
         let started = self.clock.moment();
         let token = self
-            .guarded(entra, deadline, || async {
+            .guarded(Upstream::Entra, entra, deadline, || async {
                 self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
                 let started = Instant::now();
                 let correlation_id = uuid::Uuid::new_v4();
@@ -531,10 +573,13 @@ impl Flow {
         t: EntraToken,
     ) -> CachedToken {
         let lifetime = t.expires_in;
+        // Never at once: a refresh is scheduled before the token is published, and one due
+        // at once would find its own fetch still under way, join it, and end the chain.
         let refresh_in = t
             .refresh_in
             .filter(|r| *r < lifetime)
-            .unwrap_or_else(|| refresh_after(lifetime, self.cache.refresh_fraction));
+            .unwrap_or_else(|| refresh_after(lifetime, self.cache.refresh_fraction))
+            .max(MIN_REFRESH);
         let fingerprint = t.access_token.fingerprint();
         info!(
             tenant = %tenant.name,
@@ -544,24 +589,31 @@ impl Flow {
             "token obtained"
         );
         // Lifetimes count from when the request was sent: never overestimate.
+        let expires = started + lifetime;
+        let issued_validity = expires.until(self.clock.moment()).as_secs();
         CachedToken {
             fingerprint,
             access_token: t.access_token,
             token_type: t.token_type,
-            expires: started + lifetime,
+            expires,
             refresh: started + refresh_in,
+            issued_validity: u32::try_from(issued_validity).unwrap_or(u32::MAX),
             tenant_id: tenant.tenant_id.clone(),
             client_id: tenant.client_id.clone(),
             scopes: scopes.to_vec().into(),
         }
     }
 
-    /// Runs `op` behind an upstream's breaker and budget, retrying transient failures with
-    /// full-jitter backoff (at least the upstream's `Retry-After`) until `deadline`.
+    /// Runs `op` (a call to `upstream`) behind the upstream's breaker and budget, retrying
+    /// transient failures with full-jitter backoff (at least the upstream's `Retry-After`)
+    /// until `deadline`. Each attempt is cut off when the budget is spent, too: the outbound
+    /// timeouts may be longer than the whole fetch's budget, and a stalled upstream must not
+    /// hold the callers past it.
     async fn guarded<T, F, Fut>(
         &self,
+        upstream: Upstream,
         guard: Option<&Guard>,
-        deadline: Moment,
+        deadline: Deadline,
         mut op: F,
     ) -> Result<T, FlowError>
     where
@@ -585,7 +637,7 @@ impl Flow {
                     ));
                 }
                 if let Some(b) = &g.bucket
-                    && !b.take(self.clock.as_ref(), deadline).await
+                    && !b.take(self.clock.as_ref(), deadline.at).await
                 {
                     g.breaker.neutral();
                     return Err(FlowError::unavailable(
@@ -596,7 +648,13 @@ impl Flow {
                     ));
                 }
             }
-            let result = op().await;
+            let Ok(result) = tokio::time::timeout_at(deadline.io, op()).await else {
+                // What was left of the budget is spent: no retry.
+                if let Some(g) = guard {
+                    g.breaker.failure(self.clock.moment().mono);
+                }
+                return Err(FlowError::timed_out(upstream, self.res.retry_budget));
+            };
             attempt += 1;
             match result {
                 Ok(v) => {
@@ -612,7 +670,7 @@ impl Flow {
                     let wait = backoff(attempt, Duration::from_millis(250), Duration::from_secs(8))
                         .max(e.retry_after().unwrap_or(Duration::ZERO));
                     if attempt >= self.res.max_attempts
-                        || wait > deadline.until(self.clock.moment())
+                        || wait > deadline.at.until(self.clock.moment())
                     {
                         return Err(e);
                     }
@@ -637,7 +695,7 @@ impl Flow {
         &self,
         key: &CertKey,
         guard: Option<&Guard>,
-        deadline: Moment,
+        deadline: Deadline,
     ) -> Result<CertificateInfo, FlowError> {
         let entry = self
             .certs
@@ -695,7 +753,7 @@ impl Flow {
         &self,
         key: &CertKey,
         guard: Option<&Guard>,
-        deadline: Moment,
+        deadline: Deadline,
         held: &CertificateInfo,
     ) -> Result<Option<CertificateInfo>, FlowError> {
         let fresh = self.read_certificate(key, guard, deadline).await?;
@@ -710,9 +768,9 @@ impl Flow {
         &self,
         key: &CertKey,
         guard: Option<&Guard>,
-        deadline: Moment,
+        deadline: Deadline,
     ) -> Result<CertificateInfo, FlowError> {
-        self.guarded(guard, deadline, || async {
+        self.guarded(self.signer_for(&key.0).2, guard, deadline, || async {
             self.stats.certificate_reads.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
             let (signer, _, upstream) = self.signer_for(&key.0);
@@ -778,6 +836,10 @@ impl Flow {
             .collect()
     }
 }
+
+/// The soonest a token is refreshed after it was asked for, whatever its lifetime or Entra's
+/// `refresh_in` (`expires_in` or `refresh_in` of 0 included).
+pub const MIN_REFRESH: Duration = Duration::from_secs(30);
 
 /// How long before a signing certificate's end the broker starts warning.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);

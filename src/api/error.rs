@@ -90,6 +90,12 @@ pub fn to_status(e: &BrokerError) -> Status {
         BrokerError::UnknownTenant(name) => Status::not_found(format!(
             "tenant `{name}` is not configured in this broker; check the name against [tenants] in its configuration"
         )),
+        BrokerError::MinValidityBeyondLifetime { issued, wanted } => Status::out_of_range(format!(
+            "min_validity: tokens for this tenant and scopes are issued valid for {}s (Entra's token lifetime), less than the {}s asked for; ask for at most {}s",
+            issued.as_secs(),
+            wanted.as_secs(),
+            issued.as_secs()
+        )),
         BrokerError::MinValidityUnmet { remaining, wanted } => Status::out_of_range(format!(
             "min_validity: Entra issued a token valid for {}s, less than the {}s asked for; ask for less",
             remaining.as_secs(),

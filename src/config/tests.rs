@@ -689,3 +689,38 @@ fn tokens_are_refused_while_the_audit_trail_fails_unless_configured_to_serve() {
     assert_eq!(p[0].path, "audit.on_write_failure");
     assert!(p[0].message.contains("refuse, serve"), "{p:?}");
 }
+
+#[test]
+fn spans_too_long_for_a_deadline_are_refused_with_their_bound() {
+    let text = format!(
+        "{GOOD}\n[cache]\ncertificate_refresh_secs = 9223372036854775807\nsafety_margin_secs = 7200\n\n\
+         [resilience]\nretry_budget_secs = 99999999999\nnegative_ttl_secs = 86401\nbreaker_cool_down_secs = 86400\n"
+    );
+    let p = problems(&text);
+    let about = |path: &str| p.iter().find(|p| p.path == path).map(|p| p.message.clone());
+    assert_eq!(
+        about("cache.certificate_refresh_secs").as_deref(),
+        Some("must be at most 604800 seconds (a week: a rotated certificate must be noticed)")
+    );
+    assert!(
+        about("cache.safety_margin_secs")
+            .unwrap()
+            .contains("at most 3600")
+    );
+    assert!(
+        about("resilience.retry_budget_secs")
+            .unwrap()
+            .contains("at most 3600")
+    );
+    assert!(
+        about("resilience.negative_ttl_secs")
+            .unwrap()
+            .contains("at most 86400")
+    );
+    assert_eq!(
+        about("resilience.breaker_cool_down_secs"),
+        None,
+        "a day is allowed"
+    );
+    assert_eq!(p.len(), 4, "{p:?}");
+}

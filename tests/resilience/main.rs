@@ -649,6 +649,78 @@ async fn readiness_waits_for_the_prewarmed_keys() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_min_validity_beyond_the_tokens_lifetime_costs_no_upstream_call() {
+    // Entra's tokens live 3599 s here; the broker accepts a min_validity of up to 3600 s.
+    let mut emu = estate();
+    for t in &mut emu.tenants {
+        for a in &mut t.apps {
+            a.token_lifetime_secs = [3599, 3599];
+        }
+    }
+    let stack = Stack::start_full(emu, tuned(""), Some(ManualClock::new()), |e| e).await;
+    let first = stack.get("contoso", GRAPH).await.unwrap();
+    let mut c = stack.client().await;
+    for _ in 0..10 {
+        let e = c
+            .get_token(GetTokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                min_validity: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+                force_refresh: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+        assert!(
+            e.message().contains("issued valid for 3599s")
+                && e.message().contains("ask for at most 3599s"),
+            "the most a token has: {}",
+            e.message()
+        );
+    }
+    assert_eq!(
+        stack
+            .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+            .await,
+        1,
+        "no exchange for a validity no token has"
+    );
+    assert_eq!(stack.total_signs().await, 1);
+    let again = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(again.source, TokenSource::Cache as i32);
+    assert_eq!(again.access_token, first.access_token);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_entra_holds_a_cold_caller_no_longer_than_the_retry_budget() {
+    // The outbound request timeout (30 s) is longer than the fetch's budget (1 s here, as an
+    // attempt's bound is timed by the runtime, not the manual clock), and the held request
+    // would outlast both.
+    let stack = manual("retry_budget_secs = 1").await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "tenant": demo::CONTOSO_TENANT, "hang": true, "count": 1, "duration_ms": 120000}),
+        )
+        .await;
+    let cold = spawn_get(&stack, "contoso").await;
+    wait_for(|| async { faults_left(&stack).await == 0 }).await;
+    let e = tokio::time::timeout(Duration::from_secs(60), cold)
+        .await
+        .expect("answered once the budget is spent")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("Entra ID"), "{}", e.message());
+    assert!(e.message().contains("retry budget"), "{}", e.message());
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_in_flight_calls_finish_and_refuses_new_ones() {
     let stack = Stack::start_with(estate(), |t| t).await;
     stack

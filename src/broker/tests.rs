@@ -1,0 +1,620 @@
+//! Unit tests of the broker: request validation, and the cache, single flight and refresh
+//! scheduling over fake upstreams on a `ManualClock` (tokio's time paused, so `settle` lets
+//! every task run until all wait on the manual clock).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use url::Url;
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::entra::{EntraError, EntraErrorClass, EntraToken, ExchangeRequest};
+use crate::sensitive::Sensitive;
+use crate::signer::{CertificateInfo, KeyRef as SignerKey, SignerError};
+
+/// What the fake Entra answers.
+#[derive(Debug, Clone)]
+enum Answer {
+    Token {
+        lifetime: Duration,
+        refresh_in: Option<Duration>,
+    },
+    /// A transient failure (503) with an optional `Retry-After`.
+    Fail(Option<Duration>),
+    /// A configuration error (a disabled app), remembered in the negative cache.
+    Refuse,
+    Panic,
+    /// Refuses the assertion's key (AADSTS700027), as after a rotation.
+    RejectKey,
+    /// Never answers.
+    Hang,
+}
+
+#[derive(Debug)]
+struct FakeEntra {
+    answer: Mutex<Answer>,
+    calls: AtomicUsize,
+}
+
+impl FakeEntra {
+    fn set(&self, a: Answer) {
+        *self.answer.lock().unwrap() = a;
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl TokenExchange for FakeEntra {
+    async fn exchange(&self, req: ExchangeRequest<'_>) -> Result<EntraToken, EntraError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        // A runaway refresh loop fails its test instead of spinning forever.
+        assert!(n < 100, "runaway: {n} exchanges");
+        let answer = self.answer.lock().unwrap().clone();
+        match answer {
+            Answer::Token {
+                lifetime,
+                refresh_in,
+            } => Ok(EntraToken {
+                access_token: Sensitive::new(format!("token-{n}")),
+                token_type: "Bearer".into(),
+                expires_in: lifetime,
+                refresh_in,
+            }),
+            Answer::Fail(retry_after) => Err(EntraError {
+                class: EntraErrorClass::Retryable,
+                status: 503,
+                error: "temporarily_unavailable".into(),
+                codes: vec![],
+                description: "down".into(),
+                correlation_id: Some(req.correlation_id.to_string()),
+                trace_id: None,
+                retry_after,
+            }),
+            Answer::Panic => panic!("the fake exchange fails hard"),
+            Answer::RejectKey => Err(EntraError {
+                class: EntraErrorClass::KeyRejected,
+                status: 401,
+                error: "invalid_client".into(),
+                codes: vec![700027],
+                description: "AADSTS700027: Client assertion failed signature validation.".into(),
+                correlation_id: Some(req.correlation_id.to_string()),
+                trace_id: None,
+                retry_after: None,
+            }),
+            Answer::Hang => futures::future::pending().await,
+            Answer::Refuse => Err(EntraError {
+                class: EntraErrorClass::Configuration,
+                status: 400,
+                error: "unauthorized_client".into(),
+                codes: vec![7000112],
+                description: "AADSTS7000112: Application is disabled.".into(),
+                correlation_id: Some(req.correlation_id.to_string()),
+                trace_id: None,
+                retry_after: None,
+            }),
+        }
+    }
+}
+
+/// Key Vault: certificate reads fail while `down` is set.
+#[derive(Debug, Default)]
+struct FakeSigner {
+    down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Signer for FakeSigner {
+    async fn certificate(&self, vault: &Url, name: &str) -> Result<CertificateInfo, SignerError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(SignerError::Unavailable {
+                service: "Key Vault",
+                message: "503 from the vault".into(),
+                retry_after: None,
+            });
+        }
+        Ok(CertificateInfo {
+            x5t: "x5t".into(),
+            x5t_s256: "x5t-s256".into(),
+            key: SignerKey {
+                vault_url: vault.clone(),
+                name: name.into(),
+                version: "v1".into(),
+            },
+            version: "v1".into(),
+            not_after: None,
+        })
+    }
+
+    async fn sign(
+        &self,
+        _key: &SignerKey,
+        _algorithm: crate::config::SigningAlgorithm,
+        digest: [u8; 32],
+    ) -> Result<Vec<u8>, SignerError> {
+        Ok(digest.to_vec())
+    }
+}
+
+struct Fixture {
+    broker: Broker,
+    clock: ManualClock,
+    entra: Arc<FakeEntra>,
+    vault: Arc<FakeSigner>,
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A broker with one tenant, `contoso`, whose Entra answers tokens of `lifetime`; `extra`
+/// is added to the configuration (after a `[resilience]` table header).
+fn fixture(lifetime: Duration, extra: &str) -> Fixture {
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nplaintext = true\n\n\
+         [tenants.contoso]\ntenant_id = \"c0c0c0c0-0000-4000-8000-00000000c001\"\n\
+         client_id = \"c0c0c0c0-a990-4000-8000-000000000a01\"\n\
+         credential = {{ type = \"key_vault_certificate\", vault_url = \"https://t.vault.azure.net\", certificate = \"c\" }}\n\n\
+         [resilience]\nsign_burst = 1000\nexchange_burst = 1000\n{extra}\n"
+    );
+    let config =
+        Config::from_toml_str(&toml, std::path::Path::new("."), &|_| None).expect("config");
+    let clock = ManualClock::new();
+    let entra = Arc::new(FakeEntra {
+        answer: Mutex::new(Answer::Token {
+            lifetime,
+            refresh_in: None,
+        }),
+        calls: AtomicUsize::new(0),
+    });
+    let vault = Arc::new(FakeSigner::default());
+    let broker = Broker::new(
+        &config,
+        Upstreams {
+            signer: vault.clone(),
+            hsm: Arc::new(FakeSigner::default()),
+            identity: Arc::new(crate::identity::ManagedIdentityAssertions::new(
+                Default::default(),
+            )),
+            exchange: entra.clone(),
+            clock: Arc::new(clock.clone()),
+        },
+    );
+    Fixture {
+        broker,
+        clock,
+        entra,
+        vault,
+    }
+}
+
+impl Fixture {
+    async fn get(&self, min_validity: Option<u64>) -> Result<IssuedToken, BrokerError> {
+        self.broker
+            .get_token(TokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                min_validity: min_validity.map(Duration::from_secs),
+                force_refresh: false,
+            })
+            .await
+    }
+
+    async fn watch(&self) -> tokio::sync::watch::Receiver<SlotState> {
+        self.broker
+            .subscribe("contoso", &[GRAPH.to_string()])
+            .await
+            .unwrap()
+    }
+
+    /// Moves the manual clock, then lets every task run until all wait again.
+    async fn advance(&self, d: Duration) {
+        self.clock.advance(d);
+        settle().await;
+    }
+}
+
+const GRAPH: &str = "https://graph.microsoft.com/.default";
+
+/// Lets every spawned task run until all of them wait (on the manual clock or forever):
+/// with tokio's time paused, its clock moves only once nothing else can run.
+async fn settle() {
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn token_of(t: &IssuedToken) -> &str {
+    t.token.access_token.expose()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_min_validity_no_token_can_meet_is_refused_from_the_cache_without_fetching() {
+    // Entra's tokens live 3599 s; the broker's longest minimum validity is 3600 s.
+    let f = fixture(HOUR - Duration::from_secs(1), "");
+    let first = f.get(None).await.unwrap();
+    assert_eq!(f.entra.calls(), 1);
+    for _ in 0..5 {
+        match f.get(Some(3600)).await {
+            Err(BrokerError::MinValidityBeyondLifetime { issued, wanted }) => {
+                assert_eq!(issued, Duration::from_secs(3599), "the most a token has");
+                assert_eq!(wanted, HOUR);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(f.entra.calls(), 1, "no fetch for a validity no token has");
+    let again = f.get(None).await.unwrap();
+    assert_eq!(
+        token_of(&again),
+        token_of(&first),
+        "the good token stays cached"
+    );
+    assert_eq!(again.source, TokenSource::Cache);
+
+    // A validity a new token has is fetched early, but no more often than a forced refresh.
+    f.advance(Duration::from_secs(100)).await;
+    let early = f.get(Some(3550)).await.unwrap();
+    assert_eq!(early.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 2);
+    f.advance(Duration::from_secs(10)).await;
+    match f.get(Some(3590)).await {
+        Err(BrokerError::MinValidityUnmet { remaining, .. }) => {
+            assert_eq!(
+                remaining,
+                Duration::from_secs(3589),
+                "what the token has left"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        f.entra.calls(),
+        2,
+        "one early fetch per forced-refresh interval"
+    );
+    f.advance(Duration::from_secs(30)).await;
+    f.get(Some(3590)).await.unwrap();
+    assert_eq!(f.entra.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_key_asked_for_too_much_validity_is_fetched_once() {
+    let f = fixture(HOUR - Duration::from_secs(1), "");
+    for _ in 0..3 {
+        assert!(matches!(
+            f.get(Some(3600)).await,
+            Err(BrokerError::MinValidityUnmet { .. }
+                | BrokerError::MinValidityBeyondLifetime { .. })
+        ));
+    }
+    assert_eq!(f.entra.calls(), 1);
+    f.get(None).await.unwrap();
+    assert_eq!(f.entra.calls(), 1, "the token fetched is cached and served");
+}
+
+#[test]
+fn scopes_in_normal_form_are_kept_and_the_fast_check_agrees_with_the_full_path() {
+    let cases: Vec<Vec<String>> = [
+        &["https://graph.microsoft.com/.default"][..],
+        &["a", "b", "c"],
+        &["b", "a"],
+        &["a", "a"],
+        &[" a"],
+        &["a\u{7f}"],
+        &["é"],
+        &[""],
+        &["a b"],
+        &["x"; 9],
+    ]
+    .iter()
+    .map(|c| c.iter().map(|s| s.to_string()).collect())
+    .chain([
+        vec!["x".repeat(MAX_SCOPE_LEN)],
+        vec!["x".repeat(MAX_SCOPE_LEN + 1)],
+    ])
+    .collect();
+    let mut fast = 0;
+    for c in &cases {
+        let full = normalise_full(c).ok();
+        let fast_path = normalise_scopes(c);
+        assert_eq!(fast_path.as_deref().ok(), full.as_deref(), "{c:?}");
+        // The normal form is borrowed, never copied.
+        assert_eq!(
+            matches!(fast_path, Ok(Cow::Borrowed(_))),
+            already_normal(c),
+            "{c:?}"
+        );
+        if already_normal(c) {
+            fast += 1;
+            assert_eq!(full.as_ref(), Some(c), "{c:?} is in normal form");
+        }
+    }
+    assert_eq!(fast, 3, "the graph scope, a b c, and the longest scope");
+}
+
+#[test]
+fn scopes_are_normalised() {
+    let asked = [
+        " https://graph.microsoft.com/.default".into(),
+        "api://b/.default".into(),
+        "https://graph.microsoft.com/.default".into(),
+    ];
+    let s = normalise_scopes(&asked).unwrap();
+    assert_eq!(
+        s,
+        vec!["api://b/.default", "https://graph.microsoft.com/.default"]
+    );
+}
+
+#[test]
+fn bad_scopes_name_the_field() {
+    for bad in [
+        vec![],
+        vec!["".to_string()],
+        vec!["a b".to_string()],
+        vec!["x".repeat(600)],
+    ] {
+        match normalise_scopes(&bad) {
+            Err(BrokerError::InvalidArgument { field, .. }) => assert_eq!(field, "scopes"),
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn refresh_is_at_the_fraction_less_jitter() {
+    let life = Duration::from_secs(3600);
+    for _ in 0..100 {
+        let r = flow::refresh_after(life, 0.5);
+        assert!(
+            r <= Duration::from_secs(1800) && r >= Duration::from_secs(1440),
+            "{r:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watched_key_whose_first_fetch_fails_is_retried_until_it_has_a_token() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.entra.set(Answer::Fail(None));
+    let rx = f.watch().await;
+    settle().await;
+    assert_eq!(f.entra.calls(), 1);
+    assert!(rx.borrow().failure.is_some() && rx.borrow().token.is_none());
+    // Entra stays down for a few minutes: retried with backoff (at most a minute apart).
+    for _ in 0..3 {
+        f.advance(Duration::from_secs(61)).await;
+    }
+    let tries = f.entra.calls();
+    assert!(tries >= 4, "{tries} attempts");
+    // A second watcher adds no retries of its own.
+    let rx2 = f.watch().await;
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: None,
+    });
+    f.advance(Duration::from_secs(61)).await;
+    let state = rx.borrow().clone();
+    assert!(
+        state.token.is_some() && state.failure.is_none(),
+        "{state:?}"
+    );
+    assert_eq!(f.entra.calls(), tries + 1);
+    assert!(rx2.borrow().token.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watched_key_refused_by_configuration_is_fetched_again_once_its_negative_entry_ends() {
+    let f = fixture(HOUR, "max_attempts = 1\nnegative_ttl_secs = 30");
+    f.entra.set(Answer::Refuse);
+    // A request first: the refusal is remembered, and a watcher arrives during that time.
+    assert!(f.get(None).await.is_err());
+    let rx = f.watch().await;
+    settle().await;
+    assert_eq!(
+        f.entra.calls(),
+        1,
+        "not asked again while the refusal is remembered"
+    );
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: None,
+    });
+    f.advance(Duration::from_secs(31)).await;
+    assert_eq!(f.entra.calls(), 2);
+    assert!(rx.borrow().token.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn nobody_watching_ends_the_retries() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.entra.set(Answer::Fail(None));
+    let rx = f.watch().await;
+    settle().await;
+    drop(rx);
+    for _ in 0..3 {
+        f.advance(Duration::from_secs(61)).await;
+    }
+    assert_eq!(f.entra.calls(), 1, "no retry once nobody watches");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fetch_that_panics_fails_its_callers_and_the_next_request_fetches_again() {
+    let f = fixture(HOUR, "");
+    f.entra.set(Answer::Panic);
+    match f.get(None).await {
+        Err(BrokerError::Upstream { source, .. }) => {
+            assert!(matches!(*source, FlowError::Internal(_)), "{source}")
+        }
+        other => panic!("{other:?}"),
+    }
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: None,
+    });
+    let t = f
+        .get(None)
+        .await
+        .expect("a new fetch, not the finished flight");
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_absurd_retry_after_holds_back_the_refresh_retries_five_minutes_at_most() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.get(None).await.unwrap();
+    // A day, and a number of seconds no deadline can hold.
+    for hint in [Duration::from_secs(86_400), Duration::from_secs(u64::MAX)] {
+        f.entra.set(Answer::Fail(Some(hint)));
+        let before = f.entra.calls();
+        // Past the refresh time (at most half the lifetime): the refresh fails.
+        f.advance(HOUR / 2).await;
+        assert_eq!(f.entra.calls(), before + 1);
+        f.advance(MAX_RETRY_AFTER).await;
+        assert_eq!(f.entra.calls(), before + 2, "retried after five minutes");
+        f.entra.set(Answer::Token {
+            lifetime: HOUR,
+            refresh_in: None,
+        });
+        f.advance(MAX_RETRY_AFTER).await;
+        assert_eq!(f.entra.calls(), before + 3, "and again, now successfully");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_is_honoured_by_the_refresh_retries() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.get(None).await.unwrap();
+    f.entra.set(Answer::Fail(Some(Duration::from_secs(120))));
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 2);
+    f.advance(Duration::from_secs(119)).await;
+    assert_eq!(f.entra.calls(), 2, "not before Retry-After");
+    f.advance(Duration::from_secs(1)).await;
+    assert_eq!(f.entra.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_never_holds_the_refresh_past_the_tokens_safety_margin() {
+    // Ten-minute tokens, refreshed at 4 to 5 minutes: a 5-minute Retry-After would let the
+    // token expire (less its 60 s margin) first.
+    let f = fixture(Duration::from_secs(600), "max_attempts = 1");
+    f.get(None).await.unwrap();
+    f.entra.set(Answer::Fail(Some(MAX_RETRY_AFTER)));
+    f.advance(Duration::from_secs(300)).await;
+    assert_eq!(f.entra.calls(), 2);
+    // 300 s left, less the margin: retried within four minutes.
+    f.advance(Duration::from_secs(240)).await;
+    assert_eq!(f.entra.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_only_watched_stays_cached_and_refreshed_after_eviction() {
+    let f = fixture(HOUR, "");
+    let mut rx = f.watch().await;
+    settle().await;
+    let first = rx.borrow_and_update().token.clone().expect("a token");
+    let key = f.broker.key("contoso", &[GRAPH.to_string()]).unwrap();
+    // Evicted, as the cache does with a key no request has read for a day.
+    f.broker.cache().evict(&key).await;
+    f.advance(HOUR / 2).await;
+    assert!(rx.has_changed().expect("the watch goes on"), "refreshed");
+    let refreshed = rx.borrow_and_update().token.clone().expect("a token");
+    assert_ne!(refreshed.fingerprint, first.fingerprint);
+    // A request finds the watched slot again: its token, no fetch.
+    let served = f.get(None).await.unwrap();
+    assert_eq!(served.source, TokenSource::Cache);
+    assert_eq!(served.token.fingerprint, refreshed.fingerprint);
+    assert_eq!(f.entra.calls(), 2);
+    // Once nobody watches, the slot is let go at its next refresh.
+    drop(rx);
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.broker.cache().watched_count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_upstream_holds_a_cold_caller_no_longer_than_the_retry_budget() {
+    let f = Arc::new(fixture(HOUR, "retry_budget_secs = 10"));
+    f.entra.set(Answer::Hang);
+    let asking = f.clone();
+    let call = tokio::spawn(async move { asking.get(None).await });
+    settle().await;
+    assert_eq!(f.entra.calls(), 1);
+    // The attempt's timeout runs on tokio's paused clock, which moves on once every task
+    // waits; the outer bound fails the test, rather than hanging it, if none is set.
+    let r = tokio::time::timeout(Duration::from_secs(3600), call)
+        .await
+        .expect("the caller is answered once the budget is spent")
+        .unwrap();
+    match r {
+        Err(BrokerError::Upstream { source, .. }) => {
+            let said = source.to_string();
+            assert!(said.starts_with("Entra ID"), "{said}");
+            assert!(said.contains("retry budget of 10s"), "{said}");
+            assert!(source.is_retryable());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_due_at_once_is_held_to_the_floor_and_the_chain_goes_on() {
+    for (lifetime, refresh_in) in [(HOUR, Some(Duration::ZERO)), (Duration::ZERO, None)] {
+        let f = fixture(HOUR, "");
+        f.entra.set(Answer::Token {
+            lifetime,
+            refresh_in,
+        });
+        let _ = f.get(None).await;
+        settle().await;
+        assert_eq!(
+            f.entra.calls(),
+            1,
+            "{lifetime:?} {refresh_in:?}: no refresh at once"
+        );
+        for n in 2..=4 {
+            f.advance(crate::flow::MIN_REFRESH).await;
+            assert_eq!(
+                f.entra.calls(),
+                n,
+                "{lifetime:?} {refresh_in:?}: the chain goes on"
+            );
+        }
+        // Entra comes back to its senses: the next refresh brings a token callers can use.
+        f.entra.set(Answer::Token {
+            lifetime: HOUR,
+            refresh_in: None,
+        });
+        f.advance(crate::flow::MIN_REFRESH).await;
+        assert_eq!(f.get(None).await.unwrap().source, TokenSource::Cache);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn entras_refusal_of_the_key_is_reported_even_when_the_certificate_reread_fails() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.entra.set(Answer::RejectKey);
+    // Refused once with Key Vault up: the certificate is read (and re-read, unchanged).
+    assert!(f.get(None).await.is_err());
+    // Past the negative cache, with Key Vault down: the held certificate signs, Entra
+    // refuses it again, and the re-read fails.
+    f.advance(Duration::from_secs(31)).await;
+    f.vault.down.store(true, Ordering::SeqCst);
+    match f.get(None).await {
+        Err(BrokerError::Upstream { source, .. }) => {
+            let said = source.to_string();
+            assert!(
+                matches!(&*source, FlowError::Entra(e) if e.codes == [700027]),
+                "{said}"
+            );
+            assert!(said.contains("AADSTS700027"), "{said}");
+            assert!(said.contains("re-reading the certificate"), "{said}");
+            assert!(said.contains("503 from the vault"), "{said}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
