@@ -65,8 +65,9 @@ async fn force_refresh(h: &Harness, cert: &Leaf) -> String {
         .access_token
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_token_a_watch_sends_is_in_the_audit_trail_with_its_fingerprint() {
+/// A broker granting `A` contoso's Graph token, `A`'s certificate, its watch of that token,
+/// and the first token the watch sent.
+async fn watching_a() -> (Harness, Leaf, Streaming<WatchTokenResponse>, String) {
     let h = Harness::start(Options {
         policy: grants(&[(A, "contoso", GRAPH)]),
         ..Default::default()
@@ -77,6 +78,12 @@ async fn every_token_a_watch_sends_is_in_the_audit_trail_with_its_fingerprint() 
         .await
         .unwrap();
     let first = next(&mut w).await.unwrap().token.unwrap().access_token;
+    (h, a, w, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_token_a_watch_sends_is_in_the_audit_trail_with_its_fingerprint() {
+    let (h, a, mut w, first) = watching_a().await;
     let refreshed = force_refresh(&h, &a).await;
     let second = next(&mut w).await.unwrap().token.unwrap().access_token;
     assert_eq!(second, refreshed, "the watch sends the new token");
@@ -114,16 +121,7 @@ async fn every_token_a_watch_sends_is_in_the_audit_trail_with_its_fingerprint() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_sends_no_token_while_the_audit_trail_cannot_be_written() {
-    let h = Harness::start(Options {
-        policy: grants(&[(A, "contoso", GRAPH)]),
-        ..Default::default()
-    })
-    .await;
-    let a = h.ca.client(&[A]);
-    let mut w = watch(&mut h.client(Some(&a)).await.unwrap(), None)
-        .await
-        .unwrap();
-    next(&mut w).await.unwrap().token.unwrap();
+    let (h, _, mut w, _) = watching_a().await;
     h.audit.set_failure(Some("No space left on device"));
     // A new token in the cache (fetched behind the API's back: requests are refused now);
     // the watch must not send it unaudited.
