@@ -181,8 +181,11 @@ impl Lines {
                     self.wake_writer();
                     return;
                 }
-                // The output stalls and the shard holds its share of what may be kept.
-                WhenFull::Wait if buf.len() >= self.shared.shard_cap => {
+                // The output stalls and the shard holds its share of what may be kept. (Only
+                // when stalled: an output that is slow but moving makes appenders wait.)
+                WhenFull::Wait
+                    if buf.len() >= self.shared.shard_cap && self.shared.stalled().is_some() =>
+                {
                     let start = buf.len();
                     write(&mut buf);
                     let lost = count_lines(&buf[start..]);
@@ -851,6 +854,54 @@ mod tests {
         w.flush();
         assert!(gate.text().ends_with("line 0500\n"));
         assert_eq!(w.lost(), 100 - kept);
+    }
+
+    #[test]
+    fn a_full_shard_of_a_slow_but_moving_output_waits_and_loses_nothing() {
+        let gate = Arc::new(Gate::default());
+        // Ten-byte lines; a shard is full at two, and 10 bytes may be kept in all: the
+        // smallest share there is. The output is slow, not stalled (60 s).
+        let w = stalling(
+            &gate,
+            16,
+            WhenFull::Wait,
+            Some(Duration::from_secs(60)),
+            Some(10),
+        );
+        let _open = OpenOnDrop(gate.clone());
+        w.append(|b| line(b, 0));
+        w.wake_writer();
+        gate.wait_entered();
+        // More threads than shards, so some share one: a thread appends to a shard another
+        // filled (and waits on) past its share.
+        let threads = w.buffered().1 + 1;
+        let done: Vec<_> = (0..threads)
+            .map(|t| {
+                let appender = w.clone();
+                started(move || {
+                    for i in 0..2 {
+                        appender.append(|b| line(b, 1 + 2 * t + i));
+                    }
+                })
+            })
+            .collect();
+        // Every thread's first line appended; a moment more for the second ones (a thread on
+        // a shard another has filled waits after its first).
+        for _ in 0..3000 {
+            if w.buffered().0 as u64 + 10 * w.lost() >= 10 * threads as u64 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        gate.open();
+        assert!(done.iter().all(returned));
+        flushed(&w);
+        assert_eq!(w.lost(), 0, "nothing is lost while the output moves");
+        let mut written: Vec<String> = gate.text().lines().map(str::to_owned).collect();
+        written.sort();
+        let expected: Vec<String> = (0..=2 * threads).map(|i| format!("line {i:04}")).collect();
+        assert_eq!(written, expected);
     }
 
     #[test]
