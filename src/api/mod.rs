@@ -694,6 +694,9 @@ impl Watcher {
         let status = self
             .service
             .fail(&self.record.request_id, &mut record, &Failure::Access(e));
+        // One record per watch ended, never folded into a summary of repeats: each names
+        // the stream (its request id) that stopped.
+        record.repeatable = false;
         self.service.access.audit().record(record);
         status
     }
