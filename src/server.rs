@@ -289,12 +289,23 @@ impl tonic_health::pb::health_server::Health for DrainingHealth {
         let stopping = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        // NOT_SERVING is set before the stop is signalled: say it last, then end.
-        let last = futures::stream::once(futures::future::ready(Ok(
-            tonic_health::pb::HealthCheckResponse {
-                status: tonic_health::pb::health_check_response::ServingStatus::NotServing as i32,
-            },
-        )));
+        let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+        // NOT_SERVING is set before the stop is signalled: it ends the stream, said once (the
+        // stream itself may have said it just before the stop).
+        let said = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let saw = said.clone();
+        let statuses = statuses.inspect(move |r| {
+            let now = r.as_ref().is_ok_and(|m| m.status == not_serving);
+            saw.store(now, std::sync::atomic::Ordering::Relaxed);
+        });
+        let last = futures::stream::once(async move {
+            (!said.load(std::sync::atomic::Ordering::Relaxed)).then_some(Ok(
+                tonic_health::pb::HealthCheckResponse {
+                    status: not_serving,
+                },
+            ))
+        })
+        .filter_map(futures::future::ready);
         Ok(tonic::Response::new(Box::pin(
             statuses.take_until(stopping).chain(last),
         )))
