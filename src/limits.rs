@@ -102,9 +102,28 @@ impl<K: Hash + Eq + Send + Sync + 'static> Buckets<K> {
     {
         // A bucket dropped meanwhile is full again anyway.
         if let Some(bucket) = self.map.get(key) {
-            let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
-            b.tokens = (b.tokens + 1.0).min(self.burst);
+            let full = {
+                let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
+                b.tokens = (b.tokens + 1.0).min(self.burst);
+                b.tokens >= self.burst
+            };
+            // A full bucket is what a missing one stands for: dropped, so that keys that
+            // never fail (valid callers' addresses) do not crowd out the bounded map's
+            // entries for keys that do.
+            if full {
+                self.map.invalidate(key);
+            }
         }
+    }
+
+    /// Whether a bucket is held for `key` (tests).
+    #[cfg(test)]
+    pub(crate) fn holds<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.map.contains_key(key)
     }
 
     /// Whether `key`'s bucket has a token (none is taken), or how long until it has one.

@@ -737,6 +737,11 @@ mod tests {
             );
         }
         assert_eq!(verifier.signature_checks(), 10);
+        let failures = verifier.failures.as_ref().unwrap();
+        assert!(
+            !failures.holds(&crate::limits::address_key(peer)),
+            "an address whose tokens all verified holds no place in the bounded map"
+        );
         // And the budget is whole: each of `burst` bad tokens still gets its full check.
         let other = signed(&key, &iss, "other");
         for i in 0..burst {
