@@ -399,7 +399,10 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
             return;
         }
         let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
-        if watched.get(key).is_some_and(|w| Arc::ptr_eq(w, slot)) {
+        // Asked again under the lock: `watch` subscribes before it takes the lock, so a
+        // watcher that came since the question above is seen here, and one that comes later
+        // puts the slot back itself.
+        if !slot.watched() && watched.get(key).is_some_and(|w| Arc::ptr_eq(w, slot)) {
             watched.remove(key);
         }
     }
