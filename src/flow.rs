@@ -128,6 +128,17 @@ struct Deadline {
     io: tokio::time::Instant,
 }
 
+impl Deadline {
+    /// This deadline, or `span` from now if that is sooner.
+    fn within(self, clock: &dyn Clock, span: Duration) -> Deadline {
+        let at = clock.moment() + span;
+        Deadline {
+            at: if self.at.reached(at) { self.at } else { at },
+            io: self.io.min(tokio::time::Instant::now() + span),
+        }
+    }
+}
+
 /// Upstream call counters (tests, metrics, benchmarks).
 #[derive(Debug, Default)]
 pub struct UpstreamStats {
@@ -722,6 +733,9 @@ impl Flow {
         let Ok(_guard) = entry.refreshing.try_lock() else {
             return Ok(info);
         };
+        // With a certificate in hand, a re-read that hangs must not spend the budget the
+        // sign and the exchange need: it gets a quarter of it.
+        let deadline = deadline.within(self.clock.as_ref(), self.res.retry_budget / 4);
         match self.read_certificate(key, guard, deadline).await {
             Ok(fresh) => {
                 if fresh != info {

@@ -105,11 +105,16 @@ impl TokenExchange for FakeEntra {
 #[derive(Debug, Default)]
 struct FakeSigner {
     down: std::sync::atomic::AtomicBool,
+    /// Certificate reads never answer while set.
+    hang: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
 impl Signer for FakeSigner {
     async fn certificate(&self, vault: &Url, name: &str) -> Result<CertificateInfo, SignerError> {
+        if self.hang.load(Ordering::SeqCst) {
+            futures::future::pending::<()>().await;
+        }
         if self.down.load(Ordering::SeqCst) {
             return Err(SignerError::Unavailable {
                 service: "Key Vault",
@@ -136,6 +141,8 @@ impl Signer for FakeSigner {
         _algorithm: crate::config::SigningAlgorithm,
         digest: [u8; 32],
     ) -> Result<Vec<u8>, SignerError> {
+        // Not ready at the first poll, as a call over the network is not.
+        tokio::task::yield_now().await;
         Ok(digest.to_vec())
     }
 }
@@ -559,6 +566,37 @@ async fn a_stalled_upstream_holds_a_cold_caller_no_longer_than_the_retry_budget(
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_certificate_re_read_that_hangs_leaves_the_sign_and_exchange_their_budget() {
+    // Three-hour tokens: no scheduled refresh (at about half their life) comes first.
+    let f = Arc::new(fixture(3 * HOUR, "retry_budget_secs = 10"));
+    f.get(None).await.unwrap();
+    assert_eq!(f.entra.calls(), 1);
+    // The certificate metadata is due for a re-read (hourly), and Key Vault's certificate
+    // reads stop answering; signs still work.
+    f.advance(HOUR + Duration::from_secs(1)).await;
+    f.vault.hang.store(true, Ordering::SeqCst);
+    let asking = f.clone();
+    let call = tokio::spawn(async move {
+        asking
+            .broker
+            .get_token(TokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                min_validity: None,
+                force_refresh: true,
+            })
+            .await
+    });
+    let r = tokio::time::timeout(Duration::from_secs(3600), call)
+        .await
+        .expect("answered")
+        .unwrap();
+    let t = r.expect("the held certificate is used once its re-read is given up");
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 2);
 }
 
 #[tokio::test(start_paused = true)]
