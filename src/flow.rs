@@ -601,7 +601,9 @@ impl Flow {
         );
         // Lifetimes count from when the request was sent: never overestimate.
         let expires = started + lifetime;
-        let issued_validity = expires.until(self.clock.moment()).as_secs();
+        // What Entra says tokens for the key live (not less the time this fetch took, which
+        // retries can stretch): the most a new token could offer.
+        let issued_validity = lifetime.as_secs();
         CachedToken {
             fingerprint,
             access_token: t.access_token,

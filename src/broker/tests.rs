@@ -288,6 +288,29 @@ async fn a_min_validity_no_token_can_meet_is_refused_from_the_cache_without_fetc
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_fetch_slowed_by_retries_does_not_lower_what_tokens_are_issued_with() {
+    let f = Arc::new(fixture(HOUR, ""));
+    f.entra.set(Answer::Fail(Some(Duration::from_secs(5))));
+    let asking = f.clone();
+    let first = tokio::spawn(async move { asking.get(None).await });
+    settle().await;
+    assert_eq!(f.entra.calls(), 1);
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: None,
+    });
+    // The retry after Retry-After: the token comes back with 5 s less left than issued.
+    f.advance(Duration::from_secs(5)).await;
+    first.await.unwrap().unwrap();
+    assert_eq!(f.entra.calls(), 2);
+    // A new token would have its full hour: asking for it fetches one (once per forced
+    // interval) rather than being refused as beyond what tokens are issued with.
+    let t = f.get(Some(3600)).await.unwrap();
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_cold_key_asked_for_too_much_validity_is_fetched_once() {
     let f = fixture(HOUR - Duration::from_secs(1), "");
     for _ in 0..3 {
@@ -397,8 +420,16 @@ async fn a_watched_key_whose_first_fetch_fails_is_retried_until_it_has_a_token()
     }
     let tries = f.entra.calls();
     assert!(tries >= 4, "{tries} attempts");
-    // A second watcher adds no retries of its own.
+    // A second watcher adds no retrying of its own: each move of the clock past the longest
+    // wait (a minute) wakes the one retrying task once; two tasks would try twice as often.
     let rx2 = f.watch().await;
+    settle().await;
+    let before = f.entra.calls();
+    for _ in 0..20 {
+        f.advance(Duration::from_secs(61)).await;
+    }
+    let tried = f.entra.calls() - before;
+    assert_eq!(tried, 20, "one try per minute");
     f.entra.set(Answer::Token {
         lifetime: HOUR,
         refresh_in: None,
@@ -409,7 +440,6 @@ async fn a_watched_key_whose_first_fetch_fails_is_retried_until_it_has_a_token()
         state.token.is_some() && state.failure.is_none(),
         "{state:?}"
     );
-    assert_eq!(f.entra.calls(), tries + 1);
     assert!(rx2.borrow().token.is_some());
 }
 
