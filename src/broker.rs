@@ -531,7 +531,9 @@ impl Broker {
             loop {
                 let Some(live) = slot.upgrade() else { return };
                 // Watched, the slot stays cached; no longer watched, it may now be evicted.
-                broker.inner.cache.keep(&key, &live).await;
+                // Boxed: this task sleeps for every cached key, and the cache's lookup future,
+                // held inline, would make each of them some 1.4 KB larger.
+                Box::pin(broker.inner.cache.keep(&key, &live)).await;
                 // A newer token may have been published meanwhile (forced refresh): its own
                 // schedule takes over. (Compared on the monotonic clock, which only goes on.)
                 if let Some(t) = &live.current().token
