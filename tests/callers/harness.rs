@@ -27,6 +27,8 @@ pub struct Options {
     pub limits: &'static str,
     /// Lines added to `[callers]`.
     pub callers: &'static str,
+    /// Lines added to `[server]`.
+    pub server: &'static str,
     /// Configure `client_crl_files = ["callers.crl"]`, starting with a list that revokes
     /// nothing.
     pub crl: bool,
@@ -39,6 +41,7 @@ impl Default for Options {
             policy: String::new(),
             limits: "",
             callers: "",
+            server: "",
             crl: false,
         }
     }
@@ -104,13 +107,14 @@ impl Harness {
         );
         let toml = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = \"server.crt\"\ntls_key_file = \"server.key\"\n\
-             client_ca_file = \"callers-ca.pem\"\n{crl}client_cert = \"{}\"\n\n{before}{after}\n\
+             client_ca_file = \"callers-ca.pem\"\n{crl}client_cert = \"{}\"\n{}\n\n{before}{after}\n\
              [callers]\naudience = \"{AUDIENCE}\"\n{}\n\n\
              [callers.issuers.test]\nissuer = \"{}\"\n\n\
              [callers.issuers.contoso-entra]\nissuer = \"{contoso_issuer}\"\naudience = \"api://contoso-api\"\n\
              identity_claim = \"appid\"\nalgorithms = [\"RS256\"]\n\n\
              [policy]\nfile = \"policy.toml\"\n\n[limits]\n{}\n",
             opts.client_cert,
+            opts.server,
             opts.callers,
             issuer.url(),
             opts.limits,

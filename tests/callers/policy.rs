@@ -164,3 +164,45 @@ async fn a_revoked_grant_ends_a_watch_at_the_next_token() {
     assert_eq!(end.code(), Code::PermissionDenied);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_policy_file_at_once() {
+    // The file is looked at hourly here: only the signal can make the change take effect.
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH)]),
+        server: "reload_secs = 3600",
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
+    std::fs::write(h.path("policy.toml"), grants(&[(A, "fabrikam", GRAPH)])).unwrap();
+    assert_status(
+        h.get(Some(&a), None, "fabrikam", &[GRAPH]).await,
+        Code::PermissionDenied,
+        &[],
+    );
+    // A handler of this process's own, so the signal can never take the default action
+    // (ending the test binary) whatever the broker's watcher has done yet.
+    let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut allowed = false;
+    for _ in 0..200 {
+        if h.get(Some(&a), None, "fabrikam", &[GRAPH]).await.is_ok() {
+            allowed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(allowed, "the policy changed at SIGHUP");
+    assert_status(
+        h.get(Some(&a), None, "contoso", &[GRAPH]).await,
+        Code::PermissionDenied,
+        &[],
+    );
+    h.stop().await;
+}
