@@ -318,3 +318,36 @@ async fn a_callers_ca_added_to_the_bundle_is_trusted_without_a_restart() {
         .unwrap();
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_progress_are_capped_and_an_idle_one_times_out() {
+    use tokio::net::TcpStream;
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    // 256 connections that never send a ClientHello hold every handshake slot (the accept
+    // loop takes a slot per connection, in the order they arrive).
+    let mut idle = Vec::new();
+    for _ in 0..256 {
+        idle.push(TcpStream::connect(h.addr).await.unwrap());
+    }
+    // One more is closed at once rather than held.
+    let mut extra = TcpStream::connect(h.addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut byte))
+        .await
+        .expect("closed at once, well before the handshake timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // A held connection is closed when the handshake timeout (10 s) passes; then a real
+    // client's handshake has room again.
+    let read = tokio::time::timeout(std::time::Duration::from_secs(60), idle[0].read(&mut byte))
+        .await
+        .expect("an idle handshake is given up");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let leaf = h.ca.client(&[COLLECTOR]);
+    h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
+    drop(idle);
+    h.stop().await;
+}
