@@ -463,6 +463,20 @@ mod tests {
         assert!(owned_view == &borrowed as &dyn KeyView);
     }
 
+    #[tokio::test]
+    async fn the_cache_holds_at_most_its_configured_number_of_keys() {
+        let cache: TokenCache<String> = TokenCache::new(10, Duration::from_secs(3600));
+        for i in 0..100 {
+            find(&cache, &format!("tenant-{i}"), &["s"]).await;
+        }
+        cache.slots.run_pending_tasks().await;
+        assert!(
+            cache.entry_count() <= 10,
+            "{} keys held",
+            cache.entry_count()
+        );
+    }
+
     /// The slot a request for `tenant` and `scopes` finds (made if there is none).
     async fn find(cache: &TokenCache<String>, tenant: &str, scopes: &[&str]) -> Arc<Slot<String>> {
         let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
