@@ -843,3 +843,51 @@ async fn no_token_is_served_while_nobody_reads_the_audit_pipe_and_all_resumes_on
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assertion_outside_entras_time_window_is_retried_once_then_names_the_clock() {
+    let stack = Stack::start().await;
+    // Entra's clock is an hour ahead of this host's: every assertion has expired there.
+    stack
+        .admin_post("/clock/advance", json!({"seconds": 3600}))
+        .await;
+    let e = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("AADSTS700024") && e.message().contains("check this host's clock"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        stack
+            .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+            .await,
+        2,
+        "one retry, with a fresh assertion"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_beyond_the_budget_is_passed_to_the_caller_at_once() {
+    let stack = Stack::start().await;
+    // Entra asks for a minute; the fetch's budget is 10 s: no point in waiting it out.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 5, "fail": {"status": 429, "retry_after": 60}}),
+        )
+        .await;
+    let s = assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::Unavailable,
+        &["Entra ID"],
+    );
+    assert_eq!(
+        s.metadata().get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("60"),
+        "{s:?}"
+    );
+    assert_eq!(stack.route_total("entra.token").await, 1, "not retried");
+    stack.stop().await;
+}
