@@ -686,3 +686,34 @@ async fn entras_refusal_of_the_key_is_reported_even_when_the_certificate_reread_
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn during_an_outage_the_old_token_is_served_only_while_it_meets_the_validity_asked_for() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    let first = f.get(None).await.unwrap();
+    f.entra.set(Answer::Fail(None));
+    // Past its refresh point (about half its life) refreshes fail: served, marked stale.
+    f.advance(Duration::from_secs(2400)).await;
+    let stale = f.get(None).await.unwrap();
+    assert_eq!(stale.source, TokenSource::StaleWhileRefreshFailing);
+    assert_eq!(token_of(&stale), token_of(&first));
+    // A caller that needs more than its 20 minutes left gets the outage, not the token.
+    assert!(matches!(
+        f.get(Some(1500)).await,
+        Err(BrokerError::Upstream { .. })
+    ));
+    // Within the default minimum validity (5 minutes) of its expiry, nobody gets it.
+    f.advance(Duration::from_secs(1200 - 299)).await;
+    assert!(matches!(
+        f.get(None).await,
+        Err(BrokerError::Upstream { .. })
+    ));
+    // Entra back: a new token at once.
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: None,
+    });
+    f.advance(Duration::from_secs(61)).await;
+    let fresh = f.get(None).await.unwrap();
+    assert_ne!(token_of(&fresh), token_of(&first));
+}
