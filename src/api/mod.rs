@@ -202,6 +202,11 @@ impl Unfinished<'_> {
     /// on drop.
     fn answered(mut self) -> AuditRecord {
         self.answered = true;
+        self.take_record()
+    }
+
+    /// The record, with the request's tenant and scopes moved in.
+    fn take_record(&mut self) -> AuditRecord {
         let mut record = std::mem::replace(&mut self.record, AuditRecord::pending("", None));
         record.set_request(
             std::mem::take(&mut self.tenant),
@@ -216,11 +221,7 @@ impl Drop for Unfinished<'_> {
         if self.answered {
             return;
         }
-        let mut record = std::mem::replace(&mut self.record, AuditRecord::pending("", None));
-        record.set_request(
-            std::mem::take(&mut self.tenant),
-            std::mem::take(&mut self.scopes),
-        );
+        let mut record = self.take_record();
         record.request_id = self.env.request_id.clone();
         record.outcome = Outcome::Cancelled;
         record.code = error::code_name(tonic::Code::Cancelled);
@@ -422,6 +423,13 @@ fn source_name(source: TokenSource) -> &'static str {
     }
 }
 
+/// What an audit record says of the token served: its source, expiry and fingerprint.
+fn note_token(audit: &mut AuditRecord, t: &CachedToken, source: TokenSource, now: Moment) {
+    audit.token_source = Some(source_name(source));
+    audit.expires_at = Some(t.expires.wall_at(now));
+    audit.token_fingerprint = Some(t.fingerprint);
+}
+
 /// The response for `t`, its times told in the wall-clock time of `now`.
 fn response(t: &CachedToken, source: TokenSource, now: Moment) -> proto::GetTokenResponse {
     proto::GetTokenResponse {
@@ -505,9 +513,7 @@ impl TokenBroker for Service {
                     fingerprint = %token.fingerprint,
                     "token served"
                 );
-                audit.token_source = Some(source_name(source));
-                audit.expires_at = Some(token.expires.wall_at(now));
-                audit.token_fingerprint = Some(token.fingerprint);
+                note_token(audit, token, source, now);
                 response(token, source, now)
             });
             Ok::<_, Failure>(served.await?)
@@ -675,9 +681,7 @@ impl Watcher {
             };
             let now = self.service.broker.clock().moment();
             let mut sent = self.record.clone();
-            sent.token_source = Some(source_name(source));
-            sent.expires_at = Some(token.expires.wall_at(now));
-            sent.token_fingerprint = Some(token.fingerprint);
+            note_token(&mut sent, token, source, now);
             access.audit().record(sent);
             return Some(Ok(proto::WatchTokenResponse {
                 token: Some(response(token, source, now)),
