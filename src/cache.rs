@@ -113,9 +113,9 @@ pub struct CachedToken {
     /// when the request was sent.
     pub expires: Moment,
     pub refresh: Moment,
-    /// Whole seconds of validity it had when it was obtained (its lifetime less the time
-    /// the exchange took): the most a token for its key can be expected to have, so a
-    /// minimum validity above it is refused without a fetch. Four bytes, where a
+    /// Whole seconds of validity Entra issued it with (`expires_in`): the most a token for
+    /// its key can be expected to have, so a minimum validity above it is refused without a
+    /// fetch. Four bytes, where a
     /// `Duration` would take sixteen in every cached token.
     pub issued_validity: u32,
     pub tenant_id: Arc<str>,
@@ -129,7 +129,7 @@ impl CachedToken {
         self.expires.until(now)
     }
 
-    /// The validity it had when obtained (whole seconds).
+    /// The validity Entra issued it with (whole seconds).
     pub fn issued_validity(&self) -> Duration {
         Duration::from_secs(u64::from(self.issued_validity))
     }
@@ -217,18 +217,17 @@ impl<E: Send + Sync + 'static> Slot<E> {
 
     /// The remembered persistent failure, if still in force at `now`.
     pub fn negative(&self, now: Moment) -> Option<Arc<E>> {
-        let n = self.negative.lock().unwrap_or_else(|p| p.into_inner());
-        n.as_ref()
-            .filter(|(until, _)| !until.reached(now))
-            .map(|(_, e)| e.clone())
+        self.negative_entry(now).map(|(_, e)| e)
     }
 
     /// Until when the remembered persistent failure is in force, if it still is at `now`.
     pub fn negative_until(&self, now: Moment) -> Option<Moment> {
+        self.negative_entry(now).map(|(until, _)| until)
+    }
+
+    fn negative_entry(&self, now: Moment) -> Option<(Moment, Arc<E>)> {
         let n = self.negative.lock().unwrap_or_else(|p| p.into_inner());
-        n.as_ref()
-            .map(|(until, _)| *until)
-            .filter(|until| !until.reached(now))
+        n.as_ref().filter(|(until, _)| !until.reached(now)).cloned()
     }
 
     /// Whether anyone watches this slot (`WatchToken`).
