@@ -652,13 +652,16 @@ mod tests {
 
     /// Waits (generously) until `w` says its output fails, and says why.
     fn until_failing(w: &Lines) -> String {
+        eventually("the stall was never reported", || w.failure().is_some());
+        w.failure().unwrap()
+    }
+
+    /// Polls `done` until it holds, for at most 30 s; then fails the test with `what`.
+    fn eventually(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(reason) = w.failure() {
-                return reason;
-            }
-            assert!(Instant::now() < deadline, "the stall was never reported");
-            std::thread::yield_now();
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -692,24 +695,14 @@ mod tests {
     /// Flushes once the writer has come back from the output the test just let go (until
     /// then a flush gives up at once on the stalled output).
     fn flushed(w: &Lines) {
-        for _ in 0..3000 {
-            if w.flush() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("the writer never came back from its output");
+        eventually("the writer never came back from its output", || w.flush());
     }
 
     /// Waits (bounded) until the output holds `want`: the writer finishes on its own.
     fn wait_for_text(gate: &Gate, want: &str) {
-        for _ in 0..3000 {
-            if gate.text() == want {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(gate.text(), want);
+        eventually(&format!("the output never held {want:?}"), || {
+            gate.text() == want
+        });
     }
 
     fn line(buf: &mut Vec<u8>, i: usize) {
