@@ -166,20 +166,15 @@ struct SuccessBody {
 
 /// Whole seconds from a JSON number or a numeric string (fractions dropped).
 fn seconds_of(v: &serde_json::Value) -> Option<u64> {
+    // A fraction is cut to whole seconds; negative, infinite or NaN is no number of seconds.
+    let whole = |f: f64| (f.is_finite() && f >= 0.0).then_some(f as u64);
     match v {
-        serde_json::Value::Number(n) => n.as_u64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.is_finite() && *f >= 0.0)
-                .map(|f| f as u64)
-        }),
+        serde_json::Value::Number(n) => n.as_u64().or_else(|| n.as_f64().and_then(whole)),
         serde_json::Value::String(s) => {
             let s = s.trim();
-            s.parse::<u64>().ok().or_else(|| {
-                s.parse::<f64>()
-                    .ok()
-                    .filter(|f| f.is_finite() && *f >= 0.0)
-                    .map(|f| f as u64)
-            })
+            s.parse::<u64>()
+                .ok()
+                .or_else(|| s.parse::<f64>().ok().and_then(whole))
         }
         _ => None,
     }
