@@ -43,6 +43,11 @@ impl Moment {
         self.until(now).is_zero()
     }
 
+    /// Of two deadlines, the one reached first.
+    pub fn earlier(self, other: Moment) -> Moment {
+        if self.reached(other) { self } else { other }
+    }
+
     /// This moment in wall-clock time as seen at `now`, for those who judge it on their own
     /// wall clock: its own wall time, unless the wall clock has been stepped back since (the
     /// monotonic clock says it comes more than a second sooner), then `now`'s wall time plus
@@ -197,6 +202,15 @@ mod tests {
         assert!((&mut late).now_or_never().is_none());
         clock.advance(Duration::from_secs(50));
         late.await;
+    }
+
+    #[test]
+    fn of_two_deadlines_the_earlier_is_the_one_reached_first() {
+        let now = SystemClock.moment();
+        let soon = now + Duration::from_secs(10);
+        let late = now + Duration::from_secs(60);
+        assert_eq!(soon.earlier(late).until(now), Duration::from_secs(10));
+        assert_eq!(late.earlier(soon).until(now), Duration::from_secs(10));
     }
 
     #[tokio::test]

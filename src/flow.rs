@@ -131,9 +131,8 @@ struct Deadline {
 impl Deadline {
     /// This deadline, or `span` from now if that is sooner.
     fn within(self, clock: &dyn Clock, span: Duration) -> Deadline {
-        let at = clock.moment() + span;
         Deadline {
-            at: if self.at.reached(at) { self.at } else { at },
+            at: self.at.earlier(clock.moment() + span),
             io: self.io.min(tokio::time::Instant::now() + span),
         }
     }

@@ -199,12 +199,7 @@ impl TokenCredential for CachingCredential {
                     // The next try waits a while: otherwise, during an endpoint outage, the
                     // caller that wins each refresh would sit through the SDK's retries
                     // before getting the token the others are served at once.
-                    let now = self.clock.moment();
-                    let retry = if c.usable_until.until(now) < REFRESH_RETRY {
-                        c.usable_until
-                    } else {
-                        now + REFRESH_RETRY
-                    };
+                    let retry = c.usable_until.earlier(self.clock.moment() + REFRESH_RETRY);
                     if let Some(entry) = self
                         .cache
                         .lock()
