@@ -360,47 +360,40 @@ impl PolicyHandle {
         Ok(true)
     }
 
-    /// Reloads on SIGHUP and when the file changes (polled every `interval`), until the
-    /// returned task is aborted.
+    /// Reloads when the file changes (polled every `interval`), until the returned task is
+    /// aborted. SIGHUP is the server's (`server::reload_on_hangup`), which calls `reload_now`.
     pub fn watch(self: Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            if matches!(self.source, Source::Fixed) {
+            if !self.reloadable() {
                 return;
             }
-            #[cfg(unix)]
-            let mut hup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
-                #[cfg(unix)]
-                let hangup = async {
-                    match hup.as_mut() {
-                        Some(h) => {
-                            h.recv().await;
-                        }
-                        None => futures::future::pending::<()>().await,
-                    }
-                };
-                #[cfg(not(unix))]
-                let hangup = futures::future::pending::<()>();
-                tokio::select! {
-                    _ = tick.tick() => {},
-                    _ = hangup => info!("SIGHUP: reloading the caller policy"),
-                }
-                match self.reload() {
-                    Ok(true) => info!(
-                        grants = self.current().grant_count(),
-                        "caller policy reloaded"
-                    ),
-                    Ok(false) => {}
-                    Err(e) => {
-                        warn!(error = %e, "caller policy refused; the previous policy stays in force")
-                    }
-                }
+                tick.tick().await;
+                self.reload_now();
             }
         })
+    }
+
+    /// Whether the policy comes from a file of its own (and so can be reloaded).
+    pub fn reloadable(&self) -> bool {
+        matches!(self.source, Source::File { .. })
+    }
+
+    /// Re-reads the policy file once and logs the outcome.
+    pub fn reload_now(&self) {
+        match self.reload() {
+            Ok(true) => info!(
+                grants = self.current().grant_count(),
+                "caller policy reloaded"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "caller policy refused; the previous policy stays in force")
+            }
+        }
     }
 }
 

@@ -55,6 +55,48 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// SIGHUP reloads at once what the file watchers would pick up at their next look: the
+/// policy file, the server certificate, the client CA bundle and revocation lists. Always
+/// installed, also when there is nothing to reload: SIGHUP's default action ends the process,
+/// without draining requests or flushing the audit trail.
+fn reload_on_hangup(
+    policy: Arc<crate::policy::PolicyHandle>,
+    tls: Option<Arc<crate::tls::ListenerConfig>>,
+) -> Option<AbortOnDrop> {
+    #[cfg(unix)]
+    {
+        // Registered before serving starts, not in the task: a SIGHUP in between would end
+        // the process.
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP handler not installed; a SIGHUP ends the process");
+                return None;
+            }
+        };
+        Some(AbortOnDrop(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if !policy.reloadable() && tls.is_none() {
+                    info!(
+                        "SIGHUP: nothing to reload (the policy is in the configuration file and gRPC is plaintext); restart to change the configuration"
+                    );
+                    continue;
+                }
+                info!("SIGHUP: reloading the policy file and TLS files");
+                policy.reload_now();
+                if let Some(tls) = &tls {
+                    tls.reload_now();
+                }
+            }
+        })))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (policy, tls);
+        None
+    }
+}
+
 /// The real upstreams for a configuration: Key Vault through the Azure SDK with the broker's
 /// managed identity, and Entra through the broker's own client, all on one HTTP stack.
 pub fn upstreams(config: &Config) -> Result<Upstreams, ServerError> {
@@ -187,6 +229,7 @@ impl Bound {
         let mut builder = Server::builder().http2_max_header_list_size(Some(32 * 1024));
         let reload = self.config.server.reload_interval;
         let _policy_watch = AbortOnDrop(self.access.policy().clone().watch(reload));
+        let _hangup = reload_on_hangup(self.access.policy().clone(), self.tls.clone());
         let _audit_summaries = AbortOnDrop(tokio::spawn(self.access.audit().clone().summarise()));
         let _tls_watch = self
             .tls

@@ -225,32 +225,38 @@ impl ListenerConfig {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                match self.cert.reload_if_changed() {
-                    Ok(true) => {
-                        info!(cert = %self.cert.cert_file.display(), "server TLS certificate reloaded")
-                    }
-                    Ok(false) => {}
-                    // Mid-rotation (cert written, key not yet) looks like this too: keep
-                    // serving the old pair and try again on the next tick.
-                    Err(e) => {
-                        warn!(error = %e, "server TLS certificate not reloaded; the previous one stays in use")
-                    }
-                }
-                if self.tls.client_ca_file.is_none() {
-                    continue;
-                }
-                match self.reload_if_changed() {
-                    Ok(true) => info!(
-                        crls = self.tls.client_crl_files.len(),
-                        "client CA bundle and revocation lists reloaded"
-                    ),
-                    Ok(false) => {}
-                    Err(e) => {
-                        warn!(error = %e, "client CA bundle or revocation lists not reloaded; the previous ones stay in use")
-                    }
-                }
+                self.reload_now();
             }
         })
+    }
+
+    /// Re-reads the server certificate and the client trust files once, installing what
+    /// changed and is valid, and logs the outcome.
+    pub fn reload_now(&self) {
+        match self.cert.reload_if_changed() {
+            Ok(true) => {
+                info!(cert = %self.cert.cert_file.display(), "server TLS certificate reloaded")
+            }
+            Ok(false) => {}
+            // Mid-rotation (cert written, key not yet) looks like this too: keep
+            // serving the old pair and try again on the next look.
+            Err(e) => {
+                warn!(error = %e, "server TLS certificate not reloaded; the previous one stays in use")
+            }
+        }
+        if self.tls.client_ca_file.is_none() {
+            return;
+        }
+        match self.reload_if_changed() {
+            Ok(true) => info!(
+                crls = self.tls.client_crl_files.len(),
+                "client CA bundle and revocation lists reloaded"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "client CA bundle or revocation lists not reloaded; the previous ones stay in use")
+            }
+        }
     }
 }
 

@@ -15,7 +15,11 @@ const COLLECTOR: &str = "spiffe://example.org/ns/logs/sa/collector";
 /// A raw TLS 1.3 handshake and the start of HTTP/2. In TLS 1.3 the server judges the client
 /// certificate after the client has finished, so its verdict arrives with the first read:
 /// the server's SETTINGS frame, or a fatal alert.
-async fn handshake(h: &Harness, server_ca: &str, client: Option<&Leaf>) -> Result<(), String> {
+pub(crate) async fn handshake(
+    h: &Harness,
+    server_ca: &str,
+    client: Option<&Leaf>,
+) -> Result<(), String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
         roots.add(c.unwrap()).unwrap();

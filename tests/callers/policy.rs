@@ -166,8 +166,8 @@ async fn a_revoked_grant_ends_a_watch_at_the_next_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_the_policy_file_at_once() {
-    // The file is looked at hourly here: only the signal can make the change take effect.
+async fn sighup_reloads_the_policy_file_and_the_server_certificate_at_once() {
+    // The files are looked at hourly here: only the signal can make the changes take effect.
     let h = Harness::start(Options {
         policy: grants(&[(A, "contoso", GRAPH)]),
         server: "reload_secs = 3600",
@@ -185,11 +185,14 @@ async fn sighup_reloads_the_policy_file_at_once() {
     // A handler of this process's own, so the signal can never take the default action
     // (ending the test binary) whatever the broker's watcher has done yet.
     let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &std::process::id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let hangup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &std::process::id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    hangup();
     let mut allowed = false;
     for _ in 0..200 {
         if h.get(Some(&a), None, "fabrikam", &[GRAPH]).await.is_ok() {
@@ -204,5 +207,24 @@ async fn sighup_reloads_the_policy_file_at_once() {
         Code::PermissionDenied,
         &[],
     );
+
+    // A rotated server certificate is served at the next SIGHUP too.
+    let next_ca = crate::pki::Ca::new("next server CA");
+    let next = next_ca.server();
+    std::fs::write(h.path("server.crt"), &next.cert_pem).unwrap();
+    std::fs::write(h.path("server.key"), &next.key_pem).unwrap();
+    hangup();
+    let mut rotated = false;
+    for _ in 0..200 {
+        if crate::mtls::handshake(&h, &next_ca.pem(), None)
+            .await
+            .is_ok()
+        {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(rotated, "the new server certificate is served after SIGHUP");
     h.stop().await;
 }

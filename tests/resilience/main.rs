@@ -974,6 +974,37 @@ fn wait_for_lines(path: &std::path::Path, n: usize) -> Vec<String> {
     panic!("{} never had {n} lines", path.display());
 }
 
+/// A SIGHUP to a broker with nothing to reload (the dev configuration: policy inline,
+/// plaintext) is logged and ignored: without a handler, its default action ended the process.
+#[test]
+fn sighup_does_not_end_a_broker_with_nothing_to_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_dev(dir.path(), &[]);
+    contoso_token_from(&addr);
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let log = dir.path().join("stderr.log");
+    let mut logged = false;
+    for _ in 0..100 {
+        if std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("SIGHUP: nothing to reload")
+        {
+            logged = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(logged, "{}", std::fs::read_to_string(&log).unwrap());
+    assert_eq!(child.try_wait().unwrap(), None, "SIGHUP ended the broker");
+    contoso_token_from(&addr);
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
+}
+
 #[test]
 fn the_audit_file_of_a_running_broker_can_be_rotated_by_renaming_it() {
     let dir = tempfile::tempdir().unwrap();
