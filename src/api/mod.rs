@@ -588,6 +588,7 @@ impl TokenBroker for Service {
             record: sent,
             _slot: slot,
             ended: false,
+            seen_initial: false,
         };
         let stream = futures::stream::unfold(watcher, |mut w| async move {
             let item = w.next().await?;
@@ -616,6 +617,8 @@ struct Watcher {
     record: AuditRecord,
     _slot: WatchSlot,
     ended: bool,
+    /// Whether the stream's first state (the cache's, when the watch began) was seen.
+    seen_initial: bool,
 }
 
 impl Watcher {
@@ -651,8 +654,16 @@ impl Watcher {
                 state = self.rx.next() => state?,
             };
             let failing = state.failure.is_some();
+            // The stream's first state is what the cache held when the watch began.
+            let initial = !std::mem::replace(&mut self.seen_initial, true);
+            let now = self.service.broker.clock().moment();
+            // A token kept through a long outage expires in the slot: it is never sent.
+            let token = state
+                .token
+                .as_deref()
+                .filter(|t| !t.remaining(now).is_zero());
             // Nothing to say until there is a token or a failure.
-            if state.token.is_none() && !failing {
+            if token.is_none() && !failing {
                 continue;
             }
             let access = &self.service.access;
@@ -664,7 +675,7 @@ impl Watcher {
                 let caller = self.caller.clone();
                 return Some(Err(self.end(AccessError::Denied { caller })));
             }
-            let Some(token) = state.token.as_deref() else {
+            let Some(token) = token else {
                 return Some(Ok(proto::WatchTokenResponse {
                     token: None,
                     refresh_failing: true,
@@ -676,10 +687,11 @@ impl Watcher {
             }
             let source = if failing {
                 TokenSource::StaleWhileRefreshFailing
+            } else if initial {
+                TokenSource::Cache
             } else {
                 TokenSource::Exchange
             };
-            let now = self.service.broker.clock().moment();
             let mut sent = self.record.clone();
             note_token(&mut sent, token, source, now);
             access.audit().record(sent);

@@ -100,9 +100,12 @@ async fn a_30_minute_entra_outage_fails_no_request_for_still_valid_tokens() {
     let stack = manual("").await;
     let first = stack.get("contoso", GRAPH).await.unwrap();
     let mut watch = watch(&stack, "contoso").await;
+    let watched = watch_next(&mut watch).await.token.unwrap();
+    assert_eq!(watched.access_token, first.access_token);
     assert_eq!(
-        watch_next(&mut watch).await.token.unwrap().access_token,
-        first.access_token
+        watched.source,
+        TokenSource::Cache as i32,
+        "cached before the watch"
     );
 
     stack
@@ -463,6 +466,11 @@ async fn watch_token_delivers_each_refresh_before_expiry_and_survives_an_outage(
     let stack = manual("").await;
     let mut watch = watch(&stack, "contoso").await;
     let mut current = watch_next(&mut watch).await.token.unwrap();
+    assert_eq!(
+        current.source,
+        TokenSource::Exchange as i32,
+        "fetched for the watch"
+    );
     for cycle in 0..3 {
         let until_refresh = secs(&current.refresh_at) - now_unix(&stack);
         stack
@@ -470,6 +478,7 @@ async fn watch_token_delivers_each_refresh_before_expiry_and_survives_an_outage(
             .await;
         let next = watch_refreshed(&stack, &mut watch).await.token.unwrap();
         assert_ne!(next.access_token, current.access_token, "cycle {cycle}");
+        assert_eq!(next.source, TokenSource::Exchange as i32);
         assert!(
             secs(&current.expires_at) > now_unix(&stack),
             "the new token arrives while the old one is still valid"
@@ -490,7 +499,25 @@ async fn watch_token_delivers_each_refresh_before_expiry_and_survives_an_outage(
     // The refresh retries on the clock; keep time moving until it gives up and says so.
     let failing = advance_until(&stack, &mut watch, |m| m.refresh_failing).await;
     assert!(!failing.last_error.is_empty());
-    assert_eq!(failing.token.unwrap().access_token, current.access_token);
+    let stale = failing.token.unwrap();
+    assert_eq!(stale.access_token, current.access_token);
+    assert_eq!(stale.source, TokenSource::StaleWhileRefreshFailing as i32);
+    // The outage outlasts the token: once expired, it is no longer sent.
+    let to_expiry = secs(&current.expires_at) - now_unix(&stack);
+    stack
+        .advance(Duration::from_secs(to_expiry.max(0) as u64 + 1))
+        .await;
+    let gone = advance_until(&stack, &mut watch, |m| {
+        if let Some(t) = &m.token {
+            assert!(
+                secs(&t.expires_at) > now_unix(&stack),
+                "an expired token was sent"
+            );
+        }
+        m.token.is_none()
+    })
+    .await;
+    assert!(gone.refresh_failing && !gone.last_error.is_empty());
     stack
         .http
         .delete(format!("{}/faults", stack.emulator().endpoints().admin_url))
