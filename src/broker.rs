@@ -108,6 +108,22 @@ pub enum BrokerError {
     ShuttingDown,
 }
 
+impl BrokerError {
+    /// A problem of configuration or of the request that asking again soon will not fix (a
+    /// disabled app, a missing consent, a certificate Entra does not know, a bad scope), as
+    /// opposed to an outage, throttling or shutdown.
+    pub fn is_persistent(&self) -> bool {
+        match self {
+            BrokerError::Upstream { source, .. } => source.is_persistent(),
+            BrokerError::ShuttingDown => false,
+            BrokerError::InvalidArgument { .. }
+            | BrokerError::UnknownTenant(_)
+            | BrokerError::MinValidityUnmet { .. }
+            | BrokerError::MinValidityBeyondLifetime { .. } => true,
+        }
+    }
+}
+
 /// Cache counters for tests, metrics and benchmarks; striped, as every request bumps one.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -434,22 +450,21 @@ impl Broker {
         });
     }
 
-    /// Fetches the configured pre-warm keys; `Ok` once all are cached.
-    pub async fn prewarm(&self) -> Result<(), BrokerError> {
-        for p in &self.inner.prewarm {
-            self.get_token(TokenRequest {
-                tenant: p.tenant.clone(),
-                scopes: p.scopes.clone(),
-                min_validity: None,
-                force_refresh: false,
-            })
-            .await?;
-        }
-        Ok(())
+    /// The keys the configuration asks to have cached before the broker says it is ready.
+    pub fn prewarm_keys(&self) -> &[Prewarm] {
+        &self.inner.prewarm
     }
 
-    pub fn has_prewarm(&self) -> bool {
-        !self.inner.prewarm.is_empty()
+    /// Fetches one pre-warm key; `Ok` once it is cached.
+    pub async fn prewarm(&self, key: &Prewarm) -> Result<(), BrokerError> {
+        self.get_token(TokenRequest {
+            tenant: key.tenant.clone(),
+            scopes: key.scopes.clone(),
+            min_validity: None,
+            force_refresh: false,
+        })
+        .await
+        .map(drop)
     }
 
     fn start_fetch(

@@ -415,34 +415,57 @@ async fn follow_audit(
     }
 }
 
-/// Pre-warms the configured keys (retrying with backoff on the broker's clock), then
-/// reports SERVING.
+/// Pre-warms the configured keys, then reports SERVING. A key failing for a transient reason
+/// (an outage, throttling) is retried with backoff on the broker's clock, and readiness waits
+/// for it: a new replica does not take callers it could not serve while the old ones can. A
+/// key failing for a persistent reason (a customer tenant disabled the app or withdrew
+/// consent, a certificate Entra does not know) is given up and logged: readiness does not
+/// wait for it, or one tenant's state would stall every rollout and scale-out for all.
 async fn warm_up(broker: Broker, reporter: &tonic_health::server::HealthReporter) {
-    if !broker.has_prewarm() {
+    let mut pending: Vec<&crate::config::Prewarm> = broker.prewarm_keys().iter().collect();
+    if pending.is_empty() {
         set_health(reporter, true).await;
         return;
     }
     set_health(reporter, false).await;
     let mut attempt = 0u32;
     loop {
-        match broker.prewarm().await {
-            Ok(()) => {
-                info!("pre-warm complete; serving");
-                set_health(reporter, true).await;
-                return;
-            }
-            Err(e) => {
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "pre-warm failed; not ready yet");
-                let wait = crate::resilience::backoff(
-                    attempt,
-                    std::time::Duration::from_secs(1),
-                    std::time::Duration::from_secs(30),
-                )
-                .max(std::time::Duration::from_millis(200));
-                broker.clock().sleep(wait).await;
+        let mut failed = Vec::new();
+        for key in pending {
+            match broker.prewarm(key).await {
+                Ok(()) => {}
+                Err(e) if e.is_persistent() => tracing::error!(
+                    tenant = %key.tenant,
+                    scopes = %key.scopes.join(" "),
+                    error = %e,
+                    "pre-warm of this key given up: asking again will not fix it; readiness does not wait for it, and it is fetched when a caller asks"
+                ),
+                Err(e) => {
+                    tracing::warn!(
+                        tenant = %key.tenant,
+                        scopes = %key.scopes.join(" "),
+                        error = %e,
+                        attempt = attempt + 1,
+                        "pre-warm failed; not ready yet"
+                    );
+                    failed.push(key);
+                }
             }
         }
+        if failed.is_empty() {
+            info!("pre-warm complete; serving");
+            set_health(reporter, true).await;
+            return;
+        }
+        pending = failed;
+        attempt += 1;
+        let wait = crate::resilience::backoff(
+            attempt,
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(30),
+        )
+        .max(std::time::Duration::from_millis(200));
+        broker.clock().sleep(wait).await;
     }
 }
 

@@ -634,34 +634,31 @@ async fn health_status(stack: &Stack) -> i32 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readiness_waits_for_the_prewarmed_keys() {
+async fn readiness_waits_for_the_prewarmed_keys_through_an_outage() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use tonic_health::ServingStatus;
-    // contoso's app starts disabled, so pre-warming it fails until it is enabled.
-    let mut emu = estate();
-    emu.tenants[0].apps[0].enabled = false;
+    // Entra is out at start: pre-warming fails until it is back.
+    let (down, tried) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU32::new(0)));
     let stack = Stack::start_full(
-        emu,
+        estate(),
         tuned("prewarm = [{ tenant = \"contoso\", scopes = [\"https://graph.microsoft.com/.default\"] }]"),
         Some(ManualClock::new()),
-        |e| e,
+        |inner| {
+            Arc::new(Outage {
+                inner,
+                down: down.clone(),
+                tried: tried.clone(),
+            })
+        },
     )
     .await;
-    wait_for(|| async { stack.route_total("entra.token").await >= 1 }).await;
+    wait_for(|| async { tried.load(Ordering::SeqCst) >= 1 }).await;
     assert_eq!(
         health_status(&stack).await,
         ServingStatus::NotServing as i32
     );
-    stack
-        .admin_post(
-            &format!(
-                "/tenants/{}/apps/{}/enable",
-                demo::CONTOSO_TENANT,
-                demo::CONTOSO_APP
-            ),
-            json!({}),
-        )
-        .await;
-    // The pre-warm retries on the broker's clock (and its negative cache expires).
+    down.store(false, Ordering::SeqCst);
+    // The pre-warm retries on the broker's clock.
     for _ in 0..60 {
         if health_status(&stack).await == ServingStatus::Serving as i32 {
             break;
@@ -673,6 +670,71 @@ async fn readiness_waits_for_the_prewarmed_keys() {
     // The key was cached before the broker said it was ready.
     let r = stack.get("contoso", GRAPH).await.unwrap();
     assert_eq!(r.source, TokenSource::Cache as i32);
+    stack.stop().await;
+}
+
+/// Entra out of service (503, retryable) while `down` is set; counts the exchanges tried.
+#[derive(Debug)]
+struct Outage {
+    inner: Arc<dyn TokenExchange>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    tried: Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl TokenExchange for Outage {
+    async fn exchange(&self, req: ExchangeRequest<'_>) -> Result<EntraToken, EntraError> {
+        use std::sync::atomic::Ordering;
+        self.tried.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(EntraError {
+                class: EntraErrorClass::Retryable,
+                status: 503,
+                error: "temporarily_unavailable".into(),
+                codes: vec![90033],
+                description: "AADSTS90033: A transient error has occurred.".into(),
+                correlation_id: Some(req.correlation_id.to_string()),
+                trace_id: None,
+                retry_after: None,
+            });
+        }
+        self.inner.exchange(req).await
+    }
+}
+
+/// A pre-warm key that fails for a reason retrying will not fix (here a customer tenant
+/// disabled the app) is given up: readiness waits for the other keys only, or one tenant's
+/// state would keep every new replica out of service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_does_not_wait_for_a_prewarmed_key_that_fails_for_good() {
+    use tonic_health::ServingStatus;
+    let mut emu = estate();
+    emu.tenants[0].apps[0].enabled = false;
+    let stack = Stack::start_full(
+        emu,
+        tuned(
+            "prewarm = [{ tenant = \"contoso\", scopes = [\"https://graph.microsoft.com/.default\"] }, \
+             { tenant = \"fabrikam\", scopes = [\"https://graph.microsoft.com/.default\"] }]",
+        ),
+        Some(ManualClock::new()),
+        |e| e,
+    )
+    .await;
+    // No time is moved: the broker is ready without a retry of contoso.
+    wait_for(|| async { health_status(&stack).await == ServingStatus::Serving as i32 }).await;
+    let r = stack.get("fabrikam", GRAPH).await.unwrap();
+    assert_eq!(
+        r.source,
+        TokenSource::Cache as i32,
+        "fabrikam was pre-warmed"
+    );
+    let e = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert_eq!(
+        stack.route_total("entra.token").await,
+        2,
+        "contoso once (then remembered), fabrikam once"
+    );
     stack.stop().await;
 }
 
