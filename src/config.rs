@@ -105,6 +105,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// How often the TLS certificate, key and policy files are checked for changes.
     pub reload_interval: Duration,
+    /// After this long a connection is told (HTTP/2 GOAWAY) to take new calls elsewhere; its
+    /// calls in flight and watches finish on it. `None`: never.
+    pub max_connection_age: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -402,6 +405,7 @@ struct RawServer {
     client_cert: Option<ClientCertMode>,
     reload_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
+    max_connection_age_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1164,12 +1168,25 @@ impl Validator<'_> {
                 "no TLS configured: set tls_cert_file and tls_key_file, or `plaintext = true` on a loopback address",
             );
         }
+        // Long-lived HTTP/2 connections pin a caller to one replica: without an age, replicas
+        // added by scaling out, or restarted in a rollout, get no traffic from existing callers.
+        let max_connection_age = match raw.max_connection_age_secs {
+            Some(0) => None,
+            secs => Some(self.span(
+                "server.max_connection_age_secs",
+                secs,
+                600,
+                7 * 86_400,
+                "a week; 0 for never",
+            )),
+        };
         ServerConfig {
             listen,
             plaintext: raw.plaintext,
             tls,
             shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs.unwrap_or(20)),
             reload_interval,
+            max_connection_age,
         }
     }
 

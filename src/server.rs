@@ -227,6 +227,12 @@ impl Bound {
             .max_decoding_message_size(self.config.limits.max_request_bytes);
         // Bounds the metadata a caller can send (bearer tokens are at most 16 KiB).
         let mut builder = Server::builder().http2_max_header_list_size(Some(32 * 1024));
+        // No grace: tonic then closes a connection gracefully at its age (GOAWAY, calls in
+        // flight and watches finish on it); with a grace it would cut it at age + grace
+        // without a GOAWAY first.
+        if let Some(age) = self.config.server.max_connection_age {
+            builder = builder.max_connection_age(age);
+        }
         let reload = self.config.server.reload_interval;
         let _policy_watch = AbortOnDrop(self.access.policy().clone().watch(reload));
         let _hangup = reload_on_hangup(self.access.policy().clone(), self.tls.clone());

@@ -724,3 +724,32 @@ fn spans_too_long_for_a_deadline_are_refused_with_their_bound() {
     );
     assert_eq!(p.len(), 4, "{p:?}");
 }
+
+#[test]
+fn connections_are_aged_out_after_ten_minutes_unless_configured_otherwise() {
+    let load = |text: &str| Config::from_toml_str(text, Path::new("/"), &no_env).unwrap();
+    assert_eq!(
+        load(GOOD).server.max_connection_age,
+        Some(Duration::from_secs(600))
+    );
+    let with = |line: &str| GOOD.replace("plaintext = true", &format!("plaintext = true\n{line}"));
+    assert_eq!(
+        load(&with("max_connection_age_secs = 0"))
+            .server
+            .max_connection_age,
+        None,
+        "0 is never"
+    );
+    assert_eq!(
+        load(&with("max_connection_age_secs = 1800"))
+            .server
+            .max_connection_age,
+        Some(Duration::from_secs(1800))
+    );
+    let p = problems(&with("max_connection_age_secs = 99999999"));
+    assert!(
+        p.iter()
+            .any(|p| p.path == "server.max_connection_age_secs" && p.message.contains("at most")),
+        "{p:?}"
+    );
+}

@@ -20,6 +20,15 @@ pub(crate) async fn handshake(
     server_ca: &str,
     client: Option<&Leaf>,
 ) -> Result<(), String> {
+    open_h2(h, server_ca, client).await.map(drop)
+}
+
+/// A TLS connection that has sent the HTTP/2 preface and read the server's SETTINGS frame.
+async fn open_h2(
+    h: &Harness,
+    server_ca: &str,
+    client: Option<&Leaf>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -55,7 +64,43 @@ pub(crate) async fn handshake(
         .await
         .map_err(|e| e.to_string())?;
     assert_eq!(frame[3], 4, "the server's first frame is SETTINGS");
-    Ok(())
+    let mut payload = vec![0u8; u32::from_be_bytes([0, frame[0], frame[1], frame[2]]) as usize];
+    tls.read_exact(&mut payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(tls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_told_to_take_new_calls_elsewhere_at_its_maximum_age() {
+    let h = Harness::start(Options {
+        server: "max_connection_age_secs = 1",
+        ..Default::default()
+    })
+    .await;
+    let mut conn = open_h2(&h, &h.server_ca_pem, None).await.unwrap();
+    // Frames until a GOAWAY (type 7): each a 9-byte header (24-bit length, type, flags,
+    // stream id) and its payload.
+    let goaway = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            let mut header = [0u8; 9];
+            conn.read_exact(&mut header).await?;
+            let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            conn.read_exact(&mut payload).await?;
+            if header[3] == 7 {
+                return Ok::<_, std::io::Error>(payload);
+            }
+        }
+    })
+    .await
+    .expect("a GOAWAY within the bound")
+    .expect("a GOAWAY before the connection closed");
+    // Error code NO_ERROR: a graceful goodbye (the first of the two GOAWAYs of a graceful
+    // close, which still admits streams the client may have in flight).
+    assert_eq!(&goaway[4..8], &[0u8; 4], "{goaway:?}");
+    drop(conn);
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
