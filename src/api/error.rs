@@ -200,7 +200,7 @@ fn config_hint(code: Option<u32>) -> &'static str {
         }
         Some(7000112) => "the app is disabled in this tenant: an administrator must enable it",
         Some(700211..=700213) => {
-            "the app's federated credential does not match the broker's managed identity token: it needs issuer https://login.microsoftonline.com/{the identity's tenant}/v2.0, subject = the identity's object (principal) id, audience api://AzureADTokenExchange"
+            "the app's federated credential does not match the broker's managed identity token: it needs issuer = the cloud's login host/{the identity's tenant}/v2.0 (https://login.microsoftonline.com/… in the public cloud), subject = the identity's object (principal) id, audience = the tenant's credential.audience (api://AzureADTokenExchange in the public cloud, api://AzureADTokenExchangeUSGov or api://AzureADTokenExchangeChina in those)"
         }
         Some(53003) => "a Conditional Access policy blocks this app",
         _ => "fix the tenant's configuration or app registration",

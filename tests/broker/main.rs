@@ -638,6 +638,7 @@ async fn an_app_without_a_matching_federated_credential_is_a_clear_failed_precon
     assert!(m.contains("AADSTS700211"), "{m}");
     assert!(m.contains("federated credential"), "{m}");
     assert!(m.contains("object (principal) id"), "{m}");
+    assert!(m.contains("credential.audience"), "{m}");
     stack.stop().await;
 }
 
