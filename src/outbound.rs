@@ -257,9 +257,29 @@ impl HttpClient for ImdsRedirect {
     }
 }
 
+/// `message` (a transport error's), with what to check when it says a host name did not
+/// resolve: the resolver's own words ("Name or service not known") do not say that a typo in
+/// a vault's name, or a private endpoint's missing DNS zone, looks exactly like this.
+pub fn with_dns_hint(message: String) -> String {
+    let m = message.to_ascii_lowercase();
+    let hint = if m.contains("temporary failure in name resolution") {
+        "DNS did not answer for the host name: check the resolver"
+    } else if m.contains("failed to lookup address")
+        || m.contains("name or service not known")
+        || m.contains("no address associated with hostname")
+        || m.contains("nodename nor servname")
+    {
+        "the host name does not resolve: check the configured URL's host for a typo and, behind a private endpoint, its DNS zone"
+    } else {
+        return message;
+    };
+    format!("{message} ({hint})")
+}
+
 /// An error with every cause under it, `outer: inner: root`: a transport error's own text
 /// ("error sending request", "transport error") says nothing a person can act on; its causes
-/// do ("Connection refused", "invalid peer certificate: UnknownIssuer").
+/// do ("Connection refused", "invalid peer certificate: UnknownIssuer"). A host name that
+/// did not resolve also gets what to check (`with_dns_hint`).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut msg = e.to_string();
     let mut source = e.source();
@@ -272,5 +292,31 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         }
         source = s.source();
     }
-    msg
+    with_dns_hint(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_dns_hint;
+
+    #[test]
+    fn a_host_name_that_does_not_resolve_is_named_with_what_to_check() {
+        // What hyper's resolver says (through reqwest and azure_core) for a mistyped vault.
+        let m = with_dns_hint(
+            "error sending request: client error (Connect): dns error: failed to lookup address information: Name or service not known".into(),
+        );
+        assert!(m.contains("the host name does not resolve"), "{m}");
+        assert!(m.contains("typo"), "{m}");
+        let m = with_dns_hint(
+            "dns error: failed to lookup address information: Temporary failure in name resolution"
+                .into(),
+        );
+        assert!(m.contains("DNS did not answer"), "{m}");
+        let refused = "tcp connect error: Connection refused (os error 111)";
+        assert_eq!(
+            with_dns_hint(refused.into()),
+            refused,
+            "no hint for other errors"
+        );
+    }
 }

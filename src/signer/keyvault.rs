@@ -227,7 +227,7 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
         ErrorKind::Credential => SignerError::Identity(root_message(&e)),
         ErrorKind::Connection | ErrorKind::Io => SignerError::Unavailable {
             service: SERVICE,
-            message: root_message(&e),
+            message: crate::outbound::with_dns_hint(root_message(&e)),
             retry_after: None,
         },
         _ => other(root_message(&e)),
