@@ -80,8 +80,20 @@ def check_manifests(path: Path, outdir: Path) -> None:
 
     for d in by_kind.get("Deployment", []):
         name = f"Deployment/{d['metadata']['name']}"
-        if d["spec"].get("replicas", 1) < 2:
-            problem(f"{name}: fewer than 2 replicas")
+        # The HorizontalPodAutoscaler owns the count: a replicas field would reset it on
+        # every apply. At least two replicas come from the HPA's minReplicas.
+        if "replicas" in d["spec"]:
+            problem(f"{name}: sets replicas, which fights the HorizontalPodAutoscaler on every apply")
+        hpas = [
+            h for h in objs
+            if h["kind"] == "HorizontalPodAutoscaler"
+            and h["spec"].get("scaleTargetRef", {}).get("kind") == "Deployment"
+            and h["spec"]["scaleTargetRef"].get("name") == d["metadata"]["name"]
+        ]
+        if not hpas:
+            problem(f"{name}: no HorizontalPodAutoscaler scales it")
+        elif any(h["spec"].get("minReplicas", 1) < 2 for h in hpas):
+            problem(f"{name}: its HorizontalPodAutoscaler's minReplicas is below 2")
         ps = pod_spec(d)
         labels = d["spec"]["template"]["metadata"].get("labels", {})
         if labels.get("azure.workload.identity/use") != "true":
