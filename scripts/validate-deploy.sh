@@ -22,7 +22,8 @@
 # timeout, so the whole run is bounded (about a minute after the first install).
 #
 # Env: PYTHON (default python3) for creating the venv; KUBE_VERSIONS (default
-# "1.33.0 1.37.0"); TOKENBROKER_BIN.
+# "1.30.0 1.37.0": the oldest Kubernetes the manifests need, for the preStop sleep
+# action, and the newest); TOKENBROKER_BIN.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -32,7 +33,7 @@ python_bin="${PYTHON:-python3}"
 venv="$repo_root/.venv-deploy"
 requirements="$repo_root/deploy/tools/requirements.txt"
 stamp="$venv/.requirements.sha256"
-kube_versions="${KUBE_VERSIONS:-1.33.0 1.37.0}"
+kube_versions="${KUBE_VERSIONS:-1.30.0 1.37.0}"
 overlay="deploy/kubernetes/overlays/aks"
 component="deploy/kubernetes/components/cilium-fqdn-egress"
 otlp_component="deploy/kubernetes/components/otlp-egress"
