@@ -118,6 +118,14 @@ def check_manifests(path: Path, outdir: Path) -> None:
             for part in ("requests", "limits"):
                 if "memory" not in res.get(part, {}):
                     problem(f"{name}/{c['name']}: no memory {part}")
+            if res.get("requests", {}).get("memory") != res.get("limits", {}).get("memory"):
+                problem(f"{name}/{c['name']}: memory request must equal the limit (sized for cache.max_entries)")
+            sleep = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+            if sleep < 1:
+                problem(f"{name}/{c['name']}: no preStop sleep (new connections arrive for a while after SIGTERM)")
+            elif ps.get("terminationGracePeriodSeconds", 30) < sleep + 20 + 5:
+                problem(f"{name}: terminationGracePeriodSeconds must cover the preStop sleep, the broker's "
+                        f"20 s shutdown grace and the audit flush")
             for probe in ("livenessProbe", "readinessProbe"):
                 port = c.get(probe, {}).get("httpGet", {}).get("port")
                 if port not in ("admin", 9090):
