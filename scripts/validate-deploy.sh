@@ -9,9 +9,11 @@
 #   3. deploy/tools/check_static.py: the rendered manifests keep the properties the
 #      deployment relies on; every .bicep file parses (pycep) and its modules exist;
 #      the certificate policy is RSA 2048, non-exportable, auto-renewing;
-#   4. `tokenbroker check-config` on the broker config of every rendered ConfigMap,
-#      when a built binary is at hand (TOKENBROKER_BIN, or target/debug/tokenbroker,
-#      which `cargo test` in scripts/test.sh builds);
+#   4. `tokenbroker check-config` on the broker config of every rendered ConfigMap (and
+#      on a copy with the mounted policy file's grants inline), when a built binary is at
+#      hand (TOKENBROKER_BIN, or target/debug/tokenbroker, which `cargo test` in
+#      scripts/test.sh builds); a config whose callers cannot authenticate or whose policy
+#      grants nothing fails;
 #   5. hadolint on the Dockerfile;
 #   6. checkov on the Dockerfile, the rendered manifests and the Bicep files: no failed
 #      check; each skip is justified inline where it is made.
@@ -137,13 +139,21 @@ if [[ -x "$tb" ]]; then
     for cfg in "$work"/configs/*.toml; do
         [[ -e "$cfg" ]] || { fail "no broker config in the rendered ConfigMaps"; break; }
         # Only the file's own content: no deployment overrides from this shell.
-        if ! env -u TOKENBROKER_LISTEN -u TOKENBROKER_LOG_FORMAT -u TOKENBROKER_LOG_LEVEL \
+        if ! out="$(env -u TOKENBROKER_LISTEN -u TOKENBROKER_LOG_FORMAT -u TOKENBROKER_LOG_LEVEL \
                 -u TOKENBROKER_IDENTITY_SOURCE -u TOKENBROKER_IDENTITY_CLIENT_ID \
-                -u TOKENBROKER_EXTRA_CA_FILE timeout 30 "$tb" check-config --files-elsewhere "$cfg" >/dev/null; then
+                -u TOKENBROKER_EXTRA_CA_FILE timeout 30 "$tb" check-config --files-elsewhere "$cfg" 2>&1)"; then
+            printf '%s\n' "$out" >&2
             fail "check-config $(basename "$cfg")"
-        else
-            echo "ok: $(basename "$cfg")"
+            continue
         fi
+        # A valid config can still serve nobody: the overlay is what gets deployed, so it
+        # must authenticate callers and grant something (the base alone is a template).
+        if printf '%s\n' "$out" | grep -E "no caller can authenticate|every request is denied" >&2; then
+            fail "check-config $(basename "$cfg"): the broker it configures would refuse every caller"
+            continue
+        fi
+        printf '%s\n' "$out" | grep -E "^(callers|policy):" | sed 's/^/  /'
+        echo "ok: $(basename "$cfg")"
     done
 else
     echo "skipped: no tokenbroker binary at $tb (build it, or set TOKENBROKER_BIN)"
