@@ -25,7 +25,7 @@
 #
 # Env: PYTHON (default python3) for creating the venv; KUBE_VERSIONS (default
 # "1.30.0 1.37.0": the oldest Kubernetes the manifests need, for the preStop sleep
-# action, and the newest); TOKENBROKER_BIN.
+# action, and the newest); TOKENBROKER_BIN; CI=true makes a missing binary a failure.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -138,10 +138,11 @@ step "tokenbroker check-config on the rendered broker configs"
 if [[ -x "$tb" ]]; then
     for cfg in "$work"/configs/*.toml; do
         [[ -e "$cfg" ]] || { fail "no broker config in the rendered ConfigMaps"; break; }
-        # Only the file's own content: no deployment overrides from this shell.
-        if ! out="$(env -u TOKENBROKER_LISTEN -u TOKENBROKER_LOG_FORMAT -u TOKENBROKER_LOG_LEVEL \
-                -u TOKENBROKER_IDENTITY_SOURCE -u TOKENBROKER_IDENTITY_CLIENT_ID \
-                -u TOKENBROKER_EXTRA_CA_FILE timeout 30 "$tb" check-config --files-elsewhere "$cfg" 2>&1)"; then
+        # Only the file's own content: an empty environment but PATH and HOME, so no
+        # TOKENBROKER_* override (listen, admin listen, log, identity, extra CA, OTLP
+        # endpoint, and any added later) from this shell changes what is checked.
+        if ! out="$(env -i PATH="$PATH" HOME="$HOME" \
+                timeout 30 "$tb" check-config --files-elsewhere "$cfg" 2>&1)"; then
             printf '%s\n' "$out" >&2
             fail "check-config $(basename "$cfg")"
             continue
@@ -155,6 +156,10 @@ if [[ -x "$tb" ]]; then
         printf '%s\n' "$out" | grep -E "^(callers|policy):" | sed 's/^/  /'
         echo "ok: $(basename "$cfg")"
     done
+elif [[ "${CI:-}" == "true" ]]; then
+    # CI builds the binary before this step (scripts/test.sh): its absence is a broken
+    # pipeline, not a reason to ship an unchecked config.
+    fail "no tokenbroker binary at $tb in CI (CI=true): check-config did not run"
 else
     echo "skipped: no tokenbroker binary at $tb (build it, or set TOKENBROKER_BIN)"
 fi
