@@ -2,10 +2,11 @@
 # Validate the deployment files without a Docker engine, a Bicep compiler, kustomize
 # or a cluster (none exists on the project's machines):
 #
-#   1. render deploy/kubernetes/overlays/aks (and with the optional Cilium and OTLP components)
+#   1. render deploy/kubernetes/overlays/aks (and with the optional Cilium, OTLP and
+#      cert-manager components)
 #      with deploy/tools/render.py, a kustomize-compatible subset;
 #   2. kubernetes-validate --strict on the renders, for each Kubernetes version in
-#      KUBE_VERSIONS; only the Cilium CRD may lack a schema;
+#      KUBE_VERSIONS; only the components' custom resources may lack a schema;
 #   3. deploy/tools/check_static.py: the rendered manifests keep the properties the
 #      deployment relies on; every .bicep file parses (pycep) and its modules exist;
 #      the certificate policy is RSA 2048, non-exportable, auto-renewing;
@@ -39,6 +40,7 @@ kube_versions="${KUBE_VERSIONS:-1.30.0 1.37.0}"
 overlay="deploy/kubernetes/overlays/aks"
 component="deploy/kubernetes/components/cilium-fqdn-egress"
 otlp_component="deploy/kubernetes/components/otlp-egress"
+tls_component="deploy/kubernetes/components/cert-manager-tls"
 
 step() { printf '\n--> validate-deploy: %s\n' "$*"; }
 failures=0
@@ -71,7 +73,7 @@ trap 'rm -rf "$work"' EXIT
 # --- 1. render --------------------------------------------------------------------------
 step "render $overlay (kustomize-compatible subset)"
 "$py" deploy/tools/render.py "$overlay" -o "$work/aks.yaml" || fail "render $overlay"
-# The overlay with the optional components (FQDN egress, OTLP egress), as an operator
+# The overlay with the optional components (FQDN egress, OTLP egress, cert-manager TLS), as an operator
 # would enable them.
 mkdir -p "$work/aks-optional"
 cat > "$work/aks-optional/kustomization.yaml" <<EOF
@@ -82,9 +84,10 @@ resources:
 components:
   - $repo_root/$component
   - $repo_root/$otlp_component
+  - $repo_root/$tls_component
 EOF
 "$py" deploy/tools/render.py "$work/aks-optional" -o "$work/aks-optional.yaml" \
-    || fail "render $overlay with $component and $otlp_component"
+    || fail "render $overlay with $component, $otlp_component and $tls_component"
 
 # --- 2. kubernetes-validate -------------------------------------------------------------
 for v in $kube_versions; do
@@ -96,8 +99,12 @@ for v in $kube_versions; do
             fail "kubernetes-validate $f against $v"
             continue
         fi
-        # A missing schema is only a warning to the tool; here only the CRD may lack one.
-        unexpected="$(printf '%s\n' "$out" | grep -i "couldn't find schema" | grep -v "CiliumNetworkPolicy with api version cilium.io/v2" || true)"
+        # A missing schema is only a warning to the tool; here only the custom resources
+        # of the optional components (Cilium, cert-manager) may lack one.
+        unexpected="$(printf '%s\n' "$out" | grep -i "couldn't find schema" \
+            | grep -v -e "CiliumNetworkPolicy with api version cilium.io/v2" \
+                -e "Certificate with api version cert-manager.io/v1" \
+                -e "Issuer with api version cert-manager.io/v1" || true)"
         if [[ -n "$unexpected" ]]; then
             printf '%s\n' "$unexpected" >&2
             fail "kubernetes-validate $f against $v: resources without a schema"
@@ -111,7 +118,7 @@ done
 step "rendered manifests keep their properties"
 timeout 60 "$py" deploy/tools/check_static.py manifests "$work/aks.yaml" "$work/configs" \
     || fail "manifest properties"
-step "with the optional components: public 443 by name only, OTLP egress on 4318"
+step "with the optional components: public 443 by name only, OTLP egress on 4318, server certificate"
 # Allow rules of all policies selecting a pod add up, so the FQDN policy narrows nothing
 # unless the base policy's rule for any public address is gone.
 timeout 60 "$py" - "$work/aks-optional.yaml" <<'PY' || fail "the render with the optional components"
@@ -125,6 +132,15 @@ print(f"ok: NetworkPolicy egress address blocks {cidrs}; FQDN policy present")
 otlp = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "tokenbroker-otlp-egress")
 assert [p["port"] for r in otlp["spec"]["egress"] for p in r["ports"]] == [4318], otlp
 print("ok: OTLP egress policy present (4318 only)")
+# The server certificate lands in the Secret the Deployment mounts, for the Service's name.
+deploy = next(d for d in docs if d["kind"] == "Deployment")
+mounted = {v["secret"]["secretName"] for v in deploy["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+cert = next(d for d in docs if d["kind"] == "Certificate" and d["metadata"]["name"] == "tokenbroker-tls")
+assert cert["spec"]["secretName"] in mounted, (cert["spec"]["secretName"], mounted)
+svc = next(d for d in docs if d["kind"] == "Service")
+want = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
+assert want in cert["spec"]["dnsNames"], f"the server certificate does not name {want}: {cert['spec']['dnsNames']}"
+print(f"ok: cert-manager Certificate for {want} into Secret {cert['spec']['secretName']}")
 PY
 step "Bicep files parse (pycep) and their modules exist"
 timeout 120 "$py" deploy/tools/check_static.py bicep deploy/azure || fail "bicep parse"
