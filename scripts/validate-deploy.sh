@@ -129,6 +129,25 @@ cidrs = [p["ipBlock"]["cidr"] for r in policy["spec"]["egress"] for p in r.get("
 assert "0.0.0.0/0" not in cidrs, f"NetworkPolicy egress still has 0.0.0.0/0: {cidrs}"
 assert any(d["kind"] == "CiliumNetworkPolicy" for d in docs), "no CiliumNetworkPolicy rendered"
 print(f"ok: NetworkPolicy egress address blocks {cidrs}; FQDN policy present")
+# Every bearer-token issuer's discovery and keys host is reachable by name.
+import fnmatch, re, tomllib, urllib.parse
+fqdn = [f for d in docs if d["kind"] == "CiliumNetworkPolicy" for r in d["spec"].get("egress", []) for f in r.get("toFQDNs", [])]
+def allowed(host):
+    for f in fqdn:
+        if f.get("matchName") == host:
+            return True
+        pat = f.get("matchPattern")
+        if pat and re.fullmatch(re.escape(pat).replace(r"\*", r"[a-z0-9-]*"), host):
+            return True
+    return False
+for cm in (d for d in docs if d["kind"] == "ConfigMap" and "broker.toml" in (d.get("data") or {})):
+    cfg = tomllib.loads(cm["data"]["broker.toml"])
+    for name, iss in cfg.get("callers", {}).get("issuers", {}).items():
+        for url in (iss.get("issuer"), iss.get("discovery_url")):
+            host = urllib.parse.urlsplit(url).hostname if url else None
+            assert host is None or allowed(host), f"issuer {name}: {host} is not in the FQDN egress policy"
+            if host:
+                print(f"ok: issuer {name} ({host}) reachable through the FQDN policy")
 otlp = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "tokenbroker-otlp-egress")
 assert [p["port"] for r in otlp["spec"]["egress"] for p in r["ports"]] == [4318], otlp
 print("ok: OTLP egress policy present (4318 only)")
