@@ -100,9 +100,10 @@ for v in $kube_versions; do
             continue
         fi
         # A missing schema is only a warning to the tool; here only the custom resources
-        # of the optional components (Cilium, cert-manager) may lack one.
+        # of the components (Cilium, cert-manager, managed Prometheus) may lack one.
         unexpected="$(printf '%s\n' "$out" | grep -i "couldn't find schema" \
             | grep -v -e "CiliumNetworkPolicy with api version cilium.io/v2" \
+                -e "PodMonitor with api version azmonitoring.coreos.com/v1" \
                 -e "Certificate with api version cert-manager.io/v1" \
                 -e "Issuer with api version cert-manager.io/v1" || true)"
         if [[ -n "$unexpected" ]]; then
