@@ -77,7 +77,7 @@ def check_manifests(path: Path, outdir: Path) -> None:
     by_kind: dict[str, list[dict]] = {}
     for o in objs:
         by_kind.setdefault(o["kind"], []).append(o)
-        if o["kind"] != "Namespace" and not o["metadata"].get("namespace"):
+        if o["kind"] not in ("Namespace", "PriorityClass") and not o["metadata"].get("namespace"):
             problem(f"{path}: {o['kind']}/{o['metadata']['name']} has no namespace")
 
     for d in by_kind.get("Deployment", []):
@@ -100,6 +100,11 @@ def check_manifests(path: Path, outdir: Path) -> None:
         labels = d["spec"]["template"]["metadata"].get("labels", {})
         if labels.get("azure.workload.identity/use") != "true":
             problem(f"{name}: pod label azure.workload.identity/use must be \"true\"")
+        pc = ps.get("priorityClassName")
+        if pc and pc not in {p["metadata"]["name"] for p in by_kind.get("PriorityClass", [])} | {
+            "system-cluster-critical", "system-node-critical"
+        }:
+            print(f"{name}: priorityClassName {pc} is not in the render; it must exist in the cluster")
         if not ps.get("topologySpreadConstraints"):
             problem(f"{name}: no topologySpreadConstraints")
         for c in ps.get("containers", []):
