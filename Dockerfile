@@ -13,6 +13,14 @@
 #
 # checkov:skip=CKV_DOCKER_2: no HEALTHCHECK on purpose: Kubernetes probes on the admin port (/healthz, /readyz) decide health; distroless has no shell or curl to run one
 # (CKV_DOCKER_7 "tag not latest" passes: both base images carry explicit tags.)
+#
+# Base images: by tag here, as the repository cannot look up registry digests (no Docker
+# engine, no registry access in CI). The release pins both by digest before building, so
+# a rebuild of the same commit gets the same bases (docs/DEPLOY.md, "The image"):
+#   crane digest rust:1.95-bookworm          # or: docker buildx imagetools inspect <image>
+#   crane digest gcr.io/distroless/cc-debian12:nonroot
+# then FROM rust:${RUST_VERSION}-bookworm@sha256:<digest> and
+# FROM gcr.io/distroless/cc-debian12:nonroot@sha256:<digest>.
 
 # Rust toolchain of the build stage. The crate's MSRV is 1.88; CI builds with the
 # current stable, so the image builds with the same one (both are Debian 12 "bookworm",
@@ -21,8 +29,8 @@ ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
-# The whole crate (see .dockerignore): sources, proto/ and build.rs (protox, no protoc),
-# and tests/ and benches/ because Cargo.toml names their targets.
+# The context is an allowlist (.dockerignore): Cargo.toml, Cargo.lock, build.rs and proto/
+# (protox, no protoc), src/, and the bench and test target files Cargo.toml names by path.
 COPY . .
 # Cache mounts keep the registry and target dir between builds (BuildKit); the binary
 # is copied out of the cached target dir so the next stage can take it.

@@ -2,16 +2,19 @@
 # Validate the deployment files without a Docker engine, a Bicep compiler, kustomize
 # or a cluster (none exists on the project's machines):
 #
-#   1. render deploy/kubernetes/overlays/aks (and with the optional Cilium and OTLP components)
+#   1. render deploy/kubernetes/overlays/aks (and with the optional Cilium, OTLP and
+#      cert-manager components)
 #      with deploy/tools/render.py, a kustomize-compatible subset;
 #   2. kubernetes-validate --strict on the renders, for each Kubernetes version in
-#      KUBE_VERSIONS; only the Cilium CRD may lack a schema;
+#      KUBE_VERSIONS; only the components' custom resources may lack a schema;
 #   3. deploy/tools/check_static.py: the rendered manifests keep the properties the
 #      deployment relies on; every .bicep file parses (pycep) and its modules exist;
 #      the certificate policy is RSA 2048, non-exportable, auto-renewing;
-#   4. `tokenbroker check-config` on the broker config of every rendered ConfigMap,
-#      when a built binary is at hand (TOKENBROKER_BIN, or target/debug/tokenbroker,
-#      which `cargo test` in scripts/test.sh builds);
+#   4. `tokenbroker check-config` on the broker config of every rendered ConfigMap (and
+#      on a copy with the mounted policy file's grants inline), when a built binary is at
+#      hand (TOKENBROKER_BIN, or target/debug/tokenbroker, which `cargo test` in
+#      scripts/test.sh builds); a config whose callers cannot authenticate or whose policy
+#      grants nothing fails;
 #   5. hadolint on the Dockerfile;
 #   6. checkov on the Dockerfile, the rendered manifests and the Bicep files: no failed
 #      check; each skip is justified inline where it is made.
@@ -22,7 +25,8 @@
 # timeout, so the whole run is bounded (about a minute after the first install).
 #
 # Env: PYTHON (default python3) for creating the venv; KUBE_VERSIONS (default
-# "1.33.0 1.37.0"); TOKENBROKER_BIN.
+# "1.30.0 1.37.0": the oldest Kubernetes the manifests need, for the preStop sleep
+# action, and the newest); TOKENBROKER_BIN; CI=true makes a missing binary a failure.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -32,10 +36,11 @@ python_bin="${PYTHON:-python3}"
 venv="$repo_root/.venv-deploy"
 requirements="$repo_root/deploy/tools/requirements.txt"
 stamp="$venv/.requirements.sha256"
-kube_versions="${KUBE_VERSIONS:-1.33.0 1.37.0}"
+kube_versions="${KUBE_VERSIONS:-1.30.0 1.37.0}"
 overlay="deploy/kubernetes/overlays/aks"
 component="deploy/kubernetes/components/cilium-fqdn-egress"
 otlp_component="deploy/kubernetes/components/otlp-egress"
+tls_component="deploy/kubernetes/components/cert-manager-tls"
 
 step() { printf '\n--> validate-deploy: %s\n' "$*"; }
 failures=0
@@ -68,7 +73,7 @@ trap 'rm -rf "$work"' EXIT
 # --- 1. render --------------------------------------------------------------------------
 step "render $overlay (kustomize-compatible subset)"
 "$py" deploy/tools/render.py "$overlay" -o "$work/aks.yaml" || fail "render $overlay"
-# The overlay with the optional components (FQDN egress, OTLP egress), as an operator
+# The overlay with the optional components (FQDN egress, OTLP egress, cert-manager TLS), as an operator
 # would enable them.
 mkdir -p "$work/aks-optional"
 cat > "$work/aks-optional/kustomization.yaml" <<EOF
@@ -79,9 +84,10 @@ resources:
 components:
   - $repo_root/$component
   - $repo_root/$otlp_component
+  - $repo_root/$tls_component
 EOF
 "$py" deploy/tools/render.py "$work/aks-optional" -o "$work/aks-optional.yaml" \
-    || fail "render $overlay with $component and $otlp_component"
+    || fail "render $overlay with $component, $otlp_component and $tls_component"
 
 # --- 2. kubernetes-validate -------------------------------------------------------------
 for v in $kube_versions; do
@@ -93,8 +99,13 @@ for v in $kube_versions; do
             fail "kubernetes-validate $f against $v"
             continue
         fi
-        # A missing schema is only a warning to the tool; here only the CRD may lack one.
-        unexpected="$(printf '%s\n' "$out" | grep -i "couldn't find schema" | grep -v "CiliumNetworkPolicy with api version cilium.io/v2" || true)"
+        # A missing schema is only a warning to the tool; here only the custom resources
+        # of the components (Cilium, cert-manager, managed Prometheus) may lack one.
+        unexpected="$(printf '%s\n' "$out" | grep -i "couldn't find schema" \
+            | grep -v -e "CiliumNetworkPolicy with api version cilium.io/v2" \
+                -e "PodMonitor with api version azmonitoring.coreos.com/v1" \
+                -e "Certificate with api version cert-manager.io/v1" \
+                -e "Issuer with api version cert-manager.io/v1" || true)"
         if [[ -n "$unexpected" ]]; then
             printf '%s\n' "$unexpected" >&2
             fail "kubernetes-validate $f against $v: resources without a schema"
@@ -108,7 +119,7 @@ done
 step "rendered manifests keep their properties"
 timeout 60 "$py" deploy/tools/check_static.py manifests "$work/aks.yaml" "$work/configs" \
     || fail "manifest properties"
-step "with the optional components: public 443 by name only, OTLP egress on 4318"
+step "with the optional components: public 443 by name only, OTLP egress on 4318, server certificate"
 # Allow rules of all policies selecting a pod add up, so the FQDN policy narrows nothing
 # unless the base policy's rule for any public address is gone.
 timeout 60 "$py" - "$work/aks-optional.yaml" <<'PY' || fail "the render with the optional components"
@@ -119,9 +130,37 @@ cidrs = [p["ipBlock"]["cidr"] for r in policy["spec"]["egress"] for p in r.get("
 assert "0.0.0.0/0" not in cidrs, f"NetworkPolicy egress still has 0.0.0.0/0: {cidrs}"
 assert any(d["kind"] == "CiliumNetworkPolicy" for d in docs), "no CiliumNetworkPolicy rendered"
 print(f"ok: NetworkPolicy egress address blocks {cidrs}; FQDN policy present")
+# Every bearer-token issuer's discovery and keys host is reachable by name.
+import fnmatch, re, tomllib, urllib.parse
+fqdn = [f for d in docs if d["kind"] == "CiliumNetworkPolicy" for r in d["spec"].get("egress", []) for f in r.get("toFQDNs", [])]
+def allowed(host):
+    for f in fqdn:
+        if f.get("matchName") == host:
+            return True
+        pat = f.get("matchPattern")
+        if pat and re.fullmatch(re.escape(pat).replace(r"\*", r"[a-z0-9-]*"), host):
+            return True
+    return False
+for cm in (d for d in docs if d["kind"] == "ConfigMap" and "broker.toml" in (d.get("data") or {})):
+    cfg = tomllib.loads(cm["data"]["broker.toml"])
+    for name, iss in cfg.get("callers", {}).get("issuers", {}).items():
+        for url in (iss.get("issuer"), iss.get("discovery_url")):
+            host = urllib.parse.urlsplit(url).hostname if url else None
+            assert host is None or allowed(host), f"issuer {name}: {host} is not in the FQDN egress policy"
+            if host:
+                print(f"ok: issuer {name} ({host}) reachable through the FQDN policy")
 otlp = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "tokenbroker-otlp-egress")
 assert [p["port"] for r in otlp["spec"]["egress"] for p in r["ports"]] == [4318], otlp
 print("ok: OTLP egress policy present (4318 only)")
+# The server certificate lands in the Secret the Deployment mounts, for the Service's name.
+deploy = next(d for d in docs if d["kind"] == "Deployment")
+mounted = {v["secret"]["secretName"] for v in deploy["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+cert = next(d for d in docs if d["kind"] == "Certificate" and d["metadata"]["name"] == "tokenbroker-tls")
+assert cert["spec"]["secretName"] in mounted, (cert["spec"]["secretName"], mounted)
+svc = next(d for d in docs if d["kind"] == "Service")
+want = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
+assert want in cert["spec"]["dnsNames"], f"the server certificate does not name {want}: {cert['spec']['dnsNames']}"
+print(f"ok: cert-manager Certificate for {want} into Secret {cert['spec']['secretName']}")
 PY
 step "Bicep files parse (pycep) and their modules exist"
 timeout 120 "$py" deploy/tools/check_static.py bicep deploy/azure || fail "bicep parse"
@@ -135,15 +174,28 @@ step "tokenbroker check-config on the rendered broker configs"
 if [[ -x "$tb" ]]; then
     for cfg in "$work"/configs/*.toml; do
         [[ -e "$cfg" ]] || { fail "no broker config in the rendered ConfigMaps"; break; }
-        # Only the file's own content: no deployment overrides from this shell.
-        if ! env -u TOKENBROKER_LISTEN -u TOKENBROKER_LOG_FORMAT -u TOKENBROKER_LOG_LEVEL \
-                -u TOKENBROKER_IDENTITY_SOURCE -u TOKENBROKER_IDENTITY_CLIENT_ID \
-                -u TOKENBROKER_EXTRA_CA_FILE timeout 30 "$tb" check-config --files-elsewhere "$cfg" >/dev/null; then
+        # Only the file's own content: an empty environment but PATH and HOME, so no
+        # TOKENBROKER_* override (listen, admin listen, log, identity, extra CA, OTLP
+        # endpoint, and any added later) from this shell changes what is checked.
+        if ! out="$(env -i PATH="$PATH" HOME="$HOME" \
+                timeout 30 "$tb" check-config --files-elsewhere "$cfg" 2>&1)"; then
+            printf '%s\n' "$out" >&2
             fail "check-config $(basename "$cfg")"
-        else
-            echo "ok: $(basename "$cfg")"
+            continue
         fi
+        # A valid config can still serve nobody: the overlay is what gets deployed, so it
+        # must authenticate callers and grant something (the base alone is a template).
+        if printf '%s\n' "$out" | grep -E "no caller can authenticate|every request is denied" >&2; then
+            fail "check-config $(basename "$cfg"): the broker it configures would refuse every caller"
+            continue
+        fi
+        printf '%s\n' "$out" | grep -E "^(callers|policy):" | sed 's/^/  /'
+        echo "ok: $(basename "$cfg")"
     done
+elif [[ "${CI:-}" == "true" ]]; then
+    # CI builds the binary before this step (scripts/test.sh): its absence is a broken
+    # pipeline, not a reason to ship an unchecked config.
+    fail "no tokenbroker binary at $tb in CI (CI=true): check-config did not run"
 else
     echo "skipped: no tokenbroker binary at $tb (build it, or set TOKENBROKER_BIN)"
 fi

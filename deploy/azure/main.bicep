@@ -4,9 +4,11 @@
 //     (keyvault.bicep);
 //   - the broker's user-assigned managed identity, federated with the AKS service
 //     account system:serviceaccount:<namespace>:<serviceAccount> (identity.bicep);
-//   - the identity's two roles on the vault: Key Vault Crypto User (keys/sign) and
-//     Key Vault Certificate User (certificate metadata). Nothing else: no secrets,
-//     no key export, no management plane.
+//   - the identity's one role on the vault, a custom role with the two data actions the
+//     broker uses: certificates/read and keys/sign/action. Nothing else: no secrets, no
+//     key export, no other key operation, no management plane. Creating the role needs
+//     Microsoft.Authorization/roleDefinitions/write on the resource group (Owner or User
+//     Access Administrator), as the assignment does.
 // Certificates are not Bicep resources: create them with deploy/azure/certificate-policy.json
 // as shown in docs/DEPLOY.md.
 //
@@ -42,8 +44,12 @@ param privateEndpointSubnetId string
 @description('Resource id of the VNet the private DNS zone is linked to (the AKS cluster\'s VNet).')
 param vnetId string
 
-@description('Log Analytics workspace for the vault\'s audit log (AuditEvent); empty for none.')
-param logAnalyticsWorkspaceId string = ''
+@description('Log Analytics workspace for the vault\'s audit log (the audit category group: every sign and certificate read). Required.')
+@minLength(1)
+param logAnalyticsWorkspaceId string
+
+@description('Resource id of an existing privatelink.vaultcore.azure.net private DNS zone (e.g. in a hub), already linked to the cluster\'s VNet; empty: create the zone in this resource group and link it to vnetId.')
+param privateDnsZoneId string = ''
 
 param tags object = {
   app: 'tokenbroker'
@@ -61,7 +67,7 @@ module identity 'identity.bicep' = {
   }
 }
 
-// The vault, its private endpoint and DNS, and the identity's two roles on it.
+// The vault, its private endpoint and DNS, its audit log, and the identity's role on it.
 module vault 'keyvault.bicep' = {
   name: 'tokenbroker-keyvault'
   params: {
@@ -70,6 +76,7 @@ module vault 'keyvault.bicep' = {
     privateEndpointSubnetId: privateEndpointSubnetId
     vnetId: vnetId
     logAnalyticsWorkspaceId: logAnalyticsWorkspaceId
+    privateDnsZoneId: privateDnsZoneId
     brokerPrincipalId: identity.outputs.principalId
     tags: tags
   }

@@ -5,8 +5,10 @@ kustomize, no cluster). Run by scripts/validate-deploy.sh inside its venv.
   bicep DIR             parse every .bicep file (pycep, the parser checkov uses: checkov
                         itself only logs a parse error) and check that modules exist
   policy FILE           the Key Vault certificate policy: RSA 2048, non-exportable, auto-renew
-  manifests FILE OUTDIR the rendered overlay keeps the properties the issue asks for, and
-                        each ConfigMap's broker.toml is written to OUTDIR for check-config
+  manifests FILE OUTDIR the rendered overlay keeps the properties the deployment relies on;
+                        each ConfigMap's broker.toml is written to OUTDIR for check-config,
+                        and beside it, when it names a policy file the Deployment mounts from
+                        a ConfigMap, a copy with those grants inline (NAME+policy.toml)
 """
 
 from __future__ import annotations
@@ -75,17 +77,34 @@ def check_manifests(path: Path, outdir: Path) -> None:
     by_kind: dict[str, list[dict]] = {}
     for o in objs:
         by_kind.setdefault(o["kind"], []).append(o)
-        if o["kind"] != "Namespace" and not o["metadata"].get("namespace"):
+        if o["kind"] not in ("Namespace", "PriorityClass") and not o["metadata"].get("namespace"):
             problem(f"{path}: {o['kind']}/{o['metadata']['name']} has no namespace")
 
     for d in by_kind.get("Deployment", []):
         name = f"Deployment/{d['metadata']['name']}"
-        if d["spec"].get("replicas", 1) < 2:
-            problem(f"{name}: fewer than 2 replicas")
+        # The HorizontalPodAutoscaler owns the count: a replicas field would reset it on
+        # every apply. At least two replicas come from the HPA's minReplicas.
+        if "replicas" in d["spec"]:
+            problem(f"{name}: sets replicas, which fights the HorizontalPodAutoscaler on every apply")
+        hpas = [
+            h for h in objs
+            if h["kind"] == "HorizontalPodAutoscaler"
+            and h["spec"].get("scaleTargetRef", {}).get("kind") == "Deployment"
+            and h["spec"]["scaleTargetRef"].get("name") == d["metadata"]["name"]
+        ]
+        if not hpas:
+            problem(f"{name}: no HorizontalPodAutoscaler scales it")
+        elif any(h["spec"].get("minReplicas", 1) < 2 for h in hpas):
+            problem(f"{name}: its HorizontalPodAutoscaler's minReplicas is below 2")
         ps = pod_spec(d)
         labels = d["spec"]["template"]["metadata"].get("labels", {})
         if labels.get("azure.workload.identity/use") != "true":
             problem(f"{name}: pod label azure.workload.identity/use must be \"true\"")
+        pc = ps.get("priorityClassName")
+        if pc and pc not in {p["metadata"]["name"] for p in by_kind.get("PriorityClass", [])} | {
+            "system-cluster-critical", "system-node-critical"
+        }:
+            print(f"{name}: priorityClassName {pc} is not in the render; it must exist in the cluster")
         if not ps.get("topologySpreadConstraints"):
             problem(f"{name}: no topologySpreadConstraints")
         for c in ps.get("containers", []):
@@ -106,6 +125,14 @@ def check_manifests(path: Path, outdir: Path) -> None:
             for part in ("requests", "limits"):
                 if "memory" not in res.get(part, {}):
                     problem(f"{name}/{c['name']}: no memory {part}")
+            if res.get("requests", {}).get("memory") != res.get("limits", {}).get("memory"):
+                problem(f"{name}/{c['name']}: memory request must equal the limit (sized for cache.max_entries)")
+            sleep = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+            if sleep < 1:
+                problem(f"{name}/{c['name']}: no preStop sleep (new connections arrive for a while after SIGTERM)")
+            elif ps.get("terminationGracePeriodSeconds", 30) < sleep + 20 + 5:
+                problem(f"{name}: terminationGracePeriodSeconds must cover the preStop sleep, the broker's "
+                        f"20 s shutdown grace and the audit flush")
             for probe in ("livenessProbe", "readinessProbe"):
                 port = c.get(probe, {}).get("httpGet", {}).get("port")
                 if port not in ("admin", 9090):
@@ -140,14 +167,70 @@ def check_manifests(path: Path, outdir: Path) -> None:
             if not key.endswith(".toml"):
                 continue
             try:
-                tomllib.loads(text)
+                parsed = tomllib.loads(text)
             except tomllib.TOMLDecodeError as e:
                 problem(f"ConfigMap/{cm['metadata']['name']}: {key} is not TOML: {e}")
                 continue
             if re.search(r"(?i)(secret|password|private[_ ]?key)\s*=", text):
                 problem(f"ConfigMap/{cm['metadata']['name']}: {key} looks like it holds a secret")
-            (outdir / f"{cm['metadata']['name']}.{key}").write_text(text)
+            if key != "broker.toml":
+                continue
+            out = outdir / f"{cm['metadata']['name']}.{key}"
+            out.write_text(text)
+            policy_file = parsed.get("policy", {}).get("file")
+            if policy_file:
+                inline_policy(cm, out, text, policy_file, by_kind)
     print(f"manifests: {path.name}: {len(objs)} objects checked")
+
+
+def inline_policy(cm: dict, out: Path, text: str, policy_file: str, by_kind: dict) -> None:
+    """The policy file exists only in the pod, so check-config cannot read it. Find the
+    ConfigMap the Deployment mounts it from (as a directory: a subPath mount never sees
+    the ConfigMap's updates, so the broker's live reload would not either) and write a
+    second config with its grants inline ([[policy.grant]]), for check-config to check
+    against the tenants."""
+    name = f"ConfigMap/{cm['metadata']['name']}"
+    found = None
+    for d in by_kind.get("Deployment", []):
+        ps = pod_spec(d)
+        volumes = {v["name"]: v for v in ps.get("volumes", [])}
+        for c in ps.get("containers", []):
+            for m in c.get("volumeMounts", []):
+                mount = m["mountPath"].rstrip("/")
+                if policy_file == mount or policy_file.startswith(mount + "/"):
+                    if m.get("subPath"):
+                        problem(f"Deployment/{d['metadata']['name']}: the policy file {policy_file} is mounted "
+                                "with subPath, so the broker never sees the ConfigMap's updates")
+                    found = (volumes.get(m["name"], {}), policy_file[len(mount) + 1:])
+    if found is None:
+        problem(f"{name}: policy file {policy_file} is on no volume the Deployment mounts")
+        return
+    volume, key = found
+    source = volume.get("configMap", {}).get("name")
+    if source is None:
+        print(f"{name}: policy file {policy_file} is not from a ConfigMap; its grants are not checked here")
+        return
+    data = next((c.get("data") or {} for c in by_kind.get("ConfigMap", []) if c["metadata"]["name"] == source), None)
+    if data is None or key not in data:
+        problem(f"{name}: policy file {policy_file}: ConfigMap/{source} has no key {key!r}")
+        return
+    grants = data[key]
+    try:
+        tomllib.loads(grants)
+    except tomllib.TOMLDecodeError as e:
+        problem(f"ConfigMap/{source}: {key} is not TOML: {e}")
+        return
+    line = re.compile(r'(?m)^\s*file\s*=\s*"' + re.escape(policy_file) + r'"\s*$')
+    if len(line.findall(text)) != 1:
+        problem(f"{name}: cannot inline the policy: `file = \"{policy_file}\"` is not one line of its own")
+        return
+    inlined = line.sub("", text) + "\n" + re.sub(r"(?m)^\s*\[\[grant\]\]", "[[policy.grant]]", grants)
+    try:
+        tomllib.loads(inlined)
+    except tomllib.TOMLDecodeError as e:
+        problem(f"{name}: the config with the policy of ConfigMap/{source} inline is not TOML: {e}")
+        return
+    out.with_name(out.stem + "+policy.toml").write_text(inlined)
 
 
 def main(argv: list[str]) -> int:
