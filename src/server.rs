@@ -421,6 +421,9 @@ async fn follow_audit(
     }
 }
 
+/// Pre-warm keys fetched at once.
+const PREWARM_CONCURRENCY: usize = 8;
+
 /// Pre-warms the configured keys, then reports SERVING. A key failing for a transient reason
 /// (an outage, throttling) is retried with backoff on the broker's clock, and readiness waits
 /// for it: a new replica does not take callers it could not serve while the old ones can. A
@@ -428,7 +431,8 @@ async fn follow_audit(
 /// consent, a certificate Entra does not know) is given up and logged: readiness does not
 /// wait for it, or one tenant's state would stall every rollout and scale-out for all.
 async fn warm_up(broker: Broker, reporter: &tonic_health::server::HealthReporter) {
-    let mut pending: Vec<&crate::config::Prewarm> = broker.prewarm_keys().iter().collect();
+    use futures::StreamExt;
+    let mut pending: Vec<crate::config::Prewarm> = broker.prewarm_keys().to_vec();
     if pending.is_empty() {
         set_health(reporter, true).await;
         return;
@@ -437,8 +441,18 @@ async fn warm_up(broker: Broker, reporter: &tonic_health::server::HealthReporter
     let mut attempt = 0u32;
     loop {
         let mut failed = Vec::new();
-        for key in pending {
-            match broker.prewarm(key).await {
+        // A few at once: readiness should not wait for the keys one after another, nor
+        // should a start burst every key's sign and exchange on the upstreams at once.
+        let mut results = futures::stream::iter(pending.into_iter().map(|key| {
+            let broker = broker.clone();
+            async move {
+                let result = broker.prewarm(&key).await;
+                (key, result)
+            }
+        }))
+        .buffer_unordered(PREWARM_CONCURRENCY);
+        while let Some((key, result)) = results.next().await {
+            match result {
                 Ok(()) => {}
                 Err(e) if e.is_persistent() => tracing::error!(
                     tenant = %key.tenant,
