@@ -135,7 +135,7 @@ fn unauthorized(tenant: &str, message: &str) -> Response {
 }
 
 /// Validates the bearer token as Key Vault would: signed by a known issuer key, for the vault
-/// audience, from a known tenant's issuer, within its validity window.
+/// audience, from the vault tenant's issuer, within its validity window.
 fn authenticate(
     shared: &Shared,
     headers: &HeaderMap,
@@ -200,19 +200,25 @@ fn authenticate(
     }
     let iss = jwt.claim_str("iss").unwrap_or_default().to_owned();
     let tid = jwt.claim_str("tid").unwrap_or_default();
-    let known_tenant = shared
-        .identities
-        .iter()
-        .any(|i| i.tenant_id.eq_ignore_ascii_case(tid))
-        || shared.state().tenant(tid).is_some();
+    // A vault trusts its own tenant's issuers only: a token from another tenant, even one
+    // the emulator knows, is refused as Key Vault refuses it (AKV10032).
+    let vault_tid = {
+        let state = shared.state();
+        state.tenant(vault_tenant).map_or_else(
+            || vault_tenant.to_owned(),
+            |i| state.tenants[i].tenant_id.clone(),
+        )
+    };
     let expected = [
-        format!("https://sts.windows.net/{tid}/"),
-        shared.v2_issuer(tid),
+        format!("https://sts.windows.net/{vault_tid}/"),
+        shared.v2_issuer(&vault_tid),
     ];
-    if !known_tenant || !expected.iter().any(|e| e == &iss) {
+    if !tid.eq_ignore_ascii_case(&vault_tid)
+        || !expected.iter().any(|e| e.eq_ignore_ascii_case(&iss))
+    {
         return Err(deny(&format!(
-            "AKV10032: Invalid issuer. Expected one of https://sts.windows.net/{vault_tenant}/, {}, found: {iss}.",
-            shared.v2_issuer(vault_tenant)
+            "AKV10032: Invalid issuer. Expected one of https://sts.windows.net/{vault_tid}/, {}, found: {iss}.",
+            shared.v2_issuer(&vault_tid)
         )));
     }
     Ok(Caller {

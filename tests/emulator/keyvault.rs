@@ -468,3 +468,60 @@ async fn loopback_host_reaches_the_first_vault() {
             .starts_with(&env.ep().key_vault_url)
     );
 }
+
+#[tokio::test]
+async fn token_from_another_tenant_is_an_invalid_issuer() {
+    // A Fabrikam identity holding a role on Contoso's vault: the role does not help, the
+    // vault trusts its own tenant's issuers only.
+    let mut config = EmulatorConfig::demo();
+    let mut stranger = config.identities[0].clone();
+    stranger.name = "fabrikam-mi".into();
+    stranger.system_assigned = false;
+    stranger.client_id = "fabfab00-0000-4000-8000-0000000000c3".into();
+    stranger.object_id = "fabfab00-0000-4000-8000-0000000000d3".into();
+    stranger.tenant_id = demo::FABRIKAM_TENANT.into();
+    config.vaults[0]
+        .role_assignments
+        .push(RoleAssignmentConfig {
+            principal: stranger.object_id.clone(),
+            role: VaultRole::Administrator,
+            scope: "*".into(),
+        });
+    config.identities.push(stranger);
+    let env = start(config).await;
+    let token = env
+        .mi_token(VAULT_RESOURCE, Some("fabfab00-0000-4000-8000-0000000000c3"))
+        .await;
+    assert_eq!(claims(&token)["tid"], demo::FABRIKAM_TENANT);
+    let resp = env
+        .sign(&token, "contoso-app", None, "RS256", &Sha256::digest(b"x"))
+        .await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.headers()["www-authenticate"],
+        format!("Bearer authorization=\"https://login.microsoftonline.com/{}\", resource=\"https://vault.azure.net\"", demo::CONTOSO_TENANT).as_str(),
+        "the challenge names the vault's tenant"
+    );
+    let body: Value = resp.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("AKV10032: Invalid issuer."),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!(
+            "https://sts.windows.net/{}/",
+            demo::CONTOSO_TENANT
+        )),
+        "{message}"
+    );
+
+    // The vault's own tenant still gets in.
+    let (status, _) = env
+        .get_json(
+            &env.kv_token().await,
+            &format!("/certificates/contoso-app?{API}"),
+        )
+        .await;
+    assert_eq!(status, 200);
+}
