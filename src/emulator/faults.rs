@@ -4,12 +4,13 @@
 //! the outcome. Every fault is bounded by a count or a duration so a test can never leave the
 //! emulator broken.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -61,6 +62,7 @@ pub(crate) struct FaultSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FailSpec {
+    /// 200..=599: a 2xx with a malformed body tests an unreadable success.
     pub status: u16,
     /// Seconds, sent as `Retry-After`.
     #[serde(default)]
@@ -68,9 +70,71 @@ pub(crate) struct FailSpec {
     /// Milliseconds, sent as `x-ms-retry-after-ms`.
     #[serde(default)]
     pub retry_after_ms: Option<u64>,
-    /// Response body; a service-shaped error body is used when omitted.
+    /// JSON response body; a service-shaped error body for the status is used when both
+    /// `body` and `raw_body` are omitted.
     #[serde(default)]
     pub body: Option<Value>,
+    /// Response body sent as is (not JSON), e.g. a proxy's HTML page or truncated JSON.
+    #[serde(default)]
+    pub raw_body: Option<String>,
+    /// `Content-Type` of the answer: default `application/json`, or `text/plain;
+    /// charset=utf-8` for `raw_body`.
+    #[serde(default)]
+    pub content_type: Option<String>,
+    /// Extra response headers (name -> value), set last, e.g. `Retry-After` as an HTTP date.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Headers a fault may not set: they describe the body or the connection, which the server
+/// owns; `content-type` has its own field.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "content-type",
+];
+
+impl FailSpec {
+    fn validate(&self) -> Result<(), String> {
+        if !(200..=599).contains(&self.status) {
+            return Err(format!(
+                "\"fail.status\" must be 200..=599, got {}",
+                self.status
+            ));
+        }
+        if self.body.is_some() && self.raw_body.is_some() {
+            return Err(
+                "use at most one of \"fail.body\" (JSON) and \"fail.raw_body\" (sent as is)".into(),
+            );
+        }
+        if let Some(ct) = &self.content_type
+            && HeaderValue::from_str(ct).is_err()
+        {
+            return Err(format!(
+                "\"fail.content_type\" {ct:?} is not a valid header value"
+            ));
+        }
+        for (name, value) in &self.headers {
+            let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
+                return Err(format!(
+                    "\"fail.headers\": {name:?} is not a valid header name"
+                ));
+            };
+            if RESERVED_HEADERS.contains(&header.as_str()) {
+                return Err(format!(
+                    "\"fail.headers\": {name:?} cannot be set by a fault (reserved: {}; use \"fail.content_type\" for the content type)",
+                    RESERVED_HEADERS.join(", ")
+                ));
+            }
+            if HeaderValue::from_str(value).is_err() {
+                return Err(format!(
+                    "\"fail.headers\": the value of {name:?} is not a valid header value"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 struct Fault {
@@ -138,10 +202,8 @@ impl Faults {
         if terminal == 0 && spec.latency_ms.unwrap_or(0) == 0 {
             return Err("a fault needs \"latency_ms\", \"fail\", \"hang\" or \"reset\"".into());
         }
-        if let Some(f) = &spec.fail
-            && !(400..=599).contains(&f.status)
-        {
-            return Err("\"fail.status\" must be 400..=599".into());
+        if let Some(f) = &spec.fail {
+            f.validate()?;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let deadline = spec
@@ -267,6 +329,10 @@ pub(crate) async fn middleware(
     let Some(route) = classify(req.method(), req.uri().path()) else {
         return next.run(req).await;
     };
+    let vault = route
+        .starts_with("keyvault.")
+        .then(|| request_vault(&shared, req.headers(), req.uri()))
+        .flatten();
     let tenants = if route.starts_with("entra.") {
         request_tenants(&shared, req.uri().path())
     } else if route.starts_with("graph.") {
@@ -281,7 +347,7 @@ pub(crate) async fn middleware(
         .map(str::to_owned);
     let response = match shared.faults.take(route, &tenants) {
         None => next.run(req).await,
-        Some(applied) => apply(&shared, route, applied, req, next).await,
+        Some(applied) => apply(&shared, route, vault.as_ref(), applied, req, next).await,
     };
     let mut counters = shared.counters();
     let count = counters.routes.entry(route.to_owned()).or_default();
@@ -296,6 +362,7 @@ pub(crate) async fn middleware(
 async fn apply(
     shared: &Shared,
     route: &str,
+    vault: Option<&RequestVault>,
     applied: Applied,
     req: Request,
     next: Next,
@@ -315,7 +382,7 @@ async fn apply(
     }
     let mut response = match applied.action {
         None => next.run(req).await,
-        Some(Action::Fail(fail)) => fail_response(route, &fail, shared.clock.now()),
+        Some(Action::Fail(fail)) => fail_response(route, vault, &fail, shared.clock.now()),
         Some(Action::Reset) => reset_response(),
         Some(Action::Hang(deadline)) => {
             tokio::select! {
@@ -335,6 +402,24 @@ fn reset_response() -> Response {
     let mut r = StatusCode::BAD_GATEWAY.into_response();
     r.extensions_mut().insert(ResetConnection);
     r
+}
+
+/// The vault a Key Vault request is for (as the Key Vault handler picks it from the host).
+pub(crate) struct RequestVault {
+    tenant: String,
+}
+
+fn request_vault(
+    shared: &Shared,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+) -> Option<RequestVault> {
+    let host = super::state::host_of(headers, uri);
+    let state = shared.state();
+    let v = &state.vaults[state.vault_for_host(&host)?];
+    Some(RequestVault {
+        tenant: v.tenant_id.clone(),
+    })
 }
 
 /// The tenant segment of an Entra URL plus the tenant's id and domain, for tenant filters.
@@ -376,51 +461,154 @@ fn token_tenants(shared: &Shared, headers: &axum::http::HeaderMap) -> Vec<String
     }
 }
 
-/// An error shaped like the service behind `route` would send it.
-fn fail_response(route: &str, fail: &FailSpec, now: time::OffsetDateTime) -> Response {
+/// An answer shaped like the service behind `route` would send it: the spec's body (JSON or
+/// raw) or the service's error for the status, then the spec's headers.
+fn fail_response(
+    route: &str,
+    vault: Option<&RequestVault>,
+    fail: &FailSpec,
+    now: time::OffsetDateTime,
+) -> Response {
+    // `add` checked the range, so this never falls back.
     let status = StatusCode::from_u16(fail.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-    let body = fail
-        .body
-        .clone()
-        .unwrap_or_else(|| default_body(route, status, now));
-    let mut response = (status, axum::Json(body)).into_response();
+    let mut response = match (&fail.raw_body, &fail.body) {
+        (Some(raw), _) => {
+            let mut r = (status, raw.clone()).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r
+        }
+        (None, Some(body)) => (status, axum::Json(body.clone())).into_response(),
+        (None, None) => (status, axum::Json(default_body(route, status, now))).into_response(),
+    };
     let headers = response.headers_mut();
+    if let Some(ct) = fail
+        .content_type
+        .as_deref()
+        .and_then(|ct| HeaderValue::from_str(ct).ok())
+    {
+        headers.insert(header::CONTENT_TYPE, ct);
+    }
+    // Key Vault's 401 always carries the bearer challenge (SDKs start their auth flow from it).
+    if status == StatusCode::UNAUTHORIZED
+        && route.starts_with("keyvault.")
+        && let Some(v) = super::keyvault::challenge(vault.map_or("common", |v| v.tenant.as_str()))
+    {
+        headers.insert(header::WWW_AUTHENTICATE, v);
+    }
     if let Some(s) = fail.retry_after {
         headers.insert("retry-after", HeaderValue::from(s));
     }
     if let Some(ms) = fail.retry_after_ms {
         headers.insert("x-ms-retry-after-ms", HeaderValue::from(ms));
     }
+    for (name, value) in &fail.headers {
+        // Checked in `add`.
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(n, v);
+        }
+    }
     response
 }
 
+/// The status's reason phrase as a code (`Request Timeout` -> `RequestTimeout`).
+fn reason_code(status: StatusCode) -> String {
+    status
+        .canonical_reason()
+        .unwrap_or("Error")
+        .split([' ', '-'])
+        .collect()
+}
+
+/// The error body each service sends with `status` (`{}` for a success).
 fn default_body(route: &str, status: StatusCode, now: time::OffsetDateTime) -> Value {
-    let throttled = status == StatusCode::TOO_MANY_REQUESTS;
+    let injected = format!("The service returned {status} (injected by the emulator).");
+    if status.is_success() {
+        return json!({});
+    }
+    let code = status.as_u16();
     if route.starts_with("keyvault.") {
-        if throttled {
-            json!({"error": {"code": "Throttled", "message": "Request was not processed because too many requests were received. Reason: VaultRequestTypeLimitReached"}})
-        } else {
-            json!({"error": {"code": "ServiceUnavailable", "message": format!("The service returned {status} (injected by the emulator).")}})
+        let not_found = match route {
+            "keyvault.sign" | "keyvault.key" => "KeyNotFound",
+            "keyvault.secret" => "SecretNotFound",
+            _ => "CertificateNotFound",
+        };
+        let (code, message) = match code {
+            400 => ("BadParameter".to_owned(), injected),
+            401 => (
+                "Unauthorized".to_owned(),
+                "AKV10000: Request is missing a Bearer or PoP token.".to_owned(),
+            ),
+            403 => (
+                "Forbidden".to_owned(),
+                "Caller is not authorized to perform action on resource. (injected by the emulator)"
+                    .to_owned(),
+            ),
+            404 => (
+                not_found.to_owned(),
+                "The object was not found in this key vault (injected by the emulator).".to_owned(),
+            ),
+            429 => (
+                "Throttled".to_owned(),
+                "Request was not processed because too many requests were received. Reason: VaultRequestTypeLimitReached".to_owned(),
+            ),
+            500 => ("InternalServerError".to_owned(), injected),
+            501..=599 => ("ServiceUnavailable".to_owned(), injected),
+            _ => (reason_code(status), injected),
+        };
+        let mut body = json!({"error": {"code": code, "message": message}});
+        if status == StatusCode::FORBIDDEN {
+            body["error"]["innererror"] = json!({"code": "ForbiddenByRbac"});
         }
+        body
     } else if route.starts_with("graph.") {
-        if throttled {
-            json!({"error": {"code": "TooManyRequests", "message": "Too many requests (injected by the emulator)."}})
-        } else {
-            json!({"error": {"code": "ServiceNotAvailable", "message": format!("The service returned {status} (injected by the emulator).")}})
-        }
+        let code = match code {
+            400 => "BadRequest".to_owned(),
+            401 => "InvalidAuthenticationToken".to_owned(),
+            403 => "Authorization_RequestDenied".to_owned(),
+            404 => "ResourceNotFound".to_owned(),
+            429 => "TooManyRequests".to_owned(),
+            500..=599 => "ServiceNotAvailable".to_owned(),
+            _ => reason_code(status),
+        };
+        json!({"error": {"code": code, "message": injected}})
     } else if route.starts_with("entra.") {
-        let (code, text) = if throttled {
-            (
+        let (error, code, text) = match code {
+            401 => (
+                "invalid_client",
+                700027,
+                "Client assertion failed signature validation. (Injected by the emulator.)",
+            ),
+            429 => (
+                "temporarily_unavailable",
                 90055,
                 "TenantThrottlingError - There are too many incoming requests. This exception is thrown for blocked tenants.",
-            )
-        } else {
-            (90033, "A transient error has occurred. Try again.")
+            ),
+            400..=499 => (
+                "invalid_request",
+                90014,
+                "The request is missing a required field or is malformed. (Injected by the emulator.)",
+            ),
+            _ => (
+                "temporarily_unavailable",
+                90033,
+                "A transient error has occurred. Try again.",
+            ),
         };
-        super::entra::error_body("temporarily_unavailable", code, text, None, now).0
-    } else if throttled {
-        json!({"error": "too_many_requests", "error_description": "Too many requests to the managed identity endpoint (injected by the emulator)."})
+        super::entra::error_body(error, code, text, None, now).0
     } else {
-        json!({"error": "service_unavailable", "error_description": format!("The managed identity endpoint returned {status} (injected by the emulator).")})
+        let error = match code {
+            400 => "invalid_request".to_owned(),
+            401 => "unauthorized".to_owned(),
+            429 => "too_many_requests".to_owned(),
+            500..=599 => "service_unavailable".to_owned(),
+            _ => reason_code(status).to_ascii_lowercase(),
+        };
+        json!({"error": error, "error_description": format!("The managed identity endpoint returned {status} (injected by the emulator).")})
     }
 }

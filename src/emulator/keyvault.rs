@@ -123,12 +123,17 @@ pub(crate) fn kv_error(status: StatusCode, code: &str, message: &str) -> Respons
         .into_response()
 }
 
+/// The `WWW-Authenticate` bearer challenge of a vault in `tenant`.
+pub(crate) fn challenge(tenant: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!(
+        "Bearer authorization=\"https://login.microsoftonline.com/{tenant}\", resource=\"{VAULT_AUDIENCE}\""
+    ))
+    .ok()
+}
+
 fn unauthorized(tenant: &str, message: &str) -> Response {
     let mut r = kv_error(StatusCode::UNAUTHORIZED, "Unauthorized", message);
-    let challenge = format!(
-        "Bearer authorization=\"https://login.microsoftonline.com/{tenant}\", resource=\"{VAULT_AUDIENCE}\""
-    );
-    if let Ok(v) = HeaderValue::from_str(&challenge) {
+    if let Some(v) = challenge(tenant) {
         r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
     r

@@ -342,3 +342,184 @@ async fn counters_rotation_disable_and_reset() {
         200
     );
 }
+
+#[tokio::test]
+async fn default_fault_bodies_follow_the_status() {
+    let env = start_demo().await;
+    let token = env.kv_token().await;
+    let digest = Sha256::digest(b"x");
+    for (status, code) in [
+        (400, "BadParameter"),
+        (401, "Unauthorized"),
+        (403, "Forbidden"),
+        (404, "KeyNotFound"),
+        (429, "Throttled"),
+        (500, "InternalServerError"),
+        (503, "ServiceUnavailable"),
+    ] {
+        let (s, _) = env
+            .admin(
+                Method::POST,
+                "/faults",
+                Some(json!({"route": "keyvault.sign", "fail": {"status": status}, "count": 1})),
+            )
+            .await;
+        assert_eq!(s, 201);
+        let resp = env
+            .sign(&token, "contoso-app", None, "RS256", &digest)
+            .await;
+        assert_eq!(resp.status(), status);
+        let challenge = resp.headers().get("www-authenticate").cloned();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{status}: {body}");
+        if status == 401 {
+            assert_eq!(
+                challenge.expect("a Key Vault 401 carries the bearer challenge"),
+                format!("Bearer authorization=\"https://login.microsoftonline.com/{}\", resource=\"https://vault.azure.net\"", demo::CONTOSO_TENANT).as_str()
+            );
+        } else {
+            assert!(challenge.is_none(), "{status}");
+        }
+    }
+    let (_, cert) = env
+        .get_json(&token, "/certificates/contoso-app?api-version=7.5")
+        .await;
+    env.admin(
+        Method::POST,
+        "/faults",
+        Some(json!({"route": "keyvault.certificate", "fail": {"status": 404}, "count": 1})),
+    )
+    .await;
+    let (s, body) = env
+        .get_json(&token, "/certificates/contoso-app?api-version=7.5")
+        .await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (404, Some("CertificateNotFound"))
+    );
+    assert!(cert["x5t"].is_string());
+
+    for (status, error, code) in [
+        (400, "invalid_request", 90014),
+        (401, "invalid_client", 700027),
+        (429, "temporarily_unavailable", 90055),
+        (503, "temporarily_unavailable", 90033),
+    ] {
+        env.admin(
+            Method::POST,
+            "/faults",
+            Some(json!({"route": "entra.token", "fail": {"status": status}, "count": 1})),
+        )
+        .await;
+        let (s, body, _) = env
+            .exchange(
+                demo::CONTOSO_TENANT,
+                &[("grant_type", "client_credentials")],
+            )
+            .await;
+        assert_eq!((s, body["error"].as_str()), (status, Some(error)), "{body}");
+        assert_eq!(aadsts(&body), code);
+    }
+
+    // An explicit body still wins.
+    env.admin(
+        Method::POST,
+        "/faults",
+        Some(json!({"route": "entra.token", "fail": {"status": 401, "body": {"error": "mine"}}, "count": 1})),
+    )
+    .await;
+    let (s, body, _) = env
+        .exchange(
+            demo::CONTOSO_TENANT,
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+    assert_eq!((s, body), (401, json!({"error": "mine"})));
+}
+
+#[tokio::test]
+async fn fault_headers_raw_bodies_and_successes() {
+    let env = start_demo().await;
+    let token = env.kv_token().await;
+    let digest = Sha256::digest(b"x");
+    let (s, body) = env
+        .admin(
+            Method::POST,
+            "/faults",
+            Some(json!({"route": "keyvault.sign", "count": 1, "fail": {
+                "status": 200,
+                "raw_body": "{\"kid\": \"trunc",
+                "headers": {"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT", "retry-after-ms": "250"},
+            }})),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let resp = env
+        .sign(&token, "contoso-app", None, "RS256", &digest)
+        .await;
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert_eq!(h["retry-after"], "Wed, 21 Oct 2026 07:28:00 GMT");
+    assert_eq!(h["retry-after-ms"], "250");
+    assert_eq!(h["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(resp.text().await.unwrap(), "{\"kid\": \"trunc");
+
+    env.admin(
+        Method::POST,
+        "/faults",
+        Some(json!({"route": "entra.token", "count": 1, "fail": {
+            "status": 502, "raw_body": "<html>Bad Gateway</html>", "content_type": "text/html",
+        }})),
+    )
+    .await;
+    let resp = env
+        .https
+        .post(format!(
+            "{}/{}/oauth2/v2.0/token",
+            env.authority(),
+            demo::CONTOSO_TENANT
+        ))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["content-type"], "text/html");
+    assert_eq!(resp.text().await.unwrap(), "<html>Bad Gateway</html>");
+
+    for (bad, why) in [
+        (json!({"status": 199}), "200..=599"),
+        (json!({"status": 600}), "200..=599"),
+        (
+            json!({"status": 500, "body": {}, "raw_body": "x"}),
+            "raw_body",
+        ),
+        (
+            json!({"status": 500, "headers": {"bad name": "x"}}),
+            "header name",
+        ),
+        (
+            json!({"status": 500, "headers": {"x-a": "a\nb"}}),
+            "header value",
+        ),
+        (
+            json!({"status": 500, "headers": {"Content-Length": "1"}}),
+            "content-length",
+        ),
+        (
+            json!({"status": 500, "raw_body": "x", "content_type": "a\u{7f}"}),
+            "content_type",
+        ),
+    ] {
+        let (s, body) = env
+            .admin(
+                Method::POST,
+                "/faults",
+                Some(json!({"route": "keyvault.sign", "count": 1, "fail": bad})),
+            )
+            .await;
+        assert_eq!(s, 400, "{bad}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(why), "{bad}: {error}");
+    }
+}
