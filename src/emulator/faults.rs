@@ -38,9 +38,13 @@ pub(crate) const ROUTES: &[&str] = &[
 #[serde(deny_unknown_fields)]
 pub(crate) struct FaultSpec {
     pub route: String,
-    /// Only requests for this tenant (id or domain in the Entra URL).
+    /// Only requests for this tenant (id or domain): Entra routes by the URL, Graph routes by
+    /// the bearer token. Refused on routes that have no tenant.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// Only Key Vault requests for this vault (name, or host `{name}.vault.azure.net`).
+    #[serde(default)]
+    pub vault: Option<String>,
     #[serde(default)]
     pub latency_ms: Option<u64>,
     #[serde(default)]
@@ -152,6 +156,21 @@ pub(crate) enum Action {
     Reset,
 }
 
+/// Routes whose requests name a tenant (`tenant` filter).
+const TENANT_ROUTES: &[&str] = &["entra.token", "entra.discovery", "graph.list"];
+
+/// Spent faults kept listed (for their hit counts) beyond which the oldest are dropped.
+const SPENT_KEPT: usize = 256;
+
+/// Every route `route` (a route or a prefix) matches.
+fn covered(route: &str) -> impl Iterator<Item = &'static str> + '_ {
+    ROUTES.iter().copied().filter(move |r| {
+        *r == route
+            || r.strip_prefix(route)
+                .is_some_and(|rest| rest.starts_with('.'))
+    })
+}
+
 pub(crate) struct Applied {
     pub ids: Vec<u64>,
     pub latency: Duration,
@@ -174,16 +193,39 @@ impl Faults {
         self.faults.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn add(&self, spec: FaultSpec) -> Result<u64, String> {
-        if !ROUTES
-            .iter()
-            .any(|r| *r == spec.route || r.starts_with(&format!("{}.", spec.route)))
-        {
+    /// Adds a fault; `vaults` are the configured vault names (for the `vault` filter).
+    pub fn add(&self, mut spec: FaultSpec, vaults: &[String]) -> Result<u64, String> {
+        if covered(&spec.route).next().is_none() {
             return Err(format!(
                 "unknown route {:?}; known: {}",
                 spec.route,
                 ROUTES.join(", ")
             ));
+        }
+        // A filter the route cannot match would silently never fire.
+        if spec.tenant.is_some() && !covered(&spec.route).all(|r| TENANT_ROUTES.contains(&r)) {
+            return Err(format!(
+                "route {:?} has no tenant: \"tenant\" filters only {} (or the prefixes entra, graph)",
+                spec.route,
+                TENANT_ROUTES.join(", ")
+            ));
+        }
+        if let Some(v) = &spec.vault {
+            if !covered(&spec.route).all(|r| r.starts_with("keyvault.")) {
+                return Err(format!(
+                    "route {:?} has no vault: \"vault\" filters only keyvault routes",
+                    spec.route
+                ));
+            }
+            let name = v.to_ascii_lowercase();
+            let name = name.strip_suffix(".vault.azure.net").unwrap_or(&name);
+            let Some(known) = vaults.iter().find(|k| k.eq_ignore_ascii_case(name)) else {
+                return Err(format!(
+                    "unknown vault {v:?}; configured: {}",
+                    vaults.join(", ")
+                ));
+            };
+            spec.vault = Some(known.clone());
         }
         if spec.count.is_none() && spec.duration_ms.is_none() {
             return Err("a fault must be bounded by \"count\" or \"duration_ms\"".into());
@@ -206,10 +248,21 @@ impl Faults {
             f.validate()?;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let deadline = spec
-            .duration_ms
-            .map(|ms| Instant::now() + Duration::from_millis(ms));
-        self.lock().push(Fault {
+        let now = Instant::now();
+        let deadline = spec.duration_ms.map(|ms| now + Duration::from_millis(ms));
+        let mut faults = self.lock();
+        let spent = faults.iter().filter(|f| !f.live(now)).count();
+        if spent > SPENT_KEPT {
+            let mut drop = spent - SPENT_KEPT;
+            faults.retain(|f| {
+                let keep = drop == 0 || f.live(now);
+                if !keep {
+                    drop -= 1;
+                }
+                keep
+            });
+        }
+        faults.push(Fault {
             id,
             remaining: spec.count,
             deadline,
@@ -223,11 +276,11 @@ impl Faults {
         self.lock().clear();
     }
 
-    /// Active faults with their hit counts.
+    /// Faults with their hit counts, spent ones included (`spent: true`) so a test can read
+    /// how often a fault applied after it ran out.
     pub fn list(&self) -> Value {
         let now = Instant::now();
-        let mut faults = self.lock();
-        faults.retain(|f| f.live(now));
+        let faults = self.lock();
         Value::Array(
             faults
                 .iter()
@@ -236,6 +289,8 @@ impl Faults {
                         "id": f.id,
                         "route": f.spec.route,
                         "tenant": f.spec.tenant,
+                        "vault": f.spec.vault,
+                        "spent": !f.live(now),
                         "hits": f.hits,
                         "remaining": f.remaining,
                         "remaining_ms": f.deadline.map(|d| d.saturating_duration_since(now).as_millis() as u64),
@@ -245,8 +300,11 @@ impl Faults {
         )
     }
 
-    /// Consumes matching faults for one request.
-    pub fn take(&self, route: &str, tenants: &[String]) -> Option<Applied> {
+    /// Consumes the faults that apply to one request: every matching latency-only fault, and
+    /// the first matching fault with an action (`fail`, `hang`, `reset`). Later matching
+    /// faults with an action do not apply, so they keep their count and hits for a later
+    /// request.
+    pub fn take(&self, route: &str, target: &Target<'_>) -> Option<Applied> {
         let now = Instant::now();
         let mut faults = self.lock();
         let mut applied = Applied {
@@ -255,7 +313,20 @@ impl Faults {
             action: None,
         };
         for f in faults.iter_mut() {
-            if !f.live(now) || !f.matches(route, tenants) {
+            if !f.live(now) || !f.matches(route, target) {
+                continue;
+            }
+            let action = if let Some(fail) = &f.spec.fail {
+                Some(Action::Fail(fail.clone()))
+            } else if f.spec.hang {
+                // `hang` always has a deadline (checked in `add`).
+                Some(Action::Hang(f.deadline.unwrap_or(now)))
+            } else if f.spec.reset {
+                Some(Action::Reset)
+            } else {
+                None
+            };
+            if action.is_some() && applied.action.is_some() {
                 continue;
             }
             if let Some(r) = &mut f.remaining {
@@ -264,20 +335,11 @@ impl Faults {
             f.hits += 1;
             applied.ids.push(f.id);
             applied.latency += Duration::from_millis(f.spec.latency_ms.unwrap_or(0));
-            if applied.action.is_none() {
-                applied.action = if let Some(fail) = &f.spec.fail {
-                    Some(Action::Fail(fail.clone()))
-                } else if f.spec.hang {
-                    // `hang` always has a deadline (checked in `add`).
-                    Some(Action::Hang(f.deadline.unwrap_or(now)))
-                } else if f.spec.reset {
-                    Some(Action::Reset)
-                } else {
-                    None
-                };
+            if action.is_some() {
+                applied.action = action;
             }
         }
-        // Spent faults stay listed (for their hit counts) but never match again.
+        // Spent faults stay listed (`spent: true`, for their hit counts) but never match again.
         (!applied.ids.is_empty()).then_some(applied)
     }
 }
@@ -287,17 +349,29 @@ impl Fault {
         self.remaining != Some(0) && self.deadline.is_none_or(|d| now < d)
     }
 
-    fn matches(&self, route: &str, tenants: &[String]) -> bool {
+    fn matches(&self, route: &str, target: &Target<'_>) -> bool {
         let route_ok = route == self.spec.route
             || route
                 .strip_prefix(self.spec.route.as_str())
                 .is_some_and(|rest| rest.starts_with('.'));
         let tenant_ok = match &self.spec.tenant {
             None => true,
-            Some(t) => tenants.iter().any(|x| x.eq_ignore_ascii_case(t)),
+            Some(t) => target.tenants.iter().any(|x| x.eq_ignore_ascii_case(t)),
         };
-        route_ok && tenant_ok
+        let vault_ok = match &self.spec.vault {
+            None => true,
+            Some(v) => target.vault.is_some_and(|x| x.eq_ignore_ascii_case(v)),
+        };
+        route_ok && tenant_ok && vault_ok
     }
+}
+
+/// What a request is for, as fault filters see it.
+pub(crate) struct Target<'a> {
+    /// Tenant ids and domains the request names.
+    pub tenants: &'a [String],
+    /// The vault name of a Key Vault request.
+    pub vault: Option<&'a str>,
 }
 
 /// Which emulated route a request is, from its method and path (`None`: not counted).
@@ -345,7 +419,11 @@ pub(crate) async fn middleware(
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let response = match shared.faults.take(route, &tenants) {
+    let target = Target {
+        tenants: &tenants,
+        vault: vault.as_ref().map(|v| v.name.as_str()),
+    };
+    let response = match shared.faults.take(route, &target) {
         None => next.run(req).await,
         Some(applied) => apply(&shared, route, vault.as_ref(), applied, req, next).await,
     };
@@ -406,6 +484,7 @@ fn reset_response() -> Response {
 
 /// The vault a Key Vault request is for (as the Key Vault handler picks it from the host).
 pub(crate) struct RequestVault {
+    name: String,
     tenant: String,
 }
 
@@ -418,6 +497,7 @@ fn request_vault(
     let state = shared.state();
     let v = &state.vaults[state.vault_for_host(&host)?];
     Some(RequestVault {
+        name: v.name.clone(),
         tenant: v.tenant_id.clone(),
     })
 }

@@ -106,9 +106,11 @@ async fn latency_fault_is_applied() {
         "count bound honoured"
     );
     let (_, faults) = env.admin(Method::GET, "/faults", None).await;
-    assert!(
-        faults["faults"].as_array().unwrap().is_empty(),
-        "spent faults are not listed: {faults}"
+    assert_eq!(
+        faults["faults"],
+        json!([{"id": id, "route": "identity", "tenant": null, "vault": null, "spent": true,
+                "hits": 1, "remaining": 0, "remaining_ms": null}]),
+        "spent faults stay listed, marked spent"
     );
 }
 
@@ -522,4 +524,142 @@ async fn fault_headers_raw_bodies_and_successes() {
         let error = body["error"].as_str().unwrap();
         assert!(error.contains(why), "{bad}: {error}");
     }
+}
+
+#[tokio::test]
+async fn only_the_applied_fault_is_consumed() {
+    let env = start_demo().await;
+    let token = env.kv_token().await;
+    let digest = Sha256::digest(b"x");
+    let mut ids = Vec::new();
+    for fault in [
+        json!({"route": "keyvault.sign", "latency_ms": 1, "count": 2}),
+        json!({"route": "keyvault.sign", "fail": {"status": 500}, "count": 1}),
+        json!({"route": "keyvault", "fail": {"status": 503}, "count": 1}),
+    ] {
+        let (_, body) = env.admin(Method::POST, "/faults", Some(fault)).await;
+        ids.push(body["id"].as_u64().unwrap());
+    }
+    let listed = |faults: &Value| -> Vec<(u64, bool)> {
+        faults["faults"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["hits"].as_u64().unwrap(), f["spent"].as_bool().unwrap()))
+            .collect()
+    };
+    // The latency fault and the first failing fault apply; the second failing one waits.
+    let resp = env
+        .sign(&token, "contoso-app", None, "RS256", &digest)
+        .await;
+    assert_eq!(resp.status(), 500);
+    assert_eq!(
+        resp.headers()["x-emulator-faults"],
+        format!("{},{}", ids[0], ids[1]).as_str()
+    );
+    let (_, faults) = env.admin(Method::GET, "/faults", None).await;
+    assert_eq!(listed(&faults), [(1, false), (1, true), (0, false)]);
+    let resp = env
+        .sign(&token, "contoso-app", None, "RS256", &digest)
+        .await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        resp.headers()["x-emulator-faults"],
+        format!("{},{}", ids[0], ids[2]).as_str()
+    );
+    let (_, faults) = env.admin(Method::GET, "/faults", None).await;
+    assert_eq!(listed(&faults), [(2, true), (1, true), (1, true)]);
+    assert_eq!(
+        env.sign(&token, "contoso-app", None, "RS256", &digest)
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn tenant_and_vault_filters_only_where_requests_have_them() {
+    let mut config = tokenbroker::emulator::EmulatorConfig::demo();
+    let mut other = config.vaults[0].clone();
+    other.name = "tb-other".into();
+    other.certificates.clear();
+    config.vaults.push(other);
+    let env = start(config).await;
+    for (fault, why) in [
+        (
+            json!({"route": "keyvault.sign", "tenant": demo::CONTOSO_TENANT}),
+            "entra.token, entra.discovery, graph.list",
+        ),
+        (
+            json!({"route": "identity", "tenant": demo::CONTOSO_TENANT}),
+            "has no tenant",
+        ),
+        (
+            json!({"route": "entra.token", "vault": "tb-demo"}),
+            "has no vault",
+        ),
+        (
+            json!({"route": "keyvault", "vault": "nope"}),
+            "unknown vault",
+        ),
+    ] {
+        let mut fault = fault;
+        fault["fail"] = json!({"status": 500});
+        fault["count"] = json!(1);
+        let (s, body) = env
+            .admin(Method::POST, "/faults", Some(fault.clone()))
+            .await;
+        assert_eq!(s, 400, "{fault}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(why), "{fault}: {error}");
+    }
+    for ok in [
+        json!({"route": "entra", "tenant": demo::CONTOSO_TENANT}),
+        json!({"route": "graph", "tenant": "contoso.onmicrosoft.com"}),
+    ] {
+        let mut ok = ok;
+        ok["latency_ms"] = json!(1);
+        ok["count"] = json!(1);
+        assert_eq!(env.admin(Method::POST, "/faults", Some(ok)).await.0, 201);
+    }
+    env.admin(Method::DELETE, "/faults", None).await;
+
+    let token = env.kv_token().await;
+    let digest = Sha256::digest(b"x");
+    let (_, other) = env
+        .admin(
+            Method::POST,
+            "/faults",
+            Some(json!({"route": "keyvault", "vault": "TB-OTHER.vault.azure.net", "fail": {"status": 500}, "count": 1})),
+        )
+        .await;
+    let (_, demo_fault) = env
+        .admin(
+            Method::POST,
+            "/faults",
+            Some(json!({"route": "keyvault.sign", "vault": "tb-demo", "fail": {"status": 503}, "count": 1})),
+        )
+        .await;
+    let resp = env
+        .sign(&token, "contoso-app", None, "RS256", &digest)
+        .await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        resp.headers()["x-emulator-faults"],
+        demo_fault["id"].to_string().as_str()
+    );
+    assert_eq!(
+        env.sign(&token, "contoso-app", None, "RS256", &digest)
+            .await
+            .status(),
+        200,
+        "the other vault's fault does not apply to tb-demo"
+    );
+    let (_, faults) = env.admin(Method::GET, "/faults", None).await;
+    let listed = &faults["faults"][0];
+    assert_eq!(listed["id"], other["id"]);
+    assert_eq!(
+        (&listed["vault"], &listed["hits"], &listed["spent"]),
+        (&json!("tb-other"), &json!(0), &json!(false))
+    );
 }
