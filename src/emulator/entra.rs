@@ -19,6 +19,8 @@ const CLOCK_SKEW: i64 = 300;
 /// Longest certificate-assertion lifetime accepted (Entra recommends 5-10 minutes).
 const MAX_ASSERTION_LIFETIME: i64 = 3600;
 const MAX_BODY: usize = 1 << 20;
+/// Tokens living this long (seconds) or longer carry `refresh_in`.
+const REFRESH_IN_FROM: i64 = 7200;
 
 pub(crate) async fn handle(shared: Arc<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
@@ -621,12 +623,18 @@ fn issue(shared: &Shared, app: &App, tenant_id: &str, resource: &str) -> Result<
         code: 90033,
         message: format!("A transient error has occurred ({e})."),
     })?;
-    Ok(json!({
+    let mut body = json!({
         "token_type": "Bearer",
         "expires_in": lifetime,
         "ext_expires_in": lifetime,
         "access_token": access_token,
-    }))
+    });
+    // Entra hints a refresh at half the lifetime of tokens living 2 hours or more (MSAL
+    // schedules its proactive refresh from it).
+    if lifetime >= REFRESH_IN_FROM {
+        body["refresh_in"] = json!(lifetime / 2);
+    }
+    Ok(body)
 }
 
 fn openid_configuration(

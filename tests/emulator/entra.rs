@@ -37,6 +37,7 @@ async fn certificate_assertion_success_and_token_claims() {
         .expect("expires_in is a JSON number");
     assert!((3600..=5400).contains(&expires_in));
     assert!(body["ext_expires_in"].is_i64());
+    assert!(body.get("refresh_in").is_none(), "under 2 hours: {body}");
     let token = body["access_token"].as_str().unwrap();
     let c = env.verify_with_jwks(token, GRAPH).await;
     assert_eq!(c["aud"], GRAPH);
@@ -543,4 +544,23 @@ async fn instance_discovery_for_msal() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test]
+async fn tokens_of_two_hours_or_more_carry_refresh_in() {
+    let mut config = EmulatorConfig::demo();
+    for t in &mut config.tenants {
+        for a in &mut t.apps {
+            a.token_lifetime_secs = [7201, 7201];
+        }
+    }
+    let env = start(config).await;
+    let (header, claims) = env.contoso_assertion_parts().await;
+    let assertion = env.assertion("contoso-app", header, claims).await;
+    let (status, body) = env
+        .exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &assertion)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["expires_in"], 7201);
+    assert_eq!(body["refresh_in"], 3600, "half the lifetime, a JSON number");
 }

@@ -1166,3 +1166,23 @@ async fn a_renewed_certificate_not_yet_on_the_app_falls_back_to_the_previous_ver
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_refresh_in_sets_the_refresh_time_of_long_lived_tokens() {
+    // Two-hour tokens: Entra sends refresh_in (half the lifetime), which the broker follows
+    // instead of its own refresh_fraction (a quarter here).
+    let mut emu = estate();
+    for t in &mut emu.tenants {
+        for a in &mut t.apps {
+            a.token_lifetime_secs = [7200, 7200];
+        }
+    }
+    let stack = Stack::start_full(emu, tuned(""), Some(ManualClock::new()), |e| e).await;
+    let token = stack.get("contoso", GRAPH).await.unwrap();
+    let until_refresh = secs(&token.refresh_at) - now_unix(&stack);
+    assert!(
+        (3590..=3600).contains(&until_refresh),
+        "refresh in {until_refresh} s, not at a quarter of 7200 s"
+    );
+    stack.stop().await;
+}
