@@ -101,7 +101,8 @@ pub(crate) fn error_body(
     let ts = timestamp(now);
     let body = json!({
         "error": error,
-        "error_description": format!("AADSTS{code}: {message} Trace ID: {trace} Correlation ID: {correlation} Timestamp: {ts}"),
+        // Entra separates the message and its trace lines with CRLF.
+        "error_description": format!("AADSTS{code}: {message}\r\nTrace ID: {trace}\r\nCorrelation ID: {correlation}\r\nTimestamp: {ts}"),
         "error_codes": [code],
         "timestamp": ts,
         "trace_id": trace,

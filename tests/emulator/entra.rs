@@ -173,11 +173,28 @@ async fn request_errors() {
             .unwrap()
             .starts_with("AADSTS90002: ")
     );
+    let description = body["error_description"].as_str().unwrap();
+    let lines: Vec<&str> = description.split("\r\n").collect();
+    assert_eq!(
+        lines.len(),
+        4,
+        "CRLF-separated as Entra sends it: {description:?}"
+    );
     assert!(
-        body["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("Correlation ID: 11111111-2222-3333-4444-555555555555")
+        lines[0].starts_with("AADSTS90002: Tenant '"),
+        "{description:?}"
+    );
+    assert_eq!(
+        lines[1],
+        format!("Trace ID: {}", body["trace_id"].as_str().unwrap())
+    );
+    assert_eq!(
+        lines[2],
+        "Correlation ID: 11111111-2222-3333-4444-555555555555"
+    );
+    assert_eq!(
+        lines[3],
+        format!("Timestamp: {}", body["timestamp"].as_str().unwrap())
     );
     assert_eq!(
         body["error_uri"],
