@@ -22,7 +22,26 @@ const MAX_BODY: usize = 1 << 20;
 /// Tokens living this long (seconds) or longer carry `refresh_in`.
 const REFRESH_IN_FROM: i64 = 7200;
 
+/// Entra's answers, each with an `x-ms-request-id` (an error's is its `trace_id`).
 pub(crate) async fn handle(shared: Arc<Shared>, req: Request) -> Response {
+    let mut response = route(shared, req).await;
+    if !response.headers().contains_key(REQUEST_ID) {
+        response
+            .headers_mut()
+            .insert(REQUEST_ID, fresh_request_id());
+    }
+    response
+}
+
+/// Header naming the request in the service's logs (Entra, Key Vault).
+pub(crate) const REQUEST_ID: &str = "x-ms-request-id";
+
+pub(crate) fn fresh_request_id() -> HeaderValue {
+    HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-0000-0000-000000000000"))
+}
+
+async fn route(shared: Arc<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let host = super::state::request_host(&parts);
     let base = format!("https://{host}");
@@ -132,7 +151,15 @@ fn client_request_id(headers: &HeaderMap) -> Option<String> {
 }
 
 fn respond(status: StatusCode, body: Value, request_id: Option<&str>) -> Response {
+    // Entra's x-ms-request-id is the error's trace id.
+    let trace = body
+        .get("trace_id")
+        .and_then(Value::as_str)
+        .and_then(|t| HeaderValue::from_str(t).ok());
     let mut r = (status, axum::Json(body)).into_response();
+    if let Some(t) = trace {
+        r.headers_mut().insert(REQUEST_ID, t);
+    }
     if let Some(id) = request_id
         && let Ok(v) = HeaderValue::from_str(id)
     {

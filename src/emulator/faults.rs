@@ -551,6 +551,7 @@ fn fail_response(
 ) -> Response {
     // `add` checked the range, so this never falls back.
     let status = StatusCode::from_u16(fail.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let mut trace = None;
     let mut response = match (&fail.raw_body, &fail.body) {
         (Some(raw), _) => {
             let mut r = (status, raw.clone()).into_response();
@@ -561,7 +562,14 @@ fn fail_response(
             r
         }
         (None, Some(body)) => (status, axum::Json(body.clone())).into_response(),
-        (None, None) => (status, axum::Json(default_body(route, status, now))).into_response(),
+        (None, None) => {
+            let body = default_body(route, status, now);
+            trace = body
+                .get("trace_id")
+                .and_then(Value::as_str)
+                .and_then(|t| HeaderValue::from_str(t).ok());
+            (status, axum::Json(body)).into_response()
+        }
     };
     let headers = response.headers_mut();
     if let Some(ct) = fail
@@ -570,6 +578,13 @@ fn fail_response(
         .and_then(|ct| HeaderValue::from_str(ct).ok())
     {
         headers.insert(header::CONTENT_TYPE, ct);
+    }
+    // As the services' own answers: Entra's request id is the error's trace id.
+    if route.starts_with("keyvault.") || route.starts_with("entra.") {
+        headers.insert(
+            super::entra::REQUEST_ID,
+            trace.unwrap_or_else(super::entra::fresh_request_id),
+        );
     }
     // Key Vault's 401 always carries the bearer challenge (SDKs start their auth flow from it).
     if status == StatusCode::UNAUTHORIZED

@@ -32,7 +32,16 @@ struct Caller {
     iss: String,
 }
 
+/// Key Vault's answers, each with a fresh `x-ms-request-id`.
 pub(crate) async fn handle(shared: Arc<Shared>, req: Request) -> Response {
+    let mut response = route(shared, req).await;
+    response
+        .headers_mut()
+        .insert(super::entra::REQUEST_ID, super::entra::fresh_request_id());
+    response
+}
+
+async fn route(shared: Arc<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let host = super::state::request_host(&parts);
     let base = format!("https://{host}");

@@ -413,7 +413,7 @@ async fn default_fault_bodies_follow_the_status() {
             Some(json!({"route": "entra.token", "fail": {"status": status}, "count": 1})),
         )
         .await;
-        let (s, body, _) = env
+        let (s, body, headers) = env
             .exchange(
                 demo::CONTOSO_TENANT,
                 &[("grant_type", "client_credentials")],
@@ -421,6 +421,11 @@ async fn default_fault_bodies_follow_the_status() {
             .await;
         assert_eq!((s, body["error"].as_str()), (status, Some(error)), "{body}");
         assert_eq!(aadsts(&body), code);
+        assert_eq!(
+            headers["x-ms-request-id"],
+            body["trace_id"].as_str().unwrap(),
+            "an injected Entra error names its trace id too"
+        );
     }
 
     // An explicit body still wins.

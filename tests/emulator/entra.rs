@@ -31,6 +31,8 @@ async fn certificate_assertion_success_and_token_claims() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert!(headers.get("client-request-id").is_none());
+    let request_id = headers["x-ms-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(request_id).is_ok(), "{request_id}");
     assert_eq!(body["token_type"], "Bearer");
     let expires_in = body["expires_in"]
         .as_i64()
@@ -156,6 +158,10 @@ async fn request_errors() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
+    let request_id = resp.headers()["x-ms-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(
         resp.headers()["client-request-id"],
         "11111111-2222-3333-4444-555555555555"
@@ -203,6 +209,10 @@ async fn request_errors() {
     for f in ["timestamp", "trace_id"] {
         assert!(body[f].is_string());
     }
+    assert_eq!(
+        body["trace_id"], request_id,
+        "x-ms-request-id is the trace id"
+    );
 
     let cases: Vec<Case> = vec![
         // The Contoso app is not in Fabrikam (sent to Fabrikam below).

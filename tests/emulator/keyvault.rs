@@ -37,14 +37,28 @@ async fn challenge_without_token() {
         resp.headers()["www-authenticate"],
         format!("Bearer authorization=\"https://login.microsoftonline.com/{}\", resource=\"https://vault.azure.net\"", demo::CONTOSO_TENANT).as_str()
     );
+    let first_id = resp.headers()["x-ms-request-id"].clone();
     let body: Value = resp.json().await.unwrap();
     assert_eq!(
         body,
         json!({"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}})
     );
 
-    // Missing api-version is a 400.
+    // Every answer names itself with a fresh request id.
     let token = env.kv_token().await;
+    let resp = env
+        .https
+        .get(format!("{}/certificates/contoso-app?{API}", env.vault()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let second_id = &resp.headers()["x-ms-request-id"];
+    assert!(uuid::Uuid::parse_str(second_id.to_str().unwrap()).is_ok());
+    assert_ne!(&first_id, second_id);
+
+    // Missing api-version is a 400.
     let (status, body) = env.get_json(&token, "/certificates/contoso-app").await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "BadParameter");
