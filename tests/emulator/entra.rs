@@ -408,6 +408,26 @@ async fn assertion_errors() {
         assert_eq!((s, aadsts(&body)), (401, 700024), "nbf {nbf} exp {exp}");
     }
 
+    // No exp or no jti: a malformed assertion, invalid_request 50027 (400), not invalid_client.
+    for missing in ["exp", "jti"] {
+        let mut c = claims.clone();
+        c.as_object_mut().unwrap().remove(missing);
+        if missing == "exp" {
+            c["jti"] = uuid::Uuid::new_v4().to_string().into();
+        }
+        let a = env.assertion("contoso-app", header.clone(), c).await;
+        let (s, body) = exchange(a).await;
+        assert_eq!((s, aadsts(&body)), (400, 50027), "no {missing}: {body}");
+        assert_eq!(body["error"], "invalid_request");
+        assert!(
+            body["error_description"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("no '{missing}' claim")),
+            "{body}"
+        );
+    }
+
     // Replay: the first use succeeds, the second is refused.
     let a = env
         .assertion("contoso-app", header.clone(), claims.clone())
