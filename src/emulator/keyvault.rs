@@ -24,6 +24,33 @@ const VAULT_AUDIENCE: &str = "https://vault.azure.net";
 const VAULT_APP_ID: &str = "cfa8b339-82a2-471a-a3c9-0fc0be7a4093";
 const CLOCK_SKEW: i64 = 300;
 const MAX_BODY: usize = 1 << 20;
+/// Key Vault data-plane api-versions: the GA and preview versions, including the defaults of
+/// the Rust crates (2025-07-01; 2026-03-01-preview in the betas) and of the Python SDKs
+/// (keys 2025-07-01, certificates 2026-04-01). Anything else is refused, as Key Vault does.
+const API_VERSIONS: &[&str] = &[
+    "2015-06-01",
+    "2016-10-01",
+    "7.0-preview",
+    "7.0",
+    "7.1-preview",
+    "7.1",
+    "7.2-preview",
+    "7.2",
+    "7.3-preview",
+    "7.3",
+    "7.4-preview.1",
+    "7.4",
+    "7.5-preview.1",
+    "7.5",
+    "7.6-preview.1",
+    "7.6-preview.2",
+    "7.6",
+    "2025-07-01",
+    "2026-03-01-preview",
+    "2026-04-01",
+];
+/// Named in the answer to an unknown api-version.
+const LATEST_API_VERSION: &str = "2026-04-01";
 
 /// Who called, from a validated bearer token.
 struct Caller {
@@ -45,8 +72,10 @@ async fn route(shared: Arc<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let host = super::state::request_host(&parts);
     let base = format!("https://{host}");
-    let api_version = parts.uri.query().is_some_and(|q| {
-        url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "api-version" && !v.is_empty())
+    let api_version = parts.uri.query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, v)| k == "api-version" && !v.is_empty())
+            .map(|(_, v)| v.into_owned())
     });
 
     let (vault_name, vault_tenant) = {
@@ -65,11 +94,23 @@ async fn route(shared: Arc<Shared>, req: Request) -> Response {
             }
         }
     };
-    if !api_version {
+    let Some(api_version) = api_version else {
         return kv_error(
             StatusCode::BAD_REQUEST,
             "BadParameter",
             "The request URI contains an invalid or missing 'api-version' query parameter.",
+        );
+    };
+    if !API_VERSIONS
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case(&api_version))
+    {
+        return kv_error(
+            StatusCode::BAD_REQUEST,
+            "BadParameter",
+            &format!(
+                "The specified version ({api_version}) is not recognized. Consider using the latest supported version ({LATEST_API_VERSION})."
+            ),
         );
     }
     let caller = match authenticate(&shared, &parts.headers, &vault_tenant) {

@@ -539,3 +539,41 @@ async fn token_from_another_tenant_is_an_invalid_issuer() {
         .await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn only_known_api_versions() {
+    let env = start_demo().await;
+    let token = env.kv_token().await;
+    // What the SDKs send: Rust 2025-07-01, Python keys 2025-07-01 and certificates 2026-04-01,
+    // and older 7.x versions.
+    for v in [
+        "2025-07-01",
+        "2026-04-01",
+        "7.6",
+        "7.5",
+        "7.4",
+        "7.0",
+        "2016-10-01",
+    ] {
+        let (status, body) = env
+            .get_json(
+                &token,
+                &format!("/certificates/contoso-app?api-version={v}"),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}: {body}");
+    }
+    for v in ["7.7", "2025-07-02", "latest"] {
+        let (status, body) = env
+            .get_json(
+                &token,
+                &format!("/certificates/contoso-app?api-version={v}"),
+            )
+            .await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(
+            body,
+            json!({"error": {"code": "BadParameter", "message": format!("The specified version ({v}) is not recognized. Consider using the latest supported version (2026-04-01).")}})
+        );
+    }
+}
