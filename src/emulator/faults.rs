@@ -1,5 +1,6 @@
-//! Fault injection and request accounting: a registry of bounded faults (latency, error
-//! status with Retry-After, hang, connection reset) set through the admin API, and the
+//! Fault injection and request accounting: a registry of bounded faults (latency, an answer
+//! of any status with custom headers or body, hang, connection reset) set through the admin
+//! API, and the
 //! middleware that classifies each request into a route, applies matching faults and counts
 //! the outcome. Every fault is bounded by a count or a duration so a test can never leave the
 //! emulator broken.
