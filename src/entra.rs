@@ -487,10 +487,15 @@ mod tests {
 
     #[test]
     fn description_loses_its_trace_tail() {
-        let d = "AADSTS700016: Application with identifier 'x' was not found. Trace ID: a Correlation ID: b Timestamp: c";
-        assert_eq!(
-            clean_description(d),
-            "AADSTS700016: Application with identifier 'x' was not found."
-        );
+        // Spaces (older answers) or CRLF (Entra's own) before the trace lines.
+        for d in [
+            "AADSTS700016: Application with identifier 'x' was not found. Trace ID: a Correlation ID: b Timestamp: c",
+            "AADSTS700016: Application with identifier 'x' was not found.\r\nTrace ID: a\r\nCorrelation ID: b\r\nTimestamp: c",
+        ] {
+            assert_eq!(
+                clean_description(d),
+                "AADSTS700016: Application with identifier 'x' was not found."
+            );
+        }
     }
 }

@@ -65,7 +65,13 @@ async fn add_fault(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         Ok(s) => s,
         Err(e) => return bad_request(format!("invalid fault: {e}")),
     };
-    match shared.faults.add(spec) {
+    let vaults: Vec<String> = shared
+        .state()
+        .vaults
+        .iter()
+        .map(|v| v.name.clone())
+        .collect();
+    match shared.faults.add(spec, &vaults) {
         Ok(id) => (StatusCode::CREATED, axum::Json(json!({"id": id}))).into_response(),
         Err(e) => bad_request(e),
     }

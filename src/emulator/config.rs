@@ -68,7 +68,8 @@ impl IdentityConfig {
 pub struct VaultConfig {
     /// The vault name: host `{name}.vault.azure.net`.
     pub name: String,
-    /// Tenant named in the 401 challenge; defaults to the first identity's (or tenant's) id.
+    /// The vault's tenant: named in the 401 challenge, and the only tenant whose tokens it
+    /// accepts. Defaults to the first identity's (or tenant's) id.
     #[serde(default)]
     pub tenant_id: Option<String>,
     #[serde(default)]

@@ -19,8 +19,29 @@ const CLOCK_SKEW: i64 = 300;
 /// Longest certificate-assertion lifetime accepted (Entra recommends 5-10 minutes).
 const MAX_ASSERTION_LIFETIME: i64 = 3600;
 const MAX_BODY: usize = 1 << 20;
+/// Tokens living this long (seconds) or longer carry `refresh_in`.
+const REFRESH_IN_FROM: i64 = 7200;
 
+/// Entra's answers, each with an `x-ms-request-id` (an error's is its `trace_id`).
 pub(crate) async fn handle(shared: Arc<Shared>, req: Request) -> Response {
+    let mut response = route(shared, req).await;
+    if !response.headers().contains_key(REQUEST_ID) {
+        response
+            .headers_mut()
+            .insert(REQUEST_ID, fresh_request_id());
+    }
+    response
+}
+
+/// Header naming the request in the service's logs (Entra, Key Vault).
+pub(crate) const REQUEST_ID: &str = "x-ms-request-id";
+
+pub(crate) fn fresh_request_id() -> HeaderValue {
+    HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-0000-0000-000000000000"))
+}
+
+async fn route(shared: Arc<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let host = super::state::request_host(&parts);
     let base = format!("https://{host}");
@@ -99,7 +120,8 @@ pub(crate) fn error_body(
     let ts = timestamp(now);
     let body = json!({
         "error": error,
-        "error_description": format!("AADSTS{code}: {message} Trace ID: {trace} Correlation ID: {correlation} Timestamp: {ts}"),
+        // Entra separates the message and its trace lines with CRLF.
+        "error_description": format!("AADSTS{code}: {message}\r\nTrace ID: {trace}\r\nCorrelation ID: {correlation}\r\nTimestamp: {ts}"),
         "error_codes": [code],
         "timestamp": ts,
         "trace_id": trace,
@@ -129,7 +151,15 @@ fn client_request_id(headers: &HeaderMap) -> Option<String> {
 }
 
 fn respond(status: StatusCode, body: Value, request_id: Option<&str>) -> Response {
+    // Entra's x-ms-request-id is the error's trace id.
+    let trace = body
+        .get("trace_id")
+        .and_then(Value::as_str)
+        .and_then(|t| HeaderValue::from_str(t).ok());
     let mut r = (status, axum::Json(body)).into_response();
+    if let Some(t) = trace {
+        r.headers_mut().insert(REQUEST_ID, t);
+    }
     if let Some(id) = request_id
         && let Ok(v) = HeaderValue::from_str(id)
     {
@@ -621,12 +651,18 @@ fn issue(shared: &Shared, app: &App, tenant_id: &str, resource: &str) -> Result<
         code: 90033,
         message: format!("A transient error has occurred ({e})."),
     })?;
-    Ok(json!({
+    let mut body = json!({
         "token_type": "Bearer",
         "expires_in": lifetime,
         "ext_expires_in": lifetime,
         "access_token": access_token,
-    }))
+    });
+    // Entra hints a refresh at half the lifetime of tokens living 2 hours or more (MSAL
+    // schedules its proactive refresh from it).
+    if lifetime >= REFRESH_IN_FROM {
+        body["refresh_in"] = json!(lifetime / 2);
+    }
+    Ok(body)
 }
 
 fn openid_configuration(

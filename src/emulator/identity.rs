@@ -20,6 +20,40 @@ use serde_json::json;
 use super::config::IdentityConfig;
 use super::state::Shared;
 
+/// IMDS api-versions that serve identity tokens (2018-02-01, the first, and later ones:
+/// the SDKs send 2018-02-01 or 2019-08-01).
+const IMDS_API_VERSIONS: &[&str] = &[
+    "2018-02-01",
+    "2018-04-02",
+    "2018-10-01",
+    "2019-02-01",
+    "2019-03-11",
+    "2019-04-30",
+    "2019-06-01",
+    "2019-06-04",
+    "2019-08-01",
+    "2019-08-15",
+    "2019-11-01",
+    "2020-06-01",
+    "2020-07-15",
+    "2020-09-01",
+    "2020-10-01",
+    "2020-12-01",
+    "2021-01-01",
+    "2021-02-01",
+    "2021-03-01",
+    "2021-05-01",
+    "2021-08-01",
+    "2021-10-01",
+    "2021-11-01",
+    "2021-11-15",
+    "2021-12-13",
+    "2023-07-01",
+    "2023-11-15",
+    "2024-07-17",
+    "2025-04-07",
+];
+
 /// Managed-identity tokens live about a day, as Azure's do.
 const MI_TOKEN_LIFETIME: i64 = 86_400;
 
@@ -101,8 +135,15 @@ async fn imds(
             "Required metadata header not specified",
         );
     }
-    if !q.contains_key("api-version") {
-        return bad_request("Required api-version parameter not specified");
+    match q.get("api-version").map(String::as_str) {
+        None | Some("") => return bad_request("Required api-version parameter not specified"),
+        Some(v) if !IMDS_API_VERSIONS.contains(&v) => {
+            return bad_request(&format!(
+                "Invalid or unsupported api-version '{v}'. Identity tokens need 2018-02-01 or a later version: {}",
+                IMDS_API_VERSIONS.join(", ")
+            ));
+        }
+        Some(_) => {}
     }
     let selector = [
         ("client_id", q.get("client_id")),

@@ -24,6 +24,33 @@ const VAULT_AUDIENCE: &str = "https://vault.azure.net";
 const VAULT_APP_ID: &str = "cfa8b339-82a2-471a-a3c9-0fc0be7a4093";
 const CLOCK_SKEW: i64 = 300;
 const MAX_BODY: usize = 1 << 20;
+/// Key Vault data-plane api-versions: the GA and preview versions, including the defaults of
+/// the Rust crates (2025-07-01; 2026-03-01-preview in the betas) and of the Python SDKs
+/// (keys 2025-07-01, certificates 2026-04-01). Anything else is refused, as Key Vault does.
+const API_VERSIONS: &[&str] = &[
+    "2015-06-01",
+    "2016-10-01",
+    "7.0-preview",
+    "7.0",
+    "7.1-preview",
+    "7.1",
+    "7.2-preview",
+    "7.2",
+    "7.3-preview",
+    "7.3",
+    "7.4-preview.1",
+    "7.4",
+    "7.5-preview.1",
+    "7.5",
+    "7.6-preview.1",
+    "7.6-preview.2",
+    "7.6",
+    "2025-07-01",
+    "2026-03-01-preview",
+    "2026-04-01",
+];
+/// Named in the answer to an unknown api-version.
+const LATEST_API_VERSION: &str = "2026-04-01";
 
 /// Who called, from a validated bearer token.
 struct Caller {
@@ -32,12 +59,23 @@ struct Caller {
     iss: String,
 }
 
+/// Key Vault's answers, each with a fresh `x-ms-request-id`.
 pub(crate) async fn handle(shared: Arc<Shared>, req: Request) -> Response {
+    let mut response = route(shared, req).await;
+    response
+        .headers_mut()
+        .insert(super::entra::REQUEST_ID, super::entra::fresh_request_id());
+    response
+}
+
+async fn route(shared: Arc<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let host = super::state::request_host(&parts);
     let base = format!("https://{host}");
-    let api_version = parts.uri.query().is_some_and(|q| {
-        url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "api-version" && !v.is_empty())
+    let api_version = parts.uri.query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, v)| k == "api-version" && !v.is_empty())
+            .map(|(_, v)| v.into_owned())
     });
 
     let (vault_name, vault_tenant) = {
@@ -56,11 +94,23 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request) -> Response {
             }
         }
     };
-    if !api_version {
+    let Some(api_version) = api_version else {
         return kv_error(
             StatusCode::BAD_REQUEST,
             "BadParameter",
             "The request URI contains an invalid or missing 'api-version' query parameter.",
+        );
+    };
+    if !API_VERSIONS
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case(&api_version))
+    {
+        return kv_error(
+            StatusCode::BAD_REQUEST,
+            "BadParameter",
+            &format!(
+                "The specified version ({api_version}) is not recognized. Consider using the latest supported version ({LATEST_API_VERSION})."
+            ),
         );
     }
     let caller = match authenticate(&shared, &parts.headers, &vault_tenant) {
@@ -123,19 +173,24 @@ pub(crate) fn kv_error(status: StatusCode, code: &str, message: &str) -> Respons
         .into_response()
 }
 
+/// The `WWW-Authenticate` bearer challenge of a vault in `tenant`.
+pub(crate) fn challenge(tenant: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!(
+        "Bearer authorization=\"https://login.microsoftonline.com/{tenant}\", resource=\"{VAULT_AUDIENCE}\""
+    ))
+    .ok()
+}
+
 fn unauthorized(tenant: &str, message: &str) -> Response {
     let mut r = kv_error(StatusCode::UNAUTHORIZED, "Unauthorized", message);
-    let challenge = format!(
-        "Bearer authorization=\"https://login.microsoftonline.com/{tenant}\", resource=\"{VAULT_AUDIENCE}\""
-    );
-    if let Ok(v) = HeaderValue::from_str(&challenge) {
+    if let Some(v) = challenge(tenant) {
         r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
     r
 }
 
 /// Validates the bearer token as Key Vault would: signed by a known issuer key, for the vault
-/// audience, from a known tenant's issuer, within its validity window.
+/// audience, from the vault tenant's issuer, within its validity window.
 fn authenticate(
     shared: &Shared,
     headers: &HeaderMap,
@@ -200,19 +255,25 @@ fn authenticate(
     }
     let iss = jwt.claim_str("iss").unwrap_or_default().to_owned();
     let tid = jwt.claim_str("tid").unwrap_or_default();
-    let known_tenant = shared
-        .identities
-        .iter()
-        .any(|i| i.tenant_id.eq_ignore_ascii_case(tid))
-        || shared.state().tenant(tid).is_some();
+    // A vault trusts its own tenant's issuers only: a token from another tenant, even one
+    // the emulator knows, is refused as Key Vault refuses it (AKV10032).
+    let vault_tid = {
+        let state = shared.state();
+        state.tenant(vault_tenant).map_or_else(
+            || vault_tenant.to_owned(),
+            |i| state.tenants[i].tenant_id.clone(),
+        )
+    };
     let expected = [
-        format!("https://sts.windows.net/{tid}/"),
-        shared.v2_issuer(tid),
+        format!("https://sts.windows.net/{vault_tid}/"),
+        shared.v2_issuer(&vault_tid),
     ];
-    if !known_tenant || !expected.iter().any(|e| e == &iss) {
+    if !tid.eq_ignore_ascii_case(&vault_tid)
+        || !expected.iter().any(|e| e.eq_ignore_ascii_case(&iss))
+    {
         return Err(deny(&format!(
-            "AKV10032: Invalid issuer. Expected one of https://sts.windows.net/{vault_tenant}/, {}, found: {iss}.",
-            shared.v2_issuer(vault_tenant)
+            "AKV10032: Invalid issuer. Expected one of https://sts.windows.net/{vault_tid}/, {}, found: {iss}.",
+            shared.v2_issuer(&vault_tid)
         )));
     }
     Ok(Caller {

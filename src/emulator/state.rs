@@ -517,12 +517,16 @@ impl Shared {
 /// The host (and port) the client addressed, so URLs the emulator hands out (key ids,
 /// next links, token endpoints) are ones the client can use.
 pub(crate) fn request_host(parts: &http::request::Parts) -> String {
-    parts
-        .headers
+    host_of(&parts.headers, &parts.uri)
+}
+
+/// The Host header, else the URI's authority (HTTP/2), else loopback.
+pub(crate) fn host_of(headers: &http::HeaderMap, uri: &http::Uri) -> String {
+    headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .or_else(|| uri.authority().map(|a| a.to_string()))
         .unwrap_or_else(|| "127.0.0.1".to_owned())
 }
 

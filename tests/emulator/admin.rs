@@ -106,9 +106,11 @@ async fn latency_fault_is_applied() {
         "count bound honoured"
     );
     let (_, faults) = env.admin(Method::GET, "/faults", None).await;
-    assert!(
-        faults["faults"].as_array().unwrap().is_empty(),
-        "spent faults are not listed: {faults}"
+    assert_eq!(
+        faults["faults"],
+        json!([{"id": id, "route": "identity", "tenant": null, "vault": null, "spent": true,
+                "hits": 1, "remaining": 0, "remaining_ms": null}]),
+        "spent faults stay listed, marked spent"
     );
 }
 
@@ -340,5 +342,329 @@ async fn counters_rotation_disable_and_reset() {
             .await
             .0,
         200
+    );
+}
+
+#[tokio::test]
+async fn default_fault_bodies_follow_the_status() {
+    let env = start_demo().await;
+    let token = env.kv_token().await;
+    let digest = Sha256::digest(b"x");
+    for (status, code) in [
+        (400, "BadParameter"),
+        (401, "Unauthorized"),
+        (403, "Forbidden"),
+        (404, "KeyNotFound"),
+        (429, "Throttled"),
+        (500, "InternalServerError"),
+        (503, "ServiceUnavailable"),
+    ] {
+        let (s, _) = env
+            .admin(
+                Method::POST,
+                "/faults",
+                Some(json!({"route": "keyvault.sign", "fail": {"status": status}, "count": 1})),
+            )
+            .await;
+        assert_eq!(s, 201);
+        let resp = env
+            .sign(&token, "contoso-app", None, "RS256", &digest)
+            .await;
+        assert_eq!(resp.status(), status);
+        let challenge = resp.headers().get("www-authenticate").cloned();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{status}: {body}");
+        if status == 401 {
+            assert_eq!(
+                challenge.expect("a Key Vault 401 carries the bearer challenge"),
+                format!("Bearer authorization=\"https://login.microsoftonline.com/{}\", resource=\"https://vault.azure.net\"", demo::CONTOSO_TENANT).as_str()
+            );
+        } else {
+            assert!(challenge.is_none(), "{status}");
+        }
+    }
+    let (_, cert) = env
+        .get_json(&token, "/certificates/contoso-app?api-version=7.5")
+        .await;
+    env.admin(
+        Method::POST,
+        "/faults",
+        Some(json!({"route": "keyvault.certificate", "fail": {"status": 404}, "count": 1})),
+    )
+    .await;
+    let (s, body) = env
+        .get_json(&token, "/certificates/contoso-app?api-version=7.5")
+        .await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (404, Some("CertificateNotFound"))
+    );
+    assert!(cert["x5t"].is_string());
+
+    for (status, error, code) in [
+        (400, "invalid_request", 90014),
+        (401, "invalid_client", 700027),
+        (429, "temporarily_unavailable", 90055),
+        (503, "temporarily_unavailable", 90033),
+    ] {
+        env.admin(
+            Method::POST,
+            "/faults",
+            Some(json!({"route": "entra.token", "fail": {"status": status}, "count": 1})),
+        )
+        .await;
+        let (s, body, headers) = env
+            .exchange(
+                demo::CONTOSO_TENANT,
+                &[("grant_type", "client_credentials")],
+            )
+            .await;
+        assert_eq!((s, body["error"].as_str()), (status, Some(error)), "{body}");
+        assert_eq!(aadsts(&body), code);
+        assert_eq!(
+            headers["x-ms-request-id"],
+            body["trace_id"].as_str().unwrap(),
+            "an injected Entra error names its trace id too"
+        );
+    }
+
+    // An explicit body still wins.
+    env.admin(
+        Method::POST,
+        "/faults",
+        Some(json!({"route": "entra.token", "fail": {"status": 401, "body": {"error": "mine"}}, "count": 1})),
+    )
+    .await;
+    let (s, body, _) = env
+        .exchange(
+            demo::CONTOSO_TENANT,
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+    assert_eq!((s, body), (401, json!({"error": "mine"})));
+}
+
+#[tokio::test]
+async fn fault_headers_raw_bodies_and_successes() {
+    let env = start_demo().await;
+    let token = env.kv_token().await;
+    let digest = Sha256::digest(b"x");
+    let (s, body) = env
+        .admin(
+            Method::POST,
+            "/faults",
+            Some(json!({"route": "keyvault.sign", "count": 1, "fail": {
+                "status": 200,
+                "raw_body": "{\"kid\": \"trunc",
+                "headers": {"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT", "retry-after-ms": "250"},
+            }})),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let resp = env
+        .sign(&token, "contoso-app", None, "RS256", &digest)
+        .await;
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert_eq!(h["retry-after"], "Wed, 21 Oct 2026 07:28:00 GMT");
+    assert_eq!(h["retry-after-ms"], "250");
+    assert_eq!(h["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(resp.text().await.unwrap(), "{\"kid\": \"trunc");
+
+    env.admin(
+        Method::POST,
+        "/faults",
+        Some(json!({"route": "entra.token", "count": 1, "fail": {
+            "status": 502, "raw_body": "<html>Bad Gateway</html>", "content_type": "text/html",
+        }})),
+    )
+    .await;
+    let resp = env
+        .https
+        .post(format!(
+            "{}/{}/oauth2/v2.0/token",
+            env.authority(),
+            demo::CONTOSO_TENANT
+        ))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["content-type"], "text/html");
+    assert_eq!(resp.text().await.unwrap(), "<html>Bad Gateway</html>");
+
+    for (bad, why) in [
+        (json!({"status": 199}), "200..=599"),
+        (json!({"status": 600}), "200..=599"),
+        (
+            json!({"status": 500, "body": {}, "raw_body": "x"}),
+            "raw_body",
+        ),
+        (
+            json!({"status": 500, "headers": {"bad name": "x"}}),
+            "header name",
+        ),
+        (
+            json!({"status": 500, "headers": {"x-a": "a\nb"}}),
+            "header value",
+        ),
+        (
+            json!({"status": 500, "headers": {"Content-Length": "1"}}),
+            "content-length",
+        ),
+        (
+            json!({"status": 500, "raw_body": "x", "content_type": "a\u{7f}"}),
+            "content_type",
+        ),
+    ] {
+        let (s, body) = env
+            .admin(
+                Method::POST,
+                "/faults",
+                Some(json!({"route": "keyvault.sign", "count": 1, "fail": bad})),
+            )
+            .await;
+        assert_eq!(s, 400, "{bad}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(why), "{bad}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn only_the_applied_fault_is_consumed() {
+    let env = start_demo().await;
+    let token = env.kv_token().await;
+    let digest = Sha256::digest(b"x");
+    let mut ids = Vec::new();
+    for fault in [
+        json!({"route": "keyvault.sign", "latency_ms": 1, "count": 2}),
+        json!({"route": "keyvault.sign", "fail": {"status": 500}, "count": 1}),
+        json!({"route": "keyvault", "fail": {"status": 503}, "count": 1}),
+    ] {
+        let (_, body) = env.admin(Method::POST, "/faults", Some(fault)).await;
+        ids.push(body["id"].as_u64().unwrap());
+    }
+    let listed = |faults: &Value| -> Vec<(u64, bool)> {
+        faults["faults"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["hits"].as_u64().unwrap(), f["spent"].as_bool().unwrap()))
+            .collect()
+    };
+    // The latency fault and the first failing fault apply; the second failing one waits.
+    let resp = env
+        .sign(&token, "contoso-app", None, "RS256", &digest)
+        .await;
+    assert_eq!(resp.status(), 500);
+    assert_eq!(
+        resp.headers()["x-emulator-faults"],
+        format!("{},{}", ids[0], ids[1]).as_str()
+    );
+    let (_, faults) = env.admin(Method::GET, "/faults", None).await;
+    assert_eq!(listed(&faults), [(1, false), (1, true), (0, false)]);
+    let resp = env
+        .sign(&token, "contoso-app", None, "RS256", &digest)
+        .await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        resp.headers()["x-emulator-faults"],
+        format!("{},{}", ids[0], ids[2]).as_str()
+    );
+    let (_, faults) = env.admin(Method::GET, "/faults", None).await;
+    assert_eq!(listed(&faults), [(2, true), (1, true), (1, true)]);
+    assert_eq!(
+        env.sign(&token, "contoso-app", None, "RS256", &digest)
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn tenant_and_vault_filters_only_where_requests_have_them() {
+    let mut config = tokenbroker::emulator::EmulatorConfig::demo();
+    let mut other = config.vaults[0].clone();
+    other.name = "tb-other".into();
+    other.certificates.clear();
+    config.vaults.push(other);
+    let env = start(config).await;
+    for (fault, why) in [
+        (
+            json!({"route": "keyvault.sign", "tenant": demo::CONTOSO_TENANT}),
+            "entra.token, entra.discovery, graph.list",
+        ),
+        (
+            json!({"route": "identity", "tenant": demo::CONTOSO_TENANT}),
+            "has no tenant",
+        ),
+        (
+            json!({"route": "entra.token", "vault": "tb-demo"}),
+            "has no vault",
+        ),
+        (
+            json!({"route": "keyvault", "vault": "nope"}),
+            "unknown vault",
+        ),
+    ] {
+        let mut fault = fault;
+        fault["fail"] = json!({"status": 500});
+        fault["count"] = json!(1);
+        let (s, body) = env
+            .admin(Method::POST, "/faults", Some(fault.clone()))
+            .await;
+        assert_eq!(s, 400, "{fault}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(why), "{fault}: {error}");
+    }
+    for ok in [
+        json!({"route": "entra", "tenant": demo::CONTOSO_TENANT}),
+        json!({"route": "graph", "tenant": "contoso.onmicrosoft.com"}),
+    ] {
+        let mut ok = ok;
+        ok["latency_ms"] = json!(1);
+        ok["count"] = json!(1);
+        assert_eq!(env.admin(Method::POST, "/faults", Some(ok)).await.0, 201);
+    }
+    env.admin(Method::DELETE, "/faults", None).await;
+
+    let token = env.kv_token().await;
+    let digest = Sha256::digest(b"x");
+    let (_, other) = env
+        .admin(
+            Method::POST,
+            "/faults",
+            Some(json!({"route": "keyvault", "vault": "TB-OTHER.vault.azure.net", "fail": {"status": 500}, "count": 1})),
+        )
+        .await;
+    let (_, demo_fault) = env
+        .admin(
+            Method::POST,
+            "/faults",
+            Some(json!({"route": "keyvault.sign", "vault": "tb-demo", "fail": {"status": 503}, "count": 1})),
+        )
+        .await;
+    let resp = env
+        .sign(&token, "contoso-app", None, "RS256", &digest)
+        .await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        resp.headers()["x-emulator-faults"],
+        demo_fault["id"].to_string().as_str()
+    );
+    assert_eq!(
+        env.sign(&token, "contoso-app", None, "RS256", &digest)
+            .await
+            .status(),
+        200,
+        "the other vault's fault does not apply to tb-demo"
+    );
+    let (_, faults) = env.admin(Method::GET, "/faults", None).await;
+    let listed = &faults["faults"][0];
+    assert_eq!(listed["id"], other["id"]);
+    assert_eq!(
+        (&listed["vault"], &listed["hits"], &listed["spent"]),
+        (&json!("tb-other"), &json!(0), &json!(false))
     );
 }

@@ -31,12 +31,15 @@ async fn certificate_assertion_success_and_token_claims() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert!(headers.get("client-request-id").is_none());
+    let request_id = headers["x-ms-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(request_id).is_ok(), "{request_id}");
     assert_eq!(body["token_type"], "Bearer");
     let expires_in = body["expires_in"]
         .as_i64()
         .expect("expires_in is a JSON number");
     assert!((3600..=5400).contains(&expires_in));
     assert!(body["ext_expires_in"].is_i64());
+    assert!(body.get("refresh_in").is_none(), "under 2 hours: {body}");
     let token = body["access_token"].as_str().unwrap();
     let c = env.verify_with_jwks(token, GRAPH).await;
     assert_eq!(c["aud"], GRAPH);
@@ -155,6 +158,10 @@ async fn request_errors() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
+    let request_id = resp.headers()["x-ms-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(
         resp.headers()["client-request-id"],
         "11111111-2222-3333-4444-555555555555"
@@ -172,11 +179,28 @@ async fn request_errors() {
             .unwrap()
             .starts_with("AADSTS90002: ")
     );
+    let description = body["error_description"].as_str().unwrap();
+    let lines: Vec<&str> = description.split("\r\n").collect();
+    assert_eq!(
+        lines.len(),
+        4,
+        "CRLF-separated as Entra sends it: {description:?}"
+    );
     assert!(
-        body["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("Correlation ID: 11111111-2222-3333-4444-555555555555")
+        lines[0].starts_with("AADSTS90002: Tenant '"),
+        "{description:?}"
+    );
+    assert_eq!(
+        lines[1],
+        format!("Trace ID: {}", body["trace_id"].as_str().unwrap())
+    );
+    assert_eq!(
+        lines[2],
+        "Correlation ID: 11111111-2222-3333-4444-555555555555"
+    );
+    assert_eq!(
+        lines[3],
+        format!("Timestamp: {}", body["timestamp"].as_str().unwrap())
     );
     assert_eq!(
         body["error_uri"],
@@ -185,6 +209,10 @@ async fn request_errors() {
     for f in ["timestamp", "trace_id"] {
         assert!(body[f].is_string());
     }
+    assert_eq!(
+        body["trace_id"], request_id,
+        "x-ms-request-id is the trace id"
+    );
 
     let cases: Vec<Case> = vec![
         // The Contoso app is not in Fabrikam (sent to Fabrikam below).
@@ -380,6 +408,26 @@ async fn assertion_errors() {
         assert_eq!((s, aadsts(&body)), (401, 700024), "nbf {nbf} exp {exp}");
     }
 
+    // No exp or no jti: a malformed assertion, invalid_request 50027 (400), not invalid_client.
+    for missing in ["exp", "jti"] {
+        let mut c = claims.clone();
+        c.as_object_mut().unwrap().remove(missing);
+        if missing == "exp" {
+            c["jti"] = uuid::Uuid::new_v4().to_string().into();
+        }
+        let a = env.assertion("contoso-app", header.clone(), c).await;
+        let (s, body) = exchange(a).await;
+        assert_eq!((s, aadsts(&body)), (400, 50027), "no {missing}: {body}");
+        assert_eq!(body["error"], "invalid_request");
+        assert!(
+            body["error_description"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("no '{missing}' claim")),
+            "{body}"
+        );
+    }
+
     // Replay: the first use succeeds, the second is refused.
     let a = env
         .assertion("contoso-app", header.clone(), claims.clone())
@@ -543,4 +591,23 @@ async fn instance_discovery_for_msal() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test]
+async fn tokens_of_two_hours_or_more_carry_refresh_in() {
+    let mut config = EmulatorConfig::demo();
+    for t in &mut config.tenants {
+        for a in &mut t.apps {
+            a.token_lifetime_secs = [7201, 7201];
+        }
+    }
+    let env = start(config).await;
+    let (header, claims) = env.contoso_assertion_parts().await;
+    let assertion = env.assertion("contoso-app", header, claims).await;
+    let (status, body) = env
+        .exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, SCOPE, &assertion)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["expires_in"], 7201);
+    assert_eq!(body["refresh_in"], 3600, "half the lifetime, a JSON number");
 }

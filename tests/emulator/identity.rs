@@ -218,3 +218,30 @@ async fn token_exchange_audience_uses_v2_issuer() {
     assert_eq!(c["aud"], "api://AzureADTokenExchange");
     assert_eq!(c["sub"], demo::FIC_MI_OBJECT_ID);
 }
+
+#[tokio::test]
+async fn imds_refuses_unknown_api_versions() {
+    let env = start_demo().await;
+    let get = |version: &str| {
+        let url = format!(
+            "{}/metadata/identity/oauth2/token?api-version={version}&resource=https://vault.azure.net",
+            env.ep().imds_endpoint
+        );
+        env.http.get(url).header("Metadata", "true").send()
+    };
+    // Python's azure-identity and MSAL send 2018-02-01, the Rust SDK 2019-08-01.
+    for v in ["2018-02-01", "2019-08-01", "2021-02-01"] {
+        assert_eq!(get(v).await.unwrap().status(), 200, "{v}");
+    }
+    for v in ["2017-12-01", "2019-08-02", "latest"] {
+        let resp = get(v).await.unwrap();
+        assert_eq!(resp.status(), 400, "{v}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_request");
+        let description = body["error_description"].as_str().unwrap();
+        assert!(
+            description.starts_with(&format!("Invalid or unsupported api-version '{v}'")),
+            "{description}"
+        );
+    }
+}

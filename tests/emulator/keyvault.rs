@@ -37,14 +37,28 @@ async fn challenge_without_token() {
         resp.headers()["www-authenticate"],
         format!("Bearer authorization=\"https://login.microsoftonline.com/{}\", resource=\"https://vault.azure.net\"", demo::CONTOSO_TENANT).as_str()
     );
+    let first_id = resp.headers()["x-ms-request-id"].clone();
     let body: Value = resp.json().await.unwrap();
     assert_eq!(
         body,
         json!({"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}})
     );
 
-    // Missing api-version is a 400.
+    // Every answer names itself with a fresh request id.
     let token = env.kv_token().await;
+    let resp = env
+        .https
+        .get(format!("{}/certificates/contoso-app?{API}", env.vault()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let second_id = &resp.headers()["x-ms-request-id"];
+    assert!(uuid::Uuid::parse_str(second_id.to_str().unwrap()).is_ok());
+    assert_ne!(&first_id, second_id);
+
+    // Missing api-version is a 400.
     let (status, body) = env.get_json(&token, "/certificates/contoso-app").await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "BadParameter");
@@ -467,4 +481,99 @@ async fn loopback_host_reaches_the_first_vault() {
             .unwrap()
             .starts_with(&env.ep().key_vault_url)
     );
+}
+
+#[tokio::test]
+async fn token_from_another_tenant_is_an_invalid_issuer() {
+    // A Fabrikam identity holding a role on Contoso's vault: the role does not help, the
+    // vault trusts its own tenant's issuers only.
+    let mut config = EmulatorConfig::demo();
+    let mut stranger = config.identities[0].clone();
+    stranger.name = "fabrikam-mi".into();
+    stranger.system_assigned = false;
+    stranger.client_id = "fabfab00-0000-4000-8000-0000000000c3".into();
+    stranger.object_id = "fabfab00-0000-4000-8000-0000000000d3".into();
+    stranger.tenant_id = demo::FABRIKAM_TENANT.into();
+    config.vaults[0]
+        .role_assignments
+        .push(RoleAssignmentConfig {
+            principal: stranger.object_id.clone(),
+            role: VaultRole::Administrator,
+            scope: "*".into(),
+        });
+    config.identities.push(stranger);
+    let env = start(config).await;
+    let token = env
+        .mi_token(VAULT_RESOURCE, Some("fabfab00-0000-4000-8000-0000000000c3"))
+        .await;
+    assert_eq!(claims(&token)["tid"], demo::FABRIKAM_TENANT);
+    let resp = env
+        .sign(&token, "contoso-app", None, "RS256", &Sha256::digest(b"x"))
+        .await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.headers()["www-authenticate"],
+        format!("Bearer authorization=\"https://login.microsoftonline.com/{}\", resource=\"https://vault.azure.net\"", demo::CONTOSO_TENANT).as_str(),
+        "the challenge names the vault's tenant"
+    );
+    let body: Value = resp.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("AKV10032: Invalid issuer."),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!(
+            "https://sts.windows.net/{}/",
+            demo::CONTOSO_TENANT
+        )),
+        "{message}"
+    );
+
+    // The vault's own tenant still gets in.
+    let (status, _) = env
+        .get_json(
+            &env.kv_token().await,
+            &format!("/certificates/contoso-app?{API}"),
+        )
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn only_known_api_versions() {
+    let env = start_demo().await;
+    let token = env.kv_token().await;
+    // What the SDKs send: Rust 2025-07-01, Python keys 2025-07-01 and certificates 2026-04-01,
+    // and older 7.x versions.
+    for v in [
+        "2025-07-01",
+        "2026-04-01",
+        "7.6",
+        "7.5",
+        "7.4",
+        "7.0",
+        "2016-10-01",
+    ] {
+        let (status, body) = env
+            .get_json(
+                &token,
+                &format!("/certificates/contoso-app?api-version={v}"),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}: {body}");
+    }
+    for v in ["7.7", "2025-07-02", "latest"] {
+        let (status, body) = env
+            .get_json(
+                &token,
+                &format!("/certificates/contoso-app?api-version={v}"),
+            )
+            .await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(
+            body,
+            json!({"error": {"code": "BadParameter", "message": format!("The specified version ({v}) is not recognized. Consider using the latest supported version (2026-04-01).")}})
+        );
+    }
 }

@@ -227,10 +227,13 @@ async fn faults_left(stack: &Stack) -> usize {
         .json()
         .await
         .unwrap();
+    // Spent faults stay listed, marked `spent`.
     v["faults"]
         .as_array()
-        .map(Vec::len)
         .expect("GET /faults lists {\"faults\": [...]}")
+        .iter()
+        .filter(|f| f["spent"] != true)
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1280,6 +1283,26 @@ async fn a_renewed_certificate_not_yet_on_the_app_falls_back_to_the_previous_ver
         x5t_of(&seen[n - 1]),
         old,
         "then the previous version, which Entra accepts"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_refresh_in_sets_the_refresh_time_of_long_lived_tokens() {
+    // Two-hour tokens: Entra sends refresh_in (half the lifetime), which the broker follows
+    // instead of its own refresh_fraction (a quarter here).
+    let mut emu = estate();
+    for t in &mut emu.tenants {
+        for a in &mut t.apps {
+            a.token_lifetime_secs = [7200, 7200];
+        }
+    }
+    let stack = Stack::start_full(emu, tuned(""), Some(ManualClock::new()), |e| e).await;
+    let token = stack.get("contoso", GRAPH).await.unwrap();
+    let until_refresh = secs(&token.refresh_at) - now_unix(&stack);
+    assert!(
+        (3590..=3600).contains(&until_refresh),
+        "refresh in {until_refresh} s, not at a quarter of 7200 s"
     );
     stack.stop().await;
 }
