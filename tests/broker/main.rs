@@ -892,3 +892,95 @@ async fn a_retry_after_beyond_the_budget_is_passed_to_the_caller_at_once() {
     assert_eq!(stack.route_total("entra.token").await, 1, "not retried");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_given_as_an_http_date_is_read_as_one() {
+    let stack = Stack::start().await;
+    // Two minutes from now, in the IMF-fixdate form proxies and gateways send.
+    let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(120);
+    let date = at
+        .format(
+            &time::format_description::parse(
+                "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 5,
+                   "fail": {"status": 503, "headers": {"Retry-After": date}}}),
+        )
+        .await;
+    let s = assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::Unavailable,
+        &["Entra ID"],
+    );
+    let secs: u64 = s
+        .metadata()
+        .get("retry-after")
+        .expect("the caller is told when to come back")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((100..=120).contains(&secs), "retry-after {secs}");
+    assert_eq!(stack.route_total("entra.token").await, 1, "not retried");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_token_response_and_a_proxys_page_are_retryable_and_named() {
+    let stack = Stack::start().await;
+    // A 200 whose body is not a token response (a truncated or rewritten answer).
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100,
+                   "fail": {"status": 200, "raw_body": "{\"token_type\":\"Bearer\",\"acc"}}),
+        )
+        .await;
+    assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::Unavailable,
+        &["unreadable token response"],
+    );
+    assert!(
+        stack.route_total("entra.token").await >= 2,
+        "retried within the budget"
+    );
+    stack
+        .http
+        .delete(format!("{}/faults", stack.emulator().endpoints().admin_url))
+        .send()
+        .await
+        .unwrap();
+    // A gateway's HTML page: not Entra's verdict, so not remembered as a configuration error,
+    // and its body (which could echo the request) is not quoted.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100,
+                   "fail": {"status": 502, "content_type": "text/html",
+                            "raw_body": "<html><body>Bad Gateway: upstream reset</body></html>"}}),
+        )
+        .await;
+    let s = assert_status(
+        stack.get("fabrikam", GRAPH).await,
+        Code::Unavailable,
+        &["HTTP 502", "a proxy or gateway answered"],
+    );
+    assert!(!s.message().contains("upstream reset"), "{}", s.message());
+    stack
+        .http
+        .delete(format!("{}/faults", stack.emulator().endpoints().admin_url))
+        .send()
+        .await
+        .unwrap();
+    // Neither was remembered: both tenants get tokens at once when Entra answers again.
+    stack.get("contoso", GRAPH).await.unwrap();
+    stack.get("fabrikam", GRAPH).await.unwrap();
+    stack.stop().await;
+}
