@@ -900,7 +900,7 @@ async fn a_retry_after_given_as_an_http_date_is_read_as_one() {
     let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(120);
     let date = at
         .format(
-            &time::format_description::parse(
+            &time::format_description::parse_borrowed::<2>(
                 "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT",
             )
             .unwrap(),
