@@ -242,6 +242,17 @@ impl Stack {
     }
 
     /// Total signs recorded by the emulator, over all keys.
+    /// Removes every fault from the emulator.
+    pub async fn clear_faults(&self) {
+        let resp = self
+            .http
+            .delete(format!("{}/faults", self.emulator().endpoints().admin_url))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{resp:?}");
+    }
+
     pub async fn total_signs(&self) -> u64 {
         let c = self.counters().await;
         c["sign"]

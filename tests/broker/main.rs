@@ -951,12 +951,7 @@ async fn an_unreadable_token_response_and_a_proxys_page_are_retryable_and_named(
         stack.route_total("entra.token").await >= 2,
         "retried within the budget"
     );
-    stack
-        .http
-        .delete(format!("{}/faults", stack.emulator().endpoints().admin_url))
-        .send()
-        .await
-        .unwrap();
+    stack.clear_faults().await;
     // A gateway's HTML page: not Entra's verdict, so not remembered as a configuration error,
     // and its body (which could echo the request) is not quoted.
     stack
@@ -973,12 +968,7 @@ async fn an_unreadable_token_response_and_a_proxys_page_are_retryable_and_named(
         &["HTTP 502", "a proxy or gateway answered"],
     );
     assert!(!s.message().contains("upstream reset"), "{}", s.message());
-    stack
-        .http
-        .delete(format!("{}/faults", stack.emulator().endpoints().admin_url))
-        .send()
-        .await
-        .unwrap();
+    stack.clear_faults().await;
     // Neither was remembered: both tenants get tokens at once when Entra answers again.
     stack.get("contoso", GRAPH).await.unwrap();
     stack.get("fabrikam", GRAPH).await.unwrap();

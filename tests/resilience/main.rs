@@ -133,12 +133,7 @@ async fn a_30_minute_entra_outage_fails_no_request_for_still_valid_tokens() {
     assert!(stack.broker.stats().stale_served.get() > 0);
 
     // Recovery: the next background attempt replaces the token.
-    stack
-        .http
-        .delete(format!("{}/faults", stack.emulator().endpoints().admin_url))
-        .send()
-        .await
-        .unwrap();
+    stack.clear_faults().await;
     advance_until(&stack, &mut watch, |m| {
         !m.refresh_failing && m.token.as_ref().unwrap().access_token != first.access_token
     })
@@ -521,12 +516,7 @@ async fn watch_token_delivers_each_refresh_before_expiry_and_survives_an_outage(
     })
     .await;
     assert!(gone.refresh_failing && !gone.last_error.is_empty());
-    stack
-        .http
-        .delete(format!("{}/faults", stack.emulator().endpoints().admin_url))
-        .send()
-        .await
-        .unwrap();
+    stack.clear_faults().await;
     let recovered = advance_until(&stack, &mut watch, |m| !m.refresh_failing).await;
     assert_ne!(recovered.token.unwrap().access_token, current.access_token);
     stack.stop().await;
