@@ -525,6 +525,8 @@ pub fn observability_env(key: &str) -> Option<String> {
 /// Seconds in an hour and in a day, for the bounds of the settings.
 const HOUR: u64 = 3600;
 const DAY: u64 = 86_400;
+/// Upper bound of the token buckets' bursts (the benchmarks run with 10^9, "unlimited").
+const MAX_BURST: u64 = 1_000_000_000;
 
 /// Environment variables that override deployment settings of the file.
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
@@ -784,23 +786,57 @@ impl Validator<'_> {
         }
     }
 
-    /// A span of `raw` seconds (`default` when absent) at `path`, at most `max` seconds
-    /// (`why` says what that is and why): deadlines are this far from now, and an absurd
-    /// value would overflow them.
+    /// A span of `raw` seconds (`default` when absent) at `path`, within `min..=max` (`why`
+    /// says what the bounds protect). Every duration of the file goes through here: a zero
+    /// timeout or refresh interval stops the broker, and an absurd value overflows the
+    /// deadlines computed from it (or trips an assertion of the cache library) at start.
     fn span(
         &mut self,
         path: &str,
         raw: Option<u64>,
         default: u64,
-        max: u64,
+        (min, max): (u64, u64),
         why: &str,
     ) -> Duration {
-        let secs = raw.unwrap_or(default);
-        if secs > max {
-            self.problem(path, format!("must be at most {max} seconds ({why})"));
-            return Duration::from_secs(default);
+        Duration::from_secs(self.bounded(path, raw, default, (min, max), "seconds", why))
+    }
+
+    /// A count at `path` (`default` when absent), within `min..=max`: as `span`, refused
+    /// rather than clamped, so the broker never runs with another value than the file says.
+    fn count(
+        &mut self,
+        path: &str,
+        raw: Option<u64>,
+        default: u64,
+        (min, max): (u64, u64),
+        why: &str,
+    ) -> u64 {
+        self.bounded(path, raw, default, (min, max), "", why)
+    }
+
+    fn bounded(
+        &mut self,
+        path: &str,
+        raw: Option<u64>,
+        default: u64,
+        (min, max): (u64, u64),
+        unit: &str,
+        why: &str,
+    ) -> u64 {
+        let value = raw.unwrap_or(default);
+        if (min..=max).contains(&value) {
+            return value;
         }
-        Duration::from_secs(secs)
+        let unit = if unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {unit}")
+        };
+        self.problem(
+            path,
+            format!("{value} is out of range: must be {min} to {max}{unit} ({why})"),
+        );
+        default
     }
 
     fn problem(&mut self, path: &str, message: impl Into<String>) {
@@ -1006,7 +1042,13 @@ impl Validator<'_> {
             otlp_endpoint,
             sampling_ratio: sampling_ratio.clamp(0.0, 1.0),
             service_name,
-            metrics_interval: Duration::from_secs(raw.metrics_interval_secs.unwrap_or(60).max(1)),
+            metrics_interval: self.span(
+                "telemetry.metrics_interval_secs",
+                raw.metrics_interval_secs,
+                60,
+                (1, HOUR),
+                "an hour: a longer gap hides an outage from the metrics backend",
+            ),
         }
     }
 
@@ -1020,10 +1062,13 @@ impl Validator<'_> {
         positive(self, "resilience.sign_rate_per_vault", sign_rate);
         let exchange_rate = raw.exchange_rate_per_tenant.unwrap_or(20.0);
         positive(self, "resilience.exchange_rate_per_tenant", exchange_rate);
-        let max_attempts = raw.max_attempts.unwrap_or(3);
-        if !(1..=10).contains(&max_attempts) {
-            self.problem("resilience.max_attempts", "must be between 1 and 10");
-        }
+        let max_attempts = self.count(
+            "resilience.max_attempts",
+            raw.max_attempts.map(u64::from),
+            3,
+            (1, 10),
+            "the first try included; more only delays the answer",
+        ) as u32;
         for (i, p) in raw.prewarm.iter().enumerate() {
             if p.scopes.is_empty() {
                 self.problem(
@@ -1038,27 +1083,45 @@ impl Validator<'_> {
                 "resilience.retry_budget_secs",
                 raw.retry_budget_secs,
                 10,
-                HOUR,
-                "an hour: callers wait for a fetch within it",
+                (1, HOUR),
+                "no fetch fits in 0; callers wait for a fetch within it",
             ),
             sign_rate_per_vault: sign_rate,
-            sign_burst: raw.sign_burst.unwrap_or(50),
+            sign_burst: self.count(
+                "resilience.sign_burst",
+                raw.sign_burst.map(u64::from),
+                50,
+                (1, MAX_BURST),
+                "0 would let no sign call through",
+            ) as u32,
             exchange_rate_per_tenant: exchange_rate,
-            exchange_burst: raw.exchange_burst.unwrap_or(10),
-            breaker_failures: raw.breaker_failures.unwrap_or(5),
+            exchange_burst: self.count(
+                "resilience.exchange_burst",
+                raw.exchange_burst.map(u64::from),
+                10,
+                (1, MAX_BURST),
+                "0 would let no exchange through",
+            ) as u32,
+            breaker_failures: self.count(
+                "resilience.breaker_failures",
+                raw.breaker_failures.map(u64::from),
+                5,
+                (1, 1000),
+                "consecutive failures; 0 would open the breaker before any call",
+            ) as u32,
             breaker_cool_down: self.span(
                 "resilience.breaker_cool_down_secs",
                 raw.breaker_cool_down_secs,
                 30,
-                DAY,
-                "a day",
+                (1, DAY),
+                "an open breaker is tried again within a day",
             ),
             negative_ttl: self.span(
                 "resilience.negative_ttl_secs",
                 raw.negative_ttl_secs,
                 30,
-                DAY,
-                "a day: a fixed configuration must be noticed",
+                (0, DAY),
+                "0 turns it off; a fixed configuration must be noticed within a day",
             ),
             prewarm: raw.prewarm,
         }
@@ -1122,7 +1185,13 @@ impl Validator<'_> {
             (Some(m), _) => m,
             (None, _) => ClientCertMode::Optional,
         };
-        let reload_interval = Duration::from_secs(raw.reload_secs.unwrap_or(5).max(1));
+        let reload_interval = self.span(
+            "server.reload_secs",
+            raw.reload_secs,
+            5,
+            (1, HOUR),
+            "a rotated certificate or changed policy is picked up within this",
+        );
         let tls = match (raw.tls_cert_file, raw.tls_key_file) {
             (Some(c), Some(k)) => Some(ServerTls {
                 cert_file: self.path(c),
@@ -1168,7 +1237,13 @@ impl Validator<'_> {
             listen,
             plaintext: raw.plaintext,
             tls,
-            shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs.unwrap_or(20)),
+            shutdown_grace: self.span(
+                "server.shutdown_grace_secs",
+                raw.shutdown_grace_secs,
+                20,
+                (0, HOUR),
+                "an hour: a stop must end",
+            ),
             reload_interval,
         }
     }
@@ -1246,8 +1321,20 @@ impl Validator<'_> {
         OutboundConfig {
             extra_ca_file,
             pin_hosts,
-            connect_timeout: Duration::from_secs(raw.connect_timeout_secs.unwrap_or(10)),
-            request_timeout: Duration::from_secs(raw.request_timeout_secs.unwrap_or(30)),
+            connect_timeout: self.span(
+                "outbound.connect_timeout_secs",
+                raw.connect_timeout_secs,
+                10,
+                (1, 300),
+                "0 would fail every connection",
+            ),
+            request_timeout: self.span(
+                "outbound.request_timeout_secs",
+                raw.request_timeout_secs,
+                30,
+                (1, 600),
+                "0 would fail every request",
+            ),
         }
     }
 
@@ -1299,10 +1386,13 @@ impl Validator<'_> {
                 "must be between 0.1 and 0.9 of the token lifetime",
             );
         }
-        let max_entries = raw.max_entries.unwrap_or(100_000);
-        if max_entries == 0 {
-            self.problem("cache.max_entries", "must be at least 1");
-        }
+        let max_entries = self.count(
+            "cache.max_entries",
+            raw.max_entries,
+            100_000,
+            (1, 10_000_000),
+            "tokens cached, a few KB each",
+        );
         const TOKEN_LIFE: &str = "an hour: Entra tokens live 60 to 90 minutes";
         CacheConfig {
             max_entries,
@@ -1310,29 +1400,29 @@ impl Validator<'_> {
                 "cache.safety_margin_secs",
                 raw.safety_margin_secs,
                 60,
-                HOUR,
+                (0, HOUR),
                 TOKEN_LIFE,
             ),
             default_min_validity: self.span(
                 "cache.default_min_validity_secs",
                 raw.default_min_validity_secs,
                 300,
-                HOUR,
+                (0, HOUR),
                 TOKEN_LIFE,
             ),
             force_refresh_interval: self.span(
                 "cache.force_refresh_interval_secs",
                 raw.force_refresh_interval_secs,
                 30,
-                DAY,
-                "a day",
+                (0, DAY),
+                "0 honours every forced refresh",
             ),
             certificate_refresh: self.span(
                 "cache.certificate_refresh_secs",
                 raw.certificate_refresh_secs,
                 3600,
-                7 * DAY,
-                "a week: a rotated certificate must be noticed",
+                (60, 7 * DAY),
+                "Key Vault is not asked more than once a minute, and a rotated certificate must be noticed within a week",
             ),
             refresh_fraction,
         }

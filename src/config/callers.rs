@@ -10,7 +10,7 @@ use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use url::Url;
 
-use super::{Config, ServerConfig, Validator};
+use super::{Config, DAY, HOUR, MAX_BURST, ServerConfig, Validator};
 use crate::policy::Policy;
 
 /// Whether TLS clients must present a certificate signed by the caller CA bundle.
@@ -297,6 +297,27 @@ impl Validator<'_> {
                     ),
                 );
             }
+            let leeway = self.span(
+                &format!("{path}.leeway_secs"),
+                ri.leeway_secs,
+                60,
+                (0, 300),
+                "clock skew allowed on exp and nbf; more would accept expired tokens",
+            );
+            let jwks_min_refresh = self.span(
+                &format!("{path}.jwks_min_refresh_secs"),
+                ri.jwks_min_refresh_secs,
+                30,
+                (1, HOUR),
+                "0 would let every unknown kid fetch the keys",
+            );
+            let jwks_max_age = self.span(
+                &format!("{path}.jwks_max_age_secs"),
+                ri.jwks_max_age_secs,
+                3600,
+                (60, DAY),
+                "keys are re-fetched at most once a minute and at least daily",
+            );
             if let (Some(discovery_url), Some(audience)) = (discovery, audience) {
                 issuers.insert(
                     name.clone(),
@@ -307,11 +328,9 @@ impl Validator<'_> {
                         audiences: vec![audience],
                         algorithms,
                         identity_claim,
-                        leeway: Duration::from_secs(ri.leeway_secs.unwrap_or(60).min(300)),
-                        jwks_min_refresh: Duration::from_secs(
-                            ri.jwks_min_refresh_secs.unwrap_or(30),
-                        ),
-                        jwks_max_age: Duration::from_secs(ri.jwks_max_age_secs.unwrap_or(3600)),
+                        leeway,
+                        jwks_min_refresh,
+                        jwks_max_age,
                     },
                 );
             }
@@ -326,29 +345,24 @@ impl Validator<'_> {
             }
         }
         let default = RememberConfig::default();
-        let tokens = raw.remember_tokens.unwrap_or(default.tokens);
-        if tokens > MAX_REMEMBER_TOKENS {
-            self.problem(
-                "callers.remember_tokens",
-                format!(
-                    "at most {MAX_REMEMBER_TOKENS} (about 300 bytes each); 0 turns the memory off"
-                ),
-            );
-        }
-        let secs = raw.remember_secs.unwrap_or(default.max_age.as_secs());
-        if secs > MAX_REMEMBER_SECS {
-            self.problem(
-                "callers.remember_secs",
-                format!("at most {MAX_REMEMBER_SECS}: a remembered token is checked again at least this often; 0 turns the memory off"),
-            );
-        }
+        let tokens = self.count(
+            "callers.remember_tokens",
+            raw.remember_tokens,
+            default.tokens,
+            (0, MAX_REMEMBER_TOKENS),
+            "about 300 bytes each; 0 turns the memory off",
+        );
+        let max_age = self.span(
+            "callers.remember_secs",
+            raw.remember_secs,
+            default.max_age.as_secs(),
+            (0, MAX_REMEMBER_SECS),
+            "a remembered token is checked again at least this often; 0 turns the memory off",
+        );
         CallersConfig {
             dev_loopback: raw.dev_loopback,
             issuers,
-            remember: RememberConfig {
-                tokens: tokens.min(MAX_REMEMBER_TOKENS),
-                max_age: Duration::from_secs(secs.min(MAX_REMEMBER_SECS)),
-            },
+            remember: RememberConfig { tokens, max_age },
         }
     }
 
@@ -449,18 +463,27 @@ impl Validator<'_> {
                 format!("must be a number of at least {min} (requests per second)"),
             );
         }
-        let burst = raw.caller_burst.unwrap_or(100);
-        if burst == 0 {
-            self.problem("limits.caller_burst", "must be at least 1");
-        }
-        let max_in_flight = raw.max_in_flight.unwrap_or(4096);
-        if max_in_flight == 0 {
-            self.problem("limits.max_in_flight", "must be at least 1");
-        }
-        let max_request_bytes = raw.max_request_bytes.unwrap_or(16 * 1024);
-        if max_request_bytes < 1024 {
-            self.problem("limits.max_request_bytes", "must be at least 1024");
-        }
+        let burst = self.count(
+            "limits.caller_burst",
+            raw.caller_burst.map(u64::from),
+            100,
+            (1, MAX_BURST),
+            "0 would refuse every request",
+        ) as u32;
+        let max_in_flight = self.count(
+            "limits.max_in_flight",
+            raw.max_in_flight.map(|n| n as u64),
+            4096,
+            (1, 1_000_000),
+            "requests over the whole broker; each holds memory and a task",
+        ) as usize;
+        let max_request_bytes = self.count(
+            "limits.max_request_bytes",
+            raw.max_request_bytes.map(|n| n as u64),
+            16 * 1024,
+            (1024, 4 * 1024 * 1024),
+            "a token request is a few hundred bytes; gRPC's own limit is 4 MiB",
+        ) as usize;
         let failed_rate = raw.failed_auth_per_sec.unwrap_or(1.0);
         let failed_rate_ok = (failed_rate == 0.0 || failed_rate >= min) && failed_rate.is_finite();
         if !failed_rate_ok {
@@ -469,28 +492,52 @@ impl Validator<'_> {
                 format!("must be 0 (no limit) or a number of at least {min} (failures per second)"),
             );
         }
-        let failed_burst = raw.failed_auth_burst.unwrap_or(20);
-        if failed_burst == 0 {
-            self.problem("limits.failed_auth_burst", "must be at least 1");
-        }
-        let per_caller = raw.max_watches_per_caller.unwrap_or(100);
-        if per_caller == 0 {
-            self.problem("limits.max_watches_per_caller", "must be at least 1");
-        }
-        let max_watches = raw.max_watches.unwrap_or(10_000);
-        if max_watches == 0 {
-            self.problem("limits.max_watches", "must be at least 1");
-        }
+        let failed_burst = self.count(
+            "limits.failed_auth_burst",
+            raw.failed_auth_burst.map(u64::from),
+            20,
+            (1, MAX_BURST),
+            "0 would refuse every bearer token",
+        ) as u32;
+        let per_caller = self.count(
+            "limits.max_watches_per_caller",
+            raw.max_watches_per_caller.map(u64::from),
+            100,
+            (1, 100_000),
+            "open WatchToken streams of one caller",
+        ) as u32;
+        let max_watches = self.count(
+            "limits.max_watches",
+            raw.max_watches.map(|n| n as u64),
+            10_000,
+            (1, 1_000_000),
+            "open WatchToken streams over the whole broker",
+        ) as usize;
+        let max_callers = self.count(
+            "limits.max_callers",
+            raw.max_callers,
+            100_000,
+            (1, 10_000_000),
+            "callers tracked at once",
+        );
+        // The cache library asserts an idle time of at most 1000 years: bounded well below.
+        let caller_idle = self.span(
+            "limits.caller_idle_secs",
+            raw.caller_idle_secs,
+            600,
+            (1, DAY),
+            "a caller's bucket is forgotten after this long without requests",
+        );
         LimitsConfig {
-            max_watches_per_caller: per_caller.max(1),
-            max_watches: max_watches.max(1),
+            max_watches_per_caller: per_caller,
+            max_watches,
             failed_auth_per_sec: if failed_rate_ok { failed_rate } else { 1.0 },
-            failed_auth_burst: failed_burst.max(1),
+            failed_auth_burst: failed_burst,
             caller_rate_per_sec: if rate_ok { rate } else { 1.0 },
-            caller_burst: burst.max(1),
-            max_callers: raw.max_callers.unwrap_or(100_000).max(1),
-            caller_idle: Duration::from_secs(raw.caller_idle_secs.unwrap_or(600).max(1)),
-            max_in_flight: max_in_flight.max(1),
+            caller_burst: burst,
+            max_callers,
+            caller_idle,
+            max_in_flight,
             max_request_bytes,
         }
     }

@@ -700,22 +700,24 @@ fn spans_too_long_for_a_deadline_are_refused_with_their_bound() {
     let about = |path: &str| p.iter().find(|p| p.path == path).map(|p| p.message.clone());
     assert_eq!(
         about("cache.certificate_refresh_secs").as_deref(),
-        Some("must be at most 604800 seconds (a week: a rotated certificate must be noticed)")
+        Some(
+            "9223372036854775807 is out of range: must be 60 to 604800 seconds (Key Vault is not asked more than once a minute, and a rotated certificate must be noticed within a week)"
+        )
     );
     assert!(
         about("cache.safety_margin_secs")
             .unwrap()
-            .contains("at most 3600")
+            .contains("7200 is out of range: must be 0 to 3600 seconds")
     );
     assert!(
         about("resilience.retry_budget_secs")
             .unwrap()
-            .contains("at most 3600")
+            .contains("must be 1 to 3600 seconds")
     );
     assert!(
         about("resilience.negative_ttl_secs")
             .unwrap()
-            .contains("at most 86400")
+            .contains("must be 0 to 86400 seconds")
     );
     assert_eq!(
         about("resilience.breaker_cool_down_secs"),
@@ -723,4 +725,76 @@ fn spans_too_long_for_a_deadline_are_refused_with_their_bound() {
         "a day is allowed"
     );
     assert_eq!(p.len(), 4, "{p:?}");
+}
+
+#[test]
+fn every_duration_and_count_is_refused_outside_its_range_naming_field_value_and_range() {
+    let text = format!(
+        "{GOOD}\n[limits]\ncaller_idle_secs = 9223372036854775807\nmax_in_flight = 0\nmax_callers = 99999999999\n\
+         [outbound]\nconnect_timeout_secs = 0\nrequest_timeout_secs = 0\n\
+         [cache]\ncertificate_refresh_secs = 0\nmax_entries = 99999999999\n\
+         [resilience]\nsign_burst = 0\nexchange_burst = 0\nbreaker_failures = 0\n\
+         [telemetry]\nmetrics_interval_secs = 0\n\
+         [callers.issuers.k8s]\nissuer = \"https://oidc.example\"\naudience = \"a\"\nleeway_secs = 100000\njwks_max_age_secs = 0\njwks_min_refresh_secs = 99999999\n"
+    )
+    .replace("plaintext = true", "plaintext = true\nshutdown_grace_secs = 99999999\nreload_secs = 0");
+    let p = problems(&text);
+    let about = |path: &str| {
+        p.iter()
+            .find(|p| p.path == path)
+            .map(|p| p.message.clone())
+            .unwrap_or_else(|| panic!("no problem at {path}: {p:?}"))
+    };
+    assert_eq!(
+        about("limits.caller_idle_secs"),
+        "9223372036854775807 is out of range: must be 1 to 86400 seconds (a caller's bucket is forgotten after this long without requests)"
+    );
+    for (path, range) in [
+        ("limits.max_in_flight", "must be 1 to 1000000 "),
+        ("limits.max_callers", "must be 1 to 10000000 "),
+        ("outbound.connect_timeout_secs", "must be 1 to 300 seconds"),
+        ("outbound.request_timeout_secs", "must be 1 to 600 seconds"),
+        (
+            "cache.certificate_refresh_secs",
+            "must be 60 to 604800 seconds",
+        ),
+        ("cache.max_entries", "must be 1 to 10000000 "),
+        ("resilience.sign_burst", "0 is out of range: must be 1 to"),
+        (
+            "resilience.exchange_burst",
+            "0 is out of range: must be 1 to",
+        ),
+        ("resilience.breaker_failures", "must be 1 to 1000 "),
+        (
+            "telemetry.metrics_interval_secs",
+            "must be 1 to 3600 seconds",
+        ),
+        ("server.shutdown_grace_secs", "must be 0 to 3600 seconds"),
+        ("server.reload_secs", "must be 1 to 3600 seconds"),
+        (
+            "callers.issuers.k8s.leeway_secs",
+            "100000 is out of range: must be 0 to 300 seconds",
+        ),
+        (
+            "callers.issuers.k8s.jwks_max_age_secs",
+            "must be 60 to 86400 seconds",
+        ),
+        (
+            "callers.issuers.k8s.jwks_min_refresh_secs",
+            "must be 1 to 3600 seconds",
+        ),
+    ] {
+        assert!(about(path).contains(range), "{path}: {}", about(path));
+    }
+    assert_eq!(p.len(), 16, "{p:?}");
+    // The bounds themselves are accepted.
+    let c = Config::from_toml_str(
+        &format!(
+            "{GOOD}\n[limits]\ncaller_idle_secs = 86400\n[outbound]\nconnect_timeout_secs = 1\n"
+        ),
+        Path::new("/"),
+        &no_env,
+    )
+    .unwrap();
+    assert_eq!(c.limits.caller_idle, Duration::from_secs(DAY));
 }
