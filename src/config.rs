@@ -1,7 +1,7 @@
 //! Broker configuration: the TOML file, environment overrides for deployment settings, and
 //! validation. Owns the rule that configuration holds identifiers only, never secrets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -890,6 +890,10 @@ impl Validator<'_> {
                 apps.insert(name, (c, cred));
             }
         }
+        // References (pre-warm entries, grants) are checked against the names the file
+        // declares: a tenant with an invalid setting is reported once, not again at every
+        // place that names it.
+        let declared: BTreeSet<String> = raw.tenants.keys().cloned().collect();
         let mut tenants = BTreeMap::new();
         if raw.tenants.is_empty() {
             self.problem(
@@ -906,14 +910,13 @@ impl Validator<'_> {
                 );
             }
             let tenant_id = match t.tenant_id {
-                Some(id) if valid_tenant_id(&id) => Some(id),
-                Some(id) => {
-                    self.problem(
-                        &format!("{path}.tenant_id"),
-                        format!("`{id}` is not an Entra tenant id (a GUID or a domain such as contoso.onmicrosoft.com)"),
-                    );
-                    None
-                }
+                Some(id) => match tenant_id_problem(&id) {
+                    None => Some(id),
+                    Some(why) => {
+                        self.problem(&format!("{path}.tenant_id"), why);
+                        None
+                    }
+                },
                 None => {
                     self.problem(
                         &format!("{path}.tenant_id"),
@@ -960,19 +963,19 @@ impl Validator<'_> {
         }
         self.one_pin_per_token(&tenants);
         for (i, p) in resilience.prewarm.iter().enumerate() {
-            if !tenants.contains_key(&p.tenant) {
+            if !declared.contains(&p.tenant) {
                 self.problem(
                     &format!("resilience.prewarm[{i}].tenant"),
                     format!("`{}` is not a configured tenant", p.tenant),
                 );
             }
         }
-        let tenant_names = tenants.keys().cloned().collect();
         let callers = self.callers(raw.callers, &server);
-        let policy = self.policy(raw.policy, &tenant_names);
+        let policy = self.policy(raw.policy, &declared);
         let audit = self.audit(raw.audit);
         let limits = self.limits(raw.limits);
         let admin = self.admin(raw.admin, env);
+        self.listeners_apart(&server, &admin, env);
         let telemetry = self.telemetry(raw.telemetry, env);
         Config {
             server,
@@ -1008,6 +1011,24 @@ impl Validator<'_> {
             SocketAddr::from(([127, 0, 0, 1], 9090))
         });
         AdminConfig { listen }
+    }
+
+    /// The gRPC and admin listeners cannot share a port: the second bind would fail at start.
+    fn listeners_apart(&mut self, server: &ServerConfig, admin: &AdminConfig, env: EnvSource<'_>) {
+        let (s, a) = (server.listen, admin.listen);
+        let overlap = s.ip() == a.ip() || s.ip().is_unspecified() || a.ip().is_unspecified();
+        // Port 0 asks the system for a free port: two of them never clash.
+        if s.port() == a.port() && s.port() != 0 && overlap {
+            let path = if env("TOKENBROKER_ADMIN_LISTEN").is_some() {
+                "TOKENBROKER_ADMIN_LISTEN"
+            } else {
+                "admin.listen"
+            };
+            self.problem(
+                path,
+                format!("{a} clashes with the gRPC listener {s} (server.listen): give the admin listener another port, such as {}", SocketAddr::new(a.ip(), 9090)),
+            );
+        }
     }
 
     fn telemetry(&mut self, raw: RawTelemetry, env: EnvSource<'_>) -> TelemetryConfig {
@@ -1748,11 +1769,43 @@ fn valid_kv_name(s: &str) -> bool {
 
 /// A GUID or a DNS domain: what Entra accepts in the token endpoint path.
 pub fn valid_tenant_id(s: &str) -> bool {
-    uuid::Uuid::parse_str(s).is_ok()
-        || (s.contains('.')
-            && s.len() <= 253
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+    tenant_id_problem(s).is_none()
+}
+
+/// Why `s` cannot name a tenant in the token endpoint's path (`/{tenant}/oauth2/v2.0/token`),
+/// if it cannot: it must be a hyphenated GUID or a DNS domain name (labels of 1 to 63
+/// letters, digits and '-', not starting or ending with '-', at least two labels). Anything
+/// looser reaches the URL: `..` would make the path `/../oauth2/v2.0/token`.
+pub fn tenant_id_problem(s: &str) -> Option<String> {
+    const EXPECTED: &str = "a tenant id is its GUID (8-4-4-4-12 hex digits) or a verified domain such as contoso.onmicrosoft.com";
+    let lower = s.to_ascii_lowercase();
+    if matches!(lower.as_str(), "common" | "organizations" | "consumers") {
+        return Some(format!(
+            "`{s}` names no tenant: client credentials need a specific tenant; {EXPECTED}"
+        ));
+    }
+    if s.len() == 36 && uuid::Uuid::try_parse(s).is_ok() {
+        return None;
+    }
+    let labels: Vec<&str> = s.split('.').collect();
+    let label_ok = |l: &&str| {
+        (1..=63).contains(&l.len())
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    let domain = s.len() <= 253
+        && labels.len() >= 2
+        && labels.iter().all(label_ok)
+        // The last label is a top-level domain, never all digits (that is an IP address).
+        && labels
+            .last()
+            .is_some_and(|t| t.chars().any(|c| c.is_ascii_alphabetic()));
+    if domain {
+        None
+    } else {
+        Some(format!("`{s}` is not an Entra tenant id: {EXPECTED}"))
+    }
 }
 
 fn is_loopback_url(u: &Url) -> bool {

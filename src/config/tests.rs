@@ -798,3 +798,85 @@ fn every_duration_and_count_is_refused_outside_its_range_naming_field_value_and_
     .unwrap();
     assert_eq!(c.limits.caller_idle, Duration::from_secs(DAY));
 }
+
+#[test]
+fn tenant_ids_are_a_hyphenated_guid_or_a_domain_name_and_never_a_placeholder_tenant() {
+    for good in [
+        "22222222-2222-2222-2222-222222222222",
+        "contoso.onmicrosoft.com",
+        "Contoso.com",
+        "a-b.example",
+    ] {
+        assert!(valid_tenant_id(good), "{good}");
+    }
+    for bad in [
+        "..",
+        "...",
+        "-contoso-.-",
+        "contoso",
+        ".contoso.com",
+        "contoso..com",
+        "-a.example",
+        "a-.example",
+        "1.2.3.4",
+        "22222222222222222222222222222222",
+        "urn:uuid:22222222-2222-2222-2222-222222222222",
+        "{22222222-2222-2222-2222-222222222222}",
+        &format!("{}.com", "a".repeat(64)),
+    ] {
+        assert!(!valid_tenant_id(bad), "{bad}");
+    }
+    for placeholder in ["common", "organizations", "Consumers"] {
+        let why = tenant_id_problem(placeholder).unwrap();
+        assert!(
+            why.contains("client credentials need a specific tenant"),
+            "{why}"
+        );
+    }
+}
+
+#[test]
+fn an_invalid_tenant_is_reported_once_not_again_where_it_is_named() {
+    let text = format!(
+        "{}\n[resilience]\nprewarm = [{{ tenant = \"contoso\", scopes = [\"https://graph.microsoft.com/.default\"] }}]\n\
+         [[policy.grant]]\ncallers = [\"dev:loopback\"]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n",
+        GOOD.replace("22222222-2222-2222-2222-222222222222", "common")
+    );
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "tenants.contoso.tenant_id");
+    // A tenant that is not declared at all still is a problem where it is named.
+    let p = problems(&text.replace("tenant = \"contoso\"", "tenant = \"nowhere\""));
+    assert!(
+        p.iter()
+            .any(|p| p.path == "resilience.prewarm[0].tenant" && p.message.contains("nowhere")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn the_grpc_and_admin_listeners_cannot_share_a_port() {
+    for admin in ["127.0.0.1:50051", "0.0.0.0:50051"] {
+        let p = problems(&format!("{GOOD}\n[admin]\nlisten = \"{admin}\"\n"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "admin.listen");
+        assert!(
+            p[0].message.contains("clashes with the gRPC listener"),
+            "{p:?}"
+        );
+    }
+    let env = |k: &str| (k == "TOKENBROKER_ADMIN_LISTEN").then(|| "127.0.0.1:50051".to_string());
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str(GOOD, Path::new("/"), &env) else {
+        panic!("accepted")
+    };
+    assert_eq!(p[0].path, "TOKENBROKER_ADMIN_LISTEN", "{p:?}");
+    // Other address, or a port chosen by the system: fine.
+    for admin in ["127.0.0.2:50051", "127.0.0.1:9091"] {
+        Config::from_toml_str(
+            &format!("{GOOD}\n[admin]\nlisten = \"{admin}\"\n"),
+            Path::new("/"),
+            &no_env,
+        )
+        .unwrap();
+    }
+}
