@@ -676,27 +676,87 @@ fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
     }
 }
 
-/// 1-based line of the first `key =` or `[...key...]` for the last path segment, best effort.
+/// 1-based line of the key a problem's dotted `path` names (`tenants.ab.tenant_id`,
+/// `policy.grant[1].tenants`): the `key =` line or `[table]` header whose full key is the
+/// longest prefix of `path`. Headers are matched segment by segment, never by substring, so
+/// `[tenants.ab]` is not found at `[tenants.fabrikam]`. Best effort: `None` when not found.
 fn line_of(text: &str, path: &str) -> Option<usize> {
-    let segments: Vec<&str> = path.split('.').collect();
-    let last = segments.last()?;
-    let mut in_section = segments.len() < 2;
-    let section_hint = segments.get(segments.len().saturating_sub(2)).copied();
+    let target: Vec<&str> = path.split('.').collect();
+    // How many leading segments of `target` a key covers; `None` unless it covers all of
+    // the key. An array key (`prewarm = [...]`) covers an element of it (`prewarm[0]`).
+    let covers = |key: &[String]| -> Option<usize> {
+        (key.len() <= target.len()
+            && key.iter().zip(&target).all(|(k, t)| {
+                k == t
+                    || t.strip_prefix(k.as_str())
+                        .is_some_and(|r| r.starts_with('['))
+            }))
+        .then_some(key.len())
+    };
+    let mut header: Vec<String> = Vec::new();
+    let mut arrays: BTreeMap<Vec<String>, usize> = BTreeMap::new();
+    let mut best: Option<(usize, usize)> = None;
+    let mut below: Option<usize> = None;
     for (i, line) in text.lines().enumerate() {
-        let t = line.trim_start();
-        if t.starts_with('[') {
-            in_section = section_hint.is_some_and(|s| t.contains(s)) || segments.len() < 2;
-            if t.contains(&format!(".{last}]")) || t == format!("[{last}]") {
-                return Some(i + 1);
+        let t = line.trim();
+        let key = if let Some(inner) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let mut key = key_segments(inner);
+            let n = arrays.entry(key.clone()).or_insert(0);
+            if let Some(last) = key.last_mut() {
+                last.push_str(&format!("[{n}]"));
             }
+            *n += 1;
+            header = key.clone();
+            key
+        } else if let Some(inner) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            header = key_segments(inner);
+            header.clone()
+        } else if let Some((k, _)) = t.split_once('=')
+            && !t.starts_with('#')
+            && looks_like_key(k)
+        {
+            header.iter().cloned().chain(key_segments(k)).collect()
+        } else {
             continue;
+        };
+        if let Some(n) = covers(&key)
+            && best.is_none_or(|(m, _)| n > m)
+        {
+            best = Some((n, i + 1));
         }
-        let key = t.split('=').next().unwrap_or("").trim().trim_matches('"');
-        if in_section && t.contains('=') && key == *last {
-            return Some(i + 1);
+        // A table named by the path's start (`tenants`) is found at its first sub-table.
+        if below.is_none() && key.len() > target.len() && covers(&key[..target.len()]).is_some() {
+            below = Some(i + 1);
         }
     }
-    None
+    best.map(|(_, line)| line).or(below)
+}
+
+/// The segments of a dotted TOML key (`a."b.c".d`), unquoted.
+fn key_segments(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quote: Option<char> = None;
+    for c in s.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => cur.push(c),
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None if c == '.' => out.push(std::mem::take(&mut cur).trim().to_owned()),
+            None => cur.push(c),
+        }
+    }
+    out.push(cur.trim().to_owned());
+    out
+}
+
+/// Whether the text before a `=` is a key, not part of a value on a continued line.
+fn looks_like_key(k: &str) -> bool {
+    let k = k.trim();
+    !k.is_empty()
+        && k.matches('"').count().is_multiple_of(2)
+        && k.matches('\'').count().is_multiple_of(2)
+        && !k.contains([',', '[', ']', '{', '}', '#'])
 }
 
 /// Names that mean someone is trying to give the broker a secret.

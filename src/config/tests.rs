@@ -880,3 +880,48 @@ fn the_grpc_and_admin_listeners_cannot_share_a_port() {
         .unwrap();
     }
 }
+
+#[test]
+fn a_problem_is_located_at_its_own_table_not_one_whose_name_contains_it() {
+    let text = format!(
+        "{GOOD}\n[tenants.ab]\ntenant_id = \"nope\"\napp = \"shared\"\n\n\
+         [[policy.grant]]\ncallers = [\"dns:a\"]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n\
+         [[policy.grant]]\ncallers = [\"dns:b\"]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n"
+    );
+    let line = |needle: &str, nth: usize| {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| l.starts_with(needle))
+            .nth(nth)
+            .map(|(i, _)| i + 1)
+    };
+    assert_eq!(
+        line_of(&text, "tenants.ab.tenant_id"),
+        line("tenant_id = \"nope\"", 0)
+    );
+    assert_eq!(line_of(&text, "tenants.ab"), line("[tenants.ab]", 0));
+    assert_eq!(
+        line_of(&text, "tenants.fabrikam.app"),
+        line("app = \"shared\"", 0)
+    );
+    assert_eq!(
+        line_of(&text, "policy.grant[1].callers"),
+        line("callers = [\"dns:b\"]", 0)
+    );
+    assert_eq!(
+        line_of(&text, "policy.grant[0]"),
+        line("[[policy.grant]]", 0)
+    );
+    assert_eq!(
+        line_of(&text, "tenants.contoso.credential.vault_url"),
+        line(
+            "credential = { type = \"key_vault_certificate\", vault_url = \"https://v.vault.azure.net\", certificate = \"contoso-app\"",
+            0
+        )
+    );
+    assert_eq!(line_of(&text, "tenants"), line("[tenants.", 0));
+    assert_eq!(line_of(&text, "tenants.nowhere.tenant_id"), None);
+    let p = problems(&text);
+    assert_eq!(p[0].path, "tenants.ab.tenant_id");
+    assert_eq!(p[0].line, line("tenant_id = \"nope\"", 0), "{p:?}");
+}
