@@ -759,47 +759,46 @@ fn looks_like_key(k: &str) -> bool {
         && !k.contains([',', '[', ']', '{', '}', '#'])
 }
 
-/// Names that mean someone is trying to give the broker a secret.
-const SECRET_KEY_WORDS: &[&str] = &[
-    "secret",
-    "password",
-    "passwd",
-    "private_key",
-    "privatekey",
-    "pfx",
-    "pkcs12",
-    "p12",
-    "api_key",
-    "apikey",
-    "client_assertion",
-    "access_token",
-    "refresh_token",
-    "connection_string",
+/// Words of a key (split at `_` and `-`) that mean someone is trying to give the broker a
+/// secret; a phrase of several words matches them in a row. Whole words only: `secretariat`
+/// or `app12` are not secrets.
+const SECRET_KEY_WORDS: &[&[&str]] = &[
+    &["secret"],
+    &["secrets"],
+    &["password"],
+    &["passwd"],
+    &["private", "key"],
+    &["privatekey"],
+    &["pfx"],
+    &["pkcs12"],
+    &["p12"],
+    &["api", "key"],
+    &["apikey"],
+    &["client", "assertion"],
+    &["access", "token"],
+    &["refresh", "token"],
+    &["connection", "string"],
 ];
+
+/// Tables whose keys are names the operator chose (a tenant, an app, an issuer, a host), not
+/// settings: a tenant may be called `secretariat` or `p12-retail`.
+const NAME_TABLES: &[&str] = &["tenants", "apps", "callers.issuers", "outbound.pin_hosts"];
 
 fn find_secrets(value: &toml::Value, path: &str, text: &str, problems: &mut Vec<Problem>) {
     match value {
         toml::Value::Table(t) => {
+            let names = NAME_TABLES.contains(&path);
             for (k, v) in t {
                 let p = if path.is_empty() {
                     k.clone()
                 } else {
                     format!("{path}.{k}")
                 };
-                let lk = k.to_ascii_lowercase().replace('-', "_");
-                if lk == "pin" || lk.ends_with("_pin") {
+                if !names && let Some(message) = secret_key(k) {
                     problems.push(Problem {
                         line: line_of(text, &p),
                         path: p.clone(),
-                        message: "a PIN is a secret and never goes in the configuration: name where the broker reads it instead (pin_file, a mounted secret, or pin_env, an environment variable)".into(),
-                    });
-                    continue;
-                }
-                if SECRET_KEY_WORDS.iter().any(|w| lk.contains(w)) {
-                    problems.push(Problem {
-                        line: line_of(text, &p),
-                        path: p.clone(),
-                        message: "looks like a secret; tokenbroker holds no secrets: its own identity is a managed identity and client assertions are signed by Key Vault. Remove this field and configure a Key Vault certificate credential instead".into(),
+                        message: message.into(),
                     });
                     continue;
                 }
@@ -818,8 +817,39 @@ fn find_secrets(value: &toml::Value, path: &str, text: &str, problems: &mut Vec<
                 message: "holds key material or a token; tokenbroker holds no secrets, so configuration carries identifiers only".into(),
             });
         }
+        toml::Value::String(s) if url_with_credentials(s) => {
+            problems.push(Problem {
+                line: line_of(text, path),
+                path: path.to_string(),
+                message: CREDENTIALS_IN_URL.into(),
+            });
+        }
         _ => {}
     }
+}
+
+const CREDENTIALS_IN_URL: &str = "the URL carries a user name or password: credentials never go in the configuration (the broker authenticates with its managed identity); remove the `user:password@` part";
+
+/// Whether `s` is a URL with a user name or password (`https://user:pw@host`).
+fn url_with_credentials(s: &str) -> bool {
+    Url::parse(s).is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
+}
+
+/// What is wrong with a setting named `key`, when its name says it holds a secret.
+fn secret_key(key: &str) -> Option<&'static str> {
+    let lower = key.to_ascii_lowercase();
+    let words: Vec<&str> = lower.split(['_', '-']).collect();
+    if words.last() == Some(&"pin") {
+        return Some(
+            "a PIN is a secret and never goes in the configuration: name where the broker reads it instead (pin_file, a mounted secret, or pin_env, an environment variable)",
+        );
+    }
+    SECRET_KEY_WORDS
+        .iter()
+        .any(|phrase| words.windows(phrase.len()).any(|w| w == *phrase))
+        .then_some(
+            "looks like a secret; tokenbroker holds no secrets: its own identity is a managed identity and client assertions are signed by Key Vault. Remove this field and configure a Key Vault certificate credential instead",
+        )
 }
 
 fn looks_like_jwt(s: &str) -> bool {
@@ -1099,6 +1129,11 @@ impl Validator<'_> {
         let otlp_endpoint = endpoint
             .filter(|e| !e.is_empty())
             .and_then(|e| match Url::parse(&e) {
+                // From the environment: the file's values were checked by `find_secrets`.
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                    self.problem(path, CREDENTIALS_IN_URL);
+                    None
+                }
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
                 _ => {
                     self.problem(

@@ -925,3 +925,76 @@ fn a_problem_is_located_at_its_own_table_not_one_whose_name_contains_it() {
     assert_eq!(p[0].path, "tenants.ab.tenant_id");
     assert_eq!(p[0].line, line("tenant_id = \"nope\"", 0), "{p:?}");
 }
+
+#[test]
+fn names_the_operator_chose_are_not_secrets_and_secret_words_match_whole() {
+    let named = |name: &str| {
+        format!(
+            "\n[tenants.{name}]\ntenant_id = \"55555555-5555-5555-5555-555555555555\"\napp = \"shared\"\n"
+        )
+    };
+    let text = format!(
+        "{GOOD}{}{}{}{}\n[outbound.pin_hosts]\n\"p12.vault.azure.net\" = \"127.0.0.1\"\n\
+         [callers.issuers.secret-issuer]\nissuer = \"https://i.example\"\naudience = \"a\"\n",
+        named("app12"),
+        named("p12-retail"),
+        named("secretariat"),
+        named("pin"),
+    )
+    .replace("[apps.shared]", "[apps.password-app]\nclient_id = \"11111111-1111-1111-1111-111111111111\"\ncredential = { type = \"key_vault_certificate\", vault_url = \"https://v.vault.azure.net\", certificate = \"p\" }\n\n[apps.shared]");
+    let c = Config::from_toml_str(&text, Path::new("/"), &no_env).unwrap();
+    assert_eq!(c.tenants.len(), 7);
+    // Settings are still refused when a word of their name says secret.
+    for key in [
+        "client_secret",
+        "cert-password",
+        "private_key",
+        "api_key",
+        "user_pin",
+        "pfx",
+    ] {
+        let p = problems(&format!(
+            "{GOOD}\n[tenants.evil]\ntenant_id = \"55555555-5555-5555-5555-555555555555\"\n{key} = \"x\"\n"
+        ));
+        assert_eq!(p.len(), 1, "{key}: {p:?}");
+        assert_eq!(p[0].path, format!("tenants.evil.{key}"));
+    }
+}
+
+#[test]
+fn a_url_carrying_a_user_name_or_password_is_refused_without_echoing_it() {
+    for (from, to, path) in [
+        (
+            "https://v.vault.azure.net\", certificate = \"contoso-app\"",
+            "https://user:pw@kv-prod.vault.azure.net\", certificate = \"contoso-app\"",
+            "tenants.contoso.credential.vault_url",
+        ),
+        (
+            "https://127.0.0.1:8443",
+            "https://admin@127.0.0.1:8443",
+            "cloud.authority_host",
+        ),
+    ] {
+        let p = problems(&GOOD.replace(from, to));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, path);
+        assert!(
+            p[0].message
+                .contains("credentials never go in the configuration"),
+            "{p:?}"
+        );
+        assert!(!p[0].message.contains("pw"), "{p:?}");
+    }
+    let p = problems(&format!(
+        "{GOOD}\n[telemetry]\notlp_endpoint = \"http://u:p@collector:4318\"\n"
+    ));
+    assert_eq!(p[0].path, "telemetry.otlp_endpoint", "{p:?}");
+    let env = |k: &str| {
+        (k == "TOKENBROKER_OTLP_ENDPOINT").then(|| "http://u:p@collector:4318".to_string())
+    };
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str(GOOD, Path::new("/"), &env) else {
+        panic!("accepted")
+    };
+    assert_eq!(p[0].path, "TOKENBROKER_OTLP_ENDPOINT", "{p:?}");
+    assert!(p[0].message.contains("credentials never go"), "{p:?}");
+}
