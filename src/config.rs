@@ -665,14 +665,35 @@ fn read(path: &Path) -> Result<(String, &Path), ConfigError> {
     Ok((text, path.parent().unwrap_or(Path::new("."))))
 }
 
+/// A TOML syntax or shape error: parsing stops at the first, so the message quotes the
+/// offending key (or table header) and says that others may follow. Never the value: a
+/// line that does not parse may hold what should not be in the file at all.
 fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
     let line = e
         .span()
         .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let quoted = line
+        .and_then(|l| text.lines().nth(l - 1))
+        .map(str::trim)
+        .and_then(|l| {
+            if l.starts_with('[') {
+                Some(l.split(']').next().unwrap_or(l).to_owned() + "]")
+            } else {
+                l.split_once('=')
+                    .map(|(k, _)| k.trim())
+                    .filter(|k| looks_like_key(k))
+                    .map(str::to_owned)
+            }
+        })
+        .map(|k| format!(" (at `{}`)", k.chars().take(120).collect::<String>()))
+        .unwrap_or_default();
     Problem {
         path: "<file>".into(),
         line,
-        message: e.message().to_string(),
+        message: format!(
+            "{}{quoted}; only the first such error is shown, fix it and check again",
+            e.message().trim_end()
+        ),
     }
 }
 
@@ -1665,7 +1686,15 @@ impl Validator<'_> {
         );
         self.not_for(path, "key_vault_certificate", &pkcs11_fields(&raw));
         let vault_url = match raw.vault_url.as_deref().map(Url::parse) {
-            Some(Ok(u)) if u.scheme() == "https" && u.host_str().is_some() => Some(u),
+            Some(Ok(u)) if u.scheme() == "https" && u.host_str().is_some() => {
+                match vault_url_problem(&u) {
+                    None => Some(u),
+                    Some(why) => {
+                        self.problem(&format!("{path}.vault_url"), why);
+                        None
+                    }
+                }
+            }
             Some(Ok(_)) => {
                 self.problem(
                     &format!("{path}.vault_url"),
@@ -1833,6 +1862,39 @@ impl Validator<'_> {
             thumbprint: raw.thumbprint.unwrap_or(ThumbprintHeader::X5t),
         })
     }
+}
+
+/// What is wrong with a Key Vault URL beyond its scheme: it names the vault only (the
+/// certificate is named by `certificate`), with no path, query, fragment or credentials.
+fn vault_url_problem(u: &Url) -> Option<String> {
+    if !u.username().is_empty() || u.password().is_some() {
+        return Some(CREDENTIALS_IN_URL.into());
+    }
+    let host = u.host_str().unwrap_or("NAME.vault.azure.net");
+    let base = match u.port() {
+        Some(port) => format!("https://{host}:{port}"),
+        None => format!("https://{host}"),
+    };
+    let segments: Vec<&str> = u
+        .path_segments()
+        .map(|s| s.filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    if let ["certificates" | "keys" | "secrets", name, ..] = segments.as_slice() {
+        return Some(format!(
+            "is a certificate's URL, not the vault's: use vault_url = \"{base}\" and certificate = \"{name}\""
+        ));
+    }
+    if !segments.is_empty() {
+        return Some(format!(
+            "names the vault only, without a path: use vault_url = \"{base}\""
+        ));
+    }
+    if u.query().is_some() || u.fragment().is_some() {
+        return Some(format!(
+            "names the vault only, without a query or fragment: use vault_url = \"{base}\""
+        ));
+    }
+    None
 }
 
 fn pkcs11_fields(raw: &RawCredential) -> [(&'static str, bool); 5] {

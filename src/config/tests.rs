@@ -998,3 +998,59 @@ fn a_url_carrying_a_user_name_or_password_is_refused_without_echoing_it() {
     assert_eq!(p[0].path, "TOKENBROKER_OTLP_ENDPOINT", "{p:?}");
     assert!(p[0].message.contains("credentials never go"), "{p:?}");
 }
+
+#[test]
+fn a_vault_url_names_the_vault_only() {
+    let vault = |url: &str| {
+        problems(&GOOD.replace(
+            "vault_url = \"https://v.vault.azure.net\", certificate = \"contoso-app\"",
+            &format!("vault_url = \"{url}\", certificate = \"contoso-app\""),
+        ))
+    };
+    let p = vault("https://kv-prod.vault.azure.net/certificates/contoso-app/0123abcd");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "tenants.contoso.credential.vault_url");
+    assert!(
+        p[0].message.contains(
+            "use vault_url = \"https://kv-prod.vault.azure.net\" and certificate = \"contoso-app\""
+        ),
+        "{p:?}"
+    );
+    for url in [
+        "https://kv-prod.vault.azure.net/somewhere",
+        "https://kv-prod.vault.azure.net?api-version=7.4",
+        "https://kv-prod.vault.azure.net#x",
+    ] {
+        let p = vault(url);
+        assert!(
+            p[0].message
+                .contains("use vault_url = \"https://kv-prod.vault.azure.net\""),
+            "{url}: {p:?}"
+        );
+    }
+    // A trailing slash is the vault's URL as the portal shows it.
+    Config::from_toml_str(
+        &GOOD.replace(
+            "https://v.vault.azure.net\", certificate = \"contoso-app\"",
+            "https://v.vault.azure.net/\", certificate = \"contoso-app\"",
+        ),
+        Path::new("/"),
+        &no_env,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_shape_error_quotes_its_key_and_says_only_the_first_is_shown() {
+    let p = problems(&GOOD.replace("plaintext = true", "plaintext = \"yes\""));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].message.contains("(at `plaintext`)"), "{p:?}");
+    assert!(
+        p[0].message.contains("only the first such error is shown"),
+        "{p:?}"
+    );
+    // A line that does not parse is quoted by its key, never its value.
+    let p = problems(&format!("{GOOD}\n[audit]\nfile = \"unterminated\n"));
+    assert!(p[0].message.contains("(at `file`)"), "{p:?}");
+    assert!(!p[0].message.contains("unterminated"), "{p:?}");
+}
