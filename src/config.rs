@@ -983,9 +983,13 @@ impl Validator<'_> {
                 },
                 None => raw.log.format.unwrap_or(LogFormat::Human),
             },
-            level: env("TOKENBROKER_LOG_LEVEL")
-                .or(raw.log.level)
-                .unwrap_or_else(|| "info".into()),
+            level: match env("TOKENBROKER_LOG_LEVEL") {
+                Some(l) => self.log_level("TOKENBROKER_LOG_LEVEL", l),
+                None => match raw.log.level {
+                    Some(l) => self.log_level("log.level", l),
+                    None => "info".into(),
+                },
+            },
         };
         let identity = self.identity(raw.identity, env);
         let outbound = self.outbound(raw.outbound, env);
@@ -1104,6 +1108,35 @@ impl Validator<'_> {
             admin,
             telemetry,
         }
+    }
+
+    /// A `tracing` filter directive as `serve` parses it, minus its trap: a bare word that is
+    /// not a level is read as a target name, so `wrning` would log only errors, silently.
+    fn log_level(&mut self, path: &str, level: String) -> String {
+        const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+        let bare_word = level.split(',').map(str::trim).find(|d| {
+            !d.is_empty()
+                && !d.contains(['=', '[', ':'])
+                && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+        });
+        let why = match (
+            bare_word,
+            tracing_subscriber::EnvFilter::builder().parse(&level),
+        ) {
+            (_, Err(e)) => format!("`{level}` is not a log filter: {e}"),
+            (Some(word), Ok(_)) => format!(
+                "`{word}` is not a level (a bare word would be read as a target name and hide everything but errors)"
+            ),
+            (None, Ok(_)) => return level,
+        };
+        self.problem(
+            path,
+            format!(
+                "{why}; use one of {}, or TARGET=LEVEL such as `info,tokenbroker=debug`",
+                LEVELS.join(", ")
+            ),
+        );
+        "info".into()
     }
 
     fn admin(&mut self, raw: RawAdmin, env: EnvSource<'_>) -> AdminConfig {

@@ -1054,3 +1054,30 @@ fn a_shape_error_quotes_its_key_and_says_only_the_first_is_shown() {
     assert!(p[0].message.contains("(at `file`)"), "{p:?}");
     assert!(!p[0].message.contains("unterminated"), "{p:?}");
 }
+
+#[test]
+fn a_log_level_that_is_not_a_level_or_directive_is_refused() {
+    let level = |l: &str| format!("{GOOD}\n[log]\nlevel = \"{l}\"\n");
+    for ok in [
+        "warn",
+        "INFO",
+        "info,tokenbroker=debug",
+        "tokenbroker::api=trace",
+        "off",
+    ] {
+        let c = Config::from_toml_str(&level(ok), Path::new("/"), &no_env).unwrap();
+        assert_eq!(c.log.level, ok);
+    }
+    let p = problems(&level("wrning"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "log.level");
+    assert!(p[0].message.contains("`wrning` is not a level"), "{p:?}");
+    assert!(p[0].message.contains("info,tokenbroker=debug"), "{p:?}");
+    let p = problems(&level("info,tokenbroker=loud"));
+    assert!(p[0].message.contains("is not a log filter"), "{p:?}");
+    let env = |k: &str| (k == "TOKENBROKER_LOG_LEVEL").then(|| "debgu".to_string());
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str(GOOD, Path::new("/"), &env) else {
+        panic!("accepted")
+    };
+    assert_eq!(p[0].path, "TOKENBROKER_LOG_LEVEL", "{p:?}");
+}
