@@ -222,29 +222,50 @@ pub async fn run(cli: Cli) -> ExitCode {
             file,
             files_elsewhere,
             ..
-        } => match if files_elsewhere {
-            Config::check_without_files(&file, &process_env)
-        } else {
-            Config::load(&file, &process_env).map(|c| (c, Vec::new()))
-        } {
-            Ok((c, unchecked)) => {
-                let mut text = format!("{}: OK\n{}", file.display(), c.summary());
-                for f in unchecked {
-                    text.push_str(&format!("\nnot checked here (--files-elsewhere): {f}"));
-                }
-                print_out("tokenbroker check-config", &text)
-            }
-            Err(e) => {
-                eprintln!("{}: {e}", file.display());
+        } => match check_config(&file, files_elsewhere, &process_env) {
+            Ok(report) => print_out("tokenbroker check-config", &report),
+            Err(problems) => {
+                eprintln!("{problems}");
                 ExitCode::from(EXIT_CONFIG)
             }
         },
     }
 }
 
+/// `check-config` without `--online`: the report, or the problems (exit `EXIT_CONFIG`).
+fn check_config(
+    file: &std::path::Path,
+    files_elsewhere: bool,
+    env: crate::config::EnvSource<'_>,
+) -> Result<String, String> {
+    let checked = if files_elsewhere {
+        Config::check_without_files(file, env)
+    } else {
+        Config::load(file, env).map(|c| (c, Vec::new()))
+    };
+    let (c, unchecked) = checked.map_err(|e| config_error(file, &e))?;
+    let mut text = format!("{}: OK\n{}", file.display(), c.summary());
+    for f in unchecked {
+        text.push_str(&format!("\nnot checked here (--files-elsewhere): {f}"));
+    }
+    // Valid, so exit 0, but what they say stops part of the broker working.
+    for w in &c.warnings {
+        text.push_str(&format!("\nWARNING: {w}"));
+    }
+    Ok(text)
+}
+
+/// A configuration error as printed: prefixed with the file, unless it already names it.
+fn config_error(path: &std::path::Path, e: &ConfigError) -> String {
+    match e {
+        ConfigError::Read { .. } => e.to_string(),
+        ConfigError::Invalid(_) => format!("{}: {e}", path.display()),
+    }
+}
+
 fn load_or_exit(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path, &process_env).map_err(|e: ConfigError| {
-        eprintln!("{}: {e}", path.display());
+        eprintln!("{}", config_error(path, &e));
         ExitCode::from(EXIT_CONFIG)
     })
 }
@@ -301,6 +322,9 @@ async fn serve(path: PathBuf) -> ExitCode {
     };
     // Flushes exported spans when serving ends.
     let _telemetry = telemetry::init_with(config.log.format, &config.log.level, &config.telemetry);
+    for w in &config.warnings {
+        tracing::warn!(config = %path.display(), "{w}");
+    }
     let result = async {
         let up = crate::server::upstreams(&config)?;
         let bound = crate::server::bind(config, up).await?;
@@ -516,7 +540,56 @@ fn response_json(r: &proto::GetTokenResponse) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::connect_hint;
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    /// A valid loopback configuration in a temporary directory, with `extra` appended.
+    fn config_file(extra: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:50051\"\nplaintext = true\n\n\
+                 [tenants.contoso]\ntenant_id = \"22222222-2222-2222-2222-222222222222\"\n\
+                 client_id = \"33333333-3333-3333-3333-333333333333\"\n\
+                 credential = {{ type = \"key_vault_certificate\", vault_url = \"https://v.vault.azure.net\", certificate = \"contoso-app\" }}\n{extra}"
+            ),
+        )
+        .unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn check_config_prints_what_leaves_the_broker_unusable_as_warnings_and_still_passes() {
+        let (_dir, path) = config_file("");
+        let report = check_config(&path, false, &no_env).unwrap();
+        assert!(report.contains(": OK\n"), "{report}");
+        assert!(
+            report.contains("\nWARNING: policy: no grants: every request is denied"),
+            "{report}"
+        );
+        assert!(
+            report.contains("\nWARNING: callers: no caller can authenticate"),
+            "{report}"
+        );
+        let (_dir, path) = config_file(
+            "[callers]\ndev_loopback = true\n[[policy.grant]]\ncallers = [\"dev:loopback\"]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n",
+        );
+        let report = check_config(&path, false, &no_env).unwrap();
+        assert!(!report.contains("WARNING"), "{report}");
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_is_named_once() {
+        let missing = std::path::Path::new("/nowhere/broker.toml");
+        let e = check_config(missing, false, &no_env).unwrap_err();
+        assert_eq!(e.matches("/nowhere/broker.toml").count(), 1, "{e}");
+        assert!(e.starts_with("cannot read /nowhere/broker.toml: "), "{e}");
+    }
 
     #[test]
     fn connection_failures_a_person_can_fix_come_with_a_hint() {

@@ -75,6 +75,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub admin: AdminConfig,
     pub telemetry: TelemetryConfig,
+    /// Settings that are valid but leave part of the broker unusable (no caller can
+    /// authenticate, no grants, a grant that cannot be served): legitimate while a
+    /// deployment is set up in stages, so reported, not refused.
+    pub warnings: Vec<Problem>,
 }
 
 /// The admin HTTP listener: `/metrics`, `/healthz`, `/readyz` (plain HTTP, no secrets).
@@ -593,9 +597,12 @@ impl Config {
             text,
             base_dir,
             problems,
+            warnings: Vec::new(),
+            issuer_names: BTreeSet::new(),
             unchecked,
         };
-        let config = v.validate(raw, env);
+        let mut config = v.validate(raw, env);
+        config.warnings = std::mem::take(&mut v.warnings);
         if v.problems.is_empty() {
             Ok(config)
         } else {
@@ -881,6 +888,9 @@ struct Validator<'a> {
     text: &'a str,
     base_dir: &'a Path,
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
+    /// The issuer names `[callers.issuers]` declares, valid or not.
+    issuer_names: BTreeSet<String>,
     /// Set: files are not read here, only listed (`check-config --files-elsewhere`).
     unchecked: Option<&'a mut Vec<String>>,
 }
@@ -948,6 +958,14 @@ impl Validator<'_> {
             format!("{value} is out of range: must be {min} to {max}{unit} ({why})"),
         );
         default
+    }
+
+    fn warn(&mut self, path: &str, message: impl Into<String>) {
+        self.warnings.push(Problem {
+            path: path.to_string(),
+            line: line_of(self.text, path),
+            message: message.into(),
+        });
     }
 
     fn problem(&mut self, path: &str, message: impl Into<String>) {
@@ -1086,7 +1104,17 @@ impl Validator<'_> {
             }
         }
         let callers = self.callers(raw.callers, &server);
-        let policy = self.policy(raw.policy, &declared);
+        let policy = self.policy(raw.policy, &declared, &server);
+        let client_ca = server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some());
+        if !client_ca && callers.issuers.is_empty() && !callers.dev_loopback {
+            self.warn(
+                "callers",
+                "no caller can authenticate, every request is refused: set server.client_ca_file (mutual TLS) or add [callers.issuers.NAME] (bearer tokens)",
+            );
+        }
         let audit = self.audit(raw.audit);
         let limits = self.limits(raw.limits);
         let admin = self.admin(raw.admin, env);
@@ -1107,6 +1135,7 @@ impl Validator<'_> {
             limits,
             admin,
             telemetry,
+            warnings: Vec::new(),
         }
     }
 
@@ -1239,12 +1268,10 @@ impl Validator<'_> {
             (1, 10),
             "the first try included; more only delays the answer",
         ) as u32;
+        // A pre-warm key that cannot be fetched keeps the broker unready for ever.
         for (i, p) in raw.prewarm.iter().enumerate() {
-            if p.scopes.is_empty() {
-                self.problem(
-                    &format!("resilience.prewarm[{i}].scopes"),
-                    "at least one scope is required",
-                );
+            if let Some(why) = scopes_problem(&p.scopes) {
+                self.problem(&format!("resilience.prewarm[{i}].scopes"), why);
             }
         }
         ResilienceConfig {
@@ -1928,6 +1955,44 @@ fn vault_url_problem(u: &Url) -> Option<String> {
         ));
     }
     None
+}
+
+/// What is wrong with asking for `scopes` in one request: first what the broker itself
+/// refuses in a request (`broker::normalise_scopes`), then what Entra refuses with client
+/// credentials (`client_credentials_scope_problem`).
+pub fn scopes_problem(scopes: &[String]) -> Option<String> {
+    if let Err(e) = crate::broker::normalise_scopes(scopes) {
+        return Some(match e {
+            crate::broker::BrokerError::InvalidArgument { message, .. } => message,
+            other => other.to_string(),
+        });
+    }
+    scopes
+        .iter()
+        .find_map(|s| client_credentials_scope_problem(s.trim()))
+}
+
+/// Why Entra refuses `scope` in a client-credentials request, if it does: only a resource's
+/// `/.default` scope is accepted there (AADSTS1002012), not a permission (`User.Read`) or
+/// a bare resource name.
+pub fn client_credentials_scope_problem(scope: &str) -> Option<String> {
+    if scope
+        .strip_suffix("/.default")
+        .is_some_and(|resource| !resource.is_empty())
+    {
+        return None;
+    }
+    // The resource of a scope such as https://graph.microsoft.com/User.Read.
+    let suggestion = scope
+        .split_once("://")
+        .and_then(|(scheme, rest)| {
+            let host = rest.split('/').next().filter(|h| !h.is_empty())?;
+            Some(format!("{scheme}://{host}/.default"))
+        })
+        .unwrap_or_else(|| "https://graph.microsoft.com/.default".into());
+    Some(format!(
+        "`{scope}` cannot be asked for with client credentials, which take only a resource's `/.default` scope (Entra refuses anything else, AADSTS1002012): use `{suggestion}`"
+    ))
 }
 
 fn pkcs11_fields(raw: &RawCredential) -> [(&'static str, bool); 5] {

@@ -209,6 +209,7 @@ impl Validator<'_> {
                 "the unauthenticated development caller is allowed only with `plaintext = true` on a loopback listen address",
             );
         }
+        self.issuer_names = raw.issuers.keys().cloned().collect();
         let mut issuers = BTreeMap::new();
         for (name, ri) in raw.issuers {
             let path = format!("callers.issuers.{name}");
@@ -366,7 +367,12 @@ impl Validator<'_> {
         }
     }
 
-    pub(super) fn policy(&mut self, raw: RawPolicy, tenants: &BTreeSet<String>) -> PolicyConfig {
+    pub(super) fn policy(
+        &mut self,
+        raw: RawPolicy,
+        tenants: &BTreeSet<String>,
+        server: &ServerConfig,
+    ) -> PolicyConfig {
         match (raw.file, raw.grant) {
             (Some(_), Some(_)) => {
                 self.problem(
@@ -381,13 +387,14 @@ impl Validator<'_> {
                     return PolicyConfig::File(file);
                 }
                 match std::fs::read_to_string(&file) {
-                    Ok(text) => {
-                        if let Err(problems) = Policy::parse(&text, tenants) {
+                    Ok(text) => match Policy::parse(&text, tenants) {
+                        Ok(policy) => self.unusable_grants(&policy, "policy.file", server),
+                        Err(problems) => {
                             for p in problems {
                                 self.problem("policy.file", format!("{}: {p}", file.display()));
                             }
                         }
-                    }
+                    },
                     Err(e) => self.problem(
                         "policy.file",
                         format!("cannot read {}: {e}", file.display()),
@@ -397,7 +404,10 @@ impl Validator<'_> {
             }
             (None, Some(grants)) => {
                 match Policy::from_toml_value(grants, tenants, "policy.grant") {
-                    Ok(p) => PolicyConfig::Inline(p),
+                    Ok(p) => {
+                        self.unusable_grants(&p, "policy.grant", server);
+                        PolicyConfig::Inline(p)
+                    }
                     Err(problems) => {
                         for p in problems {
                             self.problem("policy.grant", p);
@@ -406,7 +416,48 @@ impl Validator<'_> {
                     }
                 }
             }
-            (None, None) => PolicyConfig::None,
+            (None, None) => {
+                self.warn(
+                    "policy",
+                    "no grants: every request is denied; add [[policy.grant]] tables or a policy file",
+                );
+                PolicyConfig::None
+            }
+        }
+    }
+
+    /// Grants that can never be used: a caller that cannot authenticate as configured, or a
+    /// scope Entra refuses with client credentials. An unknown issuer name is a mistake in
+    /// this file (refused); the others may be a deployment set up in stages (warned).
+    fn unusable_grants(&mut self, policy: &Policy, at: &str, server: &ServerConfig) {
+        let client_ca = server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some());
+        for caller in policy.caller_patterns() {
+            if let Some(rest) = caller.strip_prefix("jwt:") {
+                let issuer = rest.split(':').next().unwrap_or(rest);
+                if !self.issuer_names.contains(issuer) {
+                    self.problem(
+                        at,
+                        format!(
+                            "`{caller}` names issuer `{issuer}`, but no [callers.issuers.{issuer}] is configured: its tokens are never accepted; add the issuer or correct the name"
+                        ),
+                    );
+                }
+            } else if (caller.starts_with("spiffe:") || caller.starts_with("dns:")) && !client_ca {
+                self.warn(
+                    at,
+                    format!(
+                        "`{caller}` is a client-certificate identity, but no server.client_ca_file is configured: it can never authenticate until mutual TLS is set up"
+                    ),
+                );
+            }
+        }
+        for scope in policy.named_scopes() {
+            if let Some(why) = super::client_credentials_scope_problem(scope) {
+                self.warn(at, format!("this grant is never served: {why}"));
+            }
         }
     }
 
@@ -562,10 +613,10 @@ pub(super) fn summary(c: &Config) -> String {
         ways.push("`dev:loopback` (development, no credentials)".into());
     }
     if ways.is_empty() {
-        ways.push("none: no caller can authenticate, every request is refused".into());
+        ways.push("none".into());
     }
     let policy = match &c.policy {
-        PolicyConfig::None => "no grants: every request is denied".to_string(),
+        PolicyConfig::None => "no grants".to_string(),
         PolicyConfig::Inline(p) => format!("{} inline grant(s)", p.grant_count()),
         PolicyConfig::File(f) => format!("{} (reloads on SIGHUP or change)", f.display()),
     };

@@ -1081,3 +1081,92 @@ fn a_log_level_that_is_not_a_level_or_directive_is_refused() {
     };
     assert_eq!(p[0].path, "TOKENBROKER_LOG_LEVEL", "{p:?}");
 }
+
+#[test]
+fn pre_warm_scopes_are_what_the_broker_and_entra_accept() {
+    let prewarm = |scopes: &str| {
+        format!(
+            "{GOOD}\n[resilience]\nprewarm = [{{ tenant = \"contoso\", scopes = [{scopes}] }}]\n"
+        )
+    };
+    for bad in [
+        "\"User.Read\"",
+        "\"graph\"",
+        "\"https://graph.microsoft.com/User.Read\"",
+        "\"/.default\"",
+    ] {
+        let p = problems(&prewarm(bad));
+        assert_eq!(p.len(), 1, "{bad}: {p:?}");
+        assert_eq!(p[0].path, "resilience.prewarm[0].scopes");
+        assert!(p[0].message.contains("AADSTS1002012"), "{p:?}");
+        assert!(
+            p[0].message
+                .contains("https://graph.microsoft.com/.default"),
+            "{p:?}"
+        );
+    }
+    let p = problems(&prewarm("\"api://x/.default\", \"a b\""));
+    assert!(p[0].message.contains("contains whitespace"), "{p:?}");
+    let p = problems(&prewarm(""));
+    assert!(p[0].message.contains("at least one scope"), "{p:?}");
+    let c =
+        Config::from_toml_str(&prewarm("\"api://x/.default\""), Path::new("/"), &no_env).unwrap();
+    assert_eq!(c.resilience.prewarm[0].scopes, ["api://x/.default"]);
+}
+
+#[test]
+fn grants_that_can_never_be_used_are_refused_or_warned_about() {
+    let grant = |callers: &str, scopes: &str| {
+        format!(
+            "{GOOD}\n[[policy.grant]]\ncallers = [{callers}]\ntenants = [\"contoso\"]\nscopes = [{scopes}]\n"
+        )
+    };
+    // An issuer name the file does not declare: a mistake here.
+    let p = problems(&grant(
+        "\"jwt:k8s:system:serviceaccount:a:b\"",
+        "\"https://graph.microsoft.com/.default\"",
+    ));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "policy.grant");
+    assert!(
+        p[0].message
+            .contains("no [callers.issuers.k8s] is configured"),
+        "{p:?}"
+    );
+    // A scope the broker refuses in every request is refused in the grant too.
+    let p = problems(&grant("\"dev:loopback\"", "\"a\\tb\""));
+    assert!(p[0].message.contains("contains whitespace"), "{p:?}");
+    // A client-certificate caller without a client CA, or a scope Entra refuses: warned.
+    let c = Config::from_toml_str(
+        &grant(
+            "\"dns:a.example\"",
+            "\"https://graph.microsoft.com/User.Read\"",
+        ),
+        Path::new("/"),
+        &no_env,
+    )
+    .unwrap();
+    let w: Vec<String> = c.warnings.iter().map(|w| w.to_string()).collect();
+    assert!(
+        w.iter().any(
+            |w| w.contains("`dns:a.example` is a client-certificate identity")
+                && w.contains("server.client_ca_file")
+        ),
+        "{w:?}"
+    );
+    assert!(
+        w.iter()
+            .any(|w| w.contains("never served")
+                && w.contains("https://graph.microsoft.com/.default")),
+        "{w:?}"
+    );
+    // Staged setup: nobody can authenticate yet and nothing is granted; valid, with warnings.
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &no_env).unwrap();
+    let paths: Vec<&str> = c.warnings.iter().map(|w| w.path.as_str()).collect();
+    assert_eq!(paths, ["policy", "callers"], "{:?}", c.warnings);
+    assert!(
+        c.warnings[1].message.contains("no caller can authenticate"),
+        "{:?}",
+        c.warnings
+    );
+}
