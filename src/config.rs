@@ -1390,13 +1390,17 @@ impl Validator<'_> {
             "a rotated certificate or changed policy is picked up within this",
         );
         let tls = match (raw.tls_cert_file, raw.tls_key_file) {
-            (Some(c), Some(k)) => Some(ServerTls {
-                cert_file: self.path(c),
-                key_file: self.path(k),
-                client_ca_file: client_ca_file.clone(),
-                client_crl_files,
-                client_cert,
-            }),
+            (Some(c), Some(k)) => {
+                let tls = ServerTls {
+                    cert_file: self.path(c),
+                    key_file: self.path(k),
+                    client_ca_file: client_ca_file.clone(),
+                    client_crl_files,
+                    client_cert,
+                };
+                self.tls_files(&tls);
+                Some(tls)
+            }
             (None, None) => None,
             _ => {
                 self.problem(
@@ -1445,6 +1449,55 @@ impl Validator<'_> {
         }
     }
 
+    /// The listener's certificate, key, client CA and revocation lists exist and load, as
+    /// `serve` loads them (`tls::server_config`): a missing or broken file is found here,
+    /// not when the broker starts.
+    fn tls_files(&mut self, tls: &ServerTls) {
+        let mut missing = false;
+        for (key, p) in [
+            ("server.tls_cert_file", &tls.cert_file),
+            ("server.tls_key_file", &tls.key_file),
+        ] {
+            if !self.reads_files(key, p) {
+                missing = true;
+            } else if !p.is_file() {
+                self.problem(
+                    key,
+                    format!("{} does not exist or is not a file", p.display()),
+                );
+                missing = true;
+            }
+        }
+        let others = tls.client_ca_file.iter().chain(&tls.client_crl_files);
+        if missing || others.clone().any(|p| !p.is_file()) {
+            // Reported (or listed as not checked) where they are named.
+            return;
+        }
+        use crate::tls::TlsError;
+        let Err(e) = crate::tls::server_config(tls) else {
+            return;
+        };
+        let key = match &e {
+            TlsError::Read { path, .. } | TlsError::Pem { path, .. } if *path == tls.cert_file => {
+                "server.tls_cert_file"
+            }
+            TlsError::Read { path, .. } | TlsError::Pem { path, .. } if *path == tls.key_file => {
+                "server.tls_key_file"
+            }
+            TlsError::Read { path, .. } | TlsError::Pem { path, .. }
+                if tls.client_crl_files.contains(path) =>
+            {
+                "server.client_crl_files"
+            }
+            TlsError::Read { .. } | TlsError::Pem { .. } | TlsError::ClientCa { .. } => {
+                "server.client_ca_file"
+            }
+            TlsError::Crl { .. } => "server.client_crl_files",
+            TlsError::Pair { .. } | TlsError::Config(_) => "server.tls_key_file",
+        };
+        self.problem(key, e.to_string());
+    }
+
     fn identity(&mut self, raw: RawIdentity, env: EnvSource<'_>) -> IdentityConfig {
         let source = match env("TOKENBROKER_IDENTITY_SOURCE") {
             Some(s) => match toml::Value::String(s.clone()).try_into::<IdentitySource>() {
@@ -1490,18 +1543,22 @@ impl Validator<'_> {
     }
 
     fn outbound(&mut self, raw: RawOutbound, env: EnvSource<'_>) -> OutboundConfig {
-        let extra_ca_file = env("TOKENBROKER_EXTRA_CA_FILE")
-            .map(PathBuf::from)
-            .or(raw.extra_ca_file)
-            .map(|p| self.path(p));
+        let (ca_key, extra_ca_file) = match env("TOKENBROKER_EXTRA_CA_FILE") {
+            Some(p) => ("TOKENBROKER_EXTRA_CA_FILE", Some(PathBuf::from(p))),
+            None => ("outbound.extra_ca_file", raw.extra_ca_file),
+        };
+        let extra_ca_file = extra_ca_file.map(|p| self.path(p));
+        let mut load_ca = false;
         if let Some(p) = &extra_ca_file
-            && self.reads_files("outbound.extra_ca_file", p)
-            && !p.is_file()
+            && self.reads_files(ca_key, p)
         {
-            self.problem(
-                "outbound.extra_ca_file",
-                format!("{} does not exist or is not a file", p.display()),
-            );
+            load_ca = p.is_file();
+            if !load_ca {
+                self.problem(
+                    ca_key,
+                    format!("{} does not exist or is not a file", p.display()),
+                );
+            }
         }
         let mut pin_hosts = BTreeMap::new();
         for (host, ip) in raw.pin_hosts {
@@ -1515,7 +1572,7 @@ impl Validator<'_> {
                 ),
             }
         }
-        OutboundConfig {
+        let outbound = OutboundConfig {
             extra_ca_file,
             pin_hosts,
             connect_timeout: self.span(
@@ -1532,7 +1589,15 @@ impl Validator<'_> {
                 (1, 600),
                 "0 would fail every request",
             ),
+        };
+        // Loaded as `serve` loads it, into the outbound client.
+        if load_ca
+            && let Err(e @ crate::outbound::OutboundError::CaBundle { .. }) =
+                crate::outbound::http_client(&outbound)
+        {
+            self.problem(ca_key, e.to_string());
         }
+        outbound
     }
 
     fn cloud(&mut self, raw: RawCloud) -> Cloud {

@@ -464,7 +464,23 @@ impl Validator<'_> {
     pub(super) fn audit(&mut self, raw: RawAudit) -> AuditConfig {
         let output = match (raw.output.as_deref().unwrap_or("stdout"), raw.file) {
             ("stdout", None) => AuditOutput::Stdout,
-            ("file", Some(f)) => AuditOutput::File(self.path(f)),
+            ("file", Some(f)) => {
+                let f = self.path(f);
+                // The broker creates the file, not its directory.
+                if let Some(dir) = f.parent()
+                    && self.reads_files("audit.file", &f)
+                    && !dir.is_dir()
+                {
+                    self.problem(
+                        "audit.file",
+                        format!(
+                            "the directory {} does not exist: the broker creates the audit file, not its directory",
+                            dir.display()
+                        ),
+                    );
+                }
+                AuditOutput::File(f)
+            }
             ("file", None) => {
                 self.problem(
                     "audit.file",

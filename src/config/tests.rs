@@ -197,7 +197,9 @@ fn callers_policy_audit_and_limits_are_read() {
          [audit]\noutput = \"file\"\nfile = \"audit.jsonl\"\n\
          [limits]\ncaller_rate_per_sec = 5.0\ncaller_burst = 10\n"
     );
-    let c = Config::from_toml_str(&text, Path::new("/var/tb"), &no_env).unwrap();
+    // The audit file's directory must exist.
+    let dir = tempfile::tempdir().unwrap();
+    let c = Config::from_toml_str(&text, dir.path(), &no_env).unwrap();
     let k8s = &c.callers.issuers["k8s"];
     assert_eq!(
         k8s.discovery_url.as_str(),
@@ -216,7 +218,7 @@ fn callers_policy_audit_and_limits_are_read() {
     ));
     assert_eq!(
         c.audit.output,
-        AuditOutput::File(PathBuf::from("/var/tb/audit.jsonl"))
+        AuditOutput::File(dir.path().join("audit.jsonl"))
     );
     assert_eq!(c.limits.caller_burst, 10);
     // Failed bearer tokens are limited per address by default.
@@ -1168,5 +1170,74 @@ fn grants_that_can_never_be_used_are_refused_or_warned_about() {
         c.warnings[1].message.contains("no caller can authenticate"),
         "{:?}",
         c.warnings
+    );
+}
+
+#[test]
+fn the_listener_and_outbound_tls_files_must_exist_and_load_as_serve_loads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["broker".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write("tls.crt", &cert.pem());
+    write("tls.key", &key.serialize_pem());
+    write("ca.pem", &cert.pem());
+    write("garbage.pem", "not a certificate\n");
+    let listener = |cert: &str, key: &str, extra: &str| {
+        GOOD.replace(
+            "listen = \"127.0.0.1:50051\"\nplaintext = true",
+            &format!("listen = \"0.0.0.0:50051\"\ntls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\n{extra}"),
+        )
+    };
+    let load = |text: &str| Config::from_toml_str(text, dir.path(), &no_env);
+    load(&listener(
+        "tls.crt",
+        "tls.key",
+        "client_ca_file = \"ca.pem\"",
+    ))
+    .unwrap();
+    let paths = |r: Result<Config, ConfigError>| match r {
+        Err(ConfigError::Invalid(p)) => p
+            .into_iter()
+            .map(|p| (p.path, p.message))
+            .collect::<Vec<_>>(),
+        other => panic!("expected problems, got {other:?}"),
+    };
+    let p = paths(load(&listener("missing.crt", "tls.key", "")));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, "server.tls_cert_file");
+    assert!(p[0].1.contains("missing.crt does not exist"), "{p:?}");
+    let p = paths(load(&listener("tls.crt", "garbage.pem", "")));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, "server.tls_key_file", "{p:?}");
+    let p = paths(load(&listener(
+        "tls.crt",
+        "tls.key",
+        "client_ca_file = \"garbage.pem\"",
+    )));
+    assert_eq!(p[0].0, "server.client_ca_file", "{p:?}");
+    let p = paths(load(&format!(
+        "{GOOD}\n[outbound]\nextra_ca_file = \"garbage.pem\"\n"
+    )));
+    assert_eq!(p[0].0, "outbound.extra_ca_file", "{p:?}");
+    let p = paths(load(&format!(
+        "{GOOD}\n[audit]\noutput = \"file\"\nfile = \"nodir/audit.jsonl\"\n"
+    )));
+    assert_eq!(p[0].0, "audit.file", "{p:?}");
+    assert!(p[0].1.contains("does not exist"), "{p:?}");
+
+    // Elsewhere, they are listed as not checked.
+    let path = dir.path().join("broker.toml");
+    std::fs::write(&path, listener("/mounted/tls.crt", "/mounted/tls.key", "")).unwrap();
+    let (_, unchecked) = Config::check_without_files(&path, &no_env).unwrap();
+    assert_eq!(
+        unchecked,
+        [
+            "server.tls_cert_file = /mounted/tls.crt",
+            "server.tls_key_file = /mounted/tls.key"
+        ]
     );
 }
