@@ -29,7 +29,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the broker with a configuration file.
+    #[command(
+        after_help = "Exit status: 0 after a clean shutdown (SIGTERM, SIGINT); 78 (EX_CONFIG) when the configuration is invalid (nothing is started); 1 when the broker cannot start or stops on an error."
+    )]
     Serve {
+        /// The broker's configuration (TOML); check it first with `tokenbroker check-config`.
+        /// TOKENBROKER_* environment variables override its deployment settings.
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -93,7 +98,12 @@ pub enum Command {
         bearer_file: Option<PathBuf>,
     },
     /// Validate a configuration file and explain every problem with its location.
+    #[command(
+        after_help = "Exit status: 0 when the configuration is valid (WARNING lines included: they name settings that leave part of the broker unusable, legitimate while a deployment is set up in stages); 78 (EX_CONFIG) on any problem, listed on stderr; with --online, 1 unless every tenant got a token."
+    )]
     CheckConfig {
+        /// The configuration file (TOML) to check, as `serve --config` would read it,
+        /// including the TOKENBROKER_* environment overrides of this shell.
         file: PathBuf,
         /// The files the configuration names (CA bundles, revocation lists, the policy file)
         /// exist only where the broker runs, such as mounted secrets: check everything else

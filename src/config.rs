@@ -79,6 +79,8 @@ pub struct Config {
     /// authenticate, no grants, a grant that cannot be served): legitimate while a
     /// deployment is set up in stages, so reported, not refused.
     pub warnings: Vec<Problem>,
+    /// The environment variables that overrode settings of the file (`ENV_OVERRIDES`).
+    pub overrides: Vec<&'static str>,
 }
 
 /// The admin HTTP listener: `/metrics`, `/healthz`, `/readyz` (plain HTTP, no secrets).
@@ -622,11 +624,15 @@ impl Config {
             },
             self.cloud.authority_host(),
             self.identity.source,
-            self.identity
-                .client_id
-                .as_deref()
-                .map(|c| format!(" (user-assigned {c})"))
-                .unwrap_or_else(|| " (system-assigned)".into()),
+            // Workload identity is always a user-assigned identity: without a client id in
+            // the file, the one AKS injects (AZURE_CLIENT_ID) is used.
+            match (self.identity.source, self.identity.client_id.as_deref()) {
+                (IdentitySource::WorkloadIdentity, None) =>
+                    " (client id from AZURE_CLIENT_ID)".into(),
+                (IdentitySource::WorkloadIdentity, Some(c)) => format!(" (client id {c})"),
+                (_, Some(c)) => format!(" (user-assigned {c})"),
+                (_, None) => " (system-assigned)".into(),
+            },
             self.tenants.len()
         );
         for t in self.tenants.values() {
@@ -659,6 +665,17 @@ impl Config {
             ));
         }
         out.push_str(&callers::summary(self));
+        if !self.overrides.is_empty() {
+            let applied: Vec<String> = ENV_OVERRIDES
+                .iter()
+                .filter(|(var, _)| self.overrides.contains(var))
+                .map(|(var, key)| format!("{var} ({key})"))
+                .collect();
+            out.push_str(&format!(
+                "\nfrom the environment, overriding the file: {}",
+                applied.join(", ")
+            ));
+        }
         out
     }
 }
@@ -1136,6 +1153,11 @@ impl Validator<'_> {
             admin,
             telemetry,
             warnings: Vec::new(),
+            overrides: ENV_OVERRIDES
+                .iter()
+                .filter(|(var, _)| env(var).is_some())
+                .map(|(var, _)| *var)
+                .collect(),
         }
     }
 
@@ -1411,9 +1433,15 @@ impl Validator<'_> {
             }
         };
         if raw.plaintext && !listen.ip().is_loopback() {
+            // The address may not be the file's: say where it came from.
+            let from = if listen_path == "server.listen" {
+                String::new()
+            } else {
+                format!(" (from {listen_path})")
+            };
             self.problem(
                 "server.plaintext",
-                format!("plaintext gRPC is allowed only on a loopback address, not {listen}; configure tls_cert_file and tls_key_file"),
+                format!("plaintext gRPC is allowed only on a loopback address, not {listen}{from}; configure tls_cert_file and tls_key_file"),
             );
         }
         if raw.plaintext && tls.is_some() {
@@ -1512,12 +1540,15 @@ impl Validator<'_> {
             },
             None => raw.source.unwrap_or(IdentitySource::Auto),
         };
-        let client_id = env("TOKENBROKER_IDENTITY_CLIENT_ID").or(raw.client_id);
+        let (id_key, client_id) = match env("TOKENBROKER_IDENTITY_CLIENT_ID") {
+            Some(c) => ("TOKENBROKER_IDENTITY_CLIENT_ID", Some(c)),
+            None => ("identity.client_id", raw.client_id),
+        };
         if let Some(c) = &client_id
             && uuid::Uuid::parse_str(c).is_err()
         {
             self.problem(
-                "identity.client_id",
+                id_key,
                 format!("`{c}` is not a GUID: give the user-assigned identity's client id"),
             );
         }

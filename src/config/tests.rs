@@ -1241,3 +1241,81 @@ fn the_listener_and_outbound_tls_files_must_exist_and_load_as_serve_loads_them()
         ]
     );
 }
+
+#[test]
+fn a_problem_caused_by_an_environment_override_names_the_variable() {
+    let env = |k: &str| match k {
+        "TOKENBROKER_LISTEN" => Some("0.0.0.0:50051".to_string()),
+        "TOKENBROKER_IDENTITY_CLIENT_ID" => Some("not-a-guid".to_string()),
+        "TOKENBROKER_EXTRA_CA_FILE" => Some("/nowhere/ca.pem".to_string()),
+        _ => None,
+    };
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str(GOOD, Path::new("/"), &env) else {
+        panic!("accepted")
+    };
+    let at = |path: &str| {
+        p.iter()
+            .find(|p| p.path == path)
+            .unwrap_or_else(|| panic!("no problem at {path}: {p:?}"))
+    };
+    assert!(
+        at("server.plaintext")
+            .message
+            .contains("not 0.0.0.0:50051 (from TOKENBROKER_LISTEN)"),
+        "{p:?}"
+    );
+    assert_eq!(at("TOKENBROKER_IDENTITY_CLIENT_ID").line, None);
+    assert!(
+        at("TOKENBROKER_EXTRA_CA_FILE")
+            .message
+            .contains("/nowhere/ca.pem"),
+        "{p:?}"
+    );
+    assert_eq!(p.len(), 3, "{p:?}");
+}
+
+#[test]
+fn the_summary_lists_the_environment_overrides_applied() {
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &no_env).unwrap();
+    assert!(c.overrides.is_empty());
+    assert!(
+        !c.summary().contains("from the environment"),
+        "{}",
+        c.summary()
+    );
+    let env = |k: &str| match k {
+        "TOKENBROKER_LISTEN" => Some("127.0.0.2:6000".to_string()),
+        "TOKENBROKER_LOG_LEVEL" => Some("debug".to_string()),
+        _ => None,
+    };
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &env).unwrap();
+    assert!(
+        c.summary().contains(
+            "from the environment, overriding the file: TOKENBROKER_LISTEN (server.listen), TOKENBROKER_LOG_LEVEL (log.level)"
+        ),
+        "{}",
+        c.summary()
+    );
+}
+
+#[test]
+fn the_summary_says_where_workload_identity_takes_its_client_id() {
+    let c = Config::from_toml_str(
+        &format!("{GOOD}\n[identity]\nsource = \"workload_identity\"\n"),
+        Path::new("/"),
+        &no_env,
+    )
+    .unwrap();
+    assert!(
+        c.summary()
+            .contains("identity WorkloadIdentity (client id from AZURE_CLIENT_ID)"),
+        "{}",
+        c.summary()
+    );
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &no_env).unwrap();
+    assert!(
+        c.summary().contains("identity Auto (system-assigned)"),
+        "{}",
+        c.summary()
+    );
+}
