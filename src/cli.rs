@@ -14,6 +14,14 @@ use crate::telemetry;
 
 /// Exit code for an invalid configuration (sysexits EX_CONFIG).
 pub const EXIT_CONFIG: u8 = 78;
+/// `token`: a usage error (as clap's own), such as an `--addr` without http:// or https://.
+pub const EXIT_USAGE: u8 = 2;
+/// `token`: worth retrying later: the broker could not be reached or answered UNAVAILABLE,
+/// DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (sysexits EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// `token`: the broker does not know or does not allow this caller: UNAUTHENTICATED or
+/// PERMISSION_DENIED (sysexits EX_NOPERM).
+pub const EXIT_NOPERM: u8 = 77;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,6 +68,9 @@ pub enum Command {
         endpoints_file: PathBuf,
     },
     /// Ask a running broker for a token and print it (for scripts and collectors).
+    #[command(
+        after_help = "Exit status: 0 with the token printed; 2 usage error (a bad option, an --addr without http:// or https://); 69 (EX_UNAVAILABLE) worth retrying: the broker could not be reached or answered UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (a retry-after hint is printed when the broker gives one); 77 (EX_NOPERM) the broker refused this caller: UNAUTHENTICATED or PERMISSION_DENIED; 1 any other failure."
+    )]
     Token {
         /// The tenant's name in the broker's configuration.
         #[arg(long)]
@@ -67,7 +78,7 @@ pub enum Command {
         /// A scope to ask for (repeatable), e.g. https://graph.microsoft.com/.default.
         #[arg(long, required = true)]
         scope: Vec<String>,
-        /// The broker's gRPC address (https:// for TLS).
+        /// The broker's gRPC address: http://HOST:PORT (plaintext) or https://HOST:PORT (TLS).
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         addr: String,
         /// Minimum remaining validity, in seconds.
@@ -79,8 +90,8 @@ pub enum Command {
         /// Print the whole response as JSON instead of the bare token.
         #[arg(long)]
         json: bool,
-        /// Give up after this many seconds.
-        #[arg(long, default_value_t = 30)]
+        /// Give up after this many seconds (1 to 3600), connecting included.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
         /// PEM bundle of the CA that signs the broker's certificate (with an https:// address;
         /// default: the platform roots).
@@ -202,7 +213,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 cert: cert.zip(key),
                 bearer_file,
             };
-            match token(&addr, req, Duration::from_secs(timeout), &auth).await {
+            match request_token(&addr, req, Duration::from_secs(timeout), &auth).await {
                 Ok(resp) => {
                     let out = if json {
                         response_json(&resp)
@@ -212,8 +223,8 @@ pub async fn run(cli: Cli) -> ExitCode {
                     print_out("tokenbroker token", &out)
                 }
                 Err(e) => {
-                    eprintln!("tokenbroker token: {e}");
-                    ExitCode::FAILURE
+                    eprintln!("tokenbroker token: {}", e.message);
+                    ExitCode::from(e.exit)
                 }
             }
         }
@@ -453,20 +464,99 @@ pub struct CallerAuth {
     pub bearer_file: Option<PathBuf>,
 }
 
+/// Why `token` failed, and the exit status that tells a script whether to retry.
+#[derive(Debug)]
+pub struct TokenFailure {
+    pub message: String,
+    /// `EXIT_USAGE`, `EXIT_UNAVAILABLE`, `EXIT_NOPERM` or 1.
+    pub exit: u8,
+}
+
+impl TokenFailure {
+    fn usage(message: impl Into<String>) -> Self {
+        TokenFailure {
+            message: message.into(),
+            exit: EXIT_USAGE,
+        }
+    }
+
+    fn other(message: impl Into<String>) -> Self {
+        TokenFailure {
+            message: message.into(),
+            exit: 1,
+        }
+    }
+
+    /// The broker's answer: its code decides the exit status, and a retry hint is passed on.
+    fn status(s: &tonic::Status) -> Self {
+        use tonic::Code;
+        let exit = match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
+                EXIT_UNAVAILABLE
+            }
+            Code::Unauthenticated | Code::PermissionDenied => EXIT_NOPERM,
+            _ => 1,
+        };
+        let retry = s
+            .metadata()
+            .get(crate::api::error::RETRY_AFTER_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|secs| format!(" (retry after {secs} s)"))
+            .unwrap_or_default();
+        TokenFailure {
+            message: format!("{:?}: {}{retry}", s.code(), s.message()),
+            exit,
+        }
+    }
+}
+
+/// Asks the broker at `addr` for a token; the failure as a message.
 pub async fn token(
     addr: &str,
     req: proto::GetTokenRequest,
     timeout: Duration,
     auth: &CallerAuth,
 ) -> Result<proto::GetTokenResponse, String> {
+    request_token(addr, req, timeout, auth)
+        .await
+        .map_err(|f| f.message)
+}
+
+/// `--addr` is http:// or https://: anything else is a usage error with the fix.
+fn check_addr(addr: &str) -> Result<(), TokenFailure> {
+    match addr.split_once("://") {
+        Some(("http" | "https", rest)) if !rest.is_empty() => Ok(()),
+        Some((scheme, _)) => Err(TokenFailure::usage(format!(
+            "--addr {addr}: `{scheme}://` is not a broker address; use http://HOST:PORT (plaintext) or https://HOST:PORT"
+        ))),
+        None => Err(TokenFailure::usage(format!(
+            "--addr {addr} has no scheme: use http://{addr} (plaintext) or https://{addr}"
+        ))),
+    }
+}
+
+/// As `token`, with the exit status. `timeout` bounds the whole call, connecting included.
+pub async fn request_token(
+    addr: &str,
+    req: proto::GetTokenRequest,
+    timeout: Duration,
+    auth: &CallerAuth,
+) -> Result<proto::GetTokenResponse, TokenFailure> {
+    check_addr(addr)?;
+    if timeout.is_zero() {
+        return Err(TokenFailure::usage("--timeout must be at least 1 second"));
+    }
     let mut endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
-        .map_err(|e| format!("bad --addr {addr}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
+        .map_err(|e| TokenFailure::usage(format!("bad --addr {addr}: {e}")))?
+        .connect_timeout(timeout)
         .timeout(timeout);
     let uri = endpoint.uri().clone();
     let tls = uri.scheme_str() == Some("https");
-    let read =
-        |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let read = |p: &PathBuf| {
+        std::fs::read(p)
+            .map_err(|e| TokenFailure::other(format!("cannot read {}: {e}", p.display())))
+    };
     if tls {
         let mut cfg = tonic::transport::ClientTlsConfig::new();
         cfg = match &auth.ca {
@@ -481,9 +571,11 @@ pub async fn token(
         }
         endpoint = endpoint
             .tls_config(cfg)
-            .map_err(|e| format!("TLS setup for {addr}: {e}"))?;
+            .map_err(|e| TokenFailure::other(format!("TLS setup for {addr}: {e}")))?;
     } else if auth.ca.is_some() || auth.cert.is_some() {
-        return Err("--ca, --cert and --key need an https:// --addr".into());
+        return Err(TokenFailure::usage(
+            "--ca, --cert and --key need an https:// --addr",
+        ));
     }
     let mut request = tonic::Request::new(req);
     if let Some(path) = &auth.bearer_file {
@@ -496,26 +588,52 @@ pub async fn token(
                         .is_ok_and(|ip| ip.is_loopback())
             });
         if !tls && !loopback {
-            return Err("refusing to send a bearer token over plaintext to a non-loopback address; use https://".into());
+            return Err(TokenFailure::usage(
+                "refusing to send a bearer token over plaintext to a non-loopback address; use https://",
+            ));
         }
         let raw = crate::sensitive::Sensitive::new(
-            String::from_utf8(read(path)?).map_err(|_| format!("{}: not UTF-8", path.display()))?,
+            String::from_utf8(read(path)?)
+                .map_err(|_| TokenFailure::other(format!("{}: not UTF-8", path.display())))?,
         );
         let value = format!("Bearer {}", raw.expose().trim())
             .parse()
-            .map_err(|_| format!("{}: the token is not a valid header value", path.display()))?;
+            .map_err(|_| {
+                TokenFailure::other(format!(
+                    "{}: the token is not a valid header value",
+                    path.display()
+                ))
+            })?;
         request.metadata_mut().insert("authorization", value);
     }
-    let channel = endpoint.connect().await.map_err(|e| {
-        let why = crate::outbound::error_chain(&e);
-        format!("cannot connect to {addr}: {why}{}", connect_hint(tls, &why))
-    })?;
-    let mut client = proto::token_broker_client::TokenBrokerClient::new(channel);
-    client
-        .get_token(request)
+    let call = async {
+        let channel = endpoint.connect().await.map_err(|e| {
+            let why = crate::outbound::error_chain(&e);
+            let hint = connect_hint(tls, &why);
+            TokenFailure {
+                message: format!("cannot connect to {addr}: {why}{hint}"),
+                // A hint means a mistake on this side, which retrying does not fix.
+                exit: if hint.is_empty() { EXIT_UNAVAILABLE } else { 1 },
+            }
+        })?;
+        let mut client = proto::token_broker_client::TokenBrokerClient::new(channel);
+        client
+            .get_token(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| TokenFailure::status(&s))
+    };
+    tokio::time::timeout(timeout, call)
         .await
-        .map(|r| r.into_inner())
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        .unwrap_or_else(|_| {
+            Err(TokenFailure {
+                message: format!(
+                    "no answer from {addr} within {} s (--timeout)",
+                    timeout.as_secs()
+                ),
+                exit: EXIT_UNAVAILABLE,
+            })
+        })
 }
 
 /// What to try when a connection failed for a reason a person can fix from the command line.
@@ -591,6 +709,92 @@ mod tests {
         );
         let report = check_config(&path, false, &no_env).unwrap();
         assert!(!report.contains("WARNING"), "{report}");
+    }
+
+    #[test]
+    fn an_address_without_http_or_https_is_a_usage_error_with_the_fix() {
+        let e = check_addr("127.0.0.1:50051").unwrap_err();
+        assert_eq!(e.exit, EXIT_USAGE);
+        assert!(
+            e.message
+                .contains("use http://127.0.0.1:50051 (plaintext) or https://127.0.0.1:50051"),
+            "{}",
+            e.message
+        );
+        let e = check_addr("ftp://broker:50051").unwrap_err();
+        assert_eq!(e.exit, EXIT_USAGE);
+        assert!(e.message.contains("http://HOST:PORT"), "{}", e.message);
+        check_addr("http://127.0.0.1:50051").unwrap();
+        check_addr("https://broker.example:443").unwrap();
+        // clap refuses a zero timeout (exit 2) before anything runs.
+        let zero = Cli::try_parse_from([
+            "tokenbroker",
+            "token",
+            "--tenant",
+            "t",
+            "--scope",
+            "s",
+            "--timeout",
+            "0",
+        ])
+        .unwrap_err();
+        assert_eq!(zero.exit_code(), 2);
+    }
+
+    #[test]
+    fn the_exit_status_says_whether_to_retry_and_the_retry_hint_is_passed_on() {
+        let mut busy = tonic::Status::unavailable("Key Vault is throttling");
+        busy.metadata_mut()
+            .insert(crate::api::error::RETRY_AFTER_KEY, "7".parse().unwrap());
+        let f = TokenFailure::status(&busy);
+        assert_eq!(f.exit, EXIT_UNAVAILABLE);
+        assert!(f.message.ends_with("(retry after 7 s)"), "{}", f.message);
+        for (status, exit) in [
+            (tonic::Status::deadline_exceeded("slow"), EXIT_UNAVAILABLE),
+            (tonic::Status::resource_exhausted("rate"), EXIT_UNAVAILABLE),
+            (tonic::Status::unauthenticated("who"), EXIT_NOPERM),
+            (tonic::Status::permission_denied("no"), EXIT_NOPERM),
+            (tonic::Status::invalid_argument("scopes"), 1),
+            (tonic::Status::not_found("tenant"), 1),
+        ] {
+            assert_eq!(TokenFailure::status(&status).exit, exit, "{status:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_cannot_be_reached_is_worth_retrying_and_the_timeout_bounds_it() {
+        // A port nobody listens on.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let req = proto::GetTokenRequest::default();
+        let e = request_token(
+            &format!("http://{addr}"),
+            req.clone(),
+            Duration::from_secs(5),
+            &CallerAuth::default(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.exit, EXIT_UNAVAILABLE, "{}", e.message);
+        // A listener that never answers: given up after --timeout.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let started = std::time::Instant::now();
+        let e = request_token(
+            &format!("http://{}", silent.local_addr().unwrap()),
+            req,
+            Duration::from_secs(1),
+            &CallerAuth::default(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.exit, EXIT_UNAVAILABLE, "{}", e.message);
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
