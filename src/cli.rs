@@ -116,9 +116,10 @@ pub enum Command {
         /// The configuration file (TOML) to check, as `serve --config` would read it,
         /// including the TOKENBROKER_* environment overrides of this shell.
         file: PathBuf,
-        /// The files the configuration names (CA bundles, revocation lists, the policy file)
-        /// exist only where the broker runs, such as mounted secrets: check everything else
-        /// and list them as not checked.
+        /// The files the configuration names (the TLS certificate and key, CA bundles,
+        /// revocation lists, the policy file, the audit file's directory) exist only where
+        /// the broker runs, such as mounted secrets: check everything else and list them as
+        /// not checked.
         #[arg(long, conflicts_with = "online")]
         files_elsewhere: bool,
         /// Also try each tenant's whole path from here (managed identity, Key Vault or the

@@ -554,8 +554,8 @@ impl Config {
     }
 
     /// `check-config --files-elsewhere`: everything but the files the configuration names
-    /// (CA bundles, revocation lists, the policy file), which may exist only where the broker
-    /// runs (mounted secrets). Returns the configuration and the files left unchecked.
+    /// (the TLS certificate and key, CA bundles, revocation lists, the policy file, the audit
+    /// file's directory), which may exist only where the broker runs (mounted secrets). Returns the configuration and the files left unchecked.
     pub fn check_without_files(
         path: &Path,
         env: EnvSource<'_>,
@@ -1340,7 +1340,7 @@ impl Validator<'_> {
                 raw.negative_ttl_secs,
                 30,
                 (0, DAY),
-                "0 turns it off; a fixed configuration must be noticed within a day",
+                "a fixed configuration must be noticed within a day",
             ),
             prewarm: raw.prewarm,
         }
