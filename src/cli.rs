@@ -550,8 +550,7 @@ pub async fn request_token(
     }
     let mut endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
         .map_err(|e| TokenFailure::usage(format!("bad --addr {addr}: {e}")))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
+        .connect_timeout(timeout);
     let uri = endpoint.uri().clone();
     let tls = uri.scheme_str() == Some("https");
     let read = |p: &PathBuf| {
@@ -579,6 +578,9 @@ pub async fn request_token(
         ));
     }
     let mut request = tonic::Request::new(req);
+    // The broker learns the deadline (grpc-timeout); here it is enforced once, below, for
+    // connecting and the call together, so running out of time is always the same failure.
+    request.set_timeout(timeout);
     if let Some(path) = &auth.bearer_file {
         let loopback = uri
             .host()
@@ -607,6 +609,14 @@ pub async fn request_token(
             })?;
         request.metadata_mut().insert("authorization", value);
     }
+    let started = tokio::time::Instant::now();
+    let out_of_time = || TokenFailure {
+        message: format!(
+            "no answer from {addr} within {} s (--timeout)",
+            timeout.as_secs()
+        ),
+        exit: EXIT_UNAVAILABLE,
+    };
     let call = async {
         let channel = endpoint.connect().await.map_err(|e| {
             let why = crate::outbound::error_chain(&e);
@@ -622,19 +632,18 @@ pub async fn request_token(
             .get_token(request)
             .await
             .map(|r| r.into_inner())
-            .map_err(|s| TokenFailure::status(&s))
+            .map_err(|s| {
+                // tonic's own deadline (from grpc-timeout) answers CANCELLED.
+                if started.elapsed() >= timeout {
+                    out_of_time()
+                } else {
+                    TokenFailure::status(&s)
+                }
+            })
     };
     tokio::time::timeout(timeout, call)
         .await
-        .unwrap_or_else(|_| {
-            Err(TokenFailure {
-                message: format!(
-                    "no answer from {addr} within {} s (--timeout)",
-                    timeout.as_secs()
-                ),
-                exit: EXIT_UNAVAILABLE,
-            })
-        })
+        .unwrap_or_else(|_| Err(out_of_time()))
 }
 
 /// What to try when a connection failed for a reason a person can fix from the command line.
