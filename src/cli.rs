@@ -14,6 +14,14 @@ use crate::telemetry;
 
 /// Exit code for an invalid configuration (sysexits EX_CONFIG).
 pub const EXIT_CONFIG: u8 = 78;
+/// `token`: a usage error (as clap's own), such as an `--addr` without http:// or https://.
+pub const EXIT_USAGE: u8 = 2;
+/// `token`: worth retrying later: the broker could not be reached or answered UNAVAILABLE,
+/// DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (sysexits EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// `token`: the broker does not know or does not allow this caller: UNAUTHENTICATED or
+/// PERMISSION_DENIED (sysexits EX_NOPERM).
+pub const EXIT_NOPERM: u8 = 77;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,7 +37,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the broker with a configuration file.
+    #[command(
+        after_help = "Exit status: 0 after a clean shutdown (SIGTERM, SIGINT); 78 (EX_CONFIG) when the configuration is invalid (nothing is started); 1 when the broker cannot start or stops on an error."
+    )]
     Serve {
+        /// The broker's configuration (TOML); check it first with `tokenbroker check-config`.
+        /// TOKENBROKER_* environment variables override its deployment settings.
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -55,6 +68,9 @@ pub enum Command {
         endpoints_file: PathBuf,
     },
     /// Ask a running broker for a token and print it (for scripts and collectors).
+    #[command(
+        after_help = "Exit status: 0 with the token printed; 2 usage error (a bad option, an --addr without http:// or https://); 69 (EX_UNAVAILABLE) worth retrying: the broker could not be reached or answered UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (a retry-after hint is printed when the broker gives one); 77 (EX_NOPERM) the broker refused this caller: UNAUTHENTICATED or PERMISSION_DENIED; 1 any other failure."
+    )]
     Token {
         /// The tenant's name in the broker's configuration.
         #[arg(long)]
@@ -62,7 +78,7 @@ pub enum Command {
         /// A scope to ask for (repeatable), e.g. https://graph.microsoft.com/.default.
         #[arg(long, required = true)]
         scope: Vec<String>,
-        /// The broker's gRPC address (https:// for TLS).
+        /// The broker's gRPC address: http://HOST:PORT (plaintext) or https://HOST:PORT (TLS).
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         addr: String,
         /// Minimum remaining validity, in seconds.
@@ -74,8 +90,8 @@ pub enum Command {
         /// Print the whole response as JSON instead of the bare token.
         #[arg(long)]
         json: bool,
-        /// Give up after this many seconds.
-        #[arg(long, default_value_t = 30)]
+        /// Give up after this many seconds (1 to 3600), connecting included.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
         /// PEM bundle of the CA that signs the broker's certificate (with an https:// address;
         /// default: the platform roots).
@@ -93,11 +109,17 @@ pub enum Command {
         bearer_file: Option<PathBuf>,
     },
     /// Validate a configuration file and explain every problem with its location.
+    #[command(
+        after_help = "Exit status: 0 when the configuration is valid (WARNING lines included: they name settings that leave part of the broker unusable, legitimate while a deployment is set up in stages); 78 (EX_CONFIG) on any problem, listed on stderr; with --online, 1 unless every tenant got a token."
+    )]
     CheckConfig {
+        /// The configuration file (TOML) to check, as `serve --config` would read it,
+        /// including the TOKENBROKER_* environment overrides of this shell.
         file: PathBuf,
-        /// The files the configuration names (CA bundles, revocation lists, the policy file)
-        /// exist only where the broker runs, such as mounted secrets: check everything else
-        /// and list them as not checked.
+        /// The files the configuration names (the TLS certificate and key, CA bundles,
+        /// revocation lists, the policy file, the audit file's directory) exist only where
+        /// the broker runs, such as mounted secrets: check everything else and list them as
+        /// not checked.
         #[arg(long, conflicts_with = "online")]
         files_elsewhere: bool,
         /// Also try each tenant's whole path from here (managed identity, Key Vault or the
@@ -192,7 +214,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 cert: cert.zip(key),
                 bearer_file,
             };
-            match token(&addr, req, Duration::from_secs(timeout), &auth).await {
+            match request_token(&addr, req, Duration::from_secs(timeout), &auth).await {
                 Ok(resp) => {
                     let out = if json {
                         response_json(&resp)
@@ -202,8 +224,8 @@ pub async fn run(cli: Cli) -> ExitCode {
                     print_out("tokenbroker token", &out)
                 }
                 Err(e) => {
-                    eprintln!("tokenbroker token: {e}");
-                    ExitCode::FAILURE
+                    eprintln!("tokenbroker token: {}", e.message);
+                    ExitCode::from(e.exit)
                 }
             }
         }
@@ -222,29 +244,50 @@ pub async fn run(cli: Cli) -> ExitCode {
             file,
             files_elsewhere,
             ..
-        } => match if files_elsewhere {
-            Config::check_without_files(&file, &process_env)
-        } else {
-            Config::load(&file, &process_env).map(|c| (c, Vec::new()))
-        } {
-            Ok((c, unchecked)) => {
-                let mut text = format!("{}: OK\n{}", file.display(), c.summary());
-                for f in unchecked {
-                    text.push_str(&format!("\nnot checked here (--files-elsewhere): {f}"));
-                }
-                print_out("tokenbroker check-config", &text)
-            }
-            Err(e) => {
-                eprintln!("{}: {e}", file.display());
+        } => match check_config(&file, files_elsewhere, &process_env) {
+            Ok(report) => print_out("tokenbroker check-config", &report),
+            Err(problems) => {
+                eprintln!("{problems}");
                 ExitCode::from(EXIT_CONFIG)
             }
         },
     }
 }
 
+/// `check-config` without `--online`: the report, or the problems (exit `EXIT_CONFIG`).
+fn check_config(
+    file: &std::path::Path,
+    files_elsewhere: bool,
+    env: crate::config::EnvSource<'_>,
+) -> Result<String, String> {
+    let checked = if files_elsewhere {
+        Config::check_without_files(file, env)
+    } else {
+        Config::load(file, env).map(|c| (c, Vec::new()))
+    };
+    let (c, unchecked) = checked.map_err(|e| config_error(file, &e))?;
+    let mut text = format!("{}: OK\n{}", file.display(), c.summary());
+    for f in unchecked {
+        text.push_str(&format!("\nnot checked here (--files-elsewhere): {f}"));
+    }
+    // Valid, so exit 0, but what they say stops part of the broker working.
+    for w in &c.warnings {
+        text.push_str(&format!("\nWARNING: {w}"));
+    }
+    Ok(text)
+}
+
+/// A configuration error as printed: prefixed with the file, unless it already names it.
+fn config_error(path: &std::path::Path, e: &ConfigError) -> String {
+    match e {
+        ConfigError::Read { .. } => e.to_string(),
+        ConfigError::Invalid(_) => format!("{}: {e}", path.display()),
+    }
+}
+
 fn load_or_exit(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path, &process_env).map_err(|e: ConfigError| {
-        eprintln!("{}: {e}", path.display());
+        eprintln!("{}", config_error(path, &e));
         ExitCode::from(EXIT_CONFIG)
     })
 }
@@ -301,6 +344,9 @@ async fn serve(path: PathBuf) -> ExitCode {
     };
     // Flushes exported spans when serving ends.
     let _telemetry = telemetry::init_with(config.log.format, &config.log.level, &config.telemetry);
+    for w in &config.warnings {
+        tracing::warn!(config = %path.display(), "{w}");
+    }
     let result = async {
         let up = crate::server::upstreams(&config)?;
         let bound = crate::server::bind(config, up).await?;
@@ -419,20 +465,98 @@ pub struct CallerAuth {
     pub bearer_file: Option<PathBuf>,
 }
 
+/// Why `token` failed, and the exit status that tells a script whether to retry.
+#[derive(Debug)]
+pub struct TokenFailure {
+    pub message: String,
+    /// `EXIT_USAGE`, `EXIT_UNAVAILABLE`, `EXIT_NOPERM` or 1.
+    pub exit: u8,
+}
+
+impl TokenFailure {
+    fn usage(message: impl Into<String>) -> Self {
+        TokenFailure {
+            message: message.into(),
+            exit: EXIT_USAGE,
+        }
+    }
+
+    fn other(message: impl Into<String>) -> Self {
+        TokenFailure {
+            message: message.into(),
+            exit: 1,
+        }
+    }
+
+    /// The broker's answer: its code decides the exit status, and a retry hint is passed on.
+    fn status(s: &tonic::Status) -> Self {
+        use tonic::Code;
+        let exit = match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
+                EXIT_UNAVAILABLE
+            }
+            Code::Unauthenticated | Code::PermissionDenied => EXIT_NOPERM,
+            _ => 1,
+        };
+        let retry = s
+            .metadata()
+            .get(crate::api::error::RETRY_AFTER_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|secs| format!(" (retry after {secs} s)"))
+            .unwrap_or_default();
+        TokenFailure {
+            message: format!("{:?}: {}{retry}", s.code(), s.message()),
+            exit,
+        }
+    }
+}
+
+/// Asks the broker at `addr` for a token; the failure as a message.
 pub async fn token(
     addr: &str,
     req: proto::GetTokenRequest,
     timeout: Duration,
     auth: &CallerAuth,
 ) -> Result<proto::GetTokenResponse, String> {
+    request_token(addr, req, timeout, auth)
+        .await
+        .map_err(|f| f.message)
+}
+
+/// `--addr` is http:// or https://: anything else is a usage error with the fix.
+fn check_addr(addr: &str) -> Result<(), TokenFailure> {
+    match addr.split_once("://") {
+        Some(("http" | "https", rest)) if !rest.is_empty() => Ok(()),
+        Some((scheme, _)) => Err(TokenFailure::usage(format!(
+            "--addr {addr}: `{scheme}://` is not a broker address; use http://HOST:PORT (plaintext) or https://HOST:PORT"
+        ))),
+        None => Err(TokenFailure::usage(format!(
+            "--addr {addr} has no scheme: use http://{addr} (plaintext) or https://{addr}"
+        ))),
+    }
+}
+
+/// As `token`, with the exit status. `timeout` bounds the whole call, connecting included.
+pub async fn request_token(
+    addr: &str,
+    req: proto::GetTokenRequest,
+    timeout: Duration,
+    auth: &CallerAuth,
+) -> Result<proto::GetTokenResponse, TokenFailure> {
+    check_addr(addr)?;
+    if timeout.is_zero() {
+        return Err(TokenFailure::usage("--timeout must be at least 1 second"));
+    }
     let mut endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
-        .map_err(|e| format!("bad --addr {addr}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(timeout);
+        .map_err(|e| TokenFailure::usage(format!("bad --addr {addr}: {e}")))?
+        .connect_timeout(timeout);
     let uri = endpoint.uri().clone();
     let tls = uri.scheme_str() == Some("https");
-    let read =
-        |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let read = |p: &PathBuf| {
+        std::fs::read(p)
+            .map_err(|e| TokenFailure::other(format!("cannot read {}: {e}", p.display())))
+    };
     if tls {
         let mut cfg = tonic::transport::ClientTlsConfig::new();
         cfg = match &auth.ca {
@@ -447,11 +571,16 @@ pub async fn token(
         }
         endpoint = endpoint
             .tls_config(cfg)
-            .map_err(|e| format!("TLS setup for {addr}: {e}"))?;
+            .map_err(|e| TokenFailure::other(format!("TLS setup for {addr}: {e}")))?;
     } else if auth.ca.is_some() || auth.cert.is_some() {
-        return Err("--ca, --cert and --key need an https:// --addr".into());
+        return Err(TokenFailure::usage(
+            "--ca, --cert and --key need an https:// --addr",
+        ));
     }
     let mut request = tonic::Request::new(req);
+    // The broker learns the deadline (grpc-timeout); here it is enforced once, below, for
+    // connecting and the call together, so running out of time is always the same failure.
+    request.set_timeout(timeout);
     if let Some(path) = &auth.bearer_file {
         let loopback = uri
             .host()
@@ -462,26 +591,59 @@ pub async fn token(
                         .is_ok_and(|ip| ip.is_loopback())
             });
         if !tls && !loopback {
-            return Err("refusing to send a bearer token over plaintext to a non-loopback address; use https://".into());
+            return Err(TokenFailure::usage(
+                "refusing to send a bearer token over plaintext to a non-loopback address; use https://",
+            ));
         }
         let raw = crate::sensitive::Sensitive::new(
-            String::from_utf8(read(path)?).map_err(|_| format!("{}: not UTF-8", path.display()))?,
+            String::from_utf8(read(path)?)
+                .map_err(|_| TokenFailure::other(format!("{}: not UTF-8", path.display())))?,
         );
         let value = format!("Bearer {}", raw.expose().trim())
             .parse()
-            .map_err(|_| format!("{}: the token is not a valid header value", path.display()))?;
+            .map_err(|_| {
+                TokenFailure::other(format!(
+                    "{}: the token is not a valid header value",
+                    path.display()
+                ))
+            })?;
         request.metadata_mut().insert("authorization", value);
     }
-    let channel = endpoint.connect().await.map_err(|e| {
-        let why = crate::outbound::error_chain(&e);
-        format!("cannot connect to {addr}: {why}{}", connect_hint(tls, &why))
-    })?;
-    let mut client = proto::token_broker_client::TokenBrokerClient::new(channel);
-    client
-        .get_token(request)
+    let started = tokio::time::Instant::now();
+    let out_of_time = || TokenFailure {
+        message: format!(
+            "no answer from {addr} within {} s (--timeout)",
+            timeout.as_secs()
+        ),
+        exit: EXIT_UNAVAILABLE,
+    };
+    let call = async {
+        let channel = endpoint.connect().await.map_err(|e| {
+            let why = crate::outbound::error_chain(&e);
+            let hint = connect_hint(tls, &why);
+            TokenFailure {
+                message: format!("cannot connect to {addr}: {why}{hint}"),
+                // A hint means a mistake on this side, which retrying does not fix.
+                exit: if hint.is_empty() { EXIT_UNAVAILABLE } else { 1 },
+            }
+        })?;
+        let mut client = proto::token_broker_client::TokenBrokerClient::new(channel);
+        client
+            .get_token(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| {
+                // tonic's own deadline (from grpc-timeout) answers CANCELLED.
+                if started.elapsed() >= timeout {
+                    out_of_time()
+                } else {
+                    TokenFailure::status(&s)
+                }
+            })
+    };
+    tokio::time::timeout(timeout, call)
         .await
-        .map(|r| r.into_inner())
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        .unwrap_or_else(|_| Err(out_of_time()))
 }
 
 /// What to try when a connection failed for a reason a person can fix from the command line.
@@ -516,7 +678,142 @@ fn response_json(r: &proto::GetTokenResponse) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::connect_hint;
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    /// A valid loopback configuration in a temporary directory, with `extra` appended.
+    fn config_file(extra: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:50051\"\nplaintext = true\n\n\
+                 [tenants.contoso]\ntenant_id = \"22222222-2222-2222-2222-222222222222\"\n\
+                 client_id = \"33333333-3333-3333-3333-333333333333\"\n\
+                 credential = {{ type = \"key_vault_certificate\", vault_url = \"https://v.vault.azure.net\", certificate = \"contoso-app\" }}\n{extra}"
+            ),
+        )
+        .unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn check_config_prints_what_leaves_the_broker_unusable_as_warnings_and_still_passes() {
+        let (_dir, path) = config_file("");
+        let report = check_config(&path, false, &no_env).unwrap();
+        assert!(report.contains(": OK\n"), "{report}");
+        assert!(
+            report.contains("\nWARNING: policy: no grants: every request is denied"),
+            "{report}"
+        );
+        assert!(
+            report.contains("\nWARNING: callers: no caller can authenticate"),
+            "{report}"
+        );
+        let (_dir, path) = config_file(
+            "[callers]\ndev_loopback = true\n[[policy.grant]]\ncallers = [\"dev:loopback\"]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n",
+        );
+        let report = check_config(&path, false, &no_env).unwrap();
+        assert!(!report.contains("WARNING"), "{report}");
+    }
+
+    #[test]
+    fn an_address_without_http_or_https_is_a_usage_error_with_the_fix() {
+        let e = check_addr("127.0.0.1:50051").unwrap_err();
+        assert_eq!(e.exit, EXIT_USAGE);
+        assert!(
+            e.message
+                .contains("use http://127.0.0.1:50051 (plaintext) or https://127.0.0.1:50051"),
+            "{}",
+            e.message
+        );
+        let e = check_addr("ftp://broker:50051").unwrap_err();
+        assert_eq!(e.exit, EXIT_USAGE);
+        assert!(e.message.contains("http://HOST:PORT"), "{}", e.message);
+        check_addr("http://127.0.0.1:50051").unwrap();
+        check_addr("https://broker.example:443").unwrap();
+        // clap refuses a zero timeout (exit 2) before anything runs.
+        let zero = Cli::try_parse_from([
+            "tokenbroker",
+            "token",
+            "--tenant",
+            "t",
+            "--scope",
+            "s",
+            "--timeout",
+            "0",
+        ])
+        .unwrap_err();
+        assert_eq!(zero.exit_code(), 2);
+    }
+
+    #[test]
+    fn the_exit_status_says_whether_to_retry_and_the_retry_hint_is_passed_on() {
+        let mut busy = tonic::Status::unavailable("Key Vault is throttling");
+        busy.metadata_mut()
+            .insert(crate::api::error::RETRY_AFTER_KEY, "7".parse().unwrap());
+        let f = TokenFailure::status(&busy);
+        assert_eq!(f.exit, EXIT_UNAVAILABLE);
+        assert!(f.message.ends_with("(retry after 7 s)"), "{}", f.message);
+        for (status, exit) in [
+            (tonic::Status::deadline_exceeded("slow"), EXIT_UNAVAILABLE),
+            (tonic::Status::resource_exhausted("rate"), EXIT_UNAVAILABLE),
+            (tonic::Status::unauthenticated("who"), EXIT_NOPERM),
+            (tonic::Status::permission_denied("no"), EXIT_NOPERM),
+            (tonic::Status::invalid_argument("scopes"), 1),
+            (tonic::Status::not_found("tenant"), 1),
+        ] {
+            assert_eq!(TokenFailure::status(&status).exit, exit, "{status:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_cannot_be_reached_is_worth_retrying_and_the_timeout_bounds_it() {
+        // A port nobody listens on.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let req = proto::GetTokenRequest::default();
+        let e = request_token(
+            &format!("http://{addr}"),
+            req.clone(),
+            Duration::from_secs(5),
+            &CallerAuth::default(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.exit, EXIT_UNAVAILABLE, "{}", e.message);
+        // A listener that never answers: given up after --timeout.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let started = std::time::Instant::now();
+        let e = request_token(
+            &format!("http://{}", silent.local_addr().unwrap()),
+            req,
+            Duration::from_secs(1),
+            &CallerAuth::default(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.exit, EXIT_UNAVAILABLE, "{}", e.message);
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_is_named_once() {
+        let missing = std::path::Path::new("/nowhere/broker.toml");
+        let e = check_config(missing, false, &no_env).unwrap_err();
+        assert_eq!(e.matches("/nowhere/broker.toml").count(), 1, "{e}");
+        assert!(e.starts_with("cannot read /nowhere/broker.toml: "), "{e}");
+    }
 
     #[test]
     fn connection_failures_a_person_can_fix_come_with_a_hint() {

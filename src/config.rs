@@ -1,7 +1,7 @@
 //! Broker configuration: the TOML file, environment overrides for deployment settings, and
 //! validation. Owns the rule that configuration holds identifiers only, never secrets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -75,6 +75,12 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub admin: AdminConfig,
     pub telemetry: TelemetryConfig,
+    /// Settings that are valid but leave part of the broker unusable (no caller can
+    /// authenticate, no grants, a grant that cannot be served): legitimate while a
+    /// deployment is set up in stages, so reported, not refused.
+    pub warnings: Vec<Problem>,
+    /// The environment variables that overrode settings of the file (`ENV_OVERRIDES`).
+    pub overrides: Vec<&'static str>,
 }
 
 /// The admin HTTP listener: `/metrics`, `/healthz`, `/readyz` (plain HTTP, no secrets).
@@ -529,6 +535,8 @@ pub fn observability_env(key: &str) -> Option<String> {
 /// Seconds in an hour and in a day, for the bounds of the settings.
 const HOUR: u64 = 3600;
 const DAY: u64 = 86_400;
+/// Upper bound of the token buckets' bursts (the benchmarks run with 10^9, "unlimited").
+const MAX_BURST: u64 = 1_000_000_000;
 
 /// Environment variables that override deployment settings of the file.
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
@@ -550,8 +558,8 @@ impl Config {
     }
 
     /// `check-config --files-elsewhere`: everything but the files the configuration names
-    /// (CA bundles, revocation lists, the policy file), which may exist only where the broker
-    /// runs (mounted secrets). Returns the configuration and the files left unchecked.
+    /// (the TLS certificate and key, CA bundles, revocation lists, the policy file, the audit
+    /// file's directory), which may exist only where the broker runs (mounted secrets). Returns the configuration and the files left unchecked.
     pub fn check_without_files(
         path: &Path,
         env: EnvSource<'_>,
@@ -595,9 +603,12 @@ impl Config {
             text,
             base_dir,
             problems,
+            warnings: Vec::new(),
+            issuer_names: BTreeSet::new(),
             unchecked,
         };
-        let config = v.validate(raw, env);
+        let mut config = v.validate(raw, env);
+        config.warnings = std::mem::take(&mut v.warnings);
         if v.problems.is_empty() {
             Ok(config)
         } else {
@@ -617,11 +628,15 @@ impl Config {
             },
             self.cloud.authority_host(),
             self.identity.source,
-            self.identity
-                .client_id
-                .as_deref()
-                .map(|c| format!(" (user-assigned {c})"))
-                .unwrap_or_else(|| " (system-assigned)".into()),
+            // Workload identity is always a user-assigned identity: without a client id in
+            // the file, the one AKS injects (AZURE_CLIENT_ID) is used.
+            match (self.identity.source, self.identity.client_id.as_deref()) {
+                (IdentitySource::WorkloadIdentity, None) =>
+                    " (client id from AZURE_CLIENT_ID)".into(),
+                (IdentitySource::WorkloadIdentity, Some(c)) => format!(" (client id {c})"),
+                (_, Some(c)) => format!(" (user-assigned {c})"),
+                (_, None) => " (system-assigned)".into(),
+            },
             self.tenants.len()
         );
         for t in self.tenants.values() {
@@ -654,6 +669,17 @@ impl Config {
             ));
         }
         out.push_str(&callers::summary(self));
+        if !self.overrides.is_empty() {
+            let applied: Vec<String> = ENV_OVERRIDES
+                .iter()
+                .filter(|(var, _)| self.overrides.contains(var))
+                .map(|(var, key)| format!("{var} ({key})"))
+                .collect();
+            out.push_str(&format!(
+                "\nfrom the environment, overriding the file: {}",
+                applied.join(", ")
+            ));
+        }
         out
     }
 }
@@ -667,81 +693,161 @@ fn read(path: &Path) -> Result<(String, &Path), ConfigError> {
     Ok((text, path.parent().unwrap_or(Path::new("."))))
 }
 
+/// A TOML syntax or shape error: parsing stops at the first, so the message quotes the
+/// offending key (or table header) and says that others may follow. Never the value: a
+/// line that does not parse may hold what should not be in the file at all.
 fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
     let line = e
         .span()
         .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let quoted = line
+        .and_then(|l| text.lines().nth(l - 1))
+        .map(str::trim)
+        .and_then(|l| {
+            if l.starts_with('[') {
+                Some(l.split(']').next().unwrap_or(l).to_owned() + "]")
+            } else {
+                l.split_once('=')
+                    .map(|(k, _)| k.trim())
+                    .filter(|k| looks_like_key(k))
+                    .map(str::to_owned)
+            }
+        })
+        .map(|k| format!(" (at `{}`)", k.chars().take(120).collect::<String>()))
+        .unwrap_or_default();
     Problem {
         path: "<file>".into(),
         line,
-        message: e.message().to_string(),
+        message: format!(
+            "{}{quoted}; only the first such error is shown, fix it and check again",
+            e.message().trim_end()
+        ),
     }
 }
 
-/// 1-based line of the first `key =` or `[...key...]` for the last path segment, best effort.
+/// 1-based line of the key a problem's dotted `path` names (`tenants.ab.tenant_id`,
+/// `policy.grant[1].tenants`): the `key =` line or `[table]` header whose full key is the
+/// longest prefix of `path`. Headers are matched segment by segment, never by substring, so
+/// `[tenants.ab]` is not found at `[tenants.fabrikam]`. Best effort: `None` when not found.
 fn line_of(text: &str, path: &str) -> Option<usize> {
-    let segments: Vec<&str> = path.split('.').collect();
-    let last = segments.last()?;
-    let mut in_section = segments.len() < 2;
-    let section_hint = segments.get(segments.len().saturating_sub(2)).copied();
+    let target: Vec<&str> = path.split('.').collect();
+    // How many leading segments of `target` a key covers; `None` unless it covers all of
+    // the key. An array key (`prewarm = [...]`) covers an element of it (`prewarm[0]`).
+    let covers = |key: &[String]| -> Option<usize> {
+        (key.len() <= target.len()
+            && key.iter().zip(&target).all(|(k, t)| {
+                k == t
+                    || t.strip_prefix(k.as_str())
+                        .is_some_and(|r| r.starts_with('['))
+            }))
+        .then_some(key.len())
+    };
+    let mut header: Vec<String> = Vec::new();
+    let mut arrays: BTreeMap<Vec<String>, usize> = BTreeMap::new();
+    let mut best: Option<(usize, usize)> = None;
+    let mut below: Option<usize> = None;
     for (i, line) in text.lines().enumerate() {
-        let t = line.trim_start();
-        if t.starts_with('[') {
-            in_section = section_hint.is_some_and(|s| t.contains(s)) || segments.len() < 2;
-            if t.contains(&format!(".{last}]")) || t == format!("[{last}]") {
-                return Some(i + 1);
+        let t = line.trim();
+        let key = if let Some(inner) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let mut key = key_segments(inner);
+            let n = arrays.entry(key.clone()).or_insert(0);
+            if let Some(last) = key.last_mut() {
+                last.push_str(&format!("[{n}]"));
             }
+            *n += 1;
+            header = key.clone();
+            key
+        } else if let Some(inner) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            header = key_segments(inner);
+            header.clone()
+        } else if let Some((k, _)) = t.split_once('=')
+            && !t.starts_with('#')
+            && looks_like_key(k)
+        {
+            header.iter().cloned().chain(key_segments(k)).collect()
+        } else {
             continue;
+        };
+        if let Some(n) = covers(&key)
+            && best.is_none_or(|(m, _)| n > m)
+        {
+            best = Some((n, i + 1));
         }
-        let key = t.split('=').next().unwrap_or("").trim().trim_matches('"');
-        if in_section && t.contains('=') && key == *last {
-            return Some(i + 1);
+        // A table named by the path's start (`tenants`) is found at its first sub-table.
+        if below.is_none() && key.len() > target.len() && covers(&key[..target.len()]).is_some() {
+            below = Some(i + 1);
         }
     }
-    None
+    best.map(|(_, line)| line).or(below)
 }
 
-/// Names that mean someone is trying to give the broker a secret.
-const SECRET_KEY_WORDS: &[&str] = &[
-    "secret",
-    "password",
-    "passwd",
-    "private_key",
-    "privatekey",
-    "pfx",
-    "pkcs12",
-    "p12",
-    "api_key",
-    "apikey",
-    "client_assertion",
-    "access_token",
-    "refresh_token",
-    "connection_string",
+/// The segments of a dotted TOML key (`a."b.c".d`), unquoted.
+fn key_segments(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quote: Option<char> = None;
+    for c in s.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => cur.push(c),
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None if c == '.' => out.push(std::mem::take(&mut cur).trim().to_owned()),
+            None => cur.push(c),
+        }
+    }
+    out.push(cur.trim().to_owned());
+    out
+}
+
+/// Whether the text before a `=` is a key, not part of a value on a continued line.
+fn looks_like_key(k: &str) -> bool {
+    let k = k.trim();
+    !k.is_empty()
+        && k.matches('"').count().is_multiple_of(2)
+        && k.matches('\'').count().is_multiple_of(2)
+        && !k.contains([',', '[', ']', '{', '}', '#'])
+}
+
+/// Words of a key (split at `_` and `-`) that mean someone is trying to give the broker a
+/// secret; a phrase of several words matches them in a row. Whole words only: `secretariat`
+/// or `app12` are not secrets.
+const SECRET_KEY_WORDS: &[&[&str]] = &[
+    &["secret"],
+    &["secrets"],
+    &["password"],
+    &["passwd"],
+    &["private", "key"],
+    &["privatekey"],
+    &["pfx"],
+    &["pkcs12"],
+    &["p12"],
+    &["api", "key"],
+    &["apikey"],
+    &["client", "assertion"],
+    &["access", "token"],
+    &["refresh", "token"],
+    &["connection", "string"],
 ];
+
+/// Tables whose keys are names the operator chose (a tenant, an app, an issuer, a host), not
+/// settings: a tenant may be called `secretariat` or `p12-retail`.
+const NAME_TABLES: &[&str] = &["tenants", "apps", "callers.issuers", "outbound.pin_hosts"];
 
 fn find_secrets(value: &toml::Value, path: &str, text: &str, problems: &mut Vec<Problem>) {
     match value {
         toml::Value::Table(t) => {
+            let names = NAME_TABLES.contains(&path);
             for (k, v) in t {
                 let p = if path.is_empty() {
                     k.clone()
                 } else {
                     format!("{path}.{k}")
                 };
-                let lk = k.to_ascii_lowercase().replace('-', "_");
-                if lk == "pin" || lk.ends_with("_pin") {
+                if !names && let Some(message) = secret_key(k) {
                     problems.push(Problem {
                         line: line_of(text, &p),
                         path: p.clone(),
-                        message: "a PIN is a secret and never goes in the configuration: name where the broker reads it instead (pin_file, a mounted secret, or pin_env, an environment variable)".into(),
-                    });
-                    continue;
-                }
-                if SECRET_KEY_WORDS.iter().any(|w| lk.contains(w)) {
-                    problems.push(Problem {
-                        line: line_of(text, &p),
-                        path: p.clone(),
-                        message: "looks like a secret; tokenbroker holds no secrets: its own identity is a managed identity and client assertions are signed by Key Vault. Remove this field and configure a Key Vault certificate credential instead".into(),
+                        message: message.into(),
                     });
                     continue;
                 }
@@ -760,8 +866,39 @@ fn find_secrets(value: &toml::Value, path: &str, text: &str, problems: &mut Vec<
                 message: "holds key material or a token; tokenbroker holds no secrets, so configuration carries identifiers only".into(),
             });
         }
+        toml::Value::String(s) if url_with_credentials(s) => {
+            problems.push(Problem {
+                line: line_of(text, path),
+                path: path.to_string(),
+                message: CREDENTIALS_IN_URL.into(),
+            });
+        }
         _ => {}
     }
+}
+
+const CREDENTIALS_IN_URL: &str = "the URL carries a user name or password: credentials never go in the configuration (the broker authenticates with its managed identity); remove the `user:password@` part";
+
+/// Whether `s` is a URL with a user name or password (`https://user:pw@host`).
+fn url_with_credentials(s: &str) -> bool {
+    Url::parse(s).is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
+}
+
+/// What is wrong with a setting named `key`, when its name says it holds a secret.
+fn secret_key(key: &str) -> Option<&'static str> {
+    let lower = key.to_ascii_lowercase();
+    let words: Vec<&str> = lower.split(['_', '-']).collect();
+    if words.last() == Some(&"pin") {
+        return Some(
+            "a PIN is a secret and never goes in the configuration: name where the broker reads it instead (pin_file, a mounted secret, or pin_env, an environment variable)",
+        );
+    }
+    SECRET_KEY_WORDS
+        .iter()
+        .any(|phrase| words.windows(phrase.len()).any(|w| w == *phrase))
+        .then_some(
+            "looks like a secret; tokenbroker holds no secrets: its own identity is a managed identity and client assertions are signed by Key Vault. Remove this field and configure a Key Vault certificate credential instead",
+        )
 }
 
 fn looks_like_jwt(s: &str) -> bool {
@@ -772,6 +909,9 @@ struct Validator<'a> {
     text: &'a str,
     base_dir: &'a Path,
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
+    /// The issuer names `[callers.issuers]` declares, valid or not.
+    issuer_names: BTreeSet<String>,
     /// Set: files are not read here, only listed (`check-config --files-elsewhere`).
     unchecked: Option<&'a mut Vec<String>>,
 }
@@ -788,23 +928,65 @@ impl Validator<'_> {
         }
     }
 
-    /// A span of `raw` seconds (`default` when absent) at `path`, at most `max` seconds
-    /// (`why` says what that is and why): deadlines are this far from now, and an absurd
-    /// value would overflow them.
+    /// A span of `raw` seconds (`default` when absent) at `path`, within `min..=max` (`why`
+    /// says what the bounds protect). Every duration of the file goes through here: a zero
+    /// timeout or refresh interval stops the broker, and an absurd value overflows the
+    /// deadlines computed from it (or trips an assertion of the cache library) at start.
     fn span(
         &mut self,
         path: &str,
         raw: Option<u64>,
         default: u64,
-        max: u64,
+        (min, max): (u64, u64),
         why: &str,
     ) -> Duration {
-        let secs = raw.unwrap_or(default);
-        if secs > max {
-            self.problem(path, format!("must be at most {max} seconds ({why})"));
-            return Duration::from_secs(default);
+        Duration::from_secs(self.bounded(path, raw, default, (min, max), "seconds", why))
+    }
+
+    /// A count at `path` (`default` when absent), within `min..=max`: as `span`, refused
+    /// rather than clamped, so the broker never runs with another value than the file says.
+    fn count(
+        &mut self,
+        path: &str,
+        raw: Option<u64>,
+        default: u64,
+        (min, max): (u64, u64),
+        why: &str,
+    ) -> u64 {
+        self.bounded(path, raw, default, (min, max), "", why)
+    }
+
+    fn bounded(
+        &mut self,
+        path: &str,
+        raw: Option<u64>,
+        default: u64,
+        (min, max): (u64, u64),
+        unit: &str,
+        why: &str,
+    ) -> u64 {
+        let value = raw.unwrap_or(default);
+        if (min..=max).contains(&value) {
+            return value;
         }
-        Duration::from_secs(secs)
+        let unit = if unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {unit}")
+        };
+        self.problem(
+            path,
+            format!("{value} is out of range: must be {min} to {max}{unit} ({why})"),
+        );
+        default
+    }
+
+    fn warn(&mut self, path: &str, message: impl Into<String>) {
+        self.warnings.push(Problem {
+            path: path.to_string(),
+            line: line_of(self.text, path),
+            message: message.into(),
+        });
     }
 
     fn problem(&mut self, path: &str, message: impl Into<String>) {
@@ -840,9 +1022,13 @@ impl Validator<'_> {
                 },
                 None => raw.log.format.unwrap_or(LogFormat::Human),
             },
-            level: env("TOKENBROKER_LOG_LEVEL")
-                .or(raw.log.level)
-                .unwrap_or_else(|| "info".into()),
+            level: match env("TOKENBROKER_LOG_LEVEL") {
+                Some(l) => self.log_level("TOKENBROKER_LOG_LEVEL", l),
+                None => match raw.log.level {
+                    Some(l) => self.log_level("log.level", l),
+                    None => "info".into(),
+                },
+            },
         };
         let identity = self.identity(raw.identity, env);
         let outbound = self.outbound(raw.outbound, env);
@@ -858,6 +1044,10 @@ impl Validator<'_> {
                 apps.insert(name, (c, cred));
             }
         }
+        // References (pre-warm entries, grants) are checked against the names the file
+        // declares: a tenant with an invalid setting is reported once, not again at every
+        // place that names it.
+        let declared: BTreeSet<String> = raw.tenants.keys().cloned().collect();
         let mut tenants = BTreeMap::new();
         if raw.tenants.is_empty() {
             self.problem(
@@ -874,14 +1064,13 @@ impl Validator<'_> {
                 );
             }
             let tenant_id = match t.tenant_id {
-                Some(id) if valid_tenant_id(&id) => Some(id),
-                Some(id) => {
-                    self.problem(
-                        &format!("{path}.tenant_id"),
-                        format!("`{id}` is not an Entra tenant id (a GUID or a domain such as contoso.onmicrosoft.com)"),
-                    );
-                    None
-                }
+                Some(id) => match tenant_id_problem(&id) {
+                    None => Some(id),
+                    Some(why) => {
+                        self.problem(&format!("{path}.tenant_id"), why);
+                        None
+                    }
+                },
                 None => {
                     self.problem(
                         &format!("{path}.tenant_id"),
@@ -928,19 +1117,29 @@ impl Validator<'_> {
         }
         self.one_pin_per_token(&tenants);
         for (i, p) in resilience.prewarm.iter().enumerate() {
-            if !tenants.contains_key(&p.tenant) {
+            if !declared.contains(&p.tenant) {
                 self.problem(
                     &format!("resilience.prewarm[{i}].tenant"),
                     format!("`{}` is not a configured tenant", p.tenant),
                 );
             }
         }
-        let tenant_names = tenants.keys().cloned().collect();
         let callers = self.callers(raw.callers, &server);
-        let policy = self.policy(raw.policy, &tenant_names);
+        let policy = self.policy(raw.policy, &declared, &server);
+        let client_ca = server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some());
+        if !client_ca && callers.issuers.is_empty() && !callers.dev_loopback {
+            self.warn(
+                "callers",
+                "no caller can authenticate, every request is refused: set server.client_ca_file (mutual TLS) or add [callers.issuers.NAME] (bearer tokens)",
+            );
+        }
         let audit = self.audit(raw.audit);
         let limits = self.limits(raw.limits);
         let admin = self.admin(raw.admin, env);
+        self.listeners_apart(&server, &admin, env);
         let telemetry = self.telemetry(raw.telemetry, env);
         Config {
             server,
@@ -957,7 +1156,42 @@ impl Validator<'_> {
             limits,
             admin,
             telemetry,
+            warnings: Vec::new(),
+            overrides: ENV_OVERRIDES
+                .iter()
+                .filter(|(var, _)| env(var).is_some())
+                .map(|(var, _)| *var)
+                .collect(),
         }
+    }
+
+    /// A `tracing` filter directive as `serve` parses it, minus its trap: a bare word that is
+    /// not a level is read as a target name, so `wrning` would log only errors, silently.
+    fn log_level(&mut self, path: &str, level: String) -> String {
+        const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+        let bare_word = level.split(',').map(str::trim).find(|d| {
+            !d.is_empty()
+                && !d.contains(['=', '[', ':'])
+                && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+        });
+        let why = match (
+            bare_word,
+            tracing_subscriber::EnvFilter::builder().parse(&level),
+        ) {
+            (_, Err(e)) => format!("`{level}` is not a log filter: {e}"),
+            (Some(word), Ok(_)) => format!(
+                "`{word}` is not a level (a bare word would be read as a target name and hide everything but errors)"
+            ),
+            (None, Ok(_)) => return level,
+        };
+        self.problem(
+            path,
+            format!(
+                "{why}; use one of {}, or TARGET=LEVEL such as `info,tokenbroker=debug`",
+                LEVELS.join(", ")
+            ),
+        );
+        "info".into()
     }
 
     fn admin(&mut self, raw: RawAdmin, env: EnvSource<'_>) -> AdminConfig {
@@ -978,6 +1212,24 @@ impl Validator<'_> {
         AdminConfig { listen }
     }
 
+    /// The gRPC and admin listeners cannot share a port: the second bind would fail at start.
+    fn listeners_apart(&mut self, server: &ServerConfig, admin: &AdminConfig, env: EnvSource<'_>) {
+        let (s, a) = (server.listen, admin.listen);
+        let overlap = s.ip() == a.ip() || s.ip().is_unspecified() || a.ip().is_unspecified();
+        // Port 0 asks the system for a free port: two of them never clash.
+        if s.port() == a.port() && s.port() != 0 && overlap {
+            let path = if env("TOKENBROKER_ADMIN_LISTEN").is_some() {
+                "TOKENBROKER_ADMIN_LISTEN"
+            } else {
+                "admin.listen"
+            };
+            self.problem(
+                path,
+                format!("{a} clashes with the gRPC listener {s} (server.listen): give the admin listener another port, such as {}", SocketAddr::new(a.ip(), 9090)),
+            );
+        }
+    }
+
     fn telemetry(&mut self, raw: RawTelemetry, env: EnvSource<'_>) -> TelemetryConfig {
         let (path, endpoint) = match env("TOKENBROKER_OTLP_ENDPOINT") {
             Some(e) => ("TOKENBROKER_OTLP_ENDPOINT", Some(e)),
@@ -986,6 +1238,11 @@ impl Validator<'_> {
         let otlp_endpoint = endpoint
             .filter(|e| !e.is_empty())
             .and_then(|e| match Url::parse(&e) {
+                // From the environment: the file's values were checked by `find_secrets`.
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                    self.problem(path, CREDENTIALS_IN_URL);
+                    None
+                }
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
                 _ => {
                     self.problem(
@@ -1010,7 +1267,13 @@ impl Validator<'_> {
             otlp_endpoint,
             sampling_ratio: sampling_ratio.clamp(0.0, 1.0),
             service_name,
-            metrics_interval: Duration::from_secs(raw.metrics_interval_secs.unwrap_or(60).max(1)),
+            metrics_interval: self.span(
+                "telemetry.metrics_interval_secs",
+                raw.metrics_interval_secs,
+                60,
+                (1, HOUR),
+                "an hour: a longer gap hides an outage from the metrics backend",
+            ),
         }
     }
 
@@ -1024,16 +1287,17 @@ impl Validator<'_> {
         positive(self, "resilience.sign_rate_per_vault", sign_rate);
         let exchange_rate = raw.exchange_rate_per_tenant.unwrap_or(20.0);
         positive(self, "resilience.exchange_rate_per_tenant", exchange_rate);
-        let max_attempts = raw.max_attempts.unwrap_or(3);
-        if !(1..=10).contains(&max_attempts) {
-            self.problem("resilience.max_attempts", "must be between 1 and 10");
-        }
+        let max_attempts = self.count(
+            "resilience.max_attempts",
+            raw.max_attempts.map(u64::from),
+            3,
+            (1, 10),
+            "the first try included; more only delays the answer",
+        ) as u32;
+        // A pre-warm key that cannot be fetched keeps the broker unready for ever.
         for (i, p) in raw.prewarm.iter().enumerate() {
-            if p.scopes.is_empty() {
-                self.problem(
-                    &format!("resilience.prewarm[{i}].scopes"),
-                    "at least one scope is required",
-                );
+            if let Some(why) = scopes_problem(&p.scopes) {
+                self.problem(&format!("resilience.prewarm[{i}].scopes"), why);
             }
         }
         ResilienceConfig {
@@ -1042,27 +1306,45 @@ impl Validator<'_> {
                 "resilience.retry_budget_secs",
                 raw.retry_budget_secs,
                 10,
-                HOUR,
-                "an hour: callers wait for a fetch within it",
+                (1, HOUR),
+                "no fetch fits in 0; callers wait for a fetch within it",
             ),
             sign_rate_per_vault: sign_rate,
-            sign_burst: raw.sign_burst.unwrap_or(50),
+            sign_burst: self.count(
+                "resilience.sign_burst",
+                raw.sign_burst.map(u64::from),
+                50,
+                (1, MAX_BURST),
+                "0 would let no sign call through",
+            ) as u32,
             exchange_rate_per_tenant: exchange_rate,
-            exchange_burst: raw.exchange_burst.unwrap_or(10),
-            breaker_failures: raw.breaker_failures.unwrap_or(5),
+            exchange_burst: self.count(
+                "resilience.exchange_burst",
+                raw.exchange_burst.map(u64::from),
+                10,
+                (1, MAX_BURST),
+                "0 would let no exchange through",
+            ) as u32,
+            breaker_failures: self.count(
+                "resilience.breaker_failures",
+                raw.breaker_failures.map(u64::from),
+                5,
+                (1, 1000),
+                "consecutive failures; 0 would open the breaker before any call",
+            ) as u32,
             breaker_cool_down: self.span(
                 "resilience.breaker_cool_down_secs",
                 raw.breaker_cool_down_secs,
                 30,
-                DAY,
-                "a day",
+                (1, DAY),
+                "an open breaker is tried again within a day",
             ),
             negative_ttl: self.span(
                 "resilience.negative_ttl_secs",
                 raw.negative_ttl_secs,
                 30,
-                DAY,
-                "a day: a fixed configuration must be noticed",
+                (0, DAY),
+                "a fixed configuration must be noticed within a day",
             ),
             prewarm: raw.prewarm,
         }
@@ -1126,15 +1408,25 @@ impl Validator<'_> {
             (Some(m), _) => m,
             (None, _) => ClientCertMode::Optional,
         };
-        let reload_interval = Duration::from_secs(raw.reload_secs.unwrap_or(5).max(1));
+        let reload_interval = self.span(
+            "server.reload_secs",
+            raw.reload_secs,
+            5,
+            (1, HOUR),
+            "a rotated certificate or changed policy is picked up within this",
+        );
         let tls = match (raw.tls_cert_file, raw.tls_key_file) {
-            (Some(c), Some(k)) => Some(ServerTls {
-                cert_file: self.path(c),
-                key_file: self.path(k),
-                client_ca_file: client_ca_file.clone(),
-                client_crl_files,
-                client_cert,
-            }),
+            (Some(c), Some(k)) => {
+                let tls = ServerTls {
+                    cert_file: self.path(c),
+                    key_file: self.path(k),
+                    client_ca_file: client_ca_file.clone(),
+                    client_crl_files,
+                    client_cert,
+                };
+                self.tls_files(&tls);
+                Some(tls)
+            }
             (None, None) => None,
             _ => {
                 self.problem(
@@ -1145,9 +1437,15 @@ impl Validator<'_> {
             }
         };
         if raw.plaintext && !listen.ip().is_loopback() {
+            // The address may not be the file's: say where it came from.
+            let from = if listen_path == "server.listen" {
+                String::new()
+            } else {
+                format!(" (from {listen_path})")
+            };
             self.problem(
                 "server.plaintext",
-                format!("plaintext gRPC is allowed only on a loopback address, not {listen}; configure tls_cert_file and tls_key_file"),
+                format!("plaintext gRPC is allowed only on a loopback address, not {listen}{from}; configure tls_cert_file and tls_key_file"),
             );
         }
         if raw.plaintext && tls.is_some() {
@@ -1176,18 +1474,73 @@ impl Validator<'_> {
                 "server.max_connection_age_secs",
                 secs,
                 600,
-                7 * 86_400,
-                "a week; 0 for never",
+                (1, 7 * 86_400),
+                "0 for never",
             )),
         };
         ServerConfig {
             listen,
             plaintext: raw.plaintext,
             tls,
-            shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs.unwrap_or(20)),
+            shutdown_grace: self.span(
+                "server.shutdown_grace_secs",
+                raw.shutdown_grace_secs,
+                20,
+                (0, HOUR),
+                "an hour: a stop must end",
+            ),
             reload_interval,
             max_connection_age,
         }
+    }
+
+    /// The listener's certificate, key, client CA and revocation lists exist and load, as
+    /// `serve` loads them (`tls::server_config`): a missing or broken file is found here,
+    /// not when the broker starts.
+    fn tls_files(&mut self, tls: &ServerTls) {
+        let mut missing = false;
+        for (key, p) in [
+            ("server.tls_cert_file", &tls.cert_file),
+            ("server.tls_key_file", &tls.key_file),
+        ] {
+            if !self.reads_files(key, p) {
+                missing = true;
+            } else if !p.is_file() {
+                self.problem(
+                    key,
+                    format!("{} does not exist or is not a file", p.display()),
+                );
+                missing = true;
+            }
+        }
+        let others = tls.client_ca_file.iter().chain(&tls.client_crl_files);
+        if missing || others.clone().any(|p| !p.is_file()) {
+            // Reported (or listed as not checked) where they are named.
+            return;
+        }
+        use crate::tls::TlsError;
+        let Err(e) = crate::tls::server_config(tls) else {
+            return;
+        };
+        let key = match &e {
+            TlsError::Read { path, .. } | TlsError::Pem { path, .. } if *path == tls.cert_file => {
+                "server.tls_cert_file"
+            }
+            TlsError::Read { path, .. } | TlsError::Pem { path, .. } if *path == tls.key_file => {
+                "server.tls_key_file"
+            }
+            TlsError::Read { path, .. } | TlsError::Pem { path, .. }
+                if tls.client_crl_files.contains(path) =>
+            {
+                "server.client_crl_files"
+            }
+            TlsError::Read { .. } | TlsError::Pem { .. } | TlsError::ClientCa { .. } => {
+                "server.client_ca_file"
+            }
+            TlsError::Crl { .. } => "server.client_crl_files",
+            TlsError::Pair { .. } | TlsError::Config(_) => "server.tls_key_file",
+        };
+        self.problem(key, e.to_string());
     }
 
     fn identity(&mut self, raw: RawIdentity, env: EnvSource<'_>) -> IdentityConfig {
@@ -1204,12 +1557,15 @@ impl Validator<'_> {
             },
             None => raw.source.unwrap_or(IdentitySource::Auto),
         };
-        let client_id = env("TOKENBROKER_IDENTITY_CLIENT_ID").or(raw.client_id);
+        let (id_key, client_id) = match env("TOKENBROKER_IDENTITY_CLIENT_ID") {
+            Some(c) => ("TOKENBROKER_IDENTITY_CLIENT_ID", Some(c)),
+            None => ("identity.client_id", raw.client_id),
+        };
         if let Some(c) = &client_id
             && uuid::Uuid::parse_str(c).is_err()
         {
             self.problem(
-                "identity.client_id",
+                id_key,
                 format!("`{c}` is not a GUID: give the user-assigned identity's client id"),
             );
         }
@@ -1235,18 +1591,22 @@ impl Validator<'_> {
     }
 
     fn outbound(&mut self, raw: RawOutbound, env: EnvSource<'_>) -> OutboundConfig {
-        let extra_ca_file = env("TOKENBROKER_EXTRA_CA_FILE")
-            .map(PathBuf::from)
-            .or(raw.extra_ca_file)
-            .map(|p| self.path(p));
+        let (ca_key, extra_ca_file) = match env("TOKENBROKER_EXTRA_CA_FILE") {
+            Some(p) => ("TOKENBROKER_EXTRA_CA_FILE", Some(PathBuf::from(p))),
+            None => ("outbound.extra_ca_file", raw.extra_ca_file),
+        };
+        let extra_ca_file = extra_ca_file.map(|p| self.path(p));
+        let mut load_ca = false;
         if let Some(p) = &extra_ca_file
-            && self.reads_files("outbound.extra_ca_file", p)
-            && !p.is_file()
+            && self.reads_files(ca_key, p)
         {
-            self.problem(
-                "outbound.extra_ca_file",
-                format!("{} does not exist or is not a file", p.display()),
-            );
+            load_ca = p.is_file();
+            if !load_ca {
+                self.problem(
+                    ca_key,
+                    format!("{} does not exist or is not a file", p.display()),
+                );
+            }
         }
         let mut pin_hosts = BTreeMap::new();
         for (host, ip) in raw.pin_hosts {
@@ -1260,12 +1620,32 @@ impl Validator<'_> {
                 ),
             }
         }
-        OutboundConfig {
+        let outbound = OutboundConfig {
             extra_ca_file,
             pin_hosts,
-            connect_timeout: Duration::from_secs(raw.connect_timeout_secs.unwrap_or(10)),
-            request_timeout: Duration::from_secs(raw.request_timeout_secs.unwrap_or(30)),
+            connect_timeout: self.span(
+                "outbound.connect_timeout_secs",
+                raw.connect_timeout_secs,
+                10,
+                (1, 300),
+                "0 would fail every connection",
+            ),
+            request_timeout: self.span(
+                "outbound.request_timeout_secs",
+                raw.request_timeout_secs,
+                30,
+                (1, 600),
+                "0 would fail every request",
+            ),
+        };
+        // Loaded as `serve` loads it, into the outbound client.
+        if load_ca
+            && let Err(e @ crate::outbound::OutboundError::CaBundle { .. }) =
+                crate::outbound::http_client(&outbound)
+        {
+            self.problem(ca_key, e.to_string());
         }
+        outbound
     }
 
     fn cloud(&mut self, raw: RawCloud) -> Cloud {
@@ -1316,10 +1696,13 @@ impl Validator<'_> {
                 "must be between 0.1 and 0.9 of the token lifetime",
             );
         }
-        let max_entries = raw.max_entries.unwrap_or(100_000);
-        if max_entries == 0 {
-            self.problem("cache.max_entries", "must be at least 1");
-        }
+        let max_entries = self.count(
+            "cache.max_entries",
+            raw.max_entries,
+            100_000,
+            (1, 10_000_000),
+            "tokens cached, a few KB each",
+        );
         const TOKEN_LIFE: &str = "an hour: Entra tokens live 60 to 90 minutes";
         CacheConfig {
             max_entries,
@@ -1327,29 +1710,29 @@ impl Validator<'_> {
                 "cache.safety_margin_secs",
                 raw.safety_margin_secs,
                 60,
-                HOUR,
+                (0, HOUR),
                 TOKEN_LIFE,
             ),
             default_min_validity: self.span(
                 "cache.default_min_validity_secs",
                 raw.default_min_validity_secs,
                 300,
-                HOUR,
+                (0, HOUR),
                 TOKEN_LIFE,
             ),
             force_refresh_interval: self.span(
                 "cache.force_refresh_interval_secs",
                 raw.force_refresh_interval_secs,
                 30,
-                DAY,
-                "a day",
+                (0, DAY),
+                "0 honours every forced refresh",
             ),
             certificate_refresh: self.span(
                 "cache.certificate_refresh_secs",
                 raw.certificate_refresh_secs,
                 3600,
-                7 * DAY,
-                "a week: a rotated certificate must be noticed",
+                (60, 7 * DAY),
+                "Key Vault is not asked more than once a minute, and a rotated certificate must be noticed within a week",
             ),
             refresh_fraction,
         }
@@ -1476,7 +1859,15 @@ impl Validator<'_> {
         );
         self.not_for(path, "key_vault_certificate", &pkcs11_fields(&raw));
         let vault_url = match raw.vault_url.as_deref().map(Url::parse) {
-            Some(Ok(u)) if u.scheme() == "https" && u.host_str().is_some() => Some(u),
+            Some(Ok(u)) if u.scheme() == "https" && u.host_str().is_some() => {
+                match vault_url_problem(&u) {
+                    None => Some(u),
+                    Some(why) => {
+                        self.problem(&format!("{path}.vault_url"), why);
+                        None
+                    }
+                }
+            }
             Some(Ok(_)) => {
                 self.problem(
                     &format!("{path}.vault_url"),
@@ -1646,6 +2037,77 @@ impl Validator<'_> {
     }
 }
 
+/// What is wrong with a Key Vault URL beyond its scheme: it names the vault only (the
+/// certificate is named by `certificate`), with no path, query, fragment or credentials.
+fn vault_url_problem(u: &Url) -> Option<String> {
+    if !u.username().is_empty() || u.password().is_some() {
+        return Some(CREDENTIALS_IN_URL.into());
+    }
+    let host = u.host_str().unwrap_or("NAME.vault.azure.net");
+    let base = match u.port() {
+        Some(port) => format!("https://{host}:{port}"),
+        None => format!("https://{host}"),
+    };
+    let segments: Vec<&str> = u
+        .path_segments()
+        .map(|s| s.filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    if let ["certificates" | "keys" | "secrets", name, ..] = segments.as_slice() {
+        return Some(format!(
+            "is a certificate's URL, not the vault's: use vault_url = \"{base}\" and certificate = \"{name}\""
+        ));
+    }
+    if !segments.is_empty() {
+        return Some(format!(
+            "names the vault only, without a path: use vault_url = \"{base}\""
+        ));
+    }
+    if u.query().is_some() || u.fragment().is_some() {
+        return Some(format!(
+            "names the vault only, without a query or fragment: use vault_url = \"{base}\""
+        ));
+    }
+    None
+}
+
+/// What is wrong with asking for `scopes` in one request: first what the broker itself
+/// refuses in a request (`broker::normalise_scopes`), then what Entra refuses with client
+/// credentials (`client_credentials_scope_problem`).
+pub fn scopes_problem(scopes: &[String]) -> Option<String> {
+    if let Err(e) = crate::broker::normalise_scopes(scopes) {
+        return Some(match e {
+            crate::broker::BrokerError::InvalidArgument { message, .. } => message,
+            other => other.to_string(),
+        });
+    }
+    scopes
+        .iter()
+        .find_map(|s| client_credentials_scope_problem(s.trim()))
+}
+
+/// Why Entra refuses `scope` in a client-credentials request, if it does: only a resource's
+/// `/.default` scope is accepted there (AADSTS1002012), not a permission (`User.Read`) or
+/// a bare resource name.
+pub fn client_credentials_scope_problem(scope: &str) -> Option<String> {
+    if scope
+        .strip_suffix("/.default")
+        .is_some_and(|resource| !resource.is_empty())
+    {
+        return None;
+    }
+    // The resource of a scope such as https://graph.microsoft.com/User.Read.
+    let suggestion = scope
+        .split_once("://")
+        .and_then(|(scheme, rest)| {
+            let host = rest.split('/').next().filter(|h| !h.is_empty())?;
+            Some(format!("{scheme}://{host}/.default"))
+        })
+        .unwrap_or_else(|| "https://graph.microsoft.com/.default".into());
+    Some(format!(
+        "`{scope}` cannot be asked for with client credentials, which take only a resource's `/.default` scope (Entra refuses anything else, AADSTS1002012): use `{suggestion}`"
+    ))
+}
+
 fn pkcs11_fields(raw: &RawCredential) -> [(&'static str, bool); 5] {
     [
         ("module", raw.module.is_some()),
@@ -1675,11 +2137,43 @@ fn valid_kv_name(s: &str) -> bool {
 
 /// A GUID or a DNS domain: what Entra accepts in the token endpoint path.
 pub fn valid_tenant_id(s: &str) -> bool {
-    uuid::Uuid::parse_str(s).is_ok()
-        || (s.contains('.')
-            && s.len() <= 253
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+    tenant_id_problem(s).is_none()
+}
+
+/// Why `s` cannot name a tenant in the token endpoint's path (`/{tenant}/oauth2/v2.0/token`),
+/// if it cannot: it must be a hyphenated GUID or a DNS domain name (labels of 1 to 63
+/// letters, digits and '-', not starting or ending with '-', at least two labels). Anything
+/// looser reaches the URL: `..` would make the path `/../oauth2/v2.0/token`.
+pub fn tenant_id_problem(s: &str) -> Option<String> {
+    const EXPECTED: &str = "a tenant id is its GUID (8-4-4-4-12 hex digits) or a verified domain such as contoso.onmicrosoft.com";
+    let lower = s.to_ascii_lowercase();
+    if matches!(lower.as_str(), "common" | "organizations" | "consumers") {
+        return Some(format!(
+            "`{s}` names no tenant: client credentials need a specific tenant; {EXPECTED}"
+        ));
+    }
+    if s.len() == 36 && uuid::Uuid::try_parse(s).is_ok() {
+        return None;
+    }
+    let labels: Vec<&str> = s.split('.').collect();
+    let label_ok = |l: &&str| {
+        (1..=63).contains(&l.len())
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    let domain = s.len() <= 253
+        && labels.len() >= 2
+        && labels.iter().all(label_ok)
+        // The last label is a top-level domain, never all digits (that is an IP address).
+        && labels
+            .last()
+            .is_some_and(|t| t.chars().any(|c| c.is_ascii_alphabetic()));
+    if domain {
+        None
+    } else {
+        Some(format!("`{s}` is not an Entra tenant id: {EXPECTED}"))
+    }
 }
 
 fn is_loopback_url(u: &Url) -> bool {

@@ -188,6 +188,11 @@ impl Policy {
                             field,
                             format!("`{}` is not a configured tenant", shorten(t)),
                         );
+                    } else if known.is_none()
+                        && let Err(e) = crate::broker::normalise_scopes(&[t.to_owned()])
+                    {
+                        // A scope the broker refuses in every request could never be served.
+                        p(field, format!("`{}`: {e}", shorten(t)));
                     } else {
                         out.insert(t.to_owned());
                     }
@@ -232,6 +237,30 @@ impl Policy {
 
     pub fn grant_count(&self) -> usize {
         self.grants.len()
+    }
+
+    /// Every scope the grants name (not `*`), for the configuration's checks.
+    pub fn named_scopes(&self) -> BTreeSet<&str> {
+        self.grants
+            .iter()
+            .filter_map(|g| match &g.scopes {
+                Set::Exactly(s) => Some(s.iter().map(String::as_str)),
+                Set::Any => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Every caller the grants name, as written (`spiffe://td/ns/*` for a prefix).
+    pub fn caller_patterns(&self) -> BTreeSet<String> {
+        self.grants
+            .iter()
+            .flat_map(|g| &g.callers)
+            .map(|c| match c {
+                CallerPattern::Exact(e) => e.clone(),
+                CallerPattern::Under(prefix) => format!("{prefix}*"),
+            })
+            .collect()
     }
 }
 
@@ -445,10 +474,14 @@ mod tests {
     #[test]
     fn scopes_may_come_from_several_grants() {
         let p = policy(
-            "[[grant]]\ncallers = [\"dns:a.example\"]\ntenants = [\"contoso\"]\nscopes = [\"s1\"]\n\
-             [[grant]]\ncallers = [\"dns:A.example\"]\ntenants = [\"contoso\"]\nscopes = [\"s2\"]\n",
+            "[[grant]]\ncallers = [\"dns:a.example\"]\ntenants = [\"contoso\"]\nscopes = [\"api://s1/.default\"]\n\
+             [[grant]]\ncallers = [\"dns:A.example\"]\ntenants = [\"contoso\"]\nscopes = [\"api://s2/.default\"]\n",
         );
-        assert!(p.allows("dns:a.example", "contoso", &["s1".into(), "s2".into()]));
+        assert!(p.allows(
+            "dns:a.example",
+            "contoso",
+            &["api://s1/.default".into(), "api://s2/.default".into()]
+        ));
     }
 
     #[test]
@@ -488,6 +521,10 @@ mod tests {
             (
                 g("\"dns:a\"", "\"contoso\"", "scope = [\"s\"]"),
                 "unknown field `scope`",
+            ),
+            (
+                g("\"dns:a\"", "\"contoso\"", "scopes = [\"a\\tb\"]"),
+                "grant[0].scopes: `a\tb`: invalid scopes: scope `a\\tb` contains whitespace",
             ),
         ];
         for (text, why) in bad {

@@ -10,7 +10,7 @@ use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use url::Url;
 
-use super::{Config, ServerConfig, Validator};
+use super::{Config, DAY, HOUR, MAX_BURST, ServerConfig, Validator};
 use crate::policy::Policy;
 
 /// Whether TLS clients must present a certificate signed by the caller CA bundle.
@@ -209,6 +209,7 @@ impl Validator<'_> {
                 "the unauthenticated development caller is allowed only with `plaintext = true` on a loopback listen address",
             );
         }
+        self.issuer_names = raw.issuers.keys().cloned().collect();
         let mut issuers = BTreeMap::new();
         for (name, ri) in raw.issuers {
             let path = format!("callers.issuers.{name}");
@@ -297,6 +298,27 @@ impl Validator<'_> {
                     ),
                 );
             }
+            let leeway = self.span(
+                &format!("{path}.leeway_secs"),
+                ri.leeway_secs,
+                60,
+                (0, 300),
+                "clock skew allowed on exp and nbf; more would accept expired tokens",
+            );
+            let jwks_min_refresh = self.span(
+                &format!("{path}.jwks_min_refresh_secs"),
+                ri.jwks_min_refresh_secs,
+                30,
+                (1, HOUR),
+                "0 would let every unknown kid fetch the keys",
+            );
+            let jwks_max_age = self.span(
+                &format!("{path}.jwks_max_age_secs"),
+                ri.jwks_max_age_secs,
+                3600,
+                (60, DAY),
+                "keys are re-fetched at most once a minute and at least daily",
+            );
             if let (Some(discovery_url), Some(audience)) = (discovery, audience) {
                 issuers.insert(
                     name.clone(),
@@ -307,11 +329,9 @@ impl Validator<'_> {
                         audiences: vec![audience],
                         algorithms,
                         identity_claim,
-                        leeway: Duration::from_secs(ri.leeway_secs.unwrap_or(60).min(300)),
-                        jwks_min_refresh: Duration::from_secs(
-                            ri.jwks_min_refresh_secs.unwrap_or(30),
-                        ),
-                        jwks_max_age: Duration::from_secs(ri.jwks_max_age_secs.unwrap_or(3600)),
+                        leeway,
+                        jwks_min_refresh,
+                        jwks_max_age,
                     },
                 );
             }
@@ -326,33 +346,33 @@ impl Validator<'_> {
             }
         }
         let default = RememberConfig::default();
-        let tokens = raw.remember_tokens.unwrap_or(default.tokens);
-        if tokens > MAX_REMEMBER_TOKENS {
-            self.problem(
-                "callers.remember_tokens",
-                format!(
-                    "at most {MAX_REMEMBER_TOKENS} (about 300 bytes each); 0 turns the memory off"
-                ),
-            );
-        }
-        let secs = raw.remember_secs.unwrap_or(default.max_age.as_secs());
-        if secs > MAX_REMEMBER_SECS {
-            self.problem(
-                "callers.remember_secs",
-                format!("at most {MAX_REMEMBER_SECS}: a remembered token is checked again at least this often; 0 turns the memory off"),
-            );
-        }
+        let tokens = self.count(
+            "callers.remember_tokens",
+            raw.remember_tokens,
+            default.tokens,
+            (0, MAX_REMEMBER_TOKENS),
+            "about 300 bytes each; 0 turns the memory off",
+        );
+        let max_age = self.span(
+            "callers.remember_secs",
+            raw.remember_secs,
+            default.max_age.as_secs(),
+            (0, MAX_REMEMBER_SECS),
+            "a remembered token is checked again at least this often; 0 turns the memory off",
+        );
         CallersConfig {
             dev_loopback: raw.dev_loopback,
             issuers,
-            remember: RememberConfig {
-                tokens: tokens.min(MAX_REMEMBER_TOKENS),
-                max_age: Duration::from_secs(secs.min(MAX_REMEMBER_SECS)),
-            },
+            remember: RememberConfig { tokens, max_age },
         }
     }
 
-    pub(super) fn policy(&mut self, raw: RawPolicy, tenants: &BTreeSet<String>) -> PolicyConfig {
+    pub(super) fn policy(
+        &mut self,
+        raw: RawPolicy,
+        tenants: &BTreeSet<String>,
+        server: &ServerConfig,
+    ) -> PolicyConfig {
         match (raw.file, raw.grant) {
             (Some(_), Some(_)) => {
                 self.problem(
@@ -367,13 +387,14 @@ impl Validator<'_> {
                     return PolicyConfig::File(file);
                 }
                 match std::fs::read_to_string(&file) {
-                    Ok(text) => {
-                        if let Err(problems) = Policy::parse(&text, tenants) {
+                    Ok(text) => match Policy::parse(&text, tenants) {
+                        Ok(policy) => self.unusable_grants(&policy, "policy.file", server),
+                        Err(problems) => {
                             for p in problems {
                                 self.problem("policy.file", format!("{}: {p}", file.display()));
                             }
                         }
-                    }
+                    },
                     Err(e) => self.problem(
                         "policy.file",
                         format!("cannot read {}: {e}", file.display()),
@@ -383,7 +404,10 @@ impl Validator<'_> {
             }
             (None, Some(grants)) => {
                 match Policy::from_toml_value(grants, tenants, "policy.grant") {
-                    Ok(p) => PolicyConfig::Inline(p),
+                    Ok(p) => {
+                        self.unusable_grants(&p, "policy.grant", server);
+                        PolicyConfig::Inline(p)
+                    }
                     Err(problems) => {
                         for p in problems {
                             self.problem("policy.grant", p);
@@ -392,14 +416,71 @@ impl Validator<'_> {
                     }
                 }
             }
-            (None, None) => PolicyConfig::None,
+            (None, None) => {
+                self.warn(
+                    "policy",
+                    "no grants: every request is denied; add [[policy.grant]] tables or a policy file",
+                );
+                PolicyConfig::None
+            }
+        }
+    }
+
+    /// Grants that can never be used: a caller that cannot authenticate as configured, or a
+    /// scope Entra refuses with client credentials. An unknown issuer name is a mistake in
+    /// this file (refused); the others may be a deployment set up in stages (warned).
+    fn unusable_grants(&mut self, policy: &Policy, at: &str, server: &ServerConfig) {
+        let client_ca = server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some());
+        for caller in policy.caller_patterns() {
+            if let Some(rest) = caller.strip_prefix("jwt:") {
+                let issuer = rest.split(':').next().unwrap_or(rest);
+                if !self.issuer_names.contains(issuer) {
+                    self.problem(
+                        at,
+                        format!(
+                            "`{caller}` names issuer `{issuer}`, but no [callers.issuers.{issuer}] is configured: its tokens are never accepted; add the issuer or correct the name"
+                        ),
+                    );
+                }
+            } else if (caller.starts_with("spiffe:") || caller.starts_with("dns:")) && !client_ca {
+                self.warn(
+                    at,
+                    format!(
+                        "`{caller}` is a client-certificate identity, but no server.client_ca_file is configured: it can never authenticate until mutual TLS is set up"
+                    ),
+                );
+            }
+        }
+        for scope in policy.named_scopes() {
+            if let Some(why) = super::client_credentials_scope_problem(scope) {
+                self.warn(at, format!("this grant is never served: {why}"));
+            }
         }
     }
 
     pub(super) fn audit(&mut self, raw: RawAudit) -> AuditConfig {
         let output = match (raw.output.as_deref().unwrap_or("stdout"), raw.file) {
             ("stdout", None) => AuditOutput::Stdout,
-            ("file", Some(f)) => AuditOutput::File(self.path(f)),
+            ("file", Some(f)) => {
+                let f = self.path(f);
+                // The broker creates the file, not its directory.
+                if let Some(dir) = f.parent()
+                    && self.reads_files("audit.file", &f)
+                    && !dir.is_dir()
+                {
+                    self.problem(
+                        "audit.file",
+                        format!(
+                            "the directory {} does not exist: the broker creates the audit file, not its directory",
+                            dir.display()
+                        ),
+                    );
+                }
+                AuditOutput::File(f)
+            }
             ("file", None) => {
                 self.problem(
                     "audit.file",
@@ -449,18 +530,27 @@ impl Validator<'_> {
                 format!("must be a number of at least {min} (requests per second)"),
             );
         }
-        let burst = raw.caller_burst.unwrap_or(100);
-        if burst == 0 {
-            self.problem("limits.caller_burst", "must be at least 1");
-        }
-        let max_in_flight = raw.max_in_flight.unwrap_or(4096);
-        if max_in_flight == 0 {
-            self.problem("limits.max_in_flight", "must be at least 1");
-        }
-        let max_request_bytes = raw.max_request_bytes.unwrap_or(16 * 1024);
-        if max_request_bytes < 1024 {
-            self.problem("limits.max_request_bytes", "must be at least 1024");
-        }
+        let burst = self.count(
+            "limits.caller_burst",
+            raw.caller_burst.map(u64::from),
+            100,
+            (1, MAX_BURST),
+            "0 would refuse every request",
+        ) as u32;
+        let max_in_flight = self.count(
+            "limits.max_in_flight",
+            raw.max_in_flight.map(|n| n as u64),
+            4096,
+            (1, 1_000_000),
+            "requests over the whole broker; each holds memory and a task",
+        ) as usize;
+        let max_request_bytes = self.count(
+            "limits.max_request_bytes",
+            raw.max_request_bytes.map(|n| n as u64),
+            16 * 1024,
+            (1024, 4 * 1024 * 1024),
+            "a token request is a few hundred bytes; gRPC's own limit is 4 MiB",
+        ) as usize;
         let failed_rate = raw.failed_auth_per_sec.unwrap_or(1.0);
         let failed_rate_ok = (failed_rate == 0.0 || failed_rate >= min) && failed_rate.is_finite();
         if !failed_rate_ok {
@@ -469,28 +559,52 @@ impl Validator<'_> {
                 format!("must be 0 (no limit) or a number of at least {min} (failures per second)"),
             );
         }
-        let failed_burst = raw.failed_auth_burst.unwrap_or(20);
-        if failed_burst == 0 {
-            self.problem("limits.failed_auth_burst", "must be at least 1");
-        }
-        let per_caller = raw.max_watches_per_caller.unwrap_or(100);
-        if per_caller == 0 {
-            self.problem("limits.max_watches_per_caller", "must be at least 1");
-        }
-        let max_watches = raw.max_watches.unwrap_or(10_000);
-        if max_watches == 0 {
-            self.problem("limits.max_watches", "must be at least 1");
-        }
+        let failed_burst = self.count(
+            "limits.failed_auth_burst",
+            raw.failed_auth_burst.map(u64::from),
+            20,
+            (1, MAX_BURST),
+            "0 would refuse every bearer token",
+        ) as u32;
+        let per_caller = self.count(
+            "limits.max_watches_per_caller",
+            raw.max_watches_per_caller.map(u64::from),
+            100,
+            (1, 100_000),
+            "open WatchToken streams of one caller",
+        ) as u32;
+        let max_watches = self.count(
+            "limits.max_watches",
+            raw.max_watches.map(|n| n as u64),
+            10_000,
+            (1, 1_000_000),
+            "open WatchToken streams over the whole broker",
+        ) as usize;
+        let max_callers = self.count(
+            "limits.max_callers",
+            raw.max_callers,
+            100_000,
+            (1, 10_000_000),
+            "callers tracked at once",
+        );
+        // The cache library asserts an idle time of at most 1000 years: bounded well below.
+        let caller_idle = self.span(
+            "limits.caller_idle_secs",
+            raw.caller_idle_secs,
+            600,
+            (1, DAY),
+            "a caller's bucket is forgotten after this long without requests",
+        );
         LimitsConfig {
-            max_watches_per_caller: per_caller.max(1),
-            max_watches: max_watches.max(1),
+            max_watches_per_caller: per_caller,
+            max_watches,
             failed_auth_per_sec: if failed_rate_ok { failed_rate } else { 1.0 },
-            failed_auth_burst: failed_burst.max(1),
+            failed_auth_burst: failed_burst,
             caller_rate_per_sec: if rate_ok { rate } else { 1.0 },
-            caller_burst: burst.max(1),
-            max_callers: raw.max_callers.unwrap_or(100_000).max(1),
-            caller_idle: Duration::from_secs(raw.caller_idle_secs.unwrap_or(600).max(1)),
-            max_in_flight: max_in_flight.max(1),
+            caller_burst: burst,
+            max_callers,
+            caller_idle,
+            max_in_flight,
             max_request_bytes,
         }
     }
@@ -515,10 +629,10 @@ pub(super) fn summary(c: &Config) -> String {
         ways.push("`dev:loopback` (development, no credentials)".into());
     }
     if ways.is_empty() {
-        ways.push("none: no caller can authenticate, every request is refused".into());
+        ways.push("none".into());
     }
     let policy = match &c.policy {
-        PolicyConfig::None => "no grants: every request is denied".to_string(),
+        PolicyConfig::None => "no grants".to_string(),
         PolicyConfig::Inline(p) => format!("{} inline grant(s)", p.grant_count()),
         PolicyConfig::File(f) => format!("{} (reloads on SIGHUP or change)", f.display()),
     };

@@ -197,7 +197,9 @@ fn callers_policy_audit_and_limits_are_read() {
          [audit]\noutput = \"file\"\nfile = \"audit.jsonl\"\n\
          [limits]\ncaller_rate_per_sec = 5.0\ncaller_burst = 10\n"
     );
-    let c = Config::from_toml_str(&text, Path::new("/var/tb"), &no_env).unwrap();
+    // The audit file's directory must exist.
+    let dir = tempfile::tempdir().unwrap();
+    let c = Config::from_toml_str(&text, dir.path(), &no_env).unwrap();
     let k8s = &c.callers.issuers["k8s"];
     assert_eq!(
         k8s.discovery_url.as_str(),
@@ -216,7 +218,7 @@ fn callers_policy_audit_and_limits_are_read() {
     ));
     assert_eq!(
         c.audit.output,
-        AuditOutput::File(PathBuf::from("/var/tb/audit.jsonl"))
+        AuditOutput::File(dir.path().join("audit.jsonl"))
     );
     assert_eq!(c.limits.caller_burst, 10);
     // Failed bearer tokens are limited per address by default.
@@ -700,22 +702,24 @@ fn spans_too_long_for_a_deadline_are_refused_with_their_bound() {
     let about = |path: &str| p.iter().find(|p| p.path == path).map(|p| p.message.clone());
     assert_eq!(
         about("cache.certificate_refresh_secs").as_deref(),
-        Some("must be at most 604800 seconds (a week: a rotated certificate must be noticed)")
+        Some(
+            "9223372036854775807 is out of range: must be 60 to 604800 seconds (Key Vault is not asked more than once a minute, and a rotated certificate must be noticed within a week)"
+        )
     );
     assert!(
         about("cache.safety_margin_secs")
             .unwrap()
-            .contains("at most 3600")
+            .contains("7200 is out of range: must be 0 to 3600 seconds")
     );
     assert!(
         about("resilience.retry_budget_secs")
             .unwrap()
-            .contains("at most 3600")
+            .contains("must be 1 to 3600 seconds")
     );
     assert!(
         about("resilience.negative_ttl_secs")
             .unwrap()
-            .contains("at most 86400")
+            .contains("must be 0 to 86400 seconds")
     );
     assert_eq!(
         about("resilience.breaker_cool_down_secs"),
@@ -748,8 +752,600 @@ fn connections_are_aged_out_after_ten_minutes_unless_configured_otherwise() {
     );
     let p = problems(&with("max_connection_age_secs = 99999999"));
     assert!(
-        p.iter()
-            .any(|p| p.path == "server.max_connection_age_secs" && p.message.contains("at most")),
+        p.iter().any(
+            |p| p.path == "server.max_connection_age_secs" && p.message.contains("1 to 604800")
+        ),
         "{p:?}"
+    );
+}
+
+#[test]
+fn every_duration_and_count_is_refused_outside_its_range_naming_field_value_and_range() {
+    let text = format!(
+        "{GOOD}\n[limits]\ncaller_idle_secs = 9223372036854775807\nmax_in_flight = 0\nmax_callers = 99999999999\n\
+         [outbound]\nconnect_timeout_secs = 0\nrequest_timeout_secs = 0\n\
+         [cache]\ncertificate_refresh_secs = 0\nmax_entries = 99999999999\n\
+         [resilience]\nsign_burst = 0\nexchange_burst = 0\nbreaker_failures = 0\n\
+         [telemetry]\nmetrics_interval_secs = 0\n\
+         [callers.issuers.k8s]\nissuer = \"https://oidc.example\"\naudience = \"a\"\nleeway_secs = 100000\njwks_max_age_secs = 0\njwks_min_refresh_secs = 99999999\n"
+    )
+    .replace("plaintext = true", "plaintext = true\nshutdown_grace_secs = 99999999\nreload_secs = 0");
+    let p = problems(&text);
+    let about = |path: &str| {
+        p.iter()
+            .find(|p| p.path == path)
+            .map(|p| p.message.clone())
+            .unwrap_or_else(|| panic!("no problem at {path}: {p:?}"))
+    };
+    assert_eq!(
+        about("limits.caller_idle_secs"),
+        "9223372036854775807 is out of range: must be 1 to 86400 seconds (a caller's bucket is forgotten after this long without requests)"
+    );
+    for (path, range) in [
+        ("limits.max_in_flight", "must be 1 to 1000000 "),
+        ("limits.max_callers", "must be 1 to 10000000 "),
+        ("outbound.connect_timeout_secs", "must be 1 to 300 seconds"),
+        ("outbound.request_timeout_secs", "must be 1 to 600 seconds"),
+        (
+            "cache.certificate_refresh_secs",
+            "must be 60 to 604800 seconds",
+        ),
+        ("cache.max_entries", "must be 1 to 10000000 "),
+        ("resilience.sign_burst", "0 is out of range: must be 1 to"),
+        (
+            "resilience.exchange_burst",
+            "0 is out of range: must be 1 to",
+        ),
+        ("resilience.breaker_failures", "must be 1 to 1000 "),
+        (
+            "telemetry.metrics_interval_secs",
+            "must be 1 to 3600 seconds",
+        ),
+        ("server.shutdown_grace_secs", "must be 0 to 3600 seconds"),
+        ("server.reload_secs", "must be 1 to 3600 seconds"),
+        (
+            "callers.issuers.k8s.leeway_secs",
+            "100000 is out of range: must be 0 to 300 seconds",
+        ),
+        (
+            "callers.issuers.k8s.jwks_max_age_secs",
+            "must be 60 to 86400 seconds",
+        ),
+        (
+            "callers.issuers.k8s.jwks_min_refresh_secs",
+            "must be 1 to 3600 seconds",
+        ),
+    ] {
+        assert!(about(path).contains(range), "{path}: {}", about(path));
+    }
+    assert_eq!(p.len(), 16, "{p:?}");
+    // The bounds themselves are accepted.
+    let c = Config::from_toml_str(
+        &format!(
+            "{GOOD}\n[limits]\ncaller_idle_secs = 86400\n[outbound]\nconnect_timeout_secs = 1\n"
+        ),
+        Path::new("/"),
+        &no_env,
+    )
+    .unwrap();
+    assert_eq!(c.limits.caller_idle, Duration::from_secs(DAY));
+}
+
+#[test]
+fn tenant_ids_are_a_hyphenated_guid_or_a_domain_name_and_never_a_placeholder_tenant() {
+    for good in [
+        "22222222-2222-2222-2222-222222222222",
+        "contoso.onmicrosoft.com",
+        "Contoso.com",
+        "a-b.example",
+    ] {
+        assert!(valid_tenant_id(good), "{good}");
+    }
+    for bad in [
+        "..",
+        "...",
+        "-contoso-.-",
+        "contoso",
+        ".contoso.com",
+        "contoso..com",
+        "-a.example",
+        "a-.example",
+        "1.2.3.4",
+        "22222222222222222222222222222222",
+        "urn:uuid:22222222-2222-2222-2222-222222222222",
+        "{22222222-2222-2222-2222-222222222222}",
+        &format!("{}.com", "a".repeat(64)),
+    ] {
+        assert!(!valid_tenant_id(bad), "{bad}");
+    }
+    for placeholder in ["common", "organizations", "Consumers"] {
+        let why = tenant_id_problem(placeholder).unwrap();
+        assert!(
+            why.contains("client credentials need a specific tenant"),
+            "{why}"
+        );
+    }
+}
+
+#[test]
+fn an_invalid_tenant_is_reported_once_not_again_where_it_is_named() {
+    let text = format!(
+        "{}\n[resilience]\nprewarm = [{{ tenant = \"contoso\", scopes = [\"https://graph.microsoft.com/.default\"] }}]\n\
+         [[policy.grant]]\ncallers = [\"dev:loopback\"]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n",
+        GOOD.replace("22222222-2222-2222-2222-222222222222", "common")
+    );
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "tenants.contoso.tenant_id");
+    // A tenant that is not declared at all still is a problem where it is named.
+    let p = problems(&text.replace("tenant = \"contoso\"", "tenant = \"nowhere\""));
+    assert!(
+        p.iter()
+            .any(|p| p.path == "resilience.prewarm[0].tenant" && p.message.contains("nowhere")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn the_grpc_and_admin_listeners_cannot_share_a_port() {
+    for admin in ["127.0.0.1:50051", "0.0.0.0:50051"] {
+        let p = problems(&format!("{GOOD}\n[admin]\nlisten = \"{admin}\"\n"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "admin.listen");
+        assert!(
+            p[0].message.contains("clashes with the gRPC listener"),
+            "{p:?}"
+        );
+    }
+    let env = |k: &str| (k == "TOKENBROKER_ADMIN_LISTEN").then(|| "127.0.0.1:50051".to_string());
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str(GOOD, Path::new("/"), &env) else {
+        panic!("accepted")
+    };
+    assert_eq!(p[0].path, "TOKENBROKER_ADMIN_LISTEN", "{p:?}");
+    // Other address, or a port chosen by the system: fine.
+    for admin in ["127.0.0.2:50051", "127.0.0.1:9091"] {
+        Config::from_toml_str(
+            &format!("{GOOD}\n[admin]\nlisten = \"{admin}\"\n"),
+            Path::new("/"),
+            &no_env,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_problem_is_located_at_its_own_table_not_one_whose_name_contains_it() {
+    let text = format!(
+        "{GOOD}\n[tenants.ab]\ntenant_id = \"nope\"\napp = \"shared\"\n\n\
+         [[policy.grant]]\ncallers = [\"dns:a\"]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n\
+         [[policy.grant]]\ncallers = [\"dns:b\"]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n"
+    );
+    let line = |needle: &str, nth: usize| {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| l.starts_with(needle))
+            .nth(nth)
+            .map(|(i, _)| i + 1)
+    };
+    assert_eq!(
+        line_of(&text, "tenants.ab.tenant_id"),
+        line("tenant_id = \"nope\"", 0)
+    );
+    assert_eq!(line_of(&text, "tenants.ab"), line("[tenants.ab]", 0));
+    assert_eq!(
+        line_of(&text, "tenants.fabrikam.app"),
+        line("app = \"shared\"", 0)
+    );
+    assert_eq!(
+        line_of(&text, "policy.grant[1].callers"),
+        line("callers = [\"dns:b\"]", 0)
+    );
+    assert_eq!(
+        line_of(&text, "policy.grant[0]"),
+        line("[[policy.grant]]", 0)
+    );
+    assert_eq!(
+        line_of(&text, "tenants.contoso.credential.vault_url"),
+        line(
+            "credential = { type = \"key_vault_certificate\", vault_url = \"https://v.vault.azure.net\", certificate = \"contoso-app\"",
+            0
+        )
+    );
+    assert_eq!(line_of(&text, "tenants"), line("[tenants.", 0));
+    assert_eq!(line_of(&text, "tenants.nowhere.tenant_id"), None);
+    let p = problems(&text);
+    assert_eq!(p[0].path, "tenants.ab.tenant_id");
+    assert_eq!(p[0].line, line("tenant_id = \"nope\"", 0), "{p:?}");
+}
+
+#[test]
+fn names_the_operator_chose_are_not_secrets_and_secret_words_match_whole() {
+    let named = |name: &str| {
+        format!(
+            "\n[tenants.{name}]\ntenant_id = \"55555555-5555-5555-5555-555555555555\"\napp = \"shared\"\n"
+        )
+    };
+    let text = format!(
+        "{GOOD}{}{}{}{}\n[outbound.pin_hosts]\n\"p12.vault.azure.net\" = \"127.0.0.1\"\n\
+         [callers.issuers.secret-issuer]\nissuer = \"https://i.example\"\naudience = \"a\"\n",
+        named("app12"),
+        named("p12-retail"),
+        named("secretariat"),
+        named("pin"),
+    )
+    .replace("[apps.shared]", "[apps.password-app]\nclient_id = \"11111111-1111-1111-1111-111111111111\"\ncredential = { type = \"key_vault_certificate\", vault_url = \"https://v.vault.azure.net\", certificate = \"p\" }\n\n[apps.shared]");
+    let c = Config::from_toml_str(&text, Path::new("/"), &no_env).unwrap();
+    assert_eq!(c.tenants.len(), 7);
+    // Settings are still refused when a word of their name says secret.
+    for key in [
+        "client_secret",
+        "cert-password",
+        "private_key",
+        "api_key",
+        "user_pin",
+        "pfx",
+    ] {
+        let p = problems(&format!(
+            "{GOOD}\n[tenants.evil]\ntenant_id = \"55555555-5555-5555-5555-555555555555\"\n{key} = \"x\"\n"
+        ));
+        assert_eq!(p.len(), 1, "{key}: {p:?}");
+        assert_eq!(p[0].path, format!("tenants.evil.{key}"));
+    }
+}
+
+#[test]
+fn a_url_carrying_a_user_name_or_password_is_refused_without_echoing_it() {
+    for (from, to, path) in [
+        (
+            "https://v.vault.azure.net\", certificate = \"contoso-app\"",
+            "https://user:pw@kv-prod.vault.azure.net\", certificate = \"contoso-app\"",
+            "tenants.contoso.credential.vault_url",
+        ),
+        (
+            "https://127.0.0.1:8443",
+            "https://admin@127.0.0.1:8443",
+            "cloud.authority_host",
+        ),
+    ] {
+        let p = problems(&GOOD.replace(from, to));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, path);
+        assert!(
+            p[0].message
+                .contains("credentials never go in the configuration"),
+            "{p:?}"
+        );
+        assert!(!p[0].message.contains("pw"), "{p:?}");
+    }
+    let p = problems(&format!(
+        "{GOOD}\n[telemetry]\notlp_endpoint = \"http://u:p@collector:4318\"\n"
+    ));
+    assert_eq!(p[0].path, "telemetry.otlp_endpoint", "{p:?}");
+    let env = |k: &str| {
+        (k == "TOKENBROKER_OTLP_ENDPOINT").then(|| "http://u:p@collector:4318".to_string())
+    };
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str(GOOD, Path::new("/"), &env) else {
+        panic!("accepted")
+    };
+    assert_eq!(p[0].path, "TOKENBROKER_OTLP_ENDPOINT", "{p:?}");
+    assert!(p[0].message.contains("credentials never go"), "{p:?}");
+}
+
+#[test]
+fn a_vault_url_names_the_vault_only() {
+    let vault = |url: &str| {
+        problems(&GOOD.replace(
+            "vault_url = \"https://v.vault.azure.net\", certificate = \"contoso-app\"",
+            &format!("vault_url = \"{url}\", certificate = \"contoso-app\""),
+        ))
+    };
+    let p = vault("https://kv-prod.vault.azure.net/certificates/contoso-app/0123abcd");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "tenants.contoso.credential.vault_url");
+    assert!(
+        p[0].message.contains(
+            "use vault_url = \"https://kv-prod.vault.azure.net\" and certificate = \"contoso-app\""
+        ),
+        "{p:?}"
+    );
+    for url in [
+        "https://kv-prod.vault.azure.net/somewhere",
+        "https://kv-prod.vault.azure.net?api-version=7.4",
+        "https://kv-prod.vault.azure.net#x",
+    ] {
+        let p = vault(url);
+        assert!(
+            p[0].message
+                .contains("use vault_url = \"https://kv-prod.vault.azure.net\""),
+            "{url}: {p:?}"
+        );
+    }
+    // A trailing slash is the vault's URL as the portal shows it.
+    Config::from_toml_str(
+        &GOOD.replace(
+            "https://v.vault.azure.net\", certificate = \"contoso-app\"",
+            "https://v.vault.azure.net/\", certificate = \"contoso-app\"",
+        ),
+        Path::new("/"),
+        &no_env,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_shape_error_quotes_its_key_and_says_only_the_first_is_shown() {
+    let p = problems(&GOOD.replace("plaintext = true", "plaintext = \"yes\""));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].message.contains("(at `plaintext`)"), "{p:?}");
+    assert!(
+        p[0].message.contains("only the first such error is shown"),
+        "{p:?}"
+    );
+    // A line that does not parse is quoted by its key, never its value.
+    let p = problems(&format!("{GOOD}\n[audit]\nfile = \"unterminated\n"));
+    assert!(p[0].message.contains("(at `file`)"), "{p:?}");
+    assert!(!p[0].message.contains("unterminated"), "{p:?}");
+}
+
+#[test]
+fn a_log_level_that_is_not_a_level_or_directive_is_refused() {
+    let level = |l: &str| format!("{GOOD}\n[log]\nlevel = \"{l}\"\n");
+    for ok in [
+        "warn",
+        "INFO",
+        "info,tokenbroker=debug",
+        "tokenbroker::api=trace",
+        "off",
+    ] {
+        let c = Config::from_toml_str(&level(ok), Path::new("/"), &no_env).unwrap();
+        assert_eq!(c.log.level, ok);
+    }
+    let p = problems(&level("wrning"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "log.level");
+    assert!(p[0].message.contains("`wrning` is not a level"), "{p:?}");
+    assert!(p[0].message.contains("info,tokenbroker=debug"), "{p:?}");
+    let p = problems(&level("info,tokenbroker=loud"));
+    assert!(p[0].message.contains("is not a log filter"), "{p:?}");
+    let env = |k: &str| (k == "TOKENBROKER_LOG_LEVEL").then(|| "debgu".to_string());
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str(GOOD, Path::new("/"), &env) else {
+        panic!("accepted")
+    };
+    assert_eq!(p[0].path, "TOKENBROKER_LOG_LEVEL", "{p:?}");
+}
+
+#[test]
+fn pre_warm_scopes_are_what_the_broker_and_entra_accept() {
+    let prewarm = |scopes: &str| {
+        format!(
+            "{GOOD}\n[resilience]\nprewarm = [{{ tenant = \"contoso\", scopes = [{scopes}] }}]\n"
+        )
+    };
+    for bad in [
+        "\"User.Read\"",
+        "\"graph\"",
+        "\"https://graph.microsoft.com/User.Read\"",
+        "\"/.default\"",
+    ] {
+        let p = problems(&prewarm(bad));
+        assert_eq!(p.len(), 1, "{bad}: {p:?}");
+        assert_eq!(p[0].path, "resilience.prewarm[0].scopes");
+        assert!(p[0].message.contains("AADSTS1002012"), "{p:?}");
+        assert!(
+            p[0].message
+                .contains("https://graph.microsoft.com/.default"),
+            "{p:?}"
+        );
+    }
+    let p = problems(&prewarm("\"api://x/.default\", \"a b\""));
+    assert!(p[0].message.contains("contains whitespace"), "{p:?}");
+    let p = problems(&prewarm(""));
+    assert!(p[0].message.contains("at least one scope"), "{p:?}");
+    let c =
+        Config::from_toml_str(&prewarm("\"api://x/.default\""), Path::new("/"), &no_env).unwrap();
+    assert_eq!(c.resilience.prewarm[0].scopes, ["api://x/.default"]);
+}
+
+#[test]
+fn grants_that_can_never_be_used_are_refused_or_warned_about() {
+    let grant = |callers: &str, scopes: &str| {
+        format!(
+            "{GOOD}\n[[policy.grant]]\ncallers = [{callers}]\ntenants = [\"contoso\"]\nscopes = [{scopes}]\n"
+        )
+    };
+    // An issuer name the file does not declare: a mistake here.
+    let p = problems(&grant(
+        "\"jwt:k8s:system:serviceaccount:a:b\"",
+        "\"https://graph.microsoft.com/.default\"",
+    ));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "policy.grant");
+    assert!(
+        p[0].message
+            .contains("no [callers.issuers.k8s] is configured"),
+        "{p:?}"
+    );
+    // A scope the broker refuses in every request is refused in the grant too.
+    let p = problems(&grant("\"dev:loopback\"", "\"a\\tb\""));
+    assert!(p[0].message.contains("contains whitespace"), "{p:?}");
+    // A client-certificate caller without a client CA, or a scope Entra refuses: warned.
+    let c = Config::from_toml_str(
+        &grant(
+            "\"dns:a.example\"",
+            "\"https://graph.microsoft.com/User.Read\"",
+        ),
+        Path::new("/"),
+        &no_env,
+    )
+    .unwrap();
+    let w: Vec<String> = c.warnings.iter().map(|w| w.to_string()).collect();
+    assert!(
+        w.iter().any(
+            |w| w.contains("`dns:a.example` is a client-certificate identity")
+                && w.contains("server.client_ca_file")
+        ),
+        "{w:?}"
+    );
+    assert!(
+        w.iter()
+            .any(|w| w.contains("never served")
+                && w.contains("https://graph.microsoft.com/.default")),
+        "{w:?}"
+    );
+    // Staged setup: nobody can authenticate yet and nothing is granted; valid, with warnings.
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &no_env).unwrap();
+    let paths: Vec<&str> = c.warnings.iter().map(|w| w.path.as_str()).collect();
+    assert_eq!(paths, ["policy", "callers"], "{:?}", c.warnings);
+    assert!(
+        c.warnings[1].message.contains("no caller can authenticate"),
+        "{:?}",
+        c.warnings
+    );
+}
+
+#[test]
+fn the_listener_and_outbound_tls_files_must_exist_and_load_as_serve_loads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["broker".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write("tls.crt", &cert.pem());
+    write("tls.key", &key.serialize_pem());
+    write("ca.pem", &cert.pem());
+    write("garbage.pem", "not a certificate\n");
+    let listener = |cert: &str, key: &str, extra: &str| {
+        GOOD.replace(
+            "listen = \"127.0.0.1:50051\"\nplaintext = true",
+            &format!("listen = \"0.0.0.0:50051\"\ntls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\n{extra}"),
+        )
+    };
+    let load = |text: &str| Config::from_toml_str(text, dir.path(), &no_env);
+    load(&listener(
+        "tls.crt",
+        "tls.key",
+        "client_ca_file = \"ca.pem\"",
+    ))
+    .unwrap();
+    let paths = |r: Result<Config, ConfigError>| match r {
+        Err(ConfigError::Invalid(p)) => p
+            .into_iter()
+            .map(|p| (p.path, p.message))
+            .collect::<Vec<_>>(),
+        other => panic!("expected problems, got {other:?}"),
+    };
+    let p = paths(load(&listener("missing.crt", "tls.key", "")));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, "server.tls_cert_file");
+    assert!(p[0].1.contains("missing.crt does not exist"), "{p:?}");
+    let p = paths(load(&listener("tls.crt", "garbage.pem", "")));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, "server.tls_key_file", "{p:?}");
+    let p = paths(load(&listener(
+        "tls.crt",
+        "tls.key",
+        "client_ca_file = \"garbage.pem\"",
+    )));
+    assert_eq!(p[0].0, "server.client_ca_file", "{p:?}");
+    let p = paths(load(&format!(
+        "{GOOD}\n[outbound]\nextra_ca_file = \"garbage.pem\"\n"
+    )));
+    assert_eq!(p[0].0, "outbound.extra_ca_file", "{p:?}");
+    let p = paths(load(&format!(
+        "{GOOD}\n[audit]\noutput = \"file\"\nfile = \"nodir/audit.jsonl\"\n"
+    )));
+    assert_eq!(p[0].0, "audit.file", "{p:?}");
+    assert!(p[0].1.contains("does not exist"), "{p:?}");
+
+    // Elsewhere, they are listed as not checked.
+    let path = dir.path().join("broker.toml");
+    std::fs::write(&path, listener("/mounted/tls.crt", "/mounted/tls.key", "")).unwrap();
+    let (_, unchecked) = Config::check_without_files(&path, &no_env).unwrap();
+    assert_eq!(
+        unchecked,
+        [
+            "server.tls_cert_file = /mounted/tls.crt",
+            "server.tls_key_file = /mounted/tls.key"
+        ]
+    );
+}
+
+#[test]
+fn a_problem_caused_by_an_environment_override_names_the_variable() {
+    let env = |k: &str| match k {
+        "TOKENBROKER_LISTEN" => Some("0.0.0.0:50051".to_string()),
+        "TOKENBROKER_IDENTITY_CLIENT_ID" => Some("not-a-guid".to_string()),
+        "TOKENBROKER_EXTRA_CA_FILE" => Some("/nowhere/ca.pem".to_string()),
+        _ => None,
+    };
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str(GOOD, Path::new("/"), &env) else {
+        panic!("accepted")
+    };
+    let at = |path: &str| {
+        p.iter()
+            .find(|p| p.path == path)
+            .unwrap_or_else(|| panic!("no problem at {path}: {p:?}"))
+    };
+    assert!(
+        at("server.plaintext")
+            .message
+            .contains("not 0.0.0.0:50051 (from TOKENBROKER_LISTEN)"),
+        "{p:?}"
+    );
+    assert_eq!(at("TOKENBROKER_IDENTITY_CLIENT_ID").line, None);
+    assert!(
+        at("TOKENBROKER_EXTRA_CA_FILE")
+            .message
+            .contains("/nowhere/ca.pem"),
+        "{p:?}"
+    );
+    assert_eq!(p.len(), 3, "{p:?}");
+}
+
+#[test]
+fn the_summary_lists_the_environment_overrides_applied() {
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &no_env).unwrap();
+    assert!(c.overrides.is_empty());
+    assert!(
+        !c.summary().contains("from the environment"),
+        "{}",
+        c.summary()
+    );
+    let env = |k: &str| match k {
+        "TOKENBROKER_LISTEN" => Some("127.0.0.2:6000".to_string()),
+        "TOKENBROKER_LOG_LEVEL" => Some("debug".to_string()),
+        _ => None,
+    };
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &env).unwrap();
+    assert!(
+        c.summary().contains(
+            "from the environment, overriding the file: TOKENBROKER_LISTEN (server.listen), TOKENBROKER_LOG_LEVEL (log.level)"
+        ),
+        "{}",
+        c.summary()
+    );
+}
+
+#[test]
+fn the_summary_says_where_workload_identity_takes_its_client_id() {
+    let c = Config::from_toml_str(
+        &format!("{GOOD}\n[identity]\nsource = \"workload_identity\"\n"),
+        Path::new("/"),
+        &no_env,
+    )
+    .unwrap();
+    assert!(
+        c.summary()
+            .contains("identity WorkloadIdentity (client id from AZURE_CLIENT_ID)"),
+        "{}",
+        c.summary()
+    );
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &no_env).unwrap();
+    assert!(
+        c.summary().contains("identity Auto (system-assigned)"),
+        "{}",
+        c.summary()
     );
 }
