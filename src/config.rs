@@ -1474,7 +1474,7 @@ impl Validator<'_> {
                 "server.max_connection_age_secs",
                 secs,
                 600,
-                (1, 7 * 86_400),
+                (1, 7 * DAY),
                 "0 for never",
             )),
         };
