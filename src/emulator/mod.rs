@@ -373,8 +373,9 @@ fn absolute(path: &Path) -> Result<PathBuf, EmulatorError> {
 
 // === impl MakeResetAware ===
 
-/// Wraps the router so that a fault can drop the connection: hyper closes a connection whose
-/// service returns an error, which is the closest thing to a TCP reset an HTTP server can do.
+/// Wraps the router so that a fault can drop the connection: hyper closes an HTTP/1.1
+/// connection whose service returns an error, which is the closest thing to a TCP reset an
+/// HTTP server can do (over HTTP/2 it resets the request's stream only).
 #[derive(Clone)]
 struct MakeResetAware(Router);
 
