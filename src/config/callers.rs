@@ -427,8 +427,9 @@ impl Validator<'_> {
     }
 
     /// Grants that can never be used: a caller that cannot authenticate as configured, or a
-    /// scope Entra refuses with client credentials. An unknown issuer name is a mistake in
-    /// this file (refused); the others may be a deployment set up in stages (warned).
+    /// scope Entra refuses with client credentials. Warned, not refused: such a grant is
+    /// harmless (it never matches), a live reload of the policy file accepts it, and a
+    /// policy file that running replicas accepted must not stop new ones from starting.
     fn unusable_grants(&mut self, policy: &Policy, at: &str, server: &ServerConfig) {
         let client_ca = server
             .tls
@@ -438,7 +439,7 @@ impl Validator<'_> {
             if let Some(rest) = caller.strip_prefix("jwt:") {
                 let issuer = rest.split(':').next().unwrap_or(rest);
                 if !self.issuer_names.contains(issuer) {
-                    self.problem(
+                    self.warn(
                         at,
                         format!(
                             "`{caller}` names issuer `{issuer}`, but no [callers.issuers.{issuer}] is configured: its tokens are never accepted; add the issuer or correct the name"
