@@ -1166,13 +1166,22 @@ impl Validator<'_> {
     }
 
     /// A `tracing` filter directive as `serve` parses it, minus its trap: a bare word that is
-    /// not a level is read as a target name, so `wrning` would log only errors, silently.
+    /// not a level is read as a target name, so `wrning` would log only errors, silently. A
+    /// bare word that looks like a misspelt level is refused; other bare words are target
+    /// names (`tokenbroker` logs that crate at every level), and `0` to `5` are levels.
     fn log_level(&mut self, path: &str, level: String) -> String {
         const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+        // Level names of other loggers, taken for levels here.
+        const MISTAKEN: &[&str] = &["warning", "fatal", "critical", "verbose"];
         let bare_word = level.split(',').map(str::trim).find(|d| {
+            let d = d.to_ascii_lowercase();
             !d.is_empty()
                 && !d.contains(['=', '[', ':'])
-                && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+                && !LEVELS.contains(&d.as_str())
+                && LEVELS
+                    .iter()
+                    .chain(MISTAKEN)
+                    .any(|l| d.starts_with(l) || edit_distance(&d, l) <= 2)
         });
         let why = match (
             bare_word,
@@ -2133,6 +2142,24 @@ fn valid_env_name(s: &str) -> bool {
 
 fn valid_kv_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 127 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Levenshtein distance between two short ASCII words.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// A GUID or a DNS domain: what Entra accepts in the token endpoint path.

@@ -1096,6 +1096,10 @@ fn a_log_level_that_is_not_a_level_or_directive_is_refused() {
         "info,tokenbroker=debug",
         "tokenbroker::api=trace",
         "off",
+        // A bare target name (that crate at every level) and a numeric level.
+        "tokenbroker",
+        "info,h2",
+        "2",
     ] {
         let c = Config::from_toml_str(&level(ok), Path::new("/"), &no_env).unwrap();
         assert_eq!(c.log.level, ok);
@@ -1105,6 +1109,15 @@ fn a_log_level_that_is_not_a_level_or_directive_is_refused() {
     assert_eq!(p[0].path, "log.level");
     assert!(p[0].message.contains("`wrning` is not a level"), "{p:?}");
     assert!(p[0].message.contains("info,tokenbroker=debug"), "{p:?}");
+    for typo in ["warning", "dbug", "INFOO", "eror"] {
+        let p = problems(&level(typo));
+        assert!(
+            p[0].message
+                .contains(&format!("`{}` is not a level", typo.to_ascii_lowercase()))
+                || p[0].message.contains(&format!("`{typo}` is not a level")),
+            "{typo}: {p:?}"
+        );
+    }
     let p = problems(&level("info,tokenbroker=loud"));
     assert!(p[0].message.contains("is not a log filter"), "{p:?}");
     let env = |k: &str| (k == "TOKENBROKER_LOG_LEVEL").then(|| "debgu".to_string());
