@@ -261,19 +261,27 @@ impl HttpClient for ImdsRedirect {
 /// resolve: the resolver's own words ("Name or service not known") do not say that a typo in
 /// a vault's name, or a private endpoint's missing DNS zone, looks exactly like this.
 pub fn with_dns_hint(message: String) -> String {
-    let m = message.to_ascii_lowercase();
-    let hint = if m.contains("temporary failure in name resolution") {
-        "DNS did not answer for the host name: check the resolver"
-    } else if m.contains("failed to lookup address")
-        || m.contains("name or service not known")
-        || m.contains("no address associated with hostname")
-        || m.contains("nodename nor servname")
+    let hint = if message
+        .to_ascii_lowercase()
+        .contains("temporary failure in name resolution")
     {
+        "DNS did not answer for the host name: check the resolver"
+    } else if does_not_resolve(&message) {
         "the host name does not resolve: check the configured URL's host for a typo and, behind a private endpoint, its DNS zone"
     } else {
         return message;
     };
     format!("{message} ({hint})")
+}
+
+/// Whether a transport error says its host name does not exist (not that DNS did not answer).
+pub fn does_not_resolve(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    !m.contains("temporary failure in name resolution")
+        && (m.contains("failed to lookup address")
+            || m.contains("name or service not known")
+            || m.contains("no address associated with hostname")
+            || m.contains("nodename nor servname"))
 }
 
 /// An error with every cause under it, `outer: inner: root`: a transport error's own text
