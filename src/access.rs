@@ -41,6 +41,12 @@ pub enum AccessError {
         crate::audit::rfc3339(*at)
     )]
     CredentialExpired { at: std::time::SystemTime },
+    /// The client certificate that opened a watch would be refused now (revoked, or its CA
+    /// no longer trusted).
+    #[error(
+        "the caller's client certificate is no longer accepted ({reason}); open a new watch with a valid certificate"
+    )]
+    CertificateNoLongerAccepted { reason: String },
 }
 
 impl AccessError {

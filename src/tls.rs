@@ -178,6 +178,9 @@ pub struct ListenerConfig {
     tls: ServerTls,
     cert: Arc<ReloadingCert>,
     current: ArcSwap<rustls::ServerConfig>,
+    /// The client-certificate verifier of `current` (rustls keeps its own private), to check
+    /// again a certificate that opened a long-lived stream (`ClientCertCheck`).
+    verifier: Mutex<Option<Arc<dyn ClientCertVerifier>>>,
     /// SHA-256 of the CA bundle and revocation lists last loaded.
     loaded: Mutex<[u8; 32]>,
 }
@@ -210,8 +213,10 @@ impl ListenerConfig {
         if *loaded == files.digest {
             return Ok(false);
         }
-        let config = build_config(files.verifier(&self.tls)?, &self.cert)?;
+        let verifier = files.verifier(&self.tls)?;
+        let config = build_config(verifier.clone(), &self.cert)?;
         self.current.store(Arc::new(config));
+        *self.verifier.lock().unwrap_or_else(|p| p.into_inner()) = verifier;
         *loaded = files.digest;
         Ok(true)
     }
@@ -366,13 +371,49 @@ fn build_config(
 pub fn server_config(tls: &ServerTls) -> Result<Arc<ListenerConfig>, TlsError> {
     let cert = ReloadingCert::load(&tls.cert_file, &tls.key_file)?;
     let files = TrustFiles::read(tls)?;
-    let config = build_config(files.verifier(tls)?, &cert)?;
+    let verifier = files.verifier(tls)?;
+    let config = build_config(verifier.clone(), &cert)?;
     Ok(Arc::new(ListenerConfig {
         tls: tls.clone(),
         cert,
         current: ArcSwap::from_pointee(config),
+        verifier: Mutex::new(verifier),
         loaded: Mutex::new(files.digest),
     }))
+}
+
+/// A connection's client certificate chain, checked again against the listener's trust as it
+/// is now: the client CA bundle and revocation lists in force, which a long-lived stream
+/// must keep passing (a certificate revoked after the handshake ends its watches).
+pub struct ClientCertCheck {
+    listener: Arc<ListenerConfig>,
+    chain: Vec<CertificateDer<'static>>,
+}
+
+impl fmt::Debug for ClientCertCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCertCheck").finish_non_exhaustive()
+    }
+}
+
+impl ClientCertCheck {
+    /// `Err` with the verifier's reason when the certificate would be refused now.
+    pub fn still_accepted(&self) -> Result<(), String> {
+        let verifier = self
+            .listener
+            .verifier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (Some(verifier), Some((leaf, intermediates))) = (verifier, self.chain.split_first())
+        else {
+            return Ok(());
+        };
+        verifier
+            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// What the handshake established about a connection, computed once for all its requests
@@ -380,9 +421,18 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ListenerConfig>, TlsError> {
 #[derive(Debug, Clone)]
 pub struct TlsPeer {
     pub remote_addr: Option<SocketAddr>,
-    /// The verified client certificate's caller identity (`authn::mtls::identity`), or why
-    /// it has none; `None` without a client certificate.
-    pub client_identity: Option<Arc<Result<crate::authn::mtls::CertIdentity, String>>>,
+    /// The verified client certificate; `None` without one. One `Arc` for all the
+    /// connection's requests, each of which clones it.
+    pub client_identity: Option<Arc<VerifiedClient>>,
+}
+
+/// A connection's verified client certificate.
+#[derive(Debug)]
+pub struct VerifiedClient {
+    /// Its caller identity (`authn::mtls::identity`), or why it has none.
+    pub identity: Result<crate::authn::mtls::CertIdentity, String>,
+    /// To check it again later against the trust then in force.
+    pub check: ClientCertCheck,
 }
 
 /// A server-side TLS connection with its `TlsPeer`.
@@ -392,13 +442,21 @@ pub struct PeerStream {
 }
 
 impl PeerStream {
-    fn new(tls: TlsStream<TcpStream>, remote_addr: SocketAddr) -> PeerStream {
-        let client_identity = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|leaf| Arc::new(crate::authn::mtls::identity(leaf)));
+    fn new(
+        tls: TlsStream<TcpStream>,
+        remote_addr: SocketAddr,
+        listener: &Arc<ListenerConfig>,
+    ) -> PeerStream {
+        let client_identity = tls.get_ref().1.peer_certificates().and_then(|chain| {
+            let leaf = chain.first()?;
+            Some(Arc::new(VerifiedClient {
+                identity: crate::authn::mtls::identity(leaf),
+                check: ClientCertCheck {
+                    listener: listener.clone(),
+                    chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+                },
+            }))
+        });
         PeerStream {
             tls,
             peer: TlsPeer {
@@ -491,11 +549,12 @@ pub fn incoming(
             // The configuration in force when the connection arrived (client trust reloads).
             let acceptor = TlsAcceptor::from(config.current());
             let tx = tx.clone();
+            let config = config.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(PeerStream::new(tls, peer))).await;
+                        let _ = tx.send(Ok(PeerStream::new(tls, peer, &config))).await;
                     }
                     Ok(Err(e)) => handshake_refused(peer, &e),
                     Err(_) => debug!(%peer, "TLS handshake timed out"),

@@ -61,7 +61,9 @@ pub fn access_status(e: &AccessError) -> Status {
             Status::unavailable(format!("{e}; retry later or on another replica")),
             Some(Duration::from_secs(5)),
         ),
-        AccessError::CredentialExpired { .. } => Status::unauthenticated(e.to_string()),
+        AccessError::CredentialExpired { .. } | AccessError::CertificateNoLongerAccepted { .. } => {
+            Status::unauthenticated(e.to_string())
+        }
         AccessError::AuditUnavailable { .. } => with_retry(
             Status::unavailable(format!(
                 "{e}: retry later or on another replica (operators: free the audit file's disk or fix its output)"

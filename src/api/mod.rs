@@ -97,7 +97,7 @@ pub const REQUEST_ID_KEY: &str = "x-request-id";
 /// The verified client certificate of a request's connection.
 enum PeerCert {
     /// From the broker's TLS listener: the identity read once per connection.
-    Identity(Arc<Result<crate::authn::mtls::CertIdentity, String>>),
+    Identity(Arc<crate::tls::VerifiedClient>),
     /// From any other transport that carries the chain (tonic's own TLS).
     Chain(Arc<Vec<rustls::pki_types::CertificateDer<'static>>>),
 }
@@ -134,10 +134,18 @@ impl Envelope {
         }
     }
 
+    /// The connection's verified client certificate, to check again later.
+    fn verified_client(&self) -> Option<Arc<crate::tls::VerifiedClient>> {
+        match &self.peer_cert {
+            Some(PeerCert::Identity(v)) => Some(v.clone()),
+            _ => None,
+        }
+    }
+
     fn credentials(&self) -> Credentials<'_> {
         Credentials {
             client_cert: match &self.peer_cert {
-                Some(PeerCert::Identity(id)) => Some(ClientCert::Identity(id)),
+                Some(PeerCert::Identity(id)) => Some(ClientCert::Identity(&id.identity)),
                 Some(PeerCert::Chain(chain)) => chain.first().map(ClientCert::Leaf),
                 None => None,
             },
@@ -180,6 +188,8 @@ struct Admitted<'s, 'a> {
     _in_flight: InFlight<'a>,
     /// When the caller's credential stops being accepted.
     valid_until: Option<SystemTime>,
+    /// Whether the caller was proven by the connection's client certificate.
+    by_certificate: bool,
 }
 
 /// A request's audit record and what it asked for, until the request is answered. Dropped
@@ -273,6 +283,7 @@ impl Service {
         let caller = self.access.authenticate(&env.credentials()).await?;
         let allowed = self.allow(&caller, tenant, scopes);
         let valid_until = caller.valid_until;
+        let by_certificate = matches!(caller.proof, crate::authn::Proof::Mtls);
         audit.set_caller(caller);
         let scopes = allowed?;
         // After the caller's own checks, so a caller learns of its own mistakes first.
@@ -281,6 +292,7 @@ impl Service {
             scopes,
             _in_flight: in_flight,
             valid_until,
+            by_certificate,
         })
     }
 
@@ -554,9 +566,15 @@ impl TokenBroker for Service {
             let caller = p.record.caller.clone().unwrap_or_default();
             let slot = self.access.open_watch(&caller)?;
             let rx = self.broker.subscribe(&p.tenant, &admitted.scopes).await?;
+            // A watch proven by the client certificate keeps passing the trust in force
+            // (revocation lists reloaded since the handshake).
+            let certificate = admitted
+                .by_certificate
+                .then(|| env.verified_client())
+                .flatten();
             Ok::<_, Failure>((
                 admitted.scopes.into_owned(),
-                admitted.valid_until,
+                (admitted.valid_until, certificate),
                 caller,
                 slot,
                 rx,
@@ -564,7 +582,7 @@ impl TokenBroker for Service {
         }
         .await;
         let mut audit = pending.answered();
-        let (scopes, valid_until, caller, slot, rx) = match admitted {
+        let (scopes, (valid_until, certificate), caller, slot, rx) = match admitted {
             Ok(a) => a,
             Err(f) => {
                 let r = Err(self.fail(&env.request_id, &mut audit, &f));
@@ -585,6 +603,7 @@ impl TokenBroker for Service {
             tenant: audit.tenant.clone(),
             scopes,
             valid_until,
+            certificate,
             record: sent,
             _slot: slot,
             ended: false,
@@ -612,6 +631,8 @@ struct Watcher {
     scopes: Vec<String>,
     /// When the caller's credential stops being accepted: the watch ends then.
     valid_until: Option<SystemTime>,
+    /// The client certificate that proved the caller, checked again before each token.
+    certificate: Option<Arc<crate::tls::VerifiedClient>>,
     /// The watch's record (its request id, caller, tenant and scopes), copied for each
     /// token sent and for the watch's end.
     record: AuditRecord,
@@ -682,6 +703,13 @@ impl Watcher {
                     last_error: state.failure.clone().unwrap_or_default(),
                 }));
             };
+            if let Some(c) = &self.certificate
+                && let Err(reason) = c.check.still_accepted()
+            {
+                return Some(Err(
+                    self.end(AccessError::CertificateNoLongerAccepted { reason })
+                ));
+            }
             if let Err(e) = access.check_audit() {
                 return Some(Err(self.end(e)));
             }

@@ -250,3 +250,44 @@ async fn watches_are_bounded_per_caller_and_a_closed_one_frees_its_place() {
         .unwrap();
     h.stop().await;
 }
+
+/// A certificate revoked after its handshake: new connections are refused at once, and a
+/// watch it opened ends before its next token instead of running on until `notAfter`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_when_the_client_certificate_that_opened_it_is_revoked() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH)]),
+        crl: true,
+        ..Default::default()
+    })
+    .await;
+    let revoked = h.ca.client(&[A]);
+    let kept = h.ca.client(&[A]);
+    let mut w = watch(&mut h.client(Some(&revoked)).await.unwrap(), None)
+        .await
+        .unwrap();
+    next(&mut w).await.unwrap().token.unwrap();
+
+    std::fs::write(h.path("callers.crl"), h.ca.crl(2, &[&revoked])).unwrap();
+    assert!(h.listener_tls.reload_if_changed().unwrap());
+    // A new token is published (asked for by the same identity on another certificate).
+    force_refresh(&h, &kept).await;
+    let end = next(&mut w).await.unwrap_err();
+    assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    assert!(
+        end.message()
+            .contains("client certificate is no longer accepted"),
+        "{}",
+        end.message()
+    );
+    let records = h.records();
+    let ended = records
+        .iter()
+        .rfind(|r| r.rpc == "WatchToken")
+        .expect("the watch's end is recorded");
+    assert_eq!(
+        (ended.outcome, ended.code),
+        (Outcome::Denied, "UNAUTHENTICATED")
+    );
+    h.stop().await;
+}
