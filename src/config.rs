@@ -116,6 +116,15 @@ pub struct ServerConfig {
     pub max_connection_age: Option<Duration>,
 }
 
+impl ServerConfig {
+    /// Whether callers can prove themselves with a client certificate (a caller CA bundle).
+    pub fn mutual_tls(&self) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerTls {
     pub cert_file: PathBuf,
@@ -559,7 +568,8 @@ impl Config {
 
     /// `check-config --files-elsewhere`: everything but the files the configuration names
     /// (the TLS certificate and key, CA bundles, revocation lists, the policy file, the audit
-    /// file's directory), which may exist only where the broker runs (mounted secrets). Returns the configuration and the files left unchecked.
+    /// file's directory), which may exist only where the broker runs (mounted secrets).
+    /// Returns the configuration and the files left unchecked.
     pub fn check_without_files(
         path: &Path,
         env: EnvSource<'_>,
@@ -1126,11 +1136,7 @@ impl Validator<'_> {
         }
         let callers = self.callers(raw.callers, &server);
         let policy = self.policy(raw.policy, &declared, &server);
-        let client_ca = server
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.client_ca_file.is_some());
-        if !client_ca && callers.issuers.is_empty() && !callers.dev_loopback {
+        if !server.mutual_tls() && callers.issuers.is_empty() && !callers.dev_loopback {
             self.warn(
                 "callers",
                 "no caller can authenticate, every request is refused: set server.client_ca_file (mutual TLS) or add [callers.issuers.NAME] (bearer tokens)",

@@ -431,10 +431,7 @@ impl Validator<'_> {
     /// harmless (it never matches), a live reload of the policy file accepts it, and a
     /// policy file that running replicas accepted must not stop new ones from starting.
     fn unusable_grants(&mut self, policy: &Policy, at: &str, server: &ServerConfig) {
-        let client_ca = server
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.client_ca_file.is_some());
+        let client_ca = server.mutual_tls();
         for caller in policy.caller_patterns() {
             if let Some(rest) = caller.strip_prefix("jwt:") {
                 let issuer = rest.split(':').next().unwrap_or(rest);
