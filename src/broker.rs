@@ -360,8 +360,8 @@ impl Broker {
     /// the caller could repeat at will, when the cached `token` does not meet it.
     ///
     /// A token for a key has at most the validity the last one was issued with (Entra gives
-    /// a key's tokens the same lifetime): above that, no new token would do better, and the caller is told at once how much a token gets. Below
-    /// it, while the cached token still serves callers that ask for no minimum, a new token
+    /// a key's tokens the same lifetime): above that, no new token would do better, and the
+    /// caller is told at once how much a token gets. Below it, while the cached token still serves callers that ask for no minimum, a new token
     /// is fetched early for this caller's sake only as often as a forced refresh is allowed
     /// (`force_refresh_interval`, shared with `force_refresh`); otherwise every request
     /// arriving once the token's remaining validity fell below the wanted one would fetch.
