@@ -553,27 +553,23 @@ async fn only_the_applied_fault_is_consumed() {
             .map(|f| (f["hits"].as_u64().unwrap(), f["spent"].as_bool().unwrap()))
             .collect()
     };
-    // The latency fault and the first failing fault apply; the second failing one waits.
-    let resp = env
-        .sign(&token, "contoso-app", None, "RS256", &digest)
-        .await;
-    assert_eq!(resp.status(), 500);
-    assert_eq!(
-        resp.headers()["x-emulator-faults"],
-        format!("{},{}", ids[0], ids[1]).as_str()
-    );
-    let (_, faults) = env.admin(Method::GET, "/faults", None).await;
-    assert_eq!(listed(&faults), [(1, false), (1, true), (0, false)]);
-    let resp = env
-        .sign(&token, "contoso-app", None, "RS256", &digest)
-        .await;
-    assert_eq!(resp.status(), 503);
-    assert_eq!(
-        resp.headers()["x-emulator-faults"],
-        format!("{},{}", ids[0], ids[2]).as_str()
-    );
-    let (_, faults) = env.admin(Method::GET, "/faults", None).await;
-    assert_eq!(listed(&faults), [(2, true), (1, true), (1, true)]);
+    // The latency fault and the first failing fault apply; the second failing one waits
+    // for the next request.
+    for (status, applied, after) in [
+        (500, ids[1], [(1, false), (1, true), (0, false)]),
+        (503, ids[2], [(2, true), (1, true), (1, true)]),
+    ] {
+        let resp = env
+            .sign(&token, "contoso-app", None, "RS256", &digest)
+            .await;
+        assert_eq!(resp.status(), status);
+        assert_eq!(
+            resp.headers()["x-emulator-faults"],
+            format!("{},{applied}", ids[0]).as_str()
+        );
+        let (_, faults) = env.admin(Method::GET, "/faults", None).await;
+        assert_eq!(listed(&faults), after);
+    }
     assert_eq!(
         env.sign(&token, "contoso-app", None, "RS256", &digest)
             .await
