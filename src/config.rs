@@ -616,6 +616,7 @@ impl Config {
             warnings: Vec::new(),
             issuer_names: BTreeSet::new(),
             unchecked,
+            listen_from: "server.listen",
         };
         let mut config = v.validate(raw, env);
         config.warnings = std::mem::take(&mut v.warnings);
@@ -924,9 +925,21 @@ struct Validator<'a> {
     issuer_names: BTreeSet<String>,
     /// Set: files are not read here, only listed (`check-config --files-elsewhere`).
     unchecked: Option<&'a mut Vec<String>>,
+    /// Where `server.listen` came from: the key, or the environment variable overriding it.
+    listen_from: &'static str,
 }
 
 impl Validator<'_> {
+    /// ` (from VARIABLE)` when the listen address came from the environment: a problem
+    /// about it must not send the operator to a file that says something else.
+    fn listen_source(&self) -> String {
+        if self.listen_from == "server.listen" {
+            String::new()
+        } else {
+            format!(" (from {})", self.listen_from)
+        }
+    }
+
     /// Whether to read the file `key` names here; when not, it is listed as unchecked.
     fn reads_files(&mut self, key: &str, path: &Path) -> bool {
         match &mut self.unchecked {
@@ -1367,17 +1380,18 @@ impl Validator<'_> {
 
     fn server(&mut self, raw: RawServer, env: EnvSource<'_>) -> ServerConfig {
         let (listen_path, listen) = match env("TOKENBROKER_LISTEN") {
-            Some(l) => ("TOKENBROKER_LISTEN".to_string(), l),
+            Some(l) => ("TOKENBROKER_LISTEN", l),
             None => (
-                "server.listen".to_string(),
+                "server.listen",
                 raw.listen.unwrap_or_else(|| "127.0.0.1:50051".into()),
             ),
         };
+        self.listen_from = listen_path;
         let listen = match listen.parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
                 self.problem(
-                    &listen_path,
+                    listen_path,
                     format!("`{listen}` is not an address:port such as 0.0.0.0:50051"),
                 );
                 SocketAddr::from(([127, 0, 0, 1], 50051))
@@ -1452,12 +1466,7 @@ impl Validator<'_> {
             }
         };
         if raw.plaintext && !listen.ip().is_loopback() {
-            // The address may not be the file's: say where it came from.
-            let from = if listen_path == "server.listen" {
-                String::new()
-            } else {
-                format!(" (from {listen_path})")
-            };
+            let from = self.listen_source();
             self.problem(
                 "server.plaintext",
                 format!("plaintext gRPC is allowed only on a loopback address, not {listen}{from}; configure tls_cert_file and tls_key_file"),

@@ -206,7 +206,12 @@ impl Validator<'_> {
         {
             self.problem(
                 "callers.dev_loopback",
-                "the unauthenticated development caller is allowed only with `plaintext = true` on a loopback listen address",
+                format!(
+                    "the unauthenticated development caller is allowed only with `plaintext = true` on a loopback listen address; here: {}, listen {}{}",
+                    if server.plaintext { "plaintext" } else { "TLS" },
+                    server.listen,
+                    self.listen_source()
+                ),
             );
         }
         self.issuer_names = raw.issuers.keys().cloned().collect();

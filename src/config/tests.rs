@@ -335,6 +335,20 @@ fn the_dev_caller_is_refused_with_tls_or_off_loopback() {
     // Plaintext on loopback is where it belongs.
     let c = Config::from_toml_str(&format!("{GOOD}{dev}"), Path::new("/"), &no_env).unwrap();
     assert!(c.callers.dev_loopback);
+    // An address from the environment is named as such: the file says loopback.
+    let env = |k: &str| (k == "TOKENBROKER_LISTEN").then(|| "0.0.0.0:50051".to_string());
+    let Err(ConfigError::Invalid(p)) =
+        Config::from_toml_str(&format!("{GOOD}{dev}"), Path::new("/"), &env)
+    else {
+        panic!("accepted")
+    };
+    let dev = p.iter().find(|p| p.path == "callers.dev_loopback");
+    assert!(
+        dev.is_some_and(|p| p
+            .message
+            .ends_with("here: plaintext, listen 0.0.0.0:50051 (from TOKENBROKER_LISTEN)")),
+        "{p:?}"
+    );
 }
 
 #[test]
