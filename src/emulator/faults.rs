@@ -1,6 +1,6 @@
 //! Fault injection and request accounting: a registry of bounded faults (latency, an answer
-//! of any status with custom headers or body, hang, connection reset) set through the admin
-//! API, and the
+//! of any status with custom headers or body, hang, connection reset, an answer whose body
+//! breaks off) set through the admin API, and the
 //! middleware that classifies each request into a route, applies matching faults and counts
 //! the outcome. Every fault is bounded by a count or a duration so a test can never leave the
 //! emulator broken.
@@ -14,6 +14,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -62,6 +63,10 @@ pub(crate) struct FaultSpec {
     /// Close the connection without an answer.
     #[serde(default)]
     pub reset: bool,
+    /// Answer as the service does, but send only the first half of the body; the rest never
+    /// comes, and the connection is closed when `duration_ms` is over.
+    #[serde(default)]
+    pub stall_body: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,6 +160,7 @@ pub(crate) enum Action {
     Fail(FailSpec),
     Hang(Instant),
     Reset,
+    StallBody(Instant),
 }
 
 /// Routes whose requests name a tenant (`tenant` filter).
@@ -237,13 +243,24 @@ impl Faults {
         if spec.hang && spec.duration_ms.is_none() {
             return Err("\"hang\" needs \"duration_ms\" (how long requests hang)".into());
         }
-        let terminal =
-            usize::from(spec.fail.is_some()) + usize::from(spec.hang) + usize::from(spec.reset);
+        if spec.stall_body && spec.duration_ms.is_none() {
+            return Err(
+                "\"stall_body\" needs \"duration_ms\" (how long the rest of the body is held)"
+                    .into(),
+            );
+        }
+        let terminal = usize::from(spec.fail.is_some())
+            + usize::from(spec.hang)
+            + usize::from(spec.reset)
+            + usize::from(spec.stall_body);
         if terminal > 1 {
-            return Err("use at most one of \"fail\", \"hang\", \"reset\"".into());
+            return Err("use at most one of \"fail\", \"hang\", \"reset\", \"stall_body\"".into());
         }
         if terminal == 0 && spec.latency_ms.unwrap_or(0) == 0 {
-            return Err("a fault needs \"latency_ms\", \"fail\", \"hang\" or \"reset\"".into());
+            return Err(
+                "a fault needs \"latency_ms\", \"fail\", \"hang\", \"reset\" or \"stall_body\""
+                    .into(),
+            );
         }
         if let Some(f) = &spec.fail {
             f.validate()?;
@@ -324,6 +341,9 @@ impl Faults {
                 Some(Action::Hang(f.deadline.unwrap_or(now)))
             } else if f.spec.reset {
                 Some(Action::Reset)
+            } else if f.spec.stall_body {
+                // Also always has a deadline.
+                Some(Action::StallBody(f.deadline.unwrap_or(now)))
             } else {
                 None
             };
@@ -470,11 +490,44 @@ async fn apply(
             }
             reset_response()
         }
+        Some(Action::StallBody(deadline)) => {
+            stall_body(next.run(req).await, deadline, shutdown).await
+        }
     };
     if let Ok(v) = HeaderValue::from_str(&ids) {
         response.headers_mut().insert("x-emulator-faults", v);
     }
     response
+}
+
+/// `response` with only the first half of its body sent; the rest is held until `deadline`
+/// (or shutdown), then the body fails, which closes the connection. `Content-Length` stays
+/// the whole body's, so a client knows the body broke off rather than ended.
+async fn stall_body(
+    response: Response,
+    deadline: Instant,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return reset_response();
+    };
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    let head = bytes.slice(..bytes.len() / 2);
+    let rest = async move {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = shutdown.wait_for(|down| *down) => {}
+        }
+        Err(std::io::Error::other(
+            "stall_body fault: the rest of the body never comes",
+        ))
+    };
+    let chunks = futures::stream::once(async move { Ok::<_, std::io::Error>(head) })
+        .chain(futures::stream::once(rest));
+    Response::from_parts(parts, axum::body::Body::from_stream(chunks))
 }
 
 fn reset_response() -> Response {

@@ -17,6 +17,8 @@ async fn health_and_unbounded_faults_rejected() {
     for bad in [
         json!({"route": "keyvault.sign", "fail": {"status": 429}}),
         json!({"route": "keyvault.sign", "hang": true, "count": 1}),
+        json!({"route": "keyvault.sign", "stall_body": true, "count": 1}),
+        json!({"route": "keyvault.sign", "stall_body": true, "reset": true, "duration_ms": 1000}),
         json!({"route": "nope", "fail": {"status": 429}, "count": 1}),
         json!({"route": "identity", "count": 1}),
     ] {
@@ -165,6 +167,48 @@ async fn hang_and_reset_faults() {
         )
         .await;
     assert_eq!(s, 400, "the next request is answered normally");
+}
+
+#[tokio::test]
+async fn a_stall_body_fault_sends_half_the_answer_then_breaks_off() {
+    let env = start_demo().await;
+    let url = format!(
+        "{}?api-version=2019-08-01&resource=https://vault.azure.net",
+        env.ep().identity_endpoint
+    );
+    let get = || {
+        env.http
+            .get(&url)
+            .header("X-IDENTITY-HEADER", &env.ep().identity_header)
+            .send()
+    };
+    env.admin(
+        Method::POST,
+        "/faults",
+        Some(json!({"route": "identity.appservice", "stall_body": true, "count": 1, "duration_ms": 300})),
+    )
+    .await;
+    let mut resp = get().await.unwrap();
+    assert_eq!(resp.status(), 200, "the head is the service's");
+    let length = resp.content_length().expect("the whole body's length");
+    let mut got = Vec::new();
+    let err = loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => got.extend_from_slice(&c),
+            Ok(None) => panic!("the body ended after {} of {length} bytes", got.len()),
+            Err(e) => break e,
+        }
+    };
+    assert!(!err.is_timeout(), "the emulator broke it off: {err}");
+    assert!(length > 100, "a token answer: {length} bytes");
+    assert_eq!(
+        got.len(),
+        length as usize / 2,
+        "the first half, then nothing"
+    );
+    let again = get().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert!(again.bytes().await.is_ok(), "only one answer breaks off");
 }
 
 #[tokio::test]
