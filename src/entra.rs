@@ -84,6 +84,31 @@ impl EntraError {
     }
 }
 
+impl EntraError {
+    /// The head of an answer came (with `status`) but its body did not finish: the
+    /// connection broke, or the outbound timeout passed mid-body. The next attempt may well
+    /// get all of it.
+    fn broken_off(status: u16, e: &reqwest::Error, correlation: &str) -> Self {
+        // The outer layers only say "error decoding response body" and repeat the URL.
+        let mut cause: &dyn std::error::Error = e;
+        while let Some(inner) = cause.source() {
+            cause = inner;
+        }
+        EntraError {
+            class: EntraErrorClass::Retryable,
+            status,
+            error: "incomplete_response".into(),
+            codes: vec![],
+            description: format!(
+                "the answer's body broke off ({cause}): a proxy or the network may be cutting connections, or outbound.request_timeout_secs is shorter than Entra takes"
+            ),
+            correlation_id: Some(correlation.to_owned()),
+            trace_id: None,
+            retry_after: None,
+        }
+    }
+}
+
 impl fmt::Display for EntraError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.status == 0 {
@@ -274,7 +299,7 @@ impl TokenExchange for HttpTokenExchange {
         let body = resp
             .bytes()
             .await
-            .map_err(|e| EntraError::transport(crate::outbound::error_chain(&e), &correlation))?;
+            .map_err(|e| EntraError::broken_off(status, &e, &correlation))?;
         if status == 200 {
             return token_from(&body).map_err(|e| EntraError {
                 class: EntraErrorClass::Retryable,

@@ -63,6 +63,22 @@ impl FlowError {
         }
     }
 
+    /// Whether this is `upstream`'s failure (an internal error is everyone's).
+    fn is_from(&self, upstream: Upstream) -> bool {
+        match self {
+            FlowError::Signer(_) => matches!(
+                upstream,
+                Upstream::KeyVaultSign
+                    | Upstream::KeyVaultCertificate
+                    | Upstream::HsmSign
+                    | Upstream::HsmCertificate
+            ),
+            FlowError::Identity(_) => upstream == Upstream::ManagedIdentity,
+            FlowError::Entra(_) => upstream == Upstream::Entra,
+            FlowError::Internal(_) => true,
+        }
+    }
+
     /// A configuration or caller problem that asking again will not fix: negative-cached.
     pub fn is_persistent(&self) -> bool {
         !self.is_retryable() && !matches!(self, FlowError::Internal(_))
@@ -406,36 +422,17 @@ impl Flow {
         let mut retried_key = false;
         let mut retried_clock = false;
         loop {
-            let params = AssertionParams {
-                token_endpoint: &tenant.token_endpoint,
-                client_id: &tenant.client_id,
-                algorithm,
-                thumbprint,
-                now: self.clock.unix(),
+            let sign = || {
+                self.sign(
+                    tenant,
+                    &cert_key,
+                    vault.map(|v| &v.0),
+                    &cert,
+                    (algorithm, thumbprint),
+                    deadline,
+                )
             };
-            let assertion = self
-                .guarded(self.signer_for(&cert_key.0).1, vault.map(|v| &v.0), deadline, || async {
-                    self.stats.signs.fetch_add(1, Ordering::Relaxed);
-                    let started = Instant::now();
-                    let (signer, upstream, _) = self.signer_for(&cert_key.0);
-                    let span = match upstream {
-                        Upstream::HsmSign => info_span!("hsm.sign", otel.kind = "client", tenant = %tenant.name, key_version = %cert.version),
-                        _ => info_span!("keyvault.sign", otel.kind = "client", tenant = %tenant.name, key_version = %cert.version),
-                    };
-                    let r = self
-                        .metrics
-                        .scope(assertion::build(signer, &params, &cert))
-                        .instrument(span)
-                        .await;
-                    self.metrics.upstream(
-                        upstream,
-                        started,
-                        r.as_ref().err().map(metrics::signer_code),
-                    );
-                    Ok(r?)
-                })
-                .await;
-            let assertion = match assertion {
+            let assertion = match sign().await {
                 Ok(a) => a,
                 // The key of the version we hold is gone (removed from an HSM after a
                 // rotation): re-read the metadata at once and sign again if it changed,
@@ -454,7 +451,10 @@ impl Flow {
                 }
                 Err(e) => return Err(e),
             };
-            match self.exchange(tenant, scopes, &assertion, deadline).await {
+            match self
+                .exchange(tenant, scopes, assertion, sign, deadline)
+                .await
+            {
                 Ok((started, t)) => return Ok(self.obtained(tenant, scopes, started, t)),
                 // Entra does not know the key we signed with: the certificate may have been
                 // rotated. Re-read its metadata at once and retry once if it changed.
@@ -508,6 +508,43 @@ impl Flow {
         }
     }
 
+    /// A client assertion for `tenant`, signed with `cert`'s key behind the signer's guard.
+    async fn sign(
+        &self,
+        tenant: &Tenant,
+        cert_key: &CertKey,
+        guard: Option<&Guard>,
+        cert: &CertificateInfo,
+        (algorithm, thumbprint): (SigningAlgorithm, ThumbprintHeader),
+        deadline: Deadline,
+    ) -> Result<Sensitive, FlowError> {
+        let (signer, upstream, _) = self.signer_for(&cert_key.0);
+        self.guarded(upstream, guard, deadline, || async {
+            let params = AssertionParams {
+                token_endpoint: &tenant.token_endpoint,
+                client_id: &tenant.client_id,
+                algorithm,
+                thumbprint,
+                now: self.clock.unix(),
+            };
+            self.stats.signs.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
+            let span = match upstream {
+                Upstream::HsmSign => info_span!("hsm.sign", otel.kind = "client", tenant = %tenant.name, key_version = %cert.version),
+                _ => info_span!("keyvault.sign", otel.kind = "client", tenant = %tenant.name, key_version = %cert.version),
+            };
+            let r = self
+                .metrics
+                .scope(assertion::build(signer, &params, cert))
+                .instrument(span)
+                .await;
+            self.metrics
+                .upstream(upstream, started, r.as_ref().err().map(metrics::signer_code));
+            Ok(r?)
+        })
+        .await
+    }
+
     /// With a managed identity the app trusts as a federated credential: its token is the
     /// assertion (cached by the credential and valid for hours, so a refused one is not
     /// retried here).
@@ -531,23 +568,42 @@ impl Flow {
                 Ok(r?)
             })
             .await?;
-        let (started, t) = self.exchange(tenant, scopes, &assertion, deadline).await?;
+        // A managed identity's token is meant to be presented again until it expires.
+        let again = || std::future::ready(Ok(assertion.clone()));
+        let (started, t) = self
+            .exchange(tenant, scopes, assertion.clone(), again, deadline)
+            .await?;
         Ok(self.obtained(tenant, scopes, started, t))
     }
 
-    /// One Entra exchange of `assertion` behind the tenant's guard, and when it was sent.
-    async fn exchange(
+    /// An Entra exchange behind the tenant's guard, and when it was sent. The first attempt
+    /// presents `assertion`; a retry presents what `again` gives. A signed assertion is sent
+    /// at most once: an attempt that failed may still have reached Entra, which may refuse
+    /// its `jti` the second time (RFC 7523 §3), turning a passing glitch into a refusal.
+    async fn exchange<A, AF>(
         &self,
         tenant: &Tenant,
         scopes: &[String],
-        assertion: &Sensitive,
+        assertion: Sensitive,
+        again: A,
         deadline: Deadline,
-    ) -> Result<(Moment, EntraToken), FlowError> {
+    ) -> Result<(Moment, EntraToken), FlowError>
+    where
+        A: Fn() -> AF,
+        AF: Future<Output = Result<Sensitive, FlowError>>,
+    {
         let entra = self.entra.get(tenant.name.as_ref());
         let scope = scopes.join(" ");
         let started = self.clock.moment();
+        let first = std::sync::Mutex::new(Some(assertion));
         let token = self
             .guarded(Upstream::Entra, entra, deadline, || async {
+                let unsent = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let assertion = match unsent {
+                    Some(a) => a,
+                    None => again().await?,
+                };
+                let assertion = &assertion;
                 self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
                 let started = Instant::now();
                 let correlation_id = uuid::Uuid::new_v4();
@@ -674,6 +730,15 @@ impl Flow {
                         g.breaker.success();
                     }
                     return Ok(v);
+                }
+                // Another upstream's failure inside an attempt (a fresh assertion for an
+                // exchange): its own guard has retried it already, and it says nothing about
+                // this upstream.
+                Err(e) if !e.is_from(upstream) => {
+                    if let Some(g) = guard {
+                        g.breaker.neutral();
+                    }
+                    return Err(e);
                 }
                 Err(e) if e.is_retryable() => {
                     if let Some(g) = guard {

@@ -974,3 +974,73 @@ async fn an_unreadable_token_response_and_a_proxys_page_are_retryable_and_named(
     stack.get("fabrikam", GRAPH).await.unwrap();
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_breaks_off_is_retried_with_a_fresh_assertion() {
+    // The head arrives (200), half the body, then nothing: the outbound request timeout
+    // (1 s here) covers the body too, so the attempt ends and is retried. Entra may have
+    // taken the assertion it never finished answering: the retry must not present its jti
+    // again (the emulator refuses a replayed jti, AADSTS50013; before the fix the tenant
+    // got FAILED_PRECONDITION, "fix the tenant's configuration").
+    let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |t| {
+        t.replace("[outbound]\n", "[outbound]\nrequest_timeout_secs = 1\n")
+    })
+    .await;
+    for route in ["keyvault.sign", "entra.token"] {
+        stack
+            .admin_post(
+                "/faults",
+                json!({"route": route, "stall_body": true, "count": 1, "duration_ms": 600_000}),
+            )
+            .await;
+    }
+    let t = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(t.source, TokenSource::Exchange as i32);
+    let c = stack.counters().await;
+    assert!(
+        stack.total_signs().await == 2,
+        "the sign that broke off was retried, and the exchange's retry signed anew: {c}"
+    );
+    assert_eq!(
+        stack
+            .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+            .await,
+        2,
+        "{c}"
+    );
+    let sent = stack.assertions.lock().unwrap().clone();
+    let jtis: Vec<String> = sent
+        .iter()
+        .map(|a| claims(a)["jti"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(jtis.len(), 2);
+    assert_ne!(
+        jtis[0], jtis[1],
+        "each exchange attempt presents its own assertion"
+    );
+    // Every answer breaks off: the caller hears which upstream, what happened, and that it
+    // is worth retrying.
+    for (route, says) in [
+        (
+            "entra.token",
+            [
+                "Entra ID answered 200 incomplete_response",
+                "body broke off",
+            ],
+        ),
+        ("keyvault.sign", ["Key Vault", "timed out"]),
+    ] {
+        stack
+            .admin_post(
+                "/faults",
+                json!({"route": route, "stall_body": true, "count": 100, "duration_ms": 600_000}),
+            )
+            .await;
+        let s = assert_status(stack.get("fabrikam", GRAPH).await, Code::Unavailable, &says);
+        assert!(s.metadata().get("retry-after").is_some(), "{s:?}");
+        stack.clear_faults().await;
+    }
+    // Neither was remembered as the tenant's fault.
+    stack.get("fabrikam", GRAPH).await.unwrap();
+    stack.stop().await;
+}
