@@ -357,12 +357,21 @@ fn build_config(
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mutual = verifier.is_some();
     let builder = match verifier {
         Some(verifier) => builder.with_client_cert_verifier(verifier),
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(cert.clone());
     config.alpn_protocols = vec![b"h2".to_vec()];
+    if mutual {
+        // A resumed session carries the client certificate of its first handshake without
+        // checking it again (expiry, revocation lists, the CA bundle in force), and each
+        // resumption can issue a fresh ticket: an expired or revoked certificate would keep
+        // working. Every handshake with client certificates is a full one.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(config)
 }
 

@@ -146,6 +146,14 @@ impl Authenticator {
                 ClientCert::Leaf(leaf) => mtls::identity(leaf),
             }
             .map_err(AuthnError::Certificate)?;
+            // The handshake checked the validity period once; a connection lives on after
+            // it, and so would the certificate's power without this.
+            if SystemTime::now() >= cert.not_after {
+                return Err(AuthnError::Certificate(format!(
+                    "expired at {}; connect again with a renewed certificate",
+                    crate::audit::rfc3339(cert.not_after)
+                )));
+            }
             return Ok(Caller {
                 id: cert.id,
                 proof: Proof::Mtls,
@@ -225,7 +233,7 @@ mod tests {
         // a certificate never falls back to the loopback development identity.
         let read = Ok(mtls::CertIdentity {
             id: "dns:svc.example.org".to_owned(),
-            not_after: SystemTime::UNIX_EPOCH,
+            not_after: SystemTime::now() + std::time::Duration::from_secs(3600),
         });
         let per_connection = Credentials {
             client_cert: Some(ClientCert::Identity(&read)),
@@ -235,6 +243,19 @@ mod tests {
             a.authenticate(&per_connection).await.unwrap().id,
             "dns:svc.example.org"
         );
+        // A connection outlives its certificate: each request is checked against the end.
+        let expired = Ok(mtls::CertIdentity {
+            id: "dns:svc.example.org".to_owned(),
+            not_after: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+        });
+        let on_an_old_connection = Credentials {
+            client_cert: Some(ClientCert::Identity(&expired)),
+            ..Default::default()
+        };
+        assert!(matches!(
+            a.authenticate(&on_an_old_connection).await,
+            Err(AuthnError::Certificate(m)) if m.contains("expired at 2023-11-14T22:13:20Z")
+        ));
         let refused = Err("carries neither a SPIFFE ID (URI SAN) nor a DNS name".to_owned());
         let bad = Credentials {
             client_cert: Some(ClientCert::Identity(&refused)),

@@ -29,6 +29,12 @@ async fn open_h2(
     server_ca: &str,
     client: Option<&Leaf>,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    open_h2_with(h, client_config(server_ca, client)).await
+}
+
+/// A client configuration (with rustls' default session cache, so connections made with
+/// the same one resume their session when the server allows it).
+fn client_config(server_ca: &str, client: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -51,8 +57,15 @@ async fn open_h2(
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
+async fn open_h2_with(
+    h: &Harness,
+    cfg: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .map_err(|e| e.to_string())?;
@@ -286,6 +299,31 @@ async fn a_rotated_server_certificate_is_served_without_a_restart() {
     assert!(h.server_cert.reload_if_changed().unwrap());
     handshake(&h, &new_ca.pem(), None).await.unwrap();
     assert!(handshake(&h, &h.server_ca_pem, None).await.is_err());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_proven_by_a_client_certificate_is_never_resumed() {
+    // A resumed TLS session carries the client certificate of its first handshake without
+    // checking it again: a certificate expired or revoked since would keep working through
+    // chained resumptions. With client certificates every handshake is a full one.
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let leaf = h.ca.client(&[COLLECTOR]);
+    let cfg = client_config(&h.server_ca_pem, Some(&leaf));
+    for _ in 0..3 {
+        // The server's session tickets, if it sends any, come before its SETTINGS frame,
+        // which `open_h2_with` has read.
+        let conn = open_h2_with(&h, cfg.clone()).await.unwrap();
+        assert_eq!(
+            conn.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+    }
+    h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
     h.stop().await;
 }
 
