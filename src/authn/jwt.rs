@@ -70,6 +70,11 @@ pub enum JwtError {
     WrongIssuer,
     #[error("missing claim `{0}`")]
     MissingClaim(String),
+    /// A user's token names the app the user signed in with; it must not act as that app.
+    #[error(
+        "a user's delegated token (it carries `{0}`) cannot stand for the app it names in `{1}`: present an app-only token (client credentials)"
+    )]
+    Delegated(&'static str, String),
     /// Too many tokens from this client address failed: new tokens from it wait.
     #[error(
         "too many failed authentications from this address; retry after {}s",
@@ -387,6 +392,19 @@ impl JwtVerifier {
             _ => JwtError::Malformed("the token does not decode".into()),
         })?;
         let claim = &issuer.cfg.identity_claim;
+        // `azp` and `appid` name the client app, also in a token a user got through that app
+        // (a public client: any user of the tenant can sign in with it). Named by the app,
+        // only the app's own tokens count: a delegated token carries `scp` (the user's
+        // consented permissions), and Entra's optional `idtyp` says "user".
+        if matches!(claim.as_str(), "azp" | "appid") {
+            let user = data.claims.rest.get("idtyp").and_then(|v| v.as_str()) == Some("user");
+            if data.claims.rest.contains_key("scp") {
+                return Err(JwtError::Delegated("scp", claim.clone()));
+            }
+            if user {
+                return Err(JwtError::Delegated("idtyp: user", claim.clone()));
+            }
+        }
         // `azp` and `appid` are lifted out of the other claims by serde.
         let value = match claim.as_str() {
             "azp" => data.claims.azp.clone(),
@@ -614,6 +632,7 @@ mod tests {
     #[cfg(feature = "emulator")]
     async fn held_issuer(
         burst: u32,
+        identity_claim: &str,
     ) -> (
         crate::emulator::keys::IssuerKey,
         String,
@@ -653,7 +672,7 @@ mod tests {
             discovery_url: Url::parse(&format!("{iss}/.well-known/openid-configuration")).unwrap(),
             audiences: vec!["api://tokenbroker".into()],
             algorithms: vec![Algorithm::RS256],
-            identity_claim: "sub".into(),
+            identity_claim: identity_claim.into(),
             leeway: Duration::from_secs(60),
             jwks_min_refresh: Duration::from_secs(30),
             jwks_max_age: Duration::from_secs(3600),
@@ -679,6 +698,48 @@ mod tests {
         .unwrap()
     }
 
+    #[cfg(feature = "emulator")]
+    #[tokio::test]
+    async fn named_by_its_app_only_an_apps_own_token_is_accepted_not_a_users() {
+        let (key, iss, release, _asked, verifier) = held_issuer(100, "azp").await;
+        release.add_permits(100);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let token = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({
+                "iss": iss, "sub": "s", "aud": "api://tokenbroker", "iat": now,
+                "exp": now + 3600, "azp": "app-1",
+            });
+            claims
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            Sensitive::new(key.sign(&claims).unwrap())
+        };
+        let peer: IpAddr = "192.0.2.9".parse().unwrap();
+        for app_only in [
+            serde_json::json!({}),
+            serde_json::json!({"idtyp": "app", "roles": ["Broker.Read"]}),
+        ] {
+            let caller = verifier.verify(&token(app_only), Some(peer)).await.unwrap();
+            assert_eq!(caller.id, "jwt:held:app-1");
+        }
+        // A user signed in through app-1 (a public client) must not become app-1.
+        for (delegated, names) in [
+            (serde_json::json!({"scp": "user_impersonation"}), "`scp`"),
+            (serde_json::json!({"idtyp": "user"}), "`idtyp: user`"),
+        ] {
+            let e = verifier
+                .verify(&token(delegated), Some(peer))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, JwtError::Delegated(..)), "{e}");
+            assert!(e.to_string().contains(names), "{e}");
+        }
+    }
+
     /// `token` with the signature of `other`: well formed, from a trusted issuer and key,
     /// and its signature does not verify.
     #[cfg(feature = "emulator")]
@@ -692,7 +753,7 @@ mod tests {
     #[tokio::test]
     async fn bad_tokens_sent_together_from_one_address_get_at_most_the_burst_of_full_checks() {
         let burst = 3;
-        let (key, iss, release, mut asked, verifier) = held_issuer(burst).await;
+        let (key, iss, release, mut asked, verifier) = held_issuer(burst, "sub").await;
         let peer: IpAddr = "192.0.2.7".parse().unwrap();
         let other = signed(&key, &iss, "other");
         // Ten bad tokens at once: each passes the quick look at the address's budget, then
@@ -723,7 +784,7 @@ mod tests {
     #[tokio::test]
     async fn valid_tokens_do_not_spend_their_address_s_failure_budget() {
         let burst = 3;
-        let (key, iss, release, _asked, verifier) = held_issuer(burst).await;
+        let (key, iss, release, _asked, verifier) = held_issuer(burst, "sub").await;
         release.add_permits(100);
         let peer: IpAddr = "192.0.2.8".parse().unwrap();
         // More new valid tokens from one address than its burst of failures: all verify.
