@@ -83,10 +83,16 @@ fn reload_on_hangup(
                     continue;
                 }
                 info!("SIGHUP: reloading the policy file and TLS files");
-                policy.reload_now();
-                if let Some(tls) = &tls {
-                    tls.reload_now();
-                }
+                // Files are read on a blocking thread (a hung mount must not stall a runtime
+                // worker); signals that come meanwhile are taken once this reload is done.
+                let (policy, tls) = (policy.clone(), tls.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    policy.reload_now();
+                    if let Some(tls) = &tls {
+                        tls.reload_now();
+                    }
+                })
+                .await;
             }
         })))
     }
@@ -296,8 +302,18 @@ impl Bound {
                 Ok(())
             }
         };
-        // Every decision made is in the audit trail before the process exits.
-        let _ = tokio::task::spawn_blocking(move || access.audit().flush()).await;
+        // Every decision made is in the audit trail before the process exits. The flush gives
+        // up on a stalled output by itself; the bound covers getting a blocking thread.
+        let flush = tokio::task::spawn_blocking(move || access.audit().flush());
+        if tokio::time::timeout(AUDIT_FLUSH_BOUND, flush)
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                bound_secs = AUDIT_FLUSH_BOUND.as_secs(),
+                "the audit trail's final flush did not finish; records not yet written may be lost"
+            );
+        }
         served
     }
 }
@@ -393,6 +409,9 @@ async fn become_ready(
 
 /// How often readiness looks at the audit trail.
 const AUDIT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long the exit waits for the audit trail's final flush to run.
+const AUDIT_FLUSH_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// NOT_SERVING while the audit trail cannot be written and tokens are refused for it (the
 /// default), SERVING again once it can: load balancers and Kubernetes send callers to

@@ -230,7 +230,10 @@ impl ListenerConfig {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                self.reload_now();
+                // On a blocking thread: a read stuck on a hung mount (NFS, a CSI driver) must
+                // not stall a runtime worker. The next look waits for this one.
+                let this = self.clone();
+                let _ = tokio::task::spawn_blocking(move || this.reload_now()).await;
             }
         })
     }

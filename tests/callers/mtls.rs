@@ -438,3 +438,93 @@ async fn handshakes_in_progress_are_capped_and_an_idle_one_times_out() {
     drop(idle);
     h.stop().await;
 }
+
+/// A read that never returns, as on a hung NFS or CSI mount: `path` becomes a FIFO, and
+/// once a reader has opened it (the broker's file watcher), its write end is held open
+/// without writing. Returns the write end and what the file held.
+/// A read that never returns, as on a hung NFS or CSI mount: `path` becomes a FIFO, and
+/// once a reader has opened it (the broker's file watcher), its write end is held open
+/// without writing. Returns the write end and what the file held. Waits on this thread, not
+/// the runtime's: a broker that regressed would stall the runtime's timers too.
+#[cfg(target_os = "linux")]
+fn hang_reads_of(path: &std::path::Path) -> (std::fs::File, Vec<u8>) {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Linux's O_NONBLOCK: opening a FIFO's write end then fails until a reader has it open.
+    const O_NONBLOCK: i32 = 0o4000;
+    let text = std::fs::read(path).unwrap();
+    std::fs::remove_file(path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(O_NONBLOCK)
+            .open(path)
+        {
+            Ok(w) => return (w, text),
+            Err(_) if std::time::Instant::now() < give_up => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("the broker's watcher never opened {}: {e}", path.display()),
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_stuck_on_a_hung_mount_never_stall_the_broker() {
+    use std::io::Write;
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        server: "reload_secs = 1",
+        ..Default::default()
+    })
+    .await;
+    let leaf = h.ca.client(&[COLLECTOR]);
+    // The policy watcher and the TLS watcher each stuck in a read (a worker each before).
+    let mut stuck = Vec::new();
+    for name in ["policy.toml", "server.crt"] {
+        stuck.push(hang_reads_of(&h.path(name)));
+    }
+    // Asked from a runtime of its own, so that a stalled broker fails the test instead of
+    // stalling it too.
+    let endpoint = h.endpoint(Some(&leaf));
+    let (tell, answer) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(async {
+            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            tokenbroker::proto::token_broker_client::TokenBrokerClient::new(channel)
+                .get_token(tokenbroker::proto::GetTokenRequest {
+                    tenant: "contoso".into(),
+                    scopes: vec![GRAPH.into()],
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+                .map_err(|s| s.to_string())
+        });
+        let _ = tell.send(r);
+    });
+    let served = answer.recv_timeout(std::time::Duration::from_secs(30));
+    // The mounts recover: the files are regular again (the next looks read those), and
+    // the reads under way finish.
+    for ((mut writer, text), name) in stuck.into_iter().zip(["policy.toml", "server.crt"]) {
+        let recovered = h.path(&format!("{name}.recovered"));
+        std::fs::write(&recovered, &text).unwrap();
+        std::fs::rename(&recovered, h.path(name)).unwrap();
+        writer.write_all(&text).unwrap();
+    }
+    served
+        .expect("the broker answers while its file reads hang")
+        .unwrap();
+    h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
+    h.stop().await;
+}
