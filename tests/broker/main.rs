@@ -976,6 +976,39 @@ async fn an_unreadable_token_response_and_a_proxys_page_are_retryable_and_named(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_in_key_vaults_place_is_not_quoted_nor_remembered() {
+    let stack = Stack::start().await;
+    // A gateway's page that echoes the request, the managed identity's bearer token with it.
+    let page = format!(
+        "<html><body>Blocked. Authorization: Bearer PAGE-MARKER-eyJ {}</body></html>",
+        "x".repeat(64 * 1024)
+    );
+    for (status, tenant) in [(403, "contoso"), (502, "fabrikam")] {
+        stack
+            .admin_post(
+                "/faults",
+                json!({"route": "keyvault.sign", "count": 100,
+                       "fail": {"status": status, "content_type": "text/html", "raw_body": page}}),
+            )
+            .await;
+        let s = assert_status(
+            stack.get(tenant, GRAPH).await,
+            Code::Unavailable,
+            &[
+                &format!("HTTP {status} without a Key Vault error"),
+                "a proxy or gateway may have answered",
+            ],
+        );
+        assert!(!s.message().contains("PAGE-MARKER"), "{}", s.message());
+        assert!(s.message().len() < 1000, "{}", s.message());
+        stack.clear_faults().await;
+        // Not Key Vault's verdict, so not remembered: the next request gets a token.
+        stack.get(tenant, GRAPH).await.unwrap();
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_that_breaks_off_is_retried_with_a_fresh_assertion() {
     // The head arrives (200), half the body, then nothing: the outbound request timeout
     // (1 s here) covers the body too, so the attempt ends and is retried. Entra may have
