@@ -187,6 +187,14 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                 SignerError::NotFound { .. } => Status::failed_precondition(format!(
                     "{msg}; check the tenant's credential (vault_url and certificate) in the broker configuration"
                 )),
+                SignerError::Configuration { service, .. } if *service == pkcs11::SERVICE => {
+                    Status::failed_precondition(format!(
+                        "{msg}; fix the objects on the token (each key with one certificate, paired by CKA_ID) or the tenant's credential (module, token and key)"
+                    ))
+                }
+                SignerError::Configuration { .. } => Status::failed_precondition(format!(
+                    "{msg}; check the tenant's credential (vault_url, certificate and algorithm) and the certificate's key in Key Vault (an RSA key that may sign)"
+                )),
                 SignerError::Other { .. } => Status::internal(msg),
             }
         }
@@ -238,5 +246,42 @@ pub fn code_name(c: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::signer::keyvault;
+
+    fn signer_status(e: SignerError) -> Status {
+        to_status(&BrokerError::Upstream {
+            tenant: "contoso".into(),
+            source: Arc::new(FlowError::Signer(e)),
+        })
+    }
+
+    #[test]
+    fn a_credential_that_cannot_work_as_configured_is_a_failed_precondition_with_the_fix() {
+        for (service, code, fix) in [
+            (
+                keyvault::SERVICE,
+                "BadParameter",
+                "vault_url, certificate and algorithm",
+            ),
+            (pkcs11::SERVICE, "CertificateAmbiguous", "paired by CKA_ID"),
+        ] {
+            let s = signer_status(SignerError::Configuration {
+                service,
+                code: code.into(),
+                message: "m".into(),
+            });
+            assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+            assert!(s.message().contains(code), "{}", s.message());
+            assert!(s.message().contains(fix), "{}", s.message());
+            assert!(s.metadata().get(RETRY_AFTER_KEY).is_none());
+        }
     }
 }

@@ -243,7 +243,13 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
                     message: format!("HTTP {status} {code}: {message}"),
                     retry_after,
                 },
-                _ => other(format!("HTTP {status} {code}: {message}")),
+                // Any other refusal (400 BadParameter: a key whose type does not fit the
+                // algorithm) is the configuration's, however often it is asked.
+                _ => SignerError::Configuration {
+                    service: SERVICE,
+                    code,
+                    message: format!("HTTP {status}: {message}"),
+                },
             }
         }
         ErrorKind::Credential => SignerError::Identity(root_message(&e)),
@@ -388,5 +394,27 @@ mod tests {
             }
         }
         assert!(other("z".repeat(5000)).to_string().len() < MESSAGE_LIMIT + 50);
+    }
+
+    #[test]
+    fn key_vaults_other_refusals_are_the_configurations_and_not_retried() {
+        let body = r#"{"error":{"code":"BadParameter","message":"Key and signing algorithm are incompatible."}}"#;
+        for status in [400, 405, 409, 422] {
+            let e = classify(answer(status, Some("BadParameter"), body), "key k/v");
+            match &e {
+                SignerError::Configuration { code, message, .. } => {
+                    assert_eq!(code, "BadParameter");
+                    assert!(message.contains("incompatible"), "{message}");
+                }
+                other => panic!("{status}: {other:?}"),
+            }
+            assert!(!e.is_retryable());
+            assert!(crate::flow::FlowError::Signer(e).is_persistent());
+        }
+        // Throttling and outages are still retried.
+        for status in [408, 429, 500, 503] {
+            let e = classify(answer(status, Some("Throttled"), body), "key k/v");
+            assert!(e.is_retryable(), "{status}: {e:?}");
+        }
     }
 }

@@ -372,6 +372,36 @@ async fn key_vault_refusals_are_failed_precondition_with_the_fix() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_key_vault_refuses_is_a_failed_precondition_remembered_like_one() {
+    let stack = Stack::start().await;
+    // 400 BadParameter, as for a key whose type does not fit the configured algorithm.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "keyvault.sign", "count": 100, "fail": {"status": 400}}),
+        )
+        .await;
+    assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::FailedPrecondition,
+        &[
+            "BadParameter",
+            "HTTP 400",
+            "vault_url, certificate and algorithm",
+        ],
+    );
+    assert_eq!(stack.route_total("keyvault.sign").await, 1, "not retried");
+    // Remembered for the negative cache's time: asking again does not reach Key Vault.
+    assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::FailedPrecondition,
+        &["BadParameter"],
+    );
+    assert_eq!(stack.route_total("keyvault.sign").await, 1);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_outages_are_unavailable_with_a_retry_hint() {
     let stack = Stack::start().await;
     stack
