@@ -31,7 +31,8 @@ use crate::signer::{CertificateInfo, Signer, SignerError};
 /// What went wrong in the credential flow for one key.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FlowError {
-    #[error("Key Vault: {0}")]
+    /// Its message names the service (Key Vault or the HSM).
+    #[error("{0}")]
     Signer(#[from] SignerError),
     #[error("{0}")]
     Identity(#[from] IdentityError),
@@ -1005,6 +1006,50 @@ mod tests {
             assert!(e.is_retryable() && !e.is_persistent(), "{upstream:?}");
             assert_eq!(e.retry_after(), Some(wait), "{upstream:?}");
             assert!(e.to_string().contains("circuit open"), "{upstream:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_signer_failure_names_its_own_service_once() {
+        use crate::signer::{keyvault, pkcs11};
+        for (service, other) in [
+            (keyvault::SERVICE, pkcs11::SERVICE),
+            (pkcs11::SERVICE, keyvault::SERVICE),
+        ] {
+            let (code, message) = (String::from("C"), String::from("m"));
+            let mut all = vec![
+                SignerError::Forbidden {
+                    service,
+                    status: 403,
+                    code: code.clone(),
+                    message: message.clone(),
+                },
+                SignerError::NotFound {
+                    service,
+                    what: "key k".into(),
+                    code: code.clone(),
+                    message: message.clone(),
+                },
+                SignerError::Configuration {
+                    service,
+                    code: code.clone(),
+                    message: message.clone(),
+                },
+                SignerError::Unavailable {
+                    service,
+                    message: message.clone(),
+                    retry_after: None,
+                },
+                SignerError::Other { service, message },
+            ];
+            if service == keyvault::SERVICE {
+                all.push(SignerError::Identity("m".into()));
+            }
+            for e in all {
+                let text = FlowError::Signer(e).to_string();
+                assert_eq!(text.matches(service).count(), 1, "{text}");
+                assert!(!text.contains(other), "{text}");
+            }
         }
     }
 }

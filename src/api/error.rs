@@ -167,7 +167,7 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                 ),
                 SignerError::Identity(_) => with_retry(
                     Status::unavailable(format!(
-                        "{msg}; the broker could not get its managed identity token for Key Vault"
+                        "{msg}; check that the broker's managed identity is assigned to this host (or trusted by its workload identity)"
                     )),
                     Some(Duration::from_secs(5)),
                 ),

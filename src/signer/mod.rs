@@ -101,8 +101,9 @@ pub enum SignerError {
         code: String,
         message: String,
     },
-    /// The broker could not get its own managed identity token.
-    #[error("managed identity token unavailable: {0}")]
+    /// The broker could not get its own managed identity token (Key Vault's alone: the HSM
+    /// takes a PIN).
+    #[error("the managed identity token for Key Vault is unavailable: {0}")]
     Identity(String),
     /// Anything else: a malformed response, an unexpected status.
     #[error("{service} failed: {message}")]
