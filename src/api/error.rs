@@ -8,7 +8,7 @@ use tonic::{Code, Status};
 use crate::access::AccessError;
 use crate::api::Failure;
 use crate::authn::{AuthnError, JwtError};
-use crate::broker::{BrokerError, FlowError};
+use crate::broker::{BrokerError, FlowError, MAX_RETRY_AFTER};
 use crate::entra::EntraErrorClass;
 use crate::identity::IdentityError;
 use crate::signer::{SignerError, pkcs11};
@@ -120,7 +120,7 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                     Status::unavailable(format!(
                         "{msg}; Entra ID is throttling or unavailable, retry later"
                     )),
-                    Some(err.retry_after.unwrap_or(Duration::from_secs(5))),
+                    Some(upstream_hint(err.retry_after)),
                 ),
                 EntraErrorClass::Caller => Status::invalid_argument(format!(
                     "scopes: {msg}; ask for exactly one resource's `/.default` scope known to the tenant"
@@ -151,7 +151,7 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                     Status::unavailable(format!(
                         "{msg}; the broker could not get the managed identity token it presents to Entra: check that the user-assigned identity is assigned to this host (or trusted by its workload identity)"
                     )),
-                    Some(retry_after.unwrap_or(Duration::from_secs(5))),
+                    Some(upstream_hint(*retry_after)),
                 ),
                 IdentityError::NotConfigured(_) => Status::failed_precondition(format!(
                     "{msg}; restart the broker after adding a tenant with this identity"
@@ -163,7 +163,7 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
             match err {
                 SignerError::Unavailable { retry_after, .. } => with_retry(
                     Status::unavailable(format!("{msg}; retry later")),
-                    Some(retry_after.unwrap_or(Duration::from_secs(5))),
+                    Some(upstream_hint(*retry_after)),
                 ),
                 SignerError::Identity(_) => with_retry(
                     Status::unavailable(format!(
@@ -217,6 +217,14 @@ fn config_hint(code: Option<u32>) -> &'static str {
     }
 }
 
+/// The retry hint passed on for an upstream's failure: its own `Retry-After`, which comes
+/// from the network (a proxy may send years), held to the bound of the broker's own retries.
+fn upstream_hint(retry_after: Option<Duration>) -> Duration {
+    retry_after
+        .unwrap_or(Duration::from_secs(5))
+        .min(MAX_RETRY_AFTER)
+}
+
 fn with_retry(mut s: Status, after: Option<Duration>) -> Status {
     if let Some(d) = after
         && let Ok(v) = d.as_secs().max(1).to_string().parse()
@@ -261,6 +269,55 @@ mod tests {
             tenant: "contoso".into(),
             source: Arc::new(FlowError::Signer(e)),
         })
+    }
+
+    #[test]
+    fn an_upstreams_retry_hint_is_passed_on_up_to_the_bound_of_the_brokers_own_retries() {
+        use crate::entra::{EntraError, EntraErrorClass};
+        let failures = |hint: Duration| {
+            [
+                FlowError::Entra(EntraError {
+                    class: EntraErrorClass::Retryable,
+                    status: 429,
+                    error: "temporarily_unavailable".into(),
+                    codes: vec![],
+                    description: "d".into(),
+                    correlation_id: None,
+                    trace_id: None,
+                    retry_after: Some(hint),
+                }),
+                FlowError::Identity(IdentityError::Unavailable {
+                    message: "m".into(),
+                    retry_after: Some(hint),
+                }),
+                FlowError::Signer(SignerError::Unavailable {
+                    service: keyvault::SERVICE,
+                    message: "m".into(),
+                    retry_after: Some(hint),
+                }),
+            ]
+        };
+        for (hint, told) in [
+            (Duration::from_secs(60), "60"),
+            (MAX_RETRY_AFTER, "300"),
+            // A proxy's `Retry-After: 1000000000`: decades.
+            (Duration::from_secs(1_000_000_000), "300"),
+        ] {
+            for e in failures(hint) {
+                let s = to_status(&BrokerError::Upstream {
+                    tenant: "contoso".into(),
+                    source: Arc::new(e),
+                });
+                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                assert_eq!(
+                    s.metadata()
+                        .get(RETRY_AFTER_KEY)
+                        .map(|v| v.to_str().unwrap()),
+                    Some(told),
+                    "{s:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -924,6 +924,31 @@ async fn a_retry_after_beyond_the_budget_is_passed_to_the_caller_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_retry_after_is_passed_to_the_caller_as_five_minutes_at_most() {
+    let stack = Stack::start().await;
+    // A proxy in Key Vault's place asks for some thirty years.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "keyvault.sign", "count": 5,
+                   "fail": {"status": 503, "headers": {"Retry-After": "1000000000"}}}),
+        )
+        .await;
+    let s = assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::Unavailable,
+        &["Key Vault"],
+    );
+    assert_eq!(
+        s.metadata().get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("300"),
+        "{s:?}"
+    );
+    assert_eq!(stack.route_total("keyvault.sign").await, 1, "not retried");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_given_as_an_http_date_is_read_as_one() {
     let stack = Stack::start().await;
     // Two minutes from now, in the IMF-fixdate form proxies and gateways send.
