@@ -248,6 +248,20 @@ async fn request_errors_name_the_field_or_the_tenant() {
         .await
         .map(|r| r.into_inner());
     assert_status(r, Code::InvalidArgument, &["min_validity"]);
+    // Nanos of a second or more: no protobuf Duration.
+    let r = c
+        .get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            min_validity: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 1_000_000_000,
+            }),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner());
+    assert_status(r, Code::InvalidArgument, &["min_validity", "nanos"]);
     assert_status(
         stack.get("nope", GRAPH).await,
         Code::NotFound,
