@@ -575,9 +575,10 @@ impl Broker {
     }
 }
 
-/// The longest an upstream's `Retry-After` holds back a key's background retries. The hint
-/// comes from the network (a proxy may send a day, or a number that overflows a deadline);
-/// Entra and Key Vault ask for seconds to minutes when throttling.
+/// The longest an upstream's `Retry-After` holds back a key's background retries, and the
+/// longest hint passed on to callers. The hint comes from the network (a proxy may send a
+/// day, or a number that overflows a deadline); Entra and Key Vault ask for seconds to
+/// minutes when throttling.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// Trims, de-duplicates and sorts scopes, and checks their shape.

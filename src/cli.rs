@@ -81,8 +81,8 @@ pub enum Command {
         /// The broker's gRPC address: http://HOST:PORT (plaintext) or https://HOST:PORT (TLS).
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         addr: String,
-        /// Minimum remaining validity, in seconds.
-        #[arg(long)]
+        /// Minimum remaining validity, in seconds (0 to 3600, as the broker accepts).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=crate::broker::MAX_MIN_VALIDITY.as_secs()))]
         min_validity: Option<u64>,
         /// A fresh token from Entra ID rather than the cached one (the broker limits how often).
         #[arg(long)]
@@ -204,7 +204,8 @@ pub async fn run(cli: Cli) -> ExitCode {
                 tenant,
                 scopes: scope,
                 min_validity: min_validity.map(|s| prost_types::Duration {
-                    seconds: s as i64,
+                    // Within 0..=3600 (clap): no wrap.
+                    seconds: i64::try_from(s).unwrap_or(i64::MAX),
                     nanos: 0,
                 }),
                 force_refresh,
@@ -763,6 +764,31 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(zero.exit_code(), 2);
+    }
+
+    #[test]
+    fn a_min_validity_the_broker_would_refuse_is_a_usage_error() {
+        let parse = |secs: &str| {
+            Cli::try_parse_from([
+                "tokenbroker",
+                "token",
+                "--tenant",
+                "t",
+                "--scope",
+                "s",
+                "--min-validity",
+                secs,
+            ])
+        };
+        // Above i64::MAX it used to wrap to a negative duration; above an hour the broker
+        // refuses it anyway.
+        for secs in ["18446744073709551615", "9223372036854775808", "3601", "-1"] {
+            let e = parse(secs).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{secs}: {e}");
+        }
+        for secs in ["0", "3600"] {
+            assert!(parse(secs).is_ok(), "{secs}");
+        }
     }
 
     #[test]

@@ -312,41 +312,87 @@ impl TokenExchange for HttpTokenExchange {
                 retry_after: None,
             });
         }
-        let err = serde_json::from_slice::<ErrorBody>(&body)
-            .ok()
-            .filter(|e| !e.error.is_empty() || !e.error_codes.is_empty());
-        let Some(err) = err else {
-            // Not Entra's verdict (a proxy's or gateway's page, or not a token endpoint):
-            // nothing to remember as a configuration error; retried, behind the breaker.
-            // The body is not quoted: it is not Entra's, and could echo the request.
-            return Err(EntraError {
-                class: EntraErrorClass::Retryable,
-                status,
-                error: format!("http_{status}"),
-                codes: vec![],
-                description: format!(
-                    "HTTP {status} without an Entra error in the body: a proxy or gateway answered, or the authority host is not Entra's"
-                ),
-                correlation_id: Some(correlation),
-                trace_id: None,
-                retry_after,
-            });
-        };
-        Err(EntraError {
-            class: classify(status, &err.error, &err.error_codes),
+        Err(error_from(
             status,
-            error: if err.error.is_empty() {
-                format!("http_{status}")
-            } else {
-                err.error
-            },
-            codes: err.error_codes,
-            description: clean_description(&err.error_description),
-            correlation_id: err.correlation_id.or(Some(correlation)),
-            trace_id: err.trace_id,
+            &body,
+            req.assertion.expose(),
+            correlation,
             retry_after,
-        })
+        ))
     }
+}
+
+/// The longest OAuth `error` taken from a body (Entra's are words like `invalid_client`).
+const ERROR_LIMIT: usize = 64;
+/// The most AADSTS codes kept from a body (Entra sends one or two).
+const CODES_LIMIT: usize = 8;
+
+/// Entra's verdict in a failed answer's `body`, its fields bounded; or, when the body is not
+/// Entra's, an error that says so without quoting it. `assertion`, the one sent, is cut out
+/// of what is kept: a gateway answering in JSON may echo the request's form.
+fn error_from(
+    status: u16,
+    body: &[u8],
+    assertion: &str,
+    correlation: String,
+    retry_after: Option<Duration>,
+) -> EntraError {
+    let err = serde_json::from_slice::<ErrorBody>(body)
+        .ok()
+        .filter(|e| !e.error.is_empty() || !e.error_codes.is_empty())
+        .filter(|e| e.error.is_empty() || oauth_error_code(&e.error));
+    let Some(err) = err else {
+        // Not Entra's verdict (a proxy's or gateway's page, or not a token endpoint):
+        // nothing to remember as a configuration error; retried, behind the breaker.
+        // The body is not quoted: it is not Entra's, and could echo the request.
+        return EntraError {
+            class: EntraErrorClass::Retryable,
+            status,
+            error: format!("http_{status}"),
+            codes: vec![],
+            description: format!(
+                "HTTP {status} without an Entra error in the body: a proxy or gateway answered, or the authority host is not Entra's"
+            ),
+            correlation_id: Some(correlation),
+            trace_id: None,
+            retry_after,
+        };
+    };
+    let mut codes = err.error_codes;
+    codes.truncate(CODES_LIMIT);
+    // Cut out before the description is shortened, which could leave part of it.
+    let description = if assertion.is_empty() {
+        err.error_description
+    } else {
+        err.error_description.replace(assertion, "[the assertion]")
+    };
+    EntraError {
+        class: classify(status, &err.error, &codes),
+        status,
+        error: if err.error.is_empty() {
+            format!("http_{status}")
+        } else {
+            err.error
+        },
+        codes,
+        description: clean_description(&description),
+        correlation_id: err
+            .correlation_id
+            .filter(|c| request_id(c))
+            .or(Some(correlation)),
+        trace_id: err.trace_id.filter(|t| request_id(t)),
+        retry_after,
+    }
+}
+
+/// An OAuth error code (RFC 6749 §5.2): lower-case words joined by underscores.
+fn oauth_error_code(e: &str) -> bool {
+    e.len() <= ERROR_LIMIT && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+}
+
+/// A correlation or trace id as Entra words them: a GUID, or at least hex and dashes.
+fn request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
 /// Drops Entra's "Trace ID: … Correlation ID: … Timestamp: …" tail (kept separately).
@@ -508,6 +554,80 @@ mod tests {
             "{e}"
         );
         assert!(!e.to_string().contains("eyJassertion"), "{e}");
+    }
+
+    const SENT: &str = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJ4In0.c2lnbmF0dXJl";
+
+    fn error_of(status: u16, body: &str) -> EntraError {
+        error_from(status, body.as_bytes(), SENT, "ours".into(), None)
+    }
+
+    #[test]
+    fn the_oauth_error_is_kept_only_as_a_short_code() {
+        let e = error_of(
+            400,
+            r#"{"error":"invalid_client","error_codes":[700027],"error_description":"AADSTS700027: bad."}"#,
+        );
+        assert_eq!(e.error, "invalid_client");
+        assert_eq!(e.class, EntraErrorClass::KeyRejected);
+        // Anything else in `error` is no OAuth error code: the body is not Entra's, and is
+        // not quoted.
+        let long = "x".repeat(ERROR_LIMIT + 1);
+        for error in [long.as_str(), "Invalid Client", "<html>", "invalid-client"] {
+            let body = serde_json::json!({"error": error, "error_codes": [700016]}).to_string();
+            let e = error_of(400, &body);
+            assert_eq!(e.class, EntraErrorClass::Retryable, "{error}: {e}");
+            assert_eq!(e.error, "http_400");
+            assert!(!e.to_string().contains(error), "{e}");
+            assert!(e.to_string().contains("without an Entra error"), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_echoed_assertion_is_cut_out_of_what_is_kept() {
+        // A gateway answering in JSON, quoting the request's form in its description, near
+        // its end: a cut to 600 characters first would leave the assertion's head.
+        let body = serde_json::json!({
+            "error": "invalid_request",
+            "error_codes": [90014],
+            "error_description": format!(
+                "{} client_assertion={SENT}&client_id=c",
+                "d".repeat(580)
+            ),
+            "trace_id": SENT,
+            "correlation_id": format!("{SENT}-not-an-id"),
+        })
+        .to_string();
+        let e = error_of(400, &body);
+        let shown = format!("{e} {e:?}");
+        assert!(!shown.contains("eyJ"), "{shown}");
+        assert_eq!(e.trace_id, None);
+        assert_eq!(e.correlation_id.as_deref(), Some("ours"));
+        let body = format!(
+            r#"{{"error":"invalid_request","error_description":"form: client_assertion={SENT}"}}"#
+        );
+        assert_eq!(
+            error_of(400, &body).description,
+            "form: client_assertion=[the assertion]"
+        );
+        // Entra's own ids are kept, and only a few of many codes.
+        let body = serde_json::json!({
+            "error": "invalid_request",
+            "error_codes": vec![90014; 1000],
+            "trace_id": "2f8c6b1e-0c6f-4b5a-9e3d-000000000001",
+            "correlation_id": "2f8c6b1e-0c6f-4b5a-9e3d-000000000002",
+        })
+        .to_string();
+        let e = error_of(400, &body);
+        assert_eq!(e.codes.len(), CODES_LIMIT);
+        assert_eq!(
+            e.trace_id.as_deref(),
+            Some("2f8c6b1e-0c6f-4b5a-9e3d-000000000001")
+        );
+        assert_eq!(
+            e.correlation_id.as_deref(),
+            Some("2f8c6b1e-0c6f-4b5a-9e3d-000000000002")
+        );
     }
 
     #[test]

@@ -31,7 +31,8 @@ use crate::signer::{CertificateInfo, Signer, SignerError};
 /// What went wrong in the credential flow for one key.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FlowError {
-    #[error("Key Vault: {0}")]
+    /// Its message names the service (Key Vault or the HSM).
+    #[error("{0}")]
     Signer(#[from] SignerError),
     #[error("{0}")]
     Identity(#[from] IdentityError),
@@ -127,9 +128,15 @@ impl FlowError {
     }
 }
 
+/// What callers and watchers are told when a fetch task died (a panic: a bug).
+pub const FETCH_DIED: &str = "internal error in the token fetch; see the broker's log";
+
 impl crate::cache::FromJoin for FlowError {
     fn from_join(e: tokio::task::JoinError) -> Self {
-        FlowError::Internal(format!("token fetch task ended: {e}"))
+        // A panic's message is the broker's own detail, for its operators: it goes to the
+        // log (once per flight), not to every caller and watcher.
+        tracing::error!(error = %e, "token fetch task ended without a result");
+        FlowError::Internal(FETCH_DIED.into())
     }
 }
 
@@ -1005,6 +1012,88 @@ mod tests {
             assert!(e.is_retryable() && !e.is_persistent(), "{upstream:?}");
             assert_eq!(e.retry_after(), Some(wait), "{upstream:?}");
             assert!(e.to_string().contains("circuit open"), "{upstream:?}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fetch_task_that_died_gives_callers_a_fixed_message_and_the_log_its_detail() {
+        use crate::cache::FromJoin;
+
+        #[derive(Clone, Default)]
+        struct Log(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Log {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        let died = tokio::spawn(async { panic!("detail of the bug") })
+            .await
+            .unwrap_err();
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let e = tracing::subscriber::with_default(subscriber, || FlowError::from_join(died));
+        assert!(
+            matches!(&e, FlowError::Internal(m) if m == FETCH_DIED),
+            "{e:?}"
+        );
+        assert!(!e.to_string().contains("detail of the bug"), "{e}");
+        let logged = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logged.contains("ERROR") && logged.contains("detail of the bug"),
+            "{logged}"
+        );
+    }
+
+    #[test]
+    fn a_signer_failure_names_its_own_service_once() {
+        use crate::signer::{keyvault, pkcs11};
+        for (service, other) in [
+            (keyvault::SERVICE, pkcs11::SERVICE),
+            (pkcs11::SERVICE, keyvault::SERVICE),
+        ] {
+            let (code, message) = (String::from("C"), String::from("m"));
+            let mut all = vec![
+                SignerError::Forbidden {
+                    service,
+                    status: 403,
+                    code: code.clone(),
+                    message: message.clone(),
+                },
+                SignerError::NotFound {
+                    service,
+                    what: "key k".into(),
+                    code: code.clone(),
+                    message: message.clone(),
+                },
+                SignerError::Configuration {
+                    service,
+                    code: code.clone(),
+                    message: message.clone(),
+                },
+                SignerError::Unavailable {
+                    service,
+                    message: message.clone(),
+                    retry_after: None,
+                },
+                SignerError::Other { service, message },
+            ];
+            if service == keyvault::SERVICE {
+                all.push(SignerError::Identity("m".into()));
+            }
+            for e in all {
+                let text = FlowError::Signer(e).to_string();
+                assert_eq!(text.matches(service).count(), 1, "{text}");
+                assert!(!text.contains(other), "{text}");
+            }
         }
     }
 }

@@ -89,6 +89,7 @@ pub fn signer_code(e: &SignerError) -> String {
     match e {
         SignerError::Forbidden { .. } => "forbidden",
         SignerError::NotFound { .. } => "not_found",
+        SignerError::Configuration { .. } => "configuration",
         SignerError::Unavailable { .. } => "unavailable",
         SignerError::Identity(_) => "identity",
         SignerError::Other { .. } => "other",

@@ -8,7 +8,7 @@ use tonic::{Code, Status};
 use crate::access::AccessError;
 use crate::api::Failure;
 use crate::authn::{AuthnError, JwtError};
-use crate::broker::{BrokerError, FlowError};
+use crate::broker::{BrokerError, FlowError, MAX_RETRY_AFTER};
 use crate::entra::EntraErrorClass;
 use crate::identity::IdentityError;
 use crate::signer::{SignerError, pkcs11};
@@ -120,7 +120,7 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                     Status::unavailable(format!(
                         "{msg}; Entra ID is throttling or unavailable, retry later"
                     )),
-                    Some(err.retry_after.unwrap_or(Duration::from_secs(5))),
+                    Some(upstream_hint(err.retry_after)),
                 ),
                 EntraErrorClass::Caller => Status::invalid_argument(format!(
                     "scopes: {msg}; ask for exactly one resource's `/.default` scope known to the tenant"
@@ -151,7 +151,7 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                     Status::unavailable(format!(
                         "{msg}; the broker could not get the managed identity token it presents to Entra: check that the user-assigned identity is assigned to this host (or trusted by its workload identity)"
                     )),
-                    Some(retry_after.unwrap_or(Duration::from_secs(5))),
+                    Some(upstream_hint(*retry_after)),
                 ),
                 IdentityError::NotConfigured(_) => Status::failed_precondition(format!(
                     "{msg}; restart the broker after adding a tenant with this identity"
@@ -163,11 +163,11 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
             match err {
                 SignerError::Unavailable { retry_after, .. } => with_retry(
                     Status::unavailable(format!("{msg}; retry later")),
-                    Some(retry_after.unwrap_or(Duration::from_secs(5))),
+                    Some(upstream_hint(*retry_after)),
                 ),
                 SignerError::Identity(_) => with_retry(
                     Status::unavailable(format!(
-                        "{msg}; the broker could not get its managed identity token for Key Vault"
+                        "{msg}; check that the broker's managed identity is assigned to this host (or trusted by its workload identity)"
                     )),
                     Some(Duration::from_secs(5)),
                 ),
@@ -186,6 +186,14 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                 }
                 SignerError::NotFound { .. } => Status::failed_precondition(format!(
                     "{msg}; check the tenant's credential (vault_url and certificate) in the broker configuration"
+                )),
+                SignerError::Configuration { service, .. } if *service == pkcs11::SERVICE => {
+                    Status::failed_precondition(format!(
+                        "{msg}; fix the objects on the token (each key with one certificate, paired by CKA_ID) or the tenant's credential (module, token and key)"
+                    ))
+                }
+                SignerError::Configuration { .. } => Status::failed_precondition(format!(
+                    "{msg}; check the tenant's credential (vault_url, certificate and algorithm) and the certificate's key in Key Vault (an RSA key that may sign)"
                 )),
                 SignerError::Other { .. } => Status::internal(msg),
             }
@@ -207,6 +215,14 @@ fn config_hint(code: Option<u32>) -> &'static str {
         Some(53003) => "a Conditional Access policy blocks this app",
         _ => "fix the tenant's configuration or app registration",
     }
+}
+
+/// The retry hint passed on for an upstream's failure: its own `Retry-After`, which comes
+/// from the network (a proxy may send years), held to the bound of the broker's own retries.
+fn upstream_hint(retry_after: Option<Duration>) -> Duration {
+    retry_after
+        .unwrap_or(Duration::from_secs(5))
+        .min(MAX_RETRY_AFTER)
 }
 
 fn with_retry(mut s: Status, after: Option<Duration>) -> Status {
@@ -238,5 +254,91 @@ pub fn code_name(c: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::signer::keyvault;
+
+    fn signer_status(e: SignerError) -> Status {
+        to_status(&BrokerError::Upstream {
+            tenant: "contoso".into(),
+            source: Arc::new(FlowError::Signer(e)),
+        })
+    }
+
+    #[test]
+    fn an_upstreams_retry_hint_is_passed_on_up_to_the_bound_of_the_brokers_own_retries() {
+        use crate::entra::{EntraError, EntraErrorClass};
+        let failures = |hint: Duration| {
+            [
+                FlowError::Entra(EntraError {
+                    class: EntraErrorClass::Retryable,
+                    status: 429,
+                    error: "temporarily_unavailable".into(),
+                    codes: vec![],
+                    description: "d".into(),
+                    correlation_id: None,
+                    trace_id: None,
+                    retry_after: Some(hint),
+                }),
+                FlowError::Identity(IdentityError::Unavailable {
+                    message: "m".into(),
+                    retry_after: Some(hint),
+                }),
+                FlowError::Signer(SignerError::Unavailable {
+                    service: keyvault::SERVICE,
+                    message: "m".into(),
+                    retry_after: Some(hint),
+                }),
+            ]
+        };
+        for (hint, told) in [
+            (Duration::from_secs(60), "60"),
+            (MAX_RETRY_AFTER, "300"),
+            // A proxy's `Retry-After: 1000000000`: decades.
+            (Duration::from_secs(1_000_000_000), "300"),
+        ] {
+            for e in failures(hint) {
+                let s = to_status(&BrokerError::Upstream {
+                    tenant: "contoso".into(),
+                    source: Arc::new(e),
+                });
+                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                assert_eq!(
+                    s.metadata()
+                        .get(RETRY_AFTER_KEY)
+                        .map(|v| v.to_str().unwrap()),
+                    Some(told),
+                    "{s:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_credential_that_cannot_work_as_configured_is_a_failed_precondition_with_the_fix() {
+        for (service, code, fix) in [
+            (
+                keyvault::SERVICE,
+                "BadParameter",
+                "vault_url, certificate and algorithm",
+            ),
+            (pkcs11::SERVICE, "CertificateAmbiguous", "paired by CKA_ID"),
+        ] {
+            let s = signer_status(SignerError::Configuration {
+                service,
+                code: code.into(),
+                message: "m".into(),
+            });
+            assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+            assert!(s.message().contains(code), "{}", s.message());
+            assert!(s.message().contains(fix), "{}", s.message());
+            assert!(s.metadata().get(RETRY_AFTER_KEY).is_none());
+        }
     }
 }

@@ -460,17 +460,23 @@ fn response(t: &CachedToken, source: TokenSource, now: Moment) -> proto::GetToke
     }
 }
 
+/// `min_validity` as a span; what protobuf's `Duration` forbids (nanos of a second or more)
+/// and a negative span are the caller's to fix.
 fn decode_duration(d: Option<prost_types::Duration>) -> Result<Option<Duration>, BrokerError> {
-    match d {
-        None => Ok(None),
-        Some(d) if d.seconds < 0 || d.nanos < 0 => Err(BrokerError::InvalidArgument {
-            field: "min_validity",
-            message: "must not be negative".into(),
-        }),
-        Some(d) => Ok(Some(
-            Duration::from_secs(d.seconds as u64) + Duration::from_nanos(d.nanos as u64),
-        )),
+    let bad = |message: &str| BrokerError::InvalidArgument {
+        field: "min_validity",
+        message: message.into(),
+    };
+    let Some(d) = d else { return Ok(None) };
+    let (Ok(seconds), Ok(nanos)) = (u64::try_from(d.seconds), u32::try_from(d.nanos)) else {
+        return Err(bad("must not be negative"));
+    };
+    if nanos >= 1_000_000_000 {
+        return Err(bad(
+            "nanos must be below 1000000000 (a protobuf Duration's whole seconds go in seconds)",
+        ));
     }
+    Ok(Some(Duration::new(seconds, nanos)))
 }
 
 type WatchStreamBox =
@@ -748,7 +754,36 @@ impl Watcher {
 
 #[cfg(test)]
 mod tests {
-    use super::{LogBudget, REFUSAL_LINES_PER_SEC, prefix};
+    use super::{LogBudget, REFUSAL_LINES_PER_SEC, decode_duration, prefix};
+    use crate::broker::BrokerError;
+    use std::time::Duration;
+
+    #[test]
+    fn min_validity_is_read_only_from_a_valid_non_negative_duration() {
+        let d = |seconds, nanos| decode_duration(Some(prost_types::Duration { seconds, nanos }));
+        assert_eq!(decode_duration(None).unwrap(), None);
+        assert_eq!(d(0, 0).unwrap(), Some(Duration::ZERO));
+        assert_eq!(
+            d(300, 999_999_999).unwrap(),
+            Some(Duration::new(300, 999_999_999))
+        );
+        for (seconds, nanos, says) in [
+            (-1, 0, "negative"),
+            (0, -1, "negative"),
+            (-5, -500, "negative"),
+            (i64::MIN, 0, "negative"),
+            (0, 1_000_000_000, "below 1000000000"),
+            (300, i32::MAX, "below 1000000000"),
+        ] {
+            match d(seconds, nanos) {
+                Err(BrokerError::InvalidArgument { field, message }) => {
+                    assert_eq!(field, "min_validity");
+                    assert!(message.contains(says), "{seconds} {nanos}: {message}");
+                }
+                other => panic!("{seconds} {nanos}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn refusal_lines_are_bounded_per_second_and_the_next_line_counts_those_held_back() {

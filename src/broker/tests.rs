@@ -484,7 +484,11 @@ async fn a_fetch_that_panics_fails_its_callers_and_the_next_request_fetches_agai
     f.entra.set(Answer::Panic);
     match f.get(None).await {
         Err(BrokerError::Upstream { source, .. }) => {
-            assert!(matches!(*source, FlowError::Internal(_)), "{source}")
+            assert!(matches!(*source, FlowError::Internal(_)), "{source}");
+            assert!(
+                !source.to_string().contains("fails hard"),
+                "the panic's message is for the log: {source}"
+            );
         }
         other => panic!("{other:?}"),
     }

@@ -181,12 +181,21 @@ impl Signer for KeyVaultSigner {
     }
 }
 
+/// An unexpected failure; its message may quote the SDK (a response it could not read), so
+/// it is bounded like Key Vault's own.
 fn other(message: String) -> SignerError {
     SignerError::Other {
         service: SERVICE,
-        message,
+        message: bounded(&message),
     }
 }
+
+/// The most of an upstream's message passed on: it reaches callers' statuses, logs, audit
+/// records and watchers.
+const MESSAGE_LIMIT: usize = 500;
+
+/// The longest error code passed on; Key Vault's are short words (`KeyNotFound`).
+const CODE_LIMIT: usize = 64;
 
 /// Maps an SDK error to the broker's classification, keeping Key Vault's own error code.
 fn classify(e: azure_core::Error, what: &str) -> SignerError {
@@ -197,12 +206,25 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
             raw_response,
         } => {
             let status = u16::from(*status);
-            let code = error_code.clone().unwrap_or_default();
-            let message = raw_response
+            let retry_after = raw_response.as_ref().and_then(|r| retry_after(r.headers()));
+            // The SDK's own message is "{status}: {whole body}" when the body is not JSON:
+            // only Key Vault's error body is quoted. Anything else is a proxy's or gateway's
+            // page, which could echo the request (the managed identity's bearer token) and be
+            // of any size; it is not Key Vault's verdict either, so it is retried (behind the
+            // breaker) rather than remembered as the configuration's fault.
+            let Some(message) = raw_response
                 .as_ref()
                 .and_then(|r| service_message(r.body()))
-                .unwrap_or_else(|| e.to_string());
-            let retry_after = raw_response.as_ref().and_then(|r| retry_after(r.headers()));
+            else {
+                return SignerError::Unavailable {
+                    service: SERVICE,
+                    message: format!(
+                        "HTTP {status} without a Key Vault error in the body: a proxy or gateway may have answered"
+                    ),
+                    retry_after,
+                };
+            };
+            let code = error_code.as_deref().map(bounded_code).unwrap_or_default();
             match status {
                 401 | 403 => SignerError::Forbidden {
                     service: SERVICE,
@@ -221,7 +243,13 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
                     message: format!("HTTP {status} {code}: {message}"),
                     retry_after,
                 },
-                _ => other(format!("HTTP {status} {code}: {message}")),
+                // Any other refusal (400 BadParameter: a key whose type does not fit the
+                // algorithm) is the configuration's, however often it is asked.
+                _ => SignerError::Configuration {
+                    service: SERVICE,
+                    code,
+                    message: format!("HTTP {status}: {message}"),
+                },
             }
         }
         ErrorKind::Credential => SignerError::Identity(root_message(&e)),
@@ -235,12 +263,27 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
 }
 
 /// Key Vault errors are `{"error":{"code","message"}}`; the message is what a person needs.
+/// `None` for any other body.
 fn service_message(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    v.get("error")?
-        .get("message")?
-        .as_str()
-        .map(|s| s.chars().take(500).collect())
+    let message = v.get("error")?.get("message")?.as_str()?;
+    Some(bounded(message))
+}
+
+/// `s` cut to `MESSAGE_LIMIT` characters.
+fn bounded(s: &str) -> String {
+    s.chars().take(MESSAGE_LIMIT).collect()
+}
+
+/// An error code as Key Vault words them, else nothing: the code can come from a header a
+/// proxy set.
+fn bounded_code(code: &str) -> String {
+    let word = !code.is_empty()
+        && code.len() <= CODE_LIMIT
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if word { code.to_owned() } else { String::new() }
 }
 
 fn retry_after(headers: &azure_core::http::headers::Headers) -> Option<Duration> {
@@ -263,5 +306,115 @@ pub(crate) fn root_message(e: &azure_core::Error) -> String {
         msg = s.to_string();
         source = s.source();
     }
-    msg.chars().take(500).collect()
+    bounded(&msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use azure_core::http::headers::Headers;
+    use azure_core::http::{RawResponse, StatusCode};
+
+    /// The SDK's error for an answer of `status` with `body`, built as `azure_core` does.
+    fn answer(status: u16, code: Option<&str>, body: &str) -> azure_core::Error {
+        let mut headers = Headers::new();
+        headers.insert("retry-after", "7");
+        azure_core::Error::with_message(
+            ErrorKind::HttpResponse {
+                status: StatusCode::from(status),
+                error_code: code.map(str::to_owned),
+                raw_response: Some(Box::new(RawResponse::from_bytes(
+                    StatusCode::from(status),
+                    headers,
+                    body.to_owned(),
+                ))),
+            },
+            format!("{status}: {body}"),
+        )
+    }
+
+    #[test]
+    fn a_body_that_is_not_key_vaults_is_not_quoted_and_is_retried() {
+        let page = format!(
+            "<html>Access denied. Your request: Authorization: Bearer eyJmi-token {}</html>",
+            "x".repeat(1 << 20)
+        );
+        for status in [400, 401, 403, 404, 413, 502] {
+            let e = classify(answer(status, Some(&status.to_string()), &page), "key k/v");
+            let text = e.to_string();
+            assert!(
+                matches!(&e, SignerError::Unavailable { retry_after, .. } if *retry_after == Some(Duration::from_secs(7))),
+                "{status}: {e:?}"
+            );
+            assert!(!text.contains("eyJ") && !text.contains("html"), "{text}");
+            assert!(
+                text.contains(&format!("HTTP {status} without a Key Vault error")),
+                "{text}"
+            );
+        }
+        // Empty, or JSON that is not Key Vault's error.
+        for body in [
+            "",
+            r#"{"message":"eyJmi-token"}"#,
+            r#"{"error":"eyJmi-token"}"#,
+        ] {
+            let e = classify(answer(403, None, body), "key k/v");
+            assert!(
+                matches!(e, SignerError::Unavailable { .. }),
+                "{body}: {e:?}"
+            );
+            assert!(!e.to_string().contains("eyJ"), "{e}");
+        }
+    }
+
+    #[test]
+    fn key_vaults_own_message_and_code_are_kept_within_bounds() {
+        let body = format!(
+            r#"{{"error":{{"code":"Forbidden","message":"Caller is not authorized. {}"}}}}"#,
+            "y".repeat(10_000)
+        );
+        let e = classify(answer(403, Some("Forbidden"), &body), "key k/v");
+        match &e {
+            SignerError::Forbidden { code, message, .. } => {
+                assert_eq!(code, "Forbidden");
+                assert!(
+                    message.starts_with("Caller is not authorized."),
+                    "{message}"
+                );
+                assert_eq!(message.chars().count(), MESSAGE_LIMIT);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A code that is no word of Key Vault's (a proxy's header) is dropped.
+        let body = r#"{"error":{"code":"x","message":"Not found."}}"#;
+        for odd in ["a b", "<html>", &"K".repeat(CODE_LIMIT + 1)] {
+            match classify(answer(404, Some(odd), body), "key k/v") {
+                SignerError::NotFound { code, .. } => assert_eq!(code, "", "{odd}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(other("z".repeat(5000)).to_string().len() < MESSAGE_LIMIT + 50);
+    }
+
+    #[test]
+    fn key_vaults_other_refusals_are_the_configurations_and_not_retried() {
+        let body = r#"{"error":{"code":"BadParameter","message":"Key and signing algorithm are incompatible."}}"#;
+        for status in [400, 405, 409, 422] {
+            let e = classify(answer(status, Some("BadParameter"), body), "key k/v");
+            match &e {
+                SignerError::Configuration { code, message, .. } => {
+                    assert_eq!(code, "BadParameter");
+                    assert!(message.contains("incompatible"), "{message}");
+                }
+                other => panic!("{status}: {other:?}"),
+            }
+            assert!(!e.is_retryable());
+            assert!(crate::flow::FlowError::Signer(e).is_persistent());
+        }
+        // Throttling and outages are still retried.
+        for status in [408, 429, 500, 503] {
+            let e = classify(answer(status, Some("Throttled"), body), "key k/v");
+            assert!(e.is_retryable(), "{status}: {e:?}");
+        }
+    }
 }

@@ -92,8 +92,18 @@ pub enum SignerError {
         message: String,
         retry_after: Option<Duration>,
     },
-    /// The broker could not get its own managed identity token.
-    #[error("managed identity token unavailable: {0}")]
+    /// What the tenant's credential names cannot work as it is: Key Vault refused the request
+    /// (a 4xx such as a key whose type does not fit the algorithm), or the token's objects
+    /// cannot be paired up. An operator must fix it; asking again will not.
+    #[error("{service} cannot be used as configured ({code}): {message}")]
+    Configuration {
+        service: &'static str,
+        code: String,
+        message: String,
+    },
+    /// The broker could not get its own managed identity token (Key Vault's alone: the HSM
+    /// takes a PIN).
+    #[error("the managed identity token for Key Vault is unavailable: {0}")]
     Identity(String),
     /// Anything else: a malformed response, an unexpected status.
     #[error("{service} failed: {message}")]

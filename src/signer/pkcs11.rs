@@ -132,9 +132,10 @@ impl Pkcs11Signer {
 
     fn token(&self, url: &Url) -> Result<Arc<Token>, SignerError> {
         self.tokens.get(url.as_str()).cloned().ok_or_else(|| {
-            other(format!(
-                "token {url} is not configured on this broker (it is read at start)"
-            ))
+            configuration(
+                "TokenNotConfigured",
+                format!("token {url} is not configured on this broker (it is read at start)"),
+            )
         })
     }
 
@@ -361,15 +362,21 @@ fn candidates(session: &Session, token: &str, label: &str) -> Result<Vec<Candida
                 })
                 .unwrap_or_default();
             if paired_by_id && id.is_empty() {
-                return Err(other(format!(
-                    "several private keys on token `{token}` are labelled `{label}` and one has no CKA_ID: give each key the CKA_ID of its certificate"
-                )));
+                return Err(configuration(
+                    "KeyIdMissing",
+                    format!(
+                        "several private keys on token `{token}` are labelled `{label}` and one has no CKA_ID: give each key the CKA_ID of its certificate"
+                    ),
+                ));
             }
             let der = certificate_der(session, token, label, &id)?;
             let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
-                other(format!(
-                    "the certificate of key `{label}` on token `{token}` is not X.509 DER: {e}"
-                ))
+                configuration(
+                    "CertificateUnreadable",
+                    format!(
+                        "the certificate of key `{label}` on token `{token}` is not X.509 DER: {e}"
+                    ),
+                )
             })?;
             let validity = cert.validity();
             let (not_before, not_after) = (
@@ -425,7 +432,9 @@ fn certificate_der(
                     Attribute::Value(v) => Some(v),
                     _ => None,
                 })
-                .ok_or_else(|| other(format!("the {} has no value", what())))
+                .ok_or_else(|| {
+                    configuration("CertificateUnreadable", format!("the {} has no value", what()))
+                })
         }
         [] => Err(SignerError::NotFound {
             service: SERVICE,
@@ -433,10 +442,13 @@ fn certificate_der(
             code: "CertificateNotFound".into(),
             message: "no certificate object has the key's CKA_ID (or, without one, its label): store the certificate on the token beside its key".into(),
         }),
-        many => Err(other(format!(
-            "{} certificates on token `{token}` match key `{label}`: keep one per key",
-            many.len()
-        ))),
+        many => Err(configuration(
+            "CertificateAmbiguous",
+            format!(
+                "{} certificates on token `{token}` match key `{label}`: keep one per key",
+                many.len()
+            ),
+        )),
     }
 }
 
@@ -526,6 +538,16 @@ fn other(message: String) -> SignerError {
     }
 }
 
+/// The token's objects, or the broker's configuration of it, cannot work as they are: the
+/// operator's to fix, like a key that cannot sign (`classify`).
+fn configuration(code: &str, message: String) -> SignerError {
+    SignerError::Configuration {
+        service: SERVICE,
+        code: code.into(),
+        message,
+    }
+}
+
 /// Sorts a PKCS#11 failure into the broker's signer errors.
 fn classify(e: CkError, what: &str) -> SignerError {
     let CkError::Pkcs11(rv, function) = e else {
@@ -596,5 +618,18 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(bounded(Duration::from_secs(10), || Ok(7)).await.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_token_the_broker_was_not_configured_with_is_a_configuration_error() {
+        let signer = Pkcs11Signer::new(&[], Duration::from_secs(1)).unwrap();
+        let url = token_url(Path::new("/no/module.so"), "absent").unwrap();
+        match signer.certificate(&url, "k").await {
+            Err(SignerError::Configuration { code, message, .. }) => {
+                assert_eq!(code, "TokenNotConfigured");
+                assert!(message.contains("not configured"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -248,6 +248,20 @@ async fn request_errors_name_the_field_or_the_tenant() {
         .await
         .map(|r| r.into_inner());
     assert_status(r, Code::InvalidArgument, &["min_validity"]);
+    // Nanos of a second or more: no protobuf Duration.
+    let r = c
+        .get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            min_validity: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 1_000_000_000,
+            }),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner());
+    assert_status(r, Code::InvalidArgument, &["min_validity", "nanos"]);
     assert_status(
         stack.get("nope", GRAPH).await,
         Code::NotFound,
@@ -368,6 +382,36 @@ async fn key_vault_refusals_are_failed_precondition_with_the_fix() {
         Code::FailedPrecondition,
         &["no-such-cert", "vault_url and certificate"],
     );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_key_vault_refuses_is_a_failed_precondition_remembered_like_one() {
+    let stack = Stack::start().await;
+    // 400 BadParameter, as for a key whose type does not fit the configured algorithm.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "keyvault.sign", "count": 100, "fail": {"status": 400}}),
+        )
+        .await;
+    assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::FailedPrecondition,
+        &[
+            "BadParameter",
+            "HTTP 400",
+            "vault_url, certificate and algorithm",
+        ],
+    );
+    assert_eq!(stack.route_total("keyvault.sign").await, 1, "not retried");
+    // Remembered for the negative cache's time: asking again does not reach Key Vault.
+    assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::FailedPrecondition,
+        &["BadParameter"],
+    );
+    assert_eq!(stack.route_total("keyvault.sign").await, 1);
     stack.stop().await;
 }
 
@@ -894,6 +938,31 @@ async fn a_retry_after_beyond_the_budget_is_passed_to_the_caller_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_retry_after_is_passed_to_the_caller_as_five_minutes_at_most() {
+    let stack = Stack::start().await;
+    // A proxy in Key Vault's place asks for some thirty years.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "keyvault.sign", "count": 5,
+                   "fail": {"status": 503, "headers": {"Retry-After": "1000000000"}}}),
+        )
+        .await;
+    let s = assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::Unavailable,
+        &["Key Vault"],
+    );
+    assert_eq!(
+        s.metadata().get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("300"),
+        "{s:?}"
+    );
+    assert_eq!(stack.route_total("keyvault.sign").await, 1, "not retried");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_given_as_an_http_date_is_read_as_one() {
     let stack = Stack::start().await;
     // Two minutes from now, in the IMF-fixdate form proxies and gateways send.
@@ -972,6 +1041,39 @@ async fn an_unreadable_token_response_and_a_proxys_page_are_retryable_and_named(
     // Neither was remembered: both tenants get tokens at once when Entra answers again.
     stack.get("contoso", GRAPH).await.unwrap();
     stack.get("fabrikam", GRAPH).await.unwrap();
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_in_key_vaults_place_is_not_quoted_nor_remembered() {
+    let stack = Stack::start().await;
+    // A gateway's page that echoes the request, the managed identity's bearer token with it.
+    let page = format!(
+        "<html><body>Blocked. Authorization: Bearer PAGE-MARKER-eyJ {}</body></html>",
+        "x".repeat(64 * 1024)
+    );
+    for (status, tenant) in [(403, "contoso"), (502, "fabrikam")] {
+        stack
+            .admin_post(
+                "/faults",
+                json!({"route": "keyvault.sign", "count": 100,
+                       "fail": {"status": status, "content_type": "text/html", "raw_body": page}}),
+            )
+            .await;
+        let s = assert_status(
+            stack.get(tenant, GRAPH).await,
+            Code::Unavailable,
+            &[
+                &format!("HTTP {status} without a Key Vault error"),
+                "a proxy or gateway may have answered",
+            ],
+        );
+        assert!(!s.message().contains("PAGE-MARKER"), "{}", s.message());
+        assert!(s.message().len() < 1000, "{}", s.message());
+        stack.clear_faults().await;
+        // Not Key Vault's verdict, so not remembered: the next request gets a token.
+        stack.get(tenant, GRAPH).await.unwrap();
+    }
     stack.stop().await;
 }
 

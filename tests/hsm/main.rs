@@ -34,6 +34,12 @@ const TOKEN: &str = "tokenbroker-test";
 const KEY: &str = "contoso-hsm";
 const EXPIRED_KEY: &str = "contoso-hsm-old";
 const ROTATING: &str = "contoso-rotating";
+/// A key whose certificate object holds no DER certificate.
+const GARBLED: &str = "contoso-garbled";
+/// A key with two certificate objects of its CKA_ID.
+const TWICE: &str = "contoso-twice";
+/// Two keys under one label, one of them without a CKA_ID.
+const NO_ID: &str = "contoso-no-id";
 const PIN: &str = "4711-user";
 const PIN_ENV: &str = "TOKENBROKER_TEST_HSM_PIN";
 const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -152,6 +158,10 @@ fn set_up() -> Result<Hsm, String> {
         Pair::new(dir.path(), EXPIRED_KEY, 0xa2, Some((2024, 2025)))?,
         Pair::new(dir.path(), ROTATING, 0xa3, Some((2024, 2030)))?,
         Pair::new(dir.path(), ROTATING, 0xa4, Some((2026, 2031)))?,
+        Pair::new(dir.path(), GARBLED, 0xb1, None)?,
+        Pair::new(dir.path(), TWICE, 0xb2, None)?,
+        Pair::new(dir.path(), NO_ID, 0xb3, None)?,
+        Pair::new(dir.path(), NO_ID, 0xb4, None)?,
     ];
 
     let util = |args: &[&str]| -> Result<(), String> {
@@ -198,20 +208,39 @@ fn set_up() -> Result<Hsm, String> {
         .map_err(|e| e.to_string())?;
     for p in &pairs {
         let (_, parsed) = x509_parser::parse_x509_certificate(&p.der).map_err(|e| e.to_string())?;
+        let value = match p.label {
+            GARBLED => b"not a certificate".to_vec(),
+            _ => p.der.clone(),
+        };
+        let copies = if p.label == TWICE { 2 } else { 1 };
+        for _ in 0..copies {
+            session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::CERTIFICATE),
+                    Attribute::CertificateType(CertificateType::X_509),
+                    Attribute::Token(true),
+                    Attribute::Label(p.label.as_bytes().to_vec()),
+                    Attribute::Id(vec![p.id]),
+                    Attribute::Subject(parsed.subject().as_raw().to_vec()),
+                    Attribute::Value(value.clone()),
+                ])
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    // One of the two keys labelled NO_ID loses its CKA_ID.
+    for key in session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Id(vec![0xb4]),
+        ])
+        .map_err(|e| e.to_string())?
+    {
         session
-            .create_object(&[
-                Attribute::Class(ObjectClass::CERTIFICATE),
-                Attribute::CertificateType(CertificateType::X_509),
-                Attribute::Token(true),
-                Attribute::Label(p.label.as_bytes().to_vec()),
-                Attribute::Id(vec![p.id]),
-                Attribute::Subject(parsed.subject().as_raw().to_vec()),
-                Attribute::Value(p.der.clone()),
-            ])
+            .update_attributes(key, &[Attribute::Id(vec![])])
             .map_err(|e| e.to_string())?;
     }
     drop(session);
-    let [pair, expired, old, new] = pairs;
+    let [pair, expired, old, new, ..] = pairs;
     let (pem, der, expired_pem) = (pair.pem, pair.der, expired.pem);
     let rotating = [(old.pem, old.der), (new.pem, new.der)];
     Ok(Hsm {
@@ -395,6 +424,37 @@ async fn a_missing_key_token_or_module_is_named(hsm: &Hsm) {
         e.to_string().contains("cannot load the PKCS#11 module"),
         "{e}"
     );
+}
+
+/// Objects on the token that cannot be paired up are the operator's to fix, like a key that
+/// cannot sign: FAILED_PRECONDITION with what to fix, not INTERNAL.
+async fn objects_that_cannot_be_paired_up_are_a_failed_precondition(hsm: &Hsm) {
+    let signer =
+        Pkcs11Signer::new(&[hsm.config(PinSource::File(hsm.pin_file()))], TIMEOUT).unwrap();
+    for (label, want) in [
+        (GARBLED, "CertificateUnreadable"),
+        (TWICE, "CertificateAmbiguous"),
+        (NO_ID, "KeyIdMissing"),
+    ] {
+        let e = signer.certificate(&hsm.url(), label).await.unwrap_err();
+        assert!(
+            matches!(&e, SignerError::Configuration { code, .. } if code == want),
+            "{label}: {e:?}"
+        );
+        assert!(e.to_string().contains(label), "{e}");
+    }
+    drop(signer);
+    let stack = Stack::start_with(estate(hsm), on_the_token(hsm, TWICE, "RS256")).await;
+    let e = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    for says in [
+        "CertificateAmbiguous",
+        "keep one per key",
+        "paired by CKA_ID",
+    ] {
+        assert!(e.message().contains(says), "{}", e.message());
+    }
+    stack.stop().await;
 }
 
 /// The demo estate, with contoso's app also trusting the certificate whose key is on the
@@ -648,7 +708,7 @@ fn main() -> ExitCode {
         .expect("a runtime");
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     type Test = for<'a> fn(&'a Hsm) -> futures::future::BoxFuture<'a, ()>;
-    let tests: [(&str, Test); 9] = [
+    let tests: [(&str, Test); 10] = [
         ("a_wrong_or_unreadable_pin_is_refused_with_the_fix", |h| {
             a_wrong_or_unreadable_pin_is_refused_with_the_fix(h).boxed()
         }),
@@ -676,6 +736,10 @@ fn main() -> ExitCode {
         (
             "a_key_missing_from_the_token_is_a_failed_precondition_naming_the_fix",
             |h| a_key_missing_from_the_token_is_a_failed_precondition_naming_the_fix(h).boxed(),
+        ),
+        (
+            "objects_that_cannot_be_paired_up_are_a_failed_precondition",
+            |h| objects_that_cannot_be_paired_up_are_a_failed_precondition(h).boxed(),
         ),
         (
             "a_rotation_under_one_label_signs_with_the_newest_and_outlives_its_removal",
