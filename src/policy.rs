@@ -564,9 +564,14 @@ mod tests {
             "not before the next look"
         );
         tokio::time::sleep(Duration::from_secs(5)).await;
-        // The watcher runs on this runtime: let it reload.
-        for _ in 0..10 {
+        // The watcher reads the file on a blocking thread: wait (in real time, bounded) for
+        // the reload to land.
+        for _ in 0..500 {
+            if h.current().allows("dns:a", "fabrikam", &[GRAPH.into()]) {
+                break;
+            }
             tokio::task::yield_now().await;
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(h.current().allows("dns:a", "fabrikam", &[GRAPH.into()]));
         assert!(!h.current().allows("dns:a", "contoso", &[GRAPH.into()]));
