@@ -342,7 +342,78 @@ impl TrustFiles {
             path: ca.clone(),
             message: e.to_string(),
         })?;
-        Ok(Some(verifier))
+        Ok(Some(Arc::new(ClientAuthUsageRequired(verifier))))
+    }
+}
+
+/// webpki requires the clientAuth extended key usage only when the certificate has the
+/// extension: a certificate without any (a server or internal certificate issued by the
+/// same CA) would pass as a caller's. This refuses it, at the handshake, as a certificate
+/// for the wrong purpose.
+#[derive(Debug)]
+struct ClientAuthUsageRequired(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for ClientAuthUsageRequired {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let client_auth = X509Certificate::from_der(end_entity.as_ref())
+            .ok()
+            .and_then(|(_, c)| {
+                c.extended_key_usage()
+                    .ok()
+                    .flatten()
+                    .map(|e| e.value.client_auth)
+            });
+        if client_auth != Some(true) {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::InvalidPurpose,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.0.requires_raw_public_keys()
     }
 }
 

@@ -185,8 +185,8 @@ async fn a_certificate_with_two_spiffe_ids_or_no_name_names_no_caller() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_not_yet_valid_wrong_ca_and_wrong_usage_certificates_are_refused_at_the_handshake()
-{
+async fn expired_not_yet_valid_wrong_ca_and_wrong_or_no_usage_certificates_are_refused_at_the_handshake()
+ {
     let h = Harness::start(Options {
         policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
         ..Default::default()
@@ -222,6 +222,16 @@ async fn expired_not_yet_valid_wrong_ca_and_wrong_usage_certificates_are_refused
             h.ca.client_with(
                 &[COLLECTOR],
                 ExtendedKeyUsagePurpose::ServerAuth,
+                now - Duration::hours(1),
+                now + Duration::days(1),
+            ),
+            "UnsupportedCertificate",
+        ),
+        (
+            "no extended key usage at all",
+            h.ca.client_with(
+                &[COLLECTOR],
+                None,
                 now - Duration::hours(1),
                 now + Duration::days(1),
             ),

@@ -100,11 +100,12 @@ impl Ca {
         self.sign(p)
     }
 
-    /// A client certificate with the given SANs (`spiffe://…` URIs, else DNS names).
+    /// A client certificate with the given SANs (`spiffe://…` URIs, else DNS names) and
+    /// extended key usage (none: no such extension).
     pub fn client_with(
         &self,
         sans: &[&str],
-        usage: ExtendedKeyUsagePurpose,
+        usage: impl Into<Option<ExtendedKeyUsagePurpose>>,
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Leaf {
@@ -117,7 +118,7 @@ impl Ca {
                 SanType::DnsName(s.to_string().try_into().unwrap())
             });
         }
-        p.extended_key_usages = vec![usage];
+        p.extended_key_usages = usage.into().into_iter().collect();
         p.not_before = not_before;
         p.not_after = not_after;
         self.sign(p)
