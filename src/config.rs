@@ -1148,7 +1148,7 @@ impl Validator<'_> {
             }
         }
         let callers = self.callers(raw.callers, &server);
-        let policy = self.policy(raw.policy, &declared, &server);
+        let policy = self.policy(raw.policy, &declared, &server, &callers);
         if !server.mutual_tls() && callers.issuers.is_empty() && !callers.dev_loopback {
             self.warn(
                 "callers",

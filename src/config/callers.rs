@@ -377,6 +377,7 @@ impl Validator<'_> {
         raw: RawPolicy,
         tenants: &BTreeSet<String>,
         server: &ServerConfig,
+        callers: &CallersConfig,
     ) -> PolicyConfig {
         match (raw.file, raw.grant) {
             (Some(_), Some(_)) => {
@@ -393,7 +394,7 @@ impl Validator<'_> {
                 }
                 match std::fs::read_to_string(&file) {
                     Ok(text) => match Policy::parse(&text, tenants) {
-                        Ok(policy) => self.unusable_grants(&policy, "policy.file", server),
+                        Ok(policy) => self.unusable_grants(&policy, "policy.file", server, callers),
                         Err(problems) => {
                             for p in problems {
                                 self.problem("policy.file", format!("{}: {p}", file.display()));
@@ -410,7 +411,7 @@ impl Validator<'_> {
             (None, Some(grants)) => {
                 match Policy::from_toml_value(grants, tenants, "policy.grant") {
                     Ok(p) => {
-                        self.unusable_grants(&p, "policy.grant", server);
+                        self.unusable_grants(&p, "policy.grant", server, callers);
                         PolicyConfig::Inline(p)
                     }
                     Err(problems) => {
@@ -435,7 +436,14 @@ impl Validator<'_> {
     /// scope Entra refuses with client credentials. Warned, not refused: such a grant is
     /// harmless (it never matches), a live reload of the policy file accepts it, and a
     /// policy file that running replicas accepted must not stop new ones from starting.
-    fn unusable_grants(&mut self, policy: &Policy, at: &str, server: &ServerConfig) {
+    /// Also warned: a scope whose tokens an issuer accepts back as caller credentials.
+    fn unusable_grants(
+        &mut self,
+        policy: &Policy,
+        at: &str,
+        server: &ServerConfig,
+        callers: &CallersConfig,
+    ) {
         let client_ca = server.mutual_tls();
         for caller in policy.caller_patterns() {
             if let Some(rest) = caller.strip_prefix("jwt:") {
@@ -460,6 +468,25 @@ impl Validator<'_> {
         for scope in policy.named_scopes() {
             if let Some(why) = super::client_credentials_scope_problem(scope) {
                 self.warn(at, format!("this grant is never served: {why}"));
+            }
+            // A token the broker serves for the scope is an app's token for that audience:
+            // a caller granted the scope can present it and be the app, with the app's
+            // grants, and the audit trail then names the app, not that caller.
+            let resource = scope.strip_suffix("/.default").unwrap_or(scope);
+            let same = |a: &String| {
+                a.trim_end_matches('/')
+                    .eq_ignore_ascii_case(resource.trim_end_matches('/'))
+            };
+            for issuer in callers.issuers.values() {
+                if issuer.audiences.iter().any(same) {
+                    self.warn(
+                        at,
+                        format!(
+                            "the tokens served for `{scope}` are accepted back as caller credentials by issuer `{}` (audience `{resource}`): a caller granted this scope can present them and act as the tenant's app, with that app's grants, named as the app in the audit trail; grant the scope only to callers meant to have both",
+                            issuer.name
+                        ),
+                    );
+                }
             }
         }
     }

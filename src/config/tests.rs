@@ -1380,3 +1380,29 @@ fn the_summary_says_where_workload_identity_takes_its_client_id() {
         c.summary()
     );
 }
+
+#[test]
+fn a_granted_scope_whose_tokens_an_issuer_accepts_back_is_warned_about() {
+    let config = |scope: &str| {
+        format!(
+            "{GOOD}\n[callers]\naudience = \"api://tokenbroker\"\n\
+             [callers.issuers.contoso-entra]\nissuer = \"https://login.microsoftonline.com/c0c0c0c0-0000-4000-8000-00000000c001/v2.0\"\n\
+             audience = \"api://contoso-api\"\nidentity_claim = \"appid\"\n\
+             [[policy.grant]]\ncallers = [\"spiffe://example.org/fetcher\"]\ntenants = [\"contoso\"]\nscopes = [\"{scope}\"]\n"
+        )
+    };
+    let warned = |scope: &str| {
+        let c = Config::from_toml_str(&config(scope), Path::new("/"), &no_env).unwrap();
+        c.warnings.iter().any(|w| {
+            w.path == "policy.grant"
+                && w.message
+                    .contains("accepted back as caller credentials by issuer `contoso-entra`")
+        })
+    };
+    assert!(warned("api://contoso-api/.default"));
+    assert!(
+        warned("API://Contoso-Api/.default"),
+        "names compared without case"
+    );
+    assert!(!warned("https://graph.microsoft.com/.default"));
+}
