@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -44,6 +44,9 @@ use crate::sensitive::Sensitive;
 
 /// Longest bearer token accepted.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// How long a request waits for another request's fetch of an issuer's keys.
+const KEY_WAIT: Duration = Duration::from_secs(10);
 
 /// Why a bearer token was refused. Messages name the reason and never include the token.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -81,9 +84,14 @@ pub enum JwtError {
         .retry_after.as_secs().max(1)
     )]
     TooManyFailures { retry_after: Duration },
-    /// The issuer's keys cannot be fetched: the caller is not at fault.
-    #[error("the signing keys of issuer `{issuer}` are unavailable: {message}")]
-    KeysUnavailable { issuer: String, message: String },
+    /// The issuer's keys cannot be fetched: the caller is not at fault. Why is logged, not
+    /// told: the caller is not authenticated, and the cause names the issuer's URLs and the
+    /// broker's network.
+    #[error("the signing keys of issuer `{issuer}` cannot be had now ({reason}); retry shortly")]
+    KeysUnavailable {
+        issuer: String,
+        reason: &'static str,
+    },
 }
 
 /// Verifies bearer tokens for a set of configured issuers. Cheap to share.
@@ -285,15 +293,32 @@ impl JwtVerifier {
         if let Some((f, address)) = &failures {
             f.peek(address).map_err(too_many)?;
         }
-        let prepared = match self.prepare(t).await {
+        // Charged before the token waits for the issuer's keys to be fetched again for its
+        // `kid`: forged kids from one address cannot all wait (holding in-flight slots)
+        // beyond that address's burst.
+        let charged = AtomicBool::new(false);
+        let charge = || {
+            if let Some((f, address)) = &failures {
+                f.take(address).map_err(too_many)?;
+                charged.store(true, Ordering::Relaxed);
+            }
+            Ok(())
+        };
+        let prepared = match self.prepare(t, &charge).await {
             Ok(p) => p,
             Err(e) => {
-                // A token refused before its signature is checked costs little, and is counted
-                // afterwards. An issuer that cannot be reached is not the caller's failure.
-                if let Some((f, address)) = &failures
-                    && !matches!(e, JwtError::KeysUnavailable { .. })
-                {
-                    let _ = f.take(address);
+                let unreachable = matches!(e, JwtError::KeysUnavailable { .. });
+                if let Some((f, address)) = &failures {
+                    match (charged.load(Ordering::Relaxed), unreachable) {
+                        // An issuer that cannot be reached is not the caller's failure.
+                        (true, true) => f.give_back(address),
+                        // A token refused before its signature is checked costs little, and
+                        // is counted afterwards.
+                        (false, false) => {
+                            let _ = f.take(address);
+                        }
+                        _ => {}
+                    }
                 }
                 return Err(e);
             }
@@ -303,8 +328,8 @@ impl JwtVerifier {
         // bad tokens arriving together cannot all pass the peek above and exceed the burst.
         // A token that verifies hands it back: valid callers are not charged. Nothing waits
         // between the two, so concurrent valid tokens hardly ever see each other's charge.
-        if let Some((f, address)) = &failures {
-            f.take(address).map_err(too_many)?;
+        if !charged.load(Ordering::Relaxed) {
+            charge()?;
         }
         let verified = self.check(t, prepared)?;
         if let Some((f, address)) = &failures {
@@ -320,13 +345,19 @@ impl JwtVerifier {
     /// The full check of a token (the benchmarks time it alone).
     #[cfg(feature = "emulator")]
     pub(crate) async fn verify_signed(&self, t: &str) -> Result<Verified, JwtError> {
-        let prepared = self.prepare(t).await?;
+        let prepared = self.prepare(t, &|| Ok(())).await?;
         self.check(t, prepared)
     }
 
     /// The checks before the signature: shape, issuer, algorithm, and the key (which may be
     /// fetched).
-    async fn prepare<'a>(&'a self, t: &str) -> Result<Prepared<'a>, JwtError> {
+    /// `charge` is called before waiting for a fetch of the issuer's keys for an unknown
+    /// `kid`, and may refuse the wait.
+    async fn prepare<'a>(
+        &'a self,
+        t: &str,
+        charge: &(dyn Fn() -> Result<(), JwtError> + Sync),
+    ) -> Result<Prepared<'a>, JwtError> {
         let parts: Vec<&str> = t.split('.').collect();
         let [header, payload, _sig] = parts.as_slice() else {
             return Err(JwtError::Malformed(
@@ -349,7 +380,7 @@ impl JwtVerifier {
             .ok()
             .filter(|a| issuer.cfg.algorithms.contains(a))
             .ok_or_else(|| JwtError::AlgorithmNotAllowed(short(&alg_name)))?;
-        let (jwk, keys) = self.key(issuer, header.kid.as_deref()).await?;
+        let (jwk, keys) = self.key(issuer, header.kid.as_deref(), charge).await?;
         if let Some(ka) = jwk.common.key_algorithm
             && ka.to_string() != alg_name
         {
@@ -447,8 +478,14 @@ impl JwtVerifier {
     /// `jwks_max_age` (after a failure, not again within `jwks_min_refresh`), and re-fetched
     /// for an unknown `kid` at most once per `jwks_min_refresh`: a rotation is picked up at
     /// once, while forged kids cannot make the broker hammer the issuer.
-    /// Also returns the key set it is from.
-    async fn key(&self, issuer: &Issuer, kid: Option<&str>) -> Result<(Jwk, Arc<Keys>), JwtError> {
+    /// Also returns the key set it is from. A request waits at most `KEY_WAIT` for another's
+    /// fetch, and calls `charge` first when its `kid` is what would be fetched for.
+    async fn key(
+        &self,
+        issuer: &Issuer,
+        kid: Option<&str>,
+        charge: &(dyn Fn() -> Result<(), JwtError> + Sync),
+    ) -> Result<(Jwk, Arc<Keys>), JwtError> {
         let find = |keys: &Arc<Keys>| -> Option<(Jwk, Arc<Keys>)> {
             let jwk = match kid {
                 Some(k) => keys
@@ -464,13 +501,27 @@ impl JwtVerifier {
         let cfg = &issuer.cfg;
         let fresh = |keys: &Keys| keys.fetched.elapsed() < cfg.jwks_max_age;
         let recent = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() < cfg.jwks_min_refresh);
-        if let Some(keys) = issuer.keys.load_full()
-            && fresh(&keys)
-            && let Some(k) = find(&keys)
+        let before = issuer.keys.load_full();
+        if let Some(keys) = &before
+            && fresh(keys)
         {
-            return Ok(k);
+            match find(keys) {
+                Some(k) => return Ok(k),
+                None => charge()?,
+            }
         }
-        let mut gate = issuer.refresh.lock().await;
+        // Bounded: each waiter holds an in-flight slot, and the fetch under way may take up
+        // to the outbound timeout per request.
+        let Ok(mut gate) = tokio::time::timeout(KEY_WAIT, issuer.refresh.lock()).await else {
+            return match before.as_ref().and_then(find) {
+                Some(k) => Ok(k),
+                None if before.is_some() => Err(JwtError::UnknownKey(short(kid.unwrap_or("none")))),
+                None => Err(JwtError::KeysUnavailable {
+                    issuer: cfg.name.clone(),
+                    reason: "they are being fetched",
+                }),
+            };
+        };
         // Another request may have refreshed while this one waited.
         let current = issuer.keys.load_full();
         let unknown = || JwtError::UnknownKey(short(kid.unwrap_or("none")));
@@ -489,7 +540,7 @@ impl JwtVerifier {
                 Some(keys) => find(keys).ok_or_else(unknown),
                 None => Err(JwtError::KeysUnavailable {
                     issuer: cfg.name.clone(),
-                    message: "the last attempt failed; retrying shortly".into(),
+                    reason: "the last attempt to fetch them failed a moment ago",
                 }),
             };
         }
@@ -516,7 +567,7 @@ impl JwtVerifier {
                     Some(keys) => find(keys).ok_or_else(unknown),
                     None => Err(JwtError::KeysUnavailable {
                         issuer: cfg.name.clone(),
-                        message,
+                        reason: "fetching them failed; the broker's log has the cause",
                     }),
                 }
             }
@@ -737,6 +788,49 @@ mod tests {
                 .unwrap_err();
             assert!(matches!(e, JwtError::Delegated(..)), "{e}");
             assert!(e.to_string().contains(names), "{e}");
+        }
+    }
+
+    #[cfg(feature = "emulator")]
+    #[tokio::test]
+    async fn tokens_with_forged_kids_from_one_address_wait_for_a_key_fetch_only_within_its_burst() {
+        let burst = 3;
+        let (key, iss, release, mut asked, verifier) = held_issuer(burst, "sub").await;
+        // The keys are fetched once, for a valid token.
+        release.add_permits(1);
+        let peer: IpAddr = "192.0.2.8".parse().unwrap();
+        let valid = Sensitive::new(signed(&key, &iss, "svc"));
+        verifier.verify(&valid, Some(peer)).await.unwrap();
+        asked.recv().await.unwrap();
+        // Ten tokens naming kids the issuer never published: the first has the keys fetched
+        // again (held by the issuer), and only the address's burst may wait for that fetch.
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let body = valid.expose().split('.').nth(1).unwrap().to_owned();
+        let (tell, mut told) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..10 {
+            let header = b64(serde_json::json!({"alg": "RS256", "kid": format!("forged-{i}")}));
+            let forged = Sensitive::new(format!("{header}.{body}.c2ln"));
+            let (v, tell) = (verifier.clone(), tell.clone());
+            tokio::spawn(async move {
+                let _ = tell.send(v.verify(&forged, Some(peer)).await);
+            });
+        }
+        asked.recv().await.unwrap();
+        // While the fetch is held, all but the burst are refused without waiting for it.
+        for _ in 0..10 - burst {
+            let r = tokio::time::timeout(Duration::from_secs(20), told.recv())
+                .await
+                .expect("refused without waiting for the fetch")
+                .unwrap();
+            assert!(matches!(r, Err(JwtError::TooManyFailures { .. })), "{r:?}");
+        }
+        assert!(told.try_recv().is_err(), "the burst waits for the fetch");
+        release.add_permits(1);
+        for _ in 0..burst {
+            let r = told.recv().await.unwrap();
+            assert!(matches!(r, Err(JwtError::UnknownKey(_))), "{r:?}");
         }
     }
 
