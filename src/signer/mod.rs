@@ -66,11 +66,20 @@ impl fmt::Display for KeyRef {
     }
 }
 
+/// `403 Forbidden`, or the code alone for a signer that has no HTTP status (0: an HSM).
+fn status_and(status: u16, code: &str) -> String {
+    if status == 0 {
+        code.to_owned()
+    } else {
+        format!("{status} {code}")
+    }
+}
+
 /// Key Vault (or another signer) failures, classified for the API edge and retries.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SignerError {
     /// The broker's identity may not use this key or certificate (RBAC), or its token was refused.
-    #[error("{service} refused the broker's identity ({status} {code}): {message}")]
+    #[error("{service} refused the broker's identity ({}): {message}", status_and(*status, code))]
     Forbidden {
         service: &'static str,
         status: u16,

@@ -159,7 +159,13 @@ async fn bounded<T: Send + 'static>(
 ) -> Result<T, SignerError> {
     match tokio::time::timeout(timeout, tokio::task::spawn_blocking(call)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => Err(other(format!("PKCS#11 call ended: {e}"))),
+        // A panic's message is for the log, not for callers.
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "a PKCS#11 call ended without a result");
+            Err(other(
+                "a PKCS#11 call ended without a result; see the broker's log".into(),
+            ))
+        }
         Err(_) => Err(SignerError::Unavailable {
             service: SERVICE,
             message: format!("no answer from the PKCS#11 module within {timeout:?}"),
@@ -618,6 +624,28 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(bounded(Duration::from_secs(10), || Ok(7)).await.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_call_that_panics_tells_callers_no_more_than_that() {
+        let r: Result<(), _> = bounded(Duration::from_secs(10), || {
+            panic!("module state 0xdeadbeef at slot 3")
+        })
+        .await;
+        let message = r.unwrap_err().to_string();
+        assert!(message.contains("ended without a result"), "{message}");
+        assert!(!message.contains("deadbeef"), "{message}");
+    }
+
+    #[test]
+    fn a_refusal_without_an_http_status_names_only_its_code() {
+        let e = SignerError::Forbidden {
+            service: SERVICE,
+            status: 0,
+            code: "CKR_PinIncorrect".into(),
+            message: "m".into(),
+        };
+        assert!(e.to_string().contains("(CKR_PinIncorrect)"), "{e}");
     }
 
     #[tokio::test]
