@@ -107,6 +107,18 @@ struct FakeSigner {
     down: std::sync::atomic::AtomicBool,
     /// Certificate reads never answer while set.
     hang: std::sync::atomic::AtomicBool,
+    /// Signs made; those past `signs_ok` fail (503).
+    signs: AtomicUsize,
+    signs_ok: std::sync::atomic::AtomicUsize,
+}
+
+impl FakeSigner {
+    fn new() -> FakeSigner {
+        FakeSigner {
+            signs_ok: AtomicUsize::new(usize::MAX),
+            ..Default::default()
+        }
+    }
 }
 
 #[async_trait]
@@ -143,6 +155,13 @@ impl Signer for FakeSigner {
     ) -> Result<Vec<u8>, SignerError> {
         // Not ready at the first poll, as a call over the network is not.
         tokio::task::yield_now().await;
+        if self.signs.fetch_add(1, Ordering::SeqCst) >= self.signs_ok.load(Ordering::SeqCst) {
+            return Err(SignerError::Unavailable {
+                service: "Key Vault",
+                message: "503 from the vault".into(),
+                retry_after: None,
+            });
+        }
         Ok(digest.to_vec())
     }
 }
@@ -176,12 +195,12 @@ fn fixture(lifetime: Duration, extra: &str) -> Fixture {
         }),
         calls: AtomicUsize::new(0),
     });
-    let vault = Arc::new(FakeSigner::default());
+    let vault = Arc::new(FakeSigner::new());
     let broker = Broker::new(
         &config,
         Upstreams {
             signer: vault.clone(),
-            hsm: Arc::new(FakeSigner::default()),
+            hsm: Arc::new(FakeSigner::new()),
             identity: Arc::new(crate::identity::ManagedIdentityAssertions::new(
                 Default::default(),
             )),
@@ -404,6 +423,71 @@ fn refresh_is_at_the_fraction_less_jitter() {
             "{r:?}"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_exchange_is_retried_with_a_fresh_assertion_and_a_failing_sign_ends_it() {
+    let f = fixture(HOUR, "max_attempts = 3");
+    // Entra fails once, then answers: the retry presents a newly signed assertion.
+    f.entra.set(Answer::Fail(None));
+    let get = tokio::spawn({
+        let broker = f.broker.clone();
+        async move {
+            broker
+                .get_token(TokenRequest {
+                    tenant: "contoso".into(),
+                    scopes: vec![GRAPH.into()],
+                    min_validity: None,
+                    force_refresh: false,
+                })
+                .await
+        }
+    });
+    settle().await;
+    assert_eq!(f.entra.calls(), 1);
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: None,
+    });
+    f.advance(Duration::from_secs(10)).await;
+    get.await.unwrap().unwrap();
+    assert_eq!(f.entra.calls(), 2);
+    assert_eq!(
+        f.vault.signs.load(Ordering::SeqCst),
+        2,
+        "one sign per attempt"
+    );
+
+    // The fresh assertion cannot be signed: the fetch ends with Key Vault's failure, retried
+    // by Key Vault's own guard only (three tries), not again for each exchange attempt.
+    let g = fixture(HOUR, "max_attempts = 3");
+    g.entra.set(Answer::Fail(None));
+    g.vault.signs_ok.store(1, Ordering::SeqCst);
+    let get = tokio::spawn({
+        let broker = g.broker.clone();
+        async move {
+            broker
+                .get_token(TokenRequest {
+                    tenant: "contoso".into(),
+                    scopes: vec![GRAPH.into()],
+                    min_validity: None,
+                    force_refresh: false,
+                })
+                .await
+        }
+    });
+    // Small steps, so that every backoff ends well within the fetch's budget.
+    while !get.is_finished() {
+        g.advance(Duration::from_millis(100)).await;
+    }
+    match get.await.unwrap() {
+        Err(BrokerError::Upstream { source, .. }) => {
+            assert!(source.to_string().contains("Key Vault"), "{source}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(g.entra.calls(), 1, "no exchange without a fresh assertion");
+    assert_eq!(g.vault.signs.load(Ordering::SeqCst), 1 + 3);
 }
 
 #[tokio::test(start_paused = true)]
