@@ -752,34 +752,27 @@ mod tests {
         );
         check_addr("https://broker.example:443").unwrap();
         // clap refuses a zero timeout (exit 2) before anything runs.
-        let zero = Cli::try_parse_from([
+        let zero = token_with("--timeout", "0").unwrap_err();
+        assert_eq!(zero.exit_code(), 2);
+    }
+
+    /// `tokenbroker token` for a tenant and scope, with `option` set to `value`.
+    fn token_with(option: &str, value: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from([
             "tokenbroker",
             "token",
             "--tenant",
             "t",
             "--scope",
             "s",
-            "--timeout",
-            "0",
+            option,
+            value,
         ])
-        .unwrap_err();
-        assert_eq!(zero.exit_code(), 2);
     }
 
     #[test]
     fn a_min_validity_the_broker_would_refuse_is_a_usage_error() {
-        let parse = |secs: &str| {
-            Cli::try_parse_from([
-                "tokenbroker",
-                "token",
-                "--tenant",
-                "t",
-                "--scope",
-                "s",
-                "--min-validity",
-                secs,
-            ])
-        };
+        let parse = |secs: &str| token_with("--min-validity", secs);
         // Above i64::MAX it used to wrap to a negative duration; above an hour the broker
         // refuses it anyway.
         for secs in ["18446744073709551615", "9223372036854775808", "3601", "-1"] {

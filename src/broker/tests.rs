@@ -228,6 +228,21 @@ impl Fixture {
             .await
     }
 
+    /// `get(None)` in a task of its own, for a test that moves the clock meanwhile.
+    fn spawn_get(&self) -> tokio::task::JoinHandle<Result<IssuedToken, BrokerError>> {
+        let broker = self.broker.clone();
+        tokio::spawn(async move {
+            broker
+                .get_token(TokenRequest {
+                    tenant: "contoso".into(),
+                    scopes: vec![GRAPH.into()],
+                    min_validity: None,
+                    force_refresh: false,
+                })
+                .await
+        })
+    }
+
     async fn watch(&self) -> tokio::sync::watch::Receiver<SlotState> {
         self.broker
             .subscribe("contoso", &[GRAPH.to_string()])
@@ -430,19 +445,7 @@ async fn a_failed_exchange_is_retried_with_a_fresh_assertion_and_a_failing_sign_
     let f = fixture(HOUR, "max_attempts = 3");
     // Entra fails once, then answers: the retry presents a newly signed assertion.
     f.entra.set(Answer::Fail(None));
-    let get = tokio::spawn({
-        let broker = f.broker.clone();
-        async move {
-            broker
-                .get_token(TokenRequest {
-                    tenant: "contoso".into(),
-                    scopes: vec![GRAPH.into()],
-                    min_validity: None,
-                    force_refresh: false,
-                })
-                .await
-        }
-    });
+    let get = f.spawn_get();
     settle().await;
     assert_eq!(f.entra.calls(), 1);
     f.entra.set(Answer::Token {
@@ -463,19 +466,7 @@ async fn a_failed_exchange_is_retried_with_a_fresh_assertion_and_a_failing_sign_
     let g = fixture(HOUR, "max_attempts = 3");
     g.entra.set(Answer::Fail(None));
     g.vault.signs_ok.store(1, Ordering::SeqCst);
-    let get = tokio::spawn({
-        let broker = g.broker.clone();
-        async move {
-            broker
-                .get_token(TokenRequest {
-                    tenant: "contoso".into(),
-                    scopes: vec![GRAPH.into()],
-                    min_validity: None,
-                    force_refresh: false,
-                })
-                .await
-        }
-    });
+    let get = g.spawn_get();
     // Small steps, so that every backoff ends well within the fetch's budget.
     while !get.is_finished() {
         g.advance(Duration::from_millis(100)).await;
