@@ -140,6 +140,26 @@ impl crate::cache::FromJoin for FlowError {
     }
 }
 
+/// A half-open breaker's probe out in an attempt. Released when dropped unsettled: a probe
+/// that panics, is cancelled, or ends without a verdict on its upstream must not leave the
+/// breaker refusing every call for good.
+struct ProbeOut<'a>(Option<&'a Breaker>);
+
+impl<'a> ProbeOut<'a> {
+    /// The verdict is being recorded: nothing to release. The breaker, if this was the probe.
+    fn settle(&mut self) -> Option<&'a Breaker> {
+        self.0.take()
+    }
+}
+
+impl Drop for ProbeOut<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.0 {
+            b.release();
+        }
+    }
+}
+
 /// A fetch's retry budget, spent on two timers. Waits and retries end at `at`, on the
 /// broker's `Clock` like every deadline. An attempt (a call in flight) is cut off at `io`,
 /// the same span on the runtime's monotonic timer, like the outbound timeouts: it bounds how
@@ -697,24 +717,29 @@ impl Flow {
     {
         let mut attempt = 0u32;
         loop {
+            let mut probe = ProbeOut(None);
             if let Some(g) = guard {
-                if let Err(remaining) = g.breaker.admit(self.clock.moment().mono) {
-                    self.stats
-                        .breaker_rejections
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Err(FlowError::unavailable(
-                        g.upstream,
-                        format!(
-                            "circuit open after repeated failures; next probe in {}s",
-                            remaining.as_secs().max(1)
-                        ),
-                        remaining,
-                    ));
+                match g.breaker.admit(self.clock.moment().mono) {
+                    Ok(true) => probe = ProbeOut(Some(&g.breaker)),
+                    Ok(false) => {}
+                    Err(remaining) => {
+                        self.stats
+                            .breaker_rejections
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Err(FlowError::unavailable(
+                            g.upstream,
+                            format!(
+                                "circuit open after repeated failures; next probe in {}s",
+                                remaining.as_secs().max(1)
+                            ),
+                            remaining,
+                        ));
+                    }
                 }
+                // Refused by the broker's own budget: the probe (if this is it) is released.
                 if let Some(b) = &g.bucket
                     && !b.take(self.clock.as_ref(), deadline.at).await
                 {
-                    g.breaker.neutral();
                     return Err(FlowError::unavailable(
                         g.upstream,
                         "the broker's own call budget for this upstream is spent; retry shortly"
@@ -725,6 +750,7 @@ impl Flow {
             }
             let Ok(result) = tokio::time::timeout_at(deadline.io, op()).await else {
                 // What was left of the budget is spent: no retry.
+                probe.settle();
                 if let Some(g) = guard {
                     g.breaker.failure(self.clock.moment().mono);
                 }
@@ -733,6 +759,7 @@ impl Flow {
             attempt += 1;
             match result {
                 Ok(v) => {
+                    probe.settle();
                     if let Some(g) = guard {
                         g.breaker.success();
                     }
@@ -740,14 +767,10 @@ impl Flow {
                 }
                 // Another upstream's failure inside an attempt (a fresh assertion for an
                 // exchange): its own guard has retried it already, and it says nothing about
-                // this upstream.
-                Err(e) if !e.is_from(upstream) => {
-                    if let Some(g) = guard {
-                        g.breaker.neutral();
-                    }
-                    return Err(e);
-                }
+                // this upstream (the probe, if this is it, is released).
+                Err(e) if !e.is_from(upstream) => return Err(e),
                 Err(e) if e.is_retryable() => {
+                    probe.settle();
                     if let Some(g) = guard {
                         g.breaker.failure(self.clock.moment().mono);
                     }
@@ -763,8 +786,8 @@ impl Flow {
                     self.clock.sleep(wait).await;
                 }
                 Err(e) => {
-                    if let Some(g) = guard {
-                        g.breaker.neutral();
+                    if let Some(b) = probe.settle() {
+                        b.neutral();
                     }
                     return Err(e);
                 }

@@ -131,18 +131,27 @@ impl Breaker {
         }
     }
 
-    /// May a call go through now? `Err(remaining)` while open (or while a probe is out).
-    pub fn admit(&self, now: Instant) -> Result<(), Duration> {
+    /// May a call go through now? `Ok(true)` when it is the half-open probe (which must end
+    /// with `success`, `failure`, `neutral` or `release`); `Err(remaining)` while open (or
+    /// while a probe is out).
+    pub fn admit(&self, now: Instant) -> Result<bool, Duration> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match s.open_until {
-            None => Ok(()),
+            None => Ok(false),
             Some(until) if now < until => Err(until - now),
             Some(_) if s.probing => Err(Duration::from_secs(1)),
             Some(_) => {
                 s.probing = true;
-                Ok(())
+                Ok(true)
             }
         }
+    }
+
+    /// The probe ended without saying anything about the upstream (the broker's own budget
+    /// refused it, another upstream failed inside it, it panicked): the next call probes.
+    pub fn release(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.probing = false;
     }
 
     pub fn success(&self) {
@@ -162,7 +171,8 @@ impl Breaker {
         }
     }
 
-    /// A call that was admitted but ended without a verdict (e.g. a configuration error).
+    /// The probe was answered, but not with the upstream's health (e.g. a configuration
+    /// error): the upstream is up, so the breaker closes.
     pub fn neutral(&self) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if s.probing {
@@ -260,10 +270,14 @@ mod tests {
         b.failure(t1);
         assert_eq!(b.state(t1), BreakerState::Open, "a failed probe re-opens");
         let t2 = t1 + Duration::from_secs(30);
-        assert!(b.admit(t2).is_ok());
+        assert_eq!(b.admit(t2), Ok(true), "the probe");
+        // A probe released without a verdict: still half-open, and the next call probes.
+        b.release();
+        assert_eq!(b.state(t2), BreakerState::HalfOpen);
+        assert_eq!(b.admit(t2), Ok(true));
         b.success();
         assert_eq!(b.state(t2), BreakerState::Closed);
-        assert!(b.admit(t2).is_ok());
+        assert_eq!(b.admit(t2), Ok(false), "closed: not a probe");
     }
 
     #[test]

@@ -580,6 +580,32 @@ async fn a_fetch_that_panics_fails_its_callers_and_the_next_request_fetches_agai
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_breaker_probe_that_panics_lets_the_next_call_probe() {
+    let f = fixture(
+        HOUR,
+        "max_attempts = 1\nbreaker_failures = 1\nbreaker_cool_down_secs = 5",
+    );
+    // One failure opens Entra's breaker for the tenant.
+    f.entra.set(Answer::Fail(None));
+    assert!(f.get(None).await.is_err());
+    match f.get(None).await {
+        Err(e) => assert!(e.to_string().contains("circuit open"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // After the cool-down the next call is the probe, and it panics.
+    f.advance(Duration::from_secs(6)).await;
+    f.entra.set(Answer::Panic);
+    assert!(f.get(None).await.is_err());
+    // Another probe may go: it is not "circuit open" for ever.
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: None,
+    });
+    let t = f.get(None).await.expect("the next call probes");
+    assert_eq!(t.source, TokenSource::Exchange);
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_absurd_retry_after_holds_back_the_refresh_retries_five_minutes_at_most() {
     let f = fixture(HOUR, "max_attempts = 1");
     f.get(None).await.unwrap();
