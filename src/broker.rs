@@ -495,7 +495,7 @@ impl Broker {
                     match &result {
                         Ok(t) => {
                             slot.set_negative(None);
-                            broker.schedule_refresh(key, weak_slot, t.refresh);
+                            broker.schedule_refresh(key, weak_slot, t, now);
                         }
                         Err(e) => {
                             broker.inner.stats.refresh_failures.incr();
@@ -535,10 +535,28 @@ impl Broker {
             .max(Duration::from_secs(1))
     }
 
-    /// Refreshes a key in the background at its refresh time, for as long as its slot lives,
-    /// retrying failures with backoff while the old token is served.
-    fn schedule_refresh(&self, key: Key, slot: Weak<Slot<FlowError>>, at: Moment) {
+    /// Refreshes `token`'s key in the background at its refresh time, for as long as its
+    /// slot lives and `token` is the slot's token, retrying failures with backoff while the
+    /// old token is served. One chain per key: a token published by another fetch (forced,
+    /// or early for a minimum validity) has its own schedule, and this one ends.
+    fn schedule_refresh(
+        &self,
+        key: Key,
+        slot: Weak<Slot<FlowError>>,
+        token: &CachedToken,
+        now: Moment,
+    ) {
         let broker = self.clone();
+        let mine = token.fingerprint;
+        // Not before this fetch has ended (its result published): a refresh due at once (a
+        // fetch that took longer than the token's refresh time) would otherwise join the
+        // fetch that scheduled it, take its result for its own, and end the chain.
+        let soon = now + REFRESH_FLOOR;
+        let at = if token.refresh.reached(soon) {
+            soon
+        } else {
+            token.refresh
+        };
         tokio::spawn(async move {
             broker.inner.clock.sleep_until(at).await;
             let mut failures = 0u32;
@@ -548,12 +566,20 @@ impl Broker {
                 // Boxed: this task sleeps for every cached key, and the cache's lookup future,
                 // held inline, would make each of them some 1.4 KB larger.
                 Box::pin(broker.inner.cache.keep(&key, &live)).await;
-                // A newer token may have been published meanwhile (forced refresh): its own
-                // schedule takes over. (Compared on the monotonic clock, which only goes on.)
-                if let Some(t) = &live.current().token
-                    && t.refresh.mono > at.mono
+                if live
+                    .current()
+                    .token
+                    .as_ref()
+                    .is_some_and(|t| t.fingerprint != mine)
                 {
                     return;
+                }
+                // A remembered persistent failure (an app disabled since): Entra sees one
+                // request per negative period for the key, from this chain as from callers.
+                if let Some(until) = live.negative_until(broker.inner.clock.moment()) {
+                    drop(live);
+                    broker.inner.clock.sleep_until(until).await;
+                    continue;
                 }
                 broker.inner.stats.refreshes.incr();
                 debug!(key = %key, "refreshing ahead of expiry");
@@ -580,6 +606,9 @@ impl Broker {
 /// day, or a number that overflows a deadline); Entra and Key Vault ask for seconds to
 /// minutes when throttling.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// A refresh is scheduled at least this long after the fetch that obtained the token ended.
+const REFRESH_FLOOR: Duration = Duration::from_secs(1);
 
 /// Trims, de-duplicates and sorts scopes, and checks their shape.
 pub fn normalise_scopes(scopes: &[String]) -> Result<Cow<'_, [String]>, BrokerError> {

@@ -580,6 +580,59 @@ async fn a_fetch_that_panics_fails_its_callers_and_the_next_request_fetches_agai
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_refresh_refused_for_good_is_tried_again_once_per_negative_period() {
+    let f = fixture(HOUR, "");
+    f.get(None).await.unwrap();
+    // The app is disabled; the refresh (due within 1800 s) is refused and remembered for
+    // the negative period (30 s).
+    f.entra.set(Answer::Refuse);
+    f.advance(Duration::from_secs(1800)).await;
+    assert_eq!(f.entra.calls(), 2);
+    for _ in 0..29 {
+        f.advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(f.entra.calls(), 2, "not again within the negative period");
+    f.advance(Duration::from_secs(2)).await;
+    assert_eq!(f.entra.calls(), 3, "once it is over");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forced_refresh_takes_over_the_refresh_chain_of_the_token_it_replaced() {
+    let f = fixture(HOUR, "\n[cache]\nforce_refresh_interval_secs = 0");
+    let refresh_in = |s| Answer::Token {
+        lifetime: HOUR,
+        refresh_in: Some(Duration::from_secs(s)),
+    };
+    // The first token is due for refresh at 1000 s; a forced refresh at 100 s gets one due
+    // at 600 s, earlier.
+    f.entra.set(refresh_in(1000));
+    f.get(None).await.unwrap();
+    f.advance(Duration::from_secs(100)).await;
+    f.entra.set(refresh_in(500));
+    f.broker
+        .get_token(TokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            min_validity: None,
+            force_refresh: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(f.entra.calls(), 2);
+    // Entra goes down, asking for 300 s between tries: the refresh at 600 s fails, and its
+    // chain tries again at 900 s and 1200 s.
+    f.entra.set(Answer::Fail(Some(Duration::from_secs(300))));
+    f.advance(Duration::from_secs(501)).await;
+    assert_eq!(f.entra.calls(), 3);
+    f.advance(Duration::from_secs(398)).await;
+    let at_999 = f.entra.calls();
+    // At 1000 s, the replaced token's schedule finds it is not the slot's token and ends:
+    // one chain of retries per key, not two.
+    f.advance(Duration::from_secs(2)).await;
+    assert_eq!(f.entra.calls(), at_999, "no second chain at 1000 s");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_breaker_probe_that_panics_lets_the_next_call_probe() {
     let f = fixture(
         HOUR,
@@ -765,6 +818,27 @@ async fn a_refresh_due_at_once_is_held_to_the_floor_and_the_chain_goes_on() {
         f.advance(crate::flow::MIN_REFRESH).await;
         assert_eq!(f.get(None).await.unwrap().source, TokenSource::Cache);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fetch_longer_than_its_tokens_refresh_time_is_refreshed_after_it_ends() {
+    let f = fixture(HOUR, "retry_budget_secs = 120\nmax_attempts = 5");
+    // Entra throttles for 40 s, then issues a token to refresh 30 s after the request: due
+    // before the fetch has even ended.
+    f.entra.set(Answer::Fail(Some(Duration::from_secs(40))));
+    let get = f.spawn_get();
+    settle().await;
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: Some(crate::flow::MIN_REFRESH),
+    });
+    f.advance(Duration::from_secs(41)).await;
+    get.await.unwrap().unwrap();
+    assert_eq!(f.entra.calls(), 2, "the refresh waits for the fetch to end");
+    f.advance(Duration::from_secs(2)).await;
+    assert_eq!(f.entra.calls(), 3, "then it is made");
+    f.advance(crate::flow::MIN_REFRESH).await;
+    assert_eq!(f.entra.calls(), 4, "and the chain goes on");
 }
 
 #[tokio::test(start_paused = true)]
