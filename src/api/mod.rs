@@ -702,6 +702,13 @@ impl Watcher {
                 let caller = self.caller.clone();
                 return Some(Err(self.end(AccessError::Denied { caller })));
             }
+            // The timer above runs on the monotonic clock; after a suspend or a wall clock
+            // stepped forward, the credential may have ended by the wall clock first.
+            if let Some(at) = self.valid_until
+                && at <= SystemTime::now()
+            {
+                return Some(Err(self.end(AccessError::CredentialExpired { at })));
+            }
             let Some(token) = token else {
                 return Some(Ok(proto::WatchTokenResponse {
                     token: None,
