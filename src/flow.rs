@@ -459,11 +459,20 @@ impl Flow {
                     deadline,
                 )
             };
-            let assertion = match sign().await {
-                Ok(a) => a,
+            // The first sign, then the exchange (whose retries sign anew).
+            let outcome = match sign().await {
+                Ok(assertion) => {
+                    self.exchange(tenant, scopes, assertion, sign, deadline)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok((started, t)) => return Ok(self.obtained(tenant, scopes, started, t)),
                 // The key of the version we hold is gone (removed from an HSM after a
-                // rotation): re-read the metadata at once and sign again if it changed,
-                // rather than fail every refresh until the next scheduled re-read.
+                // rotation), at the first sign or at a retry's: re-read the metadata at once
+                // and sign again if it changed, rather than fail every refresh until the next
+                // scheduled re-read.
                 Err(e @ FlowError::Signer(SignerError::NotFound { .. })) if !retried_key => {
                     retried_key = true;
                     let Some(fresh) = self
@@ -476,13 +485,6 @@ impl Flow {
                     cert = fresh;
                     continue;
                 }
-                Err(e) => return Err(e),
-            };
-            match self
-                .exchange(tenant, scopes, assertion, sign, deadline)
-                .await
-            {
-                Ok((started, t)) => return Ok(self.obtained(tenant, scopes, started, t)),
                 // Entra does not know the key we signed with: the certificate may have been
                 // rotated. Re-read its metadata at once and retry once if it changed.
                 Err(FlowError::Entra(e))

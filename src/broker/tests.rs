@@ -110,6 +110,9 @@ struct FakeSigner {
     /// Signs made; those past `signs_ok` fail (503).
     signs: AtomicUsize,
     signs_ok: std::sync::atomic::AtomicUsize,
+    /// The certificate's current version (`v1` when unset), and a version whose key is gone.
+    version: Mutex<Option<&'static str>>,
+    gone: Mutex<Option<&'static str>>,
 }
 
 impl FakeSigner {
@@ -134,27 +137,36 @@ impl Signer for FakeSigner {
                 retry_after: None,
             });
         }
+        let version = self.version.lock().unwrap().unwrap_or("v1");
         Ok(CertificateInfo {
             x5t: "x5t".into(),
             x5t_s256: "x5t-s256".into(),
             key: SignerKey {
                 vault_url: vault.clone(),
                 name: name.into(),
-                version: "v1".into(),
+                version: version.into(),
             },
-            version: "v1".into(),
+            version: version.into(),
             not_after: None,
         })
     }
 
     async fn sign(
         &self,
-        _key: &SignerKey,
+        key: &SignerKey,
         _algorithm: crate::config::SigningAlgorithm,
         digest: [u8; 32],
     ) -> Result<Vec<u8>, SignerError> {
         // Not ready at the first poll, as a call over the network is not.
         tokio::task::yield_now().await;
+        if *self.gone.lock().unwrap() == Some(key.version.as_str()) {
+            return Err(SignerError::NotFound {
+                service: "Key Vault",
+                what: format!("key version {}", key.version),
+                code: "KeyNotFound".into(),
+                message: "gone".into(),
+            });
+        }
         if self.signs.fetch_add(1, Ordering::SeqCst) >= self.signs_ok.load(Ordering::SeqCst) {
             return Err(SignerError::Unavailable {
                 service: "Key Vault",
@@ -630,6 +642,35 @@ async fn a_forced_refresh_takes_over_the_refresh_chain_of_the_token_it_replaced(
     // one chain of retries per key, not two.
     f.advance(Duration::from_secs(2)).await;
     assert_eq!(f.entra.calls(), at_999, "no second chain at 1000 s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_version_gone_before_an_exchange_retry_is_replaced_by_the_current_one() {
+    let f = fixture(HOUR, "max_attempts = 3");
+    f.entra.set(Answer::Fail(None));
+    let get = f.spawn_get();
+    settle().await;
+    assert_eq!(
+        f.entra.calls(),
+        1,
+        "signed with v1, then the exchange failed"
+    );
+    // Meanwhile the certificate is rotated and the old key removed (as from an HSM).
+    *f.vault.version.lock().unwrap() = Some("v2");
+    *f.vault.gone.lock().unwrap() = Some("v1");
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: None,
+    });
+    while !get.is_finished() {
+        f.advance(Duration::from_millis(100)).await;
+    }
+    let t = get
+        .await
+        .unwrap()
+        .expect("signed with v2 after the re-read");
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 2);
 }
 
 #[tokio::test(start_paused = true)]
