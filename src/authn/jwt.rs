@@ -817,7 +817,10 @@ mod tests {
                 let _ = tell.send(v.verify(&forged, Some(peer)).await);
             });
         }
-        asked.recv().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), asked.recv())
+            .await
+            .expect("the first forged kid has the keys fetched again")
+            .unwrap();
         // While the fetch is held, all but the burst are refused without waiting for it.
         for _ in 0..10 - burst {
             let r = tokio::time::timeout(Duration::from_secs(20), told.recv())
