@@ -278,6 +278,7 @@ impl<E: Send + Sync + 'static> Slot<E> {
         }
         let work = start();
         let done = EndFlight(Arc::downgrade(self));
+        let _spawning = Spawning::enter();
         let task = tokio::spawn(async move {
             let result = work.await;
             if let Some(slot) = done.0.upgrade() {
@@ -288,6 +289,7 @@ impl<E: Send + Sync + 'static> Slot<E> {
             drop(done);
             result
         });
+        drop(_spawning);
         let flight: Flight<E> = async move {
             match task.await {
                 Ok(r) => r,
@@ -309,9 +311,36 @@ struct EndFlight<E>(Weak<Slot<E>>);
 
 impl<E> Drop for EndFlight<E> {
     fn drop(&mut self) {
+        // Dropped inside `fetch`'s own spawn (a runtime that has shut down drops the task at
+        // once, on the spawning thread), the slot's lock is this thread's: taking it again
+        // would deadlock. The flight then stays, failed; the runtime is going away anyway.
+        if SPAWNING.with(std::cell::Cell::get) {
+            return;
+        }
         if let Some(slot) = self.0.upgrade() {
             *slot.inflight.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
+    }
+}
+
+thread_local! {
+    /// Set while this thread spawns a flight's task, holding the slot's lock.
+    static SPAWNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as spawning a flight's task until dropped.
+struct Spawning;
+
+impl Spawning {
+    fn enter() -> Spawning {
+        SPAWNING.with(|s| s.set(true));
+        Spawning
+    }
+}
+
+impl Drop for Spawning {
+    fn drop(&mut self) {
+        SPAWNING.with(|s| s.set(false));
     }
 }
 
@@ -524,6 +553,30 @@ mod tests {
         assert_eq!(joined, Joined::Leader, "a new flight, not the finished one");
         assert!(flight.await.is_ok());
         assert!(slot.current().token.is_some());
+    }
+
+    #[test]
+    fn a_flight_started_on_a_runtime_that_has_shut_down_fails_instead_of_hanging() {
+        // tokio drops a task spawned on a closed runtime at once, on the spawning thread:
+        // its end-of-flight guard then runs inside `fetch`. Checked on a thread of its own,
+        // so that a regression fails the test instead of hanging it.
+        let (tell, told) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let handle = rt.handle().clone();
+            drop(rt);
+            let _inside = handle.enter();
+            let slot: Arc<Slot<String>> = Arc::new(Slot::new());
+            let (_, flight) = slot.fetch(|| async { Ok(token()) }.boxed());
+            let r = futures::executor::block_on(flight);
+            let _ = tell.send(r.map(drop));
+        });
+        let r = told
+            .recv_timeout(Duration::from_secs(30))
+            .expect("fetch returned");
+        assert!(r.is_err(), "the flight never ran");
     }
 
     #[tokio::test]
