@@ -32,6 +32,16 @@ enum Answer {
     Hang,
 }
 
+impl Answer {
+    /// Tokens valid for an hour, refreshed by the broker's own rule.
+    fn hourly() -> Answer {
+        Answer::Token {
+            lifetime: HOUR,
+            refresh_in: None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct FakeEntra {
     answer: Mutex<Answer>,
@@ -240,6 +250,17 @@ impl Fixture {
             .await
     }
 
+    async fn get_forced(&self) -> Result<IssuedToken, BrokerError> {
+        self.broker
+            .get_token(TokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                min_validity: None,
+                force_refresh: true,
+            })
+            .await
+    }
+
     /// `get(None)` in a task of its own, for a test that moves the clock meanwhile.
     fn spawn_get(&self) -> tokio::task::JoinHandle<Result<IssuedToken, BrokerError>> {
         let broker = self.broker.clone();
@@ -341,10 +362,7 @@ async fn a_fetch_slowed_by_retries_does_not_lower_what_tokens_are_issued_with() 
     let first = tokio::spawn(async move { asking.get(None).await });
     settle().await;
     assert_eq!(f.entra.calls(), 1);
-    f.entra.set(Answer::Token {
-        lifetime: HOUR,
-        refresh_in: None,
-    });
+    f.entra.set(Answer::hourly());
     // The retry after Retry-After: the token comes back with 5 s less left than issued.
     f.advance(Duration::from_secs(5)).await;
     first.await.unwrap().unwrap();
@@ -460,10 +478,7 @@ async fn a_failed_exchange_is_retried_with_a_fresh_assertion_and_a_failing_sign_
     let get = f.spawn_get();
     settle().await;
     assert_eq!(f.entra.calls(), 1);
-    f.entra.set(Answer::Token {
-        lifetime: HOUR,
-        refresh_in: None,
-    });
+    f.entra.set(Answer::hourly());
     f.advance(Duration::from_secs(10)).await;
     get.await.unwrap().unwrap();
     assert_eq!(f.entra.calls(), 2);
@@ -517,10 +532,7 @@ async fn a_watched_key_whose_first_fetch_fails_is_retried_until_it_has_a_token()
     }
     let tried = f.entra.calls() - before;
     assert_eq!(tried, 20, "one try per minute");
-    f.entra.set(Answer::Token {
-        lifetime: HOUR,
-        refresh_in: None,
-    });
+    f.entra.set(Answer::hourly());
     f.advance(Duration::from_secs(61)).await;
     let state = rx.borrow().clone();
     assert!(
@@ -543,10 +555,7 @@ async fn a_watched_key_refused_by_configuration_is_fetched_again_once_its_negati
         1,
         "not asked again while the refusal is remembered"
     );
-    f.entra.set(Answer::Token {
-        lifetime: HOUR,
-        refresh_in: None,
-    });
+    f.entra.set(Answer::hourly());
     f.advance(Duration::from_secs(31)).await;
     assert_eq!(f.entra.calls(), 2);
     assert!(rx.borrow().token.is_some());
@@ -579,10 +588,7 @@ async fn a_fetch_that_panics_fails_its_callers_and_the_next_request_fetches_agai
         }
         other => panic!("{other:?}"),
     }
-    f.entra.set(Answer::Token {
-        lifetime: HOUR,
-        refresh_in: None,
-    });
+    f.entra.set(Answer::hourly());
     let t = f
         .get(None)
         .await
@@ -621,15 +627,7 @@ async fn a_forced_refresh_takes_over_the_refresh_chain_of_the_token_it_replaced(
     f.get(None).await.unwrap();
     f.advance(Duration::from_secs(100)).await;
     f.entra.set(refresh_in(500));
-    f.broker
-        .get_token(TokenRequest {
-            tenant: "contoso".into(),
-            scopes: vec![GRAPH.into()],
-            min_validity: None,
-            force_refresh: true,
-        })
-        .await
-        .unwrap();
+    f.get_forced().await.unwrap();
     assert_eq!(f.entra.calls(), 2);
     // Entra goes down, asking for 300 s between tries: the refresh at 600 s fails, and its
     // chain tries again at 900 s and 1200 s.
@@ -658,10 +656,7 @@ async fn a_key_version_gone_before_an_exchange_retry_is_replaced_by_the_current_
     // Meanwhile the certificate is rotated and the old key removed (as from an HSM).
     *f.vault.version.lock().unwrap() = Some("v2");
     *f.vault.gone.lock().unwrap() = Some("v1");
-    f.entra.set(Answer::Token {
-        lifetime: HOUR,
-        refresh_in: None,
-    });
+    f.entra.set(Answer::hourly());
     while !get.is_finished() {
         f.advance(Duration::from_millis(100)).await;
     }
@@ -691,10 +686,7 @@ async fn a_breaker_probe_that_panics_lets_the_next_call_probe() {
     f.entra.set(Answer::Panic);
     assert!(f.get(None).await.is_err());
     // Another probe may go: it is not "circuit open" for ever.
-    f.entra.set(Answer::Token {
-        lifetime: HOUR,
-        refresh_in: None,
-    });
+    f.entra.set(Answer::hourly());
     let t = f.get(None).await.expect("the next call probes");
     assert_eq!(t.source, TokenSource::Exchange);
 }
@@ -712,10 +704,7 @@ async fn an_absurd_retry_after_holds_back_the_refresh_retries_five_minutes_at_mo
         assert_eq!(f.entra.calls(), before + 1);
         f.advance(MAX_RETRY_AFTER).await;
         assert_eq!(f.entra.calls(), before + 2, "retried after five minutes");
-        f.entra.set(Answer::Token {
-            lifetime: HOUR,
-            refresh_in: None,
-        });
+        f.entra.set(Answer::hourly());
         f.advance(MAX_RETRY_AFTER).await;
         assert_eq!(f.entra.calls(), before + 3, "and again, now successfully");
     }
@@ -808,17 +797,7 @@ async fn a_certificate_re_read_that_hangs_leaves_the_sign_and_exchange_their_bud
     f.advance(HOUR + Duration::from_secs(1)).await;
     f.vault.hang.store(true, Ordering::SeqCst);
     let asking = f.clone();
-    let call = tokio::spawn(async move {
-        asking
-            .broker
-            .get_token(TokenRequest {
-                tenant: "contoso".into(),
-                scopes: vec![GRAPH.into()],
-                min_validity: None,
-                force_refresh: true,
-            })
-            .await
-    });
+    let call = tokio::spawn(async move { asking.get_forced().await });
     let r = tokio::time::timeout(Duration::from_secs(3600), call)
         .await
         .expect("answered")
@@ -852,10 +831,7 @@ async fn a_refresh_due_at_once_is_held_to_the_floor_and_the_chain_goes_on() {
             );
         }
         // Entra comes back to its senses: the next refresh brings a token callers can use.
-        f.entra.set(Answer::Token {
-            lifetime: HOUR,
-            refresh_in: None,
-        });
+        f.entra.set(Answer::hourly());
         f.advance(crate::flow::MIN_REFRESH).await;
         assert_eq!(f.get(None).await.unwrap().source, TokenSource::Cache);
     }
@@ -929,10 +905,7 @@ async fn during_an_outage_the_old_token_is_served_only_while_it_meets_the_validi
         Err(BrokerError::Upstream { .. })
     ));
     // Entra back: a new token at once.
-    f.entra.set(Answer::Token {
-        lifetime: HOUR,
-        refresh_in: None,
-    });
+    f.entra.set(Answer::hourly());
     f.advance(Duration::from_secs(61)).await;
     let fresh = f.get(None).await.unwrap();
     assert_ne!(token_of(&fresh), token_of(&first));
