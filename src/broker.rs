@@ -401,7 +401,7 @@ impl Broker {
     ) -> Result<tokio::sync::watch::Receiver<SlotState>, BrokerError> {
         let key = self.key(tenant, scopes)?;
         let slot = self.inner.cache.slot(&key, || key.clone()).await;
-        let rx = self.inner.cache.watch(&key, &slot);
+        let (rx, slot) = self.inner.cache.watch(&key, &slot);
         if slot.current().token.is_none() {
             self.fetch_for_watchers(key, &slot);
         }

@@ -407,13 +407,22 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
         watched.get(key).cloned()
     }
 
-    /// Subscribes to `slot`, found under `key`, and keeps the slot for as long as it has
-    /// watchers, even if the cache evicts it.
-    pub fn watch(&self, key: &Key, slot: &Arc<Slot<E>>) -> watch::Receiver<SlotState> {
-        let rx = slot.subscribe();
+    /// Subscribes to the slot held for `key`'s watchers (`slot`, found under `key`, unless
+    /// watchers hold another: the cache may have evicted one and made a new one meanwhile),
+    /// and keeps it for as long as it has watchers, even if the cache evicts it. A watcher
+    /// never follows a slot nothing keeps: its stream would end when the slot is dropped.
+    pub fn watch(
+        &self,
+        key: &Key,
+        slot: &Arc<Slot<E>>,
+    ) -> (watch::Receiver<SlotState>, Arc<Slot<E>>) {
         let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
-        watched.entry(key.clone()).or_insert_with(|| slot.clone());
-        rx
+        let kept = watched
+            .entry(key.clone())
+            .or_insert_with(|| slot.clone())
+            .clone();
+        // Under the lock: `keep` asks again under it whether the slot is watched.
+        (kept.subscribe(), kept)
     }
 
     /// For the task that keeps `slot` (its refresh scheduler), at each turn: a watched slot is
@@ -427,9 +436,9 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
             return;
         }
         let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
-        // Asked again under the lock: `watch` subscribes before it takes the lock, so a
-        // watcher that came since the question above is seen here, and one that comes later
-        // puts the slot back itself.
+        // Asked again under the lock: `watch` subscribes under it, so a watcher that came
+        // since the question above is seen here, and one that comes later puts the slot
+        // back itself.
         if !slot.watched() && watched.get(key).is_some_and(|w| Arc::ptr_eq(w, slot)) {
             watched.remove(key);
         }
@@ -577,6 +586,29 @@ mod tests {
             .recv_timeout(Duration::from_secs(30))
             .expect("fetch returned");
         assert!(r.is_err(), "the flight never ran");
+    }
+
+    #[tokio::test]
+    async fn every_watcher_of_a_key_follows_the_slot_kept_for_its_watchers() {
+        let cache: TokenCache<String> = TokenCache::new(100, Duration::from_secs(60));
+        let k = key("t", &["s"]);
+        // A watcher found the first slot; before it subscribed, the cache evicted that slot
+        // and a request made a new one.
+        let first = cache.slot(&k, || k.clone()).await;
+        cache.evict(&k).await;
+        let second = cache.slot(&k, || k.clone()).await;
+        assert!(!Arc::ptr_eq(&first, &second));
+        let (_rx, kept) = cache.watch(&k, &first);
+        assert!(Arc::ptr_eq(&kept, &first));
+        drop(first);
+        // A later watcher finds the new slot in the cache, but follows the kept one.
+        let (rx, kept) = cache.watch(&k, &second);
+        assert!(Arc::ptr_eq(&kept, &cache.watched_slot(&k).unwrap()));
+        drop(kept);
+        // The cache lets go of the new slot: the later watcher's stream goes on.
+        drop(second);
+        cache.evict(&k).await;
+        assert!(rx.has_changed().is_ok(), "its slot is still kept");
     }
 
     #[tokio::test]
