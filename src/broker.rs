@@ -557,47 +557,59 @@ impl Broker {
         } else {
             token.refresh
         };
+        // The task sleeps for every cached key: while it does, it holds only what it needs
+        // to wake; the refresh loop, larger, is boxed once it is due.
         tokio::spawn(async move {
             broker.inner.clock.sleep_until(at).await;
-            let mut failures = 0u32;
-            loop {
-                let Some(live) = slot.upgrade() else { return };
-                // Watched, the slot stays cached; no longer watched, it may now be evicted.
-                // Boxed: this task sleeps for every cached key, and the cache's lookup future,
-                // held inline, would make each of them some 1.4 KB larger.
-                Box::pin(broker.inner.cache.keep(&key, &live)).await;
-                if live
-                    .current()
-                    .token
-                    .as_ref()
-                    .is_some_and(|t| t.fingerprint != mine)
-                {
-                    return;
-                }
-                // A remembered persistent failure (an app disabled since): Entra sees one
-                // request per negative period for the key, from this chain as from callers.
-                if let Some(until) = live.negative_until(broker.inner.clock.moment()) {
-                    drop(live);
-                    broker.inner.clock.sleep_until(until).await;
-                    continue;
-                }
-                broker.inner.stats.refreshes.incr();
-                debug!(key = %key, "refreshing ahead of expiry");
-                let Ok((_, flight)) = broker.start_fetch(&key, &live) else {
-                    return;
-                };
+            Box::pin(broker.refresh_chain(key, slot, mine)).await;
+        });
+    }
+
+    /// The refresh loop of `schedule_refresh`, once `mine`'s refresh is due.
+    async fn refresh_chain(
+        self,
+        key: Key,
+        slot: Weak<Slot<FlowError>>,
+        mine: crate::sensitive::Fingerprint,
+    ) {
+        let broker = self;
+        let mut failures = 0u32;
+        loop {
+            let Some(live) = slot.upgrade() else { return };
+            // Watched, the slot stays cached; no longer watched, it may now be evicted.
+            // Boxed: the cache's lookup future, held inline, is some 1.4 KB.
+            Box::pin(broker.inner.cache.keep(&key, &live)).await;
+            if live
+                .current()
+                .token
+                .as_ref()
+                .is_some_and(|t| t.fingerprint != mine)
+            {
+                return;
+            }
+            // A remembered persistent failure (an app disabled since): Entra sees one
+            // request per negative period for the key, from this chain as from callers.
+            if let Some(until) = live.negative_until(broker.inner.clock.moment()) {
                 drop(live);
-                match flight.await {
-                    // The successful fetch scheduled the next refresh.
-                    Ok(_) => return,
-                    Err(e) => {
-                        failures += 1;
-                        let wait = broker.retry_wait(failures, &e, &slot);
-                        broker.inner.clock.sleep(wait).await;
-                    }
+                broker.inner.clock.sleep_until(until).await;
+                continue;
+            }
+            broker.inner.stats.refreshes.incr();
+            debug!(key = %key, "refreshing ahead of expiry");
+            let Ok((_, flight)) = broker.start_fetch(&key, &live) else {
+                return;
+            };
+            drop(live);
+            match flight.await {
+                // The successful fetch scheduled the next refresh.
+                Ok(_) => return,
+                Err(e) => {
+                    failures += 1;
+                    let wait = broker.retry_wait(failures, &e, &slot);
+                    broker.inner.clock.sleep(wait).await;
                 }
             }
-        });
+        }
     }
 }
 
