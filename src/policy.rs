@@ -19,7 +19,6 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Deserialize;
@@ -389,26 +388,6 @@ impl PolicyHandle {
         Ok(true)
     }
 
-    /// Reloads when the file changes (polled every `interval`), until the returned task is
-    /// aborted. SIGHUP is the server's (`server::reload_on_hangup`), which calls `reload_now`.
-    pub fn watch(self: Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            if !self.reloadable() {
-                return;
-            }
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                // On a blocking thread: a read stuck on a hung mount (NFS, a CSI driver) must
-                // not stall a runtime worker. The next look waits for this one.
-                let this = self.clone();
-                let _ = tokio::task::spawn_blocking(move || this.reload_now()).await;
-            }
-        })
-    }
-
     /// Whether the policy comes from a file of its own (and so can be reloaded).
     pub fn reloadable(&self) -> bool {
         matches!(self.source, Source::File { .. })
@@ -432,6 +411,7 @@ impl PolicyHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn tenants() -> BTreeSet<String> {
         ["contoso", "fabrikam"]
@@ -556,7 +536,9 @@ mod tests {
         };
         std::fs::write(&path, grant("contoso")).unwrap();
         let h = PolicyHandle::from_file(&path, tenants()).unwrap();
-        let watching = h.clone().watch(Duration::from_secs(5));
+        let watched = h.clone();
+        let watching =
+            crate::server::reload_every(Duration::from_secs(5), move || watched.reload_now());
         tokio::task::yield_now().await;
         std::fs::write(&path, grant("fabrikam")).unwrap();
         assert!(

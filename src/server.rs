@@ -55,6 +55,24 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Calls `reload` every `interval` until the returned task is aborted. On a blocking thread:
+/// a file read stuck on a hung mount (NFS, a CSI driver) must not stall a runtime worker.
+/// The next look waits for this one.
+pub(crate) fn reload_every(
+    interval: std::time::Duration,
+    reload: impl Fn() + Clone + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let _ = tokio::task::spawn_blocking(reload.clone()).await;
+        }
+    })
+}
+
 /// SIGHUP reloads at once what the file watchers would pick up at their next look: the
 /// policy file, the server certificate, the client CA bundle and revocation lists. Always
 /// installed, also when there is nothing to reload: SIGHUP's default action ends the process,
@@ -239,14 +257,19 @@ impl Bound {
         if let Some(age) = self.config.server.max_connection_age {
             builder = builder.max_connection_age(age);
         }
+        // The policy file, the server certificate and the client trust files are polled
+        // for changes; SIGHUP reloads them at once.
         let reload = self.config.server.reload_interval;
-        let _policy_watch = AbortOnDrop(self.access.policy().clone().watch(reload));
+        let policy = self.access.policy().clone();
+        let _policy_watch = policy
+            .reloadable()
+            .then(|| AbortOnDrop(reload_every(reload, move || policy.reload_now())));
         let _hangup = reload_on_hangup(self.access.policy().clone(), self.tls.clone());
         let _audit_summaries = AbortOnDrop(tokio::spawn(self.access.audit().clone().summarise()));
         let _tls_watch = self
             .tls
-            .as_ref()
-            .map(|tls| AbortOnDrop(tls.clone().watch(reload)));
+            .clone()
+            .map(|tls| AbortOnDrop(reload_every(reload, move || tls.reload_now())));
         let addr = self.listener.local_addr().ok();
         info!(
             ?addr,

@@ -221,23 +221,6 @@ impl ListenerConfig {
         Ok(true)
     }
 
-    /// Polls the server certificate and the client trust files every `interval` until the
-    /// returned task is aborted.
-    pub fn watch(self: Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                // On a blocking thread: a read stuck on a hung mount (NFS, a CSI driver) must
-                // not stall a runtime worker. The next look waits for this one.
-                let this = self.clone();
-                let _ = tokio::task::spawn_blocking(move || this.reload_now()).await;
-            }
-        })
-    }
-
     /// Re-reads the server certificate and the client trust files once, installing what
     /// changed and is valid, and logs the outcome.
     pub fn reload_now(&self) {
