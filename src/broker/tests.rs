@@ -238,42 +238,29 @@ fn fixture(lifetime: Duration, extra: &str) -> Fixture {
     }
 }
 
+/// A request for `contoso`'s Graph token.
+fn contoso(min_validity: Option<u64>, force_refresh: bool) -> TokenRequest {
+    TokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+        min_validity: min_validity.map(Duration::from_secs),
+        force_refresh,
+    }
+}
+
 impl Fixture {
     async fn get(&self, min_validity: Option<u64>) -> Result<IssuedToken, BrokerError> {
-        self.broker
-            .get_token(TokenRequest {
-                tenant: "contoso".into(),
-                scopes: vec![GRAPH.into()],
-                min_validity: min_validity.map(Duration::from_secs),
-                force_refresh: false,
-            })
-            .await
+        self.broker.get_token(contoso(min_validity, false)).await
     }
 
     async fn get_forced(&self) -> Result<IssuedToken, BrokerError> {
-        self.broker
-            .get_token(TokenRequest {
-                tenant: "contoso".into(),
-                scopes: vec![GRAPH.into()],
-                min_validity: None,
-                force_refresh: true,
-            })
-            .await
+        self.broker.get_token(contoso(None, true)).await
     }
 
     /// `get(None)` in a task of its own, for a test that moves the clock meanwhile.
     fn spawn_get(&self) -> tokio::task::JoinHandle<Result<IssuedToken, BrokerError>> {
         let broker = self.broker.clone();
-        tokio::spawn(async move {
-            broker
-                .get_token(TokenRequest {
-                    tenant: "contoso".into(),
-                    scopes: vec![GRAPH.into()],
-                    min_validity: None,
-                    force_refresh: false,
-                })
-                .await
-        })
+        tokio::spawn(async move { broker.get_token(contoso(None, false)).await })
     }
 
     async fn watch(&self) -> tokio::sync::watch::Receiver<SlotState> {
