@@ -90,10 +90,7 @@ impl EntraError {
     /// get all of it.
     fn broken_off(status: u16, e: &reqwest::Error, correlation: &str) -> Self {
         // The outer layers only say "error decoding response body" and repeat the URL.
-        let mut cause: &dyn std::error::Error = e;
-        while let Some(inner) = cause.source() {
-            cause = inner;
-        }
+        let cause = crate::outbound::root_cause(e);
         EntraError {
             class: EntraErrorClass::Retryable,
             status,

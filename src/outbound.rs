@@ -284,6 +284,16 @@ pub fn does_not_resolve(message: &str) -> bool {
             || m.contains("nodename nor servname"))
 }
 
+/// The innermost cause of `e`: what the outer layers (the SDK, reqwest, hyper) only wrap
+/// and repeat.
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    cause.to_string()
+}
+
 /// An error with every cause under it, `outer: inner: root`: a transport error's own text
 /// ("error sending request", "transport error") says nothing a person can act on; its causes
 /// do ("Connection refused", "invalid peer certificate: UnknownIssuer"). A host name that

@@ -300,13 +300,7 @@ fn retry_after(headers: &azure_core::http::headers::Headers) -> Option<Duration>
 
 /// The innermost error message: `azure_core` nests the useful text under its own context.
 pub(crate) fn root_message(e: &azure_core::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        msg = s.to_string();
-        source = s.source();
-    }
-    bounded(&msg)
+    bounded(&crate::outbound::root_cause(e))
 }
 
 #[cfg(test)]
