@@ -278,7 +278,7 @@ impl<E: Send + Sync + 'static> Slot<E> {
         }
         let work = start();
         let done = EndFlight(Arc::downgrade(self));
-        let _spawning = Spawning::enter();
+        let spawning = Spawning::enter();
         let task = tokio::spawn(async move {
             let result = work.await;
             if let Some(slot) = done.0.upgrade() {
@@ -289,7 +289,7 @@ impl<E: Send + Sync + 'static> Slot<E> {
             drop(done);
             result
         });
-        drop(_spawning);
+        drop(spawning);
         let flight: Flight<E> = async move {
             match task.await {
                 Ok(r) => r,

@@ -428,11 +428,10 @@ impl JwtVerifier {
         // only the app's own tokens count: a delegated token carries `scp` (the user's
         // consented permissions), and Entra's optional `idtyp` says "user".
         if matches!(claim.as_str(), "azp" | "appid") {
-            let user = data.claims.rest.get("idtyp").and_then(|v| v.as_str()) == Some("user");
             if data.claims.rest.contains_key("scp") {
                 return Err(JwtError::Delegated("scp", claim.clone()));
             }
-            if user {
+            if data.claims.rest.get("idtyp").and_then(|v| v.as_str()) == Some("user") {
                 return Err(JwtError::Delegated("idtyp: user", claim.clone()));
             }
         }
