@@ -400,8 +400,7 @@ impl Broker {
         scopes: &[String],
     ) -> Result<tokio::sync::watch::Receiver<SlotState>, BrokerError> {
         let key = self.key(tenant, scopes)?;
-        let slot = self.inner.cache.slot(&key, || key.clone()).await;
-        let (rx, slot) = self.inner.cache.watch(&key, &slot);
+        let (rx, slot) = self.inner.cache.watch(&key).await;
         if slot.current().token.is_none() {
             self.fetch_for_watchers(key, &slot);
         }
@@ -576,9 +575,13 @@ impl Broker {
         let mut failures = 0u32;
         loop {
             let Some(live) = slot.upgrade() else { return };
-            // Watched, the slot stays cached; no longer watched, it may now be evicted.
+            // Watched, the slot stays cached; no longer watched, it may now be evicted. A
+            // slot evicted since (held by a request that was under way) is no longer the
+            // key's: the key's next request makes a new slot, with its own chain.
             // Boxed: the cache's lookup future, held inline, is some 1.4 KB.
-            Box::pin(broker.inner.cache.keep(&key, &live)).await;
+            if !Box::pin(broker.inner.cache.keep(&key, &live)).await {
+                return;
+            }
             if live
                 .current()
                 .token

@@ -7,7 +7,7 @@ use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -161,6 +161,10 @@ pub struct Slot<E> {
     negative: Mutex<Option<(Moment, Arc<E>)>>,
     /// Whether a task is retrying the fetch of this slot's first token for its watchers.
     retrying: AtomicBool,
+    /// How many times the cache took this slot in, less how many times it let it go (the
+    /// eviction listener counts those). Counted both ways, so that a late notice of an
+    /// eviction cannot cancel a later insertion: positive while the cache holds the slot.
+    cached: AtomicI32,
 }
 
 impl<E> fmt::Debug for Slot<E> {
@@ -185,7 +189,19 @@ impl<E: Send + Sync + 'static> Slot<E> {
             last_forced: Mutex::new(None),
             negative: Mutex::new(None),
             retrying: AtomicBool::new(false),
+            cached: AtomicI32::new(0),
         }
+    }
+
+    /// Counts the cache taking the slot in; returns it, for the cache to hold.
+    fn taken_in(self: Arc<Self>) -> Arc<Self> {
+        self.cached.fetch_add(1, Ordering::AcqRel);
+        self
+    }
+
+    /// Whether the cache holds this slot, as far as its eviction notices have come.
+    fn cached(&self) -> bool {
+        self.cached.load(Ordering::Acquire) > 0
     }
 
     /// The current state, to read and let go (not to hold across an `await`).
@@ -355,13 +371,19 @@ pub trait FromJoin {
 /// the policy has granted its tenant and every one of its scopes, exactly, so the keys that
 /// can exist are combinations of what the operator configured, and no caller can choose keys
 /// that collide. (The development identity's `*` grants are the exception, on loopback.)
+///
+/// One slot per key: every slot the cache takes in is taken in under the `watched` lock
+/// (a request's miss, a watcher's subscription, a watched slot put back), so that while a
+/// key has a slot kept for its watchers, the cache holds that slot or none. Requests and
+/// watchers therefore always share one slot, and a key has one refresh chain.
 pub struct TokenCache<E> {
     slots: moka::future::Cache<Key, Arc<Slot<E>>, foldhash::fast::RandomState>,
     /// The slots that have watchers, held here too: a key only watched is never read by a
     /// request, so the cache would evict it once idle (or under size pressure), ending its
     /// refreshes and its watchers' streams. A lookup that misses `slots` finds a watched slot
-    /// here and puts it back; `keep` lets go of it once nobody watches.
-    watched: Mutex<HashMap<Key, Arc<Slot<E>>, foldhash::fast::RandomState>>,
+    /// here and puts it back; `keep` lets go of it once nobody watches. An async lock: slots
+    /// are taken into the cache while it is held. Requests that hit never take it.
+    watched: tokio::sync::Mutex<HashMap<Key, Arc<Slot<E>>, foldhash::fast::RandomState>>,
 }
 
 impl<E> fmt::Debug for TokenCache<E> {
@@ -378,13 +400,17 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
             slots: moka::future::Cache::builder()
                 .max_capacity(max_entries)
                 .time_to_idle(idle)
+                .eviction_listener(|_, slot: Arc<Slot<E>>, _| {
+                    slot.cached.fetch_sub(1, Ordering::AcqRel);
+                })
                 .build_with_hasher(foldhash::fast::RandomState::default()),
-            watched: Mutex::default(),
+            watched: tokio::sync::Mutex::default(),
         }
     }
 
-    /// The key's slot; when there is none, an empty one under `owned()` (the key's owned
-    /// form, which shares the tenant's name with the configuration).
+    /// The key's slot; when there is none, the one kept for the key's watchers, or else an
+    /// empty one under `owned()` (the key's owned form, which shares the tenant's name with
+    /// the configuration).
     pub async fn slot(&self, key: &dyn KeyView, owned: impl FnOnce() -> Key) -> Arc<Slot<E>> {
         if let Some(slot) = self.slots.get(key).await {
             return slot;
@@ -394,59 +420,57 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
             &owned as &dyn KeyView == key,
             "the owned key is another key"
         );
-        let watched = self.watched_slot(&owned);
+        let watched = self.watched.lock().await;
+        let kept = watched.get(&owned).cloned();
         self.slots
             .get_with(owned, async {
-                watched.unwrap_or_else(|| Arc::new(Slot::new()))
+                kept.unwrap_or_else(|| Arc::new(Slot::new())).taken_in()
             })
             .await
     }
 
-    fn watched_slot(&self, key: &Key) -> Option<Arc<Slot<E>>> {
-        let watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
-        watched.get(key).cloned()
-    }
-
-    /// Subscribes to the slot held for `key`'s watchers (`slot`, found under `key`, unless
-    /// watchers hold another: the cache may have evicted one and made a new one meanwhile),
-    /// and keeps it for as long as it has watchers, even if the cache evicts it. A watcher
-    /// never follows a slot nothing keeps: its stream would end when the slot is dropped.
-    pub fn watch(
-        &self,
-        key: &Key,
-        slot: &Arc<Slot<E>>,
-    ) -> (watch::Receiver<SlotState>, Arc<Slot<E>>) {
-        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
-        let kept = watched
-            .entry(key.clone())
-            .or_insert_with(|| slot.clone())
-            .clone();
-        // Under the lock: `keep` asks again under it whether the slot is watched.
+    /// Subscribes to the key's slot (the one requests find), and keeps it for as long as it
+    /// has watchers, even if the cache evicts it. Returns the slot too.
+    pub async fn watch(&self, key: &Key) -> (watch::Receiver<SlotState>, Arc<Slot<E>>) {
+        let mut watched = self.watched.lock().await;
+        let kept = match watched.get(key) {
+            Some(kept) => kept.clone(),
+            None => {
+                let slot = self
+                    .slots
+                    .get_with_by_ref(key, async { Arc::new(Slot::new()).taken_in() })
+                    .await;
+                watched.insert(key.clone(), slot.clone());
+                slot
+            }
+        };
+        // Under the lock: `keep` asks under it whether the slot is watched.
         (kept.subscribe(), kept)
     }
 
-    /// For the task that keeps `slot` (its refresh scheduler), at each turn: a watched slot is
-    /// read (so the cache does not count it idle) or, if evicted, put back; one nobody
-    /// watches any more is let go, to be evicted like any other.
-    pub async fn keep(&self, key: &Key, slot: &Arc<Slot<E>>) {
+    /// For the tasks that keep `slot` (its refresh chain, a watched key's first fetch), at
+    /// each turn: whether `slot` is still the key's. A watched slot is: it is read (so the
+    /// cache does not count it idle) or, if evicted, put back. One nobody watches any more
+    /// is let go, to be evicted like any other, and is the key's while the cache holds it:
+    /// once evicted, the key's next request makes a new slot, and this one's tasks end.
+    pub async fn keep(&self, key: &Key, slot: &Arc<Slot<E>>) -> bool {
+        let mut watched = self.watched.lock().await;
+        // Asked under the lock: `watch` subscribes under it.
         if slot.watched() {
             self.slots
-                .get_with_by_ref(key, async { slot.clone() })
+                .get_with_by_ref(key, async { slot.clone().taken_in() })
                 .await;
-            return;
+            return true;
         }
-        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
-        // Asked again under the lock: `watch` subscribes under it, so a watcher that came
-        // since the question above is seen here, and one that comes later puts the slot
-        // back itself.
-        if !slot.watched() && watched.get(key).is_some_and(|w| Arc::ptr_eq(w, slot)) {
+        if watched.get(key).is_some_and(|w| Arc::ptr_eq(w, slot)) {
             watched.remove(key);
         }
+        slot.cached()
     }
 
     /// The number of slots held for their watchers.
-    pub fn watched_count(&self) -> usize {
-        self.watched.lock().unwrap_or_else(|p| p.into_inner()).len()
+    pub async fn watched_count(&self) -> usize {
+        self.watched.lock().await.len()
     }
 
     /// Drops `key` from the cache, as eviction does (tests).
@@ -589,26 +613,58 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn every_watcher_of_a_key_follows_the_slot_kept_for_its_watchers() {
+    async fn watchers_and_requests_share_one_slot_per_key_across_evictions() {
         let cache: TokenCache<String> = TokenCache::new(100, Duration::from_secs(60));
         let k = key("t", &["s"]);
-        // A watcher found the first slot; before it subscribed, the cache evicted that slot
-        // and a request made a new one.
+        // The cache evicted a request's slot and a later request made a new one: a watcher
+        // follows the new one, which requests find.
         let first = cache.slot(&k, || k.clone()).await;
         cache.evict(&k).await;
+        assert!(!first.cached());
         let second = cache.slot(&k, || k.clone()).await;
         assert!(!Arc::ptr_eq(&first, &second));
-        let (_rx, kept) = cache.watch(&k, &first);
-        assert!(Arc::ptr_eq(&kept, &first));
-        drop(first);
-        // A later watcher finds the new slot in the cache, but follows the kept one.
-        let (rx, kept) = cache.watch(&k, &second);
-        assert!(Arc::ptr_eq(&kept, &cache.watched_slot(&k).unwrap()));
-        drop(kept);
-        // The cache lets go of the new slot: the later watcher's stream goes on.
-        drop(second);
+        let (rx, kept) = cache.watch(&k).await;
+        assert!(Arc::ptr_eq(&kept, &second));
+        // Evicted while watched: a request's miss finds the watched slot again, and so does
+        // a later watcher.
+        cache.evict(&k).await;
+        assert!(!second.cached());
+        assert!(Arc::ptr_eq(&cache.slot(&k, || k.clone()).await, &second));
+        assert!(second.cached());
+        cache.evict(&k).await;
+        let (_later, kept) = cache.watch(&k).await;
+        assert!(Arc::ptr_eq(&kept, &second));
+        drop((kept, second));
+        // The cache lets go of it: the watchers' streams go on.
         cache.evict(&k).await;
         assert!(rx.has_changed().is_ok(), "its slot is still kept");
+    }
+
+    #[tokio::test]
+    async fn keep_says_whether_a_slot_is_still_its_keys() {
+        let cache: TokenCache<String> = TokenCache::new(100, Duration::from_secs(60));
+        let k = key("t", &["s"]);
+        let slot = cache.slot(&k, || k.clone()).await;
+        assert!(cache.keep(&k, &slot).await);
+        // Evicted while a request held it: its tasks end.
+        cache.evict(&k).await;
+        assert!(!cache.keep(&k, &slot).await);
+        let new = cache.slot(&k, || k.clone()).await;
+        assert!(!cache.keep(&k, &slot).await, "replaced");
+        assert!(cache.keep(&k, &new).await);
+        // Watched, a slot is the key's even once evicted, and is put back.
+        let (rx, watched) = cache.watch(&k).await;
+        assert!(Arc::ptr_eq(&watched, &new));
+        cache.evict(&k).await;
+        assert!(cache.keep(&k, &new).await);
+        let cached = cache.existing(&k).await.expect("put back");
+        assert!(Arc::ptr_eq(&cached, &new));
+        // Nobody watches any more: let go of, and the key's while the cache holds it.
+        drop(rx);
+        assert!(cache.keep(&k, &new).await);
+        assert_eq!(cache.watched_count().await, 0);
+        cache.evict(&k).await;
+        assert!(!cache.keep(&k, &new).await);
     }
 
     #[tokio::test]

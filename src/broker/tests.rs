@@ -745,7 +745,29 @@ async fn a_key_only_watched_stays_cached_and_refreshed_after_eviction() {
     // Once nobody watches, the slot is let go at its next refresh.
     drop(rx);
     f.advance(HOUR / 2).await;
-    assert_eq!(f.broker.cache().watched_count(), 0);
+    assert_eq!(f.broker.cache().watched_count().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_evicted_slot_still_held_is_not_refreshed() {
+    let f = fixture(HOUR, "");
+    f.get(None).await.unwrap();
+    let key = f.broker.key("contoso", &[GRAPH.to_string()]).unwrap();
+    // Held, as by a request under way when the cache evicted it.
+    let held = f.broker.cache().existing(&key).await.expect("cached");
+    f.broker.cache().evict(&key).await;
+    f.advance(HOUR / 2).await;
+    assert_eq!(
+        f.entra.calls(),
+        1,
+        "no refresh for a key the cache let go of"
+    );
+    drop(held);
+    // The key's next request fetches anew, and that token is refreshed.
+    f.get(None).await.unwrap();
+    assert_eq!(f.entra.calls(), 2);
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 3);
 }
 
 #[tokio::test(start_paused = true)]
