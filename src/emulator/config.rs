@@ -29,6 +29,21 @@ pub struct EmulatorConfig {
     /// Entra ID tenants and their app registrations.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// How the Entra ID token endpoint checks client assertions.
+    #[serde(default)]
+    pub entra: EntraConfig,
+}
+
+/// Checks beyond Entra ID's own, for proving that a client also works with stricter servers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntraConfig {
+    /// Refuse a certificate assertion whose `jti` this client already presented (RFC 7523
+    /// lets a server keep assertions to one use; Entra ID does not: MSAL reuses one
+    /// assertion for up to 9 minutes), and one that lives longer than an hour (Entra ID
+    /// sets no limit). Off by default, as in Entra ID.
+    #[serde(default)]
+    pub strict_assertions: bool,
 }
 
 /// One managed identity (system- or user-assigned).
@@ -366,6 +381,7 @@ impl EmulatorConfig {
                     graph_records: 12,
                 },
             ],
+            entra: EntraConfig::default(),
         }
     }
 

@@ -16,7 +16,8 @@ use super::state::{App, Shared};
 
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const CLOCK_SKEW: i64 = 300;
-/// Longest certificate-assertion lifetime accepted (Entra recommends 5-10 minutes).
+/// Longest certificate-assertion lifetime accepted with strict assertions (Entra sets none;
+/// it recommends 5-10 minutes).
 const MAX_ASSERTION_LIFETIME: i64 = 3600;
 const MAX_BODY: usize = 1 << 20;
 /// Tokens living this long (seconds) or longer carry `refresh_in`.
@@ -525,25 +526,26 @@ fn validate_certificate(
     if exp + CLOCK_SKEW < now || start - CLOCK_SKEW > now {
         return Err(window(""));
     }
-    if exp - start > MAX_ASSERTION_LIFETIME {
-        return Err(window(
-            " [Reason - The emulator accepts certificate assertions living at most 1 hour.]",
-        ));
-    }
     let Some(jti) = jwt.claim_str("jti").filter(|j| !j.is_empty()) else {
         return Err(invalid_request(
             50027,
             "JWT token is invalid or malformed. [Reason - The assertion has no 'jti' claim.]",
         ));
     };
-    if !shared
-        .state()
-        .remember_jti(&app.client_id, jti, exp + CLOCK_SKEW, now)
-    {
+    let mut state = shared.state();
+    if !state.strict_assertions {
+        return Ok(());
+    }
+    if exp - start > MAX_ASSERTION_LIFETIME {
+        return Err(window(
+            " [Reason - With strict assertions, the emulator accepts certificate assertions living at most 1 hour.]",
+        ));
+    }
+    if !state.remember_jti(&app.client_id, jti, exp + CLOCK_SKEW, now) {
         return Err(invalid_client(
             50013,
             format!(
-                "Assertion is invalid. [Reason - The assertion with jti '{jti}' was already used.]"
+                "Assertion is invalid. [Reason - The assertion with jti '{jti}' was already used (strict assertions).]"
             ),
         ));
     }

@@ -38,8 +38,10 @@ pub(crate) struct Shared {
 pub(crate) struct State {
     pub vaults: Vec<Vault>,
     pub tenants: Vec<Tenant>,
-    /// `client_id|jti` -> expiry of the assertion that used it.
+    /// `client_id|jti` -> expiry of the assertion that used it (strict assertions only).
     pub seen_jti: HashMap<String, i64>,
+    /// `entra.strict_assertions` of the configuration.
+    pub strict_assertions: bool,
 }
 
 #[derive(Clone)]
@@ -319,6 +321,7 @@ pub(crate) fn build_state(config: &EmulatorConfig) -> Result<State, EmulatorErro
         vaults,
         tenants: Vec::new(),
         seen_jti: HashMap::new(),
+        strict_assertions: config.entra.strict_assertions,
     };
     let mut fics: HashMap<String, Vec<FederatedCredentialConfig>> = HashMap::new();
     for a in config.tenants.iter().flat_map(|t| &t.apps) {

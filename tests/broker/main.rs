@@ -1082,9 +1082,11 @@ async fn an_answer_that_breaks_off_is_retried_with_a_fresh_assertion() {
     // The head arrives (200), half the body, then nothing: the outbound request timeout
     // (1 s here) covers the body too, so the attempt ends and is retried. Entra may have
     // taken the assertion it never finished answering: the retry must not present its jti
-    // again (the emulator refuses a replayed jti, AADSTS50013; before the fix the tenant
+    // again (a server may refuse a replayed jti, as the emulator's strict assertions do, AADSTS50013; before the fix the tenant
     // got FAILED_PRECONDITION, "fix the tenant's configuration").
-    let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |t| {
+    let mut strict = tokenbroker::emulator::EmulatorConfig::demo();
+    strict.entra.strict_assertions = true;
+    let stack = Stack::start_with(strict, |t| {
         t.replace("[outbound]\n", "[outbound]\nrequest_timeout_secs = 1\n")
     })
     .await;

@@ -91,7 +91,9 @@ async fn advance_is_cumulative_validated_and_reset() {
 
 #[tokio::test]
 async fn tokens_and_assertions_follow_the_advanced_clock() {
-    let env = start_demo().await;
+    let mut config = tokenbroker::emulator::EmulatorConfig::demo();
+    config.entra.strict_assertions = true;
+    let env = start(config).await;
     let old_mi = env.kv_token().await;
     let cert_path = "/certificates/contoso-app?api-version=2025-07-01";
     assert_eq!(env.get_json(&old_mi, cert_path).await.0, 200);

@@ -323,9 +323,32 @@ async fn request_errors() {
     assert_eq!(body["error"], "unauthorized_client");
 }
 
+/// The demo estate with `entra.strict_assertions`.
+fn strict() -> EmulatorConfig {
+    let mut config = EmulatorConfig::demo();
+    config.entra.strict_assertions = true;
+    config
+}
+
+#[tokio::test]
+async fn assertions_are_reusable_and_of_any_lifetime_as_in_entra() {
+    // MSAL reuses one assertion for up to 9 minutes; Entra sets no lifetime limit.
+    let env = start_demo().await;
+    let (header, mut claims) = env.contoso_assertion_parts().await;
+    claims["exp"] = (now() + 7200).into();
+    let a = env.assertion("contoso-app", header, claims).await;
+    for scope in [SCOPE, "api://contoso-api/.default"] {
+        let (s, body) = env
+            .exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, scope, &a)
+            .await;
+        assert_eq!(s, 200, "{scope}: {body}");
+    }
+}
+
 #[tokio::test]
 async fn assertion_errors() {
-    let env = start_demo().await;
+    // Strict: the replay and lifetime checks too.
+    let env = start(strict()).await;
     let exchange = |a: String| {
         let env = &env;
         async move {
