@@ -111,7 +111,7 @@ impl Signer for KeyVaultSigner {
             .await
             .map_err(|e| classify(e, &format!("certificate {name}")))?
             .into_model()
-            .map_err(|e| other(format!("unreadable certificate {name}: {e}")))?;
+            .map_err(|e| unreadable(&format!("certificate {name}"), &e))?;
         let cer = cert
             .cer
             .ok_or_else(|| other(format!("certificate {name} has no public part (cer)")))?;
@@ -173,7 +173,7 @@ impl Signer for KeyVaultSigner {
             .await
             .map_err(|e| classify(e, &format!("key {}/{}", key.name, key.version)))?
             .into_model()
-            .map_err(|e| other(format!("unreadable sign response: {e}")))?;
+            .map_err(|e| unreadable("sign", &e))?;
         result
             .result
             .filter(|s| !s.is_empty())
@@ -187,6 +187,20 @@ fn other(message: String) -> SignerError {
     SignerError::Other {
         service: SERVICE,
         message: bounded(&message),
+    }
+}
+
+/// A success whose body is not what Key Vault sends (a proxy's or captive portal's page
+/// with 200, a body cut short): like a non-Key-Vault error body, retried rather than
+/// remembered as the configuration's fault. The parser's message names a position only.
+fn unreadable(what: &str, e: &azure_core::Error) -> SignerError {
+    SignerError::Unavailable {
+        service: SERVICE,
+        message: bounded(&format!(
+            "unreadable answer for {what} (HTTP 200): not Key Vault's, a proxy or gateway may have answered ({})",
+            root_message(e)
+        )),
+        retry_after: None,
     }
 }
 

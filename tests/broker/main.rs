@@ -1045,6 +1045,42 @@ async fn an_unreadable_token_response_and_a_proxys_page_are_retryable_and_named(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_answered_with_200_in_key_vaults_place_is_retried_not_remembered() {
+    // A captive portal or proxy answering 200 with its own page, for the certificate (before
+    // any was read) and for the sign: unreadable, retried, not remembered.
+    let stack = Stack::start().await;
+    let page = "<html><body>Sign in to continue. PAGE-MARKER</body></html>";
+    for (route, tenant, what) in [
+        ("keyvault.certificate", "contoso", "certificate contoso-app"),
+        ("keyvault.sign", "fabrikam", "sign"),
+    ] {
+        stack
+            .admin_post(
+                "/faults",
+                json!({"route": route, "count": 100,
+                       "fail": {"status": 200, "content_type": "text/html", "raw_body": page}}),
+            )
+            .await;
+        let s = assert_status(
+            stack.get(tenant, GRAPH).await,
+            Code::Unavailable,
+            &[
+                &format!("unreadable answer for {what} (HTTP 200)"),
+                "a proxy or gateway may have answered",
+            ],
+        );
+        assert!(!s.message().contains("PAGE-MARKER"), "{}", s.message());
+        assert!(
+            stack.route_total(route).await >= 2,
+            "retried within the budget"
+        );
+        stack.clear_faults().await;
+        stack.get(tenant, GRAPH).await.unwrap();
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_in_key_vaults_place_is_not_quoted_nor_remembered() {
     let stack = Stack::start().await;
     // A gateway's page that echoes the request, the managed identity's bearer token with it.
