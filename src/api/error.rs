@@ -177,7 +177,7 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                     ))
                 }
                 SignerError::Forbidden { .. } => Status::failed_precondition(format!(
-                    "{msg}; grant the broker's managed identity `Key Vault Crypto User` on the key and `Key Vault Certificate User` on the certificate"
+                    "{msg}; grant the broker's managed identity a role on the vault with the data actions `Microsoft.KeyVault/vaults/keys/sign/action` and `Microsoft.KeyVault/vaults/certificates/read` (the `tokenbroker signer` role of deploy/azure/keyvault.bicep; see docs/DEPLOY.md)"
                 )),
                 SignerError::NotFound { service, .. } if *service == pkcs11::SERVICE => {
                     Status::failed_precondition(format!(

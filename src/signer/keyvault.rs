@@ -226,9 +226,15 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
             // page, which could echo the request (the managed identity's bearer token) and be
             // of any size; it is not Key Vault's verdict either, so it is retried (behind the
             // breaker) rather than remembered as the configuration's fault.
+            // Key Vault's id of the request, for an operator to quote to Microsoft support.
+            let request_id = raw_response.as_ref().and_then(|r| request_id(r.headers()));
             let Some(message) = raw_response
                 .as_ref()
                 .and_then(|r| service_message(r.body()))
+                .map(|m| match &request_id {
+                    Some(id) => format!("{m} (x-ms-request-id {id})"),
+                    None => m,
+                })
             else {
                 return SignerError::Unavailable {
                     service: SERVICE,
@@ -274,6 +280,21 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
         },
         _ => other(root_message(&e)),
     }
+}
+
+/// The `x-ms-request-id` Key Vault gives every answer, if it looks like one (an id, not
+/// text a proxy put there).
+fn request_id(headers: &azure_core::http::headers::Headers) -> Option<String> {
+    headers
+        .iter()
+        .find(|(n, _)| n.as_str().eq_ignore_ascii_case("x-ms-request-id"))
+        .map(|(_, v)| v.as_str())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= CODE_LIMIT
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        .map(str::to_owned)
 }
 
 /// Key Vault errors are `{"error":{"code","message"}}`; the message is what a person needs.
@@ -327,6 +348,7 @@ mod tests {
     fn answer(status: u16, code: Option<&str>, body: &str) -> azure_core::Error {
         let mut headers = Headers::new();
         headers.insert("retry-after", "7");
+        headers.insert("x-ms-request-id", "5e1b7c1a-0b8e-4c1e-9d7e-3f2a1b0c9d8e");
         azure_core::Error::with_message(
             ErrorKind::HttpResponse {
                 status: StatusCode::from(status),
@@ -389,7 +411,10 @@ mod tests {
                     message.starts_with("Caller is not authorized."),
                     "{message}"
                 );
-                assert_eq!(message.chars().count(), MESSAGE_LIMIT);
+                // Key Vault's id of the request follows the bounded message.
+                let id = " (x-ms-request-id 5e1b7c1a-0b8e-4c1e-9d7e-3f2a1b0c9d8e)";
+                assert!(message.ends_with(id), "{message}");
+                assert_eq!(message.chars().count(), MESSAGE_LIMIT + id.len());
             }
             other => panic!("{other:?}"),
         }
