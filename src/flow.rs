@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use tracing::{Instrument, info, info_span, warn};
 use url::Url;
@@ -85,12 +85,17 @@ impl FlowError {
         !self.is_retryable() && !matches!(self, FlowError::Internal(_))
     }
 
-    /// `upstream` did not answer within the fetch's retry budget: retryable, named.
-    fn timed_out(upstream: Upstream, budget: Duration) -> Self {
-        let message = format!(
+    /// `upstream` did not answer within the fetch's retry budget: retryable, named, with
+    /// the failure of the attempt before, if there was one (the cause worth knowing: the
+    /// last attempt was only cut short).
+    fn timed_out(upstream: Upstream, budget: Duration, before: Option<&FlowError>) -> Self {
+        let mut message = format!(
             "no answer within the fetch's retry budget of {}s (resilience.retry_budget_secs)",
             budget.as_secs()
         );
+        if let Some(e) = before {
+            message.push_str(&format!("; the attempt before failed: {e}"));
+        }
         match FlowError::unavailable(upstream, message, Duration::from_secs(1)) {
             FlowError::Entra(e) => FlowError::Entra(EntraError {
                 error: "timeout".into(),
@@ -557,7 +562,7 @@ impl Flow {
                 now: self.clock.unix(),
             };
             self.stats.signs.fetch_add(1, Ordering::Relaxed);
-            let started = Instant::now();
+            let call = self.metrics.upstream_call(upstream);
             let span = match upstream {
                 Upstream::HsmSign => info_span!("hsm.sign", otel.kind = "client", tenant = %tenant.name, key_version = %cert.version),
                 _ => info_span!("keyvault.sign", otel.kind = "client", tenant = %tenant.name, key_version = %cert.version),
@@ -567,8 +572,7 @@ impl Flow {
                 .scope(assertion::build(signer, &params, cert))
                 .instrument(span)
                 .await;
-            self.metrics
-                .upstream(upstream, started, r.as_ref().err().map(metrics::signer_code));
+            call.end(r.as_ref().err().map(metrics::signer_code));
             Ok(r?)
         })
         .await
@@ -634,7 +638,7 @@ impl Flow {
                 };
                 let assertion = &assertion;
                 self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
-                let started = Instant::now();
+                let call = self.metrics.upstream_call(Upstream::Entra);
                 let correlation_id = uuid::Uuid::new_v4();
                 let span = info_span!("entra.exchange", otel.kind = "client", tenant = %tenant.name, correlation_id = %correlation_id, error_code = tracing::field::Empty);
                 let r = self
@@ -652,7 +656,7 @@ impl Flow {
                 if let Some(c) = &code {
                     span.record("error_code", c.as_str());
                 }
-                self.metrics.upstream(Upstream::Entra, started, code);
+                call.end(code);
                 Ok(r?)
             })
             .await?;
@@ -718,6 +722,7 @@ impl Flow {
         Fut: Future<Output = Result<T, FlowError>>,
     {
         let mut attempt = 0u32;
+        let mut before = None;
         loop {
             let mut probe = ProbeOut(None);
             if let Some(g) = guard {
@@ -756,7 +761,11 @@ impl Flow {
                 if let Some(g) = guard {
                     g.breaker.failure(self.clock.moment().mono);
                 }
-                return Err(FlowError::timed_out(upstream, self.res.retry_budget));
+                return Err(FlowError::timed_out(
+                    upstream,
+                    self.res.retry_budget,
+                    before.as_ref(),
+                ));
             };
             attempt += 1;
             match result {
@@ -785,6 +794,7 @@ impl Flow {
                     }
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, attempt, wait_ms = wait.as_millis() as u64, "transient upstream failure; retrying");
+                    before = Some(e);
                     self.clock.sleep(wait).await;
                 }
                 Err(e) => {
@@ -884,8 +894,8 @@ impl Flow {
     ) -> Result<CertificateInfo, FlowError> {
         self.guarded(self.signer_for(&key.0).2, guard, deadline, || async {
             self.stats.certificate_reads.fetch_add(1, Ordering::Relaxed);
-            let started = Instant::now();
             let (signer, _, upstream) = self.signer_for(&key.0);
+            let call = self.metrics.upstream_call(upstream);
             let span = match upstream {
                 Upstream::HsmCertificate => {
                     info_span!("hsm.certificate", otel.kind = "client", certificate = %key.1)
@@ -897,11 +907,7 @@ impl Flow {
                 .scope(signer.certificate(&key.0, &key.1))
                 .instrument(span)
                 .await;
-            self.metrics.upstream(
-                upstream,
-                started,
-                r.as_ref().err().map(metrics::signer_code),
-            );
+            call.end(r.as_ref().err().map(metrics::signer_code));
             Ok(r?)
         })
         .await

@@ -391,6 +391,18 @@ impl Metrics {
             .record(took.as_secs_f64());
     }
 
+    /// Starts timing one upstream call: `UpstreamCall::end` records it, and a call dropped
+    /// unended (cut off by the fetch's retry budget) is recorded as failed, code `cut_off`,
+    /// so that a blackholed upstream shows in the metrics.
+    pub fn upstream_call(&self, upstream: Upstream) -> UpstreamCall<'_> {
+        UpstreamCall {
+            metrics: self,
+            upstream,
+            started: Instant::now(),
+            ended: false,
+        }
+    }
+
     /// One upstream call, with its error code when it failed.
     pub fn upstream(&self, upstream: Upstream, started: Instant, error: Option<String>) {
         let took = started.elapsed().as_secs_f64();
@@ -770,6 +782,31 @@ pub fn render(rm: &ResourceMetrics) -> String {
         }
     }
     out
+}
+
+/// An upstream call being timed (`Metrics::upstream_call`).
+pub struct UpstreamCall<'a> {
+    metrics: &'a Metrics,
+    upstream: Upstream,
+    started: Instant,
+    ended: bool,
+}
+
+impl UpstreamCall<'_> {
+    /// Records the call, with its error code when it failed.
+    pub fn end(mut self, error: Option<String>) {
+        self.ended = true;
+        self.metrics.upstream(self.upstream, self.started, error);
+    }
+}
+
+impl Drop for UpstreamCall<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.metrics
+                .upstream(self.upstream, self.started, Some("cut_off".to_owned()));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -210,7 +210,9 @@ impl HttpClient for Traced {
         let Some(upstream) = self.upstream else {
             return self.send(request).await;
         };
-        let started = std::time::Instant::now();
+        // Recorded as cut off if the fetch's retry budget ends the call.
+        let metrics = crate::metrics::Metrics::current();
+        let call = metrics.as_ref().map(|m| m.upstream_call(upstream));
         let span = tracing::info_span!(
             "managed_identity",
             otel.kind = "client",
@@ -225,8 +227,8 @@ impl HttpClient for Traced {
         if let Ok(resp) = &r {
             span.record("status", u16::from(resp.status()));
         }
-        if let Some(m) = crate::metrics::Metrics::current() {
-            m.upstream(upstream, started, error);
+        if let Some(call) = call {
+            call.end(error);
         }
         r
     }

@@ -796,6 +796,33 @@ async fn a_stalled_upstream_holds_a_cold_caller_no_longer_than_the_retry_budget(
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_budget_spent_on_a_hung_retry_names_the_failure_before_it() {
+    let f = Arc::new(fixture(HOUR, "retry_budget_secs = 10\nmax_attempts = 5"));
+    f.entra.set(Answer::Fail(None));
+    let asking = f.clone();
+    let call = tokio::spawn(async move { asking.get(None).await });
+    settle().await;
+    assert_eq!(f.entra.calls(), 1);
+    // The retry hangs until the budget ends it.
+    f.entra.set(Answer::Hang);
+    f.advance(Duration::from_secs(1)).await;
+    assert_eq!(f.entra.calls(), 2);
+    let r = tokio::time::timeout(Duration::from_secs(3600), call)
+        .await
+        .expect("the caller is answered once the budget is spent")
+        .unwrap();
+    match r {
+        Err(BrokerError::Upstream { source, .. }) => {
+            let said = source.to_string();
+            assert!(said.contains("retry budget of 10s"), "{said}");
+            assert!(said.contains("; the attempt before failed: "), "{said}");
+            assert!(said.contains("503"), "{said}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_certificate_re_read_that_hangs_leaves_the_sign_and_exchange_their_budget() {
     // Three-hour tokens: no scheduled refresh (at about half their life) comes first.
     let f = Arc::new(fixture(3 * HOUR, "retry_budget_secs = 10"));

@@ -713,6 +713,35 @@ async fn an_identity_the_host_does_not_have_is_unavailable_with_a_hint() {
     stack.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_retry_budget_cuts_off_is_counted_as_a_failed_upstream_call() {
+    // A blackholed Entra: its call never ends on its own. Alerts on upstream failures must
+    // see it.
+    let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |toml| {
+        format!("{toml}\n[resilience]\nretry_budget_secs = 1\n")
+    })
+    .await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "hang": true, "count": 1, "duration_ms": 120000}),
+        )
+        .await;
+    assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::Unavailable,
+        &["Entra ID", "retry budget"],
+    );
+    let m = stack.metrics().await;
+    assert!(
+        m.contains(
+            r#"tokenbroker_upstream_calls_total{code="cut_off",result="error",upstream="entra"} 1"#
+        ),
+        "{m}"
+    );
+    stack.stop().await;
+}
+
 /// The broker configuration with the audit trail written to `/dev/full`: every write fails
 /// with "No space left on device", as on a full disk.
 fn audit_to_a_full_disk(extra: &'static str) -> impl FnOnce(String) -> String {
