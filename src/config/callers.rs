@@ -257,7 +257,7 @@ impl Validator<'_> {
                         None
                     }
                 },
-                None => issuer_url.and_then(|_| {
+                None => issuer_url.as_ref().and_then(|_| {
                     Url::parse(&format!(
                         "{}/.well-known/openid-configuration",
                         issuer.trim_end_matches('/')
@@ -302,6 +302,9 @@ impl Validator<'_> {
                         IDENTITY_CLAIMS.join(", ")
                     ),
                 );
+            }
+            if let Some(url) = &issuer_url {
+                self.entra_token_version(&path, url, &identity_claim, audience.as_deref());
             }
             let leeway = self.span(
                 &format!("{path}.leeway_secs"),
@@ -677,4 +680,58 @@ pub(super) fn summary(c: &Config) -> String {
         c.limits.caller_burst,
         c.limits.max_in_flight,
     )
+}
+
+/// Microsoft's Entra ID sign-in hosts (public and national clouds) and v1.0 token issuer hosts.
+const ENTRA_HOSTS: &[&str] = &[
+    "login.microsoftonline.com",
+    "login.microsoftonline.us",
+    "login.chinacloudapi.cn",
+    "login.partner.microsoftonline.cn",
+    "sts.windows.net",
+    "sts.chinacloudapi.cn",
+];
+
+impl Validator<'_> {
+    /// Entra ID's access tokens come in two versions, chosen by the API's app registration
+    /// (`accessTokenAcceptedVersion`), each with its own issuer, audience form and claim for
+    /// the calling app. A configuration that mixes them accepts no token at all; warned, as
+    /// the broker cannot see the registration.
+    fn entra_token_version(
+        &mut self,
+        path: &str,
+        issuer: &Url,
+        identity_claim: &str,
+        audience: Option<&str>,
+    ) {
+        let Some(host) = issuer.host_str() else {
+            return;
+        };
+        if !ENTRA_HOSTS.iter().any(|h| host.eq_ignore_ascii_case(h)) {
+            return;
+        }
+        let v2 = issuer.path().trim_end_matches('/').ends_with("/v2.0");
+        match (v2, identity_claim) {
+            (true, "appid") => self.warn(
+                &format!("{path}.identity_claim"),
+                "Entra ID v2.0 tokens (this issuer) carry the calling app in `azp`, not `appid` (a v1.0 claim): no token names a caller; use `azp` (or `oid`)",
+            ),
+            (false, "azp") => self.warn(
+                &format!("{path}.identity_claim"),
+                "Entra ID v1.0 tokens (this issuer) carry the calling app in `appid`, not `azp` (a v2.0 claim): no token names a caller; use `appid` (or `oid`)",
+            ),
+            _ => {}
+        }
+        if let Some(aud) = audience
+            && v2
+            && uuid::Uuid::parse_str(aud).is_err()
+        {
+            self.warn(
+                path,
+                format!(
+                    "Entra ID v2.0 access tokens carry the API's client id (a GUID) in `aud`, never an App ID URI such as `{aud}`: no token from this issuer matches; set this issuer's audience to the client id of the broker's API app registration"
+                ),
+            );
+        }
+    }
 }

@@ -1406,3 +1406,39 @@ fn a_granted_scope_whose_tokens_an_issuer_accepts_back_is_warned_about() {
     );
     assert!(!warned("https://graph.microsoft.com/.default"));
 }
+
+#[test]
+fn an_entra_issuer_mixing_token_versions_is_warned() {
+    let tid = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    let api = "6e1f2b3c-0d4e-4f5a-8b6c-7d8e9f0a1b2c";
+    let warnings = |issuer: &str, audience: &str, claim: &str| -> Vec<String> {
+        let text = format!(
+            "{GOOD}\n[callers]\naudience = \"{audience}\"\n\
+             [callers.issuers.corp]\nissuer = \"{issuer}\"\nidentity_claim = \"{claim}\"\n"
+        );
+        let c = Config::from_toml_str(&text, Path::new("/"), &no_env).unwrap();
+        c.warnings
+            .iter()
+            .filter(|w| w.path.starts_with("callers.issuers.corp"))
+            .map(|w| w.to_string())
+            .collect()
+    };
+    let v2 = format!("https://login.microsoftonline.com/{tid}/v2.0");
+    let v1 = format!("https://sts.windows.net/{tid}/");
+    // v2.0 tokens: azp, and the API's client id as audience.
+    assert!(warnings(&v2, api, "azp").is_empty());
+    let w = warnings(&v2, api, "appid");
+    assert!(w.iter().any(|w| w.contains("`azp`, not `appid`")), "{w:?}");
+    let w = warnings(&v2, "api://tokenbroker", "azp");
+    assert!(
+        w.iter()
+            .any(|w| w.contains("never an App ID URI such as `api://tokenbroker`")),
+        "{w:?}"
+    );
+    // v1.0 tokens: appid, and the App ID URI as audience.
+    assert!(warnings(&v1, "api://tokenbroker", "appid").is_empty());
+    let w = warnings(&v1, "api://tokenbroker", "azp");
+    assert!(w.iter().any(|w| w.contains("`appid`, not `azp`")), "{w:?}");
+    // Other issuers name callers as they like.
+    assert!(warnings("https://oidc.example/c1", "api://tokenbroker", "azp").is_empty());
+}
