@@ -21,7 +21,7 @@ pub const MAX_CONCURRENT: usize = 5;
 pub const MAX_PER_SECOND: u32 = 20;
 
 /// Caches tokens per scope set; refreshes once half their remaining life has passed (MI
-/// tokens live about 24 h), keeps serving the cached token while a refresh fails and it is
+/// tokens live about 24 h), but not more often than every `REFRESH_RETRY` while one is valid, keeps serving the cached token while a refresh fails and it is
 /// still valid, and lets one refresh per scope set run at a time.
 pub struct CachingCredential {
     inner: Arc<dyn TokenCredential>,
@@ -187,7 +187,10 @@ impl TokenCredential for CachingCredential {
                     key,
                     Cached {
                         token: token.clone(),
-                        refresh_at: now + life / 2,
+                        // Half its life, as it came: an endpoint that answers with the
+                        // token it cached (IMDS does, until it expires) would otherwise be
+                        // asked ever more often as that token nears its end.
+                        refresh_at: now + (life / 2).max(REFRESH_RETRY.min(life)),
                         usable_until: now + life.saturating_sub(EXPIRY_MARGIN),
                     },
                 );
@@ -293,6 +296,8 @@ mod tests {
         calls: AtomicU32,
         fail: std::sync::atomic::AtomicBool,
         clock: crate::clock::ManualClock,
+        /// When set, every token expires then (an endpoint answering from its cache).
+        expires: std::sync::Mutex<Option<OffsetDateTime>>,
     }
 
     /// How long `Counting`'s tokens live, as managed identity tokens do.
@@ -304,6 +309,7 @@ mod tests {
                 calls: AtomicU32::new(0),
                 fail: false.into(),
                 clock: clock.clone(),
+                expires: std::sync::Mutex::new(None),
             })
         }
 
@@ -326,9 +332,10 @@ mod tests {
                     "down",
                 ));
             }
+            let expires = *self.expires.lock().unwrap();
             Ok(AccessToken::new(
                 format!("t{n}"),
-                OffsetDateTime::from(self.clock.now()) + LIFETIME,
+                expires.unwrap_or_else(|| OffsetDateTime::from(self.clock.now()) + LIFETIME),
             ))
         }
     }
@@ -368,6 +375,20 @@ mod tests {
         clock.advance(hours(11.9));
         assert_eq!(token(&c).await.unwrap(), "t1");
         assert_eq!(inner.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_token_near_its_end_is_asked_for_again_at_most_every_30_seconds() {
+        // The endpoint answers with the token it cached, 100 s from its end, every time.
+        let (clock, inner, c) = on_manual_clock();
+        *inner.expires.lock().unwrap() =
+            Some(OffsetDateTime::from(clock.now()) + azure_core::time::Duration::seconds(100));
+        for _ in 0..100 {
+            token(&c).await.unwrap();
+            clock.advance(Duration::from_secs(1));
+        }
+        // At 0, 50 (half its life), 80 (30 s on, not half of the 50 s left).
+        assert_eq!(inner.calls(), 3);
     }
 
     #[tokio::test]

@@ -63,6 +63,11 @@ pub struct IdentityConfig {
     pub system_assigned: bool,
     /// Home tenant of the identity (`tid` of its tokens).
     pub tenant_id: String,
+    /// How long its tokens live (default a day, as Azure's). The endpoint hands out the
+    /// token it issued until that expires, as IMDS does, so a short lifetime shows how a
+    /// client treats a cached token near its end.
+    #[serde(default)]
+    pub token_lifetime_secs: Option<u64>,
 }
 
 impl IdentityConfig {
@@ -324,6 +329,7 @@ impl EmulatorConfig {
                     resource_id: None,
                     system_assigned: true,
                     tenant_id: contoso.to_owned(),
+                    token_lifetime_secs: None,
                 },
                 IdentityConfig {
                     name: "broker-fic".to_owned(),
@@ -332,6 +338,7 @@ impl EmulatorConfig {
                     resource_id: None,
                     system_assigned: false,
                     tenant_id: contoso.to_owned(),
+                    token_lifetime_secs: None,
                 },
             ],
             vaults: vec![VaultConfig {
@@ -393,6 +400,14 @@ impl EmulatorConfig {
         }
         let mut seen = HashSet::new();
         for i in &self.identities {
+            if i.token_lifetime_secs
+                .is_some_and(|l| !(60..=MAX_LIFETIME_SECS).contains(&l))
+            {
+                return err(format!(
+                    "identity {}: token_lifetime_secs must be 60 to {MAX_LIFETIME_SECS}",
+                    i.name
+                ));
+            }
             if !seen.insert(i.client_id.to_ascii_lowercase())
                 || !seen.insert(i.object_id.to_ascii_lowercase())
             {

@@ -18,7 +18,7 @@ use axum::routing::get;
 use serde_json::json;
 
 use super::config::IdentityConfig;
-use super::state::Shared;
+use super::state::{IssuedMiToken, Shared};
 
 /// IMDS api-versions that serve identity tokens (2018-02-01, the first, and later ones:
 /// the SDKs send 2018-02-01 or 2019-08-01).
@@ -54,7 +54,7 @@ const IMDS_API_VERSIONS: &[&str] = &[
     "2025-04-07",
 ];
 
-/// Managed-identity tokens live about a day, as Azure's do.
+/// Managed-identity tokens live about a day, as Azure's do (`token_lifetime_secs` changes it).
 const MI_TOKEN_LIFETIME: i64 = 86_400;
 
 pub(crate) fn router() -> Router<Arc<Shared>> {
@@ -158,9 +158,9 @@ async fn imds(
     axum::Json(json!({
         "access_token": token.access_token,
         "refresh_token": "",
-        "expires_in": s(token.expires_on - token.not_before),
+        "expires_in": s(token.expires_in),
         "expires_on": s(token.expires_on),
-        "ext_expires_in": s(token.expires_on - token.not_before),
+        "ext_expires_in": s(token.expires_in),
         "not_before": s(token.not_before),
         "resource": token.resource,
         "token_type": "Bearer",
@@ -171,6 +171,8 @@ async fn imds(
 struct MiToken {
     access_token: String,
     expires_on: i64,
+    /// What is left of its life now (IMDS's `expires_in`).
+    expires_in: i64,
     not_before: i64,
     resource: String,
     client_id: String,
@@ -188,7 +190,29 @@ fn issue(
         .ok_or_else(|| bad_request("Required audience parameter not specified"))?;
     let identity = select(&shared.identities, selector)?;
     let now = shared.now_secs();
-    let exp = now + MI_TOKEN_LIFETIME;
+    *shared
+        .counters()
+        .mi_tokens
+        .entry(identity.name.clone())
+        .or_default() += 1;
+    let key = (identity.name.clone(), resource.to_owned());
+    let answer = |t: &IssuedMiToken| MiToken {
+        access_token: t.access_token.clone(),
+        expires_on: t.expires_on,
+        expires_in: t.expires_on - now,
+        not_before: t.not_before,
+        resource: resource.to_owned(),
+        client_id: identity.client_id.clone(),
+    };
+    if let Some(t) = shared.state().mi_tokens.get(&key)
+        && t.expires_on > now
+    {
+        return Ok(answer(t));
+    }
+    let lifetime = identity.token_lifetime_secs.map_or(MI_TOKEN_LIFETIME, |l| {
+        i64::try_from(l).unwrap_or(MI_TOKEN_LIFETIME)
+    });
+    let exp = now + lifetime;
     let tid = &identity.tenant_id;
     let iss = shared.mi_issuer(tid, resource);
     let v2 = super::state::is_token_exchange(resource);
@@ -220,18 +244,14 @@ fn issue(
             "token signing failed",
         )
     })?;
-    *shared
-        .counters()
-        .mi_tokens
-        .entry(identity.name.clone())
-        .or_default() += 1;
-    Ok(MiToken {
+    let issued = IssuedMiToken {
         access_token,
-        expires_on: exp,
         not_before: now,
-        resource: resource.to_owned(),
-        client_id: identity.client_id.clone(),
-    })
+        expires_on: exp,
+    };
+    let token = answer(&issued);
+    shared.state().mi_tokens.insert(key, issued);
+    Ok(token)
 }
 
 /// Picks the identity like IMDS: by the one selector given, else the system-assigned one, else

@@ -42,6 +42,17 @@ pub(crate) struct State {
     pub seen_jti: HashMap<String, i64>,
     /// `entra.strict_assertions` of the configuration.
     pub strict_assertions: bool,
+    /// Managed-identity tokens handed out, by (identity name, resource): IMDS answers with
+    /// the same token until it expires.
+    pub mi_tokens: HashMap<(String, String), IssuedMiToken>,
+}
+
+/// A managed-identity token as issued.
+#[derive(Clone)]
+pub(crate) struct IssuedMiToken {
+    pub access_token: String,
+    pub not_before: i64,
+    pub expires_on: i64,
 }
 
 #[derive(Clone)]
@@ -322,6 +333,7 @@ pub(crate) fn build_state(config: &EmulatorConfig) -> Result<State, EmulatorErro
         tenants: Vec::new(),
         seen_jti: HashMap::new(),
         strict_assertions: config.entra.strict_assertions,
+        mi_tokens: HashMap::new(),
     };
     let mut fics: HashMap<String, Vec<FederatedCredentialConfig>> = HashMap::new();
     for a in config.tenants.iter().flat_map(|t| &t.apps) {

@@ -245,3 +245,66 @@ async fn imds_refuses_unknown_api_versions() {
         );
     }
 }
+
+#[tokio::test]
+async fn imds_hands_out_the_same_token_until_it_expires() {
+    // Ten-minute tokens, to reach their end on the emulator's clock.
+    let mut config = EmulatorConfig::demo();
+    config.identities[0].token_lifetime_secs = Some(600);
+    let env = start(config).await;
+    let ask = |resource: &'static str| {
+        let env = &env;
+        async move {
+            let url = format!(
+                "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource={resource}",
+                env.ep().imds_endpoint
+            );
+            let resp = env
+                .http
+                .get(&url)
+                .header("Metadata", "true")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+    let first = ask(VAULT_RESOURCE).await;
+    assert_eq!(first["expires_in"], "600");
+    // Another resource: a token of its own.
+    let other = ask("https://management.azure.com/").await;
+    assert_ne!(other["access_token"], first["access_token"]);
+    // Four minutes on: the same token, with what is left of its life.
+    let (s, _) = env
+        .admin(
+            reqwest::Method::POST,
+            "/clock/advance",
+            Some(serde_json::json!({"seconds": 240})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let again = ask(VAULT_RESOURCE).await;
+    assert_eq!(again["access_token"], first["access_token"]);
+    assert_eq!(again["expires_on"], first["expires_on"]);
+    let left: i64 = again["expires_in"].as_str().unwrap().parse().unwrap();
+    assert!((355..=360).contains(&left), "{again}");
+    // Expired: a new one.
+    env.admin(
+        reqwest::Method::POST,
+        "/clock/advance",
+        Some(serde_json::json!({"seconds": 360})),
+    )
+    .await;
+    let renewed = ask(VAULT_RESOURCE).await;
+    assert_ne!(renewed["access_token"], first["access_token"]);
+    assert_eq!(renewed["expires_in"], "600");
+}
+
+#[tokio::test]
+async fn an_identity_token_lifetime_out_of_range_is_refused() {
+    let mut config = EmulatorConfig::demo();
+    config.identities[0].token_lifetime_secs = Some(59);
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("token_lifetime_secs"), "{err}");
+}
