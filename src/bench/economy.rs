@@ -139,6 +139,7 @@ pub fn estate(tenants: usize, scopes: usize) -> EmulatorConfig {
             tenant_id: guid("e0e0e0e0", i),
             domain: Some(format!("t{i}.example.com")),
             resources: (0..scopes).map(|j| format!("api://bench-r{j}")).collect(),
+            apis: vec![],
             apps: vec![AppConfig {
                 client_id: guid("a0a0a0a0", i),
                 display_name: Some(format!("bench app {i}")),

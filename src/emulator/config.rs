@@ -184,9 +184,15 @@ pub struct TenantConfig {
     /// Verified domain, usable instead of the id in token URLs.
     #[serde(default)]
     pub domain: Option<String>,
-    /// Resource identifiers (audiences) known in this tenant, e.g. `https://graph.microsoft.com`.
+    /// Resource identifiers (audiences) known in this tenant, e.g. `https://graph.microsoft.com`:
+    /// their tokens are v1.0, as for Microsoft's APIs and any API app registration that does
+    /// not ask for v2.0.
     #[serde(default)]
     pub resources: Vec<String>,
+    /// API app registrations with their own client id, whose manifest may ask for v2.0
+    /// tokens (`accessTokenAcceptedVersion`).
+    #[serde(default)]
+    pub apis: Vec<ApiConfig>,
     /// Apps with a service principal in this tenant. A multi-tenant app is the same
     /// `client_id` listed under several tenants.
     #[serde(default)]
@@ -234,6 +240,27 @@ fn default_true() -> bool {
 }
 fn default_lifetime() -> [u64; 2] {
     DEFAULT_LIFETIME
+}
+
+/// An API's app registration, as tokens for it are issued.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Its application ID URI (`api://…`); `{uri}/.default` asks for its tokens, as does
+    /// `{client_id}/.default`.
+    pub uri: String,
+    pub client_id: String,
+    /// `accessTokenAcceptedVersion`: 1 (the default, as Entra's) or 2. A v2.0 token's `aud`
+    /// is the API's client id whatever the request named, its issuer
+    /// `{authority_host}/{tid}/v2.0`, and it names the calling app in `azp`; a v1.0 token's
+    /// `aud` is the identifier asked for, its issuer `https://sts.windows.net/{tid}/`, and
+    /// it names the calling app in `appid`.
+    #[serde(default = "default_token_version")]
+    pub access_token_version: u8,
+}
+
+fn default_token_version() -> u8 {
+    1
 }
 
 /// A federated identity credential on an app registration.
@@ -362,7 +389,12 @@ impl EmulatorConfig {
                 TenantConfig {
                     tenant_id: contoso.to_owned(),
                     domain: Some("contoso.onmicrosoft.com".to_owned()),
-                    resources: vec![graph.clone(), "api://contoso-api".to_owned()],
+                    resources: vec![graph.clone()],
+                    apis: vec![ApiConfig {
+                        uri: "api://contoso-api".to_owned(),
+                        client_id: demo::CONTOSO_API.to_owned(),
+                        access_token_version: 2,
+                    }],
                     apps: vec![app(
                         demo::CONTOSO_APP,
                         "Contoso daemon",
@@ -379,6 +411,7 @@ impl EmulatorConfig {
                     tenant_id: fabrikam.to_owned(),
                     domain: Some("fabrikam.onmicrosoft.com".to_owned()),
                     resources: vec![graph],
+                    apis: vec![],
                     apps: vec![app(
                         demo::FABRIKAM_APP,
                         "Fabrikam daemon",
@@ -415,6 +448,16 @@ impl EmulatorConfig {
                     "identity {}: duplicate client_id or object_id",
                     i.name
                 ));
+            }
+        }
+        for t in &self.tenants {
+            for a in &t.apis {
+                if !matches!(a.access_token_version, 1 | 2) {
+                    return err(format!(
+                        "tenant {}: api {}: access_token_version must be 1 or 2",
+                        t.tenant_id, a.uri
+                    ));
+                }
             }
         }
         let mut vault_names = HashSet::new();
@@ -531,6 +574,8 @@ pub mod demo {
     pub const FIC_MI_OBJECT_ID: &str = "f1c0f1c0-0000-4000-8000-0000000000d2";
     /// The Contoso app registration.
     pub const CONTOSO_APP: &str = "c0c0c0c0-a990-4000-8000-000000000a01";
+    /// The Contoso tenant's own API (`api://contoso-api`), which takes v2.0 tokens.
+    pub const CONTOSO_API: &str = "c0c0c0c0-a91a-4000-8000-000000000a03";
     /// The Fabrikam app registration.
     pub const FABRIKAM_APP: &str = "fabfab00-a990-4000-8000-000000000a02";
     /// The demo vault.

@@ -58,7 +58,10 @@ async fn route(shared: Arc<Shared>, req: Request) -> Response {
         }
         ["common", "discovery", "instance"] if get => instance_discovery(parts.uri.query(), &base),
         [tenant, "v2.0", ".well-known", "openid-configuration"] if get => {
-            openid_configuration(&shared, tenant, &base, &parts.headers)
+            openid_configuration(&shared, tenant, &base, &parts.headers, true)
+        }
+        [tenant, ".well-known", "openid-configuration"] if get => {
+            openid_configuration(&shared, tenant, &base, &parts.headers, false)
         }
         [_, "discovery", "v2.0", "keys"] | [_, "discovery", "keys"] if get => {
             axum::Json(shared.issuer.jwks()).into_response()
@@ -227,7 +230,7 @@ fn exchange(
     form: &HashMap<String, String>,
     counter_key: &mut String,
 ) -> Result<Value, EntraError> {
-    let (tenant_id, resources, app_ids) = {
+    let (tenant_id, resources, apis, app_ids) = {
         let state = shared.state();
         let Some(ti) = state.tenant(tenant_seg) else {
             return Err(invalid_request(
@@ -239,7 +242,12 @@ fn exchange(
         };
         let t = &state.tenants[ti];
         let app_ids: Vec<String> = t.apps.iter().map(|a| a.client_id.clone()).collect();
-        (t.tenant_id.clone(), t.resources.clone(), app_ids)
+        (
+            t.tenant_id.clone(),
+            t.resources.clone(),
+            t.apis.clone(),
+            app_ids,
+        )
     };
 
     let grant_type = required(form, "grant_type")?;
@@ -271,7 +279,7 @@ fn exchange(
             ),
         ));
     };
-    let resource = check_scope(form, &tenant_id, &resources, &app_ids)?;
+    let resource = check_scope(form, &tenant_id, &resources, &apis, &app_ids)?;
 
     if form.get("client_secret").is_some_and(|s| !s.is_empty()) {
         return Err(invalid_client(
@@ -323,13 +331,21 @@ fn exchange(
     issue(shared, &app, &tenant_id, &resource)
 }
 
+/// The resource a token is for, and the version of its tokens.
+struct Audience {
+    /// v1.0: the identifier as configured or asked for; v2.0: the API's client id.
+    aud: String,
+    v2: bool,
+}
+
 /// Checks the single `{resource}/.default` scope and returns the resource as configured.
 fn check_scope(
     form: &HashMap<String, String>,
     tenant_id: &str,
     resources: &[String],
+    apis: &[super::config::ApiConfig],
     app_ids: &[String],
-) -> Result<String, EntraError> {
+) -> Result<Audience, EntraError> {
     let scope = required(form, "scope")?;
     let scopes: Vec<&str> = scope.split_whitespace().collect();
     let resource_of = |s: &str| {
@@ -374,6 +390,22 @@ fn check_scope(
             ),
         ));
     }
+    let api = apis.iter().find(|a| {
+        a.uri.trim_end_matches('/').eq_ignore_ascii_case(wanted)
+            || a.client_id.eq_ignore_ascii_case(wanted)
+            || wanted.eq_ignore_ascii_case(&format!("api://{}", a.client_id))
+    });
+    if let Some(api) = api {
+        let v2 = api.access_token_version == 2;
+        return Ok(Audience {
+            aud: if v2 {
+                api.client_id.clone()
+            } else {
+                wanted.to_owned()
+            },
+            v2,
+        });
+    }
     let known = resources
         .iter()
         .find(|r| r.trim_end_matches('/').eq_ignore_ascii_case(wanted))
@@ -387,7 +419,7 @@ fn check_scope(
                 })
                 .map(|_| wanted.to_owned())
         });
-    known.ok_or_else(|| EntraError {
+    known.map(|aud| Audience { aud, v2: false }).ok_or_else(|| EntraError {
         status: StatusCode::BAD_REQUEST,
         error: "invalid_resource",
         code: 500011,
@@ -618,34 +650,54 @@ fn validate_federated(shared: &Shared, app: &App, jwt: &keys::ParsedJwt) -> Resu
     Ok(())
 }
 
-fn issue(shared: &Shared, app: &App, tenant_id: &str, resource: &str) -> Result<Value, EntraError> {
+/// An app-only access token of the resource's version: v1.0 and v2.0 differ in issuer,
+/// audience form and the claim naming the calling app (`appid` / `azp`), as Entra's do.
+fn issue(
+    shared: &Shared,
+    app: &App,
+    tenant_id: &str,
+    resource: &Audience,
+) -> Result<Value, EntraError> {
     let [lo, hi] = app.lifetime;
     let lifetime = i64::try_from(rand::random_range(lo..=hi)).unwrap_or(3600);
     let now = shared.now_secs();
+    let v1_issuer = format!("https://sts.windows.net/{tenant_id}/");
     let mut claims = json!({
-        "aud": resource,
-        "iss": shared.v2_issuer(tenant_id),
+        "aud": resource.aud,
         "iat": now,
         "nbf": now,
         "exp": now + lifetime,
         "aio": "emulator",
-        "azp": app.client_id,
-        "azpacr": "2",
-        "appid": app.client_id,
-        "appidacr": "2",
-        "idp": format!("https://sts.windows.net/{tenant_id}/"),
         "idtyp": "app",
         "oid": app.sp_id,
         "sub": app.sp_id,
         "rh": "emulator",
         "tid": tenant_id,
         "uti": uuid::Uuid::new_v4().simple().to_string(),
-        "ver": "2.0",
     });
-    if !app.roles.is_empty()
-        && let Value::Object(m) = &mut claims
-    {
-        m.insert("roles".into(), json!(app.roles));
+    if let Value::Object(m) = &mut claims {
+        let version: [(&str, Value); 4] = if resource.v2 {
+            [
+                ("iss", json!(shared.v2_issuer(tenant_id))),
+                ("azp", json!(app.client_id)),
+                ("azpacr", json!("2")),
+                ("ver", json!("2.0")),
+            ]
+        } else {
+            [
+                ("iss", json!(v1_issuer)),
+                ("appid", json!(app.client_id)),
+                ("appidacr", json!("2")),
+                ("ver", json!("1.0")),
+            ]
+        };
+        m.extend(version.map(|(k, v)| (k.to_owned(), v)));
+        if !resource.v2 {
+            m.insert("idp".into(), json!(v1_issuer));
+        }
+        if !app.roles.is_empty() {
+            m.insert("roles".into(), json!(app.roles));
+        }
     }
     let access_token = shared.issuer.sign(&claims).map_err(|e| EntraError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -667,11 +719,14 @@ fn issue(shared: &Shared, app: &App, tenant_id: &str, resource: &str) -> Result<
     Ok(body)
 }
 
+/// The tenant's OpenID configuration: v2.0 (`/{tenant}/v2.0/.well-known/…`), or v1.0
+/// (`/{tenant}/.well-known/…`), whose issuer is the one v1.0 tokens carry.
 fn openid_configuration(
     shared: &Shared,
     tenant_seg: &str,
     base: &str,
     headers: &HeaderMap,
+    v2: bool,
 ) -> Response {
     let tenant_id = {
         let state = shared.state();
@@ -696,6 +751,23 @@ fn openid_configuration(
         }
     };
     let t = tenant_seg;
+    if !v2 {
+        return axum::Json(json!({
+            "token_endpoint": format!("{base}/{t}/oauth2/token"),
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+            "jwks_uri": format!("{base}/common/discovery/keys"),
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "token id_token", "token"],
+            "scopes_supported": ["openid"],
+            "issuer": format!("https://sts.windows.net/{tenant_id}/"),
+            "authorization_endpoint": format!("{base}/{t}/oauth2/authorize"),
+            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "acr", "amr", "nonce", "tid", "ver", "oid", "appid", "roles"],
+            "cloud_instance_name": "microsoftonline.com",
+        }))
+        .into_response();
+    }
     axum::Json(json!({
         "token_endpoint": format!("{base}/{t}/oauth2/v2.0/token"),
         "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],

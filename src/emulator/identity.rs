@@ -216,17 +216,13 @@ fn issue(
     let tid = &identity.tenant_id;
     let iss = shared.mi_issuer(tid, resource);
     let v2 = super::state::is_token_exchange(resource);
-    let claims = json!({
+    let mut claims = json!({
         "aud": resource,
         "iss": iss,
         "iat": now,
         "nbf": now,
         "exp": exp,
         "aio": "emulator",
-        "appid": identity.client_id,
-        "appidacr": "2",
-        "azp": identity.client_id,
-        "azpacr": "2",
         "idp": format!("https://sts.windows.net/{tid}/"),
         "idtyp": "app",
         "oid": identity.object_id,
@@ -236,6 +232,16 @@ fn issue(
         "ver": if v2 { "2.0" } else { "1.0" },
         "xms_mirid": identity.resource_id(),
     });
+    // The calling app: `azp` in v2.0 tokens, `appid` in v1.0 ones.
+    if let serde_json::Value::Object(m) = &mut claims {
+        let (app, acr) = if v2 {
+            ("azp", "azpacr")
+        } else {
+            ("appid", "appidacr")
+        };
+        m.insert(app.into(), json!(identity.client_id));
+        m.insert(acr.into(), json!("2"));
+    }
     let access_token = shared.issuer.sign(&claims).map_err(|e| {
         tracing::error!(error = %e, "signing a managed-identity token failed");
         error(

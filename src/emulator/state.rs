@@ -94,6 +94,7 @@ pub(crate) struct Tenant {
     pub tenant_id: String,
     pub domain: Option<String>,
     pub resources: Vec<String>,
+    pub apis: Vec<super::config::ApiConfig>,
     pub apps: Vec<App>,
     /// Size of the tenant's Graph-style sign-in log.
     pub graph_records: u32,
@@ -375,6 +376,7 @@ pub(crate) fn build_state(config: &EmulatorConfig) -> Result<State, EmulatorErro
             tenant_id: t.tenant_id.clone(),
             domain: t.domain.clone(),
             resources: t.resources.clone(),
+            apis: t.apis.clone(),
             apps,
             graph_records: t.graph_records,
         });

@@ -110,13 +110,14 @@ impl Harness {
              client_ca_file = \"callers-ca.pem\"\n{crl}client_cert = \"{}\"\n{}\n\n{before}{after}\n\
              [callers]\naudience = \"{AUDIENCE}\"\n{}\n\n\
              [callers.issuers.test]\nissuer = \"{}\"\n\n\
-             [callers.issuers.contoso-entra]\nissuer = \"{contoso_issuer}\"\naudience = \"api://contoso-api\"\n\
-             identity_claim = \"appid\"\nalgorithms = [\"RS256\"]\n\n\
+             [callers.issuers.contoso-entra]\nissuer = \"{contoso_issuer}\"\naudience = \"{}\"\n\
+             identity_claim = \"azp\"\nalgorithms = [\"RS256\"]\n\n\
              [policy]\nfile = \"policy.toml\"\n\n[limits]\n{}\n",
             opts.client_cert,
             opts.server,
             opts.callers,
             issuer.url(),
+            demo::CONTOSO_API,
             opts.limits,
         );
         let path = dir.path().join("broker.toml");

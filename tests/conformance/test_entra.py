@@ -48,7 +48,7 @@ def app_cert(request):
 
 @pytest.mark.parametrize("variant", ["sha1-thumbprint", "public-certificate"])
 def test_msal_client_credentials_with_suite_certificate(
-    variant, app_cert, emulator, ids, ca_bundle, openid_config, verify_token
+    variant, app_cert, emulator, ids, ca_bundle, openid_config, verify_token, http
 ):
     app = _app(ids.app["client_id"], _client_credential(variant, app_cert), emulator, ids.tenant_id, ca_bundle)
 
@@ -59,8 +59,12 @@ def test_msal_client_credentials_with_suite_certificate(
     assert isinstance(result["expires_in"], int) and result["expires_in"] > 300
     claims = verify_token(result["access_token"], openid_config["jwks_uri"], audience=GRAPH_RESOURCE)
     assert claims["tid"] == ids.tenant_id
+    # Graph takes v1.0 tokens: the v1.0 issuer (the v1.0 OpenID configuration's), appid.
     assert claims["appid"] == ids.app["client_id"]
-    assert claims["iss"] == openid_config["issuer"]
+    assert claims["ver"] == "1.0"
+    v1_url = f"{emulator.authority_host}/{ids.tenant_id}/.well-known/openid-configuration"
+    v1 = http.get(v1_url, timeout=HTTP_TIMEOUT_S).json()
+    assert claims["iss"] == v1["issuer"] == f"https://sts.windows.net/{ids.tenant_id}/"
     assert set(ids.app["roles"]) <= set(claims.get("roles", []))
 
 

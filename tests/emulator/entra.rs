@@ -44,12 +44,14 @@ async fn certificate_assertion_success_and_token_claims() {
     let c = env.verify_with_jwks(token, GRAPH).await;
     assert_eq!(c["aud"], GRAPH);
     assert_eq!(c["tid"], demo::CONTOSO_TENANT);
+    // Graph takes v1.0 tokens: the v1.0 issuer, the calling app in appid.
     assert_eq!(c["appid"], demo::CONTOSO_APP);
-    assert_eq!(c["azp"], demo::CONTOSO_APP);
+    assert_eq!(c["azp"], Value::Null);
+    assert_eq!(c["ver"], "1.0");
     assert_eq!(c["roles"], json!(["Files.Read.All"]));
     assert_eq!(
         c["iss"],
-        format!("{}/{}/v2.0", env.authority(), demo::CONTOSO_TENANT)
+        format!("https://sts.windows.net/{}/", demo::CONTOSO_TENANT)
     );
     assert_eq!(c["oid"], c["sub"]);
     assert_eq!(
@@ -57,21 +59,54 @@ async fn certificate_assertion_success_and_token_claims() {
         expires_in
     );
 
-    // The OpenID configuration names the same issuer and the JWKS.
-    let oidc: Value = env
-        .https
-        .get(format!(
-            "{}/{}/v2.0/.well-known/openid-configuration",
-            env.authority(),
-            demo::CONTOSO_TENANT
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(oidc["issuer"], c["iss"]);
+    // The v1.0 OpenID configuration names the same issuer.
+    let oidc = |v2: &'static str| {
+        let env = &env;
+        async move {
+            env.https
+                .get(format!(
+                    "{}/{}{v2}/.well-known/openid-configuration",
+                    env.authority(),
+                    demo::CONTOSO_TENANT
+                ))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(oidc("").await["issuer"], c["iss"]);
+
+    // The Contoso API takes v2.0 tokens: its client id as audience, however it was asked
+    // for, the v2.0 issuer, the calling app in azp.
+    for scope in [
+        "api://contoso-api/.default".to_owned(),
+        format!("{}/.default", demo::CONTOSO_API),
+    ] {
+        let (header, claims) = env.contoso_assertion_parts().await;
+        let assertion = env.assertion("contoso-app", header, claims).await;
+        let (status, body) = env
+            .exchange_assertion(demo::CONTOSO_TENANT, demo::CONTOSO_APP, &scope, &assertion)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let v2 = claims_of(&body);
+        assert_eq!(v2["aud"], demo::CONTOSO_API, "{scope}");
+        assert_eq!(v2["azp"], demo::CONTOSO_APP);
+        assert_eq!(v2["appid"], Value::Null);
+        assert_eq!(v2["ver"], "2.0");
+        assert_eq!(
+            v2["iss"],
+            format!("{}/{}/v2.0", env.authority(), demo::CONTOSO_TENANT)
+        );
+    }
+    // The v2.0 OpenID configuration names the v2.0 issuer, the token endpoint and the JWKS.
+    let oidc = oidc("/v2.0").await;
+    assert_eq!(
+        oidc["issuer"],
+        format!("{}/{}/v2.0", env.authority(), demo::CONTOSO_TENANT)
+    );
     assert_eq!(
         oidc["token_endpoint"],
         format!(

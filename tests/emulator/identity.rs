@@ -45,8 +45,9 @@ async fn app_service_shape_and_claims() {
     assert_eq!(claims["aud"], VAULT_RESOURCE);
     assert_eq!(claims["oid"], demo::BROKER_MI_OBJECT_ID);
     assert_eq!(claims["sub"], demo::BROKER_MI_OBJECT_ID);
+    // A v1.0 token: the identity in appid, not azp.
     assert_eq!(claims["appid"], demo::BROKER_MI_CLIENT_ID);
-    assert_eq!(claims["azp"], demo::BROKER_MI_CLIENT_ID);
+    assert_eq!(claims["azp"], Value::Null);
     assert_eq!(claims["tid"], demo::CONTOSO_TENANT);
     assert_eq!(claims["idtyp"], "app");
     assert_eq!(
@@ -217,6 +218,9 @@ async fn token_exchange_audience_uses_v2_issuer() {
     );
     assert_eq!(c["aud"], "api://AzureADTokenExchange");
     assert_eq!(c["sub"], demo::FIC_MI_OBJECT_ID);
+    // A v2.0 token: the identity in azp, not appid.
+    assert_eq!(c["azp"], demo::FIC_MI_CLIENT_ID);
+    assert_eq!(c["appid"], serde_json::Value::Null);
 }
 
 #[tokio::test]
