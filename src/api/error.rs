@@ -167,7 +167,7 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                 ),
                 SignerError::Identity(_) => with_retry(
                     Status::unavailable(format!(
-                        "{msg}; check that the broker's managed identity is assigned to this host (or trusted by its workload identity)"
+                        "{msg}; check that the broker's managed identity is assigned to this host (or trusted by its workload identity), and that a user-assigned one is named by identity.client_id (App Service, Functions and Container Apps pick none by themselves)"
                     )),
                     Some(Duration::from_secs(5)),
                 ),

@@ -75,6 +75,44 @@ fn bad_request(description: &str) -> Response {
     error(StatusCode::BAD_REQUEST, "invalid_request", description)
 }
 
+/// The two endpoint shapes, which answer errors differently.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `{"error","error_description"}`.
+    Imds,
+    /// `{"statusCode","message","correlationId"}` with `X-CORRELATION-ID`, as App Service's
+    /// (and Functions', Container Apps') identity endpoint answers.
+    AppService,
+}
+
+impl Shape {
+    fn refuse(self, status: StatusCode, code: &str, description: &str) -> Response {
+        match self {
+            Shape::Imds => error(status, code, description),
+            Shape::AppService => {
+                let correlation = uuid::Uuid::new_v4().to_string();
+                let mut r = (
+                    status,
+                    axum::Json(json!({
+                        "statusCode": status.as_u16(),
+                        "message": description,
+                        "correlationId": correlation,
+                    })),
+                )
+                    .into_response();
+                if let Ok(v) = axum::http::HeaderValue::from_str(&correlation) {
+                    r.headers_mut().insert("x-correlation-id", v);
+                }
+                r
+            }
+        }
+    }
+
+    fn bad_request(self, description: &str) -> Response {
+        self.refuse(StatusCode::BAD_REQUEST, "invalid_request", description)
+    }
+}
+
 async fn app_service(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -105,7 +143,7 @@ async fn app_service(
         ("object_id", q.get("principal_id").or(q.get("object_id"))),
         ("resource_id", q.get("mi_res_id")),
     ];
-    let token = match issue(&shared, &q, &selector) {
+    let token = match issue(&shared, &q, &selector, Shape::AppService) {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -150,7 +188,7 @@ async fn imds(
         ("object_id", q.get("object_id")),
         ("resource_id", q.get("msi_res_id").or(q.get("mi_res_id"))),
     ];
-    let token = match issue(&shared, &q, &selector) {
+    let token = match issue(&shared, &q, &selector, Shape::Imds) {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -182,13 +220,14 @@ fn issue(
     shared: &Shared,
     q: &HashMap<String, String>,
     selector: &[(&str, Option<&String>)],
+    shape: Shape,
 ) -> Result<MiToken, Response> {
     let resource = q
         .get("resource")
         .map(|r| r.trim())
         .filter(|r| !r.is_empty())
-        .ok_or_else(|| bad_request("Required audience parameter not specified"))?;
-    let identity = select(&shared.identities, selector)?;
+        .ok_or_else(|| shape.bad_request("Required audience parameter not specified"))?;
+    let identity = select(&shared.identities, selector, shape)?;
     let now = shared.now_secs();
     *shared
         .counters()
@@ -244,7 +283,7 @@ fn issue(
     }
     let access_token = shared.issuer.sign(&claims).map_err(|e| {
         tracing::error!(error = %e, "signing a managed-identity token failed");
-        error(
+        shape.refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
             "unknown",
             "token signing failed",
@@ -260,24 +299,30 @@ fn issue(
     Ok(token)
 }
 
-/// Picks the identity like IMDS: by the one selector given, else the system-assigned one, else
-/// the only user-assigned one.
+/// Picks the identity: by the one selector given, else the system-assigned one, else (IMDS
+/// only) the only user-assigned one. App Service names no user-assigned identity by itself,
+/// and answers a selector it cannot resolve with "Unable to load the proper Managed Identity."
 fn select<'a>(
     identities: &'a [IdentityConfig],
     selector: &[(&str, Option<&String>)],
+    shape: Shape,
 ) -> Result<&'a IdentityConfig, Response> {
     let given: Vec<(&str, &String)> = selector
         .iter()
         .filter_map(|(k, v)| v.map(|v| (*k, v)))
         .filter(|(_, v)| !v.is_empty())
         .collect();
-    let not_found = || bad_request("Identity not found");
+    let not_found = || match shape {
+        Shape::Imds => bad_request("Identity not found"),
+        Shape::AppService => shape.bad_request("Unable to load the proper Managed Identity."),
+    };
     match given.as_slice() {
         [] => {
             if let Some(sa) = identities.iter().find(|i| i.system_assigned) {
                 return Ok(sa);
             }
             match identities {
+                _ if shape == Shape::AppService => Err(not_found()),
                 [only] => Ok(only),
                 [] => Err(not_found()),
                 _ => Err(bad_request(
@@ -293,8 +338,9 @@ fn select<'a>(
                 _ => i.resource_id().eq_ignore_ascii_case(value),
             })
             .ok_or_else(not_found),
-        _ => Err(bad_request(
-            "Only one of client_id, object_id and msi_res_id may be specified",
-        )),
+        _ => {
+            Err(shape
+                .bad_request("Only one of client_id, object_id and msi_res_id may be specified"))
+        }
     }
 }

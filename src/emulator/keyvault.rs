@@ -176,7 +176,7 @@ pub(crate) fn kv_error(status: StatusCode, code: &str, message: &str) -> Respons
 /// The `WWW-Authenticate` bearer challenge of a vault in `tenant`.
 pub(crate) fn challenge(tenant: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(&format!(
-        "Bearer authorization=\"https://login.microsoftonline.com/{tenant}\", resource=\"{VAULT_AUDIENCE}\""
+        "Bearer authorization=\"https://login.windows.net/{tenant}\", resource=\"{VAULT_AUDIENCE}\""
     ))
     .ok()
 }

@@ -159,7 +159,7 @@ def test_unauthenticated_request_gets_bearer_challenge(http, emulator, ids):
     challenge = r.headers["WWW-Authenticate"]
     assert challenge.startswith("Bearer ")
     assert f'resource="{VAULT_RESOURCE}"' in challenge
-    assert "authorization=" in challenge
+    assert f'authorization="https://login.windows.net/{ids.tenant_id}"' in challenge
     assert r.json()["error"]["code"] == "Unauthorized"
 
 

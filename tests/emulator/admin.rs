@@ -421,7 +421,7 @@ async fn default_fault_bodies_follow_the_status() {
         if status == 401 {
             assert_eq!(
                 challenge.expect("a Key Vault 401 carries the bearer challenge"),
-                format!("Bearer authorization=\"https://login.microsoftonline.com/{}\", resource=\"https://vault.azure.net\"", demo::CONTOSO_TENANT).as_str()
+                format!("Bearer authorization=\"https://login.windows.net/{}\", resource=\"https://vault.azure.net\"", demo::CONTOSO_TENANT).as_str()
             );
         } else {
             assert!(challenge.is_none(), "{status}");

@@ -206,6 +206,56 @@ async fn multiple_user_assigned_need_a_selector() {
 }
 
 #[tokio::test]
+async fn app_service_names_no_user_assigned_identity_by_itself() {
+    // Only a user-assigned identity on the host: IMDS picks it, App Service does not.
+    let mut config = EmulatorConfig::demo();
+    config.identities.retain(|i| !i.system_assigned);
+    let lone = config.identities[0].client_id.clone();
+    let env = start(config).await;
+    let app_service = |selector: &str| {
+        let url = format!(
+            "{}?api-version=2019-08-01&resource={VAULT_RESOURCE}{selector}",
+            env.ep().identity_endpoint
+        );
+        env.http
+            .get(url)
+            .header("X-IDENTITY-HEADER", &env.ep().identity_header)
+            .send()
+    };
+    for selector in [
+        String::new(),
+        "&client_id=0badc0de-0000-4000-8000-000000000bad".into(),
+    ] {
+        let resp = app_service(&selector).await.unwrap();
+        assert_eq!(resp.status(), 400, "{selector}");
+        let correlation = resp.headers()["x-correlation-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["statusCode"], 400);
+        assert_eq!(
+            body["message"],
+            "Unable to load the proper Managed Identity."
+        );
+        assert_eq!(body["correlationId"], correlation);
+    }
+    let named = app_service(&format!("&client_id={lone}")).await.unwrap();
+    assert_eq!(named.status(), 200);
+    let imds = env
+        .http
+        .get(format!(
+            "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource={VAULT_RESOURCE}",
+            env.ep().imds_endpoint
+        ))
+        .header("Metadata", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(imds.status(), 200);
+}
+
+#[tokio::test]
 async fn token_exchange_audience_uses_v2_issuer() {
     let env = start_demo().await;
     let token = env

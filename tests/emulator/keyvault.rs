@@ -35,7 +35,7 @@ async fn challenge_without_token() {
     assert_eq!(resp.status(), 401);
     assert_eq!(
         resp.headers()["www-authenticate"],
-        format!("Bearer authorization=\"https://login.microsoftonline.com/{}\", resource=\"https://vault.azure.net\"", demo::CONTOSO_TENANT).as_str()
+        format!("Bearer authorization=\"https://login.windows.net/{}\", resource=\"https://vault.azure.net\"", demo::CONTOSO_TENANT).as_str()
     );
     let first_id = resp.headers()["x-ms-request-id"].clone();
     let body: Value = resp.json().await.unwrap();
@@ -513,7 +513,7 @@ async fn token_from_another_tenant_is_an_invalid_issuer() {
     assert_eq!(resp.status(), 401);
     assert_eq!(
         resp.headers()["www-authenticate"],
-        format!("Bearer authorization=\"https://login.microsoftonline.com/{}\", resource=\"https://vault.azure.net\"", demo::CONTOSO_TENANT).as_str(),
+        format!("Bearer authorization=\"https://login.windows.net/{}\", resource=\"https://vault.azure.net\"", demo::CONTOSO_TENANT).as_str(),
         "the challenge names the vault's tenant"
     );
     let body: Value = resp.json().await.unwrap();
