@@ -518,16 +518,16 @@ fn validate_certificate(
             ),
         ));
     }
-    let host = base.trim_start_matches("https://");
+    // The token endpoint called, on the host it was called at: Entra refuses an assertion
+    // addressed to another cloud's (or another host's) endpoint, so a client that names
+    // the public cloud's host whatever its authority is caught here.
+    let h = base.trim_start_matches("https://").to_ascii_lowercase();
     let aud_ok = jwt.audiences().iter().any(|aud| {
         let aud = aud.trim_end_matches('/').to_ascii_lowercase();
-        [host, "login.microsoftonline.com"].iter().any(|h| {
-            [tenant_seg, tenant_id].iter().any(|t| {
-                let t = t.to_ascii_lowercase();
-                let h = h.to_ascii_lowercase();
-                aud == format!("https://{h}/{t}/oauth2/v2.0/token")
-                    || aud == format!("https://{h}/{t}/oauth2/token")
-            })
+        [tenant_seg, tenant_id].iter().any(|t| {
+            let t = t.to_ascii_lowercase();
+            aud == format!("https://{h}/{t}/oauth2/v2.0/token")
+                || aud == format!("https://{h}/{t}/oauth2/token")
         })
     });
     if !aud_ok {

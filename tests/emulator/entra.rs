@@ -443,6 +443,18 @@ async fn assertion_errors() {
     let a = env.assertion("contoso-app", header.clone(), c).await;
     assert_eq!(aadsts(&exchange(a).await.1), 50013);
 
+    // The public cloud's token endpoint, not the one called (a client that names
+    // login.microsoftonline.com whatever its authority).
+    let mut c = claims.clone();
+    c["aud"] = format!(
+        "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
+        demo::CONTOSO_TENANT
+    )
+    .into();
+    c["jti"] = uuid::Uuid::new_v4().to_string().into();
+    let a = env.assertion("contoso-app", header.clone(), c).await;
+    assert_eq!(aadsts(&exchange(a).await.1), 50013);
+
     // iss/sub not the client id.
     let mut c = claims.clone();
     c["iss"] = demo::FABRIKAM_APP.into();
