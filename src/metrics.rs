@@ -541,6 +541,20 @@ fn observe(meter: &Meter, source: &Source) {
         )
         .with_callback(|o| o.observe(crate::telemetry::dropped_log_lines(), &[]))
         .build();
+    meter
+        .u64_observable_counter("tokenbroker_telemetry_export_failures")
+        .with_description(
+            "OTLP exports (traces, metrics) that failed: the collector answered an error status, could not be reached or did not answer in time; each such batch is lost",
+        )
+        .with_callback(|o| {
+            for signal in crate::telemetry::Signal::ALL {
+                o.observe(
+                    crate::telemetry::export_failures(signal),
+                    &[KeyValue::new("signal", signal.as_str())],
+                );
+            }
+        })
+        .build();
     let s = source.clone();
     meter
         .f64_observable_gauge("tokenbroker_token_expiry_seconds")

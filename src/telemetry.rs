@@ -8,16 +8,27 @@
 //! reader of stderr (a full pipe, a slow log shipper) must not stop the runtime's threads,
 //! so when a buffer is full, lines are dropped and counted (`tokenbroker_log_lines_dropped`).
 //! The audit trail is not a log: it never drops.
+//!
+//! An OTLP export the collector refuses (an HTTP error status) or that never reaches it is
+//! counted per signal (`tokenbroker_telemetry_export_failures`) and logged as a warning at
+//! most once a minute per signal (`Reporting`, wrapped around each exporter): the SDK itself
+//! reports export errors only through its internal logging, which is not built in.
 
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::metrics::Temporality;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
@@ -212,12 +223,13 @@ pub fn tracer_provider(telemetry: Option<&TelemetryConfig>) -> SdkTracerProvider
             .with_resource(resource(t))
             .with_sampler(Sampler::ParentBased(Box::new(root)));
         if let Some(url) = &t.otlp_endpoint {
+            let endpoint = signal_url(url, "traces");
             match opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
-                .with_endpoint(signal_url(url, "traces"))
+                .with_endpoint(&endpoint)
                 .build()
             {
-                Ok(e) => b = b.with_batch_exporter(e),
+                Ok(e) => b = b.with_batch_exporter(Reporting::new(e, Signal::Traces, &endpoint)),
                 Err(e) => eprintln!("tokenbroker: OTLP trace export disabled: {e}"),
             }
         }
@@ -237,14 +249,17 @@ pub fn resource(t: &TelemetryConfig) -> Resource {
 }
 
 /// The OTLP metric exporter, when an endpoint is configured.
-pub fn otlp_metric_exporter(t: &TelemetryConfig) -> Option<opentelemetry_otlp::MetricExporter> {
+pub fn otlp_metric_exporter(
+    t: &TelemetryConfig,
+) -> Option<Reporting<opentelemetry_otlp::MetricExporter>> {
     let url = t.otlp_endpoint.as_ref()?;
+    let endpoint = signal_url(url, "metrics");
     match opentelemetry_otlp::MetricExporter::builder()
         .with_http()
-        .with_endpoint(signal_url(url, "metrics"))
+        .with_endpoint(&endpoint)
         .build()
     {
-        Ok(e) => Some(e),
+        Ok(e) => Some(Reporting::new(e, Signal::Metrics, &endpoint)),
         Err(e) => {
             tracing::warn!(error = %e, "OTLP metric export disabled");
             None
@@ -255,6 +270,196 @@ pub fn otlp_metric_exporter(t: &TelemetryConfig) -> Option<opentelemetry_otlp::M
 /// `{base}/v1/{signal}`, the OTLP/HTTP path for a signal under a collector base URL.
 fn signal_url(base: &url::Url, signal: &str) -> String {
     format!("{}/v1/{signal}", base.as_str().trim_end_matches('/'))
+}
+
+/// An OTLP signal the broker exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 2] = [Signal::Traces, Signal::Metrics];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::Traces => "traces",
+            Signal::Metrics => "metrics",
+        }
+    }
+
+    /// The process's failure record of this signal: the exporters are the process's.
+    fn failures(self) -> &'static ExportFailures {
+        static TRACES: ExportFailures = ExportFailures::new();
+        static METRICS: ExportFailures = ExportFailures::new();
+        match self {
+            Signal::Traces => &TRACES,
+            Signal::Metrics => &METRICS,
+        }
+    }
+}
+
+/// OTLP exports of `signal` that failed in this process so far (the collector answered an
+/// error status, could not be reached, or did not answer in time).
+pub fn export_failures(signal: Signal) -> u64 {
+    signal.failures().count()
+}
+
+/// At most one warning per signal in this span: a collector that is down fails every batch
+/// (traces every few seconds), and the counter has them all.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Failed exports of one signal, and when the last one was logged.
+#[derive(Debug)]
+struct ExportFailures {
+    count: AtomicU64,
+    /// When the last warning was logged, and the count it included.
+    warned: Mutex<Option<(Instant, u64)>>,
+}
+
+impl ExportFailures {
+    const fn new() -> ExportFailures {
+        ExportFailures {
+            count: AtomicU64::new(0),
+            warned: Mutex::new(None),
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// Counts a failure at `now`; when a warning is due (the first failure, or the first a
+    /// minute after the last warning), the failures since that warning that were not logged.
+    fn failed(&self, now: Instant) -> Option<u64> {
+        let count = self.count.fetch_add(1, Relaxed) + 1;
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        match *warned {
+            Some((at, _)) if now.saturating_duration_since(at) < WARN_EVERY => None,
+            last => {
+                *warned = Some((now, count));
+                Some(last.map_or(0, |(_, logged)| count.saturating_sub(logged + 1)))
+            }
+        }
+    }
+}
+
+/// An OTLP exporter whose failures are seen: each is counted per signal
+/// (`tokenbroker_telemetry_export_failures`) and a warning is logged at most once a minute
+/// per signal, naming the endpoint and the cause (the SDK's status or transport summary,
+/// never a payload). The SDK would drop the batch silently: its own error reports go to
+/// internal logging that is not built in.
+///
+/// The warning is an event outside any span on the exporter's own thread: the
+/// OpenTelemetry layer records events only into spans, and the broker exports no logs, so
+/// a warning never becomes something to export (no loop through a failing collector).
+#[derive(Debug)]
+pub struct Reporting<E> {
+    inner: E,
+    signal: Signal,
+    /// The signal's URL as logged: without a query or fragment.
+    endpoint: String,
+    failures: &'static ExportFailures,
+}
+
+impl<E> Reporting<E> {
+    /// Wraps `inner`, the exporter of `signal` to `endpoint`.
+    pub fn new(inner: E, signal: Signal, endpoint: &str) -> Reporting<E> {
+        Reporting::with_failures(inner, signal, endpoint, signal.failures())
+    }
+
+    fn with_failures(
+        inner: E,
+        signal: Signal,
+        endpoint: &str,
+        failures: &'static ExportFailures,
+    ) -> Reporting<E> {
+        let endpoint = match url::Url::parse(endpoint) {
+            Ok(mut u) => {
+                u.set_query(None);
+                u.set_fragment(None);
+                u.to_string()
+            }
+            Err(_) => endpoint.to_owned(),
+        };
+        Reporting {
+            inner,
+            signal,
+            endpoint,
+            failures,
+        }
+    }
+
+    fn observe(&self, result: OTelSdkResult) -> OTelSdkResult {
+        if let Err(e) = &result
+            && let Some(unlogged) = self.failures.failed(Instant::now())
+        {
+            tracing::warn!(
+                signal = self.signal.as_str(),
+                endpoint = %self.endpoint,
+                error = %export_cause(e),
+                failures_not_logged = unlogged,
+                "OTLP export failed, the batch is lost; logged at most once a minute per signal, tokenbroker_telemetry_export_failures counts every failure"
+            );
+        }
+        result
+    }
+}
+
+/// The cause of a failed export as logged: the SDK's own summary (`HTTP export failed with
+/// status code: 500`, `network error`, a timeout), bounded. The SDK keeps a connection
+/// failure's detail to itself, so what to check is added.
+fn export_cause(e: &OTelSdkError) -> String {
+    let mut cause: String = e.to_string().chars().take(200).collect();
+    if cause.contains("network error") {
+        cause.push_str(
+            " (the collector was not reached: check the endpoint's host and port, DNS and egress rules)",
+        );
+    }
+    cause
+}
+
+impl<E: SpanExporter> SpanExporter for Reporting<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let result = self.inner.export(batch).await;
+        self.observe(result)
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+impl<E: PushMetricExporter> PushMetricExporter for Reporting<E> {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let result = self.inner.export(metrics).await;
+        self.observe(result)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn shutdown(&self) -> OTelSdkResult {
+        self.inner.shutdown()
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.inner.temporality()
+    }
 }
 
 struct Metadata<'a>(&'a tonic::metadata::MetadataMap);
@@ -332,5 +537,56 @@ mod tests {
     #[test]
     fn no_headers_outside_a_trace() {
         assert!(trace_headers().is_empty());
+    }
+
+    #[test]
+    fn export_failures_are_all_counted_and_warned_of_at_most_once_a_minute() {
+        let f = ExportFailures::new();
+        let t0 = Instant::now();
+        assert_eq!(f.failed(t0), Some(0), "the first failure is logged");
+        assert_eq!(f.failed(t0 + Duration::from_secs(1)), None);
+        assert_eq!(f.failed(t0 + Duration::from_secs(59)), None);
+        // A minute on: logged, with the two that were not.
+        assert_eq!(f.failed(t0 + WARN_EVERY), Some(2));
+        assert_eq!(f.failed(t0 + WARN_EVERY + Duration::from_secs(1)), None);
+        assert_eq!(f.count(), 5);
+    }
+
+    /// A span exporter that fails with `error`, or succeeds without one.
+    #[derive(Debug)]
+    struct Answers(Option<&'static str>);
+
+    impl SpanExporter for Answers {
+        async fn export(&self, _: Vec<SpanData>) -> OTelSdkResult {
+            match self.0 {
+                Some(e) => Err(OTelSdkError::InternalFailure(e.into())),
+                None => Ok(()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrapped_exporter_counts_its_failures_and_passes_its_results_on() {
+        let failures: &'static ExportFailures = Box::leak(Box::new(ExportFailures::new()));
+        let endpoint = "http://collector:4318/v1/traces?key=x#f";
+        let failing = Reporting::with_failures(
+            Answers(Some("HTTP export failed with status code: 500")),
+            Signal::Traces,
+            endpoint,
+            failures,
+        );
+        assert_eq!(failing.endpoint, "http://collector:4318/v1/traces");
+        let e = futures::executor::block_on(failing.export(Vec::new())).unwrap_err();
+        assert!(export_cause(&e).contains("status code: 500"), "{e}");
+        let unreachable = OTelSdkError::InternalFailure("HTTP export failed: network error".into());
+        assert!(
+            export_cause(&unreachable).contains("check the endpoint's host and port"),
+            "{}",
+            export_cause(&unreachable)
+        );
+        futures::executor::block_on(failing.export(Vec::new())).unwrap_err();
+        let working = Reporting::with_failures(Answers(None), Signal::Traces, endpoint, failures);
+        futures::executor::block_on(working.export(Vec::new())).unwrap();
+        assert_eq!(failures.count(), 2);
     }
 }

@@ -1,7 +1,8 @@
 //! OTLP export over the wire: `tokenbroker serve` (a process of its own, as deployed, against
 //! the emulator) and `tokenbroker dev`, with `TOKENBROKER_OTLP_ENDPOINT` pointing at a
 //! collector made here, which decodes what arrives with the OpenTelemetry protocol's own
-//! message types.
+//! message types; and a collector that refuses every export, which the broker's log and
+//! metrics must show.
 
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -19,12 +20,13 @@ use prost::Message;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, StartOptions};
 
 use crate::helpers::{demo, spawn_dev, terminate, traced_request};
+use serde_json::Value as Json;
 
 /// What the collector received: (path, content type, body) per request.
 type Received = Arc<Mutex<Vec<(String, String, Bytes)>>>;
 
 async fn collect(
-    State((path, received)): State<(&'static str, Received)>,
+    State((path, received, status)): State<(&'static str, Received, StatusCode)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
@@ -37,21 +39,29 @@ async fn collect(
         .lock()
         .unwrap()
         .push((path.to_owned(), content_type, body));
-    StatusCode::OK
+    status
 }
 
 /// An OTLP/HTTP collector on loopback, on `rt`: its address and what it receives.
 fn start_collector(rt: &tokio::runtime::Runtime) -> (std::net::SocketAddr, Received) {
+    start_collector_answering(rt, StatusCode::OK)
+}
+
+/// A collector that answers every export with `status`.
+fn start_collector_answering(
+    rt: &tokio::runtime::Runtime,
+    status: StatusCode,
+) -> (std::net::SocketAddr, Received) {
     let received: Received = Arc::default();
     let collector = rt.block_on(async {
         let app = axum::Router::new()
             .route(
                 "/v1/traces",
-                post(collect).with_state(("/v1/traces", received.clone())),
+                post(collect).with_state(("/v1/traces", received.clone(), status)),
             )
             .route(
                 "/v1/metrics",
-                post(collect).with_state(("/v1/metrics", received.clone())),
+                post(collect).with_state(("/v1/metrics", received.clone(), status)),
             );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -120,44 +130,68 @@ fn tokenbroker_dev_exports_traces_and_logs_as_the_environment_says_and_nothing_e
     assert!(!log.contains(&token.access_token));
 }
 
-#[test]
-fn traces_and_metrics_reach_an_otlp_collector_and_the_last_metrics_are_sent_at_exit() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (collector, received) = start_collector(&rt);
+/// `tokenbroker serve` as deployed, against an emulator on `rt`.
+struct Served {
+    child: std::process::Child,
+    emulator: Emulator,
+    addr: std::net::SocketAddr,
+}
 
-    let dir = tempfile::tempdir().unwrap();
+/// Starts the emulator and `tokenbroker serve` with the configuration `tokenbroker dev`
+/// generates for it, `extra` appended, `envs` set and its log to `stderr`.
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    extra: &str,
+    envs: &[(&str, &str)],
+    stderr: Stdio,
+) -> Served {
     let emu = EmulatorConfig::demo();
     let emulator = rt
         .block_on(Emulator::start(
             emu.clone(),
-            StartOptions::new(dir.path().join("ca.pem")),
+            StartOptions::new(dir.join("ca.pem")),
         ))
         .unwrap();
-    // A port for the broker: bound and let go (the child binds it again at once).
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let config = dir.path().join("broker.toml");
+    let addr = free_port();
+    let config = dir.join("broker.toml");
     std::fs::write(
         &config,
-        tokenbroker::dev::broker_config_toml(&emu, emulator.endpoints(), addr),
+        tokenbroker::dev::broker_config_toml(&emu, emulator.endpoints(), addr) + extra,
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+    let child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
         .arg("serve")
         .arg("--config")
         .arg(&config)
-        .env("TOKENBROKER_OTLP_ENDPOINT", format!("http://{collector}"))
-        // A quiet log: the log level must not switch off spans and their export.
-        .env("TOKENBROKER_LOG_LEVEL", "warn")
+        .envs(envs.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
-    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let token = rt.block_on(async {
-        // Bounded wait for the child to listen.
+    Served {
+        child,
+        emulator,
+        addr,
+    }
+}
+
+/// A port on loopback: bound and let go (the child binds it again at once).
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A token for contoso from the broker at `addr`, in the trace `traceparent` names; waits
+/// (bounded) for the broker to listen.
+fn traced_token(
+    rt: &tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+    traceparent: &str,
+) -> tokenbroker::proto::GetTokenResponse {
+    rt.block_on(async {
         let mut c = None;
         for _ in 0..200 {
             if let Ok(client) = tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(
@@ -171,9 +205,37 @@ fn traces_and_metrics_reach_an_otlp_collector_and_the_last_metrics_are_sent_at_e
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut c = c.expect("the broker listens");
-        let req = traced_request(&format!("00-{trace_id}-00f067aa0ba902b7-01"));
-        c.get_token(req).await.unwrap().into_inner()
-    });
+        c.get_token(traced_request(traceparent))
+            .await
+            .unwrap()
+            .into_inner()
+    })
+}
+
+#[test]
+fn traces_and_metrics_reach_an_otlp_collector_and_the_last_metrics_are_sent_at_exit() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (collector, received) = start_collector(&rt);
+
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://{collector}");
+    let Served {
+        mut child,
+        emulator,
+        addr,
+    } = serve(
+        &rt,
+        dir.path(),
+        "",
+        &[
+            ("TOKENBROKER_OTLP_ENDPOINT", &endpoint),
+            // A quiet log: the log level must not switch off spans and their export.
+            ("TOKENBROKER_LOG_LEVEL", "warn"),
+        ],
+        Stdio::null(),
+    );
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let token = traced_token(&rt, addr, &format!("00-{trace_id}-00f067aa0ba902b7-01"));
     assert_eq!(token.tenant_id, demo::CONTOSO_TENANT);
 
     // The metrics interval is a minute: what the collector gets is the export at shutdown.
@@ -300,4 +362,110 @@ fn traces_and_metrics_reach_an_otlp_collector_and_the_last_metrics_are_sent_at_e
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_collector_that_refuses_exports_is_counted_per_signal_and_logged_at_most_once_a_minute() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (collector, received) = start_collector_answering(&rt, StatusCode::INTERNAL_SERVER_ERROR);
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let endpoint = format!("http://{collector}");
+    let admin = free_port().to_string();
+    let Served {
+        mut child,
+        emulator,
+        addr,
+    } = serve(
+        &rt,
+        dir.path(),
+        "\n[telemetry]\nmetrics_interval_secs = 1\n",
+        &[
+            ("TOKENBROKER_OTLP_ENDPOINT", &endpoint),
+            ("TOKENBROKER_ADMIN_LISTEN", &admin),
+            ("TOKENBROKER_LOG_FORMAT", "json"),
+            ("TOKENBROKER_LOG_LEVEL", "warn"),
+            // The SDK's batch delay: spans go out at once, not after 5 s.
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+        std::fs::File::create(&log_path).unwrap().into(),
+    );
+    let token = traced_token(
+        &rt,
+        addr,
+        "00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    );
+
+    // Every refused export is counted: wait (bounded) for the request's spans to be refused
+    // and for the metrics to be refused three times.
+    let failures = |text: &str, signal: &str| -> u64 {
+        let series = format!("tokenbroker_telemetry_export_failures_total{{signal=\"{signal}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .map_or(0, |v| v.parse().unwrap())
+    };
+    let mut counted = (0, 0);
+    for _ in 0..600 {
+        let text = rt.block_on(async {
+            reqwest::get(format!("http://{admin}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        });
+        counted = (failures(&text, "traces"), failures(&text, "metrics"));
+        if counted.0 >= 1 && counted.1 >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (traces_failed, metrics_failed) = counted;
+    assert!(
+        traces_failed >= 1 && metrics_failed >= 3,
+        "failures counted: {counted:?}"
+    );
+
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
+    rt.block_on(emulator.shutdown());
+    let paths: Vec<String> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(p, _, _)| p.clone())
+        .collect();
+    assert!(paths.iter().any(|p| p == "/v1/traces"), "{paths:?}");
+    assert!(paths.iter().any(|p| p == "/v1/metrics"), "{paths:?}");
+
+    // A warning per signal, naming the endpoint and the collector's answer.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let warnings: Vec<Json> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Json>(l).ok())
+        .filter(|l| {
+            l["level"] == "WARN"
+                && l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("OTLP export failed"))
+        })
+        .collect();
+    for signal in ["traces", "metrics"] {
+        let of_signal: Vec<&Json> = warnings.iter().filter(|w| w["signal"] == signal).collect();
+        assert!(!of_signal.is_empty(), "no warning for {signal} in:\n{log}");
+        for w in &of_signal {
+            assert_eq!(w["endpoint"], format!("{endpoint}/v1/{signal}"), "{w}");
+            let error = w["error"].as_str().unwrap_or_default();
+            assert!(error.contains("status code: 500"), "{w}");
+        }
+        if signal == "metrics" {
+            // At most one a minute: fewer lines than refusals.
+            assert!(
+                (of_signal.len() as u64) < metrics_failed,
+                "{} warnings for {metrics_failed} failures:\n{log}",
+                of_signal.len()
+            );
+        }
+    }
+    assert!(!log.contains(&token.access_token), "a token in the log");
 }
