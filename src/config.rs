@@ -226,6 +226,27 @@ impl Cloud {
         }
     }
 
+    /// Its `[cloud] name`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Cloud::Public => "public",
+            Cloud::UsGov => "us_gov",
+            Cloud::China => "china",
+            Cloud::Custom { .. } => "custom",
+        }
+    }
+
+    /// The DNS suffixes of Key Vault hosts in this cloud: vaults, then Managed HSMs. None for
+    /// a custom cloud, whose Key Vault (Azure Stack Hub's, an emulator's) can be anywhere.
+    pub fn key_vault_suffixes(&self) -> &'static [&'static str] {
+        match self {
+            Cloud::Public => &["vault.azure.net", "managedhsm.azure.net"],
+            Cloud::UsGov => &["vault.usgovcloudapi.net", "managedhsm.usgovcloudapi.net"],
+            Cloud::China => &["vault.azure.cn", "managedhsm.azure.cn"],
+            Cloud::Custom { .. } => &[],
+        }
+    }
+
     /// The Key Vault resource (audience) in this cloud.
     pub fn key_vault_resource(&self) -> &'static str {
         match self {
@@ -1801,7 +1822,7 @@ impl Validator<'_> {
             return None;
         };
         match raw.kind.as_str() {
-            "key_vault_certificate" => self.key_vault_credential(&path, raw),
+            "key_vault_certificate" => self.key_vault_credential(&path, raw, cloud),
             "managed_identity" => self.managed_identity_credential(&path, raw, cloud),
             "pkcs11" => self.pkcs11_credential(&path, raw),
             other => {
@@ -1872,7 +1893,12 @@ impl Validator<'_> {
         })
     }
 
-    fn key_vault_credential(&mut self, path: &str, raw: RawCredential) -> Option<Credential> {
+    fn key_vault_credential(
+        &mut self,
+        path: &str,
+        raw: RawCredential,
+        cloud: &Cloud,
+    ) -> Option<Credential> {
         self.not_for(
             path,
             "key_vault_certificate",
@@ -1885,7 +1911,12 @@ impl Validator<'_> {
         let vault_url = match raw.vault_url.as_deref().map(Url::parse) {
             Some(Ok(u)) if u.scheme() == "https" && u.host_str().is_some() => {
                 match vault_url_problem(&u) {
-                    None => Some(u),
+                    None => {
+                        if let Some(why) = vault_host_warning(&u, cloud) {
+                            self.warn(&format!("{path}.vault_url"), why);
+                        }
+                        Some(u)
+                    }
                     Some(why) => {
                         self.problem(&format!("{path}.vault_url"), why);
                         None
@@ -2092,6 +2123,45 @@ fn vault_url_problem(u: &Url) -> Option<String> {
         ));
     }
     None
+}
+
+/// Why a vault URL's host may not be a Key Vault of `cloud`: it does not end with the cloud's
+/// Key Vault DNS suffix (a vault's, or a Managed HSM's). A warning, not a refusal: a service
+/// of its own that speaks Key Vault's protocol (an emulator) can be anywhere. Loopback hosts
+/// (the emulator's) and custom clouds (their suffix is not known here) are not judged.
+fn vault_host_warning(u: &Url, cloud: &Cloud) -> Option<String> {
+    let suffixes = cloud.key_vault_suffixes();
+    let host = u.host_str()?;
+    if suffixes.is_empty() || is_loopback_url(u) {
+        return None;
+    }
+    let in_cloud = |c: &Cloud| {
+        c.key_vault_suffixes().iter().any(|s| {
+            host.strip_suffix(s)
+                .is_some_and(|n| n.len() > 1 && n.ends_with('.'))
+        })
+    };
+    if in_cloud(cloud) {
+        return None;
+    }
+    let expected = format!(
+        "`NAME.{}` (`NAME.{}` for a Managed HSM)",
+        suffixes[0], suffixes[1]
+    );
+    let cloud_name = cloud.name();
+    let other = [Cloud::Public, Cloud::UsGov, Cloud::China]
+        .into_iter()
+        .find(|c| c != cloud && in_cloud(c));
+    Some(match other {
+        Some(other) => format!(
+            "`{host}` is a Key Vault host of the `{}` cloud, but [cloud] name is `{cloud_name}`, whose vaults are {expected}: the broker's identity and its Entra exchanges are in `{cloud_name}`; use a vault of that cloud, or set [cloud] name = \"{}\"",
+            other.name(),
+            other.name()
+        ),
+        None => format!(
+            "`{host}` is not a Key Vault host of the `{cloud_name}` cloud, whose vaults are {expected}: Key Vault's sign-in challenge names that suffix, and the broker accepts a challenge only for a host under it, so signing fails unless this host is a Key Vault-compatible service of its own (an emulator); check the URL (behind a private endpoint, keep the vault's own name: its DNS zone resolves it to the private address)"
+        ),
+    })
 }
 
 /// What is wrong with asking for `scopes` in one request: first what the broker itself

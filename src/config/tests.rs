@@ -1086,6 +1086,120 @@ fn a_vault_url_names_the_vault_only() {
     .unwrap();
 }
 
+/// The warnings about contoso's vault URL with `cloud` (a `[cloud]` table's lines) and `url`.
+fn vault_warnings(cloud: &str, url: &str) -> Vec<String> {
+    let text = GOOD
+        .replace(
+            "[cloud]\nname = \"custom\"\nauthority_host = \"https://127.0.0.1:8443\"\n",
+            &format!("[cloud]\n{cloud}\n"),
+        )
+        .replace(
+            "https://v.vault.azure.net\", certificate = \"contoso-app\"",
+            &format!("{url}\", certificate = \"contoso-app\""),
+        );
+    // Valid: a warning, not a problem.
+    let c = Config::from_toml_str(&text, Path::new("/"), &no_env)
+        .unwrap_or_else(|e| panic!("{cloud} {url}: {e}"));
+    c.warnings
+        .iter()
+        .filter(|w| w.path == "tenants.contoso.credential.vault_url")
+        .map(|w| w.message.clone())
+        .collect()
+}
+
+#[test]
+fn a_vault_outside_the_clouds_key_vault_domain_is_a_warning() {
+    // A public vault in a US Government configuration: named as such.
+    let w = vault_warnings("name = \"us_gov\"", "https://x.vault.azure.net");
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("`x.vault.azure.net` is a Key Vault host of the `public` cloud"),
+        "{w:?}"
+    );
+    assert!(w[0].contains("`NAME.vault.usgovcloudapi.net`"), "{w:?}");
+    assert!(w[0].contains("[cloud] name = \"public\""), "{w:?}");
+    // Not a Key Vault host of any cloud.
+    for (cloud, url) in [
+        ("name = \"public\"", "https://evil.example.com"),
+        ("name = \"public\"", "https://x.vault.azure.net.example.com"),
+        // Only whole labels count, and a vault has a name.
+        ("name = \"public\"", "https://xvault.azure.net"),
+        ("name = \"public\"", "https://vault.azure.net"),
+        ("name = \"china\"", "https://x.vault.usgovcloudapi.example"),
+    ] {
+        let w = vault_warnings(cloud, url);
+        assert_eq!(w.len(), 1, "{cloud} {url}: {w:?}");
+        assert!(w[0].contains("is not a Key Vault host of the"), "{w:?}");
+    }
+    let w = vault_warnings("name = \"public\"", "https://evil.example.com:8443");
+    assert!(
+        w[0].contains("`NAME.vault.azure.net` (`NAME.managedhsm.azure.net` for a Managed HSM)")
+    );
+    // Vaults and Managed HSMs of the cloud; loopback (an emulator); a custom cloud, whose
+    // Key Vault domain is not known.
+    for (cloud, url) in [
+        ("", "https://x.vault.azure.net"),
+        ("name = \"public\"", "https://kv-prod.vault.azure.net:443/"),
+        ("name = \"public\"", "https://x.managedhsm.azure.net"),
+        ("name = \"public\"", "https://X.Vault.Azure.Net"),
+        ("name = \"us_gov\"", "https://x.vault.usgovcloudapi.net"),
+        (
+            "name = \"us_gov\"",
+            "https://x.managedhsm.usgovcloudapi.net",
+        ),
+        ("name = \"china\"", "https://x.vault.azure.cn"),
+        ("name = \"china\"", "https://x.managedhsm.azure.cn"),
+        ("name = \"public\"", "https://127.0.0.1:8443"),
+        ("name = \"public\"", "https://localhost:8443"),
+        ("name = \"us_gov\"", "https://[::1]:8443"),
+        (
+            "name = \"custom\"\nauthority_host = \"https://login.example\"",
+            "https://evil.example.com",
+        ),
+    ] {
+        assert_eq!(
+            vault_warnings(cloud, url),
+            Vec::<String>::new(),
+            "{cloud} {url}"
+        );
+    }
+}
+
+#[cfg(feature = "emulator")]
+#[test]
+fn the_emulators_generated_configuration_has_no_vault_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = crate::emulator::Endpoints {
+        identity_endpoint: "http://127.0.0.1:1/msi/token".into(),
+        identity_header: "h".into(),
+        imds_endpoint: "http://127.0.0.1:1".into(),
+        key_vault_url: "https://127.0.0.1:2".into(),
+        authority_host: "https://127.0.0.1:3".into(),
+        ca_cert: dir.path().join("ca.pem").display().to_string(),
+        admin_url: "http://127.0.0.1:4".into(),
+    };
+    let text = crate::dev::broker_config_toml(
+        &crate::emulator::EmulatorConfig::demo(),
+        &endpoints,
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let path = dir.path().join("broker.toml");
+    std::fs::write(&path, text).unwrap();
+    // The CA file is the emulator's, made when it starts.
+    let (c, _) = Config::check_without_files(&path, &no_env).unwrap();
+    assert!(
+        c.tenants
+            .values()
+            .any(|t| matches!(t.credential, Credential::KeyVaultCertificate { .. }))
+    );
+    let vault: Vec<_> = c
+        .warnings
+        .iter()
+        .filter(|w| w.path.ends_with("vault_url"))
+        .collect();
+    assert!(vault.is_empty(), "{vault:?}");
+}
+
 #[test]
 fn a_shape_error_quotes_its_key_and_says_only_the_first_is_shown() {
     let p = problems(&GOOD.replace("plaintext = true", "plaintext = \"yes\""));
