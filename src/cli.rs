@@ -861,6 +861,25 @@ mod tests {
     }
 
     #[test]
+    fn check_config_names_the_missing_workload_identity_variables_unless_files_are_elsewhere() {
+        let (_dir, path) = config_file("");
+        let env =
+            |k: &str| (k == "TOKENBROKER_IDENTITY_SOURCE").then(|| "workload_identity".into());
+        let e = check_config(&path, false, &env).unwrap_err();
+        assert!(
+            e.contains("TOKENBROKER_IDENTITY_SOURCE: workload identity needs AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE in the broker's environment"),
+            "{e}"
+        );
+        assert!(e.contains("azure.workload.identity/use"), "{e}");
+        // Checked where the broker runs: here they are listed, not judged.
+        let report = check_config(&path, true, &env).unwrap();
+        assert!(
+            report.contains("\nnot checked here (--files-elsewhere): TOKENBROKER_IDENTITY_SOURCE = workload_identity: AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE"),
+            "{report}"
+        );
+    }
+
+    #[test]
     fn a_file_that_cannot_be_read_is_named_once() {
         let missing = std::path::Path::new("/nowhere/broker.toml");
         let e = check_config(missing, false, &no_env).unwrap_err();

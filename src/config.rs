@@ -562,6 +562,99 @@ pub fn observability_env(key: &str) -> Option<String> {
     .flatten()
 }
 
+/// What AKS workload identity takes from the pod's environment, as `serve` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadIdentityEnv {
+    /// `AZURE_TENANT_ID`: the identity's tenant.
+    pub tenant_id: String,
+    /// `identity.client_id`, else `AZURE_CLIENT_ID`.
+    pub client_id: String,
+    /// `AZURE_FEDERATED_TOKEN_FILE`: the projected service account token.
+    pub token_file: PathBuf,
+}
+
+/// What the AKS workload identity webhook sets, and where; for a missing variable's fix.
+const WORKLOAD_IDENTITY_WEBHOOK: &str = "the AKS workload identity webhook sets them in a pod labelled `azure.workload.identity/use: \"true\"` whose service account is annotated `azure.workload.identity/client-id: <the identity's client id>` (on a cluster with the OIDC issuer and workload identity enabled); outside AKS, set them yourself";
+
+/// The workload identity's tenant, client id (`client_id`, the configured one, else
+/// `AZURE_CLIENT_ID`) and token file from `env`, the file read as the credential will read
+/// it; or what is missing or wrong, each variable by name, with what sets them. `serve` and
+/// `check-config` say the same, instead of the SDK's first complaint.
+pub fn workload_identity_env(
+    client_id: Option<&str>,
+    env: EnvSource<'_>,
+) -> Result<WorkloadIdentityEnv, String> {
+    let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let tenant_id = var("AZURE_TENANT_ID");
+    let env_client_id = match client_id {
+        Some(_) => None,
+        None => var("AZURE_CLIENT_ID"),
+    };
+    let token_file = var("AZURE_FEDERATED_TOKEN_FILE");
+    let mut missing = Vec::new();
+    if client_id.is_none() && env_client_id.is_none() {
+        missing.push("AZURE_CLIENT_ID");
+    }
+    if tenant_id.is_none() {
+        missing.push("AZURE_TENANT_ID");
+    }
+    if token_file.is_none() {
+        missing.push("AZURE_FEDERATED_TOKEN_FILE");
+    }
+    if !missing.is_empty() {
+        let (needed, all) = if client_id.is_some() {
+            (
+                "AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE (the client id is the configured one)",
+                2,
+            )
+        } else {
+            (
+                "AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE",
+                3,
+            )
+        };
+        let unset = match missing.as_slice() {
+            m if m.len() == all => "none is set".to_owned(),
+            [one] => format!("{one} is not set"),
+            more => format!("{} are not set", more.join(" and ")),
+        };
+        return Err(format!(
+            "workload identity needs {needed} in the broker's environment, and {unset}: {WORKLOAD_IDENTITY_WEBHOOK}"
+        ));
+    }
+    let (tenant_id, token_file) = (
+        tenant_id.unwrap_or_default(),
+        token_file.unwrap_or_default(),
+    );
+    if let Some(why) = tenant_id_problem(&tenant_id) {
+        return Err(format!("AZURE_TENANT_ID: {why}"));
+    }
+    let client_id = match client_id {
+        Some(c) => c.to_owned(),
+        None => {
+            let c = env_client_id.unwrap_or_default();
+            if uuid::Uuid::parse_str(&c).is_err() {
+                return Err(format!(
+                    "AZURE_CLIENT_ID: `{c}` is not a GUID: it is the workload identity's client id, from the service account's `azure.workload.identity/client-id` annotation"
+                ));
+            }
+            c
+        }
+    };
+    let token_file = PathBuf::from(token_file);
+    if let Err(e) = std::fs::File::open(&token_file) {
+        return Err(format!(
+            "AZURE_FEDERATED_TOKEN_FILE names {}, which cannot be read ({e}): the webhook projects the service account token there; is the pod's service account the one the identity's federated credential names?",
+            token_file.display()
+        ));
+    }
+    Ok(WorkloadIdentityEnv {
+        tenant_id,
+        client_id,
+        token_file,
+    })
+}
+
 /// Seconds in an hour and in a day, for the bounds of the settings.
 const HOUR: u64 = 3600;
 const DAY: u64 = 86_400;
@@ -1589,6 +1682,11 @@ impl Validator<'_> {
     }
 
     fn identity(&mut self, raw: RawIdentity, env: EnvSource<'_>) -> IdentityConfig {
+        let source_key = if env("TOKENBROKER_IDENTITY_SOURCE").is_some() {
+            "TOKENBROKER_IDENTITY_SOURCE"
+        } else {
+            "identity.source"
+        };
         let source = match env("TOKENBROKER_IDENTITY_SOURCE") {
             Some(s) => match toml::Value::String(s.clone()).try_into::<IdentitySource>() {
                 Ok(s) => s,
@@ -1628,10 +1726,35 @@ impl Validator<'_> {
                 None
             }
         });
+        if source == IdentitySource::WorkloadIdentity {
+            self.workload_identity(source_key, client_id.as_deref(), env);
+        }
         IdentityConfig {
             source,
             client_id,
             imds_endpoint,
+        }
+    }
+
+    /// Workload identity's variables and token file are the pod's: checked here as `serve`
+    /// checks them, unless the check runs elsewhere (`--files-elsewhere`), like the files.
+    fn workload_identity(&mut self, source_key: &str, client_id: Option<&str>, env: EnvSource<'_>) {
+        if let Some(list) = &mut self.unchecked {
+            let vars = if client_id.is_some() {
+                "AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE"
+            } else {
+                "AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE"
+            };
+            list.push(format!(
+                "{source_key} = workload_identity: {vars} (the pod's environment and token file)"
+            ));
+            return;
+        }
+        if let Err(why) = workload_identity_env(client_id, env) {
+            self.problem(
+                source_key,
+                format!("{why}; away from the pod, `check-config --files-elsewhere` leaves them unchecked"),
+            );
         }
     }
 

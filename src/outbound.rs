@@ -125,22 +125,23 @@ pub fn credential(
     http: &reqwest::Client,
 ) -> Result<Arc<dyn TokenCredential>, OutboundError> {
     Ok(Arc::new(crate::identity::CachingCredential::new(
-        sdk_credential(identity, http)?,
+        sdk_credential(identity, http, &crate::config::process_env)?,
     )))
 }
 
-/// The `azure_identity` credential for the configured source.
+/// The `azure_identity` credential for the configured source, with the environment `env`
+/// (the process's, but in tests).
 fn sdk_credential(
     identity: &IdentityConfig,
     http: &reqwest::Client,
+    env: crate::config::EnvSource<'_>,
 ) -> Result<Arc<dyn TokenCredential>, OutboundError> {
     let err = |message: String| OutboundError::Identity {
         source_kind: identity.source,
         message,
     };
     if identity.source == IdentitySource::AppService
-        && (std::env::var_os("IDENTITY_ENDPOINT").is_none()
-            || std::env::var_os("IDENTITY_HEADER").is_none())
+        && (env("IDENTITY_ENDPOINT").is_none() || env("IDENTITY_HEADER").is_none())
     {
         return Err(err(
             "identity.source is app_service but IDENTITY_ENDPOINT and IDENTITY_HEADER are not set: is managed identity enabled on the app?".into(),
@@ -148,6 +149,10 @@ fn sdk_credential(
     }
     match identity.source {
         IdentitySource::WorkloadIdentity => {
+            // Read and checked here, so a pod without the webhook's variables is told which
+            // are missing and what sets them, not the SDK's first complaint.
+            let wi = crate::config::workload_identity_env(identity.client_id.as_deref(), env)
+                .map_err(err)?;
             let options = WorkloadIdentityCredentialOptions {
                 credential_options: ClientAssertionCredentialOptions {
                     client_options: traced_options(
@@ -157,8 +162,9 @@ fn sdk_credential(
                         Some(Upstream::ManagedIdentity),
                     ),
                 },
-                client_id: identity.client_id.clone(),
-                ..Default::default()
+                client_id: Some(wi.client_id),
+                tenant_id: Some(wi.tenant_id),
+                token_file_path: Some(wi.token_file),
             };
             let c =
                 WorkloadIdentityCredential::new(Some(options)).map_err(|e| err(e.to_string()))?;
@@ -317,7 +323,42 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::with_dns_hint;
+    use super::*;
+
+    fn workload_identity() -> IdentityConfig {
+        IdentityConfig {
+            source: IdentitySource::WorkloadIdentity,
+            client_id: None,
+            imds_endpoint: None,
+        }
+    }
+
+    #[test]
+    fn a_workload_identity_without_the_webhooks_variables_is_named_as_such_not_in_the_sdks_words() {
+        let http = reqwest::Client::new();
+        let no_env = |_: &str| None;
+        let Err(e) = sdk_credential(&workload_identity(), &http, &no_env) else {
+            panic!("a credential without its variables")
+        };
+        let m = e.to_string();
+        assert!(
+            m.contains("needs AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE in the broker's environment, and none is set"),
+            "{m}"
+        );
+        assert!(m.contains("azure.workload.identity/use"), "{m}");
+        assert!(!m.contains("no tenant ID specified"), "{m}");
+        // As the webhook sets them: a credential.
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("azure-identity-token");
+        std::fs::write(&token, "projected-token").unwrap();
+        let pod = |k: &str| match k {
+            "AZURE_CLIENT_ID" => Some("77777777-7777-7777-7777-777777777777".into()),
+            "AZURE_TENANT_ID" => Some("88888888-8888-8888-8888-888888888888".into()),
+            "AZURE_FEDERATED_TOKEN_FILE" => Some(token.display().to_string()),
+            _ => None,
+        };
+        sdk_credential(&workload_identity(), &http, &pod).unwrap();
+    }
 
     #[test]
     fn a_host_name_that_does_not_resolve_is_named_with_what_to_check() {

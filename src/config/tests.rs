@@ -1473,12 +1473,132 @@ fn the_summary_lists_the_environment_overrides_applied() {
     );
 }
 
+/// What the AKS workload identity webhook sets in a pod, with a token file in `dir`.
+fn pod_env(dir: &Path) -> impl Fn(&str) -> Option<String> {
+    let token = dir.join("azure-identity-token");
+    std::fs::write(&token, "projected-token").unwrap();
+    move |k: &str| match k {
+        "AZURE_CLIENT_ID" => Some("77777777-7777-7777-7777-777777777777".into()),
+        "AZURE_TENANT_ID" => Some("88888888-8888-8888-8888-888888888888".into()),
+        "AZURE_FEDERATED_TOKEN_FILE" => Some(token.display().to_string()),
+        _ => None,
+    }
+}
+
+#[test]
+fn workload_identity_without_the_webhooks_variables_names_each_and_what_sets_them() {
+    let text = format!("{GOOD}\n[identity]\nsource = \"workload_identity\"\n");
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "identity.source");
+    assert_eq!(p[0].line, line_of(&text, "identity.source"));
+    let m = &p[0].message;
+    assert!(
+        m.contains("needs AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE in the broker's environment, and none is set: "),
+        "{m}"
+    );
+    assert!(
+        m.contains("labelled `azure.workload.identity/use: \"true\"`")
+            && m.contains(
+                "annotated `azure.workload.identity/client-id: <the identity's client id>`"
+            ),
+        "{m}"
+    );
+    assert!(m.contains("--files-elsewhere"), "{m}");
+
+    // From the environment too, named where it came from; a configured client id is used
+    // instead of AZURE_CLIENT_ID, which is then not asked for.
+    let dir = tempfile::tempdir().unwrap();
+    let pod = pod_env(dir.path());
+    let env = |k: &str| match k {
+        "TOKENBROKER_IDENTITY_SOURCE" => Some("workload_identity".into()),
+        "TOKENBROKER_IDENTITY_CLIENT_ID" => Some("99999999-9999-9999-9999-999999999999".into()),
+        "AZURE_TENANT_ID" => pod(k),
+        _ => None,
+    };
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str(GOOD, Path::new("/"), &env) else {
+        panic!("accepted")
+    };
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "TOKENBROKER_IDENTITY_SOURCE");
+    assert!(
+        p[0].message
+            .contains("AZURE_FEDERATED_TOKEN_FILE is not set")
+            && !p[0].message.contains("AZURE_CLIENT_ID"),
+        "{p:?}"
+    );
+
+    // All set, as in the pod: valid.
+    let c = Config::from_toml_str(&text, Path::new("/"), &pod).unwrap();
+    assert_eq!(c.identity.source, IdentitySource::WorkloadIdentity);
+    // Set but wrong: each named with what is wrong.
+    let wrong = |var: &str, value: &str| {
+        let env = |k: &str| {
+            if k == var {
+                Some(value.to_owned())
+            } else {
+                pod(k)
+            }
+        };
+        match Config::from_toml_str(&text, Path::new("/"), &env) {
+            Err(ConfigError::Invalid(p)) => p[0].message.clone(),
+            other => panic!("{var}={value}: {other:?}"),
+        }
+    };
+    let m = wrong(
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "/nowhere/azure-identity-token",
+    );
+    assert!(
+        m.starts_with(
+            "AZURE_FEDERATED_TOKEN_FILE names /nowhere/azure-identity-token, which cannot be read"
+        ),
+        "{m}"
+    );
+    assert!(
+        wrong("AZURE_TENANT_ID", "../x")
+            .starts_with("AZURE_TENANT_ID: `../x` is not an Entra tenant id")
+    );
+    assert!(wrong("AZURE_CLIENT_ID", "app").starts_with("AZURE_CLIENT_ID: `app` is not a GUID"));
+    assert!(wrong("AZURE_CLIENT_ID", " ").contains("AZURE_CLIENT_ID is not set"));
+    let only_client = |k: &str| (k == "AZURE_CLIENT_ID").then(|| pod(k)).flatten();
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str(&text, Path::new("/"), &only_client)
+    else {
+        panic!("accepted")
+    };
+    assert!(
+        p[0].message
+            .contains("and AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE are not set: "),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn away_from_the_pod_workload_identitys_environment_is_listed_as_not_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.toml");
+    std::fs::write(
+        &path,
+        format!("{GOOD}\n[identity]\nsource = \"workload_identity\"\n"),
+    )
+    .unwrap();
+    let (c, unchecked) = Config::check_without_files(&path, &no_env).unwrap();
+    assert_eq!(c.identity.source, IdentitySource::WorkloadIdentity);
+    assert_eq!(
+        unchecked,
+        [
+            "identity.source = workload_identity: AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE (the pod's environment and token file)"
+        ]
+    );
+}
+
 #[test]
 fn the_summary_says_where_workload_identity_takes_its_client_id() {
+    let dir = tempfile::tempdir().unwrap();
     let c = Config::from_toml_str(
         &format!("{GOOD}\n[identity]\nsource = \"workload_identity\"\n"),
         Path::new("/"),
-        &no_env,
+        &pod_env(dir.path()),
     )
     .unwrap();
     assert!(

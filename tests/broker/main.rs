@@ -2,6 +2,7 @@
 
 mod helpers;
 mod probe;
+mod startup;
 
 use std::collections::HashSet;
 
