@@ -144,6 +144,7 @@ impl MetricReader for SharedReader {
 type Slot<T> = Arc<Mutex<Option<T>>>;
 type Source = Slot<Broker>;
 type AuditSource = Slot<crate::audit::Audit>;
+type PolicySource = Slot<Arc<crate::policy::PolicyHandle>>;
 
 struct Inner {
     provider: SdkMeterProvider,
@@ -152,6 +153,7 @@ struct Inner {
     callers: Mutex<HashSet<String>>,
     source: Source,
     audit_source: AuditSource,
+    policy_source: PolicySource,
     requests: Arc<RequestCounts>,
     request_duration: Histogram<f64>,
     /// `request_duration` bound to each method and outcome when first recorded: a bound
@@ -281,6 +283,31 @@ fn observe_audit(meter: &Meter, source: &AuditSource) {
         .build();
 }
 
+/// 1 while the policy file holds a policy that was refused (an older one is in force: a grant
+/// revoked in the file may still be in force), and the refusals so far.
+fn observe_policy(meter: &Meter, source: &PolicySource) {
+    let s = source.clone();
+    meter
+        .u64_observable_gauge("tokenbroker_policy_file_refused")
+        .with_description("Whether the policy file holds a policy that was refused or cannot be read (1): the policy loaded before stays in force, grants revoked in the file with it")
+        .with_callback(move |o| {
+            if let Some(refused) = read_slot(&s, |p| p.file_refused()) {
+                o.observe(u64::from(refused), &[]);
+            }
+        })
+        .build();
+    let s = source.clone();
+    meter
+        .u64_observable_counter("tokenbroker_policy_reloads_refused")
+        .with_description("Policy file contents refused (invalid or unreadable), each once")
+        .with_callback(move |o| {
+            if let Some(n) = read_slot(&s, |p| p.refusals()) {
+                o.observe(n, &[]);
+            }
+        })
+        .build();
+}
+
 impl Metrics {
     /// Instruments for a configuration: the manual reader for `/metrics`, plus an OTLP
     /// exporter when `telemetry.otlp_endpoint` is set.
@@ -313,6 +340,8 @@ impl Metrics {
         observe(&meter, &source);
         let audit_source = AuditSource::default();
         observe_audit(&meter, &audit_source);
+        let policy_source = PolicySource::default();
+        observe_policy(&meter, &policy_source);
         let inner = Inner {
             requests: RequestCounts::register(&meter),
             request_duration: meter
@@ -342,6 +371,7 @@ impl Metrics {
             callers: Mutex::new(HashSet::new()),
             source,
             audit_source,
+            policy_source,
         };
         Metrics {
             inner: Arc::new(inner),
@@ -357,6 +387,15 @@ impl Metrics {
     /// Reads the audit trail's state (`tokenbroker_audit_failing`) until the guard is dropped.
     pub fn observe_audit(&self, audit: &crate::audit::Audit) -> Observing<crate::audit::Audit> {
         observing(&self.inner.audit_source, audit.clone())
+    }
+
+    /// Reads the policy file's state (`tokenbroker_policy_file_refused`) until the guard is
+    /// dropped.
+    pub fn observe_policy(
+        &self,
+        policy: &Arc<crate::policy::PolicyHandle>,
+    ) -> Observing<Arc<crate::policy::PolicyHandle>> {
+        observing(&self.inner.policy_source, policy.clone())
     }
 
     /// A configured tenant name, or `_unknown`.
@@ -939,6 +978,33 @@ mod tests {
         assert!(text.contains(
             "tokenbroker_upstream_duration_seconds_count{result=\"error\",upstream=\"entra\"} 1\n"
         ));
+    }
+
+    #[test]
+    fn a_refused_policy_file_shows_until_the_file_is_fixed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        let good = "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"t\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n";
+        std::fs::write(&path, good).unwrap();
+        let tenants = ["t".to_owned()].into_iter().collect();
+        let policy = crate::policy::PolicyHandle::from_file(&path, tenants).unwrap();
+        let m = metrics(&[]);
+        let _observing = m.observe_policy(&policy);
+        assert!(m.render().contains("tokenbroker_policy_file_refused 0\n"));
+        std::fs::write(&path, "[[grant]]\ncallers = 1\n").unwrap();
+        policy.reload_now(false);
+        let text = m.render();
+        assert!(
+            text.contains("tokenbroker_policy_file_refused 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tokenbroker_policy_reloads_refused_total 1\n"),
+            "{text}"
+        );
+        std::fs::write(&path, good).unwrap();
+        policy.reload_now(false);
+        assert!(m.render().contains("tokenbroker_policy_file_refused 0\n"));
     }
 
     #[test]

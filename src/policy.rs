@@ -43,7 +43,13 @@ pub enum PolicyError {
         path: Option<PathBuf>,
         problems: Vec<String>,
     },
+    /// The file still holds the content refused before (refused once, not parsed again).
+    #[error("the policy file still holds the policy refused before")]
+    Unchanged,
 }
+
+/// `PolicyHandle::refused` while the file cannot be read (no content to tell apart).
+const UNREADABLE: [u8; 32] = [0xff; 32];
 
 /// A caller pattern: an exact identity, or a SPIFFE path prefix (`spiffe://td/path/*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,6 +338,11 @@ pub struct PolicyHandle {
     source: Source,
     /// SHA-256 of the file content last loaded.
     loaded: Mutex<Option<[u8; 32]>>,
+    /// SHA-256 of the file content last refused, while the file still holds it: the policy
+    /// in force is then older than the file (a revoked grant may still be in force).
+    refused: Mutex<Option<[u8; 32]>>,
+    /// Reloads refused (each refused content once).
+    refusals: std::sync::atomic::AtomicU64,
 }
 
 impl PolicyHandle {
@@ -341,6 +352,8 @@ impl PolicyHandle {
             current: ArcSwap::from_pointee(policy),
             source: Source::Fixed,
             loaded: Mutex::new(None),
+            refused: Mutex::new(None),
+            refusals: 0.into(),
         })
     }
 
@@ -353,6 +366,8 @@ impl PolicyHandle {
                 tenants,
             },
             loaded: Mutex::new(None),
+            refused: Mutex::new(None),
+            refusals: 0.into(),
         };
         handle.reload()?;
         Ok(Arc::new(handle))
@@ -370,22 +385,62 @@ impl PolicyHandle {
         let Source::File { path, tenants } = &self.source else {
             return Ok(false);
         };
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        let read = std::fs::read_to_string(path);
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let text = match read {
+            Ok(text) => text,
+            Err(source) => {
+                if *refused != Some(UNREADABLE) {
+                    *refused = Some(UNREADABLE);
+                    self.refusals
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                return Err(PolicyError::Read {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        };
+        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
         if *loaded == Some(digest) {
+            // Put back as it was: what is in force is the file again.
+            *refused = None;
             return Ok(false);
         }
-        let policy = Policy::parse(&text, tenants).map_err(|problems| PolicyError::Invalid {
-            path: Some(path.clone()),
-            problems,
-        })?;
+        if *refused == Some(digest) {
+            return Err(PolicyError::Unchanged);
+        }
+        let policy = match Policy::parse(&text, tenants) {
+            Ok(p) => p,
+            Err(problems) => {
+                *refused = Some(digest);
+                self.refusals
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(PolicyError::Invalid {
+                    path: Some(path.clone()),
+                    problems,
+                });
+            }
+        };
         self.current.store(Arc::new(policy));
         *loaded = Some(digest);
+        *refused = None;
         Ok(true)
+    }
+
+    /// Whether the policy file holds a policy that was refused, so that an older one is in
+    /// force (`tokenbroker_policy_file_refused`).
+    pub fn file_refused(&self) -> bool {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Policy file contents refused so far (`tokenbroker_policy_reloads_refused`).
+    pub fn refusals(&self) -> u64 {
+        self.refusals.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the policy comes from a file of its own (and so can be reloaded).
@@ -393,17 +448,21 @@ impl PolicyHandle {
         matches!(self.source, Source::File { .. })
     }
 
-    /// Re-reads the policy file once and logs the outcome.
-    pub fn reload_now(&self) {
+    /// Re-reads the policy file once and logs the outcome: a refusal once per refused
+    /// content (the watcher looks every few seconds), or again when an operator asks
+    /// (`asked`: SIGHUP).
+    pub fn reload_now(&self, asked: bool) {
+        let before = self.refusals();
         match self.reload() {
             Ok(true) => info!(
                 grants = self.current().grant_count(),
                 "caller policy reloaded"
             ),
             Ok(false) => {}
-            Err(e) => {
+            Err(e) if asked || self.refusals() > before => {
                 warn!(error = %e, "caller policy refused; the previous policy stays in force")
             }
+            Err(e) => tracing::debug!(error = %e, "caller policy still refused"),
         }
     }
 }
@@ -538,7 +597,7 @@ mod tests {
         let h = PolicyHandle::from_file(&path, tenants()).unwrap();
         let watched = h.clone();
         let watching =
-            crate::server::reload_every(Duration::from_secs(5), move || watched.reload_now());
+            crate::server::reload_every(Duration::from_secs(5), move || watched.reload_now(false));
         tokio::task::yield_now().await;
         std::fs::write(&path, grant("fabrikam")).unwrap();
         assert!(
@@ -585,5 +644,36 @@ mod tests {
         assert!(h.reload().unwrap());
         assert!(!h.current().allows("dns:a", "contoso", &[GRAPH.into()]));
         assert!(h.current().allows("dns:a", "fabrikam", &[GRAPH.into()]));
+    }
+
+    #[test]
+    fn a_refused_file_is_known_until_it_is_fixed_and_each_content_is_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        let good = format!(
+            "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"contoso\"]\nscopes = [\"{GRAPH}\"]\n"
+        );
+        std::fs::write(&path, &good).unwrap();
+        let h = PolicyHandle::from_file(&path, tenants()).unwrap();
+        assert!(!h.file_refused());
+        std::fs::write(&path, "[[grant]]\ntenants = [\"nope\"]\n").unwrap();
+        assert!(matches!(h.reload(), Err(PolicyError::Invalid { .. })));
+        assert!(h.file_refused());
+        // The same content, looked at again: not parsed nor counted again.
+        assert!(matches!(h.reload(), Err(PolicyError::Unchanged)));
+        assert_eq!(h.refusals(), 1);
+        // Put back as it was: what is in force is the file again.
+        std::fs::write(&path, &good).unwrap();
+        assert!(!h.reload().unwrap());
+        assert!(!h.file_refused());
+        // Unreadable: refused once, until it can be read and is valid.
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(h.reload(), Err(PolicyError::Read { .. })));
+        assert!(matches!(h.reload(), Err(PolicyError::Read { .. })));
+        assert!(h.file_refused());
+        assert_eq!(h.refusals(), 2);
+        std::fs::write(&path, good.replace("contoso", "fabrikam")).unwrap();
+        assert!(h.reload().unwrap());
+        assert!(!h.file_refused());
     }
 }

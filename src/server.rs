@@ -105,7 +105,7 @@ fn reload_on_hangup(
                 // worker); signals that come meanwhile are taken once this reload is done.
                 let (policy, tls) = (policy.clone(), tls.clone());
                 let _ = tokio::task::spawn_blocking(move || {
-                    policy.reload_now();
+                    policy.reload_now(true);
                     if let Some(tls) = &tls {
                         tls.reload_now();
                     }
@@ -224,6 +224,7 @@ impl Bound {
         let metrics = self.broker.flow().metrics.clone();
         let _observing = metrics.observe(&self.broker);
         let _observing_audit = metrics.observe_audit(self.access.audit());
+        let _observing_policy = metrics.observe_policy(self.access.policy());
         let _admin = AbortOnDrop(
             self.admin
                 .spawn(crate::admin::router(metrics, self.health.clone())),
@@ -263,7 +264,7 @@ impl Bound {
         let policy = self.access.policy().clone();
         let _policy_watch = policy
             .reloadable()
-            .then(|| AbortOnDrop(reload_every(reload, move || policy.reload_now())));
+            .then(|| AbortOnDrop(reload_every(reload, move || policy.reload_now(false))));
         let _hangup = reload_on_hangup(self.access.policy().clone(), self.tls.clone());
         let _audit_summaries = AbortOnDrop(tokio::spawn(self.access.audit().clone().summarise()));
         let _tls_watch = self
