@@ -854,7 +854,7 @@ fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
 /// `policy.grant[1].tenants`): the `key =` line or `[table]` header whose full key is the
 /// longest prefix of `path`. Headers are matched segment by segment, never by substring, so
 /// `[tenants.ab]` is not found at `[tenants.fabrikam]`. Best effort: `None` when not found.
-fn line_of(text: &str, path: &str) -> Option<usize> {
+pub(crate) fn line_of(text: &str, path: &str) -> Option<usize> {
     let target: Vec<&str> = path.split('.').collect();
     // How many leading segments of `target` a key covers; `None` unless it covers all of
     // the key. An array key (`prewarm = [...]`) covers an element of it (`prewarm[0]`).

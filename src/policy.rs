@@ -122,9 +122,31 @@ impl Policy {
 
     /// Parses a policy file's text. `tenants` are the configured tenant names: a grant of an
     /// unknown tenant is a mistake worth refusing.
+    /// Each problem names its line in `text` when it can be found (`line 7: grant[2].tenants: …`).
     pub fn parse(text: &str, tenants: &BTreeSet<String>) -> Result<Policy, Vec<String>> {
-        let raw: RawFile = toml::from_str(text).map_err(|e| vec![e.message().to_string()])?;
-        Policy::from_grants(raw.grant, tenants, "grant")
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            vec![match line {
+                Some(n) => format!("line {n}: {}", e.message()),
+                None => e.message().to_string(),
+            }]
+        })?;
+        Policy::from_grants(raw.grant, tenants, "grant").map_err(|problems| {
+            problems
+                .into_iter()
+                .map(|p| {
+                    let line = p
+                        .split_once(": ")
+                        .and_then(|(path, _)| crate::config::line_of(text, path));
+                    match line {
+                        Some(n) => format!("line {n}: {p}"),
+                        None => p,
+                    }
+                })
+                .collect()
+        })
     }
 
     /// Validates the `grant` array of an inline `[policy]` table (the main configuration).

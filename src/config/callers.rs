@@ -418,8 +418,13 @@ impl Validator<'_> {
                         PolicyConfig::Inline(p)
                     }
                     Err(problems) => {
+                        // Each at its own key (`policy.grant[1].tenants: …`), found in this
+                        // file like any other.
                         for p in problems {
-                            self.problem("policy.grant", p);
+                            match p.split_once(": ") {
+                                Some((path, message)) => self.problem(path, message),
+                                None => self.problem("policy.grant", p),
+                            }
                         }
                         PolicyConfig::None
                     }

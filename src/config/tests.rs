@@ -418,7 +418,10 @@ fn wildcard_grants_and_unknown_tenants_are_refused() {
         ),
     ] {
         let p = problems(&format!("{GOOD}\n[[policy.grant]]\n{grant}\n"));
-        assert!(p.iter().all(|p| p.path == "policy.grant"), "{p:?}");
+        assert!(
+            p.iter().all(|p| p.path == "policy.grant[0].tenants"),
+            "{p:?}"
+        );
         assert!(p.iter().any(|p| p.message.contains(why)), "{p:?}");
     }
 }
@@ -1675,4 +1678,51 @@ fn an_entra_issuer_mixing_token_versions_is_warned() {
     assert!(w.iter().any(|w| w.contains("`appid`, not `azp`")), "{w:?}");
     // Other issuers name callers as they like.
     assert!(warnings("https://oidc.example/c1", "api://tokenbroker", "azp").is_empty());
+}
+
+#[test]
+fn grant_problems_are_reported_at_their_own_lines() {
+    // Inline: at the key, in the main file, without a repeated prefix.
+    let text = format!(
+        "{GOOD}\n[[policy.grant]]\ncallers = [\"dns:a\"]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n\
+         [[policy.grant]]\ncallers = [\"dns:b\"]\ntenants = [\"nope\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n"
+    );
+    let p = problems(&text);
+    let tenants_line = text
+        .lines()
+        .position(|l| l == "tenants = [\"nope\"]")
+        .unwrap()
+        + 1;
+    let bad = p
+        .iter()
+        .find(|p| p.path == "policy.grant[1].tenants")
+        .unwrap_or_else(|| panic!("{p:?}"));
+    assert_eq!(bad.line, Some(tenants_line), "{bad}");
+    assert!(!bad.message.contains("policy.grant"), "{bad}");
+    // A policy file: its own lines, for grants and for syntax.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(
+        &file,
+        "# grants\n[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n\n\
+         [[grant]]\ncallers = [\"dns:b\"]\ntenants = [\"nope\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n",
+    )
+    .unwrap();
+    let text = format!(
+        "{GOOD}\n[policy]\nfile = {:?}\n",
+        file.display().to_string()
+    );
+    let p = problems(&text);
+    assert!(
+        p.iter()
+            .any(|p| p.path == "policy.file" && p.message.contains("line 9: grant[1].tenants")),
+        "{p:?}"
+    );
+    std::fs::write(&file, "[[grant]]\ncallers = [\"dns:a\"\ntenants = 1\n").unwrap();
+    let p = problems(&text);
+    assert!(
+        p.iter()
+            .any(|p| p.path == "policy.file" && p.message.contains(": line 3: missing comma")),
+        "{p:?}"
+    );
 }
