@@ -2,11 +2,13 @@
 
 #[cfg(feature = "emulator")]
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{Config, ConfigError, process_env};
 use crate::proto;
@@ -568,18 +570,24 @@ pub async fn request_token(
     if tls {
         let mut cfg = tonic::transport::ClientTlsConfig::new();
         cfg = match &auth.ca {
-            Some(ca) => cfg.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?)),
+            Some(ca) => {
+                let pem = read(ca)?;
+                certificates("--ca", ca, &pem)?;
+                cfg.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+            }
             None => cfg.with_native_roots(),
         };
         if let Some((cert, key)) = &auth.cert {
-            cfg = cfg.identity(tonic::transport::Identity::from_pem(
-                read(cert)?,
-                read(key)?,
-            ));
+            let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+            client_identity((cert, &cert_pem), (key, &key_pem))?;
+            cfg = cfg.identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
         }
-        endpoint = endpoint
-            .tls_config(cfg)
-            .map_err(|e| TokenFailure::other(format!("TLS setup for {addr}: {e}")))?;
+        endpoint = endpoint.tls_config(cfg).map_err(|e| {
+            TokenFailure::other(format!(
+                "TLS setup for {addr}: {}",
+                crate::outbound::error_chain(&e)
+            ))
+        })?;
     } else if auth.ca.is_some() || auth.cert.is_some() {
         return Err(TokenFailure::usage(
             "--ca, --cert and --key need an https:// --addr",
@@ -628,7 +636,7 @@ pub async fn request_token(
     let call = async {
         let channel = endpoint.connect().await.map_err(|e| {
             let why = crate::outbound::error_chain(&e);
-            let hint = connect_hint(tls, &why);
+            let hint = connect_hint(tls, auth.ca.as_deref(), &why);
             // A hint, or a host name that does not exist, means a mistake on this side,
             // which retrying does not fix.
             let mistake = !hint.is_empty() || crate::outbound::does_not_resolve(&why);
@@ -656,16 +664,79 @@ pub async fn request_token(
         .unwrap_or_else(|_| Err(out_of_time()))
 }
 
-/// What to try when a connection failed for a reason a person can fix from the command line.
-fn connect_hint(tls: bool, why: &str) -> &'static str {
+/// The certificates of the PEM file given as `flag`, or what is wrong with it: tonic takes
+/// any bytes and fails later with a bare "transport error" (`--cert`) or an unknown issuer
+/// (`--ca`).
+fn certificates(
+    flag: &str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TokenFailure> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TokenFailure::other(format!("{flag} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        let instead = match (PrivateKeyDer::from_pem_slice(pem).is_ok(), flag) {
+            (true, "--cert") => " but a private key, which goes with --key",
+            (true, _) => " but a private key",
+            (false, _) => "",
+        };
+        return Err(TokenFailure::other(format!(
+            "{flag} {} holds no PEM certificate (-----BEGIN CERTIFICATE-----){instead}",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The client certificate chain of `--cert` and the private key of `--key`, checked to be
+/// what they say and to belong together. The key file's parse error is not quoted, so no
+/// part of the key file reaches the message.
+fn client_identity(
+    (cert, cert_pem): (&Path, &[u8]),
+    (key, key_pem): (&Path, &[u8]),
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TokenFailure> {
+    let chain = certificates("--cert", cert, cert_pem)?;
+    let Ok(private) = PrivateKeyDer::from_pem_slice(key_pem) else {
+        let instead = if CertificateDer::pem_slice_iter(key_pem).next().is_some() {
+            " but a certificate, which goes with --cert"
+        } else {
+            ""
+        };
+        return Err(TokenFailure::other(format!(
+            "--key {} holds no PEM private key (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY){instead}",
+            key.display()
+        )));
+    };
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    match rustls::sign::CertifiedKey::from_der(chain.clone(), private.clone_key(), &provider) {
+        Ok(_) => Ok((chain, private)),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(TokenFailure::other(format!(
+            "--key {} is not the private key of the certificate in --cert {}",
+            key.display(),
+            cert.display()
+        ))),
+        Err(e) => Err(TokenFailure::other(format!("--key {}: {e}", key.display()))),
+    }
+}
+
+/// What to try when a connection failed for a reason a person can fix from the command line;
+/// `ca` is the `--ca` given.
+fn connect_hint(tls: bool, ca: Option<&Path>, why: &str) -> String {
     if tls && (why.contains("InvalidContentType") || why.contains("corrupt message")) {
-        "; the broker may be serving plaintext: try an http:// --addr"
+        "; the broker may be serving plaintext: try an http:// --addr".into()
     } else if tls && why.contains("UnknownIssuer") {
-        "; pass the CA that signs the broker's certificate with --ca"
+        match ca {
+            Some(ca) => format!(
+                "; the broker's certificate is not issued by a CA in --ca {}",
+                ca.display()
+            ),
+            None => "; pass the CA that signs the broker's certificate with --ca".into(),
+        }
     } else if tls && why.contains("not valid for name") {
-        "; the broker's certificate does not name this host: use the name it was issued for"
+        "; the broker's certificate does not name this host: use the name it was issued for".into()
     } else {
-        ""
+        String::new()
     }
 }
 
@@ -868,18 +939,110 @@ mod tests {
         assert!(e.starts_with("cannot read /nowhere/broker.toml: "), "{e}");
     }
 
+    #[tokio::test]
+    async fn a_tls_file_holding_the_wrong_thing_is_named_before_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["cli".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert, key) = (
+            write("cli.pem", &cert.pem()),
+            write("cli.key", &key.serialize_pem()),
+        );
+        let other_key = write(
+            "other.key",
+            &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        );
+        let empty = write("empty.pem", "");
+        let key_body: String = std::fs::read_to_string(&key)
+            .unwrap()
+            .lines()
+            .nth(1)
+            .unwrap()
+            .into();
+        let failure = async |auth: CallerAuth| {
+            // Nothing listens there: the files are checked before any connection.
+            let e = request_token(
+                "https://127.0.0.1:9",
+                proto::GetTokenRequest::default(),
+                Duration::from_secs(5),
+                &auth,
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.exit, 1, "{}", e.message);
+            assert!(
+                !e.message.contains(&key_body),
+                "no key material: {}",
+                e.message
+            );
+            e.message
+        };
+        let with = |ca: &PathBuf, c: &PathBuf, k: &PathBuf| CallerAuth {
+            ca: Some(ca.clone()),
+            cert: Some((c.clone(), k.clone())),
+            bearer_file: None,
+        };
+        let m = failure(with(&empty, &cert, &key)).await;
+        assert!(
+            m.contains("--ca") && m.contains("empty.pem holds no PEM certificate"),
+            "{m}"
+        );
+        let m = failure(with(&key, &cert, &key)).await;
+        assert!(
+            m.contains("cli.key holds no PEM certificate") && m.ends_with("but a private key"),
+            "{m}"
+        );
+        let m = failure(with(&cert, &key, &key)).await;
+        assert!(
+            m.contains("--cert")
+                && m.contains("cli.key holds no PEM certificate")
+                && m.contains("which goes with --key"),
+            "{m}"
+        );
+        let m = failure(with(&cert, &cert, &cert)).await;
+        assert!(
+            m.contains("--key")
+                && m.contains("cli.pem holds no PEM private key")
+                && m.contains("which goes with --cert"),
+            "{m}"
+        );
+        let m = failure(with(&cert, &cert, &other_key)).await;
+        assert!(
+            m.contains("other.key is not the private key of the certificate in --cert"),
+            "{m}"
+        );
+        assert!(m.contains("cli.pem"), "{m}");
+    }
+
     #[test]
     fn connection_failures_a_person_can_fix_come_with_a_hint() {
         // rustls's own texts, as the error chain shows them.
         let plaintext = "transport error: received corrupt message of type InvalidContentType";
-        assert!(connect_hint(true, plaintext).contains("http://"));
+        assert!(connect_hint(true, None, plaintext).contains("http://"));
         let ca = "transport error: invalid peer certificate: UnknownIssuer";
-        assert!(connect_hint(true, ca).contains("--ca"));
+        assert!(
+            connect_hint(true, None, ca)
+                .contains("pass the CA that signs the broker's certificate with --ca")
+        );
+        // With a --ca that does not hold the broker's CA, asking for --ca would be no help.
+        let given = connect_hint(true, Some(Path::new("other-ca.pem")), ca);
+        assert!(
+            given.contains("not issued by a CA in --ca other-ca.pem"),
+            "{given}"
+        );
         let name = "transport error: invalid peer certificate: certificate not valid for name \"10.0.0.1\"; certificate is only valid for DnsName(\"broker\")";
-        assert!(connect_hint(true, name).contains("the name it was issued for"));
+        assert!(connect_hint(true, None, name).contains("the name it was issued for"));
         // Nothing to add: refused connections say so, and plaintext has no certificates.
         let refused = "transport error: tcp connect error: Connection refused (os error 111)";
-        assert_eq!(connect_hint(true, refused), "");
-        assert_eq!(connect_hint(false, ca), "");
+        assert_eq!(connect_hint(true, None, refused), "");
+        assert_eq!(connect_hint(false, None, ca), "");
     }
 }

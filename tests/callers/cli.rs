@@ -1,9 +1,11 @@
+use std::path::PathBuf;
 use std::time::Duration;
 
-use tokenbroker::cli::{CallerAuth, token};
+use tokenbroker::cli::{CallerAuth, request_token, token};
 use tokenbroker::proto::GetTokenRequest;
 
 use crate::harness::*;
+use crate::pki::Ca;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_command_speaks_mtls_and_bearer() {
@@ -84,5 +86,54 @@ async fn the_token_command_speaks_mtls_and_bearer() {
     .await
     .unwrap_err();
     assert!(e.contains("plaintext"), "{e}");
+    h.stop().await;
+}
+
+/// `tokenbroker token`'s own mistakes against a TLS listener: each failure says what is wrong
+/// on the caller's side, and its exit status whether to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_command_says_what_the_caller_got_wrong() {
+    let caller = "spiffe://example.org/ns/cli/sa/script";
+    let h = Harness::start(Options {
+        policy: grants(&[(caller, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let (cert, key) = h.ca.client(&[caller]).write(h.dir.path(), "script");
+    std::fs::write(h.path("server-ca.pem"), &h.server_ca_pem).unwrap();
+    std::fs::write(h.path("other-ca.pem"), Ca::new("another CA").pem()).unwrap();
+    let addr = format!("https://localhost:{}", h.addr.port());
+    let attempt = async |addr: &str, ca: &str, cert: Option<(&PathBuf, &PathBuf)>| {
+        request_token(
+            addr,
+            GetTokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                ..Default::default()
+            },
+            Duration::from_secs(30),
+            &CallerAuth {
+                ca: Some(h.path(ca)),
+                cert: cert.map(|(c, k)| (c.clone(), k.clone())),
+                bearer_file: None,
+            },
+        )
+        .await
+    };
+
+    // A --ca that does not hold the broker's CA: asking for --ca would not help.
+    let e = attempt(&addr, "other-ca.pem", Some((&cert, &key)))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message.contains("not issued by a CA in --ca") && e.message.contains("other-ca.pem"),
+        "{}",
+        e.message
+    );
+    assert_eq!(e.exit, 1, "{}", e.message);
+
+    attempt(&addr, "server-ca.pem", Some((&cert, &key)))
+        .await
+        .unwrap();
     h.stop().await;
 }
