@@ -22,7 +22,8 @@ pub const EXIT_USAGE: u8 = 2;
 /// DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (sysexits EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
 /// `token`: the broker does not know or does not allow this caller: UNAUTHENTICATED or
-/// PERMISSION_DENIED (sysexits EX_NOPERM).
+/// PERMISSION_DENIED, or its TLS refused the client certificate or wanted one (sysexits
+/// EX_NOPERM).
 pub const EXIT_NOPERM: u8 = 77;
 
 #[derive(Debug, Parser)]
@@ -71,7 +72,7 @@ pub enum Command {
     },
     /// Ask a running broker for a token and print it (for scripts and collectors).
     #[command(
-        after_help = "Exit status: 0 with the token printed; 2 usage error (a bad option, an --addr without http:// or https://); 69 (EX_UNAVAILABLE) worth retrying: the broker could not be reached or answered UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (a retry-after hint is printed when the broker gives one); 77 (EX_NOPERM) the broker refused this caller: UNAUTHENTICATED or PERMISSION_DENIED; 1 any other failure, such as an --addr whose host name does not exist."
+        after_help = "Exit status: 0 with the token printed; 2 usage error (a bad option, an --addr without http:// or https://); 69 (EX_UNAVAILABLE) worth retrying: the broker could not be reached or answered UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (a retry-after hint is printed when the broker gives one); 77 (EX_NOPERM) the broker refused this caller: UNAUTHENTICATED or PERMISSION_DENIED, or its TLS refused the client certificate (or required one); 1 any other failure, such as an --addr whose host name does not exist."
     )]
     Token {
         /// The tenant's name in the broker's configuration.
@@ -493,14 +494,7 @@ impl TokenFailure {
 
     /// The broker's answer: its code decides the exit status, and a retry hint is passed on.
     fn status(s: &tonic::Status) -> Self {
-        use tonic::Code;
-        let exit = match s.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
-                EXIT_UNAVAILABLE
-            }
-            Code::Unauthenticated | Code::PermissionDenied => EXIT_NOPERM,
-            _ => 1,
-        };
+        let exit = exit_status(s.code());
         let retry = s
             .metadata()
             .get(crate::api::error::RETRY_AFTER_KEY)
@@ -512,6 +506,16 @@ impl TokenFailure {
             message: format!("{:?}: {}{retry}", s.code(), s.message()),
             exit,
         }
+    }
+}
+
+/// The exit status for a call that ended with `code`.
+fn exit_status(code: tonic::Code) -> u8 {
+    use tonic::Code;
+    match code {
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => EXIT_UNAVAILABLE,
+        Code::Unauthenticated | Code::PermissionDenied => EXIT_NOPERM,
+        _ => 1,
     }
 }
 
@@ -567,19 +571,21 @@ pub async fn request_token(
         std::fs::read(p)
             .map_err(|e| TokenFailure::other(format!("cannot read {}: {e}", p.display())))
     };
+    // What the TLS files hold, also for `tls_refusal`.
+    let mut probe = TlsProbe::default();
     if tls {
         let mut cfg = tonic::transport::ClientTlsConfig::new();
         cfg = match &auth.ca {
             Some(ca) => {
                 let pem = read(ca)?;
-                certificates("--ca", ca, &pem)?;
+                probe.roots = Some(certificates("--ca", ca, &pem)?);
                 cfg.ca_certificate(tonic::transport::Certificate::from_pem(pem))
             }
             None => cfg.with_native_roots(),
         };
         if let Some((cert, key)) = &auth.cert {
             let (cert_pem, key_pem) = (read(cert)?, read(key)?);
-            client_identity((cert, &cert_pem), (key, &key_pem))?;
+            probe.identity = Some(client_identity((cert, &cert_pem), (key, &key_pem))?);
             cfg = cfg.identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
         }
         endpoint = endpoint.tls_config(cfg).map_err(|e| {
@@ -636,6 +642,10 @@ pub async fn request_token(
     let call = async {
         let channel = endpoint.connect().await.map_err(|e| {
             let why = crate::outbound::error_chain(&e);
+            // With TLS 1.2 a refused client certificate ends the handshake itself.
+            if let Some(name) = alert(&why) {
+                return refused_by_tls(addr, name);
+            }
             let hint = connect_hint(tls, auth.ca.as_deref(), &why);
             // A hint, or a host name that does not exist, means a mistake on this side,
             // which retrying does not fix.
@@ -646,18 +656,41 @@ pub async fn request_token(
             }
         })?;
         let mut client = proto::token_broker_client::TokenBrokerClient::new(channel);
-        client
-            .get_token(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| {
-                // tonic's own deadline (from grpc-timeout) answers CANCELLED.
-                if started.elapsed() >= timeout {
-                    out_of_time()
-                } else {
-                    TokenFailure::status(&s)
+        let s = match client.get_token(request).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) => s,
+        };
+        // tonic's own deadline (from grpc-timeout) answers CANCELLED.
+        if started.elapsed() >= timeout {
+            return Err(out_of_time());
+        }
+        // A status tonic made of a failed connection, not the broker's answer: it says
+        // "transport error", its causes say why.
+        let Some(e) = std::error::Error::source(&s).filter(|e| e.is::<tonic::transport::Error>())
+        else {
+            return Err(TokenFailure::status(&s));
+        };
+        let mut why = crate::outbound::error_chain(e);
+        if tls
+            && alert(&why).is_none()
+            && let Some(refusal) = tls_refusal(&uri, &probe).await
+        {
+            why = refusal;
+        }
+        Err(match alert(&why) {
+            Some(name) => refused_by_tls(addr, name),
+            None => {
+                let hint = connect_hint(tls, auth.ca.as_deref(), &why);
+                TokenFailure {
+                    exit: if hint.is_empty() {
+                        exit_status(s.code())
+                    } else {
+                        1
+                    },
+                    message: format!("the connection to {addr} failed: {why}{hint}"),
                 }
-            })
+            }
+        })
     };
     tokio::time::timeout(timeout, call)
         .await
@@ -717,6 +750,100 @@ fn client_identity(
             cert.display()
         ))),
         Err(e) => Err(TokenFailure::other(format!("--key {}: {e}", key.display()))),
+    }
+}
+
+/// The trust and client certificate of a TLS call, to ask the broker again why it refused it.
+#[derive(Default)]
+struct TlsProbe {
+    /// `--ca`'s certificates; none: the platform roots, which `tls_refusal` cannot use.
+    roots: Option<Vec<CertificateDer<'static>>>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+}
+
+/// At most this long for `tls_refusal` (within `--timeout`).
+const PROBE_BOUND: Duration = Duration::from_secs(2);
+
+/// Why the broker's TLS refused this caller, read on a connection of its own. With TLS 1.3
+/// the broker checks a client certificate after the client has finished its handshake and
+/// sent its request; the call then fails with the broker's alert or with a bare "connection
+/// closed", whichever the client's HTTP/2 layer notices first. A connection that sends
+/// nothing after its handshake reads the broker's first word instead: its alert, or HTTP/2
+/// settings when it took the certificate. `None` when that tells nothing more (no `--ca`,
+/// the broker unreachable or accepting).
+async fn tls_refusal(uri: &http::Uri, probe: &TlsProbe) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let host = uri.host()?.trim_matches(['[', ']']).to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(probe.roots.clone()?);
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .ok()?
+    .with_root_certificates(roots);
+    let mut config = match &probe.identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain.clone(), key.clone_key())
+            .ok()?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
+    let first_word = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .ok()?;
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let mut stream = connector.connect(name, tcp).await.ok()?;
+        stream.read(&mut [0u8; 1]).await.err()
+    };
+    let e = tokio::time::timeout(PROBE_BOUND, first_word).await.ok()??;
+    let why = crate::outbound::error_chain(&e);
+    alert(&why).is_some().then_some(why)
+}
+
+/// The name of the TLS alert the broker sent, as rustls words it ("received fatal alert:
+/// UnknownCA"), when `why` tells of one.
+fn alert(why: &str) -> Option<&str> {
+    const SAID: &str = "received fatal alert: ";
+    let rest = &why[why.find(SAID)? + SAID.len()..];
+    rest.split(|c: char| !c.is_ascii_alphanumeric())
+        .next()
+        .filter(|name| !name.is_empty())
+}
+
+/// The broker's TLS sent the alert `name`: what it means for the caller, and the exit status
+/// (`EXIT_NOPERM` when it refused the client certificate or wanted one: rustls sends these
+/// alerts for what its client verifier refuses, `AlertDescription::from(CertificateError)`).
+fn refused_by_tls(addr: &str, name: &str) -> TokenFailure {
+    let (refused, hint) = match name {
+        "CertificateRequired" => (
+            true,
+            "; the broker requires a client certificate: pass --cert and --key",
+        ),
+        "UnknownCA" => (
+            true,
+            "; the broker does not trust the CA that issued the client certificate (--cert), or cannot tell whether it is revoked",
+        ),
+        "UnsupportedCertificate" => (
+            true,
+            "; the client certificate (--cert) is not for client authentication: it needs the clientAuth extended key usage",
+        ),
+        "CertificateExpired" => (
+            true,
+            "; the client certificate (--cert) has expired or is not valid yet",
+        ),
+        "CertificateRevoked" => (true, "; the client certificate (--cert) is revoked"),
+        "BadCertificate" | "CertificateUnknown" | "AccessDenied" => {
+            (true, "; the broker refused the client certificate (--cert)")
+        }
+        _ => (false, ""),
+    };
+    TokenFailure {
+        message: format!("{addr} refused the TLS connection: received fatal alert: {name}{hint}"),
+        exit: if refused { EXIT_NOPERM } else { 1 },
     }
 }
 

@@ -132,8 +132,76 @@ async fn the_token_command_says_what_the_caller_got_wrong() {
     );
     assert_eq!(e.exit, 1, "{}", e.message);
 
+    // Certificates the broker's TLS refuses: the broker's reason (its alert), told the same
+    // way on every run (TLS 1.3 refuses a client certificate after the client has sent its
+    // request, so the call alone sometimes sees only a closed connection), and 77.
+    let other_ca = Ca::new("another CA");
+    let foreign = other_ca.client(&[caller]).write(h.dir.path(), "foreign");
+    let now = time::OffsetDateTime::now_utc();
+    let no_usage =
+        h.ca.client_with(
+            &[caller],
+            None,
+            now - time::Duration::hours(1),
+            now + time::Duration::days(1),
+        )
+        .write(h.dir.path(), "no-usage");
+    for _ in 0..5 {
+        let e = attempt(&addr, "server-ca.pem", Some((&foreign.0, &foreign.1)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.exit, 77, "{}", e.message);
+        assert!(
+            e.message.contains("received fatal alert: UnknownCA")
+                && e.message
+                    .contains("does not trust the CA that issued the client certificate"),
+            "{}",
+            e.message
+        );
+        let e = attempt(&addr, "server-ca.pem", Some((&no_usage.0, &no_usage.1)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.exit, 77, "{}", e.message);
+        assert!(
+            e.message.contains("UnsupportedCertificate") && e.message.contains("clientAuth"),
+            "{}",
+            e.message
+        );
+    }
+
     attempt(&addr, "server-ca.pem", Some((&cert, &key)))
         .await
         .unwrap();
+    h.stop().await;
+
+    // A listener that requires a client certificate, asked without one.
+    let h = Harness::start(Options {
+        client_cert: "required",
+        ..Default::default()
+    })
+    .await;
+    std::fs::write(h.path("server-ca.pem"), &h.server_ca_pem).unwrap();
+    let addr = format!("https://localhost:{}", h.addr.port());
+    let e = request_token(
+        &addr,
+        GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        },
+        Duration::from_secs(30),
+        &CallerAuth {
+            ca: Some(h.path("server-ca.pem")),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.exit, 77, "{}", e.message);
+    assert!(
+        e.message.contains("CertificateRequired") && e.message.contains("pass --cert and --key"),
+        "{}",
+        e.message
+    );
     h.stop().await;
 }
