@@ -677,6 +677,11 @@ pub async fn request_token(
         {
             why = refusal;
         }
+        if !tls && serves_tls(&uri).await {
+            return Err(TokenFailure::other(format!(
+                "the connection to {addr} failed: the broker serves TLS there: try an https:// --addr"
+            )));
+        }
         Err(match alert(&why) {
             Some(name) => refused_by_tls(addr, name),
             None => {
@@ -761,7 +766,7 @@ struct TlsProbe {
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 }
 
-/// At most this long for `tls_refusal` (within `--timeout`).
+/// At most this long for `tls_refusal` or `serves_tls` (within `--timeout`).
 const PROBE_BOUND: Duration = Duration::from_secs(2);
 
 /// Why the broker's TLS refused this caller, read on a connection of its own. With TLS 1.3
@@ -802,6 +807,32 @@ async fn tls_refusal(uri: &http::Uri, probe: &TlsProbe) -> Option<String> {
     let e = tokio::time::timeout(PROBE_BOUND, first_word).await.ok()??;
     let why = crate::outbound::error_chain(&e);
     alert(&why).is_some().then_some(why)
+}
+
+/// Whether what listens at `uri` answers the start of plaintext HTTP/2 with a TLS record
+/// (rustls's alert), as a TLS listener does. An `http://` call to one fails with a broken
+/// pipe, a closed connection or a bad HTTP/2 frame, depending on timing; this asks once
+/// more, and always gets the same answer.
+async fn serves_tls(uri: &http::Uri) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(host) = uri.host().map(|h| h.trim_matches(['[', ']'])) else {
+        return false;
+    };
+    let port = uri.port_u16().unwrap_or(80);
+    let answer = async {
+        let mut tcp = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 2];
+        tcp.read_exact(&mut head).await.ok()?;
+        // A TLS alert record: content type 21, protocol version 3.x.
+        Some(head == [0x15, 0x03])
+    };
+    matches!(
+        tokio::time::timeout(PROBE_BOUND, answer).await,
+        Ok(Some(true))
+    )
 }
 
 /// The name of the TLS alert the broker sent, as rustls words it ("received fatal alert:
