@@ -72,7 +72,7 @@ pub enum Command {
     },
     /// Ask a running broker for a token and print it (for scripts and collectors).
     #[command(
-        after_help = "Exit status: 0 with the token printed; 2 usage error (a bad option, an --addr without http:// or https://); 69 (EX_UNAVAILABLE) worth retrying: the broker could not be reached or answered UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (a retry-after hint is printed when the broker gives one); 77 (EX_NOPERM) the broker refused this caller: UNAUTHENTICATED or PERMISSION_DENIED, or its TLS refused the client certificate (or required one); 1 any other failure, such as an --addr whose host name does not exist."
+        after_help = "Exit status: 0 with the token printed; 2 usage error (a bad option, an --addr without http:// or https://); 69 (EX_UNAVAILABLE) worth retrying: the broker could not be reached or answered UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (a retry-after hint is printed when the broker gives one); 77 (EX_NOPERM) the broker refused this caller: UNAUTHENTICATED or PERMISSION_DENIED, or its TLS refused the client certificate (or required one); 1 any other failure, such as an --addr whose host name does not exist, or a broker certificate this side refuses (expired, say)."
     )]
     Token {
         /// The tenant's name in the broker's configuration.
@@ -647,9 +647,11 @@ pub async fn request_token(
                 return refused_by_tls(addr, name);
             }
             let hint = connect_hint(tls, auth.ca.as_deref(), &why);
-            // A hint, or a host name that does not exist, means a mistake on this side,
-            // which retrying does not fix.
-            let mistake = !hint.is_empty() || crate::outbound::does_not_resolve(&why);
+            // A hint, a host name that does not exist, or a broker certificate this side
+            // refuses (expired, say) is a mistake to fix, which retrying does not.
+            let mistake = !hint.is_empty()
+                || crate::outbound::does_not_resolve(&why)
+                || why.contains(REFUSED_PEER_CERT);
             TokenFailure {
                 message: format!("cannot connect to {addr}: {why}{hint}"),
                 exit: if mistake { 1 } else { EXIT_UNAVAILABLE },
@@ -878,10 +880,29 @@ fn refused_by_tls(addr: &str, name: &str) -> TokenFailure {
     }
 }
 
+/// How rustls begins a refusal of the certificate the broker presented.
+const REFUSED_PEER_CERT: &str = "invalid peer certificate: ";
+
 /// What to try when a connection failed for a reason a person can fix from the command line;
 /// `ca` is the `--ca` given.
 fn connect_hint(tls: bool, ca: Option<&Path>, why: &str) -> String {
-    if tls && (why.contains("InvalidContentType") || why.contains("corrupt message")) {
+    // rustls words an expired certificate either way, with or without the times.
+    let refused_cert = why
+        .split_once(REFUSED_PEER_CERT)
+        .map_or("", |(_, reason)| reason);
+    if tls
+        && ["certificate expired", "Expired"]
+            .iter()
+            .any(|w| refused_cert.starts_with(w))
+    {
+        "; the broker's certificate must be renewed where the broker runs (or this host's clock is wrong)".into()
+    } else if tls
+        && ["certificate not valid yet", "NotValidYet"]
+            .iter()
+            .any(|w| refused_cert.starts_with(w))
+    {
+        "; the broker's certificate is not valid yet (or this host's clock is wrong)".into()
+    } else if tls && (why.contains("InvalidContentType") || why.contains("corrupt message")) {
         "; the broker may be serving plaintext: try an http:// --addr".into()
     } else if tls && why.contains("UnknownIssuer") {
         match ca {
@@ -1198,6 +1219,10 @@ mod tests {
         );
         let name = "transport error: invalid peer certificate: certificate not valid for name \"10.0.0.1\"; certificate is only valid for DnsName(\"broker\")";
         assert!(connect_hint(true, None, name).contains("the name it was issued for"));
+        let expired = "transport error: invalid peer certificate: certificate expired: verification time 1795510773 (UNIX), but certificate is not valid after 1580515200 (214995573 seconds ago)";
+        assert!(connect_hint(true, None, expired).contains("must be renewed"));
+        let early = "transport error: invalid peer certificate: NotValidYet";
+        assert!(connect_hint(true, None, early).contains("not valid yet"));
         // Nothing to add: refused connections say so, and plaintext has no certificates.
         let refused = "transport error: tcp connect error: Connection refused (os error 111)";
         assert_eq!(connect_hint(true, None, refused), "");

@@ -229,3 +229,68 @@ async fn the_token_command_says_what_the_caller_got_wrong() {
     );
     h.stop().await;
 }
+
+/// A broker certificate `token` refuses (expired, not valid yet) is a mistake to fix where
+/// the broker runs: exit 1, not "worth retrying", with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_command_does_not_call_an_expired_broker_certificate_worth_retrying() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("broker CA");
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+    for (leaf, words) in [
+        (
+            ca.server_valid(now - 30 * day, now - day),
+            "must be renewed",
+        ),
+        (ca.server_valid(now + day, now + 30 * day), "not valid yet"),
+    ] {
+        let addr = tls_listener(&leaf).await;
+        let e = request_token(
+            &format!("https://localhost:{}", addr.port()),
+            GetTokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                ..Default::default()
+            },
+            Duration::from_secs(30),
+            &CallerAuth {
+                ca: Some(dir.path().join("ca.pem")),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.exit, 1, "{}", e.message);
+        assert!(e.message.contains(words), "{}", e.message);
+    }
+}
+
+/// A TLS listener on loopback that presents `leaf` and serves nothing.
+async fn tls_listener(leaf: &crate::pki::Leaf) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    addr
+}
