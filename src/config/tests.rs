@@ -1304,6 +1304,62 @@ fn the_listener_and_outbound_tls_files_must_exist_and_load_as_serve_loads_them()
 }
 
 #[test]
+fn a_server_certificate_outside_its_validity_is_refused_and_one_near_its_end_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+    let config = |name: &str, not_before, not_after| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["broker".into()]).unwrap();
+        p.not_before = not_before;
+        p.not_after = not_after;
+        let cert = p.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        GOOD.replace(
+            "listen = \"127.0.0.1:50051\"\nplaintext = true",
+            &format!("listen = \"0.0.0.0:50051\"\ntls_cert_file = \"{name}.crt\"\ntls_key_file = \"{name}.key\""),
+        )
+    };
+    let load = |text: &str| Config::from_toml_str(text, dir.path(), &no_env);
+    let refused = |text: &str| match load(text) {
+        Err(ConfigError::Invalid(p)) => {
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert_eq!(p[0].path, "server.tls_cert_file", "{p:?}");
+            p[0].message.clone()
+        }
+        other => panic!("expected a problem, got {other:?}"),
+    };
+    let m = refused(&config("expired", now - 60 * day, now - day));
+    assert!(
+        m.contains("expired.crt: expired at ") && m.contains("renew it"),
+        "{m}"
+    );
+    let m = refused(&config("early", now + day, now + 60 * day));
+    assert!(m.contains("early.crt: not valid before "), "{m}");
+
+    let ending = load(&config("ending", now - day, now + 3 * day)).unwrap();
+    let w: Vec<_> = ending
+        .warnings
+        .iter()
+        .filter(|w| w.path == "server.tls_cert_file")
+        .collect();
+    assert_eq!(w.len(), 1, "{:?}", ending.warnings);
+    assert!(
+        w[0].message.contains("the certificate expires in 2 days"),
+        "{w:?}"
+    );
+    let fine = load(&config("fine", now - day, now + 60 * day)).unwrap();
+    assert!(
+        fine.warnings
+            .iter()
+            .all(|w| w.path != "server.tls_cert_file"),
+        "{:?}",
+        fine.warnings
+    );
+}
+
+#[test]
 fn a_problem_caused_by_an_environment_override_names_the_variable() {
     let env = |k: &str| match k {
         "TOKENBROKER_LISTEN" => Some("0.0.0.0:50051".to_string()),

@@ -305,6 +305,16 @@ async fn a_rotated_server_certificate_is_served_without_a_restart() {
     assert!(h.server_cert.reload_if_changed().is_err());
     handshake(&h, &h.server_ca_pem, None).await.unwrap();
 
+    // So is an expired pair, which every client would refuse.
+    let now = OffsetDateTime::now_utc();
+    let expired = new_ca.server_valid(now - Duration::days(30), now - Duration::days(1));
+    std::fs::write(h.path("server.crt"), &expired.cert_pem).unwrap();
+    std::fs::write(h.path("server.key"), &expired.key_pem).unwrap();
+    let e = h.server_cert.reload_if_changed().unwrap_err().to_string();
+    assert!(e.contains("expired at"), "{e}");
+    handshake(&h, &h.server_ca_pem, None).await.unwrap();
+
+    std::fs::write(h.path("server.crt"), &next.cert_pem).unwrap();
     std::fs::write(h.path("server.key"), &next.key_pem).unwrap();
     assert!(h.server_cert.reload_if_changed().unwrap());
     handshake(&h, &new_ca.pem(), None).await.unwrap();
