@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{BoundHistogram, Counter, Histogram, Meter, MeterProvider as _};
@@ -144,6 +144,7 @@ impl MetricReader for SharedReader {
 type Slot<T> = Arc<Mutex<Option<T>>>;
 type Source = Slot<Broker>;
 type AuditSource = Slot<crate::audit::Audit>;
+type ServerCertSource = Slot<Arc<crate::tls::ReloadingCert>>;
 
 struct Inner {
     provider: SdkMeterProvider,
@@ -152,6 +153,7 @@ struct Inner {
     callers: Mutex<HashSet<String>>,
     source: Source,
     audit_source: AuditSource,
+    server_cert_source: ServerCertSource,
     requests: Arc<RequestCounts>,
     request_duration: Histogram<f64>,
     /// `request_duration` bound to each method and outcome when first recorded: a bound
@@ -281,6 +283,25 @@ fn observe_audit(meter: &Meter, source: &AuditSource) {
         .build();
 }
 
+/// Seconds until the listener's certificate in use ends: it reloads when its files change, so
+/// this follows a renewal, and shows one that did not happen (a client refuses the
+/// certificate once it has ended, and the broker cannot serve another on its own).
+fn observe_server_cert(meter: &Meter, source: &ServerCertSource) {
+    let s = source.clone();
+    meter
+        .f64_observable_gauge("tokenbroker_server_certificate_expiry_seconds")
+        .with_description(
+            "Seconds until the listener's TLS certificate in use (server.tls_cert_file) expires; negative once expired",
+        )
+        .with_unit("s")
+        .with_callback(move |o| {
+            if let Some(Some(end)) = read_slot(&s, |c| c.not_after()) {
+                o.observe(crate::flow::seconds_until(SystemTime::now(), end), &[]);
+            }
+        })
+        .build();
+}
+
 impl Metrics {
     /// Instruments for a configuration: the manual reader for `/metrics`, plus an OTLP
     /// exporter when `telemetry.otlp_endpoint` is set.
@@ -313,6 +334,8 @@ impl Metrics {
         observe(&meter, &source);
         let audit_source = AuditSource::default();
         observe_audit(&meter, &audit_source);
+        let server_cert_source = ServerCertSource::default();
+        observe_server_cert(&meter, &server_cert_source);
         let inner = Inner {
             requests: RequestCounts::register(&meter),
             request_duration: meter
@@ -342,6 +365,7 @@ impl Metrics {
             callers: Mutex::new(HashSet::new()),
             source,
             audit_source,
+            server_cert_source,
         };
         Metrics {
             inner: Arc::new(inner),
@@ -357,6 +381,15 @@ impl Metrics {
     /// Reads the audit trail's state (`tokenbroker_audit_failing`) until the guard is dropped.
     pub fn observe_audit(&self, audit: &crate::audit::Audit) -> Observing<crate::audit::Audit> {
         observing(&self.inner.audit_source, audit.clone())
+    }
+
+    /// Reads the listener's TLS certificate in use
+    /// (`tokenbroker_server_certificate_expiry_seconds`) until the guard is dropped.
+    pub fn observe_server_cert(
+        &self,
+        cert: &Arc<crate::tls::ReloadingCert>,
+    ) -> Observing<Arc<crate::tls::ReloadingCert>> {
+        observing(&self.inner.server_cert_source, cert.clone())
     }
 
     /// A configured tenant name, or `_unknown`.
