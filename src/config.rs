@@ -1064,12 +1064,17 @@ impl Validator<'_> {
         let cache = self.cache(raw.cache);
         let resilience = self.resilience(raw.resilience);
         let mut apps = BTreeMap::new();
+        // Apps with a problem already reported: a tenant naming one is not told again that
+        // no such app exists.
+        let mut invalid_apps = BTreeSet::new();
         for (name, app) in raw.apps {
             let path = format!("apps.{name}");
             let client_id = self.client_id(&path, app.client_id);
             let credential = self.credential(&path, app.credential, &cloud);
             if let (Some(c), Some(cred)) = (client_id, credential) {
                 apps.insert(name, (c, cred));
+            } else {
+                invalid_apps.insert(name);
             }
         }
         // References (pre-warm entries, grants) are checked against the names the file
@@ -1110,6 +1115,7 @@ impl Validator<'_> {
             let app = match (t.app, t.client_id, t.credential) {
                 (Some(app), None, None) => match apps.get(&app) {
                     Some(a) => Some(a.clone()),
+                    None if invalid_apps.contains(&app) => None,
                     None => {
                         self.problem(
                             &format!("{path}.app"),

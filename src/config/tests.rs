@@ -169,6 +169,18 @@ fn a_tenant_referencing_a_missing_app_is_explained() {
 }
 
 #[test]
+fn a_tenant_referencing_an_invalid_app_is_not_told_the_app_is_missing() {
+    // Both fabrikam and northwind use the shared app; its own problem is the only one.
+    let p = problems(&GOOD.replace(
+        "client_id = \"11111111-1111-1111-1111-111111111111\"",
+        "client_id = \"<multi-tenant app client id>\"",
+    ));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "apps.shared.client_id", "{p:?}");
+    assert!(p[0].message.contains("is not a GUID"), "{p:?}");
+}
+
+#[test]
 fn imds_override_must_be_loopback() {
     let p = problems(&format!(
         "{GOOD}\n[identity]\nimds_endpoint = \"http://10.0.0.1\"\n"
