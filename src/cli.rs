@@ -430,7 +430,11 @@ async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tokenbroker dev: {e:#}");
+            // Each cause once: the broker's errors already quote their source.
+            eprintln!(
+                "tokenbroker dev: {}",
+                crate::outbound::error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
