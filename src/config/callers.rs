@@ -276,6 +276,14 @@ impl Validator<'_> {
             match ri.algorithms {
                 None => algorithms.extend_from_slice(DEFAULT_ALGORITHMS),
                 Some(names) => {
+                    // Each refused name is its own problem; "required" is for a list that
+                    // names none.
+                    if names.is_empty() {
+                        self.problem(
+                            &format!("{path}.algorithms"),
+                            "at least one algorithm is required",
+                        );
+                    }
                     for n in names {
                         match n.parse::<Algorithm>() {
                             Ok(a) if !matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => algorithms.push(a),
@@ -284,12 +292,6 @@ impl Validator<'_> {
                                 format!("`{n}` is not allowed: use asymmetric algorithms (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"),
                             ),
                         }
-                    }
-                    if algorithms.is_empty() {
-                        self.problem(
-                            &format!("{path}.algorithms"),
-                            "at least one algorithm is required",
-                        );
                     }
                 }
             }

@@ -372,6 +372,26 @@ fn issuers_refuse_hmac_and_none_and_need_an_audience() {
     assert!(paths.contains(&"callers.issuers.x.algorithms"), "{p:?}");
     assert!(paths.contains(&"callers.issuers.x.audience"), "{p:?}");
     assert!(p.iter().any(|p| p.message.contains("HS256")), "{p:?}");
+    // A list of refused algorithms is refused for what it names, once per name; only an
+    // empty one is told that it needs one.
+    let algorithms = |list: &str| {
+        problems(&format!(
+            "{GOOD}\n[callers]\naudience = \"a\"\n[callers.issuers.x]\nissuer = \"https://i.example\"\nalgorithms = {list}\n"
+        ))
+        .into_iter()
+        .map(|p| (p.path, p.message))
+        .collect::<Vec<_>>()
+    };
+    let p = algorithms("[\"HS256\"]");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].1.starts_with("`HS256` is not allowed"), "{p:?}");
+    let p = algorithms("[]");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, "callers.issuers.x.algorithms", "{p:?}");
+    assert!(
+        p[0].1.contains("at least one algorithm is required"),
+        "{p:?}"
+    );
     let p = problems(&format!(
         "{GOOD}\n[callers]\naudience = \"a\"\n[callers.issuers.x]\nissuer = \"http://issuer.example\"\n"
     ));
