@@ -469,7 +469,8 @@ impl Validator<'_> {
         }
         for scope in policy.named_scopes() {
             if let Some(why) = super::client_credentials_scope_problem(scope) {
-                self.warn(at, format!("this grant is never served: {why}"));
+                // Scopes are named across the policy: a grant's other scopes may be served.
+                self.warn(at, format!("granted scope never served: {why}"));
             }
             // A token the broker serves for the scope is an app's token for that audience:
             // a caller granted the scope can present it and be the app, with the app's

@@ -1255,6 +1255,27 @@ fn grants_that_can_never_be_used_are_refused_or_warned_about() {
                 && w.contains("https://graph.microsoft.com/.default")),
         "{w:?}"
     );
+    // Of a grant's scopes, the one that is never served is named; the others are served.
+    let c = Config::from_toml_str(
+        &grant(
+            "\"dev:loopback\"",
+            "\"https://graph.microsoft.com/.default\", \"https://graph.microsoft.com/User.Read\"",
+        )
+        .replace(
+            "plaintext = true",
+            "plaintext = true\n[callers]\ndev_loopback = true",
+        ),
+        Path::new("/"),
+        &no_env,
+    )
+    .unwrap();
+    let w: Vec<String> = c.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("granted scope never served: `https://graph.microsoft.com/User.Read`"),
+        "{w:?}"
+    );
+    assert!(!w[0].contains("grant is never served"), "{w:?}");
     // Staged setup: nobody can authenticate yet and nothing is granted; valid, with warnings.
     let c = Config::from_toml_str(GOOD, Path::new("/"), &no_env).unwrap();
     let paths: Vec<&str> = c.warnings.iter().map(|w| w.path.as_str()).collect();
