@@ -2,11 +2,13 @@
 
 #[cfg(feature = "emulator")]
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{Config, ConfigError, process_env};
 use crate::proto;
@@ -20,7 +22,8 @@ pub const EXIT_USAGE: u8 = 2;
 /// DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (sysexits EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
 /// `token`: the broker does not know or does not allow this caller: UNAUTHENTICATED or
-/// PERMISSION_DENIED (sysexits EX_NOPERM).
+/// PERMISSION_DENIED, or its TLS refused the client certificate or wanted one (sysexits
+/// EX_NOPERM).
 pub const EXIT_NOPERM: u8 = 77;
 
 #[derive(Debug, Parser)]
@@ -69,7 +72,7 @@ pub enum Command {
     },
     /// Ask a running broker for a token and print it (for scripts and collectors).
     #[command(
-        after_help = "Exit status: 0 with the token printed; 2 usage error (a bad option, an --addr without http:// or https://); 69 (EX_UNAVAILABLE) worth retrying: the broker could not be reached or answered UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (a retry-after hint is printed when the broker gives one); 77 (EX_NOPERM) the broker refused this caller: UNAUTHENTICATED or PERMISSION_DENIED; 1 any other failure, such as an --addr whose host name does not exist."
+        after_help = "Exit status: 0 with the token printed; 2 usage error (a bad option, an --addr without http:// or https://); 69 (EX_UNAVAILABLE) worth retrying: the broker could not be reached or answered UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (a retry-after hint is printed when the broker gives one); 77 (EX_NOPERM) the broker refused this caller: UNAUTHENTICATED or PERMISSION_DENIED, or its TLS refused the client certificate (or required one); 1 any other failure, such as an --addr whose host name does not exist, or a broker certificate this side refuses (expired, say)."
     )]
     Token {
         /// The tenant's name in the broker's configuration.
@@ -427,7 +430,11 @@ async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tokenbroker dev: {e:#}");
+            // Each cause once: the broker's errors already quote their source.
+            eprintln!(
+                "tokenbroker dev: {}",
+                crate::outbound::error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
@@ -491,14 +498,7 @@ impl TokenFailure {
 
     /// The broker's answer: its code decides the exit status, and a retry hint is passed on.
     fn status(s: &tonic::Status) -> Self {
-        use tonic::Code;
-        let exit = match s.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
-                EXIT_UNAVAILABLE
-            }
-            Code::Unauthenticated | Code::PermissionDenied => EXIT_NOPERM,
-            _ => 1,
-        };
+        let exit = exit_status(s.code());
         let retry = s
             .metadata()
             .get(crate::api::error::RETRY_AFTER_KEY)
@@ -510,6 +510,16 @@ impl TokenFailure {
             message: format!("{:?}: {}{retry}", s.code(), s.message()),
             exit,
         }
+    }
+}
+
+/// The exit status for a call that ended with `code`.
+fn exit_status(code: tonic::Code) -> u8 {
+    use tonic::Code;
+    match code {
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => EXIT_UNAVAILABLE,
+        Code::Unauthenticated | Code::PermissionDenied => EXIT_NOPERM,
+        _ => 1,
     }
 }
 
@@ -565,21 +575,29 @@ pub async fn request_token(
         std::fs::read(p)
             .map_err(|e| TokenFailure::other(format!("cannot read {}: {e}", p.display())))
     };
+    // What the TLS files hold, also for `tls_refusal`.
+    let mut probe = TlsProbe::default();
     if tls {
         let mut cfg = tonic::transport::ClientTlsConfig::new();
         cfg = match &auth.ca {
-            Some(ca) => cfg.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?)),
+            Some(ca) => {
+                let pem = read(ca)?;
+                probe.roots = Some(certificates("--ca", ca, &pem)?);
+                cfg.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+            }
             None => cfg.with_native_roots(),
         };
         if let Some((cert, key)) = &auth.cert {
-            cfg = cfg.identity(tonic::transport::Identity::from_pem(
-                read(cert)?,
-                read(key)?,
-            ));
+            let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+            probe.identity = Some(client_identity((cert, &cert_pem), (key, &key_pem))?);
+            cfg = cfg.identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
         }
-        endpoint = endpoint
-            .tls_config(cfg)
-            .map_err(|e| TokenFailure::other(format!("TLS setup for {addr}: {e}")))?;
+        endpoint = endpoint.tls_config(cfg).map_err(|e| {
+            TokenFailure::other(format!(
+                "TLS setup for {addr}: {}",
+                crate::outbound::error_chain(&e)
+            ))
+        })?;
     } else if auth.ca.is_some() || auth.cert.is_some() {
         return Err(TokenFailure::usage(
             "--ca, --cert and --key need an https:// --addr",
@@ -628,44 +646,280 @@ pub async fn request_token(
     let call = async {
         let channel = endpoint.connect().await.map_err(|e| {
             let why = crate::outbound::error_chain(&e);
-            let hint = connect_hint(tls, &why);
-            // A hint, or a host name that does not exist, means a mistake on this side,
-            // which retrying does not fix.
-            let mistake = !hint.is_empty() || crate::outbound::does_not_resolve(&why);
+            // With TLS 1.2 a refused client certificate ends the handshake itself.
+            if let Some(name) = alert(&why) {
+                return refused_by_tls(addr, name);
+            }
+            let hint = connect_hint(tls, auth.ca.as_deref(), &why);
+            // A hint, a host name that does not exist, or a broker certificate this side
+            // refuses (expired, say) is a mistake to fix, which retrying does not.
+            let mistake = !hint.is_empty()
+                || crate::outbound::does_not_resolve(&why)
+                || why.contains(REFUSED_PEER_CERT);
             TokenFailure {
                 message: format!("cannot connect to {addr}: {why}{hint}"),
                 exit: if mistake { 1 } else { EXIT_UNAVAILABLE },
             }
         })?;
         let mut client = proto::token_broker_client::TokenBrokerClient::new(channel);
-        client
-            .get_token(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| {
-                // tonic's own deadline (from grpc-timeout) answers CANCELLED.
-                if started.elapsed() >= timeout {
-                    out_of_time()
-                } else {
-                    TokenFailure::status(&s)
+        let s = match client.get_token(request).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) => s,
+        };
+        // tonic's own deadline (from grpc-timeout) answers CANCELLED.
+        if started.elapsed() >= timeout {
+            return Err(out_of_time());
+        }
+        // A status tonic made of a failed connection, not the broker's answer: it says
+        // "transport error", its causes say why.
+        let Some(e) = std::error::Error::source(&s).filter(|e| e.is::<tonic::transport::Error>())
+        else {
+            return Err(TokenFailure::status(&s));
+        };
+        let mut why = crate::outbound::error_chain(e);
+        if tls
+            && alert(&why).is_none()
+            && let Some(refusal) = tls_refusal(&uri, &probe).await
+        {
+            why = refusal;
+        }
+        if !tls && serves_tls(&uri).await {
+            return Err(TokenFailure::other(format!(
+                "the connection to {addr} failed: the broker serves TLS there: try an https:// --addr"
+            )));
+        }
+        Err(match alert(&why) {
+            Some(name) => refused_by_tls(addr, name),
+            None => {
+                let hint = connect_hint(tls, auth.ca.as_deref(), &why);
+                TokenFailure {
+                    exit: if hint.is_empty() {
+                        exit_status(s.code())
+                    } else {
+                        1
+                    },
+                    message: format!("the connection to {addr} failed: {why}{hint}"),
                 }
-            })
+            }
+        })
     };
     tokio::time::timeout(timeout, call)
         .await
         .unwrap_or_else(|_| Err(out_of_time()))
 }
 
-/// What to try when a connection failed for a reason a person can fix from the command line.
-fn connect_hint(tls: bool, why: &str) -> &'static str {
-    if tls && (why.contains("InvalidContentType") || why.contains("corrupt message")) {
-        "; the broker may be serving plaintext: try an http:// --addr"
+/// The certificates of the PEM file given as `flag`, or what is wrong with it: tonic takes
+/// any bytes and fails later with a bare "transport error" (`--cert`) or an unknown issuer
+/// (`--ca`).
+fn certificates(
+    flag: &str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TokenFailure> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TokenFailure::other(format!("{flag} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        let instead = match (PrivateKeyDer::from_pem_slice(pem).is_ok(), flag) {
+            (true, "--cert") => " but a private key, which goes with --key",
+            (true, _) => " but a private key",
+            (false, _) => "",
+        };
+        return Err(TokenFailure::other(format!(
+            "{flag} {} holds no PEM certificate (-----BEGIN CERTIFICATE-----){instead}",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The client certificate chain of `--cert` and the private key of `--key`, checked to be
+/// what they say and to belong together. The key file's parse error is not quoted, so no
+/// part of the key file reaches the message.
+fn client_identity(
+    (cert, cert_pem): (&Path, &[u8]),
+    (key, key_pem): (&Path, &[u8]),
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TokenFailure> {
+    let chain = certificates("--cert", cert, cert_pem)?;
+    let Ok(private) = PrivateKeyDer::from_pem_slice(key_pem) else {
+        let instead = if CertificateDer::pem_slice_iter(key_pem).next().is_some() {
+            " but a certificate, which goes with --cert"
+        } else {
+            ""
+        };
+        return Err(TokenFailure::other(format!(
+            "--key {} holds no PEM private key (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY){instead}",
+            key.display()
+        )));
+    };
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    match rustls::sign::CertifiedKey::from_der(chain.clone(), private.clone_key(), &provider) {
+        Ok(_) => Ok((chain, private)),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(TokenFailure::other(format!(
+            "--key {} is not the private key of the certificate in --cert {}",
+            key.display(),
+            cert.display()
+        ))),
+        Err(e) => Err(TokenFailure::other(format!("--key {}: {e}", key.display()))),
+    }
+}
+
+/// The trust and client certificate of a TLS call, to ask the broker again why it refused it.
+#[derive(Default)]
+struct TlsProbe {
+    /// `--ca`'s certificates; none: the platform roots, which `tls_refusal` cannot use.
+    roots: Option<Vec<CertificateDer<'static>>>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+}
+
+/// At most this long for `tls_refusal` or `serves_tls` (within `--timeout`).
+const PROBE_BOUND: Duration = Duration::from_secs(2);
+
+/// Why the broker's TLS refused this caller, read on a connection of its own. With TLS 1.3
+/// the broker checks a client certificate after the client has finished its handshake and
+/// sent its request; the call then fails with the broker's alert or with a bare "connection
+/// closed", whichever the client's HTTP/2 layer notices first. A connection that sends
+/// nothing after its handshake reads the broker's first word instead: its alert, or HTTP/2
+/// settings when it took the certificate. `None` when that tells nothing more (no `--ca`,
+/// the broker unreachable or accepting).
+async fn tls_refusal(uri: &http::Uri, probe: &TlsProbe) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let host = uri.host()?.trim_matches(['[', ']']).to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(probe.roots.clone()?);
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .ok()?
+    .with_root_certificates(roots);
+    let mut config = match &probe.identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain.clone(), key.clone_key())
+            .ok()?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
+    let first_word = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .ok()?;
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let mut stream = connector.connect(name, tcp).await.ok()?;
+        stream.read(&mut [0u8; 1]).await.err()
+    };
+    let e = tokio::time::timeout(PROBE_BOUND, first_word).await.ok()??;
+    let why = crate::outbound::error_chain(&e);
+    alert(&why).is_some().then_some(why)
+}
+
+/// Whether what listens at `uri` answers the start of plaintext HTTP/2 with a TLS record
+/// (rustls's alert), as a TLS listener does. An `http://` call to one fails with a broken
+/// pipe, a closed connection or a bad HTTP/2 frame, depending on timing; this asks once
+/// more, and always gets the same answer.
+async fn serves_tls(uri: &http::Uri) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(host) = uri.host().map(|h| h.trim_matches(['[', ']'])) else {
+        return false;
+    };
+    let port = uri.port_u16().unwrap_or(80);
+    let answer = async {
+        let mut tcp = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 2];
+        tcp.read_exact(&mut head).await.ok()?;
+        // A TLS alert record: content type 21, protocol version 3.x.
+        Some(head == [0x15, 0x03])
+    };
+    matches!(
+        tokio::time::timeout(PROBE_BOUND, answer).await,
+        Ok(Some(true))
+    )
+}
+
+/// The name of the TLS alert the broker sent, as rustls words it ("received fatal alert:
+/// UnknownCA"), when `why` tells of one.
+fn alert(why: &str) -> Option<&str> {
+    const SAID: &str = "received fatal alert: ";
+    let rest = &why[why.find(SAID)? + SAID.len()..];
+    rest.split(|c: char| !c.is_ascii_alphanumeric())
+        .next()
+        .filter(|name| !name.is_empty())
+}
+
+/// The broker's TLS sent the alert `name`: what it means for the caller, and the exit status
+/// (`EXIT_NOPERM` when it refused the client certificate or wanted one: rustls sends these
+/// alerts for what its client verifier refuses, `AlertDescription::from(CertificateError)`).
+fn refused_by_tls(addr: &str, name: &str) -> TokenFailure {
+    let (refused, hint) = match name {
+        "CertificateRequired" => (
+            true,
+            "; the broker requires a client certificate: pass --cert and --key",
+        ),
+        "UnknownCA" => (
+            true,
+            "; the broker does not trust the CA that issued the client certificate (--cert), or cannot tell whether it is revoked",
+        ),
+        "UnsupportedCertificate" => (
+            true,
+            "; the client certificate (--cert) is not for client authentication: it needs the clientAuth extended key usage",
+        ),
+        "CertificateExpired" => (
+            true,
+            "; the client certificate (--cert) has expired or is not valid yet",
+        ),
+        "CertificateRevoked" => (true, "; the client certificate (--cert) is revoked"),
+        "BadCertificate" | "CertificateUnknown" | "AccessDenied" => {
+            (true, "; the broker refused the client certificate (--cert)")
+        }
+        _ => (false, ""),
+    };
+    TokenFailure {
+        message: format!("{addr} refused the TLS connection: received fatal alert: {name}{hint}"),
+        exit: if refused { EXIT_NOPERM } else { 1 },
+    }
+}
+
+/// How rustls begins a refusal of the certificate the broker presented.
+const REFUSED_PEER_CERT: &str = "invalid peer certificate: ";
+
+/// What to try when a connection failed for a reason a person can fix from the command line;
+/// `ca` is the `--ca` given.
+fn connect_hint(tls: bool, ca: Option<&Path>, why: &str) -> String {
+    // rustls words an expired certificate either way, with or without the times.
+    let refused_cert = why
+        .split_once(REFUSED_PEER_CERT)
+        .map_or("", |(_, reason)| reason);
+    if tls
+        && ["certificate expired", "Expired"]
+            .iter()
+            .any(|w| refused_cert.starts_with(w))
+    {
+        "; the broker's certificate must be renewed where the broker runs (or this host's clock is wrong)".into()
+    } else if tls
+        && ["certificate not valid yet", "NotValidYet"]
+            .iter()
+            .any(|w| refused_cert.starts_with(w))
+    {
+        "; the broker's certificate is not valid yet (or this host's clock is wrong)".into()
+    } else if tls && (why.contains("InvalidContentType") || why.contains("corrupt message")) {
+        "; the broker may be serving plaintext: try an http:// --addr".into()
     } else if tls && why.contains("UnknownIssuer") {
-        "; pass the CA that signs the broker's certificate with --ca"
+        match ca {
+            Some(ca) => format!(
+                "; the broker's certificate is not issued by a CA in --ca {}",
+                ca.display()
+            ),
+            None => "; pass the CA that signs the broker's certificate with --ca".into(),
+        }
     } else if tls && why.contains("not valid for name") {
-        "; the broker's certificate does not name this host: use the name it was issued for"
+        "; the broker's certificate does not name this host: use the name it was issued for".into()
     } else {
-        ""
+        String::new()
     }
 }
 
@@ -887,18 +1141,114 @@ mod tests {
         assert!(e.starts_with("cannot read /nowhere/broker.toml: "), "{e}");
     }
 
+    #[tokio::test]
+    async fn a_tls_file_holding_the_wrong_thing_is_named_before_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["cli".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert, key) = (
+            write("cli.pem", &cert.pem()),
+            write("cli.key", &key.serialize_pem()),
+        );
+        let other_key = write(
+            "other.key",
+            &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        );
+        let empty = write("empty.pem", "");
+        let key_body: String = std::fs::read_to_string(&key)
+            .unwrap()
+            .lines()
+            .nth(1)
+            .unwrap()
+            .into();
+        let failure = async |auth: CallerAuth| {
+            // Nothing listens there: the files are checked before any connection.
+            let e = request_token(
+                "https://127.0.0.1:9",
+                proto::GetTokenRequest::default(),
+                Duration::from_secs(5),
+                &auth,
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.exit, 1, "{}", e.message);
+            assert!(
+                !e.message.contains(&key_body),
+                "no key material: {}",
+                e.message
+            );
+            e.message
+        };
+        let with = |ca: &PathBuf, c: &PathBuf, k: &PathBuf| CallerAuth {
+            ca: Some(ca.clone()),
+            cert: Some((c.clone(), k.clone())),
+            bearer_file: None,
+        };
+        let m = failure(with(&empty, &cert, &key)).await;
+        assert!(
+            m.contains("--ca") && m.contains("empty.pem holds no PEM certificate"),
+            "{m}"
+        );
+        let m = failure(with(&key, &cert, &key)).await;
+        assert!(
+            m.contains("cli.key holds no PEM certificate") && m.ends_with("but a private key"),
+            "{m}"
+        );
+        let m = failure(with(&cert, &key, &key)).await;
+        assert!(
+            m.contains("--cert")
+                && m.contains("cli.key holds no PEM certificate")
+                && m.contains("which goes with --key"),
+            "{m}"
+        );
+        let m = failure(with(&cert, &cert, &cert)).await;
+        assert!(
+            m.contains("--key")
+                && m.contains("cli.pem holds no PEM private key")
+                && m.contains("which goes with --cert"),
+            "{m}"
+        );
+        let m = failure(with(&cert, &cert, &other_key)).await;
+        assert!(
+            m.contains("other.key is not the private key of the certificate in --cert"),
+            "{m}"
+        );
+        assert!(m.contains("cli.pem"), "{m}");
+    }
+
     #[test]
     fn connection_failures_a_person_can_fix_come_with_a_hint() {
         // rustls's own texts, as the error chain shows them.
         let plaintext = "transport error: received corrupt message of type InvalidContentType";
-        assert!(connect_hint(true, plaintext).contains("http://"));
+        assert!(connect_hint(true, None, plaintext).contains("http://"));
         let ca = "transport error: invalid peer certificate: UnknownIssuer";
-        assert!(connect_hint(true, ca).contains("--ca"));
+        assert!(
+            connect_hint(true, None, ca)
+                .contains("pass the CA that signs the broker's certificate with --ca")
+        );
+        // With a --ca that does not hold the broker's CA, asking for --ca would be no help.
+        let given = connect_hint(true, Some(Path::new("other-ca.pem")), ca);
+        assert!(
+            given.contains("not issued by a CA in --ca other-ca.pem"),
+            "{given}"
+        );
         let name = "transport error: invalid peer certificate: certificate not valid for name \"10.0.0.1\"; certificate is only valid for DnsName(\"broker\")";
-        assert!(connect_hint(true, name).contains("the name it was issued for"));
+        assert!(connect_hint(true, None, name).contains("the name it was issued for"));
+        let expired = "transport error: invalid peer certificate: certificate expired: verification time 1795510773 (UNIX), but certificate is not valid after 1580515200 (214995573 seconds ago)";
+        assert!(connect_hint(true, None, expired).contains("must be renewed"));
+        let early = "transport error: invalid peer certificate: NotValidYet";
+        assert!(connect_hint(true, None, early).contains("not valid yet"));
         // Nothing to add: refused connections say so, and plaintext has no certificates.
         let refused = "transport error: tcp connect error: Connection refused (os error 111)";
-        assert_eq!(connect_hint(true, refused), "");
-        assert_eq!(connect_hint(false, ca), "");
+        assert_eq!(connect_hint(true, None, refused), "");
+        assert_eq!(connect_hint(false, None, ca), "");
     }
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use url::Url;
@@ -76,8 +76,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub telemetry: TelemetryConfig,
     /// Settings that are valid but leave part of the broker unusable (no caller can
-    /// authenticate, no grants, a grant that cannot be served): legitimate while a
-    /// deployment is set up in stages, so reported, not refused.
+    /// authenticate, no grants, a grant that cannot be served), or soon will (a server
+    /// certificate near its end): legitimate while a deployment is set up in stages, so
+    /// reported, not refused.
     pub warnings: Vec<Problem>,
     /// The environment variables that overrode settings of the file (`ENV_OVERRIDES`).
     pub overrides: Vec<&'static str>,
@@ -658,6 +659,10 @@ pub fn workload_identity_env(
 /// Seconds in an hour and in a day, for the bounds of the settings.
 const HOUR: u64 = 3600;
 const DAY: u64 = 86_400;
+/// `check-config` (and `serve`'s start) warns of a server certificate that ends within this:
+/// the deployment's cert-manager renews it 30 days before its end, so a warning means the
+/// renewal is late, not merely due.
+const CERTIFICATE_ENDS_SOON: Duration = Duration::from_secs(14 * DAY);
 /// Upper bound of the token buckets' bursts (the benchmarks run with 10^9, "unlimited").
 const MAX_BURST: u64 = 1_000_000_000;
 
@@ -1173,12 +1178,17 @@ impl Validator<'_> {
         let cache = self.cache(raw.cache);
         let resilience = self.resilience(raw.resilience);
         let mut apps = BTreeMap::new();
+        // Apps with a problem already reported: a tenant naming one is not told again that
+        // no such app exists.
+        let mut invalid_apps = BTreeSet::new();
         for (name, app) in raw.apps {
             let path = format!("apps.{name}");
             let client_id = self.client_id(&path, app.client_id);
             let credential = self.credential(&path, app.credential, &cloud);
             if let (Some(c), Some(cred)) = (client_id, credential) {
                 apps.insert(name, (c, cred));
+            } else {
+                invalid_apps.insert(name);
             }
         }
         // References (pre-warm entries, grants) are checked against the names the file
@@ -1219,6 +1229,7 @@ impl Validator<'_> {
             let app = match (t.app, t.client_id, t.credential) {
                 (Some(app), None, None) => match apps.get(&app) {
                     Some(a) => Some(a.clone()),
+                    None if invalid_apps.contains(&app) => None,
                     None => {
                         self.problem(
                             &format!("{path}.app"),
@@ -1657,8 +1668,12 @@ impl Validator<'_> {
             return;
         }
         use crate::tls::TlsError;
-        let Err(e) = crate::tls::server_config(tls) else {
-            return;
+        let e = match crate::tls::server_config(tls) {
+            Ok(listener) => {
+                self.certificate_ends_soon(listener.server_cert().not_after());
+                return;
+            }
+            Err(e) => e,
         };
         let key = match &e {
             TlsError::Read { path, .. } | TlsError::Pem { path, .. } if *path == tls.cert_file => {
@@ -1676,9 +1691,35 @@ impl Validator<'_> {
                 "server.client_ca_file"
             }
             TlsError::Crl { .. } => "server.client_crl_files",
+            TlsError::Validity { .. } => "server.tls_cert_file",
             TlsError::Pair { .. } | TlsError::Config(_) => "server.tls_key_file",
         };
         self.problem(key, e.to_string());
+    }
+
+    /// A warning when the server certificate (valid now: `tls::server_config` refuses it
+    /// otherwise) ends within `CERTIFICATE_ENDS_SOON`: once it has, no client accepts it.
+    fn certificate_ends_soon(&mut self, not_after: Option<SystemTime>) {
+        let Some((not_after, left)) =
+            not_after.and_then(|t| Some((t, t.duration_since(SystemTime::now()).ok()?)))
+        else {
+            return;
+        };
+        if left < CERTIFICATE_ENDS_SOON {
+            let days = left.as_secs() / DAY;
+            let within = match days {
+                0 => "less than a day".to_string(),
+                1 => "1 day".to_string(),
+                n => format!("{n} days"),
+            };
+            self.warn(
+                "server.tls_cert_file",
+                format!(
+                    "the certificate expires in {within} ({}): renew it; the broker picks up the renewed files without a restart",
+                    crate::audit::rfc3339(not_after)
+                ),
+            );
+        }
     }
 
     fn identity(&mut self, raw: RawIdentity, env: EnvSource<'_>) -> IdentityConfig {

@@ -44,7 +44,9 @@ pub fn broker_config_toml(
          [[policy.grant]]\ncallers = [\"dev:loopback\"]\ntenants = [\"*\"]\nscopes = [\"*\"]\n\n\
          # Every local process is the one caller `dev:loopback`: a bucket big enough for load tests.\n\
          [limits]\ncaller_rate_per_sec = 1000000.0\ncaller_burst = 1000000\n\n\
-         [audit]\noutput = \"file\"\nfile = \"{}\"\n\n         # Metrics and probes on any free loopback port (`tokenbroker dev` prints it).\n         [admin]\nlisten = \"127.0.0.1:0\"",
+         [audit]\noutput = \"file\"\nfile = \"{}\"\n\n\
+         # Metrics and probes on any free loopback port (`tokenbroker dev` prints it).\n\
+         [admin]\nlisten = \"127.0.0.1:0\"",
         audit_file(endpoints)
             .display()
             .to_string()
@@ -138,4 +140,36 @@ pub fn write_broker_config(
     })?;
     let config = Config::load(&path, env)?;
     Ok((path, config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generated_configuration_reads_as_written_by_hand() {
+        let endpoints = Endpoints {
+            identity_endpoint: "http://127.0.0.1:1/msi/token".into(),
+            identity_header: "h".into(),
+            imds_endpoint: "http://127.0.0.1:2".into(),
+            key_vault_url: "https://127.0.0.1:3".into(),
+            authority_host: "https://127.0.0.1:3".into(),
+            ca_cert: "/state/ca.pem".into(),
+            admin_url: "https://127.0.0.1:3/admin".into(),
+        };
+        let toml = broker_config_toml(
+            &EmulatorConfig::demo(),
+            &endpoints,
+            "127.0.0.1:50051".parse().unwrap(),
+        );
+        // Every table header and comment starts its line, as in a file a person wrote.
+        for line in toml.lines() {
+            assert_eq!(line, line.trim_start(), "indented line in\n{toml}");
+        }
+        assert!(toml.contains("\n\n# Metrics and probes"), "{toml}");
+        assert!(
+            toml.contains("\n[admin]\nlisten = \"127.0.0.1:0\"\n"),
+            "{toml}"
+        );
+    }
 }

@@ -963,7 +963,7 @@ pub const MIN_REFRESH: Duration = Duration::from_secs(30);
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
 
 /// Seconds from `now` to `t`, negative when `t` is past.
-fn seconds_until(now: SystemTime, t: SystemTime) -> f64 {
+pub fn seconds_until(now: SystemTime, t: SystemTime) -> f64 {
     match t.duration_since(now) {
         Ok(d) => d.as_secs_f64(),
         Err(e) => -e.duration().as_secs_f64(),

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{BoundHistogram, Counter, Histogram, Meter, MeterProvider as _};
@@ -145,6 +145,7 @@ type Slot<T> = Arc<Mutex<Option<T>>>;
 type Source = Slot<Broker>;
 type AuditSource = Slot<crate::audit::Audit>;
 type PolicySource = Slot<Arc<crate::policy::PolicyHandle>>;
+type ServerCertSource = Slot<Arc<crate::tls::ReloadingCert>>;
 
 struct Inner {
     provider: SdkMeterProvider,
@@ -154,6 +155,7 @@ struct Inner {
     source: Source,
     audit_source: AuditSource,
     policy_source: PolicySource,
+    server_cert_source: ServerCertSource,
     requests: Arc<RequestCounts>,
     request_duration: Histogram<f64>,
     /// `request_duration` bound to each method and outcome when first recorded: a bound
@@ -308,6 +310,25 @@ fn observe_policy(meter: &Meter, source: &PolicySource) {
         .build();
 }
 
+/// Seconds until the listener's certificate in use ends: it reloads when its files change, so
+/// this follows a renewal, and shows one that did not happen (a client refuses the
+/// certificate once it has ended, and the broker cannot serve another on its own).
+fn observe_server_cert(meter: &Meter, source: &ServerCertSource) {
+    let s = source.clone();
+    meter
+        .f64_observable_gauge("tokenbroker_server_certificate_expiry_seconds")
+        .with_description(
+            "Seconds until the listener's TLS certificate in use (server.tls_cert_file) expires; negative once expired",
+        )
+        .with_unit("s")
+        .with_callback(move |o| {
+            if let Some(Some(end)) = read_slot(&s, |c| c.not_after()) {
+                o.observe(crate::flow::seconds_until(SystemTime::now(), end), &[]);
+            }
+        })
+        .build();
+}
+
 impl Metrics {
     /// Instruments for a configuration: the manual reader for `/metrics`, plus an OTLP
     /// exporter when `telemetry.otlp_endpoint` is set.
@@ -342,6 +363,8 @@ impl Metrics {
         observe_audit(&meter, &audit_source);
         let policy_source = PolicySource::default();
         observe_policy(&meter, &policy_source);
+        let server_cert_source = ServerCertSource::default();
+        observe_server_cert(&meter, &server_cert_source);
         let inner = Inner {
             requests: RequestCounts::register(&meter),
             request_duration: meter
@@ -372,6 +395,7 @@ impl Metrics {
             source,
             audit_source,
             policy_source,
+            server_cert_source,
         };
         Metrics {
             inner: Arc::new(inner),
@@ -396,6 +420,15 @@ impl Metrics {
         policy: &Arc<crate::policy::PolicyHandle>,
     ) -> Observing<Arc<crate::policy::PolicyHandle>> {
         observing(&self.inner.policy_source, policy.clone())
+    }
+
+    /// Reads the listener's TLS certificate in use
+    /// (`tokenbroker_server_certificate_expiry_seconds`) until the guard is dropped.
+    pub fn observe_server_cert(
+        &self,
+        cert: &Arc<crate::tls::ReloadingCert>,
+    ) -> Observing<Arc<crate::tls::ReloadingCert>> {
+        observing(&self.inner.server_cert_source, cert.clone())
     }
 
     /// A configured tenant name, or `_unknown`.

@@ -225,6 +225,7 @@ impl Bound {
         let _observing = metrics.observe(&self.broker);
         let _observing_audit = metrics.observe_audit(self.access.audit());
         let _observing_policy = metrics.observe_policy(self.access.policy());
+        let _observing_cert = self.server_cert().map(|c| metrics.observe_server_cert(c));
         let _admin = AbortOnDrop(
             self.admin
                 .spawn(crate::admin::router(metrics, self.health.clone())),

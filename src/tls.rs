@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use futures::Stream;
@@ -30,6 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
+use crate::audit::rfc3339;
 use crate::config::{ClientCertMode, ServerTls};
 
 /// At most this many TLS handshakes run at once; further connections are closed.
@@ -47,6 +48,9 @@ pub enum TlsError {
     },
     #[error("{path}: {message}")]
     Pem { path: PathBuf, message: String },
+    /// The server certificate is outside its validity period: every client refuses it.
+    #[error("server certificate {path}: {message}")]
+    Validity { path: PathBuf, message: String },
     #[error("server certificate {cert} and key {key} do not form a usable pair: {message}")]
     Pair {
         cert: PathBuf,
@@ -66,7 +70,8 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The server certificate and key, re-read from their files when their content changes.
-/// A broken new pair is refused (logged) and the current one keeps serving.
+/// A broken new pair, or a certificate outside its validity period, is refused (logged) and
+/// the current one keeps serving.
 pub struct ReloadingCert {
     cert_file: PathBuf,
     key_file: PathBuf,
@@ -110,6 +115,11 @@ impl ReloadingCert {
         *loaded = d;
         Ok(true)
     }
+
+    /// The `notAfter` of the certificate in use.
+    pub fn not_after(&self) -> Option<SystemTime> {
+        validity(self.current.load().end_entity_cert().ok()?).map(|(_, not_after)| not_after)
+    }
 }
 
 impl ResolvesServerCert for ReloadingCert {
@@ -143,6 +153,27 @@ fn certified_key(
     key_pem: &[u8],
 ) -> Result<CertifiedKey, TlsError> {
     let chain = certificates(cert_file, cert_pem)?;
+    // Clients refuse a certificate outside its validity period: the broker would listen and
+    // say it is ready, and no call would get through.
+    if let Some((not_before, not_after)) = chain.first().and_then(validity) {
+        let now = SystemTime::now();
+        let problem = if now > not_after {
+            Some(format!("expired at {}; renew it", rfc3339(not_after)))
+        } else if now < not_before {
+            Some(format!(
+                "not valid before {} (or this host's clock is wrong)",
+                rfc3339(not_before)
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = problem {
+            return Err(TlsError::Validity {
+                path: cert_file.to_owned(),
+                message,
+            });
+        }
+    }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
         path: key_file.to_owned(),
         message: format!("no usable private key: {e}"),
@@ -152,6 +183,18 @@ fn certified_key(
         key: key_file.to_owned(),
         message: e.to_string(),
     })
+}
+
+/// A certificate's validity period (`notBefore`, `notAfter`); `None` when it does not parse
+/// (rustls then says what is wrong with it).
+fn validity(cert: &CertificateDer<'_>) -> Option<(SystemTime, SystemTime)> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, c) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let v = c.validity();
+    Some((
+        v.not_before.to_datetime().into(),
+        v.not_after.to_datetime().into(),
+    ))
 }
 
 fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -12,6 +12,8 @@
 // signing certificate; negative once expired): Key Vault renews 60 days before the end, so
 // a certificate within 30 days of it was not renewed (or is an HSM certificate, never
 // renewed by itself), and the broker logs a warning from then on (docs/DEPLOY.md).
+// tokenbroker_server_certificate_expiry_seconds: the listener's TLS certificate in use, which
+// cert-manager renews 30 days before its end.
 
 targetScope = 'resourceGroup'
 
@@ -83,6 +85,25 @@ resource certificateRules 'Microsoft.AlertsManagement/prometheusRuleGroups@2023-
         annotations: {
           summary: 'A tokenbroker signing certificate ends within 14 days'
           description: 'Tenant {{ $labels.tenant }}: the signing certificate ends in {{ $value | humanizeDuration }}; after that Entra refuses its assertions (AADSTS700027) and the tenant gets no tokens.'
+        }
+        actions: actions
+        resolveConfiguration: {
+          autoResolved: true
+          timeToResolve: 'PT10M'
+        }
+      }
+      {
+        alert: 'TokenbrokerServerCertificateExpiring'
+        expression: 'min(tokenbroker_server_certificate_expiry_seconds) < 14 * 86400'
+        for: 'PT15M'
+        severity: 1
+        enabled: true
+        labels: {
+          app: 'tokenbroker'
+        }
+        annotations: {
+          summary: 'The tokenbroker listener\'s TLS certificate ends within 14 days'
+          description: 'The broker\'s TLS certificate ends in {{ $value | humanizeDuration }}; cert-manager renews it 30 days before the end, so check the Certificate tokenbroker-tls (kubectl -n tokenbroker describe certificate tokenbroker-tls). Once it has ended, callers refuse every connection.'
         }
         actions: actions
         resolveConfiguration: {

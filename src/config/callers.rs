@@ -276,6 +276,14 @@ impl Validator<'_> {
             match ri.algorithms {
                 None => algorithms.extend_from_slice(DEFAULT_ALGORITHMS),
                 Some(names) => {
+                    // Each refused name is its own problem; "required" is for a list that
+                    // names none.
+                    if names.is_empty() {
+                        self.problem(
+                            &format!("{path}.algorithms"),
+                            "at least one algorithm is required",
+                        );
+                    }
                     for n in names {
                         match n.parse::<Algorithm>() {
                             Ok(a) if !matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => algorithms.push(a),
@@ -284,12 +292,6 @@ impl Validator<'_> {
                                 format!("`{n}` is not allowed: use asymmetric algorithms (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"),
                             ),
                         }
-                    }
-                    if algorithms.is_empty() {
-                        self.problem(
-                            &format!("{path}.algorithms"),
-                            "at least one algorithm is required",
-                        );
                     }
                 }
             }
@@ -475,7 +477,8 @@ impl Validator<'_> {
         }
         for scope in policy.named_scopes() {
             if let Some(why) = super::client_credentials_scope_problem(scope) {
-                self.warn(at, format!("this grant is never served: {why}"));
+                // Scopes are named across the policy: a grant's other scopes may be served.
+                self.warn(at, format!("granted scope never served: {why}"));
             }
             // A token the broker serves for the scope is an app's token for that audience:
             // a caller granted the scope can present it and be the app, with the app's

@@ -169,6 +169,18 @@ fn a_tenant_referencing_a_missing_app_is_explained() {
 }
 
 #[test]
+fn a_tenant_referencing_an_invalid_app_is_not_told_the_app_is_missing() {
+    // Both fabrikam and northwind use the shared app; its own problem is the only one.
+    let p = problems(&GOOD.replace(
+        "client_id = \"11111111-1111-1111-1111-111111111111\"",
+        "client_id = \"<multi-tenant app client id>\"",
+    ));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "apps.shared.client_id", "{p:?}");
+    assert!(p[0].message.contains("is not a GUID"), "{p:?}");
+}
+
+#[test]
 fn imds_override_must_be_loopback() {
     let p = problems(&format!(
         "{GOOD}\n[identity]\nimds_endpoint = \"http://10.0.0.1\"\n"
@@ -360,6 +372,26 @@ fn issuers_refuse_hmac_and_none_and_need_an_audience() {
     assert!(paths.contains(&"callers.issuers.x.algorithms"), "{p:?}");
     assert!(paths.contains(&"callers.issuers.x.audience"), "{p:?}");
     assert!(p.iter().any(|p| p.message.contains("HS256")), "{p:?}");
+    // A list of refused algorithms is refused for what it names, once per name; only an
+    // empty one is told that it needs one.
+    let algorithms = |list: &str| {
+        problems(&format!(
+            "{GOOD}\n[callers]\naudience = \"a\"\n[callers.issuers.x]\nissuer = \"https://i.example\"\nalgorithms = {list}\n"
+        ))
+        .into_iter()
+        .map(|p| (p.path, p.message))
+        .collect::<Vec<_>>()
+    };
+    let p = algorithms("[\"HS256\"]");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].1.starts_with("`HS256` is not allowed"), "{p:?}");
+    let p = algorithms("[]");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, "callers.issuers.x.algorithms", "{p:?}");
+    assert!(
+        p[0].1.contains("at least one algorithm is required"),
+        "{p:?}"
+    );
     let p = problems(&format!(
         "{GOOD}\n[callers]\naudience = \"a\"\n[callers.issuers.x]\nissuer = \"http://issuer.example\"\n"
     ));
@@ -1340,6 +1372,27 @@ fn grants_that_can_never_be_used_are_refused_or_warned_about() {
                 && w.contains("https://graph.microsoft.com/.default")),
         "{w:?}"
     );
+    // Of a grant's scopes, the one that is never served is named; the others are served.
+    let c = Config::from_toml_str(
+        &grant(
+            "\"dev:loopback\"",
+            "\"https://graph.microsoft.com/.default\", \"https://graph.microsoft.com/User.Read\"",
+        )
+        .replace(
+            "plaintext = true",
+            "plaintext = true\n[callers]\ndev_loopback = true",
+        ),
+        Path::new("/"),
+        &no_env,
+    )
+    .unwrap();
+    let w: Vec<String> = c.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("granted scope never served: `https://graph.microsoft.com/User.Read`"),
+        "{w:?}"
+    );
+    assert!(!w[0].contains("grant is never served"), "{w:?}");
     // Staged setup: nobody can authenticate yet and nothing is granted; valid, with warnings.
     let c = Config::from_toml_str(GOOD, Path::new("/"), &no_env).unwrap();
     let paths: Vec<&str> = c.warnings.iter().map(|w| w.path.as_str()).collect();
@@ -1417,6 +1470,62 @@ fn the_listener_and_outbound_tls_files_must_exist_and_load_as_serve_loads_them()
             "server.tls_cert_file = /mounted/tls.crt",
             "server.tls_key_file = /mounted/tls.key"
         ]
+    );
+}
+
+#[test]
+fn a_server_certificate_outside_its_validity_is_refused_and_one_near_its_end_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+    let config = |name: &str, not_before, not_after| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["broker".into()]).unwrap();
+        p.not_before = not_before;
+        p.not_after = not_after;
+        let cert = p.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        GOOD.replace(
+            "listen = \"127.0.0.1:50051\"\nplaintext = true",
+            &format!("listen = \"0.0.0.0:50051\"\ntls_cert_file = \"{name}.crt\"\ntls_key_file = \"{name}.key\""),
+        )
+    };
+    let load = |text: &str| Config::from_toml_str(text, dir.path(), &no_env);
+    let refused = |text: &str| match load(text) {
+        Err(ConfigError::Invalid(p)) => {
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert_eq!(p[0].path, "server.tls_cert_file", "{p:?}");
+            p[0].message.clone()
+        }
+        other => panic!("expected a problem, got {other:?}"),
+    };
+    let m = refused(&config("expired", now - 60 * day, now - day));
+    assert!(
+        m.contains("expired.crt: expired at ") && m.contains("renew it"),
+        "{m}"
+    );
+    let m = refused(&config("early", now + day, now + 60 * day));
+    assert!(m.contains("early.crt: not valid before "), "{m}");
+
+    let ending = load(&config("ending", now - day, now + 3 * day)).unwrap();
+    let w: Vec<_> = ending
+        .warnings
+        .iter()
+        .filter(|w| w.path == "server.tls_cert_file")
+        .collect();
+    assert_eq!(w.len(), 1, "{:?}", ending.warnings);
+    assert!(
+        w[0].message.contains("the certificate expires in 2 days"),
+        "{w:?}"
+    );
+    let fine = load(&config("fine", now - day, now + 60 * day)).unwrap();
+    assert!(
+        fine.warnings
+            .iter()
+            .all(|w| w.path != "server.tls_cert_file"),
+        "{:?}",
+        fine.warnings
     );
 }
 

@@ -1,9 +1,11 @@
+use std::path::PathBuf;
 use std::time::Duration;
 
-use tokenbroker::cli::{CallerAuth, token};
+use tokenbroker::cli::{CallerAuth, request_token, token};
 use tokenbroker::proto::GetTokenRequest;
 
 use crate::harness::*;
+use crate::pki::Ca;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_command_speaks_mtls_and_bearer() {
@@ -85,4 +87,210 @@ async fn the_token_command_speaks_mtls_and_bearer() {
     .unwrap_err();
     assert!(e.contains("plaintext"), "{e}");
     h.stop().await;
+}
+
+/// `tokenbroker token`'s own mistakes against a TLS listener: each failure says what is wrong
+/// on the caller's side, and its exit status whether to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_command_says_what_the_caller_got_wrong() {
+    let caller = "spiffe://example.org/ns/cli/sa/script";
+    let h = Harness::start(Options {
+        policy: grants(&[(caller, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let (cert, key) = h.ca.client(&[caller]).write(h.dir.path(), "script");
+    std::fs::write(h.path("server-ca.pem"), &h.server_ca_pem).unwrap();
+    std::fs::write(h.path("other-ca.pem"), Ca::new("another CA").pem()).unwrap();
+    let addr = format!("https://localhost:{}", h.addr.port());
+    let attempt = async |addr: &str, ca: &str, cert: Option<(&PathBuf, &PathBuf)>| {
+        request_token(
+            addr,
+            GetTokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                ..Default::default()
+            },
+            Duration::from_secs(30),
+            &CallerAuth {
+                ca: Some(h.path(ca)),
+                cert: cert.map(|(c, k)| (c.clone(), k.clone())),
+                bearer_file: None,
+            },
+        )
+        .await
+    };
+
+    // A --ca that does not hold the broker's CA: asking for --ca would not help.
+    let e = attempt(&addr, "other-ca.pem", Some((&cert, &key)))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message.contains("not issued by a CA in --ca") && e.message.contains("other-ca.pem"),
+        "{}",
+        e.message
+    );
+    assert_eq!(e.exit, 1, "{}", e.message);
+
+    // Certificates the broker's TLS refuses: the broker's reason (its alert), told the same
+    // way on every run (TLS 1.3 refuses a client certificate after the client has sent its
+    // request, so the call alone sometimes sees only a closed connection), and 77.
+    let other_ca = Ca::new("another CA");
+    let foreign = other_ca.client(&[caller]).write(h.dir.path(), "foreign");
+    let now = time::OffsetDateTime::now_utc();
+    let no_usage =
+        h.ca.client_with(
+            &[caller],
+            None,
+            now - time::Duration::hours(1),
+            now + time::Duration::days(1),
+        )
+        .write(h.dir.path(), "no-usage");
+    for _ in 0..5 {
+        let e = attempt(&addr, "server-ca.pem", Some((&foreign.0, &foreign.1)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.exit, 77, "{}", e.message);
+        assert!(
+            e.message.contains("received fatal alert: UnknownCA")
+                && e.message
+                    .contains("does not trust the CA that issued the client certificate"),
+            "{}",
+            e.message
+        );
+        let e = attempt(&addr, "server-ca.pem", Some((&no_usage.0, &no_usage.1)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.exit, 77, "{}", e.message);
+        assert!(
+            e.message.contains("UnsupportedCertificate") && e.message.contains("clientAuth"),
+            "{}",
+            e.message
+        );
+    }
+
+    // http:// to the TLS listener: the call fails differently from run to run (a broken
+    // pipe, a closed connection, a bad HTTP/2 frame); the message and exit status do not.
+    for _ in 0..5 {
+        let e = request_token(
+            &format!("http://localhost:{}", h.addr.port()),
+            GetTokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                ..Default::default()
+            },
+            Duration::from_secs(30),
+            &CallerAuth::default(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.exit, 1, "{}", e.message);
+        assert!(
+            e.message
+                .contains("serves TLS there: try an https:// --addr"),
+            "{}",
+            e.message
+        );
+    }
+
+    attempt(&addr, "server-ca.pem", Some((&cert, &key)))
+        .await
+        .unwrap();
+    h.stop().await;
+
+    // A listener that requires a client certificate, asked without one.
+    let h = Harness::start(Options {
+        client_cert: "required",
+        ..Default::default()
+    })
+    .await;
+    std::fs::write(h.path("server-ca.pem"), &h.server_ca_pem).unwrap();
+    let addr = format!("https://localhost:{}", h.addr.port());
+    let e = request_token(
+        &addr,
+        GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        },
+        Duration::from_secs(30),
+        &CallerAuth {
+            ca: Some(h.path("server-ca.pem")),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.exit, 77, "{}", e.message);
+    assert!(
+        e.message.contains("CertificateRequired") && e.message.contains("pass --cert and --key"),
+        "{}",
+        e.message
+    );
+    h.stop().await;
+}
+
+/// A broker certificate `token` refuses (expired, not valid yet) is a mistake to fix where
+/// the broker runs: exit 1, not "worth retrying", with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_command_does_not_call_an_expired_broker_certificate_worth_retrying() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("broker CA");
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+    for (leaf, words) in [
+        (
+            ca.server_valid(now - 30 * day, now - day),
+            "must be renewed",
+        ),
+        (ca.server_valid(now + day, now + 30 * day), "not valid yet"),
+    ] {
+        let addr = tls_listener(&leaf).await;
+        let e = request_token(
+            &format!("https://localhost:{}", addr.port()),
+            GetTokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                ..Default::default()
+            },
+            Duration::from_secs(30),
+            &CallerAuth {
+                ca: Some(dir.path().join("ca.pem")),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.exit, 1, "{}", e.message);
+        assert!(e.message.contains(words), "{}", e.message);
+    }
+}
+
+/// A TLS listener on loopback that presents `leaf` and serves nothing.
+async fn tls_listener(leaf: &crate::pki::Leaf) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    addr
 }

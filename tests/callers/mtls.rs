@@ -305,10 +305,45 @@ async fn a_rotated_server_certificate_is_served_without_a_restart() {
     assert!(h.server_cert.reload_if_changed().is_err());
     handshake(&h, &h.server_ca_pem, None).await.unwrap();
 
+    // So is an expired pair, which every client would refuse.
+    let now = OffsetDateTime::now_utc();
+    let expired = new_ca.server_valid(now - Duration::days(30), now - Duration::days(1));
+    std::fs::write(h.path("server.crt"), &expired.cert_pem).unwrap();
+    std::fs::write(h.path("server.key"), &expired.key_pem).unwrap();
+    let e = h.server_cert.reload_if_changed().unwrap_err().to_string();
+    assert!(e.contains("expired at"), "{e}");
+    handshake(&h, &h.server_ca_pem, None).await.unwrap();
+
+    std::fs::write(h.path("server.crt"), &next.cert_pem).unwrap();
     std::fs::write(h.path("server.key"), &next.key_pem).unwrap();
     assert!(h.server_cert.reload_if_changed().unwrap());
     handshake(&h, &new_ca.pem(), None).await.unwrap();
     assert!(handshake(&h, &h.server_ca_pem, None).await.is_err());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_certificates_end_is_a_metric_that_follows_its_rotation() {
+    let h = Harness::start(Options::default()).await;
+    let days_left = || {
+        let text = h.broker.flow().metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix("tokenbroker_server_certificate_expiry_seconds "))
+            .map(|v| v.parse::<f64>().unwrap() / 86_400.0)
+            .unwrap_or_else(|| panic!("no server certificate series in\n{text}"))
+    };
+    // Serving (the series is read while the server serves).
+    handshake(&h, &h.server_ca_pem, None).await.unwrap();
+    // rcgen's default end: the year 4096.
+    assert!(days_left() > 365.0 * 1000.0, "{}", days_left());
+    let now = OffsetDateTime::now_utc();
+    let next =
+        h.ca.server_valid(now - Duration::days(1), now + Duration::days(10));
+    std::fs::write(h.path("server.crt"), &next.cert_pem).unwrap();
+    std::fs::write(h.path("server.key"), &next.key_pem).unwrap();
+    assert!(h.server_cert.reload_if_changed().unwrap());
+    let left = days_left();
+    assert!((9.0..=10.0).contains(&left), "{left}");
     h.stop().await;
 }
 

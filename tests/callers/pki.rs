@@ -93,10 +93,15 @@ impl Ca {
 
     /// A server certificate for `localhost` and 127.0.0.1.
     pub fn server(&self) -> Leaf {
-        let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        p.subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(server_params())
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1, valid from `not_before` to
+    /// `not_after`.
+    pub fn server_valid(&self, not_before: OffsetDateTime, not_after: OffsetDateTime) -> Leaf {
+        let mut p = server_params();
+        p.not_before = not_before;
+        p.not_after = not_after;
         self.sign(p)
     }
 
@@ -133,4 +138,12 @@ impl Ca {
             now + Duration::days(1),
         )
     }
+}
+
+fn server_params() -> CertificateParams {
+    let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    p.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p
 }

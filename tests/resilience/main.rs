@@ -1227,6 +1227,26 @@ fn a_client_retrying_a_bad_request_does_not_flood_the_log_but_every_refusal_is_a
 }
 
 #[test]
+fn tokenbroker_dev_on_a_port_in_use_says_why_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args(["dev", "--listen", &addr, "--state-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("tokenbroker dev: "))
+        .unwrap_or_else(|| panic!("no error line in {stderr}"));
+    assert!(line.contains(&format!("cannot listen on {addr}")), "{line}");
+    assert_eq!(line.matches("Address already in use").count(), 1, "{line}");
+}
+
+#[test]
 fn sigterm_stops_tokenbroker_dev_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("stderr.log");
