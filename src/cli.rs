@@ -249,13 +249,23 @@ pub async fn run(cli: Cli) -> ExitCode {
             files_elsewhere,
             ..
         } => match check_config(&file, files_elsewhere, &process_env) {
-            Ok(report) => print_out("tokenbroker check-config", &report),
+            Ok(mut report) => {
+                for w in crate::config::unknown_env_warnings(env_names()) {
+                    report.push_str(&format!("\nWARNING: {w}"));
+                }
+                print_out("tokenbroker check-config", &report)
+            }
             Err(problems) => {
                 eprintln!("{problems}");
                 ExitCode::from(EXIT_CONFIG)
             }
         },
     }
+}
+
+/// The names of this process's environment variables (those that are Unicode).
+fn env_names() -> impl Iterator<Item = String> {
+    std::env::vars_os().filter_map(|(k, _)| k.into_string().ok())
 }
 
 /// `check-config` without `--online`: the report, or the problems (exit `EXIT_CONFIG`).
@@ -348,7 +358,11 @@ async fn serve(path: PathBuf) -> ExitCode {
     };
     // Flushes exported spans when serving ends.
     let _telemetry = telemetry::init_with(config.log.format, &config.log.level, &config.telemetry);
-    for w in &config.warnings {
+    for w in config
+        .warnings
+        .iter()
+        .chain(&crate::config::unknown_env_warnings(env_names()))
+    {
         tracing::warn!(config = %path.display(), "{w}");
     }
     let result = async {
@@ -507,7 +521,12 @@ impl TokenFailure {
             .map(|secs| format!(" (retry after {secs} s)"))
             .unwrap_or_default();
         TokenFailure {
-            message: format!("{:?}: {}{retry}", s.code(), s.message()),
+            // The code as gRPC and the docs name it (`FAILED_PRECONDITION`).
+            message: format!(
+                "{}: {}{retry}",
+                crate::api::error::code_name(s.code()),
+                s.message()
+            ),
             exit,
         }
     }
@@ -933,9 +952,11 @@ fn response_json(r: &proto::GetTokenResponse) -> String {
         "tenant_id": r.tenant_id,
         "client_id": r.client_id,
         "scopes": r.scopes,
+        // As the audit trail names it (`CACHE`, `EXCHANGE`, `STALE_WHILE_REFRESH_FAILING`).
         "source": proto::TokenSource::try_from(r.source)
             .map(|s| s.as_str_name())
-            .unwrap_or("TOKEN_SOURCE_UNSPECIFIED"),
+            .unwrap_or("TOKEN_SOURCE_UNSPECIFIED")
+            .trim_start_matches("TOKEN_SOURCE_"),
     })
     .to_string()
 }
@@ -943,6 +964,16 @@ fn response_json(r: &proto::GetTokenResponse) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_json_names_the_source_as_the_audit_trail_does() {
+        let r = proto::GetTokenResponse {
+            source: proto::TokenSource::StaleWhileRefreshFailing as i32,
+            ..Default::default()
+        };
+        let v: serde_json::Value = serde_json::from_str(&response_json(&r)).unwrap();
+        assert_eq!(v["source"], "STALE_WHILE_REFRESH_FAILING");
+    }
 
     fn no_env(_: &str) -> Option<String> {
         None

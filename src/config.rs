@@ -678,6 +678,43 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("TOKENBROKER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
 ];
 
+/// `TOKENBROKER_*` variables read elsewhere than `ENV_OVERRIDES`: the log filter, and the
+/// binary the project's own scripts run.
+const OTHER_ENV: &[&str] = &["TOKENBROKER_LOG", "TOKENBROKER_BIN"];
+
+/// `TOKENBROKER_*` variables among `names` that the broker does not read, each with the one
+/// likely meant: a misspelt override (`TOKENBROKER_LISTN`) is otherwise silently ignored.
+/// Warned, not refused: the environment is shared with other programs.
+pub fn unknown_env_warnings(names: impl IntoIterator<Item = String>) -> Vec<Problem> {
+    let known: Vec<&str> = ENV_OVERRIDES
+        .iter()
+        .map(|(k, _)| *k)
+        .chain(OTHER_ENV.iter().copied())
+        .collect();
+    let mut unknown: Vec<String> = names
+        .into_iter()
+        .filter(|n| n.starts_with("TOKENBROKER_") && !known.contains(&n.as_str()))
+        .collect();
+    unknown.sort();
+    unknown
+        .into_iter()
+        .map(|name| {
+            let meant = known
+                .iter()
+                .map(|k| (strsim::levenshtein(k, &name), *k))
+                .min()
+                .filter(|(d, _)| *d <= 3)
+                .map(|(_, k)| format!("; did you mean {k}?"))
+                .unwrap_or_default();
+            Problem {
+                path: name,
+                line: None,
+                message: format!("not a variable tokenbroker reads, so it changes nothing{meant}"),
+            }
+        })
+        .collect()
+}
+
 impl Config {
     /// Loads, applies environment overrides, and validates.
     pub fn load(path: &Path, env: EnvSource<'_>) -> Result<Config, ConfigError> {

@@ -1835,3 +1835,24 @@ fn grant_problems_are_reported_at_their_own_lines() {
         "{p:?}"
     );
 }
+
+#[test]
+fn a_misspelt_tokenbroker_variable_is_warned_of_with_the_one_meant() {
+    let w = crate::config::unknown_env_warnings(
+        [
+            "TOKENBROKER_LISTN",
+            "TOKENBROKER_LOG",
+            "PATH",
+            "TOKENBROKER_ZZZZZZZZZZZZ",
+        ]
+        .map(String::from),
+    );
+    let w: Vec<String> = w.iter().map(|p| p.to_string()).collect();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].starts_with("TOKENBROKER_LISTN: not a variable tokenbroker reads"),
+        "{w:?}"
+    );
+    assert!(w[0].ends_with("did you mean TOKENBROKER_LISTEN?"), "{w:?}");
+    assert!(!w[1].contains("did you mean"), "{w:?}");
+}

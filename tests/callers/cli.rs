@@ -71,7 +71,7 @@ async fn the_token_command_speaks_mtls_and_bearer() {
     )
     .await
     .unwrap_err();
-    assert!(none.contains("Unauthenticated"), "{none}");
+    assert!(none.starts_with("UNAUTHENTICATED: "), "{none}");
 
     // A bearer token is never sent in the clear off loopback.
     let e = token(
