@@ -644,14 +644,18 @@ pub async fn request_token(
             String::from_utf8(read(path)?)
                 .map_err(|_| TokenFailure::other(format!("{}: not UTF-8", path.display())))?,
         );
-        let value = format!("Bearer {}", raw.expose().trim())
-            .parse()
-            .map_err(|_| {
-                TokenFailure::other(format!(
-                    "{}: the token is not a valid header value",
-                    path.display()
-                ))
-            })?;
+        // The file may hold the header's whole value, as some tools write it.
+        let token = raw.expose().trim();
+        let token = match token.get(..7) {
+            Some(p) if p.eq_ignore_ascii_case("bearer ") => token[7..].trim_start(),
+            _ => token,
+        };
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            TokenFailure::other(format!(
+                "{}: the token is not a valid header value",
+                path.display()
+            ))
+        })?;
         request.metadata_mut().insert("authorization", value);
     }
     let started = tokio::time::Instant::now();

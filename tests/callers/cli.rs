@@ -59,6 +59,25 @@ async fn the_token_command_speaks_mtls_and_bearer() {
     .await
     .unwrap();
     assert_eq!(by_bearer.tenant_id, demo::FABRIKAM_TENANT);
+    // A file holding the header's whole value works too.
+    std::fs::write(
+        h.path("header.txt"),
+        format!("bearer {}\n", h.issuer.token("script")),
+    )
+    .unwrap();
+    let by_header = token(
+        &addr,
+        req("fabrikam"),
+        Duration::from_secs(30),
+        &CallerAuth {
+            ca: Some(h.path("server-ca.pem")),
+            cert: None,
+            bearer_file: Some(h.path("header.txt")),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(by_header.tenant_id, demo::FABRIKAM_TENANT);
 
     let none = token(
         &addr,
