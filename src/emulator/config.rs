@@ -269,8 +269,12 @@ fn default_token_version() -> u8 {
 pub struct FederatedCredentialConfig {
     /// Expected `iss`. `{authority_host}` is replaced by the emulator's authority host, so
     /// `"{authority_host}/TENANT/v2.0"` names managed-identity tokens issued by this emulator.
+    /// Any other issuer is an external OpenID issuer (a Kubernetes cluster's OIDC issuer):
+    /// its signing keys are fetched from its discovery document when a token names it, so it
+    /// must be https, or http on a loopback host.
     pub issuer: String,
-    /// Expected `sub`: for a managed identity, its object id.
+    /// Expected `sub`: for a managed identity, its object id; for a Kubernetes service
+    /// account, `system:serviceaccount:NAMESPACE:NAME`.
     pub subject: String,
     #[serde(default = "default_fic_audience")]
     pub audience: String,
@@ -533,6 +537,18 @@ impl EmulatorConfig {
                 }
                 for c in &a.certificates {
                     self.check_cert_ref(c)?;
+                }
+                for f in &a.federated_credentials {
+                    // Entra takes only https issuers; http is for a local issuer in tests.
+                    let issuer = f.issuer.replace("{authority_host}", "https://127.0.0.1");
+                    let ok = url::Url::parse(&issuer)
+                        .is_ok_and(|u| crate::config::secure_or_loopback(&u));
+                    if !ok {
+                        return err(format!(
+                            "app {}: federated credential issuer {:?} must be an https URL (http only on a loopback host), or start with {{authority_host}}",
+                            a.client_id, f.issuer
+                        ));
+                    }
                 }
             }
         }

@@ -1,7 +1,9 @@
 //! Entra ID v2.0 on the HTTPS listener: the client-credentials token endpoint with certificate
-//! (`private_key_jwt`) and federated (managed identity) client assertions, validated the way
-//! Entra does and failing with its AADSTS codes; plus the discovery documents (OpenID
-//! configuration, JWKS, MSAL's instance discovery) so any client can verify emulator tokens.
+//! (`private_key_jwt`) and federated client assertions (the emulator's managed-identity
+//! tokens, or tokens of an external OpenID issuer such as a Kubernetes cluster's, whose keys
+//! `issuers` fetches), validated the way Entra does and failing with its AADSTS codes; plus
+//! the discovery documents (OpenID configuration, JWKS, MSAL's instance discovery) so any
+//! client can verify emulator tokens.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +13,8 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::config::FederatedCredentialConfig;
+use super::issuers::{self, KeyError};
 use super::keys::{self, SignAlg};
 use super::state::{App, Shared};
 
@@ -54,7 +58,7 @@ async fn route(shared: Arc<Shared>, req: Request) -> Response {
             let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
                 return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
             };
-            token(&shared, tenant, &base, &parts.headers, &body)
+            token(&shared, tenant, &base, &parts.headers, &body).await
         }
         ["common", "discovery", "instance"] if get => instance_discovery(parts.uri.query(), &base),
         [tenant, "v2.0", ".well-known", "openid-configuration"] if get => {
@@ -176,7 +180,7 @@ fn respond(status: StatusCode, body: Value, request_id: Option<&str>) -> Respons
     r
 }
 
-fn token(
+async fn token(
     shared: &Shared,
     tenant_seg: &str,
     base: &str,
@@ -189,7 +193,7 @@ fn token(
         "{tenant_seg}/{}",
         form.get("client_id").map_or("", String::as_str)
     );
-    let result = exchange(shared, tenant_seg, base, &form, &mut counter_key);
+    let result = exchange(shared, tenant_seg, base, &form, &mut counter_key).await;
     shared
         .counters()
         .exchanges
@@ -223,7 +227,7 @@ fn required<'a>(form: &'a HashMap<String, String>, name: &str) -> Result<&'a str
         })
 }
 
-fn exchange(
+async fn exchange(
     shared: &Shared,
     tenant_seg: &str,
     base: &str,
@@ -325,6 +329,8 @@ fn exchange(
         .ok_or_else(|| invalid_request(50027, "JWT token is invalid or malformed."))?;
     if jwt.header_str("kid") == Some(shared.issuer.kid.as_str()) {
         validate_federated(shared, &app, &jwt)?;
+    } else if is_external(&jwt) {
+        validate_external(shared, &app, &jwt).await?;
     } else {
         validate_certificate(shared, &app, &jwt, tenant_seg, &tenant_id, base)?;
     }
@@ -601,6 +607,70 @@ fn validate_federated(shared: &Shared, app: &App, jwt: &keys::ParsedJwt) -> Resu
             "Client assertion failed signature validation. [Reason - Key was found, but use of the key to verify the signature failed.]",
         ));
     }
+    check_window(shared, jwt)?;
+    let fics = fics_of_issuer(shared, app, jwt)?;
+    check_audience_and_subject(&fics, jwt)
+}
+
+/// Whether an assertion that is not the emulator's own token comes from an external issuer
+/// (a Kubernetes cluster's, say), to be matched against the app's federated credentials. A
+/// certificate assertion is issued by the app itself (`iss` = its client id); a federated
+/// credential's issuer is a URL.
+fn is_external(jwt: &keys::ParsedJwt) -> bool {
+    jwt.claim_str("iss").is_some_and(|iss| {
+        let iss = iss.to_ascii_lowercase();
+        iss.starts_with("https://") || iss.starts_with("http://")
+    })
+}
+
+/// A token of an external OpenID issuer presented as a federated credential: the issuer must
+/// be one the app's federated credentials name (only such an issuer is ever fetched), the
+/// signature one of its published keys' (discovery document, then JWKS), then the checks of
+/// the emulator's own federated tokens.
+async fn validate_external(
+    shared: &Shared,
+    app: &App,
+    jwt: &keys::ParsedJwt,
+) -> Result<(), EntraError> {
+    let fics = fics_of_issuer(shared, app, jwt)?;
+    let iss = jwt.claim_str("iss").unwrap_or_default();
+    let kid = jwt.header_str("kid");
+    let alg = jwt.header_str("alg").unwrap_or_default();
+    // Entra's answer when the issuer's metadata has no such key (AADSTS7000272); also the
+    // emulator's when the metadata cannot be fetched at all.
+    let key_not_found = |reason: String| {
+        invalid_client(
+            7000272,
+            format!(
+                "The certificate with identifier {} used to sign the federated credential could not be found in the metadata of identity provider {iss}. Please validate that your Identity Provider's metadata exposes the key used to sign the incoming token.{reason}",
+                kid.unwrap_or("(none)")
+            ),
+        )
+    };
+    let key = match shared.issuers.key(iss, kid).await {
+        Ok(k) => k,
+        Err(KeyError::NotFound) => return Err(key_not_found(String::new())),
+        Err(KeyError::Unavailable(why)) => {
+            return Err(key_not_found(format!(
+                " [Reason - The identity provider's metadata could not be retrieved: {why}]"
+            )));
+        }
+    };
+    let signature = keys::b64url(&jwt.signature);
+    if !issuers::verify(&key, alg, jwt.signing_input.as_bytes(), &signature) {
+        return Err(invalid_client(
+            700027,
+            format!(
+                "Client assertion failed signature validation. [Reason - Key was found, but use of the key to verify the signature failed., Algorithm '{alg}', issuer '{iss}']"
+            ),
+        ));
+    }
+    check_window(shared, jwt)?;
+    check_audience_and_subject(&fics, jwt)
+}
+
+/// `exp` (required) and `nbf` of a federated assertion, with the skew: else 700024.
+fn check_window(shared: &Shared, jwt: &keys::ParsedJwt) -> Result<(), EntraError> {
     let now = shared.now_secs();
     let exp = jwt.claim_i64("exp").unwrap_or(0);
     if exp + CLOCK_SKEW < now || jwt.claim_i64("nbf").is_some_and(|n| n - CLOCK_SKEW > now) {
@@ -611,39 +681,61 @@ fn validate_federated(shared: &Shared, app: &App, jwt: &keys::ParsedJwt) -> Resu
             ),
         ));
     }
+    Ok(())
+}
+
+const FIC_HINT: &str = "Please check your federated identity credential Subject, Audience and Issuer against the presented assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation";
+
+/// The app's federated credentials for the assertion's issuer (compared exactly, as
+/// Entra does); none: 700211.
+fn fics_of_issuer(
+    shared: &Shared,
+    app: &App,
+    jwt: &keys::ParsedJwt,
+) -> Result<Vec<FederatedCredentialConfig>, EntraError> {
     let iss = jwt.claim_str("iss").unwrap_or_default();
-    let sub = jwt.claim_str("sub").unwrap_or_default();
-    let auds = jwt.audiences();
-    let fics = shared.federated_credentials(&app.fics);
-    let hint = "Please check your federated identity credential Subject, Audience and Issuer against the presented assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation";
-    let by_issuer: Vec<_> = fics.iter().filter(|f| f.issuer == iss).collect();
-    if by_issuer.is_empty() {
+    let fics: Vec<_> = shared
+        .federated_credentials(&app.fics)
+        .into_iter()
+        .filter(|f| f.issuer == iss)
+        .collect();
+    if fics.is_empty() {
         return Err(invalid_client(
             700211,
             format!(
-                "No matching federated identity record found for presented assertion issuer '{iss}'. {hint}"
+                "No matching federated identity record found for presented assertion issuer '{iss}'. {FIC_HINT}"
             ),
         ));
     }
-    let by_audience: Vec<_> = by_issuer
-        .into_iter()
+    Ok(fics)
+}
+
+/// Among the issuer's credentials, one for the assertion's audience (else 700212) and its
+/// subject, case-sensitive as in Entra (else 700213).
+fn check_audience_and_subject(
+    fics: &[FederatedCredentialConfig],
+    jwt: &keys::ParsedJwt,
+) -> Result<(), EntraError> {
+    let sub = jwt.claim_str("sub").unwrap_or_default();
+    let auds = jwt.audiences();
+    let by_audience: Vec<_> = fics
+        .iter()
         .filter(|f| auds.contains(&f.audience.as_str()))
         .collect();
     if by_audience.is_empty() {
         return Err(invalid_client(
             700212,
             format!(
-                "No matching federated identity record found for presented assertion audience '{}'. {hint}",
+                "No matching federated identity record found for presented assertion audience '{}'. {FIC_HINT}",
                 auds.join(", ")
             ),
         ));
     }
-    // Subjects are case-sensitive in Entra.
     if !by_audience.iter().any(|f| f.subject == sub) {
         return Err(invalid_client(
             700213,
             format!(
-                "No matching federated identity record found for presented assertion subject '{sub}'. {hint}"
+                "No matching federated identity record found for presented assertion subject '{sub}'. {FIC_HINT}"
             ),
         ));
     }

@@ -40,6 +40,9 @@ pub enum EmulatorError {
         #[source]
         source: std::io::Error,
     },
+    /// The HTTP client that fetches external issuers' keys could not be built.
+    #[error("emulator HTTP client: {0}")]
+    Http(String),
     /// The endpoints file could not be serialised.
     #[error("serialising endpoints: {0}")]
     Json(#[from] serde_json::Error),

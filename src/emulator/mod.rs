@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! - [`config`]: TOML configuration and the demo estate.
-//! - `keys`, `tls`: key material and the throwaway CA.
+//! - `keys`, `tls`: key material and the throwaway CA; `issuers`: keys of external OpenID
+//!   issuers trusted through federated credentials (a Kubernetes cluster's).
 //! - `state`: runtime state and counters; `faults`: fault injection middleware.
 //! - `identity`, `keyvault`, `entra`, `admin`: the HTTP routes of each emulated service;
 //!   `graph`: a Graph-style paged collection for collector demos.
@@ -21,6 +22,7 @@ mod error;
 mod faults;
 mod graph;
 mod identity;
+mod issuers;
 pub(crate) mod keys;
 mod keyvault;
 mod state;
@@ -196,6 +198,7 @@ impl Emulator {
             endpoints.clone(),
             identities,
             issuer,
+            issuers::ExternalIssuers::new(&tls.ca_pem)?,
             state,
             shutdown_rx,
         ));

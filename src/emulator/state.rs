@@ -17,6 +17,7 @@ use super::config::{
 };
 use super::error::EmulatorError;
 use super::faults::Faults;
+use super::issuers::ExternalIssuers;
 use super::keys::{self, CertVersion, IssuerKey};
 
 /// Everything the request handlers need, behind one `Arc`.
@@ -24,6 +25,8 @@ pub(crate) struct Shared {
     pub endpoints: Endpoints,
     pub identities: Vec<IdentityConfig>,
     pub issuer: IssuerKey,
+    /// Keys of external issuers named by federated credentials, fetched on use.
+    pub issuers: ExternalIssuers,
     state: Mutex<State>,
     initial: State,
     pub faults: Faults,
@@ -460,6 +463,7 @@ impl Shared {
         endpoints: Endpoints,
         identities: Vec<IdentityConfig>,
         issuer: IssuerKey,
+        issuers: ExternalIssuers,
         state: State,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -467,6 +471,7 @@ impl Shared {
             endpoints,
             identities,
             issuer,
+            issuers,
             initial: state.clone(),
             state: Mutex::new(state),
             faults: Faults::default(),
@@ -486,12 +491,14 @@ impl Shared {
         self.counters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Restores the configured state, clears faults and counters and sets the clock offset back to 0.
+    /// Restores the configured state, clears faults, counters and the external issuers' keys,
+    /// and sets the clock offset back to 0.
     pub fn reset(&self) {
         *self.state() = self.initial.clone();
         *self.counters() = Counters::default();
         self.faults.clear();
         self.clock.reset();
+        self.issuers.clear();
     }
 
     /// Unix seconds on the emulator's clock.

@@ -3,8 +3,11 @@
 
 mod admin;
 mod clock;
+#[path = "../broker/cluster_issuer.rs"]
+mod cluster_issuer;
 mod common;
 mod entra;
+mod federated;
 mod graph;
 mod identity;
 mod keyvault;
