@@ -173,6 +173,10 @@ pub struct IdentityConfig {
     pub client_id: Option<String>,
     /// Redirects IMDS (`169.254.169.254`) to a local emulator. Loopback only.
     pub imds_endpoint: Option<Url>,
+    /// The configured cloud's authority host when the file names a cloud (`[cloud] name`):
+    /// where workload identity exchanges its service account token. `None`: where
+    /// `AZURE_AUTHORITY_HOST` says, else the public cloud (`workload_identity_authority`).
+    pub cloud_authority: Option<Url>,
 }
 
 #[derive(Debug, Clone)]
@@ -654,6 +658,45 @@ pub fn workload_identity_env(
         client_id,
         token_file,
     })
+}
+
+/// The variable the AKS workload identity webhook sets to the cluster's cloud's authority
+/// host, and that `azure_identity` reads when given no cloud.
+pub const AUTHORITY_HOST_VAR: &str = "AZURE_AUTHORITY_HOST";
+
+/// Where workload identity exchanges its service account token: the configured cloud's
+/// authority host when the file names a cloud (`configured`), so the broker's identity is in
+/// the cloud of its tenants and vaults; else `AZURE_AUTHORITY_HOST` from `env`, as
+/// `azure_identity` reads it (what deployments without `[cloud]` have relied on); else the
+/// public cloud's. Err: the variable is used and is not an https URL.
+pub fn workload_identity_authority(
+    configured: Option<&Url>,
+    env: EnvSource<'_>,
+) -> Result<Url, String> {
+    if let Some(u) = configured {
+        return Ok(u.clone());
+    }
+    let Some(set) = env(AUTHORITY_HOST_VAR).filter(|v| !v.trim().is_empty()) else {
+        return Ok(Cloud::Public.authority_host());
+    };
+    match Url::parse(set.trim()) {
+        Ok(u) if u.scheme() == "https" && u.host().is_some() => Ok(u),
+        Ok(_) => Err(format!(
+            "{AUTHORITY_HOST_VAR} is `{set}`: workload identity takes its authority host from it when [cloud] names no cloud, and it must be an https URL such as https://login.microsoftonline.com/"
+        )),
+        Err(e) => Err(format!(
+            "{AUTHORITY_HOST_VAR} is `{set}`, not a URL ({e}): workload identity takes its authority host from it when [cloud] names no cloud"
+        )),
+    }
+}
+
+/// Whether two authority hosts are the same (scheme, host and port; the webhook's value ends
+/// with a `/`, the configured ones need not).
+fn same_authority(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str().map(str::to_ascii_lowercase) == b.host_str().map(str::to_ascii_lowercase)
+        && a.port_or_known_default() == b.port_or_known_default()
+        && a.path().trim_end_matches('/') == b.path().trim_end_matches('/')
 }
 
 /// Seconds in an hour and in a day, for the bounds of the settings.
@@ -1209,9 +1252,12 @@ impl Validator<'_> {
                 },
             },
         };
-        let identity = self.identity(raw.identity, env);
-        let outbound = self.outbound(raw.outbound, env);
+        // The cloud first: workload identity exchanges its token at the named cloud's authority.
+        let cloud_named = raw.cloud.name.is_some();
         let cloud = self.cloud(raw.cloud);
+        let cloud_authority = cloud_named.then(|| cloud.authority_host());
+        let identity = self.identity(raw.identity, cloud_authority, env);
+        let outbound = self.outbound(raw.outbound, env);
         let cache = self.cache(raw.cache);
         let resilience = self.resilience(raw.resilience);
         let mut apps = BTreeMap::new();
@@ -1759,7 +1805,12 @@ impl Validator<'_> {
         }
     }
 
-    fn identity(&mut self, raw: RawIdentity, env: EnvSource<'_>) -> IdentityConfig {
+    fn identity(
+        &mut self,
+        raw: RawIdentity,
+        cloud_authority: Option<Url>,
+        env: EnvSource<'_>,
+    ) -> IdentityConfig {
         let source_key = if env("TOKENBROKER_IDENTITY_SOURCE").is_some() {
             "TOKENBROKER_IDENTITY_SOURCE"
         } else {
@@ -1806,11 +1857,55 @@ impl Validator<'_> {
         });
         if source == IdentitySource::WorkloadIdentity {
             self.workload_identity(source_key, client_id.as_deref(), env);
+            self.workload_identity_cloud(source_key, cloud_authority.as_ref(), env);
         }
         IdentityConfig {
             source,
             client_id,
             imds_endpoint,
+            cloud_authority,
+        }
+    }
+
+    /// Where workload identity exchanges its token, as `serve` takes it: a malformed
+    /// `AZURE_AUTHORITY_HOST` that would be used is a problem; one that names another
+    /// authority than the one used is a warning (the identity and the tenants' exchanges
+    /// would be in different clouds, or the pod's cloud is not the configured one).
+    fn workload_identity_cloud(
+        &mut self,
+        source_key: &str,
+        cloud_authority: Option<&Url>,
+        env: EnvSource<'_>,
+    ) {
+        // Away from the pod its environment is not there to check (`--files-elsewhere`).
+        if self.unchecked.is_some() {
+            return;
+        }
+        let used = match workload_identity_authority(cloud_authority, env) {
+            Ok(u) => u,
+            Err(why) => {
+                self.problem(source_key, why);
+                return;
+            }
+        };
+        let Some(set) = env(AUTHORITY_HOST_VAR).filter(|v| !v.trim().is_empty()) else {
+            return;
+        };
+        let public = Cloud::Public.authority_host();
+        match Url::parse(set.trim()) {
+            Ok(u) if cloud_authority.is_some() && !same_authority(&u, &used) => self.warn(
+                "cloud.name",
+                format!(
+                    "{AUTHORITY_HOST_VAR} is `{set}` (on AKS the webhook sets it from the cluster's cloud), but the configured cloud's authority is {used}: workload identity exchanges its token at {used}, as the tenants do; if the identity is in the cluster's cloud, set [cloud] to it"
+                ),
+            ),
+            Ok(u) if cloud_authority.is_none() && !same_authority(&u, &public) => self.warn(
+                "cloud",
+                format!(
+                    "[cloud] names no cloud, so the tenants' tokens come from the public cloud ({public}), while workload identity follows {AUTHORITY_HOST_VAR} to `{set}`: name the cloud in [cloud] (name = \"us_gov\", \"china\", or \"custom\" with its authority_host)"
+                ),
+            ),
+            _ => {}
         }
     }
 

@@ -1,12 +1,14 @@
 //! Outbound HTTP: one `reqwest` client (platform roots plus an optional extra CA bundle,
 //! pinned host names, timeouts) shared by the Azure SDK clients and the Entra exchange,
-//! and the broker's own managed identity credential built on it. Also how a failed
-//! connection is told to a person (`error_chain`).
+//! and the broker's own managed identity credential built on it (AKS workload identity at
+//! the configured cloud's authority host, reading the environment it is given). Also how a
+//! failed connection is told to a person (`error_chain`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
 use azure_core::credentials::TokenCredential;
 use azure_core::http::{
     AsyncRawResponse, ClientOptions, ExponentialRetryOptions, HttpClient, Request, RetryOptions,
@@ -80,24 +82,27 @@ pub fn client_options(
     imds: Option<&Url>,
     retry: RetryOptions,
 ) -> ClientOptions {
-    traced_options(http, imds, retry, None)
+    traced_options(sender(http, imds), retry, None)
 }
 
-/// Client options whose transport injects W3C trace context; requests of the managed
-/// identity credential (`upstream`) also get a span and a metric of their own.
-fn traced_options(
-    http: &reqwest::Client,
-    imds: Option<&Url>,
-    retry: RetryOptions,
-    upstream: Option<Upstream>,
-) -> ClientOptions {
-    let inner: Arc<dyn HttpClient> = match imds {
+/// The shared client, with IMDS's address sent to `imds` when one is configured.
+fn sender(http: &reqwest::Client, imds: Option<&Url>) -> Arc<dyn HttpClient> {
+    match imds {
         Some(url) => Arc::new(ImdsRedirect {
             inner: http.clone(),
             target: url.clone(),
         }),
         None => Arc::new(http.clone()),
-    };
+    }
+}
+
+/// Client options whose transport (`inner`) injects W3C trace context; requests of the
+/// managed identity credential (`upstream`) also get a span and a metric of their own.
+fn traced_options(
+    inner: Arc<dyn HttpClient>,
+    retry: RetryOptions,
+    upstream: Option<Upstream>,
+) -> ClientOptions {
     let transport: Arc<dyn HttpClient> = Arc::new(Traced { inner, upstream });
     ClientOptions {
         transport: Some(Transport::new(transport)),
@@ -119,18 +124,20 @@ pub fn identity_retry() -> RetryOptions {
 
 /// The broker's own identity: a managed identity (IMDS or App Service) or AKS workload
 /// identity, behind `identity::CachingCredential` (tokens refreshed at half-life and served
-/// while a refresh fails, within the endpoint's limits).
+/// while a refresh fails, within the endpoint's limits). `env` is the environment the
+/// credential reads (the process's, but in tests): the SDK is given everything it would
+/// otherwise read from the process itself.
 pub fn credential(
     identity: &IdentityConfig,
     http: &reqwest::Client,
+    env: crate::config::EnvSource<'_>,
 ) -> Result<Arc<dyn TokenCredential>, OutboundError> {
     Ok(Arc::new(crate::identity::CachingCredential::new(
-        sdk_credential(identity, http, &crate::config::process_env)?,
+        sdk_credential(identity, http, env)?,
     )))
 }
 
-/// The `azure_identity` credential for the configured source, with the environment `env`
-/// (the process's, but in tests).
+/// The `azure_identity` credential for the configured source, with the environment `env`.
 fn sdk_credential(
     identity: &IdentityConfig,
     http: &reqwest::Client,
@@ -153,15 +160,21 @@ fn sdk_credential(
             // are missing and what sets them, not the SDK's first complaint.
             let wi = crate::config::workload_identity_env(identity.client_id.as_deref(), env)
                 .map_err(err)?;
+            // Always given, so the SDK never reads AZURE_AUTHORITY_HOST from the process
+            // itself: the configured cloud's authority, else that variable from `env`.
+            let authority =
+                crate::config::workload_identity_authority(identity.cloud_authority.as_ref(), env)
+                    .map_err(err)?;
+            let mut cloud = CustomConfiguration::default();
+            cloud.authority_host = authority.to_string();
+            let mut client_options = traced_options(
+                sender(http, None),
+                identity_retry(),
+                Some(Upstream::ManagedIdentity),
+            );
+            client_options.cloud = Some(Arc::new(CloudConfiguration::Custom(cloud)));
             let options = WorkloadIdentityCredentialOptions {
-                credential_options: ClientAssertionCredentialOptions {
-                    client_options: traced_options(
-                        http,
-                        None,
-                        identity_retry(),
-                        Some(Upstream::ManagedIdentity),
-                    ),
-                },
+                credential_options: ClientAssertionCredentialOptions { client_options },
                 client_id: Some(wi.client_id),
                 tenant_id: Some(wi.tenant_id),
                 token_file_path: Some(wi.token_file),
@@ -174,8 +187,7 @@ fn sdk_credential(
             let options = ManagedIdentityCredentialOptions {
                 user_assigned_id: identity.client_id.clone().map(UserAssignedId::ClientId),
                 client_options: traced_options(
-                    http,
-                    identity.imds_endpoint.as_ref(),
+                    sender(http, identity.imds_endpoint.as_ref()),
                     identity_retry(),
                     Some(Upstream::ManagedIdentity),
                 ),
@@ -330,6 +342,7 @@ mod tests {
             source: IdentitySource::WorkloadIdentity,
             client_id: None,
             imds_endpoint: None,
+            cloud_authority: None,
         }
     }
 
@@ -358,6 +371,21 @@ mod tests {
             _ => None,
         };
         sdk_credential(&workload_identity(), &http, &pod).unwrap();
+        // Its authority host: AZURE_AUTHORITY_HOST from the environment given, when the
+        // configuration names no cloud; never the process's own.
+        let plain = |k: &str| match k {
+            "AZURE_AUTHORITY_HOST" => Some("http://login.example".into()),
+            _ => pod(k),
+        };
+        let Err(e) = sdk_credential(&workload_identity(), &http, &plain) else {
+            panic!("an http authority host")
+        };
+        assert!(e.to_string().contains("AZURE_AUTHORITY_HOST"), "{e}");
+        let configured = IdentityConfig {
+            cloud_authority: Some(Url::parse("https://login.microsoftonline.us").unwrap()),
+            ..workload_identity()
+        };
+        sdk_credential(&configured, &http, &plain).unwrap();
     }
 
     #[test]

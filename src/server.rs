@@ -122,10 +122,20 @@ fn reload_on_hangup(
 }
 
 /// The real upstreams for a configuration: Key Vault through the Azure SDK with the broker's
-/// managed identity, and Entra through the broker's own client, all on one HTTP stack.
+/// managed identity, and Entra through the broker's own client, all on one HTTP stack. The
+/// identity reads the process environment.
 pub fn upstreams(config: &Config) -> Result<Upstreams, ServerError> {
+    upstreams_with_env(config, &crate::config::process_env)
+}
+
+/// `upstreams`, with the broker's identity reading `env` (workload identity's variables and
+/// token file) instead of the process environment.
+pub fn upstreams_with_env(
+    config: &Config,
+    env: crate::config::EnvSource<'_>,
+) -> Result<Upstreams, ServerError> {
     let http = outbound::http_client(&config.outbound)?;
-    let credential = outbound::credential(&config.identity, &http)?;
+    let credential = outbound::credential(&config.identity, &http, env)?;
     // A credential per user-assigned identity that tenants present as a federated
     // credential; the broker's own identity shares its token cache with Key Vault's.
     let mut identities = std::collections::HashMap::new();
@@ -140,7 +150,7 @@ pub fn upstreams(config: &Config) -> Result<Upstreams, ServerError> {
                     client_id: Some(client_id.clone()),
                     ..config.identity.clone()
                 };
-                outbound::credential(&identity, &http)?
+                outbound::credential(&identity, &http, env)?
             };
             identities.insert(client_id.clone(), c);
         }

@@ -1686,6 +1686,109 @@ fn workload_identity_without_the_webhooks_variables_names_each_and_what_sets_the
 }
 
 #[test]
+fn workload_identity_exchanges_at_the_configured_cloud_else_where_azure_authority_host_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let pod = pod_env(dir.path());
+    let pod = &pod;
+    let with = |authority: Option<&'static str>| {
+        move |k: &str| {
+            if k == AUTHORITY_HOST_VAR {
+                authority.map(str::to_owned)
+            } else {
+                pod(k)
+            }
+        }
+    };
+    let wi = "\n[identity]\nsource = \"workload_identity\"\n";
+    let about_authority = |c: &Config| -> Vec<Problem> {
+        c.warnings
+            .iter()
+            .filter(|w| w.message.contains(AUTHORITY_HOST_VAR))
+            .cloned()
+            .collect()
+    };
+    let webhook = Some("https://login.microsoftonline.com/");
+
+    // A named cloud wins over what the webhook says, which is then a warning if it differs.
+    let named = format!("{GOOD}{wi}");
+    let env = with(webhook);
+    let c = Config::from_toml_str(&named, Path::new("/"), &env).unwrap();
+    let emulator = Url::parse("https://127.0.0.1:8443").unwrap();
+    assert_eq!(c.identity.cloud_authority.as_ref(), Some(&emulator));
+    assert_eq!(
+        workload_identity_authority(c.identity.cloud_authority.as_ref(), &env).unwrap(),
+        emulator
+    );
+    let w = about_authority(&c);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(w[0].path, "cloud.name");
+    assert!(
+        w[0].message.contains("https://login.microsoftonline.com/")
+            && w[0].message.contains("https://127.0.0.1:8443/"),
+        "{w:?}"
+    );
+    // The public cloud named, as the webhook says (its value ends with a slash): no warning.
+    let public = named.replace(
+        "name = \"custom\"\nauthority_host = \"https://127.0.0.1:8443\"",
+        "name = \"public\"",
+    );
+    let c = Config::from_toml_str(&public, Path::new("/"), &env).unwrap();
+    assert_eq!(
+        c.identity.cloud_authority.as_ref().map(Url::as_str),
+        Some("https://login.microsoftonline.com/")
+    );
+    assert!(about_authority(&c).is_empty(), "{:?}", c.warnings);
+
+    // No cloud named: AZURE_AUTHORITY_HOST, else the public cloud, as the SDK would.
+    let unnamed = named.replace(
+        "[cloud]\nname = \"custom\"\nauthority_host = \"https://127.0.0.1:8443\"\n",
+        "",
+    );
+    assert!(!unnamed.contains("[cloud]"));
+    for (set, used) in [
+        (None, "https://login.microsoftonline.com/"),
+        (webhook, "https://login.microsoftonline.com/"),
+        (
+            Some("https://login.microsoftonline.us/"),
+            "https://login.microsoftonline.us/",
+        ),
+    ] {
+        let env = with(set);
+        let c = Config::from_toml_str(&unnamed, Path::new("/"), &env).unwrap();
+        assert_eq!(c.identity.cloud_authority, None);
+        assert_eq!(
+            workload_identity_authority(None, &env).unwrap().as_str(),
+            used
+        );
+        // Tenants in the public cloud and the identity elsewhere: a warning.
+        let w = about_authority(&c);
+        assert_eq!(
+            w.len(),
+            usize::from(used.ends_with(".us/")),
+            "{set:?}: {w:?}"
+        );
+    }
+    // A variable that would be used must be an https URL.
+    for bad in ["http://login.example", "login.microsoftonline.com"] {
+        let env = |k: &str| {
+            if k == AUTHORITY_HOST_VAR {
+                Some(bad.to_owned())
+            } else {
+                pod(k)
+            }
+        };
+        let Err(ConfigError::Invalid(p)) = Config::from_toml_str(&unnamed, Path::new("/"), &env)
+        else {
+            panic!("{bad} accepted")
+        };
+        assert_eq!(p[0].path, "identity.source");
+        assert!(p[0].message.contains(AUTHORITY_HOST_VAR), "{p:?}");
+        // With a cloud named it is not used, so not a problem (a warning).
+        Config::from_toml_str(&named, Path::new("/"), &env).unwrap();
+    }
+}
+
+#[test]
 fn away_from_the_pod_workload_identitys_environment_is_listed_as_not_checked() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broker.toml");
