@@ -168,7 +168,9 @@ fn sdk_credential(
             let mut cloud = CustomConfiguration::default();
             cloud.authority_host = authority.to_string();
             let mut client_options = traced_options(
-                sender(http, None),
+                Arc::new(ReadableEntraErrors {
+                    inner: http.clone(),
+                }),
                 identity_retry(),
                 Some(Upstream::ManagedIdentity),
             );
@@ -275,6 +277,55 @@ impl HttpClient for ImdsRedirect {
         let _ = url.set_port(self.target.port_or_known_default());
         self.inner.execute_request(&redirected).await
     }
+}
+
+/// Entra's refusals made readable to `azure_identity` 1.0, whose `ClientAssertionCredential`
+/// (under `WorkloadIdentityCredential`) reads `error_description` as a borrowed string: serde
+/// cannot borrow a JSON string with escapes, and Entra's descriptions always have `\r\n`
+/// before their trace lines, so every refusal read "invalid type: string …, expected a
+/// borrowed string" instead of Entra's words and codes. The description's characters that
+/// JSON escapes become plain ones; nothing else of the answer changes.
+#[derive(Debug)]
+struct ReadableEntraErrors {
+    inner: reqwest::Client,
+}
+
+#[async_trait]
+impl HttpClient for ReadableEntraErrors {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+        let response = self.inner.execute_request(request).await?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let (status, headers, body) = response.deconstruct();
+        let body = body.collect().await?;
+        Ok(AsyncRawResponse::from_bytes(
+            status,
+            headers,
+            without_escapes(body),
+        ))
+    }
+}
+
+/// An Entra error body whose `error_description` needs no JSON escape (control characters
+/// become spaces, `"` `'`, `\` `/`); any other body as it is.
+fn without_escapes(body: bytes::Bytes) -> bytes::Bytes {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return body;
+    };
+    let Some(serde_json::Value::String(d)) = v.get_mut("error_description") else {
+        return body;
+    };
+    *d = d
+        .chars()
+        .map(|c| match c {
+            '"' => '\'',
+            '\\' => '/',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .collect();
+    serde_json::to_vec(&v).map_or(body, bytes::Bytes::from)
 }
 
 /// `message` (a transport error's), with what to check when it says a host name did not
@@ -386,6 +437,38 @@ mod tests {
             ..workload_identity()
         };
         sdk_credential(&configured, &http, &plain).unwrap();
+    }
+
+    #[test]
+    fn entras_error_description_is_rewritten_so_the_sdk_can_read_it() {
+        // As Entra writes it: CRLF before the trace lines.
+        let body = serde_json::json!({
+            "error": "invalid_client",
+            "error_description": "AADSTS700213: No matching federated identity record found for presented assertion subject 'system:serviceaccount:a:b'. \"x\" \\ y\r\nTrace ID: t\r\nCorrelation ID: c",
+            "error_codes": [700213],
+        });
+        let out = without_escapes(bytes::Bytes::from(body.to_string()));
+        #[derive(serde::Deserialize)]
+        struct Borrowed<'a> {
+            error_description: &'a str,
+            error_codes: Vec<i32>,
+        }
+        let read: Borrowed<'_> = serde_json::from_slice(&out).unwrap();
+        assert_eq!(read.error_codes, [700213]);
+        assert!(
+            read.error_description.starts_with(
+                "AADSTS700213: No matching federated identity record found for presented assertion subject 'system:serviceaccount:a:b'. 'x' / y  Trace ID: t"
+            ),
+            "{}",
+            read.error_description
+        );
+        // Anything else is left as it came.
+        for other in ["<html>bad gateway</html>", "{\"error\":\"x\"}"] {
+            assert_eq!(
+                without_escapes(bytes::Bytes::from(other)),
+                bytes::Bytes::from(other)
+            );
+        }
     }
 
     #[test]
