@@ -100,9 +100,29 @@ impl Stack {
         clock: Option<ManualClock>,
         wrap: impl FnOnce(Arc<dyn TokenExchange>) -> Arc<dyn TokenExchange>,
     ) -> Stack {
+        Stack::start_in(emu_config, edit, clock, wrap, &|_| None).await
+    }
+
+    /// With `env` as the broker's environment (its overrides, its identity's variables), in
+    /// place of the process's.
+    pub async fn start_with_env(
+        emu_config: EmulatorConfig,
+        edit: impl FnOnce(String) -> String,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
+    ) -> Stack {
+        Stack::start_in(emu_config, edit, None, |e| e, env).await
+    }
+
+    async fn start_in(
+        emu_config: EmulatorConfig,
+        edit: impl FnOnce(String) -> String,
+        clock: Option<ManualClock>,
+        wrap: impl FnOnce(Arc<dyn TokenExchange>) -> Arc<dyn TokenExchange>,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
+    ) -> Stack {
         let (emulator, path, dir) = emulator_with_config(emu_config, edit).await;
-        let config = tokenbroker::config::Config::load(&path, &|_| None).unwrap();
-        let real = tokenbroker::server::upstreams(&config).unwrap();
+        let config = tokenbroker::config::Config::load(&path, env).unwrap();
+        let real = tokenbroker::server::upstreams_with_env(&config, env).unwrap();
         let assertions = Arc::new(Mutex::new(Vec::new()));
         let up = Upstreams {
             exchange: Arc::new(Recording {

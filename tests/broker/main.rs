@@ -1,8 +1,10 @@
 //! End-to-end tests of the broker through its gRPC API, against the local Azure emulator.
 
+mod cluster_issuer;
 mod helpers;
 mod probe;
 mod startup;
+mod workload_identity;
 
 use std::collections::HashSet;
 

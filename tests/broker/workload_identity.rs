@@ -1,0 +1,153 @@
+//! The broker's own identity as AKS workload identity, end to end: a projected service
+//! account token of a (loopback) cluster OIDC issuer, exchanged at the emulated Entra for a
+//! Key Vault token of the app registration that trusts the cluster's service account, which
+//! then signs the tenants' assertions in the emulated vault.
+
+use tokenbroker::emulator::EmulatorConfig;
+use tokenbroker::emulator::VaultRole;
+use tokenbroker::emulator::config::{AppConfig, FederatedCredentialConfig, RoleAssignmentConfig};
+use tokenbroker::proto::TokenSource;
+use tonic::Code;
+
+use crate::cluster_issuer::{ClusterIssuer, EXCHANGE_AUDIENCE, SERVICE_ACCOUNT};
+use crate::helpers::*;
+
+/// The broker's app registration, trusted by the cluster's service account.
+const BROKER_APP: &str = "c0c0c0c0-a994-4000-8000-000000000a04";
+/// Its service principal in Contoso, the vault's tenant.
+const BROKER_SP: &str = "c0c0c0c0-a995-4000-8000-000000000a05";
+
+/// The demo estate with the broker's app registration in Contoso trusting `issuer`'s
+/// `SERVICE_ACCOUNT`, Key Vault known in Contoso, and the vault's roles held by that app's
+/// service principal alone (the host's managed identities hold none).
+fn estate(issuer: &str) -> EmulatorConfig {
+    let mut config = EmulatorConfig::demo();
+    let contoso = &mut config.tenants[0];
+    contoso.resources.push("https://vault.azure.net".into());
+    contoso.apps.push(AppConfig {
+        client_id: BROKER_APP.into(),
+        display_name: Some("tokenbroker (workload identity)".into()),
+        certificates: Vec::new(),
+        roles: Vec::new(),
+        enabled: true,
+        federated_credentials: vec![FederatedCredentialConfig {
+            issuer: issuer.into(),
+            subject: SERVICE_ACCOUNT.into(),
+            audience: EXCHANGE_AUDIENCE.into(),
+        }],
+        token_lifetime_secs: [3600, 5400],
+        service_principal_id: Some(BROKER_SP.into()),
+    });
+    config.vaults[0].role_assignments = [VaultRole::CryptoUser, VaultRole::CertificateUser]
+        .into_iter()
+        .map(|role| RoleAssignmentConfig {
+            principal: BROKER_SP.into(),
+            role,
+            scope: "*".into(),
+        })
+        .collect();
+    config
+}
+
+/// The generated configuration with `identity.source = "workload_identity"` (its cloud stays
+/// the emulator's custom authority host) and `extra` appended.
+fn workload_identity(extra: &'static str) -> impl FnOnce(String) -> String {
+    move |toml| {
+        let (start, end) = (
+            toml.find("[identity]").unwrap(),
+            toml.find("[cloud]").unwrap(),
+        );
+        format!(
+            "{}[identity]\nsource = \"workload_identity\"\n\n{}{extra}",
+            &toml[..start],
+            &toml[end..]
+        )
+    }
+}
+
+/// What the webhook sets in the pod, with the token in `token_file`. Its
+/// `AZURE_AUTHORITY_HOST` is the public cloud's, as on a public-cloud cluster: the configured
+/// cloud (the emulator's authority host) must win.
+fn pod_env(token_file: std::path::PathBuf) -> impl Fn(&str) -> Option<String> + Sync {
+    move |k: &str| match k {
+        "AZURE_CLIENT_ID" => Some(BROKER_APP.into()),
+        "AZURE_TENANT_ID" => Some(demo::CONTOSO_TENANT.into()),
+        "AZURE_FEDERATED_TOKEN_FILE" => Some(token_file.display().to_string()),
+        "AZURE_AUTHORITY_HOST" => Some("https://login.microsoftonline.com/".into()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_whose_identity_is_a_workload_identity_serves_tokens() {
+    let cluster = ClusterIssuer::start().await;
+    let pod = tempfile::tempdir().unwrap();
+    let token_file = pod.path().join("azure-identity-token");
+    std::fs::write(&token_file, cluster.token(SERVICE_ACCOUNT)).unwrap();
+    let env = pod_env(token_file);
+    let stack = Stack::start_with_env(estate(cluster.issuer()), workload_identity(""), &env).await;
+
+    let first = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(first.source, TokenSource::Exchange as i32);
+    assert_eq!(first.tenant_id, demo::CONTOSO_TENANT);
+    assert_eq!(claims(&first.access_token)["appid"], demo::CONTOSO_APP);
+    // The vault signed for the broker's app (its only role holder), whose Key Vault token
+    // came from the service account token: no managed identity was asked.
+    assert_eq!(stack.total_signs().await, 1);
+    let counters = stack.counters().await;
+    let identity = &counters["exchanges"][format!("{}/{BROKER_APP}", demo::CONTOSO_TENANT)];
+    assert_eq!(
+        (identity["total"].as_u64(), identity["success"].as_u64()),
+        (Some(1), Some(1)),
+        "{counters}"
+    );
+    assert!(
+        counters["mi_tokens"]
+            .as_object()
+            .is_none_or(|m| m.is_empty()),
+        "{counters}"
+    );
+    assert!(cluster.jwks_fetches() >= 1);
+
+    // Another tenant, signed with the same identity's token, kept by the broker.
+    let other = stack.get("fabrikam", GRAPH).await.unwrap();
+    assert_eq!(other.tenant_id, demo::FABRIKAM_TENANT);
+    assert_eq!(stack.total_signs().await, 2);
+    assert_eq!(stack.exchanges(demo::CONTOSO_TENANT, BROKER_APP).await, 1);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_the_app_does_not_trust_is_refused_with_entras_reason() {
+    let cluster = ClusterIssuer::start().await;
+    let pod = tempfile::tempdir().unwrap();
+    let token_file = pod.path().join("azure-identity-token");
+    let other = "system:serviceaccount:tokenbroker:not-the-broker";
+    let token = cluster.token(other);
+    std::fs::write(&token_file, &token).unwrap();
+    let env = pod_env(token_file);
+    let stack = Stack::start_with_env(
+        estate(cluster.issuer()),
+        workload_identity("\n[resilience]\nretry_budget_secs = 1\n"),
+        &env,
+    )
+    .await;
+
+    let s = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert!(
+        matches!(s.code(), Code::Unavailable | Code::FailedPrecondition),
+        "{s:?}"
+    );
+    let m = s.message();
+    assert!(m.contains("AADSTS700213"), "{m}");
+    assert!(m.contains(other), "{m}");
+    // Entra's own words, not the SDK's failure to read them.
+    assert!(!m.contains("invalid type"), "{m}");
+    assert!(
+        !m.contains(&token),
+        "the service account token is never told: {m}"
+    );
+    assert_eq!(stack.total_signs().await, 0);
+    assert!(stack.exchanges(demo::CONTOSO_TENANT, BROKER_APP).await >= 1);
+    stack.stop().await;
+}
