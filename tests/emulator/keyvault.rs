@@ -577,3 +577,55 @@ async fn only_known_api_versions() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_apps_own_token_is_accepted_with_its_service_principals_roles() {
+    // The Contoso app's service principal holds Certificate User on the vault, nothing more;
+    // Key Vault is a resource Contoso knows.
+    const SP: &str = "c0c0c0c0-a993-4000-8000-000000000b01";
+    let mut config = EmulatorConfig::demo();
+    config.tenants[0].resources.push(VAULT_RESOURCE.into());
+    config.tenants[0].apps[0].service_principal_id = Some(SP.into());
+    config.vaults[0]
+        .role_assignments
+        .push(RoleAssignmentConfig {
+            principal: SP.into(),
+            role: VaultRole::CertificateUser,
+            scope: "*".into(),
+        });
+    let env = start(config).await;
+    let (header, claims_in) = env.contoso_assertion_parts().await;
+    let assertion = env.assertion("contoso-app", header, claims_in).await;
+    let (status, body) = env
+        .exchange_assertion(
+            demo::CONTOSO_TENANT,
+            demo::CONTOSO_APP,
+            "https://vault.azure.net/.default",
+            &assertion,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["access_token"].as_str().unwrap();
+    // A v1.0 token of the app's service principal, as Entra issues for Key Vault.
+    let c = claims(token);
+    assert_eq!(c["aud"], VAULT_RESOURCE);
+    assert_eq!(c["ver"], "1.0");
+    assert_eq!(c["oid"], SP);
+    assert_eq!(c["appid"], demo::CONTOSO_APP);
+
+    let (status, cert) = env
+        .get_json(token, &format!("/certificates/contoso-app?{API}"))
+        .await;
+    assert_eq!(status, 200, "{cert}");
+    // Its role does not sign: 403 naming the app and its service principal.
+    let resp = env
+        .sign(token, "contoso-app", None, "RS256", &Sha256::digest(b"x"))
+        .await;
+    assert_eq!(resp.status(), 403);
+    let body: Value = resp.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("appid={};oid={SP}", demo::CONTOSO_APP)),
+        "{message}"
+    );
+}
