@@ -206,15 +206,8 @@ async fn tokens_and_assertions_follow_the_advanced_clock() {
 
     // IMDS shape: not_before / expires_on on the emulator's clock.
     let body: Value = env
-        .http
-        .get(format!(
-            "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource={VAULT_RESOURCE}",
-            env.ep().imds_endpoint
-        ))
-        .header("Metadata", "true")
-        .send()
+        .imds(&format!("api-version=2018-02-01&resource={VAULT_RESOURCE}"))
         .await
-        .expect("imds")
         .json()
         .await
         .expect("json");

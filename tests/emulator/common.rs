@@ -119,6 +119,19 @@ impl Env {
             .to_owned()
     }
 
+    /// `GET` of the IMDS token endpoint with `Metadata: true` and `query` (after `?`).
+    pub async fn imds(&self, query: &str) -> reqwest::Response {
+        self.http
+            .get(format!(
+                "{}/metadata/identity/oauth2/token?{query}",
+                self.ep().imds_endpoint
+            ))
+            .header("Metadata", "true")
+            .send()
+            .await
+            .expect("imds request")
+    }
+
     /// A Key Vault token for the broker's system-assigned identity.
     pub async fn kv_token(&self) -> String {
         self.mi_token(VAULT_RESOURCE, None).await

@@ -77,18 +77,12 @@ async fn app_service_shape_and_claims() {
 #[tokio::test]
 async fn imds_shape_all_strings() {
     let env = start_demo().await;
-    let url = format!(
-        "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/&client_id={}",
-        env.ep().imds_endpoint,
-        demo::FIC_MI_CLIENT_ID
-    );
     let resp = env
-        .http
-        .get(&url)
-        .header("Metadata", "true")
-        .send()
-        .await
-        .unwrap();
+        .imds(&format!(
+            "api-version=2018-02-01&resource=https://management.azure.com/&client_id={}",
+            demo::FIC_MI_CLIENT_ID
+        ))
+        .await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     let fields = [
@@ -114,6 +108,10 @@ async fn imds_shape_all_strings() {
     assert_eq!(c["aud"], "https://management.azure.com/");
 
     // Missing Metadata header.
+    let url = format!(
+        "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/",
+        env.ep().imds_endpoint
+    );
     let resp = env.http.get(&url).send().await.unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
@@ -128,41 +126,20 @@ async fn imds_shape_all_strings() {
         format!("object_id={}", demo::FIC_MI_OBJECT_ID),
         "msi_res_id=/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/emulator/providers/Microsoft.ManagedIdentity/userAssignedIdentities/broker-fic".to_owned(),
     ] {
-        let url = format!("{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net&{q}", env.ep().imds_endpoint);
-        let resp = env.http.get(&url).header("Metadata", "true").send().await.unwrap();
+        let resp = env.imds(&format!("api-version=2018-02-01&resource=https://vault.azure.net&{q}")).await;
         assert_eq!(resp.status(), 200, "{q}");
         let body: Value = resp.json().await.unwrap();
         assert_eq!(claims(body["access_token"].as_str().unwrap())["oid"], demo::FIC_MI_OBJECT_ID);
     }
 
     // Unknown identity and missing resource.
-    let url = format!(
-        "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net&client_id=00000000-0000-0000-0000-000000000099",
-        env.ep().imds_endpoint
-    );
-    let resp = env
-        .http
-        .get(&url)
-        .header("Metadata", "true")
-        .send()
-        .await
-        .unwrap();
+    let resp = env.imds("api-version=2018-02-01&resource=https://vault.azure.net&client_id=00000000-0000-0000-0000-000000000099").await;
     assert_eq!(resp.status(), 400);
     assert_eq!(
         resp.json::<Value>().await.unwrap()["error"],
         "invalid_request"
     );
-    let url = format!(
-        "{}/metadata/identity/oauth2/token?api-version=2018-02-01",
-        env.ep().imds_endpoint
-    );
-    let resp = env
-        .http
-        .get(&url)
-        .header("Metadata", "true")
-        .send()
-        .await
-        .unwrap();
+    let resp = env.imds("api-version=2018-02-01").await;
     assert_eq!(resp.status(), 400);
 }
 
@@ -177,17 +154,9 @@ async fn multiple_user_assigned_need_a_selector() {
     config.identities.push(second);
     let env = start(config).await;
 
-    let url = format!(
-        "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net",
-        env.ep().imds_endpoint
-    );
     let resp = env
-        .http
-        .get(&url)
-        .header("Metadata", "true")
-        .send()
-        .await
-        .unwrap();
+        .imds("api-version=2018-02-01&resource=https://vault.azure.net")
+        .await;
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "invalid_request");
@@ -243,15 +212,8 @@ async fn app_service_names_no_user_assigned_identity_by_itself() {
     let named = app_service(&format!("&client_id={lone}")).await.unwrap();
     assert_eq!(named.status(), 200);
     let imds = env
-        .http
-        .get(format!(
-            "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource={VAULT_RESOURCE}",
-            env.ep().imds_endpoint
-        ))
-        .header("Metadata", "true")
-        .send()
-        .await
-        .unwrap();
+        .imds(&format!("api-version=2018-02-01&resource={VAULT_RESOURCE}"))
+        .await;
     assert_eq!(imds.status(), 200);
 }
 
@@ -309,17 +271,9 @@ async fn imds_hands_out_the_same_token_until_it_expires() {
     let ask = |resource: &'static str| {
         let env = &env;
         async move {
-            let url = format!(
-                "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource={resource}",
-                env.ep().imds_endpoint
-            );
             let resp = env
-                .http
-                .get(&url)
-                .header("Metadata", "true")
-                .send()
-                .await
-                .unwrap();
+                .imds(&format!("api-version=2018-02-01&resource={resource}"))
+                .await;
             assert_eq!(resp.status(), 200);
             resp.json::<Value>().await.unwrap()
         }
