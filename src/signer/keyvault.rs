@@ -114,10 +114,10 @@ impl Signer for KeyVaultSigner {
             .map_err(|e| unreadable(&format!("certificate {name}"), &e))?;
         let cer = cert
             .cer
-            .ok_or_else(|| other(format!("certificate {name} has no public part (cer)")))?;
+            .ok_or_else(|| incomplete(&format!("certificate {name}"), "public part (cer)"))?;
         let kid = cert
             .kid
-            .ok_or_else(|| other(format!("certificate {name} has no key id (kid)")))?;
+            .ok_or_else(|| incomplete(&format!("certificate {name}"), "key id (kid)"))?;
         let rid = ResourceId::from_str(&kid)
             .map_err(|e| other(format!("certificate {name} has an unreadable kid: {e}")))?;
         let version = rid
@@ -177,7 +177,7 @@ impl Signer for KeyVaultSigner {
         result
             .result
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| other("Key Vault returned no signature".into()))
+            .ok_or_else(|| incomplete("sign", "signature (value)"))
     }
 }
 
@@ -200,6 +200,18 @@ fn unreadable(what: &str, e: &azure_core::Error) -> SignerError {
             "unreadable answer for {what} (HTTP 200): not Key Vault's, a proxy or gateway may have answered ({})",
             root_message(e)
         )),
+        retry_after: None,
+    }
+}
+
+/// A success whose JSON lacks what every Key Vault answer of its kind has (`{}` or a
+/// gateway's own JSON with 200): as `unreadable`, not Key Vault's verdict.
+fn incomplete(what: &str, field: &str) -> SignerError {
+    SignerError::Unavailable {
+        service: SERVICE,
+        message: format!(
+            "answer for {what} (HTTP 200) has no {field}: not Key Vault's, a proxy or gateway may have answered"
+        ),
         retry_after: None,
     }
 }

@@ -1114,6 +1114,25 @@ async fn a_page_answered_with_200_in_key_vaults_place_is_retried_not_remembered(
         stack.clear_faults().await;
         stack.get(tenant, GRAPH).await.unwrap();
     }
+    // JSON that is not Key Vault's answer (a gateway's own, or `{}`), with 200: the same.
+    const API: &str = "api://contoso-api/.default";
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "keyvault.sign", "count": 100,
+                   "fail": {"status": 200, "content_type": "application/json", "raw_body": "{}"}}),
+        )
+        .await;
+    assert_status(
+        stack.get("contoso", API).await,
+        Code::Unavailable,
+        &[
+            "answer for sign (HTTP 200) has no signature (value)",
+            "a proxy or gateway may have answered",
+        ],
+    );
+    stack.clear_faults().await;
+    stack.get("contoso", API).await.unwrap();
     stack.stop().await;
 }
 
