@@ -404,6 +404,12 @@ impl PolicyHandle {
     /// Re-reads the policy file. A valid, changed policy replaces the current one
     /// (`Ok(true)`); an unreadable or invalid one is refused and the current one stays.
     pub fn reload(&self) -> Result<bool, PolicyError> {
+        self.reload_with(false)
+    }
+
+    /// `reload`; `again`: a content refused before is parsed again, to tell its problems
+    /// again (not counted again).
+    fn reload_with(&self, again: bool) -> Result<bool, PolicyError> {
         let Source::File { path, tenants } = &self.source else {
             return Ok(false);
         };
@@ -430,15 +436,18 @@ impl PolicyHandle {
             *refused = None;
             return Ok(false);
         }
-        if *refused == Some(digest) {
+        let told = *refused == Some(digest);
+        if told && !again {
             return Err(PolicyError::Unchanged);
         }
         let policy = match Policy::parse(&text, tenants) {
             Ok(p) => p,
             Err(problems) => {
-                *refused = Some(digest);
-                self.refusals
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if !told {
+                    *refused = Some(digest);
+                    self.refusals
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 return Err(PolicyError::Invalid {
                     path: Some(path.clone()),
                     problems,
@@ -475,7 +484,7 @@ impl PolicyHandle {
     /// (`asked`: SIGHUP).
     pub fn reload_now(&self, asked: bool) {
         let before = self.refusals();
-        match self.reload() {
+        match self.reload_with(asked) {
             Ok(true) => info!(
                 grants = self.current().grant_count(),
                 "caller policy reloaded"
@@ -681,8 +690,12 @@ mod tests {
         std::fs::write(&path, "[[grant]]\ntenants = [\"nope\"]\n").unwrap();
         assert!(matches!(h.reload(), Err(PolicyError::Invalid { .. })));
         assert!(h.file_refused());
-        // The same content, looked at again: not parsed nor counted again.
+        // The same content, looked at again: not parsed nor counted again; asked again
+        // (SIGHUP), its problems are told again, not counted.
         assert!(matches!(h.reload(), Err(PolicyError::Unchanged)));
+        assert!(
+            matches!(h.reload_with(true), Err(PolicyError::Invalid { problems, .. }) if problems.iter().any(|p| p.contains("nope")))
+        );
         assert_eq!(h.refusals(), 1);
         // Put back as it was: what is in force is the file again.
         std::fs::write(&path, &good).unwrap();
