@@ -465,7 +465,10 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
         if watched.get(key).is_some_and(|w| Arc::ptr_eq(w, slot)) {
             watched.remove(key);
         }
-        slot.cached()
+        // `contains_key` too: an entry idle past its time is gone for lookups at once, but
+        // its eviction is noticed only at the cache's next housekeeping (and neither
+        // question counts as a read).
+        slot.cached() && self.slots.contains_key(key)
     }
 
     /// The number of slots held for their watchers.
@@ -665,6 +668,17 @@ mod tests {
         assert_eq!(cache.watched_count().await, 0);
         cache.evict(&k).await;
         assert!(!cache.keep(&k, &new).await);
+    }
+
+    #[tokio::test]
+    async fn a_slot_idle_past_its_time_is_not_its_keys_before_housekeeping_notices() {
+        // moka's idle expiry runs on its own clock: a short idle time, waited for.
+        let cache: TokenCache<String> = TokenCache::new(100, Duration::from_millis(20));
+        let k = key("t", &["s"]);
+        let slot = cache.slot(&k, || k.clone()).await;
+        assert!(cache.keep(&k, &slot).await);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!cache.keep(&k, &slot).await, "expired for lookups");
     }
 
     #[tokio::test]

@@ -248,13 +248,8 @@ pub async fn run(cli: Cli) -> ExitCode {
             file,
             files_elsewhere,
             ..
-        } => match check_config(&file, files_elsewhere, &process_env) {
-            Ok(mut report) => {
-                for w in crate::config::unknown_env_warnings(env_names()) {
-                    report.push_str(&format!("\nWARNING: {w}"));
-                }
-                print_out("tokenbroker check-config", &report)
-            }
+        } => match check_config(&file, files_elsewhere, &process_env, env_names()) {
+            Ok(report) => print_out("tokenbroker check-config", &report),
             Err(problems) => {
                 eprintln!("{problems}");
                 ExitCode::from(EXIT_CONFIG)
@@ -273,6 +268,7 @@ fn check_config(
     file: &std::path::Path,
     files_elsewhere: bool,
     env: crate::config::EnvSource<'_>,
+    env_names: impl IntoIterator<Item = String>,
 ) -> Result<String, String> {
     let checked = if files_elsewhere {
         Config::check_without_files(file, env)
@@ -285,7 +281,11 @@ fn check_config(
         text.push_str(&format!("\nnot checked here (--files-elsewhere): {f}"));
     }
     // Valid, so exit 0, but what they say stops part of the broker working.
-    for w in &c.warnings {
+    for w in c
+        .warnings
+        .iter()
+        .chain(&crate::config::unknown_env_warnings(env_names, &c))
+    {
         text.push_str(&format!("\nWARNING: {w}"));
     }
     Ok(text)
@@ -361,7 +361,7 @@ async fn serve(path: PathBuf) -> ExitCode {
     for w in config
         .warnings
         .iter()
-        .chain(&crate::config::unknown_env_warnings(env_names()))
+        .chain(&crate::config::unknown_env_warnings(env_names(), &config))
     {
         tracing::warn!(config = %path.display(), "{w}");
     }
@@ -1003,7 +1003,7 @@ mod tests {
     #[test]
     fn check_config_prints_what_leaves_the_broker_unusable_as_warnings_and_still_passes() {
         let (_dir, path) = config_file("");
-        let report = check_config(&path, false, &no_env).unwrap();
+        let report = check_config(&path, false, &no_env, []).unwrap();
         assert!(report.contains(": OK\n"), "{report}");
         assert!(
             report.contains("\nWARNING: policy: no grants: every request is denied"),
@@ -1016,7 +1016,7 @@ mod tests {
         let (_dir, path) = config_file(
             "[callers]\ndev_loopback = true\n[[policy.grant]]\ncallers = [\"dev:loopback\"]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n",
         );
-        let report = check_config(&path, false, &no_env).unwrap();
+        let report = check_config(&path, false, &no_env, []).unwrap();
         assert!(!report.contains("WARNING"), "{report}");
     }
 
@@ -1154,14 +1154,14 @@ mod tests {
         let (_dir, path) = config_file("");
         let env =
             |k: &str| (k == "TOKENBROKER_IDENTITY_SOURCE").then(|| "workload_identity".into());
-        let e = check_config(&path, false, &env).unwrap_err();
+        let e = check_config(&path, false, &env, []).unwrap_err();
         assert!(
             e.contains("TOKENBROKER_IDENTITY_SOURCE: workload identity needs AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE in the broker's environment"),
             "{e}"
         );
         assert!(e.contains("azure.workload.identity/use"), "{e}");
         // Checked where the broker runs: here they are listed, not judged.
-        let report = check_config(&path, true, &env).unwrap();
+        let report = check_config(&path, true, &env, []).unwrap();
         assert!(
             report.contains("\nnot checked here (--files-elsewhere): TOKENBROKER_IDENTITY_SOURCE = workload_identity: AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE"),
             "{report}"
@@ -1171,7 +1171,7 @@ mod tests {
     #[test]
     fn a_file_that_cannot_be_read_is_named_once() {
         let missing = std::path::Path::new("/nowhere/broker.toml");
-        let e = check_config(missing, false, &no_env).unwrap_err();
+        let e = check_config(missing, false, &no_env, []).unwrap_err();
         assert_eq!(e.matches("/nowhere/broker.toml").count(), 1, "{e}");
         assert!(e.starts_with("cannot read /nowhere/broker.toml: "), "{e}");
     }

@@ -728,11 +728,23 @@ const OTHER_ENV: &[&str] = &["TOKENBROKER_LOG", "TOKENBROKER_BIN"];
 /// `TOKENBROKER_*` variables among `names` that the broker does not read, each with the one
 /// likely meant: a misspelt override (`TOKENBROKER_LISTN`) is otherwise silently ignored.
 /// Warned, not refused: the environment is shared with other programs.
-pub fn unknown_env_warnings(names: impl IntoIterator<Item = String>) -> Vec<Problem> {
+pub fn unknown_env_warnings(
+    names: impl IntoIterator<Item = String>,
+    config: &Config,
+) -> Vec<Problem> {
+    // Variables the configuration names itself (an HSM's `pin_env`) are read too.
+    let pins = config.tenants.values().filter_map(|t| match &t.credential {
+        Credential::Pkcs11 {
+            pin: PinSource::Env(name),
+            ..
+        } => Some(name.as_str()),
+        _ => None,
+    });
     let known: Vec<&str> = ENV_OVERRIDES
         .iter()
         .map(|(k, _)| *k)
         .chain(OTHER_ENV.iter().copied())
+        .chain(pins)
         .collect();
     let mut unknown: Vec<String> = names
         .into_iter()

@@ -1941,14 +1941,19 @@ fn grant_problems_are_reported_at_their_own_lines() {
 
 #[test]
 fn a_misspelt_tokenbroker_variable_is_warned_of_with_the_one_meant() {
+    // A PIN variable the configuration names is read too, whatever its name.
+    let hsm = HSM.replace("HSM_USER_PIN", "TOKENBROKER_HSM_PIN");
+    let c = Config::from_toml_str(&format!("{GOOD}{hsm}"), Path::new("/"), &no_env).unwrap();
     let w = crate::config::unknown_env_warnings(
         [
             "TOKENBROKER_LISTN",
             "TOKENBROKER_LOG",
             "PATH",
+            "TOKENBROKER_HSM_PIN",
             "TOKENBROKER_ZZZZZZZZZZZZ",
         ]
         .map(String::from),
+        &c,
     );
     let w: Vec<String> = w.iter().map(|p| p.to_string()).collect();
     assert_eq!(w.len(), 2, "{w:?}");
