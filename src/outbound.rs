@@ -125,8 +125,10 @@ pub fn identity_retry() -> RetryOptions {
 /// The broker's own identity: a managed identity (IMDS or App Service) or AKS workload
 /// identity, behind `identity::CachingCredential` (tokens refreshed at half-life and served
 /// while a refresh fails, within the endpoint's limits). `env` is the environment the
-/// credential reads (the process's, but in tests): the SDK is given everything it would
-/// otherwise read from the process itself.
+/// credential reads (the process's, but in tests). For workload identity the SDK is given
+/// everything it would otherwise read from the process; the managed identity credential
+/// (IMDS, App Service) still reads `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` from the
+/// process itself, which `env` is only checked against.
 pub fn credential(
     identity: &IdentityConfig,
     http: &reqwest::Client,
@@ -299,23 +301,34 @@ impl HttpClient for ReadableEntraErrors {
         }
         let (status, headers, body) = response.deconstruct();
         let body = body.collect().await?;
+        // The assertion sent (the service account's token), should a gateway answering in
+        // JSON echo the form: the description reaches callers and logs.
+        let sent = match request.body() {
+            azure_core::http::Body::Bytes(form) => url::form_urlencoded::parse(form)
+                .find(|(k, _)| k == "client_assertion")
+                .map(|(_, v)| v.into_owned()),
+            _ => None,
+        };
         Ok(AsyncRawResponse::from_bytes(
             status,
             headers,
-            without_escapes(body),
+            without_escapes(body, sent.as_deref()),
         ))
     }
 }
 
 /// An Entra error body whose `error_description` needs no JSON escape (control characters
-/// become spaces, `"` `'`, `\` `/`); any other body as it is.
-fn without_escapes(body: bytes::Bytes) -> bytes::Bytes {
+/// become spaces, `"` `'`, `\` `/`) and quotes no `sent` assertion; any other body as it is.
+fn without_escapes(body: bytes::Bytes, sent: Option<&str>) -> bytes::Bytes {
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return body;
     };
     let Some(serde_json::Value::String(d)) = v.get_mut("error_description") else {
         return body;
     };
+    if let Some(sent) = sent.filter(|a| !a.is_empty()) {
+        *d = d.replace(sent, "[the assertion]");
+    }
     *d = d
         .chars()
         .map(|c| match c {
@@ -447,7 +460,7 @@ mod tests {
             "error_description": "AADSTS700213: No matching federated identity record found for presented assertion subject 'system:serviceaccount:a:b'. \"x\" \\ y\r\nTrace ID: t\r\nCorrelation ID: c",
             "error_codes": [700213],
         });
-        let out = without_escapes(bytes::Bytes::from(body.to_string()));
+        let out = without_escapes(bytes::Bytes::from(body.to_string()), None);
         #[derive(serde::Deserialize)]
         struct Borrowed<'a> {
             error_description: &'a str,
@@ -465,10 +478,19 @@ mod tests {
         // Anything else is left as it came.
         for other in ["<html>bad gateway</html>", "{\"error\":\"x\"}"] {
             assert_eq!(
-                without_escapes(bytes::Bytes::from(other)),
+                without_escapes(bytes::Bytes::from(other), None),
                 bytes::Bytes::from(other)
             );
         }
+        // A gateway echoing the form: the service account's token is cut out.
+        let echoed = serde_json::json!({
+            "error": "invalid_request",
+            "error_description": "bad form: client_assertion=eyJsa-token&client_id=c",
+        });
+        let out = without_escapes(bytes::Bytes::from(echoed.to_string()), Some("eyJsa-token"));
+        let out = String::from_utf8(out.to_vec()).unwrap();
+        assert!(!out.contains("eyJ"), "{out}");
+        assert!(out.contains("client_assertion=[the assertion]"), "{out}");
     }
 
     #[test]
