@@ -790,7 +790,7 @@ fn client_identity(
 /// The trust and client certificate of a TLS call, to ask the broker again why it refused it.
 #[derive(Default)]
 struct TlsProbe {
-    /// `--ca`'s certificates; none: the platform roots, which `tls_refusal` cannot use.
+    /// `--ca`'s certificates; none: the platform roots.
     roots: Option<Vec<CertificateDer<'static>>>,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 }
@@ -803,14 +803,21 @@ const PROBE_BOUND: Duration = Duration::from_secs(2);
 /// sent its request; the call then fails with the broker's alert or with a bare "connection
 /// closed", whichever the client's HTTP/2 layer notices first. A connection that sends
 /// nothing after its handshake reads the broker's first word instead: its alert, or HTTP/2
-/// settings when it took the certificate. `None` when that tells nothing more (no `--ca`,
-/// the broker unreachable or accepting).
+/// settings when it took the certificate. `None` when that tells nothing more (the broker
+/// unreachable or accepting).
 async fn tls_refusal(uri: &http::Uri, probe: &TlsProbe) -> Option<String> {
     use tokio::io::AsyncReadExt;
     let host = uri.host()?.trim_matches(['[', ']']).to_owned();
     let port = uri.port_u16().unwrap_or(443);
     let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(probe.roots.clone()?);
+    let trusted = match &probe.roots {
+        Some(r) => r.clone(),
+        // As the call trusted the broker: the platform's roots (read from disk).
+        None => tokio::task::spawn_blocking(|| rustls_native_certs::load_native_certs().certs)
+            .await
+            .ok()?,
+    };
+    roots.add_parsable_certificates(trusted);
     let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))

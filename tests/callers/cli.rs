@@ -188,6 +188,27 @@ async fn the_token_command_says_what_the_caller_got_wrong() {
         );
     }
 
+    // The same without --ca, the broker trusted through the platform's roots (here
+    // SSL_CERT_FILE, in a process of its own): the refusal is read again just the same.
+    for _ in 0..5 {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+            .args([
+                "token", "--addr", &addr, "--tenant", "contoso", "--scope", GRAPH,
+            ])
+            .arg("--cert")
+            .arg(&foreign.0)
+            .arg("--key")
+            .arg(&foreign.1)
+            .env("SSL_CERT_FILE", h.path("server-ca.pem"))
+            .env_remove("SSL_CERT_DIR")
+            .output()
+            .await
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{said}");
+        assert!(said.contains("received fatal alert: UnknownCA"), "{said}");
+    }
+
     // http:// to the TLS listener: the call fails differently from run to run (a broken
     // pipe, a closed connection, a bad HTTP/2 frame); the message and exit status do not.
     for _ in 0..5 {
