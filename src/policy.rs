@@ -650,8 +650,8 @@ mod tests {
         watching.abort();
     }
 
-    #[test]
-    fn reload_keeps_the_old_policy_when_the_new_one_is_invalid() {
+    /// A policy file granting `dns:a` Graph in contoso, and its handle.
+    fn granting_contoso() -> (tempfile::TempDir, PathBuf, String, Arc<PolicyHandle>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("policy.toml");
         let good = format!(
@@ -659,6 +659,12 @@ mod tests {
         );
         std::fs::write(&path, &good).unwrap();
         let h = PolicyHandle::from_file(&path, tenants()).unwrap();
+        (dir, path, good, h)
+    }
+
+    #[test]
+    fn reload_keeps_the_old_policy_when_the_new_one_is_invalid() {
+        let (_dir, path, good, h) = granting_contoso();
         assert!(h.current().allows("dns:a", "contoso", &[GRAPH.into()]));
         assert!(!h.reload().unwrap(), "unchanged file");
 
@@ -679,13 +685,7 @@ mod tests {
 
     #[test]
     fn a_refused_file_is_known_until_it_is_fixed_and_each_content_is_counted_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("policy.toml");
-        let good = format!(
-            "[[grant]]\ncallers = [\"dns:a\"]\ntenants = [\"contoso\"]\nscopes = [\"{GRAPH}\"]\n"
-        );
-        std::fs::write(&path, &good).unwrap();
-        let h = PolicyHandle::from_file(&path, tenants()).unwrap();
+        let (_dir, path, good, h) = granting_contoso();
         assert!(!h.file_refused());
         std::fs::write(&path, "[[grant]]\ntenants = [\"nope\"]\n").unwrap();
         assert!(matches!(h.reload(), Err(PolicyError::Invalid { .. })));
