@@ -171,6 +171,11 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                     )),
                     Some(Duration::from_secs(5)),
                 ),
+                // The broker's own identity, for every tenant: the operator must fix the
+                // app registration's federated credential (or the pod's service account).
+                SignerError::IdentityRefused { .. } => Status::failed_precondition(format!(
+                    "{msg}; the broker's workload identity needs a federated credential on its app registration with issuer = the cluster's OIDC issuer, subject = system:serviceaccount:NAMESPACE:NAME of the broker's pod, audience = api://AzureADTokenExchange (…USGov, …China in those clouds; docs/DEPLOY.md)"
+                )),
                 SignerError::Forbidden { service, .. } if *service == pkcs11::SERVICE => {
                     Status::failed_precondition(format!(
                         "{msg}; check the token user's PIN in the file or environment variable the tenant's credential names (pin_file or pin_env), and that the PIN is not locked"

@@ -284,7 +284,7 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
                 },
             }
         }
-        ErrorKind::Credential => SignerError::Identity(root_message(&e)),
+        ErrorKind::Credential => identity_failure(root_message(&e)),
         ErrorKind::Connection | ErrorKind::Io => SignerError::Unavailable {
             service: SERVICE,
             message: crate::outbound::with_dns_hint(root_message(&e)),
@@ -307,6 +307,34 @@ fn request_id(headers: &azure_core::http::headers::Headers) -> Option<String> {
                 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
         .map(str::to_owned)
+}
+
+/// The broker's own credential failed: refused by Entra for good (an AADSTS code Entra
+/// gives for configuration, found in the message the SDK made of Entra's answer), or
+/// unavailable, worth retrying.
+fn identity_failure(message: String) -> SignerError {
+    let codes: Vec<u32> = message
+        .match_indices("AADSTS")
+        .filter_map(|(i, _)| {
+            let digits: String = message[i + 6..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .collect();
+    match codes.first() {
+        Some(code)
+            if crate::entra::classify(400, "", &codes)
+                == crate::entra::EntraErrorClass::Configuration =>
+        {
+            SignerError::IdentityRefused {
+                code: format!("AADSTS{code}"),
+                message,
+            }
+        }
+        _ => SignerError::Identity(message),
+    }
 }
 
 /// Key Vault errors are `{"error":{"code","message"}}`; the message is what a person needs.
@@ -406,6 +434,28 @@ mod tests {
                 "{body}: {e:?}"
             );
             assert!(!e.to_string().contains("eyJ"), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_identity_entra_refuses_for_its_configuration_is_told_apart_from_one_unavailable() {
+        let refused = identity_failure(
+            "invalid_client: AADSTS700213: No matching federated identity record found for presented assertion subject 'system:serviceaccount:a:b'.".into(),
+        );
+        assert!(
+            matches!(&refused, SignerError::IdentityRefused { code, .. } if code == "AADSTS700213"),
+            "{refused:?}"
+        );
+        assert!(!refused.is_retryable());
+        for transient in [
+            "AADSTS90033: A transient error has occurred.",
+            "connection refused",
+            "IMDS answered 500",
+        ] {
+            assert!(
+                matches!(identity_failure(transient.into()), SignerError::Identity(_)),
+                "{transient}"
+            );
         }
     }
 

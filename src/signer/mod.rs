@@ -114,6 +114,11 @@ pub enum SignerError {
     /// takes a PIN).
     #[error("the managed identity token for Key Vault is unavailable: {0}")]
     Identity(String),
+    /// Entra refused the broker's own workload identity for a reason of configuration (the
+    /// app's federated credential does not match the cluster's token, say: AADSTS700213).
+    /// Retrying will not help; the refusal is Entra's, quoted as the SDK read it.
+    #[error("Entra ID refused the broker's workload identity ({code}): {message}")]
+    IdentityRefused { code: String, message: String },
     /// Anything else: a malformed response, an unexpected status.
     #[error("{service} failed: {message}")]
     Other {

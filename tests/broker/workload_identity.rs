@@ -134,12 +134,14 @@ async fn a_service_account_the_app_does_not_trust_is_refused_with_entras_reason(
     .await;
 
     let s = stack.get("contoso", GRAPH).await.unwrap_err();
-    assert!(
-        matches!(s.code(), Code::Unavailable | Code::FailedPrecondition),
-        "{s:?}"
-    );
+    // A configuration to fix, not an outage to wait out: Entra's refusal, and the fix.
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
     let m = s.message();
     assert!(m.contains("AADSTS700213"), "{m}");
+    assert!(
+        m.contains("federated credential on its app registration"),
+        "{m}"
+    );
     assert!(m.contains(other), "{m}");
     // Entra's own words, not the SDK's failure to read them.
     assert!(!m.contains("invalid type"), "{m}");
