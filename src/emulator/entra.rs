@@ -753,7 +753,7 @@ fn issue(
     let [lo, hi] = app.lifetime;
     let lifetime = i64::try_from(rand::random_range(lo..=hi)).unwrap_or(3600);
     let now = shared.now_secs();
-    let v1_issuer = format!("https://sts.windows.net/{tenant_id}/");
+    let v1_issuer = super::state::v1_issuer(tenant_id);
     let mut claims = json!({
         "aud": resource.aud,
         "iat": now,
@@ -853,7 +853,7 @@ fn openid_configuration(
             "id_token_signing_alg_values_supported": ["RS256"],
             "response_types_supported": ["code", "id_token", "code id_token", "token id_token", "token"],
             "scopes_supported": ["openid"],
-            "issuer": format!("https://sts.windows.net/{tenant_id}/"),
+            "issuer": super::state::v1_issuer(&tenant_id),
             "authorization_endpoint": format!("{base}/{t}/oauth2/authorize"),
             "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "acr", "amr", "nonce", "tid", "ver", "oid", "appid", "roles"],
             "cloud_instance_name": "microsoftonline.com",

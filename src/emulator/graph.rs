@@ -252,7 +252,7 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Tenant, (String,
     };
     let iss = jwt.claim_str("iss").unwrap_or_default();
     let tid = &tenant.tenant_id;
-    if iss != format!("https://sts.windows.net/{tid}/") && iss != shared.v2_issuer(tid) {
+    if iss != super::state::v1_issuer(tid) && iss != shared.v2_issuer(tid) {
         return Err(deny(&format!(
             "Access token validation failure. Invalid issuer '{iss}'."
         )));

@@ -262,7 +262,7 @@ fn issue(
         "nbf": now,
         "exp": exp,
         "aio": "emulator",
-        "idp": format!("https://sts.windows.net/{tid}/"),
+        "idp": super::state::v1_issuer(tid),
         "idtyp": "app",
         "oid": identity.object_id,
         "sub": identity.object_id,

@@ -265,15 +265,15 @@ fn authenticate(
         )
     };
     let expected = [
-        format!("https://sts.windows.net/{vault_tid}/"),
+        super::state::v1_issuer(&vault_tid),
         shared.v2_issuer(&vault_tid),
     ];
     if !tid.eq_ignore_ascii_case(&vault_tid)
         || !expected.iter().any(|e| e.eq_ignore_ascii_case(&iss))
     {
         return Err(deny(&format!(
-            "AKV10032: Invalid issuer. Expected one of https://sts.windows.net/{vault_tid}/, {}, found: {iss}.",
-            shared.v2_issuer(&vault_tid)
+            "AKV10032: Invalid issuer. Expected one of {}, {}, found: {iss}.",
+            expected[0], expected[1]
         )));
     }
     Ok(Caller {

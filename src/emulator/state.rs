@@ -512,7 +512,7 @@ impl Shared {
         if is_token_exchange(resource) {
             self.v2_issuer(tenant)
         } else {
-            format!("https://sts.windows.net/{tenant}/")
+            v1_issuer(tenant)
         }
     }
 
@@ -552,6 +552,12 @@ pub(crate) fn host_of(headers: &http::HeaderMap, uri: &http::Uri) -> String {
         .map(str::to_owned)
         .or_else(|| uri.authority().map(|a| a.to_string()))
         .unwrap_or_else(|| "127.0.0.1".to_owned())
+}
+
+/// The issuer of a tenant's v1.0 tokens (Graph's, Key Vault's, most managed-identity ones),
+/// the same in every cloud the emulator stands for.
+pub(crate) fn v1_issuer(tenant: &str) -> String {
+    format!("https://sts.windows.net/{tenant}/")
 }
 
 pub(crate) fn is_token_exchange(resource: &str) -> bool {
