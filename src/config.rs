@@ -915,13 +915,17 @@ fn read(path: &Path) -> Result<(String, &Path), ConfigError> {
     Ok((text, path.parent().unwrap_or(Path::new("."))))
 }
 
+/// The 1-based line of `text` where a TOML error begins, when the parser says where.
+pub(crate) fn toml_error_line(text: &str, e: &toml::de::Error) -> Option<usize> {
+    e.span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+}
+
 /// A TOML syntax or shape error: parsing stops at the first, so the message quotes the
 /// offending key (or table header) and says that others may follow. Never the value: a
 /// line that does not parse may hold what should not be in the file at all.
 fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
-    let line = e
-        .span()
-        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let line = toml_error_line(text, e);
     let quoted = line
         .and_then(|l| text.lines().nth(l - 1))
         .map(str::trim)

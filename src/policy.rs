@@ -125,10 +125,7 @@ impl Policy {
     /// Each problem names its line in `text` when it can be found (`line 7: grant[2].tenants: …`).
     pub fn parse(text: &str, tenants: &BTreeSet<String>) -> Result<Policy, Vec<String>> {
         let raw: RawFile = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            vec![match line {
+            vec![match crate::config::toml_error_line(text, &e) {
                 Some(n) => format!("line {n}: {}", e.message()),
                 None => e.message().to_string(),
             }]
