@@ -770,56 +770,51 @@ async fn an_evicted_slot_still_held_is_not_refreshed() {
     assert_eq!(f.entra.calls(), 3);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_stalled_upstream_holds_a_cold_caller_no_longer_than_the_retry_budget() {
-    let f = Arc::new(fixture(HOUR, "retry_budget_secs = 10"));
-    f.entra.set(Answer::Hang);
-    let asking = f.clone();
-    let call = tokio::spawn(async move { asking.get(None).await });
-    settle().await;
-    assert_eq!(f.entra.calls(), 1);
-    // The attempt's timeout runs on tokio's paused clock, which moves on once every task
-    // waits; the outer bound fails the test, rather than hanging it, if none is set.
+/// The upstream failure a spawned `get` ends with once the fetch's budget is spent. The
+/// attempt's timeout runs on tokio's paused clock, which moves on once every task waits; the
+/// outer bound fails the test, rather than hanging it, if none is set.
+async fn failure_after_the_budget(
+    call: tokio::task::JoinHandle<Result<IssuedToken, BrokerError>>,
+) -> Arc<FlowError> {
     let r = tokio::time::timeout(Duration::from_secs(3600), call)
         .await
         .expect("the caller is answered once the budget is spent")
         .unwrap();
     match r {
-        Err(BrokerError::Upstream { source, .. }) => {
-            let said = source.to_string();
-            assert!(said.starts_with("Entra ID"), "{said}");
-            assert!(said.contains("retry budget of 10s"), "{said}");
-            assert!(source.is_retryable());
-        }
+        Err(BrokerError::Upstream { source, .. }) => source,
         other => panic!("{other:?}"),
     }
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stalled_upstream_holds_a_cold_caller_no_longer_than_the_retry_budget() {
+    let f = fixture(HOUR, "retry_budget_secs = 10");
+    f.entra.set(Answer::Hang);
+    let call = f.spawn_get();
+    settle().await;
+    assert_eq!(f.entra.calls(), 1);
+    let source = failure_after_the_budget(call).await;
+    let said = source.to_string();
+    assert!(said.starts_with("Entra ID"), "{said}");
+    assert!(said.contains("retry budget of 10s"), "{said}");
+    assert!(source.is_retryable());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_budget_spent_on_a_hung_retry_names_the_failure_before_it() {
-    let f = Arc::new(fixture(HOUR, "retry_budget_secs = 10\nmax_attempts = 5"));
+    let f = fixture(HOUR, "retry_budget_secs = 10\nmax_attempts = 5");
     f.entra.set(Answer::Fail(None));
-    let asking = f.clone();
-    let call = tokio::spawn(async move { asking.get(None).await });
+    let call = f.spawn_get();
     settle().await;
     assert_eq!(f.entra.calls(), 1);
     // The retry hangs until the budget ends it.
     f.entra.set(Answer::Hang);
     f.advance(Duration::from_secs(1)).await;
     assert_eq!(f.entra.calls(), 2);
-    let r = tokio::time::timeout(Duration::from_secs(3600), call)
-        .await
-        .expect("the caller is answered once the budget is spent")
-        .unwrap();
-    match r {
-        Err(BrokerError::Upstream { source, .. }) => {
-            let said = source.to_string();
-            assert!(said.contains("retry budget of 10s"), "{said}");
-            assert!(said.contains("; the attempt before failed: "), "{said}");
-            assert!(said.contains("503"), "{said}");
-        }
-        other => panic!("{other:?}"),
-    }
+    let said = failure_after_the_budget(call).await.to_string();
+    assert!(said.contains("retry budget of 10s"), "{said}");
+    assert!(said.contains("; the attempt before failed: "), "{said}");
+    assert!(said.contains("503"), "{said}");
 }
 
 #[tokio::test(start_paused = true)]
