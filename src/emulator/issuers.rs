@@ -1,17 +1,20 @@
 //! Signing keys of external OpenID issuers that apps trust through federated identity
 //! credentials, such as a Kubernetes cluster's OIDC issuer for AKS workload identity: the
 //! issuer's discovery document (`{issuer}/.well-known/openid-configuration`) and its JWKS,
-//! fetched when an assertion names the issuer, kept for a minute, each fetch bounded.
+//! fetched when an assertion names the issuer, kept for a minute, each fetch bounded in time
+//! and size. One fetch per issuer at a time: concurrent assertions share its outcome, and a
+//! failure is remembered for a few seconds, so an unreachable issuer costs each assertion
+//! nothing more than a wait for the fetch already under way.
 //!
 //! Only an issuer that one of the app's federated credentials names is ever fetched, over
 //! https (trusting the platform roots and the emulator's own CA) or over http on a loopback
 //! host, as the broker fetches its callers' issuers (`config::secure_or_loopback`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
+use moka::ops::compute::Op;
 use serde::Deserialize;
 use url::Url;
 
@@ -22,20 +25,48 @@ const KEEP_FOR: Duration = Duration::from_secs(60);
 /// An unknown `kid` fetches the keys again (the issuer may have rotated them), but not
 /// sooner than this after the last fetch, so a stream of bad assertions cannot flood it.
 const REFETCH_AFTER: Duration = Duration::from_secs(5);
+/// How long a failed fetch is the answer for the issuer: assertions naming an issuer that
+/// is down get its error at once instead of waiting for a fetch each.
+const FAILURE_KEPT: Duration = Duration::from_secs(10);
 /// Bound of each request to an issuer (connecting included): an issuer that does not
 /// answer makes the assertion fail, never the token request hang.
 pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound of the discovery document and of the JWKS: a cluster publishes a few keys, and an
+/// issuer answering endlessly must not fill the emulator's memory within the time bound.
+const MAX_DOCUMENT: usize = 256 * 1024;
 
 /// The keys of the external issuers asked so far.
 pub(crate) struct ExternalIssuers {
     http: reqwest::Client,
-    fetched: Mutex<HashMap<String, Fetched>>,
+    /// By issuer. Only issuers the configuration's federated credentials name get here, so
+    /// the map is bounded by the configuration.
+    known: moka::future::Cache<String, Arc<Known>>,
 }
 
-#[derive(Clone)]
-struct Fetched {
-    keys: Arc<Vec<Jwk>>,
-    at: Instant,
+/// What the last fetches of one issuer left: its keys, from the last fetch that succeeded,
+/// and a failure since then.
+struct Known {
+    keys: Option<(Arc<Vec<Jwk>>, Instant)>,
+    failed: Option<(String, Instant)>,
+}
+
+impl Known {
+    /// The answer for `kid` without asking the issuer, or `None` when it must be asked.
+    fn answer(&self, kid: Option<&str>) -> Option<Result<Jwk, KeyError>> {
+        let fresh = self.keys.as_ref().filter(|(_, at)| at.elapsed() < KEEP_FOR);
+        if let Some(key) = fresh.and_then(|(keys, _)| find(keys, kid)) {
+            return Some(Ok(key));
+        }
+        if let Some((why, at)) = &self.failed
+            && at.elapsed() < FAILURE_KEPT
+        {
+            return Some(Err(KeyError::Unavailable(why.clone())));
+        }
+        match fresh {
+            Some((_, at)) if at.elapsed() < REFETCH_AFTER => Some(Err(KeyError::NotFound)),
+            _ => None,
+        }
+    }
 }
 
 /// Why an issuer's key could not be had.
@@ -75,51 +106,63 @@ impl ExternalIssuers {
             .map_err(|e| EmulatorError::Http(e.to_string()))?;
         Ok(Self {
             http,
-            fetched: Mutex::new(HashMap::new()),
+            known: moka::future::Cache::builder().build(),
         })
     }
 
     /// The public key `kid` of `issuer` (without a `kid`, the issuer's only key).
     pub async fn key(&self, issuer: &str, kid: Option<&str>) -> Result<Jwk, KeyError> {
-        let known = self.known(issuer);
-        if let Some(f) = &known
-            && f.at.elapsed() < KEEP_FOR
+        if let Some(known) = self.known.get(issuer).await
+            && let Some(answer) = known.answer(kid)
         {
-            if let Some(k) = find(&f.keys, kid) {
-                return Ok(k);
-            }
-            if f.at.elapsed() < REFETCH_AFTER {
-                return Err(KeyError::NotFound);
-            }
+            return answer;
         }
-        let keys = Arc::new(self.fetch(issuer).await.map_err(KeyError::Unavailable)?);
-        self.fetched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                issuer.to_owned(),
-                Fetched {
-                    keys: keys.clone(),
-                    at: Instant::now(),
-                },
-            );
-        find(&keys, kid).ok_or(KeyError::NotFound)
+        // moka runs the computations of one key one after the other, each given what the one
+        // before stored: assertions arriving during a fetch wait for it and take its outcome
+        // (keys or failure) instead of fetching again.
+        let mut answer = None;
+        self.known
+            .entry_by_ref(issuer)
+            .and_compute_with(|current| {
+                let before = current.map(|e| e.into_value());
+                let answer = &mut answer;
+                async move {
+                    if let Some(known) = &before
+                        && let Some(a) = known.answer(kid)
+                    {
+                        *answer = Some(a);
+                        return Op::Nop;
+                    }
+                    let fetched = self.fetch(issuer).await;
+                    let now = Instant::now();
+                    let known = match fetched {
+                        Ok(keys) => {
+                            *answer = Some(find(&keys, kid).ok_or(KeyError::NotFound));
+                            Known {
+                                keys: Some((Arc::new(keys), now)),
+                                failed: None,
+                            }
+                        }
+                        Err(why) => {
+                            *answer = Some(Err(KeyError::Unavailable(why.clone())));
+                            Known {
+                                // Keys still fresh serve the kids they have.
+                                keys: before.and_then(|b| b.keys.clone()),
+                                failed: Some((why, now)),
+                            }
+                        }
+                    };
+                    Op::Put(Arc::new(known))
+                }
+            })
+            .await;
+        // The computation always runs, and sets the answer on every path.
+        answer.unwrap_or(Err(KeyError::NotFound))
     }
 
-    /// Forgets every fetched key (`POST /reset`).
+    /// Forgets every fetched key and remembered failure (`POST /reset`).
     pub fn clear(&self) {
-        self.fetched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-    }
-
-    fn known(&self, issuer: &str) -> Option<Fetched> {
-        self.fetched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(issuer)
-            .cloned()
+        self.known.invalidate_all();
     }
 
     async fn fetch(&self, issuer: &str) -> Result<Vec<Jwk>, String> {
@@ -154,19 +197,34 @@ impl ExternalIssuers {
             .collect())
     }
 
+    /// A JSON document of at most `MAX_DOCUMENT` bytes, read as it arrives so a larger one
+    /// is refused without being held.
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
-        let resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| format!("GET {url}: {}", crate::outbound::error_chain(&e)))?;
+        let failed = |e: reqwest::Error| format!("GET {url}: {}", crate::outbound::error_chain(&e));
+        let too_large = || {
+            format!(
+                "GET {url}: the answer is larger than {} KiB",
+                MAX_DOCUMENT / 1024
+            )
+        };
+        let mut resp = self.http.get(url).send().await.map_err(failed)?;
         if !resp.status().is_success() {
             return Err(format!("GET {url}: HTTP {}", resp.status()));
         }
-        resp.json::<T>()
-            .await
-            .map_err(|e| format!("GET {url}: {}", crate::outbound::error_chain(&e)))
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_DOCUMENT as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(failed)? {
+            if body.len() + chunk.len() > MAX_DOCUMENT {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("GET {url}: not the expected JSON ({e})"))
     }
 }
 

@@ -491,8 +491,8 @@ impl Shared {
         self.counters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Restores the configured state, clears faults, counters and the external issuers' keys,
-    /// and sets the clock offset back to 0.
+    /// Restores the configured state, clears faults, counters and what is known of the
+    /// external issuers (keys, failures), and sets the clock offset back to 0.
     pub fn reset(&self) {
         *self.state() = self.initial.clone();
         *self.counters() = Counters::default();

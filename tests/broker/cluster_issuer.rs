@@ -1,12 +1,14 @@
 //! A Kubernetes cluster's OIDC issuer on loopback (plain http), shaped like AKS's: an issuer
 //! URL with a path and a trailing slash, its discovery document and its JWKS; and projected
 //! service-account tokens signed with its keys (RS256, as a cluster signs them, and ES256),
-//! or with a key it does not publish. Shared by the broker and emulator test binaries.
+//! or with a key it does not publish. It counts the fetches of its documents and can answer
+//! badly (`Behaviour`). Shared by the broker and emulator test binaries.
 #![allow(dead_code)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use axum::response::IntoResponse as _;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rsa::pkcs1::EncodeRsaPrivateKey as _;
@@ -29,9 +31,23 @@ struct SigningKey {
     jwk: Value,
 }
 
+/// How the issuer answers (by default, as a cluster does).
+#[derive(Clone, Copy, Default)]
+pub struct Behaviour {
+    /// The discovery document is a 503.
+    pub unavailable: bool,
+    /// The JWKS carries this many bytes of padding besides its keys.
+    pub jwks_padding: usize,
+    /// Discovery requests wait for `ClusterIssuer::release`.
+    pub held: bool,
+}
+
 struct State {
     issuer: String,
     published: Vec<SigningKey>,
+    behaviour: Behaviour,
+    released: tokio::sync::watch::Sender<bool>,
+    discovery_fetches: AtomicU64,
     jwks_fetches: AtomicU64,
 }
 
@@ -88,11 +104,19 @@ impl ClusterIssuer {
     /// Serves `{issuer}.well-known/openid-configuration` and `{issuer}openid/v1/jwks` with
     /// one RSA and one EC key, the issuer being `http://127.0.0.1:PORT/cluster/`.
     pub async fn start() -> ClusterIssuer {
+        Self::start_with(Behaviour::default()).await
+    }
+
+    /// `start`, answering as `behaviour` says.
+    pub async fn start_with(behaviour: Behaviour) -> ClusterIssuer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let issuer = format!("http://{}/cluster/", listener.local_addr().unwrap());
         let state = Arc::new(State {
             issuer,
             published: vec![rsa_key(RSA_KID), ec_key(EC_KID)],
+            behaviour,
+            released: tokio::sync::watch::channel(!behaviour.held).0,
+            discovery_fetches: AtomicU64::new(0),
             jwks_fetches: AtomicU64::new(0),
         });
         let (s1, s2) = (state.clone(), state.clone());
@@ -102,6 +126,11 @@ impl ClusterIssuer {
                 axum::routing::get(move || {
                     let s = s1.clone();
                     async move {
+                        s.discovery_fetches.fetch_add(1, Ordering::SeqCst);
+                        let _ = s.released.subscribe().wait_for(|r| *r).await;
+                        if s.behaviour.unavailable {
+                            return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+                        }
                         axum::Json(json!({
                             "issuer": s.issuer,
                             "jwks_uri": format!("{}openid/v1/jwks", s.issuer),
@@ -109,6 +138,7 @@ impl ClusterIssuer {
                             "subject_types_supported": ["public"],
                             "id_token_signing_alg_values_supported": ["RS256", "ES256"],
                         }))
+                        .into_response()
                     }
                 }),
             )
@@ -119,7 +149,11 @@ impl ClusterIssuer {
                     async move {
                         s.jwks_fetches.fetch_add(1, Ordering::SeqCst);
                         let keys: Vec<Value> = s.published.iter().map(|k| k.jwk.clone()).collect();
-                        axum::Json(json!({ "keys": keys }))
+                        let mut jwks = json!({ "keys": keys });
+                        if s.behaviour.jwks_padding > 0 {
+                            jwks["padding"] = "x".repeat(s.behaviour.jwks_padding).into();
+                        }
+                        axum::Json(jwks)
                     }
                 }),
             );
@@ -132,6 +166,16 @@ impl ClusterIssuer {
     /// The issuer URL, exactly as tokens carry it in `iss`.
     pub fn issuer(&self) -> &str {
         &self.state.issuer
+    }
+
+    /// Lets held discovery requests (and later ones) be answered.
+    pub fn release(&self) {
+        self.state.released.send_replace(true);
+    }
+
+    /// How often the discovery document was asked for.
+    pub fn discovery_fetches(&self) -> u64 {
+        self.state.discovery_fetches.load(Ordering::SeqCst)
     }
 
     /// How often the JWKS was fetched.

@@ -2,11 +2,13 @@
 //! cluster's, as AKS workload identity uses): the emulated Entra fetches the issuer's keys
 //! and checks the service account token as Entra does.
 
+use std::time::Duration;
+
 use serde_json::Value;
 use tokenbroker::emulator::EmulatorConfig;
 use tokenbroker::emulator::config::{FederatedCredentialConfig, demo};
 
-use crate::cluster_issuer::{ClusterIssuer, EC_KID, RSA_KID, SERVICE_ACCOUNT};
+use crate::cluster_issuer::{Behaviour, ClusterIssuer, EC_KID, RSA_KID, SERVICE_ACCOUNT};
 use crate::common::*;
 
 const SCOPE: &str = "https://graph.microsoft.com/.default";
@@ -158,6 +160,78 @@ async fn an_issuer_that_cannot_be_reached_or_does_not_answer_is_an_entra_error()
         assert!(d.contains(&issuer), "{d}");
     }
     held.abort();
+}
+
+#[tokio::test]
+async fn concurrent_assertions_naming_one_issuer_share_one_fetch() {
+    const N: u64 = 8;
+    // The issuer holds its discovery document, so every assertion arrives while the first
+    // fetch is under way.
+    let cluster = ClusterIssuer::start_with(Behaviour {
+        held: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let env = start(trusting(cluster.issuer())).await;
+    let token = cluster.token(SERVICE_ACCOUNT);
+    let exchanges = futures::future::join_all((0..N).map(|_| exchange(&env, &token)));
+    let release = async {
+        // Each assertion that fetched for itself would be seen here at once; merged, they
+        // are not, and after a moment the issuer answers the one fetch.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while cluster.discovery_fetches() < N {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        cluster.release();
+    };
+    let (answers, ()) = tokio::join!(exchanges, release);
+    for (s, body) in answers {
+        assert_eq!(s, 200, "{body}");
+    }
+    assert_eq!(cluster.discovery_fetches(), 1);
+    assert_eq!(cluster.jwks_fetches(), 1);
+}
+
+#[tokio::test]
+async fn an_issuer_that_failed_is_not_asked_again_at_once() {
+    let cluster = ClusterIssuer::start_with(Behaviour {
+        unavailable: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let env = start(trusting(cluster.issuer())).await;
+    let token = cluster.token(SERVICE_ACCOUNT);
+    let (s, first) = exchange(&env, &token).await;
+    assert_eq!((s, aadsts(&first)), (401, 7000272), "{first}");
+    assert!(description(&first).contains("HTTP 503"), "{first}");
+    assert_eq!(cluster.discovery_fetches(), 1);
+    // The failure is the answer for a while: the same error, and the issuer is not asked.
+    let (s, second) = exchange(&env, &token).await;
+    assert_eq!((s, aadsts(&second)), (401, 7000272), "{second}");
+    assert!(description(&second).contains("HTTP 503"), "{second}");
+    assert_eq!(cluster.discovery_fetches(), 1);
+    // A reset forgets it.
+    let (s, _) = env.admin(reqwest::Method::POST, "/reset", None).await;
+    assert_eq!(s, 204);
+    let _ = exchange(&env, &token).await;
+    assert_eq!(cluster.discovery_fetches(), 2);
+}
+
+#[tokio::test]
+async fn an_oversized_jwks_is_refused() {
+    let cluster = ClusterIssuer::start_with(Behaviour {
+        jwks_padding: 300 * 1024,
+        ..Behaviour::default()
+    })
+    .await;
+    let env = start(trusting(cluster.issuer())).await;
+    let (s, body) = exchange(&env, &cluster.token(SERVICE_ACCOUNT)).await;
+    assert_eq!((s, aadsts(&body)), (401, 7000272), "{body}");
+    let d = description(&body);
+    assert!(d.contains("could not be retrieved"), "{d}");
+    assert!(d.contains("larger than 256 KiB"), "{d}");
 }
 
 #[tokio::test]
