@@ -313,7 +313,9 @@ fn observe_policy(meter: &Meter, source: &PolicySource) {
 
 /// Seconds until the listener's certificate in use ends: it reloads when its files change, so
 /// this follows a renewal, and shows one that did not happen (a client refuses the
-/// certificate once it has ended, and the broker cannot serve another on its own).
+/// certificate once it has ended, and the broker cannot serve another on its own). Also 1
+/// while the files hold a pair that was refused (the renewal is on disk, the old certificate
+/// still in use), and the refusals so far, as for the policy file.
 fn observe_server_cert(meter: &Meter, source: &ServerCertSource) {
     let s = source.clone();
     meter
@@ -325,6 +327,26 @@ fn observe_server_cert(meter: &Meter, source: &ServerCertSource) {
         .with_callback(move |o| {
             if let Some(Some(end)) = read_slot(&s, |c| c.not_after()) {
                 o.observe(crate::flow::seconds_until(SystemTime::now(), end), &[]);
+            }
+        })
+        .build();
+    let s = source.clone();
+    meter
+        .u64_observable_gauge("tokenbroker_server_certificate_refused")
+        .with_description("Whether the listener's TLS certificate and key files hold a pair that was refused or cannot be read (1): the certificate loaded before stays in use, and ends when it ends")
+        .with_callback(move |o| {
+            if let Some(refused) = read_slot(&s, |c| c.file_refused()) {
+                o.observe(u64::from(refused), &[]);
+            }
+        })
+        .build();
+    let s = source.clone();
+    meter
+        .u64_observable_counter("tokenbroker_server_certificate_reloads_refused")
+        .with_description("Contents of the listener's TLS certificate and key files refused (unreadable, not a usable pair, or outside their validity period), each once")
+        .with_callback(move |o| {
+            if let Some(n) = read_slot(&s, |c| c.refusals()) {
+                o.observe(n, &[]);
             }
         })
         .build();
@@ -424,7 +446,8 @@ impl Metrics {
     }
 
     /// Reads the listener's TLS certificate in use
-    /// (`tokenbroker_server_certificate_expiry_seconds`) until the guard is dropped.
+    /// (`tokenbroker_server_certificate_expiry_seconds`) and the state of its files
+    /// (`tokenbroker_server_certificate_refused`) until the guard is dropped.
     pub fn observe_server_cert(
         &self,
         cert: &Arc<crate::tls::ReloadingCert>,

@@ -107,7 +107,7 @@ fn reload_on_hangup(
                 let _ = tokio::task::spawn_blocking(move || {
                     policy.reload_now(true);
                     if let Some(tls) = &tls {
-                        tls.reload_now();
+                        tls.reload_now(true);
                     }
                 })
                 .await;
@@ -281,7 +281,7 @@ impl Bound {
         let _tls_watch = self
             .tls
             .clone()
-            .map(|tls| AbortOnDrop(reload_every(reload, move || tls.reload_now())));
+            .map(|tls| AbortOnDrop(reload_every(reload, move || tls.reload_now(false))));
         let addr = self.listener.local_addr().ok();
         info!(
             ?addr,

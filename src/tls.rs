@@ -10,6 +10,7 @@ use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -70,15 +71,29 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The server certificate and key, re-read from their files when their content changes.
-/// A broken new pair, or a certificate outside its validity period, is refused (logged) and
-/// the current one keeps serving.
+/// A broken new pair, or a certificate outside its validity period, is refused (logged once
+/// per content, counted, and shown by `file_refused` while the files hold it) and the current
+/// one keeps serving.
 pub struct ReloadingCert {
     cert_file: PathBuf,
     key_file: PathBuf,
     current: ArcSwap<CertifiedKey>,
-    /// SHA-256 of the cert and key file contents last loaded.
-    loaded: Mutex<[u8; 32]>,
+    files: Mutex<CertFiles>,
+    /// Contents of the files refused so far, each once.
+    refusals: AtomicU64,
 }
+
+/// What became of the files' contents, by SHA-256 of the cert and key together.
+struct CertFiles {
+    /// The contents in use.
+    loaded: [u8; 32],
+    /// The contents last refused, while the files still hold them: the certificate in use is
+    /// then not the one on disk (a renewal that did not take).
+    refused: Option<[u8; 32]>,
+}
+
+/// `CertFiles::refused` while a file cannot be read (no content to tell apart).
+const UNREADABLE: [u8; 32] = [0xff; 32];
 
 impl fmt::Debug for ReloadingCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -97,23 +112,70 @@ impl ReloadingCert {
             cert_file: cert_file.to_owned(),
             key_file: key_file.to_owned(),
             current: ArcSwap::from_pointee(key),
-            loaded: Mutex::new(digest(&cert_pem, &key_pem)),
+            files: Mutex::new(CertFiles {
+                loaded: digest(&cert_pem, &key_pem),
+                refused: None,
+            }),
+            refusals: AtomicU64::new(0),
         }))
     }
 
     /// Re-reads the files; installs the new pair when they changed and are valid.
     /// `Ok(true)` when a new certificate was installed.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let (cert_pem, key_pem) = read_pair(&self.cert_file, &self.key_file)?;
+        let read = read_pair(&self.cert_file, &self.key_file);
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let (cert_pem, key_pem) = match read {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.refuse(&mut files, UNREADABLE);
+                return Err(e);
+            }
+        };
         let d = digest(&cert_pem, &key_pem);
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if *loaded == d {
+        if files.loaded == d {
+            // Put back as it was: the files hold the certificate in use again.
+            files.refused = None;
             return Ok(false);
         }
-        let key = certified_key(&self.cert_file, &self.key_file, &cert_pem, &key_pem)?;
-        self.current.store(Arc::new(key));
-        *loaded = d;
-        Ok(true)
+        // A refused pair is judged again at every look, not only when it changes: one not
+        // yet valid becomes valid as it is.
+        match certified_key(&self.cert_file, &self.key_file, &cert_pem, &key_pem) {
+            Ok(key) => {
+                self.current.store(Arc::new(key));
+                files.loaded = d;
+                files.refused = None;
+                Ok(true)
+            }
+            Err(e) => {
+                self.refuse(&mut files, d);
+                Err(e)
+            }
+        }
+    }
+
+    /// Notes the files' contents `d` as refused, counted once per content.
+    fn refuse(&self, files: &mut CertFiles, d: [u8; 32]) {
+        if files.refused != Some(d) {
+            files.refused = Some(d);
+            self.refusals.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the files hold a pair that was refused (or cannot be read), so that the
+    /// certificate in use is an older one (`tokenbroker_server_certificate_refused`).
+    pub fn file_refused(&self) -> bool {
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused
+            .is_some()
+    }
+
+    /// Contents of the files refused so far
+    /// (`tokenbroker_server_certificate_reloads_refused`).
+    pub fn refusals(&self) -> u64 {
+        self.refusals.load(Ordering::Relaxed)
     }
 
     /// The `notAfter` of the certificate in use.
@@ -265,8 +327,11 @@ impl ListenerConfig {
     }
 
     /// Re-reads the server certificate and the client trust files once, installing what
-    /// changed and is valid, and logs the outcome.
-    pub fn reload_now(&self) {
+    /// changed and is valid, and logs the outcome: a refused server certificate once per
+    /// refused content (the watcher looks every few seconds), or again when an operator asks
+    /// (`asked`: SIGHUP).
+    pub fn reload_now(&self, asked: bool) {
+        let before = self.cert.refusals();
         match self.cert.reload_if_changed() {
             Ok(true) => {
                 info!(cert = %self.cert.cert_file.display(), "server TLS certificate reloaded")
@@ -274,9 +339,10 @@ impl ListenerConfig {
             Ok(false) => {}
             // Mid-rotation (cert written, key not yet) looks like this too: keep
             // serving the old pair and try again on the next look.
-            Err(e) => {
+            Err(e) if asked || self.cert.refusals() > before => {
                 warn!(error = %e, "server TLS certificate not reloaded; the previous one stays in use")
             }
+            Err(e) => debug!(error = %e, "server TLS certificate still refused"),
         }
         if self.tls.client_ca_file.is_none() {
             return;

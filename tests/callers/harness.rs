@@ -50,6 +50,8 @@ impl Default for Options {
 pub struct Harness {
     pub emulator: Option<Emulator>,
     pub addr: SocketAddr,
+    /// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin: SocketAddr,
     pub ca: Ca,
     pub audit: Arc<MemorySink>,
     pub access: Arc<Access>,
@@ -132,6 +134,7 @@ impl Harness {
             .await
             .unwrap();
         let addr = bound.local_addr().unwrap();
+        let admin = bound.admin_addr().unwrap();
         let access = bound.access().clone();
         let broker = bound.broker.clone();
         let server_cert = bound.server_cert().unwrap().clone();
@@ -149,6 +152,7 @@ impl Harness {
         Harness {
             emulator: Some(emulator),
             addr,
+            admin,
             ca,
             audit,
             access,
@@ -165,6 +169,16 @@ impl Harness {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// The admin listener's `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Replaces the policy file and reloads it.

@@ -348,6 +348,68 @@ async fn the_server_certificates_end_is_a_metric_that_follows_its_rotation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_server_certificate_renewal_shows_in_the_metrics_until_a_good_pair_loads() {
+    // Looked at hourly: only the reloads below read the files, never half-written.
+    let h = Harness::start(Options {
+        server: "reload_secs = 3600",
+        ..Default::default()
+    })
+    .await;
+    let value = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let state = || async {
+        let text = h.metrics().await;
+        (
+            value(&text, "tokenbroker_server_certificate_refused"),
+            value(
+                &text,
+                "tokenbroker_server_certificate_reloads_refused_total",
+            ),
+        )
+    };
+    assert_eq!(state().await, (0, 0));
+
+    // An expired renewal: refused, shown, counted once however often it is looked at.
+    let now = OffsetDateTime::now_utc();
+    let expired =
+        h.ca.server_valid(now - Duration::days(30), now - Duration::days(1));
+    expired.write(h.dir.path(), "server");
+    h.listener_tls.reload_now(false);
+    h.listener_tls.reload_now(false);
+    assert_eq!(state().await, (1, 1));
+    handshake(&h, &h.server_ca_pem, None).await.unwrap();
+
+    // Each other refused content is counted: not yet valid, a certificate with another
+    // pair's key (a half-written rotation), no key.
+    let early =
+        h.ca.server_valid(now + Duration::days(1), now + Duration::days(90));
+    early.write(h.dir.path(), "server");
+    h.listener_tls.reload_now(false);
+    assert_eq!(state().await, (1, 2));
+    let next_ca = Ca::new("next server CA");
+    let next = next_ca.server();
+    std::fs::write(h.path("server.crt"), &next.cert_pem).unwrap();
+    h.listener_tls.reload_now(false);
+    assert_eq!(state().await, (1, 3));
+    std::fs::remove_file(h.path("server.key")).unwrap();
+    h.listener_tls.reload_now(false);
+    h.listener_tls.reload_now(false);
+    assert_eq!(state().await, (1, 4));
+
+    // A good pair loads: nothing refused any more; the count stays.
+    std::fs::write(h.path("server.key"), &next.key_pem).unwrap();
+    h.listener_tls.reload_now(false);
+    assert_eq!(state().await, (0, 4));
+    handshake(&h, &next_ca.pem(), None).await.unwrap();
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_proven_by_a_client_certificate_is_never_resumed() {
     // A resumed TLS session carries the client certificate of its first handshake without
     // checking it again: a certificate expired or revoked since would keep working through
