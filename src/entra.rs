@@ -433,6 +433,12 @@ mod tests {
         assert_eq!(classify(400, "invalid_scope", &[1002012]), Caller);
         assert_eq!(classify(400, "invalid_scope", &[70011]), Caller);
         assert_eq!(classify(400, "invalid_request", &[7000112]), Configuration);
+        // A code not listed is read by its status: a refusal (AADSTS7002138, a federated
+        // subject matching only without regard to letter case) is configuration, an outage's
+        // page (AADSTS50000 with a 5xx) is retried.
+        assert_eq!(classify(400, "invalid_client", &[7002138]), Configuration);
+        assert_eq!(classify(500, "server_error", &[50000]), Retryable);
+        assert_eq!(classify(503, "", &[50000]), Retryable);
         assert_eq!(classify(400, "invalid_request", &[90055]), Retryable);
         assert_eq!(classify(503, "temporarily_unavailable", &[]), Retryable);
         assert_eq!(classify(429, "", &[]), Retryable);

@@ -217,6 +217,9 @@ fn config_hint(code: Option<u32>) -> &'static str {
         Some(700211..=700213) => {
             "the app's federated credential does not match the broker's managed identity token: it needs issuer = the cloud's login host/{the identity's tenant}/v2.0 (https://login.microsoftonline.com/… in the public cloud), subject = the identity's object (principal) id, audience = the tenant's credential.audience (api://AzureADTokenExchange in the public cloud, api://AzureADTokenExchangeUSGov or api://AzureADTokenExchangeChina in those)"
         }
+        Some(7002138) => {
+            "the app's federated credential matches the broker's managed identity token only when letter case is ignored, and Entra compares the subject exactly: write it (the identity's object id) in the token's case"
+        }
         Some(53003) => "a Conditional Access policy blocks this app",
         _ => "fix the tenant's configuration or app registration",
     }
@@ -323,6 +326,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_federated_subject_matching_only_without_case_is_a_failed_precondition_naming_case() {
+        use crate::entra::EntraError;
+        let s = to_status(&BrokerError::Upstream {
+            tenant: "contoso".into(),
+            source: Arc::new(FlowError::Entra(EntraError {
+                class: crate::entra::classify(400, "invalid_client", &[7002138]),
+                status: 400,
+                error: "invalid_client".into(),
+                codes: vec![7002138],
+                description: "AADSTS7002138: No matching federated identity record found for presented assertion subject 'A'. The subject matches with case-insensitive comparison, but not with case-sensitive comparison.".into(),
+                correlation_id: None,
+                trace_id: None,
+                retry_after: None,
+            })),
+        });
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        assert!(s.message().contains("letter case"), "{s:?}");
     }
 
     #[test]
