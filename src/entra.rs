@@ -148,9 +148,15 @@ pub fn token_endpoint(authority: &Url, tenant_id: &str) -> Url {
     u
 }
 
-/// Classifies by AADSTS code first (Entra's stable contract), then by status.
+/// Classifies an answer: throttling and outages (408, 429, 5xx, `temporarily_unavailable`)
+/// are retried whatever code their page carries, as they are no verdict on the request (and
+/// one remembered as the configuration's fault would outlast the outage); any other answer
+/// by its AADSTS code first (Entra's stable contract), then by its status.
 pub fn classify(status: u16, error: &str, codes: &[u32]) -> EntraErrorClass {
     use EntraErrorClass::*;
+    if matches!(status, 408 | 429 | 500..=599) || error == "temporarily_unavailable" {
+        return Retryable;
+    }
     for code in codes {
         match code {
             700027 => return KeyRejected,
@@ -162,9 +168,8 @@ pub fn classify(status: u16, error: &str, codes: &[u32]) -> EntraErrorClass {
             _ => {}
         }
     }
-    match (status, error) {
-        (408 | 429, _) | (500..=599, _) | (_, "temporarily_unavailable") => Retryable,
-        (_, "invalid_scope") => Caller,
+    match error {
+        "invalid_scope" => Caller,
         _ => Configuration,
     }
 }
@@ -439,6 +444,14 @@ mod tests {
         assert_eq!(classify(400, "invalid_client", &[7002138]), Configuration);
         assert_eq!(classify(500, "server_error", &[50000]), Retryable);
         assert_eq!(classify(503, "", &[50000]), Retryable);
+        // An outage's page is no verdict, whatever code it carries.
+        assert_eq!(classify(503, "", &[700016]), Retryable);
+        assert_eq!(classify(500, "server_error", &[700213]), Retryable);
+        assert_eq!(classify(429, "invalid_client", &[7000112]), Retryable);
+        assert_eq!(
+            classify(400, "temporarily_unavailable", &[700016]),
+            Retryable
+        );
         assert_eq!(classify(400, "invalid_request", &[90055]), Retryable);
         assert_eq!(classify(503, "temporarily_unavailable", &[]), Retryable);
         assert_eq!(classify(429, "", &[]), Retryable);
