@@ -318,7 +318,7 @@ impl TokenExchange for HttpTokenExchange {
             status,
             &body,
             req.assertion.expose(),
-            correlation,
+            Some(correlation),
             retry_after,
         ))
     }
@@ -329,14 +329,23 @@ const ERROR_LIMIT: usize = 64;
 /// The most AADSTS codes kept from a body (Entra sends one or two).
 const CODES_LIMIT: usize = 8;
 
+/// Entra's answer of `status` to a token request the SDK sent (the broker's own workload
+/// identity's), read as the broker reads the answers to its own exchanges: Entra's verdict,
+/// its fields bounded and classified, or a proxy's page named by its status alone. The body
+/// must be without the assertion sent already (`outbound::ReadableEntraErrors` cuts it out).
+pub fn answer_to_sdk(status: u16, body: &[u8], retry_after: Option<Duration>) -> EntraError {
+    error_from(status, body, "", None, retry_after)
+}
+
 /// Entra's verdict in a failed answer's `body`, its fields bounded; or, when the body is not
 /// Entra's, an error that says so without quoting it. `assertion`, the one sent, is cut out
-/// of what is kept: a gateway answering in JSON may echo the request's form.
+/// of what is kept: a gateway answering in JSON may echo the request's form. `correlation`:
+/// the `client-request-id` the broker sent, when it sent the request itself.
 fn error_from(
     status: u16,
     body: &[u8],
     assertion: &str,
-    correlation: String,
+    correlation: Option<String>,
     retry_after: Option<Duration>,
 ) -> EntraError {
     let err = serde_json::from_slice::<ErrorBody>(body)
@@ -355,7 +364,7 @@ fn error_from(
             description: format!(
                 "HTTP {status} without an Entra error in the body: a proxy or gateway answered, or the authority host is not Entra's"
             ),
-            correlation_id: Some(correlation),
+            correlation_id: correlation,
             trace_id: None,
             retry_after,
         };
@@ -378,10 +387,7 @@ fn error_from(
         },
         codes,
         description: clean_description(&description),
-        correlation_id: err
-            .correlation_id
-            .filter(|c| request_id(c))
-            .or(Some(correlation)),
+        correlation_id: err.correlation_id.filter(|c| request_id(c)).or(correlation),
         trace_id: err.trace_id.filter(|t| request_id(t)),
         retry_after,
     }
@@ -575,7 +581,7 @@ mod tests {
     const SENT: &str = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJ4In0.c2lnbmF0dXJl";
 
     fn error_of(status: u16, body: &str) -> EntraError {
-        error_from(status, body.as_bytes(), SENT, "ours".into(), None)
+        error_from(status, body.as_bytes(), SENT, Some("ours".into()), None)
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
 use azure_core::credentials::TokenCredential;
+use azure_core::error::ErrorKind;
 use azure_core::http::{
     AsyncRawResponse, ClientOptions, ExponentialRetryOptions, HttpClient, Request, RetryOptions,
     Transport,
@@ -23,6 +24,7 @@ use url::Url;
 use tracing::Instrument;
 
 use crate::config::{IdentityConfig, IdentitySource, OutboundConfig};
+use crate::entra::EntraError;
 use crate::metrics::Upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +187,7 @@ fn sdk_credential(
             };
             let c =
                 WorkloadIdentityCredential::new(Some(options)).map_err(|e| err(e.to_string()))?;
-            Ok(c)
+            Ok(Arc::new(EntraAnswers { inner: c }))
         }
         IdentitySource::Auto | IdentitySource::Imds | IdentitySource::AppService => {
             let options = ManagedIdentityCredentialOptions {
@@ -201,6 +203,78 @@ fn sdk_credential(
             Ok(c)
         }
     }
+}
+
+/// The workload identity credential with Entra's answer to a failed token request made an
+/// `EntraError` of the broker's own reading (`entra::answer_to_sdk`: status, OAuth `error`,
+/// codes, classified as the broker's own exchanges are), the cause of the `Credential` error
+/// it returns, found again by `entra_answer`. The SDK keeps the answer (status, headers and
+/// body, as `ReadableEntraErrors` passed it on) in the `HttpResponse` error under its own;
+/// reading it from there, rather than from the SDK's message text or a record the transport
+/// keeps per request, needs no state shared between concurrent requests and cannot pair one
+/// request's answer with another's failure.
+#[derive(Debug)]
+struct EntraAnswers {
+    inner: Arc<dyn TokenCredential>,
+}
+
+#[async_trait]
+impl TokenCredential for EntraAnswers {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        options: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+        self.inner.get_token(scopes, options).await.map_err(|e| {
+            match answer_in(&e) {
+                Some(answer) => azure_core::Error::new(ErrorKind::Credential, answer),
+                // No answer (unreachable, the token file unreadable), or one the SDK could
+                // not read as JSON: its own words.
+                None => e,
+            }
+        })
+    }
+}
+
+/// Entra's failed answer under the SDK's error `e`, read as the broker reads its own.
+fn answer_in(e: &azure_core::Error) -> Option<EntraError> {
+    causes(e).find_map(|c| {
+        let ErrorKind::HttpResponse {
+            status,
+            raw_response: Some(r),
+            ..
+        } = c.downcast_ref::<azure_core::Error>()?.kind()
+        else {
+            return None;
+        };
+        let retry_after = crate::resilience::retry_after(
+            |name| {
+                r.headers()
+                    .iter()
+                    .find(|(n, _)| n.as_str().eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.as_str().to_owned())
+            },
+            std::time::SystemTime::now(),
+        );
+        Some(crate::entra::answer_to_sdk(
+            u16::from(*status),
+            r.body(),
+            retry_after,
+        ))
+    })
+}
+
+/// Entra's answer to the broker's workload identity, when `e` (a Key Vault client's error
+/// from its credential) carries one (`EntraAnswers`).
+pub fn entra_answer(e: &azure_core::Error) -> Option<&EntraError> {
+    causes(e).find_map(|c| c.downcast_ref::<EntraError>())
+}
+
+/// `e` and every cause under it.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |c| c.source())
 }
 
 /// Adds `traceparent`/`tracestate` of the current span to every SDK request; for the
@@ -491,6 +565,100 @@ mod tests {
         let out = String::from_utf8(out.to_vec()).unwrap();
         assert!(!out.contains("eyJ"), "{out}");
         assert!(out.contains("client_assertion=[the assertion]"), "{out}");
+    }
+
+    /// Answers every request with `status` and `body`, as Entra would.
+    #[derive(Debug)]
+    struct Answering(u16, &'static str);
+
+    #[async_trait]
+    impl HttpClient for Answering {
+        async fn execute_request(&self, _: &Request) -> azure_core::Result<AsyncRawResponse> {
+            Ok(AsyncRawResponse::from_bytes(
+                azure_core::http::StatusCode::from(self.0),
+                azure_core::http::headers::Headers::new(),
+                bytes::Bytes::from_static(self.1.as_bytes()),
+            ))
+        }
+    }
+
+    /// The error of the SDK's workload identity credential, wrapped as the broker wraps it,
+    /// when Entra answers `status` with `body` (the SDK retrying nothing).
+    async fn refused_with(status: u16, body: &'static str) -> azure_core::Error {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("azure-identity-token");
+        std::fs::write(&token, "projected-token").unwrap();
+        let mut cloud = CustomConfiguration::default();
+        cloud.authority_host = "https://login.example".into();
+        let client_options = ClientOptions {
+            transport: Some(Transport::new(Arc::new(Answering(status, body)))),
+            retry: RetryOptions::none(),
+            cloud: Some(Arc::new(CloudConfiguration::Custom(cloud))),
+            ..Default::default()
+        };
+        let sdk = WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
+            credential_options: ClientAssertionCredentialOptions { client_options },
+            client_id: Some("77777777-7777-7777-7777-777777777777".into()),
+            tenant_id: Some("88888888-8888-8888-8888-888888888888".into()),
+            token_file_path: Some(token),
+        }))
+        .unwrap();
+        EntraAnswers { inner: sdk }
+            .get_token(&["https://vault.azure.net/.default"], None)
+            .await
+            .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn entras_answer_to_the_workload_identity_keeps_its_status_and_oauth_error() {
+        use crate::entra::EntraErrorClass;
+        // An outage's page with a code the broker does not list: retried, by its status.
+        let e = refused_with(
+            500,
+            r#"{"error":"server_error","error_description":"AADSTS50000: There was an error issuing a token. Trace ID: t Correlation ID: c","error_codes":[50000],"correlation_id":"2f8c6b1e-0c6f-4b5a-9e3d-000000000002"}"#,
+        )
+        .await;
+        assert!(matches!(e.kind(), ErrorKind::Credential), "{e:?}");
+        let answer = entra_answer(&e).expect("Entra's answer");
+        assert_eq!(
+            (
+                answer.status,
+                answer.error.as_str(),
+                answer.codes.as_slice()
+            ),
+            (500, "server_error", &[50000][..])
+        );
+        assert_eq!(answer.class, EntraErrorClass::Retryable);
+        assert_eq!(
+            answer.description,
+            "AADSTS50000: There was an error issuing a token."
+        );
+        assert_eq!(
+            answer.correlation_id.as_deref(),
+            Some("2f8c6b1e-0c6f-4b5a-9e3d-000000000002")
+        );
+        // A refusal with a code not listed (newer than the list): configuration.
+        let e = refused_with(
+            401,
+            r#"{"error":"invalid_client","error_description":"AADSTS7002138: No matching federated identity record found for presented assertion subject 'system:serviceaccount:A:b'.","error_codes":[7002138]}"#,
+        )
+        .await;
+        let answer = entra_answer(&e).expect("Entra's answer");
+        assert_eq!(
+            (answer.status, answer.class),
+            (401, EntraErrorClass::Configuration)
+        );
+        assert!(e.to_string().contains("AADSTS7002138"), "{e}");
+        // 400 with `temporarily_unavailable`: retried.
+        let e = refused_with(
+            400,
+            r#"{"error":"temporarily_unavailable","error_description":"AADSTS7000999: later.","error_codes":[7000999]}"#,
+        )
+        .await;
+        assert_eq!(
+            entra_answer(&e).map(|a| a.class),
+            Some(EntraErrorClass::Retryable)
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::access::AccessError;
 use crate::api::Failure;
 use crate::authn::{AuthnError, JwtError};
 use crate::broker::{BrokerError, FlowError, MAX_RETRY_AFTER};
-use crate::entra::EntraErrorClass;
+use crate::entra::{EntraError, EntraErrorClass};
 use crate::identity::IdentityError;
 use crate::signer::{SignerError, pkcs11};
 
@@ -173,9 +173,9 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                 ),
                 // The broker's own identity, for every tenant: the operator must fix the
                 // app registration's federated credential (or the pod's service account).
-                SignerError::IdentityRefused { .. } => Status::failed_precondition(format!(
-                    "{msg}; the broker's workload identity needs a federated credential on its app registration with issuer = the cluster's OIDC issuer, subject = system:serviceaccount:NAMESPACE:NAME of the broker's pod, audience = api://AzureADTokenExchange (…USGov, …China in those clouds; docs/DEPLOY.md)"
-                )),
+                SignerError::IdentityRefused(answer) => {
+                    Status::failed_precondition(format!("{msg}; {}", identity_hint(answer)))
+                }
                 SignerError::Forbidden { service, .. } if *service == pkcs11::SERVICE => {
                     Status::failed_precondition(format!(
                         "{msg}; check the token user's PIN in the file or environment variable the tenant's credential names (pin_file or pin_env), and that the PIN is not locked"
@@ -222,6 +222,27 @@ fn config_hint(code: Option<u32>) -> &'static str {
         }
         Some(53003) => "a Conditional Access policy blocks this app",
         _ => "fix the tenant's configuration or app registration",
+    }
+}
+
+/// What to fix when Entra refuses the broker's own workload identity.
+fn identity_hint(answer: &EntraError) -> &'static str {
+    const FEDERATED: &str = "the broker's workload identity needs a federated credential on its app registration with issuer = the cluster's OIDC issuer, subject = system:serviceaccount:NAMESPACE:NAME of the broker's pod, audience = api://AzureADTokenExchange (…USGov, …China in those clouds; docs/DEPLOY.md)";
+    if answer.class == EntraErrorClass::Caller {
+        return "Entra will not issue the broker's workload identity a token for Key Vault: check that the vaults are in the cloud of the identity's tenant ([cloud], AZURE_TENANT_ID)";
+    }
+    match answer.codes.first() {
+        Some(90002) => {
+            "AZURE_TENANT_ID names no tenant of this cloud: check the tenant id the pod is given and [cloud]"
+        }
+        Some(700016) | Some(7000229) => {
+            "AZURE_CLIENT_ID names no app in AZURE_TENANT_ID's tenant: check the client id the broker's service account is annotated with (azure.workload.identity/client-id)"
+        }
+        Some(7002138) => {
+            "the federated credential's subject matches the pod's service account only when letter case is ignored, and Entra compares it exactly: write it as system:serviceaccount:NAMESPACE:NAME in the service account's case"
+        }
+        // AADSTS700211/700212/700213, or a code Entra added since: most likely the same.
+        _ => FEDERATED,
     }
 }
 
@@ -330,7 +351,6 @@ mod tests {
 
     #[test]
     fn a_federated_subject_matching_only_without_case_is_a_failed_precondition_naming_case() {
-        use crate::entra::EntraError;
         let s = to_status(&BrokerError::Upstream {
             tenant: "contoso".into(),
             source: Arc::new(FlowError::Entra(EntraError {
@@ -346,6 +366,42 @@ mod tests {
         });
         assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
         assert!(s.message().contains("letter case"), "{s:?}");
+    }
+
+    #[test]
+    fn the_brokers_own_identity_refused_is_told_what_to_fix_by_entras_code() {
+        for (status, error, code, fix) in [
+            (
+                401,
+                "invalid_client",
+                700213,
+                "needs a federated credential",
+            ),
+            // A code Entra added since: most likely the federated credential too.
+            (
+                401,
+                "invalid_client",
+                7009999,
+                "needs a federated credential",
+            ),
+            (401, "invalid_client", 7002138, "letter case"),
+            (400, "unauthorized_client", 700016, "AZURE_CLIENT_ID"),
+            (400, "invalid_request", 90002, "AZURE_TENANT_ID"),
+            (400, "invalid_resource", 500011, "token for Key Vault"),
+        ] {
+            let body = format!(
+                r#"{{"error":"{error}","error_description":"AADSTS{code}: Entra's words.","error_codes":[{code}]}}"#
+            );
+            let answer = crate::entra::answer_to_sdk(status, body.as_bytes(), None);
+            let s = signer_status(SignerError::IdentityRefused(Box::new(answer)));
+            assert_eq!(s.code(), Code::FailedPrecondition, "{code}: {s:?}");
+            assert!(
+                s.message()
+                    .contains(&format!("AADSTS{code}: Entra's words")),
+                "{s:?}"
+            );
+            assert!(s.message().contains(fix), "{code}: {s:?}");
+        }
     }
 
     #[test]

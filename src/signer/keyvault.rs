@@ -284,7 +284,7 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
                 },
             }
         }
-        ErrorKind::Credential => identity_failure(root_message(&e)),
+        ErrorKind::Credential => identity_failure(&e),
         ErrorKind::Connection | ErrorKind::Io => SignerError::Unavailable {
             service: SERVICE,
             message: crate::outbound::with_dns_hint(root_message(&e)),
@@ -309,31 +309,22 @@ fn request_id(headers: &azure_core::http::headers::Headers) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The broker's own credential failed: refused by Entra for good (an AADSTS code Entra
-/// gives for configuration, found in the message the SDK made of Entra's answer), or
-/// unavailable, worth retrying.
-fn identity_failure(message: String) -> SignerError {
-    let codes: Vec<u32> = message
-        .match_indices("AADSTS")
-        .filter_map(|(i, _)| {
-            let digits: String = message[i + 6..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            digits.parse().ok()
-        })
-        .collect();
-    match codes.first() {
-        Some(code)
-            if crate::entra::classify(400, "", &codes)
-                == crate::entra::EntraErrorClass::Configuration =>
-        {
-            SignerError::IdentityRefused {
-                code: format!("AADSTS{code}"),
-                message,
-            }
+/// The broker's own credential failed. Entra's answer to its workload identity
+/// (`outbound::entra_answer`) is classified as the answers to the broker's own exchanges
+/// are, by status, OAuth `error` and codes: a refusal of the broker's configuration (a 4xx
+/// with a code of configuration or an unknown one), or of the Key Vault scope it asked for
+/// (no caller can change that), is for good; throttling and outages (408, 429, 5xx whatever
+/// code their page carries, `temporarily_unavailable`), a token outside its time window or a
+/// key Entra has not fetched yet are retried. So is every failure without Entra's answer
+/// (the managed identity endpoint, the network, the token file).
+fn identity_failure(e: &azure_core::Error) -> SignerError {
+    use crate::entra::EntraErrorClass::{Caller, Configuration};
+    match crate::outbound::entra_answer(e) {
+        Some(answer) if matches!(answer.class, Configuration | Caller) => {
+            SignerError::IdentityRefused(Box::new(answer.clone()))
         }
-        _ => SignerError::Identity(message),
+        Some(answer) => SignerError::Identity(bounded(&answer.to_string())),
+        None => SignerError::Identity(root_message(e)),
     }
 }
 
@@ -437,25 +428,76 @@ mod tests {
         }
     }
 
+    /// What a Key Vault client returns when Entra answers the broker's workload identity
+    /// `status` with `body`: the credential's error carrying Entra's answer
+    /// (`outbound::EntraAnswers`), under the context the SDK's pipeline adds.
+    fn identity_answered(status: u16, body: &str) -> azure_core::Error {
+        azure_core::Error::new(
+            ErrorKind::Credential,
+            crate::entra::answer_to_sdk(status, body.as_bytes(), None),
+        )
+        .with_context("non-transport error occurred which will not be retried")
+    }
+
     #[test]
     fn an_identity_entra_refuses_for_its_configuration_is_told_apart_from_one_unavailable() {
-        let refused = identity_failure(
-            "invalid_client: AADSTS700213: No matching federated identity record found for presented assertion subject 'system:serviceaccount:a:b'.".into(),
-        );
-        assert!(
-            matches!(&refused, SignerError::IdentityRefused { code, .. } if code == "AADSTS700213"),
-            "{refused:?}"
-        );
-        assert!(!refused.is_retryable());
-        for transient in [
-            "AADSTS90033: A transient error has occurred.",
-            "connection refused",
-            "IMDS answered 500",
+        let entra = |error: &str, code: u32| {
+            format!(
+                r#"{{"error":"{error}","error_description":"AADSTS{code}: Entra's words.","error_codes":[{code}]}}"#
+            )
+        };
+        // Refusals (4xx) with a code of configuration, one not listed, or of the Key Vault
+        // scope the broker asked for: for good.
+        for (status, body) in [
+            (400, entra("invalid_client", 700213)),
+            (401, entra("invalid_client", 7002138)),
+            (400, entra("invalid_request", 9_999_999)),
+            (400, entra("invalid_resource", 500011)),
         ] {
+            let e = classify(identity_answered(status, &body), "key k/v");
             assert!(
-                matches!(identity_failure(transient.into()), SignerError::Identity(_)),
-                "{transient}"
+                matches!(&e, SignerError::IdentityRefused(a) if a.status == status),
+                "{status} {body}: {e:?}"
             );
+            assert!(!e.is_retryable());
+            assert!(e.to_string().contains("Entra's words"), "{e}");
+        }
+        // Throttling and outages, whatever code their page carries; a token outside its
+        // window; a page not Entra's: retried.
+        for (status, body) in [
+            (500, entra("server_error", 50000)),
+            (503, entra("server_error", 9_999_999)),
+            (504, entra("", 700213)),
+            (429, entra("invalid_request", 9_999_999)),
+            (408, entra("invalid_request", 9_999_999)),
+            (400, entra("temporarily_unavailable", 9_999_999)),
+            (400, entra("invalid_client", 700024)),
+            (400, "{}".to_owned()),
+            (502, "<html>bad gateway</html>".to_owned()),
+        ] {
+            let e = classify(identity_answered(status, &body), "key k/v");
+            assert!(
+                matches!(&e, SignerError::Identity(m) if m.contains(&format!("Entra ID answered {status}"))),
+                "{status} {body}: {e:?}"
+            );
+        }
+        // No answer of Entra's under it (the managed identity endpoint's, whatever its text
+        // says; the network's): retried, in the SDK's words.
+        let imds = azure_core::Error::with_error(
+            ErrorKind::Credential,
+            answer(
+                400,
+                None,
+                r#"{"error":"invalid_request","error_description":"AADSTS700213 Identity not found"}"#,
+            ),
+            "ManagedIdentityCredential authentication failed. Identity not found AADSTS700213",
+        );
+        for e in [
+            imds,
+            azure_core::Error::with_message(ErrorKind::Credential, "connection refused"),
+        ] {
+            let e = classify(e, "key k/v");
+            assert!(matches!(&e, SignerError::Identity(_)), "{e:?}");
         }
     }
 

@@ -115,10 +115,11 @@ pub enum SignerError {
     #[error("the managed identity token for Key Vault is unavailable: {0}")]
     Identity(String),
     /// Entra refused the broker's own workload identity for a reason of configuration (the
-    /// app's federated credential does not match the cluster's token, say: AADSTS700213).
-    /// Retrying will not help; the refusal is Entra's, quoted as the SDK read it.
-    #[error("Entra ID refused the broker's workload identity ({code}): {message}")]
-    IdentityRefused { code: String, message: String },
+    /// app's federated credential does not match the cluster's token, say: AADSTS700213):
+    /// an answer of 4xx whose code is one of configuration or unknown. Retrying will not
+    /// help; Entra's answer as the broker reads its own (`entra::answer_to_sdk`).
+    #[error("the broker's workload identity was refused: {0}")]
+    IdentityRefused(Box<crate::entra::EntraError>),
     /// Anything else: a malformed response, an unexpected status.
     #[error("{service} failed: {message}")]
     Other {

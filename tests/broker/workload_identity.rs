@@ -153,3 +153,68 @@ async fn a_service_account_the_app_does_not_trust_is_refused_with_entras_reason(
     assert!(stack.exchanges(demo::CONTOSO_TENANT, BROKER_APP).await >= 1);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entra_outage_on_the_identitys_own_request_is_unavailable_and_not_remembered() {
+    let cluster = ClusterIssuer::start().await;
+    let pod = tempfile::tempdir().unwrap();
+    let token_file = pod.path().join("azure-identity-token");
+    std::fs::write(&token_file, cluster.token(SERVICE_ACCOUNT)).unwrap();
+    let env = pod_env(token_file);
+    // One attempt of the broker's, within a budget its SDK's retries fit in, so the answer
+    // told is Entra's, not the budget's end.
+    let stack = Stack::start_with_env(
+        estate(cluster.issuer()),
+        workload_identity("\n[resilience]\nmax_attempts = 1\nretry_budget_secs = 60\n"),
+        &env,
+    )
+    .await;
+    // Entra's page for an outage, with a code the broker does not list, on Contoso's token
+    // endpoint: there only the identity's own request goes (Fabrikam's exchange is at
+    // Fabrikam's).
+    let fault = stack
+        .admin_post(
+            "/faults",
+            serde_json::json!({"route": "entra.token", "tenant": demo::CONTOSO_TENANT, "count": 100, "fail": {"status": 500, "body": {
+                "error": "server_error",
+                "error_description": "AADSTS50000: There was an error issuing a token or an issue with our sign-in service.\r\nTrace ID: 2f8c6b1e-0c6f-4b5a-9e3d-000000000001\r\nCorrelation ID: 2f8c6b1e-0c6f-4b5a-9e3d-000000000002",
+                "error_codes": [50000],
+                "correlation_id": "2f8c6b1e-0c6f-4b5a-9e3d-000000000002",
+            }}}),
+        )
+        .await;
+
+    let s = stack.get("fabrikam", GRAPH).await.unwrap_err();
+    // An outage to wait out, not a configuration to fix.
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    let m = s.message();
+    assert!(
+        m.contains("Entra ID answered 500 server_error (AADSTS50000)"),
+        "{m}"
+    );
+    assert!(m.contains("2f8c6b1e-0c6f-4b5a-9e3d-000000000002"), "{m}");
+    // Retried (by the credential's own retries) before it was told.
+    let faults: serde_json::Value = stack
+        .http
+        .get(format!("{}/faults", stack.emulator().endpoints().admin_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let hits = faults["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["id"] == fault["id"])
+        .map(|f| f["hits"].as_u64().unwrap());
+    assert!(hits.is_some_and(|h| h > 1), "{faults}");
+
+    // Not remembered: once Entra is back, the next request is served.
+    stack.clear_faults().await;
+    let t = stack.get("fabrikam", GRAPH).await.unwrap();
+    assert_eq!(t.tenant_id, demo::FABRIKAM_TENANT);
+    assert_eq!(stack.exchanges(demo::CONTOSO_TENANT, BROKER_APP).await, 1);
+    stack.stop().await;
+}
