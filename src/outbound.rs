@@ -173,7 +173,7 @@ fn sdk_credential(
             cloud.authority_host = authority.to_string();
             let mut client_options = traced_options(
                 Arc::new(ReadableEntraErrors {
-                    inner: http.clone(),
+                    inner: Arc::new(http.clone()),
                 }),
                 identity_retry(),
                 Some(Upstream::ManagedIdentity),
@@ -360,10 +360,12 @@ impl HttpClient for ImdsRedirect {
 /// cannot borrow a JSON string with escapes, and Entra's descriptions always have `\r\n`
 /// before their trace lines, so every refusal read "invalid type: string …, expected a
 /// borrowed string" instead of Entra's words and codes. The description's characters that
-/// JSON escapes become plain ones; nothing else of the answer changes.
+/// JSON escapes become plain ones; nothing else of the answer changes. A page that is not
+/// JSON (a proxy's or gateway's) becomes `{}`: the SDK then fails with the answer's status,
+/// which `EntraAnswers` reads, rather than with its parser's complaint.
 #[derive(Debug)]
 struct ReadableEntraErrors {
-    inner: reqwest::Client,
+    inner: Arc<dyn HttpClient>,
 }
 
 #[async_trait]
@@ -392,10 +394,11 @@ impl HttpClient for ReadableEntraErrors {
 }
 
 /// An Entra error body whose `error_description` needs no JSON escape (control characters
-/// become spaces, `"` `'`, `\` `/`) and quotes no `sent` assertion; any other body as it is.
+/// become spaces, `"` `'`, `\` `/`) and quotes no `sent` assertion; `{}` for a body that is
+/// no JSON object; any other body as it is.
 fn without_escapes(body: bytes::Bytes, sent: Option<&str>) -> bytes::Bytes {
-    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return body;
+    let Ok(mut v @ serde_json::Value::Object(_)) = serde_json::from_slice(&body) else {
+        return bytes::Bytes::from_static(b"{}");
     };
     let Some(serde_json::Value::String(d)) = v.get_mut("error_description") else {
         return body;
@@ -549,11 +552,18 @@ mod tests {
             "{}",
             read.error_description
         );
-        // Anything else is left as it came.
-        for other in ["<html>bad gateway</html>", "{\"error\":\"x\"}"] {
+        // Other JSON is left as it came; a page that is not a JSON object is none the SDK
+        // could read (it would fail on it without the status).
+        let other = "{\"error\":\"x\"}";
+        assert_eq!(
+            without_escapes(bytes::Bytes::from(other), None),
+            bytes::Bytes::from(other)
+        );
+        for page in ["<html>bad gateway</html>", "", "[1]", "\"x\""] {
             assert_eq!(
-                without_escapes(bytes::Bytes::from(other), None),
-                bytes::Bytes::from(other)
+                without_escapes(bytes::Bytes::from(page), None),
+                bytes::Bytes::from("{}"),
+                "{page}"
             );
         }
         // A gateway echoing the form: the service account's token is cut out.
@@ -582,8 +592,9 @@ mod tests {
         }
     }
 
-    /// The error of the SDK's workload identity credential, wrapped as the broker wraps it,
-    /// when Entra answers `status` with `body` (the SDK retrying nothing).
+    /// The error of the SDK's workload identity credential, its transport and itself wrapped
+    /// as the broker wraps them, when Entra answers `status` with `body` (the SDK retrying
+    /// nothing).
     async fn refused_with(status: u16, body: &'static str) -> azure_core::Error {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("azure-identity-token");
@@ -591,7 +602,9 @@ mod tests {
         let mut cloud = CustomConfiguration::default();
         cloud.authority_host = "https://login.example".into();
         let client_options = ClientOptions {
-            transport: Some(Transport::new(Arc::new(Answering(status, body)))),
+            transport: Some(Transport::new(Arc::new(ReadableEntraErrors {
+                inner: Arc::new(Answering(status, body)),
+            }))),
             retry: RetryOptions::none(),
             cloud: Some(Arc::new(CloudConfiguration::Custom(cloud))),
             ..Default::default()
@@ -615,7 +628,7 @@ mod tests {
         // An outage's page with a code the broker does not list: retried, by its status.
         let e = refused_with(
             500,
-            r#"{"error":"server_error","error_description":"AADSTS50000: There was an error issuing a token. Trace ID: t Correlation ID: c","error_codes":[50000],"correlation_id":"2f8c6b1e-0c6f-4b5a-9e3d-000000000002"}"#,
+            r#"{"error":"server_error","error_description":"AADSTS50000: There was an error issuing a token.\r\nTrace ID: t\r\nCorrelation ID: c","error_codes":[50000],"correlation_id":"2f8c6b1e-0c6f-4b5a-9e3d-000000000002"}"#,
         )
         .await;
         assert!(matches!(e.kind(), ErrorKind::Credential), "{e:?}");
@@ -659,6 +672,15 @@ mod tests {
             entra_answer(&e).map(|a| a.class),
             Some(EntraErrorClass::Retryable)
         );
+        // A gateway's page: named by its status (not quoted), retried.
+        let e = refused_with(502, "<html>Bad Gateway: client_assertion=eyJ</html>").await;
+        let answer = entra_answer(&e).expect("the answer's status");
+        assert_eq!(
+            (answer.status, answer.class),
+            (502, EntraErrorClass::Retryable)
+        );
+        assert!(e.to_string().contains("without an Entra error"), "{e}");
+        assert!(!e.to_string().contains("eyJ"), "{e}");
     }
 
     #[test]
