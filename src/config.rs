@@ -158,9 +158,12 @@ pub struct LogConfig {
 pub enum IdentitySource {
     /// Let `azure_identity` pick: App Service variables, else IMDS.
     Auto,
-    /// Azure Instance Metadata Service (VMs, VM scale sets, AKS node identity).
+    /// Azure Instance Metadata Service (VMs, VM scale sets, AKS node identity). The same SDK
+    /// credential as `Auto`, which picks from the process's environment: a process with the
+    /// App Service variables still gets App Service (`outbound::credential`).
     Imds,
-    /// App Service / Functions / Container Apps (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`).
+    /// App Service / Functions / Container Apps (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`,
+    /// which the SDK reads from the process itself; the broker checks they are set).
     AppService,
     /// AKS workload identity (`AZURE_FEDERATED_TOKEN_FILE`, `AZURE_CLIENT_ID`, `AZURE_TENANT_ID`).
     WorkloadIdentity,

@@ -127,10 +127,16 @@ pub fn identity_retry() -> RetryOptions {
 /// The broker's own identity: a managed identity (IMDS or App Service) or AKS workload
 /// identity, behind `identity::CachingCredential` (tokens refreshed at half-life and served
 /// while a refresh fails, within the endpoint's limits). `env` is the environment the
-/// credential reads (the process's, but in tests). For workload identity the SDK is given
-/// everything it would otherwise read from the process; the managed identity credential
-/// (IMDS, App Service) still reads `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` from the
-/// process itself, which `env` is only checked against.
+/// broker reads (the process's, but in tests). Workload identity takes everything from it:
+/// the SDK is given the client id, tenant, token file and authority host. The managed
+/// identity credential (`auto`, `imds`, `app_service`) cannot be: `azure_identity` 1.0's
+/// `ManagedIdentityCredential` takes no environment and no endpoint (its options' environment
+/// exists only in that crate's own tests; its App Service and IMDS credentials are private),
+/// so it reads the process's variables itself, `IDENTITY_ENDPOINT` and `IDENTITY_HEADER`
+/// among them: at construction to choose App Service or IMDS whichever of the three sources
+/// is configured, and the header again at every request. `env` serves only the check that
+/// `app_service` has its variables; IMDS's fixed address alone can be redirected
+/// (`identity.imds_endpoint`, in the transport).
 pub fn credential(
     identity: &IdentityConfig,
     http: &reqwest::Client,
