@@ -38,6 +38,12 @@ pub enum OutboundError {
         source_kind: IdentitySource,
         message: String,
     },
+    /// An answer longer than its reader's bound (`body_within`).
+    #[error("the answer is larger than {} KiB", .limit / 1024)]
+    TooLarge { limit: usize },
+    /// An answer whose body broke off (`body_within`).
+    #[error("the answer broke off: {0}")]
+    Body(String),
 }
 
 /// Builds the shared outbound client. TLS verification is always on; extra trust is added,
@@ -424,6 +430,30 @@ fn without_escapes(body: bytes::Bytes, sent: Option<&str>) -> bytes::Bytes {
     serde_json::to_vec(&v).map_or(body, bytes::Bytes::from)
 }
 
+/// The body of `resp`, refused once it is longer than `limit` bytes: at once when its declared
+/// length is, else as it arrives, so a peer (or a proxy) answering endlessly cannot fill the
+/// broker's memory within the request's time bound.
+pub async fn body_within(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, OutboundError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(OutboundError::TooLarge { limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| OutboundError::Body(error_chain(&e)))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(OutboundError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// `message` (a transport error's), with what to check when it says a host name did not
 /// resolve: the resolver's own words ("Name or service not known") do not say that a typo in
 /// a vault's name, or a private endpoint's missing DNS zone, looks exactly like this.
@@ -708,5 +738,42 @@ mod tests {
             refused,
             "no hint for other errors"
         );
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_its_bound_is_refused_whether_its_length_is_declared_or_not() {
+        use axum::body::Body;
+        use axum::routing::get;
+        const LIMIT: usize = 4 * 1024;
+        // Chunks of 1 KiB without a declared length, as a peer streaming endlessly sends.
+        let streamed = |kib: usize| {
+            Body::from_stream(futures::stream::iter(
+                (0..kib).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 1024]))),
+            ))
+        };
+        let app = axum::Router::new()
+            .route("/declared", get(|| async { vec![b'x'; LIMIT + 1] }))
+            .route(
+                "/streamed",
+                get(move || async move { streamed(LIMIT / 1024 + 1) }),
+            )
+            .route("/fits", get(move || async move { streamed(LIMIT / 1024) }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+        let body = |path: &'static str| {
+            let (http, url) = (http.clone(), format!("{base}{path}"));
+            async move { body_within(http.get(url).send().await.unwrap(), LIMIT).await }
+        };
+        for path in ["/declared", "/streamed"] {
+            let e = body(path).await.unwrap_err();
+            assert!(
+                matches!(e, OutboundError::TooLarge { limit: LIMIT }),
+                "{path}: {e}"
+            );
+            assert_eq!(e.to_string(), "the answer is larger than 4 KiB");
+        }
+        assert_eq!(body("/fits").await.unwrap().len(), LIMIT);
     }
 }

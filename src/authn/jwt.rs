@@ -1,5 +1,6 @@
 //! Bearer-JWT callers: verification against the signing keys each configured issuer publishes
-//! (OpenID discovery document → `jwks_uri`), fetched through the broker's outbound client.
+//! (OpenID discovery document → `jwks_uri`), fetched through the broker's outbound client,
+//! each document bounded in time and size (`MAX_ISSUER_DOCUMENT`).
 //!
 //! Checks, in order: size and shape; the issuer (`iss`) is configured; the header algorithm is
 //! on that issuer's allow-list (asymmetric only: never `none`, never HMAC, so a public key can
@@ -44,6 +45,11 @@ use crate::sensitive::Sensitive;
 
 /// Longest bearer token accepted.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// Bound of an issuer's discovery document and of its JWKS: an issuer publishes a few keys,
+/// and one (or a proxy before it) answering endlessly must not fill the broker's memory
+/// within the outbound time bound.
+pub const MAX_ISSUER_DOCUMENT: usize = 256 * 1024;
 
 /// How long a request waits for another request's fetch of an issuer's keys.
 const KEY_WAIT: Duration = Duration::from_secs(10);
@@ -574,7 +580,9 @@ impl JwtVerifier {
     }
 
     async fn fetch(&self, cfg: &IssuerConfig) -> Result<Vec<Jwk>, String> {
-        let discovery: Discovery = self.get_json(&cfg.discovery_url).await?;
+        let discovery: Discovery = self
+            .get_json(&cfg.discovery_url, "the discovery document")
+            .await?;
         if discovery.issuer != cfg.issuer {
             return Err(format!(
                 "the discovery document names issuer `{}`, not `{}`",
@@ -586,7 +594,7 @@ impl JwtVerifier {
         if !crate::config::secure_or_loopback(&jwks_uri) {
             return Err("jwks_uri must use https (http only on loopback)".into());
         }
-        let raw: RawJwks = self.get_json(&jwks_uri).await?;
+        let raw: RawJwks = self.get_json(&jwks_uri, "the JWKS").await?;
         // Keys of types this broker does not verify with are skipped, not fatal.
         Ok(raw
             .keys
@@ -597,19 +605,27 @@ impl JwtVerifier {
             .collect())
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &Url) -> Result<T, String> {
+    /// The JSON document `what` at `url`, of at most `MAX_ISSUER_DOCUMENT` bytes.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &Url,
+        what: &str,
+    ) -> Result<T, String> {
+        let failed = |e: &dyn fmt::Display| format!("GET {url} ({what}): {e}");
         let resp = self
             .http
             .get(url.clone())
             .send()
             .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
+            .map_err(|e| failed(&crate::outbound::error_chain(&e)))?;
         if !resp.status().is_success() {
-            return Err(format!("GET {url}: HTTP {}", resp.status()));
+            return Err(failed(&format_args!("HTTP {}", resp.status())));
         }
-        resp.json::<T>()
+        let body = crate::outbound::body_within(resp, MAX_ISSUER_DOCUMENT)
             .await
-            .map_err(|e| format!("GET {url}: {e}"))
+            .map_err(|e| failed(&e))?;
+        serde_json::from_slice(&body)
+            .map_err(|e| failed(&format_args!("not the expected JSON ({e})")))
     }
 }
 

@@ -31,9 +31,10 @@ const FAILURE_KEPT: Duration = Duration::from_secs(10);
 /// Bound of each request to an issuer (connecting included): an issuer that does not
 /// answer makes the assertion fail, never the token request hang.
 pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound of the discovery document and of the JWKS: a cluster publishes a few keys, and an
-/// issuer answering endlessly must not fill the emulator's memory within the time bound.
-const MAX_DOCUMENT: usize = 256 * 1024;
+/// Bound of the discovery document and of the JWKS, the broker's own for its callers'
+/// issuers: a cluster publishes a few keys, and an issuer answering endlessly must not fill
+/// the emulator's memory within the time bound.
+const MAX_DOCUMENT: usize = crate::authn::jwt::MAX_ISSUER_DOCUMENT;
 
 /// The keys of the external issuers asked so far.
 pub(crate) struct ExternalIssuers {
@@ -200,30 +201,18 @@ impl ExternalIssuers {
     /// A JSON document of at most `MAX_DOCUMENT` bytes, read as it arrives so a larger one
     /// is refused without being held.
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
-        let failed = |e: reqwest::Error| format!("GET {url}: {}", crate::outbound::error_chain(&e));
-        let too_large = || {
-            format!(
-                "GET {url}: the answer is larger than {} KiB",
-                MAX_DOCUMENT / 1024
-            )
-        };
-        let mut resp = self.http.get(url).send().await.map_err(failed)?;
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {}", crate::outbound::error_chain(&e)))?;
         if !resp.status().is_success() {
             return Err(format!("GET {url}: HTTP {}", resp.status()));
         }
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_DOCUMENT as u64)
-        {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(failed)? {
-            if body.len() + chunk.len() > MAX_DOCUMENT {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = crate::outbound::body_within(resp, MAX_DOCUMENT)
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
         serde_json::from_slice(&body).map_err(|e| format!("GET {url}: not the expected JSON ({e})"))
     }
 }

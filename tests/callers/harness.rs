@@ -32,6 +32,8 @@ pub struct Options {
     /// Configure `client_crl_files = ["callers.crl"]`, starting with a list that revokes
     /// nothing.
     pub crl: bool,
+    /// More trusted issuers, `[callers.issuers.NAME]` with their `issuer` URL.
+    pub issuers: Vec<(&'static str, String)>,
 }
 
 impl Default for Options {
@@ -43,6 +45,7 @@ impl Default for Options {
             callers: "",
             server: "",
             crl: false,
+            issuers: Vec::new(),
         }
     }
 }
@@ -107,13 +110,18 @@ impl Harness {
             emulator.endpoints().authority_host,
             demo::CONTOSO_TENANT
         );
+        let issuers: String = opts
+            .issuers
+            .iter()
+            .map(|(name, url)| format!("[callers.issuers.{name}]\nissuer = \"{url}\"\n\n"))
+            .collect();
         let toml = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = \"server.crt\"\ntls_key_file = \"server.key\"\n\
              client_ca_file = \"callers-ca.pem\"\n{crl}client_cert = \"{}\"\n{}\n\n{before}{after}\n\
              [callers]\naudience = \"{AUDIENCE}\"\n{}\n\n\
              [callers.issuers.test]\nissuer = \"{}\"\n\n\
              [callers.issuers.contoso-entra]\nissuer = \"{contoso_issuer}\"\naudience = \"{}\"\n\
-             identity_claim = \"azp\"\nalgorithms = [\"RS256\"]\n\n\
+             identity_claim = \"azp\"\nalgorithms = [\"RS256\"]\n\n{issuers}\
              [policy]\nfile = \"policy.toml\"\n\n[limits]\n{}\n",
             opts.client_cert,
             opts.server,

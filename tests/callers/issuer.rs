@@ -1,7 +1,7 @@
 //! A small OpenID issuer on loopback: a discovery document and a JWKS of ES256 keys made in
 //! the test, and tokens minted with any claims, header or key, good or bad.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
@@ -18,6 +18,7 @@ struct State {
     base: String,
     published: Mutex<Vec<Key>>,
     jwks_fetches: AtomicU64,
+    oversized: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -56,6 +57,7 @@ impl TestIssuer {
                 pair: KeyPair::generate().unwrap(),
             }]),
             jwks_fetches: AtomicU64::new(0),
+            oversized: AtomicBool::new(false),
         });
         let s1 = state.clone();
         let s2 = state.clone();
@@ -82,7 +84,12 @@ impl TestIssuer {
                         // A key type the broker does not use must not spoil the set.
                         let mut keys = keys;
                         keys.push(json!({"kty": "OKP", "crv": "X448", "x": "AA", "kid": "odd"}));
-                        axum::Json(json!({ "keys": keys }))
+                        let mut jwks = json!({ "keys": keys });
+                        if s.oversized.load(Ordering::SeqCst) {
+                            // Its keys as ever, in a document past the broker's 256 KiB.
+                            jwks["padding"] = json!("x".repeat(300 * 1024));
+                        }
+                        axum::Json(jwks)
                     }
                 }),
             );
@@ -98,6 +105,11 @@ impl TestIssuer {
 
     pub fn jwks_fetches(&self) -> u64 {
         self.state.jwks_fetches.load(Ordering::SeqCst)
+    }
+
+    /// Whether the JWKS is served in a document larger than the broker reads.
+    pub fn oversize_jwks(&self, on: bool) {
+        self.state.oversized.store(on, Ordering::SeqCst);
     }
 
     /// Publishes a new key (rotation); returns its kid.

@@ -4,7 +4,7 @@ use tokenbroker::audit::Outcome;
 use tonic::Code;
 
 use crate::harness::*;
-use crate::issuer::{now, sign_es256, unsigned};
+use crate::issuer::{TestIssuer, now, sign_es256, unsigned};
 
 const SVC: &str = "jwt:test:svc-a";
 
@@ -412,4 +412,90 @@ async fn failed_tokens_from_one_address_are_limited_and_tokens_verified_before_s
         held.iter()
             .all(|r| r.outcome == Outcome::Denied && r.caller.is_none())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_serving_an_oversized_jwks_is_refused_as_an_unreachable_one_is() {
+    const CERT: &str = "spiffe://example.org/ns/a/sa/cert-caller";
+    let big = TestIssuer::start().await;
+    big.oversize_jwks(true);
+    // An issuer nobody answers for: a loopback port let go of.
+    let gone = {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", port.local_addr().unwrap())
+    };
+    let h = Harness::start(Options {
+        policy: grants(&[
+            (SVC, "contoso", GRAPH),
+            ("jwt:big:svc-a", "contoso", GRAPH),
+            ("jwt:gone:svc-a", "contoso", GRAPH),
+            (CERT, "contoso", GRAPH),
+        ]),
+        issuers: vec![("big", big.url()), ("gone", gone.clone())],
+        ..Default::default()
+    })
+    .await;
+    let i = &h.issuer;
+    let mut claims = i.claims("svc-a");
+    claims["iss"] = json!(gone);
+    let unreachable = assert_status(
+        h.get(
+            None,
+            Some(&i.sign_with("key-1", &claims)),
+            "contoso",
+            &[GRAPH],
+        )
+        .await,
+        Code::Unavailable,
+        &["issuer `gone`"],
+    );
+    // The JWKS is asked for, and refused for its size: the caller is told as for an issuer
+    // that cannot be reached (the broker's log has the cause).
+    let oversized = assert_status(
+        h.get(None, Some(&big.token("svc-a")), "contoso", &[GRAPH])
+            .await,
+        Code::Unavailable,
+        &["issuer `big`"],
+    );
+    assert_eq!(big.jwks_fetches(), 1);
+    assert_eq!(
+        oversized.message().replace("`big`", "`gone`"),
+        unreachable.message()
+    );
+    assert_eq!(retry_after_secs(&oversized), retry_after_secs(&unreachable));
+
+    // Keys fetched before stay in use when a later JWKS is oversized: a rotated key is not
+    // had, the known one still verifies.
+    h.get(None, Some(&i.token("svc-a")), "contoso", &[GRAPH])
+        .await
+        .unwrap();
+    i.oversize_jwks(true);
+    i.rotate("key-2");
+    assert_status(
+        h.get(
+            None,
+            Some(&i.sign_with("key-2", &i.claims("svc-a"))),
+            "contoso",
+            &[GRAPH],
+        )
+        .await,
+        Code::Unauthenticated,
+        &["unknown key"],
+    );
+    assert_eq!(i.jwks_fetches(), 2);
+    let mut claims = i.claims("svc-a");
+    claims["jti"] = json!("another");
+    h.get(
+        None,
+        Some(&i.sign_with("key-1", &claims)),
+        "contoso",
+        &[GRAPH],
+    )
+    .await
+    .unwrap();
+    // And the broker serves on.
+    h.get(Some(&h.ca.client(&[CERT])), None, "contoso", &[GRAPH])
+        .await
+        .unwrap();
+    h.stop().await;
 }
