@@ -51,6 +51,9 @@ pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// within the outbound time bound.
 pub const MAX_ISSUER_DOCUMENT: usize = 256 * 1024;
 
+/// The longest `jwks_uri` a discovery document may name (it is named in the log).
+const MAX_JWKS_URI: usize = 2048;
+
 /// How long a request waits for another request's fetch of an issuer's keys.
 const KEY_WAIT: Duration = Duration::from_secs(10);
 
@@ -590,10 +593,7 @@ impl JwtVerifier {
                 cfg.issuer
             ));
         }
-        let jwks_uri = Url::parse(&discovery.jwks_uri).map_err(|e| format!("jwks_uri: {e}"))?;
-        if !crate::config::secure_or_loopback(&jwks_uri) {
-            return Err("jwks_uri must use https (http only on loopback)".into());
-        }
+        let jwks_uri = jwks_uri(&discovery.jwks_uri)?;
         let raw: RawJwks = self.get_json(&jwks_uri, "the JWKS").await?;
         // Keys of types this broker does not verify with are skipped, not fatal.
         Ok(raw
@@ -629,6 +629,27 @@ impl JwtVerifier {
     }
 }
 
+/// The `jwks_uri` of a discovery document as a URL the broker fetches: https (http only on
+/// loopback), without credentials (they would be sent, and logged with the URL), and short
+/// enough to be named in the log.
+fn jwks_uri(s: &str) -> Result<Url, String> {
+    if s.len() > MAX_JWKS_URI {
+        return Err(format!(
+            "the discovery document's jwks_uri is longer than {MAX_JWKS_URI} bytes"
+        ));
+    }
+    let u = Url::parse(s).map_err(|e| format!("the discovery document's jwks_uri: {e}"))?;
+    if !crate::config::secure_or_loopback(&u) {
+        return Err(
+            "the discovery document's jwks_uri must use https (http only on loopback)".into(),
+        );
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("the discovery document's jwks_uri carries a user name or password".into());
+    }
+    Ok(u)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,6 +681,34 @@ mod tests {
             keys: Vec::new(),
             fetched: Instant::now(),
         })
+    }
+
+    #[test]
+    fn a_jwks_uri_is_fetched_only_over_https_or_loopback_http_without_credentials_and_bounded() {
+        for good in [
+            "https://issuer.example/keys",
+            "http://127.0.0.1:8080/keys",
+            "http://localhost/keys",
+        ] {
+            assert_eq!(jwks_uri(good).unwrap().as_str(), good);
+        }
+        for (bad, why) in [
+            ("http://issuer.example/keys", "https"),
+            ("not a url", "jwks_uri"),
+            (
+                "https://user:secret@issuer.example/keys",
+                "user name or password",
+            ),
+            ("https://user@issuer.example/keys", "user name or password"),
+        ] {
+            let e = jwks_uri(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+        let long = format!("https://issuer.example/{}", "k".repeat(MAX_JWKS_URI));
+        let e = jwks_uri(&long).unwrap_err();
+        assert!(e.contains("longer than 2048 bytes"), "{e}");
+        assert!(!e.contains("kkkk"), "{e}");
     }
 
     #[tokio::test(start_paused = true)]
