@@ -147,6 +147,7 @@ type Source = Slot<Broker>;
 type AuditSource = Slot<crate::audit::Audit>;
 type PolicySource = Slot<Arc<crate::policy::PolicyHandle>>;
 type ServerCertSource = Slot<Arc<crate::tls::ReloadingCert>>;
+type ClientTrustSource = Slot<Arc<crate::tls::ListenerConfig>>;
 
 struct Inner {
     provider: SdkMeterProvider,
@@ -157,6 +158,7 @@ struct Inner {
     audit_source: AuditSource,
     policy_source: PolicySource,
     server_cert_source: ServerCertSource,
+    client_trust_source: ClientTrustSource,
     requests: Arc<RequestCounts>,
     request_duration: Histogram<f64>,
     /// `request_duration` bound to each method and outcome when first recorded: a bound
@@ -352,6 +354,32 @@ fn observe_server_cert(meter: &Meter, source: &ServerCertSource) {
         .build();
 }
 
+/// 1 while the client CA bundle and revocation lists hold a set that was refused (the trust
+/// loaded before stays in force: a certificate revoked in the new lists is still accepted),
+/// and the refusals so far, as for the server certificate.
+fn observe_client_trust(meter: &Meter, source: &ClientTrustSource) {
+    let s = source.clone();
+    meter
+        .u64_observable_gauge("tokenbroker_client_trust_refused")
+        .with_description("Whether the client CA bundle and revocation lists hold a set that was refused or cannot be read (1): the trust loaded before stays in force, certificates revoked in the new lists with it")
+        .with_callback(move |o| {
+            if let Some(refused) = read_slot(&s, |l| l.client_trust_refused()) {
+                o.observe(u64::from(refused), &[]);
+            }
+        })
+        .build();
+    let s = source.clone();
+    meter
+        .u64_observable_counter("tokenbroker_client_trust_reloads_refused")
+        .with_description("Contents of the client CA bundle and revocation lists refused (unreadable or not usable), each once")
+        .with_callback(move |o| {
+            if let Some(n) = read_slot(&s, |l| l.client_trust_refusals()) {
+                o.observe(n, &[]);
+            }
+        })
+        .build();
+}
+
 impl Metrics {
     /// Instruments for a configuration: the manual reader for `/metrics`, plus an OTLP
     /// exporter when `telemetry.otlp_endpoint` is set.
@@ -388,6 +416,8 @@ impl Metrics {
         observe_policy(&meter, &policy_source);
         let server_cert_source = ServerCertSource::default();
         observe_server_cert(&meter, &server_cert_source);
+        let client_trust_source = ClientTrustSource::default();
+        observe_client_trust(&meter, &client_trust_source);
         let inner = Inner {
             requests: RequestCounts::register(&meter),
             request_duration: meter
@@ -419,6 +449,7 @@ impl Metrics {
             audit_source,
             policy_source,
             server_cert_source,
+            client_trust_source,
         };
         Metrics {
             inner: Arc::new(inner),
@@ -453,6 +484,15 @@ impl Metrics {
         cert: &Arc<crate::tls::ReloadingCert>,
     ) -> Observing<Arc<crate::tls::ReloadingCert>> {
         observing(&self.inner.server_cert_source, cert.clone())
+    }
+
+    /// Reads the state of the listener's client trust files
+    /// (`tokenbroker_client_trust_refused`) until the guard is dropped.
+    pub fn observe_client_trust(
+        &self,
+        listener: &Arc<crate::tls::ListenerConfig>,
+    ) -> Observing<Arc<crate::tls::ListenerConfig>> {
+        observing(&self.inner.client_trust_source, listener.clone())
     }
 
     /// A configured tenant name, or `_unknown`.

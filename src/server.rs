@@ -236,6 +236,11 @@ impl Bound {
         let _observing_audit = metrics.observe_audit(self.access.audit());
         let _observing_policy = metrics.observe_policy(self.access.policy());
         let _observing_cert = self.server_cert().map(|c| metrics.observe_server_cert(c));
+        let _observing_trust = self
+            .tls
+            .as_ref()
+            .filter(|t| t.verifies_clients())
+            .map(|t| metrics.observe_client_trust(t));
         let _admin = AbortOnDrop(
             self.admin
                 .spawn(crate::admin::router(metrics, self.health.clone())),

@@ -78,22 +78,135 @@ pub struct ReloadingCert {
     cert_file: PathBuf,
     key_file: PathBuf,
     current: ArcSwap<CertifiedKey>,
-    files: Mutex<CertFiles>,
-    /// Contents of the files refused so far, each once.
+    files: WatchedFiles,
+}
+
+/// What became of the contents of a set of files that reload when they change (the server
+/// certificate and key; the client CA bundle and revocation lists), by SHA-256 of them all:
+/// those in use, those last refused while the files still hold them (what is in use is then
+/// not what is on disk), and how many contents were refused, each once.
+struct WatchedFiles {
+    contents: Mutex<Contents>,
     refusals: AtomicU64,
 }
 
-/// What became of the files' contents, by SHA-256 of the cert and key together.
-struct CertFiles {
+struct Contents {
     /// The contents in use.
     loaded: [u8; 32],
-    /// The contents last refused, while the files still hold them: the certificate in use is
-    /// then not the one on disk (a renewal that did not take).
+    /// The contents last refused, while the files still hold them.
     refused: Option<[u8; 32]>,
 }
 
-/// `CertFiles::refused` while a file cannot be read (no content to tell apart).
+/// `Contents::refused` while a file cannot be read (no content to tell apart).
 const UNREADABLE: [u8; 32] = [0xff; 32];
+
+/// What one look at a set of files found.
+enum Look {
+    /// New contents, now in use.
+    Installed,
+    /// The contents in use.
+    Unchanged,
+    /// Contents refused, or files that cannot be read; `new`: not what the look before
+    /// refused (the watcher looks every few seconds, and tells each refusal once).
+    Refused { error: TlsError, new: bool },
+}
+
+impl Look {
+    /// `Ok(true)` when new contents were installed.
+    fn into_result(self) -> Result<bool, TlsError> {
+        match self {
+            Look::Installed => Ok(true),
+            Look::Unchanged => Ok(false),
+            Look::Refused { error, .. } => Err(error),
+        }
+    }
+
+    /// Logs a refusal (`refused` says what stays in use): as a warning when it is new or an
+    /// operator asked (`asked`: SIGHUP), else at debug. Whether new contents were installed.
+    fn logged(self, asked: bool, refused: &str) -> bool {
+        match self {
+            Look::Installed => true,
+            Look::Unchanged => false,
+            Look::Refused { error, new } if new || asked => {
+                warn!(error = %error, "{refused}");
+                false
+            }
+            Look::Refused { error, .. } => {
+                debug!(error = %error, "{refused} (refused before)");
+                false
+            }
+        }
+    }
+}
+
+impl WatchedFiles {
+    fn new(loaded: [u8; 32]) -> WatchedFiles {
+        WatchedFiles {
+            contents: Mutex::new(Contents {
+                loaded,
+                refused: None,
+            }),
+            refusals: AtomicU64::new(0),
+        }
+    }
+
+    /// Judges what was `read` from the files (the contents and their digest): contents other
+    /// than those in use go to `install`, and are refused when it fails. Looks are one at a
+    /// time. A refused content is judged again at every look, not only when it changes (a
+    /// certificate not yet valid becomes valid as it is), and counted once.
+    fn look<T>(
+        &self,
+        read: Result<(T, [u8; 32]), TlsError>,
+        install: impl FnOnce(T) -> Result<(), TlsError>,
+    ) -> Look {
+        let mut contents = self.contents.lock().unwrap_or_else(|p| p.into_inner());
+        let (read, digest) = match read {
+            Ok(read) => read,
+            Err(error) => {
+                let new = self.refuse(&mut contents, UNREADABLE);
+                return Look::Refused { error, new };
+            }
+        };
+        if contents.loaded == digest {
+            // Put back as it was: the files hold what is in use again.
+            contents.refused = None;
+            return Look::Unchanged;
+        }
+        match install(read) {
+            Ok(()) => {
+                contents.loaded = digest;
+                contents.refused = None;
+                Look::Installed
+            }
+            Err(error) => {
+                let new = self.refuse(&mut contents, digest);
+                Look::Refused { error, new }
+            }
+        }
+    }
+
+    /// Notes `digest` as refused; whether it is new (then counted).
+    fn refuse(&self, contents: &mut Contents, digest: [u8; 32]) -> bool {
+        let new = contents.refused != Some(digest);
+        if new {
+            contents.refused = Some(digest);
+            self.refusals.fetch_add(1, Ordering::Relaxed);
+        }
+        new
+    }
+
+    fn refused(&self) -> bool {
+        self.contents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused
+            .is_some()
+    }
+
+    fn refusals(&self) -> u64 {
+        self.refusals.load(Ordering::Relaxed)
+    }
+}
 
 impl fmt::Debug for ReloadingCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -112,70 +225,38 @@ impl ReloadingCert {
             cert_file: cert_file.to_owned(),
             key_file: key_file.to_owned(),
             current: ArcSwap::from_pointee(key),
-            files: Mutex::new(CertFiles {
-                loaded: digest(&cert_pem, &key_pem),
-                refused: None,
-            }),
-            refusals: AtomicU64::new(0),
+            files: WatchedFiles::new(digest(&cert_pem, &key_pem)),
         }))
     }
 
     /// Re-reads the files; installs the new pair when they changed and are valid.
     /// `Ok(true)` when a new certificate was installed.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let read = read_pair(&self.cert_file, &self.key_file);
-        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        let (cert_pem, key_pem) = match read {
-            Ok(pair) => pair,
-            Err(e) => {
-                self.refuse(&mut files, UNREADABLE);
-                return Err(e);
-            }
-        };
-        let d = digest(&cert_pem, &key_pem);
-        if files.loaded == d {
-            // Put back as it was: the files hold the certificate in use again.
-            files.refused = None;
-            return Ok(false);
-        }
-        // A refused pair is judged again at every look, not only when it changes: one not
-        // yet valid becomes valid as it is.
-        match certified_key(&self.cert_file, &self.key_file, &cert_pem, &key_pem) {
-            Ok(key) => {
-                self.current.store(Arc::new(key));
-                files.loaded = d;
-                files.refused = None;
-                Ok(true)
-            }
-            Err(e) => {
-                self.refuse(&mut files, d);
-                Err(e)
-            }
-        }
+        self.look().into_result()
     }
 
-    /// Notes the files' contents `d` as refused, counted once per content.
-    fn refuse(&self, files: &mut CertFiles, d: [u8; 32]) {
-        if files.refused != Some(d) {
-            files.refused = Some(d);
-            self.refusals.fetch_add(1, Ordering::Relaxed);
-        }
+    fn look(&self) -> Look {
+        let read = read_pair(&self.cert_file, &self.key_file).map(|(cert, key)| {
+            let d = digest(&cert, &key);
+            ((cert, key), d)
+        });
+        self.files.look(read, |(cert_pem, key_pem)| {
+            let key = certified_key(&self.cert_file, &self.key_file, &cert_pem, &key_pem)?;
+            self.current.store(Arc::new(key));
+            Ok(())
+        })
     }
 
     /// Whether the files hold a pair that was refused (or cannot be read), so that the
     /// certificate in use is an older one (`tokenbroker_server_certificate_refused`).
     pub fn file_refused(&self) -> bool {
-        self.files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .refused
-            .is_some()
+        self.files.refused()
     }
 
     /// Contents of the files refused so far
     /// (`tokenbroker_server_certificate_reloads_refused`).
     pub fn refusals(&self) -> u64 {
-        self.refusals.load(Ordering::Relaxed)
+        self.files.refusals()
     }
 
     /// The `notAfter` of the certificate in use.
@@ -278,7 +359,8 @@ fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>,
 /// The listener's rustls configuration. The server certificate reloads through its
 /// resolver (`ReloadingCert`); the client-certificate verifier is rebuilt, and the whole
 /// configuration swapped for new connections, when the client CA bundle or a revocation list
-/// changes. A broken new set is refused (logged) and the current one stays.
+/// changes. A broken new set is refused (logged once per content, counted, and shown by
+/// `client_trust_refused` while the files hold it) and the current one stays.
 pub struct ListenerConfig {
     tls: ServerTls,
     cert: Arc<ReloadingCert>,
@@ -286,8 +368,8 @@ pub struct ListenerConfig {
     /// The client-certificate verifier of `current` (rustls keeps its own private), to check
     /// again a certificate that opened a long-lived stream (`ClientCertCheck`).
     verifier: Mutex<Option<Arc<dyn ClientCertVerifier>>>,
-    /// SHA-256 of the CA bundle and revocation lists last loaded.
-    loaded: Mutex<[u8; 32]>,
+    /// The CA bundle and revocation lists.
+    trust: WatchedFiles,
 }
 
 impl fmt::Debug for ListenerConfig {
@@ -313,49 +395,63 @@ impl ListenerConfig {
     /// Re-reads the client CA bundle and revocation lists; installs a new verifier when they
     /// changed and are valid. `Ok(true)` when one was installed.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let files = TrustFiles::read(&self.tls)?;
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if *loaded == files.digest {
-            return Ok(false);
-        }
-        let verifier = files.verifier(&self.tls)?;
-        let config = build_config(verifier.clone(), &self.cert)?;
-        self.current.store(Arc::new(config));
-        *self.verifier.lock().unwrap_or_else(|p| p.into_inner()) = verifier;
-        *loaded = files.digest;
-        Ok(true)
+        self.look().into_result()
+    }
+
+    fn look(&self) -> Look {
+        let read = TrustFiles::read(&self.tls).map(|files| {
+            let d = files.digest;
+            (files, d)
+        });
+        self.trust.look(read, |files| {
+            let verifier = files.verifier(&self.tls)?;
+            let config = build_config(verifier.clone(), &self.cert)?;
+            self.current.store(Arc::new(config));
+            *self.verifier.lock().unwrap_or_else(|p| p.into_inner()) = verifier;
+            Ok(())
+        })
+    }
+
+    /// Whether the listener verifies client certificates (it has a client CA bundle).
+    pub fn verifies_clients(&self) -> bool {
+        self.tls.client_ca_file.is_some()
+    }
+
+    /// Whether the client CA bundle and revocation lists hold a set that was refused (or
+    /// cannot be read), so that the trust in force is an older one
+    /// (`tokenbroker_client_trust_refused`).
+    pub fn client_trust_refused(&self) -> bool {
+        self.trust.refused()
+    }
+
+    /// Contents of the client trust files refused so far
+    /// (`tokenbroker_client_trust_reloads_refused`).
+    pub fn client_trust_refusals(&self) -> u64 {
+        self.trust.refusals()
     }
 
     /// Re-reads the server certificate and the client trust files once, installing what
-    /// changed and is valid, and logs the outcome: a refused server certificate once per
-    /// refused content (the watcher looks every few seconds), or again when an operator asks
-    /// (`asked`: SIGHUP).
+    /// changed and is valid, and logs the outcome: a refusal once per refused content (the
+    /// watcher looks every few seconds), or again when an operator asks (`asked`: SIGHUP).
     pub fn reload_now(&self, asked: bool) {
-        let before = self.cert.refusals();
-        match self.cert.reload_if_changed() {
-            Ok(true) => {
-                info!(cert = %self.cert.cert_file.display(), "server TLS certificate reloaded")
-            }
-            Ok(false) => {}
-            // Mid-rotation (cert written, key not yet) looks like this too: keep
-            // serving the old pair and try again on the next look.
-            Err(e) if asked || self.cert.refusals() > before => {
-                warn!(error = %e, "server TLS certificate not reloaded; the previous one stays in use")
-            }
-            Err(e) => debug!(error = %e, "server TLS certificate still refused"),
+        // Mid-rotation (cert written, key not yet) is refused too: the old pair keeps
+        // serving, and the next look tries again.
+        if self.cert.look().logged(
+            asked,
+            "server TLS certificate not reloaded; the previous one stays in use",
+        ) {
+            info!(cert = %self.cert.cert_file.display(), "server TLS certificate reloaded");
         }
-        if self.tls.client_ca_file.is_none() {
-            return;
-        }
-        match self.reload_if_changed() {
-            Ok(true) => info!(
+        if self.verifies_clients()
+            && self.look().logged(
+                asked,
+                "client CA bundle or revocation lists not reloaded; the previous ones stay in use",
+            )
+        {
+            info!(
                 crls = self.tls.client_crl_files.len(),
                 "client CA bundle and revocation lists reloaded"
-            ),
-            Ok(false) => {}
-            Err(e) => {
-                warn!(error = %e, "client CA bundle or revocation lists not reloaded; the previous ones stay in use")
-            }
+            );
         }
     }
 }
@@ -553,7 +649,7 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ListenerConfig>, TlsError> {
         cert,
         current: ArcSwap::from_pointee(config),
         verifier: Mutex::new(verifier),
-        loaded: Mutex::new(files.digest),
+        trust: WatchedFiles::new(files.digest),
     }))
 }
 
@@ -744,4 +840,54 @@ fn handshake_refused(peer: SocketAddr, e: &std::io::Error) {
     // A refused client certificate is the caller's configuration problem: worth a line at
     // info so operators can see it, without a stack of detail.
     info!(%peer, error = %e, "TLS handshake refused");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_content_is_new_once_until_the_files_hold_what_is_in_use_again() {
+        let files = WatchedFiles::new([1; 32]);
+        let refuse =
+            |d: [u8; 32]| match files.look(Ok(((), d)), |()| Err(TlsError::Config("bad".into()))) {
+                Look::Refused { new, .. } => new,
+                _ => panic!("refused"),
+            };
+        let unreadable = || {
+            let read = Err(TlsError::Config("unreadable".into()));
+            match files.look::<()>(read, |()| panic!("nothing to install")) {
+                Look::Refused { new, .. } => new,
+                _ => panic!("refused"),
+            }
+        };
+        assert!(!files.refused());
+        // Told and counted once per content, however often it is looked at.
+        assert!(refuse([2; 32]));
+        assert!(!refuse([2; 32]));
+        assert!(files.refused());
+        assert_eq!(files.refusals(), 1);
+        assert!(refuse([3; 32]));
+        assert!(unreadable());
+        assert!(!unreadable());
+        assert_eq!(files.refusals(), 3);
+        // The files hold what is in use again: nothing refused; a refusal after is new.
+        assert!(matches!(
+            files.look(Ok(((), [1; 32])), |()| panic!("in use already")),
+            Look::Unchanged
+        ));
+        assert!(!files.refused());
+        assert!(refuse([2; 32]));
+        // New contents installed: nothing refused; the count stays.
+        assert!(matches!(
+            files.look(Ok(((), [4; 32])), |()| Ok(())),
+            Look::Installed
+        ));
+        assert!(!files.refused());
+        assert_eq!(files.refusals(), 4);
+        assert!(matches!(
+            files.look(Ok(((), [4; 32])), |()| panic!("in use already")),
+            Look::Unchanged
+        ));
+    }
 }

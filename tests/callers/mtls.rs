@@ -410,6 +410,75 @@ async fn a_refused_server_certificate_renewal_shows_in_the_metrics_until_a_good_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_client_trust_files_show_in_the_metrics_until_good_ones_load() {
+    // Looked at hourly: only the reloads below read the files, never half-written.
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        client_cert: "required",
+        crl: true,
+        server: "reload_secs = 3600",
+        ..Default::default()
+    })
+    .await;
+    let value = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let state = || async {
+        let text = h.metrics().await;
+        (
+            value(&text, "tokenbroker_client_trust_refused"),
+            value(&text, "tokenbroker_client_trust_reloads_refused_total"),
+        )
+    };
+    assert_eq!(state().await, (0, 0));
+    let caller = h.ca.client(&[COLLECTOR]);
+
+    // A CA bundle with no certificate: refused, shown, counted once however often it is
+    // looked at; the trust loaded before stays in force.
+    let ca = std::fs::read(h.path("callers-ca.pem")).unwrap();
+    std::fs::write(h.path("callers-ca.pem"), "not a certificate\n").unwrap();
+    h.listener_tls.reload_now(false);
+    h.listener_tls.reload_now(false);
+    assert_eq!(state().await, (1, 1));
+    h.get(Some(&caller), None, "contoso", &[GRAPH])
+        .await
+        .unwrap();
+
+    // The bundle in force written back: nothing refused; the count stays.
+    std::fs::write(h.path("callers-ca.pem"), &ca).unwrap();
+    h.listener_tls.reload_now(false);
+    assert_eq!(state().await, (0, 1));
+
+    // Each other refused content is counted: a truncated revocation list, then none.
+    std::fs::write(h.path("callers.crl"), "-----BEGIN X509 CRL-----\nAAAA\n").unwrap();
+    h.listener_tls.reload_now(false);
+    assert_eq!(state().await, (1, 2));
+    std::fs::remove_file(h.path("callers.crl")).unwrap();
+    h.listener_tls.reload_now(false);
+    h.listener_tls.reload_now(false);
+    assert_eq!(state().await, (1, 3));
+    h.get(Some(&caller), None, "contoso", &[GRAPH])
+        .await
+        .unwrap();
+
+    // A good new list loads: nothing refused any more, and it is in force.
+    std::fs::write(h.path("callers.crl"), h.ca.crl(2, &[&caller])).unwrap();
+    h.listener_tls.reload_now(false);
+    assert_eq!(state().await, (0, 3));
+    assert!(
+        handshake(&h, &h.server_ca_pem, Some(&caller))
+            .await
+            .unwrap_err()
+            .contains("CertificateRevoked")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_proven_by_a_client_certificate_is_never_resumed() {
     // A resumed TLS session carries the client certificate of its first handshake without
     // checking it again: a certificate expired or revoked since would keep working through
