@@ -85,20 +85,31 @@ impl EntraError {
 }
 
 impl EntraError {
-    /// The head of an answer came (with `status`) but its body did not finish: the
-    /// connection broke, or the outbound timeout passed mid-body. The next attempt may well
-    /// get all of it.
-    fn broken_off(status: u16, e: &reqwest::Error, correlation: &str) -> Self {
-        // The outer layers only say "error decoding response body" and repeat the URL.
-        let cause = crate::outbound::root_cause(e);
+    /// The head of an answer came (with `status`) but its body could not be read: it broke
+    /// off (the connection broke, or the outbound timeout passed mid-body), or it ran past
+    /// `ANSWER_LIMIT`, more than any answer of Entra's (a few KiB), so a proxy's or gateway's.
+    /// Either way the next attempt may well get Entra's whole answer.
+    fn unreadable_body(status: u16, e: crate::outbound::OutboundError, correlation: &str) -> Self {
+        let (error, description) = match e {
+            crate::outbound::OutboundError::Body(cause) => (
+                "incomplete_response",
+                format!(
+                    "the answer's body broke off ({cause}): a proxy or the network may be cutting connections, or outbound.request_timeout_secs is shorter than Entra takes"
+                ),
+            ),
+            other => (
+                "oversized_response",
+                format!(
+                    "{other}, more than any answer of Entra's: a proxy or gateway answered, or the authority host is not Entra's"
+                ),
+            ),
+        };
         EntraError {
             class: EntraErrorClass::Retryable,
             status,
-            error: "incomplete_response".into(),
+            error: error.into(),
             codes: vec![],
-            description: format!(
-                "the answer's body broke off ({cause}): a proxy or the network may be cutting connections, or outbound.request_timeout_secs is shorter than Entra takes"
-            ),
+            description,
             correlation_id: Some(correlation.to_owned()),
             trace_id: None,
             retry_after: None,
@@ -298,10 +309,9 @@ impl TokenExchange for HttpTokenExchange {
             },
             std::time::SystemTime::now(),
         );
-        let body = resp
-            .bytes()
+        let body = crate::outbound::body_within(resp, ANSWER_LIMIT)
             .await
-            .map_err(|e| EntraError::broken_off(status, &e, &correlation))?;
+            .map_err(|e| EntraError::unreadable_body(status, e, &correlation))?;
         if status == 200 {
             return token_from(&body).map_err(|e| EntraError {
                 class: EntraErrorClass::Retryable,
@@ -323,6 +333,10 @@ impl TokenExchange for HttpTokenExchange {
         ))
     }
 }
+
+/// The longest answer read from the token endpoint: Entra's are a few KiB, so this bounds
+/// only what a misbehaving proxy or gateway could make the broker hold in memory.
+const ANSWER_LIMIT: usize = 1024 * 1024;
 
 /// The longest OAuth `error` taken from a body (Entra's are words like `invalid_client`).
 const ERROR_LIMIT: usize = 64;

@@ -444,7 +444,8 @@ pub async fn body_within(
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| OutboundError::Body(error_chain(&e)))?
+        // The outer layers only say "error decoding response body" and repeat the URL.
+        .map_err(|e| OutboundError::Body(root_cause(&e)))?
     {
         if body.len() + chunk.len() > limit {
             return Err(OutboundError::TooLarge { limit });

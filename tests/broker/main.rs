@@ -1082,6 +1082,31 @@ async fn an_unreadable_token_response_and_a_proxys_page_are_retryable_and_named(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_answer_from_entras_place_is_read_no_further_than_its_bound() {
+    let stack = Stack::start().await;
+    // A page of 1.5 MiB is read no further than 1 MiB (more than any answer of Entra's), so a
+    // misbehaving gateway cannot make the broker hold what it sends.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100,
+                   "fail": {"status": 502, "content_type": "text/html",
+                            "raw_body": "<p>PAGE-MARKER</p>".repeat(3 * 512 * 1024 / 18)}}),
+        )
+        .await;
+    let s = assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::Unavailable,
+        &["larger than 1024 KiB", "a proxy or gateway answered"],
+    );
+    assert!(!s.message().contains("PAGE-MARKER"), "{}", s.message());
+    stack.clear_faults().await;
+    // Not Entra's verdict, so not remembered.
+    stack.get("contoso", GRAPH).await.unwrap();
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_answered_with_200_in_key_vaults_place_is_retried_not_remembered() {
     // A captive portal or proxy answering 200 with its own page, for the certificate (before
     // any was read) and for the sign: unreadable, retried, not remembered.
