@@ -46,7 +46,7 @@ impl FlowError {
     /// Transient: worth retrying later (throttling, outage, open breaker, spent budget).
     pub fn is_retryable(&self) -> bool {
         match self {
-            FlowError::Signer(e) => e.is_retryable() || matches!(e, SignerError::Identity(_)),
+            FlowError::Signer(e) => e.is_retryable() || matches!(e, SignerError::Identity { .. }),
             // The endpoint failing is worth retrying; an identity the broker lacks is not.
             FlowError::Identity(e) => matches!(e, IdentityError::Unavailable { .. }),
             FlowError::Entra(e) => e.class == EntraErrorClass::Retryable,
@@ -57,7 +57,10 @@ impl FlowError {
     /// The upstream's own hint, if it gave one.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            FlowError::Signer(SignerError::Unavailable { retry_after, .. })
+            FlowError::Signer(
+                SignerError::Unavailable { retry_after, .. }
+                | SignerError::Identity { retry_after, .. },
+            )
             | FlowError::Identity(IdentityError::Unavailable { retry_after, .. }) => *retry_after,
             FlowError::Entra(e) => e.retry_after,
             _ => None,
@@ -1118,7 +1121,10 @@ mod tests {
                 SignerError::Other { service, message },
             ];
             if service == keyvault::SERVICE {
-                all.push(SignerError::Identity("m".into()));
+                all.push(SignerError::Identity {
+                    message: "m".into(),
+                    retry_after: None,
+                });
             }
             for e in all {
                 let text = FlowError::Signer(e).to_string();

@@ -91,7 +91,7 @@ pub fn signer_code(e: &SignerError) -> String {
         SignerError::NotFound { .. } => "not_found",
         SignerError::Configuration { .. } => "configuration",
         SignerError::Unavailable { .. } => "unavailable",
-        SignerError::Identity(_) => "identity",
+        SignerError::Identity { .. } => "identity",
         SignerError::IdentityRefused { .. } => "identity_refused",
         SignerError::Other { .. } => "other",
     }

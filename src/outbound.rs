@@ -12,8 +12,7 @@ use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
 use azure_core::credentials::TokenCredential;
 use azure_core::error::ErrorKind;
 use azure_core::http::{
-    AsyncRawResponse, ClientOptions, ExponentialRetryOptions, HttpClient, Request, RetryOptions,
-    Transport,
+    AsyncRawResponse, ClientOptions, HttpClient, Request, RetryOptions, Transport,
 };
 use azure_identity::{
     ClientAssertionCredentialOptions, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
@@ -83,8 +82,7 @@ pub fn http_client(cfg: &OutboundConfig) -> Result<reqwest::Client, OutboundErro
 
 /// Azure SDK client options that send through the shared client. `retry` is the SDK's own
 /// retry policy: the Key Vault clients get none, because the broker retries them itself on
-/// its own clock (honouring `Retry-After`, within budgets and breakers); the managed identity
-/// credential keeps a short bounded one, as its token is cached and rarely fetched.
+/// its own clock (honouring `Retry-After`, within budgets and breakers).
 pub fn client_options(
     http: &reqwest::Client,
     imds: Option<&Url>,
@@ -119,15 +117,16 @@ fn traced_options(
     }
 }
 
-/// A short, bounded retry for the managed identity endpoint (App Service mode; the IMDS
-/// source in `azure_identity` applies Microsoft's IMDS retry rules itself).
-pub fn identity_retry() -> RetryOptions {
-    RetryOptions::exponential(ExponentialRetryOptions {
-        initial_delay: azure_core::time::Duration::milliseconds(500),
-        max_retries: 3,
-        max_total_elapsed: azure_core::time::Duration::seconds(20),
-        max_delay: azure_core::time::Duration::seconds(5),
-    })
+/// The SDK retry of the broker's identity credentials (workload identity, App Service):
+/// none. Their token is asked for inside an attempt of the broker's (a Key Vault call, or a
+/// federated tenant's assertion), which the broker retries on its own clock, honouring the
+/// answer's `Retry-After`, within the fetch's budget and behind its breakers; a retry of the
+/// SDK's (about 7 s of 408, 429 and 5xx) spent that budget inside one attempt, so an outage
+/// ended as the budget's cut-off instead of Entra's answer. A refresh of a cached token that
+/// fails is tried again after `identity::REFRESH_RETRY`. The IMDS source replaces this with
+/// Microsoft's IMDS rules (`azure_identity`), kept.
+fn identity_retry() -> RetryOptions {
+    RetryOptions::none()
 }
 
 /// The broker's own identity: a managed identity (IMDS or App Service) or AKS workload

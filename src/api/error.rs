@@ -165,11 +165,11 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                     Status::unavailable(format!("{msg}; retry later")),
                     Some(upstream_hint(*retry_after)),
                 ),
-                SignerError::Identity(_) => with_retry(
+                SignerError::Identity { retry_after, .. } => with_retry(
                     Status::unavailable(format!(
                         "{msg}; check that the broker's managed identity is assigned to this host (or trusted by its workload identity), and that a user-assigned one is named by identity.client_id (App Service, Functions and Container Apps pick none by themselves)"
                     )),
-                    Some(Duration::from_secs(5)),
+                    Some(upstream_hint(*retry_after)),
                 ),
                 // The broker's own identity, for every tenant: the operator must fix the
                 // app registration's federated credential (or the pod's service account).

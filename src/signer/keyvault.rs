@@ -323,9 +323,31 @@ fn identity_failure(e: &azure_core::Error) -> SignerError {
         Some(answer) if matches!(answer.class, Configuration | Caller) => {
             SignerError::IdentityRefused(Box::new(answer.clone()))
         }
-        Some(answer) => SignerError::Identity(bounded(&answer.to_string())),
-        None => SignerError::Identity(root_message(e)),
+        Some(answer) => SignerError::Identity {
+            message: bounded(&answer.to_string()),
+            retry_after: answer.retry_after,
+        },
+        None => SignerError::Identity {
+            message: root_message(e),
+            retry_after: answered_retry_after(e),
+        },
     }
+}
+
+/// The retry hint of an answer under `e` (the managed identity endpoint's 429, say).
+fn answered_retry_after(e: &azure_core::Error) -> Option<Duration> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(ErrorKind::HttpResponse {
+            raw_response: Some(r),
+            ..
+        }) = c.downcast_ref::<azure_core::Error>().map(|e| e.kind())
+        {
+            return retry_after(r.headers());
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Key Vault errors are `{"error":{"code","message"}}`; the message is what a person needs.
@@ -477,7 +499,7 @@ mod tests {
         ] {
             let e = classify(identity_answered(status, &body), "key k/v");
             assert!(
-                matches!(&e, SignerError::Identity(m) if m.contains(&format!("Entra ID answered {status}"))),
+                matches!(&e, SignerError::Identity { message, .. } if message.contains(&format!("Entra ID answered {status}"))),
                 "{status} {body}: {e:?}"
             );
         }
@@ -497,7 +519,31 @@ mod tests {
             azure_core::Error::with_message(ErrorKind::Credential, "connection refused"),
         ] {
             let e = classify(e, "key k/v");
-            assert!(matches!(&e, SignerError::Identity(_)), "{e:?}");
+            assert!(matches!(&e, SignerError::Identity { .. }), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn an_identity_throttled_passes_the_answers_retry_hint_to_the_brokers_retries() {
+        // Entra's 429 to the workload identity, with its `Retry-After`.
+        let entra = azure_core::Error::new(
+            ErrorKind::Credential,
+            crate::entra::answer_to_sdk(
+                429,
+                br#"{"error":"temporarily_unavailable","error_description":"AADSTS50196: slow down.","error_codes":[50196]}"#,
+                Some(Duration::from_secs(12)),
+            ),
+        );
+        // The managed identity endpoint's 429 (`answer` sends `retry-after: 7`).
+        let endpoint = azure_core::Error::with_error(
+            ErrorKind::Credential,
+            answer(429, None, "Too many requests"),
+            "ManagedIdentityCredential authentication failed. The request failed: Too many requests",
+        );
+        for (e, hint) in [(entra, 12), (endpoint, 7)] {
+            let e = crate::flow::FlowError::Signer(classify(e, "key k/v"));
+            assert!(e.is_retryable(), "{e:?}");
+            assert_eq!(e.retry_after(), Some(Duration::from_secs(hint)), "{e:?}");
         }
     }
 

@@ -111,9 +111,13 @@ pub enum SignerError {
         message: String,
     },
     /// The broker could not get its own managed identity token (Key Vault's alone: the HSM
-    /// takes a PIN).
-    #[error("the managed identity token for Key Vault is unavailable: {0}")]
-    Identity(String),
+    /// takes a PIN), with the answer's retry hint (Entra's or the endpoint's), which the
+    /// broker's retries honour: the credential retries nothing itself.
+    #[error("the managed identity token for Key Vault is unavailable: {message}")]
+    Identity {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     /// Entra refused the broker's own workload identity for a reason of configuration (the
     /// app's federated credential does not match the cluster's token, say: AADSTS700213):
     /// an answer of 4xx whose code is one of configuration or unknown. Retrying will not
