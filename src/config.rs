@@ -160,7 +160,8 @@ pub enum IdentitySource {
     Auto,
     /// Azure Instance Metadata Service (VMs, VM scale sets, AKS node identity). The same SDK
     /// credential as `Auto`, which picks from the process's environment: a process with the
-    /// App Service variables still gets App Service (`outbound::credential`).
+    /// App Service variables still gets App Service (`outbound::credential`; warned of,
+    /// `managed_identity_pick`).
     Imds,
     /// App Service / Functions / Container Apps (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`,
     /// which the SDK reads from the process itself; the broker checks they are set).
@@ -691,6 +692,48 @@ pub fn workload_identity_authority(
             "{AUTHORITY_HOST_VAR} is `{set}`, not a URL ({e}): workload identity takes its authority host from it when [cloud] names no cloud"
         )),
     }
+}
+
+/// The managed identity `azure_identity` 1.0's `ManagedIdentityCredential` uses, which it
+/// picks from the process's variables whatever source the broker is configured with (its
+/// `get_source`, followed here; a variable set empty counts as set, as it does there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManagedIdentityPick {
+    /// `IDENTITY_ENDPOINT` and `IDENTITY_HEADER`: the endpoint App Service, Functions and
+    /// Container Apps give the process.
+    AppService,
+    Imds,
+    /// A source the SDK names but does not support: it refuses to start with it.
+    Unsupported {
+        name: &'static str,
+        variables: &'static str,
+    },
+}
+
+/// Which managed identity the SDK takes in `env` (`ManagedIdentityPick`).
+pub fn managed_identity_pick(env: EnvSource<'_>) -> ManagedIdentityPick {
+    let set = |name: &str| env(name).is_some();
+    let unsupported = |name, variables| ManagedIdentityPick::Unsupported { name, variables };
+    if set("IDENTITY_ENDPOINT") {
+        if set("IDENTITY_HEADER") {
+            if set("IDENTITY_SERVER_THUMBPRINT") {
+                return unsupported(
+                    "Service Fabric",
+                    "IDENTITY_ENDPOINT, IDENTITY_HEADER and IDENTITY_SERVER_THUMBPRINT",
+                );
+            }
+            return ManagedIdentityPick::AppService;
+        }
+        if set("IMDS_ENDPOINT") {
+            return unsupported("Azure Arc", "IDENTITY_ENDPOINT and IMDS_ENDPOINT");
+        }
+    } else if set("MSI_ENDPOINT") {
+        if set("MSI_SECRET") {
+            return unsupported("Azure ML", "MSI_ENDPOINT and MSI_SECRET");
+        }
+        return unsupported("Cloud Shell", "MSI_ENDPOINT");
+    }
+    ManagedIdentityPick::Imds
 }
 
 /// Whether two authority hosts are the same (scheme, host and port; the webhook's value ends
@@ -1877,6 +1920,8 @@ impl Validator<'_> {
         if source == IdentitySource::WorkloadIdentity {
             self.workload_identity(source_key, client_id.as_deref(), env);
             self.workload_identity_cloud(source_key, cloud_authority.as_ref(), env);
+        } else {
+            self.managed_identity_env(source_key, source, env);
         }
         IdentityConfig {
             source,
@@ -1923,6 +1968,48 @@ impl Validator<'_> {
                 format!(
                     "[cloud] names no cloud, so the tenants' tokens come from the public cloud ({public}), while workload identity follows {AUTHORITY_HOST_VAR} to `{set}`: name the cloud in [cloud] (name = \"us_gov\", \"china\", or \"custom\" with its authority_host)"
                 ),
+            ),
+            _ => {}
+        }
+    }
+
+    /// The managed identity the SDK will use (`managed_identity_pick`, from the process's
+    /// variables: `identity.source` does not choose it) against the configured source, as
+    /// `serve` will meet it. `imds` where the process has App Service's variables is a
+    /// warning, not a problem: the SDK gets the token from App Service's endpoint, the one
+    /// that works where the platform sets them (IMDS is not reachable there), so refusing
+    /// would stop a broker that works; the warning says the configuration does not say what
+    /// is used, and how to make it. A source the SDK does not support, or `app_service`
+    /// without its variables, stops `serve` at start: a problem here too.
+    fn managed_identity_env(
+        &mut self,
+        source_key: &str,
+        source: IdentitySource,
+        env: EnvSource<'_>,
+    ) {
+        // Away from the host its environment is not there to check (`--files-elsewhere`).
+        if let Some(list) = &mut self.unchecked {
+            if source == IdentitySource::AppService {
+                list.push(format!(
+                    "{source_key} = app_service: IDENTITY_ENDPOINT, IDENTITY_HEADER (the app's environment)"
+                ));
+            }
+            return;
+        }
+        match (source, managed_identity_pick(env)) {
+            (_, ManagedIdentityPick::Unsupported { name, variables }) => self.problem(
+                source_key,
+                format!(
+                    "the process has {variables} set, from which azure_identity's managed identity credential (which reads them itself, whatever identity.source says) takes {name}'s managed identity, which it does not support: the broker cannot start; unset them, or use source = \"workload_identity\""
+                ),
+            ),
+            (IdentitySource::Imds, ManagedIdentityPick::AppService) => self.warn(
+                source_key,
+                "is imds, but the process has IDENTITY_ENDPOINT and IDENTITY_HEADER set, so azure_identity's managed identity credential (which reads them itself, whatever identity.source says) gets the broker's token from the App Service endpoint IDENTITY_ENDPOINT names, not from IMDS: on App Service, Functions or Container Apps, which set them, write source = \"app_service\"; elsewhere, unset them",
+            ),
+            (IdentitySource::AppService, ManagedIdentityPick::Imds) => self.problem(
+                source_key,
+                "is app_service but IDENTITY_ENDPOINT and IDENTITY_HEADER are not both set: is managed identity enabled on the app? (Elsewhere, use imds.)",
             ),
             _ => {}
         }

@@ -1964,3 +1964,109 @@ fn a_misspelt_tokenbroker_variable_is_warned_of_with_the_one_meant() {
     assert!(w[0].ends_with("did you mean TOKENBROKER_LISTEN?"), "{w:?}");
     assert!(!w[1].contains("did you mean"), "{w:?}");
 }
+
+#[test]
+fn the_managed_identity_the_sdk_takes_from_the_process_is_checked_against_the_configured_source() {
+    let vars =
+        |set: &'static [&'static str]| move |k: &str| set.contains(&k).then(|| "set".to_owned());
+    let app_service = vars(&["IDENTITY_ENDPOINT", "IDENTITY_HEADER"]);
+    let load = |source: &str, env: &dyn Fn(&str) -> Option<String>| {
+        Config::from_toml_str(
+            &format!("{GOOD}\n[identity]\nsource = \"{source}\"\n"),
+            Path::new("/"),
+            &env,
+        )
+    };
+    let about_identity = |c: &Config| -> Vec<String> {
+        c.warnings
+            .iter()
+            .filter(|w| w.path == "identity.source")
+            .map(|w| w.to_string())
+            .collect()
+    };
+
+    // imds where App Service's variables are set: App Service is what is used, warned.
+    let c = load("imds", &app_service).unwrap();
+    let w = about_identity(&c);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("identity.source: is imds, but the process has IDENTITY_ENDPOINT and IDENTITY_HEADER set")
+            && w[0].contains("from the App Service endpoint IDENTITY_ENDPOINT names, not from IMDS")
+            && w[0].contains("source = \"app_service\""),
+        "{w:?}"
+    );
+    // The same from the environment's override, named as such.
+    let env = |k: &str| match k {
+        "TOKENBROKER_IDENTITY_SOURCE" => Some("imds".into()),
+        _ => app_service(k),
+    };
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &env).unwrap();
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.path == "TOKENBROKER_IDENTITY_SOURCE"),
+        "{:?}",
+        c.warnings
+    );
+    // What is configured is what is used: nothing to say.
+    for (source, env) in [
+        ("imds", vars(&[])),
+        ("imds", vars(&["IDENTITY_ENDPOINT"])),
+        ("app_service", app_service),
+        ("auto", app_service),
+        ("auto", vars(&[])),
+    ] {
+        let c = load(source, &env).unwrap();
+        assert!(about_identity(&c).is_empty(), "{source}: {:?}", c.warnings);
+    }
+    // app_service without its variables, or a source the SDK refuses: `serve` cannot start.
+    for (source, env, says) in [
+        (
+            "app_service",
+            vars(&["IDENTITY_ENDPOINT"]),
+            "is app_service but IDENTITY_ENDPOINT and IDENTITY_HEADER are not both set",
+        ),
+        (
+            "imds",
+            vars(&["IDENTITY_ENDPOINT", "IMDS_ENDPOINT"]),
+            "takes Azure Arc's managed identity, which it does not support",
+        ),
+        (
+            "auto",
+            vars(&[
+                "IDENTITY_ENDPOINT",
+                "IDENTITY_HEADER",
+                "IDENTITY_SERVER_THUMBPRINT",
+            ]),
+            "takes Service Fabric's",
+        ),
+        (
+            "app_service",
+            vars(&["MSI_ENDPOINT", "MSI_SECRET"]),
+            "takes Azure ML's",
+        ),
+        ("imds", vars(&["MSI_ENDPOINT"]), "takes Cloud Shell's"),
+    ] {
+        let Err(ConfigError::Invalid(p)) = load(source, &env) else {
+            panic!("{source} accepted")
+        };
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "identity.source");
+        assert!(p[0].message.contains(says), "{source}: {p:?}");
+    }
+    // Away from the host, not checked: app_service's variables are listed as such.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.toml");
+    std::fs::write(
+        &path,
+        format!("{GOOD}\n[identity]\nsource = \"app_service\"\n"),
+    )
+    .unwrap();
+    let (_, unchecked) = Config::check_without_files(&path, &no_env).unwrap();
+    assert_eq!(
+        unchecked,
+        [
+            "identity.source = app_service: IDENTITY_ENDPOINT, IDENTITY_HEADER (the app's environment)"
+        ]
+    );
+}
