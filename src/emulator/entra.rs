@@ -711,7 +711,8 @@ fn fics_of_issuer(
 }
 
 /// Among the issuer's credentials, one for the assertion's audience (else 700212) and its
-/// subject, case-sensitive as in Entra (else 700213).
+/// subject, case-sensitive as in Entra: else 7002138 when one matches if letter case is
+/// ignored (Entra's answer since it stopped ignoring case), 700213 otherwise.
 fn check_audience_and_subject(
     fics: &[FederatedCredentialConfig],
     jwt: &keys::ParsedJwt,
@@ -732,6 +733,17 @@ fn check_audience_and_subject(
         ));
     }
     if !by_audience.iter().any(|f| f.subject == sub) {
+        if by_audience
+            .iter()
+            .any(|f| f.subject.to_lowercase() == sub.to_lowercase())
+        {
+            return Err(invalid_client(
+                7002138,
+                format!(
+                    "No matching federated identity record found for presented assertion subject '{sub}'. The subject matches with case-insensitive comparison, but not with case-sensitive comparison. {FIC_HINT}"
+                ),
+            ));
+        }
         return Err(invalid_client(
             700213,
             format!(

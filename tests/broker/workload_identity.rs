@@ -155,6 +155,37 @@ async fn a_service_account_the_app_does_not_trust_is_refused_with_entras_reason(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_trusted_only_in_other_letter_case_is_told_to_write_the_subject_in_its_case()
+ {
+    let cluster = ClusterIssuer::start().await;
+    let pod = tempfile::tempdir().unwrap();
+    let token_file = pod.path().join("azure-identity-token");
+    // The app's federated credential names `SERVICE_ACCOUNT`; the pod's namespace differs
+    // from it in case alone.
+    let pods = "system:serviceaccount:TokenBroker:tokenbroker";
+    std::fs::write(&token_file, cluster.token(pods)).unwrap();
+    let env = pod_env(token_file);
+    let stack = Stack::start_with_env(estate(cluster.issuer()), workload_identity(""), &env).await;
+
+    let s = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    let m = s.message();
+    assert!(m.contains("AADSTS7002138"), "{m}");
+    assert!(m.contains(pods), "{m}");
+    // What to write, not the catch-all of a federated credential that does not match.
+    assert!(
+        m.contains("matches the pod's service account only when letter case is ignored"),
+        "{m}"
+    );
+    assert!(!m.contains("needs a federated credential"), "{m}");
+    // Remembered like other configuration errors: asked of Entra once.
+    let s = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert_eq!(stack.exchanges(demo::CONTOSO_TENANT, BROKER_APP).await, 1);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entra_outage_on_the_identitys_own_request_is_unavailable_and_not_remembered() {
     let cluster = ClusterIssuer::start().await;
     let pod = tempfile::tempdir().unwrap();

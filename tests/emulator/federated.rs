@@ -89,14 +89,22 @@ async fn a_service_account_token_of_a_trusted_cluster_is_exchanged_and_checked_a
     other["aud"] = "https://kubernetes.default.svc".into();
     let (s, body) = exchange(&env, &cluster.sign(RSA_KID, &other)).await;
     assert_eq!((s, aadsts(&body)), (401, 700212), "{body}");
-    // Another service account, or the same one in other case: 700213 (case-sensitive).
-    for subject in [
-        "system:serviceaccount:tokenbroker:other",
-        "system:serviceaccount:TokenBroker:tokenbroker",
+    // Another service account: 700213; the same one in other case: 7002138 (Entra compares
+    // subjects case-sensitively, and says so when case alone differs).
+    for (subject, code) in [
+        ("system:serviceaccount:tokenbroker:other", 700213),
+        ("system:serviceaccount:TokenBroker:tokenbroker", 7002138),
     ] {
         let (s, body) = exchange(&env, &cluster.token(subject)).await;
-        assert_eq!((s, aadsts(&body)), (401, 700213), "{subject}: {body}");
+        assert_eq!((s, aadsts(&body)), (401, code), "{subject}: {body}");
         assert!(description(&body).contains(subject), "{body}");
+        assert_eq!(
+            description(&body).contains(
+                "The subject matches with case-insensitive comparison, but not with case-sensitive comparison."
+            ),
+            code == 7002138,
+            "{body}"
+        );
     }
     // The Contoso app trusts no cluster: 700211, and its issuer is never asked.
     let fetches = cluster.jwks_fetches();
