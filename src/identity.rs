@@ -235,13 +235,67 @@ pub enum IdentityError {
     /// The broker was not configured with this identity (a tenant added at run time).
     #[error("managed identity {0} is not configured on this broker")]
     NotConfigured(String),
-    /// The managed identity endpoint failed, refused the identity or was unreachable (or
-    /// the broker's breaker for it is open).
+    /// The managed identity endpoint failed or was unreachable, or Entra could not answer the
+    /// workload identity's request for the identity's token (or the broker's breaker for it
+    /// is open): worth asking again.
     #[error("managed identity token unavailable: {message}")]
     Unavailable {
         message: String,
         retry_after: Option<Duration>,
     },
+    /// The managed identity endpoint refused the identity (400, 401 or 403: IMDS's "Identity
+    /// not found", App Service's "Unable to load the proper Managed Identity"): it is not
+    /// assigned to this host, or the client id is not the identity's. Asking again will not
+    /// help.
+    #[error(
+        "the managed identity endpoint refused identity {client_id} (HTTP {status}): {message}"
+    )]
+    NotAssigned {
+        client_id: String,
+        status: u16,
+        message: String,
+    },
+    /// Entra refused the broker's workload identity the identity's token for a reason of
+    /// configuration (the identity does not trust the pod's service account, or is not in
+    /// `AZURE_TENANT_ID`'s tenant); Entra's answer as the broker reads its own.
+    #[error("Entra refused the workload identity a token of identity {client_id}: {answer}")]
+    Refused {
+        client_id: String,
+        answer: Box<crate::entra::EntraError>,
+    },
+}
+
+/// Why the identity `client_id`'s token could not be had (`e`, the credential's error), read
+/// as the broker reads the answers to its own requests: Entra's answer to the workload
+/// identity (`outbound::entra_answer`) by its class; the managed identity endpoint's by its
+/// status. Refusals are for good; throttling, outages, IMDS's 404 and 410 (the identity
+/// being set up), a page that is not Entra's and no answer at all are worth another try.
+fn identity_error(client_id: &str, audience: &str, e: &azure_core::Error) -> IdentityError {
+    use crate::entra::EntraErrorClass::{Caller, Configuration};
+    match crate::outbound::entra_answer(e) {
+        Some(answer) if matches!(answer.class, Configuration | Caller) => IdentityError::Refused {
+            client_id: client_id.to_owned(),
+            answer: Box::new(answer.clone()),
+        },
+        Some(answer) => IdentityError::Unavailable {
+            message: format!("identity {client_id}, audience {audience}: {answer}"),
+            retry_after: answer.retry_after,
+        },
+        None => {
+            let message = crate::signer::keyvault::root_message(e);
+            match crate::signer::keyvault::answered_status(e) {
+                Some(status @ (400 | 401 | 403)) => IdentityError::NotAssigned {
+                    client_id: client_id.to_owned(),
+                    status,
+                    message,
+                },
+                _ => IdentityError::Unavailable {
+                    message: format!("identity {client_id}, audience {audience}: {message}"),
+                    retry_after: crate::signer::keyvault::answered_retry_after(e),
+                },
+            }
+        }
+    }
 }
 
 /// `IdentityAssertions` from the host's managed identities: one caching credential per
@@ -273,15 +327,10 @@ impl IdentityAssertions for ManagedIdentityAssertions {
             .get(client_id)
             .ok_or_else(|| IdentityError::NotConfigured(client_id.to_owned()))?;
         let scope = format!("{}/.default", audience.trim_end_matches('/'));
-        let token = credential.get_token(&[&scope], None).await.map_err(|e| {
-            IdentityError::Unavailable {
-                message: format!(
-                    "identity {client_id}, audience {audience}: {}",
-                    crate::signer::keyvault::root_message(&e)
-                ),
-                retry_after: None,
-            }
-        })?;
+        let token = credential
+            .get_token(&[&scope], None)
+            .await
+            .map_err(|e| identity_error(client_id, audience, &e))?;
         Ok(Sensitive::new(token.token.secret()))
     }
 }
@@ -537,5 +586,95 @@ mod tests {
         });
         futures::future::join_all(calls).await;
         assert_eq!(inner.calls(), 1);
+    }
+
+    /// The SDK's error for the managed identity endpoint's answer of `status` (with a
+    /// `retry-after: 7`), as `ManagedIdentityCredential` returns it.
+    fn endpoint_answered(status: u16) -> azure_core::Error {
+        use azure_core::http::{RawResponse, StatusCode, headers::Headers};
+        let mut headers = Headers::new();
+        headers.insert("retry-after", "7");
+        let answer = azure_core::Error::with_message(
+            azure_core::error::ErrorKind::HttpResponse {
+                status: StatusCode::from(status),
+                error_code: None,
+                raw_response: Some(Box::new(RawResponse::from_bytes(
+                    StatusCode::from(status),
+                    headers,
+                    "{}",
+                ))),
+            },
+            "The requested identity has not been assigned to this resource",
+        );
+        azure_core::Error::with_error(
+            azure_core::error::ErrorKind::Credential,
+            answer,
+            "ManagedIdentityCredential authentication failed.",
+        )
+    }
+
+    /// The workload identity's error when Entra answers `status` with `body` (`retry-after`
+    /// of 12 s), as `outbound::EntraAnswers` returns it.
+    fn entra_answered(status: u16, body: &str) -> azure_core::Error {
+        azure_core::Error::new(
+            azure_core::error::ErrorKind::Credential,
+            crate::entra::answer_to_sdk(status, body.as_bytes(), Some(Duration::from_secs(12))),
+        )
+    }
+
+    #[test]
+    fn a_refused_identity_is_told_apart_from_one_unavailable() {
+        let id = "f1c0f1c0-0000-4000-8000-0000000000c2";
+        let read = |e: &azure_core::Error| identity_error(id, "api://AzureADTokenExchange", e);
+        // The endpoint does not know the identity (IMDS, App Service), or refuses the host.
+        for status in [400, 401, 403] {
+            let e = read(&endpoint_answered(status));
+            assert!(
+                matches!(&e, IdentityError::NotAssigned { client_id, status: s, .. } if client_id == id && *s == status),
+                "{e:?}"
+            );
+            assert!(crate::flow::FlowError::Identity(e).is_persistent());
+        }
+        // Throttled, failing, or IMDS setting the identity up: worth another try, after the
+        // endpoint's hint.
+        for status in [404, 410, 429, 500, 503] {
+            let e = read(&endpoint_answered(status));
+            assert!(
+                matches!(&e, IdentityError::Unavailable { retry_after, .. } if *retry_after == Some(Duration::from_secs(7))),
+                "{status}: {e:?}"
+            );
+        }
+        // Entra refusing the workload identity the identity's token: for good, its answer kept.
+        let refusal = r#"{"error":"invalid_client","error_description":"AADSTS700213: No matching federated identity record found.","error_codes":[700213],"correlation_id":"c0c0c0c0-0000-4000-8000-0000000000cc"}"#;
+        match read(&entra_answered(401, refusal)) {
+            IdentityError::Refused { client_id, answer } => {
+                assert_eq!(client_id, id);
+                assert_eq!(answer.codes, [700213]);
+                assert_eq!(
+                    answer.correlation_id.as_deref(),
+                    Some("c0c0c0c0-0000-4000-8000-0000000000cc")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Its outage or throttling: retried, after Entra's hint, in Entra's words.
+        let outage = r#"{"error":"temporarily_unavailable","error_description":"AADSTS50196: slow down.","error_codes":[50196]}"#;
+        match read(&entra_answered(429, outage)) {
+            IdentityError::Unavailable {
+                message,
+                retry_after,
+            } => {
+                assert_eq!(retry_after, Some(Duration::from_secs(12)));
+                assert!(message.contains("Entra ID answered 429"), "{message}");
+                assert!(message.contains(id), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // No answer at all.
+        let e = read(&azure_core::Error::with_message(
+            azure_core::error::ErrorKind::Io,
+            "connection refused",
+        ));
+        assert!(matches!(e, IdentityError::Unavailable { .. }), "{e:?}");
     }
 }

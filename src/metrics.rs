@@ -115,6 +115,8 @@ pub fn flow_code(e: &FlowError) -> String {
         FlowError::Entra(e) => entra_code(e),
         FlowError::Identity(IdentityError::Unavailable { .. }) => "identity".into(),
         FlowError::Identity(IdentityError::NotConfigured(_)) => "not_configured".into(),
+        FlowError::Identity(IdentityError::NotAssigned { .. }) => "identity_not_assigned".into(),
+        FlowError::Identity(IdentityError::Refused { .. }) => "identity_refused".into(),
         FlowError::Internal(_) => "internal".into(),
     }
 }

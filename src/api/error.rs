@@ -149,12 +149,19 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
             match err {
                 IdentityError::Unavailable { retry_after, .. } => with_retry(
                     Status::unavailable(format!(
-                        "{msg}; the broker could not get the managed identity token it presents to Entra: check that the user-assigned identity is assigned to this host (or trusted by its workload identity)"
+                        "{msg}; the broker could not get the managed identity token it presents to Entra (the managed identity endpoint, or Entra for a workload identity, failed or did not answer): retry later"
                     )),
                     Some(upstream_hint(*retry_after)),
                 ),
                 IdentityError::NotConfigured(_) => Status::failed_precondition(format!(
                     "{msg}; restart the broker after adding a tenant with this identity"
+                )),
+                IdentityError::NotAssigned { .. } => Status::failed_precondition(format!(
+                    "{msg}; assign the user-assigned identity to this host (the VM or scale set, or the App Service, Function or Container App) or correct the tenant's credential.client_id (the identity's client id, not its object id)"
+                )),
+                IdentityError::Refused { answer, .. } => Status::failed_precondition(format!(
+                    "{msg}; {}",
+                    federated_identity_hint(answer)
                 )),
             }
         }
@@ -214,7 +221,8 @@ fn config_hint(code: Option<u32>) -> &'static str {
             "the app is not in this tenant: an administrator of the tenant must consent to the app (or check client_id)"
         }
         Some(7000112) => "the app is disabled in this tenant: an administrator must enable it",
-        Some(700211..=700213) => {
+        // AADSTS70021: the code Entra used for all three before it told them apart.
+        Some(70021) | Some(700211..=700213) => {
             "the app's federated credential does not match the broker's managed identity token: it needs issuer = the cloud's login host/{the identity's tenant}/v2.0 (https://login.microsoftonline.com/… in the public cloud), subject = the identity's object (principal) id, audience = the tenant's credential.audience (api://AzureADTokenExchange in the public cloud, api://AzureADTokenExchangeUSGov or api://AzureADTokenExchangeChina in those)"
         }
         Some(7002138) => {
@@ -243,6 +251,30 @@ fn identity_hint(answer: &EntraError) -> &'static str {
         }
         // AADSTS700211/700212/700213, or a code Entra added since: most likely the same.
         _ => FEDERATED,
+    }
+}
+
+/// What to fix when Entra refuses the broker's workload identity the token of a tenant's
+/// user-assigned identity (credential `managed_identity` on AKS): the identity must trust the
+/// pod's service account, as the broker's own workload identity does.
+fn federated_identity_hint(answer: &EntraError) -> &'static str {
+    if answer.class == EntraErrorClass::Caller {
+        return "Entra will not issue the identity a token for the tenant's credential.audience: check it (api://AzureADTokenExchange in the public cloud, …USGov, …China in those)";
+    }
+    match answer.codes.first() {
+        Some(90002) => {
+            "AZURE_TENANT_ID names no tenant of this cloud: check the tenant id the pod is given and [cloud]"
+        }
+        Some(700016) | Some(7000229) => {
+            "no identity with the tenant's credential.client_id is in AZURE_TENANT_ID's tenant: check the client id (the user-assigned identity's, in the tenant of the broker's workload identity)"
+        }
+        Some(7002138) => {
+            "the identity's federated credential matches the pod's service account only when letter case is ignored, and Entra compares it exactly: write its subject as system:serviceaccount:NAMESPACE:NAME in the service account's case"
+        }
+        // AADSTS700211/700212/700213, or a code Entra added since: most likely the same.
+        _ => {
+            "the user-assigned identity needs a federated credential trusting the broker's pod, as the broker's workload identity does: issuer = the cluster's OIDC issuer, subject = system:serviceaccount:NAMESPACE:NAME of the broker's pod, audience = api://AzureADTokenExchange (…USGov, …China in those clouds; docs/DEPLOY.md)"
+        }
     }
 }
 
@@ -402,6 +434,80 @@ mod tests {
             );
             assert!(s.message().contains(fix), "{code}: {s:?}");
         }
+    }
+
+    #[test]
+    fn a_tenants_managed_identity_refused_is_a_failed_precondition_with_the_fix() {
+        let status = |e: IdentityError| {
+            to_status(&BrokerError::Upstream {
+                tenant: "contoso-federated".into(),
+                source: Arc::new(FlowError::Identity(e)),
+            })
+        };
+        let s = status(IdentityError::NotAssigned {
+            client_id: "i".into(),
+            status: 400,
+            message: "Identity not found".into(),
+        });
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        assert!(
+            s.message().contains("assign the user-assigned identity"),
+            "{s:?}"
+        );
+        for (status_code, error, code, fix) in [
+            (
+                401,
+                "invalid_client",
+                700213,
+                "needs a federated credential trusting the broker's pod",
+            ),
+            (
+                401,
+                "invalid_client",
+                7009999,
+                "needs a federated credential trusting the broker's pod",
+            ),
+            (401, "invalid_client", 7002138, "letter case"),
+            (400, "unauthorized_client", 700016, "credential.client_id"),
+            (400, "invalid_request", 90002, "AZURE_TENANT_ID"),
+            (400, "invalid_resource", 500011, "credential.audience"),
+        ] {
+            let body = format!(
+                r#"{{"error":"{error}","error_description":"AADSTS{code}: Entra's words.","error_codes":[{code}]}}"#
+            );
+            let answer = crate::entra::answer_to_sdk(status_code, body.as_bytes(), None);
+            let s = status(IdentityError::Refused {
+                client_id: "i".into(),
+                answer: Box::new(answer),
+            });
+            assert_eq!(s.code(), Code::FailedPrecondition, "{code}: {s:?}");
+            assert!(
+                s.message()
+                    .contains(&format!("AADSTS{code}: Entra's words")),
+                "{s:?}"
+            );
+            assert!(s.message().contains(fix), "{code}: {s:?}");
+        }
+        // Entra's older code for the app's federated credential not matching the identity's
+        // token: the same fix as the codes that name issuer, audience and subject.
+        let s = to_status(&BrokerError::Upstream {
+            tenant: "contoso-federated".into(),
+            source: Arc::new(FlowError::Entra(EntraError {
+                class: EntraErrorClass::Configuration,
+                status: 401,
+                error: "invalid_client".into(),
+                codes: vec![70021],
+                description: "AADSTS70021: No matching federated identity record found for presented assertion.".into(),
+                correlation_id: None,
+                trace_id: None,
+                retry_after: None,
+            })),
+        });
+        assert!(
+            s.message()
+                .contains("subject = the identity's object (principal) id"),
+            "{s:?}"
+        );
     }
 
     #[test]

@@ -335,15 +335,26 @@ fn identity_failure(e: &azure_core::Error) -> SignerError {
 }
 
 /// The retry hint of an answer under `e` (the managed identity endpoint's 429, say).
-fn answered_retry_after(e: &azure_core::Error) -> Option<Duration> {
+pub(crate) fn answered_retry_after(e: &azure_core::Error) -> Option<Duration> {
+    answered(e).and_then(|(_, r)| r.and_then(|r| retry_after(r.headers())))
+}
+
+/// The status of an answer under `e` (the managed identity endpoint's refusal, say).
+pub(crate) fn answered_status(e: &azure_core::Error) -> Option<u16> {
+    answered(e).map(|(status, _)| status)
+}
+
+/// The first answer under `e`: its status, and the answer itself if the SDK kept it.
+fn answered(e: &azure_core::Error) -> Option<(u16, Option<&azure_core::http::RawResponse>)> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
         if let Some(ErrorKind::HttpResponse {
-            raw_response: Some(r),
+            status,
+            raw_response,
             ..
         }) = c.downcast_ref::<azure_core::Error>().map(|e| e.kind())
         {
-            return retry_after(r.headers());
+            return Some((u16::from(*status), raw_response.as_deref()));
         }
         cause = c.source();
     }

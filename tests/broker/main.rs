@@ -695,24 +695,63 @@ async fn an_app_without_a_matching_federated_credential_is_a_clear_failed_precon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_identity_the_host_does_not_have_is_unavailable_with_a_hint() {
+async fn an_identity_the_host_does_not_have_is_a_failed_precondition_remembered_like_one() {
     let stranger = "0badc0de-0000-4000-8000-000000000bad";
     let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |toml| {
         format!(
             "{toml}\n[tenants.contoso-stranger]\ntenant_id = \"{}\"\nclient_id = \"{}\"\n\
-             credential = {{ type = \"managed_identity\", client_id = \"{stranger}\" }}\n\
-             \n[resilience]\nretry_budget_secs = 1\n",
+             credential = {{ type = \"managed_identity\", client_id = \"{stranger}\" }}\n",
             demo::CONTOSO_TENANT,
             demo::CONTOSO_APP,
         )
     })
     .await;
+    // IMDS's 400 "Identity not found": the host's setup, not an outage.
     let s = stack.get("contoso-stranger", GRAPH).await.unwrap_err();
-    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
     let m = s.message();
-    assert!(m.contains(stranger), "{m}");
-    assert!(m.contains("managed identity"), "{m}");
+    assert!(
+        m.contains(&format!(
+            "the managed identity endpoint refused identity {stranger} (HTTP 400)"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains("assign the user-assigned identity to this host"),
+        "{m}"
+    );
+    assert!(s.metadata().get("retry-after").is_none(), "{s:?}");
+    // Remembered: the endpoint is not asked again within the negative period.
+    let asked = stack.route_total("identity.imds").await;
+    let s = stack.get("contoso-stranger", GRAPH).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert_eq!(stack.route_total("identity.imds").await, asked);
     assert_eq!(stack.total_signs().await, 0);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managed_identity_endpoint_outage_is_unavailable_and_not_remembered() {
+    let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |toml| {
+        format!("{toml}\n[resilience]\nretry_budget_secs = 1\n")
+    })
+    .await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "identity.imds", "count": 1000, "fail": {"status": 503}}),
+        )
+        .await;
+    // IMDS's own retries (azure_identity's) outlast the budget: cut off, worth retrying.
+    let s = stack.get("contoso-federated", GRAPH).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    assert!(
+        s.message().contains("managed identity token unavailable"),
+        "{s:?}"
+    );
+    stack.clear_faults().await;
+    let t = stack.get("contoso-federated", GRAPH).await.unwrap();
+    assert_eq!(t.client_id, demo::CONTOSO_APP);
     stack.stop().await;
 }
 

@@ -245,3 +245,131 @@ async fn an_entra_outage_on_the_identitys_own_request_is_unavailable_and_not_rem
     assert_eq!(stack.exchanges(demo::CONTOSO_TENANT, BROKER_APP).await, 1);
     stack.stop().await;
 }
+
+/// `estate` with the exchange audience known to Contoso's Entra (a v1.0 resource there), so
+/// the broker's workload identity can ask for a user-assigned identity's token for it.
+fn exchange_estate(issuer: &str) -> EmulatorConfig {
+    let mut config = estate(issuer);
+    config.tenants[0].resources.push(EXCHANGE_AUDIENCE.into());
+    config
+}
+
+/// A tenant of Fabrikam's app whose credential is the user-assigned identity `client_id`,
+/// whose token the broker's workload identity gets from Entra (AKS: the identity trusts the
+/// pod's service account).
+fn federated_tenant(name: &str, client_id: &str) -> String {
+    format!(
+        "\n[tenants.{name}]\ntenant_id = \"{}\"\nclient_id = \"{}\"\n\
+         credential = {{ type = \"managed_identity\", client_id = \"{client_id}\" }}\n",
+        demo::FABRIKAM_TENANT,
+        demo::FABRIKAM_APP,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_identity_entra_refuses_the_workload_identity_is_a_failed_precondition_with_the_fix()
+ {
+    let cluster = ClusterIssuer::start().await;
+    let pod = tempfile::tempdir().unwrap();
+    let token_file = pod.path().join("azure-identity-token");
+    std::fs::write(&token_file, cluster.token(SERVICE_ACCOUNT)).unwrap();
+    let env = pod_env(token_file);
+    let stranger = "0badc0de-0000-4000-8000-000000000bad";
+    // Contoso's app trusts no cluster; `stranger` is no app of Contoso's.
+    let tenants =
+        federated_tenant("untrusted", demo::CONTOSO_APP) + &federated_tenant("stranger", stranger);
+    let stack = Stack::start_with_env(
+        exchange_estate(cluster.issuer()),
+        |toml| format!("{}{tenants}", workload_identity("")(toml)),
+        &env,
+    )
+    .await;
+
+    for (tenant, code, fix) in [
+        (
+            "untrusted",
+            "AADSTS700211",
+            "the user-assigned identity needs a federated credential trusting the broker's pod",
+        ),
+        (
+            "stranger",
+            "AADSTS700016",
+            "no identity with the tenant's credential.client_id is in AZURE_TENANT_ID's tenant",
+        ),
+    ] {
+        let s = stack.get(tenant, GRAPH).await.unwrap_err();
+        assert_eq!(s.code(), Code::FailedPrecondition, "{tenant}: {s:?}");
+        let m = s.message();
+        assert!(m.contains(code), "{m}");
+        assert!(m.contains(fix), "{m}");
+        assert!(m.contains("correlation id"), "{m}");
+        assert!(s.metadata().get("retry-after").is_none(), "{s:?}");
+    }
+    // Remembered like other configuration errors: Entra is not asked again meanwhile.
+    let asked = stack
+        .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+        .await;
+    assert_eq!(asked, 1);
+    let s = stack.get("untrusted", GRAPH).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert_eq!(
+        stack
+            .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+            .await,
+        asked
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_identity_through_workload_identity_survives_an_entra_outage_unremembered() {
+    let cluster = ClusterIssuer::start().await;
+    let pod = tempfile::tempdir().unwrap();
+    let token_file = pod.path().join("azure-identity-token");
+    std::fs::write(&token_file, cluster.token(SERVICE_ACCOUNT)).unwrap();
+    let env = pod_env(token_file);
+    // The broker's own app stands for the user-assigned identity (it trusts the pod's
+    // service account); Fabrikam's app trusts its token for the exchange audience.
+    let mut estate = exchange_estate(cluster.issuer());
+    estate.tenants[1].apps[0].federated_credentials = vec![FederatedCredentialConfig {
+        issuer: format!("https://sts.windows.net/{}/", demo::CONTOSO_TENANT),
+        subject: BROKER_SP.into(),
+        audience: EXCHANGE_AUDIENCE.into(),
+    }];
+    let tenant = federated_tenant("fabrikam-federated", BROKER_APP);
+    let stack = Stack::start_with_env(
+        estate,
+        |toml| format!("{}{tenant}", workload_identity("")(toml)),
+        &env,
+    )
+    .await;
+    // An outage of Contoso's token endpoint, where only the identity's token is asked for.
+    stack
+        .admin_post(
+            "/faults",
+            serde_json::json!({"route": "entra.token", "tenant": demo::CONTOSO_TENANT, "count": 100, "fail": {"status": 503, "body": {
+                "error": "temporarily_unavailable",
+                "error_description": "AADSTS50000: There was an error issuing a token.",
+                "error_codes": [50000],
+                "correlation_id": "2f8c6b1e-0c6f-4b5a-9e3d-000000000003",
+            }}}),
+        )
+        .await;
+    let s = stack.get("fabrikam-federated", GRAPH).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    let m = s.message();
+    assert!(
+        m.contains("Entra ID answered 503 temporarily_unavailable (AADSTS50000)"),
+        "{m}"
+    );
+    assert!(m.contains("2f8c6b1e-0c6f-4b5a-9e3d-000000000003"), "{m}");
+
+    // Not remembered: once Entra is back, the next request is served.
+    stack.clear_faults().await;
+    let t = stack.get("fabrikam-federated", GRAPH).await.unwrap();
+    assert_eq!(t.tenant_id, demo::FABRIKAM_TENANT);
+    assert_eq!(claims(&t.access_token)["appid"], demo::FABRIKAM_APP);
+    // No Key Vault: the identity's token is the assertion.
+    assert_eq!(stack.total_signs().await, 0);
+    stack.stop().await;
+}
