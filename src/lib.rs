@@ -37,6 +37,7 @@ pub mod signer;
 pub mod striped;
 pub mod telemetry;
 pub mod tls;
+pub mod watched;
 
 pub mod proto {
     //! Generated gRPC types for `tokenbroker.v1`.

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use serde::Deserialize;
@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::authn::DEV_LOOPBACK;
+use crate::watched::WatchedFiles;
 
 /// Longest caller pattern, tenant or scope accepted in a grant.
 const MAX_ITEM_LEN: usize = 1024;
@@ -47,9 +48,6 @@ pub enum PolicyError {
     #[error("the policy file still holds the policy refused before")]
     Unchanged,
 }
-
-/// `PolicyHandle::refused` while the file cannot be read (no content to tell apart).
-const UNREADABLE: [u8; 32] = [0xff; 32];
 
 /// A caller pattern: an exact identity, or a SPIFFE path prefix (`spiffe://td/path/*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -355,13 +353,9 @@ enum Source {
 pub struct PolicyHandle {
     current: ArcSwap<Policy>,
     source: Source,
-    /// SHA-256 of the file content last loaded.
-    loaded: Mutex<Option<[u8; 32]>>,
-    /// SHA-256 of the file content last refused, while the file still holds it: the policy
-    /// in force is then older than the file (a revoked grant may still be in force).
-    refused: Mutex<Option<[u8; 32]>>,
-    /// Reloads refused (each refused content once).
-    refusals: std::sync::atomic::AtomicU64,
+    /// The file's contents in use and refused: while it holds a refused policy, the policy in
+    /// force is older than the file (a revoked grant may still be in force).
+    file: WatchedFiles,
 }
 
 impl PolicyHandle {
@@ -370,9 +364,7 @@ impl PolicyHandle {
         Arc::new(PolicyHandle {
             current: ArcSwap::from_pointee(policy),
             source: Source::Fixed,
-            loaded: Mutex::new(None),
-            refused: Mutex::new(None),
-            refusals: 0.into(),
+            file: WatchedFiles::new(None),
         })
     }
 
@@ -384,9 +376,7 @@ impl PolicyHandle {
                 path: path.to_owned(),
                 tenants,
             },
-            loaded: Mutex::new(None),
-            refused: Mutex::new(None),
-            refusals: 0.into(),
+            file: WatchedFiles::new(None),
         };
         handle.reload()?;
         Ok(Arc::new(handle))
@@ -410,65 +400,39 @@ impl PolicyHandle {
         let Source::File { path, tenants } = &self.source else {
             return Ok(false);
         };
-        let read = std::fs::read_to_string(path);
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        let text = match read {
-            Ok(text) => text,
-            Err(source) => {
-                if *refused != Some(UNREADABLE) {
-                    *refused = Some(UNREADABLE);
-                    self.refusals
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                return Err(PolicyError::Read {
-                    path: path.clone(),
-                    source,
-                });
-            }
-        };
-        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-        if *loaded == Some(digest) {
-            // Put back as it was: what is in force is the file again.
-            *refused = None;
-            return Ok(false);
-        }
-        let told = *refused == Some(digest);
-        if told && !again {
-            return Err(PolicyError::Unchanged);
-        }
-        let policy = match Policy::parse(&text, tenants) {
-            Ok(p) => p,
-            Err(problems) => {
-                if !told {
-                    *refused = Some(digest);
-                    self.refusals
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                return Err(PolicyError::Invalid {
-                    path: Some(path.clone()),
-                    problems,
-                });
-            }
-        };
-        self.current.store(Arc::new(policy));
-        *loaded = Some(digest);
-        *refused = None;
-        Ok(true)
+        let read = std::fs::read_to_string(path)
+            .map(|text| {
+                let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+                (text, digest)
+            })
+            .map_err(|source| PolicyError::Read {
+                path: path.clone(),
+                source,
+            });
+        // A policy is judged by its text alone: one refused before is parsed again only to
+        // tell its problems again.
+        self.file
+            .look(read, again, |text| {
+                let policy =
+                    Policy::parse(&text, tenants).map_err(|problems| PolicyError::Invalid {
+                        path: Some(path.clone()),
+                        problems,
+                    })?;
+                self.current.store(Arc::new(policy));
+                Ok(())
+            })
+            .into_result(|| PolicyError::Unchanged)
     }
 
     /// Whether the policy file holds a policy that was refused, so that an older one is in
     /// force (`tokenbroker_policy_file_refused`).
     pub fn file_refused(&self) -> bool {
-        self.refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.file.refused()
     }
 
     /// Policy file contents refused so far (`tokenbroker_policy_reloads_refused`).
     pub fn refusals(&self) -> u64 {
-        self.refusals.load(std::sync::atomic::Ordering::Relaxed)
+        self.file.refusals()
     }
 
     /// Whether the policy comes from a file of its own (and so can be reloaded).

@@ -10,7 +10,6 @@ use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -28,6 +27,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+
+use crate::watched::{Look, WatchedFiles};
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
@@ -81,133 +82,6 @@ pub struct ReloadingCert {
     files: WatchedFiles,
 }
 
-/// What became of the contents of a set of files that reload when they change (the server
-/// certificate and key; the client CA bundle and revocation lists), by SHA-256 of them all:
-/// those in use, those last refused while the files still hold them (what is in use is then
-/// not what is on disk), and how many contents were refused, each once.
-struct WatchedFiles {
-    contents: Mutex<Contents>,
-    refusals: AtomicU64,
-}
-
-struct Contents {
-    /// The contents in use.
-    loaded: [u8; 32],
-    /// The contents last refused, while the files still hold them.
-    refused: Option<[u8; 32]>,
-}
-
-/// `Contents::refused` while a file cannot be read (no content to tell apart).
-const UNREADABLE: [u8; 32] = [0xff; 32];
-
-/// What one look at a set of files found.
-enum Look {
-    /// New contents, now in use.
-    Installed,
-    /// The contents in use.
-    Unchanged,
-    /// Contents refused, or files that cannot be read; `new`: not what the look before
-    /// refused (the watcher looks every few seconds, and tells each refusal once).
-    Refused { error: TlsError, new: bool },
-}
-
-impl Look {
-    /// `Ok(true)` when new contents were installed.
-    fn into_result(self) -> Result<bool, TlsError> {
-        match self {
-            Look::Installed => Ok(true),
-            Look::Unchanged => Ok(false),
-            Look::Refused { error, .. } => Err(error),
-        }
-    }
-
-    /// Logs a refusal (`refused` says what stays in use): as a warning when it is new or an
-    /// operator asked (`asked`: SIGHUP), else at debug. Whether new contents were installed.
-    fn logged(self, asked: bool, refused: &str) -> bool {
-        match self {
-            Look::Installed => true,
-            Look::Unchanged => false,
-            Look::Refused { error, new } if new || asked => {
-                warn!(error = %error, "{refused}");
-                false
-            }
-            Look::Refused { error, .. } => {
-                debug!(error = %error, "{refused} (refused before)");
-                false
-            }
-        }
-    }
-}
-
-impl WatchedFiles {
-    fn new(loaded: [u8; 32]) -> WatchedFiles {
-        WatchedFiles {
-            contents: Mutex::new(Contents {
-                loaded,
-                refused: None,
-            }),
-            refusals: AtomicU64::new(0),
-        }
-    }
-
-    /// Judges what was `read` from the files (the contents and their digest): contents other
-    /// than those in use go to `install`, and are refused when it fails. Looks are one at a
-    /// time. A refused content is judged again at every look, not only when it changes (a
-    /// certificate not yet valid becomes valid as it is), and counted once.
-    fn look<T>(
-        &self,
-        read: Result<(T, [u8; 32]), TlsError>,
-        install: impl FnOnce(T) -> Result<(), TlsError>,
-    ) -> Look {
-        let mut contents = self.contents.lock().unwrap_or_else(|p| p.into_inner());
-        let (read, digest) = match read {
-            Ok(read) => read,
-            Err(error) => {
-                let new = self.refuse(&mut contents, UNREADABLE);
-                return Look::Refused { error, new };
-            }
-        };
-        if contents.loaded == digest {
-            // Put back as it was: the files hold what is in use again.
-            contents.refused = None;
-            return Look::Unchanged;
-        }
-        match install(read) {
-            Ok(()) => {
-                contents.loaded = digest;
-                contents.refused = None;
-                Look::Installed
-            }
-            Err(error) => {
-                let new = self.refuse(&mut contents, digest);
-                Look::Refused { error, new }
-            }
-        }
-    }
-
-    /// Notes `digest` as refused; whether it is new (then counted).
-    fn refuse(&self, contents: &mut Contents, digest: [u8; 32]) -> bool {
-        let new = contents.refused != Some(digest);
-        if new {
-            contents.refused = Some(digest);
-            self.refusals.fetch_add(1, Ordering::Relaxed);
-        }
-        new
-    }
-
-    fn refused(&self) -> bool {
-        self.contents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .refused
-            .is_some()
-    }
-
-    fn refusals(&self) -> u64 {
-        self.refusals.load(Ordering::Relaxed)
-    }
-}
-
 impl fmt::Debug for ReloadingCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReloadingCert")
@@ -225,22 +99,23 @@ impl ReloadingCert {
             cert_file: cert_file.to_owned(),
             key_file: key_file.to_owned(),
             current: ArcSwap::from_pointee(key),
-            files: WatchedFiles::new(digest(&cert_pem, &key_pem)),
+            files: WatchedFiles::new(Some(digest(&cert_pem, &key_pem))),
         }))
     }
 
     /// Re-reads the files; installs the new pair when they changed and are valid.
     /// `Ok(true)` when a new certificate was installed.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        self.look().into_result()
+        self.look().into_result(refused_before)
     }
 
-    fn look(&self) -> Look {
+    fn look(&self) -> Look<TlsError> {
         let read = read_pair(&self.cert_file, &self.key_file).map(|(cert, key)| {
             let d = digest(&cert, &key);
             ((cert, key), d)
         });
-        self.files.look(read, |(cert_pem, key_pem)| {
+        // Judged again at every look: a pair not yet valid becomes valid as it is.
+        self.files.look(read, true, |(cert_pem, key_pem)| {
             let key = certified_key(&self.cert_file, &self.key_file, &cert_pem, &key_pem)?;
             self.current.store(Arc::new(key));
             Ok(())
@@ -269,6 +144,12 @@ impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load_full())
     }
+}
+
+/// The error of contents refused before and not judged again (the TLS files are judged at
+/// every look, so this is never returned).
+fn refused_before() -> TlsError {
+    TlsError::Config("the files still hold the contents refused before".into())
 }
 
 fn read_pair(cert_file: &Path, key_file: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
@@ -395,15 +276,16 @@ impl ListenerConfig {
     /// Re-reads the client CA bundle and revocation lists; installs a new verifier when they
     /// changed and are valid. `Ok(true)` when one was installed.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        self.look().into_result()
+        self.look().into_result(refused_before)
     }
 
-    fn look(&self) -> Look {
+    fn look(&self) -> Look<TlsError> {
         let read = TrustFiles::read(&self.tls).map(|files| {
             let d = files.digest;
             (files, d)
         });
-        self.trust.look(read, |files| {
+        // Judged again at every look, as the server certificate is.
+        self.trust.look(read, true, |files| {
             let verifier = files.verifier(&self.tls)?;
             let config = build_config(verifier.clone(), &self.cert)?;
             self.current.store(Arc::new(config));
@@ -649,7 +531,7 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ListenerConfig>, TlsError> {
         cert,
         current: ArcSwap::from_pointee(config),
         verifier: Mutex::new(verifier),
-        trust: WatchedFiles::new(files.digest),
+        trust: WatchedFiles::new(Some(files.digest)),
     }))
 }
 
@@ -840,54 +722,4 @@ fn handshake_refused(peer: SocketAddr, e: &std::io::Error) {
     // A refused client certificate is the caller's configuration problem: worth a line at
     // info so operators can see it, without a stack of detail.
     info!(%peer, error = %e, "TLS handshake refused");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_refused_content_is_new_once_until_the_files_hold_what_is_in_use_again() {
-        let files = WatchedFiles::new([1; 32]);
-        let refuse =
-            |d: [u8; 32]| match files.look(Ok(((), d)), |()| Err(TlsError::Config("bad".into()))) {
-                Look::Refused { new, .. } => new,
-                _ => panic!("refused"),
-            };
-        let unreadable = || {
-            let read = Err(TlsError::Config("unreadable".into()));
-            match files.look::<()>(read, |()| panic!("nothing to install")) {
-                Look::Refused { new, .. } => new,
-                _ => panic!("refused"),
-            }
-        };
-        assert!(!files.refused());
-        // Told and counted once per content, however often it is looked at.
-        assert!(refuse([2; 32]));
-        assert!(!refuse([2; 32]));
-        assert!(files.refused());
-        assert_eq!(files.refusals(), 1);
-        assert!(refuse([3; 32]));
-        assert!(unreadable());
-        assert!(!unreadable());
-        assert_eq!(files.refusals(), 3);
-        // The files hold what is in use again: nothing refused; a refusal after is new.
-        assert!(matches!(
-            files.look(Ok(((), [1; 32])), |()| panic!("in use already")),
-            Look::Unchanged
-        ));
-        assert!(!files.refused());
-        assert!(refuse([2; 32]));
-        // New contents installed: nothing refused; the count stays.
-        assert!(matches!(
-            files.look(Ok(((), [4; 32])), |()| Ok(())),
-            Look::Installed
-        ));
-        assert!(!files.refused());
-        assert_eq!(files.refusals(), 4);
-        assert!(matches!(
-            files.look(Ok(((), [4; 32])), |()| panic!("in use already")),
-            Look::Unchanged
-        ));
-    }
 }
