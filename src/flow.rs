@@ -451,12 +451,20 @@ impl Flow {
         thumbprint: ThumbprintHeader,
     ) -> Result<CachedToken, FlowError> {
         let vault = self.vaults.get(cert_key.0.as_str());
+        let entra = self.entra.get(tenant.name.as_ref());
+        // No certificate read or sign for an exchange Entra's breaker would refuse: a
+        // failing tenant would spend its vault's sign budget, shared by every tenant on it.
+        let mut admitted = Some(self.admit(entra)?);
         let mut cert = self
             .certificate(&cert_key, vault.map(|v| &v.1), deadline)
             .await?;
         let mut retried_key = false;
         let mut retried_clock = false;
         loop {
+            let entra_admitted = match admitted.take() {
+                Some(a) => a,
+                None => self.admit(entra)?,
+            };
             let sign = || {
                 self.sign(
                     tenant,
@@ -470,7 +478,7 @@ impl Flow {
             // The first sign, then the exchange (whose retries sign anew).
             let outcome = match sign().await {
                 Ok(assertion) => {
-                    self.exchange(tenant, scopes, assertion, sign, deadline)
+                    self.exchange(tenant, scopes, (assertion, entra_admitted), sign, deadline)
                         .await
                 }
                 Err(e) => Err(e),
@@ -593,6 +601,7 @@ impl Flow {
         audience: &str,
     ) -> Result<CachedToken, FlowError> {
         let guard = self.identities.get(client_id);
+        let admitted = self.admit(self.entra.get(tenant.name.as_ref()))?;
         let assertion = self
             .guarded(Upstream::ManagedIdentity, guard, deadline, || async {
                 let span = info_span!("managed_identity.assertion", otel.kind = "client", tenant = %tenant.name, identity = %client_id);
@@ -607,20 +616,27 @@ impl Flow {
         // A managed identity's token is meant to be presented again until it expires.
         let again = || std::future::ready(Ok(assertion.clone()));
         let (started, t) = self
-            .exchange(tenant, scopes, assertion.clone(), again, deadline)
+            .exchange(
+                tenant,
+                scopes,
+                (assertion.clone(), admitted),
+                again,
+                deadline,
+            )
             .await?;
         Ok(self.obtained(tenant, scopes, started, t))
     }
 
     /// An Entra exchange behind the tenant's guard, and when it was sent. The first attempt
-    /// presents `assertion`; a retry presents what `again` gives. A signed assertion is sent
+    /// presents `assertion`, under the breaker's admission taken before it was made; a retry
+    /// presents what `again` gives. A signed assertion is sent
     /// at most once: an attempt that failed may still have reached Entra, which may refuse
     /// its `jti` the second time (RFC 7523 §3), turning a passing glitch into a refusal.
-    async fn exchange<A, AF>(
-        &self,
+    async fn exchange<'g, A, AF>(
+        &'g self,
         tenant: &Tenant,
         scopes: &[String],
-        assertion: Sensitive,
+        (assertion, admitted): (Sensitive, ProbeOut<'g>),
         again: A,
         deadline: Deadline,
     ) -> Result<(Moment, EntraToken), FlowError>
@@ -633,7 +649,7 @@ impl Flow {
         let started = self.clock.moment();
         let first = std::sync::Mutex::new(Some(assertion));
         let token = self
-            .guarded(Upstream::Entra, entra, deadline, || async {
+            .guarded_admitted(Upstream::Entra, entra, Some(admitted), deadline, || async {
                 let unsent = first.lock().unwrap_or_else(|p| p.into_inner()).take();
                 let assertion = match unsent {
                     Some(a) => a,
@@ -718,6 +734,50 @@ impl Flow {
         upstream: Upstream,
         guard: Option<&Guard>,
         deadline: Deadline,
+        op: F,
+    ) -> Result<T, FlowError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, FlowError>>,
+    {
+        self.guarded_admitted(upstream, guard, None, deadline, op)
+            .await
+    }
+
+    /// Whether `guard`'s breaker lets a call through now: the probe (released unless
+    /// settled) when it is half-open, or the error a caller gets while it is open.
+    fn admit<'g>(&self, guard: Option<&'g Guard>) -> Result<ProbeOut<'g>, FlowError> {
+        let Some(g) = guard else {
+            return Ok(ProbeOut(None));
+        };
+        match g.breaker.admit(self.clock.moment().mono) {
+            Ok(true) => Ok(ProbeOut(Some(&g.breaker))),
+            Ok(false) => Ok(ProbeOut(None)),
+            Err(remaining) => {
+                self.stats
+                    .breaker_rejections
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(FlowError::unavailable(
+                    g.upstream,
+                    format!(
+                        "circuit open after repeated failures; next probe in {}s",
+                        remaining.as_secs().max(1)
+                    ),
+                    remaining,
+                ))
+            }
+        }
+    }
+
+    /// `guarded`, its first attempt under `admitted` when the breaker was asked before the
+    /// work that prepares the call (an assertion is not signed for a call the breaker
+    /// would refuse).
+    async fn guarded_admitted<'g, T, F, Fut>(
+        &self,
+        upstream: Upstream,
+        guard: Option<&'g Guard>,
+        mut admitted: Option<ProbeOut<'g>>,
+        deadline: Deadline,
         mut op: F,
     ) -> Result<T, FlowError>
     where
@@ -727,25 +787,11 @@ impl Flow {
         let mut attempt = 0u32;
         let mut before = None;
         loop {
-            let mut probe = ProbeOut(None);
+            let mut probe = match admitted.take() {
+                Some(p) => p,
+                None => self.admit(guard)?,
+            };
             if let Some(g) = guard {
-                match g.breaker.admit(self.clock.moment().mono) {
-                    Ok(true) => probe = ProbeOut(Some(&g.breaker)),
-                    Ok(false) => {}
-                    Err(remaining) => {
-                        self.stats
-                            .breaker_rejections
-                            .fetch_add(1, Ordering::Relaxed);
-                        return Err(FlowError::unavailable(
-                            g.upstream,
-                            format!(
-                                "circuit open after repeated failures; next probe in {}s",
-                                remaining.as_secs().max(1)
-                            ),
-                            remaining,
-                        ));
-                    }
-                }
                 // Refused by the broker's own budget: the probe (if this is it) is released.
                 if let Some(b) = &g.bucket
                     && !b.take(self.clock.as_ref(), deadline.at).await

@@ -1319,3 +1319,51 @@ async fn entra_refresh_in_sets_the_refresh_time_of_long_lived_tokens() {
     );
     stack.stop().await;
 }
+
+/// A GetToken for `tenant` and a scope of its own for `i`: a key no other call shares, so
+/// nothing per key (single flight, remembered failures) stands between it and the upstreams.
+async fn get_key(stack: &Stack, tenant: &str, i: usize) -> Result<(), tonic::Status> {
+    stack
+        .get(tenant, &format!("api://resource-{i}/.default"))
+        .await
+        .map(drop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_entras_breaker_is_open_no_assertion_is_signed_for_it() {
+    let stack = manual("breaker_failures = 2\nmax_attempts = 1").await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "tenant": demo::CONTOSO_TENANT, "count": 100000, "fail": {"status": 503}}),
+        )
+        .await;
+    let exchanges_before = stack.route_total("entra.token").await;
+    for i in 0..2 {
+        let e = get_key(&stack, "contoso", i).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    }
+    let signs = stack.route_total("keyvault.sign").await;
+    let exchanges = stack.route_total("entra.token").await;
+    assert_eq!(exchanges, exchanges_before + 2, "the breaker opens");
+    for i in 2..12 {
+        let e = get_key(&stack, "contoso", i).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("circuit open"), "{}", e.message());
+    }
+    assert_eq!(
+        stack.route_total("keyvault.sign").await,
+        signs,
+        "no sign for an exchange the open breaker refuses"
+    );
+    assert_eq!(stack.route_total("entra.token").await, exchanges);
+    // Another tenant on the same vault signs and is served as ever.
+    stack.get("fabrikam", GRAPH).await.unwrap();
+    assert_eq!(stack.route_total("keyvault.sign").await, signs + 1);
+
+    // Past the cool-down the probe signs and goes through; the breaker closes.
+    stack.clear_faults().await;
+    stack.advance(Duration::from_secs(31)).await;
+    stack.get("contoso", GRAPH).await.unwrap();
+    stack.stop().await;
+}
