@@ -14,7 +14,7 @@ use tracing::{Instrument, info, info_span, warn};
 use url::Url;
 
 use crate::assertion::{self, AssertionParams};
-use crate::broker::Upstreams;
+use crate::broker::{MAX_RETRY_AFTER, Upstreams};
 use crate::cache::CachedToken;
 use crate::clock::{Clock, MAX_SPAN, Moment};
 use crate::config::{
@@ -52,6 +52,13 @@ impl FlowError {
             FlowError::Entra(e) => e.class == EntraErrorClass::Retryable,
             FlowError::Internal(_) => false,
         }
+    }
+
+    /// The upstream refused the call rate (Entra's 429, AADSTS90055): calls before its
+    /// `Retry-After` would be refused too. (Key Vault's throttling is not told apart from
+    /// its outages by the signer's error; its hint lengthens an open breaker only.)
+    fn is_throttling(&self) -> bool {
+        matches!(self, FlowError::Entra(e) if e.status == 429 || e.codes.contains(&90055))
     }
 
     /// The upstream's own hint, if it gave one.
@@ -746,6 +753,10 @@ impl Flow {
 
     /// Whether `guard`'s breaker lets a call through now: the probe (released unless
     /// settled) when it is half-open, or the error a caller gets while it is open.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the error every guarded call returns, built only when the breaker refuses"
+    )]
     fn admit<'g>(&self, guard: Option<&'g Guard>) -> Result<ProbeOut<'g>, FlowError> {
         let Some(g) = guard else {
             return Ok(ProbeOut(None));
@@ -808,7 +819,7 @@ impl Flow {
                 // What was left of the budget is spent: no retry.
                 probe.settle();
                 if let Some(g) = guard {
-                    g.breaker.failure(self.clock.moment().mono);
+                    g.breaker.failure(self.clock.moment().mono, None, false);
                 }
                 return Err(FlowError::timed_out(
                     upstream,
@@ -832,7 +843,13 @@ impl Flow {
                 Err(e) if e.is_retryable() => {
                     probe.settle();
                     if let Some(g) = guard {
-                        g.breaker.failure(self.clock.moment().mono);
+                        // Throttled: until the upstream's Retry-After the breaker refuses
+                        // every call to it, from this fetch and every other (bounded as the
+                        // refreshes' retries are: a proxy's hint of a day must not stop a
+                        // tenant).
+                        let hint = e.retry_after().map(|h| h.min(MAX_RETRY_AFTER));
+                        let now = self.clock.moment().mono;
+                        g.breaker.failure(now, hint, e.is_throttling());
                     }
                     let wait = backoff(attempt, Duration::from_millis(250), Duration::from_secs(8))
                         .max(e.retry_after().unwrap_or(Duration::ZERO));

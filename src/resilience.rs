@@ -102,8 +102,10 @@ pub enum BreakerState {
     HalfOpen,
 }
 
-/// Opens after `threshold` consecutive transient failures; after `cool_down` lets one
-/// probe through (half-open); a success closes it, a failure re-opens it.
+/// Opens after `threshold` consecutive transient failures (for the longer of `cool_down`
+/// and the upstream's `Retry-After`), or at once for a throttled call until the time its
+/// `Retry-After` names; then lets one probe through (half-open); a success closes it, a
+/// failure re-opens it.
 #[derive(Debug)]
 pub struct Breaker {
     threshold: u32,
@@ -162,11 +164,23 @@ impl Breaker {
     }
 
     /// Records a transient failure (configuration errors are not the upstream's health).
-    pub fn failure(&self, now: Instant) {
+    /// `hint`: the upstream's own word on when to ask again (`Retry-After`, bounded by the
+    /// caller); opened by the count, the breaker stays open for the longer of the cool-down
+    /// and the hint. `throttled`: the upstream refused the call rate itself, so the hint
+    /// opens the breaker at once, whatever the count: a call before it would only be
+    /// throttled again. (An outage's hint is an estimate: a call before it may succeed.)
+    pub fn failure(&self, now: Instant, hint: Option<Duration>, throttled: bool) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.failures += 1;
-        if s.probing || s.failures >= self.threshold {
-            s.open_until = Some(now + self.cool_down);
+        let hint = hint.filter(|h| !h.is_zero());
+        let until = if s.probing || s.failures >= self.threshold {
+            Some(now + self.cool_down.max(hint.unwrap_or_default()))
+        } else {
+            hint.filter(|_| throttled).map(|h| now + h)
+        };
+        if let Some(until) = until {
+            // A call admitted before the breaker opened must not shorten a longer hold.
+            s.open_until = Some(s.open_until.map_or(until, |o| o.max(until)));
             s.probing = false;
         }
     }
@@ -204,7 +218,7 @@ mod tests {
         let b = Bucket::new(1.0, 1, t0.mono);
         let breaker = Breaker::new(1, Duration::from_secs(30));
         assert!(b.take(&clock, t0).await);
-        breaker.failure(clock.moment().mono);
+        breaker.failure(clock.moment().mono, None, false);
 
         clock.set_wall(t0.wall - Duration::from_secs(3600));
         assert!(b.try_take(clock.moment().mono).is_err());
@@ -255,10 +269,10 @@ mod tests {
         let b = Breaker::new(3, Duration::from_secs(30));
         for _ in 0..2 {
             assert!(b.admit(t0).is_ok());
-            b.failure(t0);
+            b.failure(t0, None, false);
         }
         assert_eq!(b.state(t0), BreakerState::Closed);
-        b.failure(t0);
+        b.failure(t0, None, false);
         assert_eq!(b.state(t0), BreakerState::Open);
         assert_eq!(
             b.admit(t0 + Duration::from_secs(10)),
@@ -267,7 +281,7 @@ mod tests {
         let t1 = t0 + Duration::from_secs(30);
         assert!(b.admit(t1).is_ok(), "one probe after the cool-down");
         assert!(b.admit(t1).is_err(), "only one probe at a time");
-        b.failure(t1);
+        b.failure(t1, None, false);
         assert_eq!(b.state(t1), BreakerState::Open, "a failed probe re-opens");
         let t2 = t1 + Duration::from_secs(30);
         assert_eq!(b.admit(t2), Ok(true), "the probe");
@@ -278,6 +292,45 @@ mod tests {
         b.success();
         assert_eq!(b.state(t2), BreakerState::Closed);
         assert_eq!(b.admit(t2), Ok(false), "closed: not a probe");
+    }
+
+    #[test]
+    fn a_retry_after_holds_the_breaker_open_until_the_hinted_time() {
+        let t0 = Instant::now();
+        let b = Breaker::new(5, Duration::from_secs(30));
+        // An outage's hint below the count opens nothing.
+        b.failure(t0, Some(Duration::from_secs(90)), false);
+        assert_eq!(b.admit(t0), Ok(false));
+        b.success();
+        // One throttled answer, far below the count: open at once, for the hint.
+        b.failure(t0, Some(Duration::from_secs(90)), true);
+        assert_eq!(
+            b.admit(t0 + Duration::from_secs(10)),
+            Err(Duration::from_secs(80))
+        );
+        // An answer to a call let through before it opened does not shorten the hold.
+        b.failure(
+            t0 + Duration::from_secs(1),
+            Some(Duration::from_secs(2)),
+            true,
+        );
+        assert_eq!(b.state(t0 + Duration::from_secs(89)), BreakerState::Open);
+        // Then one probe, as after a cool-down.
+        let t1 = t0 + Duration::from_secs(90);
+        assert_eq!(b.admit(t1), Ok(true));
+        assert!(b.admit(t1).is_err(), "one probe at a time");
+        b.success();
+        // A hint of zero is no hold; a hint shorter than the cool-down does not shorten
+        // a breaker opened by the count (and a longer one would lengthen it).
+        b.failure(t1, Some(Duration::ZERO), true);
+        assert_eq!(b.admit(t1), Ok(false));
+        for _ in 0..4 {
+            b.failure(t1, Some(Duration::from_secs(1)), false);
+        }
+        assert_eq!(
+            b.admit(t1 + Duration::from_secs(2)),
+            Err(Duration::from_secs(28))
+        );
     }
 
     #[test]

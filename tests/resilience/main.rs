@@ -1367,3 +1367,46 @@ async fn while_entras_breaker_is_open_no_assertion_is_signed_for_it() {
     stack.get("contoso", GRAPH).await.unwrap();
     stack.stop().await;
 }
+
+fn retry_after_secs(e: &tonic::Status) -> u64 {
+    e.metadata()
+        .get("retry-after")
+        .expect("a retry hint")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entras_retry_after_holds_off_the_tenants_exchanges_until_then() {
+    let stack = manual("").await;
+    // Beyond the fetch's budget (10 s): the first caller is told at once.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "tenant": demo::CONTOSO_TENANT, "count": 100, "fail": {"status": 429, "retry_after": 60}}),
+        )
+        .await;
+    let e = get_key(&stack, "contoso", 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert_eq!(retry_after_secs(&e), 60);
+    let exchanges = stack.route_total("entra.token").await;
+    for i in 1..6u64 {
+        stack.advance(Duration::from_secs(10)).await;
+        let e = get_key(&stack, "contoso", i as usize).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert_eq!(retry_after_secs(&e), 60 - 10 * i, "{}", e.message());
+    }
+    assert_eq!(
+        stack.route_total("entra.token").await,
+        exchanges,
+        "Entra is not asked again before its Retry-After"
+    );
+    // Entra throttles per tenant and app: other tenants are asked as ever.
+    stack.get("fabrikam", GRAPH).await.unwrap();
+    stack.clear_faults().await;
+    stack.advance(Duration::from_secs(10)).await;
+    stack.get("contoso", GRAPH).await.unwrap();
+    stack.stop().await;
+}
