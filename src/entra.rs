@@ -120,7 +120,14 @@ impl EntraError {
 impl fmt::Display for EntraError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.status == 0 {
-            write!(f, "Entra ID unreachable: {}", self.description)?;
+            // No answer: Entra not reached, not answering in time, or not asked at all
+            // (the broker's breaker or budget held the call back).
+            let what = match self.error.as_str() {
+                "broker_backoff" => "not called",
+                "timeout" => "did not answer",
+                _ => "unreachable",
+            };
+            write!(f, "Entra ID {what}: {}", self.description)?;
             if let Some(c) = &self.correlation_id {
                 write!(f, " [client-request-id {c}]")?;
             }

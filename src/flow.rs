@@ -98,7 +98,14 @@ impl FlowError {
     /// `upstream` did not answer within the fetch's retry budget: retryable, named, with
     /// the failure of the attempt before, if there was one (the cause worth knowing: the
     /// last attempt was only cut short).
-    fn timed_out(upstream: Upstream, budget: Duration, before: Option<&FlowError>) -> Self {
+    /// `sent`: the request id the attempt was sent with (Entra's `client-request-id`), for
+    /// an operator to quote: the upstream may have logged the request.
+    fn timed_out(
+        upstream: Upstream,
+        budget: Duration,
+        before: Option<&FlowError>,
+        sent: Option<uuid::Uuid>,
+    ) -> Self {
         let mut message = format!(
             "no answer within the fetch's retry budget of {}s (resilience.retry_budget_secs)",
             budget.as_secs()
@@ -109,10 +116,43 @@ impl FlowError {
         match FlowError::unavailable(upstream, message, Duration::from_secs(1)) {
             FlowError::Entra(e) => FlowError::Entra(EntraError {
                 error: "timeout".into(),
+                correlation_id: sent.map(|id| id.to_string()),
                 ..e
             }),
             other => other,
         }
+    }
+
+    /// `upstream`'s breaker refused a call for `remaining` more: named with the failure
+    /// that opened it (`last`), so callers see Entra's code, its correlation id and whether
+    /// it was throttling, not only that the broker held back.
+    fn refused(upstream: Upstream, last: Option<&FlowError>, remaining: Duration) -> Self {
+        let next = remaining.as_secs().max(1);
+        let Some(last) = last else {
+            return FlowError::unavailable(
+                upstream,
+                format!("circuit open after repeated failures; next try in {next}s"),
+                remaining,
+            );
+        };
+        let state = if last.is_throttling() {
+            "throttled"
+        } else {
+            "unavailable"
+        };
+        // The service is named once, by the error this one becomes.
+        let cause = match last {
+            FlowError::Signer(SignerError::Unavailable { message, .. })
+            | FlowError::Identity(IdentityError::Unavailable { message, .. }) => message.clone(),
+            other => other.to_string(),
+        };
+        FlowError::unavailable(
+            upstream,
+            format!(
+                "{state}, not asked again until the next try in {next}s (circuit open); the failure that opened it: {cause}"
+            ),
+            remaining,
+        )
     }
 
     fn unavailable(upstream: Upstream, message: String, retry_after: Duration) -> Self {
@@ -196,6 +236,9 @@ impl Deadline {
     }
 }
 
+/// The request id an attempt sent, kept outside it: an attempt cut off is dropped with it.
+type SentId = Mutex<Option<uuid::Uuid>>;
+
 /// Upstream call counters (tests, metrics, benchmarks).
 #[derive(Debug, Default)]
 pub struct UpstreamStats {
@@ -242,6 +285,19 @@ struct Guard {
     upstream: Upstream,
     bucket: Option<Bucket>,
     breaker: Breaker,
+    /// The last failure the breaker counted: what its refusals name as their cause.
+    last_failure: Mutex<Option<FlowError>>,
+}
+
+impl Guard {
+    fn failure(&self, now: tokio::time::Instant, e: &FlowError) {
+        // Throttled: until the upstream's Retry-After the breaker refuses every call to it,
+        // from this fetch and every other (bounded as the refreshes' retries are: a proxy's
+        // hint of a day must not stop a tenant).
+        let hint = e.retry_after().map(|h| h.min(MAX_RETRY_AFTER));
+        self.breaker.failure(now, hint, e.is_throttling());
+        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+    }
 }
 
 /// The flow, shared by every fetch.
@@ -297,11 +353,13 @@ impl Flow {
                                     now,
                                 )),
                                 breaker: breaker(),
+                                last_failure: Mutex::default(),
                             },
                             Guard {
                                 upstream: Upstream::KeyVaultCertificate,
                                 bucket: None,
                                 breaker: breaker(),
+                                last_failure: Mutex::default(),
                             },
                         )
                     });
@@ -313,11 +371,13 @@ impl Flow {
                                 upstream: Upstream::HsmSign,
                                 bucket: None,
                                 breaker: breaker(),
+                                last_failure: Mutex::default(),
                             },
                             Guard {
                                 upstream: Upstream::HsmCertificate,
                                 bucket: None,
                                 breaker: breaker(),
+                                last_failure: Mutex::default(),
                             },
                         )
                     });
@@ -329,6 +389,7 @@ impl Flow {
                             upstream: Upstream::ManagedIdentity,
                             bucket: None,
                             breaker: breaker(),
+                            last_failure: Mutex::default(),
                         });
                 }
             }
@@ -342,6 +403,7 @@ impl Flow {
                         now,
                     )),
                     breaker: breaker(),
+                    last_failure: Mutex::default(),
                 },
             );
         }
@@ -655,8 +717,9 @@ impl Flow {
         let scope = scopes.join(" ");
         let started = self.clock.moment();
         let first = std::sync::Mutex::new(Some(assertion));
+        let sent = SentId::default();
         let token = self
-            .guarded_admitted(Upstream::Entra, entra, Some(admitted), deadline, || async {
+            .guarded_admitted(Upstream::Entra, entra, (Some(admitted), Some(&sent)), deadline, || async {
                 let unsent = first.lock().unwrap_or_else(|p| p.into_inner()).take();
                 let assertion = match unsent {
                     Some(a) => a,
@@ -666,6 +729,7 @@ impl Flow {
                 self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
                 let call = self.metrics.upstream_call(Upstream::Entra);
                 let correlation_id = uuid::Uuid::new_v4();
+                *sent.lock().unwrap_or_else(|p| p.into_inner()) = Some(correlation_id);
                 let span = info_span!("entra.exchange", otel.kind = "client", tenant = %tenant.name, correlation_id = %correlation_id, error_code = tracing::field::Empty);
                 let r = self
                     .exchange
@@ -747,7 +811,7 @@ impl Flow {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, FlowError>>,
     {
-        self.guarded_admitted(upstream, guard, None, deadline, op)
+        self.guarded_admitted(upstream, guard, (None, None), deadline, op)
             .await
     }
 
@@ -768,26 +832,21 @@ impl Flow {
                 self.stats
                     .breaker_rejections
                     .fetch_add(1, Ordering::Relaxed);
-                Err(FlowError::unavailable(
-                    g.upstream,
-                    format!(
-                        "circuit open after repeated failures; next probe in {}s",
-                        remaining.as_secs().max(1)
-                    ),
-                    remaining,
-                ))
+                let last = g.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+                Err(FlowError::refused(g.upstream, last.as_ref(), remaining))
             }
         }
     }
 
     /// `guarded`, its first attempt under `admitted` when the breaker was asked before the
     /// work that prepares the call (an assertion is not signed for a call the breaker
-    /// would refuse).
+    /// would refuse). `sent`: where an attempt keeps the request id it sends, for the error
+    /// of an attempt cut off without an answer.
     async fn guarded_admitted<'g, T, F, Fut>(
         &self,
         upstream: Upstream,
         guard: Option<&'g Guard>,
-        mut admitted: Option<ProbeOut<'g>>,
+        (mut admitted, sent): (Option<ProbeOut<'g>>, Option<&SentId>),
         deadline: Deadline,
         mut op: F,
     ) -> Result<T, FlowError>
@@ -818,14 +877,16 @@ impl Flow {
             let Ok(result) = tokio::time::timeout_at(deadline.io, op()).await else {
                 // What was left of the budget is spent: no retry.
                 probe.settle();
-                if let Some(g) = guard {
-                    g.breaker.failure(self.clock.moment().mono, None, false);
-                }
-                return Err(FlowError::timed_out(
+                let e = FlowError::timed_out(
                     upstream,
                     self.res.retry_budget,
                     before.as_ref(),
-                ));
+                    sent.and_then(|s| *s.lock().unwrap_or_else(|p| p.into_inner())),
+                );
+                if let Some(g) = guard {
+                    g.failure(self.clock.moment().mono, &e);
+                }
+                return Err(e);
             };
             attempt += 1;
             match result {
@@ -843,13 +904,7 @@ impl Flow {
                 Err(e) if e.is_retryable() => {
                     probe.settle();
                     if let Some(g) = guard {
-                        // Throttled: until the upstream's Retry-After the breaker refuses
-                        // every call to it, from this fetch and every other (bounded as the
-                        // refreshes' retries are: a proxy's hint of a day must not stop a
-                        // tenant).
-                        let hint = e.retry_after().map(|h| h.min(MAX_RETRY_AFTER));
-                        let now = self.clock.moment().mono;
-                        g.breaker.failure(now, hint, e.is_throttling());
+                        g.failure(self.clock.moment().mono, &e);
                     }
                     let wait = backoff(attempt, Duration::from_millis(250), Duration::from_secs(8))
                         .max(e.retry_after().unwrap_or(Duration::ZERO));
@@ -1110,6 +1165,49 @@ mod tests {
             assert_eq!(e.retry_after(), Some(wait), "{upstream:?}");
             assert!(e.to_string().contains("circuit open"), "{upstream:?}: {e}");
         }
+    }
+
+    #[test]
+    fn an_open_breakers_refusal_names_the_failure_that_opened_it() {
+        let throttled = FlowError::Entra(EntraError {
+            class: EntraErrorClass::Retryable,
+            status: 429,
+            error: "temporarily_unavailable".into(),
+            codes: vec![90055],
+            description: "AADSTS90055: TenantThrottlingError.".into(),
+            correlation_id: Some("c0ffee00-0000-4000-8000-000000000001".into()),
+            trace_id: None,
+            retry_after: None,
+        });
+        let e = FlowError::refused(Upstream::Entra, Some(&throttled), Duration::from_secs(25));
+        let m = e.to_string();
+        for part in [
+            "Entra ID not called: throttled",
+            "next try in 25s",
+            "429 temporarily_unavailable (AADSTS90055)",
+            "c0ffee00-0000-4000-8000-000000000001",
+        ] {
+            assert!(m.contains(part), "{part:?} in {m}");
+        }
+        assert!(e.is_retryable() && e.retry_after() == Some(Duration::from_secs(25)));
+
+        let down = FlowError::Signer(SignerError::Unavailable {
+            service: crate::signer::keyvault::SERVICE,
+            message: "HTTP 503 ServiceUnavailable".into(),
+            retry_after: None,
+        });
+        let m = FlowError::refused(Upstream::KeyVaultSign, Some(&down), Duration::from_secs(3))
+            .to_string();
+        assert!(
+            m.contains("unavailable, not asked again") && m.contains("HTTP 503"),
+            "{m}"
+        );
+        assert_eq!(m.matches("Key Vault").count(), 1, "{m}");
+        // A hang cut off by the budget keeps the request id it was sent with.
+        let id = uuid::Uuid::new_v4();
+        let m = FlowError::timed_out(Upstream::Entra, Duration::from_secs(10), None, Some(id))
+            .to_string();
+        assert!(m.contains(&format!("[client-request-id {id}]")), "{m}");
     }
 
     #[tokio::test]

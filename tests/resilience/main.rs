@@ -800,6 +800,12 @@ async fn a_stalled_entra_holds_a_cold_caller_no_longer_than_the_retry_budget() {
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(e.message().contains("Entra ID"), "{}", e.message());
     assert!(e.message().contains("retry budget"), "{}", e.message());
+    // The request got no answer: its client-request-id is kept for Microsoft's support.
+    assert!(
+        e.message().contains("did not answer") && e.message().contains("[client-request-id "),
+        "{}",
+        e.message()
+    );
     stack.stop().await;
 }
 
@@ -1408,5 +1414,39 @@ async fn entras_retry_after_holds_off_the_tenants_exchanges_until_then() {
     stack.clear_faults().await;
     stack.advance(Duration::from_secs(10)).await;
     stack.get("contoso", GRAPH).await.unwrap();
+    stack.stop().await;
+}
+
+/// The correlation id an Entra error's message quotes.
+fn correlation_id(message: &str) -> &str {
+    let from = message.find("[correlation id ").expect("a correlation id") + 16;
+    let len = message[from..].find([',', ']']).unwrap();
+    &message[from..from + len]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_names_the_failure_that_opened_it_and_the_next_try() {
+    let stack = manual("breaker_failures = 2\nmax_attempts = 1").await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "tenant": demo::CONTOSO_TENANT, "count": 100, "fail": {"status": 429}}),
+        )
+        .await;
+    get_key(&stack, "contoso", 0).await.unwrap_err();
+    let opened = get_key(&stack, "contoso", 1).await.unwrap_err();
+    let e = get_key(&stack, "contoso", 2).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let m = e.message();
+    for part in [
+        "throttled",
+        "next try in 30s",
+        "AADSTS90055",
+        correlation_id(opened.message()),
+    ] {
+        assert!(m.contains(part), "{part:?} in {m}");
+    }
+    assert!(!m.contains("unreachable"), "{m}");
+    assert_eq!(retry_after_secs(&e), 30);
     stack.stop().await;
 }
