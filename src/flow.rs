@@ -113,6 +113,19 @@ impl FlowError {
         if let Some(e) = before {
             message.push_str(&format!("; the attempt before failed: {e}"));
         }
+        FlowError::no_answer(upstream, message, sent)
+    }
+
+    /// An attempt given up after `bound` for another, on a new connection.
+    fn cut_off(upstream: Upstream, bound: Duration, sent: Option<uuid::Uuid>) -> Self {
+        let message = format!(
+            "no answer within {}s, half the fetch's retry budget (a connection gone silent); asked again",
+            bound.as_secs_f64()
+        );
+        FlowError::no_answer(upstream, message, sent)
+    }
+
+    fn no_answer(upstream: Upstream, message: String, sent: Option<uuid::Uuid>) -> Self {
         match FlowError::unavailable(upstream, message, Duration::from_secs(1)) {
             FlowError::Entra(e) => FlowError::Entra(EntraError {
                 error: "timeout".into(),
@@ -874,19 +887,33 @@ impl Flow {
                     ));
                 }
             }
-            let Ok(result) = tokio::time::timeout_at(deadline.io, op()).await else {
-                // What was left of the budget is spent: no retry.
+            let bound = self.attempt_bound(upstream, attempt);
+            let cut = bound.map_or(deadline.io, |b| {
+                deadline.io.min(tokio::time::Instant::now() + b)
+            });
+            let Ok(result) = tokio::time::timeout_at(cut, op()).await else {
                 probe.settle();
-                let e = FlowError::timed_out(
-                    upstream,
-                    self.res.retry_budget,
-                    before.as_ref(),
-                    sent.and_then(|s| *s.lock().unwrap_or_else(|p| p.into_inner())),
-                );
+                let sent = sent.and_then(|s| *s.lock().unwrap_or_else(|p| p.into_inner()));
+                attempt += 1;
+                let e = match bound {
+                    Some(b) if cut < deadline.io => FlowError::cut_off(upstream, b, sent),
+                    // What was left of the budget is spent: no retry.
+                    _ => {
+                        FlowError::timed_out(upstream, self.res.retry_budget, before.as_ref(), sent)
+                    }
+                };
                 if let Some(g) = guard {
                     g.failure(self.clock.moment().mono, &e);
                 }
-                return Err(e);
+                if cut >= deadline.io || attempt >= self.res.max_attempts {
+                    return Err(e);
+                }
+                // Half the budget waited already: asked again at once (a new connection:
+                // the silent one went with the attempt).
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, attempt, "upstream attempt without an answer; retrying");
+                before = Some(e);
+                continue;
             };
             attempt += 1;
             match result {
@@ -926,6 +953,25 @@ impl Flow {
                 }
             }
         }
+    }
+
+    /// How long attempt `attempt` (from 0) of a call to `upstream` may go unanswered before
+    /// it is given up for another, when not until the budget is spent. A pooled connection
+    /// the network has silently dropped answers never, while a retry on a new connection
+    /// answers at once: the first attempt to Entra or Key Vault gets half the budget (5 s
+    /// of the default 10 s; their answers take well under a second, so a slow but working
+    /// upstream still answers the first time), the retry the rest. Not for a budget under
+    /// 4 s, where half would cut off answers merely slow; not for the HSM (its calls run on
+    /// blocking threads and cannot be cancelled) nor the managed identity (the credential
+    /// bounds its own requests and retries).
+    fn attempt_bound(&self, upstream: Upstream, attempt: u32) -> Option<Duration> {
+        let half = self.res.retry_budget / 2;
+        let bounded = matches!(
+            upstream,
+            Upstream::Entra | Upstream::KeyVaultSign | Upstream::KeyVaultCertificate
+        );
+        (bounded && attempt == 0 && self.res.max_attempts > 1 && half >= MIN_ATTEMPT_BOUND)
+            .then_some(half)
     }
 
     /// Certificate metadata: read once (concurrent readers share the read), re-read after
@@ -1079,6 +1125,9 @@ impl Flow {
 /// The soonest a token is refreshed after it was asked for, whatever its lifetime or Entra's
 /// `refresh_in` (`expires_in` or `refresh_in` of 0 included).
 pub const MIN_REFRESH: Duration = Duration::from_secs(30);
+
+/// The shortest time a first attempt is given before it is asked again (`attempt_bound`).
+const MIN_ATTEMPT_BOUND: Duration = Duration::from_secs(2);
 
 /// How long before a signing certificate's end the broker starts warning.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);

@@ -1450,3 +1450,40 @@ async fn an_open_breaker_names_the_failure_that_opened_it_and_the_next_try() {
     assert_eq!(retry_after_secs(&e), 30);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_gets_no_answer_is_asked_again_within_the_budget() {
+    // Half of a 6 s budget: a request unanswered for 3 s (of the runtime's time: the manual
+    // clock stands still) is given up for another.
+    let stack = manual("retry_budget_secs = 6").await;
+    for (tenant, route) in [("contoso", "keyvault.sign"), ("fabrikam", "entra.token")] {
+        stack
+            .admin_post(
+                "/faults",
+                json!({"route": route, "hang": true, "count": 1, "duration_ms": 120000}),
+            )
+            .await;
+        let r = tokio::time::timeout(Duration::from_secs(60), stack.get(tenant, GRAPH))
+            .await
+            .expect("answered within the bound");
+        r.unwrap_or_else(|e| panic!("{route}: {e:?}"));
+        assert_eq!(
+            faults_left(&stack).await,
+            0,
+            "the first {route} request hung"
+        );
+    }
+    // Slow but answering within half the budget: answered the first time.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "latency_ms": 1000, "count": 1}),
+        )
+        .await;
+    let before = stack.route_total("entra.token").await;
+    // (A resource the tenant does not know: Entra's own refusal is its answer.)
+    let e = get_key(&stack, "contoso", 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(stack.route_total("entra.token").await, before + 1);
+    stack.stop().await;
+}
