@@ -119,7 +119,7 @@ impl FlowError {
     /// An attempt given up after `bound` for another, on a new connection.
     fn cut_off(upstream: Upstream, bound: Duration, sent: Option<uuid::Uuid>) -> Self {
         let message = format!(
-            "no answer within {}s, half the fetch's retry budget (a connection gone silent); asked again",
+            "no answer within {}s, half the fetch's retry budget, after which a first attempt is given up for another",
             bound.as_secs_f64()
         );
         FlowError::no_answer(upstream, message, sent)
@@ -891,6 +891,11 @@ impl Flow {
             let cut = bound.map_or(deadline.io, |b| {
                 deadline.io.min(tokio::time::Instant::now() + b)
             });
+            if let Some(s) = sent {
+                // An attempt that ends before sending (a fresh assertion's sign hangs) has
+                // no request id of its own.
+                *s.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
             let Ok(result) = tokio::time::timeout_at(cut, op()).await else {
                 probe.settle();
                 let sent = sent.and_then(|s| *s.lock().unwrap_or_else(|p| p.into_inner()));
