@@ -1,7 +1,8 @@
 //! The broker core: a token request goes to the cache; a miss (or a refresh) runs the
 //! credential flow (`flow.rs`) once per key, in its own task, and every concurrent caller
 //! shares the result. Tokens are refreshed ahead of expiry in the background, served while
-//! still valid when a refresh fails, and persistent failures are remembered briefly.
+//! still valid when a refresh fails, and failures are remembered briefly (persistent ones
+//! for the negative period, transient ones for their `Retry-After` or a short floor).
 //! No tonic or reqwest types here: errors are `BrokerError`, mapped to gRPC status in `api`.
 
 use std::borrow::Cow;
@@ -13,7 +14,9 @@ use std::time::Duration;
 use futures::FutureExt;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::cache::{CachedToken, FlightResult, Joined, Key, KeyRef, Slot, SlotState, TokenCache};
+use crate::cache::{
+    CachedToken, FlightResult, Joined, Key, KeyRef, Remembered, Slot, SlotState, TokenCache,
+};
 use crate::clock::{Clock, Moment};
 use crate::config::{CacheConfig, Config, Prewarm};
 use crate::entra::TokenExchange;
@@ -499,12 +502,24 @@ impl Broker {
                         Err(e) => {
                             broker.inner.stats.refresh_failures.incr();
                             warn!(error = %e, "token fetch failed");
-                            if e.is_persistent() {
-                                // Remember it briefly so one broken tenant cannot hammer Entra.
-                                slot.set_negative(Some((
-                                    now + broker.inner.negative_ttl,
-                                    Arc::new(e.clone()),
-                                )));
+                            // Remembered so that callers of a key without a usable token
+                            // share the failure instead of each fetching again: a broken
+                            // tenant for the negative period, an outage or throttling for its
+                            // `Retry-After` (or a short floor).
+                            let hold = if e.is_persistent() {
+                                Some(broker.inner.negative_ttl)
+                            } else if e.is_retryable() {
+                                Some(transient_hold(e))
+                            } else {
+                                // An internal error (a bug): the next caller tries afresh.
+                                None
+                            };
+                            if let Some(hold) = hold {
+                                slot.set_negative(Some(Remembered {
+                                    until: now + hold,
+                                    error: Arc::new(e.clone()),
+                                    persistent: e.is_persistent(),
+                                }));
                             }
                         }
                     }
@@ -621,6 +636,20 @@ impl Broker {
 /// day, or a number that overflows a deadline); Entra and Key Vault ask for seconds to
 /// minutes when throttling.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// How long callers of a key share a transient failure (outage, throttling) without a new
+/// fetch, when the upstream gave no longer `Retry-After`: the first wait of the key's
+/// background retries.
+pub const TRANSIENT_HOLD: Duration = Duration::from_secs(2);
+
+/// How long callers share the transient failure `e`: its `Retry-After` up to
+/// `MAX_RETRY_AFTER` (the hint they are told), at least `TRANSIENT_HOLD`.
+fn transient_hold(e: &FlowError) -> Duration {
+    e.retry_after()
+        .unwrap_or_default()
+        .min(MAX_RETRY_AFTER)
+        .max(TRANSIENT_HOLD)
+}
 
 /// A refresh is scheduled at least this long after the fetch that obtained the token ended.
 const REFRESH_FLOOR: Duration = Duration::from_secs(1);

@@ -157,8 +157,9 @@ pub struct Slot<E> {
     current: ArcSwap<SlotState>,
     inflight: Mutex<Option<Flight<E>>>,
     last_forced: Mutex<Option<Moment>>,
-    /// A persistent failure (configuration) answered from memory until the given time.
-    negative: Mutex<Option<(Moment, Arc<E>)>>,
+    /// A failure answered from memory until its time: a persistent one (configuration), or
+    /// a transient one held off for a short while (`Remembered::persistent`).
+    negative: Mutex<Option<Remembered<E>>>,
     /// Whether a task is retrying the fetch of this slot's first token for its watchers.
     retrying: AtomicBool,
     /// How many times the cache took this slot in, less how many times it let it go (the
@@ -171,6 +172,17 @@ impl<E> fmt::Debug for Slot<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Slot").finish_non_exhaustive()
     }
+}
+
+/// A failed fetch remembered for a key: callers get it, without a fetch, until `until`.
+#[derive(Debug)]
+pub struct Remembered<E> {
+    pub until: Moment,
+    pub error: Arc<E>,
+    /// A problem of configuration (kept `negative_ttl`), rather than an outage or
+    /// throttling held off for its `Retry-After` or a short floor. Only a persistent one
+    /// holds back the key's background retries, which have their own backoff.
+    pub persistent: bool,
 }
 
 /// Whether a caller started a fetch or joined one already under way.
@@ -231,19 +243,21 @@ impl<E: Send + Sync + 'static> Slot<E> {
         });
     }
 
-    /// The remembered persistent failure, if still in force at `now`.
+    /// The remembered failure (persistent, or transient and held off), if still in force
+    /// at `now`.
     pub fn negative(&self, now: Moment) -> Option<Arc<E>> {
-        self.negative_entry(now).map(|(_, e)| e)
+        let n = self.negative.lock().unwrap_or_else(|p| p.into_inner());
+        n.as_ref()
+            .filter(|r| !r.until.reached(now))
+            .map(|r| r.error.clone())
     }
 
     /// Until when the remembered persistent failure is in force, if it still is at `now`.
     pub fn negative_until(&self, now: Moment) -> Option<Moment> {
-        self.negative_entry(now).map(|(until, _)| until)
-    }
-
-    fn negative_entry(&self, now: Moment) -> Option<(Moment, Arc<E>)> {
         let n = self.negative.lock().unwrap_or_else(|p| p.into_inner());
-        n.as_ref().filter(|(until, _)| !until.reached(now)).cloned()
+        n.as_ref()
+            .filter(|r| r.persistent && !r.until.reached(now))
+            .map(|r| r.until)
     }
 
     /// Whether anyone watches this slot (`WatchToken`).
@@ -264,8 +278,8 @@ impl<E: Send + Sync + 'static> Slot<E> {
         self.retrying.store(false, Ordering::Release);
     }
 
-    pub fn set_negative(&self, until: Option<(Moment, Arc<E>)>) {
-        *self.negative.lock().unwrap_or_else(|p| p.into_inner()) = until;
+    pub fn set_negative(&self, remembered: Option<Remembered<E>>) {
+        *self.negative.lock().unwrap_or_else(|p| p.into_inner()) = remembered;
     }
 
     /// Honours a forced refresh at most once per `interval`.

@@ -664,6 +664,8 @@ async fn a_breaker_probe_that_panics_lets_the_next_call_probe() {
     // One failure opens Entra's breaker for the tenant.
     f.entra.set(Answer::Fail(None));
     assert!(f.get(None).await.is_err());
+    // Past the failure's hold-off, within the cool-down.
+    f.advance(TRANSIENT_HOLD).await;
     match f.get(None).await {
         Err(e) => assert!(e.to_string().contains("circuit open"), "{e}"),
         other => panic!("{other:?}"),
@@ -940,4 +942,37 @@ async fn during_an_outage_the_old_token_is_served_only_while_it_meets_the_validi
     f.advance(Duration::from_secs(61)).await;
     let fresh = f.get(None).await.unwrap();
     assert_ne!(token_of(&fresh), token_of(&first));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transient_failure_is_shared_by_the_keys_callers_for_its_hold_off() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    // No Retry-After: held off for the floor.
+    f.entra.set(Answer::Fail(None));
+    assert!(f.get(None).await.is_err());
+    assert_eq!(f.entra.calls(), 1);
+    for _ in 0..5 {
+        match f.get(None).await {
+            Err(BrokerError::Upstream { source, .. }) => assert!(source.is_retryable()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(f.entra.calls(), 1, "shared, not fetched again");
+    assert_eq!(f.broker.stats().negative_hits.get(), 5);
+    f.advance(TRANSIENT_HOLD).await;
+    f.entra.set(Answer::Fail(Some(Duration::from_secs(40))));
+    assert!(f.get(None).await.is_err());
+    assert_eq!(
+        f.entra.calls(),
+        2,
+        "fetched again once the hold-off is over"
+    );
+    // A Retry-After holds the callers off for its length.
+    f.advance(Duration::from_secs(39)).await;
+    assert!(f.get(None).await.is_err());
+    assert_eq!(f.entra.calls(), 2);
+    f.entra.set(Answer::hourly());
+    f.advance(Duration::from_secs(1)).await;
+    assert_eq!(f.get(None).await.unwrap().source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 3);
 }

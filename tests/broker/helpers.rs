@@ -200,6 +200,23 @@ impl Stack {
         self.ask(tenant, scope, false).await
     }
 
+    /// A token once a transient failure of the key is no longer shared (its hold-off,
+    /// `broker::TRANSIENT_HOLD` without a `Retry-After`): asked again while `UNAVAILABLE`,
+    /// for at most 15 s, well short of the negative period (30 s) a failure remembered as
+    /// the configuration's would last.
+    pub async fn get_after_hold_off(&self, tenant: &str, scope: &str) -> GetTokenResponse {
+        for _ in 0..150 {
+            match self.get(tenant, scope).await {
+                Ok(t) => return t,
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        panic!("still unavailable after the hold-off");
+    }
+
     /// A fresh token from Entra ID (`force_refresh`), not the cached one.
     pub async fn force_refresh(
         &self,

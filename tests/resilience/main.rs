@@ -460,6 +460,48 @@ async fn a_disabled_app_fails_fast_from_the_negative_cache_while_others_are_unaf
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_keys_callers_share_the_failure_for_its_retry_after() {
+    let stack = manual("").await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100000, "fail": {"status": 429, "retry_after": 30}}),
+        )
+        .await;
+    let retry_after = |e: &tonic::Status| {
+        e.metadata()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    // Beyond the fetch's budget (10 s): told at once, with the hint.
+    let e = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert_eq!(retry_after(&e).as_deref(), Some("30"));
+    let asked = stack.route_total("entra.token").await;
+    for _ in 0..5 {
+        stack.advance(Duration::from_secs(5)).await;
+        let again = stack.get("contoso", GRAPH).await.unwrap_err();
+        assert_eq!(again.code(), Code::Unavailable, "{again:?}");
+        assert_eq!(retry_after(&again).as_deref(), Some("30"));
+    }
+    assert_eq!(
+        stack.route_total("entra.token").await,
+        asked,
+        "no exchange within the Retry-After"
+    );
+    stack.clear_faults().await;
+    stack.advance(Duration::from_secs(6)).await;
+    let r = stack
+        .get("contoso", GRAPH)
+        .await
+        .expect("fetched once the Retry-After has passed");
+    assert_eq!(r.source, TokenSource::Exchange as i32);
+    assert_eq!(stack.route_total("entra.token").await, asked + 1);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_token_delivers_each_refresh_before_expiry_and_survives_an_outage() {
     let stack = manual("").await;
     let mut watch = watch(&stack, "contoso").await;
