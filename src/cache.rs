@@ -226,20 +226,25 @@ impl<E: Send + Sync + 'static> Slot<E> {
     }
 
     /// Records a new token (and clears the failure) or a failure (keeping the old token).
+    /// Watchers are woken by a new token and by the first failure of a run, not by each
+    /// failed retry after it (an outage would otherwise wake them at every retry): the
+    /// failure's text is updated for the next message all the same.
     pub fn publish(&self, result: &FlightResult<E>)
     where
         E: fmt::Display,
     {
-        self.state.send_modify(|s| {
-            match result {
+        self.state.send_if_modified(|s| {
+            let changed = match result {
                 Ok(t) => {
                     s.token = Some(t.clone());
                     s.failure = None;
+                    true
                 }
-                Err(e) => s.failure = Some(e.to_string()),
-            }
+                Err(e) => s.failure.replace(e.to_string()).is_none(),
+            };
             // Under the watch's lock, so both copies change in the same order.
             self.current.store(Arc::new(s.clone()));
+            changed
         });
     }
 
@@ -603,6 +608,30 @@ mod tests {
         assert_eq!(joined, Joined::Leader, "a new flight, not the finished one");
         assert!(flight.await.is_ok());
         assert!(slot.current().token.is_some());
+    }
+
+    #[test]
+    fn watchers_are_woken_by_a_new_token_and_a_runs_first_failure_only() {
+        let slot: Slot<String> = Slot::new();
+        let mut rx = slot.subscribe();
+        let fail = |e: &str| Err(Arc::new(e.to_owned()));
+        slot.publish(&Ok(token()));
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        slot.publish(&fail("down"));
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        slot.publish(&fail("still down"));
+        assert!(
+            !rx.has_changed().unwrap(),
+            "a retry failing again is no news"
+        );
+        // The text is current for requests and for the next message.
+        assert_eq!(slot.current().failure.as_deref(), Some("still down"));
+        assert_eq!(rx.borrow().failure.as_deref(), Some("still down"));
+        slot.publish(&Ok(token()));
+        assert!(rx.has_changed().unwrap());
+        assert!(rx.borrow_and_update().failure.is_none());
     }
 
     #[test]

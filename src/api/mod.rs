@@ -614,6 +614,9 @@ impl TokenBroker for Service {
             _slot: slot,
             ended: false,
             seen_initial: false,
+            last: SlotState::default(),
+            said: None,
+            sent_expires: None,
         };
         let stream = futures::stream::unfold(watcher, |mut w| async move {
             let item = w.next().await?;
@@ -627,7 +630,8 @@ impl TokenBroker for Service {
     }
 }
 
-/// An admitted watch: sends each new state of its key until the stream ends.
+/// An admitted watch: sends its key's state whenever what it says changes (a new token,
+/// refreshing failing or working again, the token sent expiring), until the stream ends.
 struct Watcher {
     service: Service,
     rx: WatchStream<SlotState>,
@@ -646,6 +650,20 @@ struct Watcher {
     ended: bool,
     /// Whether the stream's first state (the cache's, when the watch began) was seen.
     seen_initial: bool,
+    /// The key's state as last seen: looked at again when the token sent expires.
+    last: SlotState,
+    /// What the last message said (its token, and whether the refresh was failing): a
+    /// state that says the same is not sent again.
+    said: Option<Said>,
+    /// When the token last sent expires, until that is seen.
+    sent_expires: Option<Moment>,
+}
+
+/// What a watch message said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Said {
+    token: Option<crate::sensitive::Fingerprint>,
+    failing: bool,
 }
 
 impl Watcher {
@@ -671,7 +689,17 @@ impl Watcher {
             }
         };
         tokio::pin!(expired);
+        let clock = self.service.broker.clock().clone();
         loop {
+            // The token last sent expiring is news (the watcher must not go on using it)
+            // even when nothing is published: during an outage nothing is.
+            let sent_expires = self.sent_expires;
+            let token_expired = async {
+                match sent_expires {
+                    Some(at) => clock.sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let state = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return None,
@@ -679,7 +707,12 @@ impl Watcher {
                     return Some(Err(self.end(AccessError::CredentialExpired { at })));
                 }
                 state = self.rx.next() => state?,
+                () = token_expired => {
+                    self.sent_expires = None;
+                    self.last.clone()
+                }
             };
+            self.last.clone_from(&state);
             let failing = state.failure.is_some();
             // The stream's first state is what the cache held when the watch began.
             let initial = !std::mem::replace(&mut self.seen_initial, true);
@@ -689,8 +722,15 @@ impl Watcher {
                 .token
                 .as_deref()
                 .filter(|t| !t.remaining(now).is_zero());
-            // Nothing to say until there is a token or a failure.
+            // Nothing to say until there is a token or a failure, nor what was said already.
             if token.is_none() && !failing {
+                continue;
+            }
+            let said = Said {
+                token: token.map(|t| t.fingerprint),
+                failing,
+            };
+            if self.said == Some(said) {
                 continue;
             }
             let access = &self.service.access;
@@ -710,6 +750,7 @@ impl Watcher {
                 return Some(Err(self.end(AccessError::CredentialExpired { at })));
             }
             let Some(token) = token else {
+                self.said = Some(said);
                 return Some(Ok(proto::WatchTokenResponse {
                     token: None,
                     refresh_failing: true,
@@ -736,6 +777,8 @@ impl Watcher {
             let mut sent = self.record.clone();
             note_token(&mut sent, token, source, now);
             access.audit().record(sent);
+            self.said = Some(said);
+            self.sent_expires = Some(token.expires);
             return Some(Ok(proto::WatchTokenResponse {
                 token: Some(response(token, source, now)),
                 refresh_failing: failing,

@@ -565,6 +565,56 @@ async fn watch_token_delivers_each_refresh_before_expiry_and_survives_an_outage(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_hears_once_that_refreshing_fails_not_of_each_failed_retry() {
+    let stack = manual("max_attempts = 1").await;
+    let mut watch = watch(&stack, "contoso").await;
+    let first = watch_next(&mut watch).await.token.unwrap();
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
+        )
+        .await;
+    let until_refresh = secs(&first.refresh_at) - now_unix(&stack);
+    stack
+        .advance(Duration::from_secs(until_refresh.max(0) as u64 + 1))
+        .await;
+    let failures = || stack.broker.stats().refresh_failures.get();
+    let before = failures();
+    // Twenty minutes of outage, the refresh retried at least once a minute. Every message
+    // sent meanwhile is collected (the wait for one also lets the retries run).
+    let mut messages = Vec::new();
+    for _ in 0..20 {
+        stack.advance(MIN).await;
+        while let Ok(m) = tokio::time::timeout(Duration::from_millis(200), watch.message()).await {
+            messages.push(m.unwrap().expect("the stream stays open"));
+        }
+    }
+    let failed = failures() - before;
+    assert!(failed >= 5, "{failed} failed refreshes");
+    assert_eq!(
+        messages.len(),
+        1,
+        "one message when refreshing started to fail, not one per failed retry ({failed}): {:?}",
+        messages
+            .iter()
+            .map(|m| m.refresh_failing)
+            .collect::<Vec<_>>()
+    );
+    assert!(messages[0].refresh_failing && !messages[0].last_error.is_empty());
+    let stale = messages[0].token.as_ref().unwrap();
+    assert_eq!(stale.access_token, first.access_token);
+    // The outage ends: the next message is the new token.
+    stack.clear_faults().await;
+    let next = advance_until(&stack, &mut watch, |_| true).await;
+    assert!(!next.refresh_failing, "{next:?}");
+    let new = next.token.unwrap();
+    assert_ne!(new.access_token, first.access_token);
+    assert_eq!(new.source, TokenSource::Exchange as i32);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wall_clock_stepped_back_neither_delays_the_refresh_nor_misreports_the_expiry() {
     let stack = manual("").await;
     let clock = stack.clock.clone().unwrap();
