@@ -483,7 +483,7 @@ impl Broker {
         let broker = self.clone();
         let weak_slot = Arc::downgrade(slot);
         let key = key.clone();
-        Ok(slot.fetch(move || {
+        Ok(slot.fetch(self.inner.clock.clone(), move || {
             let span = info_span!("fetch", tenant = %tenant.name, scopes = %key.scopes.join(" "));
             async move {
                 let result = broker

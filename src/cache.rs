@@ -16,7 +16,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::watch;
 
-use crate::clock::Moment;
+use crate::clock::{Clock, Moment};
 use crate::sensitive::{Fingerprint, Sensitive};
 
 /// Cache key: configured tenant name and normalised scopes.
@@ -139,7 +139,8 @@ impl CachedToken {
 #[derive(Debug, Clone, Default)]
 pub struct SlotState {
     pub token: Option<Arc<CachedToken>>,
-    /// Set while the latest fetch or refresh failed; cleared by the next success.
+    /// Set while the key's refresh fails (the first fetch, or one once the token's refresh
+    /// is due; not a forced or early one before it); cleared by the next success.
     pub failure: Option<String>,
 }
 
@@ -225,11 +226,15 @@ impl<E: Send + Sync + 'static> Slot<E> {
         self.state.subscribe()
     }
 
-    /// Records a new token (and clears the failure) or a failure (keeping the old token).
+    /// Records a new token (and clears the failure) or, ending at `now`, a failure of the
+    /// key's refresh (keeping the old token). A failure counts as the refresh's only when
+    /// there is no token or its refresh is due: one made before (a forced refresh, an early
+    /// fetch for a caller's minimum validity) says nothing about the scheduled refresh, and
+    /// leaves a healthy token healthy.
     /// Watchers are woken by a new token and by the first failure of a run, not by each
     /// failed retry after it (an outage would otherwise wake them at every retry): the
     /// failure's text is updated for the next message all the same.
-    pub fn publish(&self, result: &FlightResult<E>)
+    pub fn publish(&self, result: &FlightResult<E>, now: Moment)
     where
         E: fmt::Display,
     {
@@ -240,7 +245,10 @@ impl<E: Send + Sync + 'static> Slot<E> {
                     s.failure = None;
                     true
                 }
-                Err(e) => s.failure.replace(e.to_string()).is_none(),
+                Err(e) if s.token.as_ref().is_none_or(|t| t.refresh.reached(now)) => {
+                    s.failure.replace(e.to_string()).is_none()
+                }
+                Err(_) => false,
             };
             // Under the watch's lock, so both copies change in the same order.
             self.current.store(Arc::new(s.clone()));
@@ -302,7 +310,7 @@ impl<E: Send + Sync + 'static> Slot<E> {
     /// Joins the fetch under way, or starts `start()` as the one fetch for this slot.
     /// The fetch runs in its own task, so a caller that gives up does not cancel it for
     /// the others, and its result is published before any waiter sees it.
-    pub fn fetch<F>(self: &Arc<Self>, start: F) -> (Joined, Flight<E>)
+    pub fn fetch<F>(self: &Arc<Self>, clock: Arc<dyn Clock>, start: F) -> (Joined, Flight<E>)
     where
         F: FnOnce() -> BoxFuture<'static, FlightResult<E>>,
         E: fmt::Display + FromJoin,
@@ -317,7 +325,7 @@ impl<E: Send + Sync + 'static> Slot<E> {
         let task = tokio::spawn(async move {
             let result = work.await;
             if let Some(slot) = done.0.upgrade() {
-                slot.publish(&result);
+                slot.publish(&result, clock.moment());
             }
             // The flight ends here, after its result is published; or, should the fetch
             // panic, when the unwinding drops `done`.
@@ -520,7 +528,6 @@ mod tests {
     use std::hash::BuildHasher;
 
     use super::*;
-    use crate::clock::Clock;
 
     fn key(tenant: &str, scopes: &[&str]) -> Key {
         Key {
@@ -581,6 +588,10 @@ mod tests {
         }
     }
 
+    fn now() -> Moment {
+        crate::clock::SystemClock.moment()
+    }
+
     fn token() -> Arc<CachedToken> {
         let now = crate::clock::SystemClock.moment();
         let access_token = Sensitive::new(String::from("t"));
@@ -600,28 +611,37 @@ mod tests {
     #[tokio::test]
     async fn a_fetch_that_panics_ends_its_flight_and_the_next_caller_starts_another() {
         let slot: Arc<Slot<String>> = Arc::new(Slot::new());
-        let (joined, flight) = slot.fetch(|| async { panic!("the fetch fails hard") }.boxed());
+        let (joined, flight) = slot.fetch(Arc::new(crate::clock::SystemClock), || {
+            async { panic!("the fetch fails hard") }.boxed()
+        });
         assert_eq!(joined, Joined::Leader);
         let e = flight.await.unwrap_err();
         assert!(e.contains("panic"), "{e}");
-        let (joined, flight) = slot.fetch(|| async { Ok(token()) }.boxed());
+        let (joined, flight) = slot.fetch(Arc::new(crate::clock::SystemClock), || {
+            async { Ok(token()) }.boxed()
+        });
         assert_eq!(joined, Joined::Leader, "a new flight, not the finished one");
         assert!(flight.await.is_ok());
         assert!(slot.current().token.is_some());
     }
 
     #[test]
-    fn watchers_are_woken_by_a_new_token_and_a_runs_first_failure_only() {
+    fn watchers_are_woken_by_a_new_token_and_a_refreshs_first_failure_only() {
         let slot: Slot<String> = Slot::new();
         let mut rx = slot.subscribe();
         let fail = |e: &str| Err(Arc::new(e.to_owned()));
-        slot.publish(&Ok(token()));
+        slot.publish(&Ok(token()), now());
         assert!(rx.has_changed().unwrap());
         rx.borrow_and_update();
-        slot.publish(&fail("down"));
+        // Before the token's refresh is due (a forced refresh failing): no news either.
+        slot.publish(&fail("refused"), now());
+        assert!(!rx.has_changed().unwrap());
+        assert!(slot.current().failure.is_none(), "the token stays healthy");
+        let due = now() + Duration::from_secs(1800);
+        slot.publish(&fail("down"), due);
         assert!(rx.has_changed().unwrap());
         rx.borrow_and_update();
-        slot.publish(&fail("still down"));
+        slot.publish(&fail("still down"), due);
         assert!(
             !rx.has_changed().unwrap(),
             "a retry failing again is no news"
@@ -629,7 +649,7 @@ mod tests {
         // The text is current for requests and for the next message.
         assert_eq!(slot.current().failure.as_deref(), Some("still down"));
         assert_eq!(rx.borrow().failure.as_deref(), Some("still down"));
-        slot.publish(&Ok(token()));
+        slot.publish(&Ok(token()), now());
         assert!(rx.has_changed().unwrap());
         assert!(rx.borrow_and_update().failure.is_none());
     }
@@ -648,7 +668,9 @@ mod tests {
             drop(rt);
             let _inside = handle.enter();
             let slot: Arc<Slot<String>> = Arc::new(Slot::new());
-            let (_, flight) = slot.fetch(|| async { Ok(token()) }.boxed());
+            let (_, flight) = slot.fetch(Arc::new(crate::clock::SystemClock), || {
+                async { Ok(token()) }.boxed()
+            });
             let r = futures::executor::block_on(flight);
             let _ = tell.send(r.map(drop));
         });

@@ -976,3 +976,28 @@ async fn a_transient_failure_is_shared_by_the_keys_callers_for_its_hold_off() {
     assert_eq!(f.get(None).await.unwrap().source, TokenSource::Exchange);
     assert_eq!(f.entra.calls(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_fetch_before_the_refresh_is_due_leaves_the_token_healthy() {
+    let f = fixture(
+        HOUR,
+        "max_attempts = 1\n[cache]\nforce_refresh_interval_secs = 0",
+    );
+    let first = f.get(None).await.unwrap();
+    f.entra.set(Answer::Fail(None));
+    // A forced refresh, and an early fetch for more validity than the token has left.
+    assert!(f.get_forced().await.is_err());
+    f.advance(TRANSIENT_HOLD).await;
+    assert!(f.get(Some(3599)).await.is_err());
+    assert_eq!(f.entra.calls(), 3, "both were fetched");
+    let t = f.get(None).await.unwrap();
+    assert_eq!(t.source, TokenSource::Cache);
+    assert_eq!(token_of(&t), token_of(&first));
+    assert_eq!(f.broker.stats().stale_served.get(), 0);
+    // Its scheduled refresh failing is what makes it stale.
+    f.advance(HOUR / 2).await;
+    assert_eq!(
+        f.get(None).await.unwrap().source,
+        TokenSource::StaleWhileRefreshFailing
+    );
+}

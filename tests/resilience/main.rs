@@ -615,6 +615,44 @@ async fn a_watcher_hears_once_that_refreshing_fails_not_of_each_failed_retry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_forced_refresh_leaves_a_healthy_cached_token_healthy() {
+    let stack = manual("max_attempts = 1").await;
+    let first = stack.get("contoso", GRAPH).await.unwrap();
+    let mut watching = watch(&stack, "contoso").await;
+    assert!(!watch_next(&mut watching).await.refresh_failing);
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
+        )
+        .await;
+    // The caller is told the truth: no new token (the cached one is what it wants replaced).
+    let e = stack.force_refresh("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    stack.clear_faults().await;
+    let r = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(r.access_token, first.access_token);
+    assert_eq!(
+        r.source,
+        TokenSource::Cache as i32,
+        "not stale: its refresh is not failing"
+    );
+    assert_eq!(stack.broker.stats().stale_served.get(), 0);
+    let mut later = watch(&stack, "contoso").await;
+    let m = watch_next(&mut later).await;
+    assert!(!m.refresh_failing && m.last_error.is_empty(), "{m:?}");
+    // The first watcher was told nothing of it: its next message is the scheduled refresh.
+    let until_refresh = secs(&first.refresh_at) - now_unix(&stack);
+    stack
+        .advance(Duration::from_secs(until_refresh.max(0) as u64 + 1))
+        .await;
+    let next = watch_refreshed(&stack, &mut watching).await;
+    assert!(!next.refresh_failing, "{next:?}");
+    assert_ne!(next.token.unwrap().access_token, first.access_token);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wall_clock_stepped_back_neither_delays_the_refresh_nor_misreports_the_expiry() {
     let stack = manual("").await;
     let clock = stack.clock.clone().unwrap();
