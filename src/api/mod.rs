@@ -667,8 +667,8 @@ struct Said {
 }
 
 impl Watcher {
-    /// The next message, or `None` once the stream ends: at shutdown, after the key's slot
-    /// is gone, or after a final error. Each message is checked as a request would be: the
+    /// The next message, or `None` once the stream ends: after the key's slot is gone, or
+    /// after a final error (at shutdown, `UNAVAILABLE`). Each message is checked as a request would be: the
     /// caller's credential still accepted, the grant still in the policy in force (a revoked
     /// grant ends the watch at the next token instead of feeding the caller forever), and
     /// the audit trail writable; and each token sent is in the audit trail.
@@ -702,7 +702,12 @@ impl Watcher {
             };
             let state = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|s| *s) => return None,
+                // Not a clean end (OK), which a client may take for "finished": told to
+                // reconnect, as a call at shutdown is.
+                _ = shutdown.wait_for(|s| *s) => {
+                    self.ended = true;
+                    return Some(Err(error::to_status(&BrokerError::ShuttingDown)));
+                }
                 at = &mut expired => {
                     return Some(Err(self.end(AccessError::CredentialExpired { at })));
                 }

@@ -1006,7 +1006,11 @@ async fn shutdown_reports_not_serving_and_ends_watches() {
     let end = tokio::time::timeout(Duration::from_secs(30), w.message())
         .await
         .expect("the watch ends at shutdown, it does not hold the drain");
-    assert!(matches!(end, Ok(None)), "a clean end of stream: {end:?}");
+    // Not a clean end, which a client may take for "finished": told to reconnect.
+    let end = end.expect_err("the watch ends with a status");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert!(end.message().contains("shutting down"), "{end:?}");
+    assert!(end.metadata().get("retry-after").is_some(), "{end:?}");
     // Neither stream holds the drain for its grace period (20 s).
     assert!(
         matches!(health.message().await, Ok(None)),
