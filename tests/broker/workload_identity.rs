@@ -367,7 +367,7 @@ async fn a_tenants_identity_through_workload_identity_survives_an_entra_outage_u
 
     // Not remembered: once Entra is back, the next request is served.
     stack.clear_faults().await;
-    let t = stack.get("fabrikam-federated", GRAPH).await.unwrap();
+    let t = stack.get_after_hold_off("fabrikam-federated", GRAPH).await;
     assert_eq!(t.tenant_id, demo::FABRIKAM_TENANT);
     assert_eq!(claims(&t.access_token)["appid"], demo::FABRIKAM_APP);
     // No Key Vault: the identity's token is the assertion.
