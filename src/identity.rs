@@ -24,7 +24,10 @@ pub const MAX_PER_SECOND: u32 = 20;
 /// tokens live about 24 h), keeps serving the cached token while a refresh fails and it is
 /// still valid, and lets one refresh per scope set run at a time.
 pub struct CachingCredential {
-    inner: Arc<dyn TokenCredential>,
+    inner: Mutex<Arc<dyn TokenCredential>>,
+    /// Makes a new inner credential to replace one whose token was refused (`refused`):
+    /// the SDK's credentials cache tokens too, with no way to drop one.
+    renew: Option<Renew>,
     cache: Mutex<HashMap<Vec<String>, Cached>>,
     flights: Mutex<HashMap<Vec<String>, Arc<tokio::sync::Mutex<()>>>>,
     limits: Arc<EndpointLimits>,
@@ -33,12 +36,19 @@ pub struct CachingCredential {
     clock: Arc<dyn Clock>,
 }
 
+/// Makes a new inner credential; `None` when it cannot (the old one is kept).
+pub type Renew = Box<dyn Fn() -> Option<Arc<dyn TokenCredential>> + Send + Sync>;
+
 /// A token is no longer served from the cache within this of its expiry, even while its
 /// refresh fails: a caller must have time to use it.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// After a failed refresh, the cached token is served without asking the endpoint again
 /// for this long.
 const REFRESH_RETRY: Duration = Duration::from_secs(30);
+/// A token that replaced a refused one and is refused in turn within this of its arrival is
+/// kept: a new one would not fare better (the refusal is the identity's, not the token's),
+/// and dropping it would send every refused call to the endpoint.
+const REFUSED_AGAIN: Duration = Duration::from_secs(30);
 
 /// The managed identity endpoint's limits are per host, so every credential of the process
 /// (the broker's own, each federated identity's) shares one budget.
@@ -74,6 +84,12 @@ struct Cached {
     refresh_at: Moment,
     /// Served while refreshes fail until here (`EXPIRY_MARGIN` before it expires).
     usable_until: Moment,
+    /// When it arrived.
+    fetched_at: Moment,
+    /// A service refused it: no longer served, replaced at the next call.
+    refused: bool,
+    /// It replaced a refused token: refused itself within `REFUSED_AGAIN`, it is kept.
+    after_refusal: bool,
 }
 
 impl std::fmt::Debug for CachingCredential {
@@ -97,12 +113,30 @@ impl CachingCredential {
         limits: Arc<EndpointLimits>,
     ) -> Self {
         CachingCredential {
-            inner,
+            inner: Mutex::new(inner),
+            renew: None,
             cache: Mutex::new(HashMap::new()),
             flights: Mutex::new(HashMap::new()),
             limits,
             clock,
         }
+    }
+
+    /// With `renew` making the inner credential anew after a refusal (`refused`).
+    pub fn renewed_by(self, renew: Renew) -> Self {
+        CachingCredential {
+            renew: Some(renew),
+            ..self
+        }
+    }
+
+    /// The inner credential to ask; a new one (`renew`) after a refusal.
+    fn inner(&self, after_refusal: bool) -> Arc<dyn TokenCredential> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if after_refusal && let Some(fresh) = self.renew.as_ref().and_then(|r| r()) {
+            *inner = fresh;
+        }
+        inner.clone()
     }
 
     fn cached(&self, key: &[String]) -> Option<Cached> {
@@ -111,6 +145,29 @@ impl CachingCredential {
             .unwrap_or_else(|p| p.into_inner())
             .get(key)
             .cloned()
+    }
+
+    /// A service refused `token` (Key Vault's 401: expired by its clock, revoked, a
+    /// continuous access evaluation challenge): it is no longer served, so the next caller
+    /// (the SDK's answer to the challenge) gets a new one. Keyed by the token itself, so a
+    /// refusal that arrives after a newer token was cached leaves that one alone. A token
+    /// that replaced a refused one and is refused within `REFUSED_AGAIN` is kept: the
+    /// refusal stands (a configuration problem), at most one new token per `REFUSED_AGAIN`.
+    /// Whether it was dropped.
+    pub fn refused(&self, token: &str) -> bool {
+        let now = self.clock.moment();
+        let mut dropped = false;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        for c in cache.values_mut() {
+            let again_soon = c.after_refusal && !(c.fetched_at + REFUSED_AGAIN).reached(now);
+            if c.token.token.secret() == token && !c.refused && !again_soon {
+                c.refused = true;
+                c.refresh_at = now;
+                c.usable_until = now;
+                dropped = true;
+            }
+        }
+        dropped
     }
 
     /// Waits for a slot in the current one-second window of the endpoint's rate limit.
@@ -174,9 +231,11 @@ impl TokenCredential for CachingCredential {
         {
             return Ok(c.token);
         }
+        let after_refusal = self.cached(&key).is_some_and(|c| c.refused);
         let _permit = self.limits.concurrency.acquire().await;
         self.pace().await;
-        match self.inner.get_token(scopes, options).await {
+        let inner = self.inner(after_refusal);
+        match inner.get_token(scopes, options).await {
             Ok(token) => {
                 let now = self.clock.moment();
                 // Its life left as the endpoint's clock and ours agree now (none if already
@@ -193,6 +252,9 @@ impl TokenCredential for CachingCredential {
                         // of what it had.
                         refresh_at: now + life / 2,
                         usable_until: now + life.saturating_sub(EXPIRY_MARGIN),
+                        fetched_at: now,
+                        refused: false,
+                        after_refusal,
                     },
                 );
                 Ok(token)
@@ -574,6 +636,25 @@ mod tests {
         // 45 requests need three windows: the last is sent two seconds after the first.
         let span = at[44].duration_since(at[0]);
         assert!(span >= Duration::from_secs(2), "{span:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_is_replaced_once_and_a_stale_refusal_leaves_the_new_one() {
+        let (clock, inner, c) = on_manual_clock();
+        assert_eq!(token(&c).await.unwrap(), "t0");
+        assert!(c.refused("t0"));
+        assert_eq!(token(&c).await.unwrap(), "t1");
+        // A refusal of the old token arriving late: the new one stays.
+        assert!(!c.refused("t0"));
+        assert_eq!(token(&c).await.unwrap(), "t1");
+        // The new token refused at once: the refusal is the identity's; it is kept.
+        assert!(!c.refused("t1"));
+        assert_eq!(token(&c).await.unwrap(), "t1");
+        assert_eq!(inner.calls(), 2);
+        // Refused again later: replaced once more.
+        clock.advance(REFUSED_AGAIN);
+        assert!(c.refused("t1"));
+        assert_eq!(token(&c).await.unwrap(), "t2");
     }
 
     #[tokio::test]

@@ -80,15 +80,49 @@ pub fn http_client(cfg: &OutboundConfig) -> Result<reqwest::Client, OutboundErro
         .map_err(|e| OutboundError::Client(e.to_string()))
 }
 
-/// Azure SDK client options that send through the shared client. `retry` is the SDK's own
-/// retry policy: the Key Vault clients get none, because the broker retries them itself on
-/// its own clock (honouring `Retry-After`, within budgets and breakers).
-pub fn client_options(
+/// The Key Vault clients' options: no SDK retry (the broker retries them), and Key Vault's
+/// refusal (401) of the broker's token passed to `credential`, which drops it
+/// (`RefusedTokens`).
+pub fn key_vault_options(
     http: &reqwest::Client,
-    imds: Option<&Url>,
-    retry: RetryOptions,
+    credential: Arc<crate::identity::CachingCredential>,
 ) -> ClientOptions {
-    traced_options(sender(http, imds), retry, None)
+    let inner = Arc::new(RefusedTokens {
+        inner: Arc::new(http.clone()),
+        credential,
+    });
+    traced_options(inner, RetryOptions::none(), None)
+}
+
+/// Tells the broker's caching credential of a token Key Vault refused with 401 (expired by
+/// Key Vault's clock, revoked, a continuous access evaluation challenge), before the SDK's
+/// bearer policy answers the challenge by asking the credential again: it then gets a new
+/// token rather than the cached one, refused again until its half-life refresh, hours on.
+/// Seen here because only the transport sees both the token sent and the answer.
+#[derive(Debug)]
+struct RefusedTokens {
+    inner: Arc<dyn HttpClient>,
+    credential: Arc<crate::identity::CachingCredential>,
+}
+
+#[async_trait]
+impl HttpClient for RefusedTokens {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+        let response = self.inner.execute_request(request).await?;
+        if response.status() == azure_core::http::StatusCode::Unauthorized
+            && let Some(token) = request
+                .headers()
+                .get_optional_str(&azure_core::http::headers::AUTHORIZATION)
+                .and_then(|v| v.strip_prefix("Bearer "))
+            && self.credential.refused(token)
+        {
+            tracing::warn!(
+                host = request.url().host_str().unwrap_or_default(),
+                "Key Vault refused the broker's managed identity token (401); asking for a new one"
+            );
+        }
+        Ok(response)
+    }
 }
 
 /// The shared client, with IMDS's address sent to `imds` when one is configured.
@@ -146,18 +180,34 @@ pub fn credential(
     identity: &IdentityConfig,
     http: &reqwest::Client,
     env: crate::config::EnvSource<'_>,
-) -> Result<Arc<dyn TokenCredential>, OutboundError> {
-    Ok(Arc::new(crate::identity::CachingCredential::new(
-        sdk_credential(identity, http, env)?,
-    )))
+) -> Result<Arc<crate::identity::CachingCredential>, OutboundError> {
+    let from_env = read_env(identity, env)?;
+    let first = build_credential(identity, from_env.as_ref(), http)?;
+    // A new SDK credential (with an empty token cache of its own) replaces one whose token a
+    // service refused: its cache cannot be emptied, and would answer with the refused token.
+    let (identity, http) = (identity.clone(), http.clone());
+    let renew = move || build_credential(&identity, from_env.as_ref(), &http).ok();
+    Ok(Arc::new(
+        crate::identity::CachingCredential::new(first).renewed_by(Box::new(renew)),
+    ))
 }
 
 /// The `azure_identity` credential for the configured source, with the environment `env`.
+#[cfg(test)]
 fn sdk_credential(
     identity: &IdentityConfig,
     http: &reqwest::Client,
     env: crate::config::EnvSource<'_>,
 ) -> Result<Arc<dyn TokenCredential>, OutboundError> {
+    build_credential(identity, read_env(identity, env)?.as_ref(), http)
+}
+
+/// What the configured source takes from `env`: workload identity's variables and authority
+/// host (none for the managed identity credential, which reads the process's itself).
+fn read_env(
+    identity: &IdentityConfig,
+    env: crate::config::EnvSource<'_>,
+) -> Result<Option<(crate::config::WorkloadIdentityEnv, Url)>, OutboundError> {
     let err = |message: String| OutboundError::Identity {
         source_kind: identity.source,
         message,
@@ -169,17 +219,34 @@ fn sdk_credential(
             "identity.source is app_service but IDENTITY_ENDPOINT and IDENTITY_HEADER are not set: is managed identity enabled on the app?".into(),
         ));
     }
-    match identity.source {
-        IdentitySource::WorkloadIdentity => {
-            // Read and checked here, so a pod without the webhook's variables is told which
-            // are missing and what sets them, not the SDK's first complaint.
-            let wi = crate::config::workload_identity_env(identity.client_id.as_deref(), env)
-                .map_err(err)?;
-            // Always given, so the SDK never reads AZURE_AUTHORITY_HOST from the process
-            // itself: the configured cloud's authority, else that variable from `env`.
-            let authority =
-                crate::config::workload_identity_authority(identity.cloud_authority.as_ref(), env)
-                    .map_err(err)?;
+    if identity.source != IdentitySource::WorkloadIdentity {
+        return Ok(None);
+    }
+    // Read and checked here, so a pod without the webhook's variables is told which are
+    // missing and what sets them, not the SDK's first complaint.
+    let wi =
+        crate::config::workload_identity_env(identity.client_id.as_deref(), env).map_err(err)?;
+    // Always given, so the SDK never reads AZURE_AUTHORITY_HOST from the process itself: the
+    // configured cloud's authority, else that variable from `env`.
+    let authority =
+        crate::config::workload_identity_authority(identity.cloud_authority.as_ref(), env)
+            .map_err(err)?;
+    Ok(Some((wi, authority)))
+}
+
+/// The `azure_identity` credential for the configured source; `wi`, workload identity's
+/// variables and authority host (`read_env`).
+fn build_credential(
+    identity: &IdentityConfig,
+    wi: Option<&(crate::config::WorkloadIdentityEnv, Url)>,
+    http: &reqwest::Client,
+) -> Result<Arc<dyn TokenCredential>, OutboundError> {
+    let err = |message: String| OutboundError::Identity {
+        source_kind: identity.source,
+        message,
+    };
+    match (identity.source, wi) {
+        (IdentitySource::WorkloadIdentity, Some((wi, authority))) => {
             let mut cloud = CustomConfiguration::default();
             cloud.authority_host = authority.to_string();
             let mut client_options = traced_options(
@@ -192,15 +259,18 @@ fn sdk_credential(
             client_options.cloud = Some(Arc::new(CloudConfiguration::Custom(cloud)));
             let options = WorkloadIdentityCredentialOptions {
                 credential_options: ClientAssertionCredentialOptions { client_options },
-                client_id: Some(wi.client_id),
-                tenant_id: Some(wi.tenant_id),
-                token_file_path: Some(wi.token_file),
+                client_id: Some(wi.client_id.clone()),
+                tenant_id: Some(wi.tenant_id.clone()),
+                token_file_path: Some(wi.token_file.clone()),
             };
             let c =
                 WorkloadIdentityCredential::new(Some(options)).map_err(|e| err(e.to_string()))?;
             Ok(Arc::new(EntraAnswers { inner: c }))
         }
-        IdentitySource::Auto | IdentitySource::Imds | IdentitySource::AppService => {
+        (IdentitySource::WorkloadIdentity, None) => {
+            Err(err("workload identity's variables were not read".into()))
+        }
+        (IdentitySource::Auto | IdentitySource::Imds | IdentitySource::AppService, _) => {
             let options = ManagedIdentityCredentialOptions {
                 user_assigned_id: identity.client_id.clone().map(UserAssignedId::ClientId),
                 client_options: traced_options(

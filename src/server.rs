@@ -143,21 +143,22 @@ pub fn upstreams_with_env(
         if let Credential::ManagedIdentity { client_id, .. } = &t.credential
             && !identities.contains_key(client_id)
         {
-            let c = if config.identity.client_id.as_ref() == Some(client_id) {
-                credential.clone()
-            } else {
-                let identity = IdentityConfig {
-                    client_id: Some(client_id.clone()),
-                    ..config.identity.clone()
+            let c: Arc<dyn azure_core::credentials::TokenCredential> =
+                if config.identity.client_id.as_ref() == Some(client_id) {
+                    credential.clone()
+                } else {
+                    let identity = IdentityConfig {
+                        client_id: Some(client_id.clone()),
+                        ..config.identity.clone()
+                    };
+                    outbound::credential(&identity, &http, env)?
                 };
-                outbound::credential(&identity, &http, env)?
-            };
             identities.insert(client_id.clone(), c);
         }
     }
     let signer = KeyVaultSigner::new(
-        credential,
-        outbound::client_options(&http, None, azure_core::http::RetryOptions::none()),
+        credential.clone(),
+        outbound::key_vault_options(&http, credential),
     );
     let tokens: Vec<TokenConfig> = config
         .tenants

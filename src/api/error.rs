@@ -188,6 +188,11 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                         "{msg}; check the token user's PIN in the file or environment variable the tenant's credential names (pin_file or pin_env), and that the PIN is not locked"
                     ))
                 }
+                // Refused even with a token fetched anew (a stale one is replaced first):
+                // not a role the identity lacks (that is 403) but a token the vault will not take.
+                SignerError::Forbidden { status: 401, .. } => Status::failed_precondition(format!(
+                    "{msg}; Key Vault refused a freshly fetched managed identity token: check that the vault is in the tenant of the broker's identity and that the broker's identity is the one its host or pod provides"
+                )),
                 SignerError::Forbidden { .. } => Status::failed_precondition(format!(
                     "{msg}; grant the broker's managed identity a role on the vault with the data actions `Microsoft.KeyVault/vaults/keys/sign/action` and `Microsoft.KeyVault/vaults/certificates/read` (the `tokenbroker signer` role of deploy/azure/keyvault.bicep; see docs/DEPLOY.md)"
                 )),

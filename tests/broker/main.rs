@@ -628,6 +628,31 @@ async fn the_brokers_managed_identity_token_is_fetched_once_for_all_key_vault_ca
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managed_identity_token_key_vault_refuses_is_replaced_and_the_call_retried() {
+    let stack = Stack::start_full(
+        tokenbroker::emulator::EmulatorConfig::demo(),
+        |t| t,
+        Some(tokenbroker::clock::ManualClock::new()),
+        |e| e,
+    )
+    .await;
+    stack.get("contoso", GRAPH).await.unwrap();
+    // A day and more on: Key Vault finds the cached identity token expired (AKV10013) while
+    // the broker, by its host's clock, still holds it fresh (skew, revocation, CAE alike).
+    stack.advance(std::time::Duration::from_secs(90_000)).await;
+    let fresh = stack.get("fabrikam", GRAPH).await.unwrap();
+    assert_eq!(fresh.source, TokenSource::Exchange as i32);
+    let counters = stack.counters().await;
+    assert_eq!(
+        counters["mi_tokens"]["broker"].as_u64(),
+        Some(2),
+        "{}",
+        counters["mi_tokens"]
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_whose_app_trusts_a_managed_identity_gets_tokens_without_key_vault() {
     // `contoso-federated`: the Contoso app, trusting the host's user-assigned identity
     // `broker-fic` through a federated credential (the dev configuration).
