@@ -934,8 +934,14 @@ impl Flow {
                 // this upstream (the probe, if this is it, is released).
                 Err(e) if !e.is_from(upstream) => return Err(e),
                 Err(e) if e.is_retryable() => {
-                    probe.settle();
-                    if let Some(g) = guard {
+                    let probe = probe.settle();
+                    // The broker's own identity failed before Key Vault was asked: no word on
+                    // Key Vault's health (the identity's outage must not open its breaker).
+                    if matches!(e, FlowError::Signer(SignerError::Identity { .. })) {
+                        if let Some(b) = probe {
+                            b.release();
+                        }
+                    } else if let Some(g) = guard {
                         g.failure(self.clock.moment().mono, &e);
                     }
                     let wait = backoff(attempt, Duration::from_millis(250), Duration::from_secs(8))

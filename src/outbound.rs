@@ -158,7 +158,7 @@ fn traced_options(
 /// SDK's (about 7 s of 408, 429 and 5xx) spent that budget inside one attempt, so an outage
 /// ended as the budget's cut-off instead of Entra's answer. A refresh of a cached token that
 /// fails is tried again after `identity::REFRESH_RETRY`. The IMDS source replaces this with
-/// Microsoft's IMDS rules (`azure_identity`), kept.
+/// Microsoft's IMDS rules (`azure_identity`), which `EndpointAnswers` ends after one request.
 fn identity_retry() -> RetryOptions {
     RetryOptions::none()
 }
@@ -271,18 +271,80 @@ fn build_credential(
             Err(err("workload identity's variables were not read".into()))
         }
         (IdentitySource::Auto | IdentitySource::Imds | IdentitySource::AppService, _) => {
+            let traced = Arc::new(Traced {
+                inner: sender(http, identity.imds_endpoint.as_ref()),
+                upstream: Some(Upstream::ManagedIdentity),
+            });
             let options = ManagedIdentityCredentialOptions {
                 user_assigned_id: identity.client_id.clone().map(UserAssignedId::ClientId),
-                client_options: traced_options(
-                    sender(http, identity.imds_endpoint.as_ref()),
-                    identity_retry(),
-                    Some(Upstream::ManagedIdentity),
-                ),
+                client_options: ClientOptions {
+                    transport: Some(Transport::new(Arc::new(EndpointAnswers { inner: traced }))),
+                    retry: identity_retry(),
+                    ..Default::default()
+                },
             };
             let c =
                 ManagedIdentityCredential::new(Some(options)).map_err(|e| err(e.to_string()))?;
             Ok(c)
         }
+    }
+}
+
+/// The managed identity endpoint's failed answers (and failures to reach it) as errors the
+/// SDK does not retry: `azure_identity` replaces the IMDS credential's retry options with
+/// Microsoft's IMDS rules (404, 410, 429 and 5xx retried for up to 72 s), which no option
+/// bounds. Inside one attempt of the broker's that spent the fetch's whole budget, so a 500
+/// answered in milliseconds ended as Key Vault's cut-off 10 s later. One request per attempt
+/// instead; the broker retries (its attempts, backoff at least the answer's `Retry-After`,
+/// budget), and the caller is told the endpoint's status. The answer is kept under the error
+/// (`signer::keyvault::answered_status`).
+#[derive(Debug)]
+struct EndpointAnswers {
+    inner: Arc<dyn HttpClient>,
+}
+
+#[async_trait]
+impl HttpClient for EndpointAnswers {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+        let response = match self.inner.execute_request(request).await {
+            Ok(r) if r.status().is_success() => return Ok(r),
+            Ok(r) => r,
+            // Io and Connection errors are what the SDK's retry policy retries.
+            Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::Connection) => {
+                return Err(azure_core::Error::with_error(
+                    ErrorKind::Other,
+                    e,
+                    "the managed identity endpoint could not be reached",
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        let (status, headers, body) = response.deconstruct();
+        let body = body.collect().await?;
+        let message = endpoint_message(u16::from(status), &body);
+        Err(azure_core::Error::with_message(
+            ErrorKind::HttpResponse {
+                status,
+                error_code: None,
+                raw_response: Some(Box::new(azure_core::http::RawResponse::from_bytes(
+                    status, headers, body,
+                ))),
+            },
+            message,
+        ))
+    }
+}
+
+/// The endpoint's failed answer for people: its status and, from its JSON error, the
+/// `error_description` (IMDS: "Identity not found"), bounded. Any other body is not quoted.
+fn endpoint_message(status: u16, body: &[u8]) -> String {
+    let description = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error_description")?.as_str().map(str::to_owned))
+        .map(|d| d.chars().take(300).collect::<String>());
+    match description {
+        Some(d) => format!("the managed identity endpoint answered HTTP {status}: {d}"),
+        None => format!("the managed identity endpoint answered HTTP {status}"),
     }
 }
 

@@ -767,7 +767,7 @@ async fn a_managed_identity_endpoint_outage_is_unavailable_and_not_remembered() 
             json!({"route": "identity.imds", "count": 1000, "fail": {"status": 503}}),
         )
         .await;
-    // IMDS's own retries (azure_identity's) outlast the budget: cut off, worth retrying.
+    // Each attempt is one request to IMDS (no SDK retries inside it): worth retrying.
     let s = stack.get("contoso-federated", GRAPH).await.unwrap_err();
     assert_eq!(s.code(), Code::Unavailable, "{s:?}");
     assert!(
@@ -777,6 +777,40 @@ async fn a_managed_identity_endpoint_outage_is_unavailable_and_not_remembered() 
     stack.clear_faults().await;
     let t = stack.get_after_hold_off("contoso-federated", GRAPH).await;
     assert_eq!(t.client_id, demo::CONTOSO_APP);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_identity_endpoint_failing_is_named_and_spares_key_vaults_breaker() {
+    let stack = Stack::start().await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "identity", "count": 100000, "fail": {"status": 500}}),
+        )
+        .await;
+    // More calls than it takes to open a breaker (5 failures), each retried by the broker.
+    for tenant in ["contoso", "fabrikam"].iter().cycle().take(6) {
+        let s = stack.get(tenant, GRAPH).await.unwrap_err();
+        assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+        let m = s.message();
+        assert!(
+            m.contains("the managed identity endpoint answered HTTP 500"),
+            "{m}"
+        );
+        assert!(!m.contains("Key Vault is unavailable or throttling"), "{m}");
+        assert!(!m.contains("retry budget"), "{m}");
+    }
+    let metrics = stack.metrics().await;
+    let key_vault: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tokenbroker_breaker_state{") && l.contains("keyvault"))
+        .collect();
+    assert!(!key_vault.is_empty(), "{metrics}");
+    assert!(key_vault.iter().all(|l| l.ends_with(" 0")), "{key_vault:?}");
+    // The endpoint recovers: served at once.
+    stack.clear_faults().await;
+    stack.get("contoso", GRAPH).await.unwrap();
     stack.stop().await;
 }
 
