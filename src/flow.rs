@@ -775,12 +775,22 @@ impl Flow {
         t: EntraToken,
     ) -> CachedToken {
         let lifetime = t.expires_in;
-        // Never at once: a refresh is scheduled before the token is published, and one due
-        // at once would find its own fetch still under way, join it, and end the chain.
+        // Before the token stops serving callers who ask for no minimum (their default
+        // minimum validity, or the safety margin if longer): for short lifetimes (minutes) a
+        // fraction of the lifetime would fall after that, and those callers would each wait
+        // for a fetch on their own request. Never at once: a refresh is scheduled before the
+        // token is published, and one due at once would find its own fetch still under way,
+        // join it, and end the chain.
+        let serves_defaults_for = lifetime.saturating_sub(
+            self.cache
+                .default_min_validity
+                .max(self.cache.safety_margin),
+        );
         let refresh_in = t
             .refresh_in
             .filter(|r| *r < lifetime)
             .unwrap_or_else(|| refresh_after(lifetime, self.cache.refresh_fraction))
+            .min(serves_defaults_for)
             .max(MIN_REFRESH);
         let fingerprint = t.access_token.fingerprint();
         info!(

@@ -602,6 +602,23 @@ async fn a_refresh_refused_for_good_is_tried_again_once_per_negative_period() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_short_lived_token_is_refreshed_before_it_stops_serving_default_callers() {
+    // 8-minute tokens: half their life (less jitter) would be 192-240 s, after the 180 s at
+    // which they stop meeting the default minimum validity (300 s).
+    let f = fixture(Duration::from_secs(480), "");
+    f.get(None).await.unwrap();
+    f.advance(Duration::from_secs(185)).await;
+    assert_eq!(f.entra.calls(), 2, "refreshed by 180 s");
+    let t = f.get(None).await.unwrap();
+    assert_eq!(
+        t.source,
+        TokenSource::Cache,
+        "a default caller is served the refreshed token, not a fetch of its own"
+    );
+    assert_eq!(f.entra.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_forced_refresh_takes_over_the_refresh_chain_of_the_token_it_replaced() {
     let f = fixture(HOUR, "\n[cache]\nforce_refresh_interval_secs = 0");
     let refresh_in = |s| Answer::Token {
