@@ -54,11 +54,15 @@ impl FlowError {
         }
     }
 
-    /// The upstream refused the call rate (Entra's 429, AADSTS90055): calls before its
-    /// `Retry-After` would be refused too. (Key Vault's throttling is not told apart from
-    /// its outages by the signer's error; its hint lengthens an open breaker only.)
+    /// The upstream refused the call rate (Entra's 429, AADSTS90055; Key Vault's 429): calls
+    /// before its `Retry-After` would be refused too.
     fn is_throttling(&self) -> bool {
-        matches!(self, FlowError::Entra(e) if e.status == 429 || e.codes.contains(&90055))
+        match self {
+            FlowError::Entra(e) => e.status == 429 || e.codes.contains(&90055),
+            // Key Vault throttles per vault, which is what its breakers are kept by.
+            FlowError::Signer(SignerError::Unavailable { throttled, .. }) => *throttled,
+            _ => false,
+        }
     }
 
     /// The upstream's own hint, if it gave one.
@@ -191,6 +195,7 @@ impl FlowError {
                 service: upstream.service(),
                 message,
                 retry_after: Some(retry_after),
+                throttled: false,
             }),
         }
     }
@@ -1265,6 +1270,7 @@ mod tests {
             service: crate::signer::keyvault::SERVICE,
             message: "HTTP 503 ServiceUnavailable".into(),
             retry_after: None,
+            throttled: false,
         });
         let m = FlowError::refused(Upstream::KeyVaultSign, Some(&down), Duration::from_secs(3))
             .to_string();
@@ -1348,6 +1354,7 @@ mod tests {
                     service,
                     message: message.clone(),
                     retry_after: None,
+                    throttled: false,
                 },
                 SignerError::Other { service, message },
             ];

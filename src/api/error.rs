@@ -360,6 +360,7 @@ mod tests {
                     service: keyvault::SERVICE,
                     message: "m".into(),
                     retry_after: Some(hint),
+                    throttled: false,
                 }),
             ]
         };

@@ -145,6 +145,7 @@ impl Signer for FakeSigner {
                 service: "Key Vault",
                 message: "503 from the vault".into(),
                 retry_after: None,
+                throttled: false,
             });
         }
         let version = self.version.lock().unwrap().unwrap_or("v1");
@@ -182,6 +183,7 @@ impl Signer for FakeSigner {
                 service: "Key Vault",
                 message: "503 from the vault".into(),
                 retry_after: None,
+                throttled: false,
             });
         }
         Ok(digest.to_vec())

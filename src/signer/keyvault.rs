@@ -201,6 +201,7 @@ fn unreadable(what: &str, e: &azure_core::Error) -> SignerError {
             root_message(e)
         )),
         retry_after: None,
+        throttled: false,
     }
 }
 
@@ -213,6 +214,7 @@ fn incomplete(what: &str, field: &str) -> SignerError {
             "answer for {what} (HTTP 200) has no {field}: not Key Vault's, a proxy or gateway may have answered"
         ),
         retry_after: None,
+        throttled: false,
     }
 }
 
@@ -254,6 +256,7 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
                         "HTTP {status} without a Key Vault error in the body: a proxy or gateway may have answered"
                     ),
                     retry_after,
+                    throttled: false,
                 };
             };
             let code = error_code.as_deref().map(bounded_code).unwrap_or_default();
@@ -274,6 +277,7 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
                     service: SERVICE,
                     message: format!("HTTP {status} {code}: {message}"),
                     retry_after,
+                    throttled: status == 429,
                 },
                 // Any other refusal (400 BadParameter: a key whose type does not fit the
                 // algorithm) is the configuration's, however often it is asked.
@@ -289,6 +293,7 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
             service: SERVICE,
             message: crate::outbound::with_dns_hint(root_message(&e)),
             retry_after: None,
+            throttled: false,
         },
         _ => other(root_message(&e)),
     }

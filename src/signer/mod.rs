@@ -100,6 +100,8 @@ pub enum SignerError {
         service: &'static str,
         message: String,
         retry_after: Option<Duration>,
+        /// Throttled (429): the service asks every caller of it to wait, not only this call.
+        throttled: bool,
     },
     /// What the tenant's credential names cannot work as it is: Key Vault refused the request
     /// (a 4xx such as a key whose type does not fit the algorithm), or the token's objects

@@ -170,6 +170,7 @@ async fn bounded<T: Send + 'static>(
             service: SERVICE,
             message: format!("no answer from the PKCS#11 module within {timeout:?}"),
             retry_after: None,
+            throttled: false,
         }),
     }
 }
@@ -588,6 +589,7 @@ fn classify(e: CkError, what: &str) -> SignerError {
             service: SERVICE,
             message,
             retry_after: None,
+            throttled: false,
         },
         RvError::KeyHandleInvalid
         | RvError::KeyTypeInconsistent

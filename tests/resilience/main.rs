@@ -1551,6 +1551,40 @@ async fn entras_retry_after_holds_off_the_tenants_exchanges_until_then() {
     stack.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_vaults_retry_after_holds_off_the_vaults_signs_until_then() {
+    let stack = manual("").await;
+    // Key Vault throttles per vault: every tenant whose key is in it waits the hinted time.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "keyvault.sign", "count": 100, "fail": {"status": 429, "retry_after": 60}}),
+        )
+        .await;
+    let e = get_key(&stack, "contoso", 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert_eq!(retry_after_secs(&e), 60);
+    let signs = stack.route_total("keyvault.sign").await;
+    for i in 1..6u64 {
+        stack.advance(Duration::from_secs(10)).await;
+        for tenant in ["contoso", "fabrikam"] {
+            let e = get_key(&stack, tenant, i as usize).await.unwrap_err();
+            assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+            assert_eq!(retry_after_secs(&e), 60 - 10 * i, "{}", e.message());
+            assert!(e.message().contains("throttled"), "{}", e.message());
+        }
+    }
+    assert_eq!(
+        stack.route_total("keyvault.sign").await,
+        signs,
+        "Key Vault is not asked to sign again before its Retry-After"
+    );
+    stack.clear_faults().await;
+    stack.advance(Duration::from_secs(10)).await;
+    stack.get("fabrikam", GRAPH).await.unwrap();
+    stack.stop().await;
+}
+
 /// The correlation id an Entra error's message quotes.
 fn correlation_id(message: &str) -> &str {
     let from = message.find("[correlation id ").expect("a correlation id") + 16;
