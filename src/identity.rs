@@ -29,12 +29,18 @@ pub struct CachingCredential {
     /// the SDK's credentials cache tokens too, with no way to drop one.
     renew: Option<Renew>,
     cache: Mutex<HashMap<Vec<String>, Cached>>,
+    /// A failed request's error, shared until then with every caller that has no usable
+    /// token (`FAILURE_SHARED`).
+    failed: Mutex<HashMap<Vec<String>, SharedUntil>>,
     flights: Mutex<HashMap<Vec<String>, Arc<tokio::sync::Mutex<()>>>>,
     limits: Arc<EndpointLimits>,
     /// Judges a token's age: its `expires_on` is wall-clock time, turned into a `Moment`
     /// when it arrives, so a wall clock stepped back later cannot stretch it.
     clock: Arc<dyn Clock>,
 }
+
+/// A failed request's error and until when it is shared.
+type SharedUntil = (Moment, Arc<azure_core::Error>);
 
 /// Makes a new inner credential; `None` when it cannot (the old one is kept).
 pub type Renew = Box<dyn Fn() -> Option<Arc<dyn TokenCredential>> + Send + Sync>;
@@ -45,6 +51,16 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// After a failed refresh, the cached token is served without asking the endpoint again
 /// for this long.
 const REFRESH_RETRY: Duration = Duration::from_secs(30);
+/// The longest one request to the endpoint is waited for. IMDS and App Service answer in
+/// well under a second; one that does not answer at all must fail the fetch as the
+/// identity's, named so, before the fetch's first attempt (half its budget: 5 s by default)
+/// is cut off and taken for Key Vault's silence.
+pub const ANSWER_BOUND: Duration = Duration::from_secs(4);
+/// A request that failed, when no usable token is cached, is the answer of every caller for
+/// this long (or the failure's `Retry-After`, up to `REFRESH_RETRY`): during an outage the
+/// keys being fetched and their retries share one request instead of each making its own
+/// (and, for a hung endpoint, each waiting `ANSWER_BOUND`).
+const FAILURE_SHARED: Duration = Duration::from_secs(2);
 /// A token that replaced a refused one and is refused in turn within this of its arrival is
 /// kept: a new one would not fare better (the refusal is the identity's, not the token's),
 /// and dropping it would send every refused call to the endpoint.
@@ -116,6 +132,7 @@ impl CachingCredential {
             inner: Mutex::new(inner),
             renew: None,
             cache: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
             flights: Mutex::new(HashMap::new()),
             limits,
             clock,
@@ -231,12 +248,33 @@ impl TokenCredential for CachingCredential {
         {
             return Ok(c.token);
         }
+        let usable_cached = self.cached(&key).filter(|c| usable(c));
+        if usable_cached.is_none()
+            && let Some(e) = self.failed_lately(&key)
+        {
+            return Err(shared(e));
+        }
         let after_refusal = self.cached(&key).is_some_and(|c| c.refused);
         let _permit = self.limits.concurrency.acquire().await;
         self.pace().await;
         let inner = self.inner(after_refusal);
-        match inner.get_token(scopes, options).await {
+        let answer = tokio::time::timeout(ANSWER_BOUND, inner.get_token(scopes, options))
+            .await
+            .unwrap_or_else(|_| {
+                Err(azure_core::Error::with_message(
+                    azure_core::error::ErrorKind::Credential,
+                    format!(
+                        "the managed identity endpoint did not answer within {}s",
+                        ANSWER_BOUND.as_secs()
+                    ),
+                ))
+            });
+        match answer {
             Ok(token) => {
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
                 let now = self.clock.moment();
                 // Its life left as the endpoint's clock and ours agree now (none if already
                 // past), counted from here on both clocks.
@@ -276,9 +314,63 @@ impl TokenCredential for CachingCredential {
                     }
                     Ok(c.token)
                 }
-                _ => Err(e),
+                _ => {
+                    let e = Arc::new(e);
+                    let hold = failure_hint(&e)
+                        .unwrap_or_default()
+                        .clamp(FAILURE_SHARED, REFRESH_RETRY);
+                    self.failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key, (self.clock.moment() + hold, e.clone()));
+                    Err(shared(e))
+                }
             },
         }
+    }
+}
+
+impl CachingCredential {
+    /// The failure shared with callers of `key` now, if one is.
+    fn failed_lately(&self, key: &[String]) -> Option<Arc<azure_core::Error>> {
+        let now = self.clock.moment();
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        match failed.get(key) {
+            Some((until, e)) if !until.reached(now) => Some(e.clone()),
+            Some(_) => {
+                failed.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// The retry hint of the endpoint's, or Entra's (workload identity), failed answer under `e`.
+fn failure_hint(e: &azure_core::Error) -> Option<Duration> {
+    crate::signer::keyvault::answered_retry_after(e)
+        .or_else(|| crate::outbound::entra_answer(e).and_then(|a| a.retry_after))
+}
+
+/// A failed request's error as one of the callers that share it gets it: of its kind, with
+/// it (and everything under it, read by the signer's and the federated identities'
+/// classification) as its cause.
+fn shared(e: Arc<azure_core::Error>) -> azure_core::Error {
+    azure_core::Error::new(e.kind().clone(), SharedFailure(e))
+}
+
+#[derive(Debug)]
+struct SharedFailure(Arc<azure_core::Error>);
+
+impl std::fmt::Display for SharedFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SharedFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
     }
 }
 
@@ -523,9 +615,55 @@ mod tests {
         clock.advance(Duration::from_secs(120));
         let e = token(&c).await.unwrap_err();
         assert!(e.to_string().contains("down"), "{e}");
-        // The endpoint recovers: a fresh token at once.
+        // The endpoint recovers: a fresh token once the failure is no longer shared.
         inner.fail.store(false, Ordering::SeqCst);
+        clock.advance(FAILURE_SHARED);
         assert_eq!(token(&c).await.unwrap(), "t4");
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_is_the_answer_of_every_caller_without_a_token_for_a_while() {
+        let (clock, inner, c) = on_manual_clock();
+        inner.fail.store(true, Ordering::SeqCst);
+        for _ in 0..5 {
+            let e = token(&c).await.unwrap_err();
+            assert!(e.to_string().contains("down"), "{e}");
+            assert_eq!(e.kind(), &azure_core::error::ErrorKind::Credential);
+        }
+        assert_eq!(inner.calls(), 1, "one request for all of them");
+        clock.advance(FAILURE_SHARED);
+        assert!(token(&c).await.is_err());
+        assert_eq!(inner.calls(), 2, "asked again once it is over");
+        inner.fail.store(false, Ordering::SeqCst);
+        clock.advance(FAILURE_SHARED);
+        assert_eq!(token(&c).await.unwrap(), "t2");
+    }
+
+    /// An endpoint that takes the connection and never answers.
+    #[derive(Debug)]
+    struct Silent;
+
+    #[async_trait]
+    impl TokenCredential for Silent {
+        async fn get_token(
+            &self,
+            _: &[&str],
+            _: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<AccessToken> {
+            futures::future::pending().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_that_never_answers_is_given_up_on_and_named() {
+        let c = CachingCredential::new(Arc::new(Silent));
+        let e = token(&c).await.unwrap_err();
+        assert_eq!(e.kind(), &azure_core::error::ErrorKind::Credential);
+        assert!(
+            e.to_string()
+                .contains("the managed identity endpoint did not answer within 4s"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
