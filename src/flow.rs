@@ -1363,6 +1363,10 @@ mod tests {
                     message: "m".into(),
                     retry_after: None,
                 });
+                all.push(SignerError::IdentityNotAssigned {
+                    status: 400,
+                    message: "m".into(),
+                });
             }
             for e in all {
                 let text = FlowError::Signer(e).to_string();

@@ -92,6 +92,7 @@ pub fn signer_code(e: &SignerError) -> String {
         SignerError::Configuration { .. } => "configuration",
         SignerError::Unavailable { .. } => "unavailable",
         SignerError::Identity { .. } => "identity",
+        SignerError::IdentityNotAssigned { .. } => "identity_not_assigned",
         SignerError::IdentityRefused { .. } => "identity_refused",
         SignerError::Other { .. } => "other",
     }

@@ -178,6 +178,9 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                     )),
                     Some(upstream_hint(*retry_after)),
                 ),
+                SignerError::IdentityNotAssigned { .. } => Status::failed_precondition(format!(
+                    "{msg}; assign the identity to the host (the VM or scale set, or the App Service, Function or Container App) or correct identity.client_id (the identity's client id, not its object id)"
+                )),
                 // The broker's own identity, for every tenant: the operator must fix the
                 // app registration's federated credential (or the pod's service account).
                 SignerError::IdentityRefused(answer) => {

@@ -321,7 +321,9 @@ fn request_id(headers: &azure_core::http::headers::Headers) -> Option<String> {
 /// (no caller can change that), is for good; throttling and outages (408, 429, 5xx whatever
 /// code their page carries, `temporarily_unavailable`), a token outside its time window or a
 /// key Entra has not fetched yet are retried. So is every failure without Entra's answer
-/// (the managed identity endpoint, the network, the token file).
+/// (the managed identity endpoint, the network, the token file), but the endpoint's refusal
+/// of the identity (400, 401, 403), as for a tenant's managed identity
+/// (`identity::identity_error`): the host's setup, not an outage.
 fn identity_failure(e: &azure_core::Error) -> SignerError {
     use crate::entra::EntraErrorClass::{Caller, Configuration};
     match crate::outbound::entra_answer(e) {
@@ -332,9 +334,15 @@ fn identity_failure(e: &azure_core::Error) -> SignerError {
             message: bounded(&answer.to_string()),
             retry_after: answer.retry_after,
         },
-        None => SignerError::Identity {
-            message: root_message(e),
-            retry_after: answered_retry_after(e),
+        None => match answered_status(e) {
+            Some(status @ (400 | 401 | 403)) => SignerError::IdentityNotAssigned {
+                status,
+                message: root_message(e),
+            },
+            _ => SignerError::Identity {
+                message: root_message(e),
+                retry_after: answered_retry_after(e),
+            },
         },
     }
 }
@@ -520,22 +528,36 @@ mod tests {
             );
         }
         // No answer of Entra's under it (the managed identity endpoint's, whatever its text
-        // says; the network's): retried, in the SDK's words.
-        let imds = azure_core::Error::with_error(
-            ErrorKind::Credential,
-            answer(
-                400,
-                None,
-                r#"{"error":"invalid_request","error_description":"AADSTS700213 Identity not found"}"#,
-            ),
-            "ManagedIdentityCredential authentication failed. Identity not found AADSTS700213",
-        );
+        // says): its refusal of the identity (400, 401, 403) is the host's setup, for good;
+        // its other answers and the network's failures are retried, in the SDK's words.
+        let imds = |status: u16| {
+            azure_core::Error::with_error(
+                ErrorKind::Credential,
+                answer(
+                    status,
+                    None,
+                    r#"{"error":"invalid_request","error_description":"AADSTS700213 Identity not found"}"#,
+                ),
+                "ManagedIdentityCredential authentication failed. Identity not found AADSTS700213",
+            )
+        };
+        for status in [400, 401, 403] {
+            let e = classify(imds(status), "key k/v");
+            assert!(
+                matches!(&e, SignerError::IdentityNotAssigned { status: s, .. } if *s == status),
+                "{status}: {e:?}"
+            );
+            assert!(!crate::flow::FlowError::Signer(e.clone()).is_retryable());
+            assert!(crate::flow::FlowError::Signer(e).is_persistent());
+        }
         for e in [
-            imds,
+            imds(404),
+            imds(500),
             azure_core::Error::with_message(ErrorKind::Credential, "connection refused"),
         ] {
             let e = classify(e, "key k/v");
             assert!(matches!(&e, SignerError::Identity { .. }), "{e:?}");
+            assert!(crate::flow::FlowError::Signer(e).is_retryable());
         }
     }
 

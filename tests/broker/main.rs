@@ -756,6 +756,40 @@ async fn an_identity_the_host_does_not_have_is_a_failed_precondition_remembered_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_own_identity_the_host_does_not_have_is_a_failed_precondition_remembered_like_one()
+ {
+    let stranger = "0badc0de-0000-4000-8000-00000000b0b0";
+    let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |toml| {
+        toml.replacen(
+            "[identity]\n",
+            &format!("[identity]\nclient_id = \"{stranger}\"\n"),
+            1,
+        )
+    })
+    .await;
+    // IMDS's 400 "Identity not found" to the broker's own identity: every Key Vault tenant
+    // fails until the host is set up; not an outage to retry.
+    let s = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    let m = s.message();
+    assert!(
+        m.contains(
+            "the managed identity endpoint refused the broker's identity for Key Vault (HTTP 400)"
+        ),
+        "{m}"
+    );
+    assert!(m.contains("correct identity.client_id"), "{m}");
+    assert!(s.metadata().get("retry-after").is_none(), "{s:?}");
+    // Remembered: the endpoint is not asked again within the negative period.
+    let asked = stack.route_total("identity.imds").await;
+    let s = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert_eq!(stack.route_total("identity.imds").await, asked);
+    assert_eq!(stack.total_signs().await, 0);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_managed_identity_endpoint_outage_is_unavailable_and_not_remembered() {
     let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |toml| {
         format!("{toml}\n[resilience]\nretry_budget_secs = 1\n")
