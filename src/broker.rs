@@ -334,11 +334,18 @@ impl Broker {
                 self.unmet_without_fetch(token, wanted, &slot, now)?;
             }
         }
-        if let Some(e) = slot.negative(now) {
+        if let Some((e, left)) = slot.negative(now) {
             self.inner.stats.negative_hits.incr();
+            // A held transient failure is fetched again when its hold-off ends: that, not
+            // the upstream's original hint, is when a caller should come back.
+            let source = if e.is_retryable() {
+                Arc::new(e.with_retry_after(whole_seconds(left)))
+            } else {
+                e
+            };
             return Err(BrokerError::Upstream {
                 tenant: tenant.to_string(),
-                source: e,
+                source,
             });
         }
         self.inner.stats.misses.incr();
@@ -649,6 +656,12 @@ fn transient_hold(e: &FlowError) -> Duration {
         .unwrap_or_default()
         .min(MAX_RETRY_AFTER)
         .max(TRANSIENT_HOLD)
+}
+
+/// `d` rounded up to whole seconds, at least one: a retry hint that is not early.
+fn whole_seconds(d: Duration) -> Duration {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    Duration::from_secs(secs.max(1))
 }
 
 /// A refresh is scheduled at least this long after the fetch that obtained the token ended.

@@ -257,12 +257,12 @@ impl<E: Send + Sync + 'static> Slot<E> {
     }
 
     /// The remembered failure (persistent, or transient and held off), if still in force
-    /// at `now`.
-    pub fn negative(&self, now: Moment) -> Option<Arc<E>> {
+    /// at `now`, with the time it is still in force.
+    pub fn negative(&self, now: Moment) -> Option<(Arc<E>, Duration)> {
         let n = self.negative.lock().unwrap_or_else(|p| p.into_inner());
         n.as_ref()
             .filter(|r| !r.until.reached(now))
-            .map(|r| r.error.clone())
+            .map(|r| (r.error.clone(), r.until.until(now)))
     }
 
     /// Until when the remembered persistent failure is in force, if it still is at `now`.

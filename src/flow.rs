@@ -78,6 +78,23 @@ impl FlowError {
         }
     }
 
+    /// This failure with `after` as its retry hint (a variant without one is unchanged).
+    pub fn with_retry_after(&self, after: Duration) -> FlowError {
+        let mut e = self.clone();
+        match &mut e {
+            FlowError::Signer(
+                SignerError::Unavailable { retry_after, .. }
+                | SignerError::Identity { retry_after, .. },
+            )
+            | FlowError::Identity(IdentityError::Unavailable { retry_after, .. }) => {
+                *retry_after = Some(after)
+            }
+            FlowError::Entra(e) => e.retry_after = Some(after),
+            _ => {}
+        }
+        e
+    }
+
     /// Whether this is `upstream`'s failure (an internal error is everyone's).
     fn is_from(&self, upstream: Upstream) -> bool {
         match self {

@@ -997,6 +997,37 @@ async fn a_transient_failure_is_shared_by_the_keys_callers_for_its_hold_off() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_held_failures_callers_are_told_the_time_left_of_its_hold_off() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    let hint = |r: Result<IssuedToken, BrokerError>| match r {
+        Err(e @ BrokerError::Upstream { .. }) => {
+            let s = crate::api::error::to_status(&e);
+            s.metadata()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        }
+        other => panic!("{other:?}"),
+    };
+    f.entra.set(Answer::Fail(Some(Duration::from_secs(40))));
+    assert_eq!(hint(f.get(None).await).as_deref(), Some("40"));
+    // Partway through: the time left, rounded up to whole seconds.
+    f.advance(Duration::from_millis(15_500)).await;
+    assert_eq!(hint(f.get(None).await).as_deref(), Some("25"));
+    f.advance(Duration::from_millis(24_200)).await;
+    assert_eq!(hint(f.get(None).await).as_deref(), Some("1"));
+    assert_eq!(f.entra.calls(), 1, "held, not fetched again");
+    // Without a Retry-After: the floor's time left, at least a second.
+    f.advance(Duration::from_secs(1)).await;
+    f.entra.set(Answer::Fail(None));
+    assert!(f.get(None).await.is_err());
+    assert_eq!(f.entra.calls(), 2);
+    f.advance(Duration::from_millis(1_900)).await;
+    assert_eq!(hint(f.get(None).await).as_deref(), Some("1"));
+    assert_eq!(f.entra.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failed_fetch_before_the_refresh_is_due_leaves_the_token_healthy() {
     let f = fixture(
         HOUR,
