@@ -136,7 +136,19 @@ pub struct Stats {
     pub stale_served: Counter,
     pub negative_hits: Counter,
     pub refreshes: Counter,
+    /// Failed fetches the broker started itself: a key's refresh (scheduled, retried, or
+    /// overdue and started by a request), a watched key's first fetch retried.
     pub refresh_failures: Counter,
+    /// Failed fetches a request started: a cold key, a forced refresh, an early fetch for a
+    /// minimum validity, a pre-warm.
+    pub caller_fetch_failures: Counter,
+}
+
+/// Who started a fetch, for the failure counts (`Stats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Started {
+    Caller,
+    Refresh,
 }
 
 /// The upstream seams the broker uses; tests replace any of them.
@@ -320,7 +332,7 @@ impl Broker {
                     // Overdue (the scheduled refresh has not run yet): start it, or join the
                     // one running, without waiting. After a failure the scheduler's backoff
                     // decides.
-                    let _ = self.start_fetch(&owned_key(), &slot);
+                    let _ = self.start_fetch(&owned_key(), &slot, Started::Refresh);
                 }
                 let source = if state.failure.is_some() {
                     self.inner.stats.stale_served.incr();
@@ -350,7 +362,7 @@ impl Broker {
         }
         self.inner.stats.misses.incr();
         let key = owned_key();
-        let (joined, flight) = self.start_fetch(&key, &slot)?;
+        let (joined, flight) = self.start_fetch(&key, &slot, Started::Caller)?;
         if joined == Joined::Follower {
             self.inner.stats.coalesced.incr();
         }
@@ -445,7 +457,7 @@ impl Broker {
                     broker.inner.clock.sleep_until(until).await;
                     continue;
                 }
-                let Ok((_, flight)) = broker.start_fetch(&key, &live) else {
+                let Ok((_, flight)) = broker.start_fetch(&key, &live, Started::Refresh) else {
                     live.release_retry();
                     return;
                 };
@@ -480,6 +492,7 @@ impl Broker {
         &self,
         key: &Key,
         slot: &Arc<Slot<FlowError>>,
+        started: Started,
     ) -> Result<(Joined, Flight), BrokerError> {
         let tenant = self
             .inner
@@ -507,7 +520,11 @@ impl Broker {
                             broker.schedule_refresh(key, weak_slot, t, now);
                         }
                         Err(e) => {
-                            broker.inner.stats.refresh_failures.incr();
+                            let stats = &broker.inner.stats;
+                            match started {
+                                Started::Refresh => stats.refresh_failures.incr(),
+                                Started::Caller => stats.caller_fetch_failures.incr(),
+                            }
                             warn!(error = %e, "token fetch failed");
                             // Remembered so that callers of a key without a usable token
                             // share the failure instead of each fetching again: a broken
@@ -621,7 +638,7 @@ impl Broker {
             }
             broker.inner.stats.refreshes.incr();
             debug!(key = %key, "refreshing ahead of expiry");
-            let Ok((_, flight)) = broker.start_fetch(&key, &live) else {
+            let Ok((_, flight)) = broker.start_fetch(&key, &live, Started::Refresh) else {
                 return;
             };
             drop(live);

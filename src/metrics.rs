@@ -614,7 +614,7 @@ impl Metrics {
 /// Observable instruments over the broker's own counters and state.
 fn observe(meter: &Meter, source: &Source) {
     type Read = fn(&Broker) -> u64;
-    let counters: [(&'static str, &'static str, Read); 9] = [
+    let counters: [(&'static str, &'static str, Read); 10] = [
         (
             "tokenbroker_cache_hits",
             "Requests served from the cache (including stale serves)",
@@ -647,8 +647,13 @@ fn observe(meter: &Meter, source: &Source) {
         ),
         (
             "tokenbroker_refresh_failures",
-            "Token fetches (first fetch or refresh) that failed",
+            "Fetches the broker started that failed: refreshes ahead of expiry (scheduled, retried, or overdue and started by a request) and a watched key's retried first fetch",
             |b| b.stats().refresh_failures.get(),
+        ),
+        (
+            "tokenbroker_caller_fetch_failures",
+            "Fetches a request started that failed: a cold key, a forced refresh, an early fetch for a minimum validity, a pre-warm",
+            |b| b.stats().caller_fetch_failures.get(),
         ),
         (
             "tokenbroker_upstream_retries",

@@ -1028,6 +1028,29 @@ async fn a_held_failures_callers_are_told_the_time_left_of_its_hold_off() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn failed_fetches_are_counted_by_who_started_them() {
+    let f = fixture(
+        HOUR,
+        "max_attempts = 1\n[cache]\nforce_refresh_interval_secs = 0",
+    );
+    f.get(None).await.unwrap();
+    f.entra.set(Answer::Fail(None));
+    let stats = f.broker.stats();
+    // A forced refresh is the caller's.
+    assert!(f.get_forced().await.is_err());
+    assert_eq!(stats.caller_fetch_failures.get(), 1);
+    assert_eq!(stats.refresh_failures.get(), 0);
+    // The scheduled refresh fails (its retries too): the broker's own fetches.
+    f.advance(HOUR / 2).await;
+    assert_eq!(
+        f.get(None).await.unwrap().source,
+        TokenSource::StaleWhileRefreshFailing
+    );
+    assert!(stats.refresh_failures.get() >= 1);
+    assert_eq!(stats.caller_fetch_failures.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failed_fetch_before_the_refresh_is_due_leaves_the_token_healthy() {
     let f = fixture(
         HOUR,

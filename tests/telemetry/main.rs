@@ -165,7 +165,9 @@ async fn metrics_count_a_scripted_sequence_exactly() {
     assert_eq!(v("tokenbroker_cache_stale_served_total"), 0.0);
     assert_eq!(v("tokenbroker_cache_negative_hits_total"), 0.0);
     assert_eq!(v("tokenbroker_refreshes_total"), 0.0);
-    assert_eq!(v("tokenbroker_refresh_failures_total"), 1.0);
+    // The failed fetch was a caller's, not a refresh.
+    assert_eq!(v("tokenbroker_refresh_failures_total"), 0.0);
+    assert_eq!(v("tokenbroker_caller_fetch_failures_total"), 1.0);
     assert_eq!(v("tokenbroker_upstream_retries_total"), 0.0);
     assert_eq!(v("tokenbroker_breaker_rejections_total"), 0.0);
     // Requests.
