@@ -26,6 +26,7 @@ use crate::identity::IdentityAssertions;
 use crate::resilience::backoff;
 use crate::signer::Signer;
 use crate::striped::Counter;
+use crate::telemetry::LogBudget;
 
 /// Longest minimum validity a caller may ask for: Entra tokens live 60-90 minutes.
 pub const MAX_MIN_VALIDITY: Duration = Duration::from_secs(3600);
@@ -174,6 +175,8 @@ struct Inner {
     prewarm: Vec<Prewarm>,
     cache: TokenCache<FlowError>,
     stats: Stats,
+    /// Bounds the lines of failed fetches.
+    fetch_log: LogBudget,
 }
 
 /// The broker. Cheap to clone.
@@ -210,6 +213,7 @@ impl Broker {
                 negative_ttl: config.resilience.negative_ttl,
                 prewarm: config.resilience.prewarm.clone(),
                 stats: Stats::default(),
+                fetch_log: LogBudget::default(),
             }),
         }
     }
@@ -525,7 +529,7 @@ impl Broker {
                                 Started::Refresh => stats.refresh_failures.incr(),
                                 Started::Caller => stats.caller_fetch_failures.incr(),
                             }
-                            warn!(error = %e, "token fetch failed");
+                            broker.log_fetch_failure(e, now);
                             // Remembered so that callers of a key without a usable token
                             // share the failure instead of each fetching again: a broken
                             // tenant for the negative period, an outage or throttling for its
@@ -553,6 +557,29 @@ impl Broker {
             .instrument(span)
             .boxed()
         }))
+    }
+
+    /// Logs a failed fetch, at most `FETCH_FAILURE_LINES_PER_SEC` a second: an outage fails
+    /// the fetches of every key at once, and their refreshes again at each retry.
+    fn log_fetch_failure(&self, e: &FlowError, now: Moment) {
+        let second = now
+            .wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let Some(held_back) = self
+            .inner
+            .fetch_log
+            .admit(second, FETCH_FAILURE_LINES_PER_SEC)
+        else {
+            return;
+        };
+        if held_back > 0 {
+            warn!(
+                not_logged = held_back,
+                "token fetch failures not logged (at most {FETCH_FAILURE_LINES_PER_SEC} a second); tokenbroker_refresh_failures_total and tokenbroker_caller_fetch_failures_total count every one"
+            );
+        }
+        warn!(error = %e, "token fetch failed");
     }
 
     /// How long the background retries of a key (refreshes, a watched key's first fetch) wait
@@ -660,6 +687,9 @@ impl Broker {
 /// day, or a number that overflows a deadline); Entra and Key Vault ask for seconds to
 /// minutes when throttling.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Most lines a second about failed fetches (`Broker::log_fetch_failure`).
+const FETCH_FAILURE_LINES_PER_SEC: u32 = 20;
 
 /// How long callers of a key share a transient failure (outage, throttling) without a new
 /// fetch, when the upstream gave no longer `Retry-After`: the first wait of the key's

@@ -519,9 +519,63 @@ pub fn trace_headers() -> Vec<(&'static str, String)> {
     h.0
 }
 
+/// A per-second allowance of log lines for one kind of line, shared by every thread that
+/// writes it: a flood of alike events (refused requests, failed fetches of many keys in an
+/// outage) must not flood the log. The next line written says how many were held back.
+#[derive(Debug, Default)]
+pub struct LogBudget {
+    /// The Unix second the allowance is for.
+    second: AtomicU64,
+    used: std::sync::atomic::AtomicU32,
+    /// Lines not written since the last one that was.
+    held_back: AtomicU64,
+}
+
+impl LogBudget {
+    /// Whether a line may be written in `second`, at most `per_second` a second; if so, how
+    /// many were held back before it. Approximate under races (a line or two more or less),
+    /// never blocking.
+    pub fn admit(&self, second: u64, per_second: u32) -> Option<u64> {
+        let current = self.second.load(Relaxed);
+        if second > current
+            && self
+                .second
+                .compare_exchange(current, second, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.used.store(0, Relaxed);
+        }
+        if self.used.fetch_add(1, Relaxed) < per_second {
+            Some(self.held_back.swap(0, Relaxed))
+        } else {
+            self.held_back.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_lines_are_bounded_per_second_and_the_next_line_counts_those_held_back() {
+        let b = LogBudget::default();
+        for _ in 0..20 {
+            assert_eq!(b.admit(100, 20), Some(0));
+        }
+        for _ in 0..7 {
+            assert_eq!(b.admit(100, 20), None);
+        }
+        assert_eq!(
+            b.admit(101, 20),
+            Some(7),
+            "a new second: the count of lines held back"
+        );
+        assert_eq!(b.admit(101, 20), Some(0));
+        // A late caller with an earlier second does not reset the allowance.
+        assert_eq!(b.admit(100, 20), Some(0));
+    }
 
     #[test]
     fn signal_urls_append_the_otlp_path() {

@@ -25,6 +25,7 @@ use crate::limits::{InFlight, WatchSlot};
 use crate::proto;
 use crate::proto::token_broker_server::TokenBroker;
 use crate::sensitive::Sensitive;
+use crate::telemetry::LogBudget;
 use crate::tls::TlsPeer;
 
 /// The gRPC service.
@@ -44,39 +45,6 @@ pub struct Service {
 /// request, or a flood of bad credentials, must not flood the log (each one is still in the
 /// audit trail).
 const REFUSAL_LINES_PER_SEC: u32 = 20;
-
-/// A per-second allowance of log lines, shared by all requests.
-#[derive(Debug, Default)]
-struct LogBudget {
-    /// The Unix second the allowance is for.
-    second: std::sync::atomic::AtomicU64,
-    used: std::sync::atomic::AtomicU32,
-    /// Lines not written since the last one that was.
-    held_back: std::sync::atomic::AtomicU64,
-}
-
-impl LogBudget {
-    /// Whether a line may be written in `second`; if so, how many were held back before it.
-    /// Approximate under races (a line or two more or less), never blocking.
-    fn admit(&self, second: u64) -> Option<u64> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let current = self.second.load(Relaxed);
-        if second > current
-            && self
-                .second
-                .compare_exchange(current, second, Relaxed, Relaxed)
-                .is_ok()
-        {
-            self.used.store(0, Relaxed);
-        }
-        if self.used.fetch_add(1, Relaxed) < REFUSAL_LINES_PER_SEC {
-            Some(self.held_back.swap(0, Relaxed))
-        } else {
-            self.held_back.fetch_add(1, Relaxed);
-            None
-        }
-    }
-}
 
 /// The target of per-request spans; the log output leaves them out (the events that matter
 /// carry the request id themselves), trace export keeps them.
@@ -357,7 +325,7 @@ impl Service {
         let second = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        if let Some(held_back) = self.refusal_log.admit(second) {
+        if let Some(held_back) = self.refusal_log.admit(second, REFUSAL_LINES_PER_SEC) {
             if held_back > 0 {
                 info!(
                     not_logged = held_back,
@@ -809,7 +777,7 @@ impl Watcher {
 
 #[cfg(test)]
 mod tests {
-    use super::{LogBudget, REFUSAL_LINES_PER_SEC, decode_duration, prefix};
+    use super::{decode_duration, prefix};
     use crate::broker::BrokerError;
     use std::time::Duration;
 
@@ -838,25 +806,6 @@ mod tests {
                 other => panic!("{seconds} {nanos}: {other:?}"),
             }
         }
-    }
-
-    #[test]
-    fn refusal_lines_are_bounded_per_second_and_the_next_line_counts_those_held_back() {
-        let b = LogBudget::default();
-        for _ in 0..REFUSAL_LINES_PER_SEC {
-            assert_eq!(b.admit(100), Some(0));
-        }
-        for _ in 0..7 {
-            assert_eq!(b.admit(100), None);
-        }
-        assert_eq!(
-            b.admit(101),
-            Some(7),
-            "a new second: the count of lines held back"
-        );
-        assert_eq!(b.admit(101), Some(0));
-        // A late caller with an earlier second does not reset the allowance.
-        assert_eq!(b.admit(100), Some(0));
     }
 
     #[test]

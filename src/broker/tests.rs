@@ -1051,6 +1051,63 @@ async fn failed_fetches_are_counted_by_who_started_them() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn failed_fetches_are_logged_at_most_twenty_a_second_then_the_count_held_back() {
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Log {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = Log::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The runtime has one thread: the fetch tasks log through this subscriber too.
+    let _log = tracing::subscriber::set_default(subscriber);
+    // With one subscriber registered in the process, tracing asks only the current thread's
+    // when a callsite is first hit: another test's thread, without one, would turn the log
+    // off for all. A second one makes it ask every registered subscriber.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+    tracing::callsite::rebuild_interest_cache();
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.entra.set(Answer::Fail(None));
+    // An outage failing 25 keys within one second.
+    let key = |i: u32| TokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![format!("https://r{i}.example.com/.default")],
+        min_validity: None,
+        force_refresh: false,
+    };
+    for i in 0..25 {
+        assert!(f.broker.get_token(key(i)).await.is_err());
+    }
+    let lines = || String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        lines().matches("token fetch failed").count(),
+        20,
+        "{}",
+        lines()
+    );
+    assert!(!lines().contains("not logged"), "{}", lines());
+    // The next second: the count of lines held back, then the line.
+    f.advance(Duration::from_secs(1)).await;
+    assert!(f.broker.get_token(key(25)).await.is_err());
+    let logged = lines();
+    assert_eq!(logged.matches("token fetch failed").count(), 21, "{logged}");
+    assert!(
+        logged.contains("token fetch failures not logged") && logged.contains("not_logged=5"),
+        "{logged}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failed_fetch_before_the_refresh_is_due_leaves_the_token_healthy() {
     let f = fixture(
         HOUR,
