@@ -220,7 +220,9 @@ async fn an_entra_outage_on_the_identitys_own_request_is_unavailable_and_not_rem
     );
     assert!(m.contains("2f8c6b1e-0c6f-4b5a-9e3d-000000000002"), "{m}");
     assert!(!m.contains("retry budget"), "{m}");
-    // Retried by the broker alone: one request to Entra per attempt of its own.
+    // Retried by the broker alone: at most one request to Entra per attempt of its own (the
+    // credential retries nothing itself, and shares a failure with the attempts that follow
+    // within 2 s, so usually one in all).
     let faults: serde_json::Value = stack
         .http
         .get(format!("{}/faults", stack.emulator().endpoints().admin_url))
@@ -236,7 +238,7 @@ async fn an_entra_outage_on_the_identitys_own_request_is_unavailable_and_not_rem
         .iter()
         .find(|f| f["id"] == fault["id"])
         .map(|f| f["hits"].as_u64().unwrap());
-    assert_eq!(hits, Some(3), "{faults}");
+    assert!(matches!(hits, Some(1..=3)), "{faults}");
 
     // Not remembered as the configuration's: once Entra is back, a request is served as
     // soon as the outage's short hold-off is over.
