@@ -850,6 +850,37 @@ async fn the_brokers_identity_endpoint_failing_is_named_and_spares_key_vaults_br
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_identity_endpoint_is_named_and_spares_key_vaults_breaker() {
+    let stack = Stack::start().await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "identity", "hang": true, "duration_ms": 600_000}),
+        )
+        .await;
+    // More calls than it takes to open a breaker (5 failures).
+    for tenant in ["contoso", "fabrikam"].iter().cycle().take(6) {
+        let s = stack.get(tenant, GRAPH).await.unwrap_err();
+        assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+        let m = s.message();
+        assert!(
+            m.contains("the managed identity endpoint did not answer within 4s"),
+            "{m}"
+        );
+        assert!(!m.contains("Key Vault is unavailable or throttling"), "{m}");
+    }
+    let metrics = stack.metrics().await;
+    let key_vault: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tokenbroker_breaker_state{") && l.contains("keyvault"))
+        .collect();
+    assert!(key_vault.iter().all(|l| l.ends_with(" 0")), "{key_vault:?}");
+    stack.clear_faults().await;
+    stack.get_after_hold_off("contoso", GRAPH).await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_the_retry_budget_cuts_off_is_counted_as_a_failed_upstream_call() {
     // A blackholed Entra: its call never ends on its own. Alerts on upstream failures must
     // see it.
