@@ -189,6 +189,18 @@ impl Harness {
             .unwrap()
     }
 
+    /// The values of the unlabelled series `names` in the broker's /metrics, in that order.
+    pub async fn metric_values<const N: usize>(&self, names: [&str; N]) -> [u64; N] {
+        let text = self.metrics().await;
+        names.map(|name| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+                .parse()
+                .unwrap()
+        })
+    }
+
     /// Replaces the policy file and reloads it.
     pub fn set_policy(&self, text: &str) -> Result<bool, tokenbroker::policy::PolicyError> {
         std::fs::write(self.path("policy.toml"), text).unwrap();

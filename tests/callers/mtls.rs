@@ -355,22 +355,14 @@ async fn a_refused_server_certificate_renewal_shows_in_the_metrics_until_a_good_
         ..Default::default()
     })
     .await;
-    let value = |text: &str, name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-            .parse()
-            .unwrap()
-    };
     let state = || async {
-        let text = h.metrics().await;
-        (
-            value(&text, "tokenbroker_server_certificate_refused"),
-            value(
-                &text,
+        let [refused, refusals] = h
+            .metric_values([
+                "tokenbroker_server_certificate_refused",
                 "tokenbroker_server_certificate_reloads_refused_total",
-            ),
-        )
+            ])
+            .await;
+        (refused, refusals)
     };
     assert_eq!(state().await, (0, 0));
 
@@ -420,19 +412,14 @@ async fn refused_client_trust_files_show_in_the_metrics_until_good_ones_load() {
         ..Default::default()
     })
     .await;
-    let value = |text: &str, name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-            .parse()
-            .unwrap()
-    };
     let state = || async {
-        let text = h.metrics().await;
-        (
-            value(&text, "tokenbroker_client_trust_refused"),
-            value(&text, "tokenbroker_client_trust_reloads_refused_total"),
-        )
+        let [refused, refusals] = h
+            .metric_values([
+                "tokenbroker_client_trust_refused",
+                "tokenbroker_client_trust_reloads_refused_total",
+            ])
+            .await;
+        (refused, refusals)
     };
     assert_eq!(state().await, (0, 0));
     let caller = h.ca.client(&[COLLECTOR]);
