@@ -537,7 +537,10 @@ impl LogBudget {
     /// never blocking.
     pub fn admit(&self, second: u64, per_second: u32) -> Option<u64> {
         let current = self.second.load(Relaxed);
-        if second > current
+        // A later second; or one well before (a wall clock stepped back must not hold every
+        // line back until it has caught up again), but not a caller a moment late across a
+        // second's turn.
+        if (second > current || second.saturating_add(60) < current)
             && self
                 .second
                 .compare_exchange(current, second, Relaxed, Relaxed)
@@ -560,21 +563,28 @@ mod tests {
 
     #[test]
     fn log_lines_are_bounded_per_second_and_the_next_line_counts_those_held_back() {
+        const T: u64 = 1_700_000_000;
         let b = LogBudget::default();
         for _ in 0..20 {
-            assert_eq!(b.admit(100, 20), Some(0));
+            assert_eq!(b.admit(T, 20), Some(0));
         }
         for _ in 0..7 {
-            assert_eq!(b.admit(100, 20), None);
+            assert_eq!(b.admit(T, 20), None);
         }
         assert_eq!(
-            b.admit(101, 20),
+            b.admit(T + 1, 20),
             Some(7),
             "a new second: the count of lines held back"
         );
-        assert_eq!(b.admit(101, 20), Some(0));
+        assert_eq!(b.admit(T + 1, 20), Some(0));
         // A late caller with an earlier second does not reset the allowance.
-        assert_eq!(b.admit(100, 20), Some(0));
+        assert_eq!(b.admit(T, 20), Some(0));
+        for _ in 0..17 {
+            assert!(b.admit(T + 1, 20).is_some());
+        }
+        assert_eq!(b.admit(T + 1, 20), None);
+        // The wall clock stepped back an hour: lines are written again at once.
+        assert_eq!(b.admit(T + 1 - 3600, 20), Some(1));
     }
 
     #[test]
