@@ -174,7 +174,7 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                 ),
                 SignerError::Identity { retry_after, .. } => with_retry(
                     Status::unavailable(format!(
-                        "{msg}; check that the broker's managed identity is assigned to this host (or trusted by its workload identity), and that a user-assigned one is named by identity.client_id (App Service, Functions and Container Apps pick none by themselves)"
+                        "{msg}; the broker's own identity could not get a token for Key Vault (its managed identity endpoint, or Entra for workload identity, failed or did not answer): retry later"
                     )),
                     Some(upstream_hint(*retry_after)),
                 ),
