@@ -240,6 +240,11 @@ impl<'a> ProbeOut<'a> {
     fn settle(&mut self) -> Option<&'a Breaker> {
         self.0.take()
     }
+
+    /// Whether this is a half-open breaker's probe.
+    fn is_probe(&self) -> bool {
+        self.0.is_some()
+    }
 }
 
 impl Drop for ProbeOut<'_> {
@@ -812,7 +817,7 @@ impl Flow {
             .refresh_in
             .filter(|r| *r < lifetime)
             .unwrap_or_else(|| refresh_after(lifetime, self.cache.refresh_fraction))
-            .min(serves_defaults_for)
+            .min(refresh_after(serves_defaults_for, 1.0))
             .max(MIN_REFRESH);
         let fingerprint = t.access_token.fingerprint();
         info!(
@@ -929,7 +934,6 @@ impl Flow {
                 *s.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
             let Ok(result) = tokio::time::timeout_at(cut, op()).await else {
-                probe.settle();
                 let sent = sent.and_then(|s| *s.lock().unwrap_or_else(|p| p.into_inner()));
                 attempt += 1;
                 let e = match bound {
@@ -939,10 +943,19 @@ impl Flow {
                         FlowError::timed_out(upstream, self.res.retry_budget, before.as_ref(), sent)
                     }
                 };
-                if let Some(g) = guard {
-                    g.failure(self.clock.moment().mono, &e);
+                let retried = cut < deadline.io && attempt < self.res.max_attempts;
+                if retried && probe.is_probe() {
+                    // A half-open breaker's probe lost to a silent connection: the retry on
+                    // a new one is still the probe (recorded as a failure here, it would
+                    // reopen the breaker and refuse the retry).
+                    admitted = Some(probe);
+                } else {
+                    probe.settle();
+                    if let Some(g) = guard {
+                        g.failure(self.clock.moment().mono, &e);
+                    }
                 }
-                if cut >= deadline.io || attempt >= self.res.max_attempts {
+                if !retried {
                     return Err(e);
                 }
                 // Half the budget waited already: asked again at once (a new connection:
@@ -1004,17 +1017,22 @@ impl Flow {
     /// answers at once: the first attempt to Entra or Key Vault gets half the budget (5 s
     /// of the default 10 s; their answers take well under a second, so a slow but working
     /// upstream still answers the first time), the retry the rest. Not for a budget under
-    /// 4 s, where half would cut off answers merely slow; not for the HSM (its calls run on
+    /// 4 s (10 s for Key Vault, see below), where half would cut off answers merely slow; not for the HSM (its calls run on
     /// blocking threads and cannot be cancelled) nor the managed identity (the credential
     /// bounds its own requests and retries).
     fn attempt_bound(&self, upstream: Upstream, attempt: u32) -> Option<Duration> {
         let half = self.res.retry_budget / 2;
-        let bounded = matches!(
-            upstream,
-            Upstream::Entra | Upstream::KeyVaultSign | Upstream::KeyVaultCertificate
-        );
-        (bounded && attempt == 0 && self.res.max_attempts > 1 && half >= MIN_ATTEMPT_BOUND)
-            .then_some(half)
+        // A Key Vault call gets the broker's managed identity token first: its attempt is
+        // never cut off before the credential gives up on the endpoint (the identity's
+        // silence would be taken for Key Vault's, and charged to its breaker).
+        let least = match upstream {
+            Upstream::Entra => MIN_ATTEMPT_BOUND,
+            Upstream::KeyVaultSign | Upstream::KeyVaultCertificate => {
+                crate::identity::ANSWER_BOUND + Duration::from_secs(1)
+            }
+            _ => return None,
+        };
+        (attempt == 0 && self.res.max_attempts > 1 && half >= least).then_some(half)
     }
 
     /// Certificate metadata: read once (concurrent readers share the read), re-read after

@@ -56,6 +56,10 @@ const REFRESH_RETRY: Duration = Duration::from_secs(30);
 /// identity's, named so, before the fetch's first attempt (half its budget: 5 s by default)
 /// is cut off and taken for Key Vault's silence.
 pub const ANSWER_BOUND: Duration = Duration::from_secs(4);
+/// The longest the request itself is waited for, within `ANSWER_BOUND` (which also covers
+/// the waits for the endpoint's limits and for another caller's request): so the caller that
+/// sent it gives up, and records the failure for the others, before they give up on it.
+const REQUEST_BOUND: Duration = Duration::from_secs(3);
 /// A request that failed, when no usable token is cached, is the answer of every caller for
 /// this long (or the failure's `Retry-After`, up to `REFRESH_RETRY`): during an outage the
 /// keys being fetched and their retries share one request instead of each making its own
@@ -219,6 +223,30 @@ impl TokenCredential for CachingCredential {
         scopes: &[&str],
         options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
+        tokio::time::timeout(ANSWER_BOUND, self.token(scopes, options))
+            .await
+            .unwrap_or_else(|_| Err(no_answer(ANSWER_BOUND)))
+    }
+}
+
+/// The endpoint kept a caller waiting past `bound`.
+fn no_answer(bound: Duration) -> azure_core::Error {
+    azure_core::Error::with_message(
+        azure_core::error::ErrorKind::Credential,
+        format!(
+            "the managed identity endpoint did not answer within {}s",
+            bound.as_secs()
+        ),
+    )
+}
+
+impl CachingCredential {
+    /// `get_token`, unbounded.
+    async fn token(
+        &self,
+        scopes: &[&str],
+        options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
         let key: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
         let fresh = |c: &Cached| !c.refresh_at.reached(self.clock.moment());
         let usable = |c: &Cached| !c.usable_until.reached(self.clock.moment());
@@ -258,17 +286,9 @@ impl TokenCredential for CachingCredential {
         let _permit = self.limits.concurrency.acquire().await;
         self.pace().await;
         let inner = self.inner(after_refusal);
-        let answer = tokio::time::timeout(ANSWER_BOUND, inner.get_token(scopes, options))
+        let answer = tokio::time::timeout(REQUEST_BOUND, inner.get_token(scopes, options))
             .await
-            .unwrap_or_else(|_| {
-                Err(azure_core::Error::with_message(
-                    azure_core::error::ErrorKind::Credential,
-                    format!(
-                        "the managed identity endpoint did not answer within {}s",
-                        ANSWER_BOUND.as_secs()
-                    ),
-                ))
-            });
+            .unwrap_or_else(|_| Err(no_answer(REQUEST_BOUND)));
         match answer {
             Ok(token) => {
                 self.failed
@@ -661,7 +681,7 @@ mod tests {
         assert_eq!(e.kind(), &azure_core::error::ErrorKind::Credential);
         assert!(
             e.to_string()
-                .contains("the managed identity endpoint did not answer within 4s"),
+                .contains("the managed identity endpoint did not answer within 3s"),
             "{e}"
         );
     }

@@ -827,7 +827,7 @@ async fn the_brokers_identity_endpoint_failing_is_named_and_spares_key_vaults_br
 async fn a_hung_identity_endpoint_is_named_and_spares_key_vaults_breaker() {
     identity_outage_spares_key_vault(
         json!({"route": "identity", "hang": true, "duration_ms": 600_000}),
-        "the managed identity endpoint did not answer within 4s",
+        "the managed identity endpoint did not answer within",
     )
     .await;
 }
