@@ -1003,7 +1003,19 @@ impl Flow {
                 }
                 Err(e) => {
                     if let Some(b) = probe.settle() {
-                        b.neutral();
+                        // The broker's own identity refused before Key Vault was asked: no
+                        // word on Key Vault's health either way.
+                        if matches!(
+                            e,
+                            FlowError::Signer(
+                                SignerError::IdentityRefused(_)
+                                    | SignerError::IdentityNotAssigned { .. }
+                            )
+                        ) {
+                            b.release();
+                        } else {
+                            b.neutral();
+                        }
                     }
                     return Err(e);
                 }

@@ -115,6 +115,9 @@ impl TokenExchange for FakeEntra {
 #[derive(Debug, Default)]
 struct FakeSigner {
     down: std::sync::atomic::AtomicBool,
+    /// Certificate reads fail while set, as when the broker's own identity is refused its
+    /// token for Key Vault (the managed identity endpoint's 400).
+    identity_refused: std::sync::atomic::AtomicBool,
     /// Certificate reads never answer while set.
     hang: std::sync::atomic::AtomicBool,
     /// Signs made; those past `signs_ok` fail (503).
@@ -146,6 +149,12 @@ impl Signer for FakeSigner {
                 message: "503 from the vault".into(),
                 retry_after: None,
                 throttled: false,
+            });
+        }
+        if self.identity_refused.load(Ordering::SeqCst) {
+            return Err(SignerError::IdentityNotAssigned {
+                status: 400,
+                message: "Identity not found".into(),
             });
         }
         let version = self.version.lock().unwrap().unwrap_or("v1");
@@ -1130,4 +1139,39 @@ async fn a_failed_fetch_before_the_refresh_is_due_leaves_the_token_healthy() {
         f.get(None).await.unwrap().source,
         TokenSource::StaleWhileRefreshFailing
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_brokers_identity_refused_to_a_half_open_probe_leaves_key_vaults_breaker_half_open() {
+    let f = fixture(
+        HOUR,
+        "max_attempts = 1\nbreaker_failures = 2\nbreaker_cool_down_secs = 5",
+    );
+    let get = |scope: &str| {
+        f.broker.get_token(TokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![scope.into()],
+            min_validity: None,
+            force_refresh: false,
+        })
+    };
+    // Two failed certificate reads open the vault's breaker.
+    f.vault.down.store(true, Ordering::SeqCst);
+    assert!(get("api://a/.default").await.is_err());
+    assert!(get("api://b/.default").await.is_err());
+    // After the cool-down the probe's identity is refused before Key Vault is asked: no
+    // word on Key Vault's health.
+    f.advance(Duration::from_secs(6)).await;
+    f.vault.down.store(false, Ordering::SeqCst);
+    f.vault.identity_refused.store(true, Ordering::SeqCst);
+    assert!(get("api://c/.default").await.is_err());
+    f.vault.identity_refused.store(false, Ordering::SeqCst);
+    // Key Vault is still down: the next call is the probe again, and its failure reopens
+    // the breaker, so the one after is refused without asking Key Vault.
+    f.vault.down.store(true, Ordering::SeqCst);
+    assert!(get("api://d/.default").await.is_err());
+    match get("api://e/.default").await {
+        Err(e) => assert!(e.to_string().contains("circuit open"), "{e}"),
+        other => panic!("{other:?}"),
+    }
 }
