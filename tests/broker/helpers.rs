@@ -249,8 +249,17 @@ impl Stack {
     }
 
     pub async fn counters(&self) -> Value {
+        self.admin_get("/counters").await
+    }
+
+    /// The emulator's faults, live and spent, with their hits.
+    pub async fn faults(&self) -> Value {
+        self.admin_get("/faults").await
+    }
+
+    async fn admin_get(&self, path: &str) -> Value {
         self.http
-            .get(self.admin("/counters"))
+            .get(self.admin(path))
             .send()
             .await
             .unwrap()

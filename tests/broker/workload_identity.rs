@@ -223,15 +223,7 @@ async fn an_entra_outage_on_the_identitys_own_request_is_unavailable_and_not_rem
     // Retried by the broker alone: at most one request to Entra per attempt of its own (the
     // credential retries nothing itself, and shares a failure with the attempts that follow
     // within 2 s, so usually one in all).
-    let faults: serde_json::Value = stack
-        .http
-        .get(format!("{}/faults", stack.emulator().endpoints().admin_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let faults = stack.faults().await;
     let hits = faults["faults"]
         .as_array()
         .unwrap()

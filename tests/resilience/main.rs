@@ -213,15 +213,7 @@ async fn the_sign_rate_stays_under_the_configured_budget() {
 }
 
 async fn faults_left(stack: &Stack) -> usize {
-    let v: serde_json::Value = stack
-        .http
-        .get(format!("{}/faults", stack.emulator().endpoints().admin_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = stack.faults().await;
     // Spent faults stay listed, marked `spent`.
     v["faults"]
         .as_array()
