@@ -1337,22 +1337,10 @@ mod tests {
     async fn a_fetch_task_that_died_gives_callers_a_fixed_message_and_the_log_its_detail() {
         use crate::cache::FromJoin;
 
-        #[derive(Clone, Default)]
-        struct Log(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Log {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-
         let died = tokio::spawn(async { panic!("detail of the bug") })
             .await
             .unwrap_err();
-        let log = Log::default();
+        let log = crate::telemetry::CapturedLog::default();
         let writer = log.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
@@ -1364,7 +1352,7 @@ mod tests {
             "{e:?}"
         );
         assert!(!e.to_string().contains("detail of the bug"), "{e}");
-        let logged = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let logged = log.text();
         assert!(
             logged.contains("ERROR") && logged.contains("detail of the bug"),
             "{logged}"

@@ -1061,18 +1061,7 @@ async fn failed_fetches_are_counted_by_who_started_them() {
 
 #[tokio::test(start_paused = true)]
 async fn failed_fetches_are_logged_at_most_twenty_a_second_then_the_count_held_back() {
-    #[derive(Clone, Default)]
-    struct Log(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Log {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let log = Log::default();
+    let log = crate::telemetry::CapturedLog::default();
     let writer = log.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_ansi(false)
@@ -1097,7 +1086,7 @@ async fn failed_fetches_are_logged_at_most_twenty_a_second_then_the_count_held_b
     for i in 0..25 {
         assert!(f.broker.get_token(key(i)).await.is_err());
     }
-    let lines = || String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let lines = || log.text();
     assert_eq!(
         lines().matches("token fetch failed").count(),
         20,
