@@ -507,3 +507,68 @@ pub fn spawn_dev_with(dir: &Path, envs: &[(&str, &str)], stderr: std::process::S
         later_stdout,
     }
 }
+
+/// `tokenbroker serve` as deployed, against an emulator on `rt`.
+pub struct Served {
+    pub child: std::process::Child,
+    pub emulator: Emulator,
+    pub addr: SocketAddr,
+}
+
+/// Starts the emulator and `tokenbroker serve` with the configuration `tokenbroker dev`
+/// generates for it, `extra` appended, `envs` set and its log to `stderr`.
+pub fn serve(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    extra: &str,
+    envs: &[(&str, &str)],
+    stderr: std::process::Stdio,
+) -> Served {
+    let emu = EmulatorConfig::demo();
+    let emulator = rt
+        .block_on(Emulator::start(
+            emu.clone(),
+            StartOptions::new(dir.join("ca.pem")),
+        ))
+        .unwrap();
+    let addr = free_port();
+    let config = dir.join("broker.toml");
+    std::fs::write(
+        &config,
+        tokenbroker::dev::broker_config_toml(&emu, emulator.endpoints(), addr) + extra,
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    Served {
+        child,
+        emulator,
+        addr,
+    }
+}
+
+/// A port on loopback: bound and let go (the child binds it again at once).
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A plaintext client of the broker at `addr`, once it listens (waited for, bounded).
+pub async fn client_when_listening(addr: SocketAddr) -> TokenBrokerClient<Channel> {
+    for _ in 0..200 {
+        if let Ok(client) = TokenBrokerClient::connect(format!("http://{addr}")).await {
+            return client;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the broker at {addr} does not listen");
+}

@@ -4,7 +4,7 @@
 //! message types; and a collector that refuses every export, which the broker's log and
 //! metrics must show.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,9 +17,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use prost::Message;
-use tokenbroker::emulator::{Emulator, EmulatorConfig, StartOptions};
 
-use crate::helpers::{demo, spawn_dev, terminate, traced_request};
+use crate::helpers::{
+    Served, client_when_listening, demo, free_port, serve, spawn_dev, terminate, traced_request,
+};
 use serde_json::Value as Json;
 
 /// What the collector received: (path, content type, body) per request.
@@ -130,60 +131,6 @@ fn tokenbroker_dev_exports_traces_and_logs_as_the_environment_says_and_nothing_e
     assert!(!log.contains(&token.access_token));
 }
 
-/// `tokenbroker serve` as deployed, against an emulator on `rt`.
-struct Served {
-    child: std::process::Child,
-    emulator: Emulator,
-    addr: std::net::SocketAddr,
-}
-
-/// Starts the emulator and `tokenbroker serve` with the configuration `tokenbroker dev`
-/// generates for it, `extra` appended, `envs` set and its log to `stderr`.
-fn serve(
-    rt: &tokio::runtime::Runtime,
-    dir: &std::path::Path,
-    extra: &str,
-    envs: &[(&str, &str)],
-    stderr: Stdio,
-) -> Served {
-    let emu = EmulatorConfig::demo();
-    let emulator = rt
-        .block_on(Emulator::start(
-            emu.clone(),
-            StartOptions::new(dir.join("ca.pem")),
-        ))
-        .unwrap();
-    let addr = free_port();
-    let config = dir.join("broker.toml");
-    std::fs::write(
-        &config,
-        tokenbroker::dev::broker_config_toml(&emu, emulator.endpoints(), addr) + extra,
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .envs(envs.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    Served {
-        child,
-        emulator,
-        addr,
-    }
-}
-
-/// A port on loopback: bound and let go (the child binds it again at once).
-fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// A token for contoso from the broker at `addr`, in the trace `traceparent` names; waits
 /// (bounded) for the broker to listen.
 fn traced_token(
@@ -192,19 +139,7 @@ fn traced_token(
     traceparent: &str,
 ) -> tokenbroker::proto::GetTokenResponse {
     rt.block_on(async {
-        let mut c = None;
-        for _ in 0..200 {
-            if let Ok(client) = tokenbroker::proto::token_broker_client::TokenBrokerClient::connect(
-                format!("http://{addr}"),
-            )
-            .await
-            {
-                c = Some(client);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let mut c = c.expect("the broker listens");
+        let mut c = client_when_listening(addr).await;
         c.get_token(traced_request(traceparent))
             .await
             .unwrap()
