@@ -107,6 +107,11 @@ pub enum BrokerError {
         tenant: String,
         #[source]
         source: Arc<FlowError>,
+        /// How long the key's callers get this failure without a new fetch, when it is
+        /// remembered as the configuration's (the negative cache; a held transient failure
+        /// says so through its retry-after instead). Told to callers, so an operator fixing
+        /// the configuration knows when the key is asked again.
+        remembered: Option<Duration>,
     },
     #[error("the broker is shutting down")]
     ShuttingDown,
@@ -354,14 +359,15 @@ impl Broker {
             self.inner.stats.negative_hits.incr();
             // A held transient failure is fetched again when its hold-off ends: that, not
             // the upstream's original hint, is when a caller should come back.
-            let source = if e.is_retryable() {
-                Arc::new(e.with_retry_after(whole_seconds(left)))
+            let (source, remembered) = if e.is_retryable() {
+                (Arc::new(e.with_retry_after(whole_seconds(left))), None)
             } else {
-                e
+                (e, Some(whole_seconds(left)))
             };
             return Err(BrokerError::Upstream {
                 tenant: tenant.to_string(),
                 source,
+                remembered,
             });
         }
         self.inner.stats.misses.incr();
@@ -370,9 +376,18 @@ impl Broker {
         if joined == Joined::Follower {
             self.inner.stats.coalesced.incr();
         }
-        let token = flight.await.map_err(|source| BrokerError::Upstream {
-            tenant: key.tenant.to_string(),
-            source,
+        let token = flight.await.map_err(|source| {
+            // The first answer is told how long it is remembered too: its own entry, unless
+            // another fetch's has taken its place.
+            let remembered = slot
+                .negative(self.inner.clock.moment())
+                .filter(|(e, _)| Arc::ptr_eq(e, &source) && e.is_persistent())
+                .map(|(_, left)| whole_seconds(left));
+            BrokerError::Upstream {
+                tenant: key.tenant.to_string(),
+                source,
+                remembered,
+            }
         })?;
         let now = self.inner.clock.moment();
         let remaining = token.remaining(now);
@@ -510,12 +525,15 @@ impl Broker {
         Ok(slot.fetch(self.inner.clock.clone(), move || {
             let span = info_span!("fetch", tenant = %tenant.name, scopes = %key.scopes.join(" "));
             async move {
+                // The error's `Arc` is the one remembered and the one callers get, so a
+                // caller can tell its failure's entry (`serve_token`).
                 let result = broker
                     .inner
                     .flow
                     .fetch(&tenant, &key.scopes)
                     .await
-                    .map(Arc::new);
+                    .map(Arc::new)
+                    .map_err(Arc::new);
                 let now = broker.inner.clock.moment();
                 if let Some(slot) = weak_slot.upgrade() {
                     match &result {
@@ -545,14 +563,14 @@ impl Broker {
                             if let Some(hold) = hold {
                                 slot.set_negative(Some(Remembered {
                                     until: now + hold,
-                                    error: Arc::new(e.clone()),
+                                    error: e.clone(),
                                     persistent: e.is_persistent(),
                                 }));
                             }
                         }
                     }
                 }
-                result.map_err(Arc::new)
+                result
             }
             .instrument(span)
             .boxed()

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 
-use crate::broker::{Broker, TokenRequest, Upstreams};
+use crate::broker::{Broker, BrokerError, TokenRequest, Upstreams};
 use crate::config::Config;
 use crate::sensitive::Fingerprint;
 
@@ -167,7 +167,11 @@ async fn try_one(broker: &Broker, tenant: &str, scopes: &[String], bound: Durati
     });
     match tokio::time::timeout(bound, asked).await {
         Err(_) => Outcome::TimedOut(bound),
-        Ok(Err(e)) => {
+        Ok(Err(mut e)) => {
+            // The check's broker ends with it: what it remembers is no one's concern.
+            if let BrokerError::Upstream { remembered, .. } = &mut e {
+                *remembered = None;
+            }
             let status = crate::api::error::to_status(&e);
             Outcome::Failed {
                 code: status.code(),

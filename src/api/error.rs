@@ -107,7 +107,36 @@ pub fn to_status(e: &BrokerError) -> Status {
             Status::unavailable("the broker is shutting down; retry on another replica"),
             Some(Duration::from_secs(1)),
         ),
-        BrokerError::Upstream { tenant, source } => upstream(tenant, source),
+        BrokerError::Upstream {
+            tenant,
+            source,
+            remembered,
+        } => {
+            let status = upstream(tenant, source);
+            match remembered {
+                Some(left) => Status::with_metadata(
+                    status.code(),
+                    format!(
+                        "{} (remembered: this tenant and these scopes are not asked for again for {})",
+                        status.message(),
+                        span_text(*left)
+                    ),
+                    status.metadata().clone(),
+                ),
+                None => status,
+            }
+        }
+    }
+}
+
+/// A span for people, in whole seconds: `45s`, `4m 10s`, `2h 0m 5s`.
+fn span_text(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m {s}s"),
+        _ => format!("{h}h {m}m {s}s"),
     }
 }
 
@@ -337,7 +366,22 @@ mod tests {
         to_status(&BrokerError::Upstream {
             tenant: "contoso".into(),
             source: Arc::new(FlowError::Signer(e)),
+            remembered: None,
         })
+    }
+
+    #[test]
+    fn a_remembered_failures_time_left_is_told_in_hours_minutes_and_seconds() {
+        for (secs, told) in [
+            (1, "1s"),
+            (59, "59s"),
+            (60, "1m 0s"),
+            (250, "4m 10s"),
+            (3600, "1h 0m 0s"),
+            (86_400, "24h 0m 0s"),
+        ] {
+            assert_eq!(span_text(Duration::from_secs(secs)), told);
+        }
     }
 
     #[test]
@@ -377,6 +421,7 @@ mod tests {
                 let s = to_status(&BrokerError::Upstream {
                     tenant: "contoso".into(),
                     source: Arc::new(e),
+                    remembered: None,
                 });
                 assert_eq!(s.code(), Code::Unavailable, "{s:?}");
                 assert_eq!(
@@ -404,6 +449,7 @@ mod tests {
                 trace_id: None,
                 retry_after: None,
             })),
+            remembered: None,
         });
         assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
         assert!(s.message().contains("letter case"), "{s:?}");
@@ -451,6 +497,7 @@ mod tests {
             to_status(&BrokerError::Upstream {
                 tenant: "contoso-federated".into(),
                 source: Arc::new(FlowError::Identity(e)),
+                remembered: None,
             })
         };
         let s = status(IdentityError::NotAssigned {
@@ -511,6 +558,7 @@ mod tests {
                 trace_id: None,
                 retry_after: None,
             })),
+            remembered: None,
         });
         assert!(
             s.message()

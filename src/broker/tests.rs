@@ -1164,3 +1164,68 @@ async fn the_brokers_identity_refused_to_a_half_open_probe_leaves_key_vaults_bre
         other => panic!("{other:?}"),
     }
 }
+
+/// The status a caller of `contoso` gets for `r`, a failure.
+fn status_of(r: Result<IssuedToken, BrokerError>) -> tonic::Status {
+    match r {
+        Err(e) => crate::api::error::to_status(&e),
+        Ok(t) => panic!("served {:?}", t.source),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_remembered_refusals_callers_are_told_how_long_it_is_remembered() {
+    let f = fixture(HOUR, "max_attempts = 1\nnegative_ttl_secs = 300");
+    f.entra.set(Answer::Refuse);
+    let told = "(remembered: this tenant and these scopes are not asked for again for";
+    // The first answer, whose fetch was refused, is remembered for the whole period.
+    let s = status_of(f.get(None).await);
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message().ends_with(&format!("{told} 5m 0s)")),
+        "{}",
+        s.message()
+    );
+    // Partway through: the time left, rounded up to whole seconds.
+    f.advance(Duration::from_millis(49_500)).await;
+    let s = status_of(f.get(None).await);
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message().contains(&format!("{told} 4m 11s)")),
+        "{}",
+        s.message()
+    );
+    assert_eq!(
+        s.message().matches("correlation id").count(),
+        1,
+        "Entra's words once: {}",
+        s.message()
+    );
+    assert!(s.metadata().get("retry-after").is_none(), "{s:?}");
+    f.advance(Duration::from_secs(250)).await;
+    let s = status_of(f.get(None).await);
+    assert!(
+        s.message().contains(&format!("{told} 1s)")),
+        "{}",
+        s.message()
+    );
+    assert_eq!(f.entra.calls(), 1, "remembered, not asked again");
+    // A held transient failure tells its time left as its retry-after only.
+    f.advance(Duration::from_secs(1)).await;
+    f.entra.set(Answer::Fail(Some(Duration::from_secs(40))));
+    for _ in 0..2 {
+        let s = status_of(f.get(None).await);
+        assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+        assert!(!s.message().contains("remembered"), "{}", s.message());
+    }
+    assert_eq!(f.entra.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_not_remembered_is_not_said_to_be() {
+    let f = fixture(HOUR, "max_attempts = 1\nnegative_ttl_secs = 0");
+    f.entra.set(Answer::Refuse);
+    let s = status_of(f.get(None).await);
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(!s.message().contains("remembered"), "{}", s.message());
+}
