@@ -182,6 +182,9 @@ struct Inner {
     stats: Stats,
     /// Bounds the lines of failed fetches.
     fetch_log: LogBudget,
+    /// Bumped when remembered configuration failures are forgotten (`forget_refusals`): it
+    /// wakes the tasks waiting for one to end (a watched key's first fetch, a refresh).
+    forgotten: tokio::sync::watch::Sender<u64>,
 }
 
 /// The broker. Cheap to clone.
@@ -219,6 +222,7 @@ impl Broker {
                 prewarm: config.resilience.prewarm.clone(),
                 stats: Stats::default(),
                 fetch_log: LogBudget::default(),
+                forgotten: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -378,7 +382,7 @@ impl Broker {
         }
         let token = flight.await.map_err(|source| {
             // The first answer is told how long it is remembered too: its own entry, unless
-            // another fetch's has taken its place.
+            // another fetch's has taken its place (or a SIGHUP has forgotten it).
             let remembered = slot
                 .negative(self.inner.clock.moment())
                 .filter(|(e, _)| Arc::ptr_eq(e, &source) && e.is_persistent())
@@ -471,9 +475,10 @@ impl Broker {
                         return;
                     }
                 }
+                let forgotten = broker.inner.forgotten.subscribe();
                 if let Some(until) = live.negative_until(broker.inner.clock.moment()) {
                     drop(live);
-                    broker.inner.clock.sleep_until(until).await;
+                    broker.wait_remembered(until, forgotten).await;
                     continue;
                 }
                 let Ok((_, flight)) = broker.start_fetch(&key, &live, Started::Refresh) else {
@@ -488,6 +493,37 @@ impl Broker {
                 }
             }
         });
+    }
+
+    /// Forgets every remembered configuration failure (the negative cache), so that each
+    /// such key is asked again at its next request, and its watched first fetch or refresh
+    /// at once: for an operator who has fixed the configuration (consent granted, the
+    /// certificate uploaded, a role assigned) and would otherwise wait out
+    /// `negative_ttl_secs`. Held transient failures stay, as do the breakers: they protect
+    /// an upstream that is down or throttling. Returns how many were in force.
+    pub async fn forget_refusals(&self) -> usize {
+        let forgotten = self
+            .inner
+            .cache
+            .forget_persistent(self.inner.clock.moment())
+            .await;
+        // After the entries are gone: a waiting task subscribed before it looked at its
+        // entry, so it either saw none or is woken now.
+        self.inner.forgotten.send_modify(|n| *n = n.wrapping_add(1));
+        forgotten
+    }
+
+    /// Waits until `until` (a remembered configuration failure's end), or until remembered
+    /// failures are forgotten after `forgotten` was subscribed.
+    async fn wait_remembered(
+        &self,
+        until: Moment,
+        mut forgotten: tokio::sync::watch::Receiver<u64>,
+    ) {
+        tokio::select! {
+            () = self.inner.clock.sleep_until(until) => {}
+            _ = forgotten.changed() => {}
+        }
     }
 
     /// The keys the configuration asks to have cached before the broker says it is ready.
@@ -676,9 +712,10 @@ impl Broker {
             }
             // A remembered persistent failure (an app disabled since): Entra sees one
             // request per negative period for the key, from this chain as from callers.
+            let forgotten = broker.inner.forgotten.subscribe();
             if let Some(until) = live.negative_until(broker.inner.clock.moment()) {
                 drop(live);
-                broker.inner.clock.sleep_until(until).await;
+                broker.wait_remembered(until, forgotten).await;
                 continue;
             }
             broker.inner.stats.refreshes.incr();

@@ -273,6 +273,16 @@ impl<E: Send + Sync + 'static> Slot<E> {
             .map(|r| r.until)
     }
 
+    /// Forgets the remembered failure if it is persistent (a held transient one stays);
+    /// whether one was still in force at `now`.
+    pub fn forget_persistent(&self, now: Moment) -> bool {
+        let mut n = self.negative.lock().unwrap_or_else(|p| p.into_inner());
+        match n.take_if(|r| r.persistent) {
+            Some(r) => !r.until.reached(now),
+            None => false,
+        }
+    }
+
     /// Whether anyone watches this slot (`WatchToken`).
     pub fn watched(&self) -> bool {
         self.state.receiver_count() > 0
@@ -496,6 +506,19 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
         // its eviction is noticed only at the cache's next housekeeping (and neither
         // question counts as a read).
         slot.cached() && self.slots.contains_key(key)
+    }
+
+    /// Forgets the remembered persistent failure of every slot, those held for their
+    /// watchers included; how many were in force at `now`.
+    pub async fn forget_persistent(&self, now: Moment) -> usize {
+        let watched: Vec<_> = self.watched.lock().await.values().cloned().collect();
+        // A slot both cached and watched is counted once: the second look finds nothing.
+        self.slots
+            .iter()
+            .map(|(_, slot)| slot)
+            .chain(watched)
+            .filter(|slot| slot.forget_persistent(now))
+            .count()
     }
 
     /// The number of slots held for their watchers.

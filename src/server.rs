@@ -74,10 +74,13 @@ pub(crate) fn reload_every(
 }
 
 /// SIGHUP reloads at once what the file watchers would pick up at their next look: the
-/// policy file, the server certificate, the client CA bundle and revocation lists. Always
-/// installed, also when there is nothing to reload: SIGHUP's default action ends the process,
-/// without draining requests or flushing the audit trail.
+/// policy file, the server certificate, the client CA bundle and revocation lists; and
+/// forgets the configuration failures the broker remembers (`Broker::forget_refusals`), so
+/// that a fixed app registration or role is asked for at once rather than after
+/// `negative_ttl_secs`. Always installed: SIGHUP's default action ends the process, without
+/// draining requests or flushing the audit trail.
 fn reload_on_hangup(
+    broker: Broker,
     policy: Arc<crate::policy::PolicyHandle>,
     tls: Option<Arc<crate::tls::ListenerConfig>>,
 ) -> Option<AbortOnDrop> {
@@ -94,9 +97,15 @@ fn reload_on_hangup(
         };
         Some(AbortOnDrop(tokio::spawn(async move {
             while hup.recv().await.is_some() {
+                // First, in memory: a file read on a hung mount must not hold it back.
+                let forgotten = broker.forget_refusals().await;
+                info!(
+                    forgotten,
+                    "SIGHUP: remembered configuration failures forgotten: {forgotten}; their keys are asked again at their next request"
+                );
                 if !policy.reloadable() && tls.is_none() {
                     info!(
-                        "SIGHUP: nothing to reload (the policy is in the configuration file and gRPC is plaintext); restart to change the configuration"
+                        "SIGHUP: no files to reload (the policy is in the configuration file and gRPC is plaintext); restart to change the configuration"
                     );
                     continue;
                 }
@@ -116,7 +125,7 @@ fn reload_on_hangup(
     }
     #[cfg(not(unix))]
     {
-        let _ = (policy, tls);
+        let _ = (broker, policy, tls);
         None
     }
 }
@@ -276,13 +285,17 @@ impl Bound {
             builder = builder.max_connection_age(age);
         }
         // The policy file, the server certificate and the client trust files are polled
-        // for changes; SIGHUP reloads them at once.
+        // for changes; SIGHUP reloads them at once (and forgets remembered refusals).
         let reload = self.config.server.reload_interval;
         let policy = self.access.policy().clone();
         let _policy_watch = policy
             .reloadable()
             .then(|| AbortOnDrop(reload_every(reload, move || policy.reload_now(false))));
-        let _hangup = reload_on_hangup(self.access.policy().clone(), self.tls.clone());
+        let _hangup = reload_on_hangup(
+            self.broker.clone(),
+            self.access.policy().clone(),
+            self.tls.clone(),
+        );
         let _audit_summaries = AbortOnDrop(tokio::spawn(self.access.audit().clone().summarise()));
         let _tls_watch = self
             .tls

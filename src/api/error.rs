@@ -117,7 +117,7 @@ pub fn to_status(e: &BrokerError) -> Status {
                 Some(left) => Status::with_metadata(
                     status.code(),
                     format!(
-                        "{} (remembered: this tenant and these scopes are not asked for again for {})",
+                        "{} (remembered: this tenant and these scopes are not asked for again for {}; SIGHUP the broker to ask at once)",
                         status.message(),
                         span_text(*left)
                     ),

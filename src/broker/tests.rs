@@ -1182,7 +1182,8 @@ async fn a_remembered_refusals_callers_are_told_how_long_it_is_remembered() {
     let s = status_of(f.get(None).await);
     assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
     assert!(
-        s.message().ends_with(&format!("{told} 5m 0s)")),
+        s.message()
+            .ends_with(&format!("{told} 5m 0s; SIGHUP the broker to ask at once)")),
         "{}",
         s.message()
     );
@@ -1191,7 +1192,7 @@ async fn a_remembered_refusals_callers_are_told_how_long_it_is_remembered() {
     let s = status_of(f.get(None).await);
     assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
     assert!(
-        s.message().contains(&format!("{told} 4m 11s)")),
+        s.message().contains(&format!("{told} 4m 11s;")),
         "{}",
         s.message()
     );
@@ -1205,7 +1206,7 @@ async fn a_remembered_refusals_callers_are_told_how_long_it_is_remembered() {
     f.advance(Duration::from_secs(250)).await;
     let s = status_of(f.get(None).await);
     assert!(
-        s.message().contains(&format!("{told} 1s)")),
+        s.message().contains(&format!("{told} 1s;")),
         "{}",
         s.message()
     );
@@ -1228,4 +1229,55 @@ async fn a_refusal_not_remembered_is_not_said_to_be() {
     let s = status_of(f.get(None).await);
     assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
     assert!(!s.message().contains("remembered"), "{}", s.message());
+}
+
+#[tokio::test(start_paused = true)]
+async fn forgotten_refusals_are_asked_again_at_once_and_a_watched_key_retries_promptly() {
+    let f = fixture(HOUR, "max_attempts = 1\nnegative_ttl_secs = 300");
+    f.entra.set(Answer::Refuse);
+    assert!(f.get(None).await.is_err());
+    let rx = f.watch().await;
+    settle().await;
+    assert_eq!(f.entra.calls(), 1, "remembered");
+    // The app is fixed; the operator sends SIGHUP. No time passes.
+    f.entra.set(Answer::hourly());
+    assert_eq!(f.broker.forget_refusals().await, 1);
+    settle().await;
+    assert_eq!(f.entra.calls(), 2, "the watched key's task fetched at once");
+    assert!(rx.borrow().token.is_some());
+    assert_eq!(f.get(None).await.unwrap().source, TokenSource::Cache);
+    assert_eq!(f.broker.forget_refusals().await, 0, "nothing left");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_refused_for_good_is_tried_again_at_once_when_forgotten() {
+    let f = fixture(HOUR, "max_attempts = 1\nnegative_ttl_secs = 300");
+    f.get(None).await.unwrap();
+    f.entra.set(Answer::Refuse);
+    f.advance(Duration::from_secs(1800)).await;
+    assert_eq!(f.entra.calls(), 2, "the refresh was refused");
+    // Past its backoff's wait: now waiting for the remembered refusal to end.
+    f.advance(Duration::from_secs(5)).await;
+    assert_eq!(f.entra.calls(), 2);
+    f.entra.set(Answer::hourly());
+    assert_eq!(f.broker.forget_refusals().await, 1);
+    settle().await;
+    assert_eq!(f.entra.calls(), 3, "the refresh chain asked again at once");
+    assert!(f.broker.get_token(contoso(None, false)).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn forgetting_refusals_leaves_a_held_transient_failure_held() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.entra.set(Answer::Fail(Some(Duration::from_secs(40))));
+    assert!(f.get(None).await.is_err());
+    f.entra.set(Answer::hourly());
+    assert_eq!(f.broker.forget_refusals().await, 0);
+    let s = status_of(f.get(None).await);
+    assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+    assert_eq!(
+        f.entra.calls(),
+        1,
+        "still held: the upstream asked for 40 s"
+    );
 }

@@ -1189,35 +1189,118 @@ fn wait_for_lines(path: &std::path::Path, n: usize) -> Vec<String> {
     panic!("{} never had {n} lines", path.display());
 }
 
-/// A SIGHUP to a broker with nothing to reload (the dev configuration: policy inline,
-/// plaintext) is logged and ignored: without a handler, its default action ended the process.
+/// A SIGHUP to a broker with no files to reload (the dev configuration: policy inline,
+/// plaintext) is logged and does what is left to do: without a handler, its default action
+/// ended the process.
 #[test]
-fn sighup_does_not_end_a_broker_with_nothing_to_reload() {
+fn sighup_does_not_end_a_broker_with_no_files_to_reload() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, addr) = spawn_dev(dir.path(), &[]);
     contoso_token_from(&addr);
+    hangup(&child);
+    let log = dir.path().join("stderr.log");
+    let logged = wait_for_log(&log, "SIGHUP: no files to reload");
+    assert!(
+        logged.contains("SIGHUP: remembered configuration failures forgotten: 0"),
+        "{logged}"
+    );
+    assert!(!logged.contains("nothing to reload"), "{logged}");
+    assert_eq!(child.try_wait().unwrap(), None, "SIGHUP ended the broker");
+    contoso_token_from(&addr);
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
+}
+
+fn hangup(child: &std::process::Child) {
     let sent = std::process::Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(sent.success());
-    let log = dir.path().join("stderr.log");
-    let mut logged = false;
+}
+
+/// The log at `path` once it holds `line` (waited for, bounded).
+fn wait_for_log(path: &std::path::Path, line: &str) -> String {
     for _ in 0..100 {
-        if std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("SIGHUP: nothing to reload")
-        {
-            logged = true;
-            break;
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.contains(line) {
+            return log;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(logged, "{}", std::fs::read_to_string(&log).unwrap());
-    assert_eq!(child.try_wait().unwrap(), None, "SIGHUP ended the broker");
-    contoso_token_from(&addr);
+    panic!(
+        "no `{line}` in {}",
+        std::fs::read_to_string(path).unwrap_or_default()
+    );
+}
+
+/// An operator who has fixed a tenant's app registration need not wait out
+/// `negative_ttl_secs`, nor restart the broker: `tokenbroker serve`, as deployed, asks again
+/// at once after a SIGHUP; until then, callers are told the failure is remembered, and for
+/// how long.
+#[test]
+fn sighup_forgets_a_remembered_configuration_failure() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let Served {
+        mut child,
+        emulator,
+        addr,
+    } = serve(
+        &rt,
+        dir.path(),
+        "\n[resilience]\nnegative_ttl_secs = 600\n",
+        &[],
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    let faults = format!("{}/faults", emulator.endpoints().admin_url);
+    let http = reqwest::Client::new();
+    let ask = || GetTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+        ..Default::default()
+    };
+    rt.block_on(async {
+        // Entra does not know contoso's app in its tenant (no administrator consented yet).
+        let added = http
+            .post(&faults)
+            .json(&json!({"route": "entra.token", "tenant": demo::CONTOSO_TENANT, "count": 1000,
+                "fail": {"status": 400, "body": {
+                    "error": "unauthorized_client",
+                    "error_description": "AADSTS700016: Application with identifier 'x' was not found in the directory.",
+                    "error_codes": [700016]
+                }}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(added.status().is_success(), "{added:?}");
+        let mut c = client_when_listening(addr).await;
+        let e = c.get_token(ask()).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("AADSTS700016"), "{}", e.message());
+        // For 10 minutes less the time taken since (the unit tests tell the exact time left).
+        let told = e.message();
+        assert!(
+            told.contains("(remembered: this tenant and these scopes are not asked for again for ")
+                && told.ends_with("; SIGHUP the broker to ask at once)"),
+            "{told}"
+        );
+        // Consent granted: Entra would issue the token now, but the refusal is remembered.
+        let cleared = http.delete(&faults).send().await.unwrap();
+        assert!(cleared.status().is_success(), "{cleared:?}");
+        let e = c.get_token(ask()).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("AADSTS700016"), "{}", e.message());
+        assert!(e.message().contains("(remembered: "), "{}", e.message());
+        hangup(&child);
+        wait_for_log(&log, "SIGHUP: remembered configuration failures forgotten: 1");
+        let token = c.get_token(ask()).await.expect("asked again").into_inner();
+        assert_eq!(token.tenant_id, demo::CONTOSO_TENANT);
+    });
     let code = terminate(&mut child);
     assert!(code.success(), "exit status {code:?}");
+    rt.block_on(emulator.shutdown());
 }
 
 #[test]
