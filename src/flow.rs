@@ -1341,12 +1341,10 @@ mod tests {
             .await
             .unwrap_err();
         let log = crate::telemetry::CapturedLog::default();
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        let e = tracing::subscriber::with_default(subscriber, || FlowError::from_join(died));
+        let e = {
+            let _log = log.install();
+            FlowError::from_join(died)
+        };
         assert!(
             matches!(&e, FlowError::Internal(m) if m == FETCH_DIED),
             "{e:?}"

@@ -563,8 +563,37 @@ impl LogBudget {
 #[derive(Clone, Default)]
 pub(crate) struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
 
+/// What keeps a `CapturedLog` installed as the thread's subscriber; dropping it ends that.
+#[cfg(test)]
+pub(crate) struct Capturing {
+    _default: tracing::subscriber::DefaultGuard,
+    _second: tracing::Dispatch,
+}
+
 #[cfg(test)]
 impl CapturedLog {
+    /// Installs a subscriber writing to this log as the current thread's (and, on a
+    /// current-thread runtime, its tasks') until the guard is dropped.
+    ///
+    /// With one subscriber registered in the process, tracing asks only the current
+    /// thread's when a callsite is first hit: another test's thread, without one, would turn
+    /// that callsite off for all and this log would miss its lines. A second one makes it
+    /// ask every registered subscriber.
+    pub(crate) fn install(&self) -> Capturing {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let default = tracing::subscriber::set_default(subscriber);
+        let second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+        tracing::callsite::rebuild_interest_cache();
+        Capturing {
+            _default: default,
+            _second: second,
+        }
+    }
+
     /// Everything logged so far.
     pub(crate) fn text(&self) -> String {
         String::from_utf8(self.0.lock().unwrap().clone()).unwrap()

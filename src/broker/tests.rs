@@ -1062,18 +1062,8 @@ async fn failed_fetches_are_counted_by_who_started_them() {
 #[tokio::test(start_paused = true)]
 async fn failed_fetches_are_logged_at_most_twenty_a_second_then_the_count_held_back() {
     let log = crate::telemetry::CapturedLog::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
     // The runtime has one thread: the fetch tasks log through this subscriber too.
-    let _log = tracing::subscriber::set_default(subscriber);
-    // With one subscriber registered in the process, tracing asks only the current thread's
-    // when a callsite is first hit: another test's thread, without one, would turn the log
-    // off for all. A second one makes it ask every registered subscriber.
-    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
-    tracing::callsite::rebuild_interest_cache();
+    let _log = log.install();
     let f = fixture(HOUR, "max_attempts = 1");
     f.entra.set(Answer::Fail(None));
     // An outage failing 25 keys within one second.
