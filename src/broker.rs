@@ -1,7 +1,8 @@
 //! The broker core: a token request goes to the cache; a miss (or a refresh) runs the
 //! credential flow (`flow.rs`) once per key, in its own task, and every concurrent caller
 //! shares the result. Tokens are refreshed ahead of expiry in the background, served while
-//! still valid when a refresh fails, and failures are remembered briefly (persistent ones
+//! still valid when a refresh fails (to callers that asked for no minimum, down to the
+//! safety margin through an outage), and failures are remembered briefly (persistent ones
 //! for the negative period, transient ones for their `Retry-After` or a short floor).
 //! No tonic or reqwest types here: errors are `BrokerError`, mapped to gRPC status in `api`.
 
@@ -281,7 +282,9 @@ impl Broker {
     }
 
     /// Serves a token: from cache when it meets the caller's minimum validity, otherwise
-    /// from the one fetch under way for its key.
+    /// from the one fetch under way for its key. A caller that asked for no minimum is
+    /// served the cached token down to the safety margin while the key's fetches fail
+    /// transiently (`serves_through_outage`).
     pub async fn get_token(&self, req: TokenRequest) -> Result<IssuedToken, BrokerError> {
         self.serve_token(req.query(), |token, source, _| IssuedToken {
             token: token.clone(),
@@ -333,6 +336,9 @@ impl Broker {
             )
             .await;
         let now = self.inner.clock.moment();
+        // A caller that asked for no minimum (nor for a new token) is served the cached
+        // token down to the safety margin while the key's fetches fail transiently.
+        let through_outage = req.min_validity.is_none() && !req.force_refresh;
         {
             let state = slot.current();
             if let Some(token) = &state.token
@@ -357,6 +363,11 @@ impl Broker {
             }
             if let Some(token) = &state.token {
                 self.unmet_without_fetch(token, wanted, &slot, now)?;
+                if through_outage && self.serves_through_outage(token, &state, &slot, now) {
+                    self.inner.stats.hits.incr();
+                    self.inner.stats.stale_served.incr();
+                    return Ok(serve(token, TokenSource::StaleWhileRefreshFailing, now));
+                }
             }
         }
         if let Some((e, left)) = slot.negative(now) {
@@ -380,25 +391,66 @@ impl Broker {
         if joined == Joined::Follower {
             self.inner.stats.coalesced.incr();
         }
-        let token = flight.await.map_err(|source| {
-            // The first answer is told how long it is remembered too: its own entry, unless
-            // another fetch's has taken its place (or a SIGHUP has forgotten it).
-            let remembered = slot
-                .negative(self.inner.clock.moment())
-                .filter(|(e, _)| Arc::ptr_eq(e, &source) && e.is_persistent())
-                .map(|(_, left)| whole_seconds(left));
-            BrokerError::Upstream {
-                tenant: key.tenant.to_string(),
-                source,
-                remembered,
+        let token = match flight.await {
+            Ok(token) => token,
+            Err(source) => {
+                let now = self.inner.clock.moment();
+                // The fetch found the outage: the cached token, if it still has the safety
+                // margin, rather than the failure.
+                if through_outage && source.is_retryable() {
+                    let state = slot.current();
+                    if let Some(token) = &state.token
+                        && token.remaining(now) >= self.inner.cfg.safety_margin
+                    {
+                        self.inner.stats.stale_served.incr();
+                        return Ok(serve(token, TokenSource::StaleWhileRefreshFailing, now));
+                    }
+                }
+                // The first answer is told how long it is remembered too: its own entry,
+                // unless another fetch's has taken its place (or a SIGHUP has forgotten it).
+                let remembered = slot
+                    .negative(now)
+                    .filter(|(e, _)| Arc::ptr_eq(e, &source) && e.is_persistent())
+                    .map(|(_, left)| whole_seconds(left));
+                return Err(BrokerError::Upstream {
+                    tenant: key.tenant.to_string(),
+                    source,
+                    remembered,
+                });
             }
-        })?;
+        };
         let now = self.inner.clock.moment();
         let remaining = token.remaining(now);
         if remaining < wanted {
             return Err(BrokerError::MinValidityUnmet { remaining, wanted });
         }
         Ok(serve(&token, TokenSource::Exchange, now))
+    }
+
+    /// Whether `token`, short of the default minimum validity, is served at once to a caller
+    /// who asked for none: the key's fetches are known to fail for a reason that may clear
+    /// (a held transient failure, or the refresh failing so), and it has at least the safety
+    /// margin left. The key's background refresh keeps retrying with its backoff; callers do
+    /// not each start a fetch, or wait out the retry budget, for an answer already known.
+    ///
+    /// Not after a persistent failure (an app disabled, consent withdrawn): retrying will not
+    /// clear it before the token runs out, so the caller is told the refusal and its fix now
+    /// rather than handed the last minutes of a token the tenant has stopped granting. While
+    /// the token still meets the caller's minimum it is served as ever.
+    fn serves_through_outage(
+        &self,
+        token: &CachedToken,
+        state: &SlotState,
+        slot: &Slot<FlowError>,
+        now: Moment,
+    ) -> bool {
+        if token.remaining(now) < self.inner.cfg.safety_margin {
+            return false;
+        }
+        match slot.negative(now) {
+            Some((e, _)) => e.is_retryable(),
+            None => state.failure.is_some() && state.failure_transient,
+        }
     }
 
     /// Refuses a minimum validity that a fetch would not meet, or that would make fetches

@@ -142,6 +142,10 @@ pub struct SlotState {
     /// Set while the key's refresh fails (the first fetch, or one once the token's refresh
     /// is due; not a forced or early one before it); cleared by the next success.
     pub failure: Option<String>,
+    /// Whether `failure` is one that asking again may clear (an outage, throttling, an open
+    /// breaker) rather than a refusal of the configuration: callers that asked for no
+    /// minimum validity are then served the token down to the safety margin.
+    pub failure_transient: bool,
 }
 
 /// The shared result of one in-flight fetch.
@@ -236,16 +240,18 @@ impl<E: Send + Sync + 'static> Slot<E> {
     /// failure's text is updated for the next message all the same.
     pub fn publish(&self, result: &FlightResult<E>, now: Moment)
     where
-        E: fmt::Display,
+        E: fmt::Display + Transient,
     {
         self.state.send_if_modified(|s| {
             let changed = match result {
                 Ok(t) => {
                     s.token = Some(t.clone());
                     s.failure = None;
+                    s.failure_transient = false;
                     true
                 }
                 Err(e) if s.token.as_ref().is_none_or(|t| t.refresh.reached(now)) => {
+                    s.failure_transient = e.is_transient();
                     s.failure.replace(e.to_string()).is_none()
                 }
                 Err(_) => false,
@@ -323,7 +329,7 @@ impl<E: Send + Sync + 'static> Slot<E> {
     pub fn fetch<F>(self: &Arc<Self>, clock: Arc<dyn Clock>, start: F) -> (Joined, Flight<E>)
     where
         F: FnOnce() -> BoxFuture<'static, FlightResult<E>>,
-        E: fmt::Display + FromJoin,
+        E: fmt::Display + FromJoin + Transient,
     {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = inflight.as_ref() {
@@ -400,6 +406,12 @@ impl Drop for Spawning {
 /// Errors that can stand for a fetch task that died.
 pub trait FromJoin {
     fn from_join(e: tokio::task::JoinError) -> Self;
+}
+
+/// Errors that tell a failure asking again may clear from one it will not.
+pub trait Transient {
+    /// An outage, throttling, an open breaker: not a refusal of the configuration, nor a bug.
+    fn is_transient(&self) -> bool;
 }
 
 /// Bounded map of slots. Idle slots are evicted; a slot's token validity is checked on read.
@@ -611,6 +623,13 @@ mod tests {
         }
     }
 
+    /// A failure is transient unless it says it was refused.
+    impl Transient for String {
+        fn is_transient(&self) -> bool {
+            !self.contains("refused")
+        }
+    }
+
     fn now() -> Moment {
         crate::clock::SystemClock.moment()
     }
@@ -672,9 +691,16 @@ mod tests {
         // The text is current for requests and for the next message.
         assert_eq!(slot.current().failure.as_deref(), Some("still down"));
         assert_eq!(rx.borrow().failure.as_deref(), Some("still down"));
+        assert!(slot.current().failure_transient);
+        slot.publish(&fail("refused"), due);
+        assert!(
+            !slot.current().failure_transient,
+            "the latest failure's kind"
+        );
         slot.publish(&Ok(token()), now());
         assert!(rx.has_changed().unwrap());
         assert!(rx.borrow_and_update().failure.is_none());
+        assert!(!slot.current().failure_transient);
     }
 
     #[test]

@@ -230,6 +230,12 @@ impl crate::cache::FromJoin for FlowError {
     }
 }
 
+impl crate::cache::Transient for FlowError {
+    fn is_transient(&self) -> bool {
+        self.is_retryable()
+    }
+}
+
 /// A half-open breaker's probe out in an attempt. Released when dropped unsettled: a probe
 /// that panics, is cancelled, or ends without a verdict on its upstream must not leave the
 /// breaker refusing every call for good.

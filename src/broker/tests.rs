@@ -281,6 +281,11 @@ impl Fixture {
             .unwrap()
     }
 
+    /// Whole seconds `t` has left.
+    fn left(&self, t: &IssuedToken) -> u64 {
+        t.token.remaining(self.clock.moment()).as_secs()
+    }
+
     /// Moves the manual clock, then lets every task run until all wait again.
     async fn advance(&self, d: Duration) {
         self.clock.advance(d);
@@ -945,7 +950,8 @@ async fn entras_refusal_of_the_key_is_reported_even_when_the_certificate_reread_
 }
 
 #[tokio::test(start_paused = true)]
-async fn during_an_outage_the_old_token_is_served_only_while_it_meets_the_validity_asked_for() {
+async fn during_an_outage_the_old_token_is_served_down_to_the_safety_margin_unless_more_was_asked_for()
+ {
     let f = fixture(HOUR, "max_attempts = 1");
     let first = f.get(None).await.unwrap();
     f.entra.set(Answer::Fail(None));
@@ -959,8 +965,30 @@ async fn during_an_outage_the_old_token_is_served_only_while_it_meets_the_validi
         f.get(Some(1500)).await,
         Err(BrokerError::Upstream { .. })
     ));
-    // Within the default minimum validity (5 minutes) of its expiry, nobody gets it.
+    // Within 5 minutes of its expiry: a caller that asked for those 5 minutes gets the
+    // outage, and so does a forced refresh (not the token it asked to replace).
     f.advance(Duration::from_secs(1200 - 299)).await;
+    assert!(matches!(
+        f.get(Some(300)).await,
+        Err(BrokerError::Upstream { .. })
+    ));
+    assert!(matches!(
+        f.get_forced().await,
+        Err(BrokerError::Upstream { .. })
+    ));
+    // A caller that asked for no minimum is still served it, down to the safety margin.
+    for left in [299, 60] {
+        f.advance(Duration::from_secs(f.left(&first) - left)).await;
+        let stale = f.get(None).await.unwrap();
+        assert_eq!(
+            stale.source,
+            TokenSource::StaleWhileRefreshFailing,
+            "{left}s left"
+        );
+        assert_eq!(token_of(&stale), token_of(&first));
+    }
+    // Below it, nobody gets it.
+    f.advance(Duration::from_secs(1)).await;
     assert!(matches!(
         f.get(None).await,
         Err(BrokerError::Upstream { .. })
@@ -970,6 +998,91 @@ async fn during_an_outage_the_old_token_is_served_only_while_it_meets_the_validi
     f.advance(Duration::from_secs(61)).await;
     let fresh = f.get(None).await.unwrap();
     assert_ne!(token_of(&fresh), token_of(&first));
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_served_through_an_outage_start_no_fetch_and_wait_for_none() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.get(None).await.unwrap();
+    f.entra.set(Answer::Fail(None));
+    // The refresh and its retries fail; 200 s are left, less than the default minimum.
+    f.advance(Duration::from_secs(3400)).await;
+    let stats = f.broker.stats();
+    let (calls, misses, stale) = (
+        f.entra.calls(),
+        stats.misses.get(),
+        stats.stale_served.get(),
+    );
+    // The refresh's last failure is held off: served at once.
+    for _ in 0..10 {
+        let t = f.get(None).await.unwrap();
+        assert_eq!(t.source, TokenSource::StaleWhileRefreshFailing);
+    }
+    // Past the hold-off, the refresh's next retry hangs: still served at once, not joined
+    // to the retry under way.
+    f.entra.set(Answer::Hang);
+    f.advance(Duration::from_secs(61)).await;
+    assert_eq!(f.entra.calls(), calls + 1, "the refresh's retry");
+    for _ in 0..10 {
+        let t = f.get(None).await.unwrap();
+        assert_eq!(t.source, TokenSource::StaleWhileRefreshFailing);
+    }
+    assert_eq!(f.entra.calls(), calls + 1, "no fetch of the callers' own");
+    assert_eq!(stats.misses.get(), misses, "nor a wait for the refresh's");
+    assert_eq!(stats.stale_served.get(), stale + 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_found_failing_by_a_callers_wait_serves_it_the_cached_token() {
+    // Refreshed at 2900 s, while the token still meets the default minimum.
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: Some(Duration::from_secs(2900)),
+    });
+    let first = f.get(None).await.unwrap();
+    // Entra stops answering: the refresh waits for its budget, and before it has failed
+    // the token falls below the default minimum.
+    f.entra.set(Answer::Hang);
+    f.advance(Duration::from_secs(2900)).await;
+    assert_eq!(f.entra.calls(), 2);
+    f.advance(Duration::from_secs(450)).await;
+    assert!(
+        f.broker
+            .cache()
+            .iter()
+            .all(|(_, s)| s.current().failure.is_none())
+    );
+    // A caller that asked for no minimum waits for the refresh under way, and when that
+    // fails is served the cached token.
+    let t = f.get(None).await.unwrap();
+    assert_eq!(t.source, TokenSource::StaleWhileRefreshFailing);
+    assert_eq!(token_of(&t), token_of(&first));
+    assert_eq!(
+        f.broker.stats().coalesced.get(),
+        1,
+        "it waited for the refresh"
+    );
+    assert_eq!(f.entra.calls(), 2, "and made no fetch of its own");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_whose_refresh_is_refused_for_good_is_not_served_below_the_default_minimum() {
+    let f = fixture(HOUR, "");
+    f.get(None).await.unwrap();
+    // The app is disabled: the token is served while it meets the default minimum...
+    f.entra.set(Answer::Refuse);
+    f.advance(Duration::from_secs(2400)).await;
+    assert_eq!(
+        f.get(None).await.unwrap().source,
+        TokenSource::StaleWhileRefreshFailing
+    );
+    // ... and then the refusal and its fix, not the token's last minutes.
+    f.advance(Duration::from_secs(1000)).await;
+    match f.get(None).await {
+        Err(BrokerError::Upstream { source, .. }) => assert!(source.is_persistent()),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test(start_paused = true)]
