@@ -145,6 +145,85 @@ async fn a_30_minute_entra_outage_fails_no_request_for_still_valid_tokens() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_asking_no_minimum_are_served_through_an_outage_down_to_the_safety_margin() {
+    // One attempt per fetch: a fetch fails at once instead of backing off on the manual clock.
+    let stack = manual("max_attempts = 1").await;
+    let first = stack.get("contoso", GRAPH).await.unwrap();
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
+        )
+        .await;
+    let stats = stack.broker.stats();
+    let mut c = stack.client().await;
+    let asking = |min: u64| GetTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+        min_validity: Some(prost_types::Duration {
+            seconds: min as i64,
+            nanos: 0,
+        }),
+        force_refresh: false,
+    };
+    // 55 minutes in, every refresh since the first (at 9 to 15 minutes) failed: 300 s are
+    // left, the default minimum validity; then a minute at a time down to the safety margin.
+    for (step, left) in [
+        (55 * MIN, 300),
+        (MIN, 240),
+        (MIN, 180),
+        (MIN, 120),
+        (MIN, 60),
+    ] {
+        let refreshes = stats.refreshes.get();
+        stack.advance(step).await;
+        // The key's background refresh retries once a minute at most: its attempt for this
+        // minute, then the callers'.
+        wait_for(|| async {
+            stats.refreshes.get() > refreshes
+                && stats.refresh_failures.get() == stats.refreshes.get()
+        })
+        .await;
+        let asked = stack.route_total("entra.token").await;
+        let misses = stats.misses.get();
+        for _ in 0..5 {
+            let r = stack
+                .get("contoso", GRAPH)
+                .await
+                .unwrap_or_else(|e| panic!("{left}s left: {e:?}"));
+            assert_eq!(r.access_token, first.access_token);
+            assert_eq!(r.source, TokenSource::StaleWhileRefreshFailing as i32);
+        }
+        assert_eq!(
+            stack.route_total("entra.token").await,
+            asked,
+            "{left}s left: callers served the cached token ask Entra nothing"
+        );
+        assert_eq!(stats.misses.get(), misses, "nor wait for a fetch");
+        // A caller that asked for 300 s is served only while the token has them.
+        let explicit = c.get_token(asking(300)).await;
+        if left >= 300 {
+            assert_eq!(
+                explicit.unwrap().into_inner().access_token,
+                first.access_token
+            );
+        } else {
+            assert_eq!(
+                explicit.unwrap_err().code(),
+                Code::Unavailable,
+                "{left}s left"
+            );
+        }
+    }
+    // Below the safety margin, nobody gets the token.
+    stack.advance(Duration::from_secs(1)).await;
+    let e = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(stats.stale_served.get() >= 25);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_vault_throttling_honours_retry_after_and_valid_tokens_keep_flowing() {
     let stack = manual("retry_budget_secs = 60").await;
     let warm = stack.get("fabrikam", GRAPH).await.unwrap();
