@@ -339,12 +339,12 @@ impl Broker {
         // A caller that asked for no minimum (nor for a new token) is served the cached
         // token down to the safety margin while the key's fetches fail transiently.
         let through_outage = req.min_validity.is_none() && !req.force_refresh;
+        let mut under_way = None;
         {
             let state = slot.current();
             if let Some(token) = &state.token
                 && token.remaining(now) >= wanted
-                && !(req.force_refresh
-                    && slot.allow_forced(now, self.inner.cfg.force_refresh_interval))
+                && !(req.force_refresh && self.forced_past(&slot, now, &mut under_way))
             {
                 self.inner.stats.hits.incr();
                 if token.refresh.reached(now) && state.failure.is_none() {
@@ -370,7 +370,9 @@ impl Broker {
                 }
             }
         }
-        if let Some((e, left)) = slot.negative(now) {
+        if under_way.is_none()
+            && let Some((e, left)) = slot.negative(now)
+        {
             self.inner.stats.negative_hits.incr();
             // A held transient failure is fetched again when its hold-off ends: that, not
             // the upstream's original hint, is when a caller should come back.
@@ -386,11 +388,19 @@ impl Broker {
             });
         }
         self.inner.stats.misses.incr();
-        let key = owned_key();
-        let (joined, flight) = self.start_fetch(&key, &slot, Started::Caller)?;
-        if joined == Joined::Follower {
-            self.inner.stats.coalesced.incr();
-        }
+        let flight = match under_way {
+            Some(flight) => {
+                self.inner.stats.coalesced.incr();
+                flight
+            }
+            None => {
+                let (joined, flight) = self.start_fetch(&owned_key(), &slot, Started::Caller)?;
+                if joined == Joined::Follower {
+                    self.inner.stats.coalesced.incr();
+                }
+                flight
+            }
+        };
         let token = match flight.await {
             Ok(token) => token,
             Err(source) => {
@@ -413,7 +423,7 @@ impl Broker {
                     .filter(|(e, _)| Arc::ptr_eq(e, &source) && e.is_persistent())
                     .map(|(_, left)| whole_seconds(left));
                 return Err(BrokerError::Upstream {
-                    tenant: key.tenant.to_string(),
+                    tenant: tenant.to_string(),
                     source,
                     remembered,
                 });
@@ -451,6 +461,27 @@ impl Broker {
             Some((e, _)) => e.is_retryable(),
             None => state.failure.is_some() && state.failure_transient,
         }
+    }
+
+    /// Whether a forced refresh gets past a cached token that would serve the request: to
+    /// the fetch under way (put in `under_way` to join: it costs the upstream nothing, and
+    /// its token or failure is the answer), to the key's failure while its callers share it
+    /// (answered without a fetch), or to a fetch of its own, at most once per
+    /// `force_refresh_interval`. Only that fetch spends the interval. Otherwise, within the
+    /// interval, the cached token is the answer, its source saying whether the key's refresh
+    /// is failing (`STALE_WHILE_REFRESH_FAILING`) or not (`CACHE`).
+    fn forced_past(
+        &self,
+        slot: &Slot<FlowError>,
+        now: Moment,
+        under_way: &mut Option<Flight>,
+    ) -> bool {
+        if let Some(flight) = slot.flight() {
+            *under_way = Some(flight);
+            return true;
+        }
+        slot.negative(now).is_some()
+            || slot.allow_forced(now, self.inner.cfg.force_refresh_interval)
     }
 
     /// Refuses a minimum validity that a fetch would not meet, or that would make fetches

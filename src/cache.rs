@@ -323,6 +323,14 @@ impl<E: Send + Sync + 'static> Slot<E> {
         }
     }
 
+    /// The fetch under way, to join, if there is one.
+    pub fn flight(&self) -> Option<Flight<E>> {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Joins the fetch under way, or starts `start()` as the one fetch for this slot.
     /// The fetch runs in its own task, so a caller that gives up does not cancel it for
     /// the others, and its result is published before any waiter sees it.

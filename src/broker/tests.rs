@@ -30,6 +30,8 @@ enum Answer {
     RejectKey,
     /// Never answers.
     Hang,
+    /// Answers an hourly token once the gate is opened.
+    Wait(Arc<tokio::sync::Notify>),
 }
 
 impl Answer {
@@ -97,6 +99,15 @@ impl TokenExchange for FakeEntra {
                 retry_after: None,
             }),
             Answer::Hang => futures::future::pending().await,
+            Answer::Wait(gate) => {
+                gate.notified().await;
+                Ok(EntraToken {
+                    access_token: Sensitive::new(format!("token-{n}")),
+                    token_type: "Bearer".into(),
+                    expires_in: HOUR,
+                    refresh_in: None,
+                })
+            }
             Answer::Refuse => Err(EntraError {
                 class: EntraErrorClass::Configuration,
                 status: 400,
@@ -272,6 +283,18 @@ impl Fixture {
     fn spawn_get(&self) -> tokio::task::JoinHandle<Result<IssuedToken, BrokerError>> {
         let broker = self.broker.clone();
         tokio::spawn(async move { broker.get_token(contoso(None, false)).await })
+    }
+
+    /// `get_forced()` in a task of its own.
+    fn spawn_forced(&self) -> tokio::task::JoinHandle<Result<IssuedToken, BrokerError>> {
+        let broker = self.broker.clone();
+        tokio::spawn(async move { broker.get_token(contoso(None, true)).await })
+    }
+
+    /// The slot of `contoso`'s Graph token.
+    async fn slot(&self) -> Arc<Slot<FlowError>> {
+        let key = self.broker.key("contoso", &[GRAPH.into()]).unwrap();
+        self.broker.cache().existing(&key).await.expect("cached")
     }
 
     async fn watch(&self) -> tokio::sync::watch::Receiver<SlotState> {
@@ -1383,4 +1406,75 @@ async fn forgetting_refusals_leaves_a_held_transient_failure_held() {
         1,
         "still held: the upstream asked for 40 s"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forced_refresh_during_a_refresh_outage_gets_the_failure_until_its_interval_is_spent() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    let first = f.get(None).await.unwrap();
+    let failed = |r: Result<IssuedToken, BrokerError>| match r {
+        Err(BrokerError::Upstream { source, .. }) => assert!(source.is_retryable()),
+        other => panic!("{other:?}"),
+    };
+    // The scheduled refresh (due by 1800 s) fails; its failure is held off for 2 s.
+    f.entra.set(Answer::Fail(None));
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 2);
+    // Forced callers share the held failure, without a fetch: neither spends the interval.
+    failed(f.get_forced().await);
+    failed(f.get_forced().await);
+    assert_eq!(f.entra.calls(), 2);
+    // The hold-off over (the refresh's next retry not yet due): a forced refresh fetches.
+    let slot = f.slot().await;
+    slot.set_negative(None);
+    failed(f.get_forced().await);
+    assert_eq!(f.entra.calls(), 3);
+    // Within the interval (30 s) no forced refresh fetches again: once no failure is held,
+    // the cached token is the answer, and its source says the key's refresh is failing.
+    failed(f.get_forced().await);
+    slot.set_negative(None);
+    let t = f.get_forced().await.unwrap();
+    assert_eq!(t.source, TokenSource::StaleWhileRefreshFailing);
+    assert_eq!(token_of(&t), token_of(&first));
+    assert_eq!(f.entra.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forced_refresh_joins_the_fetch_under_way_even_within_its_interval() {
+    let f = fixture(
+        HOUR,
+        "max_attempts = 1\n[cache]\nforce_refresh_interval_secs = 3600",
+    );
+    f.get(None).await.unwrap();
+    // The interval's (an hour's) forced refresh.
+    let forced = f.get_forced().await.unwrap();
+    assert_eq!(forced.source, TokenSource::Exchange);
+    // Within it, with no fetch under way: the cached token, said to be cached.
+    let cached = f.get_forced().await.unwrap();
+    assert_eq!(cached.source, TokenSource::Cache);
+    assert_eq!(token_of(&cached), token_of(&forced));
+    assert_eq!(f.entra.calls(), 2);
+    // The scheduled refresh is under way, Entra slow to answer: a forced caller joins it,
+    // rather than being answered at once with the token it asked to replace.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    f.entra.set(Answer::Wait(gate.clone()));
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 3);
+    let asking = f.spawn_forced();
+    settle().await;
+    assert!(!asking.is_finished(), "answered before the fetch under way");
+    gate.notify_one();
+    settle().await;
+    let t = asking.await.unwrap().unwrap();
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(token_of(&t), "token-2");
+    // A fetch under way that fails: the forced caller gets its failure.
+    f.entra.set(Answer::Hang);
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 4);
+    match f.get_forced().await {
+        Err(BrokerError::Upstream { source, .. }) => assert!(source.is_retryable()),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.entra.calls(), 4, "joined, not fetched again");
 }

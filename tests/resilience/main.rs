@@ -725,6 +725,36 @@ async fn a_failed_forced_refresh_leaves_a_healthy_cached_token_healthy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_refresh_while_the_refresh_fails_is_answered_with_the_failure_not_the_old_token() {
+    let stack = manual("max_attempts = 1").await;
+    let first = stack.get("contoso", GRAPH).await.unwrap();
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
+        )
+        .await;
+    let until_refresh = secs(&first.refresh_at) - now_unix(&stack);
+    stack
+        .advance(Duration::from_secs(until_refresh.max(0) as u64 + 1))
+        .await;
+    wait_for(|| async { stack.broker.stats().refresh_failures.get() >= 1 }).await;
+    let asked = stack.route_total("entra.token").await;
+    // Callers that force a refresh, again and again, share the refresh's held failure: none
+    // is handed back the token it asked to replace, and none costs Entra a request.
+    for _ in 0..3 {
+        let e = stack.force_refresh("contoso", GRAPH).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    }
+    assert_eq!(stack.route_total("entra.token").await, asked);
+    // A caller that did not force a refresh is served the old token, said to be stale.
+    let r = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(r.access_token, first.access_token);
+    assert_eq!(r.source, TokenSource::StaleWhileRefreshFailing as i32);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wall_clock_stepped_back_neither_delays_the_refresh_nor_misreports_the_expiry() {
     let stack = manual("").await;
     let clock = stack.clock.clone().unwrap();
