@@ -658,7 +658,7 @@ impl Broker {
                     match &result {
                         Ok(t) => {
                             slot.set_negative(None);
-                            broker.schedule_refresh(key, weak_slot, t, now);
+                            broker.schedule_refresh(key, &slot, t, now);
                         }
                         Err(e) => {
                             let stats = &broker.inner.stats;
@@ -740,15 +740,18 @@ impl Broker {
     /// Refreshes `token`'s key in the background at its refresh time, for as long as its
     /// slot lives and `token` is the slot's token, retrying failures with backoff while the
     /// old token is served. One chain per key: a token published by another fetch (forced,
-    /// or early for a minimum validity) has its own schedule, and this one ends.
+    /// or early for a minimum validity) has its own schedule, and this one's task is
+    /// aborted (`Slot::set_refresh`), as it is when the slot is dropped: a key forced every
+    /// interval would otherwise keep a sleeping task per replaced token.
     fn schedule_refresh(
         &self,
         key: Key,
-        slot: Weak<Slot<FlowError>>,
+        live: &Arc<Slot<FlowError>>,
         token: &CachedToken,
         now: Moment,
     ) {
         let broker = self.clone();
+        let slot = Arc::downgrade(live);
         let mine = token.fingerprint;
         // Not before this fetch has ended (its result published): a refresh due at once (a
         // fetch that took longer than the token's refresh time) would otherwise join the
@@ -761,10 +764,12 @@ impl Broker {
         };
         // The task sleeps for every cached key: while it does, it holds only what it needs
         // to wake; the refresh loop, larger, is boxed once it is due.
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             broker.inner.clock.sleep_until(at).await;
             Box::pin(broker.refresh_chain(key, slot, mine)).await;
         });
+        // Aborts the replaced token's task, never the caller: fetches run in tasks of their own.
+        live.set_refresh(task.abort_handle());
     }
 
     /// The refresh loop of `schedule_refresh`, once `mine`'s refresh is due.

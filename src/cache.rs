@@ -171,6 +171,19 @@ pub struct Slot<E> {
     /// eviction listener counts those). Counted both ways, so that a late notice of an
     /// eviction cannot cancel a later insertion: positive while the cache holds the slot.
     cached: AtomicI32,
+    /// The task refreshing the slot's current token: aborted when a newer token's refresh
+    /// is scheduled (a forced refresh, an early fetch), and when the slot is dropped, rather
+    /// than left sleeping, with its timer, until a refresh time that no longer matters.
+    refresh: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl<E> Drop for Slot<E> {
+    fn drop(&mut self) {
+        let refresh = self.refresh.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(task) = refresh.take() {
+            task.abort();
+        }
+    }
 }
 
 impl<E> fmt::Debug for Slot<E> {
@@ -207,6 +220,19 @@ impl<E: Send + Sync + 'static> Slot<E> {
             negative: Mutex::new(None),
             retrying: AtomicBool::new(false),
             cached: AtomicI32::new(0),
+            refresh: Mutex::new(None),
+        }
+    }
+
+    /// Makes `task` the slot's refresh task, ending the one it replaces.
+    pub fn set_refresh(&self, task: tokio::task::AbortHandle) {
+        let old = self
+            .refresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(task);
+        if let Some(old) = old {
+            old.abort();
         }
     }
 

@@ -1478,3 +1478,45 @@ async fn a_forced_refresh_joins_the_fetch_under_way_even_within_its_interval() {
     }
     assert_eq!(f.entra.calls(), 4, "joined, not fetched again");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replaced_tokens_refresh_task_ends_with_its_replacement() {
+    let f = fixture(HOUR, "\n[cache]\nforce_refresh_interval_secs = 0");
+    // Nothing else runs on this test's runtime between requests: every live task is a
+    // key's refresh task.
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    f.get(None).await.unwrap();
+    settle().await;
+    assert_eq!(tasks(), 1);
+    // Tokens replaced early, by forced refreshes and an early fetch for more validity.
+    for _ in 0..10 {
+        f.get_forced().await.unwrap();
+    }
+    f.advance(Duration::from_secs(10)).await;
+    assert_eq!(
+        f.get(Some(3595)).await.unwrap().source,
+        TokenSource::Exchange
+    );
+    settle().await;
+    assert_eq!(
+        tasks(),
+        1,
+        "one refresh task for the key, not one per token"
+    );
+    assert_eq!(f.entra.calls(), 12);
+    // The last token's task refreshes it.
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 13);
+    assert_eq!(tasks(), 1);
+    // Evicted, its slot held by nobody: its task ends with it.
+    f.broker
+        .cache()
+        .evict(&f.broker.key("contoso", &[GRAPH.into()]).unwrap())
+        .await;
+    settle().await;
+    assert_eq!(tasks(), 0);
+}
