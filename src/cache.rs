@@ -237,6 +237,19 @@ impl<E: Send + Sync + 'static> Slot<E> {
     }
 
     /// Counts the cache taking the slot in; returns it, for the cache to hold.
+    ///
+    /// Called from moka's `get_with` initialiser, so the count comes before moka puts the
+    /// entry in its map. Harmless: every insertion, and `keep`'s reading of the count, is
+    /// made under `TokenCache::watched`'s lock, so nothing reads the count between the two.
+    /// Only a lookup dropped in between (its caller gone, or a refresh task aborted, while
+    /// moka waits for its key lock) leaves a slot counted that the cache does not hold; it
+    /// errs upward only, so no live chain ends for it. That slot was a new one (dropped
+    /// with the lookup) or a watched one being put back: while watched it is the key's
+    /// whatever the count, and once not, `watched` lets go of it, so its chain lives only
+    /// while a request still holds it, may then refresh it once more if the key has another
+    /// slot (`keep` asks for the key, not this slot: a lookup would count as a read), and is
+    /// aborted when the slot is dropped. Not provoked in a test: it needs moka's key lock
+    /// contended at the moment the lookup is dropped.
     fn taken_in(self: Arc<Self>) -> Arc<Self> {
         self.cached.fetch_add(1, Ordering::AcqRel);
         self
