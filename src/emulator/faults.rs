@@ -444,18 +444,48 @@ pub(crate) async fn middleware(
         tenants: &tenants,
         vault: vault.as_ref().map(|v| v.name.as_str()),
     };
+    // Counted as it arrives, so a request a fault holds (a hang) shows at once, not when the
+    // hang ends; its outcome when it is answered (`Outcome`).
+    {
+        let mut counters = shared.counters();
+        let count = counters.routes.entry(route.to_owned()).or_default();
+        count.total += 1;
+        if traceparent.is_some() {
+            count.traceparent = traceparent;
+        }
+    }
+    let mut outcome = Outcome {
+        shared: shared.clone(),
+        route,
+        ok: false,
+    };
     let response = match shared.faults.take(route, &target) {
         None => next.run(req).await,
         Some(applied) => apply(&shared, route, vault.as_ref(), applied, req, next).await,
     };
-    let mut counters = shared.counters();
-    let count = counters.routes.entry(route.to_owned()).or_default();
-    count.record(response.status().as_u16() < 400);
-    if traceparent.is_some() {
-        count.traceparent = traceparent;
-    }
-    drop(counters);
+    outcome.ok = response.status().as_u16() < 400;
     response
+}
+
+/// A counted request's outcome, recorded when it ends: its answer's status (< 400 is a
+/// success), or a failure when it ends unanswered (its client went away while a fault held
+/// it).
+struct Outcome {
+    shared: Arc<Shared>,
+    route: &'static str,
+    ok: bool,
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        let mut counters = self.shared.counters();
+        let count = counters.routes.entry(self.route.to_owned()).or_default();
+        if self.ok {
+            count.success += 1;
+        } else {
+            count.failure += 1;
+        }
+    }
 }
 
 async fn apply(

@@ -212,6 +212,96 @@ async fn a_stall_body_fault_sends_half_the_answer_then_breaks_off() {
 }
 
 #[tokio::test]
+async fn a_hung_request_is_counted_when_it_arrives_on_every_route() {
+    let env = start_demo().await;
+    let identity = format!(
+        "{}?api-version=2019-08-01&resource=https://vault.azure.net",
+        env.ep().identity_endpoint
+    );
+    let requests = [
+        (
+            "identity.appservice",
+            env.http
+                .get(&identity)
+                .header("X-IDENTITY-HEADER", &env.ep().identity_header),
+        ),
+        (
+            "keyvault.sign",
+            env.https
+                .post(format!(
+                    "{}/keys/contoso-app/sign?api-version=7.5",
+                    env.vault()
+                ))
+                .json(&json!({"alg": "RS256", "value": b64url(&[0; 32])})),
+        ),
+        (
+            "entra.token",
+            env.https
+                .post(format!(
+                    "{}/{}/oauth2/v2.0/token",
+                    env.authority(),
+                    demo::CONTOSO_TENANT
+                ))
+                .form(&[("grant_type", "client_credentials")]),
+        ),
+    ];
+    for (route, _) in &requests {
+        env.admin(
+            Method::POST,
+            "/faults",
+            Some(json!({"route": route, "hang": true, "count": 1, "duration_ms": 600_000})),
+        )
+        .await;
+    }
+    let routes = requests.each_ref().map(|(route, _)| *route);
+    let held: Vec<_> = requests
+        .into_iter()
+        .map(|(_, r)| tokio::spawn(r.send()))
+        .collect();
+    // Once every fault is spent, its request is being held: counted, with no outcome yet.
+    let counters = || async { env.admin(Method::GET, "/counters", None).await.1 };
+    let mut spent = false;
+    for _ in 0..500 {
+        let (_, f) = env.admin(Method::GET, "/faults", None).await;
+        spent = f["faults"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["spent"] == true);
+        if spent {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(spent, "every request reached its hang");
+    let c = counters().await;
+    for route in routes {
+        let count = &c["routes"][route];
+        assert_eq!(
+            (&count["total"], &count["success"], &count["failure"]),
+            (&json!(1), &json!(0), &json!(0)),
+            "{route}: {c}"
+        );
+    }
+    // Its client gone, a held request is a failure.
+    for h in &held {
+        h.abort();
+    }
+    let mut c = counters().await;
+    for _ in 0..500 {
+        if routes.iter().all(|r| c["routes"][r]["failure"] == 1) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        c = counters().await;
+    }
+    for route in routes {
+        assert_eq!(c["routes"][route]["failure"], 1, "{route}: {c}");
+        assert_eq!(c["routes"][route]["total"], 1, "{route}: {c}");
+    }
+}
+
+#[tokio::test]
 async fn tenant_filtered_entra_fault() {
     let env = start_demo().await;
     env.admin(Method::POST, "/faults", Some(json!({"route": "entra.token", "tenant": "fabrikam.onmicrosoft.com", "fail": {"status": 503}, "duration_ms": 600_000}))).await;
