@@ -1,6 +1,6 @@
 //! Fault injection and request accounting: a registry of bounded faults (latency, an answer
 //! of any status with custom headers or body, hang, connection reset, an answer whose body
-//! breaks off) set through the admin API, and the
+//! breaks off, an answer whose body never ends) set through the admin API, and the
 //! middleware that classifies each request into a route, applies matching faults and counts
 //! the outcome. Every fault is bounded by a count or a duration so a test can never leave the
 //! emulator broken.
@@ -67,6 +67,11 @@ pub(crate) struct FaultSpec {
     /// comes, and the connection is closed when `duration_ms` is over.
     #[serde(default)]
     pub stall_body: bool,
+    /// Answer 200 with a JSON body that never ends (no `Content-Length`), as a misbehaving
+    /// proxy might; it is sent until `duration_ms` is over (then the connection is closed)
+    /// or the client goes away.
+    #[serde(default)]
+    pub endless_body: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -161,6 +166,7 @@ pub(crate) enum Action {
     Hang(Instant),
     Reset,
     StallBody(Instant),
+    EndlessBody(Instant),
 }
 
 /// Routes whose requests name a tenant (`tenant` filter).
@@ -249,16 +255,25 @@ impl Faults {
                     .into(),
             );
         }
+        if spec.endless_body && spec.duration_ms.is_none() {
+            return Err(
+                "\"endless_body\" needs \"duration_ms\" (how long the body is sent)".into(),
+            );
+        }
         let terminal = usize::from(spec.fail.is_some())
             + usize::from(spec.hang)
             + usize::from(spec.reset)
-            + usize::from(spec.stall_body);
+            + usize::from(spec.stall_body)
+            + usize::from(spec.endless_body);
         if terminal > 1 {
-            return Err("use at most one of \"fail\", \"hang\", \"reset\", \"stall_body\"".into());
+            return Err(
+                "use at most one of \"fail\", \"hang\", \"reset\", \"stall_body\", \"endless_body\""
+                    .into(),
+            );
         }
         if terminal == 0 && spec.latency_ms.unwrap_or(0) == 0 {
             return Err(
-                "a fault needs \"latency_ms\", \"fail\", \"hang\", \"reset\" or \"stall_body\""
+                "a fault needs \"latency_ms\", \"fail\", \"hang\", \"reset\", \"stall_body\" or \"endless_body\""
                     .into(),
             );
         }
@@ -344,6 +359,9 @@ impl Faults {
             } else if f.spec.stall_body {
                 // Also always has a deadline.
                 Some(Action::StallBody(f.deadline.unwrap_or(now)))
+            } else if f.spec.endless_body {
+                // Also always has a deadline.
+                Some(Action::EndlessBody(f.deadline.unwrap_or(now)))
             } else {
                 None
             };
@@ -523,6 +541,7 @@ async fn apply(
         Some(Action::StallBody(deadline)) => {
             stall_body(next.run(req).await, deadline, shutdown).await
         }
+        Some(Action::EndlessBody(deadline)) => endless_body(deadline, shutdown),
     };
     if let Ok(v) = HeaderValue::from_str(&ids) {
         response.headers_mut().insert("x-emulator-faults", v);
@@ -558,6 +577,43 @@ async fn stall_body(
     let chunks = futures::stream::once(async move { Ok::<_, std::io::Error>(head) })
         .chain(futures::stream::once(rest));
     Response::from_parts(parts, axum::body::Body::from_stream(chunks))
+}
+
+/// A 200 whose JSON body never ends: 64 KiB a millisecond (paced, so a client that reads it
+/// whole fills its memory at a bounded rate), until `deadline` (or shutdown), when the body
+/// fails, which closes the connection.
+fn endless_body(deadline: Instant, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    let padding = axum::body::Bytes::from(vec![b'x'; CHUNK]);
+    let end = async move {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = shutdown.wait_for(|down| *down) => {}
+        }
+    };
+    let more = futures::stream::unfold(Box::pin(end), move |mut end| {
+        let padding = padding.clone();
+        async move {
+            tokio::select! {
+                _ = &mut end => None,
+                _ = tokio::time::sleep(Duration::from_millis(1)) => Some((Ok(padding), end)),
+            }
+        }
+    })
+    .chain(futures::stream::once(async {
+        Err(std::io::Error::other(
+            "endless_body fault: the fault's duration is over",
+        ))
+    }));
+    let head = futures::stream::once(async {
+        Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{\"value\":\""))
+    });
+    let mut response = Response::new(axum::body::Body::from_stream(head.chain(more)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn reset_response() -> Response {

@@ -302,6 +302,50 @@ async fn a_hung_request_is_counted_when_it_arrives_on_every_route() {
 }
 
 #[tokio::test]
+async fn an_endless_body_fault_sends_a_body_that_does_not_end() {
+    let env = start_demo().await;
+    let (s, _) = env
+        .admin(
+            Method::POST,
+            "/faults",
+            Some(json!({"route": "identity.appservice", "endless_body": true, "count": 1})),
+        )
+        .await;
+    assert_eq!(s, 400, "an endless body needs its duration");
+    env.admin(
+        Method::POST,
+        "/faults",
+        Some(json!({"route": "identity.appservice", "endless_body": true, "count": 1, "duration_ms": 600_000})),
+    )
+    .await;
+    let url = format!(
+        "{}?api-version=2019-08-01&resource=https://vault.azure.net",
+        env.ep().identity_endpoint
+    );
+    let get = || {
+        env.http
+            .get(&url)
+            .header("X-IDENTITY-HEADER", &env.ep().identity_header)
+            .send()
+    };
+    let mut resp = get().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.content_length(), None, "no length declared");
+    // Far more than any answer, and still coming.
+    let mut got = 0;
+    while got <= 4 << 20 {
+        got += resp.chunk().await.unwrap().expect("more body").len();
+    }
+    drop(resp);
+    let again = get().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert!(
+        again.json::<Value>().await.unwrap()["access_token"].is_string(),
+        "only one answer is endless"
+    );
+}
+
+#[tokio::test]
 async fn tenant_filtered_entra_fault() {
     let env = start_demo().await;
     env.admin(Method::POST, "/faults", Some(json!({"route": "entra.token", "tenant": "fabrikam.onmicrosoft.com", "fail": {"status": 503}, "duration_ms": 600_000}))).await;
