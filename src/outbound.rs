@@ -1,8 +1,10 @@
 //! Outbound HTTP: one `reqwest` client (platform roots plus an optional extra CA bundle,
 //! pinned host names, timeouts) shared by the Azure SDK clients and the Entra exchange,
 //! and the broker's own managed identity credential built on it (AKS workload identity at
-//! the configured cloud's authority host, reading the environment it is given). Also how a
-//! failed connection is told to a person (`error_chain`).
+//! the configured cloud's authority host, reading the environment it is given). Every answer
+//! is read up to a bound: the broker's own reads through `body_within`, the SDK's through
+//! the transport's `Bounded`. Also how a failed connection is told to a person
+//! (`error_chain`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use azure_identity::{
     ClientAssertionCredentialOptions, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
     UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
 };
+use futures::StreamExt;
 use url::Url;
 
 use tracing::Instrument;
@@ -43,7 +46,30 @@ pub enum OutboundError {
     /// An answer whose body broke off (`body_within`).
     #[error("the answer broke off: {0}")]
     Body(String),
+    /// An answer an SDK client read longer than its upstream's bound (`Bounded`).
+    #[error(
+        "{upstream}'s answer is larger than {} KiB, more than it ever sends: a proxy or gateway may have answered",
+        .limit / 1024
+    )]
+    AnswerTooLarge {
+        upstream: &'static str,
+        limit: usize,
+    },
 }
+
+/// The most of one answer the Key Vault clients read. Key Vault's largest, a certificate read
+/// with its chain, are a few KiB; this bounds only what a proxy, gateway or captive portal in
+/// its place could make the broker hold.
+pub const KEY_VAULT_ANSWER_LIMIT: usize = 1024 * 1024;
+
+/// The most of one answer read for the broker's own identity: the managed identity endpoint
+/// (IMDS, App Service) and Entra for the workload identity. A token answer is a few KiB (a
+/// managed identity's token carries no group claims) and an error less: 64 KiB leaves them
+/// ample room and is still little to hold for every key's fetch failing at once.
+pub const IDENTITY_ANSWER_LIMIT: usize = 64 * 1024;
+
+/// Who answers the managed identity credential (IMDS or App Service), as messages name it.
+const IDENTITY_ENDPOINT: &str = "the managed identity endpoint";
 
 /// Builds the shared outbound client. TLS verification is always on; extra trust is added,
 /// never substituted.
@@ -80,15 +106,19 @@ pub fn http_client(cfg: &OutboundConfig) -> Result<reqwest::Client, OutboundErro
         .map_err(|e| OutboundError::Client(e.to_string()))
 }
 
-/// The Key Vault clients' options: no SDK retry (the broker retries them), and Key Vault's
+/// The Key Vault clients' options: no SDK retry (the broker retries them), Key Vault's
 /// refusal (401) of the broker's token passed to `credential`, which drops it
-/// (`RefusedTokens`).
+/// (`RefusedTokens`), and answers read up to `KEY_VAULT_ANSWER_LIMIT` (`Bounded`).
 pub fn key_vault_options(
     http: &reqwest::Client,
     credential: Arc<crate::identity::CachingCredential>,
 ) -> ClientOptions {
     let inner = Arc::new(RefusedTokens {
-        inner: Arc::new(http.clone()),
+        inner: Arc::new(Bounded {
+            inner: Arc::new(http.clone()),
+            limit: KEY_VAULT_ANSWER_LIMIT,
+            upstream: crate::signer::keyvault::SERVICE,
+        }),
         credential,
     });
     traced_options(inner, RetryOptions::none(), None)
@@ -251,7 +281,11 @@ fn build_credential(
             cloud.authority_host = authority.to_string();
             let mut client_options = traced_options(
                 Arc::new(ReadableEntraErrors {
-                    inner: Arc::new(http.clone()),
+                    inner: Arc::new(Bounded {
+                        inner: Arc::new(http.clone()),
+                        limit: IDENTITY_ANSWER_LIMIT,
+                        upstream: "Entra ID",
+                    }),
                 }),
                 identity_retry(),
                 Some(Upstream::ManagedIdentity),
@@ -272,7 +306,11 @@ fn build_credential(
         }
         (IdentitySource::Auto | IdentitySource::Imds | IdentitySource::AppService, _) => {
             let traced = Arc::new(Traced {
-                inner: sender(http, identity.imds_endpoint.as_ref()),
+                inner: Arc::new(Bounded {
+                    inner: sender(http, identity.imds_endpoint.as_ref()),
+                    limit: IDENTITY_ANSWER_LIMIT,
+                    upstream: IDENTITY_ENDPOINT,
+                }),
                 upstream: Some(Upstream::ManagedIdentity),
             });
             let options = ManagedIdentityCredentialOptions {
@@ -422,7 +460,9 @@ fn causes<'a>(
 
 /// Adds `traceparent`/`tracestate` of the current span to every SDK request; for the
 /// managed identity credential, wraps each request in a `managed_identity` span and records
-/// it in the metrics of the flow that caused it.
+/// it in the metrics of the flow that caused it. Its answers are read whole there (the SDK
+/// reads them whole anyway), so the span and the metric cover the body too: one over its
+/// bound, or broken off, is that call's failure, not a success followed by the SDK's error.
 #[derive(Debug)]
 struct Traced {
     inner: Arc<dyn HttpClient>,
@@ -457,10 +497,17 @@ impl HttpClient for Traced {
             otel.kind = "client",
             status = tracing::field::Empty
         );
-        let r = self.send(request).instrument(span.clone()).await;
+        let r = async {
+            let (status, headers, body) = self.send(request).await?.deconstruct();
+            let body = body.collect().await?;
+            Ok(AsyncRawResponse::from_bytes(status, headers, body))
+        }
+        .instrument(span.clone())
+        .await;
         let error = match &r {
             Ok(resp) if resp.status().is_success() => None,
             Ok(resp) => Some(format!("http_{}", u16::from(resp.status()))),
+            Err(e) if over_bound(e) => Some("too_large".to_owned()),
             Err(_) => Some("transport".to_owned()),
         };
         if let Ok(resp) = &r {
@@ -471,6 +518,73 @@ impl HttpClient for Traced {
         }
         r
     }
+}
+
+/// Answers read no further than `limit` bytes, as `body_within` reads the broker's own: one
+/// declaring a longer `Content-Length` fails at once, unread; any other fails once its body
+/// passes the bound, so a proxy, gateway or captive portal answering in the upstream's
+/// place with a huge or endless page cannot fill the broker's memory (the SDK's clients
+/// collect every body whole, unbounded). The failure (`OutboundError::AnswerTooLarge`, of
+/// kind `Other`, which no SDK retry policy retries) names `upstream`.
+#[derive(Debug)]
+struct Bounded {
+    inner: Arc<dyn HttpClient>,
+    limit: usize,
+    upstream: &'static str,
+}
+
+impl Bounded {
+    fn too_large(upstream: &'static str, limit: usize) -> azure_core::Error {
+        azure_core::Error::new(
+            ErrorKind::Other,
+            OutboundError::AnswerTooLarge { upstream, limit },
+        )
+    }
+}
+
+#[async_trait]
+impl HttpClient for Bounded {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+        let response = self.inner.execute_request(request).await?;
+        let declared = response
+            .headers()
+            .get_optional_str(&azure_core::http::headers::CONTENT_LENGTH)
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.limit as u64) {
+            return Err(Bounded::too_large(self.upstream, self.limit));
+        }
+        let (status, headers, body) = response.deconstruct();
+        let (limit, upstream) = (self.limit, self.upstream);
+        // The bytes read so far; `None` once past the bound, which ends the stream unread.
+        let bounded = body.scan(Some(0usize), move |read, chunk| {
+            let Some(so_far) = *read else {
+                return futures::future::ready(None);
+            };
+            let item = match chunk {
+                Ok(chunk) if so_far + chunk.len() > limit => {
+                    *read = None;
+                    Err(Bounded::too_large(upstream, limit))
+                }
+                Ok(chunk) => {
+                    *read = Some(so_far + chunk.len());
+                    Ok(chunk)
+                }
+                Err(e) => Err(e),
+            };
+            futures::future::ready(Some(item))
+        });
+        Ok(AsyncRawResponse::new(status, headers, Box::pin(bounded)))
+    }
+}
+
+/// Whether `e` is an answer over its bound (`Bounded`), wherever it is among its causes.
+pub fn over_bound(e: &azure_core::Error) -> bool {
+    causes(e).any(|c| {
+        matches!(
+            c.downcast_ref::<OutboundError>(),
+            Some(OutboundError::AnswerTooLarge { .. })
+        )
+    })
 }
 
 /// Sends requests for IMDS's fixed link-local address to a local emulator instead.
@@ -849,6 +963,95 @@ mod tests {
         );
         assert!(e.to_string().contains("without an Entra error"), "{e}");
         assert!(!e.to_string().contains("eyJ"), "{e}");
+    }
+
+    /// Answers with a body of `chunks` (their sizes; endless when `None`), declaring
+    /// `length`; counts the chunks read.
+    #[derive(Debug)]
+    struct Streaming {
+        chunks: Option<Vec<usize>>,
+        length: Option<usize>,
+        read: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl HttpClient for Streaming {
+        async fn execute_request(&self, _: &Request) -> azure_core::Result<AsyncRawResponse> {
+            let mut headers = azure_core::http::headers::Headers::new();
+            if let Some(n) = self.length {
+                headers.insert(azure_core::http::headers::CONTENT_LENGTH, n.to_string());
+            }
+            let sizes: Box<dyn Iterator<Item = usize> + Send> = match &self.chunks {
+                Some(c) => Box::new(c.clone().into_iter()),
+                None => Box::new(std::iter::repeat(1024)),
+            };
+            let read = self.read.clone();
+            let body = futures::stream::iter(sizes).map(move |n| {
+                read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(bytes::Bytes::from(vec![b'x'; n]))
+            });
+            Ok(AsyncRawResponse::new(
+                azure_core::http::StatusCode::Ok,
+                headers,
+                Box::pin(body),
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_sdk_answer_is_read_up_to_its_bound_and_no_further() {
+        const LIMIT: usize = 4 * 1024;
+        let request = Request::new(
+            Url::parse("https://vault.example/keys/k/v/sign").unwrap(),
+            azure_core::http::Method::Post,
+        );
+        // The body read through the bound (its length), the chunks read, and the failure.
+        let read = |chunks: Option<Vec<usize>>, length: Option<usize>| {
+            let request = request.clone();
+            async move {
+                let counted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let bounded = Bounded {
+                    inner: Arc::new(Streaming {
+                        chunks,
+                        length,
+                        read: counted.clone(),
+                    }),
+                    limit: LIMIT,
+                    upstream: "Key Vault",
+                };
+                let r = match bounded.execute_request(&request).await {
+                    Ok(response) => response.into_body().collect().await.map(|b| b.len()),
+                    Err(e) => Err(e),
+                };
+                (r, counted.load(std::sync::atomic::Ordering::Relaxed))
+            }
+        };
+        let refused = |r: azure_core::Result<usize>| {
+            let e = r.expect_err("over the bound");
+            assert!(over_bound(&e), "{e:?}");
+            assert_eq!(
+                root_cause(&e),
+                "Key Vault's answer is larger than 4 KiB, more than it ever sends: a proxy or gateway may have answered"
+            );
+        };
+        // Exactly the bound: read, declared or not.
+        for length in [None, Some(LIMIT)] {
+            let (r, _) = read(Some(vec![1024; 4]), length).await;
+            assert_eq!(r.unwrap(), LIMIT, "{length:?}");
+        }
+        // One byte over, in the last chunk or in one: refused.
+        for chunks in [vec![1024, 1024, 1024, 1025], vec![LIMIT + 1]] {
+            let (r, _) = read(Some(chunks), None).await;
+            refused(r);
+        }
+        // An endless body: refused once past the bound, the rest never read.
+        let (r, chunks) = read(None, None).await;
+        refused(r);
+        assert_eq!(chunks, LIMIT / 1024 + 1);
+        // A declared length over the bound: refused at once, without reading the body.
+        let (r, chunks) = read(Some(vec![LIMIT + 1]), Some(LIMIT + 1)).await;
+        refused(r);
+        assert_eq!(chunks, 0);
     }
 
     #[test]

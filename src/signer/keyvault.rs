@@ -288,7 +288,17 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
                 },
             }
         }
+        // The broker's own identity's failure, an answer over its bound included (the
+        // endpoint's or Entra's, not Key Vault's).
         ErrorKind::Credential => identity_failure(&e),
+        // An answer longer than Key Vault ever sends (`outbound::Bounded`): a page in its
+        // place, retried as the others are.
+        _ if crate::outbound::over_bound(&e) => SignerError::Unavailable {
+            service: SERVICE,
+            message: root_message(&e),
+            retry_after: None,
+            throttled: false,
+        },
         ErrorKind::Connection | ErrorKind::Io => SignerError::Unavailable {
             service: SERVICE,
             message: crate::outbound::with_dns_hint(root_message(&e)),
@@ -583,6 +593,41 @@ mod tests {
             assert!(e.is_retryable(), "{e:?}");
             assert_eq!(e.retry_after(), Some(Duration::from_secs(hint)), "{e:?}");
         }
+    }
+
+    #[test]
+    fn an_answer_over_its_bound_is_retried_and_charged_to_whoever_sent_it() {
+        let over = |upstream: &'static str, limit: usize| {
+            azure_core::Error::new(
+                ErrorKind::Other,
+                crate::outbound::OutboundError::AnswerTooLarge { upstream, limit },
+            )
+            .with_context("non-transport error occurred which will not be retried")
+        };
+        // Key Vault's: unavailable, retried, behind Key Vault's breaker.
+        let e = classify(over(SERVICE, 1 << 20), "key k/v");
+        assert!(
+            matches!(&e, SignerError::Unavailable { message, throttled: false, .. }
+                if message.starts_with("Key Vault's answer is larger than 1024 KiB")),
+            "{e:?}"
+        );
+        assert!(e.is_retryable());
+        // The broker's identity's (under the credential's error): its failure, not Key
+        // Vault's, retried.
+        let e = classify(
+            azure_core::Error::with_error(
+                ErrorKind::Credential,
+                over("the managed identity endpoint", 64 << 10),
+                "ManagedIdentityCredential authentication failed.",
+            ),
+            "key k/v",
+        );
+        assert!(
+            matches!(&e, SignerError::Identity { message, .. }
+                if message.starts_with("the managed identity endpoint's answer is larger than 64 KiB")),
+            "{e:?}"
+        );
+        assert!(crate::flow::FlowError::Signer(e).is_retryable());
     }
 
     #[test]

@@ -832,10 +832,28 @@ async fn a_hung_identity_endpoint_is_named_and_spares_key_vaults_breaker() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_answer_from_the_identity_endpoint_is_read_no_further_than_its_bound() {
+    // A proxy answering IMDS's address with a page that never ends: read no further than
+    // 64 KiB, told as the endpoint's (not Key Vault's, nor the credential's time bound),
+    // counted as the managed identity call's failure.
+    let metrics = identity_outage_spares_key_vault(
+        json!({"route": "identity.imds", "endless_body": true, "duration_ms": 600_000}),
+        "the managed identity endpoint's answer is larger than 64 KiB",
+    )
+    .await;
+    assert!(
+        metrics.contains(
+            r#"tokenbroker_upstream_calls_total{code="too_large",result="error",upstream="managed_identity"}"#
+        ),
+        "{metrics}"
+    );
+}
+
 /// With the managed identity endpoint failing as `fault` says, callers are told what it
 /// `says` (not Key Vault's silence), Key Vault's breakers stay closed however many calls
-/// fail, and calls are served once the endpoint recovers.
-async fn identity_outage_spares_key_vault(fault: serde_json::Value, says: &str) {
+/// fail, and calls are served once the endpoint recovers. The metrics as of the outage.
+async fn identity_outage_spares_key_vault(fault: serde_json::Value, says: &str) -> String {
     let stack = Stack::start().await;
     stack.admin_post("/faults", fault).await;
     // More calls than it takes to open a breaker (5 failures), each retried by the broker.
@@ -859,6 +877,7 @@ async fn identity_outage_spares_key_vault(fault: serde_json::Value, says: &str) 
     stack.clear_faults().await;
     stack.get_after_hold_off("contoso", GRAPH).await;
     stack.stop().await;
+    metrics
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1249,6 +1268,54 @@ async fn an_oversized_answer_from_entras_place_is_read_no_further_than_its_bound
     stack.clear_faults().await;
     // Not Entra's verdict, so not remembered as the configuration's fault.
     stack.get_after_hold_off("contoso", GRAPH).await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_or_endless_answer_in_key_vaults_place_is_read_no_further_than_its_bound() {
+    let stack = Stack::start().await;
+    // A page that never ends, and one declaring 1.5 MiB, with 200: neither is read past
+    // 1 MiB (more than any answer of Key Vault's), so a misbehaving proxy cannot make the
+    // broker hold what it sends.
+    let page = "<p>PAGE-MARKER</p>".repeat(3 * 512 * 1024 / 18);
+    for (tenant, fault) in [
+        (
+            "contoso",
+            json!({"route": "keyvault.sign", "endless_body": true, "duration_ms": 600_000}),
+        ),
+        (
+            "fabrikam",
+            json!({"route": "keyvault.sign", "count": 100,
+                   "fail": {"status": 200, "content_type": "text/html", "raw_body": page}}),
+        ),
+    ] {
+        stack.admin_post("/faults", fault).await;
+        let s = assert_status(
+            stack.get(tenant, GRAPH).await,
+            Code::Unavailable,
+            &[
+                "Key Vault is unavailable",
+                "Key Vault's answer is larger than 1024 KiB",
+                "a proxy or gateway may have answered",
+            ],
+        );
+        assert!(!s.message().contains("PAGE-MARKER"), "{}", s.message());
+        assert!(
+            stack.route_total("keyvault.sign").await >= 2,
+            "retried within the budget"
+        );
+        // Counted as Key Vault's failed calls.
+        let m = stack.metrics().await;
+        assert!(
+            m.contains(
+                r#"tokenbroker_upstream_calls_total{code="unavailable",result="error",upstream="keyvault_sign"}"#
+            ),
+            "{m}"
+        );
+        // Not Key Vault's verdict, so not remembered: served once the page is gone.
+        stack.clear_faults().await;
+        stack.get_after_hold_off(tenant, GRAPH).await;
+    }
     stack.stop().await;
 }
 
