@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -186,6 +187,9 @@ struct Inner {
     /// Bumped when remembered configuration failures are forgotten (`forget_refusals`): it
     /// wakes the tasks waiting for one to end (a watched key's first fetch, a refresh).
     forgotten: tokio::sync::watch::Sender<u64>,
+    /// Bumped when `forget_refusals` begins: a fetch under way by then answers a request
+    /// made before, and its refusal is not remembered past the forgetting.
+    forgetting: AtomicU64,
 }
 
 /// The broker. Cheap to clone.
@@ -224,6 +228,7 @@ impl Broker {
                 stats: Stats::default(),
                 fetch_log: LogBudget::default(),
                 forgotten: tokio::sync::watch::Sender::new(0),
+                forgetting: AtomicU64::new(0),
             }),
         }
     }
@@ -585,6 +590,9 @@ impl Broker {
     /// `negative_ttl_secs`. Held transient failures stay, as do the breakers: they protect
     /// an upstream that is down or throttling. Returns how many were in force.
     pub async fn forget_refusals(&self) -> usize {
+        // Before the entries go: a fetch under way now, which may have been refused before
+        // the fix, remembers no refusal after them (`Slot::remember_unless`).
+        self.inner.forgetting.fetch_add(1, Ordering::SeqCst);
         let forgotten = self
             .inner
             .cache
@@ -644,6 +652,7 @@ impl Broker {
         Ok(slot.fetch(self.inner.clock.clone(), move || {
             let span = info_span!("fetch", tenant = %tenant.name, scopes = %key.scopes.join(" "));
             async move {
+                let forgetting = broker.inner.forgetting.load(Ordering::SeqCst);
                 // The error's `Arc` is the one remembered and the one callers get, so a
                 // caller can tell its failure's entry (`serve_token`).
                 let result = broker
@@ -680,11 +689,22 @@ impl Broker {
                                 None
                             };
                             if let Some(hold) = hold {
-                                slot.set_negative(Some(Remembered {
-                                    until: now + hold,
-                                    error: e.clone(),
-                                    persistent: e.is_persistent(),
-                                }));
+                                // Not a refusal to a request sent before remembered refusals
+                                // were forgotten (a SIGHUP after the fix): the key is asked
+                                // again, as the forgetting promised.
+                                let forgotten_since = || {
+                                    e.is_persistent()
+                                        && broker.inner.forgetting.load(Ordering::SeqCst)
+                                            != forgetting
+                                };
+                                slot.remember_unless(
+                                    Remembered {
+                                        until: now + hold,
+                                        error: e.clone(),
+                                        persistent: e.is_persistent(),
+                                    },
+                                    forgotten_since,
+                                );
                             }
                         }
                     }

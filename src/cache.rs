@@ -346,6 +346,21 @@ impl<E: Send + Sync + 'static> Slot<E> {
         self.retrying.store(false, Ordering::Release);
     }
 
+    /// Remembers `remembered` unless `forgotten_since()` (remembered failures were forgotten
+    /// while its fetch was under way), asked under the lock `forget_persistent` takes. The
+    /// forgetting says so before it takes the lock: either the entry is set first and then
+    /// forgotten, or the question sees it.
+    pub fn remember_unless(
+        &self,
+        remembered: Remembered<E>,
+        forgotten_since: impl FnOnce() -> bool,
+    ) {
+        let mut n = self.negative.lock().unwrap_or_else(|p| p.into_inner());
+        if !forgotten_since() {
+            *n = Some(remembered);
+        }
+    }
+
     pub fn set_negative(&self, remembered: Option<Remembered<E>>) {
         *self.negative.lock().unwrap_or_else(|p| p.into_inner()) = remembered;
     }

@@ -32,6 +32,8 @@ enum Answer {
     Hang,
     /// Answers an hourly token once the gate is opened.
     Wait(Arc<tokio::sync::Notify>),
+    /// Refuses (as `Refuse`) once the gate is opened.
+    RefuseWhen(Arc<tokio::sync::Notify>),
 }
 
 impl Answer {
@@ -108,17 +110,26 @@ impl TokenExchange for FakeEntra {
                     refresh_in: None,
                 })
             }
-            Answer::Refuse => Err(EntraError {
-                class: EntraErrorClass::Configuration,
-                status: 400,
-                error: "unauthorized_client".into(),
-                codes: vec![7000112],
-                description: "AADSTS7000112: Application is disabled.".into(),
-                correlation_id: Some(req.correlation_id.to_string()),
-                trace_id: None,
-                retry_after: None,
-            }),
+            Answer::RefuseWhen(gate) => {
+                gate.notified().await;
+                Err(refusal(&req))
+            }
+            Answer::Refuse => Err(refusal(&req)),
         }
+    }
+}
+
+/// Entra's refusal of a disabled app.
+fn refusal(req: &ExchangeRequest<'_>) -> EntraError {
+    EntraError {
+        class: EntraErrorClass::Configuration,
+        status: 400,
+        error: "unauthorized_client".into(),
+        codes: vec![7000112],
+        description: "AADSTS7000112: Application is disabled.".into(),
+        correlation_id: Some(req.correlation_id.to_string()),
+        trace_id: None,
+        retry_after: None,
     }
 }
 
@@ -1390,6 +1401,29 @@ async fn a_refresh_refused_for_good_is_tried_again_at_once_when_forgotten() {
     settle().await;
     assert_eq!(f.entra.calls(), 3, "the refresh chain asked again at once");
     assert!(f.broker.get_token(contoso(None, false)).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_asked_for_before_refusals_are_forgotten_is_not_remembered_after() {
+    let f = fixture(HOUR, "max_attempts = 1\nnegative_ttl_secs = 300");
+    // A fetch is under way, its request sent while the app is still disabled...
+    let gate = Arc::new(tokio::sync::Notify::new());
+    f.entra.set(Answer::RefuseWhen(gate.clone()));
+    let asking = f.spawn_get();
+    settle().await;
+    assert_eq!(f.entra.calls(), 1);
+    // ... when the operator fixes it and sends SIGHUP; then the refusal comes back.
+    f.entra.set(Answer::hourly());
+    assert_eq!(f.broker.forget_refusals().await, 0);
+    gate.notify_one();
+    settle().await;
+    let s = status_of(asking.await.unwrap());
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(!s.message().contains("remembered"), "{}", s.message());
+    // The answer to a request from before the SIGHUP is not remembered past it: the next
+    // caller asks again at once.
+    assert_eq!(f.get(None).await.unwrap().source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 2);
 }
 
 #[tokio::test(start_paused = true)]
