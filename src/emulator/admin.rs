@@ -92,7 +92,7 @@ async fn counters(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn reset_counters(State(shared): State<Arc<Shared>>) -> Response {
-    *shared.counters() = Default::default();
+    shared.counters().reset();
     StatusCode::NO_CONTENT.into_response()
 }
 

@@ -464,17 +464,19 @@ pub(crate) async fn middleware(
     };
     // Counted as it arrives, so a request a fault holds (a hang) shows at once, not when the
     // hang ends; its outcome when it is answered (`Outcome`).
-    {
+    let resets = {
         let mut counters = shared.counters();
         let count = counters.routes.entry(route.to_owned()).or_default();
         count.total += 1;
         if traceparent.is_some() {
             count.traceparent = traceparent;
         }
-    }
+        counters.resets
+    };
     let mut outcome = Outcome {
         shared: shared.clone(),
         route,
+        resets,
         ok: false,
     };
     let response = match shared.faults.take(route, &target) {
@@ -487,16 +489,21 @@ pub(crate) async fn middleware(
 
 /// A counted request's outcome, recorded when it ends: its answer's status (< 400 is a
 /// success), or a failure when it ends unanswered (its client went away while a fault held
-/// it).
+/// it). Not when the counters were reset since it was counted: the reset cleared its total.
 struct Outcome {
     shared: Arc<Shared>,
     route: &'static str,
+    /// The counters' resets when it was counted.
+    resets: u64,
     ok: bool,
 }
 
 impl Drop for Outcome {
     fn drop(&mut self) {
         let mut counters = self.shared.counters();
+        if counters.resets != self.resets {
+            return;
+        }
         let count = counters.routes.entry(self.route.to_owned()).or_default();
         if self.ok {
             count.success += 1;

@@ -495,7 +495,7 @@ impl Shared {
     /// external issuers (keys, failures), and sets the clock offset back to 0.
     pub fn reset(&self) {
         *self.state() = self.initial.clone();
-        *self.counters() = Counters::default();
+        self.counters().reset();
         self.faults.clear();
         self.clock.reset();
         self.issuers.clear();
@@ -582,6 +582,21 @@ pub(crate) struct Counters {
     pub mi_tokens: BTreeMap<String, u64>,
     /// Graph-style requests per tenant id (from the token; `-` when it names none).
     pub graph: BTreeMap<String, RouteCount>,
+    /// How many times the counters were reset: a request counted before a reset has its
+    /// outcome counted only if none came since (`Counters::reset`), so no route shows an
+    /// outcome its total does not count.
+    #[serde(skip)]
+    pub resets: u64,
+}
+
+impl Counters {
+    /// Clears every count.
+    pub fn reset(&mut self) {
+        *self = Counters {
+            resets: self.resets.wrapping_add(1),
+            ..Counters::default()
+        };
+    }
 }
 
 #[derive(Debug, Default, Clone, Serialize)]

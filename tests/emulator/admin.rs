@@ -346,6 +346,48 @@ async fn an_endless_body_fault_sends_a_body_that_does_not_end() {
 }
 
 #[tokio::test]
+async fn a_request_counted_before_the_counters_are_reset_leaves_no_outcome_after() {
+    let env = start_demo().await;
+    let route = "identity.appservice";
+    // Held for two seconds, then answered (a reset connection's 502).
+    env.admin(
+        Method::POST,
+        "/faults",
+        Some(json!({"route": route, "hang": true, "count": 1, "duration_ms": 2_000})),
+    )
+    .await;
+    let held = tokio::spawn(
+        env.http
+            .get(format!(
+                "{}?api-version=2019-08-01&resource=https://vault.azure.net",
+                env.ep().identity_endpoint
+            ))
+            .header("X-IDENTITY-HEADER", &env.ep().identity_header)
+            .send(),
+    );
+    let mut spent = false;
+    for _ in 0..500 {
+        let (_, f) = env.admin(Method::GET, "/faults", None).await;
+        spent = f["faults"][0]["spent"] == true;
+        if spent {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(spent, "the request reached its hang");
+    // Reset while it is held (counted in the total that the reset clears); its outcome,
+    // recorded once it is answered, is not counted after the reset either.
+    env.admin(Method::POST, "/counters/reset", None).await;
+    let _ = held.await.unwrap();
+    let (_, c) = env.admin(Method::GET, "/counters", None).await;
+    let count = &c["routes"][route];
+    assert!(
+        count.is_null() || (count["total"] == 0 && count["failure"] == 0),
+        "{c}"
+    );
+}
+
+#[tokio::test]
 async fn tenant_filtered_entra_fault() {
     let env = start_demo().await;
     env.admin(Method::POST, "/faults", Some(json!({"route": "entra.token", "tenant": "fabrikam.onmicrosoft.com", "fail": {"status": 503}, "duration_ms": 600_000}))).await;
