@@ -367,7 +367,7 @@ impl Broker {
                 return Ok(serve(token, source, now));
             }
             if let Some(token) = &state.token {
-                self.unmet_without_fetch(token, wanted, &slot, now)?;
+                self.unmet_without_fetch(token, wanted, &slot, now, &mut under_way)?;
                 if through_outage && self.serves_through_outage(token, &state, &slot, now) {
                     self.inner.stats.hits.incr();
                     self.inner.stats.stale_served.incr();
@@ -494,16 +494,20 @@ impl Broker {
     ///
     /// A token for a key has at most the validity the last one was issued with (Entra gives
     /// a key's tokens the same lifetime): above that, no new token would do better, and the
-    /// caller is told at once how much a token gets. Below it, while the cached token still serves callers that ask for no minimum, a new token
-    /// is fetched early for this caller's sake only as often as a forced refresh is allowed
-    /// (`force_refresh_interval`, shared with `force_refresh`); otherwise every request
-    /// arriving once the token's remaining validity fell below the wanted one would fetch.
+    /// caller is told at once how much a token gets. Below it, while the cached token still
+    /// serves callers that ask for no minimum, a fetch under way is joined (put in
+    /// `under_way`: its token may meet the minimum at no cost to the upstream), and only
+    /// otherwise is a new token fetched early for this caller's sake, as often as a forced
+    /// refresh is allowed (`force_refresh_interval`, shared with `force_refresh`): else every
+    /// request arriving once the token's remaining validity fell below the wanted one would
+    /// fetch. Joining does not spend the interval.
     fn unmet_without_fetch(
         &self,
         token: &CachedToken,
         wanted: Duration,
         slot: &Slot<FlowError>,
         now: Moment,
+        under_way: &mut Option<Flight>,
     ) -> Result<(), BrokerError> {
         let remaining = token.remaining(now);
         if remaining >= wanted {
@@ -517,10 +521,14 @@ impl Broker {
             });
         }
         let cfg = &self.inner.cfg;
-        if remaining >= cfg.default_min_validity.max(cfg.safety_margin)
-            && !slot.allow_forced(now, cfg.force_refresh_interval)
-        {
-            return Err(BrokerError::MinValidityUnmet { remaining, wanted });
+        if remaining >= cfg.default_min_validity.max(cfg.safety_margin) {
+            if let Some(flight) = slot.flight() {
+                *under_way = Some(flight);
+                return Ok(());
+            }
+            if !slot.allow_forced(now, cfg.force_refresh_interval) {
+                return Err(BrokerError::MinValidityUnmet { remaining, wanted });
+            }
         }
         Ok(())
     }

@@ -30,8 +30,8 @@ enum Answer {
     RejectKey,
     /// Never answers.
     Hang,
-    /// Answers an hourly token once the gate is opened.
-    Wait(Arc<tokio::sync::Notify>),
+    /// Answers a token of the given lifetime once the gate is opened.
+    Wait(Arc<tokio::sync::Notify>, Duration),
     /// Refuses (as `Refuse`) once the gate is opened.
     RefuseWhen(Arc<tokio::sync::Notify>),
 }
@@ -101,12 +101,12 @@ impl TokenExchange for FakeEntra {
                 retry_after: None,
             }),
             Answer::Hang => futures::future::pending().await,
-            Answer::Wait(gate) => {
+            Answer::Wait(gate, lifetime) => {
                 gate.notified().await;
                 Ok(EntraToken {
                     access_token: Sensitive::new(format!("token-{n}")),
                     token_type: "Bearer".into(),
-                    expires_in: HOUR,
+                    expires_in: lifetime,
                     refresh_in: None,
                 })
             }
@@ -1491,7 +1491,7 @@ async fn a_forced_refresh_joins_the_fetch_under_way_even_within_its_interval() {
     // The scheduled refresh is under way, Entra slow to answer: a forced caller joins it,
     // rather than being answered at once with the token it asked to replace.
     let gate = Arc::new(tokio::sync::Notify::new());
-    f.entra.set(Answer::Wait(gate.clone()));
+    f.entra.set(Answer::Wait(gate.clone(), HOUR));
     f.advance(HOUR / 2).await;
     assert_eq!(f.entra.calls(), 3);
     let asking = f.spawn_forced();
@@ -1511,6 +1511,77 @@ async fn a_forced_refresh_joins_the_fetch_under_way_even_within_its_interval() {
         other => panic!("{other:?}"),
     }
     assert_eq!(f.entra.calls(), 4, "joined, not fetched again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_early_fetch_for_more_validity_joins_the_fetch_under_way_without_spending_its_interval()
+{
+    let f = fixture(
+        HOUR,
+        "max_attempts = 1\n[cache]\nforce_refresh_interval_secs = 86400",
+    );
+    let gate = Arc::new(tokio::sync::Notify::new());
+    // A request for `min_validity` seconds, in a task of its own, answered once the fetch
+    // under way (Entra slow to answer) is let through.
+    let joining = |min_validity: u64| {
+        let broker = f.broker.clone();
+        let gate = gate.clone();
+        async move {
+            let asking =
+                tokio::spawn(
+                    async move { broker.get_token(contoso(Some(min_validity), false)).await },
+                );
+            settle().await;
+            assert!(!asking.is_finished(), "answered before the fetch under way");
+            gate.notify_one();
+            settle().await;
+            asking.await.unwrap()
+        }
+    };
+    f.get(None).await.unwrap();
+    // The scheduled refresh is under way: a caller wanting more than the cached token has
+    // joins it, its token the answer.
+    f.entra.set(Answer::Wait(gate.clone(), HOUR));
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 2);
+    let t = joining(3000).await.unwrap();
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(token_of(&t), "token-1");
+    assert_eq!(f.entra.calls(), 2, "joined, not fetched again");
+    // Joining did not spend the interval: the next early fetch is the caller's own.
+    f.entra.set(Answer::hourly());
+    f.advance(Duration::from_secs(100)).await;
+    let t = f.get(Some(3550)).await.unwrap();
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 3);
+    // Within the interval now spent, a fetch under way is still joined.
+    f.entra.set(Answer::Wait(gate.clone(), HOUR));
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 4);
+    let t = joining(3000).await.unwrap();
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(token_of(&t), "token-3");
+    // A joined token that does not meet the minimum: refused as ever, with what it has.
+    f.entra
+        .set(Answer::Wait(gate.clone(), Duration::from_secs(2000)));
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 5);
+    match joining(3000).await {
+        Err(BrokerError::MinValidityUnmet { remaining, wanted }) => {
+            assert_eq!(remaining, Duration::from_secs(2000));
+            assert_eq!(wanted, Duration::from_secs(3000));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A fetch under way that fails: the caller gets its failure.
+    f.entra.set(Answer::Hang);
+    f.advance(Duration::from_secs(1000)).await;
+    assert_eq!(f.entra.calls(), 6);
+    match f.get(Some(1500)).await {
+        Err(BrokerError::Upstream { source, .. }) => assert!(source.is_retryable()),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.entra.calls(), 6, "joined, not fetched again");
 }
 
 #[tokio::test(start_paused = true)]
