@@ -159,6 +159,23 @@ enum Started {
     Refresh,
 }
 
+/// What a watch may ask of its key besides its state (`Broker::subscribe`).
+#[derive(Debug, Clone)]
+pub struct WatchedKey {
+    /// Weak: a watch must not keep a slot the cache has let go.
+    slot: Weak<Slot<FlowError>>,
+}
+
+impl WatchedKey {
+    /// How much longer, at `now`, the key's configuration failure is remembered (neither
+    /// its callers nor its refresh ask the upstream again until then), if one is: what a
+    /// caller is told with the failure (`BrokerError::Upstream::remembered`).
+    pub fn remembered(&self, now: Moment) -> Option<Duration> {
+        let until = self.slot.upgrade()?.negative_until(now)?;
+        Some(whole_seconds(until.until(now)))
+    }
+}
+
 /// The upstream seams the broker uses; tests replace any of them.
 #[derive(Clone, Debug)]
 pub struct Upstreams {
@@ -539,13 +556,18 @@ impl Broker {
         &self,
         tenant: &str,
         scopes: &[String],
-    ) -> Result<tokio::sync::watch::Receiver<SlotState>, BrokerError> {
+    ) -> Result<(tokio::sync::watch::Receiver<SlotState>, WatchedKey), BrokerError> {
         let key = self.key(tenant, scopes)?;
         let (rx, slot) = self.inner.cache.watch(&key).await;
         if slot.current().token.is_none() {
             self.fetch_for_watchers(key, &slot);
         }
-        Ok(rx)
+        Ok((
+            rx,
+            WatchedKey {
+                slot: Arc::downgrade(&slot),
+            },
+        ))
     }
 
     /// Fetches a watched key's first token in the background: a failure is retried with the

@@ -116,17 +116,22 @@ pub fn to_status(e: &BrokerError) -> Status {
             match remembered {
                 Some(left) => Status::with_metadata(
                     status.code(),
-                    format!(
-                        "{} (remembered: this tenant and these scopes are not asked for again for {}; SIGHUP the broker to ask at once)",
-                        status.message(),
-                        span_text(*left)
-                    ),
+                    format!("{} {}", status.message(), remembered_note(*left)),
                     status.metadata().clone(),
                 ),
                 None => status,
             }
         }
     }
+}
+
+/// What a caller or a watcher is told of a configuration failure the broker remembers for
+/// `left` more: when its key is asked again, and how to have it asked at once.
+pub fn remembered_note(left: Duration) -> String {
+    format!(
+        "(remembered: this tenant and these scopes are not asked for again for {}; SIGHUP the broker to ask at once)",
+        span_text(left)
+    )
 }
 
 /// A span for people, in whole seconds: `45s`, `4m 10s`, `2h 0m 5s`.

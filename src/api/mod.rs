@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, info, info_span};
 use crate::access::{Access, AccessError};
 use crate::audit::{AuditRecord, Outcome};
 use crate::authn::{Caller, ClientCert, Credentials};
-use crate::broker::{Broker, BrokerError, TokenQuery, TokenSource};
+use crate::broker::{Broker, BrokerError, TokenQuery, TokenSource, WatchedKey};
 use crate::cache::{CachedToken, SlotState};
 use crate::clock::Moment;
 use crate::limits::{InFlight, WatchSlot};
@@ -318,6 +318,8 @@ impl Service {
         };
         audit.repeatable = matches!(failure, Failure::Access(e) if e.is_repeatable());
         audit.code = error::code_name(status.code());
+        // The failure's own words, not the status's advice nor a remembered failure's
+        // countdown: a reason that reads the same for every request the failure answers.
         audit.reason = Some(failure.to_string());
         if let Failure::Broker(e) = failure {
             audit.entra_correlation_id = error::entra_correlation_id(e);
@@ -539,7 +541,7 @@ impl TokenBroker for Service {
             // Admitted, so authenticated: the record holds the caller's identity.
             let caller = p.record.caller.clone().unwrap_or_default();
             let slot = self.access.open_watch(&caller)?;
-            let rx = self.broker.subscribe(&p.tenant, &admitted.scopes).await?;
+            let (rx, key) = self.broker.subscribe(&p.tenant, &admitted.scopes).await?;
             // A watch proven by the client certificate keeps passing the trust in force
             // (revocation lists reloaded since the handshake).
             let certificate = admitted
@@ -551,12 +553,12 @@ impl TokenBroker for Service {
                 (admitted.valid_until, certificate),
                 caller,
                 slot,
-                rx,
+                (rx, key),
             ))
         }
         .await;
         let mut audit = pending.answered();
-        let (scopes, (valid_until, certificate), caller, slot, rx) = match admitted {
+        let (scopes, (valid_until, certificate), caller, slot, (rx, key)) = match admitted {
             Ok(a) => a,
             Err(f) => {
                 let r = Err(self.fail(&env.request_id, &mut audit, &f));
@@ -573,6 +575,7 @@ impl TokenBroker for Service {
         let watcher = Watcher {
             service: self.clone(),
             rx: WatchStream::new(rx),
+            key,
             caller,
             tenant: audit.tenant.clone(),
             scopes,
@@ -603,6 +606,8 @@ impl TokenBroker for Service {
 struct Watcher {
     service: Service,
     rx: WatchStream<SlotState>,
+    /// Whether the key's failure is remembered, told with it (`last_error`).
+    key: WatchedKey,
     caller: String,
     tenant: String,
     /// Normalised.
@@ -722,12 +727,13 @@ impl Watcher {
             {
                 return Some(Err(self.end(AccessError::CredentialExpired { at })));
             }
+            let last_error = self.last_error(&state, now);
             let Some(token) = token else {
                 self.said = Some(said);
                 return Some(Ok(proto::WatchTokenResponse {
                     token: None,
                     refresh_failing: true,
-                    last_error: state.failure.clone().unwrap_or_default(),
+                    last_error,
                 }));
             };
             if let Some(c) = &self.certificate
@@ -755,8 +761,23 @@ impl Watcher {
             return Some(Ok(proto::WatchTokenResponse {
                 token: Some(response(token, source, now)),
                 refresh_failing: failing,
-                last_error: state.failure.clone().unwrap_or_default(),
+                last_error,
             }));
+        }
+    }
+
+    /// Why the key's refresh fails, if it does: a configuration failure the broker
+    /// remembers says so and for how long, as a `GetToken` caller is told, so that the
+    /// watcher knows when the key is asked again (nothing is sent when that fails again).
+    fn last_error(&self, state: &SlotState, now: Moment) -> String {
+        let Some(failure) = &state.failure else {
+            return String::new();
+        };
+        match self.key.remembered(now) {
+            Some(left) if !state.failure_transient => {
+                format!("{failure} {}", error::remembered_note(left))
+            }
+            _ => failure.clone(),
         }
     }
 

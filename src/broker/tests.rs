@@ -313,6 +313,7 @@ impl Fixture {
             .subscribe("contoso", &[GRAPH.to_string()])
             .await
             .unwrap()
+            .0
     }
 
     /// Whole seconds `t` has left.

@@ -109,6 +109,35 @@ async fn every_decision_is_one_record_with_the_token_fingerprint_and_never_the_t
     h.stop().await;
 }
 
+/// A failure the broker remembers tells its callers how long (a countdown); the audit record
+/// keeps the failure's own reason, the same for every request it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_failures_audit_reason_is_the_failure_without_its_countdown() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", USER_READ)]),
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    // Entra refuses a scope without /.default: remembered as the request's fault.
+    for _ in 0..2 {
+        let e = h
+            .get(Some(&a), None, "contoso", &[USER_READ])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("(remembered: "), "{}", e.message());
+    }
+    let r = h.records();
+    assert_eq!(r.len(), 2, "{r:#?}");
+    let reason = r[0].reason.as_deref().unwrap();
+    assert!(reason.contains("AADSTS"), "{reason}");
+    assert!(!reason.contains("remembered"), "{reason}");
+    assert_eq!(r[1].reason, r[0].reason);
+    assert_eq!(r[1].entra_correlation_id, r[0].entra_correlation_id);
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_request_id_is_returned_to_the_caller() {
     let h = Harness::start(Options::default()).await;

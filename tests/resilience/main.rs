@@ -674,6 +674,11 @@ async fn a_watcher_hears_once_that_refreshing_fails_not_of_each_failed_retry() {
             .collect::<Vec<_>>()
     );
     assert!(messages[0].refresh_failing && !messages[0].last_error.is_empty());
+    assert!(
+        !messages[0].last_error.contains("remembered"),
+        "an outage is not remembered: {}",
+        messages[0].last_error
+    );
     let stale = messages[0].token.as_ref().unwrap();
     assert_eq!(stale.access_token, first.access_token);
     // The outage ends: the next message is the new token.
@@ -683,6 +688,44 @@ async fn a_watcher_hears_once_that_refreshing_fails_not_of_each_failed_retry() {
     let new = next.token.unwrap();
     assert_ne!(new.access_token, first.access_token);
     assert_eq!(new.source, TokenSource::Exchange as i32);
+    stack.stop().await;
+}
+
+/// A watcher of a key whose configuration Entra refuses is told, as a `GetToken` caller is,
+/// that the refusal is remembered and how long the key goes unasked: a later refusal sends
+/// no message of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_is_told_how_long_a_refusal_is_remembered() {
+    let stack = manual("max_attempts = 1\nnegative_ttl_secs = 300").await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100000,
+                "fail": {"status": 400, "body": {
+                    "error": "unauthorized_client",
+                    "error_description": "AADSTS700016: Application with identifier 'x' was not found in the directory.",
+                    "error_codes": [700016]
+                }}}),
+        )
+        .await;
+    let told = |left: &str| {
+        format!(
+            "(remembered: this tenant and these scopes are not asked for again for {left}; SIGHUP the broker to ask at once)"
+        )
+    };
+    let mut watching = watch(&stack, "contoso").await;
+    let m = watch_next(&mut watching).await;
+    assert!(m.token.is_none() && m.refresh_failing, "{m:?}");
+    assert!(m.last_error.contains("AADSTS700016"), "{}", m.last_error);
+    assert!(m.last_error.ends_with(&told("5m 0s")), "{}", m.last_error);
+    let e = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().ends_with(&told("5m 0s")), "{}", e.message());
+    // A watcher arriving later is told the time left.
+    stack.advance(MIN).await;
+    let mut later = watch(&stack, "contoso").await;
+    let m = watch_next(&mut later).await;
+    assert!(m.last_error.ends_with(&told("4m 0s")), "{}", m.last_error);
     stack.stop().await;
 }
 
