@@ -138,8 +138,14 @@ impl BrokerError {
 /// Cache counters for tests, metrics and benchmarks; striped, as every request bumps one.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Requests answered from the cache, stale serves included (at once, or after the fetch
+    /// they waited for failed through an outage). With `misses` and `negative_hits`, every
+    /// request past validation but a `min_validity` refused from the cache counts once.
     pub hits: Counter,
+    /// Requests that waited for a fetch and were answered by it (its token or its failure),
+    /// or gave up waiting; counted when the wait ends.
     pub misses: Counter,
+    /// Requests that joined a fetch under way instead of starting one, when they join.
     pub coalesced: Counter,
     pub stale_served: Counter,
     pub negative_hits: Counter,
@@ -150,6 +156,24 @@ pub struct Stats {
     /// Failed fetches a request started: a cold key, a forced refresh, an early fetch for a
     /// minimum validity, a pre-warm.
     pub caller_fetch_failures: Counter,
+}
+
+/// A request that waited for a fetch, counted when it is answered or given up on (dropped):
+/// a miss, or a hit if the cached token answered it after the fetch failed. Each request
+/// is counted once, in `hits`, `misses` or `negative_hits`.
+struct Waited<'a> {
+    stats: &'a Stats,
+    from_cache: bool,
+}
+
+impl Drop for Waited<'_> {
+    fn drop(&mut self) {
+        if self.from_cache {
+            self.stats.hits.incr();
+        } else {
+            self.stats.misses.incr();
+        }
+    }
 }
 
 /// Who started a fetch, for the failure counts (`Stats`).
@@ -409,7 +433,12 @@ impl Broker {
                 remembered,
             });
         }
-        self.inner.stats.misses.incr();
+        // Counted once answered (or given up on): a miss, unless the cached token answers
+        // it after all.
+        let mut counted = Waited {
+            stats: &self.inner.stats,
+            from_cache: false,
+        };
         let flight = match under_way {
             Some(flight) => {
                 self.inner.stats.coalesced.incr();
@@ -434,6 +463,7 @@ impl Broker {
                     if let Some(token) = &state.token
                         && token.remaining(now) >= self.inner.cfg.safety_margin
                     {
+                        counted.from_cache = true;
                         self.inner.stats.stale_served.incr();
                         return Ok(serve(token, TokenSource::StaleWhileRefreshFailing, now));
                     }

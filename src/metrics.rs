@@ -617,17 +617,17 @@ fn observe(meter: &Meter, source: &Source) {
     let counters: [(&'static str, &'static str, Read); 10] = [
         (
             "tokenbroker_cache_hits",
-            "Requests served from the cache (including stale serves)",
+            "Requests served from the cache (including stale serves, also those served after the fetch they waited for failed)",
             |b| b.stats().hits.get(),
         ),
         (
             "tokenbroker_cache_misses",
-            "Requests that waited for an upstream fetch (including coalesced waits)",
+            "Requests answered by the upstream fetch they waited for, its token or its failure (including coalesced waits), counted when the wait ends",
             |b| b.stats().misses.get(),
         ),
         (
             "tokenbroker_cache_coalesced",
-            "Misses that joined a fetch already under way instead of starting one",
+            "Requests that joined a fetch already under way instead of starting one",
             |b| b.stats().coalesced.get(),
         ),
         (

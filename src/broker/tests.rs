@@ -1102,6 +1102,46 @@ async fn a_refresh_found_failing_by_a_callers_wait_serves_it_the_cached_token() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn each_request_counts_once_as_a_hit_a_miss_or_a_negative_hit() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    let stats = f.broker.stats();
+    let counts = || {
+        (
+            stats.hits.get(),
+            stats.misses.get(),
+            stats.negative_hits.get(),
+            stats.stale_served.get(),
+        )
+    };
+    f.entra.set(Answer::Token {
+        lifetime: HOUR,
+        refresh_in: Some(Duration::from_secs(2900)),
+    });
+    f.get(None).await.unwrap();
+    f.get(None).await.unwrap();
+    assert_eq!(counts(), (1, 1, 0, 0));
+    // The refresh hangs until the token is below the default minimum: a caller waits for
+    // it, and when it fails is answered from the cache, a hit (and a stale serve).
+    f.entra.set(Answer::Hang);
+    f.advance(Duration::from_secs(2900)).await;
+    f.advance(Duration::from_secs(450)).await;
+    let t = f.get(None).await.unwrap();
+    assert_eq!(t.source, TokenSource::StaleWhileRefreshFailing);
+    assert_eq!(stats.coalesced.get(), 1, "it waited for the refresh");
+    assert_eq!(counts(), (2, 1, 0, 1));
+    // A caller that asked for more than the token has waits for a fetch, and is a miss
+    // though it gives up before the answer.
+    f.advance(Duration::from_secs(5)).await;
+    let broker = f.broker.clone();
+    let asking = tokio::spawn(async move { broker.get_token(contoso(Some(600), false)).await });
+    settle().await;
+    assert!(!asking.is_finished());
+    asking.abort();
+    let _ = asking.await;
+    assert_eq!(counts(), (2, 2, 0, 1));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_token_whose_refresh_is_refused_for_good_is_not_served_below_the_default_minimum() {
     let f = fixture(HOUR, "");
     f.get(None).await.unwrap();

@@ -126,11 +126,9 @@ async fn metrics_count_a_scripted_sequence_exactly() {
             .await
         }));
     }
+    // Misses are counted once answered: the joins say when the four wait with the first.
     let stats = stack.broker.stats();
-    wait_for(|| async {
-        stats.misses.get() == COLD as u64 && stats.coalesced.get() == COLD as u64 - 1
-    })
-    .await;
+    wait_for(|| async { stats.coalesced.get() == COLD as u64 - 1 }).await;
     gate.add_permits(1000);
     for c in calls {
         c.await.unwrap().unwrap();
