@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tracing::info;
 
 use crate::access::{Access, AccessSetupError};
@@ -22,6 +21,8 @@ use crate::outbound::{self, OutboundError};
 use crate::signer::keyvault::KeyVaultSigner;
 use crate::signer::pkcs11::{Pkcs11Signer, TokenConfig};
 
+mod connections;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
@@ -32,8 +33,6 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("gRPC server failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
     #[error("{0}")]
     Tls(String),
     #[error(transparent)]
@@ -202,9 +201,21 @@ pub struct Bound {
     health: tonic_health::server::HealthReporter,
     admin: crate::admin::Admin,
     tls: Option<Arc<crate::tls::ListenerConfig>>,
+    connection_age: connections::AgeDraw,
 }
 
 impl Bound {
+    /// Replaces the per-connection draw of the maximum connection age (by default uniformly
+    /// within ±10% of `server.max_connection_age_secs`): `draw` is given the configured age
+    /// for each connection accepted, and returns that connection's. For tests.
+    pub fn with_connection_age(
+        mut self,
+        draw: impl Fn(std::time::Duration) -> std::time::Duration + Send + Sync + 'static,
+    ) -> Bound {
+        self.connection_age = connections::AgeDraw::new(draw);
+        self
+    }
+
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
@@ -276,14 +287,6 @@ impl Bound {
             .traced(self.config.telemetry.otlp_endpoint.is_some())
             .into_server()
             .max_decoding_message_size(self.config.limits.max_request_bytes);
-        // Bounds the metadata a caller can send (bearer tokens are at most 16 KiB).
-        let mut builder = Server::builder().http2_max_header_list_size(Some(32 * 1024));
-        // No grace: tonic then closes a connection gracefully at its age (GOAWAY, calls in
-        // flight and watches finish on it); with a grace it would cut it at age + grace
-        // without a GOAWAY first.
-        if let Some(age) = self.config.server.max_connection_age {
-            builder = builder.max_connection_age(age);
-        }
         // The policy file, the server certificate and the client trust files are polled
         // for changes; SIGHUP reloads them at once (and forgets remembered refusals).
         let reload = self.config.server.reload_interval;
@@ -322,35 +325,31 @@ impl Bound {
             let _ = stopping.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         };
-        let router = builder
-            .add_service(health_service)
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(reflection)
-            .add_service(service);
+            .add_service(service)
+            .prepare();
+        // Each connection is sent GOAWAY at its own age, drawn within ±10% of the configured
+        // one, and closes once its calls in flight and watches finish.
+        let max_age = self.config.server.max_connection_age;
+        let draw = self.connection_age;
         let serve = async move {
             match self.tls {
                 Some(tls) => {
-                    router
-                        .serve_with_incoming_shutdown(
-                            crate::tls::incoming(self.listener, tls),
-                            shutdown,
-                        )
-                        .await
+                    let incoming = crate::tls::incoming(self.listener, tls);
+                    connections::serve(incoming, routes, max_age, draw, shutdown).await;
                 }
                 None => {
-                    router
-                        .serve_with_incoming_shutdown(
-                            // tonic sets TCP_NODELAY only on listeners it binds itself: small
-                            // answers would otherwise wait for the peer's delayed ACK (~40 ms).
-                            tonic::transport::server::TcpIncoming::from(self.listener)
-                                .with_nodelay(Some(true)),
-                            shutdown,
-                        )
-                        .await
+                    // gRPC answers are small writes: without TCP_NODELAY, Nagle's algorithm
+                    // holds them for the peer's delayed ACK (about 40 ms on Linux).
+                    let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
+                        .with_nodelay(Some(true));
+                    connections::serve(incoming, routes, max_age, draw, shutdown).await;
                 }
             }
         };
         let served = tokio::select! {
-            r = serve => r.map_err(ServerError::from),
+            () = serve => Ok(()),
             () = drain_bound => {
                 tracing::warn!(grace_secs = grace.as_secs(), "drain bound reached; closing the remaining connections");
                 Ok(())
@@ -600,6 +599,7 @@ pub async fn bind_with(
         config,
         access: Arc::new(access),
         tls,
+        connection_age: connections::AgeDraw::jittered(),
     })
 }
 

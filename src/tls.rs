@@ -570,7 +570,7 @@ impl ClientCertCheck {
 }
 
 /// What the handshake established about a connection, computed once for all its requests
-/// (tonic puts it in every request's extensions).
+/// (the serve loop, `server::connections`, puts it in every request's extensions).
 #[derive(Debug, Clone)]
 pub struct TlsPeer {
     pub remote_addr: Option<SocketAddr>,

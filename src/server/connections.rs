@@ -1,0 +1,262 @@
+//! The gRPC listener's serve loop: accepts connections and serves tonic's routes on each over
+//! HTTP/2 (hyper), as tonic's own server does per connection (HTTP/2 only, the header list
+//! bound, the caller's `grpc-timeout`, the connection's connect info in every request), with
+//! one difference: a connection's maximum age is drawn per connection, within ±10% of the
+//! configured age (gRPC's MAX_CONNECTION_AGE jitter), so connections opened together (every
+//! client reconnecting after a rollout) are not all sent their GOAWAY together.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::{Either, FutureExt, Map};
+use futures::{Stream, StreamExt};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Timeout, error::Elapsed};
+use tonic::body::Body;
+use tonic::service::Routes;
+use tonic::transport::server::Connected;
+use tracing::{debug, trace};
+
+/// Draws a connection's maximum age from the configured one.
+#[derive(Clone)]
+pub struct AgeDraw(Arc<dyn Fn(Duration) -> Duration + Send + Sync>);
+
+impl AgeDraw {
+    /// Uniformly within ±10% of the configured age (gRPC's proposal A9).
+    pub fn jittered() -> AgeDraw {
+        AgeDraw(Arc::new(|age| jitter(age, rand::random::<f64>())))
+    }
+
+    pub fn new(draw: impl Fn(Duration) -> Duration + Send + Sync + 'static) -> AgeDraw {
+        AgeDraw(Arc::new(draw))
+    }
+
+    fn draw(&self, age: Duration) -> Duration {
+        (self.0)(age)
+    }
+}
+
+impl std::fmt::Debug for AgeDraw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgeDraw")
+    }
+}
+
+/// `age` scaled into [0.9, 1.1] by `unit`, a draw in [0, 1).
+fn jitter(age: Duration, unit: f64) -> Duration {
+    // At most 1.1 × the configured bound of a week: mul_f64 cannot overflow.
+    age.mul_f64(0.9 + 0.2 * unit.clamp(0.0, 1.0))
+}
+
+/// The HTTP/2 settings tonic's server applies with the broker's configuration: the header
+/// list bounded to 32 KiB (bearer tokens are at most 16 KiB), no keepalive pings, no limit
+/// on concurrent streams nor on streams reset for a peer's errors (tonic sets neither; hyper's
+/// own defaults would be 200 and 1024), and hyper's timer for its background work.
+fn http2_builder() -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(None)
+        .max_local_error_reset_streams(None)
+        .max_header_list_size(32 * 1024);
+    builder
+}
+
+/// Serves `routes` on the connections `incoming` yields until `shutdown` resolves; then
+/// accepts no more (`incoming` is dropped, closing the listener), sends every connection a
+/// GOAWAY, and returns once their calls in flight have finished. Dropping the returned future
+/// closes the connections still open.
+pub async fn serve<IO>(
+    incoming: impl Stream<Item = Result<IO, std::io::Error>>,
+    routes: Routes,
+    max_age: Option<Duration>,
+    draw: AgeDraw,
+    shutdown: impl Future<Output = ()>,
+) where
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+{
+    let http2 = Arc::new(http2_builder());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    {
+        let mut incoming = pin!(incoming);
+        let mut shutdown = pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                io = incoming.next() => match io {
+                    Some(Ok(io)) => {
+                        let age = max_age.map(|a| draw.draw(a));
+                        connections.spawn(serve_connection(
+                            io,
+                            routes.clone(),
+                            http2.clone(),
+                            age,
+                            stop_rx.clone(),
+                        ));
+                    }
+                    Some(Err(e)) => trace!(error = %e, "error accepting connection"),
+                    None => break,
+                },
+                // Finished connections are reaped as they go.
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    trace!(open = connections.len(), "waiting for connections to close");
+    while connections.join_next().await.is_some() {}
+}
+
+/// Serves one connection until it closes; sends it a GOAWAY at its age or at shutdown,
+/// whichever comes first, and lets its calls in flight (and watches) finish: there is no
+/// grace after which they are cut, so a connection holding a watch stays open for it.
+async fn serve_connection<IO>(
+    io: IO,
+    routes: Routes,
+    http2: Arc<http2::Builder<TokioExecutor>>,
+    age: Option<Duration>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+{
+    let service = ConnectionService {
+        routes,
+        info: io.connect_info(),
+    };
+    let mut conn = pin!(http2.serve_connection(TokioIo::new(io), service));
+    let aged = async {
+        match age {
+            Some(age) => tokio::time::sleep(age).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = conn.as_mut() => {
+            if let Err(e) = served {
+                debug!(error = %e, "failed serving connection");
+            }
+            return;
+        }
+        () = aged => trace!("connection reached its maximum age"),
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    if let Err(e) = conn.await {
+        debug!(error = %e, "failed serving connection");
+    }
+}
+
+/// tonic's routes for one connection's requests, each given the connection's connect info
+/// (`TcpConnectInfo`, or TLS's `TlsPeer`).
+struct ConnectionService<I> {
+    routes: Routes,
+    info: I,
+}
+
+type RoutesFuture = <Routes as tonic::codegen::Service<Request<Incoming>>>::Future;
+type Answer = Result<Response<Body>, Infallible>;
+
+impl<I: Clone + Send + Sync + 'static> hyper::service::Service<Request<Incoming>>
+    for ConnectionService<I>
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future =
+        Either<Map<Timeout<RoutesFuture>, fn(Result<Answer, Elapsed>) -> Answer>, RoutesFuture>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.info.clone());
+        let deadline = grpc_timeout(req.headers());
+        // Routes (an axum router) is always ready, and a clone is a reference count.
+        let call = tonic::codegen::Service::call(&mut self.routes.clone(), req);
+        match deadline {
+            Some(d) => Either::Left(tokio::time::timeout(d, call).map(out_of_time)),
+            None => Either::Right(call),
+        }
+    }
+}
+
+/// A call past the caller's deadline answers CANCELLED, as tonic's server does.
+fn out_of_time(answer: Result<Answer, Elapsed>) -> Answer {
+    answer.unwrap_or_else(|_| {
+        let (parts, ()) = tonic::Status::cancelled(tonic::TimeoutExpired(()).to_string())
+            .into_http::<()>()
+            .into_parts();
+        Ok(Response::from_parts(parts, Body::empty()))
+    })
+}
+
+/// The caller's deadline (`grpc-timeout`: at most 8 digits and a unit, gRPC over HTTP/2);
+/// none when absent or malformed, as tonic's server reads it.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn ages_are_drawn_within_ten_percent_of_the_configured_age_and_spread() {
+        let age = Duration::from_secs(600);
+        let draw = super::AgeDraw::jittered();
+        let ages: Vec<Duration> = (0..1000).map(|_| draw.draw(age)).collect();
+        let (low, high) = (age.mul_f64(0.9), age.mul_f64(1.1));
+        assert!(
+            ages.iter().all(|a| (low..=high).contains(a)),
+            "{:?} .. {:?}",
+            ages.iter().min(),
+            ages.iter().max()
+        );
+        assert!(ages.iter().any(|a| *a != ages[0]), "{ages:?}");
+        // Spread over the whole range, not bunched: both tenths of it at the ends are hit.
+        assert!(ages.iter().any(|a| *a < age.mul_f64(0.92)));
+        assert!(ages.iter().any(|a| *a > age.mul_f64(1.08)));
+        assert_eq!(super::jitter(age, 0.0), low);
+        assert_eq!(super::jitter(age, 0.5), age);
+    }
+
+    #[test]
+    fn the_callers_deadline_is_read_as_tonic_reads_it() {
+        let read = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-timeout", v.parse().unwrap());
+            super::grpc_timeout(&h)
+        };
+        assert_eq!(read("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(read("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(read("5M"), Some(Duration::from_secs(300)));
+        assert_eq!(read("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(read("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(read("9n"), Some(Duration::from_nanos(9)));
+        assert_eq!(read("99999999S"), Some(Duration::from_secs(99_999_999)));
+        for bad in ["", "S", "123456789S", "3s", "-3S", "3"] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        assert_eq!(super::grpc_timeout(&http::HeaderMap::new()), None);
+    }
+}
