@@ -34,7 +34,12 @@ pub struct Options {
     pub crl: bool,
     /// More trusted issuers, `[callers.issuers.NAME]` with their `issuer` URL.
     pub issuers: Vec<(&'static str, String)>,
+    /// Draws each connection's maximum age from the configured one, instead of the broker's
+    /// jitter (`Bound::with_connection_age`).
+    pub connection_age: Option<ConnectionAge>,
 }
+
+pub type ConnectionAge = Arc<dyn Fn(std::time::Duration) -> std::time::Duration + Send + Sync>;
 
 impl Default for Options {
     fn default() -> Self {
@@ -46,6 +51,7 @@ impl Default for Options {
             server: "",
             crl: false,
             issuers: Vec::new(),
+            connection_age: None,
         }
     }
 }
@@ -138,9 +144,12 @@ impl Harness {
         let audit = Arc::new(MemorySink::default());
         let http = tokenbroker::outbound::http_client(&config.outbound).unwrap();
         let access = Access::with_sink(&config, http, audit.clone()).unwrap();
-        let bound = tokenbroker::server::bind_with(config, up, access)
+        let mut bound = tokenbroker::server::bind_with(config, up, access)
             .await
             .unwrap();
+        if let Some(draw) = opts.connection_age {
+            bound = bound.with_connection_age(move |age| draw(age));
+        }
         let addr = bound.local_addr().unwrap();
         let admin = bound.admin_addr().unwrap();
         let access = bound.access().clone();

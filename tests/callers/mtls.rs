@@ -84,6 +84,34 @@ async fn open_h2_with(
     Ok(tls)
 }
 
+type Conn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// The next HTTP/2 frame: its type, flags and payload (after a 9-byte header: 24-bit
+/// length, type, flags, stream id).
+async fn next_frame(conn: &mut Conn) -> std::io::Result<(u8, u8, Vec<u8>)> {
+    let mut header = [0u8; 9];
+    conn.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    conn.read_exact(&mut payload).await?;
+    Ok((header[3], header[4], payload))
+}
+
+/// The payload of the next GOAWAY (type 7) the server sends.
+async fn next_goaway(conn: &mut Conn) -> Vec<u8> {
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            let (kind, _, payload) = next_frame(conn).await?;
+            if kind == 7 {
+                return Ok::<_, std::io::Error>(payload);
+            }
+        }
+    })
+    .await
+    .expect("a GOAWAY within the bound")
+    .expect("a GOAWAY before the connection closed")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_is_told_to_take_new_calls_elsewhere_at_its_maximum_age() {
     let h = Harness::start(Options {
@@ -92,27 +120,59 @@ async fn a_connection_is_told_to_take_new_calls_elsewhere_at_its_maximum_age() {
     })
     .await;
     let mut conn = open_h2(&h, &h.server_ca_pem, None).await.unwrap();
-    // Frames until a GOAWAY (type 7): each a 9-byte header (24-bit length, type, flags,
-    // stream id) and its payload.
-    let goaway = tokio::time::timeout(std::time::Duration::from_secs(20), async {
-        loop {
-            let mut header = [0u8; 9];
-            conn.read_exact(&mut header).await?;
-            let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
-            let mut payload = vec![0u8; len];
-            conn.read_exact(&mut payload).await?;
-            if header[3] == 7 {
-                return Ok::<_, std::io::Error>(payload);
-            }
-        }
-    })
-    .await
-    .expect("a GOAWAY within the bound")
-    .expect("a GOAWAY before the connection closed");
+    let goaway = next_goaway(&mut conn).await;
     // Error code NO_ERROR: a graceful goodbye (the first of the two GOAWAYs of a graceful
     // close, which still admits streams the client may have in flight).
     assert_eq!(&goaway[4..8], &[0u8; 4], "{goaway:?}");
     drop(conn);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_connection_is_told_at_its_own_maximum_age_drawn_when_it_opens() {
+    // The first connection is drawn an hour, the second the configured second.
+    let drawn = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let d = drawn.clone();
+    let h = Harness::start(Options {
+        server: "max_connection_age_secs = 1",
+        connection_age: Some(Arc::new(move |age| {
+            let mut d = d.lock().unwrap();
+            d.push(age);
+            if d.len() == 1 {
+                std::time::Duration::from_secs(3600)
+            } else {
+                age
+            }
+        })),
+        ..Default::default()
+    })
+    .await;
+    // One after the other, so that their ages are drawn in this order.
+    let mut first = open_h2(&h, &h.server_ca_pem, None).await.unwrap();
+    let mut second = open_h2(&h, &h.server_ca_pem, None).await.unwrap();
+    let goaway = next_goaway(&mut second).await;
+    assert_eq!(&goaway[4..8], &[0u8; 4], "{goaway:?}");
+    // An age drawn for each connection, from the configured one.
+    assert_eq!(
+        *drawn.lock().unwrap(),
+        [std::time::Duration::from_secs(1); 2]
+    );
+    // The first connection, older than the second, still takes calls: a PING (type 6) is
+    // answered (flag ACK) with no GOAWAY before it. With one age for both, its GOAWAY would
+    // have come before the second's.
+    first
+        .write_all(&[0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+        .await
+        .unwrap();
+    loop {
+        let (kind, flags, payload) = next_frame(&mut first).await.unwrap();
+        assert_ne!(kind, 7, "the first connection was sent GOAWAY: {payload:?}");
+        if kind == 6 && flags & 1 == 1 {
+            assert_eq!(payload, [1, 2, 3, 4, 5, 6, 7, 8]);
+            break;
+        }
+    }
+    drop((first, second));
     h.stop().await;
 }
 
