@@ -177,6 +177,55 @@ async fn each_connection_is_told_at_its_own_maximum_age_drawn_when_it_opens() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_answers_cancelled_once_the_callers_deadline_has_passed() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    // Entra answers in 20 s; the caller gives the broker 300 ms (grpc-timeout).
+    h.fault(serde_json::json!({"route": "entra.token", "latency_ms": 20000, "count": 1}))
+        .await;
+    let leaf = h.ca.client(&[COLLECTOR]);
+    // A bare HTTP/2 client: tonic's would keep the deadline itself, and answer first.
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(&h.server_ca_pem, Some(&leaf)))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let message = prost::Message::encode_to_vec(&tokenbroker::proto::GetTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+        ..Default::default()
+    });
+    // Uncompressed, its length, the message: all ASCII here, which a String body carries.
+    let mut body = vec![0u8];
+    body.extend((message.len() as u32).to_be_bytes());
+    body.extend(message);
+    let req = http::Request::post("https://localhost/tokenbroker.v1.TokenBroker/GetToken")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(String::from_utf8(body).unwrap())
+        .unwrap();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), send.send_request(req))
+        .await
+        .expect("an answer before Entra's")
+        .unwrap();
+    // A trailers-only answer: CANCELLED, as tonic's server answers a passed deadline.
+    assert_eq!(answer.headers()["grpc-status"], "1", "{answer:?}");
+    assert_eq!(answer.headers()["grpc-message"], "Timeout%20expired");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_good_client_certificate_is_accepted_and_its_spiffe_id_is_the_caller() {
     let h = Harness::start(Options {
         policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
