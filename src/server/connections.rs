@@ -57,14 +57,17 @@ fn jitter(age: Duration, unit: f64) -> Duration {
 
 /// The HTTP/2 settings tonic's server applies with the broker's configuration: the header
 /// list bounded to 32 KiB (bearer tokens are at most 16 KiB), no keepalive pings, no limit
-/// on concurrent streams nor on streams reset for a peer's errors (tonic sets neither; hyper's
-/// own defaults would be 200 and 1024), and hyper's timer for its background work.
+/// on concurrent streams (tonic sets none; the broker's in-flight limits bound the calls, and
+/// a client may hold many watches on one connection), and hyper's timer for its background
+/// work. One setting differs from tonic's: hyper's bound on the streams a connection may make
+/// the server reset for the peer's protocol errors (1024, then GOAWAY) is kept, where tonic
+/// turns it off: it is h2's defence against a peer making the server reset streams without end
+/// (RUSTSEC-2024-0003), and no well-behaved client comes near it.
 fn http2_builder() -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(None)
-        .max_local_error_reset_streams(None)
         .max_header_list_size(32 * 1024);
     builder
 }
