@@ -292,6 +292,10 @@ impl TokenExchange for HttpTokenExchange {
             ("client_assertion", req.assertion.expose()),
         ];
         let correlation = req.correlation_id.to_string();
+        // Sent as reqwest's `form` would, in a body that tells when it is written.
+        let body: String = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
         let resp = self
             .http
             .post(req.token_endpoint.clone())
@@ -301,7 +305,8 @@ impl TokenExchange for HttpTokenExchange {
         let resp = crate::telemetry::trace_headers()
             .into_iter()
             .fold(resp, |r, (k, v)| r.header(k, v))
-            .form(&form)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(crate::outbound::watched_body(body.into()))
             .send()
             .await
             // reqwest errors name the URL, never the form body.

@@ -24,6 +24,7 @@ use crate::config::{
 use crate::entra::{self, EntraError, EntraErrorClass, EntraToken, ExchangeRequest, TokenExchange};
 use crate::identity::{IdentityAssertions, IdentityError};
 use crate::metrics::{self, Metrics, Upstream};
+use crate::outbound::WriteWatch;
 use crate::resilience::{Breaker, BreakerState, Bucket, backoff};
 use crate::sensitive::Sensitive;
 use crate::signer::{CertificateInfo, Signer, SignerError};
@@ -280,6 +281,32 @@ impl Deadline {
             io: self.io.min(tokio::time::Instant::now() + span),
         }
     }
+}
+
+/// When an attempt watched by `watch` is given up, once that time has come: `bound` after
+/// its request was written, or `bound` after it began if it is not written by then (a
+/// connection that cannot be had); else, or at the latest, when the budget is spent. The
+/// time to get a connection, a starved CPU's included, is not taken from the answer's:
+/// counted against it, a cold burst's handshakes cut off first attempts that were being
+/// answered, and their retries doubled the signs and exchanges of those keys.
+async fn cut_off(
+    bound: Option<Duration>,
+    watch: &WriteWatch,
+    deadline: Deadline,
+) -> tokio::time::Instant {
+    let at = match bound {
+        None => deadline.io,
+        Some(b) => {
+            let unwritten = tokio::time::Instant::now() + b;
+            match tokio::time::timeout_at(unwritten.min(deadline.io), watch.written()).await {
+                Ok(written) => written + b,
+                Err(_) => unwritten,
+            }
+        }
+    }
+    .min(deadline.io);
+    tokio::time::sleep_until(at).await;
+    at
 }
 
 /// The request id an attempt sent, kept outside it: an attempt cut off is dropped with it.
@@ -931,45 +958,55 @@ impl Flow {
                 }
             }
             let bound = self.attempt_bound(upstream, attempt);
-            let cut = bound.map_or(deadline.io, |b| {
-                deadline.io.min(tokio::time::Instant::now() + b)
-            });
             if let Some(s) = sent {
                 // An attempt that ends before sending (a fresh assertion's sign hangs) has
                 // no request id of its own.
                 *s.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
-            let Ok(result) = tokio::time::timeout_at(cut, op()).await else {
-                let sent = sent.and_then(|s| *s.lock().unwrap_or_else(|p| p.into_inner()));
-                attempt += 1;
-                let e = match bound {
-                    Some(b) if cut < deadline.io => FlowError::cut_off(upstream, b, sent),
-                    // What was left of the budget is spent: no retry.
-                    _ => {
-                        FlowError::timed_out(upstream, self.res.retry_budget, before.as_ref(), sent)
+            let watch = WriteWatch::new();
+            let outcome = tokio::select! {
+                // An answer that comes as the attempt is cut off is taken.
+                biased;
+                r = watch.scope(op()) => Ok(r),
+                cut = cut_off(bound, &watch, deadline) => Err(cut),
+            };
+            let result = match outcome {
+                Ok(result) => result,
+                Err(cut) => {
+                    let sent = sent.and_then(|s| *s.lock().unwrap_or_else(|p| p.into_inner()));
+                    attempt += 1;
+                    let e = match bound {
+                        Some(b) if cut < deadline.io => FlowError::cut_off(upstream, b, sent),
+                        // What was left of the budget is spent: no retry.
+                        _ => FlowError::timed_out(
+                            upstream,
+                            self.res.retry_budget,
+                            before.as_ref(),
+                            sent,
+                        ),
+                    };
+                    let retried = cut < deadline.io && attempt < self.res.max_attempts;
+                    if retried && probe.is_probe() {
+                        // A half-open breaker's probe lost to a silent connection: the retry on
+                        // a new one is still the probe (recorded as a failure here, it would
+                        // reopen the breaker and refuse the retry).
+                        admitted = Some(probe);
+                    } else {
+                        probe.settle();
+                        if let Some(g) = guard {
+                            g.failure(self.clock.moment().mono, &e);
+                        }
                     }
-                };
-                let retried = cut < deadline.io && attempt < self.res.max_attempts;
-                if retried && probe.is_probe() {
-                    // A half-open breaker's probe lost to a silent connection: the retry on
-                    // a new one is still the probe (recorded as a failure here, it would
-                    // reopen the breaker and refuse the retry).
-                    admitted = Some(probe);
-                } else {
-                    probe.settle();
-                    if let Some(g) = guard {
-                        g.failure(self.clock.moment().mono, &e);
+                    if !retried {
+                        return Err(e);
                     }
+                    // Half the budget waited already: asked again at once (a new connection:
+                    // the silent one went with the attempt).
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, attempt, "upstream attempt without an answer; retrying");
+                    before = Some(e);
+                    continue;
                 }
-                if !retried {
-                    return Err(e);
-                }
-                // Half the budget waited already: asked again at once (a new connection:
-                // the silent one went with the attempt).
-                self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, attempt, "upstream attempt without an answer; retrying");
-                before = Some(e);
-                continue;
             };
             attempt += 1;
             match result {
@@ -1030,7 +1067,8 @@ impl Flow {
     }
 
     /// How long attempt `attempt` (from 0) of a call to `upstream` may go unanswered before
-    /// it is given up for another, when not until the budget is spent. A pooled connection
+    /// it is given up for another (from when its request is written, `cut_off`), when not
+    /// until the budget is spent. A pooled connection
     /// the network has silently dropped answers never, while a retry on a new connection
     /// answers at once: the first attempt to Entra or Key Vault gets half the budget (5 s
     /// of the default 10 s; their answers take well under a second, so a slow but working

@@ -3,8 +3,8 @@
 //! and the broker's own managed identity credential built on it (AKS workload identity at
 //! the configured cloud's authority host, reading the environment it is given). Every answer
 //! is read up to a bound: the broker's own reads through `body_within`, the SDK's through
-//! the transport's `Bounded`. Also how a failed connection is told to a person
-//! (`error_chain`).
+//! the transport's `Bounded`. When an attempt's request was written (`WriteWatch`), and how
+//! a failed connection is told to a person (`error_chain`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -115,7 +115,7 @@ pub fn key_vault_options(
 ) -> ClientOptions {
     let inner = Arc::new(RefusedTokens {
         inner: Arc::new(Bounded {
-            inner: Arc::new(http.clone()),
+            inner: Arc::new(Watched(http.clone())),
             limit: KEY_VAULT_ANSWER_LIMIT,
             upstream: crate::signer::keyvault::SERVICE,
         }),
@@ -574,6 +574,161 @@ impl HttpClient for Bounded {
             futures::future::ready(Some(item))
         });
         Ok(AsyncRawResponse::new(status, headers, Box::pin(bounded)))
+    }
+}
+
+/// When an upstream attempt's request was first written to a connection. The flow bounds a
+/// first attempt's wait for an answer from then (`flow::attempt_bound`), not from when the
+/// attempt began: getting a connection (a new one's TCP and TLS handshakes, the SDK's
+/// managed identity token before a Key Vault call) takes what it takes under load, a starved
+/// CPU included, and has bounds of its own, while the cut-off is for a request sent on a
+/// pooled connection the network dropped silently, which is written at once. An attempt
+/// runs inside `scope`; its request bodies (`watched_body`) record their first read, which
+/// hyper makes once the connection is ready and the request's head is queued.
+#[derive(Debug, Clone)]
+pub struct WriteWatch(Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>);
+
+tokio::task_local! {
+    static ATTEMPT: WriteWatch;
+}
+
+impl WriteWatch {
+    pub fn new() -> WriteWatch {
+        WriteWatch(Arc::new(tokio::sync::watch::channel(None).0))
+    }
+
+    /// Runs `f` as the attempt this watches.
+    pub async fn scope<F: std::future::Future>(&self, f: F) -> F::Output {
+        ATTEMPT.scope(self.clone(), f).await
+    }
+
+    /// When the attempt's first request was written; pending until it is.
+    pub async fn written(&self) -> tokio::time::Instant {
+        let mut rx = self.0.subscribe();
+        let written = rx.wait_for(Option::is_some).await.ok().and_then(|at| *at);
+        match written {
+            Some(at) => at,
+            // The sender lives as long as `self`: not reached.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Records the current attempt's request as written now (after the first, and outside
+    /// an attempt, nothing): for a sender that writes its requests itself.
+    pub fn mark() {
+        let _ = ATTEMPT.try_with(WriteWatch::record);
+    }
+
+    fn record(&self) {
+        self.0.send_if_modified(|at| {
+            let first = at.is_none();
+            if first {
+                *at = Some(tokio::time::Instant::now());
+            }
+            first
+        });
+    }
+}
+
+impl Default for WriteWatch {
+    fn default() -> Self {
+        WriteWatch::new()
+    }
+}
+
+/// `bytes` as a request body (its length declared) that records the current attempt's
+/// request as written when the connection first reads it (`WriteWatch`).
+pub fn watched_body(bytes: bytes::Bytes) -> reqwest::Body {
+    reqwest::Body::wrap(WatchedBody {
+        bytes: Some(bytes),
+        watch: ATTEMPT.try_with(WriteWatch::clone).ok(),
+    })
+}
+
+struct WatchedBody {
+    bytes: Option<bytes::Bytes>,
+    watch: Option<WriteWatch>,
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if let Some(w) = self.watch.take() {
+            w.record();
+        }
+        std::task::Poll::Ready(self.bytes.take().map(|b| Ok(http_body::Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.bytes.as_ref().map_or(0, |b| b.len() as u64))
+    }
+}
+
+/// The shared client as the Key Vault clients' transport, their request bodies watched
+/// (`watched_body`) so that an attempt's bound runs from its request's write. A streamed
+/// body (the SDK sends none to Key Vault) goes through the SDK's own `reqwest` transport,
+/// unwatched: its attempt is bounded from its start, as before.
+#[derive(Debug)]
+struct Watched(reqwest::Client);
+
+#[async_trait]
+impl HttpClient for Watched {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+        let azure_core::http::Body::Bytes(body) = request.body() else {
+            return self.0.execute_request(request).await;
+        };
+        let method = reqwest::Method::from_bytes(request.method().as_str().as_bytes())
+            .map_err(|e| azure_core::Error::new(ErrorKind::Other, e))?;
+        let mut req = self.0.request(method, request.url().clone());
+        for (name, value) in request.headers().iter() {
+            req = req.header(name.as_str(), value.as_str());
+        }
+        let resp = req
+            .body(watched_body(body.clone()))
+            .send()
+            .await
+            .map_err(|e| {
+                // As the SDK's transport tells them: what its retry policy and ours read.
+                let kind = if e.is_connect() {
+                    ErrorKind::Connection
+                } else {
+                    ErrorKind::Io
+                };
+                azure_core::Error::new(kind, e)
+            })?;
+        let status = resp.status().as_u16().into();
+        let headers = resp
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| {
+                let v = v.to_str().ok()?;
+                Some((
+                    azure_core::http::headers::HeaderName::from(k.as_str().to_owned()),
+                    azure_core::http::headers::HeaderValue::from(v.to_owned()),
+                ))
+            })
+            .collect::<std::collections::HashMap<_, _>>();
+        let body = futures::stream::try_unfold(resp, |mut resp| async move {
+            let chunk = resp
+                .chunk()
+                .await
+                .map_err(|e| azure_core::Error::new(ErrorKind::Io, e))?;
+            Ok(chunk.map(|c| (c, resp)))
+        });
+        Ok(AsyncRawResponse::new(
+            status,
+            azure_core::http::headers::Headers::from(headers),
+            Box::pin(body),
+        ))
     }
 }
 
@@ -1110,5 +1265,67 @@ mod tests {
             assert_eq!(e.to_string(), "the answer is larger than 4 KiB");
         }
         assert_eq!(body("/fits").await.unwrap().len(), LIMIT);
+    }
+
+    #[tokio::test]
+    async fn a_watched_body_declares_its_length_and_tells_its_attempt_when_it_is_written() {
+        use futures::FutureExt;
+        // Echoes how the body came: its declared length, whether chunked, and the bytes.
+        let app = axum::Router::new().route(
+            "/echo",
+            axum::routing::post(|headers: http::HeaderMap, body: bytes::Bytes| async move {
+                let header = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned()
+                };
+                let said = format!(
+                    "{} {} {}",
+                    header("content-length"),
+                    header("transfer-encoding"),
+                    String::from_utf8_lossy(&body)
+                );
+                ([("x-echo", "yes")], said)
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/echo", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+
+        // As the Entra exchange sends its form.
+        let watch = WriteWatch::new();
+        assert!(watch.written().now_or_never().is_none());
+        let said = watch
+            .scope(async {
+                let r = http.post(&url).body(watched_body("a=1&b=2".into()));
+                r.send().await.unwrap().text().await.unwrap()
+            })
+            .await;
+        assert_eq!(said, "7 - a=1&b=2");
+        assert!(watch.written().now_or_never().is_some(), "written");
+
+        // As the Key Vault clients send theirs, through their transport.
+        let watch = WriteWatch::new();
+        let mut req = Request::new(Url::parse(&url).unwrap(), azure_core::http::Method::Post);
+        req.insert_header("content-type", "application/json");
+        req.set_body(bytes::Bytes::from_static(b"{\"alg\":\"RS256\"}"));
+        let answer = watch
+            .scope(Watched(http.clone()).execute_request(&req))
+            .await
+            .unwrap();
+        assert!(watch.written().now_or_never().is_some(), "written");
+        assert_eq!(
+            answer.headers().get_optional_str(&"x-echo".into()),
+            Some("yes")
+        );
+        let said = answer.into_body().collect().await.unwrap();
+        assert_eq!(&said[..], b"15 - {\"alg\":\"RS256\"}");
+
+        // Outside an attempt: sent all the same.
+        let r = http.post(&url).body(watched_body("c=3".into()));
+        assert_eq!(r.send().await.unwrap().text().await.unwrap(), "3 - c=3");
     }
 }

@@ -34,6 +34,12 @@ enum Answer {
     Wait(Arc<tokio::sync::Notify>, Duration),
     /// Refuses (as `Refuse`) once the gate is opened.
     RefuseWhen(Arc<tokio::sync::Notify>),
+    /// Writes its request after `connecting` (as a connection is made), then answers an
+    /// hourly token after the call's `answering` (by call, the last for those after).
+    Slow {
+        connecting: Duration,
+        answering: Vec<Duration>,
+    },
 }
 
 impl Answer {
@@ -107,6 +113,21 @@ impl TokenExchange for FakeEntra {
                     access_token: Sensitive::new(format!("token-{n}")),
                     token_type: "Bearer".into(),
                     expires_in: lifetime,
+                    refresh_in: None,
+                })
+            }
+            Answer::Slow {
+                connecting,
+                answering,
+            } => {
+                tokio::time::sleep(connecting).await;
+                crate::outbound::WriteWatch::mark();
+                let last = answering.len().saturating_sub(1);
+                tokio::time::sleep(answering[n.min(last)]).await;
+                Ok(EntraToken {
+                    access_token: Sensitive::new(format!("token-{n}")),
+                    token_type: "Bearer".into(),
+                    expires_in: HOUR,
                     refresh_in: None,
                 })
             }
@@ -868,6 +889,44 @@ async fn a_stalled_upstream_holds_a_cold_caller_no_longer_than_the_retry_budget(
     assert!(said.starts_with("Entra ID"), "{said}");
     assert!(said.contains("retry budget of 10s"), "{said}");
     assert!(source.is_retryable());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_attempt_s_half_of_the_budget_runs_from_its_write_not_its_connection() {
+    let f = fixture(HOUR, "retry_budget_secs = 10");
+    // 4 s to get a connection (a cold burst's handshakes on a starved CPU), 4 s more for the
+    // answer: past half the budget in all, but never silent for half of it.
+    let s = Duration::from_secs;
+    f.entra.set(Answer::Slow {
+        connecting: s(4),
+        answering: vec![s(4)],
+    });
+    let t = tokio::time::timeout(HOUR, f.get(None))
+        .await
+        .expect("answered")
+        .expect("the first attempt's answer is taken");
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 1, "one exchange");
+    assert_eq!(f.vault.signs.load(Ordering::SeqCst), 1, "one sign");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_written_request_unanswered_for_half_the_budget_is_asked_again() {
+    let f = fixture(HOUR, "retry_budget_secs = 10");
+    let s = Duration::from_secs;
+    // Written after 1 s, then silent (a pooled connection the network dropped); the retry
+    // is answered at once.
+    f.entra.set(Answer::Slow {
+        connecting: s(1),
+        answering: vec![HOUR, s(0)],
+    });
+    let t = tokio::time::timeout(HOUR, f.get(None))
+        .await
+        .expect("answered")
+        .expect("the retry's answer is taken");
+    assert_eq!(token_of(&t), "token-1");
+    assert_eq!(f.entra.calls(), 2);
+    assert_eq!(f.vault.signs.load(Ordering::SeqCst), 2, "a fresh assertion");
 }
 
 #[tokio::test(start_paused = true)]
