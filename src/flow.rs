@@ -986,11 +986,15 @@ impl Flow {
                         ),
                     };
                     let retried = cut < deadline.io && attempt < self.res.max_attempts;
-                    if retried && probe.is_probe() {
-                        // A half-open breaker's probe lost to a silent connection: the retry on
-                        // a new one is still the probe (recorded as a failure here, it would
-                        // reopen the breaker and refuse the retry).
-                        admitted = Some(probe);
+                    if retried {
+                        // No verdict on the upstream yet (a silent connection, perhaps, or a
+                        // starved CPU): its retry's outcome is counted. Counted here, a burst
+                        // of them opened the breaker and it refused their retries; a
+                        // half-open breaker's probe would reopen it. The retry on a new
+                        // connection is still the probe.
+                        if probe.is_probe() {
+                            admitted = Some(probe);
+                        }
                     } else {
                         probe.settle();
                         if let Some(g) = guard {

@@ -930,6 +930,39 @@ async fn a_written_request_unanswered_for_half_the_budget_is_asked_again() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_first_attempt_cut_off_and_asked_again_is_not_counted_by_the_breaker() {
+    // One failure opens the breaker: counted, the cut-off would refuse its own retry.
+    let f = fixture(HOUR, "retry_budget_secs = 10\nbreaker_failures = 1");
+    let s = Duration::from_secs;
+    f.entra.set(Answer::Slow {
+        connecting: s(0),
+        answering: vec![HOUR, s(0)],
+    });
+    let t = tokio::time::timeout(HOUR, f.get(None))
+        .await
+        .expect("answered")
+        .expect("the retry is let through and answered");
+    assert_eq!(token_of(&t), "token-1");
+    // Unanswered retries are the upstream's failures: the next cold key's opens it.
+    f.entra.set(Answer::Hang);
+    let other = f.broker.get_token(TokenRequest {
+        scopes: vec!["https://vault.azure.net/.default".into()],
+        ..contoso(None, false)
+    });
+    let e = tokio::time::timeout(HOUR, other).await.expect("answered");
+    assert!(e.is_err());
+    let calls = f.entra.calls();
+    let refused = tokio::time::timeout(HOUR, f.get_forced())
+        .await
+        .expect("answered");
+    assert!(
+        format!("{refused:?}").contains("circuit open"),
+        "{refused:?}"
+    );
+    assert_eq!(f.entra.calls(), calls, "not asked while open");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_budget_spent_on_a_hung_retry_names_the_failure_before_it() {
     let f = fixture(HOUR, "retry_budget_secs = 10\nmax_attempts = 5");
     f.entra.set(Answer::Fail(None));
