@@ -547,7 +547,7 @@ impl Broker {
     /// otherwise is a new token fetched early for this caller's sake, as often as a forced
     /// refresh is allowed (`force_refresh_interval`, shared with `force_refresh`): else every
     /// request arriving once the token's remaining validity fell below the wanted one would
-    /// fetch. Joining does not spend the interval.
+    /// fetch. Joining does not spend the interval, nor does sharing the key's held failure.
     fn unmet_without_fetch(
         &self,
         token: &CachedToken,
@@ -571,6 +571,11 @@ impl Broker {
         if remaining >= cfg.default_min_validity.max(cfg.safety_margin) {
             if let Some(flight) = slot.flight() {
                 *under_way = Some(flight);
+                return Ok(());
+            }
+            // The key's held failure is the answer, without a fetch: as for a forced refresh,
+            // only a fetch of the caller's own spends the interval.
+            if slot.negative(now).is_some() {
                 return Ok(());
             }
             if !slot.allow_forced(now, cfg.force_refresh_interval) {

@@ -1758,3 +1758,29 @@ async fn a_replaced_tokens_refresh_task_ends_with_its_replacement() {
     settle().await;
     assert_eq!(tasks(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_early_fetch_for_more_validity_shares_a_held_failure_without_spending_its_interval() {
+    let f = fixture(HOUR, "max_attempts = 1");
+    f.get(None).await.unwrap();
+    // The scheduled refresh (due by 1800 s) fails; its failure is held off for 2 s.
+    f.entra.set(Answer::Fail(None));
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 2);
+    // Callers wanting more validity than the cached token has share the held failure,
+    // without a fetch, as forced callers do: neither spends the interval.
+    for _ in 0..2 {
+        match f.get(Some(3000)).await {
+            Err(BrokerError::Upstream { source, .. }) => assert!(source.is_retryable()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(f.entra.calls(), 2);
+    // The hold-off over (the refresh's next retry not yet due): the early fetch is made,
+    // its interval unspent.
+    f.slot().await.set_negative(None);
+    f.entra.set(Answer::hourly());
+    let t = f.get(Some(3000)).await.unwrap();
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 3);
+}
