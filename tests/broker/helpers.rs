@@ -287,6 +287,15 @@ impl Stack {
         r.json().await.unwrap_or(Value::Null)
     }
 
+    /// An Entra outage: every token request answered 503 until the faults are cleared.
+    pub async fn entra_outage(&self) {
+        self.admin_post(
+            "/faults",
+            serde_json::json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
+        )
+        .await;
+    }
+
     /// Total signs recorded by the emulator, over all keys.
     /// Removes every fault from the emulator.
     pub async fn clear_faults(&self) {

@@ -79,30 +79,14 @@ async fn latency_fault_is_applied() {
         )
         .await;
     let id = body["id"].as_u64().unwrap();
-    let url = format!(
-        "{}?api-version=2019-08-01&resource=https://vault.azure.net",
-        env.ep().identity_endpoint
-    );
-    let resp = env
-        .http
-        .get(&url)
-        .header("X-IDENTITY-HEADER", &env.ep().identity_header)
-        .send()
-        .await
-        .unwrap();
+    let resp = env.app_service_request().send().await.unwrap();
     assert_eq!(
         resp.status(),
         200,
         "latency alone does not fail the request"
     );
     assert_eq!(resp.headers()["x-emulator-faults"], id.to_string().as_str());
-    let resp = env
-        .http
-        .get(&url)
-        .header("X-IDENTITY-HEADER", &env.ep().identity_header)
-        .send()
-        .await
-        .unwrap();
+    let resp = env.app_service_request().send().await.unwrap();
     assert!(
         resp.headers().get("x-emulator-faults").is_none(),
         "count bound honoured"
@@ -119,27 +103,15 @@ async fn latency_fault_is_applied() {
 #[tokio::test]
 async fn hang_and_reset_faults() {
     let env = start_demo().await;
-    let url = format!(
-        "{}?api-version=2019-08-01&resource=https://vault.azure.net",
-        env.ep().identity_endpoint
-    );
     env.admin(Method::POST, "/faults", Some(json!({"route": "identity.appservice", "hang": true, "count": 1, "duration_ms": 600_000}))).await;
     let err = env
-        .http
-        .get(&url)
-        .header("X-IDENTITY-HEADER", &env.ep().identity_header)
+        .app_service_request()
         .timeout(CLIENT_TIMEOUT)
         .send()
         .await
         .expect_err("the request hangs until the client gives up");
     assert!(err.is_timeout(), "{err}");
-    let resp = env
-        .http
-        .get(&url)
-        .header("X-IDENTITY-HEADER", &env.ep().identity_header)
-        .send()
-        .await
-        .unwrap();
+    let resp = env.app_service_request().send().await.unwrap();
     assert_eq!(resp.status(), 200, "only one request hangs");
 
     env.admin(
@@ -172,16 +144,7 @@ async fn hang_and_reset_faults() {
 #[tokio::test]
 async fn a_stall_body_fault_sends_half_the_answer_then_breaks_off() {
     let env = start_demo().await;
-    let url = format!(
-        "{}?api-version=2019-08-01&resource=https://vault.azure.net",
-        env.ep().identity_endpoint
-    );
-    let get = || {
-        env.http
-            .get(&url)
-            .header("X-IDENTITY-HEADER", &env.ep().identity_header)
-            .send()
-    };
+    let get = || env.app_service_request().send();
     env.admin(
         Method::POST,
         "/faults",
@@ -214,17 +177,8 @@ async fn a_stall_body_fault_sends_half_the_answer_then_breaks_off() {
 #[tokio::test]
 async fn a_hung_request_is_counted_when_it_arrives_on_every_route() {
     let env = start_demo().await;
-    let identity = format!(
-        "{}?api-version=2019-08-01&resource=https://vault.azure.net",
-        env.ep().identity_endpoint
-    );
     let requests = [
-        (
-            "identity.appservice",
-            env.http
-                .get(&identity)
-                .header("X-IDENTITY-HEADER", &env.ep().identity_header),
-        ),
+        ("identity.appservice", env.app_service_request()),
         (
             "keyvault.sign",
             env.https
@@ -318,16 +272,7 @@ async fn an_endless_body_fault_sends_a_body_that_does_not_end() {
         Some(json!({"route": "identity.appservice", "endless_body": true, "count": 1, "duration_ms": 600_000})),
     )
     .await;
-    let url = format!(
-        "{}?api-version=2019-08-01&resource=https://vault.azure.net",
-        env.ep().identity_endpoint
-    );
-    let get = || {
-        env.http
-            .get(&url)
-            .header("X-IDENTITY-HEADER", &env.ep().identity_header)
-            .send()
-    };
+    let get = || env.app_service_request().send();
     let mut resp = get().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.content_length(), None, "no length declared");
@@ -356,15 +301,7 @@ async fn a_request_counted_before_the_counters_are_reset_leaves_no_outcome_after
         Some(json!({"route": route, "hang": true, "count": 1, "duration_ms": 2_000})),
     )
     .await;
-    let held = tokio::spawn(
-        env.http
-            .get(format!(
-                "{}?api-version=2019-08-01&resource=https://vault.azure.net",
-                env.ep().identity_endpoint
-            ))
-            .header("X-IDENTITY-HEADER", &env.ep().identity_header)
-            .send(),
-    );
+    let held = tokio::spawn(env.app_service_request().send());
     let mut spent = false;
     for _ in 0..500 {
         let (_, f) = env.admin(Method::GET, "/faults", None).await;

@@ -95,6 +95,16 @@ impl Env {
         &self.ep().authority_host
     }
 
+    /// A request for a Key Vault token at the App Service endpoint, with its header.
+    pub fn app_service_request(&self) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!(
+                "{}?api-version=2019-08-01&resource=https://vault.azure.net",
+                self.ep().identity_endpoint
+            ))
+            .header("X-IDENTITY-HEADER", &self.ep().identity_header)
+    }
+
     /// A managed-identity token through the App Service shape.
     pub async fn mi_token(&self, resource: &str, client_id: Option<&str>) -> String {
         let mut url = reqwest::Url::parse(&self.ep().identity_endpoint).expect("url");

@@ -108,12 +108,7 @@ async fn a_30_minute_entra_outage_fails_no_request_for_still_valid_tokens() {
         "cached before the watch"
     );
 
-    stack
-        .admin_post(
-            "/faults",
-            json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
-        )
-        .await;
+    stack.entra_outage().await;
     let mut stale = 0;
     for _ in 0..30 {
         stack.advance(MIN).await;
@@ -149,12 +144,7 @@ async fn callers_asking_no_minimum_are_served_through_an_outage_down_to_the_safe
     // One attempt per fetch: a fetch fails at once instead of backing off on the manual clock.
     let stack = manual("max_attempts = 1").await;
     let first = stack.get("contoso", GRAPH).await.unwrap();
-    stack
-        .admin_post(
-            "/faults",
-            json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
-        )
-        .await;
+    stack.entra_outage().await;
     let stats = stack.broker.stats();
     let mut c = stack.client().await;
     let asking = |min: u64| GetTokenRequest {
@@ -598,12 +588,7 @@ async fn watch_token_delivers_each_refresh_before_expiry_and_survives_an_outage(
         current = next;
     }
     // An outage: the stream stays open, reports the failure, keeps the last valid token.
-    stack
-        .admin_post(
-            "/faults",
-            json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
-        )
-        .await;
+    stack.entra_outage().await;
     let until_refresh = secs(&current.refresh_at) - now_unix(&stack);
     stack
         .advance(Duration::from_secs(until_refresh.max(0) as u64 + 1))
@@ -641,12 +626,7 @@ async fn a_watcher_hears_once_that_refreshing_fails_not_of_each_failed_retry() {
     let stack = manual("max_attempts = 1").await;
     let mut watch = watch(&stack, "contoso").await;
     let first = watch_next(&mut watch).await.token.unwrap();
-    stack
-        .admin_post(
-            "/faults",
-            json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
-        )
-        .await;
+    stack.entra_outage().await;
     let until_refresh = secs(&first.refresh_at) - now_unix(&stack);
     stack
         .advance(Duration::from_secs(until_refresh.max(0) as u64 + 1))
@@ -735,12 +715,7 @@ async fn a_failed_forced_refresh_leaves_a_healthy_cached_token_healthy() {
     let first = stack.get("contoso", GRAPH).await.unwrap();
     let mut watching = watch(&stack, "contoso").await;
     assert!(!watch_next(&mut watching).await.refresh_failing);
-    stack
-        .admin_post(
-            "/faults",
-            json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
-        )
-        .await;
+    stack.entra_outage().await;
     // The caller is told the truth: no new token (the cached one is what it wants replaced).
     let e = stack.force_refresh("contoso", GRAPH).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
@@ -771,12 +746,7 @@ async fn a_failed_forced_refresh_leaves_a_healthy_cached_token_healthy() {
 async fn a_forced_refresh_while_the_refresh_fails_is_answered_with_the_failure_not_the_old_token() {
     let stack = manual("max_attempts = 1").await;
     let first = stack.get("contoso", GRAPH).await.unwrap();
-    stack
-        .admin_post(
-            "/faults",
-            json!({"route": "entra.token", "count": 100000, "fail": {"status": 503}}),
-        )
-        .await;
+    stack.entra_outage().await;
     let until_refresh = secs(&first.refresh_at) - now_unix(&stack);
     stack
         .advance(Duration::from_secs(until_refresh.max(0) as u64 + 1))
