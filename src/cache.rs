@@ -275,8 +275,9 @@ impl<E: Send + Sync + 'static> Slot<E> {
     /// fetch for a caller's minimum validity) says nothing about the scheduled refresh, and
     /// leaves a healthy token healthy.
     /// Watchers are woken by a new token and by the first failure of a run, not by each
-    /// failed retry after it (an outage would otherwise wake them at every retry): the
-    /// failure's text is updated for the next message all the same.
+    /// failed retry after it (an outage would otherwise wake them at every retry), and by a
+    /// failure of the other kind (transient or for good) than the run's last: the failure's
+    /// text is updated for the next message all the same.
     pub fn publish(&self, result: &FlightResult<E>, now: Moment)
     where
         E: fmt::Display + Transient,
@@ -290,8 +291,13 @@ impl<E: Send + Sync + 'static> Slot<E> {
                     true
                 }
                 Err(e) if s.token.as_ref().is_none_or(|t| t.refresh.reached(now)) => {
-                    s.failure_transient = e.is_transient();
-                    s.failure.replace(e.to_string()).is_none()
+                    let transient = e.is_transient();
+                    // An outage turning into a refusal for good (or back) is news: the
+                    // key is remembered rather than retried, and callers are served
+                    // differently (`Broker::serves_through_outage`).
+                    let other_kind = s.failure.is_some() && s.failure_transient != transient;
+                    s.failure_transient = transient;
+                    s.failure.replace(e.to_string()).is_none() || other_kind
                 }
                 Err(_) => false,
             };
@@ -754,11 +760,23 @@ mod tests {
         assert_eq!(slot.current().failure.as_deref(), Some("still down"));
         assert_eq!(rx.borrow().failure.as_deref(), Some("still down"));
         assert!(slot.current().failure_transient);
+        // An outage turning into a refusal for good is news (the key is now remembered,
+        // not retried), and the other way round; another refusal is not.
         slot.publish(&fail("refused"), due);
         assert!(
             !slot.current().failure_transient,
             "the latest failure's kind"
         );
+        assert!(
+            rx.has_changed().unwrap(),
+            "a failure of another kind is news"
+        );
+        rx.borrow_and_update();
+        slot.publish(&fail("refused"), due);
+        assert!(!rx.has_changed().unwrap(), "the same kind again is no news");
+        slot.publish(&fail("down"), due);
+        assert!(rx.has_changed().unwrap(), "back to an outage is news");
+        rx.borrow_and_update();
         slot.publish(&Ok(token()), now());
         assert!(rx.has_changed().unwrap());
         assert!(rx.borrow_and_update().failure.is_none());

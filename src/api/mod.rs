@@ -637,6 +637,9 @@ struct Watcher {
 struct Said {
     token: Option<crate::sensitive::Fingerprint>,
     failing: bool,
+    /// Failing for good (remembered) rather than for a reason that may clear: a change
+    /// either way is news to the watcher.
+    refused: bool,
 }
 
 impl Watcher {
@@ -707,6 +710,7 @@ impl Watcher {
             let said = Said {
                 token: token.map(|t| t.fingerprint),
                 failing,
+                refused: failing && !state.failure_transient,
             };
             if self.said == Some(said) {
                 continue;

@@ -710,6 +710,43 @@ async fn a_watcher_is_told_how_long_a_refusal_is_remembered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_is_told_when_an_outage_turns_into_a_remembered_refusal() {
+    let stack = manual("max_attempts = 1\nnegative_ttl_secs = 300").await;
+    stack.entra_outage().await;
+    let mut watching = watch(&stack, "contoso").await;
+    let m = watch_next(&mut watching).await;
+    assert!(m.token.is_none() && m.refresh_failing, "{m:?}");
+    assert!(!m.last_error.contains("remembered"), "{}", m.last_error);
+    // Entra now refuses the app: the watched key's next retry is refused for good.
+    stack.clear_faults().await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100000,
+                "fail": {"status": 400, "body": {
+                    "error": "unauthorized_client",
+                    "error_description": "AADSTS700016: Application with identifier 'x' was not found in the directory.",
+                    "error_codes": [700016]
+                }}}),
+        )
+        .await;
+    let told = tokio::spawn(async move { watch_next(&mut watching).await });
+    // The watched key's retry waits for its backoff (at most 2 s) on the broker's clock.
+    for _ in 0..20 {
+        if told.is_finished() {
+            break;
+        }
+        stack.advance(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = told.await.unwrap();
+    assert!(m.token.is_none() && m.refresh_failing, "{m:?}");
+    assert!(m.last_error.contains("AADSTS700016"), "{}", m.last_error);
+    assert!(m.last_error.contains("(remembered: "), "{}", m.last_error);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_forced_refresh_leaves_a_healthy_cached_token_healthy() {
     let stack = manual("max_attempts = 1").await;
     let first = stack.get("contoso", GRAPH).await.unwrap();
