@@ -515,13 +515,14 @@ impl Broker {
         }
     }
 
-    /// Whether a forced refresh gets past a cached token that would serve the request: to
-    /// the fetch under way (put in `under_way` to join: it costs the upstream nothing, and
-    /// its token or failure is the answer), to the key's failure while its callers share it
-    /// (answered without a fetch), or to a fetch of its own, at most once per
-    /// `force_refresh_interval`. Only that fetch spends the interval. Otherwise, within the
-    /// interval, the cached token is the answer, its source saying whether the key's refresh
-    /// is failing (`STALE_WHILE_REFRESH_FAILING`) or not (`CACHE`).
+    /// Whether a forced refresh (or an early fetch for a caller's minimum validity) gets
+    /// past a cached token: to the fetch under way (put in `under_way` to join: it costs the
+    /// upstream nothing, and its token or failure is the answer), to the key's failure while
+    /// its callers share it (answered without a fetch), or to a fetch of its own, at most once
+    /// per `force_refresh_interval`. Only that fetch spends the interval. Otherwise, within
+    /// the interval, a forced refresh is answered with the cached token, its source saying
+    /// whether the key's refresh is failing (`STALE_WHILE_REFRESH_FAILING`) or not (`CACHE`),
+    /// and an early fetch is refused (`MinValidityUnmet`).
     fn forced_past(
         &self,
         slot: &Slot<FlowError>,
@@ -568,19 +569,12 @@ impl Broker {
             });
         }
         let cfg = &self.inner.cfg;
-        if remaining >= cfg.default_min_validity.max(cfg.safety_margin) {
-            if let Some(flight) = slot.flight() {
-                *under_way = Some(flight);
-                return Ok(());
-            }
-            // The key's held failure is the answer, without a fetch: as for a forced refresh,
-            // only a fetch of the caller's own spends the interval.
-            if slot.negative(now).is_some() {
-                return Ok(());
-            }
-            if !slot.allow_forced(now, cfg.force_refresh_interval) {
-                return Err(BrokerError::MinValidityUnmet { remaining, wanted });
-            }
+        // Past the cached token by a forced refresh's rules: join the fetch under way, share
+        // the key's held failure, or fetch once per interval.
+        if remaining >= cfg.default_min_validity.max(cfg.safety_margin)
+            && !self.forced_past(slot, now, under_way)
+        {
+            return Err(BrokerError::MinValidityUnmet { remaining, wanted });
         }
         Ok(())
     }
