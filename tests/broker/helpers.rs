@@ -296,7 +296,6 @@ impl Stack {
         .await;
     }
 
-    /// Total signs recorded by the emulator, over all keys.
     /// Removes every fault from the emulator.
     pub async fn clear_faults(&self) {
         let resp = self
@@ -580,4 +579,14 @@ pub async fn client_when_listening(addr: SocketAddr) -> TokenBrokerClient<Channe
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     panic!("the broker at {addr} does not listen");
+}
+
+/// An emulator fault's `fail`: Entra refusing the app for good (AADSTS700016, no such app
+/// in the tenant: no administrator consented), as a remembered configuration failure.
+pub fn app_not_found() -> Value {
+    serde_json::json!({"status": 400, "body": {
+        "error": "unauthorized_client",
+        "error_description": "AADSTS700016: Application with identifier 'x' was not found in the directory.",
+        "error_codes": [700016]
+    }})
 }

@@ -681,11 +681,7 @@ async fn a_watcher_is_told_how_long_a_refusal_is_remembered() {
         .admin_post(
             "/faults",
             json!({"route": "entra.token", "count": 100000,
-                "fail": {"status": 400, "body": {
-                    "error": "unauthorized_client",
-                    "error_description": "AADSTS700016: Application with identifier 'x' was not found in the directory.",
-                    "error_codes": [700016]
-                }}}),
+                "fail": app_not_found()}),
         )
         .await;
     let told = |left: &str| {
@@ -723,11 +719,7 @@ async fn a_watcher_is_told_when_an_outage_turns_into_a_remembered_refusal() {
         .admin_post(
             "/faults",
             json!({"route": "entra.token", "count": 100000,
-                "fail": {"status": 400, "body": {
-                    "error": "unauthorized_client",
-                    "error_description": "AADSTS700016: Application with identifier 'x' was not found in the directory.",
-                    "error_codes": [700016]
-                }}}),
+                "fail": app_not_found()}),
         )
         .await;
     let told = tokio::spawn(async move { watch_next(&mut watching).await });
@@ -1424,12 +1416,10 @@ fn sighup_forgets_a_remembered_configuration_failure() {
         // Entra does not know contoso's app in its tenant (no administrator consented yet).
         let added = http
             .post(&faults)
-            .json(&json!({"route": "entra.token", "tenant": demo::CONTOSO_TENANT, "count": 1000,
-                "fail": {"status": 400, "body": {
-                    "error": "unauthorized_client",
-                    "error_description": "AADSTS700016: Application with identifier 'x' was not found in the directory.",
-                    "error_codes": [700016]
-                }}}))
+            .json(
+                &json!({"route": "entra.token", "tenant": demo::CONTOSO_TENANT, "count": 1000,
+                "fail": app_not_found()}),
+            )
             .send()
             .await
             .unwrap();
@@ -1453,7 +1443,10 @@ fn sighup_forgets_a_remembered_configuration_failure() {
         assert!(e.message().contains("AADSTS700016"), "{}", e.message());
         assert!(e.message().contains("(remembered: "), "{}", e.message());
         hangup(&child);
-        wait_for_log(&log, "SIGHUP: remembered configuration failures forgotten: 1");
+        wait_for_log(
+            &log,
+            "SIGHUP: remembered configuration failures forgotten: 1",
+        );
         let token = c.get_token(ask()).await.expect("asked again").into_inner();
         assert_eq!(token.tenant_id, demo::CONTOSO_TENANT);
     });

@@ -139,11 +139,7 @@ async fn metrics_count_a_scripted_sequence_exactly() {
     stack
         .admin_post(
             "/faults",
-            json!({"route": "entra.token", "count": 1, "fail": {"status": 400, "body": {
-                "error": "unauthorized_client",
-                "error_description": "AADSTS700016: Application with identifier 'x' was not found in the directory.",
-                "error_codes": [700016]
-            }}}),
+            json!({"route": "entra.token", "count": 1, "fail": app_not_found()}),
         )
         .await;
     let failed = stack.get("fabrikam", GRAPH).await.unwrap_err();
