@@ -606,6 +606,28 @@ pub fn line(out: &mut String, s: impl AsRef<str>) {
 }
 
 /// Resident set size of this process, in bytes (`VmRSS` of /proc/self/status).
+/// A loopback port nobody listens on now, for a child process to bind. Drawn below the
+/// kernel's ephemeral range: a port let go of inside it can be handed at once to any socket
+/// bound to port 0 (an emulator starting meanwhile), and whoever then connects reaches a
+/// stranger instead of the child, or of nobody.
+pub fn free_port() -> std::io::Result<SocketAddr> {
+    use rand::Rng as _;
+    // Linux's default range starts at 32768; elsewhere the file is missing and that stays.
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if first_ephemeral > 10_000 {
+        for _ in 0..100 {
+            let port = rand::rng().random_range(10_000..first_ephemeral);
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                return l.local_addr();
+            }
+        }
+    }
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
 pub fn rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: u64 = s

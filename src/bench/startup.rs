@@ -63,7 +63,7 @@ pub async fn run(runs: usize) -> anyhow::Result<StartupReport> {
         let mut samples = Vec::new();
         let mut min = u64::MAX;
         for _ in 0..runs.max(1) {
-            let addr = free_port()?;
+            let addr = super::free_port()?;
             let toml = crate::dev::broker_config_toml(&emu_config, emulator.endpoints(), addr);
             let path = dir.path().join("broker.toml");
             std::fs::write(&path, toml)?;
@@ -97,11 +97,6 @@ pub async fn run(runs: usize) -> anyhow::Result<StartupReport> {
         ready: Percentiles::of(&mut samples),
         min_us: min as f64 / 1000.0,
     })
-}
-
-fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
 }
 
 /// Polls health every millisecond until SERVING, within `BOUND` of `since`.

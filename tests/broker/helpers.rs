@@ -562,12 +562,10 @@ pub fn serve(
     }
 }
 
-/// A port on loopback: bound and let go (the child binds it again at once).
+/// A port on loopback nobody listens on, outside the range other tests' listeners get
+/// theirs from (`bench::free_port`).
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    tokenbroker::bench::free_port().unwrap()
 }
 
 /// A plaintext client of the broker at `addr`, once it listens (waited for, bounded).

@@ -420,10 +420,7 @@ async fn an_issuer_serving_an_oversized_jwks_is_refused_as_an_unreachable_one_is
     let big = TestIssuer::start().await;
     big.oversize_jwks(true);
     // An issuer nobody answers for: a loopback port let go of.
-    let gone = {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", port.local_addr().unwrap())
-    };
+    let gone = format!("http://{}", tokenbroker::bench::free_port().unwrap());
     let h = Harness::start(Options {
         policy: grants(&[
             (SVC, "contoso", GRAPH),

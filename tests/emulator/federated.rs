@@ -141,10 +141,7 @@ async fn an_unknown_issuer_is_700211_and_is_never_fetched() {
 #[tokio::test]
 async fn an_issuer_that_cannot_be_reached_or_does_not_answer_is_an_entra_error() {
     // A port with nothing listening, and one that accepts and never answers.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let closed = tokenbroker::bench::free_port().unwrap();
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_addr = silent.local_addr().unwrap();
     let held = tokio::spawn(async move {

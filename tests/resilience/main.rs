@@ -1226,11 +1226,7 @@ fn tokenbroker_dev_keeps_serving_when_its_stdout_is_closed() {
     let dir = tempfile::tempdir().unwrap();
     // A port that was free a moment ago: the banner with the bound address is what the
     // test cannot read.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let addr = free_port().to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
         .args(["dev", "--listen", &addr, "--state-dir"])
         .arg(dir.path())
@@ -1526,10 +1522,7 @@ fn token_cli_error(url: &str, exit: i32) -> String {
 #[test]
 fn tokenbroker_token_says_why_it_cannot_connect() {
     // A port nobody listens on.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = free_port();
     // Worth retrying: EX_UNAVAILABLE.
     let stderr = token_cli_error(&format!("http://{addr}"), 69);
     assert!(
