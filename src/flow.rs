@@ -309,6 +309,14 @@ async fn cut_off(
     at
 }
 
+/// The answer of `attempt`, if there is one; else never.
+async fn answer_of<F: Future + Unpin>(attempt: &mut Option<F>) -> F::Output {
+    match attempt {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The request id an attempt sent, kept outside it: an attempt cut off is dropped with it.
 type SentId = Mutex<Option<uuid::Uuid>>;
 
@@ -939,6 +947,12 @@ impl Flow {
     {
         let mut attempt = 0u32;
         let mut before = None;
+        // A first attempt given up for another (`attempt_bound`) is left running: an upstream
+        // slow on every request (past half the budget, under all of it) answers it before
+        // its retry, which without it would be cut off by the budget in turn.
+        let mut given_up: Option<
+            std::pin::Pin<Box<tokio::task::futures::TaskLocalFuture<WriteWatch, Fut>>>,
+        > = None;
         loop {
             let mut probe = match admitted.take() {
                 Some(p) => p,
@@ -964,11 +978,28 @@ impl Flow {
                 *s.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
             let watch = WriteWatch::new();
-            let outcome = tokio::select! {
-                // An answer that comes as the attempt is cut off is taken.
-                biased;
-                r = watch.scope(op()) => Ok(r),
-                cut = cut_off(bound, &watch, deadline) => Err(cut),
+            let mut current = Box::pin(watch.scope(op()));
+            let cut = cut_off(bound, &watch, deadline);
+            tokio::pin!(cut);
+            let outcome = loop {
+                tokio::select! {
+                    // An answer that comes as the attempt is cut off is taken.
+                    biased;
+                    r = &mut current => break Ok(r),
+                    r = answer_of(&mut given_up) => {
+                        given_up = None;
+                        match r {
+                            Ok(v) => {
+                                info!(upstream = upstream.as_str(), "a first attempt given up for another answered first");
+                                break Ok(Ok(v));
+                            }
+                            // Its failure is not the answer: the attempt under way gives it.
+                            Err(e) if e.is_from(upstream) => before = Some(e),
+                            Err(_) => {}
+                        }
+                    }
+                    cut = &mut cut => break Err(cut),
+                }
             };
             let result = match outcome {
                 Ok(result) => result,
@@ -1004,8 +1035,10 @@ impl Flow {
                     if !retried {
                         return Err(e);
                     }
-                    // Half the budget waited already: asked again at once (a new connection:
-                    // the silent one went with the attempt).
+                    // Half the budget waited already: asked again at once, on a new
+                    // connection (a silent one stays with the attempt given up, which is
+                    // still heard until the budget is spent).
+                    given_up = Some(current);
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, attempt, "upstream attempt without an answer; retrying");
                     before = Some(e);
@@ -1038,15 +1071,45 @@ impl Flow {
                     }
                     let wait = backoff(attempt, Duration::from_millis(250), Duration::from_secs(8))
                         .max(e.retry_after().unwrap_or(Duration::ZERO));
-                    if attempt >= self.res.max_attempts
-                        || wait > deadline.at.until(self.clock.moment())
-                    {
+                    let last = attempt >= self.res.max_attempts
+                        || wait > deadline.at.until(self.clock.moment());
+                    if !last {
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, attempt, wait_ms = wait.as_millis() as u64, "transient upstream failure; retrying");
+                    }
+                    if last && given_up.is_none() {
                         return Err(e);
                     }
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    warn!(error = %e, attempt, wait_ms = wait.as_millis() as u64, "transient upstream failure; retrying");
+                    // The attempt given up, still heard while the next one waits (or, after
+                    // the last, until the budget is spent).
+                    let mut pause = if last {
+                        Box::pin(tokio::time::sleep_until(deadline.io))
+                    } else {
+                        self.clock.sleep(wait)
+                    };
+                    let heard = tokio::select! {
+                        _ = &mut pause => None,
+                        r = answer_of(&mut given_up) => Some(r),
+                    };
+                    if let Some(Ok(v)) = heard {
+                        info!(
+                            upstream = upstream.as_str(),
+                            "a first attempt given up for another answered first"
+                        );
+                        if let Some(g) = guard {
+                            g.breaker.success();
+                        }
+                        return Ok(v);
+                    }
+                    if last {
+                        return Err(e);
+                    }
+                    if heard.is_some() {
+                        // It failed too: the wait goes on.
+                        given_up = None;
+                        pause.await;
+                    }
                     before = Some(e);
-                    self.clock.sleep(wait).await;
                 }
                 Err(e) => {
                     if let Some(b) = probe.settle() {
@@ -1071,15 +1134,16 @@ impl Flow {
     }
 
     /// How long attempt `attempt` (from 0) of a call to `upstream` may go unanswered before
-    /// it is given up for another (from when its request is written, `cut_off`), when not
-    /// until the budget is spent. A pooled connection
-    /// the network has silently dropped answers never, while a retry on a new connection
-    /// answers at once: the first attempt to Entra or Key Vault gets half the budget (5 s
-    /// of the default 10 s; their answers take well under a second, so a slow but working
-    /// upstream still answers the first time), the retry the rest. Not for a budget under
-    /// 4 s (10 s for Key Vault, see below), where half would cut off answers merely slow; not for the HSM (its calls run on
-    /// blocking threads and cannot be cancelled) nor the managed identity (the credential
-    /// bounds its own requests and retries).
+    /// another is sent beside it (from when its request is written, `cut_off`), when not
+    /// until the budget is spent. A pooled connection the network has silently dropped
+    /// answers never, while a retry on a new connection answers at once: the first attempt
+    /// to Entra or Key Vault gets half the budget (5 s of the default 10 s; their answers
+    /// take well under a second), the retry the rest, and the first is still heard until the
+    /// budget is spent (an upstream slow on every request answers it first). Not for a budget
+    /// under 4 s (10 s for Key Vault, see below), where half would send a second request to
+    /// an upstream merely slow; not for the HSM (its calls run on blocking threads and cannot
+    /// be cancelled) nor the managed identity (the credential bounds its own requests and
+    /// retries).
     fn attempt_bound(&self, upstream: Upstream, attempt: u32) -> Option<Duration> {
         let half = self.res.retry_budget / 2;
         // A Key Vault call gets the broker's managed identity token first: its attempt is

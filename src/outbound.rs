@@ -597,9 +597,13 @@ impl WriteWatch {
         WriteWatch(Arc::new(tokio::sync::watch::channel(None).0))
     }
 
-    /// Runs `f` as the attempt this watches.
-    pub async fn scope<F: std::future::Future>(&self, f: F) -> F::Output {
-        ATTEMPT.scope(self.clone(), f).await
+    /// Runs `f` as the attempt this watches (the future owns its watch: an attempt given up
+    /// for another may outlive its round, `flow::guarded_admitted`).
+    pub fn scope<F: std::future::Future>(
+        &self,
+        f: F,
+    ) -> tokio::task::futures::TaskLocalFuture<WriteWatch, F> {
+        ATTEMPT.scope(self.clone(), f)
     }
 
     /// When the attempt's first request was written; pending until it is.

@@ -930,6 +930,60 @@ async fn a_written_request_unanswered_for_half_the_budget_is_asked_again() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_upstream_slower_than_half_the_budget_on_every_request_answers_the_attempt_given_up() {
+    let f = fixture(HOUR, "retry_budget_secs = 10");
+    // Every answer takes 6 s: the first attempt is given up for another at 5 s, whose answer
+    // would come at 11 s, past the budget.
+    f.entra.set(Answer::Slow {
+        connecting: Duration::ZERO,
+        answering: vec![Duration::from_secs(6)],
+    });
+    let t = tokio::time::timeout(HOUR, f.get(None))
+        .await
+        .expect("answered")
+        .expect("the first attempt's answer is taken");
+    assert_eq!(token_of(&t), "token-0");
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 2, "the retry was sent");
+    // Its answer, had the retry gone unanswered, was heard until the budget's end: after the
+    // last retry's failure too.
+    let f = fixture(HOUR, "retry_budget_secs = 10\nmax_attempts = 2");
+    f.entra.set(Answer::Slow {
+        connecting: Duration::ZERO,
+        answering: vec![Duration::from_secs(6)],
+    });
+    let call = f.spawn_get();
+    settle().await;
+    assert_eq!(f.entra.calls(), 1);
+    // The retry fails at once.
+    f.entra.set(Answer::Fail(None));
+    let t = tokio::time::timeout(HOUR, call)
+        .await
+        .expect("answered")
+        .unwrap()
+        .expect("the first attempt's answer is taken after the retry failed");
+    assert_eq!(token_of(&t), "token-0");
+    assert_eq!(f.entra.calls(), 2);
+    // And while a retry that failed waits for the next (the default three attempts).
+    let f = fixture(HOUR, "retry_budget_secs = 10");
+    f.entra.set(Answer::Slow {
+        connecting: Duration::ZERO,
+        answering: vec![Duration::from_secs(6)],
+    });
+    let call = f.spawn_get();
+    settle().await;
+    // (The backoff runs on the broker's clock, which stands still here.)
+    f.entra.set(Answer::Fail(Some(Duration::from_secs(2))));
+    let t = tokio::time::timeout(HOUR, call)
+        .await
+        .expect("answered")
+        .unwrap()
+        .expect("the first attempt's answer is taken during the retry's backoff");
+    assert_eq!(token_of(&t), "token-0");
+    assert_eq!(f.entra.calls(), 2, "heard before a third attempt");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_first_attempt_cut_off_and_asked_again_is_not_counted_by_the_breaker() {
     // One failure opens the breaker: counted, the cut-off would refuse its own retry.
     let f = fixture(HOUR, "retry_budget_secs = 10\nbreaker_failures = 1");
