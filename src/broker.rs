@@ -348,22 +348,20 @@ impl Broker {
         serve: impl FnOnce(&Arc<CachedToken>, TokenSource, Moment) -> R,
     ) -> Result<R, BrokerError> {
         let (tenant, scopes) = self.validate(req.tenant, req.scopes)?;
-        let wanted = match req.min_validity {
-            Some(d) if d > MAX_MIN_VALIDITY => {
-                return Err(BrokerError::InvalidArgument {
-                    field: "min_validity",
-                    message: format!(
-                        "at most {}s: Entra tokens live 60 to 90 minutes",
-                        MAX_MIN_VALIDITY.as_secs()
-                    ),
-                });
-            }
-            Some(d) => d.max(self.inner.cfg.safety_margin),
-            None => self
-                .inner
-                .cfg
-                .default_min_validity
-                .max(self.inner.cfg.safety_margin),
+        if req.min_validity.is_some_and(|d| d > MAX_MIN_VALIDITY) {
+            return Err(BrokerError::InvalidArgument {
+                field: "min_validity",
+                message: format!(
+                    "at most {}s: Entra tokens live 60 to 90 minutes",
+                    MAX_MIN_VALIDITY.as_secs()
+                ),
+            });
+        }
+        let cfg = &self.inner.cfg;
+        // What the caller is owed from `token`.
+        let wanted = |token: &CachedToken| match req.min_validity {
+            Some(d) => d.max(cfg.safety_margin),
+            None => cfg.default_min_validity_for(token.issued_validity()),
         };
         // Looked up by the request's own strings: a hit builds no key.
         let owned_key = || Key {
@@ -389,7 +387,7 @@ impl Broker {
         {
             let state = slot.current();
             if let Some(token) = &state.token
-                && token.remaining(now) >= wanted
+                && token.remaining(now) >= wanted(token)
                 && !(req.force_refresh && self.forced_past(&slot, now, &mut under_way))
             {
                 self.inner.stats.hits.incr();
@@ -408,7 +406,7 @@ impl Broker {
                 return Ok(serve(token, source, now));
             }
             if let Some(token) = &state.token {
-                self.unmet_without_fetch(token, wanted, &slot, now, &mut under_way)?;
+                self.unmet_without_fetch(token, wanted(token), &slot, now, &mut under_way)?;
                 if through_outage && self.serves_through_outage(token, &state, &slot, now) {
                     self.inner.stats.hits.incr();
                     self.inner.stats.stale_served.incr();
@@ -483,6 +481,7 @@ impl Broker {
         };
         let now = self.inner.clock.moment();
         let remaining = token.remaining(now);
+        let wanted = wanted(&token);
         if remaining < wanted {
             return Err(BrokerError::MinValidityUnmet { remaining, wanted });
         }
@@ -571,7 +570,7 @@ impl Broker {
         let cfg = &self.inner.cfg;
         // Past the cached token by a forced refresh's rules: join the fetch under way, share
         // the key's held failure, or fetch once per interval.
-        if remaining >= cfg.default_min_validity.max(cfg.safety_margin)
+        if remaining >= cfg.default_min_validity_for(most)
             && !self.forced_past(slot, now, under_way)
         {
             return Err(BrokerError::MinValidityUnmet { remaining, wanted });

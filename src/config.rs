@@ -281,6 +281,18 @@ pub struct CacheConfig {
     pub refresh_fraction: f64,
 }
 
+impl CacheConfig {
+    /// The validity owed to a caller who asks for no minimum from a token issued valid for
+    /// `issued`: the default minimum validity, but at most half of `issued` (a default beyond
+    /// the tokens' life would refuse every such caller, and have the key refreshed every
+    /// half minute to try), and never less than the safety margin.
+    pub fn default_min_validity_for(&self, issued: Duration) -> Duration {
+        self.default_min_validity
+            .min(issued / 2)
+            .max(self.safety_margin)
+    }
+}
+
 /// Retries, budgets, breakers and pre-warming: how the broker treats its upstreams.
 #[derive(Debug, Clone)]
 pub struct ResilienceConfig {
@@ -2157,8 +2169,8 @@ impl Validator<'_> {
                 "cache.safety_margin_secs",
                 raw.safety_margin_secs,
                 60,
-                (0, HOUR),
-                TOKEN_LIFE,
+                (0, HOUR / 2),
+                "half an hour: no token is served with less left, and Entra tokens live 60 to 90 minutes",
             ),
             default_min_validity: self.span(
                 "cache.default_min_validity_secs",

@@ -843,17 +843,14 @@ impl Flow {
         t: EntraToken,
     ) -> CachedToken {
         let lifetime = t.expires_in;
-        // Before the token stops serving callers who ask for no minimum (their default
-        // minimum validity, or the safety margin if longer): for short lifetimes (minutes) a
+        // Before the token stops serving callers who ask for no minimum
+        // (`default_min_validity_for` its lifetime): for short lifetimes (minutes) a
         // fraction of the lifetime would fall after that, and those callers would each wait
         // for a fetch on their own request. Never at once: a refresh is scheduled before the
         // token is published, and one due at once would find its own fetch still under way,
         // join it, and end the chain.
-        let serves_defaults_for = lifetime.saturating_sub(
-            self.cache
-                .default_min_validity
-                .max(self.cache.safety_margin),
-        );
+        let serves_defaults_for =
+            lifetime.saturating_sub(self.cache.default_min_validity_for(lifetime));
         let refresh_in = t
             .refresh_in
             .filter(|r| *r < lifetime)

@@ -364,6 +364,38 @@ fn token_of(t: &IssuedToken) -> &str {
 }
 
 #[tokio::test(start_paused = true)]
+async fn callers_asking_no_minimum_are_owed_at_most_half_the_tokens_life() {
+    // A default minimum beyond what Entra's tokens live (3599 s) is accepted by the
+    // configuration: such callers are owed half the token's life, and the key is refreshed as
+    // usual, not every half minute.
+    let f = fixture(
+        HOUR - Duration::from_secs(1),
+        "\n[cache]\ndefault_min_validity_secs = 3600",
+    );
+    assert_eq!(f.get(None).await.unwrap().source, TokenSource::Exchange);
+    f.advance(Duration::from_secs(20 * 60)).await;
+    assert_eq!(f.get(None).await.unwrap().source, TokenSource::Cache);
+    assert_eq!(f.entra.calls(), 1, "not refreshed within 20 minutes");
+    // A caller's own minimum is still held to the letter.
+    assert!(matches!(
+        f.get(Some(3600)).await,
+        Err(BrokerError::MinValidityBeyondLifetime { .. })
+    ));
+    // Tokens shorter than the default minimum (300 s) serve such callers too.
+    let f = fixture(Duration::from_secs(240), "");
+    assert_eq!(f.get(None).await.unwrap().source, TokenSource::Exchange);
+    assert_eq!(f.get(None).await.unwrap().source, TokenSource::Cache);
+    f.advance(Duration::from_secs(121)).await;
+    settle().await;
+    assert_eq!(
+        f.entra.calls(),
+        2,
+        "refreshed before it stopped serving them"
+    );
+    assert_eq!(f.get(None).await.unwrap().source, TokenSource::Cache);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_min_validity_no_token_can_meet_is_refused_from_the_cache_without_fetching() {
     // Entra's tokens live 3599 s; the broker's longest minimum validity is 3600 s.
     let f = fixture(HOUR - Duration::from_secs(1), "");
@@ -675,12 +707,16 @@ async fn a_refresh_refused_for_good_is_tried_again_once_per_negative_period() {
 
 #[tokio::test(start_paused = true)]
 async fn a_short_lived_token_is_refreshed_before_it_stops_serving_default_callers() {
-    // 8-minute tokens: half their life (less jitter) would be 192-240 s, after the 180 s at
-    // which they stop meeting the default minimum validity (300 s).
-    let f = fixture(Duration::from_secs(480), "");
+    // 8-minute tokens refreshed at 90% of their life (less jitter: 384-432 s), after the
+    // 240 s at which they stop meeting the default minimum validity (300 s, at most half
+    // their life).
+    let f = fixture(
+        Duration::from_secs(480),
+        "\n[cache]\nrefresh_fraction = 0.9",
+    );
     f.get(None).await.unwrap();
-    f.advance(Duration::from_secs(185)).await;
-    assert_eq!(f.entra.calls(), 2, "refreshed by 180 s");
+    f.advance(Duration::from_secs(245)).await;
+    assert_eq!(f.entra.calls(), 2, "refreshed by 240 s");
     let t = f.get(None).await.unwrap();
     assert_eq!(
         t.source,

@@ -758,7 +758,7 @@ fn spans_too_long_for_a_deadline_are_refused_with_their_bound() {
     assert!(
         about("cache.safety_margin_secs")
             .unwrap()
-            .contains("7200 is out of range: must be 0 to 3600 seconds")
+            .contains("7200 is out of range: must be 0 to 1800 seconds")
     );
     assert!(
         about("resilience.retry_budget_secs")

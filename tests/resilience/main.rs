@@ -1069,6 +1069,39 @@ async fn a_min_validity_beyond_the_tokens_lifetime_costs_no_upstream_call() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_minimum_beyond_the_tokens_lifetime_still_serves_callers_asking_none() {
+    // The configuration accepts a default of up to 3600 s; Entra's tokens live 3599 s here.
+    let mut emu = estate();
+    for t in &mut emu.tenants {
+        for a in &mut t.apps {
+            a.token_lifetime_secs = [3599, 3599];
+        }
+    }
+    let stack = Stack::start_full(
+        emu,
+        |t| format!("{t}\n[cache]\ndefault_min_validity_secs = 3600\n"),
+        Some(ManualClock::new()),
+        |e| e,
+    )
+    .await;
+    let first = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(first.source, TokenSource::Exchange as i32);
+    // Owed half the token's life: served from the cache for the first half hour.
+    stack.advance(Duration::from_secs(20 * 60)).await;
+    let again = stack.get("contoso", GRAPH).await.unwrap();
+    assert_eq!(again.source, TokenSource::Cache as i32);
+    assert_eq!(again.access_token, first.access_token);
+    assert_eq!(
+        stack
+            .exchanges(demo::CONTOSO_TENANT, demo::CONTOSO_APP)
+            .await,
+        1,
+        "not refreshed every half minute"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_entra_holds_a_cold_caller_no_longer_than_the_retry_budget() {
     // The outbound request timeout (30 s) is longer than the fetch's budget (1 s here, as an
     // attempt's bound is timed by the runtime, not the manual clock), and the held request
