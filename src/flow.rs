@@ -138,10 +138,10 @@ impl FlowError {
         FlowError::no_answer(upstream, message, sent)
     }
 
-    /// An attempt given up after `bound` for another, on a new connection.
+    /// An attempt unanswered after `bound`, asked again on a new connection.
     fn cut_off(upstream: Upstream, bound: Duration, sent: Option<uuid::Uuid>) -> Self {
         let message = format!(
-            "no answer within {}s, half the fetch's retry budget, after which a first attempt is given up for another",
+            "no answer within {}s, half the fetch's retry budget, after which a first attempt is asked again on a new connection",
             bound.as_secs_f64()
         );
         FlowError::no_answer(upstream, message, sent)
@@ -944,10 +944,10 @@ impl Flow {
     {
         let mut attempt = 0u32;
         let mut before = None;
-        // A first attempt given up for another (`attempt_bound`) is left running: an upstream
+        // A first attempt asked again on a new connection (`attempt_bound`) is left running: an upstream
         // slow on every request (past half the budget, under all of it) answers it before
         // its retry, which without it would be cut off by the budget in turn.
-        let mut given_up: Option<
+        let mut first_attempt: Option<
             std::pin::Pin<Box<tokio::task::futures::TaskLocalFuture<WriteWatch, Fut>>>,
         > = None;
         loop {
@@ -983,11 +983,11 @@ impl Flow {
                     // An answer that comes as the attempt is cut off is taken.
                     biased;
                     r = &mut current => break Ok(r),
-                    r = answer_of(&mut given_up) => {
-                        given_up = None;
+                    r = answer_of(&mut first_attempt) => {
+                        first_attempt = None;
                         match r {
                             Ok(v) => {
-                                info!(upstream = upstream.as_str(), "a first attempt given up for another answered first");
+                                info!(upstream = upstream.as_str(), "a first attempt asked again after half the budget answered before its retry");
                                 break Ok(Ok(v));
                             }
                             // Its failure is not the answer: the attempt under way gives it.
@@ -1033,9 +1033,9 @@ impl Flow {
                         return Err(e);
                     }
                     // Half the budget waited already: asked again at once, on a new
-                    // connection (a silent one stays with the attempt given up, which is
+                    // connection (a silent one stays with the first attempt, which is
                     // still heard until the budget is spent).
-                    given_up = Some(current);
+                    first_attempt = Some(current);
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, attempt, "upstream attempt without an answer; retrying");
                     before = Some(e);
@@ -1074,10 +1074,10 @@ impl Flow {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                         warn!(error = %e, attempt, wait_ms = wait.as_millis() as u64, "transient upstream failure; retrying");
                     }
-                    if last && given_up.is_none() {
+                    if last && first_attempt.is_none() {
                         return Err(e);
                     }
-                    // The attempt given up, still heard while the next one waits (or, after
+                    // The first attempt, still heard while the next one waits (or, after
                     // the last, until the budget is spent).
                     let mut pause = if last {
                         Box::pin(tokio::time::sleep_until(deadline.io))
@@ -1086,12 +1086,12 @@ impl Flow {
                     };
                     let heard = tokio::select! {
                         _ = &mut pause => None,
-                        r = answer_of(&mut given_up) => Some(r),
+                        r = answer_of(&mut first_attempt) => Some(r),
                     };
                     if let Some(Ok(v)) = heard {
                         info!(
                             upstream = upstream.as_str(),
-                            "a first attempt given up for another answered first"
+                            "a first attempt asked again after half the budget answered before its retry"
                         );
                         if let Some(g) = guard {
                             g.breaker.success();
@@ -1103,7 +1103,7 @@ impl Flow {
                     }
                     if heard.is_some() {
                         // It failed too: the wait goes on.
-                        given_up = None;
+                        first_attempt = None;
                         pause.await;
                     }
                     before = Some(e);

@@ -1924,7 +1924,7 @@ async fn a_breakers_probe_lost_to_a_silent_connection_is_asked_again_as_the_prob
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entra_slower_than_half_the_budget_on_every_request_still_answers() {
-    // A 4 s budget: the first attempt is given up for another after 2 s, whose answer would
+    // A 4 s budget: the first attempt is asked again after 2 s, whose answer would
     // come past the budget; every Entra answer takes 3 s (a degraded region).
     let stack = manual("retry_budget_secs = 4").await;
     stack
