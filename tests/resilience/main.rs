@@ -1945,7 +1945,7 @@ async fn an_entra_slower_than_half_the_budget_on_every_request_still_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_that_gets_no_answer_is_asked_again_within_the_budget() {
     // Half of the default 10 s budget: a request unanswered for 5 s (of the runtime's time:
-    // the manual clock stands still) is given up for another. (Key Vault's first attempt is
+    // the manual clock stands still) is asked again. (Key Vault's first attempt is
     // bounded so only from a budget of 10 s: the managed identity token it needs first may
     // take the credential's 4 s.)
     let stack = manual("").await;
