@@ -896,7 +896,14 @@ impl Broker {
                 Err(e) => {
                     failures += 1;
                     let wait = broker.retry_wait(failures, &e, &slot);
-                    broker.inner.clock.sleep(wait).await;
+                    if e.is_persistent() {
+                        // A refusal forgotten (SIGHUP) is asked again at once, in its
+                        // backoff too.
+                        let until = broker.inner.clock.moment() + wait;
+                        broker.wait_remembered(until, forgotten).await;
+                    } else {
+                        broker.inner.clock.sleep(wait).await;
+                    }
                 }
             }
         }

@@ -1627,6 +1627,20 @@ async fn a_refresh_refused_for_good_is_tried_again_at_once_when_forgotten() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_refresh_refused_for_good_is_tried_again_at_once_when_forgotten_during_its_backoff() {
+    let f = fixture(HOUR, "max_attempts = 1\nnegative_ttl_secs = 300");
+    f.get(None).await.unwrap();
+    f.entra.set(Answer::Refuse);
+    f.advance(Duration::from_secs(1800)).await;
+    assert_eq!(f.entra.calls(), 2, "the refresh was refused");
+    // Still in the backoff's wait (up to 2 s) after the refusal: no time passes.
+    f.entra.set(Answer::hourly());
+    assert_eq!(f.broker.forget_refusals().await, 1);
+    settle().await;
+    assert_eq!(f.entra.calls(), 3, "the refresh chain asked again at once");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_refusal_asked_for_before_refusals_are_forgotten_is_not_remembered_after() {
     let f = fixture(HOUR, "max_attempts = 1\nnegative_ttl_secs = 300");
     // A fetch is under way, its request sent while the app is still disabled...
