@@ -317,6 +317,13 @@ async fn answer_of<F: Future + Unpin>(attempt: &mut Option<F>) -> F::Output {
     }
 }
 
+fn answered_first(upstream: Upstream) {
+    info!(
+        upstream = upstream.as_str(),
+        "a first attempt asked again after half the budget answered before its retry"
+    );
+}
+
 /// The request id an attempt sent, kept outside it: an attempt cut off is dropped with it.
 type SentId = Mutex<Option<uuid::Uuid>>;
 
@@ -944,9 +951,9 @@ impl Flow {
     {
         let mut attempt = 0u32;
         let mut before = None;
-        // A first attempt asked again on a new connection (`attempt_bound`) is left running: an upstream
-        // slow on every request (past half the budget, under all of it) answers it before
-        // its retry, which without it would be cut off by the budget in turn.
+        // A first attempt asked again on a new connection (`attempt_bound`) is left running:
+        // an upstream slow on every request (past half the budget, under all of it) answers
+        // it before its retry, which without it would be cut off by the budget in turn.
         let mut first_attempt: Option<
             std::pin::Pin<Box<tokio::task::futures::TaskLocalFuture<WriteWatch, Fut>>>,
         > = None;
@@ -987,7 +994,7 @@ impl Flow {
                         first_attempt = None;
                         match r {
                             Ok(v) => {
-                                info!(upstream = upstream.as_str(), "a first attempt asked again after half the budget answered before its retry");
+                                answered_first(upstream);
                                 break Ok(Ok(v));
                             }
                             // Its failure is not the answer: the attempt under way gives it.
@@ -1089,10 +1096,7 @@ impl Flow {
                         r = answer_of(&mut first_attempt) => Some(r),
                     };
                     if let Some(Ok(v)) = heard {
-                        info!(
-                            upstream = upstream.as_str(),
-                            "a first attempt asked again after half the budget answered before its retry"
-                        );
+                        answered_first(upstream);
                         if let Some(g) = guard {
                             g.breaker.success();
                         }
