@@ -317,6 +317,22 @@ async fn answer_of<F: Future + Unpin>(attempt: &mut Option<F>) -> F::Output {
     }
 }
 
+/// The first attempt's answer, if it is one and comes before the budget is spent; at once
+/// if there is none.
+async fn answer_by_the_end<T, F>(
+    upstream: Upstream,
+    first: &mut Option<F>,
+    deadline: Deadline,
+) -> Option<T>
+where
+    F: Future<Output = Result<T, FlowError>> + Unpin,
+{
+    let f = first.as_mut()?;
+    let answer = tokio::time::timeout_at(deadline.io, f).await.ok()?.ok()?;
+    answered_first(upstream);
+    Some(answer)
+}
+
 fn answered_first(upstream: Upstream) {
     info!(
         upstream = upstream.as_str(),
@@ -1061,7 +1077,19 @@ impl Flow {
                 // Another upstream's failure inside an attempt (a fresh assertion for an
                 // exchange): its own guard has retried it already, and it says nothing about
                 // this upstream (the probe, if this is it, is released).
-                Err(e) if !e.is_from(upstream) => return Err(e),
+                Err(e) if !e.is_from(upstream) => {
+                    // (A retry's fresh assertion failing leaves the first attempt's request,
+                    // signed before, to be answered.)
+                    if let Some(v) = answer_by_the_end(upstream, &mut first_attempt, deadline).await
+                    {
+                        probe.settle();
+                        if let Some(g) = guard {
+                            g.breaker.success();
+                        }
+                        return Ok(v);
+                    }
+                    return Err(e);
+                }
                 Err(e) if e.is_retryable() => {
                     let probe = probe.settle();
                     // The broker's own identity failed before Key Vault was asked: no word on
@@ -1081,16 +1109,19 @@ impl Flow {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                         warn!(error = %e, attempt, wait_ms = wait.as_millis() as u64, "transient upstream failure; retrying");
                     }
-                    if last && first_attempt.is_none() {
+                    if last {
+                        if let Some(v) =
+                            answer_by_the_end(upstream, &mut first_attempt, deadline).await
+                        {
+                            if let Some(g) = guard {
+                                g.breaker.success();
+                            }
+                            return Ok(v);
+                        }
                         return Err(e);
                     }
-                    // The first attempt, still heard while the next one waits (or, after
-                    // the last, until the budget is spent).
-                    let mut pause = if last {
-                        Box::pin(tokio::time::sleep_until(deadline.io))
-                    } else {
-                        self.clock.sleep(wait)
-                    };
+                    // The first attempt, still heard while the next one waits.
+                    let mut pause = self.clock.sleep(wait);
                     let heard = tokio::select! {
                         _ = &mut pause => None,
                         r = answer_of(&mut first_attempt) => Some(r),
@@ -1101,9 +1132,6 @@ impl Flow {
                             g.breaker.success();
                         }
                         return Ok(v);
-                    }
-                    if last {
-                        return Err(e);
                     }
                     if heard.is_some() {
                         // It failed too: the wait goes on.

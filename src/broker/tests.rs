@@ -1020,6 +1020,31 @@ async fn an_upstream_slower_than_half_the_budget_on_every_request_answers_the_at
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retry_whose_fresh_assertion_fails_leaves_the_first_attempt_to_answer() {
+    let f = fixture(HOUR, "retry_budget_secs = 10\nmax_attempts = 2");
+    f.entra.set(Answer::Slow {
+        connecting: Duration::ZERO,
+        answering: vec![Duration::from_secs(7)],
+    });
+    // Key Vault signs the first assertion, then fails (503) every sign after.
+    f.vault.signs_ok.store(1, Ordering::SeqCst);
+    let call = f.spawn_get();
+    // Past half the budget: the retry's sign failed once and waits (on the broker's clock)
+    // for its own retry, which fails too once that clock moves.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    assert_eq!(f.vault.signs.load(Ordering::SeqCst), 2);
+    f.advance(Duration::from_secs(1)).await;
+    assert_eq!(f.vault.signs.load(Ordering::SeqCst), 3);
+    let t = tokio::time::timeout(HOUR, call)
+        .await
+        .expect("answered")
+        .unwrap()
+        .expect("the first attempt's answer, not Key Vault's failure");
+    assert_eq!(token_of(&t), "token-0");
+    assert_eq!(f.entra.calls(), 1, "the retry never reached Entra");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_first_attempt_cut_off_and_asked_again_is_not_counted_by_the_breaker() {
     // One failure opens the breaker: counted, the cut-off would refuse its own retry.
     let f = fixture(HOUR, "retry_budget_secs = 10\nbreaker_failures = 1");
