@@ -966,7 +966,7 @@ async fn a_written_request_unanswered_for_half_the_budget_is_asked_again() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_upstream_slower_than_half_the_budget_on_every_request_answers_the_attempt_given_up() {
+async fn an_upstream_slower_than_half_the_budget_on_every_request_answers_the_first_attempt() {
     let f = fixture(HOUR, "retry_budget_secs = 10");
     // Every answer takes 6 s: the first attempt is asked again at 5 s, whose answer
     // would come at 11 s, past the budget.
