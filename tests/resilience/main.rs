@@ -22,10 +22,15 @@ const MIN: Duration = Duration::from_secs(60);
 
 /// The demo estate with a fixed 60-minute token lifetime, so refresh times are predictable.
 fn estate() -> EmulatorConfig {
+    estate_living(3600)
+}
+
+/// The demo estate with every token issued for `secs`.
+fn estate_living(secs: u64) -> EmulatorConfig {
     let mut emu = EmulatorConfig::demo();
     for t in &mut emu.tenants {
         for a in &mut t.apps {
-            a.token_lifetime_secs = [3600, 3600];
+            a.token_lifetime_secs = [secs, secs];
         }
     }
     emu
@@ -1024,12 +1029,7 @@ async fn readiness_does_not_wait_for_a_prewarmed_key_that_fails_for_good() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_min_validity_beyond_the_tokens_lifetime_costs_no_upstream_call() {
     // Entra's tokens live 3599 s here; the broker accepts a min_validity of up to 3600 s.
-    let mut emu = estate();
-    for t in &mut emu.tenants {
-        for a in &mut t.apps {
-            a.token_lifetime_secs = [3599, 3599];
-        }
-    }
+    let emu = estate_living(3599);
     let stack = Stack::start_full(emu, tuned(""), Some(ManualClock::new()), |e| e).await;
     let first = stack.get("contoso", GRAPH).await.unwrap();
     let mut c = stack.client().await;
@@ -1071,12 +1071,7 @@ async fn a_min_validity_beyond_the_tokens_lifetime_costs_no_upstream_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_default_minimum_beyond_the_tokens_lifetime_still_serves_callers_asking_none() {
     // The configuration accepts a default of up to 3600 s; Entra's tokens live 3599 s here.
-    let mut emu = estate();
-    for t in &mut emu.tenants {
-        for a in &mut t.apps {
-            a.token_lifetime_secs = [3599, 3599];
-        }
-    }
+    let emu = estate_living(3599);
     let stack = Stack::start_full(
         emu,
         |t| format!("{t}\n[cache]\ndefault_min_validity_secs = 3600\n"),
@@ -1714,12 +1709,7 @@ async fn a_renewed_certificate_not_yet_on_the_app_falls_back_to_the_previous_ver
 async fn entra_refresh_in_sets_the_refresh_time_of_long_lived_tokens() {
     // Two-hour tokens: Entra sends refresh_in (half the lifetime), which the broker follows
     // instead of its own refresh_fraction (a quarter here).
-    let mut emu = estate();
-    for t in &mut emu.tenants {
-        for a in &mut t.apps {
-            a.token_lifetime_secs = [7200, 7200];
-        }
-    }
+    let emu = estate_living(7200);
     let stack = Stack::start_full(emu, tuned(""), Some(ManualClock::new()), |e| e).await;
     let token = stack.get("contoso", GRAPH).await.unwrap();
     let until_refresh = secs(&token.refresh_at) - now_unix(&stack);
