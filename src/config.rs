@@ -293,6 +293,10 @@ impl CacheConfig {
     }
 }
 
+/// Half the life of Entra's shortest tokens (60 minutes): the most a caller asking for no
+/// minimum validity is owed from them (`CacheConfig::default_min_validity_for`).
+const HALF_SHORTEST_TOKEN: Duration = Duration::from_secs(1800);
+
 /// Retries, budgets, breakers and pre-warming: how the broker treats its upstreams.
 #[derive(Debug, Clone)]
 pub struct ResilienceConfig {
@@ -2172,13 +2176,26 @@ impl Validator<'_> {
                 (0, HOUR / 2),
                 "half an hour: no token is served with less left, and Entra tokens live 60 to 90 minutes",
             ),
-            default_min_validity: self.span(
-                "cache.default_min_validity_secs",
-                raw.default_min_validity_secs,
-                300,
-                (0, HOUR),
-                TOKEN_LIFE,
-            ),
+            default_min_validity: {
+                let d = self.span(
+                    "cache.default_min_validity_secs",
+                    raw.default_min_validity_secs,
+                    300,
+                    (0, HOUR),
+                    TOKEN_LIFE,
+                );
+                if d > HALF_SHORTEST_TOKEN {
+                    self.warn(
+                        "cache.default_min_validity_secs",
+                        format!(
+                            "{}s is more than callers asking for no minimum are owed from Entra's 60-minute tokens: at most half a token's life ({}s); ask for more with min_validity",
+                            d.as_secs(),
+                            HALF_SHORTEST_TOKEN.as_secs()
+                        ),
+                    );
+                }
+                d
+            },
             force_refresh_interval: self.span(
                 "cache.force_refresh_interval_secs",
                 raw.force_refresh_interval_secs,

@@ -2070,3 +2070,23 @@ fn the_managed_identity_the_sdk_takes_from_the_process_is_checked_against_the_co
         ]
     );
 }
+
+#[test]
+fn a_default_minimum_validity_beyond_half_a_token_is_warned_of() {
+    let warned = |secs: u64| {
+        let text = format!("{GOOD}\n[cache]\ndefault_min_validity_secs = {secs}\n");
+        let c = Config::from_toml_str(&text, Path::new("/"), &no_env).expect("valid");
+        c.warnings
+            .iter()
+            .filter(|w| w.path == "cache.default_min_validity_secs")
+            .map(|w| w.message.clone())
+            .collect::<Vec<_>>()
+    };
+    assert!(warned(1800).is_empty());
+    let w = warned(3600);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("at most half a token's life (1800s)"),
+        "{w:?}"
+    );
+}
