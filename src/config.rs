@@ -1018,7 +1018,8 @@ fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
 /// longest prefix of `path`. Headers are matched segment by segment, never by substring, so
 /// `[tenants.ab]` is not found at `[tenants.fabrikam]`. Best effort: `None` when not found.
 pub(crate) fn line_of(text: &str, path: &str) -> Option<usize> {
-    let target: Vec<&str> = path.split('.').collect();
+    // Segments as a TOML key's: a quoted one (`trust_domain_ca_files."prod.example"`) is one.
+    let target = key_segments(path);
     // How many leading segments of `target` a key covers; `None` unless it covers all of
     // the key. An array key (`prewarm = [...]`) covers an element of it (`prewarm[0]`).
     let covers = |key: &[String]| -> Option<usize> {

@@ -1002,6 +1002,10 @@ fn a_problem_is_located_at_its_own_table_not_one_whose_name_contains_it() {
     );
     assert_eq!(line_of(&text, "tenants"), line("[tenants.", 0));
     assert_eq!(line_of(&text, "tenants.nowhere.tenant_id"), None);
+    // A quoted key holding dots is one segment.
+    let quoted =
+        "[outbound.pin_hosts]\n\"a.example\" = \"127.0.0.1\"\n\"b.example\" = \"127.0.0.1\"\n";
+    assert_eq!(line_of(quoted, "outbound.pin_hosts.\"b.example\""), Some(3));
     let p = problems(&text);
     assert_eq!(p[0].path, "tenants.ab.tenant_id");
     assert_eq!(p[0].line, line("tenant_id = \"nope\"", 0), "{p:?}");
