@@ -118,11 +118,10 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// Whether callers can prove themselves with a client certificate (a caller CA bundle).
+    /// Whether callers can prove themselves with a client certificate (a caller CA bundle,
+    /// or a trust domain's).
     pub fn mutual_tls(&self) -> bool {
-        self.tls
-            .as_ref()
-            .is_some_and(|t| t.client_ca_file.is_some())
+        self.tls.as_ref().is_some_and(ServerTls::verifies_clients)
     }
 }
 
@@ -130,12 +129,81 @@ impl ServerConfig {
 pub struct ServerTls {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    /// CA bundle that signs callers' client certificates (mutual TLS).
+    /// CA bundle that signs callers' client certificates (mutual TLS). With
+    /// `trust_domain_ca_files`, it vouches only for DNS names and SPIFFE IDs of trust domains
+    /// not listed there.
     pub client_ca_file: Option<PathBuf>,
+    /// SPIFFE trust domain name to the CA bundle that alone vouches for that domain's SPIFFE
+    /// IDs (federation: each domain's certificates verified against its own bundle).
+    pub trust_domain_ca_files: BTreeMap<String, PathBuf>,
     /// Certificate revocation lists (PEM) of the callers' CAs; with any, every certificate
     /// of a client's chain must be covered by one of them.
     pub client_crl_files: Vec<PathBuf>,
     pub client_cert: ClientCertMode,
+}
+
+impl ServerTls {
+    /// Whether the listener asks for and verifies client certificates: it has a caller CA
+    /// bundle, or a trust domain's.
+    pub fn verifies_clients(&self) -> bool {
+        self.client_ca_file.is_some() || !self.trust_domain_ca_files.is_empty()
+    }
+
+    /// The configuration key naming `path` as a trust domain's CA bundle, if one does.
+    pub fn trust_domain_key(&self, path: &Path) -> Option<String> {
+        self.trust_domain_ca_files
+            .iter()
+            .find(|(_, p)| p.as_path() == path)
+            .map(|(domain, _)| trust_domain_key(domain))
+    }
+}
+
+/// The configuration key of one trust domain's CA bundle.
+fn trust_domain_key(domain: &str) -> String {
+    format!("server.trust_domain_ca_files.\"{domain}\"")
+}
+
+/// What is wrong with a SPIFFE trust domain name, if anything: lower-case letters, digits,
+/// `.`, `-` and `_` only (the SPIFFE ID specification), so no scheme, port or path.
+pub fn trust_domain_problem(name: &str) -> Option<String> {
+    let alone = |what: &str, bare: &str| {
+        Some(format!(
+            "`{name}` has {what}: name the trust domain alone, as in `{bare}`"
+        ))
+    };
+    if name.is_empty() {
+        return Some("a trust domain name cannot be empty".into());
+    }
+    let scheme = name.split_once("://").or_else(|| {
+        name.split_once(':')
+            .filter(|(s, _)| s.eq_ignore_ascii_case("spiffe"))
+    });
+    if let Some((_, rest)) = scheme {
+        let rest = rest.trim_start_matches('/');
+        let bare = rest.split(['/', ':']).next().unwrap_or(rest);
+        return alone("a scheme", &bare.to_ascii_lowercase());
+    }
+    if let Some((host, _)) = name.split_once('/') {
+        return alone("a path", &host.to_ascii_lowercase());
+    }
+    if let Some((host, _)) = name.split_once(':') {
+        return alone("a port", &host.to_ascii_lowercase());
+    }
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Some(format!(
+            "`{name}` has upper-case letters: SPIFFE trust domain names are lower case (`{}`)",
+            name.to_ascii_lowercase()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')))
+    {
+        return Some(format!(
+            "`{name}` has {c:?}: a SPIFFE trust domain name holds only lower-case letters, digits, `.`, `-` and `_`"
+        ));
+    }
+    None
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -461,6 +529,8 @@ struct RawServer {
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
     client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    trust_domain_ca_files: BTreeMap<String, PathBuf>,
     #[serde(default)]
     client_crl_files: Vec<PathBuf>,
     client_cert: Option<ClientCertMode>,
@@ -1439,7 +1509,7 @@ impl Validator<'_> {
         if !server.mutual_tls() && callers.issuers.is_empty() && !callers.dev_loopback {
             self.warn(
                 "callers",
-                "no caller can authenticate, every request is refused: set server.client_ca_file (mutual TLS) or add [callers.issuers.NAME] (bearer tokens)",
+                "no caller can authenticate, every request is refused: set server.client_ca_file or server.trust_domain_ca_files (mutual TLS) or add [callers.issuers.NAME] (bearer tokens)",
             );
         }
         let audit = self.audit(raw.audit);
@@ -1707,17 +1777,34 @@ impl Validator<'_> {
                 );
             }
         }
-        if !client_crl_files.is_empty() && client_ca_file.is_none() {
+        let mut trust_domain_ca_files = BTreeMap::new();
+        for (domain, p) in raw.trust_domain_ca_files {
+            let key = trust_domain_key(&domain);
+            if let Some(why) = trust_domain_problem(&domain) {
+                self.problem(&key, why);
+            }
+            let p = self.path(p);
+            if self.reads_files(&key, &p) && !p.is_file() {
+                self.problem(
+                    &key,
+                    format!("{} does not exist or is not a file", p.display()),
+                );
+            }
+            trust_domain_ca_files.insert(domain, p);
+        }
+        // Mutual TLS: a caller CA bundle, or a trust domain's.
+        let client_cas = client_ca_file.is_some() || !trust_domain_ca_files.is_empty();
+        if !client_crl_files.is_empty() && !client_cas {
             self.problem(
                 "server.client_crl_files",
-                "revocation lists apply to client certificates: set client_ca_file",
+                "revocation lists apply to client certificates: set client_ca_file or trust_domain_ca_files",
             );
         }
-        let client_cert = match (raw.client_cert, &client_ca_file) {
-            (Some(ClientCertMode::Required), None) => {
+        let client_cert = match (raw.client_cert, client_cas) {
+            (Some(ClientCertMode::Required), false) => {
                 self.problem(
                     "server.client_cert",
-                    "client certificates cannot be required without client_ca_file",
+                    "client certificates cannot be required without client_ca_file or trust_domain_ca_files",
                 );
                 ClientCertMode::Required
             }
@@ -1737,6 +1824,7 @@ impl Validator<'_> {
                     cert_file: self.path(c),
                     key_file: self.path(k),
                     client_ca_file: client_ca_file.clone(),
+                    trust_domain_ca_files,
                     client_crl_files,
                     client_cert,
                 };
@@ -1765,9 +1853,13 @@ impl Validator<'_> {
                 "choose TLS (tls_cert_file, tls_key_file) or `plaintext = true`, not both",
             );
         }
-        if client_ca_file.is_some() && tls.is_none() {
+        if client_cas && tls.is_none() {
             self.problem(
-                "server.client_ca_file",
+                if client_ca_file.is_some() {
+                    "server.client_ca_file"
+                } else {
+                    "server.trust_domain_ca_files"
+                },
                 "mutual TLS needs TLS: set tls_cert_file and tls_key_file",
             );
         }
@@ -1824,7 +1916,11 @@ impl Validator<'_> {
                 missing = true;
             }
         }
-        let others = tls.client_ca_file.iter().chain(&tls.client_crl_files);
+        let others = tls
+            .client_ca_file
+            .iter()
+            .chain(tls.trust_domain_ca_files.values())
+            .chain(&tls.client_crl_files);
         if missing || others.clone().any(|p| !p.is_file()) {
             // Reported (or listed as not checked) where they are named.
             return;
@@ -1839,24 +1935,31 @@ impl Validator<'_> {
         };
         let key = match &e {
             TlsError::Read { path, .. } | TlsError::Pem { path, .. } if *path == tls.cert_file => {
-                "server.tls_cert_file"
+                "server.tls_cert_file".to_string()
             }
             TlsError::Read { path, .. } | TlsError::Pem { path, .. } if *path == tls.key_file => {
-                "server.tls_key_file"
+                "server.tls_key_file".to_string()
             }
             TlsError::Read { path, .. } | TlsError::Pem { path, .. }
                 if tls.client_crl_files.contains(path) =>
             {
-                "server.client_crl_files"
+                "server.client_crl_files".to_string()
             }
+            TlsError::Read { path, .. } | TlsError::Pem { path, .. }
+                if tls.client_ca_file.as_ref() != Some(path)
+                    && let Some(key) = tls.trust_domain_key(path) =>
+            {
+                key
+            }
+            TlsError::TrustDomainCa { domain, .. } => trust_domain_key(domain),
             TlsError::Read { .. } | TlsError::Pem { .. } | TlsError::ClientCa { .. } => {
-                "server.client_ca_file"
+                "server.client_ca_file".to_string()
             }
-            TlsError::Crl { .. } => "server.client_crl_files",
-            TlsError::Validity { .. } => "server.tls_cert_file",
-            TlsError::Pair { .. } | TlsError::Config(_) => "server.tls_key_file",
+            TlsError::Crl { .. } => "server.client_crl_files".to_string(),
+            TlsError::Validity { .. } => "server.tls_cert_file".to_string(),
+            TlsError::Pair { .. } | TlsError::Config(_) => "server.tls_key_file".to_string(),
         };
-        self.problem(key, e.to_string());
+        self.problem(&key, e.to_string());
     }
 
     /// A warning when the server certificate (valid now: `tls::server_config` refuses it

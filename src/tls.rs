@@ -1,10 +1,12 @@
 //! Server-side TLS for the gRPC listener: the rustls configuration (aws-lc-rs only), the
 //! server certificate that reloads itself when its files change, client-certificate
-//! verification against the configured caller CA bundle and revocation lists (both reloaded
-//! when their files change), and the stream of TLS connections
+//! verification against the configured caller CA bundles and revocation lists (reloaded
+//! when their files change), each CA vouching only for the identities it is scoped to when
+//! trust domains have bundles of their own, and the stream of TLS connections
 //! handed to tonic. Handshakes run off the accept loop, bounded in number and time, so a
 //! slow or hostile client cannot stall other connections.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -61,6 +63,12 @@ pub enum TlsError {
     },
     #[error("client CA bundle {path}: {message}")]
     ClientCa { path: PathBuf, message: String },
+    #[error("CA bundle {path} of trust domain {domain}: {message}")]
+    TrustDomainCa {
+        domain: String,
+        path: PathBuf,
+        message: String,
+    },
     #[error("certificate revocation list {path}: {message}")]
     Crl { path: PathBuf, message: String },
     #[error("TLS configuration: {0}")]
@@ -257,6 +265,7 @@ impl fmt::Debug for ListenerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ListenerConfig")
             .field("client_ca_file", &self.tls.client_ca_file)
+            .field("trust_domain_ca_files", &self.tls.trust_domain_ca_files)
             .field("client_crl_files", &self.tls.client_crl_files)
             .finish_non_exhaustive()
     }
@@ -294,9 +303,10 @@ impl ListenerConfig {
         })
     }
 
-    /// Whether the listener verifies client certificates (it has a client CA bundle).
+    /// Whether the listener verifies client certificates (it has a client CA bundle, or a
+    /// trust domain's).
     pub fn verifies_clients(&self) -> bool {
-        self.tls.client_ca_file.is_some()
+        self.tls.verifies_clients()
     }
 
     /// Whether the client CA bundle and revocation lists hold a set that was refused (or
@@ -331,6 +341,7 @@ impl ListenerConfig {
             )
         {
             info!(
+                trust_domains = self.tls.trust_domain_ca_files.len(),
                 crls = self.tls.client_crl_files.len(),
                 "client CA bundle and revocation lists reloaded"
             );
@@ -338,10 +349,13 @@ impl ListenerConfig {
     }
 }
 
-/// The client CA bundle and revocation lists as read from their files, and the digest of
-/// them all: compared first, as `ReloadingCert` does, so unchanged files are not parsed again.
+/// The client CA bundle, the trust domains' CA bundles and the revocation lists as read from
+/// their files, and the digest of them all: compared first, as `ReloadingCert` does, so
+/// unchanged files are not parsed again.
 struct TrustFiles {
     ca: Option<Vec<u8>>,
+    /// Each trust domain's bundle, in the order of `ServerTls::trust_domain_ca_files`.
+    domains: Vec<Vec<u8>>,
     crls: Vec<Vec<u8>>,
     digest: [u8; 32],
 }
@@ -349,15 +363,29 @@ struct TrustFiles {
 impl TrustFiles {
     fn read(tls: &ServerTls) -> Result<TrustFiles, TlsError> {
         let mut h = Sha256::new();
-        let Some(ca) = &tls.client_ca_file else {
+        if !tls.verifies_clients() {
             return Ok(TrustFiles {
                 ca: None,
+                domains: Vec::new(),
                 crls: Vec::new(),
                 digest: h.finalize().into(),
             });
+        }
+        let ca = match &tls.client_ca_file {
+            Some(path) => {
+                let pem = read_file(path)?;
+                hash_file(&mut h, &pem);
+                Some(pem)
+            }
+            None => None,
         };
-        let ca = read_file(ca)?;
-        hash_file(&mut h, &ca);
+        let mut domains = Vec::with_capacity(tls.trust_domain_ca_files.len());
+        for (domain, path) in &tls.trust_domain_ca_files {
+            let pem = read_file(path)?;
+            hash_file(&mut h, domain.as_bytes());
+            hash_file(&mut h, &pem);
+            domains.push(pem);
+        }
         let mut crls = Vec::with_capacity(tls.client_crl_files.len());
         for path in &tls.client_crl_files {
             let pem = read_file(path)?;
@@ -365,24 +393,18 @@ impl TrustFiles {
             crls.push(pem);
         }
         Ok(TrustFiles {
-            ca: Some(ca),
+            ca,
+            domains,
             crls,
             digest: h.finalize().into(),
         })
     }
 
-    /// The client-certificate verifier the files make; none without a CA bundle.
-    fn verifier(&self, tls: &ServerTls) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
-        let (Some(ca), Some(pem)) = (&tls.client_ca_file, &self.ca) else {
-            return Ok(None);
-        };
-        let mut roots = RootCertStore::empty();
-        for c in certificates(ca, pem)? {
-            roots.add(c).map_err(|e| TlsError::ClientCa {
-                path: ca.clone(),
-                message: e.to_string(),
-            })?;
-        }
+    /// The revocation lists the files hold.
+    fn revocation_lists(
+        &self,
+        tls: &ServerTls,
+    ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
         let mut crls = Vec::new();
         for (path, pem) in tls.client_crl_files.iter().zip(&self.crls) {
             let found = CertificateRevocationListDer::pem_slice_iter(pem)
@@ -399,20 +421,263 @@ impl TrustFiles {
             }
             crls.extend(found);
         }
+        Ok(crls)
+    }
+
+    /// The client-certificate verifier the files make; none without a CA bundle. Without
+    /// trust domains' bundles, every CA of `client_ca_file` vouches for every identity; with
+    /// them, each CA only for the identities it is scoped to (`ScopedToTrustDomains`).
+    fn verifier(&self, tls: &ServerTls) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
+        if !tls.verifies_clients() {
+            return Ok(None);
+        }
+        let crls = self.revocation_lists(tls)?;
+        let client_ca = match (&tls.client_ca_file, &self.ca) {
+            (Some(path), Some(pem)) => Some((path, roots(path, pem, None)?)),
+            _ => None,
+        };
+        let mut domains = Vec::with_capacity(self.domains.len());
+        for ((domain, path), pem) in tls.trust_domain_ca_files.iter().zip(&self.domains) {
+            domains.push((domain, path, roots(path, pem, Some(domain))?));
+        }
+        // The handshake accepts a chain to any of the CAs, as one bundle.
+        let mut all = RootCertStore::empty();
+        for store in client_ca
+            .iter()
+            .map(|(_, s)| s)
+            .chain(domains.iter().map(|(_, _, s)| s))
+        {
+            all.roots.extend(store.roots.iter().cloned());
+        }
+        // A problem with the whole is told at the first file.
+        let first = match (&client_ca, domains.first()) {
+            (Some((path, _)), _) => (*path, None),
+            (None, Some((domain, path, _))) => (*path, Some(domain.as_str())),
+            (None, None) => return Ok(None),
+        };
         // webpki checks the chain, validity period and the clientAuth extended key usage;
         // with revocation lists, every certificate of the chain must be covered by one (a
         // certificate whose status is unknown is refused).
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .with_crls(crls);
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(all), provider())
+            .with_crls(crls.clone());
         let verifier = match tls.client_cert {
             ClientCertMode::Required => verifier,
             ClientCertMode::Optional => verifier.allow_unauthenticated(),
         };
-        let verifier = verifier.build().map_err(|e| TlsError::ClientCa {
-            path: ca.clone(),
-            message: e.to_string(),
-        })?;
-        Ok(Some(Arc::new(ClientAuthUsageRequired(verifier))))
+        let verifier = verifier
+            .build()
+            .map_err(|e| bundle_error(first.0, first.1, e.to_string()))?;
+        let verifier: Arc<dyn ClientCertVerifier> = Arc::new(ClientAuthUsageRequired(verifier));
+        if domains.is_empty() {
+            return Ok(Some(verifier));
+        }
+        // Each bundle alone, with the same revocation lists: what a chain must also verify
+        // against for the identity it names.
+        let alone = |path: &Path, domain: Option<&str>, roots: RootCertStore| {
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .with_crls(crls.clone())
+                .build()
+                .map_err(|e| bundle_error(path, domain, e.to_string()))
+        };
+        let client_ca = match client_ca {
+            Some((path, roots)) => Some(alone(path, None, roots)?),
+            None => None,
+        };
+        let mut scoped = BTreeMap::new();
+        for (domain, path, roots) in domains {
+            scoped.insert(domain.clone(), alone(path, Some(domain), roots)?);
+        }
+        Ok(Some(Arc::new(ScopedToTrustDomains {
+            all: verifier,
+            domains: scoped,
+            client_ca,
+        })))
+    }
+}
+
+/// The trust anchors of one CA bundle: `client_ca_file`, or the bundle of trust domain
+/// `domain`.
+fn roots(path: &Path, pem: &[u8], domain: Option<&str>) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certificates(path, pem)? {
+        roots
+            .add(c)
+            .map_err(|e| bundle_error(path, domain, e.to_string()))?;
+    }
+    Ok(roots)
+}
+
+fn bundle_error(path: &Path, domain: Option<&str>, message: String) -> TlsError {
+    match domain {
+        None => TlsError::ClientCa {
+            path: path.to_owned(),
+            message,
+        },
+        Some(domain) => TlsError::TrustDomainCa {
+            domain: domain.to_owned(),
+            path: path.to_owned(),
+            message,
+        },
+    }
+}
+
+/// With trust domains' CA bundles (`server.trust_domain_ca_files`), a CA vouches only for
+/// the identities it is scoped to, as the SPIFFE X.509-SVID specification requires: a
+/// certificate naming a SPIFFE ID of a listed trust domain must also verify against that
+/// domain's bundle alone; any other (a SPIFFE ID of a domain not listed, a DNS name, no
+/// caller identity at all) against `client_ca_file` alone, and is refused without one. The
+/// chain is first verified against every CA, as `ClientAuthUsageRequired` does.
+#[derive(Debug)]
+struct ScopedToTrustDomains {
+    all: Arc<dyn ClientCertVerifier>,
+    domains: BTreeMap<String, Arc<dyn ClientCertVerifier>>,
+    client_ca: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+impl ScopedToTrustDomains {
+    /// Whether `end_entity` verifies against the bundle its caller identity is scoped to;
+    /// `Err` says why not, for a person to act on.
+    fn in_scope(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<(), String> {
+        let named = crate::authn::mtls::identity(end_entity);
+        let (names, domain) = match &named {
+            Ok(i) => (
+                format!("the certificate names {}", i.id),
+                crate::authn::mtls::trust_domain(&i.id),
+            ),
+            Err(why) => (format!("the certificate names no caller ({why})"), None),
+        };
+        // Trust domain names are lower case; one written otherwise is still that domain's.
+        let listed = domain.and_then(|d| {
+            let d = d.to_ascii_lowercase();
+            self.domains.get(&d).map(|v| (d, v))
+        });
+        // Why only client_ca_file can vouch for it.
+        let unlisted = match (&named, domain) {
+            (Ok(_), Some(d)) => format!("trust domain {d} is not in server.trust_domain_ca_files"),
+            (Ok(_), None) => "DNS names are not scoped to a trust domain".to_string(),
+            (Err(_), _) => {
+                "it names no SPIFFE ID of a trust domain in server.trust_domain_ca_files"
+                    .to_string()
+            }
+        };
+        let (verifier, refused) = match (listed, &self.client_ca) {
+            (Some((d, verifier)), _) => (
+                verifier,
+                format!(
+                    "{names} but is not issued by trust domain {d}'s CA bundle (server.trust_domain_ca_files)"
+                ),
+            ),
+            (None, Some(verifier)) => (
+                verifier,
+                format!(
+                    "{names} but is not issued by a CA of server.client_ca_file, the only bundle that can vouch for it ({unlisted})"
+                ),
+            ),
+            (None, None) => {
+                return Err(format!(
+                    "{names}, which no configured CA vouches for: {unlisted}, and no server.client_ca_file is configured"
+                ));
+            }
+        };
+        match verifier.verify_client_cert(end_entity, intermediates, now) {
+            Ok(_) => Ok(()),
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
+                Err(refused)
+            }
+            Err(e) => Err(format!("{refused}: {}", refusal_reason(&e))),
+        }
+    }
+}
+
+/// A client certificate refused for naming an identity its CA does not vouch for.
+struct NotVouchedFor(String);
+
+impl fmt::Debug for NotVouchedFor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // rustls shows a certificate error of its `Other` kind by its `Debug`.
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for NotVouchedFor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotVouchedFor {}
+
+/// Why rustls refused a certificate, in words: a refusal of `ScopedToTrustDomains` is told
+/// as it is, not wrapped in rustls' `Other(OtherError(…))`.
+fn refusal_reason(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+            format!("invalid peer certificate: {o}")
+        }
+        e => e.to_string(),
+    }
+}
+
+impl ClientCertVerifier for ScopedToTrustDomains {
+    fn offer_client_auth(&self) -> bool {
+        self.all.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.all.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.all.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .all
+            .verify_client_cert(end_entity, intermediates, now)?;
+        self.in_scope(end_entity, intermediates, now)
+            .map_err(|why| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                    rustls::OtherError(Arc::new(NotVouchedFor(why))),
+                ))
+            })?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.all.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.all.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.all.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.all.requires_raw_public_keys()
     }
 }
 
@@ -565,7 +830,7 @@ impl ClientCertCheck {
         verifier
             .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
             .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| refusal_reason(&e))
     }
 }
 
@@ -721,5 +986,150 @@ pub fn incoming(
 fn handshake_refused(peer: SocketAddr, e: &std::io::Error) {
     // A refused client certificate is the caller's configuration problem: worth a line at
     // info so operators can see it, without a stack of detail.
-    info!(%peer, error = %e, "TLS handshake refused");
+    match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(e) => info!(%peer, error = %refusal_reason(e), "TLS handshake refused"),
+        None => info!(%peer, error = %e, "TLS handshake refused"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+
+    struct Ca(CertifiedIssuer<'static, KeyPair>);
+
+    impl Ca {
+        fn new(name: &str) -> Ca {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            Ca(CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap())
+        }
+
+        /// A caller's certificate naming `san` (`spiffe://…`, else a DNS name; none: "").
+        fn client(&self, san: &str) -> CertificateDer<'static> {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            if san.starts_with("spiffe://") {
+                p.subject_alt_names
+                    .push(SanType::URI(san.to_string().try_into().unwrap()));
+            } else if !san.is_empty() {
+                p.subject_alt_names
+                    .push(SanType::DnsName(san.to_string().try_into().unwrap()));
+            }
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = p.signed_by(&KeyPair::generate().unwrap(), &self.0).unwrap();
+            cert.der().clone()
+        }
+    }
+
+    /// The verifier of a listener trusting `client_ca` (if any) as client_ca_file and each
+    /// `(domain, CA)` as that trust domain's bundle; what it says of each certificate.
+    fn verdicts(
+        client_ca: Option<&Ca>,
+        domains: &[(&str, &Ca)],
+        certs: &[&CertificateDer<'static>],
+    ) -> Vec<Result<(), String>> {
+        let dir = tempfile::tempdir().unwrap();
+        let client_ca_file = client_ca.map(|ca| {
+            let p = dir.path().join("callers-ca.pem");
+            std::fs::write(&p, ca.0.pem()).unwrap();
+            p
+        });
+        let trust_domain_ca_files = domains
+            .iter()
+            .map(|(d, ca)| {
+                let p = dir.path().join(format!("{d}.pem"));
+                std::fs::write(&p, ca.0.pem()).unwrap();
+                (d.to_string(), p)
+            })
+            .collect();
+        let tls = ServerTls {
+            cert_file: dir.path().join("unused.crt"),
+            key_file: dir.path().join("unused.key"),
+            client_ca_file,
+            trust_domain_ca_files,
+            client_crl_files: Vec::new(),
+            client_cert: ClientCertMode::Optional,
+        };
+        let verifier = TrustFiles::read(&tls)
+            .unwrap()
+            .verifier(&tls)
+            .unwrap()
+            .unwrap();
+        certs
+            .iter()
+            .map(|c| {
+                verifier
+                    .verify_client_cert(c, &[], rustls::pki_types::UnixTime::now())
+                    .map(drop)
+                    .map_err(|e| refusal_reason(&e))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_refusal_for_the_trust_domain_scoping_says_which_bundle_vouches_for_the_name() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let (callers, prod, partner) = (Ca::new("callers"), Ca::new("prod"), Ca::new("partner"));
+        let prod_id = "spiffe://prod.example/ns/a/sa/x";
+        let certs = [
+            partner.client(prod_id),
+            prod.client("svc.example.org"),
+            prod.client("spiffe://elsewhere.example/ns/b"),
+            prod.client(""),
+            prod.client(prod_id),
+            callers.client("svc.example.org"),
+        ];
+        let certs: Vec<_> = certs.iter().collect();
+        let with = verdicts(
+            Some(&callers),
+            &[("prod.example", &prod), ("partner.example", &partner)],
+            &certs,
+        );
+        let e = |i: usize| with[i].clone().unwrap_err();
+        assert_eq!(
+            e(0),
+            "invalid peer certificate: the certificate names spiffe://prod.example/ns/a/sa/x but is not issued by trust domain prod.example's CA bundle (server.trust_domain_ca_files)"
+        );
+        assert_eq!(
+            e(1),
+            "invalid peer certificate: the certificate names dns:svc.example.org but is not issued by a CA of server.client_ca_file, the only bundle that can vouch for it (DNS names are not scoped to a trust domain)"
+        );
+        assert_eq!(
+            e(2),
+            "invalid peer certificate: the certificate names spiffe://elsewhere.example/ns/b but is not issued by a CA of server.client_ca_file, the only bundle that can vouch for it (trust domain elsewhere.example is not in server.trust_domain_ca_files)"
+        );
+        assert!(
+            e(3).contains("names no caller (carries neither a SPIFFE ID (URI SAN) nor a DNS name) but is not issued by a CA of server.client_ca_file"),
+            "{}",
+            e(3)
+        );
+        assert_eq!(with[4], Ok(()));
+        assert_eq!(with[5], Ok(()));
+
+        let without = verdicts(
+            None,
+            &[("prod.example", &prod), ("partner.example", &partner)],
+            &certs[..5],
+        );
+        assert_eq!(without[0], with[0]);
+        assert_eq!(
+            without[1].clone().unwrap_err(),
+            "invalid peer certificate: the certificate names dns:svc.example.org, which no configured CA vouches for: DNS names are not scoped to a trust domain, and no server.client_ca_file is configured"
+        );
+        assert_eq!(
+            without[2].clone().unwrap_err(),
+            "invalid peer certificate: the certificate names spiffe://elsewhere.example/ns/b, which no configured CA vouches for: trust domain elsewhere.example is not in server.trust_domain_ca_files, and no server.client_ca_file is configured"
+        );
+        assert_eq!(without[4], Ok(()));
+
+        // Without trust domains, client_ca_file's CAs vouch for every identity, as before.
+        let one = verdicts(Some(&prod), &[], &certs[1..5]);
+        assert!(one.iter().all(Result::is_ok), "{one:?}");
+    }
 }

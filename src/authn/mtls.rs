@@ -26,6 +26,13 @@ pub fn identity(cert: &CertificateDer<'_>) -> Result<CertIdentity, String> {
     Ok(CertIdentity { id, not_after })
 }
 
+/// The trust domain of a SPIFFE ID (`spiffe://TRUST-DOMAIN/path`) as the certificate
+/// writes it; `None` for any other identity.
+pub fn trust_domain(id: &str) -> Option<&str> {
+    let rest = id.strip_prefix("spiffe://")?;
+    Some(rest.split('/').next().unwrap_or(rest))
+}
+
 fn id_of(cert: &X509Certificate<'_>) -> Result<String, String> {
     let san = cert
         .subject_alternative_name()

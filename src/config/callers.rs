@@ -470,9 +470,11 @@ impl Validator<'_> {
                 self.warn(
                     at,
                     format!(
-                        "`{caller}` is a client-certificate identity, but no server.client_ca_file is configured: it can never authenticate until mutual TLS is set up"
+                        "`{caller}` is a client-certificate identity, but neither server.client_ca_file nor server.trust_domain_ca_files is configured: it can never authenticate until mutual TLS is set up"
                     ),
                 );
+            } else if let Some(why) = unvouched(&caller, server) {
+                self.warn(at, format!("`{caller}` can never authenticate: {why}"));
             }
         }
         for scope in policy.named_scopes() {
@@ -651,17 +653,52 @@ impl Validator<'_> {
     }
 }
 
+/// Why no configured CA vouches for a client-certificate caller, if none does: with trust
+/// domains' CA bundles, only `client_ca_file` vouches for DNS names and for SPIFFE IDs of
+/// trust domains not listed (`tls::ScopedToTrustDomains`).
+fn unvouched(caller: &str, server: &ServerConfig) -> Option<String> {
+    let tls = server.tls.as_ref()?;
+    if tls.trust_domain_ca_files.is_empty() || tls.client_ca_file.is_some() {
+        return None;
+    }
+    if caller.starts_with("dns:") {
+        return Some(
+            "with server.trust_domain_ca_files, only a CA of server.client_ca_file vouches for DNS names, and no client_ca_file is configured".into(),
+        );
+    }
+    let domain = crate::authn::mtls::trust_domain(caller)?;
+    (!tls.trust_domain_ca_files.contains_key(&domain.to_ascii_lowercase())).then(|| {
+        format!(
+            "trust domain `{domain}` is not in server.trust_domain_ca_files, and no server.client_ca_file is configured to vouch for it"
+        )
+    })
+}
+
 /// The caller-facing part of `check-config`'s summary.
 pub(super) fn summary(c: &Config) -> String {
     let mut ways = Vec::new();
     if let Some(tls) = &c.server.tls
         && let Some(ca) = &tls.client_ca_file
     {
+        let scope = if tls.trust_domain_ca_files.is_empty() {
+            ""
+        } else {
+            " (DNS names and SPIFFE IDs of other trust domains)"
+        };
         ways.push(format!(
-            "client certificates ({:?}) from {}",
+            "client certificates ({:?}) from {}{scope}",
             tls.client_cert,
             ca.display()
         ));
+    }
+    if let Some(tls) = &c.server.tls {
+        for (domain, ca) in &tls.trust_domain_ca_files {
+            ways.push(format!(
+                "client certificates ({:?}) naming spiffe://{domain}/… from {}",
+                tls.client_cert,
+                ca.display()
+            ));
+        }
     }
     for i in c.callers.issuers.values() {
         ways.push(format!("bearer JWTs from `{}` ({})", i.name, i.issuer));

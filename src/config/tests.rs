@@ -417,6 +417,182 @@ fn mutual_tls_needs_tls_and_a_ca_to_require_certificates() {
 }
 
 #[test]
+fn trust_domain_names_are_spiffe_trust_domains_and_their_bundles_must_exist() {
+    let cases = [
+        (
+            "spiffe://prod.example",
+            "has a scheme: name the trust domain alone, as in `prod.example`",
+        ),
+        ("spiffe:prod.example", "has a scheme"),
+        (
+            "prod.example:8443",
+            "has a port: name the trust domain alone, as in `prod.example`",
+        ),
+        (
+            "prod.example/ns/a",
+            "has a path: name the trust domain alone, as in `prod.example`",
+        ),
+        (
+            "Prod.Example",
+            "has upper-case letters: SPIFFE trust domain names are lower case (`prod.example`)",
+        ),
+        (
+            "prod example",
+            "has ' ': a SPIFFE trust domain name holds only lower-case letters, digits, `.`, `-` and `_`",
+        ),
+        ("", "a trust domain name cannot be empty"),
+    ];
+    for (name, why) in cases {
+        let key = format!("server.trust_domain_ca_files.\"{name}\"");
+        let p = problems(&trust_domains(&format!("\"{name}\" = \"/nowhere/ca.pem\"")));
+        assert!(
+            p.iter().any(|p| p.path == key && p.message.contains(why)),
+            "{name}: {p:?}"
+        );
+    }
+    // Good names; the files are checked, each named by its trust domain.
+    let p = problems(&trust_domains(
+        "\"prod.example\" = \"/nowhere/prod-ca.pem\"\n\"partner-1_x.example\" = \"partner.pem\"",
+    ));
+    let at = |key: &str| {
+        p.iter()
+            .filter(|p| p.path == key)
+            .map(|p| p.message.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        at("server.trust_domain_ca_files.\"prod.example\""),
+        ["/nowhere/prod-ca.pem does not exist or is not a file"],
+        "{p:?}"
+    );
+    // A relative path resolves as the other paths do, beside the configuration file.
+    assert_eq!(
+        at("server.trust_domain_ca_files.\"partner-1_x.example\""),
+        ["/partner.pem does not exist or is not a file"],
+        "{p:?}"
+    );
+}
+
+/// `tls()` with a `[server.trust_domain_ca_files]` table of `entries`.
+fn trust_domains(entries: &str) -> String {
+    tls("").replacen(
+        "\n[cloud]",
+        &format!("\n[server.trust_domain_ca_files]\n{entries}\n\n[cloud]"),
+        1,
+    )
+}
+
+#[test]
+fn trust_domain_bundles_alone_turn_mutual_tls_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["broker".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write("tls.crt", &cert.pem());
+    write("tls.key", &key.serialize_pem());
+    write("prod-ca.pem", &cert.pem());
+    write("garbage.pem", "not a certificate\n");
+    let config = |table: &str, extra: &str, grant: &str| {
+        format!(
+            "{}\n[[policy.grant]]\ncallers = [{grant}]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n",
+            GOOD.replace(
+                "listen = \"127.0.0.1:50051\"\nplaintext = true",
+                &format!(
+                    "listen = \"0.0.0.0:50051\"\ntls_cert_file = \"tls.crt\"\ntls_key_file = \"tls.key\"\n{extra}\n[server.trust_domain_ca_files]\n{table}\n"
+                ),
+            )
+        )
+    };
+    let load = |text: &str| Config::from_toml_str(text, dir.path(), &no_env);
+    let prod = "\"prod.example\" = \"prod-ca.pem\"";
+    let c = load(&config(
+        prod,
+        "client_cert = \"required\"",
+        "\"spiffe://prod.example/ns/a/sa/x\"",
+    ))
+    .unwrap();
+    assert!(c.server.mutual_tls());
+    let tls = c.server.tls.as_ref().unwrap();
+    assert_eq!(tls.client_ca_file, None);
+    assert_eq!(
+        tls.trust_domain_ca_files["prod.example"],
+        dir.path().join("prod-ca.pem")
+    );
+    assert_eq!(tls.client_cert, ClientCertMode::Required);
+    // Callers can authenticate, and the granted SPIFFE ID can: nothing to warn of.
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+    // Only client_ca_file vouches for DNS names and SPIFFE IDs of domains not listed: with
+    // none, grants to them are warned of as never usable.
+    let c = load(&config(
+        prod,
+        "",
+        "\"dns:svc.example.org\", \"spiffe://partner.example/ns/b/*\"",
+    ))
+    .unwrap();
+    let w: Vec<String> = c.warnings.iter().map(|w| w.to_string()).collect();
+    assert!(
+        w.iter().any(
+            |w| w.contains("`dns:svc.example.org` can never authenticate")
+                && w.contains("only a CA of server.client_ca_file vouches for DNS names")
+        ),
+        "{w:?}"
+    );
+    assert!(
+        w.iter().any(
+            |w| w.contains("`spiffe://partner.example/ns/b/*` can never authenticate")
+                && w.contains(
+                    "trust domain `partner.example` is not in server.trust_domain_ca_files"
+                )
+        ),
+        "{w:?}"
+    );
+    // With a client_ca_file, it vouches for them.
+    write("callers-ca.pem", &cert.pem());
+    let c = load(&config(
+        prod,
+        "client_ca_file = \"callers-ca.pem\"",
+        "\"dns:svc.example.org\", \"spiffe://partner.example/ns/b/*\"",
+    ))
+    .unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+    // A bundle with no certificate is found as serve would find it, named by its domain.
+    let paths = |r: Result<Config, ConfigError>| match r {
+        Err(ConfigError::Invalid(p)) => p
+            .into_iter()
+            .map(|p| (p.path, p.message))
+            .collect::<Vec<_>>(),
+        other => panic!("expected problems, got {other:?}"),
+    };
+    let p = paths(load(&config(
+        "\"prod.example\" = \"prod-ca.pem\"\n\"partner.example\" = \"garbage.pem\"",
+        "",
+        "\"spiffe://prod.example/ns/a/sa/x\"",
+    )));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, "server.trust_domain_ca_files.\"partner.example\"");
+    assert!(
+        p[0].1.contains("garbage.pem") && p[0].1.contains("no PEM certificate found"),
+        "{p:?}"
+    );
+
+    // Mutual TLS needs TLS, the table alone as client_ca_file alone.
+    let p = problems(&GOOD.replace(
+        "plaintext = true",
+        "plaintext = true\n[server.trust_domain_ca_files]\n\"prod.example\" = \"/etc/prod-ca.pem\"",
+    ));
+    assert!(
+        p.iter().any(|p| p.path == "server.trust_domain_ca_files"
+            && p.message.contains("mutual TLS needs TLS")),
+        "{p:?}"
+    );
+}
+
+#[test]
 fn revocation_lists_need_a_client_ca_and_must_exist() {
     let p = problems(&tls("").replace(
         "tls_key_file = \"/tls/tls.key\"",
