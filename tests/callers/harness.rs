@@ -32,6 +32,10 @@ pub struct Options {
     /// Configure `client_crl_files = ["callers.crl"]`, starting with a list that revokes
     /// nothing.
     pub crl: bool,
+    /// Configure `client_ca_file = "callers-ca.pem"`, the harness's CA (`Harness::ca`).
+    pub client_ca_file: bool,
+    /// Files written into the broker's directory before it starts: (name, content).
+    pub files: Vec<(&'static str, String)>,
     /// More trusted issuers, `[callers.issuers.NAME]` with their `issuer` URL.
     pub issuers: Vec<(&'static str, String)>,
     /// Draws each connection's maximum age from the configured one, instead of the broker's
@@ -50,6 +54,8 @@ impl Default for Options {
             callers: "",
             server: "",
             crl: false,
+            client_ca_file: true,
+            files: Vec::new(),
             issuers: Vec::new(),
             connection_age: None,
         }
@@ -94,6 +100,14 @@ impl Harness {
         let ca = Ca::new("callers and server CA");
         std::fs::write(dir.path().join("callers-ca.pem"), ca.pem()).unwrap();
         ca.server().write(dir.path(), "server");
+        for (name, content) in &opts.files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
+        let client_ca = if opts.client_ca_file {
+            "client_ca_file = \"callers-ca.pem\"\n"
+        } else {
+            ""
+        };
         let crl = if opts.crl {
             std::fs::write(dir.path().join("callers.crl"), ca.crl(1, &[])).unwrap();
             "client_crl_files = [\"callers.crl\"]\n"
@@ -123,7 +137,7 @@ impl Harness {
             .collect();
         let toml = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = \"server.crt\"\ntls_key_file = \"server.key\"\n\
-             client_ca_file = \"callers-ca.pem\"\n{crl}client_cert = \"{}\"\n{}\n\n{before}{after}\n\
+             {client_ca}{crl}client_cert = \"{}\"\n{}\n\n{before}{after}\n\
              [callers]\naudience = \"{AUDIENCE}\"\n{}\n\n\
              [callers.issuers.test]\nissuer = \"{}\"\n\n\
              [callers.issuers.contoso-entra]\nissuer = \"{contoso_issuer}\"\naudience = \"{}\"\n\

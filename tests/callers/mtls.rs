@@ -678,6 +678,237 @@ async fn a_callers_ca_added_to_the_bundle_is_trusted_without_a_restart() {
     h.stop().await;
 }
 
+const PROD_COLLECTOR: &str = "spiffe://prod.example/ns/logs/sa/collector";
+const PARTNER_AGENT: &str = "spiffe://partner.example/ns/sync/sa/agent";
+const ELSEWHERE: &str = "spiffe://elsewhere.example/ns/batch/sa/job";
+const AGENT_DNS: &str = "agent.example.org";
+
+/// Two federated trust domains, prod.example and partner.example, each with its own CA
+/// (`server.trust_domain_ca_files`), beside the harness's CA as `client_ca_file` (or none),
+/// with every identity the tests use granted: only the CA scoping refuses anything.
+async fn federated(client_ca_file: bool, server: &'static str) -> (Harness, Ca, Ca) {
+    let prod = Ca::new("prod.example CA");
+    let partner = Ca::new("partner.example CA");
+    let h = Harness::start(Options {
+        policy: grants(&[
+            (PROD_COLLECTOR, "contoso", GRAPH),
+            (PARTNER_AGENT, "contoso", GRAPH),
+            (ELSEWHERE, "contoso", GRAPH),
+            (&format!("dns:{AGENT_DNS}"), "contoso", GRAPH),
+        ]),
+        client_ca_file,
+        server,
+        files: vec![
+            ("prod-ca.pem", prod.pem()),
+            ("partner-ca.pem", partner.pem()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    (h, prod, partner)
+}
+
+const FEDERATED: &str = "trust_domain_ca_files = { \"prod.example\" = \"prod-ca.pem\", \"partner.example\" = \"partner-ca.pem\" }";
+
+/// The handshake's verdict on `leaf`, and whether a GetToken with it is served.
+async fn accepted(h: &Harness, leaf: &Leaf) -> Result<(), String> {
+    handshake(h, &h.server_ca_pem, Some(leaf)).await?;
+    h.get(Some(leaf), None, "contoso", &[GRAPH])
+        .await
+        .map(drop)
+        .map_err(|s| format!("handshake passed, GetToken refused: {s:?}"))
+}
+
+/// A handshake refused for the CA scoping: the certificate chains to a configured CA (so
+/// it is not refused as UnknownCA), but not to one that vouches for its identity.
+#[track_caller]
+fn refused_out_of_scope(what: &str, verdict: Result<(), String>) {
+    let e = verdict.expect_err(what);
+    assert!(
+        e.contains("alert") && e.contains("CertificateUnknown"),
+        "{what}: {e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_domains_ca_vouches_only_for_that_domains_spiffe_ids() {
+    let (h, prod, partner) = federated(true, FEDERATED).await;
+    // Each domain's CA for its own SPIFFE IDs.
+    accepted(&h, &prod.client(&[PROD_COLLECTOR])).await.unwrap();
+    accepted(&h, &partner.client(&[PARTNER_AGENT]))
+        .await
+        .unwrap();
+    let callers: Vec<_> = h.records().into_iter().map(|r| r.caller).collect();
+    assert_eq!(
+        callers,
+        [Some(PROD_COLLECTOR.into()), Some(PARTNER_AGENT.into())]
+    );
+    // The partner's CA naming a prod.example identity, granted as it is: refused at the
+    // handshake, as is client_ca_file's CA naming it.
+    let before = h.records().len();
+    refused_out_of_scope(
+        "partner CA, prod ID",
+        accepted(&h, &partner.client(&[PROD_COLLECTOR])).await,
+    );
+    refused_out_of_scope(
+        "client_ca_file's CA, prod ID",
+        accepted(&h, &h.ca.client(&[PROD_COLLECTOR])).await,
+    );
+    // Written in upper case, the trust domain is still prod.example's.
+    refused_out_of_scope(
+        "partner CA, prod ID in upper case",
+        accepted(
+            &h,
+            &partner.client(&["spiffe://PROD.EXAMPLE/ns/logs/sa/collector"]),
+        )
+        .await,
+    );
+    // DNS names and SPIFFE IDs of trust domains not listed: client_ca_file's CA alone.
+    accepted(&h, &h.ca.client(&[AGENT_DNS])).await.unwrap();
+    accepted(&h, &h.ca.client(&[ELSEWHERE])).await.unwrap();
+    refused_out_of_scope(
+        "prod CA, DNS name",
+        accepted(&h, &prod.client(&[AGENT_DNS])).await,
+    );
+    refused_out_of_scope(
+        "prod CA, unlisted domain",
+        accepted(&h, &prod.client(&[ELSEWHERE])).await,
+    );
+    // A certificate from no configured CA is refused as before.
+    let e = accepted(&h, &Ca::new("someone else's CA").client(&[PROD_COLLECTOR]))
+        .await
+        .unwrap_err();
+    assert!(e.contains("UnknownCA"), "{e}");
+    let r = h.records();
+    assert_eq!(
+        r[before..]
+            .iter()
+            .map(|r| r.caller.clone())
+            .collect::<Vec<_>>(),
+        [
+            Some(format!("dns:{AGENT_DNS}")),
+            Some(ELSEWHERE.to_string())
+        ],
+        "refused handshakes never reach the API"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_client_ca_file_only_the_listed_trust_domains_can_authenticate() {
+    let (h, prod, partner) = federated(false, FEDERATED).await;
+    accepted(&h, &prod.client(&[PROD_COLLECTOR])).await.unwrap();
+    accepted(&h, &partner.client(&[PARTNER_AGENT]))
+        .await
+        .unwrap();
+    refused_out_of_scope(
+        "partner CA, prod ID",
+        accepted(&h, &partner.client(&[PROD_COLLECTOR])).await,
+    );
+    // No bundle vouches for a DNS name, a SPIFFE ID of another domain, or no name at all.
+    for (what, leaf) in [
+        ("DNS name", prod.client(&[AGENT_DNS])),
+        ("unlisted domain", partner.client(&[ELSEWHERE])),
+        ("no name", prod.client(&[])),
+    ] {
+        refused_out_of_scope(what, accepted(&h, &leaf).await);
+    }
+    // The harness's CA is in no bundle now.
+    let e = accepted(&h, &h.ca.client(&[AGENT_DNS])).await.unwrap_err();
+    assert!(e.contains("UnknownCA"), "{e}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_trust_domains_every_ca_of_client_ca_file_vouches_for_every_identity() {
+    let other = Ca::new("second callers CA");
+    let h = Harness::start(Options {
+        policy: grants(&[
+            (PROD_COLLECTOR, "contoso", GRAPH),
+            (PARTNER_AGENT, "contoso", GRAPH),
+            (&format!("dns:{AGENT_DNS}"), "contoso", GRAPH),
+        ]),
+        ..Default::default()
+    })
+    .await;
+    std::fs::write(
+        h.path("callers-ca.pem"),
+        format!("{}{}", h.ca.pem(), other.pem()),
+    )
+    .unwrap();
+    assert!(h.listener_tls.reload_if_changed().unwrap());
+    for ca in [&h.ca, &other] {
+        for id in [PROD_COLLECTOR, PARTNER_AGENT, AGENT_DNS] {
+            accepted(&h, &ca.client(&[id])).await.unwrap();
+        }
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_trust_domain_bundle_applies_without_a_restart() {
+    // Looked at hourly: only the reloads below read the files, never half-written.
+    let (h, prod, partner) =
+        federated(true, "reload_secs = 3600\ntrust_domain_ca_files = { \"prod.example\" = \"prod-ca.pem\", \"partner.example\" = \"partner-ca.pem\" }").await;
+    let state = || async {
+        let [refused, refusals] = h
+            .metric_values([
+                "tokenbroker_client_trust_refused",
+                "tokenbroker_client_trust_reloads_refused_total",
+            ])
+            .await;
+        (refused, refusals)
+    };
+    let next = Ca::new("next prod.example CA");
+    let from_next = next.client(&[PROD_COLLECTOR]);
+    let from_prod = prod.client(&[PROD_COLLECTOR]);
+    // Not in any bundle yet.
+    let e = accepted(&h, &from_next).await.unwrap_err();
+    assert!(e.contains("UnknownCA"), "{e}");
+
+    // The next CA in the partner's bundle: trusted for the partner's identities only.
+    std::fs::write(
+        h.path("partner-ca.pem"),
+        format!("{}{}", partner.pem(), next.pem()),
+    )
+    .unwrap();
+    h.listener_tls.reload_now(false);
+    assert_eq!(state().await, (0, 0));
+    refused_out_of_scope("next CA, partner's bundle", accepted(&h, &from_next).await);
+    accepted(&h, &next.client(&[PARTNER_AGENT])).await.unwrap();
+
+    // Rotation in prod.example: its bundle holds the old and the next CA.
+    std::fs::write(h.path("partner-ca.pem"), partner.pem()).unwrap();
+    std::fs::write(
+        h.path("prod-ca.pem"),
+        format!("{}{}", prod.pem(), next.pem()),
+    )
+    .unwrap();
+    h.listener_tls.reload_now(false);
+    accepted(&h, &from_next).await.unwrap();
+    accepted(&h, &from_prod).await.unwrap();
+    refused_out_of_scope(
+        "next CA, partner ID",
+        accepted(&h, &next.client(&[PARTNER_AGENT])).await,
+    );
+
+    // A broken bundle is refused and shown; the bundles in force stay.
+    std::fs::write(h.path("prod-ca.pem"), "not a certificate\n").unwrap();
+    let e = h.listener_tls.reload_if_changed().unwrap_err().to_string();
+    assert!(e.contains("prod-ca.pem"), "{e}");
+    assert_eq!(state().await, (1, 1));
+    accepted(&h, &from_next).await.unwrap();
+
+    // The old CA retired: its certificates are refused at the next handshake.
+    std::fs::write(h.path("prod-ca.pem"), next.pem()).unwrap();
+    h.listener_tls.reload_now(false);
+    assert_eq!(state().await, (0, 1));
+    accepted(&h, &from_next).await.unwrap();
+    let e = accepted(&h, &from_prod).await.unwrap_err();
+    assert!(e.contains("UnknownCA"), "{e}");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_in_progress_are_capped_and_an_idle_one_times_out() {
     use tokio::net::TcpStream;

@@ -291,3 +291,49 @@ async fn a_watch_ends_when_the_client_certificate_that_opened_it_is_revoked() {
     );
     h.stop().await;
 }
+
+/// A watch opened with a trust domain's certificate ends once that domain's bundle no
+/// longer vouches for it, though its CA is still trusted for another domain: the check of a
+/// long-lived stream applies the same scoping as the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_when_its_trust_domains_bundle_no_longer_vouches_for_its_certificate() {
+    const PROD: &str = "spiffe://prod.example/ns/a/sa/watcher";
+    let prod = crate::pki::Ca::new("prod.example CA");
+    let partner = crate::pki::Ca::new("partner.example CA");
+    let h = Harness::start(Options {
+        policy: grants(&[(PROD, "contoso", GRAPH)]),
+        server: "trust_domain_ca_files = { \"prod.example\" = \"prod-ca.pem\", \"partner.example\" = \"partner-ca.pem\" }",
+        files: vec![
+            ("prod-ca.pem", prod.pem()),
+            ("partner-ca.pem", partner.pem()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let opened = prod.client(&[PROD]);
+    let mut w = watch(&mut h.client(Some(&opened)).await.unwrap(), None)
+        .await
+        .unwrap();
+    next(&mut w).await.unwrap().token.unwrap();
+
+    // prod.example moves to a new CA; the old one stays trusted, for partner.example only.
+    let next_prod = crate::pki::Ca::new("next prod.example CA");
+    std::fs::write(h.path("prod-ca.pem"), next_prod.pem()).unwrap();
+    std::fs::write(
+        h.path("partner-ca.pem"),
+        format!("{}{}", partner.pem(), prod.pem()),
+    )
+    .unwrap();
+    assert!(h.listener_tls.reload_if_changed().unwrap());
+    // A new token is published (asked for by the same identity on the new CA's certificate).
+    force_refresh(&h, &next_prod.client(&[PROD])).await;
+    let end = next(&mut w).await.unwrap_err();
+    assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    for words in [
+        "client certificate is no longer accepted",
+        "names spiffe://prod.example/ns/a/sa/watcher but is not issued by trust domain prod.example's CA bundle (server.trust_domain_ca_files)",
+    ] {
+        assert!(end.message().contains(words), "{}", end.message());
+    }
+    h.stop().await;
+}
