@@ -532,6 +532,14 @@ pub struct LogBudget {
 }
 
 impl LogBudget {
+    pub const fn new() -> LogBudget {
+        LogBudget {
+            second: AtomicU64::new(0),
+            used: std::sync::atomic::AtomicU32::new(0),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
     /// Whether a line may be written in `second`, at most `per_second` a second; if so, how
     /// many were held back before it. Approximate under races (a line or two more or less),
     /// never blocking.

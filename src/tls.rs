@@ -983,7 +983,24 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// Most lines a second about refused handshakes: anyone who can reach the port can make
+/// them, as fast as it can connect.
+const HANDSHAKE_REFUSAL_LINES_PER_SEC: u32 = 20;
+
 fn handshake_refused(peer: SocketAddr, e: &std::io::Error) {
+    static BUDGET: crate::telemetry::LogBudget = crate::telemetry::LogBudget::new();
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let Some(held_back) = BUDGET.admit(second, HANDSHAKE_REFUSAL_LINES_PER_SEC) else {
+        return;
+    };
+    if held_back > 0 {
+        info!(
+            not_logged = held_back,
+            "refused TLS handshakes not logged (at most {HANDSHAKE_REFUSAL_LINES_PER_SEC} a second)"
+        );
+    }
     // A refused client certificate is the caller's configuration problem: worth a line at
     // info so operators can see it, without a stack of detail.
     match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
@@ -1131,5 +1148,23 @@ mod tests {
         // Without trust domains, client_ca_file's CAs vouch for every identity, as before.
         let one = verdicts(Some(&prod), &[], &certs[1..5]);
         assert!(one.iter().all(Result::is_ok), "{one:?}");
+    }
+
+    #[test]
+    fn refused_handshakes_are_logged_at_most_twenty_a_second() {
+        let log = crate::telemetry::CapturedLog::default();
+        let _installed = log.install();
+        let peer: SocketAddr = "192.0.2.1:4242".parse().unwrap();
+        let e = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        for _ in 0..200 {
+            handshake_refused(peer, &e);
+        }
+        let lines = log.text().matches("TLS handshake refused").count();
+        // A second may turn during the loop (two seconds' allowance), and other tests share
+        // the allowance: never all of them.
+        assert!((1..=40).contains(&lines), "{lines} lines");
     }
 }
