@@ -74,6 +74,10 @@ pub struct AuditRecord {
     pub token_fingerprint: Option<Fingerprint>,
     /// Entra's correlation id when an upstream exchange failed.
     pub entra_correlation_id: Option<String>,
+    /// Only on a request that passed a claims challenge: the digest of its claims
+    /// (`claims::Claims::digest`), not the claims.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claims_digest: Option<Fingerprint>,
     /// Only on a summary of repeated refusals: how many requests, this one included, were
     /// refused the same way (same peer address, caller, RPC and code) since the last record
     /// written for them. Absent means one.
@@ -136,6 +140,7 @@ impl AuditRecord {
             expires_at: None,
             token_fingerprint: None,
             entra_correlation_id: None,
+            claims_digest: None,
             repeats: None,
             repeatable: false,
         }
@@ -202,6 +207,10 @@ impl AuditRecord {
         json_opt(out, self.token_fingerprint.as_deref());
         out.extend_from_slice(b",\"entra_correlation_id\":");
         json_opt(out, self.entra_correlation_id.as_deref());
+        if let Some(d) = &self.claims_digest {
+            out.extend_from_slice(b",\"claims_digest\":");
+            json_str(out, d);
+        }
         if let Some(n) = self.repeats {
             out.extend_from_slice(b",\"repeats\":");
             // Writing to a Vec cannot fail.
@@ -1042,6 +1051,7 @@ mod tests {
         full.token_source = Some("CACHE");
         full.token_fingerprint = Some(crate::sensitive::fingerprint(b"x"));
         full.entra_correlation_id = Some("c".into());
+        full.claims_digest = Some(crate::sensitive::fingerprint(b"claims"));
         full.repeats = Some(u64::MAX);
         full.repeatable = true;
         let mut far = plain.clone();

@@ -19,6 +19,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::cache::{
     CachedToken, FlightResult, Joined, Key, KeyRef, Remembered, Slot, SlotState, TokenCache,
 };
+use crate::claims::Claims;
 use crate::clock::{Clock, Moment};
 use crate::config::{CacheConfig, Config, Prewarm};
 use crate::entra::TokenExchange;
@@ -45,6 +46,9 @@ pub struct TokenRequest {
     pub scopes: Vec<String>,
     pub min_validity: Option<Duration>,
     pub force_refresh: bool,
+    /// A resource's claims challenge: the request is a forced refresh whose fetch carries
+    /// these claims.
+    pub claims: Option<Claims>,
 }
 
 /// A request by reference: what `serve_token` reads, so the API keeps the request's strings
@@ -55,6 +59,7 @@ pub struct TokenQuery<'a> {
     pub scopes: &'a [String],
     pub min_validity: Option<Duration>,
     pub force_refresh: bool,
+    pub claims: Option<&'a Claims>,
 }
 
 impl TokenRequest {
@@ -64,6 +69,7 @@ impl TokenRequest {
             scopes: &self.scopes,
             min_validity: self.min_validity,
             force_refresh: self.force_refresh,
+            claims: self.claims.as_ref(),
         }
     }
 }
@@ -379,23 +385,28 @@ impl Broker {
                 owned_key,
             )
             .await;
+        if let Some(claims) = req.claims {
+            wait_for_other_claims(&slot, claims).await;
+        }
         let now = self.inner.clock.moment();
+        // A claims challenge means a resource refused the token: a forced refresh.
+        let force = req.force_refresh || req.claims.is_some();
         // A caller that asked for no minimum (nor for a new token) is served the cached
         // token down to the safety margin while the key's fetches fail transiently.
-        let through_outage = req.min_validity.is_none() && !req.force_refresh;
+        let through_outage = req.min_validity.is_none() && !force;
         let mut under_way = None;
         {
             let state = slot.current();
             if let Some(token) = &state.token
                 && token.remaining(now) >= wanted(token)
-                && !(req.force_refresh && self.forced_past(&slot, now, &mut under_way))
+                && !(force && self.forced_past(&slot, now, &mut under_way, req.claims))
             {
                 self.inner.stats.hits.incr();
                 if token.refresh.reached(now) && state.failure.is_none() {
                     // Overdue (the scheduled refresh has not run yet): start it, or join the
                     // one running, without waiting. After a failure the scheduler's backoff
                     // decides.
-                    let _ = self.start_fetch(&owned_key(), &slot, Started::Refresh);
+                    let _ = self.start_fetch(&owned_key(), &slot, Started::Refresh, None);
                 }
                 let source = if state.failure.is_some() {
                     self.inner.stats.stale_served.incr();
@@ -406,7 +417,13 @@ impl Broker {
                 return Ok(serve(token, source, now));
             }
             if let Some(token) = &state.token {
-                self.unmet_without_fetch(token, wanted(token), &slot, now, &mut under_way)?;
+                self.unmet_without_fetch(
+                    token,
+                    wanted(token),
+                    (&slot, req.claims),
+                    now,
+                    &mut under_way,
+                )?;
                 if through_outage && self.serves_through_outage(token, &state, &slot, now) {
                     self.inner.stats.hits.incr();
                     self.inner.stats.stale_served.incr();
@@ -443,11 +460,27 @@ impl Broker {
                 flight
             }
             None => {
-                let (joined, flight) = self.start_fetch(&owned_key(), &slot, Started::Caller)?;
-                if joined == Joined::Follower {
-                    self.inner.stats.coalesced.incr();
+                let mut rounds = 0;
+                loop {
+                    let (joined, flight, carries) =
+                        self.start_fetch(&owned_key(), &slot, Started::Caller, req.claims)?;
+                    // A fetch carrying other claims began since this request waited for
+                    // the last one: waited for too, then this one's own fetch.
+                    if joined == Joined::Follower
+                        && req
+                            .claims
+                            .is_some_and(|c| !carries_claims(carries.as_deref(), c))
+                        && rounds < OTHER_CLAIMS_WAITS
+                    {
+                        rounds += 1;
+                        let _ = flight.await;
+                        continue;
+                    }
+                    if joined == Joined::Follower {
+                        self.inner.stats.coalesced.incr();
+                    }
+                    break flight;
                 }
-                flight
             }
         };
         let token = match flight.await {
@@ -522,13 +555,21 @@ impl Broker {
     /// the interval, a forced refresh is answered with the cached token, its source saying
     /// whether the key's refresh is failing (`STALE_WHILE_REFRESH_FAILING`) or not (`CACHE`),
     /// and an early fetch is refused (`MinValidityUnmet`).
+    ///
+    /// A request with a claims challenge joins only a fetch carrying the same claims: one
+    /// carrying other claims (or none) that began after the request waited for the last
+    /// (`wait_for_other_claims`) leaves it the cached token, as within the interval.
     fn forced_past(
         &self,
         slot: &Slot<FlowError>,
         now: Moment,
         under_way: &mut Option<Flight>,
+        claims: Option<&Claims>,
     ) -> bool {
-        if let Some(flight) = slot.flight() {
+        if let Some((flight, carries)) = slot.flight_carrying() {
+            if claims.is_some_and(|c| !carries_claims(carries.as_deref(), c)) {
+                return false;
+            }
             *under_way = Some(flight);
             return true;
         }
@@ -552,7 +593,7 @@ impl Broker {
         &self,
         token: &CachedToken,
         wanted: Duration,
-        slot: &Slot<FlowError>,
+        (slot, claims): (&Slot<FlowError>, Option<&Claims>),
         now: Moment,
         under_way: &mut Option<Flight>,
     ) -> Result<(), BrokerError> {
@@ -571,7 +612,7 @@ impl Broker {
         // Past the cached token by a forced refresh's rules: join the fetch under way, share
         // the key's held failure, or fetch once per interval.
         if remaining >= cfg.default_min_validity_for(most)
-            && !self.forced_past(slot, now, under_way)
+            && !self.forced_past(slot, now, under_way, claims)
         {
             return Err(BrokerError::MinValidityUnmet { remaining, wanted });
         }
@@ -627,7 +668,8 @@ impl Broker {
                     broker.wait_remembered(until, forgotten).await;
                     continue;
                 }
-                let Ok((_, flight)) = broker.start_fetch(&key, &live, Started::Refresh) else {
+                let Ok((_, flight, _)) = broker.start_fetch(&key, &live, Started::Refresh, None)
+                else {
                     live.release_retry();
                     return;
                 };
@@ -687,17 +729,21 @@ impl Broker {
             scopes: key.scopes.clone(),
             min_validity: None,
             force_refresh: false,
+            claims: None,
         })
         .await
         .map(drop)
     }
 
+    /// Starts the key's fetch, or joins the one under way (whatever claims it carries):
+    /// the flight, and the claims it carries. With `claims`, a fetch it starts sends them.
     fn start_fetch(
         &self,
         key: &Key,
         slot: &Arc<Slot<FlowError>>,
         started: Started,
-    ) -> Result<(Joined, Flight), BrokerError> {
+        claims: Option<&Claims>,
+    ) -> Result<(Joined, Flight, Option<Arc<str>>), BrokerError> {
         let tenant = self
             .inner
             .tenants
@@ -707,8 +753,13 @@ impl Broker {
         let broker = self.clone();
         let weak_slot = Arc::downgrade(slot);
         let key = key.clone();
-        Ok(slot.fetch(self.inner.clock.clone(), move || {
+        let claims = claims.cloned();
+        let carries = claims.as_ref().map(Claims::shared);
+        Ok(slot.fetch_carrying(self.inner.clock.clone(), carries, move || {
             let span = info_span!("fetch", tenant = %tenant.name, scopes = %key.scopes.join(" "));
+            if let Some(c) = &claims {
+                debug!(parent: &span, claims = %c.digest(), "fetching with a caller's claims challenge");
+            }
             async move {
                 let forgetting = broker.inner.forgetting.load(Ordering::SeqCst);
                 // The error's `Arc` is the one remembered and the one callers get, so a
@@ -716,7 +767,7 @@ impl Broker {
                 let result = broker
                     .inner
                     .flow
-                    .fetch(&tenant, &key.scopes)
+                    .fetch(&tenant, &key.scopes, claims.as_ref())
                     .await
                     .map(Arc::new)
                     .map_err(Arc::new);
@@ -739,7 +790,11 @@ impl Broker {
                             // tenant for the negative period, an outage or throttling for its
                             // `Retry-After` (or a short floor).
                             let hold = if e.is_persistent() {
-                                Some(broker.inner.negative_ttl)
+                                // Not a refusal of a fetch that carried a caller's claims:
+                                // it may be the claims Entra refused, and the key's other
+                                // callers, who sent none, must not get it. Such fetches are
+                                // bounded by force_refresh_interval.
+                                claims.is_none().then_some(broker.inner.negative_ttl)
                             } else if e.is_retryable() {
                                 Some(transient_hold(e))
                             } else {
@@ -886,7 +941,7 @@ impl Broker {
             }
             broker.inner.stats.refreshes.incr();
             debug!(key = %key, "refreshing ahead of expiry");
-            let Ok((_, flight)) = broker.start_fetch(&key, &live, Started::Refresh) else {
+            let Ok((_, flight, _)) = broker.start_fetch(&key, &live, Started::Refresh, None) else {
                 return;
             };
             drop(live);
@@ -937,6 +992,31 @@ fn transient_hold(e: &FlowError) -> Duration {
 fn whole_seconds(d: Duration) -> Duration {
     let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     Duration::from_secs(secs.max(1))
+}
+
+/// How many fetches carrying other claims (or none) a request with a claims challenge waits
+/// out before its own fetch; past that it is answered as within the forced-refresh
+/// interval. Each wait is bounded by the fetch's retry budget.
+const OTHER_CLAIMS_WAITS: u32 = 2;
+
+/// Whether a fetch known by `carries` sends `claims`.
+fn carries_claims(carries: Option<&str>, claims: &Claims) -> bool {
+    carries == Some(claims.json())
+}
+
+/// Waits out the key's fetches under way that carry other claims than `claims` (or none),
+/// at most `OTHER_CLAIMS_WAITS`: their tokens would not answer the challenge, and one fetch
+/// per key runs at a time, so the request's own fetch, by the forced refresh's rules,
+/// comes after them. A fetch carrying the same claims is joined later instead.
+async fn wait_for_other_claims(slot: &Slot<FlowError>, claims: &Claims) {
+    for _ in 0..OTHER_CLAIMS_WAITS {
+        match slot.flight_carrying() {
+            Some((flight, carries)) if !carries_claims(carries.as_deref(), claims) => {
+                let _ = flight.await;
+            }
+            _ => return,
+        }
+    }
 }
 
 /// A refresh is scheduled at least this long after the fetch that obtained the token ended.

@@ -151,6 +151,8 @@ pub struct SlotState {
 /// The shared result of one in-flight fetch.
 pub type FlightResult<E> = Result<Arc<CachedToken>, Arc<E>>;
 type Flight<E> = Shared<BoxFuture<'static, FlightResult<E>>>;
+/// A fetch under way and the claims it carries (by their canonical JSON), if any.
+type Carrying<E> = (Flight<E>, Option<Arc<str>>);
 
 /// One cache entry.
 pub struct Slot<E> {
@@ -160,7 +162,9 @@ pub struct Slot<E> {
     /// where borrowing the watch takes its lock and cloning the token counts a reference,
     /// each a write to a cache line every request on every core touches.
     current: ArcSwap<SlotState>,
-    inflight: Mutex<Option<Flight<E>>>,
+    /// The fetch under way, and the claims it carries (a caller's claims challenge, by
+    /// its canonical JSON), if any.
+    inflight: Mutex<Option<Carrying<E>>>,
     last_forced: Mutex<Option<Moment>>,
     /// A failure answered from memory until its time: a persistent one (configuration), or
     /// a transient one held off for a short while (`Remembered::persistent`).
@@ -385,6 +389,11 @@ impl<E: Send + Sync + 'static> Slot<E> {
 
     /// The fetch under way, to join, if there is one.
     pub fn flight(&self) -> Option<Flight<E>> {
+        self.flight_carrying().map(|(f, _)| f)
+    }
+
+    /// The fetch under way, if there is one, with the claims it carries.
+    pub fn flight_carrying(&self) -> Option<Carrying<E>> {
         self.inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -399,9 +408,27 @@ impl<E: Send + Sync + 'static> Slot<E> {
         F: FnOnce() -> BoxFuture<'static, FlightResult<E>>,
         E: fmt::Display + FromJoin + Transient,
     {
+        let (joined, flight, _) = self.fetch_carrying(clock, None, start);
+        (joined, flight)
+    }
+
+    /// `fetch`, for a fetch that carries `claims` (a caller's claims challenge): joining
+    /// one under way, whatever it carries, or starting `start()` known by `claims`. Returns
+    /// what the flight returned carries, so a caller who wants its claims sent can tell
+    /// that it joined another fetch.
+    pub fn fetch_carrying<F>(
+        self: &Arc<Self>,
+        clock: Arc<dyn Clock>,
+        claims: Option<Arc<str>>,
+        start: F,
+    ) -> (Joined, Flight<E>, Option<Arc<str>>)
+    where
+        F: FnOnce() -> BoxFuture<'static, FlightResult<E>>,
+        E: fmt::Display + FromJoin + Transient,
+    {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = inflight.as_ref() {
-            return (Joined::Follower, f.clone());
+        if let Some((f, carries)) = inflight.as_ref() {
+            return (Joined::Follower, f.clone(), carries.clone());
         }
         let work = start();
         let done = EndFlight(Arc::downgrade(self));
@@ -427,8 +454,8 @@ impl<E: Send + Sync + 'static> Slot<E> {
         }
         .boxed()
         .shared();
-        *inflight = Some(flight.clone());
-        (Joined::Leader, flight)
+        *inflight = Some((flight.clone(), claims.clone()));
+        (Joined::Leader, flight, claims)
     }
 }
 

@@ -90,6 +90,11 @@ pub enum Command {
         /// A fresh token from Entra ID rather than the cached one (the broker limits how often).
         #[arg(long)]
         force_refresh: bool,
+        /// A resource's claims challenge: the `claims` value of its `WWW-Authenticate: Bearer
+        /// error="insufficient_claims"` answer (base64, as it came, or its JSON). A fresh
+        /// token carrying those claims (the broker limits how often).
+        #[arg(long)]
+        claims: Option<String>,
         /// Print the whole response as JSON instead of the bare token.
         #[arg(long)]
         json: bool,
@@ -196,6 +201,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             addr,
             min_validity,
             force_refresh,
+            claims,
             json,
             timeout,
             ca,
@@ -212,6 +218,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                     nanos: 0,
                 }),
                 force_refresh,
+                claims: claims.unwrap_or_default(),
             };
             let auth = CallerAuth {
                 ca,

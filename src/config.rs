@@ -465,6 +465,10 @@ pub struct TenantConfig {
     /// The app (client) id that gets tokens in this tenant.
     pub client_id: String,
     pub credential: Credential,
+    /// Client capabilities declared in every token request (`claims`, as
+    /// `access_token.xms_cc.values`): `cp1` opts the tenant's app in to continuous access
+    /// evaluation. Empty: no `claims` parameter unless a caller passes a challenge.
+    pub client_capabilities: Vec<String>,
 }
 
 // === raw file shape ===
@@ -613,6 +617,8 @@ struct RawTenant {
     app: Option<String>,
     client_id: Option<String>,
     credential: Option<RawCredential>,
+    /// Client capabilities to declare, e.g. `["cp1"]` for continuous access evaluation.
+    client_capabilities: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1427,6 +1433,18 @@ impl Validator<'_> {
         // declares: a tenant with an invalid setting is reported once, not again at every
         // place that names it.
         let declared: BTreeSet<String> = raw.tenants.keys().cloned().collect();
+        // `[apps]` entries named by more than one tenant: multitenant apps.
+        let mut app_uses = BTreeMap::<&str, usize>::new();
+        for t in raw.tenants.values() {
+            if let Some(a) = &t.app {
+                *app_uses.entry(a.as_str()).or_default() += 1;
+            }
+        }
+        let shared: BTreeSet<String> = app_uses
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(a, _)| a.to_owned())
+            .collect();
         let mut tenants = BTreeMap::new();
         if raw.tenants.is_empty() {
             self.problem(
@@ -1458,6 +1476,8 @@ impl Validator<'_> {
                     None
                 }
             };
+            let client_capabilities =
+                self.client_capabilities(&path, t.client_capabilities, t.app.as_deref(), &shared);
             let app = match (t.app, t.client_id, t.credential) {
                 (Some(app), None, None) => match apps.get(&app) {
                     Some(a) => Some(a.clone()),
@@ -1491,6 +1511,7 @@ impl Validator<'_> {
                         tenant_id,
                         client_id,
                         credential,
+                        client_capabilities,
                     },
                 );
             }
@@ -2316,6 +2337,45 @@ impl Validator<'_> {
             ),
             refresh_fraction,
         }
+    }
+
+    /// A tenant's `client_capabilities`: each one Entra knows (`cp1`), once. Continuous
+    /// access evaluation covers single-tenant apps only, so opting in with an `[apps]` entry
+    /// that several tenants share (a multitenant app) is warned of.
+    fn client_capabilities(
+        &mut self,
+        path: &str,
+        raw: Option<Vec<String>>,
+        app: Option<&str>,
+        shared_apps: &BTreeSet<String>,
+    ) -> Vec<String> {
+        let key = format!("{path}.client_capabilities");
+        let mut out: Vec<String> = Vec::new();
+        for cap in raw.unwrap_or_default() {
+            if !crate::claims::KNOWN_CAPABILITIES.contains(&cap.as_str()) {
+                let known = crate::claims::KNOWN_CAPABILITIES.join("`, `");
+                self.problem(
+                    &key,
+                    format!(
+                        "`{}` is not a client capability Entra knows; use `{known}` (continuous access evaluation), or leave the key out",
+                        cap.chars().take(64).collect::<String>().escape_debug()
+                    ),
+                );
+            } else if !out.contains(&cap) {
+                out.push(cap);
+            }
+        }
+        if !out.is_empty()
+            && let Some(app) = app.filter(|a| shared_apps.contains(*a))
+        {
+            self.warn(
+                &key,
+                format!(
+                    "[apps.{app}] is used by several tenants, so it is a multitenant app, and continuous access evaluation covers single-tenant apps only: Entra issues it ordinary tokens"
+                ),
+            );
+        }
+        out
     }
 
     fn client_id(&mut self, path: &str, raw: Option<String>) -> Option<String> {

@@ -20,7 +20,15 @@ pub struct ExchangeRequest<'a> {
     pub assertion: &'a Sensitive,
     /// Sent as `client-request-id`, so Entra's logs and ours share an id.
     pub correlation_id: uuid::Uuid,
+    /// The `claims` parameter (JSON), when the tenant declares client capabilities or a
+    /// caller passed a claims challenge (`claims::request_parameter`); at most
+    /// `MAX_CLAIMS_PARAM` bytes.
+    pub claims: Option<&'a str>,
 }
+
+/// The longest `claims` parameter sent: a caller's challenge (`claims::MAX_CLAIMS_LEN`) with
+/// the client capabilities added.
+pub const MAX_CLAIMS_PARAM: usize = crate::claims::MAX_CLAIMS_LEN + 1024;
 
 /// A successful answer.
 #[derive(Debug, Clone)]
@@ -123,7 +131,7 @@ impl fmt::Display for EntraError {
             // No answer: Entra not reached, not answering in time, or not asked at all
             // (the broker's breaker or budget held the call back).
             let what = match self.error.as_str() {
-                "broker_backoff" => "not called",
+                "broker_backoff" | "claims_too_large" => "not called",
                 "timeout" => "did not answer",
                 _ => "unreachable",
             };
@@ -292,9 +300,28 @@ impl TokenExchange for HttpTokenExchange {
             ("client_assertion", req.assertion.expose()),
         ];
         let correlation = req.correlation_id.to_string();
+        if let Some(c) = req.claims
+            && c.len() > MAX_CLAIMS_PARAM
+        {
+            // Bounded where a challenge is read (the API), so only a bug gets here.
+            return Err(EntraError {
+                class: EntraErrorClass::Caller,
+                status: 0,
+                error: "claims_too_large".into(),
+                codes: vec![],
+                description: format!(
+                    "the claims request is {} bytes, more than the {MAX_CLAIMS_PARAM} sent at most",
+                    c.len()
+                ),
+                correlation_id: None,
+                trace_id: None,
+                retry_after: None,
+            });
+        }
         // Sent as reqwest's `form` would, in a body that tells when it is written.
         let body: String = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(form)
+            .extend_pairs(req.claims.map(|c| ("claims", c)))
             .finish();
         let resp = self
             .http
@@ -546,6 +573,7 @@ mod tests {
                 scope: "s",
                 assertion: &assertion,
                 correlation_id,
+                claims: None,
             })
             .await
             .unwrap_err();

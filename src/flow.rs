@@ -16,6 +16,7 @@ use url::Url;
 use crate::assertion::{self, AssertionParams};
 use crate::broker::{MAX_RETRY_AFTER, Upstreams};
 use crate::cache::CachedToken;
+use crate::claims::Claims;
 use crate::clock::{Clock, MAX_SPAN, Moment};
 use crate::config::{
     CacheConfig, Config, Credential, ResilienceConfig, SigningAlgorithm, TenantConfig,
@@ -353,6 +354,13 @@ pub struct UpstreamStats {
     pub breaker_rejections: AtomicU64,
 }
 
+/// What a fetch asks Entra for: the scopes, and the `claims` parameter, if any.
+#[derive(Debug, Clone, Copy)]
+struct Want<'a> {
+    scopes: &'a [String],
+    claims: Option<&'a str>,
+}
+
 /// A tenant as the flow needs it.
 #[derive(Debug)]
 pub struct Tenant {
@@ -553,12 +561,20 @@ impl Flow {
             .collect()
     }
 
-    /// Obtains a token for `tenant` and `scopes`.
+    /// Obtains a token for `tenant` and `scopes`; with a caller's claims `challenge`, a
+    /// token carrying those claims (merged with the tenant's client capabilities).
     pub async fn fetch(
         &self,
         tenant: &Tenant,
         scopes: &[String],
+        challenge: Option<&Claims>,
     ) -> Result<CachedToken, FlowError> {
+        let claims =
+            crate::claims::request_parameter(&tenant.config.client_capabilities, challenge);
+        let want = Want {
+            scopes,
+            claims: claims.as_deref(),
+        };
         let deadline = Deadline {
             at: self.clock.moment() + self.res.retry_budget,
             io: tokio::time::Instant::now() + self.res.retry_budget.min(MAX_SPAN),
@@ -571,7 +587,7 @@ impl Flow {
                 thumbprint,
             } => {
                 let key = (vault_url.clone(), certificate.clone());
-                self.fetch_signed(tenant, scopes, deadline, key, *algorithm, *thumbprint)
+                self.fetch_signed(tenant, &want, deadline, key, *algorithm, *thumbprint)
                     .await
             }
             Credential::Pkcs11 {
@@ -582,14 +598,14 @@ impl Flow {
                 ..
             } => {
                 let key = (uri.clone(), key.clone());
-                self.fetch_signed(tenant, scopes, deadline, key, *algorithm, *thumbprint)
+                self.fetch_signed(tenant, &want, deadline, key, *algorithm, *thumbprint)
                     .await
             }
             Credential::ManagedIdentity {
                 client_id,
                 audience,
             } => {
-                self.fetch_federated(tenant, scopes, deadline, client_id, audience)
+                self.fetch_federated(tenant, &want, deadline, client_id, audience)
                     .await
             }
         }
@@ -617,7 +633,7 @@ impl Flow {
     async fn fetch_signed(
         &self,
         tenant: &Tenant,
-        scopes: &[String],
+        want: &Want<'_>,
         deadline: Deadline,
         cert_key: CertKey,
         algorithm: SigningAlgorithm,
@@ -651,13 +667,13 @@ impl Flow {
             // The first sign, then the exchange (whose retries sign anew).
             let outcome = match sign().await {
                 Ok(assertion) => {
-                    self.exchange(tenant, scopes, (assertion, entra_admitted), sign, deadline)
+                    self.exchange(tenant, want, (assertion, entra_admitted), sign, deadline)
                         .await
                 }
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok((started, t)) => return Ok(self.obtained(tenant, scopes, started, t)),
+                Ok((started, t)) => return Ok(self.obtained(tenant, want.scopes, started, t)),
                 // The key of the version we hold is gone (removed from an HSM after a
                 // rotation), at the first sign or at a retry's: re-read the metadata at once
                 // and sign again if it changed, rather than fail every refresh until the next
@@ -768,7 +784,7 @@ impl Flow {
     async fn fetch_federated(
         &self,
         tenant: &Tenant,
-        scopes: &[String],
+        want: &Want<'_>,
         deadline: Deadline,
         client_id: &str,
         audience: &str,
@@ -789,15 +805,9 @@ impl Flow {
         // A managed identity's token is meant to be presented again until it expires.
         let again = || std::future::ready(Ok(assertion.clone()));
         let (started, t) = self
-            .exchange(
-                tenant,
-                scopes,
-                (assertion.clone(), admitted),
-                again,
-                deadline,
-            )
+            .exchange(tenant, want, (assertion.clone(), admitted), again, deadline)
             .await?;
-        Ok(self.obtained(tenant, scopes, started, t))
+        Ok(self.obtained(tenant, want.scopes, started, t))
     }
 
     /// An Entra exchange behind the tenant's guard, and when it was sent. The first attempt
@@ -808,7 +818,7 @@ impl Flow {
     async fn exchange<'g, A, AF>(
         &'g self,
         tenant: &Tenant,
-        scopes: &[String],
+        want: &Want<'_>,
         (assertion, admitted): (Sensitive, ProbeOut<'g>),
         again: A,
         deadline: Deadline,
@@ -818,7 +828,7 @@ impl Flow {
         AF: Future<Output = Result<Sensitive, FlowError>>,
     {
         let entra = self.entra.get(tenant.name.as_ref());
-        let scope = scopes.join(" ");
+        let scope = want.scopes.join(" ");
         let started = self.clock.moment();
         let first = std::sync::Mutex::new(Some(assertion));
         let sent = SentId::default();
@@ -843,6 +853,7 @@ impl Flow {
                         scope: &scope,
                         assertion,
                         correlation_id,
+                        claims: want.claims,
                     })
                     .instrument(span.clone())
                     .await;

@@ -14,6 +14,7 @@ pub mod authn;
 pub mod bench;
 pub mod broker;
 pub mod cache;
+pub mod claims;
 pub mod cli;
 pub mod clock;
 pub mod config;

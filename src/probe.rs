@@ -164,6 +164,7 @@ async fn try_one(broker: &Broker, tenant: &str, scopes: &[String], bound: Durati
         scopes: scopes.to_vec(),
         min_validity: None,
         force_refresh: false,
+        claims: None,
     });
     match tokio::time::timeout(bound, asked).await {
         Err(_) => Outcome::TimedOut(bound),

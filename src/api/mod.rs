@@ -20,6 +20,7 @@ use crate::audit::{AuditRecord, Outcome};
 use crate::authn::{Caller, ClientCert, Credentials};
 use crate::broker::{Broker, BrokerError, TokenQuery, TokenSource, WatchedKey};
 use crate::cache::{CachedToken, SlotState};
+use crate::claims::Claims;
 use crate::clock::Moment;
 use crate::limits::{InFlight, WatchSlot};
 use crate::proto;
@@ -449,6 +450,22 @@ fn decode_duration(d: Option<prost_types::Duration>) -> Result<Option<Duration>,
     Ok(Some(Duration::new(seconds, nanos)))
 }
 
+/// A claims challenge as the caller passed it (empty: none); its faults are the caller's
+/// to fix, told without quoting it.
+fn decode_claims(claims: &str) -> Result<Option<Claims>, BrokerError> {
+    if claims.is_empty() {
+        return Ok(None);
+    }
+    Claims::parse(claims)
+        .map(Some)
+        .map_err(|message| BrokerError::InvalidArgument {
+            field: "claims",
+            message: format!(
+                "{message} (the `claims` of the resource's WWW-Authenticate: Bearer error=\"insufficient_claims\" challenge)"
+            ),
+        })
+}
+
 type WatchStreamBox =
     Pin<Box<dyn Stream<Item = Result<proto::WatchTokenResponse, Status>> + Send + 'static>>;
 
@@ -466,6 +483,7 @@ impl TokenBroker for Service {
             scopes,
             min_validity,
             force_refresh,
+            claims,
         } = request.into_inner();
         let span = if parent.is_some() || self.traced {
             info_span!(
@@ -485,11 +503,14 @@ impl TokenBroker for Service {
             let admitted = self
                 .admit(&env, &p.tenant, &p.scopes, &mut p.record)
                 .await?;
+            let claims = decode_claims(&claims)?;
+            p.record.claims_digest = claims.as_ref().map(Claims::digest);
             let query = TokenQuery {
                 tenant: &p.tenant,
                 scopes: &admitted.scopes,
                 min_validity: decode_duration(min_validity)?,
                 force_refresh,
+                claims: claims.as_ref(),
             };
             let audit = &mut p.record;
             // The response and the audit fields are made from the token as lent by the cache.

@@ -138,6 +138,7 @@ pub fn key_request(k: usize) -> TokenRequest {
         scopes: vec![format!("api://bench-{}/.default", k / TENANTS)],
         min_validity: None,
         force_refresh: false,
+        claims: None,
     }
 }
 

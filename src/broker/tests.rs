@@ -56,6 +56,8 @@ impl Answer {
 struct FakeEntra {
     answer: Mutex<Answer>,
     calls: AtomicUsize,
+    /// The `claims` parameter of each call, in order.
+    claims: Mutex<Vec<Option<String>>>,
 }
 
 impl FakeEntra {
@@ -66,11 +68,22 @@ impl FakeEntra {
     fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
+
+    /// The `claims` parameter of the last call, as JSON.
+    fn last_claims(&self) -> Option<serde_json::Value> {
+        let sent = self.claims.lock().unwrap();
+        let last = sent.last().expect("a call").as_deref()?;
+        Some(serde_json::from_str(last).unwrap())
+    }
 }
 
 #[async_trait]
 impl TokenExchange for FakeEntra {
     async fn exchange(&self, req: ExchangeRequest<'_>) -> Result<EntraToken, EntraError> {
+        self.claims
+            .lock()
+            .unwrap()
+            .push(req.claims.map(str::to_owned));
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         // A runaway refresh loop fails its test instead of spinning forever.
         assert!(n < 100, "runaway: {n} exchanges");
@@ -254,9 +267,19 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// A broker with one tenant, `contoso`, whose Entra answers tokens of `lifetime`; `extra`
 /// is added to the configuration (after a `[resilience]` table header).
 fn fixture(lifetime: Duration, extra: &str) -> Fixture {
+    fixture_for(lifetime, "", extra)
+}
+
+/// `fixture`, with `contoso` opted in to continuous access evaluation.
+fn fixture_cae(lifetime: Duration, extra: &str) -> Fixture {
+    fixture_for(lifetime, "client_capabilities = [\"cp1\"]\n", extra)
+}
+
+/// `fixture`, with `tenant` added to `contoso`'s table.
+fn fixture_for(lifetime: Duration, tenant: &str, extra: &str) -> Fixture {
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nplaintext = true\n\n\
-         [tenants.contoso]\ntenant_id = \"c0c0c0c0-0000-4000-8000-00000000c001\"\n\
+         [tenants.contoso]\n{tenant}tenant_id = \"c0c0c0c0-0000-4000-8000-00000000c001\"\n\
          client_id = \"c0c0c0c0-a990-4000-8000-000000000a01\"\n\
          credential = {{ type = \"key_vault_certificate\", vault_url = \"https://t.vault.azure.net\", certificate = \"c\" }}\n\n\
          [resilience]\nsign_burst = 1000\nexchange_burst = 1000\n{extra}\n"
@@ -270,6 +293,7 @@ fn fixture(lifetime: Duration, extra: &str) -> Fixture {
             refresh_in: None,
         }),
         calls: AtomicUsize::new(0),
+        claims: Mutex::default(),
     });
     let vault = Arc::new(FakeSigner::new());
     let broker = Broker::new(
@@ -299,6 +323,7 @@ fn contoso(min_validity: Option<u64>, force_refresh: bool) -> TokenRequest {
         scopes: vec![GRAPH.into()],
         min_validity: min_validity.map(Duration::from_secs),
         force_refresh,
+        claims: None,
     }
 }
 
@@ -1467,6 +1492,7 @@ async fn failed_fetches_are_logged_at_most_twenty_a_second_then_the_count_held_b
         scopes: vec![format!("https://r{i}.example.com/.default")],
         min_validity: None,
         force_refresh: false,
+        claims: None,
     };
     for i in 0..25 {
         assert!(f.broker.get_token(key(i)).await.is_err());
@@ -1527,6 +1553,7 @@ async fn the_brokers_identity_refused_to_a_half_open_probe_leaves_key_vaults_bre
             scopes: vec![scope.into()],
             min_validity: None,
             force_refresh: false,
+            claims: None,
         })
     };
     // Two failed certificate reads open the vault's breaker.
@@ -1911,5 +1938,182 @@ async fn an_early_fetch_for_more_validity_shares_a_held_failure_without_spending
     f.entra.set(Answer::hourly());
     let t = f.get(Some(3000)).await.unwrap();
     assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 3);
+}
+
+/// A request for `contoso`'s Graph token answering a claims challenge.
+fn challenged(claims: &str) -> TokenRequest {
+    TokenRequest {
+        claims: Some(Claims::parse(claims).unwrap()),
+        ..contoso(None, false)
+    }
+}
+
+const NBF: &str = r#"{"access_token":{"nbf":{"essential":true,"value":"1700000000"}}}"#;
+const NBF_LATER: &str = r#"{"access_token":{"nbf":{"essential":true,"value":"1700000999"}}}"#;
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_opted_in_sends_cp1_and_one_not_opted_in_sends_no_claims() {
+    let f = fixture(HOUR, "");
+    f.get(None).await.unwrap();
+    assert_eq!(f.entra.last_claims(), None);
+    let f = fixture_cae(HOUR, "");
+    f.get(None).await.unwrap();
+    assert_eq!(
+        f.entra.last_claims(),
+        Some(serde_json::json!({"access_token": {"xms_cc": {"values": ["cp1"]}}}))
+    );
+    // Its refreshes too.
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 2);
+    assert_eq!(
+        f.entra.last_claims(),
+        Some(serde_json::json!({"access_token": {"xms_cc": {"values": ["cp1"]}}}))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claims_challenge_fetches_a_token_with_its_claims_that_replaces_the_cached_one() {
+    let f = fixture_cae(HOUR, "");
+    let first = f.get(None).await.unwrap();
+    let t = f.broker.get_token(challenged(NBF)).await.unwrap();
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_ne!(token_of(&t), token_of(&first));
+    assert_eq!(f.entra.calls(), 2);
+    assert_eq!(
+        f.entra.last_claims(),
+        Some(serde_json::json!({"access_token": {
+            "nbf": {"essential": true, "value": "1700000000"},
+            "xms_cc": {"values": ["cp1"]},
+        }}))
+    );
+    // Later callers get the new token from the cache.
+    let later = f.get(None).await.unwrap();
+    assert_eq!(later.source, TokenSource::Cache);
+    assert_eq!(token_of(&later), token_of(&t));
+    // Its refresh, when due, sends the tenant's capabilities alone again.
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 3);
+    assert_eq!(
+        f.entra.last_claims(),
+        Some(serde_json::json!({"access_token": {"xms_cc": {"values": ["cp1"]}}}))
+    );
+    // Without the opt-in, the challenge's claims alone are sent.
+    let f = fixture(HOUR, "");
+    f.get(None).await.unwrap();
+    f.broker.get_token(challenged(NBF)).await.unwrap();
+    assert_eq!(
+        f.entra.last_claims(),
+        Some(serde_json::from_str::<serde_json::Value>(NBF).unwrap())
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn claims_challenges_within_the_forced_refresh_interval_cost_one_exchange() {
+    let f = fixture_cae(HOUR, "[cache]\nforce_refresh_interval_secs = 30");
+    f.get(None).await.unwrap();
+    let fresh = f.broker.get_token(challenged(NBF)).await.unwrap();
+    assert_eq!(fresh.source, TokenSource::Exchange);
+    // Within the interval, the same challenge or another, or a forced refresh: the cached
+    // token, said to be cached.
+    for req in [challenged(NBF), challenged(NBF_LATER), contoso(None, true)] {
+        let t = f.broker.get_token(req).await.unwrap();
+        assert_eq!(t.source, TokenSource::Cache);
+        assert_eq!(token_of(&t), token_of(&fresh));
+    }
+    assert_eq!(f.entra.calls(), 2);
+    // Once it has passed, the next challenge fetches.
+    f.advance(Duration::from_secs(31)).await;
+    let t = f.broker.get_token(challenged(NBF_LATER)).await.unwrap();
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 3);
+    assert_eq!(
+        f.entra.last_claims().unwrap()["access_token"]["nbf"]["value"],
+        "1700000999"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claims_challenge_joins_only_a_fetch_carrying_the_same_claims() {
+    let f = fixture_cae(HOUR, "[cache]\nforce_refresh_interval_secs = 0");
+    f.get(None).await.unwrap();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    f.entra.set(Answer::Wait(gate.clone(), HOUR));
+    let spawn = |req: TokenRequest| {
+        let broker = f.broker.clone();
+        tokio::spawn(async move { broker.get_token(req).await })
+    };
+    let first = spawn(challenged(NBF));
+    settle().await;
+    assert_eq!(f.entra.calls(), 2);
+    // The same claims, and a forced refresh without any, join the fetch under way.
+    let same = spawn(challenged(NBF));
+    let forced = f.spawn_forced();
+    // Other claims wait for it, then fetch with their own.
+    let other = spawn(challenged(NBF_LATER));
+    settle().await;
+    assert_eq!(f.entra.calls(), 2, "one fetch at a time");
+    gate.notify_one();
+    settle().await;
+    let first = first.await.unwrap().unwrap();
+    for joined in [same.await.unwrap().unwrap(), forced.await.unwrap().unwrap()] {
+        assert_eq!(joined.source, TokenSource::Exchange);
+        assert_eq!(token_of(&joined), token_of(&first));
+    }
+    assert_eq!(f.entra.calls(), 3, "the other claims' own fetch");
+    assert_eq!(
+        f.entra.last_claims().unwrap()["access_token"]["nbf"]["value"],
+        "1700000999"
+    );
+    gate.notify_one();
+    settle().await;
+    let other = other.await.unwrap().unwrap();
+    assert_eq!(other.source, TokenSource::Exchange);
+    assert_ne!(token_of(&other), token_of(&first));
+    // A refresh under way carries no claims: a challenge waits for it too, then fetches.
+    f.advance(HOUR / 2).await;
+    assert_eq!(f.entra.calls(), 4, "the refresh");
+    let after = spawn(challenged(NBF));
+    settle().await;
+    assert_eq!(f.entra.calls(), 4);
+    gate.notify_one();
+    settle().await;
+    assert_eq!(f.entra.calls(), 5);
+    gate.notify_one();
+    settle().await;
+    let after = after.await.unwrap().unwrap();
+    assert_eq!(token_of(&after), "token-4");
+    assert!(f.entra.last_claims().unwrap()["access_token"]["nbf"].is_object());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claims_challenge_on_a_cold_key_fetches_with_its_claims() {
+    let f = fixture_cae(HOUR, "");
+    let t = f.broker.get_token(challenged(NBF)).await.unwrap();
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(f.entra.calls(), 1);
+    assert!(f.entra.last_claims().unwrap()["access_token"]["nbf"].is_object());
+}
+
+#[tokio::test(start_paused = true)]
+async fn entras_refusal_of_a_claims_fetch_is_not_remembered_for_the_keys_other_callers() {
+    let f = fixture_cae(
+        HOUR,
+        "max_attempts = 1\n[cache]\nforce_refresh_interval_secs = 0",
+    );
+    let first = f.get(None).await.unwrap();
+    f.entra.set(Answer::Refuse);
+    match f.broker.get_token(challenged(NBF)).await {
+        Err(e @ BrokerError::Upstream { .. }) => assert!(e.is_persistent(), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    let slot = f.slot().await;
+    assert!(slot.negative(f.clock.moment()).is_none(), "not remembered");
+    // The key's other callers are served as before, and a forced refresh asks Entra.
+    let t = f.get(None).await.unwrap();
+    assert_eq!(token_of(&t), token_of(&first));
+    f.entra.set(Answer::hourly());
+    let forced = f.get_forced().await.unwrap();
+    assert_eq!(forced.source, TokenSource::Exchange);
     assert_eq!(f.entra.calls(), 3);
 }

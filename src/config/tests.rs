@@ -2270,3 +2270,78 @@ fn a_default_minimum_validity_beyond_half_a_token_is_warned_of() {
         "{w:?}"
     );
 }
+
+#[test]
+fn client_capabilities_opt_a_tenant_in_to_continuous_access_evaluation() {
+    let c = Config::from_toml_str(GOOD, Path::new("/"), &no_env).unwrap();
+    assert!(
+        c.tenants["contoso"].client_capabilities.is_empty(),
+        "off by default"
+    );
+    let text = GOOD.replace(
+        "[tenants.contoso]\n",
+        "[tenants.contoso]\nclient_capabilities = [\"cp1\", \"cp1\"]\n",
+    );
+    let c = Config::from_toml_str(&text, Path::new("/"), &no_env).unwrap();
+    assert_eq!(c.tenants["contoso"].client_capabilities, ["cp1"]);
+    assert!(c.tenants["fabrikam"].client_capabilities.is_empty());
+    assert!(
+        !c.warnings
+            .iter()
+            .any(|w| w.path.contains("client_capabilities")),
+        "{:?}",
+        c.warnings
+    );
+    // An empty list is the same as none.
+    let text = GOOD.replace(
+        "[tenants.contoso]\n",
+        "[tenants.contoso]\nclient_capabilities = []\n",
+    );
+    let c = Config::from_toml_str(&text, Path::new("/"), &no_env).unwrap();
+    assert!(c.tenants["contoso"].client_capabilities.is_empty());
+}
+
+#[test]
+fn an_unknown_client_capability_is_refused_naming_the_known_one() {
+    let text = GOOD.replace(
+        "[tenants.contoso]\n",
+        "[tenants.contoso]\nclient_capabilities = [\"CP1\"]\n",
+    );
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "tenants.contoso.client_capabilities");
+    assert!(
+        p[0].message.contains("`CP1` is not a client capability"),
+        "{}",
+        p[0].message
+    );
+    assert!(p[0].message.contains("`cp1`"), "{}", p[0].message);
+    assert!(p[0].line.is_some());
+    // Not a list of strings: the file's shape is wrong.
+    let text = GOOD.replace(
+        "[tenants.contoso]\n",
+        "[tenants.contoso]\nclient_capabilities = \"cp1\"\n",
+    );
+    assert!(Config::from_toml_str(&text, Path::new("/"), &no_env).is_err());
+}
+
+#[test]
+fn opting_a_shared_multitenant_app_in_is_warned_of() {
+    let text = GOOD.replace(
+        "[tenants.fabrikam]\n",
+        "[tenants.fabrikam]\nclient_capabilities = [\"cp1\"]\n",
+    );
+    let c = Config::from_toml_str(&text, Path::new("/"), &no_env).unwrap();
+    assert_eq!(c.tenants["fabrikam"].client_capabilities, ["cp1"]);
+    let w: Vec<_> = c
+        .warnings
+        .iter()
+        .filter(|w| w.path == "tenants.fabrikam.client_capabilities")
+        .collect();
+    assert_eq!(w.len(), 1, "{:?}", c.warnings);
+    assert!(
+        w[0].message.contains("single-tenant apps only"),
+        "{}",
+        w[0].message
+    );
+}

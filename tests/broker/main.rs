@@ -573,6 +573,7 @@ async fn min_validity_and_forced_refresh() {
             nanos: 0,
         }),
         force_refresh: force,
+        ..Default::default()
     };
     let first = c.get_token(req(None, false)).await.unwrap().into_inner();
     // A minimum validity the cached token meets is served from cache.

@@ -131,6 +131,7 @@ async fn a_watch_sends_no_token_while_the_audit_trail_cannot_be_written() {
             scopes: vec![GRAPH.into()],
             min_validity: None,
             force_refresh: true,
+            claims: None,
         })
         .await
         .unwrap();

@@ -160,6 +160,7 @@ async fn callers_asking_no_minimum_are_served_through_an_outage_down_to_the_safe
             nanos: 0,
         }),
         force_refresh: false,
+        ..Default::default()
     };
     // 55 minutes in, every refresh since the first (at 9 to 15 minutes) failed: 300 s are
     // left, the default minimum validity; then a minute at a time down to the safety margin.
@@ -1043,6 +1044,7 @@ async fn a_min_validity_beyond_the_tokens_lifetime_costs_no_upstream_call() {
                     nanos: 0,
                 }),
                 force_refresh: false,
+                ..Default::default()
             })
             .await
             .unwrap_err();
