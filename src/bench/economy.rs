@@ -148,6 +148,7 @@ pub fn estate(tenants: usize, scopes: usize) -> EmulatorConfig {
                 enabled: true,
                 federated_credentials: vec![],
                 token_lifetime_secs: [LIFETIME_SECS, LIFETIME_SECS],
+                cae_token_lifetime_secs: None,
                 service_principal_id: None,
             }],
             graph_records: 0,

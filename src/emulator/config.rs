@@ -230,6 +230,10 @@ pub struct AppConfig {
     /// `[min, max]` seconds; each token gets a random lifetime in this range.
     #[serde(default = "default_lifetime")]
     pub token_lifetime_secs: [u64; 2],
+    /// `[min, max]` seconds for tokens asked for with the `cp1` client capability (CAE
+    /// tokens, which Entra issues for up to a day); unset: `token_lifetime_secs`.
+    #[serde(default)]
+    pub cae_token_lifetime_secs: Option<[u64; 2]>,
     /// The service principal's object id in this tenant; derived when omitted.
     #[serde(default)]
     pub service_principal_id: Option<String>,
@@ -339,6 +343,7 @@ impl EmulatorConfig {
                     enabled: true,
                     federated_credentials: fics,
                     token_lifetime_secs: DEFAULT_LIFETIME,
+                    cae_token_lifetime_secs: None,
                     service_principal_id: None,
                 }
             };
@@ -528,12 +533,18 @@ impl EmulatorConfig {
                         t.tenant_id, a.client_id
                     ));
                 }
-                let [lo, hi] = a.token_lifetime_secs;
-                if lo == 0 || lo > hi || hi > MAX_LIFETIME_SECS {
-                    return err(format!(
-                        "app {}: token_lifetime_secs must be [min, max] with 0 < min <= max <= {MAX_LIFETIME_SECS}",
-                        a.client_id
-                    ));
+                let lifetimes = [
+                    ("token_lifetime_secs", Some(a.token_lifetime_secs)),
+                    ("cae_token_lifetime_secs", a.cae_token_lifetime_secs),
+                ];
+                for (name, range) in lifetimes {
+                    let Some([lo, hi]) = range else { continue };
+                    if lo == 0 || lo > hi || hi > MAX_LIFETIME_SECS {
+                        return err(format!(
+                            "app {}: {name} must be [min, max] with 0 < min <= max <= {MAX_LIFETIME_SECS}",
+                            a.client_id
+                        ));
+                    }
                 }
                 for c in &a.certificates {
                     self.check_cert_ref(c)?;

@@ -284,6 +284,7 @@ async fn exchange(
         ));
     };
     let resource = check_scope(form, &tenant_id, &resources, &apis, &app_ids)?;
+    let cp1 = read_claims(shared, form, counter_key)?;
 
     if form.get("client_secret").is_some_and(|s| !s.is_empty()) {
         return Err(invalid_client(
@@ -334,7 +335,35 @@ async fn exchange(
     } else {
         validate_certificate(shared, &app, &jwt, tenant_seg, &tenant_id, base)?;
     }
-    issue(shared, &app, &tenant_id, &resource)
+    issue(shared, &app, &tenant_id, &resource, cp1)
+}
+
+/// The `claims` parameter (OpenID Connect's claims request), if sent: a JSON object, else
+/// 9000410 as Entra answers malformed JSON. Recorded for the counters; whether it declares
+/// the `cp1` client capability (`access_token.xms_cc.values`), which makes the token a CAE
+/// token.
+fn read_claims(
+    shared: &Shared,
+    form: &HashMap<String, String>,
+    counter_key: &str,
+) -> Result<bool, EntraError> {
+    // An empty parameter is no claims request.
+    let Some(text) = form.get("claims").filter(|c| !c.is_empty()) else {
+        return Ok(false);
+    };
+    let claims = match serde_json::from_str::<Value>(text) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => return Err(invalid_request(9000410, "Malformed JSON.")),
+    };
+    let cp1 = claims
+        .pointer("/access_token/xms_cc/values")
+        .and_then(Value::as_array)
+        .is_some_and(|v| v.iter().any(|c| c.as_str() == Some("cp1")));
+    shared
+        .counters()
+        .claims
+        .insert(counter_key.to_owned(), claims);
+    Ok(cp1)
 }
 
 /// The resource a token is for, and the version of its tokens.
@@ -761,8 +790,13 @@ fn issue(
     app: &App,
     tenant_id: &str,
     resource: &Audience,
+    cp1: bool,
 ) -> Result<Value, EntraError> {
-    let [lo, hi] = app.lifetime;
+    let [lo, hi] = if cp1 {
+        app.cae_lifetime.unwrap_or(app.lifetime)
+    } else {
+        app.lifetime
+    };
     let lifetime = i64::try_from(rand::random_range(lo..=hi)).unwrap_or(3600);
     let now = shared.now_secs();
     let v1_issuer = super::state::v1_issuer(tenant_id);
@@ -801,6 +835,10 @@ fn issue(
         }
         if !app.roles.is_empty() {
             m.insert("roles".into(), json!(app.roles));
+        }
+        // The client capabilities of a CAE token, as Entra puts them in.
+        if cp1 {
+            m.insert("xms_cc".into(), json!(["cp1"]));
         }
     }
     let access_token = shared.issuer.sign(&claims).map_err(|e| EntraError {

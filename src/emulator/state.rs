@@ -112,6 +112,8 @@ pub(crate) struct App {
     pub roles: Vec<String>,
     pub enabled: bool,
     pub lifetime: [u64; 2],
+    /// For tokens asked for with the `cp1` client capability; else `lifetime`.
+    pub cae_lifetime: Option<[u64; 2]>,
     pub sp_id: String,
     /// Federated credentials of the app registration (union over all tenants listing it).
     pub fics: Vec<FederatedCredentialConfig>,
@@ -365,6 +367,7 @@ pub(crate) fn build_state(config: &EmulatorConfig) -> Result<State, EmulatorErro
                 roles: a.roles.clone(),
                 enabled: a.enabled,
                 lifetime: a.token_lifetime_secs,
+                cae_lifetime: a.cae_token_lifetime_secs,
                 sp_id: a
                     .service_principal_id
                     .clone()
@@ -582,6 +585,9 @@ pub(crate) struct Counters {
     pub mi_tokens: BTreeMap<String, u64>,
     /// Graph-style requests per tenant id (from the token; `-` when it names none).
     pub graph: BTreeMap<String, RouteCount>,
+    /// The last `claims` parameter of a token request per `tenant_id/client_id` (as JSON;
+    /// requests without one leave it as it was).
+    pub claims: BTreeMap<String, serde_json::Value>,
     /// How many times the counters were reset: a request counted before a reset has its
     /// outcome counted only if none came since (`Counters::reset`), so no route shows an
     /// outcome its total does not count.

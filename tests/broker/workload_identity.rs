@@ -36,6 +36,7 @@ fn estate(issuer: &str) -> EmulatorConfig {
             audience: EXCHANGE_AUDIENCE.into(),
         }],
         token_lifetime_secs: [3600, 5400],
+        cae_token_lifetime_secs: None,
         service_principal_id: Some(BROKER_SP.into()),
     });
     config.vaults[0].role_assignments = [VaultRole::CryptoUser, VaultRole::CertificateUser]

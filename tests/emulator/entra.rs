@@ -681,3 +681,117 @@ async fn tokens_of_two_hours_or_more_carry_refresh_in() {
     assert_eq!(body["expires_in"], 7201);
     assert_eq!(body["refresh_in"], 3600, "half the lifetime, a JSON number");
 }
+
+/// A Contoso client-credentials request for Graph with `claims` (if any) added.
+async fn exchange_with_claims(env: &Env, claims: Option<&str>) -> (u16, Value) {
+    let (header, assertion_claims) = env.contoso_assertion_parts().await;
+    let assertion = env.assertion("contoso-app", header, assertion_claims).await;
+    let mut form = vec![
+        ("grant_type", "client_credentials"),
+        ("client_id", demo::CONTOSO_APP),
+        ("scope", SCOPE),
+        (
+            "client_assertion_type",
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        ),
+        ("client_assertion", assertion.as_str()),
+    ];
+    form.extend(claims.map(|c| ("claims", c)));
+    let (status, body, _) = env.exchange(demo::CONTOSO_TENANT, &form).await;
+    (status, body)
+}
+
+/// The last claims Entra received for the Contoso app (`GET /counters`).
+async fn last_claims(env: &Env) -> Value {
+    let (_, counters) = env.admin(reqwest::Method::GET, "/counters", None).await;
+    counters["claims"][format!("{}/{}", demo::CONTOSO_TENANT, demo::CONTOSO_APP)].clone()
+}
+
+#[tokio::test]
+async fn the_cp1_client_capability_makes_a_cae_token_with_the_cae_lifetime() {
+    let mut config = EmulatorConfig::demo();
+    config.tenants[0].apps[0].cae_token_lifetime_secs = Some([86400, 86400]);
+    let env = start(config).await;
+    // Without claims: an ordinary token, nothing recorded.
+    let (status, body) = exchange_with_claims(&env, None).await;
+    assert_eq!(status, 200, "{body}");
+    let c = claims(body["access_token"].as_str().unwrap());
+    assert_eq!(c["xms_cc"], Value::Null);
+    assert!((3600..=5400).contains(&body["expires_in"].as_i64().unwrap()));
+    assert_eq!(last_claims(&env).await, Value::Null);
+    // With cp1, merged with a challenge's claims: a CAE token living the CAE lifetime.
+    let sent = json!({"access_token": {
+        "nbf": {"essential": true, "value": "1700000000"},
+        "xms_cc": {"values": ["cp1"]},
+    }});
+    let (status, body) = exchange_with_claims(&env, Some(&sent.to_string())).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["expires_in"], 86400);
+    assert_eq!(body["refresh_in"], 43200, "a long-lived token's hint");
+    let token = body["access_token"].as_str().unwrap();
+    let c = env.verify_with_jwks(token, GRAPH).await;
+    assert_eq!(c["xms_cc"], json!(["cp1"]));
+    assert_eq!(
+        c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(),
+        86400
+    );
+    assert_eq!(last_claims(&env).await, sent);
+    // Claims without cp1: recorded, an ordinary token.
+    let other = json!({"access_token": {"nbf": {"essential": true, "value": "1"}}});
+    let (status, body) = exchange_with_claims(&env, Some(&other.to_string())).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        claims(body["access_token"].as_str().unwrap())["xms_cc"],
+        Value::Null
+    );
+    assert_eq!(last_claims(&env).await, other);
+    // The counters' reset forgets them.
+    env.admin(reqwest::Method::POST, "/counters/reset", None)
+        .await;
+    assert_eq!(last_claims(&env).await, Value::Null);
+}
+
+#[tokio::test]
+async fn cp1_without_a_cae_lifetime_keeps_the_apps_lifetime() {
+    let env = start_demo().await;
+    let sent = r#"{"access_token":{"xms_cc":{"values":["cp1"]}}}"#;
+    let (status, body) = exchange_with_claims(&env, Some(sent)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!((3600..=5400).contains(&body["expires_in"].as_i64().unwrap()));
+    assert_eq!(
+        claims(body["access_token"].as_str().unwrap())["xms_cc"],
+        json!(["cp1"])
+    );
+}
+
+#[tokio::test]
+async fn claims_that_are_not_a_json_object_are_malformed_json_as_entra_answers() {
+    let env = start_demo().await;
+    for bad in ["{\"access_token\":", "[\"cp1\"]", "cp1"] {
+        let (status, body) = exchange_with_claims(&env, Some(bad)).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"], "invalid_request");
+        assert_eq!(aadsts(&body), 9000410, "{bad}: {body}");
+        assert!(
+            body["error_description"]
+                .as_str()
+                .unwrap()
+                .starts_with("AADSTS9000410: Malformed JSON."),
+            "{body}"
+        );
+    }
+    assert_eq!(last_claims(&env).await, Value::Null);
+}
+
+#[test]
+fn a_cae_lifetime_out_of_range_is_refused() {
+    for range in [[0, 10], [10, 5], [1, u64::MAX]] {
+        let mut config = EmulatorConfig::demo();
+        config.tenants[0].apps[0].cae_token_lifetime_secs = Some(range);
+        let e = config.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("cae_token_lifetime_secs must be"),
+            "{range:?}: {e}"
+        );
+    }
+}
