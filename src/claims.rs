@@ -13,8 +13,10 @@ use serde_json::{Map, Value};
 use crate::sensitive::{Fingerprint, fingerprint};
 
 /// The longest claims challenge a caller may pass, as sent (base64 or JSON). A resource's
-/// challenge is a few hundred bytes; the bound keeps a request's form to Entra small.
-pub const MAX_CLAIMS_LEN: usize = 16 * 1024;
+/// challenge is a few hundred bytes; the bound keeps a request's form to Entra small, and
+/// leaves room for the rest of a GetToken request within `limits.max_request_bytes`'
+/// default (16 KiB).
+pub const MAX_CLAIMS_LEN: usize = 8 * 1024;
 
 /// The client capabilities Entra knows: `cp1`, "this client handles claims challenges",
 /// which makes Microsoft Graph's tokens for the app CAE tokens.
@@ -248,7 +250,7 @@ mod tests {
                     "{{\"access_token\":{{\"x\":\"{}\"}}}}",
                     "a".repeat(MAX_CLAIMS_LEN)
                 ),
-                "at most 16384 bytes",
+                "at most 8192 bytes",
             ),
         ];
         for (input, why) in cases {

@@ -1,5 +1,6 @@
 //! End-to-end tests of the broker through its gRPC API, against the local Azure emulator.
 
+mod cae;
 mod cluster_issuer;
 mod helpers;
 mod probe;
