@@ -91,7 +91,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request) -> Response {
             let response = page(&ctx, &tenant, &base, parts.uri.query());
             (tenant.tenant_id, response)
         }
-        Err((tenant, message)) => (tenant, ctx.unauthorized(&message)),
+        Err(Refused {
+            tenant,
+            message,
+            challenge,
+        }) => (tenant, ctx.unauthorized(&message, challenge.as_deref())),
     };
     shared
         .counters()
@@ -134,18 +138,23 @@ impl Ctx<'_> {
         self.respond(status, body, &request_id)
     }
 
-    fn unauthorized(&self, message: &str) -> Response {
+    /// 401 with Graph's bearer challenge; with `claims` (base64), a continuous access
+    /// evaluation claims challenge (`error="insufficient_claims"`).
+    fn unauthorized(&self, message: &str, claims: Option<&str>) -> Response {
         let mut r = self.error(
             StatusCode::UNAUTHORIZED,
             "InvalidAuthenticationToken",
             message,
         );
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(
-                "Bearer realm=\"\", authorization_uri=\"https://login.microsoftonline.com/common/oauth2/authorize\", client_id=\"00000003-0000-0000-c000-000000000000\"",
-            ),
+        let mut challenge = String::from(
+            "Bearer realm=\"\", authorization_uri=\"https://login.microsoftonline.com/common/oauth2/authorize\", client_id=\"00000003-0000-0000-c000-000000000000\"",
         );
+        if let Some(c) = claims {
+            challenge.push_str(&format!(", error=\"insufficient_claims\", claims=\"{c}\""));
+        }
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
         r
     }
 
@@ -173,9 +182,73 @@ struct Tenant {
     records: u32,
 }
 
-/// Validates the bearer token as Graph would. On failure returns the counter key (the
-/// configured tenant the token names, else `-`) and Graph's message.
-fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Tenant, (String, String)> {
+/// A token Graph refused: the counter key (the configured tenant the token names, else
+/// `-`), Graph's message, and a claims challenge (base64) when continuous access evaluation
+/// refused it.
+struct Refused {
+    tenant: String,
+    message: String,
+    challenge: Option<String>,
+}
+
+impl From<(String, String)> for Refused {
+    fn from((tenant, message): (String, String)) -> Refused {
+        Refused {
+            tenant,
+            message,
+            challenge: None,
+        }
+    }
+}
+
+/// Validates the bearer token as Graph would. A CAE token (`xms_cc` holding `cp1`) of an
+/// app disabled since is refused with a claims challenge, as CAE for workload identities
+/// refuses it at once; other tokens of a disabled app are accepted until they expire.
+fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Tenant, Refused> {
+    let tenant = check_token(shared, headers).map_err(Refused::from)?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .map(|(_, t)| t.trim())
+        .and_then(keys::parse_jwt);
+    let Some(jwt) = token else { return Ok(tenant) };
+    let cae = jwt
+        .claims
+        .get("xms_cc")
+        .and_then(Value::as_array)
+        .is_some_and(|v| v.iter().any(|c| c.as_str() == Some("cp1")));
+    let app = jwt
+        .claim_str("appid")
+        .or(jwt.claim_str("azp"))
+        .unwrap_or_default();
+    let disabled = {
+        let state = shared.state();
+        state.tenant(&tenant.tenant_id).is_some_and(|i| {
+            state.tenants[i]
+                .apps
+                .iter()
+                .any(|a| a.client_id.eq_ignore_ascii_case(app) && !a.enabled)
+        })
+    };
+    if cae && disabled {
+        use base64::Engine;
+        let claims = json!({"access_token": {"nbf": {"essential": true, "value": shared.now_secs().to_string()}}});
+        return Err(Refused {
+            tenant: tenant.tenant_id,
+            message: "Continuous access evaluation resulted in challenge with result: InteractionRequired and code: ServicePrincipalDisabled".into(),
+            challenge: Some(
+                base64::engine::general_purpose::STANDARD.encode(claims.to_string()),
+            ),
+        });
+    }
+    Ok(tenant)
+}
+
+/// Checks the bearer token's signature, lifetime, audience, tenant and issuer. On failure
+/// returns the counter key (the configured tenant the token names, else `-`) and Graph's
+/// message.
+fn check_token(shared: &Shared, headers: &HeaderMap) -> Result<Tenant, (String, String)> {
     let unknown = |m: &str| ("-".to_owned(), m.to_owned());
     let token = headers
         .get(header::AUTHORIZATION)

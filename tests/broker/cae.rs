@@ -251,3 +251,83 @@ async fn the_token_command_passes_a_claims_challenge() {
     assert!(said.contains("claims"), "{said}");
     stack.stop().await;
 }
+
+/// Graph's sign-in log with `token`: the status, and the claims of a CAE challenge if any.
+async fn call_graph(stack: &Stack, token: &str) -> (u16, Option<String>) {
+    let r = stack
+        .http
+        .get(format!(
+            "{}/graph/v1.0/auditLogs/signIns",
+            stack.emulator().endpoints().authority_host
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let challenge = r
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.contains("error=\"insufficient_claims\""))
+        .and_then(|v| v.split("claims=\"").nth(1))
+        .and_then(|v| v.split('"').next())
+        .map(str::to_owned);
+    (r.status().as_u16(), challenge)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_apps_cae_token_is_refused_at_once_and_the_challenge_answered_with_entras_refusal()
+ {
+    let stack = Stack::start_with(estate(), opted_in(None)).await;
+    let cae = stack.get("contoso", GRAPH).await.unwrap();
+    let ordinary = stack.get("fabrikam", GRAPH).await.unwrap();
+    assert_eq!(call_graph(&stack, &cae.access_token).await, (200, None));
+    assert_eq!(
+        call_graph(&stack, &ordinary.access_token).await,
+        (200, None)
+    );
+    // Both apps disabled: Graph refuses the CAE token at once, with a claims challenge; the
+    // ordinary token keeps working until it expires.
+    for (tenant, app) in [
+        (demo::CONTOSO_TENANT, demo::CONTOSO_APP),
+        (demo::FABRIKAM_TENANT, demo::FABRIKAM_APP),
+    ] {
+        stack
+            .admin_post(&format!("/tenants/{tenant}/apps/{app}/disable"), json!({}))
+            .await;
+    }
+    let (status, challenge) = call_graph(&stack, &cae.access_token).await;
+    assert_eq!(status, 401);
+    let challenge = challenge.expect("a claims challenge");
+    assert_eq!(
+        call_graph(&stack, &ordinary.access_token).await,
+        (200, None)
+    );
+    // The caller passes the challenge on: Entra refuses the disabled app, and says so.
+    let e = challenged(&stack, &challenge).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("AADSTS7000112"), "{e:?}");
+    let seen = claims_seen(&stack, demo::CONTOSO_TENANT, demo::CONTOSO_APP).await;
+    assert!(seen["access_token"]["nbf"]["essential"] == true, "{seen}");
+    assert_eq!(seen["access_token"]["xms_cc"], json!({"values": ["cp1"]}));
+    // Enabled again, the next challenge gets a token Graph takes.
+    stack
+        .admin_post(
+            &format!(
+                "/tenants/{}/apps/{}/enable",
+                demo::CONTOSO_TENANT,
+                demo::CONTOSO_APP
+            ),
+            json!({}),
+        )
+        .await;
+    let fresh = challenged(&stack, &challenge).await;
+    // Within the forced-refresh interval of the refused fetch, the cached token answers;
+    // either way the token now served works.
+    let token = match fresh {
+        Ok(t) => t.access_token,
+        Err(e) => panic!("{e:?}"),
+    };
+    assert_eq!(call_graph(&stack, &token).await, (200, None));
+    stack.stop().await;
+}
