@@ -888,6 +888,7 @@ async fn advance_until(
     stream: &mut tonic::Streaming<tokenbroker::proto::WatchTokenResponse>,
     done: impl Fn(&tokenbroker::proto::WatchTokenResponse) -> bool,
 ) -> tokenbroker::proto::WatchTokenResponse {
+    let mut seen = Vec::new();
     for _ in 0..60 {
         stack.advance(MIN).await;
         while let Ok(m) = tokio::time::timeout(Duration::from_secs(3), stream.message()).await {
@@ -895,9 +896,23 @@ async fn advance_until(
             if done(&m) {
                 return m;
             }
+            seen.push((m.token.is_some(), m.refresh_failing, m.last_error));
         }
     }
-    panic!("the stream never reached the expected state");
+    // What the broker and the emulator did meanwhile, to tell a stuck refresh from a lost
+    // message.
+    use std::sync::atomic::Ordering::Relaxed;
+    let (b, u) = (stack.broker.stats(), stack.broker.upstream_stats());
+    panic!(
+        "the stream never reached the expected state; messages seen (token, failing, error): {seen:?}; refreshes {}, refresh failures {}, signs {}, exchanges {}, retries {}, breaker rejections {}; emulator routes {}",
+        b.refreshes.get(),
+        b.refresh_failures.get(),
+        u.signs.load(Relaxed),
+        u.exchanges.load(Relaxed),
+        u.retries.load(Relaxed),
+        u.breaker_rejections.load(Relaxed),
+        stack.counters().await["routes"],
+    );
 }
 
 fn now_unix(stack: &Stack) -> i64 {
