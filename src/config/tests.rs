@@ -484,17 +484,7 @@ fn trust_domains(entries: &str) -> String {
 
 #[test]
 fn trust_domain_bundles_alone_turn_mutual_tls_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["broker".into()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
-    write("tls.crt", &cert.pem());
-    write("tls.key", &key.serialize_pem());
-    write("prod-ca.pem", &cert.pem());
-    write("garbage.pem", "not a certificate\n");
+    let dir = tls_files("prod-ca.pem");
     let config = |table: &str, extra: &str, grant: &str| {
         format!(
             "{}\n[[policy.grant]]\ncallers = [{grant}]\ntenants = [\"contoso\"]\nscopes = [\"https://graph.microsoft.com/.default\"]\n",
@@ -551,7 +541,11 @@ fn trust_domain_bundles_alone_turn_mutual_tls_on() {
         "{w:?}"
     );
     // With a client_ca_file, it vouches for them.
-    write("callers-ca.pem", &cert.pem());
+    std::fs::copy(
+        dir.path().join("prod-ca.pem"),
+        dir.path().join("callers-ca.pem"),
+    )
+    .unwrap();
     let c = load(&config(
         prod,
         "client_ca_file = \"callers-ca.pem\"",
@@ -1586,17 +1580,7 @@ fn grants_that_can_never_be_used_are_refused_or_warned_about() {
 
 #[test]
 fn the_listener_and_outbound_tls_files_must_exist_and_load_as_serve_loads_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["broker".into()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
-    write("tls.crt", &cert.pem());
-    write("tls.key", &key.serialize_pem());
-    write("ca.pem", &cert.pem());
-    write("garbage.pem", "not a certificate\n");
+    let dir = tls_files("ca.pem");
     let listener = |cert: &str, key: &str, extra: &str| {
         GOOD.replace(
             "listen = \"127.0.0.1:50051\"\nplaintext = true",
@@ -2344,4 +2328,21 @@ fn opting_a_shared_multitenant_app_in_is_warned_of() {
         "{}",
         w[0].message
     );
+}
+
+/// A directory with a self-signed listener certificate and key (`tls.crt`, `tls.key`), the
+/// same certificate as a CA bundle named `ca`, and `garbage.pem`, which holds none.
+fn tls_files(ca: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["broker".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write("tls.crt", &cert.pem());
+    write("tls.key", &key.serialize_pem());
+    write(ca, &cert.pem());
+    write("garbage.pem", "not a certificate\n");
+    dir
 }
