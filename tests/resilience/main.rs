@@ -867,10 +867,16 @@ async fn watch_refreshed(
         }
         stack.advance(Duration::from_secs(1)).await;
     }
+    panic!("no refreshed token: {}", broker_counts(stack).await);
+}
+
+/// What the broker and the emulator did: for a test that waited in vain, to tell a stuck
+/// refresh from a lost message.
+async fn broker_counts(stack: &Stack) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let (b, u) = (stack.broker.stats(), stack.broker.upstream_stats());
-    panic!(
-        "no refreshed token: refreshes {}, refresh failures {}, signs {}, exchanges {}, certificate reads {}, retries {}, breaker rejections {}",
+    format!(
+        "refreshes {}, refresh failures {}, signs {}, exchanges {}, certificate reads {}, retries {}, breaker rejections {}; emulator routes {}",
         b.refreshes.get(),
         b.refresh_failures.get(),
         u.signs.load(Relaxed),
@@ -878,7 +884,8 @@ async fn watch_refreshed(
         u.certificate_reads.load(Relaxed),
         u.retries.load(Relaxed),
         u.breaker_rejections.load(Relaxed),
-    );
+        stack.counters().await["routes"],
+    )
 }
 
 /// Moves the clock a minute at a time until the stream says what `done` looks for
@@ -899,19 +906,9 @@ async fn advance_until(
             seen.push((m.token.is_some(), m.refresh_failing, m.last_error));
         }
     }
-    // What the broker and the emulator did meanwhile, to tell a stuck refresh from a lost
-    // message.
-    use std::sync::atomic::Ordering::Relaxed;
-    let (b, u) = (stack.broker.stats(), stack.broker.upstream_stats());
     panic!(
-        "the stream never reached the expected state; messages seen (token, failing, error): {seen:?}; refreshes {}, refresh failures {}, signs {}, exchanges {}, retries {}, breaker rejections {}; emulator routes {}",
-        b.refreshes.get(),
-        b.refresh_failures.get(),
-        u.signs.load(Relaxed),
-        u.exchanges.load(Relaxed),
-        u.retries.load(Relaxed),
-        u.breaker_rejections.load(Relaxed),
-        stack.counters().await["routes"],
+        "the stream never reached the expected state; messages seen (token, failing, error): {seen:?}; {}",
+        broker_counts(stack).await
     );
 }
 
