@@ -431,15 +431,22 @@ impl<E: Send + Sync + 'static> Slot<E> {
             return (Joined::Follower, f.clone(), carries.clone());
         }
         let work = start();
-        let done = EndFlight(Arc::downgrade(self));
+        let mut done = EndFlight(Arc::downgrade(self));
         let spawning = Spawning::enter();
         let task = tokio::spawn(async move {
             let result = work.await;
             if let Some(slot) = done.0.upgrade() {
+                // Published and ended under the flight's lock: a fetch found under way has
+                // not published yet. Ended after its result was published, a flight could be
+                // joined for a result already out: a refresh joining it took the token it
+                // was to replace for a new one, and the key was never refreshed again.
+                let mut inflight = slot.inflight.lock().unwrap_or_else(|p| p.into_inner());
                 slot.publish(&result, clock.moment());
+                *inflight = None;
+                drop(inflight);
+                done.0 = Weak::new();
             }
-            // The flight ends here, after its result is published; or, should the fetch
-            // panic, when the unwinding drops `done`.
+            // Should the fetch panic, the unwinding drops `done`, which ends the flight.
             drop(done);
             result
         });
@@ -760,6 +767,34 @@ mod tests {
         assert_eq!(joined, Joined::Leader, "a new flight, not the finished one");
         assert!(flight.await.is_ok());
         assert!(slot.current().token.is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flight_is_over_once_its_result_is_published() {
+        // Whoever sees the published result finds no flight to join: a refresh joining one
+        // already published takes the token it was to replace for a new one.
+        for _ in 0..500 {
+            let slot: Arc<Slot<String>> = Arc::new(Slot::new());
+            let rx = slot.subscribe();
+            // A thread of its own, looking as soon as the result is out.
+            let watcher = {
+                let slot = slot.clone();
+                std::thread::spawn(move || {
+                    while !rx.has_changed().unwrap() {
+                        std::hint::spin_loop();
+                    }
+                    slot.flight().is_none()
+                })
+            };
+            let (_, flight) = slot.fetch(Arc::new(crate::clock::SystemClock), || {
+                async { Ok(token()) }.boxed()
+            });
+            flight.await.unwrap();
+            assert!(
+                watcher.join().unwrap(),
+                "a published flight could still be joined"
+            );
+        }
     }
 
     #[test]
