@@ -426,7 +426,7 @@ impl TrustFiles {
 
     /// The client-certificate verifier the files make; none without a CA bundle. Without
     /// trust domains' bundles, every CA of `client_ca_file` vouches for every identity; with
-    /// them, each CA only for the identities it is scoped to (`ScopedToTrustDomains`).
+    /// them, each CA only for the identities it is scoped to (`TrustDomainScopes`).
     fn verifier(&self, tls: &ServerTls) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
         if !tls.verifies_clients() {
             return Ok(None);
@@ -467,9 +467,11 @@ impl TrustFiles {
         let verifier = verifier
             .build()
             .map_err(|e| bundle_error(first.0, first.1, e.to_string()))?;
-        let verifier: Arc<dyn ClientCertVerifier> = Arc::new(ClientAuthUsageRequired(verifier));
         if domains.is_empty() {
-            return Ok(Some(verifier));
+            return Ok(Some(Arc::new(CallerVerifier {
+                all: verifier,
+                scopes: None,
+            })));
         }
         // Each bundle alone, with the same revocation lists: what a chain must also verify
         // against for the identity it names.
@@ -487,10 +489,12 @@ impl TrustFiles {
         for (domain, path, roots) in domains {
             scoped.insert(domain.clone(), alone(path, Some(domain), roots)?);
         }
-        Ok(Some(Arc::new(ScopedToTrustDomains {
+        Ok(Some(Arc::new(CallerVerifier {
             all: verifier,
-            domains: scoped,
-            client_ca,
+            scopes: Some(TrustDomainScopes {
+                domains: scoped,
+                client_ca,
+            }),
         })))
     }
 }
@@ -525,16 +529,14 @@ fn bundle_error(path: &Path, domain: Option<&str>, message: String) -> TlsError 
 /// the identities it is scoped to, as the SPIFFE X.509-SVID specification requires: a
 /// certificate naming a SPIFFE ID of a listed trust domain must also verify against that
 /// domain's bundle alone; any other (a SPIFFE ID of a domain not listed, a DNS name, no
-/// caller identity at all) against `client_ca_file` alone, and is refused without one. The
-/// chain is first verified against every CA, as `ClientAuthUsageRequired` does.
+/// caller identity at all) against `client_ca_file` alone, and is refused without one.
 #[derive(Debug)]
-struct ScopedToTrustDomains {
-    all: Arc<dyn ClientCertVerifier>,
+struct TrustDomainScopes {
     domains: BTreeMap<String, Arc<dyn ClientCertVerifier>>,
     client_ca: Option<Arc<dyn ClientCertVerifier>>,
 }
 
-impl ScopedToTrustDomains {
+impl TrustDomainScopes {
     /// Whether `end_entity` verifies against the bundle its caller identity is scoped to;
     /// `Err` says why not, for a person to act on.
     fn in_scope(
@@ -612,7 +614,7 @@ impl fmt::Display for NotVouchedFor {
 
 impl std::error::Error for NotVouchedFor {}
 
-/// Why rustls refused a certificate, in words: a refusal of `ScopedToTrustDomains` is told
+/// Why rustls refused a certificate, in words: a refusal of `TrustDomainScopes` is told
 /// as it is, not wrapped in rustls' `Other(OtherError(…))`.
 fn refusal_reason(e: &rustls::Error) -> String {
     match e {
@@ -623,7 +625,21 @@ fn refusal_reason(e: &rustls::Error) -> String {
     }
 }
 
-impl ClientCertVerifier for ScopedToTrustDomains {
+/// The callers' certificate verifier: webpki's (chain to any configured CA, validity,
+/// revocation), then the clientAuth purpose, then, with trust domains' bundles, the scope of
+/// the CA that vouches for the identity named.
+///
+/// webpki requires the clientAuth extended key usage only when the certificate has the
+/// extension: a certificate without any (a server or internal certificate issued by the
+/// same CA) would pass as a caller's. It is refused here, at the handshake, as a certificate
+/// for the wrong purpose.
+#[derive(Debug)]
+struct CallerVerifier {
+    all: Arc<dyn ClientCertVerifier>,
+    scopes: Option<TrustDomainScopes>,
+}
+
+impl ClientCertVerifier for CallerVerifier {
     fn offer_client_auth(&self) -> bool {
         self.all.offer_client_auth()
     }
@@ -645,12 +661,29 @@ impl ClientCertVerifier for ScopedToTrustDomains {
         let verified = self
             .all
             .verify_client_cert(end_entity, intermediates, now)?;
-        self.in_scope(end_entity, intermediates, now)
-            .map_err(|why| {
-                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                    rustls::OtherError(Arc::new(NotVouchedFor(why))),
-                ))
-            })?;
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let client_auth = X509Certificate::from_der(end_entity.as_ref())
+            .ok()
+            .and_then(|(_, c)| {
+                c.extended_key_usage()
+                    .ok()
+                    .flatten()
+                    .map(|e| e.value.client_auth)
+            });
+        if client_auth != Some(true) {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::InvalidPurpose,
+            ));
+        }
+        if let Some(scopes) = &self.scopes {
+            scopes
+                .in_scope(end_entity, intermediates, now)
+                .map_err(|why| {
+                    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                        rustls::OtherError(Arc::new(NotVouchedFor(why))),
+                    ))
+                })?;
+        }
         Ok(verified)
     }
 
@@ -678,77 +711,6 @@ impl ClientCertVerifier for ScopedToTrustDomains {
 
     fn requires_raw_public_keys(&self) -> bool {
         self.all.requires_raw_public_keys()
-    }
-}
-
-/// webpki requires the clientAuth extended key usage only when the certificate has the
-/// extension: a certificate without any (a server or internal certificate issued by the
-/// same CA) would pass as a caller's. This refuses it, at the handshake, as a certificate
-/// for the wrong purpose.
-#[derive(Debug)]
-struct ClientAuthUsageRequired(Arc<dyn ClientCertVerifier>);
-
-impl ClientCertVerifier for ClientAuthUsageRequired {
-    fn offer_client_auth(&self) -> bool {
-        self.0.offer_client_auth()
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        self.0.client_auth_mandatory()
-    }
-
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        self.0.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
-        use x509_parser::prelude::{FromDer, X509Certificate};
-        let client_auth = X509Certificate::from_der(end_entity.as_ref())
-            .ok()
-            .and_then(|(_, c)| {
-                c.extended_key_usage()
-                    .ok()
-                    .flatten()
-                    .map(|e| e.value.client_auth)
-            });
-        if client_auth != Some(true) {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::InvalidPurpose,
-            ));
-        }
-        Ok(verified)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-
-    fn requires_raw_public_keys(&self) -> bool {
-        self.0.requires_raw_public_keys()
     }
 }
 

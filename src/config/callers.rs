@@ -655,7 +655,7 @@ impl Validator<'_> {
 
 /// Why no configured CA vouches for a client-certificate caller, if none does: with trust
 /// domains' CA bundles, only `client_ca_file` vouches for DNS names and for SPIFFE IDs of
-/// trust domains not listed (`tls::ScopedToTrustDomains`).
+/// trust domains not listed (`tls::TrustDomainScopes`).
 fn unvouched(caller: &str, server: &ServerConfig) -> Option<String> {
     let tls = server.tls.as_ref()?;
     if tls.trust_domain_ca_files.is_empty() || tls.client_ca_file.is_some() {
