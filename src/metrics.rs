@@ -151,6 +151,7 @@ type AuditSource = Slot<crate::audit::Audit>;
 type PolicySource = Slot<Arc<crate::policy::PolicyHandle>>;
 type ServerCertSource = Slot<Arc<crate::tls::ReloadingCert>>;
 type ClientTrustSource = Slot<Arc<crate::tls::ListenerConfig>>;
+type HandshakeSource = Slot<Arc<crate::tls::ListenerConfig>>;
 
 struct Inner {
     provider: SdkMeterProvider,
@@ -162,6 +163,7 @@ struct Inner {
     policy_source: PolicySource,
     server_cert_source: ServerCertSource,
     client_trust_source: ClientTrustSource,
+    handshake_source: HandshakeSource,
     requests: Arc<RequestCounts>,
     request_duration: Histogram<f64>,
     /// `request_duration` bound to each method and outcome when first recorded: a bound
@@ -383,6 +385,22 @@ fn observe_client_trust(meter: &Meter, source: &ClientTrustSource) {
         .build();
 }
 
+/// TLS handshakes the listener refused, by reason (every reason, from 0): a caller's
+/// certificate problem, a scan, or a flood, told apart.
+fn observe_handshakes(meter: &Meter, source: &HandshakeSource) {
+    let s = source.clone();
+    meter
+        .u64_observable_counter("tokenbroker_tls_handshakes_refused")
+        .with_description("TLS handshakes the listener refused or gave up, by reason (the client certificate's fault, the client's alert, protocol, connection lost, timed out, over capacity)")
+        .with_callback(move |o| {
+            let counts = read_slot(&s, |l| l.handshakes_refused().collect::<Vec<_>>());
+            for (reason, n) in counts.into_iter().flatten() {
+                o.observe(n, &[KeyValue::new("reason", reason.as_str())]);
+            }
+        })
+        .build();
+}
+
 impl Metrics {
     /// Instruments for a configuration: the manual reader for `/metrics`, plus an OTLP
     /// exporter when `telemetry.otlp_endpoint` is set.
@@ -421,6 +439,8 @@ impl Metrics {
         observe_server_cert(&meter, &server_cert_source);
         let client_trust_source = ClientTrustSource::default();
         observe_client_trust(&meter, &client_trust_source);
+        let handshake_source = HandshakeSource::default();
+        observe_handshakes(&meter, &handshake_source);
         let inner = Inner {
             requests: RequestCounts::register(&meter),
             request_duration: meter
@@ -453,6 +473,7 @@ impl Metrics {
             policy_source,
             server_cert_source,
             client_trust_source,
+            handshake_source,
         };
         Metrics {
             inner: Arc::new(inner),
@@ -496,6 +517,15 @@ impl Metrics {
         listener: &Arc<crate::tls::ListenerConfig>,
     ) -> Observing<Arc<crate::tls::ListenerConfig>> {
         observing(&self.inner.client_trust_source, listener.clone())
+    }
+
+    /// Reads the TLS listener's refused handshakes (`tokenbroker_tls_handshakes_refused`)
+    /// until the guard is dropped.
+    pub fn observe_handshakes(
+        &self,
+        listener: &Arc<crate::tls::ListenerConfig>,
+    ) -> Observing<Arc<crate::tls::ListenerConfig>> {
+        observing(&self.inner.handshake_source, listener.clone())
     }
 
     /// A configured tenant name, or `_unknown`.

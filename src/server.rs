@@ -262,6 +262,7 @@ impl Bound {
             .as_ref()
             .filter(|t| t.verifies_clients())
             .map(|t| metrics.observe_client_trust(t));
+        let _observing_handshakes = self.tls.as_ref().map(|t| metrics.observe_handshakes(t));
         let _admin = AbortOnDrop(
             self.admin
                 .spawn(crate::admin::router(metrics, self.health.clone())),

@@ -12,6 +12,7 @@ use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -259,6 +260,8 @@ pub struct ListenerConfig {
     verifier: Mutex<Option<Arc<dyn ClientCertVerifier>>>,
     /// The CA bundle and revocation lists.
     trust: WatchedFiles,
+    /// Handshakes refused, by `HandshakeRefusal` (its index in `HandshakeRefusal::ALL`).
+    refused: [AtomicU64; HandshakeRefusal::ALL.len()],
 }
 
 impl fmt::Debug for ListenerConfig {
@@ -320,6 +323,19 @@ impl ListenerConfig {
     /// (`tokenbroker_client_trust_reloads_refused`).
     pub fn client_trust_refusals(&self) -> u64 {
         self.trust.refusals()
+    }
+
+    /// Handshakes refused so far, for each reason
+    /// (`tokenbroker_tls_handshakes_refused`).
+    pub fn handshakes_refused(&self) -> impl Iterator<Item = (HandshakeRefusal, u64)> + '_ {
+        HandshakeRefusal::ALL
+            .iter()
+            .zip(&self.refused)
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+    }
+
+    fn count_refusal(&self, why: HandshakeRefusal) {
+        self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Re-reads the server certificate and the client trust files once, installing what
@@ -759,6 +775,7 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ListenerConfig>, TlsError> {
         current: ArcSwap::from_pointee(config),
         verifier: Mutex::new(verifier),
         trust: WatchedFiles::new(Some(files.digest)),
+        refused: Default::default(),
     }))
 }
 
@@ -924,6 +941,7 @@ pub fn incoming(
             }
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                 debug!(%peer, "too many TLS handshakes in progress; connection closed");
+                config.count_refusal(HandshakeRefusal::OverCapacity);
                 continue;
             };
             // The configuration in force when the connection arrived (client trust reloads).
@@ -936,13 +954,120 @@ pub fn incoming(
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(PeerStream::new(tls, peer, &config))).await;
                     }
-                    Ok(Err(e)) => handshake_refused(peer, &e),
-                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        config.count_refusal(HandshakeRefusal::of(&e));
+                        handshake_refused(peer, &e);
+                    }
+                    Err(_) => {
+                        config.count_refusal(HandshakeRefusal::TimedOut);
+                        debug!(%peer, "TLS handshake timed out");
+                    }
                 }
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Why the listener refused a connection at its TLS handshake: the bounded vocabulary of
+/// `tokenbroker_tls_handshakes_refused`'s `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeRefusal {
+    /// Mutual TLS required and the client sent no certificate.
+    NoCertificate,
+    /// A client certificate no configured CA issued.
+    UnknownIssuer,
+    /// A client certificate expired or not yet valid.
+    OutsideValidity,
+    /// A client certificate revoked by a configured revocation list.
+    Revoked,
+    /// A client certificate no revocation list covers, or covered only by an expired one.
+    RevocationUnknown,
+    /// A client certificate not made for client authentication.
+    WrongPurpose,
+    /// A certificate naming an identity its CA does not vouch for (trust domains).
+    NotVouchedFor,
+    /// Any other fault of the client certificate (encoding, signature, algorithm).
+    BadCertificate,
+    /// The client ended the handshake with an alert: often, it does not trust the broker's
+    /// certificate.
+    ClientAlert,
+    /// Not TLS, or TLS the listener does not speak (version, cipher suites, ALPN).
+    Protocol,
+    /// The connection closed or failed mid-handshake.
+    ConnectionLost,
+    /// No handshake completed within the handshake timeout.
+    TimedOut,
+    /// Too many handshakes in progress: closed at once.
+    OverCapacity,
+}
+
+impl HandshakeRefusal {
+    /// Every reason, in the order of their discriminants.
+    pub const ALL: [HandshakeRefusal; 13] = [
+        HandshakeRefusal::NoCertificate,
+        HandshakeRefusal::UnknownIssuer,
+        HandshakeRefusal::OutsideValidity,
+        HandshakeRefusal::Revoked,
+        HandshakeRefusal::RevocationUnknown,
+        HandshakeRefusal::WrongPurpose,
+        HandshakeRefusal::NotVouchedFor,
+        HandshakeRefusal::BadCertificate,
+        HandshakeRefusal::ClientAlert,
+        HandshakeRefusal::Protocol,
+        HandshakeRefusal::ConnectionLost,
+        HandshakeRefusal::TimedOut,
+        HandshakeRefusal::OverCapacity,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeRefusal::NoCertificate => "no_certificate",
+            HandshakeRefusal::UnknownIssuer => "unknown_issuer",
+            HandshakeRefusal::OutsideValidity => "outside_validity",
+            HandshakeRefusal::Revoked => "revoked",
+            HandshakeRefusal::RevocationUnknown => "revocation_unknown",
+            HandshakeRefusal::WrongPurpose => "wrong_purpose",
+            HandshakeRefusal::NotVouchedFor => "not_vouched_for",
+            HandshakeRefusal::BadCertificate => "bad_certificate",
+            HandshakeRefusal::ClientAlert => "client_alert",
+            HandshakeRefusal::Protocol => "protocol",
+            HandshakeRefusal::ConnectionLost => "connection_lost",
+            HandshakeRefusal::TimedOut => "timed_out",
+            HandshakeRefusal::OverCapacity => "over_capacity",
+        }
+    }
+
+    /// The reason of a handshake that failed with `e`.
+    fn of(e: &std::io::Error) -> HandshakeRefusal {
+        use rustls::CertificateError as C;
+        let Some(e) = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+            return HandshakeRefusal::ConnectionLost;
+        };
+        match e {
+            rustls::Error::NoCertificatesPresented => HandshakeRefusal::NoCertificate,
+            rustls::Error::InvalidCertificate(c) => match c {
+                C::UnknownIssuer => HandshakeRefusal::UnknownIssuer,
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. } => HandshakeRefusal::OutsideValidity,
+                C::Revoked => HandshakeRefusal::Revoked,
+                C::UnknownRevocationStatus
+                | C::ExpiredRevocationList
+                | C::ExpiredRevocationListContext { .. } => HandshakeRefusal::RevocationUnknown,
+                C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+                    HandshakeRefusal::WrongPurpose
+                }
+                C::Other(o) if o.0.downcast_ref::<NotVouchedFor>().is_some() => {
+                    HandshakeRefusal::NotVouchedFor
+                }
+                _ => HandshakeRefusal::BadCertificate,
+            },
+            rustls::Error::AlertReceived(_) => HandshakeRefusal::ClientAlert,
+            _ => HandshakeRefusal::Protocol,
+        }
+    }
 }
 
 /// Most lines a second about refused handshakes: anyone who can reach the port can make
@@ -1110,6 +1235,65 @@ mod tests {
         // Without trust domains, client_ca_file's CAs vouch for every identity, as before.
         let one = verdicts(Some(&prod), &[], &certs[1..5]);
         assert!(one.iter().all(Result::is_ok), "{one:?}");
+    }
+
+    #[test]
+    fn refused_handshakes_are_told_apart_by_a_bounded_reason() {
+        for (i, r) in HandshakeRefusal::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}: ALL is in discriminant order");
+        }
+        let io = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let cert = |c: rustls::CertificateError| io(rustls::Error::InvalidCertificate(c));
+        let cases = [
+            (io(rustls::Error::NoCertificatesPresented), "no_certificate"),
+            (
+                cert(rustls::CertificateError::UnknownIssuer),
+                "unknown_issuer",
+            ),
+            (cert(rustls::CertificateError::Expired), "outside_validity"),
+            (
+                cert(rustls::CertificateError::NotValidYet),
+                "outside_validity",
+            ),
+            (cert(rustls::CertificateError::Revoked), "revoked"),
+            (
+                cert(rustls::CertificateError::UnknownRevocationStatus),
+                "revocation_unknown",
+            ),
+            (
+                cert(rustls::CertificateError::InvalidPurpose),
+                "wrong_purpose",
+            ),
+            (
+                cert(rustls::CertificateError::Other(rustls::OtherError(
+                    Arc::new(NotVouchedFor("out of scope".into())),
+                ))),
+                "not_vouched_for",
+            ),
+            (
+                cert(rustls::CertificateError::BadSignature),
+                "bad_certificate",
+            ),
+            (
+                io(rustls::Error::AlertReceived(
+                    rustls::AlertDescription::UnknownCA,
+                )),
+                "client_alert",
+            ),
+            (
+                io(rustls::Error::InvalidMessage(
+                    rustls::InvalidMessage::InvalidContentType,
+                )),
+                "protocol",
+            ),
+            (
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                "connection_lost",
+            ),
+        ];
+        for (e, reason) in cases {
+            assert_eq!(HandshakeRefusal::of(&e).as_str(), reason, "{e}");
+        }
     }
 
     #[test]

@@ -112,6 +112,55 @@ async fn next_goaway(conn: &mut Conn) -> Vec<u8> {
     .expect("a GOAWAY before the connection closed")
 }
 
+/// Every reason `tokenbroker_tls_handshakes_refused_total` can carry.
+const REFUSALS: [&str; 13] = [
+    "no_certificate",
+    "unknown_issuer",
+    "outside_validity",
+    "revoked",
+    "revocation_unknown",
+    "wrong_purpose",
+    "not_vouched_for",
+    "bad_certificate",
+    "client_alert",
+    "protocol",
+    "connection_lost",
+    "timed_out",
+    "over_capacity",
+];
+
+/// Waits (bounded) until the listener's refused handshakes are `expected`, every reason
+/// not named at 0: the broker counts a refusal after the client has read its alert.
+async fn refusals_reach(h: &Harness, expected: &[(&str, u64)]) {
+    let want: Vec<(&str, u64)> = REFUSALS
+        .iter()
+        .map(|r| {
+            let n = expected.iter().find(|(e, _)| e == r).map_or(0, |(_, n)| *n);
+            (*r, n)
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for _ in 0..200 {
+        let text = h.metrics().await;
+        seen = REFUSALS
+            .iter()
+            .map(|r| {
+                let line = format!("tokenbroker_tls_handshakes_refused_total{{reason=\"{r}\"}} ");
+                let n = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&line))
+                    .unwrap_or_else(|| panic!("no {line}in\n{text}"));
+                (*r, n.parse().unwrap())
+            })
+            .collect();
+        if seen == want {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("refused handshakes: {seen:?}, expected {want:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_is_told_to_take_new_calls_elsewhere_at_its_maximum_age() {
     let h = Harness::start(Options {
@@ -352,6 +401,18 @@ async fn expired_not_yet_valid_wrong_ca_and_wrong_or_no_usage_certificates_are_r
             .await
             .expect_err(what);
         assert!(e.contains("alert") && e.contains(alert), "{what}: {e}");
+    }
+    // Each counted by its reason.
+    refusals_reach(
+        &h,
+        &[
+            ("outside_validity", 2),
+            ("unknown_issuer", 1),
+            ("wrong_purpose", 2),
+        ],
+    )
+    .await;
+    for (what, leaf, _) in &cases {
         // Through tonic too: no RPC gets through.
         assert!(
             h.get(Some(leaf), None, "contoso", &[GRAPH]).await.is_err(),
@@ -367,6 +428,49 @@ async fn expired_not_yet_valid_wrong_ca_and_wrong_or_no_usage_certificates_are_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_refused_by_the_client_or_not_tls_at_all_are_counted_by_reason() {
+    use tokio::net::TcpStream;
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let leaf = h.ca.client(&[COLLECTOR]);
+    // A client that does not trust the broker's certificate ends the handshake with an
+    // alert: on the broker's side, the one sign that its certificate is not trusted.
+    let e = handshake(&h, &Ca::new("not the server's CA").pem(), Some(&leaf))
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("UnknownIssuer") || e.contains("unknown issuer"),
+        "{e}"
+    );
+    // Plaintext HTTP/2 to the TLS port.
+    let mut plain = TcpStream::connect(h.addr).await.unwrap();
+    plain
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        plain.read_to_end(&mut rest),
+    )
+    .await
+    .expect("the broker closes a connection that does not speak TLS");
+    // A connection closed before its handshake ended.
+    drop(TcpStream::connect(h.addr).await.unwrap());
+    refusals_reach(
+        &h,
+        &[("client_alert", 1), ("protocol", 1), ("connection_lost", 1)],
+    )
+    .await;
+    // None of it stops a good caller.
+    h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_client_certificate_is_refused_when_required_and_unauthenticated_when_optional() {
     let required = Harness::start(Options {
         client_cert: "required",
@@ -378,6 +482,7 @@ async fn a_missing_client_certificate_is_refused_when_required_and_unauthenticat
         .await
         .unwrap_err();
     assert!(e.contains("CertificateRequired"), "{e}");
+    refusals_reach(&required, &[("no_certificate", 1)]).await;
     let good = required.ca.client(&[COLLECTOR]);
     required
         .get(Some(&good), None, "contoso", &[GRAPH])
@@ -779,6 +884,7 @@ async fn a_trust_domains_ca_vouches_only_for_that_domains_spiffe_ids() {
         .await
         .unwrap_err();
     assert!(e.contains("UnknownCA"), "{e}");
+    refusals_reach(&h, &[("not_vouched_for", 5), ("unknown_issuer", 1)]).await;
     let r = h.records();
     assert_eq!(
         r[before..]
@@ -930,12 +1036,16 @@ async fn handshakes_in_progress_are_capped_and_an_idle_one_times_out() {
         .await
         .expect("closed at once, well before the handshake timeout");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    refusals_reach(&h, &[("over_capacity", 1)]).await;
     // A held connection is closed when the handshake timeout (10 s) passes; then a real
     // client's handshake has room again.
     let read = tokio::time::timeout(std::time::Duration::from_secs(60), idle[0].read(&mut byte))
         .await
         .expect("an idle handshake is given up");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Every held connection times out, counted as such (none is still waiting once the
+    // first has been given up, but a few may lag behind it).
+    refusals_reach(&h, &[("over_capacity", 1), ("timed_out", 256)]).await;
     let leaf = h.ca.client(&[COLLECTOR]);
     h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
     drop(idle);
