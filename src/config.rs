@@ -163,8 +163,12 @@ fn trust_domain_key(domain: &str) -> String {
     format!("server.trust_domain_ca_files.\"{domain}\"")
 }
 
+/// The longest trust domain name, in bytes.
+const MAX_TRUST_DOMAIN_LEN: usize = 255;
+
 /// What is wrong with a SPIFFE trust domain name, if anything: lower-case letters, digits,
-/// `.`, `-` and `_` only (the SPIFFE ID specification), so no scheme, port or path.
+/// `.`, `-` and `_` only, at most 255 bytes (the SPIFFE ID specification), so no scheme, port
+/// or path.
 pub fn trust_domain_problem(name: &str) -> Option<String> {
     let alone = |what: &str, bare: &str| {
         Some(format!(
@@ -173,6 +177,14 @@ pub fn trust_domain_problem(name: &str) -> Option<String> {
     };
     if name.is_empty() {
         return Some("a trust domain name cannot be empty".into());
+    }
+    // The SPIFFE ID specification's bound (a DNS name's).
+    if name.len() > MAX_TRUST_DOMAIN_LEN {
+        return Some(format!(
+            "`{}…` is {} bytes long: a SPIFFE trust domain name is at most {MAX_TRUST_DOMAIN_LEN}",
+            name.chars().take(32).collect::<String>(),
+            name.len()
+        ));
     }
     let scheme = name.split_once("://").or_else(|| {
         name.split_once(':')

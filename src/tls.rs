@@ -24,7 +24,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, VerifierBuilderError, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -416,11 +416,11 @@ impl TrustFiles {
         })
     }
 
-    /// The revocation lists the files hold.
-    fn revocation_lists(
+    /// The revocation lists the files hold, by file.
+    fn revocation_lists<'t>(
         &self,
-        tls: &ServerTls,
-    ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+        tls: &'t ServerTls,
+    ) -> Result<Vec<(&'t Path, Vec<CertificateRevocationListDer<'static>>)>, TlsError> {
         let mut crls = Vec::new();
         for (path, pem) in tls.client_crl_files.iter().zip(&self.crls) {
             let found = CertificateRevocationListDer::pem_slice_iter(pem)
@@ -435,7 +435,7 @@ impl TrustFiles {
                     message: "no PEM revocation list (`-----BEGIN X509 CRL-----`) found".into(),
                 });
             }
-            crls.extend(found);
+            crls.push((path.as_path(), found));
         }
         Ok(crls)
     }
@@ -447,7 +447,11 @@ impl TrustFiles {
         if !tls.verifies_clients() {
             return Ok(None);
         }
-        let crls = self.revocation_lists(tls)?;
+        let by_file = self.revocation_lists(tls)?;
+        let crls: Vec<_> = by_file
+            .iter()
+            .flat_map(|(_, c)| c.iter().cloned())
+            .collect();
         let client_ca = match (&tls.client_ca_file, &self.ca) {
             (Some(path), Some(pem)) => Some((path, roots(path, pem, None)?)),
             _ => None,
@@ -474,15 +478,19 @@ impl TrustFiles {
         // webpki checks the chain, validity period and the clientAuth extended key usage;
         // with revocation lists, every certificate of the chain must be covered by one (a
         // certificate whose status is unknown is refused).
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(all), provider())
+        let all = Arc::new(all);
+        let verifier = WebPkiClientVerifier::builder_with_provider(all.clone(), provider())
             .with_crls(crls.clone());
         let verifier = match tls.client_cert {
             ClientCertMode::Required => verifier,
             ClientCertMode::Optional => verifier.allow_unauthenticated(),
         };
-        let verifier = verifier
-            .build()
-            .map_err(|e| bundle_error(first.0, first.1, e.to_string()))?;
+        let verifier = verifier.build().map_err(|e| match e {
+            // webpki parses the lists here: the file holding one it cannot use is told.
+            VerifierBuilderError::InvalidCrl(_) => unusable_crl(&all, &by_file)
+                .unwrap_or_else(|| bundle_error(first.0, first.1, e.to_string())),
+            e => bundle_error(first.0, first.1, e.to_string()),
+        })?;
         if domains.is_empty() {
             return Ok(Some(Arc::new(CallerVerifier {
                 all: verifier,
@@ -513,6 +521,28 @@ impl TrustFiles {
             }),
         })))
     }
+}
+
+/// The first revocation list file webpki cannot use on its own, as an error naming it.
+fn unusable_crl(
+    roots: &Arc<RootCertStore>,
+    by_file: &[(&Path, Vec<CertificateRevocationListDer<'static>>)],
+) -> Option<TlsError> {
+    by_file.iter().find_map(|(path, crls)| {
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .with_crls(crls.iter().cloned())
+            .build()
+            .err()
+            .map(|e| TlsError::Crl {
+                path: path.to_path_buf(),
+                message: match e {
+                    VerifierBuilderError::InvalidCrl(e) => {
+                        format!("not a revocation list the broker can use ({e:?})")
+                    }
+                    e => e.to_string(),
+                },
+            })
+    })
 }
 
 /// The trust anchors of one CA bundle: `client_ca_file`, or the bundle of trust domain

@@ -418,6 +418,7 @@ fn mutual_tls_needs_tls_and_a_ca_to_require_certificates() {
 
 #[test]
 fn trust_domain_names_are_spiffe_trust_domains_and_their_bundles_must_exist() {
+    let long = format!("{}.example", "a".repeat(248));
     let cases = [
         (
             "spiffe://prod.example",
@@ -441,6 +442,10 @@ fn trust_domain_names_are_spiffe_trust_domains_and_their_bundles_must_exist() {
             "has ' ': a SPIFFE trust domain name holds only lower-case letters, digits, `.`, `-` and `_`",
         ),
         ("", "a trust domain name cannot be empty"),
+        (
+            long.as_str(),
+            "is 256 bytes long: a SPIFFE trust domain name is at most 255",
+        ),
     ];
     for (name, why) in cases {
         let key = format!("server.trust_domain_ca_files.\"{name}\"");

@@ -735,6 +735,21 @@ async fn revoked_client_certificates_are_refused_and_a_new_revocation_list_appli
     let e = h.listener_tls.reload_if_changed().unwrap_err().to_string();
     assert!(e.contains("callers.crl"), "{e}");
     assert!(handshake(&h, &h.server_ca_pem, Some(&lost)).await.is_err());
+    // Whole PEM armour around something that is not a revocation list: told at its file,
+    // not at the CA bundle.
+    std::fs::write(
+        h.path("callers.crl"),
+        "-----BEGIN X509 CRL-----\nbm90IGEgcmV2b2NhdGlvbiBsaXN0\n-----END X509 CRL-----\n",
+    )
+    .unwrap();
+    let e = h.listener_tls.reload_if_changed().unwrap_err().to_string();
+    assert!(
+        e.starts_with("certificate revocation list ")
+            && e.contains("callers.crl")
+            && e.contains("not a revocation list the broker can use"),
+        "{e}"
+    );
+    assert!(handshake(&h, &h.server_ca_pem, Some(&lost)).await.is_err());
 
     // A list from another CA covers nothing this CA issued: its certificates' status is
     // unknown, and they are refused rather than let through.
