@@ -6,6 +6,7 @@ mod harness;
 mod issuer;
 mod pki;
 
+mod alerts;
 mod audit;
 mod cli;
 mod jwt;
