@@ -3,7 +3,9 @@
 //! Challenge-resource verification stays on (the SDK default).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +37,43 @@ pub struct KeyVaultSigner {
 struct Clients {
     keys: Arc<KeyClient>,
     certificates: Arc<CertificateClient>,
+    keys_challenge: Arc<Challenge>,
+    certificates_challenge: Arc<Challenge>,
+}
+
+/// How long a request waits for its client's first request to learn the vault's challenge
+/// before it goes on without: a first request that hangs must not hold the others (nor a
+/// retry asked beside it) for its whole budget.
+const CHALLENGE_WAIT: Duration = Duration::from_secs(2);
+
+/// An SDK client learns the vault's sign-in scope from the 401 challenge that answers its
+/// first request, sent without a token; until one has come back, each request it sends is
+/// such a probe. So that a cold burst (many tenants of one vault at start-up) costs the vault
+/// one 401 per client rather than one per request, a client's requests wait for its first
+/// one (at most `CHALLENGE_WAIT`).
+#[derive(Default)]
+struct Challenge {
+    /// A request of the client has ended: the scope is known, or the next request probes.
+    answered: AtomicBool,
+    first: tokio::sync::Mutex<()>,
+}
+
+impl Challenge {
+    async fn through<T>(&self, call: impl Future<Output = T>) -> T {
+        if self.answered.load(Ordering::Acquire) {
+            return call.await;
+        }
+        let first = tokio::time::timeout(CHALLENGE_WAIT, self.first.lock()).await;
+        if self.answered.load(Ordering::Acquire) {
+            // Answered while this one waited: the waiters go on together.
+            drop(first);
+            return call.await;
+        }
+        // The first (or the first since one that had to give up), held until it is answered.
+        let out = call.await;
+        self.answered.store(true, Ordering::Release);
+        out
+    }
 }
 
 impl std::fmt::Debug for KeyVaultSigner {
@@ -88,6 +127,8 @@ impl KeyVaultSigner {
         let c = Clients {
             keys: Arc::new(keys),
             certificates: Arc::new(certificates),
+            keys_challenge: Arc::default(),
+            certificates_challenge: Arc::default(),
         };
         map.insert(key, c.clone());
         Ok(c)
@@ -103,11 +144,11 @@ impl Signer for KeyVaultSigner {
     ) -> Result<CertificateInfo, SignerError> {
         let clients = self.clients(vault_url)?;
         let cert = clients
-            .certificates
-            .get_certificate(
+            .certificates_challenge
+            .through(clients.certificates.get_certificate(
                 name,
                 Some(CertificateClientGetCertificateOptions::default()),
-            )
+            ))
             .await
             .map_err(|e| classify(e, &format!("certificate {name}")))?
             .into_model()
@@ -161,15 +202,15 @@ impl Signer for KeyVaultSigner {
             .try_into()
             .map_err(|e: azure_core::Error| other(format!("cannot encode sign request: {e}")))?;
         let result = clients
-            .keys
-            .sign(
+            .keys_challenge
+            .through(clients.keys.sign(
                 &key.name,
                 body,
                 Some(KeyClientSignOptions {
                     key_version: Some(key.version.clone()),
                     ..Default::default()
                 }),
-            )
+            ))
             .await
             .map_err(|e| classify(e, &format!("key {}/{}", key.name, key.version)))?
             .into_model()
@@ -430,6 +471,99 @@ mod tests {
     use super::*;
     use azure_core::http::headers::Headers;
     use azure_core::http::{RawResponse, StatusCode};
+    use std::sync::atomic::AtomicUsize;
+
+    /// Requests through `challenge` that record how many have started, each answered when
+    /// `answer` is notified (one permit each).
+    fn requests(
+        challenge: &Arc<Challenge>,
+        n: usize,
+        started: &Arc<AtomicUsize>,
+        answer: &Arc<tokio::sync::Semaphore>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..n)
+            .map(|_| {
+                let (challenge, started, answer) =
+                    (challenge.clone(), started.clone(), answer.clone());
+                tokio::spawn(async move {
+                    challenge
+                        .through(async {
+                            started.fetch_add(1, Ordering::SeqCst);
+                            answer.acquire().await.unwrap().forget();
+                        })
+                        .await
+                })
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clients_requests_wait_for_its_first_then_go_together() {
+        let challenge = Arc::new(Challenge::default());
+        let started = Arc::new(AtomicUsize::new(0));
+        let answer = Arc::new(tokio::sync::Semaphore::new(0));
+        let tasks = requests(&challenge, 10, &started, &answer);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 1, "only the first is sent");
+        // The first answered: the nine others are all sent at once, none after another.
+        answer.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 10);
+        answer.add_permits(9);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // Later requests do not wait at all.
+        let later = requests(&challenge, 3, &started, &answer);
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 13);
+        answer.add_permits(3);
+        for t in later {
+            t.await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_request_that_hangs_holds_the_others_for_a_bounded_time_only() {
+        let challenge = Arc::new(Challenge::default());
+        let started = Arc::new(AtomicUsize::new(0));
+        let answer = Arc::new(tokio::sync::Semaphore::new(0));
+        let tasks = requests(&challenge, 5, &started, &answer);
+        tokio::time::sleep(CHALLENGE_WAIT - Duration::from_millis(100)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            5,
+            "the others went on without"
+        );
+        answer.add_permits(5);
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_request_given_up_passes_the_probe_to_the_next() {
+        let challenge = Arc::new(Challenge::default());
+        let started = Arc::new(AtomicUsize::new(0));
+        let answer = Arc::new(tokio::sync::Semaphore::new(0));
+        let first = requests(&challenge, 1, &started, &answer);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let others = requests(&challenge, 4, &started, &answer);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 1);
+        // The first is dropped (its budget spent): one of the others is sent, alone.
+        first[0].abort();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 2);
+        answer.add_permits(4);
+        for t in others {
+            t.await.unwrap();
+        }
+        assert_eq!(started.load(Ordering::SeqCst), 5);
+    }
 
     /// The SDK's error for an answer of `status` with `body`, built as `azure_core` does.
     fn answer(status: u16, code: Option<&str>, body: &str) -> azure_core::Error {

@@ -105,6 +105,47 @@ async fn a_thousand_concurrent_cold_requests_cause_one_sign_and_one_exchange() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_burst_over_one_vault_costs_it_one_challenge_per_client() {
+    let stack = Stack::start().await;
+    let client = stack.client().await;
+    // Keys of two tenants whose certificates are in the same vault, asked for together at
+    // start: each certificate read and each sign is a first request of its SDK client.
+    let calls = ["contoso", "fabrikam"]
+        .into_iter()
+        .cycle()
+        .take(20)
+        .map(|tenant| {
+            let mut c = client.clone();
+            async move {
+                c.get_token(GetTokenRequest {
+                    tenant: tenant.into(),
+                    scopes: vec![GRAPH.into()],
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+            }
+        });
+    for r in futures::future::join_all(calls).await {
+        r.unwrap();
+    }
+    let counters = stack.counters().await;
+    for route in ["keyvault.certificate", "keyvault.sign"] {
+        // Two requests made, and one challenge (an unauthenticated probe answered 401) per
+        // SDK client, however many keys were asked for at once.
+        assert_eq!(
+            (
+                &counters["routes"][route]["success"],
+                &counters["routes"][route]["failure"]
+            ),
+            (&json!(2), &json!(1)),
+            "{route}: {counters}"
+        );
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_tenant_is_signed_with_its_own_key_only() {
     let stack = Stack::start().await;
     stack.get("contoso", GRAPH).await.unwrap();
