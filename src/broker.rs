@@ -31,8 +31,10 @@ use crate::signer::Signer;
 use crate::striped::Counter;
 use crate::telemetry::LogBudget;
 
-/// Longest minimum validity a caller may ask for: Entra tokens live 60-90 minutes.
-pub const MAX_MIN_VALIDITY: Duration = Duration::from_secs(3600);
+/// Longest minimum validity a caller may ask for: a day, the longest a token is cached (Entra's
+/// ordinary tokens live 60 to 90 minutes, continuous access evaluation's up to 28 hours). What
+/// a key's tokens actually get is checked against the validity they are issued with.
+pub const MAX_MIN_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_SCOPES: usize = 8;
 pub const MAX_SCOPE_LEN: usize = 512;
 
@@ -358,7 +360,7 @@ impl Broker {
             return Err(BrokerError::InvalidArgument {
                 field: "min_validity",
                 message: format!(
-                    "at most {}s: Entra tokens live 60 to 90 minutes",
+                    "at most {}s (a day, the longest a token is cached)",
                     MAX_MIN_VALIDITY.as_secs()
                 ),
             });

@@ -84,7 +84,7 @@ pub enum Command {
         /// The broker's gRPC address: http://HOST:PORT (plaintext) or https://HOST:PORT (TLS).
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         addr: String,
-        /// Minimum remaining validity, in seconds (0 to 3600, as the broker accepts).
+        /// Minimum remaining validity, in seconds (0 to 86400, as the broker accepts).
         #[arg(long, value_parser = clap::value_parser!(u64).range(0..=crate::broker::MAX_MIN_VALIDITY.as_secs()))]
         min_validity: Option<u64>,
         /// A fresh token from Entra ID rather than the cached one (the broker limits how often).
@@ -1076,13 +1076,13 @@ mod tests {
     #[test]
     fn a_min_validity_the_broker_would_refuse_is_a_usage_error() {
         let parse = |secs: &str| token_with("--min-validity", secs);
-        // Above i64::MAX it used to wrap to a negative duration; above an hour the broker
+        // Above i64::MAX it used to wrap to a negative duration; above a day the broker
         // refuses it anyway.
-        for secs in ["18446744073709551615", "9223372036854775808", "3601", "-1"] {
+        for secs in ["18446744073709551615", "9223372036854775808", "86401", "-1"] {
             let e = parse(secs).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{secs}: {e}");
         }
-        for secs in ["0", "3600"] {
+        for secs in ["0", "3600", "86400"] {
             assert!(parse(secs).is_ok(), "{secs}");
         }
     }

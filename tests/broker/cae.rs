@@ -90,6 +90,24 @@ async fn a_tenant_opted_in_gets_cae_tokens_and_one_not_opted_in_sends_no_claims(
     assert!((86000..=86400).contains(&left), "{left}");
     let refresh = t.refresh_at.unwrap().seconds - now;
     assert!((42800..=43200).contains(&refresh), "{refresh}");
+    // A caller that needs the token for a long job may ask for hours of it: the cached one.
+    let long = stack
+        .client()
+        .await
+        .get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            min_validity: Some(prost_types::Duration {
+                seconds: 8 * 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(long.access_token, t.access_token);
+    assert_eq!(long.source, TokenSource::Cache as i32);
     // Fabrikam is not opted in: no claims parameter at all, an ordinary token.
     let f = stack.get("fabrikam", GRAPH).await.unwrap();
     assert_eq!(claims(&f.access_token)["xms_cc"], Value::Null);

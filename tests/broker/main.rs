@@ -285,14 +285,18 @@ async fn request_errors_name_the_field_or_the_tenant() {
             tenant: "contoso".into(),
             scopes: vec![GRAPH.into()],
             min_validity: Some(prost_types::Duration {
-                seconds: 7200,
+                seconds: 86401,
                 nanos: 0,
             }),
             ..Default::default()
         })
         .await
         .map(|r| r.into_inner());
-    assert_status(r, Code::InvalidArgument, &["min_validity"]);
+    assert_status(
+        r,
+        Code::InvalidArgument,
+        &["min_validity", "at most 86400s"],
+    );
     // Nanos of a second or more: no protobuf Duration.
     let r = c
         .get_token(GetTokenRequest {
