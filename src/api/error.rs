@@ -230,12 +230,29 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                 SignerError::Forbidden { status: 401, .. } => Status::failed_precondition(format!(
                     "{msg}; Key Vault refused a freshly fetched managed identity token: check that the vault is in the tenant of the broker's identity and that the broker's identity is the one its host or pod provides"
                 )),
+                // Key Vault's network rules, not the identity's rights: no role helps.
+                SignerError::Forbidden { code, .. }
+                    if matches!(
+                        code.as_str(),
+                        "ForbiddenByFirewall" | "ForbiddenByConnection"
+                    ) =>
+                {
+                    Status::failed_precondition(format!(
+                        "{msg}; the vault's firewall or private link settings refuse the broker's network: allow the broker's outbound address or subnet in the vault's networking (or reach it through a private endpoint whose DNS the broker resolves)"
+                    ))
+                }
                 SignerError::Forbidden { .. } => Status::failed_precondition(format!(
-                    "{msg}; grant the broker's managed identity a role on the vault with the data actions `Microsoft.KeyVault/vaults/keys/sign/action` and `Microsoft.KeyVault/vaults/certificates/read` (the `tokenbroker signer` role of deploy/azure/keyvault.bicep; see docs/DEPLOY.md)"
+                    "{msg}; grant the broker's managed identity a role on the vault with the data actions `Microsoft.KeyVault/vaults/keys/sign/action` and `Microsoft.KeyVault/vaults/certificates/read` (the `tokenbroker signer` role of deploy/azure/keyvault.bicep; see docs/DEPLOY.md), or on a vault that uses access policies, the key permission sign and the certificate permission get"
                 )),
                 SignerError::NotFound { service, .. } if *service == pkcs11::SERVICE => {
                     Status::failed_precondition(format!(
                         "{msg}; check the tenant's credential (module, token and key) in the broker configuration"
+                    ))
+                }
+                // `KeyDisabled`, `CertificateDisabled`: there, but switched off.
+                SignerError::NotFound { code, .. } if code.ends_with("Disabled") => {
+                    Status::failed_precondition(format!(
+                        "{msg}; enable the certificate's current version (and its key) in Key Vault, or make an enabled version current"
                     ))
                 }
                 SignerError::NotFound { .. } => Status::failed_precondition(format!(

@@ -670,11 +670,16 @@ pub(crate) fn add_version(
 /// Refuses operations on disabled, not-yet-valid or expired versions.
 fn usable(ver: &CertVersion, op: &str, now: i64) -> Result<(), Response> {
     if !ver.enabled {
-        return Err(kv_error(
+        // As Key Vault: `Forbidden`, told apart from a missing role by its inner code.
+        return Err((
             StatusCode::FORBIDDEN,
-            "Forbidden",
-            &format!("Operation {op} is not allowed on a disabled key."),
-        ));
+            axum::Json(json!({"error": {
+                "code": "Forbidden",
+                "message": format!("Operation {op} is not allowed on a disabled key."),
+                "innererror": {"code": "KeyDisabled"},
+            }})),
+        )
+            .into_response());
     }
     if now < ver.not_before || now > ver.expires {
         return Err(kv_error(

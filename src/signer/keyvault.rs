@@ -283,12 +283,15 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
             // breaker) rather than remembered as the configuration's fault.
             // Key Vault's id of the request, for an operator to quote to Microsoft support.
             let request_id = raw_response.as_ref().and_then(|r| request_id(r.headers()));
-            let Some(message) = raw_response
+            let Some((answer, message)) = raw_response
                 .as_ref()
-                .and_then(|r| service_message(r.body()))
-                .map(|m| match &request_id {
-                    Some(id) => format!("{m} (x-ms-request-id {id})"),
-                    None => m,
+                .and_then(|r| service_error(r.body()))
+                .map(|a| {
+                    let m = match &request_id {
+                        Some(id) => format!("{} (x-ms-request-id {id})", a.message),
+                        None => a.message.clone(),
+                    };
+                    (a, m)
                 })
             else {
                 return SignerError::Unavailable {
@@ -300,8 +303,26 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
                     throttled: false,
                 };
             };
-            let code = error_code.as_deref().map(bounded_code).unwrap_or_default();
+            // The inner code tells apart what a 403 (always `Forbidden`) refuses for: a
+            // missing role (`ForbiddenByRbac`), the vault's firewall (`ForbiddenByFirewall`),
+            // a disabled key (`KeyDisabled`). The body's own code before the SDK's, which
+            // is the status when the SDK cannot read the body (it reads no message with
+            // escapes, and Key Vault's RBAC refusals have `\r\n`).
+            let code = [answer.inner, answer.code]
+                .into_iter()
+                .find(|c| !c.is_empty())
+                .or_else(|| error_code.as_deref().map(bounded_code))
+                .unwrap_or_default();
             match status {
+                // The version is there but disabled: as the certificate's current version
+                // disabled (`certificate`), and re-read as a key gone is, in case a new
+                // version replaced it.
+                403 if code.ends_with("Disabled") => SignerError::NotFound {
+                    service: SERVICE,
+                    what: format!("an enabled version of {what}"),
+                    code,
+                    message,
+                },
                 401 | 403 => SignerError::Forbidden {
                     service: SERVICE,
                     status,
@@ -425,12 +446,29 @@ fn answered(e: &azure_core::Error) -> Option<(u16, Option<&azure_core::http::Raw
     None
 }
 
-/// Key Vault errors are `{"error":{"code","message"}}`; the message is what a person needs.
-/// `None` for any other body.
-fn service_message(body: &[u8]) -> Option<String> {
+/// Key Vault's error body, `{"error":{"code","message","innererror":{"code"}}}`, its fields
+/// bounded (codes that are no word of Key Vault's are empty).
+struct ServiceError {
+    code: String,
+    inner: String,
+    message: String,
+}
+
+/// Key Vault's error in `body`; `None` for any other body.
+fn service_error(body: &[u8]) -> Option<ServiceError> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let message = v.get("error")?.get("message")?.as_str()?;
-    Some(bounded(message))
+    let error = v.get("error")?;
+    let message = error.get("message")?.as_str()?;
+    let code_of = |v: Option<&serde_json::Value>| {
+        v.and_then(|v| v.get("code")?.as_str())
+            .map(bounded_code)
+            .unwrap_or_default()
+    };
+    Some(ServiceError {
+        code: code_of(Some(error)),
+        inner: code_of(error.get("innererror").or_else(|| error.get("innerError"))),
+        message: bounded(message),
+    })
 }
 
 /// `s` cut to `MESSAGE_LIMIT` characters.
@@ -785,15 +823,32 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // A code that is no word of Key Vault's (a proxy's header) is dropped.
-        let body = r#"{"error":{"code":"x","message":"Not found."}}"#;
+        // A code that is no word of Key Vault's (a proxy's header or body) is dropped.
         for odd in ["a b", "<html>", &"K".repeat(CODE_LIMIT + 1)] {
-            match classify(answer(404, Some(odd), body), "key k/v") {
+            let body = serde_json::json!({"error": {"code": odd, "message": "Not found.",
+                "innererror": {"code": odd}}})
+            .to_string();
+            match classify(answer(404, Some(odd), &body), "key k/v") {
                 SignerError::NotFound { code, .. } => assert_eq!(code, "", "{odd}"),
                 other => panic!("{other:?}"),
             }
         }
         assert!(other("z".repeat(5000)).to_string().len() < MESSAGE_LIMIT + 50);
+        // The body's codes before the SDK's (the status, when it could not read a message
+        // with escapes), the inner one first: it tells a 403's causes apart.
+        let body = r#"{"error":{"code":"Forbidden","message":"Caller is not authorized.\r\nCaller: appid=a","innererror":{"code":"ForbiddenByRbac"}}}"#;
+        match classify(answer(403, Some("403"), body), "key k/v") {
+            SignerError::Forbidden { code, .. } => assert_eq!(code, "ForbiddenByRbac"),
+            other => panic!("{other:?}"),
+        }
+        let body = r#"{"error":{"code":"Forbidden","message":"Operation sign is not allowed on a disabled key.","innererror":{"code":"KeyDisabled"}}}"#;
+        match classify(answer(403, Some("Forbidden"), body), "key k/v") {
+            SignerError::NotFound { code, what, .. } => {
+                assert_eq!(code, "KeyDisabled");
+                assert_eq!(what, "an enabled version of key k/v");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -426,6 +426,7 @@ async fn key_vault_refusals_are_failed_precondition_with_the_fix() {
         Code::FailedPrecondition,
         &[
             "Key Vault",
+            "ForbiddenByRbac",
             "keys/sign/action",
             "certificates/read",
             "x-ms-request-id",
@@ -466,6 +467,48 @@ async fn a_request_key_vault_refuses_is_a_failed_precondition_remembered_like_on
         &["BadParameter"],
     );
     assert_eq!(stack.route_total("keyvault.sign").await, 1);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_vaults_refusals_other_than_a_missing_role_name_their_inner_code_and_own_fix() {
+    let stack = Stack::start().await;
+    // Key Vault's 403 is `Forbidden` whatever the cause; its `innererror.code` tells them
+    // apart: a disabled key, or the vault's firewall. Neither is fixed by a role.
+    for (tenant, inner, message, fix) in [
+        (
+            "contoso",
+            "KeyDisabled",
+            "Operation sign is not allowed on a disabled key.",
+            "enable",
+        ),
+        (
+            "fabrikam",
+            "ForbiddenByFirewall",
+            "Client address is not authorized and caller is not a trusted service.",
+            "firewall",
+        ),
+    ] {
+        stack
+            .admin_post(
+                "/faults",
+                json!({"route": "keyvault.sign", "count": 100, "fail": {"status": 403, "body":
+                    {"error": {"code": "Forbidden", "message": message, "innererror": {"code": inner}}}}}),
+            )
+            .await;
+        let s = assert_status(
+            stack.get(tenant, GRAPH).await,
+            Code::FailedPrecondition,
+            &[inner, message, fix],
+        );
+        assert!(
+            !s.message()
+                .contains("grant the broker's managed identity a role"),
+            "{inner}: {}",
+            s.message()
+        );
+        stack.clear_faults().await;
+    }
     stack.stop().await;
 }
 
