@@ -243,9 +243,34 @@ fn hint_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D
     Ok(seconds_of(&v))
 }
 
-/// A successful answer's body as a token (its lifetime capped at `MAX_LIFETIME`).
-fn token_from(body: &[u8]) -> Result<EntraToken, serde_json::Error> {
-    let ok: SuccessBody = serde_json::from_slice(body)?;
+/// A successful answer's body as a bearer token (its lifetime capped at `MAX_LIFETIME`), or
+/// what is wrong with it, for people: a body Entra would not send (an empty token, another
+/// token type: a proxy's or gateway's) is no token to cache and hand to callers as a bearer.
+fn token_from(body: &[u8]) -> Result<EntraToken, String> {
+    let ok: SuccessBody =
+        serde_json::from_slice(body).map_err(|e| format!("unreadable token response: {e}"))?;
+    if ok.access_token.is_empty() {
+        return Err("the token response's access_token is empty".into());
+    }
+    // Absent, Entra's bearer all the same (as it always is in this flow); anything else, a
+    // token the callers could not use as one. Quoted only as a short word: it comes from
+    // the network.
+    let token_type = ok.token_type.unwrap_or_else(|| "Bearer".into());
+    if !token_type.eq_ignore_ascii_case("bearer") {
+        let shown = if !token_type.is_empty()
+            && token_type.len() <= 32
+            && token_type
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'/'))
+        {
+            format!("`{token_type}`")
+        } else {
+            "not a word".into()
+        };
+        return Err(format!(
+            "the token response's token_type is {shown}, not Bearer: a proxy or gateway may have answered"
+        ));
+    }
     if ok.expires_in > MAX_LIFETIME.as_secs() {
         tracing::warn!(
             expires_in = ok.expires_in,
@@ -254,7 +279,7 @@ fn token_from(body: &[u8]) -> Result<EntraToken, serde_json::Error> {
     }
     Ok(EntraToken {
         access_token: Sensitive::new(ok.access_token),
-        token_type: ok.token_type.unwrap_or_else(|| "Bearer".into()),
+        token_type: "Bearer".into(),
         expires_in: Duration::from_secs(ok.expires_in).min(MAX_LIFETIME),
         refresh_in: ok.refresh_in.map(Duration::from_secs),
     })
@@ -357,7 +382,7 @@ impl TokenExchange for HttpTokenExchange {
                 status,
                 error: "invalid_response".into(),
                 codes: vec![],
-                description: format!("unreadable token response: {e}"),
+                description: e,
                 correlation_id: Some(correlation.clone()),
                 trace_id: None,
                 retry_after: None,
@@ -559,6 +584,29 @@ mod tests {
                 .expires_in,
             MAX_LIFETIME
         );
+    }
+
+    #[test]
+    fn a_success_without_a_bearer_token_in_it_is_no_token() {
+        for bad in [
+            r#"{"access_token":"","token_type":"Bearer","expires_in":3599}"#,
+            r#"{"access_token":"secret-a","token_type":"pop","expires_in":3599}"#,
+            r#"{"access_token":"secret-a","token_type":"N/A","expires_in":3599}"#,
+            r#"{"access_token":"secret-a","token_type":"","expires_in":3599}"#,
+        ] {
+            let e = token_from(bad.as_bytes()).map(|_| ()).unwrap_err();
+            assert!(!e.to_string().contains("secret-a"), "{e}");
+        }
+        let long = format!(
+            r#"{{"access_token":"a","token_type":"{}","expires_in":3599}}"#,
+            "x".repeat(10_000)
+        );
+        let e = token_from(long.as_bytes()).map(|_| ()).unwrap_err();
+        assert!(e.to_string().len() < 200, "{e}");
+        // OAuth's token type is case-insensitive; callers get Entra's spelling.
+        let t =
+            token_from(br#"{"access_token":"a","token_type":"bearer","expires_in":3599}"#).unwrap();
+        assert_eq!(t.token_type, "Bearer");
     }
 
     /// Exchanges once with the token endpoint at `url`: the error, and the id sent.
