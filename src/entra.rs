@@ -205,6 +205,12 @@ pub fn classify(status: u16, error: &str, codes: &[u32]) -> EntraErrorClass {
 /// and an absurd value would otherwise overflow the expiry time.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// The shortest access-token lifetime taken as Entra's: it issues tokens for an hour or so,
+/// and a token lifetime policy for no less than 10 minutes. A shorter `expires_in` (0, say)
+/// is some other answerer's: cached, such a token would serve nobody (it is gone before the
+/// safety margin), and callers asking for no minimum validity would be told to ask for less.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(5 * 60);
+
 #[derive(Deserialize)]
 struct SuccessBody {
     access_token: String,
@@ -269,6 +275,12 @@ fn token_from(body: &[u8]) -> Result<EntraToken, String> {
         };
         return Err(format!(
             "the token response's token_type is {shown}, not Bearer: a proxy or gateway may have answered"
+        ));
+    }
+    if ok.expires_in < MIN_LIFETIME.as_secs() {
+        return Err(format!(
+            "the token response's expires_in is {}s, shorter than any token Entra issues (10 minutes at the least): a proxy or gateway may have answered",
+            ok.expires_in
         ));
     }
     if ok.expires_in > MAX_LIFETIME.as_secs() {
@@ -603,6 +615,20 @@ mod tests {
         );
         let e = token_from(long.as_bytes()).map(|_| ()).unwrap_err();
         assert!(e.to_string().len() < 200, "{e}");
+        // No lifetime to speak of.
+        for secs in [0, 1, MIN_LIFETIME.as_secs() - 1] {
+            let body = format!(r#"{{"access_token":"a","expires_in":{secs}}}"#);
+            let e = token_from(body.as_bytes()).map(|_| ()).unwrap_err();
+            assert!(e.contains(&format!("expires_in is {secs}s")), "{e}");
+        }
+        let body = format!(
+            r#"{{"access_token":"a","expires_in":{}}}"#,
+            MIN_LIFETIME.as_secs()
+        );
+        assert_eq!(
+            token_from(body.as_bytes()).unwrap().expires_in,
+            MIN_LIFETIME
+        );
         // OAuth's token type is case-insensitive; callers get Entra's spelling.
         let t =
             token_from(br#"{"access_token":"a","token_type":"bearer","expires_in":3599}"#).unwrap();

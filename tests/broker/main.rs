@@ -1571,3 +1571,27 @@ async fn an_answer_that_breaks_off_is_retried_with_a_fresh_assertion() {
     stack.get("fabrikam", GRAPH).await.unwrap();
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_answer_with_no_lifetime_to_speak_of_is_no_token_not_the_callers_fault() {
+    let stack = Stack::start().await;
+    // Entra issues tokens for an hour or so (10 minutes at the least a policy allows): a 200
+    // with `expires_in` 0 is not Entra's, and not the caller's doing, who asked for no minimum.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100,
+                   "fail": {"status": 200, "body": {"access_token": "x.y.z", "token_type": "Bearer", "expires_in": 0}}}),
+        )
+        .await;
+    let s = assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::Unavailable,
+        &["expires_in", "0s"],
+    );
+    assert!(!s.message().contains("x.y.z"), "{}", s.message());
+    stack.clear_faults().await;
+    // Nothing was cached: the next answer's token is served.
+    stack.get_after_hold_off("contoso", GRAPH).await;
+    stack.stop().await;
+}
