@@ -72,8 +72,42 @@ pub const IDENTITY_ANSWER_LIMIT: usize = 64 * 1024;
 const IDENTITY_ENDPOINT: &str = "the managed identity endpoint";
 
 /// Builds the shared outbound client. TLS verification is always on; extra trust is added,
-/// never substituted.
+/// never substituted. A proxy the environment names (`HTTPS_PROXY`, `NO_PROXY`, …) carries
+/// its requests, as egress through a proxy is set up.
 pub fn http_client(cfg: &OutboundConfig) -> Result<reqwest::Client, OutboundError> {
+    builder(cfg)?
+        .build()
+        .map_err(|e| OutboundError::Client(e.to_string()))
+}
+
+/// The client for the host's own managed identity endpoint (IMDS at its link-local address,
+/// App Service's on the host): as `http_client`, but never through a proxy, which does not
+/// reach the host's endpoint (Microsoft: IMDS behind a proxy is unsupported). Through one,
+/// every request got the proxy's refusal, told as the endpoint's refusal of the identity.
+pub fn host_client(cfg: &OutboundConfig) -> Result<reqwest::Client, OutboundError> {
+    builder(cfg)?
+        .no_proxy()
+        .build()
+        .map_err(|e| OutboundError::Client(e.to_string()))
+}
+
+/// The outbound clients: `shared` for Entra and Key Vault, `host` for the host's own managed
+/// identity endpoint (`host_client`).
+#[derive(Debug, Clone)]
+pub struct HttpClients {
+    pub shared: reqwest::Client,
+    pub host: reqwest::Client,
+}
+
+/// Both outbound clients of `cfg`.
+pub fn http_clients(cfg: &OutboundConfig) -> Result<HttpClients, OutboundError> {
+    Ok(HttpClients {
+        shared: http_client(cfg)?,
+        host: host_client(cfg)?,
+    })
+}
+
+fn builder(cfg: &OutboundConfig) -> Result<reqwest::ClientBuilder, OutboundError> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(cfg.connect_timeout)
         .timeout(cfg.request_timeout)
@@ -101,9 +135,7 @@ pub fn http_client(cfg: &OutboundConfig) -> Result<reqwest::Client, OutboundErro
         // DNS has no ports: the port in the URL is used, this one is ignored.
         builder = builder.resolve(host, SocketAddr::new(*ip, 443));
     }
-    builder
-        .build()
-        .map_err(|e| OutboundError::Client(e.to_string()))
+    Ok(builder)
 }
 
 /// The Key Vault clients' options: no SDK retry (the broker retries them), Key Vault's
@@ -208,7 +240,7 @@ fn identity_retry() -> RetryOptions {
 /// (`identity.imds_endpoint`, in the transport).
 pub fn credential(
     identity: &IdentityConfig,
-    http: &reqwest::Client,
+    http: &HttpClients,
     env: crate::config::EnvSource<'_>,
 ) -> Result<Arc<crate::identity::CachingCredential>, OutboundError> {
     let from_env = read_env(identity, env)?;
@@ -226,7 +258,7 @@ pub fn credential(
 #[cfg(test)]
 fn sdk_credential(
     identity: &IdentityConfig,
-    http: &reqwest::Client,
+    http: &HttpClients,
     env: crate::config::EnvSource<'_>,
 ) -> Result<Arc<dyn TokenCredential>, OutboundError> {
     build_credential(identity, read_env(identity, env)?.as_ref(), http)
@@ -269,7 +301,7 @@ fn read_env(
 fn build_credential(
     identity: &IdentityConfig,
     wi: Option<&(crate::config::WorkloadIdentityEnv, Url)>,
-    http: &reqwest::Client,
+    http: &HttpClients,
 ) -> Result<Arc<dyn TokenCredential>, OutboundError> {
     let err = |message: String| OutboundError::Identity {
         source_kind: identity.source,
@@ -282,7 +314,7 @@ fn build_credential(
             let mut client_options = traced_options(
                 Arc::new(ReadableEntraErrors {
                     inner: Arc::new(Bounded {
-                        inner: Arc::new(http.clone()),
+                        inner: Arc::new(http.shared.clone()),
                         limit: IDENTITY_ANSWER_LIMIT,
                         upstream: "Entra ID",
                     }),
@@ -307,7 +339,7 @@ fn build_credential(
         (IdentitySource::Auto | IdentitySource::Imds | IdentitySource::AppService, _) => {
             let traced = Arc::new(Traced {
                 inner: Arc::new(Bounded {
-                    inner: sender(http, identity.imds_endpoint.as_ref()),
+                    inner: sender(&http.host, identity.imds_endpoint.as_ref()),
                     limit: IDENTITY_ANSWER_LIMIT,
                     upstream: IDENTITY_ENDPOINT,
                 }),
@@ -930,7 +962,10 @@ mod tests {
 
     #[test]
     fn a_workload_identity_without_the_webhooks_variables_is_named_as_such_not_in_the_sdks_words() {
-        let http = reqwest::Client::new();
+        let http = HttpClients {
+            shared: reqwest::Client::new(),
+            host: reqwest::Client::new(),
+        };
         let no_env = |_: &str| None;
         let Err(e) = sdk_credential(&workload_identity(), &http, &no_env) else {
             panic!("a credential without its variables")

@@ -142,8 +142,8 @@ pub fn upstreams_with_env(
     config: &Config,
     env: crate::config::EnvSource<'_>,
 ) -> Result<Upstreams, ServerError> {
-    let http = outbound::http_client(&config.outbound)?;
-    let credential = outbound::credential(&config.identity, &http, env)?;
+    let clients = outbound::http_clients(&config.outbound)?;
+    let credential = outbound::credential(&config.identity, &clients, env)?;
     // A credential per user-assigned identity that tenants present as a federated
     // credential; the broker's own identity shares its token cache with Key Vault's.
     let mut identities = std::collections::HashMap::new();
@@ -159,11 +159,12 @@ pub fn upstreams_with_env(
                         client_id: Some(client_id.clone()),
                         ..config.identity.clone()
                     };
-                    outbound::credential(&identity, &http, env)?
+                    outbound::credential(&identity, &clients, env)?
                 };
             identities.insert(client_id.clone(), c);
         }
     }
+    let http = clients.shared;
     let signer = KeyVaultSigner::new(
         credential.clone(),
         outbound::key_vault_options(&http, credential),

@@ -1595,3 +1595,60 @@ async fn a_token_answer_with_no_lifetime_to_speak_of_is_no_token_not_the_callers
     stack.get_after_hold_off("contoso", GRAPH).await;
     stack.stop().await;
 }
+
+/// A proxy in the broker's environment (`HTTP_PROXY`, as egress through a corporate proxy
+/// is set up) carries Entra's and Key Vault's requests, never the managed identity
+/// endpoint's: IMDS and App Service's endpoint are the host's own, which a proxy does not
+/// reach (Microsoft: IMDS behind a proxy is unsupported). Here the proxy refuses what it
+/// gets, as one does a link-local address, with its own page.
+#[test]
+fn the_managed_identity_endpoint_is_asked_directly_whatever_proxy_the_environment_names() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let proxied = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = proxied.clone();
+    std::thread::spawn(move || {
+        for conn in proxy.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            seen.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 8192];
+            let _ = conn.read(&mut buf);
+            let page = "<html><body>Access denied by the proxy</body></html>";
+            let _ = write!(
+                conn,
+                "HTTP/1.1 403 Forbidden\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let Served {
+        mut child,
+        emulator,
+        addr,
+    } = serve(
+        &rt,
+        dir.path(),
+        "",
+        &[("HTTP_PROXY", &proxy_url), ("http_proxy", &proxy_url)],
+        std::process::Stdio::null(),
+    );
+    rt.block_on(async {
+        let mut c = client_when_listening(addr).await;
+        let got = c
+            .get_token(GetTokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                ..Default::default()
+            })
+            .await;
+        assert!(got.is_ok(), "{got:?}");
+    });
+    assert_eq!(proxied.load(Ordering::SeqCst), 0, "asked through the proxy");
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
+    rt.block_on(emulator.shutdown());
+}
