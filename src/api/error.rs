@@ -11,7 +11,7 @@ use crate::authn::{AuthnError, JwtError};
 use crate::broker::{BrokerError, FlowError, MAX_RETRY_AFTER};
 use crate::entra::{EntraError, EntraErrorClass};
 use crate::identity::IdentityError;
-use crate::signer::{SignerError, pkcs11};
+use crate::signer::{SignerError, keyvault, pkcs11};
 
 /// Metadata key carrying a retry hint in seconds on UNAVAILABLE and RESOURCE_EXHAUSTED.
 pub const RETRY_AFTER_KEY: &str = "retry-after";
@@ -253,6 +253,12 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                 SignerError::NotFound { code, .. } if code.ends_with("Disabled") => {
                     Status::failed_precondition(format!(
                         "{msg}; enable the certificate's current version (and its key) in Key Vault, or make an enabled version current"
+                    ))
+                }
+                // There, but outside its validity: the certificate was not renewed in time.
+                SignerError::NotFound { code, .. } if keyvault::unusable_version(code) => {
+                    Status::failed_precondition(format!(
+                        "{msg}; the certificate's key has expired (or is not valid yet): renew the certificate in Key Vault (a new version) and upload its public part to the app"
                     ))
                 }
                 SignerError::NotFound { .. } => Status::failed_precondition(format!(

@@ -314,10 +314,11 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
                 .or_else(|| error_code.as_deref().map(bounded_code))
                 .unwrap_or_default();
             match status {
-                // The version is there but disabled: as the certificate's current version
+                // The version is there but disabled, or outside its validity (Key Vault
+                // refuses to sign with an expired key): as the certificate's current version
                 // disabled (`certificate`), and re-read as a key gone is, in case a new
                 // version replaced it.
-                403 if code.ends_with("Disabled") => SignerError::NotFound {
+                403 if unusable_version(&code) => SignerError::NotFound {
                     service: SERVICE,
                     what: format!("an enabled version of {what}"),
                     code,
@@ -369,6 +370,15 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
         },
         _ => other(root_message(&e)),
     }
+}
+
+/// Whether Key Vault's (inner) error code says the version asked for is there but may not be
+/// used: disabled (`KeyDisabled`, `CertificateDisabled`), expired or not yet valid (worded as
+/// its secrets' `SecretExpired`).
+pub fn unusable_version(code: &str) -> bool {
+    ["Disabled", "Expired", "NotYetValid"]
+        .iter()
+        .any(|s| code.ends_with(s))
 }
 
 /// The `x-ms-request-id` Key Vault gives every answer, if it looks like one (an id, not

@@ -472,7 +472,18 @@ async fn a_request_key_vault_refuses_is_a_failed_precondition_remembered_like_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_vaults_refusals_other_than_a_missing_role_name_their_inner_code_and_own_fix() {
-    let stack = Stack::start().await;
+    // contoso's app again, under another name: a key of its own in the cache.
+    let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |toml| {
+        format!(
+            "{toml}\n[tenants.contoso-expired]\ntenant_id = \"{}\"\nclient_id = \"{}\"\n{}\n",
+            demo::CONTOSO_TENANT,
+            demo::CONTOSO_APP,
+            toml.lines()
+                .find(|l| l.starts_with("credential = ") && l.contains("contoso-app"))
+                .unwrap(),
+        )
+    })
+    .await;
     // Key Vault's 403 is `Forbidden` whatever the cause; its `innererror.code` tells them
     // apart: a disabled key, or the vault's firewall. Neither is fixed by a role.
     for (tenant, inner, message, fix) in [
@@ -481,6 +492,13 @@ async fn key_vaults_refusals_other_than_a_missing_role_name_their_inner_code_and
             "KeyDisabled",
             "Operation sign is not allowed on a disabled key.",
             "enable",
+        ),
+        // As Key Vault words an expired secret's (`SecretExpired`).
+        (
+            "contoso-expired",
+            "KeyExpired",
+            "Operation sign is not allowed on an expired key.",
+            "renew",
         ),
         (
             "fabrikam",
