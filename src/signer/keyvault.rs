@@ -368,8 +368,30 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
             retry_after: None,
             throttled: false,
         },
-        _ => other(root_message(&e)),
+        _ => challenge_mismatch(&root_message(&e)).unwrap_or_else(|| other(root_message(&e))),
     }
+}
+
+/// The SDK's refusal (before any token is sent) of a vault whose host is not under the
+/// resource Key Vault's challenge names (`vault.azure.net`): the vault was named otherwise
+/// than by its own name (an address, its private endpoint's `privatelink` name, an alias).
+/// The operator's to fix in `vault_url`; the SDK's own words advise an option of its client
+/// that the broker keeps on. Recognised by those words (`azure_security_keyvault_keys`
+/// 1.0's `KeyVaultAuthorizer`).
+fn challenge_mismatch(message: &str) -> Option<SignerError> {
+    let (_, rest) = message.split_once("challenge resource '")?;
+    let (scope, rest) = rest.split_once('\'')?;
+    let (_, rest) = rest.split_once("doesn't match the requested domain '")?;
+    let (host, _) = rest.split_once('\'')?;
+    let resource = scope.trim_end_matches("/.default");
+    let domain = resource.trim_start_matches("https://");
+    Some(SignerError::Configuration {
+        service: SERVICE,
+        code: "ChallengeResourceMismatch".into(),
+        message: bounded(&format!(
+            "the vault answered as one of {resource}, and the vault_url's host {host} is not under {domain}: name the vault by its own name in vault_url (https://NAME.{domain}, which resolves to its private endpoint through the privatelink DNS zone), not by an address, its private endpoint's name or an alias"
+        )),
+    })
 }
 
 /// Whether Key Vault's (inner) error code says the version asked for is there but may not be
@@ -844,6 +866,22 @@ mod tests {
             }
         }
         assert!(other("z".repeat(5000)).to_string().len() < MESSAGE_LIMIT + 50);
+        // The SDK's refusal of a vault named otherwise than by its own name.
+        let e = azure_core::Error::with_message(
+            ErrorKind::Other,
+            "challenge resource 'https://vault.azure.net/.default' doesn't match the requested domain 'v.privatelink.vaultcore.azure.net'. Set verify_challenge_resource in client options to disable this validation if necessary.",
+        );
+        match classify(e, "certificate c") {
+            SignerError::Configuration { code, message, .. } => {
+                assert_eq!(code, "ChallengeResourceMismatch");
+                assert!(
+                    message
+                        .contains("v.privatelink.vaultcore.azure.net is not under vault.azure.net"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         // The body's codes before the SDK's (the status, when it could not read a message
         // with escapes), the inner one first: it tells a 403's causes apart.
         let body = r#"{"error":{"code":"Forbidden","message":"Caller is not authorized.\r\nCaller: appid=a","innererror":{"code":"ForbiddenByRbac"}}}"#;

@@ -1670,3 +1670,27 @@ fn the_managed_identity_endpoint_is_asked_directly_whatever_proxy_the_environmen
     assert!(code.success(), "exit status {code:?}");
     rt.block_on(emulator.shutdown());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vault_url_not_under_the_vaults_own_domain_is_a_failed_precondition_naming_vault_url() {
+    // The vault by another name than its own (an address, a private endpoint's
+    // `privatelink` name): Key Vault's challenge names `vault.azure.net`, which the SDK
+    // checks the vault's host against, as it should.
+    let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |toml| {
+        let at = toml.find("vault_url = \"https://").unwrap() + "vault_url = \"https://".len();
+        let host_end = at + toml[at..].find(':').unwrap();
+        format!("{}127.0.0.1{}", &toml[..at], &toml[host_end..])
+    })
+    .await;
+    let s = assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::FailedPrecondition,
+        &["vault_url", "vault.azure.net", "127.0.0.1"],
+    );
+    assert!(
+        !s.message().contains("Set verify_challenge_resource"),
+        "an SDK option the operator cannot set: {}",
+        s.message()
+    );
+    stack.stop().await;
+}
