@@ -216,6 +216,17 @@ fn b64_json<T: serde::de::DeserializeOwned>(part: &str, what: &str) -> Result<T,
         .map_err(|_| JwtError::Malformed(format!("the {what} is not a JSON object")))
 }
 
+/// A NumericDate claim in whole seconds, as `jsonwebtoken` validates it: an integer, or a
+/// non-negative number with a fraction, rounded.
+fn numeric_date(v: &serde_json::Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            // Saturates: the caller bounds it.
+            .map(|f| f.round() as u64)
+    })
+}
+
 fn short(s: &str) -> String {
     s.chars().take(128).collect()
 }
@@ -457,13 +468,14 @@ impl JwtVerifier {
         }
         .filter(|s| !s.is_empty() && s.len() <= 512)
         .ok_or_else(|| JwtError::MissingClaim(claim.clone()))?;
-        // Validation required `exp`; a value that is not a number of seconds is not
-        // remembered (it expires at once).
+        // Validation required `exp` and read it as a NumericDate (RFC 7519: a fraction is
+        // allowed, rounded to the second); read here the same way, or such a token's watch
+        // would end at once.
         let exp = data
             .claims
             .rest
             .get("exp")
-            .and_then(serde_json::Value::as_u64)
+            .and_then(numeric_date)
             .map_or(SystemTime::UNIX_EPOCH, |s| {
                 SystemTime::UNIX_EPOCH + Duration::from_secs(s.min(u64::from(u32::MAX)))
             });

@@ -207,6 +207,29 @@ async fn a_watch_ends_when_the_bearer_token_that_opened_it_expires() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_whose_exp_has_a_fraction_keeps_its_watch_until_then() {
+    // RFC 7519's NumericDate may have a fraction; such a token is valid for ten minutes.
+    const SUB: &str = "fractional";
+    let h = Harness::start(Options {
+        policy: grants(&[(&format!("jwt:test:{SUB}"), "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let mut claims = h.issuer.claims(SUB);
+    claims["exp"] = (now() as f64 + 600.5).into();
+    let bearer = h.issuer.sign_with("key-1", &claims);
+    let mut client = h.client(None).await.unwrap();
+    let mut w = watch(&mut client, Some(&bearer)).await.unwrap();
+    let first = next(&mut w).await;
+    assert!(
+        first.as_ref().is_ok_and(|m| m.token.is_some()),
+        "{:?}",
+        first.map(|m| m.refresh_failing)
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_are_bounded_per_caller_and_a_closed_one_frees_its_place() {
     const B: &str = "spiffe://example.org/ns/b/sa/other";
     let h = Harness::start(Options {
