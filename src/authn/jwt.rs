@@ -227,8 +227,19 @@ fn numeric_date(v: &serde_json::Value) -> Option<u64> {
     })
 }
 
+/// What a token claims, as its refusal tells it: at most 128 characters, control characters
+/// escaped. The token is not verified yet; its claim is in the log, where a line break would
+/// start a log line of the sender's making.
 fn short(s: &str) -> String {
-    s.chars().take(128).collect()
+    let mut out = String::new();
+    for c in s.chars().take(128) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl JwtVerifier {
@@ -751,6 +762,55 @@ mod tests {
         // Keys past their age are fetched again before use: so is the verification redone.
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert!(!v.stands(now));
+    }
+
+    #[cfg(feature = "emulator")]
+    #[tokio::test]
+    async fn what_a_refused_token_claims_is_told_on_one_line() {
+        let (key, iss, release, _asked, verifier) = held_issuer(100, "sub").await;
+        release.add_permits(100);
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let forged_line = "\n2026-11-24T21:00:00Z  INFO tokenbroker: all is well\r";
+        let good = signed(&key, &iss, "svc");
+        let body = good.split('.').nth(1).unwrap().to_owned();
+        let peer: IpAddr = "192.0.2.10".parse().unwrap();
+        let refused = [
+            (
+                format!(
+                    "{}.{}.c2ln",
+                    b64(serde_json::json!({"alg": "RS256", "kid": "k"})),
+                    b64(serde_json::json!({"iss": format!("https://evil.example{forged_line}")}))
+                ),
+                "not trusted",
+            ),
+            (
+                format!(
+                    "{}.{body}.c2ln",
+                    b64(serde_json::json!({"alg": format!("RS256{forged_line}")}))
+                ),
+                "not allowed",
+            ),
+            (
+                format!(
+                    "{}.{body}.c2ln",
+                    b64(serde_json::json!({"alg": "RS256", "kid": format!("k{forged_line}")}))
+                ),
+                "unknown key",
+            ),
+        ];
+        for (token, says) in refused {
+            let e = verifier
+                .verify(&Sensitive::new(token), Some(peer))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{e}");
+            // Logged as it is: a claim's line break would start a forged log line.
+            assert!(!e.contains(['\n', '\r']), "{e}");
+            assert!(e.contains("\\n2026"), "{e}");
+        }
     }
 
     /// An issuer on loopback whose discovery document is answered only once `release` has
