@@ -76,8 +76,12 @@ pub enum JwtError {
     Expired,
     #[error("not valid yet (nbf in the future)")]
     NotYetValid,
-    #[error("wrong audience: the token is not for this broker")]
-    WrongAudience,
+    /// Says what the token must name: a caller's token for the wrong audience (another
+    /// service's, or a GUID where an App ID URI is expected) is the usual setup mistake.
+    #[error(
+        "wrong audience: the token's `aud` does not name `{expected}`, this broker's audience for its issuer; get a token for that audience"
+    )]
+    WrongAudience { expected: String },
     #[error("wrong issuer")]
     WrongIssuer,
     #[error("missing claim `{0}`")]
@@ -446,7 +450,9 @@ impl JwtVerifier {
         let data = jsonwebtoken::decode::<Claims>(t, &key, &v).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => JwtError::Expired,
             ErrorKind::ImmatureSignature => JwtError::NotYetValid,
-            ErrorKind::InvalidAudience => JwtError::WrongAudience,
+            ErrorKind::InvalidAudience => JwtError::WrongAudience {
+                expected: issuer.cfg.audiences.join("` or `"),
+            },
             ErrorKind::InvalidIssuer => JwtError::WrongIssuer,
             ErrorKind::InvalidSignature => JwtError::BadSignature,
             ErrorKind::InvalidAlgorithm => JwtError::AlgorithmNotAllowed(short(&alg_name)),

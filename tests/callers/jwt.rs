@@ -131,7 +131,8 @@ async fn bad_bearer_tokens_are_unauthenticated_with_the_reason() {
                 "key-1",
                 &claims(&|c| c["aud"] = json!("api://someone-else")),
             ),
-            "audience",
+            // What the token must carry, so that its holder can ask for the right one.
+            "wrong audience: the token's `aud` does not name `api://tokenbroker`",
         ),
         (
             "wrong issuer",
