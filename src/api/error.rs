@@ -16,10 +16,15 @@ use crate::signer::{SignerError, keyvault, pkcs11};
 /// Metadata key carrying a retry hint in seconds on UNAVAILABLE and RESOURCE_EXHAUSTED.
 pub const RETRY_AFTER_KEY: &str = "retry-after";
 
-/// The one message for every policy denial: the same for an unknown tenant and a forbidden
-/// one, so a caller cannot map the broker's tenants.
-pub const DENIED_MESSAGE: &str =
-    "not granted: this caller may not have tokens for this tenant and these scopes";
+/// The message of a policy denial: the same for an unknown tenant and a forbidden one, so a
+/// caller cannot map the broker's tenants. It names the caller's own identity, what the
+/// policy is asked about: with a client certificate and a bearer token on one request the
+/// token decides, and the grant to ask for is the one for the identity named here.
+pub fn denied_message(caller: &str) -> String {
+    format!(
+        "not granted: caller `{caller}` may not have tokens for this tenant and these scopes (the broker's policy grants them to identities)"
+    )
+}
 
 pub fn failure_status(f: &Failure) -> Status {
     match f {
@@ -45,7 +50,7 @@ pub fn access_status(e: &AccessError) -> Status {
             Some(*retry_after),
         ),
         AccessError::Unauthenticated(a) => Status::unauthenticated(a.to_string()),
-        AccessError::Denied { .. } => Status::permission_denied(DENIED_MESSAGE),
+        AccessError::Denied { caller } => Status::permission_denied(denied_message(caller)),
         AccessError::RateLimited { retry_after, .. } => with_retry(
             Status::resource_exhausted(
                 "over this caller's request rate; retry after the hinted delay",

@@ -64,6 +64,43 @@ async fn a_caller_gets_exactly_what_it_is_granted_and_denials_do_not_reveal_tena
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_names_the_identity_it_was_decided_for() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    // The certificate is granted, but a bearer token on the same request names the caller.
+    let s = assert_status(
+        h.get(
+            Some(&a),
+            Some(&h.issuer.token("svc-a")),
+            "contoso",
+            &[GRAPH],
+        )
+        .await,
+        Code::PermissionDenied,
+        &["not granted", "`jwt:test:svc-a`"],
+    );
+    assert!(!s.message().contains(A), "{s:?}");
+    // The same words for a tenant that does not exist.
+    let unknown = assert_status(
+        h.get(
+            Some(&a),
+            Some(&h.issuer.token("svc-a")),
+            "no-such",
+            &[GRAPH],
+        )
+        .await,
+        Code::PermissionDenied,
+        &[],
+    );
+    assert_eq!(unknown.message(), s.message());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_policy_file_is_refused_and_the_old_policy_stays_in_force() {
     let h = Harness::start(Options {
         policy: grants(&[(A, "contoso", GRAPH)]),
