@@ -72,10 +72,12 @@ pub enum JwtError {
     UnknownKey(String),
     #[error("the signature does not verify")]
     BadSignature,
-    #[error("expired")]
-    Expired,
-    #[error("not valid yet (nbf in the future)")]
-    NotYetValid,
+    /// `exp` passed, beyond the leeway; told with the times, so that a clock set wrong on
+    /// either side shows.
+    #[error("expired at {0}")]
+    Expired(ClaimedTime),
+    #[error("not valid yet (nbf in the future): not before {0}")]
+    NotYetValid(ClaimedTime),
     /// Says what the token must name: a caller's token for the wrong audience (another
     /// service's, or a GUID where an App ID URI is expected) is the usual setup mistake.
     #[error(
@@ -105,6 +107,47 @@ pub enum JwtError {
         issuer: String,
         reason: &'static str,
     },
+}
+
+/// A token's `exp` or `nbf` that failed the check, with the leeway and the broker's clock.
+#[derive(Debug, Clone)]
+pub struct ClaimedTime {
+    at: Option<SystemTime>,
+    leeway: Duration,
+    now: SystemTime,
+}
+
+impl ClaimedTime {
+    /// The NumericDate `claim` of token `t` (its signature verified), judged now.
+    fn of(t: &str, claim: &str, leeway: Duration) -> ClaimedTime {
+        let at = t
+            .split('.')
+            .nth(1)
+            .and_then(|payload| {
+                b64_json::<serde_json::Map<String, serde_json::Value>>(payload, "payload").ok()
+            })
+            .and_then(|claims| claims.get(claim).and_then(numeric_date))
+            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s.min(u64::from(u32::MAX))));
+        ClaimedTime {
+            at,
+            leeway,
+            now: SystemTime::now(),
+        }
+    }
+}
+
+impl fmt::Display for ClaimedTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(at) = self.at {
+            write!(f, "{} ", crate::audit::rfc3339(at))?;
+        }
+        write!(
+            f,
+            "({} s of clock skew allowed; the broker's clock reads {})",
+            self.leeway.as_secs(),
+            crate::audit::rfc3339(self.now)
+        )
+    }
 }
 
 /// Verifies bearer tokens for a set of configured issuers. Cheap to share.
@@ -448,8 +491,12 @@ impl JwtVerifier {
         v.set_required_spec_claims(&["exp", "iss", "aud"]);
         self.signature_checks.fetch_add(1, Ordering::Relaxed);
         let data = jsonwebtoken::decode::<Claims>(t, &key, &v).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => JwtError::Expired,
-            ErrorKind::ImmatureSignature => JwtError::NotYetValid,
+            ErrorKind::ExpiredSignature => {
+                JwtError::Expired(ClaimedTime::of(t, "exp", issuer.cfg.leeway))
+            }
+            ErrorKind::ImmatureSignature => {
+                JwtError::NotYetValid(ClaimedTime::of(t, "nbf", issuer.cfg.leeway))
+            }
             ErrorKind::InvalidAudience => JwtError::WrongAudience {
                 expected: issuer.cfg.audiences.join("` or `"),
             },

@@ -57,27 +57,36 @@ async fn exp_and_nbf_are_judged_with_the_issuers_leeway() {
     h.get(None, Some(&early), "contoso", &[GRAPH])
         .await
         .unwrap();
-    assert_status(
-        h.get(
-            None,
-            Some(&with(now() - 90, now() - 600)),
-            "contoso",
-            &[GRAPH],
+    // Told with the times, so that a clock set wrong on either side can be seen.
+    let rfc3339 = |t: i64| {
+        tokenbroker::audit::rfc3339(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64),
         )
-        .await,
+    };
+    let exp = now() - 90;
+    let s = assert_status(
+        h.get(None, Some(&with(exp, now() - 600)), "contoso", &[GRAPH])
+            .await,
         Code::Unauthenticated,
-        &["expired"],
+        &[
+            "expired at ",
+            &rfc3339(exp),
+            "60 s",
+            "the broker's clock reads 20",
+        ],
     );
+    assert!(!s.message().contains('\n'), "{s:?}");
+    let nbf = now() + 90;
     assert_status(
-        h.get(
-            None,
-            Some(&with(now() + 600, now() + 90)),
-            "contoso",
-            &[GRAPH],
-        )
-        .await,
+        h.get(None, Some(&with(now() + 600, nbf)), "contoso", &[GRAPH])
+            .await,
         Code::Unauthenticated,
-        &["not valid yet"],
+        &[
+            "not valid yet",
+            &format!("before {}", rfc3339(nbf)),
+            "60 s",
+            "the broker's clock reads 20",
+        ],
     );
     h.stop().await;
 }
