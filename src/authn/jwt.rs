@@ -120,12 +120,7 @@ pub struct ClaimedTime {
 impl ClaimedTime {
     /// The NumericDate `claim` of token `t` (its signature verified), judged now.
     fn of(t: &str, claim: &str, leeway: Duration) -> ClaimedTime {
-        let at = t
-            .split('.')
-            .nth(1)
-            .and_then(|payload| {
-                b64_json::<serde_json::Map<String, serde_json::Value>>(payload, "payload").ok()
-            })
+        let at = payload(t)
             .and_then(|claims| claims.get(claim).and_then(numeric_date))
             .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s.min(u64::from(u32::MAX))));
         ClaimedTime {
@@ -261,6 +256,26 @@ fn b64_json<T: serde::de::DeserializeOwned>(part: &str, what: &str) -> Result<T,
         .map_err(|_| JwtError::Malformed(format!("the {what} is not base64url")))?;
     serde_json::from_slice(&bytes)
         .map_err(|_| JwtError::Malformed(format!("the {what} is not a JSON object")))
+}
+
+/// The claims of token `t`, for telling what is wrong with one after its check.
+fn payload(t: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    b64_json(t.split('.').nth(1)?, "payload").ok()
+}
+
+/// Why the check found no claim `c` in token `t`: absent, or present in a form it cannot read
+/// (an `exp` as text is not missing, and saying so sends its issuer's operator looking for
+/// the wrong fault).
+fn unreadable_claim(t: &str, c: &str) -> JwtError {
+    if !payload(t).is_some_and(|claims| claims.contains_key(c)) {
+        return JwtError::MissingClaim(c.to_owned());
+    }
+    let form = match c {
+        "exp" | "nbf" => "a NumericDate (seconds since 1970-01-01T00:00:00Z)",
+        "aud" => "a string or an array of strings",
+        _ => "a string",
+    };
+    JwtError::Malformed(format!("claim `{c}` is not {form}"))
 }
 
 /// A NumericDate claim in whole seconds, as `jsonwebtoken` validates it: an integer, or a
@@ -503,7 +518,9 @@ impl JwtVerifier {
             ErrorKind::InvalidIssuer => JwtError::WrongIssuer,
             ErrorKind::InvalidSignature => JwtError::BadSignature,
             ErrorKind::InvalidAlgorithm => JwtError::AlgorithmNotAllowed(short(&alg_name)),
-            ErrorKind::MissingRequiredClaim(c) => JwtError::MissingClaim(c.clone()),
+            ErrorKind::MissingRequiredClaim(c) | ErrorKind::InvalidClaimFormat(c) => {
+                unreadable_claim(t, c)
+            }
             _ => JwtError::Malformed("the token does not decode".into()),
         })?;
         let claim = &issuer.cfg.identity_claim;

@@ -179,6 +179,26 @@ async fn bad_bearer_tokens_are_unauthenticated_with_the_reason() {
             ),
             "unknown key (kid `rogue`)",
         ),
+        (
+            "exp not a number",
+            i.sign_with("key-1", &claims(&|c| c["exp"] = json!("tomorrow"))),
+            "malformed: claim `exp` is not a NumericDate",
+        ),
+        (
+            "aud not a string",
+            i.sign_with("key-1", &claims(&|c| c["aud"] = json!(42))),
+            "malformed: claim `aud` is not a string or an array of strings",
+        ),
+        (
+            "no aud",
+            i.sign_with(
+                "key-1",
+                &claims(&|c| {
+                    c.as_object_mut().unwrap().remove("aud");
+                }),
+            ),
+            "missing claim `aud`",
+        ),
         ("not a JWT", "opaque-token".to_string(), "malformed"),
         (
             "over 16 KiB",
