@@ -459,10 +459,12 @@ impl JwtVerifier {
         };
         let header: RawHeader = b64_json(header, "header")?;
         let unverified: serde_json::Map<String, serde_json::Value> = b64_json(payload, "payload")?;
-        let iss = unverified
-            .get("iss")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| JwtError::MissingClaim("iss".into()))?;
+        let iss = match unverified.get("iss") {
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| JwtError::Malformed("claim `iss` is not a string".into()))?,
+            None => return Err(JwtError::MissingClaim("iss".into())),
+        };
         let issuer = self
             .issuers
             .get(iss)

@@ -199,6 +199,11 @@ async fn bad_bearer_tokens_are_unauthenticated_with_the_reason() {
             ),
             "missing claim `aud`",
         ),
+        (
+            "iss not a string",
+            i.sign_with("key-1", &claims(&|c| c["iss"] = json!([i.url()]))),
+            "malformed: claim `iss` is not a string",
+        ),
         ("not a JWT", "opaque-token".to_string(), "malformed"),
         (
             "over 16 KiB",
