@@ -70,6 +70,11 @@ pub enum JwtError {
     AlgorithmNotAllowed(String),
     #[error("signed with an unknown key (kid `{0}`)")]
     UnknownKey(String),
+    /// Without a `kid`, only an issuer's single key is unambiguous.
+    #[error(
+        "the token names no key (no `kid` in its header), and issuer `{issuer}` publishes {keys} keys: it must name the one that signed it"
+    )]
+    NoKeyId { issuer: String, keys: usize },
     #[error("the signature does not verify")]
     BadSignature,
     /// `exp` passed, beyond the leeway; told with the times, so that a clock set wrong on
@@ -602,6 +607,14 @@ impl JwtVerifier {
             jwk.map(|j| (j.clone(), keys.clone()))
         };
         let cfg = &issuer.cfg;
+        // No key for the token in `keys`.
+        let unknown = |keys: &Keys| match kid {
+            Some(k) => JwtError::UnknownKey(short(k)),
+            None => JwtError::NoKeyId {
+                issuer: cfg.name.clone(),
+                keys: keys.keys.len(),
+            },
+        };
         let fresh = |keys: &Keys| keys.fetched.elapsed() < cfg.jwks_max_age;
         let recent = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() < cfg.jwks_min_refresh);
         let before = issuer.keys.load_full();
@@ -618,16 +631,17 @@ impl JwtVerifier {
         let Ok(mut gate) = tokio::time::timeout(KEY_WAIT, issuer.refresh.lock()).await else {
             return match before.as_ref().and_then(find) {
                 Some(k) => Ok(k),
-                None if before.is_some() => Err(JwtError::UnknownKey(short(kid.unwrap_or("none")))),
-                None => Err(JwtError::KeysUnavailable {
-                    issuer: cfg.name.clone(),
-                    reason: "they are being fetched",
-                }),
+                None => match &before {
+                    Some(keys) => Err(unknown(keys)),
+                    None => Err(JwtError::KeysUnavailable {
+                        issuer: cfg.name.clone(),
+                        reason: "they are being fetched",
+                    }),
+                },
             };
         };
         // Another request may have refreshed while this one waited.
         let current = issuer.keys.load_full();
-        let unknown = || JwtError::UnknownKey(short(kid.unwrap_or("none")));
         let may_fetch = match &current {
             Some(keys) if fresh(keys) => {
                 if let Some(k) = find(keys) {
@@ -640,7 +654,7 @@ impl JwtVerifier {
         };
         if !may_fetch {
             return match &current {
-                Some(keys) => find(keys).ok_or_else(unknown),
+                Some(keys) => find(keys).ok_or_else(|| unknown(keys)),
                 None => Err(JwtError::KeysUnavailable {
                     issuer: cfg.name.clone(),
                     reason: "the last attempt to fetch them failed a moment ago",
@@ -660,14 +674,14 @@ impl JwtVerifier {
                     fetched: Instant::now(),
                 });
                 issuer.keys.store(Some(keys.clone()));
-                find(&keys).ok_or_else(unknown)
+                find(&keys).ok_or_else(|| unknown(&keys))
             }
             Err(message) => {
                 warn!(issuer = %cfg.name, error = %message, "cannot fetch token issuer keys");
                 gate.failed = Some(Instant::now());
                 // Keys already known stay usable through an issuer outage.
                 match &current {
-                    Some(keys) => find(keys).ok_or_else(unknown),
+                    Some(keys) => find(keys).ok_or_else(|| unknown(keys)),
                     None => Err(JwtError::KeysUnavailable {
                         issuer: cfg.name.clone(),
                         reason: "fetching them failed; the broker's log has the cause",

@@ -142,6 +142,14 @@ impl TestIssuer {
         sign_es256(&k.pair, kid, claims)
     }
 
+    /// Signs `claims` with the published key `kid`, naming no key in the header.
+    pub fn sign_without_kid(&self, kid: &str, claims: &Value) -> String {
+        let keys = self.state.published.lock().unwrap();
+        let k = keys.iter().find(|k| k.kid == kid).expect("published kid");
+        let key = EncodingKey::from_ec_pem(k.pair.serialize_pem().as_bytes()).unwrap();
+        jsonwebtoken::encode(&Header::new(Algorithm::ES256), claims, &key).unwrap()
+    }
+
     pub fn token(&self, sub: &str) -> String {
         self.sign_with("key-1", &self.claims(sub))
     }

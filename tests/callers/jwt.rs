@@ -268,6 +268,22 @@ async fn a_rotated_issuer_key_is_fetched_once_and_unknown_kids_do_not_hammer_the
         2,
         "refreshes for unknown kids are rate-limited"
     );
+    // Without a kid, a token of an issuer with several keys names none of them: told so.
+    let s = assert_status(
+        h.get(
+            None,
+            Some(&i.sign_without_kid("key-2", &i.claims("svc-a"))),
+            "contoso",
+            &[GRAPH],
+        )
+        .await,
+        Code::Unauthenticated,
+        &[
+            "names no key (no `kid` in its header)",
+            "issuer `test` publishes 3 keys",
+        ],
+    );
+    assert!(!s.message().contains("kid `none`"), "{s:?}");
     h.stop().await;
 }
 
