@@ -20,6 +20,9 @@ use crate::config::LimitsConfig;
 pub const MIN_RATE: f64 = 0.001;
 /// The longest wait a bucket tells of, whatever its rate.
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// The longest an idle bucket is kept for it to refill (the cache library needs a bound; a
+/// bucket slower than this, a burst of millions at the lowest rate, is forgotten sooner).
+const MAX_REFILL_KEPT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug)]
 struct Bucket {
@@ -63,14 +66,18 @@ impl<K> std::fmt::Debug for Buckets<K> {
 
 impl<K: Hash + Eq + Send + Sync + 'static> Buckets<K> {
     /// `rate` tokens a second up to `burst`, for at most `max_keys` keys, each forgotten
-    /// after `idle` without use.
+    /// after `idle` without use, but not before it has had the time to refill: a bucket
+    /// forgotten is a full one, and an empty one forgotten early would let its key past
+    /// its rate (a burst every `idle` seconds, whatever the rate).
     pub fn new(rate: f64, burst: u32, max_keys: u64, idle: Duration) -> Self {
+        let refill = Duration::try_from_secs_f64(f64::from(burst) / rate)
+            .map_or(MAX_REFILL_KEPT, |d| d.min(MAX_REFILL_KEPT));
         Buckets {
             rate,
             burst: f64::from(burst),
             map: moka::sync::Cache::builder()
                 .max_capacity(max_keys)
-                .time_to_idle(idle)
+                .time_to_idle(idle.max(refill))
                 .build(),
         }
     }
@@ -399,6 +406,25 @@ mod tests {
         assert!(b.peek(&address_key("192.0.2.8".parse().unwrap())).is_ok());
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(b.peek(&a).is_ok(), "refilled at the rate");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_is_not_forgotten_before_it_has_refilled() {
+        // One request every 100 s, two at once, and idle callers forgotten after a second:
+        // forgetting an empty bucket would hand the caller a full one, 100 s early.
+        let l = Limits::new(&LimitsConfig {
+            caller_idle: Duration::from_secs(1),
+            ..cfg(0.01, 2, 10)
+        });
+        l.check_caller("dns:a").unwrap();
+        l.check_caller("dns:a").unwrap();
+        assert!(l.check_caller("dns:a").is_err());
+        // The map's idle time runs on the real clock (tokio's, paused, refills nothing).
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            l.check_caller("dns:a").is_err(),
+            "idle past caller_idle, still empty"
+        );
     }
 
     #[test]
