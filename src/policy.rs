@@ -356,6 +356,9 @@ pub struct PolicyHandle {
     /// The file's contents in use and refused: while it holds a refused policy, the policy in
     /// force is older than the file (a revoked grant may still be in force).
     file: WatchedFiles,
+    /// Held from a reload's read to its install: the watcher's look and a SIGHUP's run at
+    /// once, and the one that read first must not install its older policy over the other's.
+    reloading: std::sync::Mutex<()>,
 }
 
 impl PolicyHandle {
@@ -365,6 +368,7 @@ impl PolicyHandle {
             current: ArcSwap::from_pointee(policy),
             source: Source::Fixed,
             file: WatchedFiles::new(None),
+            reloading: std::sync::Mutex::new(()),
         })
     }
 
@@ -377,6 +381,7 @@ impl PolicyHandle {
                 tenants,
             },
             file: WatchedFiles::new(None),
+            reloading: std::sync::Mutex::new(()),
         };
         handle.reload()?;
         Ok(Arc::new(handle))
@@ -400,6 +405,7 @@ impl PolicyHandle {
         let Source::File { path, tenants } = &self.source else {
             return Ok(false);
         };
+        let _reloading = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let read = std::fs::read_to_string(path)
             .map(|text| {
                 let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
@@ -642,6 +648,53 @@ mod tests {
         assert!(h.reload().unwrap());
         assert!(!h.current().allows("dns:a", "contoso", &[GRAPH.into()]));
         assert!(h.current().allows("dns:a", "fabrikam", &[GRAPH.into()]));
+    }
+
+    /// A reload that read the file before another reload read and installed a newer policy
+    /// (the watcher's look and a SIGHUP's at once) must not install its older read over it:
+    /// a grant revoked by the newer file would be back in force.
+    #[cfg(unix)]
+    #[test]
+    fn a_reload_never_installs_a_read_older_than_the_policy_in_force() {
+        use std::io::Write;
+        let (dir, path, good, h) = granting_contoso();
+        // The first reload's read is held open: the file is a FIFO its writer keeps open.
+        std::fs::remove_file(&path).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let first = std::thread::spawn({
+            let h = h.clone();
+            move || h.reload().map_err(|e| e.to_string())
+        });
+        let mut writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        writer
+            .write_all(good.replace("contoso", "fabrikam").as_bytes())
+            .unwrap();
+        // Meanwhile the file is replaced with a newer policy, and reloaded again.
+        let newer = dir.path().join("newer.toml");
+        std::fs::write(&newer, good.replace("dns:a", "dns:b")).unwrap();
+        std::fs::rename(&newer, &path).unwrap();
+        let second = std::thread::spawn({
+            let h = h.clone();
+            move || h.reload().map_err(|e| e.to_string())
+        });
+        // Let the second reload finish if it can before the first read ends (it may
+        // instead wait for the first: then the order is right whatever the time).
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        while !second.is_finished() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(writer);
+        first.join().unwrap().unwrap();
+        second.join().unwrap().unwrap();
+        assert!(
+            h.current().allows("dns:b", "contoso", &[GRAPH.into()]),
+            "the file's policy is in force"
+        );
+        assert!(!h.current().allows("dns:a", "fabrikam", &[GRAPH.into()]));
     }
 
     #[test]
