@@ -260,6 +260,10 @@ pub struct ListenerConfig {
     verifier: Mutex<Option<Arc<dyn ClientCertVerifier>>>,
     /// The CA bundle and revocation lists.
     trust: WatchedFiles,
+    /// Held from a reload's read of the trust files to its install: the watcher's look and a
+    /// SIGHUP's run at once, and the one that read first must not install its older files
+    /// (a revocation list without the latest revocation) over the other's.
+    reloading: Mutex<()>,
     /// Handshakes refused, by `HandshakeRefusal` (its index in `HandshakeRefusal::ALL`).
     refused: [AtomicU64; HandshakeRefusal::ALL.len()],
 }
@@ -292,6 +296,7 @@ impl ListenerConfig {
     }
 
     fn look(&self) -> Look<TlsError> {
+        let _reloading = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let read = TrustFiles::read(&self.tls).map(|files| {
             let d = files.digest;
             (files, d)
@@ -805,6 +810,7 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ListenerConfig>, TlsError> {
         current: ArcSwap::from_pointee(config),
         verifier: Mutex::new(verifier),
         trust: WatchedFiles::new(Some(files.digest)),
+        reloading: Mutex::new(()),
         refused: Default::default(),
     }))
 }

@@ -764,6 +764,62 @@ async fn revoked_client_certificates_are_refused_and_a_new_revocation_list_appli
     h.stop().await;
 }
 
+/// A reload of the client trust files that read them before another reload read and
+/// installed newer ones (the watcher's look and a SIGHUP's at once) must not install its
+/// older read over them: a certificate the newer revocation list revokes would pass again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_reload_never_installs_a_read_older_than_the_trust_in_force() {
+    use std::io::Write;
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        crl: true,
+        // Only the reloads below read the files.
+        server: "reload_secs = 3600",
+        ..Default::default()
+    })
+    .await;
+    let lost = h.ca.client(&[COLLECTOR]);
+    let crl = h.path("callers.crl");
+    // The first reload's read of the list is held open: a FIFO its writer keeps open.
+    std::fs::remove_file(&crl).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&crl)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let first = std::thread::spawn({
+        let tls = h.listener_tls.clone();
+        move || tls.reload_if_changed().map_err(|e| e.to_string())
+    });
+    let mut writer = std::fs::OpenOptions::new().write(true).open(&crl).unwrap();
+    writer.write_all(h.ca.crl(2, &[]).as_bytes()).unwrap();
+    // Meanwhile the CA revokes the certificate, and the files are reloaded again.
+    let newer = h.path("newer.crl");
+    std::fs::write(&newer, h.ca.crl(3, &[&lost])).unwrap();
+    std::fs::rename(&newer, &crl).unwrap();
+    let second = std::thread::spawn({
+        let tls = h.listener_tls.clone();
+        move || tls.reload_if_changed().map_err(|e| e.to_string())
+    });
+    // Let the second reload finish if it can before the first read ends (it may instead
+    // wait for the first: then the order is right whatever the time).
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !second.is_finished() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(writer);
+    first.join().unwrap().unwrap();
+    second.join().unwrap().unwrap();
+    let refused = handshake(&h, &h.server_ca_pem, Some(&lost)).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("CertificateRevoked")),
+        "{refused:?}"
+    );
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callers_ca_added_to_the_bundle_is_trusted_without_a_restart() {
     let h = Harness::start(Options {
