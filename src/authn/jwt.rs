@@ -377,11 +377,33 @@ impl JwtVerifier {
             .verified
             .as_ref()
             .map(|m| (m, <[u8; 32]>::from(Sha256::digest(t.as_bytes()))));
+        // A token that verified before, not expired, but against keys no longer in use (the
+        // issuer's keys fetched again, at anyone's request): checked again in full, but not
+        // charged to its address, which may be out of failures because of another client
+        // behind it. It is no forgery, and one check at most: refused, it is forgotten.
+        let mut verified_before = None;
         if let Some((m, digest)) = &memory
             && let Some(v) = m.get(digest)
-            && v.stands(SystemTime::now())
         {
-            return Ok(v.caller.clone());
+            let now = SystemTime::now();
+            if v.stands(now) {
+                return Ok(v.caller.clone());
+            }
+            if now < v.exp {
+                verified_before = Some((m, digest));
+            }
+        }
+        if let Some((m, digest)) = verified_before {
+            return match self.prepare(t, &|| Ok(())).await {
+                Ok(prepared) => self.check(t, prepared),
+                Err(e) => Err(e),
+            }
+            .map(|verified| {
+                let caller = verified.caller.clone();
+                m.insert(*digest, Arc::new(verified));
+                caller
+            })
+            .inspect_err(|_| m.invalidate(digest));
         }
         let failures = self
             .failures
@@ -1097,6 +1119,53 @@ mod tests {
         }
         assert_eq!(verifier.signature_checks(), u64::from(burst));
         assert_eq!((failed, refused), (3, 7));
+    }
+
+    #[cfg(feature = "emulator")]
+    #[tokio::test]
+    async fn a_token_that_verified_before_is_verified_again_past_its_address_s_failures() {
+        let burst = 3;
+        let (key, iss, release, _asked, verifier) = held_issuer(burst, "sub").await;
+        release.add_permits(100);
+        let shared: IpAddr = "192.0.2.20".parse().unwrap();
+        let valid = Sensitive::new(signed(&key, &iss, "svc"));
+        verifier.verify(&valid, Some(shared)).await.unwrap();
+        // Another client behind the same address spends its budget on bad tokens.
+        let other = signed(&key, &iss, "other");
+        for i in 0..burst {
+            let bad = forged(&signed(&key, &iss, &format!("bad-{i}")), &other);
+            assert!(verifier.verify(&bad, Some(shared)).await.is_err());
+        }
+        assert!(matches!(
+            verifier
+                .verify(&forged(&other, valid.expose()), Some(shared))
+                .await,
+            Err(JwtError::TooManyFailures { .. })
+        ));
+        // Anyone, from anywhere, has the issuer's keys fetched again (a kid it lacks).
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let body = valid.expose().split('.').nth(1).unwrap().to_owned();
+        let header = b64(serde_json::json!({"alg": "RS256", "kid": "forged"}));
+        let elsewhere: IpAddr = "198.51.100.1".parse().unwrap();
+        assert!(matches!(
+            verifier
+                .verify(
+                    &Sensitive::new(format!("{header}.{body}.c2ln")),
+                    Some(elsewhere)
+                )
+                .await,
+            Err(JwtError::UnknownKey(_))
+        ));
+        assert_eq!(verifier.key_fetches("held"), 2);
+        // The token that verified before is checked again in full, and still works.
+        let checks = verifier.signature_checks();
+        assert_eq!(
+            verifier.verify(&valid, Some(shared)).await.unwrap().id,
+            "jwt:held:svc"
+        );
+        assert_eq!(verifier.signature_checks(), checks + 1);
     }
 
     #[cfg(feature = "emulator")]
