@@ -578,6 +578,13 @@ impl JwtVerifier {
         }
         .filter(|s| !s.is_empty() && s.len() <= 512)
         .ok_or_else(|| JwtError::MissingClaim(claim.clone()))?;
+        // The identity goes into log lines (a line break would start one of the token's
+        // making) and policy grants (which could not name it).
+        if value.chars().any(char::is_control) {
+            return Err(JwtError::Malformed(format!(
+                "claim `{claim}` holds control characters: it cannot name a caller"
+            )));
+        }
         // Validation required `exp` and read it as a NumericDate (RFC 7519: a fraction is
         // allowed, rounded to the second); read here the same way, or such a token's watch
         // would end at once.
@@ -1166,6 +1173,28 @@ mod tests {
             "jwt:held:svc"
         );
         assert_eq!(verifier.signature_checks(), checks + 1);
+    }
+
+    #[cfg(feature = "emulator")]
+    #[tokio::test]
+    async fn an_identity_with_control_characters_names_no_caller() {
+        let (key, iss, release, _asked, verifier) = held_issuer(100, "sub").await;
+        release.add_permits(100);
+        let peer: IpAddr = "192.0.2.30".parse().unwrap();
+        // The identity is in log lines, where a line break would start one of the issuer's
+        // (or its user's) making, and no policy grant could name it.
+        for sub in [
+            "svc\n2026-11-24T21:00:00Z  INFO tokenbroker: forged",
+            "svc\u{1b}[2J",
+        ] {
+            let token = Sensitive::new(signed(&key, &iss, sub));
+            let e = verifier.verify(&token, Some(peer)).await.unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("claim `sub` holds control characters"),
+                "{e}"
+            );
+        }
     }
 
     #[cfg(feature = "emulator")]
