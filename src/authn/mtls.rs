@@ -23,6 +23,11 @@ pub fn identity(cert: &CertificateDer<'_>) -> Result<CertIdentity, String> {
     let not_after = SystemTime::UNIX_EPOCH
         + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
     let id = id_of(&cert)?;
+    // The identity is in log lines (a line break would start one of the certificate's
+    // making) and policy grants (which could not name it).
+    if id.chars().any(char::is_control) {
+        return Err("names its caller with control characters".into());
+    }
     Ok(CertIdentity { id, not_after })
 }
 
@@ -64,4 +69,43 @@ fn id_of(cert: &X509Certificate<'_>) -> Result<String, String> {
             _ => None,
         })
         .ok_or_else(|| "carries neither a SPIFFE ID (URI SAN) nor a DNS name".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(san: rcgen::SanType) -> CertificateDer<'static> {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names.push(san);
+        p.self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .clone()
+    }
+
+    #[test]
+    fn a_name_with_control_characters_names_no_caller() {
+        // The identity is in log lines, where a line break would start one of the
+        // certificate's making, and no grant could name it.
+        for san in [
+            rcgen::SanType::URI(
+                "spiffe://td/ns/a\n2026-11-24T21:00:00Z  INFO tokenbroker: forged"
+                    .try_into()
+                    .unwrap(),
+            ),
+            rcgen::SanType::DnsName("svc.example\r".try_into().unwrap()),
+        ] {
+            let e = identity(&leaf(san)).unwrap_err();
+            assert!(e.contains("control characters"), "{e}");
+        }
+        assert_eq!(
+            identity(&leaf(rcgen::SanType::URI(
+                "spiffe://td/ns/a/sa/b".try_into().unwrap()
+            )))
+            .unwrap()
+            .id,
+            "spiffe://td/ns/a/sa/b"
+        );
+    }
 }
