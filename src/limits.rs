@@ -419,11 +419,20 @@ mod tests {
         l.check_caller("dns:a").unwrap();
         l.check_caller("dns:a").unwrap();
         assert!(l.check_caller("dns:a").is_err());
-        // The map's idle time runs on the real clock (tokio's, paused, refills nothing).
-        std::thread::sleep(Duration::from_millis(1500));
-        assert!(
-            l.check_caller("dns:a").is_err(),
-            "idle past caller_idle, still empty"
+        // The map forgets on its own (real) clock: what it is told is what it keeps.
+        assert_eq!(
+            l.callers.map.policy().time_to_idle(),
+            Some(Duration::from_secs(200)),
+            "kept idle until refilled (2 at 0.01 a second), past caller_idle"
+        );
+        // A fast rate refills within caller_idle: that stays the bound.
+        let fast = Limits::new(&LimitsConfig {
+            caller_idle: Duration::from_secs(600),
+            ..cfg(10.0, 2, 10)
+        });
+        assert_eq!(
+            fast.callers.map.policy().time_to_idle(),
+            Some(Duration::from_secs(600))
         );
     }
 
