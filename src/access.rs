@@ -41,10 +41,10 @@ pub enum AccessError {
         crate::audit::rfc3339(*at)
     )]
     CredentialExpired { at: std::time::SystemTime },
-    /// The client certificate that opened a watch would be refused now (revoked, or its CA
-    /// no longer trusted).
+    /// The client certificate a connection was opened with would be refused now (revoked,
+    /// or its CA no longer trusted): its requests and the watches it opened end.
     #[error(
-        "the caller's client certificate is no longer accepted ({reason}); open a new watch with a valid certificate"
+        "the caller's client certificate is no longer accepted ({reason}); connect again with a valid certificate"
     )]
     CertificateNoLongerAccepted { reason: String },
 }

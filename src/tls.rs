@@ -266,6 +266,10 @@ pub struct ListenerConfig {
     reloading: Mutex<()>,
     /// Handshakes refused, by `HandshakeRefusal` (its index in `HandshakeRefusal::ALL`).
     refused: [AtomicU64; HandshakeRefusal::ALL.len()],
+    /// Bumped after each new client trust is installed (`current` and `verifier` first): a
+    /// connection's certificate verified under an older one is checked again at its next
+    /// request (`VerifiedClient::still_trusted`).
+    trust_generation: AtomicU64,
 }
 
 impl fmt::Debug for ListenerConfig {
@@ -307,6 +311,7 @@ impl ListenerConfig {
             let config = build_config(verifier.clone(), &self.cert)?;
             self.current.store(Arc::new(config));
             *self.verifier.lock().unwrap_or_else(|p| p.into_inner()) = verifier;
+            self.trust_generation.fetch_add(1, Ordering::Release);
             Ok(())
         })
     }
@@ -812,6 +817,7 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ListenerConfig>, TlsError> {
         trust: WatchedFiles::new(Some(files.digest)),
         reloading: Mutex::new(()),
         refused: Default::default(),
+        trust_generation: AtomicU64::new(0),
     }))
 }
 
@@ -866,6 +872,25 @@ pub struct VerifiedClient {
     pub identity: Result<crate::authn::mtls::CertIdentity, String>,
     /// To check it again later against the trust then in force.
     pub check: ClientCertCheck,
+    /// The client trust generation it was last accepted under.
+    accepted_under: AtomicU64,
+}
+
+impl VerifiedClient {
+    /// Whether the certificate is still accepted by the client trust in force: checked
+    /// again (the whole chain, revocation included) only when the trust has changed since
+    /// it was last accepted, so a connection opened before a revocation list or a CA
+    /// bundle changed gets no more tokens once they refuse its certificate. Otherwise one
+    /// atomic read.
+    pub fn still_trusted(&self) -> Result<(), String> {
+        let now = self.check.listener.trust_generation.load(Ordering::Acquire);
+        if self.accepted_under.load(Ordering::Relaxed) == now {
+            return Ok(());
+        }
+        self.check.still_accepted()?;
+        self.accepted_under.store(now, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// A server-side TLS connection with its `TlsPeer`.
@@ -875,10 +900,12 @@ pub struct PeerStream {
 }
 
 impl PeerStream {
+    /// `generation`: the client trust generation read before the handshake's configuration.
     fn new(
         tls: TlsStream<TcpStream>,
         remote_addr: SocketAddr,
         listener: &Arc<ListenerConfig>,
+        generation: u64,
     ) -> PeerStream {
         let client_identity = tls.get_ref().1.peer_certificates().and_then(|chain| {
             let leaf = chain.first()?;
@@ -888,6 +915,7 @@ impl PeerStream {
                     listener: listener.clone(),
                     chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
                 },
+                accepted_under: AtomicU64::new(generation),
             }))
         });
         PeerStream {
@@ -980,7 +1008,10 @@ pub fn incoming(
                 config.count_refusal(HandshakeRefusal::OverCapacity);
                 continue;
             };
-            // The configuration in force when the connection arrived (client trust reloads).
+            // The configuration in force when the connection arrived (client trust reloads),
+            // and its generation, read first: a trust installed in between is newer than the
+            // one recorded, and only costs the connection a check at its first request.
+            let generation = config.trust_generation.load(Ordering::Acquire);
             let acceptor = TlsAcceptor::from(config.current());
             let tx = tx.clone();
             let config = config.clone();
@@ -988,7 +1019,9 @@ pub fn incoming(
                 let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(PeerStream::new(tls, peer, &config))).await;
+                        let _ = tx
+                            .send(Ok(PeerStream::new(tls, peer, &config, generation)))
+                            .await;
                     }
                     Ok(Err(e)) => {
                         config.count_refusal(HandshakeRefusal::of(&e));

@@ -250,9 +250,17 @@ impl Service {
     ) -> Result<Admitted<'s, '_>, Failure> {
         let in_flight = self.access.enter()?;
         let caller = self.access.authenticate(&env.credentials()).await?;
-        let allowed = self.allow(&caller, tenant, scopes);
-        let valid_until = caller.valid_until;
         let by_certificate = matches!(caller.proof, crate::authn::Proof::Mtls);
+        // A connection outlives the trust its certificate was verified under: a revocation
+        // or a CA removed since then refuses it from its next request.
+        let still_trusted = match env.verified_client() {
+            Some(c) if by_certificate => c.still_trusted(),
+            _ => Ok(()),
+        };
+        let allowed = still_trusted
+            .map_err(|reason| Failure::from(AccessError::CertificateNoLongerAccepted { reason }))
+            .and_then(|()| self.allow(&caller, tenant, scopes));
+        let valid_until = caller.valid_until;
         audit.set_caller(caller);
         let scopes = allowed?;
         // After the caller's own checks, so a caller learns of its own mistakes first.

@@ -718,6 +718,16 @@ async fn revoked_client_certificates_are_refused_and_a_new_revocation_list_appli
     let lost = h.ca.client(&[COLLECTOR]);
     handshake(&h, &h.server_ca_pem, Some(&kept)).await.unwrap();
     handshake(&h, &h.server_ca_pem, Some(&lost)).await.unwrap();
+    // Connections each certificate opened before the revocation, and keeps open.
+    let ask = || tokenbroker::proto::GetTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+        ..Default::default()
+    };
+    let mut kept_conn = h.client(Some(&kept)).await.unwrap();
+    let mut lost_conn = h.client(Some(&lost)).await.unwrap();
+    kept_conn.get_token(ask()).await.unwrap();
+    lost_conn.get_token(ask()).await.unwrap();
 
     // The CA revokes one certificate; the broker picks the new list up without a restart.
     std::fs::write(h.path("callers.crl"), h.ca.crl(2, &[&lost])).unwrap();
@@ -729,6 +739,22 @@ async fn revoked_client_certificates_are_refused_and_a_new_revocation_list_appli
     assert!(refused.contains("CertificateRevoked"), "{refused}");
     handshake(&h, &h.server_ca_pem, Some(&kept)).await.unwrap();
     h.get(Some(&kept), None, "contoso", &[GRAPH]).await.unwrap();
+    // The revoked certificate's open connection gets no more tokens; the other's does.
+    for _ in 0..2 {
+        assert_status(
+            lost_conn.get_token(ask()).await.map(|r| r.into_inner()),
+            Code::Unauthenticated,
+            &["no longer accepted", "Revoked", "connect again"],
+        );
+    }
+    kept_conn.get_token(ask()).await.unwrap();
+    assert!(
+        h.records()
+            .iter()
+            .any(|r| r.code == "UNAUTHENTICATED" && r.caller.as_deref() == Some(COLLECTOR)),
+        "the refusal is audited with the caller: {:?}",
+        h.records()
+    );
 
     // A broken list (a truncated download) is refused; the revocation stays in force.
     std::fs::write(h.path("callers.crl"), "-----BEGIN X509 CRL-----\nAAAA\n").unwrap();
