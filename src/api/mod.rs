@@ -253,8 +253,8 @@ impl Service {
         let by_certificate = matches!(caller.proof, crate::authn::Proof::Mtls);
         // A connection outlives the trust its certificate was verified under: a revocation
         // or a CA removed since then refuses it from its next request.
-        let still_trusted = match env.verified_client() {
-            Some(c) if by_certificate => c.still_trusted(),
+        let still_trusted = match &env.peer_cert {
+            Some(PeerCert::Identity(c)) if by_certificate => c.still_trusted(),
             _ => Ok(()),
         };
         let allowed = still_trusted
