@@ -348,6 +348,10 @@ enum Source {
     },
 }
 
+/// Why an empty policy file is refused: it is more likely a file being written than a
+/// decision to deny every caller, which a policy with no grants and a comment says.
+const EMPTY_POLICY: &str = "the file is empty (being written?); a policy that denies every caller says so with a comment and no grants";
+
 /// The policy in force. Reads are lock-free; a reload swaps it whole.
 #[derive(Debug)]
 pub struct PolicyHandle {
@@ -372,7 +376,8 @@ impl PolicyHandle {
         })
     }
 
-    /// Loads a policy file; it reloads with `reload` (and `watch`).
+    /// Loads a policy file (refused when empty, see `EMPTY_POLICY`); it reloads with
+    /// `reload` (and `watch`).
     pub fn from_file(path: &Path, tenants: BTreeSet<String>) -> Result<Arc<Self>, PolicyError> {
         let handle = PolicyHandle {
             current: ArcSwap::from_pointee(Policy::deny_all()),
@@ -419,6 +424,14 @@ impl PolicyHandle {
         // tell its problems again.
         self.file
             .look(read, again, |text| {
+                // An editor or a copy that truncates before it writes shows an empty file for
+                // a moment: taken as a policy, it would deny every caller and end every watch.
+                if text.trim().is_empty() {
+                    return Err(PolicyError::Invalid {
+                        path: Some(path.clone()),
+                        problems: vec![EMPTY_POLICY.to_owned()],
+                    });
+                }
                 let policy =
                     Policy::parse(&text, tenants).map_err(|problems| PolicyError::Invalid {
                         path: Some(path.clone()),
@@ -627,6 +640,29 @@ mod tests {
         std::fs::write(&path, &good).unwrap();
         let h = PolicyHandle::from_file(&path, tenants()).unwrap();
         (dir, path, good, h)
+    }
+
+    #[test]
+    fn an_empty_policy_file_is_refused_and_a_commented_one_denies_everyone() {
+        let (dir, path, good, h) = granting_contoso();
+        // Truncated for a rewrite: refused, the policy in force stays.
+        for empty in ["", "\n  \n"] {
+            std::fs::write(&path, empty).unwrap();
+            let e = h.reload().unwrap_err().to_string();
+            assert!(e.contains("empty"), "{e}");
+            assert!(h.current().allows("dns:a", "contoso", &[GRAPH.into()]));
+        }
+        std::fs::write(&path, &good).unwrap();
+        assert!(!h.reload().unwrap(), "the policy in force, unchanged");
+        // Said in a comment: every caller denied.
+        std::fs::write(&path, "# no caller may have tokens for now\n").unwrap();
+        assert!(h.reload().unwrap());
+        assert!(!h.current().allows("dns:a", "contoso", &[GRAPH.into()]));
+        // At start, an empty file is refused too.
+        let fresh = dir.path().join("empty.toml");
+        std::fs::write(&fresh, "").unwrap();
+        let e = PolicyHandle::from_file(&fresh, tenants()).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
     }
 
     #[test]
