@@ -1551,6 +1551,7 @@ mod tests {
                 all.push(SignerError::IdentityNotAssigned {
                     status: 400,
                     message: "m".into(),
+                    unnamed: false,
                 });
             }
             for e in all {

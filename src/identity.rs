@@ -457,10 +457,10 @@ fn identity_error(client_id: &str, audience: &str, e: &azure_core::Error) -> Ide
         },
         None => {
             let message = crate::signer::keyvault::root_message(e);
-            match crate::signer::keyvault::answered_status(e) {
-                Some(status @ (400 | 401 | 403)) => IdentityError::NotAssigned {
+            match crate::signer::keyvault::endpoint_refusal(e) {
+                Some(refusal) => IdentityError::NotAssigned {
                     client_id: client_id.to_owned(),
-                    status,
+                    status: refusal.status,
                     message,
                 },
                 _ => IdentityError::Unavailable {
@@ -828,8 +828,16 @@ mod tests {
     }
 
     /// The SDK's error for the managed identity endpoint's answer of `status` (with a
-    /// `retry-after: 7`), as `ManagedIdentityCredential` returns it.
+    /// `retry-after: 7`) and IMDS's JSON error, as `ManagedIdentityCredential` returns it.
     fn endpoint_answered(status: u16) -> azure_core::Error {
+        endpoint_answered_with(
+            status,
+            r#"{"error":"invalid_request","error_description":"Identity not found"}"#,
+        )
+    }
+
+    /// As `endpoint_answered`, with `body`.
+    fn endpoint_answered_with(status: u16, body: &'static str) -> azure_core::Error {
         use azure_core::http::{RawResponse, StatusCode, headers::Headers};
         let mut headers = Headers::new();
         headers.insert("retry-after", "7");
@@ -840,7 +848,7 @@ mod tests {
                 raw_response: Some(Box::new(RawResponse::from_bytes(
                     StatusCode::from(status),
                     headers,
-                    "{}",
+                    body,
                 ))),
             },
             "The requested identity has not been assigned to this resource",
@@ -873,6 +881,27 @@ mod tests {
                 "{e:?}"
             );
             assert!(crate::flow::FlowError::Identity(e).is_persistent());
+        }
+        // App Service's own error too.
+        let e = read(&endpoint_answered_with(
+            400,
+            r#"{"statusCode":400,"message":"Unable to load the proper Managed Identity.","correlationId":"c"}"#,
+        ));
+        assert!(matches!(&e, IdentityError::NotAssigned { .. }), "{e:?}");
+        // The same statuses with a body that is not the endpoint's error (a proxy's page, a
+        // gateway's JSON, nothing): no verdict on the identity, retried.
+        for body in [
+            "<html>Access denied</html>",
+            r#"{"error":"Access Denied","message":"blocked"}"#,
+            "",
+        ] {
+            for status in [400, 401, 403] {
+                let e = read(&endpoint_answered_with(status, body));
+                assert!(
+                    matches!(&e, IdentityError::Unavailable { retry_after, .. } if *retry_after == Some(Duration::from_secs(7))),
+                    "{status} {body}: {e:?}"
+                );
+            }
         }
         // Throttled, failing, or IMDS setting the identity up: worth another try, after the
         // endpoint's hint.

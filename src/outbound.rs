@@ -68,6 +68,9 @@ pub const KEY_VAULT_ANSWER_LIMIT: usize = 1024 * 1024;
 /// ample room and is still little to hold for every key's fetch failing at once.
 pub const IDENTITY_ANSWER_LIMIT: usize = 64 * 1024;
 
+/// IMDS's address, which `azure_identity` asks and `identity.imds_endpoint` replaces.
+const IMDS_HOST: &str = "169.254.169.254";
+
 /// Who answers the managed identity credential (IMDS or App Service), as messages name it.
 const IDENTITY_ENDPOINT: &str = "the managed identity endpoint";
 
@@ -348,7 +351,10 @@ fn build_credential(
             let options = ManagedIdentityCredentialOptions {
                 user_assigned_id: identity.client_id.clone().map(UserAssignedId::ClientId),
                 client_options: ClientOptions {
-                    transport: Some(Transport::new(Arc::new(EndpointAnswers { inner: traced }))),
+                    transport: Some(Transport::new(Arc::new(EndpointAnswers {
+                        inner: traced,
+                        imds: identity.imds_endpoint.clone(),
+                    }))),
                     retry: identity_retry(),
                     ..Default::default()
                 },
@@ -367,10 +373,12 @@ fn build_credential(
 /// answered in milliseconds ended as Key Vault's cut-off 10 s later. One request per attempt
 /// instead; the broker retries (its attempts, backoff at least the answer's `Retry-After`,
 /// budget), and the caller is told the endpoint's status. The answer is kept under the error
-/// (`signer::keyvault::answered_status`).
+/// (`signer::keyvault::endpoint_refusal`).
 #[derive(Debug)]
 struct EndpointAnswers {
     inner: Arc<dyn HttpClient>,
+    /// Where IMDS's address is sent instead (`ImdsRedirect`), named as what answered.
+    imds: Option<Url>,
 }
 
 #[async_trait]
@@ -391,7 +399,11 @@ impl HttpClient for EndpointAnswers {
         };
         let (status, headers, body) = response.deconstruct();
         let body = body.collect().await?;
-        let message = endpoint_message(u16::from(status), &body);
+        let asked = match &self.imds {
+            Some(target) if request.url().host_str() == Some(IMDS_HOST) => target,
+            _ => request.url(),
+        };
+        let message = endpoint_message(u16::from(status), &body, asked);
         Err(azure_core::Error::with_message(
             ErrorKind::HttpResponse {
                 status,
@@ -406,16 +418,49 @@ impl HttpClient for EndpointAnswers {
 }
 
 /// The endpoint's failed answer for people: its status and, from its JSON error, the
-/// `error_description` (IMDS: "Identity not found"), bounded. Any other body is not quoted.
-fn endpoint_message(status: u16, body: &[u8]) -> String {
-    let description = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("error_description")?.as_str().map(str::to_owned))
-        .map(|d| d.chars().take(300).collect::<String>());
-    match description {
-        Some(d) => format!("the managed identity endpoint answered HTTP {status}: {d}"),
-        None => format!("the managed identity endpoint answered HTTP {status}"),
+/// `error_description` (IMDS: "Identity not found") or `message` (App Service: "Unable to
+/// load the proper Managed Identity."), bounded. Any other body is not the endpoint's (a
+/// proxy's or gateway's page, which could echo the request): not quoted, and what answered
+/// named by the address asked (`url`'s host and port).
+fn endpoint_message(status: u16, body: &[u8], url: &Url) -> String {
+    match endpoint_error(body) {
+        Some(d) if !d.is_empty() => format!("{IDENTITY_ENDPOINT} answered HTTP {status}: {d}"),
+        Some(_) => format!("{IDENTITY_ENDPOINT} answered HTTP {status}"),
+        None => {
+            let host = url.host_str().unwrap_or_default();
+            let at = match url.port() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_owned(),
+            };
+            format!(
+                "HTTP {status} without the managed identity endpoint's error in the body, from {at}: a proxy or gateway may have answered"
+            )
+        }
     }
+}
+
+/// The managed identity endpoint's own JSON error in `body`, its description bounded (empty
+/// when it has none): IMDS's `{"error","error_description"}`, App Service's
+/// `{"statusCode","message"}`. `None` for any other body.
+pub fn endpoint_error(body: &[u8]) -> Option<String> {
+    let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let text = |field: &str| v.get(field).and_then(|d| d.as_str());
+    // IMDS's codes are words (`invalid_request`, `bad_request_102`); a gateway's JSON may
+    // carry an `error` of its own.
+    let word = |e: &str| {
+        !e.is_empty()
+            && e.len() <= 64
+            && e.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    let description = if text("error").is_some_and(word) {
+        text("error_description")
+    } else if v.get("statusCode").is_some_and(|c| c.is_u64()) {
+        text("message")
+    } else {
+        return None;
+    };
+    Some(description.unwrap_or_default().chars().take(300).collect())
 }
 
 /// The workload identity credential with Entra's answer to a failed token request made an
@@ -790,7 +835,7 @@ struct ImdsRedirect {
 #[async_trait]
 impl HttpClient for ImdsRedirect {
     async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
-        if request.url().host_str() != Some("169.254.169.254") {
+        if request.url().host_str() != Some(IMDS_HOST) {
             return self.inner.execute_request(request).await;
         }
         let mut redirected = request.clone();

@@ -217,6 +217,12 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                     )),
                     Some(upstream_hint(*retry_after)),
                 ),
+                // The host has several identities and the broker named none: nothing to correct.
+                SignerError::IdentityNotAssigned { unnamed: true, .. } => {
+                    Status::failed_precondition(format!(
+                        "{msg}; the host has several user-assigned identities: set identity.client_id to the client id of the one the broker is to use (the identity's client id, not its object id)"
+                    ))
+                }
                 SignerError::IdentityNotAssigned { .. } => Status::failed_precondition(format!(
                     "{msg}; assign the identity to the host (the VM or scale set, or the App Service, Function or Container App) or correct identity.client_id (the identity's client id, not its object id)"
                 )),

@@ -211,6 +211,7 @@ impl Signer for FakeSigner {
             return Err(SignerError::IdentityNotAssigned {
                 status: 400,
                 message: "Identity not found".into(),
+                unnamed: false,
             });
         }
         let version = self.version.lock().unwrap().unwrap_or("v1");

@@ -438,10 +438,11 @@ fn identity_failure(e: &azure_core::Error) -> SignerError {
             message: bounded(&answer.to_string()),
             retry_after: answer.retry_after,
         },
-        None => match answered_status(e) {
-            Some(status @ (400 | 401 | 403)) => SignerError::IdentityNotAssigned {
-                status,
+        None => match endpoint_refusal(e) {
+            Some(refusal) => SignerError::IdentityNotAssigned {
+                status: refusal.status,
                 message: root_message(e),
+                unnamed: refusal.unnamed,
             },
             _ => SignerError::Identity {
                 message: root_message(e),
@@ -451,14 +452,32 @@ fn identity_failure(e: &azure_core::Error) -> SignerError {
     }
 }
 
+/// The managed identity endpoint's refusal of the identity asked for (`endpoint_refusal`).
+pub(crate) struct EndpointRefusal {
+    pub status: u16,
+    /// The host has several user-assigned identities and the request named none (IMDS's
+    /// "Multiple user assigned identities exist"): one must be named, not corrected.
+    pub unnamed: bool,
+}
+
+/// The managed identity endpoint's refusal under `e`: a 400, 401 or 403 with the endpoint's
+/// own JSON error (`outbound::endpoint_error`). The same status with any other body (a
+/// proxy's or gateway's page) is no verdict on the identity: `None`, retried as an outage.
+pub(crate) fn endpoint_refusal(e: &azure_core::Error) -> Option<EndpointRefusal> {
+    let (status, answer) = answered(e)?;
+    if !matches!(status, 400 | 401 | 403) {
+        return None;
+    }
+    let description = crate::outbound::endpoint_error(answer?.body())?;
+    Some(EndpointRefusal {
+        status,
+        unnamed: description.contains("Multiple user assigned identities"),
+    })
+}
+
 /// The retry hint of an answer under `e` (the managed identity endpoint's 429, say).
 pub(crate) fn answered_retry_after(e: &azure_core::Error) -> Option<Duration> {
     answered(e).and_then(|(_, r)| r.and_then(|r| retry_after(r.headers())))
-}
-
-/// The status of an answer under `e` (the managed identity endpoint's refusal, say).
-pub(crate) fn answered_status(e: &azure_core::Error) -> Option<u16> {
-    answered(e).map(|(status, _)| status)
 }
 
 /// The first answer under `e`: its status, and the answer itself if the SDK kept it.

@@ -120,13 +120,18 @@ pub enum SignerError {
         message: String,
         retry_after: Option<Duration>,
     },
-    /// The managed identity endpoint refused the broker's own identity (400, 401 or 403:
-    /// IMDS's "Identity not found"): `identity.client_id` names no identity assigned to the
-    /// host. Asking again will not help.
+    /// The managed identity endpoint refused the broker's own identity (400, 401 or 403 with
+    /// its own error: IMDS's "Identity not found"): `identity.client_id` names no identity
+    /// assigned to the host, or (`unnamed`) names none and the host has several user-assigned
+    /// identities. Asking again will not help.
     #[error(
         "the managed identity endpoint refused the broker's identity for Key Vault (HTTP {status}): {message}"
     )]
-    IdentityNotAssigned { status: u16, message: String },
+    IdentityNotAssigned {
+        status: u16,
+        message: String,
+        unnamed: bool,
+    },
     /// Entra refused the broker's own workload identity for a reason of configuration (the
     /// app's federated credential does not match the cluster's token, say: AADSTS700213):
     /// an answer of 4xx whose code is one of configuration or unknown. Retrying will not

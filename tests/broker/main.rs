@@ -1694,3 +1694,56 @@ async fn a_vault_url_not_under_the_vaults_own_domain_is_a_failed_precondition_na
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_in_the_identity_endpoints_place_is_retried_not_remembered() {
+    let stack = Stack::start().await;
+    // A proxy's or gateway's page with the status the endpoint refuses an identity with: not
+    // the endpoint's verdict (its JSON error), so neither "assign the identity" nor remembered.
+    let page = "<html><body>Access denied. PAGE-MARKER</body></html>";
+    for (status, tenant) in [(403, "contoso"), (401, "contoso-federated")] {
+        stack
+            .admin_post(
+                "/faults",
+                json!({"route": "identity.imds", "count": 100,
+                       "fail": {"status": status, "content_type": "text/html", "raw_body": page}}),
+            )
+            .await;
+        let s = assert_status(
+            stack.get(tenant, GRAPH).await,
+            Code::Unavailable,
+            &[
+                &format!("HTTP {status} without the managed identity endpoint's error"),
+                "a proxy or gateway may have answered",
+                "127.0.0.1",
+            ],
+        );
+        assert!(!s.message().contains("PAGE-MARKER"), "{}", s.message());
+        assert!(!s.message().contains("assign the"), "{}", s.message());
+        stack.clear_faults().await;
+        stack.get_after_hold_off(tenant, GRAPH).await;
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_identities_on_the_host_and_none_named_says_to_set_identity_client_id() {
+    let mut emulator = tokenbroker::emulator::EmulatorConfig::demo();
+    // Both of the host's identities user-assigned: IMDS does not pick one.
+    emulator.identities[0].system_assigned = false;
+    let stack = Stack::start_with(emulator, |toml| toml).await;
+    let s = assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::FailedPrecondition,
+        &[
+            "Multiple user assigned identities",
+            "set identity.client_id to the client id of the one the broker is to use",
+        ],
+    );
+    assert!(
+        !s.message().contains("correct identity.client_id"),
+        "{}",
+        s.message()
+    );
+    stack.stop().await;
+}
