@@ -55,6 +55,15 @@ pub enum OutboundError {
         upstream: &'static str,
         limit: usize,
     },
+    /// A 401 in Key Vault's place without Key Vault's bearer challenge (`KeyVaultAnswers`):
+    /// `scheme`, the challenge's first word as the answer named it.
+    #[error(
+        "HTTP 401 without Key Vault's bearer challenge ({scheme}): a proxy or gateway may have answered, asking for a sign-in of its own"
+    )]
+    NotKeyVaultsChallenge {
+        scheme: String,
+        retry_after: Option<std::time::Duration>,
+    },
 }
 
 /// The most of one answer the Key Vault clients read. Key Vault's largest, a certificate read
@@ -164,16 +173,68 @@ pub fn key_vault_options(
 /// bearer policy answers the challenge by asking the credential again: it then gets a new
 /// token rather than the cached one, refused again until its half-life refresh, hours on.
 /// Seen here because only the transport sees both the token sent and the answer.
+/// A 401 without Key Vault's bearer challenge (a gateway's `WWW-Authenticate: Negotiate`,
+/// or none) is not Key Vault's and is failed here, named (`OutboundError::NotKeyVaultsChallenge`):
+/// the SDK took such a challenge for a bug (its "no scope or resource in authentication
+/// challenge", an internal error remembered as the configuration's), or a missing one for
+/// the vault's refusal of the token.
 #[derive(Debug)]
 struct RefusedTokens {
     inner: Arc<dyn HttpClient>,
     credential: Arc<crate::identity::CachingCredential>,
 }
 
+/// Whether a `WWW-Authenticate` value carries what the Key Vault SDK reads from Key Vault's
+/// challenge (its `scope` or `resource`, as `KeyVaultAuthorizer` finds them).
+fn bearer_challenge(value: &str) -> bool {
+    value.contains("scope=\"") || value.contains("resource=\"")
+}
+
+/// A challenge's scheme for people: its first word, if it is a short one; never the rest
+/// (a gateway's `Negotiate` may carry a token).
+fn challenge_scheme(value: Option<&str>) -> String {
+    match value.map(|v| v.split([' ', ',']).next().unwrap_or_default()) {
+        None => "no WWW-Authenticate".into(),
+        Some(w)
+            if !w.is_empty()
+                && w.len() <= 32
+                && w.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_')) =>
+        {
+            format!("WWW-Authenticate: {w}")
+        }
+        Some(_) => "a WWW-Authenticate that names no scheme".into(),
+    }
+}
+
 #[async_trait]
 impl HttpClient for RefusedTokens {
     async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
         let response = self.inner.execute_request(request).await?;
+        if response.status() == azure_core::http::StatusCode::Unauthorized {
+            let challenge = response
+                .headers()
+                .get_optional_str(&azure_core::http::headers::WWW_AUTHENTICATE);
+            if !challenge.is_some_and(bearer_challenge) {
+                let retry_after = crate::resilience::retry_after(
+                    |name| {
+                        response
+                            .headers()
+                            .iter()
+                            .find(|(n, _)| n.as_str().eq_ignore_ascii_case(name))
+                            .map(|(_, v)| v.as_str().to_owned())
+                    },
+                    std::time::SystemTime::now(),
+                );
+                return Err(azure_core::Error::new(
+                    ErrorKind::Other,
+                    OutboundError::NotKeyVaultsChallenge {
+                        scheme: challenge_scheme(challenge),
+                        retry_after,
+                    },
+                ));
+            }
+        }
         if response.status() == azure_core::http::StatusCode::Unauthorized
             && let Some(token) = request
                 .headers()
@@ -813,6 +874,14 @@ impl HttpClient for Watched {
     }
 }
 
+/// The 401 in Key Vault's place without its bearer challenge under `e` (`RefusedTokens`).
+pub fn not_key_vaults_challenge(e: &azure_core::Error) -> Option<&OutboundError> {
+    causes(e).find_map(|c| {
+        c.downcast_ref::<OutboundError>()
+            .filter(|o| matches!(o, OutboundError::NotKeyVaultsChallenge { .. }))
+    })
+}
+
 /// Whether `e` is an answer over its bound (`Bounded`), wherever it is among its causes.
 pub fn over_bound(e: &azure_core::Error) -> bool {
     causes(e).any(|c| {
@@ -1141,6 +1210,84 @@ mod tests {
             .get_token(&["https://vault.azure.net/.default"], None)
             .await
             .unwrap_err()
+    }
+
+    /// Answers every request with 401 and `challenge` (none: no `WWW-Authenticate`).
+    #[derive(Debug)]
+    struct Challenging(Option<&'static str>);
+
+    #[async_trait]
+    impl HttpClient for Challenging {
+        async fn execute_request(&self, _: &Request) -> azure_core::Result<AsyncRawResponse> {
+            let mut headers = azure_core::http::headers::Headers::new();
+            if let Some(c) = self.0 {
+                headers.insert("www-authenticate", c);
+            }
+            headers.insert("retry-after", "9");
+            Ok(AsyncRawResponse::from_bytes(
+                azure_core::http::StatusCode::Unauthorized,
+                headers,
+                bytes::Bytes::from_static(
+                    br#"{"error":{"code":"Unauthorized","message":"AKV10000: Request is missing a Bearer or PoP token."}}"#,
+                ),
+            ))
+        }
+    }
+
+    /// A credential that is never asked (the transport alone is tested).
+    #[derive(Debug)]
+    struct Unused;
+
+    #[async_trait]
+    impl TokenCredential for Unused {
+        async fn get_token(
+            &self,
+            _: &[&str],
+            _: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+            unreachable!("not asked")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_401_in_key_vaults_place_without_its_bearer_challenge_is_failed_and_named() {
+        let send = |challenge: Option<&'static str>| async move {
+            let transport = RefusedTokens {
+                inner: Arc::new(Challenging(challenge)),
+                credential: Arc::new(crate::identity::CachingCredential::new(Arc::new(Unused))),
+            };
+            let request = Request::new(
+                Url::parse("https://v.vault.azure.net/keys/k/1/sign").unwrap(),
+                azure_core::http::Method::Post,
+            );
+            transport.execute_request(&request).await
+        };
+        // Key Vault's challenge: passed on for the SDK to answer.
+        let kv = r#"Bearer authorization="https://login.microsoftonline.com/t", resource="https://vault.azure.net""#;
+        assert!(send(Some(kv)).await.is_ok());
+        // A gateway's, none, or one naming no scheme: not Key Vault's, whatever the body says.
+        for (challenge, named) in [
+            (
+                Some("Negotiate oRswGaADCgEA"),
+                "WWW-Authenticate: Negotiate",
+            ),
+            (Some("NTLM, Basic realm=\"corp\""), "WWW-Authenticate: NTLM"),
+            (Some("Bearer realm=\"gateway\""), "WWW-Authenticate: Bearer"),
+            (None, "no WWW-Authenticate"),
+            (Some("<html>"), "a WWW-Authenticate that names no scheme"),
+        ] {
+            let Err(e) = send(challenge).await else {
+                panic!("{challenge:?} passed on")
+            };
+            let text = e.to_string();
+            assert!(text.contains(named), "{text}");
+            assert!(!text.contains("oRsw") && !text.contains("corp"), "{text}");
+            let e = crate::signer::keyvault::classify_for_tests(e);
+            assert!(
+                matches!(&e, crate::signer::SignerError::Unavailable { retry_after, .. } if *retry_after == Some(std::time::Duration::from_secs(9))),
+                "{challenge:?}: {e:?}"
+            );
+        }
     }
 
     #[tokio::test]

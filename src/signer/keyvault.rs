@@ -266,6 +266,12 @@ const MESSAGE_LIMIT: usize = 500;
 /// The longest error code passed on; Key Vault's are short words (`KeyNotFound`).
 const CODE_LIMIT: usize = 64;
 
+/// `classify`, for other modules' tests.
+#[cfg(test)]
+pub(crate) fn classify_for_tests(e: azure_core::Error) -> SignerError {
+    classify(e, "key k/v")
+}
+
 /// Maps an SDK error to the broker's classification, keeping Key Vault's own error code.
 fn classify(e: azure_core::Error, what: &str) -> SignerError {
     match e.kind() {
@@ -354,6 +360,19 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
         // The broker's own identity's failure, an answer over its bound included (the
         // endpoint's or Entra's, not Key Vault's).
         ErrorKind::Credential => identity_failure(&e),
+        // A 401 without Key Vault's bearer challenge (`outbound::RefusedTokens`): not Key
+        // Vault's, retried behind its breaker as a page in its place is.
+        _ if let Some(
+            not_kv @ crate::outbound::OutboundError::NotKeyVaultsChallenge { retry_after, .. },
+        ) = crate::outbound::not_key_vaults_challenge(&e) =>
+        {
+            SignerError::Unavailable {
+                service: SERVICE,
+                message: not_kv.to_string(),
+                retry_after: *retry_after,
+                throttled: false,
+            }
+        }
         // An answer longer than Key Vault ever sends (`outbound::Bounded`): a page in its
         // place, retried as the others are.
         _ if crate::outbound::over_bound(&e) => SignerError::Unavailable {

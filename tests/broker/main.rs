@@ -1727,6 +1727,43 @@ async fn a_page_in_the_identity_endpoints_place_is_retried_not_remembered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_without_key_vaults_bearer_challenge_is_unavailable_and_counted_for_its_breaker() {
+    let stack = Stack::start().await;
+    // A gateway in the vault's place asking for its own sign-in (Kerberos).
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "keyvault", "count": 100000,
+                   "fail": {"status": 401, "content_type": "text/html",
+                            "raw_body": "<html>Sign in PAGE-MARKER</html>",
+                            "headers": {"WWW-Authenticate": "Negotiate"}}}),
+        )
+        .await;
+    for tenant in ["contoso", "fabrikam"].iter().cycle().take(6) {
+        let s = assert_status(
+            stack.get(tenant, GRAPH).await,
+            Code::Unavailable,
+            &[
+                "HTTP 401 without Key Vault's bearer challenge",
+                "WWW-Authenticate: Negotiate",
+                "a proxy or gateway may have answered",
+            ],
+        );
+        assert!(!s.message().contains("PAGE-MARKER"), "{}", s.message());
+    }
+    let metrics = stack.metrics().await;
+    let key_vault: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tokenbroker_breaker_state{") && l.contains("keyvault"))
+        .collect();
+    assert!(
+        key_vault.iter().any(|l| !l.ends_with(" 0")),
+        "{key_vault:?}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_identities_on_the_host_and_none_named_says_to_set_identity_client_id() {
     let mut emulator = tokenbroker::emulator::EmulatorConfig::demo();
     // Both of the host's identities user-assigned: IMDS does not pick one.
