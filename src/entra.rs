@@ -125,6 +125,67 @@ impl EntraError {
     }
 }
 
+impl EntraError {
+    /// A redirect (3xx) in answer to a token request, not followed: Entra's token endpoint
+    /// never redirects, so something else answered. A temporary one (a proxy sending the
+    /// broker to its sign-in page, say) is retried; a permanent one (301, 308) says the
+    /// authority host is not Entra's token endpoint, the configuration's to fix (`error`
+    /// `redirect`). Named with its target (`location`, resolved against `base`, the URL
+    /// asked), of which only the scheme, host, port and path are shown: its query could
+    /// carry anything the answerer put there.
+    pub fn redirect(
+        status: u16,
+        location: Option<&str>,
+        base: Option<&Url>,
+        correlation: Option<String>,
+        retry_after: Option<Duration>,
+    ) -> Self {
+        let target = match location {
+            None => "without a Location".to_owned(),
+            Some(l) => {
+                let url = match base {
+                    Some(b) => b.join(l).ok(),
+                    None => Url::parse(l).ok(),
+                };
+                match url {
+                    Some(mut u) => {
+                        let _ = u.set_username("");
+                        let _ = u.set_password(None);
+                        u.set_query(None);
+                        u.set_fragment(None);
+                        format!("to {}", u.as_str().chars().take(200).collect::<String>())
+                    }
+                    None => "to an unreadable Location".to_owned(),
+                }
+            }
+        };
+        let permanent = matches!(status, 301 | 308);
+        let (class, why) = if permanent {
+            (
+                EntraErrorClass::Configuration,
+                "the authority host is not Entra's token endpoint",
+            )
+        } else {
+            (
+                EntraErrorClass::Retryable,
+                "a proxy or gateway answered (sending the broker to a sign-in of its own, say)",
+            )
+        };
+        EntraError {
+            class,
+            status,
+            error: "redirect".into(),
+            codes: vec![],
+            description: format!(
+                "HTTP {status} redirect {target}, not followed (the assertion is sent to Entra only): Entra's token endpoint never redirects, so {why}"
+            ),
+            correlation_id: correlation,
+            trace_id: None,
+            retry_after,
+        }
+    }
+}
+
 impl fmt::Display for EntraError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.status == 0 {
@@ -385,6 +446,20 @@ impl TokenExchange for HttpTokenExchange {
             },
             std::time::SystemTime::now(),
         );
+        if (300..400).contains(&status) {
+            // reqwest follows no redirect (`outbound`): the assertion goes to Entra only.
+            let location = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok());
+            return Err(EntraError::redirect(
+                status,
+                location,
+                Some(req.token_endpoint),
+                Some(correlation),
+                retry_after,
+            ));
+        }
         let body = crate::outbound::body_within(resp, ANSWER_LIMIT)
             .await
             .map_err(|e| EntraError::unreadable_body(status, e, &correlation))?;
@@ -519,6 +594,39 @@ mod tests {
             token_endpoint(&a, "t").as_str(),
             "https://127.0.0.1:8443/t/oauth2/v2.0/token"
         );
+    }
+
+    #[test]
+    fn a_redirect_names_its_target_without_query_or_credentials_and_is_classed_by_permanence() {
+        let asked = Url::parse("https://login.example/t/oauth2/v2.0/token").unwrap();
+        let e = EntraError::redirect(
+            302,
+            Some("https://user:pw@sso.example.net:8443/login?return=SECRET#frag"),
+            Some(&asked),
+            None,
+            None,
+        );
+        assert_eq!(e.class, EntraErrorClass::Retryable);
+        let text = e.to_string();
+        assert!(
+            text.contains("HTTP 302 redirect to https://sso.example.net:8443/login, not followed"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("SECRET") && !text.contains("pw") && !text.contains("frag"),
+            "{text}"
+        );
+        // A relative target, resolved against the URL asked; a permanent redirect is the
+        // configuration's.
+        let e = EntraError::redirect(308, Some("/other/token"), Some(&asked), None, None);
+        assert_eq!(e.class, EntraErrorClass::Configuration);
+        assert!(
+            e.to_string()
+                .contains("redirect to https://login.example/other/token"),
+            "{e}"
+        );
+        let e = EntraError::redirect(301, Some("::"), None, None, None);
+        assert!(e.to_string().contains("to an unreadable Location"), "{e}");
     }
 
     #[test]

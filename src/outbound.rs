@@ -575,11 +575,22 @@ fn answer_in(e: &azure_core::Error) -> Option<EntraError> {
             },
             std::time::SystemTime::now(),
         );
-        Some(crate::entra::answer_to_sdk(
-            u16::from(*status),
-            r.body(),
-            retry_after,
-        ))
+        let status = u16::from(*status);
+        if (300..400).contains(&status) {
+            let location =
+                r.headers()
+                    .get_optional_str(&azure_core::http::headers::HeaderName::from_static(
+                        "location",
+                    ));
+            return Some(EntraError::redirect(
+                status,
+                location,
+                None,
+                None,
+                retry_after,
+            ));
+        }
+        Some(crate::entra::answer_to_sdk(status, r.body(), retry_after))
     })
 }
 
@@ -1210,6 +1221,27 @@ mod tests {
             .get_token(&["https://vault.azure.net/.default"], None)
             .await
             .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn a_redirect_in_entras_place_to_the_workload_identity_is_named_not_followed() {
+        use crate::entra::EntraErrorClass;
+        for (status, class) in [
+            (302, EntraErrorClass::Retryable),
+            (307, EntraErrorClass::Retryable),
+            (308, EntraErrorClass::Configuration),
+        ] {
+            let e = refused_with(status, "<html>moved</html>").await;
+            let answer = entra_answer(&e).expect("Entra's answer under the error");
+            assert_eq!(answer.error, "redirect", "{answer:?}");
+            assert_eq!(answer.class, class, "{status}");
+            assert!(
+                answer
+                    .to_string()
+                    .contains(&format!("HTTP {status} redirect without a Location")),
+                "{answer}"
+            );
+        }
     }
 
     /// Answers every request with 401 and `challenge` (none: no `WWW-Authenticate`).

@@ -177,6 +177,10 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                 EntraErrorClass::Clock => Status::failed_precondition(format!(
                     "{msg}; the assertion was outside its validity window: check this host's clock"
                 )),
+                // A permanent redirect: the token endpoint asked is not Entra's.
+                EntraErrorClass::Configuration if err.error == "redirect" => {
+                    Status::failed_precondition(format!("{msg}; {REDIRECT_HINT}"))
+                }
                 EntraErrorClass::Configuration => Status::failed_precondition(format!(
                     "{msg}; {}",
                     config_hint(err.codes.first().copied())
@@ -309,11 +313,17 @@ fn config_hint(code: Option<u32>) -> &'static str {
     }
 }
 
+/// What to fix when Entra's token endpoint redirects for good (`EntraError::redirect`).
+const REDIRECT_HINT: &str = "check the authority host ([cloud] authority_host, else AZURE_AUTHORITY_HOST for a workload identity: Entra's authority of the cloud, https://login.microsoftonline.com in the public one) and any proxy between the broker and it";
+
 /// What to fix when Entra refuses the broker's own workload identity.
 fn identity_hint(answer: &EntraError) -> &'static str {
     const FEDERATED: &str = "the broker's workload identity needs a federated credential on its app registration with issuer = the cluster's OIDC issuer, subject = system:serviceaccount:NAMESPACE:NAME of the broker's pod, audience = api://AzureADTokenExchange (…USGov, …China in those clouds; docs/DEPLOY.md)";
     if answer.class == EntraErrorClass::Caller {
         return "Entra will not issue the broker's workload identity a token for Key Vault: check that the vaults are in the cloud of the identity's tenant ([cloud], AZURE_TENANT_ID)";
+    }
+    if answer.error == "redirect" {
+        return REDIRECT_HINT;
     }
     match answer.codes.first() {
         Some(90002) => {
@@ -336,6 +346,9 @@ fn identity_hint(answer: &EntraError) -> &'static str {
 fn federated_identity_hint(answer: &EntraError) -> &'static str {
     if answer.class == EntraErrorClass::Caller {
         return "Entra will not issue the identity a token for the tenant's credential.audience: check it (api://AzureADTokenExchange in the public cloud, …USGov, …China in those)";
+    }
+    if answer.error == "redirect" {
+        return REDIRECT_HINT;
     }
     match answer.codes.first() {
         Some(90002) => {

@@ -1784,3 +1784,53 @@ async fn several_identities_on_the_host_and_none_named_says_to_set_identity_clie
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_from_entras_place_is_not_followed_and_names_its_target() {
+    let stack = Stack::start().await;
+    let token_url = format!(
+        "{}/{}/oauth2/v2.0/token",
+        stack
+            .emulator()
+            .endpoints()
+            .authority_host
+            .trim_end_matches('/'),
+        demo::CONTOSO_TENANT
+    );
+    // A temporary redirect (a proxy's sign-in page), to where a token would be had: not
+    // followed (the assertion goes to Entra only), named, retried.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100,
+                   "fail": {"status": 307, "raw_body": "",
+                            "headers": {"Location": format!("{token_url}?secret=QUERY-MARKER")}}}),
+        )
+        .await;
+    let s = assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::Unavailable,
+        &["HTTP 307 redirect to", &token_url, "not followed"],
+    );
+    assert!(!s.message().contains("QUERY-MARKER"), "{}", s.message());
+    stack.clear_faults().await;
+    stack.get_after_hold_off("contoso", GRAPH).await;
+    // A permanent one: the authority host is not Entra's token endpoint, for good.
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": "entra.token", "count": 100,
+                   "fail": {"status": 308, "raw_body": "",
+                            "headers": {"Location": "https://login.example.net/common/oauth2/v2.0/token"}}}),
+        )
+        .await;
+    assert_status(
+        stack.get("fabrikam", GRAPH).await,
+        Code::FailedPrecondition,
+        &[
+            "HTTP 308 redirect to https://login.example.net/common/oauth2/v2.0/token",
+            "authority_host",
+        ],
+    );
+    stack.stop().await;
+}
