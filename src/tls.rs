@@ -89,6 +89,10 @@ pub struct ReloadingCert {
     key_file: PathBuf,
     current: ArcSwap<CertifiedKey>,
     files: WatchedFiles,
+    /// Held from a reload's read of the pair to its install, as for the client trust: the one
+    /// of two concurrent reloads (the watcher's, a SIGHUP's) that read first must not install
+    /// its older pair over the other's newer one.
+    reloading: Mutex<()>,
 }
 
 impl fmt::Debug for ReloadingCert {
@@ -109,6 +113,7 @@ impl ReloadingCert {
             key_file: key_file.to_owned(),
             current: ArcSwap::from_pointee(key),
             files: WatchedFiles::new(Some(digest(&cert_pem, &key_pem))),
+            reloading: Mutex::new(()),
         }))
     }
 
@@ -119,6 +124,7 @@ impl ReloadingCert {
     }
 
     fn look(&self) -> Look<TlsError> {
+        let _reloading = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let read = read_pair(&self.cert_file, &self.key_file).map(|(cert, key)| {
             let d = digest(&cert, &key);
             ((cert, key), d)

@@ -536,6 +536,63 @@ async fn a_rotated_server_certificate_is_served_without_a_restart() {
     h.stop().await;
 }
 
+/// Two reloads of the server certificate at once (the watcher's look and a SIGHUP's): the
+/// one that read its pair first must not install it over the newer pair the other installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_certificate_reload_never_installs_a_pair_older_than_the_one_in_force() {
+    use std::io::Write;
+    let h = Harness::start(Options {
+        // Only the reloads below read the files.
+        server: "reload_secs = 3600",
+        ..Default::default()
+    })
+    .await;
+    let older_ca = Ca::new("older server CA");
+    let newer_ca = Ca::new("newer server CA");
+    let (older, newer) = (older_ca.server(), newer_ca.server());
+    // The first reload reads the older certificate, then waits on the key: a FIFO its
+    // writer keeps open.
+    std::fs::write(h.path("server.crt"), &older.cert_pem).unwrap();
+    let key = h.path("server.key");
+    std::fs::remove_file(&key).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let first = std::thread::spawn({
+        let cert = h.server_cert.clone();
+        move || cert.reload_if_changed().map_err(|e| e.to_string())
+    });
+    let mut writer = std::fs::OpenOptions::new().write(true).open(&key).unwrap();
+    // Meanwhile the newer pair is written and reloaded.
+    for (name, pem) in [
+        ("server.crt", &newer.cert_pem),
+        ("server.key", &newer.key_pem),
+    ] {
+        let next = h.path(&format!("{name}.next"));
+        std::fs::write(&next, pem).unwrap();
+        std::fs::rename(&next, h.path(name)).unwrap();
+    }
+    let second = std::thread::spawn({
+        let cert = h.server_cert.clone();
+        move || cert.reload_if_changed().map_err(|e| e.to_string())
+    });
+    // Let the second reload finish if it can before the first read ends (it may instead
+    // wait for the first: then the order is right whatever the time).
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !second.is_finished() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    writer.write_all(older.key_pem.as_bytes()).unwrap();
+    drop(writer);
+    first.join().unwrap().unwrap();
+    second.join().unwrap().unwrap();
+    handshake(&h, &newer_ca.pem(), None).await.unwrap();
+    assert!(handshake(&h, &older_ca.pem(), None).await.is_err());
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_certificates_end_is_a_metric_that_follows_its_rotation() {
     let h = Harness::start(Options::default()).await;
