@@ -710,13 +710,19 @@ impl Watcher {
                 // Not a clean end (OK), which a client may take for "finished": told to
                 // reconnect, as a call at shutdown is.
                 _ = shutdown.wait_for(|s| *s) => {
-                    self.ended = true;
-                    return Some(Err(error::to_status(&BrokerError::ShuttingDown)));
+                    return Some(Err(self.end(BrokerError::ShuttingDown)));
                 }
                 at = &mut expired => {
                     return Some(Err(self.end(AccessError::CredentialExpired { at })));
                 }
-                state = self.rx.next() => state?,
+                state = self.rx.next() => match state {
+                    Some(state) => state,
+                    // The key's slot is gone (the broker is going): not the caller's doing.
+                    None => {
+                        self.ended = true;
+                        return None;
+                    }
+                },
                 () = token_expired => {
                     self.sent_expires = None;
                     self.last.clone()
@@ -815,17 +821,33 @@ impl Watcher {
     }
 
     /// Ends the watch with `e`, recorded in the audit trail.
-    fn end(&mut self, e: AccessError) -> Status {
+    fn end(&mut self, e: impl Into<Failure>) -> Status {
         self.ended = true;
         let mut record = self.record.clone();
         let status = self
             .service
-            .fail(&self.record.request_id, &mut record, &Failure::Access(e));
+            .fail(&self.record.request_id, &mut record, &e.into());
         // One record per watch ended, never folded into a summary of repeats: each names
         // the stream (its request id) that stopped.
         record.repeatable = false;
         self.service.access.audit().record(record);
         status
+    }
+}
+
+impl Drop for Watcher {
+    /// A watch dropped before the broker ended it was closed by its caller (or its
+    /// connection went): its end is in the audit trail, as the broker's ends are, so the
+    /// trail tells how long each watch was fed.
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let mut record = std::mem::replace(&mut self.record, AuditRecord::pending("", None));
+        record.outcome = Outcome::Cancelled;
+        record.code = error::code_name(tonic::Code::Cancelled);
+        record.reason = Some("the caller closed the watch, or its connection ended".into());
+        self.service.access.audit().record(record);
     }
 }
 

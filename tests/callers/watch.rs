@@ -361,3 +361,72 @@ async fn a_watch_ends_when_its_trust_domains_bundle_no_longer_vouches_for_its_ce
     }
     h.stop().await;
 }
+
+/// The records of the watch `request_id` once `done` holds for them (the server learns of a
+/// closed stream a moment after the client closes it), bounded.
+async fn watch_records_until(
+    h: &Harness,
+    done: impl Fn(&[tokenbroker::audit::AuditRecord]) -> bool,
+) -> Vec<tokenbroker::audit::AuditRecord> {
+    for _ in 0..200 {
+        let records: Vec<_> = h
+            .records()
+            .into_iter()
+            .filter(|r| r.rpc == "WatchToken")
+            .collect();
+        if done(&records) {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the watch's records never came: {:?}", h.records());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_the_caller_closes_has_its_end_in_the_audit_trail() {
+    let (h, _, w, _) = watching_a().await;
+    drop(w);
+    let records = watch_records_until(&h, |r| r.len() >= 3).await;
+    let [admitted, sent, end] = records.as_slice() else {
+        panic!("admission, the token sent and the end: {records:?}");
+    };
+    assert!(sent.token_fingerprint.is_some());
+    assert_eq!(end.request_id, admitted.request_id, "{end:?}");
+    assert_eq!((end.outcome, end.code), (Outcome::Cancelled, "CANCELLED"));
+    assert_eq!(end.caller.as_deref(), Some(A));
+    assert_eq!(end.tenant, "contoso");
+    assert_eq!(end.token_fingerprint, None, "the end sends no token");
+    assert!(
+        end.reason.as_deref().unwrap().contains("closed the watch"),
+        "{end:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_the_broker_ends_at_shutdown_has_its_end_in_the_audit_trail() {
+    let (h, _, mut w, _) = watching_a().await;
+    let audit = h.audit.clone();
+    let stopped = tokio::spawn(h.stop());
+    let end = tokio::time::timeout(Duration::from_secs(30), w.message())
+        .await
+        .expect("the watch ends at shutdown")
+        .expect_err("with a status");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    drop(w);
+    stopped.await.unwrap();
+    let records: Vec<_> = audit
+        .records()
+        .into_iter()
+        .filter(|r| r.rpc == "WatchToken")
+        .collect();
+    let [admitted, _sent, end] = records.as_slice() else {
+        panic!("admission, the token sent and the end, once: {records:?}");
+    };
+    assert_eq!(end.request_id, admitted.request_id, "{end:?}");
+    assert_eq!((end.outcome, end.code), (Outcome::Failed, "UNAVAILABLE"));
+    assert!(
+        end.reason.as_deref().unwrap().contains("shutting down"),
+        "{end:?}"
+    );
+}
