@@ -509,9 +509,22 @@ impl Validator<'_> {
             ("stdout", None) => AuditOutput::Stdout,
             ("file", Some(f)) => {
                 let f = self.path(f);
+                let checked = self.reads_files("audit.file", &f);
+                // The broker appends to the file: a directory given for it (an empty name is
+                // the configuration's own) would stop `serve` at start.
+                if checked && f.is_dir() {
+                    self.problem(
+                        "audit.file",
+                        format!(
+                            "{} is a directory: name the audit log file in it, such as {}",
+                            f.display(),
+                            f.join("audit.jsonl").display()
+                        ),
+                    );
+                }
                 // The broker creates the file, not its directory.
-                if let Some(dir) = f.parent()
-                    && self.reads_files("audit.file", &f)
+                else if let Some(dir) = f.parent()
+                    && checked
                     && !dir.is_dir()
                 {
                     self.problem(

@@ -1628,6 +1628,16 @@ fn the_listener_and_outbound_tls_files_must_exist_and_load_as_serve_loads_them()
     )));
     assert_eq!(p[0].0, "audit.file", "{p:?}");
     assert!(p[0].1.contains("does not exist"), "{p:?}");
+    // A directory given for the file (or an empty name: the configuration's own directory)
+    // cannot be opened for appending: `serve` would stop at start.
+    std::fs::create_dir(dir.path().join("audit")).unwrap();
+    for file in ["audit", ""] {
+        let p = paths(load(&format!(
+            "{GOOD}\n[audit]\noutput = \"file\"\nfile = \"{file}\"\n"
+        )));
+        assert_eq!(p[0].0, "audit.file", "{p:?}");
+        assert!(p[0].1.contains("is a directory"), "{p:?}");
+    }
 
     // Elsewhere, they are listed as not checked.
     let path = dir.path().join("broker.toml");
