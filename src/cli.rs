@@ -143,8 +143,8 @@ pub enum Command {
         /// `/.default` in the configured cloud (any consented app gets that token).
         #[arg(long, requires = "online")]
         scope: Vec<String>,
-        /// With --online: seconds to wait for each tenant's token.
-        #[arg(long, requires = "online", default_value_t = 60)]
+        /// With --online: seconds to wait for each tenant's token (1 to 3600).
+        #[arg(long, requires = "online", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
         /// With --online: the report as one JSON document.
         #[arg(long, requires = "online")]
@@ -1057,6 +1057,20 @@ mod tests {
         // clap refuses a zero timeout (exit 2) before anything runs.
         let zero = token_with("--timeout", "0").unwrap_err();
         assert_eq!(zero.exit_code(), 2);
+        // So does `check-config --online`, which would otherwise report every tenant as
+        // failing (no answer within 0 s) and exit 1.
+        let online = |secs: &str| {
+            Cli::try_parse_from([
+                "tokenbroker",
+                "check-config",
+                "broker.toml",
+                "--online",
+                "--timeout",
+                secs,
+            ])
+        };
+        assert_eq!(online("0").unwrap_err().exit_code(), 2);
+        assert!(online("60").is_ok());
     }
 
     /// `tokenbroker token` for a tenant and scope, with `option` set to `value`.
