@@ -665,6 +665,7 @@ impl AuditSink for JsonLines {
 /// is lost: those written before the rotation are in the renamed file. Checked before every
 /// batch that has records, so at most one batch (5 ms under load) lands in the old file
 /// after the rename. A rotator that copies and truncates works too (the file is O_APPEND).
+/// A file removed (not renamed) when no new one can be made fails the writes (`orphaned`).
 struct FollowedFile {
     path: std::path::PathBuf,
     file: std::fs::File,
@@ -672,6 +673,11 @@ struct FollowedFile {
     id: (u64, u64),
     /// Reopening failed and was logged; logged again only after it worked once.
     reopen_failing: bool,
+    /// The open file has no name left (removed, its directory too) and none can be made at
+    /// the path: what is written to it is written to nothing anyone can read, so writes
+    /// fail with this until a file can be made (the records are kept meanwhile, and the
+    /// trail counts as failing).
+    orphaned: Option<String>,
 }
 
 impl FollowedFile {
@@ -682,6 +688,7 @@ impl FollowedFile {
             file,
             id,
             reopen_failing: false,
+            orphaned: None,
         })
     }
 
@@ -714,12 +721,25 @@ impl Output for FollowedFile {
                 self.file = file;
                 self.id = id;
                 self.reopen_failing = false;
+                self.orphaned = None;
                 tracing::info!(
                     path = %self.path.display(),
                     "audit file renamed or removed (log rotation): writing to a new file at its path"
                 );
             }
-            // Records keep going to the open (renamed or removed) file meanwhile.
+            // Removed, not renamed: no link to the open file is left.
+            Err(e)
+                if self.file.metadata().is_ok_and(|m| {
+                    use std::os::unix::fs::MetadataExt as _;
+                    m.nlink() == 0
+                }) =>
+            {
+                self.orphaned = Some(format!(
+                    "the audit file {} was removed and a new one cannot be created there: {e}",
+                    self.path.display()
+                ));
+            }
+            // Records keep going to the open (renamed) file meanwhile.
             Err(e) if !self.reopen_failing => {
                 self.reopen_failing = true;
                 tracing::error!(
@@ -735,6 +755,12 @@ impl Output for FollowedFile {
 
 impl Write for FollowedFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(why) = &self.orphaned {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                why.clone(),
+            ));
+        }
         self.file.write(buf)
     }
 
@@ -995,6 +1021,33 @@ mod tests {
         drop(sink);
         assert_eq!(request_ids(&moved.join("audit.jsonl")), ["req-1", "req-2"]);
         assert_eq!(request_ids(&path), ["req-3"]);
+    }
+
+    #[test]
+    fn a_removed_file_that_cannot_be_made_again_is_a_failure_and_its_records_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        let path = logs.join("audit.jsonl");
+        let sink = JsonLines::file(&path).unwrap();
+        sink.write(record(1));
+        sink.flush();
+        assert_eq!(sink.failure(), None);
+        // The file and its directory are gone: records written to the open file would be
+        // written to nothing anyone can read.
+        std::fs::remove_dir_all(&logs).unwrap();
+        sink.write(record(2));
+        sink.flush();
+        let failure = sink.failure().expect("the trail cannot be written");
+        assert!(failure.contains("removed"), "{failure}");
+        assert_eq!(sink.lost(), 0);
+        // Once a file can be made at the path again, the kept records go there first.
+        std::fs::create_dir(&logs).unwrap();
+        sink.write(record(3));
+        sink.flush();
+        assert_eq!(sink.failure(), None);
+        drop(sink);
+        assert_eq!(request_ids(&path), ["req-2", "req-3"]);
     }
 
     #[test]
