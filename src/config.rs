@@ -963,6 +963,16 @@ impl Config {
             Err(e) => return Err(ConfigError::Invalid(vec![toml_problem(text, &e)])),
         };
         find_secrets(&toml::Value::Table(value.clone()), "", text, &mut problems);
+        // The environment's overrides likewise: a problem about one quotes its value.
+        for (var, _) in ENV_OVERRIDES {
+            if env(var).is_some_and(|v| holds_client_secret(&v)) {
+                problems.push(Problem {
+                    path: (*var).to_string(),
+                    line: None,
+                    message: CLIENT_SECRET.into(),
+                });
+            }
+        }
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -1243,6 +1253,13 @@ fn find_secrets(value: &toml::Value, path: &str, text: &str, problems: &mut Vec<
                 message: "holds key material or a token; tokenbroker holds no secrets, so configuration carries identifiers only".into(),
             });
         }
+        toml::Value::String(s) if holds_client_secret(s) => {
+            problems.push(Problem {
+                line: line_of(text, path),
+                path: path.to_string(),
+                message: CLIENT_SECRET.into(),
+            });
+        }
         toml::Value::String(s) if url_with_credentials(s) => {
             problems.push(Problem {
                 line: line_of(text, path),
@@ -1276,6 +1293,30 @@ fn secret_key(key: &str) -> Option<&'static str> {
         .then_some(
             "looks like a secret; tokenbroker holds no secrets: its own identity is a managed identity and client assertions are signed by Key Vault. Remove this field and configure a Key Vault certificate credential instead",
         )
+}
+
+/// Said of a value shaped like an Entra client secret, which is never repeated: the portal
+/// shows it beside the client id, so it gets pasted for one.
+const CLIENT_SECRET: &str = "looks like an Entra client secret (not repeated here): tokenbroker holds no secrets, its tenants' apps prove themselves with Key Vault certificates; remove it, and since it was written down, delete it from the app registration's certificates & secrets; a client id is the app's application (client) id, a GUID";
+
+/// Whether `s` holds a value shaped like an Entra client secret as the portal makes them
+/// (three characters, a digit, `Q~`, then 31 to 34 more; the shape secret scanners look
+/// for), standing apart from the characters around it. No identifier, URL or path of the
+/// configuration has that shape.
+fn holds_client_secret(s: &str) -> bool {
+    let head = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'~' | b'.');
+    let tail = |b: u8| head(b) || b == b'-';
+    let b = s.as_bytes();
+    (4..b.len().saturating_sub(1)).any(|i| {
+        if &b[i..i + 2] != b"Q~" || !b[i - 1].is_ascii_digit() {
+            return false;
+        }
+        let start = i - 4;
+        let rest = b[i + 2..].iter().take_while(|&&c| tail(c)).count();
+        b[start..i - 1].iter().all(|&c| head(c))
+            && (start == 0 || !head(b[start - 1]))
+            && (31..=34).contains(&rest)
+    })
 }
 
 fn looks_like_jwt(s: &str) -> bool {

@@ -99,6 +99,36 @@ fn rejects_private_key_material_in_any_value() {
 }
 
 #[test]
+fn an_entra_client_secret_is_refused_wherever_it_is_put_and_never_repeated() {
+    // Assembled at run time so the repository holds no secret-shaped text: the shape of the
+    // value the portal shows once when a client secret is added.
+    let secret = format!("Ab{}8{}~{}", "c", "Q", "dEfGhIjKlMnOpQrStUvWxYz0123456789.");
+    // Pasted for the client id, the field beside it in the portal.
+    let text = GOOD.replace(
+        "client_id = \"33333333-3333-3333-3333-333333333333\"",
+        &format!("client_id = \"{secret}\""),
+    );
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "tenants.contoso.client_id");
+    assert!(p[0].message.contains("client secret"), "{}", p[0].message);
+    assert!(
+        !ConfigError::Invalid(p).to_string().contains(&secret),
+        "the secret is not repeated"
+    );
+    // From the environment too.
+    let env = |k: &str| (k == "TOKENBROKER_IDENTITY_CLIENT_ID").then(|| secret.clone());
+    let e = Config::from_toml_str(GOOD, Path::new("/"), &env).unwrap_err();
+    let shown = e.to_string();
+    assert!(shown.contains("TOKENBROKER_IDENTITY_CLIENT_ID"), "{shown}");
+    assert!(shown.contains("client secret"), "{shown}");
+    assert!(
+        !shown.contains(&secret),
+        "the secret is not repeated: {shown}"
+    );
+}
+
+#[test]
 fn reports_every_problem_not_just_the_first() {
     let text = r#"
 [server]
