@@ -653,10 +653,23 @@ pub async fn request_token(
         );
         // The file may hold the header's whole value, as some tools write it.
         let token = raw.expose().trim();
-        let token = match token.get(..7) {
-            Some(p) if p.eq_ignore_ascii_case("bearer ") => token[7..].trim_start(),
+        let token = match (token.get(..6), token.get(6..)) {
+            (Some(p), Some(rest))
+                if p.eq_ignore_ascii_case("bearer")
+                    && (rest.is_empty() || rest.starts_with(char::is_whitespace)) =>
+            {
+                rest.trim_start()
+            }
             _ => token,
         };
+        // A projected token file not written yet, say: the broker would only say the header
+        // is not `Bearer <jwt>`, and refuse the caller.
+        if token.is_empty() {
+            return Err(TokenFailure::other(format!(
+                "{} holds no token: --bearer-file names the file holding the caller's bearer token (a JWT)",
+                path.display()
+            )));
+        }
         let value = format!("Bearer {token}").parse().map_err(|_| {
             TokenFailure::other(format!(
                 "{}: the token is not a valid header value",
@@ -1202,6 +1215,34 @@ mod tests {
         let e = check_config(missing, false, &no_env, []).unwrap_err();
         assert_eq!(e.matches("/nowhere/broker.toml").count(), 1, "{e}");
         assert!(e.starts_with("cannot read /nowhere/broker.toml: "), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_empty_bearer_file_is_named_before_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [("empty", ""), ("blank", " \n"), ("header", "Bearer \n")] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            // Nothing listens there: the file is checked before any connection.
+            let e = request_token(
+                "http://127.0.0.1:9",
+                proto::GetTokenRequest::default(),
+                Duration::from_secs(5),
+                &CallerAuth {
+                    ca: None,
+                    cert: None,
+                    bearer_file: Some(path.clone()),
+                },
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.exit, 1, "{name}: {}", e.message);
+            assert!(
+                e.message.contains(&path.display().to_string()) && e.message.contains("no token"),
+                "{name}: {}",
+                e.message
+            );
+        }
     }
 
     #[tokio::test]
