@@ -404,10 +404,15 @@ impl Broker {
                 && !(force && self.forced_past(&slot, now, &mut under_way, req.claims))
             {
                 self.inner.stats.hits.incr();
-                if token.refresh.reached(now) && state.failure.is_none() {
+                if token.refresh.reached(now)
+                    && state.failure.is_none()
+                    && slot.negative(now).is_none()
+                {
                     // Overdue (the scheduled refresh has not run yet): start it, or join the
                     // one running, without waiting. After a failure the scheduler's backoff
-                    // decides.
+                    // decides, and so it does while a failure is remembered (a forced
+                    // refresh refused before the refresh was due): the scheduler waits out
+                    // a refusal's negative period, and callers must not ask before it ends.
                     let _ = self.start_fetch(&owned_key(), &slot, Started::Refresh, None);
                 }
                 let source = if state.failure.is_some() {

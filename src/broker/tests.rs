@@ -2126,3 +2126,24 @@ async fn entras_refusal_of_a_claims_fetch_is_not_remembered_for_the_keys_other_c
     assert_eq!(forced.source, TokenSource::Exchange);
     assert_eq!(f.entra.calls(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_remembered_before_the_refresh_is_due_is_not_asked_again_by_a_caller() {
+    let f = fixture(HOUR, "negative_ttl_secs = 600");
+    let first = f.get(None).await.unwrap();
+    // The app is disabled; a forced refresh before the token's refresh is due (1440 to
+    // 1800 s) is refused and remembered for the negative period (until 2000 s).
+    f.advance(Duration::from_secs(1400)).await;
+    f.entra.set(Answer::Refuse);
+    assert!(f.get_forced().await.is_err());
+    assert_eq!(f.entra.calls(), 2);
+    // The refresh comes due within the period: neither the chain nor a caller asks again.
+    f.advance(Duration::from_secs(401)).await;
+    let t = f.get(None).await.unwrap();
+    assert_eq!(token_of(&t), token_of(&first));
+    settle().await;
+    assert_eq!(f.entra.calls(), 2, "asked again within the negative period");
+    // Once the period is over, the refresh asks again.
+    f.advance(Duration::from_secs(200)).await;
+    assert_eq!(f.entra.calls(), 3);
+}
