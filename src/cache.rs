@@ -550,6 +550,13 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
         TokenCache {
             slots: moka::future::Cache::builder()
                 .max_capacity(max_entries)
+                // Least recently used goes first, and every slot is taken in. moka's default
+                // (TinyLFU) turns a new key away while the cache is full of keys read more
+                // often: its slot was dropped at the next housekeeping, so each of its
+                // requests fetched anew, its fetches under way were not joined, and its
+                // failures were not held. A key's fetch is paid by the time its slot is
+                // judged, and a token cached is what spares the upstream.
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .time_to_idle(idle)
                 .eviction_listener(|_, slot: Arc<Slot<E>>, _| {
                     slot.cached.fetch_sub(1, Ordering::AcqRel);
@@ -643,6 +650,12 @@ impl<E: Send + Sync + 'static> TokenCache<E> {
     /// Drops `key` from the cache, as eviction does (tests).
     pub async fn evict(&self, key: &Key) {
         self.slots.invalidate(key).await;
+        self.slots.run_pending_tasks().await;
+    }
+
+    /// Runs the cache's housekeeping (admissions, evictions) now, as it runs on its own
+    /// every few hundred milliseconds (tests).
+    pub async fn housekeeping(&self) {
         self.slots.run_pending_tasks().await;
     }
 

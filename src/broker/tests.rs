@@ -2147,3 +2147,54 @@ async fn a_refusal_remembered_before_the_refresh_is_due_is_not_asked_again_by_a_
     f.advance(Duration::from_secs(200)).await;
     assert_eq!(f.entra.calls(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_new_key_is_cached_when_the_cache_is_full_of_keys_read_more_often() {
+    let f = fixture(HOUR, "\n[cache]\nmax_entries = 20");
+    let request = |resource: &str| TokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![format!("https://{resource}/.default")],
+        min_validity: None,
+        force_refresh: false,
+        claims: None,
+    };
+    // Twenty keys, each read many times: the cache is full.
+    for _ in 0..20 {
+        for i in 0..20 {
+            f.broker
+                .get_token(request(&format!("r{i}.example")))
+                .await
+                .unwrap();
+        }
+    }
+    f.broker.cache().housekeeping().await;
+    let before = f.entra.calls();
+    // A new key: fetched once, its fetch shared by the callers that come while it is under
+    // way, then cached like any other, whatever the cache held.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    f.entra.set(Answer::Wait(gate.clone(), HOUR));
+    let spawn = || {
+        let broker = f.broker.clone();
+        tokio::spawn(async move { broker.get_token(request("new.example")).await })
+    };
+    let early = spawn();
+    settle().await;
+    f.broker.cache().housekeeping().await;
+    let late = spawn();
+    settle().await;
+    gate.notify_waiters();
+    let first = early.await.unwrap().unwrap();
+    assert_eq!(token_of(&late.await.unwrap().unwrap()), token_of(&first));
+    assert_eq!(f.entra.calls(), before + 1);
+    for _ in 0..5 {
+        f.broker.cache().housekeeping().await;
+        let again = f.broker.get_token(request("new.example")).await.unwrap();
+        assert_eq!(again.source, TokenSource::Cache);
+        assert_eq!(token_of(&again), token_of(&first));
+    }
+    assert_eq!(
+        f.entra.calls(),
+        before + 1,
+        "fetched again for every request"
+    );
+}
