@@ -40,6 +40,8 @@ pub const MAX_SCOPE_LEN: usize = 512;
 
 /// The shared result of a fetch that callers await.
 type Flight = futures::future::Shared<futures::future::BoxFuture<'static, FlightResult<FlowError>>>;
+/// A fetch started or joined, and the claims it carries.
+type Fetching = (Joined, Flight, Option<Arc<str>>);
 
 /// A caller's request, already decoded from the wire.
 #[derive(Debug, Clone)]
@@ -172,10 +174,15 @@ pub struct Stats {
 struct Waited<'a> {
     stats: &'a Stats,
     from_cache: bool,
+    /// The request looks again (a fetch ended as it was to start one): counted then.
+    looked_again: bool,
 }
 
 impl Drop for Waited<'_> {
     fn drop(&mut self) {
+        if self.looked_again {
+            return;
+        }
         if self.from_cache {
             self.stats.hits.incr();
         } else {
@@ -390,104 +397,132 @@ impl Broker {
         if let Some(claims) = req.claims {
             wait_for_other_claims(&slot, claims).await;
         }
-        let now = self.inner.clock.moment();
         // A claims challenge means a resource refused the token: a forced refresh.
         let force = req.force_refresh || req.claims.is_some();
         // A caller that asked for no minimum (nor for a new token) is served the cached
         // token down to the safety margin while the key's fetches fail transiently.
         let through_outage = req.min_validity.is_none() && !force;
-        let mut under_way = None;
-        {
+        // Looked at again when a fetch ended between this look and the fetch it decided on.
+        let (flight, mut counted) = loop {
+            let now = self.inner.clock.moment();
+            let mut under_way = None;
+            // Held until the fetch is asked for: whether it is still the slot's state says
+            // whether a fetch has ended since.
             let state = slot.current();
-            if let Some(token) = &state.token
-                && token.remaining(now) >= wanted(token)
-                && !(force && self.forced_past(&slot, now, &mut under_way, req.claims))
             {
-                self.inner.stats.hits.incr();
-                if token.refresh.reached(now)
-                    && state.failure.is_none()
-                    && slot.negative(now).is_none()
+                if let Some(token) = &state.token
+                    && token.remaining(now) >= wanted(token)
+                    && !(force && self.forced_past(&slot, now, &mut under_way, req.claims))
                 {
-                    // Overdue (the scheduled refresh has not run yet): start it, or join the
-                    // one running, without waiting. After a failure the scheduler's backoff
-                    // decides, and so it does while a failure is remembered (a forced
-                    // refresh refused before the refresh was due): the scheduler waits out
-                    // a refusal's negative period, and callers must not ask before it ends.
-                    let _ = self.start_fetch(&owned_key(), &slot, Started::Refresh, None);
-                }
-                let source = if state.failure.is_some() {
-                    self.inner.stats.stale_served.incr();
-                    TokenSource::StaleWhileRefreshFailing
-                } else {
-                    TokenSource::Cache
-                };
-                return Ok(serve(token, source, now));
-            }
-            if let Some(token) = &state.token {
-                self.unmet_without_fetch(
-                    token,
-                    wanted(token),
-                    (&slot, req.claims),
-                    now,
-                    &mut under_way,
-                )?;
-                if through_outage && self.serves_through_outage(token, &state, &slot, now) {
                     self.inner.stats.hits.incr();
-                    self.inner.stats.stale_served.incr();
-                    return Ok(serve(token, TokenSource::StaleWhileRefreshFailing, now));
-                }
-            }
-        }
-        if under_way.is_none()
-            && let Some((e, left)) = slot.negative(now)
-        {
-            self.inner.stats.negative_hits.incr();
-            // A held transient failure is fetched again when its hold-off ends: that, not
-            // the upstream's original hint, is when a caller should come back.
-            let (source, remembered) = if e.is_retryable() {
-                (Arc::new(e.with_retry_after(whole_seconds(left))), None)
-            } else {
-                (e, Some(whole_seconds(left)))
-            };
-            return Err(BrokerError::Upstream {
-                tenant: tenant.to_string(),
-                source,
-                remembered,
-            });
-        }
-        // Counted once answered (or given up on): a miss, unless the cached token answers
-        // it after all.
-        let mut counted = Waited {
-            stats: &self.inner.stats,
-            from_cache: false,
-        };
-        let flight = match under_way {
-            Some(flight) => {
-                self.inner.stats.coalesced.incr();
-                flight
-            }
-            None => {
-                let mut rounds = 0;
-                loop {
-                    let (joined, flight, carries) =
-                        self.start_fetch(&owned_key(), &slot, Started::Caller, req.claims)?;
-                    // A fetch carrying other claims began since this request waited for
-                    // the last one: waited for too, then this one's own fetch.
-                    if joined == Joined::Follower
-                        && req
-                            .claims
-                            .is_some_and(|c| !carries_claims(carries.as_deref(), c))
-                        && rounds < OTHER_CLAIMS_WAITS
+                    if token.refresh.reached(now)
+                        && state.failure.is_none()
+                        && slot.negative(now).is_none()
                     {
-                        rounds += 1;
-                        let _ = flight.await;
-                        continue;
+                        // Overdue (the scheduled refresh has not run yet): start it, or join the
+                        // one running, without waiting. After a failure the scheduler's backoff
+                        // decides, and so it does while a failure is remembered (a forced
+                        // refresh refused before the refresh was due): the scheduler waits out
+                        // a refusal's negative period, and callers must not ask before it ends.
+                        let _ = self.start_fetch(
+                            &owned_key(),
+                            &slot,
+                            Started::Refresh,
+                            None,
+                            Some(&state),
+                        );
                     }
-                    if joined == Joined::Follower {
-                        self.inner.stats.coalesced.incr();
-                    }
-                    break flight;
+                    let source = if state.failure.is_some() {
+                        self.inner.stats.stale_served.incr();
+                        TokenSource::StaleWhileRefreshFailing
+                    } else {
+                        TokenSource::Cache
+                    };
+                    return Ok(serve(token, source, now));
                 }
+                if let Some(token) = &state.token {
+                    self.unmet_without_fetch(
+                        token,
+                        wanted(token),
+                        (&slot, req.claims),
+                        now,
+                        &mut under_way,
+                    )?;
+                    if through_outage && self.serves_through_outage(token, &state, &slot, now) {
+                        self.inner.stats.hits.incr();
+                        self.inner.stats.stale_served.incr();
+                        return Ok(serve(token, TokenSource::StaleWhileRefreshFailing, now));
+                    }
+                }
+            }
+            // Held across waits from here: the state itself, not a guard of the swap's.
+            let state = arc_swap::Guard::into_inner(state);
+            if under_way.is_none()
+                && let Some((e, left)) = slot.negative(now)
+            {
+                self.inner.stats.negative_hits.incr();
+                // A held transient failure is fetched again when its hold-off ends: that, not
+                // the upstream's original hint, is when a caller should come back.
+                let (source, remembered) = if e.is_retryable() {
+                    (Arc::new(e.with_retry_after(whole_seconds(left))), None)
+                } else {
+                    (e, Some(whole_seconds(left)))
+                };
+                return Err(BrokerError::Upstream {
+                    tenant: tenant.to_string(),
+                    source,
+                    remembered,
+                });
+            }
+            // Counted once answered (or given up on): a miss, unless the cached token answers
+            // it after all.
+            let mut counted = Waited {
+                stats: &self.inner.stats,
+                from_cache: false,
+                looked_again: false,
+            };
+            let flight = match under_way {
+                Some(flight) => {
+                    self.inner.stats.coalesced.incr();
+                    Some(flight)
+                }
+                None => {
+                    let mut rounds = 0;
+                    loop {
+                        // After waiting out another's fetch, this one's own, whatever it published.
+                        let seen = (rounds == 0).then_some(&*state);
+                        let Some((joined, flight, carries)) = self.start_fetch(
+                            &owned_key(),
+                            &slot,
+                            Started::Caller,
+                            req.claims,
+                            seen,
+                        )?
+                        else {
+                            counted.looked_again = true;
+                            break None;
+                        };
+                        // A fetch carrying other claims began since this request waited for
+                        // the last one: waited for too, then this one's own fetch.
+                        if joined == Joined::Follower
+                            && req
+                                .claims
+                                .is_some_and(|c| !carries_claims(carries.as_deref(), c))
+                            && rounds < OTHER_CLAIMS_WAITS
+                        {
+                            rounds += 1;
+                            let _ = flight.await;
+                            continue;
+                        }
+                        if joined == Joined::Follower {
+                            self.inner.stats.coalesced.incr();
+                        }
+                        break Some(flight);
+                    }
+                }
+            };
+            if let Some(flight) = flight {
+                break (flight, counted);
             }
         };
         let token = match flight.await {
@@ -675,10 +710,20 @@ impl Broker {
                     broker.wait_remembered(until, forgotten).await;
                     continue;
                 }
-                let Ok((_, flight, _)) = broker.start_fetch(&key, &live, Started::Refresh, None)
-                else {
-                    live.release_retry();
-                    return;
+                // The first token may have come since the look above: then the loop ends.
+                let flight = {
+                    let state = live.current();
+                    if state.token.is_some() {
+                        continue;
+                    }
+                    match broker.start_fetch(&key, &live, Started::Refresh, None, Some(&state)) {
+                        Ok(Some((_, flight, _))) => flight,
+                        Ok(None) => continue,
+                        Err(_) => {
+                            live.release_retry();
+                            return;
+                        }
+                    }
                 };
                 drop(live);
                 if let Err(e) = flight.await {
@@ -744,13 +789,16 @@ impl Broker {
 
     /// Starts the key's fetch, or joins the one under way (whatever claims it carries):
     /// the flight, and the claims it carries. With `claims`, a fetch it starts sends them.
+    /// With `seen`, the state the caller decided on, `None` if a fetch has ended since
+    /// (`Slot::fetch_unless_moved`): the caller looks again.
     fn start_fetch(
         &self,
         key: &Key,
         slot: &Arc<Slot<FlowError>>,
         started: Started,
         claims: Option<&Claims>,
-    ) -> Result<(Joined, Flight, Option<Arc<str>>), BrokerError> {
+        seen: Option<&SlotState>,
+    ) -> Result<Option<Fetching>, BrokerError> {
         let tenant = self
             .inner
             .tenants
@@ -762,7 +810,7 @@ impl Broker {
         let key = key.clone();
         let claims = claims.cloned();
         let carries = claims.as_ref().map(Claims::shared);
-        Ok(slot.fetch_carrying(self.inner.clock.clone(), carries, move || {
+        let start = move || {
             let span = info_span!("fetch", tenant = %tenant.name, scopes = %key.scopes.join(" "));
             if let Some(c) = &claims {
                 debug!(parent: &span, claims = %c.digest(), "fetching with a caller's claims challenge");
@@ -833,7 +881,12 @@ impl Broker {
             }
             .instrument(span)
             .boxed()
-        }))
+        };
+        let clock = self.inner.clock.clone();
+        Ok(match seen {
+            Some(seen) => slot.fetch_unless_moved(clock, carries, seen, start),
+            None => Some(slot.fetch_carrying(clock, carries, start)),
+        })
     }
 
     /// Logs a failed fetch, at most `FETCH_FAILURE_LINES_PER_SEC` a second: an outage fails
@@ -946,11 +999,21 @@ impl Broker {
                 broker.wait_remembered(until, forgotten).await;
                 continue;
             }
+            // Looked at once more, just before the fetch: a token published since the look
+            // above (a forced refresh's) is not fetched again; the loop sees it is another.
+            let flight = {
+                let state = live.current();
+                if state.token.as_ref().is_some_and(|t| t.fingerprint != mine) {
+                    return;
+                }
+                match broker.start_fetch(&key, &live, Started::Refresh, None, Some(&state)) {
+                    Ok(Some((_, flight, _))) => flight,
+                    Ok(None) => continue,
+                    Err(_) => return,
+                }
+            };
             broker.inner.stats.refreshes.incr();
             debug!(key = %key, "refreshing ahead of expiry");
-            let Ok((_, flight, _)) = broker.start_fetch(&key, &live, Started::Refresh, None) else {
-                return;
-            };
             drop(live);
             match flight.await {
                 // The successful fetch scheduled the next refresh.

@@ -426,7 +426,45 @@ impl<E: Send + Sync + 'static> Slot<E> {
         F: FnOnce() -> BoxFuture<'static, FlightResult<E>>,
         E: fmt::Display + FromJoin + Transient,
     {
-        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        self.fetch_locked(inflight, clock, claims, start)
+    }
+
+    /// `fetch_carrying`, for a caller that decided to fetch on the state `seen` (from
+    /// `current`, still held): `None`, starting nothing, if a fetch has ended since, its
+    /// result published (the state is another), for the caller to look again. A caller that
+    /// looked just before a fetch published and asks just after it ended would otherwise
+    /// start a second fetch for a result already out. A fetch under way is joined.
+    pub fn fetch_unless_moved<F>(
+        self: &Arc<Self>,
+        clock: Arc<dyn Clock>,
+        claims: Option<Arc<str>>,
+        seen: &SlotState,
+        start: F,
+    ) -> Option<(Joined, Flight<E>, Option<Arc<str>>)>
+    where
+        F: FnOnce() -> BoxFuture<'static, FlightResult<E>>,
+        E: fmt::Display + FromJoin + Transient,
+    {
+        let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        // A fetch publishes (storing a new state) and ends under this lock.
+        if inflight.is_none() && !std::ptr::eq(&**self.current.load(), seen) {
+            return None;
+        }
+        Some(self.fetch_locked(inflight, clock, claims, start))
+    }
+
+    fn fetch_locked<F>(
+        self: &Arc<Self>,
+        mut inflight: std::sync::MutexGuard<'_, Option<Carrying<E>>>,
+        clock: Arc<dyn Clock>,
+        claims: Option<Arc<str>>,
+        start: F,
+    ) -> (Joined, Flight<E>, Option<Arc<str>>)
+    where
+        F: FnOnce() -> BoxFuture<'static, FlightResult<E>>,
+        E: fmt::Display + FromJoin + Transient,
+    {
         if let Some((f, carries)) = inflight.as_ref() {
             return (Joined::Follower, f.clone(), carries.clone());
         }
@@ -780,6 +818,39 @@ mod tests {
         assert_eq!(joined, Joined::Leader, "a new flight, not the finished one");
         assert!(flight.await.is_ok());
         assert!(slot.current().token.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_fetch_decided_on_a_state_since_replaced_is_not_started() {
+        let slot: Arc<Slot<String>> = Arc::new(Slot::new());
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let seen = slot.current();
+        // Another caller's fetch ends, its token published, after this one looked.
+        let (_, flight) = slot.fetch(clock.clone(), || async { Ok(token()) }.boxed());
+        flight.await.unwrap();
+        let started =
+            slot.fetch_unless_moved(clock.clone(), None, &seen, || async { Ok(token()) }.boxed());
+        assert!(started.is_none(), "a second fetch for a result already out");
+        // On the state as it is now, it starts; and a fetch under way is joined.
+        let now = slot.current();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let open = gate.clone();
+        let (joined, flight, _) = slot
+            .fetch_unless_moved(clock.clone(), None, &now, move || {
+                async move {
+                    open.notified().await;
+                    Ok(token())
+                }
+                .boxed()
+            })
+            .expect("started");
+        assert_eq!(joined, Joined::Leader);
+        let (joined, _, _) = slot
+            .fetch_unless_moved(clock.clone(), None, &seen, || async { Ok(token()) }.boxed())
+            .expect("joined");
+        assert_eq!(joined, Joined::Follower);
+        gate.notify_one();
+        flight.await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

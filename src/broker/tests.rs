@@ -2198,3 +2198,26 @@ async fn a_new_key_is_cached_when_the_cache_is_full_of_keys_read_more_often() {
         "fetched again for every request"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_arriving_as_a_fetch_ends_start_no_other() {
+    // A caller that looked at the key just before its fetch published, and asks for a fetch
+    // just after it ended, must not start another: one exchange per key for a cold burst.
+    for round in 0..1500 {
+        let f = fixture(HOUR, "");
+        let callers: Vec<_> = (0..3)
+            .map(|_| {
+                let broker = f.broker.clone();
+                tokio::spawn(async move {
+                    for _ in 0..3 {
+                        broker.get_token(contoso(None, false)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for c in callers {
+            c.await.unwrap();
+        }
+        assert_eq!(f.entra.calls(), 1, "round {round}");
+    }
+}
