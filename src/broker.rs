@@ -993,8 +993,12 @@ impl Broker {
             }
             // A remembered persistent failure (an app disabled since): Entra sees one
             // request per negative period for the key, from this chain as from callers.
+            // The refresh is due and refused: said so (a forced refresh's refusal, before
+            // it was due, left the token healthy).
             let forgotten = broker.inner.forgotten.subscribe();
-            if let Some(until) = live.negative_until(broker.inner.clock.moment()) {
+            let now = broker.inner.clock.moment();
+            if let Some(until) = live.negative_until(now) {
+                live.publish_remembered(now);
                 drop(live);
                 broker.wait_remembered(until, forgotten).await;
                 continue;

@@ -328,6 +328,29 @@ impl<E: Send + Sync + 'static> Slot<E> {
             .map(|r| r.until)
     }
 
+    /// Publishes the remembered persistent failure, if one is in force at `now` and no fetch
+    /// is under way, as the key's refresh's (`publish`): for a refresh come due while it
+    /// waits out a refusal remembered before (a forced refresh's), so that its watchers and
+    /// callers are told it is refused instead of the token running out unannounced.
+    pub fn publish_remembered(&self, now: Moment)
+    where
+        E: fmt::Display + Transient,
+    {
+        let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let remembered = self
+            .negative
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|r| r.persistent && !r.until.reached(now))
+            .map(|r| r.error.clone());
+        if inflight.is_none()
+            && let Some(e) = remembered
+        {
+            self.publish(&Err(e), now);
+        }
+    }
+
     /// Forgets the remembered failure if it is persistent (a held transient one stays);
     /// whether one was still in force at `now`.
     pub fn forget_persistent(&self, now: Moment) -> bool {

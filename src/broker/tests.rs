@@ -2221,3 +2221,35 @@ async fn callers_arriving_as_a_fetch_ends_start_no_other() {
         assert_eq!(f.entra.calls(), 1, "round {round}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_due_while_a_refusal_is_remembered_is_told_as_failing() {
+    let f = fixture(HOUR, "negative_ttl_secs = 3600");
+    let rx = f.watch().await;
+    settle().await;
+    assert!(rx.borrow().token.is_some());
+    // A forced refresh before the refresh is due (1440 to 1800 s) is refused and
+    // remembered for an hour.
+    f.advance(Duration::from_secs(1400)).await;
+    f.entra.set(Answer::Refuse);
+    assert!(f.get_forced().await.is_err());
+    assert!(rx.borrow().failure.is_none(), "the token is healthy yet");
+    // Its refresh comes due: it waits out the refusal, and says its refresh is refused
+    // rather than leaving the token to run out unannounced.
+    f.advance(Duration::from_secs(401)).await;
+    assert_eq!(f.entra.calls(), 2);
+    let state = rx.borrow().clone();
+    assert!(
+        state
+            .failure
+            .as_deref()
+            .is_some_and(|e| e.contains("7000112")),
+        "{:?}",
+        state.failure
+    );
+    assert!(!state.failure_transient);
+    assert_eq!(
+        f.get(None).await.unwrap().source,
+        TokenSource::StaleWhileRefreshFailing
+    );
+}
