@@ -101,9 +101,13 @@ impl Outcome {
     }
 }
 
-/// Longest tenant or scope copied from a request into a record, and at most this many scopes.
+/// Longest tenant copied from a request into a record, and at most this many scopes.
 const MAX_FIELD: usize = 256;
 const MAX_SCOPES: usize = 8;
+/// Longest scope copied into a record: the longest a request may carry, so that every scope
+/// served is recorded whole (two scopes alike in their first 256 characters read alike cut
+/// there).
+const MAX_SCOPE: usize = crate::broker::MAX_SCOPE_LEN;
 
 impl AuditRecord {
     /// A record for a request before anything is decided; the outcome is filled in later.
@@ -150,7 +154,7 @@ impl AuditRecord {
     pub fn set_request(&mut self, mut tenant: String, mut scopes: Vec<String>) {
         bound(&mut tenant);
         scopes.truncate(MAX_SCOPES);
-        scopes.iter_mut().for_each(bound);
+        scopes.iter_mut().for_each(|s| bound_to(s, MAX_SCOPE));
         self.tenant = tenant;
         self.scopes = scopes;
     }
@@ -345,12 +349,16 @@ fn push_decimal(out: &mut Vec<u8>, mut n: u32) {
     out.extend_from_slice(&digits[i..]);
 }
 
-/// At most `MAX_FIELD` characters of a caller-supplied string (a plain copy when shorter:
-/// no string of at most `MAX_FIELD` bytes has more characters than that).
-/// Cuts a string to `MAX_FIELD` characters, in place.
+/// Cuts a caller-supplied string to `MAX_FIELD` characters, in place.
 fn bound(s: &mut String) {
-    if s.len() > MAX_FIELD
-        && let Some((end, _)) = s.char_indices().nth(MAX_FIELD)
+    bound_to(s, MAX_FIELD);
+}
+
+/// Cuts a string to `max` characters, in place (nothing to do when it has at most `max`
+/// bytes: no such string has more characters than that).
+fn bound_to(s: &mut String, max: usize) {
+    if s.len() > max
+        && let Some((end, _)) = s.char_indices().nth(max)
     {
         s.truncate(end);
     }
@@ -1161,5 +1169,15 @@ mod tests {
         let scopes: Vec<String> = (0..MAX_SCOPES + 3).map(|i| format!("s{i}")).collect();
         let r = AuditRecord::new("GetToken", "r", None, "t", &scopes);
         assert_eq!(r.scopes, scopes[..MAX_SCOPES]);
+        // A scope as long as a request may carry is recorded whole: two that differ only
+        // past their 256th character are told apart; a longer one is cut there.
+        let base = format!("api://{}", "a".repeat(crate::broker::MAX_SCOPE_LEN - 17));
+        let served = [format!("{base}/x/.default"), format!("{base}/y/.default")];
+        assert_eq!(served[0].len(), crate::broker::MAX_SCOPE_LEN);
+        let r = AuditRecord::new("GetToken", "r", None, "t", &served);
+        assert_eq!(r.scopes, served);
+        let longer = [format!("{}z", served[0])];
+        let r = AuditRecord::new("GetToken", "r", None, "t", &longer);
+        assert_eq!(r.scopes, [served[0].clone()]);
     }
 }
