@@ -402,12 +402,13 @@ struct Guard {
 }
 
 impl Guard {
-    fn failure(&self, now: tokio::time::Instant, e: &FlowError) {
+    /// `probe`: the failed call was the half-open breaker's probe.
+    fn failure(&self, now: tokio::time::Instant, e: &FlowError, probe: bool) {
         // Throttled: until the upstream's Retry-After the breaker refuses every call to it,
         // from this fetch and every other (bounded as the refreshes' retries are: a proxy's
         // hint of a day must not stop a tenant).
         let hint = e.retry_after().map(|h| h.min(MAX_RETRY_AFTER));
-        self.breaker.failure(now, hint, e.is_throttling());
+        self.breaker.failure(now, hint, e.is_throttling(), probe);
         *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
     }
 }
@@ -1058,9 +1059,9 @@ impl Flow {
                             admitted = Some(probe);
                         }
                     } else {
-                        probe.settle();
+                        let was_probe = probe.settle().is_some();
                         if let Some(g) = guard {
-                            g.failure(self.clock.moment().mono, &e);
+                            g.failure(self.clock.moment().mono, &e, was_probe);
                         }
                     }
                     if !retried {
@@ -1110,7 +1111,7 @@ impl Flow {
                             b.release();
                         }
                     } else if let Some(g) = guard {
-                        g.failure(self.clock.moment().mono, &e);
+                        g.failure(self.clock.moment().mono, &e, probe.is_some());
                     }
                     let wait = backoff(attempt, Duration::from_millis(250), Duration::from_secs(8))
                         .max(e.retry_after().unwrap_or(Duration::ZERO));

@@ -169,11 +169,13 @@ impl Breaker {
     /// and the hint. `throttled`: the upstream refused the call rate itself, so the hint
     /// opens the breaker at once, whatever the count: a call before it would only be
     /// throttled again. (An outage's hint is an estimate: a call before it may succeed.)
-    pub fn failure(&self, now: Instant, hint: Option<Duration>, throttled: bool) {
+    /// `probe`: the failing call is the half-open probe (`admit` said `Ok(true)`); a call
+    /// admitted before the breaker opened that fails meanwhile leaves the probe out.
+    pub fn failure(&self, now: Instant, hint: Option<Duration>, throttled: bool, probe: bool) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.failures += 1;
         let hint = hint.filter(|h| !h.is_zero());
-        let until = if s.probing || s.failures >= self.threshold {
+        let until = if probe || s.failures >= self.threshold {
             Some(now + self.cool_down.max(hint.unwrap_or_default()))
         } else {
             hint.filter(|_| throttled).map(|h| now + h)
@@ -181,6 +183,8 @@ impl Breaker {
         if let Some(until) = until {
             // A call admitted before the breaker opened must not shorten a longer hold.
             s.open_until = Some(s.open_until.map_or(until, |o| o.max(until)));
+        }
+        if probe {
             s.probing = false;
         }
     }
@@ -218,7 +222,7 @@ mod tests {
         let b = Bucket::new(1.0, 1, t0.mono);
         let breaker = Breaker::new(1, Duration::from_secs(30));
         assert!(b.take(&clock, t0).await);
-        breaker.failure(clock.moment().mono, None, false);
+        breaker.failure(clock.moment().mono, None, false, false);
 
         clock.set_wall(t0.wall - Duration::from_secs(3600));
         assert!(b.try_take(clock.moment().mono).is_err());
@@ -269,10 +273,10 @@ mod tests {
         let b = Breaker::new(3, Duration::from_secs(30));
         for _ in 0..2 {
             assert!(b.admit(t0).is_ok());
-            b.failure(t0, None, false);
+            b.failure(t0, None, false, false);
         }
         assert_eq!(b.state(t0), BreakerState::Closed);
-        b.failure(t0, None, false);
+        b.failure(t0, None, false, false);
         assert_eq!(b.state(t0), BreakerState::Open);
         assert_eq!(
             b.admit(t0 + Duration::from_secs(10)),
@@ -281,7 +285,7 @@ mod tests {
         let t1 = t0 + Duration::from_secs(30);
         assert!(b.admit(t1).is_ok(), "one probe after the cool-down");
         assert!(b.admit(t1).is_err(), "only one probe at a time");
-        b.failure(t1, None, false);
+        b.failure(t1, None, false, true);
         assert_eq!(b.state(t1), BreakerState::Open, "a failed probe re-opens");
         let t2 = t1 + Duration::from_secs(30);
         assert_eq!(b.admit(t2), Ok(true), "the probe");
@@ -295,15 +299,35 @@ mod tests {
     }
 
     #[test]
+    fn a_call_from_before_the_breaker_opened_failing_leaves_the_probe_out() {
+        let t0 = Instant::now();
+        let b = Breaker::new(1, Duration::from_secs(30));
+        assert_eq!(b.admit(t0), Ok(false));
+        b.failure(t0, None, false, false);
+        let t1 = t0 + Duration::from_secs(30);
+        assert_eq!(b.admit(t1), Ok(true), "the probe");
+        // A call let through before the breaker opened fails while the probe is out: the
+        // breaker opens again, and the probe is still the one out.
+        b.failure(t1, None, false, false);
+        let t2 = t1 + Duration::from_secs(30);
+        assert!(
+            b.admit(t2).is_err(),
+            "no second probe while the first is out"
+        );
+        b.success();
+        assert_eq!(b.state(t2), BreakerState::Closed);
+    }
+
+    #[test]
     fn a_retry_after_holds_the_breaker_open_until_the_hinted_time() {
         let t0 = Instant::now();
         let b = Breaker::new(5, Duration::from_secs(30));
         // An outage's hint below the count opens nothing.
-        b.failure(t0, Some(Duration::from_secs(90)), false);
+        b.failure(t0, Some(Duration::from_secs(90)), false, false);
         assert_eq!(b.admit(t0), Ok(false));
         b.success();
         // One throttled answer, far below the count: open at once, for the hint.
-        b.failure(t0, Some(Duration::from_secs(90)), true);
+        b.failure(t0, Some(Duration::from_secs(90)), true, false);
         assert_eq!(
             b.admit(t0 + Duration::from_secs(10)),
             Err(Duration::from_secs(80))
@@ -313,6 +337,7 @@ mod tests {
             t0 + Duration::from_secs(1),
             Some(Duration::from_secs(2)),
             true,
+            false,
         );
         assert_eq!(b.state(t0 + Duration::from_secs(89)), BreakerState::Open);
         // Then one probe, as after a cool-down.
@@ -322,10 +347,10 @@ mod tests {
         b.success();
         // A hint of zero is no hold; a hint shorter than the cool-down does not shorten
         // a breaker opened by the count (and a longer one would lengthen it).
-        b.failure(t1, Some(Duration::ZERO), true);
+        b.failure(t1, Some(Duration::ZERO), true, false);
         assert_eq!(b.admit(t1), Ok(false));
         for _ in 0..4 {
-            b.failure(t1, Some(Duration::from_secs(1)), false);
+            b.failure(t1, Some(Duration::from_secs(1)), false, false);
         }
         assert_eq!(
             b.admit(t1 + Duration::from_secs(2)),
