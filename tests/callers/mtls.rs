@@ -536,6 +536,26 @@ async fn a_rotated_server_certificate_is_served_without_a_restart() {
     h.stop().await;
 }
 
+/// Replaces the file at `path` with a FIFO: a read of it waits until a writer opens it and
+/// ends when the writer closes it.
+fn fifo_in_place_of(path: &std::path::Path) {
+    std::fs::remove_file(path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+}
+
+/// Lets a second reload finish if it can (bounded) while the first one's read is held: it
+/// may instead wait for the first, and then the order is right whatever the time.
+fn let_finish_if_it_can<T>(second: &std::thread::JoinHandle<T>) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !second.is_finished() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Two reloads of the server certificate at once (the watcher's look and a SIGHUP's): the
 /// one that read its pair first must not install it over the newer pair the other installed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -554,12 +574,7 @@ async fn a_server_certificate_reload_never_installs_a_pair_older_than_the_one_in
     // writer keeps open.
     std::fs::write(h.path("server.crt"), &older.cert_pem).unwrap();
     let key = h.path("server.key");
-    std::fs::remove_file(&key).unwrap();
-    let made = std::process::Command::new("mkfifo")
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    fifo_in_place_of(&key);
     let first = std::thread::spawn({
         let cert = h.server_cert.clone();
         move || cert.reload_if_changed().map_err(|e| e.to_string())
@@ -578,12 +593,7 @@ async fn a_server_certificate_reload_never_installs_a_pair_older_than_the_one_in
         let cert = h.server_cert.clone();
         move || cert.reload_if_changed().map_err(|e| e.to_string())
     });
-    // Let the second reload finish if it can before the first read ends (it may instead
-    // wait for the first: then the order is right whatever the time).
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while !second.is_finished() && std::time::Instant::now() < until {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let_finish_if_it_can(&second);
     writer.write_all(older.key_pem.as_bytes()).unwrap();
     drop(writer);
     first.join().unwrap().unwrap();
@@ -864,12 +874,7 @@ async fn a_trust_reload_never_installs_a_read_older_than_the_trust_in_force() {
     let lost = h.ca.client(&[COLLECTOR]);
     let crl = h.path("callers.crl");
     // The first reload's read of the list is held open: a FIFO its writer keeps open.
-    std::fs::remove_file(&crl).unwrap();
-    let made = std::process::Command::new("mkfifo")
-        .arg(&crl)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    fifo_in_place_of(&crl);
     let first = std::thread::spawn({
         let tls = h.listener_tls.clone();
         move || tls.reload_if_changed().map_err(|e| e.to_string())
@@ -884,12 +889,7 @@ async fn a_trust_reload_never_installs_a_read_older_than_the_trust_in_force() {
         let tls = h.listener_tls.clone();
         move || tls.reload_if_changed().map_err(|e| e.to_string())
     });
-    // Let the second reload finish if it can before the first read ends (it may instead
-    // wait for the first: then the order is right whatever the time).
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while !second.is_finished() && std::time::Instant::now() < until {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let_finish_if_it_can(&second);
     drop(writer);
     first.join().unwrap().unwrap();
     second.join().unwrap().unwrap();
@@ -1219,12 +1219,7 @@ fn hang_reads_of(path: &std::path::Path) -> (std::fs::File, Vec<u8>) {
     // Linux's O_NONBLOCK: opening a FIFO's write end then fails until a reader has it open.
     const O_NONBLOCK: i32 = 0o4000;
     let text = std::fs::read(path).unwrap();
-    std::fs::remove_file(path).unwrap();
-    let made = std::process::Command::new("mkfifo")
-        .arg(path)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    fifo_in_place_of(path);
     let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         match std::fs::OpenOptions::new()
