@@ -271,7 +271,10 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                     ))
                 }
                 // There, but outside its validity: the certificate was not renewed in time.
-                SignerError::NotFound { code, .. } if keyvault::unusable_version(code) => {
+                SignerError::NotFound { code, message, .. }
+                    if keyvault::unusable_version(code)
+                        || keyvault::outside_validity(code, message) =>
+                {
                     Status::failed_precondition(format!(
                         "{msg}; the certificate's key has expired (or is not valid yet): renew the certificate in Key Vault (a new version) and upload its public part to the app"
                     ))

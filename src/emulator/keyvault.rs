@@ -681,12 +681,26 @@ fn usable(ver: &CertVersion, op: &str, now: i64) -> Result<(), Response> {
         )
             .into_response());
     }
-    if now < ver.not_before || now > ver.expires {
-        return Err(kv_error(
+    // As Key Vault words its secrets' (`SecretExpired`, "Operation get is not allowed on a
+    // expired secret."): `Forbidden` with an inner code naming why, so that the refusal is
+    // not taken for a missing role. The key's codes are worded likewise.
+    let outside = if now > ver.expires {
+        Some(("KeyExpired", "an expired key"))
+    } else if now < ver.not_before {
+        Some(("KeyNotYetValid", "a key that is not yet valid"))
+    } else {
+        None
+    };
+    if let Some((inner, what)) = outside {
+        return Err((
             StatusCode::FORBIDDEN,
-            "Forbidden",
-            &format!("Operation {op} is not allowed on a key that is expired or not yet valid."),
-        ));
+            axum::Json(json!({"error": {
+                "code": "Forbidden",
+                "message": format!("Operation {op} is not allowed on {what}."),
+                "innererror": {"code": inner},
+            }})),
+        )
+            .into_response());
     }
     Ok(())
 }

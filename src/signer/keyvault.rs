@@ -314,6 +314,7 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
             // a disabled key (`KeyDisabled`). The body's own code before the SDK's, which
             // is the status when the SDK cannot read the body (it reads no message with
             // escapes, and Key Vault's RBAC refusals have `\r\n`).
+            let said = answer.message.clone();
             let code = [answer.inner, answer.code]
                 .into_iter()
                 .find(|c| !c.is_empty())
@@ -324,12 +325,14 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
                 // refuses to sign with an expired key): as the certificate's current version
                 // disabled (`certificate`), and re-read as a key gone is, in case a new
                 // version replaced it.
-                403 if unusable_version(&code) => SignerError::NotFound {
-                    service: SERVICE,
-                    what: format!("an enabled version of {what}"),
-                    code,
-                    message,
-                },
+                403 if unusable_version(&code) || outside_validity(&code, &said) => {
+                    SignerError::NotFound {
+                        service: SERVICE,
+                        what: format!("an enabled version of {what}"),
+                        code,
+                        message,
+                    }
+                }
                 401 | 403 => SignerError::Forbidden {
                     service: SERVICE,
                     status,
@@ -420,6 +423,17 @@ pub fn unusable_version(code: &str) -> bool {
     ["Disabled", "Expired", "NotYetValid"]
         .iter()
         .any(|s| code.ends_with(s))
+}
+
+/// Whether Key Vault's 403 says the version is outside its validity by its words alone
+/// (`Operation sign is not allowed on an expired key.`), its inner code missing: Key Vault's
+/// documented inner code for this is its secrets' (`SecretExpired`); for a key's it is not
+/// documented, so a refusal without one is told apart from a missing role by its message.
+pub fn outside_validity(code: &str, message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    matches!(code, "Forbidden" | "")
+        && m.contains("not allowed")
+        && (m.contains("expired") || m.contains("not yet valid"))
 }
 
 /// The `x-ms-request-id` Key Vault gives every answer, if it looks like one (an id, not
@@ -935,6 +949,40 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // A version outside its validity: by its inner code, or (Key Vault's inner code for
+        // a key's being undocumented) by its words when it has none; never a missing role.
+        for (body, expected) in [
+            (
+                r#"{"error":{"code":"Forbidden","message":"Operation sign is not allowed on an expired key.","innererror":{"code":"KeyExpired"}}}"#,
+                "KeyExpired",
+            ),
+            (
+                r#"{"error":{"code":"Forbidden","message":"Operation sign is not allowed on a key that is not yet valid.","innererror":{"code":"KeyNotYetValid"}}}"#,
+                "KeyNotYetValid",
+            ),
+            (
+                r#"{"error":{"code":"Forbidden","message":"Operation sign is not allowed on an expired key."}}"#,
+                "Forbidden",
+            ),
+            (
+                r#"{"error":{"code":"Forbidden","message":"Operation sign is not allowed on a key that is expired or not yet valid."}}"#,
+                "Forbidden",
+            ),
+        ] {
+            match classify(answer(403, Some("Forbidden"), body), "key k/v") {
+                SignerError::NotFound { code, what, .. } => {
+                    assert_eq!(code, expected);
+                    assert_eq!(what, "an enabled version of key k/v");
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        // A missing role's refusal that happens to mention expiry is still a missing role.
+        let body = r#"{"error":{"code":"Forbidden","message":"Caller is not authorized: the assignment expired.","innererror":{"code":"ForbiddenByRbac"}}}"#;
+        assert!(matches!(
+            classify(answer(403, Some("Forbidden"), body), "key k/v"),
+            SignerError::Forbidden { .. }
+        ));
     }
 
     #[test]

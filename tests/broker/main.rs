@@ -531,6 +531,34 @@ async fn key_vaults_refusals_other_than_a_missing_role_name_their_inner_code_and
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_past_its_validity_is_told_as_expired_not_as_a_missing_role() {
+    // Valid for a day, then the vault's clock two days on: Key Vault refuses to sign with
+    // the version (its own 403, no fault injected), which no role fixes.
+    let mut config = tokenbroker::emulator::EmulatorConfig::demo();
+    for v in &mut config.vaults {
+        for c in &mut v.certificates {
+            c.validity_days = 1;
+        }
+    }
+    let stack = Stack::start_with(config, |t| t).await;
+    stack
+        .admin_post("/clock/advance", json!({"seconds": 2 * 24 * 3600}))
+        .await;
+    let s = assert_status(
+        stack.get("contoso", GRAPH).await,
+        Code::FailedPrecondition,
+        &["KeyExpired", "renew"],
+    );
+    assert!(
+        !s.message()
+            .contains("grant the broker's managed identity a role"),
+        "{}",
+        s.message()
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_outages_are_unavailable_with_a_retry_hint() {
     let stack = Stack::start().await;
     stack
