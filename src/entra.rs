@@ -140,26 +140,8 @@ impl EntraError {
         correlation: Option<String>,
         retry_after: Option<Duration>,
     ) -> Self {
-        let target = match location {
-            None => "without a Location".to_owned(),
-            Some(l) => {
-                let url = match base {
-                    Some(b) => b.join(l).ok(),
-                    None => Url::parse(l).ok(),
-                };
-                match url {
-                    Some(mut u) => {
-                        let _ = u.set_username("");
-                        let _ = u.set_password(None);
-                        u.set_query(None);
-                        u.set_fragment(None);
-                        format!("to {}", u.as_str().chars().take(200).collect::<String>())
-                    }
-                    None => "to an unreadable Location".to_owned(),
-                }
-            }
-        };
-        let permanent = matches!(status, 301 | 308);
+        let target = crate::outbound::redirect_target(location, base);
+        let permanent = crate::outbound::permanent_redirect(status);
         let (class, why) = if permanent {
             (
                 EntraErrorClass::Configuration,

@@ -1161,6 +1161,10 @@ impl Flow {
                             FlowError::Signer(
                                 SignerError::IdentityRefused(_)
                                     | SignerError::IdentityNotAssigned { .. }
+                                    | SignerError::Configuration {
+                                        service: crate::outbound::IDENTITY_ENDPOINT,
+                                        ..
+                                    }
                             )
                         ) {
                             b.release();

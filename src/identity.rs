@@ -429,6 +429,10 @@ pub enum IdentityError {
         status: u16,
         message: String,
     },
+    /// The managed identity endpoint's address answered with a permanent redirect (301,
+    /// 308): no managed identity endpoint answers there. Asking again will not help.
+    #[error("no managed identity endpoint answered for identity {client_id}: {message}")]
+    Misdirected { client_id: String, message: String },
     /// Entra refused the broker's workload identity the identity's token for a reason of
     /// configuration (the identity does not trust the pod's service account, or is not in
     /// `AZURE_TENANT_ID`'s tenant); Entra's answer as the broker reads its own.
@@ -457,6 +461,12 @@ fn identity_error(client_id: &str, audience: &str, e: &azure_core::Error) -> Ide
         },
         None => {
             let message = crate::signer::keyvault::root_message(e);
+            if crate::outbound::redirect(e).is_some_and(|r| r.is_permanent_redirect()) {
+                return IdentityError::Misdirected {
+                    client_id: client_id.to_owned(),
+                    message,
+                };
+            }
             match crate::signer::keyvault::endpoint_refusal(e) {
                 Some(refusal) => IdentityError::NotAssigned {
                     client_id: client_id.to_owned(),

@@ -118,6 +118,7 @@ pub fn flow_code(e: &FlowError) -> String {
         FlowError::Identity(IdentityError::NotConfigured(_)) => "not_configured".into(),
         FlowError::Identity(IdentityError::NotAssigned { .. }) => "identity_not_assigned".into(),
         FlowError::Identity(IdentityError::Refused { .. }) => "identity_refused".into(),
+        FlowError::Identity(IdentityError::Misdirected { .. }) => "identity_redirect".into(),
         FlowError::Internal(_) => "internal".into(),
     }
 }

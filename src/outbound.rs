@@ -64,6 +64,129 @@ pub enum OutboundError {
         scheme: String,
         retry_after: Option<std::time::Duration>,
     },
+    /// A redirect (3xx) in `upstream`'s place, not followed (`not_followed`): neither Key
+    /// Vault nor the managed identity endpoint redirects, so something else answered. A
+    /// permanent one (`permanent_redirect`) says the address asked is not `upstream`'s.
+    #[error(
+        "HTTP {status} redirect {target}, not followed: {upstream} never redirects, so {}",
+        redirect_cause(*.status, upstream)
+    )]
+    Redirect {
+        upstream: &'static str,
+        status: u16,
+        /// Where to, for people (`redirect_target`).
+        target: String,
+        retry_after: Option<std::time::Duration>,
+    },
+}
+
+impl OutboundError {
+    /// A permanent redirect in its upstream's place: the configuration's, not an outage.
+    pub fn is_permanent_redirect(&self) -> bool {
+        matches!(self, OutboundError::Redirect { status, .. } if permanent_redirect(*status))
+    }
+}
+
+/// Whether a redirect of `status` is for good (301, 308): the address asked is not the
+/// service's, and asking it again will not change that.
+pub fn permanent_redirect(status: u16) -> bool {
+    matches!(status, 301 | 308)
+}
+
+fn redirect_cause(status: u16, upstream: &str) -> String {
+    if permanent_redirect(status) {
+        format!("the address asked is not {upstream}'s")
+    } else {
+        "a proxy or gateway answered (sending the broker to a sign-in of its own, say)".into()
+    }
+}
+
+/// A redirect's target for people: "to" its `location` resolved against `base` (the URL
+/// asked), of which only the scheme, host, port and path are shown, as its query (or user
+/// info) could carry anything the answerer put there.
+pub fn redirect_target(location: Option<&str>, base: Option<&Url>) -> String {
+    let Some(l) = location else {
+        return "without a Location".to_owned();
+    };
+    let url = match base {
+        Some(b) => b.join(l).ok(),
+        None => Url::parse(l).ok(),
+    };
+    match url {
+        Some(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            format!("to {}", u.as_str().chars().take(200).collect::<String>())
+        }
+        None => "to an unreadable Location".to_owned(),
+    }
+}
+
+/// The value of the header `name` (any case) among `headers`.
+fn header<'a>(headers: &'a azure_core::http::headers::Headers, name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.as_str().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// The answer of `status` with `headers` to a request for `asked`, a redirect in
+/// `upstream`'s place, as an error no SDK retry policy retries (`OutboundError::Redirect`).
+fn not_followed(
+    upstream: &'static str,
+    status: u16,
+    headers: &azure_core::http::headers::Headers,
+    asked: &Url,
+) -> azure_core::Error {
+    let retry_after = crate::resilience::retry_after(
+        |name| header(headers, name).map(str::to_owned),
+        std::time::SystemTime::now(),
+    );
+    azure_core::Error::new(
+        ErrorKind::Other,
+        OutboundError::Redirect {
+            upstream,
+            status,
+            target: redirect_target(header(headers, "location"), Some(asked)),
+            retry_after,
+        },
+    )
+}
+
+/// Answers of `upstream` (Key Vault) whose redirects are failed as `not_followed`: the SDK
+/// took them for the service's error without its error body, "HTTP 302 without a Key
+/// Vault error", retried and with the target unnamed, a permanent one included.
+#[derive(Debug)]
+struct NotFollowed {
+    inner: Arc<dyn HttpClient>,
+    upstream: &'static str,
+}
+
+#[async_trait]
+impl HttpClient for NotFollowed {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+        let response = self.inner.execute_request(request).await?;
+        let status = u16::from(response.status());
+        if (300..400).contains(&status) {
+            return Err(not_followed(
+                self.upstream,
+                status,
+                response.headers(),
+                request.url(),
+            ));
+        }
+        Ok(response)
+    }
+}
+
+/// The redirect in an upstream's place under `e` (`not_followed`).
+pub fn redirect(e: &azure_core::Error) -> Option<&OutboundError> {
+    causes(e).find_map(|c| {
+        c.downcast_ref::<OutboundError>()
+            .filter(|o| matches!(o, OutboundError::Redirect { .. }))
+    })
 }
 
 /// The most of one answer the Key Vault clients read. Key Vault's largest, a certificate read
@@ -81,7 +204,7 @@ pub const IDENTITY_ANSWER_LIMIT: usize = 64 * 1024;
 const IMDS_HOST: &str = "169.254.169.254";
 
 /// Who answers the managed identity credential (IMDS or App Service), as messages name it.
-const IDENTITY_ENDPOINT: &str = "the managed identity endpoint";
+pub const IDENTITY_ENDPOINT: &str = "the managed identity endpoint";
 
 /// Builds the shared outbound client. TLS verification is always on; extra trust is added,
 /// never substituted. A proxy the environment names (`HTTPS_PROXY`, `NO_PROXY`, …) carries
@@ -158,9 +281,12 @@ pub fn key_vault_options(
     credential: Arc<crate::identity::CachingCredential>,
 ) -> ClientOptions {
     let inner = Arc::new(RefusedTokens {
-        inner: Arc::new(Bounded {
-            inner: Arc::new(Watched(http.clone())),
-            limit: KEY_VAULT_ANSWER_LIMIT,
+        inner: Arc::new(NotFollowed {
+            inner: Arc::new(Bounded {
+                inner: Arc::new(Watched(http.clone())),
+                limit: KEY_VAULT_ANSWER_LIMIT,
+                upstream: crate::signer::keyvault::SERVICE,
+            }),
             upstream: crate::signer::keyvault::SERVICE,
         }),
         credential,
@@ -458,13 +584,29 @@ impl HttpClient for EndpointAnswers {
             }
             Err(e) => return Err(e),
         };
+        let asked = match &self.imds {
+            Some(target) if request.url().host_str() == Some(IMDS_HOST) => {
+                let mut sent = request.url().clone();
+                // As `ImdsRedirect` sent it, so a relative Location resolves as it would.
+                let _ = sent.set_scheme(target.scheme());
+                let _ = sent.set_host(target.host_str());
+                let _ = sent.set_port(target.port_or_known_default());
+                sent
+            }
+            _ => request.url().clone(),
+        };
+        let code = u16::from(response.status());
+        if (300..400).contains(&code) {
+            return Err(not_followed(
+                IDENTITY_ENDPOINT,
+                code,
+                response.headers(),
+                &asked,
+            ));
+        }
         let (status, headers, body) = response.deconstruct();
         let body = body.collect().await?;
-        let asked = match &self.imds {
-            Some(target) if request.url().host_str() == Some(IMDS_HOST) => target,
-            _ => request.url(),
-        };
-        let message = endpoint_message(u16::from(status), &body, asked);
+        let message = endpoint_message(u16::from(status), &body, &asked);
         Err(azure_core::Error::with_message(
             ErrorKind::HttpResponse {
                 status,

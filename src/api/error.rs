@@ -206,6 +206,9 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                     "{msg}; {}",
                     federated_identity_hint(answer)
                 )),
+                IdentityError::Misdirected { .. } => {
+                    Status::failed_precondition(format!("{msg}; {IDENTITY_REDIRECT_HINT}"))
+                }
             }
         }
         FlowError::Signer(err) => {
@@ -287,6 +290,16 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                         "{msg}; fix the objects on the token (each key with one certificate, paired by CKA_ID) or the tenant's credential (module, token and key)"
                     ))
                 }
+                SignerError::Configuration { service, .. }
+                    if *service == crate::outbound::IDENTITY_ENDPOINT =>
+                {
+                    Status::failed_precondition(format!("{msg}; {IDENTITY_REDIRECT_HINT}"))
+                }
+                SignerError::Configuration { code, .. } if code == keyvault::REDIRECT => {
+                    Status::failed_precondition(format!(
+                        "{msg}; the tenant's credential.vault_url is not the vault's address: name the vault by its own URL (https://NAME.vault.azure.net/, or the sovereign cloud's)"
+                    ))
+                }
                 SignerError::Configuration { .. } => Status::failed_precondition(format!(
                     "{msg}; check the tenant's credential (vault_url, certificate and algorithm) and the certificate's key in Key Vault (an RSA key that may sign)"
                 )),
@@ -296,6 +309,9 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
         FlowError::Internal(m) => Status::internal(format!("tenant `{tenant}`: {m}")),
     }
 }
+
+/// What to fix when the managed identity endpoint's address redirects for good.
+const IDENTITY_REDIRECT_HINT: &str = "no Azure managed identity endpoint answers at the address asked (IMDS's 169.254.169.254, App Service's IDENTITY_ENDPOINT): check identity.source against the host the broker runs on, and that nothing on the host or its network answers in the endpoint's place";
 
 fn config_hint(code: Option<u32>) -> &'static str {
     match code {

@@ -263,6 +263,10 @@ fn incomplete(what: &str, field: &str) -> SignerError {
 /// records and watchers.
 const MESSAGE_LIMIT: usize = 500;
 
+/// The code of a permanent redirect in Key Vault's or the identity endpoint's place
+/// (`SignerError::Configuration`).
+pub const REDIRECT: &str = "Redirect";
+
 /// The longest error code passed on; Key Vault's are short words (`KeyNotFound`).
 const CODE_LIMIT: usize = 64;
 
@@ -376,6 +380,26 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
                 throttled: false,
             }
         }
+        // A redirect in Key Vault's place (`outbound::NotFollowed`): a temporary one is a
+        // proxy's, retried as its pages are; a permanent one says vault_url is not a vault's.
+        _ if let Some(r @ crate::outbound::OutboundError::Redirect { retry_after, .. }) =
+            crate::outbound::redirect(&e) =>
+        {
+            if r.is_permanent_redirect() {
+                SignerError::Configuration {
+                    service: SERVICE,
+                    code: REDIRECT.into(),
+                    message: r.to_string(),
+                }
+            } else {
+                SignerError::Unavailable {
+                    service: SERVICE,
+                    message: r.to_string(),
+                    retry_after: *retry_after,
+                    throttled: false,
+                }
+            }
+        }
         // An answer longer than Key Vault ever sends (`outbound::Bounded`): a page in its
         // place, retried as the others are.
         _ if crate::outbound::over_bound(&e) => SignerError::Unavailable {
@@ -471,6 +495,14 @@ fn identity_failure(e: &azure_core::Error) -> SignerError {
             message: bounded(&answer.to_string()),
             retry_after: answer.retry_after,
         },
+        // The endpoint's address redirecting for good: no managed identity endpoint there.
+        None if crate::outbound::redirect(e).is_some_and(|r| r.is_permanent_redirect()) => {
+            SignerError::Configuration {
+                service: crate::outbound::IDENTITY_ENDPOINT,
+                code: REDIRECT.into(),
+                message: root_message(e),
+            }
+        }
         None => match endpoint_refusal(e) {
             Some(refusal) => SignerError::IdentityNotAssigned {
                 status: refusal.status,
@@ -510,6 +542,11 @@ pub(crate) fn endpoint_refusal(e: &azure_core::Error) -> Option<EndpointRefusal>
 
 /// The retry hint of an answer under `e` (the managed identity endpoint's 429, say).
 pub(crate) fn answered_retry_after(e: &azure_core::Error) -> Option<Duration> {
+    if let Some(crate::outbound::OutboundError::Redirect { retry_after, .. }) =
+        crate::outbound::redirect(e)
+    {
+        return *retry_after;
+    }
     answered(e).and_then(|(_, r)| r.and_then(|r| retry_after(r.headers())))
 }
 

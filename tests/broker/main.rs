@@ -950,6 +950,67 @@ async fn a_managed_identity_endpoint_outage_is_unavailable_and_not_remembered() 
     stack.stop().await;
 }
 
+/// What a `tenant`'s token request is told when `route` answers every request with a
+/// redirect of `status` to a sign-in page whose query carries a secret.
+async fn redirected(route: &str, status: u16, tenant: &str) -> tonic::Status {
+    let stack = Stack::start_with(tokenbroker::emulator::EmulatorConfig::demo(), |toml| {
+        format!("{toml}\n[resilience]\nretry_budget_secs = 1\n")
+    })
+    .await;
+    stack
+        .admin_post(
+            "/faults",
+            json!({"route": route, "count": 1000, "fail": {"status": status, "headers":
+                {"location": "https://sso.example.net:8443/login?session=s3cr3t"}}}),
+        )
+        .await;
+    let s = stack.get(tenant, GRAPH).await.unwrap_err();
+    stack.stop().await;
+    assert!(
+        s.message().contains(&format!(
+            "HTTP {status} redirect to https://sso.example.net:8443/login, not followed"
+        )),
+        "{route} {status}: {}",
+        s.message()
+    );
+    assert!(!s.message().contains("s3cr3t"), "{}", s.message());
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_in_key_vaults_place_is_named_and_a_permanent_one_is_the_configurations() {
+    // A temporary one (a proxy's sign-in): retried, as a page in Key Vault's place is.
+    let s = redirected("keyvault.sign", 302, "contoso").await;
+    assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+    for status in [301, 308] {
+        let s = redirected("keyvault.certificate", status, "fabrikam").await;
+        assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message());
+        assert!(s.message().contains("vault_url"), "{}", s.message());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_in_the_identity_endpoints_place_is_named_and_a_permanent_one_is_the_configurations()
+ {
+    // The broker's own identity (for Key Vault) and a tenant's managed identity alike.
+    for tenant in ["contoso", "contoso-federated"] {
+        let s = redirected("identity.imds", 307, tenant).await;
+        assert_eq!(s.code(), Code::Unavailable, "{tenant}: {}", s.message());
+        let s = redirected("identity.imds", 308, tenant).await;
+        assert_eq!(
+            s.code(),
+            Code::FailedPrecondition,
+            "{tenant}: {}",
+            s.message()
+        );
+        assert!(
+            s.message().contains("identity.source"),
+            "{tenant}: {}",
+            s.message()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_brokers_identity_endpoint_failing_is_named_and_spares_key_vaults_breaker() {
     identity_outage_spares_key_vault(
