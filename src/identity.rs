@@ -904,6 +904,14 @@ mod tests {
             "<html>Access denied</html>",
             r#"{"error":"Access Denied","message":"blocked"}"#,
             "",
+            // A gateway's JSON errors: an `error` word without IMDS's description, an object
+            // or a flag, or API Management's `statusCode` and `message` without App
+            // Service's correlation id.
+            r#"{"error":"unauthorized"}"#,
+            r#"{"error":"forbidden","message":"blocked by policy"}"#,
+            r#"{"error":{"code":"Forbidden","message":"blocked"}}"#,
+            r#"{"message":"Forbidden","error":true}"#,
+            r#"{"statusCode":401,"message":"Access denied due to missing subscription key."}"#,
         ] {
             for status in [400, 401, 403] {
                 let e = read(&endpoint_answered_with(status, body));

@@ -626,7 +626,7 @@ impl HttpClient for EndpointAnswers {
 /// proxy's or gateway's page, which could echo the request): not quoted, and what answered
 /// named by the address asked (`url`'s host and port).
 fn endpoint_message(status: u16, body: &[u8], url: &Url) -> String {
-    match endpoint_error(body) {
+    match endpoint_error(status, body) {
         Some(d) if !d.is_empty() => format!("{IDENTITY_ENDPOINT} answered HTTP {status}: {d}"),
         Some(_) => format!("{IDENTITY_ENDPOINT} answered HTTP {status}"),
         None => {
@@ -642,23 +642,29 @@ fn endpoint_message(status: u16, body: &[u8], url: &Url) -> String {
     }
 }
 
-/// The managed identity endpoint's own JSON error in `body`, its description bounded (empty
-/// when it has none): IMDS's `{"error","error_description"}`, App Service's
-/// `{"statusCode","message"}`. `None` for any other body.
-pub fn endpoint_error(body: &[u8]) -> Option<String> {
+/// The managed identity endpoint's own JSON error in `body`, an answer of `status`, its
+/// description bounded (empty when it has none), in the shapes the endpoints send: IMDS's
+/// `{"error","error_description"}` (its codes are words: `invalid_request`,
+/// `bad_request_102`), App Service's `{"statusCode","message","correlationId"}` (its status
+/// repeated). `None` for any other body: a gateway's JSON with an `error` of its own (a word
+/// without IMDS's description, an object, a flag) or API Management's `statusCode` and
+/// `message` alone is no verdict of the endpoint's on the identity.
+pub fn endpoint_error(status: u16, body: &[u8]) -> Option<String> {
     let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
     let text = |field: &str| v.get(field).and_then(|d| d.as_str());
-    // IMDS's codes are words (`invalid_request`, `bad_request_102`); a gateway's JSON may
-    // carry an `error` of its own.
     let word = |e: &str| {
         !e.is_empty()
             && e.len() <= 64
             && e.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     };
-    let description = if text("error").is_some_and(word) {
+    let imds = text("error").is_some_and(word) && text("error_description").is_some();
+    let app_service = v.get("statusCode").and_then(|c| c.as_u64()) == Some(u64::from(status))
+        && text("message").is_some()
+        && text("correlationId").is_some();
+    let description = if imds {
         text("error_description")
-    } else if v.get("statusCode").is_some_and(|c| c.is_u64()) {
+    } else if app_service {
         text("message")
     } else {
         return None;

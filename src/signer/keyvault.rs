@@ -533,7 +533,7 @@ pub(crate) fn endpoint_refusal(e: &azure_core::Error) -> Option<EndpointRefusal>
     if !matches!(status, 400 | 401 | 403) {
         return None;
     }
-    let description = crate::outbound::endpoint_error(answer?.body())?;
+    let description = crate::outbound::endpoint_error(status, answer?.body())?;
     Some(EndpointRefusal {
         status,
         unnamed: description.contains("Multiple user assigned identities"),
