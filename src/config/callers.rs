@@ -3,7 +3,7 @@
 //! client CA for mutual TLS sits with the rest of the listener's TLS in `[server]`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
@@ -535,6 +535,16 @@ impl Validator<'_> {
                         ),
                     );
                 }
+                // `serve` opens the file for appending at start, creating it if need be.
+                else if checked && let Err(e) = appendable(&f) {
+                    self.problem(
+                        "audit.file",
+                        format!(
+                            "{} cannot be written: {e}; the broker appends the audit trail to it (creating it when missing), so its directory must be writable by the broker's user",
+                            f.display()
+                        ),
+                    );
+                }
                 AuditOutput::File(f)
             }
             ("file", None) => {
@@ -792,4 +802,21 @@ impl Validator<'_> {
             );
         }
     }
+}
+
+/// Whether the audit file can be opened for appending as `serve` opens it, without changing
+/// anything: an existing file is opened for appending and closed; for a missing one a
+/// file of a name of its own is created beside it and removed.
+fn appendable(path: &Path) -> std::io::Result<()> {
+    match std::fs::OpenOptions::new().append(true).open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        other => return other.map(drop),
+    }
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let probe = path.with_file_name(format!(".{name}.check-config-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
 }

@@ -2391,3 +2391,52 @@ fn tls_files(ca: &str) -> tempfile::TempDir {
     write("garbage.pem", "not a certificate\n");
     dir
 }
+
+#[test]
+fn the_audit_file_must_be_writable_where_it_is_and_checking_leaves_nothing_behind() {
+    let problems_at = |base: &Path, file: &str| match Config::from_toml_str(
+        &format!("{GOOD}\n[audit]\noutput = \"file\"\nfile = \"{file}\"\n"),
+        base,
+        &no_env,
+    ) {
+        Err(ConfigError::Invalid(p)) => p
+            .into_iter()
+            .map(|p| (p.path, p.message))
+            .collect::<Vec<_>>(),
+        Ok(_) => Vec::new(),
+        Err(e) => panic!("{e:?}"),
+    };
+    // A writable directory: valid, and nothing is left in it by the check.
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(problems_at(dir.path(), "audit.jsonl"), []);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // An existing file is checked for appending, and left as it was.
+    std::fs::write(dir.path().join("audit.jsonl"), "x\n").unwrap();
+    assert_eq!(problems_at(dir.path(), "audit.jsonl"), []);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap(),
+        "x\n"
+    );
+    // A directory where no file can be created (even by root): named, with why.
+    #[cfg(target_os = "linux")]
+    {
+        let p = problems_at(Path::new("/"), "/proc/audit.jsonl");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "audit.file", "{p:?}");
+        assert!(p[0].1.contains("/proc/audit.jsonl"), "{p:?}");
+        assert!(p[0].1.contains("cannot be written"), "{p:?}");
+    }
+    // Read-only by its mode (binding only where the process is not root).
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = dir.path().join("audit.jsonl");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).unwrap();
+    if std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .is_err()
+    {
+        let p = problems_at(dir.path(), "audit.jsonl");
+        assert_eq!(p[0].0, "audit.file", "{p:?}");
+        assert!(p[0].1.contains("cannot be written"), "{p:?}");
+    }
+}
