@@ -115,6 +115,10 @@ pub struct ServerConfig {
     /// After this long a connection is told (HTTP/2 GOAWAY) to take new calls elsewhere; its
     /// calls in flight and watches finish on it. `None`: never.
     pub max_connection_age: Option<Duration>,
+    /// HTTP/2 streams (calls and watches) one connection may have open at once; the client
+    /// is told in SETTINGS, and a stream over it is refused (REFUSED_STREAM) before it costs
+    /// more than its headers.
+    pub max_concurrent_streams: u32,
 }
 
 impl ServerConfig {
@@ -553,6 +557,7 @@ struct RawServer {
     reload_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
     max_connection_age_secs: Option<u64>,
+    max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -852,6 +857,10 @@ fn same_authority(a: &Url, b: &Url) -> bool {
 /// Seconds in an hour and in a day, for the bounds of the settings.
 const HOUR: u64 = 3600;
 const DAY: u64 = 86_400;
+/// Streams one HTTP/2 connection may have open at once, by default: above the calls a
+/// caller makes at once within its default rate burst (100) plus its default watches (100),
+/// near what HTTP/2 servers commonly allow (hyper 200, Go 250); tonic sets no limit.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 /// `check-config` (and `serve`'s start) warns of a server certificate that ends within this:
 /// the deployment's cert-manager renews it 30 days before its end, so a warning means the
 /// renewal is late, not merely due.
@@ -1968,6 +1977,13 @@ impl Validator<'_> {
             ),
             reload_interval,
             max_connection_age,
+            max_concurrent_streams: self.count(
+                "server.max_concurrent_streams",
+                raw.max_concurrent_streams.map(u64::from),
+                u64::from(DEFAULT_MAX_CONCURRENT_STREAMS),
+                (1, 100_000),
+                "streams one connection may have open at once",
+            ) as u32,
         }
     }
 

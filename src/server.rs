@@ -335,18 +335,21 @@ impl Bound {
         // one, and closes once its calls in flight and watches finish.
         let max_age = self.config.server.max_connection_age;
         let draw = self.connection_age;
+        let max_streams = self.config.server.max_concurrent_streams;
         let serve = async move {
             match self.tls {
                 Some(tls) => {
                     let incoming = crate::tls::incoming(self.listener, tls);
-                    connections::serve(incoming, routes, max_age, draw, shutdown).await;
+                    connections::serve(incoming, routes, max_age, draw, max_streams, shutdown)
+                        .await;
                 }
                 None => {
                     // gRPC answers are small writes: without TCP_NODELAY, Nagle's algorithm
                     // holds them for the peer's delayed ACK (about 40 ms on Linux).
                     let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
                         .with_nodelay(Some(true));
-                    connections::serve(incoming, routes, max_age, draw, shutdown).await;
+                    connections::serve(incoming, routes, max_age, draw, max_streams, shutdown)
+                        .await;
                 }
             }
         };

@@ -1014,6 +1014,27 @@ fn connections_are_aged_out_after_ten_minutes_unless_configured_otherwise() {
 }
 
 #[test]
+fn a_connections_concurrent_streams_are_bounded_by_default_and_configurably() {
+    let load = |text: &str| Config::from_toml_str(text, Path::new("/"), &no_env).unwrap();
+    let with = |line: &str| GOOD.replace("plaintext = true", &format!("plaintext = true\n{line}"));
+    assert_eq!(load(GOOD).server.max_concurrent_streams, 256);
+    assert_eq!(
+        load(&with("max_concurrent_streams = 32"))
+            .server
+            .max_concurrent_streams,
+        32
+    );
+    for bad in ["0", "100001"] {
+        let p = problems(&with(&format!("max_concurrent_streams = {bad}")));
+        assert!(
+            p.iter().any(|p| p.path == "server.max_concurrent_streams"
+                && p.message.contains("must be 1 to 100000")),
+            "{p:?}"
+        );
+    }
+}
+
+#[test]
 fn every_duration_and_count_is_refused_outside_its_range_naming_field_value_and_range() {
     let text = format!(
         "{GOOD}\n[limits]\ncaller_idle_secs = 9223372036854775807\nmax_in_flight = 0\nmax_callers = 99999999999\n\

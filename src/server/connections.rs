@@ -56,18 +56,20 @@ fn jitter(age: Duration, unit: f64) -> Duration {
 }
 
 /// The HTTP/2 settings tonic's server applies with the broker's configuration: the header
-/// list bounded to 32 KiB (bearer tokens are at most 16 KiB), no keepalive pings, no limit
-/// on concurrent streams (tonic sets none; the broker's in-flight limits bound the calls, and
-/// a client may hold many watches on one connection), and hyper's timer for its background
-/// work. One setting differs from tonic's: hyper's bound on the streams a connection may make
+/// list bounded to 32 KiB (bearer tokens are at most 16 KiB), no keepalive pings, and hyper's
+/// timer for its background work. Two settings differ from tonic's. Concurrent streams are
+/// bounded per connection (`server.max_concurrent_streams`), where tonic sets no bound: the
+/// in-flight and watch limits count calls only once they are admitted, and each stream
+/// opened costs memory (its state, a task, its buffers) before that, so one connection could
+/// otherwise open streams without end. And hyper's bound on the streams a connection may make
 /// the server reset for the peer's protocol errors (1024, then GOAWAY) is kept, where tonic
 /// turns it off: it is h2's defence against a peer making the server reset streams without end
 /// (RUSTSEC-2024-0003), and no well-behaved client comes near it.
-fn http2_builder() -> http2::Builder<TokioExecutor> {
+fn http2_builder(max_streams: u32) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .max_concurrent_streams(None)
+        .max_concurrent_streams(max_streams)
         .max_header_list_size(32 * 1024);
     builder
 }
@@ -81,12 +83,13 @@ pub async fn serve<IO>(
     routes: Routes,
     max_age: Option<Duration>,
     draw: AgeDraw,
+    max_streams: u32,
     shutdown: impl Future<Output = ()>,
 ) where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     IO::ConnectInfo: Clone + Send + Sync + 'static,
 {
-    let http2 = Arc::new(http2_builder());
+    let http2 = Arc::new(http2_builder(max_streams));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     {

@@ -1290,3 +1290,81 @@ async fn files_stuck_on_a_hung_mount_never_stall_the_broker() {
     h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
     h.stop().await;
 }
+
+/// A HEADERS block opening a gRPC call of `path`: each header a literal without indexing of
+/// a new name (HPACK 0x00), every length under 127.
+fn grpc_headers(path: &str) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        block.push(0);
+        block.push(name.len() as u8);
+        block.extend(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend(value.as_bytes());
+    }
+    block
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_over_a_connections_concurrent_stream_limit_are_refused_and_the_others_served() {
+    let h = Harness::start(Options {
+        server: "max_concurrent_streams = 2",
+        ..Default::default()
+    })
+    .await;
+    let mut conn = open_h2(&h, &h.server_ca_pem, None).await.unwrap();
+    // A client that ignores the limit the server's SETTINGS gave: three calls opened at once,
+    // none of them sending its message yet.
+    let block = grpc_headers("/tokenbroker.v1.TokenBroker/WatchToken");
+    let mut out = frame(4, 1, 0, &[]);
+    for id in [1, 3, 5] {
+        out.extend(frame(1, 0x4, id, &block));
+    }
+    // The first two then end their requests (with no message: answered with a status).
+    out.extend(frame(0, 0x1, 1, &[]));
+    out.extend(frame(0, 0x1, 3, &[]));
+    conn.write_all(&out).await.unwrap();
+    let (mut refused, mut answered) = (Vec::new(), Vec::new());
+    while answered.len() < 2 {
+        let mut header = [0u8; 9];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            conn.read_exact(&mut header),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("refused {refused:?}, answered {answered:?}"))
+        .unwrap();
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        conn.read_exact(&mut payload).await.unwrap();
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & !(1 << 31);
+        match header[3] {
+            // RST_STREAM: its error code.
+            3 => refused.push((stream, u32::from_be_bytes(payload[..4].try_into().unwrap()))),
+            // HEADERS ending the stream: a trailers-only answer.
+            1 if header[4] & 0x1 != 0 => answered.push(stream),
+            _ => {}
+        }
+    }
+    // REFUSED_STREAM (7): the client may retry it, as nothing of it was processed.
+    assert_eq!(refused, [(5, 7)]);
+    answered.sort();
+    assert_eq!(answered, [1, 3]);
+    drop(conn);
+    h.stop().await;
+}
