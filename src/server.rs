@@ -336,20 +336,38 @@ impl Bound {
         let max_age = self.config.server.max_connection_age;
         let draw = self.connection_age;
         let max_streams = self.config.server.max_concurrent_streams;
+        let streams = connections::Streams::default();
+        let alive = streams.clone();
         let serve = async move {
             match self.tls {
                 Some(tls) => {
                     let incoming = crate::tls::incoming(self.listener, tls);
-                    connections::serve(incoming, routes, max_age, draw, max_streams, shutdown)
-                        .await;
+                    connections::serve(
+                        incoming,
+                        routes,
+                        max_age,
+                        draw,
+                        max_streams,
+                        streams,
+                        shutdown,
+                    )
+                    .await;
                 }
                 None => {
                     // gRPC answers are small writes: without TCP_NODELAY, Nagle's algorithm
                     // holds them for the peer's delayed ACK (about 40 ms on Linux).
                     let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
                         .with_nodelay(Some(true));
-                    connections::serve(incoming, routes, max_age, draw, max_streams, shutdown)
-                        .await;
+                    connections::serve(
+                        incoming,
+                        routes,
+                        max_age,
+                        draw,
+                        max_streams,
+                        streams,
+                        shutdown,
+                    )
+                    .await;
                 }
             }
         };
@@ -360,6 +378,14 @@ impl Bound {
                 Ok(())
             }
         };
+        // The calls the drain bound cut end as their tasks are next polled, each writing its
+        // `cancelled` record: they are waited for, so that the flush below has them.
+        if !alive.ended(STREAMS_END_BOUND).await {
+            tracing::warn!(
+                bound_secs = STREAMS_END_BOUND.as_secs(),
+                "calls cut at shutdown had not ended in time; their audit records may be lost"
+            );
+        }
         // Every decision made is in the audit trail before the process exits. The flush gives
         // up on a stalled output by itself; the bound covers getting a blocking thread.
         let flush = tokio::task::spawn_blocking(move || access.audit().flush());
@@ -470,6 +496,10 @@ const AUDIT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long the exit waits for the audit trail's final flush to run.
 const AUDIT_FLUSH_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long shutdown waits for the calls it cut to end (their tasks only have to be polled
+/// once) before flushing the audit trail.
+const STREAMS_END_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// NOT_SERVING while the audit trail cannot be written and tokens are refused for it (the
 /// default), SERVING again once it can: load balancers and Kubernetes send callers to

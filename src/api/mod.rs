@@ -204,9 +204,12 @@ impl Drop for Unfinished<'_> {
         record.request_id = self.env.request_id.clone();
         record.outcome = Outcome::Cancelled;
         record.code = error::code_name(tonic::Code::Cancelled);
-        record.reason = Some(
-            "the caller cancelled the request, or its deadline passed, before the answer".into(),
-        );
+        // At shutdown, the drain bound may have cut the request rather than its caller.
+        record.reason = Some(if *self.service.shutdown.borrow() {
+            "the broker was shutting down: its drain bound (server.shutdown_grace_secs) cut the request, or the caller cancelled it or its deadline passed, before the answer".into()
+        } else {
+            "the caller cancelled the request, or its deadline passed, before the answer".into()
+        });
         self.service.access.audit().record(record);
         self.service.broker.flow().metrics.request(
             self.method,

@@ -16,7 +16,7 @@ use futures::{Stream, StreamExt};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Timeout, error::Elapsed};
 use tonic::body::Body;
@@ -65,8 +65,8 @@ fn jitter(age: Duration, unit: f64) -> Duration {
 /// the server reset for the peer's protocol errors (1024, then GOAWAY) is kept, where tonic
 /// turns it off: it is h2's defence against a peer making the server reset streams without end
 /// (RUSTSEC-2024-0003), and no well-behaved client comes near it.
-fn http2_builder(max_streams: u32) -> http2::Builder<TokioExecutor> {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+fn http2_builder(max_streams: u32, streams: Streams) -> http2::Builder<Streams> {
+    let mut builder = http2::Builder::new(streams);
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(max_streams)
@@ -84,12 +84,13 @@ pub async fn serve<IO>(
     max_age: Option<Duration>,
     draw: AgeDraw,
     max_streams: u32,
+    streams: Streams,
     shutdown: impl Future<Output = ()>,
 ) where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     IO::ConnectInfo: Clone + Send + Sync + 'static,
 {
-    let http2 = Arc::new(http2_builder(max_streams));
+    let http2 = Arc::new(http2_builder(max_streams, streams));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     {
@@ -128,7 +129,7 @@ pub async fn serve<IO>(
 async fn serve_connection<IO>(
     io: IO,
     routes: Routes,
-    http2: Arc<http2::Builder<TokioExecutor>>,
+    http2: Arc<http2::Builder<Streams>>,
     age: Option<Duration>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
@@ -159,6 +160,83 @@ async fn serve_connection<IO>(
     conn.as_mut().graceful_shutdown();
     if let Err(e) = conn.await {
         debug!(error = %e, "failed serving connection");
+    }
+}
+
+/// Runs the tasks hyper spawns for HTTP/2 streams (each call's handler) and counts those
+/// alive, so that shutdown can wait for them to end. Closing connections (at the drain
+/// bound) does not end their streams' tasks at once: each ends when next polled, dropping
+/// its handler, which writes a request's `cancelled` audit record; the final flush of the
+/// audit trail must come after those. One reference count more per stream, no lock.
+#[derive(Clone, Default)]
+pub struct Streams(Arc<Live>);
+
+#[derive(Default)]
+struct Live {
+    count: std::sync::atomic::AtomicUsize,
+    none: tokio::sync::Notify,
+}
+
+/// A stream task's place in the count, given back when the task ends (or is dropped).
+struct Alive(Arc<Live>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.none.notify_waiters();
+        }
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for Streams
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let alive = Alive(self.0.clone());
+        tokio::spawn(async move {
+            let _alive = alive;
+            fut.await
+        });
+    }
+}
+
+impl Streams {
+    /// Returns once no stream task is alive (new ones are not expected: the listener is
+    /// closed), or after `bound`; false then.
+    pub async fn ended(&self, bound: Duration) -> bool {
+        let none = async {
+            loop {
+                let notified = self.0.none.notified();
+                let mut notified = pin!(notified);
+                notified.as_mut().enable();
+                if self.0.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(bound, none).await.is_ok()
+    }
+}
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streams")
+            .field(
+                "alive",
+                &self.0.count.load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .finish()
     }
 }
 

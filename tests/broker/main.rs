@@ -1923,3 +1923,89 @@ async fn a_redirect_from_entras_place_is_not_followed_and_names_its_target() {
     );
     stack.stop().await;
 }
+
+#[test]
+fn a_request_cut_by_the_drain_bound_at_shutdown_is_in_the_audit_file_as_cancelled() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let emu = tokenbroker::emulator::EmulatorConfig::demo();
+    let emulator = rt
+        .block_on(tokenbroker::emulator::Emulator::start(
+            emu.clone(),
+            tokenbroker::emulator::StartOptions::new(dir.path().join("ca.pem")),
+        ))
+        .unwrap();
+    let addr = free_port();
+    let config = dir.path().join("broker.toml");
+    let toml = tokenbroker::dev::broker_config_toml(&emu, emulator.endpoints(), addr).replacen(
+        "plaintext = true",
+        "plaintext = true\nshutdown_grace_secs = 1",
+        1,
+    );
+    std::fs::write(&config, toml).unwrap();
+    let audit = tokenbroker::dev::audit_file(emulator.endpoints());
+    let http = http_client(std::path::Path::new(&emulator.endpoints().ca_cert));
+    let faults = format!("{}/faults", emulator.endpoints().admin_url);
+    // Entra answers only long after the drain bound.
+    rt.block_on(async {
+        let r = http
+            .post(&faults)
+            .json(&json!({"route": "entra.token", "latency_ms": 60000, "count": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    });
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut c = rt.block_on(client_when_listening(addr));
+    let call = rt.spawn(async move {
+        c.get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        })
+        .await
+    });
+    // In flight once the exchange has reached Entra.
+    rt.block_on(async {
+        wait_for(|| async {
+            let v: serde_json::Value = http
+                .get(&faults)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["faults"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|f| f["spent"] == true)
+        })
+        .await;
+    });
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
+    let answer = rt.block_on(call).unwrap();
+    assert!(answer.is_err(), "{answer:?}");
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records.iter().any(|r| r["rpc"] == "GetToken"
+            && r["outcome"] == "cancelled"
+            && r["tenant"] == "contoso"
+            && r["reason"].as_str().unwrap().contains("shutting down")),
+        "{records:#?}"
+    );
+    rt.block_on(emulator.shutdown());
+}

@@ -323,3 +323,46 @@ async fn a_request_the_caller_gives_up_on_is_recorded_as_cancelled() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_at_shutdown_is_recorded_as_cancelled_by_the_shutdown_before_serving_returns()
+{
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH)]),
+        server: "shutdown_grace_secs = 1",
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    // Entra answers long after the drain bound.
+    h.fault(serde_json::json!({"route": "entra.token", "latency_ms": 60000, "count": 1}))
+        .await;
+    let mut client = h.client(Some(&a)).await.unwrap();
+    let held = tokio::spawn(async move {
+        client
+            .get_token(tokenbroker::proto::GetTokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                ..Default::default()
+            })
+            .await
+    });
+    for _ in 0..400 {
+        if h.faults_left().await == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(h.faults_left().await, 0, "the held request reached Entra");
+    let records = h.stop_and_records().await;
+    assert!(held.await.unwrap().is_err());
+    let cancelled: Vec<_> = records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Cancelled)
+        .collect();
+    assert_eq!(cancelled.len(), 1, "{records:#?}");
+    assert_eq!(cancelled[0].caller.as_deref(), Some(A));
+    assert_eq!(cancelled[0].code, "CANCELLED");
+    let reason = cancelled[0].reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("shutting down"), "{reason}");
+}

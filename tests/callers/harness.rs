@@ -320,19 +320,25 @@ impl Harness {
 
     /// Stops the server, which writes the summaries of repeated refusals it still holds,
     /// and returns every record.
-    pub async fn stop_and_records(self) -> Vec<AuditRecord> {
-        let audit = self.audit.clone();
+    /// The records are those written when serving has returned, as the process exits then.
+    pub async fn stop_and_records(mut self) -> Vec<AuditRecord> {
+        self.stop_serving().await;
+        let records = self.audit.records();
         self.stop().await;
-        audit.records()
+        records
     }
 
-    pub async fn stop(mut self) {
+    async fn stop_serving(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
         if let Some(h) = self.served.take() {
             let _ = h.await;
         }
+    }
+
+    pub async fn stop(mut self) {
+        self.stop_serving().await;
         if let Some(e) = self.emulator.take() {
             e.shutdown().await;
         }
