@@ -3,6 +3,9 @@
 //! encode responses; errors become status only through `error`.
 
 pub mod error;
+mod refused;
+
+pub use refused::AuditRefused;
 
 use std::borrow::Cow;
 use std::pin::Pin;
@@ -486,6 +489,7 @@ impl TokenBroker for Service {
         &self,
         request: Request<proto::GetTokenRequest>,
     ) -> Result<Response<proto::GetTokenResponse>, Status> {
+        refused::entered();
         let started = Instant::now();
         let env = Envelope::of(&request);
         let parent = crate::telemetry::remote_context(request.metadata());
@@ -560,6 +564,7 @@ impl TokenBroker for Service {
         &self,
         request: Request<proto::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        refused::entered();
         let started = Instant::now();
         let env = Envelope::of(&request);
         let proto::WatchTokenRequest { tenant, scopes } = request.into_inner();

@@ -54,7 +54,14 @@ async fn oversized_requests_are_refused_before_anything_else() {
         Code::OutOfRange,
         &["too large", "4096"],
     );
-    assert!(h.records().is_empty(), "never decoded, never audited");
+    // Never decoded, but audited: with the certificate's caller and no tenant.
+    let r = h.audit.take();
+    assert_eq!(r.len(), 1, "{r:#?}");
+    assert_eq!(
+        (r[0].code, r[0].caller.as_deref()),
+        ("OUT_OF_RANGE", Some(A))
+    );
+    assert_eq!(r[0].tenant, "");
     // Nine scopes (more than the broker takes) are the caller's to fix.
     let nine: Vec<String> = (0..9).map(|i| format!("api://s{i}/.default")).collect();
     let nine: Vec<&str> = nine.iter().map(String::as_str).collect();

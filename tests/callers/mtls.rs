@@ -1368,3 +1368,79 @@ async fn streams_over_a_connections_concurrent_stream_limit_are_refused_and_the_
     drop(conn);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_before_they_are_read_are_audited_with_the_certificates_caller() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let leaf = h.ca.client(&[COLLECTOR]);
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(&h.server_ca_pem, Some(&leaf)))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // A message over the decoding limit (16 KiB by default), and one that is not protobuf.
+    let framed = |message: Vec<u8>| {
+        let mut body = vec![0u8];
+        body.extend((message.len() as u32).to_be_bytes());
+        body.extend(message);
+        String::from_utf8(body).unwrap()
+    };
+    let bodies = [
+        ("GetToken", framed(vec![b'a'; 20_000])),
+        ("WatchToken", framed(vec![0x0a, 0x7f, b'x'])),
+    ];
+    for (rpc, body) in bodies {
+        let req = http::Request::post(format!(
+            "https://localhost/tokenbroker.v1.TokenBroker/{rpc}"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+        let answer = send.send_request(req).await.unwrap();
+        let status = answer.headers().get("grpc-status").cloned();
+        assert!(status.is_some_and(|s| s != "0"), "{answer:?}");
+    }
+    // Every request is in the trail, with the connection's caller and the status answered.
+    let records = h.records();
+    assert_eq!(records.len(), 2, "{records:#?}");
+    for (r, rpc) in records.iter().zip(["GetToken", "WatchToken"]) {
+        assert_eq!(r.rpc, rpc, "{r:?}");
+        assert_eq!(r.caller.as_deref(), Some(COLLECTOR), "{r:?}");
+        assert_ne!(r.code, "OK", "{r:?}");
+        assert!(r.token_fingerprint.is_none(), "{r:?}");
+        assert!(r.reason.as_deref().is_some_and(|m| !m.is_empty()), "{r:?}");
+        assert!(r.peer.is_some(), "{r:?}");
+    }
+    assert_eq!(records[0].code, "OUT_OF_RANGE", "{:?}", records[0]);
+    // A content type other than gRPC's is not refused: tonic reads the message, and the
+    // handler answers and audits it as any request.
+    let message = prost::Message::encode_to_vec(&tokenbroker::proto::GetTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+        ..Default::default()
+    });
+    let req = http::Request::post("https://localhost/tokenbroker.v1.TokenBroker/GetToken")
+        .header("content-type", "text/plain")
+        .header("te", "trailers")
+        .body(framed(message))
+        .unwrap();
+    let answer = send.send_request(req).await.unwrap();
+    assert_eq!(answer.status(), 200, "{answer:?}");
+    let records = h.records();
+    assert_eq!(records.len(), 3, "{records:#?}");
+    assert_eq!(records[2].outcome, tokenbroker::audit::Outcome::Allowed);
+    assert_eq!(records[2].caller.as_deref(), Some(COLLECTOR));
+    h.stop().await;
+}

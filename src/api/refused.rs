@@ -1,0 +1,163 @@
+//! Auditing of the calls tonic refuses before the API's handler runs: a message over the
+//! decoding limit, one that is not the RPC's protobuf message, an unsupported compression.
+//! They are a caller's requests refused, so the trail has them too (with the connection's
+//! certificate caller, when it has one, and the status answered), as the handler's own
+//! refusals are.
+//!
+//! Whether the handler ran is told by a thread-local flag the handler sets on entry, within
+//! a poll of the call's future: no allocation, no lock, nothing shared per call.
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::body::Body;
+use tonic::codegen::Service;
+use tonic::server::NamedService;
+use tonic::transport::server::TcpConnectInfo;
+
+use crate::access::Access;
+use crate::audit::{AuditRecord, Outcome};
+use crate::tls::{TlsPeer, VerifiedClient};
+
+thread_local! {
+    /// Set by a handler on entry; read and reset around each poll of a call's future.
+    static ENTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called by each handler as it starts: the call is its to audit from then on.
+pub(super) fn entered() {
+    ENTERED.with(|e| e.set(true));
+}
+
+/// The API's service, auditing the calls it refuses before their handler runs.
+#[derive(Debug, Clone)]
+pub struct AuditRefused<S> {
+    inner: S,
+    access: Arc<Access>,
+}
+
+impl<S> AuditRefused<S> {
+    pub fn new(inner: S, access: Arc<Access>) -> Self {
+        AuditRefused { inner, access }
+    }
+}
+
+impl<S: NamedService> NamedService for AuditRefused<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+/// What a refused call's record needs of its request, kept until its answer.
+struct Asked {
+    rpc: &'static str,
+    peer: Option<SocketAddr>,
+    client: Option<Arc<VerifiedClient>>,
+}
+
+impl<S, B> Service<http::Request<B>> for AuditRefused<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible>,
+    S::Future: Unpin,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Refusable<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let rpc = match req.uri().path().rsplit_once('/') {
+            Some((_, "GetToken")) => Some("GetToken"),
+            Some((_, "WatchToken")) => Some("WatchToken"),
+            _ => None,
+        };
+        let asked = rpc.map(|rpc| {
+            let ext = req.extensions();
+            match ext.get::<TlsPeer>() {
+                Some(p) => Asked {
+                    rpc,
+                    peer: p.remote_addr,
+                    client: p.client_identity.clone(),
+                },
+                None => Asked {
+                    rpc,
+                    peer: ext.get::<TcpConnectInfo>().and_then(|i| i.remote_addr()),
+                    client: None,
+                },
+            }
+        });
+        Refusable {
+            inner: self.inner.call(req),
+            asked,
+            entered: false,
+            access: self.access.clone(),
+        }
+    }
+}
+
+/// A call's answer; written to the audit trail when the handler never ran.
+pub struct Refusable<F> {
+    inner: F,
+    /// `None` for other methods than the two audited ones.
+    asked: Option<Asked>,
+    entered: bool,
+    access: Arc<Access>,
+}
+
+impl<F> Future for Refusable<F>
+where
+    F: Future<Output = Result<http::Response<Body>, Infallible>> + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        // Saved and restored: a call polled within another's poll keeps them apart.
+        let outer = ENTERED.with(|e| e.replace(false));
+        let polled = Pin::new(&mut this.inner).poll(cx);
+        this.entered |= ENTERED.with(|e| e.replace(outer));
+        let Poll::Ready(Ok(mut answer)) = polled else {
+            return polled;
+        };
+        if !this.entered
+            && let Some(asked) = this.asked.take()
+            && let Some(status) = tonic::Status::from_header_map(answer.headers())
+            && status.code() != tonic::Code::Ok
+        {
+            let request_id = uuid::Uuid::new_v4().to_string();
+            if let Ok(mut v) = request_id.parse::<http::HeaderValue>() {
+                v.set_sensitive(true);
+                answer.headers_mut().insert(super::REQUEST_ID_KEY, v);
+            }
+            this.access
+                .audit()
+                .record(record(asked, request_id, &status));
+        }
+        Poll::Ready(Ok(answer))
+    }
+}
+
+fn record(asked: Asked, request_id: String, status: &tonic::Status) -> AuditRecord {
+    let mut r = AuditRecord::pending(asked.rpc, asked.peer);
+    r.request_id = request_id;
+    if let Some(Ok(id)) = asked.client.as_ref().map(|c| &c.identity) {
+        r.caller = Some(id.id.clone());
+        r.proof = Some(crate::authn::Proof::Mtls);
+    }
+    // Over a limit is an access refusal; a request not read as one is invalid.
+    r.outcome = match status.code() {
+        tonic::Code::ResourceExhausted => Outcome::Denied,
+        _ => Outcome::Failed,
+    };
+    r.code = super::error::code_name(status.code());
+    r.reason = Some(format!("refused before it was read: {}", status.message()));
+    // A client can send these at will: summarised when repeated.
+    r.repeatable = true;
+    r
+}
