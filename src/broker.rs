@@ -17,7 +17,8 @@ use futures::FutureExt;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::cache::{
-    CachedToken, FlightResult, Joined, Key, KeyRef, Remembered, Slot, SlotState, TokenCache,
+    CachedToken, FlightResult, Joined, Key, KeyRef, Refresh, Remembered, Slot, SlotState,
+    TokenCache,
 };
 use crate::claims::Claims;
 use crate::clock::{Clock, Moment};
@@ -30,6 +31,7 @@ use crate::resilience::backoff;
 use crate::signer::Signer;
 use crate::striped::Counter;
 use crate::telemetry::LogBudget;
+use crate::timetable::Timetable;
 
 /// Longest minimum validity a caller may ask for: a day, the longest a token is cached (Entra's
 /// ordinary tokens live 60 to 90 minutes, continuous access evaluation's up to 28 hours). What
@@ -246,6 +248,15 @@ struct Inner {
     /// Bumped when `forget_refusals` begins: a fetch under way by then answers a request
     /// made before, and its refusal is not remembered past the forgetting.
     forgetting: AtomicU64,
+    /// When each cached key's token is to be refreshed.
+    refreshes: Arc<Timetable<Due>>,
+}
+
+/// A key's refresh come due: the slot and the token it is to replace.
+struct Due {
+    key: Key,
+    slot: Weak<Slot<FlowError>>,
+    mine: crate::sensitive::Fingerprint,
 }
 
 /// The broker. Cheap to clone.
@@ -273,20 +284,36 @@ impl Broker {
             .collect();
         let cfg = config.cache.clone();
         Broker {
-            inner: Arc::new(Inner {
-                tenants,
-                flow: Flow::new(config, &up),
-                clock: up.clock,
-                cache: TokenCache::new(cfg.max_entries, Duration::from_secs(24 * 3600)),
-                cfg,
-                negative_ttl: config.resilience.negative_ttl,
-                prewarm: config.resilience.prewarm.clone(),
-                stats: Stats::default(),
-                fetch_log: LogBudget::default(),
-                forgotten: tokio::sync::watch::Sender::new(0),
-                forgetting: AtomicU64::new(0),
+            inner: Arc::new_cyclic(|me: &Weak<Inner>| {
+                let me = me.clone();
+                // Holds the broker weakly: the timetable is the broker's, and its runner
+                // ends with it.
+                let refreshes = Timetable::new(up.clock.clone(), move |id, due| {
+                    if let Some(inner) = me.upgrade() {
+                        Broker { inner }.refresh_due(id, due);
+                    }
+                });
+                Inner {
+                    tenants,
+                    flow: Flow::new(config, &up),
+                    clock: up.clock,
+                    cache: TokenCache::new(cfg.max_entries, Duration::from_secs(24 * 3600)),
+                    cfg,
+                    negative_ttl: config.resilience.negative_ttl,
+                    prewarm: config.resilience.prewarm.clone(),
+                    stats: Stats::default(),
+                    fetch_log: LogBudget::default(),
+                    forgotten: tokio::sync::watch::Sender::new(0),
+                    forgetting: AtomicU64::new(0),
+                    refreshes,
+                }
             }),
         }
+    }
+
+    /// Tokens waiting for their refresh time (one per cached key with a token).
+    pub fn scheduled_refreshes(&self) -> usize {
+        self.inner.refreshes.len()
     }
 
     pub fn stats(&self) -> &Stats {
@@ -933,9 +960,11 @@ impl Broker {
     /// Refreshes `token`'s key in the background at its refresh time, for as long as its
     /// slot lives and `token` is the slot's token, retrying failures with backoff while the
     /// old token is served. One chain per key: a token published by another fetch (forced,
-    /// or early for a minimum validity) has its own schedule, and this one's task is
-    /// aborted (`Slot::set_refresh`), as it is when the slot is dropped: a key forced every
-    /// interval would otherwise keep a sleeping task per replaced token.
+    /// or early for a minimum validity) has its own schedule, and this one's entry is taken
+    /// out of the timetable, or its task aborted (`Slot::set_refresh`), as when the slot is
+    /// dropped: a key forced every interval would otherwise keep an entry per replaced token.
+    /// An entry in the timetable, not a sleeping task: some 630 bytes less per cached
+    /// token, and no task spawned on the miss path (which woke the runtime's other thread).
     fn schedule_refresh(
         &self,
         key: Key,
@@ -943,7 +972,6 @@ impl Broker {
         token: &CachedToken,
         now: Moment,
     ) {
-        let broker = self.clone();
         let slot = Arc::downgrade(live);
         let mine = token.fingerprint;
         // Not before this fetch has ended (its result published): a refresh due at once (a
@@ -955,14 +983,22 @@ impl Broker {
         } else {
             token.refresh
         };
-        // The task sleeps for every cached key: while it does, it holds only what it needs
-        // to wake; the refresh loop, larger, is boxed once it is due.
-        let task = tokio::spawn(async move {
-            broker.inner.clock.sleep_until(at).await;
-            Box::pin(broker.refresh_chain(key, slot, mine)).await;
-        });
-        // Aborts the replaced token's task, never the caller: fetches run in tasks of their own.
-        live.set_refresh(task.abort_handle());
+        let entry = self.inner.refreshes.insert(at, Due { key, slot, mine });
+        // Ends the replaced token's refresh; were it running, its task, never the caller:
+        // fetches run in tasks of their own.
+        live.set_refresh(Refresh::Scheduled(entry));
+    }
+
+    /// Starts the refresh chain of the timetable's entry `id`, come due.
+    fn refresh_due(self, id: u64, due: Due) {
+        let Some(live) = due.slot.upgrade() else {
+            return;
+        };
+        let task = tokio::spawn(self.refresh_chain(due.key, due.slot, due.mine));
+        // Replaced between coming due and now (a newer token's entry): that one's.
+        if !live.run_refresh(id, task.abort_handle()) {
+            task.abort();
+        }
     }
 
     /// The refresh loop of `schedule_refresh`, once `mine`'s refresh is due.

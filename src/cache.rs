@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::clock::{Clock, Moment};
 use crate::sensitive::{Fingerprint, Sensitive};
+use crate::timetable::Scheduled;
 
 /// Cache key: configured tenant name and normalised scopes.
 #[derive(Debug, Clone)]
@@ -175,18 +176,36 @@ pub struct Slot<E> {
     /// eviction listener counts those). Counted both ways, so that a late notice of an
     /// eviction cannot cancel a later insertion: positive while the cache holds the slot.
     cached: AtomicI32,
-    /// The task refreshing the slot's current token: aborted when a newer token's refresh
-    /// is scheduled (a forced refresh, an early fetch), and when the slot is dropped, rather
-    /// than left sleeping, with its timer, until a refresh time that no longer matters.
-    refresh: Mutex<Option<tokio::task::AbortHandle>>,
+    /// How the slot's current token is refreshed: ended when a newer token's refresh is
+    /// scheduled (a forced refresh, an early fetch), and when the slot is dropped, rather
+    /// than left waiting until a refresh time that no longer matters.
+    refresh: Mutex<Refresh>,
+}
+
+/// How a slot's current token is refreshed.
+#[derive(Debug, Default)]
+pub enum Refresh {
+    #[default]
+    Not,
+    /// Its entry in the refresh timetable, taken out when this is dropped.
+    Scheduled(Scheduled),
+    /// The task refreshing it, its refresh come due (retrying, while it fails).
+    Running(tokio::task::AbortHandle),
+}
+
+impl Refresh {
+    /// Ends the refresh: its entry taken out of the timetable, or its task aborted.
+    fn end(self) {
+        if let Refresh::Running(task) = self {
+            task.abort();
+        }
+    }
 }
 
 impl<E> Drop for Slot<E> {
     fn drop(&mut self) {
         let refresh = self.refresh.get_mut().unwrap_or_else(|p| p.into_inner());
-        if let Some(task) = refresh.take() {
-            task.abort();
-        }
+        std::mem::take(refresh).end();
     }
 }
 
@@ -224,20 +243,29 @@ impl<E: Send + Sync + 'static> Slot<E> {
             negative: Mutex::new(None),
             retrying: AtomicBool::new(false),
             cached: AtomicI32::new(0),
-            refresh: Mutex::new(None),
+            refresh: Mutex::new(Refresh::Not),
         }
     }
 
-    /// Makes `task` the slot's refresh task, ending the one it replaces.
-    pub fn set_refresh(&self, task: tokio::task::AbortHandle) {
-        let old = self
-            .refresh
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(task);
-        if let Some(old) = old {
-            old.abort();
+    /// Makes `refresh` the slot's refresh, ending the one it replaces.
+    pub fn set_refresh(&self, refresh: Refresh) {
+        let old = std::mem::replace(
+            &mut *self.refresh.lock().unwrap_or_else(|p| p.into_inner()),
+            refresh,
+        );
+        old.end();
+    }
+
+    /// Makes `task` the slot's refresh if the slot's refresh is still the timetable's entry
+    /// `id` (come due); `false` if it was replaced meanwhile (a newer token's), for the
+    /// caller to abort `task`.
+    pub fn run_refresh(&self, id: u64, task: tokio::task::AbortHandle) -> bool {
+        let mut refresh = self.refresh.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(&*refresh, Refresh::Scheduled(s) if s.id() == id) {
+            return false;
         }
+        *refresh = Refresh::Running(task);
+        true
     }
 
     /// Counts the cache taking the slot in; returns it, for the cache to hold.

@@ -37,6 +37,7 @@ pub mod server;
 pub mod signer;
 pub mod striped;
 pub mod telemetry;
+pub mod timetable;
 pub mod tls;
 pub mod watched;
 

@@ -1875,10 +1875,10 @@ async fn an_early_fetch_for_more_validity_joins_the_fetch_under_way_without_spen
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_replaced_tokens_refresh_task_ends_with_its_replacement() {
+async fn a_replaced_tokens_refresh_ends_with_its_replacement() {
     let f = fixture(HOUR, "\n[cache]\nforce_refresh_interval_secs = 0");
-    // Nothing else runs on this test's runtime between requests: every live task is a
-    // key's refresh task.
+    // Nothing else runs on this test's runtime between requests: the one live task is the
+    // refresh timetable's runner.
     let tasks = || {
         tokio::runtime::Handle::current()
             .metrics()
@@ -1886,7 +1886,7 @@ async fn a_replaced_tokens_refresh_task_ends_with_its_replacement() {
     };
     f.get(None).await.unwrap();
     settle().await;
-    assert_eq!(tasks(), 1);
+    assert_eq!((f.broker.scheduled_refreshes(), tasks()), (1, 1));
     // Tokens replaced early, by forced refreshes and an early fetch for more validity.
     for _ in 0..10 {
         f.get_forced().await.unwrap();
@@ -1898,16 +1898,17 @@ async fn a_replaced_tokens_refresh_task_ends_with_its_replacement() {
     );
     settle().await;
     assert_eq!(
-        tasks(),
-        1,
-        "one refresh task for the key, not one per token"
+        (f.broker.scheduled_refreshes(), tasks()),
+        (1, 1),
+        "one refresh for the key, not one per token"
     );
     assert_eq!(f.entra.calls(), 12);
-    // The last token's task refreshes it.
+    // The last token's entry refreshes it, and the new token has one of its own.
     f.advance(HOUR / 2).await;
     assert_eq!(f.entra.calls(), 13);
-    assert_eq!(tasks(), 1);
-    // Evicted, its slot held by nobody: its task ends with it.
+    settle().await;
+    assert_eq!((f.broker.scheduled_refreshes(), tasks()), (1, 1));
+    // Evicted, its slot held by nobody: its entry goes with it.
     f.broker
         .cache()
         .evict(&f.broker.key("contoso", &[GRAPH.into()]).unwrap())
@@ -1915,12 +1916,16 @@ async fn a_replaced_tokens_refresh_task_ends_with_its_replacement() {
     // The cache lets go of the evicted slot on its own schedule, in real time (under load,
     // after the paused clock's settling): waited for, bounded.
     for _ in 0..400 {
-        if tasks() == 0 {
+        if f.broker.scheduled_refreshes() == 0 {
             break;
         }
         settle().await;
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    assert_eq!((f.broker.scheduled_refreshes(), tasks()), (0, 1));
+    // The broker gone, its runner ends.
+    drop(f);
+    settle().await;
     assert_eq!(tasks(), 0);
 }
 
