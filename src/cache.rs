@@ -775,6 +775,37 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn an_entry_come_due_after_a_newer_tokens_was_scheduled_leaves_the_newer_one() {
+        let clock = crate::clock::ManualClock::new();
+        let table =
+            crate::timetable::Timetable::new(std::sync::Arc::new(clock.clone()), |_, ()| {});
+        let slot: Slot<String> = Slot::new();
+        let t = clock.moment() + Duration::from_secs(60);
+        let old = table.insert(t, ());
+        let old_id = old.id();
+        slot.set_refresh(Refresh::Scheduled(old));
+        // The old token's entry came due (taken out), and a newer token's was scheduled
+        // before the old one's chain started.
+        slot.set_refresh(Refresh::Scheduled(table.insert(t, ())));
+        let chain = tokio::spawn(std::future::pending::<()>());
+        assert!(!slot.run_refresh(old_id, chain.abort_handle()));
+        assert!(
+            matches!(&*slot.refresh.lock().unwrap(), Refresh::Scheduled(s) if s.id() != old_id)
+        );
+        assert_eq!(table.len(), 1, "the newer token's entry is kept");
+        // Its own chain takes over; its entry is out of the table.
+        let new_id = match &*slot.refresh.lock().unwrap() {
+            Refresh::Scheduled(s) => s.id(),
+            other => panic!("{other:?}"),
+        };
+        assert!(slot.run_refresh(new_id, chain.abort_handle()));
+        assert!(table.is_empty());
+        // A newer token's refresh ends the running chain.
+        slot.set_refresh(Refresh::Not);
+        assert!(chain.await.unwrap_err().is_cancelled());
+    }
+
     #[test]
     fn owned_and_borrowed_keys_hash_and_compare_alike() {
         let hasher = std::collections::hash_map::RandomState::new();
