@@ -109,7 +109,7 @@ pub struct CachedToken {
     pub access_token: Sensitive,
     /// `access_token.fingerprint()`, computed once: logs and audit records use it per request.
     pub fingerprint: Fingerprint,
-    pub token_type: String,
+    pub token_type: &'static str,
     /// Its end, and when to refresh it, on both clocks: the issuer's lifetime counted from
     /// when the request was sent.
     pub expires: Moment,
@@ -875,7 +875,7 @@ mod tests {
         Arc::new(CachedToken {
             fingerprint: access_token.fingerprint(),
             access_token,
-            token_type: "Bearer".into(),
+            token_type: "Bearer",
             expires: now + Duration::from_secs(3600),
             refresh: now + Duration::from_secs(1800),
             issued_validity: 3600,

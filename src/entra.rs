@@ -34,7 +34,8 @@ pub const MAX_CLAIMS_PARAM: usize = crate::claims::MAX_CLAIMS_LEN + 1024;
 #[derive(Debug, Clone)]
 pub struct EntraToken {
     pub access_token: Sensitive,
-    pub token_type: String,
+    /// Always `Bearer` (an answer with another is refused): no string kept per token.
+    pub token_type: &'static str,
     pub expires_in: Duration,
     /// Entra's hint for when to refresh (not always sent).
     pub refresh_in: Option<Duration>,
@@ -334,7 +335,7 @@ fn token_from(body: &[u8]) -> Result<EntraToken, String> {
     }
     Ok(EntraToken {
         access_token: Sensitive::new(ok.access_token),
-        token_type: "Bearer".into(),
+        token_type: "Bearer",
         expires_in: Duration::from_secs(ok.expires_in).min(MAX_LIFETIME),
         refresh_in: ok.refresh_in.map(Duration::from_secs),
     })

@@ -357,7 +357,7 @@ pub struct UpstreamStats {
 /// What a fetch asks Entra for: the scopes, and the `claims` parameter, if any.
 #[derive(Debug, Clone, Copy)]
 struct Want<'a> {
-    scopes: &'a [String],
+    scopes: &'a Arc<[String]>,
     claims: Option<&'a str>,
 }
 
@@ -567,7 +567,7 @@ impl Flow {
     pub async fn fetch(
         &self,
         tenant: &Tenant,
-        scopes: &[String],
+        scopes: &Arc<[String]>,
         challenge: Option<&Claims>,
     ) -> Result<CachedToken, FlowError> {
         let claims =
@@ -873,7 +873,7 @@ impl Flow {
     fn obtained(
         &self,
         tenant: &Tenant,
-        scopes: &[String],
+        scopes: &Arc<[String]>,
         started: Moment,
         t: EntraToken,
     ) -> CachedToken {
@@ -914,7 +914,8 @@ impl Flow {
             issued_validity: u32::try_from(issued_validity).unwrap_or(u32::MAX),
             tenant_id: tenant.tenant_id.clone(),
             client_id: tenant.client_id.clone(),
-            scopes: scopes.to_vec().into(),
+            // The key's own: one copy of the scopes per cached key.
+            scopes: scopes.clone(),
         }
     }
 

@@ -431,7 +431,7 @@ fn note_token(audit: &mut AuditRecord, t: &CachedToken, source: TokenSource, now
 fn response(t: &CachedToken, source: TokenSource, now: Moment) -> proto::GetTokenResponse {
     proto::GetTokenResponse {
         access_token: t.access_token.expose().to_owned(),
-        token_type: t.token_type.clone(),
+        token_type: t.token_type.to_owned(),
         expires_at: Some(timestamp(t.expires.wall_at(now))),
         refresh_at: Some(timestamp(t.refresh.wall_at(now))),
         tenant_id: String::from(&*t.tenant_id),

@@ -86,7 +86,7 @@ impl TokenExchange for FakeExchange {
     async fn exchange(&self, _req: ExchangeRequest<'_>) -> Result<EntraToken, EntraError> {
         Ok(EntraToken {
             access_token: Sensitive::new(random_token(self.token_bytes)),
-            token_type: "Bearer".into(),
+            token_type: "Bearer",
             expires_in: self.lifetime,
             refresh_in: None,
         })

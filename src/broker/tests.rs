@@ -94,7 +94,7 @@ impl TokenExchange for FakeEntra {
                 refresh_in,
             } => Ok(EntraToken {
                 access_token: Sensitive::new(format!("token-{n}")),
-                token_type: "Bearer".into(),
+                token_type: "Bearer",
                 expires_in: lifetime,
                 refresh_in,
             }),
@@ -124,7 +124,7 @@ impl TokenExchange for FakeEntra {
                 gate.notified().await;
                 Ok(EntraToken {
                     access_token: Sensitive::new(format!("token-{n}")),
-                    token_type: "Bearer".into(),
+                    token_type: "Bearer",
                     expires_in: lifetime,
                     refresh_in: None,
                 })
@@ -139,7 +139,7 @@ impl TokenExchange for FakeEntra {
                 tokio::time::sleep(answering[n.min(last)]).await;
                 Ok(EntraToken {
                     access_token: Sensitive::new(format!("token-{n}")),
-                    token_type: "Bearer".into(),
+                    token_type: "Bearer",
                     expires_in: HOUR,
                     refresh_in: None,
                 })
