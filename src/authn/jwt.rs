@@ -204,6 +204,8 @@ struct Issuer {
     /// Held while fetching, so one request fetches and the others wait for its keys.
     refresh: tokio::sync::Mutex<RefreshGate>,
     fetches: AtomicU64,
+    /// Whether a task fetches the keys again in the background (`refresh_behind`).
+    refreshing_behind: AtomicBool,
 }
 
 #[derive(Default)]
@@ -328,6 +330,7 @@ impl JwtVerifier {
                         keys: ArcSwapOption::empty(),
                         refresh: tokio::sync::Mutex::new(RefreshGate::default()),
                         fetches: AtomicU64::new(0),
+                        refreshing_behind: AtomicBool::new(false),
                     }),
                 )
             })
@@ -611,15 +614,18 @@ impl JwtVerifier {
         })
     }
 
-    /// The published key for `kid`. Keys are fetched when missing or older than
-    /// `jwks_max_age` (after a failure, not again within `jwks_min_refresh`), and re-fetched
-    /// for an unknown `kid` at most once per `jwks_min_refresh`: a rotation is picked up at
-    /// once, while forged kids cannot make the broker hammer the issuer.
+    /// The published key for `kid`. Keys are fetched when missing, and again when older than
+    /// `jwks_max_age` (after a failure, not again within `jwks_min_refresh`): in the
+    /// background if they hold the token's key, which is used meanwhile, so that no request
+    /// waits on an issuer that is slow or down (known keys stay usable through its outage
+    /// anyway). They are re-fetched for an unknown `kid` at most once per
+    /// `jwks_min_refresh`: a rotation is picked up at once, while forged kids cannot make
+    /// the broker hammer the issuer.
     /// Also returns the key set it is from. A request waits at most `KEY_WAIT` for another's
     /// fetch, and calls `charge` first when its `kid` is what would be fetched for.
     async fn key(
         &self,
-        issuer: &Issuer,
+        issuer: &Arc<Issuer>,
         kid: Option<&str>,
         charge: &(dyn Fn() -> Result<(), JwtError> + Sync),
     ) -> Result<(Jwk, Arc<Keys>), JwtError> {
@@ -647,12 +653,15 @@ impl JwtVerifier {
         let fresh = |keys: &Keys| keys.fetched.elapsed() < cfg.jwks_max_age;
         let recent = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() < cfg.jwks_min_refresh);
         let before = issuer.keys.load_full();
-        if let Some(keys) = &before
-            && fresh(keys)
-        {
+        if let Some(keys) = &before {
             match find(keys) {
-                Some(k) => return Ok(k),
-                None => charge()?,
+                Some(k) if fresh(keys) => return Ok(k),
+                Some(k) => {
+                    self.refresh_behind(issuer);
+                    return Ok(k);
+                }
+                None if fresh(keys) => charge()?,
+                None => {}
             }
         }
         // Bounded: each waiter holds an in-flight slot, and the fetch under way may take up
@@ -693,21 +702,9 @@ impl JwtVerifier {
         if current.as_deref().is_some_and(fresh) {
             gate.unknown_kid = Some(Instant::now());
         }
-        issuer.fetches.fetch_add(1, Ordering::Relaxed);
-        match self.fetch(cfg).await {
-            Ok(keys) => {
-                info!(issuer = %cfg.name, keys = keys.len(), "token issuer keys fetched");
-                gate.failed = None;
-                let keys = Arc::new(Keys {
-                    keys,
-                    fetched: Instant::now(),
-                });
-                issuer.keys.store(Some(keys.clone()));
-                find(&keys).ok_or_else(|| unknown(&keys))
-            }
-            Err(message) => {
-                warn!(issuer = %cfg.name, error = %message, "cannot fetch token issuer keys");
-                gate.failed = Some(Instant::now());
+        match issuer.fetch_keys(&self.http, &mut gate).await {
+            Some(keys) => find(&keys).ok_or_else(|| unknown(&keys)),
+            None => {
                 // Keys already known stay usable through an issuer outage.
                 match &current {
                     Some(keys) => find(keys).ok_or_else(|| unknown(keys)),
@@ -720,51 +717,112 @@ impl JwtVerifier {
         }
     }
 
-    async fn fetch(&self, cfg: &IssuerConfig) -> Result<Vec<Jwk>, String> {
-        let discovery: Discovery = self
-            .get_json(&cfg.discovery_url, "the discovery document")
-            .await?;
-        if discovery.issuer != cfg.issuer {
-            return Err(format!(
-                "the discovery document names issuer `{}`, not `{}`",
-                short(&discovery.issuer),
-                cfg.issuer
-            ));
+    /// Fetches `issuer`'s keys again in the background, unless a task does already, or the
+    /// last attempt failed within `jwks_min_refresh`.
+    fn refresh_behind(&self, issuer: &Arc<Issuer>) {
+        if issuer.refreshing_behind.swap(true, Ordering::AcqRel) {
+            return;
         }
-        let jwks_uri = jwks_uri(&discovery.jwks_uri)?;
-        let raw: RawJwks = self.get_json(&jwks_uri, "the JWKS").await?;
-        // Keys of types this broker does not verify with are skipped, not fatal.
-        Ok(raw
-            .keys
-            .into_iter()
-            .filter_map(|k| serde_json::from_value::<Jwk>(k).ok())
-            .filter(|k| !matches!(k.algorithm, AlgorithmParameters::OctetKey(_)))
-            .filter(|k| !matches!(k.common.public_key_use, Some(PublicKeyUse::Encryption)))
-            .collect())
+        /// Lets the next request start a background fetch, however this one ends.
+        struct Done(Arc<Issuer>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.refreshing_behind.store(false, Ordering::Release);
+            }
+        }
+        let done = Done(issuer.clone());
+        let http = self.http.clone();
+        tokio::spawn(async move {
+            let issuer = &done.0;
+            let cfg = &issuer.cfg;
+            let mut gate = issuer.refresh.lock().await;
+            // Fetched by a request meanwhile, or failing.
+            let stale = issuer
+                .keys
+                .load()
+                .as_ref()
+                .is_none_or(|k| k.fetched.elapsed() >= cfg.jwks_max_age);
+            let failing = gate
+                .failed
+                .is_some_and(|t| t.elapsed() < cfg.jwks_min_refresh);
+            if stale && !failing {
+                issuer.fetch_keys(&http, &mut gate).await;
+            }
+        });
     }
+}
 
-    /// The JSON document `what` at `url`, of at most `MAX_ISSUER_DOCUMENT` bytes.
-    async fn get_json<T: serde::de::DeserializeOwned>(
+impl Issuer {
+    /// Fetches the keys, holding `gate`, and installs them: `None` (logged, and remembered in
+    /// `gate`) if that failed.
+    async fn fetch_keys(
         &self,
-        url: &Url,
-        what: &str,
-    ) -> Result<T, String> {
-        let failed = |e: &dyn fmt::Display| format!("GET {url} ({what}): {e}");
-        let resp = self
-            .http
-            .get(url.clone())
-            .send()
-            .await
-            .map_err(|e| failed(&crate::outbound::error_chain(&e)))?;
-        if !resp.status().is_success() {
-            return Err(failed(&format_args!("HTTP {}", resp.status())));
+        http: &reqwest::Client,
+        gate: &mut RefreshGate,
+    ) -> Option<Arc<Keys>> {
+        let cfg = &self.cfg;
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        match fetch(http, cfg).await {
+            Ok(keys) => {
+                info!(issuer = %cfg.name, keys = keys.len(), "token issuer keys fetched");
+                gate.failed = None;
+                let keys = Arc::new(Keys {
+                    keys,
+                    fetched: Instant::now(),
+                });
+                self.keys.store(Some(keys.clone()));
+                Some(keys)
+            }
+            Err(message) => {
+                warn!(issuer = %cfg.name, error = %message, "cannot fetch token issuer keys");
+                gate.failed = Some(Instant::now());
+                None
+            }
         }
-        let body = crate::outbound::body_within(resp, MAX_ISSUER_DOCUMENT)
-            .await
-            .map_err(|e| failed(&e))?;
-        serde_json::from_slice(&body)
-            .map_err(|e| failed(&format_args!("not the expected JSON ({e})")))
     }
+}
+
+/// An issuer's keys: its discovery document, then the JWKS it names.
+async fn fetch(http: &reqwest::Client, cfg: &IssuerConfig) -> Result<Vec<Jwk>, String> {
+    let discovery: Discovery = get_json(http, &cfg.discovery_url, "the discovery document").await?;
+    if discovery.issuer != cfg.issuer {
+        return Err(format!(
+            "the discovery document names issuer `{}`, not `{}`",
+            short(&discovery.issuer),
+            cfg.issuer
+        ));
+    }
+    let jwks_uri = jwks_uri(&discovery.jwks_uri)?;
+    let raw: RawJwks = get_json(http, &jwks_uri, "the JWKS").await?;
+    // Keys of types this broker does not verify with are skipped, not fatal.
+    Ok(raw
+        .keys
+        .into_iter()
+        .filter_map(|k| serde_json::from_value::<Jwk>(k).ok())
+        .filter(|k| !matches!(k.algorithm, AlgorithmParameters::OctetKey(_)))
+        .filter(|k| !matches!(k.common.public_key_use, Some(PublicKeyUse::Encryption)))
+        .collect())
+}
+
+/// The JSON document `what` at `url`, of at most `MAX_ISSUER_DOCUMENT` bytes.
+async fn get_json<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &Url,
+    what: &str,
+) -> Result<T, String> {
+    let failed = |e: &dyn fmt::Display| format!("GET {url} ({what}): {e}");
+    let resp = http
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(|e| failed(&crate::outbound::error_chain(&e)))?;
+    if !resp.status().is_success() {
+        return Err(failed(&format_args!("HTTP {}", resp.status())));
+    }
+    let body = crate::outbound::body_within(resp, MAX_ISSUER_DOCUMENT)
+        .await
+        .map_err(|e| failed(&e))?;
+    serde_json::from_slice(&body).map_err(|e| failed(&format_args!("not the expected JSON ({e})")))
 }
 
 /// The `jwks_uri` of a discovery document as a URL the broker fetches: https (http only on
@@ -811,6 +869,7 @@ mod tests {
             keys: ArcSwapOption::empty(),
             refresh: tokio::sync::Mutex::new(RefreshGate::default()),
             fetches: AtomicU64::new(0),
+            refreshing_behind: AtomicBool::new(false),
         })
     }
 
@@ -942,6 +1001,22 @@ mod tests {
         tokio::sync::mpsc::UnboundedReceiver<()>,
         Arc<JwtVerifier>,
     ) {
+        held_issuer_aging(burst, identity_claim, Duration::from_secs(3600)).await
+    }
+
+    /// `held_issuer`, its keys counted old after `jwks_max_age`.
+    #[cfg(feature = "emulator")]
+    async fn held_issuer_aging(
+        burst: u32,
+        identity_claim: &str,
+        jwks_max_age: Duration,
+    ) -> (
+        crate::emulator::keys::IssuerKey,
+        String,
+        Arc<tokio::sync::Semaphore>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+        Arc<JwtVerifier>,
+    ) {
         use axum::Json;
         use axum::routing::get;
         let key = crate::emulator::keys::IssuerKey::generate().unwrap();
@@ -977,7 +1052,7 @@ mod tests {
             identity_claim: identity_claim.into(),
             leeway: Duration::from_secs(60),
             jwks_min_refresh: Duration::from_secs(30),
-            jwks_max_age: Duration::from_secs(3600),
+            jwks_max_age,
         };
         let verifier = JwtVerifier::new(
             vec![cfg],
@@ -1086,6 +1161,44 @@ mod tests {
             let r = told.recv().await.unwrap();
             assert!(matches!(r, Err(JwtError::UnknownKey(_))), "{r:?}");
         }
+    }
+
+    #[cfg(feature = "emulator")]
+    #[tokio::test]
+    async fn keys_past_their_max_age_holding_the_tokens_key_serve_while_fetched_again() {
+        // Every fetch's keys are old at once.
+        let (key, iss, release, mut asked, verifier) =
+            held_issuer_aging(3, "sub", Duration::ZERO).await;
+        release.add_permits(1);
+        let peer: IpAddr = "192.0.2.9".parse().unwrap();
+        let token = |sub: &str| Sensitive::new(signed(&key, &iss, sub));
+        verifier.verify(&token("first"), Some(peer)).await.unwrap();
+        asked.recv().await.unwrap();
+        // The issuer now holds every request (slow, or down): requests whose key the old
+        // keys hold are verified with them, without waiting for it; one fetch is under way.
+        for sub in ["second", "third", "fourth"] {
+            let verified = tokio::time::timeout(
+                Duration::from_secs(20),
+                verifier.verify(&token(sub), Some(peer)),
+            )
+            .await
+            .expect("verified without waiting for the issuer")
+            .unwrap();
+            assert_eq!(verified.id, format!("jwt:held:{sub}"));
+        }
+        asked.recv().await.unwrap();
+        assert!(asked.try_recv().is_err(), "one fetch at a time");
+        assert_eq!(verifier.issuers[&iss].fetches.load(Ordering::Relaxed), 2);
+        // Once it ends, a request past the keys' age has them fetched again.
+        release.add_permits(2);
+        while verifier.issuers[&iss]
+            .refreshing_behind
+            .load(Ordering::Acquire)
+        {
+            tokio::task::yield_now().await;
+        }
+        verifier.verify(&token("fifth"), Some(peer)).await.unwrap();
+        asked.recv().await.unwrap();
     }
 
     /// `token` with the signature of `other`: well formed, from a trusted issuer and key,
