@@ -53,7 +53,7 @@ pub struct AuditRecord {
     #[serde(serialize_with = "as_rfc3339")]
     pub time: SystemTime,
     pub request_id: String,
-    /// `GetToken` or `WatchToken`.
+    /// `GetToken` or `WatchToken`; `unknown` for a method the service does not have.
     pub rpc: &'static str,
     pub caller: Option<String>,
     pub proof: Option<Proof>,

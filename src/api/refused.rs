@@ -2,7 +2,9 @@
 //! decoding limit, one that is not the RPC's protobuf message, an unsupported compression.
 //! They are a caller's requests refused, so the trail has them too (with the connection's
 //! certificate caller, when it has one, and the status answered), as the handler's own
-//! refusals are.
+//! refusals are. So are the calls to a method the service does not have (`UNIMPLEMENTED`):
+//! a caller probing for methods shows in the trail. Only the broker's own service is
+//! wrapped, so health and reflection calls are not audited.
 //!
 //! Whether the handler ran is told by a thread-local flag the handler sets on entry, within
 //! a poll of the call's future: no allocation, no lock, nothing shared per call.
@@ -51,9 +53,14 @@ impl<S: NamedService> NamedService for AuditRefused<S> {
     const NAME: &'static str = S::NAME;
 }
 
+/// Longest method name copied from a request into a record.
+const MAX_METHOD: usize = 128;
+
 /// What a refused call's record needs of its request, kept until its answer.
 struct Asked {
     rpc: &'static str,
+    /// The method asked for, when the service has no such method (`rpc` is `unknown`).
+    unknown: Option<String>,
     peer: Option<SocketAddr>,
     client: Option<Arc<VerifiedClient>>,
 }
@@ -72,29 +79,33 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let rpc = match req.uri().path().rsplit_once('/') {
-            Some((_, "GetToken")) => Some("GetToken"),
-            Some((_, "WatchToken")) => Some("WatchToken"),
-            _ => None,
-        };
-        let asked = rpc.map(|rpc| {
-            let ext = req.extensions();
-            match ext.get::<TlsPeer>() {
-                Some(p) => Asked {
-                    rpc,
-                    peer: p.remote_addr,
-                    client: p.client_identity.clone(),
-                },
-                None => Asked {
-                    rpc,
-                    peer: ext.get::<TcpConnectInfo>().and_then(|i| i.remote_addr()),
-                    client: None,
-                },
+        // Only this service's paths are routed here: any other method is one it lacks.
+        let (rpc, unknown) = match req.uri().path().rsplit_once('/') {
+            Some((_, "GetToken")) => ("GetToken", None),
+            Some((_, "WatchToken")) => ("WatchToken", None),
+            _ => {
+                let path = req.uri().path().trim_start_matches('/');
+                ("unknown", Some(path.chars().take(MAX_METHOD).collect()))
             }
-        });
+        };
+        let ext = req.extensions();
+        let asked = match ext.get::<TlsPeer>() {
+            Some(p) => Asked {
+                rpc,
+                unknown,
+                peer: p.remote_addr,
+                client: p.client_identity.clone(),
+            },
+            None => Asked {
+                rpc,
+                unknown,
+                peer: ext.get::<TcpConnectInfo>().and_then(|i| i.remote_addr()),
+                client: None,
+            },
+        };
         Refusable {
             inner: self.inner.call(req),
-            asked,
+            asked: Some(asked),
             entered: false,
             access: self.access.clone(),
         }
@@ -104,7 +115,7 @@ where
 /// A call's answer; written to the audit trail when the handler never ran.
 pub struct Refusable<F> {
     inner: F,
-    /// `None` for other methods than the two audited ones.
+    /// Taken when its record is written.
     asked: Option<Asked>,
     entered: bool,
     access: Arc<Access>,
@@ -156,7 +167,10 @@ fn record(asked: Asked, request_id: String, status: &tonic::Status) -> AuditReco
         _ => Outcome::Failed,
     };
     r.code = super::error::code_name(status.code());
-    r.reason = Some(format!("refused before it was read: {}", status.message()));
+    r.reason = Some(match asked.unknown {
+        Some(method) => format!("no such method: {method}"),
+        None => format!("refused before it was read: {}", status.message()),
+    });
     // A client can send these at will: summarised when repeated.
     r.repeatable = true;
     r

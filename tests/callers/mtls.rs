@@ -1444,3 +1444,68 @@ async fn requests_refused_before_they_are_read_are_audited_with_the_certificates
     assert_eq!(records[2].caller.as_deref(), Some(COLLECTOR));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_to_methods_the_broker_does_not_have_are_audited_but_health_and_reflection_are_not() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let leaf = h.ca.client(&[COLLECTOR]);
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(&h.server_ca_pem, Some(&leaf)))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // An empty message, framed.
+    let empty = || String::from_utf8(vec![0u8; 5]).unwrap();
+    let mut call = async |path: &str| {
+        let req = http::Request::post(format!("https://localhost{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(empty())
+            .unwrap();
+        let answer = send.send_request(req).await.unwrap();
+        answer
+            .headers()
+            .get("grpc-status")
+            .map(|s| s.to_str().unwrap().to_owned())
+    };
+    // A caller probing the broker's service for methods it does not have.
+    let probes = ["ListTenants", "GetTokens", "Admin"];
+    for m in probes {
+        let status = call(&format!("/tokenbroker.v1.TokenBroker/{m}")).await;
+        assert_eq!(status.as_deref(), Some("12"), "{m}: UNIMPLEMENTED");
+    }
+    // The health and reflection services, known methods or not, are not audited.
+    call("/grpc.health.v1.Health/Check").await;
+    let status = call("/grpc.health.v1.Health/Probe").await;
+    assert_eq!(status.as_deref(), Some("12"));
+    let status = call("/grpc.reflection.v1.ServerReflection/Probe").await;
+    assert_eq!(status.as_deref(), Some("12"));
+
+    let records = h.stop_and_records().await;
+    assert_eq!(requests_in(&records), probes.len() as u64, "{records:#?}");
+    for r in &records {
+        assert_eq!((r.rpc, r.code), ("unknown", "UNIMPLEMENTED"), "{r:?}");
+        assert_eq!(r.caller.as_deref(), Some(COLLECTOR), "{r:?}");
+        assert_eq!(r.outcome, tokenbroker::audit::Outcome::Failed, "{r:?}");
+        assert!(r.peer.is_some(), "{r:?}");
+    }
+    // The first is written as it is, naming the method asked for; the rest are summarised.
+    assert_eq!(records.len(), 2, "{records:#?}");
+    assert_eq!(records[0].repeats, None);
+    assert_eq!(
+        records[0].reason.as_deref(),
+        Some("no such method: tokenbroker.v1.TokenBroker/ListTenants")
+    );
+    assert_eq!(records[1].repeats, Some(2));
+}
