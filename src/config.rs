@@ -1597,6 +1597,21 @@ impl Validator<'_> {
         }
         let audit = self.audit(raw.audit);
         let limits = self.limits(raw.limits);
+        // A warning, not a refusal: a caller may spread its watches over connections. But a
+        // client that keeps them on one (as gRPC clients do) stops at the stream bound, and
+        // its other calls wait behind its watches there, without end.
+        if server.max_concurrent_streams <= limits.max_watches_per_caller {
+            self.warn(
+                "server.max_concurrent_streams",
+                format!(
+                    "{} is not above limits.max_watches_per_caller ({}): a caller holding its \
+                     watches on one connection cannot open them all, and its other calls there \
+                     wait until a watch ends; raise it above the watches plus the calls a \
+                     caller makes at once",
+                    server.max_concurrent_streams, limits.max_watches_per_caller
+                ),
+            );
+        }
         let admin = self.admin(raw.admin, env);
         self.listeners_apart(&server, &admin, env);
         let telemetry = self.telemetry(raw.telemetry, env);

@@ -1035,6 +1035,34 @@ fn a_connections_concurrent_streams_are_bounded_by_default_and_configurably() {
 }
 
 #[test]
+fn concurrent_streams_not_above_a_callers_watches_are_a_warning() {
+    let load = |streams: u32, watches: u32| {
+        let text = GOOD.replace(
+            "plaintext = true",
+            &format!("plaintext = true\nmax_concurrent_streams = {streams}"),
+        );
+        let text = format!("{text}\n[limits]\nmax_watches_per_caller = {watches}\n");
+        // Valid: a caller may spread its watches over connections.
+        let c = Config::from_toml_str(&text, Path::new("/"), &no_env).unwrap();
+        c.warnings
+            .iter()
+            .filter(|w| w.path == "server.max_concurrent_streams")
+            .map(|w| w.message.clone())
+            .collect::<Vec<_>>()
+    };
+    let w = load(32, 100);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("32") && w[0].contains("limits.max_watches_per_caller (100)"),
+        "{w:?}"
+    );
+    // Equal: a caller's watches fill its connection, leaving no stream for a GetToken.
+    assert_eq!(load(100, 100).len(), 1);
+    assert!(load(101, 100).is_empty());
+    assert!(load(256, 100).is_empty());
+}
+
+#[test]
 fn every_duration_and_count_is_refused_outside_its_range_naming_field_value_and_range() {
     let text = format!(
         "{GOOD}\n[limits]\ncaller_idle_secs = 9223372036854775807\nmax_in_flight = 0\nmax_callers = 99999999999\n\
