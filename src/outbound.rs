@@ -1083,7 +1083,9 @@ impl HttpClient for ImdsRedirect {
 /// borrowed string" instead of Entra's words and codes. The description's characters that
 /// JSON escapes become plain ones; nothing else of the answer changes. A page that is not
 /// JSON (a proxy's or gateway's) becomes `{}`: the SDK then fails with the answer's status,
-/// which `EntraAnswers` reads, rather than with its parser's complaint.
+/// which `EntraAnswers` reads, rather than with its parser's complaint. A redirect's
+/// relative `Location` is made absolute against the URL asked, so that its target is named
+/// as the broker's own exchanges name theirs.
 #[derive(Debug)]
 struct ReadableEntraErrors {
     inner: Arc<dyn HttpClient>,
@@ -1096,7 +1098,15 @@ impl HttpClient for ReadableEntraErrors {
         if response.status().is_success() {
             return Ok(response);
         }
-        let (status, headers, body) = response.deconstruct();
+        let (status, mut headers, body) = response.deconstruct();
+        // A redirect's Location, when relative, made absolute against the URL asked: the
+        // SDK's error keeps the answer but not the request, and the target is named by it.
+        if (300..400).contains(&u16::from(status))
+            && let Some(target) =
+                header(&headers, "location").and_then(|l| request.url().join(l).ok())
+        {
+            headers.insert("location", target.to_string());
+        }
         let body = body.collect().await?;
         // The assertion sent (the service account's token), should a gateway answering in
         // JSON echo the form: the description reaches callers and logs.
@@ -1345,6 +1355,11 @@ mod tests {
     /// as the broker wraps them, when Entra answers `status` with `body` (the SDK retrying
     /// nothing).
     async fn refused_with(status: u16, body: &'static str) -> azure_core::Error {
+        refused_by(Arc::new(Answering(status, body))).await
+    }
+
+    /// The same, Entra's place taken by `answering`.
+    async fn refused_by(answering: Arc<dyn HttpClient>) -> azure_core::Error {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("azure-identity-token");
         std::fs::write(&token, "projected-token").unwrap();
@@ -1352,7 +1367,7 @@ mod tests {
         cloud.authority_host = "https://login.example".into();
         let client_options = ClientOptions {
             transport: Some(Transport::new(Arc::new(ReadableEntraErrors {
-                inner: Arc::new(Answering(status, body)),
+                inner: answering,
             }))),
             retry: RetryOptions::none(),
             cloud: Some(Arc::new(CloudConfiguration::Custom(cloud))),
@@ -1390,6 +1405,46 @@ mod tests {
                 "{answer}"
             );
         }
+    }
+
+    /// Answers every request with a redirect of `status` to `location`.
+    #[derive(Debug)]
+    struct Redirecting(u16, &'static str);
+
+    #[async_trait]
+    impl HttpClient for Redirecting {
+        async fn execute_request(&self, _: &Request) -> azure_core::Result<AsyncRawResponse> {
+            let mut headers = azure_core::http::headers::Headers::new();
+            headers.insert("location", self.1);
+            Ok(AsyncRawResponse::from_bytes(
+                azure_core::http::StatusCode::from(self.0),
+                headers,
+                bytes::Bytes::from_static(b"<html>moved</html>"),
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relative_redirect_to_the_workload_identity_is_named_resolved_against_the_request() {
+        let e = refused_by(Arc::new(Redirecting(308, "/elsewhere/token?code=secret#f"))).await;
+        let answer = entra_answer(&e).expect("Entra's answer under the error");
+        let text = answer.to_string();
+        assert!(
+            text.contains("HTTP 308 redirect to https://login.example/elsewhere/token,"),
+            "{text}"
+        );
+        assert!(!text.contains("secret"), "{text}");
+        // An absolute one is named as it is.
+        let e = refused_by(Arc::new(Redirecting(
+            302,
+            "https://proxy.example/signin?x=1",
+        )))
+        .await;
+        let text = entra_answer(&e).unwrap().to_string();
+        assert!(
+            text.contains("HTTP 302 redirect to https://proxy.example/signin,"),
+            "{text}"
+        );
     }
 
     /// Answers every request with 401 and `challenge` (none: no `WWW-Authenticate`).
