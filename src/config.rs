@@ -119,6 +119,10 @@ pub struct ServerConfig {
     /// is told in SETTINGS, and a stream over it is refused (REFUSED_STREAM) before it costs
     /// more than its headers.
     pub max_concurrent_streams: u32,
+    /// The listener's TLS as built when `tls`'s files were checked (`Config::load`), which
+    /// `serve` then uses: each file is read once at start, so what was checked is what is
+    /// served. `None` when the files were not read (`--files-elsewhere`).
+    pub tls_loaded: Option<std::sync::Arc<crate::tls::ListenerConfig>>,
 }
 
 impl ServerConfig {
@@ -1916,6 +1920,7 @@ impl Validator<'_> {
             (1, HOUR),
             "a rotated certificate or changed policy is picked up within this",
         );
+        let mut tls_loaded = None;
         let tls = match (raw.tls_cert_file, raw.tls_key_file) {
             (Some(c), Some(k)) => {
                 let tls = ServerTls {
@@ -1926,7 +1931,7 @@ impl Validator<'_> {
                     client_crl_files,
                     client_cert,
                 };
-                self.tls_files(&tls);
+                tls_loaded = self.tls_files(&tls);
                 Some(tls)
             }
             (None, None) => None,
@@ -1983,6 +1988,7 @@ impl Validator<'_> {
             listen,
             plaintext: raw.plaintext,
             tls,
+            tls_loaded,
             shutdown_grace: self.span(
                 "server.shutdown_grace_secs",
                 raw.shutdown_grace_secs,
@@ -2004,8 +2010,8 @@ impl Validator<'_> {
 
     /// The listener's certificate, key, client CA and revocation lists exist and load, as
     /// `serve` loads them (`tls::server_config`): a missing or broken file is found here,
-    /// not when the broker starts.
-    fn tls_files(&mut self, tls: &ServerTls) {
+    /// not when the broker starts. The listener built, when the files load.
+    fn tls_files(&mut self, tls: &ServerTls) -> Option<std::sync::Arc<crate::tls::ListenerConfig>> {
         let mut missing = false;
         for (key, p) in [
             ("server.tls_cert_file", &tls.cert_file),
@@ -2028,13 +2034,13 @@ impl Validator<'_> {
             .chain(&tls.client_crl_files);
         if missing || others.clone().any(|p| !p.is_file()) {
             // Reported (or listed as not checked) where they are named.
-            return;
+            return None;
         }
         use crate::tls::TlsError;
         let e = match crate::tls::server_config(tls) {
             Ok(listener) => {
                 self.certificate_ends_soon(listener.server_cert().not_after());
-                return;
+                return Some(listener);
             }
             Err(e) => e,
         };
@@ -2065,6 +2071,7 @@ impl Validator<'_> {
             TlsError::Pair { .. } | TlsError::Config(_) => "server.tls_key_file".to_string(),
         };
         self.problem(&key, e.to_string());
+        None
     }
 
     /// A warning when the server certificate (valid now: `tls::server_config` refuses it

@@ -612,13 +612,14 @@ pub async fn bind_with(
     up: Upstreams,
     access: Access,
 ) -> Result<Bound, ServerError> {
-    // Certificate problems surface here, before anything listens.
-    let tls = config
-        .server
-        .tls
-        .as_ref()
-        .map(crate::tls::server_config)
-        .transpose()?;
+    // As checked when the configuration was loaded, not read again (a file replaced since
+    // would be served unchecked); built here only if it was not (certificate problems then
+    // surface here, before anything listens).
+    let tls = match (&config.server.tls_loaded, &config.server.tls) {
+        (Some(loaded), _) => Some(loaded.clone()),
+        (None, Some(tls)) => Some(crate::tls::server_config(tls)?),
+        (None, None) => None,
+    };
     let broker = Broker::new(&config, up);
     let addr = config.server.listen;
     let listener = TcpListener::bind(addr)

@@ -36,6 +36,9 @@ pub struct Options {
     pub client_ca_file: bool,
     /// Files written into the broker's directory before it starts: (name, content).
     pub files: Vec<(&'static str, String)>,
+    /// Files written into the broker's directory after its configuration is loaded (and
+    /// checked) and before the broker is built from it: (name, content).
+    pub replaced_before_bind: Vec<(&'static str, String)>,
     /// More trusted issuers, `[callers.issuers.NAME]` with their `issuer` URL.
     pub issuers: Vec<(&'static str, String)>,
     /// Draws each connection's maximum age from the configured one, instead of the broker's
@@ -56,6 +59,7 @@ impl Default for Options {
             crl: false,
             client_ca_file: true,
             files: Vec::new(),
+            replaced_before_bind: Vec::new(),
             issuers: Vec::new(),
             connection_age: None,
         }
@@ -160,6 +164,9 @@ impl Harness {
         std::fs::write(&path, &toml).unwrap();
         let config = tokenbroker::config::Config::load(&path, &|_| None)
             .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        for (name, content) in &opts.replaced_before_bind {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
         let up = tokenbroker::server::upstreams(&config).unwrap();
         let audit = Arc::new(MemorySink::default());
         let http = tokenbroker::outbound::http_client(&config.outbound).unwrap();

@@ -1509,3 +1509,24 @@ async fn calls_to_methods_the_broker_does_not_have_are_audited_but_health_and_re
     );
     assert_eq!(records[1].repeats, Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_files_checked_at_start_are_the_ones_served() {
+    // Replaced, broken, between the configuration's check and the listener's start: the
+    // broker serves what it checked, and refuses the broken files as a reload would.
+    let broken = "not PEM\n".to_string();
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        replaced_before_bind: vec![
+            ("server.crt", broken.clone()),
+            ("server.key", broken.clone()),
+            ("callers-ca.pem", broken),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let leaf = h.ca.client(&[COLLECTOR]);
+    let t = h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
+    assert!(!t.access_token.is_empty());
+    h.stop().await;
+}
