@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -592,7 +593,7 @@ pub async fn request_token(
     if timeout.is_zero() {
         return Err(TokenFailure::usage("--timeout must be at least 1 second"));
     }
-    let mut endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
         .map_err(|e| TokenFailure::usage(format!("bad --addr {addr}: {e}")))?
         .connect_timeout(timeout);
     let uri = endpoint.uri().clone();
@@ -601,29 +602,16 @@ pub async fn request_token(
         std::fs::read(p)
             .map_err(|e| TokenFailure::other(format!("cannot read {}: {e}", p.display())))
     };
-    // What the TLS files hold, also for `tls_refusal`.
-    let mut probe = TlsProbe::default();
+    // What the TLS files hold: the connection's trust and client certificate.
+    let mut files = TlsFiles::default();
     if tls {
-        let mut cfg = tonic::transport::ClientTlsConfig::new();
-        cfg = match &auth.ca {
-            Some(ca) => {
-                let pem = read(ca)?;
-                probe.roots = Some(certificates("--ca", ca, &pem)?);
-                cfg.ca_certificate(tonic::transport::Certificate::from_pem(pem))
-            }
-            None => cfg.with_native_roots(),
-        };
+        if let Some(ca) = &auth.ca {
+            files.roots = Some(certificates("--ca", ca, &read(ca)?)?);
+        }
         if let Some((cert, key)) = &auth.cert {
             let (cert_pem, key_pem) = (read(cert)?, read(key)?);
-            probe.identity = Some(client_identity((cert, &cert_pem), (key, &key_pem))?);
-            cfg = cfg.identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+            files.identity = Some(client_identity((cert, &cert_pem), (key, &key_pem))?);
         }
-        endpoint = endpoint.tls_config(cfg).map_err(|e| {
-            TokenFailure::other(format!(
-                "TLS setup for {addr}: {}",
-                crate::outbound::error_chain(&e)
-            ))
-        })?;
     } else if auth.ca.is_some() || auth.cert.is_some() {
         return Err(TokenFailure::usage(
             "--ca, --cert and --key need an https:// --addr",
@@ -678,6 +666,12 @@ pub async fn request_token(
         })?;
         request.metadata_mut().insert("authorization", value);
     }
+    let files_config = match tls {
+        true => Some(Arc::new(client_tls(&files).await.map_err(|e| {
+            TokenFailure::other(format!("TLS setup for {addr}: {e}"))
+        })?)),
+        false => None,
+    };
     let started = tokio::time::Instant::now();
     let out_of_time = || TokenFailure {
         message: format!(
@@ -687,7 +681,26 @@ pub async fn request_token(
         exit: EXIT_UNAVAILABLE,
     };
     let call = async {
-        let channel = endpoint.connect().await.map_err(|e| {
+        let connected = match &files_config {
+            Some(config) => {
+                // Plain http:// to the connector, which speaks TLS itself; requests still
+                // name the https:// address.
+                let plain = tonic::transport::Endpoint::from_shared(format!(
+                    "http://{}",
+                    uri.authority().map(|a| a.as_str()).unwrap_or_default()
+                ))
+                .map_err(|e| TokenFailure::usage(format!("bad --addr {addr}: {e}")))?
+                .origin(uri.clone())
+                .connect_timeout(timeout);
+                plain
+                    .connect_with_connector(FirstWord {
+                        config: config.clone(),
+                    })
+                    .await
+            }
+            None => endpoint.connect().await,
+        };
+        let channel = connected.map_err(|e| {
             let why = crate::outbound::error_chain(&e);
             // With TLS 1.2 a refused client certificate ends the handshake itself.
             if let Some(name) = alert(&why) {
@@ -719,13 +732,7 @@ pub async fn request_token(
         else {
             return Err(TokenFailure::status(&s));
         };
-        let mut why = crate::outbound::error_chain(e);
-        if tls
-            && alert(&why).is_none()
-            && let Some(refusal) = tls_refusal(&uri, &probe).await
-        {
-            why = refusal;
-        }
+        let why = crate::outbound::error_chain(e);
         if !tls && serves_tls(&uri).await {
             return Err(TokenFailure::other(format!(
                 "the connection to {addr} failed: the broker serves TLS there: try an https:// --addr"
@@ -807,62 +814,173 @@ fn client_identity(
     }
 }
 
-/// The trust and client certificate of a TLS call, to ask the broker again why it refused it.
+/// The trust and client certificate of a TLS call.
 #[derive(Default)]
-struct TlsProbe {
+struct TlsFiles {
     /// `--ca`'s certificates; none: the platform roots.
     roots: Option<Vec<CertificateDer<'static>>>,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 }
 
-/// At most this long for `tls_refusal` or `serves_tls` (within `--timeout`).
+/// At most this long for `serves_tls`, or for the broker's first word (`FirstWord`) (within
+/// `--timeout`).
 const PROBE_BOUND: Duration = Duration::from_secs(2);
 
-/// Why the broker's TLS refused this caller, read on a connection of its own. With TLS 1.3
-/// the broker checks a client certificate after the client has finished its handshake and
-/// sent its request; the call then fails with the broker's alert or with a bare "connection
-/// closed", whichever the client's HTTP/2 layer notices first. A connection that sends
-/// nothing after its handshake reads the broker's first word instead: its alert, or HTTP/2
-/// settings when it took the certificate. `None` when that tells nothing more (the broker
-/// unreachable or accepting).
-async fn tls_refusal(uri: &http::Uri, probe: &TlsProbe) -> Option<String> {
-    use tokio::io::AsyncReadExt;
-    let host = uri.host()?.trim_matches(['[', ']']).to_owned();
-    let port = uri.port_u16().unwrap_or(443);
+/// The rustls configuration of a call with `files`.
+async fn client_tls(files: &TlsFiles) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
-    let trusted = match &probe.roots {
+    let trusted = match &files.roots {
         Some(r) => r.clone(),
-        // As the call trusted the broker: the platform's roots (read from disk).
+        // The platform's roots (read from disk).
         None => tokio::task::spawn_blocking(|| rustls_native_certs::load_native_certs().certs)
             .await
-            .ok()?,
+            .map_err(|e| e.to_string())?,
     };
     roots.add_parsable_certificates(trusted);
-    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .ok()?
+    .map_err(|e| e.to_string())?
     .with_root_certificates(roots);
-    let mut config = match &probe.identity {
+    let mut config = match &files.identity {
         Some((chain, key)) => builder
             .with_client_auth_cert(chain.clone(), key.clone_key())
-            .ok()?,
+            .map_err(|e| e.to_string())?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let name = rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
-    let first_word = async {
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .ok()?;
-        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-        let mut stream = connector.connect(name, tcp).await.ok()?;
-        stream.read(&mut [0u8; 1]).await.err()
-    };
-    let e = tokio::time::timeout(PROBE_BOUND, first_word).await.ok()??;
-    let why = crate::outbound::error_chain(&e);
-    alert(&why).is_some().then_some(why)
+    Ok(config)
+}
+
+/// Connects with TLS and reads the broker's first word before the connection is handed to
+/// HTTP/2: its alert, when it refuses the client certificate, or its HTTP/2 settings. With
+/// TLS 1.3 the broker checks a client certificate after the client has finished its
+/// handshake; read later, by the HTTP/2 client that has sent its request meanwhile, the
+/// refusal is the broker's alert or a bare "connection closed", whichever it notices first.
+/// Read here, it is always the alert, on the one connection (one handshake, one line in the
+/// broker's log), not asked again on a second one.
+#[derive(Clone)]
+struct FirstWord {
+    config: Arc<rustls::ClientConfig>,
+}
+
+type TlsIo =
+    hyper_util::rt::TokioIo<Prefixed<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
+
+impl tonic::codegen::Service<http::Uri> for FirstWord {
+    type Response = TlsIo;
+    type Error = std::io::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<TlsIo, std::io::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), std::io::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let config = self.config.clone();
+        Box::pin(async move {
+            use tokio::io::AsyncReadExt;
+            let invalid =
+                |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
+            let host = uri
+                .host()
+                .ok_or_else(|| invalid("no host"))?
+                .trim_matches(['[', ']'])
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|_| invalid("not a host name"))?;
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            let _ = tcp.set_nodelay(true);
+            let mut stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            let mut first = vec![0u8; 1024];
+            // Bounded: a server that waits for the client to speak first (a proxy, say)
+            // gets the connection as it is, its verdict then read by the call.
+            match tokio::time::timeout(PROBE_BOUND, stream.read(&mut first)).await {
+                Ok(Ok(0)) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the broker closed the connection after the TLS handshake",
+                    ));
+                }
+                Ok(Ok(n)) => first.truncate(n),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => first.clear(),
+            }
+            Ok(hyper_util::rt::TokioIo::new(Prefixed {
+                first,
+                at: 0,
+                inner: stream,
+            }))
+        })
+    }
+}
+
+/// A stream whose first bytes, already read, are read again first.
+struct Prefixed<S> {
+    first: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(rest) = this.first.get(this.at..).filter(|r| !r.is_empty()) {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Whether what listens at `uri` answers the start of plaintext HTTP/2 with a TLS record

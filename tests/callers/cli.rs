@@ -299,6 +299,75 @@ async fn the_token_command_does_not_call_an_expired_broker_certificate_worth_ret
 
 /// A TLS listener on loopback that presents `leaf` and serves nothing.
 async fn tls_listener(leaf: &crate::pki::Leaf) -> std::net::SocketAddr {
+    let acceptor = tls_acceptor(leaf);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_command_calls_a_server_that_waits_for_the_client_to_speak_first() {
+    use tokio::io::AsyncReadExt;
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("proxy CA");
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    let acceptor = tls_acceptor(&ca.server());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Says nothing until the client has (as some proxies do), then answers every call
+    // NOT_FOUND.
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let (mut r, w) = tokio::io::split(tls);
+            let mut heard = vec![0u8; 1024];
+            let Ok(n @ 1..) = r.read(&mut heard).await else {
+                continue;
+            };
+            heard.truncate(n);
+            let io = tokio::io::join(std::io::Cursor::new(heard).chain(r), w);
+            let answer = hyper::service::service_fn(|_| async {
+                http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "5")
+                    .header("grpc-message", "quiet")
+                    .body(String::new())
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(io), answer),
+            );
+        }
+    });
+    let e = request_token(
+        &format!("https://localhost:{}", addr.port()),
+        GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        },
+        Duration::from_secs(30),
+        &CallerAuth {
+            ca: Some(dir.path().join("ca.pem")),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(e.message.contains("quiet"), "{}", e.message);
+    assert_eq!(e.exit, 1, "{}", e.message);
+}
+
+/// A TLS acceptor presenting `leaf`, asking for no client certificate.
+fn tls_acceptor(leaf: &crate::pki::Leaf) -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
@@ -313,13 +382,59 @@ async fn tls_listener(leaf: &crate::pki::Leaf) -> std::net::SocketAddr {
     .with_no_client_auth()
     .with_single_cert(chain, key)
     .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let _ = acceptor.accept(tcp).await;
-        }
-    });
-    addr
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refused_at_the_handshake_costs_the_broker_one_handshake() {
+    const TRIES: u64 = 20;
+    let caller = "spiffe://example.org/ns/cli/sa/script";
+    let h = Harness::start(Options {
+        policy: grants(&[(caller, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    std::fs::write(h.path("server-ca.pem"), &h.server_ca_pem).unwrap();
+    let (cert, key) = Ca::new("another CA")
+        .client(&[caller])
+        .write(h.dir.path(), "foreign");
+    let addr = format!("https://localhost:{}", h.addr.port());
+    for _ in 0..TRIES {
+        let e = request_token(
+            &addr,
+            GetTokenRequest {
+                tenant: "contoso".into(),
+                scopes: vec![GRAPH.into()],
+                ..Default::default()
+            },
+            Duration::from_secs(30),
+            &CallerAuth {
+                ca: Some(h.path("server-ca.pem")),
+                cert: Some((cert.clone(), key.clone())),
+                bearer_file: None,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.exit, 77, "{}", e.message);
+        assert!(
+            e.message.contains("received fatal alert: UnknownCA"),
+            "{}",
+            e.message
+        );
+    }
+    // Each run is one refused handshake (one line in the broker's log), not a second one
+    // made only to read the broker's reason again.
+    let refused = || {
+        h.listener_tls
+            .handshakes_refused()
+            .map(|(_, n)| n)
+            .sum::<u64>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while refused() < TRIES && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(refused(), TRIES);
+    h.stop().await;
 }
