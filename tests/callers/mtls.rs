@@ -237,18 +237,7 @@ async fn the_broker_answers_cancelled_once_the_callers_deadline_has_passed() {
         .await;
     let leaf = h.ca.client(&[COLLECTOR]);
     // A bare HTTP/2 client: tonic's would keep the deadline itself, and answer first.
-    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(client_config(&h.server_ca_pem, Some(&leaf)))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = bare_h2(&h, &leaf).await;
     let message = prost::Message::encode_to_vec(&tokenbroker::proto::GetTokenRequest {
         tenant: "contoso".into(),
         scopes: vec![GRAPH.into()],
@@ -1377,18 +1366,7 @@ async fn requests_refused_before_they_are_read_are_audited_with_the_certificates
     })
     .await;
     let leaf = h.ca.client(&[COLLECTOR]);
-    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(client_config(&h.server_ca_pem, Some(&leaf)))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = bare_h2(&h, &leaf).await;
     // A message over the decoding limit (16 KiB by default), and one that is not protobuf.
     let framed = |message: Vec<u8>| {
         let mut body = vec![0u8];
@@ -1453,18 +1431,7 @@ async fn calls_to_methods_the_broker_does_not_have_are_audited_but_health_and_re
     })
     .await;
     let leaf = h.ca.client(&[COLLECTOR]);
-    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(client_config(&h.server_ca_pem, Some(&leaf)))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = bare_h2(&h, &leaf).await;
     // An empty message, framed.
     let empty = || String::from_utf8(vec![0u8; 5]).unwrap();
     let mut call = async |path: &str| {
@@ -1529,4 +1496,22 @@ async fn the_tls_files_checked_at_start_are_the_ones_served() {
     let t = h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
     assert!(!t.access_token.is_empty());
     h.stop().await;
+}
+
+/// A bare HTTP/2 client over TLS with `leaf`'s certificate: tonic's would check and frame
+/// what these tests send wrong on purpose, or keep a deadline itself.
+async fn bare_h2(h: &Harness, leaf: &Leaf) -> hyper::client::conn::http2::SendRequest<String> {
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(&h.server_ca_pem, Some(leaf)))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
 }
