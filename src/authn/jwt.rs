@@ -987,20 +987,22 @@ mod tests {
         }
     }
 
-    /// An issuer on loopback whose discovery document is answered only once `release` has
-    /// a permit, and says on `asked` that it was asked; a verifier trusting it, with a limit
-    /// of `burst` failed tokens per address.
+    /// `held_issuer`'s: the issuer's key, its URL, the permits that release its answers, a
+    /// word for each request it gets, and the verifier.
     #[cfg(feature = "emulator")]
-    async fn held_issuer(
-        burst: u32,
-        identity_claim: &str,
-    ) -> (
+    type HeldIssuer = (
         crate::emulator::keys::IssuerKey,
         String,
         Arc<tokio::sync::Semaphore>,
         tokio::sync::mpsc::UnboundedReceiver<()>,
         Arc<JwtVerifier>,
-    ) {
+    );
+
+    /// An issuer on loopback whose discovery document is answered only once `release` has
+    /// a permit, and says on `asked` that it was asked; a verifier trusting it, with a limit
+    /// of `burst` failed tokens per address.
+    #[cfg(feature = "emulator")]
+    async fn held_issuer(burst: u32, identity_claim: &str) -> HeldIssuer {
         held_issuer_aging(burst, identity_claim, Duration::from_secs(3600)).await
     }
 
@@ -1010,13 +1012,7 @@ mod tests {
         burst: u32,
         identity_claim: &str,
         jwks_max_age: Duration,
-    ) -> (
-        crate::emulator::keys::IssuerKey,
-        String,
-        Arc<tokio::sync::Semaphore>,
-        tokio::sync::mpsc::UnboundedReceiver<()>,
-        Arc<JwtVerifier>,
-    ) {
+    ) -> HeldIssuer {
         use axum::Json;
         use axum::routing::get;
         let key = crate::emulator::keys::IssuerKey::generate().unwrap();
