@@ -67,7 +67,8 @@ struct Asked {
 
 impl<S, B> Service<http::Request<B>> for AuditRefused<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible>,
+    S: Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible>
+        + NamedService,
     S::Future: Unpin,
 {
     type Response = http::Response<Body>;
@@ -79,10 +80,17 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        // Only this service's paths are routed here: any other method is one it lacks.
-        let (rpc, unknown) = match req.uri().path().rsplit_once('/') {
-            Some((_, "GetToken")) => ("GetToken", None),
-            Some((_, "WatchToken")) => ("WatchToken", None),
+        // Every path under this service's name is routed here, and the service answers
+        // only its methods' exact paths: any other (`.../Admin/GetToken` too) is one it lacks.
+        let method = req
+            .uri()
+            .path()
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(S::NAME))
+            .and_then(|p| p.strip_prefix('/'));
+        let (rpc, unknown) = match method {
+            Some("GetToken") => ("GetToken", None),
+            Some("WatchToken") => ("WatchToken", None),
             _ => {
                 let path = req.uri().path().trim_start_matches('/');
                 ("unknown", Some(path.chars().take(MAX_METHOD).collect()))

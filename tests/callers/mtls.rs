@@ -1478,6 +1478,41 @@ async fn calls_to_methods_the_broker_does_not_have_are_audited_but_health_and_re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_path_that_only_ends_in_a_known_methods_name_is_audited_as_unknown() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let leaf = h.ca.client(&[COLLECTOR]);
+    let mut send = bare_h2(&h, &leaf).await;
+    // Routed to the broker's service (its name is the path's prefix), and no method of it.
+    let req = http::Request::post("https://localhost/tokenbroker.v1.TokenBroker/Admin/GetToken")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(String::from_utf8(vec![0u8; 5]).unwrap())
+        .unwrap();
+    let answer = send.send_request(req).await.unwrap();
+    assert_eq!(
+        answer
+            .headers()
+            .get("grpc-status")
+            .map(|s| s.to_str().unwrap()),
+        Some("12")
+    );
+    let records = h.stop_and_records().await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(
+        (records[0].rpc, records[0].code),
+        ("unknown", "UNIMPLEMENTED")
+    );
+    assert_eq!(
+        records[0].reason.as_deref(),
+        Some("no such method: tokenbroker.v1.TokenBroker/Admin/GetToken")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tls_files_checked_at_start_are_the_ones_served() {
     // Replaced, broken, between the configuration's check and the listener's start: the
     // broker serves what it checked, and refuses the broken files as a reload would.
