@@ -17,8 +17,7 @@ use futures::FutureExt;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::cache::{
-    CachedToken, FlightResult, Joined, Key, KeyRef, Refresh, Remembered, Slot, SlotState,
-    TokenCache,
+    CachedToken, FlightResult, Joined, Key, KeyRef, Remembered, Slot, SlotState, TokenCache,
 };
 use crate::claims::Claims;
 use crate::clock::{Clock, Moment};
@@ -983,10 +982,9 @@ impl Broker {
         } else {
             token.refresh
         };
-        let entry = self.inner.refreshes.insert(at, Due { key, slot, mine });
         // Ends the replaced token's refresh; were it running, its task, never the caller:
         // fetches run in tasks of their own.
-        live.set_refresh(Refresh::Scheduled(entry));
+        live.schedule_refresh(|| self.inner.refreshes.insert(at, Due { key, slot, mine }));
     }
 
     /// Starts the refresh chain of the timetable's entry `id`, come due.

@@ -256,6 +256,19 @@ impl<E: Send + Sync + 'static> Slot<E> {
         old.end();
     }
 
+    /// Makes the timetable entry `schedule()` inserts the slot's refresh, ending the one it
+    /// replaces. Inserted under the slot's refresh lock: an entry come due at once (a fetch
+    /// stalled past its refresh floor, a wall clock stepped) is handed out only once the slot
+    /// holds it, else its chain would find another refresh there, end, and leave the slot
+    /// holding an entry already taken out: the key never refreshed ahead again.
+    pub fn schedule_refresh(&self, schedule: impl FnOnce() -> Scheduled) {
+        let old = {
+            let mut refresh = self.refresh.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *refresh, Refresh::Scheduled(schedule()))
+        };
+        old.end();
+    }
+
     /// Makes `task` the slot's refresh if the slot's refresh is still the timetable's entry
     /// `id` (come due); `false` if it was replaced meanwhile (a newer token's), for the
     /// caller to abort `task`.
@@ -773,6 +786,33 @@ mod tests {
             tenant: tenant.into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_come_due_as_it_is_scheduled_starts_its_chain() {
+        let clock = crate::clock::ManualClock::new();
+        let slot: Arc<Slot<String>> = Arc::new(Slot::new());
+        let (tell, mut told) = tokio::sync::mpsc::unbounded_channel();
+        let on_due = {
+            let slot = slot.clone();
+            move |id, ()| {
+                let chain = tokio::spawn(std::future::pending::<()>());
+                let _ = tell.send(slot.run_refresh(id, chain.abort_handle()));
+            }
+        };
+        let table = crate::timetable::Timetable::new(Arc::new(clock.clone()), on_due);
+        // Due at once, and the scheduling thread stalls after the insertion (the runner, on
+        // the other thread, hands the entry out meanwhile): its chain still starts.
+        slot.schedule_refresh(|| {
+            let entry = table.insert(clock.moment(), ());
+            std::thread::sleep(Duration::from_millis(50));
+            entry
+        });
+        assert!(told.recv().await.unwrap(), "the chain found its own entry");
+        assert!(matches!(
+            &*slot.refresh.lock().unwrap(),
+            Refresh::Running(_)
+        ));
     }
 
     #[tokio::test]
