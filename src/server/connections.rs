@@ -55,6 +55,11 @@ fn jitter(age: Duration, unit: f64) -> Duration {
     age.mul_f64(0.9 + 0.2 * unit.clamp(0.0, 1.0))
 }
 
+/// Streams a client may reset before the server has taken them (h2's default).
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams a client's protocol errors may make the server reset (hyper's default).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
 /// The HTTP/2 settings tonic's server applies with the broker's configuration: the header
 /// list bounded to 32 KiB (bearer tokens are at most 16 KiB), no keepalive pings, and hyper's
 /// timer for its background work. Two settings differ from tonic's. Concurrent streams are
@@ -64,13 +69,20 @@ fn jitter(age: Duration, unit: f64) -> Duration {
 /// otherwise open streams without end. And hyper's bound on the streams a connection may make
 /// the server reset for the peer's protocol errors (1024, then GOAWAY) is kept, where tonic
 /// turns it off: it is h2's defence against a peer making the server reset streams without end
-/// (RUSTSEC-2024-0003), and no well-behaved client comes near it.
+/// (RUSTSEC-2024-0003; "MadeYouReset", CVE-2025-8671), and no well-behaved client comes near
+/// it. It is set here rather than left to the libraries' defaults, as is h2's bound on the
+/// streams a client resets before the server has taken them (20, then GOAWAY): the defence
+/// against rapid reset (CVE-2023-44487), a client opening and cancelling calls faster than
+/// they are taken. The header list bound also bounds a header block's CONTINUATION frames
+/// (h2 takes as many as 32 KiB needs, then GOAWAY), so a block never ended is not buffered.
 fn http2_builder(max_streams: u32, streams: Streams) -> http2::Builder<Streams> {
     let mut builder = http2::Builder::new(streams);
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(max_streams)
-        .max_header_list_size(32 * 1024);
+        .max_header_list_size(32 * 1024)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
     builder
 }
 

@@ -9,6 +9,7 @@ mod pki;
 mod alerts;
 mod audit;
 mod cli;
+mod http2;
 mod jwt;
 mod limits;
 mod mtls;

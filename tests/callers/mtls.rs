@@ -24,7 +24,7 @@ pub(crate) async fn handshake(
 }
 
 /// A TLS connection that has sent the HTTP/2 preface and read the server's SETTINGS frame.
-async fn open_h2(
+pub(crate) async fn open_h2(
     h: &Harness,
     server_ca: &str,
     client: Option<&Leaf>,
@@ -84,11 +84,11 @@ async fn open_h2_with(
     Ok(tls)
 }
 
-type Conn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+pub(crate) type Conn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// The next HTTP/2 frame: its type, flags and payload (after a 9-byte header: 24-bit
 /// length, type, flags, stream id).
-async fn next_frame(conn: &mut Conn) -> std::io::Result<(u8, u8, Vec<u8>)> {
+pub(crate) async fn next_frame(conn: &mut Conn) -> std::io::Result<(u8, u8, Vec<u8>)> {
     let mut header = [0u8; 9];
     conn.read_exact(&mut header).await?;
     let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
@@ -1282,7 +1282,7 @@ async fn files_stuck_on_a_hung_mount_never_stall_the_broker() {
 
 /// A HEADERS block opening a gRPC call of `path`: each header a literal without indexing of
 /// a new name (HPACK 0x00), every length under 127.
-fn grpc_headers(path: &str) -> Vec<u8> {
+pub(crate) fn grpc_headers(path: &str) -> Vec<u8> {
     let mut block = Vec::new();
     for (name, value) in [
         (":method", "POST"),
@@ -1301,7 +1301,7 @@ fn grpc_headers(path: &str) -> Vec<u8> {
     block
 }
 
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
     f.extend([kind, flags]);
     f.extend(stream.to_be_bytes());

@@ -1,0 +1,176 @@
+//! HTTP/2 abuse from a raw client: floods of resets, of header blocks, and connections that
+//! never get going. Each is refused on its connection while the broker serves the others.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::*;
+use crate::mtls::{frame, grpc_headers, open_h2};
+
+const COLLECTOR: &str = "spiffe://example.org/ns/logs/sa/collector";
+
+/// HTTP/2 error codes.
+const PROTOCOL_ERROR: u32 = 1;
+const CANCEL: u32 = 8;
+const ENHANCE_YOUR_CALM: u32 = 11;
+
+/// The next frame read: type, flags, payload.
+async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<(u8, u8, Vec<u8>)> {
+    let mut header = [0u8; 9];
+    r.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    Ok((header[3], header[4], payload))
+}
+
+/// Writes `flood` (batches of frames) to a fresh connection while reading what the broker
+/// answers, then a PING; returns the error code of the GOAWAY the broker sends. Panics if
+/// the broker answers the PING first: it let the whole flood through.
+async fn goaway_for(h: &Harness, flood: Vec<Vec<u8>>) -> u32 {
+    let conn = open_h2(h, &h.server_ca_pem, None).await.unwrap();
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    let writer = tokio::spawn(async move {
+        for batch in flood {
+            // The broker closes the connection mid-flood: later writes fail.
+            if wr.write_all(&batch).await.is_err() {
+                return wr;
+            }
+        }
+        let _ = wr.write_all(&frame(6, 0, 0, &[7; 8])).await;
+        wr
+    });
+    let code = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let (kind, flags, payload) = read_frame(&mut rd)
+                .await
+                .expect("a GOAWAY before the connection closed");
+            match kind {
+                7 => return u32::from_be_bytes(payload[4..8].try_into().unwrap()),
+                6 if flags & 1 == 1 => panic!("the whole flood was taken: PING answered"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("an answer within the bound");
+    drop(writer.await.unwrap());
+    code
+}
+
+/// The streams `ids` opened with a call's HEADERS, each followed by `then(id)`, in batches.
+fn opened_and(ids: impl Iterator<Item = u32>, then: impl Fn(u32) -> Vec<u8>) -> Vec<Vec<u8>> {
+    let block = grpc_headers("/tokenbroker.v1.TokenBroker/GetToken");
+    let ids: Vec<u32> = ids.collect();
+    ids.chunks(100)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .flat_map(|&id| {
+                    let mut f = frame(1, 0x4, id, &block);
+                    f.extend(then(id));
+                    f
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The client's stream ids: odd, from 1.
+fn stream_ids(n: u32) -> impl Iterator<Item = u32> {
+    (0..n).map(|i| 2 * i + 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resetting_each_stream_it_opens_is_sent_goaway_while_others_are_served() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    // Rapid reset (CVE-2023-44487): each call opened and cancelled at once, 5,000 times.
+    let flood = opened_and(stream_ids(5000), |id| {
+        frame(3, 0, id, &CANCEL.to_be_bytes())
+    });
+    assert_eq!(goaway_for(&h, flood).await, ENHANCE_YOUR_CALM);
+    // Another connection is served meanwhile and after.
+    let leaf = h.ca.client(&[COLLECTOR]);
+    h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_making_the_broker_reset_stream_after_stream_is_sent_goaway() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    // "MadeYouReset": each call opened saying it has no content (content-length 0), then
+    // sending a message, a stream error the broker answers with RST_STREAM, 5,000 times.
+    let mut block = grpc_headers("/tokenbroker.v1.TokenBroker/GetToken");
+    block.extend([0, 14]);
+    block.extend(b"content-length");
+    block.extend([1, b'0']);
+    let flood = stream_ids(5000)
+        .collect::<Vec<_>>()
+        .chunks(100)
+        .map(|chunk| {
+            let calls = chunk.iter().map(|&id| {
+                let mut f = frame(1, 0x4, id, &block);
+                f.extend(frame(0, 0x1, id, &[0; 5]));
+                f
+            });
+            calls.flatten().collect()
+        })
+        .collect();
+    assert_eq!(goaway_for(&h, flood).await, ENHANCE_YOUR_CALM);
+    let leaf = h.ca.client(&[COLLECTOR]);
+    h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
+    h.stop().await;
+}
+
+/// A header block fragment of complete header fields (literals of a new name, without
+/// indexing) of exactly `len` bytes (at least 8).
+fn padding_fields(len: usize) -> Vec<u8> {
+    // A field of a value of `v` bytes (under 128) takes 8 + v.
+    let field = |v: usize| {
+        let mut f = vec![0, 5];
+        f.extend(b"x-pad");
+        f.push(v as u8);
+        f.extend(std::iter::repeat_n(b'a', v));
+        f
+    };
+    let mut block = Vec::new();
+    while len - block.len() > 8 + 127 {
+        block.extend(field(100));
+    }
+    block.extend(field(len - block.len() - 8));
+    assert_eq!(block.len(), len);
+    block
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_block_continued_without_end_is_refused_before_it_is_buffered() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    // CONTINUATION flood: a call's HEADERS without END_HEADERS, then CONTINUATION frames of
+    // 16 KiB (the largest frame the broker takes), never ending the block: 16 MiB in all.
+    let mut first = grpc_headers("/tokenbroker.v1.TokenBroker/GetToken");
+    first.extend(padding_fields(16 * 1024 - first.len()));
+    let mut flood = vec![frame(1, 0, 1, &first)];
+    let more = frame(9, 0, 1, &padding_fields(16 * 1024));
+    flood.extend(std::iter::repeat_n(more, 1024));
+    // The block is refused (not buffered to its end, where the PING would be a protocol
+    // error amid it).
+    let code = goaway_for(&h, flood).await;
+    assert_eq!(
+        code, ENHANCE_YOUR_CALM,
+        "not {PROTOCOL_ERROR}: taken to its end"
+    );
+    let leaf = h.ca.client(&[COLLECTOR]);
+    h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
+    h.stop().await;
+}
