@@ -23,6 +23,8 @@ use crate::signer::pkcs11::{Pkcs11Signer, TokenConfig};
 
 mod connections;
 
+pub use connections::Silence;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
@@ -203,6 +205,7 @@ pub struct Bound {
     admin: crate::admin::Admin,
     tls: Option<Arc<crate::tls::ListenerConfig>>,
     connection_age: connections::AgeDraw,
+    silence: Silence,
 }
 
 impl Bound {
@@ -214,6 +217,13 @@ impl Bound {
         draw: impl Fn(std::time::Duration) -> std::time::Duration + Send + Sync + 'static,
     ) -> Bound {
         self.connection_age = connections::AgeDraw::new(draw);
+        self
+    }
+
+    /// Replaces how long a silent connection is borne (by default, the preface within 10 s,
+    /// a PING after 60 s without a frame, answered within 20 s). For tests.
+    pub fn with_silence(mut self, silence: Silence) -> Bound {
+        self.silence = silence;
         self
     }
 
@@ -335,41 +345,26 @@ impl Bound {
             .prepare();
         // Each connection is sent GOAWAY at its own age, drawn within ±10% of the configured
         // one, and closes once its calls in flight and watches finish.
-        let max_age = self.config.server.max_connection_age;
-        let draw = self.connection_age;
-        let max_streams = self.config.server.max_concurrent_streams;
+        let each = connections::PerConnection {
+            max_age: self.config.server.max_connection_age,
+            draw: self.connection_age,
+            max_streams: self.config.server.max_concurrent_streams,
+            silence: self.silence,
+        };
         let streams = connections::Streams::default();
         let alive = streams.clone();
         let serve = async move {
             match self.tls {
                 Some(tls) => {
                     let incoming = crate::tls::incoming(self.listener, tls);
-                    connections::serve(
-                        incoming,
-                        routes,
-                        max_age,
-                        draw,
-                        max_streams,
-                        streams,
-                        shutdown,
-                    )
-                    .await;
+                    connections::serve(incoming, routes, each, streams, shutdown).await;
                 }
                 None => {
                     // gRPC answers are small writes: without TCP_NODELAY, Nagle's algorithm
                     // holds them for the peer's delayed ACK (about 40 ms on Linux).
                     let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
                         .with_nodelay(Some(true));
-                    connections::serve(
-                        incoming,
-                        routes,
-                        max_age,
-                        draw,
-                        max_streams,
-                        streams,
-                        shutdown,
-                    )
-                    .await;
+                    connections::serve(incoming, routes, each, streams, shutdown).await;
                 }
             }
         };
@@ -638,6 +633,7 @@ pub async fn bind_with(
         access: Arc::new(access),
         tls,
         connection_age: connections::AgeDraw::jittered(),
+        silence: Silence::default(),
     })
 }
 

@@ -3,7 +3,10 @@
 //! bound, the caller's `grpc-timeout`, the connection's connect info in every request), with
 //! one difference: a connection's maximum age is drawn per connection, within ±10% of the
 //! configured age (gRPC's MAX_CONNECTION_AGE jitter), so connections opened together (every
-//! client reconnecting after a rollout) are not all sent their GOAWAY together.
+//! client reconnecting after a rollout) are not all sent their GOAWAY together. And a client
+//! that falls silent is not borne for ever (`Silence`): one that has not sent its HTTP/2
+//! preface within a bound is closed, and one from which nothing has arrived for a while is
+//! sent a PING, and closed unless it answers.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -60,9 +63,49 @@ const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 /// Streams a client's protocol errors may make the server reset (hyper's default).
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
+/// How long the broker bears a connection that falls silent. tonic's server bears it for ever
+/// (no keepalive pings, no bound on the preface), so a client could hold connections (each a
+/// task, its buffers and a file descriptor) without speaking, and a peer gone without closing
+/// (a host lost, a network cut) would hold its connection, and the watches on it, counted
+/// against its caller's watch limit, until the kernel gave up on it, if it ever did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Silence {
+    /// The client's HTTP/2 preface must have arrived within this of the connection's start
+    /// (after TLS's handshake, itself bounded): every HTTP/2 client sends it at once.
+    pub preface: Duration,
+    /// A connection from which nothing has arrived for this long is sent a PING...
+    pub ping_after: Duration,
+    /// ...and closed if the PING is not answered within this. Every HTTP/2 client answers
+    /// PINGs by itself, so an idle client loses nothing; gRPC's own servers ping idle
+    /// connections too, and clients do not count the server's pings against it.
+    pub ping_timeout: Duration,
+}
+
+impl Default for Silence {
+    fn default() -> Silence {
+        Silence {
+            preface: Duration::from_secs(10),
+            ping_after: Duration::from_secs(60),
+            ping_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// How the serve loop serves each connection.
+#[derive(Clone, Debug)]
+pub struct PerConnection {
+    /// GOAWAY at this age (drawn per connection by `draw`); never without one.
+    pub max_age: Option<Duration>,
+    pub draw: AgeDraw,
+    /// HTTP/2 streams a connection may have open at once.
+    pub max_streams: u32,
+    pub silence: Silence,
+}
+
 /// The HTTP/2 settings tonic's server applies with the broker's configuration: the header
-/// list bounded to 32 KiB (bearer tokens are at most 16 KiB), no keepalive pings, and hyper's
-/// timer for its background work. Two settings differ from tonic's. Concurrent streams are
+/// list bounded to 32 KiB (bearer tokens are at most 16 KiB), and hyper's timer for its
+/// background work. Three settings differ from tonic's. Keepalive PINGs are sent to a
+/// connection gone silent (`Silence`), where tonic sends none. Concurrent streams are
 /// bounded per connection (`server.max_concurrent_streams`), where tonic sets no bound: the
 /// in-flight and watch limits count calls only once they are admitted, and each stream
 /// opened costs memory (its state, a task, its buffers) before that, so one connection could
@@ -75,10 +118,12 @@ const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// against rapid reset (CVE-2023-44487), a client opening and cancelling calls faster than
 /// they are taken. The header list bound also bounds a header block's CONTINUATION frames
 /// (h2 takes as many as 32 KiB needs, then GOAWAY), so a block never ended is not buffered.
-fn http2_builder(max_streams: u32, streams: Streams) -> http2::Builder<Streams> {
+fn http2_builder(max_streams: u32, silence: Silence, streams: Streams) -> http2::Builder<Streams> {
     let mut builder = http2::Builder::new(streams);
     builder
         .timer(TokioTimer::new())
+        .keep_alive_interval(silence.ping_after)
+        .keep_alive_timeout(silence.ping_timeout)
         .max_concurrent_streams(max_streams)
         .max_header_list_size(32 * 1024)
         .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
@@ -93,16 +138,14 @@ fn http2_builder(max_streams: u32, streams: Streams) -> http2::Builder<Streams> 
 pub async fn serve<IO>(
     incoming: impl Stream<Item = Result<IO, std::io::Error>>,
     routes: Routes,
-    max_age: Option<Duration>,
-    draw: AgeDraw,
-    max_streams: u32,
+    each: PerConnection,
     streams: Streams,
     shutdown: impl Future<Output = ()>,
 ) where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     IO::ConnectInfo: Clone + Send + Sync + 'static,
 {
-    let http2 = Arc::new(http2_builder(max_streams, streams));
+    let http2 = Arc::new(http2_builder(each.max_streams, each.silence, streams));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     {
@@ -113,12 +156,13 @@ pub async fn serve<IO>(
                 () = &mut shutdown => break,
                 io = incoming.next() => match io {
                     Some(Ok(io)) => {
-                        let age = max_age.map(|a| draw.draw(a));
+                        let age = each.max_age.map(|a| each.draw.draw(a));
                         connections.spawn(serve_connection(
                             io,
                             routes.clone(),
                             http2.clone(),
                             age,
+                            each.silence.preface,
                             stop_rx.clone(),
                         ));
                     }
@@ -137,12 +181,15 @@ pub async fn serve<IO>(
 
 /// Serves one connection until it closes; sends it a GOAWAY at its age or at shutdown,
 /// whichever comes first, and lets its calls in flight (and watches) finish: there is no
-/// grace after which they are cut, so a connection holding a watch stays open for it.
+/// grace after which they are cut, so a connection holding a watch stays open for it (while
+/// its client answers PINGs). A connection whose client has not sent the HTTP/2 preface
+/// within `preface` is closed.
 async fn serve_connection<IO>(
     io: IO,
     routes: Routes,
     http2: Arc<http2::Builder<Streams>>,
     age: Option<Duration>,
+    preface: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
@@ -152,7 +199,20 @@ async fn serve_connection<IO>(
         routes,
         info: io.connect_info(),
     };
+    let (heard, prefaced) = tokio::sync::oneshot::channel();
+    let io = Heard {
+        io,
+        read: 0,
+        heard: Some(heard),
+    };
     let mut conn = pin!(http2.serve_connection(TokioIo::new(io), service));
+    let silent = async {
+        match tokio::time::timeout(preface, prefaced).await {
+            Err(_) => (),
+            // Prefaced, or the connection is over (served, below).
+            Ok(_) => std::future::pending().await,
+        }
+    };
     let aged = async {
         match age {
             Some(age) => tokio::time::sleep(age).await,
@@ -166,12 +226,84 @@ async fn serve_connection<IO>(
             }
             return;
         }
+        () = silent => {
+            // Dropping the connection closes it: there is no HTTP/2 to say GOAWAY in.
+            debug!(bound = ?preface, "no HTTP/2 preface within the bound; connection closed");
+            return;
+        }
         () = aged => trace!("connection reached its maximum age"),
         _ = stop.wait_for(|s| *s) => {}
     }
     conn.as_mut().graceful_shutdown();
     if let Err(e) = conn.await {
         debug!(error = %e, "failed serving connection");
+    }
+}
+
+/// The length of the client's HTTP/2 connection preface (RFC 9113 §3.4), before its SETTINGS.
+const PREFACE_LEN: usize = 24;
+
+/// A connection's IO, telling `heard` once the client has sent as many bytes as the HTTP/2
+/// preface holds (h2 checks what they are: a connection that sent others is closed).
+struct Heard<IO> {
+    io: IO,
+    read: usize,
+    heard: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Heard<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if self.heard.is_some() {
+            self.read += buf.filled().len() - before;
+            if self.read >= PREFACE_LEN
+                && let Some(heard) = self.heard.take()
+            {
+                let _ = heard.send(());
+            }
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Heard<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -44,6 +44,8 @@ pub struct Options {
     /// Draws each connection's maximum age from the configured one, instead of the broker's
     /// jitter (`Bound::with_connection_age`).
     pub connection_age: Option<ConnectionAge>,
+    /// Replaces how long the broker bears a silent connection (`Bound::with_silence`).
+    pub silence: Option<tokenbroker::server::Silence>,
 }
 
 pub type ConnectionAge = Arc<dyn Fn(std::time::Duration) -> std::time::Duration + Send + Sync>;
@@ -62,6 +64,7 @@ impl Default for Options {
             replaced_before_bind: Vec::new(),
             issuers: Vec::new(),
             connection_age: None,
+            silence: None,
         }
     }
 }
@@ -176,6 +179,9 @@ impl Harness {
             .unwrap();
         if let Some(draw) = opts.connection_age {
             bound = bound.with_connection_age(move |age| draw(age));
+        }
+        if let Some(silence) = opts.silence {
+            bound = bound.with_silence(silence);
         }
         let addr = bound.local_addr().unwrap();
         let admin = bound.admin_addr().unwrap();

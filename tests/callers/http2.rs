@@ -1,10 +1,14 @@
 //! HTTP/2 abuse from a raw client: floods of resets, of header blocks, and connections that
 //! never get going. Each is refused on its connection while the broker serves the others.
 
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokenbroker::server::Silence;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
-use crate::mtls::{frame, grpc_headers, open_h2};
+use crate::mtls::{bare_h2, client_config, frame, grpc_headers, open_h2};
 
 const COLLECTOR: &str = "spiffe://example.org/ns/logs/sa/collector";
 
@@ -172,5 +176,106 @@ async fn a_header_block_continued_without_end_is_refused_before_it_is_buffered()
     );
     let leaf = h.ca.client(&[COLLECTOR]);
     h.get(Some(&leaf), None, "contoso", &[GRAPH]).await.unwrap();
+    h.stop().await;
+}
+
+/// Bounds short enough for a test: the preface within 1 s, a PING after 1 s of silence,
+/// answered within 1 s.
+fn impatient() -> Silence {
+    Silence {
+        preface: Duration::from_secs(1),
+        ping_after: Duration::from_secs(1),
+        ping_timeout: Duration::from_secs(1),
+    }
+}
+
+/// Reads what the broker sends until it closes the connection (an end of stream, or an
+/// error as it closes without TLS's close_notify); panics if it is still open after 20 s.
+async fn until_closed(r: &mut (impl AsyncRead + Unpin)) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 1024];
+        while let Ok(1..) = r.read(&mut buf).await {}
+    })
+    .await
+    .expect("the broker closes the connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_sends_the_http2_preface_is_closed() {
+    let h = Harness::start(Options {
+        silence: Some(impatient()),
+        ..Default::default()
+    })
+    .await;
+    // A finished TLS handshake, then nothing: the connection costs the broker a task, its
+    // buffers and a file descriptor for as long as it is held.
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(client_config(&h.server_ca_pem, None))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    // What the broker sends is its SETTINGS; then it closes.
+    until_closed(&mut tls).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_its_settings_and_nothing_else_is_pinged_then_closed() {
+    let h = Harness::start(Options {
+        silence: Some(impatient()),
+        ..Default::default()
+    })
+    .await;
+    let conn = open_h2(&h, &h.server_ca_pem, None).await.unwrap();
+    let (mut rd, _wr) = tokio::io::split(conn);
+    // A PING (type 6, not an ACK), never answered: then the connection is closed.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let (kind, flags, _) = read_frame(&mut rd).await.expect("a PING first");
+            if kind == 6 && flags & 1 == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("a PING within the bound");
+    until_closed(&mut rd).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_answering_pings_keeps_its_idle_connection() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        silence: Some(impatient()),
+        ..Default::default()
+    })
+    .await;
+    let leaf = h.ca.client(&[COLLECTOR]);
+    // hyper's client: it answers PINGs, and its connection is never opened again behind
+    // the test's back (tonic's channel would reconnect).
+    let mut send = bare_h2(&h, &leaf).await;
+    let message = prost::Message::encode_to_vec(&tokenbroker::proto::GetTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+        ..Default::default()
+    });
+    let mut body = vec![0u8];
+    body.extend((message.len() as u32).to_be_bytes());
+    body.extend(message);
+    let body = String::from_utf8(body).unwrap();
+    let call = || {
+        http::Request::post("https://localhost/tokenbroker.v1.TokenBroker/GetToken")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body.clone())
+            .unwrap()
+    };
+    assert_eq!(send.send_request(call()).await.unwrap().status(), 200);
+    // Silent for longer than a PING's wait and its answer's bound: the client's HTTP/2
+    // stack answers, and the connection still serves.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!send.is_closed());
+    assert_eq!(send.send_request(call()).await.unwrap().status(), 200);
     h.stop().await;
 }

@@ -34,7 +34,7 @@ pub(crate) async fn open_h2(
 
 /// A client configuration (with rustls' default session cache, so connections made with
 /// the same one resume their session when the server allows it).
-fn client_config(server_ca: &str, client: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+pub(crate) fn client_config(server_ca: &str, client: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -1535,7 +1535,10 @@ async fn the_tls_files_checked_at_start_are_the_ones_served() {
 
 /// A bare HTTP/2 client over TLS with `leaf`'s certificate: tonic's would check and frame
 /// what these tests send wrong on purpose, or keep a deadline itself.
-async fn bare_h2(h: &Harness, leaf: &Leaf) -> hyper::client::conn::http2::SendRequest<String> {
+pub(crate) async fn bare_h2(
+    h: &Harness,
+    leaf: &Leaf,
+) -> hyper::client::conn::http2::SendRequest<String> {
     let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(client_config(&h.server_ca_pem, Some(leaf)))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
