@@ -8,7 +8,7 @@ use tokenbroker::server::Silence;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
-use crate::mtls::{bare_h2, client_config, frame, grpc_headers, open_h2};
+use crate::mtls::{bare_h2, client_config, frame, graph_request, grpc_headers, open_h2};
 
 const COLLECTOR: &str = "spiffe://example.org/ns/logs/sa/collector";
 
@@ -255,15 +255,7 @@ async fn a_client_answering_pings_keeps_its_idle_connection() {
     // hyper's client: it answers PINGs, and its connection is never opened again behind
     // the test's back (tonic's channel would reconnect).
     let mut send = bare_h2(&h, &leaf).await;
-    let message = prost::Message::encode_to_vec(&tokenbroker::proto::GetTokenRequest {
-        tenant: "contoso".into(),
-        scopes: vec![GRAPH.into()],
-        ..Default::default()
-    });
-    let mut body = vec![0u8];
-    body.extend((message.len() as u32).to_be_bytes());
-    body.extend(message);
-    let body = String::from_utf8(body).unwrap();
+    let body = graph_request();
     let call = || {
         http::Request::post("https://localhost/tokenbroker.v1.TokenBroker/GetToken")
             .header("content-type", "application/grpc")

@@ -238,20 +238,11 @@ async fn the_broker_answers_cancelled_once_the_callers_deadline_has_passed() {
     let leaf = h.ca.client(&[COLLECTOR]);
     // A bare HTTP/2 client: tonic's would keep the deadline itself, and answer first.
     let mut send = bare_h2(&h, &leaf).await;
-    let message = prost::Message::encode_to_vec(&tokenbroker::proto::GetTokenRequest {
-        tenant: "contoso".into(),
-        scopes: vec![GRAPH.into()],
-        ..Default::default()
-    });
-    // Uncompressed, its length, the message: all ASCII here, which a String body carries.
-    let mut body = vec![0u8];
-    body.extend((message.len() as u32).to_be_bytes());
-    body.extend(message);
     let req = http::Request::post("https://localhost/tokenbroker.v1.TokenBroker/GetToken")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("grpc-timeout", "300m")
-        .body(String::from_utf8(body).unwrap())
+        .body(graph_request())
         .unwrap();
     let answer = tokio::time::timeout(std::time::Duration::from_secs(10), send.send_request(req))
         .await
@@ -1368,12 +1359,6 @@ async fn requests_refused_before_they_are_read_are_audited_with_the_certificates
     let leaf = h.ca.client(&[COLLECTOR]);
     let mut send = bare_h2(&h, &leaf).await;
     // A message over the decoding limit (16 KiB by default), and one that is not protobuf.
-    let framed = |message: Vec<u8>| {
-        let mut body = vec![0u8];
-        body.extend((message.len() as u32).to_be_bytes());
-        body.extend(message);
-        String::from_utf8(body).unwrap()
-    };
     let bodies = [
         ("GetToken", framed(vec![b'a'; 20_000])),
         ("WatchToken", framed(vec![0x0a, 0x7f, b'x'])),
@@ -1552,4 +1537,24 @@ pub(crate) async fn bare_h2(
     .unwrap();
     tokio::spawn(conn);
     send
+}
+
+/// `message` as a gRPC call's body: uncompressed, its length, the message (all ASCII in
+/// these tests, which a String body carries).
+pub(crate) fn framed(message: Vec<u8>) -> String {
+    let mut body = vec![0u8];
+    body.extend((message.len() as u32).to_be_bytes());
+    body.extend(message);
+    String::from_utf8(body).unwrap()
+}
+
+/// A GetToken call's body asking for contoso's Graph token.
+pub(crate) fn graph_request() -> String {
+    framed(prost::Message::encode_to_vec(
+        &tokenbroker::proto::GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        },
+    ))
 }
