@@ -21,7 +21,7 @@ use crate::outbound::{self, OutboundError};
 use crate::signer::keyvault::KeyVaultSigner;
 use crate::signer::pkcs11::{Pkcs11Signer, TokenConfig};
 
-mod connections;
+pub(crate) mod connections;
 
 pub use connections::Silence;
 

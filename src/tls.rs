@@ -33,7 +33,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::watched::{Look, WatchedFiles};
 use tokio_rustls::server::TlsStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::audit::rfc3339;
 use crate::config::{ClientCertMode, ServerTls};
@@ -991,15 +991,17 @@ pub fn incoming(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<PeerStream, std::io::Error>>(64);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
+        let mut failures = crate::server::connections::AcceptFailures::default();
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = tx.closed() => return,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // Out of file descriptors and the like: back off instead of spinning
+                        // (logged at most once per ten seconds).
+                        failures.failed(&e);
+                        tokio::time::sleep(crate::server::connections::ACCEPT_BACKOFF).await;
                         continue;
                     }
                 },

@@ -25,7 +25,7 @@ use tokio::time::{Timeout, error::Elapsed};
 use tonic::body::Body;
 use tonic::service::Routes;
 use tonic::transport::server::Connected;
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
 /// Draws a connection's maximum age from the configured one.
 #[derive(Clone)]
@@ -91,6 +91,48 @@ impl Default for Silence {
     }
 }
 
+/// How long the serve loop waits after accept failed for want of file descriptors or memory.
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// At most one log line about such failures in this long.
+const ACCEPT_FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether accept failed for want of resources (file descriptors, memory): not the peer's
+/// doing, and not over until some are freed.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    Errno::from_io_error(e)
+        .is_some_and(|n| [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM].contains(&n))
+}
+
+/// Accept failures for want of resources, logged at most once per
+/// `ACCEPT_FAILURE_LOG_EVERY` with the count of those not logged.
+#[derive(Default)]
+pub(crate) struct AcceptFailures {
+    last_logged: Option<tokio::time::Instant>,
+    not_logged: u64,
+}
+
+impl AcceptFailures {
+    pub(crate) fn failed(&mut self, e: &std::io::Error) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last_logged
+            .is_some_and(|t| now.duration_since(t) < ACCEPT_FAILURE_LOG_EVERY)
+        {
+            self.not_logged += 1;
+            return;
+        }
+        warn!(
+            error = %e,
+            not_logged = self.not_logged,
+            "cannot accept connections (out of file descriptors or memory: raise the limit, or fewer connections); new connections wait meanwhile"
+        );
+        self.last_logged = Some(now);
+        self.not_logged = 0;
+    }
+}
+
 /// How the serve loop serves each connection.
 #[derive(Clone, Debug)]
 pub struct PerConnection {
@@ -148,6 +190,7 @@ pub async fn serve<IO>(
     let http2 = Arc::new(http2_builder(each.max_streams, each.silence, streams));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
+    let mut refused_accepts = AcceptFailures::default();
     {
         let mut incoming = pin!(incoming);
         let mut shutdown = pin!(shutdown);
@@ -166,6 +209,17 @@ pub async fn serve<IO>(
                             stop_rx.clone(),
                         ));
                     }
+                    Some(Err(e)) if out_of_resources(&e) => {
+                        // The connection stays in the backlog and accept fails again at
+                        // once: asking again at once would spin a thread while the process
+                        // is out of file descriptors (or memory). Wait, as hyper did.
+                        refused_accepts.failed(&e);
+                        tokio::select! {
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        }
+                    }
+                    // A connection the peer ended before it was taken: the peer's.
                     Some(Err(e)) => trace!(error = %e, "error accepting connection"),
                     None => break,
                 },
@@ -447,6 +501,48 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_failing_for_want_of_file_descriptors_is_asked_again_after_a_pause_not_at_once()
+    {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::task::Poll;
+        // Accept fails with EMFILE (a thousand times, then waits): the connection stays in
+        // the backlog, and a loop asking again at once would spin.
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = asked.clone();
+        let incoming = futures::stream::poll_fn(move |_| {
+            if counted.fetch_add(1, Ordering::SeqCst) < 1000 {
+                Poll::Ready(Some(Err::<tokio::net::TcpStream, _>(
+                    std::io::Error::from_raw_os_error(24),
+                )))
+            } else {
+                Poll::Pending
+            }
+        });
+        let each = super::PerConnection {
+            max_age: None,
+            draw: super::AgeDraw::jittered(),
+            max_streams: 16,
+            silence: super::Silence::default(),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(super::serve(
+            incoming,
+            tonic::service::Routes::default(),
+            each,
+            super::Streams::default(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let n = asked.load(Ordering::SeqCst);
+        assert!((5..=15).contains(&n), "asked {n} times in a second");
+        let _ = stop.send(());
+        serving.await.unwrap();
+    }
 
     #[test]
     fn ages_are_drawn_within_ten_percent_of_the_configured_age_and_spread() {
