@@ -119,6 +119,10 @@ pub struct ServerConfig {
     /// is told in SETTINGS, and a stream over it is refused (REFUSED_STREAM) before it costs
     /// more than its headers.
     pub max_concurrent_streams: u32,
+    /// Connections served at once; past it, new ones wait (in the listen backlog, or after
+    /// their TLS handshake) until one closes: the broker's file descriptors and memory stay
+    /// bounded whatever its clients do.
+    pub max_connections: u32,
     /// The listener's TLS as built when `tls`'s files were checked (`Config::load`), which
     /// `serve` then uses: each file is read once at start, so what was checked is what is
     /// served. `None` when the files were not read (`--files-elsewhere`).
@@ -562,6 +566,7 @@ struct RawServer {
     shutdown_grace_secs: Option<u64>,
     max_connection_age_secs: Option<u64>,
     max_concurrent_streams: Option<u32>,
+    max_connections: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -865,6 +870,10 @@ const DAY: u64 = 86_400;
 /// caller makes at once within its default rate burst (100) plus its default watches (100),
 /// near what HTTP/2 servers commonly allow (hyper 200, Go 250); tonic sets no limit.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// `server.max_connections` by default: many times the callers a broker serves, far below
+/// the file descriptors a container is given.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 /// `check-config` (and `serve`'s start) warns of a server certificate that ends within this:
 /// the deployment's cert-manager renews it 30 days before its end, so a warning means the
 /// renewal is late, not merely due.
@@ -2004,6 +2013,13 @@ impl Validator<'_> {
                 u64::from(DEFAULT_MAX_CONCURRENT_STREAMS),
                 (1, 100_000),
                 "streams one connection may have open at once",
+            ) as u32,
+            max_connections: self.count(
+                "server.max_connections",
+                raw.max_connections.map(u64::from),
+                u64::from(DEFAULT_MAX_CONNECTIONS),
+                (1, 1_000_000),
+                "connections served at once",
             ) as u32,
         }
     }

@@ -349,6 +349,7 @@ impl Bound {
             max_age: self.config.server.max_connection_age,
             draw: self.connection_age,
             max_streams: self.config.server.max_concurrent_streams,
+            max_connections: self.config.server.max_connections as usize,
             silence: self.silence,
         };
         let streams = connections::Streams::default();

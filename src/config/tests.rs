@@ -1014,6 +1014,25 @@ fn connections_are_aged_out_after_ten_minutes_unless_configured_otherwise() {
 }
 
 #[test]
+fn connections_served_at_once_are_bounded_by_default_and_configurably() {
+    let load = |text: &str| Config::from_toml_str(text, Path::new("/"), &no_env).unwrap();
+    let with = |line: &str| GOOD.replace("plaintext = true", &format!("plaintext = true\n{line}"));
+    assert_eq!(load(GOOD).server.max_connections, 10_000);
+    assert_eq!(
+        load(&with("max_connections = 64")).server.max_connections,
+        64
+    );
+    for bad in ["0", "1000001"] {
+        let p = problems(&with(&format!("max_connections = {bad}")));
+        assert!(
+            p.iter().any(|p| p.path == "server.max_connections"
+                && p.message.contains("must be 1 to 1000000")),
+            "{p:?}"
+        );
+    }
+}
+
+#[test]
 fn a_connections_concurrent_streams_are_bounded_by_default_and_configurably() {
     let load = |text: &str| Config::from_toml_str(text, Path::new("/"), &no_env).unwrap();
     let with = |line: &str| GOOD.replace("plaintext = true", &format!("plaintext = true\n{line}"));

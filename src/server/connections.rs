@@ -141,6 +141,8 @@ pub struct PerConnection {
     pub draw: AgeDraw,
     /// HTTP/2 streams a connection may have open at once.
     pub max_streams: u32,
+    /// Connections served at once: past it, the loop takes no new one until one closes.
+    pub max_connections: usize,
     pub silence: Silence,
 }
 
@@ -191,13 +193,16 @@ pub async fn serve<IO>(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let mut refused_accepts = AcceptFailures::default();
+    let mut last_full: Option<tokio::time::Instant> = None;
     {
         let mut incoming = pin!(incoming);
         let mut shutdown = pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
-                io = incoming.next() => match io {
+                // At the bound, new connections wait (the kernel's listen backlog, or the TLS
+                // listener's queue) until a connection closes, which the reaping below sees.
+                io = incoming.next(), if connections.len() < each.max_connections => match io {
                     Some(Ok(io)) => {
                         let age = each.max_age.map(|a| each.draw.draw(a));
                         connections.spawn(serve_connection(
@@ -208,6 +213,15 @@ pub async fn serve<IO>(
                             each.silence.preface,
                             stop_rx.clone(),
                         ));
+                        if connections.len() >= each.max_connections
+                            && last_full.is_none_or(|t| t.elapsed() >= ACCEPT_FAILURE_LOG_EVERY)
+                        {
+                            warn!(
+                                max_connections = each.max_connections,
+                                "serving server.max_connections connections: new ones wait until one closes"
+                            );
+                            last_full = Some(tokio::time::Instant::now());
+                        }
                     }
                     Some(Err(e)) if out_of_resources(&e) => {
                         // The connection stays in the backlog and accept fails again at
@@ -525,6 +539,7 @@ mod tests {
             max_age: None,
             draw: super::AgeDraw::jittered(),
             max_streams: 16,
+            max_connections: 16,
             silence: super::Silence::default(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -271,3 +271,48 @@ async fn a_client_answering_pings_keeps_its_idle_connection() {
     assert_eq!(send.send_request(call()).await.unwrap().status(), 200);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_bound_wait_until_one_closes() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        server: "max_connections = 2",
+        ..Default::default()
+    })
+    .await;
+    let leaf = h.ca.client(&[COLLECTOR]);
+    let call = || {
+        http::Request::post("https://localhost/tokenbroker.v1.TokenBroker/GetToken")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(graph_request())
+            .unwrap()
+    };
+    let mut first = bare_h2(&h, &leaf).await;
+    let mut second = bare_h2(&h, &leaf).await;
+    for send in [&mut first, &mut second] {
+        let answer = tokio::time::timeout(Duration::from_secs(20), send.send_request(call()))
+            .await
+            .expect("served")
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    // A third connection waits: its call is not answered while two are open.
+    let mut third = bare_h2(&h, &leaf).await;
+    let mut waiting = Box::pin(third.send_request(call()));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), &mut waiting)
+            .await
+            .is_err(),
+        "a third connection served past max_connections = 2"
+    );
+    // One closes: the third is served.
+    drop(first);
+    let answer = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("served once a connection closed")
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    drop(second);
+    h.stop().await;
+}
