@@ -960,7 +960,7 @@ impl Broker {
     /// slot lives and `token` is the slot's token, retrying failures with backoff while the
     /// old token is served. One chain per key: a token published by another fetch (forced,
     /// or early for a minimum validity) has its own schedule, and this one's entry is taken
-    /// out of the timetable, or its task aborted (`Slot::set_refresh`), as when the slot is
+    /// out of the timetable, or its task aborted (`Slot::schedule_refresh`), as when the slot is
     /// dropped: a key forced every interval would otherwise keep an entry per replaced token.
     /// An entry in the timetable, not a sleeping task: some 630 bytes less per cached
     /// token, and no task spawned on the miss path (which woke the runtime's other thread).

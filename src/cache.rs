@@ -247,15 +247,6 @@ impl<E: Send + Sync + 'static> Slot<E> {
         }
     }
 
-    /// Makes `refresh` the slot's refresh, ending the one it replaces.
-    pub fn set_refresh(&self, refresh: Refresh) {
-        let old = std::mem::replace(
-            &mut *self.refresh.lock().unwrap_or_else(|p| p.into_inner()),
-            refresh,
-        );
-        old.end();
-    }
-
     /// Makes the timetable entry `schedule()` inserts the slot's refresh, ending the one it
     /// replaces. Inserted under the slot's refresh lock: an entry come due at once (a fetch
     /// stalled past its refresh floor, a wall clock stepped) is handed out only once the slot
@@ -822,12 +813,16 @@ mod tests {
             crate::timetable::Timetable::new(std::sync::Arc::new(clock.clone()), |_, ()| {});
         let slot: Slot<String> = Slot::new();
         let t = clock.moment() + Duration::from_secs(60);
-        let old = table.insert(t, ());
-        let old_id = old.id();
-        slot.set_refresh(Refresh::Scheduled(old));
+        let mut old_id = None;
+        slot.schedule_refresh(|| {
+            let old = table.insert(t, ());
+            old_id = Some(old.id());
+            old
+        });
+        let old_id = old_id.unwrap();
         // The old token's entry came due (taken out), and a newer token's was scheduled
         // before the old one's chain started.
-        slot.set_refresh(Refresh::Scheduled(table.insert(t, ())));
+        slot.schedule_refresh(|| table.insert(t, ()));
         let chain = tokio::spawn(std::future::pending::<()>());
         assert!(!slot.run_refresh(old_id, chain.abort_handle()));
         assert!(
@@ -842,7 +837,7 @@ mod tests {
         assert!(slot.run_refresh(new_id, chain.abort_handle()));
         assert!(table.is_empty());
         // A newer token's refresh ends the running chain.
-        slot.set_refresh(Refresh::Not);
+        slot.schedule_refresh(|| table.insert(t, ()));
         assert!(chain.await.unwrap_err().is_cancelled());
     }
 
