@@ -180,7 +180,7 @@ impl Verified {
     /// issuer's keys in use (and fresh) are the set it was verified against.
     fn stands(&self, now: SystemTime) -> bool {
         now < self.exp
-            && self.keys.fetched.elapsed() < self.issuer.cfg.jwks_max_age
+            && self.issuer.fresh(&self.keys)
             && self
                 .issuer
                 .keys
@@ -650,17 +650,15 @@ impl JwtVerifier {
                 keys: keys.keys.len(),
             },
         };
-        let fresh = |keys: &Keys| keys.fetched.elapsed() < cfg.jwks_max_age;
-        let recent = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() < cfg.jwks_min_refresh);
         let before = issuer.keys.load_full();
         if let Some(keys) = &before {
             match find(keys) {
-                Some(k) if fresh(keys) => return Ok(k),
+                Some(k) if issuer.fresh(keys) => return Ok(k),
                 Some(k) => {
                     self.refresh_behind(issuer);
                     return Ok(k);
                 }
-                None if fresh(keys) => charge()?,
+                None if issuer.fresh(keys) => charge()?,
                 None => {}
             }
         }
@@ -681,14 +679,14 @@ impl JwtVerifier {
         // Another request may have refreshed while this one waited.
         let current = issuer.keys.load_full();
         let may_fetch = match &current {
-            Some(keys) if fresh(keys) => {
+            Some(keys) if issuer.fresh(keys) => {
                 if let Some(k) = find(keys) {
                     return Ok(k);
                 }
-                !recent(gate.unknown_kid)
+                !issuer.recent(gate.unknown_kid)
             }
             // Missing or old keys: fetch, unless the last attempt failed a moment ago.
-            _ => !recent(gate.failed),
+            _ => !issuer.recent(gate.failed),
         };
         if !may_fetch {
             return match &current {
@@ -699,7 +697,7 @@ impl JwtVerifier {
                 }),
             };
         }
-        if current.as_deref().is_some_and(fresh) {
+        if current.as_deref().is_some_and(|k| issuer.fresh(k)) {
             gate.unknown_kid = Some(Instant::now());
         }
         match issuer.fetch_keys(&self.http, &mut gate).await {
@@ -734,18 +732,14 @@ impl JwtVerifier {
         let http = self.http.clone();
         tokio::spawn(async move {
             let issuer = &done.0;
-            let cfg = &issuer.cfg;
             let mut gate = issuer.refresh.lock().await;
             // Fetched by a request meanwhile, or failing.
-            let stale = issuer
+            let stale = !issuer
                 .keys
                 .load()
-                .as_ref()
-                .is_none_or(|k| k.fetched.elapsed() >= cfg.jwks_max_age);
-            let failing = gate
-                .failed
-                .is_some_and(|t| t.elapsed() < cfg.jwks_min_refresh);
-            if stale && !failing {
+                .as_deref()
+                .is_some_and(|k| issuer.fresh(k));
+            if stale && !issuer.recent(gate.failed) {
                 issuer.fetch_keys(&http, &mut gate).await;
             }
         });
@@ -753,6 +747,16 @@ impl JwtVerifier {
 }
 
 impl Issuer {
+    /// Whether `keys` are younger than `jwks_max_age`: used without being fetched again.
+    fn fresh(&self, keys: &Keys) -> bool {
+        keys.fetched.elapsed() < self.cfg.jwks_max_age
+    }
+
+    /// Whether `at` (a fetch's time) is within `jwks_min_refresh`: not fetched again so soon.
+    fn recent(&self, at: Option<Instant>) -> bool {
+        at.is_some_and(|t| t.elapsed() < self.cfg.jwks_min_refresh)
+    }
+
     /// Fetches the keys, holding `gate`, and installs them: `None` (logged, and remembered in
     /// `gate`) if that failed.
     async fn fetch_keys(
