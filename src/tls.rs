@@ -991,7 +991,7 @@ pub fn incoming(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<PeerStream, std::io::Error>>(64);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
-        let mut failures = crate::server::connections::AcceptFailures::default();
+        let mut failures = crate::server::connections::Throttled::default();
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = tx.closed() => return,
@@ -1000,7 +1000,7 @@ pub fn incoming(
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning
                         // (logged at most once per ten seconds).
-                        failures.failed(&e);
+                        failures.accept_failed(&e);
                         tokio::time::sleep(crate::server::connections::ACCEPT_BACKOFF).await;
                         continue;
                     }

@@ -94,8 +94,8 @@ impl Default for Silence {
 /// How long the serve loop waits after accept failed for want of file descriptors or memory.
 pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// At most one log line about such failures in this long.
-const ACCEPT_FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+/// At most one log line of a kind in this long (`Throttled`).
+const THROTTLED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Whether accept failed for want of resources (file descriptors, memory): not the peer's
 /// doing, and not over until some are freed.
@@ -105,31 +105,39 @@ fn out_of_resources(e: &std::io::Error) -> bool {
         .is_some_and(|n| [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM].contains(&n))
 }
 
-/// Accept failures for want of resources, logged at most once per
-/// `ACCEPT_FAILURE_LOG_EVERY` with the count of those not logged.
+/// At most one log line per `THROTTLED_LOG_EVERY` for one kind of event (accept
+/// failing for want of resources, the connection bound reached), with the count of those not
+/// logged.
 #[derive(Default)]
-pub(crate) struct AcceptFailures {
+pub(crate) struct Throttled {
     last_logged: Option<tokio::time::Instant>,
     not_logged: u64,
 }
 
-impl AcceptFailures {
-    pub(crate) fn failed(&mut self, e: &std::io::Error) {
+impl Throttled {
+    /// Whether a line may be written now; if so, how many were not since the last one.
+    fn due(&mut self) -> Option<u64> {
         let now = tokio::time::Instant::now();
         if self
             .last_logged
-            .is_some_and(|t| now.duration_since(t) < ACCEPT_FAILURE_LOG_EVERY)
+            .is_some_and(|t| now.duration_since(t) < THROTTLED_LOG_EVERY)
         {
             self.not_logged += 1;
-            return;
+            return None;
         }
-        warn!(
-            error = %e,
-            not_logged = self.not_logged,
-            "cannot accept connections (out of file descriptors or memory: raise the limit, or fewer connections); new connections wait meanwhile"
-        );
         self.last_logged = Some(now);
-        self.not_logged = 0;
+        Some(std::mem::take(&mut self.not_logged))
+    }
+
+    /// Logs accept failing with `e` (for want of resources), throttled.
+    pub(crate) fn accept_failed(&mut self, e: &std::io::Error) {
+        if let Some(not_logged) = self.due() {
+            warn!(
+                error = %e,
+                not_logged,
+                "cannot accept connections (out of file descriptors or memory: raise the limit, or fewer connections); new connections wait meanwhile"
+            );
+        }
     }
 }
 
@@ -192,8 +200,8 @@ pub async fn serve<IO>(
     let http2 = Arc::new(http2_builder(each.max_streams, each.silence, streams));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
-    let mut refused_accepts = AcceptFailures::default();
-    let mut last_full: Option<tokio::time::Instant> = None;
+    let mut refused_accepts = Throttled::default();
+    let mut full = Throttled::default();
     {
         let mut incoming = pin!(incoming);
         let mut shutdown = pin!(shutdown);
@@ -214,20 +222,19 @@ pub async fn serve<IO>(
                             stop_rx.clone(),
                         ));
                         if connections.len() >= each.max_connections
-                            && last_full.is_none_or(|t| t.elapsed() >= ACCEPT_FAILURE_LOG_EVERY)
+                            && full.due().is_some()
                         {
                             warn!(
                                 max_connections = each.max_connections,
                                 "serving server.max_connections connections: new ones wait until one closes"
                             );
-                            last_full = Some(tokio::time::Instant::now());
                         }
                     }
                     Some(Err(e)) if out_of_resources(&e) => {
                         // The connection stays in the backlog and accept fails again at
                         // once: asking again at once would spin a thread while the process
                         // is out of file descriptors (or memory). Wait, as hyper did.
-                        refused_accepts.failed(&e);
+                        refused_accepts.accept_failed(&e);
                         tokio::select! {
                             () = &mut shutdown => break,
                             () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
