@@ -274,40 +274,53 @@ async fn serve_connection<IO>(
         routes,
         info: io.connect_info(),
     };
-    let (heard, prefaced) = tokio::sync::oneshot::channel();
+    let (heard, mut prefaced) = tokio::sync::oneshot::channel();
     let io = Heard {
         io,
         read: 0,
         heard: Some(heard),
     };
     let mut conn = pin!(http2.serve_connection(TokioIo::new(io), service));
-    let silent = async {
-        match tokio::time::timeout(preface, prefaced).await {
-            Err(_) => (),
-            // Prefaced, or the connection is over (served, below).
-            Ok(_) => std::future::pending().await,
-        }
-    };
-    let aged = async {
-        match age {
-            Some(age) => tokio::time::sleep(age).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        served = conn.as_mut() => {
-            if let Err(e) = served {
-                debug!(error = %e, "failed serving connection");
+    {
+        let silent = async {
+            match tokio::time::timeout(preface, &mut prefaced).await {
+                Err(_) => (),
+                // Prefaced, or the connection is over (served, below).
+                Ok(_) => std::future::pending().await,
             }
-            return;
+        };
+        let aged = async {
+            match age {
+                Some(age) => tokio::time::sleep(age).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            served = conn.as_mut() => {
+                if let Err(e) = served {
+                    debug!(error = %e, "failed serving connection");
+                }
+                return;
+            }
+            () = silent => {
+                // Dropping the connection closes it: there is no HTTP/2 to say GOAWAY in.
+                debug!(bound = ?preface, "no HTTP/2 preface within the bound; connection closed");
+                return;
+            }
+            () = aged => trace!("connection reached its maximum age"),
+            _ = stop.wait_for(|s| *s) => {}
         }
-        () = silent => {
-            // Dropping the connection closes it: there is no HTTP/2 to say GOAWAY in.
-            debug!(bound = ?preface, "no HTTP/2 preface within the bound; connection closed");
-            return;
-        }
-        () = aged => trace!("connection reached its maximum age"),
-        _ = stop.wait_for(|s| *s) => {}
+    }
+    // Without its preface a connection has no call to finish, and hyper's graceful shutdown
+    // would wait for the preface (the handshake) before closing: shutdown would be held up
+    // to its drain bound by a client that connected and said nothing. (Once received, the
+    // preface was taken from the channel: `Closed`, not `Empty`.)
+    if matches!(
+        prefaced.try_recv(),
+        Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+    ) {
+        debug!("connection closed before its HTTP/2 preface");
+        return;
     }
     conn.as_mut().graceful_shutdown();
     if let Err(e) = conn.await {

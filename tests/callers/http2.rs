@@ -220,6 +220,31 @@ async fn a_connection_that_never_sends_the_http2_preface_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_has_not_sent_its_preface_does_not_hold_up_shutdown() {
+    // The preface bound and the drain bound far off: only shutdown itself can end it.
+    let h = Harness::start(Options {
+        server: "shutdown_grace_secs = 300",
+        silence: Some(Silence {
+            preface: Duration::from_secs(300),
+            ..impatient()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(client_config(&h.server_ca_pem, None))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    // It has no call to finish: shutdown closes it rather than waiting for a preface
+    // (hyper's graceful shutdown waits for the handshake before it closes).
+    tokio::time::timeout(Duration::from_secs(20), h.stop())
+        .await
+        .expect("shutdown not held up by a connection without its preface");
+    until_closed(&mut tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_sends_its_settings_and_nothing_else_is_pinged_then_closed() {
     let h = Harness::start(Options {
         silence: Some(impatient()),
