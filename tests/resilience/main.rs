@@ -359,10 +359,28 @@ async fn ten_thousand_cold_requests_over_a_hundred_tenants_cost_a_hundred_of_eac
         .values()
         .map(|v| v.as_u64().unwrap())
         .sum();
-    assert_eq!(signs, 100);
+    // A first attempt left unanswered for half the retry budget is asked again (a fresh
+    // assertion, a second exchange): on a starved machine an answer can take that long. Each
+    // such retry may cost one more sign and one more exchange; without any, exactly one each.
+    let retries = stack
+        .broker
+        .upstream_stats()
+        .retries
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        (100..=100 + retries).contains(&signs),
+        "{signs} signs, {retries} retries"
+    );
     let exchanges = counters["exchanges"].as_object().unwrap();
     assert_eq!(exchanges.len(), 100);
-    assert!(exchanges.values().all(|v| v["total"] == 1), "{exchanges:?}");
+    let totals: Vec<u64> = exchanges
+        .values()
+        .map(|v| v["total"].as_u64().unwrap())
+        .collect();
+    assert!(
+        totals.iter().all(|&n| n >= 1) && totals.iter().sum::<u64>() <= 100 + retries,
+        "{exchanges:?}, {retries} retries"
+    );
     stack.stop().await;
 }
 
