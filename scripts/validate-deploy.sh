@@ -8,7 +8,9 @@
 #   2. kubernetes-validate --strict on the renders, for each Kubernetes version in
 #      KUBE_VERSIONS; only the components' custom resources may lack a schema;
 #   3. deploy/tools/check_static.py: the rendered manifests keep the properties the
-#      deployment relies on; every .bicep file parses (pycep) and its modules exist;
+#      deployment relies on; the docs' `kubectl debug` commands carry the debug profile
+#      the namespace's Pod Security level admits; every .bicep file parses (pycep) and its
+#      modules exist;
 #      the certificate policy is RSA 2048, non-exportable, auto-renewing;
 #   4. `tokenbroker check-config` on the broker config of every rendered ConfigMap (and
 #      on a copy with the mounted policy file's grants inline), when a built binary is at
@@ -119,6 +121,9 @@ done
 step "rendered manifests keep their properties"
 timeout 60 "$py" deploy/tools/check_static.py manifests "$work/aks.yaml" "$work/configs" \
     || fail "manifest properties"
+step "the docs' kubectl debug commands pass the namespace's Pod Security level"
+timeout 60 "$py" deploy/tools/check_static.py commands "$work/aks.yaml" docs/DEPLOY.md README.md \
+    || fail "kubectl debug commands in the docs"
 step "with the optional components: public 443 by name only, OTLP egress on 4318, server certificate"
 # Allow rules of all policies selecting a pod add up, so the FQDN policy narrows nothing
 # unless the base policy's rule for any public address is gone.

@@ -9,6 +9,10 @@ kustomize, no cluster). Run by scripts/validate-deploy.sh inside its venv.
                         each ConfigMap's broker.toml is written to OUTDIR for check-config,
                         and beside it, when it names a policy file the Deployment mounts from
                         a ConfigMap, a copy with those grants inline (NAME+policy.toml)
+  commands FILE DOC...  the `kubectl debug` commands of the docs that add an ephemeral
+                        container in a namespace of the render would be admitted by its Pod
+                        Security level (a restricted namespace refuses kubectl's default
+                        debug profile)
 """
 
 from __future__ import annotations
@@ -233,6 +237,37 @@ def inline_policy(cm: dict, out: Path, text: str, policy_file: str, by_kind: dic
     out.with_name(out.stem + "+policy.toml").write_text(inlined)
 
 
+def check_commands(path: Path, docs: list[Path]) -> None:
+    objs = [o for o in yaml.safe_load_all(path.read_text()) if o]
+    restricted = {
+        o["metadata"]["name"]
+        for o in objs
+        if o["kind"] == "Namespace"
+        and (o["metadata"].get("labels") or {}).get("pod-security.kubernetes.io/enforce") == "restricted"
+    }
+    checked = 0
+    for doc in docs:
+        # Shell commands of the document, with their backslash continuations joined.
+        text = re.sub(r"\\\n\s*", " ", doc.read_text())
+        for n, line in enumerate(text.splitlines(), 1):
+            if not re.search(r"\bkubectl\b.*\sdebug\s", line):
+                continue
+            ns = re.search(r"(?:-n|--namespace)[ =](\S+)", line)
+            if not ns or ns.group(1) not in restricted:
+                continue
+            checked += 1
+            # Pod Security admission checks ephemeral containers too: under `restricted`
+            # one needs allowPrivilegeEscalation false and all capabilities dropped, which
+            # only kubectl's `restricted` debug profile sets.
+            if not re.search(r"--profile[ =]restricted\b", line):
+                problem(
+                    f"{doc}: `kubectl debug` in namespace {ns.group(1)}, which enforces the restricted "
+                    f"Pod Security Standard, without --profile=restricted: the ephemeral container "
+                    f"is refused: {line.strip()}"
+                )
+    print(f"commands: {checked} kubectl debug command(s) in restricted namespaces checked")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3:
         print(__doc__, file=sys.stderr)
@@ -244,6 +279,8 @@ def main(argv: list[str]) -> int:
         check_policy(Path(argv[2]))
     elif what == "manifests" and len(argv) == 4:
         check_manifests(Path(argv[2]), Path(argv[3]))
+    elif what == "commands" and len(argv) >= 4:
+        check_commands(Path(argv[2]), [Path(a) for a in argv[3:]])
     else:
         print(__doc__, file=sys.stderr)
         return 2
