@@ -400,6 +400,17 @@ async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     let result = async {
+        // The address is taken before anything is written: a second `dev` on the address of
+        // one already running would otherwise replace its endpoints, CA and configuration
+        // in a shared state directory with those of an emulator that exits with it. Held
+        // until the broker binds it (a port of 0 is the broker's own pick).
+        let reserved = match listen.port() {
+            0 => None,
+            _ => Some(
+                std::net::TcpListener::bind(listen)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?,
+            ),
+        };
         std::fs::create_dir_all(&state_dir)?;
         let state_dir = std::fs::canonicalize(&state_dir)?;
         let emu_config = EmulatorConfig::demo();
@@ -425,6 +436,7 @@ async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
             telemetry::init_with(config.log.format, &config.log.level, &config.telemetry);
         let up = crate::server::upstreams(&config)?;
         let tenants: Vec<String> = config.tenants.keys().cloned().collect();
+        drop(reserved);
         let bound = crate::server::bind(config, up).await?;
         let addr = bound.local_addr()?;
         let admin = bound.admin_addr()?;

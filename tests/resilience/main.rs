@@ -2018,3 +2018,38 @@ async fn an_attempt_that_gets_no_answer_is_asked_again_within_the_budget() {
     assert_eq!(stack.route_total("entra.token").await, before + 1);
     stack.stop().await;
 }
+
+/// A second `tokenbroker dev` on the address and state directory of one already running
+/// (one left in the background, say) fails on the address, and leaves the running one's
+/// state alone: its endpoints, CA and configuration stay those of its own emulator, which
+/// clients such as the collector example read.
+#[test]
+fn a_second_dev_on_a_taken_address_leaves_the_running_ones_state_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_dev(dir.path(), &[]);
+    let state = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    let before: Vec<_> = ["endpoints.json", "ca.pem", "broker.toml"]
+        .iter()
+        .map(|f| state(f))
+        .collect();
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args(["dev", "--listen", &addr, "--state-dir"])
+        .arg(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!second.status.success(), "the second dev started");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains(&addr), "{err}");
+    let after: Vec<_> = ["endpoints.json", "ca.pem", "broker.toml"]
+        .iter()
+        .map(|f| state(f))
+        .collect();
+    assert!(
+        before == after,
+        "the second dev rewrote the running one's state"
+    );
+    contoso_token_from(&addr);
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
+}
