@@ -650,6 +650,8 @@ impl Flow {
             .await?;
         let mut retried_key = false;
         let mut retried_clock = false;
+        // Entra's refusal of the current version, while the previous one is tried instead.
+        let mut refused_current: Option<EntraError> = None;
         loop {
             let entra_admitted = match admitted.take() {
                 Some(a) => a,
@@ -672,6 +674,22 @@ impl Flow {
                         .await
                 }
                 Err(e) => Err(e),
+            };
+            // The previous version cannot sign either (disabled, or its key deleted, after the
+            // renewal): what is to fix is the current version's absence from the app, not the
+            // previous version the broker tried on its own.
+            let outcome = match (outcome, refused_current.take()) {
+                (
+                    Err(FlowError::Signer(fallback @ SignerError::NotFound { .. })),
+                    Some(refusal),
+                ) => Err(FlowError::Entra(EntraError {
+                    description: format!(
+                        "{} (the previous version cannot sign instead: {fallback})",
+                        refusal.description
+                    ),
+                    ..refusal
+                })),
+                (outcome, _) => outcome,
             };
             match outcome {
                 Ok((started, t)) => return Ok(self.obtained(tenant, want.scopes, started, t)),
@@ -730,6 +748,7 @@ impl Flow {
                                 "Entra refuses the current certificate version (AADSTS700027); signing with the previous version: upload the new certificate to the app registration"
                             );
                             cert = prev;
+                            refused_current = Some(e);
                         }
                         _ => return Err(e.into()),
                     }

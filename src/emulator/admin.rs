@@ -32,6 +32,10 @@ pub(crate) fn router() -> Router<Arc<Shared>> {
         .route("/counters/reset", post(reset_counters))
         .route("/vaults/{vault}/certificates/{name}/rotate", post(rotate))
         .route(
+            "/vaults/{vault}/certificates/{name}/versions/{version}/{action}",
+            post(set_version_enabled),
+        )
+        .route(
             "/tenants/{tenant}/apps/{client_id}/{action}",
             post(set_app_enabled),
         )
@@ -230,6 +234,35 @@ async fn rotate(
         "registered_on_apps": registered,
     }))
     .into_response()
+}
+
+/// Disables or enables one version of a certificate and its key, as updating the version's
+/// attributes in Key Vault does: signing with a disabled version is refused (`KeyDisabled`).
+async fn set_version_enabled(
+    State(shared): State<Arc<Shared>>,
+    Path((vault, name, version, action)): Path<(String, String, String, String)>,
+) -> Response {
+    let enabled = match action.as_str() {
+        "enable" => true,
+        "disable" => false,
+        _ => return not_found(format!("unknown action {action}; use enable or disable")),
+    };
+    let mut state = shared.state();
+    let Some(vi) = state.vault_by_name(&vault) else {
+        return not_found(format!("no vault {vault}"));
+    };
+    let Some(ver) = state.vaults[vi]
+        .certs
+        .iter_mut()
+        .find(|c| c.name.eq_ignore_ascii_case(&name))
+        .and_then(|c| c.versions.iter_mut().find(|v| v.version == version))
+    else {
+        return not_found(format!(
+            "no version {version} of certificate {vault}/{name}"
+        ));
+    };
+    ver.enabled = enabled;
+    axum::Json(json!({"version": version, "enabled": enabled})).into_response()
 }
 
 async fn set_app_enabled(

@@ -345,12 +345,10 @@ impl Stack {
         v["access_token"].as_str().unwrap().to_owned()
     }
 
-    /// DER of the current version of a certificate in the emulated vault.
-    pub async fn certificate_der(&self, name: &str) -> Vec<u8> {
-        use base64::Engine;
+    /// The current version of a certificate in the emulated vault, as Key Vault returns it.
+    pub async fn certificate_bundle(&self, name: &str) -> Value {
         let token = self.mi_token("https://vault.azure.net").await;
-        let v: Value = self
-            .http
+        self.http
             .get(format!(
                 "{}/certificates/{name}?api-version=7.4",
                 self.emulator().endpoints().key_vault_url
@@ -361,7 +359,13 @@ impl Stack {
             .unwrap()
             .json()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// DER of the current version of a certificate in the emulated vault.
+    pub async fn certificate_der(&self, name: &str) -> Vec<u8> {
+        use base64::Engine;
+        let v = self.certificate_bundle(name).await;
         base64::engine::general_purpose::STANDARD
             .decode(v["cer"].as_str().unwrap())
             .unwrap()

@@ -1754,6 +1754,42 @@ async fn a_renewed_certificate_not_yet_on_the_app_falls_back_to_the_previous_ver
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_not_on_the_app_is_named_when_the_previous_version_is_disabled() {
+    let stack = manual("").await;
+    stack.get("contoso", GRAPH).await.unwrap();
+    let id = stack.certificate_bundle("contoso-app").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let old = id.rsplit('/').next().unwrap();
+    // Key Vault renews the certificate, nobody uploads the new one to the app, and the old
+    // version is disabled: no version the broker can sign with is one Entra accepts.
+    rotate_contoso(&stack, false).await;
+    stack
+        .admin_post(
+            &format!(
+                "/vaults/{}/certificates/contoso-app/versions/{old}/disable",
+                demo::VAULT
+            ),
+            json!({}),
+        )
+        .await;
+    // Past the certificate metadata refresh: the renewed version is read, then refused.
+    stack.advance(11 * MIN).await;
+    let e = stack.force_refresh("contoso", GRAPH).await.unwrap_err();
+    // The fix is on the app registration (Entra's refusal of the current version), not the
+    // disabled version the broker tried as a fallback.
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("AADSTS700027"), "{}", e.message());
+    assert!(
+        e.message().contains("upload the certificate"),
+        "{}",
+        e.message()
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entra_refresh_in_sets_the_refresh_time_of_long_lived_tokens() {
     // Two-hour tokens: Entra sends refresh_in (half the lifetime), which the broker follows
     // instead of its own refresh_fraction (a quarter here).
