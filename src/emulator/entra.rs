@@ -1,9 +1,9 @@
-//! Entra ID v2.0 on the HTTPS listener: the client-credentials token endpoint with certificate
-//! (`private_key_jwt`) and federated client assertions (the emulator's managed-identity
-//! tokens, or tokens of an external OpenID issuer such as a Kubernetes cluster's, whose keys
-//! `issuers` fetches), validated the way Entra does and failing with its AADSTS codes; plus
-//! the discovery documents (OpenID configuration, JWKS, MSAL's instance discovery) so any
-//! client can verify emulator tokens.
+//! Entra ID on the HTTPS listener: the client-credentials token endpoints (v2.0, and v1.0
+//! with `resource=`) with certificate (`private_key_jwt`) and federated client assertions
+//! (the emulator's managed-identity tokens, or tokens of an external OpenID issuer such as a
+//! Kubernetes cluster's, whose keys `issuers` fetches), validated the way Entra does and
+//! failing with its AADSTS codes; plus the discovery documents (OpenID configuration, JWKS,
+//! MSAL's instance discovery) so any client can verify emulator tokens.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,7 +58,14 @@ async fn route(shared: Arc<Shared>, req: Request) -> Response {
             let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
                 return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
             };
-            token(&shared, tenant, &base, &parts.headers, &body).await
+            token(&shared, tenant, &base, &parts.headers, &body, Endpoint::V2).await
+        }
+        // The v1.0 endpoint, which the v1.0 discovery document names.
+        [tenant, "oauth2", "token"] if parts.method == Method::POST => {
+            let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
+                return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
+            };
+            token(&shared, tenant, &base, &parts.headers, &body, Endpoint::V1).await
         }
         ["common", "discovery", "instance"] if get => instance_discovery(parts.uri.query(), &base),
         [tenant, "v2.0", ".well-known", "openid-configuration"] if get => {
@@ -71,6 +78,24 @@ async fn route(shared: Arc<Shared>, req: Request) -> Response {
             axum::Json(shared.issuer.jwks()).into_response()
         }
         _ => (StatusCode::NOT_FOUND, axum::Json(json!({"error": "not_found", "error_description": format!("{} /{path} is not emulated", parts.method)}))).into_response(),
+    }
+}
+
+/// The token endpoint called: v2.0 names the resource in `scope` (`{resource}/.default`) and
+/// answers numbers; v1.0 names it in `resource` and answers every value as a string, with the
+/// token's `expires_on`, `not_before` and `resource`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    V1,
+    V2,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::V1 => "oauth2/token",
+            Endpoint::V2 => "oauth2/v2.0/token",
+        }
     }
 }
 
@@ -186,6 +211,7 @@ async fn token(
     base: &str,
     headers: &HeaderMap,
     body: &[u8],
+    endpoint: Endpoint,
 ) -> Response {
     let request_id = client_request_id(headers);
     let form: HashMap<String, String> = url::form_urlencoded::parse(body).into_owned().collect();
@@ -193,7 +219,7 @@ async fn token(
         "{tenant_seg}/{}",
         form.get("client_id").map_or("", String::as_str)
     );
-    let result = exchange(shared, tenant_seg, base, &form, &mut counter_key).await;
+    let result = exchange(shared, tenant_seg, base, &form, &mut counter_key, endpoint).await;
     shared
         .counters()
         .exchanges
@@ -233,6 +259,7 @@ async fn exchange(
     base: &str,
     form: &HashMap<String, String>,
     counter_key: &mut String,
+    endpoint: Endpoint,
 ) -> Result<Value, EntraError> {
     let (tenant_id, resources, apis, app_ids) = {
         let state = shared.state();
@@ -283,7 +310,11 @@ async fn exchange(
             ),
         ));
     };
-    let resource = check_scope(form, &tenant_id, &resources, &apis, &app_ids)?;
+    let wanted = match endpoint {
+        Endpoint::V2 => check_scope(form)?,
+        Endpoint::V1 => check_resource(form)?,
+    };
+    let resource = resolve_resource(&wanted, &tenant_id, &resources, &apis, &app_ids)?;
     let cp1 = read_claims(shared, form, counter_key)?;
 
     if form.get("client_secret").is_some_and(|s| !s.is_empty()) {
@@ -333,9 +364,13 @@ async fn exchange(
     } else if is_external(&jwt) {
         validate_external(shared, &app, &jwt).await?;
     } else {
-        validate_certificate(shared, &app, &jwt, tenant_seg, &tenant_id, base)?;
+        validate_certificate(shared, &app, &jwt, tenant_seg, &tenant_id, base, endpoint)?;
     }
-    issue(shared, &app, &tenant_id, &resource, cp1)
+    let issued = issue(shared, &app, &tenant_id, &resource, cp1)?;
+    Ok(match endpoint {
+        Endpoint::V2 => issued.body,
+        Endpoint::V1 => v1_body(&issued, form.get("resource").map_or("", String::as_str)),
+    })
 }
 
 /// The `claims` parameter (OpenID Connect's claims request), if sent: a JSON object, else
@@ -373,14 +408,8 @@ struct Audience {
     v2: bool,
 }
 
-/// Checks the single `{resource}/.default` scope and returns the resource as configured.
-fn check_scope(
-    form: &HashMap<String, String>,
-    tenant_id: &str,
-    resources: &[String],
-    apis: &[super::config::ApiConfig],
-    app_ids: &[String],
-) -> Result<Audience, EntraError> {
+/// Checks the single `{resource}/.default` scope (v2.0) and returns the resource named.
+fn check_scope(form: &HashMap<String, String>) -> Result<String, EntraError> {
     let scope = required(form, "scope")?;
     let scopes: Vec<&str> = scope.split_whitespace().collect();
     let resource_of = |s: &str| {
@@ -425,6 +454,26 @@ fn check_scope(
             ),
         ));
     }
+    Ok(wanted.to_owned())
+}
+
+/// The `resource` parameter of the v1.0 endpoint (which has no scopes: a `scope` sent with it
+/// is ignored, as by Entra's v1.0 endpoint).
+fn check_resource(form: &HashMap<String, String>) -> Result<String, EntraError> {
+    Ok(required(form, "resource")?
+        .trim()
+        .trim_end_matches('/')
+        .to_owned())
+}
+
+/// The resource as configured in the tenant, and the version of its tokens; unknown: 500011.
+fn resolve_resource(
+    wanted: &str,
+    tenant_id: &str,
+    resources: &[String],
+    apis: &[super::config::ApiConfig],
+    app_ids: &[String],
+) -> Result<Audience, EntraError> {
     let api = apis.iter().find(|a| {
         a.uri.trim_end_matches('/').eq_ignore_ascii_case(wanted)
             || a.client_id.eq_ignore_ascii_case(wanted)
@@ -473,6 +522,7 @@ fn validate_certificate(
     tenant_seg: &str,
     tenant_id: &str,
     base: &str,
+    endpoint: Endpoint,
 ) -> Result<(), EntraError> {
     let alg_name = jwt.header_str("alg").unwrap_or_default();
     let Some(alg) = SignAlg::parse(alg_name) else {
@@ -569,8 +619,9 @@ fn validate_certificate(
         return Err(invalid_client(
             50013,
             format!(
-                "Assertion is invalid. [Reason - The audience claim '{}' does not match the token endpoint '{base}/{tenant_seg}/oauth2/v2.0/token'.]",
-                jwt.audiences().join(", ")
+                "Assertion is invalid. [Reason - The audience claim '{}' does not match the token endpoint '{base}/{tenant_seg}/{}'.]",
+                jwt.audiences().join(", "),
+                endpoint.path()
             ),
         ));
     }
@@ -783,6 +834,13 @@ fn check_audience_and_subject(
     Ok(())
 }
 
+/// A token issued: the v2.0 answer, and the token's window.
+struct Issued {
+    body: Value,
+    not_before: i64,
+    expires_on: i64,
+}
+
 /// An app-only access token of the resource's version: v1.0 and v2.0 differ in issuer,
 /// audience form and the claim naming the calling app (`appid` / `azp`), as Entra's do.
 fn issue(
@@ -791,7 +849,7 @@ fn issue(
     tenant_id: &str,
     resource: &Audience,
     cp1: bool,
-) -> Result<Value, EntraError> {
+) -> Result<Issued, EntraError> {
     let [lo, hi] = if cp1 {
         app.cae_lifetime.unwrap_or(app.lifetime)
     } else {
@@ -858,7 +916,27 @@ fn issue(
     if lifetime >= REFRESH_IN_FROM {
         body["refresh_in"] = json!(lifetime / 2);
     }
-    Ok(body)
+    Ok(Issued {
+        body,
+        not_before: now,
+        expires_on: now + lifetime,
+    })
+}
+
+/// The v1.0 endpoint's answer: every value a string (`expires_in`, `ext_expires_in`,
+/// `expires_on`, `not_before`), with the `resource` as the client named it, as Entra's v1.0
+/// endpoint (and ADAL, which reads it) has it; `refresh_in` is a v2.0 hint and is left out.
+fn v1_body(issued: &Issued, resource: &str) -> Value {
+    let lifetime = (issued.expires_on - issued.not_before).to_string();
+    json!({
+        "token_type": "Bearer",
+        "expires_in": lifetime,
+        "ext_expires_in": lifetime,
+        "expires_on": issued.expires_on.to_string(),
+        "not_before": issued.not_before.to_string(),
+        "resource": resource,
+        "access_token": issued.body["access_token"],
+    })
 }
 
 /// The tenant's OpenID configuration: v2.0 (`/{tenant}/v2.0/.well-known/…`), or v1.0

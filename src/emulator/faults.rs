@@ -424,9 +424,11 @@ pub(crate) fn classify(method: &Method, path: &str) -> Option<&'static str> {
         ["certificates", .., "import"] if method == Method::POST => Some("keyvault.import"),
         ["certificates", ..] => Some("keyvault.certificate"),
         ["secrets", ..] => Some("keyvault.secret"),
-        [_, "oauth2", "v2.0", "token"] => Some("entra.token"),
+        [_, "oauth2", "v2.0", "token"] | [_, "oauth2", "token"] => Some("entra.token"),
         [_, "v2.0", ".well-known", "openid-configuration"]
+        | [_, ".well-known", "openid-configuration"]
         | [_, "discovery", "v2.0", "keys"]
+        | [_, "discovery", "keys"]
         | ["common", "discovery", "instance"] => Some("entra.discovery"),
         ["graph", ..] => Some("graph.list"),
         _ => None,

@@ -7,6 +7,7 @@ mod clock;
 mod cluster_issuer;
 mod common;
 mod entra;
+mod entra_v1;
 mod federated;
 mod graph;
 mod identity;
