@@ -392,6 +392,18 @@ async fn serve(path: PathBuf) -> ExitCode {
     }
 }
 
+/// `addr` bound (not listening): no other listener can take it while this is held.
+#[cfg(feature = "emulator")]
+fn reserve(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
 #[cfg(feature = "emulator")]
 async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
     use crate::emulator::{Emulator, EmulatorConfig, StartOptions};
@@ -403,12 +415,14 @@ async fn dev(listen: SocketAddr, state_dir: PathBuf) -> ExitCode {
         // The address is taken before anything is written: a second `dev` on the address of
         // one already running would otherwise replace its endpoints, CA and configuration
         // in a shared state directory with those of an emulator that exits with it. Held
-        // until the broker binds it (a port of 0 is the broker's own pick).
+        // until the broker binds it (a port of 0 is the broker's own pick): bound, not
+        // listening, so a client connecting meanwhile is refused rather than accepted by the
+        // kernel and reset, and with SO_REUSEADDR as the broker's own listener, so that the
+        // last run's connections in TIME_WAIT do not refuse a restart.
         let reserved = match listen.port() {
             0 => None,
             _ => Some(
-                std::net::TcpListener::bind(listen)
-                    .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?,
+                reserve(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?,
             ),
         };
         std::fs::create_dir_all(&state_dir)?;
