@@ -160,8 +160,8 @@ struct Admitted<'s, 'a> {
     _in_flight: InFlight<'a>,
     /// When the caller's credential stops being accepted.
     valid_until: Option<SystemTime>,
-    /// Whether the caller was proven by the connection's client certificate.
-    by_certificate: bool,
+    /// How the caller was proven.
+    proof: crate::authn::Proof,
 }
 
 /// A request's audit record and what it asked for, until the request is answered. Dropped
@@ -256,7 +256,8 @@ impl Service {
     ) -> Result<Admitted<'s, '_>, Failure> {
         let in_flight = self.access.enter()?;
         let caller = self.access.authenticate(&env.credentials()).await?;
-        let by_certificate = matches!(caller.proof, crate::authn::Proof::Mtls);
+        let proof = caller.proof;
+        let by_certificate = matches!(proof, crate::authn::Proof::Mtls);
         // A connection outlives the trust its certificate was verified under: a revocation
         // or a CA removed since then refuses it from its next request.
         let still_trusted = match &env.peer_cert {
@@ -275,7 +276,7 @@ impl Service {
             scopes,
             _in_flight: in_flight,
             valid_until,
-            by_certificate,
+            proof,
         })
     }
 
@@ -581,13 +582,17 @@ impl TokenBroker for Service {
             let (rx, key) = self.broker.subscribe(&p.tenant, &admitted.scopes).await?;
             // A watch proven by the client certificate keeps passing the trust in force
             // (revocation lists reloaded since the handshake).
-            let certificate = admitted
-                .by_certificate
+            let certificate = matches!(admitted.proof, crate::authn::Proof::Mtls)
                 .then(|| env.verified_client())
+                .flatten();
+            // A watch proven by a bearer token keeps passing its verification against the
+            // issuer's keys in use (a key withdrawn since refuses it).
+            let bearer = matches!(admitted.proof, crate::authn::Proof::Jwt)
+                .then(|| env.authorization.clone())
                 .flatten();
             Ok::<_, Failure>((
                 admitted.scopes.into_owned(),
-                (admitted.valid_until, certificate),
+                (admitted.valid_until, certificate, bearer),
                 caller,
                 slot,
                 (rx, key),
@@ -595,7 +600,7 @@ impl TokenBroker for Service {
         }
         .await;
         let mut audit = pending.answered();
-        let (scopes, (valid_until, certificate), caller, slot, (rx, key)) = match admitted {
+        let (scopes, (valid_until, certificate, bearer), caller, slot, (rx, key)) = match admitted {
             Ok(a) => a,
             Err(f) => {
                 let r = Err(self.fail(&env.request_id, &mut audit, &f));
@@ -618,6 +623,8 @@ impl TokenBroker for Service {
             scopes,
             valid_until,
             certificate,
+            bearer,
+            peer: env.remote_addr,
             record: sent,
             _slot: slot,
             ended: false,
@@ -653,6 +660,11 @@ struct Watcher {
     valid_until: Option<SystemTime>,
     /// The client certificate that proved the caller, checked again before each token.
     certificate: Option<Arc<crate::tls::VerifiedClient>>,
+    /// The `authorization` header whose bearer token proved the caller, verified again
+    /// before each token (cheap while the issuer's keys are those it verified against).
+    bearer: Option<Sensitive>,
+    /// The caller's address, for the bearer token's verification.
+    peer: Option<std::net::SocketAddr>,
     /// The watch's record (its request id, caller, tenant and scopes), copied for each
     /// token sent and for the watch's end.
     record: AuditRecord,
@@ -789,6 +801,22 @@ impl Watcher {
                 return Some(Err(
                     self.end(AccessError::CertificateNoLongerAccepted { reason })
                 ));
+            }
+            if let Some(bearer) = &self.bearer {
+                let creds = Credentials {
+                    client_cert: None,
+                    authorization: Some(bearer.clone()),
+                    remote_addr: self.peer,
+                };
+                match access.authenticate(&creds).await {
+                    Ok(caller) if caller.id == self.caller => {}
+                    // The same token names the same caller; were it ever otherwise, the
+                    // grant checked above was not this caller's.
+                    Ok(caller) => {
+                        return Some(Err(self.end(AccessError::Denied { caller: caller.id })));
+                    }
+                    Err(e) => return Some(Err(self.end(e))),
+                }
             }
             if let Err(e) = access.check_audit() {
                 return Some(Err(self.end(e)));

@@ -207,6 +207,58 @@ async fn a_watch_ends_when_the_bearer_token_that_opened_it_expires() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_when_the_issuer_withdraws_the_key_its_bearer_token_was_signed_with() {
+    // A request with a token signed by a withdrawn key is refused once the broker fetches
+    // the issuer's keys without it; a watch opened with such a token must not go on.
+    const SUB: &str = "rotated";
+    let h = Harness::start(Options {
+        policy: grants(&[(&format!("jwt:test:{SUB}"), "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let old = h.issuer.sign_with("key-1", &h.issuer.claims(SUB));
+    let mut client = h.client(None).await.unwrap();
+    let mut w = watch(&mut client, Some(&old)).await.unwrap();
+    next(&mut w).await.unwrap().token.unwrap();
+    // The issuer rotates to key-2 and withdraws key-1; a key-2 token makes the broker fetch
+    // the keys again, and forces a refresh the watch hears of.
+    h.issuer.rotate("key-2");
+    h.issuer.withdraw("key-1");
+    let new = h.issuer.sign_with("key-2", &h.issuer.claims(SUB));
+    let mut req = tonic::Request::new(GetTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+        force_refresh: true,
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {new}").parse().unwrap());
+    client.get_token(req).await.unwrap();
+    // The old token opens no new watch, and its open one sends no more tokens.
+    assert_status(
+        watch(&mut client, Some(&old)).await,
+        Code::Unauthenticated,
+        &["unknown key"],
+    );
+    let end = next(&mut w).await;
+    assert!(
+        end.as_ref().is_err_and(
+            |e| e.code() == Code::Unauthenticated && e.message().contains("unknown key")
+        ),
+        "{:?}",
+        end.map(|m| m.token.is_some())
+    );
+    let ended: Vec<_> = h
+        .records()
+        .into_iter()
+        .filter(|r| r.rpc == "WatchToken" && r.code == "UNAUTHENTICATED" && r.caller.is_some())
+        .collect();
+    assert_eq!(ended.len(), 1, "{ended:#?}");
+    assert_eq!(ended[0].caller.as_deref(), Some("jwt:test:rotated"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bearer_token_whose_exp_has_a_fraction_keeps_its_watch_until_then() {
     // RFC 7519's NumericDate may have a fraction; such a token is valid for ten minutes.
     const SUB: &str = "fractional";
