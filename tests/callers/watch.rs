@@ -259,6 +259,54 @@ async fn a_watch_ends_when_the_issuer_withdraws_the_key_its_bearer_token_was_sig
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watchs_bearer_token_is_checked_again_even_when_its_address_is_over_its_failures() {
+    // Verified in full at each token (nothing remembered); forged tokens from the watch's
+    // address use up its failures: the watch's own good token is neither refused for them
+    // nor spared its check.
+    const SUB: &str = "behind-nat";
+    let h = Harness::start(Options {
+        policy: grants(&[
+            (&format!("jwt:test:{SUB}"), "contoso", GRAPH),
+            (A, "contoso", GRAPH),
+        ]),
+        limits: "failed_auth_per_sec = 0.001\nfailed_auth_burst = 2",
+        callers: "remember_tokens = 0",
+        ..Default::default()
+    })
+    .await;
+    let good = h.issuer.sign_with("key-1", &h.issuer.claims(SUB));
+    let mut client = h.client(None).await.unwrap();
+    let mut w = watch(&mut client, Some(&good)).await.unwrap();
+    next(&mut w).await.unwrap().token.unwrap();
+    let mut forged = h.issuer.claims(SUB);
+    forged["aud"] = "someone-else".into();
+    let forged = h.issuer.sign_with("key-1", &forged);
+    for _ in 0..3 {
+        let _ = client
+            .get_token(watch_request(Some(&forged)).map(|r| GetTokenRequest {
+                tenant: r.tenant,
+                scopes: r.scopes,
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+    }
+    assert_status(
+        watch(&mut client, Some(&forged)).await,
+        Code::ResourceExhausted,
+        &["too many failed authentications"],
+    );
+    let a = h.ca.client(&[A]);
+    let refreshed = force_refresh(&h, &a).await;
+    let sent = next(&mut w).await.map(|m| m.token.map(|t| t.access_token));
+    match sent {
+        Ok(token) => assert_eq!(token, Some(refreshed)),
+        Err(e) => panic!("the watch ended: {e:?}"),
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bearer_token_whose_exp_has_a_fraction_keeps_its_watch_until_then() {
     // RFC 7519's NumericDate may have a fraction; such a token is valid for ten minutes.
     const SUB: &str = "fractional";
