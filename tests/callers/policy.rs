@@ -265,3 +265,47 @@ async fn sighup_reloads_the_policy_file_and_the_server_certificate_at_once() {
     assert!(rotated, "the new server certificate is served after SIGHUP");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ended_by_a_revoked_grant_frees_its_place_among_the_callers_watches() {
+    use tokenbroker::proto::{GetTokenRequest, WatchTokenRequest};
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH), (B, "contoso", GRAPH)]),
+        limits: "max_watches_per_caller = 1",
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    let mut client = h.client(Some(&a)).await.unwrap();
+    let req = || WatchTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+    };
+    let mut watch = client.watch_token(req()).await.unwrap().into_inner();
+    assert!(watch.message().await.unwrap().unwrap().token.is_some());
+    h.set_policy(&grants(&[(B, "contoso", GRAPH)])).unwrap();
+    let b = h.ca.client(&[B]);
+    h.client(Some(&b))
+        .await
+        .unwrap()
+        .get_token(GetTokenRequest {
+            tenant: "contoso".into(),
+            scopes: vec![GRAPH.into()],
+            force_refresh: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        watch.message().await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // Granted again, A opens a watch: the ended one (its stream still held by the client)
+    // no longer counts.
+    h.set_policy(&grants(&[(A, "contoso", GRAPH), (B, "contoso", GRAPH)]))
+        .unwrap();
+    let mut again = client.watch_token(req()).await.unwrap().into_inner();
+    assert!(again.message().await.unwrap().unwrap().token.is_some());
+    drop(watch);
+    h.stop().await;
+}
