@@ -255,6 +255,7 @@ async fn a_watch_ends_when_the_issuer_withdraws_the_key_its_bearer_token_was_sig
         .collect();
     assert_eq!(ended.len(), 1, "{ended:#?}");
     assert_eq!(ended[0].caller.as_deref(), Some("jwt:test:rotated"));
+    assert_eq!(ended[0].outcome, Outcome::Denied);
     h.stop().await;
 }
 
