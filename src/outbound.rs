@@ -17,8 +17,8 @@ use azure_core::http::{
     AsyncRawResponse, ClientOptions, HttpClient, Request, RetryOptions, Transport,
 };
 use azure_identity::{
-    ClientAssertionCredentialOptions, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
-    UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
+    ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions,
+    ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId,
 };
 use futures::StreamExt;
 use url::Url;
@@ -513,15 +513,7 @@ fn build_credential(
                 Some(Upstream::ManagedIdentity),
             );
             client_options.cloud = Some(Arc::new(CloudConfiguration::Custom(cloud)));
-            let options = WorkloadIdentityCredentialOptions {
-                credential_options: ClientAssertionCredentialOptions { client_options },
-                client_id: Some(wi.client_id.clone()),
-                tenant_id: Some(wi.tenant_id.clone()),
-                token_file_path: Some(wi.token_file.clone()),
-            };
-            let c =
-                WorkloadIdentityCredential::new(Some(options)).map_err(|e| err(e.to_string()))?;
-            Ok(Arc::new(EntraAnswers { inner: c }))
+            workload_identity_credential(wi, client_options).map_err(|e| err(e.to_string()))
         }
         (IdentitySource::WorkloadIdentity, None) => {
             Err(err("workload identity's variables were not read".into()))
@@ -549,6 +541,76 @@ fn build_credential(
             let c =
                 ManagedIdentityCredential::new(Some(options)).map_err(|e| err(e.to_string()))?;
             Ok(c)
+        }
+    }
+}
+
+/// Workload identity's credential: the projected service account token in `wi.token_file`
+/// exchanged at Entra (`client_options`: its authority host and transport), Entra's refusals
+/// read as its answers (`EntraAnswers`).
+fn workload_identity_credential(
+    wi: &crate::config::WorkloadIdentityEnv,
+    client_options: ClientOptions,
+) -> azure_core::Result<Arc<dyn TokenCredential>> {
+    let c = ClientAssertionCredential::new(
+        wi.tenant_id.clone(),
+        wi.client_id.clone(),
+        ProjectedToken {
+            path: wi.token_file.clone(),
+        },
+        Some(ClientAssertionCredentialOptions { client_options }),
+    )?;
+    Ok(Arc::new(EntraAnswers { inner: c }))
+}
+
+/// The longest projected service account token read: a few KiB in practice.
+const PROJECTED_TOKEN_LIMIT: u64 = 64 * 1024;
+
+/// The projected service account token, read from its file each time one is needed: the
+/// kubelet replaces the file well before the token in it expires (at 80% of its life), and
+/// `azure_identity`'s own workload identity credential keeps what it read for 10 minutes,
+/// so with a token of the shortest life Kubernetes allows (10 minutes, replaced after 8) it
+/// sent a token expired for minutes. It is read only when the identity's token is fetched
+/// (at half that token's life, `identity::CachingCredential`), on the blocking pool.
+#[derive(Debug)]
+struct ProjectedToken {
+    path: std::path::PathBuf,
+}
+
+#[async_trait]
+impl ClientAssertion for ProjectedToken {
+    async fn secret(
+        &self,
+        _: Option<azure_core::http::ClientMethodOptions<'_>>,
+    ) -> azure_core::Result<String> {
+        let path = self.path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut token = String::new();
+            std::fs::File::open(&path)?
+                .take(PROJECTED_TOKEN_LIMIT + 1)
+                .read_to_string(&mut token)?;
+            Ok::<_, std::io::Error>(token)
+        })
+        .await;
+        let unreadable = |why: String| {
+            azure_core::Error::with_message(
+                ErrorKind::Credential,
+                format!(
+                    "cannot read the workload identity's token file {}: {why}",
+                    self.path.display()
+                ),
+            )
+        };
+        match read {
+            Ok(Ok(token)) if token.len() as u64 > PROJECTED_TOKEN_LIMIT => Err(unreadable(
+                format!("larger than {} KiB", PROJECTED_TOKEN_LIMIT / 1024),
+            )),
+            // A JWT holds no whitespace: a line end written after it by hand is not part of it.
+            Ok(Ok(token)) if !token.trim().is_empty() => Ok(token.trim().to_owned()),
+            Ok(Ok(_)) => Err(unreadable("it is empty".into())),
+            Ok(Err(e)) => Err(unreadable(e.to_string())),
+            Err(e) => Err(unreadable(e.to_string())),
         }
     }
 }
@@ -1358,6 +1420,29 @@ mod tests {
         refused_by(Arc::new(Answering(status, body))).await
     }
 
+    #[tokio::test]
+    async fn the_projected_token_is_read_as_the_file_holds_it_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("azure-identity-token");
+        let token = ProjectedToken { path: path.clone() };
+        let missing = token.secret(None).await.unwrap_err().to_string();
+        assert!(
+            missing.contains("cannot read the workload identity's token file"),
+            "{missing}"
+        );
+        assert!(missing.contains(&path.display().to_string()), "{missing}");
+        std::fs::write(&path, "first.jwt.value\n").unwrap();
+        assert_eq!(token.secret(None).await.unwrap(), "first.jwt.value");
+        std::fs::write(&path, "second.jwt.value").unwrap();
+        assert_eq!(token.secret(None).await.unwrap(), "second.jwt.value");
+        std::fs::write(&path, " \n").unwrap();
+        let empty = token.secret(None).await.unwrap_err().to_string();
+        assert!(empty.contains("it is empty"), "{empty}");
+        std::fs::write(&path, vec![b'a'; 65 * 1024]).unwrap();
+        let large = token.secret(None).await.unwrap_err().to_string();
+        assert!(large.contains("larger than 64 KiB"), "{large}");
+    }
+
     /// The same, Entra's place taken by `answering`.
     async fn refused_by(answering: Arc<dyn HttpClient>) -> azure_core::Error {
         let dir = tempfile::tempdir().unwrap();
@@ -1373,14 +1458,13 @@ mod tests {
             cloud: Some(Arc::new(CloudConfiguration::Custom(cloud))),
             ..Default::default()
         };
-        let sdk = WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
-            credential_options: ClientAssertionCredentialOptions { client_options },
-            client_id: Some("77777777-7777-7777-7777-777777777777".into()),
-            tenant_id: Some("88888888-8888-8888-8888-888888888888".into()),
-            token_file_path: Some(token),
-        }))
-        .unwrap();
-        EntraAnswers { inner: sdk }
+        let wi = crate::config::WorkloadIdentityEnv {
+            client_id: "77777777-7777-7777-7777-777777777777".into(),
+            tenant_id: "88888888-8888-8888-8888-888888888888".into(),
+            token_file: token,
+        };
+        workload_identity_credential(&wi, client_options)
+            .unwrap()
             .get_token(&["https://vault.azure.net/.default"], None)
             .await
             .unwrap_err()

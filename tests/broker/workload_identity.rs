@@ -156,6 +156,44 @@ async fn a_service_account_the_app_does_not_trust_is_refused_with_entras_reason(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_file_is_read_again_for_each_identity_token_not_kept_for_minutes() {
+    let cluster = ClusterIssuer::start().await;
+    let pod = tempfile::tempdir().unwrap();
+    let token_file = pod.path().join("azure-identity-token");
+    // A token Entra refuses first (a subject the app does not trust).
+    std::fs::write(
+        &token_file,
+        cluster.token("system:serviceaccount:tokenbroker:not-the-broker"),
+    )
+    .unwrap();
+    let env = pod_env(token_file.clone());
+    let stack = Stack::start_with_env(
+        estate(cluster.issuer()),
+        workload_identity("\n[resilience]\nretry_budget_secs = 1\n"),
+        &env,
+    )
+    .await;
+    let s = stack.get("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    // The kubelet replaces the file (a new projected token, swapped in whole), as it does
+    // well before the old one expires: with a projected token's shortest life (10 minutes,
+    // replaced at 8), a file read kept for 10 minutes is sent after it expired.
+    let next = pod.path().join("next-token");
+    std::fs::write(&next, cluster.token(SERVICE_ACCOUNT)).unwrap();
+    std::fs::rename(&next, &token_file).unwrap();
+    // Once the identity's failure is no longer shared with callers (2 s) and the refusal
+    // forgotten (SIGHUP), the next identity token is asked with the file as it is now.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    stack.broker.forget_refusals().await;
+    let token = stack
+        .get("contoso", GRAPH)
+        .await
+        .expect("served with the token file's new token");
+    assert_eq!(token.tenant_id, demo::CONTOSO_TENANT);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_account_trusted_only_in_other_letter_case_is_told_to_write_the_subject_in_its_case()
  {
     let cluster = ClusterIssuer::start().await;
