@@ -1039,13 +1039,13 @@ impl Broker {
             }
             // Looked at once more, just before the fetch: a token published since the look
             // above (a forced refresh's) is not fetched again; the loop sees it is another.
-            let flight = {
+            let (flight, claims_fetch) = {
                 let state = live.current();
                 if state.token.as_ref().is_some_and(|t| t.fingerprint != mine) {
                     return;
                 }
                 match broker.start_fetch(&key, &live, Started::Refresh, None, Some(&state)) {
-                    Ok(Some((_, flight, _))) => flight,
+                    Ok(Some((_, flight, carries))) => (flight, carries.is_some()),
                     Ok(None) => continue,
                     Err(_) => return,
                 }
@@ -1056,6 +1056,9 @@ impl Broker {
             match flight.await {
                 // The successful fetch scheduled the next refresh.
                 Ok(_) => return,
+                // A caller's claims fetch, joined: its failure may be those claims refused,
+                // that caller's answer and not the key's. The refresh fetches on its own.
+                Err(_) if claims_fetch => continue,
                 Err(e) => {
                     failures += 1;
                     let wait = broker.retry_wait(failures, &e, &slot);

@@ -525,6 +525,9 @@ impl<E: Send + Sync + 'static> Slot<E> {
         }
         let work = start();
         let mut done = EndFlight(Arc::downgrade(self));
+        // A fetch carrying a caller's claims answers that caller: its failure (perhaps those
+        // claims refused) is not the key's, for its callers and watchers to be told of.
+        let publishes_failure = claims.is_none();
         let spawning = Spawning::enter();
         let task = tokio::spawn(async move {
             let result = work.await;
@@ -534,7 +537,9 @@ impl<E: Send + Sync + 'static> Slot<E> {
                 // joined for a result already out: a refresh joining it took the token it
                 // was to replace for a new one, and the key was never refreshed again.
                 let mut inflight = slot.inflight.lock().unwrap_or_else(|p| p.into_inner());
-                slot.publish(&result, clock.moment());
+                if result.is_ok() || publishes_failure {
+                    slot.publish(&result, clock.moment());
+                }
                 *inflight = None;
                 drop(inflight);
                 done.0 = Weak::new();

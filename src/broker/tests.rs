@@ -2133,6 +2133,48 @@ async fn entras_refusal_of_a_claims_fetch_is_not_remembered_for_the_keys_other_c
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_refused_claims_fetch_is_not_published_as_the_keys_failure() {
+    let f = fixture_cae(HOUR, "max_attempts = 1");
+    f.entra.set(Answer::Refuse);
+    assert!(f.broker.get_token(challenged(NBF)).await.is_err());
+    // The key's callers and watchers are not told it fails: the refusal answered that
+    // caller.
+    assert!(f.slot().await.current().failure.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_come_due_during_a_refused_claims_fetch_fetches_on_its_own() {
+    let f = Arc::new(fixture_cae(
+        HOUR,
+        "max_attempts = 1\n[cache]\nforce_refresh_interval_secs = 0",
+    ));
+    let first = f.get(None).await.unwrap();
+    // A caller's claims fetch is under way when the key's refresh comes due (1440 to
+    // 1800 s); Entra refuses those claims.
+    f.advance(Duration::from_secs(1400)).await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    f.entra.set(Answer::RefuseWhen(gate.clone()));
+    let challenged_call = {
+        let broker = f.broker.clone();
+        tokio::spawn(async move { broker.get_token(challenged(NBF)).await })
+    };
+    settle().await;
+    assert_eq!(f.entra.calls(), 2);
+    f.advance(Duration::from_secs(401)).await;
+    f.entra.set(Answer::hourly());
+    gate.notify_one();
+    assert!(challenged_call.await.unwrap().is_err());
+    settle().await;
+    // The refusal was that caller's answer, not the key's refresh failing: the refresh
+    // fetched on its own, and the key's callers and watchers are not told it fails.
+    let t = f.get(None).await.unwrap();
+    assert_eq!(t.source, TokenSource::Cache, "{t:?}");
+    assert_ne!(token_of(&t), token_of(&first));
+    assert_eq!(f.entra.calls(), 3);
+    assert!(f.slot().await.current().failure.is_none());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_refusal_remembered_before_the_refresh_is_due_is_not_asked_again_by_a_caller() {
     let f = fixture(HOUR, "negative_ttl_secs = 600");
     let first = f.get(None).await.unwrap();
