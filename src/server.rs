@@ -300,7 +300,11 @@ impl Bound {
             .into_server()
             .max_decoding_message_size(self.config.limits.max_request_bytes);
         // Calls tonic refuses before the handler reads them are audited as well.
-        let service = api::AuditRefused::new(service, self.access.clone());
+        let service = api::AuditRefused::new(
+            service,
+            self.access.clone(),
+            self.broker.flow().metrics.clone(),
+        );
         // The policy file, the server certificate and the client trust files are polled
         // for changes; SIGHUP reloads them at once (and forgets remembered refusals).
         let reload = self.config.server.reload_interval;

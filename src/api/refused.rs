@@ -4,7 +4,9 @@
 //! certificate caller, when it has one, and the status answered), as the handler's own
 //! refusals are. So are the calls to a method the service does not have (`UNIMPLEMENTED`):
 //! a caller probing for methods shows in the trail. Only the broker's own service is
-//! wrapped, so health and reflection calls are not audited.
+//! wrapped, so health and reflection calls are not audited. A refused call of one of the
+//! service's methods is counted in the request metrics too, as the handler counts its own;
+//! a call to a method it lacks is not (its name is the caller's, not a bounded label).
 //!
 //! Whether the handler ran is told by a thread-local flag the handler sets on entry, within
 //! a poll of the call's future: no allocation, no lock, nothing shared per call.
@@ -16,6 +18,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use tonic::body::Body;
 use tonic::codegen::Service;
@@ -24,6 +27,7 @@ use tonic::transport::server::TcpConnectInfo;
 
 use crate::access::Access;
 use crate::audit::{AuditRecord, Outcome};
+use crate::metrics::Metrics;
 use crate::tls::{TlsPeer, VerifiedClient};
 
 thread_local! {
@@ -41,11 +45,16 @@ pub(super) fn entered() {
 pub struct AuditRefused<S> {
     inner: S,
     access: Arc<Access>,
+    metrics: Metrics,
 }
 
 impl<S> AuditRefused<S> {
-    pub fn new(inner: S, access: Arc<Access>) -> Self {
-        AuditRefused { inner, access }
+    pub fn new(inner: S, access: Arc<Access>, metrics: Metrics) -> Self {
+        AuditRefused {
+            inner,
+            access,
+            metrics,
+        }
     }
 }
 
@@ -63,6 +72,7 @@ struct Asked {
     unknown: Option<String>,
     peer: Option<SocketAddr>,
     client: Option<Arc<VerifiedClient>>,
+    started: Instant,
 }
 
 impl<S, B> Service<http::Request<B>> for AuditRefused<S>
@@ -96,6 +106,7 @@ where
                 ("unknown", Some(path.chars().take(MAX_METHOD).collect()))
             }
         };
+        let started = Instant::now();
         let ext = req.extensions();
         let asked = match ext.get::<TlsPeer>() {
             Some(p) => Asked {
@@ -103,12 +114,14 @@ where
                 unknown,
                 peer: p.remote_addr,
                 client: p.client_identity.clone(),
+                started,
             },
             None => Asked {
                 rpc,
                 unknown,
                 peer: ext.get::<TcpConnectInfo>().and_then(|i| i.remote_addr()),
                 client: None,
+                started,
             },
         };
         Refusable {
@@ -116,6 +129,7 @@ where
             asked: Some(asked),
             entered: false,
             access: self.access.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -127,6 +141,7 @@ pub struct Refusable<F> {
     asked: Option<Asked>,
     entered: bool,
     access: Arc<Access>,
+    metrics: Metrics,
 }
 
 impl<F> Future for Refusable<F>
@@ -153,6 +168,10 @@ where
             if let Ok(mut v) = request_id.parse::<http::HeaderValue>() {
                 v.set_sensitive(true);
                 answer.headers_mut().insert(super::REQUEST_ID_KEY, v);
+            }
+            if asked.unknown.is_none() {
+                this.metrics
+                    .request(asked.rpc, status.code(), asked.started.elapsed());
             }
             this.access
                 .audit()

@@ -409,3 +409,44 @@ async fn a_cache_miss_is_one_trace_from_the_callers_traceparent_to_entra() {
     assert_eq!(by_name(&trace(), "keyvault.sign").len(), 1);
     stack.stop().await;
 }
+
+/// A call tonic refuses before the handler reads it (over `max_request_bytes`) is a request
+/// refused, as the audit trail has it: it is in `tokenbroker_requests_total` with its code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_before_they_are_read_are_counted() {
+    let stack = Stack::start_with(EmulatorConfig::demo(), |t| {
+        t.replace("[limits]\n", "[limits]\nmax_request_bytes = 4096\n")
+    })
+    .await;
+    let mut c = stack.client().await;
+    let refused = c
+        .get_token(GetTokenRequest {
+            tenant: "x".repeat(8 * 1024),
+            scopes: vec![GRAPH.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let code = tokenbroker::api::error::code_name(refused.code());
+    let mut w = c.clone();
+    let watch = w
+        .watch_token(tokenbroker::proto::WatchTokenRequest {
+            tenant: "x".repeat(8 * 1024),
+            scopes: vec![GRAPH.into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(watch.code(), refused.code());
+    let s = series(&scrape(&stack).await);
+    for method in ["GetToken", "WatchToken"] {
+        let key = format!(
+            r#"tokenbroker_requests_total{{code="{code}",method="{method}",outcome="error"}}"#
+        );
+        assert_eq!(s.get(&key).copied(), Some(1.0), "{key} in {s:#?}");
+        let key = format!(
+            r#"tokenbroker_request_duration_seconds_count{{method="{method}",outcome="error"}}"#
+        );
+        assert_eq!(s.get(&key).copied(), Some(1.0), "{key}");
+    }
+    stack.stop().await;
+}
