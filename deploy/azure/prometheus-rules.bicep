@@ -294,7 +294,7 @@ resource healthRules 'Microsoft.AlertsManagement/prometheusRuleGroups@2023-03-01
         }
         annotations: {
           summary: 'More than 5% of tokenbroker requests fail on the broker\'s or an upstream\'s side'
-          description: '{{ $value | humanizePercentage }} of requests end UNAVAILABLE, INTERNAL or DEADLINE_EXCEEDED. tokenbroker_upstream_calls_total by code and the broker\'s log say which upstream fails.'
+          description: '{{ $value | humanizePercentage }} of requests end UNAVAILABLE, INTERNAL or DEADLINE_EXCEEDED (their caller\'s deadline passed while the broker waited). tokenbroker_upstream_calls_total by code and the broker\'s log say which upstream fails.'
         }
         actions: actions
         resolveConfiguration: {

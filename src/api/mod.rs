@@ -173,6 +173,8 @@ struct Unfinished<'a> {
     env: &'a Envelope,
     method: &'static str,
     started: Instant,
+    /// When the caller's deadline passes, if it set one.
+    deadline: Option<tokio::time::Instant>,
     record: AuditRecord,
     tenant: String,
     scopes: Vec<String>,
@@ -214,11 +216,21 @@ impl Drop for Unfinished<'_> {
             "the caller cancelled the request, or its deadline passed, before the answer".into()
         });
         self.service.access.audit().record(record);
-        self.service.broker.flow().metrics.request(
-            self.method,
-            tonic::Code::Cancelled,
-            self.started.elapsed(),
-        );
+        // Cut by the caller's deadline: what its client reports, and what the alert on
+        // failing requests counts (a slow upstream shows there, not as callers giving up).
+        let code = if self
+            .deadline
+            .is_some_and(|d| tokio::time::Instant::now() >= d)
+        {
+            tonic::Code::DeadlineExceeded
+        } else {
+            tonic::Code::Cancelled
+        };
+        self.service
+            .broker
+            .flow()
+            .metrics
+            .request(self.method, code, self.started.elapsed());
     }
 }
 
@@ -307,7 +319,7 @@ impl Service {
         &'a self,
         method: &'static str,
         env: &'a Envelope,
-        started: Instant,
+        (started, deadline): (Instant, Option<tokio::time::Instant>),
         tenant: String,
         scopes: Vec<String>,
     ) -> Unfinished<'a> {
@@ -316,6 +328,7 @@ impl Service {
             env,
             method,
             started,
+            deadline,
             record: env.audit(method),
             tenant,
             scopes,
@@ -399,6 +412,14 @@ fn timestamp(t: SystemTime) -> prost_types::Timestamp {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
     }
+}
+
+/// When the request's caller's deadline passes, if it set one.
+fn caller_deadline<T>(request: &Request<T>) -> Option<tokio::time::Instant> {
+    request
+        .extensions()
+        .get::<crate::server::connections::CallerDeadline>()
+        .map(|d| d.0)
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary (for log fields).
@@ -493,6 +514,7 @@ impl TokenBroker for Service {
         refused::entered();
         let started = Instant::now();
         let env = Envelope::of(&request);
+        let deadline = caller_deadline(&request);
         let parent = crate::telemetry::remote_context(request.metadata());
         let proto::GetTokenRequest {
             tenant,
@@ -513,7 +535,7 @@ impl TokenBroker for Service {
             tracing::Span::none()
         };
         crate::telemetry::set_parent(&span, parent);
-        let mut pending = self.unfinished("GetToken", &env, started, tenant, scopes);
+        let mut pending = self.unfinished("GetToken", &env, (started, deadline), tenant, scopes);
         let result = async {
             let p = &mut pending;
             let admitted = self
@@ -568,8 +590,9 @@ impl TokenBroker for Service {
         refused::entered();
         let started = Instant::now();
         let env = Envelope::of(&request);
+        let deadline = caller_deadline(&request);
         let proto::WatchTokenRequest { tenant, scopes } = request.into_inner();
-        let mut pending = self.unfinished("WatchToken", &env, started, tenant, scopes);
+        let mut pending = self.unfinished("WatchToken", &env, (started, deadline), tenant, scopes);
         let admitted = async {
             let p = &mut pending;
             // The in-flight slot covers admission only: a watch is long-lived and idle.

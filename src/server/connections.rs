@@ -493,6 +493,11 @@ impl<I: Clone + Send + Sync + 'static> hyper::service::Service<Request<Incoming>
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(self.info.clone());
         let deadline = grpc_timeout(req.headers());
+        if let Some(d) = deadline {
+            // Taken before the timer below starts: once it has fired, this has passed.
+            req.extensions_mut()
+                .insert(CallerDeadline(tokio::time::Instant::now() + d));
+        }
         // Routes (an axum router) is always ready, and a clone is a reference count.
         let call = tonic::codegen::Service::call(&mut self.routes.clone(), req);
         match deadline {
@@ -501,6 +506,12 @@ impl<I: Clone + Send + Sync + 'static> hyper::service::Service<Request<Incoming>
         }
     }
 }
+
+/// When the caller's deadline (`grpc-timeout`) passes, in each request that has one: a
+/// request cut by it is counted `DEADLINE_EXCEEDED` (as its caller sees it), not as one its
+/// caller cancelled, though the answer on the wire is tonic's `CANCELLED`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallerDeadline(pub(crate) tokio::time::Instant);
 
 /// A call past the caller's deadline answers CANCELLED, as tonic's server does.
 fn out_of_time(answer: Result<Answer, Elapsed>) -> Answer {

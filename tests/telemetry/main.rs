@@ -450,3 +450,50 @@ async fn requests_refused_before_they_are_read_are_counted() {
     }
     stack.stop().await;
 }
+
+/// A request whose caller's deadline passes while the broker waits on an upstream is counted
+/// `DEADLINE_EXCEEDED`, as its caller sees it (what `TokenbrokerRequestsFailing` alerts on),
+/// not `CANCELLED` as one its caller gave up on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_callers_deadline_is_counted_deadline_exceeded() {
+    // Entra's answer is held until the test ends: the caller's deadline passes first.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let open = gate.clone();
+    let stack = Stack::start_full(
+        EmulatorConfig::demo(),
+        |t| t,
+        None,
+        move |inner| Arc::new(Gate { inner, open }),
+    )
+    .await;
+    let mut req = tonic::Request::new(GetTokenRequest {
+        tenant: "contoso".into(),
+        scopes: vec![GRAPH.into()],
+        ..Default::default()
+    });
+    req.set_timeout(std::time::Duration::from_millis(300));
+    let s = stack.client().await.get_token(req).await.unwrap_err();
+    assert!(
+        matches!(
+            s.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{s:?}"
+    );
+    let key =
+        r#"tokenbroker_requests_total{code="DEADLINE_EXCEEDED",method="GetToken",outcome="error"}"#;
+    let mut seen = HashMap::new();
+    for _ in 0..100 {
+        seen = series(&scrape(&stack).await);
+        if seen
+            .keys()
+            .any(|k| k.starts_with("tokenbroker_requests_total{"))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen.get(key).copied(), Some(1.0), "{seen:#?}");
+    gate.add_permits(1000);
+    stack.stop().await;
+}
