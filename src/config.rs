@@ -100,6 +100,10 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// How often metrics are pushed over OTLP.
     pub metrics_interval: Duration,
+    /// Extra CA certificates the OTLP exporter trusts beside the platform's roots: the
+    /// outbound bundle (`outbound.extra_ca_file`), so a collector behind a private CA is
+    /// trusted as Key Vault and Entra behind a TLS-inspecting proxy are.
+    pub extra_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -1627,7 +1631,8 @@ impl Validator<'_> {
         }
         let admin = self.admin(raw.admin, env);
         self.listeners_apart(&server, &admin, env);
-        let telemetry = self.telemetry(raw.telemetry, env);
+        let mut telemetry = self.telemetry(raw.telemetry, env);
+        telemetry.extra_ca_file = outbound.extra_ca_file.clone();
         Config {
             server,
             log,
@@ -1770,6 +1775,8 @@ impl Validator<'_> {
                 (1, HOUR),
                 "an hour: a longer gap hides an outage from the metrics backend",
             ),
+            // The outbound section's, set once both are read.
+            extra_ca_file: None,
         }
     }
 

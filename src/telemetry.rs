@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::metrics::Temporality;
@@ -224,11 +224,14 @@ pub fn tracer_provider(telemetry: Option<&TelemetryConfig>) -> SdkTracerProvider
             .with_sampler(Sampler::ParentBased(Box::new(root)));
         if let Some(url) = &t.otlp_endpoint {
             let endpoint = signal_url(url, "traces");
-            match opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_endpoint(&endpoint)
-                .build()
-            {
+            match otlp_http_client(t).and_then(|client| {
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_http_client(client)
+                    .with_endpoint(&endpoint)
+                    .build()
+                    .map_err(|e| e.to_string())
+            }) {
                 Ok(e) => b = b.with_batch_exporter(Reporting::new(e, Signal::Traces, &endpoint)),
                 Err(e) => eprintln!("tokenbroker: OTLP trace export disabled: {e}"),
             }
@@ -254,17 +257,46 @@ pub fn otlp_metric_exporter(
 ) -> Option<Reporting<opentelemetry_otlp::MetricExporter>> {
     let url = t.otlp_endpoint.as_ref()?;
     let endpoint = signal_url(url, "metrics");
-    match opentelemetry_otlp::MetricExporter::builder()
-        .with_http()
-        .with_endpoint(&endpoint)
-        .build()
-    {
+    match otlp_http_client(t).and_then(|client| {
+        opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_http_client(client)
+            .with_endpoint(&endpoint)
+            .build()
+            .map_err(|e| e.to_string())
+    }) {
         Ok(e) => Some(Reporting::new(e, Signal::Metrics, &endpoint)),
         Err(e) => {
             tracing::warn!(error = %e, "OTLP metric export disabled");
             None
         }
     }
+}
+
+/// How long one OTLP export may take (the OTLP exporters' default).
+const OTLP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The OTLP exporters' HTTP client: the exporter's own default (blocking reqwest, on the
+/// batch processors' threads; the environment's proxy), trusting the outbound extra CA
+/// bundle beside the platform's roots, which the exporter's own client does not.
+fn otlp_http_client(t: &TelemetryConfig) -> Result<reqwest::blocking::Client, String> {
+    let mut builder = reqwest::blocking::Client::builder().timeout(OTLP_TIMEOUT);
+    if let Some(path) = &t.extra_ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read the extra CA bundle {}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("cannot read the extra CA bundle {}: {e}", path.display()))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    // Built on a thread of its own, as the exporter builds its default: the blocking client
+    // starts a runtime of its own, which cannot be done from within the broker's.
+    std::thread::Builder::new()
+        .name("tokenbroker-otlp-client".into())
+        .spawn(move || builder.build())
+        .map_err(|e| format!("cannot build the OTLP HTTP client: {e}"))?
+        .join()
+        .map_err(|_| "cannot build the OTLP HTTP client".to_string())?
+        .map_err(|e| format!("cannot build the OTLP HTTP client: {e}"))
 }
 
 /// `{base}/v1/{signal}`, the OTLP/HTTP path for a signal under a collector base URL.

@@ -150,6 +150,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             sampling_ratio: 1.0,
             service_name: "tokenbroker-bench".into(),
             metrics_interval: Duration::from_secs(60),
+            extra_ca_file: None,
         },
     );
     match run_inner(&args).await {

@@ -536,6 +536,19 @@ pub fn serve(
     envs: &[(&str, &str)],
     stderr: std::process::Stdio,
 ) -> Served {
+    serve_also_trusting(rt, dir, extra, envs, stderr, "")
+}
+
+/// `serve`, with the CA certificates `also_trusted` (PEM) added to the bundle the broker's
+/// configuration names as its extra CA bundle (the emulator's CA).
+pub fn serve_also_trusting(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    extra: &str,
+    envs: &[(&str, &str)],
+    stderr: std::process::Stdio,
+    also_trusted: &str,
+) -> Served {
     let emu = EmulatorConfig::demo();
     let emulator = rt
         .block_on(Emulator::start(
@@ -543,6 +556,9 @@ pub fn serve(
             StartOptions::new(dir.join("ca.pem")),
         ))
         .unwrap();
+    let bundle = dir.join("ca.pem");
+    let pem = std::fs::read_to_string(&bundle).unwrap();
+    std::fs::write(&bundle, pem + also_trusted).unwrap();
     let addr = free_port();
     let config = dir.join("broker.toml");
     std::fs::write(

@@ -19,7 +19,8 @@ use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use prost::Message;
 
 use crate::helpers::{
-    Served, client_when_listening, demo, free_port, serve, spawn_dev, terminate, traced_request,
+    Served, client_when_listening, demo, free_port, serve, serve_also_trusting, spawn_dev,
+    terminate, traced_request,
 };
 use serde_json::Value as Json;
 
@@ -70,6 +71,72 @@ fn start_collector_answering(
         addr
     });
     (collector, received)
+}
+
+/// A collector over HTTPS with a certificate for 127.0.0.1 from a CA of its own, on `rt`:
+/// its address, the CA (PEM) and what it receives.
+fn start_tls_collector(rt: &tokio::runtime::Runtime) -> (std::net::SocketAddr, String, Received) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let received: Received = Arc::default();
+    let addr = rt.block_on(async {
+        let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
+            cert.pem().into_bytes(),
+            key.serialize_pem().into_bytes(),
+        )
+        .await
+        .unwrap();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            post(collect).with_state(("/v1/traces", received.clone(), StatusCode::OK)),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = axum_server::from_tcp_rustls(listener, tls);
+        tokio::spawn(async move { server.serve(app.into_make_service()).await.unwrap() });
+        addr
+    });
+    (addr, ca.pem(), received)
+}
+
+#[test]
+fn a_collector_behind_a_private_ca_in_the_extra_bundle_receives_the_traces() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (collector, ca_pem, received) = start_tls_collector(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("https://{collector}");
+    let Served {
+        mut child,
+        emulator,
+        addr,
+    } = serve_also_trusting(
+        &rt,
+        dir.path(),
+        "",
+        &[("TOKENBROKER_OTLP_ENDPOINT", &endpoint)],
+        Stdio::null(),
+        &ca_pem,
+    );
+    let trace_id = "5cf92f3577b34da6a3ce929d0e0e4737";
+    traced_token(&rt, addr, &format!("00-{trace_id}-00f067aa0ba902b7-01"));
+    let code = terminate(&mut child);
+    assert!(code.success(), "exit status {code:?}");
+    rt.block_on(emulator.shutdown());
+    let received = received.lock().unwrap().clone();
+    let get_token = traces(&received)
+        .into_iter()
+        .flat_map(|t| t.resource_spans)
+        .flat_map(|r| r.scope_spans)
+        .flat_map(|s| s.spans)
+        .find(|s| s.name == "GetToken")
+        .expect("the request's span reaches the collector over TLS");
+    assert_eq!(hex(&get_token.trace_id), trace_id);
 }
 
 /// The trace requests the collector received, decoded.
