@@ -131,6 +131,7 @@ fn api_handler(c: &mut Criterion) {
             sampling_ratio: 1.0,
             service_name: "bench".into(),
             metrics_interval: std::time::Duration::from_secs(60),
+            extra_ca_file: None,
         }),
     );
     tracing::subscriber::with_default(subscriber, || {
