@@ -262,6 +262,13 @@ fn upstream(tenant: &str, e: &FlowError) -> Status {
                 SignerError::Forbidden { .. } => Status::failed_precondition(format!(
                     "{msg}; grant the broker's managed identity a role on the vault with the data actions `Microsoft.KeyVault/vaults/keys/sign/action` and `Microsoft.KeyVault/vaults/certificates/read` (the `tokenbroker signer` role of deploy/azure/keyvault.bicep; see docs/DEPLOY.md), or on a vault that uses access policies, the key permission sign and the certificate permission get"
                 )),
+                SignerError::NotFound { service, code, .. }
+                    if *service == pkcs11::SERVICE && code == pkcs11::TOKEN_NOT_PRESENT =>
+                {
+                    Status::failed_precondition(format!(
+                        "{msg}; check the tenant's credential (module and token: the token's label) and that the token is present (plugged in, its HSM partition reachable); the broker looks for it again at the next fetch"
+                    ))
+                }
                 SignerError::NotFound { service, .. } if *service == pkcs11::SERVICE => {
                     Status::failed_precondition(format!(
                         "{msg}; check the tenant's credential (module, token and key) in the broker configuration"

@@ -35,6 +35,10 @@ use crate::config::{PinSource, SigningAlgorithm};
 /// How the service is named in errors and metrics.
 pub const SERVICE: &str = "the HSM";
 
+/// The code of a token that no slot holds, at start or later (removed, reset, or never
+/// there): the operator's to fix, so FAILED_PRECONDITION, looked for again at the next fetch.
+pub const TOKEN_NOT_PRESENT: &str = "TokenNotPresent";
+
 /// Idle sessions kept per token; more are opened when signs overlap, and closed after.
 const IDLE_SESSIONS: usize = 4;
 
@@ -196,14 +200,16 @@ impl Token {
         loop {
             let session = self.session()?;
             match op(&session) {
-                // A private key is invisible without a login, so any failure can be this.
-                Err(_) if !retried && !logged_in(&session) => {
+                // A private key is invisible without a login, and objects with their token,
+                // so any failure can be either.
+                Err(_) if !retried && (!logged_in(&session) || !self.still_present()) => {
                     // The session died with its token (removed, reset) or lost its login
-                    // (another client of the token logged out): drop it and every idle
-                    // one, and try once more from the start.
+                    // (another client of the token logged out), or its token is gone while
+                    // the module keeps the session (SoftHSM's): drop it and every idle one,
+                    // and try once more from the start, where a token no slot holds is
+                    // named as absent, as at start.
                     retried = true;
-                    self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
-                    *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    self.forget();
                 }
                 r => {
                     let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -216,15 +222,43 @@ impl Token {
         }
     }
 
+    /// Forgets the token's slot and idle sessions: the next session looks for it anew.
+    fn forget(&self) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Whether the slot the token was found in still holds it.
+    fn still_present(&self) -> bool {
+        let slot = *self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        slot.is_some_and(|s| {
+            self.ctx
+                .get_token_info(s)
+                .is_ok_and(|i| i.label().trim_end() == self.label)
+        })
+    }
+
     fn session(&self) -> Result<Session, SignerError> {
         if let Some(s) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             return Ok(s);
         }
-        let slot = self.slot()?;
-        let session = self
-            .ctx
-            .open_ro_session(slot)
-            .map_err(|e| classify(e, &self.what()))?;
+        let session = match self.ctx.open_ro_session(self.slot()?) {
+            // The token left the slot it was found in (removed, or reset into another slot,
+            // as a re-initialised token is): look for it again, once, rather than fail on a
+            // slot that will never hold it again.
+            Err(CkError::Pkcs11(
+                RvError::TokenNotPresent
+                | RvError::TokenNotRecognized
+                | RvError::SlotIdInvalid
+                | RvError::DeviceRemoved,
+                _,
+            )) => {
+                self.forget();
+                self.ctx.open_ro_session(self.slot()?)
+            }
+            r => r,
+        }
+        .map_err(|e| classify(e, &self.what()))?;
         // A login holds for every session of the process: only the first needs one.
         if !logged_in(&session) {
             self.login(&session)?;
@@ -285,8 +319,8 @@ impl Token {
         Err(SignerError::NotFound {
             service: SERVICE,
             what: self.what(),
-            code: "TokenNotPresent".into(),
-            message: "no slot holds a token with this label".into(),
+            code: TOKEN_NOT_PRESENT.into(),
+            message: "no slot of the module holds a token with this label".into(),
         })
     }
 
@@ -563,6 +597,15 @@ fn classify(e: CkError, what: &str) -> SignerError {
     let code = format!("CKR_{rv:?}");
     let message = format!("{what}: {function:?} returned {code}");
     match rv {
+        // The token left between finding its slot and this call: as when no slot holds it.
+        RvError::TokenNotPresent | RvError::TokenNotRecognized | RvError::SlotIdInvalid => {
+            SignerError::NotFound {
+                service: SERVICE,
+                what: what.to_owned(),
+                code: TOKEN_NOT_PRESENT.into(),
+                message: format!("{function:?} returned {code}"),
+            }
+        }
         RvError::PinIncorrect
         | RvError::PinLocked
         | RvError::PinExpired
@@ -575,9 +618,7 @@ fn classify(e: CkError, what: &str) -> SignerError {
             code,
             message,
         },
-        RvError::TokenNotPresent
-        | RvError::TokenNotRecognized
-        | RvError::DeviceRemoved
+        RvError::DeviceRemoved
         | RvError::DeviceError
         | RvError::DeviceMemory
         | RvError::SessionClosed

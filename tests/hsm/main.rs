@@ -197,6 +197,8 @@ fn set_up() -> Result<Hsm, String> {
         ])?;
     }
 
+    spare_token(dir.path(), &pairs[0].key_pem)?;
+
     // Each certificate beside its key (same CKA_ID), as an operator stores it.
     let ctx = Pkcs11::new(&module).map_err(|e| e.to_string())?;
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
@@ -239,6 +241,33 @@ fn set_up() -> Result<Hsm, String> {
             .update_attributes(key, &[Attribute::Id(vec![])])
             .map_err(|e| e.to_string())?;
     }
+    drop(session);
+    let spare = ctx
+        .get_slots_with_token()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|i| i.label().trim_end() == SPARE)
+        })
+        .ok_or("the spare token has no slot")?;
+    let session = ctx.open_rw_session(spare).map_err(|e| e.to_string())?;
+    session
+        .login(UserType::User, Some(&AuthPin::from(PIN)))
+        .map_err(|e| e.to_string())?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(&pairs[0].der).map_err(|e| e.to_string())?;
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::CERTIFICATE),
+            Attribute::CertificateType(CertificateType::X_509),
+            Attribute::Token(true),
+            Attribute::Label(KEY.as_bytes().to_vec()),
+            Attribute::Id(vec![pairs[0].id]),
+            Attribute::Subject(parsed.subject().as_raw().to_vec()),
+            Attribute::Value(pairs[0].der.clone()),
+        ])
+        .map_err(|e| e.to_string())?;
     drop(session);
     let [pair, expired, old, new, ..] = pairs;
     let (pem, der, expired_pem) = (pair.pem, pair.der, expired.pem);
@@ -708,7 +737,7 @@ fn main() -> ExitCode {
         .expect("a runtime");
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     type Test = for<'a> fn(&'a Hsm) -> futures::future::BoxFuture<'a, ()>;
-    let tests: [(&str, Test); 10] = [
+    let tests: [(&str, Test); 11] = [
         ("a_wrong_or_unreadable_pin_is_refused_with_the_fix", |h| {
             a_wrong_or_unreadable_pin_is_refused_with_the_fix(h).boxed()
         }),
@@ -747,6 +776,9 @@ fn main() -> ExitCode {
                 a_rotation_under_one_label_signs_with_the_newest_and_outlives_its_removal(h).boxed()
             },
         ),
+        ("a_token_deleted_while_in_use_is_named_as_absent", |h| {
+            a_token_deleted_while_in_use_is_named_as_absent(h).boxed()
+        }),
     ];
     let mut failed = 0;
     let mut ran = 0;
@@ -774,4 +806,86 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// A second token, made and deleted by `a_token_deleted_while_in_use_is_named_as_absent`.
+const SPARE: &str = "tokenbroker-spare";
+
+/// `softhsm2-util` on this run's tokens.
+fn softhsm(hsm: &Hsm, args: &[&str]) {
+    let out = Command::new("softhsm2-util")
+        .args(args)
+        .env("SOFTHSM2_CONF", hsm.dir.path().join("softhsm2.conf"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "softhsm2-util {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The spare token with `KEY` and its certificate on it. SoftHSM sees a token made by
+/// another process only from its own start, so this one is made before any test runs.
+fn spare_token(dir: &std::path::Path, key_pem: &std::path::Path) -> Result<(), String> {
+    let conf = dir.join("softhsm2.conf");
+    for args in [
+        &[
+            "--init-token",
+            "--free",
+            "--label",
+            SPARE,
+            "--so-pin",
+            "so-8642",
+            "--pin",
+            PIN,
+        ][..],
+        &[
+            "--import",
+            &key_pem.to_string_lossy(),
+            "--token",
+            SPARE,
+            "--label",
+            KEY,
+            "--id",
+            "a1",
+            "--pin",
+            PIN,
+        ],
+    ] {
+        let out = Command::new("softhsm2-util")
+            .args(args)
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .map_err(|e| format!("softhsm2-util: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "softhsm2-util {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A token deleted while the broker has sessions on it (a reset token, a removed one): its
+/// fetches fail as they would had it been absent from the start (FAILED_PRECONDITION,
+/// `TokenNotPresent`), not with a key "not found" on a token that is not there.
+async fn a_token_deleted_while_in_use_is_named_as_absent(hsm: &Hsm) {
+    let stack = Stack::start_with(estate(hsm), |toml| {
+        on_the_token(hsm, KEY, "RS256")(toml).replace(
+            &format!("token = \"{TOKEN}\""),
+            &format!("token = \"{SPARE}\""),
+        )
+    })
+    .await;
+    stack.get("contoso", GRAPH).await.unwrap();
+    softhsm(hsm, &["--delete-token", "--token", SPARE]);
+    let e = stack.force_refresh("contoso", GRAPH).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    for says in ["TokenNotPresent", SPARE, "that the token is present"] {
+        assert!(e.message().contains(says), "{}", e.message());
+    }
+    assert!(!e.message().contains("KeyNotFound"), "{}", e.message());
+    stack.stop().await;
 }
