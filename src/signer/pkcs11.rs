@@ -21,7 +21,7 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
@@ -393,15 +393,33 @@ fn candidates(session: &Session, token: &str, label: &str) -> Result<Vec<Candida
     let paired_by_id = keys.len() > 1;
     keys.into_iter()
         .map(|key| {
-            let id = session
-                .get_attributes(key, &[AttributeType::Id])
+            let mut id = Vec::new();
+            let mut key_type = None;
+            for a in session
+                .get_attributes(key, &[AttributeType::Id, AttributeType::KeyType])
                 .map_err(|e| classify(e, &what()))?
-                .into_iter()
-                .find_map(|a| match a {
-                    Attribute::Id(id) => Some(id),
-                    _ => None,
-                })
-                .unwrap_or_default();
+            {
+                match a {
+                    Attribute::Id(v) => id = v,
+                    Attribute::KeyType(t) => key_type = Some(t),
+                    _ => {}
+                }
+            }
+            // RS256 and PS256 sign with RSA: another key would be refused only at the sign,
+            // by a code that reads as a key not found, and after its certificate was read.
+            if let Some(t) = key_type.filter(|t| *t != KeyType::RSA) {
+                let kind = if t == KeyType::EC {
+                    "an EC key".to_owned()
+                } else {
+                    format!("a key of type {t}")
+                };
+                return Err(configuration(
+                    "KeyNotRsa",
+                    format!(
+                        "private key `{label}` on token `{token}` is {kind}, and RS256 and PS256 sign with an RSA key: put an RSA key (2048 bits or more) and its certificate on the token under this label"
+                    ),
+                ));
+            }
             if paired_by_id && id.is_empty() {
                 return Err(configuration(
                     "KeyIdMissing",

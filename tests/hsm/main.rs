@@ -40,6 +40,8 @@ const GARBLED: &str = "contoso-garbled";
 const TWICE: &str = "contoso-twice";
 /// Two keys under one label, one of them without a CKA_ID.
 const NO_ID: &str = "contoso-no-id";
+/// An EC key and its certificate: RS256 and PS256 need an RSA key.
+const EC: &str = "contoso-ec";
 const PIN: &str = "4711-user";
 const PIN_ENV: &str = "TOKENBROKER_TEST_HSM_PIN";
 const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -74,8 +76,11 @@ impl Pair {
         id: u8,
         years: Option<(i32, i32)>,
     ) -> Result<Pair, String> {
-        let key =
-            rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())?;
+        let alg = match label {
+            EC => &rcgen::PKCS_ECDSA_P256_SHA256,
+            _ => &rcgen::PKCS_RSA_SHA256,
+        };
+        let key = rcgen::KeyPair::generate_for(alg).map_err(|e| e.to_string())?;
         let mut params =
             rcgen::CertificateParams::new(vec![label.to_owned()]).map_err(|e| e.to_string())?;
         if let Some((from, to)) = years {
@@ -162,6 +167,7 @@ fn set_up() -> Result<Hsm, String> {
         Pair::new(dir.path(), TWICE, 0xb2, None)?,
         Pair::new(dir.path(), NO_ID, 0xb3, None)?,
         Pair::new(dir.path(), NO_ID, 0xb4, None)?,
+        Pair::new(dir.path(), EC, 0xb5, None)?,
     ];
 
     let util = |args: &[&str]| -> Result<(), String> {
@@ -464,6 +470,7 @@ async fn objects_that_cannot_be_paired_up_are_a_failed_precondition(hsm: &Hsm) {
         (GARBLED, "CertificateUnreadable"),
         (TWICE, "CertificateAmbiguous"),
         (NO_ID, "KeyIdMissing"),
+        (EC, "KeyNotRsa"),
     ] {
         let e = signer.certificate(&hsm.url(), label).await.unwrap_err();
         assert!(
@@ -473,17 +480,26 @@ async fn objects_that_cannot_be_paired_up_are_a_failed_precondition(hsm: &Hsm) {
         assert!(e.to_string().contains(label), "{e}");
     }
     drop(signer);
-    let stack = Stack::start_with(estate(hsm), on_the_token(hsm, TWICE, "RS256")).await;
-    let e = stack.get("contoso", GRAPH).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    for says in [
-        "CertificateAmbiguous",
-        "keep one per key",
-        "paired by CKA_ID",
+    for (label, says) in [
+        (
+            TWICE,
+            &[
+                "CertificateAmbiguous",
+                "keep one per key",
+                "paired by CKA_ID",
+            ][..],
+        ),
+        (EC, &["KeyNotRsa", "is an EC key", "an RSA key"][..]),
     ] {
-        assert!(e.message().contains(says), "{}", e.message());
+        let stack = Stack::start_with(estate(hsm), on_the_token(hsm, label, "RS256")).await;
+        let e = stack.get("contoso", GRAPH).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        for says in says {
+            assert!(e.message().contains(says), "{}", e.message());
+        }
+        assert!(!e.message().contains("not found"), "{}", e.message());
+        stack.stop().await;
     }
-    stack.stop().await;
 }
 
 /// The demo estate, with contoso's app also trusting the certificate whose key is on the
