@@ -650,16 +650,22 @@ fn classify(e: CkError, what: &str) -> SignerError {
             retry_after: None,
             throttled: false,
         },
-        RvError::KeyHandleInvalid
-        | RvError::KeyTypeInconsistent
-        | RvError::KeyFunctionNotPermitted
-        | RvError::MechanismInvalid => SignerError::NotFound {
+        // The key went between finding it and using it.
+        RvError::KeyHandleInvalid => SignerError::NotFound {
             service: SERVICE,
             what: what.to_owned(),
             code,
-            message: "the key cannot sign with this algorithm (an RSA key that may sign is needed)"
-                .into(),
+            message: "the key was removed from the token".into(),
         },
+        // There, but unable to sign: the operator's to fix, and asking again will not help.
+        RvError::KeyTypeInconsistent
+        | RvError::KeyFunctionNotPermitted
+        | RvError::MechanismInvalid => configuration(
+            &code,
+            format!(
+                "{message}: the key cannot sign with this algorithm (an RSA key whose CKA_SIGN is true is needed, and for PS256 a token that offers CKM_RSA_PKCS_PSS)"
+            ),
+        ),
         _ => other(message),
     }
 }

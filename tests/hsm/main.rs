@@ -42,6 +42,8 @@ const TWICE: &str = "contoso-twice";
 const NO_ID: &str = "contoso-no-id";
 /// An EC key and its certificate: RS256 and PS256 need an RSA key.
 const EC: &str = "contoso-ec";
+/// An RSA key whose CKA_SIGN is false.
+const NO_SIGN: &str = "contoso-no-sign";
 const PIN: &str = "4711-user";
 const PIN_ENV: &str = "TOKENBROKER_TEST_HSM_PIN";
 const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -168,6 +170,7 @@ fn set_up() -> Result<Hsm, String> {
         Pair::new(dir.path(), NO_ID, 0xb3, None)?,
         Pair::new(dir.path(), NO_ID, 0xb4, None)?,
         Pair::new(dir.path(), EC, 0xb5, None)?,
+        Pair::new(dir.path(), NO_SIGN, 0xb6, None)?,
     ];
 
     let util = |args: &[&str]| -> Result<(), String> {
@@ -245,6 +248,17 @@ fn set_up() -> Result<Hsm, String> {
     {
         session
             .update_attributes(key, &[Attribute::Id(vec![])])
+            .map_err(|e| e.to_string())?;
+    }
+    for key in session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Id(vec![0xb6]),
+        ])
+        .map_err(|e| e.to_string())?
+    {
+        session
+            .update_attributes(key, &[Attribute::Sign(false)])
             .map_err(|e| e.to_string())?;
     }
     drop(session);
@@ -479,6 +493,19 @@ async fn objects_that_cannot_be_paired_up_are_a_failed_precondition(hsm: &Hsm) {
         );
         assert!(e.to_string().contains(label), "{e}");
     }
+    // A key that may not sign is found, and refused for what it is.
+    let info = signer.certificate(&hsm.url(), NO_SIGN).await.unwrap();
+    let e = signer
+        .sign(&info.key, SigningAlgorithm::RS256, [7; 32])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SignerError::Configuration { code, .. } if code == "CKR_KeyFunctionNotPermitted"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains(NO_SIGN), "{e}");
+    assert!(e.to_string().contains("CKA_SIGN"), "{e}");
+    assert!(!e.to_string().contains("not found"), "{e}");
     drop(signer);
     for (label, says) in [
         (
