@@ -42,6 +42,10 @@ pub const TOKEN_NOT_PRESENT: &str = "TokenNotPresent";
 /// Idle sessions kept per token; more are opened when signs overlap, and closed after.
 const IDLE_SESSIONS: usize = 4;
 
+/// Calls to one token at a time, those given up on but not returned included; as many
+/// sessions at most.
+const CALLS: usize = 16;
+
 /// DER `DigestInfo` prefix for SHA-256 (RFC 8017, 9.2): `CKM_RSA_PKCS` signs what it is
 /// given, so RS256 over a digest made here needs it.
 const SHA256_DIGEST_INFO: [u8; 19] = [
@@ -97,6 +101,7 @@ struct Token {
     /// after a few wrong PINs, so the same PIN is never offered twice: only a changed PIN
     /// (a rewritten PIN file) is tried again.
     refused: Mutex<Option<([u8; 32], String)>>,
+    calls: Arc<tokio::sync::Semaphore>,
 }
 
 impl Pkcs11Signer {
@@ -125,6 +130,7 @@ impl Pkcs11Signer {
                     slot: Mutex::new(None),
                     idle: Mutex::new(Vec::new()),
                     refused: Mutex::new(None),
+                    calls: Arc::new(tokio::sync::Semaphore::new(CALLS)),
                 }),
             );
         }
@@ -149,19 +155,40 @@ impl Pkcs11Signer {
         token: Arc<Token>,
         op: impl Fn(&Session) -> Result<T, SignerError> + Send + 'static,
     ) -> Result<T, SignerError> {
-        bounded(self.timeout, move || token.run(op)).await
+        bounded(self.timeout, token.calls.clone(), move || token.run(op)).await
     }
 }
 
 /// `call` on the blocking pool, waited for at most `timeout`. A network HSM that stops
 /// answering blocks its C call for as long as its client library says; the fetch must not
 /// wait that long (its caller and every caller joined to it would). The blocked thread is
-/// left to finish on its own; the breaker stops new calls after a few such failures.
+/// left to finish on its own, holding one of the token's `calls` until it does: so a token
+/// that stops answering holds a few blocking threads, not one more per fetch for as long as
+/// it is down (the pool is shared: host names are resolved on it), and overlapping signs
+/// open as many sessions at most. The breaker stops new calls after a few such failures.
 async fn bounded<T: Send + 'static>(
     timeout: Duration,
+    calls: Arc<tokio::sync::Semaphore>,
     call: impl FnOnce() -> Result<T, SignerError> + Send + 'static,
 ) -> Result<T, SignerError> {
-    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(call)).await {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let unavailable = |message: String| SignerError::Unavailable {
+        service: SERVICE,
+        message,
+        retry_after: None,
+        throttled: false,
+    };
+    // The semaphore is never closed, so waiting for it ends only with a permit or the time.
+    let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, calls.acquire_owned()).await else {
+        return Err(unavailable(format!(
+            "the broker's calls to the PKCS#11 module that have not returned are as many as it allows ({CALLS} per token), and none returned within {timeout:?}"
+        )));
+    };
+    let call = move || {
+        let _permit = permit;
+        call()
+    };
+    match tokio::time::timeout_at(deadline, tokio::task::spawn_blocking(call)).await {
         Ok(Ok(r)) => r,
         // A panic's message is for the log, not for callers.
         Ok(Err(e)) => {
@@ -170,12 +197,9 @@ async fn bounded<T: Send + 'static>(
                 "a PKCS#11 call ended without a result; see the broker's log".into(),
             ))
         }
-        Err(_) => Err(SignerError::Unavailable {
-            service: SERVICE,
-            message: format!("no answer from the PKCS#11 module within {timeout:?}"),
-            retry_after: None,
-            throttled: false,
-        }),
+        Err(_) => Err(unavailable(format!(
+            "no answer from the PKCS#11 module within {timeout:?}"
+        ))),
     }
 }
 
@@ -674,11 +698,60 @@ fn classify(e: CkError, what: &str) -> SignerError {
 mod tests {
     use super::*;
 
+    fn calls(n: usize) -> Arc<tokio::sync::Semaphore> {
+        Arc::new(tokio::sync::Semaphore::new(n))
+    }
+
+    // A module that stops answering keeps a blocking thread per call given up on: after a
+    // token's share, no more are started (the blocking pool also resolves every upstream's
+    // host names, so a long HSM outage must not fill it), and a call returning frees its own.
+    #[tokio::test]
+    async fn calls_a_module_has_not_returned_are_bounded_per_token() {
+        let limit = calls(2);
+        let mut release = Vec::new();
+        for _ in 0..2 {
+            let (tx, held) = std::sync::mpsc::channel::<()>();
+            release.push(tx);
+            let r = bounded(Duration::from_millis(50), limit.clone(), move || {
+                let _ = held.recv();
+                Ok(())
+            })
+            .await;
+            assert!(matches!(r, Err(SignerError::Unavailable { .. })), "{r:?}");
+        }
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = started.clone();
+        let r = bounded(Duration::from_millis(50), limit.clone(), move || {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
+        .await;
+        match r {
+            Err(SignerError::Unavailable { message, .. }) => {
+                assert!(message.contains("have not returned"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!started.load(std::sync::atomic::Ordering::SeqCst));
+        // One returns: its place is free again.
+        let _ = release.pop().map(|tx| tx.send(()));
+        let _ = limit.clone().acquire_owned().await.map(drop);
+        assert_eq!(
+            bounded(Duration::from_secs(10), limit, || Ok(7))
+                .await
+                .unwrap(),
+            7
+        );
+        for tx in release {
+            let _ = tx.send(());
+        }
+    }
+
     // On real time: tokio's paused clock does not advance while a blocking task runs.
     #[tokio::test]
     async fn a_call_that_does_not_return_is_unavailable_after_the_timeout() {
         let (release, held) = std::sync::mpsc::channel::<()>();
-        let r = bounded(Duration::from_millis(50), move || {
+        let r = bounded(Duration::from_millis(50), calls(1), move || {
             let _ = held.recv();
             Ok(())
         })
@@ -690,12 +763,17 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(bounded(Duration::from_secs(10), || Ok(7)).await.unwrap(), 7);
+        assert_eq!(
+            bounded(Duration::from_secs(10), calls(1), || Ok(7))
+                .await
+                .unwrap(),
+            7
+        );
     }
 
     #[tokio::test]
     async fn a_call_that_panics_tells_callers_no_more_than_that() {
-        let r: Result<(), _> = bounded(Duration::from_secs(10), || {
+        let r: Result<(), _> = bounded(Duration::from_secs(10), calls(1), || {
             panic!("module state 0xdeadbeef at slot 3")
         })
         .await;
