@@ -415,8 +415,7 @@ fn candidates(session: &Session, token: &str, label: &str) -> Result<Vec<Candida
         });
     }
     let paired_by_id = keys.len() > 1;
-    keys.into_iter()
-        .map(|key| {
+    let all = keys.into_iter().map(|key| {
             let mut id = Vec::new();
             let mut key_type = None;
             for a in session
@@ -473,8 +472,31 @@ fn candidates(session: &Session, token: &str, label: &str) -> Result<Vec<Candida
                 not_before,
                 not_after,
             })
-        })
-        .collect()
+        });
+    let mut found = Vec::new();
+    let mut without_certificate = None;
+    for candidate in all {
+        match candidate {
+            Ok(c) => found.push(c),
+            // A key whose certificate is not on the token yet (a rotation's new key, made on
+            // the token before its certificate is issued) is passed over while another key
+            // under the label has one: it cannot sign an assertion Entra would accept.
+            Err(e) if paired_by_id && is_without_certificate(&e) => {
+                without_certificate.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match without_certificate {
+        Some(e) if found.is_empty() => Err(e),
+        _ => Ok(found),
+    }
+}
+
+const CERTIFICATE_NOT_FOUND: &str = "CertificateNotFound";
+
+fn is_without_certificate(e: &SignerError) -> bool {
+    matches!(e, SignerError::NotFound { code, .. } if code == CERTIFICATE_NOT_FOUND)
 }
 
 /// The candidate to sign with from now on: the newest certificate (latest start) that is
@@ -522,7 +544,7 @@ fn certificate_der(
         [] => Err(SignerError::NotFound {
             service: SERVICE,
             what: what(),
-            code: "CertificateNotFound".into(),
+            code: CERTIFICATE_NOT_FOUND.into(),
             message: "no certificate object has the key's CKA_ID (or, without one, its label): store the certificate on the token beside its key".into(),
         }),
         many => Err(configuration(

@@ -42,6 +42,9 @@ const TWICE: &str = "contoso-twice";
 const NO_ID: &str = "contoso-no-id";
 /// An EC key and its certificate: RS256 and PS256 need an RSA key.
 const EC: &str = "contoso-ec";
+/// Two keys under one label, the newer one's certificate not on the token yet (generated
+/// on the token, its certificate still being issued).
+const PENDING: &str = "contoso-pending";
 /// An RSA key whose CKA_SIGN is false.
 const NO_SIGN: &str = "contoso-no-sign";
 const PIN: &str = "4711-user";
@@ -93,6 +96,8 @@ impl Pair {
         let key_pem = dir.join(format!("{label}-{id:02x}.key.pem"));
         std::fs::write(&key_pem, key.serialize_pem()).map_err(|e| e.to_string())?;
         let pem = dir.join(format!("{label}-{id:02x}.pem"));
+        std::fs::write(dir.join(format!("{label}-{id:02x}.der")), cert.der())
+            .map_err(|e| e.to_string())?;
         std::fs::write(&pem, format!("{}{}", cert.pem(), key.serialize_pem()))
             .map_err(|e| e.to_string())?;
         Ok(Pair {
@@ -171,6 +176,8 @@ fn set_up() -> Result<Hsm, String> {
         Pair::new(dir.path(), NO_ID, 0xb4, None)?,
         Pair::new(dir.path(), EC, 0xb5, None)?,
         Pair::new(dir.path(), NO_SIGN, 0xb6, None)?,
+        Pair::new(dir.path(), PENDING, 0xc1, None)?,
+        Pair::new(dir.path(), PENDING, 0xc2, None)?,
     ];
 
     let util = |args: &[&str]| -> Result<(), String> {
@@ -223,7 +230,11 @@ fn set_up() -> Result<Hsm, String> {
             GARBLED => b"not a certificate".to_vec(),
             _ => p.der.clone(),
         };
-        let copies = if p.label == TWICE { 2 } else { 1 };
+        let copies = match (p.label, p.id) {
+            (TWICE, _) => 2,
+            (PENDING, 0xc2) => 0,
+            _ => 1,
+        };
         for _ in 0..copies {
             session
                 .create_object(&[
@@ -493,6 +504,19 @@ async fn objects_that_cannot_be_paired_up_are_a_failed_precondition(hsm: &Hsm) {
         );
         assert!(e.to_string().contains(label), "{e}");
     }
+    // A key whose certificate is not on the token yet is passed over while another key
+    // under its label has one: the rotation's new key is made before its certificate.
+    let info = signer.certificate(&hsm.url(), PENDING).await.unwrap();
+    let sig = signer
+        .sign(&info.key, SigningAlgorithm::RS256, [7; 32])
+        .await
+        .unwrap();
+    let der = std::fs::read(hsm.dir.path().join(format!("{PENDING}-c1.der"))).unwrap();
+    assert_eq!(info.version, version(&der));
+    public_key(&der)
+        .verify(rsa::Pkcs1v15Sign::new::<Sha256>(), &[7; 32], &sig)
+        .expect("signed by the key whose certificate is on the token");
+
     // A key that may not sign is found, and refused for what it is.
     let info = signer.certificate(&hsm.url(), NO_SIGN).await.unwrap();
     let e = signer
