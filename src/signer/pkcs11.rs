@@ -27,6 +27,7 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use sha2::{Digest, Sha256};
 use url::Url;
+use x509_parser::public_key::PublicKey;
 use zeroize::Zeroizing;
 
 use super::{CertificateInfo, KeyRef, Signer, SignerError};
@@ -428,6 +429,17 @@ fn candidates(session: &Session, token: &str, label: &str) -> Result<Vec<Candida
                     _ => {}
                 }
             }
+            let mut modulus = None;
+            if key_type == Some(KeyType::RSA) {
+                for a in session
+                    .get_attributes(key, &[AttributeType::Modulus])
+                    .map_err(|e| classify(e, &what()))?
+                {
+                    if let Attribute::Modulus(m) = a {
+                        modulus = Some(m);
+                    }
+                }
+            }
             // RS256 and PS256 sign with RSA: another key would be refused only at the sign,
             // by a code that reads as a key not found, and after its certificate was read.
             if let Some(t) = key_type.filter(|t| *t != KeyType::RSA) {
@@ -460,6 +472,21 @@ fn candidates(session: &Session, token: &str, label: &str) -> Result<Vec<Candida
                     ),
                 )
             })?;
+            // The certificate found by CKA_ID (or label) must be this key's: another key's
+            // would put its thumbprint on assertions this key signs, which Entra refuses
+            // as a bad signature, naming nothing on the token.
+            if let (Some(key_modulus), Ok(PublicKey::RSA(rsa))) =
+                (&modulus, cert.public_key().parsed())
+                && unsigned(key_modulus) != unsigned(rsa.modulus)
+            {
+                return Err(configuration(
+                    "CertificateKeyMismatch",
+                    format!(
+                        "the certificate paired with key `{label}` on token `{token}` (by {}) is not that key's: its public key differs; give the key's certificate the key's CKA_ID, and no other certificate that CKA_ID",
+                        if id.is_empty() { "label" } else { "CKA_ID" }
+                    ),
+                ));
+            }
             let validity = cert.validity();
             let (not_before, not_after) = (
                 validity.not_before.timestamp(),
@@ -494,6 +521,12 @@ fn candidates(session: &Session, token: &str, label: &str) -> Result<Vec<Candida
 }
 
 const CERTIFICATE_NOT_FOUND: &str = "CertificateNotFound";
+
+/// A big-endian unsigned integer without its leading zeros (DER adds one to keep it positive).
+fn unsigned(bytes: &[u8]) -> &[u8] {
+    let zeros = bytes.iter().take_while(|b| **b == 0).count();
+    &bytes[zeros..]
+}
 
 fn is_without_certificate(e: &SignerError) -> bool {
     matches!(e, SignerError::NotFound { code, .. } if code == CERTIFICATE_NOT_FOUND)

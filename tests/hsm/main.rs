@@ -45,6 +45,8 @@ const EC: &str = "contoso-ec";
 /// Two keys under one label, the newer one's certificate not on the token yet (generated
 /// on the token, its certificate still being issued).
 const PENDING: &str = "contoso-pending";
+/// A key whose certificate object (its CKA_ID) holds another key's certificate.
+const MISMATCH: &str = "contoso-mismatch";
 /// An RSA key whose CKA_SIGN is false.
 const NO_SIGN: &str = "contoso-no-sign";
 const PIN: &str = "4711-user";
@@ -178,6 +180,7 @@ fn set_up() -> Result<Hsm, String> {
         Pair::new(dir.path(), NO_SIGN, 0xb6, None)?,
         Pair::new(dir.path(), PENDING, 0xc1, None)?,
         Pair::new(dir.path(), PENDING, 0xc2, None)?,
+        Pair::new(dir.path(), MISMATCH, 0xd1, None)?,
     ];
 
     let util = |args: &[&str]| -> Result<(), String> {
@@ -228,6 +231,7 @@ fn set_up() -> Result<Hsm, String> {
         let (_, parsed) = x509_parser::parse_x509_certificate(&p.der).map_err(|e| e.to_string())?;
         let value = match p.label {
             GARBLED => b"not a certificate".to_vec(),
+            MISMATCH => pairs[0].der.clone(),
             _ => p.der.clone(),
         };
         let copies = match (p.label, p.id) {
@@ -496,6 +500,7 @@ async fn objects_that_cannot_be_paired_up_are_a_failed_precondition(hsm: &Hsm) {
         (TWICE, "CertificateAmbiguous"),
         (NO_ID, "KeyIdMissing"),
         (EC, "KeyNotRsa"),
+        (MISMATCH, "CertificateKeyMismatch"),
     ] {
         let e = signer.certificate(&hsm.url(), label).await.unwrap_err();
         assert!(
