@@ -370,6 +370,22 @@ impl Token {
         });
         // A file written by `echo` ends with a newline that is not part of the PIN.
         let pin = pin.trim_end_matches(['\r', '\n']);
+        // An empty one is a secret not filled in yet: offered, the token would count it as a
+        // wrong PIN towards locking its user.
+        if pin.is_empty() {
+            let source = match &self.pin {
+                PinSource::File(path) => format!("the PIN file {}", path.display()),
+                PinSource::Env(name) => format!("the environment variable {name}"),
+            };
+            return Err(SignerError::Forbidden {
+                service: SERVICE,
+                status: 0,
+                code: "PinEmpty".into(),
+                message: format!(
+                    "{source} is empty, and is not offered to the token: put the token user's PIN in it"
+                ),
+            });
+        }
         Ok((AuthPin::from(pin), Sha256::digest(pin.as_bytes()).into()))
     }
 

@@ -437,6 +437,20 @@ async fn a_wrong_or_unreadable_pin_is_refused_with_the_fix(hsm: &Hsm) {
         e.to_string().contains(&missing.display().to_string()),
         "{e}"
     );
+    // An empty PIN file (a secret mounted before it was filled) is not offered: the token
+    // would count it as a wrong PIN towards locking its user.
+    let empty = hsm.dir.path().join("empty-pin");
+    std::fs::write(&empty, "\n").unwrap();
+    let e = Pkcs11Signer::new(&[hsm.config(PinSource::File(empty.clone()))], TIMEOUT)
+        .unwrap()
+        .certificate(&hsm.url(), KEY)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SignerError::Forbidden { code, .. } if code == "PinEmpty"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains(&empty.display().to_string()), "{e}");
     let e = Pkcs11Signer::new(
         &[hsm.config(PinSource::Env("TOKENBROKER_TEST_UNSET".into()))],
         TIMEOUT,
