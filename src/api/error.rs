@@ -401,9 +401,15 @@ fn upstream_hint(retry_after: Option<Duration>) -> Duration {
         .min(MAX_RETRY_AFTER)
 }
 
+/// `s` with `after` as its `retry-after`, in whole seconds rounded up (at least one): a
+/// hint cut down to its whole seconds sends a client back before the wait is over, to be
+/// refused again (a caller 2.5 s from its next token told 2).
 fn with_retry(mut s: Status, after: Option<Duration>) -> Status {
     if let Some(d) = after
-        && let Ok(v) = d.as_secs().max(1).to_string().parse()
+        && let Ok(v) = (d.as_secs() + u64::from(d.subsec_nanos() > 0))
+            .max(1)
+            .to_string()
+            .parse()
     {
         s.metadata_mut().insert(RETRY_AFTER_KEY, v);
     }
@@ -446,6 +452,29 @@ mod tests {
             source: Arc::new(FlowError::Signer(e)),
             remembered: None,
         })
+    }
+
+    #[test]
+    fn a_retry_hint_is_never_shorter_than_the_wait_it_stands_for() {
+        let hint = |d: Duration| {
+            let s = access_status(&AccessError::RateLimited {
+                caller: "a".into(),
+                retry_after: d,
+            });
+            s.metadata()
+                .get(RETRY_AFTER_KEY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        for (wait, told) in [
+            (Duration::from_millis(2500), "3"),
+            (Duration::from_millis(1), "1"),
+            (Duration::ZERO, "1"),
+            (Duration::from_secs(2), "2"),
+            (Duration::from_nanos(2_000_000_001), "3"),
+        ] {
+            assert_eq!(hint(wait).as_deref(), Some(told), "{wait:?}");
+        }
     }
 
     #[test]

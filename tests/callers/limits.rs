@@ -114,3 +114,24 @@ async fn beyond_the_in_flight_limit_requests_are_shed_with_a_retry_hint() {
     h.get(Some(&a), None, "fabrikam", &[GRAPH]).await.unwrap();
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_callers_retry_hint_is_not_shorter_than_the_wait() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH)]),
+        // One request, then the next token 2.5 s later: a hint of 2 s would send the client
+        // back while it is still over its rate.
+        limits: "caller_rate_per_sec = 0.4\ncaller_burst = 1",
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
+    let s = assert_status(
+        h.get(Some(&a), None, "contoso", &[GRAPH]).await,
+        Code::ResourceExhausted,
+        &["rate"],
+    );
+    assert_eq!(retry_after_secs(&s), 3, "the wait rounded up: {s:?}");
+    h.stop().await;
+}
