@@ -427,7 +427,16 @@ impl JwtVerifier {
             }
             Ok(())
         };
-        let prepared = match self.prepare(t, &charge).await {
+        // A request dropped during that wait (its client gave up, its deadline passed) was
+        // found to be nothing: its charge is handed back, or a client whose requests time
+        // out while a slow issuer's rotated keys are fetched would lose its valid tokens too.
+        let unsettled = Unsettled {
+            failures,
+            charged: &charged,
+        };
+        let prepared = self.prepare(t, &charge).await;
+        unsettled.settle();
+        let prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
                 let unreachable = matches!(e, JwtError::KeysUnavailable { .. });
@@ -782,6 +791,30 @@ impl Issuer {
                 gate.failed = Some(Instant::now());
                 None
             }
+        }
+    }
+}
+
+/// The failure charged to an address for a token waiting for its issuer's keys, handed
+/// back if the request is dropped before the wait ends (forgotten once it ends).
+struct Unsettled<'a> {
+    failures: Option<(&'a Buckets<IpAddr>, IpAddr)>,
+    charged: &'a AtomicBool,
+}
+
+impl Unsettled<'_> {
+    /// The wait ended: what the charge becomes is the request's to decide.
+    fn settle(mut self) {
+        self.failures = None;
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        if let Some((f, address)) = &self.failures
+            && self.charged.load(Ordering::Relaxed)
+        {
+            f.give_back(address);
         }
     }
 }
@@ -1308,6 +1341,59 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[cfg(feature = "emulator")]
+    #[tokio::test]
+    async fn requests_given_up_while_waiting_for_the_issuers_keys_leave_their_address_s_budget_whole()
+     {
+        let burst = 3;
+        let (key, iss, release, mut asked, verifier) = held_issuer(burst, "sub").await;
+        // The issuer's keys, fetched and fresh.
+        release.add_permits(1);
+        let elsewhere: IpAddr = "198.51.100.2".parse().unwrap();
+        verifier
+            .verify(
+                &Sensitive::new(signed(&key, &iss, "first")),
+                Some(elsewhere),
+            )
+            .await
+            .unwrap();
+        asked.recv().await.unwrap();
+        // A key the issuer has just rotated to (a kid its fetched keys lack): the address's
+        // requests are charged and wait for the keys to be fetched again, which the issuer
+        // holds back, and their clients give up (deadlines, cancellations).
+        let peer: IpAddr = "192.0.2.40".parse().unwrap();
+        let valid = signed(&key, &iss, "svc");
+        let body = valid.split('.').nth(1).unwrap().to_owned();
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::json!({"alg": "RS256", "kid": "rotated"}).to_string());
+        let rotated = Sensitive::new(format!("{header}.{body}.c2ln"));
+        let waiting: Vec<_> = (0..burst)
+            .map(|_| {
+                let (v, t) = (verifier.clone(), rotated.clone());
+                tokio::spawn(async move { v.verify(&t, Some(peer)).await })
+            })
+            .collect();
+        asked.recv().await.unwrap();
+        let address = crate::limits::address_key(peer);
+        let failures = verifier.failures.as_ref().unwrap();
+        while failures.peek(&address).is_ok() {
+            tokio::task::yield_now().await;
+        }
+        for w in &waiting {
+            w.abort();
+        }
+        for w in waiting {
+            assert!(w.await.unwrap_err().is_cancelled());
+        }
+        // Nothing was found wrong with those tokens: the address's valid ones still verify.
+        release.add_permits(100);
+        let caller = verifier
+            .verify(&Sensitive::new(valid), Some(peer))
+            .await
+            .unwrap();
+        assert_eq!(caller.id, "jwt:held:svc");
     }
 
     #[cfg(feature = "emulator")]
