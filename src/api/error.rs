@@ -35,12 +35,13 @@ pub fn failure_status(f: &Failure) -> Status {
 
 pub fn access_status(e: &AccessError) -> Status {
     match e {
-        AccessError::Unauthenticated(AuthnError::Jwt(JwtError::KeysUnavailable { .. })) => {
-            with_retry(
-                Status::unavailable(format!("cannot authenticate the caller now: {e}")),
-                Some(Duration::from_secs(5)),
-            )
-        }
+        AccessError::Unauthenticated(AuthnError::Jwt(JwtError::KeysUnavailable {
+            retry_after,
+            ..
+        })) => with_retry(
+            Status::unavailable(format!("cannot authenticate the caller now: {e}")),
+            Some(*retry_after),
+        ),
         AccessError::Unauthenticated(AuthnError::Jwt(JwtError::TooManyFailures {
             retry_after,
         })) => with_retry(
@@ -475,6 +476,14 @@ mod tests {
         ] {
             assert_eq!(hint(wait).as_deref(), Some(told), "{wait:?}");
         }
+        // The failed-token limit's message tells the same wait as its hint.
+        let s = access_status(&AccessError::Unauthenticated(AuthnError::Jwt(
+            JwtError::TooManyFailures {
+                retry_after: Duration::from_millis(2500),
+            },
+        )));
+        assert!(s.message().contains("retry after 3s"), "{s:?}");
+        assert_eq!(s.metadata().get(RETRY_AFTER_KEY).unwrap(), "3");
     }
 
     #[test]

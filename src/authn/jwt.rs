@@ -101,7 +101,7 @@ pub enum JwtError {
     /// Too many tokens from this client address failed: new tokens from it wait.
     #[error(
         "too many failed authentications from this address; retry after {}s",
-        .retry_after.as_secs().max(1)
+        (.retry_after.as_secs() + u64::from(.retry_after.subsec_nanos() > 0)).max(1)
     )]
     TooManyFailures { retry_after: Duration },
     /// The issuer's keys cannot be fetched: the caller is not at fault. Why is logged, not
@@ -111,6 +111,8 @@ pub enum JwtError {
     KeysUnavailable {
         issuer: String,
         reason: &'static str,
+        /// Until the broker asks the issuer again: a retry before then is refused the same.
+        retry_after: Duration,
     },
 }
 
@@ -207,6 +209,10 @@ struct Issuer {
     /// Whether a task fetches the keys again in the background (`refresh_behind`).
     refreshing_behind: AtomicBool,
 }
+
+/// The retry hint of a request that found the issuer's keys being fetched and could not
+/// wait for them.
+const KEYS_BEING_FETCHED_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct RefreshGate {
@@ -681,6 +687,7 @@ impl JwtVerifier {
                     None => Err(JwtError::KeysUnavailable {
                         issuer: cfg.name.clone(),
                         reason: "they are being fetched",
+                        retry_after: KEYS_BEING_FETCHED_RETRY,
                     }),
                 },
             };
@@ -703,6 +710,9 @@ impl JwtVerifier {
                 None => Err(JwtError::KeysUnavailable {
                     issuer: cfg.name.clone(),
                     reason: "the last attempt to fetch them failed a moment ago",
+                    retry_after: gate.failed.map_or(cfg.jwks_min_refresh, |at| {
+                        cfg.jwks_min_refresh.saturating_sub(at.elapsed())
+                    }),
                 }),
             };
         }
@@ -722,6 +732,8 @@ impl JwtVerifier {
                     None => Err(JwtError::KeysUnavailable {
                         issuer: cfg.name.clone(),
                         reason: "fetching them failed; the broker's log has the cause",
+                        // Not asked again before then.
+                        retry_after: cfg.jwks_min_refresh,
                     }),
                 }
             }

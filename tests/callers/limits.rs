@@ -135,3 +135,30 @@ async fn a_rate_limited_callers_retry_hint_is_not_shorter_than_the_wait() {
     assert_eq!(retry_after_secs(&s), 3, "the wait rounded up: {s:?}");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_issuers_callers_are_told_to_retry_when_its_keys_are_fetched_again() {
+    // An issuer nobody answers for: a loopback port let go of.
+    let gone = format!("http://{}", tokenbroker::bench::free_port().unwrap());
+    let h = Harness::start(Options {
+        policy: grants(&[("jwt:gone:svc-a", "contoso", GRAPH)]),
+        issuers: vec![("gone", gone.clone())],
+        ..Default::default()
+    })
+    .await;
+    let mut claims = h.issuer.claims("svc-a");
+    claims["iss"] = serde_json::json!(gone);
+    let token = h.issuer.sign_with("key-1", &claims);
+    // The fetch fails; the keys are not asked for again within jwks_min_refresh (30 s by
+    // default), so a retry before then is refused the same: the hint covers that time.
+    for _ in 0..2 {
+        let s = assert_status(
+            h.get(None, Some(&token), "contoso", &[GRAPH]).await,
+            Code::Unavailable,
+            &["issuer `gone`"],
+        );
+        let hint = retry_after_secs(&s);
+        assert!((29..=30).contains(&hint), "{hint}: {s:?}");
+    }
+    h.stop().await;
+}
