@@ -1781,9 +1781,15 @@ impl Validator<'_> {
     }
 
     fn resilience(&mut self, raw: RawResilience) -> ResilienceConfig {
+        // The upstream budgets run at no less than MIN_RATE: a smaller rate is refused, not
+        // raised silently, so the broker runs with the rate the file says.
         let positive = |v: &mut Self, path: &str, x: f64| {
-            if !(x > 0.0 && x.is_finite()) {
-                v.problem(path, "must be a positive number");
+            let min = crate::limits::MIN_RATE;
+            if !(x >= min && x.is_finite()) {
+                v.problem(
+                    path,
+                    format!("must be a number of at least {min} (calls per second)"),
+                );
             }
         };
         let sign_rate = raw.sign_rate_per_vault.unwrap_or(100.0);

@@ -2508,3 +2508,24 @@ fn the_audit_file_must_be_writable_where_it_is_and_checking_leaves_nothing_behin
         assert!(p[0].1.contains("cannot be written"), "{p:?}");
     }
 }
+
+#[test]
+fn an_upstream_budgets_rate_below_the_least_the_broker_runs_with_is_refused() {
+    let text = format!(
+        "{GOOD}\n[resilience]\nsign_rate_per_vault = 0.0001\nexchange_rate_per_tenant = 0.0\n"
+    );
+    let p = problems(&text);
+    for path in [
+        "resilience.sign_rate_per_vault",
+        "resilience.exchange_rate_per_tenant",
+    ] {
+        let found = p.iter().find(|p| p.path == path);
+        assert!(
+            found.is_some_and(|p| p.message.contains("at least 0.001")),
+            "{path}: {p:?}"
+        );
+    }
+    let least = format!("{GOOD}\n[resilience]\nsign_rate_per_vault = 0.001\n");
+    let c = Config::from_toml_str(&least, Path::new("/"), &no_env).unwrap();
+    assert_eq!(c.resilience.sign_rate_per_vault, 0.001);
+}
