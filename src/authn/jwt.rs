@@ -204,7 +204,7 @@ struct Issuer {
     cfg: IssuerConfig,
     keys: ArcSwapOption<Keys>,
     /// Held while fetching, so one request fetches and the others wait for its keys.
-    refresh: tokio::sync::Mutex<RefreshGate>,
+    refresh: Arc<tokio::sync::Mutex<RefreshGate>>,
     fetches: AtomicU64,
     /// Whether a task fetches the keys again in the background (`refresh_behind`).
     refreshing_behind: AtomicBool,
@@ -334,7 +334,7 @@ impl JwtVerifier {
                     Arc::new(Issuer {
                         cfg,
                         keys: ArcSwapOption::empty(),
-                        refresh: tokio::sync::Mutex::new(RefreshGate::default()),
+                        refresh: Arc::new(tokio::sync::Mutex::new(RefreshGate::default())),
                         fetches: AtomicU64::new(0),
                         refreshing_behind: AtomicBool::new(false),
                     }),
@@ -679,7 +679,9 @@ impl JwtVerifier {
         }
         // Bounded: each waiter holds an in-flight slot, and the fetch under way may take up
         // to the outbound timeout per request.
-        let Ok(mut gate) = tokio::time::timeout(KEY_WAIT, issuer.refresh.lock()).await else {
+        let Ok(mut gate) =
+            tokio::time::timeout(KEY_WAIT, issuer.refresh.clone().lock_owned()).await
+        else {
             return match before.as_ref().and_then(find) {
                 Some(k) => Ok(k),
                 None => match &before {
@@ -719,7 +721,16 @@ impl JwtVerifier {
         if current.as_deref().is_some_and(|k| issuer.fresh(k)) {
             gate.unknown_kid = Some(Instant::now());
         }
-        match issuer.fetch_keys(&self.http, &mut gate).await {
+        // On a task of its own, holding the gate: a request dropped while its fetch runs (its
+        // client gave up on a slow issuer) does not cut the fetch short, and the keys it gets
+        // (an issuer's new key) are there for the next token, which the throttle above would
+        // otherwise refuse as signed with an unknown key until jwks_min_refresh has passed.
+        let fetch = {
+            let (issuer, http) = (issuer.clone(), self.http.clone());
+            tokio::spawn(async move { issuer.fetch_keys(&http, &mut gate).await })
+        };
+        // A fetch that panicked fetched nothing.
+        match fetch.await.ok().flatten() {
             Some(keys) => find(&keys).ok_or_else(|| unknown(&keys)),
             None => {
                 // Keys already known stay usable through an issuer outage.
@@ -916,7 +927,7 @@ mod tests {
                 jwks_max_age: Duration::from_secs(3600),
             },
             keys: ArcSwapOption::empty(),
-            refresh: tokio::sync::Mutex::new(RefreshGate::default()),
+            refresh: Arc::new(tokio::sync::Mutex::new(RefreshGate::default())),
             fetches: AtomicU64::new(0),
             refreshing_behind: AtomicBool::new(false),
         })
@@ -1406,6 +1417,46 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(caller.id, "jwt:held:svc");
+    }
+
+    #[cfg(feature = "emulator")]
+    #[tokio::test]
+    async fn a_fetch_for_a_new_kid_outlives_the_request_that_started_it() {
+        let (key, iss, release, mut asked, verifier) = held_issuer(3, "sub").await;
+        release.add_permits(1);
+        let peer: IpAddr = "192.0.2.41".parse().unwrap();
+        let valid = signed(&key, &iss, "svc");
+        verifier
+            .verify(&Sensitive::new(valid.clone()), Some(peer))
+            .await
+            .unwrap();
+        asked.recv().await.unwrap();
+        let issuer = verifier.issuers[&iss].clone();
+        let first_fetched = issuer.keys.load_full().unwrap().fetched;
+        let body = valid.split('.').nth(1).unwrap().to_owned();
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::json!({"alg": "RS256", "kid": "rotated"}).to_string());
+        let rotated = Sensitive::new(format!("{header}.{body}.c2ln"));
+        // The first token with the new kid has the keys fetched; its client gives up while
+        // the issuer is slow to answer.
+        let first = {
+            let (v, t) = (verifier.clone(), rotated.clone());
+            tokio::spawn(async move { v.verify(&t, Some(peer)).await })
+        };
+        asked.recv().await.unwrap();
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        // The fetch goes on and installs what the issuer answers: the next token with that
+        // kid is checked against it, not refused unfetched until jwks_min_refresh.
+        release.add_permits(100);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while issuer.keys.load_full().unwrap().fetched == first_fetched {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the keys fetched after their request was given up");
+        assert_eq!(verifier.key_fetches("held"), 2);
     }
 
     #[cfg(feature = "emulator")]
