@@ -242,10 +242,9 @@ async fn set_version_enabled(
     State(shared): State<Arc<Shared>>,
     Path((vault, name, version, action)): Path<(String, String, String, String)>,
 ) -> Response {
-    let enabled = match action.as_str() {
-        "enable" => true,
-        "disable" => false,
-        _ => return not_found(format!("unknown action {action}; use enable or disable")),
+    let enabled = match enabling(&action) {
+        Ok(e) => e,
+        Err(why) => return not_found(why),
     };
     let mut state = shared.state();
     let Some(vi) = state.vault_by_name(&vault) else {
@@ -265,14 +264,22 @@ async fn set_version_enabled(
     axum::Json(json!({"version": version, "enabled": enabled})).into_response()
 }
 
+/// Whether `action` (`enable` or `disable`) enables; any other is not a route.
+fn enabling(action: &str) -> Result<bool, String> {
+    match action {
+        "enable" => Ok(true),
+        "disable" => Ok(false),
+        _ => Err(format!("unknown action {action}; use enable or disable")),
+    }
+}
+
 async fn set_app_enabled(
     State(shared): State<Arc<Shared>>,
     Path((tenant, client_id, action)): Path<(String, String, String)>,
 ) -> Response {
-    let enabled = match action.as_str() {
-        "enable" => true,
-        "disable" => false,
-        _ => return not_found(format!("unknown action {action}; use enable or disable")),
+    let enabled = match enabling(&action) {
+        Ok(e) => e,
+        Err(why) => return not_found(why),
     };
     let mut state = shared.state();
     let Some(ti) = state.tenant(&tenant) else {
