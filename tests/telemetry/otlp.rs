@@ -129,14 +129,21 @@ fn a_collector_behind_a_private_ca_in_the_extra_bundle_receives_the_traces() {
     assert!(code.success(), "exit status {code:?}");
     rt.block_on(emulator.shutdown());
     let received = received.lock().unwrap().clone();
-    let get_token = traces(&received)
+    let get_token =
+        get_token_span(&received).expect("the request's span reaches the collector over TLS");
+    assert_eq!(hex(&get_token.trace_id), trace_id);
+}
+
+/// The first `GetToken` span among the trace requests the collector received.
+fn get_token_span(
+    received: &[(String, String, Bytes)],
+) -> Option<opentelemetry_proto::tonic::trace::v1::Span> {
+    traces(received)
         .into_iter()
         .flat_map(|t| t.resource_spans)
         .flat_map(|r| r.scope_spans)
         .flat_map(|s| s.spans)
         .find(|s| s.name == "GetToken")
-        .expect("the request's span reaches the collector over TLS");
-    assert_eq!(hex(&get_token.trace_id), trace_id);
 }
 
 /// The trace requests the collector received, decoded.
@@ -180,13 +187,7 @@ fn tokenbroker_dev_exports_traces_and_logs_as_the_environment_says_and_nothing_e
     assert!(code.success(), "exit status {code:?}");
 
     let received = received.lock().unwrap().clone();
-    let get_token = traces(&received)
-        .into_iter()
-        .flat_map(|t| t.resource_spans)
-        .flat_map(|r| r.scope_spans)
-        .flat_map(|s| s.spans)
-        .find(|s| s.name == "GetToken")
-        .expect("dev exports the request's span");
+    let get_token = get_token_span(&received).expect("dev exports the request's span");
     assert_eq!(hex(&get_token.trace_id), trace_id);
     // The log is JSON lines, as asked, and holds no token.
     let log = std::fs::read_to_string(&log_path).unwrap();
