@@ -575,6 +575,20 @@ fn certificate_der(
     let found = session
         .find_objects(&[Attribute::Class(ObjectClass::CERTIFICATE), by])
         .map_err(|e| classify(e, &what()))?;
+    // Keys under different labels may share a CKA_ID (each label's key numbered from 1,
+    // say): then the certificate under the key's label is the key's.
+    let found = if found.len() > 1 && !id.is_empty() {
+        let labelled = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::CERTIFICATE),
+                Attribute::Id(id.to_vec()),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(|e| classify(e, &what()))?;
+        if labelled.is_empty() { found } else { labelled }
+    } else {
+        found
+    };
     match found.as_slice() {
         [c] => {
             let value = session

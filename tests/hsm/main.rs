@@ -49,6 +49,8 @@ const PENDING: &str = "contoso-pending";
 const MISMATCH: &str = "contoso-mismatch";
 /// An RSA key whose CKA_SIGN is false.
 const NO_SIGN: &str = "contoso-no-sign";
+/// Two keys under different labels that share a CKA_ID, each certificate beside its key.
+const SHARED_ID: [&str; 2] = ["contoso-shared-a", "contoso-shared-b"];
 const PIN: &str = "4711-user";
 const PIN_ENV: &str = "TOKENBROKER_TEST_HSM_PIN";
 const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -181,6 +183,8 @@ fn set_up() -> Result<Hsm, String> {
         Pair::new(dir.path(), PENDING, 0xc1, None)?,
         Pair::new(dir.path(), PENDING, 0xc2, None)?,
         Pair::new(dir.path(), MISMATCH, 0xd1, None)?,
+        Pair::new(dir.path(), SHARED_ID[0], 0xe1, None)?,
+        Pair::new(dir.path(), SHARED_ID[1], 0xe1, None)?,
     ];
 
     let util = |args: &[&str]| -> Result<(), String> {
@@ -211,9 +215,14 @@ fn set_up() -> Result<Hsm, String> {
     for p in &pairs {
         let key_path = p.key_pem.to_string_lossy().into_owned();
         let id = format!("{:02x}", p.id);
-        util(&[
+        let mut args = vec![
             "--import", &key_path, "--token", TOKEN, "--label", p.label, "--id", &id, "--pin", PIN,
-        ])?;
+        ];
+        // softhsm2-util refuses a CKA_ID already on the token unless told it is meant.
+        if p.label == SHARED_ID[1] {
+            args.push("--force");
+        }
+        util(&args)?;
     }
 
     spare_token(dir.path(), &pairs[0].key_pem)?;
@@ -549,6 +558,21 @@ async fn objects_that_cannot_be_paired_up_are_a_failed_precondition(hsm: &Hsm) {
     assert!(e.to_string().contains(NO_SIGN), "{e}");
     assert!(e.to_string().contains("CKA_SIGN"), "{e}");
     assert!(!e.to_string().contains("not found"), "{e}");
+
+    // Keys under different labels that share a CKA_ID are told apart by label: each gets
+    // the certificate with its CKA_ID and its label, and signs with its own key.
+    for label in SHARED_ID {
+        let info = signer.certificate(&hsm.url(), label).await.unwrap();
+        let der = std::fs::read(hsm.dir.path().join(format!("{label}-e1.der"))).unwrap();
+        assert_eq!(info.version, version(&der), "{label}");
+        let sig = signer
+            .sign(&info.key, SigningAlgorithm::RS256, [7; 32])
+            .await
+            .unwrap();
+        public_key(&der)
+            .verify(rsa::Pkcs1v15Sign::new::<Sha256>(), &[7; 32], &sig)
+            .expect("signed by the key of the label's certificate");
+    }
     drop(signer);
     for (label, says) in [
         (
