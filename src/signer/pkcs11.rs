@@ -353,14 +353,7 @@ impl Token {
     /// its SHA-256 (kept to recognise a refused PIN, never shown).
     fn pin(&self) -> Result<(AuthPin, [u8; 32]), SignerError> {
         let pin = Zeroizing::new(match &self.pin {
-            PinSource::File(path) => {
-                std::fs::read_to_string(path).map_err(|e| SignerError::Forbidden {
-                    service: SERVICE,
-                    status: 0,
-                    code: "PinUnreadable".into(),
-                    message: format!("cannot read the PIN file {}: {e}", path.display()),
-                })?
-            }
+            PinSource::File(path) => read_pin_file(path)?,
             PinSource::Env(name) => std::env::var(name).map_err(|_| SignerError::Forbidden {
                 service: SERVICE,
                 status: 0,
@@ -391,6 +384,62 @@ impl Token {
 
     fn what(&self) -> String {
         format!("PKCS#11 token `{}`", self.label)
+    }
+}
+
+/// The most a PIN file may hold. A PIN is a few dozen bytes at most; the bound keeps a
+/// mistaken path (a log, a device) from being read whole into memory, and offered.
+const PIN_FILE_MAX: u64 = 4096;
+
+/// The PIN file's content: a regular file of at most `PIN_FILE_MAX` bytes. A FIFO would
+/// block its reader (a blocking thread, and the token's call) until something writes to
+/// it, and a device such as /dev/urandom never ends; neither is read. Its content is never
+/// put in an error.
+fn read_pin_file(path: &Path) -> Result<String, SignerError> {
+    use std::io::Read;
+    let unreadable = |e: std::io::Error| SignerError::Forbidden {
+        service: SERVICE,
+        status: 0,
+        code: "PinUnreadable".into(),
+        message: format!("cannot read the PIN file {}: {e}", path.display()),
+    };
+    // Follows symbolic links, as a mounted secret's file is one.
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
+    if !meta.is_file() {
+        return Err(configuration(
+            "PinFileNotRegular",
+            format!(
+                "the PIN file {} is not a regular file (a FIFO, a device or a directory): point pin_file at a file holding the token user's PIN",
+                path.display()
+            ),
+        ));
+    }
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    // Room for one byte past the bound, so that a longer file is told apart; reserved up
+    // front so that the PIN is not copied by a reallocation and left behind unzeroed.
+    let cap = usize::try_from(PIN_FILE_MAX + 1).unwrap_or(usize::MAX);
+    let mut bytes = Zeroizing::new(Vec::with_capacity(cap));
+    file.take(PIN_FILE_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > PIN_FILE_MAX {
+        return Err(configuration(
+            "PinFileTooLarge",
+            format!(
+                "the PIN file {} holds more than {PIN_FILE_MAX} bytes, and is not read: a PIN is short; point pin_file at a file holding the token user's PIN alone",
+                path.display()
+            ),
+        ));
+    }
+    match String::from_utf8(std::mem::take(&mut *bytes)) {
+        Ok(pin) => Ok(pin),
+        Err(e) => {
+            drop(Zeroizing::new(e.into_bytes()));
+            Err(unreadable(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "it is not UTF-8 text",
+            )))
+        }
     }
 }
 

@@ -460,6 +460,43 @@ async fn a_wrong_or_unreadable_pin_is_refused_with_the_fix(hsm: &Hsm) {
         "{e:?}"
     );
     assert!(e.to_string().contains(&empty.display().to_string()), "{e}");
+    // A PIN is short: a PIN file far larger (a mistaken path, a device) is refused as a
+    // configuration error naming the file, neither read whole nor echoed.
+    let huge = hsm.dir.path().join("huge-pin");
+    std::fs::write(&huge, "7".repeat(1 << 20)).unwrap();
+    let e = Pkcs11Signer::new(&[hsm.config(PinSource::File(huge.clone()))], TIMEOUT)
+        .unwrap()
+        .certificate(&hsm.url(), KEY)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SignerError::Configuration { code, .. } if code == "PinFileTooLarge"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains(&huge.display().to_string()), "{e}");
+    assert!(!e.to_string().contains("7777"), "{e}");
+    // Nor is a FIFO, whose reader would wait for a writer. (Something opens it to write
+    // once, so that a reader does not wait for ever.)
+    let fifo = hsm.dir.path().join("fifo-pin");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let writer = fifo.clone();
+    std::thread::spawn(move || std::fs::OpenOptions::new().write(true).open(writer));
+    let e = Pkcs11Signer::new(&[hsm.config(PinSource::File(fifo.clone()))], TIMEOUT)
+        .unwrap()
+        .certificate(&hsm.url(), KEY)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SignerError::Configuration { code, .. } if code == "PinFileNotRegular"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains(&fifo.display().to_string()), "{e}");
     let e = Pkcs11Signer::new(
         &[hsm.config(PinSource::Env("TOKENBROKER_TEST_UNSET".into()))],
         TIMEOUT,
