@@ -98,10 +98,8 @@ struct Token {
     /// The slot the token was last found in (tokens can move between slots).
     slot: Mutex<Option<Slot>>,
     idle: Mutex<Vec<Session>>,
-    /// The SHA-256 of a PIN the token refused, and the refusal's code. An HSM locks its user
-    /// after a few wrong PINs, so the same PIN is never offered twice: only a changed PIN
-    /// (a rewritten PIN file) is tried again.
-    refused: Mutex<Option<([u8; 32], String)>>,
+    /// The PIN the token last refused, not offered again while the refusal holds.
+    refused: Mutex<Refusal>,
     calls: Arc<tokio::sync::Semaphore>,
 }
 
@@ -130,7 +128,7 @@ impl Pkcs11Signer {
                     pin: t.pin.clone(),
                     slot: Mutex::new(None),
                     idle: Mutex::new(Vec::new()),
-                    refused: Mutex::new(None),
+                    refused: Mutex::new(Refusal::default()),
                     calls: Arc::new(tokio::sync::Semaphore::new(CALLS)),
                 }),
             );
@@ -294,31 +292,22 @@ impl Token {
     fn login(&self, session: &Session) -> Result<(), SignerError> {
         let (pin, digest) = self.pin()?;
         let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((bad, code)) = refused.as_ref()
-            && *bad == digest
-        {
+        if let Some((rv, message)) = refused.refuses(&digest, std::time::Instant::now()) {
             return Err(SignerError::Forbidden {
                 service: SERVICE,
                 status: 0,
-                code: code.clone(),
-                message: format!(
-                    "{}: the token refused this PIN before ({code}); it is not offered again, so the token does not lock its user: put the right PIN in place",
-                    self.what()
-                ),
+                code: format!("CKR_{rv:?}"),
+                message: format!("{}: {message}", self.what()),
             });
         }
         match session.login(UserType::User, Some(&pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
-                *refused = None;
+                *refused = Refusal::default();
                 Ok(())
             }
             Err(e) => {
-                if let CkError::Pkcs11(
-                    rv @ (RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired),
-                    _,
-                ) = &e
-                {
-                    *refused = Some((digest, format!("CKR_{rv:?}")));
+                if let CkError::Pkcs11(rv, _) = &e {
+                    refused.record(digest, *rv, std::time::Instant::now());
                 }
                 Err(classify(e, &self.what()))
             }
@@ -384,6 +373,51 @@ impl Token {
 
     fn what(&self) -> String {
         format!("PKCS#11 token `{}`", self.label)
+    }
+}
+
+/// How long a PIN the token answered CKR_PIN_LOCKED is not offered again. Offering a PIN to
+/// a locked user cannot lock it further, and the token's security officer may unlock it:
+/// the same (right) PIN then logs in again without a restart.
+const LOCKED_RETRY: Duration = Duration::from_secs(60);
+
+/// The PIN the token last refused (its SHA-256, never shown), why, and when.
+#[derive(Default)]
+struct Refusal(Option<([u8; 32], RvError, std::time::Instant)>);
+
+impl Refusal {
+    /// Remembers a login refusal that offering the same PIN again would repeat. An HSM
+    /// locks its user after a few wrong PINs, so a PIN refused as incorrect is never offered
+    /// twice: only a changed PIN (a rewritten PIN file) is tried again.
+    fn record(&mut self, digest: [u8; 32], rv: RvError, now: std::time::Instant) {
+        if matches!(
+            rv,
+            RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired
+        ) {
+            self.0 = Some((digest, rv, now));
+        }
+    }
+
+    /// Whether the PIN `digest` is not to be offered now: the refusal's code and what to do.
+    fn refuses(
+        &self,
+        digest: &[u8; 32],
+        now: std::time::Instant,
+    ) -> Option<(RvError, &'static str)> {
+        let (bad, rv, at) = self.0.as_ref()?;
+        if bad != digest {
+            return None;
+        }
+        if *rv == RvError::PinLocked {
+            return (now.saturating_duration_since(*at) < LOCKED_RETRY).then_some((
+                *rv,
+                "the token's user is locked; once its security officer unlocks it the PIN is offered again (within a minute)",
+            ));
+        }
+        Some((
+            *rv,
+            "the token refused this PIN before; it is not offered again, so the token does not lock its user: put the right PIN in place",
+        ))
     }
 }
 
@@ -839,6 +873,32 @@ mod tests {
     // A module that stops answering keeps a blocking thread per call given up on: after a
     // token's share, no more are started (the blocking pool also resolves every upstream's
     // host names, so a long HSM outage must not fill it), and a call returning frees its own.
+    // A locked user is unlocked by the token's security officer: the same PIN is offered
+    // again after a while. A PIN refused as incorrect is never offered twice.
+    #[test]
+    fn a_locked_pin_is_offered_again_after_a_while_and_a_wrong_one_never() {
+        let start = std::time::Instant::now();
+        let (pin, other) = ([1; 32], [2; 32]);
+        let mut r = Refusal::default();
+        r.record(pin, RvError::PinLocked, start);
+        let (rv, message) = r.refuses(&pin, start).unwrap();
+        assert_eq!(rv, RvError::PinLocked);
+        assert!(message.contains("security officer"), "{message}");
+        assert!(r.refuses(&other, start).is_none());
+        assert!(r.refuses(&pin, start + LOCKED_RETRY).is_none());
+
+        r.record(pin, RvError::PinIncorrect, start);
+        let later = start + Duration::from_secs(365 * 24 * 3600);
+        let (rv, message) = r.refuses(&pin, later).unwrap();
+        assert_eq!(rv, RvError::PinIncorrect);
+        assert!(message.contains("not offered again"), "{message}");
+        assert!(r.refuses(&other, later).is_none());
+
+        // Other failures (a token that went away) leave the refusal as it was.
+        r.record(other, RvError::DeviceRemoved, later);
+        assert!(r.refuses(&pin, later).is_some());
+    }
+
     #[tokio::test]
     async fn calls_a_module_has_not_returned_are_bounded_per_token() {
         let limit = calls(2);
