@@ -783,12 +783,19 @@ pub struct MemorySink {
     records: Mutex<Vec<AuditRecord>>,
     /// What `failure` reports: an output that fails, for tests of fail-closed serving.
     failure: Mutex<Option<String>>,
+    /// How long each write blocks: a slow output (a stalled pipe or disk), for tests.
+    delay: Mutex<Option<std::time::Duration>>,
 }
 
 impl MemorySink {
     /// Makes the sink report `reason` as its output's failure (records are still kept).
     pub fn set_failure(&self, reason: Option<&str>) {
         *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = reason.map(str::to_owned);
+    }
+
+    /// Makes each write block its writer for `delay`, as a slow output does.
+    pub fn set_write_delay(&self, delay: Option<std::time::Duration>) {
+        *self.delay.lock().unwrap_or_else(|p| p.into_inner()) = delay;
     }
 
     pub fn records(&self) -> Vec<AuditRecord> {
@@ -805,6 +812,10 @@ impl MemorySink {
 
 impl AuditSink for MemorySink {
     fn write(&self, record: AuditRecord) {
+        let delay = *self.delay.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         self.records
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -577,8 +577,11 @@ impl TokenBroker for Service {
             }
             Err(f) => Err(self.fail(&env.request_id, &mut audit, &f)),
         };
+        // After the audit write, which blocks while the audit output is slow: the duration
+        // is the one the caller waited.
+        let result = self.finish(env, audit, result);
         self.record("GetToken", started, &result);
-        self.finish(env, audit, result)
+        result
     }
 
     type WatchTokenStream = WatchStreamBox;
@@ -627,12 +630,11 @@ impl TokenBroker for Service {
             Ok(a) => a,
             Err(f) => {
                 let r = Err(self.fail(&env.request_id, &mut audit, &f));
+                let r = self.finish(env, audit, r);
                 self.record("WatchToken", started, &r);
-                return self.finish(env, audit, r);
+                return r;
             }
         };
-        // A watch counts once, when admitted; its stream is not a request.
-        self.record::<()>("WatchToken", started, &Ok(()));
         audit.outcome = Outcome::Allowed;
         audit.code = error::code_name(tonic::Code::Ok);
         let mut sent = audit.clone();
@@ -659,11 +661,15 @@ impl TokenBroker for Service {
             let item = w.next().await?;
             Some((item, w))
         });
-        self.finish(
+        let r = self.finish(
             env,
             audit,
             Ok(Response::new(Box::pin(stream) as WatchStreamBox)),
-        )
+        );
+        // A watch counts once, when admitted (after its audit write, as GetToken); its
+        // stream is not a request.
+        self.record("WatchToken", started, &r);
+        r
     }
 }
 

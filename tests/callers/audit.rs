@@ -366,3 +366,41 @@ async fn a_request_cut_at_shutdown_is_recorded_as_cancelled_by_the_shutdown_befo
     let reason = cancelled[0].reason.as_deref().unwrap_or_default();
     assert!(reason.contains("shutting down"), "{reason}");
 }
+
+/// The sum of `tokenbroker_request_duration_seconds` for GetToken requests that succeeded.
+async fn get_token_seconds(h: &Harness) -> f64 {
+    let text = h.metrics().await;
+    text.lines()
+        .find(|l| {
+            l.starts_with("tokenbroker_request_duration_seconds_sum{")
+                && l.contains(r#"method="GetToken""#)
+                && l.contains(r#"outcome="ok""#)
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no GetToken duration sum in\n{text}"))
+}
+
+// A request is answered only once its audit record is written, which blocks while the
+// audit output is slow: its recorded duration includes that wait, as its caller saw it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_duration_includes_the_audit_write() {
+    let h = Harness::start(Options {
+        policy: grants(&[(A, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
+    let before = get_token_seconds(&h).await;
+    let delay = std::time::Duration::from_secs(1);
+    h.audit.set_write_delay(Some(delay));
+    // Served from the cache: the request itself takes milliseconds.
+    h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
+    h.audit.set_write_delay(None);
+    let recorded = get_token_seconds(&h).await - before;
+    assert!(
+        recorded >= delay.as_secs_f64(),
+        "recorded {recorded} s for a request whose audit write took {delay:?}"
+    );
+    h.stop().await;
+}
