@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::audit::{Audit, AuditSink, JsonLines};
 use crate::authn::{Authenticator, AuthnError, Caller, Credentials};
 use crate::config::{AuditOutput, Config, PolicyConfig};
-use crate::limits::Limits;
+use crate::limits::{Limits, Refused};
 use crate::policy::{Policy, PolicyError, PolicyHandle};
 
 /// Why a request was not admitted.
@@ -23,6 +23,15 @@ pub enum AccessError {
     #[error("caller `{caller}` is over its request rate")]
     RateLimited {
         caller: String,
+        retry_after: Duration,
+    },
+    /// Every place for a caller's rate is held by a caller seen within the idle time.
+    #[error(
+        "the broker tracks the request rate of at most {max} callers (limits.max_callers), and each is held by a caller active within limits.caller_idle_secs; caller `{caller}` is refused until one frees"
+    )]
+    CallersFull {
+        caller: String,
+        max: u64,
         retry_after: Duration,
     },
     #[error("the broker is at its limit of requests in flight")]
@@ -81,6 +90,7 @@ pub struct Access {
     authn: Authenticator,
     policy: Arc<PolicyHandle>,
     limits: Limits,
+    max_callers: u64,
     audit: Audit,
     refuse_unaudited: bool,
 }
@@ -121,6 +131,7 @@ impl Access {
             authn: Authenticator::new(&config.callers, &config.limits, http),
             policy,
             limits: Limits::new(&config.limits),
+            max_callers: config.limits.max_callers,
             audit: Audit::new(sink),
             refuse_unaudited: config.audit.refuse_unaudited,
         })
@@ -181,9 +192,16 @@ impl Access {
     pub fn check_rate(&self, caller: &Caller) -> Result<(), AccessError> {
         self.limits
             .check_caller(&caller.id)
-            .map_err(|retry_after| AccessError::RateLimited {
-                caller: caller.id.clone(),
-                retry_after,
+            .map_err(|refused| match refused {
+                Refused::Wait(retry_after) => AccessError::RateLimited {
+                    caller: caller.id.clone(),
+                    retry_after,
+                },
+                Refused::Full(retry_after) => AccessError::CallersFull {
+                    caller: caller.id.clone(),
+                    max: self.max_callers,
+                    retry_after,
+                },
             })
     }
 

@@ -1,5 +1,6 @@
-//! Per-caller and global request limits: a token bucket per caller identity (in a bounded
-//! map whose idle entries expire, so memory stays bounded however many identities appear),
+//! Per-caller and global request limits: a token bucket per caller identity (at most
+//! `max_callers`, each kept until idle, new callers refused past that, so memory stays
+//! bounded however many identities appear and none escapes its rate by being one too many),
 //! a cap on requests in flight, beyond which requests are shed rather than queued, and the
 //! bucket type the bearer-token verifier uses to limit failed authentications per address.
 
@@ -47,12 +48,41 @@ impl Bucket {
     }
 }
 
-/// Token buckets by key, in a bounded map whose idle entries are dropped (an idle bucket
-/// refills to full anyway: dropping it loses nothing).
+/// Why a bucket gave no token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The key's bucket is empty: a token is there after this wait.
+    Wait(Duration),
+    /// The key has no bucket and none can be kept for it (`Buckets::kept`: every place is
+    /// held by a key seen within the idle time); one frees within this wait at the latest.
+    Full(Duration),
+}
+
+/// A key's bucket.
+#[derive(Debug)]
+struct Entry {
+    bucket: Mutex<Bucket>,
+}
+
+/// Token buckets by key, in a map whose idle entries are dropped (an idle bucket refills to
+/// full anyway: dropping it loses nothing). Bounded in one of two ways: `new` drops the
+/// least useful entry when full (a bucket dropped early is a full one for its key: fine for
+/// failed authentications, whose keys are addresses anyone can present); `kept` never drops
+/// a bucket before it is idle, and refuses new keys while full (a caller's rate).
 pub struct Buckets<K> {
     rate: f64,
     burst: f64,
-    map: moka::sync::Cache<K, Arc<Mutex<Bucket>>>,
+    map: moka::sync::Cache<K, Arc<Entry>>,
+    /// For `kept`: the entries held and the most there may be.
+    held: Option<Arc<Held>>,
+    /// How long an unused entry is kept.
+    idle: Duration,
+}
+
+#[derive(Debug)]
+struct Held {
+    count: AtomicUsize,
+    max: usize,
 }
 
 impl<K> std::fmt::Debug for Buckets<K> {
@@ -65,21 +95,118 @@ impl<K> std::fmt::Debug for Buckets<K> {
 }
 
 impl<K: Hash + Eq + Send + Sync + 'static> Buckets<K> {
-    /// `rate` tokens a second up to `burst`, for at most `max_keys` keys, each forgotten
-    /// after `idle` without use, but not before it has had the time to refill: a bucket
-    /// forgotten is a full one, and an empty one forgotten early would let its key past
-    /// its rate (a burst every `idle` seconds, whatever the rate).
-    pub fn new(rate: f64, burst: u32, max_keys: u64, idle: Duration) -> Self {
+    /// How long an unused bucket is kept: `idle`, but not less than the time it takes to
+    /// refill: a bucket forgotten is a full one, and an empty one forgotten early would let
+    /// its key past its rate (a burst every `idle` seconds, whatever the rate).
+    fn kept_idle(rate: f64, burst: u32, idle: Duration) -> Duration {
         let refill = Duration::try_from_secs_f64(f64::from(burst) / rate)
             .map_or(MAX_REFILL_KEPT, |d| d.min(MAX_REFILL_KEPT));
+        idle.max(refill)
+    }
+
+    /// `rate` tokens a second up to `burst`, for at most `max_keys` keys, each forgotten
+    /// after `idle` without use (not before it has had the time to refill), or sooner when
+    /// the map is full and the cache's policy prefers another key.
+    pub fn new(rate: f64, burst: u32, max_keys: u64, idle: Duration) -> Self {
+        let idle = Self::kept_idle(rate, burst, idle);
         Buckets {
             rate,
             burst: f64::from(burst),
             map: moka::sync::Cache::builder()
                 .max_capacity(max_keys)
-                .time_to_idle(idle.max(refill))
+                .time_to_idle(idle)
                 .build(),
+            held: None,
+            idle,
         }
+    }
+
+    /// Like `new`, but a bucket is never dropped before it has been unused for the idle
+    /// time: a key that would need one while `max_keys` are held is refused
+    /// (`Refused::Full`). A bounded cache's eviction (or its refusal to admit a new key)
+    /// would hand the key a full bucket on each request: a rate escaped by being one of many.
+    pub fn kept(rate: f64, burst: u32, max_keys: u64, idle: Duration) -> Self {
+        let idle = Self::kept_idle(rate, burst, idle);
+        let held = Arc::new(Held {
+            count: AtomicUsize::new(0),
+            max: usize::try_from(max_keys).unwrap_or(usize::MAX),
+        });
+        let counted = held.clone();
+        Buckets {
+            rate,
+            burst: f64::from(burst),
+            map: moka::sync::Cache::builder()
+                .time_to_idle(idle)
+                // Every removal but a replacement (never made: entries are only inserted
+                // when absent, an expired one being removed as expired) frees a place.
+                .eviction_listener(move |_, _, cause| {
+                    if cause != moka::notification::RemovalCause::Replaced {
+                        counted.count.fetch_sub(1, Ordering::Release);
+                    }
+                })
+                .build(),
+            held: Some(held),
+            idle,
+        }
+    }
+
+    /// `key`'s entry, made when missing; `None` when it would be one more than a `kept`
+    /// map holds.
+    fn entry<Q>(&self, key: &Q, now: Instant) -> Option<Arc<Entry>>
+    where
+        K: Borrow<Q>,
+        Q: ToOwned<Owned = K> + Hash + Eq + ?Sized,
+    {
+        let fresh = || {
+            Arc::new(Entry {
+                bucket: Mutex::new(Bucket {
+                    tokens: self.burst,
+                    at: now,
+                }),
+            })
+        };
+        let Some(held) = &self.held else {
+            return Some(self.map.get_with_by_ref(key, fresh));
+        };
+        if let Some(e) = self.map.get(key) {
+            return Some(e);
+        }
+        // A place is reserved before the entry is made, so keys arriving together cannot
+        // overshoot; entries idle past their time are only counted out once the cache
+        // has run its pending work, done here rather than refusing while one is due.
+        let mut reserved = false;
+        for first in [true, false] {
+            if held.count.fetch_add(1, Ordering::Acquire) < held.max {
+                reserved = true;
+                break;
+            }
+            held.count.fetch_sub(1, Ordering::Release);
+            if first {
+                self.map.run_pending_tasks();
+            }
+        }
+        if !reserved {
+            return None;
+        }
+        let e = self.map.entry_by_ref(key).or_insert_with(fresh);
+        if !e.is_fresh() {
+            // Made meanwhile by another request for the same key.
+            held.count.fetch_sub(1, Ordering::Release);
+        }
+        Some(e.into_value())
+    }
+
+    /// Takes one token from `key`'s bucket, or says why not and for how long.
+    pub fn try_take<Q>(&self, key: &Q) -> Result<(), Refused>
+    where
+        K: Borrow<Q>,
+        Q: ToOwned<Owned = K> + Hash + Eq + ?Sized,
+    {
+        let now = Instant::now();
+        let entry = self
+            .entry(key, now)
+            .ok_or(Refused::Full(self.idle.min(MAX_WAIT)))?;
+        take_from(&entry, now, self.rate, self.burst).map_err(Refused::Wait)
     }
 
     /// Takes one token from `key`'s bucket, or says how long until one is available.
@@ -88,17 +215,8 @@ impl<K: Hash + Eq + Send + Sync + 'static> Buckets<K> {
         K: Borrow<Q>,
         Q: ToOwned<Owned = K> + Hash + Eq + ?Sized,
     {
-        let now = Instant::now();
-        let bucket = self.map.get_with_by_ref(key, || {
-            Arc::new(Mutex::new(Bucket {
-                tokens: self.burst,
-                at: now,
-            }))
-        });
-        let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
-        b.refill(now, self.rate, self.burst)?;
-        b.tokens -= 1.0;
-        Ok(())
+        self.try_take(key)
+            .map_err(|(Refused::Wait(d) | Refused::Full(d))| d)
     }
 
     /// Hands back a token taken from `key`'s bucket (what it was taken for did not count).
@@ -110,7 +228,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Buckets<K> {
         // A bucket dropped meanwhile is full again anyway.
         if let Some(bucket) = self.map.get(key) {
             let full = {
-                let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
+                let mut b = bucket.bucket.lock().unwrap_or_else(|p| p.into_inner());
                 b.tokens = (b.tokens + 1.0).min(self.burst);
                 b.tokens >= self.burst
             };
@@ -142,13 +260,20 @@ impl<K: Hash + Eq + Send + Sync + 'static> Buckets<K> {
         match self.map.get(key) {
             // Never seen, or idle long enough to be dropped: full.
             None => Ok(()),
-            Some(bucket) => bucket.lock().unwrap_or_else(|p| p.into_inner()).refill(
+            Some(e) => e.bucket.lock().unwrap_or_else(|p| p.into_inner()).refill(
                 Instant::now(),
                 self.rate,
                 self.burst,
             ),
         }
     }
+}
+
+fn take_from(entry: &Entry, now: Instant, rate: f64, burst: f64) -> Result<(), Duration> {
+    let mut b = entry.bucket.lock().unwrap_or_else(|p| p.into_inner());
+    b.refill(now, rate, burst)?;
+    b.tokens -= 1.0;
+    Ok(())
 }
 
 /// The key failed authentications from `ip` are counted under: the address itself, or for
@@ -243,7 +368,7 @@ impl Drop for InFlight<'_> {
 impl Limits {
     pub fn new(cfg: &LimitsConfig) -> Self {
         Limits {
-            callers: Buckets::new(
+            callers: Buckets::kept(
                 cfg.caller_rate_per_sec,
                 cfg.caller_burst,
                 cfg.max_callers,
@@ -278,9 +403,9 @@ impl Limits {
         })
     }
 
-    /// Takes one token from the caller's bucket, or says how long until one is available.
-    pub fn check_caller(&self, caller: &str) -> Result<(), Duration> {
-        self.callers.take(caller)
+    /// Takes one token from the caller's bucket, or says why not and for how long.
+    pub fn check_caller(&self, caller: &str) -> Result<(), Refused> {
+        self.callers.try_take(caller)
     }
 
     /// A slot for one request in flight, or `None` when the broker is at its limit.
@@ -341,7 +466,7 @@ mod tests {
             l.check_caller("a").unwrap();
         }
         let wait = l.check_caller("a").unwrap_err();
-        assert_eq!(wait, Duration::from_millis(500));
+        assert_eq!(wait, Refused::Wait(Duration::from_millis(500)));
         l.check_caller("b").unwrap();
         tokio::time::advance(Duration::from_millis(500)).await;
         l.check_caller("a").unwrap();
@@ -434,6 +559,30 @@ mod tests {
             fast.callers.map.policy().time_to_idle(),
             Some(Duration::from_secs(600))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_beyond_max_callers_is_refused_and_no_kept_bucket_is_dropped() {
+        let l = Limits::new(&LimitsConfig {
+            max_callers: 2,
+            ..cfg(0.001, 1, 10)
+        });
+        for round in 0..50 {
+            for c in ["a", "b"] {
+                assert_eq!(l.check_caller(c).is_ok(), round == 0, "{c} {round}");
+            }
+            // Whatever the cache would prefer to keep, once it has done its pending work.
+            l.callers.map.run_pending_tasks();
+            assert_eq!(
+                l.check_caller("c"),
+                Err(Refused::Full(Duration::from_secs(1000))),
+                "{round}: refused for as long as a kept bucket may be (1 at 0.001 a second)"
+            );
+        }
+        // A bucket gone (as one idle past its time goes) frees its place.
+        l.callers.map.invalidate("a");
+        l.check_caller("c").unwrap();
+        assert!(matches!(l.check_caller("a"), Err(Refused::Full(_))));
     }
 
     #[test]

@@ -58,6 +58,12 @@ pub fn access_status(e: &AccessError) -> Status {
             ),
             Some(*retry_after),
         ),
+        AccessError::CallersFull { retry_after, .. } => with_retry(
+            Status::resource_exhausted(format!(
+                "{e}; retry after the hinted delay, or on another replica (operators: raise limits.max_callers)"
+            )),
+            Some(*retry_after),
+        ),
         AccessError::Overloaded => with_retry(
             Status::unavailable("the broker is at its limit of requests in flight; retry shortly"),
             Some(Duration::from_secs(1)),

@@ -372,7 +372,10 @@ impl Service {
                 "request refused or failed"
             );
         }
-        if let Failure::Access(AccessError::RateLimited { caller, .. }) = failure {
+        if let Failure::Access(
+            AccessError::RateLimited { caller, .. } | AccessError::CallersFull { caller, .. },
+        ) = failure
+        {
             self.broker.flow().metrics.throttled(caller);
         }
         status

@@ -112,7 +112,8 @@ pub struct LimitsConfig {
     /// Sustained requests per second per caller identity.
     pub caller_rate_per_sec: f64,
     pub caller_burst: u32,
-    /// Callers tracked at once (least recently seen dropped first).
+    /// Callers whose rate is tracked at once; a new caller is refused while this many were
+    /// seen within `caller_idle` (and failed-auth addresses: the least useful dropped first).
     pub max_callers: u64,
     /// A caller's bucket is forgotten after this long without requests.
     pub caller_idle: Duration,

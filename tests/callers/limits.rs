@@ -162,3 +162,46 @@ async fn an_unreachable_issuers_callers_are_told_to_retry_when_its_keys_are_fetc
     }
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_beyond_the_tracked_number_are_refused_not_given_a_fresh_burst() {
+    const C: &str = "spiffe://example.org/ns/c/sa/third";
+    let h = Harness::start(Options {
+        policy: grants(&[
+            (A, "contoso", GRAPH),
+            (B, "contoso", GRAPH),
+            (C, "contoso", GRAPH),
+        ]),
+        // One request each, then none for 1000 s; two callers' buckets kept at once.
+        limits: "caller_rate_per_sec = 0.001\ncaller_burst = 1\nmax_callers = 2",
+        ..Default::default()
+    })
+    .await;
+    let clients = [h.ca.client(&[A]), h.ca.client(&[B]), h.ca.client(&[C])];
+    let mut served = [0; 3];
+    let mut untracked = Vec::new();
+    for _ in 0..40 {
+        for (i, c) in clients.iter().enumerate() {
+            match h.get(Some(c), None, "contoso", &[GRAPH]).await {
+                Ok(_) => served[i] += 1,
+                Err(s) => {
+                    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                    if s.message().contains("limits.max_callers") {
+                        assert!(retry_after_secs(&s) >= 1, "{s:?}");
+                        untracked.push(i);
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        served.iter().all(|&n| n <= 1),
+        "no caller is served past its burst by being one too many: {served:?}"
+    );
+    assert_eq!(served, [1, 1, 0], "the first two are tracked");
+    assert!(
+        !untracked.is_empty() && untracked.iter().all(|&i| i == 2),
+        "{untracked:?}"
+    );
+    h.stop().await;
+}
