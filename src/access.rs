@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::audit::{Audit, AuditSink, JsonLines};
 use crate::authn::{Authenticator, AuthnError, Caller, Credentials};
 use crate::config::{AuditOutput, Config, PolicyConfig};
-use crate::limits::{Limits, Refused};
+use crate::limits::{CallerRefused, CallerSlot, Limits};
 use crate::policy::{Policy, PolicyError, PolicyHandle};
 
 /// Why a request was not admitted.
@@ -34,6 +34,10 @@ pub enum AccessError {
         max: u64,
         retry_after: Duration,
     },
+    #[error(
+        "caller `{caller}` has {max} requests in flight, its limit (limits.max_in_flight_per_caller)"
+    )]
+    CallerInFlight { caller: String, max: usize },
     #[error("the broker is at its limit of requests in flight")]
     Overloaded,
     #[error("the audit trail cannot be written ({reason}); no token is served unaudited")]
@@ -187,20 +191,25 @@ impl Access {
         Ok(self.authn.authenticate(creds).await?)
     }
 
-    /// Whether the caller is within its request rate. Asked before the policy, so a caller
+    /// Whether the caller is within its request rate and its requests in flight. Asked before the policy, so a caller
     /// probing for tenants spends its own budget and the audit volume it causes is bounded.
-    pub fn check_rate(&self, caller: &Caller) -> Result<(), AccessError> {
+    /// The place it returns is held while the request runs.
+    pub fn check_rate(&self, caller: &Caller) -> Result<CallerSlot, AccessError> {
         self.limits
             .check_caller(&caller.id)
             .map_err(|refused| match refused {
-                Refused::Wait(retry_after) => AccessError::RateLimited {
+                CallerRefused::Rate(retry_after) => AccessError::RateLimited {
                     caller: caller.id.clone(),
                     retry_after,
                 },
-                Refused::Full(retry_after) => AccessError::CallersFull {
+                CallerRefused::Full(retry_after) => AccessError::CallersFull {
                     caller: caller.id.clone(),
                     max: self.max_callers,
                     retry_after,
+                },
+                CallerRefused::InFlight(max) => AccessError::CallerInFlight {
+                    caller: caller.id.clone(),
+                    max,
                 },
             })
     }

@@ -42,8 +42,9 @@ pub fn broker_config_toml(
          # caller `dev:loopback`, granted every tenant and scope. Refused anywhere but loopback.\n\
          [callers]\ndev_loopback = true\n\n\
          [[policy.grant]]\ncallers = [\"dev:loopback\"]\ntenants = [\"*\"]\nscopes = [\"*\"]\n\n\
-         # Every local process is the one caller `dev:loopback`: a bucket big enough for load tests.\n\
-         [limits]\ncaller_rate_per_sec = 1000000.0\ncaller_burst = 1000000\n\n\
+         # Every local process is the one caller `dev:loopback`: a bucket big enough for load tests,\n\
+         # and all the broker's requests in flight.\n\
+         [limits]\ncaller_rate_per_sec = 1000000.0\ncaller_burst = 1000000\nmax_in_flight_per_caller = 4096\n\n\
          [audit]\noutput = \"file\"\nfile = \"{}\"\n\n\
          # Metrics and probes on any free loopback port (`tokenbroker dev` prints it).\n\
          [admin]\nlisten = \"127.0.0.1:0\"",

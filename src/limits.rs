@@ -58,10 +58,11 @@ pub enum Refused {
     Full(Duration),
 }
 
-/// A key's bucket.
+/// A key's bucket, and its requests in flight (counted only by `Limits`, per caller).
 #[derive(Debug)]
 struct Entry {
     bucket: Mutex<Bucket>,
+    in_flight: AtomicUsize,
 }
 
 /// Token buckets by key, in a map whose idle entries are dropped (an idle bucket refills to
@@ -163,6 +164,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Buckets<K> {
                     tokens: self.burst,
                     at: now,
                 }),
+                in_flight: AtomicUsize::new(0),
             })
         };
         let Some(held) = &self.held else {
@@ -203,10 +205,18 @@ impl<K: Hash + Eq + Send + Sync + 'static> Buckets<K> {
         Q: ToOwned<Owned = K> + Hash + Eq + ?Sized,
     {
         let now = Instant::now();
-        let entry = self
-            .entry(key, now)
-            .ok_or(Refused::Full(self.idle.min(MAX_WAIT)))?;
+        let entry = self.entry_or_full(key, now)?;
         take_from(&entry, now, self.rate, self.burst).map_err(Refused::Wait)
+    }
+
+    /// `key`'s entry, or `Refused::Full` with how long until a place frees at the latest.
+    fn entry_or_full<Q>(&self, key: &Q, now: Instant) -> Result<Arc<Entry>, Refused>
+    where
+        K: Borrow<Q>,
+        Q: ToOwned<Owned = K> + Hash + Eq + ?Sized,
+    {
+        self.entry(key, now)
+            .ok_or(Refused::Full(self.idle.min(MAX_WAIT)))
     }
 
     /// Takes one token from `key`'s bucket, or says how long until one is available.
@@ -307,6 +317,9 @@ pub struct Limits {
     // request writes it from whichever thread, and the fields beside it are read as often.
     in_flight: CachePadded<AtomicUsize>,
     max_in_flight: usize,
+    /// Each caller's requests in flight are counted in its bucket's entry (kept while
+    /// they run: a request holds it, and the entry is not dropped before it is idle).
+    max_in_flight_per_caller: usize,
     watches: Arc<Watches>,
 }
 
@@ -355,6 +368,36 @@ impl Drop for WatchSlot {
     }
 }
 
+/// Why a caller's request was not admitted by its own limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerRefused {
+    /// Over its rate: a token is there after this wait.
+    Rate(Duration),
+    /// No bucket can be kept for it (`max_callers` held); one frees within this wait.
+    Full(Duration),
+    /// It has this many requests in flight, its limit.
+    InFlight(usize),
+}
+
+impl From<Refused> for CallerRefused {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Wait(d) => CallerRefused::Rate(d),
+            Refused::Full(d) => CallerRefused::Full(d),
+        }
+    }
+}
+
+/// One request's place among its caller's in flight; freed when dropped.
+#[derive(Debug)]
+pub struct CallerSlot(Arc<Entry>);
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
 /// One request's slot among those in flight; freed when dropped.
 #[derive(Debug)]
 pub struct InFlight<'a>(&'a AtomicUsize);
@@ -376,6 +419,7 @@ impl Limits {
             ),
             in_flight: CachePadded::new(AtomicUsize::new(0)),
             max_in_flight: cfg.max_in_flight,
+            max_in_flight_per_caller: cfg.max_in_flight_per_caller,
             watches: Arc::new(Watches {
                 open: Mutex::default(),
                 per_caller: cfg.max_watches_per_caller,
@@ -403,9 +447,23 @@ impl Limits {
         })
     }
 
-    /// Takes one token from the caller's bucket, or says why not and for how long.
-    pub fn check_caller(&self, caller: &str) -> Result<(), Refused> {
-        self.callers.try_take(caller)
+    /// A place among the caller's requests in flight, and a token from its bucket; or why
+    /// not. Past its in-flight bound no token is taken: the request is not made.
+    pub fn check_caller(&self, caller: &str) -> Result<CallerSlot, CallerRefused> {
+        let now = Instant::now();
+        let entry = self
+            .callers
+            .entry_or_full(caller, now)
+            .map_err(CallerRefused::from)?;
+        let before = entry.in_flight.fetch_add(1, Ordering::Acquire);
+        // Holds the count just taken: handed back at once when refused.
+        let slot = CallerSlot(entry);
+        if before >= self.max_in_flight_per_caller {
+            return Err(CallerRefused::InFlight(self.max_in_flight_per_caller));
+        }
+        take_from(&slot.0, now, self.callers.rate, self.callers.burst)
+            .map_err(CallerRefused::Rate)?;
+        Ok(slot)
     }
 
     /// A slot for one request in flight, or `None` when the broker is at its limit.
@@ -428,6 +486,7 @@ mod tests {
             max_callers: 1000,
             caller_idle: Duration::from_secs(600),
             max_in_flight: in_flight,
+            max_in_flight_per_caller: in_flight,
             max_request_bytes: 16 * 1024,
             failed_auth_per_sec: 1.0,
             failed_auth_burst: 20,
@@ -466,7 +525,7 @@ mod tests {
             l.check_caller("a").unwrap();
         }
         let wait = l.check_caller("a").unwrap_err();
-        assert_eq!(wait, Refused::Wait(Duration::from_millis(500)));
+        assert_eq!(wait, CallerRefused::Rate(Duration::from_millis(500)));
         l.check_caller("b").unwrap();
         tokio::time::advance(Duration::from_millis(500)).await;
         l.check_caller("a").unwrap();
@@ -561,6 +620,26 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_callers_requests_in_flight_are_bounded_and_a_refusal_takes_no_token() {
+        let l = Limits::new(&LimitsConfig {
+            max_in_flight_per_caller: 2,
+            ..cfg(0.001, 3, 10)
+        });
+        let (a1, a2) = (l.check_caller("a").unwrap(), l.check_caller("a").unwrap());
+        for _ in 0..5 {
+            assert_eq!(l.check_caller("a").unwrap_err(), CallerRefused::InFlight(2));
+        }
+        let b = l.check_caller("b").unwrap();
+        drop(a1);
+        // The third token is still there: the refusals took none.
+        let a3 = l.check_caller("a").unwrap();
+        drop((a2, a3, b));
+        assert!(matches!(l.check_caller("a"), Err(CallerRefused::Rate(_))));
+        let e = l.callers.map.get("a").unwrap();
+        assert_eq!(e.in_flight.load(Ordering::Relaxed), 0, "all handed back");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_caller_beyond_max_callers_is_refused_and_no_kept_bucket_is_dropped() {
         let l = Limits::new(&LimitsConfig {
@@ -574,15 +653,15 @@ mod tests {
             // Whatever the cache would prefer to keep, once it has done its pending work.
             l.callers.map.run_pending_tasks();
             assert_eq!(
-                l.check_caller("c"),
-                Err(Refused::Full(Duration::from_secs(1000))),
+                l.check_caller("c").unwrap_err(),
+                CallerRefused::Full(Duration::from_secs(1000)),
                 "{round}: refused for as long as a kept bucket may be (1 at 0.001 a second)"
             );
         }
         // A bucket gone (as one idle past its time goes) frees its place.
         l.callers.map.invalidate("a");
         l.check_caller("c").unwrap();
-        assert!(matches!(l.check_caller("a"), Err(Refused::Full(_))));
+        assert!(matches!(l.check_caller("a"), Err(CallerRefused::Full(_))));
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub fn access_status(e: &AccessError) -> Status {
             )),
             Some(*retry_after),
         ),
+        AccessError::CallerInFlight { .. } => with_retry(
+            Status::resource_exhausted(format!("{e}; retry when one of them has been answered")),
+            Some(Duration::from_secs(1)),
+        ),
         AccessError::Overloaded => with_retry(
             Status::unavailable("the broker is at its limit of requests in flight; retry shortly"),
             Some(Duration::from_secs(1)),

@@ -158,6 +158,8 @@ struct Admitted<'s, 'a> {
     scopes: Cow<'s, [String]>,
     /// Held while the request runs (a watch: while it is admitted).
     _in_flight: InFlight<'a>,
+    /// The caller's place among its own requests in flight, held as long.
+    _caller_in_flight: crate::limits::CallerSlot,
     /// When the caller's credential stops being accepted.
     valid_until: Option<SystemTime>,
     /// How the caller was proven.
@@ -281,12 +283,13 @@ impl Service {
             .and_then(|()| self.allow(&caller, tenant, scopes));
         let valid_until = caller.valid_until;
         audit.set_caller(caller);
-        let scopes = allowed?;
+        let (scopes, caller_in_flight) = allowed?;
         // After the caller's own checks, so a caller learns of its own mistakes first.
         self.access.check_audit()?;
         Ok(Admitted {
             scopes,
             _in_flight: in_flight,
+            _caller_in_flight: caller_in_flight,
             valid_until,
             proof,
         })
@@ -298,8 +301,8 @@ impl Service {
         caller: &Caller,
         tenant: &str,
         scopes: &'s [String],
-    ) -> Result<Cow<'s, [String]>, Failure> {
-        self.access.check_rate(caller)?;
+    ) -> Result<(Cow<'s, [String]>, crate::limits::CallerSlot), Failure> {
+        let slot = self.access.check_rate(caller)?;
         // Shape checks reveal nothing about the configuration, so they come first.
         if tenant.is_empty() {
             return Err(BrokerError::InvalidArgument {
@@ -310,7 +313,7 @@ impl Service {
         }
         let scopes = crate::broker::normalise_scopes(scopes)?;
         self.access.authorize(caller, tenant, &scopes)?;
-        Ok(scopes)
+        Ok((scopes, slot))
     }
 
     /// The request's audit record, written as cancelled should the request be dropped
@@ -373,7 +376,9 @@ impl Service {
             );
         }
         if let Failure::Access(
-            AccessError::RateLimited { caller, .. } | AccessError::CallersFull { caller, .. },
+            AccessError::RateLimited { caller, .. }
+            | AccessError::CallersFull { caller, .. }
+            | AccessError::CallerInFlight { caller, .. },
         ) = failure
         {
             self.broker.flow().metrics.throttled(caller);

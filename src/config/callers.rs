@@ -119,6 +119,9 @@ pub struct LimitsConfig {
     pub caller_idle: Duration,
     /// Requests in flight over the whole broker; more are refused with UNAVAILABLE.
     pub max_in_flight: usize,
+    /// Requests in flight of one caller identity; more are refused with RESOURCE_EXHAUSTED,
+    /// so one caller cannot hold the broker's places while an upstream is slow.
+    pub max_in_flight_per_caller: usize,
     pub max_request_bytes: usize,
     /// Failed bearer-token authentications a second per client address (IPv6: per /64)
     /// before that address's new tokens wait; 0: no limit (behind a proxy that makes every
@@ -188,6 +191,7 @@ pub(super) struct RawLimits {
     max_callers: Option<u64>,
     caller_idle_secs: Option<u64>,
     max_in_flight: Option<usize>,
+    max_in_flight_per_caller: Option<usize>,
     max_request_bytes: Option<usize>,
     failed_auth_per_sec: Option<f64>,
     failed_auth_burst: Option<u32>,
@@ -611,6 +615,15 @@ impl Validator<'_> {
             (1, 1_000_000),
             "requests over the whole broker; each holds memory and a task",
         ) as usize;
+        // An eighth of the broker's by default: a caller, however fast its rate, leaves most
+        // places to others while an upstream is slow.
+        let max_in_flight_per_caller = self.count(
+            "limits.max_in_flight_per_caller",
+            raw.max_in_flight_per_caller.map(|n| n as u64),
+            (max_in_flight as u64 / 8).max(1),
+            (1, max_in_flight as u64),
+            "one caller's requests in flight; at most limits.max_in_flight",
+        ) as usize;
         let max_request_bytes = self.count(
             "limits.max_request_bytes",
             raw.max_request_bytes.map(|n| n as u64),
@@ -672,6 +685,7 @@ impl Validator<'_> {
             max_callers,
             caller_idle,
             max_in_flight,
+            max_in_flight_per_caller,
             max_request_bytes,
         }
     }
@@ -743,11 +757,12 @@ pub(super) fn summary(c: &Config) -> String {
         AuditOutput::File(f) => f.display().to_string(),
     };
     format!(
-        "\ncallers: {}\npolicy: {policy}\naudit: {audit}\nlimits: {}/s per caller (burst {}), {} in flight",
+        "\ncallers: {}\npolicy: {policy}\naudit: {audit}\nlimits: {}/s per caller (burst {}), {} in flight ({} per caller)",
         ways.join("; "),
         c.limits.caller_rate_per_sec,
         c.limits.caller_burst,
         c.limits.max_in_flight,
+        c.limits.max_in_flight_per_caller,
     )
 }
 

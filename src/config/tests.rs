@@ -2529,3 +2529,45 @@ fn an_upstream_budgets_rate_below_the_least_the_broker_runs_with_is_refused() {
     let c = Config::from_toml_str(&least, Path::new("/"), &no_env).unwrap();
     assert_eq!(c.resilience.sign_rate_per_vault, 0.001);
 }
+
+#[test]
+fn a_callers_in_flight_bound_defaults_to_an_eighth_of_the_brokers_and_is_at_most_it() {
+    let load = |limits: &str| {
+        Config::from_toml_str(
+            &format!("{GOOD}\n[limits]\n{limits}\n"),
+            Path::new("/"),
+            &no_env,
+        )
+    };
+    assert_eq!(load("").unwrap().limits.max_in_flight_per_caller, 512);
+    assert_eq!(
+        load("max_in_flight = 100")
+            .unwrap()
+            .limits
+            .max_in_flight_per_caller,
+        12
+    );
+    assert_eq!(
+        load("max_in_flight = 3")
+            .unwrap()
+            .limits
+            .max_in_flight_per_caller,
+        1,
+        "at least one"
+    );
+    let both = "max_in_flight = 100\nmax_in_flight_per_caller = 100";
+    assert_eq!(load(both).unwrap().limits.max_in_flight_per_caller, 100);
+    for (value, shown) in [(0, "0"), (101, "101")] {
+        let p = problems(&format!(
+            "{GOOD}\n[limits]\nmax_in_flight = 100\nmax_in_flight_per_caller = {value}\n"
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "limits.max_in_flight_per_caller");
+        assert!(
+            p[0].message
+                .starts_with(&format!("{shown} is out of range: must be 1 to 100 ")),
+            "{}",
+            p[0].message
+        );
+    }
+}

@@ -129,7 +129,7 @@ impl Harness {
         // Everything the dev config says about upstreams and tenants, none of its dev access.
         let upstreams = &dev[dev.find("[identity]").unwrap()..];
         let (before, after) = upstreams.split_once("# Dev only: requests").unwrap();
-        let end = "caller_burst = 1000000";
+        let end = "max_in_flight_per_caller = 4096";
         let after = &after[after.find(end).unwrap() + end.len()..];
         // No grants is said with a comment: an empty file is refused as one being written.
         let policy = if opts.policy.is_empty() {

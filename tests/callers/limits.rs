@@ -205,3 +205,60 @@ async fn callers_beyond_the_tracked_number_are_refused_not_given_a_fresh_burst()
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_holds_at_most_its_share_of_in_flight_places_while_another_is_served() {
+    let h = Harness::start(Options {
+        policy: grants(&[
+            (A, "contoso", GRAPH),
+            (A, "fabrikam", GRAPH),
+            (B, "contoso", CONTOSO_API),
+        ]),
+        // The per-caller bound left at its default (an eighth of the broker's: 2).
+        limits: "max_in_flight = 16",
+        ..Default::default()
+    })
+    .await;
+    let a = h.ca.client(&[A]);
+    // Two exchanges held at Entra: each holds a place of A's.
+    h.fault(serde_json::json!({"route": "entra.token", "latency_ms": 3000, "count": 2}))
+        .await;
+    let mut held = Vec::new();
+    for tenant in ["contoso", "fabrikam"] {
+        let mut client = h.client(Some(&a)).await.unwrap();
+        held.push(tokio::spawn(async move {
+            client
+                .get_token(tokenbroker::proto::GetTokenRequest {
+                    tenant: tenant.into(),
+                    scopes: vec![GRAPH.into()],
+                    ..Default::default()
+                })
+                .await
+        }));
+    }
+    for _ in 0..200 {
+        if h.faults_left().await == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(h.faults_left().await, 0, "both held requests reached Entra");
+    let s = assert_status(
+        h.get(Some(&a), None, "contoso", &[GRAPH]).await,
+        Code::ResourceExhausted,
+        &["limits.max_in_flight_per_caller", "2"],
+    );
+    assert_eq!(retry_after_secs(&s), 1);
+    // Another caller is served meanwhile.
+    let b = h.ca.client(&[B]);
+    h.get(Some(&b), None, "contoso", &[CONTOSO_API])
+        .await
+        .unwrap();
+    assert!(held.iter().all(|t| !t.is_finished()), "refused while held");
+    for t in held {
+        t.await.unwrap().unwrap();
+    }
+    // A's places are free again.
+    h.get(Some(&a), None, "contoso", &[GRAPH]).await.unwrap();
+    h.stop().await;
+}

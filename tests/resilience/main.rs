@@ -326,7 +326,12 @@ async fn ten_thousand_cold_requests_over_a_hundred_tenants_cost_a_hundred_of_eac
         .collect();
     let stack = Stack::start_with(emu, |t| {
         // Room for all 10,000 at once (the dev configuration's per-caller limits are high).
-        let t = t.replace("[limits]\n", "[limits]\nmax_in_flight = 20000\n");
+        let t = t
+            .replace("[limits]\n", "[limits]\nmax_in_flight = 20000\n")
+            .replace(
+                "max_in_flight_per_caller = 4096",
+                "max_in_flight_per_caller = 20000",
+            );
         format!("{t}\n[resilience]\nsign_rate_per_vault = 1000.0\nsign_burst = 200\nexchange_burst = 200\n")
     })
     .await;
