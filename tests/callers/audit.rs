@@ -337,23 +337,8 @@ async fn a_request_cut_at_shutdown_is_recorded_as_cancelled_by_the_shutdown_befo
     // Entra answers long after the drain bound.
     h.fault(serde_json::json!({"route": "entra.token", "latency_ms": 60000, "count": 1}))
         .await;
-    let mut client = h.client(Some(&a)).await.unwrap();
-    let held = tokio::spawn(async move {
-        client
-            .get_token(tokenbroker::proto::GetTokenRequest {
-                tenant: "contoso".into(),
-                scopes: vec![GRAPH.into()],
-                ..Default::default()
-            })
-            .await
-    });
-    for _ in 0..400 {
-        if h.faults_left().await == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert_eq!(h.faults_left().await, 0, "the held request reached Entra");
+    let held = h.spawn_get(&a, "contoso").await;
+    h.until_faults_spent("the held request reached Entra").await;
     let records = h.stop_and_records().await;
     assert!(held.await.unwrap().is_err());
     let cancelled: Vec<_> = records

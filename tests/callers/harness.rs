@@ -327,6 +327,40 @@ impl Harness {
             .count()
     }
 
+    /// Waits (bounded, 10 s) until every emulator fault is spent: the requests they hold
+    /// have reached the emulator.
+    pub async fn until_faults_spent(&self, what: &str) {
+        for _ in 0..400 {
+            if self.faults_left().await == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("{what}: emulator faults still unspent");
+    }
+
+    /// A GetToken of `tenant`'s Graph token by the caller with the client certificate
+    /// `leaf`, on a connection of its own, in a task (to be held by an emulator fault).
+    pub async fn spawn_get(
+        &self,
+        leaf: &Leaf,
+        tenant: &str,
+    ) -> tokio::task::JoinHandle<
+        Result<tonic::Response<tokenbroker::proto::GetTokenResponse>, tonic::Status>,
+    > {
+        let mut client = self.client(Some(leaf)).await.unwrap();
+        let tenant = tenant.to_owned();
+        tokio::spawn(async move {
+            client
+                .get_token(tokenbroker::proto::GetTokenRequest {
+                    tenant,
+                    scopes: vec![GRAPH.into()],
+                    ..Default::default()
+                })
+                .await
+        })
+    }
+
     pub fn records(&self) -> Vec<AuditRecord> {
         self.audit.records()
     }

@@ -84,24 +84,9 @@ async fn beyond_the_in_flight_limit_requests_are_shed_with_a_retry_hint() {
     let a = h.ca.client(&[A]);
     h.fault(serde_json::json!({"route": "entra.token", "latency_ms": 3000, "count": 1}))
         .await;
-    let mut client = h.client(Some(&a)).await.unwrap();
-    let held = tokio::spawn(async move {
-        client
-            .get_token(tokenbroker::proto::GetTokenRequest {
-                tenant: "contoso".into(),
-                scopes: vec![GRAPH.into()],
-                ..Default::default()
-            })
-            .await
-    });
+    let held = h.spawn_get(&a, "contoso").await;
     // The one slot is held while the exchange waits at Entra.
-    for _ in 0..200 {
-        if h.faults_left().await == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert_eq!(h.faults_left().await, 0, "the held request reached Entra");
+    h.until_faults_spent("the held request reached Entra").await;
     let s = assert_status(
         h.get(Some(&a), None, "fabrikam", &[GRAPH]).await,
         Code::Unavailable,
@@ -223,26 +208,12 @@ async fn a_caller_holds_at_most_its_share_of_in_flight_places_while_another_is_s
     // Two exchanges held at Entra: each holds a place of A's.
     h.fault(serde_json::json!({"route": "entra.token", "latency_ms": 3000, "count": 2}))
         .await;
-    let mut held = Vec::new();
-    for tenant in ["contoso", "fabrikam"] {
-        let mut client = h.client(Some(&a)).await.unwrap();
-        held.push(tokio::spawn(async move {
-            client
-                .get_token(tokenbroker::proto::GetTokenRequest {
-                    tenant: tenant.into(),
-                    scopes: vec![GRAPH.into()],
-                    ..Default::default()
-                })
-                .await
-        }));
-    }
-    for _ in 0..200 {
-        if h.faults_left().await == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert_eq!(h.faults_left().await, 0, "both held requests reached Entra");
+    let held = vec![
+        h.spawn_get(&a, "contoso").await,
+        h.spawn_get(&a, "fabrikam").await,
+    ];
+    h.until_faults_spent("both held requests reached Entra")
+        .await;
     let s = assert_status(
         h.get(Some(&a), None, "contoso", &[GRAPH]).await,
         Code::ResourceExhausted,
