@@ -43,6 +43,8 @@ pub const MAX_SCOPE_LEN: usize = 512;
 type Flight = futures::future::Shared<futures::future::BoxFuture<'static, FlightResult<FlowError>>>;
 /// A fetch started or joined, and the claims it carries.
 type Fetching = (Joined, Flight, Option<Arc<str>>);
+/// A fetch under way and the claims it carries (by their canonical JSON), if any.
+type Carrying = (Flight, Option<Arc<str>>);
 
 /// A caller's request, already decoded from the wire.
 #[derive(Debug, Clone)]
@@ -428,156 +430,175 @@ impl Broker {
         // A caller that asked for no minimum (nor for a new token) is served the cached
         // token down to the safety margin while the key's fetches fail transiently.
         let through_outage = req.min_validity.is_none() && !force;
-        // Looked at again when a fetch ended between this look and the fetch it decided on.
-        let (flight, mut counted) = loop {
-            let now = self.inner.clock.moment();
-            let mut under_way = None;
-            // Held until the fetch is asked for: whether it is still the slot's state says
-            // whether a fetch has ended since.
-            let state = slot.current();
-            {
-                if let Some(token) = &state.token
-                    && token.remaining(now) >= wanted(token)
-                    && !(force && self.forced_past(&slot, now, &mut under_way, req.claims))
-                {
-                    self.inner.stats.hits.incr();
-                    if token.refresh.reached(now)
-                        && state.failure.is_none()
-                        && slot.negative(now).is_none()
-                    {
-                        // Overdue (the scheduled refresh has not run yet): start it, or join the
-                        // one running, without waiting. After a failure the scheduler's backoff
-                        // decides, and so it does while a failure is remembered (a forced
-                        // refresh refused before the refresh was due): the scheduler waits out
-                        // a refusal's negative period, and callers must not ask before it ends.
-                        let _ = self.start_fetch(
-                            &owned_key(),
-                            &slot,
-                            Started::Refresh,
-                            None,
-                            Some(&state),
-                        );
-                    }
-                    let source = if state.failure.is_some() {
-                        self.inner.stats.stale_served.incr();
-                        TokenSource::StaleWhileRefreshFailing
-                    } else {
-                        TokenSource::Cache
-                    };
-                    return Ok(serve(token, source, now));
-                }
-                if let Some(token) = &state.token {
-                    self.unmet_without_fetch(
-                        token,
-                        wanted(token),
-                        (&slot, req.claims),
-                        now,
-                        &mut under_way,
-                    )?;
-                    if through_outage && self.serves_through_outage(token, &state, &slot, now) {
-                        self.inner.stats.hits.incr();
-                        self.inner.stats.stale_served.incr();
-                        return Ok(serve(token, TokenSource::StaleWhileRefreshFailing, now));
-                    }
-                }
-            }
-            // Held across waits from here: the state itself, not a guard of the swap's.
-            let state = arc_swap::Guard::into_inner(state);
-            if under_way.is_none()
-                && let Some((e, left)) = slot.negative(now)
-            {
-                self.inner.stats.negative_hits.incr();
-                // A held transient failure is fetched again when its hold-off ends: that, not
-                // the upstream's original hint, is when a caller should come back.
-                let (source, remembered) = if e.is_retryable() {
-                    (Arc::new(e.with_retry_after(whole_seconds(left))), None)
-                } else {
-                    (e, Some(whole_seconds(left)))
-                };
-                return Err(BrokerError::Upstream {
-                    tenant: tenant.to_string(),
-                    source,
-                    remembered,
-                });
-            }
-            // Counted once answered (or given up on): a miss, unless the cached token answers
-            // it after all.
-            let mut counted = Waited {
-                stats: &self.inner.stats,
-                from_cache: false,
-                looked_again: false,
-            };
-            let flight = match under_way {
-                Some(flight) => {
-                    self.inner.stats.coalesced.incr();
-                    Some(flight)
-                }
-                None => {
-                    let mut rounds = 0;
-                    loop {
-                        // After waiting out another's fetch, this one's own, whatever it published.
-                        let seen = (rounds == 0).then_some(&*state);
-                        let Some((joined, flight, carries)) = self.start_fetch(
-                            &owned_key(),
-                            &slot,
-                            Started::Caller,
-                            req.claims,
-                            seen,
-                        )?
-                        else {
-                            counted.looked_again = true;
-                            break None;
-                        };
-                        // A fetch carrying other claims began since this request waited for
-                        // the last one: waited for too, then this one's own fetch.
-                        if joined == Joined::Follower
-                            && req
-                                .claims
-                                .is_some_and(|c| !carries_claims(carries.as_deref(), c))
-                            && rounds < OTHER_CLAIMS_WAITS
-                        {
-                            rounds += 1;
-                            let _ = flight.await;
-                            continue;
-                        }
-                        if joined == Joined::Follower {
-                            self.inner.stats.coalesced.incr();
-                        }
-                        break Some(flight);
-                    }
-                }
-            };
-            if let Some(flight) = flight {
-                break (flight, counted);
-            }
-        };
-        let token = match flight.await {
-            Ok(token) => token,
-            Err(source) => {
+        // Looked at again, once, when a fetch it joined that carried claims it did not send
+        // failed.
+        let mut joined_claims_failed = false;
+        let (token, _counted) = 'request: loop {
+            // Looked at again when a fetch ended between this look and the fetch it decided on.
+            let ((flight, carries), mut counted) = loop {
                 let now = self.inner.clock.moment();
-                // The fetch found the outage: the cached token, if it still has the safety
-                // margin, rather than the failure.
-                if through_outage && source.is_retryable() {
-                    let state = slot.current();
+                let mut under_way = None;
+                // Held until the fetch is asked for: whether it is still the slot's state says
+                // whether a fetch has ended since.
+                let state = slot.current();
+                {
                     if let Some(token) = &state.token
-                        && token.remaining(now) >= self.inner.cfg.safety_margin
+                        && token.remaining(now) >= wanted(token)
+                        && !(force && self.forced_past(&slot, now, &mut under_way, req.claims))
                     {
-                        counted.from_cache = true;
-                        self.inner.stats.stale_served.incr();
-                        return Ok(serve(token, TokenSource::StaleWhileRefreshFailing, now));
+                        self.inner.stats.hits.incr();
+                        if token.refresh.reached(now)
+                            && state.failure.is_none()
+                            && slot.negative(now).is_none()
+                        {
+                            // Overdue (the scheduled refresh has not run yet): start it, or join the
+                            // one running, without waiting. After a failure the scheduler's backoff
+                            // decides, and so it does while a failure is remembered (a forced
+                            // refresh refused before the refresh was due): the scheduler waits out
+                            // a refusal's negative period, and callers must not ask before it ends.
+                            let _ = self.start_fetch(
+                                &owned_key(),
+                                &slot,
+                                Started::Refresh,
+                                None,
+                                Some(&state),
+                            );
+                        }
+                        let source = if state.failure.is_some() {
+                            self.inner.stats.stale_served.incr();
+                            TokenSource::StaleWhileRefreshFailing
+                        } else {
+                            TokenSource::Cache
+                        };
+                        return Ok(serve(token, source, now));
+                    }
+                    if let Some(token) = &state.token {
+                        self.unmet_without_fetch(
+                            token,
+                            wanted(token),
+                            (&slot, req.claims),
+                            now,
+                            &mut under_way,
+                        )?;
+                        if through_outage && self.serves_through_outage(token, &state, &slot, now) {
+                            self.inner.stats.hits.incr();
+                            self.inner.stats.stale_served.incr();
+                            return Ok(serve(token, TokenSource::StaleWhileRefreshFailing, now));
+                        }
                     }
                 }
-                // The first answer is told how long it is remembered too: its own entry,
-                // unless another fetch's has taken its place (or a SIGHUP has forgotten it).
-                let remembered = slot
-                    .negative(now)
-                    .filter(|(e, _)| Arc::ptr_eq(e, &source) && e.is_persistent())
-                    .map(|(_, left)| whole_seconds(left));
-                return Err(BrokerError::Upstream {
-                    tenant: tenant.to_string(),
-                    source,
-                    remembered,
-                });
+                // Held across waits from here: the state itself, not a guard of the swap's.
+                let state = arc_swap::Guard::into_inner(state);
+                if under_way.is_none()
+                    && let Some((e, left)) = slot.negative(now)
+                {
+                    self.inner.stats.negative_hits.incr();
+                    // A held transient failure is fetched again when its hold-off ends: that, not
+                    // the upstream's original hint, is when a caller should come back.
+                    let (source, remembered) = if e.is_retryable() {
+                        (Arc::new(e.with_retry_after(whole_seconds(left))), None)
+                    } else {
+                        (e, Some(whole_seconds(left)))
+                    };
+                    return Err(BrokerError::Upstream {
+                        tenant: tenant.to_string(),
+                        source,
+                        remembered,
+                    });
+                }
+                // Counted once answered (or given up on): a miss, unless the cached token answers
+                // it after all.
+                let mut counted = Waited {
+                    stats: &self.inner.stats,
+                    from_cache: false,
+                    looked_again: false,
+                };
+                let flight = match under_way {
+                    Some(joined) => {
+                        self.inner.stats.coalesced.incr();
+                        Some(joined)
+                    }
+                    None => {
+                        let mut rounds = 0;
+                        loop {
+                            // After waiting out another's fetch, this one's own, whatever it published.
+                            let seen = (rounds == 0).then_some(&*state);
+                            let Some((joined, flight, carries)) = self.start_fetch(
+                                &owned_key(),
+                                &slot,
+                                Started::Caller,
+                                req.claims,
+                                seen,
+                            )?
+                            else {
+                                counted.looked_again = true;
+                                break None;
+                            };
+                            // A fetch carrying other claims began since this request waited for
+                            // the last one: waited for too, then this one's own fetch.
+                            if joined == Joined::Follower
+                                && req
+                                    .claims
+                                    .is_some_and(|c| !carries_claims(carries.as_deref(), c))
+                                && rounds < OTHER_CLAIMS_WAITS
+                            {
+                                rounds += 1;
+                                let _ = flight.await;
+                                continue;
+                            }
+                            if joined == Joined::Follower {
+                                self.inner.stats.coalesced.incr();
+                            }
+                            break Some((flight, carries));
+                        }
+                    }
+                };
+                if let Some(flight) = flight {
+                    break (flight, counted);
+                }
+            };
+            match flight.await {
+                Ok(token) => break 'request (token, counted),
+                Err(source) => {
+                    let now = self.inner.clock.moment();
+                    // The fetch found the outage: the cached token, if it still has the safety
+                    // margin, rather than the failure.
+                    if through_outage && source.is_retryable() {
+                        let state = slot.current();
+                        if let Some(token) = &state.token
+                            && token.remaining(now) >= self.inner.cfg.safety_margin
+                        {
+                            counted.from_cache = true;
+                            self.inner.stats.stale_served.incr();
+                            return Ok(serve(token, TokenSource::StaleWhileRefreshFailing, now));
+                        }
+                    }
+                    // A fetch carrying another caller's claims, joined: its failure may be those
+                    // claims refused, that caller's answer and not this one's. Looked at again
+                    // once, by the usual rules (the forced-refresh interval, the negative cache).
+                    if !joined_claims_failed
+                        && carries.is_some()
+                        && !req
+                            .claims
+                            .is_some_and(|c| carries_claims(carries.as_deref(), c))
+                    {
+                        joined_claims_failed = true;
+                        // Counted by the look that answers it.
+                        counted.looked_again = true;
+                        continue 'request;
+                    }
+                    // The first answer is told how long it is remembered too: its own entry,
+                    // unless another fetch's has taken its place (or a SIGHUP has forgotten it).
+                    let remembered = slot
+                        .negative(now)
+                        .filter(|(e, _)| Arc::ptr_eq(e, &source) && e.is_persistent())
+                        .map(|(_, left)| whole_seconds(left));
+                    return Err(BrokerError::Upstream {
+                        tenant: tenant.to_string(),
+                        source,
+                        remembered,
+                    });
+                }
             }
         };
         let now = self.inner.clock.moment();
@@ -617,7 +638,8 @@ impl Broker {
 
     /// Whether a forced refresh (or an early fetch for a caller's minimum validity) gets
     /// past a cached token: to the fetch under way (put in `under_way` to join: it costs the
-    /// upstream nothing, and its token or failure is the answer), to the key's failure while
+    /// upstream nothing, and its token or failure is the answer, unless it carried claims
+    /// the request did not send and failed: then the request looks again, once), to the key's failure while
     /// its callers share it (answered without a fetch), or to a fetch of its own, at most once
     /// per `force_refresh_interval`. Only that fetch spends the interval. Otherwise, within
     /// the interval, a forced refresh is answered with the cached token, its source saying
@@ -631,14 +653,14 @@ impl Broker {
         &self,
         slot: &Slot<FlowError>,
         now: Moment,
-        under_way: &mut Option<Flight>,
+        under_way: &mut Option<Carrying>,
         claims: Option<&Claims>,
     ) -> bool {
         if let Some((flight, carries)) = slot.flight_carrying() {
             if claims.is_some_and(|c| !carries_claims(carries.as_deref(), c)) {
                 return false;
             }
-            *under_way = Some(flight);
+            *under_way = Some((flight, carries));
             return true;
         }
         slot.negative(now).is_some()
@@ -663,7 +685,7 @@ impl Broker {
         wanted: Duration,
         (slot, claims): (&Slot<FlowError>, Option<&Claims>),
         now: Moment,
-        under_way: &mut Option<Flight>,
+        under_way: &mut Option<Carrying>,
     ) -> Result<(), BrokerError> {
         let remaining = token.remaining(now);
         if remaining >= wanted {

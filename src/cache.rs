@@ -469,8 +469,9 @@ impl<E: Send + Sync + 'static> Slot<E> {
 
     /// `fetch`, for a fetch that carries `claims` (a caller's claims challenge): joining
     /// one under way, whatever it carries, or starting `start()` known by `claims`. Returns
-    /// what the flight returned carries, so a caller who wants its claims sent can tell
-    /// that it joined another fetch.
+    /// what the flight returned carries, so a caller can tell that it joined a fetch
+    /// carrying claims other than its own (or its own not sent), whose failure may not be
+    /// its answer.
     pub fn fetch_carrying<F>(
         self: &Arc<Self>,
         clock: Arc<dyn Clock>,

@@ -2174,6 +2174,105 @@ async fn a_refresh_come_due_during_a_refused_claims_fetch_fetches_on_its_own() {
     assert!(f.slot().await.current().failure.is_none());
 }
 
+/// `req` in a task of its own.
+fn spawn_req(
+    f: &Fixture,
+    req: TokenRequest,
+) -> tokio::task::JoinHandle<Result<IssuedToken, BrokerError>> {
+    let broker = f.broker.clone();
+    tokio::spawn(async move { broker.get_token(req).await })
+}
+
+/// Whether `r` is Entra's refusal (a configuration error).
+fn is_refusal(r: &Result<IssuedToken, BrokerError>) -> bool {
+    matches!(r, Err(e @ BrokerError::Upstream { .. }) if e.is_persistent())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_without_claims_that_joined_a_refused_claims_fetch_fetches_on_its_own() {
+    let f = fixture_cae(HOUR, "max_attempts = 1");
+    // A cold key: a caller's claims fetch is under way, and Entra will refuse those claims.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    f.entra.set(Answer::RefuseWhen(gate.clone()));
+    let challenged_call = spawn_req(&f, challenged(NBF));
+    settle().await;
+    assert_eq!(f.entra.calls(), 1);
+    // A plain caller and one with the same claims join it.
+    let plain = f.spawn_get();
+    let same = spawn_req(&f, challenged(NBF));
+    settle().await;
+    assert_eq!(f.entra.calls(), 1, "joined");
+    f.entra.set(Answer::hourly());
+    gate.notify_one();
+    settle().await;
+    // The refusal answers the callers who sent those claims; the plain caller, who sent
+    // none, looked again and fetched its own token.
+    assert!(is_refusal(&challenged_call.await.unwrap()));
+    assert!(is_refusal(&same.await.unwrap()));
+    let t = plain.await.unwrap().unwrap();
+    assert_eq!(t.source, TokenSource::Exchange);
+    assert_eq!(token_of(&t), "token-1");
+    assert_eq!(f.entra.calls(), 2);
+    assert_eq!(
+        f.entra.last_claims(),
+        Some(serde_json::json!({"access_token": {"xms_cc": {"values": ["cp1"]}}}))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forced_refresh_that_joined_a_refused_claims_fetch_looks_again_by_its_interval() {
+    let f = fixture_cae(
+        HOUR,
+        "max_attempts = 1\n[cache]\nforce_refresh_interval_secs = 0",
+    );
+    let first = f.get(None).await.unwrap();
+    // Less left than the early fetch below asks for.
+    f.advance(Duration::from_secs(200)).await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    f.entra.set(Answer::RefuseWhen(gate.clone()));
+    let challenged_call = spawn_req(&f, challenged(NBF));
+    settle().await;
+    assert_eq!(f.entra.calls(), 2);
+    // A forced refresh and an early fetch for more validity join the claims fetch.
+    let forced = f.spawn_forced();
+    let early = spawn_req(&f, contoso(Some(3500), false));
+    settle().await;
+    assert_eq!(f.entra.calls(), 2, "joined");
+    f.entra.set(Answer::hourly());
+    gate.notify_one();
+    settle().await;
+    assert!(is_refusal(&challenged_call.await.unwrap()));
+    // Each looked again: one fetch of its own, which the other joined or was served.
+    for t in [
+        forced.await.unwrap().unwrap(),
+        early.await.unwrap().unwrap(),
+    ] {
+        assert_ne!(token_of(&t), token_of(&first));
+        assert_eq!(t.source, TokenSource::Exchange, "{t:?}");
+    }
+    assert_eq!(f.entra.calls(), 3);
+
+    // Within the interval the claims fetch spent, the forced refresh that joined it is
+    // answered as any other: the cached token.
+    let f = fixture_cae(
+        HOUR,
+        "max_attempts = 1\n[cache]\nforce_refresh_interval_secs = 30",
+    );
+    let first = f.get(None).await.unwrap();
+    f.entra.set(Answer::RefuseWhen(gate.clone()));
+    let challenged_call = spawn_req(&f, challenged(NBF));
+    settle().await;
+    let forced = f.spawn_forced();
+    settle().await;
+    gate.notify_one();
+    settle().await;
+    assert!(is_refusal(&challenged_call.await.unwrap()));
+    let t = forced.await.unwrap().unwrap();
+    assert_eq!(t.source, TokenSource::Cache);
+    assert_eq!(token_of(&t), token_of(&first));
+    assert_eq!(f.entra.calls(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_refusal_remembered_before_the_refresh_is_due_is_not_asked_again_by_a_caller() {
     let f = fixture(HOUR, "negative_ttl_secs = 600");
