@@ -295,7 +295,7 @@ impl Bound {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServerError::Tls(format!("reflection: {e}")))?;
-        let service = api::Service::new(self.broker.clone(), stop_rx, self.access.clone())
+        let service = api::Service::new(self.broker.clone(), stop_rx.clone(), self.access.clone())
             .traced(self.config.telemetry.otlp_endpoint.is_some())
             .into_server()
             .max_decoding_message_size(self.config.limits.max_request_bytes);
@@ -304,6 +304,7 @@ impl Bound {
             service,
             self.access.clone(),
             self.broker.flow().metrics.clone(),
+            stop_rx,
         );
         // The policy file, the server certificate and the client trust files are polled
         // for changes; SIGHUP reloads them at once (and forgets remembered refusals).

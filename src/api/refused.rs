@@ -8,6 +8,11 @@
 //! service's methods is counted in the request metrics too, as the handler counts its own;
 //! a call to a method it lacks is not (its name is the caller's, not a bounded label).
 //!
+//! A call dropped before its handler ran (its deadline passed while its request had not
+//! been read, or the drain bound at shutdown cut it) is recorded too,
+//! as cancelled, and counted as the handler counts the calls it was cut from: every call to
+//! the service leaves one record.
+//!
 //! Whether the handler ran is told by a thread-local flag the handler sets on entry, within
 //! a poll of the call's future: no allocation, no lock, nothing shared per call.
 
@@ -28,6 +33,7 @@ use tonic::transport::server::TcpConnectInfo;
 use crate::access::Access;
 use crate::audit::{AuditRecord, Outcome};
 use crate::metrics::Metrics;
+use crate::server::connections::CallerDeadline;
 use crate::tls::{TlsPeer, VerifiedClient};
 
 thread_local! {
@@ -40,20 +46,37 @@ pub(super) fn entered() {
     ENTERED.with(|e| e.set(true));
 }
 
-/// The API's service, auditing the calls it refuses before their handler runs.
+/// The API's service, auditing the calls it refuses, or that are dropped, before their
+/// handler runs.
 #[derive(Debug, Clone)]
 pub struct AuditRefused<S> {
     inner: S,
+    shared: Arc<Shared>,
+}
+
+/// What a call's record and count need of the broker: one reference count per call.
+#[derive(Debug)]
+struct Shared {
     access: Arc<Access>,
     metrics: Metrics,
+    /// True once the broker is shutting down: its drain bound may have cut a call.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<S> AuditRefused<S> {
-    pub fn new(inner: S, access: Arc<Access>, metrics: Metrics) -> Self {
+    pub fn new(
+        inner: S,
+        access: Arc<Access>,
+        metrics: Metrics,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         AuditRefused {
             inner,
-            access,
-            metrics,
+            shared: Arc::new(Shared {
+                access,
+                metrics,
+                shutdown,
+            }),
         }
     }
 }
@@ -73,6 +96,8 @@ struct Asked {
     peer: Option<SocketAddr>,
     client: Option<Arc<VerifiedClient>>,
     started: Instant,
+    /// When the caller's deadline passes, if it set one.
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl<S, B> Service<http::Request<B>> for AuditRefused<S>
@@ -108,6 +133,7 @@ where
         };
         let started = Instant::now();
         let ext = req.extensions();
+        let deadline = ext.get::<CallerDeadline>().map(|d| d.0);
         let asked = match ext.get::<TlsPeer>() {
             Some(p) => Asked {
                 rpc,
@@ -115,6 +141,7 @@ where
                 peer: p.remote_addr,
                 client: p.client_identity.clone(),
                 started,
+                deadline,
             },
             None => Asked {
                 rpc,
@@ -122,26 +149,26 @@ where
                 peer: ext.get::<TcpConnectInfo>().and_then(|i| i.remote_addr()),
                 client: None,
                 started,
+                deadline,
             },
         };
         Refusable {
             inner: self.inner.call(req),
             asked: Some(asked),
             entered: false,
-            access: self.access.clone(),
-            metrics: self.metrics.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
 
-/// A call's answer; written to the audit trail when the handler never ran.
+/// A call's answer; written to the audit trail when the handler never ran, whether the call
+/// was answered or dropped.
 pub struct Refusable<F> {
     inner: F,
-    /// Taken when its record is written.
+    /// Taken once the call is answered: left, the call was dropped unanswered.
     asked: Option<Asked>,
     entered: bool,
-    access: Arc<Access>,
-    metrics: Metrics,
+    shared: Arc<Shared>,
 }
 
 impl<F> Future for Refusable<F>
@@ -159,8 +186,9 @@ where
         let Poll::Ready(Ok(mut answer)) = polled else {
             return polled;
         };
+        let asked = this.asked.take();
         if !this.entered
-            && let Some(asked) = this.asked.take()
+            && let Some(asked) = asked
             && let Some(status) = tonic::Status::from_header_map(answer.headers())
             && status.code() != tonic::Code::Ok
         {
@@ -170,10 +198,12 @@ where
                 answer.headers_mut().insert(super::REQUEST_ID_KEY, v);
             }
             if asked.unknown.is_none() {
-                this.metrics
+                this.shared
+                    .metrics
                     .request(asked.rpc, status.code(), asked.started.elapsed());
             }
-            this.access
+            this.shared
+                .access
                 .audit()
                 .record(record(asked, request_id, &status));
         }
@@ -181,13 +211,80 @@ where
     }
 }
 
-fn record(asked: Asked, request_id: String, status: &tonic::Status) -> AuditRecord {
+impl<F> Drop for Refusable<F> {
+    /// A call dropped unanswered before its handler ran: the handler's own record would
+    /// have said so, had it started (`Unfinished`), so this one does.
+    fn drop(&mut self) {
+        if self.entered {
+            return;
+        }
+        let Some(asked) = self.asked.take() else {
+            return;
+        };
+        // Cut by the caller's deadline: what its client reports, counted as the handler
+        // counts the calls its deadline cut.
+        let out_of_time = asked
+            .deadline
+            .is_some_and(|d| tokio::time::Instant::now() >= d);
+        let code = if out_of_time {
+            tonic::Code::DeadlineExceeded
+        } else {
+            tonic::Code::Cancelled
+        };
+        if asked.unknown.is_none() {
+            self.shared
+                .metrics
+                .request(asked.rpc, code, asked.started.elapsed());
+        }
+        let shutting_down = *self.shared.shutdown.borrow();
+        self.shared.access.audit().record(dropped(
+            asked,
+            uuid::Uuid::new_v4().to_string(),
+            out_of_time,
+            shutting_down,
+        ));
+    }
+}
+
+/// A record of `asked`'s call, with its connection's certificate caller when it has one.
+fn pending(asked: &Asked, request_id: String) -> AuditRecord {
     let mut r = AuditRecord::pending(asked.rpc, asked.peer);
     r.request_id = request_id;
     if let Some(Ok(id)) = asked.client.as_ref().map(|c| &c.identity) {
         r.caller = Some(id.id.clone());
         r.proof = Some(crate::authn::Proof::Mtls);
     }
+    // A client can send these at will: summarised when repeated.
+    r.repeatable = true;
+    r
+}
+
+/// The record of a call dropped unanswered before its handler ran.
+fn dropped(
+    asked: Asked,
+    request_id: String,
+    out_of_time: bool,
+    shutting_down: bool,
+) -> AuditRecord {
+    let mut r = pending(&asked, request_id);
+    r.outcome = Outcome::Cancelled;
+    r.code = super::error::code_name(tonic::Code::Cancelled);
+    let why = if out_of_time {
+        "the caller's deadline passed before the request was read"
+    } else if shutting_down {
+        "the broker was shutting down: its drain bound (server.shutdown_grace_secs) cut the request, or the caller cancelled it, before it was read"
+    } else {
+        "the caller cancelled the request before it was read"
+    };
+    r.reason = Some(match asked.unknown {
+        Some(method) => format!("{why} (no such method: {method})"),
+        None => why.into(),
+    });
+    r
+}
+
+fn record(asked: Asked, request_id: String, status: &tonic::Status) -> AuditRecord {
+    let mut r = pending(&asked, request_id);
     // Over a limit is an access refusal; a request not read as one is invalid.
     r.outcome = match status.code() {
         tonic::Code::ResourceExhausted => Outcome::Denied,
@@ -198,7 +295,5 @@ fn record(asked: Asked, request_id: String, status: &tonic::Status) -> AuditReco
         Some(method) => format!("no such method: {method}"),
         None => format!("refused before it was read: {}", status.message()),
     });
-    // A client can send these at will: summarised when repeated.
-    r.repeatable = true;
     r
 }

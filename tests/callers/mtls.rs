@@ -251,7 +251,69 @@ async fn the_broker_answers_cancelled_once_the_callers_deadline_has_passed() {
     // A trailers-only answer: CANCELLED, as tonic's server answers a passed deadline.
     assert_eq!(answer.headers()["grpc-status"], "1", "{answer:?}");
     assert_eq!(answer.headers()["grpc-message"], "Timeout%20expired");
-    h.stop().await;
+    // The handler ran: its record and count only, not a second one for a call dropped
+    // before its handler ran.
+    let series = r#"tokenbroker_requests_total{code="DEADLINE_EXCEEDED",method="GetToken",outcome="error"} 1"#;
+    let metrics = h.metrics().await;
+    assert!(metrics.contains(series), "{series} not in {metrics}");
+    let r = h.stop_and_records().await;
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].outcome.name(), "cancelled", "{r:?}");
+    assert!(
+        r[0].reason
+            .as_deref()
+            .is_some_and(|r| r.ends_with("before the answer")),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_deadline_passes_before_its_request_is_read_is_audited_and_counted() {
+    let h = Harness::start(Options {
+        policy: grants(&[(COLLECTOR, "contoso", GRAPH)]),
+        ..Default::default()
+    })
+    .await;
+    let leaf = h.ca.client(&[COLLECTOR]);
+    // HEADERS with a 300 ms deadline, then never the body: the handler never starts.
+    for rpc in ["GetToken", "WatchToken"] {
+        let mut send = bare_h2(&h, &leaf).await;
+        let req = http::Request::post(format!(
+            "https://localhost/tokenbroker.v1.TokenBroker/{rpc}"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(Stalled)
+        .unwrap();
+        let answer =
+            tokio::time::timeout(std::time::Duration::from_secs(10), send.send_request(req))
+                .await
+                .expect("an answer once the deadline passed")
+                .unwrap();
+        assert_eq!(answer.headers()["grpc-status"], "1", "{answer:?}");
+    }
+    let metrics = h.metrics().await;
+    for rpc in ["GetToken", "WatchToken"] {
+        let series = format!(
+            r#"tokenbroker_requests_total{{code="DEADLINE_EXCEEDED",method="{rpc}",outcome="error"}} 1"#
+        );
+        assert!(metrics.contains(&series), "{series} not in {metrics}");
+    }
+    let r = h.stop_and_records().await;
+    assert_eq!(r.len(), 2, "one record for each call: {r:?}");
+    for (record, rpc) in r.iter().zip(["GetToken", "WatchToken"]) {
+        assert_eq!(record.rpc, rpc, "{record:?}");
+        assert_eq!(record.outcome.name(), "cancelled", "{record:?}");
+        assert_eq!(record.code, "CANCELLED", "{record:?}");
+        assert_eq!(record.caller.as_deref(), Some(COLLECTOR), "{record:?}");
+        assert!(!record.request_id.is_empty(), "{record:?}");
+        let reason = record.reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.contains("deadline passed before the request was read"),
+            "{record:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1520,10 +1582,15 @@ async fn the_tls_files_checked_at_start_are_the_ones_served() {
 
 /// A bare HTTP/2 client over TLS with `leaf`'s certificate: tonic's would check and frame
 /// what these tests send wrong on purpose, or keep a deadline itself.
-pub(crate) async fn bare_h2(
+pub(crate) async fn bare_h2<B>(
     h: &Harness,
     leaf: &Leaf,
-) -> hyper::client::conn::http2::SendRequest<String> {
+) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(client_config(&h.server_ca_pem, Some(leaf)))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -1537,6 +1604,21 @@ pub(crate) async fn bare_h2(
     .unwrap();
     tokio::spawn(conn);
     send
+}
+
+/// A request body that never comes: a client whose request stalls after its HEADERS.
+pub(crate) struct Stalled;
+
+impl http_body::Body for Stalled {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
 }
 
 /// `message` as a gRPC call's body: uncompressed, its length, the message (all ASCII in
