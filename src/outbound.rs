@@ -249,28 +249,29 @@ fn builder(cfg: &OutboundConfig) -> Result<reqwest::ClientBuilder, OutboundError
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("tokenbroker/", env!("CARGO_PKG_VERSION")));
     if let Some(path) = &cfg.extra_ca_file {
-        let pem = std::fs::read(path).map_err(|e| OutboundError::CaBundle {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        let certs =
-            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| OutboundError::CaBundle {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
-        if certs.is_empty() {
-            return Err(OutboundError::CaBundle {
-                path: path.display().to_string(),
-                message: "no PEM certificates found".into(),
-            });
-        }
-        builder = builder.tls_certs_merge(certs);
+        builder = builder.tls_certs_merge(extra_ca_certs(path)?);
     }
     for (host, ip) in &cfg.pin_hosts {
         // DNS has no ports: the port in the URL is used, this one is ignored.
         builder = builder.resolve(host, SocketAddr::new(*ip, 443));
     }
     Ok(builder)
+}
+
+/// The certificates of the extra CA bundle at `path` (`outbound.extra_ca_file`), to add to
+/// the platform's roots: at least one, or an error naming the file.
+pub fn extra_ca_certs(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, OutboundError> {
+    let unreadable = |message: String| OutboundError::CaBundle {
+        path: path.display().to_string(),
+        message,
+    };
+    let pem = std::fs::read(path).map_err(|e| unreadable(e.to_string()))?;
+    let certs =
+        reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| unreadable(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(unreadable("no PEM certificates found".into()));
+    }
+    Ok(certs)
 }
 
 /// The Key Vault clients' options: no SDK retry (the broker retries them), Key Vault's

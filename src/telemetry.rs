@@ -282,10 +282,7 @@ const OTLP_TIMEOUT: Duration = Duration::from_secs(10);
 fn otlp_http_client(t: &TelemetryConfig) -> Result<reqwest::blocking::Client, String> {
     let mut builder = reqwest::blocking::Client::builder().timeout(OTLP_TIMEOUT);
     if let Some(path) = &t.extra_ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read the extra CA bundle {}: {e}", path.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| format!("cannot read the extra CA bundle {}: {e}", path.display()))?;
+        let certs = crate::outbound::extra_ca_certs(path).map_err(|e| e.to_string())?;
         builder = builder.tls_certs_merge(certs);
     }
     // Built on a thread of its own, as the exporter builds its default: the blocking client
