@@ -218,16 +218,7 @@ impl Drop for Unfinished<'_> {
             "the caller cancelled the request, or its deadline passed, before the answer".into()
         });
         self.service.access.audit().record(record);
-        // Cut by the caller's deadline: what its client reports, and what the alert on
-        // failing requests counts (a slow upstream shows there, not as callers giving up).
-        let code = if self
-            .deadline
-            .is_some_and(|d| tokio::time::Instant::now() >= d)
-        {
-            tonic::Code::DeadlineExceeded
-        } else {
-            tonic::Code::Cancelled
-        };
+        let code = dropped_code(self.deadline);
         self.service
             .broker
             .flow()
@@ -428,6 +419,17 @@ fn caller_deadline<T>(request: &Request<T>) -> Option<tokio::time::Instant> {
         .extensions()
         .get::<crate::server::connections::CallerDeadline>()
         .map(|d| d.0)
+}
+
+/// The code a call dropped unanswered is counted under: DEADLINE_EXCEEDED once its caller's
+/// `deadline` has passed (what its client reports, and what the alert on failing requests
+/// counts: a slow upstream shows there, not as callers giving up), else CANCELLED.
+fn dropped_code(deadline: Option<tokio::time::Instant>) -> tonic::Code {
+    if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+        tonic::Code::DeadlineExceeded
+    } else {
+        tonic::Code::Cancelled
+    }
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary (for log fields).

@@ -221,16 +221,9 @@ impl<F> Drop for Refusable<F> {
         let Some(asked) = self.asked.take() else {
             return;
         };
-        // Cut by the caller's deadline: what its client reports, counted as the handler
-        // counts the calls its deadline cut.
-        let out_of_time = asked
-            .deadline
-            .is_some_and(|d| tokio::time::Instant::now() >= d);
-        let code = if out_of_time {
-            tonic::Code::DeadlineExceeded
-        } else {
-            tonic::Code::Cancelled
-        };
+        // Counted as the handler counts the calls it was cut from.
+        let code = super::dropped_code(asked.deadline);
+        let out_of_time = code == tonic::Code::DeadlineExceeded;
         if asked.unknown.is_none() {
             self.shared
                 .metrics
